@@ -1,0 +1,29 @@
+"""Distributed tensor-parallel long-context LLM runtime: the driver side.
+
+    from dist_runtime import Runtime, SamplingParams
+"""
+
+from dist_runtime.config import (
+    CacheConfig,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    RuntimeConfig,
+    SchedulerConfig,
+)
+from dist_runtime.outputs import RequestOutput, TokenLogprobs
+from dist_runtime.runtime import Runtime
+from dist_runtime.sampling_params import SamplingParams
+
+__all__ = [
+    "CacheConfig",
+    "ConfigError",
+    "ModelConfig",
+    "ParallelConfig",
+    "RequestOutput",
+    "Runtime",
+    "RuntimeConfig",
+    "SamplingParams",
+    "SchedulerConfig",
+    "TokenLogprobs",
+]

@@ -1,0 +1,415 @@
+"""Configuration: one frozen dataclass per owner, validated on construction.
+
+A YAML file maps 1:1 onto `RuntimeConfig`: top-level keys are `RuntimeConfig` fields, and the
+sections `parallel:`, `cache:` and `scheduler:` are the nested configs::
+
+    model: /models/internlm2_5-7b-chat
+    dtype: bfloat16
+    session_len: 32768
+    parallel: {tp: 2, cp: 1}
+    cache: {block_size: 16}
+    scheduler: {max_num_seqs: 64}
+
+`ModelConfig` is not user-written: it is read from the checkpoint's `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SUPPORTED_ARCHITECTURES = {
+    "InternLM2ForCausalLM": "internlm2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+}
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+SUPPORTED_ROPE_SCALING = (None, "linear", "default")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user can fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    type: str
+    """Scaling type from `rope_scaling.type` / `rope_type`: linear (dynamic comes later)."""
+    factor: float = 1.0
+    """Scaling factor; positions are divided by it for linear scaling."""
+
+    def __post_init__(self) -> None:
+        if self.type not in ("linear",):
+            raise ConfigError(
+                f"rope_scaling type {self.type!r} is not supported (supported: linear, or none); "
+                "remove `rope_scaling` from config.json or use a checkpoint without it"
+            )
+        if not self.factor >= 1.0:
+            raise ConfigError(f"rope_scaling factor must be >= 1, got {self.factor}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and numerics of a decoder checkpoint, read from its config.json."""
+
+    architecture: str
+    """Checkpoint layout: 'internlm2' (packed wqkv) or 'llama' (q/k/v_proj)."""
+    vocab_size: int
+    """Rows of the embedding and LM head."""
+    hidden_size: int
+    """Model width."""
+    intermediate_size: int
+    """Width of the gated MLP."""
+    num_layers: int
+    """Decoder layers."""
+    num_heads: int
+    """Query heads."""
+    num_kv_heads: int
+    """Key/value heads (GQA when fewer than num_heads)."""
+    head_dim: int
+    """Per-head width."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_scaling: RopeScaling | None = None
+    """RoPE scaling, or None."""
+    max_position_embeddings: int = 4096
+    """Trained context length."""
+    tie_word_embeddings: bool = False
+    """LM head shares the embedding matrix."""
+    attention_bias: bool = False
+    """q/k/v/o projections carry a bias (InternLM2 `bias`, Llama `attention_bias`)."""
+    mlp_bias: bool = False
+    """MLP projections carry a bias."""
+    bos_token_id: int | None = None
+    """Beginning-of-sequence id."""
+    eos_token_ids: tuple[int, ...] = ()
+    """Ids that end generation."""
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "head_dim")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"config.json: num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_dict(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        archs = hf.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES),
+                    None)
+        if arch is None:
+            raise ConfigError(
+                f"{source}: architectures {archs!r} are not supported; supported: "
+                f"{sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in hf]
+        if missing:
+            raise ConfigError(f"{source}: missing required keys {missing}")
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        bias = bool(hf.get("bias", False)) if arch == "internlm2" else bool(
+            hf.get("attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_scaling=_parse_rope_scaling(hf.get("rope_scaling"), source),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else bias,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> ModelConfig:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"model folder {str(folder)!r} does not exist; pass --model with a folder holding "
+                "config.json and *.safetensors"
+            )
+        cfg_file = folder / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(
+                f"{cfg_file} is missing; the model folder must be a Hugging Face checkpoint "
+                "(config.json + *.safetensors)"
+            )
+        try:
+            hf = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from e
+        return cls.from_dict(hf, source=str(cfg_file))
+
+
+def _parse_rope_scaling(raw: Any, source: str) -> RopeScaling | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: rope_scaling must be an object or null, got {raw!r}")
+    kind = raw.get("rope_type", raw.get("type"))
+    if kind in (None, "default"):
+        return None
+    return RopeScaling(type=kind, factor=float(raw.get("factor", 1.0)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """The device mesh: world = tp * cp, rank = cp_rank * tp + tp_rank."""
+
+    tp: int = 1
+    """Tensor-parallel size: heads and MLP sharded across this many devices."""
+    cp: int = 1
+    """Context-parallel size: the sequence sharded across this many tp groups."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "cp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"parallel.{name} must be an integer >= 1, got {value!r}")
+        if self.cp != 1:
+            raise ConfigError(
+                f"parallel.cp={self.cp}: context parallelism is not available in this version; "
+                "use cp=1 and raise tp instead"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.cp
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise before anything loads when tp cannot shard this model's heads."""
+        tp, kvh = self.tp, model.num_kv_heads
+        if model.intermediate_size % tp:
+            raise ConfigError(
+                f"tp={tp} does not divide the model's intermediate_size "
+                f"{model.intermediate_size}; choose tp from {_divisors(model.intermediate_size)}"
+            )
+        if model.num_heads % tp:
+            raise ConfigError(
+                f"tp={tp} does not divide the model's {model.num_heads} attention heads; "
+                f"choose tp from {_divisors(model.num_heads)}"
+            )
+        if kvh % tp and tp % kvh:
+            choices = sorted(set(_divisors(kvh)) | {
+                m for m in _divisors(model.num_heads) if m % kvh == 0})
+            raise ConfigError(
+                f"tp={tp} neither divides the model's {kvh} KV heads nor is a multiple of them; "
+                f"choose tp from {choices}"
+            )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """The paged KV cache on each worker."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """Blocks per worker; None derives it from the memory budget below."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA: fraction of the device's memory the runtime may use (weights + KV + activations)."""
+    cpu_kv_cache_bytes: int = 1 << 30
+    """On CPU: bytes per worker for the KV cache when num_blocks is None."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 1 or (
+                self.block_size & (self.block_size - 1)):
+            raise ConfigError(f"cache.block_size must be a power of two, got {self.block_size!r}")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int)
+                                            or self.num_blocks < 1):
+            raise ConfigError(f"cache.num_blocks must be a positive integer or null, "
+                              f"got {self.num_blocks!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"cache.gpu_memory_utilization must be in (0, 1], "
+                              f"got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_bytes < 1:
+            raise ConfigError(f"cache.cpu_kv_cache_bytes must be positive, "
+                              f"got {self.cpu_kv_cache_bytes}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Batching limits per step."""
+
+    max_num_seqs: int = 64
+    """Sequences running at once."""
+    max_num_batched_tokens: int = 8192
+    """Token budget of one step: decodes first, then prefill chunks."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"scheduler.{name} must be a positive integer, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"scheduler.max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Everything a Runtime needs; the YAML file's top level."""
+
+    model: str
+    """Path to a Hugging Face checkpoint folder (config.json + *.safetensors)."""
+    dtype: str = "auto"
+    """Weight/activation dtype: float32, float16, bfloat16, or auto (bf16 on CUDA, fp32 on CPU)."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    session_len: int = 4096
+    """Longest prompt + generated tokens of one sequence."""
+    executor: str = "auto"
+    """ray, inprocess, or auto (in-process when tp*cp == 1)."""
+    seed: int = 0
+    """Seed for sequences that give none."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster ('auto'), or None to start a local one."""
+    master_addr: str = "127.0.0.1"
+    """Address the workers' rendezvous store listens on: loopback on one node; set the head
+    node's interface address for a multi-node cluster."""
+    step_timeout_s: float = 600.0
+    """Seconds a step may take on the workers before it is declared hung."""
+    init_timeout_s: float = 300.0
+    """Seconds for workers to start and load weights."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model must be a path to a checkpoint folder")
+        if self.dtype not in (*SUPPORTED_DTYPES, "auto"):
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of "
+                              f"{[*SUPPORTED_DTYPES, 'auto']}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"device {self.device!r} is not supported; use cpu, cuda or auto")
+        if self.executor not in ("ray", "inprocess", "auto"):
+            raise ConfigError(f"executor {self.executor!r} is not supported; "
+                              "use ray, inprocess or auto")
+        if self.executor == "inprocess" and self.parallel.world_size != 1:
+            raise ConfigError(
+                f"executor=inprocess runs one worker, but tp*cp = {self.parallel.world_size}; "
+                "use executor=ray (or auto) for more than one device"
+            )
+        if not isinstance(self.session_len, int) or self.session_len < 2:
+            raise ConfigError(f"session_len must be an integer >= 2, got {self.session_len!r}")
+        for name in ("step_timeout_s", "init_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device() == "cuda" else "float32"
+
+    def resolved_executor(self) -> str:
+        if self.executor != "auto":
+            return self.executor
+        return "inprocess" if self.parallel.world_size == 1 else "ray"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RuntimeConfig:
+        nested = {"parallel": ParallelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in nested:
+                kwargs[key] = _build_section(nested[key], value, f"{source}: {key}")
+            else:
+                kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from e
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str],
+                  overrides: dict[str, Any] | None = None) -> RuntimeConfig:
+        """Read a YAML file and apply overrides: `{"session_len": 8192, "parallel.tp": 2}`."""
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        return cls.from_dict(merge_overrides(raw, overrides or {}), source=str(path))
+
+
+def _build_section(cls: type, value: Any, source: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source} must be a mapping, got {value!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
+    return cls(**value)
+
+
+def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted-key overrides (`parallel.tp`) on top of a raw config mapping."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.rpartition(".")
+        if section:
+            merged.setdefault(section, {})
+            merged[section][name] = value
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,19 @@
+"""Executors own the workers: in-process for one device, Ray for more."""
+
+from __future__ import annotations
+
+from dist_runtime.config import RuntimeConfig
+from dist_runtime.executor.base import Executor, WorkerError
+
+
+def create_executor(config: RuntimeConfig) -> Executor:
+    if config.resolved_executor() == "inprocess":
+        from dist_runtime.executor.inprocess import InProcessExecutor
+
+        return InProcessExecutor(config)
+    from dist_runtime.executor.ray_executor import RayExecutor
+
+    return RayExecutor(config)
+
+
+__all__ = ["Executor", "WorkerError", "create_executor"]

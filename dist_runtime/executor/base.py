@@ -1,0 +1,30 @@
+"""The executor interface the driver talks to."""
+
+from __future__ import annotations
+
+import abc
+
+from dist_runtime.protocol import StepPlan, StepResult
+
+
+class WorkerError(RuntimeError):
+    """A worker failed, died or timed out."""
+
+
+class Executor(abc.ABC):
+    weight_bytes_read: list[int]
+    """Bytes of checkpoint each worker read while loading, by rank."""
+
+    @abc.abstractmethod
+    def num_available_blocks(self) -> int:
+        """KV blocks every worker can hold (the minimum over workers)."""
+
+    @abc.abstractmethod
+    def allocate_kv_cache(self, num_blocks: int) -> None: ...
+
+    @abc.abstractmethod
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step on every worker; the driver rank's result."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None: ...

@@ -1,0 +1,30 @@
+"""One worker in the driver's own process: tp * cp == 1, no Ray needed."""
+
+from __future__ import annotations
+
+import msgpack
+
+from dist_runtime.config import RuntimeConfig
+from dist_runtime.executor.base import Executor
+from dist_runtime.protocol import StepPlan, StepResult, decode, encode
+from workers.worker import Worker
+
+
+class InProcessExecutor(Executor):
+    def __init__(self, config: RuntimeConfig):
+        self.worker = Worker(msgpack.packb(config.to_dict()), rank=0)
+        self.weight_bytes_read = [self.worker.init_model("127.0.0.1", 0)]
+
+    def num_available_blocks(self) -> int:
+        return self.worker.num_available_blocks()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.worker.allocate_kv_cache(num_blocks)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        out = self.worker.execute(encode(plan))
+        assert out is not None
+        return decode(out, StepResult)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()

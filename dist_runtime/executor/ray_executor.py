@@ -1,0 +1,138 @@
+"""Ray executor: one worker actor per device, placed with a placement group.
+
+Rank 0 opens the rendezvous store on a port the OS picks and reports it; the other ranks then
+join. Every `ray.get` carries a timeout, so a hung or dead worker surfaces as `WorkerError`.
+Only msgpack bytes cross to the actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from dist_runtime.config import RuntimeConfig
+from dist_runtime.executor.base import Executor, WorkerError
+from dist_runtime.protocol import StepPlan, StepResult, decode, encode
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError(
+            "tp * cp > 1 needs Ray: pip install 'ray>=2.30' (or run with tp=1, cp=1, which uses "
+            "the in-process executor)"
+        ) from e
+    return ray
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: RuntimeConfig):
+        self.ray = ray = _import_ray()
+        self.config = config
+        self.world_size = config.parallel.world_size
+        self.is_cuda = config.resolved_device() == "cuda"
+        self._owns_ray = False
+        self.pg = None
+        self.actors: list[Any] = []
+        try:
+            self._start(ray)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, ray: Any) -> None:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            self._init_ray(ray)
+        bundle = {"GPU": 1, "CPU": 1} if self.is_cuda else {"CPU": 1}
+        self.pg = placement_group([dict(bundle) for _ in range(self.world_size)],
+                                  strategy="PACK")
+        self._get(self.pg.ready(), self.config.init_timeout_s,
+                  f"placing {self.world_size} workers ({bundle} each)")
+        from workers.worker import Worker
+
+        actor_cls = ray.remote(Worker)
+        config_bytes = msgpack.packb(self.config.to_dict())
+        threads = None if self.is_cuda else 1
+        self.actors = [
+            actor_cls.options(
+                num_cpus=1, num_gpus=1 if self.is_cuda else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=rank),
+            ).remote(config_bytes, rank, threads)
+            for rank in range(self.world_size)
+        ]
+        host = self.config.master_addr
+        port = self._get(self.actors[0].create_store.remote(host), self.config.init_timeout_s,
+                         "starting the rendezvous store")
+        self.weight_bytes_read = self._get(
+            [a.init_model.remote(host, port) for a in self.actors], self.config.init_timeout_s,
+            "loading the model on the workers")
+
+    def _init_ray(self, ray: Any) -> None:
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+        if self.config.ray_address is not None:
+            kwargs["address"] = self.config.ray_address
+        else:
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, self.world_size)
+            pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
+        ray.init(**kwargs)
+        self._owns_ray = True
+
+    def _get(self, refs: Any, timeout: float, what: str) -> Any:
+        ray = self.ray
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as e:
+            raise WorkerError(f"{what} timed out after {timeout:.0f} s") from e
+        except ray.exceptions.RayActorError as e:
+            raise WorkerError(f"a worker died while {what}: {e}") from e
+        except ray.exceptions.RayTaskError as e:
+            raise WorkerError(f"a worker failed while {what}: {e}") from e
+
+    def num_available_blocks(self) -> int:
+        counts = self._get([a.num_available_blocks.remote() for a in self.actors],
+                           self.config.init_timeout_s, "sizing the KV cache")
+        return min(counts)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._get([a.allocate_kv_cache.remote(num_blocks) for a in self.actors],
+                  self.config.init_timeout_s, "allocating the KV cache")
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        payload = encode(plan)
+        outs = self._get([a.execute.remote(payload) for a in self.actors],
+                         self.config.step_timeout_s, f"running step {plan.step_id}")
+        return decode(outs[0], StepResult)
+
+    def shutdown(self) -> None:
+        ray = self.ray
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as e:  # already dead
+                logger.debug("kill failed: %s", e)
+        self.actors = []
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.pg)
+            except Exception as e:
+                logger.debug("removing the placement group failed: %s", e)
+            self.pg = None
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False

@@ -1,0 +1,217 @@
+"""The public entry point: `Runtime` starts the workers and serves blocking `generate()` calls.
+
+    from dist_runtime import Runtime, SamplingParams
+    with Runtime(model="path/to/hf_folder", tp=2, session_len=4096, device="cpu") as rt:
+        outs = rt.generate(["prompt"], SamplingParams(max_new_tokens=16, temperature=0.0))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm import tqdm
+
+from dist_runtime.block_manager import BlockManager
+from dist_runtime.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig
+from dist_runtime.executor import Executor, create_executor
+from dist_runtime.outputs import RequestOutput, TokenLogprobs
+from dist_runtime.protocol import SampledToken
+from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.scheduler import Scheduler, Sequence
+from dist_runtime.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class Runtime:
+    def __init__(self, model: str | None = None, *, tp: int | None = None,
+                 cp: int | None = None, session_len: int | None = None,
+                 device: str | None = None, dtype: str | None = None,
+                 config: RuntimeConfig | None = None, **overrides: Any):
+        self.config = _build_config(model, tp, cp, session_len, device, dtype, config, overrides)
+        self.model_config = ModelConfig.from_pretrained(self.config.model)
+        self.config.parallel.check_model(self.model_config)
+        self.tokenizer = Tokenizer.from_folder(self.config.model)
+        self._rng = random.Random(self.config.seed)
+        self._seq_ids = itertools.count()
+        self.executor: Executor | None = create_executor(self.config)
+        try:
+            num_blocks = self.executor.num_available_blocks()
+            self.blocks = BlockManager(num_blocks, self.config.cache.block_size)
+            self.executor.allocate_kv_cache(num_blocks)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        logger.info("runtime ready: %s, tp=%d cp=%d, %d KV blocks of %d tokens",
+                    self.config.model, self.config.parallel.tp, self.config.parallel.cp,
+                    num_blocks, self.config.cache.block_size)
+
+    # -- public API -------------------------------------------------------------------------
+    def generate(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None
+                 = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); blocks until all are done."""
+        if self.executor is None:
+            raise RuntimeError("this Runtime was shut down; create a new one")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Seq) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings or token-id lists, got "
+                             f"{type(prompts).__name__} {prompts!r:.80}")
+        plist = _per_prompt(params, len(prompts))
+        seqs = [self._make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self._run(seqs, use_tqdm)
+        return [self._output(seq) for seq in seqs]
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.config.model} has no tokenizer.json; pass token ids instead "
+                             "of text")
+        return self.tokenizer.encode(text)
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- internals --------------------------------------------------------------------------
+    def _make_sequence(self, prompt: Prompt, params: SamplingParams, index: int) -> Sequence:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        _check_ids(ids, self.model_config.vocab_size, index)
+        total = len(ids) + params.max_new_tokens
+        if total > self.config.session_len:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens + max_new_tokens {params.max_new_tokens} "
+                f"= {total}, over session_len {self.config.session_len}; raise session_len or "
+                "shorten the prompt")
+        need = self.blocks.blocks_for(total)
+        if need > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt {index} needs {need} KV blocks ({total} tokens) but the cache holds "
+                f"{self.blocks.num_blocks}; give the workers more KV memory or shorten it")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        return Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params,
+                        seed=seed)
+
+    def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+        assert self.executor is not None
+        pending = {s.seq_id for s in seqs}
+        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
+        by_id = {s.seq_id: s for s in seqs}
+        while pending:
+            plan, _ = self.scheduler.schedule()
+            if not plan.seqs:
+                raise RuntimeError("the scheduler made no progress; the KV cache is too small "
+                                   "for any waiting sequence")
+            result = self.executor.execute(plan)
+            for sp in plan.seqs:
+                seq = by_id[sp.seq_id]
+                seq.num_computed_tokens = sp.start_pos + len(sp.token_ids)
+            for tok in result.tokens:
+                seq = by_id[tok.seq_id]
+                if self._append(seq, tok):
+                    pending.discard(seq.seq_id)
+                    bar.update(1)
+        bar.close()
+
+    def _append(self, seq: Sequence, tok: SampledToken) -> bool:
+        """Record a sampled token; True when the sequence finished."""
+        seq.output_token_ids.append(tok.token_id)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append((tok.token_id, tok.logprob, tok.top_ids, tok.top_logprobs))
+        reason = self._stop_reason(seq, tok.token_id)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            return True
+        return False
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and token_id in self._eos_ids():
+            return "stop"
+        if token_id in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
+            if any(s in text for s in p.stop):
+                return "stop"
+        if len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= \
+                self.config.session_len:
+            return "length"
+        return None
+
+    def _eos_ids(self) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+            text = _cut_at_stop(text, seq.params.stop)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = [TokenLogprobs(t, lp, dict(zip(ids, lps)))
+                        for t, lp, ids, lps in seq.logprobs]
+        return RequestOutput(prompt_token_ids=seq.prompt_token_ids,
+                             token_ids=list(seq.output_token_ids), text=text,
+                             finish_reason=seq.finish_reason or "length", logprobs=logprobs)
+
+
+def _build_config(model: str | None, tp: int | None, cp: int | None, session_len: int | None,
+                  device: str | None, dtype: str | None, config: RuntimeConfig | None,
+                  overrides: dict[str, Any]) -> RuntimeConfig:
+    direct = {"model": model, "session_len": session_len, "device": device, "dtype": dtype,
+              **overrides}
+    direct = {k: v for k, v in direct.items() if v is not None}
+    if config is None:
+        if model is None:
+            raise ConfigError("Runtime needs model=<checkpoint folder> (or config=RuntimeConfig)")
+        config = RuntimeConfig(model=model)
+    parallel = dataclasses.replace(config.parallel, **{k: v for k, v in (("tp", tp), ("cp", cp))
+                                                       if v is not None})
+    try:
+        return dataclasses.replace(config, parallel=parallel, **direct)
+    except TypeError as e:
+        raise ConfigError(f"Runtime: {e}") from e
+
+
+def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int
+                ) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    plist = list(params)
+    if len(plist) != n or not all(isinstance(p, SamplingParams) for p in plist):
+        raise ValueError(f"params must be one SamplingParams or a list of {n}, got {len(plist)}")
+    return plist
+
+
+def _check_ids(ids: list[int], vocab_size: int, index: int) -> None:
+    if not ids:
+        raise ValueError(f"prompt {index} is empty; give at least one token")
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not
+           0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt {index} has token ids outside [0, {vocab_size}): {bad[:5]}")
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]

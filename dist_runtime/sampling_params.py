@@ -1,0 +1,79 @@
+"""Per-request sampling parameters, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to pick tokens for one request. temperature 0 is greedy."""
+
+    max_new_tokens: int = 64
+    """Most tokens to generate."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 disables)."""
+    top_p: float = 1.0
+    """Keep the smallest set whose probability reaches p (1 disables)."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the top token's probability (0 disables)."""
+    repetition_penalty: float = 1.0
+    """HF-style penalty on tokens already in the prompt or output (1 disables)."""
+    seed: int | None = None
+    """Seed of this request's random stream; the same seed gives the same output."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra ids that end generation (the model's EOS ids always do unless ignore_eos)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end generation; the text is cut before the first one."""
+    ignore_eos: bool = False
+    """Keep generating past EOS until max_new_tokens."""
+    logprobs: int | None = None
+    """Return this many top log-probabilities per generated token (plus the chosen one)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the decoded text."""
+    extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    """Reserved for options of later versions; must be empty."""
+
+    def __post_init__(self) -> None:
+        # Accept lists from JSON/YAML callers but store tuples so the object stays hashable.
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+               f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        _check(_is_number(self.temperature) and self.temperature >= 0.0,
+               f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}")
+        _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
+               f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
+               f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
+               f"repetition_penalty must be > 0 (1 disables), got {self.repetition_penalty!r}")
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+               f"seed must be a non-negative integer below 2**63 or None, got {self.seed!r}")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop),
+               f"stop must hold non-empty strings, got {self.stop!r}")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int)
+                                         and 0 <= self.logprobs <= 20),
+               f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        _check(not self.extra, f"unknown sampling options {sorted(self.extra)}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

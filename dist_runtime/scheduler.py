@@ -1,0 +1,177 @@
+"""Continuous batching on the driver: plain Python, no torch.
+
+Each step spends a token budget: every running decode first (one token each), then prefill
+chunks of sequences still reading their prompt, then newly admitted sequences while KV blocks
+last. When a decode cannot get a block, the most recently admitted sequence is preempted: its
+blocks are freed and it is recomputed later (prompt + output so far).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from dist_runtime.block_manager import BlockManager
+from dist_runtime.config import SchedulerConfig
+from dist_runtime.protocol import SamplingSpec, SeqStep, StepPlan
+from dist_runtime.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0
+    """Tokens whose K/V are in the cache."""
+    block_table: list[int] = field(default_factory=list)
+    num_blocks_sent: int = 0
+    """Leading entries of block_table the workers already know."""
+    is_reset: bool = True
+    """Workers must (re)create their state for this sequence at its next step."""
+    finish_reason: str | None = None
+    logprobs: list[tuple[int, float, list[int], list[float]]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if stop <= n:
+            return self.prompt_token_ids[start:stop]
+        return (self.prompt_token_ids + self.output_token_ids)[start:stop]
+
+    def sampling_spec(self) -> SamplingSpec:
+        p = self.params
+        return SamplingSpec(temperature=float(p.temperature), top_k=p.top_k, top_p=float(p.top_p),
+                            min_p=float(p.min_p),
+                            repetition_penalty=float(p.repetition_penalty), seed=self.seed,
+                            logprobs=-1 if p.logprobs is None else p.logprobs)
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._finished_ids: list[int] = []
+        self._step_ids = itertools.count()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[StepPlan, list[ScheduledSeq]]:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        for seq in self._decodes_with_blocks():
+            scheduled.append(ScheduledSeq(seq, 1))
+            budget -= 1
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.num_computed_tokens < seq.num_tokens - 1 and not _has(scheduled, seq):
+                n = self._chunk(seq, budget)
+                if n:
+                    scheduled.append(ScheduledSeq(seq, n))
+                    budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._chunk(seq, budget)
+            if not n:
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return self._plan(scheduled), scheduled
+
+    def _decodes_with_blocks(self) -> list[Sequence]:
+        """Running sequences that decode this step, preempting others until all have blocks."""
+        decodes = []
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING or seq.num_computed_tokens != seq.num_tokens - 1:
+                continue
+            while not self.blocks.can_grow(seq.block_table, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                self.blocks.grow(seq.block_table, seq.num_tokens)
+                decodes.append(seq)
+        return decodes
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Prefill tokens of seq to run now (grows its table), 0 when no block is free."""
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        n = min(remaining, budget)
+        free_tokens = (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size
+        n = min(n, free_tokens - seq.num_computed_tokens)
+        if n <= 0:
+            return 0
+        self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+        return n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_blocks_sent = 0
+        seq.is_reset = True
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self._finished_ids.append(seq.seq_id)
+        self.num_preemptions += 1
+
+    def _plan(self, scheduled: list[ScheduledSeq]) -> StepPlan:
+        steps = []
+        for item in scheduled:
+            seq, n = item.seq, item.num_tokens
+            start = seq.num_computed_tokens
+            new_blocks = seq.block_table[seq.num_blocks_sent:]
+            steps.append(SeqStep(
+                seq_id=seq.seq_id, token_ids=seq.token_slice(start, start + n), start_pos=start,
+                new_blocks=new_blocks, is_new=seq.is_reset, sample=start + n == seq.num_tokens,
+                sampling=seq.sampling_spec() if seq.is_reset else None))
+            seq.num_blocks_sent = len(seq.block_table)
+            seq.is_reset = False
+        reset_ids = {s.seq_id for s in steps if s.is_new}
+        finished = [i for i in self._finished_ids if i not in reset_ids]
+        self._finished_ids = []
+        return StepPlan(step_id=next(self._step_ids), seqs=steps, finished_seq_ids=finished)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        self._finished_ids.append(seq.seq_id)
+
+
+def _has(scheduled: list[ScheduledSeq], seq: Sequence) -> bool:
+    return any(s.seq is seq for s in scheduled)

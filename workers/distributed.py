@@ -1,0 +1,107 @@
+"""The one module that calls torch.distributed.
+
+Every collective returns at once when its group has one rank, so a tp=1 model runs without a
+process group. Every rank must issue the same collectives in the same order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshCoords:
+    """This process's place in the tp x cp mesh: rank = cp_rank * tp_size + tp_rank."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+
+    @property
+    def rank(self) -> int:
+        return self.cp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.cp_size
+
+    @classmethod
+    def from_rank(cls, rank: int, tp_size: int, cp_size: int) -> MeshCoords:
+        return cls(tp_rank=rank % tp_size, tp_size=tp_size, cp_rank=rank // tp_size,
+                   cp_size=cp_size)
+
+
+def create_store(host: str, timeout_s: float) -> tuple[dist.TCPStore, int]:
+    """Start the rendezvous store on a port the OS picks (port 0), so no port race exists."""
+    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    return store, store.port
+
+
+class Collectives:
+    """Tensor-parallel collectives over this rank's tp group."""
+
+    def __init__(self, coords: MeshCoords, tp_group: dist.ProcessGroup | None = None):
+        self.coords = coords
+        self.tp_group = tp_group
+
+    @property
+    def tp_size(self) -> int:
+        return self.coords.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords.tp_rank
+
+    def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return x
+        dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def tp_all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every tp rank's x along dim (rank order)."""
+        if self.tp_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        return torch.cat(parts, dim=dim)
+
+
+def init_distributed(
+    coords: MeshCoords,
+    host: str,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    store: dist.TCPStore | None = None,
+) -> Collectives:
+    """Join the world's process group (rank 0 passes the store it created) and build tp groups."""
+    if coords.world_size == 1:
+        return Collectives(coords)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=coords.rank,
+                            world_size=coords.world_size, timeout=timeout)
+    tp_group = None
+    for cp_rank in range(coords.cp_size):  # every rank creates every group, in the same order
+        ranks = [cp_rank * coords.tp_size + t for t in range(coords.tp_size)]
+        group = dist.new_group(ranks, timeout=timeout)
+        if cp_rank == coords.cp_rank:
+            tp_group = group
+    logger.info("rank %d joined %s group of %d", coords.rank, backend, coords.world_size)
+    return Collectives(coords, tp_group)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,85 @@
+"""Tensor-parallel GQA attention over the paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dist_runtime.config import ModelConfig
+from kernels.paged_attention import paged_attention
+from kernels.store_kv import store_kv
+from workers.distributed import Collectives
+from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
+from workers.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadShard:
+    """Which query and KV heads one tp rank owns.
+
+    tp dividing kv_heads: each rank owns kv_heads/tp KV heads and their query groups.
+    tp a multiple of kv_heads: each KV head is replicated on tp/kv_heads ranks, each of which owns
+    a contiguous part of that head's query group.
+    """
+
+    num_q: int
+    q_start: int
+    num_kv: int
+    kv_start: int
+
+    @classmethod
+    def for_rank(cls, num_heads: int, num_kv_heads: int, tp_rank: int, tp_size: int) -> HeadShard:
+        num_q = num_heads // tp_size
+        if num_kv_heads >= tp_size:
+            num_kv = num_kv_heads // tp_size
+            kv_start = tp_rank * num_kv
+        else:
+            num_kv = 1
+            kv_start = tp_rank // (tp_size // num_kv_heads)
+        return cls(num_q=num_q, q_start=tp_rank * num_q, num_kv=num_kv, kv_start=kv_start)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionMetadata:
+    """Per-step layout of the packed batch, shared by every layer."""
+
+    slot_mapping: torch.Tensor
+    """(tokens,) int64 cache slot of each new token."""
+    block_tables: torch.Tensor
+    """(batch, max_blocks) int32 block ids per sequence, padded."""
+    cu_seqlens_q: torch.Tensor
+    """(batch + 1,) int64 prefix sums of new tokens per sequence."""
+    context_lens: torch.Tensor
+    """(batch,) int64 cached + new tokens per sequence."""
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, shard: HeadShard, rotary: RotaryEmbedding,
+                 comm: Collectives, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.shard = shard
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.q_size = shard.num_q * config.head_dim
+        self.kv_size = shard.num_kv * config.head_dim
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                             config.attention_bias, dtype, device)
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, config.attention_bias,
+                                        dtype, device, comm)
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, self.shard.num_q, self.head_dim)
+        k = k.view(tokens, self.shard.num_kv, self.head_dim)
+        v = v.view(tokens, self.shard.num_kv, self.head_dim)
+        q, k = self.rotary(q, k, positions)
+        k_cache, v_cache = kv_cache
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out, _ = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
+                                 meta.context_lens, self.scale)
+        return self.o_proj(out.reshape(tokens, self.q_size))

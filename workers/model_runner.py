@@ -1,0 +1,166 @@
+"""Runs step plans on one device: builds the model shard, owns the KV cache, samples.
+
+The model runner is plain Python + torch, built the same way by the Ray worker actor and by the
+in-process executor. It keeps per-sequence state (block table, token history, random stream)
+so plans only carry deltas.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from dist_runtime.config import ModelConfig, RuntimeConfig
+from dist_runtime.protocol import SampledToken, SamplingSpec, SeqStep, StepPlan, StepResult
+from workers.checkpoint import CheckpointReader, dtype_from_name
+from workers.distributed import Collectives
+from workers.kv_cache import KVCache
+from workers.layers.attention import AttentionMetadata
+from workers.models.decoder import DecoderLM
+from workers.models.layouts import load_weights
+from workers.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SeqState:
+    """What a worker remembers about one running sequence."""
+
+    spec: SamplingSpec
+    generator: torch.Generator
+    block_table: list[int] = field(default_factory=list)
+    history: list[int] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, config: RuntimeConfig, comm: Collectives):
+        self.config = config
+        self.comm = comm
+        self.device = torch.device(config.resolved_device())
+        self.dtype = dtype_from_name(config.resolved_dtype())
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        config.parallel.check_model(self.model_config)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = DecoderLM(self.model_config, comm, self.dtype, self.device).eval()
+        reader = CheckpointReader(config.model)
+        load_weights(self.model, reader)
+        self.weight_bytes_read = reader.bytes_read
+        reader.close()
+        self.kv_cache: KVCache | None = None
+        self.seqs: dict[int, SeqState] = {}
+        self.sampler = Sampler()
+        self.is_driver_rank = comm.coords.rank == 0
+
+    # -- KV cache ---------------------------------------------------------------------------
+    def kv_block_bytes(self) -> int:
+        shard = self.model.shard
+        return KVCache.block_bytes(self.model_config.num_layers, self.config.cache.block_size,
+                                   shard.num_kv, self.model_config.head_dim, self.dtype)
+
+    def num_available_blocks(self) -> int:
+        """Blocks this worker can hold: the configured count, else from its memory budget."""
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        if self.device.type == "cpu":
+            return max(cache.cpu_kv_cache_bytes // self.kv_block_bytes(), 0)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        budget = int(total * cache.gpu_memory_utilization) - used - self._activation_reserve()
+        return max(budget // self.kv_block_bytes(), 0)
+
+    def _activation_reserve(self) -> int:
+        """Bytes kept free for one step's activations: a bound from the token budget."""
+        c, tokens = self.model_config, self.config.scheduler.max_num_batched_tokens
+        width = 4 * c.hidden_size + 4 * c.intermediate_size // self.comm.tp_size
+        per_token = width * self.dtype.itemsize + 4 * c.vocab_size // max(tokens, 1)
+        return tokens * per_token + (512 << 20)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_cache = KVCache(self.model_config.num_layers, num_blocks,
+                                self.config.cache.block_size, self.model.shard.num_kv,
+                                self.model_config.head_dim, self.dtype, self.device)
+
+    # -- steps ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Run one step; tp rank 0 of the world returns the sampled tokens, others None."""
+        if self.kv_cache is None:
+            raise RuntimeError("allocate_kv_cache() must run before execute()")
+        for seq_id in plan.finished_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for seq in plan.seqs:
+            self._update_state(seq)
+        if not plan.seqs:
+            return StepResult(step_id=plan.step_id, tokens=[]) if self.is_driver_rank else None
+        input_ids, positions, meta, sample_rows = self._prepare(plan.seqs)
+        hidden = self.model(input_ids, positions, meta, self.kv_cache.layers)
+        sampled = [s for s in plan.seqs if s.sample]
+        if not sampled:
+            return StepResult(step_id=plan.step_id, tokens=[]) if self.is_driver_rank else None
+        logits = self.model.compute_logits(hidden[sample_rows])  # (sampled, vocab) fp32
+        if not self.is_driver_rank:
+            return None
+        return StepResult(step_id=plan.step_id, tokens=self._sample(logits, sampled))
+
+    def _update_state(self, seq: SeqStep) -> None:
+        if seq.is_new:
+            if seq.sampling is None:
+                raise ValueError(f"seq {seq.seq_id}: a new sequence needs its sampling spec")
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seq.sampling.seed)
+            self.seqs[seq.seq_id] = SeqState(spec=seq.sampling, generator=gen)
+        state = self.seqs.get(seq.seq_id)
+        if state is None:
+            raise ValueError(f"seq {seq.seq_id} is unknown to this worker and not marked new")
+        state.block_table.extend(seq.new_blocks)
+        if self.is_driver_rank and state.spec.repetition_penalty != 1.0:
+            state.history.extend(seq.token_ids)
+        needed = -(-(seq.start_pos + len(seq.token_ids)) // self.config.cache.block_size)
+        if needed > len(state.block_table):
+            raise ValueError(f"seq {seq.seq_id} needs {needed} blocks but has "
+                             f"{len(state.block_table)}")
+
+    def _prepare(self, seqs: list[SeqStep]
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        block_size = self.config.cache.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        ctx: list[int] = []
+        tables: list[list[int]] = []
+        for s in seqs:
+            table = self.seqs[s.seq_id].block_table
+            end = s.start_pos + len(s.token_ids)
+            ids.extend(s.token_ids)
+            span = range(s.start_pos, end)
+            pos.extend(span)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+            cu.append(cu[-1] + len(s.token_ids))
+            ctx.append(end)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int64, device=dev),
+            context_lens=torch.tensor(ctx, dtype=torch.int64, device=dev),
+        )
+        rows = torch.tensor([cu[i + 1] - 1 for i, s in enumerate(seqs) if s.sample],
+                            dtype=torch.int64, device=dev)
+        return (torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(pos, dtype=torch.int64, device=dev), meta, rows)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[SampledToken]:
+        states = [self.seqs[s.seq_id] for s in seqs]
+        histories = [torch.tensor(st.history, dtype=torch.int64, device=self.device)
+                     for st in states]
+        return self.sampler.sample(logits, [st.spec for st in states], histories,
+                                   [st.generator for st in states], [s.seq_id for s in seqs])

@@ -1,0 +1,1 @@
+"""Model definitions: one decoder, several checkpoint layouts."""

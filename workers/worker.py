@@ -1,0 +1,70 @@
+"""The worker actor: a thin shell around a ModelRunner, speaking msgpack bytes.
+
+The Ray executor wraps this class with `ray.remote`; nothing here imports Ray, so the same shell
+is testable in-process. Rank 0 first opens the rendezvous store (on a port the OS picks), then
+every rank joins the process group and builds its model shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import msgpack
+import torch
+
+from dist_runtime.config import RuntimeConfig
+from dist_runtime.protocol import StepPlan, decode, encode
+from workers.distributed import MeshCoords, create_store, destroy_distributed, init_distributed
+from workers.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, config_bytes: bytes, rank: int, num_threads: int | None = None):
+        self.config = RuntimeConfig.from_dict(msgpack.unpackb(config_bytes, raw=False),
+                                              source="worker config")
+        par = self.config.parallel
+        self.coords = MeshCoords.from_rank(rank, par.tp, par.cp)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self._store = None
+        self.runner: ModelRunner | None = None
+
+    def create_store(self, host: str) -> int:
+        """Rank 0 only: start the rendezvous store and return its port."""
+        self._store, port = create_store(host, self.config.init_timeout_s)
+        return port
+
+    def init_model(self, host: str, port: int) -> int:
+        """Join the process group, build and load this rank's shard; returns bytes read."""
+        backend = "nccl" if self.config.resolved_device() == "cuda" else "gloo"
+        if backend == "nccl":
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            logger.info("rank %d on CUDA_VISIBLE_DEVICES=%s", self.coords.rank, visible)
+        comm = init_distributed(self.coords, host, port, backend, self.config.init_timeout_s,
+                                store=self._store)
+        self.runner = ModelRunner(self.config, comm)
+        return self.runner.weight_bytes_read
+
+    def num_available_blocks(self) -> int:
+        assert self.runner is not None
+        return self.runner.num_available_blocks()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        assert self.runner is not None
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute(self, plan_bytes: bytes) -> bytes | None:
+        assert self.runner is not None
+        result = self.runner.execute(decode(plan_bytes, StepPlan))
+        return None if result is None else encode(result)
+
+    def ping(self) -> int:
+        return self.coords.rank
+
+    def shutdown(self) -> None:
+        self.runner = None
+        destroy_distributed()
+        self._store = None
