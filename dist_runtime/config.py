@@ -147,7 +147,8 @@ class ModelConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else bias,
+            # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.
+            mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )

@@ -56,6 +56,7 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             self._init_ray(ray)
         bundle = {"GPU": 1, "CPU": 1} if self.is_cuda else {"CPU": 1}
+        self._check_capacity(ray, bundle)
         self.pg = placement_group([dict(bundle) for _ in range(self.world_size)],
                                   strategy="PACK")
         self._get(self.pg.ready(), self.config.init_timeout_s,
@@ -79,6 +80,15 @@ class RayExecutor(Executor):
         self.weight_bytes_read = self._get(
             [a.init_model.remote(host, port) for a in self.actors], self.config.init_timeout_s,
             "loading the model on the workers")
+
+    def _check_capacity(self, ray: Any, bundle: dict[str, int]) -> None:
+        total = ray.cluster_resources()
+        for key, per_worker in bundle.items():
+            have = int(total.get(key, 0))
+            if have < per_worker * self.world_size:
+                raise WorkerError(
+                    f"tp*cp = {self.world_size} workers need {per_worker * self.world_size} {key} "
+                    f"but the Ray cluster has {have}; lower tp/cp or add {key}s to the cluster")
 
     def _init_ray(self, ray: Any) -> None:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}

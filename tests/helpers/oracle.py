@@ -1,0 +1,76 @@
+"""Reference model: the checkpoint loaded into Hugging Face `LlamaForCausalLM`.
+
+InternLM2 folders are converted to Llama names (wqkv unpacked) so that one well-tested HF
+implementation is the oracle for both layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dist_runtime.random_checkpoint import unpack_internlm2_wqkv
+
+
+def load_hf_llama(
+    folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> LlamaForCausalLM:
+    """Load a Llama or InternLM2 checkpoint folder as an eval-mode eager-attention HF Llama."""
+    folder = Path(folder)
+    hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if hf["architectures"] == ["InternLM2ForCausalLM"]:
+        model = _load_internlm2(folder, hf, dtype)
+    else:
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    return model.eval()
+
+
+def _load_internlm2(folder: Path, hf: dict[str, Any], dtype: torch.dtype) -> LlamaForCausalLM:
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    dropped = ("architectures", "model_type", "bias")
+    llama = {k: v for k, v in hf.items() if k not in dropped}
+    llama.update(head_dim=head_dim, attention_bias=hf.get("bias", False), mlp_bias=False)
+    config = LlamaConfig.from_dict(llama, attn_implementation="eager")
+    model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.load_state_dict(internlm2_to_llama_state_dict(_read_safetensors(folder), hf))
+    return model
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def internlm2_to_llama_state_dict(
+    src: dict[str, torch.Tensor], hf: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Rename InternLM2 tensors (config.json `hf`) to Llama names, unpacking `wqkv` into q/k/v."""
+    heads, kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
+    head_dim = hf["hidden_size"] // heads
+    out = {
+        "model.embed_tokens.weight": src["model.tok_embeddings.weight"],
+        "model.norm.weight": src["model.norm.weight"],
+    }
+    out["lm_head.weight"] = src.get("output.weight", src["model.tok_embeddings.weight"])
+    for i in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            if f"{p}attention.wqkv.{kind}" not in src:
+                continue
+            qkv = unpack_internlm2_wqkv(src[f"{p}attention.wqkv.{kind}"], heads, kv_heads, head_dim)
+            for name, tensor in zip("qkv", qkv):
+                out[f"{p}self_attn.{name}_proj.{kind}"] = tensor
+            out[f"{p}self_attn.o_proj.{kind}"] = src[f"{p}attention.wo.{kind}"]
+        for w, proj in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+            out[f"{p}mlp.{proj}_proj.weight"] = src[f"{p}feed_forward.{w}.weight"]
+        out[f"{p}input_layernorm.weight"] = src[f"{p}attention_norm.weight"]
+        out[f"{p}post_attention_layernorm.weight"] = src[f"{p}ffn_norm.weight"]
+    return out
