@@ -378,15 +378,20 @@ class RuntimeConfig:
     def from_yaml(cls, path: str | os.PathLike[str],
                   overrides: dict[str, Any] | None = None) -> RuntimeConfig:
         """Read a YAML file and apply overrides: `{"session_len": 8192, "parallel.tp": 2}`."""
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-        return cls.from_dict(merge_overrides(raw, overrides or {}), source=str(path))
+        return cls.from_dict(merge_overrides(read_yaml(path), overrides or {}), source=str(path))
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML config file's top-level mapping, with errors that name the file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return raw
 
 
 def _build_section(cls: type, value: Any, source: str) -> Any:
