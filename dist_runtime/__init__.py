@@ -1,6 +1,6 @@
 """Distributed tensor-parallel long-context LLM runtime: the driver side.
 
-    from dist_runtime import Runtime, SamplingParams
+from dist_runtime import Runtime, SamplingParams
 """
 
 from dist_runtime.config import (

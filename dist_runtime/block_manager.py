@@ -14,9 +14,11 @@ from collections import deque
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1:
-            raise ValueError(f"the KV cache has {num_blocks} blocks; give the workers more memory "
-                             "(cache.num_blocks, cache.cpu_kv_cache_bytes or "
-                             "cache.gpu_memory_utilization)")
+            raise ValueError(
+                f"the KV cache has {num_blocks} blocks; give the workers more memory "
+                "(cache.num_blocks, cache.cpu_kv_cache_bytes or "
+                "cache.gpu_memory_utilization)"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))

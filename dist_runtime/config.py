@@ -94,8 +94,15 @@ class ModelConfig:
     """Ids that end generation."""
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -115,23 +122,36 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         archs = hf.get("architectures") or []
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES),
-                    None)
+        arch = next(
+            (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
+        )
         if arch is None:
             raise ConfigError(
                 f"{source}: architectures {archs!r} are not supported; supported: "
                 f"{sorted(SUPPORTED_ARCHITECTURES)}"
             )
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads") if k not in hf]
+        missing = [
+            k
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+            )
+            if k not in hf
+        ]
         if missing:
             raise ConfigError(f"{source}: missing required keys {missing}")
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        bias = bool(hf.get("bias", False)) if arch == "internlm2" else bool(
-            hf.get("attention_bias", False))
+        bias = (
+            bool(hf.get("bias", False))
+            if arch == "internlm2"
+            else bool(hf.get("attention_bias", False))
+        )
         return cls(
             architecture=arch,
             vocab_size=hf["vocab_size"],
@@ -223,8 +243,9 @@ class ParallelConfig:
                 f"choose tp from {_divisors(model.num_heads)}"
             )
         if kvh % tp and tp % kvh:
-            choices = sorted(set(_divisors(kvh)) | {
-                m for m in _divisors(model.num_heads) if m % kvh == 0})
+            choices = sorted(
+                set(_divisors(kvh)) | {m for m in _divisors(model.num_heads) if m % kvh == 0}
+            )
             raise ConfigError(
                 f"tp={tp} neither divides the model's {kvh} KV heads nor is a multiple of them; "
                 f"choose tp from {choices}"
@@ -249,19 +270,26 @@ class CacheConfig:
     """On CPU: bytes per worker for the KV cache when num_blocks is None."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size < 1 or (
-                self.block_size & (self.block_size - 1)):
+        if (
+            not isinstance(self.block_size, int)
+            or self.block_size < 1
+            or (self.block_size & (self.block_size - 1))
+        ):
             raise ConfigError(f"cache.block_size must be a power of two, got {self.block_size!r}")
-        if self.num_blocks is not None and (not isinstance(self.num_blocks, int)
-                                            or self.num_blocks < 1):
-            raise ConfigError(f"cache.num_blocks must be a positive integer or null, "
-                              f"got {self.num_blocks!r}")
+        if self.num_blocks is not None and (
+            not isinstance(self.num_blocks, int) or self.num_blocks < 1
+        ):
+            raise ConfigError(
+                f"cache.num_blocks must be a positive integer or null, got {self.num_blocks!r}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError(f"cache.gpu_memory_utilization must be in (0, 1], "
-                              f"got {self.gpu_memory_utilization}")
+            raise ConfigError(
+                f"cache.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         if self.cpu_kv_cache_bytes < 1:
-            raise ConfigError(f"cache.cpu_kv_cache_bytes must be positive, "
-                              f"got {self.cpu_kv_cache_bytes}")
+            raise ConfigError(
+                f"cache.cpu_kv_cache_bytes must be positive, got {self.cpu_kv_cache_bytes}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,8 +308,8 @@ class SchedulerConfig:
                 raise ConfigError(f"scheduler.{name} must be a positive integer, got {value!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError(
-                f"scheduler.max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
-                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode"
+                f"scheduler.max_num_batched_tokens ({self.max_num_batched_tokens}) must be at "
+                f"least max_num_seqs ({self.max_num_seqs}) so every running sequence can decode"
             )
 
 
@@ -318,13 +346,15 @@ class RuntimeConfig:
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("model must be a path to a checkpoint folder")
         if self.dtype not in (*SUPPORTED_DTYPES, "auto"):
-            raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of "
-                              f"{[*SUPPORTED_DTYPES, 'auto']}")
+            raise ConfigError(
+                f"dtype {self.dtype!r} is not supported; use one of {[*SUPPORTED_DTYPES, 'auto']}"
+            )
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"device {self.device!r} is not supported; use cpu, cuda or auto")
         if self.executor not in ("ray", "inprocess", "auto"):
-            raise ConfigError(f"executor {self.executor!r} is not supported; "
-                              "use ray, inprocess or auto")
+            raise ConfigError(
+                f"executor {self.executor!r} is not supported; use ray, inprocess or auto"
+            )
         if self.executor == "inprocess" and self.parallel.world_size != 1:
             raise ConfigError(
                 f"executor=inprocess runs one worker, but tp*cp = {self.parallel.world_size}; "
@@ -375,8 +405,9 @@ class RuntimeConfig:
             raise ConfigError(f"{source}: {e}") from e
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str],
-                  overrides: dict[str, Any] | None = None) -> RuntimeConfig:
+    def from_yaml(
+        cls, path: str | os.PathLike[str], overrides: dict[str, Any] | None = None
+    ) -> RuntimeConfig:
         """Read a YAML file and apply overrides: `{"session_len": 8192, "parallel.tp": 2}`."""
         return cls.from_dict(merge_overrides(read_yaml(path), overrides or {}), source=str(path))
 

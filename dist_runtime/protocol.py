@@ -92,8 +92,9 @@ def decode(data: bytes, cls: type[M], max_bytes: int = MAX_MESSAGE_BYTES) -> M:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"expected bytes for {cls.__name__}, got {type(data).__name__}")
     if len(data) > max_bytes:
-        raise ProtocolError(f"{cls.__name__} payload of {len(data)} bytes exceeds the "
-                            f"{max_bytes}-byte cap")
+        raise ProtocolError(
+            f"{cls.__name__} payload of {len(data)} bytes exceeds the {max_bytes}-byte cap"
+        )
     try:
         raw = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated exception types

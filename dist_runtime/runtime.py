@@ -1,8 +1,8 @@
 """The public entry point: `Runtime` starts the workers and serves blocking `generate()` calls.
 
-    from dist_runtime import Runtime, SamplingParams
-    with Runtime(model="path/to/hf_folder", tp=2, session_len=4096, device="cpu") as rt:
-        outs = rt.generate(["prompt"], SamplingParams(max_new_tokens=16, temperature=0.0))
+from dist_runtime import Runtime, SamplingParams
+with Runtime(model="path/to/hf_folder", tp=2, session_len=4096, device="cpu") as rt:
+    outs = rt.generate(["prompt"], SamplingParams(max_new_tokens=16, temperature=0.0))
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dist_runtime.block_manager import BlockManager
-from dist_runtime.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig
+from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig
 from dist_runtime.executor import Executor, create_executor
 from dist_runtime.outputs import RequestOutput, TokenLogprobs
 from dist_runtime.protocol import SampledToken
@@ -31,10 +31,18 @@ Prompt = str | list[int]
 
 
 class Runtime:
-    def __init__(self, model: str | None = None, *, tp: int | None = None,
-                 cp: int | None = None, session_len: int | None = None,
-                 device: str | None = None, dtype: str | None = None,
-                 config: RuntimeConfig | None = None, **overrides: Any):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        tp: int | None = None,
+        cp: int | None = None,
+        session_len: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        config: RuntimeConfig | None = None,
+        **overrides: Any,
+    ):
         self.config = _build_config(model, tp, cp, session_len, device, dtype, config, overrides)
         self.model_config = ModelConfig.from_pretrained(self.config.model)
         self.config.parallel.check_model(self.model_config)
@@ -50,19 +58,30 @@ class Runtime:
             self.shutdown()
             raise
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
-        logger.info("runtime ready: %s, tp=%d cp=%d, %d KV blocks of %d tokens",
-                    self.config.model, self.config.parallel.tp, self.config.parallel.cp,
-                    num_blocks, self.config.cache.block_size)
+        logger.info(
+            "runtime ready: %s, tp=%d cp=%d, %d KV blocks of %d tokens",
+            self.config.model,
+            self.config.parallel.tp,
+            self.config.parallel.cp,
+            num_blocks,
+            self.config.cache.block_size,
+        )
 
     # -- public API -------------------------------------------------------------------------
-    def generate(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None
-                 = None, use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); blocks until all are done."""
         if self.executor is None:
             raise RuntimeError("this Runtime was shut down; create a new one")
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Seq) or not prompts:
-            raise ValueError("prompts must be a non-empty list of strings or token-id lists, got "
-                             f"{type(prompts).__name__} {prompts!r:.80}")
+            raise ValueError(
+                "prompts must be a non-empty list of strings or token-id lists, got "
+                f"{type(prompts).__name__} {prompts!r:.80}"
+            )
         plist = _per_prompt(params, len(prompts))
         seqs = [self._make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, plist))]
         for seq in seqs:
@@ -72,8 +91,9 @@ class Runtime:
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError(f"{self.config.model} has no tokenizer.json; pass token ids instead "
-                             "of text")
+            raise ValueError(
+                f"{self.config.model} has no tokenizer.json; pass token ids instead of text"
+            )
         return self.tokenizer.encode(text)
 
     def shutdown(self) -> None:
@@ -96,15 +116,16 @@ class Runtime:
             raise ValueError(
                 f"prompt {index} has {len(ids)} tokens + max_new_tokens {params.max_new_tokens} "
                 f"= {total}, over session_len {self.config.session_len}; raise session_len or "
-                "shorten the prompt")
+                "shorten the prompt"
+            )
         need = self.blocks.blocks_for(total)
         if need > self.blocks.num_blocks:
             raise ValueError(
                 f"prompt {index} needs {need} KV blocks ({total} tokens) but the cache holds "
-                f"{self.blocks.num_blocks}; give the workers more KV memory or shorten it")
+                f"{self.blocks.num_blocks}; give the workers more KV memory or shorten it"
+            )
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        return Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params,
-                        seed=seed)
+        return Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
 
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
         assert self.executor is not None
@@ -114,8 +135,10 @@ class Runtime:
         while pending:
             plan, _ = self.scheduler.schedule()
             if not plan.seqs:
-                raise RuntimeError("the scheduler made no progress; the KV cache is too small "
-                                   "for any waiting sequence")
+                raise RuntimeError(
+                    "the scheduler made no progress; the KV cache is too small "
+                    "for any waiting sequence"
+                )
             result = self.executor.execute(plan)
             for sp in plan.seqs:
                 seq = by_id[sp.seq_id]
@@ -148,8 +171,10 @@ class Runtime:
             text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
             if any(s in text for s in p.stop):
                 return "stop"
-        if len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= \
-                self.config.session_len:
+        if (
+            len(seq.output_token_ids) >= p.max_new_tokens
+            or seq.num_tokens >= self.config.session_len
+        ):
             return "length"
         return None
 
@@ -166,33 +191,52 @@ class Runtime:
             text = _cut_at_stop(text, seq.params.stop)
         logprobs = None
         if seq.params.logprobs is not None:
-            logprobs = [TokenLogprobs(t, lp, dict(zip(ids, lps)))
-                        for t, lp, ids, lps in seq.logprobs]
-        return RequestOutput(prompt_token_ids=seq.prompt_token_ids,
-                             token_ids=list(seq.output_token_ids), text=text,
-                             finish_reason=seq.finish_reason or "length", logprobs=logprobs)
+            logprobs = [
+                TokenLogprobs(t, lp, dict(zip(ids, lps))) for t, lp, ids, lps in seq.logprobs
+            ]
+        return RequestOutput(
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=text,
+            finish_reason=seq.finish_reason or "length",
+            logprobs=logprobs,
+        )
 
 
-def _build_config(model: str | None, tp: int | None, cp: int | None, session_len: int | None,
-                  device: str | None, dtype: str | None, config: RuntimeConfig | None,
-                  overrides: dict[str, Any]) -> RuntimeConfig:
-    direct = {"model": model, "session_len": session_len, "device": device, "dtype": dtype,
-              **overrides}
+def _build_config(
+    model: str | None,
+    tp: int | None,
+    cp: int | None,
+    session_len: int | None,
+    device: str | None,
+    dtype: str | None,
+    config: RuntimeConfig | None,
+    overrides: dict[str, Any],
+) -> RuntimeConfig:
+    direct = {
+        "model": model,
+        "session_len": session_len,
+        "device": device,
+        "dtype": dtype,
+        **overrides,
+    }
     direct = {k: v for k, v in direct.items() if v is not None}
     if config is None:
         if model is None:
             raise ConfigError("Runtime needs model=<checkpoint folder> (or config=RuntimeConfig)")
         config = RuntimeConfig(model=model)
-    parallel = dataclasses.replace(config.parallel, **{k: v for k, v in (("tp", tp), ("cp", cp))
-                                                       if v is not None})
+    parallel = dataclasses.replace(
+        config.parallel, **{k: v for k, v in (("tp", tp), ("cp", cp)) if v is not None}
+    )
     try:
         return dataclasses.replace(config, parallel=parallel, **direct)
     except TypeError as e:
         raise ConfigError(f"Runtime: {e}") from e
 
 
-def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int
-                ) -> list[SamplingParams]:
+def _per_prompt(
+    params: SamplingParams | Seq[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
     if params is None:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
@@ -206,8 +250,9 @@ def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int
 def _check_ids(ids: list[int], vocab_size: int, index: int) -> None:
     if not ids:
         raise ValueError(f"prompt {index} is empty; give at least one token")
-    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not
-           0 <= t < vocab_size]
+    bad = [
+        t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size
+    ]
     if bad:
         raise ValueError(f"prompt {index} has token ids outside [0, {vocab_size}): {bad[:5]}")
 

@@ -42,27 +42,46 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
-        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-               f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        _check(_is_number(self.temperature) and self.temperature >= 0.0,
-               f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0,
-               f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}")
-        _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
-               f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
-               f"min_p must be in [0, 1], got {self.min_p!r}")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
-               f"repetition_penalty must be > 0 (1 disables), got {self.repetition_penalty!r}")
-        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
-               f"seed must be a non-negative integer below 2**63 or None, got {self.seed!r}")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop),
-               f"stop must hold non-empty strings, got {self.stop!r}")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int)
-                                         and 0 <= self.logprobs <= 20),
-               f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        _check(
+            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+            f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+        )
+        _check(
+            _is_number(self.temperature) and self.temperature >= 0.0,
+            f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}",
+        )
+        _check(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}",
+        )
+        _check(
+            _is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
+            f"top_p must be in (0, 1], got {self.top_p!r}",
+        )
+        _check(
+            _is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
+            f"min_p must be in [0, 1], got {self.min_p!r}",
+        )
+        _check(
+            _is_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
+            f"repetition_penalty must be > 0 (1 disables), got {self.repetition_penalty!r}",
+        )
+        _check(
+            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+            f"seed must be a non-negative integer below 2**63 or None, got {self.seed!r}",
+        )
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            f"stop must hold non-empty strings, got {self.stop!r}",
+        )
+        _check(
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}",
+        )
         _check(not self.extra, f"unknown sampling options {sorted(self.extra)}")
 
     @property

@@ -55,10 +55,15 @@ class Sequence:
 
     def sampling_spec(self) -> SamplingSpec:
         p = self.params
-        return SamplingSpec(temperature=float(p.temperature), top_k=p.top_k, top_p=float(p.top_p),
-                            min_p=float(p.min_p),
-                            repetition_penalty=float(p.repetition_penalty), seed=self.seed,
-                            logprobs=-1 if p.logprobs is None else p.logprobs)
+        return SamplingSpec(
+            temperature=float(p.temperature),
+            top_k=p.top_k,
+            top_p=float(p.top_p),
+            min_p=float(p.min_p),
+            repetition_penalty=float(p.repetition_penalty),
+            seed=self.seed,
+            logprobs=-1 if p.logprobs is None else p.logprobs,
+        )
 
 
 @dataclass(frozen=True)
@@ -152,11 +157,18 @@ class Scheduler:
         for item in scheduled:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
-            new_blocks = seq.block_table[seq.num_blocks_sent:]
-            steps.append(SeqStep(
-                seq_id=seq.seq_id, token_ids=seq.token_slice(start, start + n), start_pos=start,
-                new_blocks=new_blocks, is_new=seq.is_reset, sample=start + n == seq.num_tokens,
-                sampling=seq.sampling_spec() if seq.is_reset else None))
+            new_blocks = seq.block_table[seq.num_blocks_sent :]
+            steps.append(
+                SeqStep(
+                    seq_id=seq.seq_id,
+                    token_ids=seq.token_slice(start, start + n),
+                    start_pos=start,
+                    new_blocks=new_blocks,
+                    is_new=seq.is_reset,
+                    sample=start + n == seq.num_tokens,
+                    sampling=seq.sampling_spec() if seq.is_reset else None,
+                )
+            )
             seq.num_blocks_sent = len(seq.block_table)
             seq.is_reset = False
         reset_ids = {s.seq_id for s in steps if s.is_new}

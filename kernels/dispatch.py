@@ -28,7 +28,9 @@ def use_triton(device: torch.device) -> bool:
     """True when the Triton kernel should run for tensors on `device`."""
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced not in ("", "torch", "triton"):
-        raise ValueError(f"{ENV_VAR}={forced!r} is not valid; use 'torch', 'triton' or leave it unset")
+        raise ValueError(
+            f"{ENV_VAR}={forced!r} is not valid; use 'torch', 'triton' or leave it unset"
+        )
     if forced == "torch":
         return False
     if forced == "triton":

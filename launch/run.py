@@ -61,10 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "model": args.model, "session_len": args.session_len, "device": args.device,
-        "dtype": args.dtype, "executor": args.executor, "ray_address": args.ray_address,
-        "parallel.tp": args.tp, "parallel.cp": args.cp, "cache.block_size": args.block_size,
-        "cache.num_blocks": args.num_blocks, "scheduler.max_num_seqs": args.max_num_seqs,
+        "model": args.model,
+        "session_len": args.session_len,
+        "device": args.device,
+        "dtype": args.dtype,
+        "executor": args.executor,
+        "ray_address": args.ray_address,
+        "parallel.tp": args.tp,
+        "parallel.cp": args.cp,
+        "cache.block_size": args.block_size,
+        "cache.num_blocks": args.num_blocks,
+        "scheduler.max_num_seqs": args.max_num_seqs,
         "scheduler.max_num_batched_tokens": args.max_num_batched_tokens,
     }
 
@@ -85,10 +92,19 @@ def demo_checkpoint() -> Path:
     folder = cache / "random-internlm2-tiny"
     if not (folder / "config.json").is_file():
         logger.info("writing the random-weight demo checkpoint to %s", folder)
-        write_random_checkpoint(folder, architecture="internlm2", vocab_size=2048,
-                                hidden_size=256, intermediate_size=704, num_layers=4,
-                                num_heads=8, num_kv_heads=4, max_position_embeddings=8192,
-                                max_shard_bytes=4 << 20, seed=0)
+        write_random_checkpoint(
+            folder,
+            architecture="internlm2",
+            vocab_size=2048,
+            hidden_size=256,
+            intermediate_size=704,
+            num_layers=4,
+            num_heads=8,
+            num_kv_heads=4,
+            max_position_embeddings=8192,
+            max_shard_bytes=4 << 20,
+            seed=0,
+        )
     return folder
 
 
@@ -97,9 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     try:
         config = build_config(args)
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                repetition_penalty=args.repetition_penalty, seed=args.seed)
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        )
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -109,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         outs = rt.generate(prompts, params, use_tqdm=True)
         elapsed = time.perf_counter() - start
     for prompt, out in zip(prompts, outs):
-        print(f"### prompt: {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, "
-              f"{out.finish_reason}]")
+        print(
+            f"### prompt: {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}]"
+        )
     total = sum(len(o.token_ids) for o in outs)
-    print(f"generated {total} tokens for {len(outs)} prompts in {elapsed:.2f} s "
-          f"(tp={config.parallel.tp}, cp={config.parallel.cp}, device={config.resolved_device()})")
+    print(
+        f"generated {total} tokens for {len(outs)} prompts in {elapsed:.2f} s "
+        f"(tp={config.parallel.tp}, cp={config.parallel.cp}, device={config.resolved_device()})"
+    )
     return 0
 
 

@@ -41,7 +41,9 @@ class CheckpointReader:
 
     def _handle(self, name: str) -> Any:
         if name not in self.weight_map:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.folder}")
+            raise CheckpointError(
+                f"tensor {name!r} is missing from the checkpoint in {self.folder}"
+            )
         file = self.weight_map[name]
         if file not in self._handles:
             path = self.folder / file
@@ -65,8 +67,9 @@ class CheckpointReader:
                 f"{list(expected)}; the weights do not match the config"
             )
 
-    def read_rows(self, name: str, start: int | None = None, stop: int | None = None,
-                  dim: int = 0) -> torch.Tensor:
+    def read_rows(
+        self, name: str, start: int | None = None, stop: int | None = None, dim: int = 0
+    ) -> torch.Tensor:
         """Rows [start, stop) along dim (0 or 1) of a tensor, reading only those bytes."""
         tensor_slice = self._handle(name).get_slice(name)
         try:
@@ -110,7 +113,7 @@ def _weight_map(folder: Path) -> dict[str, str]:
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                     weight_map[key] = path.name
         except Exception as e:
             raise CheckpointError(

@@ -35,14 +35,20 @@ class MeshCoords:
 
     @classmethod
     def from_rank(cls, rank: int, tp_size: int, cp_size: int) -> MeshCoords:
-        return cls(tp_rank=rank % tp_size, tp_size=tp_size, cp_rank=rank // tp_size,
-                   cp_size=cp_size)
+        return cls(
+            tp_rank=rank % tp_size, tp_size=tp_size, cp_rank=rank // tp_size, cp_size=cp_size
+        )
 
 
 def create_store(host: str, timeout_s: float) -> tuple[dist.TCPStore, int]:
     """Start the rendezvous store on a port the OS picks (port 0), so no port race exists."""
-    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout_s))
+    store = dist.TCPStore(
+        host,
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     return store, store.port
 
 
@@ -90,8 +96,9 @@ def init_distributed(
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
         store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=coords.rank,
-                            world_size=coords.world_size, timeout=timeout)
+    dist.init_process_group(
+        backend, store=store, rank=coords.rank, world_size=coords.world_size, timeout=timeout
+    )
     tp_group = None
     for cp_rank in range(coords.cp_size):  # every rank creates every group, in the same order
         ranks = [cp_rank * coords.tp_size + t for t in range(coords.tp_size)]

@@ -11,18 +11,35 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.num_blocks = num_blocks
         self.block_size = block_size
         # (2, layers, blocks, block_size, kv_heads, head_dim)
-        self.data = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim,
-                                dtype=dtype, device=device)
+        self.data = torch.zeros(
+            2,
+            num_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads,
+            head_dim,
+            dtype=dtype,
+            device=device,
+        )
         self.layers = [(self.data[0, i], self.data[1, i]) for i in range(num_layers)]
 
     @staticmethod
-    def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                    dtype: torch.dtype) -> int:
+    def block_bytes(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
     @property

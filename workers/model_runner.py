@@ -58,8 +58,13 @@ class ModelRunner:
     # -- KV cache ---------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
         shard = self.model.shard
-        return KVCache.block_bytes(self.model_config.num_layers, self.config.cache.block_size,
-                                   shard.num_kv, self.model_config.head_dim, self.dtype)
+        return KVCache.block_bytes(
+            self.model_config.num_layers,
+            self.config.cache.block_size,
+            shard.num_kv,
+            self.model_config.head_dim,
+            self.dtype,
+        )
 
     def num_available_blocks(self) -> int:
         """Blocks this worker can hold: the configured count, else from its memory budget."""
@@ -81,9 +86,15 @@ class ModelRunner:
         return tokens * per_token + (512 << 20)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_cache = KVCache(self.model_config.num_layers, num_blocks,
-                                self.config.cache.block_size, self.model.shard.num_kv,
-                                self.model_config.head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache(
+            self.model_config.num_layers,
+            num_blocks,
+            self.config.cache.block_size,
+            self.model.shard.num_kv,
+            self.model_config.head_dim,
+            self.dtype,
+            self.device,
+        )
 
     # -- steps ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -122,11 +133,13 @@ class ModelRunner:
             state.history.extend(seq.token_ids)
         needed = -(-(seq.start_pos + len(seq.token_ids)) // self.config.cache.block_size)
         if needed > len(state.block_table):
-            raise ValueError(f"seq {seq.seq_id} needs {needed} blocks but has "
-                             f"{len(state.block_table)}")
+            raise ValueError(
+                f"seq {seq.seq_id} needs {needed} blocks but has {len(state.block_table)}"
+            )
 
-    def _prepare(self, seqs: list[SeqStep]
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def _prepare(
+        self, seqs: list[SeqStep]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         block_size = self.config.cache.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -153,14 +166,25 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int64, device=dev),
             context_lens=torch.tensor(ctx, dtype=torch.int64, device=dev),
         )
-        rows = torch.tensor([cu[i + 1] - 1 for i, s in enumerate(seqs) if s.sample],
-                            dtype=torch.int64, device=dev)
-        return (torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(pos, dtype=torch.int64, device=dev), meta, rows)
+        rows = torch.tensor(
+            [cu[i + 1] - 1 for i, s in enumerate(seqs) if s.sample], dtype=torch.int64, device=dev
+        )
+        return (
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(pos, dtype=torch.int64, device=dev),
+            meta,
+            rows,
+        )
 
     def _sample(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[SampledToken]:
         states = [self.seqs[s.seq_id] for s in seqs]
-        histories = [torch.tensor(st.history, dtype=torch.int64, device=self.device)
-                     for st in states]
-        return self.sampler.sample(logits, [st.spec for st in states], histories,
-                                   [st.generator for st in states], [s.seq_id for s in seqs])
+        histories = [
+            torch.tensor(st.history, dtype=torch.int64, device=self.device) for st in states
+        ]
+        return self.sampler.sample(
+            logits,
+            [st.spec for st in states],
+            histories,
+            [st.generator for st in states],
+            [s.seq_id for s in seqs],
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import msgpack
 import torch
@@ -23,13 +24,14 @@ logger = logging.getLogger(__name__)
 
 class Worker:
     def __init__(self, config_bytes: bytes, rank: int, num_threads: int | None = None):
-        self.config = RuntimeConfig.from_dict(msgpack.unpackb(config_bytes, raw=False),
-                                              source="worker config")
+        self.config = RuntimeConfig.from_dict(
+            msgpack.unpackb(config_bytes, raw=False), source="worker config"
+        )
         par = self.config.parallel
         self.coords = MeshCoords.from_rank(rank, par.tp, par.cp)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self._store = None
+        self._store: Any = None
         self.runner: ModelRunner | None = None
 
     def create_store(self, host: str) -> int:
@@ -43,8 +45,9 @@ class Worker:
         if backend == "nccl":
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
             logger.info("rank %d on CUDA_VISIBLE_DEVICES=%s", self.coords.rank, visible)
-        comm = init_distributed(self.coords, host, port, backend, self.config.init_timeout_s,
-                                store=self._store)
+        comm = init_distributed(
+            self.coords, host, port, backend, self.config.init_timeout_s, store=self._store
+        )
         self.runner = ModelRunner(self.config, comm)
         return self.runner.weight_bytes_read
 

@@ -41,7 +41,7 @@ class RayExecutor(Executor):
         self.world_size = config.parallel.world_size
         self.is_cuda = config.resolved_device() == "cuda"
         self._owns_ray = False
-        self.pg = None
+        self.pg: Any = None
         self.actors: list[Any] = []
         try:
             self._start(ray)
@@ -57,10 +57,12 @@ class RayExecutor(Executor):
             self._init_ray(ray)
         bundle = {"GPU": 1, "CPU": 1} if self.is_cuda else {"CPU": 1}
         self._check_capacity(ray, bundle)
-        self.pg = placement_group([dict(bundle) for _ in range(self.world_size)],
-                                  strategy="PACK")
-        self._get(self.pg.ready(), self.config.init_timeout_s,
-                  f"placing {self.world_size} workers ({bundle} each)")
+        self.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+        self._get(
+            self.pg.ready(),
+            self.config.init_timeout_s,
+            f"placing {self.world_size} workers ({bundle} each)",
+        )
         from workers.worker import Worker
 
         actor_cls = ray.remote(Worker)
@@ -68,18 +70,25 @@ class RayExecutor(Executor):
         threads = None if self.is_cuda else 1
         self.actors = [
             actor_cls.options(
-                num_cpus=1, num_gpus=1 if self.is_cuda else 0,
+                num_cpus=1,
+                num_gpus=1 if self.is_cuda else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank),
+                    placement_group=self.pg, placement_group_bundle_index=rank
+                ),
             ).remote(config_bytes, rank, threads)
             for rank in range(self.world_size)
         ]
         host = self.config.master_addr
-        port = self._get(self.actors[0].create_store.remote(host), self.config.init_timeout_s,
-                         "starting the rendezvous store")
+        port = self._get(
+            self.actors[0].create_store.remote(host),
+            self.config.init_timeout_s,
+            "starting the rendezvous store",
+        )
         self.weight_bytes_read = self._get(
-            [a.init_model.remote(host, port) for a in self.actors], self.config.init_timeout_s,
-            "loading the model on the workers")
+            [a.init_model.remote(host, port) for a in self.actors],
+            self.config.init_timeout_s,
+            "loading the model on the workers",
+        )
 
     def _check_capacity(self, ray: Any, bundle: dict[str, int]) -> None:
         total = ray.cluster_resources()
@@ -88,7 +97,8 @@ class RayExecutor(Executor):
             if have < per_worker * self.world_size:
                 raise WorkerError(
                     f"tp*cp = {self.world_size} workers need {per_worker * self.world_size} {key} "
-                    f"but the Ray cluster has {have}; lower tp/cp or add {key}s to the cluster")
+                    f"but the Ray cluster has {have}; lower tp/cp or add {key}s to the cluster"
+                )
 
     def _init_ray(self, ray: Any) -> None:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
@@ -113,18 +123,27 @@ class RayExecutor(Executor):
             raise WorkerError(f"a worker failed while {what}: {e}") from e
 
     def num_available_blocks(self) -> int:
-        counts = self._get([a.num_available_blocks.remote() for a in self.actors],
-                           self.config.init_timeout_s, "sizing the KV cache")
+        counts = self._get(
+            [a.num_available_blocks.remote() for a in self.actors],
+            self.config.init_timeout_s,
+            "sizing the KV cache",
+        )
         return min(counts)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self._get([a.allocate_kv_cache.remote(num_blocks) for a in self.actors],
-                  self.config.init_timeout_s, "allocating the KV cache")
+        self._get(
+            [a.allocate_kv_cache.remote(num_blocks) for a in self.actors],
+            self.config.init_timeout_s,
+            "allocating the KV cache",
+        )
 
     def execute(self, plan: StepPlan) -> StepResult:
         payload = encode(plan)
-        outs = self._get([a.execute.remote(payload) for a in self.actors],
-                         self.config.step_timeout_s, f"running step {plan.step_id}")
+        outs = self._get(
+            [a.execute.remote(payload) for a in self.actors],
+            self.config.step_timeout_s,
+            f"running step {plan.step_id}",
+        )
         return decode(outs[0], StepResult)
 
     def shutdown(self) -> None:

@@ -56,22 +56,36 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, shard: HeadShard, rotary: RotaryEmbedding,
-                 comm: Collectives, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        config: ModelConfig,
+        shard: HeadShard,
+        rotary: RotaryEmbedding,
+        comm: Collectives,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__()
         self.shard = shard
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.q_size = shard.num_q * config.head_dim
         self.kv_size = shard.num_kv * config.head_dim
-        self.qkv_proj = ColumnParallelLinear(config.hidden_size, self.q_size + 2 * self.kv_size,
-                                             config.attention_bias, dtype, device)
-        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, config.attention_bias,
-                                        dtype, device, comm)
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias, dtype, device
+        )
+        self.o_proj = RowParallelLinear(
+            self.q_size, config.hidden_size, config.attention_bias, dtype, device, comm
+        )
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.shard.num_q, self.head_dim)
@@ -80,6 +94,7 @@ class Attention(nn.Module):
         q, k = self.rotary(q, k, positions)
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out, _ = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
-                                 meta.context_lens, self.scale)
+        out, _ = paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale
+        )
         return self.o_proj(out.reshape(tokens, self.q_size))

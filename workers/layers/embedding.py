@@ -17,15 +17,22 @@ def vocab_range(vocab_size: int, tp_rank: int, tp_size: int) -> tuple[int, int, 
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, device: torch.device,
-                 comm: Collectives):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        comm: Collectives,
+    ):
         super().__init__()
         self.comm = comm
         self.vocab_size = vocab_size
         self.start, self.stop, per_rank = vocab_range(vocab_size, comm.tp_rank, comm.tp_size)
         # Padding rows stay zero so a padded LM head produces logits that are sliced away.
-        self.weight = nn.Parameter(torch.zeros(per_rank, hidden, dtype=dtype, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros(per_rank, hidden, dtype=dtype, device=device), requires_grad=False
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm.tp_size == 1:
@@ -39,15 +46,27 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """Logits over the full vocab, gathered from every tp rank's slice: (tokens, vocab) fp32."""
 
-    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, device: torch.device,
-                 comm: Collectives, tied: VocabParallelEmbedding | None = None):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        comm: Collectives,
+        tied: VocabParallelEmbedding | None = None,
+    ):
         super().__init__()
         self.comm = comm
         self.vocab_size = vocab_size
         self.start, self.stop, per_rank = vocab_range(vocab_size, comm.tp_rank, comm.tp_size)
         self.tied = tied
-        self.weight = (None if tied is not None else nn.Parameter(
-            torch.zeros(per_rank, hidden, dtype=dtype, device=device), requires_grad=False))
+        self.weight = (
+            None
+            if tied is not None
+            else nn.Parameter(
+                torch.zeros(per_rank, hidden, dtype=dtype, device=device), requires_grad=False
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.tied.weight if self.tied is not None else self.weight

@@ -16,27 +16,43 @@ from workers.distributed import Collectives
 
 
 class ColumnParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(
+        self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype, device: torch.device
+    ):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype, device=device),
-                                   requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_local, dtype=dtype, device=device),
-                                  requires_grad=False) if bias else None)
+        self.weight = nn.Parameter(
+            torch.empty(out_local, in_features, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_local, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    def __init__(self, in_local: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device, comm: Collectives):
+    def __init__(
+        self,
+        in_local: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        comm: Collectives,
+    ):
         super().__init__()
         self.comm = comm
-        self.weight = nn.Parameter(torch.empty(out_features, in_local, dtype=dtype, device=device),
-                                   requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
-                                  requires_grad=False) if bias else None)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_local, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.comm.tp_all_reduce(F.linear(x, self.weight))

@@ -19,6 +19,8 @@ def inverse_frequencies(head_dim: int, theta: float, linear_factor: float = 1.0)
 
 
 class RotaryEmbedding(nn.Module):
+    inv_freq: torch.Tensor
+
     def __init__(self, config: ModelConfig, device: torch.device):
         super().__init__()
         scaling = config.rope_scaling
@@ -26,6 +28,7 @@ class RotaryEmbedding(nn.Module):
         inv = inverse_frequencies(config.head_dim, config.rope_theta, factor)
         self.register_buffer("inv_freq", inv.to(device), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary(q, k, positions, self.inv_freq)

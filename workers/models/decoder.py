@@ -20,32 +20,47 @@ from workers.layers.rotary import RotaryEmbedding
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, comm: Collectives, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(
+        self, config: ModelConfig, comm: Collectives, dtype: torch.dtype, device: torch.device
+    ):
         super().__init__()
         self.inter_local = config.intermediate_size // comm.tp_size
         # Local rows: [gate slice | up slice], so silu_and_mul splits them in halves.
-        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, 2 * self.inter_local,
-                                                 config.mlp_bias, dtype, device)
-        self.down_proj = RowParallelLinear(self.inter_local, config.hidden_size, config.mlp_bias,
-                                           dtype, device, comm)
+        self.gate_up_proj = ColumnParallelLinear(
+            config.hidden_size, 2 * self.inter_local, config.mlp_bias, dtype, device
+        )
+        self.down_proj = RowParallelLinear(
+            self.inter_local, config.hidden_size, config.mlp_bias, dtype, device, comm
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, shard: HeadShard, rotary: RotaryEmbedding,
-                 comm: Collectives, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        config: ModelConfig,
+        shard: HeadShard,
+        rotary: RotaryEmbedding,
+        comm: Collectives,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.attn = Attention(config, shard, rotary, comm, dtype, device)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = MLP(config, comm, dtype, device)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_norm(x, residual)
         h = self.attn(h, positions, meta, kv_cache)
         h, residual = self.post_attn_norm(h, residual)
@@ -53,26 +68,36 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    def __init__(self, config: ModelConfig, comm: Collectives, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(
+        self, config: ModelConfig, comm: Collectives, dtype: torch.dtype, device: torch.device
+    ):
         super().__init__()
         self.config = config
         self.comm = comm
-        self.shard = HeadShard.for_rank(config.num_heads, config.num_kv_heads, comm.tp_rank,
-                                        comm.tp_size)
-        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, device,
-                                            comm)
+        self.shard = HeadShard.for_rank(
+            config.num_heads, config.num_kv_heads, comm.tp_rank, comm.tp_size
+        )
+        self.embed = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, dtype, device, comm
+        )
         rotary = RotaryEmbedding(config, device)
         self.layers = nn.ModuleList(
             DecoderLayer(config, self.shard, rotary, comm, dtype, device)
-            for _ in range(config.num_layers))
+            for _ in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         tied = self.embed if config.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, device, comm,
-                                      tied)
+        self.lm_head = ParallelLMHead(
+            config.vocab_size, config.hidden_size, dtype, device, comm, tied
+        )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> final hidden states (tokens, hidden)."""
         x = self.embed(input_ids)
         residual: torch.Tensor | None = None

@@ -19,7 +19,7 @@ from dist_runtime.config import ModelConfig
 from workers.checkpoint import CheckpointReader
 from workers.layers.attention import HeadShard
 from workers.layers.embedding import vocab_range
-from workers.models.decoder import DecoderLM
+from workers.models.decoder import DecoderLayer, DecoderLM
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +44,37 @@ class Layout:
 
 LAYOUTS = {
     "llama": Layout(
-        embed="model.embed_tokens", layer="model.layers.{}.", q="self_attn.q_proj",
-        k="self_attn.k_proj", v="self_attn.v_proj", wqkv=None, o="self_attn.o_proj",
-        gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
-        input_norm="input_layernorm", post_norm="post_attention_layernorm", norm="model.norm",
-        head="lm_head"),
+        embed="model.embed_tokens",
+        layer="model.layers.{}.",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        wqkv=None,
+        o="self_attn.o_proj",
+        gate="mlp.gate_proj",
+        up="mlp.up_proj",
+        down="mlp.down_proj",
+        input_norm="input_layernorm",
+        post_norm="post_attention_layernorm",
+        norm="model.norm",
+        head="lm_head",
+    ),
     "internlm2": Layout(
-        embed="model.tok_embeddings", layer="model.layers.{}.", q=None, k=None, v=None,
-        wqkv="attention.wqkv", o="attention.wo", gate="feed_forward.w1", up="feed_forward.w3",
-        down="feed_forward.w2", input_norm="attention_norm", post_norm="ffn_norm",
-        norm="model.norm", head="output"),
+        embed="model.tok_embeddings",
+        layer="model.layers.{}.",
+        q=None,
+        k=None,
+        v=None,
+        wqkv="attention.wqkv",
+        o="attention.wo",
+        gate="feed_forward.w1",
+        up="feed_forward.w3",
+        down="feed_forward.w2",
+        input_norm="attention_norm",
+        post_norm="ffn_norm",
+        norm="model.norm",
+        head="output",
+    ),
 }
 
 
@@ -62,8 +83,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     lay = LAYOUTS[config.architecture]
     c = config
     hd, hidden = c.head_dim, c.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {f"{lay.embed}.weight": (c.vocab_size, hidden),
-                                          f"{lay.norm}.weight": (hidden,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{lay.embed}.weight": (c.vocab_size, hidden),
+        f"{lay.norm}.weight": (hidden,),
+    }
     if not c.tie_word_embeddings:
         shapes[f"{lay.head}.weight"] = (c.vocab_size, hidden)
     for i in range(c.num_layers):
@@ -75,8 +98,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 shapes[f"{p}{lay.wqkv}.bias"] = (rows,)
         else:
             assert lay.q and lay.k and lay.v
-            for name, heads in ((lay.q, c.num_heads), (lay.k, c.num_kv_heads),
-                                (lay.v, c.num_kv_heads)):
+            for name, heads in (
+                (lay.q, c.num_heads),
+                (lay.k, c.num_kv_heads),
+                (lay.v, c.num_kv_heads),
+            ):
                 shapes[f"{p}{name}.weight"] = (heads * hd, hidden)
                 if c.attention_bias:
                     shapes[f"{p}{name}.bias"] = (heads * hd,)
@@ -105,17 +131,27 @@ def load_weights(model: DecoderLM, reader: CheckpointReader) -> None:
     start, stop, _ = vocab_range(config.vocab_size, tp_rank, tp_size)
     _copy(model.embed.weight[: stop - start], reader.read_rows(f"{lay.embed}.weight", start, stop))
     if model.lm_head.weight is not None:
-        _copy(model.lm_head.weight[: stop - start],
-              reader.read_rows(f"{lay.head}.weight", start, stop))
+        _copy(
+            model.lm_head.weight[: stop - start],
+            reader.read_rows(f"{lay.head}.weight", start, stop),
+        )
     _copy(model.norm.weight, reader.read(f"{lay.norm}.weight"))
     for i, layer in enumerate(model.layers):
-        _load_layer(layer, lay, lay.layer.format(i), config, model.shard, reader, tp_rank,
-                    tp_size)
+        assert isinstance(layer, DecoderLayer)
+        _load_layer(layer, lay, lay.layer.format(i), config, model.shard, reader, tp_rank, tp_size)
     logger.info("tp rank %d read %.1f MiB of weights", tp_rank, reader.bytes_read / 2**20)
 
 
-def _load_layer(layer: torch.nn.Module, lay: Layout, p: str, config: ModelConfig,
-                shard: HeadShard, reader: CheckpointReader, tp_rank: int, tp_size: int) -> None:
+def _load_layer(
+    layer: DecoderLayer,
+    lay: Layout,
+    p: str,
+    config: ModelConfig,
+    shard: HeadShard,
+    reader: CheckpointReader,
+    tp_rank: int,
+    tp_size: int,
+) -> None:
     attn, mlp = layer.attn, layer.mlp
     for suffix in ("weight", "bias") if config.attention_bias else ("weight",):
         _copy(getattr(attn.qkv_proj, suffix), _read_qkv(reader, lay, p, suffix, config, shard))
@@ -137,14 +173,21 @@ def _load_layer(layer: torch.nn.Module, lay: Layout, p: str, config: ModelConfig
     _copy(layer.post_attn_norm.weight, reader.read(f"{p}{lay.post_norm}.weight"))
 
 
-def _read_qkv(reader: CheckpointReader, lay: Layout, p: str, suffix: str, config: ModelConfig,
-              shard: HeadShard) -> torch.Tensor:
+def _read_qkv(
+    reader: CheckpointReader,
+    lay: Layout,
+    p: str,
+    suffix: str,
+    config: ModelConfig,
+    shard: HeadShard,
+) -> torch.Tensor:
     """This rank's rows of q, k and v, concatenated as [q | k | v]."""
     hd = config.head_dim
     if lay.wqkv is None:
         assert lay.q and lay.k and lay.v
-        q = reader.read_rows(f"{p}{lay.q}.{suffix}", shard.q_start * hd,
-                             (shard.q_start + shard.num_q) * hd)
+        q = reader.read_rows(
+            f"{p}{lay.q}.{suffix}", shard.q_start * hd, (shard.q_start + shard.num_q) * hd
+        )
         kv_rows = (shard.kv_start * hd, (shard.kv_start + shard.num_kv) * hd)
         k = reader.read_rows(f"{p}{lay.k}.{suffix}", *kv_rows)
         v = reader.read_rows(f"{p}{lay.v}.{suffix}", *kv_rows)
@@ -153,8 +196,9 @@ def _read_qkv(reader: CheckpointReader, lay: Layout, p: str, suffix: str, config
     g = config.q_per_kv
     group_rows = (g + 2) * hd
     if shard.num_q == shard.num_kv * g:  # whole KV groups: one contiguous read
-        packed = reader.read_rows(name, shard.kv_start * group_rows,
-                                  (shard.kv_start + shard.num_kv) * group_rows)
+        packed = reader.read_rows(
+            name, shard.kv_start * group_rows, (shard.kv_start + shard.num_kv) * group_rows
+        )
         packed = packed.view(shard.num_kv, g + 2, hd, *packed.shape[1:])
         q = packed[:, :g].reshape(shard.num_q * hd, *packed.shape[3:])
         k = packed[:, g].reshape(shard.num_kv * hd, *packed.shape[3:])
@@ -170,5 +214,7 @@ def _read_qkv(reader: CheckpointReader, lay: Layout, p: str, suffix: str, config
 
 def _copy(param: torch.Tensor | None, value: torch.Tensor) -> None:
     assert param is not None and param.shape == value.shape, (
-        None if param is None else param.shape, value.shape)
+        None if param is None else param.shape,
+        value.shape,
+    )
     param.data.copy_(value.to(param.dtype))
