@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -38,12 +39,20 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Accept lists from JSON/YAML callers but store tuples so the object stays hashable.
+        _check(
+            isinstance(self.stop_token_ids, (list, tuple)),
+            f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}",
+        )
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        _check(
+            isinstance(self.stop, (list, tuple)),
+            f"stop must be a string or a list of strings, got {self.stop!r}",
+        )
         object.__setattr__(self, "stop", tuple(self.stop))
         _check(
-            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
             f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
         )
         _check(
@@ -51,7 +60,7 @@ class SamplingParams:
             f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}",
         )
         _check(
-            isinstance(self.top_k, int) and self.top_k >= 0,
+            _is_int(self.top_k) and self.top_k >= 0,
             f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}",
         )
         _check(
@@ -67,11 +76,11 @@ class SamplingParams:
             f"repetition_penalty must be > 0 (1 disables), got {self.repetition_penalty!r}",
         )
         _check(
-            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+            self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
             f"seed must be a non-negative integer below 2**63 or None, got {self.seed!r}",
         )
         _check(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
         )
         _check(
@@ -79,7 +88,7 @@ class SamplingParams:
             f"stop must hold non-empty strings, got {self.stop!r}",
         )
         _check(
-            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
             f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}",
         )
         _check(not self.extra, f"unknown sampling options {sorted(self.extra)}")
@@ -90,7 +99,12 @@ class SamplingParams:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+    """A finite int or float (bools, NaN and infinities rejected)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,0 +1,201 @@
+"""Token sampling on tp rank 0, after the LM head.
+
+Per row, in the order of HF transformers' `generate`: repetition penalty, then either greedy
+argmax (temperature 0) or temperature, top-k, top-p, min-p and a seeded multinomial draw.
+
+The helpers take a (batch, vocab) tensor and per-row parameter tensors and return a new tensor
+(filtered tokens set to -inf). Parameter tensors may live on the CPU; building them there keeps
+the helpers free of device syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from dist_runtime.protocol import SampledToken, SamplingSpec
+
+_NEG_INF = float("-inf")
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, histories: list[torch.Tensor], penalties: torch.Tensor
+) -> torch.Tensor:
+    """HF `RepetitionPenaltyLogitsProcessor` with a penalty per row.
+
+    For every id in a row's history, a negative score is multiplied by the penalty and any other
+    score divided by it. Rows whose penalty is 1 are left untouched; ids at or beyond the vocab
+    (an embedding larger than the LM head) are ignored, as in HF.
+    """
+    vocab = logits.shape[-1]
+    rows = [i for i, p in enumerate(penalties.cpu().tolist()) if p != 1.0 and histories[i].numel()]
+    if not rows:
+        return logits
+    index = torch.tensor(rows, device=logits.device)
+    ids = pad_sequence(
+        [histories[i].to(device=logits.device, dtype=torch.long) for i in rows],
+        batch_first=True,
+        padding_value=vocab,
+    ).clamp(max=vocab)  # (rows, max_len)
+    padded = F.pad(logits.index_select(0, index), (0, 1))  # (rows, vocab + 1)
+    penalty = penalties.to(device=logits.device, dtype=logits.dtype).index_select(0, index)
+    penalty = penalty.unsqueeze(1)  # (rows, 1)
+    score = padded.gather(1, ids)  # (rows, max_len)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    out = logits.clone()
+    out[index] = padded.scatter(1, ids, score)[:, :vocab]
+    return out
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k largest logits (ties with the k-th are kept, as in HF); 0 disables."""
+    vocab = logits.shape[-1]
+    k = top_k.to(device="cpu", dtype=torch.long)  # (batch,)
+    enabled = (k > 0) & (k < vocab)
+    if not bool(enabled.any()):
+        return logits
+    k = torch.where(enabled, k, 1)
+    top = logits.topk(int(k.max()), dim=-1).values  # (batch, max_k)
+    kth = top.gather(1, (k - 1).to(logits.device).unsqueeze(1))  # (batch, 1)
+    kth = kth.masked_fill(~enabled.to(logits.device).unsqueeze(1), _NEG_INF)
+    return logits.masked_fill(logits < kth, _NEG_INF)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering with HF `TopPLogitsWarper` semantics; p >= 1 disables a row.
+
+    Keeps the smallest set of most likely tokens whose cumulative probability reaches p, and
+    always the most likely token. Pass `top_p` as float64 to get HF's exact `1 - p` threshold.
+    """
+    p = top_p.to(device="cpu", dtype=torch.float64)  # (batch,)
+    enabled = p < 1.0
+    if not bool(enabled.any()):
+        return logits
+    sorted_logits, sorted_ids = logits.sort(dim=-1)  # ascending, (batch, vocab)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (batch, vocab)
+    threshold = (1.0 - p).to(device=logits.device, dtype=logits.dtype).unsqueeze(1)
+    remove_sorted = cumulative <= threshold
+    remove_sorted[:, -1] = False
+    remove_sorted &= enabled.to(logits.device).unsqueeze(1)
+    remove = torch.zeros_like(remove_sorted).scatter_(1, sorted_ids, remove_sorted)
+    return logits.masked_fill(remove, _NEG_INF)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the row's top probability; 0 disables.
+
+    The ratio to the top probability does not change when earlier filters renormalise, so this
+    equals min-p on the temperature-scaled distribution. The top token is always kept.
+    """
+    m = min_p.to(device="cpu", dtype=torch.float64)  # (batch,)
+    if not bool((m > 0).any()):
+        return logits
+    probs = logits.softmax(dim=-1)  # (batch, vocab)
+    top = probs.amax(dim=-1, keepdim=True)  # (batch, 1)
+    scale = m.to(device=logits.device, dtype=logits.dtype).unsqueeze(1)
+    remove = probs < scale * top
+    remove.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, _NEG_INF)
+
+
+def warp_logits(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p for rows that sample (temperature > 0)."""
+    temperature = torch.tensor([s.temperature for s in specs], dtype=logits.dtype)
+    logits = logits / temperature.to(logits.device).unsqueeze(1)  # (batch, vocab)
+    logits = apply_top_k(logits, torch.tensor([s.top_k for s in specs], dtype=torch.long))
+    logits = apply_top_p(logits, torch.tensor([s.top_p for s in specs], dtype=torch.float64))
+    return apply_min_p(logits, torch.tensor([s.min_p for s in specs], dtype=torch.float64))
+
+
+class Sampler:
+    """Picks one token per row and reports its log-probabilities.
+
+    Log-probabilities (the chosen token's and the top-k list) come from `log_softmax` of the
+    raw logits, before repetition penalty, temperature and filters; this is vLLM's default
+    "raw logprobs" and does not depend on the sampling settings.
+    """
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        specs: list[SamplingSpec],
+        histories: list[torch.Tensor],
+        generators: list[torch.Generator],
+        seq_ids: list[int],
+    ) -> list[SampledToken]:
+        """Sample a token for each row of `logits` (batch, vocab).
+
+        Row i belongs to seq_ids[i]; histories[i] is the 1-D int64 tensor of every token the
+        sequence has seen (prompt and output), generators[i] its random stream (CPU or the
+        logits' device), advanced only by rows that sample.
+        """
+        _check_lengths(logits, specs, histories, generators, seq_ids)
+        if not specs:
+            return []
+        logits = logits.float()  # (batch, vocab)
+        penalties = torch.tensor([s.repetition_penalty for s in specs], dtype=torch.float32)
+        penalized = apply_repetition_penalty(logits, histories, penalties)
+        token_ids = torch.empty(len(specs), dtype=torch.long, device=logits.device)  # (batch,)
+        greedy = [i for i, s in enumerate(specs) if s.temperature == 0.0]
+        if greedy:
+            rows = torch.tensor(greedy, device=logits.device)
+            token_ids[rows] = penalized.index_select(0, rows).argmax(dim=-1)
+        sampled = [i for i, s in enumerate(specs) if s.temperature != 0.0]
+        if sampled:
+            rows = torch.tensor(sampled, device=logits.device)
+            warped = warp_logits(penalized.index_select(0, rows), [specs[i] for i in sampled])
+            probs = warped.softmax(dim=-1)  # (rows, vocab)
+            draws = [_draw(probs[j], generators[i]) for j, i in enumerate(sampled)]
+            token_ids[rows] = torch.cat(draws)
+        return _results(torch.log_softmax(logits, dim=-1), token_ids, specs, seq_ids)
+
+
+def _check_lengths(
+    logits: torch.Tensor,
+    specs: list[SamplingSpec],
+    histories: list[torch.Tensor],
+    generators: list[torch.Generator],
+    seq_ids: list[int],
+) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
+    batch = logits.shape[0]
+    lengths = {len(specs), len(histories), len(generators), len(seq_ids)}
+    if lengths != {batch}:
+        raise ValueError(
+            f"{batch} logit rows but {len(specs)} specs, {len(histories)} histories, "
+            f"{len(generators)} generators and {len(seq_ids)} seq ids"
+        )
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One multinomial draw from `probs` (vocab,) on the generator's device; returns (1,)."""
+    on_gen = probs if probs.device.type == generator.device.type else probs.to(generator.device)
+    return torch.multinomial(on_gen, 1, generator=generator).to(probs.device)
+
+
+def _results(
+    logprobs: torch.Tensor,
+    token_ids: torch.Tensor,
+    specs: list[SamplingSpec],
+    seq_ids: list[int],
+) -> list[SampledToken]:
+    """Package the chosen tokens with their raw log-probabilities (batch, vocab)."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()  # (batch,)
+    max_k = min(max(s.logprobs for s in specs), logprobs.shape[-1])
+    top_lp: list[list[float]] = [[] for _ in specs]
+    top_ids: list[list[int]] = [[] for _ in specs]
+    if max_k > 0:
+        values, indices = logprobs.topk(max_k, dim=-1)  # (batch, max_k)
+        top_lp, top_ids = values.tolist(), indices.tolist()
+    return [
+        SampledToken(
+            seq_id=seq_id,
+            token_id=token_id,
+            logprob=chosen[i],
+            top_ids=top_ids[i][: max(spec.logprobs, 0)],
+            top_logprobs=top_lp[i][: max(spec.logprobs, 0)],
+        )
+        for i, (seq_id, token_id, spec) in enumerate(zip(seq_ids, token_ids.tolist(), specs))
+    ]
