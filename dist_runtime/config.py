@@ -327,6 +327,9 @@ class RuntimeConfig:
     """Longest prompt + generated tokens of one sequence."""
     executor: str = "auto"
     """ray, inprocess, or auto (in-process when tp*cp == 1)."""
+    load_format: str = "safetensors"
+    """safetensors (read the checkpoint), or dummy: random weights from config.json alone, for
+    performance work on shape-only model folders."""
     seed: int = 0
     """Seed for sequences that give none."""
     ray_address: str | None = None
@@ -354,6 +357,10 @@ class RuntimeConfig:
         if self.executor not in ("ray", "inprocess", "auto"):
             raise ConfigError(
                 f"executor {self.executor!r} is not supported; use ray, inprocess or auto"
+            )
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ConfigError(
+                f"load_format {self.load_format!r} is not supported; use safetensors or dummy"
             )
         if self.executor == "inprocess" and self.parallel.world_size != 1:
             raise ConfigError(

@@ -19,7 +19,7 @@ from workers.distributed import Collectives
 from workers.kv_cache import KVCache
 from workers.layers.attention import AttentionMetadata
 from workers.models.decoder import DecoderLM
-from workers.models.layouts import load_weights
+from workers.models.layouts import init_dummy_weights, load_weights
 from workers.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,14 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.model = DecoderLM(self.model_config, comm, self.dtype, self.device).eval()
-        reader = CheckpointReader(config.model)
-        load_weights(self.model, reader)
-        self.weight_bytes_read = reader.bytes_read
-        reader.close()
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+            self.weight_bytes_read = 0
+        else:
+            reader = CheckpointReader(config.model)
+            load_weights(self.model, reader)
+            self.weight_bytes_read = reader.bytes_read
+            reader.close()
         self.kv_cache: KVCache | None = None
         self.seqs: dict[int, SeqState] = {}
         self.sampler = Sampler()

@@ -218,3 +218,23 @@ def _copy(param: torch.Tensor | None, value: torch.Tensor) -> None:
         value.shape,
     )
     param.data.copy_(value.to(param.dtype))
+
+
+def init_dummy_weights(model: DecoderLM, seed: int) -> None:
+    """Random weights without a checkpoint (shape-only model folders, performance work).
+
+    Projections ~ U(-a, a) with a = 1/sqrt(fan_in) keeps activations O(1); norms stay 1.
+    Generated on the model's device, so a 7B shard appears in well under a second on a GPU.
+    """
+    gen = torch.Generator(device=model.embed.weight.device)
+    gen.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            continue
+        if param.dim() == 1:  # biases
+            bound = 0.02
+        elif "embed" in name:
+            bound = 1.0
+        else:
+            bound = param.shape[-1] ** -0.5
+        param.data.uniform_(-bound, bound, generator=gen)
