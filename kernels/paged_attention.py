@@ -9,6 +9,260 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.dispatch import use_triton
+from kernels.flash_attn import (
+    LOG2E,
+    _jit,
+    _online_softmax_tile,
+    _store_rows,
+    attention_config,
+    check_head_dim,
+    is_interpreting,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: only the torch reference runs
+    triton = None  # type: ignore[assignment]
+
+
+@_jit
+def _paged_kv_offsets(
+    table_ptr,
+    start_n,
+    offs_n,
+    ctx,
+    stride_kc_block,
+    stride_kc_tok,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr,
+):
+    """int64 cache offsets (BLOCK_N,) of keys start_n + offs_n, read through a block table row.
+
+    A key tile inside one cache block costs one table load; smaller blocks gather per key.
+    MASK_N: the tile may reach past ctx, whose table entries may lie past the row's end.
+    """
+    if BLOCK_SIZE % BLOCK_N == 0:
+        block = tl.load(table_ptr + start_n // BLOCK_SIZE).to(tl.int64)
+        return (
+            block * stride_kc_block + (start_n % BLOCK_SIZE + offs_n).to(tl.int64) * stride_kc_tok
+        )
+    else:
+        keys = start_n + offs_n
+        if MASK_N:
+            block = tl.load(table_ptr + keys // BLOCK_SIZE, mask=keys < ctx, other=0)
+        else:
+            block = tl.load(table_ptr + keys // BLOCK_SIZE)
+        in_block = (keys % BLOCK_SIZE).to(tl.int64)
+        return block.to(tl.int64) * stride_kc_block + in_block * stride_kc_tok
+
+
+@_jit
+def _paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    lse_ptr,
+    block_tables_ptr,
+    cu_seqlens_q_ptr,
+    context_lens_ptr,
+    work_ptr,
+    scale_log2,
+    num_work,
+    stride_q_tok,
+    stride_q_head,
+    stride_kc_block,
+    stride_kc_tok,
+    stride_kc_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_lse_tok,
+    stride_bt_seq,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    pid = tl.program_id(0)
+    kv_head = pid % NUM_KV_HEADS
+    # Work items run last first: the last query tiles of a sequence have the most keys.
+    work = num_work - 1 - pid // NUM_KV_HEADS
+    seq = tl.load(work_ptr + 2 * work)
+    m_start = tl.load(work_ptr + 2 * work + 1)
+    q_lo = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_lo
+    if m_start >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + seq)
+    q_offset = ctx - q_len  # position of the sequence's first query token
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tok = m_start + offs_m // GROUP  # (BLOCK_M,) token within the sequence
+    head = kv_head * GROUP + offs_m % GROUP
+    row_mask = (offs_m < TOKENS * GROUP) & (tok < q_len)
+    row64 = (q_lo + tok).to(tl.int64)
+    q_ptrs = q_ptr + row64[:, None] * stride_q_tok + (head * stride_q_head)[:, None]
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    pos = q_offset + tok
+
+    # Keys [0, lo) are seen by every row of the tile, keys [lo, hi) by some; hi <= ctx.
+    lo = q_offset + m_start + 1
+    hi = q_offset + tl.minimum(m_start + TOKENS, q_len)
+    interior_end = (lo // BLOCK_N) * BLOCK_N
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    k_base = k_cache_ptr + kv_head * stride_kc_head + offs_d[None, :]
+    v_base = v_cache_ptr + kv_head * stride_kc_head + offs_d[None, :]
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start_n in range(0, interior_end, BLOCK_N):
+        kv = _paged_kv_offsets(
+            table, start_n, offs_n, ctx, stride_kc_block, stride_kc_tok, BLOCK_SIZE, BLOCK_N, False
+        )
+        k = tl.load(k_base + kv[:, None])
+        v = tl.load(v_base + kv[:, None])
+        acc, l_i, m_i = _online_softmax_tile(
+            acc, l_i, m_i, q, k, v, None, scale_log2, MASKED=False, DOT_F32=DOT_F32
+        )
+    for start_n in range(interior_end, hi, BLOCK_N):
+        keys = start_n + offs_n
+        key_mask = keys < ctx
+        kv = _paged_kv_offsets(
+            table, start_n, offs_n, ctx, stride_kc_block, stride_kc_tok, BLOCK_SIZE, BLOCK_N, True
+        )
+        k = tl.load(k_base + kv[:, None], mask=key_mask[:, None], other=0.0)
+        v = tl.load(v_base + kv[:, None], mask=key_mask[:, None], other=0.0)
+        keep = keys[None, :] <= pos[:, None]
+        acc, l_i, m_i = _online_softmax_tile(
+            acc, l_i, m_i, q, k, v, keep, scale_log2, MASKED=True, DOT_F32=DOT_F32
+        )
+
+    out_ptrs = out_ptr + row64[:, None] * stride_o_tok + (head * stride_o_head)[:, None]
+    lse_ptrs = lse_ptr + row64 * stride_lse_tok + head
+    _store_rows(out_ptrs + offs_d[None, :], lse_ptrs, acc, l_i, m_i, row_mask, STORE_LSE)
+
+
+def check_paged_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> int:
+    """Check what the paged kernels assume; return the GQA group size."""
+    if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
+        raise ValueError(
+            f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton attention kernels take fp16/bf16/fp32, got {q.dtype}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(
+            "k_cache and v_cache must be (num_blocks, block_size, kv_heads, head_dim) with equal "
+            f"shapes and strides, got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
+        )
+    q_heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim or q_heads % kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {tuple(k_cache.shape)}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("q and the caches need a contiguous last (head_dim) dimension")
+    if block_tables.dtype not in (torch.int32, torch.int64) or block_tables.stride(-1) != 1:
+        raise ValueError(
+            f"block_tables must be int32/int64 with unit row stride, got {block_tables.dtype}"
+        )
+    if context_lens.dtype not in (torch.int32, torch.int64) or not context_lens.is_contiguous():
+        raise ValueError(f"context_lens must be contiguous int32/int64, got {context_lens.dtype}")
+    check_head_dim(head_dim)
+    return q_heads // kv_heads
+
+
+def _work_items(cu_seqlens_q: torch.Tensor, tokens_per_tile: int, num_tokens: int) -> torch.Tensor:
+    """(num_work, 2) int32 (sequence, first query token) per query tile, built on the device.
+
+    num_work = num_tokens // tokens_per_tile + batch bounds the true count (sum of ceil(q_len / T))
+    without a host sync; the spare items start past their sequence's end and exit at once.
+    """
+    batch = cu_seqlens_q.numel() - 1
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]  # (batch,)
+    tiles = (q_lens + tokens_per_tile - 1) // tokens_per_tile
+    ends = torch.cumsum(tiles, 0)  # (batch,) tile index past each sequence's last
+    work = torch.arange(num_tokens // tokens_per_tile + batch, device=cu_seqlens_q.device)
+    seq = torch.searchsorted(ends, work, right=True).clamp_max(batch - 1)
+    start = (work - (ends - tiles)[seq]) * tokens_per_tile
+    return torch.stack([seq, start], dim=1).to(torch.int32)
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton twin of `paged_attention_ref`; same shapes and dtypes.
+
+    Grid: one program per (query tile, kv head); a tile holds BLOCK_M // group tokens of one
+    sequence times the group query heads of that kv head, so they share every K/V load. Key tiles
+    wholly below the tile's first position run unmasked; tiles past its last position are skipped.
+    No host sync: the tile map is built on the device.
+    """
+    group = check_paged_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    num_tokens, q_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(num_tokens, q_heads, dtype=torch.float32, device=q.device)
+    batch = block_tables.shape[0]
+    if num_tokens == 0 or batch == 0:
+        return out, (lse if return_lse else None)
+    cfg = attention_config(head_dim, group, q.dtype)
+    work = _work_items(cu_seqlens_q, cfg["BLOCK_M"] // group, num_tokens)
+    _paged_attention_kernel[(work.shape[0] * kv_heads,)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        lse,
+        block_tables,
+        cu_seqlens_q.contiguous(),
+        context_lens,
+        work,
+        scale * LOG2E,
+        work.shape[0],
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        block_tables.stride(0),
+        NUM_KV_HEADS=kv_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        STORE_LSE=return_lse,
+        DOT_F32=q.dtype == torch.float32 or is_interpreting(),
+        **cfg,
+    )
+    return out, (lse if return_lse else None)
+
 
 def paged_attention_ref(
     q: torch.Tensor,
@@ -102,6 +356,8 @@ def _decode(
     v = v_cache[ids].flatten(1, 2)
     keys = k.shape[1]
     valid = torch.arange(keys, device=q.device)[None, :] < context_lens[:, None]  # (batch, keys)
+    # Slots past a context may hold anything, NaN included, and 0 * NaN would leak into out.
+    v = v.masked_fill(~valid[:, :, None, None], 0)
     compute = torch.float32 if (return_lse or q.dtype == torch.float32) else q.dtype
     qg = q.to(compute).view(batch, kv_heads, group, d)
     scores = qg @ k.to(compute).permute(0, 2, 3, 1) * scale  # (batch, kv_heads, group, keys)
@@ -123,6 +379,10 @@ def paged_attention(
     scale: float,
     return_lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if use_triton(q.device):
+        return paged_attention_triton(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, return_lse
+        )
     return paged_attention_ref(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, return_lse
     )

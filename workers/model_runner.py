@@ -39,7 +39,9 @@ class ModelRunner:
     def __init__(self, config: RuntimeConfig, comm: Collectives):
         self.config = config
         self.comm = comm
-        self.device = torch.device(config.resolved_device())
+        device = config.resolved_device()
+        # Ray exposes one GPU per actor (CUDA_VISIBLE_DEVICES), so it is always index 0.
+        self.device = torch.device("cuda:0" if device == "cuda" else device)
         self.dtype = dtype_from_name(config.resolved_dtype())
         self.model_config = ModelConfig.from_pretrained(config.model)
         config.parallel.check_model(self.model_config)
@@ -169,6 +171,7 @@ class ModelRunner:
             block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int64, device=dev),
             context_lens=torch.tensor(ctx, dtype=torch.int64, device=dev),
+            is_decode=all(len(s.token_ids) == 1 for s in seqs),
         )
         rows = torch.tensor(
             [cu[i + 1] - 1 for i, s in enumerate(seqs) if s.sample], dtype=torch.int64, device=dev

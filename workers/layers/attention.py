@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dist_runtime.config import ModelConfig
+from kernels.flash_decode import flash_decode
 from kernels.paged_attention import paged_attention
 from kernels.store_kv import store_kv
 from workers.distributed import Collectives
@@ -53,6 +54,8 @@ class AttentionMetadata:
     """(batch + 1,) int64 prefix sums of new tokens per sequence."""
     context_lens: torch.Tensor
     """(batch,) int64 cached + new tokens per sequence."""
+    is_decode: bool = False
+    """Every sequence has exactly one new token (split-KV decode kernel)."""
 
 
 class Attention(nn.Module):
@@ -94,6 +97,11 @@ class Attention(nn.Module):
         q, k = self.rotary(q, k, positions)
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            out, _ = flash_decode(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale
+            )
+            return self.o_proj(out.reshape(tokens, self.q_size))
         out, _ = paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale
         )

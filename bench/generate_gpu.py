@@ -1,0 +1,152 @@
+"""End-to-end prefill and decode speed of a 7B-shaped model on one GPU, against the hardware.
+
+    python bench/generate_gpu.py                                  # InternLM2.5-7B shape, bf16
+    python bench/generate_gpu.py --model-config bench/model_configs/internlm2_5-1_8b-chat.json
+
+Random weights (load_format=dummy) from a public config.json, tp=1, in-process executor. The
+ceilings are measured in the same run: bf16 matmul TFLOP/s (8192^3) and device-to-device copy
+bandwidth. Prefill FLOPs = 2 * params * L + causal attention 2 * L^2 * heads * head_dim * layers
+(4 * L^2 * h * d / 2, as in FlashAttention's accounting). The decode floor is the bytes one
+step must read (weights + KV at that context) over the copy bandwidth. The config's
+rope_scaling is dropped: it changes no shape or FLOP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig  # noqa: E402
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(bf16 matmul TFLOP/s, copy GB/s counting bytes read + written)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = _time(lambda: a @ b, 10)
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    c = _time(lambda: dst.copy_(src), 10)
+    return 2 * 8192**3 / t / 1e12, 2 * src.numel() / c / 1e9
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def param_count(cfg: dict) -> int:
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = h // cfg["num_attention_heads"]
+    attn = h * hd * (cfg["num_attention_heads"] * 2 + cfg["num_key_value_heads"] * 2)
+    return layers * (attn + 3 * h * inter) + 2 * cfg["vocab_size"] * h
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    cfg = json.loads(Path(args.model_config).read_text())
+    cfg.pop("rope_scaling", None)
+    lens = [int(x) for x in args.prompt_lens.split(",")]
+    folder = Path(tempfile.mkdtemp()) / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tflops_peak, copy_gbs = measure_ceilings()
+    rows = [f"ceilings: bf16 matmul {tflops_peak:.0f} TFLOP/s, copy {copy_gbs:.0f} GB/s"]
+    session = max(lens) + args.decode_tokens + 16
+    rt = Runtime(
+        model=str(folder),
+        device="cuda",
+        dtype="bfloat16",
+        session_len=session,
+        load_format="dummy",
+        cache=CacheConfig(gpu_memory_utilization=0.92),
+        scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=args.chunk),
+    )
+    params = param_count(cfg)
+    emb = cfg["vocab_size"] * cfg["hidden_size"]
+    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    heads, kvh, layers = (
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["num_hidden_layers"],
+    )
+    gen = torch.Generator().manual_seed(0)
+    rt.generate([[1] * 512], SamplingParams(max_new_tokens=4, temperature=0.0))  # warm-up
+    for n in lens:
+        ids = torch.randint(3, cfg["vocab_size"], (n,), generator=gen).tolist()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rt.generate([ids], SamplingParams(max_new_tokens=1, temperature=0.0))
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - t0
+        # Embedding lookups are no matmul and the LM head runs on the last token only.
+        flops = 2 * (params - 2 * emb) * n + 2 * n * n * heads * hd * layers
+        rows.append(
+            f"prefill {n:>7} tokens: {prefill:7.2f} s, {n / prefill:9.0f} tok/s, "
+            f"{flops / prefill / 1e12:6.1f} TFLOP/s ({flops / prefill / 1e12 / tflops_peak:.0%}"
+            " of matmul peak)"
+        )
+        t0 = time.perf_counter()
+        rt.generate(
+            [ids],
+            SamplingParams(max_new_tokens=args.decode_tokens + 1, temperature=0.0, ignore_eos=True),
+        )
+        torch.cuda.synchronize()
+        decode = (time.perf_counter() - t0 - prefill) / args.decode_tokens
+        kv_bytes = 2 * layers * kvh * hd * 2 * n
+        # A decode step reads every layer weight, the LM head and the KV once.
+        floor = (2 * (params - emb) + kv_bytes) / (copy_gbs * 1e9)
+        rows.append(
+            f"decode at {n:>7} context: {decode * 1e3:6.2f} ms/token, floor "
+            f"{floor * 1e3:5.2f} ms (weights {2 * (params - emb) / 1e9:.1f} GB + KV "
+            f"{kv_bytes / 1e9:.2f} GB at the copy bandwidth) -> {floor / decode:.0%}"
+        )
+    rt.shutdown()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model-config",
+        default=str(Path(__file__).parent / "model_configs" / "internlm2_5-7b-chat.json"),
+    )
+    p.add_argument("--prompt-lens", default="8192,32768,65536")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens")
+    p.add_argument("--out", default=None, help="markdown report path")
+    args = p.parse_args()
+    rows = run(args)
+    name = torch.cuda.get_device_name()
+    for r in rows:
+        print(r, flush=True)
+    if args.out:
+        Path(args.out).write_text(
+            f"# generate on {name}, {datetime.date.today()}\n\n"
+            f"torch {torch.__version__}, python {platform.python_version()}, model shape "
+            f"{args.model_config} (random weights, bf16, tp=1, chunk {args.chunk})\n\n"
+            + "\n".join(f"- {r}" for r in rows)
+            + "\n\n"
+            + f"Command: `python bench/generate_gpu.py --prompt-lens {args.prompt_lens} "
+            f"--decode-tokens {args.decode_tokens} --chunk {args.chunk}`\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

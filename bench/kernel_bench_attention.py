@@ -1,0 +1,201 @@
+"""Attention kernels on one CUDA GPU: paged prefill TFLOP/s and split-KV decode GB/s.
+
+    python bench/kernel_bench_attention.py            # the table, one line per row
+    python bench/kernel_bench_attention.py --sweep    # also time candidate tile configs
+
+Prefill: one causal sequence of s tokens (32 q heads / 8 kv heads, head_dim 128, bf16) whose
+K/V sit in a paged cache in shuffled blocks; FLOPs = 4 * s^2 * heads * head_dim / 2 (two
+matmuls of 2 * s^2 * heads * head_dim each, halved by the causal mask; the count FlashAttention
+reports). Baseline: torch SDPA's FlashAttention-2 backend, causal, on the same q with K/V
+repeated to 32 heads, in the same run.
+Decode: batch 1, one query token over a paged context; bytes = the K and V cache bytes read.
+Baseline: a device-to-device copy of that many bytes, GB/s = (read + written) / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import kernels.flash_decode as FD  # noqa: E402
+import kernels.paged_attention as PA  # noqa: E402
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+DTYPE = torch.bfloat16
+PREFILL_LENS = [4096, 8192, 16384, 32768, 65536]
+DECODE_LENS = [32768, 131072, 524288, 1048576]
+SEED = 0
+
+
+def _ms(fn: Callable[[], Any]) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _paged_cache(
+    ctx: int, block_size: int, device: torch.device, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches of exactly ctx tokens in shuffled blocks, and the (1, blocks) table."""
+    num_blocks = -(-ctx // block_size)
+    shape = (num_blocks, block_size, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=gen, device=device, dtype=DTYPE)
+    v_cache = torch.randn(shape, generator=gen, device=device, dtype=DTYPE)
+    table = torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32)[None]
+    return k_cache, v_cache, table
+
+
+def bench_prefill(seq: int, device: torch.device, block_size: int = 16) -> dict[str, Any]:
+    gen = torch.Generator(device=device).manual_seed(SEED)
+    q = torch.randn(seq, Q_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    k_cache, v_cache, table = _paged_cache(seq, block_size, device, gen)
+    cu = torch.tensor([0, seq], device=device)
+    lens = torch.tensor([seq], device=device)
+    scale = HEAD_DIM**-0.5
+    ms = _ms(lambda: PA.paged_attention_triton(q, k_cache, v_cache, table, cu, lens, scale))
+
+    group = Q_HEADS // KV_HEADS
+    ids = table[0].long()
+    k = k_cache[ids].flatten(0, 1).repeat_interleave(group, dim=1)  # (seq, q_heads, head_dim)
+    v = v_cache[ids].flatten(0, 1).repeat_interleave(group, dim=1)
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, seq, head_dim)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        base_ms = _ms(lambda: sdpa(qh, kh, vh, is_causal=True, scale=scale))
+    flops = 4 * seq * seq * Q_HEADS * HEAD_DIM / 2
+    return dict(
+        name="paged_prefill_causal",
+        shape=f"s={seq} h={Q_HEADS}/{KV_HEADS} d={HEAD_DIM} bs={block_size} bf16",
+        ms=ms,
+        tflops=flops / ms / 1e9,
+        baseline="sdpa_flash",
+        baseline_ms=base_ms,
+        baseline_tflops=flops / base_ms / 1e9,
+    )
+
+
+def _decode_ms(ctx: int, device: torch.device, block_size: int) -> float:
+    gen = torch.Generator(device=device).manual_seed(SEED)
+    q = torch.randn(1, Q_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    k_cache, v_cache, table = _paged_cache(ctx, block_size, device, gen)
+    lens = torch.tensor([ctx], device=device)
+    scale = HEAD_DIM**-0.5
+    return _ms(lambda: FD.flash_decode_triton(q, k_cache, v_cache, table, lens, scale))
+
+
+def bench_decode(ctx: int, device: torch.device, block_size: int = 16) -> dict[str, Any]:
+    ms = _decode_ms(ctx, device, block_size)  # the caches are freed before the copy's buffers
+    nbytes = 2 * ctx * KV_HEADS * HEAD_DIM * DTYPE.itemsize  # K and V
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    base_ms = _ms(lambda: dst.copy_(src))
+    gbps, copy_gbps = nbytes / ms / 1e6, 2 * nbytes / base_ms / 1e6
+    return dict(
+        name="flash_decode",
+        shape=f"ctx={ctx} b=1 h={Q_HEADS}/{KV_HEADS} d={HEAD_DIM} bs={block_size} bf16",
+        ms=ms,
+        GBps=gbps,
+        baseline="d2d_copy",
+        baseline_ms=base_ms,
+        baseline_GBps=copy_gbps,
+        fraction_of_copy=gbps / copy_gbps,
+    )
+
+
+def bench_attention(device: torch.device) -> list[dict[str, Any]]:
+    """One row per prefill length and per decode context, each with its baseline."""
+    rows = [bench_prefill(s, device) for s in PREFILL_LENS]
+    rows.append(bench_prefill(16384, device, block_size=128))
+    rows += [bench_decode(c, device) for c in DECODE_LENS]
+    return rows
+
+
+PREFILL_SWEEP = [
+    dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3),
+    dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+]
+DECODE_SWEEP = [
+    (2, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
+    (4, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
+    (2, dict(BLOCK_N=128, num_warps=4, num_stages=3)),
+    (4, dict(BLOCK_N=128, num_warps=8, num_stages=2)),
+]
+"""(programs per SM, pass-1 config) candidates."""
+
+
+def sweep(device: torch.device) -> list[dict[str, Any]]:
+    """Time candidate tile configs: prefill at 16K tokens, decode at 128K context."""
+    rows = []
+    default_prefill = PA.attention_config
+    try:
+        for block_size in (16, 128):
+            for cfg in PREFILL_SWEEP:
+                PA.attention_config = lambda *_, c=cfg: dict(c)  # type: ignore[misc]
+                shape = f"bs={block_size} {cfg}"
+                try:
+                    row = bench_prefill(16384, device, block_size)
+                except Exception as e:  # a config past the shared-memory limit, say
+                    print(f"sweep_prefill {shape}: {type(e).__name__}", flush=True)
+                    continue
+                rows.append(
+                    dict(name="sweep_prefill", shape=shape, ms=row["ms"], tflops=row["tflops"])
+                )
+                print(_format(rows[-1]), flush=True)
+    finally:
+        PA.attention_config = default_prefill  # type: ignore[assignment]
+    default_decode, default_per_sm = FD.decode_config, FD.PROGRAMS_PER_SM
+    try:
+        for per_sm, cfg in DECODE_SWEEP:
+            FD.decode_config = lambda *_, c=cfg: dict(c)  # type: ignore[misc]
+            FD.PROGRAMS_PER_SM = per_sm
+            row = bench_decode(131072, device)
+            shape = f"per_sm={per_sm} {cfg}"
+            rows.append(dict(name="sweep_decode", shape=shape, ms=row["ms"], GBps=row["GBps"]))
+            print(_format(rows[-1]), flush=True)
+    finally:
+        FD.decode_config, FD.PROGRAMS_PER_SM = default_decode, default_per_sm  # type: ignore[assignment]
+    return rows
+
+
+def _format(row: dict[str, Any]) -> str:
+    parts = [f"{row['name']:<22}", f"{row['shape']:<52}", f"{row['ms']:9.3f} ms"]
+    for key in ("tflops", "baseline_tflops", "GBps", "baseline_GBps", "fraction_of_copy"):
+        if key in row:
+            parts.append(
+                f"{key}={row[key]:.1f}" if key != "fraction_of_copy" else f"{row[key]:.2f}x"
+            )
+    return "  ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time candidate tile configs")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    device = torch.device("cuda")
+    torch.manual_seed(SEED)
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    if args.sweep:
+        sweep(device)
+    for row in bench_attention(device):
+        print(_format(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Split-KV decode attention: one query token per sequence over a long paged KV cache.
+
+A single sequence at 1M context has only kv_heads programs' worth of work per layer if each
+program walks its whole context, far too few to fill the GPU's memory system. So the keys are
+cut into `num_splits` contiguous ranges: pass 1 runs one program per (sequence, kv head, split)
+and writes a partial (out, lse) to fp32 scratch; pass 2 merges a row's splits by LSE
+(DESIGN.md section 3). With one split, pass 1 writes the final output and pass 2 is skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kernels.dispatch import use_triton
+from kernels.flash_attn import LOG2E, _jit, _online_softmax_tile, _store_rows, is_interpreting
+from kernels.paged_attention import _decode, _paged_kv_offsets, check_paged_inputs
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: only the torch reference runs
+    triton = None  # type: ignore[assignment]
+
+PROGRAMS_PER_SM = 2
+"""Target split programs per multiprocessor for pass 1."""
+INTERPRETER_SMS = 8
+"""Multiprocessors assumed off CUDA, so small interpreter shapes still use several splits."""
+
+
+@_jit
+def _flash_decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,
+    split_len,
+    stride_q_seq,
+    stride_q_head,
+    stride_kc_block,
+    stride_kc_tok,
+    stride_kc_head,
+    stride_bt_seq,
+    stride_po_seq,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_seq,
+    stride_pl_head,
+    stride_pl_split,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + seq)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, ctx)  # may be <= lo: an empty split stores out 0, lse -inf
+    full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+
+    offs_h = tl.arange(0, BLOCK_H)  # the group's query heads, padded to a dot's 16 rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    head = kv_head * GROUP + offs_h
+    row_mask = offs_h < GROUP
+    q_ptrs = q_ptr + seq.to(tl.int64) * stride_q_seq + (head * stride_q_head)[:, None]
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    k_base = k_cache_ptr + kv_head * stride_kc_head + offs_d[None, :]
+    v_base = v_cache_ptr + kv_head * stride_kc_head + offs_d[None, :]
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    for start_n in range(lo, full_end, BLOCK_N):
+        kv = _paged_kv_offsets(
+            table, start_n, offs_n, ctx, stride_kc_block, stride_kc_tok, BLOCK_SIZE, BLOCK_N, False
+        )
+        k = tl.load(k_base + kv[:, None])
+        v = tl.load(v_base + kv[:, None])
+        acc, l_i, m_i = _online_softmax_tile(
+            acc, l_i, m_i, q, k, v, None, scale_log2, MASKED=False, DOT_F32=DOT_F32
+        )
+    if full_end < hi:  # the sequence's last, partial key tile
+        key_mask = full_end + offs_n < hi
+        kv = _paged_kv_offsets(
+            table, full_end, offs_n, ctx, stride_kc_block, stride_kc_tok, BLOCK_SIZE, BLOCK_N, True
+        )
+        k = tl.load(k_base + kv[:, None], mask=key_mask[:, None], other=0.0)
+        v = tl.load(v_base + kv[:, None], mask=key_mask[:, None], other=0.0)
+        acc, l_i, m_i = _online_softmax_tile(
+            acc, l_i, m_i, q, k, v, key_mask[None, :], scale_log2, MASKED=True, DOT_F32=DOT_F32
+        )
+
+    out_ptrs = (
+        part_out_ptr
+        + seq.to(tl.int64) * stride_po_seq
+        + split * stride_po_split
+        + (head * stride_po_head)[:, None]
+    )
+    lse_ptrs = part_lse_ptr + seq * stride_pl_seq + split * stride_pl_split + head * stride_pl_head
+    _store_rows(out_ptrs + offs_d[None, :], lse_ptrs, acc, l_i, m_i, row_mask, STORE_LSE)
+
+
+@_jit
+def _flash_decode_merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    num_splits,
+    stride_po_seq,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_seq,
+    stride_pl_head,
+    stride_o_seq,
+    stride_o_head,
+    stride_lse_seq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    split_mask = offs_s < num_splits
+    lse_row = part_lse_ptr + seq * stride_pl_seq + head * stride_pl_head
+    lse = tl.load(lse_row + offs_s, mask=split_mask, other=float("-inf"))  # (BLOCK_S,) natural log
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, out 0, lse -inf
+    w = tl.math.exp2((lse - m) * 1.4426950408889634)
+    denom = tl.sum(w, 0)
+    out_row = part_out_ptr + seq.to(tl.int64) * stride_po_seq + head * stride_po_head
+    parts = tl.load(
+        out_row + offs_s[:, None] * stride_po_split + offs_d[None, :],
+        mask=split_mask[:, None],
+        other=0.0,
+    )  # (BLOCK_S, HEAD_DIM) fp32
+    out = tl.sum(w[:, None] * parts, 0) / tl.where(denom == 0.0, 1.0, denom)
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_o_seq + head * stride_o_head + offs_d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
+    if STORE_LSE:
+        total = tl.where(denom == 0.0, float("-inf"), m + tl.log(denom))
+        tl.store(lse_ptr + seq * stride_lse_seq + head, total)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """Key tile, warps and pipeline depth of pass 1.
+
+    H100 at 128K context (bench/kernel_bench_attention.py --sweep): 64 or 128 keys with 4 warps
+    and 3 stages all read ~2.65 TB/s, 0.89 of a device copy; 32 keys with 2 warps 2.15 TB/s.
+    """
+    if is_interpreting():
+        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32 or head_dim > 128:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def split_plan(
+    batch: int, kv_heads: int, max_ctx: int, block_n: int, device: torch.device
+) -> tuple[int, int]:
+    """(num_splits, split_len): enough (sequence, kv head, split) programs to fill the device.
+
+    max_ctx is a host-side bound (block table width * block size), so planning needs no sync.
+    split_len is a multiple of block_n, so only a sequence's last key tile is partial.
+    """
+    target = PROGRAMS_PER_SM * _sm_count(device)
+    max_tiles = max(triton.cdiv(max_ctx, block_n), 1)
+    num_splits = min(max(triton.cdiv(target, max(batch * kv_heads, 1)), 1), max_tiles)
+    split_len = triton.cdiv(max_tiles, num_splits) * block_n
+    return triton.cdiv(max_tiles * block_n, split_len), split_len
+
+
+def flash_decode_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton twin of `flash_decode_ref`; same shapes and dtypes.
+
+    Pass 1 grid: (batch, kv_heads, num_splits); each program walks split_len keys of one sequence
+    for all `group` query heads of one kv head (rows padded to 16 for the dot), writing
+    part_out (batch, q_heads, num_splits, head_dim) and part_lse (batch, q_heads, num_splits) fp32.
+    Pass 2 grid: (batch, q_heads), merging the splits by LSE.
+    """
+    group = check_paged_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    batch, q_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    if block_tables.shape[0] != batch or context_lens.shape[0] != batch:
+        raise ValueError(
+            f"q holds {batch} sequences but block_tables {tuple(block_tables.shape)} and "
+            f"context_lens {tuple(context_lens.shape)} disagree"
+        )
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, q_heads, dtype=torch.float32, device=q.device)
+    if batch == 0:
+        return out, (lse if return_lse else None)
+    cfg = decode_config(head_dim, q.dtype)
+    max_ctx = block_tables.shape[1] * block_size
+    num_splits, split_len = split_plan(batch, kv_heads, max_ctx, cfg["BLOCK_N"], q.device)
+    if num_splits == 1:  # pass 1 writes the result: a split axis of stride 0
+        part_out, part_lse = out[:, :, None], lse[:, :, None]
+    else:
+        part_out = torch.empty(
+            batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
+        )
+        part_lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
+    _flash_decode_split_kernel[(batch, kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        part_out,
+        part_lse,
+        scale * LOG2E,
+        split_len,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        part_out.stride(0),
+        part_out.stride(1),
+        part_out.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        part_lse.stride(2),
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        STORE_LSE=return_lse or num_splits > 1,
+        DOT_F32=q.dtype == torch.float32 or is_interpreting(),
+        **cfg,
+    )
+    if num_splits > 1:
+        _flash_decode_merge_kernel[(batch, q_heads)](
+            part_out,
+            part_lse,
+            out,
+            lse,
+            num_splits,
+            part_out.stride(0),
+            part_out.stride(1),
+            part_out.stride(2),
+            part_lse.stride(0),
+            part_lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            STORE_LSE=return_lse,
+            num_warps=4,
+        )
+    return out, (lse if return_lse else None)
+
+
+def flash_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of one query token per sequence over its whole paged context.
+
+    q: (batch, q_heads, head_dim); k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim);
+    block_tables: (batch, max_blocks) int32/int64; context_lens: (batch,) int64 >= 1.
+    Returns out (batch, q_heads, head_dim) in q's dtype and, when asked, lse (batch, q_heads) fp32.
+    """
+    if q.shape[0] == 0:
+        lse = torch.empty(0, q.shape[1], dtype=torch.float32, device=q.device)
+        return torch.empty_like(q), (lse if return_lse else None)
+    return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, return_lse)
+
+
+def flash_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if use_triton(q.device):
+        return flash_decode_triton(
+            q, k_cache, v_cache, block_tables, context_lens, scale, return_lse
+        )
+    return flash_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale, return_lse)
