@@ -11,19 +11,22 @@ import dataclasses
 import itertools
 import logging
 import random
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
 from tqdm import tqdm
 
 from dist_runtime.block_manager import BlockManager
+from dist_runtime.chat import MessageLike, encode_chat, history_to_messages
 from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig
 from dist_runtime.executor import Executor, create_executor
 from dist_runtime.outputs import RequestOutput, TokenLogprobs
 from dist_runtime.protocol import SampledToken
 from dist_runtime.sampling_params import SamplingParams
-from dist_runtime.scheduler import Scheduler, Sequence
-from dist_runtime.tokenizer import Tokenizer
+from dist_runtime.scheduler import Scheduler, SeqStatus, Sequence
+from dist_runtime.text_stream import TextStream
+from dist_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,9 @@ class Runtime:
             self.shutdown()
             raise
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        self._eos_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            self._eos_ids |= set(self.tokenizer.eos_token_ids)
         logger.info(
             "runtime ready: %s, tp=%d cp=%d, %d KV blocks of %d tokens",
             self.config.model,
@@ -75,24 +81,63 @@ class Runtime:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); blocks until all are done."""
-        if self.executor is None:
-            raise RuntimeError("this Runtime was shut down; create a new one")
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Seq) or not prompts:
-            raise ValueError(
-                "prompts must be a non-empty list of strings or token-id lists, got "
-                f"{type(prompts).__name__} {prompts!r:.80}"
-            )
-        plist = _per_prompt(params, len(prompts))
-        seqs = [self._make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, plist))]
-        for seq in seqs:
-            self.scheduler.add(seq)
-        self._run(seqs, use_tqdm)
+        seqs = self._submit(prompts, params)
+        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
+        for _seq, finished in self._drive(seqs):
+            if finished:
+                bar.update(1)
+        bar.close()
         return [self._output(seq) for seq in seqs]
+
+    def generate_stream(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> Iterator[str]:
+        """Yield the text of one prompt's output in pieces as tokens arrive.
+
+        The pieces concatenate to exactly `generate([prompt], params)[0].text`. Closing the
+        iterator early releases the sequence.
+        """
+        if self.tokenizer is None:
+            raise ValueError(f"{self.config.model} has no tokenizer; streaming text needs one")
+        (seq,) = self._submit([prompt], params)
+        for _, finished in self._drive([seq]):
+            delta = seq.text_state.release(finished)
+            if delta:
+                yield delta
+
+    def chat(
+        self,
+        messages: str | Seq[MessageLike],
+        history: Seq[tuple[str, str]] = (),
+        system: str | None = None,
+        params: SamplingParams | None = None,
+    ) -> tuple[str, list[Any]]:
+        """One chat turn through the model's chat template; returns (reply, new history).
+
+        `rt.chat("question", history=[(user, assistant), ...])` works like HF's
+        `model.chat(tokenizer, query, history)` and returns the history with the new pair;
+        `rt.chat([{"role": "user", "content": "..."}, ...])` returns the messages with the
+        assistant's reply appended. Greedy with up to 512 new tokens unless params say otherwise.
+        """
+        if self.tokenizer is None:
+            raise ValueError(f"{self.config.model} has no tokenizer; chat needs one")
+        turns: list[MessageLike] = (
+            list(history_to_messages(messages, history, system))
+            if isinstance(messages, str)
+            else list(messages)
+        )
+        ids = encode_chat(self.tokenizer, turns)
+        params = params or SamplingParams(max_new_tokens=512, temperature=0.0)
+        reply = self.generate([ids], params)[0].text
+        if isinstance(messages, str):
+            return reply, [*history, (messages, reply)]
+        return reply, [*turns, {"role": "assistant", "content": reply}]
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ValueError(
-                f"{self.config.model} has no tokenizer.json; pass token ids instead of text"
+                f"{self.config.model} has no tokenizer (tokenizer.json or tokenizer.model); "
+                "pass token ids instead of text"
             )
         return self.tokenizer.encode(text)
 
@@ -108,6 +153,22 @@ class Runtime:
         self.shutdown()
 
     # -- internals --------------------------------------------------------------------------
+    def _submit(
+        self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None
+    ) -> list[Sequence]:
+        if self.executor is None:
+            raise RuntimeError("this Runtime was shut down; create a new one")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Seq) or not prompts:
+            raise ValueError(
+                "prompts must be a non-empty list of strings or token-id lists, got "
+                f"{type(prompts).__name__} {prompts!r:.80}"
+            )
+        plist = _per_prompt(params, len(prompts))
+        seqs = [self._make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return seqs
+
     def _make_sequence(self, prompt: Prompt, params: SamplingParams, index: int) -> Sequence:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         _check_ids(ids, self.model_config.vocab_size, index)
@@ -124,71 +185,80 @@ class Runtime:
                 f"prompt {index} needs {need} KV blocks ({total} tokens) but the cache holds "
                 f"{self.blocks.num_blocks}; give the workers more KV memory or shorten it"
             )
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                f"prompt {index}: stop strings need a tokenizer, and "
+                f"{self.config.model} has none; use stop_token_ids"
+            )
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        return Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
+        seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(
+                self.tokenizer, skip_special_tokens=params.skip_special_tokens
+            )
+            seq.text_state = TextStream(detok, params.stop)
+        return seq
 
-    def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+    def _drive(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, bool]]:
+        """Run steps until every seq finishes; yields (seq, finished) per sampled token.
+
+        Whatever ends the loop early (an error, a closed stream) aborts the unfinished seqs so
+        their blocks return to the pool.
+        """
         assert self.executor is not None
-        pending = {s.seq_id for s in seqs}
-        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
-        by_id = {s.seq_id: s for s in seqs}
-        while pending:
-            plan, _ = self.scheduler.schedule()
-            if not plan.seqs:
-                raise RuntimeError(
-                    "the scheduler made no progress; the KV cache is too small "
-                    "for any waiting sequence"
-                )
-            result = self.executor.execute(plan)
-            for sp in plan.seqs:
-                seq = by_id[sp.seq_id]
-                seq.num_computed_tokens = sp.start_pos + len(sp.token_ids)
-            for tok in result.tokens:
-                seq = by_id[tok.seq_id]
-                if self._append(seq, tok):
-                    pending.discard(seq.seq_id)
-                    bar.update(1)
-        bar.close()
+        pending = {s.seq_id: s for s in seqs}
+        try:
+            while pending:
+                for seq in [s for s in pending.values() if s.status is SeqStatus.FINISHED]:
+                    del pending[seq.seq_id]  # finished while another call drove the steps
+                    yield seq, True
+                if not pending:
+                    break
+                plan, _ = self.scheduler.schedule()
+                if not plan.seqs:
+                    raise RuntimeError(
+                        "the scheduler made no progress; the KV cache is too small "
+                        "for any waiting sequence"
+                    )
+                result = self.executor.execute(plan)
+                self.scheduler.on_step_done(plan)
+                for tok in result.tokens:
+                    seq = self.scheduler.get(tok.seq_id)
+                    finished = self._append(seq, tok)
+                    if finished:
+                        pending.pop(seq.seq_id, None)
+                    if seq.seq_id in pending or finished:
+                        yield seq, finished
+        finally:
+            for seq in pending.values():
+                self.scheduler.abort(seq)
 
     def _append(self, seq: Sequence, tok: SampledToken) -> bool:
         """Record a sampled token; True when the sequence finished."""
         seq.output_token_ids.append(tok.token_id)
         if seq.params.logprobs is not None:
             seq.logprobs.append((tok.token_id, tok.logprob, tok.top_ids, tok.top_logprobs))
-        reason = self._stop_reason(seq, tok.token_id)
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            return True
-        return False
+        hit_stop = seq.text_state is not None and seq.text_state.add(tok.token_id)
+        reason = "stop" if hit_stop else self._stop_reason(seq, tok.token_id)
+        if reason is None:
+            return False
+        if seq.text_state is not None:
+            seq.text_state.finish()
+        self.scheduler.finish(seq, reason)
+        return True
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         p = seq.params
-        if not p.ignore_eos and token_id in self._eos_ids():
+        if (not p.ignore_eos and token_id in self._eos_ids) or token_id in p.stop_token_ids:
             return "stop"
-        if token_id in p.stop_token_ids:
-            return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
-            if any(s in text for s in p.stop):
-                return "stop"
-        if (
-            len(seq.output_token_ids) >= p.max_new_tokens
-            or seq.num_tokens >= self.config.session_len
-        ):
+        if len(seq.output_token_ids) >= p.max_new_tokens:
+            return "length"
+        if seq.num_tokens >= self.config.session_len:
             return "length"
         return None
 
-    def _eos_ids(self) -> set[int]:
-        ids = set(self.model_config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
-
     def _output(self, seq: Sequence) -> RequestOutput:
-        text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
-            text = _cut_at_stop(text, seq.params.stop)
+        text = seq.text_state.text if seq.text_state is not None else ""
         logprobs = None
         if seq.params.logprobs is not None:
             logprobs = [
@@ -255,8 +325,3 @@ def _check_ids(ids: list[int], vocab_size: int, index: int) -> None:
     ]
     if bad:
         raise ValueError(f"prompt {index} has token ids outside [0, {vocab_size}): {bad[:5]}")
-
-
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return text if cut < 0 else text[:cut]

@@ -12,6 +12,7 @@ import enum
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from dist_runtime.block_manager import BlockManager
 from dist_runtime.config import SchedulerConfig
@@ -42,6 +43,8 @@ class Sequence:
     """Workers must (re)create their state for this sequence at its next step."""
     finish_reason: str | None = None
     logprobs: list[tuple[int, float, list[int], list[float]]] = field(default_factory=list)
+    text_state: Any = None
+    """The driver's detokenization state (a TextStream), when the model has a tokenizer."""
 
     @property
     def num_tokens(self) -> int:
@@ -81,9 +84,14 @@ class Scheduler:
         self._finished_ids: list[int] = []
         self._step_ids = itertools.count()
         self.num_preemptions = 0
+        self._seqs: dict[int, Sequence] = {}
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._seqs[seq.seq_id] = seq
+
+    def get(self, seq_id: int) -> Sequence:
+        return self._seqs[seq_id]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -176,13 +184,35 @@ class Scheduler:
         self._finished_ids = []
         return StepPlan(step_id=next(self._step_ids), seqs=steps, finished_seq_ids=finished)
 
+    def on_step_done(self, plan: StepPlan) -> None:
+        """The workers ran `plan`: its tokens' K/V are now cached."""
+        for step in plan.seqs:
+            seq = self._seqs.get(step.seq_id)
+            if seq is not None and seq.status is SeqStatus.RUNNING:
+                seq.num_computed_tokens = step.start_pos + len(step.token_ids)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+        self._release(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is (waiting or running) and free its blocks."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = seq.finish_reason or "abort"
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
         self.blocks.free(seq.block_table)
-        self._finished_ids.append(seq.seq_id)
+        self._seqs.pop(seq.seq_id, None)
+        if seq.num_blocks_sent or not seq.is_reset:
+            self._finished_ids.append(seq.seq_id)
 
 
 def _has(scheduled: list[ScheduledSeq], seq: Sequence) -> bool:

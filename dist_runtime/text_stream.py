@@ -1,0 +1,55 @@
+"""A sequence's output text, grown token by token, with stop strings.
+
+Text that could still turn out to be the start of a stop string is held back from streaming, so
+the concatenated deltas always equal the final (stop-cut) text.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Detokenizer(Protocol):
+    def add(self, token_id: int) -> str: ...
+
+
+class TextStream:
+    def __init__(self, detokenizer: Detokenizer, stops: tuple[str, ...]):
+        self.detokenizer = detokenizer
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.num_emitted = 0
+        self.hit_stop = False
+
+    def add(self, token_id: int) -> bool:
+        """Append a token's text; True when a stop string now appears (the text is cut there)."""
+        before = len(self.text)
+        self.text += self.detokenizer.add(token_id)
+        if self.stops:
+            self.hit_stop = self._cut_at_stop(before)
+        return self.hit_stop
+
+    def finish(self) -> None:
+        flush = getattr(self.detokenizer, "flush", None)
+        if flush is not None and not self.hit_stop:
+            self.text += flush()
+            if self.stops:
+                self._cut_at_stop(0)
+
+    def release(self, finished: bool) -> str:
+        """Text not yet streamed that can no longer change."""
+        end = len(self.text) if finished else len(self.text) - self.hold
+        if end <= self.num_emitted:
+            return ""
+        delta = self.text[self.num_emitted : end]
+        self.num_emitted = end
+        return delta
+
+    def _cut_at_stop(self, before: int) -> bool:
+        hits = [self.text.find(s, max(0, before - len(s) + 1)) for s in self.stops]
+        hits = [h for h in hits if h >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
