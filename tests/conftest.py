@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+# Triton kernels run in its interpreter where there is no GPU. Triton reads this when it is first
+# imported, so it is set here, before any test module imports a kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -45,3 +53,24 @@ def tiny_internlm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         max_shard_bytes=TINY_SHARD_BYTES,
         **TINY_SHAPES,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """One local Ray instance for the whole session (executors reuse an initialized Ray).
+
+    4 logical CPUs so tp=4 fits (one CPU bundle per worker) even on a 2-core machine; the worker
+    actors get the repository on PYTHONPATH so they can import `workers` and `dist_runtime`.
+    """
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+        )
+    yield ray
+    if started:
+        ray.shutdown()
