@@ -105,7 +105,7 @@ class ModelConfig:
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
@@ -276,17 +276,18 @@ class CacheConfig:
             or (self.block_size & (self.block_size - 1))
         ):
             raise ConfigError(f"cache.block_size must be a power of two, got {self.block_size!r}")
-        if self.num_blocks is not None and (
-            not isinstance(self.num_blocks, int) or self.num_blocks < 1
-        ):
+        if self.num_blocks is not None and (not _is_int(self.num_blocks) or self.num_blocks < 1):
             raise ConfigError(
                 f"cache.num_blocks must be a positive integer or null, got {self.num_blocks!r}"
             )
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+        if (
+            not _is_number(self.gpu_memory_utilization)
+            or not 0.0 < self.gpu_memory_utilization <= 1.0
+        ):
             raise ConfigError(
                 f"cache.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if self.cpu_kv_cache_bytes < 1:
+        if not _is_int(self.cpu_kv_cache_bytes) or self.cpu_kv_cache_bytes < 1:
             raise ConfigError(
                 f"cache.cpu_kv_cache_bytes must be positive, got {self.cpu_kv_cache_bytes}"
             )
@@ -304,7 +305,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"scheduler.{name} must be a positive integer, got {value!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError(
@@ -367,11 +368,22 @@ class RuntimeConfig:
                 f"executor=inprocess runs one worker, but tp*cp = {self.parallel.world_size}; "
                 "use executor=ray (or auto) for more than one device"
             )
-        if not isinstance(self.session_len, int) or self.session_len < 2:
+        if not _is_int(self.session_len) or self.session_len < 2:
             raise ConfigError(f"session_len must be an integer >= 2, got {self.session_len!r}")
         for name in ("step_timeout_s", "init_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        for name, cls in (
+            ("parallel", ParallelConfig),
+            ("cache", CacheConfig),
+            ("scheduler", SchedulerConfig),
+        ):
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(
+                    f"{name} must be a {cls.__name__} (or a mapping in YAML / from_dict), got "
+                    f"{getattr(self, name)!r:.80}"
+                )
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -403,7 +415,7 @@ class RuntimeConfig:
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
             if key in nested:
-                kwargs[key] = _build_section(nested[key], value, f"{source}: {key}")
+                kwargs[key] = build_section(nested[key], value, f"{source}: {key}")
             else:
                 kwargs[key] = value
         try:
@@ -432,7 +444,16 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return raw
 
 
-def _build_section(cls: type, value: Any, source: str) -> Any:
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def build_section(cls: type, value: Any, source: str) -> Any:
+    """A nested config section from a mapping (or the section object itself)."""
     if isinstance(value, cls):
         return value
     if not isinstance(value, dict):
@@ -441,7 +462,10 @@ def _build_section(cls: type, value: Any, source: str) -> Any:
     unknown = sorted(set(value) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
-    return cls(**value)
+    try:
+        return cls(**value)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from e
 
 
 def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,15 @@ from tqdm import tqdm
 
 from dist_runtime.block_manager import BlockManager
 from dist_runtime.chat import MessageLike, encode_chat, history_to_messages
-from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig
+from dist_runtime.config import (
+    CacheConfig,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    RuntimeConfig,
+    SchedulerConfig,
+    build_section,
+)
 from dist_runtime.executor import Executor, create_executor
 from dist_runtime.outputs import RequestOutput, TokenLogprobs
 from dist_runtime.protocol import SampledToken
@@ -27,6 +35,8 @@ from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.scheduler import Scheduler, SeqStatus, Sequence
 from dist_runtime.text_stream import TextStream
 from dist_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from workers.checkpoint import CheckpointReader
+from workers.models.layouts import check_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +59,11 @@ class Runtime:
         self.config = _build_config(model, tp, cp, session_len, device, dtype, config, overrides)
         self.model_config = ModelConfig.from_pretrained(self.config.model)
         self.config.parallel.check_model(self.model_config)
+        if self.config.load_format == "safetensors":
+            # Headers only: a bad checkpoint fails here, before any worker starts.
+            reader = CheckpointReader(self.config.model)
+            check_checkpoint(self.model_config, reader)
+            reader.close()
         self.tokenizer = Tokenizer.from_folder(self.config.model)
         self._rng = random.Random(self.config.seed)
         self._seq_ids = itertools.count()
@@ -132,6 +147,31 @@ class Runtime:
         if isinstance(messages, str):
             return reply, [*history, (messages, reply)]
         return reply, [*turns, {"role": "assistant", "content": reply}]
+
+    def ask(
+        self,
+        document: str,
+        questions: Seq[str],
+        params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[str]:
+        """Answer each question about `document`; blocks until all answers are in.
+
+        Each prompt puts the document first and the question after it (through the chat
+        template), so every question on one document shares the document's tokens as a prefix.
+        """
+        if self.tokenizer is None:
+            raise ValueError(f"{self.config.model} has no tokenizer; ask() needs one")
+        if not isinstance(document, str) or not document.strip():
+            raise ValueError("document must be a non-empty string")
+        if isinstance(questions, str) or not questions:
+            raise ValueError("questions must be a non-empty list of strings")
+        prompts = [
+            encode_chat(self.tokenizer, [{"role": "user", "content": qa_prompt(document, q)}])
+            for q in questions
+        ]
+        params = params or SamplingParams(max_new_tokens=128, temperature=0.0)
+        return [o.text for o in self.generate(prompts, params, use_tqdm=use_tqdm)]
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -273,6 +313,15 @@ class Runtime:
         )
 
 
+def qa_prompt(document: str, question: str) -> str:
+    """The user turn of a document question: the document first, then the question."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"each question must be a non-empty string, got {question!r:.80}")
+    return (
+        f"{document}\n\nAnswer the question about the document above briefly.\nQuestion: {question}"
+    )
+
+
 def _build_config(
     model: str | None,
     tp: int | None,
@@ -291,12 +340,22 @@ def _build_config(
         **overrides,
     }
     direct = {k: v for k, v in direct.items() if v is not None}
+    sections = {"parallel": ParallelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+    for key, cls in sections.items():
+        if isinstance(direct.get(key), dict):
+            direct[key] = build_section(cls, direct[key], f"Runtime({key}=...)")
     if config is None:
         if model is None:
-            raise ConfigError("Runtime needs model=<checkpoint folder> (or config=RuntimeConfig)")
+            from dist_runtime.demo_model import demo_model_path
+
+            model = str(demo_model_path())
+            direct["model"] = model
         config = RuntimeConfig(model=model)
+    base = direct.pop("parallel", config.parallel)
+    if not isinstance(base, ParallelConfig):
+        raise ConfigError(f"parallel must be a ParallelConfig or a mapping, got {base!r:.80}")
     parallel = dataclasses.replace(
-        config.parallel, **{k: v for k, v in (("tp", tp), ("cp", cp)) if v is not None}
+        base, **{k: v for k, v in (("tp", tp), ("cp", cp)) if v is not None}
     )
     try:
         return dataclasses.replace(config, parallel=parallel, **direct)

@@ -185,6 +185,12 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[SampledToken]:
         states = [self.seqs[s.seq_id] for s in seqs]
+        for s, st in zip(seqs, states):
+            if st.spec.temperature > 0:
+                # One stream per (seed, position): a draw does not depend on batching or on a
+                # preemption that recomputed the sequence.
+                position = s.start_pos + len(s.token_ids)
+                st.generator.manual_seed(draw_seed(st.spec.seed, position))
         histories = [
             torch.tensor(st.history, dtype=torch.int64, device=self.device) for st in states
         ]
@@ -195,3 +201,11 @@ class ModelRunner:
             [st.generator for st in states],
             [s.seq_id for s in seqs],
         )
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """Seed of the draw for the token at `position` (splitmix64 of the pair, 63 bits)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1

@@ -121,11 +121,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_checkpoint(config: ModelConfig, reader: CheckpointReader) -> None:
+    """Raise CheckpointError for a missing, unreadable or mis-shaped tensor (headers only)."""
+    for name, shape in expected_shapes(config).items():
+        reader.check_shape(name, shape)
+
+
 def load_weights(model: DecoderLM, reader: CheckpointReader) -> None:
     """Fill `model` with this rank's shard; peak extra memory is one tensor slice."""
     config = model.config
-    for name, shape in expected_shapes(config).items():
-        reader.check_shape(name, shape)
+    check_checkpoint(config, reader)
     lay = LAYOUTS[config.architecture]
     tp_rank, tp_size = model.comm.tp_rank, model.comm.tp_size
     start, stop, _ = vocab_range(config.vocab_size, tp_rank, tp_size)

@@ -1,0 +1,424 @@
+"""Bad input fails early with an error that names the problem.
+
+Configuration and checkpoint problems raise `ConfigError` / `CheckpointError` (both
+`ValueError`s) while the Runtime starts; bad requests raise `ValueError` from `generate` or
+`SamplingParams` and leave the Runtime usable. Everything here runs the in-process executor
+(tp=1) except the tp check, which must fail before any worker or Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import dist_runtime.runtime as runtime_module
+from dist_runtime import Runtime, SamplingParams
+from dist_runtime.config import CacheConfig, ConfigError, RuntimeConfig
+from dist_runtime.random_checkpoint import write_random_checkpoint
+from tests.conftest import TINY_SHAPES
+from workers.checkpoint import CheckpointError
+
+VOCAB = TINY_SHAPES["vocab_size"]
+CPU32: dict[str, Any] = dict(device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def single_file_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-file (`model.safetensors`, no index) Llama checkpoint without tokenizer; tests
+    copy it before breaking it."""
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("single-file"), architecture="llama", with_tokenizer=False
+    )
+
+
+@pytest.fixture
+def broken(single_file_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of `single_file_dir` that a test may damage."""
+    return Path(shutil.copytree(single_file_dir, tmp_path / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_llama_dir: Path) -> Iterator[Runtime]:
+    with Runtime(model=str(tiny_llama_dir), session_len=64, **CPU32) as runtime:
+        yield runtime
+
+
+def start(folder: Path, **kwargs: Any) -> None:
+    with Runtime(model=str(folder), **{**CPU32, **kwargs}):
+        pass
+
+
+# -- model folder and config.json ------------------------------------------------------------
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model folder .*nope.* does not exist"):
+        start(tmp_path / "nope")
+
+
+def test_folder_without_config_json(broken: Path) -> None:
+    (broken / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"config\.json is missing"):
+        start(broken)
+
+
+def test_config_json_not_json(broken: Path) -> None:
+    (broken / "config.json").write_text("{'architectures': oops", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"config\.json is not valid JSON"):
+        start(broken)
+
+
+def _edit_config(folder: Path, **changes: Any) -> None:
+    path = folder / "config.json"
+    hf = json.loads(path.read_text(encoding="utf-8"))
+    hf.update(changes)
+    path.write_text(json.dumps(hf), encoding="utf-8")
+
+
+def test_unknown_architecture(broken: Path) -> None:
+    _edit_config(broken, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel.*not supported.*LlamaForCausalLM"):
+        start(broken)
+
+
+def test_config_json_missing_required_key(broken: Path) -> None:
+    path = broken / "config.json"
+    hf = json.loads(path.read_text(encoding="utf-8"))
+    del hf["num_attention_heads"]
+    path.write_text(json.dumps(hf), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"missing required keys \['num_attention_heads'\]"):
+        start(broken)
+
+
+def test_unsupported_rope_scaling(broken: Path) -> None:
+    _edit_config(broken, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ConfigError, match=r"rope_scaling type 'yarn' is not supported"):
+        start(broken)
+
+
+# -- weights ---------------------------------------------------------------------------------
+
+
+def _rewrite_weights(folder: Path, edit: Any) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_missing_tensor(broken: Path) -> None:
+    _rewrite_weights(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(
+        CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing"
+    ):
+        start(broken)
+
+
+def test_misshaped_tensor(broken: Path) -> None:
+    def shrink(tensors: dict[str, Any]) -> None:
+        name = "model.layers.0.self_attn.k_proj.weight"
+        tensors[name] = tensors[name][:16].clone()
+
+    _rewrite_weights(broken, shrink)
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model\.layers\.0\.self_attn\.k_proj\.weight'.* shape \[16, 64\]"
+        r".*config\.json implies \[32, 64\]",
+    ):
+        start(broken)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_safetensors(broken: Path, damage: str) -> None:
+    path = broken / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 64)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors"):
+        start(broken)
+
+
+def test_no_safetensors_files(broken: Path) -> None:
+    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors files in .*convert"):
+        start(broken)
+
+
+def test_index_names_missing_shard(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(tiny_llama_dir, tmp_path / "ckpt"))
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"shard files that are missing: \['{shard.name}'\]"):
+        start(folder)
+
+
+# -- parallel layout -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the Runtime gets as far as creating an executor (workers, Ray)."""
+
+    def forbidden(config: Any) -> Any:
+        raise AssertionError("an executor was created for an invalid tp")
+
+    monkeypatch.setattr(runtime_module, "create_executor", forbidden)
+
+
+def _assert_fails_before_workers(folder: Path, tp: int, match: str) -> None:
+    ray = pytest.importorskip("ray")
+    was_initialized = ray.is_initialized()
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=match):
+        start(folder, tp=tp)
+    assert time.perf_counter() - t0 < 2.0  # a Ray start alone takes longer
+    assert ray.is_initialized() == was_initialized
+
+
+@pytest.mark.usefixtures("no_executor")
+def test_tp_not_dividing_heads(tmp_path: Path) -> None:
+    # intermediate_size 192 is divisible by 3, so the heads are what tp=3 cannot split.
+    folder = write_random_checkpoint(
+        tmp_path / "ckpt", **dict(TINY_SHAPES, intermediate_size=192), with_tokenizer=False
+    )
+    _assert_fails_before_workers(
+        folder,
+        3,
+        r"tp=3 does not divide the model's 8 attention heads; choose tp from \[1, 2, 4, 8\]",
+    )
+
+
+@pytest.mark.usefixtures("no_executor")
+def test_tp_not_dividing_intermediate_size(tiny_internlm2_dir: Path) -> None:
+    _assert_fails_before_workers(
+        tiny_internlm2_dir, 3, r"tp=3 does not divide the model's intermediate_size 160"
+    )
+
+
+@pytest.mark.usefixtures("no_executor")
+def test_tp_incompatible_with_kv_heads(tmp_path: Path) -> None:
+    # 12 heads over 4 KV heads: tp=6 splits the heads but cuts across KV groups.
+    shapes = dict(TINY_SHAPES, hidden_size=96, num_heads=12, num_kv_heads=4, intermediate_size=192)
+    folder = write_random_checkpoint(tmp_path / "ckpt", **shapes, with_tokenizer=False)
+    _assert_fails_before_workers(folder, 6, r"tp=6 neither divides the model's 4 KV heads")
+
+
+def test_cp_not_supported(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"parallel\.cp=2: context parallelism is not available"):
+        start(tiny_llama_dir, cp=2)
+
+
+def test_unknown_runtime_kwarg(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"Runtime: .*'sesion_len'"):
+        start(tiny_llama_dir, sesion_len=128)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(dtype="float64"), r"dtype 'float64' is not supported"),
+        (dict(device="tpu"), r"device 'tpu' is not supported"),
+        (dict(session_len=1), r"session_len must be an integer >= 2, got 1"),
+    ],
+)
+def test_invalid_runtime_values(tiny_llama_dir: Path, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        start(tiny_llama_dir, **kwargs)
+
+
+# -- YAML configs ----------------------------------------------------------------------------
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "runtime.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("model: /m\nsesion_len: 8\n", r"unknown keys \['sesion_len'\]"),
+        ("model: /m\ncache: {blocksize: 16}\n", r"cache: unknown keys \['blocksize'\]"),
+        ("model: /m\nparallel: {tp: 0}\n", r"parallel\.tp must be an integer >= 1, got 0"),
+        ("model: /m\nparallel: {tp: true}\n", r"parallel\.tp must be an integer >= 1, got True"),
+        ("model: /m\nparallel: {cp: 2}\n", r"parallel\.cp=2: context parallelism"),
+        ("model: /m\ncache: {block_size: 12}\n", r"block_size must be a power of two, got 12"),
+        ("model: /m\nscheduler: 64\n", r"scheduler must be a mapping, got 64"),
+        ("model: /m\nsession_len: long\n", r"session_len must be an integer >= 2, got 'long'"),
+        ("model: [unclosed\n", r"is not valid YAML"),
+        ("- model: /m\n", r"must hold a mapping at the top level"),
+        ("session_len: 8\n", r"missing .*argument: 'model'"),
+    ],
+    ids=[
+        "unknown-key",
+        "unknown-nested-key",
+        "tp-zero",
+        "tp-bool",
+        "cp-2",
+        "block-size",
+        "section-not-mapping",
+        "session-len-type",
+        "syntax",
+        "not-mapping",
+        "no-model",
+    ],
+)
+def test_yaml_errors(tmp_path: Path, text: str, match: str) -> None:
+    path = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError, match=match):
+        RuntimeConfig.from_yaml(path)
+
+
+def test_yaml_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file .*absent\.yaml.* does not exist"):
+        RuntimeConfig.from_yaml(tmp_path / "absent.yaml")
+
+
+def test_yaml_override_error_names_the_key(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "model: /m\n")
+    with pytest.raises(ConfigError, match=r"parallel\.tp must be an integer >= 1, got -2"):
+        RuntimeConfig.from_yaml(path, {"parallel.tp": -2})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cache: {num_blocks: 2.5}",
+        "scheduler: {max_num_seqs: many}",
+        "cache: {gpu_memory_utilization: high}",
+        "cache: {cpu_kv_cache_bytes: lots}",
+        "scheduler: {max_num_seqs: true}",
+        "step_timeout_s: soon",
+    ],
+)
+def test_yaml_wrong_value_types(tmp_path: Path, text: str) -> None:
+    key = text.split("{")[-1].split(":")[0].strip() if "{" in text else text.split(":")[0]
+    with pytest.raises(ConfigError, match=key):
+        RuntimeConfig.from_yaml(_yaml(tmp_path, f"model: /m\n{text}\n"))
+
+
+def test_runtime_section_given_as_dict(tiny_llama_dir: Path) -> None:
+    with Runtime(model=str(tiny_llama_dir), **{**CPU32, "cache": {"num_blocks": 12}}) as rt:
+        assert rt.blocks.num_blocks == 12
+    with pytest.raises(ConfigError, match=r"cache.*unknown keys \['blocks'\]"):
+        start(tiny_llama_dir, cache={"blocks": 12})
+
+
+# -- KV cache size ---------------------------------------------------------------------------
+
+
+def test_kv_cache_cannot_hold_one_prompt(tiny_llama_dir: Path) -> None:
+    cache = CacheConfig(num_blocks=2, block_size=4)  # 8 tokens
+    with Runtime(model=str(tiny_llama_dir), session_len=64, cache=cache, **CPU32) as small:
+        with pytest.raises(ValueError, match=r"prompt 0 needs 4 KV blocks \(15 tokens\).* holds 2"):
+            small.generate([[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=10))
+        # A request that fits still runs on the same Runtime.
+        (out,) = small.generate([[5, 6]], SamplingParams(max_new_tokens=3, temperature=0.0))
+        assert len(out.token_ids) <= 3
+
+
+def test_kv_cache_budget_of_zero_blocks(tiny_llama_dir: Path) -> None:
+    cache = CacheConfig(cpu_kv_cache_bytes=1)
+    with pytest.raises(ValueError, match=r"the KV cache has 0 blocks"):
+        start(tiny_llama_dir, cache=cache)
+
+
+# -- sampling parameters ---------------------------------------------------------------------
+
+
+BAD_SAMPLING: list[tuple[dict[str, Any], str]] = [
+    (dict(temperature=-1), r"temperature must be >= 0.*got -1"),
+    (dict(temperature=float("nan")), r"temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0\.0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1\.5"),
+    (dict(top_k=-1), r"top_k must be an integer >= 0"),
+    (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty must be > 0"),
+    (dict(max_new_tokens=0), r"max_new_tokens must be an integer >= 1, got 0"),
+    (dict(max_new_tokens=True), r"max_new_tokens must be an integer >= 1, got True"),
+    (dict(seed=-1), r"seed must be a non-negative integer"),
+    (dict(stop=[""]), r"stop must hold non-empty strings"),
+    (dict(stop_token_ids=[-3]), r"stop_token_ids must be non-negative integers"),
+    (dict(logprobs=21), r"logprobs must be an integer in \[0, 20\]"),
+    (dict(extra={"beam_width": 4}), r"unknown sampling options \['beam_width'\]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    BAD_SAMPLING,
+    ids=["-".join(f"{k}={v}" for k, v in kwargs.items()) for kwargs, _ in BAD_SAMPLING],
+)
+def test_invalid_sampling_params(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+# -- generate() inputs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prompts", "match"),
+    [
+        ([], r"prompts must be a non-empty list"),
+        ("just a string", r"prompts must be a non-empty list .*got str"),
+        ([[1, 2], []], r"prompt 1 is empty"),
+        ([[1, VOCAB]], rf"prompt 0 has token ids outside \[0, {VOCAB}\): \[{VOCAB}\]"),
+        ([[3, -1, 4]], rf"prompt 0 has token ids outside \[0, {VOCAB}\): \[-1\]"),
+        ([[3, True]], r"outside .*\[True\]"),
+    ],
+    ids=["empty-list", "bare-string", "empty-prompt", "id-too-large", "negative-id", "bool-id"],
+)
+def test_bad_prompts(rt: Runtime, prompts: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        rt.generate(prompts, SamplingParams(max_new_tokens=2))
+
+
+def test_prompt_longer_than_session_len(rt: Runtime) -> None:
+    with pytest.raises(
+        ValueError, match=r"prompt 0 has 40 tokens \+ max_new_tokens 30 = 70, over session_len 64"
+    ):
+        rt.generate([list(range(4, 44))], SamplingParams(max_new_tokens=30))
+
+
+def test_params_list_length_mismatch(rt: Runtime) -> None:
+    with pytest.raises(
+        ValueError, match=r"params must be one SamplingParams or a list of 2, got 1"
+    ):
+        rt.generate([[5], [6]], [SamplingParams()])
+
+
+def test_text_prompt_without_tokenizer(single_file_dir: Path) -> None:
+    with Runtime(model=str(single_file_dir), session_len=64, **CPU32) as no_tok:
+        with pytest.raises(ValueError, match=r"has no tokenizer.*pass token ids"):
+            no_tok.generate(["hello"], SamplingParams(max_new_tokens=2))
+        (out,) = no_tok.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        assert len(out.token_ids) == 2 and out.text == ""
+
+
+def test_runtime_serves_after_a_failed_generate(rt: Runtime) -> None:
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    good = [10, 20, 30, 40]
+    (before,) = rt.generate([good], greedy)
+    with pytest.raises(ValueError, match=r"prompt 1 has token ids outside"):
+        rt.generate([good, [VOCAB + 7]], greedy)
+    with pytest.raises(ValueError, match=r"prompt 2 is empty"):
+        rt.generate([good, good, []], greedy)
+    outs = rt.generate([good, good], greedy)
+    assert [o.token_ids for o in outs] == [before.token_ids] * 2
+    assert not rt.scheduler.has_work()
+
+
+def test_generate_after_shutdown(tiny_llama_dir: Path) -> None:
+    runtime = Runtime(model=str(tiny_llama_dir), session_len=64, **CPU32)
+    runtime.shutdown()
+    with pytest.raises(RuntimeError, match=r"shut down"):
+        runtime.generate([[1, 2]])

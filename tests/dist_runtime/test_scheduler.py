@@ -1,0 +1,291 @@
+"""The driver's continuous-batching scheduler and KV block manager, without any worker.
+
+`Driver` below plays the runtime's part (mark the scheduled tokens computed, append a sampled
+token, finish at max_new_tokens) and `Replay` plays the workers': it rebuilds every block
+table from the plans' deltas alone. Sampled tokens are a fixed function of (sequence, position),
+so a sequence that is preempted and recomputed must end with exactly the tokens it would have
+produced without preemption.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from dist_runtime.block_manager import BlockManager
+from dist_runtime.config import SchedulerConfig
+from dist_runtime.protocol import StepPlan
+from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.scheduler import Scheduler, SeqStatus, Sequence
+
+
+def fake_token(seq_id: int, position: int) -> int:
+    """The token 'sampled' for seq_id at position: deterministic, so recomputes agree."""
+    return (seq_id * 7919 + position * 104729) % 1000
+
+
+def make_seq(seq_id: int, prompt_len: int, max_new_tokens: int = 4) -> Sequence:
+    prompt = [(seq_id * 31 + i) % 1000 for i in range(prompt_len)]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    return Sequence(seq_id=seq_id, prompt_token_ids=prompt, params=params, seed=seq_id)
+
+
+@dataclass
+class Replay:
+    """Worker-side state rebuilt from plans only: block tables and known tokens per sequence."""
+
+    tables: dict[int, list[int]] = field(default_factory=dict)
+    reported_finished: list[int] = field(default_factory=list)
+
+    def apply(self, plan: StepPlan, block_size: int) -> None:
+        for seq_id in plan.finished_seq_ids:
+            assert seq_id in self.tables, f"finished id {seq_id} was never live on the workers"
+            del self.tables[seq_id]
+            self.reported_finished.append(seq_id)
+        ids = [s.seq_id for s in plan.seqs]
+        assert len(ids) == len(set(ids)), "a sequence appears twice in one plan"
+        for s in plan.seqs:
+            if s.is_new:
+                assert s.sampling is not None and s.start_pos == 0
+                self.tables[s.seq_id] = []
+            else:
+                assert s.sampling is None
+                assert s.seq_id in self.tables, f"seq {s.seq_id} continued but never started"
+            self.tables[s.seq_id].extend(s.new_blocks)
+            covered = len(self.tables[s.seq_id]) * block_size
+            assert covered >= s.start_pos + len(s.token_ids)
+        live = [b for table in self.tables.values() for b in table]
+        assert len(live) == len(set(live)), "two live sequences share a KV block"
+
+
+class Driver:
+    """The runtime's loop around a Scheduler, with invariants checked on every plan."""
+
+    def __init__(self, num_blocks: int, block_size: int, config: SchedulerConfig):
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.config = config
+        self.replay = Replay()
+        self.seqs: dict[int, Sequence] = {}
+        self.plans: list[StepPlan] = []
+        self.recomputes: list[int] = []
+        self.finished_at: dict[int, int] = {}
+
+    def add(self, *seqs: Sequence) -> None:
+        for seq in seqs:
+            self.seqs[seq.seq_id] = seq
+            self.scheduler.add(seq)
+
+    def step(self) -> StepPlan:
+        plan, _ = self.scheduler.schedule()
+        self.plans.append(plan)
+        total = sum(len(s.token_ids) for s in plan.seqs)
+        assert total <= self.config.max_num_batched_tokens
+        assert len(self.scheduler.running) <= self.config.max_num_seqs
+        self.replay.apply(plan, self.blocks.block_size)
+        for s in plan.seqs:
+            seq = self.seqs[s.seq_id]
+            full = seq.prompt_token_ids + seq.output_token_ids
+            assert s.token_ids == full[s.start_pos : s.start_pos + len(s.token_ids)]
+            assert s.start_pos == seq.num_computed_tokens
+            assert s.sample == (s.start_pos + len(s.token_ids) == seq.num_tokens)
+            if s.is_new and seq.output_token_ids:
+                self.recomputes.append(seq.seq_id)
+            # The workers' tables equal the driver's after every plan.
+            assert self.replay.tables[s.seq_id] == seq.block_table
+            seq.num_computed_tokens = s.start_pos + len(s.token_ids)
+        for s in plan.seqs:
+            seq = self.seqs[s.seq_id]
+            if s.sample:
+                seq.output_token_ids.append(fake_token(seq.seq_id, seq.num_tokens))
+                if len(seq.output_token_ids) >= seq.params.max_new_tokens:
+                    self.scheduler.finish(seq, "length")
+                    self.finished_at[seq.seq_id] = len(self.plans) - 1
+        used = sum(len(seq.block_table) for seq in self.scheduler.running)
+        assert used + self.blocks.num_free_blocks == self.blocks.num_blocks
+        return plan
+
+    def run(self, max_steps: int = 500) -> None:
+        for _ in range(max_steps):
+            if not self.scheduler.has_work():
+                break
+            plan = self.step()
+            assert plan.seqs, "the scheduler made no progress"
+        assert not self.scheduler.has_work()
+        self.step()  # one empty step flushes the last finished ids to the workers
+        assert self.replay.tables == {}
+        assert self.blocks.num_free_blocks == self.blocks.num_blocks
+
+    def expected_output(self, seq: Sequence) -> list[int]:
+        n = len(seq.prompt_token_ids)
+        return [fake_token(seq.seq_id, n + i) for i in range(seq.params.max_new_tokens)]
+
+
+# -- BlockManager ----------------------------------------------------------------------------
+
+
+def test_block_manager_grow_and_free() -> None:
+    bm = BlockManager(num_blocks=5, block_size=4)
+    assert bm.blocks_for(0) == 0 and bm.blocks_for(1) == 1 and bm.blocks_for(8) == 2
+    table: list[int] = []
+    assert bm.grow(table, 5) == table == [0, 1]
+    assert bm.grow(table, 8) == []  # still covered
+    assert bm.num_new_blocks(table, 9) == 1 and bm.can_grow(table, 9)
+    other: list[int] = []
+    bm.grow(other, 12)
+    assert bm.num_free_blocks == 0 and not bm.can_grow(table, 9)
+    with pytest.raises(MemoryError, match=r"need 1 KV blocks, 0 free"):
+        bm.grow(table, 9)
+    assert table == [0, 1]  # a failed grow leaves the table alone
+    bm.free(other)
+    assert other == [] and bm.num_free_blocks == 3
+    assert sorted(bm.grow(table, 20)) == [2, 3, 4]
+
+
+def test_block_manager_needs_a_block() -> None:
+    with pytest.raises(ValueError, match=r"the KV cache has 0 blocks"):
+        BlockManager(0, 16)
+
+
+# -- Scheduler -------------------------------------------------------------------------------
+
+
+def test_prefill_is_chunked_to_the_token_budget() -> None:
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    d.add(make_seq(0, prompt_len=21, max_new_tokens=2))
+    chunks = [[len(s.token_ids) for s in d.step().seqs] for _ in range(3)]
+    assert chunks == [[8], [8], [5]]
+    assert [s.sample for s in d.plans[-1].seqs] == [True]
+    assert not any(s.sample for p in d.plans[:2] for s in p.seqs)
+    d.run()
+    assert d.seqs[0].output_token_ids == d.expected_output(d.seqs[0])
+
+
+def test_decodes_are_scheduled_before_prefill_chunks() -> None:
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=10)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    d.add(make_seq(0, prompt_len=6, max_new_tokens=5), make_seq(1, prompt_len=3))
+    first = d.step()
+    assert [(s.seq_id, len(s.token_ids)) for s in first.seqs] == [(0, 6), (1, 3)]
+    d.add(make_seq(2, prompt_len=30))
+    second = d.step()
+    # both running sequences decode one token; the new prompt gets the remaining 8
+    assert [(s.seq_id, len(s.token_ids)) for s in second.seqs] == [(0, 1), (1, 1), (2, 8)]
+    third = d.step()
+    assert [(s.seq_id, len(s.token_ids)) for s in third.seqs] == [(0, 1), (1, 1), (2, 8)]
+    d.run()
+    for seq in d.seqs.values():
+        assert seq.output_token_ids == d.expected_output(seq)
+
+
+def test_admission_stops_when_blocks_run_out() -> None:
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256)
+    d = Driver(num_blocks=5, block_size=4, config=config)
+    d.add(*(make_seq(i, prompt_len=8, max_new_tokens=1) for i in range(4)))
+    plan = d.step()
+    # 8-token prompts take 2 blocks each: two fit whole, the third gets the last block's 4
+    # tokens as a first chunk, the fourth waits.
+    assert [(s.seq_id, len(s.token_ids)) for s in plan.seqs] == [(0, 8), (1, 8), (2, 4)]
+    assert [s.seq_id for s in d.scheduler.waiting] == [3]
+    assert sorted(b for s in plan.seqs for b in s.new_blocks) == [0, 1, 2, 3, 4]
+    # 0 and 1 sampled their only token and finished, returning 4 blocks for 2 and 3.
+    assert d.blocks.num_free_blocks == 4
+    d.run()
+    assert d.recomputes == []
+    for seq in d.seqs.values():
+        assert seq.status is SeqStatus.FINISHED and seq.output_token_ids == d.expected_output(seq)
+
+
+def test_admission_stops_at_max_num_seqs() -> None:
+    config = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=256)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    d.add(*(make_seq(i, prompt_len=3, max_new_tokens=3) for i in range(5)))
+    assert [s.seq_id for s in d.step().seqs] == [0, 1]
+    assert len(d.scheduler.waiting) == 3
+    d.run()
+    for seq in d.seqs.values():
+        assert seq.output_token_ids == d.expected_output(seq)
+
+
+def test_preemption_frees_blocks_and_the_victim_recomputes() -> None:
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64)
+    d = Driver(num_blocks=6, block_size=4, config=config)
+    a, b = make_seq(0, prompt_len=7, max_new_tokens=9), make_seq(1, prompt_len=7, max_new_tokens=9)
+    d.add(a, b)
+    # Both prefill 7 tokens and decode in lockstep; at 12 tokens each they hold 3 blocks of 6,
+    # and a's next decode needs a 4th.
+    while True:
+        held_by_b, generated_by_b = list(b.block_table), list(b.output_token_ids)
+        plan = d.step()
+        if d.scheduler.num_preemptions:
+            break
+    assert d.scheduler.num_preemptions == 1 and len(held_by_b) == 3
+    step_a, step_b = plan.seqs
+    # a (admitted first) keeps decoding, on a block b held a moment ago ...
+    assert (step_a.seq_id, len(step_a.token_ids), step_a.is_new) == (0, 1, False)
+    assert step_a.new_blocks and set(step_a.new_blocks) <= set(held_by_b)
+    # ... and b, the victim, restarts from position 0 on the freed blocks: prompt + the tokens it
+    # had generated, as a new sequence (which also tells the workers to drop its old state).
+    assert step_b.seq_id == 1 and step_b.is_new and step_b.start_pos == 0
+    assert step_b.token_ids == (b.prompt_token_ids + generated_by_b)[: len(step_b.token_ids)]
+    assert 1 not in plan.finished_seq_ids
+    d.run()
+    assert d.recomputes == [1]
+    for seq in (a, b):
+        assert seq.output_token_ids == d.expected_output(seq)
+
+
+def test_preempting_a_decode_when_it_is_the_last_admitted() -> None:
+    """A decode that cannot grow and is itself the most recent sequence gives up its blocks."""
+    config = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64)
+    d = Driver(num_blocks=4, block_size=2, config=config)
+    a, b = make_seq(0, prompt_len=3, max_new_tokens=4), make_seq(1, prompt_len=3, max_new_tokens=4)
+    d.add(a, b)
+    d.run()
+    assert d.scheduler.num_preemptions > 0
+    for seq in (a, b):
+        assert seq.output_token_ids == d.expected_output(seq)
+
+
+def test_finished_ids_are_reported_once_after_finishing() -> None:
+    config = SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=16)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    d.add(*(make_seq(i, prompt_len=2 + 3 * i, max_new_tokens=1 + i) for i in range(6)))
+    d.run()
+    assert d.scheduler.num_preemptions == 0
+    assert sorted(d.replay.reported_finished) == list(range(6))
+    for seq_id, step in d.finished_at.items():
+        (reported,) = [i for i, p in enumerate(d.plans) if seq_id in p.finished_seq_ids]
+        assert reported == step + 1  # in the very next plan, before its blocks are reused
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_workloads_replay_and_recompute(seed: int) -> None:
+    """Random prompt lengths, budgets and cache sizes, arrivals between steps: every plan
+    replays into the driver's tables, blocks are never shared, and preempted sequences end
+    with the tokens they would have produced without preemption."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4, 8])
+    max_seqs = rng.randint(1, 6)
+    config = SchedulerConfig(
+        max_num_seqs=max_seqs, max_num_batched_tokens=rng.randint(max_seqs, 40)
+    )
+    seqs = [make_seq(i, rng.randint(1, 30), rng.randint(1, 12)) for i in range(rng.randint(3, 12))]
+    longest = max(s.num_tokens + s.params.max_new_tokens for s in seqs)
+    num_blocks = -(-longest // block_size) + rng.randint(0, 8)  # every sequence fits alone
+    d = Driver(num_blocks, block_size, config)
+    pending = list(seqs)
+    for _ in range(2000):
+        while pending and rng.random() < 0.5:
+            d.add(pending.pop(0))
+        if not pending and not d.scheduler.has_work():
+            break
+        if d.scheduler.has_work():
+            assert d.step().seqs
+    d.run()
+    for seq in seqs:
+        assert seq.status is SeqStatus.FINISHED
+        assert seq.output_token_ids == d.expected_output(seq)

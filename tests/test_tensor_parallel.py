@@ -1,0 +1,134 @@
+"""Tensor parallelism over Ray workers gives the tp=1 result, and each rank loads only its shard.
+
+Every tp degree runs the same batch (a prompt longer than one KV block, a one-token prompt, a
+text prompt and a short one) greedily with top-5 logprobs; the tokens must equal the tp=1 run
+and the logprobs agree to fp32 reduction noise. Each (checkpoint, tp) Runtime is started once
+per module and shared by the tests that need it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_runtime import RequestOutput, Runtime, SamplingParams
+from dist_runtime.random_checkpoint import write_random_checkpoint
+from tests.conftest import TINY_SHAPES
+
+VOCAB = TINY_SHAPES["vocab_size"]
+BLOCK_SIZE = 16
+LOGPROB_ATOL = 1e-4
+"""fp32: tp changes only the order of the all-reduced partial sums (~1e-6 in the logits)."""
+PARAMS = SamplingParams(max_new_tokens=10, temperature=0.0, logprobs=5, ignore_eos=True)
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (length,), generator=gen).tolist()
+
+
+PROMPTS: list[str | list[int]] = [
+    _prompt(2 * BLOCK_SIZE + 7, seed=1),  # spans three KV blocks
+    [42],  # a single token
+    "The scheduler reads the document before noon.",
+    _prompt(5, seed=2),
+]
+
+Run = tuple[list[RequestOutput], list[int]]
+
+
+@pytest.fixture(scope="module")
+def replicated_kv_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 query heads over 2 KV heads: tp=4 replicates every KV head on two ranks, each rank
+    holding half of that head's query group (InternLM2's packed wqkv read in pieces). It also
+    has attention biases (the packed bias is cut like the weight; the o bias must be added once,
+    after the all-reduce) and a tied LM head (the vocab-parallel embedding serves as the head)."""
+    shapes = dict(TINY_SHAPES, num_heads=4, num_kv_heads=2)
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("tiny-4h-2kv"),
+        architecture="internlm2",
+        seed=5,
+        bias=True,
+        tie_word_embeddings=True,
+        max_shard_bytes=200_000,
+        **shapes,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(
+    ray_cluster: Any, tiny_llama_dir: Path, tiny_internlm2_dir: Path, replicated_kv_dir: Path
+) -> Callable[[str, int], Run]:
+    """run(checkpoint, tp) -> (outputs, weight bytes read per rank), computed once per module."""
+    folders = {
+        "llama": tiny_llama_dir,
+        "internlm2": tiny_internlm2_dir,
+        "internlm2-4h-2kv": replicated_kv_dir,
+    }
+    cache: dict[tuple[str, int], Run] = {}
+
+    def get(name: str, tp: int) -> Run:
+        if (name, tp) not in cache:
+            with Runtime(
+                model=str(folders[name]), tp=tp, session_len=256, device="cpu", dtype="float32"
+            ) as rt:
+                assert rt.executor is not None
+                outs = rt.generate(PROMPTS, PARAMS)
+                cache[name, tp] = (outs, list(rt.executor.weight_bytes_read))
+        return cache[name, tp]
+
+    return get
+
+
+def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) -> None:
+    assert len(got) == len(ref) == len(PROMPTS)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g.token_ids == r.token_ids, f"prompt {i}"
+        assert len(g.token_ids) == PARAMS.max_new_tokens
+        assert g.text == r.text and g.finish_reason == r.finish_reason == "length"
+        assert g.logprobs is not None and r.logprobs is not None
+        for step, (a, b) in enumerate(zip(g.logprobs, r.logprobs, strict=True)):
+            assert list(a.top) == list(b.top), f"prompt {i} step {step}: top-5 ids differ"
+            torch.testing.assert_close(
+                torch.tensor([a.logprob, *a.top.values()]),
+                torch.tensor([b.logprob, *b.top.values()]),
+                rtol=0,
+                atol=LOGPROB_ATOL,
+            )
+
+
+@pytest.mark.parametrize(
+    ("name", "tp"),
+    [("internlm2", 2), ("internlm2", 4), ("llama", 2), ("internlm2-4h-2kv", 4)],
+    ids=["internlm2-tp2", "internlm2-tp4", "llama-tp2", "replicated-kv-tp4"],
+)
+def test_tp_matches_tp1(run: Callable[[str, int], Run], name: str, tp: int) -> None:
+    outs, bytes_read = run(name, tp)
+    assert len(bytes_read) == tp
+    _assert_same_generation(outs, run(name, 1)[0])
+
+
+def test_prompts_cover_the_cases() -> None:
+    """The batch above must keep a multi-block prompt and a one-token prompt."""
+    lengths = [len(p) for p in PROMPTS if isinstance(p, list)]
+    assert max(lengths) > BLOCK_SIZE and min(lengths) == 1
+
+
+def test_each_rank_reads_only_its_shard(
+    run: Callable[[str, int], Run], tiny_internlm2_dir: Path
+) -> None:
+    total = json.loads((tiny_internlm2_dir / "model.safetensors.index.json").read_text())[
+        "metadata"
+    ]["total_size"]
+    (tp1,) = run("internlm2", 1)[1]
+    # tp=1 reads every tensor once: the checkpoint's tensor bytes (index total_size).
+    assert abs(tp1 - total) <= 0.01 * total
+    tp2 = run("internlm2", 2)[1]
+    # Sharded matrices are halved; only norms (and o/MLP biases, none here) are replicated.
+    assert all(b < 0.6 * tp1 for b in tp2), (tp2, tp1)
+    assert sum(tp2) >= tp1  # together the ranks still read every weight
