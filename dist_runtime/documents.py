@@ -56,8 +56,8 @@ def harbor_report(seed: int = 7, num_sections: int = 24) -> Document:
     parts = [
         "# Annual report of the harbour town of Kelmsby\n",
         f"Kelmsby is a small fishing town on a rocky coast. Its mayor is {mayor}, who was "
-        "elected for a third term this spring. The town is proud of its old stone lighthouse, "
-        f"kept for twenty years by {keeper}.\n",
+        "elected for a third term this spring. The town is proud of its old stone lighthouse. "
+        f"The keeper of the lighthouse is {keeper}, who has kept it for twenty years.\n",
     ]
     for i in range(num_sections):
         name, fact = _DEPARTMENTS[i % len(_DEPARTMENTS)]
