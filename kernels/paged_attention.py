@@ -319,14 +319,20 @@ def _attend(
     n, q_heads, _ = q.shape
     ctx, kv_heads, _ = k.shape
     group = q_heads // kv_heads
+    if not return_lse:
+        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, len, d)
+        if n == ctx:  # no cached prefix: plain causal
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
+            )
+        else:
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        return o.transpose(0, 1), None
     # Bottom-right aligned causal mask: query i sees keys j <= ctx - n + i.
     mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
-    if not return_lse:
-        qh = q.transpose(0, 1)  # (q_heads, n, d)
-        kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # (q_heads, ctx, d)
-        vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-        return o.transpose(0, 1), None
     qg = q.float().view(n, kv_heads, group, -1).permute(1, 2, 0, 3)  # (kv_heads, group, n, d)
     scores = qg @ k.float().permute(1, 2, 0)[:, None] * scale  # (kv_heads, group, n, ctx)
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -350,23 +356,30 @@ def _decode(
     batch, q_heads, d = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
-    max_blocks = int((context_lens.max().item() + block_size - 1) // block_size)
-    ids = block_tables[:, :max_blocks].long()
-    k = k_cache[ids].flatten(1, 2)  # (batch, keys, kv_heads, d)
-    v = v_cache[ids].flatten(1, 2)
-    keys = k.shape[1]
-    valid = torch.arange(keys, device=q.device)[None, :] < context_lens[:, None]  # (batch, keys)
-    # Slots past a context may hold anything, NaN included, and 0 * NaN would leak into out.
-    v = v.masked_fill(~valid[:, :, None, None], 0)
-    compute = torch.float32 if (return_lse or q.dtype == torch.float32) else q.dtype
-    qg = q.to(compute).view(batch, kv_heads, group, d)
-    scores = qg @ k.to(compute).permute(0, 2, 3, 1) * scale  # (batch, kv_heads, group, keys)
-    scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))
+    keys = int(context_lens.max().item())
+    ids = block_tables[:, : (keys + block_size - 1) // block_size].long()
+    k = k_cache[ids].flatten(1, 2)[:, :keys].transpose(1, 2)  # (batch, kv_heads, keys, d)
+    v = v_cache[ids].flatten(1, 2)[:, :keys].transpose(1, 2)
+    valid = None
+    if int(context_lens.min().item()) != keys:
+        valid = torch.arange(keys, device=q.device)[None, :] < context_lens[:, None]
+        # Slots past a context may hold anything, NaN included, and 0 * NaN would leak into out
+        # (SDPA also adds its mask after the product, so K must be clean too).
+        pad = ~valid[:, None, :, None]
+        k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
+    if not return_lse:
+        mask = None if valid is None else valid[:, None, None, :]
+        o = F.scaled_dot_product_attention(
+            q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True
+        )  # (batch, q_heads, 1, d)
+        return o[:, :, 0], None
+    qg = q.float().view(batch, kv_heads, group, d)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (batch, kv_heads, group, keys)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (batch, kv_heads, group)
-    probs = torch.exp(scores - lse[..., None]).to(compute)
-    o = probs @ v.to(compute).transpose(1, 2)  # (batch, kv_heads, group, d)
-    out = o.reshape(batch, q_heads, d).to(q.dtype)
-    return out, (lse.reshape(batch, q_heads) if return_lse else None)
+    o = torch.matmul(torch.exp(scores - lse[..., None]), v.float())  # (batch, kv_heads, group, d)
+    return o.reshape(batch, q_heads, d).to(q.dtype), lse.reshape(batch, q_heads)
 
 
 def paged_attention(
