@@ -307,8 +307,10 @@ def _gather(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     block_size = k_cache.shape[1]
     ids = block_table[: (ctx + block_size - 1) // block_size].long()
-    k = k_cache[ids].flatten(0, 1)[:ctx]
-    v = v_cache[ids].flatten(0, 1)[:ctx]
+    # index_select, not fancy indexing: the latter is orders of magnitude slower on multi-thread
+    # CPU for these small gathers.
+    k = k_cache.index_select(0, ids).flatten(0, 1)[:ctx]
+    v = v_cache.index_select(0, ids).flatten(0, 1)[:ctx]
     return k, v
 
 
@@ -320,7 +322,8 @@ def _attend(
     ctx, kv_heads, _ = k.shape
     group = q_heads // kv_heads
     if not return_lse:
-        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, len, d)
+        # (1, heads, len, d): the 4-D form takes SDPA's fused CPU kernel, the 3-D one does not.
+        qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))
         if n == ctx:  # no cached prefix: plain causal
             o = F.scaled_dot_product_attention(
                 qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
@@ -330,7 +333,7 @@ def _attend(
             o = F.scaled_dot_product_attention(
                 qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
             )
-        return o.transpose(0, 1), None
+        return o[0].transpose(0, 1), None
     # Bottom-right aligned causal mask: query i sees keys j <= ctx - n + i.
     mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
     qg = q.float().view(n, kv_heads, group, -1).permute(1, 2, 0, 3)  # (kv_heads, group, n, d)
@@ -358,8 +361,11 @@ def _decode(
     group = q_heads // kv_heads
     keys = int(context_lens.max().item())
     ids = block_tables[:, : (keys + block_size - 1) // block_size].long()
-    k = k_cache[ids].flatten(1, 2)[:, :keys].transpose(1, 2)  # (batch, kv_heads, keys, d)
-    v = v_cache[ids].flatten(1, 2)[:, :keys].transpose(1, 2)
+    flat = ids.flatten()
+    shape = (*ids.shape, block_size, kv_heads, d)  # (batch, blocks, block_size, kv_heads, d)
+    k = k_cache.index_select(0, flat).view(shape).flatten(1, 2)[:, :keys].transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(shape).flatten(1, 2)[:, :keys].transpose(1, 2)
+    # k, v: (batch, kv_heads, keys, d)
     valid = None
     if int(context_lens.min().item()) != keys:
         valid = torch.arange(keys, device=q.device)[None, :] < context_lens[:, None]
