@@ -40,15 +40,16 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     type: str
-    """Scaling type from `rope_scaling.type` / `rope_type`: linear (dynamic comes later)."""
+    """Scaling type from `rope_scaling.type` / `rope_type`: linear or dynamic (NTK)."""
     factor: float = 1.0
-    """Scaling factor; positions are divided by it for linear scaling."""
+    """Linear: positions are divided by it. Dynamic: the NTK factor, which changes the RoPE
+    base only for prompts longer than max_position_embeddings."""
 
     def __post_init__(self) -> None:
-        if self.type not in ("linear",):
+        if self.type not in ("linear", "dynamic"):
             raise ConfigError(
-                f"rope_scaling type {self.type!r} is not supported (supported: linear, or none); "
-                "remove `rope_scaling` from config.json or use a checkpoint without it"
+                f"rope_scaling type {self.type!r} is not supported (supported: linear, dynamic, "
+                "or none); remove `rope_scaling` from config.json or use a checkpoint without it"
             )
         if not self.factor >= 1.0:
             raise ConfigError(f"rope_scaling factor must be >= 1, got {self.factor}")
@@ -114,6 +115,23 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
+
+    def check_prompt_len(self, num_tokens: int, index: int = 0) -> None:
+        """Dynamic NTK fixes the RoPE base per request from its prompt length (as TurboMind
+        does). Within max_position_embeddings the base is the trained one; beyond it each
+        request needs its own base, which this version does not compute yet."""
+        scaling = self.rope_scaling
+        if (
+            scaling is not None
+            and scaling.type == "dynamic"
+            and (num_tokens > self.max_position_embeddings)
+        ):
+            raise ValueError(
+                f"prompt {index} has {num_tokens} tokens, over the model's "
+                f"max_position_embeddings {self.max_position_embeddings}; prompts past it need "
+                "dynamic-NTK RoPE bases per request, which are not available yet: shorten the "
+                "prompt to at most that length"
+            )
 
     @property
     def q_per_kv(self) -> int:

@@ -212,6 +212,7 @@ class Runtime:
     def _make_sequence(self, prompt: Prompt, params: SamplingParams, index: int) -> Sequence:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         _check_ids(ids, self.model_config.vocab_size, index)
+        self.model_config.check_prompt_len(len(ids), index)
         total = len(ids) + params.max_new_tokens
         if total > self.config.session_len:
             raise ValueError(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dist_runtime import CacheConfig, RequestOutput, Runtime, SamplingParams, SchedulerConfig
+from dist_runtime.random_checkpoint import write_random_checkpoint
 from tests.conftest import TINY_SHAPES
 
 VOCAB = TINY_SHAPES["vocab_size"]
@@ -255,3 +256,40 @@ def test_seeded_sampling_is_preemption_invariant(tiny_internlm2_dir: Path) -> No
             tokens[num_blocks] = [o.token_ids for o in runtime.generate(prompts, params)]
             assert (runtime.scheduler.num_preemptions > 0) == (num_blocks == 12)
     assert tokens[12] == tokens[128]
+
+
+def test_dynamic_ntk_within_trained_length_is_unscaled(tmp_path: Path) -> None:
+    """InternLM2.5 checkpoints declare dynamic NTK scaling; it changes nothing until a prompt
+    passes max_position_embeddings, and such prompts are refused with the numbers."""
+    shapes = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=4,
+        max_position_embeddings=64,
+        seed=3,
+    )
+    plain = write_random_checkpoint(tmp_path / "plain", architecture="internlm2", **shapes)
+    dynamic = write_random_checkpoint(
+        tmp_path / "dynamic",
+        architecture="internlm2",
+        rope_scaling={"type": "dynamic", "factor": 2.5},
+        **shapes,
+    )
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=3)
+    prompt = list(range(10, 50))
+    outs = []
+    for folder in (plain, dynamic):
+        with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=256) as rt:
+            outs.append(rt.generate([prompt], params)[0])
+            if folder == dynamic:
+                with pytest.raises(
+                    ValueError,
+                    match=r"70 tokens, over the model's "
+                    r"max_position_embeddings 64",
+                ):
+                    rt.generate([list(range(10, 80))], params)
+    assert outs[0].token_ids == outs[1].token_ids
+    assert outs[0].logprobs == outs[1].logprobs

@@ -24,6 +24,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig, device: torch.device):
         super().__init__()
         scaling = config.rope_scaling
+        # Dynamic NTK keeps the trained base for prompts within max_position_embeddings (the
+        # only ones admitted, see ModelConfig.check_prompt_len).
         factor = scaling.factor if scaling is not None and scaling.type == "linear" else 1.0
         inv = inverse_frequencies(config.head_dim, config.rope_theta, factor)
         self.register_buffer("inv_freq", inv.to(device), persistent=False)
