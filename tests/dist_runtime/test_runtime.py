@@ -261,7 +261,7 @@ def test_seeded_sampling_is_preemption_invariant(tiny_internlm2_dir: Path) -> No
 def test_dynamic_ntk_within_trained_length_is_unscaled(tmp_path: Path) -> None:
     """InternLM2.5 checkpoints declare dynamic NTK scaling; it changes nothing until a prompt
     passes max_position_embeddings, and such prompts are refused with the numbers."""
-    shapes = dict(
+    shapes: dict[str, Any] = dict(
         vocab_size=512,
         hidden_size=64,
         intermediate_size=160,
