@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -97,11 +97,19 @@ class Runtime:
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); blocks until all are done."""
         seqs = self._submit(prompts, params)
-        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
-        for _seq, finished in self._drive(seqs):
+        num_prompt = sum(len(s.prompt_token_ids) for s in seqs)
+        prefill = tqdm(total=num_prompt, desc="prefill", unit="tok", disable=not use_tqdm)
+        done = tqdm(total=len(seqs), desc="generate", unit="seq", disable=not use_tqdm)
+
+        def on_step() -> None:
+            n = sum(min(s.num_computed_tokens, len(s.prompt_token_ids)) for s in seqs)
+            prefill.update(max(n - prefill.n, 0))
+
+        for _seq, finished in self._drive(seqs, on_step if use_tqdm else None):
             if finished:
-                bar.update(1)
-        bar.close()
+                done.update(1)
+        prefill.close()
+        done.close()
         return [self._output(seq) for seq in seqs]
 
     def generate_stream(
@@ -240,7 +248,9 @@ class Runtime:
             seq.text_state = TextStream(detok, params.stop)
         return seq
 
-    def _drive(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, bool]]:
+    def _drive(
+        self, seqs: list[Sequence], on_step: Callable[[], None] | None = None
+    ) -> Iterator[tuple[Sequence, bool]]:
         """Run steps until every seq finishes; yields (seq, finished) per sampled token.
 
         Whatever ends the loop early (an error, a closed stream) aborts the unfinished seqs so
@@ -263,6 +273,8 @@ class Runtime:
                     )
                 result = self.executor.execute(plan)
                 self.scheduler.on_step_done(plan)
+                if on_step is not None:
+                    on_step()
                 for tok in result.tokens:
                     seq = self.scheduler.get(tok.seq_id)
                     finished = self._append(seq, tok)
