@@ -7,7 +7,10 @@ process group. Every rank must issue the same collectives in the same order.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -41,15 +44,32 @@ class MeshCoords:
 
 
 def create_store(host: str, timeout_s: float) -> tuple[dist.TCPStore, int]:
-    """Start the rendezvous store on a port the OS picks (port 0), so no port race exists."""
+    """Start the rendezvous store on `host` and a port the OS picks, so no port race exists.
+
+    The listening socket is bound here and handed to the store, which would otherwise listen on
+    every interface: with the default host the store is reachable from this machine only.
+    """
+    sock = socket.create_server((host, 0), family=_family(host), backlog=128)
     store = dist.TCPStore(
         host,
-        0,
+        sock.getsockname()[1],
         is_master=True,
         wait_for_workers=False,
         timeout=datetime.timedelta(seconds=timeout_s),
+        master_listen_fd=sock.detach(),
     )
     return store, store.port
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def pin_interfaces_to_loopback(host: str) -> None:
+    """Keep gloo's and NCCL's own sockets on loopback when the group lives on one machine."""
+    if ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
 class Collectives:
@@ -94,6 +114,7 @@ def init_distributed(
     if coords.world_size == 1:
         return Collectives(coords)
     timeout = datetime.timedelta(seconds=timeout_s)
+    pin_interfaces_to_loopback(host)
     if store is None:
         store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
     dist.init_process_group(
