@@ -193,13 +193,21 @@ def rotary_ref(
     through inv_freq). inv_freq: (head_dim // 2,) fp32. Angles are computed in fp32 from the
     positions on the fly, so no (max_positions, head_dim) table is held for 1M-token sessions.
     """
+    cos, sin = rotary_cos_sin(positions, inv_freq)
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (tokens, 1, head_dim) fp32, for rotate(); shared by all layers."""
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (tokens, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (tokens, 1, head_dim)
-    cos, sin = emb.cos(), emb.sin()
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    return emb.cos(), emb.sin()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply a rotation from rotary_cos_sin to x: (tokens, heads, head_dim)."""
     half = x.shape[-1] // 2
     xf = x.float()
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)

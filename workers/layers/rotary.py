@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from dist_runtime.config import ModelConfig
-from kernels.rotary import rotary
+from kernels.dispatch import use_triton
+from kernels.rotary import rotary, rotary_cos_sin, rotate
 
 
 def inverse_frequencies(head_dim: int, theta: float, linear_factor: float = 1.0) -> torch.Tensor:
@@ -29,8 +30,18 @@ class RotaryEmbedding(nn.Module):
         factor = scaling.factor if scaling is not None and scaling.type == "linear" else 1.0
         inv = inverse_frequencies(config.head_dim, config.rope_theta, factor)
         self.register_buffer("inv_freq", inv.to(device), persistent=False)
+        self._positions: torch.Tensor | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] = (inv, inv)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotary(q, k, positions, self.inv_freq)
+        if use_triton(q.device):
+            return rotary(q, k, positions, self.inv_freq)
+        # Reference path: every layer of a step passes the same positions tensor, so the
+        # angles are computed once per step instead of once per layer.
+        if positions is not self._positions:
+            self._positions = positions
+            self._cos_sin = rotary_cos_sin(positions, self.inv_freq)
+        cos, sin = self._cos_sin
+        return rotate(q, cos, sin), rotate(k, cos, sin)
