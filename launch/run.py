@@ -15,6 +15,7 @@ document (a generated town report of a few thousand tokens) and its questions ar
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -57,6 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the per-worker memory plan from config.json alone; exit 0 if it fits, else 1",
+    )
+    p.add_argument(
+        "--device-memory-gib",
+        type=float,
+        help="per-device memory for --dry-run (default: this CUDA device's, else 80)",
+    )
     return p.parse_args(argv)
 
 
@@ -85,6 +96,61 @@ def build_config(args: argparse.Namespace) -> RuntimeConfig:
     return RuntimeConfig.from_dict(raw, source=args.config or "command line")
 
 
+def dry_run(args: argparse.Namespace) -> int:
+    """Plan one worker's memory from args (+ --config) without building a RuntimeConfig, so
+    cp > 1 can be planned. Exit status: 0 fits, 1 does not (with a suggestion), 2 bad input."""
+    from dist_runtime.config import ModelConfig
+    from dist_runtime.memory_planner import GiB, plan_memory
+
+    try:
+        raw = merge_overrides(
+            read_yaml(args.config) if args.config else {}, overrides_from_args(args)
+        )
+        if not raw.get("model"):
+            raise ConfigError(
+                "--dry-run needs --model (a folder with config.json, or a .json file)"
+            )
+        model_path = Path(raw["model"])
+        if model_path.suffix == ".json" and model_path.is_file():
+            try:
+                hf = json.loads(model_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{model_path} is not valid JSON: {e}") from e
+            model = ModelConfig.from_dict(hf, source=str(model_path))
+        else:
+            model = ModelConfig.from_pretrained(model_path)
+        parallel, cache = raw.get("parallel", {}), raw.get("cache", {})
+        dtype = raw.get("dtype") or "auto"
+        if args.device_memory_gib is not None:
+            device_bytes = int(args.device_memory_gib * GiB)
+        else:
+            import torch
+
+            cuda = torch.cuda.is_available()
+            device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 80 * GiB
+        plan = plan_memory(
+            model,
+            tp=int(parallel.get("tp", 1)),
+            cp=int(parallel.get("cp", 1)),
+            session_len=int(raw.get("session_len", 4096)),
+            dtype="bfloat16" if dtype == "auto" else dtype,
+            device_bytes=device_bytes,
+            block_size=int(cache.get("block_size", 16)),
+            max_num_batched_tokens=int(
+                raw.get("scheduler", {}).get("max_num_batched_tokens", 8192)
+            ),
+            is_cuda=raw.get("device") != "cpu",
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.table())
+    if plan.fits:
+        return 0
+    print(plan.suggestion())
+    return 1
+
+
 def load_job(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """(document, questions) for a QA job, or (None, prompts) for plain prompts."""
     if args.prompt:
@@ -105,6 +171,8 @@ def load_job(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     try:
         config = build_config(args)

@@ -1,0 +1,305 @@
+"""Predict one worker's memory for a model at a given tp/cp/session length, before loading anything.
+
+Everything here is arithmetic on `ModelConfig`; nothing touches a device. The numbers are
+predictions: weights and KV cache are exact byte counts of the tensors the workers allocate,
+activations are a bound, and the overhead is a fixed reserve.
+
+Per worker (tp rank of one cp group):
+
+* weights: the sharded parameter count x dtype bytes. Column-parallel qkv holds
+  ``(q_heads/tp + 2*kv_local) * head_dim`` rows of ``hidden``; row-parallel o holds
+  ``hidden x q_heads/tp * head_dim``; gate/up/down hold ``intermediate/tp`` rows/columns;
+  norms are replicated; the embedding and the LM head hold ``ceil(vocab/tp)`` rows each (the LM
+  head is absent when tied). Biases: column-parallel ones are sharded, row-parallel ones
+  (o, down) are replicated. Weights are replicated across cp.
+* kv_cache: ``num_seqs * ceil(ceil(session_len/cp)/block_size)*block_size`` tokens x
+  ``2 * layers * kv_local * head_dim * dtype bytes``, with ``kv_local = kv_heads/tp``, or 1
+  when tp > kv_heads (each KV head replicated on tp/kv_heads ranks).
+* activations: a bound for one prefill chunk of ``T = max_num_batched_tokens`` tokens::
+
+      T * (4*hidden + (q_local + 2*kv_local)*head_dim + 3*inter_local) * dtype bytes   # hidden,
+          # residual, norm output, attention output; qkv; gate+up (2*inter_local) and their
+          # silu*mul product (inter_local)
+    + T * q_local * (head_dim + 1) * 4                 # flash-attention fp32 accumulator + LSE
+    + num_seqs * vocab * 4                             # fp32 logits of the sampled tokens
+
+  It does not depend on session_len: prefill runs in chunks of at most T tokens.
+* overhead: CUDA context + caching-allocator reserve, 1 GiB on CUDA, 0 on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_runtime.config import ConfigError, ModelConfig, ParallelConfig
+
+GiB = 1 << 30
+CUDA_OVERHEAD_BYTES = 1 * GiB
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ConfigError(
+            f"dtype {dtype!r} is not supported; use one of {sorted(DTYPE_BYTES)}"
+        ) from None
+
+
+def kv_heads_per_rank(model: ModelConfig, tp: int) -> int:
+    """KV heads one tp rank stores: kv_heads/tp, or 1 when tp > kv_heads (replicated)."""
+    return model.num_kv_heads // tp if model.num_kv_heads >= tp else 1
+
+
+def valid_tp(model: ModelConfig, tp: int) -> bool:
+    """Whether the workers can shard this model's heads and MLP over tp ranks."""
+    try:
+        ParallelConfig(tp=tp, cp=1).check_model(model)
+    except ConfigError:
+        return False
+    return True
+
+
+def weight_params_per_worker(model: ModelConfig, tp: int) -> int:
+    """Parameters one tp rank holds (the same on every cp rank)."""
+    h, hd = model.hidden_size, model.head_dim
+    q_local = model.num_heads // tp
+    kv_local = kv_heads_per_rank(model, tp)
+    inter_local = model.intermediate_size // tp
+    qkv_rows = (q_local + 2 * kv_local) * hd
+    layer = qkv_rows * h + h * q_local * hd  # wqkv (column-parallel) + wo (row-parallel)
+    if model.attention_bias:
+        layer += qkv_rows + h  # sharded qkv bias, replicated o bias
+    layer += 3 * inter_local * h  # gate, up (column-parallel), down (row-parallel)
+    if model.mlp_bias:
+        layer += 2 * inter_local + h
+    layer += 2 * h  # attention and ffn RMSNorm, replicated
+    vocab_local = _ceil_div(model.vocab_size, tp)
+    embed = vocab_local * h * (1 if model.tie_word_embeddings else 2)
+    return model.num_layers * layer + embed + h  # + final norm
+
+
+def kv_bytes_per_token(model: ModelConfig, tp: int, dtype: str) -> int:
+    """KV-cache bytes one worker stores per cached token (K and V, every layer)."""
+    return (
+        2 * model.num_layers * kv_heads_per_rank(model, tp) * model.head_dim * _dtype_bytes(dtype)
+    )
+
+
+def kv_tokens_per_worker(session_len: int, cp: int, block_size: int, num_seqs: int = 1) -> int:
+    """Cache slots one worker holds: each sequence's share of the cp ranks, in whole blocks."""
+    per_rank = _ceil_div(session_len, cp)
+    return num_seqs * _ceil_div(per_rank, block_size) * block_size
+
+
+def activation_bytes(
+    model: ModelConfig, tp: int, dtype: str, max_num_batched_tokens: int, num_seqs: int = 1
+) -> int:
+    """The activation bound of the module docstring."""
+    tokens, hd = max_num_batched_tokens, model.head_dim
+    q_local = model.num_heads // tp
+    kv_local = kv_heads_per_rank(model, tp)
+    inter_local = model.intermediate_size // tp
+    width = 4 * model.hidden_size + (q_local + 2 * kv_local) * hd + 3 * inter_local
+    attn_workspace = tokens * q_local * (hd + 1) * 4
+    logits = num_seqs * model.vocab_size * 4
+    return tokens * width * _dtype_bytes(dtype) + attn_workspace + logits
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryPlan:
+    """One worker's predicted memory (bytes) and whether it fits the device."""
+
+    model: ModelConfig
+    tp: int
+    cp: int
+    session_len: int
+    dtype: str
+    block_size: int
+    max_num_batched_tokens: int
+    num_seqs: int
+    is_cuda: bool
+    weights: int
+    kv_cache: int
+    activations: int
+    overhead: int
+    total: int
+    device_bytes: int
+    fits: bool
+    max_session_len: int
+    """Largest session_len (num_seqs sequences) that fits at this tp/cp/dtype/device; 0 if
+    none does."""
+
+    def table(self) -> str:
+        rows = [
+            ("weights", self.weights),
+            ("kv cache", self.kv_cache),
+            ("activations", self.activations),
+            ("overhead", self.overhead),
+            ("total", self.total),
+            ("device", self.device_bytes),
+        ]
+        head = (
+            f"memory plan per worker: tp={self.tp} cp={self.cp} (world {self.tp * self.cp}), "
+            f"session_len={self.session_len:,} x {self.num_seqs} seq, {self.dtype}, "
+            f"block_size={self.block_size}, max_num_batched_tokens={self.max_num_batched_tokens}"
+        )
+        name_w = max(len(n) for n, _ in rows)
+        val_w = max(len(f"{b / GiB:,.2f}") for _, b in rows)
+        lines = [head]
+        for name, value in rows:
+            if name == "total":
+                lines.append("  " + "-" * (name_w + val_w + 6))
+            lines.append(f"  {name:<{name_w}}  {value / GiB:>{val_w},.2f} GiB")
+        free = self.device_bytes - self.total
+        lines.append(
+            f"  {'free' if free >= 0 else 'over':<{name_w}}  {abs(free) / GiB:>{val_w},.2f} GiB"
+        )
+        lines.append(f"fits: {'yes' if self.fits else 'no'}")
+        lines.append(f"max session_len at tp={self.tp} cp={self.cp}: {self.max_session_len:,}")
+        return "\n".join(lines)
+
+    def suggestion(self) -> str:
+        """How to make it fit, with numbers; empty when it already fits."""
+        if self.fits:
+            return ""
+        options = []
+        tp = smallest_fitting_tp(self)
+        if tp is not None and tp != self.tp:
+            options.append(
+                f"raise --tp to {tp}" + (f" (with --cp {self.cp})" if self.cp > 1 else "")
+            )
+        cp = smallest_fitting_cp(self)
+        if cp is not None and cp != self.cp:
+            options.append(f"add --cp {cp} (at --tp {self.tp})")
+        if tp is None and cp is None:
+            both = smallest_fitting_tp_cp(self)
+            if both is not None:
+                options.append(f"use --tp {both[0]} --cp {both[1]}")
+        if self.max_session_len >= 2:
+            options.append(f"shorten --session-len to {self.max_session_len}")
+        if not options:
+            return (
+                f"does not fit: {self.total / GiB:.2f} GiB needed per worker, "
+                f"{self.device_bytes / GiB:.2f} GiB available, and no tp, cp or session length "
+                "makes it fit; use a device with more memory"
+            )
+        return (
+            f"does not fit: {self.total / GiB:.2f} GiB needed per worker, "
+            f"{self.device_bytes / GiB:.2f} GiB available; " + ", or ".join(options)
+        )
+
+
+def plan_memory(
+    model: ModelConfig,
+    *,
+    tp: int,
+    cp: int,
+    session_len: int,
+    dtype: str,
+    device_bytes: int,
+    block_size: int = 16,
+    max_num_batched_tokens: int = 8192,
+    num_seqs: int = 1,
+    is_cuda: bool = True,
+) -> MemoryPlan:
+    """Predict one worker's memory for num_seqs sequences of session_len tokens."""
+    for name, value in (
+        ("tp", tp),
+        ("cp", cp),
+        ("block_size", block_size),
+        ("max_num_batched_tokens", max_num_batched_tokens),
+        ("num_seqs", num_seqs),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(session_len, int) or session_len < 0:
+        raise ConfigError(f"session_len must be an integer >= 0, got {session_len!r}")
+    if not valid_tp(model, tp):
+        ParallelConfig(tp=tp, cp=1).check_model(model)  # raises with the valid choices
+    weights = weight_params_per_worker(model, tp) * _dtype_bytes(dtype)
+    per_token = kv_bytes_per_token(model, tp, dtype)
+    kv = kv_tokens_per_worker(session_len, cp, block_size, num_seqs) * per_token
+    act = activation_bytes(model, tp, dtype, max_num_batched_tokens, num_seqs)
+    overhead = CUDA_OVERHEAD_BYTES if is_cuda else 0
+    total = weights + kv + act + overhead
+    # Closed form: every sequence gets at most `blocks` whole blocks per rank, and
+    # ceil(s/cp) <= blocks*block_size  <=>  s <= blocks*block_size*cp.
+    free_for_kv = device_bytes - weights - act - overhead
+    blocks = max(free_for_kv, 0) // (per_token * block_size * num_seqs)
+    return MemoryPlan(
+        model=model,
+        tp=tp,
+        cp=cp,
+        session_len=session_len,
+        dtype=dtype,
+        block_size=block_size,
+        max_num_batched_tokens=max_num_batched_tokens,
+        num_seqs=num_seqs,
+        is_cuda=is_cuda,
+        weights=weights,
+        kv_cache=kv,
+        activations=act,
+        overhead=overhead,
+        total=total,
+        device_bytes=device_bytes,
+        fits=total <= device_bytes,
+        max_session_len=blocks * block_size * cp if free_for_kv >= 0 else 0,
+    )
+
+
+def replan(plan: MemoryPlan, *, tp: int | None = None, cp: int | None = None) -> MemoryPlan:
+    """The same plan at another tp and/or cp."""
+    return plan_memory(
+        plan.model,
+        tp=plan.tp if tp is None else tp,
+        cp=plan.cp if cp is None else cp,
+        session_len=plan.session_len,
+        dtype=plan.dtype,
+        device_bytes=plan.device_bytes,
+        block_size=plan.block_size,
+        max_num_batched_tokens=plan.max_num_batched_tokens,
+        num_seqs=plan.num_seqs,
+        is_cuda=plan.is_cuda,
+    )
+
+
+def smallest_fitting_tp(plan: MemoryPlan) -> int | None:
+    """The smallest tp the model can be sharded over (it divides the heads) that fits at the
+    plan's cp, or None."""
+    for tp in range(1, plan.model.num_heads + 1):
+        if valid_tp(plan.model, tp) and replan(plan, tp=tp).fits:
+            return tp
+    return None
+
+
+def smallest_fitting_cp(plan: MemoryPlan) -> int | None:
+    """The smallest cp that fits at the plan's tp, or None when weights + activations alone do
+    not fit."""
+    base = replan(plan, cp=1)
+    if base.fits:
+        return 1
+    if base.max_session_len < 1:
+        return None  # no room for even one KV block: no cp helps
+    # s fits at cp iff ceil(s/cp) <= max_session_len(cp=1); start there, step over rounding.
+    cp = max(2, _ceil_div(base.session_len, base.max_session_len))
+    while cp <= max(base.session_len, 2):
+        if replan(plan, cp=cp).fits:
+            return cp
+        cp += 1
+    return None
+
+
+def smallest_fitting_tp_cp(plan: MemoryPlan) -> tuple[int, int] | None:
+    """(tp, cp) for the smallest valid tp at which some cp fits, with its smallest cp."""
+    for tp in range(1, plan.model.num_heads + 1):
+        if valid_tp(plan.model, tp):
+            cp = smallest_fitting_cp(replan(plan, tp=tp))
+            if cp is not None:
+                return tp, cp
+    return None
