@@ -286,6 +286,8 @@ class CacheConfig:
     """On CUDA: fraction of the device's memory the runtime may use (weights + KV + activations)."""
     cpu_kv_cache_bytes: int = 1 << 30
     """On CPU: bytes per worker for the KV cache when num_blocks is None."""
+    enable_prefix_caching: bool = True
+    """Share full KV blocks between sequences with the same token prefix."""
 
     def __post_init__(self) -> None:
         if (
@@ -304,6 +306,11 @@ class CacheConfig:
         ):
             raise ConfigError(
                 f"cache.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError(
+                f"cache.enable_prefix_caching must be true or false, got "
+                f"{self.enable_prefix_caching!r}"
             )
         if not _is_int(self.cpu_kv_cache_bytes) or self.cpu_kv_cache_bytes < 1:
             raise ConfigError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
@@ -70,7 +71,20 @@ class Runtime:
         self.executor: Executor | None = create_executor(self.config)
         try:
             num_blocks = self.executor.num_available_blocks()
-            self.blocks = BlockManager(num_blocks, self.config.cache.block_size)
+            # Anything that changes K/V for the same tokens salts the prefix-cache hashes.
+            salt = hash(
+                (
+                    self.model_config.rope_theta,
+                    str(self.model_config.rope_scaling),
+                    self.config.resolved_dtype(),
+                )
+            )
+            self.blocks = BlockManager(
+                num_blocks,
+                self.config.cache.block_size,
+                self.config.cache.enable_prefix_caching,
+                salt,
+            )
             self.executor.allocate_kv_cache(num_blocks)
         except BaseException:
             self.shutdown()
@@ -179,7 +193,29 @@ class Runtime:
             for q in questions
         ]
         params = params or SamplingParams(max_new_tokens=128, temperature=0.0)
+        self._prefill_shared_prefix(prompts)
         return [o.text for o in self.generate(prompts, params, use_tqdm=use_tqdm)]
+
+    def prefix_cache_stats(self) -> dict[str, float]:
+        """Prompt tokens looked up in the prefix cache, found there, and the hit rate."""
+        queried, hits = self.blocks.num_queried_tokens, self.blocks.num_hit_tokens
+        return {
+            "queried_tokens": queried,
+            "hit_tokens": hits,
+            "hit_rate": hits / queried if queried else 0.0,
+        }
+
+    def _prefill_shared_prefix(self, prompts: list[list[int]]) -> None:
+        """Compute the prompts' common prefix once so every prompt finds it in the cache
+        (prompts admitted in the same step cannot share blocks none of them has computed)."""
+        if len(prompts) < 2 or not self.blocks.enable_prefix_caching:
+            return
+        shared = len(os.path.commonprefix(prompts))
+        if shared >= self.blocks.block_size:
+            self.generate(
+                [prompts[0][:shared]],
+                SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
+            )
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

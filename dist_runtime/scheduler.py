@@ -50,11 +50,21 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    num_hashed_blocks: int = 0
+    """Leading blocks of block_table registered in the prefix cache."""
+    prefix_hash: int | None = None
+    """Chained hash after the last registered block (None: the cache's root)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache at admission."""
+
     def token_slice(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output, without concatenating the whole sequence."""
         n = len(self.prompt_token_ids)
         if stop <= n:
             return self.prompt_token_ids[start:stop]
-        return (self.prompt_token_ids + self.output_token_ids)[start:stop]
+        if start >= n:
+            return self.output_token_ids[start - n : stop - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - n]
 
     def sampling_spec(self) -> SamplingSpec:
         p = self.params
@@ -84,6 +94,8 @@ class Scheduler:
         self._finished_ids: list[int] = []
         self._step_ids = itertools.count()
         self.num_preemptions = 0
+        self.num_prompt_tokens_computed = 0
+        """Prompt tokens the workers computed (prefix-cache hits excluded, recomputes counted)."""
         self._seqs: dict[int, Sequence] = {}
 
     def add(self, seq: Sequence) -> None:
@@ -112,8 +124,10 @@ class Scheduler:
                     budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            self._reuse_prefix(seq)
             n = self._chunk(seq, budget)
             if not n:
+                self._drop_blocks(seq)
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -149,9 +163,41 @@ class Scheduler:
         self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
         return n
 
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a sequence from the cached blocks of its longest known prefix."""
+        if seq.block_table or seq.num_computed_tokens:
+            return
+        # At least the last token is computed, so the step yields logits to sample from.
+        blocks, seq.prefix_hash = self.blocks.match_prefix(
+            seq.token_slice(0, seq.num_tokens - 1), seq.num_tokens - 1
+        )
+        seq.block_table.extend(blocks)
+        seq.num_hashed_blocks = len(blocks)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(blocks) * self.blocks.block_size
+
+    def _drop_blocks(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
+        seq.prefix_hash = None
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        bs = self.blocks.block_size
+        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        if full <= seq.num_hashed_blocks:
+            return
+        first = seq.num_hashed_blocks
+        tokens = seq.token_slice(first * bs, full * bs)
+        parent = self.blocks.root_hash if seq.prefix_hash is None else seq.prefix_hash
+        for i in range(first, full):
+            parent = self.blocks.register_block(
+                seq.block_table[i], parent, tokens[(i - first) * bs : (i - first + 1) * bs]
+            )
+        seq.num_hashed_blocks, seq.prefix_hash = full, parent
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq.block_table)
+        self._drop_blocks(seq)
         seq.num_computed_tokens = 0
         seq.num_blocks_sent = 0
         seq.is_reset = True
@@ -190,6 +236,11 @@ class Scheduler:
             seq = self._seqs.get(step.seq_id)
             if seq is not None and seq.status is SeqStatus.RUNNING:
                 seq.num_computed_tokens = step.start_pos + len(step.token_ids)
+                prompt_len = len(seq.prompt_token_ids)
+                self.num_prompt_tokens_computed += max(
+                    0, min(seq.num_computed_tokens, prompt_len) - step.start_pos
+                )
+                self._register_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED
@@ -209,7 +260,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-        self.blocks.free(seq.block_table)
+        self._drop_blocks(seq)
         self._seqs.pop(seq.seq_id, None)
         if seq.num_blocks_sent or not seq.is_reset:
             self._finished_ids.append(seq.seq_id)
