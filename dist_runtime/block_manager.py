@@ -18,13 +18,55 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 
+class _Pool:
+    """One cp rank's block ids: free list, reference counts, prefix-cache maps."""
+
+    def __init__(self, num_blocks: int):
+        self.free: deque[int] = deque(range(num_blocks))
+        self.refs = [0] * num_blocks
+        self.hash_of: dict[int, int] = {}  # block id -> chained hash of its content
+        self.by_hash: dict[int, int] = {}  # chained hash -> block id
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, hashed, LRU
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def take(self) -> int:
+        if self.free:
+            block = self.free.popleft()
+        else:
+            block, _ = self.evictable.popitem(last=False)
+            del self.by_hash[self.hash_of.pop(block)]
+        self.refs[block] = 1
+        return block
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if block in self.hash_of:
+                self.evictable[block] = None
+            else:
+                self.free.append(block)
+
+
 class BlockManager:
+    """Block ids of `cp_size` pools of `num_blocks` each (one pool per cp rank).
+
+    A sequence's table is logical: entry i holds positions [i * block_size, (i+1) * block_size)
+    and is an id in pool i % cp_size, so blocks are striped over the cp ranks. Striping keeps
+    every rank's share of a sequence within one block of the others' (KV memory and attention
+    work balanced for prefill chunks, cached prefixes and decode alike) and lets each rank find
+    its blocks as table[cp_rank::cp_size].
+    """
+
     def __init__(
         self,
         num_blocks: int,
         block_size: int,
         enable_prefix_caching: bool = True,
         cache_salt: int = 0,
+        cp_size: int = 1,
     ):
         if num_blocks < 1:
             raise ValueError(
@@ -33,20 +75,27 @@ class BlockManager:
                 "cache.gpu_memory_utilization)"
             )
         self.num_blocks = num_blocks
+        """Blocks per pool (per cp rank)."""
         self.block_size = block_size
+        self.cp_size = cp_size
         self.enable_prefix_caching = enable_prefix_caching
         self.root_hash = hash(("dist_runtime-kv", cache_salt))
-        self._free: deque[int] = deque(range(num_blocks))
-        self._refs = [0] * num_blocks
-        self._hash_of: dict[int, int] = {}  # block id -> chained hash of its content
-        self._by_hash: dict[int, int] = {}  # chained hash -> block id
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, hashed, LRU
+        self._pools = [_Pool(num_blocks) for _ in range(cp_size)]
         self.num_hit_tokens = 0
         self.num_queried_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free) + len(self._evictable)
+        """Free or evictable blocks over every pool."""
+        return sum(p.num_free for p in self._pools)
+
+    def pool_free_blocks(self) -> list[int]:
+        return [p.num_free for p in self._pools]
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens one sequence could hold if it had every block."""
+        return self.num_blocks * self.cp_size * self.block_size
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -55,69 +104,88 @@ class BlockManager:
         """Blocks a table holding `len(table)` blocks must gain to cover num_tokens tokens."""
         return max(self.blocks_for(num_tokens) - len(table), 0)
 
+    def _need_per_pool(self, have: int, want: int) -> list[int]:
+        """New blocks each pool gives when a table grows from `have` to `want` entries."""
+        cp = self.cp_size
+        return [_count(want, s, cp) - _count(have, s, cp) for s in range(cp)]
+
     def can_grow(self, table: list[int], num_tokens: int) -> bool:
-        return self.num_new_blocks(table, num_tokens) <= self.num_free_blocks
+        want = self.blocks_for(num_tokens)
+        if want <= len(table):
+            return True
+        need = self._need_per_pool(len(table), want)
+        return all(n <= p.num_free for n, p in zip(need, self._pools))
+
+    def max_tokens(self, table: list[int]) -> int:
+        """Most tokens `table` can cover if it takes free blocks (at least what it covers)."""
+        cp, have = self.cp_size, len(table)
+        # Pool s can hold its current entries plus its free blocks: a_s entries in all, and a
+        # table of B entries holds ceil((B - s) / cp) of them, so B <= a_s * cp + s.
+        most = min((_count(have, s, cp) + p.num_free) * cp + s for s, p in enumerate(self._pools))
+        return max(most, have) * self.block_size
 
     def grow(self, table: list[int], num_tokens: int) -> list[int]:
         """Append blocks to `table` so it covers num_tokens; returns the new ids."""
-        need = self.num_new_blocks(table, num_tokens)
-        if need > self.num_free_blocks:
-            raise MemoryError(f"need {need} KV blocks, {self.num_free_blocks} free")
-        new = [self._take() for _ in range(need)]
+        if not self.can_grow(table, num_tokens):
+            raise MemoryError(
+                f"need {self.num_new_blocks(table, num_tokens)} KV blocks, free per pool: "
+                f"{self.pool_free_blocks()}"
+            )
+        new = [
+            self._pools[i % self.cp_size].take()
+            for i in range(len(table), self.blocks_for(num_tokens))
+        ]
         table.extend(new)
         return new
 
     def free(self, table: list[int]) -> None:
         """Drop one reference to each block; the last reference keeps hashed content cached."""
-        for block in reversed(table):  # tail blocks are evicted before the shared head
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
-                if block in self._hash_of:
-                    self._evictable[block] = None
-                else:
-                    self._free.append(block)
+        for i in reversed(range(len(table))):  # tail blocks are evicted before the shared head
+            self._pools[i % self.cp_size].release(table[i])
         table.clear()
 
     # -- prefix caching ---------------------------------------------------------------------
     def block_hash(self, parent: int, tokens: Sequence[int]) -> int:
         return hash((parent, tuple(tokens)))
 
-    def match_prefix(self, token_ids: Sequence[int], max_tokens: int) -> tuple[list[int], int]:
+    def match_prefix(
+        self, token_ids: Sequence[int], max_tokens: int, root: int | None = None
+    ) -> tuple[list[int], int]:
         """Cached blocks holding the longest block-aligned prefix of at most max_tokens tokens.
 
-        Returns (block ids, now referenced by the caller; chained hash after the last one).
+        `root` starts the hash chain (default: this cache's root). Returns (block ids, now
+        referenced by the caller; chained hash after the last one).
         """
-        parent, blocks = self.root_hash, list[int]()
+        parent, blocks = (self.root_hash if root is None else root), list[int]()
         if not self.enable_prefix_caching:
             return blocks, parent
         bs = self.block_size
         for i in range(max_tokens // bs):
             h = self.block_hash(parent, token_ids[i * bs : (i + 1) * bs])
-            block = self._by_hash.get(h)
+            block = self._pools[i % self.cp_size].by_hash.get(h)
             if block is None:
                 break
             blocks.append(block)
             parent = h
-        for block in blocks:
-            self._evictable.pop(block, None)
-            self._refs[block] += 1
+        for i, block in enumerate(blocks):
+            pool = self._pools[i % self.cp_size]
+            pool.evictable.pop(block, None)
+            pool.refs[block] += 1
         self.num_queried_tokens += max_tokens
         self.num_hit_tokens += len(blocks) * bs
         return blocks, parent
 
-    def register_block(self, block: int, parent: int, tokens: Sequence[int]) -> int:
-        """Record a full, computed block under hash(parent, tokens); returns that hash."""
+    def register_block(self, index: int, block: int, parent: int, tokens: Sequence[int]) -> int:
+        """Record full, computed block `index` of a table under hash(parent, tokens); returns
+        that hash."""
         h = self.block_hash(parent, tokens)
-        if self.enable_prefix_caching and h not in self._by_hash and block not in self._hash_of:
-            self._by_hash[h] = block
-            self._hash_of[block] = h
+        pool = self._pools[index % self.cp_size]
+        if self.enable_prefix_caching and h not in pool.by_hash and block not in pool.hash_of:
+            pool.by_hash[h] = block
+            pool.hash_of[block] = h
         return h
 
-    def _take(self) -> int:
-        if self._free:
-            block = self._free.popleft()
-        else:
-            block, _ = self._evictable.popitem(last=False)
-            del self._by_hash[self._hash_of.pop(block)]
-        self._refs[block] = 1
-        return block
+
+def _count(entries: int, pool: int, cp: int) -> int:
+    """How many of a table's first `entries` entries belong to `pool` (entry i to i % cp)."""
+    return max(0, -(-(entries - pool) // cp))

@@ -116,22 +116,25 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
 
-    def check_prompt_len(self, num_tokens: int, index: int = 0) -> None:
-        """Dynamic NTK fixes the RoPE base per request from its prompt length (as TurboMind
-        does). Within max_position_embeddings the base is the trained one; beyond it each
-        request needs its own base, which this version does not compute yet."""
+    def rope_base(self, prompt_len: int) -> float:
+        """RoPE base of a request: dynamic NTK (HF InternLM2's formula) raises it for a prompt
+        longer than max_position_embeddings. It is fixed once per request from its prompt
+        length (as TurboMind does), so keys already cached never change rotation."""
+        scaling, max_pos = self.rope_scaling, self.max_position_embeddings
+        if scaling is None or scaling.type != "dynamic" or prompt_len <= max_pos:
+            return self.rope_theta
+        d, factor = self.head_dim, scaling.factor
+        return self.rope_theta * (factor * prompt_len / max_pos - (factor - 1)) ** (d / (d - 2))
+
+    def max_rope_len(self) -> int | None:
+        """Longest sequence RoPE supports: the trained length, times a linear factor; None
+        (no bound) with dynamic NTK, which rescales past it."""
         scaling = self.rope_scaling
-        if (
-            scaling is not None
-            and scaling.type == "dynamic"
-            and (num_tokens > self.max_position_embeddings)
-        ):
-            raise ValueError(
-                f"prompt {index} has {num_tokens} tokens, over the model's "
-                f"max_position_embeddings {self.max_position_embeddings}; prompts past it need "
-                "dynamic-NTK RoPE bases per request, which are not available yet: shorten the "
-                "prompt to at most that length"
-            )
+        if scaling is None:
+            return self.max_position_embeddings
+        if scaling.type == "linear":
+            return int(self.max_position_embeddings * scaling.factor)
+        return None
 
     @property
     def q_per_kv(self) -> int:
@@ -237,11 +240,6 @@ class ParallelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"parallel.{name} must be an integer >= 1, got {value!r}")
-        if self.cp != 1:
-            raise ConfigError(
-                f"parallel.cp={self.cp}: context parallelism is not available in this version; "
-                "use cp=1 and raise tp instead"
-            )
 
     @property
     def world_size(self) -> int:
@@ -325,7 +323,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     """Sequences running at once."""
     max_num_batched_tokens: int = 8192
-    """Token budget of one step: decodes first, then prefill chunks."""
+    """Token budget of one step per cp rank (a step computes up to cp times this many tokens):
+    decodes first, then prefill chunks."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -367,6 +366,9 @@ class RuntimeConfig:
     """Seconds a step may take on the workers before it is declared hung."""
     init_timeout_s: float = 300.0
     """Seconds for workers to start and load weights."""
+    rope_scaling_factor: float | None = None
+    """Dynamic-NTK factor to use instead of the checkpoint's rope_scaling (as LMDeploy's
+    --rope-scaling-factor): lets a model without RoPE scaling run past its trained length."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -399,6 +401,9 @@ class RuntimeConfig:
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        factor = self.rope_scaling_factor
+        if factor is not None and (not _is_number(factor) or not factor >= 1.0):
+            raise ConfigError(f"rope_scaling_factor must be a number >= 1, got {factor!r}")
         for name, cls in (
             ("parallel", ParallelConfig),
             ("cache", CacheConfig),
@@ -409,6 +414,28 @@ class RuntimeConfig:
                     f"{name} must be a {cls.__name__} (or a mapping in YAML / from_dict), got "
                     f"{getattr(self, name)!r:.80}"
                 )
+
+    def load_model_config(self) -> ModelConfig:
+        """The checkpoint's config.json with this runtime's RoPE override applied."""
+        model = ModelConfig.from_pretrained(self.model)
+        if self.rope_scaling_factor is not None:
+            scaling = RopeScaling(type="dynamic", factor=float(self.rope_scaling_factor))
+            model = dataclasses.replace(model, rope_scaling=scaling)
+        return model
+
+    def check_session_len(self, model: ModelConfig) -> None:
+        """Refuse a session longer than the model's RoPE supports, before any work."""
+        limit = model.max_rope_len()
+        if limit is not None and self.session_len > limit:
+            scaling = model.rope_scaling
+            how = "no rope_scaling" if scaling is None else f"linear rope_scaling x{scaling.factor}"
+            need = self.session_len / model.max_position_embeddings
+            raise ConfigError(
+                f"session_len {self.session_len} is over the {limit} tokens this model's RoPE "
+                f"supports (max_position_embeddings {model.max_position_embeddings}, {how}); "
+                f"shorten session_len to {limit}, or set rope_scaling_factor (--rope-scaling-"
+                f"factor) to enable dynamic NTK scaling, e.g. {max(2.0, round(need, 1))}"
+            )
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -56,6 +56,9 @@ class SeqStep:
     """Sample a token after this chunk (false for non-final prefill chunks)."""
     sampling: SamplingSpec | None = None
     """Present when is_new."""
+    rope_base: float = 0.0
+    """With is_new: this sequence's RoPE base (dynamic NTK past the trained length); 0 keeps
+    the model's own."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,7 +23,6 @@ from dist_runtime.chat import MessageLike, encode_chat, history_to_messages
 from dist_runtime.config import (
     CacheConfig,
     ConfigError,
-    ModelConfig,
     ParallelConfig,
     RuntimeConfig,
     SchedulerConfig,
@@ -58,8 +57,9 @@ class Runtime:
         **overrides: Any,
     ):
         self.config = _build_config(model, tp, cp, session_len, device, dtype, config, overrides)
-        self.model_config = ModelConfig.from_pretrained(self.config.model)
+        self.model_config = self.config.load_model_config()
         self.config.parallel.check_model(self.model_config)
+        self.config.check_session_len(self.model_config)
         if self.config.load_format == "safetensors":
             # Headers only: a bad checkpoint fails here, before any worker starts.
             reader = CheckpointReader(self.config.model)
@@ -84,6 +84,7 @@ class Runtime:
                 self.config.cache.block_size,
                 self.config.cache.enable_prefix_caching,
                 salt,
+                cp_size=self.config.parallel.cp,
             )
             self.executor.allocate_kv_cache(num_blocks)
         except BaseException:
@@ -256,7 +257,6 @@ class Runtime:
     def _make_sequence(self, prompt: Prompt, params: SamplingParams, index: int) -> Sequence:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         _check_ids(ids, self.model_config.vocab_size, index)
-        self.model_config.check_prompt_len(len(ids), index)
         total = len(ids) + params.max_new_tokens
         if total > self.config.session_len:
             raise ValueError(
@@ -264,11 +264,12 @@ class Runtime:
                 f"= {total}, over session_len {self.config.session_len}; raise session_len or "
                 "shorten the prompt"
             )
-        need = self.blocks.blocks_for(total)
-        if need > self.blocks.num_blocks:
+        if total > self.blocks.capacity_tokens:
             raise ValueError(
-                f"prompt {index} needs {need} KV blocks ({total} tokens) but the cache holds "
-                f"{self.blocks.num_blocks}; give the workers more KV memory or shorten it"
+                f"prompt {index} needs {total} tokens of KV cache but the cache holds "
+                f"{self.blocks.capacity_tokens} ({self.blocks.num_blocks} blocks of "
+                f"{self.blocks.block_size} per cp rank x cp={self.blocks.cp_size}); give the "
+                "workers more KV memory, raise cp, or shorten it"
             )
         if params.stop and self.tokenizer is None:
             raise ValueError(
@@ -277,6 +278,9 @@ class Runtime:
             )
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
+        base = self.model_config.rope_base(len(ids))
+        if base != self.model_config.rope_theta:
+            seq.rope_base = base
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(
                 self.tokenizer, skip_special_tokens=params.skip_special_tokens

@@ -56,6 +56,8 @@ class Sequence:
     """Chained hash after the last registered block (None: the cache's root)."""
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache at admission."""
+    rope_base: float = 0.0
+    """RoPE base fixed for this request (0: the model's own); it salts its prefix-cache keys."""
 
     def token_slice(self, start: int, stop: int) -> list[int]:
         """Tokens [start, stop) of prompt + output, without concatenating the whole sequence."""
@@ -109,7 +111,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[StepPlan, list[ScheduledSeq]]:
-        budget = self.config.max_num_batched_tokens
+        # The budget is per cp rank: striped blocks spread a chunk evenly over the ranks.
+        budget = self.config.max_num_batched_tokens * self.blocks.cp_size
         scheduled: list[ScheduledSeq] = []
         for seq in self._decodes_with_blocks():
             scheduled.append(ScheduledSeq(seq, 1))
@@ -156,8 +159,7 @@ class Scheduler:
         """Prefill tokens of seq to run now (grows its table), 0 when no block is free."""
         remaining = seq.num_tokens - seq.num_computed_tokens
         n = min(remaining, budget)
-        free_tokens = (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size
-        n = min(n, free_tokens - seq.num_computed_tokens)
+        n = min(n, self.blocks.max_tokens(seq.block_table) - seq.num_computed_tokens)
         if n <= 0:
             return 0
         self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
@@ -169,7 +171,7 @@ class Scheduler:
             return
         # At least the last token is computed, so the step yields logits to sample from.
         blocks, seq.prefix_hash = self.blocks.match_prefix(
-            seq.token_slice(0, seq.num_tokens - 1), seq.num_tokens - 1
+            seq.token_slice(0, seq.num_tokens - 1), seq.num_tokens - 1, self._root(seq)
         )
         seq.block_table.extend(blocks)
         seq.num_hashed_blocks = len(blocks)
@@ -188,12 +190,17 @@ class Scheduler:
             return
         first = seq.num_hashed_blocks
         tokens = seq.token_slice(first * bs, full * bs)
-        parent = self.blocks.root_hash if seq.prefix_hash is None else seq.prefix_hash
+        parent = self._root(seq) if seq.prefix_hash is None else seq.prefix_hash
         for i in range(first, full):
             parent = self.blocks.register_block(
-                seq.block_table[i], parent, tokens[(i - first) * bs : (i - first + 1) * bs]
+                i, seq.block_table[i], parent, tokens[(i - first) * bs : (i - first + 1) * bs]
             )
         seq.num_hashed_blocks, seq.prefix_hash = full, parent
+
+    def _root(self, seq: Sequence) -> int:
+        """Hash chain root of a sequence's blocks: K/V rotated with another base differ."""
+        root = self.blocks.root_hash
+        return root if seq.rope_base == 0.0 else hash((root, seq.rope_base))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -221,6 +228,7 @@ class Scheduler:
                     is_new=seq.is_reset,
                     sample=start + n == seq.num_tokens,
                     sampling=seq.sampling_spec() if seq.is_reset else None,
+                    rope_base=seq.rope_base if seq.is_reset else 0.0,
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)

@@ -36,6 +36,12 @@ class MeshCoords:
     def world_size(self) -> int:
         return self.tp_size * self.cp_size
 
+    def rank_at(self, *, cp_rank: int | None = None, tp_rank: int | None = None) -> int:
+        """Global rank of the mesh point that differs from this one in the given coordinates."""
+        cp = self.cp_rank if cp_rank is None else cp_rank
+        tp = self.tp_rank if tp_rank is None else tp_rank
+        return cp * self.tp_size + tp
+
     @classmethod
     def from_rank(cls, rank: int, tp_size: int, cp_size: int) -> MeshCoords:
         return cls(
@@ -73,11 +79,17 @@ def pin_interfaces_to_loopback(host: str) -> None:
 
 
 class Collectives:
-    """Tensor-parallel collectives over this rank's tp group."""
+    """Collectives over this rank's tp group (same cp rank) and cp group (same tp rank)."""
 
-    def __init__(self, coords: MeshCoords, tp_group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        coords: MeshCoords,
+        tp_group: dist.ProcessGroup | None = None,
+        cp_group: dist.ProcessGroup | None = None,
+    ):
         self.coords = coords
         self.tp_group = tp_group
+        self.cp_group = cp_group
 
     @property
     def tp_size(self) -> int:
@@ -101,6 +113,58 @@ class Collectives:
         dist.all_gather(parts, x.contiguous(), group=self.tp_group)
         return torch.cat(parts, dim=dim)
 
+    # -- context parallel: every call is collective over the cp group --------------------------
+    @property
+    def cp_size(self) -> int:
+        return self.coords.cp_size
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coords.cp_rank
+
+    def cp_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(cp, *x.shape): every cp rank's x (same shape on every rank), in cp-rank order."""
+        if self.cp_size == 1:
+            return x[None]
+        # Concatenated along dim 0 (the layout gloo accepts), then split into a cp dim.
+        out = torch.empty((self.cp_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.cp_group)
+        return out.view(self.cp_size, *x.shape)
+
+    def cp_all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (cp, ...); row j goes to cp rank j. Returns (cp, ...) with row j from cp rank j."""
+        if self.cp_size == 1:
+            return x
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=self.cp_group)
+        return out
+
+    def cp_ring_shift(self, tensors: list[torch.Tensor]) -> RingTransfer:
+        """Start sending `tensors` to the next cp rank and receiving the previous rank's.
+
+        Returns at once; `wait()` yields the received tensors (same shapes and dtypes), so the
+        caller computes on what it holds while the next block is on the wire.
+        """
+        nxt = self.coords.rank_at(cp_rank=(self.cp_rank + 1) % self.cp_size)
+        prv = self.coords.rank_at(cp_rank=(self.cp_rank - 1) % self.cp_size)
+        recv = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group=self.cp_group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, prv, group=self.cp_group) for r in recv]
+        return RingTransfer(dist.batch_isend_irecv(ops), recv)
+
+
+class RingTransfer:
+    """A ring exchange in flight (see `Collectives.cp_ring_shift`)."""
+
+    def __init__(self, works: list, recv: list[torch.Tensor]):
+        self._works = works
+        self._recv = recv
+
+    def wait(self) -> list[torch.Tensor]:
+        for w in self._works:
+            w.wait()
+        return self._recv
+
 
 def init_distributed(
     coords: MeshCoords,
@@ -110,7 +174,8 @@ def init_distributed(
     timeout_s: float,
     store: dist.TCPStore | None = None,
 ) -> Collectives:
-    """Join the world's process group (rank 0 passes the store it created) and build tp groups."""
+    """Join the world's process group (rank 0 passes the store it created); build tp and cp
+    groups."""
     if coords.world_size == 1:
         return Collectives(coords)
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -126,8 +191,14 @@ def init_distributed(
         group = dist.new_group(ranks, timeout=timeout)
         if cp_rank == coords.cp_rank:
             tp_group = group
+    cp_group = None
+    for tp_rank in range(coords.tp_size):
+        ranks = [c * coords.tp_size + tp_rank for c in range(coords.cp_size)]
+        group = dist.new_group(ranks, timeout=timeout)
+        if tp_rank == coords.tp_rank:
+            cp_group = group
     logger.info("rank %d joined %s group of %d", coords.rank, backend, coords.world_size)
-    return Collectives(coords, tp_group)
+    return Collectives(coords, tp_group, cp_group)
 
 
 def destroy_distributed() -> None:

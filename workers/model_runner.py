@@ -7,17 +7,20 @@ so plans only carry deltas.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from dist_runtime.config import ModelConfig, RuntimeConfig
+from dist_runtime.config import RuntimeConfig
 from dist_runtime.protocol import SampledToken, SamplingSpec, SeqStep, StepPlan, StepResult
 from workers.checkpoint import CheckpointReader, dtype_from_name
+from workers.context_parallel import block_owner, build_cp_metadata
 from workers.distributed import Collectives
 from workers.kv_cache import KVCache
 from workers.layers.attention import AttentionMetadata
+from workers.layers.rotary import inverse_frequencies, rotary_cos_sin_per_token
 from workers.models.decoder import DecoderLM
 from workers.models.layouts import init_dummy_weights, load_weights
 from workers.sampler import Sampler
@@ -33,6 +36,8 @@ class SeqState:
     generator: torch.Generator
     block_table: list[int] = field(default_factory=list)
     history: list[int] = field(default_factory=list)
+    inv_freq: torch.Tensor | None = None
+    """RoPE frequencies of a request with its own base (dynamic NTK); None: the model's."""
 
 
 class ModelRunner:
@@ -43,7 +48,7 @@ class ModelRunner:
         # Ray exposes one GPU per actor (CUDA_VISIBLE_DEVICES), so it is always index 0.
         self.device = torch.device("cuda:0" if device == "cuda" else device)
         self.dtype = dtype_from_name(config.resolved_dtype())
-        self.model_config = ModelConfig.from_pretrained(config.model)
+        self.model_config = config.load_model_config()
         config.parallel.check_model(self.model_config)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -60,6 +65,7 @@ class ModelRunner:
         self.seqs: dict[int, SeqState] = {}
         self.sampler = Sampler()
         self.is_driver_rank = comm.coords.rank == 0
+        """Global rank 0 samples; with cp its cp group's ranks also compute the logits."""
 
     # -- KV cache ---------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -114,12 +120,22 @@ class ModelRunner:
             self._update_state(seq)
         if not plan.seqs:
             return StepResult(step_id=plan.step_id, tokens=[]) if self.is_driver_rank else None
-        input_ids, positions, meta, sample_rows = self._prepare(plan.seqs)
+        if self.comm.cp_size > 1:
+            input_ids, positions, meta, sample_rows = self._prepare_cp(plan.seqs)
+        else:
+            input_ids, positions, meta, sample_rows = self._prepare(plan.seqs)
+        if any(self.seqs[s.seq_id].inv_freq is not None for s in plan.seqs):
+            meta = dataclasses.replace(meta, rope=self._rope_tables(plan.seqs, positions))
         hidden = self.model(input_ids, positions, meta, self.kv_cache.layers)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:
             return StepResult(step_id=plan.step_id, tokens=[]) if self.is_driver_rank else None
-        logits = self.model.compute_logits(hidden[sample_rows])  # (sampled, vocab) fp32
+        rows = hidden[sample_rows]
+        if self.comm.cp_size > 1:
+            rows = self._gather_sample_rows(rows, plan.seqs)
+            if self.comm.cp_rank != 0:
+                return None
+        logits = self.model.compute_logits(rows)  # (sampled, vocab) fp32
         if not self.is_driver_rank:
             return None
         return StepResult(step_id=plan.step_id, tokens=self._sample(logits, sampled))
@@ -130,7 +146,14 @@ class ModelRunner:
                 raise ValueError(f"seq {seq.seq_id}: a new sequence needs its sampling spec")
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seq.sampling.seed)
-            self.seqs[seq.seq_id] = SeqState(spec=seq.sampling, generator=gen)
+            inv = None
+            if seq.rope_base:
+                inv = inverse_frequencies(self.model_config.head_dim, seq.rope_base)
+            self.seqs[seq.seq_id] = SeqState(
+                spec=seq.sampling,
+                generator=gen,
+                inv_freq=None if inv is None else inv.to(self.device),
+            )
         state = self.seqs.get(seq.seq_id)
         if state is None:
             raise ValueError(f"seq {seq.seq_id} is unknown to this worker and not marked new")
@@ -182,6 +205,87 @@ class ModelRunner:
             meta,
             rows,
         )
+
+    def _prepare_cp(
+        self, seqs: list[SeqStep]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """This cp rank's share of the step: the tokens whose K/V blocks it holds."""
+        bs, cp, rank, dev = (
+            self.config.cache.block_size,
+            self.comm.cp_size,
+            self.comm.cp_rank,
+            self.device,
+        )
+        spans = [(s.start_pos, s.start_pos + len(s.token_ids)) for s in seqs]
+        local_tables = [self.seqs[s.seq_id].block_table[rank::cp] for s in seqs]
+        ids: list[torch.Tensor] = []
+        pos: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        rows: list[int] = []
+        n = 0
+        for s, (start, end), table in zip(seqs, spans, local_tables):
+            span = torch.arange(start, end, dtype=torch.int64)
+            mine = span[block_owner(span, bs, cp) == rank]
+            if mine.numel() == 0:
+                continue
+            local_block = torch.div(mine, bs * cp, rounding_mode="floor")
+            ids.append(torch.tensor(s.token_ids, dtype=torch.int64)[mine - start])
+            pos.append(mine)
+            slots.append(torch.tensor(table, dtype=torch.int64)[local_block] * bs + mine % bs)
+            n += mine.numel()
+            if s.sample and int(mine[-1]) == end - 1:
+                rows.append(n - 1)
+        empty = torch.empty(0, dtype=torch.int64)
+        meta = AttentionMetadata(
+            slot_mapping=(torch.cat(slots) if slots else empty).to(dev),
+            block_tables=torch.empty(0, 0, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.zeros(1, dtype=torch.int64, device=dev),
+            context_lens=empty.to(dev),
+            cp=build_cp_metadata(spans, local_tables, bs, self.comm, dev),
+        )
+        return (
+            (torch.cat(ids) if ids else empty).to(dev),
+            (torch.cat(pos) if pos else empty).to(dev),
+            meta,
+            torch.tensor(rows, dtype=torch.int64, device=dev),
+        )
+
+    def _rope_tables(
+        self, seqs: list[SeqStep], positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token RoPE (cos, sin) when some request has its own base; positions are this
+        rank's rows, packed sequence by sequence in plan order."""
+        default = self.model.rotary.inv_freq
+        freqs = []
+        bs, cp, rank = self.config.cache.block_size, self.comm.cp_size, self.comm.cp_rank
+        for s in seqs:
+            n = len(s.token_ids)
+            if cp > 1:
+                span = torch.arange(s.start_pos, s.start_pos + n)
+                n = int((block_owner(span, bs, cp) == rank).sum())
+            inv = self.seqs[s.seq_id].inv_freq
+            freqs.append((default if inv is None else inv)[None].expand(n, -1))
+        inv_per_token = torch.cat(freqs) if freqs else default[None, :0]
+        return rotary_cos_sin_per_token(positions, inv_per_token)
+
+    def _gather_sample_rows(self, rows: torch.Tensor, seqs: list[SeqStep]) -> torch.Tensor:
+        """Final hidden states of the sampled sequences, in plan order, on every cp rank.
+
+        Each sampled sequence's last token lives on the rank holding its block; the ranks
+        all-gather their rows (padded to the most any rank has)."""
+        bs, cp = self.config.cache.block_size, self.comm.cp_size
+        owners = [((s.start_pos + len(s.token_ids) - 1) // bs) % cp for s in seqs if s.sample]
+        counts = [owners.count(j) for j in range(cp)]
+        width = max(counts)
+        padded = rows.new_zeros(width, rows.shape[-1])
+        padded[: rows.shape[0]] = rows
+        gathered = self.comm.cp_all_gather(padded)  # (cp, width, hidden)
+        seen = [0] * cp
+        order = []
+        for owner in owners:
+            order.append(owner * width + seen[owner])
+            seen[owner] += 1
+        return gathered.flatten(0, 1)[torch.tensor(order, device=rows.device)]
 
     def _sample(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[SampledToken]:
         states = [self.seqs[s.seq_id] for s in seqs]

@@ -210,9 +210,10 @@ def test_tp_incompatible_with_kv_heads(tmp_path: Path) -> None:
     _assert_fails_before_workers(folder, 6, r"tp=6 neither divides the model's 4 KV heads")
 
 
-def test_cp_not_supported(tiny_llama_dir: Path) -> None:
-    with pytest.raises(ConfigError, match=r"parallel\.cp=2: context parallelism is not available"):
-        start(tiny_llama_dir, cp=2)
+@pytest.mark.parametrize("cp", [0, -1, 1.5, True])
+def test_cp_below_one(tiny_llama_dir: Path, cp: Any) -> None:
+    with pytest.raises(ConfigError, match=rf"parallel\.cp must be an integer >= 1, got {cp!r}"):
+        start(tiny_llama_dir, cp=cp)
 
 
 def test_unknown_runtime_kwarg(tiny_llama_dir: Path) -> None:
@@ -249,7 +250,7 @@ def _yaml(tmp_path: Path, text: str) -> Path:
         ("model: /m\ncache: {blocksize: 16}\n", r"cache: unknown keys \['blocksize'\]"),
         ("model: /m\nparallel: {tp: 0}\n", r"parallel\.tp must be an integer >= 1, got 0"),
         ("model: /m\nparallel: {tp: true}\n", r"parallel\.tp must be an integer >= 1, got True"),
-        ("model: /m\nparallel: {cp: 2}\n", r"parallel\.cp=2: context parallelism"),
+        ("model: /m\nparallel: {cp: 0}\n", r"parallel\.cp must be an integer >= 1, got 0"),
         ("model: /m\ncache: {block_size: 12}\n", r"block_size must be a power of two, got 12"),
         ("model: /m\nscheduler: 64\n", r"scheduler must be a mapping, got 64"),
         ("model: /m\nsession_len: long\n", r"session_len must be an integer >= 2, got 'long'"),
@@ -262,7 +263,7 @@ def _yaml(tmp_path: Path, text: str) -> Path:
         "unknown-nested-key",
         "tp-zero",
         "tp-bool",
-        "cp-2",
+        "cp-0",
         "block-size",
         "section-not-mapping",
         "session-len-type",
@@ -318,7 +319,9 @@ def test_runtime_section_given_as_dict(tiny_llama_dir: Path) -> None:
 def test_kv_cache_cannot_hold_one_prompt(tiny_llama_dir: Path) -> None:
     cache = CacheConfig(num_blocks=2, block_size=4)  # 8 tokens
     with Runtime(model=str(tiny_llama_dir), session_len=64, cache=cache, **CPU32) as small:
-        with pytest.raises(ValueError, match=r"prompt 0 needs 4 KV blocks \(15 tokens\).* holds 2"):
+        with pytest.raises(
+            ValueError, match=r"prompt 0 needs 15 tokens of KV cache .* holds 8 \(2 blocks"
+        ):
             small.generate([[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=10))
         # A request that fits still runs on the same Runtime.
         (out,) = small.generate([[5, 6]], SamplingParams(max_new_tokens=3, temperature=0.0))

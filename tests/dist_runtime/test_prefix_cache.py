@@ -104,7 +104,7 @@ def test_block_manager_sharing_and_eviction_order() -> None:
     bm.grow(a, 5)  # 3 blocks
     parent = bm.root_hash
     for i in range(2):  # blocks 0 and 1 are full and computed
-        parent = bm.register_block(a[i], parent, tokens[2 * i : 2 * i + 2])
+        parent = bm.register_block(i, a[i], parent, tokens[2 * i : 2 * i + 2])
     shared, _ = bm.match_prefix(tokens, 4)
     assert shared == a[:2]
     first_two = list(shared)

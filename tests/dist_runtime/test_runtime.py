@@ -260,7 +260,7 @@ def test_seeded_sampling_is_preemption_invariant(tiny_internlm2_dir: Path) -> No
 
 def test_dynamic_ntk_within_trained_length_is_unscaled(tmp_path: Path) -> None:
     """InternLM2.5 checkpoints declare dynamic NTK scaling; it changes nothing until a prompt
-    passes max_position_embeddings, and such prompts are refused with the numbers."""
+    passes max_position_embeddings."""
     shapes: dict[str, Any] = dict(
         vocab_size=512,
         hidden_size=64,
@@ -282,14 +282,7 @@ def test_dynamic_ntk_within_trained_length_is_unscaled(tmp_path: Path) -> None:
     prompt = list(range(10, 50))
     outs = []
     for folder in (plain, dynamic):
-        with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=256) as rt:
+        with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=64) as rt:
             outs.append(rt.generate([prompt], params)[0])
-            if folder == dynamic:
-                with pytest.raises(
-                    ValueError,
-                    match=r"70 tokens, over the model's "
-                    r"max_position_embeddings 64",
-                ):
-                    rt.generate([list(range(10, 80))], params)
     assert outs[0].token_ids == outs[1].token_ids
     assert outs[0].logprobs == outs[1].logprobs

@@ -11,6 +11,7 @@ from dist_runtime.config import ModelConfig
 from kernels.flash_decode import flash_decode
 from kernels.paged_attention import paged_attention
 from kernels.store_kv import store_kv
+from workers.context_parallel import CPMetadata, cp_attention
 from workers.distributed import Collectives
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.layers.rotary import RotaryEmbedding
@@ -56,6 +57,10 @@ class AttentionMetadata:
     """(batch,) int64 cached + new tokens per sequence."""
     is_decode: bool = False
     """Every sequence has exactly one new token (split-KV decode kernel)."""
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Per-token RoPE (cos, sin) when a request has its own base; None: from positions."""
+    cp: CPMetadata | None = None
+    """Set when cp > 1: the rows are this rank's tokens and attention spans the cp ranks."""
 
 
 class Attention(nn.Module):
@@ -81,6 +86,7 @@ class Attention(nn.Module):
             self.q_size, config.hidden_size, config.attention_bias, dtype, device, comm
         )
         self.rotary = rotary
+        self.comm = comm
 
     def forward(
         self,
@@ -94,9 +100,12 @@ class Attention(nn.Module):
         q = q.view(tokens, self.shard.num_q, self.head_dim)
         k = k.view(tokens, self.shard.num_kv, self.head_dim)
         v = v.view(tokens, self.shard.num_kv, self.head_dim)
-        q, k = self.rotary(q, k, positions)
+        q, k = self.rotary(q, k, positions, meta.rope)
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.cp is not None:
+            out = cp_attention(q, k, v, k_cache, v_cache, meta.cp, self.comm, self.scale)
+            return self.o_proj(out.reshape(tokens, self.q_size))
         if meta.is_decode:
             out, _ = flash_decode(
                 q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale

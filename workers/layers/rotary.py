@@ -34,8 +34,14 @@ class RotaryEmbedding(nn.Module):
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] = (inv, inv)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if cos_sin is not None:  # per-token tables (requests with their own RoPE base)
+            return rotate(q, *cos_sin), rotate(k, *cos_sin)
         if use_triton(q.device):
             return rotary(q, k, positions, self.inv_freq)
         # Reference path: every layer of a step passes the same positions tensor, so the
@@ -45,3 +51,12 @@ class RotaryEmbedding(nn.Module):
             self._cos_sin = rotary_cos_sin(positions, self.inv_freq)
         cos, sin = self._cos_sin
         return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def rotary_cos_sin_per_token(
+    positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like rotary_cos_sin with one frequency row per token: inv_freq (tokens, head_dim/2)."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return emb.cos(), emb.sin()

@@ -80,7 +80,7 @@ class DecoderLM(nn.Module):
         self.embed = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, dtype, device, comm
         )
-        rotary = RotaryEmbedding(config, device)
+        self.rotary = rotary = RotaryEmbedding(config, device)
         self.layers = nn.ModuleList(
             DecoderLayer(config, self.shard, rotary, comm, dtype, device)
             for _ in range(config.num_layers)

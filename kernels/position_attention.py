@@ -1,0 +1,440 @@
+"""Causal attention of one sequence's queries over keys at arbitrary positions, with LSE.
+
+Context parallelism stripes a sequence's KV blocks over ranks, so neither a rank's queries nor
+its keys are contiguous in position: query i sits at q_pos[i], key j at k_pos[j], and query i
+sees key j when k_pos[j] <= q_pos[i]. A query that sees no key gets out 0 and lse -inf, so a
+merge by log-sum-exp ignores it.
+
+The reference is memory-bounded for million-token contexts: it walks query and key tiles
+(scores never exceed one tile), skips tiles wholly in a query tile's future, and masks only
+tiles that straddle it. On CPU each tile runs PyTorch's fused flash kernel, which returns the
+LSE; elsewhere, and in float64, the tile runs in plain fp32/fp64 math.
+
+The Triton kernel, `position_attention_triton`, is `_flash_attn_kernel` with positions read from
+`q_pos` / `k_pos` instead of offset + index. Keys need not be sorted, so a key tile's visibility
+is decided from the positions it loads: skipped when its smallest position is past the row
+tile's largest, unmasked when its largest is at or before the row tile's smallest, else masked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.dispatch import use_triton
+from kernels.flash_attn import (
+    LOG2E,
+    _jit,
+    _online_softmax_tile,
+    _store_rows,
+    attention_config,
+    check_head_dim,
+    check_qkv,
+    is_interpreting,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: only the torch reference runs
+    triton = None  # type: ignore[assignment]
+
+Q_TILE = 4096
+K_TILE = 16384
+
+
+def check_inputs(
+    q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor
+) -> None:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(
+            f"q must be (n, q_heads, d) and k, v equal (m, kv_heads, d); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"head_dim {q.shape[-1]} vs {k.shape[-1]}: q heads ({q.shape[1]}) must be a multiple "
+            f"of kv heads ({k.shape[1]}) with the same head_dim"
+        )
+    if q_pos.shape != q.shape[:1] or k_pos.shape != k.shape[:1]:
+        raise ValueError(
+            f"q_pos {tuple(q_pos.shape)} and k_pos {tuple(k_pos.shape)} must be (n,) and (m,)"
+        )
+
+
+def position_attention_ref(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: (n, q_heads, d), k, v: (m, kv_heads, d), positions int64.
+
+    Returns out (n, q_heads, d) in q's dtype and lse (n, q_heads) fp32 (fp64 for fp64 inputs).
+    """
+    check_inputs(q, q_pos, k, v, k_pos)
+    n, q_heads, d = q.shape
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros(n, q_heads, d, dtype=q.dtype, device=q.device)
+    lse = torch.full((n, q_heads), float("-inf"), dtype=lse_dtype, device=q.device)
+    m = k.shape[0]
+    if n == 0 or m == 0:
+        return out, lse
+    # Tile bounds, so a tile's visibility is decided from four numbers.
+    for q0 in range(0, n, Q_TILE):
+        qs = slice(q0, min(q0 + Q_TILE, n))
+        qp = q_pos[qs]
+        q_lo, q_hi = int(qp.min()), int(qp.max())
+        acc_o: torch.Tensor | None = None
+        acc_l: torch.Tensor | None = None
+        for k0 in range(0, m, K_TILE):
+            ks = slice(k0, min(k0 + K_TILE, m))
+            kp = k_pos[ks]
+            k_lo, k_hi = int(kp.min()), int(kp.max())
+            if k_lo > q_hi:  # every key is in every query's future
+                continue
+            visible = None if k_hi <= q_lo else kp[None, :] <= qp[:, None]
+            o, s = _tile(q[qs], k[ks], v[ks], visible, scale)
+            if acc_o is None or acc_l is None:
+                acc_o, acc_l = o, s
+            else:
+                acc_o, acc_l = _merge(acc_o, acc_l, o, s)
+        if acc_o is not None and acc_l is not None:
+            out[qs] = acc_o.to(q.dtype)
+            lse[qs] = acc_l.to(lse_dtype)
+    return out, lse
+
+
+def _tile(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile: out (n, q_heads, d) and lse (n, q_heads) in the compute dtype (fp32 or fp64)."""
+    n, q_heads, d = q.shape
+    m, kv_heads, _ = k.shape
+    group = q_heads // kv_heads
+    compute = torch.promote_types(q.dtype, torch.float32)
+    if q.device.type == "cpu" and q.dtype != torch.float64:
+        # (1, heads, len, d) for the fused kernel; it wants K/V with q's head count.
+        qh = q.transpose(0, 1)[None]
+        kh = k.repeat_interleave(group, dim=1).transpose(0, 1)[None] if group > 1 else None
+        vh = v.repeat_interleave(group, dim=1).transpose(0, 1)[None] if group > 1 else None
+        kh = k.transpose(0, 1)[None] if kh is None else kh
+        vh = v.transpose(0, 1)[None] if vh is None else vh
+        mask = None
+        if visible is not None:
+            mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+            mask.masked_fill_(~visible, float("-inf"))
+            mask = mask[None, None]
+        o, s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qh, kh, vh, 0.0, False, attn_mask=mask, scale=scale
+        )
+        o = o[0].transpose(0, 1).to(compute)  # (n, q_heads, d)
+        s = s[0].transpose(0, 1).to(compute)  # (n, q_heads)
+        if visible is not None:
+            # The fused kernel reports lse 0 for a row that sees nothing.
+            blind = ~visible.any(dim=1)
+            if bool(blind.any()):
+                o[blind] = 0
+                s[blind] = float("-inf")
+        return o, s
+    qg = q.to(compute).view(n, kv_heads, group, d).permute(1, 2, 0, 3)  # (kvh, g, n, d)
+    scores = qg @ k.to(compute).permute(1, 2, 0)[:, None] * scale  # (kvh, g, n, m)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    s = torch.logsumexp(scores, dim=-1)  # (kvh, g, n)
+    probs = torch.exp(scores - s.nan_to_num(neginf=0.0)[..., None])
+    o = probs @ v.to(compute).transpose(0, 1)[:, None]  # (kvh, g, n, d)
+    return o.permute(2, 0, 1, 3).reshape(n, q_heads, d), s.permute(2, 0, 1).reshape(n, q_heads)
+
+
+def _merge(
+    o_a: torch.Tensor, s_a: torch.Tensor, o_b: torch.Tensor, s_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.logaddexp(s_a, s_b)
+    shift = torch.where(s == float("-inf"), torch.zeros_like(s), s)
+    w_a = torch.exp(s_a - shift)[..., None]
+    w_b = torch.exp(s_b - shift)[..., None]
+    return o_a * w_a + o_b * w_b, s
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge P partial results exactly: outs (P, n, heads, d), lses (P, n, heads).
+
+    Returns out (n, heads, d) in outs' dtype and lse (n, heads); math in fp32 (fp64 stays).
+    Partials with lse -inf (saw no key) weigh nothing; a row no partial saw gets out 0.
+    """
+    compute = torch.promote_types(outs.dtype, torch.float32)
+    lses = lses.to(compute)
+    lse = torch.logsumexp(lses, dim=0)
+    shift = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
+    weights = torch.exp(lses - shift[None])[..., None]  # (P, n, heads, 1), 0 for -inf
+    out = (outs.to(compute) * weights).sum(dim=0)
+    return out.to(outs.dtype), lse
+
+
+# -- Triton ----------------------------------------------------------------------------------
+
+FAR = 1 << 62
+"""Position of padding keys (after every query) and padding rows (before every key); real
+positions must lie in (-2^62, 2^62)."""
+
+
+@_jit
+def _position_key_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    q_pos,
+    q_lo,
+    q_hi,
+    k_base,
+    v_base,
+    k_pos_ptr,
+    start_n,
+    k_len,
+    stride_k_tok,
+    stride_v_tok,
+    scale_log2,
+    BLOCK_N: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    FAR_POS: tl.constexpr,
+):
+    """Fold key tile [start_n, start_n + BLOCK_N) into (acc, l, m) by the keys' positions.
+
+    EVEN_N: the tile lies wholly inside [0, k_len), so loads need no mask. Otherwise padding keys
+    get position FAR_POS, which no row sees, so the tile always takes the masked path.
+    """
+    keys = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
+    if EVEN_N:
+        k_pos = tl.load(k_pos_ptr + keys)
+    else:
+        key_mask = keys < k_len
+        k_pos = tl.load(k_pos_ptr + keys, mask=key_mask, other=FAR_POS)
+    # Every key after every row: nothing to do, and no K/V to load.
+    if tl.min(k_pos, 0) <= q_hi:
+        if EVEN_N:
+            k = tl.load(k_base + keys[:, None] * stride_k_tok)
+            v = tl.load(v_base + keys[:, None] * stride_v_tok)
+        else:
+            k = tl.load(k_base + keys[:, None] * stride_k_tok, mask=key_mask[:, None], other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_v_tok, mask=key_mask[:, None], other=0.0)
+        # Every row sees every key (never so for a tail tile: its padding keys sit at FAR_POS).
+        if tl.max(k_pos, 0) <= q_lo:
+            acc, l_i, m_i = _online_softmax_tile(
+                acc, l_i, m_i, q, k, v, None, scale_log2, MASKED=False, DOT_F32=DOT_F32
+            )
+        else:
+            keep = k_pos[None, :] <= q_pos[:, None]
+            acc, l_i, m_i = _online_softmax_tile(
+                acc, l_i, m_i, q, k, v, keep, scale_log2, MASKED=True, DOT_F32=DOT_F32
+            )
+    return acc, l_i, m_i
+
+
+@_jit
+def _position_attn_kernel(
+    q_ptr,
+    q_pos_ptr,
+    k_ptr,
+    v_ptr,
+    k_pos_ptr,
+    out_ptr,
+    lse_ptr,
+    q_len,
+    k_len,
+    scale_log2,
+    num_q_blocks,
+    stride_q_tok,
+    stride_q_head,
+    stride_k_tok,
+    stride_k_head,
+    stride_v_tok,
+    stride_v_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_lse_tok,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    FAR_POS: tl.constexpr,
+):
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    pid = tl.program_id(0)
+    kv_head = pid % NUM_KV_HEADS
+    # Last query blocks first: with positions roughly ascending they have the most keys.
+    m_start = (num_q_blocks - 1 - pid // NUM_KV_HEADS) * TOKENS
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tok = m_start + offs_m // GROUP  # (BLOCK_M,)
+    head = kv_head * GROUP + offs_m % GROUP
+    row_mask = (offs_m < TOKENS * GROUP) & (tok < q_len)
+    tok64 = tok.to(tl.int64)
+    q_ptrs = (
+        q_ptr + tok64[:, None] * stride_q_tok + (head * stride_q_head)[:, None] + offs_d[None, :]
+    )
+    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
+    # Padding rows sit before every key (they see none) and out of the tile's bounds.
+    q_pos = tl.load(q_pos_ptr + tok64, mask=row_mask, other=-FAR_POS)
+    q_lo = tl.min(tl.where(row_mask, q_pos, FAR_POS), 0)
+    q_hi = tl.max(q_pos, 0)
+
+    k_base = k_ptr + kv_head * stride_k_head + offs_d[None, :]
+    v_base = v_ptr + kv_head * stride_v_head + offs_d[None, :]
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    full_end = (k_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _position_key_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            q_pos,
+            q_lo,
+            q_hi,
+            k_base,
+            v_base,
+            k_pos_ptr,
+            start_n,
+            k_len,
+            stride_k_tok,
+            stride_v_tok,
+            scale_log2,
+            BLOCK_N=BLOCK_N,
+            EVEN_N=True,
+            DOT_F32=DOT_F32,
+            FAR_POS=FAR_POS,
+        )
+    if full_end < k_len:
+        acc, l_i, m_i = _position_key_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            q_pos,
+            q_lo,
+            q_hi,
+            k_base,
+            v_base,
+            k_pos_ptr,
+            full_end,
+            k_len,
+            stride_k_tok,
+            stride_v_tok,
+            scale_log2,
+            BLOCK_N=BLOCK_N,
+            EVEN_N=False,
+            DOT_F32=DOT_F32,
+            FAR_POS=FAR_POS,
+        )
+
+    out_ptrs = out_ptr + tok64[:, None] * stride_o_tok + (head * stride_o_head)[:, None]
+    lse_ptrs = lse_ptr + tok64 * stride_lse_tok + head
+    _store_rows(out_ptrs + offs_d[None, :], lse_ptrs, acc, l_i, m_i, row_mask, STORE_LSE=True)
+
+
+def position_attention_triton(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `position_attention_ref`.
+
+    q: (n, q_heads, head_dim); k, v: (m, kv_heads, head_dim), one of fp16/bf16/fp32, unit stride
+    in head_dim (other strides free); q_pos (n,), k_pos (m,) integer positions in (-2^62, 2^62),
+    keys in any order. Returns out (n, q_heads, head_dim) in q's dtype and lse (n, q_heads) fp32.
+    Grid: one program per (query tile of BLOCK_M // group tokens, kv head).
+    """
+    check_inputs(q, q_pos, k, v, k_pos)
+    group = check_qkv(q, k, v)
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    n, q_heads, head_dim = q.shape
+    m, kv_heads, _ = k.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(n, q_heads, dtype=torch.float32, device=q.device)
+    if n == 0:
+        return out, lse
+    if m == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
+    k_pos = k_pos.to(device=q.device, dtype=torch.int64).contiguous()
+    cfg = attention_config(head_dim, group, q.dtype)
+    num_q_blocks = triton.cdiv(n, cfg["BLOCK_M"] // group)
+    _position_attn_kernel[(num_q_blocks * kv_heads,)](
+        q,
+        q_pos,
+        k,
+        v,
+        k_pos,
+        out,
+        lse,
+        n,
+        m,
+        scale * LOG2E,
+        num_q_blocks,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        NUM_KV_HEADS=kv_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        DOT_F32=q.dtype == torch.float32 or is_interpreting(),
+        FAR_POS=FAR,
+        **cfg,
+    )
+    return out, lse
+
+
+def _triton_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these inputs (dtype, head_dim); otherwise the reference runs."""
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ):
+        return False
+    try:
+        check_head_dim(q.shape[-1])
+    except ValueError:
+        return False
+    return True
+
+
+def position_attention(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton on CUDA (or when forced) for the head dims and dtypes it takes, else the reference."""
+    if use_triton(q.device) and _triton_can_run(q, k, v):
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return position_attention_triton(q, q_pos, k, v, k_pos, scale)
+    return position_attention_ref(q, q_pos, k, v, k_pos, scale)

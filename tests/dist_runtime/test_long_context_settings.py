@@ -1,0 +1,107 @@
+"""RoPE past the trained length: dynamic NTK with one base per request, session_len limits.
+
+HF's dynamic NTK recomputes the base from the sequence length of each forward; for a single
+forward over a whole prompt that is the base this runtime fixes once per request from the
+prompt length, so the first token's logprobs must equal HF's at the prompt's last position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_runtime import Runtime, SamplingParams
+from dist_runtime.config import ConfigError, ModelConfig
+from dist_runtime.random_checkpoint import write_random_checkpoint
+from tests.conftest import TINY_SHAPES
+from tests.helpers.oracle import load_hf_llama
+
+MAX_POS = 32
+PARAMS = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=5, ignore_eos=True)
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, TINY_SHAPES["vocab_size"], (length,), generator=gen).tolist()
+
+
+def _checkpoint(tmp_path: Path, name: str, **kw: Any) -> Path:
+    shapes = dict(TINY_SHAPES, max_position_embeddings=MAX_POS, seed=4, with_tokenizer=False)
+    return write_random_checkpoint(tmp_path / name, architecture="llama", **shapes, **kw)
+
+
+def _first_token(rt: Runtime, prompt: list[int]) -> Any:
+    (out,) = rt.generate([prompt], PARAMS)
+    assert out.logprobs is not None
+    return out.logprobs[0]
+
+
+def _hf_top5(folder: Path, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    hf = load_hf_llama(folder)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, -1].float()
+    values, indices = torch.log_softmax(logits, dim=-1).topk(5)
+    return indices.tolist(), values
+
+
+@pytest.mark.parametrize("length", [20, 50, 90])
+def test_dynamic_ntk_matches_hf_past_trained_length(tmp_path: Path, length: int) -> None:
+    folder = _checkpoint(tmp_path, "dyn", rope_scaling={"type": "dynamic", "factor": 2.0})
+    prompt = _prompt(length, seed=length)
+    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
+        got = _first_token(rt, prompt)
+    ids, values = _hf_top5(folder, prompt)
+    assert list(got.top) == ids
+    torch.testing.assert_close(torch.tensor(list(got.top.values())), values, rtol=0, atol=1e-4)
+    model = ModelConfig.from_pretrained(str(folder))
+    assert (model.rope_base(length) > model.rope_theta) == (length > MAX_POS)
+
+
+def test_requests_keep_their_own_base_and_cache_keys(tmp_path: Path) -> None:
+    """Two prompts sharing a prefix but with different lengths past max_pos get different
+    bases: the second must not reuse the first's cached blocks, and each equals its run
+    alone; a batch mixing bases equals the requests run one by one."""
+    folder = _checkpoint(tmp_path, "dyn", rope_scaling={"type": "dynamic", "factor": 2.0})
+    shared = _prompt(60, seed=1)
+    a, b, c = shared + [5, 6, 7], shared + [8] * 30, _prompt(10, seed=2)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    kw: dict[str, Any] = dict(device="cpu", dtype="float32", session_len=128)
+    alone = []
+    for p in (a, b, c):
+        with Runtime(model=str(folder), **kw) as rt:
+            alone.append(rt.generate([p], params)[0].token_ids)
+    with Runtime(model=str(folder), **kw) as rt:
+        rt.generate([a], params)
+        before = rt.scheduler.num_prompt_tokens_computed
+        assert rt.generate([b], params)[0].token_ids == alone[1]
+        assert rt.scheduler.num_prompt_tokens_computed - before == len(b)  # no reuse
+        assert [o.token_ids for o in rt.generate([a, b, c], params)] == alone
+
+
+def test_session_len_over_rope_limit_is_refused(tmp_path: Path) -> None:
+    plain = _checkpoint(tmp_path, "plain")
+    with pytest.raises(
+        ConfigError, match=r"session_len 100 is over the 32 tokens .*rope_scaling_factor"
+    ):
+        Runtime(model=str(plain), device="cpu", session_len=100)
+    linear = _checkpoint(tmp_path, "linear", rope_scaling={"type": "linear", "factor": 2.0})
+    with pytest.raises(ConfigError, match=r"session_len 100 is over the 64 tokens"):
+        Runtime(model=str(linear), device="cpu", session_len=100)
+    with pytest.raises(ConfigError, match=r"rope_scaling_factor must be a number >= 1, got 0.5"):
+        Runtime(model=str(plain), device="cpu", session_len=100, rope_scaling_factor=0.5)
+
+
+def test_rope_scaling_factor_override_enables_dynamic_ntk(tmp_path: Path) -> None:
+    """The override turns a plain checkpoint into the same model with dynamic NTK."""
+    plain = _checkpoint(tmp_path, "plain")
+    dynamic = _checkpoint(tmp_path, "dyn", rope_scaling={"type": "dynamic", "factor": 3.0})
+    prompt = _prompt(70, seed=9)
+    kw: dict[str, Any] = dict(device="cpu", dtype="float32", session_len=128)
+    with Runtime(model=str(plain), rope_scaling_factor=3.0, **kw) as rt:
+        got = _first_token(rt, prompt)
+    with Runtime(model=str(dynamic), **kw) as rt:
+        want = _first_token(rt, prompt)
+    assert got.top == want.top

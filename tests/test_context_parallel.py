@@ -1,0 +1,140 @@
+"""Context parallelism over Ray workers gives the single-device result.
+
+Each (tp, cp) mesh runs the same batch greedily with top-5 logprobs: prompts whose lengths are
+not multiples of cp or of the (small) block size, prefill chunks forced small so every prompt
+spans many chunks (the first chunk goes through the pass-KV ring, later ones attend over the
+cached prefix on every rank), then 33 decode tokens. Tokens must equal the (1, 1) run and
+logprobs agree to fp32 reduction noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_runtime import RequestOutput, Runtime, SamplingParams
+from dist_runtime.config import CacheConfig, SchedulerConfig
+from tests.conftest import TINY_SHAPES
+
+VOCAB = TINY_SHAPES["vocab_size"]
+BLOCK_SIZE = 4
+LOGPROB_ATOL = 1e-4
+PARAMS = SamplingParams(max_new_tokens=33, temperature=0.0, logprobs=5, ignore_eos=True)
+MESHES = [(1, 2), (2, 2), (1, 3), (1, 4)]
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (length,), generator=gen).tolist()
+
+
+PROMPTS: list[list[int]] = [_prompt(61, 1), [42], _prompt(23, 2), _prompt(6, 3)]
+
+Run = Callable[[int, int], tuple[list[RequestOutput], Runtime | None]]
+
+
+def _runtime(model: Path, tp: int, cp: int, **kw: Any) -> Runtime:
+    return Runtime(
+        model=str(model),
+        tp=tp,
+        cp=cp,
+        session_len=256,
+        device="cpu",
+        dtype="float32",
+        cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=kw.pop("num_blocks", 128)),
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8),
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster: Any, tiny_llama_dir: Path) -> Run:
+    cache: dict[tuple[int, int], list[RequestOutput]] = {}
+
+    def get(tp: int, cp: int) -> tuple[list[RequestOutput], Runtime | None]:
+        if (tp, cp) not in cache:
+            with _runtime(tiny_llama_dir, tp, cp) as rt:
+                cache[tp, cp] = rt.generate(PROMPTS, PARAMS)
+        return cache[tp, cp], None
+
+    return get
+
+
+def _assert_same(got: list[RequestOutput], want: list[RequestOutput], label: str) -> None:
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.token_ids == w.token_ids, f"{label}: prompt {i} tokens differ"
+        assert len(g.token_ids) == PARAMS.max_new_tokens
+        for a, b in zip(g.logprobs or [], w.logprobs or [], strict=True):
+            assert abs(a.logprob - b.logprob) < LOGPROB_ATOL, f"{label}: prompt {i} logprobs"
+            for token, lp in b.top.items():
+                if token in a.top:  # near-ties may swap the 5th place
+                    assert abs(a.top[token] - lp) < LOGPROB_ATOL, f"{label}: prompt {i} top-5"
+
+
+@pytest.mark.parametrize(("tp", "cp"), MESHES)
+def test_mesh_matches_single_device(run: Run, tp: int, cp: int) -> None:
+    want, _ = run(1, 1)
+    got, _ = run(tp, cp)
+    _assert_same(got, want, f"tp={tp} cp={cp}")
+
+
+def test_prefix_cache_and_kv_split_with_cp(ray_cluster: Any, tiny_llama_dir: Path) -> None:
+    """A second request on a cached prompt prefills only its own tokens; each cp rank holds
+    an even share of a sequence's KV blocks (1/cp of them, to within one block)."""
+    doc = _prompt(50, 7)
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
+    with _runtime(tiny_llama_dir, 1, 1) as single:
+        want = single.generate([doc + [9, 10, 11], doc + [12, 13]], params)
+    with _runtime(tiny_llama_dir, 1, 3, num_blocks=40) as rt:
+        first = rt.generate([doc + [9, 10, 11]], params)
+        before = rt.scheduler.num_prompt_tokens_computed
+        second = rt.generate([doc + [12, 13]], params)
+        computed = rt.scheduler.num_prompt_tokens_computed - before
+        assert computed == len(doc) + 2 - (len(doc) // BLOCK_SIZE) * BLOCK_SIZE
+        assert [o.token_ids for o in first + second] == [o.token_ids for o in want]
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
+@pytest.mark.parametrize("tokens", [1, 5, 37, 120])
+def test_blocks_striped_evenly(cp: int, tokens: int) -> None:
+    """Each cp pool gives a sequence 1/cp of its blocks (to within one), entry i from pool
+    i % cp, and max_tokens is exactly what grow() can reach."""
+    from dist_runtime.block_manager import BlockManager
+
+    bm = BlockManager(num_blocks=40, block_size=BLOCK_SIZE, cp_size=cp)
+    table: list[int] = []
+    bm.grow(table, tokens)
+    used = [40 - free for free in bm.pool_free_blocks()]
+    assert sum(used) == len(table) == -(-tokens // BLOCK_SIZE)
+    assert max(used) - min(used) <= 1
+    reach = bm.max_tokens(table)
+    assert bm.can_grow(table, reach) and not bm.can_grow(table, reach + 1)
+    bm.grow(table, reach)
+    assert min(bm.pool_free_blocks()) == 0
+    bm.free(table)
+    assert bm.pool_free_blocks() == [40] * cp
+
+
+def test_dynamic_ntk_request_base_with_cp(ray_cluster: Any, tmp_path: Path) -> None:
+    """A prompt past max_position_embeddings gets its own RoPE base on every cp rank."""
+    from dist_runtime.random_checkpoint import write_random_checkpoint
+
+    folder = write_random_checkpoint(
+        tmp_path / "dyn",
+        architecture="internlm2",
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+        max_position_embeddings=32,
+        seed=6,
+        with_tokenizer=False,
+        **TINY_SHAPES,
+    )
+    prompts = [_prompt(50, 4), _prompt(20, 5)]  # one past max_pos, one within it
+    outs = []
+    for cp in (1, 2):
+        with _runtime(folder, 1, cp) as rt:
+            outs.append(rt.generate(prompts, PARAMS))
+    _assert_same(outs[1], outs[0], "dynamic NTK cp=2")

@@ -1,0 +1,206 @@
+"""Context parallelism: one sequence's tokens and KV cache spread over the cp ranks.
+
+Layout. Logical KV block i of a sequence (positions [i * bs, (i + 1) * bs)) lives on cp rank
+i % cp, and a token is computed by the rank that stores its K/V. A step's tokens, prefill
+chunks and decodes alike, are therefore split evenly (to within a block per sequence), and
+the causal work of a chunk is balanced because every rank holds blocks from its whole length
+(striped attention at block granularity). Weights are replicated over cp, so each rank runs
+the full model on its own tokens; only attention talks across ranks.
+
+Attention, per layer:
+* Fresh prefill (no sequence of the step has cached tokens): pass-KV ring. The chunk's K/V
+  blocks travel round the cp ring, overlapped with compute (`workers/ring_attention.py`).
+* Otherwise (a chunk after a cached prefix, a follow-up question on a cached document,
+  decode): KV never moves. The step's queries are all-gathered, every rank attends them over
+  its own KV shard, and the partial (out, lse) pairs go back to each query's owner
+  (all-to-all), which merges them exactly by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kernels.flash_decode import flash_decode
+from kernels.position_attention import merge_partials, position_attention
+from workers.distributed import Collectives
+
+if TYPE_CHECKING:
+    from workers.ring_attention import RankRows
+
+
+def block_owner(positions: torch.Tensor, block_size: int, cp_size: int) -> torch.Tensor:
+    """cp rank holding the K/V of each position."""
+    return torch.div(positions, block_size, rounding_mode="floor") % cp_size
+
+
+def local_positions(length: int, block_size: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions < length whose K/V cp rank `cp_rank` holds, in its cache order."""
+    nb = max(-(-length // block_size), cp_rank)
+    starts = torch.arange(cp_rank, nb, cp_size, dtype=torch.int64) * block_size
+    pos = (starts[:, None] + torch.arange(block_size, dtype=torch.int64)[None]).flatten()
+    return pos[pos < length]
+
+
+@dataclass(frozen=True)
+class SeqKeys:
+    """One sequence's keys in this rank's cache."""
+
+    blocks: torch.Tensor
+    """(local blocks,) int64 block ids, in position order."""
+    positions: torch.Tensor
+    """(keys,) int64 position of each local key."""
+
+
+@dataclass(frozen=True)
+class CPMetadata:
+    """What every layer needs to attend across cp ranks in one step."""
+
+    layouts: list[RankRows]
+    """Every cp rank's rows in this step (same list on every rank)."""
+    n_max: int
+    """Most rows any cp rank holds: the padded length of every cp message."""
+    fresh: bool
+    """No sequence of the step has cached tokens: the pass-KV ring handles attention."""
+    q_index: list[torch.Tensor]
+    """Per sequence: its query rows in the all-gathered (cp * n_max) queries."""
+    q_pos: list[torch.Tensor]
+    keys: list[SeqKeys]
+    decode_rows: torch.Tensor | None
+    """All-decode steps: gathered query rows of the sequences with local keys (else None)."""
+    decode_tables: torch.Tensor | None
+    decode_lens: torch.Tensor | None
+
+
+def build_cp_metadata(
+    spans: list[tuple[int, int]],
+    local_tables: list[list[int]],
+    block_size: int,
+    comm: Collectives,
+    device: torch.device,
+) -> CPMetadata:
+    """spans: (start, end) positions of each sequence's tokens in this step, in plan order;
+    local_tables: this rank's block ids of each sequence (its entries of the logical table)."""
+    from workers.ring_attention import RankRows
+
+    cp, rank = comm.cp_size, comm.cp_rank
+    per_rank: list[list[torch.Tensor]] = [[] for _ in range(cp)]
+    for start, end in spans:
+        pos = torch.arange(start, end, dtype=torch.int64)
+        owner = block_owner(pos, block_size, cp)
+        for j in range(cp):
+            per_rank[j].append(pos[owner == j])
+    layouts = []
+    for j in range(cp):
+        segments, row = [], 0
+        for b, p in enumerate(per_rank[j]):
+            if p.numel():
+                segments.append((b, row, p.numel()))
+                row += p.numel()
+        positions = torch.cat(per_rank[j]) if per_rank[j] else torch.empty(0, dtype=torch.int64)
+        layouts.append(RankRows(positions=positions.to(device), segments=segments))
+    n_max = max(lay.positions.numel() for lay in layouts)
+    q_index, q_pos = [], []
+    for b in range(len(spans)):
+        idx, qp = [], []
+        for j, lay in enumerate(layouts):
+            for seg_b, row, count in lay.segments:
+                if seg_b == b:
+                    idx.append(torch.arange(j * n_max + row, j * n_max + row + count))
+                    qp.append(per_rank[j][b])
+        q_index.append(torch.cat(idx).to(device))
+        q_pos.append(torch.cat(qp).to(device))
+    keys = []
+    for (_, end), table in zip(spans, local_tables):
+        kp = local_positions(end, block_size, cp, rank)
+        nb = -(-kp.numel() // block_size)
+        keys.append(
+            SeqKeys(
+                blocks=torch.tensor(table[:nb], dtype=torch.int64, device=device),
+                positions=kp.to(device),
+            )
+        )
+    fresh = all(start == 0 for start, _ in spans)
+    decode_rows = decode_tables = decode_lens = None
+    if all(end - start == 1 for start, end in spans) and not fresh:
+        with_keys = [b for b, k in enumerate(keys) if k.positions.numel()]
+        decode_rows = (
+            torch.cat([q_index[b] for b in with_keys])
+            if with_keys
+            else torch.empty(0, dtype=torch.int64, device=device)
+        )
+        width = max([keys[b].blocks.numel() for b in with_keys], default=1)
+        padded = [
+            keys[b].blocks.tolist() + [0] * (width - keys[b].blocks.numel()) for b in with_keys
+        ]
+        decode_tables = torch.tensor(padded, dtype=torch.int32, device=device).view(-1, width)
+        decode_lens = torch.tensor(
+            [keys[b].positions.numel() for b in with_keys], dtype=torch.int64, device=device
+        )
+    return CPMetadata(
+        layouts=layouts,
+        n_max=n_max,
+        fresh=fresh,
+        q_index=q_index,
+        q_pos=q_pos,
+        keys=keys,
+        decode_rows=decode_rows,
+        decode_tables=decode_tables,
+        decode_lens=decode_lens,
+    )
+
+
+def cp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: CPMetadata,
+    comm: Collectives,
+    scale: float,
+) -> torch.Tensor:
+    """Exact attention of this rank's rows; k, v are this rank's new keys, already stored in
+    k_cache / v_cache. Returns (rows, q_heads, head_dim)."""
+    if meta.fresh:
+        from workers.ring_attention import ring_attention
+
+        out, _ = ring_attention(q, k, v, meta.layouts, comm, scale)
+        return out
+    cp, n_max = comm.cp_size, meta.n_max
+    n, heads, d = q.shape
+    padded = torch.zeros(n_max, heads, d, dtype=q.dtype, device=q.device)
+    padded[:n] = q
+    queries = comm.cp_all_gather(padded).flatten(0, 1)  # (cp * n_max, heads, d)
+    part = torch.zeros_like(queries)
+    part_lse = torch.full((cp * n_max, heads), float("-inf"), device=q.device)
+    if meta.decode_rows is not None:
+        rows = meta.decode_rows
+        if rows.numel():
+            o, s = flash_decode(
+                queries[rows],
+                k_cache,
+                v_cache,
+                meta.decode_tables,  # type: ignore[arg-type]
+                meta.decode_lens,  # type: ignore[arg-type]
+                scale,
+                return_lse=True,
+            )
+            part[rows] = o
+            part_lse[rows] = s  # type: ignore[assignment]
+    else:
+        for idx, qp, keys in zip(meta.q_index, meta.q_pos, meta.keys):
+            m = keys.positions.numel()
+            if m == 0:
+                continue
+            kb = k_cache.index_select(0, keys.blocks).flatten(0, 1)[:m]
+            vb = v_cache.index_select(0, keys.blocks).flatten(0, 1)[:m]
+            o, s = position_attention(queries[idx], qp, kb, vb, keys.positions, scale)
+            part[idx] = o
+            part_lse[idx] = s.float()
+    back = comm.cp_all_to_all(part.view(cp, n_max, heads, d))[:, :n]
+    back_lse = comm.cp_all_to_all(part_lse.view(cp, n_max, heads))[:, :n]
+    out, _ = merge_partials(back, back_lse)
+    return out
