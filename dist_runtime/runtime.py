@@ -71,6 +71,8 @@ class Runtime:
         self.executor: Executor | None = create_executor(self.config)
         try:
             num_blocks = self.executor.num_available_blocks()
+            if self.config.cache.num_blocks is None:
+                self._check_session_fits(num_blocks)
             # Anything that changes K/V for the same tokens salts the prefix-cache hashes.
             salt = hash(
                 (
@@ -101,6 +103,22 @@ class Runtime:
             self.config.parallel.cp,
             num_blocks,
             self.config.cache.block_size,
+        )
+
+    def _check_session_fits(self, num_blocks: int) -> None:
+        """Fail at start when one full session cannot fit in the KV memory the workers have."""
+        bs, cp, tp = self.config.cache.block_size, self.config.parallel.cp, self.config.parallel.tp
+        session = self.config.session_len
+        per_rank = num_blocks * bs
+        if per_rank * cp >= session:
+            return
+        need_cp = -(-session // max(per_rank, 1))
+        raise ConfigError(
+            f"session_len {session} does not fit: the KV memory left on each worker holds "
+            f"{num_blocks} blocks of {bs} tokens, {per_rank * cp} tokens over cp={cp}; "
+            f"use --cp {need_cp} (KV is split over cp ranks), raise --tp (shards KV heads and "
+            f"weights; now {tp}), or shorten --session-len to {per_rank * cp} "
+            "(`launch/run.py --dry-run` prints the plan)"
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -205,6 +223,12 @@ class Runtime:
             "hit_tokens": hits,
             "hit_rate": hits / queried if queried else 0.0,
         }
+
+    def worker_memory(self) -> list[dict[str, int]]:
+        """Each worker's peak resident bytes and KV cache bytes (and CUDA peak), by rank."""
+        if self.executor is None:
+            raise RuntimeError("this runtime is shut down")
+        return self.executor.memory_stats()
 
     def _prefill_shared_prefix(self, prompts: list[list[int]]) -> None:
         """Compute the prompts' common prefix once so every prompt finds it in the cache

@@ -39,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, help="tensor-parallel size (default 1)")
     p.add_argument("--cp", type=int, help="context-parallel size (default 1)")
     p.add_argument("--session-len", type=int, help="longest prompt + output, in tokens")
+    p.add_argument(
+        "--rope-scaling-factor",
+        type=float,
+        help="dynamic-NTK factor replacing the checkpoint's rope_scaling (past max positions)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"])
     p.add_argument("--executor", choices=["ray", "inprocess", "auto"])
@@ -75,6 +80,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model,
         "session_len": args.session_len,
+        "rope_scaling_factor": args.rope_scaling_factor,
         "device": args.device,
         "dtype": args.dtype,
         "executor": args.executor,
@@ -97,8 +103,8 @@ def build_config(args: argparse.Namespace) -> RuntimeConfig:
 
 
 def dry_run(args: argparse.Namespace) -> int:
-    """Plan one worker's memory from args (+ --config) without building a RuntimeConfig, so
-    cp > 1 can be planned. Exit status: 0 fits, 1 does not (with a suggestion), 2 bad input."""
+    """Plan one worker's memory from args (+ --config) and config.json alone, starting no
+    worker. Exit status: 0 fits, 1 does not (with a suggestion), 2 bad input."""
     from dist_runtime.config import ModelConfig
     from dist_runtime.memory_planner import GiB, plan_memory
 
@@ -189,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, DemoModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with Runtime(config=config) as rt:
+    try:
+        rt = Runtime(config=config)
+    except ConfigError as e:  # e.g. a session that does not fit the KV memory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with rt:
         start = time.perf_counter()
         if document is None:
             answers = [o.text for o in rt.generate(items, params, use_tqdm=True)]

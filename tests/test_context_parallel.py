@@ -138,3 +138,27 @@ def test_dynamic_ntk_request_base_with_cp(ray_cluster: Any, tmp_path: Path) -> N
         with _runtime(folder, 1, cp) as rt:
             outs.append(rt.generate(prompts, PARAMS))
     _assert_same(outs[1], outs[0], "dynamic NTK cp=2")
+
+
+def test_session_that_does_not_fit_fails_at_start_and_cp_fixes_it(
+    ray_cluster: Any, tiny_llama_dir: Path
+) -> None:
+    """KV sized from a byte budget: 8 blocks of 16 tokens per worker hold 128 tokens, so a
+    256-token session fails at start naming --cp 2, and cp=2 (half the KV per worker) runs."""
+    from dist_runtime.config import ConfigError
+
+    block_bytes = 2 * 2 * 16 * 4 * 8 * 4  # K and V, 2 layers, 16 tokens, 4 KV heads of 8, fp32
+    kw: dict[str, Any] = dict(
+        model=str(tiny_llama_dir),
+        session_len=256,
+        device="cpu",
+        dtype="float32",
+        cache=CacheConfig(block_size=16, cpu_kv_cache_bytes=8 * block_bytes),
+    )
+    with pytest.raises(ConfigError, match=r"session_len 256 does not fit.* use --cp 2"):
+        Runtime(**kw)
+    with Runtime(cp=2, **kw) as rt:
+        assert rt.blocks.capacity_tokens == 256
+        (out,) = rt.generate([_prompt(200, 9)], SamplingParams(max_new_tokens=50, ignore_eos=True))
+        assert len(out.token_ids) == 50
+        assert all(m["kv_cache_bytes"] == 8 * block_bytes for m in rt.worker_memory())

@@ -64,6 +64,21 @@ class Worker:
         result = self.runner.execute(decode(plan_bytes, StepPlan))
         return None if result is None else encode(result)
 
+    def memory_stats(self) -> dict[str, int]:
+        """This worker's memory: peak resident bytes of its process, its KV cache allocation,
+        and on CUDA the peak bytes the allocator handed out."""
+        import resource
+
+        assert self.runner is not None
+        stats = {
+            "rank": self.coords.rank,
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "kv_cache_bytes": 0 if self.runner.kv_cache is None else self.runner.kv_cache.nbytes,
+        }
+        if self.runner.device.type == "cuda":
+            stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.runner.device)
+        return stats
+
     def ping(self) -> int:
         return self.coords.rank
 

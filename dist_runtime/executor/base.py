@@ -27,4 +27,8 @@ class Executor(abc.ABC):
         """Run one step on every worker; the driver rank's result."""
 
     @abc.abstractmethod
+    def memory_stats(self) -> list[dict[str, int]]:
+        """Each worker's memory (see `Worker.memory_stats`), by rank."""
+
+    @abc.abstractmethod
     def shutdown(self) -> None: ...

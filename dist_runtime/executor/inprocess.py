@@ -26,5 +26,8 @@ class InProcessExecutor(Executor):
         assert out is not None
         return decode(out, StepResult)
 
+    def memory_stats(self) -> list[dict[str, int]]:
+        return [self.worker.memory_stats()]
+
     def shutdown(self) -> None:
         self.worker.shutdown()

@@ -146,6 +146,15 @@ class RayExecutor(Executor):
         )
         return decode(outs[0], StepResult)
 
+    def memory_stats(self) -> list[dict[str, int]]:
+        return list(
+            self._get(
+                [a.memory_stats.remote() for a in self.actors],
+                self.config.step_timeout_s,
+                "reading memory stats",
+            )
+        )
+
     def shutdown(self) -> None:
         ray = self.ray
         for actor in self.actors:

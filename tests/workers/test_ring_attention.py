@@ -54,7 +54,7 @@ CASES = [
     Case("cp2-block16", 2, (100, 37), 16),
     Case("cp3-mixed", 3, (5, 100, 1, 37), 4),
     Case("cp3-rank0-only", 3, (3,), 16),
-    Case("cp3-ranks-idle-then-busy", 3, (3, 40), 16, kv_heads=1),
+    Case("cp3-seq-on-one-rank", 3, (3, 40), 16, kv_heads=1),
     Case("cp4-mixed", 4, (37, 1, 100, 5), 4, kv_heads=1),
     Case("cp4-block16", 4, (100, 70), 16),
     Case("cp4-fp64", 4, (37, 20), 4, dtype=torch.float64),
