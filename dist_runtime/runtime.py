@@ -110,7 +110,7 @@ class Runtime:
         bs, cp, tp = self.config.cache.block_size, self.config.parallel.cp, self.config.parallel.tp
         session = self.config.session_len
         per_rank = num_blocks * bs
-        if per_rank * cp >= session:
+        if per_rank * cp >= session or num_blocks < 1:  # no KV at all: BlockManager says so
             return
         need_cp = -(-session // max(per_rank, 1))
         raise ConfigError(

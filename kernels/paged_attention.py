@@ -19,6 +19,7 @@ from kernels.flash_attn import (
     check_head_dim,
     is_interpreting,
 )
+from kernels.position_attention import position_attention_ref
 
 try:
     import triton
@@ -314,12 +315,22 @@ def _gather(
     return k, v
 
 
+LARGE_SCORES = 1 << 24
+"""Above this many query x key pairs, the reference attends tile by tile."""
+
+
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q: (n, q_heads, d) at the last n of ctx positions; k, v: (ctx, kv_heads, d)."""
     n, q_heads, _ = q.shape
     ctx, kv_heads, _ = k.shape
+    if n * ctx > LARGE_SCORES:
+        # A chunk over a long cached prefix: a dense mask would take n * ctx bytes (8 GiB for
+        # 8K queries over 1M keys); tile it instead, masking only the tiles on the diagonal.
+        positions = torch.arange(ctx, device=q.device)
+        o, s = position_attention_ref(q, positions[ctx - n :], k, v, positions, scale)
+        return o, (s.float() if return_lse else None)
     group = q_heads // kv_heads
     if not return_lse:
         # (1, heads, len, d): the 4-D form takes SDPA's fused CPU kernel, the 3-D one does not.

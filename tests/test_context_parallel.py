@@ -162,3 +162,13 @@ def test_session_that_does_not_fit_fails_at_start_and_cp_fixes_it(
         (out,) = rt.generate([_prompt(200, 9)], SamplingParams(max_new_tokens=50, ignore_eos=True))
         assert len(out.token_ids) == 50
         assert all(m["kv_cache_bytes"] == 8 * block_bytes for m in rt.worker_memory())
+
+
+def test_world_larger_than_the_cluster(ray_cluster: Any, tiny_llama_dir: Path) -> None:
+    """tp * cp workers that the Ray cluster cannot place fail at once, naming the numbers."""
+    from dist_runtime.executor.base import WorkerError
+
+    with pytest.raises(
+        (WorkerError, ValueError), match=r"tp\*cp = 8 workers need 8 CPU.*lower tp/cp"
+    ):
+        _runtime(tiny_llama_dir, 2, 4)

@@ -24,7 +24,6 @@ import torch
 
 from dist_runtime import RequestOutput, Runtime, SamplingParams
 from dist_runtime.chat import encode_chat, history_to_messages
-from dist_runtime.config import SchedulerConfig
 from dist_runtime.demo_model import demo_model_path
 from dist_runtime.documents import harbor_report, passkey_haystack
 from dist_runtime.tokenizer import Tokenizer
@@ -226,29 +225,6 @@ def test_chat_finds_the_pass_key(rt1: Runtime, position: float) -> None:
     assert len(_chat_ids(rt1, haystack)) > 1200
     reply, _ = rt1.chat(haystack, params=SamplingParams(max_new_tokens=24, temperature=0.0))
     assert str(key) in reply
-
-
-@pytest.mark.parametrize("cp", [2, 3])
-def test_pass_key_with_context_parallelism(
-    ray_cluster: Any, rt1: Runtime, model_dir: Path, cp: int
-) -> None:
-    """The haystack sharded over cp ranks (prefill chunks of 256 tokens per rank, so the later
-    chunks attend over KV spread across ranks) gives cp=1's reply token for token."""
-    key = random.Random(f"{PASSKEY_SEED}-cp").randint(10_000, 99_999)
-    prompt = _chat_ids(rt1, passkey_haystack(key, position=0.5))
-    params = SamplingParams(max_new_tokens=16, temperature=0.0)
-    (want,) = rt1.generate([prompt], params)
-    assert str(key) in want.text
-    with Runtime(
-        model=str(model_dir),
-        cp=cp,
-        device="cpu",
-        dtype="float32",
-        session_len=SESSION_LEN,
-        scheduler=SchedulerConfig(max_num_batched_tokens=256),
-    ) as rt:
-        (got,) = rt.generate([prompt], params)
-    assert got.token_ids == want.token_ids
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,18 @@ class RayExecutor(Executor):
                     f"tp*cp = {self.world_size} workers need {per_worker * self.world_size} {key} "
                     f"but the Ray cluster has {have}; lower tp/cp or add {key}s to the cluster"
                 )
+        free = ray.available_resources()
+        for key, per_worker in bundle.items():
+            if int(free.get(key, 0)) < per_worker * self.world_size:
+                logger.warning(
+                    "%d %s of the cluster's %d are free now, %d needed: waiting up to %.0f s for "
+                    "other jobs (another Runtime?) to release them",
+                    int(free.get(key, 0)),
+                    key,
+                    int(total.get(key, 0)),
+                    per_worker * self.world_size,
+                    self.config.init_timeout_s,
+                )
 
     def _init_ray(self, ray: Any) -> None:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
