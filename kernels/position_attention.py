@@ -81,15 +81,20 @@ def position_attention_ref(
     m = k.shape[0]
     if n == 0 or m == 0:
         return out, lse
-    # Tile bounds, so a tile's visibility is decided from four numbers.
+    # Queries in position order, so a query tile spans few positions and only the keys among
+    # them need a mask (context parallelism hands over queries rank by rank, each striped).
+    order = None
+    if n > 1 and not bool((q_pos[1:] >= q_pos[:-1]).all()):
+        order = torch.argsort(q_pos, stable=True)
+        q, q_pos = q[order], q_pos[order]
+    keys_sorted = m < 2 or bool((k_pos[1:] >= k_pos[:-1]).all())
     for q0 in range(0, n, Q_TILE):
         qs = slice(q0, min(q0 + Q_TILE, n))
         qp = q_pos[qs]
         q_lo, q_hi = int(qp.min()), int(qp.max())
         acc_o: torch.Tensor | None = None
         acc_l: torch.Tensor | None = None
-        for k0 in range(0, m, K_TILE):
-            ks = slice(k0, min(k0 + K_TILE, m))
+        for ks in _key_tiles(k_pos, q_lo, q_hi, keys_sorted):
             kp = k_pos[ks]
             k_lo, k_hi = int(kp.min()), int(kp.max())
             if k_lo > q_hi:  # every key is in every query's future
@@ -103,7 +108,27 @@ def position_attention_ref(
         if acc_o is not None and acc_l is not None:
             out[qs] = acc_o.to(q.dtype)
             lse[qs] = acc_l.to(lse_dtype)
+    if order is not None:
+        out = torch.empty_like(out).index_copy_(0, order, out)
+        lse = torch.empty_like(lse).index_copy_(0, order, lse)
     return out, lse
+
+
+def _key_tiles(k_pos: torch.Tensor, q_lo: int, q_hi: int, keys_sorted: bool) -> list[slice]:
+    """Key ranges to visit for queries at positions [q_lo, q_hi].
+
+    Sorted keys split at q_lo and q_hi: keys at or before q_lo are visible to every query (large
+    unmasked tiles), keys in (q_lo, q_hi] need a mask, keys past q_hi are skipped. Unsorted
+    keys are walked in fixed tiles.
+    """
+    m = k_pos.numel()
+    if not keys_sorted:
+        return [slice(k0, min(k0 + K_TILE, m)) for k0 in range(0, m, K_TILE)]
+    bounds = torch.tensor([q_lo, q_hi], dtype=k_pos.dtype, device=k_pos.device)
+    j0, j1 = torch.searchsorted(k_pos, bounds, right=True).tolist()
+    tiles = [slice(k0, min(k0 + K_TILE, j0)) for k0 in range(0, j0, K_TILE)]
+    tiles += [slice(k0, min(k0 + K_TILE, j1)) for k0 in range(j0, j1, K_TILE)]
+    return tiles
 
 
 def _tile(

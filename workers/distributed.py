@@ -128,7 +128,7 @@ class Collectives:
             return x[None]
         # Concatenated along dim 0 (the layout gloo accepts), then split into a cp dim.
         out = torch.empty((self.cp_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=self.cp_group)
+        _all_gather_single(out, x.contiguous(), group=self.cp_group)
         return out.view(self.cp_size, *x.shape)
 
     def cp_all_to_all(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +151,10 @@ class Collectives:
         ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group=self.cp_group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, prv, group=self.cp_group) for r in recv]
         return RingTransfer(dist.batch_isend_irecv(ops), recv)
+
+
+# torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); older torch lacks it.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class RingTransfer:
