@@ -11,6 +11,7 @@ from dist_runtime.config import (
     RuntimeConfig,
     SchedulerConfig,
 )
+from dist_runtime.job_store import JobFailedError, JobState, JobStatus, UnknownJobError
 from dist_runtime.outputs import RequestOutput, TokenLogprobs
 from dist_runtime.runtime import Runtime
 from dist_runtime.sampling_params import SamplingParams
@@ -18,6 +19,9 @@ from dist_runtime.sampling_params import SamplingParams
 __all__ = [
     "CacheConfig",
     "ConfigError",
+    "JobFailedError",
+    "JobState",
+    "JobStatus",
     "ModelConfig",
     "ParallelConfig",
     "RequestOutput",
@@ -26,4 +30,5 @@ __all__ = [
     "SamplingParams",
     "SchedulerConfig",
     "TokenLogprobs",
+    "UnknownJobError",
 ]

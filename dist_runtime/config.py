@@ -366,6 +366,8 @@ class RuntimeConfig:
     """Seconds a step may take on the workers before it is declared hung."""
     init_timeout_s: float = 300.0
     """Seconds for workers to start and load weights."""
+    job_dir: str | None = None
+    """Directory of the durable job queue (SQLite); None: a temporary one per Runtime."""
     rope_scaling_factor: float | None = None
     """Dynamic-NTK factor to use instead of the checkpoint's rope_scaling (as LMDeploy's
     --rope-scaling-factor): lets a model without RoPE scaling run past its trained length."""

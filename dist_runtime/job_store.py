@@ -1,0 +1,365 @@
+"""The durable job queue: one SQLite database (WAL) in a job directory.
+
+Every state change is one transaction, so any number of processes may submit, watch and cancel
+jobs on the same directory while one service process runs them. After the service dies, the
+next one to open the directory puts the jobs it was running back in the queue
+(`requeue_running`); finished results stay readable. Documents, questions, parameters and
+answers are stored as text / JSON, never pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dist_runtime.sampling_params import SamplingParams
+
+DB_NAME = "jobs.sqlite3"
+SERVICE_INFO = "service.json"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT UNIQUE,
+    state TEXT NOT NULL,
+    document TEXT NOT NULL,
+    questions TEXT NOT NULL,
+    params TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    prefill_tokens_done INTEGER NOT NULL DEFAULT 0,
+    prefill_tokens_total INTEGER NOT NULL DEFAULT 0,
+    tokens_generated INTEGER NOT NULL DEFAULT 0,
+    answers TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+"""
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+class UnknownJobError(KeyError):
+    """No job with this id in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown job"
+
+
+class JobFailedError(RuntimeError):
+    """The job ended failed (or cancelled); the message carries its error."""
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What `Runtime.status` / `jobs()` report about one job."""
+
+    job_id: str
+    state: JobState
+    num_questions: int
+    prefill_tokens_done: int
+    prefill_tokens_total: int
+    tokens_generated: int
+    attempts: int
+    error: str | None
+    created: float
+    updated: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["state"] = self.state.value
+        return d
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as the service runs it."""
+
+    job_id: str
+    document: str
+    questions: list[str]
+    params: SamplingParams
+    attempts: int
+
+
+def params_to_json(params: SamplingParams) -> str:
+    d = dataclasses.asdict(params)
+    d.pop("extra", None)
+    return json.dumps(d)
+
+
+def params_from_json(text: str) -> SamplingParams:
+    d = json.loads(text)
+    for key in ("stop_token_ids", "stop"):
+        d[key] = tuple(d.get(key) or ())
+    return SamplingParams(**d)
+
+
+class JobStore:
+    """Thread-safe handle on one job directory's database (one connection, one lock)."""
+
+    def __init__(self, job_dir: str | os.PathLike[str]):
+        self.job_dir = Path(job_dir)
+        try:
+            self.job_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the job directory {str(job_dir)!r}: {e}") from e
+        self.path = self.job_dir / DB_NAME
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._tx():
+            for stmt in _SCHEMA.strip().split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- transactions -----------------------------------------------------------------------
+    class _Tx:
+        def __init__(self, store: JobStore):
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            try:
+                self.store._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
+            return self.store._db
+
+        def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+            try:
+                self.store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            finally:
+                self.store._lock.release()
+
+    def _tx(self) -> JobStore._Tx:
+        return JobStore._Tx(self)
+
+    # -- submitters -------------------------------------------------------------------------
+    def submit(
+        self,
+        document: str,
+        questions: list[str],
+        params: SamplingParams,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Queue a job; with an idempotency key already used, return that job's id instead."""
+        now = time.time()
+        with self._tx() as db:
+            if idempotency_key is not None:
+                row = db.execute(
+                    "SELECT id FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
+                if row is not None:
+                    return str(row[0])
+            job_id = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO jobs (id, idempotency_key, state, document, questions, params, "
+                "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    idempotency_key,
+                    JobState.QUEUED.value,
+                    document,
+                    json.dumps(questions),
+                    params_to_json(params),
+                    now,
+                    now,
+                ),
+            )
+        return job_id
+
+    def status(self, job_id: str) -> JobStatus:
+        with self._tx() as db:
+            row = db.execute(f"SELECT {_STATUS_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+            found = row.fetchone()
+        if found is None:
+            raise UnknownJobError(f"no job {job_id!r} in {self.path}")
+        return _status(found)
+
+    def list_jobs(self) -> list[JobStatus]:
+        with self._tx() as db:
+            rows = db.execute(f"SELECT {_STATUS_COLUMNS} FROM jobs ORDER BY seq").fetchall()
+        return [_status(r) for r in rows]
+
+    def answers(self, job_id: str) -> list[str]:
+        """A done job's answers; JobFailedError for a failed or cancelled job."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state, answers, error FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        if row is None:
+            raise UnknownJobError(f"no job {job_id!r} in {self.path}")
+        state = JobState(row[0])
+        if state is JobState.DONE:
+            return list(json.loads(row[1]))
+        if state in (JobState.FAILED, JobState.CANCELLED):
+            raise JobFailedError(f"job {job_id} {state.value}: {row[2]}")
+        raise ValueError(f"job {job_id} is {state.value}, not finished")
+
+    def cancel(self, job_id: str) -> JobState:
+        """Cancel a queued job now, or ask the service to stop a running one; returns the
+        state the job had (a finished job is left as it is)."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJobError(f"no job {job_id!r} in {self.path}")
+            state = JobState(row[0])
+            if state is JobState.QUEUED:
+                db.execute(
+                    "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?",
+                    (JobState.CANCELLED.value, "cancelled before it started", now, job_id),
+                )
+                return state
+            if state is JobState.RUNNING:
+                db.execute(
+                    "UPDATE jobs SET cancel_requested = 1, updated = ? WHERE id = ?",
+                    (now, job_id),
+                )
+            return state
+
+    def wait(self, job_id: str, timeout: float | None = None) -> list[str]:
+        """Block until a job ends; its answers, or JobFailedError / TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.01
+        while not self.status(job_id).state.is_final:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} not finished after {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        return self.answers(job_id)
+
+    def service_info(self) -> dict[str, Any] | None:
+        """What the service serving this directory wrote about itself (model, session_len)."""
+        path = self.job_dir / SERVICE_INFO
+        try:
+            return dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return None
+
+    def write_service_info(self, info: dict[str, Any]) -> None:
+        tmp = self.job_dir / f".{SERVICE_INFO}.{os.getpid()}"
+        tmp.write_text(json.dumps(info), encoding="utf-8")
+        os.replace(tmp, self.job_dir / SERVICE_INFO)
+
+    # -- the service ------------------------------------------------------------------------
+    def requeue_running(self) -> int:
+        """Put jobs a dead service was running back in the queue; returns how many."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = ?, updated = ? WHERE state = ?",
+                (JobState.QUEUED.value, time.time(), JobState.RUNNING.value),
+            )
+            return cur.rowcount
+
+    def requeue(self, job_id: str) -> None:
+        """Put one running job back in the queue (its service is stopping)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, updated = ? WHERE id = ? AND state = ?",
+                (JobState.QUEUED.value, time.time(), job_id, JobState.RUNNING.value),
+            )
+
+    def claim(self) -> Job | None:
+        """Take the oldest queued job (now running, one more attempt), or None."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id, document, questions, params, attempts FROM jobs "
+                "WHERE state = ? ORDER BY seq LIMIT 1",
+                (JobState.QUEUED.value,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, updated = ?, "
+                "prefill_tokens_done = 0, tokens_generated = 0 WHERE id = ?",
+                (JobState.RUNNING.value, time.time(), row[0]),
+            )
+        return Job(
+            job_id=row[0],
+            document=row[1],
+            questions=list(json.loads(row[2])),
+            params=params_from_json(row[3]),
+            attempts=row[4] + 1,
+        )
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def progress(self, job_id: str, prefill_done: int, prefill_total: int, generated: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET prefill_tokens_done = ?, prefill_tokens_total = ?, "
+                "tokens_generated = ?, updated = ? WHERE id = ? AND state = ?",
+                (prefill_done, prefill_total, generated, time.time(), job_id, "running"),
+            )
+
+    def finish(self, job_id: str, answers: list[str]) -> None:
+        self._end(job_id, JobState.DONE, None, json.dumps(answers))
+
+    def fail(self, job_id: str, error: str) -> None:
+        self._end(job_id, JobState.FAILED, error, None)
+
+    def mark_cancelled(self, job_id: str) -> None:
+        self._end(job_id, JobState.CANCELLED, "cancelled while running", None)
+
+    def _end(self, job_id: str, state: JobState, error: str | None, answers: str | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, error = ?, answers = ?, updated = ? WHERE id = ?",
+                (state.value, error, answers, time.time(), job_id),
+            )
+
+
+_STATUS_COLUMNS = (
+    "id, state, questions, prefill_tokens_done, prefill_tokens_total, tokens_generated, "
+    "attempts, error, created, updated"
+)
+
+
+def _status(row: tuple[Any, ...]) -> JobStatus:
+    return JobStatus(
+        job_id=row[0],
+        state=JobState(row[1]),
+        num_questions=len(json.loads(row[2])),
+        prefill_tokens_done=row[3],
+        prefill_tokens_total=row[4],
+        tokens_generated=row[5],
+        attempts=row[6],
+        error=row[7],
+        created=row[8],
+        updated=row[9],
+    )

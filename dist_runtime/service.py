@@ -1,0 +1,115 @@
+"""The cluster-facing job queue: a named, detached Ray actor in front of a job directory.
+
+`launch/run.py --serve` runs the model (a Runtime whose job runner drains the directory) and
+starts this actor on its own node (or attaches to the one already there), so any process on
+the cluster submits with
+
+    ray.init(address="auto")
+    queue = dist_runtime.service.connect()          # name / namespace configurable
+    job_id = ray.get(queue.submit.remote(document, ["q1", "q2"]))
+    answers = ray.get(queue.result.remote(job_id))
+
+The actor is detached: it outlives the serving process, keeps accepting jobs into the durable
+queue while the service restarts, and a new service on the same directory attaches to it.
+Arguments and results are plain strings, lists and dicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+from dist_runtime.job_client import JobClient
+from dist_runtime.sampling_params import SamplingParams
+
+DEFAULT_NAME = "dist_runtime_jobs"
+DEFAULT_NAMESPACE = "dist_runtime"
+
+
+class JobQueue:
+    """The actor's body: a JobClient on the serving node's job directory."""
+
+    def __init__(self, job_dir: str):
+        self.job_dir = job_dir
+        self.client = JobClient(job_dir)
+
+    def submit(
+        self,
+        document: str | bytes,
+        questions: list[str],
+        params: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        encoding_errors: str = "strict",
+    ) -> str:
+        sampling = None if params is None else SamplingParams(**params)
+        return self.client.submit(
+            document,
+            questions,
+            sampling,
+            encoding_errors=encoding_errors,
+            idempotency_key=idempotency_key,
+        )
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self.client.status(job_id).to_dict()
+
+    def result(self, job_id: str, timeout: float | None = None) -> list[str]:
+        return self.client.result(job_id, timeout)
+
+    def cancel(self, job_id: str) -> str:
+        return self.client.cancel(job_id).value
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return [s.to_dict() for s in self.client.jobs()]
+
+    def where(self) -> dict[str, Any]:
+        return {"job_dir": self.job_dir, "pid": os.getpid()}
+
+
+def start(job_dir: str, name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Any:
+    """The named queue actor, created on this node for `job_dir` unless it already runs."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    actor: Any = (
+        ray.remote(JobQueue)
+        .options(
+            name=name,
+            namespace=namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=32,  # result() blocks; others must still get through
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+        )
+        .remote(os.path.abspath(job_dir))
+    )
+    where = ray.get(actor.where.remote(), timeout=120)
+    if os.path.abspath(where["job_dir"]) != os.path.abspath(job_dir):
+        raise ValueError(
+            f"a job queue named {name!r} in namespace {namespace!r} already serves "
+            f"{where['job_dir']}, not {job_dir}; use its --job-dir or another --service-name"
+        )
+    return actor
+
+
+def connect(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Any:
+    """The running queue actor (after `ray.init(address="auto")`)."""
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError as e:
+        raise ValueError(
+            f"no job queue named {name!r} in Ray namespace {namespace!r}; start one with "
+            "`python launch/run.py --serve ...` on the cluster"
+        ) from e
+
+
+def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> None:
+    import ray
+
+    with contextlib.suppress(ValueError):  # not running
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)

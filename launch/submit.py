@@ -1,0 +1,154 @@
+"""Submit a document-QA job to a running service (`launch/run.py --serve`) from any process.
+
+    python launch/submit.py --doc report.txt -q "Who signed it?" -q "When?" --wait
+    python launch/submit.py --job-dir /data/jobs --doc report.txt -q "..."   # same machine
+    python launch/submit.py --status JOB_ID          # or --result JOB_ID, --cancel JOB_ID, --list
+
+Through Ray (default): connects with ray.init(address="auto") to the named job-queue actor.
+With --job-dir: writes straight into the durable queue's directory (same machine or shared
+file system). Either way the job is validated against the service's model and session length
+before it is queued, and the job id is printed at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_runtime.job_store import JobFailedError, UnknownJobError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--doc", help="UTF-8 text file to ask about")
+    p.add_argument("-q", "--question", action="append", help="a question (repeatable)")
+    p.add_argument("--replace-invalid-utf8", action="store_true", help="decode with U+FFFD")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--idempotency-key", help="submitting the same key again returns the same job")
+    p.add_argument("--wait", action="store_true", help="wait and print the answers")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to --wait at most")
+    p.add_argument("--status", metavar="JOB_ID")
+    p.add_argument("--result", metavar="JOB_ID")
+    p.add_argument("--cancel", metavar="JOB_ID")
+    p.add_argument("--list", action="store_true", help="every job, oldest first")
+    p.add_argument("--job-dir", help="the queue's directory (instead of the Ray actor)")
+    p.add_argument("--address", default="auto", help="Ray cluster address (default auto)")
+    p.add_argument("--service-name", default=None)
+    p.add_argument("--namespace", default=None)
+    return p.parse_args(argv)
+
+
+class _RayQueue:
+    """The Ray actor behind the same calls as a JobClient."""
+
+    def __init__(self, args: argparse.Namespace):
+        import ray
+
+        from dist_runtime import service
+
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        self.ray = ray
+        self.actor = service.connect(
+            args.service_name or service.DEFAULT_NAME, args.namespace or service.DEFAULT_NAMESPACE
+        )
+
+    def submit(self, document: bytes, questions: list[str], max_new_tokens: int, **kw: Any) -> str:
+        params = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+        return str(
+            self.ray.get(
+                self.actor.submit.remote(
+                    document,
+                    questions,
+                    params,
+                    kw["idempotency_key"],
+                    kw["encoding_errors"],
+                )
+            )
+        )
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return dict(self.ray.get(self.actor.status.remote(job_id)))
+
+    def result(self, job_id: str, timeout: float | None) -> list[str]:
+        return list(self.ray.get(self.actor.result.remote(job_id, timeout)))
+
+    def cancel(self, job_id: str) -> str:
+        return str(self.ray.get(self.actor.cancel.remote(job_id)))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self.ray.get(self.actor.jobs.remote()))
+
+
+class _DirQueue:
+    def __init__(self, job_dir: str):
+        from dist_runtime.job_client import JobClient
+
+        self.client = JobClient(job_dir)
+
+    def submit(self, document: bytes, questions: list[str], max_new_tokens: int, **kw: Any) -> str:
+        from dist_runtime.sampling_params import SamplingParams
+
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        return self.client.submit(document, questions, params, **kw)
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self.client.status(job_id).to_dict()
+
+    def result(self, job_id: str, timeout: float | None) -> list[str]:
+        return self.client.result(job_id, timeout)
+
+    def cancel(self, job_id: str) -> str:
+        return self.client.cancel(job_id).value
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return [s.to_dict() for s in self.client.jobs()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        queue: Any = _DirQueue(args.job_dir) if args.job_dir else _RayQueue(args)
+        if args.status:
+            print(json.dumps(queue.status(args.status)))
+            return 0
+        if args.cancel:
+            print(queue.cancel(args.cancel))
+            return 0
+        if args.list:
+            for job in queue.jobs():
+                print(json.dumps(job))
+            return 0
+        job_id = args.result
+        if job_id is None:
+            if not args.doc or not args.question:
+                raise ValueError("give --doc FILE and at least one -q/--question")
+            try:
+                document = Path(args.doc).read_bytes()
+            except OSError as e:
+                raise ValueError(f"cannot read --doc {args.doc!r}: {e.strerror or e}") from e
+            job_id = queue.submit(
+                document,
+                args.question,
+                args.max_new_tokens,
+                idempotency_key=args.idempotency_key,
+                encoding_errors="replace" if args.replace_invalid_utf8 else "strict",
+            )
+            print(job_id, flush=True)
+            if not args.wait:
+                return 0
+        answers = queue.result(job_id, args.timeout)
+        for answer in answers:
+            print(json.dumps(answer, ensure_ascii=False))
+        return 0
+    except (ValueError, UnknownJobError, JobFailedError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""The durable job queue: store semantics, the Runtime's job API, cancel, bad input, and many
+submitting processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dist_runtime import (
+    JobFailedError,
+    JobState,
+    Runtime,
+    SamplingParams,
+    UnknownJobError,
+)
+from dist_runtime.config import CacheConfig, SchedulerConfig
+from dist_runtime.job_client import JobClient
+from dist_runtime.job_store import JobStore
+
+PARAMS = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+DOC = "The harbour master keeps the tide tables. The lighthouse keeper is Ada Brennan. " * 3
+
+
+# -- the store alone --------------------------------------------------------------------------
+def test_store_lifecycle_and_persistence(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    a = store.submit("doc a", ["q1", "q2"], PARAMS)
+    b = store.submit("doc b", ["q"], PARAMS, idempotency_key="k")
+    assert store.submit("other", ["x"], PARAMS, idempotency_key="k") == b  # same key, same job
+    assert [s.job_id for s in store.list_jobs()] == [a, b]
+    job = store.claim()
+    assert job is not None and job.job_id == a and job.questions == ["q1", "q2"]
+    assert job.params == PARAMS and job.attempts == 1
+    assert store.status(a).state is JobState.RUNNING
+    store.progress(a, 10, 40, 3)
+    s = store.status(a)
+    assert (s.prefill_tokens_done, s.prefill_tokens_total, s.tokens_generated) == (10, 40, 3)
+    store.close()
+
+    # A new process on the same directory: the running job goes back to the queue.
+    store = JobStore(tmp_path)
+    assert store.requeue_running() == 1
+    again = store.claim()
+    assert again is not None and again.job_id == a and again.attempts == 2
+    store.finish(a, ["one", "two"])
+    assert store.answers(a) == ["one", "two"] and store.wait(a, timeout=1) == ["one", "two"]
+    assert store.cancel(b) is JobState.QUEUED  # queued: cancelled at once
+    assert store.status(b).state is JobState.CANCELLED
+    with pytest.raises(JobFailedError, match=r"cancelled before it started"):
+        store.answers(b)
+    assert store.claim() is None
+    with pytest.raises(UnknownJobError, match=r"no job 'nope'"):
+        store.status("nope")
+    with pytest.raises(UnknownJobError):
+        store.cancel("nope")
+
+
+def _submit_many(job_dir: str, worker: int, count: int, out: Any) -> None:
+    client = JobClient(job_dir)
+    ids = [
+        client.submit(f"{DOC} Worker {worker}, job {i}.", [f"Who keeps the light? ({i})"], PARAMS)
+        for i in range(count)
+    ]
+    out.put((worker, ids))
+
+
+# -- through a Runtime ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rt(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    with Runtime(
+        model=str(tiny_llama_dir),
+        device="cpu",
+        dtype="float32",
+        session_len=2048,
+        job_dir=str(tmp_path_factory.mktemp("jobs")),
+        cache=CacheConfig(block_size=16, num_blocks=256),
+        scheduler=SchedulerConfig(max_num_batched_tokens=64),
+    ) as runtime:
+        yield runtime
+
+
+def test_submit_result_equals_ask(rt: Runtime) -> None:
+    questions = ["Who keeps the light?", "Who keeps the tide tables?"]
+    job_id = rt.submit(DOC, questions, PARAMS)
+    answers = rt.result(job_id, timeout=120)
+    assert answers == rt.ask(DOC, questions, PARAMS)
+    status = rt.status(job_id)
+    assert status.state is JobState.DONE and status.num_questions == 2 and status.attempts == 1
+    assert status.prefill_tokens_done == status.prefill_tokens_total > 0
+    assert status.tokens_generated == 2 * PARAMS.max_new_tokens
+    assert job_id in [s.job_id for s in rt.jobs()]
+
+
+def test_cancel_running_job_frees_its_blocks(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    rt.result(rt.submit(DOC, ["warm-up"], PARAMS), timeout=120)
+    free_before = rt.blocks.num_free_blocks
+    assert rt.executor is not None
+    execute = rt.executor.execute
+
+    def slow_step(plan: Any) -> Any:  # ~20 steps of prefill take long enough to cancel in
+        time.sleep(0.05)
+        return execute(plan)
+
+    monkeypatch.setattr(rt.executor, "execute", slow_step)
+    long_doc = " ".join(f"Line {i}: the tide was {i % 7} metres at dawn." for i in range(60))
+    job_id = rt.submit(long_doc, ["What was the tide at line 3?"], PARAMS)
+    deadline = time.monotonic() + 60
+    while rt.status(job_id).prefill_tokens_done == 0:  # running, partway through its prefill
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert rt.cancel(job_id) is JobState.RUNNING
+    with pytest.raises(JobFailedError, match=r"cancelled while running"):
+        rt.result(job_id, timeout=60)
+    status = rt.status(job_id)
+    assert status.state is JobState.CANCELLED
+    assert status.prefill_tokens_done < status.prefill_tokens_total
+    with rt._lock:  # the runner has let go of the scheduler
+        assert rt.blocks.num_free_blocks == free_before
+        assert not rt.scheduler.has_work()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(document=DOC, questions=[]), r"questions must be a non-empty list"),
+        (dict(document=DOC, questions="one string"), r"questions must be a non-empty list"),
+        (dict(document=DOC, questions=["ok", " "]), r"each question must be a non-empty"),
+        (dict(document="   ", questions=["q"]), r"must be non-empty text"),
+        (dict(document=b"caf\xe9 au lait", questions=["q"]), r"not UTF-8 .*0xe9 at offset 3"),
+        (dict(document_path="/nonexistent/doc.txt", questions=["q"]), r"cannot read document_"),
+        (dict(document="x " * 3000, questions=["q"]), r"tokens \+ max_new_tokens 6 = \d+, over "),
+        (dict(questions=["q"]), r"exactly one of document"),
+    ],
+)
+def test_submit_rejects_bad_input(rt: Runtime, kwargs: dict[str, Any], match: str) -> None:
+    before = len(rt.jobs())
+    with pytest.raises(ValueError, match=match):
+        rt.submit(params=PARAMS, **kwargs)
+    assert len(rt.jobs()) == before  # nothing queued
+
+
+def test_non_utf8_with_replacement_and_unknown_ids(rt: Runtime, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(DOC.encode() + b" caf\xe9.")
+    job_id = rt.submit(
+        questions=["Who keeps the light?"],
+        params=PARAMS,
+        document_path=path,
+        encoding_errors="replace",
+    )
+    assert len(rt.result(job_id, timeout=120)) == 1
+    for call in (rt.status, rt.cancel, rt.result):
+        with pytest.raises(UnknownJobError, match=r"no job 'missing'"):
+            call("missing")
+
+
+def test_eight_processes_submit_every_job_runs_once(rt: Runtime) -> None:
+    """Eight submitting processes on the service's job directory: every job completes, once."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    job_dir = str(rt._job_store().job_dir)
+    procs = [ctx.Process(target=_submit_many, args=(job_dir, w, 3, out)) for w in range(8)]
+    for p in procs:
+        p.start()
+    submitted = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    ids = [i for w in range(8) for i in submitted[w]]
+    assert len(set(ids)) == 24
+    for job_id in ids:
+        assert len(rt.result(job_id, timeout=300)) == 1
+        status = rt.status(job_id)
+        assert status.state is JobState.DONE and status.attempts == 1
