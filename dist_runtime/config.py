@@ -366,6 +366,10 @@ class RuntimeConfig:
     """Seconds a step may take on the workers before it is declared hung."""
     init_timeout_s: float = 300.0
     """Seconds for workers to start and load weights."""
+    monitor_interval_s: float = 2.0
+    """Seconds between the driver's liveness pings of its Ray workers."""
+    max_job_attempts: int = 3
+    """Runs of a job before a worker failure marks it failed (1: never retried)."""
     job_dir: str | None = None
     """Directory of the durable job queue (SQLite); None: a temporary one per Runtime."""
     rope_scaling_factor: float | None = None
@@ -399,7 +403,11 @@ class RuntimeConfig:
             )
         if not _is_int(self.session_len) or self.session_len < 2:
             raise ConfigError(f"session_len must be an integer >= 2, got {self.session_len!r}")
-        for name in ("step_timeout_s", "init_timeout_s"):
+        if not _is_int(self.max_job_attempts) or self.max_job_attempts < 1:
+            raise ConfigError(
+                f"max_job_attempts must be an integer >= 1, got {self.max_job_attempts!r}"
+            )
+        for name in ("step_timeout_s", "init_timeout_s", "monitor_interval_s"):
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from dist_runtime.executor.base import WorkerError
 from dist_runtime.job_store import Job, JobStore
 
 if TYPE_CHECKING:
@@ -96,6 +97,23 @@ class JobRunner:
         except _ServiceStopping:
             self.store.requeue(job.job_id)
             logger.info("job %s requeued: the service is stopping", job.job_id)
+            return
+        except WorkerError as e:  # the runtime has already replaced its workers
+            limit = self.runtime.config.max_job_attempts
+            if job.attempts < limit:
+                self.store.requeue(job.job_id)
+                logger.warning(
+                    "job %s: worker failure on attempt %d of %d, requeued: %s",
+                    job.job_id,
+                    job.attempts,
+                    limit,
+                    e,
+                )
+            else:
+                self.store.fail(
+                    job.job_id, f"worker failure on each of {job.attempts} attempts; last: {e}"
+                )
+                logger.error("job %s failed after %d attempts: %s", job.job_id, limit, e)
             return
         except Exception as e:
             logger.exception("job %s failed", job.job_id)

@@ -32,7 +32,7 @@ from dist_runtime.config import (
     build_section,
 )
 from dist_runtime.doc_qa import check_fits, qa_prompts, read_document
-from dist_runtime.executor import Executor, create_executor
+from dist_runtime.executor import Executor, WorkerError, create_executor
 from dist_runtime.job_runner import JobRunner
 from dist_runtime.job_store import JobState, JobStatus, JobStore
 from dist_runtime.outputs import RequestOutput, TokenLogprobs
@@ -80,6 +80,24 @@ class Runtime:
         self.tokenizer = Tokenizer.from_folder(self.config.model)
         self._rng = random.Random(self.config.seed)
         self._seq_ids = itertools.count()
+        self.num_worker_restarts = 0
+        """Times a dead or hung worker made the runtime replace its whole worker group."""
+        self._start_workers()
+        self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        self._eos_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            self._eos_ids |= set(self.tokenizer.eos_token_ids)
+        logger.info(
+            "runtime ready: %s, tp=%d cp=%d, %d KV blocks of %d tokens",
+            self.config.model,
+            self.config.parallel.tp,
+            self.config.parallel.cp,
+            self.blocks.num_blocks,
+            self.config.cache.block_size,
+        )
+
+    def _start_workers(self) -> None:
+        """A new worker group (new processes) and an empty KV cache for it."""
         self.executor = create_executor(self.config)
         try:
             num_blocks = self.executor.num_available_blocks()
@@ -104,18 +122,21 @@ class Runtime:
         except BaseException:
             self.shutdown()
             raise
-        self.scheduler = Scheduler(self.config.scheduler, self.blocks)
-        self._eos_ids = set(self.model_config.eos_token_ids)
-        if self.tokenizer is not None:
-            self._eos_ids |= set(self.tokenizer.eos_token_ids)
-        logger.info(
-            "runtime ready: %s, tp=%d cp=%d, %d KV blocks of %d tokens",
-            self.config.model,
-            self.config.parallel.tp,
-            self.config.parallel.cp,
-            num_blocks,
-            self.config.cache.block_size,
-        )
+
+    def _recover(self, error: Exception) -> None:
+        """A worker died or hung: kill the whole group (never reusing its process group),
+        start a fresh one, and restart every in-flight sequence from its first token."""
+        logger.error("worker failure, replacing the worker group: %s", error)
+        old = self.executor
+        self.executor = None
+        owned_ray = bool(getattr(old, "_owns_ray", False))
+        if old is not None:
+            old.shutdown(keep_ray=True)
+        self._start_workers()
+        if owned_ray:  # the new group inherits the Ray instance the old one started
+            setattr(self.executor, "_owns_ray", True)  # noqa: B010
+        self.scheduler.reset(self.blocks)
+        self.num_worker_restarts += 1
 
     def _check_session_fits(self, num_blocks: int) -> None:
         """Fail at start when one full session cannot fit in the KV memory the workers have."""
@@ -392,6 +413,9 @@ class Runtime:
         if self.executor is not None:
             self.executor.shutdown()
             self.executor = None
+        if self._job_tmp is not None:
+            self._job_tmp.cleanup()
+            self._job_tmp = None
 
     def __enter__(self) -> Runtime:
         return self
@@ -458,7 +482,11 @@ class Runtime:
         Whatever ends the loop early (an error, a closed stream) aborts the unfinished seqs so
         their blocks return to the pool.
         """
-        assert self.executor is not None
+        if self.executor is None:
+            raise RuntimeError(
+                "this runtime has no workers (it was shut down, or replacing failed workers "
+                "failed); create a new Runtime"
+            )
         pending = {s.seq_id: s for s in seqs}
         try:
             while pending:
@@ -473,7 +501,14 @@ class Runtime:
                         "the scheduler made no progress; the KV cache is too small "
                         "for any waiting sequence"
                     )
-                result = self.executor.execute(plan)
+                try:
+                    result = self.executor.execute(plan)
+                except WorkerError as e:
+                    self._recover(e)
+                    raise WorkerError(
+                        f"{e}; the runtime replaced its workers and dropped the requests in "
+                        "flight: submit them again"
+                    ) from e
                 self.scheduler.on_step_done(plan)
                 if on_step is not None:
                     on_step()

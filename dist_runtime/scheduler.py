@@ -202,6 +202,23 @@ class Scheduler:
         root = self.blocks.root_hash
         return root if seq.rope_base == 0.0 else hash((root, seq.rope_base))
 
+    def reset(self, blocks: BlockManager) -> None:
+        """The workers were replaced and every KV block with them: adopt the new pool and put
+        every running sequence back at the head of the queue, to recompute from its start."""
+        self.blocks = blocks
+        for seq in reversed(self.running):
+            seq.status = SeqStatus.WAITING
+            self.waiting.appendleft(seq)
+        self.running.clear()
+        for seq in self.waiting:
+            seq.block_table.clear()  # ids of the old pool: nothing to free
+            seq.num_computed_tokens = 0
+            seq.num_blocks_sent = 0
+            seq.num_hashed_blocks = 0
+            seq.prefix_hash = None
+            seq.is_reset = True
+        self._finished_ids.clear()
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._drop_blocks(seq)

@@ -157,6 +157,13 @@ class ModelRunner:
         state = self.seqs.get(seq.seq_id)
         if state is None:
             raise ValueError(f"seq {seq.seq_id} is unknown to this worker and not marked new")
+        assert self.kv_cache is not None
+        bad = [b for b in seq.new_blocks if not 0 <= b < self.kv_cache.num_blocks]
+        if bad:
+            raise ValueError(
+                f"seq {seq.seq_id}: block ids {bad[:4]} outside this worker's "
+                f"{self.kv_cache.num_blocks} KV blocks"
+            )
         state.block_table.extend(seq.new_blocks)
         if self.is_driver_rank and state.spec.repetition_penalty != 1.0:
             state.history.extend(seq.token_ids)

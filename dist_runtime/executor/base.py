@@ -31,4 +31,6 @@ class Executor(abc.ABC):
         """Each worker's memory (see `Worker.memory_stats`), by rank."""
 
     @abc.abstractmethod
-    def shutdown(self) -> None: ...
+    def shutdown(self, keep_ray: bool = False) -> None:
+        """Release every worker (kill the processes); keep_ray leaves a Ray this executor
+        started running, for a replacement executor."""

@@ -29,5 +29,5 @@ class InProcessExecutor(Executor):
     def memory_stats(self) -> list[dict[str, int]]:
         return [self.worker.memory_stats()]
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep_ray: bool = False) -> None:
         self.worker.shutdown()

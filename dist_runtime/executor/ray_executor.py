@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +45,19 @@ class RayExecutor(Executor):
         self._owns_ray = False
         self.pg: Any = None
         self.actors: list[Any] = []
+        self.dead: str | None = None
+        """Why the group is unusable (a worker died), as the monitor found it; None: healthy."""
+        self._stop_monitor = threading.Event()
+        self._monitor: threading.Thread | None = None
         try:
             self._start(ray)
         except BaseException:
             self.shutdown()
             raise
+        self._monitor = threading.Thread(
+            target=self._watch, name="dist-runtime-worker-monitor", daemon=True
+        )
+        self._monitor.start()
 
     def _start(self, ray: Any) -> None:
         from ray.util.placement_group import placement_group
@@ -124,8 +134,21 @@ class RayExecutor(Executor):
         self._owns_ray = True
 
     def _get(self, refs: Any, timeout: float, what: str) -> Any:
+        """ray.get with a timeout that fails as soon as any one ref fails: when a worker dies
+        mid-step its peers block in a collective, so waiting for all of them would hang."""
         ray = self.ray
         try:
+            if isinstance(refs, list) and len(refs) > 1:
+                deadline = time.monotonic() + timeout
+                pending = list(refs)
+                while pending:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ray.exceptions.GetTimeoutError(what)
+                    ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+                    for ref in ready:
+                        ray.get(ref, timeout=0)  # raises this ref's error, if any
+                return ray.get(refs, timeout=1.0)
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError as e:
             raise WorkerError(f"{what} timed out after {timeout:.0f} s") from e
@@ -149,7 +172,34 @@ class RayExecutor(Executor):
             "allocating the KV cache",
         )
 
+    def _watch(self) -> None:
+        """Sentinel pings, so a worker that dies between requests is noticed within seconds.
+
+        A ping waits behind a running step on its actor; only an actor error counts (a slow
+        step is the step timeout's business)."""
+        ray = self.ray
+        interval = self.config.monitor_interval_s
+        while not self._stop_monitor.wait(interval):
+            actors = list(self.actors)
+            if not actors or self.dead is not None:
+                continue
+            refs = [a.ping.remote() for a in actors]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=interval)
+            for rank, ref in enumerate(refs):
+                if ref not in ready:
+                    continue
+                try:
+                    ray.get(ref, timeout=0)
+                except ray.exceptions.RayActorError as e:
+                    self.dead = f"worker rank {rank} died: {str(e).splitlines()[0]}"
+                    logger.error("monitor: %s", self.dead)
+                    break
+                except Exception as e:  # anything else is not a death
+                    logger.debug("monitor ping of rank %d: %s", rank, e)
+
     def execute(self, plan: StepPlan) -> StepResult:
+        if self.dead is not None:
+            raise WorkerError(self.dead)
         payload = encode(plan)
         outs = self._get(
             [a.execute.remote(payload) for a in self.actors],
@@ -167,8 +217,14 @@ class RayExecutor(Executor):
             )
         )
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep_ray: bool = False) -> None:
+        """Kill every worker and remove the placement group; stop Ray too if this executor
+        started it, unless keep_ray (a replacement group is about to start)."""
         ray = self.ray
+        self._stop_monitor.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=self.config.monitor_interval_s * 3 + 1)
+        self._monitor = None
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)
@@ -183,6 +239,6 @@ class RayExecutor(Executor):
             except Exception as e:
                 logger.debug("removing the placement group failed: %s", e)
             self.pg = None
-        if self._owns_ray and ray.is_initialized():
+        if self._owns_ray and ray.is_initialized() and not keep_ray:
             ray.shutdown()
             self._owns_ray = False

@@ -1,0 +1,182 @@
+"""Dead and hung workers through Ray on gloo: detection, a fresh worker group, job retries.
+
+Faults are injected from outside the workers' code: `ray.kill` of an actor, `os._exit` run
+inside one (`__ray_call__`), and a step replaced by a sleep. Steps are slowed down in the
+driver where a test must hit a window (mid-prefill, mid-decode).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dist_runtime import JobFailedError, JobState, Runtime, SamplingParams
+from dist_runtime.config import CacheConfig, SchedulerConfig
+from dist_runtime.executor.base import WorkerError
+
+DOC = " ".join(
+    f"Entry {i}: the ferry left pier {i % 5} at {6 + i % 12} o'clock." for i in range(40)
+)
+QUESTIONS = ["Which pier did entry 7 use?", "When did entry 2 leave?"]
+PARAMS = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+KW: dict[str, Any] = dict(
+    device="cpu",
+    dtype="float32",
+    session_len=2048,
+    cache=CacheConfig(block_size=16, num_blocks=256),
+    scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16),
+)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama_dir: Path) -> list[str]:
+    """The undisturbed answers (tp=1 in-process: the same greedy tokens as tp=2)."""
+    with Runtime(model=str(tiny_llama_dir), **KW) as rt:
+        return rt.ask(DOC, QUESTIONS, PARAMS)
+
+
+@pytest.fixture
+def rt(ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path) -> Iterator[Runtime]:
+    with Runtime(
+        model=str(tiny_llama_dir),
+        tp=2,
+        job_dir=str(tmp_path / "jobs"),
+        monitor_interval_s=0.5,
+        **KW,
+    ) as runtime:
+        yield runtime
+
+
+def _slow_steps(rt: Runtime, seconds: float) -> None:
+    """Slow down the current worker group's steps (a replacement group runs at full speed)."""
+    executor = rt.executor
+    assert executor is not None
+    execute = executor.execute
+
+    def slow(plan: Any) -> Any:
+        time.sleep(seconds)
+        return execute(plan)
+
+    executor.execute = slow  # type: ignore[method-assign]
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _kill_rank1(rt: Runtime, how: str) -> None:
+    import ray
+
+    assert rt.executor is not None
+    actor = rt.executor.actors[1]  # type: ignore[attr-defined]
+    if how == "ray.kill":
+        ray.kill(actor, no_restart=True)
+    else:  # the process exits from inside, between two steps
+        actor.__ray_call__.remote(lambda self: os._exit(1))
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "os._exit"])
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_job_survives_a_dead_worker(rt: Runtime, expected: list[str], how: str, phase: str) -> None:
+    _slow_steps(rt, 0.05)
+    job_id = rt.submit(DOC, QUESTIONS, PARAMS)
+    if phase == "prefill":
+        _wait(lambda: rt.status(job_id).prefill_tokens_done > 0, 60, "prefill to start")
+    else:
+        _wait(lambda: rt.status(job_id).tokens_generated > 0, 120, "decode to start")
+    _kill_rank1(rt, how)
+    assert rt.result(job_id, timeout=180) == expected
+    status = rt.status(job_id)
+    assert status.state is JobState.DONE and status.attempts == 2  # one retry
+    assert rt.num_worker_restarts == 1
+
+
+def test_job_failing_on_every_attempt_ends_failed_and_others_complete(
+    ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path, expected: list[str], monkeypatch: Any
+) -> None:
+    import dist_runtime.runtime as runtime_module
+
+    chaos = threading.Event()
+    chaos.set()
+    create = runtime_module.create_executor
+
+    def faulty_executor(config: Any) -> Any:
+        """Every new group loses rank 1 at its third step while chaos is on."""
+        executor = create(config)
+        execute, steps = executor.execute, [0]
+
+        def step(plan: Any) -> Any:
+            steps[0] += 1
+            if chaos.is_set() and steps[0] == 3:
+                import ray
+
+                ray.kill(executor.actors[1], no_restart=True)  # type: ignore[attr-defined]
+            return execute(plan)
+
+        executor.execute = step  # type: ignore[method-assign]
+        return executor
+
+    monkeypatch.setattr(runtime_module, "create_executor", faulty_executor)
+    with Runtime(
+        model=str(tiny_llama_dir),
+        tp=2,
+        job_dir=str(tmp_path / "jobs"),
+        max_job_attempts=2,
+        **KW,
+    ) as rt:
+        doomed = rt.submit(DOC, QUESTIONS, PARAMS)
+        with pytest.raises(JobFailedError, match=r"worker failure on each of 2 attempts; last: "):
+            rt.result(doomed, timeout=180)
+        assert rt.status(doomed).attempts == 2
+        chaos.clear()
+        fine = rt.submit(DOC, QUESTIONS, PARAMS)
+        assert rt.result(fine, timeout=180) == expected
+        assert rt.status(fine).attempts == 1
+
+
+def test_generate_raises_and_the_runtime_recovers(rt: Runtime) -> None:
+    prompt = [[5, 6, 7, 8, 9] * 10]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    (want,) = rt.generate(prompt, params)
+    _kill_rank1(rt, "ray.kill")
+    _wait(lambda: getattr(rt.executor, "dead", None) is not None, 10, "the monitor")
+    assert "worker rank 1 died" in str(getattr(rt.executor, "dead", ""))
+    with pytest.raises(WorkerError, match=r"worker rank 1 died.*replaced its workers"):
+        rt.generate(prompt, params)
+    assert rt.num_worker_restarts == 1 and not rt.scheduler.has_work()
+    (again,) = rt.generate(prompt, params)
+    assert again.token_ids == want.token_ids
+
+
+def test_hung_worker_is_detected_by_the_step_timeout(
+    ray_cluster: Any, tiny_llama_dir: Path
+) -> None:
+    with Runtime(model=str(tiny_llama_dir), tp=2, step_timeout_s=3.0, **KW) as rt:
+        prompt = [[5, 6, 7, 8, 9] * 10]
+        params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+        (want,) = rt.generate(prompt, params)
+        assert rt.executor is not None
+        actor = rt.executor.actors[1]  # type: ignore[attr-defined]
+
+        def hang(self: Any) -> None:
+            self.runner.execute = lambda plan: time.sleep(3600)
+
+        import ray
+
+        ray.get(actor.__ray_call__.remote(hang))
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=r"timed out after 3 s"):
+            rt.generate(prompt, params)
+        assert time.monotonic() - start < 60
+        (again,) = rt.generate(prompt, params)
+        assert again.token_ids == want.token_ids
