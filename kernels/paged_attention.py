@@ -19,6 +19,7 @@ from kernels.flash_attn import (
     check_head_dim,
     is_interpreting,
 )
+from kernels.position_attention import _tile as prefix_tile
 from kernels.position_attention import position_attention_ref
 
 try:
@@ -357,6 +358,62 @@ def _attend(
     return o, lse.permute(2, 0, 1).reshape(n, q_heads)
 
 
+MIN_SHARED_BLOCKS = 4
+"""Leading blocks a decode batch must share (prefix caching) to attend over them once."""
+
+
+def _shared_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> int:
+    """How many leading blocks every sequence's table holds in common, all of them full."""
+    if block_tables.shape[0] < 2 or block_tables.shape[1] == 0:
+        return 0
+    full = int(context_lens.min().item()) // block_size
+    same = (block_tables[:, :full] == block_tables[:1, :full]).all(dim=0)
+    differs = (~same).nonzero()
+    return full if differs.numel() == 0 else int(differs[0, 0].item())
+
+
+def _decode_shared_prefix(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    shared: int,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode for a batch whose sequences share their first `shared` blocks (questions on one
+    cached document): every query attends over the shared prefix in one pass (its K/V gathered
+    once, not once per sequence), each over its own tail, and the two parts merge by LSE."""
+    block_size = k_cache.shape[1]
+    ids = block_tables[0, :shared].long()
+    k = k_cache.index_select(0, ids).flatten(0, 1)
+    v = v_cache.index_select(0, ids).flatten(0, 1)
+    out, lse = prefix_tile(q, k, v, None, scale)  # fp32 (batch, q_heads, d), (batch, q_heads)
+    rest = context_lens - shared * block_size
+    tails = (rest > 0).nonzero().flatten()
+    if tails.numel():
+        o, s = _decode(
+            q.index_select(0, tails),
+            k_cache,
+            v_cache,
+            block_tables.index_select(0, tails)[:, shared:],
+            rest.index_select(0, tails),
+            scale,
+            True,
+        )
+        assert s is not None
+        part_o, part_l = out.index_select(0, tails), lse.index_select(0, tails)
+        merged_l = torch.logaddexp(part_l, s)
+        merged_o = (
+            part_o * torch.exp(part_l - merged_l)[..., None]
+            + o.to(out.dtype) * torch.exp(s - merged_l)[..., None]
+        )
+        out = out.index_copy(0, tails, merged_o)
+        lse = lse.index_copy(0, tails, merged_l)
+    return out.to(q.dtype), (lse.float() if return_lse else None)
+
+
 def _decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -369,6 +426,11 @@ def _decode(
     """One query per sequence: gather every sequence's blocks at once and mask the tail."""
     batch, q_heads, d = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
+    shared = _shared_blocks(block_tables, context_lens, block_size)
+    if batch > 1 and shared >= MIN_SHARED_BLOCKS:
+        return _decode_shared_prefix(
+            q, k_cache, v_cache, block_tables, context_lens, scale, shared, return_lse
+        )
     group = q_heads // kv_heads
     keys = int(context_lens.max().item())
     ids = block_tables[:, : (keys + block_size - 1) // block_size].long()

@@ -164,3 +164,60 @@ def test_run_jobs_file(tiny_llama_dir: Path, tmp_path: Path, capsys: Any) -> Non
     assert run_cli.main([*argv, "--session-len", "2048"]) == 2
     assert "in.jsonl:1: unknown keys ['colour']" in capsys.readouterr().err
     os.remove(out)
+
+
+def _submit_batch(job_dir: str, worker: int, count: int, out: Any) -> None:
+    client = JobClient(job_dir)
+    params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    ids = [
+        client.submit(f"Note {worker}-{i}: the tide turned at {i % 12} o'clock.", ["When?"], params)
+        for i in range(count)
+    ]
+    out.put((worker, ids))
+
+
+def test_two_hundred_jobs_from_four_processes_survive_a_kill(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """200 small jobs from 4 submitting processes; the service is killed with SIGKILL midway
+    and restarted: every job ends done, exactly once (one answer list, at most one retry)."""
+    import multiprocessing as mp
+
+    job_dir = tmp_path / "jobs"
+    service = _serve(tiny_llama_dir, job_dir)
+    try:
+        _wait_for(lambda: (job_dir / "service.json").exists(), 120, "the service to start")
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(target=_submit_batch, args=(str(job_dir), w, 50, out)) for w in range(4)
+        ]
+        for p in procs:
+            p.start()
+        submitted = dict(out.get(timeout=180) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+        client = JobClient(job_dir)
+        done = lambda: sum(s.state is JobState.DONE for s in client.jobs())  # noqa: E731
+        _wait_for(lambda: done() >= 40, 180, "some jobs to finish")
+        service.send_signal(signal.SIGKILL)
+        service.wait(timeout=30)
+        assert done() < 200
+    finally:
+        if service.poll() is None:
+            service.kill()
+    service = _serve(tiny_llama_dir, job_dir)
+    try:
+        ids = [i for w in range(4) for i in submitted[w]]
+        assert len(set(ids)) == 200
+        for job_id in ids:
+            assert len(client.result(job_id, timeout=300)) == 1
+        statuses = client.jobs()
+        assert len(statuses) == 200
+        assert all(s.state is JobState.DONE and s.attempts <= 2 for s in statuses)
+        assert sum(s.attempts == 2 for s in statuses) <= 1  # at most the one in flight
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=60) == 0
+    client.close()
