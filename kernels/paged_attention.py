@@ -19,8 +19,7 @@ from kernels.flash_attn import (
     check_head_dim,
     is_interpreting,
 )
-from kernels.position_attention import _tile as prefix_tile
-from kernels.position_attention import position_attention_ref
+from kernels.position_attention import attend_tile, merge_pair, position_attention_ref
 
 try:
     import triton
@@ -389,7 +388,7 @@ def _decode_shared_prefix(
     ids = block_tables[0, :shared].long()
     k = k_cache.index_select(0, ids).flatten(0, 1)
     v = v_cache.index_select(0, ids).flatten(0, 1)
-    out, lse = prefix_tile(q, k, v, None, scale)  # fp32 (batch, q_heads, d), (batch, q_heads)
+    out, lse = attend_tile(q, k, v, None, scale)  # fp32 (batch, q_heads, d), (batch, q_heads)
     rest = context_lens - shared * block_size
     tails = (rest > 0).nonzero().flatten()
     if tails.numel():
@@ -403,11 +402,8 @@ def _decode_shared_prefix(
             True,
         )
         assert s is not None
-        part_o, part_l = out.index_select(0, tails), lse.index_select(0, tails)
-        merged_l = torch.logaddexp(part_l, s)
-        merged_o = (
-            part_o * torch.exp(part_l - merged_l)[..., None]
-            + o.to(out.dtype) * torch.exp(s - merged_l)[..., None]
+        merged_o, merged_l = merge_pair(
+            out.index_select(0, tails), lse.index_select(0, tails), o, s
         )
         out = out.index_copy(0, tails, merged_o)
         lse = lse.index_copy(0, tails, merged_l)

@@ -100,11 +100,11 @@ def position_attention_ref(
             if k_lo > q_hi:  # every key is in every query's future
                 continue
             visible = None if k_hi <= q_lo else kp[None, :] <= qp[:, None]
-            o, s = _tile(q[qs], k[ks], v[ks], visible, scale)
+            o, s = attend_tile(q[qs], k[ks], v[ks], visible, scale)
             if acc_o is None or acc_l is None:
                 acc_o, acc_l = o, s
             else:
-                acc_o, acc_l = _merge(acc_o, acc_l, o, s)
+                acc_o, acc_l = merge_pair(acc_o, acc_l, o, s)
         if acc_o is not None and acc_l is not None:
             out[qs] = acc_o.to(q.dtype)
             lse[qs] = acc_l.to(lse_dtype)
@@ -131,7 +131,7 @@ def _key_tiles(k_pos: torch.Tensor, q_lo: int, q_hi: int, keys_sorted: bool) -> 
     return tiles
 
 
-def _tile(
+def attend_tile(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -177,14 +177,17 @@ def _tile(
     return o.permute(2, 0, 1, 3).reshape(n, q_heads, d), s.permute(2, 0, 1).reshape(n, q_heads)
 
 
-def _merge(
+def merge_pair(
     o_a: torch.Tensor, s_a: torch.Tensor, o_b: torch.Tensor, s_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact log-sum-exp merge of two partials in o_a's (compute) dtype; a side with lse -inf
+    (saw no key) weighs nothing, and a row neither side saw stays out 0, lse -inf."""
+    s_b = s_b.to(s_a.dtype)
     s = torch.logaddexp(s_a, s_b)
     shift = torch.where(s == float("-inf"), torch.zeros_like(s), s)
     w_a = torch.exp(s_a - shift)[..., None]
     w_b = torch.exp(s_b - shift)[..., None]
-    return o_a * w_a + o_b * w_b, s
+    return o_a * w_a + o_b.to(o_a.dtype) * w_b, s
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,16 +19,13 @@ Attention, per layer:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from kernels.flash_decode import flash_decode
 from kernels.position_attention import merge_partials, position_attention
 from workers.distributed import Collectives
-
-if TYPE_CHECKING:
-    from workers.ring_attention import RankRows
+from workers.ring_attention import RankRows, ring_attention
 
 
 def block_owner(positions: torch.Tensor, block_size: int, cp_size: int) -> torch.Tensor:
@@ -83,8 +80,6 @@ def build_cp_metadata(
 ) -> CPMetadata:
     """spans: (start, end) positions of each sequence's tokens in this step, in plan order;
     local_tables: this rank's block ids of each sequence (its entries of the logical table)."""
-    from workers.ring_attention import RankRows
-
     cp, rank = comm.cp_size, comm.cp_rank
     per_rank: list[list[torch.Tensor]] = [[] for _ in range(cp)]
     for start, end in spans:
@@ -165,8 +160,6 @@ def cp_attention(
     """Exact attention of this rank's rows; k, v are this rank's new keys, already stored in
     k_cache / v_cache. Returns (rows, q_heads, head_dim)."""
     if meta.fresh:
-        from workers.ring_attention import ring_attention
-
         out, _ = ring_attention(q, k, v, meta.layouts, comm, scale)
         return out
     cp, n_max = comm.cp_size, meta.n_max

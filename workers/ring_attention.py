@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.position_attention import position_attention
+from kernels.position_attention import merge_pair, position_attention
 from workers.distributed import Collectives
 
 
@@ -119,17 +119,4 @@ def _attend_block(
             scale,
         )
         rows = slice(q0, q0 + qn)
-        out[rows], lse[rows] = _merge(out[rows], lse[rows], o, s)
-
-
-def _merge(
-    o_a: torch.Tensor, s_a: torch.Tensor, o_b: torch.Tensor, s_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact log-sum-exp merge of two partials in (o_a's) compute dtype; a side with lse -inf
-    (saw no key) weighs nothing, and a row neither side saw stays out 0, lse -inf."""
-    s_b = s_b.to(s_a.dtype)
-    s = torch.logaddexp(s_a, s_b)
-    shift = torch.where(s == float("-inf"), torch.zeros_like(s), s)
-    w_a = torch.exp(s_a - shift)[..., None]
-    w_b = torch.exp(s_b - shift)[..., None]
-    return o_a * w_a + o_b.to(o_a.dtype) * w_b, s
+        out[rows], lse[rows] = merge_pair(out[rows], lse[rows], o, s)
