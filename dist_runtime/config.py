@@ -366,6 +366,12 @@ class RuntimeConfig:
     """Seconds a step may take on the workers before it is declared hung."""
     init_timeout_s: float = 300.0
     """Seconds for workers to start and load weights."""
+    collective_timeout_s: float = 300.0
+    """Seconds one collective (all-reduce, ring exchange, all-to-all) waits for its peers before
+    it fails; a failed collective fails the step and the worker group is rebuilt."""
+    require_ray_auth: bool = False
+    """Refuse to start on a Ray cluster whose token authentication is off (RAY_AUTH_MODE is not
+    'token'); by default that only logs a warning."""
     monitor_interval_s: float = 2.0
     """Seconds between the driver's liveness pings of its Ray workers."""
     max_job_attempts: int = 3
@@ -407,10 +413,19 @@ class RuntimeConfig:
             raise ConfigError(
                 f"max_job_attempts must be an integer >= 1, got {self.max_job_attempts!r}"
             )
-        for name in ("step_timeout_s", "init_timeout_s", "monitor_interval_s"):
+        for name in (
+            "step_timeout_s",
+            "init_timeout_s",
+            "collective_timeout_s",
+            "monitor_interval_s",
+        ):
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.require_ray_auth, bool):
+            raise ConfigError(
+                f"require_ray_auth must be true or false, got {self.require_ray_auth!r}"
+            )
         factor = self.rope_scaling_factor
         if factor is not None and (not _is_number(factor) or not factor >= 1.0):
             raise ConfigError(f"rope_scaling_factor must be a number >= 1, got {factor!r}")

@@ -180,3 +180,34 @@ def test_hung_worker_is_detected_by_the_step_timeout(
         assert time.monotonic() - start < 60
         (again,) = rt.generate(prompt, params)
         assert again.token_ids == want.token_ids
+
+
+def test_hung_peer_fails_the_collective_before_the_step_timeout(
+    ray_cluster: Any, tiny_llama_dir: Path
+) -> None:
+    """Rank 1 stops answering; rank 0's next all-reduce gives up after collective_timeout_s
+    (well before the 120 s step timeout), the step fails naming the collective, and a fresh
+    group serves the retry."""
+    with Runtime(
+        model=str(tiny_llama_dir), tp=2, step_timeout_s=120.0, collective_timeout_s=3.0, **KW
+    ) as rt:
+        prompt = [[5, 6, 7, 8, 9] * 10]
+        params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+        (want,) = rt.generate(prompt, params)
+        assert rt.executor is not None
+        actor = rt.executor.actors[1]  # type: ignore[attr-defined]
+
+        def hang(self: Any) -> None:
+            self.runner.execute = lambda plan: time.sleep(3600)
+
+        import ray
+
+        ray.get(actor.__ray_call__.remote(hang))
+        start = time.monotonic()
+        hung = r"rank 0: tp all-reduce failed; a peer is hung or dead \(collective_timeout_s=3\)"
+        with pytest.raises(WorkerError, match=hung):
+            rt.generate(prompt, params)
+        assert time.monotonic() - start < 60
+        (again,) = rt.generate(prompt, params)
+        assert again.token_ids == want.token_ids
+        assert rt.num_worker_restarts == 1

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from dist_runtime import Runtime, SamplingParams
+from tests.helpers.ray_state import ray_leftovers
 
 PROMPT = [[5, 6, 7, 8, 9, 10, 11]]
 PARAMS = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
@@ -23,15 +24,6 @@ def _sockets() -> int:
         with contextlib.suppress(OSError):  # closed while listing
             n += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
     return n
-
-
-def _ray_leftovers(ray: Any) -> tuple[int, int]:
-    from ray._private.state import actors as actor_table  # GCS; the state API needs a dashboard
-    from ray.util import placement_group_table
-
-    actors = [a for a in actor_table().values() if a["State"] == "ALIVE"]
-    groups = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
-    return len(actors), len(groups)
 
 
 def _cycles(n: int, make: Any) -> None:
@@ -58,10 +50,10 @@ def _ray_cycles(ray: Any, tiny_llama_dir: Path, n: int) -> None:
         )
 
     _cycles(1, make)
-    before = _ray_leftovers(ray)
+    before = ray_leftovers(ray)
     threads, sockets = threading.active_count(), _sockets()
     _cycles(n, make)
-    assert _ray_leftovers(ray) == before
+    assert ray_leftovers(ray) == before
     assert threading.active_count() == threads
     assert _sockets() <= sockets + 2  # Ray's own client connections may come and go
 

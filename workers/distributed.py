@@ -6,12 +6,15 @@ process group. Every rank must issue the same collectives in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,6 +81,10 @@ def pin_interfaces_to_loopback(host: str) -> None:
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
+class CollectiveError(RuntimeError):
+    """A collective timed out or lost a peer: this worker's group must be rebuilt."""
+
+
 class Collectives:
     """Collectives over this rank's tp group (same cp rank) and cp group (same tp rank)."""
 
@@ -86,10 +93,24 @@ class Collectives:
         coords: MeshCoords,
         tp_group: dist.ProcessGroup | None = None,
         cp_group: dist.ProcessGroup | None = None,
+        timeout_s: float | None = None,
     ):
         self.coords = coords
         self.tp_group = tp_group
         self.cp_group = cp_group
+        self.timeout_s = timeout_s
+
+    @contextlib.contextmanager
+    def _guard(self, op: str) -> Iterator[None]:
+        """Turn a backend failure (gloo's timeout, a closed peer socket) into CollectiveError
+        naming this rank and the operation."""
+        try:
+            yield
+        except RuntimeError as e:
+            limit = "" if self.timeout_s is None else f" (collective_timeout_s={self.timeout_s:g})"
+            raise CollectiveError(
+                f"rank {self.coords.rank}: {op} failed; a peer is hung or dead{limit}: {e}"
+            ) from e
 
     @property
     def tp_size(self) -> int:
@@ -102,7 +123,8 @@ class Collectives:
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return x
-        dist.all_reduce(x, group=self.tp_group)
+        with self._guard("tp all-reduce"):
+            dist.all_reduce(x, group=self.tp_group)
         return x
 
     def tp_all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -110,7 +132,8 @@ class Collectives:
         if self.tp_size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        with self._guard("tp all-gather"):
+            dist.all_gather(parts, x.contiguous(), group=self.tp_group)
         return torch.cat(parts, dim=dim)
 
     # -- context parallel: every call is collective over the cp group --------------------------
@@ -128,7 +151,8 @@ class Collectives:
             return x[None]
         # Concatenated along dim 0 (the layout gloo accepts), then split into a cp dim.
         out = torch.empty((self.cp_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        _all_gather_single(out, x.contiguous(), group=self.cp_group)
+        with self._guard("cp all-gather"):
+            _all_gather_single(out, x.contiguous(), group=self.cp_group)
         return out.view(self.cp_size, *x.shape)
 
     def cp_all_to_all(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +160,8 @@ class Collectives:
         if self.cp_size == 1:
             return x
         out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=self.cp_group)
+        with self._guard("cp all-to-all"):
+            dist.all_to_all_single(out, x.contiguous(), group=self.cp_group)
         return out
 
     def cp_ring_shift(self, tensors: list[torch.Tensor]) -> RingTransfer:
@@ -150,7 +175,9 @@ class Collectives:
         recv = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group=self.cp_group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, prv, group=self.cp_group) for r in recv]
-        return RingTransfer(dist.batch_isend_irecv(ops), recv)
+        with self._guard("cp ring send/recv"):
+            works = dist.batch_isend_irecv(ops)
+        return RingTransfer(works, recv, self._guard)
 
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); older torch lacks it.
@@ -160,13 +187,15 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 class RingTransfer:
     """A ring exchange in flight (see `Collectives.cp_ring_shift`)."""
 
-    def __init__(self, works: list, recv: list[torch.Tensor]):
+    def __init__(self, works: list, recv: list[torch.Tensor], guard: Any = None):
         self._works = works
         self._recv = recv
+        self._guard = guard or (lambda op: contextlib.nullcontext())
 
     def wait(self) -> list[torch.Tensor]:
-        for w in self._works:
-            w.wait()
+        with self._guard("cp ring send/recv"):
+            for w in self._works:
+                w.wait()
         return self._recv
 
 
@@ -177,9 +206,12 @@ def init_distributed(
     backend: str,
     timeout_s: float,
     store: dist.TCPStore | None = None,
+    collective_timeout_s: float | None = None,
 ) -> Collectives:
     """Join the world's process group (rank 0 passes the store it created); build tp and cp
-    groups."""
+    groups. Joining waits up to `timeout_s`; afterwards each collective waits at most
+    `collective_timeout_s` for its peers and then raises (gloo) or aborts the process (NCCL's
+    watchdog), so a hung peer fails the step instead of blocking it."""
     if coords.world_size == 1:
         return Collectives(coords)
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -201,8 +233,23 @@ def init_distributed(
         group = dist.new_group(ranks, timeout=timeout)
         if tp_rank == coords.tp_rank:
             cp_group = group
+    if collective_timeout_s is not None:
+        set_collective_timeout(collective_timeout_s, [None, tp_group, cp_group])
     logger.info("rank %d joined %s group of %d", coords.rank, backend, coords.world_size)
-    return Collectives(coords, tp_group, cp_group)
+    return Collectives(coords, tp_group, cp_group, timeout_s=collective_timeout_s)
+
+
+def set_collective_timeout(seconds: float, groups: list[Any]) -> None:
+    """Shorten (or lengthen) the per-operation timeout of already-joined groups; None is the
+    world group. Group creation keeps the longer join timeout: its barriers wait for slow
+    starters, which is not a hang."""
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is None:  # older torch: groups keep the join timeout
+        logger.warning("this torch cannot change a process group's timeout; collectives keep it")
+        return
+    timeout = datetime.timedelta(seconds=seconds)
+    for group in groups:  # every group listed holds this rank
+        set_timeout(timeout, group)
 
 
 def destroy_distributed() -> None:

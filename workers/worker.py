@@ -46,7 +46,13 @@ class Worker:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
             logger.info("rank %d on CUDA_VISIBLE_DEVICES=%s", self.coords.rank, visible)
         comm = init_distributed(
-            self.coords, host, port, backend, self.config.init_timeout_s, store=self._store
+            self.coords,
+            host,
+            port,
+            backend,
+            self.config.init_timeout_s,
+            store=self._store,
+            collective_timeout_s=self.config.collective_timeout_s,
         )
         self.runner = ModelRunner(self.config, comm)
         return self.runner.weight_bytes_read

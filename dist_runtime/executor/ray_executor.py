@@ -36,6 +36,34 @@ def _import_ray() -> Any:
     return ray
 
 
+def ray_auth_mode() -> str:
+    """'token' when this Ray session authenticates its control plane, 'disabled' when not,
+    'unknown' on a Ray without token authentication (before 2.52)."""
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+    except ImportError:
+        return "unknown"
+    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
+
+
+def check_ray_auth(require: bool) -> str:
+    """Warn (or, with `require`, refuse) when the Ray cluster runs without token
+    authentication: then anyone who reaches its ports can run code on every node."""
+    mode = ray_auth_mode()
+    if mode == "token":
+        return mode
+    message = (
+        f"the Ray cluster's token authentication is {mode} (RAY_AUTH_MODE="
+        f"{os.environ.get('RAY_AUTH_MODE', 'unset')}): anyone who reaches its ports can run code "
+        "on it. Start Ray with RAY_AUTH_MODE=token on every node (Ray >= 2.52; see "
+        "docs/reliability.md)"
+    )
+    if require:
+        raise WorkerError(message + ", or set require_ray_auth=false to accept this")
+    logger.warning("%s", message)
+    return mode
+
+
 class RayExecutor(Executor):
     def __init__(self, config: RuntimeConfig):
         self.ray = ray = _import_ray()
@@ -65,6 +93,7 @@ class RayExecutor(Executor):
 
         if not ray.is_initialized():
             self._init_ray(ray)
+        self.auth_mode = check_ray_auth(self.config.require_ray_auth)
         bundle = {"GPU": 1, "CPU": 1} if self.is_cuda else {"CPU": 1}
         self._check_capacity(ray, bundle)
         self.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
@@ -130,6 +159,10 @@ class RayExecutor(Executor):
             kwargs["num_cpus"] = max(os.cpu_count() or 1, self.world_size)
             pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
+            if ray_auth_mode() != "unknown":
+                # A local cluster we start authenticates its control plane (Ray 2.59+ does so by
+                # default; 2.52-2.58 need the variable). An explicit RAY_AUTH_MODE is respected.
+                os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(**kwargs)
         self._owns_ray = True
 
