@@ -8,7 +8,9 @@ ceilings are measured in the same run: bf16 matmul TFLOP/s (8192^3) and device-t
 bandwidth. Prefill FLOPs = 2 * params * L + causal attention 2 * L^2 * heads * head_dim * layers
 (4 * L^2 * h * d / 2, as in FlashAttention's accounting). The decode floor is the bytes one
 step must read (weights + KV at that context) over the copy bandwidth. The config's
-rope_scaling is dropped: it changes no shape or FLOP.
+rope_scaling is dropped unless the prompt is longer than max_position_embeddings: it
+changes no shape or FLOP. Prefill and decode are timed in one call per length (see
+bench/long_context.py's timed_generate), so the prefix cache never shortens a timed prefill.
 """
 
 from __future__ import annotations
@@ -58,15 +60,20 @@ def param_count(cfg: dict) -> int:
 
 
 def run(args: argparse.Namespace) -> list[str]:
+    from bench.long_context import timed_generate
+
     cfg = json.loads(Path(args.model_config).read_text())
-    cfg.pop("rope_scaling", None)
     lens = [int(x) for x in args.prompt_lens.split(",")]
+    session = max(lens) + args.decode_tokens + 16
+    if session <= cfg.get("max_position_embeddings", 0):
+        cfg.pop("rope_scaling", None)  # changes no shape or FLOP; kept where it makes L legal
+    if args.layers is not None:
+        cfg["num_hidden_layers"] = args.layers
     folder = Path(tempfile.mkdtemp()) / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(cfg))
     tflops_peak, copy_gbs = measure_ceilings()
     rows = [f"ceilings: bf16 matmul {tflops_peak:.0f} TFLOP/s, copy {copy_gbs:.0f} GB/s"]
-    session = max(lens) + args.decode_tokens + 16
     rt = Runtime(
         model=str(folder),
         device="cuda",
@@ -88,33 +95,29 @@ def run(args: argparse.Namespace) -> list[str]:
     rt.generate([[1] * 512], SamplingParams(max_new_tokens=4, temperature=0.0))  # warm-up
     for n in lens:
         ids = torch.randint(3, cfg["vocab_size"], (n,), generator=gen).tolist()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        rt.generate([ids], SamplingParams(max_new_tokens=1, temperature=0.0))
-        torch.cuda.synchronize()
-        prefill = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats()
+        # One call: prefill = until the first token's step returned; decode = the steps after.
+        prefill, _, token_times, steps = timed_generate(
+            rt, ids, args.decode_tokens + 1, progress=args.progress
+        )
+        decode = (token_times[-1] - token_times[0]) / args.decode_tokens
         # Embedding lookups are no matmul and the LM head runs on the last token only.
         flops = 2 * (params - 2 * emb) * n + 2 * n * n * heads * hd * layers
         rows.append(
-            f"prefill {n:>7} tokens: {prefill:7.2f} s, {n / prefill:9.0f} tok/s, "
+            f"prefill {n:>7} tokens ({steps} steps): {prefill:7.2f} s, {n / prefill:9.0f} tok/s, "
             f"{flops / prefill / 1e12:6.1f} TFLOP/s ({flops / prefill / 1e12 / tflops_peak:.0%}"
             " of matmul peak)"
         )
-        t0 = time.perf_counter()
-        rt.generate(
-            [ids],
-            SamplingParams(max_new_tokens=args.decode_tokens + 1, temperature=0.0, ignore_eos=True),
-        )
-        torch.cuda.synchronize()
-        decode = (time.perf_counter() - t0 - prefill) / args.decode_tokens
         kv_bytes = 2 * layers * kvh * hd * 2 * n
         # A decode step reads every layer weight, the LM head and the KV once.
         floor = (2 * (params - emb) + kv_bytes) / (copy_gbs * 1e9)
         rows.append(
             f"decode at {n:>7} context: {decode * 1e3:6.2f} ms/token, floor "
             f"{floor * 1e3:5.2f} ms (weights {2 * (params - emb) / 1e9:.1f} GB + KV "
-            f"{kv_bytes / 1e9:.2f} GB at the copy bandwidth) -> {floor / decode:.0%}"
+            f"{kv_bytes / 1e9:.2f} GB at the copy bandwidth) -> {floor / decode:.0%}; "
+            f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
         )
+        print(rows[-2], rows[-1], sep="\n", flush=True)
     rt.shutdown()
     return rows
 
@@ -130,21 +133,22 @@ def main() -> None:
     p.add_argument("--prompt-lens", default="8192,32768,65536")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens")
+    p.add_argument("--layers", type=int, help="override num_hidden_layers (e.g. 2 for 1M tokens)")
+    p.add_argument("--progress", action="store_true", help="prefill progress bar")
     p.add_argument("--out", default=None, help="markdown report path")
     args = p.parse_args()
     rows = run(args)
     name = torch.cuda.get_device_name()
-    for r in rows:
-        print(r, flush=True)
+    print(rows[0], flush=True)
     if args.out:
         Path(args.out).write_text(
             f"# generate on {name}, {datetime.date.today()}\n\n"
             f"torch {torch.__version__}, python {platform.python_version()}, model shape "
-            f"{args.model_config} (random weights, bf16, tp=1, chunk {args.chunk})\n\n"
+            f"{args.model_config}, layers {args.layers or 'as configured'} (random weights, bf16, "
+            f"tp=1, chunk {args.chunk})\n\n"
             + "\n".join(f"- {r}" for r in rows)
             + "\n\n"
-            + f"Command: `python bench/generate_gpu.py --prompt-lens {args.prompt_lens} "
-            f"--decode-tokens {args.decode_tokens} --chunk {args.chunk}`\n"
+            + f"Command: `python bench/generate_gpu.py {' '.join(sys.argv[1:])}`\n"
         )
 
 

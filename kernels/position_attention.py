@@ -68,10 +68,13 @@ def position_attention_ref(
     v: torch.Tensor,
     k_pos: torch.Tensor,
     scale: float,
+    keys_sorted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (n, q_heads, d), k, v: (m, kv_heads, d), positions int64.
 
     Returns out (n, q_heads, d) in q's dtype and lse (n, q_heads) fp32 (fp64 for fp64 inputs).
+    The reference finds out itself whether keys are sorted; `keys_sorted=True` (the Triton
+    kernel's promise) is checked, so CPU runs catch a caller that breaks it.
     """
     check_inputs(q, q_pos, k, v, k_pos)
     n, q_heads, d = q.shape
@@ -87,7 +90,10 @@ def position_attention_ref(
     if n > 1 and not bool((q_pos[1:] >= q_pos[:-1]).all()):
         order = torch.argsort(q_pos, stable=True)
         q, q_pos = q[order], q_pos[order]
+    promised = keys_sorted
     keys_sorted = m < 2 or bool((k_pos[1:] >= k_pos[:-1]).all())
+    if promised and not keys_sorted:
+        raise ValueError("keys_sorted=True, but k_pos decreases somewhere")
     for q0 in range(0, n, Q_TILE):
         qs = slice(q0, min(q0 + Q_TILE, n))
         qp = q_pos[qs]
@@ -273,6 +279,7 @@ def _position_attn_kernel(
     k_ptr,
     v_ptr,
     k_pos_ptr,
+    bounds_ptr,
     out_ptr,
     lse_ptr,
     q_len,
@@ -295,12 +302,14 @@ def _position_attn_kernel(
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
     FAR_POS: tl.constexpr,
+    KEYS_SORTED: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     pid = tl.program_id(0)
     kv_head = pid % NUM_KV_HEADS
     # Last query blocks first: with positions roughly ascending they have the most keys.
-    m_start = (num_q_blocks - 1 - pid // NUM_KV_HEADS) * TOKENS
+    q_block = num_q_blocks - 1 - pid // NUM_KV_HEADS
+    m_start = q_block * TOKENS
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -322,6 +331,35 @@ def _position_attn_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if KEYS_SORTED:
+        # Keys [0, lo) sit at or before the tile's first position (every row sees them), keys
+        # [lo, hi) inside its span (masked by position), keys from hi on after its last one.
+        # Both loops have bounds known up front and unconditional loads, so they pipeline.
+        lo = tl.load(bounds_ptr + 2 * q_block)
+        hi = tl.load(bounds_ptr + 2 * q_block + 1)
+        offs_n = tl.arange(0, BLOCK_N)
+        interior_end = (lo // BLOCK_N) * BLOCK_N
+        for start_n in range(0, interior_end, BLOCK_N):
+            keys = (start_n + offs_n).to(tl.int64)
+            k = tl.load(k_base + keys[:, None] * stride_k_tok)
+            v = tl.load(v_base + keys[:, None] * stride_v_tok)
+            acc, l_i, m_i = _online_softmax_tile(
+                acc, l_i, m_i, q, k, v, None, scale_log2, MASKED=False, DOT_F32=DOT_F32
+            )
+        for start_n in range(interior_end, hi, BLOCK_N):
+            keys = (start_n + offs_n).to(tl.int64)
+            key_mask = keys < hi
+            k_pos = tl.load(k_pos_ptr + keys, mask=key_mask, other=FAR_POS)
+            k = tl.load(k_base + keys[:, None] * stride_k_tok, mask=key_mask[:, None], other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_v_tok, mask=key_mask[:, None], other=0.0)
+            keep = k_pos[None, :] <= q_pos[:, None]
+            acc, l_i, m_i = _online_softmax_tile(
+                acc, l_i, m_i, q, k, v, keep, scale_log2, MASKED=True, DOT_F32=DOT_F32
+            )
+        out_ptrs = out_ptr + tok64[:, None] * stride_o_tok + (head * stride_o_head)[:, None]
+        lse_ptrs = lse_ptr + tok64 * stride_lse_tok + head
+        _store_rows(out_ptrs + offs_d[None, :], lse_ptrs, acc, l_i, m_i, row_mask, STORE_LSE=True)
+        return
     full_end = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _position_key_tile(
@@ -380,6 +418,7 @@ def position_attention_triton(
     v: torch.Tensor,
     k_pos: torch.Tensor,
     scale: float,
+    keys_sorted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `position_attention_ref`.
 
@@ -387,6 +426,11 @@ def position_attention_triton(
     in head_dim (other strides free); q_pos (n,), k_pos (m,) integer positions in (-2^62, 2^62),
     keys in any order. Returns out (n, q_heads, head_dim) in q's dtype and lse (n, q_heads) fp32.
     Grid: one program per (query tile of BLOCK_M // group tokens, kv head).
+
+    `keys_sorted=True` promises k_pos is non-decreasing (a cp rank's own blocks in table order
+    are): each query tile's visible key range is then found up front (a searchsorted on the
+    device, no host sync) and walked in pipelined loops, as the paged prefill kernel does;
+    otherwise every key tile decides from its positions whether to load at all.
     """
     check_inputs(q, q_pos, k, v, k_pos)
     group = check_qkv(q, k, v)
@@ -405,13 +449,18 @@ def position_attention_triton(
     q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
     k_pos = k_pos.to(device=q.device, dtype=torch.int64).contiguous()
     cfg = attention_config(head_dim, group, q.dtype)
-    num_q_blocks = triton.cdiv(n, cfg["BLOCK_M"] // group)
+    tokens = cfg["BLOCK_M"] // group
+    num_q_blocks = triton.cdiv(n, tokens)
+    bounds = k_pos  # unused unless keys_sorted
+    if keys_sorted:
+        bounds = _key_bounds(q_pos, k_pos, tokens, num_q_blocks)
     _position_attn_kernel[(num_q_blocks * kv_heads,)](
         q,
         q_pos,
         k,
         v,
         k_pos,
+        bounds,
         out,
         lse,
         n,
@@ -432,9 +481,22 @@ def position_attention_triton(
         HEAD_DIM=head_dim,
         DOT_F32=q.dtype == torch.float32 or is_interpreting(),
         FAR_POS=FAR,
+        KEYS_SORTED=keys_sorted,
         **cfg,
     )
     return out, lse
+
+
+def _key_bounds(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, tokens: int, num_q_blocks: int
+) -> torch.Tensor:
+    """(num_q_blocks, 2) int32: per query tile of `tokens` rows, the number of sorted keys at or
+    before its first (smallest) position and at or before its last (largest) one."""
+    pad = num_q_blocks * tokens - q_pos.numel()
+    padded = torch.cat([q_pos, q_pos[-1:].expand(pad)]) if pad else q_pos
+    tiles = padded.view(num_q_blocks, tokens)
+    ends = torch.stack([tiles.amin(dim=1), tiles.amax(dim=1)], dim=1).contiguous()
+    return torch.searchsorted(k_pos, ends, right=True).to(torch.int32)
 
 
 def _triton_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -459,10 +521,12 @@ def position_attention(
     v: torch.Tensor,
     k_pos: torch.Tensor,
     scale: float,
+    keys_sorted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton on CUDA (or when forced) for the head dims and dtypes it takes, else the reference."""
+    """Triton on CUDA (or when forced) for the head dims and dtypes it takes, else the reference.
+    `keys_sorted`: the caller guarantees non-decreasing k_pos (see position_attention_triton)."""
     if use_triton(q.device) and _triton_can_run(q, k, v):
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        return position_attention_triton(q, q_pos, k, v, k_pos, scale)
-    return position_attention_ref(q, q_pos, k, v, k_pos, scale)
+        return position_attention_triton(q, q_pos, k, v, k_pos, scale, keys_sorted)
+    return position_attention_ref(q, q_pos, k, v, k_pos, scale, keys_sorted)

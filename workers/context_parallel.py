@@ -190,7 +190,10 @@ def cp_attention(
                 continue
             kb = k_cache.index_select(0, keys.blocks).flatten(0, 1)[:m]
             vb = v_cache.index_select(0, keys.blocks).flatten(0, 1)[:m]
-            o, s = position_attention(queries[idx], qp, kb, vb, keys.positions, scale)
+            # The shard's blocks in table order: positions ascend.
+            o, s = position_attention(
+                queries[idx], qp, kb, vb, keys.positions, scale, keys_sorted=True
+            )
             part[idx] = o
             part_lse[idx] = s.float()
     back = comm.cp_all_to_all(part.view(cp, n_max, heads, d))[:, :n]

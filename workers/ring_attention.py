@@ -117,6 +117,7 @@ def _attend_block(
             v_blk[k0 : k0 + kn],
             theirs.positions[k0 : k0 + kn],
             scale,
+            keys_sorted=True,  # a rank's rows of one sequence are its blocks in order
         )
         rows = slice(q0, q0 + qn)
         out[rows], lse[rows] = merge_pair(out[rows], lse[rows], o, s)

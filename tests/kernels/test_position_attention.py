@@ -90,6 +90,14 @@ def positions(kind: str, n: int, m: int, gen: torch.Generator) -> tuple[torch.Te
         # Rank 1's queries over the keys of ranks 2 and 0, gathered in rank order (unsorted).
         half = m // 2
         return striped(1, n), torch.cat([striped(2, half), striped(0, m - half)])
+    if kind == "shard":
+        # A chunk's queries gathered from every rank (rank order) over rank 0's sorted keys.
+        per = -(-n // CP)
+        q_pos = torch.cat([striped(r, per) for r in range(CP)])[:n]
+        return q_pos, striped(0, m)
+    if kind == "ring":
+        # One ring step: rank CP-1's queries over rank 0's keys, both sorted.
+        return striped(CP - 1, n), striped(0, m)
     if kind == "future":
         return torch.randint(0, span, (n,), generator=gen), span + torch.randperm(m, generator=gen)
     raise ValueError(kind)
@@ -261,6 +269,42 @@ def test_triton_matches_oracle(
     poison_free_memory(device, (n * group * KV_HEADS * head_dim, dtype))
     out, lse = PA.position_attention_triton(*inputs, _scale(head_dim))
     assert_matches_oracle(out, lse, inputs, _scale(head_dim))
+
+
+SORTED_KEY_CASES = [
+    (group, head_dim, torch.float32, kind, 37 + 11 * group, 90 + 3 * group + head_dim // 8)
+    for group in (1, 4)
+    for head_dim in (64, 128)
+    for kind in ("sorted", "shard", "ring", "future")
+] + [
+    (4, 128, torch.bfloat16, "shard", 45, 70),
+    (2, 64, torch.bfloat16, "ring", 30, 64),
+]
+"""Keys in non-decreasing position order, as the cp callers promise with keys_sorted=True
+("future" keys are shuffled there; here they are sorted below)."""
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SORTED_KEY_CASES, ids=_case_id)
+def test_triton_sorted_keys_matches_oracle(
+    case: tuple[int, int, torch.dtype, str, int, int], device: torch.device
+) -> None:
+    """The pipelined path (key range per query tile found up front) against the oracle."""
+    group, head_dim, dtype, kind, n, m = case
+    q, q_pos, k, v, k_pos = make_inputs(n, m, group, head_dim, dtype, kind, 12 + group, device)
+    k_pos = k_pos.sort().values
+    inputs = (q, q_pos, k, v, k_pos)
+    poison_free_memory(device, (n * group * KV_HEADS * head_dim, dtype))
+    out, lse = PA.position_attention_triton(*inputs, _scale(head_dim), keys_sorted=True)
+    assert_matches_oracle(out, lse, inputs, _scale(head_dim))
+
+
+def test_ref_checks_the_sorted_keys_promise() -> None:
+    q, q_pos, k, v, k_pos = make_inputs(8, 20, 2, 64, torch.float32, "unsorted", seed=13)
+    with pytest.raises(ValueError, match="keys_sorted=True, but k_pos decreases"):
+        PA.position_attention_ref(q, q_pos, k, v, k_pos, 0.125, keys_sorted=True)
+    out, _ = PA.position_attention_ref(q, q_pos, k, v, k_pos, 0.125)
+    assert torch.isfinite(out).all()
 
 
 @needs_triton

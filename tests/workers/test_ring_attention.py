@@ -304,12 +304,13 @@ def test_schedule_overlaps_transfer_with_compute(monkeypatch: pytest.MonkeyPatch
         v: torch.Tensor,
         k_pos: torch.Tensor,
         scale: float,
+        keys_sorted: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Positions identify the rank whose keys these are (each block has one owner).
         owner = int(k_pos[0]) // case.block_size % case.cp
         if log[-1:] != [f"compute {owner}"]:
             log.append(f"compute {owner}")
-        return real(q, q_pos, k, v, k_pos, scale)
+        return real(q, q_pos, k, v, k_pos, scale, keys_sorted)
 
     monkeypatch.setattr(ring, "position_attention", logged)
     q, k, v = local_inputs(case, rank)

@@ -1,0 +1,87 @@
+"""The CUDA path end to end (Triton kernels, paged KV cache, chunked prefill over a cached
+prefix, prefix caching, batched decode) against Hugging Face transformers on the same weights.
+
+Marked `gpu` (deselected by default): run `pytest -m gpu tests/test_gpu_oracle.py` on a CUDA
+machine. fp32 on both sides with head_dim 128 so every Triton kernel runs (fp32 tiles use
+full-precision dots), and TF32 is off, so greedy tokens must match and the chosen tokens'
+logprobs agree closely.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig
+from dist_runtime.random_checkpoint import write_random_checkpoint
+from tests.helpers.oracle import load_hf_llama
+
+DEVICE = os.environ.get("GPU_ORACLE_DEVICE", "cuda")
+"""cpu runs the same comparison through the torch references (a check of the test itself)."""
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU"
+    ),
+]
+
+NEW_TOKENS = 24
+LOGPROB_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module", params=["llama", "internlm2"])
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp(f"gpu-{request.param}"),
+        architecture=request.param,
+        vocab_size=512,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        seed=3,
+    )
+
+
+def _hf_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """(len(ids), vocab) log-probabilities of the token after each prefix, one forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=DEVICE)).logits[0].double()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_cuda_runtime_matches_hf(checkpoint: Path) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False  # the default; a plugin may have changed it
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randint(3, 512, (700,), generator=gen).tolist()
+    prompts = [
+        shared + torch.randint(3, 512, (n,), generator=gen).tolist() for n in (37, 5, 130)
+    ] + [torch.randint(3, 512, (300,), generator=gen).tolist()]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1)
+    with Runtime(
+        model=str(checkpoint),
+        device=DEVICE,
+        dtype="float32",
+        session_len=1024,
+        cache=CacheConfig(block_size=16, num_blocks=512),
+        # 256-token chunks: the long prompts prefill in several steps over their cached part.
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256),
+    ) as rt:
+        (first,) = rt.generate([prompts[0]], params)  # caches the shared prefix
+        rest = rt.generate(prompts[1:], params)  # hit it, and decode as one batch
+        assert rt.prefix_cache_stats()["hit_tokens"] >= 2 * 688
+    hf = load_hf_llama(checkpoint).to(DEVICE)
+    for prompt, out in zip(prompts, [first, *rest]):
+        ref = _hf_logprobs(hf, prompt + out.token_ids)[len(prompt) - 1 : -1]
+        assert out.logprobs is not None
+        for step, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+            best = ref[step].topk(2)
+            margin = float(best.values[0] - best.values[1])
+            if margin > 10 * LOGPROB_ATOL:  # a near-tie may break either way
+                assert tok == int(best.indices[0]), f"step {step}: {tok} vs HF {best.indices[0]}"
+            # HF is teacher-forced on our tokens, so every step stays comparable.
+            assert abs(lp.logprob - float(ref[step, tok])) < LOGPROB_ATOL, f"step {step}"
