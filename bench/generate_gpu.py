@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> list[str]:
         dtype="bfloat16",
         session_len=session,
         load_format="dummy",
+        enforce_eager=args.enforce_eager,
         cache=CacheConfig(gpu_memory_utilization=0.92),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=args.chunk),
     )
@@ -135,6 +136,9 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens")
     p.add_argument("--layers", type=int, help="override num_hidden_layers (e.g. 2 for 1M tokens)")
     p.add_argument("--progress", action="store_true", help="prefill progress bar")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="decode without CUDA graphs (baseline)"
+    )
     p.add_argument("--out", default=None, help="markdown report path")
     args = p.parse_args()
     rows = run(args)
@@ -145,7 +149,8 @@ def main() -> None:
             f"# generate on {name}, {datetime.date.today()}\n\n"
             f"torch {torch.__version__}, python {platform.python_version()}, model shape "
             f"{args.model_config}, layers {args.layers or 'as configured'} (random weights, bf16, "
-            f"tp=1, chunk {args.chunk})\n\n"
+            f"tp=1, chunk {args.chunk}, decode {'eager' if args.enforce_eager else 'CUDA graphs'})"
+            "\n\n"
             + "\n".join(f"- {r}" for r in rows)
             + "\n\n"
             + f"Command: `python bench/generate_gpu.py {' '.join(sys.argv[1:])}`\n"

@@ -369,6 +369,8 @@ class RuntimeConfig:
     collective_timeout_s: float = 300.0
     """Seconds one collective (all-reduce, ring exchange, all-to-all) waits for its peers before
     it fails; a failed collective fails the step and the worker group is rebuilt."""
+    enforce_eager: bool = False
+    """Never replay decode steps from CUDA graphs (captured by default on CUDA with cp=1)."""
     require_ray_auth: bool = False
     """Refuse to start on a Ray cluster whose token authentication is off (RAY_AUTH_MODE is not
     'token'); by default that only logs a warning."""
@@ -422,6 +424,8 @@ class RuntimeConfig:
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ConfigError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         if not isinstance(self.require_ray_auth, bool):
             raise ConfigError(
                 f"require_ray_auth must be true or false, got {self.require_ray_auth!r}"

@@ -74,7 +74,8 @@ def test_cuda_runtime_matches_hf(checkpoint: Path) -> None:
         (first,) = rt.generate([prompts[0]], params)  # caches the shared prefix
         rest = rt.generate(prompts[1:], params)  # hit it, and decode as one batch
         assert rt.prefix_cache_stats()["hit_tokens"] >= 2 * 688
-    hf = load_hf_llama(checkpoint).to(DEVICE)
+    hf = load_hf_llama(checkpoint)
+    torch.nn.Module.to(hf, DEVICE)  # in place (HF's own `to` signature confuses mypy)
     for prompt, out in zip(prompts, [first, *rest]):
         ref = _hf_logprobs(hf, prompt + out.token_ids)[len(prompt) - 1 : -1]
         assert out.logprobs is not None
@@ -85,3 +86,35 @@ def test_cuda_runtime_matches_hf(checkpoint: Path) -> None:
                 assert tok == int(best.indices[0]), f"step {step}: {tok} vs HF {best.indices[0]}"
             # HF is teacher-forced on our tokens, so every step stays comparable.
             assert abs(lp.logprob - float(ref[step, tok])) < LOGPROB_ATOL, f"step {step}"
+
+
+def test_decode_graphs_equal_eager(checkpoint: Path) -> None:
+    """Decode steps replayed from CUDA graphs give the eager steps' tokens and logprobs."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (40, 300, 7)]
+    params = [
+        SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2)
+        for n in (30, 12, 21)
+    ]
+    runs = {}
+    for eager in (True, False):
+        with Runtime(
+            model=str(checkpoint),
+            device=DEVICE,
+            dtype="float32",
+            session_len=1024,
+            enforce_eager=eager,
+            cache=CacheConfig(block_size=16, num_blocks=256),
+            scheduler=SchedulerConfig(max_num_seqs=8),
+        ) as rt:
+            runs[eager] = rt.generate(prompts, params)
+            graphs = rt.executor.worker.runner.graphs  # type: ignore[attr-defined]
+            if DEVICE == "cuda":
+                assert (graphs is None) == eager
+                assert eager or graphs.num_replays == 29
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs is not None and b.logprobs is not None
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert list(x.top) == list(y.top)
+            assert abs(x.logprob - y.logprob) < 1e-4

@@ -20,14 +20,18 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        scratch: bool = False,
     ):
         self.num_blocks = num_blocks
+        """Blocks the driver may hand out: ids [0, num_blocks)."""
         self.block_size = block_size
+        self.scratch_block = num_blocks if scratch else None
+        """One extra block no sequence owns (padding rows of graphed decode steps write it)."""
         # (2, layers, blocks, block_size, kv_heads, head_dim)
         self.data = torch.zeros(
             2,
             num_layers,
-            num_blocks,
+            num_blocks + int(scratch),
             block_size,
             num_kv_heads,
             head_dim,

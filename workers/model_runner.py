@@ -17,6 +17,7 @@ from dist_runtime.config import RuntimeConfig
 from dist_runtime.protocol import SampledToken, SamplingSpec, SeqStep, StepPlan, StepResult
 from workers.checkpoint import CheckpointReader, dtype_from_name
 from workers.context_parallel import block_owner, build_cp_metadata
+from workers.cuda_graph import DecodeGraphs
 from workers.distributed import Collectives
 from workers.kv_cache import KVCache
 from workers.layers.attention import AttentionMetadata
@@ -24,6 +25,10 @@ from workers.layers.rotary import inverse_frequencies, rotary_cos_sin_per_token
 from workers.models.decoder import DecoderLM
 from workers.models.layouts import init_dummy_weights, load_weights
 from workers.sampler import Sampler
+
+MAX_GRAPH_BATCH = 256
+"""Largest decode batch replayed from a CUDA graph; bigger batches run eagerly (launch cost is
+small next to their work)."""
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +67,7 @@ class ModelRunner:
             self.weight_bytes_read = reader.bytes_read
             reader.close()
         self.kv_cache: KVCache | None = None
+        self.graphs: DecodeGraphs | None = None
         self.seqs: dict[int, SeqState] = {}
         self.sampler = Sampler()
         self.is_driver_rank = comm.coords.rank == 0
@@ -88,7 +94,14 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         budget = int(total * cache.gpu_memory_utilization) - used - self._activation_reserve()
-        return max(budget // self.kv_block_bytes(), 0)
+        spare = 1 if self._decode_graph_mode() else 0  # the graphs' scratch block
+        return max(budget // self.kv_block_bytes() - spare, 0)
+
+    def _decode_graph_mode(self) -> str | None:
+        """'cuda' when decode steps are replayed from CUDA graphs, else None (eager)."""
+        if self.device.type != "cuda" or self.config.enforce_eager or self.comm.cp_size > 1:
+            return None
+        return "cuda"
 
     def _activation_reserve(self) -> int:
         """Bytes kept free for one step's activations: a bound from the token budget."""
@@ -98,6 +111,7 @@ class ModelRunner:
         return tokens * per_token + (512 << 20)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        mode = self._decode_graph_mode()
         self.kv_cache = KVCache(
             self.model_config.num_layers,
             num_blocks,
@@ -106,7 +120,24 @@ class ModelRunner:
             self.model_config.head_dim,
             self.dtype,
             self.device,
+            scratch=mode is not None,
         )
+        if mode is None:
+            return
+        kv = self.kv_cache
+        assert kv.scratch_block is not None
+        block_size = self.config.cache.block_size
+        self.graphs = DecodeGraphs(
+            lambda ids, pos, meta: self.model(ids, pos, meta, kv.layers),
+            max_batch=min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
+            max_blocks=-(-self.config.session_len // block_size),
+            block_size=block_size,
+            scratch_block=kv.scratch_block,
+            device=self.device,
+            emulate=mode == "emulate",
+        )
+        with torch.inference_mode():
+            self.graphs.capture()
 
     # -- steps ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -126,7 +157,10 @@ class ModelRunner:
             input_ids, positions, meta, sample_rows = self._prepare(plan.seqs)
         if any(self.seqs[s.seq_id].inv_freq is not None for s in plan.seqs):
             meta = dataclasses.replace(meta, rope=self._rope_tables(plan.seqs, positions))
-        hidden = self.model(input_ids, positions, meta, self.kv_cache.layers)
+        if self.graphs is not None and self.graphs.can_run(meta, input_ids.shape[0]):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta, self.kv_cache.layers)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:
             return StepResult(step_id=plan.step_id, tokens=[]) if self.is_driver_rank else None

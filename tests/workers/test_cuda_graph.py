@@ -1,0 +1,156 @@
+"""Graphed decode steps: batch padding, the scratch block and buffer reuse.
+
+Without CUDA the graphs are emulated (`DecodeGraphs(emulate=True)`: replay re-runs the forward
+over the same fixed buffers), which checks everything but the capture itself; on a GPU
+`tests/test_gpu_oracle.py` runs the real graphs against HF transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig
+from workers.cuda_graph import DecodeGraphs, capture_sizes
+from workers.layers.attention import AttentionMetadata
+from workers.model_runner import ModelRunner
+
+KW: dict[str, Any] = dict(
+    device="cpu",
+    dtype="float32",
+    session_len=96,
+    cache=CacheConfig(block_size=4, num_blocks=160),
+    scheduler=SchedulerConfig(max_num_seqs=6),
+)
+
+
+def test_capture_sizes() -> None:
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(6) == [1, 2, 4, 6]
+    assert capture_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+def _prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(4, 512, (n,), generator=gen).tolist() for n in (9, 30, 3, 17, 12)]
+
+
+def _run(folder: Path, emulate: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], Any]:
+    mode = "emulate" if emulate else None
+    monkeypatch.setattr(ModelRunner, "_decode_graph_mode", lambda self: mode)
+    # Different lengths: sequences finish at different steps, so the batch shrinks from 5
+    # (graph of 6, one padding row) to 1, and rows a larger step used become padding again.
+    params = [
+        SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2)
+        for n in (20, 5, 12, 1, 16)
+    ]
+    with Runtime(model=str(folder), **KW) as rt:
+        outs = rt.generate(_prompts(), params)
+        runner = rt.executor.worker.runner  # type: ignore[attr-defined]
+        return outs, runner.graphs
+
+
+def test_emulated_graphs_equal_eager(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    eager, none = _run(tiny_llama_dir, False, monkeypatch)
+    graphed, graphs = _run(tiny_llama_dir, True, monkeypatch)
+    assert none is None
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 6]
+    assert graphs.num_replays == 19  # one replay per decode step: the longest has 20 tokens
+    for a, b in zip(eager, graphed, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs is not None and b.logprobs is not None
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert list(x.top) == list(y.top)
+            assert abs(x.logprob - y.logprob) < 1e-4
+
+
+def _meta(**kw: Any) -> AttentionMetadata:
+    base: dict[str, Any] = dict(
+        slot_mapping=torch.zeros(2, dtype=torch.int64),
+        block_tables=torch.zeros(2, 3, dtype=torch.int32),
+        cu_seqlens_q=torch.arange(3),
+        context_lens=torch.ones(2, dtype=torch.int64),
+        is_decode=True,
+    )
+    base.update(kw)
+    return AttentionMetadata(**base)
+
+
+def test_padding_rows_touch_only_the_scratch_block() -> None:
+    """Rows past the step's batch write the scratch slot and see only it, also after a larger
+    step left real values in them; a smaller graph leaves rows past its size alone."""
+    seen: list[tuple[torch.Tensor, ...]] = []
+
+    def forward(ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        seen.append(
+            tuple(t.clone() for t in (ids, meta.slot_mapping, meta.context_lens, meta.block_tables))
+        )
+        return torch.stack([ids, pos], dim=1).float()
+
+    graphs = DecodeGraphs(
+        forward,
+        max_batch=4,
+        max_blocks=3,
+        block_size=4,
+        scratch_block=9,
+        device=torch.device("cpu"),
+        emulate=True,
+    )
+    graphs.capture()
+    assert len(seen) == 3  # sizes 4, 2, 1
+    four = _meta(
+        slot_mapping=torch.tensor([1, 2, 3, 4]),
+        block_tables=torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32),
+        cu_seqlens_q=torch.arange(5),
+        context_lens=torch.tensor([3, 4, 5, 6]),
+    )
+    ids = torch.tensor([5, 6, 7, 8])
+    out = graphs.run(ids, ids + 100, four)
+    assert out.tolist() == [[5, 105], [6, 106], [7, 107], [8, 108]]
+    three = _meta(
+        slot_mapping=four.slot_mapping[:3],
+        block_tables=four.block_tables[:3],
+        cu_seqlens_q=torch.arange(4),
+        context_lens=four.context_lens[:3],
+    )
+    out = graphs.run(ids[:3], ids[:3] + 100, three)  # the graph of 4, one padding row
+    assert out.tolist() == [[5, 105], [6, 106], [7, 107]]
+    row_ids, slots, lens, tables = seen[-1]
+    assert row_ids.tolist() == [5, 6, 7, 0]
+    assert slots.tolist() == [1, 2, 3, 36] and lens.tolist() == [3, 4, 5, 1]
+    assert tables[3].tolist() == [9, 9, 9] and tables[2].tolist()[:2] == [4, 5]
+    one = _meta(
+        slot_mapping=torch.tensor([8]),
+        block_tables=torch.tensor([[2]], dtype=torch.int32),
+        cu_seqlens_q=torch.arange(2),
+        context_lens=torch.tensor([2]),
+    )
+    out = graphs.run(ids[:1], ids[:1] + 1, one)  # the graph of 1: no padding
+    assert out.tolist() == [[5, 6]]
+    row_ids, slots, lens, tables = seen[-1]
+    assert slots.tolist() == [8] and lens.tolist() == [2] and tables.shape == (1, 3)
+    assert graphs.slot_mapping.tolist() == [8, 2, 3, 36]  # rows 1-3 left to the next step
+    assert graphs.num_replays == 3
+
+
+def test_graphs_take_only_plain_decode_steps() -> None:
+    graphs = DecodeGraphs(
+        lambda ids, pos, meta: ids[:, None].float(),
+        max_batch=4,
+        max_blocks=3,
+        block_size=4,
+        scratch_block=9,
+        device=torch.device("cpu"),
+        emulate=True,
+    )
+    assert not graphs.can_run(_meta(), 2)  # nothing captured yet
+    graphs.capture()
+    assert graphs.can_run(_meta(), 2)
+    assert not graphs.can_run(_meta(is_decode=False), 2)
+    assert not graphs.can_run(_meta(rope=(torch.ones(1), torch.ones(1))), 2)
+    assert not graphs.can_run(_meta(), 5)
+    assert not graphs.can_run(_meta(block_tables=torch.zeros(2, 4, dtype=torch.int32)), 2)

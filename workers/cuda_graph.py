@@ -1,0 +1,157 @@
+"""Decode steps replayed from CUDA graphs.
+
+A decode step of a 7B model launches several hundred small kernels from Python; at small batch
+their launch cost, not the bytes the step reads, sets the step time. Each graph here holds the
+whole decode forward (embedding to final norm, tp all-reduces included) for one padded batch
+size and replays it in one launch.
+
+A graph reads fixed input buffers. A step copies its inputs into the first `n` rows and pads the
+batch to the next captured size with rows that write their K/V to a scratch block that no
+sequence owns and attend only to it; the block table keeps its full width (a session's worth of
+blocks), so the split-KV decode kernel's plan never changes between replays. Logits and
+sampling stay eager: they depend on the request's sampling options.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from workers.layers.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, 8, then every 16 up to max_batch (max_batch itself
+    included), so padding wastes at most 15 rows past 8."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
+    sizes += list(range(16, max_batch, 16))
+    return sorted(set(sizes + [max_batch]))
+
+
+class DecodeGraphs:
+    """One graph per batch size in `capture_sizes(max_batch)`.
+
+    forward(input_ids, positions, meta) -> hidden (tokens, hidden_size) is the model's decode
+    forward. `emulate=True` records nothing and replays by calling forward on the same buffers:
+    the padding and buffer logic can then be tested where there is no CUDA.
+    """
+
+    def __init__(
+        self,
+        forward: Forward,
+        *,
+        max_batch: int,
+        max_blocks: int,
+        block_size: int,
+        scratch_block: int,
+        device: torch.device,
+        emulate: bool = False,
+    ):
+        if max_batch < 1 or max_blocks < 1:
+            raise ValueError(f"max_batch {max_batch} and max_blocks {max_blocks} must be >= 1")
+        self.forward = forward
+        self.max_batch = max_batch
+        self.max_blocks = max_blocks
+        self.scratch_block = scratch_block
+        self.scratch_slot = scratch_block * block_size
+        self.emulate = emulate
+        self.sizes = capture_sizes(max_batch)
+
+        def ints(fill: int) -> torch.Tensor:
+            return torch.full((max_batch,), fill, dtype=torch.int64, device=device)
+
+        self.input_ids = ints(0)
+        self.positions = ints(0)
+        self.slot_mapping = ints(self.scratch_slot)
+        self.context_lens = ints(1)
+        self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int64, device=device)
+        self.block_tables = torch.full(
+            (max_batch, max_blocks), scratch_block, dtype=torch.int32, device=device
+        )
+        self._replay: dict[int, Callable[[], None]] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:b],
+            block_tables=self.block_tables[:b],
+            cu_seqlens_q=self.cu_seqlens[: b + 1],
+            context_lens=self.context_lens[:b],
+            is_decode=True,
+        )
+
+    def capture(self) -> None:
+        """Capture every size, largest first, into one memory pool (a smaller graph's tensors
+        fit in what the largest one freed)."""
+        start = time.perf_counter()
+        pool = None
+        for b in sorted(self.sizes, reverse=True):
+            meta = self._meta(b)
+
+            def run(b: int = b, meta: AttentionMetadata = meta) -> torch.Tensor:
+                return self.forward(self.input_ids[:b], self.positions[:b], meta)
+
+            if self.emulate:
+                out = run()
+
+                def replay(b: int = b, run: Callable[[], torch.Tensor] = run) -> None:
+                    self._outputs[b].copy_(run())
+
+                self._replay[b], self._outputs[b] = replay, out
+                continue
+            run()  # warm-up outside the graph: Triton compiles, the allocator grows
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = run()
+            pool = graph.pool()
+            self._replay[b], self._outputs[b] = graph.replay, out
+        if not self.emulate:
+            torch.cuda.synchronize()
+        logger.info(
+            "captured decode graphs for batch sizes %s in %.1f s",
+            self.sizes,
+            time.perf_counter() - start,
+        )
+
+    def can_run(self, meta: AttentionMetadata, tokens: int) -> bool:
+        """A plain decode step that fits: no per-request RoPE tables, no context parallelism."""
+        return (
+            meta.is_decode
+            and meta.rope is None
+            and meta.cp is None
+            and 0 < tokens <= self.max_batch
+            and meta.block_tables.shape[1] <= self.max_blocks
+            and bool(self._replay)
+        )
+
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The decode forward of `n` sequences through the smallest graph that holds them;
+        returns (n, hidden) rows of the graph's output buffer (valid until the next replay)."""
+        n = input_ids.shape[0]
+        b = next(size for size in self.sizes if size >= n)
+        width = meta.block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.context_lens[:n].copy_(meta.context_lens)
+        self.block_tables[:n, :width].copy_(meta.block_tables)
+        if b > n:  # rows a larger step left behind become padding again
+            self.input_ids[n:b].zero_()
+            self.positions[n:b].zero_()
+            self.slot_mapping[n:b].fill_(self.scratch_slot)
+            self.context_lens[n:b].fill_(1)
+            self.block_tables[n:b].fill_(self.scratch_block)
+        self._replay[b]()
+        self.num_replays += 1
+        return self._outputs[b][:n]
