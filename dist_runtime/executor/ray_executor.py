@@ -40,7 +40,10 @@ def ray_auth_mode() -> str:
     """'token' when this Ray session authenticates its control plane, 'disabled' when not,
     'unknown' on a Ray without token authentication (before 2.52)."""
     try:
-        from ray._raylet import AuthenticationMode, get_authentication_mode
+        from ray._raylet import (  # type: ignore[attr-defined]
+            AuthenticationMode,
+            get_authentication_mode,
+        )
     except ImportError:
         return "unknown"
     return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
