@@ -70,6 +70,18 @@ def qa_prompts(tokenizer: Tokenizer, document: str, questions: Seq[str]) -> list
     ]
 
 
+def job_params(params: SamplingParams | None) -> SamplingParams:
+    """A QA job's sampling parameters: greedy with up to 128 new tokens unless given."""
+    if params is None:
+        return SamplingParams(max_new_tokens=128, temperature=0.0)
+    if not isinstance(params, SamplingParams):
+        raise ValueError(
+            f"params must be a SamplingParams or None, got {type(params).__name__} "
+            f"{params!r:.80}; build one with SamplingParams(max_new_tokens=..., ...)"
+        )
+    return params
+
+
 def check_fits(prompts: list[list[int]], params: SamplingParams, session_len: int) -> None:
     """Refuse a job whose longest prompt plus its new tokens passes session_len."""
     longest = max(len(p) for p in prompts)

@@ -11,8 +11,8 @@ import os
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
-from dist_runtime.doc_qa import check_fits, qa_prompts, read_document
-from dist_runtime.job_store import JobState, JobStatus, JobStore
+from dist_runtime.doc_qa import check_fits, job_params, qa_prompts, read_document
+from dist_runtime.job_store import JobState, JobStatus, JobStore, check_idempotency_key
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.tokenizer import Tokenizer
 
@@ -33,10 +33,11 @@ class JobClient:
         idempotency_key: str | None = None,
     ) -> str:
         """Validate and queue a job; returns its id (see `Runtime.submit`)."""
+        check_idempotency_key(idempotency_key)
         text = read_document(document, document_path, encoding_errors)
         if isinstance(questions, str) or not questions:
             raise ValueError("questions must be a non-empty list of strings")
-        params = params or SamplingParams(max_new_tokens=128, temperature=0.0)
+        params = job_params(params)
         info = self.store.service_info()
         if info is not None:
             tokenizer = self._load_tokenizer(str(info["model"]))

@@ -104,6 +104,11 @@ class Job:
     attempts: int
 
 
+def check_idempotency_key(key: object) -> None:
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ValueError(f"idempotency_key must be a non-empty string or None, got {key!r:.80}")
+
+
 def params_to_json(params: SamplingParams) -> str:
     d = dataclasses.asdict(params)
     d.pop("extra", None)
@@ -121,6 +126,8 @@ class JobStore:
     """Thread-safe handle on one job directory's database (one connection, one lock)."""
 
     def __init__(self, job_dir: str | os.PathLike[str]):
+        if not isinstance(job_dir, (str, os.PathLike)) or not str(job_dir):
+            raise ValueError(f"job_dir must be a directory path, got {job_dir!r:.80}")
         self.job_dir = Path(job_dir)
         try:
             self.job_dir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +181,7 @@ class JobStore:
         idempotency_key: str | None = None,
     ) -> str:
         """Queue a job; with an idempotency key already used, return that job's id instead."""
+        check_idempotency_key(idempotency_key)
         now = time.time()
         with self._tx() as db:
             if idempotency_key is not None:
@@ -251,6 +259,12 @@ class JobStore:
 
     def wait(self, job_id: str, timeout: float | None = None) -> list[str]:
         """Block until a job ends; its answers, or JobFailedError / TimeoutError."""
+        if timeout is not None and (
+            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0
+        ):
+            raise ValueError(
+                f"timeout must be a number of seconds >= 0 or None, got {timeout!r:.80}"
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.01
         while not self.status(job_id).state.is_final:

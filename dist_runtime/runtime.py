@@ -31,10 +31,10 @@ from dist_runtime.config import (
     SchedulerConfig,
     build_section,
 )
-from dist_runtime.doc_qa import check_fits, qa_prompts, read_document
+from dist_runtime.doc_qa import check_fits, job_params, qa_prompts, read_document
 from dist_runtime.executor import Executor, WorkerError, create_executor
 from dist_runtime.job_runner import JobRunner
-from dist_runtime.job_store import JobState, JobStatus, JobStore
+from dist_runtime.job_store import JobState, JobStatus, JobStore, check_idempotency_key
 from dist_runtime.outputs import RequestOutput, TokenLogprobs
 from dist_runtime.protocol import SampledToken
 from dist_runtime.sampling_params import SamplingParams
@@ -69,6 +69,7 @@ class Runtime:
         self._runner: JobRunner | None = None
         self._job_tmp: tempfile.TemporaryDirectory[str] | None = None
         self.executor: Executor | None = None
+        self._shut_down = False
         self.model_config = self.config.load_model_config()
         self.config.parallel.check_model(self.model_config)
         self.config.check_session_len(self.model_config)
@@ -229,6 +230,13 @@ class Runtime:
         """
         if self.tokenizer is None:
             raise ValueError(f"{self.config.model} has no tokenizer; chat needs one")
+        if not isinstance(messages, str) and (
+            isinstance(messages, bytes) or not isinstance(messages, Seq) or not messages
+        ):
+            raise ValueError(
+                "messages must be a question string or a non-empty list of chat messages, got "
+                f"{type(messages).__name__} {messages!r:.80}"
+            )
         turns: list[MessageLike] = (
             list(history_to_messages(messages, history, system))
             if isinstance(messages, str)
@@ -269,9 +277,10 @@ class Runtime:
         on_step: Callable[[list[Sequence], int, bool], None] | None = None,
     ) -> list[str]:
         """ask() with a step callback on_step(seqs, job prompt tokens, is_shared_prefix_pass)."""
+        params = job_params(params)
         prompts = self._qa_prompts(document, questions)
+        check_fits(prompts, params, self.config.session_len)
         total = sum(len(p) for p in prompts)
-        params = params or SamplingParams(max_new_tokens=128, temperature=0.0)
         with self._lock:
             self._prefill_shared_prefix(
                 prompts, None if on_step is None else lambda seqs: on_step(seqs, total, True)
@@ -302,10 +311,12 @@ class Runtime:
         runs queued jobs. `document_path` reads a file; bytes that are not UTF-8 are an error
         unless encoding_errors="replace". A repeated idempotency key returns the first job's id.
         """
+        self._check_serving()
+        check_idempotency_key(idempotency_key)
         text = read_document(document, document_path, encoding_errors)
         if isinstance(questions, str) or not questions:
             raise ValueError("questions must be a non-empty list of strings")
-        params = params or SamplingParams(max_new_tokens=128, temperature=0.0)
+        params = job_params(params)
         check_fits(self._qa_prompts(text, questions), params, self.config.session_len)
         store = self._job_store()
         job_id = store.submit(text, list(questions), params, idempotency_key)
@@ -334,9 +345,17 @@ class Runtime:
     def serve_jobs(self) -> JobRunner:
         """Start running the job directory's queued jobs (and those a dead service left
         running) in the background; submit() does this too."""
+        self._check_serving()
         runner = self._job_runner()
         runner.start()
         return runner
+
+    def _check_serving(self) -> None:
+        """Refuse new jobs on a shut-down runtime: nothing would run them."""
+        if self._shut_down:
+            raise RuntimeError(
+                "this Runtime was shut down; create a new one (queued jobs stay in job_dir)"
+            )
 
     def _job_store(self) -> JobStore:
         if self._jobs is None:
@@ -404,6 +423,7 @@ class Runtime:
         return self.tokenizer.encode(text)
 
     def shutdown(self) -> None:
+        self._shut_down = True
         if self._runner is not None:
             self._runner.stop()
             self._runner = None
@@ -441,6 +461,11 @@ class Runtime:
         return seqs
 
     def _make_sequence(self, prompt: Prompt, params: SamplingParams, index: int) -> Sequence:
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (str, Seq)):
+            raise ValueError(
+                f"prompt {index} must be a string or a list of token ids, got "
+                f"{type(prompt).__name__} {prompt!r:.80}"
+            )
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         _check_ids(ids, self.model_config.vocab_size, index)
         total = len(ids) + params.max_new_tokens
@@ -573,6 +598,13 @@ def _build_config(
     config: RuntimeConfig | None,
     overrides: dict[str, Any],
 ) -> RuntimeConfig:
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if config is not None and not isinstance(config, RuntimeConfig):
+        raise ConfigError(
+            f"config must be a RuntimeConfig, got {type(config).__name__} {config!r:.80}; "
+            "read a YAML file with RuntimeConfig.from_yaml(path)"
+        )
     direct = {
         "model": model,
         "session_len": session_len,
@@ -585,13 +617,10 @@ def _build_config(
     for key, cls in sections.items():
         if isinstance(direct.get(key), dict):
             direct[key] = build_section(cls, direct[key], f"Runtime({key}=...)")
+    demo = config is None and model is None
     if config is None:
-        if model is None:
-            from dist_runtime.demo_model import demo_model_path
-
-            model = str(demo_model_path())
-            direct["model"] = model
-        config = RuntimeConfig(model=model)
+        # The demo model (a download on first use) is fetched only once the rest is valid.
+        config = RuntimeConfig(model=model if model is not None else "demo")
     base = direct.pop("parallel", config.parallel)
     if not isinstance(base, ParallelConfig):
         raise ConfigError(f"parallel must be a ParallelConfig or a mapping, got {base!r:.80}")
@@ -599,9 +628,14 @@ def _build_config(
         base, **{k: v for k, v in (("tp", tp), ("cp", cp)) if v is not None}
     )
     try:
-        return dataclasses.replace(config, parallel=parallel, **direct)
+        config = dataclasses.replace(config, parallel=parallel, **direct)
     except TypeError as e:
         raise ConfigError(f"Runtime: {e}") from e
+    if demo:
+        from dist_runtime.demo_model import demo_model_path
+
+        config = dataclasses.replace(config, model=str(demo_model_path()))
+    return config
 
 
 def _per_prompt(
@@ -611,9 +645,19 @@ def _per_prompt(
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
+    if isinstance(params, (str, bytes)) or not isinstance(params, Seq):
+        raise ValueError(
+            f"params must be one SamplingParams or a list of {n}, got "
+            f"{type(params).__name__} {params!r:.80}"
+        )
     plist = list(params)
-    if len(plist) != n or not all(isinstance(p, SamplingParams) for p in plist):
+    if len(plist) != n:
         raise ValueError(f"params must be one SamplingParams or a list of {n}, got {len(plist)}")
+    for i, p in enumerate(plist):
+        if not isinstance(p, SamplingParams):
+            raise ValueError(
+                f"params[{i}] must be a SamplingParams, got {type(p).__name__} {p!r:.80}"
+            )
     return plist
 
 

@@ -91,6 +91,13 @@ class SamplingParams:
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
             f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}",
         )
+        for name in ("ignore_eos", "skip_special_tokens"):
+            value = getattr(self, name)
+            _check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
+        _check(
+            isinstance(self.extra, dict),
+            f"extra must be an empty dict (reserved), got {self.extra!r:.80}",
+        )
         _check(not self.extra, f"unknown sampling options {sorted(self.extra)}")
 
     @property

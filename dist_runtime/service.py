@@ -17,6 +17,7 @@ Arguments and results are plain strings, lists and dicts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Any
 
@@ -42,7 +43,7 @@ class JobQueue:
         idempotency_key: str | None = None,
         encoding_errors: str = "strict",
     ) -> str:
-        sampling = None if params is None else SamplingParams(**params)
+        sampling = None if params is None else _sampling_params(params)
         return self.client.submit(
             document,
             questions,
@@ -65,6 +66,19 @@ class JobQueue:
 
     def where(self) -> dict[str, Any]:
         return {"job_dir": self.job_dir, "pid": os.getpid()}
+
+
+def _sampling_params(params: Any) -> SamplingParams:
+    """SamplingParams from the plain mapping a remote submitter sends."""
+    if not isinstance(params, dict):
+        raise ValueError(
+            f"params must be a mapping of SamplingParams fields or None, got {params!r:.80}"
+        )
+    known = {f.name for f in dataclasses.fields(SamplingParams)} - {"extra"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"unknown sampling params {unknown}; known: {sorted(known)}")
+    return SamplingParams(**params)
 
 
 def start(job_dir: str, name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Any:

@@ -32,10 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idempotency-key", help="submitting the same key again returns the same job")
     p.add_argument("--wait", action="store_true", help="wait and print the answers")
     p.add_argument("--timeout", type=float, default=None, help="seconds to --wait at most")
-    p.add_argument("--status", metavar="JOB_ID")
-    p.add_argument("--result", metavar="JOB_ID")
-    p.add_argument("--cancel", metavar="JOB_ID")
-    p.add_argument("--list", action="store_true", help="every job, oldest first")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--status", metavar="JOB_ID")
+    action.add_argument("--result", metavar="JOB_ID")
+    action.add_argument("--cancel", metavar="JOB_ID")
+    action.add_argument("--list", action="store_true", help="every job, oldest first")
     p.add_argument("--job-dir", help="the queue's directory (instead of the Ray actor)")
     p.add_argument("--address", default="auto", help="Ray cluster address (default auto)")
     p.add_argument("--service-name", default=None)
@@ -109,9 +110,52 @@ class _DirQueue:
         return [s.to_dict() for s in self.client.jobs()]
 
 
+def check_args(args: argparse.Namespace) -> bytes | None:
+    """Everything checkable here, before any queue is touched; the --doc bytes to submit."""
+    from dist_runtime.sampling_params import SamplingParams
+
+    looking = args.status or args.result or args.cancel or args.list
+    if looking and (args.doc or args.question):
+        raise ValueError(
+            "--doc/-q submit a new job; do not combine them with --status/--result/--cancel/--list"
+        )
+    if args.timeout is not None:
+        if not (args.wait or args.result):
+            raise ValueError("--timeout is how long --wait or --result waits; add --wait")
+        if not args.timeout >= 0:
+            raise ValueError(f"--timeout must be a number of seconds >= 0, got {args.timeout}")
+    if args.job_dir and not Path(args.job_dir).is_dir():
+        raise ValueError(
+            f"--job-dir {args.job_dir!r} is not a directory; give the --job-dir of the running "
+            "`launch/run.py --serve`"
+        )
+    if looking:
+        return None
+    if not args.doc or not args.question:
+        raise ValueError("give --doc FILE and at least one -q/--question")
+    for i, question in enumerate(args.question):
+        if not question.strip():
+            raise ValueError(f"-q/--question {i + 1} is empty ({question!r}); give some text")
+    SamplingParams(max_new_tokens=args.max_new_tokens)  # raises naming the bad value
+    try:
+        document = Path(args.doc).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read --doc {args.doc!r}: {e.strerror or e}") from e
+    if not args.replace_invalid_utf8:
+        try:
+            document.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"--doc {args.doc!r} is not UTF-8 text (byte 0x{document[e.start]:02x} at "
+                f"offset {e.start}); convert it to UTF-8, or pass --replace-invalid-utf8"
+            ) from e
+    return document
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        document = check_args(args)
         queue: Any = _DirQueue(args.job_dir) if args.job_dir else _RayQueue(args)
         if args.status:
             print(json.dumps(queue.status(args.status)))
@@ -125,12 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         job_id = args.result
         if job_id is None:
-            if not args.doc or not args.question:
-                raise ValueError("give --doc FILE and at least one -q/--question")
-            try:
-                document = Path(args.doc).read_bytes()
-            except OSError as e:
-                raise ValueError(f"cannot read --doc {args.doc!r}: {e.strerror or e}") from e
+            assert document is not None  # check_args read it
             job_id = queue.submit(
                 document,
                 args.question,
@@ -147,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (ValueError, UnknownJobError, JobFailedError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConnectionError as e:  # ray.init found no cluster at --address
+        print(
+            f"error: no Ray cluster at --address {args.address!r} ({e}); start the service "
+            "with `launch/run.py --serve` there, or pass --job-dir DIR on its machine",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import dist_runtime.runtime as runtime_module
 from dist_runtime import Runtime, SamplingParams
 from dist_runtime.config import CacheConfig, ConfigError, RuntimeConfig
+from dist_runtime.job_client import JobClient
 from dist_runtime.random_checkpoint import write_random_checkpoint
 from tests.conftest import TINY_SHAPES
 from workers.checkpoint import CheckpointError
@@ -227,11 +228,49 @@ def test_unknown_runtime_kwarg(tiny_llama_dir: Path) -> None:
         (dict(dtype="float64"), r"dtype 'float64' is not supported"),
         (dict(device="tpu"), r"device 'tpu' is not supported"),
         (dict(session_len=1), r"session_len must be an integer >= 2, got 1"),
+        (dict(seed="x"), r"seed must be an integer >= 0, got 'x'"),
+        (dict(job_dir=5), r"job_dir must be a non-empty string or unset, got 5"),
+        (dict(ray_address=""), r"ray_address must be a non-empty string or unset, got ''"),
+        (dict(master_addr=""), r"master_addr must be a host name or IP address, got ''"),
+        (dict(collective_timeout_s=0), r"collective_timeout_s must be a positive number"),
+        (dict(enforce_eager="no"), r"enforce_eager must be true or false, got 'no'"),
+        (dict(require_ray_auth=1), r"require_ray_auth must be true or false, got 1"),
     ],
 )
 def test_invalid_runtime_values(tiny_llama_dir: Path, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         start(tiny_llama_dir, **kwargs)
+
+
+def test_config_argument_must_be_a_runtime_config(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config must be a RuntimeConfig, got str 'run\.yaml'"):
+        Runtime(config="run.yaml")  # type: ignore[arg-type]
+
+
+def test_model_given_as_a_path_object(tiny_llama_dir: Path) -> None:
+    with Runtime(model=tiny_llama_dir, session_len=64, **CPU32) as runtime:  # type: ignore[arg-type]
+        assert runtime.config.model == str(tiny_llama_dir)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(tp=0), r"parallel\.tp must be an integer >= 1, got 0"),
+        (dict(session_len=1), r"session_len must be an integer >= 2, got 1"),
+        (dict(cache={"block_size": 12}), r"block_size must be a power of two, got 12"),
+    ],
+)
+def test_values_checked_before_the_demo_model_is_fetched(
+    monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any], match: str
+) -> None:
+    import dist_runtime.demo_model as demo_model
+
+    def no_fetch(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("the demo model was fetched for an invalid config")
+
+    monkeypatch.setattr(demo_model, "demo_model_path", no_fetch)
+    with pytest.raises(ConfigError, match=match):
+        Runtime(**kwargs)
 
 
 # -- YAML configs ----------------------------------------------------------------------------
@@ -352,6 +391,9 @@ BAD_SAMPLING: list[tuple[dict[str, Any], str]] = [
     (dict(stop_token_ids=[-3]), r"stop_token_ids must be non-negative integers"),
     (dict(logprobs=21), r"logprobs must be an integer in \[0, 20\]"),
     (dict(extra={"beam_width": 4}), r"unknown sampling options \['beam_width'\]"),
+    (dict(extra=5), r"extra must be an empty dict \(reserved\), got 5"),
+    (dict(ignore_eos="no"), r"ignore_eos must be True or False, got 'no'"),
+    (dict(skip_special_tokens=0), r"skip_special_tokens must be True or False, got 0"),
 ]
 
 
@@ -377,8 +419,21 @@ def test_invalid_sampling_params(kwargs: dict[str, Any], match: str) -> None:
         ([[1, VOCAB]], rf"prompt 0 has token ids outside \[0, {VOCAB}\): \[{VOCAB}\]"),
         ([[3, -1, 4]], rf"prompt 0 has token ids outside \[0, {VOCAB}\): \[-1\]"),
         ([[3, True]], r"outside .*\[True\]"),
+        ([None], r"prompt 0 must be a string or a list of token ids, got NoneType None"),
+        ([[1], 7], r"prompt 1 must be a string or a list of token ids, got int 7"),
+        ([b"hi"], r"prompt 0 must be a string or a list of token ids, got bytes b'hi'"),
     ],
-    ids=["empty-list", "bare-string", "empty-prompt", "id-too-large", "negative-id", "bool-id"],
+    ids=[
+        "empty-list",
+        "bare-string",
+        "empty-prompt",
+        "id-too-large",
+        "negative-id",
+        "bool-id",
+        "none-prompt",
+        "int-prompt",
+        "bytes-prompt",
+    ],
 )
 def test_bad_prompts(rt: Runtime, prompts: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -397,6 +452,122 @@ def test_params_list_length_mismatch(rt: Runtime) -> None:
         ValueError, match=r"params must be one SamplingParams or a list of 2, got 1"
     ):
         rt.generate([[5], [6]], [SamplingParams()])
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (5, r"params must be one SamplingParams or a list of 2, got int 5"),
+        ("greedy", r"params must be one SamplingParams or a list of 2, got str 'greedy'"),
+        ({"temperature": 0}, r"a list of 2, got dict \{'temperature': 0\}"),
+        ([SamplingParams(), {"temperature": 0}], r"params\[1\] must be a SamplingParams, got dict"),
+    ],
+    ids=["int", "str", "dict", "dict-in-list"],
+)
+def test_params_of_the_wrong_type(rt: Runtime, params: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        rt.generate([[5], [6]], params)
+    with pytest.raises(ValueError, match=r"params must be a SamplingParams or None, got "):
+        rt.ask("The keeper is Ada.", ["Who?"], params)
+
+
+@pytest.mark.parametrize("messages", [None, [], 5, b"hi"], ids=["none", "empty", "int", "bytes"])
+def test_chat_messages_of_the_wrong_kind(rt: Runtime, messages: Any) -> None:
+    with pytest.raises(
+        ValueError, match=r"messages must be a question string or a non-empty list of chat"
+    ):
+        rt.chat(messages)
+
+
+def test_ask_checks_the_length_before_any_step(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two questions share the document's prefix, which used to be prefilled (and then fail
+    naming max_new_tokens 1, the prefix pass's) before the length check."""
+    assert rt.executor is not None
+
+    def no_step(plan: Any) -> Any:
+        raise AssertionError("a step ran for a request over session_len")
+
+    monkeypatch.setattr(rt.executor, "execute", no_step)
+    with pytest.raises(
+        ValueError,
+        match=r"longest prompt has \d+ tokens \+ max_new_tokens 5 = \d+, over session_len 64",
+    ):
+        rt.ask("word " * 30, ["first?", "second?"], SamplingParams(max_new_tokens=5))
+
+
+# -- durable jobs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(params="greedy"), r"params must be a SamplingParams or None, got str 'greedy'"),
+        (dict(idempotency_key=5), r"idempotency_key must be a non-empty string or None, got 5"),
+        (dict(idempotency_key=""), r"idempotency_key must be a non-empty string or None, got ''"),
+    ],
+    ids=["params", "key-int", "key-empty"],
+)
+def test_submit_rejects_bad_arguments(rt: Runtime, kwargs: dict[str, Any], match: str) -> None:
+    before = len(rt.jobs())
+    with pytest.raises(ValueError, match=match):
+        rt.submit("The keeper is Ada.", ["Who?"], **kwargs)
+    assert len(rt.jobs()) == before  # nothing queued
+
+
+@pytest.mark.parametrize("timeout", [-1, "soon", float("nan"), True])
+def test_result_timeout_must_be_seconds(rt: Runtime, tmp_path: Path, timeout: Any) -> None:
+    with pytest.raises(ValueError, match=r"timeout must be a number of seconds >= 0 or None"):
+        rt.result("any-id", timeout=timeout)
+    client = JobClient(tmp_path)
+    with pytest.raises(ValueError, match=r"timeout must be a number of seconds >= 0 or None"):
+        client.result("any-id", timeout=timeout)
+    client.close()
+
+
+def test_job_client_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"job_dir must be a directory path, got None"):
+        JobClient(None)  # type: ignore[arg-type]
+    client = JobClient(tmp_path)
+    with pytest.raises(ValueError, match=r"params must be a SamplingParams or None, got dict"):
+        client.submit("The keeper is Ada.", ["Who?"], {"max_new_tokens": 4})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"idempotency_key must be a non-empty string"):
+        client.submit("The keeper is Ada.", ["Who?"], idempotency_key=7)  # type: ignore[arg-type]
+    assert client.jobs() == []
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"max_new_tokens": 4, "beam_width": 2}, r"unknown sampling params \['beam_width'\]"),
+        (5, r"params must be a mapping of SamplingParams fields or None, got 5"),
+        ({"max_new_tokens": 0}, r"max_new_tokens must be an integer >= 1, got 0"),
+    ],
+    ids=["unknown-key", "not-a-mapping", "bad-value"],
+)
+def test_queue_actor_rejects_bad_params(tmp_path: Path, params: Any, match: str) -> None:
+    """The Ray actor's body (a plain class here, no Ray): remote submitters send a mapping."""
+    from dist_runtime.service import JobQueue
+
+    queue = JobQueue(str(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        queue.submit("The keeper is Ada.", ["Who?"], params)
+    assert queue.jobs() == []
+    queue.client.close()
+
+
+def test_submit_after_shutdown_queues_nothing(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    runtime = Runtime(model=str(tiny_llama_dir), session_len=64, job_dir=str(tmp_path), **CPU32)
+    runtime.shutdown()
+    with pytest.raises(RuntimeError, match=r"this Runtime was shut down; create a new one"):
+        runtime.submit("The keeper is Ada.", ["Who?"])
+    with pytest.raises(RuntimeError, match=r"shut down"):
+        runtime.serve_jobs()
+    client = JobClient(tmp_path)
+    assert client.jobs() == []
+    client.close()
 
 
 def test_text_prompt_without_tokenizer(single_file_dir: Path) -> None:

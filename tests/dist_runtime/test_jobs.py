@@ -164,6 +164,7 @@ def test_eight_processes_submit_every_job_runs_once(rt: Runtime) -> None:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     job_dir = str(rt._job_store().job_dir)
+    rt.serve_jobs()  # the service runs them (an earlier submit() may already have started it)
     procs = [ctx.Process(target=_submit_many, args=(job_dir, w, 3, out)) for w in range(8)]
     for p in procs:
         p.start()
