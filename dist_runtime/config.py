@@ -409,6 +409,16 @@ class RuntimeConfig:
                 f"executor=inprocess runs one worker, but tp*cp = {self.parallel.world_size}; "
                 "use executor=ray (or auto) for more than one device"
             )
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("job_dir", "ray_address"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{name} must be a non-empty string or unset, got {value!r}")
+        if not isinstance(self.master_addr, str) or not self.master_addr:
+            raise ConfigError(
+                f"master_addr must be a host name or IP address, got {self.master_addr!r}"
+            )
         if not _is_int(self.session_len) or self.session_len < 2:
             raise ConfigError(f"session_len must be an integer >= 2, got {self.session_len!r}")
         if not _is_int(self.max_job_attempts) or self.max_job_attempts < 1:

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from dist_runtime import Runtime, RuntimeConfig, SamplingParams  # noqa: E402
 from dist_runtime.config import ConfigError, merge_overrides, read_yaml  # noqa: E402
 from dist_runtime.demo_model import DemoModelError, demo_model_path  # noqa: E402
 from dist_runtime.documents import harbor_report  # noqa: E402
+from dist_runtime.executor import WorkerError  # noqa: E402
 
 logger = logging.getLogger("launch.run")
 
@@ -53,6 +55,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"])
     p.add_argument("--executor", choices=["ray", "inprocess", "auto"])
     p.add_argument("--ray-address", help="existing Ray cluster ('auto'); default starts one")
+    p.add_argument(
+        "--master-addr",
+        help="interface the workers' rendezvous store listens on (default 127.0.0.1; on a "
+        "multi-node cluster the head node's private address)",
+    )
+    p.add_argument(
+        "--require-ray-auth",
+        action="store_true",
+        help="refuse to run on a Ray cluster without token authentication",
+    )
+    p.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    p.add_argument(
+        "--collective-timeout",
+        type=float,
+        help="seconds a collective waits for its peers before the step fails (default 300)",
+    )
+    p.add_argument(
+        "--step-timeout", type=float, help="seconds a step may take before it is hung (600)"
+    )
     p.add_argument("--block-size", type=int, help="tokens per KV block")
     p.add_argument("--num-blocks", type=int, help="KV blocks per worker (default: from memory)")
     p.add_argument("--max-num-seqs", type=int)
@@ -86,7 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -100,6 +126,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flag combinations whose flags the chosen mode would silently ignore."""
+    gib = args.device_memory_gib
+    if gib is not None:
+        if not args.dry_run:
+            raise ValueError(
+                "--device-memory-gib only sizes the --dry-run plan; add --dry-run or drop it"
+            )
+        if not (gib > 0 and math.isfinite(gib)):
+            raise ValueError(f"--device-memory-gib must be a number > 0, got {gib}")
+    if args.dry_run:
+        return  # a dry run takes the rest of a real command line as it is
+    if args.serve and args.jobs:
+        raise ValueError("--serve and --jobs are separate modes; give one of them")
+    mode = "--serve" if args.serve else "--jobs" if args.jobs else None
+    if mode and (args.doc or args.question or args.prompt):
+        raise ValueError(
+            f"--doc/-q/--prompt do not apply to {mode}: jobs carry their own documents and "
+            "questions; drop them or run without " + mode
+        )
+    if args.out and not args.jobs:
+        raise ValueError("--out is the answers file of --jobs; add --jobs FILE or drop --out")
+    if args.jobs and not args.out:
+        raise ValueError("--jobs needs --out FILE for the answers")
+    if not args.serve and (args.no_ray_service or args.service_name or args.namespace):
+        raise ValueError("--no-ray-service, --service-name and --namespace apply to --serve only")
+    if args.job_dir and not mode:
+        raise ValueError(
+            "--job-dir is the queue of --serve or --jobs; --doc/--prompt runs queue nothing"
+        )
+
+
+def check_output_paths(args: argparse.Namespace, config: RuntimeConfig) -> None:
+    """Fail before the model loads when --out or the job directory cannot be written."""
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise ValueError(f"--out {args.out!r} is a directory; give a file for the answers")
+        if not out.parent.is_dir():
+            raise ValueError(
+                f"--out {args.out!r}: directory {str(out.parent)!r} does not exist; create it "
+                "or write the answers elsewhere"
+            )
+    if (args.serve or args.jobs) and config.job_dir is not None:
+        job_dir = Path(config.job_dir)
+        if job_dir.exists() and not job_dir.is_dir():
+            raise ValueError(
+                f"job_dir {config.job_dir!r} is a file; give a directory (created if missing)"
+            )
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model,
@@ -110,6 +187,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "executor": args.executor,
         "ray_address": args.ray_address,
+        "master_addr": args.master_addr,
+        "enforce_eager": True if args.enforce_eager else None,
+        "require_ray_auth": True if args.require_ray_auth else None,
+        "collective_timeout_s": args.collective_timeout,
+        "step_timeout_s": args.step_timeout,
         "parallel.tp": args.tp,
         "parallel.cp": args.cp,
         "cache.block_size": args.block_size,
@@ -119,12 +201,25 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+DEMO = "<demo model>"
+"""Stands for the demo model in a checked config until it is fetched (a download on first use)."""
+
+
 def build_config(args: argparse.Namespace) -> RuntimeConfig:
+    """The RuntimeConfig of --config + flags, fully checked; model is DEMO when neither names
+    one (`with_model` fetches it)."""
     raw = read_yaml(args.config) if args.config else {}
     raw = merge_overrides(raw, overrides_from_args(args))
     if not raw.get("model"):
-        raw["model"] = str(demo_model_path())
+        raw["model"] = DEMO
     return RuntimeConfig.from_dict(raw, source=args.config or "command line")
+
+
+def with_model(config: RuntimeConfig) -> RuntimeConfig:
+    """The config with the demo model fetched when it stands for it."""
+    if config.model != DEMO:
+        return config
+    return dataclasses.replace(config, model=str(demo_model_path()))
 
 
 def dry_run(args: argparse.Namespace) -> int:
@@ -141,7 +236,9 @@ def dry_run(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "--dry-run needs --model (a folder with config.json, or a .json file)"
             )
-        model_path = Path(raw["model"])
+        # The same checks as a real start (unknown keys, types, ranges), minus the checkpoint.
+        config = RuntimeConfig.from_dict(raw, source=args.config or "command line")
+        model_path = Path(config.model)
         if model_path.suffix == ".json" and model_path.is_file():
             try:
                 hf = json.loads(model_path.read_text(encoding="utf-8"))
@@ -150,8 +247,7 @@ def dry_run(args: argparse.Namespace) -> int:
             model = ModelConfig.from_dict(hf, source=str(model_path))
         else:
             model = ModelConfig.from_pretrained(model_path)
-        parallel, cache = raw.get("parallel", {}), raw.get("cache", {})
-        dtype = raw.get("dtype") or "auto"
+        dtype = config.dtype
         if args.device_memory_gib is not None:
             device_bytes = int(args.device_memory_gib * GiB)
         else:
@@ -161,16 +257,14 @@ def dry_run(args: argparse.Namespace) -> int:
             device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 80 * GiB
         plan = plan_memory(
             model,
-            tp=int(parallel.get("tp", 1)),
-            cp=int(parallel.get("cp", 1)),
-            session_len=int(raw.get("session_len", 4096)),
+            tp=config.parallel.tp,
+            cp=config.parallel.cp,
+            session_len=config.session_len,
             dtype="bfloat16" if dtype == "auto" else dtype,
             device_bytes=device_bytes,
-            block_size=int(cache.get("block_size", 16)),
-            max_num_batched_tokens=int(
-                raw.get("scheduler", {}).get("max_num_batched_tokens", 8192)
-            ),
-            is_cuda=raw.get("device") != "cpu",
+            block_size=config.cache.block_size,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            is_cuda=config.device != "cpu",
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -187,12 +281,27 @@ def load_job(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     if args.prompt:
         if args.doc or args.question:
             raise ValueError("--prompt runs plain prompts; do not combine it with --doc/-q")
+        for i, prompt in enumerate(args.prompt):
+            if not prompt.strip():
+                raise ValueError(f"--prompt {i + 1} is empty ({prompt!r}); give some text")
         return None, args.prompt
+    for i, question in enumerate(args.question or []):
+        if not question.strip():
+            raise ValueError(f"-q/--question {i + 1} is empty ({question!r}); give some text")
     if args.doc:
         try:
-            document = Path(args.doc).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read --doc {args.doc!r} as UTF-8 text: {e}") from e
+            data = Path(args.doc).read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read --doc {args.doc!r}: {e.strerror or e}") from e
+        try:
+            document = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"--doc {args.doc!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                f"{e.start}); convert it to UTF-8, e.g. iconv -f latin1 -t utf-8"
+            ) from e
+        if not document.strip():
+            raise ValueError(f"--doc {args.doc!r} holds no text")
         if not args.question:
             raise ValueError("--doc needs at least one -q/--question")
         return document, args.question
@@ -221,9 +330,26 @@ def read_jobs_file(path: str) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{number}: unknown keys {unknown}")
         if ("document" in job) == ("document_path" in job):
             raise ValueError(f"{path}:{number}: give exactly one of document and document_path")
+        key = "document" if "document" in job else "document_path"
+        if not isinstance(job[key], str) or not job[key].strip():
+            raise ValueError(
+                f"{path}:{number}: {key} must be a non-empty string, got {job[key]!r:.80}"
+            )
         questions = job.get("questions")
-        if not isinstance(questions, list) or not questions:
-            raise ValueError(f"{path}:{number}: questions must be a non-empty list of strings")
+        if (
+            not isinstance(questions, list)
+            or not questions
+            or not all(isinstance(q, str) and q.strip() for q in questions)
+        ):
+            raise ValueError(
+                f"{path}:{number}: questions must be a non-empty list of non-empty strings, "
+                f"got {questions!r:.80}"
+            )
+        if "max_new_tokens" in job:
+            try:
+                SamplingParams(max_new_tokens=job["max_new_tokens"])
+            except ValueError as e:
+                raise ValueError(f"{path}:{number}: {e}") from e
         job["line"] = number
         jobs.append(job)
     if not jobs:
@@ -301,6 +427,11 @@ def serve(rt: Runtime, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        check_flags(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.serve and not args.job_dir:
         from dist_runtime.demo_model import default_cache_dir
 
@@ -319,34 +450,41 @@ def main(argv: list[str] | None = None) -> int:
             repetition_penalty=args.repetition_penalty,
             seed=args.seed,
         )
+        check_output_paths(args, config)
         if args.serve or args.jobs:
-            if args.serve and args.jobs:
-                raise ValueError("--serve and --jobs are separate modes; give one of them")
-            if args.jobs and not args.out:
-                raise ValueError("--jobs needs --out FILE for the answers")
             batch = read_jobs_file(args.jobs) if args.jobs else []
             document, items = None, list[str]()
         else:
             document, items = load_job(args)
+        config = with_model(config)  # last: everything else is valid
     except (ConfigError, ValueError, DemoModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         rt = Runtime(config=config)
-    except ConfigError as e:  # e.g. a session that does not fit the KV memory
+    except ValueError as e:  # ConfigError, CheckpointError: e.g. a session that does not fit
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:  # e.g. more workers than the Ray cluster has devices for
+        logger.debug("the workers did not start", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.serve:
         return serve(rt, args)
     if args.jobs:
         return run_batch(rt, batch, params, args.out)
     with rt:
         start = time.perf_counter()
-        if document is None:
-            answers = [o.text for o in rt.generate(items, params, use_tqdm=True)]
-        else:
-            logger.info("document: %d tokens, %d questions", len(rt.encode(document)), len(items))
-            answers = rt.ask(document, items, params, use_tqdm=True)
+        try:  # requests are checked (e.g. against session_len) before any step runs
+            if document is None:
+                answers = [o.text for o in rt.generate(items, params, use_tqdm=True)]
+            else:
+                tokens = len(rt.encode(document))
+                logger.info("document: %d tokens, %d questions", tokens, len(items))
+                answers = rt.ask(document, items, params, use_tqdm=True)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         elapsed = time.perf_counter() - start
     for item, answer in zip(items, answers):
         print(f"### {'Q' if document is not None else 'prompt'}: {item}\n{answer.strip()}\n")
