@@ -50,7 +50,7 @@ def _run(folder: Path, emulate: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[
     ]
     with Runtime(model=str(folder), **KW) as rt:
         outs = rt.generate(_prompts(), params)
-        runner = rt.executor.worker.runner  # type: ignore[attr-defined]
+        runner = rt.executor.worker.runner  # type: ignore[union-attr]
         return outs, runner.graphs
 
 
