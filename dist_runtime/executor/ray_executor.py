@@ -38,7 +38,10 @@ def _import_ray() -> Any:
 
 def ray_auth_mode() -> str:
     """'token' when this Ray session authenticates its control plane, 'disabled' when not,
-    'unknown' on a Ray without token authentication (before 2.52)."""
+    'unknown' on a Ray without token authentication (before 2.52).
+
+    Call it only after ray.init: Ray caches the mode at the first read, and a local ray.init
+    switches token authentication on (Ray 2.59+) after the process started."""
     try:
         from ray._raylet import (  # type: ignore[attr-defined]
             AuthenticationMode,
@@ -162,10 +165,6 @@ class RayExecutor(Executor):
             kwargs["num_cpus"] = max(os.cpu_count() or 1, self.world_size)
             pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
-            if ray_auth_mode() != "unknown":
-                # A local cluster we start authenticates its control plane (Ray 2.59+ does so by
-                # default; 2.52-2.58 need the variable). An explicit RAY_AUTH_MODE is respected.
-                os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(**kwargs)
         self._owns_ray = True
 
