@@ -118,3 +118,48 @@ def test_decode_graphs_equal_eager(checkpoint: Path) -> None:
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert list(x.top) == list(y.top)
             assert abs(x.logprob - y.logprob) < 1e-4
+
+
+def test_decode_graphs_with_per_request_rope_equal_eager(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Dynamic NTK past max_position_embeddings (256): the request's own RoPE base reaches the
+    graphs through their per-token cos/sin buffers."""
+    folder = write_random_checkpoint(
+        tmp_path_factory.mktemp("gpu-dyn"),
+        architecture="internlm2",
+        vocab_size=512,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        max_position_embeddings=256,
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+        seed=4,
+    )
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (400, 30)]
+    params = [
+        SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=1)
+        for n in (10, 20)
+    ]
+    runs = {}
+    for eager in (True, False):
+        with Runtime(
+            model=str(folder),
+            device=DEVICE,
+            dtype="float32",
+            session_len=1024,
+            enforce_eager=eager,
+            cache=CacheConfig(block_size=16, num_blocks=256),
+        ) as rt:
+            runs[eager] = rt.generate(prompts, params)
+            graphs = rt.executor.worker.runner.graphs  # type: ignore[union-attr]
+            if DEVICE == "cuda" and not eager:
+                assert graphs.num_rope_replays == 9 and graphs.num_replays == 19
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs is not None and b.logprobs is not None
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert abs(x.logprob - y.logprob) < 1e-4

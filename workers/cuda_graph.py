@@ -8,8 +8,10 @@ size and replays it in one launch.
 A graph reads fixed input buffers. A step copies its inputs into the first `n` rows and pads the
 batch to the next captured size with rows that write their K/V to a scratch block that no
 sequence owns and attend only to it; the block table keeps its full width (a session's worth of
-blocks), so the split-KV decode kernel's plan never changes between replays. Logits and
-sampling stay eager: they depend on the request's sampling options.
+blocks), so the split-KV decode kernel's plan never changes between replays. Models with
+dynamic-NTK RoPE get a second set of graphs that read per-token cos/sin tables from fixed
+buffers, for steps holding a request with its own RoPE base. Logits and sampling stay eager:
+they depend on the request's sampling options.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class DecodeGraphs:
         block_size: int,
         scratch_block: int,
         device: torch.device,
+        rope_dim: int | None = None,
         emulate: bool = False,
     ):
         if max_batch < 1 or max_blocks < 1:
@@ -75,17 +78,31 @@ class DecodeGraphs:
         self.block_tables = torch.full(
             (max_batch, max_blocks), scratch_block, dtype=torch.int32, device=device
         )
-        self._replay: dict[int, Callable[[], None]] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
+        # Per-token RoPE tables for steps holding a request with its own base (dynamic NTK
+        # past max_position_embeddings): a second set of graphs reads them from here.
+        self.rope_dim = rope_dim
+        self.cos = self.sin = None
+        if rope_dim is not None:
+            shape = (max_batch, 1, rope_dim)
+            self.cos = torch.ones(shape, dtype=torch.float32, device=device)
+            self.sin = torch.zeros(shape, dtype=torch.float32, device=device)
+        self._replay: dict[tuple[int, bool], Callable[[], None]] = {}
+        self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.num_replays = 0
+        self.num_rope_replays = 0
 
-    def _meta(self, b: int) -> AttentionMetadata:
+    def _meta(self, b: int, rope: bool) -> AttentionMetadata:
+        tables = None
+        if rope:
+            assert self.cos is not None and self.sin is not None
+            tables = (self.cos[:b], self.sin[:b])
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:b],
             block_tables=self.block_tables[:b],
             cu_seqlens_q=self.cu_seqlens[: b + 1],
             context_lens=self.context_lens[:b],
             is_decode=True,
+            rope=tables,
         )
 
     def capture(self) -> None:
@@ -93,19 +110,22 @@ class DecodeGraphs:
         fit in what the largest one freed)."""
         start = time.perf_counter()
         pool = None
-        for b in sorted(self.sizes, reverse=True):
-            meta = self._meta(b)
+        variants = [False, True] if self.rope_dim is not None else [False]
+        for key in [(b, rope) for b in sorted(self.sizes, reverse=True) for rope in variants]:
+            meta = self._meta(*key)
 
-            def run(b: int = b, meta: AttentionMetadata = meta) -> torch.Tensor:
+            def run(b: int = key[0], meta: AttentionMetadata = meta) -> torch.Tensor:
                 return self.forward(self.input_ids[:b], self.positions[:b], meta)
 
             if self.emulate:
                 out = run()
 
-                def replay(b: int = b, run: Callable[[], torch.Tensor] = run) -> None:
-                    self._outputs[b].copy_(run())
+                def replay(
+                    key: tuple[int, bool] = key, run: Callable[[], torch.Tensor] = run
+                ) -> None:
+                    self._outputs[key].copy_(run())
 
-                self._replay[b], self._outputs[b] = replay, out
+                self._replay[key], self._outputs[key] = replay, out
                 continue
             run()  # warm-up outside the graph: Triton compiles, the allocator grows
             torch.cuda.synchronize()
@@ -113,7 +133,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 out = run()
             pool = graph.pool()
-            self._replay[b], self._outputs[b] = graph.replay, out
+            self._replay[key], self._outputs[key] = graph.replay, out
         if not self.emulate:
             torch.cuda.synchronize()
         logger.info(
@@ -123,10 +143,14 @@ class DecodeGraphs:
         )
 
     def can_run(self, meta: AttentionMetadata, tokens: int) -> bool:
-        """A plain decode step that fits: no per-request RoPE tables, no context parallelism."""
+        """A decode step that fits, without context parallelism; per-request RoPE tables only
+        where their graphs were captured."""
+        rope_ok = meta.rope is None or (
+            self.rope_dim is not None and meta.rope[0].shape[1:] == (1, self.rope_dim)
+        )
         return (
             meta.is_decode
-            and meta.rope is None
+            and rope_ok
             and meta.cp is None
             and 0 < tokens <= self.max_batch
             and meta.block_tables.shape[1] <= self.max_blocks
@@ -146,12 +170,22 @@ class DecodeGraphs:
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.context_lens[:n].copy_(meta.context_lens)
         self.block_tables[:n, :width].copy_(meta.block_tables)
+        rope = meta.rope is not None
+        if rope:
+            assert meta.rope is not None and self.cos is not None and self.sin is not None
+            self.cos[:n].copy_(meta.rope[0])
+            self.sin[:n].copy_(meta.rope[1])
         if b > n:  # rows a larger step left behind become padding again
             self.input_ids[n:b].zero_()
             self.positions[n:b].zero_()
             self.slot_mapping[n:b].fill_(self.scratch_slot)
             self.context_lens[n:b].fill_(1)
             self.block_tables[n:b].fill_(self.scratch_block)
-        self._replay[b]()
+            if rope:
+                assert self.cos is not None and self.sin is not None
+                self.cos[n:b].fill_(1.0)
+                self.sin[n:b].zero_()
+        self._replay[(b, rope)]()
         self.num_replays += 1
-        return self._outputs[b][:n]
+        self.num_rope_replays += rope
+        return self._outputs[(b, rope)][:n]

@@ -97,6 +97,11 @@ class ModelRunner:
         spare = 1 if self._decode_graph_mode() else 0  # the graphs' scratch block
         return max(budget // self.kv_block_bytes() - spare, 0)
 
+    def _per_request_rope(self) -> bool:
+        """Whether a request can bring its own RoPE base (dynamic NTK past max positions)."""
+        scaling = self.model_config.rope_scaling
+        return scaling is not None and scaling.type == "dynamic"
+
     def _decode_graph_mode(self) -> str | None:
         """'cuda' when decode steps are replayed from CUDA graphs, else None (eager)."""
         if self.device.type != "cuda" or self.config.enforce_eager or self.comm.cp_size > 1:
@@ -134,6 +139,7 @@ class ModelRunner:
             block_size=block_size,
             scratch_block=kv.scratch_block,
             device=self.device,
+            rope_dim=self.model_config.head_dim if self._per_request_rope() else None,
             emulate=mode == "emulate",
         )
         with torch.inference_mode():

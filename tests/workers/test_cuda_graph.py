@@ -68,6 +68,42 @@ def test_emulated_graphs_equal_eager(tiny_llama_dir: Path, monkeypatch: pytest.M
             assert abs(x.logprob - y.logprob) < 1e-4
 
 
+def test_emulated_graphs_with_per_request_rope(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dynamic NTK: a prompt past max_position_embeddings (32) decodes with its own RoPE base
+    through the graphs that read per-token cos/sin; after it finishes, the short request's steps
+    use the plain graphs. Both equal eager decoding."""
+    from dist_runtime.random_checkpoint import write_random_checkpoint
+    from tests.conftest import TINY_SHAPES
+
+    folder = write_random_checkpoint(
+        tmp_path / "dyn",
+        architecture="llama",
+        **dict(TINY_SHAPES, max_position_embeddings=32, seed=5, with_tokenizer=False),
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+    )
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 512, (n,), generator=gen).tolist() for n in (50, 9)]
+    params = [
+        SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=1)
+        for n in (6, 14)
+    ]
+    runs = {}
+    for mode in (None, "emulate"):
+        monkeypatch.setattr(ModelRunner, "_decode_graph_mode", lambda self, m=mode: m)
+        with Runtime(model=str(folder), **dict(KW, session_len=80)) as rt:
+            runs[mode] = rt.generate(prompts, params)
+            graphs = rt.executor.worker.runner.graphs  # type: ignore[union-attr]
+    assert graphs is not None and graphs.rope_dim == 8
+    assert graphs.num_rope_replays == 5 and graphs.num_replays == 13
+    for a, b in zip(runs[None], runs["emulate"], strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs is not None and b.logprobs is not None
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert abs(x.logprob - y.logprob) < 1e-4
+
+
 def _meta(**kw: Any) -> AttentionMetadata:
     base: dict[str, Any] = dict(
         slot_mapping=torch.zeros(2, dtype=torch.int64),
