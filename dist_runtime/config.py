@@ -456,7 +456,10 @@ class RuntimeConfig:
 
     def load_model_config(self) -> ModelConfig:
         """The checkpoint's config.json with this runtime's RoPE override applied."""
-        model = ModelConfig.from_pretrained(self.model)
+        return self.with_rope_override(ModelConfig.from_pretrained(self.model))
+
+    def with_rope_override(self, model: ModelConfig) -> ModelConfig:
+        """`model` with rope_scaling_factor (if set) as its dynamic-NTK scaling."""
         if self.rope_scaling_factor is not None:
             scaling = RopeScaling(type="dynamic", factor=float(self.rope_scaling_factor))
             model = dataclasses.replace(model, rope_scaling=scaling)

@@ -354,11 +354,15 @@ class Runtime:
         """Refuse new jobs on a shut-down runtime: nothing would run them."""
         if self._shut_down:
             raise RuntimeError(
-                "this Runtime was shut down; create a new one (queued jobs stay in job_dir)"
+                "this Runtime was shut down; create a new one (queued jobs stay in job_dir; "
+                "JobClient(job_dir) reads them without a Runtime)"
             )
 
     def _job_store(self) -> JobStore:
         if self._jobs is None:
+            # After shutdown the store is closed; reopening it here would leave a stray
+            # temporary directory behind. A JobClient reads a job_dir without a Runtime.
+            self._check_serving()
             job_dir = self.config.job_dir
             if job_dir is None:
                 self._job_tmp = tempfile.TemporaryDirectory(prefix="dist_runtime_jobs_")

@@ -100,13 +100,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "per line; answers go to --out",
     )
     p.add_argument("--out", help="JSONL file for --jobs answers")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    d = SAMPLING_DEFAULTS
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--temperature", type=float, default=d["temperature"])
+    p.add_argument("--top-k", type=int, default=d["top_k"])
+    p.add_argument("--top-p", type=float, default=d["top_p"])
+    p.add_argument("--min-p", type=float, default=d["min_p"])
+    p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"])
+    p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -124,6 +125,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per-device memory for --dry-run (default: this CUDA device's, else 80)",
     )
     return p.parse_args(argv)
+
+
+SAMPLING_DEFAULTS: dict[str, Any] = dict(
+    max_new_tokens=64,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    repetition_penalty=1.0,
+    seed=None,
+)
+"""The sampling flags and their defaults (parse_args uses these)."""
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -146,6 +159,17 @@ def check_flags(args: argparse.Namespace) -> None:
             f"--doc/-q/--prompt do not apply to {mode}: jobs carry their own documents and "
             "questions; drop them or run without " + mode
         )
+    if args.serve:
+        given = [
+            "--" + name.replace("_", "-")
+            for name, default in SAMPLING_DEFAULTS.items()
+            if getattr(args, name) != default
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} do not apply to --serve: each submitted job carries its own "
+                "sampling options (launch/submit.py --max-new-tokens ...); drop them"
+            )
     if args.out and not args.jobs:
         raise ValueError("--out is the answers file of --jobs; add --jobs FILE or drop --out")
     if args.jobs and not args.out:
@@ -247,6 +271,8 @@ def dry_run(args: argparse.Namespace) -> int:
             model = ModelConfig.from_dict(hf, source=str(model_path))
         else:
             model = ModelConfig.from_pretrained(model_path)
+        model = config.with_rope_override(model)
+        config.check_session_len(model)  # as a start would: RoPE limits come before memory
         dtype = config.dtype
         if args.device_memory_gib is not None:
             device_bytes = int(args.device_memory_gib * GiB)

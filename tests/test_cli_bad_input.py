@@ -310,6 +310,11 @@ RUN_TABLE: list[Any] = [
     ),
     pytest.param(["--no-ray-service"], "apply to --serve only", id="ray-flags-without-serve"),
     pytest.param(
+        ["--serve", "--temperature", "0.7", "--max-new-tokens", "8"],
+        "--max-new-tokens, --temperature do not apply to --serve",
+        id="sampling-flags-with-serve",
+    ),
+    pytest.param(
         ["--job-dir", "{jobdir}", "--prompt", "hi"],
         "--job-dir is the queue of --serve or --jobs",
         id="job-dir-without-queue",
@@ -337,6 +342,11 @@ RUN_TABLE: list[Any] = [
     ),
     pytest.param(
         ["--dry-run", "--model", "{model}", "--tp", "3"], "tp=3 does not divide", id="dry-run-tp"
+    ),
+    pytest.param(
+        ["--dry-run", "--model", "{model}", "--session-len", "8192"],
+        "session_len 8192 is over the 4096 tokens this model's RoPE supports",
+        id="dry-run-rope-limit",
     ),
 ]
 

@@ -565,6 +565,10 @@ def test_submit_after_shutdown_queues_nothing(tiny_llama_dir: Path, tmp_path: Pa
         runtime.submit("The keeper is Ada.", ["Who?"])
     with pytest.raises(RuntimeError, match=r"shut down"):
         runtime.serve_jobs()
+    for read in (runtime.jobs, lambda: runtime.status("x"), lambda: runtime.result("x")):
+        with pytest.raises(RuntimeError, match=r"shut down.*JobClient\(job_dir\)"):
+            read()
+    assert runtime._job_tmp is None  # no stray temporary queue was opened
     client = JobClient(tmp_path)
     assert client.jobs() == []
     client.close()
