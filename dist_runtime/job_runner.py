@@ -1,9 +1,12 @@
-"""Runs the durable queue's jobs on one Runtime, one job at a time.
+"""Runs the durable queue's jobs on one Runtime, in batches.
 
-A job is a document and its questions: all of them go to the scheduler together, so the
-document is prefilled once (prefix caching) and the answers decode as one batch. The runner
-writes progress back to the store about four times a second, checks for a cancel request after
-every step, and on cancel aborts the job's sequences, which returns their KV blocks to the pool.
+A job is a document and its questions. The runner claims the oldest queued jobs, as many as
+fill the scheduler's sequence slots with their questions, and runs them as one batch: each
+document's shared prefix is prefilled once (prefix caching), the documents together, then every
+question of every job decodes together. Each job is written back as soon as its own answers are
+complete. The runner writes progress about four times a second per job, checks for a cancel
+request after every step, and on cancel aborts only that job's sequences, which returns their KV
+blocks to the pool while the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from dist_runtime.doc_qa import check_fits, job_params
 from dist_runtime.executor.base import WorkerError
 from dist_runtime.job_store import Job, JobStore
 
@@ -67,12 +71,25 @@ class JobRunner:
         return n
 
     def run_one(self) -> bool:
-        job = self.store.claim()
-        if job is None:
+        """Claim a batch of queued jobs and run it; False when none was queued."""
+        jobs = self._claim_batch()
+        if not jobs:
             return False
-        self._run(job)
-        self.num_jobs_run += 1
+        self._run_batch(jobs)
+        self.num_jobs_run += len(jobs)
         return True
+
+    def _claim_batch(self) -> list[Job]:
+        """The oldest queued jobs, as many as fill the scheduler's sequence slots with their
+        questions (at least one job)."""
+        slots = self.runtime.config.scheduler.max_num_seqs
+        jobs: list[Job] = []
+        while not jobs or sum(len(j.questions) for j in jobs) < slots:
+            job = self.store.claim()
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -83,45 +100,79 @@ class JobRunner:
                 logger.exception("job loop error")
                 self._stop.wait(1.0)
 
-    def _run(self, job: Job) -> None:
-        logger.info(
-            "job %s: %d question(s), attempt %d", job.job_id, len(job.questions), job.attempts
-        )
-        watcher = _Watcher(self.store, job.job_id, len(job.questions), self._stop)
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Run jobs as one batch: their documents prefill together and all their questions
+        decode together; each job finishes, fails or is cancelled on its own."""
+        runs: list[tuple[Job, _Watcher, int]] = []
+        items = []
+        for job in jobs:
+            logger.info(
+                "job %s: %d question(s), attempt %d", job.job_id, len(job.questions), job.attempts
+            )
+            try:  # checked at submit; checked again against this service's settings
+                params = job_params(job.params)
+                prompts = self.runtime._qa_prompts(job.document, job.questions)
+                check_fits(prompts, params, self.runtime.config.session_len)
+            except Exception as e:
+                self.store.fail(job.job_id, f"{type(e).__name__}: {e}")
+                logger.error("job %s failed: %s", job.job_id, e)
+                continue
+            watcher = _Watcher(self.store, job.job_id, len(job.questions), self._stop)
+            runs.append((job, watcher, sum(len(p) for p in prompts)))
+            items.append((prompts, params))
+        if len(runs) > 1:
+            logger.info("running %d jobs as one batch", len(runs))
+        ended: set[int] = set()
+
+        def on_step(i: int, seqs: list[Sequence], prefix_pass: bool) -> bool:
+            job, watcher, total = runs[i]
+            try:
+                watcher(seqs, total, prefix_pass)
+            except JobCancelled:
+                self.store.mark_cancelled(job.job_id)
+                ended.add(i)
+                logger.info("job %s cancelled", job.job_id)
+                return False
+            return True
+
+        def on_done(i: int, answers: list[str]) -> None:
+            job, watcher, _ = runs[i]
+            watcher.flush()
+            self.store.finish(job.job_id, answers)
+            ended.add(i)
+            logger.info("job %s done", job.job_id)
+
         try:
-            answers = self.runtime._answer(job.document, job.questions, job.params, on_step=watcher)
-        except JobCancelled:
-            self.store.mark_cancelled(job.job_id)
-            logger.info("job %s cancelled", job.job_id)
-            return
+            self.runtime._answer_batch(items, on_step, on_done)
         except _ServiceStopping:
-            self.store.requeue(job.job_id)
-            logger.info("job %s requeued: the service is stopping", job.job_id)
-            return
+            for i, (job, _, _) in enumerate(runs):
+                if i not in ended:
+                    self.store.requeue(job.job_id)
+                    logger.info("job %s requeued: the service is stopping", job.job_id)
         except WorkerError as e:  # the runtime has already replaced its workers
             limit = self.runtime.config.max_job_attempts
-            if job.attempts < limit:
-                self.store.requeue(job.job_id)
-                logger.warning(
-                    "job %s: worker failure on attempt %d of %d, requeued: %s",
-                    job.job_id,
-                    job.attempts,
-                    limit,
-                    e,
-                )
-            else:
-                self.store.fail(
-                    job.job_id, f"worker failure on each of {job.attempts} attempts; last: {e}"
-                )
-                logger.error("job %s failed after %d attempts: %s", job.job_id, limit, e)
-            return
+            for i, (job, _, _) in enumerate(runs):
+                if i in ended:
+                    continue
+                if job.attempts < limit:
+                    self.store.requeue(job.job_id)
+                    logger.warning(
+                        "job %s: worker failure on attempt %d of %d, requeued: %s",
+                        job.job_id,
+                        job.attempts,
+                        limit,
+                        e,
+                    )
+                else:
+                    self.store.fail(
+                        job.job_id, f"worker failure on each of {job.attempts} attempts; last: {e}"
+                    )
+                    logger.error("job %s failed after %d attempts: %s", job.job_id, limit, e)
         except Exception as e:
-            logger.exception("job %s failed", job.job_id)
-            self.store.fail(job.job_id, f"{type(e).__name__}: {e}")
-            return
-        watcher.flush()
-        self.store.finish(job.job_id, answers)
-        logger.info("job %s done", job.job_id)
+            logger.exception("batch of %d job(s) failed", len(runs) - len(ended))
+            for i, (job, _, _) in enumerate(runs):
+                if i not in ended:
+                    self.store.fail(job.job_id, f"{type(e).__name__}: {e}")
 
 
 class _Watcher:

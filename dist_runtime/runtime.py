@@ -293,6 +293,67 @@ class Runtime:
             )
         return [o.text for o in outs]
 
+    def _answer_batch(
+        self,
+        items: list[tuple[list[list[int]], SamplingParams]],
+        on_step: Callable[[int, list[Sequence], bool], bool],
+        on_done: Callable[[int, list[str]], None],
+    ) -> None:
+        """Answer several jobs together: items[i] = (job i's prompts, its params).
+
+        The jobs' shared-prefix passes run as one batch, then every question of every job
+        decodes in one batch. After each step, on_step(i, job i's sequences, is_prefix_pass)
+        runs for each job still live; returning False cancels that job alone (its sequences
+        are aborted, their blocks freed). on_done(i, answers) runs as soon as job i's last
+        answer is complete. An exception from a callback or the workers aborts the rest.
+        """
+        live = set(range(len(items)))
+        with self._lock:
+            if self.blocks.enable_prefix_caching:
+                one = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+                prefix = {}
+                for i, (prompts, _) in enumerate(items):
+                    shared = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+                    if shared >= self.blocks.block_size:
+                        prefix[i] = self._submit([prompts[0][:shared]], one)
+                self._run_groups(prefix, live, on_step, None)
+            groups = {i: self._submit(*items[i]) for i in sorted(live)}
+            self._run_groups(groups, live, on_step, on_done)
+
+    def _run_groups(
+        self,
+        groups: dict[int, list[Sequence]],
+        live: set[int],
+        on_step: Callable[[int, list[Sequence], bool], bool],
+        on_done: Callable[[int, list[str]], None] | None,
+    ) -> None:
+        """Drive every group's sequences together (see _answer_batch); on_done None marks the
+        shared-prefix pass."""
+        owner = {seq.seq_id: i for i, seqs in groups.items() for seq in seqs}
+        is_prefix = on_done is None
+        done: set[int] = set()
+
+        def report(i: int) -> None:
+            if i in live and not on_step(i, groups[i], is_prefix):
+                live.discard(i)
+                for seq in groups[i]:
+                    self.scheduler.abort(seq)
+
+        def after_step() -> None:
+            for i in groups:
+                if i not in done:
+                    report(i)
+
+        for seq, finished in self._drive([s for g in groups.values() for s in g], after_step):
+            i = owner[seq.seq_id]
+            if not finished or i in done or i not in live:
+                continue
+            if all(s.status is SeqStatus.FINISHED for s in groups[i]):
+                done.add(i)
+                report(i)  # the closing call: the last step's tokens are in
+                if on_done is not None and i in live:
+                    on_done(i, [self._output(s).text for s in groups[i]])
+
     # -- durable jobs -----------------------------------------------------------------------
     def submit(
         self,

@@ -36,7 +36,7 @@ SERVE_FLAGS = [
 
 def _serve(model: Path, job_dir: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, str(REPO_ROOT / "launch" / "run.py"), "--serve", "--no-ray-service"]
-    cmd += ["--model", str(model), "--job-dir", str(job_dir), "--max-new-tokens", "8", *SERVE_FLAGS]
+    cmd += ["--model", str(model), "--job-dir", str(job_dir), *SERVE_FLAGS]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -180,7 +180,8 @@ def test_two_hundred_jobs_from_four_processes_survive_a_kill(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     """200 small jobs from 4 submitting processes; the service is killed with SIGKILL midway
-    and restarted: every job ends done, exactly once (one answer list, at most one retry)."""
+    and restarted: every job ends done, exactly once (one answer list; only the batch in flight
+    is retried)."""
     import multiprocessing as mp
 
     job_dir = tmp_path / "jobs"
@@ -216,7 +217,8 @@ def test_two_hundred_jobs_from_four_processes_survive_a_kill(
         statuses = client.jobs()
         assert len(statuses) == 200
         assert all(s.state is JobState.DONE and s.attempts <= 2 for s in statuses)
-        assert sum(s.attempts == 2 for s in statuses) <= 1  # at most the one in flight
+        # At most the batch in flight was retried: max_num_seqs 4 one-question jobs.
+        assert sum(s.attempts == 2 for s in statuses) <= 4
     finally:
         service.send_signal(signal.SIGTERM)
         assert service.wait(timeout=60) == 0

@@ -178,3 +178,61 @@ def test_eight_processes_submit_every_job_runs_once(rt: Runtime) -> None:
         assert len(rt.result(job_id, timeout=300)) == 1
         status = rt.status(job_id)
         assert status.state is JobState.DONE and status.attempts == 1
+
+
+def test_queued_jobs_run_as_one_batch_and_cancel_alone(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Four queued jobs (7 questions) run as one batch: all four are running at once, a cancel
+    stops only its own job, and the others' answers equal ask() run alone."""
+    docs = [f"{DOC} Note {i}: the ferry leaves pier {i} at {5 + i} o'clock." for i in range(4)]
+    questions = [
+        ["Who keeps the light?", "When does the ferry leave?"],
+        ["Which pier?"],
+        ["Who keeps the tide tables?", "Who keeps the light?", "What leaves the pier?"],
+        ["When?"],
+    ]
+    store = JobStore(tmp_path / "jobs")
+    ids = [store.submit(d, q, PARAMS) for d, q in zip(docs, questions, strict=True)]
+    store.close()
+    with Runtime(
+        model=str(tiny_llama_dir),
+        device="cpu",
+        dtype="float32",
+        session_len=2048,
+        job_dir=str(tmp_path / "jobs"),
+        cache=CacheConfig(block_size=16, num_blocks=256),
+        scheduler=SchedulerConfig(max_num_batched_tokens=64),
+    ) as rt:
+        assert rt.executor is not None
+        execute = rt.executor.execute
+        steps = []
+
+        def slow_step(plan: Any) -> Any:
+            time.sleep(0.03)
+            steps.append(len(plan.seqs))
+            return execute(plan)
+
+        rt.executor.execute = slow_step  # type: ignore[method-assign]
+        free_before = rt.blocks.num_free_blocks
+        rt.serve_jobs()
+        deadline = time.monotonic() + 60
+        while not all(rt.status(i).state is JobState.RUNNING for i in ids):
+            assert time.monotonic() < deadline, [rt.status(i).state for i in ids]
+            time.sleep(0.005)
+        assert rt.cancel(ids[1]) is JobState.RUNNING
+        answers = {}
+        for n, job_id in enumerate(ids):
+            if n == 1:
+                with pytest.raises(JobFailedError, match=r"cancelled while running"):
+                    rt.result(job_id, timeout=120)
+            else:
+                answers[n] = rt.result(job_id, timeout=120)
+        assert max(steps) >= 6  # questions of several jobs shared steps
+        del rt.executor.execute  # type: ignore[attr-defined]
+        for n, got in answers.items():
+            assert got == rt.ask(docs[n], questions[n], PARAMS), n
+            assert rt.status(ids[n]).attempts == 1
+        with rt._lock:
+            assert rt.blocks.num_free_blocks == free_before
+            assert not rt.scheduler.has_work()
