@@ -46,6 +46,8 @@ class JobRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.num_jobs_run = 0
+        self.max_batch_jobs: int | None = None
+        """At most this many jobs per batch; None: as many as fill max_num_seqs."""
 
     def start(self) -> None:
         """Requeue what a dead service left running, then run jobs in a background thread."""
@@ -84,7 +86,8 @@ class JobRunner:
         questions (at least one job)."""
         slots = self.runtime.config.scheduler.max_num_seqs
         jobs: list[Job] = []
-        while not jobs or sum(len(j.questions) for j in jobs) < slots:
+        cap = self.max_batch_jobs or slots
+        while not jobs or (sum(len(j.questions) for j in jobs) < slots and len(jobs) < cap):
             job = self.store.claim()
             if job is None:
                 break
