@@ -497,21 +497,28 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.serve:
         return serve(rt, args)
-    if args.jobs:
-        return run_batch(rt, batch, params, args.out)
-    with rt:
-        start = time.perf_counter()
-        try:  # requests are checked (e.g. against session_len) before any step runs
-            if document is None:
-                answers = [o.text for o in rt.generate(items, params, use_tqdm=True)]
-            else:
-                tokens = len(rt.encode(document))
-                logger.info("document: %d tokens, %d questions", tokens, len(items))
-                answers = rt.ask(document, items, params, use_tqdm=True)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        elapsed = time.perf_counter() - start
+    try:
+        if args.jobs:
+            return run_batch(rt, batch, params, args.out)
+        with rt:
+            start = time.perf_counter()
+            try:  # requests are checked (e.g. against session_len) before any step runs
+                if document is None:
+                    answers = [o.text for o in rt.generate(items, params, use_tqdm=True)]
+                else:
+                    tokens = len(rt.encode(document))
+                    logger.info("document: %d tokens, %d questions", tokens, len(items))
+                    answers = rt.ask(document, items, params, use_tqdm=True)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            elapsed = time.perf_counter() - start
+    except KeyboardInterrupt:  # the with-block has shut the workers down
+        print("\ninterrupted: workers released", file=sys.stderr)
+        return 130
+    except WorkerError as e:  # the runtime replaced its workers; this run's requests are gone
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for item, answer in zip(items, answers):
         print(f"### {'Q' if document is not None else 'prompt'}: {item}\n{answer.strip()}\n")
     print(

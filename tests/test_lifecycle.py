@@ -65,3 +65,33 @@ def test_ray_cycles_leak_nothing(ray_cluster: Any, tiny_llama_dir: Path) -> None
 @pytest.mark.slow
 def test_twenty_ray_cycles_leak_nothing(ray_cluster: Any, tiny_llama_dir: Path) -> None:
     _ray_cycles(ray_cluster, tiny_llama_dir, 20)
+
+
+def test_ctrl_c_during_a_run_exits_cleanly(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """SIGINT mid-prefill: launch/run.py releases its workers and exits 130 with one line, no
+    traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"Line {i}: the tide was {i % 7} metres." for i in range(120)))
+    cmd = [sys.executable, str(REPO_ROOT / "launch" / "run.py"), "--model", str(tiny_llama_dir)]
+    cmd += ["--doc", str(doc), "-q", "What was the tide at line 3?", "--device", "cpu"]
+    cmd += ["--dtype", "float32", "--session-len", "4096", "--max-num-batched-tokens", "16"]
+    cmd += ["--max-num-seqs", "4"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    seen = b""
+    while b"prefill:" not in seen:  # the progress bar: steps are running
+        chunk = proc.stderr.read1(4096)  # type: ignore[attr-defined]
+        assert chunk, seen.decode(errors="replace")[-2000:]
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    text = (seen + err).decode(errors="replace")
+    assert proc.returncode == 130, text[-2000:]
+    assert "interrupted: workers released" in text
+    assert "Traceback" not in text
