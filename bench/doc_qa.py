@@ -87,7 +87,6 @@ import platform
 import re
 import resource
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -103,6 +102,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList  # noqa: E402
 
+from bench.machine import code_version, cpu_counters, cpu_model, usable_cores  # noqa: E402
 from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig  # noqa: E402
 from dist_runtime.demo_model import demo_model_path  # noqa: E402
 from dist_runtime.doc_qa import qa_prompts  # noqa: E402
@@ -190,18 +190,6 @@ def make_questions(doc: Document, count: int) -> list[str]:
 
 
 # -- measuring ------------------------------------------------------------------------------
-
-
-def cpu_counters() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[1:9])
-    tick = os.sysconf("SC_CLK_TCK")
-    total = user + nice + system + idle + iowait + irq + softirq + steal
-    return (total - idle - iowait) / tick, total / tick
 
 
 def own_usage() -> tuple[int, float, float]:
@@ -469,43 +457,6 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, str]:
     if firsts:
         text += f" (first differing token: {', '.join(firsts)})"
     return same, text
-
-
-def usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def code_version() -> str:
-    """The checked-out commit, and uncommitted changes to the library (read-only git calls)."""
-
-    def git(*args: str) -> str:
-        try:
-            out = subprocess.run(
-                ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        # rstrip, not strip: porcelain lines start with a status column that may be a space
-        return out.stdout.rstrip() if out.returncode == 0 else ""
-
-    commit = git("log", "-1", "--format=%h %s")
-    if not commit:
-        return "unknown (not a git checkout)"
-    status = git("status", "--porcelain", "--", "dist_runtime", "workers", "kernels")
-    changed = [line[3:] for line in status.splitlines()]
-    return f"`{commit}`" + (f" plus uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def _s(x: float | None) -> str:

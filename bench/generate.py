@@ -46,7 +46,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -61,6 +60,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList  # noqa: E402
 
+from bench.machine import code_version, cpu_counters, cpu_model  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
 from dist_runtime.demo_model import demo_model_path  # noqa: E402
 from dist_runtime.random_checkpoint import write_random_checkpoint  # noqa: E402
@@ -325,28 +325,6 @@ def ratios(ours: Timing, hf: Timing, batch: int, work: Workload) -> tuple[float,
 # -- reporting ------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_counters() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[1:9])
-    tick = os.sysconf("SC_CLK_TCK")
-    total = user + nice + system + idle + iowait + irq + softirq + steal
-    return (total - idle - iowait) / tick, total / tick
-
-
 def others_cpu_fraction(start: tuple[float, float] | None, own_start: float) -> float | None:
     """Share of the machine's CPU time used by other processes since `start`."""
     end = cpu_counters()
@@ -354,26 +332,6 @@ def others_cpu_fraction(start: tuple[float, float] | None, own_start: float) -> 
         return None
     own = time.process_time() - own_start
     return max(end[0] - start[0] - own, 0.0) / (end[1] - start[1])
-
-
-def code_version() -> str:
-    """The checked-out commit, and uncommitted changes to the library (read-only git calls)."""
-
-    def git(*args: str) -> str:
-        try:
-            out = subprocess.run(
-                ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    commit = git("log", "-1", "--format=%h %s")
-    if not commit:
-        return "unknown (not a git checkout)"
-    status = git("status", "--porcelain", "--", "dist_runtime", "workers", "kernels")
-    changed = [line[3:] for line in status.splitlines()]
-    return f"`{commit}`" + (f" plus uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def _num(x: float | None) -> str:

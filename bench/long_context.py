@@ -56,7 +56,6 @@ import os
 import platform
 import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +69,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.machine import code_version, cpu_model, usable_cores  # noqa: E402
 from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig  # noqa: E402
 from dist_runtime.random_checkpoint import write_random_checkpoint  # noqa: E402
 
@@ -291,42 +291,6 @@ def efficiency(cell: Cell, cells: list[Cell]) -> float | None:
 
 
 # -- reporting ------------------------------------------------------------------------------
-
-
-def usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def code_version() -> str:
-    """The checked-out commit, and uncommitted changes to the library (read-only git calls)."""
-
-    def git(*args: str) -> str:
-        try:
-            out = subprocess.run(
-                ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return out.stdout.rstrip() if out.returncode == 0 else ""
-
-    commit = git("log", "-1", "--format=%h %s")
-    if not commit:
-        return "unknown (not a git checkout)"
-    status = git("status", "--porcelain", "--", "dist_runtime", "workers", "kernels")
-    changed = [line[3:] for line in status.splitlines()]
-    return f"`{commit}`" + (f" plus uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def ray_version() -> str:
