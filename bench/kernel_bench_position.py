@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.kernel_bench_attention import _ms  # noqa: E402
 from kernels import paged_attention as PA  # noqa: E402
 from kernels import position_attention as POS  # noqa: E402
 
@@ -45,12 +45,6 @@ CHUNK = 8192
 BLOCK = 16
 CP = 4
 SEED = 0
-
-
-def _ms(fn: Callable[[], Any]) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def _pairs(q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
