@@ -18,6 +18,7 @@ import torch
 from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig
 from dist_runtime.random_checkpoint import write_random_checkpoint
 from tests.helpers.oracle import load_hf_llama
+from tests.helpers.outputs import assert_same_outputs
 
 DEVICE = os.environ.get("GPU_ORACLE_DEVICE", "cuda")
 """cpu runs the same comparison through the torch references (a check of the test itself)."""
@@ -112,12 +113,7 @@ def test_decode_graphs_equal_eager(checkpoint: Path) -> None:
             if DEVICE == "cuda":
                 assert (graphs is None) == eager
                 assert eager or graphs.num_replays == 29
-    for a, b in zip(runs[True], runs[False], strict=True):
-        assert a.token_ids == b.token_ids
-        assert a.logprobs is not None and b.logprobs is not None
-        for x, y in zip(a.logprobs, b.logprobs, strict=True):
-            assert list(x.top) == list(y.top)
-            assert abs(x.logprob - y.logprob) < 1e-4
+    assert_same_outputs(runs[True], runs[False], atol=1e-4)
 
 
 def test_decode_graphs_with_per_request_rope_equal_eager(
@@ -158,8 +154,4 @@ def test_decode_graphs_with_per_request_rope_equal_eager(
             graphs = rt.executor.worker.runner.graphs  # type: ignore[union-attr]
             if DEVICE == "cuda" and not eager:
                 assert graphs.num_rope_replays == 9 and graphs.num_replays == 19
-    for a, b in zip(runs[True], runs[False], strict=True):
-        assert a.token_ids == b.token_ids
-        assert a.logprobs is not None and b.logprobs is not None
-        for x, y in zip(a.logprobs, b.logprobs, strict=True):
-            assert abs(x.logprob - y.logprob) < 1e-4
+    assert_same_outputs(runs[True], runs[False], atol=1e-4)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig
+from tests.helpers.outputs import assert_same_outputs
 from workers.cuda_graph import DecodeGraphs, capture_sizes
 from workers.layers.attention import AttentionMetadata
 from workers.model_runner import ModelRunner
@@ -60,12 +61,7 @@ def test_emulated_graphs_equal_eager(tiny_llama_dir: Path, monkeypatch: pytest.M
     assert none is None
     assert graphs is not None and graphs.sizes == [1, 2, 4, 6]
     assert graphs.num_replays == 19  # one replay per decode step: the longest has 20 tokens
-    for a, b in zip(eager, graphed, strict=True):
-        assert a.token_ids == b.token_ids
-        assert a.logprobs is not None and b.logprobs is not None
-        for x, y in zip(a.logprobs, b.logprobs, strict=True):
-            assert list(x.top) == list(y.top)
-            assert abs(x.logprob - y.logprob) < 1e-4
+    assert_same_outputs(eager, graphed, atol=1e-4)
 
 
 def test_emulated_graphs_with_per_request_rope(
@@ -97,11 +93,7 @@ def test_emulated_graphs_with_per_request_rope(
             graphs = rt.executor.worker.runner.graphs  # type: ignore[union-attr]
     assert graphs is not None and graphs.rope_dim == 8
     assert graphs.num_rope_replays == 5 and graphs.num_replays == 13
-    for a, b in zip(runs[None], runs["emulate"], strict=True):
-        assert a.token_ids == b.token_ids
-        assert a.logprobs is not None and b.logprobs is not None
-        for x, y in zip(a.logprobs, b.logprobs, strict=True):
-            assert abs(x.logprob - y.logprob) < 1e-4
+    assert_same_outputs(runs[None], runs["emulate"], atol=1e-4)
 
 
 def _meta(**kw: Any) -> AttentionMetadata:
