@@ -158,28 +158,35 @@ def test_generate_raises_and_the_runtime_recovers(rt: Runtime) -> None:
     assert again.token_ids == want.token_ids
 
 
+def _hung_rank1_fails_then_recovers(rt: Runtime, match: str) -> None:
+    """Rank 1's steps sleep forever: the next generate raises `match` within a minute, and the
+    retry on the rebuilt group gives the undisturbed tokens."""
+    prompt = [[5, 6, 7, 8, 9] * 10]
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    (want,) = rt.generate(prompt, params)
+    assert rt.executor is not None
+    actor = rt.executor.actors[1]  # type: ignore[attr-defined]
+
+    def hang(self: Any) -> None:
+        self.runner.execute = lambda plan: time.sleep(3600)
+
+    import ray
+
+    ray.get(actor.__ray_call__.remote(hang))
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=match):
+        rt.generate(prompt, params)
+    assert time.monotonic() - start < 60
+    (again,) = rt.generate(prompt, params)
+    assert again.token_ids == want.token_ids
+    assert rt.num_worker_restarts == 1
+
+
 def test_hung_worker_is_detected_by_the_step_timeout(
     ray_cluster: Any, tiny_llama_dir: Path
 ) -> None:
     with Runtime(model=str(tiny_llama_dir), tp=2, step_timeout_s=3.0, **KW) as rt:
-        prompt = [[5, 6, 7, 8, 9] * 10]
-        params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
-        (want,) = rt.generate(prompt, params)
-        assert rt.executor is not None
-        actor = rt.executor.actors[1]  # type: ignore[attr-defined]
-
-        def hang(self: Any) -> None:
-            self.runner.execute = lambda plan: time.sleep(3600)
-
-        import ray
-
-        ray.get(actor.__ray_call__.remote(hang))
-        start = time.monotonic()
-        with pytest.raises(WorkerError, match=r"timed out after 3 s"):
-            rt.generate(prompt, params)
-        assert time.monotonic() - start < 60
-        (again,) = rt.generate(prompt, params)
-        assert again.token_ids == want.token_ids
+        _hung_rank1_fails_then_recovers(rt, r"timed out after 3 s")
 
 
 def test_hung_peer_fails_the_collective_before_the_step_timeout(
@@ -191,23 +198,5 @@ def test_hung_peer_fails_the_collective_before_the_step_timeout(
     with Runtime(
         model=str(tiny_llama_dir), tp=2, step_timeout_s=120.0, collective_timeout_s=3.0, **KW
     ) as rt:
-        prompt = [[5, 6, 7, 8, 9] * 10]
-        params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
-        (want,) = rt.generate(prompt, params)
-        assert rt.executor is not None
-        actor = rt.executor.actors[1]  # type: ignore[attr-defined]
-
-        def hang(self: Any) -> None:
-            self.runner.execute = lambda plan: time.sleep(3600)
-
-        import ray
-
-        ray.get(actor.__ray_call__.remote(hang))
-        start = time.monotonic()
         hung = r"rank 0: tp all-reduce failed; a peer is hung or dead \(collective_timeout_s=3\)"
-        with pytest.raises(WorkerError, match=hung):
-            rt.generate(prompt, params)
-        assert time.monotonic() - start < 60
-        (again,) = rt.generate(prompt, params)
-        assert again.token_ids == want.token_ids
-        assert rt.num_worker_restarts == 1
+        _hung_rank1_fails_then_recovers(rt, hung)
