@@ -46,6 +46,9 @@ from workers.models.layouts import check_checkpoint
 
 logger = logging.getLogger(__name__)
 
+PREFIX_PASS = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+"""The pass that computes a document's shared prefix once: its one sampled token is dropped."""
+
 Prompt = str | list[int]
 
 
@@ -261,37 +264,18 @@ class Runtime:
         Each prompt puts the document first and the question after it (through the chat
         template), so every question on one document shares the document's tokens as a prefix.
         """
-        return self._answer(document, questions, params, use_tqdm)
+        params = job_params(params)
+        prompts = self._qa_prompts(document, questions)
+        check_fits(prompts, params, self.config.session_len)
+        with self._lock:
+            self._prefill_shared_prefix(prompts)
+            outs = self._generate(prompts, params, use_tqdm=use_tqdm)
+        return [o.text for o in outs]
 
     def _qa_prompts(self, document: str, questions: Seq[str]) -> list[list[int]]:
         if self.tokenizer is None:
             raise ValueError(f"{self.config.model} has no tokenizer; document QA needs one")
         return qa_prompts(self.tokenizer, document, questions)
-
-    def _answer(
-        self,
-        document: str,
-        questions: Seq[str],
-        params: SamplingParams | None = None,
-        use_tqdm: bool = False,
-        on_step: Callable[[list[Sequence], int, bool], None] | None = None,
-    ) -> list[str]:
-        """ask() with a step callback on_step(seqs, job prompt tokens, is_shared_prefix_pass)."""
-        params = job_params(params)
-        prompts = self._qa_prompts(document, questions)
-        check_fits(prompts, params, self.config.session_len)
-        total = sum(len(p) for p in prompts)
-        with self._lock:
-            self._prefill_shared_prefix(
-                prompts, None if on_step is None else lambda seqs: on_step(seqs, total, True)
-            )
-            outs = self._generate(
-                prompts,
-                params,
-                use_tqdm=use_tqdm,
-                on_step=None if on_step is None else lambda seqs: on_step(seqs, total, False),
-            )
-        return [o.text for o in outs]
 
     def _answer_batch(
         self,
@@ -309,14 +293,12 @@ class Runtime:
         """
         live = set(range(len(items)))
         with self._lock:
-            if self.blocks.enable_prefix_caching:
-                one = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
-                prefix = {}
-                for i, (prompts, _) in enumerate(items):
-                    shared = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
-                    if shared >= self.blocks.block_size:
-                        prefix[i] = self._submit([prompts[0][:shared]], one)
-                self._run_groups(prefix, live, on_step, None)
+            prefix = {}
+            for i, (prompts, _) in enumerate(items):
+                shared = self._shared_prefix(prompts)
+                if shared is not None:
+                    prefix[i] = self._submit([shared], PREFIX_PASS)
+            self._run_groups(prefix, live, on_step, None)
             groups = {i: self._submit(*items[i]) for i in sorted(live)}
             self._run_groups(groups, live, on_step, on_done)
 
@@ -462,22 +444,20 @@ class Runtime:
             raise RuntimeError("this runtime is shut down")
         return self.executor.memory_stats()
 
-    def _prefill_shared_prefix(
-        self,
-        prompts: list[list[int]],
-        on_step: Callable[[list[Sequence]], None] | None = None,
-    ) -> None:
+    def _shared_prefix(self, prompts: list[list[int]]) -> list[int] | None:
+        """The prompts' common prefix when it fills at least one cache block (and caching is
+        on), else None."""
+        if len(prompts) < 2 or not self.blocks.enable_prefix_caching:
+            return None
+        shared = len(os.path.commonprefix(prompts))
+        return prompts[0][:shared] if shared >= self.blocks.block_size else None
+
+    def _prefill_shared_prefix(self, prompts: list[list[int]]) -> None:
         """Compute the prompts' common prefix once so every prompt finds it in the cache
         (prompts admitted in the same step cannot share blocks none of them has computed)."""
-        if len(prompts) < 2 or not self.blocks.enable_prefix_caching:
-            return
-        shared = len(os.path.commonprefix(prompts))
-        if shared >= self.blocks.block_size:
-            self._generate(
-                [prompts[0][:shared]],
-                SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
-                on_step=on_step,
-            )
+        shared = self._shared_prefix(prompts)
+        if shared is not None:
+            self._generate([shared], PREFIX_PASS)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
