@@ -5,10 +5,11 @@ the other, with the same `torch.set_num_threads(--threads)`, fp32 and greedy dec
 same `max_new_tokens` (EOS ends an answer early, in all three alike):
 
 1. **ours, prefix caching on**: a fresh `Runtime` (in-process executor, tp=1) with
-   `CacheConfig(enable_prefix_caching=True)`; ONE timed call `rt.ask(document, questions,
-   params)`. `ask` builds one chat prompt per question with the document first
-   (`dist_runtime.doc_qa.qa_prompts`), computes the prompts' common prefix (chat header +
-   document) once (`Runtime._prefill_shared_prefix`), then runs all questions as one batch:
+   `CacheConfig(enable_prefix_caching=True)`; ONE timed call: what `rt.ask(document,
+   questions, params)` does after building one chat prompt per question with the document
+   first (`dist_runtime.jobs.doc_qa.qa_prompts`, built before the clock starts):
+   `rt.add_requests(prompts, params, share_prefix=True)` and waiting on the handles. The engine
+   computes the prompts' common prefix (chat header + document) once, then runs all questions:
    each question finds the document's full KV blocks in the prefix cache and computes only its
    own tail (the partial last block of the shared prefix plus the question), then all
    questions decode together.
@@ -23,12 +24,11 @@ same `max_new_tokens` (EOS ends an answer early, in all three alike):
 
 How each number is measured:
 
-* Wall time: `time.perf_counter()` around the one `rt.ask` call (ours; it includes building the
-  prompts: chat template and tokenization of the document for every question, and
-  detokenizing the answers) or around the loop of `generate` calls, one per question (HF;
-  prompts prebuilt, answers not decoded). Ratios are wall-time ratios: no-cache / cache and
-  HF / cache (> 1: the cached run is faster). The aim of the benchmark is no-cache / cache
-  >= 4.
+* Wall time: `time.perf_counter()` around the one `add_requests` call and the wait for its
+  handles (ours; it includes detokenizing the answers) or around the loop of `generate`
+  calls, one per question (HF; prompts prebuilt, answers not decoded). Ratios are wall-time
+  ratios: no-cache / cache and HF / cache (> 1: the cached run is faster). The aim of the
+  benchmark is no-cache / cache >= 4.
 * Warm-up (untimed): before its timed call each system works through a DIFFERENT short
   document (the pass-key haystack, 2 questions). Ours: a fresh Runtime per run, which runs the
   `ask` pattern on that document's raw text (no chat template): one prefill of the document,
@@ -36,7 +36,7 @@ How each number is measured:
   text shares no KV block with the timed chat prompts, so the timed run gets no cache hits
   from the warm-up (the report gives what the shared-prefix pass found cached: should be 0).
   HF: one `generate` per question on the chat prompts of that document.
-* Prompt tokens computed: `rt.scheduler.num_prompt_tokens_computed` after minus before the
+* Prompt tokens computed: `rt.engine.scheduler.num_prompt_tokens_computed` after minus before the
   timed call (prompt tokens whose K/V the workers computed; prefix-cache hits excluded). It
   includes the shared-prefix pass.
 * Prefix-cache hit rate: `rt.prefix_cache_stats()` after minus before the timed call: prompt
@@ -104,12 +104,11 @@ from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList 
 
 from bench.machine import code_version, cpu_counters, cpu_model, usable_cores  # noqa: E402
 from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig  # noqa: E402
-from dist_runtime.demo_model import demo_model_path  # noqa: E402
-from dist_runtime.doc_qa import qa_prompts  # noqa: E402
-from dist_runtime.documents import Document, harbor_report, passkey_haystack  # noqa: E402
-from dist_runtime.outputs import RequestOutput  # noqa: E402
+from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
+from dist_runtime.jobs.doc_qa import qa_prompts  # noqa: E402
 from dist_runtime.protocol import StepPlan  # noqa: E402
-from dist_runtime.tokenizer import Tokenizer  # noqa: E402
+from dist_runtime.text.documents import Document, harbor_report, passkey_haystack  # noqa: E402
+from dist_runtime.text.tokenizer import Tokenizer  # noqa: E402
 
 BLOCK_SIZE = 16
 CACHE = "ours, prefix caching"
@@ -258,45 +257,32 @@ class Run:
 
 @contextmanager
 def recording(rt: Runtime) -> Iterator[dict[str, Any]]:
-    """Time every executor step and the shared-prefix pass; keep ask()'s RequestOutputs."""
-    rec: dict[str, Any] = {"steps": [], "outputs": [], "shared_s": 0.0, "shared_hits": 0}
-    in_shared = [False]
-    executor = rt.executor
+    """Time every executor step; the engine's step records say which steps were the
+    shared-prefix pass's (the only request running then: the questions wait for it)."""
+    rec: dict[str, Any] = {"steps": []}
+    executor = rt.engine.executor
     assert executor is not None
-    execute, generate, shared = executor.execute, rt._generate, rt._prefill_shared_prefix
+    execute = executor.execute
+    first_step = rt.engine.stats()["num_steps"]
 
     def timed_execute(plan: StepPlan) -> Any:
         t0 = time.perf_counter()
         out = execute(plan)
         decode = all(len(s.token_ids) == 1 for s in plan.seqs)
-        rec["steps"].append((time.perf_counter() - t0, decode, in_shared[0]))
+        rec["steps"].append((plan.step_id, time.perf_counter() - t0, decode))
         return out
 
-    def kept_generate(*args: Any, **kwargs: Any) -> list[RequestOutput]:
-        outs = generate(*args, **kwargs)
-        rec["outputs"].append(outs)
-        return outs
-
-    def timed_shared(*args: Any, **kwargs: Any) -> None:
-        hits0 = rt.prefix_cache_stats()["hit_tokens"]
-        in_shared[0] = True
-        t0 = time.perf_counter()
-        try:
-            shared(*args, **kwargs)
-        finally:
-            rec["shared_s"] += time.perf_counter() - t0
-            in_shared[0] = False
-        rec["shared_hits"] += int(rt.prefix_cache_stats()["hit_tokens"] - hits0)
-
     executor.execute = timed_execute  # type: ignore[method-assign]
-    rt._generate = kept_generate  # type: ignore[method-assign]
-    rt._prefill_shared_prefix = timed_shared  # type: ignore[method-assign]
     try:
         yield rec
-    finally:  # back to the class methods
+    finally:  # back to the class method
         del executor.execute
-        del rt._generate
-        del rt._prefill_shared_prefix
+        records = [r for r in rt.engine.recent_steps() if r.step_id >= first_step]
+        shared = [r for r in records if all(i.startswith("prefix-") for i in r.request_ids)]
+        shared_ids = {r.step_id for r in shared}
+        rec["shared_s"] = sum(r.seconds for r in shared)
+        rec["shared_prefill"] = sum(r.num_prefill_tokens for r in shared)
+        rec["steps"] = [(t, decode, i in shared_ids) for i, t, decode in rec["steps"]]
 
 
 def warm_up_ours(rt: Runtime, params: SamplingParams) -> None:
@@ -341,18 +327,17 @@ def run_ours(
         warm_up_ours(rt, params)
         log(f"  {name}: warm-up {time.perf_counter() - t0:.1f} s")
         before = rt.prefix_cache_stats()
-        computed0 = rt.scheduler.num_prompt_tokens_computed
-        preempt0 = rt.scheduler.num_preemptions
+        computed0 = rt.engine.scheduler.num_prompt_tokens_computed
+        preempt0 = rt.engine.scheduler.num_preemptions
         with recording(rt) as rec:
             others = OthersCPU()
             t0 = time.perf_counter()
-            answers = rt.ask(work.document, work.questions, params)
+            handles = rt.add_requests(work.prompts, params, share_prefix=True)
+            outs = [h.result() for h in handles]
             wall = time.perf_counter() - t0
             others_cpu, usage = others.fraction(), others.own()
         after = rt.prefix_cache_stats()
-        outs = rec["outputs"][-1]
-        if [o.prompt_token_ids for o in outs] != work.prompts:
-            raise RuntimeError(f"{name}: ask() built other prompts than qa_prompts()")
+        answers = [o.text for o in outs]
         steps = rec["steps"]
         run = Run(
             name=name,
@@ -368,11 +353,11 @@ def run_ours(
             host_s=wall - sum(t for t, _, _ in steps),
             shared_pass_s=rec["shared_s"] if caching else None,
             shared_pass_steps_s=sum(t for t, _, shared in steps if shared) if caching else None,
-            shared_pass_hits=rec["shared_hits"] if caching else None,
-            prompt_tokens_computed=rt.scheduler.num_prompt_tokens_computed - computed0,
+            shared_pass_hits=work.shared_tokens - rec["shared_prefill"] if caching else None,
+            prompt_tokens_computed=rt.engine.scheduler.num_prompt_tokens_computed - computed0,
             queried_tokens=int(after["queried_tokens"] - before["queried_tokens"]),
             hit_tokens=int(after["hit_tokens"] - before["hit_tokens"]),
-            preemptions=rt.scheduler.num_preemptions - preempt0,
+            preemptions=rt.engine.scheduler.num_preemptions - preempt0,
         )
     finally:
         rt.shutdown()

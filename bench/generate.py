@@ -62,8 +62,8 @@ from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList 
 
 from bench.machine import code_version, cpu_counters, cpu_model  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
-from dist_runtime.demo_model import demo_model_path  # noqa: E402
-from dist_runtime.random_checkpoint import write_random_checkpoint  # noqa: E402
+from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint  # noqa: E402
 
 CONFIG_FILE = "config.json"
 HF_NAME = "HF transformers"
@@ -166,7 +166,7 @@ class OursRunner:
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list]:
         stamps: list[float] = []
-        executor = self.rt.executor
+        executor = self.rt.engine.executor
         assert executor is not None
         execute = executor.execute
 

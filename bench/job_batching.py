@@ -6,10 +6,10 @@ N different documents (`harbor_report` with different seeds, `--sections` sectio
 their three questions are queued in one job directory; then ONE Runtime (demo model, fp32,
 in-process, `--threads` torch threads) serves them twice, on two copies of the queue:
 
-1. **batched** (the service's default): the runner claims as many queued jobs as fill
-   `max_num_seqs` with their questions and runs them together (documents prefilled together,
-   every question decoding together).
-2. **one at a time**: the same runner with `max_batch_jobs = 1` (the service before batching).
+1. **batched** (the service's default): the runner keeps as many jobs running as fill
+   `max_num_seqs` with their questions (documents prefilled together, every question decoding
+   together, a queued job starting as soon as a running one ends).
+2. **one at a time**: the same runner with `serve_jobs(max_running_jobs=1)`.
 
 The order alternates with `--repeats` (batched first on odd repeats) and each system keeps its
 fastest run. Time = from `serve_jobs()` until the last job is done (`JobStore.wait`). Both runs
@@ -33,9 +33,9 @@ import torch  # noqa: E402
 
 from dist_runtime import Runtime, SamplingParams  # noqa: E402
 from dist_runtime.config import CacheConfig, SchedulerConfig  # noqa: E402
-from dist_runtime.demo_model import demo_model_path  # noqa: E402
-from dist_runtime.documents import harbor_report, passkey_haystack  # noqa: E402
-from dist_runtime.job_store import JobStore  # noqa: E402
+from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
+from dist_runtime.jobs.store import JobStore  # noqa: E402
+from dist_runtime.text.documents import harbor_report, passkey_haystack  # noqa: E402
 
 
 def run_once(
@@ -56,19 +56,17 @@ def run_once(
     ) as rt:
         warm = passkey_haystack(1234, num_filler=20)
         rt.ask(warm, ["What is the pass key?", "What is it?"], params)
-        assert rt.executor is not None
-        execute = rt.executor.execute
+        assert rt.engine.executor is not None
+        execute = rt.engine.executor.execute
         steps = [0]
 
         def counted(plan):  # type: ignore[no-untyped-def]
             steps[0] += 1
             return execute(plan)
 
-        rt.executor.execute = counted  # type: ignore[method-assign]
-        runner = rt._job_runner()
-        runner.max_batch_jobs = None if batched else 1
+        rt.engine.executor.execute = counted  # type: ignore[method-assign]
         start = time.perf_counter()
-        rt.serve_jobs()
+        rt.serve_jobs(max_running_jobs=None if batched else 1)
         answers = [store.wait(i, timeout=3600) for i in ids]
         seconds = time.perf_counter() - start
     store.close()

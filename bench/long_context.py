@@ -71,7 +71,7 @@ import torch  # noqa: E402
 
 from bench.machine import code_version, cpu_model, usable_cores  # noqa: E402
 from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig  # noqa: E402
-from dist_runtime.random_checkpoint import write_random_checkpoint  # noqa: E402
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint  # noqa: E402
 
 MILLION = 1 << 20
 SLACK_BLOCKS = 2
@@ -203,7 +203,7 @@ def timed_generate(
     """(first-token time, call time, each sampled token's step time, steps before the first
     token), all times from the start of the `generate` call."""
     stamps: list[tuple[float, int]] = []
-    executor = rt.executor
+    executor = rt.engine.executor
     assert executor is not None
     execute = executor.execute
 
@@ -249,8 +249,8 @@ def run_cell(
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens),
         step_timeout_s=args.step_timeout_s,
     ) as rt:
-        assert rt.executor is not None
-        cell.executor = type(rt.executor).__name__
+        assert rt.engine.executor is not None
+        cell.executor = type(rt.engine.executor).__name__
         warm = args.warmup_tokens
         if warm is None:
             warm = cell.cp * (args.max_batched_tokens + cell.block_size)
@@ -267,9 +267,9 @@ def run_cell(
             hits = rt.prefix_cache_stats()["hit_tokens"] - hits_before
             if hits:
                 raise RuntimeError(f"the timed prompt hit {hits} prefix-cached tokens")
-            if rt.scheduler.num_preemptions:
+            if rt.engine.scheduler.num_preemptions:
                 raise RuntimeError(
-                    f"{rt.scheduler.num_preemptions} preemptions (KV cache too small)"
+                    f"{rt.engine.scheduler.num_preemptions} preemptions (KV cache too small)"
                 )
             cell.prefill_runs.append(first)
             cell.call_runs.append(call)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_runtime.gguf_convert import OUTPUT_DTYPES, GGUFError, convert_gguf  # noqa: E402
+from dist_runtime.formats.gguf import OUTPUT_DTYPES, GGUFError, convert_gguf  # noqa: E402
 
 logger = logging.getLogger("convert")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_runtime.random_checkpoint import (  # noqa: E402
+from dist_runtime.formats.random_checkpoint import (  # noqa: E402
     ARCHITECTURES,
     DTYPES,
     write_random_checkpoint,

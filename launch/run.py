@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_runtime import Runtime, RuntimeConfig, SamplingParams  # noqa: E402
 from dist_runtime.config import ConfigError, merge_overrides, read_yaml  # noqa: E402
-from dist_runtime.demo_model import DemoModelError, demo_model_path  # noqa: E402
-from dist_runtime.documents import harbor_report  # noqa: E402
-from dist_runtime.executor import WorkerError  # noqa: E402
+from dist_runtime.engine.executor import WorkerError  # noqa: E402
+from dist_runtime.formats.demo_model import DemoModelError, demo_model_path  # noqa: E402
+from dist_runtime.text.documents import harbor_report  # noqa: E402
 
 logger = logging.getLogger("launch.run")
 
@@ -431,12 +431,12 @@ def serve(rt: Runtime, args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with rt:
-        job_dir = rt._job_store().job_dir
+        job_dir = rt.job_dir
         rt.serve_jobs()
         if not args.no_ray_service:
             import ray
 
-            from dist_runtime import service
+            from dist_runtime.jobs import service
 
             if not ray.is_initialized():
                 ray.init(address=args.ray_address, include_dashboard=False)
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.serve and not args.job_dir:
-        from dist_runtime.demo_model import default_cache_dir
+        from dist_runtime.formats.demo_model import default_cache_dir
 
         args.job_dir = str(default_cache_dir() / "jobs")
     if args.dry_run:

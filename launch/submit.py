@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_runtime.job_store import JobFailedError, UnknownJobError  # noqa: E402
+from dist_runtime.jobs.store import JobFailedError, UnknownJobError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +50,7 @@ class _RayQueue:
     def __init__(self, args: argparse.Namespace):
         import ray
 
-        from dist_runtime import service
+        from dist_runtime.jobs import service
 
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
         self.ray = ray
@@ -87,7 +87,7 @@ class _RayQueue:
 
 class _DirQueue:
     def __init__(self, job_dir: str):
-        from dist_runtime.job_client import JobClient
+        from dist_runtime.jobs.client import JobClient
 
         self.client = JobClient(job_dir)
 

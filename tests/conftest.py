@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from dist_runtime.random_checkpoint import write_random_checkpoint  # noqa: E402
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint  # noqa: E402
 
 TINY_SHAPES: dict[str, Any] = dict(
     vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=8, num_kv_heads=4

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from dist_runtime.job_client import JobClient
+from dist_runtime.jobs.client import JobClient
 from launch import run as run_cli
 from launch import submit as submit_cli
 from tests.conftest import REPO_ROOT
@@ -374,12 +374,12 @@ def test_run_main_missing_model_folder(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Runtime itself refuses the folder before it starts anything."""
-    import dist_runtime.runtime as runtime_module
+    import dist_runtime.engine.engine as engine_module
 
     def forbidden(config: Any) -> Any:
         raise AssertionError("workers were started for a missing model folder")
 
-    monkeypatch.setattr(runtime_module, "create_executor", forbidden)
+    monkeypatch.setattr(engine_module, "create_executor", forbidden)
     argv = ["--model", str(files["missing"]), "--prompt", "hi", "--device", "cpu"]
     assert run_cli.main(argv) == 2
     assert capsys.readouterr().err == (
@@ -468,7 +468,7 @@ def test_run_main_workers_that_cannot_start(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dist_runtime.executor import WorkerError
+    from dist_runtime.engine.executor import WorkerError
 
     def too_big(config: Any) -> Any:
         raise WorkerError("tp*cp = 8 workers need 8 CPU but the Ray cluster has 4; lower tp/cp")

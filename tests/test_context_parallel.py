@@ -91,9 +91,9 @@ def test_prefix_cache_and_kv_split_with_cp(ray_cluster: Any, tiny_llama_dir: Pat
         want = single.generate([doc + [9, 10, 11], doc + [12, 13]], params)
     with _runtime(tiny_llama_dir, 1, 3, num_blocks=40) as rt:
         first = rt.generate([doc + [9, 10, 11]], params)
-        before = rt.scheduler.num_prompt_tokens_computed
+        before = rt.engine.scheduler.num_prompt_tokens_computed
         second = rt.generate([doc + [12, 13]], params)
-        computed = rt.scheduler.num_prompt_tokens_computed - before
+        computed = rt.engine.scheduler.num_prompt_tokens_computed - before
         assert computed == len(doc) + 2 - (len(doc) // BLOCK_SIZE) * BLOCK_SIZE
         assert [o.token_ids for o in first + second] == [o.token_ids for o in want]
 
@@ -103,7 +103,7 @@ def test_prefix_cache_and_kv_split_with_cp(ray_cluster: Any, tiny_llama_dir: Pat
 def test_blocks_striped_evenly(cp: int, tokens: int) -> None:
     """Each cp pool gives a sequence 1/cp of its blocks (to within one), entry i from pool
     i % cp, and max_tokens is exactly what grow() can reach."""
-    from dist_runtime.block_manager import BlockManager
+    from dist_runtime.engine.block_manager import BlockManager
 
     bm = BlockManager(num_blocks=40, block_size=BLOCK_SIZE, cp_size=cp)
     table: list[int] = []
@@ -121,7 +121,7 @@ def test_blocks_striped_evenly(cp: int, tokens: int) -> None:
 
 def test_dynamic_ntk_request_base_with_cp(ray_cluster: Any, tmp_path: Path) -> None:
     """A prompt past max_position_embeddings gets its own RoPE base on every cp rank."""
-    from dist_runtime.random_checkpoint import write_random_checkpoint
+    from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 
     folder = write_random_checkpoint(
         tmp_path / "dyn",
@@ -158,7 +158,7 @@ def test_session_that_does_not_fit_fails_at_start_and_cp_fixes_it(
     with pytest.raises(ConfigError, match=r"session_len 256 does not fit.* use --cp 2"):
         Runtime(**kw)
     with Runtime(cp=2, **kw) as rt:
-        assert rt.blocks.capacity_tokens == 256
+        assert rt.engine.blocks.capacity_tokens == 256
         (out,) = rt.generate([_prompt(200, 9)], SamplingParams(max_new_tokens=50, ignore_eos=True))
         assert len(out.token_ids) == 50
         assert all(m["kv_cache_bytes"] == 8 * block_bytes for m in rt.worker_memory())
@@ -166,7 +166,7 @@ def test_session_that_does_not_fit_fails_at_start_and_cp_fixes_it(
 
 def test_world_larger_than_the_cluster(ray_cluster: Any, tiny_llama_dir: Path) -> None:
     """tp * cp workers that the Ray cluster cannot place fail at once, naming the numbers."""
-    from dist_runtime.executor.base import WorkerError
+    from dist_runtime.engine.executor.base import WorkerError
 
     with pytest.raises(
         (WorkerError, ValueError), match=r"tp\*cp = 8 workers need 8 CPU.*lower tp/cp"

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from dist_runtime import Runtime, SamplingParams
-from dist_runtime.chat import encode_chat, history_to_messages
 from dist_runtime.config import SchedulerConfig
-from dist_runtime.demo_model import demo_model_path
-from dist_runtime.documents import passkey_haystack
-from dist_runtime.tokenizer import Tokenizer
+from dist_runtime.formats.demo_model import demo_model_path
+from dist_runtime.text.chat import encode_chat, history_to_messages
+from dist_runtime.text.documents import passkey_haystack
+from dist_runtime.text.tokenizer import Tokenizer
 
 SESSION_LEN = 4096
 PASSKEY_SEED = 1234

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from dist_runtime import RequestOutput, Runtime, SamplingParams
-from dist_runtime.chat import encode_chat, history_to_messages
-from dist_runtime.demo_model import demo_model_path
-from dist_runtime.documents import harbor_report, passkey_haystack
-from dist_runtime.tokenizer import Tokenizer
+from dist_runtime.formats.demo_model import demo_model_path
+from dist_runtime.text.chat import encode_chat, history_to_messages
+from dist_runtime.text.documents import harbor_report, passkey_haystack
+from dist_runtime.text.tokenizer import Tokenizer
 
 MAX_NEW_TOKENS = 32
 TOP_K = 5

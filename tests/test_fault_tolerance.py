@@ -18,7 +18,7 @@ import pytest
 
 from dist_runtime import JobFailedError, JobState, Runtime, SamplingParams
 from dist_runtime.config import CacheConfig, SchedulerConfig
-from dist_runtime.executor.base import WorkerError
+from dist_runtime.engine.executor.base import WorkerError
 
 DOC = " ".join(
     f"Entry {i}: the ferry left pier {i % 5} at {6 + i % 12} o'clock." for i in range(40)
@@ -55,7 +55,7 @@ def rt(ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path) -> Iterator[Runti
 
 def _slow_steps(rt: Runtime, seconds: float) -> None:
     """Slow down the current worker group's steps (a replacement group runs at full speed)."""
-    executor = rt.executor
+    executor = rt.engine.executor
     assert executor is not None
     execute = executor.execute
 
@@ -77,8 +77,8 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def _kill_rank1(rt: Runtime, how: str) -> None:
     import ray
 
-    assert rt.executor is not None
-    actor = rt.executor.actors[1]  # type: ignore[attr-defined]
+    assert rt.engine.executor is not None
+    actor = rt.engine.executor.actors[1]  # type: ignore[attr-defined]
     if how == "ray.kill":
         ray.kill(actor, no_restart=True)
     else:  # the process exits from inside, between two steps
@@ -104,11 +104,11 @@ def test_job_survives_a_dead_worker(rt: Runtime, expected: list[str], how: str, 
 def test_job_failing_on_every_attempt_ends_failed_and_others_complete(
     ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path, expected: list[str], monkeypatch: Any
 ) -> None:
-    import dist_runtime.runtime as runtime_module
+    import dist_runtime.engine.engine as engine_module
 
     chaos = threading.Event()
     chaos.set()
-    create = runtime_module.create_executor
+    create = engine_module.create_executor
 
     def faulty_executor(config: Any) -> Any:
         """Every new group loses rank 1 at its third step while chaos is on."""
@@ -126,7 +126,7 @@ def test_job_failing_on_every_attempt_ends_failed_and_others_complete(
         executor.execute = step  # type: ignore[method-assign]
         return executor
 
-    monkeypatch.setattr(runtime_module, "create_executor", faulty_executor)
+    monkeypatch.setattr(engine_module, "create_executor", faulty_executor)
     with Runtime(
         model=str(tiny_llama_dir),
         tp=2,
@@ -149,11 +149,11 @@ def test_generate_raises_and_the_runtime_recovers(rt: Runtime) -> None:
     params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
     (want,) = rt.generate(prompt, params)
     _kill_rank1(rt, "ray.kill")
-    _wait(lambda: getattr(rt.executor, "dead", None) is not None, 10, "the monitor")
-    assert "worker rank 1 died" in str(getattr(rt.executor, "dead", ""))
+    _wait(lambda: getattr(rt.engine.executor, "dead", None) is not None, 10, "the monitor")
+    assert "worker rank 1 died" in str(getattr(rt.engine.executor, "dead", ""))
     with pytest.raises(WorkerError, match=r"worker rank 1 died.*replaced its workers"):
         rt.generate(prompt, params)
-    assert rt.num_worker_restarts == 1 and not rt.scheduler.has_work()
+    assert rt.num_worker_restarts == 1 and not rt.engine.scheduler.has_work()
     (again,) = rt.generate(prompt, params)
     assert again.token_ids == want.token_ids
 
@@ -164,8 +164,8 @@ def _hung_rank1_fails_then_recovers(rt: Runtime, match: str) -> None:
     prompt = [[5, 6, 7, 8, 9] * 10]
     params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     (want,) = rt.generate(prompt, params)
-    assert rt.executor is not None
-    actor = rt.executor.actors[1]  # type: ignore[attr-defined]
+    assert rt.engine.executor is not None
+    actor = rt.engine.executor.actors[1]  # type: ignore[attr-defined]
 
     def hang(self: Any) -> None:
         self.runner.execute = lambda plan: time.sleep(3600)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig
-from dist_runtime.random_checkpoint import write_random_checkpoint
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from tests.helpers.oracle import load_hf_llama
 from tests.helpers.outputs import assert_same_outputs
 
@@ -109,7 +109,7 @@ def test_decode_graphs_equal_eager(checkpoint: Path) -> None:
             scheduler=SchedulerConfig(max_num_seqs=8),
         ) as rt:
             runs[eager] = rt.generate(prompts, params)
-            graphs = rt.executor.worker.runner.graphs  # type: ignore[union-attr]
+            graphs = rt.engine.executor.worker.runner.graphs  # type: ignore[union-attr]
             if DEVICE == "cuda":
                 assert (graphs is None) == eager
                 assert eager or graphs.num_replays == 29
@@ -151,7 +151,7 @@ def test_decode_graphs_with_per_request_rope_equal_eager(
             cache=CacheConfig(block_size=16, num_blocks=256),
         ) as rt:
             runs[eager] = rt.generate(prompts, params)
-            graphs = rt.executor.worker.runner.graphs  # type: ignore[union-attr]
+            graphs = rt.engine.executor.worker.runner.graphs  # type: ignore[union-attr]
             if DEVICE == "cuda" and not eager:
                 assert graphs.num_rope_replays == 9 and graphs.num_replays == 19
     assert_same_outputs(runs[True], runs[False], atol=1e-4)

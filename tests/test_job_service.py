@@ -18,7 +18,7 @@ import pytest
 
 from dist_runtime import JobState, Runtime, SamplingParams
 from dist_runtime.config import SchedulerConfig
-from dist_runtime.job_client import JobClient
+from dist_runtime.jobs.client import JobClient
 from launch import run as run_cli
 from launch import submit as submit_cli
 from tests.conftest import REPO_ROOT
@@ -98,10 +98,10 @@ def serving(tiny_llama_dir: Path, tmp_path: Path) -> Iterator[Runtime]:
 
 
 def test_ray_queue_actor(ray_cluster: Any, serving: Runtime) -> None:
-    from dist_runtime import service
+    from dist_runtime.jobs import service
 
     name = f"jobs-{uuid.uuid4().hex[:8]}"
-    job_dir = str(serving._job_store().job_dir)
+    job_dir = str(serving.job_dir)
     actor = service.start(job_dir, name=name, namespace="tests")
     try:
         assert service.connect(name, "tests")._actor_id == actor._actor_id
@@ -124,7 +124,7 @@ def test_ray_queue_actor(ray_cluster: Any, serving: Runtime) -> None:
 def test_submit_cli_against_a_job_dir(serving: Runtime, tmp_path: Path, capsys: Any) -> None:
     doc = tmp_path / "doc.txt"
     doc.write_text(DOC, encoding="utf-8")
-    job_dir = str(serving._job_store().job_dir)
+    job_dir = str(serving.job_dir)
     argv = ["--job-dir", job_dir, "--doc", str(doc), "--max-new-tokens", "8"]
     assert submit_cli.main([*argv, *sum((["-q", q] for q in QUESTIONS), []), "--wait"]) == 0
     out = capsys.readouterr().out.splitlines()

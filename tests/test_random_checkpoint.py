@@ -14,7 +14,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.random_checkpoint import (
+from dist_runtime.formats.random_checkpoint import (
     pack_internlm2_wqkv,
     unpack_internlm2_wqkv,
     write_random_checkpoint,

@@ -14,8 +14,8 @@ import pytest
 
 from dist_runtime import Runtime
 from dist_runtime.config import CacheConfig
-from dist_runtime.executor import ray_executor
-from dist_runtime.executor.base import WorkerError
+from dist_runtime.engine.executor import ray_executor
+from dist_runtime.engine.executor.base import WorkerError
 from tests.conftest import REPO_ROOT
 from tests.helpers.ray_state import ray_leftovers
 
@@ -66,7 +66,7 @@ from dist_runtime import Runtime, SamplingParams
 from dist_runtime.config import CacheConfig
 with Runtime(model=sys.argv[1], tp=2, device="cpu", cache=CacheConfig(num_blocks=16)) as rt:
     (out,) = rt.generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=3, temperature=0.0))
-    print("auth", rt.executor.auth_mode, "tokens", len(out.token_ids))
+    print("auth", rt.engine.executor.auth_mode, "tokens", len(out.token_ids))
 """
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dist_runtime import RequestOutput, Runtime, SamplingParams
-from dist_runtime.random_checkpoint import write_random_checkpoint
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from tests.conftest import TINY_SHAPES
 
 VOCAB = TINY_SHAPES["vocab_size"]
@@ -77,9 +77,9 @@ def run(
             with Runtime(
                 model=str(folders[name]), tp=tp, session_len=256, device="cpu", dtype="float32"
             ) as rt:
-                assert rt.executor is not None
+                assert rt.engine.executor is not None
                 outs = rt.generate(PROMPTS, PARAMS)
-                cache[name, tp] = (outs, list(rt.executor.weight_bytes_read))
+                cache[name, tp] = (outs, list(rt.engine.executor.weight_bytes_read))
         return cache[name, tp]
 
     return get

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_runtime.demo_model import demo_gguf_path, demo_model_path
+from dist_runtime.formats.demo_model import demo_gguf_path, demo_model_path
 
 
 @pytest.fixture(scope="session")

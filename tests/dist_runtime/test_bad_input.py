@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +19,11 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file, save_file
 
-import dist_runtime.runtime as runtime_module
+import dist_runtime.engine.engine as engine_module
 from dist_runtime import Runtime, SamplingParams
 from dist_runtime.config import CacheConfig, ConfigError, RuntimeConfig
-from dist_runtime.job_client import JobClient
-from dist_runtime.random_checkpoint import write_random_checkpoint
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
+from dist_runtime.jobs.client import JobClient
 from tests.conftest import TINY_SHAPES
 from workers.checkpoint import CheckpointError
 
@@ -170,7 +171,7 @@ def no_executor(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(config: Any) -> Any:
         raise AssertionError("an executor was created for an invalid tp")
 
-    monkeypatch.setattr(runtime_module, "create_executor", forbidden)
+    monkeypatch.setattr(engine_module, "create_executor", forbidden)
 
 
 def _assert_fails_before_workers(folder: Path, tp: int, match: str) -> None:
@@ -263,7 +264,7 @@ def test_model_given_as_a_path_object(tiny_llama_dir: Path) -> None:
 def test_values_checked_before_the_demo_model_is_fetched(
     monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any], match: str
 ) -> None:
-    import dist_runtime.demo_model as demo_model
+    import dist_runtime.formats.demo_model as demo_model
 
     def no_fetch(*args: Any, **kw: Any) -> Any:
         raise AssertionError("the demo model was fetched for an invalid config")
@@ -347,7 +348,7 @@ def test_yaml_wrong_value_types(tmp_path: Path, text: str) -> None:
 
 def test_runtime_section_given_as_dict(tiny_llama_dir: Path) -> None:
     with Runtime(model=str(tiny_llama_dir), **{**CPU32, "cache": {"num_blocks": 12}}) as rt:
-        assert rt.blocks.num_blocks == 12
+        assert rt.engine.blocks.num_blocks == 12
     with pytest.raises(ConfigError, match=r"cache.*unknown keys \['blocks'\]"):
         start(tiny_llama_dir, cache={"blocks": 12})
 
@@ -484,12 +485,12 @@ def test_ask_checks_the_length_before_any_step(
 ) -> None:
     """Two questions share the document's prefix, which used to be prefilled (and then fail
     naming max_new_tokens 1, the prefix pass's) before the length check."""
-    assert rt.executor is not None
+    assert rt.engine.executor is not None
 
     def no_step(plan: Any) -> Any:
         raise AssertionError("a step ran for a request over session_len")
 
-    monkeypatch.setattr(rt.executor, "execute", no_step)
+    monkeypatch.setattr(rt.engine.executor, "execute", no_step)
     with pytest.raises(
         ValueError,
         match=r"longest prompt has \d+ tokens \+ max_new_tokens 5 = \d+, over session_len 64",
@@ -549,7 +550,7 @@ def test_job_client_rejects_bad_arguments(tmp_path: Path) -> None:
 )
 def test_queue_actor_rejects_bad_params(tmp_path: Path, params: Any, match: str) -> None:
     """The Ray actor's body (a plain class here, no Ray): remote submitters send a mapping."""
-    from dist_runtime.service import JobQueue
+    from dist_runtime.jobs.service import JobQueue
 
     queue = JobQueue(str(tmp_path))
     with pytest.raises(ValueError, match=match):
@@ -559,6 +560,7 @@ def test_queue_actor_rejects_bad_params(tmp_path: Path, params: Any, match: str)
 
 
 def test_submit_after_shutdown_queues_nothing(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    stray = sorted(Path(tempfile.gettempdir()).glob("dist_runtime_jobs_*"))
     runtime = Runtime(model=str(tiny_llama_dir), session_len=64, job_dir=str(tmp_path), **CPU32)
     runtime.shutdown()
     with pytest.raises(RuntimeError, match=r"this Runtime was shut down; create a new one"):
@@ -568,7 +570,8 @@ def test_submit_after_shutdown_queues_nothing(tiny_llama_dir: Path, tmp_path: Pa
     for read in (runtime.jobs, lambda: runtime.status("x"), lambda: runtime.result("x")):
         with pytest.raises(RuntimeError, match=r"shut down.*JobClient\(job_dir\)"):
             read()
-    assert runtime._job_tmp is None  # no stray temporary queue was opened
+    # No stray temporary queue was opened.
+    assert sorted(Path(tempfile.gettempdir()).glob("dist_runtime_jobs_*")) == stray
     client = JobClient(tmp_path)
     assert client.jobs() == []
     client.close()
@@ -592,7 +595,7 @@ def test_runtime_serves_after_a_failed_generate(rt: Runtime) -> None:
         rt.generate([good, good, []], greedy)
     outs = rt.generate([good, good], greedy)
     assert [o.token_ids for o in outs] == [before.token_ids] * 2
-    assert not rt.scheduler.has_work()
+    assert not rt.engine.scheduler.has_work()
 
 
 def test_generate_after_shutdown(tiny_llama_dir: Path) -> None:

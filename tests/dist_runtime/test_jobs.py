@@ -19,8 +19,8 @@ from dist_runtime import (
     UnknownJobError,
 )
 from dist_runtime.config import CacheConfig, SchedulerConfig
-from dist_runtime.job_client import JobClient
-from dist_runtime.job_store import JobStore
+from dist_runtime.jobs.client import JobClient
+from dist_runtime.jobs.store import JobStore
 
 PARAMS = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
 DOC = "The harbour master keeps the tide tables. The lighthouse keeper is Ada Brennan. " * 3
@@ -98,15 +98,15 @@ def test_submit_result_equals_ask(rt: Runtime) -> None:
 
 def test_cancel_running_job_frees_its_blocks(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     rt.result(rt.submit(DOC, ["warm-up"], PARAMS), timeout=120)
-    free_before = rt.blocks.num_free_blocks
-    assert rt.executor is not None
-    execute = rt.executor.execute
+    free_before = rt.engine.blocks.num_free_blocks
+    assert rt.engine.executor is not None
+    execute = rt.engine.executor.execute
 
     def slow_step(plan: Any) -> Any:  # ~20 steps of prefill take long enough to cancel in
         time.sleep(0.05)
         return execute(plan)
 
-    monkeypatch.setattr(rt.executor, "execute", slow_step)
+    monkeypatch.setattr(rt.engine.executor, "execute", slow_step)
     long_doc = " ".join(f"Line {i}: the tide was {i % 7} metres at dawn." for i in range(60))
     job_id = rt.submit(long_doc, ["What was the tide at line 3?"], PARAMS)
     deadline = time.monotonic() + 60
@@ -119,9 +119,9 @@ def test_cancel_running_job_frees_its_blocks(rt: Runtime, monkeypatch: pytest.Mo
     status = rt.status(job_id)
     assert status.state is JobState.CANCELLED
     assert status.prefill_tokens_done < status.prefill_tokens_total
-    with rt._lock:  # the runner has let go of the scheduler
-        assert rt.blocks.num_free_blocks == free_before
-        assert not rt.scheduler.has_work()
+    assert rt.engine.wait_idle(timeout=30)  # the cancel reached the engine
+    assert rt.engine.blocks.num_free_blocks == free_before
+    assert not rt.engine.scheduler.has_work()
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_eight_processes_submit_every_job_runs_once(rt: Runtime) -> None:
     """Eight submitting processes on the service's job directory: every job completes, once."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    job_dir = str(rt._job_store().job_dir)
+    job_dir = str(rt.job_dir)
     rt.serve_jobs()  # the service runs them (an earlier submit() may already have started it)
     procs = [ctx.Process(target=_submit_many, args=(job_dir, w, 3, out)) for w in range(8)]
     for p in procs:
@@ -204,8 +204,8 @@ def test_queued_jobs_run_as_one_batch_and_cancel_alone(
         cache=CacheConfig(block_size=16, num_blocks=256),
         scheduler=SchedulerConfig(max_num_batched_tokens=64),
     ) as rt:
-        assert rt.executor is not None
-        execute = rt.executor.execute
+        assert rt.engine.executor is not None
+        execute = rt.engine.executor.execute
         steps = []
 
         def slow_step(plan: Any) -> Any:
@@ -213,8 +213,8 @@ def test_queued_jobs_run_as_one_batch_and_cancel_alone(
             steps.append(len(plan.seqs))
             return execute(plan)
 
-        rt.executor.execute = slow_step  # type: ignore[method-assign]
-        free_before = rt.blocks.num_free_blocks
+        rt.engine.executor.execute = slow_step  # type: ignore[method-assign]
+        free_before = rt.engine.blocks.num_free_blocks
         rt.serve_jobs()
         deadline = time.monotonic() + 60
         while not all(rt.status(i).state is JobState.RUNNING for i in ids):
@@ -229,10 +229,10 @@ def test_queued_jobs_run_as_one_batch_and_cancel_alone(
             else:
                 answers[n] = rt.result(job_id, timeout=120)
         assert max(steps) >= 6  # questions of several jobs shared steps
-        del rt.executor.execute  # type: ignore[attr-defined]
+        del rt.engine.executor.execute  # type: ignore[attr-defined]
         for n, got in answers.items():
             assert got == rt.ask(docs[n], questions[n], PARAMS), n
             assert rt.status(ids[n]).attempts == 1
-        with rt._lock:
-            assert rt.blocks.num_free_blocks == free_before
-            assert not rt.scheduler.has_work()
+        assert rt.engine.wait_idle(timeout=30)
+        assert rt.engine.blocks.num_free_blocks == free_before
+        assert not rt.engine.scheduler.has_work()

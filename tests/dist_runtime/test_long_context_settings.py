@@ -15,7 +15,7 @@ import torch
 
 from dist_runtime import Runtime, SamplingParams
 from dist_runtime.config import ConfigError, ModelConfig
-from dist_runtime.random_checkpoint import write_random_checkpoint
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from tests.conftest import TINY_SHAPES
 from tests.helpers.oracle import load_hf_llama
 
@@ -75,9 +75,9 @@ def test_requests_keep_their_own_base_and_cache_keys(tmp_path: Path) -> None:
             alone.append(rt.generate([p], params)[0].token_ids)
     with Runtime(model=str(folder), **kw) as rt:
         rt.generate([a], params)
-        before = rt.scheduler.num_prompt_tokens_computed
+        before = rt.engine.scheduler.num_prompt_tokens_computed
         assert rt.generate([b], params)[0].token_ids == alone[1]
-        assert rt.scheduler.num_prompt_tokens_computed - before == len(b)  # no reuse
+        assert rt.engine.scheduler.num_prompt_tokens_computed - before == len(b)  # no reuse
         assert [o.token_ids for o in rt.generate([a, b, c], params)] == alone
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dist_runtime import CacheConfig, Runtime, SamplingParams
-from dist_runtime.block_manager import BlockManager
+from dist_runtime.engine.block_manager import BlockManager
 
 BS = 4
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=2)
@@ -35,9 +35,9 @@ DOC = [(7 * i + 3) % 500 + 4 for i in range(41)]  # 41 tokens: 10 full blocks + 
 
 
 def prefill_tokens(rt: Runtime, prompts: list[list[int]]) -> tuple[int, list]:
-    before = rt.scheduler.num_prompt_tokens_computed
+    before = rt.engine.scheduler.num_prompt_tokens_computed
     outs = rt.generate(prompts, GREEDY)
-    return rt.scheduler.num_prompt_tokens_computed - before, outs
+    return rt.engine.scheduler.num_prompt_tokens_computed - before, outs
 
 
 def test_second_question_prefills_only_its_own_tokens(cached: Runtime, uncached: Runtime) -> None:
@@ -65,21 +65,21 @@ def test_identical_prompt_recomputes_only_its_last_token(cached: Runtime) -> Non
 
 def test_blocks_return_to_the_pool(cached: Runtime) -> None:
     prefill_tokens(cached, [DOC + [5], DOC + [6], DOC[:9]])
-    assert cached.blocks.num_free_blocks == cached.blocks.num_blocks
-    assert not cached.scheduler.has_work()
+    assert cached.engine.blocks.num_free_blocks == cached.engine.blocks.num_blocks
+    assert not cached.engine.scheduler.has_work()
 
 
 def test_ask_prefills_the_document_once(tiny_llama_dir: Path) -> None:
     doc = "The harbour of Kelmsby holds forty boats and one lighthouse. " * 6
     questions = ["How many boats?", "What stands on the cliff?", "Name the town."]
     with runtime(tiny_llama_dir, caching=True) as rt:
-        before = rt.scheduler.num_prompt_tokens_computed
+        before = rt.engine.scheduler.num_prompt_tokens_computed
         answers = rt.ask(doc, questions, SamplingParams(max_new_tokens=4, temperature=0.0))
-        computed = rt.scheduler.num_prompt_tokens_computed - before
+        computed = rt.engine.scheduler.num_prompt_tokens_computed - before
     with runtime(tiny_llama_dir, caching=False) as rt:
-        before = rt.scheduler.num_prompt_tokens_computed
+        before = rt.engine.scheduler.num_prompt_tokens_computed
         reference = rt.ask(doc, questions, SamplingParams(max_new_tokens=4, temperature=0.0))
-        full = rt.scheduler.num_prompt_tokens_computed - before
+        full = rt.engine.scheduler.num_prompt_tokens_computed - before
     assert answers == reference
     doc_tokens = len(rt.encode(doc))
     # Without caching every question prefills the document; with it the document is computed
@@ -91,7 +91,7 @@ def test_lru_eviction_keeps_serving_and_outputs_stay_exact(tiny_llama_dir: Path)
     prompts = [[(13 * i + 7 * j) % 500 + 4 for i in range(30)] for j in range(6)]
     with runtime(tiny_llama_dir, caching=True, num_blocks=24) as small:
         outs = [small.generate([p], GREEDY)[0].token_ids for p in prompts + prompts[:2]]
-        assert small.blocks.num_free_blocks == 24
+        assert small.engine.blocks.num_free_blocks == 24
     with runtime(tiny_llama_dir, caching=False) as plain:
         ref = [plain.generate([p], GREEDY)[0].token_ids for p in prompts + prompts[:2]]
     assert outs == ref

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dist_runtime import CacheConfig, RequestOutput, Runtime, SamplingParams, SchedulerConfig
-from dist_runtime.random_checkpoint import write_random_checkpoint
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from tests.conftest import TINY_SHAPES
 
 VOCAB = TINY_SHAPES["vocab_size"]
@@ -56,8 +56,11 @@ def test_preemption_gives_the_same_greedy_tokens(tiny_internlm2_dir: Path) -> No
             scheduler=SchedulerConfig(max_num_seqs=4),
             **CPU32,
         ) as runtime:
-            runs[name] = (runtime.generate(prompts, params), runtime.scheduler.num_preemptions)
-            assert runtime.blocks.num_free_blocks == num_blocks  # everything was given back
+            runs[name] = (
+                runtime.generate(prompts, params),
+                runtime.engine.scheduler.num_preemptions,
+            )
+            assert runtime.engine.blocks.num_free_blocks == num_blocks  # everything was given back
     (tiny, preemptions), (roomy, no_preemptions) = runs["tiny"], runs["roomy"]
     assert preemptions > 0 and no_preemptions == 0
     for a, b in zip(tiny, roomy):
@@ -217,7 +220,7 @@ def test_runtime_serves_after_a_failed_step(tiny_llama_dir: Path) -> None:
     params = _greedy(max_new_tokens=5, ignore_eos=True)
     with Runtime(model=str(tiny_llama_dir), session_len=64, **CPU32) as runtime:
         (before,) = runtime.generate([[5, 6, 7]], params)
-        executor = runtime.executor
+        executor = runtime.engine.executor
         assert executor is not None
         real_execute = executor.execute
         calls = 0
@@ -232,8 +235,8 @@ def test_runtime_serves_after_a_failed_step(tiny_llama_dir: Path) -> None:
         executor.execute = flaky  # type: ignore[method-assign]
         with pytest.raises(RuntimeError, match="injected worker failure"):
             runtime.generate([[5, 6, 7]], params)
-        assert not runtime.scheduler.has_work()
-        assert runtime.blocks.num_free_blocks == runtime.blocks.num_blocks
+        assert not runtime.engine.scheduler.has_work()
+        assert runtime.engine.blocks.num_free_blocks == runtime.engine.blocks.num_blocks
         (after,) = runtime.generate([[5, 6, 7]], params)
         assert after.token_ids == before.token_ids
 
@@ -254,7 +257,7 @@ def test_seeded_sampling_is_preemption_invariant(tiny_internlm2_dir: Path) -> No
             **CPU32,
         ) as runtime:
             tokens[num_blocks] = [o.token_ids for o in runtime.generate(prompts, params)]
-            assert (runtime.scheduler.num_preemptions > 0) == (num_blocks == 12)
+            assert (runtime.engine.scheduler.num_preemptions > 0) == (num_blocks == 12)
     assert tokens[12] == tokens[128]
 
 

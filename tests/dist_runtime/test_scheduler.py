@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dist_runtime.block_manager import BlockManager
 from dist_runtime.config import SchedulerConfig
+from dist_runtime.engine.block_manager import BlockManager
+from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
 from dist_runtime.protocol import StepPlan
 from dist_runtime.sampling_params import SamplingParams
-from dist_runtime.scheduler import Scheduler, SeqStatus, Sequence
 
 
 def fake_token(seq_id: int, position: int) -> int:

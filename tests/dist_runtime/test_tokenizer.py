@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from dist_runtime.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+from dist_runtime.text.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
 SP_VOCAB = 500
 BOS, EOS = 1, 2

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dist_runtime.random_checkpoint import unpack_internlm2_wqkv
+from dist_runtime.formats.random_checkpoint import unpack_internlm2_wqkv
 
 
 def load_hf_llama(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dist_runtime.outputs import RequestOutput
+from dist_runtime.engine.outputs import RequestOutput
 
 
 def assert_same_outputs(

@@ -51,7 +51,7 @@ def _run(folder: Path, emulate: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[
     ]
     with Runtime(model=str(folder), **KW) as rt:
         outs = rt.generate(_prompts(), params)
-        runner = rt.executor.worker.runner  # type: ignore[union-attr]
+        runner = rt.engine.executor.worker.runner  # type: ignore[union-attr]
         return outs, runner.graphs
 
 
@@ -70,7 +70,7 @@ def test_emulated_graphs_with_per_request_rope(
     """Dynamic NTK: a prompt past max_position_embeddings (32) decodes with its own RoPE base
     through the graphs that read per-token cos/sin; after it finishes, the short request's steps
     use the plain graphs. Both equal eager decoding."""
-    from dist_runtime.random_checkpoint import write_random_checkpoint
+    from dist_runtime.formats.random_checkpoint import write_random_checkpoint
     from tests.conftest import TINY_SHAPES
 
     folder = write_random_checkpoint(
@@ -90,7 +90,7 @@ def test_emulated_graphs_with_per_request_rope(
         monkeypatch.setattr(ModelRunner, "_decode_graph_mode", lambda self, m=mode: m)
         with Runtime(model=str(folder), **dict(KW, session_len=80)) as rt:
             runs[mode] = rt.generate(prompts, params)
-            graphs = rt.executor.worker.runner.graphs  # type: ignore[union-attr]
+            graphs = rt.engine.executor.worker.runner.graphs  # type: ignore[union-attr]
     assert graphs is not None and graphs.rope_dim == 8
     assert graphs.num_rope_replays == 5 and graphs.num_replays == 13
     assert_same_outputs(runs[None], runs["emulate"], atol=1e-4)

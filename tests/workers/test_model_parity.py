@@ -21,8 +21,8 @@ import torch
 
 from dist_runtime import Runtime, SamplingParams
 from dist_runtime.config import CacheConfig, RuntimeConfig
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from dist_runtime.protocol import SamplingSpec, SeqStep, StepPlan
-from dist_runtime.random_checkpoint import write_random_checkpoint
 from tests.conftest import TINY_SHAPES
 from tests.helpers.oracle import load_hf_llama
 from workers.checkpoint import CheckpointReader

@@ -14,7 +14,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from dist_runtime.config import ModelConfig
 from workers.checkpoint import CheckpointReader
@@ -142,11 +141,7 @@ def load_weights(model: DecoderLM, reader: CheckpointReader) -> None:
             reader.read_rows(f"{lay.head}.weight", start, stop),
         )
     _copy(model.norm.weight, reader.read(f"{lay.norm}.weight"))
-    # One bar per group: rank 0 of each cp group speaks for its tp peers.
-    layers = tqdm(
-        model.layers, desc="loading layers", unit="layer", disable=tp_rank != 0, leave=False
-    )
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(model.layers):
         assert isinstance(layer, DecoderLayer)
         _load_layer(layer, lay, lay.layer.format(i), config, model.shard, reader, tp_rank, tp_size)
     logger.info("tp rank %d read %.1f MiB of weights", tp_rank, reader.bytes_read / 2**20)

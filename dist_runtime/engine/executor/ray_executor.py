@@ -17,12 +17,12 @@ from typing import Any
 import msgpack
 
 from dist_runtime.config import RuntimeConfig
-from dist_runtime.executor.base import Executor, WorkerError
+from dist_runtime.engine.executor.base import Executor, WorkerError
 from dist_runtime.protocol import StepPlan, StepResult, decode, encode
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = str(Path(__file__).resolve().parents[2])
+REPO_ROOT = str(Path(__file__).resolve().parents[3])
 
 
 def _import_ray() -> Any:

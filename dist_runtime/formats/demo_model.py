@@ -28,7 +28,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dist_runtime.gguf_convert import GGUFError, convert_gguf
+from dist_runtime.formats.gguf import GGUFError, convert_gguf
 
 logger = logging.getLogger(__name__)
 

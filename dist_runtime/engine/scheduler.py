@@ -14,8 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from dist_runtime.block_manager import BlockManager
 from dist_runtime.config import SchedulerConfig
+from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.protocol import SamplingSpec, SeqStep, StepPlan
 from dist_runtime.sampling_params import SamplingParams
 
@@ -42,7 +42,8 @@ class Sequence:
     is_reset: bool = True
     """Workers must (re)create their state for this sequence at its next step."""
     finish_reason: str | None = None
-    logprobs: list[tuple[int, float, list[int], list[float]]] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    """TokenLogprobs of each output token, when the request asked for them."""
     text_state: Any = None
     """The driver's detokenization state (a TextStream), when the model has a tokenizer."""
 
@@ -56,6 +57,8 @@ class Sequence:
     """Chained hash after the last registered block (None: the cache's root)."""
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache at admission."""
+    was_preempted: bool = False
+    """Preempted at least once (its blocks were taken back; it recomputes)."""
     rope_base: float = 0.0
     """RoPE base fixed for this request (0: the model's own); it salts its prefix-cache keys."""
 
@@ -117,18 +120,39 @@ class Scheduler:
         for seq in self._decodes_with_blocks():
             scheduled.append(ScheduledSeq(seq, 1))
             budget -= 1
-        for seq in list(self.running):
+        prefilling = [
+            s
+            for s in self.running
+            if s.num_computed_tokens < s.num_tokens - 1 and not _has(scheduled, s)
+        ]
+        # New requests go before running prefill chunks, so a short request's first token never
+        # waits for a long document's prefill; while one runs they take at most half the
+        # budget, so the document keeps going too. Preempted sequences queue behind running
+        # prefills (else a recompute could take the blocks a prefill needs, step after step).
+        share = budget if not prefilling else max(budget // 2, 1)
+        budget -= self._admit_waiting(scheduled, min(share, budget), fresh_only=True)
+        for seq in prefilling:
             if budget <= 0:
                 break
-            if seq.num_computed_tokens < seq.num_tokens - 1 and not _has(scheduled, seq):
-                n = self._chunk(seq, budget)
-                if n:
-                    scheduled.append(ScheduledSeq(seq, n))
-                    budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            self._reuse_prefix(seq)
             n = self._chunk(seq, budget)
+            if n:
+                scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        self._admit_waiting(scheduled, budget)
+        return self._plan(scheduled), scheduled
+
+    def _admit_waiting(
+        self, scheduled: list[ScheduledSeq], budget: int, fresh_only: bool = False
+    ) -> int:
+        """Admit waiting sequences in order while tokens, slots and blocks last (with
+        fresh_only, up to the first preempted one); tokens used."""
+        used = 0
+        while self.waiting and used < budget and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if fresh_only and seq.was_preempted:
+                break
+            self._reuse_prefix(seq)
+            n = self._chunk(seq, budget - used)
             if not n:
                 self._drop_blocks(seq)
                 break
@@ -136,8 +160,8 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
-        return self._plan(scheduled), scheduled
+            used += n
+        return used
 
     def _decodes_with_blocks(self) -> list[Sequence]:
         """Running sequences that decode this step, preempting others until all have blocks."""
@@ -226,6 +250,7 @@ class Scheduler:
         seq.num_blocks_sent = 0
         seq.is_reset = True
         seq.status = SeqStatus.WAITING
+        seq.was_preempted = True
         self.waiting.appendleft(seq)
         self._finished_ids.append(seq.seq_id)
         self.num_preemptions += 1

@@ -179,8 +179,10 @@ class JobStore:
         questions: list[str],
         params: SamplingParams,
         idempotency_key: str | None = None,
+        prefill_tokens_total: int = 0,
     ) -> str:
-        """Queue a job; with an idempotency key already used, return that job's id instead."""
+        """Queue a job; with an idempotency key already used, return that job's id instead.
+        prefill_tokens_total: the prompt tokens it will prefill, shown by status() at once."""
         check_idempotency_key(idempotency_key)
         now = time.time()
         with self._tx() as db:
@@ -193,7 +195,7 @@ class JobStore:
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (id, idempotency_key, state, document, questions, params, "
-                "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "prefill_tokens_total, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     idempotency_key,
@@ -201,6 +203,7 @@ class JobStore:
                     document,
                     json.dumps(questions),
                     params_to_json(params),
+                    prefill_tokens_total,
                     now,
                     now,
                 ),

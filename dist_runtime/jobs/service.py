@@ -5,7 +5,7 @@ starts this actor on its own node (or attaches to the one already there), so any
 the cluster submits with
 
     ray.init(address="auto")
-    queue = dist_runtime.service.connect()          # name / namespace configurable
+    queue = dist_runtime.jobs.service.connect()          # name / namespace configurable
     job_id = ray.get(queue.submit.remote(document, ["q1", "q2"]))
     answers = ray.get(queue.result.remote(job_id))
 
@@ -21,7 +21,7 @@ import dataclasses
 import os
 from typing import Any
 
-from dist_runtime.job_client import JobClient
+from dist_runtime.jobs.client import JobClient
 from dist_runtime.sampling_params import SamplingParams
 
 DEFAULT_NAME = "dist_runtime_jobs"

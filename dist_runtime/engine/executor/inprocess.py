@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 
 from dist_runtime.config import RuntimeConfig
-from dist_runtime.executor.base import Executor
+from dist_runtime.engine.executor.base import Executor
 from dist_runtime.protocol import StepPlan, StepResult, decode, encode
 from workers.worker import Worker
 

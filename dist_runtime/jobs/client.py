@@ -11,10 +11,10 @@ import os
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
-from dist_runtime.doc_qa import check_fits, job_params, qa_prompts, read_document
-from dist_runtime.job_store import JobState, JobStatus, JobStore, check_idempotency_key
+from dist_runtime.jobs.doc_qa import check_job
+from dist_runtime.jobs.store import JobState, JobStatus, JobStore
 from dist_runtime.sampling_params import SamplingParams
-from dist_runtime.tokenizer import Tokenizer
+from dist_runtime.text.tokenizer import Tokenizer
 
 
 class JobClient:
@@ -33,20 +33,21 @@ class JobClient:
         idempotency_key: str | None = None,
     ) -> str:
         """Validate and queue a job; returns its id (see `Runtime.submit`)."""
-        check_idempotency_key(idempotency_key)
-        text = read_document(document, document_path, encoding_errors)
-        if isinstance(questions, str) or not questions:
-            raise ValueError("questions must be a non-empty list of strings")
-        params = job_params(params)
         info = self.store.service_info()
-        if info is not None:
-            tokenizer = self._load_tokenizer(str(info["model"]))
-            if tokenizer is not None:
-                check_fits(qa_prompts(tokenizer, text, questions), params, int(info["session_len"]))
-        for i, q in enumerate(questions):
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"question {i} must be a non-empty string, got {q!r:.80}")
-        return self.store.submit(text, list(questions), params, idempotency_key)
+        model = str(info["model"]) if info is not None else None
+        job = check_job(
+            document,
+            questions,
+            params,
+            document_path=document_path,
+            encoding_errors=encoding_errors,
+            idempotency_key=idempotency_key,
+            tokenizer=self._load_tokenizer(model) if model is not None else None,
+            session_len=int(info["session_len"]) if info is not None else None,
+        )
+        return self.store.submit(
+            job.document, job.questions, job.params, idempotency_key, job.prefill_tokens
+        )
 
     def status(self, job_id: str) -> JobStatus:
         return self.store.status(job_id)

@@ -1,6 +1,6 @@
 """Chat prompts: the folder's Jinja `chat_template`, else InternLM2's ChatML.
 
-    from dist_runtime.chat import ChatMessage, encode_chat, history_to_messages
+    from dist_runtime.text.chat import ChatMessage, encode_chat, history_to_messages
     messages = history_to_messages("And in French?", [("Hi", "Hello!")], system="Be brief.")
     ids = encode_chat(tokenizer, messages)  # exactly one BOS, special tokens as single ids
 
@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dist_runtime.tokenizer import (
+from dist_runtime.text.tokenizer import (
     IM_END,
     TOKENIZER_CONFIG,
     Tokenizer,

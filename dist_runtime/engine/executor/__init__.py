@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from dist_runtime.config import RuntimeConfig
-from dist_runtime.executor.base import Executor, WorkerError
+from dist_runtime.engine.executor.base import Executor, WorkerError
 
 
 def create_executor(config: RuntimeConfig) -> Executor:
     if config.resolved_executor() == "inprocess":
-        from dist_runtime.executor.inprocess import InProcessExecutor
+        from dist_runtime.engine.executor.inprocess import InProcessExecutor
 
         return InProcessExecutor(config)
-    from dist_runtime.executor.ray_executor import RayExecutor
+    from dist_runtime.engine.executor.ray_executor import RayExecutor
 
     return RayExecutor(config)
 

@@ -4,7 +4,7 @@ For tests, benchmarks and the README demo: a folder with `config.json`, safetens
 (sharded with `model.safetensors.index.json` when asked) and a byte-level BPE `tokenizer.json`,
 in either the Llama layout (`LlamaForCausalLM`) or the InternLM2 layout (packed `wqkv`)::
 
-    from dist_runtime.random_checkpoint import write_random_checkpoint
+    from dist_runtime.formats.random_checkpoint import write_random_checkpoint
     write_random_checkpoint("/tmp/tiny", architecture="internlm2", max_shard_bytes=200_000)
 
 The Llama tensors are drawn first and the InternLM2 ones are derived from them by renaming and

@@ -8,11 +8,62 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 
-from dist_runtime.chat import encode_chat
+from dist_runtime.jobs.store import check_idempotency_key
 from dist_runtime.sampling_params import SamplingParams
-from dist_runtime.tokenizer import Tokenizer
+from dist_runtime.text.chat import encode_chat
+from dist_runtime.text.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A validated document-QA job, ready to queue."""
+
+    document: str
+    questions: list[str]
+    params: SamplingParams
+    prompts: list[list[int]] | None
+    """Token ids of each question's prompt; None when no tokenizer was at hand to check."""
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the job covers (0 when unknown); the document's part is computed once
+        and shared by every question."""
+        return sum(len(p) for p in self.prompts) if self.prompts is not None else 0
+
+
+def check_job(
+    document: str | bytes | None,
+    questions: Seq[str],
+    params: SamplingParams | None,
+    *,
+    document_path: str | os.PathLike[str] | None = None,
+    encoding_errors: str = "strict",
+    idempotency_key: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    session_len: int | None = None,
+) -> JobRequest:
+    """The one check of a job before it is queued, for every submitter: the idempotency key,
+    the document (text, UTF-8 bytes or a file), the questions, the sampling parameters and,
+    given the model's tokenizer and session_len, the longest prompt against session_len."""
+    check_idempotency_key(idempotency_key)
+    text = read_document(document, document_path, encoding_errors)
+    if isinstance(questions, str) or not isinstance(questions, Seq) or not questions:
+        raise ValueError(
+            "questions must be a non-empty list of strings, got "
+            f"{questions if isinstance(questions, str) else questions!r:.80}"
+        )
+    for q in questions:
+        qa_prompt(text, q)  # each question a non-empty string
+    params = job_params(params)
+    prompts = None
+    if tokenizer is not None:
+        prompts = qa_prompts(tokenizer, text, questions)
+        if session_len is not None:
+            check_fits(prompts, params, session_len)
+    return JobRequest(text, list(questions), params, prompts)
 
 
 def read_document(

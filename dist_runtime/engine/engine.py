@@ -1,0 +1,540 @@
+"""The engine loop: one thread owns the scheduler, block manager, executor and output processing.
+
+Callers on any thread `add_requests` (validated on the caller's thread, so bad input raises
+there) and get a `RequestHandle` per prompt at once; an add or abort is a command on a
+thread-safe queue. The engine thread drains that queue, runs a step while there is work
+(schedule -> plan -> workers -> sample -> process outputs -> each request's delta to its
+handle) and blocks on the queue when there is none. Many callers therefore share every step.
+
+    engine = Engine(config, model_config, tokenizer)
+    (handle,) = engine.add_requests([[1, 2, 3]], [SamplingParams(max_new_tokens=8)])
+    for delta in handle: ...          # or handle.result(), or handle.abort()
+    engine.shutdown()
+
+Failures: a dead or hung worker (`WorkerError`) makes the engine replace its whole worker group
+and fail the requests in flight with that error (callers resubmit; the job runner requeues).
+When no new group can be started, or the loop itself breaks, every handle fails with
+`EngineDeadError` and later adds are refused.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig
+from dist_runtime.engine.block_manager import BlockManager
+from dist_runtime.engine.executor import Executor, WorkerError, create_executor
+from dist_runtime.engine.handle import RequestHandle
+from dist_runtime.engine.output_processor import OutputProcessor
+from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
+from dist_runtime.protocol import StepPlan
+from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.text.text_stream import TextStream
+from dist_runtime.text.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PREFIX_PASS = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+"""The pass that computes prompts' shared prefix once: its one sampled token is dropped."""
+
+STEP_HISTORY = 4096
+"""Steps kept in `Engine.recent_steps()`."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped (shut down, or its workers could not be replaced)."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step: who shared it and how much it computed."""
+
+    step_id: int
+    request_ids: tuple[str, ...]
+    num_prefill_tokens: int
+    num_decodes: int
+    seconds: float
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    handle: RequestHandle
+    after: _Request | None = None
+    """Admitted only once this request is done (its prompt prefix is then cached)."""
+    dependents: list[_Request] = field(default_factory=list)
+    is_internal: bool = False
+    """A shared-prefix pass nobody waits on: aborted when all its dependents are."""
+
+
+class Engine:
+    def __init__(
+        self, config: RuntimeConfig, model_config: ModelConfig, tokenizer: Tokenizer | None
+    ):
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.executor: Executor | None = None
+        self.num_worker_restarts = 0
+        """Times a dead or hung worker made the engine replace its whole worker group."""
+        self._start_workers()
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        eos = set(model_config.eos_token_ids)
+        if tokenizer is not None:
+            eos |= set(tokenizer.eos_token_ids)
+        self.outputs = OutputProcessor(eos, config.session_len)
+        self._rng = random.Random(config.seed)
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        """Guards the queue's idle flag and the dead/alive switch (never held across a step)."""
+        self._idle = threading.Event()
+        self._dead: BaseException | None = None
+        self._active: dict[str, _Request] = {}  # engine thread only: in the scheduler
+        self._deferred: list[_Request] = []  # engine thread only: waiting on `after`
+        self._by_seq: dict[int, _Request] = {}
+        self._steps: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self.num_finished_requests = 0
+        self._thread = threading.Thread(target=self._run, name="dist-runtime-engine", daemon=True)
+        self._thread.start()
+
+    # -- callers (any thread) -------------------------------------------------------------------
+    def add_requests(
+        self,
+        prompts: Seq[list[int]],
+        params: Seq[SamplingParams],
+        *,
+        share_prefix: bool = False,
+        request_ids: Seq[str] | None = None,
+    ) -> list[RequestHandle]:
+        """Queue one request per token-id prompt; returns their handles at once.
+
+        Every prompt is checked before any is queued (ids in the vocabulary, prompt +
+        max_new_tokens within session_len and the KV cache). They are admitted together.
+        With share_prefix, prompts whose common prefix fills a KV block get it computed once
+        first (a hidden one-token pass); the prompts then start from its cached blocks.
+        """
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        if request_ids is not None and len(request_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(request_ids)} request ids")
+        seqs = [self._make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
+        ids = request_ids or [f"req-{next(self._request_ids)}" for _ in prompts]
+        requests = [
+            _Request(s, RequestHandle(rid, len(s.prompt_token_ids), self.abort))
+            for s, rid in zip(seqs, ids)
+        ]
+        shared = self._shared_prefix(list(prompts)) if share_prefix else None
+        if shared is not None:
+            prefix = _Request(
+                self._make_sequence(shared, PREFIX_PASS, 0),
+                RequestHandle(f"prefix-{next(self._request_ids)}", len(shared), self.abort),
+                is_internal=True,
+            )
+            for r in requests:
+                r.after = prefix
+            prefix.dependents = list(requests)
+            requests = [prefix, *requests]
+        self._send("add", requests)
+        return [r.handle for r in requests if not r.is_internal]
+
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestHandle:
+        (handle,) = self.add_requests(
+            [prompt_token_ids], [params], request_ids=None if request_id is None else [request_id]
+        )
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (its blocks are freed before the next step); unknown ids are ignored."""
+        self._send("abort", request_id)
+
+    def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Run fn on the engine thread between two steps (for anything that touches the
+        executor or the scheduler's state) and return its result."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._send("call", (fn, future))
+        return future.result(timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every queued command is handled and no request is left; False on
+        timeout."""
+        return self._idle.wait(timeout)
+
+    def recent_steps(self) -> list[StepRecord]:
+        return list(self._steps)
+
+    def stats(self) -> dict[str, float]:
+        """Counters since start (read without stopping the loop)."""
+        blocks, sched = self.blocks, self.scheduler
+        return {
+            "num_steps": self.num_steps,
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_prompt_tokens_computed": sched.num_prompt_tokens_computed,
+            "num_preemptions": sched.num_preemptions,
+            "num_finished_requests": self.num_finished_requests,
+            "num_running": len(sched.running),
+            "num_waiting": len(sched.waiting),
+            "num_free_blocks": blocks.num_free_blocks,
+            "num_blocks": blocks.num_blocks * blocks.cp_size,
+            "prefix_cache_queried_tokens": blocks.num_queried_tokens,
+            "prefix_cache_hit_tokens": blocks.num_hit_tokens,
+            "num_worker_restarts": self.num_worker_restarts,
+        }
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None
+
+    def shutdown(self) -> None:
+        """Stop the loop (requests in flight fail with EngineDeadError) and the workers."""
+        with self._lock:
+            if self._dead is None:
+                self._inbox.put(("stop", None))
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
+
+    # -- validation (caller's thread) -----------------------------------------------------------
+    def _make_sequence(self, prompt: list[int], params: SamplingParams, index: int) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(
+                f"params[{index}] must be a SamplingParams, got {type(params).__name__} "
+                f"{params!r:.80}"
+            )
+        ids = list(prompt)
+        _check_ids(ids, self.model_config.vocab_size, index)
+        total = len(ids) + params.max_new_tokens
+        if total > self.config.session_len:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens + max_new_tokens {params.max_new_tokens} "
+                f"= {total}, over session_len {self.config.session_len}; raise session_len or "
+                "shorten the prompt"
+            )
+        blocks = self.blocks
+        if total > blocks.capacity_tokens:
+            raise ValueError(
+                f"prompt {index} needs {total} tokens of KV cache but the cache holds "
+                f"{blocks.capacity_tokens} ({blocks.num_blocks} blocks of "
+                f"{blocks.block_size} per cp rank x cp={blocks.cp_size}); give the "
+                "workers more KV memory, raise cp, or shorten it"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                f"prompt {index}: stop strings need a tokenizer, and "
+                f"{self.config.model} has none; use stop_token_ids"
+            )
+        seed = params.seed if params.seed is not None else self._draw_seed()
+        seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
+        base = self.model_config.rope_base(len(ids))
+        if base != self.model_config.rope_theta:
+            seq.rope_base = base
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(
+                self.tokenizer, skip_special_tokens=params.skip_special_tokens
+            )
+            seq.text_state = TextStream(detok, params.stop)
+        return seq
+
+    def _draw_seed(self) -> int:
+        with self._lock:
+            return self._rng.getrandbits(63)
+
+    def _shared_prefix(self, prompts: list[list[int]]) -> list[int] | None:
+        """The prompts' common prefix when it fills at least one cache block (and caching is
+        on), else None: prompts admitted in one step cannot share blocks none has computed."""
+        if len(prompts) < 2 or not self.blocks.enable_prefix_caching:
+            return None
+        shared = len(os.path.commonprefix(prompts))
+        return list(prompts[0][:shared]) if shared >= self.blocks.block_size else None
+
+    def _send(self, kind: str, payload: Any) -> None:
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine is stopped: {self._dead}; create a new Runtime")
+            self._idle.clear()
+            self._inbox.put((kind, payload))
+
+    # -- the loop (engine thread) ---------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._drain(block=not self._has_work()):
+                if self._has_work():
+                    self._step()
+            self._die(EngineDeadError("the engine was shut down"))
+        except BaseException as e:  # a bug in the loop: nobody may hang on it
+            logger.exception("engine loop failed")
+            self._die(e)
+
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _drain(self, block: bool) -> bool:
+        """Handle every queued command (waiting for one when block); False on stop."""
+        while True:
+            if block:
+                with self._lock:
+                    if self._inbox.empty():
+                        self._idle.set()
+                kind, payload = self._inbox.get()
+            else:
+                try:
+                    kind, payload = self._inbox.get_nowait()
+                except queue.Empty:
+                    return True
+            if kind == "stop":
+                return False
+            self._handle_command(kind, payload)
+            self._admit_ready()
+            block = not self._has_work()
+
+    def _handle_command(self, kind: str, payload: Any) -> None:
+        if kind == "add":
+            for request in payload:
+                self._by_seq[request.seq.seq_id] = request
+                if request.after is None:
+                    self._admit(request)
+                else:
+                    self._deferred.append(request)
+        elif kind == "abort":
+            self._abort(payload)
+        elif kind == "call":
+            fn, future = payload
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def _admit(self, request: _Request) -> None:
+        self._active[request.handle.request_id] = request
+        self.scheduler.add(request.seq)
+
+    def _admit_ready(self) -> None:
+        """Deferred requests whose prefix pass ended (however it ended) join the scheduler."""
+        if not self._deferred:
+            return
+        ready = [r for r in self._deferred if r.after is None or r.after.handle.done]
+        if ready:
+            self._deferred = [r for r in self._deferred if r not in ready]
+            for request in ready:
+                self._admit(request)
+
+    def _abort(self, request_id: str) -> None:
+        request = self._active.get(request_id)
+        if request is None:
+            request = next((r for r in self._deferred if r.handle.request_id == request_id), None)
+            if request is None:
+                return
+            self._deferred.remove(request)
+        else:
+            self.scheduler.abort(request.seq)
+        self._end(request, self.outputs.output(request.seq, "abort"))
+
+    def _end(self, request: _Request, output: Any, error: BaseException | None = None) -> None:
+        self._active.pop(request.handle.request_id, None)
+        self._by_seq.pop(request.seq.seq_id, None)
+        self.num_finished_requests += not request.is_internal
+        if error is None:
+            request.handle.finish(output)
+        else:
+            request.handle.fail(error)
+        parent = request.after
+        if (
+            parent is not None
+            and parent.is_internal
+            and not parent.handle.done
+            and all(d.handle.done for d in parent.dependents)
+        ):
+            self._abort(parent.handle.request_id)  # nobody is left to use its blocks
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        plan, _ = self.scheduler.schedule()
+        if not plan.seqs:
+            self._fail_all(RuntimeError("the KV cache is too small for any waiting request"))
+            return
+        try:
+            assert self.executor is not None
+            result = self.executor.execute(plan)
+        except WorkerError as e:
+            self._recover(e)
+            return
+        except Exception as e:  # the step itself failed: its requests end, the rest go on
+            logger.exception("step %d failed", plan.step_id)
+            self._fail([self._by_seq[s.seq_id] for s in plan.seqs], e)
+            return
+        self.scheduler.on_step_done(plan)
+        request_ids, num_prefill, num_decodes = self._update_progress(plan)
+        for tok in result.tokens:
+            request = self._by_seq[tok.seq_id]
+            delta = self.outputs.process(request.seq, tok)
+            handle = request.handle
+            handle.num_output_tokens += 1
+            self.num_generated_tokens += 1
+            if handle.first_token_step_id is None:
+                handle.first_token_step_id = plan.step_id
+            if not request.is_internal:  # a prefix pass's token is dropped
+                handle.put(delta)
+            if delta.finish_reason is not None:
+                self.scheduler.finish(request.seq, delta.finish_reason)
+                self._end(request, self.outputs.output(request.seq, delta.finish_reason))
+        self._admit_ready()
+        self.num_steps += 1
+        seconds = time.perf_counter() - started
+        self._steps.append(StepRecord(plan.step_id, request_ids, num_prefill, num_decodes, seconds))
+
+    def _update_progress(self, plan: StepPlan) -> tuple[tuple[str, ...], int, int]:
+        """Write each scheduled request's progress on its handle; (request ids, prefill
+        tokens, decodes) of the step."""
+        ids = []
+        num_prefill = num_decodes = 0
+        for step in plan.seqs:
+            request = self._by_seq[step.seq_id]
+            handle, seq = request.handle, request.seq
+            ids.append(handle.request_id)
+            if step.start_pos >= len(seq.prompt_token_ids):
+                num_decodes += 1
+            else:
+                num_prefill += len(step.token_ids)
+            if handle.first_step_id is None:
+                handle.first_step_id = plan.step_id
+            handle.last_step_id = plan.step_id
+            handle.num_computed_prompt_tokens = min(
+                seq.num_computed_tokens, len(seq.prompt_token_ids)
+            )
+            for dep in request.dependents:  # prompts waiting on this prefix see it progress
+                dep.handle.num_computed_prompt_tokens = handle.num_computed_prompt_tokens
+        return tuple(ids), num_prefill, num_decodes
+
+    # -- failures (engine thread) ---------------------------------------------------------------
+    def _recover(self, error: WorkerError) -> None:
+        """A worker died or hung: kill the whole group (never reusing its process group), start
+        a fresh one, then fail the requests that were in flight (callers resubmit)."""
+        logger.error("worker failure, replacing the worker group: %s", error)
+        in_flight = [*self._active.values(), *self._deferred]
+        old, self.executor = self.executor, None
+        owned_ray = bool(getattr(old, "_owns_ray", False))
+        if old is not None:
+            old.shutdown(keep_ray=True)
+        try:
+            self._start_workers()
+        except BaseException as e:
+            raise EngineDeadError(f"replacing failed workers failed: {e}") from e
+        if owned_ray:  # the new group inherits the Ray instance the old one started
+            setattr(self.executor, "_owns_ray", True)  # noqa: B010
+        self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        self.num_worker_restarts += 1
+        self._fail(
+            in_flight,
+            WorkerError(
+                f"{error}; the runtime replaced its workers and dropped the requests in flight: "
+                "submit them again"
+            ),
+        )
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every request in flight (running, waiting, deferred) and free its blocks."""
+        self._fail([*self._active.values(), *self._deferred], error)
+
+    def _fail(self, requests: list[_Request], error: BaseException) -> None:
+        for request in requests:
+            if request in self._deferred:
+                self._deferred.remove(request)
+            self.scheduler.abort(request.seq)
+            self._end(request, None, error)
+
+    def _die(self, error: BaseException) -> None:
+        with self._lock:
+            self._dead = error
+            pending: list[_Request] = []
+            while not self._inbox.empty():
+                kind, payload = self._inbox.get_nowait()
+                if kind == "add":
+                    pending.extend(payload)
+                elif kind == "call":
+                    payload[1].set_exception(EngineDeadError(f"the engine is stopped: {error}"))
+            self._idle.set()
+        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(str(error))
+        for request in [*self._active.values(), *self._deferred, *pending]:
+            request.handle.fail(dead)
+        self._active.clear()
+        self._deferred.clear()
+
+    # -- workers ------------------------------------------------------------------------------
+    def _start_workers(self) -> None:
+        """A new worker group (new processes) and an empty KV cache for it."""
+        self.executor = create_executor(self.config)
+        try:
+            num_blocks = self.executor.num_available_blocks()
+            if self.config.cache.num_blocks is None:
+                self._check_session_fits(num_blocks)
+            # Anything that changes K/V for the same tokens salts the prefix-cache hashes.
+            salt = hash(
+                (
+                    self.model_config.rope_theta,
+                    str(self.model_config.rope_scaling),
+                    self.config.resolved_dtype(),
+                )
+            )
+            self.blocks = BlockManager(
+                num_blocks,
+                self.config.cache.block_size,
+                self.config.cache.enable_prefix_caching,
+                salt,
+                cp_size=self.config.parallel.cp,
+            )
+            self.executor.allocate_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            self.executor = None
+            raise
+
+    def _check_session_fits(self, num_blocks: int) -> None:
+        """Fail at start when one full session cannot fit in the KV memory the workers have."""
+        bs, cp, tp = self.config.cache.block_size, self.config.parallel.cp, self.config.parallel.tp
+        session = self.config.session_len
+        per_rank = num_blocks * bs
+        if per_rank * cp >= session or num_blocks < 1:  # no KV at all: BlockManager says so
+            return
+        need_cp = -(-session // max(per_rank, 1))
+        raise ConfigError(
+            f"session_len {session} does not fit: the KV memory left on each worker holds "
+            f"{num_blocks} blocks of {bs} tokens, {per_rank * cp} tokens over cp={cp}; "
+            f"use --cp {need_cp} (KV is split over cp ranks), raise --tp (shards KV heads and "
+            f"weights; now {tp}), or shorten --session-len to {per_rank * cp} "
+            "(`launch/run.py --dry-run` prints the plan)"
+        )
+
+
+def _check_ids(ids: list[int], vocab_size: int, index: int) -> None:
+    if not ids:
+        raise ValueError(f"prompt {index} is empty; give at least one token")
+    bad = [
+        t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size
+    ]
+    if bad:
+        raise ValueError(f"prompt {index} has token ids outside [0, {vocab_size}): {bad[:5]}")
+
+
+__all__ = ["Engine", "EngineDeadError", "RequestHandle", "StepRecord", "SeqStatus"]

@@ -1,0 +1,59 @@
+"""Token post-processing on the engine thread: detokenize, stop checks, logprobs.
+
+The stop decision lives here and nowhere else: EOS (unless ignore_eos), stop token ids, stop
+strings (the text is cut before them), max_new_tokens and session_len.
+"""
+
+from __future__ import annotations
+
+from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogprobs
+from dist_runtime.engine.scheduler import Sequence
+from dist_runtime.protocol import SampledToken
+
+
+class OutputProcessor:
+    def __init__(self, eos_token_ids: set[int], session_len: int):
+        self.eos_token_ids = eos_token_ids
+        self.session_len = session_len
+
+    def process(self, seq: Sequence, tok: SampledToken) -> RequestDelta:
+        """Record a sampled token on seq; the delta's finish_reason says whether it ended."""
+        seq.output_token_ids.append(tok.token_id)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            entry = TokenLogprobs(
+                tok.token_id, tok.logprob, dict(zip(tok.top_ids, tok.top_logprobs))
+            )
+            seq.logprobs.append(entry)
+            logprobs = [entry]
+        text_state = seq.text_state
+        hit_stop = text_state is not None and text_state.add(tok.token_id)
+        reason = "stop" if hit_stop else self._stop_reason(seq, tok.token_id)
+        text = ""
+        if text_state is not None:
+            if reason is not None:
+                text_state.finish()
+            text = text_state.release(reason is not None)
+        return RequestDelta([tok.token_id], text, logprobs, reason)
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        p = seq.params
+        if (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids:
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= self.session_len:
+            return "length"
+        return None
+
+    @staticmethod
+    def output(seq: Sequence, finish_reason: str) -> RequestOutput:
+        text_state = seq.text_state
+        if text_state is not None and finish_reason == "abort":
+            text_state.finish()
+        return RequestOutput(
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=text_state.text if text_state is not None else "",
+            finish_reason=finish_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
