@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_runtime import Runtime, RuntimeConfig, SamplingParams  # noqa: E402
 from dist_runtime.config import ConfigError, merge_overrides, read_yaml  # noqa: E402
-from dist_runtime.engine.executor import WorkerError  # noqa: E402
+from dist_runtime.engine.executor.base import WorkerError  # noqa: E402
 from dist_runtime.formats.demo_model import DemoModelError, demo_model_path  # noqa: E402
 from dist_runtime.text.documents import harbor_report  # noqa: E402
 

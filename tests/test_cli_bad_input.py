@@ -468,7 +468,7 @@ def test_run_main_workers_that_cannot_start(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dist_runtime.engine.executor import WorkerError
+    from dist_runtime.engine.executor.base import WorkerError
 
     def too_big(config: Any) -> Any:
         raise WorkerError("tp*cp = 8 workers need 8 CPU but the Ray cluster has 4; lower tp/cp")

@@ -35,7 +35,8 @@ from typing import Any, TypeVar
 
 from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig
 from dist_runtime.engine.block_manager import BlockManager
-from dist_runtime.engine.executor import Executor, WorkerError, create_executor
+from dist_runtime.engine.executor.base import Executor, WorkerError
+from dist_runtime.engine.executor.factory import create_executor
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.output_processor import OutputProcessor
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence

@@ -181,6 +181,21 @@ def test_decodes_are_scheduled_before_prefill_chunks() -> None:
         assert seq.output_token_ids == d.expected_output(seq)
 
 
+def test_new_requests_go_ahead_of_a_running_prefill_with_half_the_budget() -> None:
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    d.add(make_seq(0, prompt_len=100, max_new_tokens=2))
+    assert [(s.seq_id, len(s.token_ids)) for s in d.step().seqs] == [(0, 16)]
+    d.add(make_seq(1, prompt_len=5), make_seq(2, prompt_len=40))
+    # The short prompt is admitted whole at once, the long newcomer gets the rest of half the
+    # budget, and the running document keeps the other half.
+    assert [(s.seq_id, len(s.token_ids)) for s in d.step().seqs] == [(1, 5), (2, 3), (0, 8)]
+    assert [(s.seq_id, len(s.token_ids)) for s in d.step().seqs] == [(1, 1), (0, 15)]
+    d.run()
+    for seq in d.seqs.values():
+        assert seq.output_token_ids == d.expected_output(seq)
+
+
 def test_admission_stops_when_blocks_run_out() -> None:
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256)
     d = Driver(num_blocks=5, block_size=4, config=config)

@@ -1,19 +1,2 @@
-"""Executors own the workers: in-process for one device, Ray for more."""
-
-from __future__ import annotations
-
-from dist_runtime.config import RuntimeConfig
-from dist_runtime.engine.executor.base import Executor, WorkerError
-
-
-def create_executor(config: RuntimeConfig) -> Executor:
-    if config.resolved_executor() == "inprocess":
-        from dist_runtime.engine.executor.inprocess import InProcessExecutor
-
-        return InProcessExecutor(config)
-    from dist_runtime.engine.executor.ray_executor import RayExecutor
-
-    return RayExecutor(config)
-
-
-__all__ = ["Executor", "WorkerError", "create_executor"]
+"""Executors own the workers: in-process for one device (`inprocess`), Ray for more
+(`ray_executor`); `factory.create_executor` picks one."""

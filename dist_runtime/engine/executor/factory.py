@@ -1,0 +1,16 @@
+"""Which executor a config gets: in-process for one device, Ray for more."""
+
+from __future__ import annotations
+
+from dist_runtime.config import RuntimeConfig
+from dist_runtime.engine.executor.base import Executor
+
+
+def create_executor(config: RuntimeConfig) -> Executor:
+    if config.resolved_executor() == "inprocess":
+        from dist_runtime.engine.executor.inprocess import InProcessExecutor
+
+        return InProcessExecutor(config)
+    from dist_runtime.engine.executor.ray_executor import RayExecutor
+
+    return RayExecutor(config)

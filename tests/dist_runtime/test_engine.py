@@ -1,0 +1,224 @@
+"""The engine loop with many callers: shared steps, per-request streams, aborts, interleaved
+prefill, continuous job admission, and failure of every handle when the engine cannot go on.
+
+Overlap is asserted from the engine's step records and the steps each handle saw, not from
+timings."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dist_runtime.engine.engine as engine_module
+from dist_runtime import JobState, Runtime, SamplingParams
+from dist_runtime.config import CacheConfig, SchedulerConfig
+from dist_runtime.engine.engine import EngineDeadError
+from dist_runtime.engine.executor.base import WorkerError
+
+CPU32: dict[str, Any] = dict(device="cpu", dtype="float32")
+BUDGET = 32
+"""Tokens per step: a 600-token prompt prefills over many steps."""
+
+
+def _params(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return [(seed * 37 + i * 11) % 500 + 3 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    with Runtime(
+        model=str(tiny_llama_dir),
+        session_len=2048,
+        job_dir=str(tmp_path_factory.mktemp("jobs")),
+        cache=CacheConfig(block_size=16, num_blocks=256),
+        scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET, max_num_seqs=16),
+        **CPU32,
+    ) as runtime:
+        yield runtime
+
+
+def _slow_steps(rt: Runtime, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every step takes at least `seconds`, so callers on other threads reliably meet it."""
+    executor = rt.engine.executor
+    assert executor is not None
+    execute = executor.execute
+
+    def slow(plan: Any) -> Any:
+        time.sleep(seconds)
+        return execute(plan)
+
+    monkeypatch.setattr(executor, "execute", slow)
+
+
+def test_two_threads_share_steps(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = [_prompt(20, 1), _prompt(25, 2)]
+    alone = [rt.generate([p], _params(12))[0].token_ids for p in prompts]
+    _slow_steps(rt, monkeypatch, 0.01)
+    first = rt.engine.stats()["num_steps"]
+    barrier = threading.Barrier(2)
+    outs: dict[int, list[int]] = {}
+
+    def call(i: int) -> None:
+        barrier.wait()
+        outs[i] = rt.generate([prompts[i]], _params(12))[0].token_ids
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [outs[0], outs[1]] == alone  # batching changes nothing in the outputs
+    steps = [r for r in rt.engine.recent_steps() if r.step_id >= first]
+    assert max(len(r.request_ids) for r in steps) == 2  # both callers' requests in one step
+    assert sum(len(r.request_ids) == 2 for r in steps) >= 6
+
+
+def test_slow_stream_reader_delays_no_one(rt: Runtime) -> None:
+    stream = rt.generate_stream(_prompt(10, 3), _params(40))
+    pieces = [next(stream)]  # the stream's request runs
+    (other,) = rt.add_requests([_prompt(12, 4)], _params(8))
+    for piece in stream:  # a reader slower than the engine
+        pieces.append(piece)
+        time.sleep(0.05)
+        if other.done:
+            break
+    out = other.result(timeout=60)
+    assert len(out.token_ids) == 8
+    assert other.first_step_id is not None and other.last_step_id is not None
+    # One prefill step (12 tokens fit one step), then one step per token: no waiting.
+    assert other.last_step_id - other.first_step_id <= 8 + 2
+    stream.close()
+
+
+def test_leaving_a_stream_frees_its_blocks(rt: Runtime) -> None:
+    assert rt.engine.wait_idle(30)
+    free = rt.engine.blocks.num_free_blocks
+    for _ in rt.generate_stream(_prompt(40, 5), _params(100)):
+        break  # the generator is closed when the loop's reference goes away
+    gc.collect()
+    assert rt.engine.wait_idle(30)
+    assert rt.engine.blocks.num_free_blocks == free
+    stream = rt.generate_stream(_prompt(40, 6), _params(100))
+    next(stream)
+    del stream  # garbage-collected without a close()
+    gc.collect()
+    assert rt.engine.wait_idle(30)
+    assert rt.engine.blocks.num_free_blocks == free
+    assert rt.engine.stats()["num_running"] == 0
+
+
+def test_abort_ends_a_request_and_frees_its_blocks(rt: Runtime) -> None:
+    assert rt.engine.wait_idle(30)
+    free = rt.engine.blocks.num_free_blocks
+    (handle,) = rt.add_requests([_prompt(50, 7)], _params(500))
+    deltas = iter(handle)
+    next(deltas)
+    handle.abort()
+    out = handle.result(timeout=30)
+    assert out.finish_reason == "abort" and 1 <= len(out.token_ids) < 500
+    assert rt.engine.wait_idle(30)
+    assert rt.engine.blocks.num_free_blocks == free
+
+
+def test_short_request_runs_while_a_long_prompt_prefills(rt: Runtime) -> None:
+    (long,) = rt.add_requests([_prompt(600, 8)], _params(2))
+    deadline = time.monotonic() + 30
+    while long.first_step_id is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    (short,) = rt.add_requests([_prompt(6, 9)], _params(3))
+    out = short.result(timeout=60)
+    assert len(out.token_ids) == 3
+    long.result(timeout=60)
+    assert short.first_step_id is not None and short.first_token_step_id is not None
+    assert long.first_token_step_id is not None and short.last_step_id is not None
+    assert short.last_step_id < long.first_token_step_id  # done before the prefill was
+    assert short.first_token_step_id - short.first_step_id <= 1
+    steps = {r.step_id: r for r in rt.engine.recent_steps()}
+    admitted = steps[short.first_step_id]
+    assert long.request_id in admitted.request_ids  # the prefill went on in the same step
+
+
+def test_async_iteration(rt: Runtime) -> None:
+    prompt = _prompt(15, 10)
+    (want,) = rt.generate([prompt], _params(10))
+
+    async def read() -> tuple[list[int], str | None]:
+        (handle,) = rt.add_requests([prompt], _params(10))
+        tokens, reason = [], None
+        async for delta in handle:
+            tokens += delta.token_ids
+            reason = delta.finish_reason
+        return tokens, reason
+
+    assert asyncio.run(read()) == (want.token_ids, "length")
+
+
+def test_job_starts_while_another_decodes(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    _slow_steps(rt, monkeypatch, 0.005)
+    doc = " ".join(f"Line {i}: the tide was {i % 7} metres." for i in range(12))
+    long = rt.submit(doc, ["What was the tide?"], _params(150))
+    deadline = time.monotonic() + 60
+    while rt.status(long).tokens_generated == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    short = rt.submit(doc + " The end.", ["Which line?"], _params(2))
+    assert rt.status(short).prefill_tokens_total > 0  # planned at submit
+    assert len(rt.result(short, timeout=60)) == 1
+    assert rt.status(long).state is JobState.RUNNING  # no batch barrier
+    assert len(rt.result(long, timeout=120)) == 1
+
+
+def test_dead_engine_fails_every_handle(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers fail and no new group can start: waiting callers get the error, no hang."""
+    runtime = Runtime(model=str(tiny_llama_dir), session_len=512, **CPU32)
+    try:
+        executor = runtime.engine.executor
+        assert executor is not None
+        execute, calls = executor.execute, [0]
+
+        def dying(plan: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 5:
+                raise WorkerError("injected: worker rank 0 died")
+            return execute(plan)
+
+        def no_devices(config: Any) -> Any:
+            raise RuntimeError("injected: no devices left")
+
+        monkeypatch.setattr(executor, "execute", dying)
+        monkeypatch.setattr(engine_module, "create_executor", no_devices)
+        errors: list[BaseException] = []
+
+        def call(i: int) -> None:
+            try:
+                runtime.generate([_prompt(8, i)], _params(50))
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive()
+        assert len(errors) == 3
+        assert all(isinstance(e, EngineDeadError) for e in errors), errors
+        assert "no devices left" in str(errors[0])
+        with pytest.raises(RuntimeError, match=r"replacing failed workers failed"):
+            runtime.generate([[1, 2, 3]], _params(2))
+    finally:
+        runtime.shutdown()
