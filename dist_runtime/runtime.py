@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -125,7 +125,7 @@ class Runtime:
 
     def generate_stream(
         self, prompt: Prompt, params: SamplingParams | None = None
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         """Yield the text of one prompt's output in pieces as tokens arrive.
 
         The pieces concatenate to exactly `generate([prompt], params)[0].text`. Closing the
@@ -395,7 +395,7 @@ class Runtime:
                 h.abort()
 
 
-def _stream_text(handle: RequestHandle) -> Iterator[str]:
+def _stream_text(handle: RequestHandle) -> Generator[str, None, None]:
     """The text pieces of one request; closing the generator aborts the request."""
     try:
         for delta in handle:

@@ -35,8 +35,8 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
 
     def visit(node: ast.AST) -> None:
         if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
+            for stmt in node.orelse:
+                visit(stmt)
             return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -63,7 +63,7 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         raw = _imports(ast.parse(path.read_text()), name, path.name == "__init__.py")
-        deps = set()
+        deps: set[str] = set()
         for target in raw:
             while target and target not in files:  # `from pkg import name`: name is no module
                 target = target.rpartition(".")[0]
