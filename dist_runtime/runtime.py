@@ -258,6 +258,10 @@ class Runtime:
         """Every job in the job directory, oldest first."""
         return self._job_store().list_jobs()
 
+    def job_counts(self) -> dict[str, int]:
+        """How many jobs of the job directory are in each state."""
+        return self._job_store().count_by_state()
+
     @property
     def job_dir(self) -> str:
         """The job directory (a temporary one when the config names none)."""

@@ -110,6 +110,7 @@ class Engine:
         self._deferred: list[_Request] = []  # engine thread only: waiting on `after`
         self._by_seq: dict[int, _Request] = {}
         self._steps: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
+        self._finish_listeners: list[Callable[[RequestHandle], None]] = []
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_finished_requests = 0
@@ -179,6 +180,11 @@ class Engine:
         """Block until every queued command is handled and no request is left; False on
         timeout."""
         return self._idle.wait(timeout)
+
+    def add_finish_listener(self, fn: Callable[[RequestHandle], None]) -> None:
+        """Call fn(handle) on the engine thread as each caller's request ends (finished,
+        aborted or failed), e.g. to record latencies; it must be quick and must not block."""
+        self._finish_listeners.append(fn)
 
     def recent_steps(self) -> list[StepRecord]:
         return list(self._steps)
@@ -312,6 +318,10 @@ class Engine:
     def _handle_command(self, kind: str, payload: Any) -> None:
         if kind == "add":
             for request in payload:
+                rid = request.handle.request_id
+                if rid in self._active or any(r.handle.request_id == rid for r in self._deferred):
+                    request.handle.fail(ValueError(f"request id {rid!r} is already running"))
+                    continue
                 self._by_seq[request.seq.seq_id] = request
                 if request.after is None:
                     self._admit(request)
@@ -356,10 +366,17 @@ class Engine:
         self._active.pop(request.handle.request_id, None)
         self._by_seq.pop(request.seq.seq_id, None)
         self.num_finished_requests += not request.is_internal
+        request.handle.finish_time = time.monotonic()
         if error is None:
             request.handle.finish(output)
         else:
             request.handle.fail(error)
+        if not request.is_internal:
+            for listener in self._finish_listeners:
+                try:
+                    listener(request.handle)
+                except Exception:
+                    logger.exception("finish listener failed")
         parent = request.after
         if (
             parent is not None
@@ -395,6 +412,7 @@ class Engine:
             self.num_generated_tokens += 1
             if handle.first_token_step_id is None:
                 handle.first_token_step_id = plan.step_id
+                handle.first_token_time = time.monotonic()
             if not request.is_internal:  # a prefix pass's token is dropped
                 handle.put(delta)
             if delta.finish_reason is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -35,6 +36,10 @@ class RequestHandle:
         self.num_computed_prompt_tokens = 0
         """Prompt tokens whose K/V are in the cache (prefix-cache hits included)."""
         self.num_output_tokens = 0
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        """time.monotonic() when the first output token was sampled."""
+        self.finish_time: float | None = None
         self.first_step_id: int | None = None
         """The engine step that first computed tokens of this request."""
         self.first_token_step_id: int | None = None

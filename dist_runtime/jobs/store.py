@@ -223,6 +223,14 @@ class JobStore:
             rows = db.execute(f"SELECT {_STATUS_COLUMNS} FROM jobs ORDER BY seq").fetchall()
         return [_status(r) for r in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many jobs are in each state (every state listed, zeros included)."""
+        with self._tx() as db:
+            rows = db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        counts = {state.value: 0 for state in JobState}
+        counts.update({str(state): int(n) for state, n in rows})
+        return counts
+
     def answers(self, job_id: str) -> list[str]:
         """A done job's answers; JobFailedError for a failed or cancelled job."""
         with self._tx() as db:
