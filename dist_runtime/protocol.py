@@ -39,6 +39,18 @@ class SamplingSpec:
     repetition_penalty: float
     seed: int
     logprobs: int  # -1: none
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    num_prompt_tokens: int = 0
+    """Where the output starts: presence and frequency penalties count output tokens only."""
+
+    @property
+    def needs_history(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

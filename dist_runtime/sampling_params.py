@@ -22,6 +22,10 @@ class SamplingParams:
     """Drop tokens less likely than min_p times the top token's probability (0 disables)."""
     repetition_penalty: float = 1.0
     """HF-style penalty on tokens already in the prompt or output (1 disables)."""
+    presence_penalty: float = 0.0
+    """OpenAI-style: subtracted from the logit of every token already generated (0 disables)."""
+    frequency_penalty: float = 0.0
+    """OpenAI-style: subtracted once per earlier occurrence in the output (0 disables)."""
     seed: int | None = None
     """Seed of this request's random stream; the same seed gives the same output."""
     stop_token_ids: tuple[int, ...] = ()
@@ -75,6 +79,12 @@ class SamplingParams:
             _is_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
             f"repetition_penalty must be > 0 (1 disables), got {self.repetition_penalty!r}",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(
+                _is_number(value) and -2.0 <= value <= 2.0,
+                f"{name} must be in [-2, 2] (0 disables), got {value!r}",
+            )
         _check(
             self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
             f"seed must be a non-negative integer below 2**63 or None, got {self.seed!r}",

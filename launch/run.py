@@ -39,8 +39,8 @@ from dist_runtime.text.documents import harbor_report  # noqa: E402
 logger = logging.getLogger("launch.run")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The flags that configure the engine (shared with launch/serve.py)."""
     p.add_argument("--model", help="Hugging Face checkpoint folder (config.json + safetensors)")
     p.add_argument("--config", help="YAML file mapping onto RuntimeConfig; CLI flags override it")
     p.add_argument("--tp", type=int, help="tensor-parallel size (default 1)")
@@ -78,10 +78,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-blocks", type=int, help="KV blocks per worker (default: from memory)")
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--job-dir", help="durable job queue directory (SQLite), for --serve / --jobs")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_engine_args(p)
     p.add_argument("--doc", help="a UTF-8 text file to ask questions about")
     p.add_argument("-q", "--question", action="append", help="a question (repeatable)")
     p.add_argument("--prompt", action="append", help="a plain prompt (repeatable)")
-    p.add_argument("--job-dir", help="durable job queue directory (SQLite), for --serve / --jobs")
     p.add_argument(
         "--serve",
         action="store_true",
@@ -108,12 +119,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-p", type=float, default=d["min_p"])
     p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"])
     p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-    )
     p.add_argument(
         "--dry-run",
         action="store_true",

@@ -41,6 +41,8 @@ class SeqState:
     generator: torch.Generator
     block_table: list[int] = field(default_factory=list)
     history: list[int] = field(default_factory=list)
+    history_start: int = -1
+    """Position of history[0] (-1: empty); a prefix-cache hit starts it past 0."""
     inv_freq: torch.Tensor | None = None
     """RoPE frequencies of a request with its own base (dynamic NTK); None: the model's."""
 
@@ -205,7 +207,9 @@ class ModelRunner:
                 f"{self.kv_cache.num_blocks} KV blocks"
             )
         state.block_table.extend(seq.new_blocks)
-        if self.is_driver_rank and state.spec.repetition_penalty != 1.0:
+        if self.is_driver_rank and state.spec.needs_history:
+            if state.history_start < 0:
+                state.history_start = seq.start_pos
             state.history.extend(seq.token_ids)
         needed = -(-(seq.start_pos + len(seq.token_ids)) // self.config.cache.block_size)
         if needed > len(state.block_table):
@@ -351,6 +355,7 @@ class ModelRunner:
             histories,
             [st.generator for st in states],
             [s.seq_id for s in seqs],
+            [max(0, st.spec.num_prompt_tokens - max(st.history_start, 0)) for st in states],
         )
 
 

@@ -1,6 +1,7 @@
 """Token sampling on tp rank 0, after the LM head.
 
-Per row, in the order of HF transformers' `generate`: repetition penalty, then either greedy
+Per row, in the order of HF transformers' `generate`: repetition penalty (then OpenAI's presence
+and frequency penalties on the generated tokens), then either greedy
 argmax (temperature 0) or temperature, top-k, top-p, min-p and a seeded multinomial draw.
 
 The helpers take a (batch, vocab) tensor and per-row parameter tensors and return a new tensor
@@ -45,6 +46,26 @@ def apply_repetition_penalty(
     score = torch.where(score < 0, score * penalty, score / penalty)
     out = logits.clone()
     out[index] = padded.scatter(1, ids, score)[:, :vocab]
+    return out
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor,
+    outputs: list[torch.Tensor],
+    presence: list[float],
+    frequency: list[float],
+) -> torch.Tensor:
+    """OpenAI's penalties (as vLLM applies them): logit -= frequency * count + presence *
+    (count > 0), counting each row's generated tokens only."""
+    rows = [i for i in range(len(outputs)) if presence[i] or frequency[i]]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    out = logits.clone()
+    for i in rows:
+        ids = outputs[i].to(device=logits.device, dtype=torch.long)
+        counts = torch.bincount(ids[ids < vocab], minlength=vocab).to(logits.dtype)  # (vocab,)
+        out[i] -= frequency[i] * counts + presence[i] * (counts > 0).to(logits.dtype)
     return out
 
 
@@ -123,12 +144,14 @@ class Sampler:
         histories: list[torch.Tensor],
         generators: list[torch.Generator],
         seq_ids: list[int],
+        output_starts: list[int] | None = None,
     ) -> list[SampledToken]:
         """Sample a token for each row of `logits` (batch, vocab).
 
         Row i belongs to seq_ids[i]; histories[i] is the 1-D int64 tensor of every token the
         sequence has seen (prompt and output), generators[i] its random stream (CPU or the
-        logits' device), advanced only by rows that sample.
+        logits' device), advanced only by rows that sample; output_starts[i] is where the
+        generated tokens start in histories[i] (default: the spec's num_prompt_tokens).
         """
         _check_lengths(logits, specs, histories, generators, seq_ids)
         if not specs:
@@ -136,6 +159,13 @@ class Sampler:
         logits = logits.float()  # (batch, vocab)
         penalties = torch.tensor([s.repetition_penalty for s in specs], dtype=torch.float32)
         penalized = apply_repetition_penalty(logits, histories, penalties)
+        starts = output_starts or [s.num_prompt_tokens for s in specs]
+        penalized = apply_presence_frequency(
+            penalized,
+            [h[start:] for h, start in zip(histories, starts)],
+            [s.presence_penalty for s in specs],
+            [s.frequency_penalty for s in specs],
+        )
         token_ids = torch.empty(len(specs), dtype=torch.long, device=logits.device)  # (batch,)
         greedy = [i for i, s in enumerate(specs) if s.temperature == 0.0]
         if greedy:

@@ -79,6 +79,9 @@ class Sequence:
             top_p=float(p.top_p),
             min_p=float(p.min_p),
             repetition_penalty=float(p.repetition_penalty),
+            presence_penalty=float(p.presence_penalty),
+            frequency_penalty=float(p.frequency_penalty),
+            num_prompt_tokens=len(self.prompt_token_ids),
             seed=self.seed,
             logprobs=-1 if p.logprobs is None else p.logprobs,
         )

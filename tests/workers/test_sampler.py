@@ -371,3 +371,19 @@ def test_empty_batch() -> None:
 def test_mismatched_lengths_raise() -> None:
     with pytest.raises(ValueError, match="specs"):
         Sampler().sample(torch.zeros(2, 10), [spec()], [EMPTY] * 2, generators([0, 1]), [0, 1])
+
+
+def test_presence_and_frequency_penalties_count_output_tokens_only() -> None:
+    from workers.sampler import apply_presence_frequency
+
+    logits = torch.zeros(2, 6, dtype=torch.float64)
+    outputs = [torch.tensor([1, 1, 3]), torch.tensor([2])]
+    out = apply_presence_frequency(logits, outputs, [0.5, 0.0], [0.25, 0.0])
+    # row 0: token 1 twice (2 * 0.25 + 0.5), token 3 once (0.25 + 0.5); row 1 untouched
+    assert out[0].tolist() == [0.0, -1.0, 0.0, -0.75, 0.0, 0.0]
+    assert out[1].tolist() == [0.0] * 6
+    # Through the sampler: history = prompt [4, 4] + output [1]; only the output is penalised.
+    greedy = spec(temperature=0.0, presence_penalty=2.0, num_prompt_tokens=2)
+    row = torch.tensor([[0.0, 3.0, 0.0, 0.0, 2.5, 0.0]])
+    (tok,) = Sampler().sample(row, [greedy], [torch.tensor([4, 4, 1])], generators([0]), [0])
+    assert tok.token_id == 4  # token 1 fell to 1.0; the prompt's 4 kept 2.5

@@ -1,0 +1,750 @@
+"""The OpenAI-compatible HTTP server: one FastAPI app in front of a Runtime's engine.
+
+    app = create_app(runtime, ServerSettings(served_model_name="internlm2_5-7b-chat"))
+    uvicorn.run(app, host="127.0.0.1", port=23333)
+
+Every HTTP request is one more engine client: it adds requests and reads their handles on the
+event loop (never blocking it); a client that disconnects mid-stream aborts its requests. Routes:
+`/v1/models`, `/v1/chat/completions`, `/v1/completions` (SSE with `stream: true`), the
+document-QA jobs under `/v1/jobs`, `/health`, `/metrics` and the chat page at `/`.
+Errors are `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dist_runtime.engine.handle import RequestHandle
+from dist_runtime.engine.outputs import RequestOutput, TokenLogprobs
+from dist_runtime.jobs.store import JobState, UnknownJobError
+from dist_runtime.runtime import Runtime
+from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.server.metrics import ServerMetrics
+from dist_runtime.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    JobRequest,
+    SamplingFields,
+    error_body,
+)
+from dist_runtime.text.chat import encode_chat
+
+logger = logging.getLogger("dist_runtime.server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_name: str
+    api_keys: tuple[str, ...] = ()
+    """Bearer keys accepted on /v1/*; empty: no key needed."""
+    allowed_origins: tuple[str, ...] = ()
+    """CORS origins allowed to call the API from a browser; empty: same origin only."""
+    max_request_bytes: int = 64 * 2**20
+    max_concurrent_requests: int = 256
+    """Generation requests in flight at once; past it, 429."""
+    extra_info: dict[str, Any] = field(default_factory=dict)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+
+
+def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="dist-runtime", docs_url=None, redoc_url=None, openapi_url=None)
+    server = _Server(runtime, settings)
+    app.state.server = server
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
+    _add_error_handlers(app)
+    _add_routes(app, server)
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        start = time.perf_counter()
+        if request.url.path.startswith("/v1/") and not server.key_ok(request):
+            return JSONResponse(
+                error_body(
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    "authentication_error",
+                    code="invalid_api_key",
+                ),
+                status_code=401,
+            )
+        response = await call_next(request)
+
+        def log() -> None:
+            usage = getattr(request.state, "usage", None) or {}
+            logger.info(
+                "%s %s %d prompt=%s completion=%s %.3fs",
+                request.method,
+                request.url.path,
+                response.status_code,
+                usage.get("prompt_tokens", "-"),
+                usage.get("completion_tokens", "-"),
+                time.perf_counter() - start,
+            )
+
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            body = response.body_iterator
+
+            async def logged() -> AsyncIterator[Any]:
+                try:
+                    async for part in body:
+                        yield part
+                finally:
+                    log()  # a stream's line is written when it ends, with its token counts
+
+            response.body_iterator = logged()
+        else:
+            log()
+        return response
+
+    return app
+
+
+class _Server:
+    def __init__(self, runtime: Runtime, settings: ServerSettings):
+        self.runtime = runtime
+        self.settings = settings
+        self.in_flight = 0
+        self.metrics = ServerMetrics(runtime.engine, runtime.job_counts)
+        self.created = int(time.time())
+
+    # -- checks ---------------------------------------------------------------------------------
+    def key_ok(self, request: Request) -> bool:
+        keys = self.settings.api_keys
+        if not keys:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and token.strip() in keys
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.settings.served_model_name:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves "
+                f"{self.settings.served_model_name!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_alive(self) -> None:
+        if not self.runtime.engine.is_alive:
+            raise APIError(503, "the engine is down; restart the server", "service_unavailable")
+
+    # -- generation ----------------------------------------------------------------------------
+    def params(
+        self, req: SamplingFields, max_tokens: int | None, logprobs: int | None, index: int
+    ) -> SamplingParams:
+        seed = None if req.seed is None else (req.seed + index) % 2**63
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens if max_tokens is not None else 16,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                min_p=req.min_p,
+                repetition_penalty=req.repetition_penalty,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                seed=seed,
+                stop=tuple(stop),
+                ignore_eos=req.ignore_eos,
+                skip_special_tokens=req.skip_special_tokens,
+                logprobs=logprobs,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+
+    def add(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestHandle]:
+        self.check_alive()
+        if self.in_flight + len(prompts) > self.settings.max_concurrent_requests:
+            raise APIError(
+                429,
+                f"{self.in_flight} requests in flight, at most "
+                f"{self.settings.max_concurrent_requests} (--max-concurrent-requests); retry later",
+                "rate_limit_exceeded",
+            )
+        try:
+            handles = self.runtime.engine.add_requests(prompts, params)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        self.in_flight += len(handles)
+        for h in handles:
+            h.add_done_callback(self._release)
+        return handles
+
+    def _release(self, _handle: RequestHandle) -> None:
+        self.in_flight -= 1
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        return max(1, self.runtime.config.session_len - prompt_len)
+
+    def prompt_text(self, prompt: Any, index: int, ids: list[int]) -> str:
+        """The text of prompt `index` for echo: as sent, or decoded from its token ids."""
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and isinstance(prompt[index], str):
+            return str(prompt[index])
+        tok = self.runtime.tokenizer
+        return tok.decode(ids, skip_special_tokens=False) if tok is not None else ""
+
+    def token_text(self, token_id: int) -> str:
+        tok = self.runtime.tokenizer
+        return tok.decode([token_id], skip_special_tokens=False) if tok is not None else ""
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "")
+        if first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, e: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+
+def _usage(prompt_tokens: int, outputs: list[RequestOutput], cached: int) -> dict[str, Any]:
+    completion = sum(len(o.token_ids) for o in outputs)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def _add_routes(app: FastAPI, server: _Server) -> None:
+    runtime = server.runtime
+    name = server.settings.served_model_name
+
+    @app.get("/health")
+    async def health() -> Response:
+        if runtime.engine.is_alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "engine down"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def page() -> HTMLResponse:
+        html = resources.files("dist_runtime.server").joinpath("static/index.html").read_text()
+        return HTMLResponse(html)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": server.created,
+                    "owned_by": "dist-runtime",
+                    "max_model_len": runtime.config.session_len,
+                }
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
+        server.check_model(req.model)
+        if runtime.tokenizer is None:
+            raise APIError(400, f"{runtime.config.model} has no tokenizer; chat needs one")
+        turns = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = encode_chat(runtime.tokenizer, turns)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        max_tokens = (
+            req.max_completion_tokens or req.max_tokens or server.default_max_tokens(len(ids))
+        )
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = [server.params(req, max_tokens, top, i) for i in range(req.n)]
+        handles = server.add([ids] * req.n, params)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = _stream_chat(server, handles, rid, created, len(ids), include_usage, request)
+            return StreamingResponse(body, media_type="text/event-stream")
+        outs = await _gather(handles)
+        usage = _usage(len(ids), outs, outs[0].num_cached_tokens)
+        request.state.usage = usage
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": o.text},
+                "logprobs": _chat_logprobs(server, o.logprobs) if req.logprobs else None,
+                "finish_reason": o.finish_reason,
+            }
+            for i, o in enumerate(outs)
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        server.check_model(req.model)
+        prompts = _prompt_ids(server, req.prompt)
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        all_ids = [ids for ids in prompts for _ in range(req.n)]
+        all_params = [
+            server.params(req, max_tokens, req.logprobs, j) for _ in prompts for j in range(req.n)
+        ]
+        handles = server.add(all_ids, all_params)
+        echo = [
+            server.prompt_text(req.prompt, i, ids) if req.echo else ""
+            for i, ids in enumerate(prompts)
+        ]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prompt_tokens = sum(len(p) for p in prompts)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = _stream_completion(
+                server, handles, rid, created, prompt_tokens, include_usage, req.n, echo, request
+            )
+            return StreamingResponse(body, media_type="text/event-stream")
+        outs = await _gather(handles)
+        cached = sum(outs[i * req.n].num_cached_tokens for i in range(len(prompts)))
+        usage = _usage(prompt_tokens, outs, cached)
+        request.state.usage = usage
+        choices = [
+            {
+                "index": k,
+                "text": echo[k // req.n] + o.text,
+                "logprobs": _completion_logprobs(server, o.logprobs)
+                if req.logprobs is not None
+                else None,
+                "finish_reason": o.finish_reason,
+            }
+            for k, o in enumerate(outs)
+        ]
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": name,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    _add_job_routes(app, server)
+
+
+def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:
+    """The token ids of each prompt of a /v1/completions request."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            if server.runtime.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer; send token ids", param="prompt")
+            out.append(server.runtime.tokenizer.encode(p))
+        else:
+            out.append(list(p))
+    return out
+
+
+async def _gather(handles: list[RequestHandle]) -> list[RequestOutput]:
+    """Every handle's output, read on the event loop (deltas consumed, never blocking)."""
+    try:
+        for h in handles:
+            async for _ in h:
+                pass
+        return [h.result(timeout=0) for h in handles]
+    except BaseException:
+        for h in handles:
+            h.abort()
+        raise
+
+
+def _chat_logprobs(server: _Server, entries: list[TokenLogprobs] | None) -> dict[str, Any]:
+    def one(token_id: int, lp: float) -> dict[str, Any]:
+        text = server.token_text(token_id)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    content = []
+    for e in entries or []:
+        item = one(e.token_id, e.logprob)
+        item["top_logprobs"] = [one(t, lp) for t, lp in e.top.items()]
+        content.append(item)
+    return {"content": content}
+
+
+def _completion_logprobs(server: _Server, entries: list[TokenLogprobs] | None) -> dict[str, Any]:
+    tokens = [server.token_text(e.token_id) for e in entries or []]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries or []],
+        "top_logprobs": [
+            {server.token_text(t): lp for t, lp in e.top.items()} for e in entries or []
+        ],
+        "text_offset": offsets,
+    }
+
+
+async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, delta) of every handle as they arrive, in arrival order."""
+    import asyncio
+
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, h: RequestHandle) -> None:
+        try:
+            async for delta in h:
+                await queue.put((i, delta))
+            await queue.put((i, None))
+        except BaseException as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for h in handles:
+            h.abort()
+
+
+async def _stream_chat(
+    server: _Server,
+    handles: list[RequestHandle],
+    rid: str,
+    created: int,
+    prompt_tokens: int,
+    include_usage: bool,
+    request: Request,
+) -> AsyncIterator[str]:
+    name = server.settings.served_model_name
+
+    def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
+        body: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": name,
+            "choices": choices,
+        }
+        if include_usage:
+            body["usage"] = usage
+        return _sse(body)
+
+    for i in range(len(handles)):
+        yield chunk(
+            [
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+    try:
+        async for i, delta in _merged(handles):
+            if not delta.text and delta.finish_reason is None:
+                continue
+            choice: dict[str, Any] = {
+                "index": i,
+                "delta": {"content": delta.text} if delta.text else {},
+                "logprobs": _chat_logprobs(server, delta.logprobs) if delta.logprobs else None,
+                "finish_reason": delta.finish_reason,
+            }
+            yield chunk([choice])
+    except Exception as e:
+        yield _sse(error_body(str(e), "server_error"))
+        return
+    outs = [h.result(timeout=0) for h in handles]
+    usage = _usage(prompt_tokens, outs, outs[0].num_cached_tokens)
+    request.state.usage = usage
+    if include_usage:
+        yield chunk([], usage)
+    yield _sse("[DONE]")
+
+
+async def _stream_completion(
+    server: _Server,
+    handles: list[RequestHandle],
+    rid: str,
+    created: int,
+    prompt_tokens: int,
+    include_usage: bool,
+    n: int,
+    echo: list[str],
+    request: Request,
+) -> AsyncIterator[str]:
+    name = server.settings.served_model_name
+
+    def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
+        body: dict[str, Any] = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": name,
+            "choices": choices,
+        }
+        if include_usage:
+            body["usage"] = usage
+        return _sse(body)
+
+    started: set[int] = set()
+    try:
+        async for k, delta in _merged(handles):
+            text = delta.text
+            if k not in started:
+                started.add(k)
+                text = echo[k // n] + text
+            if not text and delta.finish_reason is None:
+                continue
+            logprobs = _completion_logprobs(server, delta.logprobs) if delta.logprobs else None
+            yield chunk(
+                [
+                    {
+                        "index": k,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": delta.finish_reason,
+                    }
+                ]
+            )
+    except Exception as e:
+        yield _sse(error_body(str(e), "server_error"))
+        return
+    outs = [h.result(timeout=0) for h in handles]
+    cached = sum(outs[i * n].num_cached_tokens for i in range(len(outs) // n))
+    usage = _usage(prompt_tokens, outs, cached)
+    request.state.usage = usage
+    if include_usage:
+        yield chunk([], usage)
+    yield _sse("[DONE]")
+
+
+def _add_job_routes(app: FastAPI, server: _Server) -> None:
+    runtime = server.runtime
+
+    def status(job_id: str) -> dict[str, Any]:
+        try:
+            s = runtime.status(job_id)
+        except UnknownJobError as e:
+            raise APIError(404, f"no job {job_id!r}", "not_found_error", "id") from e
+        d = s.to_dict()
+        d["id"] = d.pop("job_id")
+        d["object"] = "job"
+        return d
+
+    @app.post("/v1/jobs")
+    async def submit(request: Request) -> dict[str, Any]:
+        server.check_alive()
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            raw: dict[str, Any] = {k: v for k, v in form.items() if k != "file"}
+            raw["questions"] = form.getlist("questions")
+            if upload is not None and not isinstance(upload, str):
+                data = await upload.read()
+                try:
+                    raw["document"] = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise APIError(400, "the uploaded file is not UTF-8 text", param="file") from e
+        else:
+            try:
+                raw = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise APIError(400, "the request body is not valid JSON") from e
+            if not isinstance(raw, dict):
+                raise APIError(400, "the request body must be a JSON object")
+        try:
+            req = JobRequest.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise APIError(400, f"{loc}: {first['msg']}", param=loc) from e
+        try:
+            params = SamplingParams(
+                max_new_tokens=req.max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+            )
+            job_id = runtime.submit(
+                req.document, req.questions, params, idempotency_key=req.idempotency_key
+            )
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        return status(job_id)
+
+    @app.get("/v1/jobs")
+    async def list_jobs() -> dict[str, Any]:
+        return {"object": "list", "data": [status(s.job_id) for s in runtime.jobs()]}
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return status(job_id)
+
+    @app.get("/v1/jobs/{job_id}/result")
+    async def job_result(job_id: str) -> dict[str, Any]:
+        s = status(job_id)
+        if s["state"] == JobState.DONE.value:
+            return {"id": job_id, "object": "job.result", "answers": runtime.result(job_id, 0)}
+        if s["state"] in (JobState.QUEUED.value, JobState.RUNNING.value):
+            raise APIError(
+                409,
+                f"job {job_id} is {s['state']}; poll GET /v1/jobs/{job_id}",
+                code="job_not_finished",
+            )
+        raise APIError(409, f"job {job_id} {s['state']}: {s['error']}", code=f"job_{s['state']}")
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel(job_id: str) -> dict[str, Any]:
+        status(job_id)  # 404 for an unknown id
+        previous = runtime.cancel(job_id)
+        return {
+            "id": job_id,
+            "object": "job",
+            "cancelled_from": previous.value,
+            **{k: v for k, v in status(job_id).items() if k not in ("id", "object")},
+        }
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _BodyLimit:
+    """413 for a body over the limit, by Content-Length or by counting a chunked body."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps(
+            error_body(
+                f"request body over {self.max_bytes} bytes (--max-request-mb)",
+                "invalid_request_error",
+                code="request_too_large",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,125 @@
+"""Prometheus metrics, read from the engine's counters and observed as its requests end.
+
+Names follow vLLM's (`vllm:num_requests_running` ...) under a `dist_runtime:` prefix, so
+existing dashboards need only the prefix changed. Gauges and totals are read from
+`Engine.stats()` at scrape time; latency histograms are filled by an engine finish listener, on
+the engine thread, from each handle's timestamps. Handlers compute nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from dist_runtime.engine.engine import Engine
+from dist_runtime.engine.handle import RequestHandle
+
+P = "dist_runtime:"
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: Engine, job_counts: Callable[[], dict[str, int]] | None):
+        self.engine = engine
+        self.job_counts = job_counts
+
+    def collect(self) -> Iterator[Any]:
+        s = self.engine.stats()
+        used = s["num_blocks"] - s["num_free_blocks"]
+        gauges = {
+            "num_requests_running": ("Requests in the engine's running batch", s["num_running"]),
+            "num_requests_waiting": ("Requests waiting to be admitted", s["num_waiting"]),
+            "kv_cache_usage_perc": (
+                "Fraction of KV blocks in use (1 = full)",
+                used / s["num_blocks"] if s["num_blocks"] else 0.0,
+            ),
+            "kv_cache_used_blocks": ("KV blocks held by requests", used),
+            "engine_alive": ("1 while the engine runs", float(self.engine.is_alive)),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(P + name, doc, value=value)
+        counters = {
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", "queries"),
+            "prefix_cache_hits": ("Prompt tokens found in the prefix cache", "hits"),
+            "prompt_tokens_computed": ("Prompt tokens the workers computed", "computed"),
+            "generation_tokens": ("Tokens generated", "generated"),
+            "num_preemptions": ("Sequences preempted (recomputed later)", "preemptions"),
+            "engine_steps": ("Engine steps run", "steps"),
+        }
+        values = {
+            "queries": s["prefix_cache_queried_tokens"],
+            "hits": s["prefix_cache_hit_tokens"],
+            "computed": s["num_prompt_tokens_computed"],
+            "generated": s["num_generated_tokens"],
+            "preemptions": s["num_preemptions"],
+            "steps": s["num_steps"],
+        }
+        for name, (doc, key) in counters.items():
+            yield CounterMetricFamily(P + name, doc, value=values[key])
+        if self.job_counts is not None:
+            jobs = GaugeMetricFamily(
+                P + "jobs", "Jobs in the durable queue by state", labels=["state"]
+            )
+            for state, count in sorted(self.job_counts().items()):
+                jobs.add_metric([state], count)
+            yield jobs
+
+
+class ServerMetrics:
+    """A registry of the engine's metrics; `render()` is the /metrics body."""
+
+    def __init__(self, engine: Engine, job_counts: Callable[[], dict[str, int]] | None = None):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine, job_counts))
+        self.ttft = Histogram(
+            P + "time_to_first_token_seconds",
+            "Seconds from a request's arrival to its first token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            P + "time_per_output_token_seconds",
+            "Seconds per output token after the first",
+            buckets=TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            P + "e2e_request_latency_seconds",
+            "Seconds from a request's arrival to its end",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            P + "prompt_tokens", "Prompt tokens of ended requests", registry=self.registry
+        )
+        self.success = Counter(
+            P + "request_success",
+            "Requests ended, by finish reason ('error' for failed ones)",
+            ["finished_reason"],
+            registry=self.registry,
+        )
+        engine.add_finish_listener(self.observe)
+
+    def observe(self, handle: RequestHandle) -> None:
+        error = handle.exception()
+        reason = "error" if error is not None else handle.result(0).finish_reason
+        self.success.labels(reason).inc()
+        self.prompt_tokens.inc(handle.num_prompt_tokens)
+        end = handle.finish_time or handle.arrival_time
+        self.e2e.observe(end - handle.arrival_time)
+        if handle.first_token_time is not None:
+            self.ttft.observe(handle.first_token_time - handle.arrival_time)
+            if handle.num_output_tokens > 1:
+                per = (end - handle.first_token_time) / (handle.num_output_tokens - 1)
+                self.tpot.observe(per)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)

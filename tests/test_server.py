@@ -1,0 +1,344 @@
+"""The HTTP server in a subprocess on a free loopback port, driven by the official `openai`
+client and by raw HTTP: responses, streaming, usage, errors, keys, concurrency, disconnects
+and the document-QA job endpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, model: Path, tmp: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / f"server-{self.port}.log", "w")  # noqa: SIM115
+        args = [
+            sys.executable, str(REPO_ROOT / "launch" / "serve.py"), "--model", str(model),
+            "--device", "cpu", "--dtype", "float32", "--session-len", "512",
+            "--block-size", "16", "--num-blocks", "256", "--port", str(self.port),
+            "--job-dir", str(tmp / f"jobs-{self.port}"), *extra,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.proc.poll() is None, (tmp / f"server-{self.port}.log").read_text()
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict[str, Any] | None = None,
+        key: str | None = KEY,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if key is not None:
+            req.add_header("Authorization", f"Bearer {key}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                raw = r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            raw, status = e.read(), e.code
+        try:
+            return status, json.loads(raw)
+        except json.JSONDecodeError:
+            return status, raw.decode()
+
+    def metric(self, name: str) -> float:
+        _, text = self.request("GET", "/metrics")
+        match = re.search(rf"^dist_runtime:{name} ([0-9.e+-]+)$", text, re.M)
+        assert match, name
+        return float(match.group(1))
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(
+        tiny_llama_dir,
+        tmp_path_factory.mktemp("server"),
+        *("--api-keys", f"{KEY},other", "--max-request-mb", "1"),
+    )
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Any:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir: Path) -> Any:
+    from dist_runtime.text.tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(tiny_llama_dir)
+
+
+def test_models(client: Any, tiny_llama_dir: Path) -> None:
+    (model,) = client.models.list().data
+    assert model.id == tiny_llama_dir.name and model.model_extra["max_model_len"] == 512
+
+
+def test_chat_stream_equals_non_stream_and_usage(
+    client: Any, tokenizer: Any, tiny_llama_dir: Path
+) -> None:
+    from dist_runtime.text.chat import encode_chat
+
+    messages = [{"role": "user", "content": "Tell me about the harbour and its keeper."}]
+    kw: dict[str, Any] = dict(
+        model=tiny_llama_dir.name, messages=messages, max_tokens=12, temperature=0
+    )
+    full = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+    text = full.choices[0].message.content
+    assert full.choices[0].finish_reason == "length" and full.choices[0].message.role == "assistant"
+    assert full.usage.prompt_tokens == len(encode_chat(tokenizer, messages))
+    assert full.usage.completion_tokens == 12
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 12
+    chunks = list(
+        client.chat.completions.create(
+            **kw,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_logprobs_and_n(client: Any, tiny_llama_dir: Path) -> None:
+    out = client.chat.completions.create(
+        model=tiny_llama_dir.name,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0.8,
+        seed=3,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    for choice in out.choices:
+        content = choice.logprobs.content
+        assert len(content) == out.usage.completion_tokens // 2 or len(content) <= 4
+        assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+
+
+def test_completions_prompt_forms_and_echo(client: Any, tokenizer: Any) -> None:
+    ids = tokenizer.encode("The lighthouse keeper")
+    by_text = client.completions.create(
+        model=None, prompt="The lighthouse keeper", max_tokens=5, temperature=0
+    )
+    by_ids = client.completions.create(model=None, prompt=ids, max_tokens=5, temperature=0)
+    assert by_text.choices[0].text == by_ids.choices[0].text
+    assert by_text.usage.prompt_tokens == len(ids)
+    many = client.completions.create(
+        model=None, prompt=["The lighthouse keeper", "A tide"], max_tokens=5, temperature=0
+    )
+    assert [c.index for c in many.choices] == [0, 1]
+    assert many.choices[0].text == by_text.choices[0].text
+    echoed = client.completions.create(
+        model=None, prompt="The lighthouse keeper", max_tokens=5, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == "The lighthouse keeper" + by_text.choices[0].text
+    stream = client.completions.create(
+        model=None, prompt="The lighthouse keeper", max_tokens=5, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == by_text.choices[0].text
+
+
+def test_shared_prefix_reports_cached_tokens(client: Any) -> None:
+    prefix = "Report of the harbour council. " * 20
+    first = client.completions.create(model=None, prompt=prefix + "First?", max_tokens=2)
+    second = client.completions.create(model=None, prompt=prefix + "Second?", max_tokens=2)
+    assert first.usage.prompt_tokens > 64
+    assert second.usage.prompt_tokens_details.cached_tokens >= 64
+
+
+def test_keys(server: Server) -> None:
+    assert server.request("GET", "/v1/models", key=None)[0] == 401
+    status, body = server.request("GET", "/v1/models", key="wrong")
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert server.request("GET", "/v1/models", key="other")[0] == 200
+    assert server.request("GET", "/health", key=None)[0] == 200
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "match"),
+    [
+        ({"prompt": "x", "temperature": 5}, 400, "temperature", r"less than or equal to 2"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", r"greater than or equal to 1"),
+        ({"prompt": "x", "top_p": "high"}, 400, "top_p", r"valid number"),
+        ({"prompt": "x", "n": 100}, 400, "n", r"less than or equal to 16"),
+        ({}, 400, "prompt", r"[Ff]ield required"),
+        ({"prompt": "x", "model": "gpt-4"}, 404, "model", r"does not exist"),
+        ({"prompt": "word " * 600, "max_tokens": 4}, 400, None, r"over session_len 512"),
+        ({"prompt": [[1, 2], [999999]]}, 400, None, r"outside \[0, 512\)"),
+    ],
+)
+def test_errors(server: Server, body: dict[str, Any], status: int, param: str, match: str) -> None:
+    got, answer = server.request("POST", "/v1/completions", body)
+    assert got == status, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert re.search(match, error["message"]), error
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_malformed_requests_never_500(server: Server) -> None:
+    for raw in (b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe"):
+        status, body = server.request("POST", "/v1/chat/completions", raw)
+        assert status == 400 and "error" in body, (raw, body)
+    status, body = server.request("POST", "/v1/chat/completions", {"messages": "hi"})
+    assert status == 400 and body["error"]["param"] == "messages"
+    status, body = server.request("POST", "/v1/completions", b"x" * (2 * 2**20))
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert server.request("GET", "/v1/nowhere")[0] == 404
+
+
+def test_sixteen_concurrent_streams(client: Any) -> None:
+    prompts = [f"Caller {i} writes about pier {i}." for i in range(16)]
+    want = [
+        client.completions.create(model=None, prompt=p, max_tokens=10, temperature=0)
+        .choices[0]
+        .text
+        for p in prompts
+    ]
+    got: dict[int, str] = {}
+
+    def stream(i: int) -> None:
+        parts = client.completions.create(
+            model=None, prompt=prompts[i], max_tokens=10, temperature=0, stream=True
+        )
+        got[i] = "".join(c.choices[0].text for c in parts)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [got[i] for i in range(16)] == want
+
+
+def test_disconnect_frees_blocks(server: Server) -> None:
+    before = server.metric("kv_cache_used_blocks")
+    body = json.dumps(
+        {"prompt": "A story about the sea.", "max_tokens": 400, "stream": True,
+         "ignore_eos": True}
+    ).encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        received = b""
+        while received.count(b"data: ") < 3:
+            part = sock.recv(4096)
+            assert part and b" 200 OK" in received + part, received + part
+            received += part
+        assert server.metric("kv_cache_used_blocks") > before
+    deadline = time.monotonic() + 30
+    while server.metric("kv_cache_used_blocks") != before:
+        assert time.monotonic() < deadline, "the disconnected stream kept its blocks"
+        time.sleep(0.05)
+    assert server.metric("num_requests_running") == 0
+
+
+def test_jobs_endpoints(server: Server) -> None:
+    doc = "The harbour master keeps the tide tables. The lighthouse keeper is Ada Brennan. " * 3
+    status, job = server.request(
+        "POST", "/v1/jobs", {"document": doc, "questions": ["Who?", "What?"], "max_tokens": 4}
+    )
+    assert status == 200 and job["prefill_tokens_total"] > 0, job
+    deadline = time.monotonic() + 60
+    while server.request("GET", f"/v1/jobs/{job['id']}")[1]["state"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    status, result = server.request("GET", f"/v1/jobs/{job['id']}/result")
+    assert status == 200 and len(result["answers"]) == 2
+    listed = server.request("GET", "/v1/jobs")[1]["data"]
+    assert job["id"] in [j["id"] for j in listed]
+    assert server.request("GET", "/v1/jobs/nope")[0] == 404
+    assert server.request("DELETE", "/v1/jobs/nope")[0] == 404
+    status, body = server.request("POST", "/v1/jobs", {"document": doc, "questions": []})
+    assert status == 400 and body["error"]["param"] == "questions"
+    _, text = server.request("GET", "/metrics")
+    assert 'dist_runtime:jobs{state="done"}' in text
+    assert "dist_runtime:time_to_first_token_seconds_bucket" in text
+
+
+def test_concurrency_limit(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    s = Server(tiny_llama_dir, tmp_path, "--max-concurrent-requests", "1")
+    try:
+        body = {"prompt": "x", "max_tokens": 300, "stream": True, "ignore_eos": True}
+        results: list[int] = []
+
+        def call() -> None:
+            results.append(s.request("POST", "/v1/completions", body, key=None)[0])
+
+        first = threading.Thread(target=call)
+        first.start()
+        deadline = time.monotonic() + 30
+        while s.metric("num_requests_running") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, answer = s.request("POST", "/v1/completions", {"prompt": "y"}, key=None)
+        assert status == 429 and answer["error"]["type"] == "rate_limit_exceeded"
+        first.join(60)
+        assert results == [200]
+    finally:
+        s.close()
