@@ -51,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body")
     p.add_argument(
+        "--no-ray-service",
+        action="store_true",
+        help="with --job-dir on Ray: do not register the named job-queue actor",
+    )
+    p.add_argument("--service-name", default=None, help="name of the Ray job-queue actor")
+    p.add_argument("--namespace", default=None, help="Ray namespace of the job-queue actor")
+    p.add_argument(
         "--max-concurrent-requests",
         type=int,
         default=256,
@@ -70,6 +77,23 @@ def check(args: argparse.Namespace) -> None:
         )
     if args.api_keys is not None and not [k for k in args.api_keys.split(",") if k.strip()]:
         raise ValueError("--api-keys is empty; give at least one key or drop the flag")
+
+
+def register_ray_service(job_dir: str, args: argparse.Namespace) -> None:
+    """The job directory's named Ray actor (see launch/run.py --serve), when this process runs
+    on Ray (tp * cp > 1 or --ray-address): processes anywhere on the cluster submit to it."""
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    from dist_runtime.jobs import service
+
+    if not ray.is_initialized():
+        return
+    name = args.service_name or service.DEFAULT_NAME
+    namespace = args.namespace or service.DEFAULT_NAMESPACE
+    service.start(job_dir, name, namespace)
+    logger.info("job queue actor %r in namespace %r", name, namespace)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     with rt:
         if config.job_dir is not None:
             rt.serve_jobs()
+            if not args.no_ray_service:
+                register_ray_service(rt.job_dir, args)
         settings = ServerSettings(
             served_model_name=args.served_model_name or Path(config.model).name,
             api_keys=tuple(k.strip() for k in (args.api_keys or "").split(",") if k.strip()),

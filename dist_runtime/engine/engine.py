@@ -92,8 +92,6 @@ class Engine:
         self.executor: Executor | None = None
         self.num_worker_restarts = 0
         """Times a dead or hung worker made the engine replace its whole worker group."""
-        self._start_workers()
-        self.scheduler = Scheduler(config.scheduler, self.blocks)
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None:
             eos |= set(tokenizer.eos_token_ids)
@@ -114,8 +112,15 @@ class Engine:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_finished_requests = 0
-        self._thread = threading.Thread(target=self._run, name="dist-runtime-engine", daemon=True)
+        # The workers start on the engine thread too: an in-process worker's torch thread pool
+        # then belongs to the thread that runs every step (a pool left on the caller's thread
+        # slowed small CPU ops by up to half).
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(started,), name="dist-runtime-engine", daemon=True
+        )
         self._thread.start()
+        started.result()  # re-raises what stopped the workers from starting
 
     # -- callers (any thread) -------------------------------------------------------------------
     def add_requests(
@@ -283,7 +288,15 @@ class Engine:
             self._inbox.put((kind, payload))
 
     # -- the loop (engine thread) ---------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, started: concurrent.futures.Future[None]) -> None:
+        try:
+            self._start_workers()
+            self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        except BaseException as e:
+            self._dead = e
+            started.set_exception(e)
+            return
+        started.set_result(None)
         try:
             while self._drain(block=not self._has_work()):
                 if self._has_work():

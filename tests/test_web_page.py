@@ -1,0 +1,97 @@
+"""The chat page in a real browser: headless Chromium (Debian's package) driven by Playwright.
+
+It opens `/` on a server with the demo model, sends a chat message and watches the streamed
+answer appear, then pastes a document, asks two questions and reads both answers. Screenshots
+go to the test's temporary folder (and to $DIST_RUNTIME_SCREENSHOTS when set).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_server import Server
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+
+DOC = (
+    "Harbour report. The lighthouse keeper is Ada Brennan. The ferry leaves pier 4 at "
+    "seven o'clock every morning. The harbour master is Tom Reyes."
+)
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from dist_runtime.formats.demo_model import demo_model_path
+
+    s = Server(demo_model_path(), tmp_path_factory.mktemp("page"), "--session-len", "2048")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def page(demo_server: Server) -> Iterator[Any]:
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        tab = browser.new_page(viewport={"width": 1280, "height": 760})
+        tab.goto(demo_server.url + "/")
+        yield tab
+        browser.close()
+
+
+def _shot(page: Any, tmp_path: Path, name: str) -> None:
+    page.screenshot(path=str(tmp_path / name))
+    target = os.environ.get("DIST_RUNTIME_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / name, Path(target) / name)
+
+
+def test_chat_streams_and_documents_get_answers(page: Any, tmp_path: Path) -> None:
+    expect = sync_api.expect
+    expect(page.locator("#model")).to_contain_text("2048 tokens")
+    page.fill("#max-tokens", "24")
+    page.fill("#prompt", "What is the capital of France?")
+    page.click("#send")
+    expect(page.locator(".msg.user")).to_have_text("What is the capital of France?")
+    answer = page.locator(".msg.assistant").first
+    expect(answer).not_to_be_empty(timeout=60_000)
+    expect(page.locator("#send")).to_be_enabled(timeout=60_000)  # the stream ended
+    assert "Paris" in answer.inner_text()
+    _shot(page, tmp_path, "page_chat.png")
+
+    page.fill("#document", DOC)
+    page.fill("#questions", "Who is the lighthouse keeper?\nWhen does the ferry leave?")
+    page.click("#ask")
+    expect(page.locator(".qa")).to_have_count(2, timeout=120_000)
+    answers = page.locator(".qa .a").all_inner_texts()
+    assert "Ada" in answers[0], answers
+    assert "seven" in answers[1].lower() or "7" in answers[1], answers
+    expect(page.locator("#job-state")).to_contain_text("done")
+    _shot(page, tmp_path, "page_document.png")
+
+
+def test_stop_button_aborts_the_stream(page: Any, demo_server: Server) -> None:
+    expect = sync_api.expect
+    page.fill("#max-tokens", "400")
+    page.fill("#prompt", "Write a very long story about the sea.")
+    page.click("#send")
+    expect(page.locator(".msg.assistant").first).not_to_be_empty(timeout=60_000)
+    page.click("#stop")
+    expect(page.locator("#send")).to_be_enabled()
+    deadline = time.monotonic() + 30
+    while demo_server.metric("num_requests_running") != 0:  # the server saw the disconnect
+        assert time.monotonic() < deadline, "the stopped stream kept running"
+        time.sleep(0.1)
+    text = page.locator(".msg.assistant").first.inner_text()
+    time.sleep(0.5)
+    assert page.locator(".msg.assistant").first.inner_text() == text  # nothing more arrives
