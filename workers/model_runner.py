@@ -209,7 +209,8 @@ class ModelRunner:
         state.block_table.extend(seq.new_blocks)
         if self.is_driver_rank and state.spec.needs_history:
             if state.history_start < 0:
-                state.history_start = seq.start_pos
+                state.history = list(seq.cached_token_ids)
+                state.history_start = seq.start_pos - len(seq.cached_token_ids)
             state.history.extend(seq.token_ids)
         needed = -(-(seq.start_pos + len(seq.token_ids)) // self.config.cache.block_size)
         if needed > len(state.block_table):

@@ -274,6 +274,9 @@ class Scheduler:
                     sample=start + n == seq.num_tokens,
                     sampling=seq.sampling_spec() if seq.is_reset else None,
                     rope_base=seq.rope_base if seq.is_reset else 0.0,
+                    cached_token_ids=seq.token_slice(0, start)
+                    if seq.is_reset and start and _needs_history(seq.params)
+                    else [],
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)
@@ -321,3 +324,8 @@ class Scheduler:
 
 def _has(scheduled: list[ScheduledSeq], seq: Sequence) -> bool:
     return any(s.seq is seq for s in scheduled)
+
+
+def _needs_history(p: SamplingParams) -> bool:
+    """Whether the workers' sampler reads the sequence's earlier tokens."""
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0

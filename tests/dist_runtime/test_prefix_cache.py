@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,3 +120,20 @@ def test_block_manager_sharing_and_eviction_order() -> None:
     bm.grow(taken, 8)  # takes everything: never-used blocks first, then evicts the cache
     assert bm.match_prefix(tokens, 4)[0] == []
     assert bm.num_hit_tokens == 8 and bm.num_queried_tokens == 12
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [dict(repetition_penalty=1.5), dict(presence_penalty=1.5, frequency_penalty=0.5)],
+)
+def test_penalties_see_the_cached_prefix(
+    cached: Runtime, uncached: Runtime, penalty: dict[str, Any]
+) -> None:
+    """A penalty reads every earlier token, including those found in the prefix cache."""
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, **penalty)
+    prompts = [DOC + [9, 8], DOC + [7]]
+    for p in prompts:  # the second of each pair starts from DOC's cached blocks
+        first = cached.generate([p], params)[0].token_ids
+        again = cached.generate([p], params)[0]
+        assert again.num_cached_tokens > 0
+        assert again.token_ids == first == uncached.generate([p], params)[0].token_ids
