@@ -10,8 +10,10 @@ another (different ~20-token prompts, exactly `--new-tokens` tokens each: greedy
   `http.client` (SSE parsed by hand, so the client costs little CPU) and stamps the first
   content chunk (time to first token).
 * **Python API**: a Runtime with the same settings in this process, started after the server
-  stopped (the two never share the cores); each client thread calls `rt.add_requests` and
-  iterates its handle, stamping the first delta.
+  stopped (the two never share the cores); N client coroutines on one asyncio loop (as the
+  server reads its handles) call `rt.add_requests` and `async for` over the handle, stamping
+  the first delta. (Threads reading handles instead would contend for the GIL with the engine
+  thread and make this baseline slower than the server.)
 
 Reported per N and system: requests/s and output tokens/s over the wall time from the first
 request to the last, and TTFT p50 / p99 over all requests. The overhead of HTTP is
@@ -22,6 +24,7 @@ texts of both systems must be equal (checked). One summary line; --report writes
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import http.client
 import json
@@ -132,20 +135,37 @@ def http_request(port: int, new_tokens: int) -> Callable[[str], Result]:
 
 
 # -- Python API -------------------------------------------------------------------------------
-def api_request(rt: Runtime, new_tokens: int) -> Callable[[str], Result]:
+def run_api_load(rt: Runtime, n: int, rounds: int, new_tokens: int) -> dict[str, object]:
+    """N client coroutines on one event loop (as the server reads its handles), each making
+    `rounds` streaming requests one after another through `rt.add_requests`."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    results: dict[tuple[int, int], Result] = {}
 
-    def one(text: str) -> Result:
+    async def one(text: str) -> Result:
         start = time.perf_counter()
         (handle,) = rt.add_requests([text], params)
         first, parts = None, []
-        for delta in handle:
+        async for delta in handle:
             if delta.text and first is None:
                 first = time.perf_counter() - start
             parts.append(delta.text)
         return (first if first is not None else time.perf_counter() - start), "".join(parts)
 
-    return one
+    async def client(i: int) -> None:
+        for r in range(rounds):
+            results[i, r] = await one(prompt(i, r))
+
+    async def all_clients() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(n)))
+        return time.perf_counter() - start
+
+    wall = asyncio.run(all_clients())
+    return {
+        "wall": wall,
+        "ttfts": sorted(v[0] for v in results.values()),
+        "texts": {k: v[1] for k, v in results.items()},
+    }
 
 
 def main() -> None:
@@ -176,10 +196,9 @@ def main() -> None:
         server.terminate()
         server.wait(60)
     with Runtime(model=str(model), device="cpu", dtype="float32", session_len=SESSION_LEN) as rt:
-        one = api_request(rt, args.new_tokens)
-        one("warm-up")
+        run_api_load(rt, 1, 1, args.new_tokens)  # warm-up
         for n in clients:
-            rows["API"][n] = run_load(n, args.rounds, one)
+            rows["API"][n] = run_api_load(rt, n, args.rounds, args.new_tokens)
             print(f"API  {n} clients: {rows['API'][n]['wall']:.1f} s", flush=True)
     report(args, clients, rows)
 

@@ -342,3 +342,31 @@ def test_concurrency_limit(tiny_llama_dir: Path, tmp_path: Path) -> None:
         assert results == [200]
     finally:
         s.close()
+
+
+def test_job_from_an_uploaded_file(server: Server) -> None:
+    boundary = "----dist-runtime-test"
+    doc = "The lighthouse keeper is Ada Brennan. " * 4
+    parts = [
+        ("questions", None, "Who keeps the light?"),
+        ("questions", None, "Who is Ada?"),
+        ("max_tokens", None, "3"),
+        ("file", "report.txt", doc),
+    ]
+    body = b""
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n{value}\r\n".encode()
+    body += f"--{boundary}--\r\n".encode()
+    status, job = server.request(
+        "POST",
+        "/v1/jobs",
+        body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert status == 200 and job["num_questions"] == 2, job
+    deadline = time.monotonic() + 60
+    while (state := server.request("GET", f"/v1/jobs/{job['id']}")[1]["state"]) != "done":
+        assert state in ("queued", "running") and time.monotonic() < deadline, state
+        time.sleep(0.1)
+    assert len(server.request("GET", f"/v1/jobs/{job['id']}/result")[1]["answers"]) == 2
