@@ -112,9 +112,12 @@ class Engine:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_finished_requests = 0
-        # The workers start on the engine thread too: an in-process worker's torch thread pool
-        # then belongs to the thread that runs every step (a pool left on the caller's thread
-        # slowed small CPU ops by up to half).
+        # An in-process worker starts on the engine thread, so its torch thread pool belongs to
+        # the thread that runs every step (a pool left on the caller's thread slowed small CPU
+        # ops by up to half). Ray workers start here: ray.init wants the main thread.
+        self._start_on_loop = config.resolved_executor() == "inprocess"
+        if not self._start_on_loop:
+            self._start_workers()
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._run, args=(started,), name="dist-runtime-engine", daemon=True
@@ -290,7 +293,8 @@ class Engine:
     # -- the loop (engine thread) ---------------------------------------------------------------
     def _run(self, started: concurrent.futures.Future[None]) -> None:
         try:
-            self._start_workers()
+            if self._start_on_loop:
+                self._start_workers()
             self.scheduler = Scheduler(self.config.scheduler, self.blocks)
         except BaseException as e:
             self._dead = e
