@@ -460,6 +460,14 @@ async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]
     """(index, delta) of every handle as they arrive, in arrival order."""
     import asyncio
 
+    if len(handles) == 1:  # the common case: no tasks, no queue
+        try:
+            async for delta in handles[0]:
+                yield 0, delta
+        finally:
+            handles[0].abort()
+        return
+
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
     async def pump(i: int, h: RequestHandle) -> None:
