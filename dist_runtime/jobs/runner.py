@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from dist_runtime.engine.engine import Engine, EngineDeadError
 from dist_runtime.engine.executor.base import WorkerError
 from dist_runtime.engine.handle import RequestHandle
-from dist_runtime.jobs.doc_qa import check_fits, job_params, qa_prompts
+from dist_runtime.jobs.doc_qa import check_job
 from dist_runtime.jobs.store import Job, JobStore
 from dist_runtime.text.tokenizer import Tokenizer
 
@@ -123,12 +123,18 @@ class JobRunner:
             "job %s: %d question(s), attempt %d", job.job_id, len(job.questions), job.attempts
         )
         try:  # checked at submit; checked again against this service's settings
-            params = job_params(job.params)
-            prompts = qa_prompts(self.tokenizer, job.document, job.questions)
-            check_fits(prompts, params, self.session_len)
+            request = check_job(
+                job.document,
+                job.questions,
+                job.params,
+                tokenizer=self.tokenizer,
+                session_len=self.session_len,
+            )
+            prompts = request.prompts
+            assert prompts is not None  # a tokenizer was given
             handles = self.engine.add_requests(
                 prompts,
-                [params] * len(prompts),
+                [request.params] * len(prompts),
                 share_prefix=True,
                 request_ids=[f"job-{job.job_id}-{i}" for i in range(len(prompts))],
             )

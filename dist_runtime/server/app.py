@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -29,7 +30,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dist_runtime.engine.handle import RequestHandle
-from dist_runtime.engine.outputs import RequestOutput, TokenLogprobs
+from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogprobs
 from dist_runtime.jobs.store import JobState, UnknownJobError
 from dist_runtime.runtime import Runtime
 from dist_runtime.sampling_params import SamplingParams
@@ -142,6 +143,8 @@ class _Server:
         self.runtime = runtime
         self.settings = settings
         self.in_flight = 0
+        """Generation requests not yet ended; the event loop adds, engine callbacks subtract."""
+        self._in_flight_lock = threading.Lock()
         self.metrics = ServerMetrics(runtime.engine, runtime.job_counts)
         self.created = int(time.time())
 
@@ -205,13 +208,15 @@ class _Server:
             handles = self.runtime.engine.add_requests(prompts, params)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
-        self.in_flight += len(handles)
+        with self._in_flight_lock:
+            self.in_flight += len(handles)
         for h in handles:
             h.add_done_callback(self._release)
         return handles
 
     def _release(self, _handle: RequestHandle) -> None:
-        self.in_flight -= 1
+        with self._in_flight_lock:
+            self.in_flight -= 1
 
     def default_max_tokens(self, prompt_len: int) -> int:
         return max(1, self.runtime.config.session_len - prompt_len)
@@ -256,8 +261,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
 
-def _usage(prompt_tokens: int, outputs: list[RequestOutput], cached: int) -> dict[str, Any]:
+def _usage(prompt_tokens: int, outputs: list[RequestOutput], n: int) -> dict[str, Any]:
+    """Usage of the outputs of prompts with n choices each (outputs grouped by prompt)."""
     completion = sum(len(o.token_ids) for o in outputs)
+    cached = sum(o.num_cached_tokens for o in outputs[::n])
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
@@ -322,11 +329,35 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         handles = server.add([ids] * req.n, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = _stream_chat(server, handles, rid, created, len(ids), include_usage, request)
+
+            def chat_choice(i: int, delta: RequestDelta, _first: bool) -> dict[str, Any] | None:
+                if not delta.text and delta.finish_reason is None:
+                    return None
+                logprobs = _chat_logprobs(server, delta.logprobs) if delta.logprobs else None
+                return {
+                    "index": i,
+                    "delta": {"content": delta.text} if delta.text else {},
+                    "logprobs": logprobs,
+                    "finish_reason": delta.finish_reason,
+                }
+
+            role = {"role": "assistant", "content": ""}
+            body = _stream(
+                handles,
+                request,
+                {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name},
+                chat_choice,
+                prompt_tokens=len(ids),
+                n=req.n,
+                include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                first=[
+                    {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+                    for i in range(req.n)
+                ],
+            )
             return StreamingResponse(body, media_type="text/event-stream")
         outs = await _gather(handles)
-        usage = _usage(len(ids), outs, outs[0].num_cached_tokens)
+        usage = _usage(len(ids), outs, req.n)
         request.state.usage = usage
         choices = [
             {
@@ -364,13 +395,31 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = _stream_completion(
-                server, handles, rid, created, prompt_tokens, include_usage, req.n, echo, request
+
+            def text_choice(k: int, delta: RequestDelta, first: bool) -> dict[str, Any] | None:
+                text = (echo[k // req.n] if first else "") + delta.text
+                if not text and delta.finish_reason is None:
+                    return None
+                logprobs = _completion_logprobs(server, delta.logprobs) if delta.logprobs else None
+                return {
+                    "index": k,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": delta.finish_reason,
+                }
+
+            body = _stream(
+                handles,
+                request,
+                {"id": rid, "object": "text_completion", "created": created, "model": name},
+                text_choice,
+                prompt_tokens=prompt_tokens,
+                n=req.n,
+                include_usage=include_usage,
             )
             return StreamingResponse(body, media_type="text/event-stream")
         outs = await _gather(handles)
-        cached = sum(outs[i * req.n].num_cached_tokens for i in range(len(prompts)))
-        usage = _usage(prompt_tokens, outs, cached)
+        usage = _usage(prompt_tokens, outs, req.n)
         request.state.usage = usage
         choices = [
             {
@@ -496,113 +545,39 @@ async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]
             h.abort()
 
 
-async def _stream_chat(
-    server: _Server,
+async def _stream(
     handles: list[RequestHandle],
-    rid: str,
-    created: int,
-    prompt_tokens: int,
-    include_usage: bool,
     request: Request,
-) -> AsyncIterator[str]:
-    name = server.settings.served_model_name
-
-    def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
-        body: dict[str, Any] = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": name,
-            "choices": choices,
-        }
-        if include_usage:
-            body["usage"] = usage
-        return _sse(body)
-
-    for i in range(len(handles)):
-        yield chunk(
-            [
-                {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ]
-        )
-    try:
-        async for i, delta in _merged(handles):
-            if not delta.text and delta.finish_reason is None:
-                continue
-            choice: dict[str, Any] = {
-                "index": i,
-                "delta": {"content": delta.text} if delta.text else {},
-                "logprobs": _chat_logprobs(server, delta.logprobs) if delta.logprobs else None,
-                "finish_reason": delta.finish_reason,
-            }
-            yield chunk([choice])
-    except Exception as e:
-        yield _sse(error_body(str(e), "server_error"))
-        return
-    outs = [h.result(timeout=0) for h in handles]
-    usage = _usage(prompt_tokens, outs, outs[0].num_cached_tokens)
-    request.state.usage = usage
-    if include_usage:
-        yield chunk([], usage)
-    yield _sse("[DONE]")
-
-
-async def _stream_completion(
-    server: _Server,
-    handles: list[RequestHandle],
-    rid: str,
-    created: int,
+    header: dict[str, Any],
+    choice: Callable[[int, RequestDelta, bool], dict[str, Any] | None],
+    *,
     prompt_tokens: int,
-    include_usage: bool,
     n: int,
-    echo: list[str],
-    request: Request,
+    include_usage: bool,
+    first: Sequence[dict[str, Any]] = (),
 ) -> AsyncIterator[str]:
-    name = server.settings.served_model_name
+    """The SSE body of a streamed request: `first` chunks, then choice(index, delta, is_first)
+    for every delta (None skips it), the usage chunk when asked for, and [DONE]."""
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
-        body: dict[str, Any] = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": name,
-            "choices": choices,
-        }
+        body = {**header, "choices": choices}
         if include_usage:
             body["usage"] = usage
         return _sse(body)
 
+    for c in first:
+        yield chunk([c])
     started: set[int] = set()
     try:
         async for k, delta in _merged(handles):
-            text = delta.text
-            if k not in started:
-                started.add(k)
-                text = echo[k // n] + text
-            if not text and delta.finish_reason is None:
-                continue
-            logprobs = _completion_logprobs(server, delta.logprobs) if delta.logprobs else None
-            yield chunk(
-                [
-                    {
-                        "index": k,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": delta.finish_reason,
-                    }
-                ]
-            )
+            made = choice(k, delta, k not in started)
+            started.add(k)
+            if made is not None:
+                yield chunk([made])
     except Exception as e:
         yield _sse(error_body(str(e), "server_error"))
         return
-    outs = [h.result(timeout=0) for h in handles]
-    cached = sum(outs[i * n].num_cached_tokens for i in range(len(outs) // n))
-    usage = _usage(prompt_tokens, outs, cached)
+    usage = _usage(prompt_tokens, [h.result(timeout=0) for h in handles], n)
     request.state.usage = usage
     if include_usage:
         yield chunk([], usage)
