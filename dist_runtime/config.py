@@ -33,8 +33,17 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 SUPPORTED_ROPE_SCALING = (None, "linear", "default")
 
 
+QUANT_POLICIES = (0, 8, 4)
+"""KV cache quantization: bits per cached K/V element (0: the model's dtype)."""
+
+
 class ConfigError(ValueError):
-    """A configuration value a user can fix."""
+    """A configuration value a user can fix; `key` names the config key (e.g. `parallel.tp`)
+    when one value is at fault, so a front end can name its own flag instead."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,26 +255,37 @@ class ParallelConfig:
         return self.tp * self.cp
 
     def check_model(self, model: ModelConfig) -> None:
-        """Raise before anything loads when tp cannot shard this model's heads."""
-        tp, kvh = self.tp, model.num_kv_heads
-        if model.intermediate_size % tp:
+        """Raise before anything loads when tp cannot shard this model; the error lists every
+        tp that shards all of it (heads, KV heads, MLP; the vocabulary is padded per rank)."""
+        tp = self.tp
+        problems = tp_problems(model, tp)
+        if problems:
+            said = problems[0] if len(problems) == 1 else ", ".join(problems[:-1])
+            said += f" and {problems[-1]}" if len(problems) > 1 else ""
             raise ConfigError(
-                f"tp={tp} does not divide the model's intermediate_size "
-                f"{model.intermediate_size}; choose tp from {_divisors(model.intermediate_size)}"
+                f"tp={tp} cannot shard this model: it {said}; choose tp from "
+                f"{valid_tp_sizes(model)}",
+                key="parallel.tp",
             )
-        if model.num_heads % tp:
-            raise ConfigError(
-                f"tp={tp} does not divide the model's {model.num_heads} attention heads; "
-                f"choose tp from {_divisors(model.num_heads)}"
-            )
-        if kvh % tp and tp % kvh:
-            choices = sorted(
-                set(_divisors(kvh)) | {m for m in _divisors(model.num_heads) if m % kvh == 0}
-            )
-            raise ConfigError(
-                f"tp={tp} neither divides the model's {kvh} KV heads nor is a multiple of them; "
-                f"choose tp from {choices}"
-            )
+
+
+def tp_problems(model: ModelConfig, tp: int) -> list[str]:
+    """Why `tp` cannot shard `model` (empty when it can)."""
+    problems = []
+    if model.num_heads % tp:
+        problems.append(f"does not divide the {model.num_heads} attention heads")
+    kvh = model.num_kv_heads
+    if kvh % tp and tp % kvh:
+        problems.append(f"neither divides the {kvh} KV heads nor is a multiple of them")
+    if model.intermediate_size % tp:
+        problems.append(f"does not divide the intermediate size {model.intermediate_size}")
+    return problems
+
+
+def valid_tp_sizes(model: ModelConfig) -> list[int]:
+    """Every tensor-parallel size that shards `model` (a tp beyond the attention heads never
+    does)."""
+    return [t for t in range(1, model.num_heads + 1) if not tp_problems(model, t)]
 
 
 def _divisors(n: int) -> list[int]:
@@ -286,8 +306,17 @@ class CacheConfig:
     """On CPU: bytes per worker for the KV cache when num_blocks is None."""
     enable_prefix_caching: bool = True
     """Share full KV blocks between sequences with the same token prefix."""
+    quant_policy: int = 0
+    """KV cache quantization (LMDeploy's quant_policy): 0 keeps K/V in the model's dtype; 8 and
+    4 store them as 8- or 4-bit codes with a float32 scale and zero per token and KV head,
+    quantized online as they are written (no calibration)."""
 
     def __post_init__(self) -> None:
+        if self.quant_policy not in QUANT_POLICIES or isinstance(self.quant_policy, bool):
+            raise ConfigError(
+                f"cache.quant_policy must be one of {list(QUANT_POLICIES)} (0: no KV "
+                f"quantization, 8: int8, 4: int4), got {self.quant_policy!r}"
+            )
         if (
             not isinstance(self.block_size, int)
             or self.block_size < 1
@@ -476,7 +505,8 @@ class RuntimeConfig:
                 f"session_len {self.session_len} is over the {limit} tokens this model's RoPE "
                 f"supports (max_position_embeddings {model.max_position_embeddings}, {how}); "
                 f"shorten session_len to {limit}, or set rope_scaling_factor (--rope-scaling-"
-                f"factor) to enable dynamic NTK scaling, e.g. {max(2.0, round(need, 1))}"
+                f"factor) to enable dynamic NTK scaling, e.g. {max(2.0, round(need, 1))}",
+                key="session_len",
             )
 
     def resolved_device(self) -> str:
@@ -507,15 +537,19 @@ class RuntimeConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
         kwargs: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key in nested:
-                kwargs[key] = build_section(nested[key], value, f"{source}: {key}")
-            else:
-                kwargs[key] = value
         try:
+            for key, value in raw.items():
+                if key in nested:
+                    kwargs[key] = build_section(nested[key], value, f"{source}: {key}")
+                else:
+                    kwargs[key] = value
             return cls(**kwargs)
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from e
+        except ConfigError as e:  # a value's own check: say where the value came from
+            if str(e).startswith(f"{source}:"):
+                raise
+            raise ConfigError(f"{source}: {e}", key=e.key) from e
 
     @classmethod
     def from_yaml(

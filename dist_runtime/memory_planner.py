@@ -14,7 +14,9 @@ Per worker (tp rank of one cp group):
   (o, down) are replicated. Weights are replicated across cp.
 * kv_cache: ``num_seqs * ceil(ceil(session_len/cp)/block_size)*block_size`` tokens x
   ``2 * layers * kv_local * head_dim * dtype bytes``, with ``kv_local = kv_heads/tp``, or 1
-  when tp > kv_heads (each KV head replicated on tp/kv_heads ranks).
+  when tp > kv_heads (each KV head replicated on tp/kv_heads ranks). With KV quantization
+  (quant_policy 8 or 4) ``head_dim * dtype bytes`` becomes ``head_dim * bits/8 + 8``: the codes
+  plus a float32 scale and zero per token and head.
 * activations: a bound for one prefill chunk of ``T = max_num_batched_tokens`` tokens::
 
       T * (4*hidden + (q_local + 2*kv_local)*head_dim + 3*inter_local) * dtype bytes   # hidden,
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dist_runtime.config import ConfigError, ModelConfig, ParallelConfig
+from dist_runtime.config import QUANT_POLICIES, ConfigError, ModelConfig, ParallelConfig
 
 GiB = 1 << 30
 CUDA_OVERHEAD_BYTES = 1 * GiB
@@ -84,11 +86,19 @@ def weight_params_per_worker(model: ModelConfig, tp: int) -> int:
     return model.num_layers * layer + embed + h  # + final norm
 
 
-def kv_bytes_per_token(model: ModelConfig, tp: int, dtype: str) -> int:
-    """KV-cache bytes one worker stores per cached token (K and V, every layer)."""
-    return (
-        2 * model.num_layers * kv_heads_per_rank(model, tp) * model.head_dim * _dtype_bytes(dtype)
-    )
+KV_PARAM_BYTES = 8
+"""A quantized cache's float32 scale and zero per token, KV head and K or V."""
+
+
+def kv_bytes_per_token(model: ModelConfig, tp: int, dtype: str, quant_policy: int = 0) -> int:
+    """KV-cache bytes one worker stores per cached token (K and V, every layer): head_dim
+    values in the dtype, or head_dim * bits / 8 bytes of codes plus a scale and a zero when
+    quant_policy is 8 or 4."""
+    if quant_policy:
+        per_head = model.head_dim * quant_policy // 8 + KV_PARAM_BYTES
+    else:
+        per_head = model.head_dim * _dtype_bytes(dtype)
+    return 2 * model.num_layers * kv_heads_per_rank(model, tp) * per_head
 
 
 def kv_tokens_per_worker(session_len: int, cp: int, block_size: int, num_seqs: int = 1) -> int:
@@ -124,6 +134,7 @@ class MemoryPlan:
     max_num_batched_tokens: int
     num_seqs: int
     is_cuda: bool
+    quant_policy: int
     weights: int
     kv_cache: int
     activations: int
@@ -148,6 +159,7 @@ class MemoryPlan:
             f"memory plan per worker: tp={self.tp} cp={self.cp} (world {self.tp * self.cp}), "
             f"session_len={self.session_len:,} x {self.num_seqs} seq, {self.dtype}, "
             f"block_size={self.block_size}, max_num_batched_tokens={self.max_num_batched_tokens}"
+            + (f", KV int{self.quant_policy}" if self.quant_policy else "")
         )
         name_w = max(len(n) for n, _ in rows)
         val_w = max(len(f"{b / GiB:,.2f}") for _, b in rows)
@@ -207,6 +219,7 @@ def plan_memory(
     max_num_batched_tokens: int = 8192,
     num_seqs: int = 1,
     is_cuda: bool = True,
+    quant_policy: int = 0,
 ) -> MemoryPlan:
     """Predict one worker's memory for num_seqs sequences of session_len tokens."""
     for name, value in (
@@ -223,7 +236,11 @@ def plan_memory(
     if not valid_tp(model, tp):
         ParallelConfig(tp=tp, cp=1).check_model(model)  # raises with the valid choices
     weights = weight_params_per_worker(model, tp) * _dtype_bytes(dtype)
-    per_token = kv_bytes_per_token(model, tp, dtype)
+    if quant_policy not in QUANT_POLICIES:
+        raise ConfigError(
+            f"quant_policy must be one of {list(QUANT_POLICIES)}, got {quant_policy!r}"
+        )
+    per_token = kv_bytes_per_token(model, tp, dtype, quant_policy)
     kv = kv_tokens_per_worker(session_len, cp, block_size, num_seqs) * per_token
     act = activation_bytes(model, tp, dtype, max_num_batched_tokens, num_seqs)
     overhead = CUDA_OVERHEAD_BYTES if is_cuda else 0
@@ -242,6 +259,7 @@ def plan_memory(
         max_num_batched_tokens=max_num_batched_tokens,
         num_seqs=num_seqs,
         is_cuda=is_cuda,
+        quant_policy=quant_policy,
         weights=weights,
         kv_cache=kv,
         activations=act,
@@ -266,6 +284,7 @@ def replan(plan: MemoryPlan, *, tp: int | None = None, cp: int | None = None) ->
         max_num_batched_tokens=plan.max_num_batched_tokens,
         num_seqs=plan.num_seqs,
         is_cuda=plan.is_cuda,
+        quant_policy=plan.quant_policy,
     )
 
 

@@ -34,6 +34,7 @@ from dist_runtime.engine.outputs import RequestOutput
 from dist_runtime.jobs.doc_qa import check_fits, check_job, job_params, qa_prompts
 from dist_runtime.jobs.runner import JobRunner
 from dist_runtime.jobs.store import JobState, JobStatus, JobStore
+from dist_runtime.progress import plural
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.text.chat import MessageLike, encode_chat, history_to_messages
 from dist_runtime.text.tokenizer import Tokenizer
@@ -76,11 +77,11 @@ class Runtime:
         """The engine loop every call feeds; its counters are in `engine.stats()`."""
         blocks = self.engine.blocks
         logger.info(
-            "runtime ready: %s, tp=%d cp=%d, %d KV blocks of %d tokens",
-            self.config.model,
+            "ready: tp=%d cp=%d; the KV cache holds %s tokens (%s of %d tokens per worker)",
             self.config.parallel.tp,
             self.config.parallel.cp,
-            blocks.num_blocks,
+            f"{blocks.num_blocks * blocks.block_size * self.config.parallel.cp:,}",
+            plural(blocks.num_blocks, "block"),
             blocks.block_size,
         )
 
@@ -102,7 +103,7 @@ class Runtime:
         failure) the others are aborted and the error is raised.
         """
         handles = self.add_requests(prompts, params)
-        return self._wait(handles, use_tqdm)
+        return self._wait(handles, use_tqdm, _per_prompt(params, len(handles)))
 
     def add_requests(
         self,
@@ -192,7 +193,8 @@ class Runtime:
         check_fits(prompts, params, self.config.session_len)
         self._check_alive()
         handles = self.engine.add_requests(prompts, [params] * len(prompts), share_prefix=True)
-        return [o.text for o in self._wait(handles, use_tqdm)]
+        shared = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+        return [o.text for o in self._wait(handles, use_tqdm, [params] * len(prompts), shared)]
 
     # -- durable jobs -----------------------------------------------------------------------
     def submit(
@@ -388,15 +390,72 @@ class Runtime:
             )
         return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
-    def _wait(self, handles: list[RequestHandle], use_tqdm: bool) -> list[RequestOutput]:
+    def _wait(
+        self,
+        handles: list[RequestHandle],
+        use_tqdm: bool,
+        params: list[SamplingParams] | None = None,
+        shared: int = 0,
+    ) -> list[RequestOutput]:
         """Every handle's output, in order; on an error (or Ctrl-C) the rest are aborted."""
         try:
             if use_tqdm:
-                _progress(handles)
+                self._progress(handles, params or [SamplingParams()] * len(handles), shared)
             return [h.result() for h in handles]
         finally:
             for h in handles:
                 h.abort()
+
+    def _progress(
+        self, handles: list[RequestHandle], params: list[SamplingParams], shared: int
+    ) -> None:
+        """A prefill phase, then a decode phase, over the handles until all are done.
+
+        Prefill counts the prompt tokens the workers compute (prefix-cache hits are not
+        computed); its total starts as an estimate (`shared` tokens common to every prompt are
+        computed once) and becomes exact as the hits are known. Decode counts output tokens.
+        """
+        from dist_runtime.progress import Phase
+
+        engine, bs = self.engine, self.config.cache.block_size
+        if shared < bs or not self.config.cache.enable_prefix_caching:
+            shared = 0  # the engine shares a prefix only when it fills a cached block
+        start = engine.stats()
+        prompt_tokens = sum(h.num_prompt_tokens for h in handles)
+        expected_hits = len(handles) * (shared // bs * bs) if shared else 0
+
+        def prefilled(h: RequestHandle) -> bool:
+            return h.done or h.first_token_time is not None
+
+        def wait() -> None:
+            next((h for h in handles if not h.done), handles[0]).wait(0.1)
+
+        with Phase("prefill", "token", prompt_tokens + shared - expected_hits) as phase:
+            while not all(prefilled(h) for h in handles):
+                stats = engine.stats()
+                hits = stats["prefix_cache_hit_tokens"] - start["prefix_cache_hit_tokens"]
+                phase.update_to(
+                    int(stats["num_prompt_tokens_computed"] - start["num_prompt_tokens_computed"]),
+                    prompt_tokens + shared - max(int(hits), expected_hits),
+                )
+                wait()
+            stats = engine.stats()
+            phase.update_to(
+                int(stats["num_prompt_tokens_computed"] - start["num_prompt_tokens_computed"])
+            )
+        first = sum(h.num_output_tokens for h in handles)
+
+        def decode_total() -> int:
+            return sum(
+                h.num_output_tokens if h.done else max(p.max_new_tokens, h.num_output_tokens)
+                for h, p in zip(handles, params)
+            )
+
+        with Phase("decode", "token", decode_total() - first) as phase:
+            while not all(h.done for h in handles):
+                phase.update_to(sum(h.num_output_tokens for h in handles) - first)
+                wait()
+            phase.update_to(sum(h.num_output_tokens for h in handles) - first, 0)
 
 
 def _stream_text(handle: RequestHandle) -> Generator[str, None, None]:
@@ -407,27 +466,6 @@ def _stream_text(handle: RequestHandle) -> Generator[str, None, None]:
                 yield delta.text
     finally:
         handle.abort()
-
-
-def _progress(handles: list[RequestHandle]) -> None:
-    """Prefill and completion bars over the handles until all are done."""
-    from tqdm import tqdm
-
-    total = sum(h.num_prompt_tokens for h in handles)
-    with (
-        tqdm(total=total, desc="prefill", unit="tok") as prefill,
-        tqdm(total=len(handles), desc="generate", unit="seq") as done,
-    ):
-        while True:
-            finished = sum(h.done for h in handles)
-            computed = sum(
-                h.num_prompt_tokens if h.done else h.num_computed_prompt_tokens for h in handles
-            )
-            prefill.update(max(computed - prefill.n, 0))
-            done.update(finished - done.n)
-            if finished == len(handles):
-                return
-            next(h for h in handles if not h.done).wait(0.1)
 
 
 def _build_config(

@@ -8,12 +8,19 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """How to pick tokens for one request. temperature 0 is greedy."""
+    """How to pick tokens for one request.
+
+    The default is greedy decoding (temperature 0), the same as passing no params at all to
+    `generate`, `chat`, `ask` or `submit`: `SamplingParams(max_new_tokens=200)` only lengthens
+    the answer. Random sampling happens only when you set `temperature` > 0 (then `top_k`,
+    `top_p`, `min_p` and `seed` apply). The HTTP server follows the OpenAI API instead, whose
+    omitted temperature means 1.
+    """
 
     max_new_tokens: int = 64
     """Most tokens to generate."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy."""
+    temperature: float = 0.0
+    """Softmax temperature; 0 (the default) means greedy."""
     top_k: int = 0
     """Keep only the k most likely tokens (0 disables)."""
     top_p: float = 1.0

@@ -21,49 +21,66 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_runtime import Runtime  # noqa: E402
 from dist_runtime.config import ConfigError  # noqa: E402
-from dist_runtime.engine.executor.base import WorkerError  # noqa: E402
 from dist_runtime.formats.demo_model import DemoModelError  # noqa: E402
-from launch.run import add_engine_args, build_config, with_model  # noqa: E402
+from launch.run import (  # noqa: E402
+    add_engine_args,
+    add_ray_service_args,
+    build_config,
+    describe_config_error,
+    setup_logging,
+    start_runtime,
+    with_model,
+)
 
 logger = logging.getLogger("launch.serve")
 
 API_KEYS_ENV = "DIST_RUNTIME_API_KEYS"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=23333)
-    p.add_argument(
+    g = p.add_argument_group("HTTP server")
+    g.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    g.add_argument("--port", type=int, default=23333, help="port (default: %(default)s)")
+    g.add_argument(
         "--served-model-name", help="the model's name in the API (default: the folder's name)"
     )
-    p.add_argument(
+    g.add_argument(
         "--api-keys",
         default=os.environ.get(API_KEYS_ENV),
         help="comma-separated keys required as 'Authorization: Bearer' on /v1/* "
-        f"(or ${API_KEYS_ENV})",
+        f"(default: ${API_KEYS_ENV}, else none: no key needed)",
     )
-    p.add_argument(
+    g.add_argument(
         "--allowed-origins", help="comma-separated origins allowed by CORS (default: none)"
     )
-    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body")
-    p.add_argument(
-        "--no-ray-service",
-        action="store_true",
-        help="with --job-dir on Ray: do not register the named job-queue actor",
+    g.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=64.0,
+        help="largest request body, in MiB (default: %(default)s)",
     )
-    p.add_argument("--service-name", default=None, help="name of the Ray job-queue actor")
-    p.add_argument("--namespace", default=None, help="Ray namespace of the job-queue actor")
-    p.add_argument(
+    g.add_argument(
         "--max-concurrent-requests",
         type=int,
         default=256,
-        help="generation requests in flight at once; more get 429",
+        help="generation requests in flight at once; more get 429 (default: %(default)s)",
     )
-    return p.parse_args(argv)
+    g = p.add_argument_group("jobs")
+    g.add_argument(
+        "--job-dir",
+        help="durable job queue directory (SQLite) served at /v1/jobs (default: no job queue)",
+    )
+    add_ray_service_args(g, "--job-dir on Ray")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check(args: argparse.Namespace) -> None:
@@ -98,25 +115,23 @@ def register_ray_service(job_dir: str, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    setup_logging(args.log_level, timestamps=True)
     try:
         check(args)
         config = with_model(build_config(args))
-    except (ConfigError, ValueError, DemoModelError) as e:
+    except ConfigError as e:
+        print(f"error: {describe_config_error(e, args)}", file=sys.stderr)
+        return 2
+    except (ValueError, DemoModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import uvicorn
 
     from dist_runtime.server.app import ServerSettings, create_app
 
-    try:
-        rt = Runtime(config=config)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WorkerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    rt = start_runtime(config, args, service=True)
+    if isinstance(rt, int):
+        return rt
     with rt:
         if config.job_dir is not None:
             rt.serve_jobs()

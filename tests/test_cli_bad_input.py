@@ -105,7 +105,7 @@ def _assert_rejected(
 
 RUN_CASES: list[tuple[list[str], list[str], bool]] = [
     # (argv, texts the error line names, one line only)
-    (["--tp", "0"], ["parallel.tp must be an integer >= 1, got 0"], True),
+    (["--tp", "0"], ["--tp must be an integer >= 1, got 0"], True),
     (["--log-level", "LOUD"], ["--log-level", "'LOUD'"], False),
     (["--config", "{typo_yaml}"], ["unknown keys ['sesion_len']", "typo.yaml"], True),
     (["--doc", "{latin1}", "-q", "q"], ["latin1.txt", "not UTF-8", "0xe9", "convert it"], True),
@@ -138,7 +138,7 @@ def test_run_cli_out_in_a_missing_directory_queues_nothing(
 
 def test_run_cli_dry_run_checks_like_a_start(tiny_llama_dir: Path, tmp_path: Path) -> None:
     args = ["--dry-run", "--model", tiny_llama_dir, "--session-len", "0"]
-    _assert_rejected(_cli(RUN, args, tmp_path), "session_len must be an integer >= 2, got 0")
+    _assert_rejected(_cli(RUN, args, tmp_path), "--session-len must be an integer >= 2, got 0")
 
 
 def test_run_cli_corrupt_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -208,51 +208,53 @@ def nothing_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 RUN_TABLE: list[Any] = [
-    pytest.param(["--cp", "-1"], "parallel.cp must be an integer >= 1, got -1", id="cp"),
+    pytest.param(["--cp", "-1"], "--cp must be an integer >= 1, got -1", id="cp"),
     pytest.param(
-        ["--session-len", "1"], "session_len must be an integer >= 2, got 1", id="session-len"
+        ["--session-len", "1"], "--session-len must be an integer >= 2, got 1", id="session-len"
     ),
     pytest.param(
-        ["--block-size", "0"], "cache.block_size must be a power of two, got 0", id="block-size"
+        ["--block-size", "0"], "--block-size must be a power of two, got 0", id="block-size"
     ),
     pytest.param(
         ["--num-blocks", "-3"],
-        "cache.num_blocks must be a positive integer or null, got -3",
+        "--num-blocks must be a positive integer or null, got -3",
         id="num-blocks",
     ),
     pytest.param(
         ["--max-num-seqs", "0"],
-        "scheduler.max_num_seqs must be a positive integer, got 0",
+        "--max-num-seqs must be a positive integer, got 0",
         id="max-num-seqs",
     ),
     pytest.param(
         ["--rope-scaling-factor", "0.5"],
-        "rope_scaling_factor must be a number >= 1, got 0.5",
+        "--rope-scaling-factor must be a number >= 1, got 0.5",
         id="rope-factor",
     ),
     pytest.param(
         ["--max-new-tokens", "0"],
-        "max_new_tokens must be an integer >= 1, got 0",
+        "--max-new-tokens must be an integer >= 1, got 0",
         id="max-new-tokens",
     ),
     pytest.param(
-        ["--temperature", "-1"], "temperature must be >= 0 (0 = greedy), got -1.0", id="temperature"
+        ["--temperature", "-1"],
+        "--temperature must be >= 0 (0 = greedy), got -1.0",
+        id="temperature",
     ),
-    pytest.param(["--top-p", "0"], "top_p must be in (0, 1], got 0.0", id="top-p"),
+    pytest.param(["--top-p", "0"], "--top-p must be in (0, 1], got 0.0", id="top-p"),
     pytest.param(
         ["--collective-timeout", "0"],
-        "collective_timeout_s must be a positive number of seconds, got 0.0",
+        "--collective-timeout must be a positive number of seconds, got 0.0",
         id="collective-timeout",
     ),
     pytest.param(
         ["--step-timeout", "-5"],
-        "step_timeout_s must be a positive number of seconds, got -5.0",
+        "--step-timeout must be a positive number of seconds, got -5.0",
         id="step-timeout",
     ),
     pytest.param(
-        ["--master-addr", ""], "master_addr must be a host name or IP address", id="master-addr"
+        ["--master-addr", ""], "--master-addr must be a host name or IP address", id="master-addr"
     ),
-    pytest.param(["--seed", "-1"], "seed must be a non-negative integer", id="seed"),
+    pytest.param(["--seed", "-1"], "--seed must be a non-negative integer", id="seed"),
     pytest.param(
         ["--config", "{missing}"], "config file '{missing}' does not exist", id="config-missing"
     ),
@@ -324,7 +326,6 @@ RUN_TABLE: list[Any] = [
         "--device-memory-gib only sizes the --dry-run plan",
         id="memory-without-dry-run",
     ),
-    pytest.param(["--dry-run"], "--dry-run needs --model", id="dry-run-no-model"),
     pytest.param(
         ["--dry-run", "--model", "{model}", "--device-memory-gib", "-1"],
         "got -1.0",
@@ -341,11 +342,13 @@ RUN_TABLE: list[Any] = [
         id="dry-run-yaml",
     ),
     pytest.param(
-        ["--dry-run", "--model", "{model}", "--tp", "3"], "tp=3 does not divide", id="dry-run-tp"
+        ["--dry-run", "--model", "{model}", "--tp", "3"],
+        "--tp 3 cannot shard this model",
+        id="dry-run-tp",
     ),
     pytest.param(
         ["--dry-run", "--model", "{model}", "--session-len", "8192"],
-        "session_len 8192 is over the 4096 tokens this model's RoPE supports",
+        "--session-len 8192 is over the 4096 tokens this model's RoPE supports",
         id="dry-run-rope-limit",
     ),
 ]

@@ -235,7 +235,7 @@ def init_distributed(
             cp_group = group
     if collective_timeout_s is not None:
         set_collective_timeout(collective_timeout_s, [None, tp_group, cp_group])
-    logger.info("rank %d joined %s group of %d", coords.rank, backend, coords.world_size)
+    logger.debug("rank %d joined %s group of %d", coords.rank, backend, coords.world_size)
     return Collectives(coords, tp_group, cp_group, timeout_s=collective_timeout_s)
 
 

@@ -44,7 +44,7 @@ class Worker:
         backend = "nccl" if self.config.resolved_device() == "cuda" else "gloo"
         if backend == "nccl":
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-            logger.info("rank %d on CUDA_VISIBLE_DEVICES=%s", self.coords.rank, visible)
+            logger.debug("rank %d on CUDA_VISIBLE_DEVICES=%s", self.coords.rank, visible)
         comm = init_distributed(
             self.coords,
             host,

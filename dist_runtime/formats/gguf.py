@@ -175,7 +175,7 @@ def convert_gguf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("converted %s -> %s (%d tensors, %s)", src, out, len(plan), dtype)
+    logger.debug("converted %s -> %s (%d tensors, %s)", src, out, len(plan), dtype)
     return out
 
 
@@ -471,7 +471,7 @@ def _write_weights(
     max_shard_bytes: int | None,
     progress: bool,
 ) -> None:
-    from tqdm.auto import tqdm
+    from dist_runtime.progress import Phase
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = [math.prod(p.shape) * itemsize for p in plan]
@@ -481,7 +481,7 @@ def _write_weights(
         if len(shards) == 1
         else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     )
-    bar = tqdm(total=len(plan), desc="converting GGUF tensors", unit="tensor", disable=not progress)
+    bar = Phase("converting GGUF tensors", "tensor", total=len(plan), enabled=progress)
     weight_map: dict[str, str] = {}
     try:
         for file_name, indices in zip(names, shards):
@@ -491,7 +491,7 @@ def _write_weights(
                 for p in items:
                     writer.write(p.hf_name, _load_tensor(tensors[p.gguf_name], p, dtype))
                     weight_map[p.hf_name] = file_name
-                    bar.update(1)
+                    bar.update_to(bar.n + 1)
                 writer.finish()
     finally:
         bar.close()

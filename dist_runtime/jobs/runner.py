@@ -64,6 +64,8 @@ class JobRunner:
         self.max_running_jobs: int | None = None
         """At most this many jobs at once; None: as many as fill max_num_seqs."""
         self.num_jobs_run = 0
+        self.num_requeued_at_stop = 0
+        """Running jobs that `stop` put back in the queue (the next service runs them)."""
         self._running: dict[str, _Running] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -213,6 +215,7 @@ class JobRunner:
             if run.cancelling:
                 self.store.mark_cancelled(run.job.job_id)
             else:
-                self.store.requeue(run.job.job_id)
+                self.store.requeue(run.job.job_id, count_attempt=False)
+                self.num_requeued_at_stop += 1
                 logger.info("job %s requeued: the service is stopping", run.job.job_id)
         self._running.clear()

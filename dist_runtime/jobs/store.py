@@ -308,12 +308,16 @@ class JobStore:
             )
             return cur.rowcount
 
-    def requeue(self, job_id: str) -> None:
-        """Put one running job back in the queue (its service is stopping)."""
+    def requeue(self, job_id: str, count_attempt: bool = True) -> None:
+        """Put one running job back in the queue. count_attempt=False when its service is
+        stopping on purpose: that run is not an attempt, so stops never use up
+        max_job_attempts (a failure's run, or a crash's, is one)."""
+        undo = 0 if count_attempt else 1
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state = ?, updated = ? WHERE id = ? AND state = ?",
-                (JobState.QUEUED.value, time.time(), job_id, JobState.RUNNING.value),
+                "UPDATE jobs SET state = ?, attempts = MAX(attempts - ?, 0), updated = ? "
+                "WHERE id = ? AND state = ?",
+                (JobState.QUEUED.value, undo, time.time(), job_id, JobState.RUNNING.value),
             )
 
     def claim(self) -> Job | None:

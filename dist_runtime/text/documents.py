@@ -80,11 +80,13 @@ def harbor_report(seed: int = 7, num_sections: int = 24) -> Document:
     return Document(
         text="".join(parts),
         questions=[
-            "Who keeps the lighthouse of Kelmsby?",
+            # "Who keeps the lighthouse" (the verb, not the report's noun "keeper") made the
+            # demo model answer with the report's last sentence: ask with the report's words.
+            "Who is the keeper of the lighthouse of Kelmsby?",
             "Who is the mayor of Kelmsby?",
             "What is the name of the largest boat of the fleet?",
         ],
-        answers=["Ingrid", "Tomas", "Silver Gull"],
+        answers=["Ingrid Solberg", "Tomas Berg", "Silver Gull"],
     )
 
 

@@ -193,14 +193,18 @@ def test_tp_not_dividing_heads(tmp_path: Path) -> None:
     _assert_fails_before_workers(
         folder,
         3,
-        r"tp=3 does not divide the model's 8 attention heads; choose tp from \[1, 2, 4, 8\]",
+        r"tp=3 cannot shard this model: it does not divide the 8 attention heads(,| and) .*; "
+        r"choose tp from \[1, 2, 4, 8\]",
     )
 
 
 @pytest.mark.usefixtures("no_executor")
 def test_tp_not_dividing_intermediate_size(tiny_internlm2_dir: Path) -> None:
     _assert_fails_before_workers(
-        tiny_internlm2_dir, 3, r"tp=3 does not divide the model's intermediate_size 160"
+        tiny_internlm2_dir,
+        3,
+        r"tp=3 cannot shard this model: .* and does not divide the intermediate size 160; "
+        r"choose tp from \[1, 2, 4, 8\]",
     )
 
 
@@ -209,7 +213,12 @@ def test_tp_incompatible_with_kv_heads(tmp_path: Path) -> None:
     # 12 heads over 4 KV heads: tp=6 splits the heads but cuts across KV groups.
     shapes = dict(TINY_SHAPES, hidden_size=96, num_heads=12, num_kv_heads=4, intermediate_size=192)
     folder = write_random_checkpoint(tmp_path / "ckpt", **shapes, with_tokenizer=False)
-    _assert_fails_before_workers(folder, 6, r"tp=6 neither divides the model's 4 KV heads")
+    _assert_fails_before_workers(
+        folder,
+        6,
+        r"tp=6 cannot shard this model: it neither divides the 4 KV heads nor is a multiple of "
+        r"them; choose tp from \[1, 2, 4, 12\]",
+    )
 
 
 @pytest.mark.parametrize("cp", [0, -1, 1.5, True])

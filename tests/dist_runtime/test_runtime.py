@@ -101,6 +101,17 @@ def test_seeded_sampling_is_reproducible(rt: Runtime, tiny_llama_dir: Path) -> N
     assert [o.token_ids for o in greedy] != [o.token_ids for o in first]
 
 
+def test_one_sampling_default(rt: Runtime) -> None:
+    """No params, SamplingParams() and a SamplingParams that sets only the length all decode
+    greedily: the same tokens as an explicit temperature 0."""
+    prompts: list[Any] = [TEXT, _prompt(12, seed=4)]
+    greedy = [o.token_ids for o in rt.generate(prompts, _greedy(max_new_tokens=64))]
+    assert [o.token_ids for o in rt.generate(prompts)] == greedy
+    assert [o.token_ids for o in rt.generate(prompts, SamplingParams())] == greedy
+    short = rt.generate(prompts, SamplingParams(max_new_tokens=5))
+    assert [o.token_ids for o in short] == [g[:5] for g in greedy]
+
+
 def test_unseeded_requests_follow_the_runtime_seed(tiny_llama_dir: Path) -> None:
     params = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)
     outs = []

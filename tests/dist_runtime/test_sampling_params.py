@@ -46,11 +46,12 @@ def test_unknown_extra_options_rejected() -> None:
         SamplingParams(extra={"frequency_penalty": 0.5})
 
 
-def test_defaults_are_valid_and_not_greedy() -> None:
+def test_defaults_are_valid_and_greedy() -> None:
+    """One default everywhere: setting only the length keeps greedy decoding."""
     params = SamplingParams()
     assert params.max_new_tokens == 64
-    assert not params.is_greedy
-    assert SamplingParams(temperature=0).is_greedy
+    assert params.is_greedy and SamplingParams(max_new_tokens=40).is_greedy
+    assert not SamplingParams(temperature=0.7).is_greedy
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,7 @@ def load_weights(model: DecoderLM, reader: CheckpointReader) -> None:
     for i, layer in enumerate(model.layers):
         assert isinstance(layer, DecoderLayer)
         _load_layer(layer, lay, lay.layer.format(i), config, model.shard, reader, tp_rank, tp_size)
-    logger.info("tp rank %d read %.1f MiB of weights", tp_rank, reader.bytes_read / 2**20)
+    logger.debug("tp rank %d read %.1f MiB of weights", tp_rank, reader.bytes_read / 2**20)
 
 
 def _load_layer(

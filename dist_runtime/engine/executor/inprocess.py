@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import msgpack
 
 from dist_runtime.config import RuntimeConfig
@@ -9,11 +12,19 @@ from dist_runtime.engine.executor.base import Executor
 from dist_runtime.protocol import StepPlan, StepResult, decode, encode
 from workers.worker import Worker
 
+logger = logging.getLogger(__name__)
+
 
 class InProcessExecutor(Executor):
     def __init__(self, config: RuntimeConfig):
+        started = time.perf_counter()
         self.worker = Worker(msgpack.packb(config.to_dict()), rank=0)
         self.weight_bytes_read = [self.worker.init_model("127.0.0.1", 0)]
+        logger.info(
+            "loaded weights: %.0f MiB in %.1f s (in this process)",
+            self.weight_bytes_read[0] / 2**20,
+            time.perf_counter() - started,
+        )
 
     def num_available_blocks(self) -> int:
         return self.worker.num_available_blocks()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,11 +20,14 @@ import msgpack
 
 from dist_runtime.config import RuntimeConfig
 from dist_runtime.engine.executor.base import Executor, WorkerError
+from dist_runtime.progress import plural
 from dist_runtime.protocol import StepPlan, StepResult, decode, encode
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = str(Path(__file__).resolve().parents[3])
+ABANDON_CHECK_S = 0.25
+"""How often a wait on the workers looks whether the engine abandoned it."""
 
 
 def _import_ray() -> Any:
@@ -34,6 +39,42 @@ def _import_ray() -> Any:
             "the in-process executor)"
         ) from e
     return ray
+
+
+def init_ray(ray: Any, **kwargs: Any) -> None:
+    """ray.init(**kwargs), leaving this process's SIGTERM and SIGINT handling as it was.
+
+    A driver's ray.init installs a Python SIGTERM handler (`sys.exit(15)`, over any handler the
+    application set) and then, in its core worker, a C++ failure-signal handler (absl's) that
+    prints "*** SIGTERM received ..." and a stack dump to stderr before passing the signal on.
+    Afterwards the application's own Python handler is back; where it had none, Ray's Python
+    handler stays but the C++ one is dropped (for SIGTERM only: crashes still dump). Handlers
+    can only be set on the main thread; elsewhere this is a plain ray.init."""
+    main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in signals} if main else {}
+    try:
+        ray.init(**kwargs)
+    finally:
+        for sig, old in before.items():
+            own = callable(old) or old == signal.SIG_IGN
+            handler = old if own else signal.getsignal(sig)
+            if handler is not None:  # None: set outside Python; leave it
+                signal.signal(sig, handler)  # also replaces a C-level handler Python never saw
+
+
+def kill_local_ray() -> None:
+    """Stop the local Ray instance this process started (its raylet stops the workers and
+    agents), now, without ray.shutdown's calls to the GCS: for a forced exit, which otherwise
+    leaves Ray's agents running. A process that joined a running cluster stops nothing. Best
+    effort, through Ray's internals."""
+    ray = sys.modules.get("ray")
+    try:
+        node = ray._private.worker._global_node if ray is not None else None
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=True, wait=False)
+    except Exception as e:
+        logger.debug("stopping the local Ray instance failed: %s", e)
 
 
 def ray_auth_mode() -> str:
@@ -83,6 +124,8 @@ class RayExecutor(Executor):
         """Why the group is unusable (a worker died), as the monitor found it; None: healthy."""
         self._stop_monitor = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._abandoned = threading.Event()
+        """Set by `abandon`: waits on the workers end at once (the engine is stopping)."""
         try:
             self._start(ray)
         except BaseException:
@@ -97,6 +140,7 @@ class RayExecutor(Executor):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        started = time.perf_counter()
         if not ray.is_initialized():
             self._init_ray(ray)
         self.auth_mode = check_ray_auth(self.config.require_ray_auth)
@@ -129,10 +173,22 @@ class RayExecutor(Executor):
             self.config.init_timeout_s,
             "starting the rendezvous store",
         )
+        logger.info(
+            "started %s on Ray in %.1f s",
+            plural(self.world_size, "worker"),
+            time.perf_counter() - started,
+        )
+        loading = time.perf_counter()
         self.weight_bytes_read = self._get(
             [a.init_model.remote(host, port) for a in self.actors],
             self.config.init_timeout_s,
             "loading the model on the workers",
+        )
+        logger.info(
+            "loaded weights: %.0f MiB over %s in %.1f s",
+            sum(self.weight_bytes_read) / 2**20,
+            plural(self.world_size, "worker"),
+            time.perf_counter() - loading,
         )
 
     def _check_capacity(self, ray: Any, bundle: dict[str, int]) -> None:
@@ -158,33 +214,48 @@ class RayExecutor(Executor):
                 )
 
     def _init_ray(self, ray: Any) -> None:
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": True,
+            # Ray's own start-up messages (its auth-token notice, "Started a local Ray
+            # instance") only at DEBUG: the runtime logs its phases itself.
+            "logging_level": logging.INFO if logger.isEnabledFor(logging.DEBUG) else logging.ERROR,
+        }
         if self.config.ray_address is not None:
             kwargs["address"] = self.config.ray_address
         else:
             kwargs["num_cpus"] = max(os.cpu_count() or 1, self.world_size)
             pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
-        ray.init(**kwargs)
+        init_ray(ray, **kwargs)
         self._owns_ray = True
+
+    def abandon(self) -> None:
+        """Stop waiting for the workers: the step in flight (and any later call) fails at once
+        with WorkerError. The engine calls this as it shuts down, so a stop does not wait out a
+        long step, nor hang on workers whose Ray died first (Ray's processes stopped by the
+        same SIGTERM: without its GCS a driver never learns that an actor died)."""
+        self._abandoned.set()
 
     def _get(self, refs: Any, timeout: float, what: str) -> Any:
         """ray.get with a timeout that fails as soon as any one ref fails: when a worker dies
         mid-step its peers block in a collective, so waiting for all of them would hang."""
         ray = self.ray
         try:
-            if isinstance(refs, list) and len(refs) > 1:
-                deadline = time.monotonic() + timeout
-                pending = list(refs)
-                while pending:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ray.exceptions.GetTimeoutError(what)
-                    ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-                    for ref in ready:
-                        ray.get(ref, timeout=0)  # raises this ref's error, if any
-                return ray.get(refs, timeout=1.0)
-            return ray.get(refs, timeout=timeout)
+            deadline = time.monotonic() + timeout
+            pending = list(refs) if isinstance(refs, list) else [refs]
+            while pending:
+                if self._abandoned.is_set():
+                    raise WorkerError(f"stopped waiting for the workers while {what}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ray.exceptions.GetTimeoutError(what)
+                ready, pending = ray.wait(
+                    pending, num_returns=1, timeout=min(left, ABANDON_CHECK_S)
+                )
+                for ref in ready:
+                    ray.get(ref, timeout=0)  # raises this ref's error, if any
+            return ray.get(refs, timeout=1.0)
         except ray.exceptions.GetTimeoutError as e:
             raise WorkerError(f"{what} timed out after {timeout:.0f} s") from e
         except ray.exceptions.RayActorError as e:
@@ -227,7 +298,8 @@ class RayExecutor(Executor):
                     ray.get(ref, timeout=0)
                 except ray.exceptions.RayActorError as e:
                     self.dead = f"worker rank {rank} died: {str(e).splitlines()[0]}"
-                    logger.error("monitor: %s", self.dead)
+                    level = logging.DEBUG if self._abandoned.is_set() else logging.ERROR
+                    logger.log(level, "monitor: %s", self.dead)
                     break
                 except Exception as e:  # anything else is not a death
                     logger.debug("monitor ping of rank %d: %s", rank, e)
@@ -266,6 +338,12 @@ class RayExecutor(Executor):
             except Exception as e:  # already dead
                 logger.debug("kill failed: %s", e)
         self.actors = []
+        disconnect = self._owns_ray and ray.is_initialized() and not keep_ray
+        if self.pg is not None and disconnect:
+            # ray.shutdown below ends this driver's job, and Ray removes a job's placement
+            # groups with it. Removing it here would block on the GCS, which may already be
+            # gone: systemd stops a unit by sending SIGTERM to all its processes, Ray's too.
+            self.pg = None
         if self.pg is not None:
             from ray.util.placement_group import remove_placement_group
 
@@ -274,6 +352,6 @@ class RayExecutor(Executor):
             except Exception as e:
                 logger.debug("removing the placement group failed: %s", e)
             self.pg = None
-        if self._owns_ray and ray.is_initialized() and not keep_ray:
+        if disconnect:
             ray.shutdown()
             self._owns_ray = False
