@@ -39,6 +39,23 @@ def is_interpreting() -> bool:
 
 
 @_jit
+def _softmax_step(qk, l_i, m_i, keep, scale_log2, MASKED: tl.constexpr):
+    """Online-softmax bookkeeping for a tile of raw scores qk (M, N) fp32: returns the tile's
+    probabilities p (M, N) relative to the new running max, the rescale factor alpha (M,) of the
+    old accumulator, and the new (l, m); m is in log2 units of the scaled scores."""
+    if MASKED:
+        qk = tl.where(keep, qk, float("-inf"))
+    # scale > 0, so max(qk) * scale == max(qk * scale); the subtraction below fuses into an FMA.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    if MASKED:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far
+    p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@_jit
 def _online_softmax_tile(
     acc,
     l_i,
@@ -62,20 +79,48 @@ def _online_softmax_tile(
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(k))  # (M, N) fp32
-    if MASKED:
-        qk = tl.where(keep, qk, float("-inf"))
-    # scale > 0, so max(qk) * scale == max(qk * scale); the subtraction below fuses into an FMA.
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-    if MASKED:
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far
-    p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = _softmax_step(qk, l_i, m_i, keep, scale_log2, MASKED)
     if DOT_F32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_new
+
+
+@_jit
+def _online_softmax_tile_halves(
+    acc_a,
+    acc_b,
+    l_i,
+    m_i,
+    q_a,
+    q_b,
+    k_a,
+    k_b,
+    v_a,
+    v_b,
+    keep,
+    scale_log2,
+    MASKED: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """`_online_softmax_tile` with head_dim split in two halves (int4 caches pack element j and
+    j + D/2 in one byte): q . k = q_a . k_a + q_b . k_b, and P @ V lands in two half-width
+    accumulators. q_*: (M, D/2), k_*, v_*: (N, D/2), acc_*: (M, D/2) fp32."""
+    if DOT_F32:
+        qk = tl.dot(q_a.to(tl.float32), tl.trans(k_a.to(tl.float32)), input_precision="ieee")
+        qk = tl.dot(q_b.to(tl.float32), tl.trans(k_b.to(tl.float32)), qk, input_precision="ieee")
+    else:
+        qk = tl.dot(q_a, tl.trans(k_a))
+        qk = tl.dot(q_b, tl.trans(k_b), qk)
+    p, alpha, l_i, m_new = _softmax_step(qk, l_i, m_i, keep, scale_log2, MASKED)
+    if DOT_F32:
+        acc_a = acc_a * alpha[:, None] + tl.dot(p, v_a.to(tl.float32), input_precision="ieee")
+        acc_b = acc_b * alpha[:, None] + tl.dot(p, v_b.to(tl.float32), input_precision="ieee")
+    else:
+        acc_a = tl.dot(p.to(v_a.dtype), v_a, acc_a * alpha[:, None])
+        acc_b = tl.dot(p.to(v_b.dtype), v_b, acc_b * alpha[:, None])
+    return acc_a, acc_b, l_i, m_new
 
 
 @_jit

@@ -5,6 +5,9 @@ program walks its whole context, far too few to fill the GPU's memory system. So
 cut into `num_splits` contiguous ranges: pass 1 runs one program per (sequence, kv head, split)
 and writes a partial (out, lse) to fp32 scratch; pass 2 merges a row's splits by LSE
 (DESIGN.md section 3). With one split, pass 1 writes the final output and pass 2 is skipped.
+
+Quantized caches (bits 8 / 4, `kernels/kv_quant.py`) are dequantized tile by tile on load, as in
+`paged_attention.py`; the split plan counts programs, not bytes, so it is the same for them.
 """
 
 from __future__ import annotations
@@ -14,8 +17,14 @@ import functools
 import torch
 
 from kernels.dispatch import use_triton
-from kernels.flash_attn import LOG2E, _jit, _online_softmax_tile, _store_rows, is_interpreting
-from kernels.paged_attention import _decode, _paged_kv_offsets, check_paged_inputs
+from kernels.flash_attn import LOG2E, _jit, _store_rows, is_interpreting
+from kernels.kv_quant import check_quant_caches
+from kernels.paged_attention import (
+    _decode,
+    _paged_kv_step,
+    check_paged_inputs,
+    quant_kernel_args,
+)
 
 try:
     import triton
@@ -34,6 +43,8 @@ def _flash_decode_split_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_param_ptr,
+    v_param_ptr,
     block_tables_ptr,
     context_lens_ptr,
     part_out_ptr,
@@ -45,6 +56,9 @@ def _flash_decode_split_kernel(
     stride_kc_block,
     stride_kc_tok,
     stride_kc_head,
+    stride_kp_block,
+    stride_kp_tok,
+    stride_kp_head,
     stride_bt_seq,
     stride_po_seq,
     stride_po_head,
@@ -54,12 +68,14 @@ def _flash_decode_split_kernel(
     stride_pl_split,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    TILE_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     STORE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr,
+    BITS: tl.constexpr,
 ):
+    """TILE_D: head_dim, or head_dim / 2 for BITS 4 (each row's two halves go separately)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -70,36 +86,86 @@ def _flash_decode_split_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)  # the group's query heads, padded to a dot's 16 rows
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, TILE_D)
     head = kv_head * GROUP + offs_h
     row_mask = offs_h < GROUP
     q_ptrs = q_ptr + seq.to(tl.int64) * stride_q_seq + (head * stride_q_head)[:, None]
     q = tl.load(q_ptrs + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    acc = tl.zeros([BLOCK_H, TILE_D], dtype=tl.float32)
+    if BITS == 4:
+        q_b = tl.load(q_ptrs + TILE_D + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+        acc_b = tl.zeros([BLOCK_H, TILE_D], dtype=tl.float32)
+    else:  # unused
+        q_b = q
+        acc_b = acc
 
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     k_base = k_cache_ptr + kv_head * stride_kc_head + offs_d[None, :]
     v_base = v_cache_ptr + kv_head * stride_kc_head + offs_d[None, :]
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    kp_base = k_param_ptr + kv_head * stride_kp_head
+    vp_base = v_param_ptr + kv_head * stride_kp_head
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     for start_n in range(lo, full_end, BLOCK_N):
-        kv = _paged_kv_offsets(
-            table, start_n, offs_n, ctx, stride_kc_block, stride_kc_tok, BLOCK_SIZE, BLOCK_N, False
-        )
-        k = tl.load(k_base + kv[:, None])
-        v = tl.load(v_base + kv[:, None])
-        acc, l_i, m_i = _online_softmax_tile(
-            acc, l_i, m_i, q, k, v, None, scale_log2, MASKED=False, DOT_F32=DOT_F32
+        acc, acc_b, l_i, m_i = _paged_kv_step(
+            acc,
+            acc_b,
+            l_i,
+            m_i,
+            q,
+            q_b,
+            k_base,
+            v_base,
+            kp_base,
+            vp_base,
+            table,
+            start_n,
+            offs_n,
+            ctx,
+            None,
+            None,
+            scale_log2,
+            stride_kc_block,
+            stride_kc_tok,
+            stride_kp_block,
+            stride_kp_tok,
+            BLOCK_SIZE,
+            BLOCK_N,
+            MASK_N=False,
+            MASKED=False,
+            BITS=BITS,
+            DOT_F32=DOT_F32,
         )
     if full_end < hi:  # the sequence's last, partial key tile
         key_mask = full_end + offs_n < hi
-        kv = _paged_kv_offsets(
-            table, full_end, offs_n, ctx, stride_kc_block, stride_kc_tok, BLOCK_SIZE, BLOCK_N, True
-        )
-        k = tl.load(k_base + kv[:, None], mask=key_mask[:, None], other=0.0)
-        v = tl.load(v_base + kv[:, None], mask=key_mask[:, None], other=0.0)
-        acc, l_i, m_i = _online_softmax_tile(
-            acc, l_i, m_i, q, k, v, key_mask[None, :], scale_log2, MASKED=True, DOT_F32=DOT_F32
+        acc, acc_b, l_i, m_i = _paged_kv_step(
+            acc,
+            acc_b,
+            l_i,
+            m_i,
+            q,
+            q_b,
+            k_base,
+            v_base,
+            kp_base,
+            vp_base,
+            table,
+            full_end,
+            offs_n,
+            ctx,
+            key_mask,
+            key_mask[None, :],
+            scale_log2,
+            stride_kc_block,
+            stride_kc_tok,
+            stride_kp_block,
+            stride_kp_tok,
+            BLOCK_SIZE,
+            BLOCK_N,
+            MASK_N=True,
+            MASKED=True,
+            BITS=BITS,
+            DOT_F32=DOT_F32,
         )
 
     out_ptrs = (
@@ -110,6 +176,8 @@ def _flash_decode_split_kernel(
     )
     lse_ptrs = part_lse_ptr + seq * stride_pl_seq + split * stride_pl_split + head * stride_pl_head
     _store_rows(out_ptrs + offs_d[None, :], lse_ptrs, acc, l_i, m_i, row_mask, STORE_LSE)
+    if BITS == 4:
+        _store_rows(out_ptrs + TILE_D + offs_d[None, :], lse_ptrs, acc_b, l_i, m_i, row_mask, False)
 
 
 @_jit
@@ -199,6 +267,9 @@ def flash_decode_triton(
     context_lens: torch.Tensor,
     scale: float,
     return_lse: bool = False,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of `flash_decode_ref`; same shapes and dtypes.
 
@@ -207,7 +278,9 @@ def flash_decode_triton(
     part_out (batch, q_heads, num_splits, head_dim) and part_lse (batch, q_heads, num_splits) fp32.
     Pass 2 grid: (batch, q_heads), merging the splits by LSE.
     """
-    group = check_paged_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    group = check_paged_inputs(
+        q, k_cache, v_cache, block_tables, context_lens, k_params, v_params, bits
+    )
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     batch, q_heads, head_dim = q.shape
@@ -231,10 +304,15 @@ def flash_decode_triton(
             batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         part_lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
+    k_p, v_p, stride_p_block, stride_p_slot, stride_p_head = quant_kernel_args(
+        k_cache, k_params, v_params, bits
+    )
     _flash_decode_split_kernel[(batch, kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
+        k_p,
+        v_p,
         block_tables,
         context_lens,
         part_out,
@@ -246,6 +324,9 @@ def flash_decode_triton(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        stride_p_block,
+        stride_p_slot,
+        stride_p_head,
         block_tables.stride(0),
         part_out.stride(0),
         part_out.stride(1),
@@ -255,10 +336,11 @@ def flash_decode_triton(
         part_lse.stride(2),
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
+        TILE_D=head_dim // 2 if bits == 4 else head_dim,
         BLOCK_SIZE=block_size,
         STORE_LSE=return_lse or num_splits > 1,
         DOT_F32=q.dtype == torch.float32 or is_interpreting(),
+        BITS=bits,
         **cfg,
     )
     if num_splits > 1:
@@ -292,17 +374,34 @@ def flash_decode_ref(
     context_lens: torch.Tensor,
     scale: float,
     return_lse: bool = False,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of one query token per sequence over its whole paged context.
 
-    q: (batch, q_heads, head_dim); k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim);
+    q: (batch, q_heads, head_dim); k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim)
+    in q's dtype, or for bits 8 / 4 uint8 codes (num_blocks, block_size, kv_heads, code_dim) with
+    k_params, v_params float32 (num_blocks, block_size, kv_heads, 2) (`kernels/kv_quant.py`);
     block_tables: (batch, max_blocks) int32/int64; context_lens: (batch,) int64 >= 1.
     Returns out (batch, q_heads, head_dim) in q's dtype and, when asked, lse (batch, q_heads) fp32.
     """
+    check_quant_caches(k_cache, v_cache, k_params, v_params, bits, q.shape[-1])
     if q.shape[0] == 0:
         lse = torch.empty(0, q.shape[1], dtype=torch.float32, device=q.device)
         return torch.empty_like(q), (lse if return_lse else None)
-    return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, return_lse)
+    return _decode(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        scale,
+        return_lse,
+        k_params=k_params,
+        v_params=v_params,
+        bits=bits,
+    )
 
 
 def flash_decode(
@@ -313,9 +412,21 @@ def flash_decode(
     context_lens: torch.Tensor,
     scale: float,
     return_lse: bool = False,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if use_triton(q.device):
-        return flash_decode_triton(
-            q, k_cache, v_cache, block_tables, context_lens, scale, return_lse
-        )
-    return flash_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale, return_lse)
+    """Split-KV decode (see `flash_decode_ref`); bits 8 / 4 read a quantized cache."""
+    fn = flash_decode_triton if use_triton(q.device) else flash_decode_ref
+    return fn(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        scale,
+        return_lse,
+        k_params=k_params,
+        v_params=v_params,
+        bits=bits,
+    )

@@ -2,6 +2,11 @@
 
 Query token i of sequence b sits at absolute position context_lens[b] - q_len_b + i and sees
 every cached key at a position <= its own (the step's own K/V are stored before the call).
+
+Quantized caches (bits 8 / 4, `kernels/kv_quant.py`): the caches hold uint8 codes and k_params /
+v_params the fp32 (scale, zero) of every (block, slot, kv head); the kernel dequantizes each key
+tile on load into q's dtype and the reference dequantizes the blocks it gathers, so both compute
+attention over the dequantized cache.
 """
 
 from __future__ import annotations
@@ -14,10 +19,18 @@ from kernels.flash_attn import (
     LOG2E,
     _jit,
     _online_softmax_tile,
+    _online_softmax_tile_halves,
     _store_rows,
     attention_config,
     check_head_dim,
     is_interpreting,
+)
+from kernels.kv_quant import (
+    _load_dequant4,
+    _load_dequant8,
+    check_quant_caches,
+    code_dim,
+    select_blocks,
 )
 from kernels.position_attention import attend_tile, merge_pair, position_attention_ref
 
@@ -29,35 +42,113 @@ except ImportError:  # CPU-only installs: only the torch reference runs
 
 
 @_jit
-def _paged_kv_offsets(
+def _paged_kv_slots(
     table_ptr,
     start_n,
     offs_n,
     ctx,
-    stride_kc_block,
-    stride_kc_tok,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK_N: tl.constexpr,
 ):
-    """int64 cache offsets (BLOCK_N,) of keys start_n + offs_n, read through a block table row.
+    """(cache block, slot in block), both int64, of keys start_n + offs_n, read through a block
+    table row; the block is a scalar when the key tile lies inside one cache block.
 
     A key tile inside one cache block costs one table load; smaller blocks gather per key.
     MASK_N: the tile may reach past ctx, whose table entries may lie past the row's end.
     """
     if BLOCK_SIZE % BLOCK_N == 0:
         block = tl.load(table_ptr + start_n // BLOCK_SIZE).to(tl.int64)
-        return (
-            block * stride_kc_block + (start_n % BLOCK_SIZE + offs_n).to(tl.int64) * stride_kc_tok
-        )
+        return block, (start_n % BLOCK_SIZE + offs_n).to(tl.int64)
     else:
         keys = start_n + offs_n
         if MASK_N:
             block = tl.load(table_ptr + keys // BLOCK_SIZE, mask=keys < ctx, other=0)
         else:
             block = tl.load(table_ptr + keys // BLOCK_SIZE)
-        in_block = (keys % BLOCK_SIZE).to(tl.int64)
-        return block.to(tl.int64) * stride_kc_block + in_block * stride_kc_tok
+        return block.to(tl.int64), (keys % BLOCK_SIZE).to(tl.int64)
+
+
+@_jit
+def _paged_kv_step(
+    acc,
+    acc_b,
+    l_i,
+    m_i,
+    q,
+    q_b,
+    k_base,
+    v_base,
+    kp_base,
+    vp_base,
+    table,
+    start_n,
+    offs_n,
+    ctx,
+    key_mask,
+    keep,
+    scale_log2,
+    stride_kc_block,
+    stride_kc_tok,
+    stride_kp_block,
+    stride_kp_tok,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    BITS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Load the key tile [start_n, start_n + BLOCK_N) of a paged cache and fold it into the
+    running (acc, l, m), dequantizing codes on load for BITS 8 / 4.
+
+    k_base, v_base: (1, TILE_D) code/element pointers of the kv head at slot 0 of block 0;
+    kp_base, vp_base: scalar pointers to its (scale, zero) (unused for BITS 0).
+    MASK_N: key_mask (BLOCK_N,) marks the keys to load (others read as 0); MASKED: keep (M, N)
+    marks the visible (row, key) pairs. Dequantized K/V take q's dtype, as the torch reference's.
+    BITS 4: q, acc hold the first half of head_dim, q_b, acc_b the second; otherwise acc_b and
+    q_b are unused and acc_b comes back unchanged.
+    """
+    block, slot = _paged_kv_slots(table, start_n, offs_n, ctx, BLOCK_SIZE, BLOCK_N, MASK_N)
+    kv = (block * stride_kc_block + slot * stride_kc_tok)[:, None]
+    if BITS == 0:
+        if MASK_N:
+            k = tl.load(k_base + kv, mask=key_mask[:, None], other=0.0)
+            v = tl.load(v_base + kv, mask=key_mask[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + kv)
+            v = tl.load(v_base + kv)
+        acc, l_i, m_i = _online_softmax_tile(
+            acc, l_i, m_i, q, k, v, keep, scale_log2, MASKED=MASKED, DOT_F32=DOT_F32
+        )
+    else:
+        pv = block * stride_kp_block + slot * stride_kp_tok
+        if BITS == 8:
+            k = _load_dequant8(k_base + kv, kp_base + pv, key_mask, MASK_N).to(q.dtype)
+            v = _load_dequant8(v_base + kv, vp_base + pv, key_mask, MASK_N).to(q.dtype)
+            acc, l_i, m_i = _online_softmax_tile(
+                acc, l_i, m_i, q, k, v, keep, scale_log2, MASKED=MASKED, DOT_F32=DOT_F32
+            )
+        else:
+            k_a, k_b = _load_dequant4(k_base + kv, kp_base + pv, key_mask, MASK_N)
+            v_a, v_b = _load_dequant4(v_base + kv, vp_base + pv, key_mask, MASK_N)
+            acc, acc_b, l_i, m_i = _online_softmax_tile_halves(
+                acc,
+                acc_b,
+                l_i,
+                m_i,
+                q,
+                q_b,
+                k_a.to(q.dtype),
+                k_b.to(q.dtype),
+                v_a.to(q.dtype),
+                v_b.to(q.dtype),
+                keep,
+                scale_log2,
+                MASKED=MASKED,
+                DOT_F32=DOT_F32,
+            )
+    return acc, acc_b, l_i, m_i
 
 
 @_jit
@@ -65,6 +156,8 @@ def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_param_ptr,
+    v_param_ptr,
     out_ptr,
     lse_ptr,
     block_tables_ptr,
@@ -78,19 +171,24 @@ def _paged_attention_kernel(
     stride_kc_block,
     stride_kc_tok,
     stride_kc_head,
+    stride_kp_block,
+    stride_kp_tok,
+    stride_kp_head,
     stride_o_tok,
     stride_o_head,
     stride_lse_tok,
     stride_bt_seq,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    TILE_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     STORE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr,
+    BITS: tl.constexpr,
 ):
+    """TILE_D: head_dim, or head_dim / 2 for BITS 4 (each row's two halves go separately)."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     pid = tl.program_id(0)
     kv_head = pid % NUM_KV_HEADS
@@ -107,13 +205,20 @@ def _paged_attention_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, TILE_D)
     tok = m_start + offs_m // GROUP  # (BLOCK_M,) token within the sequence
     head = kv_head * GROUP + offs_m % GROUP
     row_mask = (offs_m < TOKENS * GROUP) & (tok < q_len)
     row64 = (q_lo + tok).to(tl.int64)
     q_ptrs = q_ptr + row64[:, None] * stride_q_tok + (head * stride_q_head)[:, None]
     q = tl.load(q_ptrs + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    acc = tl.zeros([BLOCK_M, TILE_D], dtype=tl.float32)
+    if BITS == 4:
+        q_b = tl.load(q_ptrs + TILE_D + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+        acc_b = tl.zeros([BLOCK_M, TILE_D], dtype=tl.float32)
+    else:  # unused
+        q_b = q
+        acc_b = acc
     pos = q_offset + tok
 
     # Keys [0, lo) are seen by every row of the tile, keys [lo, hi) by some; hi <= ctx.
@@ -123,34 +228,77 @@ def _paged_attention_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     k_base = k_cache_ptr + kv_head * stride_kc_head + offs_d[None, :]
     v_base = v_cache_ptr + kv_head * stride_kc_head + offs_d[None, :]
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    kp_base = k_param_ptr + kv_head * stride_kp_head
+    vp_base = v_param_ptr + kv_head * stride_kp_head
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for start_n in range(0, interior_end, BLOCK_N):
-        kv = _paged_kv_offsets(
-            table, start_n, offs_n, ctx, stride_kc_block, stride_kc_tok, BLOCK_SIZE, BLOCK_N, False
-        )
-        k = tl.load(k_base + kv[:, None])
-        v = tl.load(v_base + kv[:, None])
-        acc, l_i, m_i = _online_softmax_tile(
-            acc, l_i, m_i, q, k, v, None, scale_log2, MASKED=False, DOT_F32=DOT_F32
+        acc, acc_b, l_i, m_i = _paged_kv_step(
+            acc,
+            acc_b,
+            l_i,
+            m_i,
+            q,
+            q_b,
+            k_base,
+            v_base,
+            kp_base,
+            vp_base,
+            table,
+            start_n,
+            offs_n,
+            ctx,
+            None,
+            None,
+            scale_log2,
+            stride_kc_block,
+            stride_kc_tok,
+            stride_kp_block,
+            stride_kp_tok,
+            BLOCK_SIZE,
+            BLOCK_N,
+            MASK_N=False,
+            MASKED=False,
+            BITS=BITS,
+            DOT_F32=DOT_F32,
         )
     for start_n in range(interior_end, hi, BLOCK_N):
         keys = start_n + offs_n
-        key_mask = keys < ctx
-        kv = _paged_kv_offsets(
-            table, start_n, offs_n, ctx, stride_kc_block, stride_kc_tok, BLOCK_SIZE, BLOCK_N, True
-        )
-        k = tl.load(k_base + kv[:, None], mask=key_mask[:, None], other=0.0)
-        v = tl.load(v_base + kv[:, None], mask=key_mask[:, None], other=0.0)
-        keep = keys[None, :] <= pos[:, None]
-        acc, l_i, m_i = _online_softmax_tile(
-            acc, l_i, m_i, q, k, v, keep, scale_log2, MASKED=True, DOT_F32=DOT_F32
+        acc, acc_b, l_i, m_i = _paged_kv_step(
+            acc,
+            acc_b,
+            l_i,
+            m_i,
+            q,
+            q_b,
+            k_base,
+            v_base,
+            kp_base,
+            vp_base,
+            table,
+            start_n,
+            offs_n,
+            ctx,
+            keys < ctx,
+            keys[None, :] <= pos[:, None],
+            scale_log2,
+            stride_kc_block,
+            stride_kc_tok,
+            stride_kp_block,
+            stride_kp_tok,
+            BLOCK_SIZE,
+            BLOCK_N,
+            MASK_N=True,
+            MASKED=True,
+            BITS=BITS,
+            DOT_F32=DOT_F32,
         )
 
     out_ptrs = out_ptr + row64[:, None] * stride_o_tok + (head * stride_o_head)[:, None]
     lse_ptrs = lse_ptr + row64 * stride_lse_tok + head
     _store_rows(out_ptrs + offs_d[None, :], lse_ptrs, acc, l_i, m_i, row_mask, STORE_LSE)
+    if BITS == 4:
+        _store_rows(out_ptrs + TILE_D + offs_d[None, :], lse_ptrs, acc_b, l_i, m_i, row_mask, False)
 
 
 def check_paged_inputs(
@@ -159,9 +307,14 @@ def check_paged_inputs(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> int:
     """Check what the paged kernels assume; return the GQA group size."""
-    if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
+    q_heads, head_dim = q.shape[1], q.shape[2]
+    check_quant_caches(k_cache, v_cache, k_params, v_params, bits, head_dim)
+    if bits == 0 and (q.dtype != k_cache.dtype or q.dtype != v_cache.dtype):
         raise ValueError(
             f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
         )
@@ -172,10 +325,13 @@ def check_paged_inputs(
             "k_cache and v_cache must be (num_blocks, block_size, kv_heads, head_dim) with equal "
             f"shapes and strides, got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
         )
-    q_heads, head_dim = q.shape[1], q.shape[2]
+    if k_params is not None and v_params is not None and k_params.stride() != v_params.stride():
+        raise ValueError("k_params and v_params need equal strides")
     kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim or q_heads % kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {tuple(k_cache.shape)}")
+    if k_cache.shape[3] != code_dim(head_dim, bits) or q_heads % kv_heads:
+        raise ValueError(
+            f"q {tuple(q.shape)} does not fit a cache of {tuple(k_cache.shape)} (bits={bits})"
+        )
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
         raise ValueError("q and the caches need a contiguous last (head_dim) dimension")
     if block_tables.dtype not in (torch.int32, torch.int64) or block_tables.stride(-1) != 1:
@@ -185,7 +341,25 @@ def check_paged_inputs(
     if context_lens.dtype not in (torch.int32, torch.int64) or not context_lens.is_contiguous():
         raise ValueError(f"context_lens must be contiguous int32/int64, got {context_lens.dtype}")
     check_head_dim(head_dim)
+    if bits == 4 and head_dim < 32:
+        raise ValueError(
+            f"the Triton kernels need head_dim >= 32 for an int4 cache (two dots of head_dim / 2 "
+            f">= 16), got {head_dim}; set DIST_RUNTIME_KERNELS=torch to use the reference"
+        )
     return q_heads // kv_heads
+
+
+def quant_kernel_args(
+    k_cache: torch.Tensor,
+    k_params: torch.Tensor | None,
+    v_params: torch.Tensor | None,
+    bits: int,
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """(k_param_ptr, v_param_ptr, stride_block, stride_slot, stride_head) of a kernel launch;
+    for bits 0 the cache stands in for the params, which the kernel never reads."""
+    if bits == 0 or k_params is None or v_params is None:
+        return k_cache, k_cache, 0, 0, 0
+    return k_params, v_params, k_params.stride(0), k_params.stride(1), k_params.stride(2)
 
 
 def _work_items(cu_seqlens_q: torch.Tensor, tokens_per_tile: int, num_tokens: int) -> torch.Tensor:
@@ -213,6 +387,9 @@ def paged_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     return_lse: bool = False,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of `paged_attention_ref`; same shapes and dtypes.
 
@@ -221,7 +398,9 @@ def paged_attention_triton(
     wholly below the tile's first position run unmasked; tiles past its last position are skipped.
     No host sync: the tile map is built on the device.
     """
-    group = check_paged_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    group = check_paged_inputs(
+        q, k_cache, v_cache, block_tables, context_lens, k_params, v_params, bits
+    )
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     num_tokens, q_heads, head_dim = q.shape
@@ -233,10 +412,15 @@ def paged_attention_triton(
         return out, (lse if return_lse else None)
     cfg = attention_config(head_dim, group, q.dtype)
     work = _work_items(cu_seqlens_q, cfg["BLOCK_M"] // group, num_tokens)
+    k_p, v_p, stride_p_block, stride_p_slot, stride_p_head = quant_kernel_args(
+        k_cache, k_params, v_params, bits
+    )
     _paged_attention_kernel[(work.shape[0] * kv_heads,)](
         q,
         k_cache,
         v_cache,
+        k_p,
+        v_p,
         out,
         lse,
         block_tables,
@@ -250,16 +434,20 @@ def paged_attention_triton(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        stride_p_block,
+        stride_p_slot,
+        stride_p_head,
         out.stride(0),
         out.stride(1),
         lse.stride(0),
         block_tables.stride(0),
         NUM_KV_HEADS=kv_heads,
         GROUP=group,
-        HEAD_DIM=head_dim,
+        TILE_D=head_dim // 2 if bits == 4 else head_dim,
         BLOCK_SIZE=block_size,
         STORE_LSE=return_lse,
         DOT_F32=q.dtype == torch.float32 or is_interpreting(),
+        BITS=bits,
         **cfg,
     )
     return out, (lse if return_lse else None)
@@ -274,20 +462,38 @@ def paged_attention_ref(
     context_lens: torch.Tensor,
     scale: float,
     return_lse: bool = False,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention for a batch of sequences.
 
     q: (tokens, q_heads, head_dim), sequences packed back to back.
-    k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim).
+    k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim) in q's dtype (bits=0), or
+    uint8 codes (num_blocks, block_size, kv_heads, code_dim) for bits 8 / 4 with k_params,
+    v_params float32 (num_blocks, block_size, kv_heads, 2) (`kernels/kv_quant.py`); gathered
+    blocks are dequantized to q's dtype.
     block_tables: (batch, max_blocks) int32/int64, padded with any valid block id.
     cu_seqlens_q: (batch + 1,) int64 prefix sums of query lengths.
     context_lens: (batch,) int64 keys per sequence, including this step's tokens.
     Returns out: (tokens, q_heads, head_dim) in q's dtype and, when asked, the log-sum-exp of
     the scaled scores: (tokens, q_heads) fp32.
     """
+    check_quant_caches(k_cache, v_cache, k_params, v_params, bits, q.shape[-1])
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
     if q_lens and all(n == 1 for n in q_lens):
-        return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, return_lse)
+        return _decode(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            context_lens,
+            scale,
+            return_lse,
+            k_params=k_params,
+            v_params=v_params,
+            bits=bits,
+        )
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     starts = cu_seqlens_q.tolist()
@@ -295,7 +501,9 @@ def paged_attention_ref(
         lo, hi = starts[b], starts[b + 1]
         if hi == lo:
             continue
-        k, v = _gather(k_cache, v_cache, block_tables[b], ctx)  # (ctx, kv_heads, head_dim)
+        k, v = _gather(
+            k_cache, v_cache, block_tables[b], ctx, k_params, v_params, bits, q.dtype
+        )  # (ctx, kv_heads, head_dim)
         o, s = _attend(q[lo:hi], k, v, scale, return_lse)
         out[lo:hi] = o
         if lse is not None and s is not None:
@@ -304,14 +512,23 @@ def paged_attention_ref(
 
 
 def _gather(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, ctx: int
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    ctx: int,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's (ctx, kv_heads, head_dim) K and V; a quantized cache's dequantized to dtype."""
     block_size = k_cache.shape[1]
     ids = block_table[: (ctx + block_size - 1) // block_size].long()
     # index_select, not fancy indexing: the latter is orders of magnitude slower on multi-thread
     # CPU for these small gathers.
-    k = k_cache.index_select(0, ids).flatten(0, 1)[:ctx]
-    v = v_cache.index_select(0, ids).flatten(0, 1)[:ctx]
+    dt = dtype or k_cache.dtype
+    k = select_blocks(k_cache, k_params, bits, ids, dt).flatten(0, 1)[:ctx]
+    v = select_blocks(v_cache, v_params, bits, ids, dt).flatten(0, 1)[:ctx]
     return k, v
 
 
@@ -380,14 +597,17 @@ def _decode_shared_prefix(
     scale: float,
     shared: int,
     return_lse: bool,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode for a batch whose sequences share their first `shared` blocks (questions on one
     cached document): every query attends over the shared prefix in one pass (its K/V gathered
     once, not once per sequence), each over its own tail, and the two parts merge by LSE."""
     block_size = k_cache.shape[1]
     ids = block_tables[0, :shared].long()
-    k = k_cache.index_select(0, ids).flatten(0, 1)
-    v = v_cache.index_select(0, ids).flatten(0, 1)
+    k = select_blocks(k_cache, k_params, bits, ids, q.dtype).flatten(0, 1)
+    v = select_blocks(v_cache, v_params, bits, ids, q.dtype).flatten(0, 1)
     out, lse = attend_tile(q, k, v, None, scale)  # fp32 (batch, q_heads, d), (batch, q_heads)
     rest = context_lens - shared * block_size
     tails = (rest > 0).nonzero().flatten()
@@ -400,6 +620,9 @@ def _decode_shared_prefix(
             rest.index_select(0, tails),
             scale,
             True,
+            k_params=k_params,
+            v_params=v_params,
+            bits=bits,
         )
         assert s is not None
         merged_o, merged_l = merge_pair(
@@ -418,22 +641,40 @@ def _decode(
     context_lens: torch.Tensor,
     scale: float,
     return_lse: bool,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One query per sequence: gather every sequence's blocks at once and mask the tail."""
+    """One query per sequence: gather every sequence's blocks at once and mask the tail.
+
+    A quantized cache's gathered blocks are dequantized to q's dtype first.
+    """
     batch, q_heads, d = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     shared = _shared_blocks(block_tables, context_lens, block_size)
     if batch > 1 and shared >= MIN_SHARED_BLOCKS:
         return _decode_shared_prefix(
-            q, k_cache, v_cache, block_tables, context_lens, scale, shared, return_lse
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            context_lens,
+            scale,
+            shared,
+            return_lse,
+            k_params=k_params,
+            v_params=v_params,
+            bits=bits,
         )
     group = q_heads // kv_heads
     keys = int(context_lens.max().item())
     ids = block_tables[:, : (keys + block_size - 1) // block_size].long()
     flat = ids.flatten()
     shape = (*ids.shape, block_size, kv_heads, d)  # (batch, blocks, block_size, kv_heads, d)
-    k = k_cache.index_select(0, flat).view(shape).flatten(1, 2)[:, :keys].transpose(1, 2)
-    v = v_cache.index_select(0, flat).view(shape).flatten(1, 2)[:, :keys].transpose(1, 2)
+    k = select_blocks(k_cache, k_params, bits, flat, q.dtype)
+    v = select_blocks(v_cache, v_params, bits, flat, q.dtype)
+    k = k.view(shape).flatten(1, 2)[:, :keys].transpose(1, 2)
+    v = v.view(shape).flatten(1, 2)[:, :keys].transpose(1, 2)
     # k, v: (batch, kv_heads, keys, d)
     valid = None
     if int(context_lens.min().item()) != keys:
@@ -466,11 +707,22 @@ def paged_attention(
     context_lens: torch.Tensor,
     scale: float,
     return_lse: bool = False,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if use_triton(q.device):
-        return paged_attention_triton(
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, return_lse
-        )
-    return paged_attention_ref(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, return_lse
+    """Causal paged attention (see `paged_attention_ref`); bits 8 / 4 read a quantized cache."""
+    fn = paged_attention_triton if use_triton(q.device) else paged_attention_ref
+    return fn(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        context_lens,
+        scale,
+        return_lse,
+        k_params=k_params,
+        v_params=v_params,
+        bits=bits,
     )
