@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from kernels.flash_decode import flash_decode
+from kernels.kv_quant import fake_quant_kv, select_blocks
 from kernels.position_attention import merge_partials, position_attention
 from workers.distributed import Collectives
+from workers.kv_cache import LayerKV
 from workers.ring_attention import RankRows, ring_attention
 
 
@@ -151,15 +153,22 @@ def cp_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    cache: LayerKV,
     meta: CPMetadata,
     comm: Collectives,
     scale: float,
 ) -> torch.Tensor:
     """Exact attention of this rank's rows; k, v are this rank's new keys, already stored in
-    k_cache / v_cache. Returns (rows, q_heads, head_dim)."""
+    the cache. Returns (rows, q_heads, head_dim).
+
+    With a quantized cache every path attends to what the cache holds: a fresh chunk's ring
+    passes carry its K/V quantized and dequantized again (`fake_quant_kv`, equal to reading the
+    cache back) in the model dtype, so cp > 1 computes what cp = 1 computes from its cache.
+    """
+    k_cache, v_cache, bits = cache.k, cache.v, cache.bits
     if meta.fresh:
+        if bits:
+            k, v = fake_quant_kv(k, bits), fake_quant_kv(v, bits)
         out, _ = ring_attention(q, k, v, meta.layouts, comm, scale)
         return out
     cp, n_max = comm.cp_size, meta.n_max
@@ -180,6 +189,7 @@ def cp_attention(
                 meta.decode_lens,  # type: ignore[arg-type]
                 scale,
                 return_lse=True,
+                **cache.quant_args(),  # type: ignore[arg-type]
             )
             part[rows] = o
             part_lse[rows] = s  # type: ignore[assignment]
@@ -188,8 +198,9 @@ def cp_attention(
             m = keys.positions.numel()
             if m == 0:
                 continue
-            kb = k_cache.index_select(0, keys.blocks).flatten(0, 1)[:m]
-            vb = v_cache.index_select(0, keys.blocks).flatten(0, 1)[:m]
+            kb = select_blocks(k_cache, cache.k_params, bits, keys.blocks, q.dtype)
+            vb = select_blocks(v_cache, cache.v_params, bits, keys.blocks, q.dtype)
+            kb, vb = kb.flatten(0, 1)[:m], vb.flatten(0, 1)[:m]
             # The shard's blocks in table order: positions ascend.
             o, s = position_attention(
                 queries[idx], qp, kb, vb, keys.positions, scale, keys_sorted=True

@@ -1,13 +1,41 @@
 """The paged KV cache tensors of one worker.
 
 One allocation holds every layer's K and V: (2, layers, num_blocks, block_size, kv_heads,
-head_dim). Block ids are handed out by the driver's block manager; a worker only reads and
-writes the slots a step plan names.
+head_dim) in the model's dtype. With KV quantization (cache.quant_policy 8 or 4) it holds uint8
+codes instead, (..., head_dim) for int8 or (..., head_dim / 2) for int4, plus a float32 (scale,
+zero) pair per token and KV head in a second allocation of the same block layout, so paging,
+prefix caching and preemption see blocks exactly as before (see kernels/kv_quant.py). Block ids
+are handed out by the driver's block manager; a worker only reads and writes the slots a step
+plan names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from kernels.kv_quant import code_dim
+
+PARAM_BYTES = 2 * 4
+"""float32 scale and zero per token and KV head, for K and for V each."""
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's cache: K and V (codes when bits > 0) and their (scale, zero) params."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_params: torch.Tensor | None = None
+    v_params: torch.Tensor | None = None
+    bits: int = 0
+
+    def quant_args(self) -> dict[str, object]:
+        """The keyword arguments the attention kernels take for this cache."""
+        if not self.bits:
+            return {}
+        return {"k_params": self.k_params, "v_params": self.v_params, "bits": self.bits}
 
 
 class KVCache:
@@ -21,31 +49,47 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         scratch: bool = False,
+        bits: int = 0,
     ):
         self.num_blocks = num_blocks
         """Blocks the driver may hand out: ids [0, num_blocks)."""
         self.block_size = block_size
+        self.bits = bits
         self.scratch_block = num_blocks if scratch else None
         """One extra block no sequence owns (padding rows of graphed decode steps write it)."""
-        # (2, layers, blocks, block_size, kv_heads, head_dim)
+        shape = (2, num_layers, num_blocks + int(scratch), block_size, num_kv_heads)
+        # (2, layers, blocks, block_size, kv_heads, head_dim or code bytes)
         self.data = torch.zeros(
-            2,
-            num_layers,
-            num_blocks + int(scratch),
-            block_size,
-            num_kv_heads,
-            head_dim,
-            dtype=dtype,
+            *shape,
+            code_dim(head_dim, bits),
+            dtype=torch.uint8 if bits else dtype,
             device=device,
         )
-        self.layers = [(self.data[0, i], self.data[1, i]) for i in range(num_layers)]
+        self.params = torch.zeros(*shape, 2, dtype=torch.float32, device=device) if bits else None
+        self.layers = [
+            LayerKV(
+                self.data[0, i],
+                self.data[1, i],
+                None if self.params is None else self.params[0, i],
+                None if self.params is None else self.params[1, i],
+                bits,
+            )
+            for i in range(num_layers)
+        ]
 
     @staticmethod
     def block_bytes(
-        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        num_layers: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        bits: int = 0,
     ) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+        per_head = code_dim(head_dim, bits) + PARAM_BYTES if bits else head_dim * dtype.itemsize
+        return 2 * num_layers * block_size * num_kv_heads * per_head
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        params = 0 if self.params is None else self.params.numel() * 4
+        return self.data.numel() * self.data.element_size() + params

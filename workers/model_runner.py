@@ -84,6 +84,7 @@ class ModelRunner:
             shard.num_kv,
             self.model_config.head_dim,
             self.dtype,
+            self.config.cache.quant_policy,
         )
 
     def num_available_blocks(self) -> int:
@@ -128,6 +129,7 @@ class ModelRunner:
             self.dtype,
             self.device,
             scratch=mode is not None,
+            bits=self.config.cache.quant_policy,
         )
         if mode is None:
             return

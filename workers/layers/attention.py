@@ -13,6 +13,7 @@ from kernels.paged_attention import paged_attention
 from kernels.store_kv import store_kv
 from workers.context_parallel import CPMetadata, cp_attention
 from workers.distributed import Collectives
+from workers.kv_cache import LayerKV
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.layers.rotary import RotaryEmbedding
 
@@ -93,7 +94,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV,
     ) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -101,17 +102,30 @@ class Attention(nn.Module):
         k = k.view(tokens, self.shard.num_kv, self.head_dim)
         v = v.view(tokens, self.shard.num_kv, self.head_dim)
         q, k = self.rotary(q, k, positions, meta.rope)
-        k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        k_cache, v_cache, quant = kv_cache.k, kv_cache.v, kv_cache.quant_args()
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
         if meta.cp is not None:
-            out = cp_attention(q, k, v, k_cache, v_cache, meta.cp, self.comm, self.scale)
+            out = cp_attention(q, k, v, kv_cache, meta.cp, self.comm, self.scale)
             return self.o_proj(out.reshape(tokens, self.q_size))
         if meta.is_decode:
             out, _ = flash_decode(
-                q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.context_lens,
+                self.scale,
+                **quant,  # type: ignore[arg-type]
             )
             return self.o_proj(out.reshape(tokens, self.q_size))
         out, _ = paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.cu_seqlens_q,
+            meta.context_lens,
+            self.scale,
+            **quant,  # type: ignore[arg-type]
         )
         return self.o_proj(out.reshape(tokens, self.q_size))

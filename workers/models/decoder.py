@@ -12,6 +12,7 @@ from torch import nn
 from dist_runtime.config import ModelConfig
 from kernels.silu_and_mul import silu_and_mul
 from workers.distributed import Collectives
+from workers.kv_cache import LayerKV
 from workers.layers.attention import Attention, AttentionMetadata, HeadShard
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -59,7 +60,7 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_norm(x, residual)
         h = self.attn(h, positions, meta, kv_cache)
@@ -96,7 +97,7 @@ class DecoderLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[LayerKV],
     ) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> final hidden states (tokens, hidden)."""
         x = self.embed(input_ids)
