@@ -221,6 +221,11 @@ RUN_TABLE: list[Any] = [
         id="num-blocks",
     ),
     pytest.param(
+        ["--quant-policy", "2"],
+        "--quant-policy must be one of [0, 8, 4] (0: no KV quantization, 8: int8, 4: int4), got 2",
+        id="quant-policy",
+    ),
+    pytest.param(
         ["--max-num-seqs", "0"],
         "--max-num-seqs must be a positive integer, got 0",
         id="max-num-seqs",

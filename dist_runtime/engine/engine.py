@@ -542,6 +542,7 @@ class Engine:
                     self.model_config.rope_theta,
                     str(self.model_config.rope_scaling),
                     self.config.resolved_dtype(),
+                    self.config.cache.quant_policy,
                 )
             )
             self.blocks = BlockManager(

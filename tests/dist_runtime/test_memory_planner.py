@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -185,3 +186,28 @@ def test_cli_dry_run_plans_cp(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--dry-run", "--model", str(CONFIG_1M), "--tp", "2", "--cp", "2"]
     assert cli.main([*argv, "--session-len", "2097152", "--device-memory-gib", "80"]) == 0
     assert "tp=2 cp=2" in capsys.readouterr().out
+
+
+def test_quantized_kv_bytes_count_codes_and_scales() -> None:
+    """Per token and worker at tp 4: 2 (K, V) x 32 layers x 2 KV heads x (head_dim 128 codes
+    at bits/8 bytes + a float32 scale and zero)."""
+    for policy, per_head in ((0, 128 * 2), (8, 128 + 8), (4, 64 + 8)):
+        p = plan_1m(quant_policy=policy)
+        assert p.kv_cache == (1 << 20) * 2 * 32 * 2 * per_head, policy
+    p0, p8, p4 = (plan_1m(quant_policy=q) for q in (0, 8, 4))
+    assert p0.max_session_len < p8.max_session_len < p4.max_session_len
+    # The 1M session fits one 80 GB GPU with int4 KV, not with bf16 or int8.
+    assert [plan_1m(tp=1, quant_policy=q).fits for q in (0, 8, 4)] == [False, False, True]
+    with pytest.raises(ConfigError, match="quant_policy must be one of"):
+        plan_1m(quant_policy=2)
+
+
+def test_cli_dry_run_shows_capacity_per_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    cli = _run_cli()
+    argv = ["--dry-run", "--model", str(CONFIG_1M), "--tp", "4", "--session-len", "1048576"]
+    assert cli.main([*argv, "--device-memory-gib", "80", "--quant-policy", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "KV int8" in out and "kv cache     17.00 GiB" in out
+    line = next(x for x in out.splitlines() if x.startswith("max session_len by --quant-policy"))
+    caps = [int(x.replace(",", "")) for x in re.findall(r": ([\d,]+) tokens", line)]
+    assert len(caps) == 3 and caps[0] < caps[1] < caps[2]
