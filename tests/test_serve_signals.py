@@ -143,7 +143,8 @@ def test_ray_init_leaves_sigterm_to_the_process(before: str) -> None:
 @pytest.mark.parametrize(
     ("tp", "extra"),
     [
-        (1, ("--no-ray-service",)),  # in-process worker
+        # in-process worker: the same code path without Ray, on demand (-m slow)
+        pytest.param(1, ("--no-ray-service",), marks=pytest.mark.slow),
         (3, ()),  # Ray workers + the Ray job-queue actor: where Ray's SIGTERM dump showed
     ],
     ids=["tp1", "tp3-ray"],

@@ -108,7 +108,7 @@ def test_greedy_tokens_agree_across_meshes(
     assert tokens[(1, 2)] == tokens[(1, 1)]
 
 
-@pytest.mark.parametrize("tp", [1, 3])
+@pytest.mark.parametrize("tp", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_int8_answers_the_bundled_questions(ray_cluster: Any, tp: int) -> None:
     doc = harbor_report()
     with Runtime(tp=tp, session_len=4096, cache={"quant_policy": 8}, **CPU32) as rt:
