@@ -153,8 +153,13 @@ class Timing:
 class OursRunner:
     """Our runtime; records the time each executor step returns."""
 
-    def __init__(self, folder: Path, tp: int, session_len: int, max_batched: int):
-        self.name = f"ours tp={tp}"
+    def __init__(
+        self, folder: Path, tp: int, session_len: int, max_batched: int, prefix_cache: bool
+    ):
+        # Every repeat sends the same prompts: with the prefix cache on, all but the first
+        # prefill would be served from it (HF has no such cache), so the comparison runs with it
+        # off; --prefix-cache measures the cached case under its own name.
+        self.name = f"ours tp={tp}" + (" (prefix cache on)" if prefix_cache else "")
         self.rt = Runtime(
             model=str(folder),
             tp=tp,
@@ -162,6 +167,7 @@ class OursRunner:
             device="cpu",
             dtype="float32",
             scheduler=SchedulerConfig(max_num_batched_tokens=max(8192, max_batched)),
+            cache={"enable_prefix_caching": prefix_cache},
         )
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list]:
@@ -393,6 +399,8 @@ def render_report(
         "",
         "## Workload",
         "",
+        "- ours runs with the prefix cache off (every repeat sends the same prompts, which the "
+        "cache would serve; HF has none); a row marked `(prefix cache on)` is the cached case",
         f"- prompts: random token ids, all {work.prompt_len} tokens long (no padding), "
         f"batch sizes {', '.join(map(str, work.batch_sizes))}",
         f"- greedy (ours temperature=0, HF do_sample=False), {work.new_tokens} new tokens per "
@@ -474,6 +482,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch.set_num_threads for both systems (default: all usable cores)",
     )
     p.add_argument("--tp", type=int, default=1, help="also run ours at this tp (> 1: Ray)")
+    p.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="also run ours with the prefix cache on, labelled as such (repeats then hit it)",
+    )
     p.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--seed", type=int, default=0, help="checkpoint and prompt seed")
     p.add_argument(
@@ -535,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     session_len = work.prompt_len + work.new_tokens + 16
     max_batched = max(work.batch_sizes) * work.prompt_len
     hf = HFRunner(folder, args.hf_attn)
-    ours = OursRunner(folder, 1, session_len, max_batched)
+    ours = OursRunner(folder, 1, session_len, max_batched, prefix_cache=False)
     log(f"loaded both systems ({hf.num_params() / 1e6:.1f} M parameters)")
 
     results: dict[int, dict[str, Timing]] = {}
@@ -556,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         ours.close()
     ours_names = [ours.name]
     if args.tp > 1:
-        tp_runner = OursRunner(folder, args.tp, session_len, max_batched)
+        tp_runner = OursRunner(folder, args.tp, session_len, max_batched, prefix_cache=False)
         log(f"started {tp_runner.name} (Ray, 1 torch thread per worker)")
         try:
             for batch in work.batch_sizes:
@@ -566,6 +579,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             tp_runner.close()
         ours_names.append(tp_runner.name)
+    if args.prefix_cache:
+        cached = OursRunner(folder, 1, session_len, max_batched, prefix_cache=True)
+        log(f"started {cached.name}")
+        try:
+            for batch in work.batch_sizes:
+                prompts = make_prompts(batch, work.prompt_len, shape.vocab_size, args.seed + batch)
+                results[batch].update(measure([cached], prompts, work, log))
+        finally:
+            cached.close()
+        ours_names.append(cached.name)
 
     rs = {b: ratios(results[b][ours.name], results[b][hf.name], b, work) for b in results}
     parts = [

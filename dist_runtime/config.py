@@ -409,6 +409,9 @@ class RuntimeConfig:
     """Runs of a job before a worker failure marks it failed (1: never retried)."""
     job_dir: str | None = None
     """Directory of the durable job queue (SQLite); None: a temporary one per Runtime."""
+    allow_rope_extrapolation: bool = False
+    """Run sessions past the positions the model's RoPE supports with plain RoPE (no scaling):
+    quality falls past the trained length; for evaluations that show where (launch/needle.py)."""
     rope_scaling_factor: float | None = None
     """Dynamic-NTK factor to use instead of the checkpoint's rope_scaling (as LMDeploy's
     --rope-scaling-factor): lets a model without RoPE scaling run past its trained length."""
@@ -465,6 +468,11 @@ class RuntimeConfig:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ConfigError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        if not isinstance(self.allow_rope_extrapolation, bool):
+            raise ConfigError(
+                "allow_rope_extrapolation must be true or false, got "
+                f"{self.allow_rope_extrapolation!r}"
+            )
         if not isinstance(self.require_ray_auth, bool):
             raise ConfigError(
                 f"require_ray_auth must be true or false, got {self.require_ray_auth!r}"
@@ -497,7 +505,7 @@ class RuntimeConfig:
     def check_session_len(self, model: ModelConfig) -> None:
         """Refuse a session longer than the model's RoPE supports, before any work."""
         limit = model.max_rope_len()
-        if limit is not None and self.session_len > limit:
+        if limit is not None and self.session_len > limit and not self.allow_rope_extrapolation:
             scaling = model.rope_scaling
             how = "no rope_scaling" if scaling is None else f"linear rope_scaling x{scaling.factor}"
             need = self.session_len / model.max_position_embeddings

@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         return run_compare(*args.compare)
     setup_logging(args.log_level)
+    if args.log_level != "DEBUG":  # a line per cell's job would bury the progress line
+        logging.getLogger("dist_runtime.jobs").setLevel(logging.WARNING)
     try:
         lengths, depths = check(args)
         custom = load_needles(args.needle_file) if args.needle_file else None

@@ -59,6 +59,7 @@ ENGINE_FLAGS: dict[str, str] = {
     "model": "--model",
     "session_len": "--session-len",
     "rope_scaling_factor": "--rope-scaling-factor",
+    "allow_rope_extrapolation": "--allow-rope-extrapolation",
     "job_dir": "--job-dir",
     "device": "--device",
     "dtype": "--dtype",
@@ -119,6 +120,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="dynamic-NTK factor replacing the checkpoint's rope_scaling, to run past its "
         "trained length (default: the checkpoint's)",
+    )
+    g.add_argument(
+        "--allow-rope-extrapolation",
+        action="store_true",
+        help="allow --session-len past the positions the model's RoPE supports, with plain RoPE "
+        "(quality falls there; to measure where, e.g. launch/needle.py) (default: off)",
     )
     g = p.add_argument_group("parallelism and devices")
     g.add_argument(
@@ -480,7 +487,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     values["collective_timeout_s"] = args.collective_timeout
     values["step_timeout_s"] = args.step_timeout
-    for key in ("enforce_eager", "require_ray_auth"):  # store_true: only True overrides
+    for key in ("enforce_eager", "require_ray_auth", "allow_rope_extrapolation"):  # store_true
         values[key] = True if values[key] else None
     return values
 

@@ -227,3 +227,11 @@ def test_demo_config_matches_the_converted_checkpoint() -> None:
     converted = json.loads((demo_model_path() / "config.json").read_text(encoding="utf-8"))
     converted.pop("_name_or_path", None)
     assert converted == DEMO_HF_CONFIG
+
+
+def test_rope_extrapolation_is_opt_in(capsys: pytest.CaptureFixture[str]) -> None:
+    """Past the demo model's 8,192 positions: refused with a way out, planned once allowed."""
+    assert run_cli.main(["--dry-run", "--session-len", "12000"]) == 2
+    assert "--rope-scaling-factor" in capsys.readouterr().err
+    assert run_cli.main(["--dry-run", "--session-len", "12000", "--allow-rope-extrapolation"]) == 0
+    assert "session_len=12,000" in capsys.readouterr().out

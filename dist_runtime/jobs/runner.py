@@ -25,6 +25,7 @@ from dist_runtime.engine.executor.base import WorkerError
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.jobs.doc_qa import check_job
 from dist_runtime.jobs.store import Job, JobStore
+from dist_runtime.progress import plural
 from dist_runtime.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,10 @@ class JobRunner:
 
     def _start(self, job: Job) -> None:
         logger.info(
-            "job %s: %d question(s), attempt %d", job.job_id, len(job.questions), job.attempts
+            "job %s: %s, attempt %d",
+            job.job_id,
+            plural(len(job.questions), "question"),
+            job.attempts,
         )
         try:  # checked at submit; checked again against this service's settings
             request = check_job(
