@@ -97,7 +97,14 @@ def dequantize_kv_ref(
         )
     compute = torch.promote_types(dtype, torch.float32)
     p = params.to(compute)
-    x = unpack_codes(codes, bits).to(compute) * p[..., 0:1] + p[..., 1:2]
+    scale, zero = p[..., 0:1], p[..., 1:2]
+    if bits == 8:
+        return torch.addcmul(zero, codes.to(compute), scale).to(dtype)
+    # int4: each nibble half straight into its half of the output (no unpacked copy)
+    half = codes.shape[-1]
+    x = torch.empty((*codes.shape[:-1], 2 * half), dtype=compute, device=codes.device)
+    torch.addcmul(zero, (codes & 0xF).to(compute), scale, out=x[..., :half])
+    torch.addcmul(zero, (codes >> 4).to(compute), scale, out=x[..., half:])
     return x.to(dtype)
 
 
