@@ -145,6 +145,9 @@ class MemoryPlan:
     max_session_len: int
     """Largest session_len (num_seqs sequences) that fits at this tp/cp/dtype/device; 0 if
     none does."""
+    max_positions: int | None = None
+    """The model's RoPE limit on session_len when the caller passes it (None: unlimited); the
+    table and the suggestion never go past it."""
 
     def table(self) -> str:
         rows = [
@@ -173,7 +176,13 @@ class MemoryPlan:
             f"  {'free' if free >= 0 else 'over':<{name_w}}  {abs(free) / GiB:>{val_w},.2f} GiB"
         )
         lines.append(f"fits: {'yes' if self.fits else 'no'}")
-        lines.append(f"max session_len at tp={self.tp} cp={self.cp}: {self.max_session_len:,}")
+        line = f"max session_len at tp={self.tp} cp={self.cp}: {self.max_session_len:,}"
+        if self.max_positions is not None and self.max_positions < self.max_session_len:
+            line = (
+                f"max session_len at tp={self.tp} cp={self.cp}: {self.max_positions:,} (the "
+                f"model's RoPE limit; the memory holds {self.max_session_len:,})"
+            )
+        lines.append(line)
         return "\n".join(lines)
 
     def suggestion(self) -> str:
@@ -193,8 +202,11 @@ class MemoryPlan:
             both = smallest_fitting_tp_cp(self)
             if both is not None:
                 options.append(f"use --tp {both[0]} --cp {both[1]}")
-        if self.max_session_len >= 2:
-            options.append(f"shorten --session-len to {self.max_session_len}")
+        longest = self.max_session_len
+        if self.max_positions is not None:
+            longest = min(longest, self.max_positions)
+        if longest >= 2:
+            options.append(f"shorten --session-len to {longest}")
         if not options:
             return (
                 f"does not fit: {self.total / GiB:.2f} GiB needed per worker, "

@@ -607,6 +607,8 @@ def dry_run(args: argparse.Namespace) -> int:
             is_cuda=config.device != "cpu",
             quant_policy=config.cache.quant_policy,
         )
+        if not config.allow_rope_extrapolation:
+            plan = dataclasses.replace(plan, max_positions=model.max_rope_len())
     except ConfigError as e:
         print(f"error: {describe_config_error(e, args)}", file=sys.stderr)
         return 2
@@ -618,6 +620,8 @@ def dry_run(args: argparse.Namespace) -> int:
         capacity.append(
             f"{policy if policy else '0 (' + other.dtype + ')'}: {other.max_session_len:,} tokens"
         )
+    if plan.max_positions is not None and plan.max_positions < plan.max_session_len:
+        capacity.append(f"(by memory; the model's RoPE stops at {plan.max_positions:,})")
     print(f"max session_len by --quant-policy: {'; '.join(capacity)}")
     if plan.fits:
         return 0

@@ -221,6 +221,8 @@ def test_dry_run_without_model_plans_the_demo_model(capsys: pytest.CaptureFixtur
     assert run_cli.main(["--dry-run", "--tp", "3", "--session-len", "8192"]) == 0
     out = capsys.readouterr().out
     assert "tp=3 cp=1" in out and "session_len=8,192" in out and "fits: yes" in out
+    # The memory would hold far more; the plan names the RoPE limit as the longest session.
+    assert "max session_len at tp=3 cp=1: 8,192 (the model's RoPE limit; the memory holds" in out
 
 
 def test_demo_config_matches_the_converted_checkpoint() -> None:
