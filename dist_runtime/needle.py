@@ -22,7 +22,7 @@ import json
 import random
 import re
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -186,44 +186,42 @@ _THINGS = ["saffron", "juniper", "cardamom", "smoked paprika", "lemon balm", "wi
 _COLOURS = ["cobalt blue", "burnt orange", "sea green", "crimson", "ochre", "violet"]
 
 
+_NEEDLE_KINDS: list[tuple[str, str, Callable[[random.Random], str]]] = [
+    (
+        "The pass code of the lighthouse door is {}.",
+        "What is the pass code of the lighthouse door?",
+        lambda rng: str(rng.randrange(100000, 1000000)),
+    ),
+    (
+        "The person who found the silver compass was {}.",
+        "Who found the silver compass?",
+        lambda rng: f"{rng.choice(_FIRST)} {rng.choice(_LAST)}",
+    ),
+    (
+        "The secret meeting of the map makers took place in {}.",
+        "In which city did the secret meeting of the map makers take place?",
+        lambda rng: rng.choice(_CITIES),
+    ),
+    (
+        "The special ingredient of the winter stew is {}.",
+        "What is the special ingredient of the winter stew?",
+        lambda rng: rng.choice(_THINGS),
+    ),
+    (
+        "The door of the observatory was painted {}.",
+        "What colour was the door of the observatory painted?",
+        lambda rng: rng.choice(_COLOURS),
+    ),
+]
+"""The built-in facts: sentence and question templates, and how a random key is drawn."""
+
+
 def builtin_needle(seed: int) -> Needle:
     """One of the built-in facts, with a random key, chosen by seed."""
     rng = random.Random(f"needle-{seed}")
-    kind = rng.randrange(5)
-    if kind == 0:
-        code = rng.randrange(100000, 1000000)
-        return Needle(
-            f"The pass code of the lighthouse door is {code}.",
-            "What is the pass code of the lighthouse door?",
-            str(code),
-        )
-    if kind == 1:
-        name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
-        return Needle(
-            f"The person who found the silver compass was {name}.",
-            "Who found the silver compass?",
-            name,
-        )
-    if kind == 2:
-        city = rng.choice(_CITIES)
-        return Needle(
-            f"The secret meeting of the map makers took place in {city}.",
-            "In which city did the secret meeting of the map makers take place?",
-            city,
-        )
-    if kind == 3:
-        thing = rng.choice(_THINGS)
-        return Needle(
-            f"The special ingredient of the winter stew is {thing}.",
-            "What is the special ingredient of the winter stew?",
-            thing,
-        )
-    colour = rng.choice(_COLOURS)
-    return Needle(
-        f"The door of the observatory was painted {colour}.",
-        "What colour was the door of the observatory painted?",
-        colour,
-    )
+    sentence, question, draw = _NEEDLE_KINDS[rng.randrange(len(_NEEDLE_KINDS))]
+    key = draw(rng)
+    return Needle(sentence.format(key), question, key)
 
 
 def load_needles(path: str | Path) -> list[Needle]:
@@ -553,7 +551,6 @@ def run_grid(
     back from the queue (same idempotency key) without computing it again."""
     import time
 
-    from dist_runtime.jobs.doc_qa import qa_prompts
     from dist_runtime.progress import Phase
     from dist_runtime.sampling_params import SamplingParams
 
@@ -597,7 +594,6 @@ def run_grid(
             answers = rt.result(job_id)
             seconds = time.perf_counter() - started
             computed = int(rt.engine.stats()["num_prompt_tokens_computed"] - before)
-            prompts = qa_prompts(tokenizer, hay.text, [n.question for n in needles])
             scores = [score_answer(a, [n.key]) for a, n in zip(answers, needles)]
             row = {
                 "cell": cell.key,
@@ -611,7 +607,7 @@ def run_grid(
                 "answer": answers[0] if len(answers) == 1 else answers,
                 "score": sum(scores) / len(scores),
                 "prefill_tokens": computed,
-                "prompt_tokens": sum(len(p) for p in prompts),
+                "prompt_tokens": rt.status(job_id).prefill_tokens_total,  # counted at submit
                 "seconds": round(seconds, 3),
                 "job_id": job_id,
             }

@@ -38,7 +38,6 @@ from typing import TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_runtime import Runtime, SamplingParams  # noqa: E402
-from dist_runtime.config import ConfigError  # noqa: E402
 from dist_runtime.engine.executor.base import WorkerError  # noqa: E402
 from dist_runtime.engine.handle import RequestHandle  # noqa: E402
 from dist_runtime.engine.outputs import RequestOutput  # noqa: E402
@@ -49,8 +48,8 @@ from dist_runtime.text.chat import encode_chat  # noqa: E402
 from launch.run import (  # noqa: E402
     add_engine_args,
     add_sampling_args,
+    bad_input,
     build_config,
-    describe_config_error,
     sampling_params,
     setup_logging,
     start_runtime,
@@ -353,12 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampling_params(args)  # bad sampling flags fail before the model loads
         config = with_model(build_config(args))
-    except ConfigError as e:
-        print(f"error: {describe_config_error(e, args)}", file=sys.stderr)
-        return 2
     except (ValueError, DemoModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args)
     rt = start_runtime(config, args, service=False)
     if isinstance(rt, int):
         return rt

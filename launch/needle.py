@@ -35,7 +35,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_runtime.config import ConfigError  # noqa: E402
 from dist_runtime.formats.demo_model import DemoModelError  # noqa: E402
 from dist_runtime.needle import (  # noqa: E402
     GridSettings,
@@ -47,8 +46,8 @@ from dist_runtime.needle import (  # noqa: E402
 )
 from launch.run import (  # noqa: E402
     add_engine_args,
+    bad_input,
     build_config,
-    describe_config_error,
     setup_logging,
     start_runtime,
     with_model,
@@ -156,12 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.session_len is None:  # room for the longest haystack and its question
             args.session_len = max(lengths) + PROMPT_OVERHEAD + args.max_new_tokens
         config = with_model(build_config(args))
-    except ConfigError as e:
-        print(f"error: {describe_config_error(e, args)}", file=sys.stderr)
-        return 2
     except (ValueError, OSError, DemoModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args)
     out = Path(args.out)
     config = dataclasses.replace(config, job_dir=str(out / "jobs"))
     rt = start_runtime(config, args, service=False)

@@ -538,6 +538,14 @@ def name_flags(message: str, given: dict[str, Any], flags: dict[str, str] = ENGI
     return message
 
 
+def bad_input(e: Exception, args: argparse.Namespace) -> int:
+    """Report a user's mistake as one `error:` line (a config error in the user's terms: the
+    flag typed, or the key and file); the exit status, 2."""
+    message = describe_config_error(e, args) if isinstance(e, ConfigError) else str(e)
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def describe_config_error(e: ConfigError, args: argparse.Namespace) -> str:
     """A start-time config error (e.g. a tp that cannot shard the model) in the user's terms:
     the flag they typed, or the key and the file it came from."""
@@ -610,8 +618,7 @@ def dry_run(args: argparse.Namespace) -> int:
         if not config.allow_rope_extrapolation:
             plan = dataclasses.replace(plan, max_positions=model.max_rope_len())
     except ConfigError as e:
-        print(f"error: {describe_config_error(e, args)}", file=sys.stderr)
-        return 2
+        return bad_input(e, args)
     print(plan.table())
     capacity = []
     for policy in QUANT_POLICIES:
@@ -847,12 +854,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             document, items = load_job(args)
         config = with_model(config)  # last: everything else is valid
-    except ConfigError as e:
-        print(f"error: {describe_config_error(e, args)}", file=sys.stderr)
-        return 2
     except (ValueError, DemoModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args)
     rt = start_runtime(config, args, service=args.serve)
     if isinstance(rt, int):
         return rt
@@ -926,12 +929,8 @@ def start_runtime(config: RuntimeConfig, args: argparse.Namespace, service: bool
         kill_local_ray()
         sys.stderr.flush()
         os._exit(0 if service else 130)  # worker threads half-built: no interpreter teardown
-    except ConfigError as e:  # e.g. a tp that cannot shard the model, a session that won't fit
-        print(f"error: {describe_config_error(e, args)}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # CheckpointError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # e.g. a tp that cannot shard the model, a session that won't fit
+        return bad_input(e, args)
     except WorkerError as e:  # e.g. more workers than the Ray cluster has devices for
         logger.debug("the workers did not start", exc_info=True)
         print(f"error: {e}", file=sys.stderr)

@@ -21,13 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_runtime.config import ConfigError  # noqa: E402
 from dist_runtime.formats.demo_model import DemoModelError  # noqa: E402
 from launch.run import (  # noqa: E402
     add_engine_args,
     add_ray_service_args,
+    bad_input,
     build_config,
-    describe_config_error,
     setup_logging,
     start_runtime,
     with_model,
@@ -119,12 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check(args)
         config = with_model(build_config(args))
-    except ConfigError as e:
-        print(f"error: {describe_config_error(e, args)}", file=sys.stderr)
-        return 2
     except (ValueError, DemoModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args)
     import uvicorn
 
     from dist_runtime.server.app import ServerSettings, create_app

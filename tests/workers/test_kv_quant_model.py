@@ -64,7 +64,6 @@ def test_nll_per_policy_on_the_demo_model_and_a_micro_checkpoint(tiny_llama_dir:
     demo_nll = {p: _mean(_nll(demo, ids, p)) for p in (0, 8, 4)}
     micro_ids = [t % 512 for t in ids[:512]]
     micro_nll = {p: _mean(_nll(str(tiny_llama_dir), micro_ids, p)) for p in (0, 8, 4)}
-    print(f"demo NLL {demo_nll}, micro NLL {micro_nll}")
     for nll in (demo_nll, micro_nll):
         assert abs(nll[8] / nll[0] - 1) < 0.01, nll  # int8: within 1% of the model's dtype
     # int4: the micro checkpoint is within the 5% aim; the 135M demo model (head_dim 64, keys
