@@ -64,6 +64,105 @@ class RopeScaling:
             raise ConfigError(f"rope_scaling factor must be >= 1, got {self.factor}")
 
 
+WEIGHT_QUANT_METHODS = ("awq", "gptq")
+"""4-bit weight checkpoint formats the loader reads (see dist_runtime/formats/int4.py)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightQuant:
+    """A 4-bit weight checkpoint's format, from config.json's `quantization_config` (or a
+    `quant_config.json` / `quantize_config.json` beside it)."""
+
+    method: str
+    """'awq' (AutoAWQ GEMM layout) or 'gptq'."""
+    bits: int = 4
+    group_size: int = 128
+    """Input rows per scale and zero; -1: one group over all of a layer's inputs."""
+    zero_point: bool = True
+    """AWQ: asymmetric with zero points. GPTQ files store zeros either way (sym: 8)."""
+    desc_act: bool = False
+    """GPTQ act-order: input rows are grouped by `g_idx`, not by position."""
+    zero_offset: int = 1
+    """GPTQ zeros are stored minus this (1 in the 'gptq' format, 0 in 'gptq_v2')."""
+    modules_to_not_convert: tuple[str, ...] = ()
+    """Name fragments of linear layers kept in float."""
+
+    def __post_init__(self) -> None:
+        if self.method not in WEIGHT_QUANT_METHODS:
+            raise ConfigError(
+                f"quantization_config: quant_method {self.method!r} is not supported; the "
+                f"runtime loads 4-bit {' and '.join(WEIGHT_QUANT_METHODS)} checkpoints (or "
+                "quantize a float checkpoint with launch/quantize.py)"
+            )
+        if self.bits != 4:
+            raise ConfigError(
+                f"quantization_config: bits={self.bits!r} is not supported; only 4-bit "
+                f"{self.method} weights load"
+            )
+        if not _is_int(self.group_size) or (
+            self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8)
+        ):
+            raise ConfigError(
+                f"quantization_config: group_size must be a positive multiple of 8 or -1, got "
+                f"{self.group_size!r}"
+            )
+
+    def quantized(self, module: str) -> bool:
+        """Whether the linear layer `module` (a checkpoint name) holds 4-bit weights."""
+        return not any(frag in module for frag in self.modules_to_not_convert)
+
+    def group_of(self, in_features: int) -> int:
+        """Group size of a layer with `in_features` inputs."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str) -> WeightQuant:
+        """Parse HF's `quantization_config`, AutoAWQ's `quant_config.json` or AutoGPTQ's
+        `quantize_config.json` (the key spellings differ)."""
+        method = str(raw.get("quant_method") or "").lower()
+        if not method:
+            method = "awq" if ("w_bit" in raw or "q_group_size" in raw) else "gptq"
+        bits = raw.get("bits", raw.get("w_bit", 4))
+        group = raw.get("group_size", raw.get("q_group_size", 128))
+        try:
+            if method == "awq":
+                version = str(raw.get("version", "gemm")).lower()
+                if version != "gemm":
+                    raise ConfigError(
+                        f"{source}: AWQ version {version!r} is not supported; the runtime "
+                        "reads the GEMM layout (qweight [in, out/8]); re-export with "
+                        'version="GEMM"'
+                    )
+                return cls(
+                    method="awq",
+                    bits=bits,
+                    group_size=group,
+                    zero_point=bool(raw.get("zero_point", True)),
+                    modules_to_not_convert=tuple(raw.get("modules_to_not_convert") or ()),
+                )
+            if method == "gptq":
+                fmt = str(raw.get("checkpoint_format", "gptq")).lower()
+                if fmt not in ("gptq", "gptq_v2"):
+                    raise ConfigError(
+                        f"{source}: GPTQ checkpoint_format {fmt!r} is not supported "
+                        "(supported: gptq, gptq_v2)"
+                    )
+                return cls(
+                    method="gptq",
+                    bits=bits,
+                    group_size=group,
+                    zero_point=not bool(raw.get("sym", True)),
+                    desc_act=bool(raw.get("desc_act", False)),
+                    zero_offset=1 if fmt == "gptq" else 0,
+                    modules_to_not_convert=tuple(raw.get("modules_to_not_convert") or ()),
+                )
+            return cls(method=method)
+        except ConfigError as e:
+            if str(e).startswith(source):
+                raise
+            raise ConfigError(f"{source}: {e}") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shape and numerics of a decoder checkpoint, read from its config.json."""
@@ -102,6 +201,8 @@ class ModelConfig:
     """Beginning-of-sequence id."""
     eos_token_ids: tuple[int, ...] = ()
     """Ids that end generation."""
+    weight_quant: WeightQuant | None = None
+    """4-bit weights (AWQ / GPTQ checkpoint), or None for float weights."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -201,6 +302,7 @@ class ModelConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            weight_quant=_parse_weight_quant(hf, source),
         )
 
     @classmethod
@@ -217,11 +319,33 @@ class ModelConfig:
                 f"{cfg_file} is missing; the model folder must be a Hugging Face checkpoint "
                 "(config.json + *.safetensors)"
             )
-        try:
-            hf = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from e
+        hf = _read_json(cfg_file)
+        if "quantization_config" not in hf:
+            for name in ("quant_config.json", "quantize_config.json"):
+                if (folder / name).is_file():
+                    hf = {**hf, "quantization_config": _read_json(folder / name)}
+                    cfg_file = folder / name
+                    break
         return cls.from_dict(hf, source=str(cfg_file))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _parse_weight_quant(hf: dict[str, Any], source: str) -> WeightQuant | None:
+    raw = hf.get("quantization_config")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: quantization_config must be an object, got {raw!r}")
+    return WeightQuant.from_dict(raw, source)
 
 
 def _parse_rope_scaling(raw: Any, source: str) -> RopeScaling | None:
@@ -279,6 +403,19 @@ def tp_problems(model: ModelConfig, tp: int) -> list[str]:
         problems.append(f"neither divides the {kvh} KV heads nor is a multiple of them")
     if model.intermediate_size % tp:
         problems.append(f"does not divide the intermediate size {model.intermediate_size}")
+    quant = model.weight_quant
+    if quant is not None and quant.group_size != -1 and not problems:
+        # Row-parallel layers (o, down) split their inputs: each rank must hold whole groups.
+        group = quant.group_size
+        for what, width in (
+            ("attention output", model.num_heads * model.head_dim),
+            ("MLP down projection", model.intermediate_size),
+        ):
+            if (width // tp) % group:
+                problems.append(
+                    f"splits the {width} inputs of the {what} into {width // tp} per rank, "
+                    f"not whole {quant.method.upper()} groups of {group}"
+                )
     return problems
 
 

@@ -16,6 +16,7 @@ from workers.distributed import Collectives
 from workers.kv_cache import LayerKV
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.layers.rotary import RotaryEmbedding
+from workers.models.names import linear_quant
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,10 +82,21 @@ class Attention(nn.Module):
         self.q_size = shard.num_q * config.head_dim
         self.kv_size = shard.num_kv * config.head_dim
         self.qkv_proj = ColumnParallelLinear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias, dtype, device
+            config.hidden_size,
+            self.q_size + 2 * self.kv_size,
+            config.attention_bias,
+            dtype,
+            device,
+            linear_quant(config, "qkv"),
         )
         self.o_proj = RowParallelLinear(
-            self.q_size, config.hidden_size, config.attention_bias, dtype, device, comm
+            self.q_size,
+            config.hidden_size,
+            config.attention_bias,
+            dtype,
+            device,
+            comm,
+            linear_quant(config, "o"),
         )
         self.rotary = rotary
         self.comm = comm

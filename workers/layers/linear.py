@@ -1,9 +1,17 @@
-"""Column- and row-parallel linear layers.
+"""Column- and row-parallel linear layers, with float or 4-bit (AWQ / GPTQ) weights.
 
 A column-parallel layer holds a contiguous block of output rows; a row-parallel layer holds a
 block of input columns and all-reduces its partial products (bias added once, after the sum).
 The fused projections (q/k/v, gate/up) are column-parallel layers whose local rows are the
 concatenation of this rank's slice of each part; the model's loader fills them.
+
+With 4-bit weights (`ModelConfig.weight_quant`) a layer holds, instead of `weight`, the
+runtime layout of `dist_runtime/formats/int4.py`: `qweight` int32 [in/8, out], `scales` and
+`zeros` [groups, out] and, for GPTQ act-order, `g_idx` [in]. Column-parallel layers split
+along out; row-parallel ones along in, on whole groups (act-order: every rank keeps all the
+groups' scales, since its rows may belong to any group). On CUDA the forward is the W4A16
+Triton kernel. Elsewhere `finalize()` dequantizes once after loading and frees the codes, so
+CPU memory is that of the float weights and the speed is the float path's.
 """
 
 from __future__ import annotations
@@ -12,28 +20,112 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_runtime.config import WeightQuant
+from dist_runtime.formats.int4 import Int4Weight
+from kernels.dispatch import use_triton
 from workers.distributed import Collectives
 
 
-class ColumnParallelLinear(nn.Module):
+def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Checkpoint scales are float16: kept exactly in half-precision models, float32 else."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
+class _Linear(nn.Module):
+    """Weight storage shared by the two parallel layers: a float `weight` or 4-bit buffers."""
+
+    qweight: torch.Tensor | None
+    scales: torch.Tensor | None
+    zeros: torch.Tensor | None
+    g_idx: torch.Tensor | None
+
+    def _init_weight(
+        self,
+        in_local: int,
+        out_local: int,
+        bias_len: int | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        quant: WeightQuant | None,
+        groups: int,
+        group_size: int,
+    ) -> None:
+        self.dtype = dtype
+        self.group_size = group_size
+        self.bias = (
+            nn.Parameter(torch.empty(bias_len, dtype=dtype, device=device), requires_grad=False)
+            if bias_len is not None
+            else None
+        )
+        if quant is None:
+            self.weight: nn.Parameter | None = nn.Parameter(
+                torch.empty(out_local, in_local, dtype=dtype, device=device), requires_grad=False
+            )
+            self.qweight = self.scales = self.zeros = self.g_idx = None
+            return
+        if in_local % 8:
+            raise ValueError(f"4-bit weights need in_features divisible by 8, got {in_local}")
+        self.weight = None
+        sdt = _scale_dtype(dtype)
+        self.register_buffer(
+            "qweight", torch.empty(in_local // 8, out_local, dtype=torch.int32, device=device)
+        )
+        self.register_buffer("scales", torch.empty(groups, out_local, dtype=sdt, device=device))
+        self.register_buffer("zeros", torch.empty(groups, out_local, dtype=sdt, device=device))
+        g_idx = torch.empty(in_local, dtype=torch.int32, device=device) if quant.desc_act else None
+        self.register_buffer("g_idx", g_idx)
+
+    @property
+    def quantized(self) -> bool:
+        return self.qweight is not None
+
+    def int4(self) -> Int4Weight:
+        assert self.qweight is not None and self.scales is not None and self.zeros is not None
+        return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.g_idx)
+
+    def finalize(self) -> None:
+        """After loading: off the Triton path, dequantize once and drop the codes."""
+        if self.qweight is None or use_triton(self.qweight.device):
+            return
+        self.weight = nn.Parameter(self.int4().dequantize(self.dtype), requires_grad=False)
+        self.qweight = self.scales = self.zeros = self.g_idx = None
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight, bias)
+        from kernels.w4a16 import w4a16_matmul
+
+        return w4a16_matmul(x, self.int4(), bias)
+
+
+class ColumnParallelLinear(_Linear):
     def __init__(
-        self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype, device: torch.device
+        self,
+        in_features: int,
+        out_local: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        quant: WeightQuant | None = None,
     ):
         super().__init__()
-        self.weight = nn.Parameter(
-            torch.empty(out_local, in_features, dtype=dtype, device=device), requires_grad=False
-        )
-        self.bias = (
-            nn.Parameter(torch.empty(out_local, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
+        group = quant.group_of(in_features) if quant is not None else in_features
+        self._init_weight(
+            in_features,
+            out_local,
+            out_local if bias else None,
+            dtype,
+            device,
+            quant,
+            groups=in_features // group,
+            group_size=group,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Linear):
     def __init__(
         self,
         in_local: int,
@@ -42,18 +134,25 @@ class RowParallelLinear(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         comm: Collectives,
+        quant: WeightQuant | None = None,
     ):
         super().__init__()
         self.comm = comm
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_local, dtype=dtype, device=device), requires_grad=False
-        )
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
+        in_full = in_local * comm.tp_size
+        group = quant.group_of(in_full) if quant is not None else in_full
+        # Act-order rows may belong to any group, so every rank keeps all groups' scales.
+        groups = in_full // group if quant is not None and quant.desc_act else -(-in_local // group)
+        self._init_weight(
+            in_local,
+            out_features,
+            out_features if bias else None,
+            dtype,
+            device,
+            quant,
+            groups=groups,
+            group_size=group,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.comm.tp_all_reduce(F.linear(x, self.weight))
+        out = self.comm.tp_all_reduce(self._matmul(x, None))
         return out if self.bias is None else out + self.bias

@@ -18,6 +18,7 @@ from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
+from workers.models.names import linear_quant
 
 
 class MLP(nn.Module):
@@ -28,10 +29,21 @@ class MLP(nn.Module):
         self.inter_local = config.intermediate_size // comm.tp_size
         # Local rows: [gate slice | up slice], so silu_and_mul splits them in halves.
         self.gate_up_proj = ColumnParallelLinear(
-            config.hidden_size, 2 * self.inter_local, config.mlp_bias, dtype, device
+            config.hidden_size,
+            2 * self.inter_local,
+            config.mlp_bias,
+            dtype,
+            device,
+            linear_quant(config, "gate"),
         )
         self.down_proj = RowParallelLinear(
-            self.inter_local, config.hidden_size, config.mlp_bias, dtype, device, comm
+            self.inter_local,
+            config.hidden_size,
+            config.mlp_bias,
+            dtype,
+            device,
+            comm,
+            linear_quant(config, "down"),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

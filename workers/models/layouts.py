@@ -11,75 +11,47 @@ KV groups therefore reads one contiguous row range.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from dist_runtime.config import ModelConfig
+from dist_runtime.formats.int4 import Int4Weight
 from workers.checkpoint import CheckpointReader
 from workers.layers.attention import HeadShard
 from workers.layers.embedding import vocab_range
+from workers.layers.linear import _Linear
 from workers.models.decoder import DecoderLayer, DecoderLM
+from workers.models.int4_loading import Int4Slice, int4_shapes, read_int4
+from workers.models.names import LAYOUTS, Layout
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Layout:
-    embed: str
-    layer: str
-    q: str | None
-    k: str | None
-    v: str | None
-    wqkv: str | None
-    o: str
-    gate: str
-    up: str
-    down: str
-    input_norm: str
-    post_norm: str
-    norm: str
-    head: str
-
-
-LAYOUTS = {
-    "llama": Layout(
-        embed="model.embed_tokens",
-        layer="model.layers.{}.",
-        q="self_attn.q_proj",
-        k="self_attn.k_proj",
-        v="self_attn.v_proj",
-        wqkv=None,
-        o="self_attn.o_proj",
-        gate="mlp.gate_proj",
-        up="mlp.up_proj",
-        down="mlp.down_proj",
-        input_norm="input_layernorm",
-        post_norm="post_attention_layernorm",
-        norm="model.norm",
-        head="lm_head",
-    ),
-    "internlm2": Layout(
-        embed="model.tok_embeddings",
-        layer="model.layers.{}.",
-        q=None,
-        k=None,
-        v=None,
-        wqkv="attention.wqkv",
-        o="attention.wo",
-        gate="feed_forward.w1",
-        up="feed_forward.w3",
-        down="feed_forward.w2",
-        input_norm="attention_norm",
-        post_norm="ffn_norm",
-        norm="model.norm",
-        head="output",
-    ),
-}
-
-
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the layout needs, with its full (unsharded) shape."""
+    """Every tensor the layout needs, with its full (unsharded) shape. A 4-bit layer's
+    `weight` [out, in] is replaced by its packed tensors (`int4_shapes`)."""
+    shapes = _float_shapes(config)
+    quant = config.weight_quant
+    if quant is None:
+        return shapes
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        module = name.removesuffix(".weight")
+        linear = name.endswith(".weight") and len(shape) == 2 and _is_linear(config, module)
+        if linear and quant.quantized(module):
+            out.update(int4_shapes(quant, module, in_f=shape[1], out_f=shape[0]))
+            continue
+        out[name] = shape
+    return out
+
+
+def _is_linear(config: ModelConfig, module: str) -> bool:
+    lay = LAYOUTS[config.architecture]
+    parts = (lay.q, lay.k, lay.v, lay.wqkv, lay.o, lay.gate, lay.up, lay.down)
+    return any(p is not None and module.endswith("." + p) for p in parts)
+
+
+def _float_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     lay = LAYOUTS[config.architecture]
     c = config
     hd, hidden = c.head_dim, c.hidden_size
@@ -144,6 +116,7 @@ def load_weights(model: DecoderLM, reader: CheckpointReader) -> None:
     for i, layer in enumerate(model.layers):
         assert isinstance(layer, DecoderLayer)
         _load_layer(layer, lay, lay.layer.format(i), config, model.shard, reader, tp_rank, tp_size)
+    finalize_linears(model)
     logger.debug("tp rank %d read %.1f MiB of weights", tp_rank, reader.bytes_read / 2**20)
 
 
@@ -158,20 +131,49 @@ def _load_layer(
     tp_size: int,
 ) -> None:
     attn, mlp = layer.attn, layer.mlp
-    for suffix in ("weight", "bias") if config.attention_bias else ("weight",):
-        _copy(getattr(attn.qkv_proj, suffix), _read_qkv(reader, lay, p, suffix, config, shard))
-    hd = config.head_dim
+    quant = config.weight_quant
+    hidden, hd = config.hidden_size, config.head_dim
+    if attn.qkv_proj.quantized:
+        assert quant is not None
+        parts = [
+            read_int4(reader, quant, name, hidden, out_range=(lo, hi))
+            for name, lo, hi in _qkv_out_ranges(lay, p, config, shard)
+        ]
+        _copy_int4(attn.qkv_proj, Int4Slice.cat_out(parts, f"{p}qkv"))
+    else:
+        _copy(attn.qkv_proj.weight, _read_qkv(reader, lay, p, "weight", config, shard))
+    if config.attention_bias:
+        _copy(attn.qkv_proj.bias, _read_qkv(reader, lay, p, "bias", config, shard))
     q_cols = (shard.q_start * hd, (shard.q_start + shard.num_q) * hd)
-    _copy(attn.o_proj.weight, reader.read_rows(f"{p}{lay.o}.weight", *q_cols, dim=1))
+    if attn.o_proj.quantized:
+        assert quant is not None
+        o_in = config.num_heads * hd
+        _copy_int4(attn.o_proj, read_int4(reader, quant, f"{p}{lay.o}", o_in, in_range=q_cols))
+    else:
+        _copy(attn.o_proj.weight, reader.read_rows(f"{p}{lay.o}.weight", *q_cols, dim=1))
     if config.attention_bias:
         _copy(attn.o_proj.bias, reader.read(f"{p}{lay.o}.bias"))
     inter = config.intermediate_size // tp_size
     rows = (tp_rank * inter, (tp_rank + 1) * inter)
-    for suffix in ("weight", "bias") if config.mlp_bias else ("weight",):
+    suffixes: tuple[str, ...] = ("weight", "bias") if config.mlp_bias else ("weight",)
+    if mlp.gate_up_proj.quantized:
+        assert quant is not None
+        suffixes = suffixes[1:]
+        parts = [
+            read_int4(reader, quant, f"{p}{name}", hidden, out_range=rows)
+            for name in (lay.gate, lay.up)
+        ]
+        _copy_int4(mlp.gate_up_proj, Int4Slice.cat_out(parts, f"{p}{lay.gate}"))
+    for suffix in suffixes:
         gate = reader.read_rows(f"{p}{lay.gate}.{suffix}", *rows)
         up = reader.read_rows(f"{p}{lay.up}.{suffix}", *rows)
         _copy(getattr(mlp.gate_up_proj, suffix), torch.cat([gate, up]))
-    _copy(mlp.down_proj.weight, reader.read_rows(f"{p}{lay.down}.weight", *rows, dim=1))
+    if mlp.down_proj.quantized:
+        assert quant is not None
+        down = read_int4(reader, quant, f"{p}{lay.down}", config.intermediate_size, in_range=rows)
+        _copy_int4(mlp.down_proj, down)
+    else:
+        _copy(mlp.down_proj.weight, reader.read_rows(f"{p}{lay.down}.weight", *rows, dim=1))
     if config.mlp_bias:
         _copy(mlp.down_proj.bias, reader.read(f"{p}{lay.down}.bias"))
     _copy(layer.input_norm.weight, reader.read(f"{p}{lay.input_norm}.weight"))
@@ -217,6 +219,58 @@ def _read_qkv(
     return torch.cat([q, kv])
 
 
+def _qkv_out_ranges(
+    lay: Layout, p: str, config: ModelConfig, shard: HeadShard
+) -> list[tuple[str, int, int]]:
+    """This rank's output rows of q, k and v as (layer name, start, stop), in [q | k | v]
+    order: the ranges `_read_qkv` reads, for layers read one range at a time."""
+    hd = config.head_dim
+    if lay.wqkv is None:
+        assert lay.q and lay.k and lay.v
+        kv = (shard.kv_start * hd, (shard.kv_start + shard.num_kv) * hd)
+        return [
+            (f"{p}{lay.q}", shard.q_start * hd, (shard.q_start + shard.num_q) * hd),
+            (f"{p}{lay.k}", *kv),
+            (f"{p}{lay.v}", *kv),
+        ]
+    name, g = f"{p}{lay.wqkv}", config.q_per_kv
+    group_rows = (g + 2) * hd
+    if shard.num_q == shard.num_kv * g:  # whole KV groups
+        groups = range(shard.kv_start, shard.kv_start + shard.num_kv)
+        q = [(name, j * group_rows, j * group_rows + g * hd) for j in groups]
+        k = [(name, j * group_rows + g * hd, j * group_rows + (g + 1) * hd) for j in groups]
+        v = [(name, j * group_rows + (g + 1) * hd, (j + 1) * group_rows) for j in groups]
+        return q + k + v
+    base = shard.kv_start * group_rows
+    q_off = shard.q_start - shard.kv_start * g
+    return [
+        (name, base + q_off * hd, base + (q_off + shard.num_q) * hd),
+        (name, base + g * hd, base + (g + 1) * hd),
+        (name, base + (g + 1) * hd, base + (g + 2) * hd),
+    ]
+
+
+def _copy_int4(linear: _Linear, part: Int4Slice) -> None:
+    """Fill a 4-bit layer's buffers from codes / scales / zeros in the runtime layout."""
+    assert linear.qweight is not None and linear.scales is not None and linear.zeros is not None
+    w = Int4Weight.from_codes(part.codes, part.scales, part.zeros, linear.group_size, part.g_idx)
+    _copy(linear.qweight, w.qweight)
+    _copy(linear.scales, w.scales)
+    _copy(linear.zeros, w.zeros)
+    if linear.g_idx is not None:
+        if w.g_idx is None:
+            linear.g_idx = None  # positional groups after all: the kernel's faster path
+        else:
+            _copy(linear.g_idx, w.g_idx)
+
+
+def finalize_linears(model: DecoderLM) -> None:
+    """Let every 4-bit layer prepare for its device once its weights are in."""
+    for module in model.modules():
+        if isinstance(module, _Linear):
+            module.finalize()
+
+
 def _copy(param: torch.Tensor | None, value: torch.Tensor) -> None:
     assert param is not None and param.shape == value.shape, (
         None if param is None else param.shape,
@@ -243,3 +297,16 @@ def init_dummy_weights(model: DecoderLM, seed: int) -> None:
         else:
             bound = param.shape[-1] ** -0.5
         param.data.uniform_(-bound, bound, generator=gen)
+    for module in model.modules():
+        if isinstance(module, _Linear) and module.qweight is not None:
+            # Codes uniform in 0..15 around zero 8, scaled to about the float bound.
+            assert module.scales is not None and module.zeros is not None
+            module.qweight.random_(-(2**31), 2**31 - 1, generator=gen)
+            in_f = module.qweight.shape[0] * 8
+            module.scales.fill_(in_f**-0.5 / 8)
+            module.zeros.fill_(8.0)
+            if module.g_idx is not None:
+                module.g_idx.copy_(
+                    torch.arange(in_f, device=module.g_idx.device) // module.group_size
+                )
+    finalize_linears(model)

@@ -1,0 +1,73 @@
+"""Checkpoint tensor names of each layout, and which linear layers hold 4-bit weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_runtime.config import ModelConfig, WeightQuant
+
+
+@dataclass(frozen=True)
+class Layout:
+    embed: str
+    layer: str
+    q: str | None
+    k: str | None
+    v: str | None
+    wqkv: str | None
+    o: str
+    gate: str
+    up: str
+    down: str
+    input_norm: str
+    post_norm: str
+    norm: str
+    head: str
+
+
+LAYOUTS = {
+    "llama": Layout(
+        embed="model.embed_tokens",
+        layer="model.layers.{}.",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        wqkv=None,
+        o="self_attn.o_proj",
+        gate="mlp.gate_proj",
+        up="mlp.up_proj",
+        down="mlp.down_proj",
+        input_norm="input_layernorm",
+        post_norm="post_attention_layernorm",
+        norm="model.norm",
+        head="lm_head",
+    ),
+    "internlm2": Layout(
+        embed="model.tok_embeddings",
+        layer="model.layers.{}.",
+        q=None,
+        k=None,
+        v=None,
+        wqkv="attention.wqkv",
+        o="attention.wo",
+        gate="feed_forward.w1",
+        up="feed_forward.w3",
+        down="feed_forward.w2",
+        input_norm="attention_norm",
+        post_norm="ffn_norm",
+        norm="model.norm",
+        head="output",
+    ),
+}
+
+
+def linear_quant(config: ModelConfig, part: str) -> WeightQuant | None:
+    """The 4-bit format of the linear layer `part` ('qkv', 'o', 'gate', 'down'), or None when
+    it is float (a float checkpoint, or a layer the quantizer left out)."""
+    quant = config.weight_quant
+    if quant is None:
+        return None
+    lay = LAYOUTS[config.architecture]
+    name = {"qkv": lay.wqkv or lay.q, "o": lay.o, "gate": lay.gate, "down": lay.down}[part]
+    assert name is not None
+    return quant if quant.quantized(name) else None
