@@ -6,12 +6,13 @@ activations are a bound, and the overhead is a fixed reserve.
 
 Per worker (tp rank of one cp group):
 
-* weights: the sharded parameter count x dtype bytes. Column-parallel qkv holds
-  ``(q_heads/tp + 2*kv_local) * head_dim`` rows of ``hidden``; row-parallel o holds
-  ``hidden x q_heads/tp * head_dim``; gate/up/down hold ``intermediate/tp`` rows/columns;
-  norms are replicated; the embedding and the LM head hold ``ceil(vocab/tp)`` rows each (the LM
-  head is absent when tied). Biases: column-parallel ones are sharded, row-parallel ones
-  (o, down) are replicated. Weights are replicated across cp.
+* weights: the sharded parameter count x dtype bytes (4-bit layers: see
+  `weight_bytes_per_worker`). Column-parallel qkv holds ``(q_heads/tp + 2*kv_local) *
+  head_dim`` rows of ``hidden``; row-parallel o holds ``hidden x q_heads/tp * head_dim``;
+  gate/up/down hold ``intermediate/tp`` rows/columns; norms are replicated; the embedding and
+  the LM head hold ``ceil(vocab/tp)`` rows each (the LM head is absent when tied). Biases:
+  column-parallel ones are sharded, row-parallel ones (o, down) are replicated. Weights are
+  replicated across cp.
 * kv_cache: ``num_seqs * ceil(ceil(session_len/cp)/block_size)*block_size`` tokens x
   ``2 * layers * kv_local * head_dim * dtype bytes``, with ``kv_local = kv_heads/tp``, or 1
   when tp > kv_heads (each KV head replicated on tp/kv_heads ranks). With KV quantization
@@ -84,6 +85,39 @@ def weight_params_per_worker(model: ModelConfig, tp: int) -> int:
     vocab_local = _ceil_div(model.vocab_size, tp)
     embed = vocab_local * h * (1 if model.tie_word_embeddings else 2)
     return model.num_layers * layer + embed + h  # + final norm
+
+
+def weight_bytes_per_worker(model: ModelConfig, tp: int, dtype: str, is_cuda: bool = True) -> int:
+    """Bytes of weights one tp rank holds. With 4-bit weights on CUDA each quantized linear
+    layer holds in*out/2 bytes of codes, a scale and a zero per (group, output) in float16
+    (float32 for float32 models) and, act-order, an int32 group index per input; elsewhere
+    the runtime dequantizes them once after loading, so they cost what float weights do."""
+    width = _dtype_bytes(dtype)
+    total = weight_params_per_worker(model, tp) * width
+    quant = model.weight_quant
+    if quant is None or not is_cuda:
+        return total
+    from workers.models.names import linear_quant
+
+    h, hd = model.hidden_size, model.head_dim
+    q_local, kv_local = model.num_heads // tp, kv_heads_per_rank(model, tp)
+    inter_local = model.intermediate_size // tp
+    scale_bytes = 4 if dtype == "float32" else 2
+    layers = {  # part: (inputs held, inputs of the whole layer, outputs held)
+        "qkv": (h, h, (q_local + 2 * kv_local) * hd),
+        "o": (q_local * hd, model.num_heads * hd, h),
+        "gate": (h, h, 2 * inter_local),
+        "down": (inter_local, model.intermediate_size, h),
+    }
+    for part, (in_local, in_full, out) in layers.items():
+        if linear_quant(model, part) is None:
+            continue
+        group = quant.group_of(in_full)
+        groups = in_full // group if quant.desc_act else -(-in_local // group)
+        packed = in_local * out // 2 + 2 * groups * out * scale_bytes
+        packed += 4 * in_local if quant.desc_act else 0
+        total += model.num_layers * (packed - in_local * out * width)
+    return total
 
 
 KV_PARAM_BYTES = 8
@@ -247,7 +281,7 @@ def plan_memory(
         raise ConfigError(f"session_len must be an integer >= 0, got {session_len!r}")
     if not valid_tp(model, tp):
         ParallelConfig(tp=tp, cp=1).check_model(model)  # raises with the valid choices
-    weights = weight_params_per_worker(model, tp) * _dtype_bytes(dtype)
+    weights = weight_bytes_per_worker(model, tp, dtype, is_cuda)
     if quant_policy not in QUANT_POLICIES:
         raise ConfigError(
             f"quant_policy must be one of {list(QUANT_POLICIES)}, got {quant_policy!r}"

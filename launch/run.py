@@ -630,6 +630,19 @@ def dry_run(args: argparse.Namespace) -> int:
     if plan.max_positions is not None and plan.max_positions < plan.max_session_len:
         capacity.append(f"(by memory; the model's RoPE stops at {plan.max_positions:,})")
     print(f"max session_len by --quant-policy: {'; '.join(capacity)}")
+    quant = plan.model.weight_quant
+    if quant is not None:
+        as_float = replan(
+            dataclasses.replace(plan, model=dataclasses.replace(model, weight_quant=None))
+        )
+        won = plan.max_session_len - as_float.max_session_len
+        where = "" if plan.is_cuda else " (on CPU they are dequantized once after loading)"
+        print(
+            f"4-bit weights ({quant.method.upper()}, group {quant.group_size}): "
+            f"{plan.weights / GiB:,.2f} GiB per worker instead of {as_float.weights / GiB:,.2f} "
+            f"GiB in {plan.dtype}{where}; max session_len {plan.max_session_len:,} instead of "
+            f"{as_float.max_session_len:,} ({won:+,} tokens of KV cache)"
+        )
     if plan.fits:
         return 0
     print(plan.suggestion())

@@ -3,6 +3,7 @@ byte counts worked out by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -211,3 +212,39 @@ def test_cli_dry_run_shows_capacity_per_policy(capsys: pytest.CaptureFixture[str
     line = next(x for x in out.splitlines() if x.startswith("max session_len by --quant-policy"))
     caps = [int(x.replace(",", "")) for x in re.findall(r": ([\d,]+) tokens", line)]
     assert len(caps) == 3 and caps[0] < caps[1] < caps[2]
+
+
+def test_four_bit_weight_bytes_by_hand() -> None:
+    """hidden 256, 4 heads x 64, 2 KV heads, intermediate 512, 2 layers, vocab 1000, AWQ group
+    128, bf16, tp 2: every linear's codes are in*out/2 bytes plus float16 scale and zero per
+    (group, output); embeddings, head and norms stay bf16."""
+    from dist_runtime.config import WeightQuant
+    from dist_runtime.memory_planner import weight_bytes_per_worker, weight_params_per_worker
+
+    base = ModelConfig(
+        architecture="llama",
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+    )
+    quant = dataclasses.replace(base, weight_quant=WeightQuant(method="awq", group_size=128))
+    qkv = 256 * (2 + 2) * 64 // 2 + 2 * 2 * 256 * 2  # in 256 (2 groups), out (2 q + 2 kv) * 64
+    o = 128 * 256 // 2 + 2 * 1 * 256 * 2  # in 2 heads * 64 = 128 (1 group), out 256
+    gate_up = 256 * 512 // 2 + 2 * 2 * 512 * 2  # in 256 (2 groups), out 2 * 256
+    down = 256 * 256 // 2 + 2 * 2 * 256 * 2  # in 256 (2 groups), out 256
+    norms = 2 * 256 * 2
+    rest = 2 * 500 * 256 * 2 + 256 * 2  # embedding + head rows of this rank, final norm
+    want = 2 * (qkv + o + gate_up + down + norms) + rest
+    assert weight_bytes_per_worker(quant, 2, "bfloat16") == want
+    assert weight_bytes_per_worker(base, 2, "bfloat16") == weight_params_per_worker(base, 2) * 2
+    # Off CUDA the layers are dequantized once: float bytes.
+    assert weight_bytes_per_worker(quant, 2, "bfloat16", is_cuda=False) == (
+        weight_params_per_worker(base, 2) * 2
+    )
+    fp = plan_memory(base, tp=2, cp=1, session_len=0, dtype="bfloat16", device_bytes=8 << 30)
+    q4 = plan_memory(quant, tp=2, cp=1, session_len=0, dtype="bfloat16", device_bytes=8 << 30)
+    assert q4.weights == want and q4.max_session_len > fp.max_session_len
