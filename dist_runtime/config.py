@@ -64,8 +64,9 @@ class RopeScaling:
             raise ConfigError(f"rope_scaling factor must be >= 1, got {self.factor}")
 
 
-WEIGHT_QUANT_METHODS = ("awq", "gptq")
-"""4-bit weight checkpoint formats the loader reads (see dist_runtime/formats/int4.py)."""
+WEIGHT_QUANT_METHODS = ("awq", "gptq", "gguf")
+"""4-bit weight checkpoint formats the loader reads (see dist_runtime/formats/int4.py); 'gguf'
+is the layout `launch/convert.py --weights int4` writes from GGUF Q4_0 / Q4_1 / Q4_K tensors."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +75,7 @@ class WeightQuant:
     `quant_config.json` / `quantize_config.json` beside it)."""
 
     method: str
-    """'awq' (AutoAWQ GEMM layout) or 'gptq'."""
+    """'awq' (AutoAWQ GEMM layout), 'gptq', or 'gguf' (GGUF 4-bit blocks, float zeros)."""
     bits: int = 4
     group_size: int = 128
     """Input rows per scale and zero; -1: one group over all of a layer's inputs."""
@@ -154,6 +155,13 @@ class WeightQuant:
                     zero_point=not bool(raw.get("sym", True)),
                     desc_act=bool(raw.get("desc_act", False)),
                     zero_offset=1 if fmt == "gptq" else 0,
+                    modules_to_not_convert=tuple(raw.get("modules_to_not_convert") or ()),
+                )
+            if method == "gguf":
+                return cls(
+                    method="gguf",
+                    bits=bits,
+                    group_size=group,
                     modules_to_not_convert=tuple(raw.get("modules_to_not_convert") or ()),
                 )
             return cls(method=method)

@@ -3,8 +3,10 @@
     python launch/convert.py SmolLM2-135M-Instruct.Q4_1.gguf /models/smollm2
     python launch/convert.py model.gguf /models/out --dtype bfloat16 --shard-mb 2000
 
-Quantized weights are dequantized (float32 by default). Supported: Llama-architecture GGUFs with
-F32/F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K..Q6_K tensors and a byte-level BPE vocabulary.
+Quantized weights are dequantized (float32 by default); `--weights int4` keeps Q4_0 / Q4_1 /
+Q4_K linear layers 4-bit for the W4A16 kernel (the demo model's Q4_1 layers: about 4x smaller
+on a GPU). Supported: Llama-architecture GGUFs with F32/F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/
+Q2_K..Q6_K tensors and a byte-level BPE vocabulary.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="write only config and weights (for GGUFs whose tokenizer is not supported)",
     )
+    p.add_argument(
+        "--weights",
+        choices=["float", "int4"],
+        default="float",
+        help="float: dequantize every tensor (default); int4: keep 4-bit linear layers 4-bit",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -58,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=shard_bytes,
             tokenizer=not args.no_tokenizer,
             progress=not args.quiet,
+            weights=args.weights,
         )
     except (GGUFError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

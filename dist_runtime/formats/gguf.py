@@ -13,6 +13,17 @@ so memory holds one tensor and never the whole model. GGUF stores shapes in ggml
 rows of `attn_q` / `attn_k` per head from Hugging Face's rotate-half RoPE layout to its
 interleaved one; that permutation is undone exactly as transformers does when it loads a GGUF.
 
+With `weights="int4"` (`launch/convert.py --weights int4`), the decoder's linear layers whose
+GGUF tensors are Q4_0, Q4_1 or Q4_K stay 4-bit: each 32-value block's codes are kept and its
+affine map (value = a * code + b) becomes a scale a and a float zero -b / a, written in the
+runtime's "gguf" layout (`qweight` int32 [in/8, out], `scales` and `zeros` float32 [in/32, out];
+`quantization_config.quant_method: "gguf"`). The W4A16 kernel then reads them with no loss
+beyond float rounding. A layer type that is 4-bit in some layers and not in others (Q4_K_M
+files keep some `attn_v` / `ffn_down` in Q6_K) is dequantized everywhere and listed in
+`modules_to_not_convert`; embeddings, the output head and Q8_0 tensors are dequantized too
+(the kernel is 4-bit). Only the runtime reads this layout; `launch/quantize.py` writes AWQ
+for other tools.
+
 Tokenizer: byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) are rebuilt as a
 `tokenizers` BPE with the vocabulary, merges, control tokens as special added tokens and the
 pre-tokenizer named by `tokenizer.ggml.pre` (llama.cpp's split rules, see `_pre_tokenizer`).
@@ -128,15 +139,19 @@ def convert_gguf(
     *,
     tokenizer: bool = True,
     progress: bool = True,
+    weights: str = "float",
 ) -> Path:
     """Convert `gguf_path` into a Hugging Face folder at `out_dir` (missing or empty) and return it.
 
     `dtype`: float32 (default), bfloat16 or float16 for the written weights (dequantization is
     always done in float32 first). `max_shard_bytes`: split the weights into shards of at most
     this many bytes (a larger tensor gets a shard of its own); None writes one file.
-    `tokenizer=False` skips the tokenizer files (token-id prompts only). Raises `GGUFError` for
-    files it cannot convert; nothing is left in `out_dir` then.
+    `tokenizer=False` skips the tokenizer files (token-id prompts only). `weights="int4"` keeps
+    4-bit linear layers 4-bit (module docstring). Raises `GGUFError` for files it cannot
+    convert; nothing is left in `out_dir` then.
     """
+    if weights not in WEIGHT_MODES:
+        raise GGUFError(f"weights {weights!r} is not supported; use one of {list(WEIGHT_MODES)}")
     src = Path(gguf_path)
     out = Path(out_dir)
     if dtype not in OUTPUT_DTYPES:
@@ -158,6 +173,15 @@ def convert_gguf(
     tensors = {t.name: t for t in reader.tensors}
     hf_config = _llama_config(meta, tensors, src, dtype)
     plan = _plan_llama_tensors(tensors, hf_config, src)
+    keep4 = _four_bit_kinds(tensors, plan) if weights == "int4" else {}
+    if weights == "int4":
+        float_kinds = sorted({_LAYER_TENSORS[k] for k in _LINEAR_KINDS} - set(keep4.values()))
+        hf_config["quantization_config"] = {
+            "quant_method": "gguf",
+            "bits": 4,
+            "group_size": GGUF_GROUP,
+            "modules_to_not_convert": float_kinds,
+        }
     tok_files = _tokenizer_files(meta, src, hf_config) if tokenizer else {}
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +192,10 @@ def convert_gguf(
         _write_json(tmp / "generation_config.json", _generation_config(hf_config))
         for name, content in tok_files.items():
             (tmp / name).write_text(content, encoding="utf-8")
-        _write_weights(tmp, tensors, plan, OUTPUT_DTYPES[dtype], max_shard_bytes, progress)
+        if keep4:
+            _write_int4_weights(tmp, tensors, plan, OUTPUT_DTYPES[dtype], keep4, progress)
+        else:
+            _write_weights(tmp, tensors, plan, OUTPUT_DTYPES[dtype], max_shard_bytes, progress)
         if out.exists():
             out.rmdir()  # checked empty above
         os.replace(tmp, out)
@@ -448,6 +475,127 @@ def _load_tensor(t: Any, item: _TensorPlan, dtype: torch.dtype) -> torch.Tensor:
     if item.permute_heads:
         w = reverse_rotary_permute(w, item.permute_heads)
     return w.to(dtype).contiguous()
+
+
+WEIGHT_MODES = ("float", "int4")
+GGUF_GROUP = 32
+"""Values per Q4_0 / Q4_1 block and per Q4_K sub-block: one scale and zero each."""
+_LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_FUSED = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "ffn_gate": "gu", "ffn_up": "gu"}
+FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def _four_bit_kinds(tensors: dict[str, Any], plan: list[_TensorPlan]) -> dict[str, str]:
+    """gguf name -> layer kind, for the linear weights that stay 4-bit: every layer's tensor
+    of that kind (and of the kinds fused with it: q/k/v, gate/up) must be 4-bit."""
+    from gguf import GGMLQuantizationType
+
+    by_kind: dict[str, list[str]] = {}
+    for item in plan:
+        m = _LAYER_NAME.match(item.gguf_name)
+        if m and m.group(2) in _LINEAR_KINDS and m.group(3) == "weight":
+            by_kind.setdefault(m.group(2), []).append(item.gguf_name)
+
+    def four_bit(kind: str) -> bool:
+        names = by_kind.get(kind, [])
+        return bool(names) and all(
+            GGMLQuantizationType(int(tensors[n].tensor_type)).name in FOUR_BIT_TYPES for n in names
+        )
+
+    ok = {k for k in _LINEAR_KINDS if four_bit(k)}
+    ok = {k for k in ok if all(j in ok for j, f in _FUSED.items() if f == _FUSED.get(k))}
+    return {n: _LAYER_TENSORS[k] for k in ok for n in by_kind[k]}
+
+
+def decompose_q4(t: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0 / Q4_1 / Q4_K tensor [rows, cols] -> codes uint8 [rows, cols] and the affine map
+    of every 32-value block, a and b float32 [rows, cols/32], with value = a * code + b
+    (what `gguf.quants.dequantize` computes)."""
+    from gguf import GGMLQuantizationType
+
+    kind = GGMLQuantizationType(int(t.tensor_type)).name
+    cols = int(t.shape[0])  # ggml order: the contiguous (input) dimension first
+    raw = np.ascontiguousarray(t.data).view(np.uint8)
+    if kind in ("Q4_0", "Q4_1"):
+        size = 18 if kind == "Q4_0" else 20
+        blocks = raw.reshape(-1, size)
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)[:, 0]
+        if kind == "Q4_0":
+            b, qs = -8.0 * d, blocks[:, 2:]
+        else:
+            b, qs = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0], blocks[:, 4:]
+        a = d
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # low nibbles: values 0..15
+    elif kind == "Q4_K":
+        from gguf.quants import Q4_K
+
+        blocks = raw.reshape(-1, 144)
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = Q4_K.get_scale_min(blocks[:, 4:16].copy())
+        a = (d * sc.astype(np.float32)).reshape(-1)  # 8 sub-blocks of 32 per 256
+        b = -(dmin * mn.astype(np.float32)).reshape(-1)
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+        codes = (qs & 0x0F).reshape(-1, 32)
+    else:
+        raise GGUFError(f"tensor {t.name!r} is {kind}, not one of {FOUR_BIT_TYPES}")
+    rows = codes.size // cols
+    return (
+        torch.from_numpy(np.ascontiguousarray(codes)).reshape(rows, cols),
+        torch.from_numpy(np.ascontiguousarray(a)).reshape(rows, cols // GGUF_GROUP),
+        torch.from_numpy(np.ascontiguousarray(b)).reshape(rows, cols // GGUF_GROUP),
+    )
+
+
+def _int4_tensors(t: Any, item: _TensorPlan, base: str) -> dict[str, torch.Tensor]:
+    """One 4-bit GGUF tensor in the runtime's 'gguf' layout (module docstring)."""
+    from dist_runtime.formats.int4 import pack_rows
+
+    codes, a, b = decompose_q4(t)
+    codes = codes.to(torch.int32)
+    # value = a*q + b = (q - z) * a with z = -b/a; a block with a == 0 holds the constant b:
+    # codes 0, scale b, zero -1 (or all zero when b == 0 too).
+    flat = a == 0
+    zeros = torch.where(flat, torch.where(b == 0, 0.0, -1.0), -b / torch.where(flat, 1.0, a))
+    scales = torch.where(flat, b, a)
+    codes = torch.where(flat.repeat_interleave(GGUF_GROUP, dim=1), 0, codes)
+    if item.permute_heads:
+        codes, scales, zeros = (
+            reverse_rotary_permute(x, item.permute_heads) for x in (codes, scales, zeros)
+        )
+    return {
+        f"{base}.qweight": pack_rows(codes.T.contiguous()),
+        f"{base}.scales": scales.T.contiguous(),
+        f"{base}.zeros": zeros.T.contiguous(),
+    }
+
+
+def _write_int4_weights(
+    folder: Path,
+    tensors: dict[str, Any],
+    plan: list[_TensorPlan],
+    dtype: torch.dtype,
+    keep4: dict[str, str],
+    progress: bool,
+) -> None:
+    """One safetensors file: 4-bit layers in the 'gguf' layout, the rest in `dtype`."""
+    from safetensors.torch import save_file
+
+    from dist_runtime.progress import Phase
+
+    out: dict[str, torch.Tensor] = {}
+    bar = Phase("converting GGUF tensors", "tensor", total=len(plan), enabled=progress)
+    try:
+        for item in plan:
+            t = tensors[item.gguf_name]
+            if item.gguf_name in keep4:
+                out.update(_int4_tensors(t, item, item.hf_name.removesuffix(".weight")))
+            else:
+                out[item.hf_name] = _load_tensor(t, item, dtype)
+            bar.update_to(bar.n + 1)
+    finally:
+        bar.close()
+    save_file(out, str(folder / "model.safetensors"))
 
 
 def reverse_rotary_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:

