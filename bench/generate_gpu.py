@@ -69,6 +69,14 @@ def run(args: argparse.Namespace) -> list[str]:
         cfg.pop("rope_scaling", None)  # changes no shape or FLOP; kept where it makes L legal
     if args.layers is not None:
         cfg["num_hidden_layers"] = args.layers
+    if args.weights == "int4":  # random 4-bit weights in the AWQ layout, group 128
+        cfg["quantization_config"] = {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": 128,
+            "zero_point": True,
+            "version": "gemm",
+        }
     folder = Path(tempfile.mkdtemp()) / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -85,6 +93,12 @@ def run(args: argparse.Namespace) -> list[str]:
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=args.chunk),
     )
     params = param_count(cfg)
+    from dist_runtime.config import ModelConfig
+    from dist_runtime.memory_planner import weight_bytes_per_worker
+
+    # Bytes a decode step reads for the weights: every layer and the LM head, not the embedding.
+    weight_bytes = weight_bytes_per_worker(ModelConfig.from_dict(cfg), 1, "bfloat16")
+    weight_bytes -= 2 * cfg["vocab_size"] * cfg["hidden_size"]
     emb = cfg["vocab_size"] * cfg["hidden_size"]
     hd = cfg["hidden_size"] // cfg["num_attention_heads"]
     heads, kvh, layers = (
@@ -111,10 +125,10 @@ def run(args: argparse.Namespace) -> list[str]:
         )
         kv_bytes = 2 * layers * kvh * hd * 2 * n
         # A decode step reads every layer weight, the LM head and the KV once.
-        floor = (2 * (params - emb) + kv_bytes) / (copy_gbs * 1e9)
+        floor = (weight_bytes + kv_bytes) / (copy_gbs * 1e9)
         rows.append(
             f"decode at {n:>7} context: {decode * 1e3:6.2f} ms/token, floor "
-            f"{floor * 1e3:5.2f} ms (weights {2 * (params - emb) / 1e9:.1f} GB + KV "
+            f"{floor * 1e3:5.2f} ms (weights {weight_bytes / 1e9:.1f} GB + KV "
             f"{kv_bytes / 1e9:.2f} GB at the copy bandwidth) -> {floor / decode:.0%}; "
             f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
         )
@@ -139,6 +153,12 @@ def main() -> None:
     p.add_argument(
         "--enforce-eager", action="store_true", help="decode without CUDA graphs (baseline)"
     )
+    p.add_argument(
+        "--weights",
+        choices=["bf16", "int4"],
+        default="bf16",
+        help="int4: random AWQ 4-bit weights (group 128) through the W4A16 kernel",
+    )
     p.add_argument("--out", default=None, help="markdown report path")
     args = p.parse_args()
     rows = run(args)
@@ -148,7 +168,8 @@ def main() -> None:
         Path(args.out).write_text(
             f"# generate on {name}, {datetime.date.today()}\n\n"
             f"torch {torch.__version__}, python {platform.python_version()}, model shape "
-            f"{args.model_config}, layers {args.layers or 'as configured'} (random weights, bf16, "
+            f"{args.model_config}, layers {args.layers or 'as configured'} (random {args.weights} "
+            "weights, bf16 activations, "
             f"tp=1, chunk {args.chunk}, decode {'eager' if args.enforce_eager else 'CUDA graphs'})"
             "\n\n"
             + "\n".join(f"- {r}" for r in rows)

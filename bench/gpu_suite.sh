@@ -29,9 +29,19 @@ timeout 240 $PY bench/generate_gpu.py \
     --prompt-lens 1048576 --decode-tokens 16 --out "$OUT/generate_1m.md" 2>&1 \
     | grep -v "it/s" | tee -a "$log"
 
+step W4A16 kernel against the bf16 matmul
+timeout 240 $PY bench/w4a16.py --report "$OUT/w4a16.md" 2>&1 | tee -a "$log"
+
+step generate, 7B shape, 4-bit weights vs bf16 at 8K
+timeout 180 $PY bench/generate_gpu.py --prompt-lens 8192 --decode-tokens 32 --weights int4 \
+    --out "$OUT/generate_7b_int4.md" 2>&1 | grep -v "it/s" | tee -a "$log"
+timeout 180 $PY bench/generate_gpu.py --prompt-lens 8192 --decode-tokens 32 \
+    --out "$OUT/generate_7b_bf16_8k.md" 2>&1 | grep -v "it/s" | tee -a "$log"
+
 step CUDA tests
 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/test_gpu_oracle.py tests/kernels/test_position_attention.py \
     tests/kernels/test_decode_shared_prefix.py tests/kernels/test_attention_kernels.py \
+    tests/kernels/test_w4a16.py tests/workers/test_int4_checkpoint.py \
     2>&1 | tail -30 | tee -a "$log"
 step done
