@@ -156,7 +156,8 @@ def test_imports_in_a_fresh_interpreter(module: str) -> None:
 
 def test_worker_process_imports_no_driver_stack() -> None:
     """Beyond what torch itself loads (torch.hub imports tqdm), a worker loads no SQLite,
-    Jinja or tqdm, and of the driver package only what both sides share."""
+    Jinja or tqdm, and of the driver package only what both sides share (the config, the
+    step protocol and the 4-bit weight format)."""
     code = (
         "import sys; import torch; before = set(sys.modules); import workers.worker; "
         "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
@@ -164,4 +165,5 @@ def test_worker_process_imports_no_driver_stack() -> None:
     )
     modules = ast.literal_eval(_fresh(code))
     assert not [m for m in modules if not m.startswith("dist_runtime")], modules
-    assert set(modules) <= {"dist_runtime", "dist_runtime.config", "dist_runtime.protocol"}
+    shared = {"dist_runtime.config", "dist_runtime.protocol", "dist_runtime.formats.int4"}
+    assert set(modules) <= {"dist_runtime", "dist_runtime.formats", *shared}

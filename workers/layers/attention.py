@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dist_runtime.config import ModelConfig
+from dist_runtime.config import ModelConfig, WeightQuant
 from kernels.flash_decode import flash_decode
 from kernels.paged_attention import paged_attention
 from kernels.store_kv import store_kv
@@ -16,7 +16,6 @@ from workers.distributed import Collectives
 from workers.kv_cache import LayerKV
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.layers.rotary import RotaryEmbedding
-from workers.models.names import linear_quant
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +73,8 @@ class Attention(nn.Module):
         comm: Collectives,
         dtype: torch.dtype,
         device: torch.device,
+        qkv_quant: WeightQuant | None = None,
+        o_quant: WeightQuant | None = None,
     ):
         super().__init__()
         self.shard = shard
@@ -87,7 +88,7 @@ class Attention(nn.Module):
             config.attention_bias,
             dtype,
             device,
-            linear_quant(config, "qkv"),
+            qkv_quant,
         )
         self.o_proj = RowParallelLinear(
             self.q_size,
@@ -96,7 +97,7 @@ class Attention(nn.Module):
             dtype,
             device,
             comm,
-            linear_quant(config, "o"),
+            o_quant,
         )
         self.rotary = rotary
         self.comm = comm

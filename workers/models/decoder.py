@@ -62,7 +62,16 @@ class DecoderLayer(nn.Module):
     ):
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.attn = Attention(config, shard, rotary, comm, dtype, device)
+        self.attn = Attention(
+            config,
+            shard,
+            rotary,
+            comm,
+            dtype,
+            device,
+            qkv_quant=linear_quant(config, "qkv"),
+            o_quant=linear_quant(config, "o"),
+        )
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = MLP(config, comm, dtype, device)
 
