@@ -1,0 +1,143 @@
+"""Datasheet figures of the GPUs `bench/predict.py` models, in one place, with their sources.
+
+Every figure is the vendor's peak, not a measurement:
+
+* ``bf16_dense_flops``: bf16 Tensor Core FLOP/s *without* structured sparsity. NVIDIA's H100 and
+  H200 datasheets print the sparse figure (1,979 TFLOP/s, "shown with sparsity"); dense is half.
+* ``hbm_bytes_per_s``: HBM bandwidth, bytes read or written per second.
+* ``nvlink_bidir_bytes_per_s``: NVLink bandwidth per GPU, **both directions added** (the
+  datasheets' "600 GB/s" / "900 GB/s"). One direction carries half:
+  `nvlink_bytes_per_s_per_direction`. A ring collective sends and receives at once, so its
+  time is bytes sent per GPU over the one-direction figure.
+* ``pcie_bidir_bytes_per_s``: the host PCIe link per GPU, both directions added (Gen4 x16:
+  64 GB/s, Gen5 x16: 128 GB/s); half of it per direction.
+* ``memory_bytes``: device memory as `nvidia-smi` reports it for the card (MiB x 2^20), which is
+  what the memory planner compares a plan against.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+GB = 10**9
+TB = 10**12
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPU:
+    key: str
+    """The name `--gpus` takes (e.g. ``A100-80GB``)."""
+    name: str
+    """The product, as NVIDIA names it."""
+    aliases: tuple[str, ...]
+    """Other spellings `--gpus` accepts (compared case-insensitively)."""
+    device_names: tuple[str, ...]
+    """Substrings of ``torch.cuda.get_device_name()`` (and of the benchmark reports' titles)
+    that identify this card."""
+    bf16_dense_flops: float
+    hbm_bytes_per_s: float
+    memory_bytes: int
+    nvlink_bidir_bytes_per_s: float
+    pcie_bidir_bytes_per_s: float
+    sources: tuple[str, ...]
+
+    @property
+    def nvlink_bytes_per_s_per_direction(self) -> float:
+        return self.nvlink_bidir_bytes_per_s / 2
+
+    @property
+    def pcie_bytes_per_s_per_direction(self) -> float:
+        return self.pcie_bidir_bytes_per_s / 2
+
+    def link_bytes_per_s(self, link: str) -> float:
+        """One direction of `link` ('nvlink' or 'pcie') per GPU."""
+        if link == "nvlink":
+            return self.nvlink_bytes_per_s_per_direction
+        if link == "pcie":
+            return self.pcie_bytes_per_s_per_direction
+        raise ValueError(f"link must be 'nvlink' or 'pcie', got {link!r}")
+
+
+A100_DATASHEET = (
+    "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
+    "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf"
+)
+H100_DATASHEET = "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet"
+H200_PAGE = "https://www.nvidia.com/en-us/data-center/h200/"
+H200_DATASHEET = "https://nvdam.widen.net/s/nb5zzzsjdf/hpc-datasheet-sc23-h200-datasheet-3002446"
+
+GPUS: dict[str, GPU] = {
+    g.key: g
+    for g in (
+        GPU(
+            key="A100-80GB",
+            name="NVIDIA A100 80GB SXM4",
+            aliases=("A100", "A100-SXM", "A100-SXM4-80GB", "A100-80G"),
+            device_names=("A100-SXM4-80GB", "A100 80GB", "A100-80GB"),
+            # Datasheet, "A100 80GB SXM" column: BFLOAT16 Tensor Core 312 TFLOPS (624 with
+            # sparsity); GPU memory bandwidth 2,039 GB/s (HBM2e); NVLink 600 GB/s; PCIe Gen4
+            # 64 GB/s. nvidia-smi: 81920 MiB.
+            bf16_dense_flops=312 * TB,
+            hbm_bytes_per_s=2039 * GB,
+            memory_bytes=81920 * MiB,
+            nvlink_bidir_bytes_per_s=600 * GB,
+            pcie_bidir_bytes_per_s=64 * GB,
+            sources=(A100_DATASHEET,),
+        ),
+        GPU(
+            key="H100-SXM",
+            name="NVIDIA H100 SXM5 80GB",
+            aliases=("H100", "H100-80GB", "H100-SXM5", "H100-SXM5-80GB"),
+            device_names=("H100 80GB HBM3", "H100-SXM", "H100 SXM"),
+            # Datasheet, "H100 SXM" column: BFLOAT16 Tensor Core 1,979 TFLOPS with sparsity
+            # (989 dense); GPU memory bandwidth 3.35 TB/s; NVLink 900 GB/s; PCIe Gen5 128 GB/s.
+            # nvidia-smi: 81559 MiB.
+            bf16_dense_flops=989 * TB,
+            hbm_bytes_per_s=3350 * GB,
+            memory_bytes=81559 * MiB,
+            nvlink_bidir_bytes_per_s=900 * GB,
+            pcie_bidir_bytes_per_s=128 * GB,
+            sources=(H100_DATASHEET,),
+        ),
+        GPU(
+            key="H200-SXM",
+            name="NVIDIA H200 SXM 141GB",
+            aliases=("H200", "H200-141GB", "H200-SXM5"),
+            device_names=("H200",),
+            # Datasheet, "H200 SXM" column: BFLOAT16 Tensor Core 1,979 TFLOPS with sparsity
+            # (989 dense, the same GH100 die as H100); 141 GB HBM3e at 4.8 TB/s; NVLink
+            # 900 GB/s; PCIe Gen5 128 GB/s. nvidia-smi: 143771 MiB.
+            bf16_dense_flops=989 * TB,
+            hbm_bytes_per_s=4800 * GB,
+            memory_bytes=143771 * MiB,
+            nvlink_bidir_bytes_per_s=900 * GB,
+            pcie_bidir_bytes_per_s=128 * GB,
+            sources=(H200_DATASHEET, H200_PAGE),
+        ),
+    )
+}
+
+
+def accepted_names() -> str:
+    """Every name `lookup` accepts, for error messages."""
+    return "; ".join(f"{g.key} (also {', '.join(g.aliases)})" for g in GPUS.values())
+
+
+def lookup(name: str) -> GPU | None:
+    """The GPU named `name` (its key or an alias, any case), or None."""
+    want = name.strip().lower()
+    for gpu in GPUS.values():
+        if want == gpu.key.lower() or want in (a.lower() for a in gpu.aliases):
+            return gpu
+    return None
+
+
+def match_device_name(text: str) -> GPU | None:
+    """The GPU a device name or a report title names (``NVIDIA H100 80GB HBM3``), or None."""
+    for gpu in GPUS.values():
+        for device in gpu.device_names:
+            if re.search(re.escape(device), text, flags=re.IGNORECASE):
+                return gpu
+    return None
