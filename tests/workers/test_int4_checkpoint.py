@@ -25,6 +25,7 @@ from dist_runtime.config import ConfigError, ModelConfig, ParallelConfig, Runtim
 from dist_runtime.formats.int4 import pack_awq
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from workers.checkpoint import CheckpointError
+from workers.layers.linear import _Linear
 from workers.scoring import Scorer
 
 SHAPES: dict[str, Any] = dict(
@@ -255,3 +256,25 @@ def test_missing_or_misshaped_packed_tensors_are_reported(
     config = RuntimeConfig(model=str(broken), session_len=64, device="cpu", dtype="float32")
     with pytest.raises(CheckpointError, match="down_proj.qweight.*has shape"):
         Scorer(config, max_tokens=16)
+
+
+def test_the_triton_kernel_serves_the_model(
+    folders: Callable[[str], tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With Triton forced (the interpreter on CPU, compiled on CUDA) the layers keep their codes
+    and run the W4A16 kernel inside the model: the scores still equal the float twin's."""
+    monkeypatch.setenv("DIST_RUNTIME_KERNELS", "triton")
+    quant, twin = folders("gptq-internlm2-actorder")
+    ids = [(7 * i + 2) % SHAPES["vocab_size"] for i in range(24)]
+    config = RuntimeConfig(model=str(quant), session_len=64, device="cpu", dtype="float32")
+    scorer = Scorer(config, max_tokens=len(ids))
+    try:
+        linears = [m for m in scorer.runner.model.modules() if isinstance(m, _Linear)]
+        assert linears and all(m.qweight is not None and m.weight is None for m in linears)
+        got = scorer.score(ids, chunk=16, decode_last=2).nll
+    finally:
+        scorer.close()
+    monkeypatch.setenv("DIST_RUNTIME_KERNELS", "torch")
+    torch.testing.assert_close(
+        torch.tensor(got), torch.tensor(_nll(twin, ids)), rtol=1e-4, atol=1e-4
+    )

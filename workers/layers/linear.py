@@ -87,7 +87,10 @@ class _Linear(nn.Module):
         """After loading: off the Triton path, dequantize once and drop the codes."""
         if self.qweight is None or use_triton(self.qweight.device):
             return
-        self.weight = nn.Parameter(self.int4().dequantize(self.dtype), requires_grad=False)
+        from kernels.w4a16 import dequantized_weight
+
+        weight = dequantized_weight(self.int4(), self.dtype)
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.qweight = self.scales = self.zeros = self.g_idx = None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

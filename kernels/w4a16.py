@@ -1,0 +1,400 @@
+"""4-bit weight, 16-bit activation GEMM (W4A16) over the runtime's int4 layout.
+
+`w4a16_matmul(x, weight, bias)` computes x @ W.T (+ bias) for x [M, K] and a 4-bit weight in
+`dist_runtime.formats.int4.Int4Weight` layout, W[n, k] = (q[k, n] - zero[g(k), n]) *
+scale[g(k), n], accumulating in fp32 and returning x's dtype.
+
+- **Triton kernel** (CUDA): dequantizes inside the GEMM. A program owns a BLOCK_M x BLOCK_N
+  output tile and walks K in BLOCK_K steps: it loads the packed words of its BLOCK_K rows (row k
+  from word k // 8, nibble k % 8), unpacks them with one shift and mask, applies the scale and
+  zero of each row's group in fp32 and feeds the tile to `tl.dot` with an fp32 accumulator.
+  Scales and zeros are read as one row per tile when BLOCK_K divides group_size (no g_idx), and
+  gathered per row otherwise (GPTQ act-order `g_idx`, or groups smaller than the tile).
+  Decode shapes (M <= `DECODE_MAX_M`) use 16-64-row tiles and split K over several programs
+  when the output tiles alone would leave the GPU's SMs idle: each split writes an fp32 partial
+  sum and a second pass adds them (deterministic, no atomics). Prefill shapes use 64- or
+  128-row tiles without split. `pick_config` is the heuristic; `W4A16Config` can be passed to
+  `w4a16_matmul_triton` to force tiles.
+- **Torch twin** `w4a16_matmul_torch`: unpacks and dequantizes the whole weight to fp32 on every
+  call and multiplies in fp32: the per-call reference of the kernel's semantics, not a serving
+  path (it materializes the fp32 weight each call).
+- **CPU serving**: the runtime dequantizes once at load with `dequantized_weight(weight, dtype)`
+  and keeps the float [N, K] weight for `F.linear`, so memory on CPU is that of float weights.
+
+K (the weight's `in_features`) is a multiple of 8 by construction of the packing and must be a
+multiple of `group_size`; M and N are arbitrary (N need not be a multiple of 8 in the runtime
+layout; AWQ checkpoints are, by their own packing).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dist_runtime.formats.int4 import Int4Weight
+from kernels.dispatch import use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: only the torch reference runs
+    triton = None  # type: ignore[assignment]
+
+DECODE_MAX_M = 64
+"""Largest M served by the decode configs (small row tiles, split K)."""
+MAX_SPLIT_K = 16
+"""Upper bound on K splits: each split costs an fp32 partial of M x N."""
+INTERPRETER_SMS = 8
+"""SM count assumed off CUDA (Triton's interpreter), so small test shapes still split K."""
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEQUANT_ELEMENTS = 1 << 19
+"""Weight elements `dequantized_weight` unpacks per step on CPU (whole rows): about 2 MB of fp32
+that stays in cache between the unpack, the zero and the scale passes. Other devices take the
+whole weight in one step."""
+
+
+def _jit(fn: Any) -> Any:
+    return triton.jit(fn) if triton is not None else fn
+
+
+def _is_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class W4A16Config:
+    """Tiles and launch parameters of one `_w4a16_kernel` launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    """Programs along K; 1 writes the output directly, more write fp32 partials to sum."""
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {v}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+
+
+def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> W4A16Config:
+    """The tiles for an [m, k] x [k, n] product on a GPU with `num_sms` SMs.
+
+    Decode (m <= DECODE_MAX_M): the row tile covers m (16..64 rows), 64 columns, 128 rows of K;
+    K is split until the programs number about twice the SMs (at most MAX_SPLIT_K splits, at
+    least one K tile each). Prefill: 64 x 128 tiles up to m = 128, 128 x 128 above, 64 rows of K.
+    BLOCK_K shrinks to the largest power of two dividing group_size when that is at least 32, so
+    a tile reads one scale / zero row; otherwise they are gathered per row.
+    """
+    if m <= DECODE_MAX_M:
+        block_m, block_n, cap = max(16, _next_power_of_2(m)), 64, 128
+        num_warps, num_stages = 4, 4
+    else:
+        block_m, block_n, cap = (64 if m <= 128 else 128), 128, 64
+        num_warps, num_stages = (4, 3) if block_m == 64 else (8, 3)
+    pow2_of_group = group_size & -group_size
+    block_k = min(cap, pow2_of_group) if pow2_of_group >= 32 else cap
+    split_k = 1
+    if m <= DECODE_MAX_M:
+        tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
+        k_tiles = _cdiv(k, block_k)
+        split_k = max(1, min(_cdiv(2 * num_sms, tiles), k_tiles, MAX_SPLIT_K))
+    return W4A16Config(block_m, block_n, block_k, split_k, num_warps, num_stages)
+
+
+@_jit
+def _w4a16_kernel(
+    x_ptr,
+    qw_ptr,
+    scales_ptr,
+    zeros_ptr,
+    g_idx_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    k_split,
+    stride_xm,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_zg,
+    stride_zn,
+    stride_os,
+    stride_om,
+    stride_on,
+    HAS_G_IDX: tl.constexpr,
+    TILE_IN_GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[split, m, n] = sum over this split's K slice of x[m, k] * W[n, k] (+ bias).
+
+    Grid (M tiles, N tiles, splits). k_split is a multiple of BLOCK_K (so of 8), so every tile
+    starts on a word boundary and, with TILE_IN_GROUP, lies inside one group.
+    DOT_F32 multiplies in fp32 IEEE (fp32 activations, and the interpreter, whose numpy has no
+    bf16 matmul); otherwise the dequantized tile is rounded to x's dtype for the tensor cores.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    shifts = ((tl.arange(0, BLOCK_K) % 8) * 4)[:, None]
+    k_start = pid_k * k_split
+    k_end = tl.minimum(k_start + k_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        x = tl.load(
+            x_rows + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        mask_kn = mask_k[:, None] & mask_n[None, :]
+        words = tl.load(
+            qw_ptr + (offs_k // 8)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+            mask=mask_kn,
+            other=0,
+        )
+        q = ((words >> shifts) & 0xF).to(tl.float32)
+        if TILE_IN_GROUP:
+            g = k0 // group_size
+            s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
+            z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0.0)
+            w = (q - z.to(tl.float32)[None, :]) * s.to(tl.float32)[None, :]
+        else:
+            if HAS_G_IDX:
+                g_rows = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
+            else:
+                g_rows = offs_k // group_size
+            s = tl.load(
+                scales_ptr + g_rows[:, None] * stride_sg + offs_n[None, :] * stride_sn,
+                mask=mask_kn,
+                other=0.0,
+            )
+            z = tl.load(
+                zeros_ptr + g_rows[:, None] * stride_zg + offs_n[None, :] * stride_zn,
+                mask=mask_kn,
+                other=0.0,
+            )
+            w = (q - z.to(tl.float32)) * s.to(tl.float32)
+        if DOT_F32:
+            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = (
+        out_ptr
+        + pid_k * stride_os
+        + offs_m.to(tl.int64)[:, None] * stride_om
+        + offs_n[None, :] * stride_on
+    )
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def check_shapes(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> None:
+    """Raise ValueError unless x [..., K], weight and bias [N] fit together (K = in_features, a
+    multiple of 8 and of group_size; scales / zeros [K / group_size, N]; g_idx [K])."""
+    k, n = weight.in_features, weight.out_features
+    if weight.qweight.dim() != 2 or weight.qweight.dtype != torch.int32:
+        raise ValueError(
+            f"qweight must be int32 [K/8, N], got {weight.qweight.dtype} "
+            f"{tuple(weight.qweight.shape)}"
+        )
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"x {tuple(x.shape)} must end in K = {k}, the weight's in_features "
+            f"(qweight {tuple(weight.qweight.shape)})"
+        )
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if k % 8 or weight.group_size <= 0 or k % weight.group_size:
+        raise ValueError(
+            f"K = {k} must be a multiple of 8 and of group_size {weight.group_size} "
+            f"(x {tuple(x.shape)}, qweight {tuple(weight.qweight.shape)})"
+        )
+    if weight.g_idx is None:
+        groups = k // weight.group_size
+        if weight.scales.shape[0] != groups:
+            raise ValueError(
+                f"scales {tuple(weight.scales.shape)} must have K / group_size = {groups} rows "
+                f"for K = {k}, group_size {weight.group_size}"
+            )
+    elif tuple(weight.g_idx.shape) != (k,):
+        raise ValueError(f"g_idx {tuple(weight.g_idx.shape)} must be [K] = [{k}]")
+    for name, t in (("scales", weight.scales), ("zeros", weight.zeros)):
+        if t.dim() != 2 or t.shape[1] != n or t.shape[0] != weight.scales.shape[0]:
+            raise ValueError(
+                f"{name} {tuple(t.shape)} must be [groups, N] with N = {n} and the scales' rows"
+            )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias {tuple(bias.shape)} must be [N] = [{n}]")
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sms(torch.cuda.current_device() if device.index is None else device.index)
+    return INTERPRETER_SMS
+
+
+def w4a16_matmul_triton(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    bias: torch.Tensor | None = None,
+    config: W4A16Config | None = None,
+) -> torch.Tensor:
+    """Triton twin of `w4a16_matmul_torch`: x [..., K] -> [..., N] in x's dtype.
+
+    `config` overrides `pick_config` (tests force split / gather paths with it).
+    """
+    check_shapes(x, weight, bias)
+    k, n = weight.in_features, weight.out_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.reshape(*lead, n)
+    if config is None:
+        config = pick_config(m, n, k, weight.group_size, _num_sms(x.device))
+    k_tiles = _cdiv(k, config.block_k)
+    k_split = _cdiv(k_tiles, min(config.split_k, k_tiles)) * config.block_k
+    splits = _cdiv(k, k_split)
+    has_g_idx = weight.g_idx is not None
+    tile_in_group = not has_g_idx and weight.group_size % config.block_k == 0
+    target = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    fuse_bias = bias is not None and splits == 1
+    scales, zeros = weight.scales, weight.zeros
+    grid = (_cdiv(m, config.block_m), _cdiv(n, config.block_n), splits)
+    _w4a16_kernel[grid](
+        x2,
+        weight.qweight,
+        scales,
+        zeros,
+        weight.g_idx if has_g_idx else weight.qweight,
+        bias if fuse_bias else scales,
+        target,
+        m,
+        n,
+        k,
+        weight.group_size,
+        k_split,
+        x2.stride(0),
+        x2.stride(1),
+        weight.qweight.stride(0),
+        weight.qweight.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        zeros.stride(0),
+        zeros.stride(1),
+        target.stride(0) if splits > 1 else 0,
+        target.stride(-2),
+        target.stride(-1),
+        HAS_G_IDX=has_g_idx,
+        TILE_IN_GROUP=tile_in_group,
+        HAS_BIAS=fuse_bias,
+        DOT_F32=x.dtype == torch.float32 or _is_interpreting(),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if splits > 1:
+        total = target.sum(dim=0)
+        if bias is not None:
+            total += bias.to(torch.float32)
+        out.copy_(total)
+    return out.reshape(*lead, n)
+
+
+def w4a16_matmul_torch(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reference: dequantize the whole weight to fp32, x @ W.T (+ bias) in fp32, cast to x's
+    dtype. x [..., K] -> [..., N]."""
+    check_shapes(x, weight, bias)
+    out = x.to(torch.float32) @ dequantized_weight(weight, torch.float32).T
+    if bias is not None:
+        out += bias.to(torch.float32)
+    return out.to(x.dtype)
+
+
+def w4a16_matmul(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] @ dequantized(weight).T (+ bias) -> [..., N] in x's dtype, fp32 accumulation:
+    the Triton kernel on CUDA, the torch twin elsewhere (see `kernels.dispatch`)."""
+    if use_triton(x.device):
+        return w4a16_matmul_triton(x, weight, bias)
+    return w4a16_matmul_torch(x, weight, bias)
+
+
+def dequantized_weight(weight: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight [N, K] (nn.Linear orientation) in `dtype`: (q - zero) * scale in fp32,
+    rounded once to `dtype`. The CPU path caches it at load and multiplies with `F.linear`; it
+    costs the memory of a float weight (N * K * dtype size). Works through DEQUANT_ELEMENTS at a
+    time, so the temporaries stay small beside the result."""
+    k, n = weight.in_features, weight.out_features
+    if weight.group_size <= 0 or k % weight.group_size:
+        raise ValueError(
+            f"K = {k} (qweight {tuple(weight.qweight.shape)}) is not a multiple of group_size "
+            f"{weight.group_size}"
+        )
+    device = weight.qweight.device
+    out = torch.empty(n, k, dtype=dtype, device=device)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=device)
+    words = weight.qweight.T.contiguous()  # [N, K/8], an eighth of the fp32 weight's bytes
+    scales, zeros = weight.scales.T, weight.zeros.T  # [N, groups]
+    g = None if weight.g_idx is None else weight.g_idx.to(device=device, dtype=torch.int64)
+    rows = max(1, DEQUANT_ELEMENTS // max(k, 1)) if device.type == "cpu" else max(n, 1)
+    for n0 in range(0, n, rows):
+        n1 = min(n0 + rows, n)
+        codes = (words[n0:n1, :, None] >> shifts) & 0xF  # [rows, K/8, 8]
+        w = out[n0:n1] if dtype == torch.float32 else torch.empty(n1 - n0, k, device=device)
+        w.copy_(codes.reshape(n1 - n0, k))
+        s = scales[n0:n1].to(torch.float32)
+        z = zeros[n0:n1].to(torch.float32)
+        if g is None:
+            per_group = w.view(n1 - n0, -1, weight.group_size)
+            per_group.sub_(z[:, :, None]).mul_(s[:, :, None])
+        else:
+            w.sub_(z[:, g]).mul_(s[:, g])
+        if dtype != torch.float32:
+            out[n0:n1] = w
+    return out
