@@ -149,12 +149,32 @@ def write_quantized(
     return out["q"], out["f"]
 
 
+def write_awq_with_quantizer(src: Path, dst: Path) -> tuple[Path, Path]:
+    """`launch/quantize.py --method awq` (the library call), and the float twin of what it wrote
+    (its AWQ tensors unpacked and dequantized by the quantizer's own reader)."""
+    from dist_runtime.quantize import load_dequantized, quantize_checkpoint
+
+    quant = dst / "q"
+    quantize_checkpoint(src, quant, method="awq", group_size=GROUP, progress=False)
+    twin = dst / "f"
+    twin.mkdir(parents=True)
+    for f in quant.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("quant_config.json", "config.json"):
+            (twin / f.name).write_bytes(f.read_bytes())
+    config = json.loads((quant / "config.json").read_text())
+    config.pop("quantization_config")
+    (twin / "config.json").write_text(json.dumps(config))
+    save_file(load_dequantized(quant), str(twin / "model.safetensors"))
+    return quant, twin
+
+
 CASES = {
     "awq-llama": ("llama", "awq", False, False),
     "awq-internlm2": ("internlm2", "awq", False, False),
     "gptq-llama-actorder-sym": ("llama", "gptq", True, True),
     "gptq-internlm2-actorder": ("internlm2", "gptq", True, False),
     "gptq-llama-asym": ("llama", "gptq", False, False),
+    "quantize.py-awq-internlm2": ("internlm2", "quantize.py", False, False),
 }
 
 
@@ -167,7 +187,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[P
             arch, method, desc_act, sym = CASES[case]
             root = tmp_path_factory.mktemp(case)
             src = write_random_checkpoint(root / "src", architecture=arch, seed=3, **SHAPES)
-            made[case] = write_quantized(src, root, method, desc_act=desc_act, sym=sym)
+            if method == "quantize.py":
+                made[case] = write_awq_with_quantizer(src, root)
+            else:
+                made[case] = write_quantized(src, root, method, desc_act=desc_act, sym=sym)
         return made[case]
 
     return get
@@ -201,7 +224,9 @@ def _generate(folder: Path, tp: int) -> list[Any]:
         return rt.generate(PROMPTS, PARAMS)
 
 
-@pytest.mark.parametrize("case", ["awq-internlm2", "gptq-llama-actorder-sym"])
+@pytest.mark.parametrize(
+    "case", ["awq-internlm2", "gptq-llama-actorder-sym", "quantize.py-awq-internlm2"]
+)
 def test_tp3_generates_what_the_float_twin_does(
     ray_cluster: Any, folders: Callable[[str], tuple[Path, Path]], case: str
 ) -> None:
