@@ -2,6 +2,8 @@
 
 Every collective returns at once when its group has one rank, so a tp=1 model runs without a
 process group. Every rank must issue the same collectives in the same order.
+
+`Collectives` counts what each operation sent (see `Collectives.comm_stats`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,12 +84,32 @@ def pin_interfaces_to_loopback(host: str) -> None:
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
+COLLECTIVE_OPS = (
+    "tp_all_reduce",
+    "tp_all_gather",
+    "cp_all_gather",
+    "cp_all_to_all",
+    "cp_ring_shift",
+)
+"""The operations `Collectives.comm_stats` reports, by method name."""
+
+
 class CollectiveError(RuntimeError):
     """A collective timed out or lost a peer: this worker's group must be rebuilt."""
 
 
 class Collectives:
-    """Collectives over this rank's tp group (same cp rank) and cp group (same tp rank)."""
+    """Collectives over this rank's tp group (same cp rank) and cp group (same tp rank).
+
+    Each operation counts its calls, the bytes this rank sent (numel x element size of its input
+    tensor) and the wall seconds spent in the call. Only real communication counts: a call on a
+    one-rank group returns its input untouched and adds nothing, so a tp=1 model reports zero
+    tp traffic. The seconds are host time around the torch.distributed call with no device
+    sync: on gloo (CPU) that covers the whole exchange, including the wait for slower peers; on
+    NCCL only the enqueue onto the stream. A ring shift counts its bytes when issued and adds
+    the time of both the issue and `RingTransfer.wait`. Decode steps replayed from a CUDA graph
+    run no Python, so the counters cover eagerly run steps only.
+    """
 
     def __init__(
         self,
@@ -99,6 +122,24 @@ class Collectives:
         self.tp_group = tp_group
         self.cp_group = cp_group
         self.timeout_s = timeout_s
+        self._stats: dict[str, list[float]] = {op: [0, 0, 0.0] for op in COLLECTIVE_OPS}
+
+    def _record(self, op: str, nbytes: int, seconds: float, calls: int = 1) -> None:
+        stat = self._stats[op]
+        stat[0] += calls
+        stat[1] += nbytes
+        stat[2] += seconds
+
+    def comm_stats(self) -> dict[str, dict[str, float]]:
+        """{op: {"calls", "bytes", "seconds"}} since creation or the last `reset_comm_stats`."""
+        return {
+            op: {"calls": int(calls), "bytes": int(nbytes), "seconds": seconds}
+            for op, (calls, nbytes, seconds) in self._stats.items()
+        }
+
+    def reset_comm_stats(self) -> None:
+        for stat in self._stats.values():
+            stat[:] = [0, 0, 0.0]
 
     @contextlib.contextmanager
     def _guard(self, op: str) -> Iterator[None]:
@@ -123,8 +164,10 @@ class Collectives:
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return x
+        start = time.perf_counter()
         with self._guard("tp all-reduce"):
             dist.all_reduce(x, group=self.tp_group)
+        self._record("tp_all_reduce", x.numel() * x.element_size(), time.perf_counter() - start)
         return x
 
     def tp_all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -132,8 +175,10 @@ class Collectives:
         if self.tp_size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        start = time.perf_counter()
         with self._guard("tp all-gather"):
             dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        self._record("tp_all_gather", x.numel() * x.element_size(), time.perf_counter() - start)
         return torch.cat(parts, dim=dim)
 
     # -- context parallel: every call is collective over the cp group --------------------------
@@ -151,8 +196,10 @@ class Collectives:
             return x[None]
         # Concatenated along dim 0 (the layout gloo accepts), then split into a cp dim.
         out = torch.empty((self.cp_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        start = time.perf_counter()
         with self._guard("cp all-gather"):
             _all_gather_single(out, x.contiguous(), group=self.cp_group)
+        self._record("cp_all_gather", x.numel() * x.element_size(), time.perf_counter() - start)
         return out.view(self.cp_size, *x.shape)
 
     def cp_all_to_all(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,8 +207,10 @@ class Collectives:
         if self.cp_size == 1:
             return x
         out = torch.empty_like(x)
+        start = time.perf_counter()
         with self._guard("cp all-to-all"):
             dist.all_to_all_single(out, x.contiguous(), group=self.cp_group)
+        self._record("cp_all_to_all", x.numel() * x.element_size(), time.perf_counter() - start)
         return out
 
     def cp_ring_shift(self, tensors: list[torch.Tensor]) -> RingTransfer:
@@ -175,9 +224,15 @@ class Collectives:
         recv = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group=self.cp_group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, prv, group=self.cp_group) for r in recv]
+        start = time.perf_counter()
         with self._guard("cp ring send/recv"):
             works = dist.batch_isend_irecv(ops)
-        return RingTransfer(works, recv, self._guard)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self._record("cp_ring_shift", nbytes, time.perf_counter() - start)
+        return RingTransfer(works, recv, self._guard, self._record_ring_wait)
+
+    def _record_ring_wait(self, seconds: float) -> None:
+        self._record("cp_ring_shift", 0, seconds, calls=0)
 
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); older torch lacks it.
@@ -187,15 +242,25 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 class RingTransfer:
     """A ring exchange in flight (see `Collectives.cp_ring_shift`)."""
 
-    def __init__(self, works: list, recv: list[torch.Tensor], guard: Any = None):
+    def __init__(
+        self,
+        works: list,
+        recv: list[torch.Tensor],
+        guard: Any = None,
+        on_wait: Callable[[float], None] | None = None,
+    ):
         self._works = works
         self._recv = recv
         self._guard = guard or (lambda op: contextlib.nullcontext())
+        self._on_wait = on_wait
 
     def wait(self) -> list[torch.Tensor]:
+        start = time.perf_counter()
         with self._guard("cp ring send/recv"):
             for w in self._works:
                 w.wait()
+        if self._on_wait is not None:
+            self._on_wait(time.perf_counter() - start)
         return self._recv
 
 

@@ -85,6 +85,16 @@ class Worker:
             stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.runner.device)
         return stats
 
+    def comm_stats(self, reset: bool = False) -> dict[str, dict[str, float]]:
+        """This rank's collective counters (see `Collectives.comm_stats`); with reset, zeroes
+        them after reading."""
+        assert self.runner is not None
+        comm = self.runner.comm
+        stats = comm.comm_stats()
+        if reset:
+            comm.reset_comm_stats()
+        return stats
+
     def ping(self) -> int:
         return self.coords.rank
 

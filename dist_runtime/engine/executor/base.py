@@ -31,6 +31,11 @@ class Executor(abc.ABC):
         """Each worker's memory (see `Worker.memory_stats`), by rank."""
 
     @abc.abstractmethod
+    def comm_stats(self, reset: bool = False) -> list[dict[str, dict[str, float]]]:
+        """Each worker's collective counters (see `Worker.comm_stats`), by rank; with reset,
+        each worker zeroes its counters after reading them."""
+
+    @abc.abstractmethod
     def shutdown(self, keep_ray: bool = False) -> None:
         """Release every worker (kill the processes); keep_ray leaves a Ray this executor
         started running, for a replacement executor."""

@@ -40,5 +40,8 @@ class InProcessExecutor(Executor):
     def memory_stats(self) -> list[dict[str, int]]:
         return [self.worker.memory_stats()]
 
+    def comm_stats(self, reset: bool = False) -> list[dict[str, dict[str, float]]]:
+        return [self.worker.comm_stats(reset)]
+
     def shutdown(self, keep_ray: bool = False) -> None:
         self.worker.shutdown()

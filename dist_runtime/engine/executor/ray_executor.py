@@ -324,6 +324,15 @@ class RayExecutor(Executor):
             )
         )
 
+    def comm_stats(self, reset: bool = False) -> list[dict[str, dict[str, float]]]:
+        return list(
+            self._get(
+                [a.comm_stats.remote(reset) for a in self.actors],
+                self.config.step_timeout_s,
+                "reading collective counters",
+            )
+        )
+
     def shutdown(self, keep_ray: bool = False) -> None:
         """Kill every worker and remove the placement group; stop Ray too if this executor
         started it, unless keep_ray (a replacement group is about to start)."""
