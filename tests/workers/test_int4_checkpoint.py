@@ -225,15 +225,20 @@ def _generate(folder: Path, tp: int) -> list[Any]:
 
 
 @pytest.mark.parametrize(
-    "case", ["awq-internlm2", "gptq-llama-actorder-sym", "quantize.py-awq-internlm2"]
+    "case",
+    [
+        pytest.param("awq-internlm2", marks=pytest.mark.slow),  # quantize.py's case covers it
+        "gptq-llama-actorder-sym",
+        "quantize.py-awq-internlm2",
+    ],
 )
 def test_tp3_generates_what_the_float_twin_does(
     ray_cluster: Any, folders: Callable[[str], tuple[Path, Path]], case: str
 ) -> None:
     quant, twin = folders(case)
-    got, ref1, want = _generate(quant, 3), _generate(quant, 1), _generate(twin, 3)
-    for g, r1, w in zip(got, ref1, want, strict=True):
-        assert g.token_ids == w.token_ids == r1.token_ids
+    got, want = _generate(quant, 3), _generate(twin, 3)
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
         assert g.logprobs is not None and w.logprobs is not None
         for a, b in zip(g.logprobs, w.logprobs, strict=True):
             assert list(a.top) == list(b.top)
