@@ -154,18 +154,25 @@ class OursRunner:
     """Our runtime; records the time each executor step returns."""
 
     def __init__(
-        self, folder: Path, tp: int, session_len: int, max_batched: int, prefix_cache: bool
+        self,
+        folder: Path,
+        tp: int,
+        session_len: int,
+        max_batched: int,
+        prefix_cache: bool,
+        dtype: str = "float32",
+        label: str = "",
     ):
         # Every repeat sends the same prompts: with the prefix cache on, all but the first
         # prefill would be served from it (HF has no such cache), so the comparison runs with it
         # off; --prefix-cache measures the cached case under its own name.
-        self.name = f"ours tp={tp}" + (" (prefix cache on)" if prefix_cache else "")
+        self.name = f"ours tp={tp}" + (" (prefix cache on)" if prefix_cache else "") + label
         self.rt = Runtime(
             model=str(folder),
             tp=tp,
             session_len=session_len,
             device="cpu",
-            dtype="float32",
+            dtype=dtype,
             scheduler=SchedulerConfig(max_num_batched_tokens=max(8192, max_batched)),
             cache={"enable_prefix_caching": prefix_cache},
         )
@@ -401,6 +408,10 @@ def render_report(
         "",
         "- ours runs with the prefix cache off (every repeat sends the same prompts, which the "
         "cache would serve; HF has none); a row marked `(prefix cache on)` is the cached case",
+        "- a row marked `4-bit (the GGUF's Q4_1 blocks), bf16` (`--int4`) runs the demo's own "
+        "Q4_1 weights kept 4-bit (`convert --weights int4`; the float rows use the same values "
+        "dequantized) with bfloat16 activations through PyTorch's CPU int4 matmul: the same "
+        "weights, another activation precision, so its tokens may differ from HF's fp32 ones",
         f"- prompts: random token ids, all {work.prompt_len} tokens long (no padding), "
         f"batch sizes {', '.join(map(str, work.batch_sizes))}",
         f"- greedy (ours temperature=0, HF do_sample=False), {work.new_tokens} new tokens per "
@@ -486,6 +497,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prefix-cache",
         action="store_true",
         help="also run ours with the prefix cache on, labelled as such (repeats then hit it)",
+    )
+    p.add_argument(
+        "--int4",
+        action="store_true",
+        help="demo model: also run ours on the GGUF's own Q4_1 blocks kept 4-bit (convert "
+        "--weights int4) in bfloat16 through PyTorch's CPU int4 matmul, labelled as such",
     )
     p.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--seed", type=int, default=0, help="checkpoint and prompt seed")
@@ -589,6 +606,32 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cached.close()
         ours_names.append(cached.name)
+    int4_name = None
+    if args.int4:
+        from dist_runtime.formats.demo_model import demo_gguf_path
+        from dist_runtime.formats.gguf import convert_gguf
+
+        int4_folder = args.workdir / "smollm2-135m-int4"
+        if not (int4_folder / "config.json").is_file():
+            convert_gguf(demo_gguf_path(), int4_folder, weights="int4", progress=False)
+        int4 = OursRunner(
+            int4_folder,
+            1,
+            session_len,
+            max_batched,
+            prefix_cache=False,
+            dtype="bfloat16",
+            label=" 4-bit (the GGUF's Q4_1 blocks), bf16",
+        )
+        log(f"started {int4.name}")
+        try:
+            for batch in work.batch_sizes:
+                prompts = make_prompts(batch, work.prompt_len, shape.vocab_size, args.seed + batch)
+                results[batch].update(measure([int4], prompts, work, log))
+        finally:
+            int4.close()
+        ours_names.append(int4.name)
+        int4_name = int4.name
 
     rs = {b: ratios(results[b][ours.name], results[b][hf.name], b, work) for b in results}
     parts = [
@@ -596,6 +639,11 @@ def main(argv: list[str] | None = None) -> int:
         for k, kind in enumerate(("prefill", "decode"))
     ]
     tag = "generate-cpu-demo" if shape.demo else "generate-cpu"
+    if int4_name is not None:
+        r4 = {b: ratios(results[b][int4_name], results[b][hf.name], b, work) for b in results}
+        parts.append(
+            "4-bit bf16 decode " + " ".join(f"b{b} {r4[b][1]:.2f}x" for b in work.batch_sizes)
+        )
     summary = f"{tag}: {' | '.join(parts)} (ours/HF tokens/s)"
     others = others_cpu_fraction(counters, own_cpu)
     log(f"CPU used by other processes during the run: {_pct(others)} of the machine")

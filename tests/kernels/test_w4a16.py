@@ -390,3 +390,41 @@ def test_dispatch_on_cuda_runs_triton(monkeypatch):
     x, _ = inputs(2, 128, 40, torch.float16, False, torch.device("cuda"), seed=1)
     assert_matches(W.w4a16_matmul(x, case.weight), reference(x, case, None), torch.float16)
     assert len(spy.launches) == 1
+
+
+@pytest.mark.parametrize(("n", "k", "group"), [(960, 576, 32), (112, 384, 64), (208, 384, 128)])
+@pytest.mark.parametrize("m", [1, 3, 37])
+def test_cpu_int4_matmul_matches_float64(n: int, k: int, group: int, m: int) -> None:
+    """PyTorch's CPU int4 matmul on the repacked codes (bf16 activations and output; the
+    per-group offset (8 - zero) * scale is rounded to bf16): within bf16 rounding of float64."""
+    from dist_runtime.formats.int4 import quantize_rtn
+    from kernels.w4a16 import CpuInt4Weight
+
+    gen = torch.Generator().manual_seed(n + k + m)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    codes, scales, zeros = quantize_rtn(w, group)
+    weight = Int4Weight.from_codes(codes, scales, zeros, group)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    want = x.double() @ weight.dequantize(torch.float64).T + bias.double()
+    got = CpuInt4Weight(weight).matmul(x, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    err = (got.double() - want).abs().max() / want.abs().max()
+    assert err < 2**-6, float(err)
+
+
+def test_cpu_int4_refuses_what_it_cannot_serve() -> None:
+    from dist_runtime.formats.int4 import quantize_rtn
+    from kernels.w4a16 import CpuInt4Weight, cpu_int4_supported
+
+    codes, scales, zeros = quantize_rtn(torch.randn(64, 192), 32)
+    act_order = torch.randperm(192) // 32
+    weight = Int4Weight.from_codes(codes, scales, zeros, 32, g_idx=act_order)
+    assert not cpu_int4_supported(weight, torch.bfloat16)
+    plain = Int4Weight.from_codes(codes, scales, zeros, 32)
+    assert cpu_int4_supported(plain, torch.bfloat16)
+    assert not cpu_int4_supported(plain, torch.float32)
+    narrow = Int4Weight.from_codes(codes[:, :40], scales[:, :40], zeros[:, :40], 32)
+    assert not cpu_int4_supported(narrow, torch.bfloat16)  # the op packs 16 outputs at a time
+    with pytest.raises(ValueError, match="g_idx set"):
+        CpuInt4Weight(weight)

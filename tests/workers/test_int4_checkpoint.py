@@ -308,3 +308,25 @@ def test_the_triton_kernel_serves_the_model(
     torch.testing.assert_close(
         torch.tensor(got), torch.tensor(_nll(twin, ids)), rtol=1e-4, atol=1e-4
     )
+
+
+def test_bfloat16_on_cpu_keeps_the_codes_for_the_int4_matmul(
+    folders: Callable[[str], tuple[Path, Path]],
+) -> None:
+    """A bfloat16 model on CPU repacks its 4-bit layers for PyTorch's CPU int4 matmul (no float
+    copy of the weights) and scores as its float twin in bfloat16 does, within bf16 noise."""
+    quant, twin = folders("awq-llama")
+    ids = [(13 * i + 1) % SHAPES["vocab_size"] for i in range(64)]
+    nll = {}
+    for name, folder in (("int4", quant), ("twin", twin)):
+        config = RuntimeConfig(model=str(folder), session_len=128, device="cpu", dtype="bfloat16")
+        scorer = Scorer(config, max_tokens=len(ids))
+        try:
+            linears = [m for m in scorer.runner.model.modules() if isinstance(m, _Linear)]
+            held = {m.cpu_int4 is not None and m.weight is None for m in linears}
+            assert held == ({True} if name == "int4" else {False})
+            nll[name] = scorer.score(ids, chunk=32, decode_last=2).nll
+        finally:
+            scorer.close()
+    got, want = torch.tensor(nll["int4"]), torch.tensor(nll["twin"])
+    assert (got - want).abs().mean() < 0.02 * want.abs().mean(), (got - want).abs().max()

@@ -10,8 +10,9 @@ runtime layout of `dist_runtime/formats/int4.py`: `qweight` int32 [in/8, out], `
 `zeros` [groups, out] and, for GPTQ act-order, `g_idx` [in]. Column-parallel layers split
 along out; row-parallel ones along in, on whole groups (act-order: every rank keeps all the
 groups' scales, since its rows may belong to any group). On CUDA the forward is the W4A16
-Triton kernel. Elsewhere `finalize()` dequantizes once after loading and frees the codes, so
-CPU memory is that of the float weights and the speed is the float path's.
+Triton kernel. Elsewhere `finalize()` either repacks the codes for PyTorch's CPU int4 matmul
+(bfloat16 models: a quarter of the bf16 weight bytes) or dequantizes once (float32 / float16,
+act-order, other group sizes: the float model's memory and speed), and frees the codes.
 """
 
 from __future__ import annotations
@@ -84,18 +85,29 @@ class _Linear(nn.Module):
         return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.g_idx)
 
     def finalize(self) -> None:
-        """After loading: off the Triton path, dequantize once and drop the codes."""
+        """After loading, off the Triton path: repack the codes for PyTorch's CPU int4 matmul
+        when it can serve them (bfloat16 on CPU), else dequantize once; the codes are dropped."""
         if self.qweight is None or use_triton(self.qweight.device):
             return
-        from kernels.w4a16 import dequantized_weight
+        from kernels.w4a16 import CpuInt4Weight, cpu_int4_supported, dequantized_weight
 
-        weight = dequantized_weight(self.int4(), self.dtype)
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        weight = self.int4()
+        if self.qweight.device.type == "cpu" and cpu_int4_supported(weight, self.dtype):
+            self.cpu_int4 = CpuInt4Weight(weight)
+        else:
+            self.weight = nn.Parameter(dequantized_weight(weight, self.dtype), requires_grad=False)
         self.qweight = self.scales = self.zeros = self.g_idx = None
+
+    cpu_int4: object | None = None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight is not None:
             return F.linear(x, self.weight, bias)
+        if self.cpu_int4 is not None:
+            from kernels.w4a16 import CpuInt4Weight
+
+            assert isinstance(self.cpu_int4, CpuInt4Weight)
+            return self.cpu_int4.matmul(x, bias)
         from kernels.w4a16 import w4a16_matmul
 
         return w4a16_matmul(x, self.int4(), bias)
