@@ -14,8 +14,8 @@ the dequantized Q4_1 values. Variants:
 Each is scored by teacher-forced NLL (nats/token) of a held-out generated report of
 `--nll-tokens` tokens (`harbor_report(seed=3)`, never used for calibration) on one in-process
 worker, and answers the demo's three bundled questions (greedy, 64 new tokens). The weight
-bytes are those a GPU worker holds (`weight_bytes_per_worker`; on CPU the 4-bit layers are
-dequantized once after loading, so CPU speed and memory are the float model's). One summary line
+bytes are those a GPU worker holds (`weight_bytes_per_worker`; this run is float32 on CPU,
+where the 4-bit layers are dequantized once after loading). One summary line
 at the end; `--report` writes a markdown report.
 """
 

@@ -90,12 +90,17 @@ def weight_params_per_worker(model: ModelConfig, tp: int) -> int:
 def weight_bytes_per_worker(model: ModelConfig, tp: int, dtype: str, is_cuda: bool = True) -> int:
     """Bytes of weights one tp rank holds. With 4-bit weights on CUDA each quantized linear
     layer holds in*out/2 bytes of codes, a scale and a zero per (group, output) in float16
-    (float32 for float32 models) and, act-order, an int32 group index per input; elsewhere
-    the runtime dequantizes them once after loading, so they cost what float weights do."""
+    (float32 for float32 models) and, act-order, an int32 group index per input. On CPU a
+    bfloat16 model keeps them 4-bit too (PyTorch's int4 matmul: codes plus a bf16 scale and
+    offset per group and output) when there is no act-order and the group is 32-256; otherwise
+    the CPU dequantizes them once after loading, so they cost what float weights do."""
     width = _dtype_bytes(dtype)
     total = weight_params_per_worker(model, tp) * width
     quant = model.weight_quant
-    if quant is None or not is_cuda:
+    if quant is None:
+        return total
+    cpu_int4 = dtype == "bfloat16" and not quant.desc_act and quant.group_size in (32, 64, 128, 256)
+    if not is_cuda and not cpu_int4:
         return total
     from workers.models.names import linear_quant
 

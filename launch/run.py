@@ -636,7 +636,11 @@ def dry_run(args: argparse.Namespace) -> int:
             dataclasses.replace(plan, model=dataclasses.replace(model, weight_quant=None))
         )
         won = plan.max_session_len - as_float.max_session_len
-        where = "" if plan.is_cuda else " (on CPU they are dequantized once after loading)"
+        where = (
+            f" (on CPU in {plan.dtype} they are dequantized once after loading)"
+            if plan.weights == as_float.weights
+            else ""
+        )
         print(
             f"4-bit weights ({quant.method.upper()}, group {quant.group_size}): "
             f"{plan.weights / GiB:,.2f} GiB per worker instead of {as_float.weights / GiB:,.2f} "

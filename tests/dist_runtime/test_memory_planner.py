@@ -241,9 +241,10 @@ def test_four_bit_weight_bytes_by_hand() -> None:
     want = 2 * (qkv + o + gate_up + down + norms) + rest
     assert weight_bytes_per_worker(quant, 2, "bfloat16") == want
     assert weight_bytes_per_worker(base, 2, "bfloat16") == weight_params_per_worker(base, 2) * 2
-    # Off CUDA the layers are dequantized once: float bytes.
-    assert weight_bytes_per_worker(quant, 2, "bfloat16", is_cuda=False) == (
-        weight_params_per_worker(base, 2) * 2
+    # On CPU a bfloat16 model keeps them 4-bit (PyTorch's int4 matmul); float32 dequantizes.
+    assert weight_bytes_per_worker(quant, 2, "bfloat16", is_cuda=False) == want
+    assert weight_bytes_per_worker(quant, 2, "float32", is_cuda=False) == (
+        weight_params_per_worker(base, 2) * 4
     )
     fp = plan_memory(base, tp=2, cp=1, session_len=0, dtype="bfloat16", device_bytes=8 << 30)
     q4 = plan_memory(quant, tp=2, cp=1, session_len=0, dtype="bfloat16", device_bytes=8 << 30)
