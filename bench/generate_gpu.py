@@ -2,6 +2,7 @@
 
     python bench/generate_gpu.py                                  # InternLM2.5-7B shape, bf16
     python bench/generate_gpu.py --model-config bench/model_configs/internlm2_5-1_8b-chat.json
+    python bench/generate_gpu.py --prompt-lens 8192 --batch 8 --batch-lens 8192,32768
 
 Random weights (load_format=dummy) from a public config.json, tp=1, in-process executor. The
 ceilings are measured in the same run: bf16 matmul TFLOP/s (8192^3) and device-to-device copy
@@ -11,6 +12,8 @@ step must read (weights + KV at that context) over the copy bandwidth. The confi
 rope_scaling is dropped unless the prompt is longer than max_position_embeddings: it
 changes no shape or FLOP. Prefill and decode are timed in one call per length (see
 bench/long_context.py's timed_generate), so the prefix cache never shortens a timed prefill.
+`--batch N` also times decode with N distinct sequences at each `--batch-lens` context: the
+median step in which all N get a token, against a floor of the weights + N sequences' KV.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -31,25 +35,58 @@ import torch  # noqa: E402
 from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig  # noqa: E402
 
 
-def measure_ceilings() -> tuple[float, float]:
-    """(bf16 matmul TFLOP/s, copy GB/s counting bytes read + written)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+def measure_ceilings(device: str = "cuda") -> tuple[float, float]:
+    """(bf16 matmul TFLOP/s, copy GB/s counting bytes read + written); small sizes off CUDA
+    (`--device cpu` is a smoke run of the script, not a measurement)."""
+    size = 8192 if device == "cuda" else 512
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     t = _time(lambda: a @ b, 10)
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    src = torch.empty(1 << (30 if device == "cuda" else 24), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     c = _time(lambda: dst.copy_(src), 10)
-    return 2 * 8192**3 / t / 1e12, 2 * src.numel() / c / 1e9
+    return 2 * size**3 / t / 1e12, 2 * src.numel() / c / 1e9
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _time(fn, reps: int) -> float:
     fn()
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - start) / reps
+
+
+def batched_decode(rt: Runtime, prompts: list[list[int]], new_tokens: int) -> float:
+    """Median seconds of a decode step in which every one of `prompts` gets a token (after
+    all their prefills), from the times the executor's steps return."""
+    executor = rt.engine.executor
+    assert executor is not None
+    execute = executor.execute
+    stamps: list[tuple[float, int]] = []
+
+    def stamped(plan):
+        out = execute(plan)
+        stamps.append((time.perf_counter(), len(out.tokens)))
+        return out
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    executor.execute = stamped  # type: ignore[method-assign]
+    try:
+        rt.generate(prompts, params, use_tqdm=False)
+    finally:
+        del executor.execute  # back to the class method
+    full = [i for i, (_, n) in enumerate(stamps) if n == len(prompts)]
+    gaps = [stamps[i][0] - stamps[i - 1][0] for i in full if i - 1 in full]
+    if len(gaps) < 2:
+        raise RuntimeError(f"only {len(gaps)} full-batch decode steps; raise --decode-tokens")
+    return statistics.median(gaps)
 
 
 def param_count(cfg: dict) -> int:
@@ -64,7 +101,8 @@ def run(args: argparse.Namespace) -> list[str]:
 
     cfg = json.loads(Path(args.model_config).read_text())
     lens = [int(x) for x in args.prompt_lens.split(",")]
-    session = max(lens) + args.decode_tokens + 16
+    batch_lens = [int(x) for x in args.batch_lens.split(",")] if args.batch > 1 else []
+    session = max(lens + batch_lens) + args.decode_tokens + 16
     if session <= cfg.get("max_position_embeddings", 0):
         cfg.pop("rope_scaling", None)  # changes no shape or FLOP; kept where it makes L legal
     if args.layers is not None:
@@ -80,16 +118,16 @@ def run(args: argparse.Namespace) -> list[str]:
     folder = Path(tempfile.mkdtemp()) / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(cfg))
-    tflops_peak, copy_gbs = measure_ceilings()
+    tflops_peak, copy_gbs = measure_ceilings(args.device)
     rows = [f"ceilings: bf16 matmul {tflops_peak:.0f} TFLOP/s, copy {copy_gbs:.0f} GB/s"]
     rt = Runtime(
         model=str(folder),
-        device="cuda",
+        device=args.device,
         dtype="bfloat16",
         session_len=session,
         load_format="dummy",
         enforce_eager=args.enforce_eager,
-        cache=CacheConfig(gpu_memory_utilization=0.92),
+        cache=CacheConfig(gpu_memory_utilization=0.92, enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=args.chunk),
     )
     params = param_count(cfg)
@@ -107,10 +145,12 @@ def run(args: argparse.Namespace) -> list[str]:
         cfg["num_hidden_layers"],
     )
     gen = torch.Generator().manual_seed(0)
-    rt.generate([[1] * 512], SamplingParams(max_new_tokens=4, temperature=0.0))  # warm-up
+    warm = [[1] * min(512, session - 8)]
+    rt.generate(warm, SamplingParams(max_new_tokens=4, temperature=0.0))  # warm-up
     for n in lens:
         ids = torch.randint(3, cfg["vocab_size"], (n,), generator=gen).tolist()
-        torch.cuda.reset_peak_memory_stats()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         # One call: prefill = until the first token's step returned; decode = the steps after.
         prefill, _, token_times, steps = timed_generate(
             rt, ids, args.decode_tokens + 1, progress=args.progress
@@ -130,11 +170,29 @@ def run(args: argparse.Namespace) -> list[str]:
             f"decode at {n:>7} context: {decode * 1e3:6.2f} ms/token, floor "
             f"{floor * 1e3:5.2f} ms (weights {weight_bytes / 1e9:.1f} GB + KV "
             f"{kv_bytes / 1e9:.2f} GB at the copy bandwidth) -> {floor / decode:.0%}; "
-            f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            f"peak GPU memory {_peak_gib():.1f} GiB"
         )
         print(rows[-2], rows[-1], sep="\n", flush=True)
+    for n in batch_lens:
+        prompts = [
+            torch.randint(3, cfg["vocab_size"], (n,), generator=gen).tolist()
+            for _ in range(args.batch)
+        ]
+        step = batched_decode(rt, prompts, args.decode_tokens)
+        kv_bytes = args.batch * 2 * layers * kvh * hd * 2 * n
+        floor = (weight_bytes + kv_bytes) / (copy_gbs * 1e9)
+        rows.append(
+            f"decode batch {args.batch} at {n:>7} context: {step * 1e3:6.2f} ms/step, floor "
+            f"{floor * 1e3:5.2f} ms (weights {weight_bytes / 1e9:.1f} GB + KV "
+            f"{kv_bytes / 1e9:.2f} GB) -> {floor / step:.0%}"
+        )
+        print(rows[-1], flush=True)
     rt.shutdown()
     return rows
+
+
+def _peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 def main() -> None:
@@ -147,6 +205,16 @@ def main() -> None:
     )
     p.add_argument("--prompt-lens", default="8192,32768,65536")
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="also time decode with this many distinct sequences at each --batch-lens length",
+    )
+    p.add_argument("--batch-lens", default="8192,32768", help="contexts of the batched decode")
+    p.add_argument(
+        "--device", default="cuda", help="cuda; cpu only smoke-tests the script (tiny configs)"
+    )
     p.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens")
     p.add_argument("--layers", type=int, help="override num_hidden_layers (e.g. 2 for 1M tokens)")
     p.add_argument("--progress", action="store_true", help="prefill progress bar")
@@ -162,7 +230,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="markdown report path")
     args = p.parse_args()
     rows = run(args)
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke run)"
     print(rows[0], flush=True)
     if args.out:
         Path(args.out).write_text(

@@ -20,8 +20,9 @@ step position_attention kernel
 timeout 180 $PY bench/kernel_bench_position.py --out "$OUT/position.md" 2>&1 | tee -a "$log"
 
 step generate, 7B shape
-timeout 180 $PY bench/generate_gpu.py --prompt-lens 32768,131072 --decode-tokens 32 \
-    --out "$OUT/generate_7b.md" 2>&1 | grep -v "it/s" | tee -a "$log"
+timeout 300 $PY bench/generate_gpu.py --prompt-lens 8192,32768,131072 --decode-tokens 32 \
+    --batch 8 --batch-lens 8192,32768 --out "$OUT/generate_7b.md" 2>&1 | grep -v "it/s" \
+    | tee -a "$log"
 
 step generate, 1M tokens
 timeout 240 $PY bench/generate_gpu.py \
