@@ -66,22 +66,9 @@ def _time(fn, reps: int) -> float:
 def batched_decode(rt: Runtime, prompts: list[list[int]], new_tokens: int) -> float:
     """Median seconds of a decode step in which every one of `prompts` gets a token (after
     all their prefills), from the times the executor's steps return."""
-    executor = rt.engine.executor
-    assert executor is not None
-    execute = executor.execute
-    stamps: list[tuple[float, int]] = []
+    from bench.long_context import stamped_generate
 
-    def stamped(plan):
-        out = execute(plan)
-        stamps.append((time.perf_counter(), len(out.tokens)))
-        return out
-
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    executor.execute = stamped  # type: ignore[method-assign]
-    try:
-        rt.generate(prompts, params, use_tqdm=False)
-    finally:
-        del executor.execute  # back to the class method
+    _, stamps, _ = stamped_generate(rt, prompts, new_tokens, progress=False)
     full = [i for i, (_, n) in enumerate(stamps) if n == len(prompts)]
     gaps = [stamps[i][0] - stamps[i - 1][0] for i in full if i - 1 in full]
     if len(gaps) < 2:

@@ -197,11 +197,11 @@ def blocks_per_worker(length: int, new_tokens: int, block_size: int, cp: int) ->
     return math.ceil(logical / cp) + SLACK_BLOCKS
 
 
-def timed_generate(
-    rt: Runtime, prompt: list[int], new_tokens: int, progress: bool
-) -> tuple[float, float, list[float], int]:
-    """(first-token time, call time, each sampled token's step time, steps before the first
-    token), all times from the start of the `generate` call."""
+def stamped_generate(
+    rt: Runtime, prompts: list[list[int]], new_tokens: int, progress: bool
+) -> tuple[float, list[tuple[float, int]], list[Any]]:
+    """Greedy `generate` of `new_tokens` per prompt (EOS ignored), recording when each
+    executor step returned and how many tokens it sampled: (start time, stamps, outputs)."""
     stamps: list[tuple[float, int]] = []
     executor = rt.engine.executor
     assert executor is not None
@@ -216,10 +216,19 @@ def timed_generate(
     executor.execute = stamped  # type: ignore[method-assign]
     try:
         t0 = time.perf_counter()
-        (out,) = rt.generate([prompt], params, use_tqdm=progress)
-        call = time.perf_counter() - t0
+        outs = rt.generate(prompts, params, use_tqdm=progress)
     finally:
         del executor.execute  # back to the class method
+    return t0, stamps, outs
+
+
+def timed_generate(
+    rt: Runtime, prompt: list[int], new_tokens: int, progress: bool
+) -> tuple[float, float, list[float], int]:
+    """(first-token time, call time, each sampled token's step time, steps before the first
+    token), all times from the start of the `generate` call."""
+    t0, stamps, (out,) = stamped_generate(rt, [prompt], new_tokens, progress)
+    call = time.perf_counter() - t0
     if len(out.token_ids) != new_tokens:
         raise RuntimeError(f"generated {len(out.token_ids)} tokens, wanted {new_tokens}")
     token_times = [t - t0 for t, n in stamps if n]

@@ -67,6 +67,8 @@ class RopeScaling:
 WEIGHT_QUANT_METHODS = ("awq", "gptq", "gguf")
 """4-bit weight checkpoint formats the loader reads (see dist_runtime/formats/int4.py); 'gguf'
 is the layout `launch/convert.py --weights int4` writes from GGUF Q4_0 / Q4_1 / Q4_K tensors."""
+CPU_INT4_GROUPS = (32, 64, 128, 256)
+"""Group sizes PyTorch's CPU int4 matmul takes (`kernels/w4a16.py: CpuInt4Weight`)."""
 
 
 @dataclass(frozen=True, kw_only=True)

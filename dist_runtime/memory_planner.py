@@ -34,7 +34,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dist_runtime.config import QUANT_POLICIES, ConfigError, ModelConfig, ParallelConfig
+from dist_runtime.config import (
+    CPU_INT4_GROUPS,
+    QUANT_POLICIES,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+)
 
 GiB = 1 << 30
 CUDA_OVERHEAD_BYTES = 1 * GiB
@@ -99,7 +105,7 @@ def weight_bytes_per_worker(model: ModelConfig, tp: int, dtype: str, is_cuda: bo
     quant = model.weight_quant
     if quant is None:
         return total
-    cpu_int4 = dtype == "bfloat16" and not quant.desc_act and quant.group_size in (32, 64, 128, 256)
+    cpu_int4 = dtype == "bfloat16" and not quant.desc_act and quant.group_size in CPU_INT4_GROUPS
     if not is_cuda and not cpu_int4:
         return total
     from workers.models.names import linear_quant

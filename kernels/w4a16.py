@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from dist_runtime.config import CPU_INT4_GROUPS
 from dist_runtime.formats.int4 import Int4Weight
 from kernels.dispatch import use_triton
 
@@ -404,10 +405,6 @@ def dequantized_weight(weight: Int4Weight, dtype: torch.dtype = torch.float32) -
         if dtype != torch.float32:
             out[n0:n1] = w
     return out
-
-
-CPU_INT4_GROUPS = (32, 64, 128, 256)
-"""Group sizes PyTorch's CPU int4 matmul takes."""
 
 
 def cpu_int4_supported(weight: Int4Weight, dtype: torch.dtype) -> bool:

@@ -24,6 +24,7 @@ from torch import nn
 from dist_runtime.config import WeightQuant
 from dist_runtime.formats.int4 import Int4Weight
 from kernels.dispatch import use_triton
+from kernels.w4a16 import CpuInt4Weight, cpu_int4_supported, dequantized_weight, w4a16_matmul
 from workers.distributed import Collectives
 
 
@@ -89,8 +90,6 @@ class _Linear(nn.Module):
         when it can serve them (bfloat16 on CPU), else dequantize once; the codes are dropped."""
         if self.qweight is None or use_triton(self.qweight.device):
             return
-        from kernels.w4a16 import CpuInt4Weight, cpu_int4_supported, dequantized_weight
-
         weight = self.int4()
         if self.qweight.device.type == "cpu" and cpu_int4_supported(weight, self.dtype):
             self.cpu_int4 = CpuInt4Weight(weight)
@@ -98,18 +97,13 @@ class _Linear(nn.Module):
             self.weight = nn.Parameter(dequantized_weight(weight, self.dtype), requires_grad=False)
         self.qweight = self.scales = self.zeros = self.g_idx = None
 
-    cpu_int4: object | None = None
+    cpu_int4: CpuInt4Weight | None = None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight is not None:
             return F.linear(x, self.weight, bias)
         if self.cpu_int4 is not None:
-            from kernels.w4a16 import CpuInt4Weight
-
-            assert isinstance(self.cpu_int4, CpuInt4Weight)
             return self.cpu_int4.matmul(x, bias)
-        from kernels.w4a16 import w4a16_matmul
-
         return w4a16_matmul(x, self.int4(), bias)
 
 

@@ -5,7 +5,7 @@ before any byte is loaded, then each parameter reads only its own rows or column
 
 InternLM2 packs q, k and v per KV group: viewed as (kv_heads, g + 2, head_dim, hidden) with
 g = heads / kv_heads, group j holds [q_{j*g} .. q_{j*g+g-1}, k_j, v_j]. A rank that owns whole
-KV groups therefore reads one contiguous row range.
+KV groups reads just their rows, as a q, k and v range per group.
 """
 
 from __future__ import annotations
@@ -189,41 +189,15 @@ def _read_qkv(
     shard: HeadShard,
 ) -> torch.Tensor:
     """This rank's rows of q, k and v, concatenated as [q | k | v]."""
-    hd = config.head_dim
-    if lay.wqkv is None:
-        assert lay.q and lay.k and lay.v
-        q = reader.read_rows(
-            f"{p}{lay.q}.{suffix}", shard.q_start * hd, (shard.q_start + shard.num_q) * hd
-        )
-        kv_rows = (shard.kv_start * hd, (shard.kv_start + shard.num_kv) * hd)
-        k = reader.read_rows(f"{p}{lay.k}.{suffix}", *kv_rows)
-        v = reader.read_rows(f"{p}{lay.v}.{suffix}", *kv_rows)
-        return torch.cat([q, k, v])
-    name = f"{p}{lay.wqkv}.{suffix}"
-    g = config.q_per_kv
-    group_rows = (g + 2) * hd
-    if shard.num_q == shard.num_kv * g:  # whole KV groups: one contiguous read
-        packed = reader.read_rows(
-            name, shard.kv_start * group_rows, (shard.kv_start + shard.num_kv) * group_rows
-        )
-        packed = packed.view(shard.num_kv, g + 2, hd, *packed.shape[1:])
-        q = packed[:, :g].reshape(shard.num_q * hd, *packed.shape[3:])
-        k = packed[:, g].reshape(shard.num_kv * hd, *packed.shape[3:])
-        v = packed[:, g + 1].reshape(shard.num_kv * hd, *packed.shape[3:])
-        return torch.cat([q, k, v])
-    # Part of one replicated KV group: this rank's query heads, then the group's k and v.
-    base = shard.kv_start * group_rows
-    q_off = shard.q_start - shard.kv_start * g
-    q = reader.read_rows(name, base + q_off * hd, base + (q_off + shard.num_q) * hd)
-    kv = reader.read_rows(name, base + g * hd, base + (g + 2) * hd)
-    return torch.cat([q, kv])
+    ranges = _qkv_out_ranges(lay, p, config, shard)
+    return torch.cat([reader.read_rows(f"{name}.{suffix}", lo, hi) for name, lo, hi in ranges])
 
 
 def _qkv_out_ranges(
     lay: Layout, p: str, config: ModelConfig, shard: HeadShard
 ) -> list[tuple[str, int, int]]:
     """This rank's output rows of q, k and v as (layer name, start, stop), in [q | k | v]
-    order: the ranges `_read_qkv` reads, for layers read one range at a time."""
+    order (InternLM2 with whole KV groups: a q, k and v range per group)."""
     hd = config.head_dim
     if lay.wqkv is None:
         assert lay.q and lay.k and lay.v
