@@ -62,6 +62,7 @@ from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList 
 
 from bench.machine import code_version, cpu_counters, cpu_model  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
+from dist_runtime.config import CPU_GEMM_ENV  # noqa: E402
 from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint  # noqa: E402
 
@@ -419,7 +420,10 @@ def render_report(
         f"- one warm-up run per system and batch size, then {work.repeats} alternating repeats; "
         "the table shows the least disturbed numbers (see Results)",
         "- ours: in-process executor (tp=1), paged KV cache, block size 16, torch reference "
-        "kernels on CPU",
+        "kernels on CPU, float linear layers and the LM head through oneDNN with each weight "
+        "reordered once after loading (`kernels/cpu_gemm.py`); a row marked `F.linear` "
+        "(`--torch-gemm`) runs them through `F.linear` instead (`DIST_RUNTIME_CPU_GEMM=torch`, "
+        "as before oneDNN was used), as HF does",
         f"- HF: `LlamaForCausalLM.generate`, attn_implementation={hf_attn}, DynamicCache",
         "",
         "## Results",
@@ -503,6 +507,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="demo model: also run ours on the GGUF's own Q4_1 blocks kept 4-bit (convert "
         "--weights int4) in bfloat16 through PyTorch's CPU int4 matmul, labelled as such",
+    )
+    p.add_argument(
+        "--torch-gemm",
+        action="store_true",
+        help="also run ours with its linear layers through F.linear "
+        "(DIST_RUNTIME_CPU_GEMM=torch), labelled as such: the before/after of oneDNN",
     )
     p.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--seed", type=int, default=0, help="checkpoint and prompt seed")
@@ -606,6 +616,24 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cached.close()
         ours_names.append(cached.name)
+    gemm_name = None
+    if args.torch_gemm:
+        os.environ[CPU_GEMM_ENV] = "torch"  # read when the layers are finalized after loading
+        try:
+            plain = OursRunner(
+                folder, 1, session_len, max_batched, prefix_cache=False, label=" F.linear"
+            )
+        finally:
+            del os.environ[CPU_GEMM_ENV]
+        log(f"started {plain.name}")
+        try:
+            for batch in work.batch_sizes:
+                prompts = make_prompts(batch, work.prompt_len, shape.vocab_size, args.seed + batch)
+                results[batch].update(measure([plain], prompts, work, log))
+        finally:
+            plain.close()
+        ours_names.append(plain.name)
+        gemm_name = plain.name
     int4_name = None
     if args.int4:
         from dist_runtime.formats.demo_model import demo_gguf_path
@@ -639,6 +667,11 @@ def main(argv: list[str] | None = None) -> int:
         for k, kind in enumerate(("prefill", "decode"))
     ]
     tag = "generate-cpu-demo" if shape.demo else "generate-cpu"
+    if gemm_name is not None:
+        rg = {b: ratios(results[b][gemm_name], results[b][hf.name], b, work) for b in results}
+        parts.append(
+            "F.linear decode " + " ".join(f"b{b} {rg[b][1]:.2f}x" for b in work.batch_sizes)
+        )
     if int4_name is not None:
         r4 = {b: ratios(results[b][int4_name], results[b][hf.name], b, work) for b in results}
         parts.append(

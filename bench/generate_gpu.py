@@ -14,6 +14,11 @@ changes no shape or FLOP. Prefill and decode are timed in one call per length (s
 bench/long_context.py's timed_generate), so the prefix cache never shortens a timed prefill.
 `--batch N` also times decode with N distinct sequences at each `--batch-lens` context: the
 median step in which all N get a token, against a floor of the weights + N sequences' KV.
+`--profile DIR` then traces `--profile-steps` decode steps at the first prompt length with
+torch.profiler (started and stopped inside the engine thread's executor calls): a Chrome trace
+in DIR, the top operators by device time in the report, and how busy the device was between
+the first traced step's start and the last one's end (kernel time / wall time: what is not
+busy is host work between kernels: scheduling, input building, sampling, launches).
 """
 
 from __future__ import annotations
@@ -74,6 +79,66 @@ def batched_decode(rt: Runtime, prompts: list[list[int]], new_tokens: int) -> fl
     if len(gaps) < 2:
         raise RuntimeError(f"only {len(gaps)} full-batch decode steps; raise --decode-tokens")
     return statistics.median(gaps)
+
+
+def profile_decode(
+    rt: Runtime, prompt: list[int], steps: int, chunk: int, out_dir: Path, device: str
+) -> list[str]:
+    """Trace `steps` decode steps of one sequence (after its prefill, in steps of `chunk`
+    tokens, and two untraced decode steps); returns report lines: the device-busy fraction
+    and the top operators (device kernels on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    executor = rt.engine.executor
+    assert executor is not None
+    execute = executor.execute
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    prof = profile(activities=activities)
+    calls, window = [0], [0.0, 0.0]
+    first = -(-len(prompt) // chunk) + 3
+    last = first + steps - 1
+
+    def traced(plan):  # runs on the engine thread, where the profiler must start
+        calls[0] += 1
+        if calls[0] == first:
+            _sync()
+            prof.__enter__()
+            window[0] = time.perf_counter()
+        out = execute(plan)
+        if calls[0] == last:
+            _sync()
+            window[1] = time.perf_counter()
+            prof.__exit__(None, None, None)
+        return out
+
+    executor.execute = traced  # type: ignore[method-assign]
+    try:
+        params = SamplingParams(max_new_tokens=last, temperature=0.0, ignore_eos=True)
+        rt.generate([prompt], params)
+    finally:
+        del executor.execute
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace = out_dir / f"decode_trace_{len(prompt)}.json"
+    prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    on_device = device == "cuda"
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    pool = [e for e in events if not on_device or e.device_type.name == "CUDA"]
+    busy_us = sum(getattr(e, key) for e in pool)
+    wall_us = (window[1] - window[0]) * 1e6
+    what = "kernel time" if on_device else "operator self CPU time"
+    lines = [
+        f"profile of {steps} decode steps at {len(prompt)} context: {wall_us / steps / 1e3:.2f} "
+        f"ms/step wall, {what} {busy_us / steps / 1e3:.2f} ms/step -> device busy "
+        f"{busy_us / wall_us:.0%}; Chrome trace {trace}",
+    ]
+    top = sorted(pool, key=lambda e: getattr(e, key), reverse=True)[:15]
+    for e in top:
+        lines.append(
+            f"  {e.key[:70]:70s} {getattr(e, key) / steps / 1e3:8.3f} ms/step "
+            f"({getattr(e, key) / max(busy_us, 1):5.1%}), {e.count / steps:.0f} calls/step"
+        )
+    return lines
 
 
 def param_count(cfg: dict) -> int:
@@ -174,6 +239,12 @@ def run(args: argparse.Namespace) -> list[str]:
             f"{kv_bytes / 1e9:.2f} GB) -> {floor / step:.0%}"
         )
         print(rows[-1], flush=True)
+    if args.profile:
+        ids = torch.randint(3, cfg["vocab_size"], (lens[0],), generator=gen).tolist()
+        rows += profile_decode(
+            rt, ids, args.profile_steps, args.chunk, Path(args.profile), args.device
+        )
+        print("\n".join(rows[-16:]), flush=True)
     rt.shutdown()
     return rows
 
@@ -214,6 +285,10 @@ def main() -> None:
         default="bf16",
         help="int4: random AWQ 4-bit weights (group 128) through the W4A16 kernel",
     )
+    p.add_argument(
+        "--profile", metavar="DIR", help="trace decode steps with torch.profiler into DIR"
+    )
+    p.add_argument("--profile-steps", type=int, default=8, help="decode steps to trace")
     p.add_argument("--out", default=None, help="markdown report path")
     args = p.parse_args()
     rows = run(args)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one pass, for a one-GPU machine without Ray (in-process executor):
 # kernel benchmarks against their baselines, end-to-end prefill/decode at 32K-131K (7B shape)
-# and at 1,048,576 tokens (7B-1M shape, 2 layers), then the CUDA tests (HF oracle, kernels).
+# and at 1,048,576 tokens (7B-1M shape, 2 layers), each with a torch.profiler trace of a few
+# decode steps (device-busy fraction, top kernels), then the CUDA tests (HF oracle, kernels).
 #   OUT=/tmp/gpu bash bench/gpu_suite.sh
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
@@ -21,13 +22,15 @@ timeout 180 $PY bench/kernel_bench_position.py --out "$OUT/position.md" 2>&1 | t
 
 step generate, 7B shape
 timeout 300 $PY bench/generate_gpu.py --prompt-lens 8192,32768,131072 --decode-tokens 32 \
-    --batch 8 --batch-lens 8192,32768 --out "$OUT/generate_7b.md" 2>&1 | grep -v "it/s" \
+    --batch 8 --batch-lens 8192,32768 --profile "$OUT/trace_7b" --out "$OUT/generate_7b.md" \
+    2>&1 | grep -v "it/s" \
     | tee -a "$log"
 
 step generate, 1M tokens
-timeout 240 $PY bench/generate_gpu.py \
+timeout 300 $PY bench/generate_gpu.py \
     --model-config bench/model_configs/internlm2_5-7b-chat-1m.json --layers 2 \
-    --prompt-lens 1048576 --decode-tokens 16 --out "$OUT/generate_1m.md" 2>&1 \
+    --prompt-lens 1048576 --decode-tokens 16 --profile "$OUT/trace_1m" \
+    --out "$OUT/generate_1m.md" 2>&1 \
     | grep -v "it/s" | tee -a "$log"
 
 step W4A16 kernel against the bf16 matmul

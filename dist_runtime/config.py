@@ -69,6 +69,18 @@ WEIGHT_QUANT_METHODS = ("awq", "gptq", "gguf")
 is the layout `launch/convert.py --weights int4` writes from GGUF Q4_0 / Q4_1 / Q4_K tensors."""
 CPU_INT4_GROUPS = (32, 64, 128, 256)
 """Group sizes PyTorch's CPU int4 matmul takes (`kernels/w4a16.py: CpuInt4Weight`)."""
+CPU_GEMM_ENV = "DIST_RUNTIME_CPU_GEMM"
+"""`onednn` (default) or `torch`: how float linear layers run on CPU (`kernels/cpu_gemm.py`)."""
+
+
+def cpu_gemm_choice() -> str:
+    """The value of `DIST_RUNTIME_CPU_GEMM`: 'onednn' when unset; anything else is an error."""
+    value = os.environ.get(CPU_GEMM_ENV, "").strip().lower() or "onednn"
+    if value not in ("onednn", "torch"):
+        raise ValueError(
+            f"{CPU_GEMM_ENV}={value!r} is not valid; use 'onednn', 'torch' or leave it unset"
+        )
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)

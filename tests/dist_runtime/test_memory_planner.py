@@ -249,3 +249,31 @@ def test_four_bit_weight_bytes_by_hand() -> None:
     fp = plan_memory(base, tp=2, cp=1, session_len=0, dtype="bfloat16", device_bytes=8 << 30)
     q4 = plan_memory(quant, tp=2, cp=1, session_len=0, dtype="bfloat16", device_bytes=8 << 30)
     assert q4.weights == want and q4.max_session_len > fp.max_session_len
+
+
+def test_a_tied_head_on_cpu_counts_its_onednn_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU a tied LM head keeps a oneDNN-reordered copy of the embedding rows beside the
+    plain rows the embedding looks up (`kernels/cpu_gemm.py`); on CUDA, or with
+    DIST_RUNTIME_CPU_GEMM=torch, the head reads the embedding itself."""
+    from dist_runtime.memory_planner import weight_bytes_per_worker, weight_params_per_worker
+
+    tied = ModelConfig(
+        architecture="llama",
+        vocab_size=1001,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
+    plain = weight_params_per_worker(tied, 2) * 4
+    assert weight_bytes_per_worker(tied, 2, "float32") == plain
+    assert weight_bytes_per_worker(tied, 2, "float32", is_cuda=False) == plain + 501 * 64 * 4
+    untied = dataclasses.replace(tied, tie_word_embeddings=False)
+    assert weight_bytes_per_worker(untied, 2, "float32", is_cuda=False) == (
+        weight_params_per_worker(untied, 2) * 4
+    )
+    monkeypatch.setenv("DIST_RUNTIME_CPU_GEMM", "torch")
+    assert weight_bytes_per_worker(tied, 2, "float32", is_cuda=False) == plain

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cpu_gemm import PackedLinearWeight, onednn_linear_supported
 from workers.distributed import Collectives
 
 
@@ -68,8 +69,23 @@ class ParallelLMHead(nn.Module):
             )
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    packed: PackedLinearWeight | None = None
+
+    def finalize(self) -> None:
+        """After loading: on CPU, reorder the head for oneDNN (`kernels/cpu_gemm.py`). A tied
+        head gets its own reordered copy (the embedding keeps the plain rows it looks up)."""
         weight = self.tied.weight if self.tied is not None else self.weight
         assert weight is not None
-        logits = F.linear(x, weight).float()  # (tokens, vocab_per_rank)
+        if onednn_linear_supported(weight.device, weight.dtype):
+            self.packed = PackedLinearWeight(weight.data)
+            if self.tied is None:
+                self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            logits = self.packed.matmul(x).float()
+        else:
+            weight = self.tied.weight if self.tied is not None else self.weight
+            assert weight is not None
+            logits = F.linear(x, weight).float()  # (tokens, vocab_per_rank)
         return self.comm.tp_all_gather(logits, dim=-1)[:, : self.vocab_size]

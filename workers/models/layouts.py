@@ -239,10 +239,12 @@ def _copy_int4(linear: _Linear, part: Int4Slice) -> None:
 
 
 def finalize_linears(model: DecoderLM) -> None:
-    """Let every 4-bit layer prepare for its device once its weights are in."""
+    """Let every linear layer and the LM head prepare for its device once the weights are in
+    (4-bit repacking or dequantizing, oneDNN reordering on CPU)."""
     for module in model.modules():
         if isinstance(module, _Linear):
             module.finalize()
+    model.lm_head.finalize()
 
 
 def _copy(param: torch.Tensor | None, value: torch.Tensor) -> None:
