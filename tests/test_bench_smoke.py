@@ -1,0 +1,68 @@
+"""The GPU suite's end-to-end script and the host-step bench run here on tiny shapes, so they
+cannot rot between the sessions that have a GPU: `bench/generate_gpu.py --device cpu` with its
+batched decode and its profiler trace, and `bench/host_step.py` (whose tables must equal the
+rebuilt ones, which it asserts itself)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_generate_gpu_script_runs_with_a_decode_profile(tmp_path: Path) -> None:
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    report, traces = tmp_path / "report.md", tmp_path / "traces"
+    _run(
+        "bench/generate_gpu.py",
+        "--device=cpu",
+        f"--model-config={config}",
+        "--prompt-lens=96",
+        "--decode-tokens=6",
+        "--batch=2",
+        "--batch-lens=64",
+        "--chunk=64",
+        f"--profile={traces}",
+        "--profile-steps=3",
+        f"--out={report}",
+    )
+    text = report.read_text()
+    assert "prefill      96 tokens (2 steps)" in text
+    assert "decode batch 2 at      64 context" in text
+    assert "profile of 3 decode steps at 96 context" in text
+    assert "_linear" in text or "aten::" in text  # the top operators are listed
+    trace = json.loads((traces / "decode_trace_96.json").read_text())
+    assert trace["traceEvents"]
+
+
+def test_host_step_bench_runs() -> None:
+    out = _run("bench/host_step.py", "--contexts=1024,4096", "--batches=1,3", "--reps=3")
+    assert "host-step: decode input building" in out
+    assert out.count("| 3 | 4,096 | 771 |") == 1
