@@ -144,7 +144,7 @@ def main() -> None:
     if args.report:
         Path(args.report).write_text(
             f"# Decode-step host time: block tables kept on the device ({datetime.date.today()})"
-            f"\n\n{__doc__.split(chr(10) + chr(10), 1)[1].split(chr(10) + chr(10))[0]}\n\n"
+            f"\n\n{chr(10).join(__doc__.split(chr(10) + chr(10))[2:]).strip()}\n\n"
             f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"device {args.device}, median of {args.reps} calls.\n\n"
             "| batch | context | block ids | table rebuilt (ms) | table kept on device (ms) "
