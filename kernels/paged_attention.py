@@ -11,6 +11,11 @@ attention over the dequantized cache.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -588,6 +593,75 @@ def _shared_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor, block
     return full if differs.numel() == 0 else int(differs[0, 0].item())
 
 
+class _DecodePlan(NamedTuple):
+    """What a decode step's attention derives from its metadata, the same in every layer."""
+
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    block_size: int
+    keys: int
+    """Longest context of the batch."""
+    flat: torch.Tensor
+    """Block ids to gather, (batch * blocks,)."""
+    ids_shape: tuple[int, int]
+    valid: torch.Tensor | None
+    """(batch, keys) bool, None when every context is `keys` long."""
+    shared: int
+
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def layer_invariant_scope() -> Iterator[None]:
+    """Within it (one forward pass of a model), decode attention derives its plan from the
+    step's metadata once and every layer reuses it. The same tensors may hold other values in
+    a later pass (CUDA-graph buffers are refilled in place), so plans never outlive the scope;
+    outside any scope nothing is kept."""
+    outer = getattr(_scope, "plans", None)
+    _scope.plans = []
+    try:
+        yield
+    finally:
+        _scope.plans = outer
+
+
+def _decode_plan(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int
+) -> _DecodePlan:
+    """The layer-invariant part of a decode step's attention (two host syncs, the shared-
+    prefix test, the gather ids, the padding mask), computed by the first layer of a step
+    inside `layer_invariant_scope`. A hit needs the very tensors (held by the plan, so their
+    ids stay unique)."""
+    plans: list[_DecodePlan] | None = getattr(_scope, "plans", None)
+    for plan in plans or ():
+        if (
+            plan.block_tables is block_tables
+            and plan.context_lens is context_lens
+            and plan.block_size == block_size
+        ):
+            return plan
+    keys = int(context_lens.max().item())
+    ids = block_tables[:, : (keys + block_size - 1) // block_size].long()
+    valid = None
+    if int(context_lens.min().item()) != keys:
+        valid = torch.arange(keys, device=context_lens.device)[None, :] < context_lens[:, None]
+    plan = _DecodePlan(
+        block_tables,
+        context_lens,
+        block_size,
+        keys,
+        ids.flatten(),
+        (ids.shape[0], ids.shape[1]),
+        valid,
+        _shared_blocks(block_tables, context_lens, block_size),
+    )
+    if plans is not None:
+        plans.insert(0, plan)
+        del plans[4:]  # a step's own plan and its shared-prefix tails' plans
+    return plan
+
+
 def _decode_shared_prefix(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -651,7 +725,7 @@ def _decode(
     """
     batch, q_heads, d = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    shared = _shared_blocks(block_tables, context_lens, block_size)
+    shared = _decode_plan(block_tables, context_lens, block_size).shared
     if batch > 1 and shared >= MIN_SHARED_BLOCKS:
         return _decode_shared_prefix(
             q,
@@ -667,18 +741,15 @@ def _decode(
             bits=bits,
         )
     group = q_heads // kv_heads
-    keys = int(context_lens.max().item())
-    ids = block_tables[:, : (keys + block_size - 1) // block_size].long()
-    flat = ids.flatten()
-    shape = (*ids.shape, block_size, kv_heads, d)  # (batch, blocks, block_size, kv_heads, d)
-    k = select_blocks(k_cache, k_params, bits, flat, q.dtype)
-    v = select_blocks(v_cache, v_params, bits, flat, q.dtype)
+    plan = _decode_plan(block_tables, context_lens, block_size)
+    keys, valid = plan.keys, plan.valid
+    shape = (*plan.ids_shape, block_size, kv_heads, d)  # (batch, blocks, block_size, kv_heads, d)
+    k = select_blocks(k_cache, k_params, bits, plan.flat, q.dtype)
+    v = select_blocks(v_cache, v_params, bits, plan.flat, q.dtype)
     k = k.view(shape).flatten(1, 2)[:, :keys].transpose(1, 2)
     v = v.view(shape).flatten(1, 2)[:, :keys].transpose(1, 2)
     # k, v: (batch, kv_heads, keys, d)
-    valid = None
-    if int(context_lens.min().item()) != keys:
-        valid = torch.arange(keys, device=q.device)[None, :] < context_lens[:, None]
+    if valid is not None:
         # Slots past a context may hold anything, NaN included, and 0 * NaN would leak into out
         # (SDPA also adds its mask after the product, so K must be clean too).
         pad = ~valid[:, None, :, None]

@@ -178,7 +178,7 @@ class Sampler:
             probs = warped.softmax(dim=-1)  # (rows, vocab)
             draws = [_draw(probs[j], generators[i]) for j, i in enumerate(sampled)]
             token_ids[rows] = torch.cat(draws)
-        return _results(torch.log_softmax(logits, dim=-1), token_ids, specs, seq_ids)
+        return _results(logits, token_ids, specs, seq_ids)
 
 
 def _check_lengths(
@@ -206,19 +206,25 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _results(
-    logprobs: torch.Tensor,
+    logits: torch.Tensor,
     token_ids: torch.Tensor,
     specs: list[SamplingSpec],
     seq_ids: list[int],
 ) -> list[SampledToken]:
-    """Package the chosen tokens with their raw log-probabilities (batch, vocab)."""
-    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()  # (batch,)
-    max_k = min(max(s.logprobs for s in specs), logprobs.shape[-1])
+    """Package the chosen tokens with their raw log-probabilities, from the (batch, vocab)
+    fp32 logits: the chosen token's is its logit minus the row's log-sum-exp, so the full
+    log_softmax is only built when some row asks for its top-k list."""
+    max_k = min(max(s.logprobs for s in specs), logits.shape[-1])
     top_lp: list[list[float]] = [[] for _ in specs]
     top_ids: list[list[int]] = [[] for _ in specs]
     if max_k > 0:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
         values, indices = logprobs.topk(max_k, dim=-1)  # (batch, max_k)
         top_lp, top_ids = values.tolist(), indices.tolist()
+    else:
+        picked = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # (batch,)
+        chosen = (picked - torch.logsumexp(logits, dim=-1)).tolist()
     return [
         SampledToken(
             seq_id=seq_id,

@@ -58,3 +58,38 @@ def test_no_sharing_below_the_threshold() -> None:
     assert pa._shared_blocks(tables, torch.tensor([16, 16]), BS) == 2
     assert pa._shared_blocks(tables, torch.tensor([16, 5]), BS) == 1  # block 1 not full for b=1
     assert pa._shared_blocks(tables[:1], torch.tensor([16]), BS) == 0  # one sequence
+
+
+def test_a_forward_pass_plans_decode_once_and_never_reuses_a_refilled_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inside `layer_invariant_scope` (one forward pass) every layer after the first reuses the
+    step's decode plan; a later pass over the same tensors, refilled in place as CUDA-graph
+    buffers are, plans again and attends over the new contexts."""
+    gen = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(32, BS, 2, 16, generator=gen)
+    v_cache = torch.randn(32, BS, 2, 16, generator=gen)
+    q = torch.randn(3, 6, 16, generator=gen)
+    tables = torch.arange(30, dtype=torch.int32).view(3, 10)
+    lens = torch.tensor([9, 17, 30])
+    calls: list[int] = []
+    real = pa._shared_blocks
+
+    def counted(*args: object) -> int:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pa, "_shared_blocks", counted)
+    with pa.layer_invariant_scope():
+        for _ in range(4):  # four layers
+            out, lse = flash_decode_ref(q, k_cache, v_cache, tables, lens, 0.25, True)
+    assert len(calls) == 1
+    lens.copy_(torch.tensor([5, 30, 12]))  # the same buffer, the next step's contexts
+    tables.copy_(tables.flip(0))
+    with pa.layer_invariant_scope():
+        out, lse = flash_decode_ref(q, k_cache, v_cache, tables, lens, 0.25, True)
+    assert len(calls) == 2
+    want_out, want_lse = _oracle(q, k_cache, v_cache, tables, lens, 0.25)
+    assert lse is not None
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)

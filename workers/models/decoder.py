@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dist_runtime.config import ModelConfig
+from kernels.paged_attention import layer_invariant_scope
 from kernels.silu_and_mul import silu_and_mul
 from workers.distributed import Collectives
 from workers.kv_cache import LayerKV
@@ -123,8 +124,9 @@ class DecoderLM(nn.Module):
         """input_ids, positions: (tokens,) -> final hidden states (tokens, hidden)."""
         x = self.embed(input_ids)
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, positions, meta, kv_cache)
+        with layer_invariant_scope():
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                x, residual = layer(x, residual, positions, meta, kv_cache)
         x, _ = self.norm(x, residual)
         return x
 

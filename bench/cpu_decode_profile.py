@@ -1,0 +1,144 @@
+"""Where a CPU decode step's time goes, with the linear layers through oneDNN and through F.linear.
+
+    python bench/cpu_decode_profile.py                       # demo model, 1K context, b1 and b8
+    python bench/cpu_decode_profile.py --report docs/benchmarks/cpu_decode_profile_<date>.md
+
+Our runtime (in-process executor, prefix cache off) decodes `--steps` steps after a
+`--prompt-len`-token prefill, with torch.profiler started and stopped inside the engine
+thread's executor calls (where the ops run). Operators are grouped: linear layers and the LM
+head (`mkldnn::_linear_pointwise` / `aten::mm`, `aten::addmm`), attention (SDPA and the
+reference's matmuls), the paged-KV gather (`aten::index_select`), and every other operator;
+"outside operators" is the step's wall time minus the operators' self time (Python, plan
+building, sampling glue). Each configuration loads its own runtime; the two GEMM choices are
+measured one after the other, so machine drift between them shows up as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
+from dist_runtime.config import CPU_GEMM_ENV  # noqa: E402
+from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
+
+GROUPS = {
+    "linear layers + LM head": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm"),
+    "attention (SDPA)": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::bmm",
+        "aten::matmul",
+    ),
+    "paged-KV gather": ("aten::index_select",),
+}
+
+
+def profile_steps(rt: Runtime, batch: int, prompt_len: int, steps: int, seed: int) -> dict:
+    """Per-step milliseconds by group over `steps` decode steps (after two untraced ones)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(batch)]
+    executor = rt.engine.executor
+    assert executor is not None
+    execute = executor.execute
+    prof = profile(activities=[ProfilerActivity.CPU])
+    calls, window = [0], [0.0, 0.0]
+    first, last = 4, 3 + steps  # call 1 is the prefill
+
+    def traced(plan):
+        calls[0] += 1
+        if calls[0] == first:
+            prof.__enter__()
+            window[0] = time.perf_counter()
+        out = execute(plan)
+        if calls[0] == last:
+            window[1] = time.perf_counter()
+            prof.__exit__(None, None, None)
+        return out
+
+    params = SamplingParams(max_new_tokens=last + 1, temperature=0.0, ignore_eos=True)
+    rt.generate(prompts, params)  # warm-up: same shapes, untraced
+    executor.execute = traced  # type: ignore[method-assign]
+    try:
+        rt.generate(prompts, params)
+    finally:
+        del executor.execute
+    events = prof.key_averages()
+    ms = {name: 0.0 for name in GROUPS} | {"other operators": 0.0}
+    for e in events:
+        group = next((g for g, keys in GROUPS.items() if e.key in keys), "other operators")
+        ms[group] += e.self_cpu_time_total / 1e3 / steps
+    wall = (window[1] - window[0]) * 1e3 / steps
+    ms["outside operators"] = max(wall - sum(ms.values()), 0.0)
+    ms["step (wall)"] = wall
+    return ms
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--report", help="markdown report path")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = args.model or str(demo_model_path())
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    results: dict[tuple[str, int], dict] = {}
+    for gemm in ("onednn", "torch"):
+        os.environ[CPU_GEMM_ENV] = gemm  # read when the layers are finalized after loading
+        rt = Runtime(
+            model=folder,
+            session_len=args.prompt_len + args.steps + 32,
+            device="cpu",
+            dtype="float32",
+            scheduler=SchedulerConfig(max_num_batched_tokens=max(batches) * args.prompt_len),
+            cache={"enable_prefix_caching": False},
+        )
+        del os.environ[CPU_GEMM_ENV]
+        try:
+            for b in batches:
+                results[gemm, b] = profile_steps(rt, b, args.prompt_len, args.steps, seed=b)
+                print(gemm, b, {k: round(v, 1) for k, v in results[gemm, b].items()}, flush=True)
+        finally:
+            rt.shutdown()
+    names = list(next(iter(results.values())))
+    label = {"torch": "F.linear", "onednn": "oneDNN"}
+    header = "| ms per decode step | " + " | ".join(
+        f"b{b} {label[g]}" for b in batches for g in ("torch", "onednn")
+    )
+    lines = [header + " |", "|---" + "|---:" * (2 * len(batches)) + "|"]
+    for name in names:
+        cells = [f"{results[g, b][name]:.1f}" for b in batches for g in ("torch", "onednn")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.report:
+        Path(args.report).write_text(
+            f"# Where a CPU decode step goes ({datetime.date.today()})\n\n"
+            + "\n\n".join(__doc__.split("\n\n")[2:]).strip()
+            + f"\n\nModel `{folder}`, fp32, prompt {args.prompt_len} tokens, {args.steps} traced "
+            f"decode steps, torch {torch.__version__}, {args.threads} threads.\n\n"
+            + table
+            + "\n\nCommand: `python bench/cpu_decode_profile.py "
+            + " ".join(sys.argv[1:])
+            + "`\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
