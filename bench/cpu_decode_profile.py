@@ -128,10 +128,11 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.report:
+        model_name = args.model or "the demo model (SmolLM2-135M-Instruct)"
         Path(args.report).write_text(
             f"# Where a CPU decode step goes ({datetime.date.today()})\n\n"
             + "\n\n".join(__doc__.split("\n\n")[2:]).strip()
-            + f"\n\nModel `{folder}`, fp32, prompt {args.prompt_len} tokens, {args.steps} traced "
+            + f"\n\nModel {model_name}, fp32, prompt {args.prompt_len} tokens, {args.steps} traced "
             f"decode steps, torch {torch.__version__}, {args.threads} threads.\n\n"
             + table
             + "\n\nCommand: `python bench/cpu_decode_profile.py "
