@@ -595,27 +595,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ours.close()
     ours_names = [ours.name]
+
+    def extra_row(runner: OursRunner, note: str = "") -> str:
+        """Measure another configuration of ours alone (not alternating with HF) and close it."""
+        log(f"started {runner.name}{note}")
+        try:
+            for batch in work.batch_sizes:
+                prompts = make_prompts(batch, work.prompt_len, shape.vocab_size, args.seed + batch)
+                results[batch].update(measure([runner], prompts, work, log))
+        finally:
+            runner.close()
+        ours_names.append(runner.name)
+        return runner.name
+
     if args.tp > 1:
         tp_runner = OursRunner(folder, args.tp, session_len, max_batched, prefix_cache=False)
-        log(f"started {tp_runner.name} (Ray, 1 torch thread per worker)")
-        try:
-            for batch in work.batch_sizes:
-                prompts = make_prompts(batch, work.prompt_len, shape.vocab_size, args.seed + batch)
-                cell = measure([tp_runner], prompts, work, log)
-                results[batch].update(cell)
-        finally:
-            tp_runner.close()
-        ours_names.append(tp_runner.name)
+        extra_row(tp_runner, " (Ray, 1 torch thread per worker)")
     if args.prefix_cache:
-        cached = OursRunner(folder, 1, session_len, max_batched, prefix_cache=True)
-        log(f"started {cached.name}")
-        try:
-            for batch in work.batch_sizes:
-                prompts = make_prompts(batch, work.prompt_len, shape.vocab_size, args.seed + batch)
-                results[batch].update(measure([cached], prompts, work, log))
-        finally:
-            cached.close()
-        ours_names.append(cached.name)
+        extra_row(OursRunner(folder, 1, session_len, max_batched, prefix_cache=True))
     gemm_name = None
     if args.torch_gemm:
         os.environ[CPU_GEMM_ENV] = "torch"  # read when the layers are finalized after loading
@@ -625,15 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             del os.environ[CPU_GEMM_ENV]
-        log(f"started {plain.name}")
-        try:
-            for batch in work.batch_sizes:
-                prompts = make_prompts(batch, work.prompt_len, shape.vocab_size, args.seed + batch)
-                results[batch].update(measure([plain], prompts, work, log))
-        finally:
-            plain.close()
-        ours_names.append(plain.name)
-        gemm_name = plain.name
+        gemm_name = extra_row(plain)
     int4_name = None
     if args.int4:
         from dist_runtime.formats.demo_model import demo_gguf_path
@@ -651,15 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype="bfloat16",
             label=" 4-bit (the GGUF's Q4_1 blocks), bf16",
         )
-        log(f"started {int4.name}")
-        try:
-            for batch in work.batch_sizes:
-                prompts = make_prompts(batch, work.prompt_len, shape.vocab_size, args.seed + batch)
-                results[batch].update(measure([int4], prompts, work, log))
-        finally:
-            int4.close()
-        ours_names.append(int4.name)
-        int4_name = int4.name
+        int4_name = extra_row(int4)
 
     rs = {b: ratios(results[b][ours.name], results[b][hf.name], b, work) for b in results}
     parts = [
