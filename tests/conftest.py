@@ -22,6 +22,24 @@ if str(REPO_ROOT) not in sys.path:
 
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint  # noqa: E402
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hugging Face's `kernels` distribution (a dependency of transformers >= 5.25) has the
+    import name of this project's `kernels/` package; transformers, the tests' oracle, then
+    fails to import. Say so once instead of in every test that imports it."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    raise pytest.UsageError(
+        f"the `kernels` distribution {version} (Hugging Face hub kernels) is installed; its "
+        "import name is this project's kernels/ package, so transformers cannot import. "
+        "Run `pip uninstall -y kernels` and `pip install 'transformers<5.25'` (pyproject's pin)."
+    )
+
+
 TINY_SHAPES: dict[str, Any] = dict(
     vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=8, num_kv_heads=4
 )
