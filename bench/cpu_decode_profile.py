@@ -20,13 +20,13 @@ import datetime
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.generate_gpu import trace_decode_steps  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
 from dist_runtime.config import CPU_GEMM_ENV  # noqa: E402
 from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
@@ -44,41 +44,20 @@ GROUPS = {
 
 def profile_steps(rt: Runtime, batch: int, prompt_len: int, steps: int, seed: int) -> dict:
     """Per-step milliseconds by group over `steps` decode steps (after two untraced ones)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     rng = random.Random(seed)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(batch)]
-    executor = rt.engine.executor
-    assert executor is not None
-    execute = executor.execute
-    prof = profile(activities=[ProfilerActivity.CPU])
-    calls, window = [0], [0.0, 0.0]
-    first, last = 4, 3 + steps  # call 1 is the prefill
-
-    def traced(plan):
-        calls[0] += 1
-        if calls[0] == first:
-            prof.__enter__()
-            window[0] = time.perf_counter()
-        out = execute(plan)
-        if calls[0] == last:
-            window[1] = time.perf_counter()
-            prof.__exit__(None, None, None)
-        return out
-
-    params = SamplingParams(max_new_tokens=last + 1, temperature=0.0, ignore_eos=True)
+    first, last = 4, 3 + steps  # step 1 is the prefill
+    params = SamplingParams(max_new_tokens=last, temperature=0.0, ignore_eos=True)
     rt.generate(prompts, params)  # warm-up: same shapes, untraced
-    executor.execute = traced  # type: ignore[method-assign]
-    try:
-        rt.generate(prompts, params)
-    finally:
-        del executor.execute
+    prof, wall_s = trace_decode_steps(rt, prompts, first, last, [ProfilerActivity.CPU])
     events = prof.key_averages()
     ms = {name: 0.0 for name in GROUPS} | {"other operators": 0.0}
     for e in events:
         group = next((g for g, keys in GROUPS.items() if e.key in keys), "other operators")
         ms[group] += e.self_cpu_time_total / 1e3 / steps
-    wall = (window[1] - window[0]) * 1e3 / steps
+    wall = wall_s * 1e3 / steps
     ms["outside operators"] = max(wall - sum(ms.values()), 0.0)
     ms["step (wall)"] = wall
     return ms

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -81,24 +82,22 @@ def batched_decode(rt: Runtime, prompts: list[list[int]], new_tokens: int) -> fl
     return statistics.median(gaps)
 
 
-def profile_decode(
-    rt: Runtime, prompt: list[int], steps: int, chunk: int, out_dir: Path, device: str
-) -> list[str]:
-    """Trace `steps` decode steps of one sequence (after its prefill, in steps of `chunk`
-    tokens, and two untraced decode steps); returns report lines: the device-busy fraction
-    and the top operators (device kernels on CUDA)."""
-    from torch.profiler import ProfilerActivity, profile
+def trace_decode_steps(
+    rt: Runtime, prompts: list[list[int]], first: int, last: int, activities: list
+) -> tuple[Any, float]:
+    """Generate `prompts` greedily for `last` executor steps, tracing steps first..last
+    (1-based; the prefill steps come first) with torch.profiler. The profiler starts and stops
+    inside the engine thread's executor calls, where the ops run. Returns the profiler and the
+    wall seconds from the first traced step's start to the last one's end."""
+    from torch.profiler import profile
 
     executor = rt.engine.executor
     assert executor is not None
     execute = executor.execute
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     prof = profile(activities=activities)
     calls, window = [0], [0.0, 0.0]
-    first = -(-len(prompt) // chunk) + 3
-    last = first + steps - 1
 
-    def traced(plan):  # runs on the engine thread, where the profiler must start
+    def traced(plan):
         calls[0] += 1
         if calls[0] == first:
             _sync()
@@ -114,9 +113,23 @@ def profile_decode(
     executor.execute = traced  # type: ignore[method-assign]
     try:
         params = SamplingParams(max_new_tokens=last, temperature=0.0, ignore_eos=True)
-        rt.generate([prompt], params)
+        rt.generate(prompts, params)
     finally:
         del executor.execute
+    return prof, window[1] - window[0]
+
+
+def profile_decode(
+    rt: Runtime, prompt: list[int], steps: int, chunk: int, out_dir: Path, device: str
+) -> list[str]:
+    """Trace `steps` decode steps of one sequence (after its prefill, in steps of `chunk`
+    tokens, and two untraced decode steps); returns report lines: the device-busy fraction
+    and the top operators (device kernels on CUDA)."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    first = -(-len(prompt) // chunk) + 3
+    prof, wall_s = trace_decode_steps(rt, [prompt], first, first + steps - 1, activities)
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / f"decode_trace_{len(prompt)}.json"
     prof.export_chrome_trace(str(trace))
@@ -125,7 +138,7 @@ def profile_decode(
     key = "self_device_time_total" if on_device else "self_cpu_time_total"
     pool = [e for e in events if not on_device or e.device_type.name == "CUDA"]
     busy_us = sum(getattr(e, key) for e in pool)
-    wall_us = (window[1] - window[0]) * 1e6
+    wall_us = wall_s * 1e6
     what = "kernel time" if on_device else "operator self CPU time"
     lines = [
         f"profile of {steps} decode steps at {len(prompt)} context: {wall_us / steps / 1e3:.2f} "

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from dist_runtime.config import RuntimeConfig  # noqa: E402
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint  # noqa: E402
 from dist_runtime.protocol import SamplingSpec, SeqStep  # noqa: E402
-from workers.model_runner import ModelRunner  # noqa: E402
+from workers.model_runner import ModelRunner, padded_block_tables  # noqa: E402
 from workers.scoring import Scorer  # noqa: E402
 
 
@@ -46,10 +46,9 @@ def rebuilt_tables(runner: ModelRunner, seqs: list[SeqStep]) -> torch.Tensor:
 
 def device_tables(runner: ModelRunner, seqs: list[SeqStep]) -> torch.Tensor:
     """Ours, as `_prepare` builds it: the device-resident tables padded together."""
-    tables = [runner.seqs[s.seq_id].table.view() for s in seqs]  # type: ignore[union-attr]
-    if len(tables) == 1:
-        return tables[0][None]
-    return torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+    tables = [runner.seqs[s.seq_id].table for s in seqs]
+    assert all(t is not None for t in tables)
+    return padded_block_tables(tables)  # type: ignore[arg-type]
 
 
 def _median_ms(fn, reps: int) -> float:

@@ -71,6 +71,8 @@ CPU_INT4_GROUPS = (32, 64, 128, 256)
 """Group sizes PyTorch's CPU int4 matmul takes (`kernels/w4a16.py: CpuInt4Weight`)."""
 CPU_GEMM_ENV = "DIST_RUNTIME_CPU_GEMM"
 """`onednn` (default) or `torch`: how float linear layers run on CPU (`kernels/cpu_gemm.py`)."""
+CPU_GEMM_DTYPES = ("float32", "bfloat16")
+"""Weight dtypes reordered for oneDNN on CPU (where this CPU's oneDNN runs them)."""
 
 
 def cpu_gemm_choice() -> str:

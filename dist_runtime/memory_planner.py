@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_runtime.config import (
+    CPU_GEMM_DTYPES,
     CPU_INT4_GROUPS,
     QUANT_POLICIES,
     ConfigError,
@@ -108,7 +109,7 @@ def weight_bytes_per_worker(model: ModelConfig, tp: int, dtype: str, is_cuda: bo
     if (
         not is_cuda
         and model.tie_word_embeddings
-        and dtype in ("float32", "bfloat16")
+        and dtype in CPU_GEMM_DTYPES
         and cpu_gemm_choice() == "onednn"
     ):
         total += _ceil_div(model.vocab_size, tp) * model.hidden_size * width

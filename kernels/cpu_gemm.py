@@ -21,9 +21,7 @@ import functools
 
 import torch
 
-from dist_runtime.config import CPU_GEMM_ENV, cpu_gemm_choice
-
-ENV_VAR = CPU_GEMM_ENV
+from dist_runtime.config import CPU_GEMM_DTYPES, cpu_gemm_choice
 
 BATCH_HINT = 8
 """The M oneDNN's weight layout is chosen for: decode batches; prefill runs fast with it too."""
@@ -50,7 +48,7 @@ def onednn_linear_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """True when float weights of `dtype` on `device` are served by `PackedLinearWeight`."""
     return (
         device.type == "cpu"
-        and dtype in (torch.float32, torch.bfloat16)
+        and str(dtype).removeprefix("torch.") in CPU_GEMM_DTYPES
         and cpu_gemm_choice() == "onednn"
         and _onednn_runs(dtype)
     )
@@ -66,7 +64,6 @@ class PackedLinearWeight:
             )
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
-        self.nbytes = weight.numel() * weight.element_size()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), BATCH_HINT)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

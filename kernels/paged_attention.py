@@ -725,8 +725,8 @@ def _decode(
     """
     batch, q_heads, d = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    shared = _decode_plan(block_tables, context_lens, block_size).shared
-    if batch > 1 and shared >= MIN_SHARED_BLOCKS:
+    plan = _decode_plan(block_tables, context_lens, block_size)
+    if batch > 1 and plan.shared >= MIN_SHARED_BLOCKS:
         return _decode_shared_prefix(
             q,
             k_cache,
@@ -734,14 +734,13 @@ def _decode(
             block_tables,
             context_lens,
             scale,
-            shared,
+            plan.shared,
             return_lse,
             k_params=k_params,
             v_params=v_params,
             bits=bits,
         )
     group = q_heads // kv_heads
-    plan = _decode_plan(block_tables, context_lens, block_size)
     keys, valid = plan.keys, plan.valid
     shape = (*plan.ids_shape, block_size, kv_heads, d)  # (batch, blocks, block_size, kv_heads, d)
     k = select_blocks(k_cache, k_params, bits, plan.flat, q.dtype)

@@ -59,6 +59,13 @@ class DeviceBlockTable:
         return self.buf[: self.size]
 
 
+def padded_block_tables(tables: list[DeviceBlockTable]) -> torch.Tensor:
+    """(seqs, longest table) int32, zero-padded, from the tables already on the device."""
+    if len(tables) == 1:
+        return tables[0].view()[None]
+    return torch.nn.utils.rnn.pad_sequence([t.view() for t in tables], batch_first=True)
+
+
 @dataclass
 class SeqState:
     """What a worker remembers about one running sequence."""
@@ -260,7 +267,7 @@ class ModelRunner:
         slots: list[int] = []
         cu = [0]
         ctx: list[int] = []
-        tables: list[torch.Tensor] = []
+        tables: list[DeviceBlockTable] = []
         for s in seqs:
             state = self.seqs[s.seq_id]
             table = state.block_table
@@ -272,17 +279,11 @@ class ModelRunner:
             cu.append(cu[-1] + len(s.token_ids))
             ctx.append(end)
             assert state.table is not None
-            tables.append(state.table.view())
+            tables.append(state.table)
         dev = self.device
-        # (seqs, longest table), zero-padded, from the tables already on the device.
-        block_tables = (
-            tables[0][None]
-            if len(tables) == 1
-            else torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
-        )
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=block_tables,
+            block_tables=padded_block_tables(tables),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int64, device=dev),
             context_lens=torch.tensor(ctx, dtype=torch.int64, device=dev),
             is_decode=all(len(s.token_ids) == 1 for s in seqs),

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_runtime.config import RuntimeConfig
+from dist_runtime.config import CPU_GEMM_ENV, RuntimeConfig
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint
-from kernels import cpu_gemm
 from kernels.cpu_gemm import PackedLinearWeight, onednn_linear_supported
 from workers.layers.linear import _Linear
 from workers.scoring import Scorer
@@ -74,12 +73,12 @@ def test_bfloat16_packed_weight_matches_bf16_linear() -> None:
 
 
 def test_environment_chooses_and_bad_values_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(cpu_gemm.ENV_VAR, "torch")
+    monkeypatch.setenv(CPU_GEMM_ENV, "torch")
     assert not onednn_linear_supported(CPU, torch.float32)
-    monkeypatch.setenv(cpu_gemm.ENV_VAR, "mkl")
+    monkeypatch.setenv(CPU_GEMM_ENV, "mkl")
     with pytest.raises(ValueError, match="DIST_RUNTIME_CPU_GEMM='mkl' is not valid"):
         onednn_linear_supported(CPU, torch.float32)
-    monkeypatch.delenv(cpu_gemm.ENV_VAR)
+    monkeypatch.delenv(CPU_GEMM_ENV)
     assert not onednn_linear_supported(CPU, torch.float16)  # never packed: F.linear
     assert not onednn_linear_supported(torch.device("meta"), torch.float32)
 
@@ -110,7 +109,7 @@ def test_a_loaded_model_runs_from_onednn_and_scores_as_f_linear(
     ids = [(19 * i + 3) % 512 for i in range(60)]
     got, packed = _score(folder, ids)
     assert packed and all(packed)
-    monkeypatch.setenv(cpu_gemm.ENV_VAR, "torch")
+    monkeypatch.setenv(CPU_GEMM_ENV, "torch")
     want, plain = _score(folder, ids)
     assert not any(plain)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
