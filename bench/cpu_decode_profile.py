@@ -1,15 +1,22 @@
-"""Where a CPU decode step's time goes, with the linear layers through oneDNN and through F.linear.
+"""Where a CPU decode step's time goes, before and after one of the CPU kernel choices.
 
     python bench/cpu_decode_profile.py                       # demo model, 1K context, b1 and b8
     python bench/cpu_decode_profile.py --report docs/benchmarks/cpu_decode_profile_<date>.md
+    python bench/cpu_decode_profile.py --compare gemm        # oneDNN vs F.linear linear layers
+
+`--compare attention` (the default) runs decode attention through the native kernel
+(`kernels/cpu_attention.py`) and through the torch reference (`DIST_RUNTIME_CPU_ATTENTION=torch`:
+a gather plus SDPA); `--compare gemm` runs the linear layers through oneDNN and through F.linear
+(`DIST_RUNTIME_CPU_GEMM=torch`).
 
 Our runtime (in-process executor, prefix cache off) decodes `--steps` steps after a
 `--prompt-len`-token prefill, with torch.profiler started and stopped inside the engine
 thread's executor calls (where the ops run). Operators are grouped: linear layers and the LM
-head (`mkldnn::_linear_pointwise` / `aten::mm`, `aten::addmm`), attention (SDPA and the
-reference's matmuls), the paged-KV gather (`aten::index_select`), and every other operator;
+head (`mkldnn::_linear_pointwise` / `aten::mm`, `aten::addmm`), attention (the native kernel's
+calls, or SDPA and the reference's matmuls), the paged-KV gather (`aten::index_select`), and
+every other operator;
 "outside operators" is the step's wall time minus the operators' self time (Python, plan
-building, sampling glue). Each configuration loads its own runtime; the two GEMM choices are
+building, sampling glue). Each configuration loads its own runtime; the two choices are
 measured one after the other, so machine drift between them shows up as well.
 """
 
@@ -28,18 +35,25 @@ import torch  # noqa: E402
 
 from bench.generate_gpu import trace_decode_steps  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
-from dist_runtime.config import CPU_GEMM_ENV  # noqa: E402
+from dist_runtime.config import CPU_ATTENTION_ENV, CPU_GEMM_ENV  # noqa: E402
 from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
+from kernels.cpu_attention import PROFILE_NAME  # noqa: E402
 
 GROUPS = {
     "linear layers + LM head": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm"),
-    "attention (SDPA)": (
+    "attention": (
+        PROFILE_NAME,
         "aten::_scaled_dot_product_flash_attention_for_cpu",
         "aten::bmm",
         "aten::matmul",
     ),
     "paged-KV gather": ("aten::index_select",),
 }
+CHOICES = {
+    "attention": (CPU_ATTENTION_ENV, {"native": "native attention", "torch": "torch attention"}),
+    "gemm": (CPU_GEMM_ENV, {"onednn": "oneDNN", "torch": "F.linear"}),
+}
+"""--compare: the environment variable and its two values (after, before) with their labels."""
 
 
 def profile_steps(rt: Runtime, batch: int, prompt_len: int, steps: int, seed: int) -> dict:
@@ -72,14 +86,18 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--compare", choices=sorted(CHOICES), default="attention")
     p.add_argument("--report", help="markdown report path")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     folder = args.model or str(demo_model_path())
     batches = [int(b) for b in args.batch_sizes.split(",")]
     results: dict[tuple[str, int], dict] = {}
-    for gemm in ("onednn", "torch"):
-        os.environ[CPU_GEMM_ENV] = gemm  # read when the layers are finalized after loading
+    env, label = CHOICES[args.compare]
+    for value in label:
+        # The GEMM choice is read when the layers are finalized after loading, the attention
+        # choice at every step: set for the configuration's whole life.
+        os.environ[env] = value
         rt = Runtime(
             model=folder,
             session_len=args.prompt_len + args.steps + 32,
@@ -88,21 +106,21 @@ def main() -> None:
             scheduler=SchedulerConfig(max_num_batched_tokens=max(batches) * args.prompt_len),
             cache={"enable_prefix_caching": False},
         )
-        del os.environ[CPU_GEMM_ENV]
         try:
             for b in batches:
-                results[gemm, b] = profile_steps(rt, b, args.prompt_len, args.steps, seed=b)
-                print(gemm, b, {k: round(v, 1) for k, v in results[gemm, b].items()}, flush=True)
+                results[value, b] = profile_steps(rt, b, args.prompt_len, args.steps, seed=b)
+                print(value, b, {k: round(v, 1) for k, v in results[value, b].items()}, flush=True)
         finally:
             rt.shutdown()
+            del os.environ[env]
     names = list(next(iter(results.values())))
-    label = {"torch": "F.linear", "onednn": "oneDNN"}
+    order = list(label)[::-1]  # before, after
     header = "| ms per decode step | " + " | ".join(
-        f"b{b} {label[g]}" for b in batches for g in ("torch", "onednn")
+        f"b{b} {label[v]}" for b in batches for v in order
     )
     lines = [header + " |", "|---" + "|---:" * (2 * len(batches)) + "|"]
     for name in names:
-        cells = [f"{results[g, b][name]:.1f}" for b in batches for g in ("torch", "onednn")]
+        cells = [f"{results[v, b][name]:.1f}" for b in batches for v in order]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)

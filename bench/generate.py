@@ -62,7 +62,7 @@ from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList 
 
 from bench.machine import code_version, cpu_counters, cpu_model  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
-from dist_runtime.config import CPU_GEMM_ENV  # noqa: E402
+from dist_runtime.config import CPU_ATTENTION_ENV, CPU_GEMM_ENV  # noqa: E402
 from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint  # noqa: E402
 
@@ -419,8 +419,11 @@ def render_report(
         "sequence, EOS ignored by both",
         f"- one warm-up run per system and batch size, then {work.repeats} alternating repeats; "
         "the table shows the least disturbed numbers (see Results)",
-        "- ours: in-process executor (tp=1), paged KV cache, block size 16, torch reference "
-        "kernels on CPU, float linear layers and the LM head through oneDNN with each weight "
+        "- ours: in-process executor (tp=1), paged KV cache, block size 16, decode attention "
+        "through the native CPU kernel that reads the paged cache in place "
+        "(`kernels/cpu_attention.py`; a row marked `torch attn` (`--torch-attention`) uses the "
+        "torch reference, a gather plus SDPA, instead), the other kernels' torch references, "
+        "float linear layers and the LM head through oneDNN with each weight "
         "reordered once after loading (`kernels/cpu_gemm.py`); a row marked `F.linear` "
         "(`--torch-gemm`) runs them through `F.linear` instead (`DIST_RUNTIME_CPU_GEMM=torch`, "
         "as before oneDNN was used), as HF does",
@@ -513,6 +516,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run ours with its linear layers through F.linear "
         "(DIST_RUNTIME_CPU_GEMM=torch), labelled as such: the before/after of oneDNN",
+    )
+    p.add_argument(
+        "--torch-attention",
+        action="store_true",
+        help="also run ours with decode attention through the torch reference (gather + SDPA, "
+        "DIST_RUNTIME_CPU_ATTENTION=torch), labelled as such: the before/after of the native "
+        "CPU decode kernel",
     )
     p.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--seed", type=int, default=0, help="checkpoint and prompt seed")
@@ -623,6 +633,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             del os.environ[CPU_GEMM_ENV]
         gemm_name = extra_row(plain)
+    attn_name = None
+    if args.torch_attention:
+        # Read at every decode step, so it is set while this row runs.
+        os.environ[CPU_ATTENTION_ENV] = "torch"
+        try:
+            attn_name = extra_row(
+                OursRunner(
+                    folder, 1, session_len, max_batched, prefix_cache=False, label=" torch attn"
+                )
+            )
+        finally:
+            del os.environ[CPU_ATTENTION_ENV]
     int4_name = None
     if args.int4:
         from dist_runtime.formats.demo_model import demo_gguf_path
@@ -652,6 +674,11 @@ def main(argv: list[str] | None = None) -> int:
         rg = {b: ratios(results[b][gemm_name], results[b][hf.name], b, work) for b in results}
         parts.append(
             "F.linear decode " + " ".join(f"b{b} {rg[b][1]:.2f}x" for b in work.batch_sizes)
+        )
+    if attn_name is not None:
+        ra = {b: ratios(results[b][attn_name], results[b][hf.name], b, work) for b in results}
+        parts.append(
+            "torch-attn decode " + " ".join(f"b{b} {ra[b][1]:.2f}x" for b in work.batch_sizes)
         )
     if int4_name is not None:
         r4 = {b: ratios(results[b][int4_name], results[b][hf.name], b, work) for b in results}

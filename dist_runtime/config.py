@@ -85,6 +85,21 @@ def cpu_gemm_choice() -> str:
     return value
 
 
+CPU_ATTENTION_ENV = "DIST_RUNTIME_CPU_ATTENTION"
+"""`native` (default) or `torch`: how decode attention runs on CPU (`kernels/cpu_attention.py`)."""
+
+
+def cpu_attention_choice() -> str:
+    """The value of `DIST_RUNTIME_CPU_ATTENTION`: 'native' when unset; anything else is an
+    error."""
+    value = os.environ.get(CPU_ATTENTION_ENV, "").strip().lower() or "native"
+    if value not in ("native", "torch"):
+        raise ValueError(
+            f"{CPU_ATTENTION_ENV}={value!r} is not valid; use 'native', 'torch' or leave it unset"
+        )
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class WeightQuant:
     """A 4-bit weight checkpoint's format, from config.json's `quantization_config` (or a

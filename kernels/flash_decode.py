@@ -16,6 +16,7 @@ import functools
 
 import torch
 
+from kernels.cpu_attention import flash_decode_cpu, native_decode_supported
 from kernels.dispatch import use_triton
 from kernels.flash_attn import LOG2E, _jit, _store_rows, is_interpreting
 from kernels.kv_quant import check_quant_caches
@@ -416,8 +417,14 @@ def flash_decode(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Split-KV decode (see `flash_decode_ref`); bits 8 / 4 read a quantized cache."""
-    fn = flash_decode_triton if use_triton(q.device) else flash_decode_ref
+    """Split-KV decode (see `flash_decode_ref`); bits 8 / 4 read a quantized cache. On CPU the
+    native kernel (`kernels/cpu_attention.py`) runs where it supports the cache."""
+    if use_triton(q.device):
+        fn = flash_decode_triton
+    elif native_decode_supported(q, k_cache, bits) and q.shape[0]:
+        return flash_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, scale, return_lse)
+    else:
+        fn = flash_decode_ref
     return fn(
         q,
         k_cache,

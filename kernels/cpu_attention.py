@@ -1,0 +1,305 @@
+"""Decode attention on CPU that reads the paged KV cache in place (`csrc/paged_decode.c`).
+
+The torch reference decode (`paged_attention._decode`) gathers every sequence's blocks into a
+contiguous copy (`index_select`) and runs SDPA over it, so each step reads the context's K/V
+three times (gather read, gather write, SDPA read). The native kernel walks each sequence's
+block table and reads every key and value once, scoring all query heads of a kv head's group
+(and, for a batch over a shared cached prefix, every sequence's queries) against a block while
+it sits in L1. Long contexts are cut into splits merged by log-sum-exp, so a single sequence
+still spreads over the threads.
+
+The C source is compiled once per machine with the system C compiler (`cc`, or `$CC`) into
+the runtime's cache folder (`$DIST_RUNTIME_CACHE/native`, see `formats/demo_model.py`) and
+loaded with ctypes; it links OpenMP against the libgomp PyTorch already loaded, so both share
+one thread pool. float32 and bfloat16 caches run natively; a quantized cache, float16, or a
+machine without a compiler uses the reference. `DIST_RUNTIME_CPU_ATTENTION` chooses: `native`
+(the default) or `torch` (always the reference, e.g. to compare the two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dist_runtime.config import cpu_attention_choice
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+PROFILE_NAME = "cpu_attention::paged_decode"
+"""What a torch.profiler trace calls the kernel's calls (recorded only while one runs)."""
+SPLITS_PER_THREAD = 4
+"""Work items aimed at per thread when a batch has too few (sequence, kv head) pairs."""
+MIN_SPLIT_BLOCKS = 8
+"""Fewest cache blocks in a split: shorter ones cost more in merging than they spread."""
+MAX_HEAD_DIM = 256
+"""head_dim the kernel takes (a multiple of 16 up to this)."""
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+
+
+def _cpu_signature() -> str:
+    """What a binary built with -march=native depends on: the CPU's feature flags."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(cc: str, target: Path) -> None:
+    """Compile SOURCE to target atomically (concurrent workers each build, the last rename
+    wins, and every rename installs a complete file); -march=native is dropped when the
+    compiler does not know it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        for flags in (FLAGS, tuple(f for f in FLAGS if f != "-march=native")):
+            done = subprocess.run(
+                [cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True
+            )
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return
+        raise RuntimeError(done.stderr.strip()[-2000:])
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None (with one warning) when it cannot be."""
+    from dist_runtime.formats.demo_model import default_cache_dir
+
+    cc = _compiler()
+    if cc is None:
+        logger.warning(
+            "no C compiler found (set CC or install gcc): CPU decode attention uses the torch "
+            "reference, which is slower"
+        )
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
+    target = default_cache_dir() / "native" / f"paged_decode-{key}.so"
+    try:
+        if not target.exists():
+            logger.info("building the CPU decode attention kernel (once per machine): %s", target)
+            _build(cc, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as err:
+        logger.warning(
+            "could not build the CPU decode attention kernel with %s (%s); the torch reference "
+            "is used",
+            cc,
+            err,
+        )
+        return None
+    fn = lib.dr_paged_decode
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    fn.argtypes = [
+        *(ptr, i64, i64, i64),  # q and its seq / row / head strides
+        *(ptr, ptr, i64, i64, i64),  # k, v caches and their block / slot / head strides
+        *(ptr, i32, i64),  # block tables, int64?, row stride
+        ptr,  # context lens (int64)
+        *(ptr, i64, i64, i64),  # out and its strides
+        *(ptr, i64, i64),  # lse (or NULL) and its strides
+        *(i32, i32, i32, i32, i32, i32),  # seqs, rows, kv heads, group, head_dim, block_size
+        ctypes.c_float,  # scale
+        *(i32, i32, i64, i32),  # dtype, splits, blocks per split, threads
+        ptr,  # scratch
+    ]
+    fn.restype = i32
+    return lib
+
+
+def native_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, bits: int) -> bool:
+    """True when this decode runs the native kernel: CPU, float32/bfloat16, no quantized
+    cache, head_dim a multiple of 16 up to MAX_HEAD_DIM, DIST_RUNTIME_CPU_ATTENTION not
+    `torch`, and the kernel built."""
+    return (
+        q.device.type == "cpu"
+        and bits == 0
+        and q.dtype in DTYPES
+        and k_cache.dtype == q.dtype
+        and q.shape[-1] % 16 == 0
+        and q.shape[-1] <= MAX_HEAD_DIM
+        and cpu_attention_choice() == "native"
+        and _library() is not None
+    )
+
+
+def split_plan(items: int, max_blocks: int, threads: int) -> tuple[int, int]:
+    """(splits, blocks per split) for `items` (sequence, kv head) pairs whose longest context
+    spans max_blocks blocks: enough splits for SPLITS_PER_THREAD items per thread, none shorter
+    than MIN_SPLIT_BLOCKS blocks."""
+    want = -(-SPLITS_PER_THREAD * threads // max(items, 1))
+    splits = max(1, min(want, max_blocks // MIN_SPLIT_BLOCKS))
+    per = max(1, -(-max_blocks // splits))
+    return -(-max_blocks // per) if max_blocks else 1, per
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_keys: int,
+    rows: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (seqs * rows, q_heads, d) float32 and lse (seqs * rows, q_heads) float32.
+
+    q: (seqs * rows, q_heads, d); the `rows` consecutive queries of each sequence share its
+    block table row and context length (rows > 1: a batch over one shared prefix, seqs = 1).
+    max_keys: the longest context (bounds the splits; the kernel reads each sequence's own).
+    A context of 0 keys gives out 0 and lse -inf.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU decode attention kernel is not built (see the log)")
+    tokens, q_heads, d = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    seqs = block_tables.shape[0]
+    if tokens != seqs * rows or context_lens.shape[0] != seqs:
+        raise ValueError(
+            f"q holds {tokens} queries, block_tables {seqs} sequences of {rows} rows and "
+            f"context_lens {context_lens.shape[0]}: they disagree"
+        )
+    if d % 16 or d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d} is not a multiple of 16 up to {MAX_HEAD_DIM}")
+    if q_heads % kv_heads or k_cache.shape[3] != d or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"q {tuple(q.shape)} does not fit caches of {tuple(k_cache.shape)} / "
+            f"{tuple(v_cache.shape)}"
+        )
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("q and the caches need a contiguous head_dim and equal cache strides")
+    if block_tables.dtype not in (torch.int32, torch.int64) or block_tables.stride(-1) != 1:
+        raise ValueError(f"block_tables must be int32/int64 rows, got {block_tables.dtype}")
+    lens = context_lens.to(torch.int64).contiguous()
+    out = torch.empty(tokens, q_heads, d, dtype=torch.float32)
+    lse = torch.empty(tokens, q_heads, dtype=torch.float32)
+    if tokens == 0:
+        return out, lse
+    threads = torch.get_num_threads()
+    max_blocks = -(-max_keys // block_size)
+    splits, per = split_plan(seqs * kv_heads, max_blocks, threads)
+    group = q_heads // kv_heads
+    work = torch.empty(seqs * kv_heads * splits * rows * group * (d + 2), dtype=torch.float32)
+    args = (
+        q.data_ptr(),
+        q.stride(0) * rows,
+        q.stride(0),
+        q.stride(1),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.data_ptr(),
+        int(block_tables.dtype == torch.int64),
+        block_tables.stride(0),
+        lens.data_ptr(),
+        out.data_ptr(),
+        out.stride(0) * rows,
+        out.stride(0),
+        out.stride(1),
+        lse.data_ptr(),
+        lse.stride(0) * rows,
+        lse.stride(0),
+        seqs,
+        rows,
+        kv_heads,
+        group,
+        d,
+        block_size,
+        scale,
+        DTYPES[q.dtype],
+        splits,
+        per,
+        threads,
+        work.data_ptr(),
+    )
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(PROFILE_NAME):
+            failed = lib.dr_paged_decode(*args)
+    else:
+        failed = lib.dr_paged_decode(*args)
+    if failed == 1:
+        raise MemoryError("the CPU decode attention kernel could not allocate its scratch")
+    if failed:
+        raise RuntimeError(f"the CPU decode attention kernel refused its inputs (code {failed})")
+    return out, lse
+
+
+def flash_decode_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`flash_decode_ref` through the native kernel (see `native_decode_supported`).
+
+    A batch whose sequences share at least MIN_SHARED_BLOCKS leading blocks (questions on one
+    cached document) reads the shared prefix once for every query, each sequence's tail on its
+    own, and merges the two by log-sum-exp, as the reference does.
+    """
+    from kernels.paged_attention import MIN_SHARED_BLOCKS, _decode_plan
+    from kernels.position_attention import merge_pair
+
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    batch = q.shape[0]
+    block_size = k_cache.shape[1]
+    plan = _decode_plan(block_tables, context_lens, block_size)
+    if batch > 1 and plan.shared >= MIN_SHARED_BLOCKS:
+        shared = plan.shared
+        prefix = torch.tensor([shared * block_size], dtype=torch.int64)
+        out, lse = paged_decode(
+            q,
+            k_cache,
+            v_cache,
+            block_tables[:1, :shared],
+            prefix,
+            scale,
+            shared * block_size,
+            batch,
+        )
+        rest = context_lens - shared * block_size
+        o_t, s_t = paged_decode(
+            q,
+            k_cache,
+            v_cache,
+            block_tables[:, shared:],
+            rest,
+            scale,
+            plan.keys - shared * block_size,
+        )
+        out, lse = merge_pair(out, lse, o_t, s_t)
+    else:
+        out, lse = paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, plan.keys)
+    return out.to(q.dtype), (lse if return_lse else None)

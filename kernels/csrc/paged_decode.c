@@ -1,0 +1,267 @@
+/* Decode attention on CPU that reads the paged KV cache in place.
+ *
+ * One query token per (sequence, row) attends over the sequence's context through its block
+ * table; `rows` query tokens may share one table (a batch over a shared prefix). The keys of
+ * a sequence are cut into `splits` ranges of whole blocks; each (sequence, kv head, split) is
+ * one work item that folds its blocks into a running (max, sum, acc) per query head of the kv
+ * head's group (online softmax, one rescale per block), and a second pass merges the splits by
+ * log-sum-exp. K and V are read once per item: every query head of the group (and every row
+ * sharing the table) is scored against a block while it sits in L1.
+ *
+ * Threads: OpenMP, on the runtime PyTorch already loaded (the same libgomp soname), so the
+ * kernel and PyTorch's own operators share one thread pool.
+ *
+ * Element types: 0 float32, 1 bfloat16 (q and the caches alike); the output and the LSE are
+ * float32. Strides are in elements; head_dim is a multiple of 16. Returns 0, 1 when scratch
+ * memory could not be had, 2 for a head_dim it does not take.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DT_F32 0
+#define DT_BF16 1
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Row `src` of `d` elements as float: the row itself for float32, else converted into `buf`. */
+static inline const float *as_f32(const void *src, int dtype, int d, float *buf) {
+    if (dtype == DT_F32) return (const float *)src;
+    const uint16_t *h = (const uint16_t *)src;
+    for (int i = 0; i < d; i++) buf[i] = bf16_to_f32(h[i]);
+    return buf;
+}
+
+/* 16 floats: one AVX-512 register, two AVX2 ones, four NEON ones. */
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+static inline vf load(const float *p) {
+    vf x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void store(float *p, vf x) { memcpy(p, &x, sizeof x); }
+
+static inline float hsum(vf x) {
+    vf8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+typedef int32_t vi __attribute__((vector_size(64)));
+
+static inline float hmax(vf x) {
+    vf8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+    vf8 t = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    typedef int32_t vi8 __attribute__((vector_size(32)));
+    const vi8 gt = h > t;
+    h = (vf8)(((vi8)h & gt) | ((vi8)t & ~gt));
+    float r = h[0];
+    for (int i = 1; i < 8; i++) r = h[i] > r ? h[i] : r;
+    return r;
+}
+
+/* exp(x) for x <= 0 (scores minus their running max), lane by lane: Cephes' expf polynomial on
+ * [-ln2/2, ln2/2] after x = n ln2 + r, about 2 ulp. Below -87 (past float's normal range, and
+ * -inf) it is 0: such a term is at most 1.6e-38 of the row's largest one, which is 1. */
+static inline vf exp_neg(vf x) {
+    const vi keep = x >= -87.0f;
+    x = (vf)(((vi)x & keep) | ((vi)((vf){} - 87.0f) & ~keep));
+    const vf magic = (vf){} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const vf n = (x * 1.44269504088896341f + magic) - magic;
+    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = (vf){} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return (vf)((vi)(p * (vf)bits) & keep);
+}
+
+static inline vf vmax(vf a, vf b) {
+    const vi gt = a > b;
+    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
+}
+
+/* Fold keys [0, n) of one block into query i's running (acc, m, l). nc = head_dim / 16; s is
+ * the query's scratch row of sb >= n floats (a multiple of 16). Always inlined, so a constant
+ * nc (4 for head_dim 64, 8 for 128) keeps q and acc in registers. */
+static inline __attribute__((always_inline)) void fold_block(
+    const float *qi, const float *const *krow, const float *const *vrow, int n, int sb, int nc,
+    float *s, float *acc, float *m, float *l) {
+    vf qv[16], av[16];
+    for (int c = 0; c < nc; c++) qv[c] = load(qi + 16 * c);
+    for (int j = 0; j < n; j++) {
+        const float *kj = krow[j];
+        vf a = qv[0] * load(kj);
+        for (int c = 1; c < nc; c++) a += qv[c] * load(kj + 16 * c);
+        s[j] = hsum(a);
+    }
+    for (int j = n; j < sb; j++) s[j] = -INFINITY;
+    vf mv = load(s);
+    for (int c = 16; c < sb; c += 16) mv = vmax(mv, load(s + c));
+    const float bmax = hmax(mv), mx = bmax > *m ? bmax : *m;
+    vf sum = {};
+    for (int c = 0; c < sb; c += 16) {
+        const vf p = exp_neg(load(s + c) - mx);
+        store(s + c, p);
+        sum += p;
+    }
+    /* Earlier terms shrink by exp(m - mx): 1 without a new max, 0 before any key. */
+    const float alpha = exp_neg((vf){} + (*m - mx))[0];
+    for (int c = 0; c < nc; c++) av[c] = load(acc + 16 * c) * alpha;
+    for (int j = 0; j < n; j++) {
+        const float *vj = vrow[j];
+        const float p = s[j];
+        for (int c = 0; c < nc; c++) av[c] += p * load(vj + 16 * c);
+    }
+    for (int c = 0; c < nc; c++) store(acc + 16 * c, av[c]);
+    *l = *l * alpha + hsum(sum);
+    *m = mx;
+}
+
+static inline int64_t table_at(const void *table, int int64, int64_t i) {
+    return int64 ? ((const int64_t *)table)[i] : (int64_t)((const int32_t *)table)[i];
+}
+
+int dr_paged_decode(
+    const void *q, int64_t q_seq, int64_t q_row, int64_t q_head,
+    const void *k_cache, const void *v_cache,
+    int64_t kc_block, int64_t kc_slot, int64_t kc_head,
+    const void *block_tables, int bt_int64, int64_t bt_seq,
+    const int64_t *context_lens,
+    float *out, int64_t o_seq, int64_t o_row, int64_t o_head,
+    float *lse, int64_t l_seq, int64_t l_row,
+    int num_seqs, int rows, int kv_heads, int group, int head_dim, int block_size,
+    float scale, int dtype, int splits, int64_t blocks_per_split, int num_threads,
+    float *work) {
+    const int d = head_dim, nq = rows * group, bs = block_size, nc = head_dim / 16;
+    if (head_dim % 16 || head_dim > 256) return 2;
+    const int sb = (block_size + 15) / 16 * 16; /* a score row, whole vectors */
+    const int64_t esize = dtype == DT_F32 ? 4 : 2;
+    const int64_t part = (int64_t)nq * (d + 2); /* acc (nq, d), m (nq), l (nq) per item */
+    const int64_t items = (int64_t)num_seqs * kv_heads * splits;
+    const char *qb = (const char *)q, *kb = (const char *)k_cache, *vb = (const char *)v_cache;
+    int failed = 0;
+
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        float *qf = malloc(sizeof(float) * ((size_t)nq * d + (size_t)sb + 2 * (size_t)bs * d));
+        const float **krow = malloc(sizeof(float *) * 2 * (size_t)bs);
+        if (!qf || !krow) failed = 1;
+        float *s = qf + (size_t)nq * d, *kbuf = s + sb, *vbuf = kbuf + (size_t)bs * d;
+        const float **vrow = krow + bs;
+
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < items; item++) {
+            if (failed) continue;
+            const int64_t seq = item / ((int64_t)kv_heads * splits);
+            const int kvh = (int)(item / splits % kv_heads);
+            const int64_t split = item % splits;
+            float *acc = work + item * part, *m = acc + (int64_t)nq * d, *l = m + nq;
+            for (int64_t i = 0; i < (int64_t)nq * d; i++) acc[i] = 0.0f;
+            for (int i = 0; i < nq; i++) {
+                m[i] = -INFINITY;
+                l[i] = 0.0f;
+            }
+            const int64_t ctx = context_lens[seq];
+            const int64_t nblk = (ctx + bs - 1) / bs;
+            const int64_t blk0 = split * blocks_per_split;
+            const int64_t blk1 = blk0 + blocks_per_split < nblk ? blk0 + blocks_per_split : nblk;
+            if (blk0 >= blk1) continue;
+            /* The group's query rows in float, pre-scaled. */
+            for (int r = 0; r < rows; r++)
+                for (int g = 0; g < group; g++) {
+                    const int64_t off = seq * q_seq + r * q_row + (int64_t)(kvh * group + g) * q_head;
+                    float *dst = qf + (int64_t)(r * group + g) * d;
+                    const float *src = as_f32(qb + off * esize, dtype, d, dst);
+                    for (int i = 0; i < d; i++) dst[i] = src[i] * scale;
+                }
+            const void *table = (const char *)block_tables + seq * bt_seq * (bt_int64 ? 8 : 4);
+            for (int64_t blk = blk0; blk < blk1; blk++) {
+                const int64_t block = table_at(table, bt_int64, blk);
+                const int64_t left = ctx - blk * bs;
+                const int n = left < bs ? (int)left : bs;
+                const int64_t base = block * kc_block + kvh * kc_head;
+                if (blk + 1 < blk1) {
+                    /* The next block's rows lie elsewhere in the cache: ask for them now. */
+                    const int64_t next = table_at(table, bt_int64, blk + 1) * kc_block + kvh * kc_head;
+                    const int64_t row_bytes = d * esize;
+                    for (int j = 0; j < bs; j++)
+                        for (int64_t b = 0; b < row_bytes; b += 64) {
+                            __builtin_prefetch(kb + (next + j * kc_slot) * esize + b);
+                            __builtin_prefetch(vb + (next + j * kc_slot) * esize + b);
+                        }
+                }
+                for (int j = 0; j < n; j++) {
+                    krow[j] = as_f32(kb + (base + j * kc_slot) * esize, dtype, d, kbuf + j * d);
+                    vrow[j] = as_f32(vb + (base + j * kc_slot) * esize, dtype, d, vbuf + j * d);
+                }
+                for (int i = 0; i < nq; i++) {
+                    const float *qi = qf + (int64_t)i * d;
+                    float *ai = acc + (int64_t)i * d;
+                    if (nc == 4)
+                        fold_block(qi, krow, vrow, n, sb, 4, s, ai, m + i, l + i);
+                    else if (nc == 8)
+                        fold_block(qi, krow, vrow, n, sb, 8, s, ai, m + i, l + i);
+                    else
+                        fold_block(qi, krow, vrow, n, sb, nc, s, ai, m + i, l + i);
+                }
+            }
+        }
+        free(qf);
+        free(krow);
+    }
+    if (failed) return 1;
+
+    /* Merge each query head's splits: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). */
+    const int64_t heads_out = (int64_t)num_seqs * kv_heads * nq;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t h = 0; h < heads_out; h++) {
+        const int64_t seq = h / ((int64_t)kv_heads * nq);
+        const int kvh = (int)(h / nq % kv_heads);
+        const int i = (int)(h % nq), r = i / group, g = i % group;
+        const float *first = work + (seq * kv_heads + kvh) * splits * part;
+        float mx = -INFINITY;
+        for (int sp = 0; sp < splits; sp++) {
+            const float ms = first[sp * part + (int64_t)nq * d + i];
+            mx = ms > mx ? ms : mx;
+        }
+        float *o = out + seq * o_seq + r * o_row + (int64_t)(kvh * group + g) * o_head;
+        float *ls = lse ? lse + seq * l_seq + r * l_row + kvh * group + g : NULL;
+        for (int e = 0; e < d; e++) o[e] = 0.0f;
+        if (mx == -INFINITY) { /* no key: out 0, lse -inf */
+            if (ls) *ls = -INFINITY;
+            continue;
+        }
+        float total = 0.0f;
+        for (int sp = 0; sp < splits; sp++) {
+            const float *p = first + sp * part;
+            const float ms = p[(int64_t)nq * d + i], ls_ = p[(int64_t)nq * d + nq + i];
+            if (ms == -INFINITY) continue;
+            const float w = expf(ms - mx);
+            total += ls_ * w;
+            const float *a = p + (int64_t)i * d;
+#pragma omp simd
+            for (int e = 0; e < d; e++) o[e] += w * a[e];
+        }
+        const float inv = 1.0f / total;
+#pragma omp simd
+        for (int e = 0; e < d; e++) o[e] *= inv;
+        if (ls) *ls = mx + logf(total);
+    }
+    return 0;
+}

@@ -1,0 +1,346 @@
+"""Native CPU decode attention (`kernels/cpu_attention.py`): against a float64 reference over
+paged caches of several shapes and dtypes, with splits, shared prefixes, poisoned unused slots,
+empty contexts and both block-table dtypes; `flash_decode` takes it on CPU; the model decodes
+with it the tokens and logprobs the torch reference gives; `DIST_RUNTIME_CPU_ATTENTION=torch`,
+a missing compiler and a failing build all fall back to the reference."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels.flash_decode as flash_decode_module
+from dist_runtime.config import CPU_ATTENTION_ENV, cpu_attention_choice
+from kernels import cpu_attention
+from kernels.cpu_attention import flash_decode_cpu, native_decode_supported, paged_decode
+from kernels.flash_decode import flash_decode, flash_decode_ref
+
+needs_native = pytest.mark.skipif(
+    cpu_attention._library() is None, reason="no C compiler: the native kernel is not built"
+)
+
+
+Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _case(
+    *,
+    lens: list[int],
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    table_dtype: torch.dtype = torch.int32,
+    seed: int = 0,
+) -> Case:
+    """q, caches (unused slots NaN), shuffled block tables and context lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [(n + block_size - 1) // block_size for n in lens]
+    num_blocks = sum(per_seq) + 3
+    k = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"))
+    v = torch.full_like(k, float("nan"))
+    order = torch.randperm(num_blocks, generator=gen)
+    width = max(per_seq)
+    tables = torch.zeros(len(lens), width, dtype=table_dtype)
+    used = 0
+    for b, (n, blocks) in enumerate(zip(lens, per_seq)):
+        ids = order[used : used + blocks]
+        used += blocks
+        tables[b, :blocks] = ids.to(table_dtype)
+        for t in range(n):  # only a context's own slots hold numbers
+            blk, slot = ids[t // block_size], t % block_size
+            k[blk, slot] = torch.randn(kv_heads, head_dim, generator=gen)
+            v[blk, slot] = torch.randn(kv_heads, head_dim, generator=gen)
+    q = 2 * torch.randn(len(lens), q_heads, head_dim, generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype), tables, torch.tensor(lens)
+
+
+def _oracle(q, k, v, tables, lens, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 attention of each sequence's query over its gathered context (GQA expanded)."""
+    block_size, group = k.shape[1], q.shape[1] // k.shape[2]
+    outs, lses = [], []
+    for b, n in enumerate(lens.tolist()):
+        ids = tables[b, : (n + block_size - 1) // block_size].long()
+        kk = k[ids].flatten(0, 1)[:n].double().repeat_interleave(group, dim=1)  # (n, heads, d)
+        vv = v[ids].flatten(0, 1)[:n].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].double(), kk) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append(torch.einsum("hn,nhd->hd", torch.exp(scores - lse[:, None]), vv))
+        lses.append(lse)
+    return torch.stack(outs), torch.stack(lses)
+
+
+def _check(q, k, v, tables, lens, scale: float = 0.3) -> None:
+    out, lse = flash_decode_cpu(q, k, v, tables, lens, scale, return_lse=True)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse is not None
+    assert lse.dtype == torch.float32
+    ref_out, ref_lse = _oracle(q, k, v, tables, lens, scale)
+    # float32 math against float64; a bfloat16 output rounds to 8 bits of mantissa.
+    atol = 2e-5 if q.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "q_heads,kv_heads,head_dim",
+    [(9, 3, 64), (8, 2, 128), (4, 4, 32), (6, 2, 80)],  # GQA 3 / 4, MHA, a non-power-of-2 dim
+)
+def test_matches_float64_reference(
+    dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int
+) -> None:
+    lens = [1, 16, 17, 250, 33]  # one key, a full block, a block plus one, many blocks
+    _check(
+        *_case(
+            lens=lens,
+            q_heads=q_heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            block_size=16,
+            dtype=dtype,
+        )
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("block_size", [1, 8, 32, 64])
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_block_sizes_and_table_dtypes(block_size: int, table_dtype: torch.dtype) -> None:
+    _check(
+        *_case(
+            lens=[5, 70, 129],
+            q_heads=4,
+            kv_heads=2,
+            head_dim=32,
+            block_size=block_size,
+            dtype=torch.float32,
+            table_dtype=table_dtype,
+            seed=block_size,
+        )
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_long_sequence_splits_over_threads(threads: int) -> None:
+    """Batch 1: the keys split into ranges merged by LSE; any thread count gives the result."""
+    assert cpu_attention.split_plan(2, 300, threads)[0] > 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(
+            *_case(
+                lens=[4800],
+                q_heads=4,
+                kv_heads=2,
+                head_dim=64,
+                block_size=16,
+                dtype=torch.float32,
+                seed=threads,
+            )
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_split_plan() -> None:
+    # 3 pairs on 2 threads: 8 items wanted, so 3 splits of 22 blocks cover 64 blocks.
+    assert cpu_attention.split_plan(3, 64, 2) == (3, 22)
+    # Enough pairs already: one split over every block.
+    assert cpu_attention.split_plan(24, 64, 2) == (1, 64)
+    # Short contexts are not cut below MIN_SPLIT_BLOCKS.
+    assert cpu_attention.split_plan(1, 2 * cpu_attention.MIN_SPLIT_BLOCKS - 1, 8)[0] == 1
+    assert cpu_attention.split_plan(1, 0, 2) == (1, 1)
+
+
+@needs_native
+def test_shared_prefix_batch() -> None:
+    """Sequences sharing their first blocks (one cached document, several questions) read the
+    prefix once and their own tails separately; one tail is empty (the context ends on the
+    prefix's last block)."""
+    bs, shared = 16, 6
+    q, k, v, tables, lens = _case(
+        lens=[shared * bs + 9, shared * bs + 40, shared * bs + 1],
+        q_heads=6,
+        kv_heads=2,
+        head_dim=64,
+        block_size=bs,
+        dtype=torch.float32,
+        seed=3,
+    )
+    tables[:, :shared] = tables[0, :shared]
+    _check(q, k, v, tables, lens)
+    # The same with one context exactly `shared` blocks long: its tail holds no key.
+    lens2 = lens.clone()
+    lens2[2] = shared * bs
+    _check(q, k, v, tables, lens2)
+
+
+@needs_native
+def test_empty_context_gives_zero_and_minus_infinity() -> None:
+    q, k, v, tables, _ = _case(
+        lens=[20, 20], q_heads=2, kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
+    )
+    out, lse = paged_decode(q, k, v, tables, torch.tensor([0, 20]), 0.5, 20)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+    assert torch.isfinite(out[1]).all() and torch.isfinite(lse[1]).all()
+
+
+@needs_native
+def test_rejects_mismatched_inputs() -> None:
+    q, k, v, tables, lens = _case(
+        lens=[20], q_heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32
+    )
+    with pytest.raises(ValueError, match="disagree"):
+        paged_decode(q[:, :2].repeat(2, 1, 1), k, v, tables, lens, 0.5, 20)
+    with pytest.raises(ValueError, match="does not fit"):
+        paged_decode(q[:, :3], k, v, tables, lens, 0.5, 20)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        flash_decode_cpu(q, k, v, tables, lens, 0.0)
+
+
+@needs_native
+def test_flash_decode_takes_the_native_kernel_where_it_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return flash_decode_cpu(*args, **kwargs)
+
+    monkeypatch.setattr(flash_decode_module, "flash_decode_cpu", counting)
+    q, k, v, tables, lens = _case(
+        lens=[40, 7], q_heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32
+    )
+    out, _ = flash_decode(q, k, v, tables, lens, 0.5)
+    assert calls == [1]
+    want, _ = flash_decode_ref(q, k, v, tables, lens, 0.5)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
+    # head_dim not a multiple of 16, float16: the reference.
+    q8, k8, v8, t8, l8 = _case(
+        lens=[9], q_heads=2, kv_heads=1, head_dim=8, block_size=16, dtype=torch.float32
+    )
+    assert not native_decode_supported(q8, k8, 0)
+    flash_decode(q8, k8, v8, t8, l8, 0.5)
+    assert not native_decode_supported(q.half(), k.half(), 0)
+    assert not native_decode_supported(q, k, 8)  # a quantized cache
+    assert calls == [1]
+    monkeypatch.setenv(CPU_ATTENTION_ENV, "torch")
+    assert not native_decode_supported(q, k, 0)
+    flash_decode(q, k, v, tables, lens, 0.5)
+    assert calls == [1]
+
+
+def test_environment_switch_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CPU_ATTENTION_ENV, raising=False)
+    assert cpu_attention_choice() == "native"
+    monkeypatch.setenv(CPU_ATTENTION_ENV, " Torch ")
+    assert cpu_attention_choice() == "torch"
+    monkeypatch.setenv(CPU_ATTENTION_ENV, "fast")
+    with pytest.raises(ValueError, match="DIST_RUNTIME_CPU_ATTENTION='fast' is not valid"):
+        cpu_attention_choice()
+
+
+@pytest.fixture
+def fresh_library() -> Iterator[None]:
+    """Let a test build (or fail to build) the library anew; the next user rebuilds it."""
+    cpu_attention._library.cache_clear()
+    yield
+    cpu_attention._library.cache_clear()
+
+
+def test_no_compiler_falls_back_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, fresh_library: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(cpu_attention, "_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_attention"):
+        assert cpu_attention._library() is None
+    assert "no C compiler found" in caplog.text
+    q, k, v, tables, lens = _case(
+        lens=[30], q_heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32
+    )
+    assert not native_decode_supported(q, k, 0)
+    out, _ = flash_decode(q, k, v, tables, lens, 0.5)
+    assert torch.isfinite(out).all()
+
+
+def test_failing_build_falls_back_with_the_compiler_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_library: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    script = tmp_path / "broken-cc"
+    script.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    monkeypatch.setenv("DIST_RUNTIME_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_attention"):
+        assert cpu_attention._library() is None
+    assert "broken-cc: cannot compile" in caplog.text
+    assert not list((tmp_path / "cache" / "native").glob("*.so"))  # nothing half-written
+
+
+@needs_native
+def test_build_lands_in_the_cache_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_library: None
+) -> None:
+    monkeypatch.setenv("DIST_RUNTIME_CACHE", str(tmp_path))
+    assert cpu_attention._library() is not None
+    built = list((tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("paged_decode-")
+
+
+@needs_native
+def test_the_model_decodes_as_with_the_torch_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy tokens and logprobs are the same with the native kernel and the reference, for a
+    batch over a cached shared prefix (the shared-prefix path) and a batch without one."""
+    from dist_runtime import Runtime, SamplingParams
+    from dist_runtime.formats.random_checkpoint import write_random_checkpoint
+
+    folder = write_random_checkpoint(
+        tmp_path / "ckpt",
+        architecture="llama",
+        vocab_size=320,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=11,
+    )
+    rows: list[int] = []
+    plain_decode = cpu_attention.paged_decode
+
+    def counting(*args, **kwargs):
+        rows.append(kwargs.get("rows", args[7] if len(args) > 7 else 1))
+        return plain_decode(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_attention, "paged_decode", counting)
+    doc = [(7 * i + 1) % 250 for i in range(100)]  # 6 full blocks
+    batches = [[doc + [3, 4], doc + [9]], [[5, 6, 7] * 12, [1, 2] * 20]]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
+    with Runtime(model=str(folder), tp=1, device="cpu", dtype="float32", session_len=512) as rt:
+        rt.generate([doc], SamplingParams(max_new_tokens=1))  # the prefix cache now holds doc
+        native = [out for batch in batches for out in rt.generate(batch, params)]
+        assert any(r == 2 for r in rows), "the shared-prefix path did not run"
+        assert any(r == 1 for r in rows)
+        monkeypatch.setenv(CPU_ATTENTION_ENV, "torch")
+        before = len(rows)
+        reference = [out for batch in batches for out in rt.generate(batch, params)]
+        assert len(rows) == before
+    for a, b in zip(native, reference, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs is not None and b.logprobs is not None
+        got = torch.tensor([lp.logprob for lp in a.logprobs])
+        want = torch.tensor([lp.logprob for lp in b.logprobs])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
