@@ -14,9 +14,8 @@ Our runtime (in-process executor, prefix cache off) decodes `--steps` steps afte
 thread's executor calls (where the ops run). Operators are grouped: linear layers and the LM
 head (`mkldnn::_linear_pointwise` / `aten::mm`, `aten::addmm`), attention (the native kernel's
 calls, or SDPA and the reference's matmuls), the paged-KV gather (`aten::index_select`), and
-every other operator;
-"outside operators" is the step's wall time minus the operators' self time (Python, plan
-building, sampling glue). Each configuration loads its own runtime; the two choices are
+every other operator; "outside operators" is the step's wall time minus the operators' self
+time (Python, plan building, sampling glue). Each configuration loads its own runtime; the two choices are
 measured one after the other, so machine drift between them shows up as well.
 """
 

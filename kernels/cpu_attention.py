@@ -11,7 +11,9 @@ still spreads over the threads.
 The C source is compiled once per machine with the system C compiler (`cc`, or `$CC`) into
 the runtime's cache folder (`$DIST_RUNTIME_CACHE/native`, see `formats/demo_model.py`) and
 loaded with ctypes; it links OpenMP against the libgomp PyTorch already loaded, so both share
-one thread pool. float32 and bfloat16 caches run natively; a quantized cache, float16, or a
+one thread pool. float32 and bfloat16 caches run natively, and so do int8 / int4 caches
+(`kernels/kv_quant.py`), each row dequantized as it is read instead of the reference's
+dequantized copy of the whole context; float16, a head_dim that is not a multiple of 16, or a
 machine without a compiler uses the reference. `DIST_RUNTIME_CPU_ATTENTION` chooses: `native`
 (the default) or `torch` (always the reference, e.g. to compare the two).
 """
@@ -127,20 +129,21 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_float,  # scale
         *(i32, i32, i64, i32),  # dtype, splits, blocks per split, threads
         ptr,  # scratch
+        i32,  # cache kind: the dtype's code, or 8 / 4 bits
+        *(ptr, ptr, i64, i64, i64),  # k, v params (scale, zero) and their strides
     ]
     fn.restype = i32
     return lib
 
 
 def native_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, bits: int) -> bool:
-    """True when this decode runs the native kernel: CPU, float32/bfloat16, no quantized
-    cache, head_dim a multiple of 16 up to MAX_HEAD_DIM, DIST_RUNTIME_CPU_ATTENTION not
-    `torch`, and the kernel built."""
+    """True when this decode runs the native kernel: CPU, float32/bfloat16 queries over a cache
+    of their dtype or of int8 / int4 codes, head_dim a multiple of 16 up to MAX_HEAD_DIM,
+    DIST_RUNTIME_CPU_ATTENTION not `torch`, and the kernel built."""
     return (
         q.device.type == "cpu"
-        and bits == 0
         and q.dtype in DTYPES
-        and k_cache.dtype == q.dtype
+        and (k_cache.dtype == q.dtype if bits == 0 else bits in (4, 8))
         and q.shape[-1] % 16 == 0
         and q.shape[-1] <= MAX_HEAD_DIM
         and cpu_attention_choice() == "native"
@@ -167,13 +170,17 @@ def paged_decode(
     scale: float,
     max_keys: int,
     rows: int = 1,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (seqs * rows, q_heads, d) float32 and lse (seqs * rows, q_heads) float32.
 
     q: (seqs * rows, q_heads, d); the `rows` consecutive queries of each sequence share its
     block table row and context length (rows > 1: a batch over one shared prefix, seqs = 1).
     max_keys: the longest context (bounds the splits; the kernel reads each sequence's own).
-    A context of 0 keys gives out 0 and lse -inf.
+    A context of 0 keys gives out 0 and lse -inf. bits 8 / 4: the caches hold uint8 codes and
+    k_params / v_params their float32 (scale, zero) (`kernels/kv_quant.py`).
     """
     lib = _library()
     if lib is None:
@@ -188,7 +195,10 @@ def paged_decode(
         )
     if d % 16 or d > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {d} is not a multiple of 16 up to {MAX_HEAD_DIM}")
-    if q_heads % kv_heads or k_cache.shape[3] != d or k_cache.shape != v_cache.shape:
+    if bits not in (0, 4, 8) or (bits == 0) != (k_params is None or v_params is None):
+        raise ValueError(f"bits {bits} needs k_params and v_params exactly when it is 4 or 8")
+    code_dim = d // 2 if bits == 4 else d
+    if q_heads % kv_heads or k_cache.shape[3] != code_dim or k_cache.shape != v_cache.shape:
         raise ValueError(
             f"q {tuple(q.shape)} does not fit caches of {tuple(k_cache.shape)} / "
             f"{tuple(v_cache.shape)}"
@@ -197,6 +207,24 @@ def paged_decode(
         raise ValueError("q and the caches need a contiguous head_dim and equal cache strides")
     if block_tables.dtype not in (torch.int32, torch.int64) or block_tables.stride(-1) != 1:
         raise ValueError(f"block_tables must be int32/int64 rows, got {block_tables.dtype}")
+    if k_params is not None and v_params is not None:
+        if (
+            k_cache.dtype != torch.uint8
+            or k_params.dtype != torch.float32
+            or k_params.shape != (*k_cache.shape[:3], 2)
+            or k_params.stride() != v_params.stride()
+            or k_params.stride(-1) != 1
+        ):
+            raise ValueError(
+                f"a {bits}-bit cache needs uint8 codes and float32 params (..., 2) with equal "
+                f"strides, got {k_cache.dtype} and {k_params.dtype} {tuple(k_params.shape)}"
+            )
+        kind, p_strides = bits, k_params.stride()[:3]
+        k_ptr, v_ptr = k_params.data_ptr(), v_params.data_ptr()
+    else:
+        if k_cache.dtype != q.dtype:
+            raise ValueError(f"q is {q.dtype} but the caches {k_cache.dtype}")
+        kind, p_strides, k_ptr, v_ptr = DTYPES[q.dtype], (0, 0, 0), None, None
     lens = context_lens.to(torch.int64).contiguous()
     out = torch.empty(tokens, q_heads, d, dtype=torch.float32)
     lse = torch.empty(tokens, q_heads, dtype=torch.float32)
@@ -240,6 +268,10 @@ def paged_decode(
         per,
         threads,
         work.data_ptr(),
+        kind,
+        k_ptr,
+        v_ptr,
+        *p_strides,
     )
     if torch.autograd.profiler._is_profiler_enabled:
         with torch.profiler.record_function(PROFILE_NAME):
@@ -261,8 +293,12 @@ def flash_decode_cpu(
     context_lens: torch.Tensor,
     scale: float,
     return_lse: bool = False,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`flash_decode_ref` through the native kernel (see `native_decode_supported`).
+    """`flash_decode_ref` through the native kernel (see `native_decode_supported`); a
+    quantized cache (bits 8 / 4) is dequantized row by row as it is read.
 
     A batch whose sequences share at least MIN_SHARED_BLOCKS leading blocks (questions on one
     cached document) reads the shared prefix once for every query, each sequence's tail on its
@@ -288,6 +324,9 @@ def flash_decode_cpu(
             scale,
             shared * block_size,
             batch,
+            k_params=k_params,
+            v_params=v_params,
+            bits=bits,
         )
         rest = context_lens - shared * block_size
         o_t, s_t = paged_decode(
@@ -298,8 +337,22 @@ def flash_decode_cpu(
             rest,
             scale,
             plan.keys - shared * block_size,
+            k_params=k_params,
+            v_params=v_params,
+            bits=bits,
         )
         out, lse = merge_pair(out, lse, o_t, s_t)
     else:
-        out, lse = paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, plan.keys)
+        out, lse = paged_decode(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            context_lens,
+            scale,
+            plan.keys,
+            k_params=k_params,
+            v_params=v_params,
+            bits=bits,
+        )
     return out.to(q.dtype), (lse if return_lse else None)

@@ -11,8 +11,9 @@
  * Threads: OpenMP, on the runtime PyTorch already loaded (the same libgomp soname), so the
  * kernel and PyTorch's own operators share one thread pool.
  *
- * Element types: 0 float32, 1 bfloat16 (q and the caches alike); the output and the LSE are
- * float32. Strides are in elements; head_dim is a multiple of 16. Returns 0, 1 when scratch
+ * Element types: q is 0 float32 or 1 bfloat16; the caches (kv_kind) the same, or 8 / 4 for
+ * int8 / int4 codes with a float32 (scale, zero) per row in k_params / v_params, dequantized
+ * as they are read (kernels/kv_quant.py's layout). The output and the LSE are float32. Strides are in elements; head_dim is a multiple of 16. Returns 0, 1 when scratch
  * memory could not be had, 2 for a head_dim it does not take.
  */
 #include <math.h>
@@ -22,6 +23,8 @@
 
 #define DT_F32 0
 #define DT_BF16 1
+#define KV_INT8 8 /* uint8 codes, one per element */
+#define KV_INT4 4 /* uint8 bytes: element j in the low nibble, j + d/2 in the high one */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -133,6 +136,25 @@ static inline __attribute__((always_inline)) void fold_block(
     *m = mx;
 }
 
+/* A cache row as float: float32 in place, bfloat16 converted, int8 / int4 codes dequantized
+ * as code * scale + zero with the row's (scale, zero) at `params` (kernels/kv_quant.py). */
+static inline const float *kv_row(const char *src, const float *params, int kind, int d,
+                                  float *buf) {
+    if (kind == DT_F32 || kind == DT_BF16) return as_f32(src, kind, d, buf);
+    const float scale = params[0], zero = params[1];
+    const uint8_t *c = (const uint8_t *)src;
+    if (kind == KV_INT8) {
+        for (int i = 0; i < d; i++) buf[i] = (float)c[i] * scale + zero;
+    } else {
+        const int h = d / 2;
+        for (int i = 0; i < h; i++) {
+            buf[i] = (float)(c[i] & 15) * scale + zero;
+            buf[i + h] = (float)(c[i] >> 4) * scale + zero;
+        }
+    }
+    return buf;
+}
+
 static inline int64_t table_at(const void *table, int int64, int64_t i) {
     return int64 ? ((const int64_t *)table)[i] : (int64_t)((const int32_t *)table)[i];
 }
@@ -147,11 +169,15 @@ int dr_paged_decode(
     float *lse, int64_t l_seq, int64_t l_row,
     int num_seqs, int rows, int kv_heads, int group, int head_dim, int block_size,
     float scale, int dtype, int splits, int64_t blocks_per_split, int num_threads,
-    float *work) {
+    float *work, int kv_kind, const float *k_params, const float *v_params,
+    int64_t kp_block, int64_t kp_slot, int64_t kp_head) {
     const int d = head_dim, nq = rows * group, bs = block_size, nc = head_dim / 16;
     if (head_dim % 16 || head_dim > 256) return 2;
     const int sb = (block_size + 15) / 16 * 16; /* a score row, whole vectors */
     const int64_t esize = dtype == DT_F32 ? 4 : 2;
+    /* Bytes per cache element (strides count elements of the cache tensor) and per row. */
+    const int64_t kv_esize = kv_kind == DT_F32 ? 4 : kv_kind == DT_BF16 ? 2 : 1;
+    const int64_t row_bytes = kv_kind == KV_INT4 ? d / 2 : d * kv_esize;
     const int64_t part = (int64_t)nq * (d + 2); /* acc (nq, d), m (nq), l (nq) per item */
     const int64_t items = (int64_t)num_seqs * kv_heads * splits;
     const char *qb = (const char *)q, *kb = (const char *)k_cache, *vb = (const char *)v_cache;
@@ -199,16 +225,17 @@ int dr_paged_decode(
                 if (blk + 1 < blk1) {
                     /* The next block's rows lie elsewhere in the cache: ask for them now. */
                     const int64_t next = table_at(table, bt_int64, blk + 1) * kc_block + kvh * kc_head;
-                    const int64_t row_bytes = d * esize;
                     for (int j = 0; j < bs; j++)
                         for (int64_t b = 0; b < row_bytes; b += 64) {
-                            __builtin_prefetch(kb + (next + j * kc_slot) * esize + b);
-                            __builtin_prefetch(vb + (next + j * kc_slot) * esize + b);
+                            __builtin_prefetch(kb + (next + j * kc_slot) * kv_esize + b);
+                            __builtin_prefetch(vb + (next + j * kc_slot) * kv_esize + b);
                         }
                 }
+                const int64_t pbase = block * kp_block + kvh * kp_head;
                 for (int j = 0; j < n; j++) {
-                    krow[j] = as_f32(kb + (base + j * kc_slot) * esize, dtype, d, kbuf + j * d);
-                    vrow[j] = as_f32(vb + (base + j * kc_slot) * esize, dtype, d, vbuf + j * d);
+                    const int64_t row = (base + j * kc_slot) * kv_esize, prow = pbase + j * kp_slot;
+                    krow[j] = kv_row(kb + row, k_params + prow, kv_kind, d, kbuf + j * d);
+                    vrow[j] = kv_row(vb + row, v_params + prow, kv_kind, d, vbuf + j * d);
                 }
                 for (int i = 0; i < nq; i++) {
                     const float *qi = qf + (int64_t)i * d;

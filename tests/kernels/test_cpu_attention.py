@@ -18,6 +18,7 @@ from dist_runtime.config import CPU_ATTENTION_ENV, cpu_attention_choice
 from kernels import cpu_attention
 from kernels.cpu_attention import flash_decode_cpu, native_decode_supported, paged_decode
 from kernels.flash_decode import flash_decode, flash_decode_ref
+from kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
 
 needs_native = pytest.mark.skipif(
     cpu_attention._library() is None, reason="no C compiler: the native kernel is not built"
@@ -183,6 +184,43 @@ def test_shared_prefix_batch() -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_cache_matches_float64_over_its_dequantized_values(
+    bits: int, dtype: torch.dtype
+) -> None:
+    """int8 / int4 codes with a (scale, zero) per row, dequantized as they are read: the result
+    is attention over the dequantized cache; `flash_decode` takes the kernel for them too."""
+    q, k, v, tables, lens = _case(
+        lens=[3, 40, 200],
+        q_heads=6,
+        kv_heads=2,
+        head_dim=64,
+        block_size=16,
+        dtype=torch.float32,
+        seed=bits,
+    )
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)  # unused slots quantize like any row
+    k_codes, k_params = quantize_kv_ref(k, bits)
+    v_codes, v_params = quantize_kv_ref(v, bits)
+    q = q.to(dtype)
+    quant = {"k_params": k_params, "v_params": v_params, "bits": bits}
+    assert native_decode_supported(q, k_codes, bits)
+    out, lse = flash_decode_cpu(q, k_codes, v_codes, tables, lens, 0.3, True, **quant)
+    k_deq = dequantize_kv_ref(k_codes, k_params, bits, torch.float64)
+    v_deq = dequantize_kv_ref(v_codes, v_params, bits, torch.float64)
+    ref_out, ref_lse = _oracle(q, k_deq, v_deq, tables, lens, 0.3)
+    atol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=0)
+    assert lse is not None
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-6)
+    via_dispatch, _ = flash_decode(q, k_codes, v_codes, tables, lens, 0.3, **quant)
+    torch.testing.assert_close(via_dispatch, out)
+    with pytest.raises(ValueError, match="needs k_params and v_params"):
+        paged_decode(q, k_codes, v_codes, tables, lens, 0.3, 200, bits=bits)
+
+
+@needs_native
 def test_empty_context_gives_zero_and_minus_infinity() -> None:
     q, k, v, tables, _ = _case(
         lens=[20, 20], q_heads=2, kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
@@ -230,7 +268,6 @@ def test_flash_decode_takes_the_native_kernel_where_it_applies(
     assert not native_decode_supported(q8, k8, 0)
     flash_decode(q8, k8, v8, t8, l8, 0.5)
     assert not native_decode_supported(q.half(), k.half(), 0)
-    assert not native_decode_supported(q, k, 8)  # a quantized cache
     assert calls == [1]
     monkeypatch.setenv(CPU_ATTENTION_ENV, "torch")
     assert not native_decode_supported(q, k, 0)
