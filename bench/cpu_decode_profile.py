@@ -15,8 +15,8 @@ thread's executor calls (where the ops run). Operators are grouped: linear layer
 head (`mkldnn::_linear_pointwise` / `aten::mm`, `aten::addmm`), attention (the native kernel's
 calls, or SDPA and the reference's matmuls), the paged-KV gather (`aten::index_select`), and
 every other operator; "outside operators" is the step's wall time minus the operators' self
-time (Python, plan building, sampling glue). Each configuration loads its own runtime; the two choices are
-measured one after the other, so machine drift between them shows up as well.
+time (Python, plan building, sampling glue). Each configuration loads its own runtime; the two
+choices are measured one after the other, so machine drift between them shows up as well.
 """
 
 from __future__ import annotations
