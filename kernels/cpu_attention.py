@@ -47,6 +47,7 @@ MIN_SPLIT_BLOCKS = 8
 """Fewest cache blocks in a split: shorter ones cost more in merging than they spread."""
 MAX_HEAD_DIM = 256
 """head_dim the kernel takes (a multiple of 16 up to this)."""
+BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 
@@ -67,17 +68,23 @@ def _compiler() -> str | None:
 
 def _build(cc: str, target: Path) -> None:
     """Compile SOURCE to target atomically (concurrent workers each build, the last rename
-    wins, and every rename installs a complete file); -march=native is dropped when the
-    compiler does not know it."""
+    wins, and every rename installs a complete file). A compiler that does not know
+    -march=native builds without it; one without OpenMP builds a one-thread kernel."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    portable = tuple(f for f in FLAGS if f != "-march=native")
     try:
-        for flags in (FLAGS, tuple(f for f in FLAGS if f != "-march=native")):
+        for flags in (FLAGS, portable, tuple(f for f in portable if f != "-fopenmp")):
             done = subprocess.run(
-                [cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True
+                [cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
             )
             if done.returncode == 0:
+                if "-fopenmp" not in flags:
+                    logger.warning("%s has no OpenMP: CPU decode attention runs on one thread", cc)
                 os.replace(tmp, target)
                 return
         raise RuntimeError(done.stderr.strip()[-2000:])
@@ -108,7 +115,7 @@ def _library() -> ctypes.CDLL | None:
             logger.info("building the CPU decode attention kernel (once per machine): %s", target)
             _build(cc, target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         logger.warning(
             "could not build the CPU decode attention kernel with %s (%s); the torch reference "
             "is used",

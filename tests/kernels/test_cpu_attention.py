@@ -326,6 +326,33 @@ def test_failing_build_falls_back_with_the_compiler_error(
 
 
 @needs_native
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_library: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real = cpu_attention._compiler()
+    script = tmp_path / "no-openmp-cc"
+    script.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "no -fopenmp here" >&2; exit 1; }; done\n'
+        f'exec {real} "$@"\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    monkeypatch.setenv("DIST_RUNTIME_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_attention"):
+        assert cpu_attention._library() is not None
+    assert "has no OpenMP" in caplog.text
+    _check(
+        *_case(
+            lens=[300, 5], q_heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32
+        )
+    )
+
+
+@needs_native
 def test_build_lands_in_the_cache_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_library: None
 ) -> None:
