@@ -204,9 +204,19 @@ def test_quantized_cache_matches_float64_over_its_dequantized_values(
     k_codes, k_params = quantize_kv_ref(k, bits)
     v_codes, v_params = quantize_kv_ref(v, bits)
     q = q.to(dtype)
-    quant = {"k_params": k_params, "v_params": v_params, "bits": bits}
     assert native_decode_supported(q, k_codes, bits)
-    out, lse = flash_decode_cpu(q, k_codes, v_codes, tables, lens, 0.3, True, **quant)
+    out, lse = flash_decode_cpu(
+        q,
+        k_codes,
+        v_codes,
+        tables,
+        lens,
+        0.3,
+        True,
+        k_params=k_params,
+        v_params=v_params,
+        bits=bits,
+    )
     k_deq = dequantize_kv_ref(k_codes, k_params, bits, torch.float64)
     v_deq = dequantize_kv_ref(v_codes, v_params, bits, torch.float64)
     ref_out, ref_lse = _oracle(q, k_deq, v_deq, tables, lens, 0.3)
@@ -214,7 +224,9 @@ def test_quantized_cache_matches_float64_over_its_dequantized_values(
     torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=0)
     assert lse is not None
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-6)
-    via_dispatch, _ = flash_decode(q, k_codes, v_codes, tables, lens, 0.3, **quant)
+    via_dispatch, _ = flash_decode(
+        q, k_codes, v_codes, tables, lens, 0.3, k_params=k_params, v_params=v_params, bits=bits
+    )
     torch.testing.assert_close(via_dispatch, out)
     with pytest.raises(ValueError, match="needs k_params and v_params"):
         paged_decode(q, k_codes, v_codes, tables, lens, 0.3, 200, bits=bits)
