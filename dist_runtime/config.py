@@ -86,7 +86,8 @@ def cpu_gemm_choice() -> str:
 
 
 CPU_ATTENTION_ENV = "DIST_RUNTIME_CPU_ATTENTION"
-"""`native` (default) or `torch`: how decode attention runs on CPU (`kernels/cpu_attention.py`)."""
+"""`native` (default) or `torch`: whether CPU decode attention and the RoPE + KV store run through
+the native kernels (`kernels/cpu_attention.py`) or the torch references."""
 
 
 def cpu_attention_choice() -> str:

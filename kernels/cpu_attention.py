@@ -1,4 +1,5 @@
-"""Decode attention on CPU that reads the paged KV cache in place (`csrc/paged_decode.c`).
+"""Decode attention on CPU that reads the paged KV cache in place, and RoPE fused with the KV
+store (`csrc/cpu_decode.c`).
 
 The torch reference decode (`paged_attention._decode`) gathers every sequence's blocks into a
 contiguous copy (`index_select`) and runs SDPA over it, so each step reads the context's K/V
@@ -14,8 +15,13 @@ loaded with ctypes; it links OpenMP against the libgomp PyTorch already loaded, 
 one thread pool. float32 and bfloat16 caches run natively, and so do int8 / int4 caches
 (`kernels/kv_quant.py`), each row dequantized as it is read instead of the reference's
 dequantized copy of the whole context; float16, a head_dim that is not a multiple of 16, or a
-machine without a compiler uses the reference. `DIST_RUNTIME_CPU_ATTENTION` chooses: `native`
-(the default) or `torch` (always the reference, e.g. to compare the two).
+machine without a compiler uses the reference.
+
+`rope_store` rotates a layer's q and k in place and writes k and v to their cache slots in one
+call: on the reference path that is about twenty small operators per layer (RoPE's slices,
+concatenations and products for q and k, the slot filter and two scatters), whose dispatch
+cost at decode sizes exceeds their arithmetic. `DIST_RUNTIME_CPU_ATTENTION` chooses for both:
+`native` (the default) or `torch` (always the references, e.g. to compare the two).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from dist_runtime.config import cpu_attention_choice
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.c"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 PROFILE_NAME = "cpu_attention::paged_decode"
 """What a torch.profiler trace calls the kernel's calls (recorded only while one runs)."""
@@ -109,7 +115,7 @@ def _library() -> ctypes.CDLL | None:
     key = hashlib.sha256(
         b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]
-    target = default_cache_dir() / "native" / f"paged_decode-{key}.so"
+    target = default_cache_dir() / "native" / f"cpu_decode-{key}.so"
     try:
         if not target.exists():
             logger.info("building the CPU decode attention kernel (once per machine): %s", target)
@@ -140,6 +146,26 @@ def _library() -> ctypes.CDLL | None:
         *(ptr, ptr, i64, i64, i64),  # k, v params (scale, zero) and their strides
     ]
     fn.restype = i32
+    rs = lib.dr_rope_store
+    rs.argtypes = [
+        *(ptr, i64, i64),  # q and its token / head strides
+        *(ptr, i64, i64),  # k
+        *(ptr, i64, i64),  # v
+        ptr,  # cos (tokens, head_dim) float32
+        ptr,  # sin
+        *(ptr, ptr, i64, i64, i64),  # k, v caches and their block / slot / head strides
+        ptr,  # slots (int64)
+        *(
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+        ),  # tokens, q / kv heads, head_dim, block, dtype, threads
+    ]
+    rs.restype = None
     return lib
 
 
@@ -363,3 +389,94 @@ def flash_decode_cpu(
             bits=bits,
         )
     return out.to(q.dtype), (lse if return_lse else None)
+
+
+def native_rope_store_supported(q: torch.Tensor, k_cache: torch.Tensor, bits: int) -> bool:
+    """True when `rope_store` serves this layer: CPU, float32/bfloat16 q over an unquantized
+    cache of its dtype, an even head_dim up to MAX_HEAD_DIM, DIST_RUNTIME_CPU_ATTENTION not
+    `torch`, and the kernel built."""
+    return (
+        q.device.type == "cpu"
+        and bits == 0
+        and q.dtype in DTYPES
+        and k_cache.dtype == q.dtype
+        and q.shape[-1] % 2 == 0
+        and q.shape[-1] <= MAX_HEAD_DIM
+        and cpu_attention_choice() == "native"
+        and _library() is not None
+    )
+
+
+def rope_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """In place: q and k rotated by RoPE (`kernels/rotary.py: rotate` with these tables), then
+    k and v written to their cache slots (`store_kv`; slots < 0 are not written), in one call.
+
+    q: (tokens, q_heads, d), k, v: (tokens, kv_heads, d), any token / head strides with a
+    contiguous head_dim (views into the fused qkv output); cos, sin: (tokens, 1, d) or
+    (tokens, d) float32 (`rotary_cos_sin`); caches (num_blocks, block_size, kv_heads, d) of q's
+    dtype; slot_mapping (tokens,) integer.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU decode kernels are not built (see the log)")
+    tokens, q_heads, d = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    if (
+        k.shape != (tokens, kv_heads, d)
+        or v.shape != k.shape
+        or k_cache.shape[3] != d
+        or v_cache.shape != k_cache.shape
+        or k_cache.stride() != v_cache.stride()
+        or cos.numel() != tokens * d
+        or sin.shape != cos.shape
+        or slot_mapping.shape != (tokens,)
+    ):
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos "
+            f"{tuple(cos.shape)}, slots {tuple(slot_mapping.shape)} and caches "
+            f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)} disagree"
+        )
+    if any(t.dtype != q.dtype for t in (k, v, k_cache, v_cache)) or q.dtype not in DTYPES:
+        raise ValueError(f"q, k, v and the caches need one dtype of {list(DTYPES)}")
+    if any(t.stride(-1) != 1 for t in (q, k, v, k_cache)):
+        raise ValueError("q, k, v and the caches need a contiguous head_dim")
+    cos = cos.to(torch.float32).contiguous()
+    sin = sin.to(torch.float32).contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
+    if tokens == 0:
+        return
+    lib.dr_rope_store(
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        k.data_ptr(),
+        k.stride(0),
+        k.stride(1),
+        v.data_ptr(),
+        v.stride(0),
+        v.stride(1),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        slots.data_ptr(),
+        tokens,
+        q_heads,
+        kv_heads,
+        d,
+        block_size,
+        DTYPES[q.dtype],
+        torch.get_num_threads(),
+    )

@@ -1,8 +1,9 @@
-"""Native CPU decode attention (`kernels/cpu_attention.py`): against a float64 reference over
-paged caches of several shapes and dtypes, with splits, shared prefixes, poisoned unused slots,
-empty contexts and both block-table dtypes; `flash_decode` takes it on CPU; the model decodes
-with it the tokens and logprobs the torch reference gives; `DIST_RUNTIME_CPU_ATTENTION=torch`,
-a missing compiler and a failing build all fall back to the reference."""
+"""Native CPU decode kernels (`kernels/cpu_attention.py`): attention against a float64
+reference over paged caches of several shapes and dtypes, with splits, shared prefixes,
+poisoned unused slots, empty contexts and both block-table dtypes; `flash_decode` takes it on
+CPU; RoPE fused with the KV store against `rotate` + `store_kv_ref`; the model decodes with them
+the tokens and logprobs the torch references give; `DIST_RUNTIME_CPU_ATTENTION=torch`, a missing
+compiler and a failing build all fall back to the references."""
 
 from __future__ import annotations
 
@@ -16,9 +17,18 @@ import torch
 import kernels.flash_decode as flash_decode_module
 from dist_runtime.config import CPU_ATTENTION_ENV, cpu_attention_choice
 from kernels import cpu_attention
-from kernels.cpu_attention import flash_decode_cpu, native_decode_supported, paged_decode
+from kernels.cpu_attention import (
+    flash_decode_cpu,
+    native_decode_supported,
+    native_rope_store_supported,
+    paged_decode,
+    rope_store,
+)
 from kernels.flash_decode import flash_decode, flash_decode_ref
 from kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
+from kernels.rotary import rotary_cos_sin, rotate
+from kernels.store_kv import store_kv_ref
+from workers.layers.rotary import inverse_frequencies, rotary_cos_sin_per_token
 
 needs_native = pytest.mark.skipif(
     cpu_attention._library() is None, reason="no C compiler: the native kernel is not built"
@@ -287,6 +297,41 @@ def test_flash_decode_takes_the_native_kernel_where_it_applies(
     assert calls == [1]
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_rope_store_matches_rotate_and_store(dtype: torch.dtype, per_token: bool) -> None:
+    """q, k as views into a fused qkv row (the attention layer's layout), one padding slot."""
+    gen = torch.Generator().manual_seed(7)
+    tokens, q_heads, kv_heads, d, block_size = 6, 6, 2, 64, 16
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * d, generator=gen).to(dtype)
+    q, k, v = qkv.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = (t.view(tokens, -1, d) for t in (q, k, v))
+    positions = torch.tensor([0, 1, 17, 300, 4095, 70000])
+    if per_token:  # requests with their own RoPE base
+        inv = torch.stack([inverse_frequencies(d, 10000.0 * (1 + i)) for i in range(tokens)])
+        cos, sin = rotary_cos_sin_per_token(positions, inv)
+    else:
+        cos, sin = rotary_cos_sin(positions, inverse_frequencies(d, 1e6))
+    want_q, want_k = rotate(q, cos, sin), rotate(k, cos, sin)
+    slots = torch.tensor([5, 16, -1, 31, 40, 0])
+    k_cache = torch.full((4, block_size, kv_heads, d), 7.0, dtype=dtype)
+    v_cache = torch.full_like(k_cache, 7.0)
+    want_kc, want_vc = k_cache.clone(), v_cache.clone()
+    store_kv_ref(want_k, v, want_kc, want_vc, slots)
+    assert native_rope_store_supported(q, k_cache, 0)
+    rope_store(q, k, v, cos, sin, k_cache, v_cache, slots)
+    # bfloat16: one rounding of an fp32 result that may differ by an ulp (FMA contraction).
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q, want_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(k, want_k, atol=tol, rtol=tol)
+    torch.testing.assert_close(k_cache, want_kc, atol=tol, rtol=tol)
+    torch.testing.assert_close(v_cache, want_vc, atol=0, rtol=0)
+    assert not native_rope_store_supported(q, k_cache.to(torch.uint8), 8)
+    with pytest.raises(ValueError, match="disagree"):
+        rope_store(q, k, v, cos[:3], sin[:3], k_cache, v_cache, slots)
+
+
 def test_environment_switch_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(CPU_ATTENTION_ENV, raising=False)
     assert cpu_attention_choice() == "native"
@@ -371,7 +416,7 @@ def test_build_lands_in_the_cache_folder(
     monkeypatch.setenv("DIST_RUNTIME_CACHE", str(tmp_path))
     assert cpu_attention._library() is not None
     built = list((tmp_path / "native").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("paged_decode-")
+    assert len(built) == 1 and built[0].name.startswith("cpu_decode-")
 
 
 @needs_native

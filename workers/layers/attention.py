@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from dist_runtime.config import ModelConfig, WeightQuant
+from kernels.cpu_attention import native_rope_store_supported, rope_store
+from kernels.dispatch import use_triton
 from kernels.flash_decode import flash_decode
 from kernels.paged_attention import paged_attention
 from kernels.store_kv import store_kv
@@ -114,9 +116,14 @@ class Attention(nn.Module):
         q = q.view(tokens, self.shard.num_q, self.head_dim)
         k = k.view(tokens, self.shard.num_kv, self.head_dim)
         v = v.view(tokens, self.shard.num_kv, self.head_dim)
-        q, k = self.rotary(q, k, positions, meta.rope)
         k_cache, v_cache, quant = kv_cache.k, kv_cache.v, kv_cache.quant_args()
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
+        if not use_triton(q.device) and native_rope_store_supported(q, k_cache, kv_cache.bits):
+            # CPU: RoPE in place and the KV store in one native call.
+            cos, sin = meta.rope if meta.rope is not None else self.rotary.cos_sin(positions)
+            rope_store(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+        else:
+            q, k = self.rotary(q, k, positions, meta.rope)
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
         if meta.cp is not None:
             out = cp_attention(q, k, v, kv_cache, meta.cp, self.comm, self.scale)
             return self.o_proj(out.reshape(tokens, self.q_size))

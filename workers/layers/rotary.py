@@ -44,13 +44,16 @@ class RotaryEmbedding(nn.Module):
             return rotate(q, *cos_sin), rotate(k, *cos_sin)
         if use_triton(q.device):
             return rotary(q, k, positions, self.inv_freq)
-        # Reference path: every layer of a step passes the same positions tensor, so the
-        # angles are computed once per step instead of once per layer.
+        cos, sin = self.cos_sin(positions)
+        return rotate(q, cos, sin), rotate(k, cos, sin)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of `rotary_cos_sin` for the step's positions. Every layer of a step passes
+        the same positions tensor, so the angles are computed once per step, not per layer."""
         if positions is not self._positions:
             self._positions = positions
             self._cos_sin = rotary_cos_sin(positions, self.inv_freq)
-        cos, sin = self._cos_sin
-        return rotate(q, cos, sin), rotate(k, cos, sin)
+        return self._cos_sin
 
 
 def rotary_cos_sin_per_token(

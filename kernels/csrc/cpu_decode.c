@@ -292,3 +292,60 @@ int dr_paged_decode(
     }
     return 0;
 }
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7FFF + ((u >> 16) & 1); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* Rotate `heads` head vectors at x (stride `hs` elements) in place by RoPE's rotate-half:
+ * out[i] = x[i] c[i] - x[i+h] s[i], out[i+h] = x[i+h] c[i+h] + x[i] s[i+h], in float32. */
+static void rotate_heads(char *x, int64_t hs, int heads, int d, int dtype, const float *c,
+                         const float *s, float *buf) {
+    const int h = d / 2;
+    const int64_t esize = dtype == DT_F32 ? 4 : 2;
+    for (int head = 0; head < heads; head++) {
+        char *row = x + head * hs * esize;
+        const float *v = as_f32(row, dtype, d, buf);
+        float r[512];
+        for (int i = 0; i < h; i++) {
+            r[i] = v[i] * c[i] - v[i + h] * s[i];
+            r[i + h] = v[i + h] * c[i + h] + v[i] * s[i + h];
+        }
+        if (dtype == DT_F32) {
+            memcpy(row, r, sizeof(float) * d);
+        } else {
+            uint16_t *o = (uint16_t *)row;
+            for (int i = 0; i < d; i++) o[i] = f32_to_bf16(r[i]);
+        }
+    }
+}
+
+/* RoPE on q and k in place (cos / sin: (tokens, head_dim) float32 rows), then k and v written
+ * to their cache slots (slot < 0: not written), for float32 / bfloat16 tensors and caches of
+ * the same dtype. Strides in elements. */
+void dr_rope_store(char *q, int64_t q_tok, int64_t q_head, char *k, int64_t k_tok,
+                   int64_t k_head, const char *v, int64_t v_tok, int64_t v_head, const float *cos,
+                   const float *sin, char *k_cache, char *v_cache, int64_t kc_block,
+                   int64_t kc_slot, int64_t kc_head, const int64_t *slots, int tokens, int q_heads,
+                   int kv_heads, int d, int block_size, int dtype, int num_threads) {
+    const int64_t esize = dtype == DT_F32 ? 4 : 2;
+#pragma omp parallel for num_threads(num_threads) if (tokens >= 64) schedule(static)
+    for (int t = 0; t < tokens; t++) {
+        float buf[512];
+        const float *c = cos + (int64_t)t * d, *s = sin + (int64_t)t * d;
+        rotate_heads(q + t * q_tok * esize, q_head, q_heads, d, dtype, c, s, buf);
+        rotate_heads(k + t * k_tok * esize, k_head, kv_heads, d, dtype, c, s, buf);
+        const int64_t slot = slots[t];
+        if (slot < 0) continue;
+        const int64_t base = (slot / block_size) * kc_block + (slot % block_size) * kc_slot;
+        for (int h = 0; h < kv_heads; h++) {
+            memcpy(k_cache + (base + h * kc_head) * esize, k + (t * k_tok + h * k_head) * esize,
+                   d * esize);
+            memcpy(v_cache + (base + h * kc_head) * esize, v + (t * v_tok + h * v_head) * esize,
+                   d * esize);
+        }
+    }
+}
