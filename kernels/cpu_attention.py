@@ -47,6 +47,7 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.c"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 PROFILE_NAME = "cpu_attention::paged_decode"
 """What a torch.profiler trace calls the kernel's calls (recorded only while one runs)."""
+ROPE_STORE_PROFILE_NAME = "cpu_attention::rope_store"
 SPLITS_PER_THREAD = 4
 """Work items aimed at per thread when a batch has too few (sequence, kv head) pairs."""
 MIN_SPLIT_BLOCKS = 8
@@ -454,7 +455,7 @@ def rope_store(
     slots = slot_mapping.to(torch.int64).contiguous()
     if tokens == 0:
         return
-    lib.dr_rope_store(
+    args = (
         q.data_ptr(),
         q.stride(0),
         q.stride(1),
@@ -480,3 +481,8 @@ def rope_store(
         DTYPES[q.dtype],
         torch.get_num_threads(),
     )
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(ROPE_STORE_PROFILE_NAME):
+            lib.dr_rope_store(*args)
+    else:
+        lib.dr_rope_store(*args)
