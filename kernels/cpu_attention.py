@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from dist_runtime.config import cpu_attention_choice
+from kernels.kv_quant import check_quant_caches, code_dim
 
 logger = logging.getLogger(__name__)
 
@@ -175,14 +176,30 @@ def native_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, bits: int) -
     of their dtype or of int8 / int4 codes, head_dim a multiple of 16 up to MAX_HEAD_DIM,
     DIST_RUNTIME_CPU_ATTENTION not `torch`, and the kernel built."""
     return (
+        (k_cache.dtype == q.dtype if bits == 0 else bits in (4, 8))
+        and q.shape[-1] % 16 == 0
+        and _native_on(q)
+    )
+
+
+def _native_on(q: torch.Tensor) -> bool:
+    """What every native kernel needs: a float32/bfloat16 CPU tensor, a head_dim up to
+    MAX_HEAD_DIM, DIST_RUNTIME_CPU_ATTENTION not `torch`, and the library built."""
+    return (
         q.device.type == "cpu"
         and q.dtype in DTYPES
-        and (k_cache.dtype == q.dtype if bits == 0 else bits in (4, 8))
-        and q.shape[-1] % 16 == 0
         and q.shape[-1] <= MAX_HEAD_DIM
         and cpu_attention_choice() == "native"
         and _library() is not None
     )
+
+
+def _run(fn, profile_name: str, args: tuple):
+    """Call a library function, under a profiler label while a torch.profiler trace runs."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(profile_name):
+            return fn(*args)
+    return fn(*args)
 
 
 def split_plan(items: int, max_blocks: int, threads: int) -> tuple[int, int]:
@@ -229,10 +246,12 @@ def paged_decode(
         )
     if d % 16 or d > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {d} is not a multiple of 16 up to {MAX_HEAD_DIM}")
-    if bits not in (0, 4, 8) or (bits == 0) != (k_params is None or v_params is None):
-        raise ValueError(f"bits {bits} needs k_params and v_params exactly when it is 4 or 8")
-    code_dim = d // 2 if bits == 4 else d
-    if q_heads % kv_heads or k_cache.shape[3] != code_dim or k_cache.shape != v_cache.shape:
+    check_quant_caches(k_cache, v_cache, k_params, v_params, bits, d)
+    if (
+        q_heads % kv_heads
+        or k_cache.shape[3] != code_dim(d, bits)
+        or k_cache.shape != v_cache.shape
+    ):
         raise ValueError(
             f"q {tuple(q.shape)} does not fit caches of {tuple(k_cache.shape)} / "
             f"{tuple(v_cache.shape)}"
@@ -242,17 +261,8 @@ def paged_decode(
     if block_tables.dtype not in (torch.int32, torch.int64) or block_tables.stride(-1) != 1:
         raise ValueError(f"block_tables must be int32/int64 rows, got {block_tables.dtype}")
     if k_params is not None and v_params is not None:
-        if (
-            k_cache.dtype != torch.uint8
-            or k_params.dtype != torch.float32
-            or k_params.shape != (*k_cache.shape[:3], 2)
-            or k_params.stride() != v_params.stride()
-            or k_params.stride(-1) != 1
-        ):
-            raise ValueError(
-                f"a {bits}-bit cache needs uint8 codes and float32 params (..., 2) with equal "
-                f"strides, got {k_cache.dtype} and {k_params.dtype} {tuple(k_params.shape)}"
-            )
+        if k_params.stride() != v_params.stride():
+            raise ValueError("k_params and v_params need equal strides")
         kind, p_strides = bits, k_params.stride()[:3]
         k_ptr, v_ptr = k_params.data_ptr(), v_params.data_ptr()
     else:
@@ -307,11 +317,7 @@ def paged_decode(
         v_ptr,
         *p_strides,
     )
-    if torch.autograd.profiler._is_profiler_enabled:
-        with torch.profiler.record_function(PROFILE_NAME):
-            failed = lib.dr_paged_decode(*args)
-    else:
-        failed = lib.dr_paged_decode(*args)
+    failed = _run(lib.dr_paged_decode, PROFILE_NAME, args)
     if failed == 1:
         raise MemoryError("the CPU decode attention kernel could not allocate its scratch")
     if failed:
@@ -396,16 +402,7 @@ def native_rope_store_supported(q: torch.Tensor, k_cache: torch.Tensor, bits: in
     """True when `rope_store` serves this layer: CPU, float32/bfloat16 q over an unquantized
     cache of its dtype, an even head_dim up to MAX_HEAD_DIM, DIST_RUNTIME_CPU_ATTENTION not
     `torch`, and the kernel built."""
-    return (
-        q.device.type == "cpu"
-        and bits == 0
-        and q.dtype in DTYPES
-        and k_cache.dtype == q.dtype
-        and q.shape[-1] % 2 == 0
-        and q.shape[-1] <= MAX_HEAD_DIM
-        and cpu_attention_choice() == "native"
-        and _library() is not None
-    )
+    return bits == 0 and k_cache.dtype == q.dtype and q.shape[-1] % 2 == 0 and _native_on(q)
 
 
 def rope_store(
@@ -481,8 +478,4 @@ def rope_store(
         DTYPES[q.dtype],
         torch.get_num_threads(),
     )
-    if torch.autograd.profiler._is_profiler_enabled:
-        with torch.profiler.record_function(ROPE_STORE_PROFILE_NAME):
-            lib.dr_rope_store(*args)
-    else:
-        lib.dr_rope_store(*args)
+    _run(lib.dr_rope_store, ROPE_STORE_PROFILE_NAME, args)

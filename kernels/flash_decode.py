@@ -422,18 +422,7 @@ def flash_decode(
     if use_triton(q.device):
         fn = flash_decode_triton
     elif native_decode_supported(q, k_cache, bits) and q.shape[0]:
-        return flash_decode_cpu(
-            q,
-            k_cache,
-            v_cache,
-            block_tables,
-            context_lens,
-            scale,
-            return_lse,
-            k_params=k_params,
-            v_params=v_params,
-            bits=bits,
-        )
+        fn = flash_decode_cpu
     else:
         fn = flash_decode_ref
     return fn(

@@ -238,7 +238,7 @@ def test_quantized_cache_matches_float64_over_its_dequantized_values(
         q, k_codes, v_codes, tables, lens, 0.3, k_params=k_params, v_params=v_params, bits=bits
     )
     torch.testing.assert_close(via_dispatch, out)
-    with pytest.raises(ValueError, match="needs k_params and v_params"):
+    with pytest.raises(ValueError, match="needs both k_params and v_params"):
         paged_decode(q, k_codes, v_codes, tables, lens, 0.3, 200, bits=bits)
 
 
