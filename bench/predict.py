@@ -41,13 +41,15 @@ runtime's `max_num_batched_tokens`; el = bytes per element of the dtype):
   of the chunk's queries ((cp-1) x T/cp x q heads per rank x head_dim x el sent per GPU) and an
   all-to-all of the partial outputs and their fp32 LSE ((cp-1) x T/cp x q heads per rank x
   (head_dim x el + 4)); these are not overlapped and are added.
-* **Decode** (batch 1): the rank that owns the new token reads its weights (the sharded
-  parameters of `weight_params_per_worker` less the embedding table, of which a step reads one
-  row) at the measured device-copy fraction of HBM peak; every cp rank reads its KV shard,
-  `kv_bytes_per_token` x ceil(context/cp), at the split-KV decode kernel's measured fraction
-  (by context per rank); collectives add their bytes over the link. The latency of the
-  per-step collectives and the host-side step cost are not modelled: the decode figure is a
-  floor, and the validation shows by how much the measured runs exceed it.
+* **Decode** (batch 1): every rank computes the new token (weights are replicated over cp)
+  and reads its weights (the sharded parameters of `weight_params_per_worker` less the
+  embedding table, of which a step reads one row) at the measured device-copy fraction of HBM
+  peak; every cp rank reads its KV shard, `kv_bytes_per_token` x ceil(context/cp), at the
+  split-KV decode kernel's measured fraction (by context per rank); collectives add their bytes
+  over the link: the tp all-reduces, and at cp > 1 one all-gather per layer of the partial
+  output with its fp32 LSE ((cp-1) x q heads per rank x (head_dim x el + 4) sent per GPU).
+  The latency of the per-step collectives and the host-side step cost are not modelled: the
+  decode figure is a floor, and the validation shows by how much the measured runs exceed it.
 
 Efficiencies transfer across cards by assumption: a kernel tuned on H100 is taken to reach the
 same fraction of an A100's peak. Link rates are datasheet peaks: no multi-GPU run exists yet to
@@ -176,6 +178,12 @@ def query_exchange_bytes(model: ModelConfig, tp: int, cp: int, chunk: int, el: i
     gather = (cp - 1) * n_max * q_local * hd * el
     scatter = (cp - 1) * n_max * q_local * (hd * el + 4)
     return gather + scatter
+
+
+def decode_merge_bytes(model: ModelConfig, tp: int, cp: int, el: int) -> int:
+    """Bytes one GPU sends per layer in a cp decode step of one sequence: the all-gather of its
+    partial output with its fp32 LSE packed alongside (`cp_decode_attention`)."""
+    return (cp - 1) * (model.num_heads // tp) * (model.head_dim * el + 4)
 
 
 def decode_weight_bytes(model: ModelConfig, tp: int, el: int) -> int:
@@ -729,8 +737,8 @@ def predict_decode(
         collectives += 2 * model.num_layers + 2  # all-reduces + the logits all-gather
         comm += (2 * model.num_layers + 1) * ring_all_reduce_sent(model.hidden_size * el, tp)
     if cp > 1:
-        collectives += 3 * model.num_layers
-        comm += model.num_layers * query_exchange_bytes(model, tp, cp, 1, el)
+        collectives += model.num_layers
+        comm += model.num_layers * decode_merge_bytes(model, tp, cp, el)
     return DecodePrediction(
         weight_bytes=weights,
         kv_bytes=kv,
@@ -974,7 +982,7 @@ def term_lines(
         )
     kv_token = kv_bytes_per_token(model, r.tp, dtype)
     line = (
-        f"- decode: weights {_gb(d.weight_bytes)} (the rank holding the new token) + KV "
+        f"- decode: weights {_gb(d.weight_bytes)} (every rank computes the new token) + KV "
         f"{_gb(d.kv_bytes)} ({kv_token:,} B/token x {per_rank:,} tokens per rank) -> "
         f"{_ms(d.weights_s)} + {_ms(d.kv_s)} ms"
     )

@@ -75,14 +75,19 @@ CPU_GEMM_DTYPES = ("float32", "bfloat16")
 """Weight dtypes reordered for oneDNN on CPU (where this CPU's oneDNN runs them)."""
 
 
-def cpu_gemm_choice() -> str:
-    """The value of `DIST_RUNTIME_CPU_GEMM`: 'onednn' when unset; anything else is an error."""
-    value = os.environ.get(CPU_GEMM_ENV, "").strip().lower() or "onednn"
-    if value not in ("onednn", "torch"):
-        raise ValueError(
-            f"{CPU_GEMM_ENV}={value!r} is not valid; use 'onednn', 'torch' or leave it unset"
-        )
+def env_choice(name: str, values: tuple[str, ...]) -> str:
+    """The value of environment variable `name`, lower-cased: values[0] when unset or empty;
+    one outside `values` is an error naming them."""
+    value = os.environ.get(name, "").strip().lower() or values[0]
+    if value not in values:
+        accepted = ", ".join(repr(v) for v in values)
+        raise ValueError(f"{name}={value!r} is not valid; use {accepted} or leave it unset")
     return value
+
+
+def cpu_gemm_choice() -> str:
+    """`DIST_RUNTIME_CPU_GEMM`: 'onednn' (default) or 'torch'."""
+    return env_choice(CPU_GEMM_ENV, ("onednn", "torch"))
 
 
 CPU_ATTENTION_ENV = "DIST_RUNTIME_CPU_ATTENTION"
@@ -91,14 +96,32 @@ the native kernels (`kernels/cpu_attention.py`) or the torch references."""
 
 
 def cpu_attention_choice() -> str:
-    """The value of `DIST_RUNTIME_CPU_ATTENTION`: 'native' when unset; anything else is an
-    error."""
-    value = os.environ.get(CPU_ATTENTION_ENV, "").strip().lower() or "native"
-    if value not in ("native", "torch"):
-        raise ValueError(
-            f"{CPU_ATTENTION_ENV}={value!r} is not valid; use 'native', 'torch' or leave it unset"
-        )
-    return value
+    """`DIST_RUNTIME_CPU_ATTENTION`: 'native' (default) or 'torch'."""
+    return env_choice(CPU_ATTENTION_ENV, ("native", "torch"))
+
+
+DECODE_GRAPHS_ENV = "DIST_RUNTIME_DECODE_GRAPHS"
+"""`auto` (default: decode steps replay from CUDA graphs on CUDA unless `enforce_eager`) or
+`emulate` (any device, for tests where there is no CUDA: decode steps go through the graphs'
+fixed buffers, batch padding and scratch block, and a replay runs the forward again)."""
+
+
+def decode_graphs_choice() -> str:
+    """`DIST_RUNTIME_DECODE_GRAPHS`: 'auto' (default) or 'emulate'."""
+    return env_choice(DECODE_GRAPHS_ENV, ("auto", "emulate"))
+
+
+KERNELS_ENV = "DIST_RUNTIME_KERNELS"
+"""`torch` or `triton` forces the kernel family (`kernels/dispatch.py`); unset: Triton on CUDA."""
+
+WORKER_ENV = (
+    KERNELS_ENV,
+    CPU_GEMM_ENV,
+    CPU_ATTENTION_ENV,
+    DECODE_GRAPHS_ENV,
+)
+"""Environment switches that choose kernels and paths inside the workers. The Ray executor
+hands the driver's values to every worker, so they hold on a cluster started elsewhere too."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -29,6 +29,7 @@ from dist_runtime.config import (
     build_section,
 )
 from dist_runtime.engine.engine import Engine
+from dist_runtime.engine.executor.base import Executor
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.outputs import RequestOutput
 from dist_runtime.jobs.doc_qa import check_fits, check_job, job_params, qa_prompts
@@ -337,14 +338,23 @@ class Runtime:
 
     def worker_memory(self) -> list[dict[str, int]]:
         """Each worker's peak resident bytes and KV cache bytes (and CUDA peak), by rank."""
+        return self._read_workers(lambda executor: executor.memory_stats())
+
+    def worker_steps(self) -> list[dict[str, int]]:
+        """Each worker's steps run and decode steps replayed from its decode graphs, by rank."""
+        return self._read_workers(lambda executor: executor.step_stats())
+
+    def _read_workers(
+        self, read: Callable[[Executor], list[dict[str, int]]]
+    ) -> list[dict[str, int]]:
         self._check_alive()
 
-        def read() -> list[dict[str, int]]:
+        def call() -> list[dict[str, int]]:
             if self.engine.executor is None:
                 raise RuntimeError("this runtime has no workers")
-            return self.engine.executor.memory_stats()
+            return read(self.engine.executor)
 
-        return self.engine.call(read)
+        return self.engine.call(call)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

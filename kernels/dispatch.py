@@ -12,7 +12,7 @@ import os
 
 import torch
 
-ENV_VAR = "DIST_RUNTIME_KERNELS"
+from dist_runtime.config import KERNELS_ENV as ENV_VAR
 
 
 @functools.cache

@@ -119,8 +119,11 @@ def test_blocks_striped_evenly(cp: int, tokens: int) -> None:
     assert bm.pool_free_blocks() == [40] * cp
 
 
-def test_dynamic_ntk_request_base_with_cp(ray_cluster: Any, tmp_path: Path) -> None:
-    """A prompt past max_position_embeddings gets its own RoPE base on every cp rank."""
+def test_dynamic_ntk_request_base_with_cp(
+    ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt past max_position_embeddings gets its own RoPE base on every cp rank, in eager
+    decode steps and in (emulated) decode graphs with per-token RoPE tables."""
     from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 
     folder = write_random_checkpoint(
@@ -134,10 +137,14 @@ def test_dynamic_ntk_request_base_with_cp(ray_cluster: Any, tmp_path: Path) -> N
     )
     prompts = [_prompt(50, 4), _prompt(20, 5)]  # one past max_pos, one within it
     outs = []
-    for cp in (1, 2):
+    for cp, graphs in ((1, "auto"), (2, "auto"), (2, "emulate")):
+        monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPHS", graphs)
         with _runtime(folder, 1, cp) as rt:
             outs.append(rt.generate(prompts, PARAMS))
+            rope_replays = [s["graph_rope_replays"] for s in rt.worker_steps()]
+        assert all(n > 0 for n in rope_replays) == (graphs == "emulate"), rope_replays
     _assert_same(outs[1], outs[0], "dynamic NTK cp=2")
+    _assert_same(outs[2], outs[0], "dynamic NTK cp=2, decode graphs")
 
 
 def test_session_that_does_not_fit_fails_at_start_and_cp_fixes_it(
@@ -172,3 +179,23 @@ def test_world_larger_than_the_cluster(ray_cluster: Any, tiny_llama_dir: Path) -
         (WorkerError, ValueError), match=r"tp\*cp = 8 workers need 8 CPU.*lower tp/cp"
     ):
         _runtime(tiny_llama_dir, 2, 4)
+
+
+def test_cp_decode_steps_replay_from_graphs(
+    run: Run, ray_cluster: Any, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tp 2 x cp 2 with the decode graphs emulated (`DIST_RUNTIME_DECODE_GRAPHS=emulate`, handed
+    to the Ray workers by the executor): decode steps, cp all-gather and merge included, run
+    through the graphs' fixed buffers on every rank and give the single-device result. The
+    one-token prompt leaves cp rank 1 without a key of its own for its first decode steps."""
+    monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPHS", "emulate")
+    want, _ = run(1, 1)
+    with _runtime(tiny_llama_dir, 2, 2) as rt:
+        got = rt.generate(PROMPTS, PARAMS)
+        stats = rt.worker_steps()
+    _assert_same(got, want, "tp=2 cp=2 graphs")
+    assert [s["rank"] for s in stats] == [0, 1, 2, 3]
+    replays = {s["graph_replays"] for s in stats}
+    assert len(replays) == 1, stats  # every rank replays the same steps
+    # Every decode step of the 33 tokens replays (the first token comes from a prefill).
+    assert replays.pop() >= PARAMS.max_new_tokens - 1

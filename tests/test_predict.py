@@ -149,11 +149,12 @@ def test_decode_terms_at_tp2_cp2() -> None:
     dec = P.predict_decode(SMALL, FAKE_GPU, _rates(), tp=2, cp=2, context=100)
     assert dec.weights_s == pytest.approx(150656 / (0.8 * 1e9))
     assert dec.kv_s == pytest.approx(6400 / (0.5 * 1e9))
-    # 5 all-reduces of one token (64 x 2 B, ring share 1x at tp 2) + per layer a one-row query
-    # exchange (4 x 8 x 2 gathered + 4 x (16 + 4) sent back).
-    assert dec.comm_bytes == 5 * 128 + 2 * (64 + 80) == 928
-    assert dec.comm_s == pytest.approx(928 / 1e6)
-    assert dec.collectives == (2 * 2 + 2) + 3 * 2
+    # 5 all-reduces of one token (64 x 2 B, ring share 1x at tp 2) + per layer the all-gather
+    # of the partial output and its LSE: 4 q heads x (8 x 2 B + 4 B) to the one other cp rank.
+    assert P.decode_merge_bytes(SMALL, 2, 2, 2) == 4 * (8 * 2 + 4) == 80
+    assert dec.comm_bytes == 5 * 128 + 2 * 80 == 800
+    assert dec.comm_s == pytest.approx(800 / 1e6)
+    assert dec.collectives == (2 * 2 + 2) + 2
 
 
 def test_hardware_table() -> None:

@@ -10,10 +10,16 @@ the full model on its own tokens; only attention talks across ranks.
 Attention, per layer:
 * Fresh prefill (no sequence of the step has cached tokens): pass-KV ring. The chunk's K/V
   blocks travel round the cp ring, overlapped with compute (`workers/ring_attention.py`).
-* Otherwise (a chunk after a cached prefix, a follow-up question on a cached document,
-  decode): KV never moves. The step's queries are all-gathered, every rank attends them over
-  its own KV shard, and the partial (out, lse) pairs go back to each query's owner
-  (all-to-all), which merges them exactly by log-sum-exp.
+* A chunk after a cached prefix, a follow-up question on a cached document: KV never moves.
+  The step's queries are all-gathered, every rank attends them over its own KV shard, and the
+  partial (out, lse) pairs go back to each query's owner (all-to-all), which merges them
+  exactly by log-sum-exp.
+* Decode (one new token per sequence): every cp rank computes every sequence's token (the
+  weights are replicated and a decode step reads them whole anyway), only the owner of the
+  token's block stores its K/V, each rank attends all the queries over its own KV shard, and
+  one all-gather of the partial (out, lse) pairs per layer lets every rank merge them. The
+  step's shapes depend on the batch size only, so it replays from a CUDA graph
+  (`workers/cuda_graph.py`), collectives included.
 """
 
 from __future__ import annotations
@@ -67,10 +73,6 @@ class CPMetadata:
     """Per sequence: its query rows in the all-gathered (cp * n_max) queries."""
     q_pos: list[torch.Tensor]
     keys: list[SeqKeys]
-    decode_rows: torch.Tensor | None
-    """All-decode steps: gathered query rows of the sequences with local keys (else None)."""
-    decode_tables: torch.Tensor | None
-    decode_lens: torch.Tensor | None
 
 
 def build_cp_metadata(
@@ -120,22 +122,6 @@ def build_cp_metadata(
             )
         )
     fresh = all(start == 0 for start, _ in spans)
-    decode_rows = decode_tables = decode_lens = None
-    if all(end - start == 1 for start, end in spans) and not fresh:
-        with_keys = [b for b, k in enumerate(keys) if k.positions.numel()]
-        decode_rows = (
-            torch.cat([q_index[b] for b in with_keys])
-            if with_keys
-            else torch.empty(0, dtype=torch.int64, device=device)
-        )
-        width = max([keys[b].blocks.numel() for b in with_keys], default=1)
-        padded = [
-            keys[b].blocks.tolist() + [0] * (width - keys[b].blocks.numel()) for b in with_keys
-        ]
-        decode_tables = torch.tensor(padded, dtype=torch.int32, device=device).view(-1, width)
-        decode_lens = torch.tensor(
-            [keys[b].positions.numel() for b in with_keys], dtype=torch.int64, device=device
-        )
     return CPMetadata(
         layouts=layouts,
         n_max=n_max,
@@ -143,9 +129,6 @@ def build_cp_metadata(
         q_index=q_index,
         q_pos=q_pos,
         keys=keys,
-        decode_rows=decode_rows,
-        decode_tables=decode_tables,
-        decode_lens=decode_lens,
     )
 
 
@@ -178,36 +161,86 @@ def cp_attention(
     queries = comm.cp_all_gather(padded).flatten(0, 1)  # (cp * n_max, heads, d)
     part = torch.zeros_like(queries)
     part_lse = torch.full((cp * n_max, heads), float("-inf"), device=q.device)
-    if meta.decode_rows is not None:
-        rows = meta.decode_rows
-        if rows.numel():
-            o, s = flash_decode(
-                queries[rows],
-                k_cache,
-                v_cache,
-                meta.decode_tables,  # type: ignore[arg-type]
-                meta.decode_lens,  # type: ignore[arg-type]
-                scale,
-                return_lse=True,
-                **cache.quant_args(),  # type: ignore[arg-type]
-            )
-            part[rows] = o
-            part_lse[rows] = s  # type: ignore[assignment]
-    else:
-        for idx, qp, keys in zip(meta.q_index, meta.q_pos, meta.keys):
-            m = keys.positions.numel()
-            if m == 0:
-                continue
-            kb = select_blocks(k_cache, cache.k_params, bits, keys.blocks, q.dtype)
-            vb = select_blocks(v_cache, cache.v_params, bits, keys.blocks, q.dtype)
-            kb, vb = kb.flatten(0, 1)[:m], vb.flatten(0, 1)[:m]
-            # The shard's blocks in table order: positions ascend.
-            o, s = position_attention(
-                queries[idx], qp, kb, vb, keys.positions, scale, keys_sorted=True
-            )
-            part[idx] = o
-            part_lse[idx] = s.float()
+    for idx, qp, keys in zip(meta.q_index, meta.q_pos, meta.keys):
+        m = keys.positions.numel()
+        if m == 0:
+            continue
+        kb = select_blocks(k_cache, cache.k_params, bits, keys.blocks, q.dtype)
+        vb = select_blocks(v_cache, cache.v_params, bits, keys.blocks, q.dtype)
+        kb, vb = kb.flatten(0, 1)[:m], vb.flatten(0, 1)[:m]
+        # The shard's blocks in table order: positions ascend.
+        o, s = position_attention(queries[idx], qp, kb, vb, keys.positions, scale, keys_sorted=True)
+        part[idx] = o
+        part_lse[idx] = s.float()
     back = comm.cp_all_to_all(part.view(cp, n_max, heads, d))[:, :n]
     back_lse = comm.cp_all_to_all(part_lse.view(cp, n_max, heads))[:, :n]
     out, _ = merge_partials(back, back_lse)
     return out
+
+
+def local_key_count(
+    lengths: torch.Tensor, block_size: int, cp_size: int, cp_rank: int
+) -> torch.Tensor:
+    """How many of positions [0, length) cp rank `cp_rank` holds, per length (int64)."""
+    full, rem = lengths // block_size, lengths % block_size
+    # Full blocks i < full with i % cp == cp_rank, then the partial block `full` if it is ours.
+    whole = torch.clamp(full - cp_rank + cp_size - 1, min=0) // cp_size
+    return whole * block_size + torch.where(full % cp_size == cp_rank, rem, 0)
+
+
+def _pack_lse(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(n, heads, d + k): out with its fp32 lse appended as k elements of out's dtype, bit for
+    bit (2 bf16/fp16 halves, or the value itself in fp32/fp64), so one all-gather moves both."""
+    lse = lse.float()
+    tail = (
+        lse[..., None].to(out.dtype) if out.element_size() >= 4 else lse[..., None].view(out.dtype)
+    )
+    return torch.cat([out, tail], dim=-1)
+
+
+def _unpack_lse(packed: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, tail = packed[..., :head_dim], packed[..., head_dim:]
+    lse = (
+        tail.float()[..., 0]
+        if packed.element_size() >= 4
+        else tail.contiguous().view(torch.float32)[..., 0]
+    )
+    return out, lse
+
+
+def cp_decode_attention(
+    q: torch.Tensor,
+    cache: LayerKV,
+    block_tables: torch.Tensor,
+    local_lens: torch.Tensor,
+    comm: Collectives,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention of every sequence's query over the KV shards of all cp ranks.
+
+    q: (batch, q_heads, head_dim), the same rows on every cp rank; block_tables / local_lens:
+    this rank's blocks of each sequence and how many keys they hold (0 where this rank holds
+    none yet). Returns the exact attention (batch, q_heads, head_dim) on every rank.
+
+    No host sync and no data-dependent shape: a CUDA graph captures it. A row with no local
+    keys reads one key of its (zero-padded) table and is then given lse -inf, so it weighs
+    nothing in the merge.
+    """
+    empty = local_lens == 0
+    out, lse = flash_decode(
+        q,
+        cache.k,
+        cache.v,
+        block_tables,
+        local_lens.clamp(min=1),
+        scale,
+        return_lse=True,
+        **cache.quant_args(),  # type: ignore[arg-type]
+    )
+    assert lse is not None
+    out = out.masked_fill(empty[:, None, None], 0.0)
+    lse = lse.float().masked_fill(empty[:, None], float("-inf"))
+    gathered = comm.cp_all_gather(_pack_lse(out, lse))  # (cp, batch, q_heads, d + k)
+    outs, lses = _unpack_lse(gathered, q.shape[-1])
+    merged, _ = merge_partials(outs, lses)
+    return merged

@@ -2,16 +2,17 @@
 
 A decode step of a 7B model launches several hundred small kernels from Python; at small batch
 their launch cost, not the bytes the step reads, sets the step time. Each graph here holds the
-whole decode forward (embedding to final norm, tp all-reduces included) for one padded batch
-size and replays it in one launch.
+whole decode forward (embedding to final norm, tp all-reduces included, and at cp > 1 the
+all-gather and merge of the cp ranks' partial attention: `cp_decode_attention`) for one padded
+batch size and replays it in one launch.
 
 A graph reads fixed input buffers. A step copies its inputs into the first `n` rows and pads the
 batch to the next captured size with rows that write their K/V to a scratch block that no
 sequence owns and attend only to it; the block table keeps its full width (a session's worth of
-blocks), so the split-KV decode kernel's plan never changes between replays. Models with
-dynamic-NTK RoPE get a second set of graphs that read per-token cos/sin tables from fixed
-buffers, for steps holding a request with its own RoPE base. Logits and sampling stay eager:
-they depend on the request's sampling options.
+blocks, or this cp rank's share of them), so the split-KV decode kernel's plan never changes
+between replays. Models with dynamic-NTK RoPE get a second set of graphs that read per-token
+cos/sin tables from fixed buffers, for steps holding a request with its own RoPE base. Logits
+and sampling stay eager: they depend on the request's sampling options.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class DecodeGraphs:
         device: torch.device,
         rope_dim: int | None = None,
         emulate: bool = False,
+        cp_decode: bool = False,
     ):
         if max_batch < 1 or max_blocks < 1:
             raise ValueError(f"max_batch {max_batch} and max_blocks {max_blocks} must be >= 1")
@@ -65,6 +67,7 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
         self.emulate = emulate
+        self.cp_decode = cp_decode
         self.sizes = capture_sizes(max_batch)
 
         def ints(fill: int) -> torch.Tensor:
@@ -103,6 +106,7 @@ class DecodeGraphs:
             context_lens=self.context_lens[:b],
             is_decode=True,
             rope=tables,
+            cp_decode=self.cp_decode,
         )
 
     def capture(self) -> None:
@@ -143,8 +147,8 @@ class DecodeGraphs:
         )
 
     def can_run(self, meta: AttentionMetadata, tokens: int) -> bool:
-        """A decode step that fits, without context parallelism; per-request RoPE tables only
-        where their graphs were captured."""
+        """A decode step that fits (at cp > 1 one that runs every row on every cp rank);
+        per-request RoPE tables only where their graphs were captured."""
         rope_ok = meta.rope is None or (
             self.rope_dim is not None and meta.rope[0].shape[1:] == (1, self.rope_dim)
         )
@@ -152,6 +156,7 @@ class DecodeGraphs:
             meta.is_decode
             and rope_ok
             and meta.cp is None
+            and meta.cp_decode == self.cp_decode
             and 0 < tokens <= self.max_batch
             and meta.block_tables.shape[1] <= self.max_blocks
             and bool(self._replay)

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_runtime.config import RuntimeConfig
+from dist_runtime.config import RuntimeConfig, decode_graphs_choice
 from dist_runtime.protocol import SampledToken, SamplingSpec, SeqStep, StepPlan, StepResult
 from workers.checkpoint import CheckpointReader, dtype_from_name
-from workers.context_parallel import block_owner, build_cp_metadata
+from workers.context_parallel import block_owner, build_cp_metadata, local_key_count
 from workers.cuda_graph import DecodeGraphs
 from workers.distributed import Collectives
 from workers.kv_cache import KVCache
@@ -74,7 +74,8 @@ class SeqState:
     generator: torch.Generator
     block_table: list[int] = field(default_factory=list)
     table: DeviceBlockTable | None = None
-    """`block_table` on the device (cp = 1 only: cp ranks use their strided share)."""
+    """The blocks of this rank on the device: all of `block_table` at cp = 1, its share
+    `block_table[cp_rank::cp]` at cp > 1."""
     history: list[int] = field(default_factory=list)
     history_start: int = -1
     """Position of history[0] (-1: empty); a prefix-cache hit starts it past 0."""
@@ -107,6 +108,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.seqs: dict[int, SeqState] = {}
         self.sampler = Sampler()
+        self.num_steps = 0
+        """Steps that ran the model (plans with at least one sequence)."""
         self.is_driver_rank = comm.coords.rank == 0
         """Global rank 0 samples; with cp its cp group's ranks also compute the logits."""
 
@@ -141,10 +144,14 @@ class ModelRunner:
         return scaling is not None and scaling.type == "dynamic"
 
     def _decode_graph_mode(self) -> str | None:
-        """'cuda' when decode steps are replayed from CUDA graphs, else None (eager)."""
-        if self.device.type != "cuda" or self.config.enforce_eager or self.comm.cp_size > 1:
+        """'cuda' when decode steps are replayed from CUDA graphs, 'emulate' when
+        `DIST_RUNTIME_DECODE_GRAPHS=emulate` asks for the graph path without capture, else None
+        (eager)."""
+        if self.config.enforce_eager:
             return None
-        return "cuda"
+        if decode_graphs_choice() == "emulate":
+            return "emulate"
+        return "cuda" if self.device.type == "cuda" else None
 
     def _activation_reserve(self) -> int:
         """Bytes kept free for one step's activations: a bound from the token budget."""
@@ -174,12 +181,14 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             lambda ids, pos, meta: self.model(ids, pos, meta, kv.layers),
             max_batch=min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
-            max_blocks=-(-self.config.session_len // block_size),
+            # A cp rank holds every cp-th block of a sequence.
+            max_blocks=-(-self.config.session_len // (block_size * self.comm.cp_size)),
             block_size=block_size,
             scratch_block=kv.scratch_block,
             device=self.device,
             rope_dim=self.model_config.head_dim if self._per_request_rope() else None,
             emulate=mode == "emulate",
+            cp_decode=self.comm.cp_size > 1,
         )
         with torch.inference_mode():
             self.graphs.capture()
@@ -196,12 +205,17 @@ class ModelRunner:
             self._update_state(seq)
         if not plan.seqs:
             return StepResult(step_id=plan.step_id, tokens=[]) if self.is_driver_rank else None
-        if self.comm.cp_size > 1:
+        self.num_steps += 1
+        cp = self.comm.cp_size
+        # A cp decode step runs every row on every cp rank (`cp_decode_attention`).
+        split = cp > 1 and any(len(s.token_ids) != 1 for s in plan.seqs)
+        if split:
             input_ids, positions, meta, sample_rows = self._prepare_cp(plan.seqs)
         else:
             input_ids, positions, meta, sample_rows = self._prepare(plan.seqs)
         if any(self.seqs[s.seq_id].inv_freq is not None for s in plan.seqs):
-            meta = dataclasses.replace(meta, rope=self._rope_tables(plan.seqs, positions))
+            rope = self._rope_tables(plan.seqs, positions, split)
+            meta = dataclasses.replace(meta, rope=rope)
         if self.graphs is not None and self.graphs.can_run(meta, input_ids.shape[0]):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
@@ -210,10 +224,10 @@ class ModelRunner:
         if not sampled:
             return StepResult(step_id=plan.step_id, tokens=[]) if self.is_driver_rank else None
         rows = hidden[sample_rows]
-        if self.comm.cp_size > 1:
+        if split:
             rows = self._gather_sample_rows(rows, plan.seqs)
-            if self.comm.cp_rank != 0:
-                return None
+        if self.comm.cp_rank != 0:
+            return None
         logits = self.model.compute_logits(rows)  # (sampled, vocab) fp32
         if not self.is_driver_rank:
             return None
@@ -231,7 +245,7 @@ class ModelRunner:
             self.seqs[seq.seq_id] = SeqState(
                 spec=seq.sampling,
                 generator=gen,
-                table=DeviceBlockTable(self.device) if self.comm.cp_size == 1 else None,
+                table=DeviceBlockTable(self.device),
                 inv_freq=None if inv is None else inv.to(self.device),
             )
         state = self.seqs.get(seq.seq_id)
@@ -244,9 +258,11 @@ class ModelRunner:
                 f"seq {seq.seq_id}: block ids {bad[:4]} outside this worker's "
                 f"{self.kv_cache.num_blocks} KV blocks"
             )
+        cp, first = self.comm.cp_size, len(state.block_table)
         state.block_table.extend(seq.new_blocks)
-        if state.table is not None:
-            state.table.extend(seq.new_blocks)
+        assert state.table is not None
+        # Logical block i lives on cp rank i % cp.
+        state.table.extend(seq.new_blocks[(self.comm.cp_rank - first) % cp :: cp])
         if self.is_driver_rank and state.spec.needs_history:
             if state.history_start < 0:
                 state.history = list(seq.cached_token_ids)
@@ -261,7 +277,9 @@ class ModelRunner:
     def _prepare(
         self, seqs: list[SeqStep]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        block_size = self.config.cache.block_size
+        """Every token of the step; at cp > 1 (decode steps only) each rank stores the K/V of
+        the tokens whose blocks it holds and attends over its own share of each sequence."""
+        block_size, cp, cp_rank = self.config.cache.block_size, self.comm.cp_size, self.comm.cp_rank
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -275,18 +293,33 @@ class ModelRunner:
             ids.extend(s.token_ids)
             span = range(s.start_pos, end)
             pos.extend(span)
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+            if cp == 1:
+                slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+            else:  # the K/V of a token whose block another cp rank holds is not stored here
+                slots.extend(
+                    table[p // block_size] * block_size + p % block_size
+                    if (p // block_size) % cp == cp_rank
+                    else -1
+                    for p in span
+                )
             cu.append(cu[-1] + len(s.token_ids))
             ctx.append(end)
             assert state.table is not None
             tables.append(state.table)
         dev = self.device
+        context_lens = torch.tensor(ctx, dtype=torch.int64)
+        block_tables = padded_block_tables(tables)
+        if cp > 1:
+            context_lens = local_key_count(context_lens, block_size, cp, cp_rank)
+            if block_tables.shape[1] == 0:  # no rank-local block yet in any sequence
+                block_tables = torch.zeros(len(seqs), 1, dtype=torch.int32, device=dev)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=padded_block_tables(tables),
+            block_tables=block_tables,
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int64, device=dev),
-            context_lens=torch.tensor(ctx, dtype=torch.int64, device=dev),
+            context_lens=context_lens.to(dev),
             is_decode=all(len(s.token_ids) == 1 for s in seqs),
+            cp_decode=cp > 1,
         )
         rows = torch.tensor(
             [cu[i + 1] - 1 for i, s in enumerate(seqs) if s.sample], dtype=torch.int64, device=dev
@@ -343,16 +376,17 @@ class ModelRunner:
         )
 
     def _rope_tables(
-        self, seqs: list[SeqStep], positions: torch.Tensor
+        self, seqs: list[SeqStep], positions: torch.Tensor, split: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token RoPE (cos, sin) when some request has its own base; positions are this
-        rank's rows, packed sequence by sequence in plan order."""
+        rank's rows, packed sequence by sequence in plan order (split: a cp rank's share of
+        the step's tokens, else all of them)."""
         default = self.model.rotary.inv_freq
         freqs = []
         bs, cp, rank = self.config.cache.block_size, self.comm.cp_size, self.comm.cp_rank
         for s in seqs:
             n = len(s.token_ids)
-            if cp > 1:
+            if split:
                 span = torch.arange(s.start_pos, s.start_pos + n)
                 n = int((block_owner(span, bs, cp) == rank).sum())
             inv = self.seqs[s.seq_id].inv_freq

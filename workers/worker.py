@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import torch
 
-from dist_runtime.config import RuntimeConfig
+from dist_runtime.config import WORKER_ENV, RuntimeConfig
 from dist_runtime.protocol import StepPlan, decode, encode
 from workers.distributed import MeshCoords, create_store, destroy_distributed, init_distributed
 from workers.model_runner import ModelRunner
@@ -23,7 +23,19 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config_bytes: bytes, rank: int, num_threads: int | None = None):
+    def __init__(
+        self,
+        config_bytes: bytes,
+        rank: int,
+        num_threads: int | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        # The driver's kernel and path switches (`WORKER_ENV`), before anything reads them.
+        for key in WORKER_ENV:
+            if env is not None and key in env:
+                os.environ[key] = env[key]
+            elif env is not None:
+                os.environ.pop(key, None)
         self.config = RuntimeConfig.from_dict(
             msgpack.unpackb(config_bytes, raw=False), source="worker config"
         )
@@ -94,6 +106,18 @@ class Worker:
         if reset:
             comm.reset_comm_stats()
         return stats
+
+    def step_stats(self) -> dict[str, int]:
+        """This worker's step counters: steps run, and decode steps replayed from its decode
+        graphs (all of them, and those with per-request RoPE tables)."""
+        assert self.runner is not None
+        graphs = self.runner.graphs
+        return {
+            "rank": self.coords.rank,
+            "steps": self.runner.num_steps,
+            "graph_replays": 0 if graphs is None else graphs.num_replays,
+            "graph_rope_replays": 0 if graphs is None else graphs.num_rope_replays,
+        }
 
     def ping(self) -> int:
         return self.coords.rank

@@ -7,9 +7,11 @@ over the same fixed buffers), which checks everything but the capture itself; on
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import torch
 
@@ -199,3 +201,37 @@ def test_graphs_take_only_plain_decode_steps() -> None:
     assert not graphs.can_run(_meta(rope=(torch.ones(1), torch.ones(1))), 2)
     assert not graphs.can_run(_meta(), 5)
     assert not graphs.can_run(_meta(block_tables=torch.zeros(2, 4, dtype=torch.int32)), 2)
+
+
+def test_decode_graphs_switch(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DIST_RUNTIME_DECODE_GRAPHS=emulate turns the graph path on without CUDA (enforce_eager
+    still wins); a bad value is refused with the accepted ones; the worker takes the driver's
+    switches (`WORKER_ENV`) over its own environment."""
+    from dist_runtime.config import (
+        CPU_ATTENTION_ENV,
+        DECODE_GRAPHS_ENV,
+        WORKER_ENV,
+        RuntimeConfig,
+        decode_graphs_choice,
+    )
+    from workers.worker import Worker
+
+    monkeypatch.setenv(DECODE_GRAPHS_ENV, "emulate")
+    kw = {**KW, "scheduler": SchedulerConfig(max_num_seqs=2)}
+    for eager in (False, True):
+        with Runtime(model=str(tiny_llama_dir), enforce_eager=eager, **kw) as rt:
+            rt.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+            (stats,) = rt.worker_steps()
+        assert stats["steps"] == 4
+        assert stats["graph_replays"] == (0 if eager else 3)
+    monkeypatch.setenv(DECODE_GRAPHS_ENV, "cuda")
+    with pytest.raises(ValueError, match="DIST_RUNTIME_DECODE_GRAPHS='cuda' is not valid"):
+        decode_graphs_choice()
+    # A worker takes the driver's switches: those the driver set, and none of its own.
+    for key in WORKER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(CPU_ATTENTION_ENV, "torch")
+    config = RuntimeConfig(model=str(tiny_llama_dir), **KW)
+    Worker(msgpack.packb(config.to_dict()), 0, env={DECODE_GRAPHS_ENV: "emulate"})
+    assert decode_graphs_choice() == "emulate"
+    assert CPU_ATTENTION_ENV not in os.environ

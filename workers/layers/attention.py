@@ -13,7 +13,7 @@ from kernels.dispatch import use_triton
 from kernels.flash_decode import flash_decode
 from kernels.paged_attention import paged_attention
 from kernels.store_kv import store_kv
-from workers.context_parallel import CPMetadata, cp_attention
+from workers.context_parallel import CPMetadata, cp_attention, cp_decode_attention
 from workers.distributed import Collectives
 from workers.kv_cache import LayerKV
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -64,6 +64,10 @@ class AttentionMetadata:
     """Per-token RoPE (cos, sin) when a request has its own base; None: from positions."""
     cp: CPMetadata | None = None
     """Set when cp > 1: the rows are this rank's tokens and attention spans the cp ranks."""
+    cp_decode: bool = False
+    """A decode step with cp > 1: every cp rank holds every row, `block_tables` and
+    `context_lens` describe this rank's KV shard, and the partial results are merged over the
+    cp group (`cp_decode_attention`)."""
 
 
 class Attention(nn.Module):
@@ -124,6 +128,11 @@ class Attention(nn.Module):
         else:
             q, k = self.rotary(q, k, positions, meta.rope)
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
+        if meta.cp_decode:
+            out = cp_decode_attention(
+                q, kv_cache, meta.block_tables, meta.context_lens, self.comm, self.scale
+            )
+            return self.o_proj(out.reshape(tokens, self.q_size))
         if meta.cp is not None:
             out = cp_attention(q, k, v, kv_cache, meta.cp, self.comm, self.scale)
             return self.o_proj(out.reshape(tokens, self.q_size))

@@ -36,6 +36,10 @@ class Executor(abc.ABC):
         each worker zeroes its counters after reading them."""
 
     @abc.abstractmethod
+    def step_stats(self) -> list[dict[str, int]]:
+        """Each worker's step counters (see `Worker.step_stats`), by rank."""
+
+    @abc.abstractmethod
     def shutdown(self, keep_ray: bool = False) -> None:
         """Release every worker (kill the processes); keep_ray leaves a Ray this executor
         started running, for a replacement executor."""

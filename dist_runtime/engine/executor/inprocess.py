@@ -43,5 +43,8 @@ class InProcessExecutor(Executor):
     def comm_stats(self, reset: bool = False) -> list[dict[str, dict[str, float]]]:
         return [self.worker.comm_stats(reset)]
 
+    def step_stats(self) -> list[dict[str, int]]:
+        return [self.worker.step_stats()]
+
     def shutdown(self, keep_ray: bool = False) -> None:
         self.worker.shutdown()

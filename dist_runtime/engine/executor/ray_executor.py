@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from dist_runtime.config import RuntimeConfig
+from dist_runtime.config import WORKER_ENV, RuntimeConfig
 from dist_runtime.engine.executor.base import Executor, WorkerError
 from dist_runtime.progress import plural
 from dist_runtime.protocol import StepPlan, StepResult, decode, encode
@@ -157,6 +157,7 @@ class RayExecutor(Executor):
         actor_cls = ray.remote(Worker)
         config_bytes = msgpack.packb(self.config.to_dict())
         threads = None if self.is_cuda else 1
+        env = {key: os.environ[key] for key in WORKER_ENV if key in os.environ}
         self.actors = [
             actor_cls.options(
                 num_cpus=1,
@@ -164,7 +165,7 @@ class RayExecutor(Executor):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank
                 ),
-            ).remote(config_bytes, rank, threads)
+            ).remote(config_bytes, rank, threads, env)
             for rank in range(self.world_size)
         ]
         host = self.config.master_addr
@@ -330,6 +331,15 @@ class RayExecutor(Executor):
                 [a.comm_stats.remote(reset) for a in self.actors],
                 self.config.step_timeout_s,
                 "reading collective counters",
+            )
+        )
+
+    def step_stats(self) -> list[dict[str, int]]:
+        return list(
+            self._get(
+                [a.step_stats.remote() for a in self.actors],
+                self.config.step_timeout_s,
+                "reading step counters",
             )
         )
 
