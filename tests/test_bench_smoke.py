@@ -66,3 +66,5 @@ def test_host_step_bench_runs() -> None:
     out = _run("bench/host_step.py", "--contexts=1024,4096", "--batches=1,3", "--reps=3")
     assert "host-step: decode input building" in out
     assert out.count("| 3 | 4,096 | 771 |") == 1
+    # cp decode rows, their inputs checked against the split path's (cp 2 and 4 by default)
+    assert "cp decode, ours vs split: cp2 b1 1,024" in out and "cp4 b3 4,096" in out
