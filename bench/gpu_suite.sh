@@ -46,6 +46,6 @@ step CUDA tests
 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/test_gpu_oracle.py tests/kernels/test_position_attention.py \
     tests/kernels/test_decode_shared_prefix.py tests/kernels/test_attention_kernels.py \
-    tests/kernels/test_w4a16.py tests/workers/test_int4_checkpoint.py \
+    tests/kernels/test_w4a16.py tests/workers/test_int4_checkpoint.py tests/workers/test_cp_decode.py \
     2>&1 | tail -30 | tee -a "$log"
 step done
