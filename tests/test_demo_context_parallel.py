@@ -55,7 +55,8 @@ def single(model_dir: Path, haystack: tuple[int, list[int]]) -> Iterator[list[in
 PARAMS = SamplingParams(max_new_tokens=16, temperature=0.0)
 
 
-@pytest.mark.parametrize("cp", [2, 3])
+# cp 3 on demand (-m slow): the tiny-model meshes of tests/test_context_parallel.py cover cp 3.
+@pytest.mark.parametrize("cp", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_pass_key_with_context_parallelism(
     ray_cluster: Any,
     model_dir: Path,

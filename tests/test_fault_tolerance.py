@@ -85,8 +85,16 @@ def _kill_rank1(rt: Runtime, how: str) -> None:
         actor.__ray_call__.remote(lambda self: os._exit(1))
 
 
-@pytest.mark.parametrize("how", ["ray.kill", "os._exit"])
-@pytest.mark.parametrize("phase", ["prefill", "decode"])
+# Each way of dying and each phase runs by default once; the other two pairs on demand (-m slow).
+@pytest.mark.parametrize(
+    ("phase", "how"),
+    [
+        ("prefill", "ray.kill"),
+        ("decode", "os._exit"),
+        pytest.param("prefill", "os._exit", marks=pytest.mark.slow),
+        pytest.param("decode", "ray.kill", marks=pytest.mark.slow),
+    ],
+)
 def test_job_survives_a_dead_worker(rt: Runtime, expected: list[str], how: str, phase: str) -> None:
     _slow_steps(rt, 0.05)
     job_id = rt.submit(DOC, QUESTIONS, PARAMS)
