@@ -2,20 +2,22 @@
 
     python bench/cpu_decode_profile.py                       # demo model, 1K context, b1 and b8
     python bench/cpu_decode_profile.py --report docs/benchmarks/cpu_decode_profile_<date>.md
-    python bench/cpu_decode_profile.py --compare gemm        # oneDNN vs F.linear linear layers
+    python bench/cpu_decode_profile.py --compare gemm        # native vs oneDNN linear layers
 
 `--compare attention` (the default) runs decode attention and RoPE + KV store through the native
 kernels (`kernels/cpu_attention.py`) and through the torch references
 (`DIST_RUNTIME_CPU_ATTENTION=torch`: a gather plus SDPA, RoPE and the store as torch operators);
-`--compare gemm` runs the linear layers through oneDNN and through F.linear
-(`DIST_RUNTIME_CPU_GEMM=torch`).
+`--compare gemm` runs the linear layers through the native panel kernel and through oneDNN
+(`DIST_RUNTIME_CPU_GEMM=onednn`), both over weights packed once after loading
+(`kernels/cpu_gemm.py`).
 
 Our runtime (in-process executor, prefix cache off) decodes `--steps` steps after a
 `--prompt-len`-token prefill, with torch.profiler started and stopped inside the engine
 thread's executor calls (where the ops run). Operators are grouped: linear layers and the LM
-head (`mkldnn::_linear_pointwise` / `aten::mm`, `aten::addmm`), attention (the native kernel's
-calls, or SDPA and the reference's matmuls), the paged-KV gather (`aten::index_select`), the
-native RoPE + KV store calls (the reference's RoPE and store operators count as other operators),
+head (the native kernel's calls, `mkldnn::_linear_pointwise` / `aten::mm`, `aten::addmm`),
+attention (the native kernel's calls, or SDPA and the reference's matmuls), the paged-KV
+gather (`aten::index_select`), the native RoPE + KV store calls (the reference's RoPE and
+store operators count as other operators),
 and every other operator; "outside operators" is the step's wall time minus the operators' self
 time (Python, plan building, sampling glue). Each configuration loads its own runtime; the two
 choices are measured one after the other, so machine drift between them shows up as well.
@@ -39,9 +41,15 @@ from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
 from dist_runtime.config import CPU_ATTENTION_ENV, CPU_GEMM_ENV  # noqa: E402
 from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
 from kernels.cpu_attention import PROFILE_NAME, ROPE_STORE_PROFILE_NAME  # noqa: E402
+from kernels.cpu_gemm import PROFILE_NAME as GEMM_PROFILE_NAME  # noqa: E402
 
 GROUPS = {
-    "linear layers + LM head": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm"),
+    "linear layers + LM head": (
+        GEMM_PROFILE_NAME,
+        "mkldnn::_linear_pointwise",
+        "aten::mm",
+        "aten::addmm",
+    ),
     "attention": (
         PROFILE_NAME,
         "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -53,7 +61,7 @@ GROUPS = {
 }
 CHOICES = {
     "attention": (CPU_ATTENTION_ENV, {"native": "native kernels", "torch": "torch references"}),
-    "gemm": (CPU_GEMM_ENV, {"onednn": "oneDNN", "torch": "F.linear"}),
+    "gemm": (CPU_GEMM_ENV, {"native": "native kernel", "onednn": "oneDNN"}),
 }
 """--compare: the environment variable and its two values (after, before) with their labels."""
 

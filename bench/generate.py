@@ -424,10 +424,11 @@ def render_report(
         "in one native call (`kernels/cpu_attention.py`; a row marked `native off` "
         "(`--torch-attention`) runs the torch references instead: a gather plus SDPA, RoPE and "
         "the store as torch operators), the other kernels' torch references, "
-        "float linear layers and the LM head through oneDNN with each weight "
-        "reordered once after loading (`kernels/cpu_gemm.py`); a row marked `F.linear` "
-        "(`--torch-gemm`) runs them through `F.linear` instead (`DIST_RUNTIME_CPU_GEMM=torch`, "
-        "as before oneDNN was used), as HF does",
+        "float linear layers and the LM head through the native panel kernel with each weight "
+        "packed once after loading (`kernels/cpu_gemm.py`); a row marked `oneDNN` "
+        "(`--onednn-gemm`) runs them through oneDNN's reordered weights instead, one marked "
+        "`F.linear` (`--torch-gemm`) through `F.linear` (`DIST_RUNTIME_CPU_GEMM=torch`), as HF "
+        "does",
         f"- HF: `LlamaForCausalLM.generate`, attn_implementation={hf_attn}, DynamicCache",
         "",
         "## Results",
@@ -516,7 +517,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--torch-gemm",
         action="store_true",
         help="also run ours with its linear layers through F.linear "
-        "(DIST_RUNTIME_CPU_GEMM=torch), labelled as such: the before/after of oneDNN",
+        "(DIST_RUNTIME_CPU_GEMM=torch), labelled as such: the before/after of packed weights",
+    )
+    p.add_argument(
+        "--onednn-gemm",
+        action="store_true",
+        help="also run ours with its linear layers through oneDNN instead of the native panel "
+        "kernel (DIST_RUNTIME_CPU_GEMM=onednn), labelled as such",
     )
     p.add_argument(
         "--torch-attention",
@@ -624,16 +631,21 @@ def main(argv: list[str] | None = None) -> int:
         extra_row(tp_runner, " (Ray, 1 torch thread per worker)")
     if args.prefix_cache:
         extra_row(OursRunner(folder, 1, session_len, max_batched, prefix_cache=True))
-    gemm_name = None
-    if args.torch_gemm:
-        os.environ[CPU_GEMM_ENV] = "torch"  # read when the layers are finalized after loading
+    gemm_names: dict[str, str] = {}
+    for choice, wanted, label in (
+        ("onednn", args.onednn_gemm, "oneDNN"),
+        ("torch", args.torch_gemm, "F.linear"),
+    ):
+        if not wanted:
+            continue
+        os.environ[CPU_GEMM_ENV] = choice  # read when the layers are finalized after loading
         try:
-            plain = OursRunner(
-                folder, 1, session_len, max_batched, prefix_cache=False, label=" F.linear"
+            runner = OursRunner(
+                folder, 1, session_len, max_batched, prefix_cache=False, label=f" {label}"
             )
         finally:
             del os.environ[CPU_GEMM_ENV]
-        gemm_name = extra_row(plain)
+        gemm_names[label] = extra_row(runner)
     attn_name = None
     if args.torch_attention:
         # Read at every decode step, so it is set while this row runs.
@@ -671,10 +683,10 @@ def main(argv: list[str] | None = None) -> int:
         for k, kind in enumerate(("prefill", "decode"))
     ]
     tag = "generate-cpu-demo" if shape.demo else "generate-cpu"
-    if gemm_name is not None:
+    for label, gemm_name in gemm_names.items():
         rg = {b: ratios(results[b][gemm_name], results[b][hf.name], b, work) for b in results}
         parts.append(
-            "F.linear decode " + " ".join(f"b{b} {rg[b][1]:.2f}x" for b in work.batch_sizes)
+            f"{label} decode " + " ".join(f"b{b} {rg[b][1]:.2f}x" for b in work.batch_sizes)
         )
     if attn_name is not None:
         ra = {b: ratios(results[b][attn_name], results[b][hf.name], b, work) for b in results}

@@ -70,7 +70,8 @@ is the layout `launch/convert.py --weights int4` writes from GGUF Q4_0 / Q4_1 / 
 CPU_INT4_GROUPS = (32, 64, 128, 256)
 """Group sizes PyTorch's CPU int4 matmul takes (`kernels/w4a16.py: CpuInt4Weight`)."""
 CPU_GEMM_ENV = "DIST_RUNTIME_CPU_GEMM"
-"""`onednn` (default) or `torch`: how float linear layers run on CPU (`kernels/cpu_gemm.py`)."""
+"""`native` (default), `onednn` or `torch`: how float linear layers run on CPU
+(`kernels/cpu_gemm.py`)."""
 CPU_GEMM_DTYPES = ("float32", "bfloat16")
 """Weight dtypes reordered for oneDNN on CPU (where this CPU's oneDNN runs them)."""
 
@@ -86,8 +87,8 @@ def env_choice(name: str, values: tuple[str, ...]) -> str:
 
 
 def cpu_gemm_choice() -> str:
-    """`DIST_RUNTIME_CPU_GEMM`: 'onednn' (default) or 'torch'."""
-    return env_choice(CPU_GEMM_ENV, ("onednn", "torch"))
+    """`DIST_RUNTIME_CPU_GEMM`: 'native' (default), 'onednn' or 'torch'."""
+    return env_choice(CPU_GEMM_ENV, ("native", "onednn", "torch"))
 
 
 CPU_ATTENTION_ENV = "DIST_RUNTIME_CPU_ATTENTION"

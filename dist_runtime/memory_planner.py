@@ -102,15 +102,15 @@ def weight_bytes_per_worker(model: ModelConfig, tp: int, dtype: str, is_cuda: bo
     bfloat16 model keeps them 4-bit too (PyTorch's int4 matmul: codes plus a bf16 scale and
     offset per group and output) when there is no act-order and the group is 32-256; otherwise
     the CPU dequantizes them once after loading, so they cost what float weights do. A tied
-    LM head on CPU holds a second, oneDNN-reordered copy of the embedding rows
-    (`kernels/cpu_gemm.py`) unless DIST_RUNTIME_CPU_GEMM=torch."""
+    LM head on CPU holds a second, packed copy of the embedding rows (`kernels/cpu_gemm.py`)
+    unless DIST_RUNTIME_CPU_GEMM=torch."""
     width = _dtype_bytes(dtype)
     total = weight_params_per_worker(model, tp) * width
     if (
         not is_cuda
         and model.tie_word_embeddings
         and dtype in CPU_GEMM_DTYPES
-        and cpu_gemm_choice() == "onednn"
+        and cpu_gemm_choice() != "torch"
     ):
         total += _ceil_div(model.vocab_size, tp) * model.hidden_size * width
     quant = model.weight_quant

@@ -9,13 +9,11 @@ block table and reads every key and value once, scoring all query heads of a kv 
 it sits in L1. Long contexts are cut into splits merged by log-sum-exp, so a single sequence
 still spreads over the threads.
 
-The C source is compiled once per machine with the system C compiler (`cc`, or `$CC`) into
-the runtime's cache folder (`$DIST_RUNTIME_CACHE/native`, see `formats/demo_model.py`) and
-loaded with ctypes; it links OpenMP against the libgomp PyTorch already loaded, so both share
-one thread pool. float32 and bfloat16 caches run natively, and so do int8 / int4 caches
-(`kernels/kv_quant.py`), each row dequantized as it is read instead of the reference's
-dequantized copy of the whole context; float16, a head_dim that is not a multiple of 16, or a
-machine without a compiler uses the reference.
+The C source is compiled once per machine with the system C compiler into the native library
+(`kernels/native.py`), which shares PyTorch's OpenMP thread pool. float32 and bfloat16 caches
+run natively, and so do int8 / int4 caches (`kernels/kv_quant.py`), each row dequantized as it
+is read instead of the reference's dequantized copy of the whole context; float16, a head_dim
+that is not a multiple of 16, or a machine without a compiler uses the reference.
 
 `rope_store` rotates a layer's q and k in place and writes k and v to their cache slots in one
 call: on the reference path that is about twenty small operators per layer (RoPE's slices,
@@ -28,23 +26,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
 from dist_runtime.config import cpu_attention_choice
+from kernels import native
 from kernels.kv_quant import check_quant_caches, code_dim
+from kernels.native import run_profiled
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.c"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 PROFILE_NAME = "cpu_attention::paged_decode"
 """What a torch.profiler trace calls the kernel's calls (recorded only while one runs)."""
@@ -55,81 +47,13 @@ MIN_SPLIT_BLOCKS = 8
 """Fewest cache blocks in a split: shorter ones cost more in merging than they spread."""
 MAX_HEAD_DIM = 256
 """head_dim the kernel takes (a multiple of 16 up to this)."""
-BUILD_TIMEOUT_S = 300
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
-
-
-def _cpu_signature() -> str:
-    """What a binary built with -march=native depends on: the CPU's feature flags."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _build(cc: str, target: Path) -> None:
-    """Compile SOURCE to target atomically (concurrent workers each build, the last rename
-    wins, and every rename installs a complete file). A compiler that does not know
-    -march=native builds without it; one without OpenMP builds a one-thread kernel."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    portable = tuple(f for f in FLAGS if f != "-march=native")
-    try:
-        for flags in (FLAGS, portable, tuple(f for f in portable if f != "-fopenmp")):
-            done = subprocess.run(
-                [cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=BUILD_TIMEOUT_S,
-            )
-            if done.returncode == 0:
-                if "-fopenmp" not in flags:
-                    logger.warning("%s has no OpenMP: CPU decode attention runs on one thread", cc)
-                os.replace(tmp, target)
-                return
-        raise RuntimeError(done.stderr.strip()[-2000:])
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use; None (with one warning) when it cannot be."""
-    from dist_runtime.formats.demo_model import default_cache_dir
-
-    cc = _compiler()
-    if cc is None:
-        logger.warning(
-            "no C compiler found (set CC or install gcc): CPU decode attention uses the torch "
-            "reference, which is slower"
-        )
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()])
-    ).hexdigest()[:16]
-    target = default_cache_dir() / "native" / f"cpu_decode-{key}.so"
-    try:
-        if not target.exists():
-            logger.info("building the CPU decode attention kernel (once per machine): %s", target)
-            _build(cc, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        logger.warning(
-            "could not build the CPU decode attention kernel with %s (%s); the torch reference "
-            "is used",
-            cc,
-            err,
-        )
+    """The native library with this module's functions typed; None when it cannot be built."""
+    lib = native.library()
+    if lib is None:
         return None
     fn = lib.dr_paged_decode
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -192,14 +116,6 @@ def _native_on(q: torch.Tensor) -> bool:
         and cpu_attention_choice() == "native"
         and _library() is not None
     )
-
-
-def _run(fn, profile_name: str, args: tuple):
-    """Call a library function, under a profiler label while a torch.profiler trace runs."""
-    if torch.autograd.profiler._is_profiler_enabled:
-        with torch.profiler.record_function(profile_name):
-            return fn(*args)
-    return fn(*args)
 
 
 def split_plan(items: int, max_blocks: int, threads: int) -> tuple[int, int]:
@@ -317,7 +233,7 @@ def paged_decode(
         v_ptr,
         *p_strides,
     )
-    failed = _run(lib.dr_paged_decode, PROFILE_NAME, args)
+    failed = run_profiled(lib.dr_paged_decode, PROFILE_NAME, args)
     if failed == 1:
         raise MemoryError("the CPU decode attention kernel could not allocate its scratch")
     if failed:
@@ -478,4 +394,4 @@ def rope_store(
         DTYPES[q.dtype],
         torch.get_num_threads(),
     )
-    _run(lib.dr_rope_store, ROPE_STORE_PROFILE_NAME, args)
+    run_profiled(lib.dr_rope_store, ROPE_STORE_PROFILE_NAME, args)

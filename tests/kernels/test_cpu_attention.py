@@ -16,7 +16,7 @@ import torch
 
 import kernels.flash_decode as flash_decode_module
 from dist_runtime.config import CPU_ATTENTION_ENV, cpu_attention_choice
-from kernels import cpu_attention
+from kernels import cpu_attention, cpu_gemm, native
 from kernels.cpu_attention import (
     flash_decode_cpu,
     native_decode_supported,
@@ -345,18 +345,22 @@ def test_environment_switch_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def fresh_library() -> Iterator[None]:
     """Let a test build (or fail to build) the library anew; the next user rebuilds it."""
-    cpu_attention._library.cache_clear()
+    caches = (native.library, cpu_attention._library, cpu_gemm._linear_fn)
+    for fn in caches:
+        fn.cache_clear()
     yield
-    cpu_attention._library.cache_clear()
+    for fn in caches:
+        fn.cache_clear()
 
 
 def test_no_compiler_falls_back_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, fresh_library: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(cpu_attention, "_compiler", lambda: None)
-    with caplog.at_level(logging.WARNING, logger="kernels.cpu_attention"):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="kernels.native"):
         assert cpu_attention._library() is None
     assert "no C compiler found" in caplog.text
+    assert not isinstance(cpu_gemm.pack_cpu_weight(torch.randn(8, 8)), cpu_gemm.NativeLinearWeight)
     q, k, v, tables, lens = _case(
         lens=[30], q_heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32
     )
@@ -376,7 +380,7 @@ def test_failing_build_falls_back_with_the_compiler_error(
     script.chmod(0o755)
     monkeypatch.setenv("CC", str(script))
     monkeypatch.setenv("DIST_RUNTIME_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="kernels.cpu_attention"):
+    with caplog.at_level(logging.WARNING, logger="kernels.native"):
         assert cpu_attention._library() is None
     assert "broken-cc: cannot compile" in caplog.text
     assert not list((tmp_path / "cache" / "native").glob("*.so"))  # nothing half-written
@@ -389,7 +393,7 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel(
     fresh_library: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    real = cpu_attention._compiler()
+    real = native._compiler()
     script = tmp_path / "no-openmp-cc"
     script.write_text(
         "#!/bin/sh\n"
@@ -399,9 +403,12 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel(
     script.chmod(0o755)
     monkeypatch.setenv("CC", str(script))
     monkeypatch.setenv("DIST_RUNTIME_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="kernels.cpu_attention"):
+    with caplog.at_level(logging.WARNING, logger="kernels.native"):
         assert cpu_attention._library() is not None
     assert "has no OpenMP" in caplog.text
+    w, x = torch.randn(40, 24), torch.randn(7, 24)
+    linear = cpu_gemm.NativeLinearWeight(w)  # the panel kernel on one thread
+    torch.testing.assert_close(linear.matmul(x), x @ w.T, rtol=1e-5, atol=1e-5)
     _check(
         *_case(
             lens=[300, 5], q_heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32
@@ -416,7 +423,7 @@ def test_build_lands_in_the_cache_folder(
     monkeypatch.setenv("DIST_RUNTIME_CACHE", str(tmp_path))
     assert cpu_attention._library() is not None
     built = list((tmp_path / "native").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("cpu_decode-")
+    assert len(built) == 1 and built[0].name.startswith("cpu_kernels-")
 
 
 @needs_native

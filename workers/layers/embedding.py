@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.cpu_gemm import PackedLinearWeight, onednn_linear_supported
+from kernels.cpu_gemm import CpuLinearWeight, pack_cpu_weight
 from workers.distributed import Collectives
 
 
@@ -69,17 +69,16 @@ class ParallelLMHead(nn.Module):
             )
         )
 
-    packed: PackedLinearWeight | None = None
+    packed: CpuLinearWeight | None = None
 
     def finalize(self) -> None:
-        """After loading: on CPU, reorder the head for oneDNN (`kernels/cpu_gemm.py`). A tied
-        head gets its own reordered copy (the embedding keeps the plain rows it looks up)."""
+        """After loading: on CPU, pack the head (`kernels/cpu_gemm.py`). A tied head gets its
+        own packed copy (the embedding keeps the plain rows it looks up)."""
         weight = self.tied.weight if self.tied is not None else self.weight
         assert weight is not None
-        if onednn_linear_supported(weight.device, weight.dtype):
-            self.packed = PackedLinearWeight(weight.data)
-            if self.tied is None:
-                self.weight = None
+        self.packed = pack_cpu_weight(weight.data)
+        if self.packed is not None and self.tied is None:
+            self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:

@@ -13,7 +13,7 @@ groups' scales, since its rows may belong to any group). On CUDA the forward is 
 Triton kernel. Elsewhere `finalize()` either repacks the codes for PyTorch's CPU int4 matmul
 (bfloat16 models: a quarter of the bf16 weight bytes) or dequantizes once (float32 / float16,
 act-order, other group sizes: the float model's memory and speed), and frees the codes.
-Float weights on CPU are then reordered once for oneDNN's inner product (`kernels/cpu_gemm.py`).
+Float weights on CPU are then packed once for the native or oneDNN matmul (`kernels/cpu_gemm.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from dist_runtime.config import WeightQuant
 from dist_runtime.formats.int4 import Int4Weight
-from kernels.cpu_gemm import PackedLinearWeight, onednn_linear_supported
+from kernels.cpu_gemm import CpuLinearWeight, pack_cpu_weight
 from kernels.dispatch import use_triton
 from kernels.w4a16 import CpuInt4Weight, cpu_int4_supported, dequantized_weight, w4a16_matmul
 from workers.distributed import Collectives
@@ -92,7 +92,7 @@ class _Linear(nn.Module):
 
         4-bit layers off the Triton path: repack the codes for PyTorch's CPU int4 matmul when it
         can serve them (bfloat16 on CPU), else dequantize once; the codes are dropped. Float
-        weights on CPU (including dequantized ones) are reordered for oneDNN
+        weights on CPU (including dequantized ones) are packed for the native kernel or oneDNN
         (`kernels/cpu_gemm.py`) and the plain copy is dropped."""
         if self.qweight is not None:
             if use_triton(self.qweight.device):
@@ -105,12 +105,13 @@ class _Linear(nn.Module):
                     dequantized_weight(weight, self.dtype), requires_grad=False
                 )
             self.qweight = self.scales = self.zeros = self.g_idx = None
-        if self.weight is not None and onednn_linear_supported(self.weight.device, self.dtype):
-            self.cpu_packed = PackedLinearWeight(self.weight.data)
-            self.weight = None
+        if self.weight is not None:
+            self.cpu_packed = pack_cpu_weight(self.weight.data)
+            if self.cpu_packed is not None:
+                self.weight = None
 
     cpu_int4: CpuInt4Weight | None = None
-    cpu_packed: PackedLinearWeight | None = None
+    cpu_packed: CpuLinearWeight | None = None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.cpu_packed is not None:

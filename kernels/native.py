@@ -1,0 +1,115 @@
+"""The native CPU kernels' library: C sources in `csrc/`, compiled once per machine.
+
+The sources (`csrc/cpu_decode.c`: paged decode attention and RoPE + KV store;
+`csrc/cpu_gemm.c`: linear layers over a panel-packed weight) are compiled together with the
+system C compiler (`cc`, or `$CC`) into the runtime's cache folder
+(`$DIST_RUNTIME_CACHE/native`, see `formats/demo_model.py`) and loaded with ctypes. The file
+name is keyed by the sources, the compiler, its flags and the CPU's feature flags, so a change
+to any of them builds anew. OpenMP links against the libgomp PyTorch already loaded, so the
+kernels and PyTorch share one thread pool. Without a compiler, or when the build fails, every
+caller falls back to its torch path (with one warning).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("cpu_decode.c", "cpu_gemm.c"))
+BUILD_TIMEOUT_S = 300
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+
+
+def _cpu_signature() -> str:
+    """What a binary built with -march=native depends on: the CPU's feature flags."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(cc: str, target: Path) -> None:
+    """Compile SOURCES to target atomically (concurrent workers each build, the last rename
+    wins, and every rename installs a complete file). A compiler that does not know
+    -march=native builds without it; one without OpenMP builds one-thread kernels."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    portable = tuple(f for f in FLAGS if f != "-march=native")
+    try:
+        for flags in (FLAGS, portable, tuple(f for f in portable if f != "-fopenmp")):
+            done = subprocess.run(
+                [cc, *flags, "-o", tmp, *(str(s) for s in SOURCES), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
+            )
+            if done.returncode == 0:
+                if "-fopenmp" not in flags:
+                    logger.warning("%s has no OpenMP: the native CPU kernels run on one thread", cc)
+                os.replace(tmp, target)
+                return
+        raise RuntimeError(done.stderr.strip()[-2000:])
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled library, built on first use; None (with one warning) when it cannot be."""
+    from dist_runtime.formats.demo_model import default_cache_dir
+
+    cc = _compiler()
+    if cc is None:
+        logger.warning(
+            "no C compiler found (set CC or install gcc): the CPU decode attention and linear "
+            "layers use their torch paths, which are slower"
+        )
+        return None
+    parts = [s.read_bytes() for s in SOURCES]
+    key = hashlib.sha256(
+        b"\0".join([*parts, cc.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
+    target = default_cache_dir() / "native" / f"cpu_kernels-{key}.so"
+    try:
+        if not target.exists():
+            logger.info("building the native CPU kernels (once per machine): %s", target)
+            _build(cc, target)
+        return ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        logger.warning(
+            "could not build the native CPU kernels with %s (%s); the torch paths are used",
+            cc,
+            err,
+        )
+        return None
+
+
+def run_profiled(fn: Callable[..., Any], profile_name: str, args: tuple) -> Any:
+    """Call a library function, under a profiler label while a torch.profiler trace runs."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(profile_name):
+            return fn(*args)
+    return fn(*args)
