@@ -73,7 +73,8 @@ CPU_GEMM_ENV = "DIST_RUNTIME_CPU_GEMM"
 """`native` (default), `onednn` or `torch`: how float linear layers run on CPU
 (`kernels/cpu_gemm.py`)."""
 CPU_GEMM_DTYPES = ("float32", "bfloat16")
-"""Weight dtypes reordered for oneDNN on CPU (where this CPU's oneDNN runs them)."""
+"""Weight dtypes packed on CPU: float32 for the native kernel, both where this CPU's oneDNN
+runs them."""
 
 
 def env_choice(name: str, values: tuple[str, ...]) -> str:

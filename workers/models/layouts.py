@@ -240,7 +240,7 @@ def _copy_int4(linear: _Linear, part: Int4Slice) -> None:
 
 def finalize_linears(model: DecoderLM) -> None:
     """Let every linear layer and the LM head prepare for its device once the weights are in
-    (4-bit repacking or dequantizing, oneDNN reordering on CPU)."""
+    (4-bit repacking or dequantizing, packing float weights on CPU)."""
     for module in model.modules():
         if isinstance(module, _Linear):
             module.finalize()
