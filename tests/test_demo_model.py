@@ -263,7 +263,9 @@ def test_stream_with_stop_string(rt1: Runtime, story: tuple[list[int], RequestOu
     assert "".join(rt1.generate_stream(prompt, params)) == out.text
 
 
-@pytest.mark.parametrize("mesh", ["rt1", "rt3"])
+# tp 3 on demand (-m slow): tests/test_first_run.py asks the same questions through
+# `launch/run.py --tp 3` by default.
+@pytest.mark.parametrize("mesh", ["rt1", pytest.param("rt3", marks=pytest.mark.slow)])
 def test_ask_answers_every_bundled_question(mesh: str, request: pytest.FixtureRequest) -> None:
     """The demo's own questions (what `launch/run.py` asks by default) are answered right at
     tp 1 and tp 3, with the CLI's default length and the library's default sampling."""
