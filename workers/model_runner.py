@@ -72,10 +72,10 @@ class SeqState:
 
     spec: SamplingSpec
     generator: torch.Generator
-    block_table: list[int] = field(default_factory=list)
-    table: DeviceBlockTable | None = None
+    table: DeviceBlockTable
     """The blocks of this rank on the device: all of `block_table` at cp = 1, its share
     `block_table[cp_rank::cp]` at cp > 1."""
+    block_table: list[int] = field(default_factory=list)
     history: list[int] = field(default_factory=list)
     history_start: int = -1
     """Position of history[0] (-1: empty); a prefix-cache hit starts it past 0."""
@@ -260,7 +260,6 @@ class ModelRunner:
             )
         cp, first = self.comm.cp_size, len(state.block_table)
         state.block_table.extend(seq.new_blocks)
-        assert state.table is not None
         # Logical block i lives on cp rank i % cp.
         state.table.extend(seq.new_blocks[(self.comm.cp_rank - first) % cp :: cp])
         if self.is_driver_rank and state.spec.needs_history:
@@ -304,7 +303,6 @@ class ModelRunner:
                 )
             cu.append(cu[-1] + len(s.token_ids))
             ctx.append(end)
-            assert state.table is not None
             tables.append(state.table)
         dev = self.device
         context_lens = torch.tensor(ctx, dtype=torch.int64)

@@ -31,11 +31,12 @@ class Worker:
         env: dict[str, str] | None = None,
     ):
         # The driver's kernel and path switches (`WORKER_ENV`), before anything reads them.
-        for key in WORKER_ENV:
-            if env is not None and key in env:
-                os.environ[key] = env[key]
-            elif env is not None:
-                os.environ.pop(key, None)
+        if env is not None:
+            for key in WORKER_ENV:
+                if key in env:
+                    os.environ[key] = env[key]
+                else:
+                    os.environ.pop(key, None)
         self.config = RuntimeConfig.from_dict(
             msgpack.unpackb(config_bytes, raw=False), source="worker config"
         )
