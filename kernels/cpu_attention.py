@@ -42,7 +42,8 @@ PROFILE_NAME = "cpu_attention::paged_decode"
 """What a torch.profiler trace calls the kernel's calls (recorded only while one runs)."""
 ROPE_STORE_PROFILE_NAME = "cpu_attention::rope_store"
 SPLITS_PER_THREAD = 4
-"""Work items aimed at per thread when a batch has too few (sequence, kv head) pairs."""
+"""Work items aimed at per thread when a batch has too few sequences (an item takes every kv
+head of its sequence's key range, walking whole cache blocks in order)."""
 MIN_SPLIT_BLOCKS = 8
 """Fewest cache blocks in a split: shorter ones cost more in merging than they spread."""
 MAX_HEAD_DIM = 256
@@ -119,7 +120,7 @@ def _native_on(q: torch.Tensor) -> bool:
 
 
 def split_plan(items: int, max_blocks: int, threads: int) -> tuple[int, int]:
-    """(splits, blocks per split) for `items` (sequence, kv head) pairs whose longest context
+    """(splits, blocks per split) for `items` sequences whose longest context
     spans max_blocks blocks: enough splits for SPLITS_PER_THREAD items per thread, none shorter
     than MIN_SPLIT_BLOCKS blocks."""
     want = -(-SPLITS_PER_THREAD * threads // max(items, 1))
@@ -192,7 +193,7 @@ def paged_decode(
         return out, lse
     threads = torch.get_num_threads()
     max_blocks = -(-max_keys // block_size)
-    splits, per = split_plan(seqs * kv_heads, max_blocks, threads)
+    splits, per = split_plan(seqs, max_blocks, threads)
     group = q_heads // kv_heads
     work = torch.empty(seqs * kv_heads * splits * rows * group * (d + 2), dtype=torch.float32)
     args = (

@@ -1,7 +1,7 @@
 """The GPU suite's end-to-end script and the host-step bench run here on tiny shapes, so they
 cannot rot between the sessions that have a GPU: `bench/generate_gpu.py --device cpu` with its
 batched decode and its profiler trace, and `bench/host_step.py` (whose tables must equal the
-rebuilt ones, which it asserts itself)."""
+rebuilt ones, which it asserts itself), and `bench/cpu_attention.py` with its earlier-run column."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from kernels.cpu_attention import _library
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +72,17 @@ def test_host_step_bench_runs() -> None:
     assert out.count("| 3 | 4,096 | 771 |") == 1
     # cp decode rows, their inputs checked against the split path's (cp 2 and 4 by default)
     assert "cp decode, ours vs split: cp2 b1 1,024" in out and "cp4 b3 4,096" in out
+
+
+def test_cpu_attention_bench_runs(tmp_path: Path) -> None:
+    if _library() is None:
+        pytest.skip("the native CPU kernels are not built here (no C compiler)")
+    data, report = tmp_path / "run.json", tmp_path / "report.md"
+    common = ["--heads=demo", "--kv=0,4", "--max-context=1024", "--cache-mb=1", "--repeats=1"]
+    _run("bench/cpu_attention.py", *common, f"--json={data}")
+    out = _run("bench/cpu_attention.py", *common, f"--before={data}", f"--report={report}")
+    # every case is checked against the torch reference by the script before it is timed
+    assert "cpu-attention: float32 native/torch" in out and "x the earlier native" in out
+    text = report.read_text()
+    assert text.count("| demo | 8 | 1,024 | int4 |") == 1
+    assert len(json.loads(data.read_text())["rows"]) == 4

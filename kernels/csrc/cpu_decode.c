@@ -2,18 +2,21 @@
  *
  * One query token per (sequence, row) attends over the sequence's context through its block
  * table; `rows` query tokens may share one table (a batch over a shared prefix). The keys of
- * a sequence are cut into `splits` ranges of whole blocks; each (sequence, kv head, split) is
- * one work item that folds its blocks into a running (max, sum, acc) per query head of the kv
- * head's group (online softmax, one rescale per block), and a second pass merges the splits by
- * log-sum-exp. K and V are read once per item: every query head of the group (and every row
- * sharing the table) is scored against a block while it sits in L1.
+ * a sequence are cut into `splits` ranges of whole blocks; each (sequence, split) is one work
+ * item that walks its blocks in order and, for every kv head, folds the block into a running
+ * (max, sum, acc) per query head of the kv head's group (online softmax, one rescale per
+ * block); a second pass merges the splits by log-sum-exp. Walking all heads of a block at once
+ * reads the cache in address order (a block holds its slots' heads together) and the next block
+ * is prefetched while this one is folded. K and V are read once per item: every query head of
+ * the group (and every row sharing the table) is scored against a block while it sits in L1.
  *
  * Threads: OpenMP, on the runtime PyTorch already loaded (the same libgomp soname), so the
  * kernel and PyTorch's own operators share one thread pool.
  *
  * Element types: q is 0 float32 or 1 bfloat16; the caches (kv_kind) the same, or 8 / 4 for
  * int8 / int4 codes with a float32 (scale, zero) per row in k_params / v_params, dequantized
- * as they are read (kernels/kv_quant.py's layout). The output and the LSE are float32. Strides are in elements; head_dim is a multiple of 16. Returns 0, 1 when scratch
+ * as they are read (kernels/kv_quant.py's layout). The output and the LSE are float32.
+ * Strides are in elements; head_dim is a multiple of 16. Returns 0, 1 when scratch
  * memory could not be had, 2 for a head_dim it does not take.
  */
 #include <math.h>
@@ -41,10 +44,11 @@ static inline const float *as_f32(const void *src, int dtype, int d, float *buf)
     return buf;
 }
 
-/* 16 floats: one AVX-512 register, two AVX2 ones, four NEON ones. */
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
+/* 8 floats: one AVX2 register, two NEON ones. Wider vectors spill on AVX2, whose 16 registers
+ * must hold a query row's accumulators. */
+typedef float vf __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi __attribute__((vector_size(32)));
 
 static inline vf load(const float *p) {
     vf x;
@@ -54,23 +58,32 @@ static inline vf load(const float *p) {
 
 static inline void store(float *p, vf x) { memcpy(p, &x, sizeof x); }
 
+static inline vf splat(float x) { return (vf){} + x; }
+
+/* Lane sums of four vectors: (sum a, sum b, sum c, sum d), pairwise adds as AVX's hadd does. */
+static inline vf4 hsum4(vf a, vf b, vf c, vf d) {
+    const vf ab = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+                  __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    const vf cd = __builtin_shufflevector(c, d, 0, 2, 8, 10, 4, 6, 12, 14) +
+                  __builtin_shufflevector(c, d, 1, 3, 9, 11, 5, 7, 13, 15);
+    const vf h = __builtin_shufflevector(ab, cd, 0, 2, 8, 10, 4, 6, 12, 14) +
+                 __builtin_shufflevector(ab, cd, 1, 3, 9, 11, 5, 7, 13, 15);
+    return __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+}
+
 static inline float hsum(vf x) {
-    vf8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-            __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-    vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    const vf4 q = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
     return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
-typedef int32_t vi __attribute__((vector_size(64)));
+static inline vf vmax(vf a, vf b) {
+    const vi gt = a > b;
+    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
+}
 
 static inline float hmax(vf x) {
-    vf8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
-    vf8 t = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-    typedef int32_t vi8 __attribute__((vector_size(32)));
-    const vi8 gt = h > t;
-    h = (vf8)(((vi8)h & gt) | ((vi8)t & ~gt));
-    float r = h[0];
-    for (int i = 1; i < 8; i++) r = h[i] > r ? h[i] : r;
+    float r = x[0];
+    for (int i = 1; i < 8; i++) r = x[i] > r ? x[i] : r;
     return r;
 }
 
@@ -79,11 +92,11 @@ static inline float hmax(vf x) {
  * -inf) it is 0: such a term is at most 1.6e-38 of the row's largest one, which is 1. */
 static inline vf exp_neg(vf x) {
     const vi keep = x >= -87.0f;
-    x = (vf)(((vi)x & keep) | ((vi)((vf){} - 87.0f) & ~keep));
-    const vf magic = (vf){} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    x = (vf)(((vi)x & keep) | ((vi)splat(-87.0f) & ~keep));
+    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     const vf n = (x * 1.44269504088896341f + magic) - magic;
     const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    vf p = (vf){} + 1.9875691500e-4f;
+    vf p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
@@ -94,44 +107,71 @@ static inline vf exp_neg(vf x) {
     return (vf)((vi)(p * (vf)bits) & keep);
 }
 
-static inline vf vmax(vf a, vf b) {
-    const vi gt = a > b;
-    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
+/* Scores of query `qi` (nc = head_dim / 8 vectors) against keys [0, n), four keys at a time so
+ * that one horizontal add serves four of them; s holds sb >= n floats, -inf past n. */
+static inline __attribute__((always_inline)) void score_block(
+    const float *qi, const float *const *krow, int n, int sb, int nc, float *s) {
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = krow[j], *k1 = krow[j + 1], *k2 = krow[j + 2], *k3 = krow[j + 3];
+        vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int c = 0; c < nc; c++) {
+            const vf q = load(qi + 8 * c);
+            a0 += q * load(k0 + 8 * c);
+            a1 += q * load(k1 + 8 * c);
+            a2 += q * load(k2 + 8 * c);
+            a3 += q * load(k3 + 8 * c);
+        }
+        const vf4 r = hsum4(a0, a1, a2, a3);
+        memcpy(s + j, &r, sizeof r);
+    }
+    for (; j < n; j++) {
+        vf a = {};
+        for (int c = 0; c < nc; c++) a += load(qi + 8 * c) * load(krow[j] + 8 * c);
+        s[j] = hsum(a);
+    }
+    for (; j < sb; j++) s[j] = -INFINITY;
 }
 
-/* Fold keys [0, n) of one block into query i's running (acc, m, l). nc = head_dim / 16; s is
- * the query's scratch row of sb >= n floats (a multiple of 16). Always inlined, so a constant
- * nc (4 for head_dim 64, 8 for 128) keeps q and acc in registers. */
+/* acc[0, 8 * nc) = acc * alpha + sum_j s[j] v_j[0, 8 * nc): the accumulator stays in registers
+ * for nc <= 8 (64 floats), the widest slice the caller hands in. */
+static inline __attribute__((always_inline)) void accumulate(
+    const float *const *vrow, int off, int n, const float *s, float alpha, int nc, float *acc) {
+    vf av[8];
+    for (int c = 0; c < nc; c++) av[c] = load(acc + 8 * c) * alpha;
+    for (int j = 0; j < n; j++) {
+        const vf p = splat(s[j]);
+        const float *vj = vrow[j] + off;
+        for (int c = 0; c < nc; c++) av[c] += p * load(vj + 8 * c);
+    }
+    for (int c = 0; c < nc; c++) store(acc + 8 * c, av[c]);
+}
+
+/* Fold keys [0, n) of one block into query i's running (acc, m, l). nc = head_dim / 8; s is the
+ * query's scratch row of sb >= n floats (a multiple of 16). Always inlined, so a constant nc (8
+ * for head_dim 64, 16 for 128) unrolls the vector loops. */
 static inline __attribute__((always_inline)) void fold_block(
     const float *qi, const float *const *krow, const float *const *vrow, int n, int sb, int nc,
     float *s, float *acc, float *m, float *l) {
-    vf qv[16], av[16];
-    for (int c = 0; c < nc; c++) qv[c] = load(qi + 16 * c);
-    for (int j = 0; j < n; j++) {
-        const float *kj = krow[j];
-        vf a = qv[0] * load(kj);
-        for (int c = 1; c < nc; c++) a += qv[c] * load(kj + 16 * c);
-        s[j] = hsum(a);
-    }
-    for (int j = n; j < sb; j++) s[j] = -INFINITY;
+    score_block(qi, krow, n, sb, nc, s);
     vf mv = load(s);
-    for (int c = 16; c < sb; c += 16) mv = vmax(mv, load(s + c));
+    for (int c = 8; c < sb; c += 8) mv = vmax(mv, load(s + c));
     const float bmax = hmax(mv), mx = bmax > *m ? bmax : *m;
     vf sum = {};
-    for (int c = 0; c < sb; c += 16) {
+    for (int c = 0; c < sb; c += 8) {
         const vf p = exp_neg(load(s + c) - mx);
         store(s + c, p);
         sum += p;
     }
     /* Earlier terms shrink by exp(m - mx): 1 without a new max, 0 before any key. */
-    const float alpha = exp_neg((vf){} + (*m - mx))[0];
-    for (int c = 0; c < nc; c++) av[c] = load(acc + 16 * c) * alpha;
-    for (int j = 0; j < n; j++) {
-        const float *vj = vrow[j];
-        const float p = s[j];
-        for (int c = 0; c < nc; c++) av[c] += p * load(vj + 16 * c);
+    const float alpha = exp_neg(splat(*m - mx))[0];
+    for (int off = 0; off < 8 * nc; off += 64) {
+        const int w = 8 * nc - off < 64 ? (8 * nc - off) / 8 : 8;
+        if (w == 8)
+            accumulate(vrow, off, n, s, alpha, 8, acc + off);
+        else
+            accumulate(vrow, off, n, s, alpha, w, acc + off);
     }
-    for (int c = 0; c < nc; c++) store(acc + 16 * c, av[c]);
     *l = *l * alpha + hsum(sum);
     *m = mx;
 }
@@ -171,7 +211,7 @@ int dr_paged_decode(
     float scale, int dtype, int splits, int64_t blocks_per_split, int num_threads,
     float *work, int kv_kind, const float *k_params, const float *v_params,
     int64_t kp_block, int64_t kp_slot, int64_t kp_head) {
-    const int d = head_dim, nq = rows * group, bs = block_size, nc = head_dim / 16;
+    const int d = head_dim, nq = rows * group, bs = block_size, nc = head_dim / 8;
     if (head_dim % 16 || head_dim > 256) return 2;
     const int sb = (block_size + 15) / 16 * 16; /* a score row, whole vectors */
     const int64_t esize = dtype == DT_F32 ? 4 : 2;
@@ -179,73 +219,88 @@ int dr_paged_decode(
     const int64_t kv_esize = kv_kind == DT_F32 ? 4 : kv_kind == DT_BF16 ? 2 : 1;
     const int64_t row_bytes = kv_kind == KV_INT4 ? d / 2 : d * kv_esize;
     const int64_t part = (int64_t)nq * (d + 2); /* acc (nq, d), m (nq), l (nq) per item */
-    const int64_t items = (int64_t)num_seqs * kv_heads * splits;
+    /* One item per (sequence, split) takes every kv head, so that it walks whole cache blocks
+     * (all heads of a slot lie together) in address order. Its partial results for kv head h
+     * sit at work + ((seq * kv_heads + h) * splits + split) * part. */
+    const int64_t items = (int64_t)num_seqs * splits;
     const char *qb = (const char *)q, *kb = (const char *)k_cache, *vb = (const char *)v_cache;
     int failed = 0;
 
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        float *qf = malloc(sizeof(float) * ((size_t)nq * d + (size_t)sb + 2 * (size_t)bs * d));
+        const size_t qn = (size_t)kv_heads * nq * d;
+        float *qf = malloc(sizeof(float) * (qn + (size_t)sb + 2 * (size_t)bs * d));
         const float **krow = malloc(sizeof(float *) * 2 * (size_t)bs);
         if (!qf || !krow) failed = 1;
-        float *s = qf + (size_t)nq * d, *kbuf = s + sb, *vbuf = kbuf + (size_t)bs * d;
+        float *s = qf + qn, *kbuf = s + sb, *vbuf = kbuf + (size_t)bs * d;
         const float **vrow = krow + bs;
 
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++) {
             if (failed) continue;
-            const int64_t seq = item / ((int64_t)kv_heads * splits);
-            const int kvh = (int)(item / splits % kv_heads);
-            const int64_t split = item % splits;
-            float *acc = work + item * part, *m = acc + (int64_t)nq * d, *l = m + nq;
-            for (int64_t i = 0; i < (int64_t)nq * d; i++) acc[i] = 0.0f;
-            for (int i = 0; i < nq; i++) {
-                m[i] = -INFINITY;
-                l[i] = 0.0f;
+            const int64_t seq = item / splits, split = item % splits;
+            for (int kvh = 0; kvh < kv_heads; kvh++) {
+                float *acc = work + ((seq * kv_heads + kvh) * splits + split) * part;
+                float *m = acc + (int64_t)nq * d, *l = m + nq;
+                for (int64_t i = 0; i < (int64_t)nq * d; i++) acc[i] = 0.0f;
+                for (int i = 0; i < nq; i++) {
+                    m[i] = -INFINITY;
+                    l[i] = 0.0f;
+                }
             }
             const int64_t ctx = context_lens[seq];
             const int64_t nblk = (ctx + bs - 1) / bs;
             const int64_t blk0 = split * blocks_per_split;
             const int64_t blk1 = blk0 + blocks_per_split < nblk ? blk0 + blocks_per_split : nblk;
             if (blk0 >= blk1) continue;
-            /* The group's query rows in float, pre-scaled. */
-            for (int r = 0; r < rows; r++)
-                for (int g = 0; g < group; g++) {
-                    const int64_t off = seq * q_seq + r * q_row + (int64_t)(kvh * group + g) * q_head;
-                    float *dst = qf + (int64_t)(r * group + g) * d;
-                    const float *src = as_f32(qb + off * esize, dtype, d, dst);
-                    for (int i = 0; i < d; i++) dst[i] = src[i] * scale;
-                }
+            /* Every query row in float, pre-scaled, kv head by kv head. */
+            for (int kvh = 0; kvh < kv_heads; kvh++)
+                for (int r = 0; r < rows; r++)
+                    for (int g = 0; g < group; g++) {
+                        const int64_t off =
+                            seq * q_seq + r * q_row + (int64_t)(kvh * group + g) * q_head;
+                        float *dst = qf + ((int64_t)kvh * nq + r * group + g) * d;
+                        const float *src = as_f32(qb + off * esize, dtype, d, dst);
+                        for (int i = 0; i < d; i++) dst[i] = src[i] * scale;
+                    }
             const void *table = (const char *)block_tables + seq * bt_seq * (bt_int64 ? 8 : 4);
             for (int64_t blk = blk0; blk < blk1; blk++) {
                 const int64_t block = table_at(table, bt_int64, blk);
                 const int64_t left = ctx - blk * bs;
                 const int n = left < bs ? (int)left : bs;
-                const int64_t base = block * kc_block + kvh * kc_head;
                 if (blk + 1 < blk1) {
-                    /* The next block's rows lie elsewhere in the cache: ask for them now. */
-                    const int64_t next = table_at(table, bt_int64, blk + 1) * kc_block + kvh * kc_head;
+                    /* The next block lies elsewhere in the cache: ask for it (into L2) now. */
+                    const int64_t next = table_at(table, bt_int64, blk + 1) * kc_block;
                     for (int j = 0; j < bs; j++)
-                        for (int64_t b = 0; b < row_bytes; b += 64) {
-                            __builtin_prefetch(kb + (next + j * kc_slot) * kv_esize + b);
-                            __builtin_prefetch(vb + (next + j * kc_slot) * kv_esize + b);
+                        for (int h = 0; h < kv_heads; h++) {
+                            const int64_t row = (next + j * kc_slot + h * kc_head) * kv_esize;
+                            for (int64_t b = 0; b < row_bytes; b += 64) {
+                                __builtin_prefetch(kb + row + b, 0, 2);
+                                __builtin_prefetch(vb + row + b, 0, 2);
+                            }
                         }
                 }
-                const int64_t pbase = block * kp_block + kvh * kp_head;
-                for (int j = 0; j < n; j++) {
-                    const int64_t row = (base + j * kc_slot) * kv_esize, prow = pbase + j * kp_slot;
-                    krow[j] = kv_row(kb + row, k_params + prow, kv_kind, d, kbuf + j * d);
-                    vrow[j] = kv_row(vb + row, v_params + prow, kv_kind, d, vbuf + j * d);
-                }
-                for (int i = 0; i < nq; i++) {
-                    const float *qi = qf + (int64_t)i * d;
-                    float *ai = acc + (int64_t)i * d;
-                    if (nc == 4)
-                        fold_block(qi, krow, vrow, n, sb, 4, s, ai, m + i, l + i);
-                    else if (nc == 8)
-                        fold_block(qi, krow, vrow, n, sb, 8, s, ai, m + i, l + i);
-                    else
-                        fold_block(qi, krow, vrow, n, sb, nc, s, ai, m + i, l + i);
+                for (int kvh = 0; kvh < kv_heads; kvh++) {
+                    const int64_t base = block * kc_block + kvh * kc_head;
+                    const int64_t pbase = block * kp_block + kvh * kp_head;
+                    for (int j = 0; j < n; j++) {
+                        const int64_t row = (base + j * kc_slot) * kv_esize;
+                        const int64_t prow = pbase + j * kp_slot;
+                        krow[j] = kv_row(kb + row, k_params + prow, kv_kind, d, kbuf + j * d);
+                        vrow[j] = kv_row(vb + row, v_params + prow, kv_kind, d, vbuf + j * d);
+                    }
+                    float *acc = work + ((seq * kv_heads + kvh) * splits + split) * part;
+                    float *m = acc + (int64_t)nq * d, *l = m + nq;
+                    for (int i = 0; i < nq; i++) {
+                        const float *qi = qf + ((int64_t)kvh * nq + i) * d;
+                        float *ai = acc + (int64_t)i * d;
+                        if (nc == 8)
+                            fold_block(qi, krow, vrow, n, sb, 8, s, ai, m + i, l + i);
+                        else if (nc == 16)
+                            fold_block(qi, krow, vrow, n, sb, 16, s, ai, m + i, l + i);
+                        else
+                            fold_block(qi, krow, vrow, n, sb, nc, s, ai, m + i, l + i);
+                    }
                 }
             }
         }

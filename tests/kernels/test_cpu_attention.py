@@ -101,7 +101,8 @@ def _check(q, k, v, tables, lens, scale: float = 0.3) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "q_heads,kv_heads,head_dim",
-    [(9, 3, 64), (8, 2, 128), (4, 4, 32), (6, 2, 80)],  # GQA 3 / 4, MHA, a non-power-of-2 dim
+    # GQA 3 / 4, MHA, dims that are not a power of 2, the widest dim (four 64-float slices)
+    [(9, 3, 64), (8, 2, 128), (4, 4, 32), (6, 2, 80), (2, 1, 48), (4, 2, 256)],
 )
 def test_matches_float64_reference(
     dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int
