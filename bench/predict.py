@@ -50,6 +50,10 @@ runtime's `max_num_batched_tokens`; el = bytes per element of the dtype):
   output with its fp32 LSE ((cp-1) x q heads per rank x (head_dim x el + 4) sent per GPU).
   The latency of the per-step collectives and the host-side step cost are not modelled: the
   decode figure is a floor, and the validation shows by how much the measured runs exceed it.
+  A batch of B sequences reads the same weights, and its matmuls (2 x params / tp x B FLOP, on
+  every cp rank: decode runs replicated over cp) stay under that read up to the batch printed
+  as "weight-bound up to"; past it a split decode (each cp rank 1/cp of the batch, at the cost
+  of exchanging queries and partial outputs) would save matmul time, below it nothing.
 
 Efficiencies transfer across cards by assumption: a kernel tuned on H100 is taken to reach the
 same fraction of an A100's peak. Link rates are datasheet peaks: no multi-GPU run exists yet to
@@ -638,10 +642,18 @@ class DecodePrediction:
     comm_s: float
     collectives: int
     """Collective calls per step (their latency is not in the figure)."""
+    token_matmul_s: float
+    """One token's matmuls on one rank at the measured matmul rate (every cp rank runs every
+    token of a decode step)."""
 
     @property
     def total_s(self) -> float:
         return self.weights_s + self.kv_s + self.comm_s
+
+    @property
+    def weight_bound_batch(self) -> int:
+        """The largest decode batch whose matmuls take no longer than reading the weights."""
+        return int(self.weights_s // self.token_matmul_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -747,6 +759,10 @@ def predict_decode(
         comm_bytes=comm,
         comm_s=comm / gpu.link_bytes_per_s(link),
         collectives=collectives,
+        token_matmul_s=2
+        * matmul_params(model)
+        / tp
+        / (rates.median(rates.matmul) * gpu.bf16_dense_flops),
     )
 
 
@@ -991,6 +1007,15 @@ def term_lines(
             f"; collectives {_gb(d.comm_bytes)} -> {_ms(d.comm_s)} ms, {d.collectives} calls per "
             "step whose latency is not modelled"
         )
+    mm_rate = 2 * matmul_params(model) / r.tp / d.token_matmul_s
+    line += (
+        f"; a batch's matmuls ({d.token_matmul_s * 1e3:.3f} ms a token at "
+        f"{mm_rate / 1e12:.0f} TFLOP/s"
+        + (", on every cp rank: decode runs replicated" if r.cp > 1 else "")
+        + f") stay under the weight reads up to batch {d.weight_bound_batch:,}, and each "
+        f"sequence's KV read is {d.kv_s / d.token_matmul_s:,.0f}x its matmuls"
+        + (", so splitting a batch over the cp ranks would not pay" if r.cp > 1 else "")
+    )
     if residual_ms:
         line += (
             f"; the measured H100 decode steps (CUDA graphs) ran {residual_ms[0]:.1f}-"

@@ -155,6 +155,10 @@ def test_decode_terms_at_tp2_cp2() -> None:
     assert dec.comm_bytes == 5 * 128 + 2 * 80 == 800
     assert dec.comm_s == pytest.approx(800 / 1e6)
     assert dec.collectives == (2 * 2 + 2) + 2
+    # One token's matmuls on one tp-2 rank: 2 x 150016 / 2 FLOP at 0.5 x 1e12; the weight read
+    # (150656 B at 0.8 x 1e9) hides 627 of them.
+    assert dec.token_matmul_s == pytest.approx(150016 / 0.5e12)
+    assert dec.weight_bound_batch == int((150656 / 0.8e9) / (150016 / 0.5e12)) == 627
 
 
 def test_hardware_table() -> None:
