@@ -79,6 +79,11 @@ def make_layer(heads: tuple[int, int, int], batch: int, context: int, bits: int,
     return layer
 
 
+def quant(layer: dict) -> dict:
+    """A layer's quantization arguments, as both attention paths take them."""
+    return {"k_params": layer["k_params"], "v_params": layer["v_params"], "bits": layer["bits"]}
+
+
 def layer_bytes(heads: tuple[int, int, int], batch: int, context: int, bits: int) -> int:
     """Cache bytes one call reads: K and V rows (+ their scale and zero when quantized)."""
     _, kv_heads, d = heads
@@ -97,29 +102,12 @@ def measure(heads_name: str, batch: int, context: int, bits: int, args, gen) -> 
 
     def native(layer):
         return paged_decode(
-            q,
-            layer["k"],
-            layer["v"],
-            layer["tables"],
-            lens,
-            scale,
-            context,
-            k_params=layer["k_params"],
-            v_params=layer["v_params"],
-            bits=bits,
+            q, layer["k"], layer["v"], layer["tables"], lens, scale, context, **quant(layer)
         )[0]
 
     def reference(layer):
         return flash_decode_ref(
-            q,
-            layer["k"],
-            layer["v"],
-            layer["tables"],
-            lens,
-            scale,
-            k_params=layer["k_params"],
-            v_params=layer["v_params"],
-            bits=bits,
+            q, layer["k"], layer["v"], layer["tables"], lens, scale, **quant(layer)
         )[0]
 
     torch.testing.assert_close(native(layers[0]), reference(layers[0]), rtol=2e-4, atol=2e-4)
