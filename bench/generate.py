@@ -62,7 +62,11 @@ from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList 
 
 from bench.machine import code_version, cpu_counters, cpu_model  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
-from dist_runtime.config import CPU_ATTENTION_ENV, CPU_GEMM_ENV  # noqa: E402
+from dist_runtime.config import (  # noqa: E402
+    CPU_ATTENTION_ENV,
+    CPU_ELEMENTWISE_ENV,
+    CPU_GEMM_ENV,
+)
 from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint  # noqa: E402
 
@@ -423,7 +427,10 @@ def render_report(
         "through the native CPU kernel that reads the paged cache in place and RoPE + KV store "
         "in one native call (`kernels/cpu_attention.py`; a row marked `native off` "
         "(`--torch-attention`) runs the torch references instead: a gather plus SDPA, RoPE and "
-        "the store as torch operators), the other kernels' torch references, "
+        "the store as torch operators), the residual add + RMSNorm and SiLU-and-mul through "
+        "their native kernels (`kernels/cpu_elementwise.py`; a row marked `elementwise off` "
+        "(`--torch-elementwise`) runs them as torch operators), the other kernels' torch "
+        "references, "
         "float linear layers and the LM head through the native panel kernel with each weight "
         "packed once after loading (`kernels/cpu_gemm.py`); a row marked `oneDNN` "
         "(`--onednn-gemm`) runs them through oneDNN's reordered weights instead, one marked "
@@ -531,6 +538,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run ours with the native CPU decode kernels off (DIST_RUNTIME_CPU_ATTENTION="
         "torch: attention as a gather + SDPA, RoPE and the KV store as torch operators), "
         "labelled as such: the before/after of those kernels",
+    )
+    p.add_argument(
+        "--torch-elementwise",
+        action="store_true",
+        help="also run ours with the residual add + RMSNorm and SiLU-and-mul as torch operators "
+        "(DIST_RUNTIME_CPU_ELEMENTWISE=torch) instead of their native kernels, labelled as such",
     )
     p.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--seed", type=int, default=0, help="checkpoint and prompt seed")
@@ -658,6 +671,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             del os.environ[CPU_ATTENTION_ENV]
+    elementwise_name = None
+    if args.torch_elementwise:
+        os.environ[CPU_ELEMENTWISE_ENV] = "torch"  # read at every call: set while the row runs
+        try:
+            off = OursRunner(
+                folder, 1, session_len, max_batched, prefix_cache=False, label=" elementwise off"
+            )
+            elementwise_name = extra_row(off)
+        finally:
+            del os.environ[CPU_ELEMENTWISE_ENV]
     int4_name = None
     if args.int4:
         from dist_runtime.formats.demo_model import demo_gguf_path
@@ -692,6 +715,17 @@ def main(argv: list[str] | None = None) -> int:
         ra = {b: ratios(results[b][attn_name], results[b][hf.name], b, work) for b in results}
         parts.append(
             "native-off decode " + " ".join(f"b{b} {ra[b][1]:.2f}x" for b in work.batch_sizes)
+        )
+    if elementwise_name is not None:
+        re_ = {
+            b: ratios(results[b][elementwise_name], results[b][hf.name], b, work) for b in results
+        }
+        parts.append(
+            "elementwise-off "
+            + " | ".join(
+                f"{kind} " + " ".join(f"b{b} {re_[b][k]:.2f}x" for b in work.batch_sizes)
+                for k, kind in enumerate(("prefill", "decode"))
+            )
         )
     if int4_name is not None:
         r4 = {b: ratios(results[b][int4_name], results[b][hf.name], b, work) for b in results}

@@ -102,6 +102,17 @@ def cpu_attention_choice() -> str:
     return env_choice(CPU_ATTENTION_ENV, ("native", "torch"))
 
 
+CPU_ELEMENTWISE_ENV = "DIST_RUNTIME_CPU_ELEMENTWISE"
+"""`native` (default) or `torch`: whether a float32 CPU model's residual add + RMSNorm and
+SiLU-and-mul run through the native kernels (`kernels/cpu_elementwise.py`) or the torch
+references."""
+
+
+def cpu_elementwise_choice() -> str:
+    """`DIST_RUNTIME_CPU_ELEMENTWISE`: 'native' (default) or 'torch'."""
+    return env_choice(CPU_ELEMENTWISE_ENV, ("native", "torch"))
+
+
 DECODE_GRAPHS_ENV = "DIST_RUNTIME_DECODE_GRAPHS"
 """`auto` (default: decode steps replay from CUDA graphs on CUDA unless `enforce_eager`) or
 `emulate` (any device, for tests where there is no CUDA: decode steps go through the graphs'
@@ -120,6 +131,7 @@ WORKER_ENV = (
     KERNELS_ENV,
     CPU_GEMM_ENV,
     CPU_ATTENTION_ENV,
+    CPU_ELEMENTWISE_ENV,
     DECODE_GRAPHS_ENV,
 )
 """Environment switches that choose kernels and paths inside the workers. The Ray executor

@@ -1,9 +1,10 @@
 """The native CPU kernels' library: C sources in `csrc/`, compiled once per machine.
 
 The sources (`csrc/cpu_decode.c`: paged decode attention and RoPE + KV store;
-`csrc/cpu_gemm.c`: linear layers over a panel-packed weight) are compiled together with the
-system C compiler (`cc`, or `$CC`) into the runtime's cache folder
-(`$DIST_RUNTIME_CACHE/native`, see `formats/demo_model.py`) and loaded with ctypes. The file
+`csrc/cpu_gemm.c`: linear layers over a panel-packed weight; `csrc/cpu_elementwise.c`: the
+residual add with RMSNorm and SiLU-and-mul; `csrc/simd.h`: the vector helpers they share)
+are compiled together with the system C compiler (`cc`, or `$CC`) into the runtime's cache
+folder (`$DIST_RUNTIME_CACHE/native`, see `formats/demo_model.py`) and loaded with ctypes. The file
 name is keyed by the sources, the compiler, its flags and the CPU's feature flags, so a change
 to any of them builds anew. OpenMP links against the libgomp PyTorch already loaded, so the
 kernels and PyTorch share one thread pool. Without a compiler, or when the build fails, every
@@ -29,7 +30,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("cpu_decode.c", "cpu_gemm.c"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(CSRC / name for name in ("cpu_decode.c", "cpu_gemm.c", "cpu_elementwise.c"))
+HEADERS = (CSRC / "simd.h",)
+"""Included by the sources: part of the build's key, not of its command line."""
 BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
@@ -88,7 +92,7 @@ def library() -> ctypes.CDLL | None:
             "layers use their torch paths, which are slower"
         )
         return None
-    parts = [s.read_bytes() for s in SOURCES]
+    parts = [s.read_bytes() for s in (*SOURCES, *HEADERS)]
     key = hashlib.sha256(
         b"\0".join([*parts, cc.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]

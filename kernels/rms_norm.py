@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from kernels.cpu_elementwise import native_elementwise_supported, rms_norm_cpu
 from kernels.dispatch import use_triton
 
 try:
@@ -137,4 +138,7 @@ def rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x.device):
         return rms_norm_triton(x, weight, eps, residual)
+    if native_elementwise_supported(x, weight, *(() if residual is None else (residual,))):
+        _check_inputs(x, weight, residual)
+        return rms_norm_cpu(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)

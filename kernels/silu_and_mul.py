@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_elementwise import native_elementwise_supported, silu_and_mul_cpu
 from kernels.dispatch import use_triton
 
 try:
@@ -80,4 +81,6 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if use_triton(x.device):
         return silu_and_mul_triton(x)
+    if x.dim() == 2 and x.shape[1] % 2 == 0 and native_elementwise_supported(x):
+        return silu_and_mul_cpu(x)
     return silu_and_mul_ref(x)

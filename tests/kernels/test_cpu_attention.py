@@ -16,7 +16,7 @@ import torch
 
 import kernels.flash_decode as flash_decode_module
 from dist_runtime.config import CPU_ATTENTION_ENV, cpu_attention_choice
-from kernels import cpu_attention, cpu_gemm, native
+from kernels import cpu_attention, cpu_elementwise, cpu_gemm, native
 from kernels.cpu_attention import (
     flash_decode_cpu,
     native_decode_supported,
@@ -346,7 +346,12 @@ def test_environment_switch_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def fresh_library() -> Iterator[None]:
     """Let a test build (or fail to build) the library anew; the next user rebuilds it."""
-    caches = (native.library, cpu_attention._library, cpu_gemm._linear_fn)
+    caches = (
+        native.library,
+        cpu_attention._library,
+        cpu_elementwise._library,
+        cpu_gemm._linear_fn,
+    )
     for fn in caches:
         fn.cache_clear()
     yield
@@ -362,6 +367,7 @@ def test_no_compiler_falls_back_with_a_warning(
         assert cpu_attention._library() is None
     assert "no C compiler found" in caplog.text
     assert not isinstance(cpu_gemm.pack_cpu_weight(torch.randn(8, 8)), cpu_gemm.NativeLinearWeight)
+    assert not cpu_elementwise.native_elementwise_supported(torch.randn(2, 8))
     q, k, v, tables, lens = _case(
         lens=[30], q_heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32
     )

@@ -20,6 +20,7 @@ import kernels.rms_norm as RN
 import kernels.rotary as RO
 import kernels.silu_and_mul as SM
 import kernels.store_kv as SK
+from dist_runtime.config import CPU_ELEMENTWISE_ENV
 
 try:
     import triton
@@ -470,6 +471,9 @@ def test_public_functions_dispatch_on_cpu(monkeypatch, forced, expected):
         monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     else:
         monkeypatch.setenv(dispatch.ENV_VAR, forced)
+    # The float32 CPU norm and SiLU-and-mul have native kernels of their own, with their own
+    # switch and tests (test_cpu_elementwise.py): off here, so the references are what is left.
+    monkeypatch.setenv(CPU_ELEMENTWISE_ENV, "torch")
     for module, name, call in _public_calls(torch.device("cpu")):
         calls = _spy(monkeypatch, module, name)
         call()
