@@ -9,7 +9,9 @@ kernels (`kernels/cpu_attention.py`) and through the torch references
 (`DIST_RUNTIME_CPU_ATTENTION=torch`: a gather plus SDPA, RoPE and the store as torch operators);
 `--compare gemm` runs the linear layers through the native panel kernel and through oneDNN
 (`DIST_RUNTIME_CPU_GEMM=onednn`), both over weights packed once after loading
-(`kernels/cpu_gemm.py`).
+(`kernels/cpu_gemm.py`); `--compare elementwise` runs the residual add + RMSNorm and
+SiLU-and-mul through their native kernels and as torch operators
+(`DIST_RUNTIME_CPU_ELEMENTWISE=torch`, `kernels/cpu_elementwise.py`).
 
 Our runtime (in-process executor, prefix cache off) decodes `--steps` steps after a
 `--prompt-len`-token prefill, with torch.profiler started and stopped inside the engine
@@ -38,9 +40,14 @@ import torch  # noqa: E402
 
 from bench.generate_gpu import trace_decode_steps  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
-from dist_runtime.config import CPU_ATTENTION_ENV, CPU_GEMM_ENV  # noqa: E402
+from dist_runtime.config import (  # noqa: E402
+    CPU_ATTENTION_ENV,
+    CPU_ELEMENTWISE_ENV,
+    CPU_GEMM_ENV,
+)
 from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
 from kernels.cpu_attention import PROFILE_NAME, ROPE_STORE_PROFILE_NAME  # noqa: E402
+from kernels.cpu_elementwise import RMS_NORM_PROFILE_NAME, SILU_PROFILE_NAME  # noqa: E402
 from kernels.cpu_gemm import PROFILE_NAME as GEMM_PROFILE_NAME  # noqa: E402
 
 GROUPS = {
@@ -58,10 +65,15 @@ GROUPS = {
     ),
     "paged-KV gather": ("aten::index_select",),
     "RoPE + KV store (native)": (ROPE_STORE_PROFILE_NAME,),
+    "RMSNorm + SiLU-and-mul (native)": (RMS_NORM_PROFILE_NAME, SILU_PROFILE_NAME),
 }
 CHOICES = {
     "attention": (CPU_ATTENTION_ENV, {"native": "native kernels", "torch": "torch references"}),
     "gemm": (CPU_GEMM_ENV, {"native": "native kernel", "onednn": "oneDNN"}),
+    "elementwise": (
+        CPU_ELEMENTWISE_ENV,
+        {"native": "native norm + SiLU", "torch": "torch norm + SiLU"},
+    ),
 }
 """--compare: the environment variable and its two values (after, before) with their labels."""
 

@@ -54,22 +54,20 @@ def _library() -> ctypes.CDLL | None:
 def native_elementwise_supported(*tensors: torch.Tensor) -> bool:
     """True when the native kernels take these tensors: float32 CPU tensors with a contiguous
     last dim whose leading dims flatten to rows, DIST_RUNTIME_CPU_ELEMENTWISE not `torch`, and
-    the library built."""
-    return (
-        all(
-            t.device.type == "cpu"
-            and t.dtype == torch.float32
-            and t.dim() >= 1
-            and (t.dim() == 1 or t.stride(-1) == 1)
-            for t in tensors
-        )
-        and cpu_elementwise_choice() == "native"
-        and _library() is not None
-    )
+    the library built. Asked on every call, so written for speed (plain attribute reads)."""
+    for t in tensors:
+        if not t.is_cpu or t.dtype != torch.float32 or t.dim() == 0:
+            return False
+        if t.dim() > 1 and t.stride(-1) != 1:
+            return False
+    return cpu_elementwise_choice() == "native" and (bool(_LIB) or _library() is not None)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as (rows, last) without a copy where its strides allow one, contiguous otherwise."""
+    """t as (rows, last): itself when 2-D (the layers' case), else reshaped without a copy where
+    its strides allow one, contiguous otherwise."""
+    if t.dim() == 2:
+        return t
     rows = t.reshape(-1, t.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
@@ -78,45 +76,60 @@ def rms_norm_cpu(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual) * weight, x + residual), as `rms_norm_ref`; without a residual the
-    second output is x itself. Inputs checked by the caller (`kernels/rms_norm.py`): weight a
-    contiguous (hidden,), residual x's shape."""
-    lib = _library()
-    assert lib is not None, "rms_norm_cpu needs the native library (native_elementwise_supported)"
-    hidden = x.shape[-1]
+    second output is x itself. Inputs checked by the caller (`kernels/rms_norm.py`): float32,
+    weight a contiguous (hidden,), residual x's shape, last dims contiguous.
+
+    At decode sizes the call's own Python is most of its cost, so it stays lean: no reshapes
+    for 2-D inputs and the library looked up once."""
+    lib = _LIB[0] if _LIB else _load()
     xr = _rows(x)
-    rows = xr.shape[0]
-    out = torch.empty(rows, hidden, dtype=torch.float32)
-    h: torch.Tensor | None = None
-    r_ptr = h_ptr = None
-    r_stride = h_stride = 0
-    if residual is not None:
+    rows, hidden = xr.shape
+    out = torch.empty_like(xr)
+    h = None
+    if residual is None:
+        r_ptr = h_ptr = None
+        r_stride = 0
+    else:
         rr = _rows(residual)
-        h = torch.empty(rows, hidden, dtype=torch.float32)
-        r_ptr, r_stride, h_ptr, h_stride = rr.data_ptr(), rr.stride(0), h.data_ptr(), hidden
+        h = torch.empty_like(xr)
+        r_ptr, r_stride, h_ptr = rr.data_ptr(), rr.stride(0), h.data_ptr()
     if rows:
         args = (
             *(xr.data_ptr(), xr.stride(0)),
             *(r_ptr, r_stride),
-            *(h_ptr, h_stride),
-            *(out.data_ptr(), hidden),
+            *(h_ptr, out.stride(0)),
+            *(out.data_ptr(), out.stride(0)),
             weight.data_ptr(),
             *(rows, hidden),
             eps,
             torch.get_num_threads(),
         )
         run_profiled(lib.dr_rms_norm, RMS_NORM_PROFILE_NAME, args)
-    shape = x.shape
-    return out.view(shape), (h.view(shape) if h is not None else x)
+    if x.dim() != 2:
+        return out.view(x.shape), (x if h is None else h.view(x.shape))
+    return out, (x if h is None else h)
 
 
 def silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for x (tokens, 2 * inter) laid out [gate | up], as `silu_and_mul_ref`:
-    (tokens, inter) contiguous. Inputs checked by the caller (`kernels/silu_and_mul.py`)."""
-    lib = _library()
-    assert lib is not None, "silu_and_mul_cpu needs the native library"
+    """silu(gate) * up for x (tokens, 2 * inter) float32 laid out [gate | up], as
+    `silu_and_mul_ref`: (tokens, inter) contiguous. Inputs checked by the caller
+    (`kernels/silu_and_mul.py`)."""
+    lib = _LIB[0] if _LIB else _load()
     tokens, inter = x.shape[0], x.shape[1] // 2
     out = torch.empty(tokens, inter, dtype=torch.float32)
     if tokens and inter:
         args = (x.data_ptr(), x.stride(0), out.data_ptr(), inter, tokens, inter)
         run_profiled(lib.dr_silu_and_mul, SILU_PROFILE_NAME, (*args, torch.get_num_threads()))
     return out
+
+
+_LIB: list[ctypes.CDLL] = []
+"""The typed library once loaded (a list, so the calls above skip `_library`'s cache lookup)."""
+
+
+def _load() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native CPU elementwise kernels are not built (see the log)")
+    _LIB.append(lib)
+    return lib

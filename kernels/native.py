@@ -88,8 +88,8 @@ def library() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
         logger.warning(
-            "no C compiler found (set CC or install gcc): the CPU decode attention and linear "
-            "layers use their torch paths, which are slower"
+            "no C compiler found (set CC or install gcc): the CPU decode attention, linear "
+            "layers, RMSNorm and SiLU-and-mul use their torch paths, which are slower"
         )
         return None
     parts = [s.read_bytes() for s in (*SOURCES, *HEADERS)]

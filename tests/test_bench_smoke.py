@@ -1,7 +1,8 @@
 """The GPU suite's end-to-end script and the host-step bench run here on tiny shapes, so they
 cannot rot between the sessions that have a GPU: `bench/generate_gpu.py --device cpu` with its
 batched decode and its profiler trace, and `bench/host_step.py` (whose tables must equal the
-rebuilt ones, which it asserts itself), and `bench/cpu_attention.py` with its earlier-run column."""
+rebuilt ones, which it asserts itself); and the CPU kernel benches `bench/cpu_attention.py`
+(with its earlier-run column) and `bench/cpu_elementwise.py`."""
 
 from __future__ import annotations
 
@@ -86,3 +87,15 @@ def test_cpu_attention_bench_runs(tmp_path: Path) -> None:
     text = report.read_text()
     assert text.count("| demo | 8 | 1,024 | int4 |") == 1
     assert len(json.loads(data.read_text())["rows"]) == 4
+
+
+def test_cpu_elementwise_bench_runs(tmp_path: Path) -> None:
+    if _library() is None:
+        pytest.skip("the native CPU kernels are not built here (no C compiler)")
+    report = tmp_path / "report.md"
+    out = _run("bench/cpu_elementwise.py", "--rows=1,64", "--repeats=1", f"--report={report}")
+    # each kernel is checked against its reference by the script before it is timed
+    assert "cpu-elementwise: residual + RMSNorm native/torch" in out
+    assert "saves" in out and "a pass at 1 rows" in out
+    text = report.read_text()
+    assert text.count("| SiLU-and-mul | 64 |") == 1

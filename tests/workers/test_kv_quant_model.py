@@ -85,7 +85,15 @@ def test_decode_steps_read_the_cache_as_prefill_does(tiny_llama_dir: Path, polic
 PARITY_PROMPTS: list[Any] = [[(11 * i + 5) % 500 + 4 for i in range(150)], list(range(40, 110))]
 
 
-@pytest.mark.parametrize("policy", [8, 4])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        # int8 shards and stripes through the same per-head code as int4 (which also packs
+        # nibbles): on demand (-m slow)
+        pytest.param(8, marks=pytest.mark.slow),
+        4,
+    ],
+)
 def test_greedy_tokens_agree_across_meshes(
     ray_cluster: Any, tiny_llama_dir: Path, policy: int
 ) -> None:
