@@ -155,7 +155,7 @@ def main() -> None:
     Path(args.report).write_text(
         f"# CPU residual add + RMSNorm and SiLU-and-mul: native vs torch ({datetime.date.today()})"
         "\n\n"
-        + "\n\n".join(__doc__.split("\n\n")[1:]).strip()
+        + "\n\n".join(__doc__.split("\n\n")[2:]).strip()
         + f"\n\nMachine: {platform.machine()}, torch {torch.__version__}, {args.threads} threads."
         + "\n\n"
         + "\n".join(lines)
