@@ -60,7 +60,7 @@ def native_elementwise_supported(*tensors: torch.Tensor) -> bool:
             return False
         if t.dim() > 1 and t.stride(-1) != 1:
             return False
-    return cpu_elementwise_choice() == "native" and (bool(_LIB) or _library() is not None)
+    return cpu_elementwise_choice() == "native" and _library() is not None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -80,8 +80,9 @@ def rms_norm_cpu(
     weight a contiguous (hidden,), residual x's shape, last dims contiguous.
 
     At decode sizes the call's own Python is most of its cost, so it stays lean: no reshapes
-    for 2-D inputs and the library looked up once."""
-    lib = _LIB[0] if _LIB else _load()
+    for 2-D inputs."""
+    lib = _library()
+    assert lib is not None, "needs the native library (native_elementwise_supported)"
     xr = _rows(x)
     rows, hidden = xr.shape
     out = torch.empty_like(xr)
@@ -114,22 +115,11 @@ def silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x (tokens, 2 * inter) float32 laid out [gate | up], as
     `silu_and_mul_ref`: (tokens, inter) contiguous. Inputs checked by the caller
     (`kernels/silu_and_mul.py`)."""
-    lib = _LIB[0] if _LIB else _load()
+    lib = _library()
+    assert lib is not None, "needs the native library (native_elementwise_supported)"
     tokens, inter = x.shape[0], x.shape[1] // 2
     out = torch.empty(tokens, inter, dtype=torch.float32)
     if tokens and inter:
         args = (x.data_ptr(), x.stride(0), out.data_ptr(), inter, tokens, inter)
         run_profiled(lib.dr_silu_and_mul, SILU_PROFILE_NAME, (*args, torch.get_num_threads()))
     return out
-
-
-_LIB: list[ctypes.CDLL] = []
-"""The typed library once loaded (a list, so the calls above skip `_library`'s cache lookup)."""
-
-
-def _load() -> ctypes.CDLL:
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the native CPU elementwise kernels are not built (see the log)")
-    _LIB.append(lib)
-    return lib

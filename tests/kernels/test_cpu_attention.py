@@ -354,11 +354,9 @@ def fresh_library() -> Iterator[None]:
     )
     for fn in caches:
         fn.cache_clear()
-    cpu_elementwise._LIB.clear()
     yield
     for fn in caches:
         fn.cache_clear()
-    cpu_elementwise._LIB.clear()
 
 
 def test_no_compiler_falls_back_with_a_warning(

@@ -17,6 +17,7 @@ from kernels import cpu_elementwise
 from kernels.cpu_elementwise import native_elementwise_supported, rms_norm_cpu, silu_and_mul_cpu
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from tests.helpers.outputs import assert_same_outputs
 
 needs_native = pytest.mark.skipif(
     cpu_elementwise._library() is None, reason="no C compiler: the native kernels are not built"
@@ -161,9 +162,4 @@ def test_the_model_generates_as_with_the_references(
         before = len(calls)
         reference = rt.generate(prompts, params)
         assert len(calls) == before
-    for a, b in zip(native, reference, strict=True):
-        assert a.token_ids == b.token_ids
-        assert a.logprobs is not None and b.logprobs is not None
-        got = torch.tensor([lp.logprob for lp in a.logprobs])
-        want = torch.tensor([lp.logprob for lp in b.logprobs])
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert_same_outputs(native, reference, atol=1e-4)
