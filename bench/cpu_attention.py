@@ -3,16 +3,20 @@
     python bench/cpu_attention.py                          # demo and 7B head shapes, 1K-32K keys
     python bench/cpu_attention.py --json a.json --report docs/benchmarks/cpu_attention_<date>.md
     python bench/cpu_attention.py --before /tmp/older.json # adds that run's native column
+    python bench/cpu_attention.py --before-ref HEAD~1      # and that commit's kernel, interleaved
 
 Each case is one decode step's attention for one layer: `batch` queries, each over `context`
 keys in 16-slot blocks scattered over the cache in random order (as a long-running server's
 cache is). Enough distinct layers' caches (`--cache-mb` in all) are cycled through that every
 call reads its K and V from memory, as a decode step does. Timed, best of `--repeats` passes
-after a warm-up:
+after a warm-up, the paths taking turns pass by pass (so that a slow stretch of the machine
+falls on all of them):
 
 * native: `paged_decode` (`kernels/cpu_attention.py`, what CPU decode steps run by default);
 * torch: `flash_decode_ref` (`kernels/flash_decode.py`), a gather of the blocks plus SDPA, what
-  `DIST_RUNTIME_CPU_ATTENTION=torch` runs.
+  `DIST_RUNTIME_CPU_ATTENTION=torch` runs;
+* with `--before-ref REF`: `paged_decode` on the native library built from that git commit's
+  `kernels/csrc` (the same flags, the same inputs), for a before / after in one run.
 
 Both are checked against each other first. KV GB/s counts the cache bytes a call must read (K,
 V and, for int8 / int4 caches, their per-row scale and zero); the read rate it is compared with
@@ -24,11 +28,15 @@ of that read rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
 import json
 import math
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.machine import code_version  # noqa: E402
+from kernels import cpu_attention, native  # noqa: E402
 from kernels.cpu_attention import paged_decode  # noqa: E402
 from kernels.flash_decode import flash_decode_ref  # noqa: E402
 from kernels.kv_quant import quantize_kv_ref  # noqa: E402
@@ -58,6 +67,49 @@ def read_rate(repeats: int) -> float:
         x.sum()
         best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best
+
+
+def ref_library(ref: str) -> ctypes.CDLL:
+    """The native kernels as built from git commit `ref`'s kernels/csrc, typed like today's."""
+    root = Path(__file__).resolve().parents[1]
+    cc = native.compiler()
+    if cc is None:
+        raise SystemExit("--before-ref needs a C compiler (set CC or install gcc)")
+
+    def git(*cmd: str) -> bytes:
+        done = subprocess.run(["git", *cmd], cwd=root, capture_output=True)
+        if done.returncode:
+            raise SystemExit(f"--before-ref {ref!r}: git {' '.join(cmd)}: {done.stderr.decode()}")
+        return done.stdout
+
+    tmp = Path(tempfile.mkdtemp(prefix="csrc-"))
+    for name in git("ls-tree", "--name-only", ref, "kernels/csrc/").decode().split():
+        (tmp / Path(name).name).write_bytes(git("show", f"{ref}:{name}"))
+    sources = tuple(tmp / s.name for s in native.SOURCES if (tmp / s.name).exists())
+    native.build(cc, tmp / "kernels.so", sources)
+    return cpu_attention.bind(ctypes.CDLL(str(tmp / "kernels.so")))
+
+
+@contextlib.contextmanager
+def kernels_from(lib: ctypes.CDLL):
+    """paged_decode runs on `lib` inside the block."""
+    saved = cpu_attention._library
+    cpu_attention._library = lambda: lib  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        cpu_attention._library = saved  # type: ignore[assignment]
+
+
+def subject(ref: str) -> str:
+    """`<short hash> <subject>` of a git commit."""
+    done = subprocess.run(
+        ["git", "log", "-1", "--format=%h %s", ref],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.strip() or ref
 
 
 def make_layer(heads: tuple[int, int, int], batch: int, context: int, bits: int, gen):
@@ -110,18 +162,27 @@ def measure(heads_name: str, batch: int, context: int, bits: int, args, gen) -> 
             q, layer["k"], layer["v"], layer["tables"], lens, scale, **quant(layer)
         )[0]
 
-    torch.testing.assert_close(native(layers[0]), reference(layers[0]), rtol=2e-4, atol=2e-4)
-    seconds = {}
-    for name, fn in (("native", native), ("torch", reference)):
+    paths = {"native": native, "torch": reference}
+    if args.before_lib is not None:
+
+        def before(layer):
+            with kernels_from(args.before_lib):
+                return native(layer)
+
+        paths["before"] = before
+    want = reference(layers[0])
+    for fn in paths.values():
+        torch.testing.assert_close(fn(layers[0]), want, rtol=2e-4, atol=2e-4)
+    seconds = dict.fromkeys(paths, math.inf)
+    for fn in paths.values():
         for layer in layers:
             fn(layer)
-        best = math.inf
-        for _ in range(args.repeats):
+    for _ in range(args.repeats):
+        for name, fn in paths.items():
             start = time.perf_counter()
             for layer in layers:
                 fn(layer)
-            best = min(best, (time.perf_counter() - start) / count)
-        seconds[name] = best
+            seconds[name] = min(seconds[name], (time.perf_counter() - start) / count)
     row = {
         "heads": heads_name,
         "batch": batch,
@@ -156,12 +217,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the measurements here")
     p.add_argument("--before", help="a --json file of an earlier run: its native column")
+    p.add_argument(
+        "--before-ref",
+        help="a git commit: its native kernel is built and timed in this run (interleaved)",
+    )
     p.add_argument("--report", help="markdown report path")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     unknown = set(args.heads.split(",")) - set(HEADS)
     if unknown:
         p.error(f"--heads {args.heads!r}: unknown {sorted(unknown)}; choose from {sorted(HEADS)}")
+    args.before_lib = ref_library(args.before_ref) if args.before_ref else None
     gen = torch.Generator().manual_seed(0)
     rate = read_rate(args.repeats)
     print(f"read rate (torch.sum over 256 MB): {rate / 1e9:.1f} GB/s", flush=True)
@@ -173,7 +239,9 @@ def main() -> None:
         if c <= args.max_context
     ]
     before = {}
-    if args.before:
+    if args.before_ref:
+        before = {key(r): {"seconds": {"native": r["seconds"]["before"]}} for r in rows}
+    elif args.before:
         old = json.loads(Path(args.before).read_text())
         before = {key(r): r for r in old["rows"]}
     if args.json:
@@ -229,7 +297,12 @@ def main() -> None:
             )
         lines.append(line)
     earlier = ""
-    if has_before:
+    if args.before_ref:
+        earlier = (
+            f" The earlier native column is the kernel built from `{args.before_ref}` "
+            f"({subject(args.before_ref)}), timed in this run, taking turns with the others."
+        )
+    elif has_before:
         earlier = (
             f" The earlier native column is `{args.before}`, measured by this script at "
             f"{json.loads(Path(args.before).read_text())['code']} on the same machine."

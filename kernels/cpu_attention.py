@@ -54,8 +54,12 @@ MAX_HEAD_DIM = 256
 def _library() -> ctypes.CDLL | None:
     """The native library with this module's functions typed; None when it cannot be built."""
     lib = native.library()
-    if lib is None:
-        return None
+    return None if lib is None else bind(lib)
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """lib with this module's functions typed (the runtime's library, or a benchmark's build
+    of earlier sources)."""
     fn = lib.dr_paged_decode
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     fn.argtypes = [

@@ -49,14 +49,15 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(cc: str, target: Path) -> None:
-    """Compile SOURCES to target atomically (concurrent workers each build, the last rename
-    wins, and every rename installs a complete file). A compiler that does not know
-    -march=native builds without it; one without OpenMP builds one-thread kernels."""
+def build(cc: str, target: Path, sources: tuple[Path, ...] = SOURCES) -> None:
+    """Compile `sources` (default SOURCES) to target atomically (concurrent workers each
+    build, the last rename wins, and every rename installs a complete file). A compiler that
+    does not know -march=native builds without it; one without OpenMP builds one-thread
+    kernels."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -64,7 +65,7 @@ def _build(cc: str, target: Path) -> None:
     try:
         for flags in (FLAGS, portable, tuple(f for f in portable if f != "-fopenmp")):
             done = subprocess.run(
-                [cc, *flags, "-o", tmp, *(str(s) for s in SOURCES), "-lm"],
+                [cc, *flags, "-o", tmp, *(str(s) for s in sources), "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=BUILD_TIMEOUT_S,
@@ -85,7 +86,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled library, built on first use; None (with one warning) when it cannot be."""
     from dist_runtime.formats.demo_model import default_cache_dir
 
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         logger.warning(
             "no C compiler found (set CC or install gcc): the CPU decode attention, linear "
@@ -100,7 +101,7 @@ def library() -> ctypes.CDLL | None:
     try:
         if not target.exists():
             logger.info("building the native CPU kernels (once per machine): %s", target)
-            _build(cc, target)
+            build(cc, target)
         return ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         logger.warning(

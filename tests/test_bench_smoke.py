@@ -87,6 +87,10 @@ def test_cpu_attention_bench_runs(tmp_path: Path) -> None:
     text = report.read_text()
     assert text.count("| demo | 8 | 1,024 | int4 |") == 1
     assert len(json.loads(data.read_text())["rows"]) == 4
+    # a commit's kernel built and timed beside today's (HEAD: the same sources, checked too)
+    out = _run("bench/cpu_attention.py", *common, "--before-ref=HEAD", f"--report={report}")
+    assert "x the earlier native" in out and "before " in out
+    assert "built from `HEAD`" in report.read_text()
 
 
 def test_cpu_elementwise_bench_runs(tmp_path: Path) -> None:

@@ -46,53 +46,66 @@ static inline const float *as_f32(const void *src, int dtype, int d, float *buf)
     return buf;
 }
 
-/* Scores of query `qi` (nc = head_dim / 8 vectors) against keys [0, n), four keys at a time so
- * that one horizontal add serves four of them; s holds sb >= n floats, -inf past n. */
-static inline __attribute__((always_inline)) void score_block(
-    const float *qi, const float *const *krow, int n, int sb, int nc, float *s) {
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const float *k0 = krow[j], *k1 = krow[j + 1], *k2 = krow[j + 2], *k3 = krow[j + 3];
-        vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+#define AI static inline __attribute__((always_inline))
+
+/* Scores of the query pair (q0, q1) (prescaled, nc = head_dim / 8 vectors) against the key
+ * rows K[0, n4) (head_dim floats apart), n4 a multiple of 4: a 2 x 4 tile of accumulators, so
+ * that every key vector loaded serves two queries and eight independent FMA chains hide the FMA
+ * latency. */
+AI void score_pair(const float *q0, const float *q1, const float *K, int n4, int nc, float *s0,
+                   float *s1) {
+    const int d = 8 * nc;
+    for (int j = 0; j < n4; j += 4) {
+        const float *k0 = K + (int64_t)j * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+        vf a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
         for (int c = 0; c < nc; c++) {
-            const vf q = load(qi + 8 * c);
-            a0 += q * load(k0 + 8 * c);
-            a1 += q * load(k1 + 8 * c);
-            a2 += q * load(k2 + 8 * c);
-            a3 += q * load(k3 + 8 * c);
+            const vf x = load(q0 + 8 * c), y = load(q1 + 8 * c);
+            vf k = load(k0 + 8 * c);
+            a0 += x * k;
+            b0 += y * k;
+            k = load(k1 + 8 * c);
+            a1 += x * k;
+            b1 += y * k;
+            k = load(k2 + 8 * c);
+            a2 += x * k;
+            b2 += y * k;
+            k = load(k3 + 8 * c);
+            a3 += x * k;
+            b3 += y * k;
         }
-        const vf4 r = hsum4(a0, a1, a2, a3);
-        memcpy(s + j, &r, sizeof r);
+        const vf4 r0 = hsum4(a0, a1, a2, a3), r1 = hsum4(b0, b1, b2, b3);
+        memcpy(s0 + j, &r0, sizeof r0);
+        memcpy(s1 + j, &r1, sizeof r1);
     }
-    for (; j < n; j++) {
-        vf a = {};
-        for (int c = 0; c < nc; c++) a += load(qi + 8 * c) * load(krow[j] + 8 * c);
-        s[j] = hsum(a);
-    }
-    for (; j < sb; j++) s[j] = -INFINITY;
 }
 
-/* acc[0, 8 * nc) = acc * alpha + sum_j s[j] v_j[0, 8 * nc): the accumulator stays in registers
- * for nc <= 8 (64 floats), the widest slice the caller hands in. */
-static inline __attribute__((always_inline)) void accumulate(
-    const float *const *vrow, int off, int n, const float *s, float alpha, int nc, float *acc) {
-    vf av[8];
-    for (int c = 0; c < nc; c++) av[c] = load(acc + 8 * c) * alpha;
-    for (int j = 0; j < n; j++) {
-        const vf p = splat(s[j]);
-        const float *vj = vrow[j] + off;
-        for (int c = 0; c < nc; c++) av[c] += p * load(vj + 8 * c);
+/* Scores of one query against K[0, n4): the pair tile's work split over even and odd vectors
+ * instead, for the same eight chains (nc is even). */
+AI void score_one(const float *q0, const float *K, int n4, int nc, float *s0) {
+    const int d = 8 * nc;
+    for (int j = 0; j < n4; j += 4) {
+        const float *k0 = K + (int64_t)j * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+        vf a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+        for (int c = 0; c < nc; c += 2) {
+            const vf x = load(q0 + 8 * c), y = load(q0 + 8 * c + 8);
+            a0 += x * load(k0 + 8 * c);
+            b0 += y * load(k0 + 8 * c + 8);
+            a1 += x * load(k1 + 8 * c);
+            b1 += y * load(k1 + 8 * c + 8);
+            a2 += x * load(k2 + 8 * c);
+            b2 += y * load(k2 + 8 * c + 8);
+            a3 += x * load(k3 + 8 * c);
+            b3 += y * load(k3 + 8 * c + 8);
+        }
+        const vf4 r = hsum4(a0 + b0, a1 + b1, a2 + b2, a3 + b3);
+        memcpy(s0 + j, &r, sizeof r);
     }
-    for (int c = 0; c < nc; c++) store(acc + 8 * c, av[c]);
 }
 
-/* Fold keys [0, n) of one block into query i's running (acc, m, l). nc = head_dim / 8; s is the
- * query's scratch row of sb >= n floats (a multiple of 16). Always inlined, so a constant nc (8
- * for head_dim 64, 16 for 128) unrolls the vector loops. */
-static inline __attribute__((always_inline)) void fold_block(
-    const float *qi, const float *const *krow, const float *const *vrow, int n, int sb, int nc,
-    float *s, float *acc, float *m, float *l) {
-    score_block(qi, krow, n, sb, nc, s);
+/* Online softmax over one block's score row s (sb floats, -inf past the block's keys): s becomes
+ * exp(s - mx) with mx the new running max; (m, l) are updated and the factor by which earlier
+ * terms shrink, exp(m_old - mx) (1 without a new max, 0 before any key), is returned. */
+AI float softmax_block(float *s, int sb, float *m, float *l) {
     vf mv = load(s);
     for (int c = 8; c < sb; c += 8) mv = vmax(mv, load(s + c));
     const float bmax = hmax(mv), mx = bmax > *m ? bmax : *m;
@@ -102,36 +115,104 @@ static inline __attribute__((always_inline)) void fold_block(
         store(s + c, p);
         sum += p;
     }
-    /* Earlier terms shrink by exp(m - mx): 1 without a new max, 0 before any key. */
     const float alpha = exp_neg(splat(*m - mx))[0];
-    for (int off = 0; off < 8 * nc; off += 64) {
-        const int w = 8 * nc - off < 64 ? (8 * nc - off) / 8 : 8;
-        if (w == 8)
-            accumulate(vrow, off, n, s, alpha, 8, acc + off);
-        else
-            accumulate(vrow, off, n, s, alpha, w, acc + off);
-    }
     *l = *l * alpha + hsum(sum);
     *m = mx;
+    return alpha;
 }
 
-/* A cache row as float: float32 in place, bfloat16 converted, int8 / int4 codes dequantized
- * as code * scale + zero with the row's (scale, zero) at `params` (kernels/kv_quant.py). */
-static inline const float *kv_row(const char *src, const float *params, int kind, int d,
-                                  float *buf) {
-    if (kind == DT_F32 || kind == DT_BF16) return as_f32(src, kind, d, buf);
-    const float scale = params[0], zero = params[1];
-    const uint8_t *c = (const uint8_t *)src;
-    if (kind == KV_INT8) {
-        for (int i = 0; i < d; i++) buf[i] = (float)c[i] * scale + zero;
-    } else {
-        const int h = d / 2;
-        for (int i = 0; i < h; i++) {
-            buf[i] = (float)(c[i] & 15) * scale + zero;
-            buf[i + h] = (float)(c[i] >> 4) * scale + zero;
+/* acc_q[off, off + 8 w) = acc_q * alpha_q + sum_j p_q[j] V_j[off, off + 8 w) for the query pair
+ * (w = 4: eight accumulator chains in registers, each value vector loaded once for both). */
+AI void accumulate_pair(const float *V, int d, int off, int n, const float *p0, const float *p1,
+                        float al0, float al1, int w, float *acc0, float *acc1) {
+    vf a[4], b[4];
+    for (int c = 0; c < w; c++) {
+        a[c] = load(acc0 + off + 8 * c) * al0;
+        b[c] = load(acc1 + off + 8 * c) * al1;
+    }
+    for (int j = 0; j < n; j++) {
+        const vf x = splat(p0[j]), y = splat(p1[j]);
+        const float *vj = V + (int64_t)j * d + off;
+        for (int c = 0; c < w; c++) {
+            const vf v = load(vj + 8 * c);
+            a[c] += x * v;
+            b[c] += y * v;
         }
     }
-    return buf;
+    for (int c = 0; c < w; c++) {
+        store(acc0 + off + 8 * c, a[c]);
+        store(acc1 + off + 8 * c, b[c]);
+    }
+}
+
+/* The same for one query, eight vectors at a time. */
+AI void accumulate_one(const float *V, int d, int off, int n, const float *p, float alpha, int w,
+                       float *acc) {
+    vf a[8];
+    for (int c = 0; c < w; c++) a[c] = load(acc + off + 8 * c) * alpha;
+    for (int j = 0; j < n; j++) {
+        const vf x = splat(p[j]);
+        const float *vj = V + (int64_t)j * d + off;
+        for (int c = 0; c < w; c++) a[c] += x * load(vj + 8 * c);
+    }
+    for (int c = 0; c < w; c++) store(acc + off + 8 * c, a[c]);
+}
+
+/* Fold one block's keys [0, n) (float rows K, V of head_dim = 8 nc floats, readable up to n
+ * rounded up to 4) into the running (acc, m, l) of the nq queries at q (prescaled rows). S
+ * holds nq score rows of sb >= that rounding (a multiple of 16). Always inlined, so a constant
+ * nc (8 for head_dim 64, 16 for 128) unrolls the vector loops. */
+AI void fold_block(const float *q, int nq, const float *K, const float *V, int n, int sb, int nc,
+                   float *S, float *acc, float *m, float *l) {
+    const int d = 8 * nc, n4 = (n + 3) & ~3;
+    int i = 0;
+    for (; i + 2 <= nq; i += 2) {
+        float *s0 = S + (int64_t)i * sb, *s1 = s0 + sb;
+        score_pair(q + (int64_t)i * d, q + (int64_t)(i + 1) * d, K, n4, nc, s0, s1);
+        for (int j = n; j < sb; j++) s0[j] = s1[j] = -INFINITY;
+        const float al0 = softmax_block(s0, sb, m + i, l + i);
+        const float al1 = softmax_block(s1, sb, m + i + 1, l + i + 1);
+        float *a0 = acc + (int64_t)i * d, *a1 = a0 + d;
+        int off = 0;
+        for (; off + 32 <= d; off += 32)
+            accumulate_pair(V, d, off, n, s0, s1, al0, al1, 4, a0, a1);
+        if (off < d) accumulate_pair(V, d, off, n, s0, s1, al0, al1, 2, a0, a1);
+    }
+    if (i < nq) {
+        float *s0 = S + (int64_t)i * sb;
+        score_one(q + (int64_t)i * d, K, n4, nc, s0);
+        for (int j = n; j < sb; j++) s0[j] = -INFINITY;
+        const float al = softmax_block(s0, sb, m + i, l + i);
+        float *a0 = acc + (int64_t)i * d;
+        int off = 0;
+        for (; off + 64 <= d; off += 64) accumulate_one(V, d, off, n, s0, al, 8, a0);
+        if (off < d) accumulate_one(V, d, off, n, s0, al, (d - off) / 8, a0);
+    }
+}
+
+/* A cache row as float into buf: float32 copied, bfloat16 converted, int8 / int4 codes
+ * dequantized as code * scale + zero with the row's (scale, zero) at `params`
+ * (kernels/kv_quant.py), eight lanes at a time (d is a multiple of 16). */
+static inline void load_row(const char *src, const float *params, int kind, int d, float *buf) {
+    if (kind == DT_F32) {
+        memcpy(buf, src, sizeof(float) * d);
+    } else if (kind == DT_BF16) {
+        for (int c = 0; c < d; c += 8)
+            store(buf + c, (vf)(widen_u16((const uint16_t *)src + c) << 16));
+    } else if (kind == KV_INT8) {
+        const vf scale = splat(params[0]), zero = splat(params[1]);
+        for (int c = 0; c < d; c += 8)
+            store(buf + c, __builtin_convertvector(widen_u8((const uint8_t *)src + c), vf) * scale +
+                               zero);
+    } else {
+        const vf scale = splat(params[0]), zero = splat(params[1]);
+        const int h = d / 2;
+        for (int c = 0; c < h; c += 8) {
+            const vi w = widen_u8((const uint8_t *)src + c);
+            store(buf + c, __builtin_convertvector(w & 15, vf) * scale + zero);
+            store(buf + h + c, __builtin_convertvector(w >> 4, vf) * scale + zero);
+        }
+    }
 }
 
 static inline int64_t table_at(const void *table, int int64, int64_t i) {
@@ -153,10 +234,10 @@ int dr_paged_decode(
     const int d = head_dim, nq = rows * group, bs = block_size, nc = head_dim / 8;
     if (head_dim % 16 || head_dim > 256) return 2;
     const int sb = (block_size + 15) / 16 * 16; /* a score row, whole vectors */
+    const int bs4 = (block_size + 3) & ~3;     /* rows per kv head in a converted block */
     const int64_t esize = dtype == DT_F32 ? 4 : 2;
-    /* Bytes per cache element (strides count elements of the cache tensor) and per row. */
+    /* Bytes per cache element (strides count elements of the cache tensor). */
     const int64_t kv_esize = kv_kind == DT_F32 ? 4 : kv_kind == DT_BF16 ? 2 : 1;
-    const int64_t row_bytes = kv_kind == KV_INT4 ? d / 2 : d * kv_esize;
     const int64_t part = (int64_t)nq * (d + 2); /* acc (nq, d), m (nq), l (nq) per item */
     /* One item per (sequence, split) takes every kv head, so that it walks whole cache blocks
      * (all heads of a slot lie together) in address order. Its partial results for kv head h
@@ -168,11 +249,14 @@ int dr_paged_decode(
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         const size_t qn = (size_t)kv_heads * nq * d;
-        float *qf = malloc(sizeof(float) * (qn + (size_t)sb + 2 * (size_t)bs * d));
-        const float **krow = malloc(sizeof(float *) * 2 * (size_t)bs);
-        if (!qf || !krow) failed = 1;
-        float *s = qf + qn, *kbuf = s + sb, *vbuf = kbuf + (size_t)bs * d;
-        const float **vrow = krow + bs;
+        const size_t sn = (size_t)nq * sb; /* a score row per query */
+        /* A block's K and V as float rows, kv head by kv head (bs4 rows each: the score tile
+         * reads up to a multiple of four; zeroed, so rows past a short block hold numbers). */
+        const size_t bn = (size_t)kv_heads * bs4 * d;
+        float *qf = malloc(sizeof(float) * (qn + sn));
+        float *kbuf = calloc(2 * bn, sizeof(float)), *vbuf = kbuf + bn;
+        if (!qf || !kbuf) failed = 1;
+        float *s = qf + qn;
 
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++) {
@@ -207,44 +291,35 @@ int dr_paged_decode(
                 const int64_t block = table_at(table, bt_int64, blk);
                 const int64_t left = ctx - blk * bs;
                 const int n = left < bs ? (int)left : bs;
-                if (blk + 1 < blk1) {
-                    /* The next block lies elsewhere in the cache: ask for it (into L2) now. */
-                    const int64_t next = table_at(table, bt_int64, blk + 1) * kc_block;
-                    for (int j = 0; j < bs; j++)
-                        for (int h = 0; h < kv_heads; h++) {
-                            const int64_t row = (next + j * kc_slot + h * kc_head) * kv_esize;
-                            for (int64_t b = 0; b < row_bytes; b += 64) {
-                                __builtin_prefetch(kb + row + b, 0, 2);
-                                __builtin_prefetch(vb + row + b, 0, 2);
-                            }
-                        }
-                }
-                for (int kvh = 0; kvh < kv_heads; kvh++) {
-                    const int64_t base = block * kc_block + kvh * kc_head;
-                    const int64_t pbase = block * kp_block + kvh * kp_head;
-                    for (int j = 0; j < n; j++) {
-                        const int64_t row = (base + j * kc_slot) * kv_esize;
-                        const int64_t prow = pbase + j * kp_slot;
-                        krow[j] = kv_row(kb + row, k_params + prow, kv_kind, d, kbuf + j * d);
-                        vrow[j] = kv_row(vb + row, v_params + prow, kv_kind, d, vbuf + j * d);
+                /* The block's rows in address order (a slot holds all its heads together),
+                 * converted to float rows grouped by kv head: one sequential pass over the
+                 * block that the hardware prefetcher follows, whatever its place in the cache. */
+                for (int j = 0; j < n; j++)
+                    for (int h = 0; h < kv_heads; h++) {
+                        const int64_t row =
+                            (block * kc_block + j * kc_slot + h * kc_head) * kv_esize;
+                        const int64_t prow = block * kp_block + j * kp_slot + h * kp_head;
+                        const int64_t at = ((int64_t)h * bs4 + j) * d;
+                        const int quant = kv_kind == KV_INT8 || kv_kind == KV_INT4;
+                        load_row(kb + row, quant ? k_params + prow : NULL, kv_kind, d, kbuf + at);
+                        load_row(vb + row, quant ? v_params + prow : NULL, kv_kind, d, vbuf + at);
                     }
+                for (int kvh = 0; kvh < kv_heads; kvh++) {
                     float *acc = work + ((seq * kv_heads + kvh) * splits + split) * part;
                     float *m = acc + (int64_t)nq * d, *l = m + nq;
-                    for (int i = 0; i < nq; i++) {
-                        const float *qi = qf + ((int64_t)kvh * nq + i) * d;
-                        float *ai = acc + (int64_t)i * d;
-                        if (nc == 8)
-                            fold_block(qi, krow, vrow, n, sb, 8, s, ai, m + i, l + i);
-                        else if (nc == 16)
-                            fold_block(qi, krow, vrow, n, sb, 16, s, ai, m + i, l + i);
-                        else
-                            fold_block(qi, krow, vrow, n, sb, nc, s, ai, m + i, l + i);
-                    }
+                    const float *qh = qf + (int64_t)kvh * nq * d;
+                    const float *K = kbuf + (int64_t)kvh * bs4 * d, *V = vbuf + (int64_t)kvh * bs4 * d;
+                    if (nc == 8)
+                        fold_block(qh, nq, K, V, n, sb, 8, s, acc, m, l);
+                    else if (nc == 16)
+                        fold_block(qh, nq, K, V, n, sb, 16, s, acc, m, l);
+                    else
+                        fold_block(qh, nq, K, V, n, sb, nc, s, acc, m, l);
                 }
             }
         }
         free(qf);
-        free(krow);
+        free(kbuf);
     }
     if (failed) return 1;
 

@@ -38,6 +38,29 @@ static inline float hsum(vf x) {
     return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
+/* Eight bytes / eight uint16 at p, zero-extended to int32 lanes: one vpmovzx on AVX2 (GCC's
+ * generic __builtin_convertvector from narrow lanes goes through scalar inserts). */
+#if defined(__AVX2__)
+#include <immintrin.h>
+static inline vi widen_u8(const uint8_t *p) {
+    return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+static inline vi widen_u16(const uint16_t *p) {
+    return (vi)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+}
+#else
+static inline vi widen_u8(const uint8_t *p) {
+    vi r;
+    for (int i = 0; i < 8; i++) r[i] = p[i];
+    return r;
+}
+static inline vi widen_u16(const uint16_t *p) {
+    vi r;
+    for (int i = 0; i < 8; i++) r[i] = p[i];
+    return r;
+}
+#endif
+
 static inline vf vmax(vf a, vf b) {
     const vi gt = a > b;
     return (vf)(((vi)a & gt) | ((vi)b & ~gt));

@@ -362,7 +362,7 @@ def fresh_library() -> Iterator[None]:
 def test_no_compiler_falls_back_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, fresh_library: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setattr(native, "compiler", lambda: None)
     with caplog.at_level(logging.WARNING, logger="kernels.native"):
         assert cpu_attention._library() is None
     assert "no C compiler found" in caplog.text
@@ -400,7 +400,7 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel(
     fresh_library: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    real = native._compiler()
+    real = native.compiler()
     script = tmp_path / "no-openmp-cc"
     script.write_text(
         "#!/bin/sh\n"
