@@ -4,15 +4,16 @@ store (`csrc/cpu_decode.c`).
 The torch reference decode (`paged_attention._decode`) gathers every sequence's blocks into a
 contiguous copy (`index_select`) and runs SDPA over it, so each step reads the context's K/V
 three times (gather read, gather write, SDPA read). The native kernel walks each sequence's
-block table and reads every key and value once, scoring all query heads of a kv head's group
-(and, for a batch over a shared cached prefix, every sequence's queries) against a block while
-it sits in L1. Long contexts are cut into splits merged by log-sum-exp, so a single sequence
-still spreads over the threads.
+block table and reads every key and value from memory once: a block is converted to float rows
+(dequantized, for an int8 / int4 cache) in one pass in address order, then all query heads of a
+kv head's group (and, for a batch over a shared cached prefix, every sequence's queries) are
+scored against it, two at a time, while it sits in cache. Long contexts are cut into splits
+merged by log-sum-exp, so a single sequence still spreads over the threads.
 
 The C source is compiled once per machine with the system C compiler into the native library
 (`kernels/native.py`), which shares PyTorch's OpenMP thread pool. float32 and bfloat16 caches
-run natively, and so do int8 / int4 caches (`kernels/kv_quant.py`), each row dequantized as it
-is read instead of the reference's dequantized copy of the whole context; float16, a head_dim
+run natively, and so do int8 / int4 caches (`kernels/kv_quant.py`), each block dequantized as
+it is read instead of the reference's dequantized copy of the whole context; float16, a head_dim
 that is not a multiple of 16, or a machine without a compiler uses the reference.
 
 `rope_store` rotates a layer's q and k in place and writes k and v to their cache slots in one

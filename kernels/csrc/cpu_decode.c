@@ -5,17 +5,18 @@
  * a sequence are cut into `splits` ranges of whole blocks; each (sequence, split) is one work
  * item that walks its blocks in order and, for every kv head, folds the block into a running
  * (max, sum, acc) per query head of the kv head's group (online softmax, one rescale per
- * block); a second pass merges the splits by log-sum-exp. Walking all heads of a block at once
- * reads the cache in address order (a block holds its slots' heads together) and the next block
- * is prefetched while this one is folded. K and V are read once per item: every query head of
- * the group (and every row sharing the table) is scored against a block while it sits in L1.
+ * block); a second pass merges the splits by log-sum-exp. Each block is first converted to
+ * float rows grouped by kv head in one pass over its bytes in address order (a block holds its
+ * slots' heads together), which the hardware prefetcher follows, so that K and V are read from
+ * memory once per item; every query head of the group (and every row sharing the table) is then
+ * scored against the converted rows while they sit in L1 / L2, two queries at a time.
  *
  * Threads: OpenMP, on the runtime PyTorch already loaded (the same libgomp soname), so the
  * kernel and PyTorch's own operators share one thread pool.
  *
  * Element types: q is 0 float32 or 1 bfloat16; the caches (kv_kind) the same, or 8 / 4 for
  * int8 / int4 codes with a float32 (scale, zero) per row in k_params / v_params, dequantized
- * as they are read (kernels/kv_quant.py's layout). The output and the LSE are float32.
+ * in that conversion (kernels/kv_quant.py's layout). The output and the LSE are float32.
  * Strides are in elements; head_dim is a multiple of 16. Returns 0, 1 when scratch
  * memory could not be had, 2 for a head_dim it does not take.
  */
@@ -190,12 +191,12 @@ AI void fold_block(const float *q, int nq, const float *K, const float *V, int n
     }
 }
 
-/* A cache row as float into buf: float32 copied, bfloat16 converted, int8 / int4 codes
- * dequantized as code * scale + zero with the row's (scale, zero) at `params`
- * (kernels/kv_quant.py), eight lanes at a time (d is a multiple of 16). */
+/* A cache row as float into buf, eight lanes at a time (d is a multiple of 16): float32 copied
+ * (a vector loop, not a call to memcpy), bfloat16 widened, int8 / int4 codes dequantized as
+ * code * scale + zero with the row's (scale, zero) at `params` (kernels/kv_quant.py). */
 static inline void load_row(const char *src, const float *params, int kind, int d, float *buf) {
     if (kind == DT_F32) {
-        memcpy(buf, src, sizeof(float) * d);
+        for (int c = 0; c < d; c += 8) store(buf + c, load((const float *)src + c));
     } else if (kind == DT_BF16) {
         for (int c = 0; c < d; c += 8)
             store(buf + c, (vf)(widen_u16((const uint16_t *)src + c) << 16));
@@ -308,7 +309,8 @@ int dr_paged_decode(
                     float *acc = work + ((seq * kv_heads + kvh) * splits + split) * part;
                     float *m = acc + (int64_t)nq * d, *l = m + nq;
                     const float *qh = qf + (int64_t)kvh * nq * d;
-                    const float *K = kbuf + (int64_t)kvh * bs4 * d, *V = vbuf + (int64_t)kvh * bs4 * d;
+                    const int64_t at = (int64_t)kvh * bs4 * d;
+                    const float *K = kbuf + at, *V = vbuf + at;
                     if (nc == 8)
                         fold_block(qh, nq, K, V, n, sb, 8, s, acc, m, l);
                     else if (nc == 16)
