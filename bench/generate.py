@@ -167,6 +167,7 @@ class OursRunner:
         prefix_cache: bool,
         dtype: str = "float32",
         label: str = "",
+        quant_policy: int = 0,
     ):
         # Every repeat sends the same prompts: with the prefix cache on, all but the first
         # prefill would be served from it (HF has no such cache), so the comparison runs with it
@@ -179,7 +180,7 @@ class OursRunner:
             device="cpu",
             dtype=dtype,
             scheduler=SchedulerConfig(max_num_batched_tokens=max(8192, max_batched)),
-            cache={"enable_prefix_caching": prefix_cache},
+            cache={"enable_prefix_caching": prefix_cache, "quant_policy": quant_policy},
         )
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list]:
@@ -417,6 +418,9 @@ def render_report(
         "Q4_1 weights kept 4-bit (`convert --weights int4`; the float rows use the same values "
         "dequantized) with bfloat16 activations through PyTorch's CPU int4 matmul: the same "
         "weights, another activation precision, so its tokens may differ from HF's fp32 ones",
+        "- a row marked `KV int8` / `KV int4` (`--kv-quant`) keeps ours' KV cache quantized "
+        "(`cache.quant_policy` 8 / 4: a scale and zero per token and KV head, "
+        "`kernels/kv_quant.py`); its tokens may differ from HF's, which keeps K/V in fp32",
         f"- prompts: random token ids, all {work.prompt_len} tokens long (no padding), "
         f"batch sizes {', '.join(map(str, work.batch_sizes))}",
         f"- greedy (ours temperature=0, HF do_sample=False), {work.new_tokens} new tokens per "
@@ -545,6 +549,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run ours with the residual add + RMSNorm and SiLU-and-mul as torch operators "
         "(DIST_RUNTIME_CPU_ELEMENTWISE=torch) instead of their native kernels, labelled as such",
     )
+    p.add_argument(
+        "--kv-quant",
+        default="",
+        help="comma list of KV cache policies (8: int8, 4: int4): also run ours with its KV "
+        "cache quantized at each, labelled as such (what decode at long context gains by "
+        "reading fewer bytes)",
+    )
     p.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--seed", type=int, default=0, help="checkpoint and prompt seed")
     p.add_argument(
@@ -559,7 +570,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="report path (default docs/benchmarks/generate_cpu_<date>.md; quick: none)",
     )
     p.add_argument("--no-report", action="store_true", help="do not write the markdown report")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.kv_quant_policies = [int(x) for x in args.kv_quant.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--kv-quant {args.kv_quant!r}: give a comma list of 8 and / or 4")
+    bad = [x for x in args.kv_quant_policies if x not in (8, 4)]
+    if bad:
+        p.error(f"--kv-quant {args.kv_quant!r}: {bad} not a KV policy; use 8 (int8), 4 (int4)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -700,6 +719,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         int4_name = extra_row(int4)
 
+    kv_names: dict[int, str] = {}
+    for policy in args.kv_quant_policies:
+        kv_names[policy] = extra_row(
+            OursRunner(
+                folder,
+                1,
+                session_len,
+                max_batched,
+                prefix_cache=False,
+                label=f" KV int{policy}",
+                quant_policy=policy,
+            )
+        )
+
     rs = {b: ratios(results[b][ours.name], results[b][hf.name], b, work) for b in results}
     parts = [
         f"{kind} " + " ".join(f"b{b} {rs[b][k]:.2f}x" for b in work.batch_sizes)
@@ -731,6 +764,11 @@ def main(argv: list[str] | None = None) -> int:
         r4 = {b: ratios(results[b][int4_name], results[b][hf.name], b, work) for b in results}
         parts.append(
             "4-bit bf16 decode " + " ".join(f"b{b} {r4[b][1]:.2f}x" for b in work.batch_sizes)
+        )
+    for policy, kv_name in kv_names.items():
+        rk = {b: ratios(results[b][kv_name], results[b][hf.name], b, work) for b in results}
+        parts.append(
+            f"KV int{policy} decode " + " ".join(f"b{b} {rk[b][1]:.2f}x" for b in work.batch_sizes)
         )
     summary = f"{tag}: {' | '.join(parts)} (ours/HF tokens/s)"
     others = others_cpu_fraction(counters, own_cpu)
