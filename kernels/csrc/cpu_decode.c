@@ -194,7 +194,7 @@ AI void fold_block(const float *q, int nq, const float *K, const float *V, int n
 /* A cache row as float into buf, eight lanes at a time (d is a multiple of 16): float32 copied
  * (a vector loop, not a call to memcpy), bfloat16 widened, int8 / int4 codes dequantized as
  * code * scale + zero with the row's (scale, zero) at `params` (kernels/kv_quant.py). */
-static inline void load_row(const char *src, const float *params, int kind, int d, float *buf) {
+AI void load_row(const char *src, const float *params, int kind, int d, float *buf) {
     if (kind == DT_F32) {
         for (int c = 0; c < d; c += 8) store(buf + c, load((const float *)src + c));
     } else if (kind == DT_BF16) {
@@ -214,6 +214,32 @@ static inline void load_row(const char *src, const float *params, int kind, int 
             store(buf + h + c, __builtin_convertvector(w >> 4, vf) * scale + zero);
         }
     }
+}
+
+/* Rows [0, n) of one cache block (all kv heads; byte strides slot_b / head_b, parameter strides
+ * p_slot / p_head) in address order (a slot holds all its heads together), converted to float
+ * rows grouped by kv head (bs4 rows apart): one sequential pass over the block that the
+ * hardware prefetcher follows, whatever its place in the cache. Always inlined, so that a
+ * constant d unrolls the row loops. */
+AI void convert_block(const char *kblk, const char *vblk, const float *kp, const float *vp,
+                      int64_t slot_b, int64_t head_b, int64_t p_slot, int64_t p_head, int n,
+                      int kv_heads, int kind, int d, int bs4, float *kbuf, float *vbuf) {
+#define DR_CONVERT_ROWS(KIND)                                                                    \
+    for (int j = 0; j < n; j++)                                                                  \
+        for (int h = 0; h < kv_heads; h++) {                                                     \
+            const int64_t row = j * slot_b + h * head_b, prow = j * p_slot + h * p_head;         \
+            const int64_t at = ((int64_t)h * bs4 + j) * d;                                       \
+            load_row(kblk + row, kp ? kp + prow : NULL, KIND, d, kbuf + at);                     \
+            load_row(vblk + row, vp ? vp + prow : NULL, KIND, d, vbuf + at);                     \
+        }
+    /* One loop per kind, so that load_row's branch on it goes. */
+    switch (kind) {
+    case DT_F32: DR_CONVERT_ROWS(DT_F32) break;
+    case DT_BF16: DR_CONVERT_ROWS(DT_BF16) break;
+    case KV_INT8: DR_CONVERT_ROWS(KV_INT8) break;
+    default: DR_CONVERT_ROWS(KV_INT4) break;
+    }
+#undef DR_CONVERT_ROWS
 }
 
 static inline int64_t table_at(const void *table, int int64, int64_t i) {
@@ -244,6 +270,7 @@ int dr_paged_decode(
      * (all heads of a slot lie together) in address order. Its partial results for kv head h
      * sit at work + ((seq * kv_heads + h) * splits + split) * part. */
     const int64_t items = (int64_t)num_seqs * splits;
+    const int quant = kv_kind == KV_INT8 || kv_kind == KV_INT4;
     const char *qb = (const char *)q, *kb = (const char *)k_cache, *vb = (const char *)v_cache;
     int failed = 0;
 
@@ -292,19 +319,19 @@ int dr_paged_decode(
                 const int64_t block = table_at(table, bt_int64, blk);
                 const int64_t left = ctx - blk * bs;
                 const int n = left < bs ? (int)left : bs;
-                /* The block's rows in address order (a slot holds all its heads together),
-                 * converted to float rows grouped by kv head: one sequential pass over the
-                 * block that the hardware prefetcher follows, whatever its place in the cache. */
-                for (int j = 0; j < n; j++)
-                    for (int h = 0; h < kv_heads; h++) {
-                        const int64_t row =
-                            (block * kc_block + j * kc_slot + h * kc_head) * kv_esize;
-                        const int64_t prow = block * kp_block + j * kp_slot + h * kp_head;
-                        const int64_t at = ((int64_t)h * bs4 + j) * d;
-                        const int quant = kv_kind == KV_INT8 || kv_kind == KV_INT4;
-                        load_row(kb + row, quant ? k_params + prow : NULL, kv_kind, d, kbuf + at);
-                        load_row(vb + row, quant ? v_params + prow : NULL, kv_kind, d, vbuf + at);
-                    }
+                const char *kblk = kb + block * kc_block * kv_esize;
+                const char *vblk = vb + block * kc_block * kv_esize;
+                const float *kpb = quant ? k_params + block * kp_block : NULL;
+                const float *vpb = quant ? v_params + block * kp_block : NULL;
+                if (d == 64)
+                    convert_block(kblk, vblk, kpb, vpb, kc_slot * kv_esize, kc_head * kv_esize,
+                                  kp_slot, kp_head, n, kv_heads, kv_kind, 64, bs4, kbuf, vbuf);
+                else if (d == 128)
+                    convert_block(kblk, vblk, kpb, vpb, kc_slot * kv_esize, kc_head * kv_esize,
+                                  kp_slot, kp_head, n, kv_heads, kv_kind, 128, bs4, kbuf, vbuf);
+                else
+                    convert_block(kblk, vblk, kpb, vpb, kc_slot * kv_esize, kc_head * kv_esize,
+                                  kp_slot, kp_head, n, kv_heads, kv_kind, d, bs4, kbuf, vbuf);
                 for (int kvh = 0; kvh < kv_heads; kvh++) {
                     float *acc = work + ((seq * kv_heads + kvh) * splits + split) * part;
                     float *m = acc + (int64_t)nq * d, *l = m + nq;

@@ -20,7 +20,8 @@ static inline vf load(const float *p) {
 
 static inline void store(float *p, vf x) { memcpy(p, &x, sizeof x); }
 
-static inline vf splat(float x) { return (vf){} + x; }
+/* x in every lane (one vbroadcastss; adding x to a zero vector would also turn -0 into +0). */
+static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
 
 /* Lane sums of four vectors: (sum a, sum b, sum c, sum d), pairwise adds as AVX's hadd does. */
 static inline vf4 hsum4(vf a, vf b, vf c, vf d) {
