@@ -18,8 +18,9 @@ that is not a multiple of 16, or a machine without a compiler uses the reference
 
 `rope_store` rotates a layer's q and k in place and writes k and v to their cache slots in one
 call: on the reference path that is about twenty small operators per layer (RoPE's slices,
-concatenations and products for q and k, the slot filter and two scatters), whose dispatch
-cost at decode sizes exceeds their arithmetic. `DIST_RUNTIME_CPU_ATTENTION` chooses for both:
+concatenations and products for q and k, the slot filter and two scatters; for an int8 / int4
+cache a dozen more that quantize k and v), whose dispatch cost at decode sizes exceeds their
+arithmetic. `DIST_RUNTIME_CPU_ATTENTION` chooses for both:
 `native` (the default) or `torch` (always the references, e.g. to compare the two).
 """
 
@@ -96,6 +97,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             i32,
             i32,
         ),  # tokens, q / kv heads, head_dim, block, dtype, threads
+        i32,  # bits: 0, or 8 / 4 for code caches
+        *(ptr, ptr, i64, i64, i64),  # k, v params (scale, zero) and their strides
     ]
     rs.restype = None
     return lib
@@ -321,10 +324,14 @@ def flash_decode_cpu(
 
 
 def native_rope_store_supported(q: torch.Tensor, k_cache: torch.Tensor, bits: int) -> bool:
-    """True when `rope_store` serves this layer: CPU, float32/bfloat16 q over an unquantized
-    cache of its dtype, an even head_dim up to MAX_HEAD_DIM, DIST_RUNTIME_CPU_ATTENTION not
-    `torch`, and the kernel built."""
-    return bits == 0 and k_cache.dtype == q.dtype and q.shape[-1] % 2 == 0 and _native_on(q)
+    """True when `rope_store` serves this layer: CPU, float32/bfloat16 q over a cache of its
+    dtype or of int8 / int4 codes, an even head_dim up to MAX_HEAD_DIM,
+    DIST_RUNTIME_CPU_ATTENTION not `torch`, and the kernel built."""
+    return (
+        (k_cache.dtype == q.dtype if bits == 0 else bits in (4, 8))
+        and q.shape[-1] % 2 == 0
+        and _native_on(q)
+    )
 
 
 def rope_store(
@@ -336,24 +343,30 @@ def rope_store(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> None:
     """In place: q and k rotated by RoPE (`kernels/rotary.py: rotate` with these tables), then
     k and v written to their cache slots (`store_kv`; slots < 0 are not written), in one call.
+    bits 8 / 4: the caches hold uint8 codes and each rotated k and each v is quantized as
+    `quantize_kv_ref` does (the same codes and (scale, zero), written to k_params / v_params).
 
     q: (tokens, q_heads, d), k, v: (tokens, kv_heads, d), any token / head strides with a
     contiguous head_dim (views into the fused qkv output); cos, sin: (tokens, 1, d) or
     (tokens, d) float32 (`rotary_cos_sin`); caches (num_blocks, block_size, kv_heads, d) of q's
-    dtype; slot_mapping (tokens,) integer.
+    dtype, or of `code_dim(d, bits)` uint8 codes; slot_mapping (tokens,) integer.
     """
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU decode kernels are not built (see the log)")
     tokens, q_heads, d = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
+    check_quant_caches(k_cache, v_cache, k_params, v_params, bits, d)
     if (
         k.shape != (tokens, kv_heads, d)
         or v.shape != k.shape
-        or k_cache.shape[3] != d
+        or k_cache.shape[3] != code_dim(d, bits)
         or v_cache.shape != k_cache.shape
         or k_cache.stride() != v_cache.stride()
         or cos.numel() != tokens * d
@@ -365,10 +378,16 @@ def rope_store(
             f"{tuple(cos.shape)}, slots {tuple(slot_mapping.shape)} and caches "
             f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)} disagree"
         )
-    if any(t.dtype != q.dtype for t in (k, v, k_cache, v_cache)) or q.dtype not in DTYPES:
-        raise ValueError(f"q, k, v and the caches need one dtype of {list(DTYPES)}")
+    stored = (k, v) if bits else (k, v, k_cache, v_cache)
+    if any(t.dtype != q.dtype for t in stored) or q.dtype not in DTYPES:
+        raise ValueError(f"q, k, v (and unquantized caches) need one dtype of {list(DTYPES)}")
     if any(t.stride(-1) != 1 for t in (q, k, v, k_cache)):
         raise ValueError("q, k, v and the caches need a contiguous head_dim")
+    params: tuple[int | None, ...] = (None, None, 0, 0, 0)
+    if bits and k_params is not None and v_params is not None:
+        if k_params.stride() != v_params.stride():
+            raise ValueError("k_params and v_params need equal strides")
+        params = (k_params.data_ptr(), v_params.data_ptr(), *k_params.stride()[:3])
     cos = cos.to(torch.float32).contiguous()
     sin = sin.to(torch.float32).contiguous()
     slots = slot_mapping.to(torch.int64).contiguous()
@@ -399,5 +418,7 @@ def rope_store(
         block_size,
         DTYPES[q.dtype],
         torch.get_num_threads(),
+        bits,
+        *params,
     )
     run_profiled(lib.dr_rope_store, ROPE_STORE_PROFILE_NAME, args)

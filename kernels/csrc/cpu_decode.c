@@ -421,14 +421,47 @@ static void rotate_heads(char *x, int64_t hs, int heads, int d, int dtype, const
     }
 }
 
+/* x (d floats) as `bits` (8 or 4) codes and its (scale, zero), exactly as quantize_kv_ref does
+ * in fp32: zero = min x, scale = (max x - zero) / (2^bits - 1) (1 when that is 0), code =
+ * clamp(floor((x - zero) / scale + 0.5), 0, 2^bits - 1) with an IEEE division; int4 packs
+ * element i in the low nibble of byte i and element i + d/2 in its high nibble. */
+static void quantize_row(const float *x, int d, int bits, uint8_t *codes, float *params) {
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < d; i++) {
+        lo = x[i] < lo ? x[i] : lo;
+        hi = x[i] > hi ? x[i] : hi;
+    }
+    const float qmax = (float)((1 << bits) - 1);
+    float scale = (hi - lo) / qmax;
+    if (scale == 0.0f) scale = 1.0f;
+    uint8_t c[512];
+    for (int i = 0; i < d; i++) {
+        float y = floorf((x[i] - lo) / scale + 0.5f);
+        y = y < 0.0f ? 0.0f : y > qmax ? qmax : y;
+        c[i] = (uint8_t)y;
+    }
+    if (bits == 8) {
+        memcpy(codes, c, d);
+    } else {
+        const int h = d / 2;
+        for (int i = 0; i < h; i++) codes[i] = (uint8_t)(c[i] | c[i + h] << 4);
+    }
+    params[0] = scale;
+    params[1] = lo;
+}
+
 /* RoPE on q and k in place (cos / sin: (tokens, head_dim) float32 rows), then k and v written
- * to their cache slots (slot < 0: not written), for float32 / bfloat16 tensors and caches of
- * the same dtype. Strides in elements. */
+ * to their cache slots (slot < 0: not written), for float32 / bfloat16 tensors. bits 0: caches of
+ * the same dtype; bits 8 / 4: uint8 code caches, each head vector quantized (from k as rotated
+ * and rounded to its dtype, as the reference stores it) with its (scale, zero) written to
+ * k_params / v_params. Strides in elements. */
 void dr_rope_store(char *q, int64_t q_tok, int64_t q_head, char *k, int64_t k_tok,
                    int64_t k_head, const char *v, int64_t v_tok, int64_t v_head, const float *cos,
                    const float *sin, char *k_cache, char *v_cache, int64_t kc_block,
                    int64_t kc_slot, int64_t kc_head, const int64_t *slots, int tokens, int q_heads,
-                   int kv_heads, int d, int block_size, int dtype, int num_threads) {
+                   int kv_heads, int d, int block_size, int dtype, int num_threads, int bits,
+                   float *k_params, float *v_params, int64_t kp_block, int64_t kp_slot,
+                   int64_t kp_head) {
     const int64_t esize = dtype == DT_F32 ? 4 : 2;
 #pragma omp parallel for num_threads(num_threads) if (tokens >= 64) schedule(static)
     for (int t = 0; t < tokens; t++) {
@@ -438,12 +471,21 @@ void dr_rope_store(char *q, int64_t q_tok, int64_t q_head, char *k, int64_t k_to
         rotate_heads(k + t * k_tok * esize, k_head, kv_heads, d, dtype, c, s, buf);
         const int64_t slot = slots[t];
         if (slot < 0) continue;
-        const int64_t base = (slot / block_size) * kc_block + (slot % block_size) * kc_slot;
+        const int64_t block = slot / block_size, at = slot % block_size;
+        const int64_t base = block * kc_block + at * kc_slot;
         for (int h = 0; h < kv_heads; h++) {
-            memcpy(k_cache + (base + h * kc_head) * esize, k + (t * k_tok + h * k_head) * esize,
-                   d * esize);
-            memcpy(v_cache + (base + h * kc_head) * esize, v + (t * v_tok + h * v_head) * esize,
-                   d * esize);
+            const char *kr = k + (t * k_tok + h * k_head) * esize;
+            const char *vr = v + (t * v_tok + h * v_head) * esize;
+            if (bits == 0) {
+                memcpy(k_cache + (base + h * kc_head) * esize, kr, d * esize);
+                memcpy(v_cache + (base + h * kc_head) * esize, vr, d * esize);
+                continue;
+            }
+            const int64_t p = block * kp_block + at * kp_slot + h * kp_head;
+            uint8_t *kc = (uint8_t *)k_cache + base + h * kc_head;
+            uint8_t *vc = (uint8_t *)v_cache + base + h * kc_head;
+            quantize_row(as_f32(kr, dtype, d, buf), d, bits, kc, k_params + p);
+            quantize_row(as_f32(vr, dtype, d, buf), d, bits, vc, v_params + p);
         }
     }
 }

@@ -25,7 +25,7 @@ from kernels.cpu_attention import (
     rope_store,
 )
 from kernels.flash_decode import flash_decode, flash_decode_ref
-from kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
+from kernels.kv_quant import code_dim, dequantize_kv_ref, quantize_kv_ref
 from kernels.rotary import rotary_cos_sin, rotate
 from kernels.store_kv import store_kv_ref
 from workers.layers.rotary import inverse_frequencies, rotary_cos_sin_per_token
@@ -328,9 +328,45 @@ def test_rope_store_matches_rotate_and_store(dtype: torch.dtype, per_token: bool
     torch.testing.assert_close(k, want_k, atol=tol, rtol=tol)
     torch.testing.assert_close(k_cache, want_kc, atol=tol, rtol=tol)
     torch.testing.assert_close(v_cache, want_vc, atol=0, rtol=0)
-    assert not native_rope_store_supported(q, k_cache.to(torch.uint8), 8)
+    assert not native_rope_store_supported(q, k_cache.to(torch.float16), 0)
     with pytest.raises(ValueError, match="disagree"):
         rope_store(q, k, v, cos[:3], sin[:3], k_cache, v_cache, slots)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_quantizes_as_the_reference_does(bits: int, dtype: torch.dtype) -> None:
+    """An int8 / int4 cache: the codes and (scale, zero) of the rotated k and of v equal
+    store_kv_ref's bit for bit; a constant head vector (scale 1) and a padding slot included."""
+    gen = torch.Generator().manual_seed(11)
+    tokens, q_heads, kv_heads, d, block_size = 6, 6, 2, 64, 16
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * d, generator=gen) * 3
+    qkv[3, (q_heads + kv_heads) * d : (q_heads + kv_heads + 1) * d] = 0.75  # a constant v head
+    qkv = qkv.to(dtype)
+    q, k, v = qkv.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = (t.view(tokens, -1, d) for t in (q, k, v))
+    cos, sin = rotary_cos_sin(torch.tensor([0, 1, 17, 300, 4095, 9]), inverse_frequencies(d, 1e4))
+    want_q, want_k, v_before = rotate(q, cos, sin), rotate(k, cos, sin), v.clone()
+    slots = torch.tensor([5, 16, -1, 31, 40, 0])
+    shape = (4, block_size, kv_heads, code_dim(d, bits))
+    kc, vc = (torch.full(shape, 3, dtype=torch.uint8) for _ in range(2))
+    kp, vp = (torch.full((*shape[:3], 2), 7.0) for _ in range(2))
+    want = [t.clone() for t in (kc, vc, kp, vp)]
+    assert native_rope_store_supported(q, kc, bits)
+    rope_store(q, k, v, cos, sin, kc, vc, slots, kp, vp, bits=bits)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q, want_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(k, want_k, atol=tol, rtol=tol)
+    assert torch.equal(v, v_before)
+    # The reference stores the rotated k as it now is (the kernel's rounding of the rotation,
+    # within an ulp of the reference's, is checked above).
+    store_kv_ref(k, v, want[0], want[1], slots, want[2], want[3], bits=bits)
+    for got, expected in zip((kc, vc, kp, vp), want, strict=True):
+        assert torch.equal(got, expected)
+    assert torch.equal(vp[1, 15, 0], torch.tensor([1.0, 0.75]))  # token 3 (slot 31), v head 0
+    with pytest.raises(ValueError, match="needs both"):
+        rope_store(q, k, v, cos, sin, kc, vc, slots, kp, None, bits=bits)
 
 
 def test_environment_switch_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:

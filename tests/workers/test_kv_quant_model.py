@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 import torch
 
+import workers.layers.attention as attention_module
 from dist_runtime import Runtime, RuntimeConfig, SamplingParams
-from dist_runtime.config import CacheConfig
+from dist_runtime.config import CPU_ATTENTION_ENV, CacheConfig
 from dist_runtime.formats.demo_model import demo_model_path
 from dist_runtime.text.documents import harbor_report
 from dist_runtime.text.tokenizer import Tokenizer
+from kernels.cpu_attention import _library
 from workers.scoring import Scorer
 
 CPU32: dict[str, Any] = dict(device="cpu", dtype="float32")
@@ -80,6 +82,32 @@ def test_decode_steps_read_the_cache_as_prefill_does(tiny_llama_dir: Path, polic
     prefill = _nll(str(tiny_llama_dir), ids, policy)
     decode = _nll(str(tiny_llama_dir), ids, policy, decode_last=40)
     assert decode == pytest.approx(prefill, abs=1e-4)
+
+
+@pytest.mark.skipif(_library() is None, reason="no C compiler: the native kernels are not built")
+@pytest.mark.parametrize("policy", [8, 4])
+def test_native_rope_and_quantizing_store_score_as_the_references(
+    tiny_llama_dir: Path, policy: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the layers rotate, quantize and store K/V in one native call (checked to run) and
+    decode through the native kernel; the NLL equals the torch references' (RoPE and
+    store_kv_ref, the gather + SDPA decode) for prefill and decode steps alike."""
+    ids = [(5 * i + 1) % 512 for i in range(120)]
+    calls: list[int] = []
+    real = attention_module.rope_store
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        calls.append(kwargs.get("bits", 0))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "rope_store", spy)
+    native = _nll(str(tiny_llama_dir), ids, policy, decode_last=30)
+    assert calls and set(calls) == {policy}
+    monkeypatch.setenv(CPU_ATTENTION_ENV, "torch")
+    calls.clear()
+    reference = _nll(str(tiny_llama_dir), ids, policy, decode_last=30)
+    assert not calls
+    assert native == pytest.approx(reference, abs=1e-4)
 
 
 PARITY_PROMPTS: list[Any] = [[(11 * i + 5) % 500 + 4 for i in range(150)], list(range(40, 110))]

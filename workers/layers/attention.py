@@ -124,7 +124,7 @@ class Attention(nn.Module):
         if not use_triton(q.device) and native_rope_store_supported(q, k_cache, kv_cache.bits):
             # CPU: RoPE in place and the KV store in one native call.
             cos, sin = meta.rope if meta.rope is not None else self.rotary.cos_sin(positions)
-            rope_store(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+            rope_store(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
         else:
             q, k = self.rotary(q, k, positions, meta.rope)
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
