@@ -69,8 +69,9 @@ def read_rate(repeats: int) -> float:
     return x.numel() * 4 / best
 
 
-def ref_library(ref: str) -> ctypes.CDLL:
-    """The native kernels as built from git commit `ref`'s kernels/csrc, typed like today's."""
+def ref_library(ref: str) -> tuple[ctypes.CDLL, str]:
+    """The native kernels as built from git commit `ref`'s kernels/csrc, typed like today's, and
+    the commit's `<short hash> <subject>`."""
     root = Path(__file__).resolve().parents[1]
     cc = native.compiler()
     if cc is None:
@@ -87,7 +88,8 @@ def ref_library(ref: str) -> ctypes.CDLL:
         (tmp / Path(name).name).write_bytes(git("show", f"{ref}:{name}"))
     sources = tuple(tmp / s.name for s in native.SOURCES if (tmp / s.name).exists())
     native.build(cc, tmp / "kernels.so", sources)
-    return cpu_attention.bind(ctypes.CDLL(str(tmp / "kernels.so")))
+    subject = git("log", "-1", "--format=%h %s", ref).decode().strip()
+    return cpu_attention.bind(ctypes.CDLL(str(tmp / "kernels.so"))), subject
 
 
 @contextlib.contextmanager
@@ -99,17 +101,6 @@ def kernels_from(lib: ctypes.CDLL):
         yield
     finally:
         cpu_attention._library = saved  # type: ignore[assignment]
-
-
-def subject(ref: str) -> str:
-    """`<short hash> <subject>` of a git commit."""
-    done = subprocess.run(
-        ["git", "log", "-1", "--format=%h %s", ref],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-    )
-    return done.stdout.strip() or ref
 
 
 def make_layer(heads: tuple[int, int, int], batch: int, context: int, bits: int, gen):
@@ -227,7 +218,9 @@ def main() -> None:
     unknown = set(args.heads.split(",")) - set(HEADS)
     if unknown:
         p.error(f"--heads {args.heads!r}: unknown {sorted(unknown)}; choose from {sorted(HEADS)}")
-    args.before_lib = ref_library(args.before_ref) if args.before_ref else None
+    args.before_lib, before_subject = None, ""
+    if args.before_ref:
+        args.before_lib, before_subject = ref_library(args.before_ref)
     gen = torch.Generator().manual_seed(0)
     rate = read_rate(args.repeats)
     print(f"read rate (torch.sum over 256 MB): {rate / 1e9:.1f} GB/s", flush=True)
@@ -300,7 +293,7 @@ def main() -> None:
     if args.before_ref:
         earlier = (
             f" The earlier native column is the kernel built from `{args.before_ref}` "
-            f"({subject(args.before_ref)}), timed in this run, taking turns with the others."
+            f"({before_subject}), timed in this run, taking turns with the others."
         )
     elif has_before:
         earlier = (
