@@ -113,6 +113,16 @@ def cpu_elementwise_choice() -> str:
     return env_choice(CPU_ELEMENTWISE_ENV, ("native", "torch"))
 
 
+CPU_DECODE_ENV = "DIST_RUNTIME_CPU_DECODE"
+"""`fused` (default) or `layers`: whether a CPU decode step runs every decoder layer's kernels
+from one native call (`kernels/cpu_decoder.py`, where the model fits) or layer by layer."""
+
+
+def cpu_decode_choice() -> str:
+    """`DIST_RUNTIME_CPU_DECODE`: 'fused' (default) or 'layers'."""
+    return env_choice(CPU_DECODE_ENV, ("fused", "layers"))
+
+
 DECODE_GRAPHS_ENV = "DIST_RUNTIME_DECODE_GRAPHS"
 """`auto` (default: decode steps replay from CUDA graphs on CUDA unless `enforce_eager`) or
 `emulate` (any device, for tests where there is no CUDA: decode steps go through the graphs'

@@ -2,7 +2,9 @@
 
 The sources (`csrc/cpu_decode.c`: paged decode attention and RoPE + KV store;
 `csrc/cpu_gemm.c`: linear layers over a panel-packed weight; `csrc/cpu_elementwise.c`: the
-residual add with RMSNorm and SiLU-and-mul; `csrc/simd.h`: the vector helpers they share)
+residual add with RMSNorm and SiLU-and-mul; `csrc/cpu_decoder.c`: a decode step's layers
+through those kernels in one call; `csrc/simd.h`: the vector helpers they share;
+`csrc/kernels.h`: their declarations)
 are compiled together with the system C compiler (`cc`, or `$CC`) into the runtime's cache
 folder (`$DIST_RUNTIME_CACHE/native`, see `formats/demo_model.py`) and loaded with ctypes. The file
 name is keyed by the sources, the compiler, its flags and the CPU's feature flags, so a change
@@ -31,8 +33,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / name for name in ("cpu_decode.c", "cpu_gemm.c", "cpu_elementwise.c"))
-HEADERS = (CSRC / "simd.h",)
+SOURCES = tuple(
+    CSRC / name for name in ("cpu_decode.c", "cpu_gemm.c", "cpu_elementwise.c", "cpu_decoder.c")
+)
+HEADERS = (CSRC / "simd.h", CSRC / "kernels.h")
 """Included by the sources: part of the build's key, not of its command line."""
 BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")

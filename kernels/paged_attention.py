@@ -583,7 +583,7 @@ MIN_SHARED_BLOCKS = 4
 """Leading blocks a decode batch must share (prefix caching) to attend over them once."""
 
 
-def _shared_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> int:
+def shared_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> int:
     """How many leading blocks every sequence's table holds in common, all of them full."""
     if block_tables.shape[0] < 2 or block_tables.shape[1] == 0:
         return 0
@@ -654,7 +654,7 @@ def _decode_plan(
         ids.flatten(),
         (ids.shape[0], ids.shape[1]),
         valid,
-        _shared_blocks(block_tables, context_lens, block_size),
+        shared_blocks(block_tables, context_lens, block_size),
     )
     if plans is not None:
         plans.insert(0, plan)

@@ -61,14 +61,27 @@ def replicated_kv_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def head_dim_16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """head_dim 16 and no biases: on CPU its decode steps run through the native decoder
+    (`kernels/cpu_decoder.py`), stage by stage with the all-reduces in between at tp > 1."""
+    shapes = dict(TINY_SHAPES, num_heads=4, num_kv_heads=2)
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny-hd16"), seed=6, **shapes)
+
+
+@pytest.fixture(scope="module")
 def run(
-    ray_cluster: Any, tiny_llama_dir: Path, tiny_internlm2_dir: Path, replicated_kv_dir: Path
+    ray_cluster: Any,
+    tiny_llama_dir: Path,
+    tiny_internlm2_dir: Path,
+    replicated_kv_dir: Path,
+    head_dim_16_dir: Path,
 ) -> Callable[[str, int], Run]:
     """run(checkpoint, tp) -> (outputs, weight bytes read per rank), computed once per module."""
     folders = {
         "llama": tiny_llama_dir,
         "internlm2": tiny_internlm2_dir,
         "internlm2-4h-2kv": replicated_kv_dir,
+        "llama-hd16": head_dim_16_dir,
     }
     cache: dict[tuple[str, int], Run] = {}
 
@@ -110,8 +123,9 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         pytest.param("internlm2", 4, marks=pytest.mark.slow),
         ("llama", 2),
         ("internlm2-4h-2kv", 4),
+        ("llama-hd16", 2),
     ],
-    ids=["internlm2-tp2", "internlm2-tp4", "llama-tp2", "replicated-kv-tp4"],
+    ids=["internlm2-tp2", "internlm2-tp4", "llama-tp2", "replicated-kv-tp4", "native-decoder-tp2"],
 )
 def test_tp_matches_tp1(run: Callable[[str, int], Run], name: str, tp: int) -> None:
     outs, bytes_read = run(name, tp)

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
+
 /* Eight floats: one AVX2 register, two NEON ones (a 16-wide type spills on AVX2). */
 typedef float vf8 __attribute__((vector_size(32)));
 

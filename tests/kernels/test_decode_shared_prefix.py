@@ -45,7 +45,7 @@ def test_shared_prefix_decode_matches_oracle(group: int, tails: list[int]) -> No
     block_tables = torch.tensor(tables, dtype=torch.int32)
     context_lens = torch.tensor(lens, dtype=torch.int64)
     q = torch.randn(len(tails), kv_heads * group, d, generator=gen)
-    assert pa._shared_blocks(block_tables, context_lens, BS) == shared
+    assert pa.shared_blocks(block_tables, context_lens, BS) == shared
     out, lse = flash_decode_ref(q, k_cache, v_cache, block_tables, context_lens, 0.25, True)
     want_o, want_l = _oracle(q, k_cache, v_cache, block_tables, context_lens, 0.25)
     torch.testing.assert_close(out.double(), want_o, rtol=0, atol=2e-6)
@@ -55,9 +55,9 @@ def test_shared_prefix_decode_matches_oracle(group: int, tails: list[int]) -> No
 
 def test_no_sharing_below_the_threshold() -> None:
     tables = torch.tensor([[0, 1, 2, 9], [0, 1, 3, 8]], dtype=torch.int32)
-    assert pa._shared_blocks(tables, torch.tensor([16, 16]), BS) == 2
-    assert pa._shared_blocks(tables, torch.tensor([16, 5]), BS) == 1  # block 1 not full for b=1
-    assert pa._shared_blocks(tables[:1], torch.tensor([16]), BS) == 0  # one sequence
+    assert pa.shared_blocks(tables, torch.tensor([16, 16]), BS) == 2
+    assert pa.shared_blocks(tables, torch.tensor([16, 5]), BS) == 1  # block 1 not full for b=1
+    assert pa.shared_blocks(tables[:1], torch.tensor([16]), BS) == 0  # one sequence
 
 
 def test_a_forward_pass_plans_decode_once_and_never_reuses_a_refilled_buffer(
@@ -73,13 +73,13 @@ def test_a_forward_pass_plans_decode_once_and_never_reuses_a_refilled_buffer(
     tables = torch.arange(30, dtype=torch.int32).view(3, 10)
     lens = torch.tensor([9, 17, 30])
     calls: list[int] = []
-    real = pa._shared_blocks
+    real = pa.shared_blocks
 
     def counted(*args: object) -> int:
         calls.append(1)
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pa, "_shared_blocks", counted)
+    monkeypatch.setattr(pa, "shared_blocks", counted)
     with pa.layer_invariant_scope():
         for _ in range(4):  # four layers
             out, lse = flash_decode_ref(q, k_cache, v_cache, tables, lens, 0.25, True)

@@ -533,7 +533,7 @@ def test_decode_quant_shared_prefix(bits: int, device: torch.device) -> None:
         slots.append(tables[i].long()[pos // block_size] * block_size + pos % block_size)
     qb = replace(qb, block_tables=tables.to(device), slots=slots)
     assert (
-        PA._shared_blocks(tables, qb.context_lens.cpu(), block_size)
+        PA.shared_blocks(tables, qb.context_lens.cpu(), block_size)
         == shared
         >= (PA.MIN_SHARED_BLOCKS)
     )

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dist_runtime.config import ModelConfig
+from kernels.cpu_decoder import CpuDecoder
 from kernels.paged_attention import layer_invariant_scope
 from kernels.silu_and_mul import silu_and_mul
 from workers.distributed import Collectives
@@ -19,6 +20,7 @@ from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
+from workers.models import native_decode
 from workers.models.names import linear_quant
 
 
@@ -113,6 +115,17 @@ class DecoderLM(nn.Module):
         self.lm_head = ParallelLMHead(
             config.vocab_size, config.hidden_size, dtype, device, comm, tied
         )
+        self.drop_native_decoder()
+
+    def drop_native_decoder(self) -> None:
+        """Forget the native CPU decoder (built again at the next decode step): its pointers
+        are to the weights as packed and the caches as allocated when it was built."""
+        self._native: tuple[list[LayerKV], CpuDecoder | None] | None = None
+
+    def _native_decoder(self, kv_caches: list[LayerKV]) -> CpuDecoder | None:
+        if self._native is None or self._native[0] is not kv_caches:
+            self._native = (kv_caches, native_decode.build(self, kv_caches))
+        return self._native[1]
 
     def forward(
         self,
@@ -123,6 +136,20 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> final hidden states (tokens, hidden)."""
         x = self.embed(input_ids)
+        if native_decode.step_runs_native(meta, x.shape[0]):
+            decoder = self._native_decoder(kv_caches)
+            if decoder is not None:
+                cos, sin = meta.rope if meta.rope is not None else self.rotary.cos_sin(positions)
+                reduce = self.comm.tp_all_reduce if self.comm.tp_size > 1 else None
+                return decoder.run(
+                    x.contiguous(),
+                    cos,
+                    sin,
+                    meta.slot_mapping,
+                    meta.block_tables,
+                    meta.context_lens,
+                    reduce,
+                )
         residual: torch.Tensor | None = None
         with layer_invariant_scope():
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):

@@ -245,6 +245,7 @@ def finalize_linears(model: DecoderLM) -> None:
         if isinstance(module, _Linear):
             module.finalize()
     model.lm_head.finalize()
+    model.drop_native_decoder()
 
 
 def _copy(param: torch.Tensor | None, value: torch.Tensor) -> None:

@@ -1,0 +1,380 @@
+"""A CPU decode step's decoder layers in one native call (`csrc/cpu_decoder.c`).
+
+Layer by layer, a decode step calls nine native kernels per layer from Python, and around each
+call go its argument checks, output allocations, views and module dispatch: on the demo model
+(30 layers) that glue measured about as long as the kernels' own work at batch 1. `CpuDecoder`
+takes the weights' and the caches' addresses once, allocates a step's buffers in one tensor,
+and runs every layer's kernels from C in the layer path's order on the same inputs, so it
+returns the same hidden states bit for bit (a batch over a shared cached prefix merges its two
+attention partials in C, which agrees with the torch merge to float rounding).
+
+Under tensor parallelism the step is run in stages with the caller's all-reduce between them
+(`reduce`): stage 2l is layer l's attention half ending with its o_proj partial sums, stage
+2l + 1 its MLP half ending with down_proj's, the last one the final norm. With tp = 1 one call
+runs them all.
+
+Which models it serves (`workers/models/native_decode.py` decides): float32 on CPU with every
+linear layer on the native panel kernel, the native norm / SiLU and attention kernels chosen,
+a head_dim that is a multiple of 16 (up to 256), and no cp. `DIST_RUNTIME_CPU_DECODE=layers`
+runs decode steps layer by layer instead (`fused`, the default, uses this).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels import native
+from kernels.cpu_attention import MAX_HEAD_DIM, split_plan
+from kernels.cpu_gemm import NativeLinearWeight
+from kernels.native import run_profiled
+from kernels.paged_attention import MIN_SHARED_BLOCKS, shared_blocks
+
+PROFILE_NAME = "cpu_decoder::stages"
+"""What a torch.profiler trace calls the native decoder's calls (recorded only while one runs)."""
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class _Decoder(ctypes.Structure):
+    _fields_ = [
+        *((name, _i64) for name in ("num_layers", "hidden", "q_heads", "kv_heads", "head_dim")),
+        ("inter", _i64),
+        *((name, _i64) for name in ("block_size", "kc_block", "kc_slot", "kc_head")),
+        *((name, _i64) for name in ("kp_block", "kp_slot", "kp_head", "bits")),
+        ("eps", _f32),
+        ("scale", _f32),
+        ("final_norm", _ptr),
+    ]
+
+
+LAYER_FIELDS = (
+    "input_norm",
+    "post_norm",
+    "qkv",
+    "qkv_bias",
+    "o",
+    "o_bias",
+    "gate_up",
+    "gate_up_bias",
+    "down",
+    "down_bias",
+    "k_cache",
+    "v_cache",
+    "k_params",
+    "v_params",
+)
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, _ptr) for name in LAYER_FIELDS]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        ("tokens", _i64),
+        ("num_threads", _i64),
+        *((name, _ptr) for name in ("cos", "sin", "slots", "block_tables")),
+        ("bt_int64", _i64),
+        ("bt_stride", _i64),
+        ("context_lens", _ptr),
+        ("splits", _i64),
+        ("per", _i64),
+        ("shared_blocks", _i64),
+        ("prefix_len", _ptr),
+        ("tail_lens", _ptr),
+        ("prefix_splits", _i64),
+        ("prefix_per", _i64),
+        *((name, _ptr) for name in ("x", "residual", "h", "qkv", "attn", "gate_up", "act", "work")),
+        *((name, _ptr) for name in ("tail_out", "tail_lse", "prefix_lse")),
+    ]
+
+
+@functools.cache
+def _stages_fn() -> Callable[..., int] | None:
+    """`dr_decoder_stages`, typed; None when the library cannot be built."""
+    lib = native.library()
+    if lib is None:
+        return None
+    fn = lib.dr_decoder_stages
+    fn.argtypes = [
+        ctypes.POINTER(_Decoder),
+        ctypes.POINTER(_Layer),
+        ctypes.POINTER(_Step),
+        _i64,
+        _i64,
+    ]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def available() -> bool:
+    return _stages_fn() is not None
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """One decoder layer as the native step reads it (this rank's shard)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: NativeLinearWeight
+    qkv_bias: torch.Tensor | None
+    o: NativeLinearWeight
+    o_bias: torch.Tensor | None
+    gate_up: NativeLinearWeight
+    gate_up_bias: torch.Tensor | None
+    down: NativeLinearWeight
+    down_bias: torch.Tensor | None
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    k_params: torch.Tensor | None = None
+    v_params: torch.Tensor | None = None
+
+
+def _addr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class CpuDecoder:
+    """The decoder layers of one rank, ready for native decode steps (see the module doc).
+
+    Holds every tensor it points at, so they outlive it; a model whose weights are reloaded or
+    whose caches are reallocated builds a new one."""
+
+    def __init__(
+        self,
+        layers: list[LayerTensors],
+        final_norm: torch.Tensor,
+        *,
+        q_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+        bits: int = 0,
+    ):
+        fn = _stages_fn()
+        if fn is None:
+            raise RuntimeError("the native CPU kernels are not built (see the log)")
+        if not layers:
+            raise ValueError("a decoder needs at least one layer")
+        if head_dim % 16 or head_dim > MAX_HEAD_DIM or q_heads % kv_heads:
+            raise ValueError(
+                f"head_dim {head_dim} (a multiple of 16 up to {MAX_HEAD_DIM}) or heads "
+                f"{q_heads} / {kv_heads} not taken"
+            )
+        first = layers[0]
+        hidden = first.qkv.in_features
+        q_size, kv_size = q_heads * head_dim, kv_heads * head_dim
+        inter = first.down.in_features
+        k0 = first.k_cache
+        _, block_size, cache_heads, _ = k0.shape
+        for i, t in enumerate(layers):
+            shapes = (
+                (t.qkv.in_features, t.qkv.out_features),
+                (t.o.in_features, t.o.out_features),
+                (t.gate_up.in_features, t.gate_up.out_features),
+                (t.down.in_features, t.down.out_features),
+            )
+            want = (
+                (hidden, q_size + 2 * kv_size),
+                (q_size, hidden),
+                (hidden, 2 * inter),
+                (inter, hidden),
+            )
+            if shapes != want:
+                raise ValueError(f"layer {i}: linear (in, out) {shapes}, expected {want}")
+            for name in ("input_norm", "post_norm"):
+                w = getattr(t, name)
+                if w.dtype != torch.float32 or w.shape != (hidden,) or not w.is_contiguous():
+                    raise ValueError(f"layer {i}: {name} must be float32 ({hidden},) contiguous")
+            for name, size in (
+                ("qkv_bias", q_size + 2 * kv_size),
+                ("o_bias", hidden),
+                ("gate_up_bias", 2 * inter),
+                ("down_bias", hidden),
+            ):
+                b = getattr(t, name)
+                if b is not None and (b.dtype != torch.float32 or b.shape != (size,)):
+                    raise ValueError(f"layer {i}: {name} must be float32 ({size},)")
+            if (
+                t.k_cache.shape != k0.shape
+                or t.v_cache.shape != k0.shape
+                or t.k_cache.stride() != k0.stride()
+                or t.v_cache.stride() != k0.stride()
+                or k0.stride(-1) != 1
+            ):
+                raise ValueError(f"layer {i}: caches differ from layer 0's in shape or strides")
+        if cache_heads != kv_heads:
+            raise ValueError(f"caches hold {cache_heads} kv heads, the layers {kv_heads}")
+        if bits:
+            if bits not in (4, 8) or any(t.k_params is None or t.v_params is None for t in layers):
+                raise ValueError(f"bits {bits}: int8 / int4 caches need their (scale, zero)")
+            p0 = first.k_params
+            assert p0 is not None
+            kp = p0.stride()[:3]
+        else:
+            if k0.dtype != torch.float32:
+                raise ValueError(f"a float cache must be float32 here, got {k0.dtype}")
+            kp = (0, 0, 0)
+        self._tensors = (layers, final_norm)
+        self._fn = fn
+        self.num_layers = len(layers)
+        self.hidden, self.q_size, self.kv_size, self.inter = hidden, q_size, kv_size, inter
+        self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+        self.block_size = block_size
+        self.decoder = _Decoder(
+            len(layers),
+            hidden,
+            q_heads,
+            kv_heads,
+            head_dim,
+            inter,
+            block_size,
+            *k0.stride()[:3],
+            *kp,
+            bits,
+            eps,
+            head_dim**-0.5,
+            final_norm.contiguous().data_ptr(),
+        )
+        self.layers = (_Layer * len(layers))()
+        for i, t in enumerate(layers):
+            self.layers[i] = _Layer(
+                *(
+                    _addr(w.panels if isinstance(w, NativeLinearWeight) else w)
+                    for w in (getattr(t, name) for name in LAYER_FIELDS)
+                )
+            )
+        self._decoder_ref = ctypes.byref(self.decoder)
+
+    def run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states (tokens, hidden) of one decode step.
+
+        x: (tokens, hidden) float32 embeddings, one token per sequence (used as a buffer);
+        cos, sin: (tokens, head_dim) worth of RoPE tables; slot_mapping (tokens,) int64;
+        block_tables (tokens, max_blocks) int32 / int64; context_lens (tokens,) int64.
+        reduce: the tp all-reduce, in place, between stages (None: tp = 1).
+        """
+        tokens = x.shape[0]
+        if (
+            x.shape != (tokens, self.hidden)
+            or x.dtype != torch.float32
+            or not x.is_contiguous()
+            or block_tables.shape[0] != tokens
+            or context_lens.shape != (tokens,)
+            or slot_mapping.shape != (tokens,)
+            or cos.numel() != tokens * self.head_dim
+            or sin.shape != cos.shape
+            or block_tables.dtype not in (torch.int32, torch.int64)
+            or block_tables.stride(-1) != 1
+        ):
+            raise ValueError(
+                f"x {tuple(x.shape)} {x.dtype}, block_tables {tuple(block_tables.shape)} "
+                f"{block_tables.dtype}, context_lens {tuple(context_lens.shape)}, slots "
+                f"{tuple(slot_mapping.shape)} and cos {tuple(cos.shape)} do not describe a "
+                f"decode step of {tokens} sequences"
+            )
+        if tokens == 0:
+            return x
+        threads = torch.get_num_threads()
+        bs = self.block_size
+        lens = context_lens.to(torch.int64).contiguous()
+        keys = int(lens.max())
+        shared = shared_blocks(block_tables, lens, bs) if tokens > 1 else 0
+        if shared < MIN_SHARED_BLOCKS:
+            shared = 0
+        group = self.q_heads // self.kv_heads
+        if shared:
+            prefix_splits, prefix_per = split_plan(1, shared, threads)
+            splits, per = split_plan(tokens, -(-(keys - shared * bs) // bs), threads)
+            work = max(prefix_splits, splits) * tokens * self.kv_heads * group
+        else:
+            prefix_splits = prefix_per = 0
+            splits, per = split_plan(tokens, -(-keys // bs), threads)
+            work = tokens * self.kv_heads * splits * group
+        work *= self.head_dim + 2
+        sizes = [
+            tokens * self.hidden,  # residual
+            tokens * self.hidden,  # h
+            tokens * (self.q_size + 2 * self.kv_size),  # qkv
+            tokens * self.q_size,  # attn
+            tokens * 2 * self.inter,  # gate_up
+            tokens * self.inter,  # act
+            work,
+        ]
+        if shared:
+            sizes += [tokens * self.q_size, tokens * self.q_heads, tokens * self.q_heads]
+        buf = torch.empty(sum(sizes), dtype=torch.float32)
+        base, addrs = buf.data_ptr(), []
+        for n in sizes:
+            addrs.append(base)
+            base += 4 * n
+        cos = cos.to(torch.float32).contiguous()
+        sin = sin.to(torch.float32).contiguous()
+        slots = slot_mapping.to(torch.int64).contiguous()
+        prefix = tail = None
+        if shared:
+            prefix = torch.tensor([shared * bs], dtype=torch.int64)
+            tail = lens - shared * bs
+        step = _Step(
+            tokens,
+            threads,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            block_tables.data_ptr(),
+            int(block_tables.dtype == torch.int64),
+            block_tables.stride(0),
+            lens.data_ptr(),
+            splits,
+            per,
+            shared,
+            _addr(prefix),
+            _addr(tail),
+            prefix_splits,
+            prefix_per,
+            x.data_ptr(),
+            *addrs,
+            *([None] * (10 - len(addrs))),  # no shared prefix: no merge buffers
+        )
+        stages = 2 * self.num_layers + 1
+        step_ref = ctypes.byref(step)
+        if reduce is None:
+            self._check(
+                run_profiled(
+                    self._fn, PROFILE_NAME, (self._decoder_ref, self.layers, step_ref, 0, stages)
+                )
+            )
+        else:
+            for stage in range(stages):
+                self._check(
+                    run_profiled(
+                        self._fn,
+                        PROFILE_NAME,
+                        (self._decoder_ref, self.layers, step_ref, stage, stage + 1),
+                    )
+                )
+                if stage < stages - 1:
+                    reduce(x)
+        return buf[sizes[0] : sizes[0] + tokens * self.hidden].view(tokens, self.hidden)
+
+    @staticmethod
+    def _check(code: int) -> None:
+        if code == 1:
+            raise MemoryError("the CPU decode attention kernel could not allocate its scratch")
+        if code:
+            raise RuntimeError(f"the native decoder refused its inputs (code {code})")

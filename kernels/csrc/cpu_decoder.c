@@ -1,0 +1,185 @@
+/* A decode step's decoder layers on CPU in one call, float32.
+ *
+ * Layer by layer from Python, a decode step makes nine kernel calls per layer (two RMSNorms,
+ * four linear layers, RoPE + KV store, attention, SiLU-and-mul) and as many rounds of argument
+ * checks, output allocations, views and module dispatch around them; at decode sizes that glue
+ * costs about as much as the kernels' own work. Here the same kernels run in the same order on
+ * the same inputs from C, over buffers the caller allocates once per step, so the results are
+ * the layer-by-layer path's bit for bit (the one exception: a batch over a shared prefix merges
+ * its two attention partials here, in float32, where the layer path merges them with torch).
+ *
+ * Work is cut into stages: stage 2l is layer l's attention half (norm, qkv, RoPE + store,
+ * attention, o_proj), stage 2l + 1 its MLP half (norm, gate_up, SiLU-and-mul, down), stage
+ * 2 * num_layers the final norm. Each half leaves its output in x (partial sums under tensor
+ * parallelism: the caller all-reduces x between stages); the residual stream lives in
+ * `residual`; the final norm leaves the hidden states in h. One call may run many stages
+ * (all of them when nothing is reduced in between).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define DT_F32 0
+
+/* The model's shapes and the KV cache's layout, fixed for its life (this rank's shard). */
+struct dr_decoder {
+    int64_t num_layers, hidden, q_heads, kv_heads, head_dim, inter;
+    int64_t block_size, kc_block, kc_slot, kc_head; /* cache strides, in elements */
+    int64_t kp_block, kp_slot, kp_head;             /* (scale, zero) strides, in floats */
+    int64_t bits;                                   /* 0: float32 cache; 8 / 4: codes */
+    float eps, scale;
+    const float *final_norm;
+};
+
+/* One layer's weights (linear ones panel-packed, see cpu_gemm.c; biases may be NULL) and
+ * cache. */
+struct dr_decoder_layer {
+    const float *input_norm, *post_norm;
+    const float *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
+    char *k_cache, *v_cache;
+    float *k_params, *v_params;
+};
+
+/* One step: `tokens` sequences with one new token each, and the buffers it runs over. */
+struct dr_decode_step {
+    int64_t tokens, num_threads;
+    const float *cos, *sin; /* (tokens, head_dim) */
+    const int64_t *slots;   /* (tokens,) cache slot of each new token */
+    const void *block_tables;
+    int64_t bt_int64, bt_stride;
+    const int64_t *context_lens;
+    int64_t splits, per; /* the attention's split plan */
+    /* A batch over a shared cached prefix (shared_blocks > 0): the prefix is read once for
+     * every query (prefix_len keys, its own split plan) and each sequence's tail on its own
+     * (tail_lens keys from block shared_blocks on), then merged by log-sum-exp. */
+    int64_t shared_blocks;
+    const int64_t *prefix_len, *tail_lens;
+    int64_t prefix_splits, prefix_per;
+    float *x;        /* (tokens, hidden): the stage input, then its output */
+    float *residual; /* (tokens, hidden) */
+    float *h;        /* (tokens, hidden): the normed input; the final hidden states */
+    float *qkv;      /* (tokens, q + 2 kv) */
+    float *attn;     /* (tokens, q) */
+    float *gate_up;  /* (tokens, 2 inter) */
+    float *act;      /* (tokens, inter) */
+    float *work;     /* attention scratch, for the largest of its calls */
+    float *tail_out, *tail_lse, *prefix_lse; /* shared prefix only */
+};
+
+/* h = norm(x + residual) and residual = x + residual; stage 0 has no residual yet, so the
+ * residual becomes x itself, as the layer path's first norm returns it. */
+static void norm_in(const struct dr_decoder *m, const float *w, const struct dr_decode_step *s,
+                    int first) {
+    const int64_t T = s->tokens, H = m->hidden;
+    const int nt = (int)s->num_threads;
+    if (first) {
+        memcpy(s->residual, s->x, sizeof(float) * T * H);
+        dr_rms_norm(s->residual, H, NULL, 0, NULL, 0, s->h, H, w, T, H, m->eps, nt);
+    } else {
+        dr_rms_norm(s->x, H, s->residual, H, s->residual, H, s->h, H, w, T, H, m->eps, nt);
+    }
+}
+
+/* out = o_a w_a + o_b w_b with w = e^(lse - logaddexp(lse_a, lse_b)); a side with lse -inf
+ * weighs nothing and a head neither side saw stays 0 (kernels/position_attention.py:
+ * merge_pair). */
+static void merge_pair(float *o_a, const float *l_a, const float *o_b, const float *l_b,
+                       int64_t heads, int64_t d) {
+    for (int64_t i = 0; i < heads; i++) {
+        const float a = l_a[i], b = l_b[i];
+        const float mx = a > b ? a : b;
+        float s = mx;
+        if (mx != -INFINITY && a != b) s = mx + log1pf(expf(-fabsf(a - b)));
+        const float shift = s == -INFINITY ? 0.0f : s;
+        const float wa = expf(a - shift), wb = expf(b - shift);
+        float *oa = o_a + i * d;
+        const float *ob = o_b + i * d;
+        for (int64_t e = 0; e < d; e++) oa[e] = oa[e] * wa + ob[e] * wb;
+    }
+}
+
+static int attend(const struct dr_decoder *m, const struct dr_decoder_layer *L,
+                  const struct dr_decode_step *s) {
+    const int64_t T = s->tokens, d = m->head_dim;
+    const int64_t q_size = m->q_heads * d, qkv_n = q_size + 2 * m->kv_heads * d;
+    const int group = (int)(m->q_heads / m->kv_heads), nt = (int)s->num_threads;
+    const int kind = m->bits ? (int)m->bits : DT_F32;
+    if (!s->shared_blocks)
+        return dr_paged_decode(
+            s->qkv, qkv_n, qkv_n, d, L->k_cache, L->v_cache, m->kc_block, m->kc_slot,
+            m->kc_head, s->block_tables, (int)s->bt_int64, s->bt_stride, s->context_lens,
+            s->attn, q_size, q_size, d, NULL, 0, 0, (int)T, 1, (int)m->kv_heads, group, (int)d,
+            (int)m->block_size, m->scale, DT_F32, (int)s->splits, s->per, nt, s->work, kind,
+            L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head);
+    /* The prefix: one table row, every sequence's query a row over it. */
+    int rc = dr_paged_decode(
+        s->qkv, 0, qkv_n, d, L->k_cache, L->v_cache, m->kc_block, m->kc_slot, m->kc_head,
+        s->block_tables, (int)s->bt_int64, s->bt_stride, s->prefix_len, s->attn, 0, q_size, d,
+        s->prefix_lse, 0, m->q_heads, 1, (int)T, (int)m->kv_heads, group, (int)d,
+        (int)m->block_size, m->scale, DT_F32, (int)s->prefix_splits, s->prefix_per, nt, s->work,
+        kind, L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head);
+    if (rc) return rc;
+    const char *tail_table =
+        (const char *)s->block_tables + s->shared_blocks * (s->bt_int64 ? 8 : 4);
+    rc = dr_paged_decode(
+        s->qkv, qkv_n, qkv_n, d, L->k_cache, L->v_cache, m->kc_block, m->kc_slot, m->kc_head,
+        tail_table, (int)s->bt_int64, s->bt_stride, s->tail_lens, s->tail_out, q_size, q_size,
+        d, s->tail_lse, m->q_heads, m->q_heads, (int)T, 1, (int)m->kv_heads, group, (int)d,
+        (int)m->block_size, m->scale, DT_F32, (int)s->splits, s->per, nt, s->work, kind,
+        L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head);
+    if (rc) return rc;
+    merge_pair(s->attn, s->prefix_lse, s->tail_out, s->tail_lse, T * m->q_heads, d);
+    return 0;
+}
+
+static int attention_half(const struct dr_decoder *m, const struct dr_decoder_layer *L,
+                          const struct dr_decode_step *s, int first) {
+    const int64_t T = s->tokens, H = m->hidden, d = m->head_dim;
+    const int64_t q_size = m->q_heads * d, kv_size = m->kv_heads * d;
+    const int64_t qkv_n = q_size + 2 * kv_size;
+    const int nt = (int)s->num_threads;
+    norm_in(m, L->input_norm, s, first);
+    dr_linear(s->h, T, H, L->qkv, qkv_n, L->qkv_bias, s->qkv, nt);
+    char *q = (char *)s->qkv, *k = (char *)(s->qkv + q_size), *v = (char *)(s->qkv + q_size + kv_size);
+    dr_rope_store(q, qkv_n, d, k, qkv_n, d, v, qkv_n, d, s->cos, s->sin, L->k_cache, L->v_cache,
+                  m->kc_block, m->kc_slot, m->kc_head, s->slots, (int)T, (int)m->q_heads,
+                  (int)m->kv_heads, (int)d, (int)m->block_size, DT_F32, nt, (int)m->bits,
+                  L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head);
+    const int rc = attend(m, L, s);
+    if (rc) return rc;
+    dr_linear(s->attn, T, q_size, L->o, H, L->o_bias, s->x, nt);
+    return 0;
+}
+
+static void mlp_half(const struct dr_decoder *m, const struct dr_decoder_layer *L,
+                     const struct dr_decode_step *s) {
+    const int64_t T = s->tokens, H = m->hidden, I = m->inter;
+    const int nt = (int)s->num_threads;
+    norm_in(m, L->post_norm, s, 0);
+    dr_linear(s->h, T, H, L->gate_up, 2 * I, L->gate_up_bias, s->gate_up, nt);
+    dr_silu_and_mul(s->gate_up, 2 * I, s->act, I, T, I, nt);
+    dr_linear(s->act, T, I, L->down, H, L->down_bias, s->x, nt);
+}
+
+/* Run stages [first, last); returns 0, or dr_paged_decode's code (1: no scratch memory,
+ * 2: a head_dim it does not take), or 3 for a stage out of range. */
+int dr_decoder_stages(const struct dr_decoder *m, const struct dr_decoder_layer *layers,
+                      const struct dr_decode_step *s, int64_t first, int64_t last) {
+    if (first < 0 || last > 2 * m->num_layers + 1) return 3;
+    for (int64_t stage = first; stage < last; stage++) {
+        const int64_t layer = stage / 2;
+        if (layer == m->num_layers) {
+            dr_rms_norm(s->x, m->hidden, s->residual, m->hidden, s->residual, m->hidden, s->h,
+                        m->hidden, m->final_norm, s->tokens, m->hidden, m->eps,
+                        (int)s->num_threads);
+        } else if (stage % 2 == 0) {
+            const int rc = attention_half(m, layers + layer, s, stage == 0);
+            if (rc) return rc;
+        } else {
+            mlp_half(m, layers + layer, s);
+        }
+    }
+    return 0;
+}

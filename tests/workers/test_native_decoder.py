@@ -1,0 +1,272 @@
+"""CPU decode steps through the native decoder (`kernels/cpu_decoder.py`) give the layer-by-layer
+path's hidden states: bit for bit for float32, int8 and int4 caches, with attention biases, a
+tied head, both checkpoint layouts and per-request RoPE tables; to float rounding for a batch
+over a shared cached prefix (whose two attention partials it merges in C). Stage by stage (the
+tp > 1 schedule, here with an identity reduce) equals one call. Steps and models it does not
+serve take the layer path.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_runtime.config import (
+    CPU_ATTENTION_ENV,
+    CPU_DECODE_ENV,
+    CacheConfig,
+    RuntimeConfig,
+    cpu_decode_choice,
+)
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
+from kernels import cpu_decoder
+from kernels.cpu_decoder import CpuDecoder
+from kernels.paged_attention import shared_blocks
+from tests.conftest import TINY_SHAPES
+from workers.distributed import Collectives, MeshCoords
+from workers.layers.attention import AttentionMetadata
+from workers.layers.rotary import inverse_frequencies, rotary_cos_sin_per_token
+from workers.model_runner import ModelRunner
+from workers.models import native_decode
+
+pytestmark = pytest.mark.skipif(
+    not cpu_decoder.available(), reason="no C compiler: the native kernels are not built"
+)
+
+VOCAB = TINY_SHAPES["vocab_size"]
+NUM_BLOCKS = 48
+BS = 16
+HD16 = dict(TINY_SHAPES, num_heads=4, num_kv_heads=2)
+"""hidden 64 over 4 heads: head_dim 16, the smallest the native attention takes."""
+
+
+@pytest.fixture(scope="module", params=["llama-bias-tied", "internlm2"])
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    extra: dict[str, Any] = (
+        dict(architecture="llama", bias=True, tie_word_embeddings=True)
+        if request.param == "llama-bias-tied"
+        else dict(architecture="internlm2")
+    )
+    return write_random_checkpoint(tmp_path_factory.mktemp(request.param), seed=3, **HD16, **extra)
+
+
+def make_runner(folder: Path, policy: int = 0) -> ModelRunner:
+    config = RuntimeConfig(
+        model=str(folder),
+        device="cpu",
+        dtype="float32",
+        cache=CacheConfig(num_blocks=NUM_BLOCKS, block_size=BS, quant_policy=policy),
+    )
+    runner = ModelRunner(config, Collectives(MeshCoords()))
+    runner.allocate_kv_cache(NUM_BLOCKS)
+    return runner
+
+
+class Seqs:
+    """Sequences on the worker side of this test: tokens, block tables from a shuffled pool."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        self.free = list(range(NUM_BLOCKS))
+        self.rng.shuffle(self.free)
+        self.tokens: list[list[int]] = []
+        self.tables: list[list[int]] = []
+
+    def add(self, length: int, share_with: int | None = None, shared_blocks: int = 0) -> int:
+        toks = [self.rng.randrange(4, VOCAB) for _ in range(length)]
+        table: list[int] = []
+        if share_with is not None:
+            toks[: shared_blocks * BS] = self.tokens[share_with][: shared_blocks * BS]
+            self.cover(share_with, shared_blocks * BS)
+            table = self.tables[share_with][:shared_blocks]
+        self.tokens.append(toks)
+        self.tables.append(table)
+        return len(self.tokens) - 1
+
+    def cover(self, i: int, n: int) -> None:
+        while len(self.tables[i]) * BS < n:
+            self.tables[i].append(self.free.pop())
+
+    def meta(
+        self, work: list[tuple[int, int, int]], decode: bool, rope: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(ids, positions, metadata) computing tokens [start, end) of each (seq, start, end)."""
+        ids, pos, slots, cu, ctx = [], [], [], [0], []
+        for i, start, end in work:
+            self.cover(i, end)
+            ids += self.tokens[i][start:end]
+            pos += list(range(start, end))
+            slots += [self.tables[i][p // BS] * BS + p % BS for p in range(start, end)]
+            cu.append(cu[-1] + end - start)
+            ctx.append(end)
+        width = max(len(self.tables[i]) for i, _, _ in work)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_tables=torch.tensor(
+                [self.tables[i] + [0] * (width - len(self.tables[i])) for i, _, _ in work],
+                dtype=torch.int32,
+            ),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int64),
+            context_lens=torch.tensor(ctx, dtype=torch.int64),
+            is_decode=decode,
+            rope=rope,
+        )
+        return torch.tensor(ids), torch.tensor(pos), meta
+
+
+@pytest.fixture
+def fused_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts CpuDecoder.run calls (their batch sizes)."""
+    calls: list[int] = []
+    real = CpuDecoder.run
+
+    def spy(self: CpuDecoder, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(CpuDecoder, "run", spy)
+    yield calls
+
+
+def forward(
+    runner: ModelRunner, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata
+) -> torch.Tensor:
+    assert runner.kv_cache is not None
+    with torch.inference_mode():
+        return runner.model(ids, pos, meta, runner.kv_cache.layers).clone()
+
+
+def both_paths(
+    runner: ModelRunner,
+    seqs: Seqs,
+    work: list[tuple[int, int, int]],
+    monkeypatch: pytest.MonkeyPatch,
+    rope: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's hidden states layer by layer, then fused (each writes the same K/V
+    of the step's tokens to the same slots)."""
+    ids, pos, meta = seqs.meta(work, decode=True, rope=rope)
+    monkeypatch.setenv(CPU_DECODE_ENV, "layers")
+    layered = forward(runner, ids, pos, meta)
+    monkeypatch.delenv(CPU_DECODE_ENV)
+    fused = forward(runner, ids, pos, meta)
+    return layered, fused
+
+
+@pytest.mark.parametrize("policy", [0, 8, 4])
+def test_decode_steps_equal_the_layer_path_bit_for_bit(
+    checkpoint: Path, policy: int, fused_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = make_runner(checkpoint, policy)
+    seqs = Seqs(seed=policy)
+    lens = [70, 33, 5]
+    for n in lens:
+        seqs.add(n + 6)
+    forward(runner, *seqs.meta([(i, 0, n) for i, n in enumerate(lens)], decode=False))
+    assert not fused_calls  # prefill runs layer by layer
+    for t in range(6):  # batch 3, then 1 (crossing block boundaries at 80 and 48)
+        work = [(i, n + t, n + t + 1) for i, n in enumerate(lens)]
+        layered, fused = both_paths(runner, seqs, work if t % 2 == 0 else work[:1], monkeypatch)
+        assert torch.equal(layered, fused), f"step {t}: max diff {(layered - fused).abs().max()}"
+    assert fused_calls == [3, 1, 3, 1, 3, 1]
+
+
+def test_per_request_rope_tables(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step whose requests bring their own RoPE base (meta.rope) rotates with those tables."""
+    runner = make_runner(checkpoint)
+    seqs = Seqs(seed=7)
+    for n in (40, 21):
+        seqs.add(n + 1)
+    forward(runner, *seqs.meta([(0, 0, 40), (1, 0, 21)], decode=False))
+    head_dim = runner.model_config.head_dim
+    inv = torch.stack([inverse_frequencies(head_dim, 10000.0), inverse_frequencies(head_dim, 5e5)])
+    rope = rotary_cos_sin_per_token(torch.tensor([40, 21]), inv)
+    layered, fused = both_paths(runner, seqs, [(0, 40, 41), (1, 21, 22)], monkeypatch, rope)
+    assert torch.equal(layered, fused)
+    _, default = both_paths(runner, seqs, [(0, 40, 41), (1, 21, 22)], monkeypatch)
+    assert not torch.equal(fused, default)  # the tables were used
+
+
+@pytest.mark.parametrize("policy", [0, 8])
+def test_shared_prefix_batch_merges_like_the_layer_path(
+    checkpoint: Path, policy: int, fused_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three sequences over one cached 5-block prefix (questions on one document): the prefix
+    is attended once for all of them and merged with each tail."""
+    runner = make_runner(checkpoint, policy)
+    seqs = Seqs(seed=11)
+    doc = seqs.add(5 * BS + 9)
+    others = [seqs.add(5 * BS + n, share_with=doc, shared_blocks=5) for n in (3, 20)]
+    forward(runner, *seqs.meta([(doc, 0, 5 * BS + 8)], decode=False))
+    forward(
+        runner, *seqs.meta([(i, 5 * BS, 5 * BS + n - 1) for i, n in zip(others, (3, 20))], False)
+    )
+    work = [(doc, 5 * BS + 8, 5 * BS + 9), (others[0], 5 * BS + 2, 5 * BS + 3)]
+    work.append((others[1], 5 * BS + 19, 5 * BS + 20))
+    _, _, meta = seqs.meta(work, decode=True)
+    assert shared_blocks(meta.block_tables, meta.context_lens, BS) == 5
+    layered, fused = both_paths(runner, seqs, work, monkeypatch)
+    assert fused_calls == [3]
+    torch.testing.assert_close(fused, layered, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_by_stage_equals_one_call(checkpoint: Path) -> None:
+    """The tp > 1 schedule (a reduce after every stage but the last) with an identity reduce
+    gives the one-call result; each stage leaves its output in the buffer it reduces."""
+    runner = make_runner(checkpoint)
+    assert runner.kv_cache is not None
+    seqs = Seqs(seed=5)
+    for n in (30, 50):
+        seqs.add(n + 1)
+    forward(runner, *seqs.meta([(0, 0, 30), (1, 0, 50)], decode=False))
+    ids, pos, meta = seqs.meta([(0, 30, 31), (1, 50, 51)], decode=True)
+    decoder = runner.model._native_decoder(runner.kv_cache.layers)
+    assert decoder is not None
+    cos, sin = runner.model.rotary.cos_sin(pos)
+    reduced: list[int] = []
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        reduced.append(x.data_ptr())
+        return x
+
+    with torch.inference_mode():
+        args = (cos, sin, meta.slot_mapping, meta.block_tables, meta.context_lens)
+        one = decoder.run(runner.model.embed(ids), *args).clone()
+        x = runner.model.embed(ids)
+        staged = decoder.run(x, *args, reduce=reduce)
+    assert torch.equal(one, staged)
+    layers = runner.model_config.num_layers
+    assert reduced == [x.data_ptr()] * (2 * layers)
+
+
+def test_steps_and_models_it_does_not_serve_run_layer_by_layer(
+    checkpoint: Path, tiny_llama_dir: Path, fused_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = make_runner(checkpoint)
+    seqs = Seqs(seed=9)
+    seqs.add(20)
+    forward(runner, *seqs.meta([(0, 0, 18)], decode=False))
+    for env, value in ((CPU_DECODE_ENV, "layers"), (CPU_ATTENTION_ENV, "torch")):
+        monkeypatch.setenv(env, value)
+        forward(runner, *seqs.meta([(0, 18, 19)], decode=True))
+        monkeypatch.delenv(env)
+    assert not fused_calls
+    forward(runner, *seqs.meta([(0, 19, 20)], decode=True))
+    assert fused_calls == [1]
+    # head_dim 8 (the session checkpoints): the native attention does not take it.
+    tiny = make_runner(tiny_llama_dir)
+    assert tiny.kv_cache is not None
+    reason = native_decode.unfit_reason(tiny.model, tiny.kv_cache.layers)
+    assert reason is not None and "head_dim 8" in reason
+    assert tiny.model._native_decoder(tiny.kv_cache.layers) is None
+
+
+def test_a_bad_choice_names_the_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CPU_DECODE_ENV, "graph")
+    with pytest.raises(ValueError, match="DIST_RUNTIME_CPU_DECODE='graph'.*'fused', 'layers'"):
+        cpu_decode_choice()
