@@ -11,7 +11,10 @@ kernels (`kernels/cpu_attention.py`) and through the torch references
 (`DIST_RUNTIME_CPU_GEMM=onednn`), both over weights packed once after loading
 (`kernels/cpu_gemm.py`); `--compare elementwise` runs the residual add + RMSNorm and
 SiLU-and-mul through their native kernels and as torch operators
-(`DIST_RUNTIME_CPU_ELEMENTWISE=torch`, `kernels/cpu_elementwise.py`).
+(`DIST_RUNTIME_CPU_ELEMENTWISE=torch`, `kernels/cpu_elementwise.py`); those three run decode
+layer by layer (`DIST_RUNTIME_CPU_DECODE=layers`), so that each kernel is its own operator in
+the trace. `--compare decoder` runs decode steps through the native decoder, every layer's
+kernels from one call (`kernels/cpu_decoder.py`: one operator), and layer by layer.
 
 Our runtime (in-process executor, prefix cache off) decodes `--steps` steps after a
 `--prompt-len`-token prefill, with torch.profiler started and stopped inside the engine
@@ -42,11 +45,13 @@ from bench.generate_gpu import trace_decode_steps  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
 from dist_runtime.config import (  # noqa: E402
     CPU_ATTENTION_ENV,
+    CPU_DECODE_ENV,
     CPU_ELEMENTWISE_ENV,
     CPU_GEMM_ENV,
 )
 from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
 from kernels.cpu_attention import PROFILE_NAME, ROPE_STORE_PROFILE_NAME  # noqa: E402
+from kernels.cpu_decoder import PROFILE_NAME as DECODER_PROFILE_NAME  # noqa: E402
 from kernels.cpu_elementwise import RMS_NORM_PROFILE_NAME, SILU_PROFILE_NAME  # noqa: E402
 from kernels.cpu_gemm import PROFILE_NAME as GEMM_PROFILE_NAME  # noqa: E402
 
@@ -66,6 +71,7 @@ GROUPS = {
     "paged-KV gather": ("aten::index_select",),
     "RoPE + KV store (native)": (ROPE_STORE_PROFILE_NAME,),
     "RMSNorm + SiLU-and-mul (native)": (RMS_NORM_PROFILE_NAME, SILU_PROFILE_NAME),
+    "decoder layers (one native call)": (DECODER_PROFILE_NAME,),
 }
 CHOICES = {
     "attention": (CPU_ATTENTION_ENV, {"native": "native kernels", "torch": "torch references"}),
@@ -74,6 +80,7 @@ CHOICES = {
         CPU_ELEMENTWISE_ENV,
         {"native": "native norm + SiLU", "torch": "torch norm + SiLU"},
     ),
+    "decoder": (CPU_DECODE_ENV, {"fused": "one native call", "layers": "layer by layer"}),
 }
 """--compare: the environment variable and its two values (after, before) with their labels."""
 
@@ -116,6 +123,8 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     results: dict[tuple[str, int], dict] = {}
     env, label = CHOICES[args.compare]
+    if args.compare != "decoder":
+        os.environ[CPU_DECODE_ENV] = "layers"
     for value in label:
         # The GEMM choice is read when the layers are finalized after loading, the attention
         # choice at every step: set for the configuration's whole life.

@@ -64,6 +64,7 @@ from bench.machine import code_version, cpu_counters, cpu_model  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
 from dist_runtime.config import (  # noqa: E402
     CPU_ATTENTION_ENV,
+    CPU_DECODE_ENV,
     CPU_ELEMENTWISE_ENV,
     CPU_GEMM_ENV,
 )
@@ -168,7 +169,10 @@ class OursRunner:
         dtype: str = "float32",
         label: str = "",
         quant_policy: int = 0,
+        env: dict[str, str] | None = None,
     ):
+        self.env = env or {}
+        """Environment switches set while this runner generates (read at every step)."""
         # Every repeat sends the same prompts: with the prefix cache on, all but the first
         # prefill would be served from it (HF has no such cache), so the comparison runs with it
         # off; --prefix-cache measures the cached case under its own name.
@@ -195,11 +199,18 @@ class OursRunner:
             return out
 
         executor.execute = timed  # type: ignore[method-assign]
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
         try:
             params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
             outs = self.rt.generate(prompts, params)
         finally:
             del executor.execute  # back to the class method
+            for k, v in saved.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
         if len(stamps) != new_tokens:
             raise RuntimeError(
                 f"{self.name}: expected 1 prefill + {new_tokens - 1} decode steps, got "
@@ -436,7 +447,10 @@ def render_report(
         "(`--torch-elementwise`) runs them as torch operators), the other kernels' torch "
         "references, "
         "float linear layers and the LM head through the native panel kernel with each weight "
-        "packed once after loading (`kernels/cpu_gemm.py`); a row marked `oneDNN` "
+        "packed once after loading (`kernels/cpu_gemm.py`); decode steps run all of these "
+        "kernels for every layer from one native call (`kernels/cpu_decoder.py`; a row marked "
+        "`layer-by-layer decode` (`--layer-decode`) calls them layer by layer from Python, and "
+        "alternates with the other two rows); a row marked `oneDNN` "
         "(`--onednn-gemm`) runs them through oneDNN's reordered weights instead, one marked "
         "`F.linear` (`--torch-gemm`) through `F.linear` (`DIST_RUNTIME_CPU_GEMM=torch`), as HF "
         "does",
@@ -550,6 +564,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(DIST_RUNTIME_CPU_ELEMENTWISE=torch) instead of their native kernels, labelled as such",
     )
     p.add_argument(
+        "--layer-decode",
+        action="store_true",
+        help="also run ours with decode steps layer by layer (DIST_RUNTIME_CPU_DECODE=layers) "
+        "instead of the native decoder's one call, alternating with the other two rows, "
+        "labelled as such",
+    )
+    p.add_argument(
         "--kv-quant",
         default="",
         help="comma list of KV cache policies (8: int8, 4: int4): also run ours with its KV "
@@ -626,6 +647,21 @@ def main(argv: list[str] | None = None) -> int:
     max_batched = max(work.batch_sizes) * work.prompt_len
     hf = HFRunner(folder, args.hf_attn)
     ours = OursRunner(folder, 1, session_len, max_batched, prefix_cache=False)
+    # The layer-by-layer decode row alternates with ours and HF: it is the before of a change
+    # worth a fair comparison on a noisy machine.
+    layered = (
+        OursRunner(
+            folder,
+            1,
+            session_len,
+            max_batched,
+            prefix_cache=False,
+            label=" layer-by-layer decode",
+            env={CPU_DECODE_ENV: "layers"},
+        )
+        if args.layer_decode
+        else None
+    )
     log(f"loaded both systems ({hf.num_params() / 1e6:.1f} M parameters)")
 
     results: dict[int, dict[str, Timing]] = {}
@@ -634,7 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for batch in work.batch_sizes:
             prompts = make_prompts(batch, work.prompt_len, shape.vocab_size, args.seed + batch)
-            results[batch] = measure([ours, hf], prompts, work, log)
+            results[batch] = measure(
+                [ours, hf, *([layered] if layered else [])], prompts, work, log
+            )
             ok, text = match_summary(
                 results[batch][ours.name].tokens, results[batch][hf.name].tokens
             )
@@ -644,7 +682,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  batch {batch} greedy tokens ours vs HF: {text}")
     finally:
         ours.close()
-    ours_names = [ours.name]
+        if layered is not None:
+            layered.close()
+    ours_names = [ours.name, *([layered.name] if layered else [])]
 
     def extra_row(runner: OursRunner, note: str = "") -> str:
         """Measure another configuration of ours alone (not alternating with HF) and close it."""
@@ -743,6 +783,11 @@ def main(argv: list[str] | None = None) -> int:
         rg = {b: ratios(results[b][gemm_name], results[b][hf.name], b, work) for b in results}
         parts.append(
             f"{label} decode " + " ".join(f"b{b} {rg[b][1]:.2f}x" for b in work.batch_sizes)
+        )
+    if layered is not None:
+        rl = {b: ratios(results[b][layered.name], results[b][hf.name], b, work) for b in results}
+        parts.append(
+            "layer-by-layer decode " + " ".join(f"b{b} {rl[b][1]:.2f}x" for b in work.batch_sizes)
         )
     if attn_name is not None:
         ra = {b: ratios(results[b][attn_name], results[b][hf.name], b, work) for b in results}
