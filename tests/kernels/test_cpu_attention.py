@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kernels.flash_decode as flash_decode_module
-from dist_runtime.config import CPU_ATTENTION_ENV, cpu_attention_choice
+from dist_runtime.config import CPU_ATTENTION_ENV, CPU_DECODE_ENV, cpu_attention_choice
 from kernels import cpu_attention, cpu_elementwise, cpu_gemm, native
 from kernels.cpu_attention import (
     flash_decode_cpu,
@@ -497,6 +497,9 @@ def test_the_model_decodes_as_with_the_torch_reference(
         return plain_decode(*args, **kwargs)
 
     monkeypatch.setattr(cpu_attention, "paged_decode", counting)
+    # Layer by layer, so that the attention runs through the wrapper counted above (the native
+    # decoder calls the same kernel from C: tests/workers/test_native_decoder.py).
+    monkeypatch.setenv(CPU_DECODE_ENV, "layers")
     doc = [(7 * i + 1) % 250 for i in range(100)]  # 6 full blocks
     batches = [[doc + [3, 4], doc + [9]], [[5, 6, 7] * 12, [1, 2] * 20]]
     params = SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
