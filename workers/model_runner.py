@@ -161,6 +161,9 @@ class ModelRunner:
         return tokens * per_token + (512 << 20)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        # The native decoder points at the old cache: let it go with it, before the new one.
+        self.model.drop_native_decoder()
+        self.kv_cache = self.graphs = None
         mode = self._decode_graph_mode()
         self.kv_cache = KVCache(
             self.model_config.num_layers,

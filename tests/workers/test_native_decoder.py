@@ -270,3 +270,25 @@ def test_a_bad_choice_names_the_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CPU_DECODE_ENV, "graph")
     with pytest.raises(ValueError, match="DIST_RUNTIME_CPU_DECODE='graph'.*'fused', 'layers'"):
         cpu_decode_choice()
+
+
+def test_a_new_cache_drops_the_decoder_built_on_the_old_one(checkpoint: Path) -> None:
+    """Reallocating the KV cache forgets the native decoder (which holds the old cache) before
+    the new cache is made; the next decode step builds one over the new cache."""
+    runner = make_runner(checkpoint)
+    assert runner.kv_cache is not None
+    seqs = Seqs(seed=2)
+    seqs.add(20)
+    forward(runner, *seqs.meta([(0, 0, 18)], decode=False))
+    forward(runner, *seqs.meta([(0, 18, 19)], decode=True))
+    old = runner.model._native_decoder(runner.kv_cache.layers)
+    assert old is not None
+    runner.allocate_kv_cache(NUM_BLOCKS)
+    assert runner.model._native is None
+    seqs = Seqs(seed=2)
+    seqs.add(20)
+    forward(runner, *seqs.meta([(0, 0, 18)], decode=False))
+    forward(runner, *seqs.meta([(0, 18, 19)], decode=True))
+    new = runner.model._native_decoder(runner.kv_cache.layers)
+    assert new is not None and new is not old
+    assert new.layers[0].k_cache == runner.kv_cache.layers[0].k.data_ptr()
