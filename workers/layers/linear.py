@@ -179,5 +179,13 @@ class RowParallelLinear(_Linear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.comm.tp_all_reduce(self._matmul(x, None))
+        return self.reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product (no reduce, no bias)."""
+        return self._matmul(x, None)
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's partial (in place), plus the bias."""
+        out = self.comm.tp_all_reduce(partial)
         return out if self.bias is None else out + self.bias

@@ -23,6 +23,10 @@ from workers.layers.rotary import RotaryEmbedding
 from workers.models import native_decode
 from workers.models.names import linear_quant
 
+MLP_PIECE_BYTES = 8 << 20
+"""On CPU, the MLP of a long chunk runs in row pieces whose gate_up output is at most this big
+(well under glibc's largest mmap threshold, 32 MiB, and a quarter of a typical L3)."""
+
 
 class MLP(nn.Module):
     def __init__(
@@ -30,6 +34,7 @@ class MLP(nn.Module):
     ):
         super().__init__()
         self.inter_local = config.intermediate_size // comm.tp_size
+        self.hidden = config.hidden_size
         # Local rows: [gate slice | up slice], so silu_and_mul splits them in halves.
         self.gate_up_proj = ColumnParallelLinear(
             config.hidden_size,
@@ -50,7 +55,24 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        rows = x.shape[0]
+        step = self._cpu_rows_per_piece(x)
+        if step >= rows:
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        # A long CPU prefill chunk in pieces: the (rows, 2 * inter) gate_up output would be a
+        # fresh allocation past glibc's mmap threshold in every layer (zero-filled pages faulted
+        # in again each time); a piece's stays in the allocator's reuse and in L3. One reduce.
+        out = torch.empty(rows, self.hidden, dtype=x.dtype)
+        for i in range(0, rows, step):
+            piece = silu_and_mul(self.gate_up_proj(x[i : i + step]))
+            out[i : i + step] = self.down_proj.partial(piece)
+        return self.down_proj.reduce(out)
+
+    def _cpu_rows_per_piece(self, x: torch.Tensor) -> int:
+        """Rows whose gate_up output fits MLP_PIECE_BYTES on CPU (at least 64); any on GPU."""
+        if x.device.type != "cpu":
+            return x.shape[0]
+        return max(64, MLP_PIECE_BYTES // (2 * self.inter_local * x.element_size()))
 
 
 class DecoderLayer(nn.Module):
