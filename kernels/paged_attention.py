@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -541,12 +541,55 @@ LARGE_SCORES = 1 << 24
 """Above this many query x key pairs, the reference attends tile by tile."""
 
 
+def _flash_cpu() -> Any:
+    """PyTorch's fused CPU attention that also returns the log-sum-exp (the op behind SDPA on
+    CPU); None on a build without it."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _attend_flash_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_attend` on CPU without a mask: the chunk's own keys (a square, causal as the kernel
+    aligns it) and, for a chunk over cached keys, those keys unmasked, with every query head
+    of a KV group stacked as rows of one head (no copy of K/V per query head); the two
+    partials merged by log-sum-exp in float32. SDPA with the explicit bottom-right mask runs
+    about 2x slower on the same work, and its dense mask takes n * ctx bytes."""
+    op = _flash_cpu()
+    n, q_heads, d = q.shape
+    ctx, kv_heads, _ = k.shape
+    group, cached = q_heads // kv_heads, ctx - n
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, len, d)
+    k_own, v_own = kh[:, :, cached:], vh[:, :, cached:]
+    if group > 1:
+        k_own, v_own = (t.repeat_interleave(group, dim=1) for t in (k_own, v_own))
+    o_own, l_own = op(qh, k_own, v_own, 0.0, True, scale=scale)
+    if not cached:
+        out, lse = o_own, l_own
+    else:
+        rows = qh.reshape(1, kv_heads, group * n, d)
+        o_pre, l_pre = op(rows, kh[:, :, :cached], vh[:, :, :cached], 0.0, False, scale=scale)
+        out, lse = merge_pair(
+            o_pre.reshape(1, q_heads, n, d).float(),
+            l_pre.reshape(1, q_heads, n).float(),
+            o_own.float(),
+            l_own.float(),
+        )
+    o = out[0].transpose(0, 1).to(q.dtype)
+    return o, (lse[0].transpose(0, 1).float() if return_lse else None)
+
+
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q: (n, q_heads, d) at the last n of ctx positions; k, v: (ctx, kv_heads, d)."""
     n, q_heads, _ = q.shape
     ctx, kv_heads, _ = k.shape
+    if q.device.type == "cpu" and q.dtype in FLASH_CPU_DTYPES and _flash_cpu() is not None:
+        return _attend_flash_cpu(q, k, v, scale, return_lse)
     if n * ctx > LARGE_SCORES:
         # A chunk over a long cached prefix: a dense mask would take n * ctx bytes (8 GiB for
         # 8K queries over 1M keys); tile it instead, masking only the tiles on the diagonal.

@@ -229,6 +229,33 @@ def test_paged_attention_ref_matches_oracle(group: int, head_dim: int, decode: b
     assert_close(out_only, ref_out.float(), OUT_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("flash", [True, False], ids=["cpu-flash", "masked"])
+def test_prefill_chunks_on_cpu_with_and_without_the_fused_op(
+    flash: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU, chunks run through PyTorch's fused attention op without a mask (the chunk's own
+    keys causal, cached keys unmasked with the query heads of a group stacked, merged by LSE);
+    without that op, through SDPA with a mask or the tiled path. Both match the oracle."""
+    calls: list[int] = []
+    real = PA._attend_flash_cpu
+
+    def spy(q: torch.Tensor, *args, **kwargs):
+        calls.append(q.shape[0])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(PA, "_attend_flash_cpu", spy)
+    if not flash:
+        monkeypatch.setattr(PA, "_flash_cpu", lambda: None)
+    elif PA._flash_cpu() is None:
+        pytest.skip("this PyTorch has no fused CPU attention op")
+    b = make_paged_batch(PREFILL_SEQS, 3, 64, 16, torch.float32, CPU)
+    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.context_lens, 0.125)
+    out, lse = PA.paged_attention_ref(*args, return_lse=True)
+    ref_out, ref_lse = paged_oracle(b, 0.125)
+    assert_attention_close(out, lse, ref_out.float(), ref_lse, torch.float32)
+    assert (len(calls) > 0) == flash
+
+
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_flash_decode_ref_matches_oracle(group: int, head_dim: int) -> None:
