@@ -548,6 +548,9 @@ def _flash_cpu() -> Any:
 
 
 FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16)
+FLASH_CPU_MIN_QUERIES = 256
+"""Shorter chunks (a question after a cached document) keep the masked SDPA call: two calls
+and a merge cost more than the mask saves there (`bench/cpu_prefill_attention.py`)."""
 
 
 def _attend_flash_cpu(
@@ -588,7 +591,13 @@ def _attend(
     """q: (n, q_heads, d) at the last n of ctx positions; k, v: (ctx, kv_heads, d)."""
     n, q_heads, _ = q.shape
     ctx, kv_heads, _ = k.shape
-    if q.device.type == "cpu" and q.dtype in FLASH_CPU_DTYPES and _flash_cpu() is not None:
+    if (
+        q.device.type == "cpu"
+        and n >= FLASH_CPU_MIN_QUERIES
+        and (n < ctx or return_lse)  # a whole prompt without the LSE: SDPA's causal call
+        and q.dtype in FLASH_CPU_DTYPES
+        and _flash_cpu() is not None
+    ):
         return _attend_flash_cpu(q, k, v, scale, return_lse)
     if n * ctx > LARGE_SCORES:
         # A chunk over a long cached prefix: a dense mask would take n * ctx bytes (8 GiB for

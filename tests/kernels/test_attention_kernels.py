@@ -248,12 +248,17 @@ def test_prefill_chunks_on_cpu_with_and_without_the_fused_op(
         monkeypatch.setattr(PA, "_flash_cpu", lambda: None)
     elif PA._flash_cpu() is None:
         pytest.skip("this PyTorch has no fused CPU attention op")
-    b = make_paged_batch(PREFILL_SEQS, 3, 64, 16, torch.float32, CPU)
+    # A whole prompt, a chunk over cached keys (both long enough for the fused path) and a
+    # short chunk, which keeps the masked call.
+    b = make_paged_batch([(300, 300), (260, 700), (5, 37)], 3, 64, 16, torch.float32, CPU)
     args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.context_lens, 0.125)
     out, lse = PA.paged_attention_ref(*args, return_lse=True)
     ref_out, ref_lse = paged_oracle(b, 0.125)
     assert_attention_close(out, lse, ref_out.float(), ref_lse, torch.float32)
-    assert (len(calls) > 0) == flash
+    out_only, _ = PA.paged_attention_ref(*args)
+    assert_close(out_only, ref_out.float(), OUT_TOL[torch.float32])
+    # with the LSE both long chunks; without, the whole prompt takes SDPA's causal call
+    assert calls == ([300, 260, 260] if flash else [])
 
 
 @pytest.mark.parametrize("group", GROUPS)
