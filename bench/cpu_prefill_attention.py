@@ -90,7 +90,13 @@ def main() -> None:
         torch.testing.assert_close(fused(), masked(), rtol=1e-4, atol=1e-5)
         t_fused = _time(fused, args.repeats)
         t_masked = _time(masked, args.repeats)
-        path = "SDPA + mask" if n * ctx <= pa.LARGE_SCORES else "tiled reference"
+        path = (
+            "SDPA causal"
+            if n == ctx
+            else "SDPA + mask"
+            if n * ctx <= pa.LARGE_SCORES
+            else "tiled reference"
+        )
         ratio = t_masked / t_fused
         ratios.append(ratio)
         row = (
