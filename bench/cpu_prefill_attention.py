@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import math
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import kernels.paged_attention as pa  # noqa: E402
+from bench.cpu_gemm import time_best  # noqa: E402
 
 SHAPES = [
     # (threads, q_heads, kv_heads, head_dim, n, ctx)
@@ -60,16 +59,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool) -> t
         pa._flash_cpu = op
 
 
-def _time(fn, repeats: int) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,8 +77,8 @@ def main() -> None:
 
         fused, masked = (functools.partial(_attend, q, k, v, on) for on in (True, False))
         torch.testing.assert_close(fused(), masked(), rtol=1e-4, atol=1e-5)
-        t_fused = _time(fused, args.repeats)
-        t_masked = _time(masked, args.repeats)
+        t_fused = time_best(fused, args.repeats)
+        t_masked = time_best(masked, args.repeats)
         path = (
             "SDPA causal"
             if n == ctx

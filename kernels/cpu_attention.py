@@ -137,6 +137,12 @@ def split_plan(items: int, max_blocks: int, threads: int) -> tuple[int, int]:
     return -(-max_blocks // per) if max_blocks else 1, per
 
 
+def scratch_floats(seqs: int, rows: int, kv_heads: int, group: int, splits: int, d: int) -> int:
+    """Floats of `dr_paged_decode`'s scratch: per (sequence, kv head, split) the partial
+    (acc d, max, sum) of each of its rows x group queries."""
+    return seqs * kv_heads * splits * rows * group * (d + 2)
+
+
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -203,7 +209,7 @@ def paged_decode(
     max_blocks = -(-max_keys // block_size)
     splits, per = split_plan(seqs, max_blocks, threads)
     group = q_heads // kv_heads
-    work = torch.empty(seqs * kv_heads * splits * rows * group * (d + 2), dtype=torch.float32)
+    work = torch.empty(scratch_floats(seqs, rows, kv_heads, group, splits, d), dtype=torch.float32)
     args = (
         q.data_ptr(),
         q.stride(0) * rows,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import native
-from kernels.cpu_attention import MAX_HEAD_DIM, split_plan
+from kernels.cpu_attention import MAX_HEAD_DIM, scratch_floats, split_plan
 from kernels.cpu_gemm import NativeLinearWeight
 from kernels.native import run_profiled
 from kernels.paged_attention import MIN_SHARED_BLOCKS, shared_blocks
@@ -221,6 +221,7 @@ class CpuDecoder:
             if k0.dtype != torch.float32:
                 raise ValueError(f"a float cache must be float32 here, got {k0.dtype}")
             kp = (0, 0, 0)
+        final_norm = final_norm.contiguous()  # held below: the decoder points at it
         self._tensors = (layers, final_norm)
         self._fn = fn
         self.num_layers = len(layers)
@@ -240,7 +241,7 @@ class CpuDecoder:
             bits,
             eps,
             head_dim**-0.5,
-            final_norm.contiguous().data_ptr(),
+            final_norm.data_ptr(),
         )
         self.layers = (_Layer * len(layers))()
         for i, t in enumerate(layers):
@@ -297,16 +298,16 @@ class CpuDecoder:
         shared = shared_blocks(block_tables, lens, bs) if tokens > 1 else 0
         if shared < MIN_SHARED_BLOCKS:
             shared = 0
-        group = self.q_heads // self.kv_heads
-        if shared:
+        heads = (self.kv_heads, self.q_heads // self.kv_heads)
+        prefix_splits = prefix_per = 0
+        if shared:  # the prefix: one table row, every sequence's query a row over it
             prefix_splits, prefix_per = split_plan(1, shared, threads)
-            splits, per = split_plan(tokens, -(-(keys - shared * bs) // bs), threads)
-            work = max(prefix_splits, splits) * tokens * self.kv_heads * group
-        else:
-            prefix_splits = prefix_per = 0
-            splits, per = split_plan(tokens, -(-keys // bs), threads)
-            work = tokens * self.kv_heads * splits * group
-        work *= self.head_dim + 2
+            keys -= shared * bs
+        splits, per = split_plan(tokens, -(-keys // bs), threads)
+        work = max(
+            scratch_floats(1, tokens, *heads, prefix_splits, self.head_dim),
+            scratch_floats(tokens, 1, *heads, splits, self.head_dim),
+        )
         sizes = [
             tokens * self.hidden,  # residual
             tokens * self.hidden,  # h

@@ -158,7 +158,7 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> final hidden states (tokens, hidden)."""
         x = self.embed(input_ids)
-        if native_decode.step_runs_native(meta, x.shape[0]):
+        if x.is_cpu and native_decode.step_runs_native(meta, x.shape[0]):
             decoder = self._native_decoder(kv_caches)
             if decoder is not None:
                 cos, sin = meta.rope if meta.rope is not None else self.rotary.cos_sin(positions)
