@@ -224,8 +224,10 @@ def test_keys(server: Server) -> None:
         ({"prompt": "x", "n": 100}, 400, "n", r"less than or equal to 16"),
         ({}, 400, "prompt", r"[Ff]ield required"),
         ({"prompt": "x", "model": "gpt-4"}, 404, "model", r"does not exist"),
-        ({"prompt": "word " * 600, "max_tokens": 4}, 400, None, r"over session_len 512"),
-        ({"prompt": [[1, 2], [999999]]}, 400, None, r"outside \[0, 512\)"),
+        ({"prompt": "word " * 600, "max_tokens": 4}, 400, "prompt", r"over session_len 512"),
+        ({"prompt": [[1, 2], [999999]]}, 400, "prompt", r"outside \[0, 512\)"),
+        ({"prompt": [1, "a"]}, 400, "prompt", r"must be one of str, list\[str\]"),
+        ({"prompt": "x", "stop": ["ok", ""]}, 400, "stop", r"must not be empty"),
     ],
 )
 def test_errors(server: Server, body: dict[str, Any], status: int, param: str, match: str) -> None:
@@ -370,3 +372,167 @@ def test_job_from_an_uploaded_file(server: Server) -> None:
         assert state in ("queued", "running") and time.monotonic() < deadline, state
         time.sleep(0.1)
     assert len(server.request("GET", f"/v1/jobs/{job['id']}/result")[1]["answers"]) == 2
+
+
+def test_models_retrieve(client: Any, tiny_llama_dir: Path) -> None:
+    model = client.models.retrieve(tiny_llama_dir.name)
+    assert model.id == tiny_llama_dir.name and model.model_extra["max_model_len"] == 512
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_non_streamed_request_aborted_on_disconnect(server: Server) -> None:
+    def aborted() -> float:
+        _, text = server.request("GET", "/metrics")
+        match = re.search(
+            r'^dist_runtime:request_success_total\{finished_reason="abort"\} (\S+)$', text, re.M
+        )
+        return float(match.group(1)) if match else 0.0
+
+    before = aborted()
+    body = json.dumps({"prompt": "The sea", "max_tokens": 500, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 30
+        while server.metric("num_requests_running") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    deadline = time.monotonic() + 30
+    while aborted() == before:  # without the abort it ends by length, never 'abort'
+        assert time.monotonic() < deadline, "the disconnected request ran on"
+        time.sleep(0.05)
+    assert server.metric("num_requests_running") == 0
+
+
+def test_streamed_logprobs_include_held_back_tokens(client: Any) -> None:
+    # A long stop string holds text back, so some engine deltas carry tokens but no text yet;
+    # their logprobs must still reach the client with the text they make.
+    kw: dict[str, Any] = dict(
+        model=None,
+        messages=[{"role": "user", "content": "Tell me about the harbour."}],
+        max_tokens=10,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        stop=["\u2603" * 30],
+        extra_body={"ignore_eos": True},
+    )
+    full = client.chat.completions.create(**kw)
+    want = [(t.token, t.logprob) for t in full.choices[0].logprobs.content]
+    assert len(want) == full.usage.completion_tokens == 10
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    got = [
+        (t.token, t.logprob)
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-3)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == full.choices[0].message.content
+
+
+def test_completion_logprobs_text_offsets(client: Any) -> None:
+    kw: dict[str, Any] = dict(
+        model=None, prompt="The lighthouse keeper", max_tokens=8, temperature=0, logprobs=1
+    )
+    full = client.completions.create(**kw).choices[0]
+    assert full.logprobs.text_offset[0] == 0
+    sent = 0
+    offsets: list[int] = []
+    for chunk in client.completions.create(**kw, stream=True):
+        choice = chunk.choices[0]
+        if choice.logprobs and choice.logprobs.tokens:
+            # offsets count characters of the whole completion, not of this chunk
+            assert choice.logprobs.text_offset[0] == sent, (sent, choice)
+            offsets += choice.logprobs.text_offset
+        sent += len(choice.text)
+    assert len(offsets) == 8 and offsets == sorted(offsets)
+    # echo would put the prompt's tokens (whose logprobs the engine does not compute) first
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**kw, echo=True)
+    assert e.value.body["param"] == "echo"
+
+
+def test_null_fields_take_their_defaults(server: Server) -> None:
+    nulls = dict.fromkeys(
+        ("model", "temperature", "top_p", "n", "stream", "stop", "seed", "max_tokens",
+         "presence_penalty", "frequency_penalty", "stream_options", "user")
+    )  # fmt: skip
+    status, body = server.request(
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hi"}], **nulls, "logprobs": None,
+         "top_logprobs": None, "max_completion_tokens": 3},
+    )  # fmt: skip
+    assert status == 200, body
+    assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] <= 3
+    status, body = server.request(
+        "POST", "/v1/completions", {"prompt": "Hi", **nulls, "echo": None, "logprobs": None}
+    )
+    assert status == 200, body
+    assert body["choices"][0]["logprobs"] is None and body["usage"]["completion_tokens"] <= 16
+    status, body = server.request("POST", "/v1/completions", {"prompt": None})
+    assert status == 400 and body["error"]["param"] == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]},
+         "tools"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}},
+         "response_format"),
+        ("/v1/chat/completions", {"logit_bias": {"5": 100}}, "logit_bias"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/completions", {"suffix": " end"}, "suffix"),
+        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "4"}]},
+         "messages.0.role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+         "messages.0.content"),
+    ],
+)  # fmt: skip
+def test_unsupported_fields_are_refused(
+    server: Server, path: str, extra: dict[str, Any], param: str
+) -> None:
+    base: dict[str, Any] = {"max_tokens": 2}
+    base.update(
+        {"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Hi"}
+    )
+    status, body = server.request("POST", path, {**base, **extra})
+    assert status == 400, body
+    assert body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error"
+
+
+def test_harmless_values_of_unsupported_fields_pass(client: Any) -> None:
+    out = client.chat.completions.create(
+        model=None,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        response_format={"type": "text"},
+        tool_choice="none",
+        logit_bias={},
+    )
+    assert out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_developer_role_is_the_system_role(client: Any) -> None:
+    def chat(role: str) -> Any:
+        return client.chat.completions.create(
+            model=None,
+            messages=[{"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            temperature=0,
+        )
+
+    developer, system = chat("developer"), chat("system")
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+    assert developer.choices[0].message.content == system.choices[0].message.content

@@ -4,14 +4,17 @@
     uvicorn.run(app, host="127.0.0.1", port=23333)
 
 Every HTTP request is one more engine client: it adds requests and reads their handles on the
-event loop (never blocking it); a client that disconnects mid-stream aborts its requests. Routes:
-`/v1/models`, `/v1/chat/completions`, `/v1/completions` (SSE with `stream: true`), the
-document-QA jobs under `/v1/jobs`, `/health`, `/metrics` and the chat page at `/`.
+event loop (never blocking it); a client that disconnects, mid-stream or while waiting for a
+whole answer, aborts its requests. Routes: `/v1/models` (and `/v1/models/{name}`),
+`/v1/chat/completions`, `/v1/completions` (SSE with `stream: true`), the document-QA jobs
+under `/v1/jobs`, `/health`, `/metrics` and the chat page at `/`.
 Errors are `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -40,6 +43,7 @@ from dist_runtime.server.schemas import (
     CompletionRequest,
     JobRequest,
     SamplingFields,
+    UnsupportedFieldError,
     error_body,
 )
 from dist_runtime.text.chat import encode_chat
@@ -195,7 +199,10 @@ class _Server:
         except ValueError as e:
             raise APIError(400, str(e)) from e
 
-    def add(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestHandle]:
+    def add(
+        self, prompts: list[list[int]], params: list[SamplingParams], param: str
+    ) -> list[RequestHandle]:
+        """Add the requests; a prompt the engine refuses is a 400 naming `param`."""
         self.check_alive()
         if self.in_flight + len(prompts) > self.settings.max_concurrent_requests:
             raise APIError(
@@ -207,7 +214,7 @@ class _Server:
         try:
             handles = self.runtime.engine.add_requests(prompts, params)
         except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
+            raise APIError(400, str(e), param=param) from e
         with self._in_flight_lock:
             self.in_flight += len(handles)
         for h in handles:
@@ -242,12 +249,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "")
-        if first.get("type") == "json_invalid":
-            message, param = "the request body is not valid JSON", None
+        message, param = _validation_message(list(e.errors()))
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -259,6 +261,57 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal(_request: Request, e: Exception) -> JSONResponse:
         logger.exception("internal error")
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _is_union_tag(part: Any) -> bool:
+    """Whether a part of a pydantic error location names a member of a union (`str`,
+    `list[int]`, `function-after[...]`) rather than a field or an index."""
+    return isinstance(part, str) and (part in _TYPE_NAMES or not part.isidentifier())
+
+
+def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    """(message, param) of a request that failed validation: param is the field's dotted path
+    as the client wrote it (`messages.0.content`), never pydantic's union member names."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
+        return "the request body must be a JSON object (Content-Type: application/json)", None
+    error = (first.get("ctx") or {}).get("error")
+    if isinstance(error, UnsupportedFieldError):
+        return str(error), error.param
+    loc = [x for x in first.get("loc", ()) if x != "body"]
+    tag_at = next((i for i, x in enumerate(loc) if _is_union_tag(x)), None)
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    if tag_at is None:
+        param = ".".join(str(x) for x in loc) or None
+        return (f"{param}: {msg}" if param else msg), param
+    # A union field none of whose forms matched: name the field and the forms it takes, with
+    # the deepest mismatch (the form the client most likely meant).
+    field = loc[:tag_at]
+    param = ".".join(str(x) for x in field) or None
+    tags: list[str] = []
+    deepest: Any = first
+    reach: tuple[int, list[int]] = (-1, [])
+    for err in errors:
+        eloc = [x for x in err.get("loc", ()) if x != "body"]
+        if eloc[:tag_at] != field or len(eloc) <= tag_at or not _is_union_tag(eloc[tag_at]):
+            continue
+        if eloc[tag_at] not in tags:
+            tags.append(str(eloc[tag_at]))
+        # how far into the value this form got: deeper, then further along a list
+        got = (len(eloc), [x if isinstance(x, int) else -1 for x in eloc[tag_at + 1 :]])
+        if got > reach:
+            deepest, reach = err, got
+    inner = [x for x in deepest.get("loc", ()) if x != "body"][tag_at + 1 :]
+    where = ".".join([param or "", *(str(x) for x in inner)]) if inner else param
+    detail = str(deepest.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{param}: must be one of {', '.join(tags)} ({where}: {detail})", param
 
 
 def _usage(prompt_tokens: int, outputs: list[RequestOutput], n: int) -> dict[str, Any]:
@@ -296,27 +349,30 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         html = resources.files("dist_runtime.server").joinpath("static/index.html").read_text()
         return HTMLResponse(html)
 
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": server.created,
+            "owned_by": "dist-runtime",
+            "max_model_len": runtime.config.session_len,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": server.created,
-                    "owned_by": "dist-runtime",
-                    "max_model_len": runtime.config.session_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        server.check_model(model)
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         server.check_model(req.model)
         if runtime.tokenizer is None:
             raise APIError(400, f"{runtime.config.model} has no tokenizer; chat needs one")
-        turns = [{"role": m.role, "content": m.text()} for m in req.messages]
+        turns = [{"role": m.template_role, "content": m.text()} for m in req.messages]
         try:
             ids = encode_chat(runtime.tokenizer, turns)
         except ValueError as e:
@@ -326,7 +382,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         )
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = [server.params(req, max_tokens, top, i) for i in range(req.n)]
-        handles = server.add([ids] * req.n, params)
+        handles = server.add([ids] * req.n, params, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
 
@@ -356,7 +412,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 ],
             )
             return StreamingResponse(body, media_type="text/event-stream")
-        outs = await _gather(handles)
+        outs = await _gather(handles, request)
         usage = _usage(len(ids), outs, req.n)
         request.state.usage = usage
         choices = [
@@ -386,7 +442,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         all_params = [
             server.params(req, max_tokens, req.logprobs, j) for _ in prompts for j in range(req.n)
         ]
-        handles = server.add(all_ids, all_params)
+        handles = server.add(all_ids, all_params, "prompt")
         echo = [
             server.prompt_text(req.prompt, i, ids) if req.echo else ""
             for i, ids in enumerate(prompts)
@@ -395,12 +451,20 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            sent = [0] * len(handles)  # characters of text sent so far, per choice
 
             def text_choice(k: int, delta: RequestDelta, first: bool) -> dict[str, Any] | None:
                 text = (echo[k // req.n] if first else "") + delta.text
                 if not text and delta.finish_reason is None:
                     return None
-                logprobs = _completion_logprobs(server, delta.logprobs) if delta.logprobs else None
+                logprobs = (
+                    _completion_logprobs(
+                        server, delta.logprobs, sent[k] + len(text) - len(delta.text)
+                    )
+                    if delta.logprobs
+                    else None
+                )
+                sent[k] += len(text)
                 return {
                     "index": k,
                     "text": text,
@@ -418,14 +482,14 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 include_usage=include_usage,
             )
             return StreamingResponse(body, media_type="text/event-stream")
-        outs = await _gather(handles)
+        outs = await _gather(handles, request)
         usage = _usage(prompt_tokens, outs, req.n)
         request.state.usage = usage
         choices = [
             {
                 "index": k,
                 "text": echo[k // req.n] + o.text,
-                "logprobs": _completion_logprobs(server, o.logprobs)
+                "logprobs": _completion_logprobs(server, o.logprobs, len(echo[k // req.n]))
                 if req.logprobs is not None
                 else None,
                 "finish_reason": o.finish_reason,
@@ -463,17 +527,37 @@ def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:
     return out
 
 
-async def _gather(handles: list[RequestHandle]) -> list[RequestOutput]:
-    """Every handle's output, read on the event loop (deltas consumed, never blocking)."""
-    try:
+async def _gather(handles: list[RequestHandle], request: Request) -> list[RequestOutput]:
+    """Every handle's output, read on the event loop (deltas consumed, never blocking). A client
+    that disconnects first aborts the requests (499 in the access log)."""
+
+    async def read() -> None:
         for h in handles:
             async for _ in h:
                 pass
+
+    reader = asyncio.ensure_future(read())
+    watcher = asyncio.ensure_future(_disconnect(request))
+    finished = False
+    try:
+        await asyncio.wait((reader, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not reader.done():
+            raise APIError(499, "the client disconnected", code="client_disconnected")
+        reader.result()  # a failed request raises here
+        finished = True
         return [h.result(timeout=0) for h in handles]
-    except BaseException:
-        for h in handles:
-            h.abort()
-        raise
+    finally:
+        watcher.cancel()
+        reader.cancel()
+        if not finished:
+            for h in handles:
+                h.abort()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has disconnected (the body is already read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _chat_logprobs(server: _Server, entries: list[TokenLogprobs] | None) -> dict[str, Any]:
@@ -489,9 +573,13 @@ def _chat_logprobs(server: _Server, entries: list[TokenLogprobs] | None) -> dict
     return {"content": content}
 
 
-def _completion_logprobs(server: _Server, entries: list[TokenLogprobs] | None) -> dict[str, Any]:
+def _completion_logprobs(
+    server: _Server, entries: list[TokenLogprobs] | None, start: int
+) -> dict[str, Any]:
+    """The legacy logprobs object; `text_offset` counts characters of the choice's whole text,
+    the first token starting at `start` (after the echoed prompt or the text streamed so far)."""
     tokens = [server.token_text(e.token_id) for e in entries or []]
-    offsets, pos = [], 0
+    offsets, pos = [], start
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
@@ -568,12 +656,18 @@ async def _stream(
     for c in first:
         yield chunk([c])
     started: set[int] = set()
+    pending: dict[int, list[TokenLogprobs]] = {}
+    """Logprobs of tokens whose text is still held back: sent with the text they make."""
     try:
         async for k, delta in _merged(handles):
+            if k in pending:
+                delta = dataclasses.replace(delta, logprobs=pending.pop(k) + (delta.logprobs or []))
             made = choice(k, delta, k not in started)
             started.add(k)
             if made is not None:
                 yield chunk([made])
+            elif delta.logprobs:
+                pending[k] = delta.logprobs
     except Exception as e:
         yield _sse(error_body(str(e), "server_error"))
         return

@@ -1,25 +1,65 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models mirroring OpenAI's schema.
 
-Unknown fields are ignored (as OpenAI-compatible servers do); the runtime's own sampling extras
-(`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `skip_special_tokens`) are accepted as
-extra body fields. Ranges are checked here so a bad field is a 400 naming it.
+Unknown fields are ignored (as OpenAI-compatible servers do), except those that would change
+the answer and that this server does not implement (`tools`, `response_format` other than text,
+`logit_bias`, `best_of`, `suffix`, ...): those are a 400 naming the field rather than an answer
+that silently ignores them. `null` means the field's default, as in OpenAI's schema. The
+runtime's own sampling extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`skip_special_tokens`) are accepted as extra body fields. Ranges are checked here so a bad field
+is a 400 naming it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class StreamOptions(BaseModel):
+class UnsupportedFieldError(ValueError):
+    """A request field this server does not implement, set to a value that would matter."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _unsupported(data: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Raise for the first of `fields` set in `data` to a value other than the harmless ones
+    (`fields[name]`: a predicate that is true for values that change nothing)."""
+    for name, harmless in fields.items():
+        if name in data and not harmless(data[name]):
+            raise UnsupportedFieldError(
+                name, f"{name} is not supported by this server; leave it out of the request"
+            )
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == {} or v == [] or v == ""
+
+
+class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """An explicit `null` means the default, as OpenAI's schema allows for its optional
+        fields (pydantic would otherwise reject null for a field typed without None)."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            k: v
+            for k, v in data.items()
+            if not (v is None and k in cls.model_fields and not cls.model_fields[k].is_required())
+        }
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class SamplingFields(_Request):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -39,6 +79,30 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v is not None and any(not s for s in ([v] if isinstance(v, str) else v)):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _unsupported(
+                data,
+                {
+                    "logit_bias": _empty,
+                    "best_of": lambda v: v is None or v == 1 or v == data.get("n"),
+                    "guided_json": _empty,
+                    "guided_regex": _empty,
+                    "guided_choice": _empty,
+                    "guided_grammar": _empty,
+                },
+            )
+        return data
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -48,8 +112,14 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    role: Literal["system", "user", "assistant", "developer"]
+    """`developer` is OpenAI's newer name for `system` and is sent to the template as one; tool
+    results (`tool`) need tool calls, which this server does not implement."""
     content: str | list[ContentPart] | None = None
+
+    @property
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -63,15 +133,51 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsupported_chat(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _unsupported(
+                data,
+                {
+                    "tools": _empty,
+                    "tool_choice": lambda v: v is None or v == "none",
+                    "functions": _empty,
+                    "function_call": lambda v: v is None or v == "none",
+                    "response_format": lambda v: (
+                        v is None or (isinstance(v, dict) and v.get("type") == "text")
+                    ),
+                    "audio": _empty,
+                    "prediction": _empty,
+                },
+            )
+            if data.get("top_logprobs") and not data.get("logprobs"):
+                raise UnsupportedFieldError(
+                    "top_logprobs", "top_logprobs needs logprobs: true (as in OpenAI's API)"
+                )
+        return data
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsupported_completion(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _unsupported(data, {"suffix": _empty})
+            if data.get("echo") and data.get("logprobs") is not None:
+                raise UnsupportedFieldError(
+                    "echo",
+                    "echo with logprobs is not supported: the engine computes no log-"
+                    "probabilities of prompt tokens; ask for one of them only",
+                )
+        return data
 
-class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+
+class JobRequest(_Request):
     document: str = Field(min_length=1)
     questions: list[str] = Field(min_length=1)
     max_tokens: int = Field(default=128, ge=1)
