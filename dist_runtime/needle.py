@@ -384,8 +384,10 @@ def parse_lengths(text: str) -> list[int]:
         if not m:
             raise ValueError(f"--lengths: {part!r} is not a token count like 4096, 4k or 1m")
         value = float(m[1]) * {"": 1, "k": 1024, "m": 1024 * 1024}[m[2]]
-        if value < 1 or value != int(value):
+        if value != int(value):
             raise ValueError(f"--lengths: {part!r} is not a whole number of tokens")
+        if value < 1:
+            raise ValueError(f"--lengths: {part!r} is not a token count >= 1")
         out.append(int(value))
     return out
 

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-PLURALS = {"entry": "entries", "tok": "tok"}
+PLURALS = {"entry": "entries", "reply": "replies", "tok": "tok"}
 
 
 def plural(n: int, word: str) -> str:

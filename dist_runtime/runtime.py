@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import os
 import tempfile
 import time
@@ -398,7 +399,17 @@ class Runtime:
                 f"prompt {index} must be a string or a list of token ids, got "
                 f"{type(prompt).__name__} {prompt!r:.80}"
             )
-        return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        ids = list(prompt)
+        text = next((t for t in ids if isinstance(t, (str, bytes))), None)
+        if text is not None:
+            raise ValueError(
+                f"prompt {index} is a list holding text ({text!r:.40}), not token ids; a prompt "
+                "is a string or a list of int token ids (generate_stream and chat take one "
+                "prompt, not a list of them)"
+            )
+        return [_as_token_id(t) for t in ids]
 
     def _wait(
         self,
@@ -453,7 +464,9 @@ class Runtime:
             phase.update_to(
                 int(stats["num_prompt_tokens_computed"] - start["num_prompt_tokens_computed"])
             )
-        first = sum(h.num_output_tokens for h in handles)
+        # Each prefill computes its request's first token; a request prefilled early has decoded
+        # more while the others were prefilling, and those tokens count as decode.
+        first = sum(1 for h in handles if h.num_output_tokens)
 
         def decode_total() -> int:
             return sum(
@@ -466,6 +479,17 @@ class Runtime:
                 phase.update_to(sum(h.num_output_tokens for h in handles) - first)
                 wait()
             phase.update_to(sum(h.num_output_tokens for h in handles) - first, 0)
+
+
+def _as_token_id(t: Any) -> Any:
+    """numpy / torch integer scalars (e.g. from a tokenizer's array output) as plain ints;
+    anything else unchanged, for the engine's range check to report."""
+    if isinstance(t, (int, bool)) or not hasattr(t, "__index__"):
+        return t
+    try:
+        return operator.index(t)
+    except TypeError:
+        return t
 
 
 def _stream_text(handle: RequestHandle) -> Generator[str, None, None]:
@@ -504,6 +528,14 @@ def _build_config(
     }
     direct = {k: v for k, v in direct.items() if v is not None}
     sections = {"parallel": ParallelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+    top = {f.name for f in dataclasses.fields(RuntimeConfig)}
+    for key in sorted(set(direct) - top):
+        for section, cls in sections.items():
+            if key in {f.name for f in dataclasses.fields(cls)}:
+                raise ConfigError(
+                    f"Runtime: {key} is a {section} setting; pass "
+                    f"{section}={{{key!r}: {direct[key]!r}}} (or {cls.__name__}({key}=...))"
+                )
     for key, cls in sections.items():
         if isinstance(direct.get(key), dict):
             direct[key] = build_section(cls, direct[key], f"Runtime({key}=...)")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dist_runtime.config import ConfigError, RuntimeConfig  # noqa: E402
 from dist_runtime.formats.demo_model import DemoModelError  # noqa: E402
 from dist_runtime.needle import (  # noqa: E402
     GridSettings,
@@ -127,6 +128,25 @@ def check(args: argparse.Namespace) -> tuple[list[int], list[float]]:
     return lengths, depths
 
 
+def check_lengths_fit(config: RuntimeConfig, longest: int, max_new_tokens: int) -> None:
+    """Refuse --lengths whose session (derived from them, not typed) passes the model's RoPE,
+    naming --lengths rather than the --session-len the user never gave."""
+    model = config.load_model_config()
+    try:
+        config.check_session_len(model)
+    except ConfigError as e:
+        limit = model.max_rope_len()
+        if e.key != "session_len" or limit is None:
+            raise
+        fits = limit - PROMPT_OVERHEAD - max_new_tokens
+        raise ConfigError(
+            f"--lengths {longest:,} needs a session of {config.session_len:,} tokens (the haystack "
+            f"+ {PROMPT_OVERHEAD} for the prompt + --max-new-tokens {max_new_tokens}), over the "
+            f"{limit:,} this model's RoPE supports; keep --lengths at most {max(fits, 0):,}, or "
+            "run past it with --rope-scaling-factor (dynamic NTK) or --allow-rope-extrapolation"
+        ) from e
+
+
 def run_compare(a: str, b: str) -> int:
     summaries = []
     for d in (a, b):
@@ -152,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lengths, depths = check(args)
         custom = load_needles(args.needle_file) if args.needle_file else None
-        if args.session_len is None:  # room for the longest haystack and its question
+        derived = args.session_len is None
+        if derived:  # room for the longest haystack and its question
             args.session_len = max(lengths) + PROMPT_OVERHEAD + args.max_new_tokens
         config = with_model(build_config(args))
+        if derived:
+            check_lengths_fit(config, max(lengths), args.max_new_tokens)
     except (ValueError, OSError, DemoModelError) as e:
         return bad_input(e, args)
     out = Path(args.out)

@@ -899,8 +899,12 @@ def main(argv: list[str] | None = None) -> int:
                         "document: %s, %s", plural(tokens, "token"), plural(len(items), "question")
                     )
                     answers = rt.ask(document, items, params, use_tqdm=True)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
+            except ValueError as e:  # e.g. a prompt + --max-new-tokens over --session-len
+                message = name_flags(str(e), {"session_len": config.session_len})
+                message = name_flags(
+                    message, {"max_new_tokens": params.max_new_tokens}, SAMPLING_FLAGS
+                )
+                print(f"error: {message}", file=sys.stderr)
                 return 2
             elapsed = time.perf_counter() - start
             after = rt.engine.stats()

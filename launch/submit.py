@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc", help="UTF-8 text file to ask about")
     p.add_argument("-q", "--question", action="append", help="a question (repeatable)")
     p.add_argument("--replace-invalid-utf8", action="store_true", help="decode with U+FFFD")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="most tokens per answer (default 128)"
+    )
     p.add_argument("--idempotency-key", help="submitting the same key again returns the same job")
     p.add_argument("--wait", action="store_true", help="wait and print the answers")
     p.add_argument("--timeout", type=float, default=None, help="seconds to --wait at most")
@@ -136,7 +138,10 @@ def check_args(args: argparse.Namespace) -> bytes | None:
     for i, question in enumerate(args.question):
         if not question.strip():
             raise ValueError(f"-q/--question {i + 1} is empty ({question!r}); give some text")
-    SamplingParams(max_new_tokens=args.max_new_tokens)  # raises naming the bad value
+    try:
+        SamplingParams(max_new_tokens=args.max_new_tokens)
+    except ValueError as e:
+        raise ValueError(str(e).replace("max_new_tokens", "--max-new-tokens", 1)) from e
     try:
         document = Path(args.doc).read_bytes()
     except OSError as e:

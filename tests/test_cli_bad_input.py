@@ -155,7 +155,14 @@ def test_run_cli_document_over_session_len(tiny_llama_dir: Path, tmp_path: Path)
     args = ["--model", tiny_llama_dir, "--session-len", "64", "--doc", doc, "-q", "When?", *CPU]
     proc = _cli(RUN, [*args, "--max-new-tokens", "8"], tmp_path)
     # The model loads first (the prompt is tokenized with it), so progress bars may precede it.
-    _assert_rejected(proc, "max_new_tokens 8", "over session_len 64", one_line=False)
+    # In the flags' names, with every way out: a longer session, fewer new tokens, less text.
+    _assert_rejected(
+        proc,
+        "--max-new-tokens 8",
+        "over --session-len 64; raise --session-len (with --cp",
+        "lower --max-new-tokens or shorten the document",
+        one_line=False,
+    )
     assert proc.stdout == ""
 
 
@@ -413,7 +420,7 @@ SUBMIT_TABLE: list[Any] = [
     ),
     pytest.param(
         ["--doc", "{doc}", "-q", "q", "--max-new-tokens", "0"],
-        "max_new_tokens must be an integer",
+        "--max-new-tokens must be an integer >= 1, got 0",
         id="max-new-tokens",
     ),
     pytest.param(

@@ -132,6 +132,25 @@ def test_custom_needles_file(tmp_path: Path) -> None:
         load_needles(path)
 
 
+def test_lengths_past_the_rope_limit_name_lengths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session is derived from --lengths: the error names --lengths and the longest that
+    fits the demo model's 8,192 positions, not a --session-len the user never typed."""
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the runtime started for lengths the model cannot hold")
+
+    monkeypatch.setattr(needle_cli, "start_runtime", forbidden)
+    out = tmp_path / "grid"
+    assert needle_cli.main(["--lengths", "10k", "--depths", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --lengths 10,240 needs a session of 10,544 tokens"), err
+    assert "keep --lengths at most 7,888" in err and "--rope-scaling-factor" in err, err
+    assert "--session-len" not in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 # -- grids on the demo model ----------------------------------------------------------------
 
 

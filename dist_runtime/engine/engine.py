@@ -250,8 +250,8 @@ class Engine:
         if total > self.config.session_len:
             raise ValueError(
                 f"prompt {index} has {len(ids)} tokens + max_new_tokens {params.max_new_tokens} "
-                f"= {total}, over session_len {self.config.session_len}; raise session_len or "
-                "shorten the prompt"
+                f"= {total}, over session_len {self.config.session_len}; raise session_len, lower "
+                "max_new_tokens or shorten the prompt"
             )
         blocks = self.blocks
         if total > blocks.capacity_tokens:

@@ -140,6 +140,6 @@ def check_fits(prompts: list[list[int]], params: SamplingParams, session_len: in
         raise ValueError(
             f"the document's longest prompt has {longest} tokens + max_new_tokens "
             f"{params.max_new_tokens} = {longest + params.max_new_tokens}, over session_len "
-            f"{session_len}; raise session_len (with --cp for long documents) or shorten the "
-            "document"
+            f"{session_len}; raise session_len (with --cp for long documents), lower "
+            "max_new_tokens or shorten the document"
         )

@@ -235,6 +235,24 @@ def test_unknown_runtime_kwarg(tiny_llama_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        (
+            dict(max_num_seqs=2),
+            r"max_num_seqs is a scheduler setting; pass scheduler=\{'max_num_seqs': 2\}",
+        ),
+        (dict(block_size=32), r"block_size is a cache setting; pass cache=\{'block_size': 32\}"),
+        (dict(quant_policy=8), r"quant_policy is a cache setting; pass cache=\{'quant_policy'"),
+    ],
+)
+def test_section_setting_given_at_the_top(
+    tiny_llama_dir: Path, kwargs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        start(tiny_llama_dir, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
         (dict(dtype="float64"), r"dtype 'float64' is not supported"),
         (dict(device="tpu"), r"device 'tpu' is not supported"),
         (dict(session_len=1), r"session_len must be an integer >= 2, got 1"),
@@ -432,6 +450,7 @@ def test_invalid_sampling_params(kwargs: dict[str, Any], match: str) -> None:
         ([None], r"prompt 0 must be a string or a list of token ids, got NoneType None"),
         ([[1], 7], r"prompt 1 must be a string or a list of token ids, got int 7"),
         ([b"hi"], r"prompt 0 must be a string or a list of token ids, got bytes b'hi'"),
+        ([[1], ["hello"]], r"prompt 1 is a list holding text \('hello'\), not token ids"),
     ],
     ids=[
         "empty-list",
@@ -443,6 +462,7 @@ def test_invalid_sampling_params(kwargs: dict[str, Any], match: str) -> None:
         "none-prompt",
         "int-prompt",
         "bytes-prompt",
+        "list-of-text",
     ],
 )
 def test_bad_prompts(rt: Runtime, prompts: Any, match: str) -> None:
@@ -455,6 +475,25 @@ def test_prompt_longer_than_session_len(rt: Runtime) -> None:
         ValueError, match=r"prompt 0 has 40 tokens \+ max_new_tokens 30 = 70, over session_len 64"
     ):
         rt.generate([list(range(4, 44))], SamplingParams(max_new_tokens=30))
+    # A short prompt with too many new tokens: the message names max_new_tokens as a way out.
+    with pytest.raises(ValueError, match=r"over session_len 64; raise session_len, lower max_new"):
+        rt.generate([[5]], SamplingParams(max_new_tokens=100))
+
+
+def test_stream_of_a_list_of_prompts_names_the_mistake(rt: Runtime) -> None:
+    """generate_stream takes one prompt: a list of strings is not read as token ids."""
+    with pytest.raises(ValueError, match=r"prompt 0 is a list holding text .*take one prompt"):
+        rt.generate_stream(["a story"], SamplingParams(max_new_tokens=2))  # type: ignore[list-item]
+    assert rt.engine.stats()["num_waiting"] == 0
+
+
+def test_numpy_token_ids_are_accepted(rt: Runtime) -> None:
+    np = pytest.importorskip("numpy")
+    ids = [5, 6, 7]
+    params = SamplingParams(max_new_tokens=3)
+    (plain,) = rt.generate([ids], params)
+    (arr,) = rt.generate([list(np.array(ids, dtype=np.int64))], params)
+    assert arr.prompt_token_ids == ids and arr.token_ids == plain.token_ids
 
 
 def test_params_list_length_mismatch(rt: Runtime) -> None:

@@ -300,3 +300,27 @@ def test_dynamic_ntk_within_trained_length_is_unscaled(tmp_path: Path) -> None:
             outs.append(rt.generate([prompt], params)[0])
     assert outs[0].token_ids == outs[1].token_ids
     assert outs[0].logprobs == outs[1].logprobs
+
+
+# -- progress lines --------------------------------------------------------------------------
+
+
+def test_progress_counts_every_decoded_token(
+    tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A short prompt prefilled first decodes while a long one is still prefilling (8-token
+    steps): those tokens are decode tokens too, so the decode line counts every generated
+    token but the one each prefill sampled."""
+    scheduler = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8)
+    with Runtime(
+        model=str(tiny_llama_dir), session_len=128, scheduler=scheduler, **CPU32
+    ) as runtime:
+        capsys.readouterr()
+        outs = runtime.generate(
+            [_prompt(3, 1), _prompt(60, 2)], _greedy(max_new_tokens=20, ignore_eos=True), True
+        )
+    generated = sum(len(o.token_ids) for o in outs)
+    assert generated == 40
+    lines = capsys.readouterr().err.splitlines()
+    decode = [line for line in lines if line.startswith("decode: ")]
+    assert len(decode) == 1 and decode[0].startswith(f"decode: {generated - 2} tokens in "), lines
