@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, get_args, get_origin
 
@@ -103,6 +104,8 @@ M = TypeVar("M")
 
 
 def encode(msg: Any) -> bytes:
+    if dataclasses.is_dataclass(msg) and not isinstance(msg, type):
+        return msgpack.packb(_encoder(type(msg))(msg), use_bin_type=True)
     return msgpack.packb(_to_plain(msg), use_bin_type=True)
 
 
@@ -117,73 +120,189 @@ def decode(data: bytes, cls: type[M], max_bytes: int = MAX_MESSAGE_BYTES) -> M:
         raw = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated exception types
         raise ProtocolError(f"{cls.__name__}: undecodable msgpack ({type(e).__name__}: {e})") from e
-    return _from_plain(raw, cls, cls.__name__)
+    try:
+        return _decoder(cls)(raw)  # type: ignore[no-any-return]
+    except _Invalid as e:
+        raise ProtocolError(f"{cls.__name__}{''.join(reversed(e.path))}: {e}") from None
 
 
 def _to_plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return _encoder(type(value))(value)
     if isinstance(value, (list, tuple)):
         return [_to_plain(v) for v in value]
     return value
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+# -- codecs, built once per message type --------------------------------------------------------
+# A step's plan and result cross the codec every step (b64 decode plans, 8K-token prefill chunks),
+# so each type's encoder and decoder is built once from its type hints: no per-value type
+# inspection, paths formatted only for an error, and a list of scalars checked by its element
+# types in one pass (msgpack yields exact int / float / bool / str objects).
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+class _Invalid(Exception):
+    """A decoding error; `path` collects the field names and indexes on the way out."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.path: list[str] = []
 
 
-def _from_plain(raw: Any, tp: Any, where: str) -> Any:
+_Decoder = Callable[[Any], Any]
+_Encoder = Callable[[Any], Any]
+_DECODERS: dict[Any, _Decoder] = {}
+_ENCODERS: dict[type, _Encoder] = {}
+_SCALAR_TYPES: dict[Any, frozenset[type]] = {
+    int: frozenset({int}),
+    bool: frozenset({bool}),
+    str: frozenset({str}),
+    float: frozenset({float, int}),
+}
+
+
+def _got(expected: str, raw: Any) -> _Invalid:
+    return _Invalid(f"expected {expected}, got {type(raw).__name__}")
+
+
+def _decoder(tp: Any) -> _Decoder:
+    key = tp
+    if key not in _DECODERS:
+        _DECODERS[key] = _build_decoder(tp)
+    return _DECODERS[key]
+
+
+def _build_decoder(tp: Any) -> _Decoder:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        if raw is None and type(None) in get_args(tp):
-            return None
-        inner = [a for a in get_args(tp) if a is not type(None)]
-        return _from_plain(raw, inner[0], where)
+        (inner,) = [a for a in get_args(tp) if a is not type(None)]
+        decode_inner = _decoder(inner)
+        return lambda raw: None if raw is None else decode_inner(raw)
     if origin is list:
-        if not isinstance(raw, list):
-            raise ProtocolError(f"{where}: expected a list, got {type(raw).__name__}")
         (item,) = get_args(tp)
-        return [_from_plain(v, item, f"{where}[{i}]") for i, v in enumerate(raw)]
+        return _list_decoder(item)
     if dataclasses.is_dataclass(tp):
-        return _dataclass_from_plain(raw, tp, where)
-    return _scalar(raw, tp, where)
+        return _dataclass_decoder(tp)
+    if tp in _SCALAR_TYPES:
+        return _scalar_decoder(tp)
+    raise ProtocolError(f"unsupported field type {tp!r}")
 
 
-def _dataclass_from_plain(raw: Any, cls: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ProtocolError(f"{where}: expected a map, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields), key=str)
-    if unknown:
-        raise ProtocolError(f"{where}: unknown fields {unknown}")
-    hints = _hints(cls)
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in raw:
-            if f.default is dataclasses.MISSING:
-                raise ProtocolError(f"{where}: missing field {name!r}")
-            continue
-        kwargs[name] = _from_plain(raw[name], hints[name], f"{where}.{name}")
-    return cls(**kwargs)
+def _scalar_decoder(tp: type) -> _Decoder:
+    if tp is float:
+
+        def decode_float(raw: Any) -> float:
+            if type(raw) is float:
+                return raw
+            if type(raw) is int:
+                return float(raw)
+            raise _got("float", raw)
+
+        return decode_float
+    name = tp.__name__
+
+    def decode_scalar(raw: Any) -> Any:
+        if type(raw) is tp:
+            return raw
+        raise _got(name, raw)
+
+    return decode_scalar
 
 
-def _scalar(raw: Any, tp: Any, where: str) -> Any:
-    if tp is bool:
-        ok = isinstance(raw, bool)
-    elif tp is int:
-        ok = isinstance(raw, int) and not isinstance(raw, bool)
-    elif tp is float:
-        ok = isinstance(raw, (int, float)) and not isinstance(raw, bool)
-        raw = float(raw) if ok else raw
-    elif tp is str:
-        ok = isinstance(raw, str)
-    else:
-        raise ProtocolError(f"{where}: unsupported field type {tp!r}")
-    if not ok:
-        raise ProtocolError(f"{where}: expected {tp.__name__}, got {type(raw).__name__}")
-    return raw
+def _list_decoder(item: Any) -> _Decoder:
+    decode_item = _decoder(item)
+    allowed = _SCALAR_TYPES.get(item)
+
+    def decode_list(raw: Any) -> list[Any]:
+        if type(raw) is not list:
+            raise _got("a list", raw)
+        if allowed is not None:
+            kinds = set(map(type, raw))
+            if kinds <= allowed:  # the common case: one pass at C speed
+                return list(map(float, raw)) if item is float and int in kinds else raw
+        out = []
+        for i, v in enumerate(raw):
+            try:
+                out.append(decode_item(v))
+            except _Invalid as e:
+                e.path.append(f"[{i}]")
+                raise
+        return out
+
+    return decode_list
+
+
+def _dataclass_decoder(cls: Any) -> _Decoder:
+    hints = typing.get_type_hints(cls)
+    fields: list[tuple[str, _Decoder, Callable[[], Any] | None]] = []
+    for f in dataclasses.fields(cls):
+        default: Callable[[], Any] | None = None
+        if f.default is not dataclasses.MISSING:
+            default = lambda value=f.default: value  # noqa: E731
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory
+        fields.append((f.name, _decoder(hints[f.name]), default))
+    names = frozenset(name for name, _, _ in fields)
+    # Frozen dataclasses set each field through object.__setattr__ in __init__; a message
+    # without __post_init__ is filled in directly (every field, as __init__ would).
+    direct = not hasattr(cls, "__post_init__") and not hasattr(cls, "__slots__")
+
+    def decode_dataclass(raw: Any) -> Any:
+        if type(raw) is not dict:
+            raise _got("a map", raw)
+        if not raw.keys() <= names:
+            raise _Invalid(f"unknown fields {sorted(set(raw) - names, key=str)}")
+        values = {}
+        for name, decode_field, default in fields:
+            if name in raw:
+                try:
+                    values[name] = decode_field(raw[name])
+                except _Invalid as e:
+                    e.path.append(f".{name}")
+                    raise
+            elif default is None:
+                raise _Invalid(f"missing field {name!r}")
+            else:
+                values[name] = default()
+        if not direct:
+            return cls(**values)
+        obj = object.__new__(cls)
+        obj.__dict__.update(values)
+        return obj
+
+    return decode_dataclass
+
+
+def _encoder(cls: type) -> _Encoder:
+    if cls not in _ENCODERS:
+        _ENCODERS[cls] = _build_encoder(cls)
+    return _ENCODERS[cls]
+
+
+def _build_encoder(cls: type) -> _Encoder:
+    """A dataclass as a map in field order: scalars and lists of scalars as they are (msgpack
+    packs tuples as arrays too), nested messages through their own encoders."""
+    hints = typing.get_type_hints(cls)
+    fields: list[tuple[str, _Encoder | None]] = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[f.name]
+        optional = get_origin(tp) in (typing.Union, types.UnionType)
+        if optional:
+            (tp,) = [a for a in get_args(tp) if a is not type(None)]
+        encode_field: _Encoder | None = None
+        if get_origin(tp) is list and dataclasses.is_dataclass(get_args(tp)[0]):
+            item = _encoder(get_args(tp)[0])
+            encode_field = lambda v, e=item: [e(x) for x in v]  # noqa: E731
+        elif dataclasses.is_dataclass(tp):
+            encode_field = _encoder(tp)  # type: ignore[arg-type]
+        if optional and encode_field is not None:
+            encode_field = lambda v, e=encode_field: None if v is None else e(v)  # noqa: E731
+        fields.append((f.name, encode_field))
+
+    def encode_dataclass(value: Any) -> dict[str, Any]:
+        return {
+            name: getattr(value, name) if enc is None else enc(getattr(value, name))
+            for name, enc in fields
+        }
+
+    return encode_dataclass

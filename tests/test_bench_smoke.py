@@ -1,8 +1,9 @@
 """The GPU suite's end-to-end script and the host-step bench run here on tiny shapes, so they
 cannot rot between the sessions that have a GPU: `bench/generate_gpu.py --device cpu` with its
 batched decode and its profiler trace, and `bench/host_step.py` (whose tables must equal the
-rebuilt ones, which it asserts itself); and the CPU kernel benches `bench/cpu_attention.py`
-(with its earlier-run column) and `bench/cpu_elementwise.py`."""
+rebuilt ones, which it asserts itself); `bench/protocol_codec.py` (whose two codecs must agree,
+which it asserts itself); and the CPU kernel benches `bench/cpu_attention.py` (with its
+earlier-run column) and `bench/cpu_elementwise.py`."""
 
 from __future__ import annotations
 
@@ -73,6 +74,19 @@ def test_host_step_bench_runs() -> None:
     assert out.count("| 3 | 4,096 | 771 |") == 1
     # cp decode rows, their inputs checked against the split path's (cp 2 and 4 by default)
     assert "cp decode, ours vs split: cp2 b1 1,024" in out and "cp4 b3 4,096" in out
+
+
+def test_protocol_codec_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "codec.md"
+    out = _run(
+        "bench/protocol_codec.py",
+        "--batches=1,3",
+        "--prefill-tokens=256",
+        "--repeats=1",
+        f"--report={report}",
+    )
+    assert "protocol-codec: ours vs reflective: decode b1" in out and "prefill 256 tokens" in out
+    assert "| decode plan b3 |" in report.read_text()
 
 
 def test_cpu_attention_bench_runs(tmp_path: Path) -> None:

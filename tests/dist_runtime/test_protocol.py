@@ -86,6 +86,28 @@ def test_round_trip_keeps_types() -> None:
     assert type(back.seqs[0].is_new) is bool
 
 
+def test_decoded_messages_are_frozen_with_their_own_defaults() -> None:
+    """Decoding fills a message in directly; it stays frozen, equal by its fields, and a
+    field left out gets its default (a fresh list each time)."""
+    raw = plain(PLAN)
+    del raw["seqs"][1]["cached_token_ids"], raw["seqs"][1]["rope_base"]
+    a, b = decode(pack(raw), StepPlan), decode(pack(raw), StepPlan)
+    assert a == b and a.seqs[1].rope_base == 0.0 and a.seqs[1].cached_token_ids == []
+    assert a.seqs[1].cached_token_ids is not b.seqs[1].cached_token_ids
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.seqs[0].start_pos = 5  # type: ignore[misc]
+    token = decode(encode(RESULT), StepResult).tokens[0]
+    assert dataclasses.replace(token, logprob=-2.0).logprob == -2.0
+    assert repr(token).startswith("SampledToken(seq_id=")
+
+
+def test_lists_of_floats_keep_float_elements() -> None:
+    raw = plain(RESULT)
+    raw["tokens"][0]["top_logprobs"] = [-1, -0.5]
+    back = decode(pack(raw), StepResult).tokens[0].top_logprobs
+    assert back == [-1.0, -0.5] and [type(v) for v in back] == [float, float]
+
+
 def test_decode_accepts_bytearray_and_memoryview() -> None:
     data = encode(RESULT)
     assert decode(bytearray(data), StepResult) == RESULT  # type: ignore[arg-type]
