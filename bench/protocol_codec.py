@@ -135,7 +135,7 @@ def _from_plain(raw: Any, tp: Any, where: str) -> Any:
         fields = {f.name: f for f in dataclasses.fields(tp)}
         if set(raw) - set(fields):
             raise ValueError(f"{where}: unknown fields")
-        hints = _hints(tp)
+        hints = _hints(tp)  # type: ignore[arg-type]
         kwargs = {
             name: _from_plain(raw[name], hints[name], f"{where}.{name}")
             for name in fields

@@ -21,6 +21,7 @@ _PUBLIC = {
     "SamplingParams": "dist_runtime.sampling_params",
     "RequestOutput": "dist_runtime.engine.outputs",
     "TokenLogprobs": "dist_runtime.engine.outputs",
+    "IdempotencyKeyConflictError": "dist_runtime.jobs.store",
     "JobFailedError": "dist_runtime.jobs.store",
     "JobState": "dist_runtime.jobs.store",
     "JobStatus": "dist_runtime.jobs.store",
@@ -31,6 +32,7 @@ _PUBLIC = {
 __all__ = [
     "CacheConfig",
     "ConfigError",
+    "IdempotencyKeyConflictError",
     "JobFailedError",
     "JobState",
     "JobStatus",
@@ -55,7 +57,13 @@ if TYPE_CHECKING:
         SchedulerConfig,
     )
     from dist_runtime.engine.outputs import RequestOutput, TokenLogprobs
-    from dist_runtime.jobs.store import JobFailedError, JobState, JobStatus, UnknownJobError
+    from dist_runtime.jobs.store import (
+        IdempotencyKeyConflictError,
+        JobFailedError,
+        JobState,
+        JobStatus,
+        UnknownJobError,
+    )
     from dist_runtime.runtime import Runtime
     from dist_runtime.sampling_params import SamplingParams
 

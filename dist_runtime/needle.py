@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 import re
 import unicodedata
@@ -26,6 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
 
 
 class TokenizerLike(Protocol):
@@ -578,9 +581,18 @@ def run_grid(
     params = SamplingParams(max_new_tokens=settings.max_new_tokens)
     with (
         open(results_path, "a", encoding="utf-8") as out,
-        Phase("needle cells", "cell", len(cells), enabled=progress) as bar,
+        Phase(
+            "needle cells", "cell", len(cells), enabled=progress, initial=len(cells) - len(todo)
+        ) as bar,
     ):
-        bar.update_to(len(cells) - len(todo))
+        if len(todo) < len(cells):
+            logger.info(
+                "%d of %d cells already in %s; computing %d",
+                len(cells) - len(todo),
+                len(cells),
+                results_path,
+                len(todo),
+            )
         for cell in todo:
             needles = cell_needles(settings, cell, custom)
             depths = needle_depths(cell.depth, len(needles))

@@ -29,7 +29,11 @@ def is_terminal(file: TextIO) -> bool:
 
 
 class Phase:
-    """`with Phase("prefill", "token", total=n) as p: p.update_to(k)`; `unit` is singular."""
+    """`with Phase("prefill", "token", total=n) as p: p.update_to(k)`; `unit` is singular.
+
+    `initial`: units already done before the phase started (a resumed run); they count
+    towards the total but not the rate, and the summary says how many there were.
+    """
 
     def __init__(
         self,
@@ -39,12 +43,14 @@ class Phase:
         file: TextIO | None = None,
         interval: float = 30.0,
         enabled: bool = True,
+        initial: int = 0,
     ) -> None:
         self.desc, self.unit, self.total = desc, unit, total
         self.file = file if file is not None else sys.stderr
         self.interval = interval
         self.enabled = enabled
-        self.n = 0
+        self.initial = initial
+        self.n = initial
         self.start = self._last_line = time.perf_counter()
         self._bar: Any = None
         self._closed = False
@@ -52,7 +58,12 @@ class Phase:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=total, desc=desc, unit=" " + unit, file=self.file, dynamic_ncols=True
+                total=total,
+                initial=initial,  # tqdm leaves it out of the rate
+                desc=desc,
+                unit=" " + unit,
+                file=self.file,
+                dynamic_ncols=True,
             )
 
     def __enter__(self) -> Phase:
@@ -94,9 +105,20 @@ class Phase:
             self._print(self.summary())
 
     def summary(self) -> str:
+        """`prefill: 2,048 tokens in 3.1 s, 660.6 token/s`; with units done before the phase,
+        `needle cells: 6 cells (2 already done), 4 in 9.0 s, 0.4 cell/s` (the rate counts only
+        this run's), or `needle cells: 2 cells, all already done`."""
         seconds = self.seconds
-        rate = f", {self.n / seconds:,.1f} {self.unit}/s" if seconds > 0 and self.n else ""
-        return f"{self.desc}: {plural(self.n, self.unit)} in {seconds:.1f} s{rate}"
+        done_now = self.n - self.initial
+        rate = f", {done_now / seconds:,.1f} {self.unit}/s" if seconds > 0 and done_now > 0 else ""
+        if self.initial <= 0:
+            return f"{self.desc}: {plural(self.n, self.unit)} in {seconds:.1f} s{rate}"
+        if done_now <= 0:
+            return f"{self.desc}: {plural(self.n, self.unit)}, all already done"
+        return (
+            f"{self.desc}: {plural(self.n, self.unit)} ({self.initial:,} already done), "
+            f"{done_now:,} in {seconds:.1f} s{rate}"
+        )
 
     def _units(self, n: int) -> str:
         return self.unit if n == 1 else PLURALS.get(self.unit, self.unit + "s")

@@ -215,7 +215,10 @@ class Runtime:
         session_len) and stored durably in the job directory (`job_dir`); the job runner
         starts it as soon as the engine has sequence slots for its questions. `document_path`
         reads a file; bytes that are not UTF-8 are an error unless encoding_errors="replace".
-        A repeated idempotency key returns the first job's id.
+        An `idempotency_key` makes a retry safe: submitting the same job (document,
+        questions, params) with a key already used returns the first job's id; a different
+        job with that key raises IdempotencyKeyConflictError (a ValueError) naming the key
+        and the existing job.
         """
         self._check_serving()
         if self.tokenizer is None:

@@ -8,19 +8,34 @@ Through Ray (default): connects with ray.init(address="auto") to the named job-q
 With --job-dir: writes straight into the durable queue's directory (same machine or shared
 file system). Either way the job is validated against the service's model and session length
 before it is queued, and the job id is printed at once.
+
+Exit status: 0 done; 2 bad input or a failed, cancelled or unknown job (also an
+--idempotency-key already used by a different job); 124 (as timeout(1)) when --wait or
+--result ran out of --timeout: the job goes on in the service, check it with --status JOB_ID
+and collect it with --result JOB_ID.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_runtime.jobs.store import JobFailedError, UnknownJobError  # noqa: E402
+from dist_runtime.jobs.store import (  # noqa: E402
+    IdempotencyKeyConflictError,
+    JobFailedError,
+    UnknownJobError,
+)
+
+EXIT_BAD = 2
+"""Bad input, a failed / cancelled / unknown job, an idempotency key of another job."""
+EXIT_TIMEOUT = 124
+"""--wait / --result ran out of --timeout (the code timeout(1) uses); the job goes on."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,9 +46,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-new-tokens", type=int, default=128, help="most tokens per answer (default 128)"
     )
-    p.add_argument("--idempotency-key", help="submitting the same key again returns the same job")
+    p.add_argument(
+        "--idempotency-key",
+        help="resubmitting the same job with the same key returns its id; the key with another "
+        f"document, questions or --max-new-tokens is an error (exit {EXIT_BAD})",
+    )
     p.add_argument("--wait", action="store_true", help="wait and print the answers")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to --wait at most")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"seconds to --wait (or --result) at most; past it, exit {EXIT_TIMEOUT} and the "
+        "job goes on",
+    )
     action = p.add_mutually_exclusive_group()
     action.add_argument("--status", metavar="JOB_ID")
     action.add_argument("--result", metavar="JOB_ID")
@@ -60,10 +85,20 @@ class _RayQueue:
             args.service_name or service.DEFAULT_NAME, args.namespace or service.DEFAULT_NAMESPACE
         )
 
+    def get(self, ref: Any) -> Any:
+        """ray.get, raising the actor's own exception (its message, not Ray's traceback)."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+
     def submit(self, document: bytes, questions: list[str], max_new_tokens: int, **kw: Any) -> str:
         params = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
         return str(
-            self.ray.get(
+            self.get(
                 self.actor.submit.remote(
                     document,
                     questions,
@@ -75,16 +110,16 @@ class _RayQueue:
         )
 
     def status(self, job_id: str) -> dict[str, Any]:
-        return dict(self.ray.get(self.actor.status.remote(job_id)))
+        return dict(self.get(self.actor.status.remote(job_id)))
 
     def result(self, job_id: str, timeout: float | None) -> list[str]:
-        return list(self.ray.get(self.actor.result.remote(job_id, timeout)))
+        return list(self.get(self.actor.result.remote(job_id, timeout)))
 
     def cancel(self, job_id: str) -> str:
-        return str(self.ray.get(self.actor.cancel.remote(job_id)))
+        return str(self.get(self.actor.cancel.remote(job_id)))
 
     def jobs(self) -> list[dict[str, Any]]:
-        return list(self.ray.get(self.actor.jobs.remote()))
+        return list(self.get(self.actor.jobs.remote()))
 
 
 class _DirQueue:
@@ -157,6 +192,33 @@ def check_args(args: argparse.Namespace) -> bytes | None:
     return document
 
 
+def _queue_flags(args: argparse.Namespace) -> str:
+    """The flags that reach the same queue again, for the commands a message suggests."""
+    if args.job_dir:
+        return f" --job-dir {shlex.quote(args.job_dir)}"
+    flags = ""
+    if args.address != "auto":
+        flags += f" --address {shlex.quote(args.address)}"
+    if args.service_name:
+        flags += f" --service-name {shlex.quote(args.service_name)}"
+    if args.namespace:
+        flags += f" --namespace {shlex.quote(args.namespace)}"
+    return flags
+
+
+def _timed_out(args: argparse.Namespace, job_id: str, state: str | None) -> str:
+    """What to tell a user whose --timeout ran out: the job is not lost, how to follow it."""
+    cmd = f"python launch/submit.py{_queue_flags(args)}"
+    now = f" (it is {state})" if state else ""
+    return (
+        f"error: job {job_id} not finished after --timeout {args.timeout:g} s{now}; it is not "
+        "cancelled:\n"
+        f"  its state:   {cmd} --status {job_id}\n"
+        f"  its answers: {cmd} --result {job_id}   (waits until it is done)\n"
+        f"  cancel it:   {cmd} --cancel {job_id}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -185,20 +247,37 @@ def main(argv: list[str] | None = None) -> int:
             print(job_id, flush=True)
             if not args.wait:
                 return 0
-        answers = queue.result(job_id, args.timeout)
+        try:
+            answers = queue.result(job_id, args.timeout)
+        except TimeoutError:
+            try:
+                state: str | None = str(queue.status(job_id)["state"])
+            except Exception:  # the message matters more than the state in it
+                state = None
+            print(_timed_out(args, job_id, state), file=sys.stderr)
+            return EXIT_TIMEOUT
         for answer in answers:
             print(json.dumps(answer, ensure_ascii=False))
         return 0
+    except IdempotencyKeyConflictError as e:
+        cmd = f"python launch/submit.py{_queue_flags(args)}"
+        print(
+            f"error: --idempotency-key {e.key!r} already belongs to job {e.job_id}, whose "
+            f"{e.what_differs}; nothing was queued. Give a new key for a new job, or see that "
+            f"one with `{cmd} --status {e.job_id}`",
+            file=sys.stderr,
+        )
+        return EXIT_BAD
     except (ValueError, UnknownJobError, JobFailedError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD
     except ConnectionError as e:  # ray.init found no cluster at --address
         print(
             f"error: no Ray cluster at --address {args.address!r} ({e}); start the service "
             "with `launch/run.py --serve` there, or pass --job-dir DIR on its machine",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_BAD
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from dist_runtime.jobs.client import JobClient
+from dist_runtime.jobs.store import JobState
 from launch import run as run_cli
 from launch import submit as submit_cli
 from tests.conftest import REPO_ROOT
@@ -460,6 +461,55 @@ def test_submit_main_unknown_job_ids(
     for action in ("--status", "--result", "--cancel"):
         assert submit_cli.main(["--job-dir", str(files["jobdir"]), action, "nope"]) == 2
         assert "error: no job 'nope' in " in capsys.readouterr().err
+
+
+def test_submit_wait_timeout_has_its_own_exit_code(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No service drains this queue: --wait runs out of --timeout, which is not bad input
+    (exit 2) but exit 124, with the job id and the commands that follow it up."""
+    jobdir = str(files["jobdir"])
+    JobClient(jobdir).close()
+    argv = ["--job-dir", jobdir, "--doc", str(files["doc"]), "-q", "Who?", "--wait"]
+    assert submit_cli.main([*argv, "--timeout", "0.2"]) == submit_cli.EXIT_TIMEOUT == 124
+    out, err = capsys.readouterr()
+    job_id = out.strip()
+    assert err.startswith(f"error: job {job_id} not finished after --timeout 0.2 s (it is queued)")
+    for action in ("--status", "--result", "--cancel"):
+        assert f"python launch/submit.py --job-dir {jobdir} {action} {job_id}" in err
+    assert submit_cli.main(["--job-dir", jobdir, "--result", job_id, "--timeout", "0"]) == 124
+    assert JobClient(jobdir).status(job_id).state is JobState.QUEUED  # nothing cancelled it
+    assert "124" in _submit_help()
+
+
+def _submit_help() -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        submit_cli.parse_args(["--help"])
+    return buf.getvalue()
+
+
+def test_submit_idempotency_key_of_another_job_exits_2(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobdir = str(files["jobdir"])
+    JobClient(jobdir).close()
+    argv = ["--job-dir", jobdir, "--doc", str(files["doc"]), "--idempotency-key", "nightly-7"]
+    assert submit_cli.main([*argv, "-q", "Who?"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert submit_cli.main([*argv, "-q", "Who?"]) == 0  # a retry: the same job, the same id
+    assert capsys.readouterr().out.strip() == job_id
+    assert submit_cli.main([*argv, "-q", "Where?"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(
+        f"error: --idempotency-key 'nightly-7' already belongs to job {job_id}, whose "
+        "questions differ; nothing was queued"
+    )
+    assert [j.job_id for j in JobClient(jobdir).jobs()] == [job_id]
 
 
 def test_submit_main_without_a_ray_cluster(

@@ -275,3 +275,79 @@ def test_ask_answers_every_bundled_question(mesh: str, request: pytest.FixtureRe
     assert len(answers) == len(doc.questions) == 3
     for question, fact, answer in zip(doc.questions, doc.answers, answers):
         assert fact in answer, (mesh, question, answer)
+
+
+# -- the HTTP server's logprobs on the demo model ----------------------------------------------
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return dict(json.loads(r.read()))
+
+
+def test_server_logprob_bytes_rebuild_a_split_emoji(rt1: Runtime) -> None:
+    """Each 🍕 is three byte-level tokens (`ðŁ` / `ĠðŁ`, `į`, `ķ`): a token's `bytes` are its
+    own raw bytes, not the UTF-8 of U+FFFD, so consecutive tokens' bytes rebuild the text."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from dist_runtime.server.app import ServerSettings, create_app
+
+    app = create_app(rt1, ServerSettings(served_model_name="demo"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+        base = f"http://127.0.0.1:{port}/v1"
+        chat = _post(
+            f"{base}/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "Reply with only this emoji: 🍕🍕🍕"}],
+                "logprobs": True,
+                "top_logprobs": 5,
+                "temperature": 0,
+                "max_tokens": 9,
+                "ignore_eos": True,
+            },
+        )
+        choice = chat["choices"][0]
+        text = choice["message"]["content"]
+        entries = choice["logprobs"]["content"]
+        assert "🍕" in text and len(entries) == 9
+        assert b"".join(bytes(e["bytes"]) for e in entries) == text.encode("utf-8")
+        first = [bytes(e["bytes"]) for e in entries[:3]]
+        assert first[0].lstrip() == b"\xf0\x9f" and first[1:] == [b"\x8d", b"\x95"]
+        for e in entries:
+            assert "\ufffd" not in e["token"]
+            assert bytes(e["bytes"]).decode("utf-8", "backslashreplace") == e["token"]
+            tops = {t["token"]: bytes(t["bytes"]) for t in e["top_logprobs"]}
+            assert tops[e["token"]] == bytes(e["bytes"])  # greedy: the chosen one is on top
+        # `ĠðŁ`, an emoji's start after a space, is among the alternatives
+        alternatives = {bytes(t["bytes"]): t["token"] for e in entries for t in e["top_logprobs"]}
+        assert alternatives[b" \xf0\x9f"] == " \\xf0\\x9f"
+        # the legacy completions object: escaped tokens, offsets in characters of the text
+        done = _post(
+            f"{base}/completions",
+            {"prompt": "Pizza: 🍕🍕", "logprobs": 1, "temperature": 0, "max_tokens": 6},
+        )
+        lp = done["choices"][0]["logprobs"]
+        assert "\ufffd" not in "".join(lp["tokens"])
+        assert lp["text_offset"] == sorted(lp["text_offset"])
+        assert lp["text_offset"][-1] < len(done["choices"][0]["text"])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

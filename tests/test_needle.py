@@ -189,6 +189,34 @@ def test_prefix_sharing_across_depths(rt1: Runtime, tmp_path: Path) -> None:
     assert two["prefill_tokens_naive"] > 1.9 * one["prefill_tokens_naive"]
 
 
+def test_rerunning_a_finished_grid_reports_no_rate(
+    rt1: Runtime, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every cell already done: the summary says so instead of a rate of cells computed in no
+    time (it used to print "2 cells in 0.0 s, 114,135.7 cell/s")."""
+    settings = _settings(1, lengths=[512], depths=[50.0])
+    first = run_grid(rt1, settings, tmp_path, None, False)
+    capsys.readouterr()
+    again = run_grid(rt1, settings, tmp_path, None, True)
+    err = capsys.readouterr().err
+    assert "needle cells: 1 cell, all already done" in err, err
+    assert "cell/s" not in err
+    assert again["overall"] == first["overall"]
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_phase_rate_counts_only_this_runs_units() -> None:
+    import io
+
+    from dist_runtime.progress import Phase
+
+    out = io.StringIO()
+    with Phase("needle cells", "cell", 6, file=out, initial=2) as bar:
+        bar.start -= 10.0  # as if it had run for 10 s
+        bar.update_to(6)
+    assert out.getvalue() == "needle cells: 6 cells (2 already done), 4 in 10.0 s, 0.4 cell/s\n"
+
+
 @pytest.mark.usefixtures("ray_cluster")
 def _grid_tp1(rt1: Runtime, out: Path) -> list[dict[str, Any]]:
     summary = run_grid(rt1, _settings(1), out, None, False)

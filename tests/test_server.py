@@ -323,6 +323,26 @@ def test_jobs_endpoints(server: Server) -> None:
     assert "dist_runtime:time_to_first_token_seconds_bucket" in text
 
 
+def test_job_idempotency_key_reused_for_another_job_is_409(server: Server) -> None:
+    doc = "The ferry leaves pier 4 at seven. The harbour master is Tom Reyes."
+    body = {"document": doc, "questions": ["Who?"], "max_tokens": 2, "idempotency_key": "k-409"}
+    status, job = server.request("POST", "/v1/jobs", body)
+    assert status == 200, job
+    status, again = server.request("POST", "/v1/jobs", body)  # a retry: the same job
+    assert status == 200 and again["id"] == job["id"]
+    for change in ({"questions": ["Where?"]}, {"document": doc + " More."}, {"max_tokens": 3}):
+        status, err = server.request("POST", "/v1/jobs", {**body, **change})
+        assert status == 409, (change, err)
+        assert err["error"]["param"] == "idempotency_key"
+        assert err["error"]["type"] == "invalid_request_error"
+        assert "'k-409'" in err["error"]["message"] and job["id"] in err["error"]["message"]
+    assert [j["id"] for j in server.request("GET", "/v1/jobs")[1]["data"]].count(job["id"]) == 1
+    deadline = time.monotonic() + 60
+    while server.request("GET", f"/v1/jobs/{job['id']}")[1]["state"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_concurrency_limit(tiny_llama_dir: Path, tmp_path: Path) -> None:
     s = Server(tiny_llama_dir, tmp_path, "--max-concurrent-requests", "1")
     try:

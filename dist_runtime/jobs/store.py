@@ -72,6 +72,31 @@ class JobFailedError(RuntimeError):
     """The job ended failed (or cancelled); the message carries its error."""
 
 
+def _differ(differs: tuple[str, ...]) -> str:
+    """`questions differ`, `document and generation settings differ`."""
+    return f"{' and '.join(differs)} differ" if differs else "job differs"
+
+
+class IdempotencyKeyConflictError(ValueError):
+    """An idempotency key already used by a job with another document, questions or
+    generation settings. `key`, `job_id` (the existing job) and `differs` (what differs)."""
+
+    def __init__(self, key: str, job_id: str, differs: tuple[str, ...] = ()):
+        self.key, self.job_id, self.differs = key, job_id, tuple(differs)
+        super().__init__(
+            f"idempotency_key {key!r} already belongs to job {job_id}, whose "
+            f"{_differ(self.differs)}; resubmitting the same job with the key returns that "
+            "id, a different job needs a new key"
+        )
+
+    @property
+    def what_differs(self) -> str:
+        return _differ(self.differs)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles across processes (the Ray actor)
+        return type(self), (self.key, self.job_id, self.differs)
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """What `Runtime.status` / `jobs()` report about one job."""
@@ -181,16 +206,22 @@ class JobStore:
         idempotency_key: str | None = None,
         prefill_tokens_total: int = 0,
     ) -> str:
-        """Queue a job; with an idempotency key already used, return that job's id instead.
+        """Queue a job and return its id. With an idempotency key already used: the same
+        job (document, questions and params equal) returns that job's id without queueing
+        another; a different one raises IdempotencyKeyConflictError.
         prefill_tokens_total: the prompt tokens it will prefill, shown by status() at once."""
         check_idempotency_key(idempotency_key)
         now = time.time()
         with self._tx() as db:
             if idempotency_key is not None:
                 row = db.execute(
-                    "SELECT id FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                    "SELECT id, document, questions, params FROM jobs WHERE idempotency_key = ?",
+                    (idempotency_key,),
                 ).fetchone()
                 if row is not None:
+                    differs = _differences(row[1:], document, questions, params)
+                    if differs:
+                        raise IdempotencyKeyConflictError(idempotency_key, str(row[0]), differs)
                     return str(row[0])
             job_id = uuid.uuid4().hex
             db.execute(
@@ -371,6 +402,25 @@ class JobStore:
                 "UPDATE jobs SET state = ?, error = ?, answers = ?, updated = ? WHERE id = ?",
                 (state.value, error, answers, time.time(), job_id),
             )
+
+
+def _differences(
+    stored: tuple[Any, ...], document: str, questions: list[str], params: SamplingParams
+) -> tuple[str, ...]:
+    """What of a job differs from a stored row's (document, questions, params) columns."""
+    doc, qs, ps = stored
+    differs = []
+    if doc != document:
+        differs.append("document")
+    if json.loads(qs) != list(questions):
+        differs.append("questions")
+    try:  # through SamplingParams: a row written before a field existed gets its default
+        same_params = params_to_json(params_from_json(ps)) == params_to_json(params)
+    except (TypeError, ValueError):
+        same_params = False
+    if not same_params:
+        differs.append("generation settings")
+    return tuple(differs)
 
 
 _STATUS_COLUMNS = (

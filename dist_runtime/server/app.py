@@ -14,6 +14,7 @@ Errors are `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import dataclasses
 import json
 import logging
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogprobs
-from dist_runtime.jobs.store import JobState, UnknownJobError
+from dist_runtime.jobs.store import IdempotencyKeyConflictError, JobState, UnknownJobError
 from dist_runtime.runtime import Runtime
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.server.metrics import ServerMetrics
@@ -237,9 +238,23 @@ class _Server:
         tok = self.runtime.tokenizer
         return tok.decode(ids, skip_special_tokens=False) if tok is not None else ""
 
-    def token_text(self, token_id: int) -> str:
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's raw bytes (part of a UTF-8 character for some tokens)."""
         tok = self.runtime.tokenizer
-        return tok.decode([token_id], skip_special_tokens=False) if tok is not None else ""
+        return tok.token_bytes(token_id) if tok is not None else b""
+
+    def token_text(self, token_id: int) -> str:
+        """A token as logprobs show it: see `token_string`."""
+        return token_string(self.token_bytes(token_id))
+
+
+def token_string(raw: bytes) -> str:
+    """The `token` of a logprobs entry: its bytes as text, with bytes that are not a whole
+    UTF-8 character (a token holding part of an emoji) written as `\\xNN` escapes, as
+    DeepSeek's API does, rather than as U+FFFD (vLLM's choice, which loses which bytes they
+    were). `bytes` carries the exact bytes: clients rebuild the text from consecutive tokens'
+    `bytes`."""
+    return raw.decode("utf-8", errors="backslashreplace")
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -562,8 +577,8 @@ async def _disconnect(request: Request) -> None:
 
 def _chat_logprobs(server: _Server, entries: list[TokenLogprobs] | None) -> dict[str, Any]:
     def one(token_id: int, lp: float) -> dict[str, Any]:
-        text = server.token_text(token_id)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        raw = server.token_bytes(token_id)
+        return {"token": token_string(raw), "logprob": lp, "bytes": list(raw)}
 
     content = []
     for e in entries or []:
@@ -577,14 +592,16 @@ def _completion_logprobs(
     server: _Server, entries: list[TokenLogprobs] | None, start: int
 ) -> dict[str, Any]:
     """The legacy logprobs object; `text_offset` counts characters of the choice's whole text,
-    the first token starting at `start` (after the echoed prompt or the text streamed so far)."""
-    tokens = [server.token_text(e.token_id) for e in entries or []]
+    the first token starting at `start` (after the echoed prompt or the text streamed so far).
+    A token that continues a character split over tokens starts at that character."""
+    raw = [server.token_bytes(e.token_id) for e in entries or []]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     offsets, pos = [], start
-    for t in tokens:
+    for b in raw:
         offsets.append(pos)
-        pos += len(t)
+        pos += len(decoder.decode(b))
     return {
-        "tokens": tokens,
+        "tokens": [token_string(b) for b in raw],
         "token_logprobs": [e.logprob for e in entries or []],
         "top_logprobs": [
             {server.token_text(t): lp for t, lp in e.top.items()} for e in entries or []
@@ -729,6 +746,10 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
             job_id = runtime.submit(
                 req.document, req.questions, params, idempotency_key=req.idempotency_key
             )
+        except IdempotencyKeyConflictError as e:
+            raise APIError(
+                409, str(e), param="idempotency_key", code="idempotency_key_conflict"
+            ) from e
         except ValueError as e:
             raise APIError(400, str(e)) from e
         return status(job_id)

@@ -130,6 +130,17 @@ class Tokenizer:
         """Whether `decode(..., skip_special_tokens=True)` drops this id."""
         return self._backend.is_special(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for, which may be part of a UTF-8 character.
+
+        Byte-level BPE pieces map back through GPT-2's byte-to-unicode table (`ĠðŁ` is
+        b" \\xf0\\x9f"); SentencePiece byte tokens `<0xNN>` are that byte and "▁" is a space
+        (also at the start of a word, where `decode` drops it); special and added tokens are
+        their UTF-8 text. Concatenated over a sequence of tokens, they are the UTF-8 of its
+        text (plus any word-start space `decode` drops). An id outside the vocabulary gives b"".
+        """
+        return self._backend.token_bytes(int(token_id))
+
     def is_byte_run_token(self, token_id: int) -> bool:
         """A byte token (`<0x0A>`) whose text can still change with the tokens after it.
 
@@ -294,6 +305,67 @@ def _missing_files_message(folder: Path, config: Mapping[str, Any]) -> str:
     )
 
 
+# -- token bytes ------------------------------------------------------------------------------
+SP_SPACE = "\u2581"
+"""SentencePiece's "▁", a space in its pieces."""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table of byte-level BPE vocabularies."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\xa1"), ord("\xac") + 1),
+        *range(ord("\xae"), ord("\xff") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def byte_level_bytes(piece: str) -> bytes:
+    """The bytes of a byte-level BPE piece (`ĠðŁ` -> b" \\xf0\\x9f"); a character outside
+    the table (never in a real vocabulary) stands for its own UTF-8."""
+    out = bytearray()
+    for ch in piece:
+        b = _UNICODE_TO_BYTE.get(ch)
+        if b is None:
+            out += ch.encode("utf-8")
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def _decoder_types(decoder: Any) -> set[str]:
+    """The `type` of a tokenizers decoder and of every decoder inside it (a Sequence)."""
+    if decoder is None:
+        return set()
+    try:
+        config = json.loads(decoder.__getstate__())
+    except (AttributeError, TypeError, ValueError):
+        return {type(decoder).__name__}
+    types: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("type"), str):
+                types.add(node["type"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return types
+
+
 # -- backends ---------------------------------------------------------------------------------
 class _Backend:
     name = ""
@@ -312,6 +384,9 @@ class _Backend:
         raise NotImplementedError
 
     def is_special(self, token_id: int) -> bool:
+        raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
         raise NotImplementedError
 
     def is_byte_run_token(self, token_id: int) -> bool:
@@ -338,10 +413,17 @@ class _TokenizersBackend(_Backend):
         self._tok.no_padding()
         vocab: dict[str, int] = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(len(vocab), max(vocab.values(), default=-1) + 1)
-        self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        added = self._tok.get_added_tokens_decoder()
+        self._special = {i for i, t in added.items() if t.special}
+        self._added_text = {int(i): str(t.content) for i, t in added.items()}
         self._byte_run_ids: frozenset[int] = frozenset()
         if "ByteFallback" in repr(self._tok.decoder):
             self._byte_run_ids = frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.match(t))
+        decoders = _decoder_types(self._tok.decoder)
+        self._byte_level = "ByteLevel" in decoders
+        """Pieces are GPT-2 byte-to-unicode strings (GPT-2, Llama 3, Qwen, SmolLM)."""
+        self._metaspace = bool(decoders & {"Metaspace", "Replace", "ByteFallback"})
+        """SentencePiece-style pieces: "▁" is a space, `<0xNN>` a byte (Llama 2, Mistral)."""
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -360,6 +442,21 @@ class _TokenizersBackend(_Backend):
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._added_text:
+            return self._added_text[token_id].encode("utf-8")
+        piece = self._tok.id_to_token(token_id) if 0 <= token_id < self.vocab_size else None
+        if piece is None:
+            return b""
+        if self._byte_level:
+            return byte_level_bytes(piece)
+        if self._metaspace:
+            if _BYTE_TOKEN.match(piece):
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace(SP_SPACE, " ").encode("utf-8")
+        # another decoder (WordPiece...): its own rendering of the single token
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     def is_byte_run_token(self, token_id: int) -> bool:
         return token_id in self._byte_run_ids
@@ -568,3 +665,14 @@ class _SentencePieceBackend(_Backend):
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        special = self._special_text.get(token_id)
+        if special is not None:
+            return special.encode("utf-8")
+        if not 0 <= token_id < self._num_pieces:
+            return b""
+        piece = str(self._sp.id_to_piece(token_id))
+        if self._sp.is_byte(token_id) and _BYTE_TOKEN.match(piece):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace(SP_SPACE, " ").encode("utf-8")

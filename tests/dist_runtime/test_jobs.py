@@ -4,6 +4,7 @@ submitting processes."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +21,72 @@ from dist_runtime import (
 )
 from dist_runtime.config import CacheConfig, SchedulerConfig
 from dist_runtime.jobs.client import JobClient
-from dist_runtime.jobs.store import JobStore
+from dist_runtime.jobs.store import IdempotencyKeyConflictError, JobStore
 
 PARAMS = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
 DOC = "The harbour master keeps the tide tables. The lighthouse keeper is Ada Brennan. " * 3
 
 
 # -- the store alone --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        (dict(document="doc c"), "document"),
+        (dict(questions=["q", "q2"]), "questions"),
+        (dict(params=SamplingParams(max_new_tokens=7, temperature=0.0)), "generation settings"),
+    ],
+)
+def test_idempotency_key_of_another_job_is_an_error(
+    tmp_path: Path, change: dict[str, Any], what: str
+) -> None:
+    store = JobStore(tmp_path)
+    job: dict[str, Any] = dict(document="doc b", questions=["q"], params=PARAMS)
+    first = store.submit(**job, idempotency_key="key-1")
+    with pytest.raises(IdempotencyKeyConflictError) as e:
+        store.submit(**{**job, **change}, idempotency_key="key-1")
+    assert isinstance(e.value, ValueError)
+    assert (e.value.key, e.value.job_id, e.value.differs) == ("key-1", first, (what,))
+    assert f"idempotency_key 'key-1' already belongs to job {first}" in str(e.value)
+    assert what in str(e.value)
+    copy = pickle.loads(pickle.dumps(e.value))  # as it crosses from the Ray actor
+    assert (copy.key, copy.job_id, str(copy)) == ("key-1", first, str(e.value))
+    assert store.submit(**job, idempotency_key="key-1") == first  # the retry still works
+    assert [s.job_id for s in store.list_jobs()] == [first]
+    store.close()
+
+
+def test_idempotency_retry_matches_a_row_with_fewer_param_fields(tmp_path: Path) -> None:
+    """A job row written before SamplingParams had some of its fields (the schema itself is
+    unchanged): a retry with the same key compares with the stored job's defaults filled in."""
+    import json
+    import sqlite3
+
+    from dist_runtime.jobs.store import _SCHEMA, DB_NAME
+
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(_SCHEMA)
+    old_params = json.dumps({"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True})
+    db.execute(
+        "INSERT INTO jobs (id, idempotency_key, state, document, questions, params, created, "
+        "updated) VALUES ('old', 'k', 'queued', 'doc', '[\"q\"]', ?, 0, 0)",
+        (old_params,),
+    )
+    db.commit()
+    db.close()
+    store = JobStore(tmp_path)
+    assert store.submit("doc", ["q"], PARAMS, idempotency_key="k") == "old"
+    with pytest.raises(IdempotencyKeyConflictError, match="generation settings"):
+        store.submit("doc", ["q"], SamplingParams(max_new_tokens=6), idempotency_key="k")
+    job = store.claim()
+    assert job is not None and job.job_id == "old" and job.params == PARAMS
+    store.close()
+
+
 def test_store_lifecycle_and_persistence(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     a = store.submit("doc a", ["q1", "q2"], PARAMS)
     b = store.submit("doc b", ["q"], PARAMS, idempotency_key="k")
-    assert store.submit("other", ["x"], PARAMS, idempotency_key="k") == b  # same key, same job
+    assert store.submit("doc b", ["q"], PARAMS, idempotency_key="k") == b  # a retry
     assert [s.job_id for s in store.list_jobs()] == [a, b]
     job = store.claim()
     assert job is not None and job.job_id == a and job.questions == ["q1", "q2"]

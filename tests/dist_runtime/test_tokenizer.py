@@ -526,3 +526,36 @@ def test_incremental_byte_fallback_run_is_held(byte_fallback_json: Path) -> None
     assert "".join(deltas) == tok.decode(truncated)
     assert deltas[-1] == "\ufffd" * 4  # held until the flush
     assert "".join(_stream(tok, ids, True)) == "x ñ😃"
+
+
+# -- token bytes ------------------------------------------------------------------------------
+def test_token_bytes_of_the_demo_tokenizer(smollm2_dir: Path) -> None:
+    """Byte-level BPE pieces map back to their bytes, including half a character."""
+    tok = Tokenizer(smollm2_dir)
+    assert tok.token_bytes(tok.token_to_id("Hello") or -1) == b"Hello"
+    assert tok.token_bytes(tok.token_to_id("Ġworld") or -1) == b" world"
+    assert tok.token_bytes(tok.token_to_id("Ċ") or -1) == b"\n"
+    pizza = tok.encode(" 🍕", add_special_tokens=False)
+    assert [tok.id_to_token(i) for i in pizza] == ["ĠðŁ", "į", "ķ"]
+    assert [tok.token_bytes(i) for i in pizza] == [b" \xf0\x9f", b"\x8d", b"\x95"]
+    assert tok.decode(pizza[:1]) == " \ufffd"  # what decoding one id alone gives instead
+    im_end = tok.token_to_id("<|im_end|>")
+    assert im_end is not None and tok.is_special(im_end)
+    assert tok.token_bytes(im_end) == b"<|im_end|>"
+    assert tok.token_bytes(tok.vocab_size + 5) == b""
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_concatenate_to_the_text(any_tokenizer: Tokenizer, text: str) -> None:
+    """Every backend: the tokens' bytes joined are the text's UTF-8, up to the word-start
+    spaces SentencePiece adds ("▁"), and `<0xNN>` byte tokens are one byte each."""
+    tok = any_tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    joined = b"".join(tok.token_bytes(i) for i in ids)
+    assert joined.decode("utf-8").replace(" ", "") == text.replace(" ", "")
+    if tok.backend == "tokenizers" and tok.token_to_id("<0x0A>") is None:  # byte-level BPE
+        assert joined == text.encode("utf-8")
+    for b in (0x0A, 0xF0, 0x9F):
+        byte_id = tok.token_to_id(f"<0x{b:02X}>")
+        if byte_id is not None:
+            assert tok.token_bytes(byte_id) == bytes([b])
