@@ -33,6 +33,8 @@ class Phase:
 
     `initial`: units already done before the phase started (a resumed run); they count
     towards the total but not the rate, and the summary says how many there were.
+    `since`: when the phase's work began (a `time.monotonic()` reading) if before now; its
+    seconds and rate count from then.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class Phase:
         interval: float = 30.0,
         enabled: bool = True,
         initial: int = 0,
+        since: float | None = None,
     ) -> None:
         self.desc, self.unit, self.total = desc, unit, total
         self.file = file if file is not None else sys.stderr
@@ -52,6 +55,8 @@ class Phase:
         self.initial = initial
         self.n = initial
         self.start = self._last_line = time.perf_counter()
+        if since is not None:
+            self.start -= max(time.monotonic() - since, 0.0)
         self._bar: Any = None
         self._closed = False
         if enabled and is_terminal(self.file):

@@ -477,7 +477,9 @@ class Runtime:
                 for h, p in zip(handles, params)
             )
 
-        with Phase("decode", "token", decode_total() - first) as phase:
+        # Decoding began with the first request to finish its prefill.
+        since = min((h.first_token_time for h in handles if h.first_token_time), default=None)
+        with Phase("decode", "token", decode_total() - first, since=since) as phase:
             while not all(h.done for h in handles):
                 phase.update_to(sum(h.num_output_tokens for h in handles) - first)
                 wait()
@@ -570,10 +572,15 @@ def _per_prompt(
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
-    if isinstance(params, (str, bytes)) or not isinstance(params, Seq):
+    if isinstance(params, dict):
         raise ValueError(
-            f"params must be one SamplingParams or a list of {n}, got "
-            f"{type(params).__name__} {params!r:.80}"
+            f"params must be a SamplingParams, got a dict {params!r:.80}; pass "
+            "SamplingParams(**that_dict)"
+        )
+    if isinstance(params, (str, bytes)) or not isinstance(params, Seq):
+        many = f" or a list of {n}" if n > 1 else ""
+        raise ValueError(
+            f"params must be one SamplingParams{many}, got {type(params).__name__} {params!r:.80}"
         )
     plist = list(params)
     if len(plist) != n:

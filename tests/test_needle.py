@@ -217,6 +217,20 @@ def test_phase_rate_counts_only_this_runs_units() -> None:
     assert out.getvalue() == "needle cells: 6 cells (2 already done), 4 in 10.0 s, 0.4 cell/s\n"
 
 
+def test_phase_since_counts_from_when_the_work_began() -> None:
+    """A decode phase whose first tokens came while other prompts still prefilled counts its
+    time from the first of them."""
+    import io
+    import time
+
+    from dist_runtime.progress import Phase
+
+    out = io.StringIO()
+    with Phase("decode", "token", 4, file=out, since=time.monotonic() - 8.0) as bar:
+        bar.update_to(4)
+    assert out.getvalue() == "decode: 4 tokens in 8.0 s, 0.5 token/s\n"
+
+
 @pytest.mark.usefixtures("ray_cluster")
 def _grid_tp1(rt1: Runtime, out: Path) -> list[dict[str, Any]]:
     summary = run_grid(rt1, _settings(1), out, None, False)

@@ -508,7 +508,11 @@ def test_params_list_length_mismatch(rt: Runtime) -> None:
     [
         (5, r"params must be one SamplingParams or a list of 2, got int 5"),
         ("greedy", r"params must be one SamplingParams or a list of 2, got str 'greedy'"),
-        ({"temperature": 0}, r"a list of 2, got dict \{'temperature': 0\}"),
+        (
+            {"temperature": 0},
+            r"params must be a SamplingParams, got a dict \{'temperature': 0\}; pass "
+            r"SamplingParams\(\*\*that_dict\)",
+        ),
         ([SamplingParams(), {"temperature": 0}], r"params\[1\] must be a SamplingParams, got dict"),
     ],
     ids=["int", "str", "dict", "dict-in-list"],
@@ -518,6 +522,11 @@ def test_params_of_the_wrong_type(rt: Runtime, params: Any, match: str) -> None:
         rt.generate([[5], [6]], params)
     with pytest.raises(ValueError, match=r"params must be a SamplingParams or None, got "):
         rt.ask("The keeper is Ada.", ["Who?"], params)
+
+
+def test_one_prompt_calls_name_one_params(rt: Runtime) -> None:
+    with pytest.raises(ValueError, match=r"params must be one SamplingParams, got int 5$"):
+        rt.generate_stream([5], 5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("messages", [None, [], 5, b"hi"], ids=["none", "empty", "int", "bytes"])
