@@ -123,6 +123,17 @@ def cpu_decode_choice() -> str:
     return env_choice(CPU_DECODE_ENV, ("fused", "layers"))
 
 
+CPU_COLLECTIVES_ENV = "DIST_RUNTIME_CPU_COLLECTIVES"
+"""`shm` (default) or `gloo`: whether the tp all-reduces and all-gathers of a gloo (CPU) group
+whose ranks share one machine go through a shared memory segment (`kernels/cpu_shm.py`) or
+through gloo's sockets."""
+
+
+def cpu_collectives_choice() -> str:
+    """`DIST_RUNTIME_CPU_COLLECTIVES`: 'shm' (default) or 'gloo'."""
+    return env_choice(CPU_COLLECTIVES_ENV, ("shm", "gloo"))
+
+
 DECODE_GRAPHS_ENV = "DIST_RUNTIME_DECODE_GRAPHS"
 """`auto` (default: decode steps replay from CUDA graphs on CUDA unless `enforce_eager`) or
 `emulate` (any device, for tests where there is no CUDA: decode steps go through the graphs'
@@ -142,6 +153,8 @@ WORKER_ENV = (
     CPU_GEMM_ENV,
     CPU_ATTENTION_ENV,
     CPU_ELEMENTWISE_ENV,
+    CPU_DECODE_ENV,
+    CPU_COLLECTIVES_ENV,
     DECODE_GRAPHS_ENV,
 )
 """Environment switches that choose kernels and paths inside the workers. The Ray executor

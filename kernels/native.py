@@ -3,7 +3,8 @@
 The sources (`csrc/cpu_decode.c`: paged decode attention and RoPE + KV store;
 `csrc/cpu_gemm.c`: linear layers over a panel-packed weight; `csrc/cpu_elementwise.c`: the
 residual add with RMSNorm and SiLU-and-mul; `csrc/cpu_decoder.c`: a decode step's layers
-through those kernels in one call; `csrc/simd.h`: the vector helpers they share;
+through those kernels in one call; `csrc/cpu_shm.c`: tp all-reduce and all-gather through
+shared memory; `csrc/simd.h`: the vector helpers they share;
 `csrc/kernels.h`: their declarations)
 are compiled together with the system C compiler (`cc`, or `$CC`) into the runtime's cache
 folder (`$DIST_RUNTIME_CACHE/native`, see `formats/demo_model.py`) and loaded with ctypes. The file
@@ -34,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
-    CSRC / name for name in ("cpu_decode.c", "cpu_gemm.c", "cpu_elementwise.c", "cpu_decoder.c")
+    CSRC / name
+    for name in ("cpu_decode.c", "cpu_gemm.c", "cpu_elementwise.c", "cpu_decoder.c", "cpu_shm.c")
 )
 HEADERS = (CSRC / "simd.h", CSRC / "kernels.h")
 """Included by the sources: part of the build's key, not of its command line."""

@@ -2,7 +2,7 @@
 cannot rot between the sessions that have a GPU: `bench/generate_gpu.py --device cpu` with its
 batched decode and its profiler trace, and `bench/host_step.py` (whose tables must equal the
 rebuilt ones, which it asserts itself); `bench/protocol_codec.py` (whose two codecs must agree,
-which it asserts itself); and the CPU kernel benches `bench/cpu_attention.py` (with its
+which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU kernel benches `bench/cpu_attention.py` (with its
 earlier-run column) and `bench/cpu_elementwise.py`."""
 
 from __future__ import annotations
@@ -87,6 +87,15 @@ def test_protocol_codec_bench_runs(tmp_path: Path) -> None:
     )
     assert "protocol-codec: ours vs reflective: decode b1" in out and "prefill 256 tokens" in out
     assert "| decode plan b3 |" in report.read_text()
+
+
+def test_tp_shm_bench_runs() -> None:
+    from kernels import cpu_shm
+
+    if not cpu_shm.available():
+        pytest.skip("no shared-memory collectives here")
+    out = _run("bench/tp_shm.py", "--tp=2", "--skip-model", "--calls=5")
+    assert "| decode b1 | 576 |" in out and "tp-shm: shm vs gloo at tp 2: decode b1 call" in out
 
 
 def test_cpu_attention_bench_runs(tmp_path: Path) -> None:

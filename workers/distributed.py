@@ -17,10 +17,15 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dist_runtime.config import cpu_collectives_choice
+from kernels import cpu_shm
+from kernels.cpu_shm import ShmGroup
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +122,14 @@ class Collectives:
         tp_group: dist.ProcessGroup | None = None,
         cp_group: dist.ProcessGroup | None = None,
         timeout_s: float | None = None,
+        tp_shm: ShmGroup | None = None,
     ):
         self.coords = coords
         self.tp_group = tp_group
         self.cp_group = cp_group
         self.timeout_s = timeout_s
+        self.tp_shm = tp_shm
+        """The tp group's shared-memory segment, when its ranks share a machine on gloo."""
         self._stats: dict[str, list[float]] = {op: [0, 0, 0.0] for op in COLLECTIVE_OPS}
 
     def _record(self, op: str, nbytes: int, seconds: float, calls: int = 1) -> None:
@@ -166,7 +174,13 @@ class Collectives:
             return x
         start = time.perf_counter()
         with self._guard("tp all-reduce"):
-            dist.all_reduce(x, group=self.tp_group)
+            if self.tp_shm is not None and x.is_cpu and x.dtype == torch.float32:
+                flat = x if x.is_contiguous() else x.contiguous()
+                self.tp_shm.all_reduce(flat, self.timeout_s)
+                if flat is not x:
+                    x.copy_(flat)
+            else:
+                dist.all_reduce(x, group=self.tp_group)
         self._record("tp_all_reduce", x.numel() * x.element_size(), time.perf_counter() - start)
         return x
 
@@ -174,10 +188,13 @@ class Collectives:
         """Concatenate every tp rank's x along dim (rank order)."""
         if self.tp_size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         start = time.perf_counter()
         with self._guard("tp all-gather"):
-            dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+            if self.tp_shm is not None and x.is_cpu:
+                parts = list(self.tp_shm.all_gather(x, self.timeout_s).unbind(0))
+            else:
+                parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+                dist.all_gather(parts, x.contiguous(), group=self.tp_group)
         self._record("tp_all_gather", x.numel() * x.element_size(), time.perf_counter() - start)
         return torch.cat(parts, dim=dim)
 
@@ -301,7 +318,60 @@ def init_distributed(
     if collective_timeout_s is not None:
         set_collective_timeout(collective_timeout_s, [None, tp_group, cp_group])
     logger.debug("rank %d joined %s group of %d", coords.rank, backend, coords.world_size)
-    return Collectives(coords, tp_group, cp_group, timeout_s=collective_timeout_s)
+    tp_shm = None
+    if backend == "gloo" and coords.tp_size > 1 and cpu_collectives_choice() == "shm":
+        tp_shm = _tp_shared_memory(store, coords)
+    return Collectives(coords, tp_group, cp_group, timeout_s=collective_timeout_s, tp_shm=tp_shm)
+
+
+def _machine_id() -> str:
+    """This machine (host name and boot): ranks that report the same one share memory."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _tp_shared_memory(store: Any, coords: MeshCoords) -> ShmGroup | None:
+    """The tp group's shared-memory segment when all its ranks run on this machine and can map
+    one (every rank of the group agrees through the store), else None: gloo carries on."""
+    prefix, tp, rank = f"tp_shm/{coords.cp_rank}", coords.tp_size, coords.tp_rank
+
+    def everyone(key: str, value: str) -> list[str]:
+        store.set(f"{prefix}/{key}/{rank}", value)
+        return [store.get(f"{prefix}/{key}/{r}").decode() for r in range(tp)]
+
+    usable = len(set(everyone("machine", _machine_id()))) == 1 and cpu_shm.available()
+    group: ShmGroup | None = None
+    try:
+        if rank == 0:
+            path = ""
+            if usable:
+                try:
+                    segment = cpu_shm.new_segment_path(f"tp{coords.cp_rank}")
+                    group = ShmGroup(segment, 0, tp, create=True)
+                    path = str(segment)
+                except (OSError, RuntimeError) as e:
+                    logger.info("no shared-memory tp collectives (%s); gloo carries them", e)
+            store.set(f"{prefix}/path", path)
+        else:
+            path = store.get(f"{prefix}/path").decode()
+            if usable and path:
+                try:
+                    group = ShmGroup(path, rank, tp, create=False)
+                except (OSError, RuntimeError) as e:
+                    logger.info("could not map %s (%s); gloo carries the tp collectives", path, e)
+        ready = everyone("ready", "1" if group is not None else "0")
+    finally:
+        if rank == 0 and group is not None:
+            group.unlink()  # every rank has mapped it (or given up): the name can go
+    if all(r == "1" for r in ready):
+        logger.debug("rank %d: tp collectives through shared memory", coords.rank)
+        return group
+    if group is not None:
+        group.close()
+    return None
 
 
 def set_collective_timeout(seconds: float, groups: list[Any]) -> None:

@@ -13,6 +13,13 @@ void dr_rms_norm(const float *x, int64_t x_stride, const float *residual, int64_
 void dr_silu_and_mul(const float *x, int64_t x_stride, float *out, int64_t o_stride,
                      int64_t rows, int64_t inter, int num_threads);
 
+/* cpu_shm.c */
+void dr_shm_attach(void *segment, int rank, int64_t pid);
+int dr_shm_all_reduce(void *segment, int rank, int world, int64_t slot_bytes, int64_t *seq,
+                      float *x, int64_t n, double timeout_s, int *peer);
+int dr_shm_all_gather(void *segment, int rank, int world, int64_t slot_bytes, int64_t *seq,
+                      const void *x, int64_t nbytes, void *out, double timeout_s, int *peer);
+
 /* cpu_gemm.c */
 void dr_linear(const float *x, int64_t M, int64_t K, const float *panels, int64_t N,
                const float *bias, float *y, int num_threads);
