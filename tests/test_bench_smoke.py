@@ -2,8 +2,8 @@
 cannot rot between the sessions that have a GPU: `bench/generate_gpu.py --device cpu` with its
 batched decode and its profiler trace, and `bench/host_step.py` (whose tables must equal the
 rebuilt ones, which it asserts itself); `bench/protocol_codec.py` (whose two codecs must agree,
-which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU kernel benches `bench/cpu_attention.py` (with its
-earlier-run column) and `bench/cpu_elementwise.py`."""
+which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU kernel benches
+`bench/cpu_attention.py` (with its earlier-run column) and `bench/cpu_elementwise.py`."""
 
 from __future__ import annotations
 
