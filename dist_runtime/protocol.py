@@ -75,6 +75,15 @@ class SeqStep:
     cached_token_ids: list[int] = dataclasses.field(default_factory=list)
     """With is_new and a penalty that reads the history: the tokens before start_pos (found in
     the prefix cache, so never sent to the workers as token_ids)."""
+    prompt_logprobs: int = -1
+    """With k >= 0: score the leading `prompt_logprob_rows` rows of this chunk, each against
+    the token after it, with the top k; -1: none."""
+    prompt_logprob_rows: int = 0
+    """Leading rows of token_ids whose next token is a prompt token (the prompt's last token
+    and output tokens of a recompute are not scored)."""
+    next_prompt_token: int = -1
+    """The prompt token after this chunk: the target of its last row when every row is scored
+    (-1 otherwise)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,9 +104,25 @@ class SampledToken:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PromptLogprobs:
+    """Log-probabilities of the prompt tokens at positions start_pos + 1 ..., one per row a
+    chunk scored: row i is log P(token[start_pos + i + 1] | tokens[..start_pos + i])."""
+
+    seq_id: int
+    start_pos: int
+    logprobs: list[float]
+    top_k: int
+    top_ids: list[int]
+    """len(logprobs) * top_k ids, row after row, most likely first."""
+    top_logprobs: list[float]
+
+
+@dataclass(frozen=True, kw_only=True)
 class StepResult:
     step_id: int
     tokens: list[SampledToken]
+    prompt_logprobs: list[PromptLogprobs] = dataclasses.field(default_factory=list)
+    """Scored rows of the step's chunks that asked for prompt log-probabilities."""
 
 
 M = TypeVar("M")

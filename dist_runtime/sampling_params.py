@@ -43,6 +43,10 @@ class SamplingParams:
     """Keep generating past EOS until max_new_tokens."""
     logprobs: int | None = None
     """Return this many top log-probabilities per generated token (plus the chosen one)."""
+    prompt_logprobs: int | None = None
+    """Return the log-probability of every prompt token after the first (given the tokens
+    before it) and this many top log-probabilities at each position; None: off. The request
+    then computes its whole prompt (no prefix-cache hit), as in vLLM."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the decoded text."""
     extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
@@ -107,6 +111,11 @@ class SamplingParams:
         _check(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
             f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}",
+        )
+        _check(
+            self.prompt_logprobs is None
+            or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+            f"prompt_logprobs must be an integer in [0, 20] or None, got {self.prompt_logprobs!r}",
         )
         for name in ("ignore_eos", "skip_special_tokens"):
             value = getattr(self, name)

@@ -96,6 +96,9 @@ def test_prefix_cache_and_kv_split_with_cp(ray_cluster: Any, tiny_llama_dir: Pat
         computed = rt.engine.scheduler.num_prompt_tokens_computed - before
         assert computed == len(doc) + 2 - (len(doc) // BLOCK_SIZE) * BLOCK_SIZE
         assert [o.token_ids for o in first + second] == [o.token_ids for o in want]
+        # prompt log-probabilities are not computed at cp > 1: refused when the request is added
+        with pytest.raises(ValueError, match=r"prompt_logprobs .* \(cp=3\)"):
+            rt.generate([doc], SamplingParams(prompt_logprobs=1))
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])

@@ -473,10 +473,80 @@ def test_completion_logprobs_text_offsets(client: Any) -> None:
             offsets += choice.logprobs.text_offset
         sent += len(choice.text)
     assert len(offsets) == 8 and offsets == sorted(offsets)
-    # echo would put the prompt's tokens (whose logprobs the engine does not compute) first
+
+
+def test_completion_echo_with_logprobs(client: Any, tokenizer: Any, tiny_llama_dir: Path) -> None:
+    """What lm-evaluation-harness's `local-completions` sends to score a text: the prompt's
+    tokens come first with their log-probabilities (the first has none), equal to the Python
+    API's prompt_logprobs, then the generated ones; text offsets run over the whole text."""
+    from dist_runtime import Runtime, SamplingParams
+
+    ids = tokenizer.encode("The lighthouse keeper")  # BOS first
+    kw: dict[str, Any] = dict(
+        model=None,
+        max_tokens=3,
+        temperature=0,
+        echo=True,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    choice = client.completions.create(prompt=ids, **kw).choices[0]
+    lp, n = choice.logprobs, len(ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == choice.text  # ids echo as their text, BOS included
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(n + 3)]
+    with Runtime(model=str(tiny_llama_dir), session_len=512, device="cpu", dtype="float32") as rt:
+        (out,) = rt.generate(
+            [ids],
+            SamplingParams(max_new_tokens=3, prompt_logprobs=2, logprobs=2, ignore_eos=True),
+        )
+    assert out.prompt_logprobs is not None and out.logprobs is not None
+    second = out.prompt_logprobs[1]
+    assert second is not None
+    want = [e.logprob for e in [*out.prompt_logprobs[1:], *out.logprobs] if e is not None]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
+    assert list(lp.top_logprobs[1]) == [
+        tokenizer.token_bytes(t).decode(errors="backslashreplace") for t in second.top
+    ]
+    # A text prompt echoes as sent: the BOS the tokenizer added takes no characters.
+    by_text = client.completions.create(prompt="The lighthouse keeper", **kw).choices[0]
+    assert by_text.text.startswith("The lighthouse keeper")
+    assert by_text.logprobs.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert by_text.logprobs.text_offset[:2] == [0, 0]
+    assert "".join(by_text.logprobs.tokens[1:]) == by_text.text
+    # Streamed: the first chunk carries the prompt's entries.
+    chunks = [c.choices[0] for c in client.completions.create(prompt=ids, stream=True, **kw)]
+    assert chunks[0].logprobs.token_logprobs[0] is None
+    streamed = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    assert streamed == lp.tokens
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset
+
+
+def test_vllm_prompt_logprobs_field(client: Any, tokenizer: Any) -> None:
+    ids = tokenizer.encode("A tide")
+    out = client.completions.create(
+        model=None, prompt=ids, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 1}
+    )
+    choice = out.choices[0]
+    scored = choice.model_extra["prompt_logprobs"]
+    assert choice.logprobs is None and len(scored) == len(ids) and scored[0] is None
+    for pos in range(1, len(ids)):
+        entries = scored[pos]
+        assert str(ids[pos]) in entries and 1 <= len(entries) <= 2
+        assert min(e["rank"] for e in entries.values() if e["rank"] is not None) == 1
+    chat = client.chat.completions.create(
+        model=None,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        extra_body={"prompt_logprobs": 0},
+    )
+    scored = chat.choices[0].model_extra["prompt_logprobs"]
+    assert scored[0] is None and all(len(e) == 1 for e in scored[1:])
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(**kw, echo=True)
-    assert e.value.body["param"] == "echo"
+        client.completions.create(model=None, prompt="Hi", extra_body={"prompt_logprobs": 21})
+    assert e.value.body["param"] == "prompt_logprobs"
 
 
 def test_null_fields_take_their_defaults(server: Server) -> None:

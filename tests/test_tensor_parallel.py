@@ -1,9 +1,10 @@
 """Tensor parallelism over Ray workers gives the tp=1 result, and each rank loads only its shard.
 
 Every tp degree runs the same batch (a prompt longer than one KV block, a one-token prompt, a
-text prompt and a short one) greedily with top-5 logprobs; the tokens must equal the tp=1 run
-and the logprobs agree to fp32 reduction noise. Each (checkpoint, tp) Runtime is started once
-per module and shared by the tests that need it.
+text prompt and a short one) greedily with top-5 logprobs of the generated and of the prompt
+tokens (every tp rank runs the gathering LM head on the prompt rows); the tokens must equal the
+tp=1 run and the logprobs agree to fp32 reduction noise. Each (checkpoint, tp) Runtime is
+started once per module and shared by the tests that need it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ VOCAB = TINY_SHAPES["vocab_size"]
 BLOCK_SIZE = 16
 LOGPROB_ATOL = 1e-4
 """fp32: tp changes only the order of the all-reduced partial sums (~1e-6 in the logits)."""
-PARAMS = SamplingParams(max_new_tokens=10, temperature=0.0, logprobs=5, ignore_eos=True)
+PARAMS = SamplingParams(
+    max_new_tokens=10, temperature=0.0, logprobs=5, prompt_logprobs=5, ignore_eos=True
+)
 
 
 def _prompt(length: int, seed: int) -> list[int]:
@@ -105,7 +108,16 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         assert len(g.token_ids) == PARAMS.max_new_tokens
         assert g.text == r.text and g.finish_reason == r.finish_reason == "length"
         assert g.logprobs is not None and r.logprobs is not None
-        for step, (a, b) in enumerate(zip(g.logprobs, r.logprobs, strict=True)):
+        assert g.prompt_logprobs is not None and r.prompt_logprobs is not None
+        assert len(g.prompt_logprobs) == len(g.prompt_token_ids) and g.prompt_logprobs[0] is None
+        for step, (a, b) in enumerate(
+            zip(
+                [*g.prompt_logprobs[1:], *g.logprobs],
+                [*r.prompt_logprobs[1:], *r.logprobs],
+                strict=True,
+            )
+        ):
+            assert a is not None and b is not None and a.token_id == b.token_id
             assert list(a.top) == list(b.top), f"prompt {i} step {step}: top-5 ids differ"
             torch.testing.assert_close(
                 torch.tensor([a.logprob, *a.top.values()]),

@@ -8,13 +8,21 @@ so plans only carry deltas.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from dist_runtime.config import RuntimeConfig, decode_graphs_choice
-from dist_runtime.protocol import SampledToken, SamplingSpec, SeqStep, StepPlan, StepResult
+from dist_runtime.protocol import (
+    PromptLogprobs,
+    SampledToken,
+    SamplingSpec,
+    SeqStep,
+    StepPlan,
+    StepResult,
+)
 from workers.checkpoint import CheckpointReader, dtype_from_name
 from workers.context_parallel import block_owner, build_cp_metadata, local_key_count
 from workers.cuda_graph import DecodeGraphs
@@ -24,7 +32,7 @@ from workers.layers.attention import AttentionMetadata
 from workers.layers.rotary import inverse_frequencies, rotary_cos_sin_per_token
 from workers.models.decoder import DecoderLM
 from workers.models.layouts import init_dummy_weights, load_weights
-from workers.sampler import Sampler
+from workers.sampler import Sampler, score_rows
 
 MAX_GRAPH_BATCH = 256
 """Largest decode batch replayed from a CUDA graph; bigger batches run eagerly (launch cost is
@@ -223,9 +231,12 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, meta, self.kv_cache.layers)
+        scored = self._score_prompts(plan.seqs, hidden)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:
-            return StepResult(step_id=plan.step_id, tokens=[]) if self.is_driver_rank else None
+            if not self.is_driver_rank:
+                return None
+            return StepResult(step_id=plan.step_id, tokens=[], prompt_logprobs=scored)
         rows = hidden[sample_rows]
         if split:
             rows = self._gather_sample_rows(rows, plan.seqs)
@@ -234,7 +245,64 @@ class ModelRunner:
         logits = self.model.compute_logits(rows)  # (sampled, vocab) fp32
         if not self.is_driver_rank:
             return None
-        return StepResult(step_id=plan.step_id, tokens=self._sample(logits, sampled))
+        tokens = self._sample(logits, sampled)
+        return StepResult(step_id=plan.step_id, tokens=tokens, prompt_logprobs=scored)
+
+    def _score_prompts(self, seqs: list[SeqStep], hidden: torch.Tensor) -> list[PromptLogprobs]:
+        """Prompt log-probabilities of the chunks that ask for them (cp = 1, rows packed in
+        plan order). Every tp rank runs the LM head on the same slices; the driver rank keeps
+        the values."""
+        wanted = [
+            (i, s) for i, s in enumerate(seqs) if s.prompt_logprobs >= 0 and s.prompt_logprob_rows
+        ]
+        if not wanted:
+            return []
+        if self.comm.cp_size > 1:
+            raise ValueError(
+                f"prompt log-probabilities need cp == 1; this worker runs at cp = "
+                f"{self.comm.cp_size}"
+            )
+        starts = [0, *itertools.accumulate(len(s.token_ids) for s in seqs)]
+        rows: list[torch.Tensor] = []
+        targets: list[int] = []
+        for i, s in wanted:
+            n = s.prompt_logprob_rows
+            if not 0 < n <= len(s.token_ids) or (n == len(s.token_ids) and s.next_prompt_token < 0):
+                raise ValueError(
+                    f"seq {s.seq_id}: {n} prompt-logprob rows in a chunk of {len(s.token_ids)} "
+                    f"tokens (next prompt token {s.next_prompt_token})"
+                )
+            rows.append(hidden[starts[i] : starts[i] + n])  # (n, hidden)
+            targets += s.token_ids[1 : n + 1]
+            if n == len(s.token_ids):
+                targets.append(s.next_prompt_token)
+        top_k = max(s.prompt_logprobs for _, s in wanted)
+        chosen, top_ids, top_lp = score_rows(
+            self.model.compute_logits,
+            torch.cat(rows),
+            torch.tensor(targets, dtype=torch.int64),
+            top_k,
+            self.model_config.vocab_size,
+            keep=self.is_driver_rank,
+        )
+        if not self.is_driver_rank:
+            return []
+        out, r, width = [], 0, min(top_k, self.model_config.vocab_size)
+        for _, s in wanted:
+            n, k = s.prompt_logprob_rows, min(s.prompt_logprobs, width)
+            picks = [j for row in range(r, r + n) for j in range(row * width, row * width + k)]
+            out.append(
+                PromptLogprobs(
+                    seq_id=s.seq_id,
+                    start_pos=s.start_pos,
+                    logprobs=chosen[r : r + n],
+                    top_k=k,
+                    top_ids=[top_ids[j] for j in picks],
+                    top_logprobs=[top_lp[j] for j in picks],
+                )
+            )
+            r += n
+        return out
 
     def _update_state(self, seq: SeqStep) -> None:
         if seq.is_new:

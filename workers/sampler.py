@@ -11,6 +11,8 @@ the helpers free of device syncs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -18,6 +20,10 @@ from torch.nn.utils.rnn import pad_sequence
 from dist_runtime.protocol import SampledToken, SamplingSpec
 
 _NEG_INF = float("-inf")
+
+PROMPT_LOGITS_BYTES = 128 << 20
+"""Most fp32 logits materialised at once when scoring prompt rows (the log_softmax beside
+them doubles it): an 8K-token chunk over a 92K vocabulary would be 3 GB in one piece."""
 
 
 def apply_repetition_penalty(
@@ -235,3 +241,38 @@ def _results(
         )
         for i, (seq_id, token_id, spec) in enumerate(zip(seq_ids, token_ids.tolist(), specs))
     ]
+
+
+def score_rows(
+    compute_logits: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    top_k: int,
+    vocab_size: int,
+    keep: bool = True,
+) -> tuple[list[float], list[int], list[float]]:
+    """Raw log-probability of each row's target and the row's top_k, over hidden (rows,
+    hidden) and targets (rows,), in slices of at most PROMPT_LOGITS_BYTES of logits.
+
+    Every tp rank must call this with the same row count (the LM head gathers each slice);
+    ranks that do not keep the values (keep=False) skip the softmax and return empty lists.
+    Returns (logprobs (rows,), top ids and top logprobs (rows * top_k,), row after row).
+    """
+    step = max(1, PROMPT_LOGITS_BYTES // (4 * vocab_size))
+    chosen: list[float] = []
+    top_ids: list[int] = []
+    top_lp: list[float] = []
+    k = min(top_k, vocab_size)
+    for lo in range(0, hidden.shape[0], step):
+        logits = compute_logits(hidden[lo : lo + step])  # (rows, vocab) fp32
+        if not keep:
+            continue
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        del logits
+        index = targets[lo : lo + step].to(logprobs.device).unsqueeze(1)
+        chosen += logprobs.gather(1, index).squeeze(1).tolist()
+        if k > 0:
+            values, ids = logprobs.topk(k, dim=-1)  # (rows, k)
+            top_lp += values.flatten().tolist()
+            top_ids += ids.flatten().tolist()
+    return chosen, top_ids, top_lp

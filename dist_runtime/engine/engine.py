@@ -154,6 +154,8 @@ class Engine:
             _Request(s, RequestHandle(rid, len(s.prompt_token_ids), self.abort))
             for s, rid in zip(seqs, ids)
         ]
+        # A request scoring its prompt computes all of it: a shared-prefix pass would not help.
+        share_prefix = share_prefix and all(p.prompt_logprobs is None for p in params)
         shared = self._shared_prefix(list(prompts)) if share_prefix else None
         if shared is not None:
             prefix = _Request(
@@ -260,6 +262,11 @@ class Engine:
                 f"{blocks.capacity_tokens} ({blocks.num_blocks} blocks of "
                 f"{blocks.block_size} per cp rank x cp={blocks.cp_size}); give the "
                 "workers more KV memory, raise cp, or shorten it"
+            )
+        if params.prompt_logprobs is not None and self.config.parallel.cp > 1:
+            raise ValueError(
+                f"prompt {index}: prompt_logprobs is not supported with context parallelism "
+                f"(cp={self.config.parallel.cp}); run with cp=1 or leave prompt_logprobs out"
             )
         if params.stop and self.tokenizer is None:
             raise ValueError(
@@ -432,6 +439,8 @@ class Engine:
             return
         self.scheduler.on_step_done(plan)
         request_ids, num_prefill, num_decodes = self._update_progress(plan)
+        for scored in result.prompt_logprobs:
+            self.outputs.record_prompt_logprobs(self._by_seq[scored.seq_id].seq, scored)
         for tok in result.tokens:
             request = self._by_seq[tok.seq_id]
             delta = self.outputs.process(request.seq, tok)

@@ -8,13 +8,27 @@ from __future__ import annotations
 
 from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogprobs
 from dist_runtime.engine.scheduler import Sequence
-from dist_runtime.protocol import SampledToken
+from dist_runtime.protocol import PromptLogprobs, SampledToken
 
 
 class OutputProcessor:
     def __init__(self, eos_token_ids: set[int], session_len: int):
         self.eos_token_ids = eos_token_ids
         self.session_len = session_len
+
+    @staticmethod
+    def record_prompt_logprobs(seq: Sequence, scored: PromptLogprobs) -> None:
+        """Store a chunk's scored rows at their positions (a recompute overwrites them)."""
+        prompt, k = seq.prompt_token_ids, scored.top_k
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs = [None] * len(prompt)
+        for i, logprob in enumerate(scored.logprobs):
+            pos = scored.start_pos + i + 1
+            top = dict(
+                zip(scored.top_ids[i * k : (i + 1) * k], scored.top_logprobs[i * k : (i + 1) * k])
+            )
+            seq.num_prompt_logprobs += seq.prompt_logprobs[pos] is None
+            seq.prompt_logprobs[pos] = TokenLogprobs(prompt[pos], logprob, top)
 
     def process(self, seq: Sequence, tok: SampledToken) -> RequestDelta:
         """Record a sampled token on seq; the delta's finish_reason says whether it ended."""
@@ -34,7 +48,8 @@ class OutputProcessor:
             if reason is not None:
                 text_state.finish()
             text = text_state.release(reason is not None)
-        return RequestDelta([tok.token_id], text, logprobs, reason)
+        prompt_logprobs = _prompt_logprobs(seq) if len(seq.output_token_ids) == 1 else None
+        return RequestDelta([tok.token_id], text, logprobs, reason, prompt_logprobs)
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         p = seq.params
@@ -56,4 +71,13 @@ class OutputProcessor:
             finish_reason=finish_reason,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=_prompt_logprobs(seq),
         )
+
+
+def _prompt_logprobs(seq: Sequence) -> list[TokenLogprobs | None] | None:
+    """With params.prompt_logprobs, one entry per prompt token (None for the first, and for
+    any not computed: an abort before the prompt was read); else None."""
+    if seq.params.prompt_logprobs is None:
+        return None
+    return list(seq.prompt_logprobs) or [None] * len(seq.prompt_token_ids)

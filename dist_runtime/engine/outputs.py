@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """Log-probabilities (from the raw model distribution) of one generated token."""
+    """Log-probabilities (from the raw model distribution) of one generated or prompt token."""
 
     token_id: int
     logprob: float
@@ -26,6 +26,8 @@ class RequestDelta:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     """None while the request runs; then 'stop', 'length' or 'abort'."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With params.prompt_logprobs, on the request's first delta: as in RequestOutput."""
 
 
 @dataclass(frozen=True)
@@ -39,3 +41,6 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0
     """Prompt tokens whose K/V came from the prefix cache."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With params.prompt_logprobs: one entry per prompt token, None for the first (nothing
+    precedes it); entry i holds log P(prompt[i] | prompt[:i]) and the top k at position i."""

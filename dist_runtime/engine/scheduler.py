@@ -61,6 +61,19 @@ class Sequence:
     """Preempted at least once (its blocks were taken back; it recomputes)."""
     rope_base: float = 0.0
     """RoPE base fixed for this request (0: the model's own); it salts its prefix-cache keys."""
+    prompt_logprobs: list[Any] = field(default_factory=list)
+    """With params.prompt_logprobs: a TokenLogprobs (or None) per prompt position, so a
+    recompute overwrites positions instead of adding entries; [0] stays None."""
+    num_prompt_logprobs: int = 0
+    """Positions of prompt_logprobs filled so far (complete at len(prompt) - 1)."""
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt positions are still to be scored: such a sequence computes its prompt."""
+        return (
+            self.params.prompt_logprobs is not None
+            and self.num_prompt_logprobs < len(self.prompt_token_ids) - 1
+        )
 
     def token_slice(self, start: int, stop: int) -> list[int]:
         """Tokens [start, stop) of prompt + output, without concatenating the whole sequence."""
@@ -194,7 +207,7 @@ class Scheduler:
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start a sequence from the cached blocks of its longest known prefix."""
-        if seq.block_table or seq.num_computed_tokens:
+        if seq.block_table or seq.num_computed_tokens or seq.needs_prompt_logprobs:
             return
         # At least the last token is computed, so the step yields logits to sample from.
         blocks, seq.prefix_hash = self.blocks.match_prefix(
@@ -264,6 +277,7 @@ class Scheduler:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
             new_blocks = seq.block_table[seq.num_blocks_sent :]
+            rows, next_token = _prompt_rows(seq, start, n)
             steps.append(
                 SeqStep(
                     seq_id=seq.seq_id,
@@ -277,6 +291,9 @@ class Scheduler:
                     cached_token_ids=seq.token_slice(0, start)
                     if seq.is_reset and start and _needs_history(seq.params)
                     else [],
+                    prompt_logprobs=(seq.params.prompt_logprobs or 0) if rows else -1,
+                    prompt_logprob_rows=rows,
+                    next_prompt_token=next_token,
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)
@@ -324,6 +341,16 @@ class Scheduler:
 
 def _has(scheduled: list[ScheduledSeq], seq: Sequence) -> bool:
     return any(s.seq is seq for s in scheduled)
+
+
+def _prompt_rows(seq: Sequence, start: int, n: int) -> tuple[int, int]:
+    """(rows to score, the prompt token after the chunk or -1) for the chunk [start, start + n)
+    of seq: positions whose next token is a prompt token, while some are still unscored."""
+    if not seq.needs_prompt_logprobs:
+        return 0, -1
+    prompt = seq.prompt_token_ids
+    rows = max(0, min(start + n, len(prompt) - 1) - start)
+    return rows, prompt[start + n] if rows == n else -1
 
 
 def _needs_history(p: SamplingParams) -> bool:

@@ -177,7 +177,12 @@ class _Server:
 
     # -- generation ----------------------------------------------------------------------------
     def params(
-        self, req: SamplingFields, max_tokens: int | None, logprobs: int | None, index: int
+        self,
+        req: SamplingFields,
+        max_tokens: int | None,
+        logprobs: int | None,
+        index: int,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         seed = None if req.seed is None else (req.seed + index) % 2**63
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -196,6 +201,7 @@ class _Server:
                 ignore_eos=req.ignore_eos,
                 skip_special_tokens=req.skip_special_tokens,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         except ValueError as e:
             raise APIError(400, str(e)) from e
@@ -246,6 +252,10 @@ class _Server:
     def token_text(self, token_id: int) -> str:
         """A token as logprobs show it: see `token_string`."""
         return token_string(self.token_bytes(token_id))
+
+    def is_special(self, token_id: int) -> bool:
+        tok = self.runtime.tokenizer
+        return tok is not None and tok.is_special(token_id)
 
 
 def token_string(raw: bytes) -> str:
@@ -396,21 +406,25 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             req.max_completion_tokens or req.max_tokens or server.default_max_tokens(len(ids))
         )
         top = (req.top_logprobs or 0) if req.logprobs else None
-        params = [server.params(req, max_tokens, top, i) for i in range(req.n)]
+        params = [server.params(req, max_tokens, top, i, req.prompt_logprobs) for i in range(req.n)]
         handles = server.add([ids] * req.n, params, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
 
             def chat_choice(i: int, delta: RequestDelta, _first: bool) -> dict[str, Any] | None:
-                if not delta.text and delta.finish_reason is None:
+                scored = delta.prompt_logprobs
+                if not delta.text and delta.finish_reason is None and scored is None:
                     return None
                 logprobs = _chat_logprobs(server, delta.logprobs) if delta.logprobs else None
-                return {
+                choice: dict[str, Any] = {
                     "index": i,
                     "delta": {"content": delta.text} if delta.text else {},
                     "logprobs": logprobs,
                     "finish_reason": delta.finish_reason,
                 }
+                if scored is not None:
+                    choice["prompt_logprobs"] = _vllm_prompt_logprobs(server, scored, ids)
+                return choice
 
             role = {"role": "assistant", "content": ""}
             body = _stream(
@@ -430,7 +444,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         outs = await _gather(handles, request)
         usage = _usage(len(ids), outs, req.n)
         request.state.usage = usage
-        choices = [
+        choices: list[dict[str, Any]] = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": o.text},
@@ -439,6 +453,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             }
             for i, o in enumerate(outs)
         ]
+        if req.prompt_logprobs is not None:
+            for choice, o in zip(choices, outs):
+                choice["prompt_logprobs"] = _vllm_prompt_logprobs(server, o.prompt_logprobs, ids)
         return {
             "id": rid,
             "object": "chat.completion",
@@ -454,8 +471,11 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         prompts = _prompt_ids(server, req.prompt)
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         all_ids = [ids for ids in prompts for _ in range(req.n)]
+        scored_k = req.prompt_logprobs_k
         all_params = [
-            server.params(req, max_tokens, req.logprobs, j) for _ in prompts for j in range(req.n)
+            server.params(req, max_tokens, req.logprobs, j, scored_k)
+            for _ in prompts
+            for j in range(req.n)
         ]
         handles = server.add(all_ids, all_params, "prompt")
         echo = [
@@ -464,6 +484,23 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         ]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
+        # echo with logprobs: the prompt's tokens (and their log-probabilities) come first.
+        echo_logprobs = req.echo and req.logprobs is not None
+
+        def echoed(k: int, scored: list[TokenLogprobs | None] | None) -> _EchoedPrompt | None:
+            if not echo_logprobs:
+                return None
+            ids = prompts[k // req.n]
+            return _EchoedPrompt(ids, scored or [None] * len(ids), echo[k // req.n])
+
+        def extras(k: int, scored: list[TokenLogprobs | None] | None) -> dict[str, Any]:
+            if req.prompt_logprobs is None:
+                return {}
+            ids = prompts[k // req.n]
+            return {
+                "prompt_logprobs": _vllm_prompt_logprobs(server, scored, ids, req.prompt_logprobs)
+            }
+
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             sent = [0] * len(handles)  # characters of text sent so far, per choice
@@ -472,11 +509,11 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 text = (echo[k // req.n] if first else "") + delta.text
                 if not text and delta.finish_reason is None:
                     return None
+                start = sent[k] + len(text) - len(delta.text)
+                prompt = echoed(k, delta.prompt_logprobs) if first else None
                 logprobs = (
-                    _completion_logprobs(
-                        server, delta.logprobs, sent[k] + len(text) - len(delta.text)
-                    )
-                    if delta.logprobs
+                    _completion_logprobs(server, delta.logprobs, start, prompt, req.logprobs)
+                    if delta.logprobs or prompt is not None
                     else None
                 )
                 sent[k] += len(text)
@@ -485,6 +522,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     "text": text,
                     "logprobs": logprobs,
                     "finish_reason": delta.finish_reason,
+                    **(extras(k, delta.prompt_logprobs) if first else {}),
                 }
 
             body = _stream(
@@ -504,10 +542,17 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             {
                 "index": k,
                 "text": echo[k // req.n] + o.text,
-                "logprobs": _completion_logprobs(server, o.logprobs, len(echo[k // req.n]))
+                "logprobs": _completion_logprobs(
+                    server,
+                    o.logprobs,
+                    len(echo[k // req.n]),
+                    echoed(k, o.prompt_logprobs),
+                    req.logprobs,
+                )
                 if req.logprobs is not None
                 else None,
                 "finish_reason": o.finish_reason,
+                **extras(k, o.prompt_logprobs),
             }
             for k, o in enumerate(outs)
         ]
@@ -588,26 +633,88 @@ def _chat_logprobs(server: _Server, entries: list[TokenLogprobs] | None) -> dict
     return {"content": content}
 
 
+@dataclass(frozen=True)
+class _EchoedPrompt:
+    """A prompt echoed with its tokens' log-probabilities (entries[0] is None)."""
+
+    token_ids: list[int]
+    entries: list[TokenLogprobs | None]
+    text: str
+
+
 def _completion_logprobs(
-    server: _Server, entries: list[TokenLogprobs] | None, start: int
+    server: _Server,
+    entries: list[TokenLogprobs] | None,
+    start: int,
+    prompt: _EchoedPrompt | None = None,
+    top: int | None = None,
 ) -> dict[str, Any]:
     """The legacy logprobs object; `text_offset` counts characters of the choice's whole text,
     the first token starting at `start` (after the echoed prompt or the text streamed so far).
-    A token that continues a character split over tokens starts at that character."""
-    raw = [server.token_bytes(e.token_id) for e in entries or []]
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    offsets, pos = [], start
-    for b in raw:
-        offsets.append(pos)
-        pos += len(decoder.decode(b))
+    A token that continues a character split over tokens starts at that character. With
+    `prompt`, its tokens come first (from offset 0; the first has null logprobs, as in OpenAI's
+    API), and a special token the echoed text leaves out (a BOS added by the tokenizer) takes
+    no characters. `top` caps each top_logprobs map."""
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+
+    def add(token_ids: list[int], scored: list[Any], pos: int, text: str | None) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token_id, e in zip(token_ids, scored):
+            raw = server.token_bytes(token_id)
+            piece = decoder.decode(raw)
+            if text is not None and server.is_special(token_id) and not text.startswith(piece, pos):
+                piece = ""
+            offsets.append(pos)
+            pos += len(piece)
+            tokens.append(token_string(raw))
+            token_lps.append(None if e is None else e.logprob)
+            items = [] if e is None else list(e.top.items())[:top]
+            tops.append(None if e is None else {server.token_text(t): lp for t, lp in items})
+
+    if prompt is not None:
+        add(prompt.token_ids, prompt.entries, 0, prompt.text)
+    output = entries or []
+    add([e.token_id for e in output], output, start, None)
     return {
-        "tokens": [token_string(b) for b in raw],
-        "token_logprobs": [e.logprob for e in entries or []],
-        "top_logprobs": [
-            {server.token_text(t): lp for t, lp in e.top.items()} for e in entries or []
-        ],
+        "tokens": tokens,
+        "token_logprobs": token_lps,
+        "top_logprobs": tops,
         "text_offset": offsets,
     }
+
+
+def _vllm_prompt_logprobs(
+    server: _Server,
+    scored: list[TokenLogprobs | None] | None,
+    token_ids: list[int],
+    top: int | None = None,
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs` of a choice: per prompt token (None for the first) a map from
+    token id to {logprob, rank, decoded_token}, the prompt token first, then the top ones (rank
+    1 = most likely; the prompt token's rank is null unless it is among them)."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for e in scored or [None] * len(token_ids):
+        if e is None:
+            out.append(None)
+            continue
+        ranked = list(e.top.items())[:top]
+        ranks = {t: r for r, (t, _) in enumerate(ranked, 1)}
+        entry = {
+            str(e.token_id): {
+                "logprob": e.logprob,
+                "rank": ranks.get(e.token_id),
+                "decoded_token": server.token_text(e.token_id),
+            }
+        }
+        for t, lp in ranked:
+            entry.setdefault(
+                str(t), {"logprob": lp, "rank": ranks[t], "decoded_token": server.token_text(t)}
+            )
+        out.append(entry)
+    return out
 
 
 async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]]:

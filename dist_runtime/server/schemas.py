@@ -5,8 +5,8 @@ the answer and that this server does not implement (`tools`, `response_format` o
 `logit_bias`, `best_of`, `suffix`, ...): those are a 400 naming the field rather than an answer
 that silently ignores them. `null` means the field's default, as in OpenAI's schema. The
 runtime's own sampling extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`skip_special_tokens`) are accepted as extra body fields. Ranges are checked here so a bad field
-is a 400 naming it.
+`skip_special_tokens`, and vLLM's `prompt_logprobs`) are accepted as extra body fields. Ranges
+are checked here so a bad field is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ class SamplingFields(_Request):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """vLLM's extra: each prompt token's log-probability and this many top ones, returned as
+    the choice's `prompt_logprobs`."""
 
     @field_validator("stop")
     @classmethod
@@ -168,13 +171,17 @@ class CompletionRequest(SamplingFields):
     def _no_unsupported_completion(cls, data: Any) -> Any:
         if isinstance(data, dict):
             _unsupported(data, {"suffix": _empty})
-            if data.get("echo") and data.get("logprobs") is not None:
-                raise UnsupportedFieldError(
-                    "echo",
-                    "echo with logprobs is not supported: the engine computes no log-"
-                    "probabilities of prompt tokens; ask for one of them only",
-                )
         return data
+
+    @property
+    def prompt_logprobs_k(self) -> int | None:
+        """Top-k of the prompt log-probabilities the engine computes: `prompt_logprobs`, and
+        `logprobs` when echo returns the prompt's tokens with theirs (as vLLM does)."""
+        wanted = [self.prompt_logprobs]
+        if self.echo:
+            wanted.append(self.logprobs)
+        ks = [k for k in wanted if k is not None]
+        return max(ks) if ks else None
 
 
 class JobRequest(_Request):

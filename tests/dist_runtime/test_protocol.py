@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dist_runtime.protocol import (
+    PromptLogprobs,
     ProtocolError,
     SampledToken,
     SamplingSpec,
@@ -365,3 +366,37 @@ def test_fuzz_one_field_replaced(path_index: int, value: Any) -> None:
         node = node[key]
     node[path[-1]] = value
     _decode_or_protocol_error(pack(raw))
+
+
+def test_prompt_logprob_fields_round_trip_and_default() -> None:
+    step = SeqStep(
+        seq_id=4,
+        token_ids=[7, 8, 9],
+        start_pos=16,
+        new_blocks=[],
+        is_new=False,
+        sample=False,
+        prompt_logprobs=2,
+        prompt_logprob_rows=3,
+        next_prompt_token=10,
+    )
+    result = StepResult(
+        step_id=1,
+        tokens=[],
+        prompt_logprobs=[
+            PromptLogprobs(
+                seq_id=4,
+                start_pos=16,
+                logprobs=[-1.5, -0.5],
+                top_k=1,
+                top_ids=[3, 9],
+                top_logprobs=[-0.25, -0.5],
+            )
+        ],
+    )
+    assert decode(encode(step), SeqStep) == step
+    assert decode(encode(result), StepResult) == result
+    # a payload without the new fields (an older sender) decodes with them off
+    old = {k: v for k, v in plain(PLAN.seqs[1]).items() if "prompt" not in k}
+    assert decode(msgpack.packb(old), SeqStep).prompt_logprobs == -1
+    assert decode(encode(RESULT), StepResult).prompt_logprobs == []

@@ -387,3 +387,32 @@ def test_presence_and_frequency_penalties_count_output_tokens_only() -> None:
     row = torch.tensor([[0.0, 3.0, 0.0, 0.0, 2.5, 0.0]])
     (tok,) = Sampler().sample(row, [greedy], [torch.tensor([4, 4, 1])], generators([0]), [0])
     assert tok.token_id == 4  # token 1 fell to 1.0; the prompt's 4 kept 2.5
+
+
+def test_score_rows_in_slices_equals_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows scored in slices (the LM head called once per slice, on every rank) give the
+    values of a whole log_softmax; a rank that does not keep them only runs the head."""
+    import workers.sampler as sampler
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, rows = 50, 23
+    head = torch.randn(vocab, 8, generator=gen)
+    hidden = torch.randn(rows, 8, generator=gen)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    calls: list[int] = []
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        calls.append(h.shape[0])
+        return h @ head.T
+
+    monkeypatch.setattr(sampler, "PROMPT_LOGITS_BYTES", 4 * vocab * 5)  # 5 rows a slice
+    chosen, top_ids, top_lp = sampler.score_rows(logits, hidden, targets, 3, vocab)
+    assert calls == [5, 5, 5, 5, 3]
+    full = torch.log_softmax(hidden @ head.T, dim=-1)
+    torch.testing.assert_close(torch.tensor(chosen), full.gather(1, targets[:, None])[:, 0])
+    values, ids = full.topk(3, dim=-1)
+    assert top_ids == ids.flatten().tolist()
+    torch.testing.assert_close(torch.tensor(top_lp), values.flatten())
+    calls.clear()
+    assert sampler.score_rows(logits, hidden, targets, 3, vocab, keep=False) == ([], [], [])
+    assert calls == [5, 5, 5, 5, 3]
