@@ -59,7 +59,7 @@ def _ray_cycles(ray: Any, tiny_llama_dir: Path, n: int) -> None:
 
 
 def test_ray_cycles_leak_nothing(ray_cluster: Any, tiny_llama_dir: Path) -> None:
-    _ray_cycles(ray_cluster, tiny_llama_dir, 3)
+    _ray_cycles(ray_cluster, tiny_llama_dir, 2)
 
 
 @pytest.mark.slow

@@ -172,7 +172,9 @@ def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(
         assert status.attempts == 0  # a stop on purpose uses up no attempt
     finally:
         _kill(proc)
-    proc = _serve(job_dir, second, tp, *extra)
+    # The restart runs in-process (tp 1): a requeued job finishes on any mesh, and a second
+    # Ray start would add nothing but time (the tp1 case, -m slow, runs both in-process).
+    proc = _serve(job_dir, second, 1, "--no-ray-service")
     try:
         _wait_serving(proc, second)
         answers = client.result(job_id, timeout=STARTUP_S)
