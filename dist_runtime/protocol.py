@@ -13,6 +13,7 @@ appended since the last step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -129,8 +130,6 @@ M = TypeVar("M")
 
 
 def encode(msg: Any) -> bytes:
-    if dataclasses.is_dataclass(msg) and not isinstance(msg, type):
-        return msgpack.packb(_encoder(type(msg))(msg), use_bin_type=True)
     return msgpack.packb(_to_plain(msg), use_bin_type=True)
 
 
@@ -146,7 +145,7 @@ def decode(data: bytes, cls: type[M], max_bytes: int = MAX_MESSAGE_BYTES) -> M:
     except Exception as e:  # msgpack raises several unrelated exception types
         raise ProtocolError(f"{cls.__name__}: undecodable msgpack ({type(e).__name__}: {e})") from e
     try:
-        return _decoder(cls)(raw)  # type: ignore[no-any-return]
+        return _decoder(cls)(raw)  # type: ignore[no-any-return, arg-type]
     except _Invalid as e:
         raise ProtocolError(f"{cls.__name__}{''.join(reversed(e.path))}: {e}") from None
 
@@ -176,8 +175,6 @@ class _Invalid(Exception):
 
 _Decoder = Callable[[Any], Any]
 _Encoder = Callable[[Any], Any]
-_DECODERS: dict[Any, _Decoder] = {}
-_ENCODERS: dict[type, _Encoder] = {}
 _SCALAR_TYPES: dict[Any, frozenset[type]] = {
     int: frozenset({int}),
     bool: frozenset({bool}),
@@ -190,14 +187,8 @@ def _got(expected: str, raw: Any) -> _Invalid:
     return _Invalid(f"expected {expected}, got {type(raw).__name__}")
 
 
+@functools.cache
 def _decoder(tp: Any) -> _Decoder:
-    key = tp
-    if key not in _DECODERS:
-        _DECODERS[key] = _build_decoder(tp)
-    return _DECODERS[key]
-
-
-def _build_decoder(tp: Any) -> _Decoder:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         (inner,) = [a for a in get_args(tp) if a is not type(None)]
@@ -298,13 +289,8 @@ def _dataclass_decoder(cls: Any) -> _Decoder:
     return decode_dataclass
 
 
+@functools.cache
 def _encoder(cls: type) -> _Encoder:
-    if cls not in _ENCODERS:
-        _ENCODERS[cls] = _build_encoder(cls)
-    return _ENCODERS[cls]
-
-
-def _build_encoder(cls: type) -> _Encoder:
     """A dataclass as a map in field order: scalars and lists of scalars as they are (msgpack
     packs tuples as arrays too), nested messages through their own encoders."""
     hints = typing.get_type_hints(cls)

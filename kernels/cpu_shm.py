@@ -23,6 +23,7 @@ import mmap
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -118,7 +119,21 @@ class ShmGroup:
             self._mm.close()
             self._mm = None
 
-    def _check(self, code: int, op: str, timeout_s: float | None) -> None:
+    def _run(self, fn: Any, op: str, timeout_s: float | None, *args: Any) -> None:
+        """One library collective over this group's segment; raises naming the late or dead
+        rank."""
+        if self._mm is None:
+            raise RuntimeError("the shared-memory group is closed")
+        code = fn(
+            self._address,
+            self.rank,
+            self.world,
+            self.slot_bytes,
+            ctypes.byref(self._seq),
+            *args,
+            timeout_s or 0.0,
+            ctypes.byref(self._peer),
+        )
         if code == 0:
             return
         peer = self._peer.value
@@ -130,45 +145,26 @@ class ShmGroup:
 
     def all_reduce(self, x: torch.Tensor, timeout_s: float | None = None) -> None:
         """Sum x (a contiguous float32 CPU tensor) over the group, in place."""
-        if self._mm is None:
-            raise RuntimeError("the shared-memory group is closed")
         if not (x.is_cpu and x.dtype == torch.float32 and x.is_contiguous()):
             raise ValueError(
                 f"shared-memory all-reduce takes contiguous float32 CPU tensors, got "
                 f"{x.dtype} on {x.device}"
             )
-        code = self._lib.dr_shm_all_reduce(
-            self._address,
-            self.rank,
-            self.world,
-            self.slot_bytes,
-            ctypes.byref(self._seq),
-            x.data_ptr(),
-            x.numel(),
-            timeout_s or 0.0,
-            ctypes.byref(self._peer),
-        )
-        self._check(code, "all-reduce", timeout_s)
+        self._run(self._lib.dr_shm_all_reduce, "all-reduce", timeout_s, x.data_ptr(), x.numel())
 
     def all_gather(self, x: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
         """(world, *x.shape): every rank's x (same shape and dtype everywhere), in rank order."""
-        if self._mm is None:
-            raise RuntimeError("the shared-memory group is closed")
         if not x.is_cpu:
             raise ValueError(f"shared-memory all-gather takes CPU tensors, got {x.device}")
         x = x.contiguous()
         out = torch.empty((self.world, *x.shape), dtype=x.dtype)
-        code = self._lib.dr_shm_all_gather(
-            self._address,
-            self.rank,
-            self.world,
-            self.slot_bytes,
-            ctypes.byref(self._seq),
+        nbytes = x.numel() * x.element_size()
+        self._run(
+            self._lib.dr_shm_all_gather,
+            "all-gather",
+            timeout_s,
             x.data_ptr(),
-            x.numel() * x.element_size(),
+            nbytes,
             out.data_ptr(),
-            timeout_s or 0.0,
-            ctypes.byref(self._peer),
         )
-        self._check(code, "all-gather", timeout_s)
         return out

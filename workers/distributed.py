@@ -175,7 +175,7 @@ class Collectives:
         start = time.perf_counter()
         with self._guard("tp all-reduce"):
             if self.tp_shm is not None and x.is_cpu and x.dtype == torch.float32:
-                flat = x if x.is_contiguous() else x.contiguous()
+                flat = x.contiguous()  # x itself when it already is
                 self.tp_shm.all_reduce(flat, self.timeout_s)
                 if flat is not x:
                     x.copy_(flat)
