@@ -85,25 +85,40 @@ def bench_prefill(seq: int, device: torch.device, block_size: int = 16) -> dict[
     )
 
 
-def _decode_ms(ctx: int, device: torch.device, block_size: int) -> float:
+def _decode_ms(
+    ctx: int, device: torch.device, block_size: int, batch: int, width: int | None
+) -> float:
     gen = torch.Generator(device=device).manual_seed(SEED)
-    q = torch.randn(1, Q_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-    k_cache, v_cache, table = _paged_cache(ctx, block_size, device, gen)
-    lens = torch.tensor([ctx], device=device)
+    q = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    k_cache, v_cache, table = _paged_cache(batch * ctx, block_size, device, gen)
+    table = table.view(batch, -1)
+    if width is not None:  # a CUDA graph's table: a session wide, padded past the context
+        pad = table[:, -1:].expand(-1, -(-width // block_size) - table.shape[1])
+        table = torch.cat([table, pad], dim=1).contiguous()
+    lens = torch.full((batch,), ctx, device=device)
     scale = HEAD_DIM**-0.5
     return _ms(lambda: FD.flash_decode_triton(q, k_cache, v_cache, table, lens, scale))
 
 
-def bench_decode(ctx: int, device: torch.device, block_size: int = 16) -> dict[str, Any]:
-    ms = _decode_ms(ctx, device, block_size)  # the caches are freed before the copy's buffers
-    nbytes = 2 * ctx * KV_HEADS * HEAD_DIM * DTYPE.itemsize  # K and V
+def bench_decode(
+    ctx: int,
+    device: torch.device,
+    block_size: int = 16,
+    batch: int = 1,
+    width: int | None = None,
+) -> dict[str, Any]:
+    """Decode of `batch` sequences of `ctx` keys; `width`: block table as wide as that many
+    keys (as a decode graph's), else as wide as the context."""
+    ms = _decode_ms(ctx, device, block_size, batch, width)  # caches freed before the copy's
+    nbytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * DTYPE.itemsize  # K and V
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     base_ms = _ms(lambda: dst.copy_(src))
     gbps, copy_gbps = nbytes / ms / 1e6, 2 * nbytes / base_ms / 1e6
+    table = f" table={width}" if width is not None else ""
     return dict(
         name="flash_decode",
-        shape=f"ctx={ctx} b=1 h={Q_HEADS}/{KV_HEADS} d={HEAD_DIM} bs={block_size} bf16",
+        shape=f"ctx={ctx} b={batch}{table} h={Q_HEADS}/{KV_HEADS} d={HEAD_DIM} bs={block_size}",
         ms=ms,
         GBps=gbps,
         baseline="d2d_copy",
@@ -111,6 +126,20 @@ def bench_decode(ctx: int, device: torch.device, block_size: int = 16) -> dict[s
         baseline_GBps=copy_gbps,
         fraction_of_copy=gbps / copy_gbps,
     )
+
+
+DECODE_GRID = [(8192, 1), (32768, 1), (131072, 1), (1048576, 1), (8192, 8), (32768, 8), (131072, 8)]
+GRAPH_WIDTH = 1048576 + 64
+"""--decode: (context, batch), each with an exact table and one a 1M-token session wide."""
+
+
+def bench_decode_grid(device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for ctx, batch in DECODE_GRID:
+        for width in (None, GRAPH_WIDTH):
+            rows.append(bench_decode(ctx, device, batch=batch, width=width))
+            print(_format(rows[-1]), flush=True)
+    return rows
 
 
 def bench_attention(device: torch.device) -> list[dict[str, Any]]:
@@ -185,12 +214,20 @@ def _format(row: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time candidate tile configs")
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="only decode: batch 1 and 8 from 8K to 1M keys, exact and session-wide tables",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     device = torch.device("cuda")
     torch.manual_seed(SEED)
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    if args.decode:
+        bench_decode_grid(device)
+        return
     if args.sweep:
         sweep(device)
     for row in bench_attention(device):

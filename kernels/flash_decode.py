@@ -51,7 +51,7 @@ def _flash_decode_split_kernel(
     part_out_ptr,
     part_lse_ptr,
     scale_log2,
-    split_len,
+    num_splits,
     stride_q_seq,
     stride_q_head,
     stride_kc_block,
@@ -81,6 +81,10 @@ def _flash_decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
+    # Each sequence's own keys are cut into num_splits ranges of whole key tiles, so a short
+    # sequence in a wide block table (a CUDA graph's, or a batch with a long neighbour) still
+    # spreads its reads over every split program.
+    split_len = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(lo + split_len, ctx)  # may be <= lo: an empty split stores out 0, lse -inf
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
@@ -245,19 +249,17 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-def split_plan(
-    batch: int, kv_heads: int, max_ctx: int, block_n: int, device: torch.device
-) -> tuple[int, int]:
-    """(num_splits, split_len): enough (sequence, kv head, split) programs to fill the device.
+def split_plan(batch: int, kv_heads: int, max_ctx: int, block_n: int, device: torch.device) -> int:
+    """Splits per sequence: enough (sequence, kv head, split) programs to fill the device.
 
-    max_ctx is a host-side bound (block table width * block size), so planning needs no sync.
-    split_len is a multiple of block_n, so only a sequence's last key tile is partial.
+    max_ctx is a host-side bound (block table width * block size), so planning needs no sync;
+    it only caps the count at one key tile per split. Each program then takes
+    cdiv(its sequence's key tiles, num_splits) whole tiles of its own sequence, so only a
+    sequence's last key tile is partial and the work follows the real context, not the width.
     """
     target = PROGRAMS_PER_SM * _sm_count(device)
     max_tiles = max(triton.cdiv(max_ctx, block_n), 1)
-    num_splits = min(max(triton.cdiv(target, max(batch * kv_heads, 1)), 1), max_tiles)
-    split_len = triton.cdiv(max_tiles, num_splits) * block_n
-    return triton.cdiv(max_tiles * block_n, split_len), split_len
+    return min(max(triton.cdiv(target, max(batch * kv_heads, 1)), 1), max_tiles)
 
 
 def flash_decode_triton(
@@ -274,9 +276,10 @@ def flash_decode_triton(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of `flash_decode_ref`; same shapes and dtypes.
 
-    Pass 1 grid: (batch, kv_heads, num_splits); each program walks split_len keys of one sequence
-    for all `group` query heads of one kv head (rows padded to 16 for the dot), writing
-    part_out (batch, q_heads, num_splits, head_dim) and part_lse (batch, q_heads, num_splits) fp32.
+    Pass 1 grid: (batch, kv_heads, num_splits); each program walks 1/num_splits of its
+    sequence's keys (whole key tiles) for all `group` query heads of one kv head (rows padded
+    to 16 for the dot), writing part_out (batch, q_heads, num_splits, head_dim) and part_lse
+    (batch, q_heads, num_splits) fp32.
     Pass 2 grid: (batch, q_heads), merging the splits by LSE.
     """
     group = check_paged_inputs(
@@ -297,7 +300,7 @@ def flash_decode_triton(
         return out, (lse if return_lse else None)
     cfg = decode_config(head_dim, q.dtype)
     max_ctx = block_tables.shape[1] * block_size
-    num_splits, split_len = split_plan(batch, kv_heads, max_ctx, cfg["BLOCK_N"], q.device)
+    num_splits = split_plan(batch, kv_heads, max_ctx, cfg["BLOCK_N"], q.device)
     if num_splits == 1:  # pass 1 writes the result: a split axis of stride 0
         part_out, part_lse = out[:, :, None], lse[:, :, None]
     else:
@@ -319,7 +322,7 @@ def flash_decode_triton(
         part_out,
         part_lse,
         scale * LOG2E,
-        split_len,
+        num_splits,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),

@@ -372,6 +372,24 @@ def test_flash_decode_triton_matches_ref(
 
 
 @needs_triton
+def test_flash_decode_triton_wide_table(device: torch.device, monkeypatch) -> None:
+    """A CUDA graph's block table is a session wide; the sequences' keys, not the width, are
+    cut into the splits, and the result matches a table as wide as the longest sequence."""
+    monkeypatch.setattr(FD, "PROGRAMS_PER_SM", 8)
+    b = make_paged_batch([(1, 70), (1, 9)], 4, 64, 16, torch.float32, device, seed=6)
+    wide = b.block_tables[:, -1:].expand(-1, 40)  # NaN spare blocks out to 640 keys
+    tables = torch.cat([b.block_tables, wide], dim=1).contiguous()
+    args = (b.q, b.k_cache, b.v_cache, tables, b.context_lens, 0.125)
+    splits = FD.split_plan(2, KV_HEADS, tables.shape[1] * 16, 16, device)
+    assert splits > 1 and FD.decode_config(64, torch.float32)["BLOCK_N"] < 70
+    out, lse = FD.flash_decode_triton(*args, return_lse=True)
+    ref_out, ref_lse = FD.flash_decode_ref(*args, return_lse=True)
+    assert_attention_close(out, lse, ref_out, ref_lse, torch.float32)
+    narrow, narrow_lse = FD.flash_decode_triton(*args[:3], b.block_tables, *args[4:], True)
+    assert_attention_close(out, lse, narrow, narrow_lse, torch.float32)
+
+
+@needs_triton
 def test_flash_decode_triton_one_split(device: torch.device, monkeypatch) -> None:
     """With the device already full, pass 1 writes the output directly (no merge pass)."""
     monkeypatch.setattr(FD, "PROGRAMS_PER_SM", 0)
@@ -396,7 +414,7 @@ def _check_flash_decode(
     batch, heads, head_dim = b.q.shape
     block_n = FD.decode_config(head_dim, dtype)["BLOCK_N"]
     max_ctx = b.block_tables.shape[1] * b.k_cache.shape[1]
-    splits, _ = FD.split_plan(batch, KV_HEADS, max_ctx, block_n, device)
+    splits = FD.split_plan(batch, KV_HEADS, max_ctx, block_n, device)
     poison_free_memory(
         device,
         (b.q.numel(), dtype),

@@ -481,10 +481,10 @@ def _check_decode(
     batch, heads, head_dim = qb.q.shape
     block_n = FD.decode_config(head_dim, dtype)["BLOCK_N"]
     max_ctx = qb.block_tables.shape[1] * qb.k_cache.shape[1]
-    splits, split_len = FD.split_plan(batch, KV_HEADS, max_ctx, block_n, device)
+    splits = FD.split_plan(batch, KV_HEADS, max_ctx, block_n, device)
     assert splits >= min_splits
     if min_splits > 1:
-        assert max(qb.context_lens.tolist()) > split_len, "no context spans several splits"
+        assert max(qb.context_lens.tolist()) > block_n, "no context spans several splits"
     poison_free_memory(
         device,
         (qb.q.numel(), dtype),
