@@ -66,6 +66,7 @@ def _rotary_kernel(
     k_out_ptr,
     q_heads,
     kv_heads,
+    stride_inv_tok,
     stride_q_tok,
     stride_q_head,
     stride_k_tok,
@@ -82,7 +83,8 @@ def _rotary_kernel(
     tok = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     pos = tl.load(positions_ptr + tok).to(tl.float32)
-    inv_freq = tl.load(inv_freq_ptr + offs_d, mask=offs_d < HALF, other=0.0)
+    # stride_inv_tok 0: the model's frequencies; else a row per token (its request's base).
+    inv_freq = tl.load(inv_freq_ptr + tok * stride_inv_tok + offs_d, mask=offs_d < HALF, other=0.0)
     angle = pos * inv_freq  # (BLOCK_D,) fp32, the reference's freqs
     cos = tl.cos(angle)
     sin = tl.sin(angle)
@@ -119,7 +121,8 @@ def rotary_triton(
 
     q: (tokens, q_heads, head_dim), k: (tokens, kv_heads, head_dim), both with a contiguous
     last dim and any token/head strides (views into a fused qkv output). positions: (tokens,)
-    integer; inv_freq: (head_dim // 2,) fp32 contiguous.
+    integer; inv_freq: (head_dim // 2,) fp32 contiguous, or (tokens, head_dim // 2) with a
+    contiguous last dim: one row per token, for requests with their own RoPE base.
     """
     _check_inputs(q, k, positions, inv_freq)
     tokens, q_heads, head_dim = q.shape
@@ -140,6 +143,7 @@ def rotary_triton(
         k_out,
         q_heads,
         kv_heads,
+        inv_freq.stride(0) if inv_freq.dim() == 2 else 0,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -175,13 +179,15 @@ def _check_inputs(
         raise ValueError(
             f"positions must be ({tokens},) integer, got {tuple(positions.shape)} {positions.dtype}"
         )
-    if inv_freq.shape != (head_dim // 2,) or inv_freq.dtype != torch.float32:
+    if inv_freq.shape not in ((head_dim // 2,), (tokens, head_dim // 2)) or (
+        inv_freq.dtype != torch.float32
+    ):
         raise ValueError(
-            f"inv_freq must be ({head_dim // 2},) fp32, got {tuple(inv_freq.shape)} "
-            f"{inv_freq.dtype}"
+            f"inv_freq must be ({head_dim // 2},) or ({tokens}, {head_dim // 2}) fp32, got "
+            f"{tuple(inv_freq.shape)} {inv_freq.dtype}"
         )
-    if inv_freq.stride(0) != 1:
-        raise ValueError(f"inv_freq must be contiguous, got stride {inv_freq.stride()}")
+    if inv_freq.stride(-1) != 1:
+        raise ValueError(f"inv_freq needs a contiguous last dim, got stride {inv_freq.stride()}")
 
 
 def rotary_ref(
@@ -190,8 +196,9 @@ def rotary_ref(
     """Rotate q: (tokens, q_heads, head_dim) and k: (tokens, kv_heads, head_dim).
 
     positions: (tokens,) int64 absolute positions (already divided by a linear scaling factor
-    through inv_freq). inv_freq: (head_dim // 2,) fp32. Angles are computed in fp32 from the
-    positions on the fly, so no (max_positions, head_dim) table is held for 1M-token sessions.
+    through inv_freq). inv_freq: (head_dim // 2,) fp32, or (tokens, head_dim // 2): a row per
+    token. Angles are computed in fp32 from the positions on the fly, so no
+    (max_positions, head_dim) table is held for 1M-token sessions.
     """
     cos, sin = rotary_cos_sin(positions, inv_freq)
     return rotate(q, cos, sin), rotate(k, cos, sin)
@@ -200,8 +207,10 @@ def rotary_ref(
 def rotary_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (tokens, 1, head_dim) fp32, for rotate(); shared by all layers."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (tokens, head_dim/2)
+    """(cos, sin), each (tokens, 1, head_dim) fp32, for rotate(); shared by all layers.
+    inv_freq: (head_dim // 2,), or (tokens, head_dim // 2) for a row per token."""
+    inv = inv_freq if inv_freq.dim() == 2 else inv_freq[None, :]
+    freqs = positions.to(torch.float32)[:, None] * inv  # (tokens, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (tokens, 1, head_dim)
     return emb.cos(), emb.sin()
 

@@ -11,7 +11,7 @@ batch to the next captured size with rows that write their K/V to a scratch bloc
 sequence owns and attend only to it; the block table keeps its full width (a session's worth of
 blocks, or this cp rank's share of them), so the split-KV decode kernel's plan never changes
 between replays. Models with dynamic-NTK RoPE get a second set of graphs that read per-token
-cos/sin tables from fixed buffers, for steps holding a request with its own RoPE base. Logits
+RoPE frequencies from a fixed buffer, for steps holding a request with its own RoPE base. Logits
 and sampling stay eager: they depend on the request's sampling options.
 """
 
@@ -55,7 +55,7 @@ class DecodeGraphs:
         block_size: int,
         scratch_block: int,
         device: torch.device,
-        rope_dim: int | None = None,
+        rope_half: int | None = None,
         emulate: bool = False,
         cp_decode: bool = False,
     ):
@@ -81,31 +81,29 @@ class DecodeGraphs:
         self.block_tables = torch.full(
             (max_batch, max_blocks), scratch_block, dtype=torch.int32, device=device
         )
-        # Per-token RoPE tables for steps holding a request with its own base (dynamic NTK
+        # Per-token RoPE frequencies for steps holding a request with its own base (dynamic NTK
         # past max_position_embeddings): a second set of graphs reads them from here.
-        self.rope_dim = rope_dim
-        self.cos = self.sin = None
-        if rope_dim is not None:
-            shape = (max_batch, 1, rope_dim)
-            self.cos = torch.ones(shape, dtype=torch.float32, device=device)
-            self.sin = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.rope_half = rope_half
+        self.inv_freq = None
+        if rope_half is not None:
+            self.inv_freq = torch.zeros(max_batch, rope_half, dtype=torch.float32, device=device)
         self._replay: dict[tuple[int, bool], Callable[[], None]] = {}
         self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.num_replays = 0
         self.num_rope_replays = 0
 
     def _meta(self, b: int, rope: bool) -> AttentionMetadata:
-        tables = None
+        inv = None
         if rope:
-            assert self.cos is not None and self.sin is not None
-            tables = (self.cos[:b], self.sin[:b])
+            assert self.inv_freq is not None
+            inv = self.inv_freq[:b]
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:b],
             block_tables=self.block_tables[:b],
             cu_seqlens_q=self.cu_seqlens[: b + 1],
             context_lens=self.context_lens[:b],
             is_decode=True,
-            rope=tables,
+            rope_inv_freq=inv,
             cp_decode=self.cp_decode,
         )
 
@@ -114,7 +112,7 @@ class DecodeGraphs:
         fit in what the largest one freed)."""
         start = time.perf_counter()
         pool = None
-        variants = [False, True] if self.rope_dim is not None else [False]
+        variants = [False, True] if self.rope_half is not None else [False]
         for key in [(b, rope) for b in sorted(self.sizes, reverse=True) for rope in variants]:
             meta = self._meta(*key)
 
@@ -148,10 +146,9 @@ class DecodeGraphs:
 
     def can_run(self, meta: AttentionMetadata, tokens: int) -> bool:
         """A decode step that fits (at cp > 1 one that runs every row on every cp rank);
-        per-request RoPE tables only where their graphs were captured."""
-        rope_ok = meta.rope is None or (
-            self.rope_dim is not None and meta.rope[0].shape[1:] == (1, self.rope_dim)
-        )
+        per-request RoPE frequencies only where their graphs were captured."""
+        inv = meta.rope_inv_freq
+        rope_ok = inv is None or (self.rope_half is not None and inv.shape[1:] == (self.rope_half,))
         return (
             meta.is_decode
             and rope_ok
@@ -175,11 +172,10 @@ class DecodeGraphs:
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.context_lens[:n].copy_(meta.context_lens)
         self.block_tables[:n, :width].copy_(meta.block_tables)
-        rope = meta.rope is not None
+        rope = meta.rope_inv_freq is not None
         if rope:
-            assert meta.rope is not None and self.cos is not None and self.sin is not None
-            self.cos[:n].copy_(meta.rope[0])
-            self.sin[:n].copy_(meta.rope[1])
+            assert meta.rope_inv_freq is not None and self.inv_freq is not None
+            self.inv_freq[:n].copy_(meta.rope_inv_freq)
         if b > n:  # rows a larger step left behind become padding again
             self.input_ids[n:b].zero_()
             self.positions[n:b].zero_()
@@ -187,9 +183,8 @@ class DecodeGraphs:
             self.context_lens[n:b].fill_(1)
             self.block_tables[n:b].fill_(self.scratch_block)
             if rope:
-                assert self.cos is not None and self.sin is not None
-                self.cos[n:b].fill_(1.0)
-                self.sin[n:b].zero_()
+                assert self.inv_freq is not None
+                self.inv_freq[n:b].zero_()
         self._replay[(b, rope)]()
         self.num_replays += 1
         self.num_rope_replays += rope

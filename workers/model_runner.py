@@ -29,7 +29,7 @@ from workers.cuda_graph import DecodeGraphs
 from workers.distributed import Collectives
 from workers.kv_cache import KVCache
 from workers.layers.attention import AttentionMetadata
-from workers.layers.rotary import inverse_frequencies, rotary_cos_sin_per_token
+from workers.layers.rotary import inverse_frequencies
 from workers.models.decoder import DecoderLM
 from workers.models.layouts import init_dummy_weights, load_weights
 from workers.sampler import Sampler, score_rows
@@ -197,7 +197,7 @@ class ModelRunner:
             block_size=block_size,
             scratch_block=kv.scratch_block,
             device=self.device,
-            rope_dim=self.model_config.head_dim if self._per_request_rope() else None,
+            rope_half=self.model_config.head_dim // 2 if self._per_request_rope() else None,
             emulate=mode == "emulate",
             cp_decode=self.comm.cp_size > 1,
         )
@@ -225,8 +225,7 @@ class ModelRunner:
         else:
             input_ids, positions, meta, sample_rows = self._prepare(plan.seqs)
         if any(self.seqs[s.seq_id].inv_freq is not None for s in plan.seqs):
-            rope = self._rope_tables(plan.seqs, positions, split)
-            meta = dataclasses.replace(meta, rope=rope)
+            meta = dataclasses.replace(meta, rope_inv_freq=self._rope_inv_freq(plan.seqs, split))
         if self.graphs is not None and self.graphs.can_run(meta, input_ids.shape[0]):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
@@ -444,14 +443,12 @@ class ModelRunner:
             torch.tensor(rows, dtype=torch.int64, device=dev),
         )
 
-    def _rope_tables(
-        self, seqs: list[SeqStep], positions: torch.Tensor, split: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token RoPE (cos, sin) when some request has its own base; positions are this
-        rank's rows, packed sequence by sequence in plan order (split: a cp rank's share of
-        the step's tokens, else all of them)."""
+    def _rope_inv_freq(self, seqs: list[SeqStep], split: bool) -> torch.Tensor:
+        """(tokens, head_dim // 2) RoPE frequencies per token when some request has its own
+        base, rows packed sequence by sequence in plan order (split: a cp rank's share of the
+        step's tokens, else all of them)."""
         default = self.model.rotary.inv_freq
-        freqs = []
+        rows, counts = [], []
         bs, cp, rank = self.config.cache.block_size, self.comm.cp_size, self.comm.cp_rank
         for s in seqs:
             n = len(s.token_ids)
@@ -459,9 +456,13 @@ class ModelRunner:
                 span = torch.arange(s.start_pos, s.start_pos + n)
                 n = int((block_owner(span, bs, cp) == rank).sum())
             inv = self.seqs[s.seq_id].inv_freq
-            freqs.append((default if inv is None else inv)[None].expand(n, -1))
-        inv_per_token = torch.cat(freqs) if freqs else default[None, :0]
-        return rotary_cos_sin_per_token(positions, inv_per_token)
+            rows.append(default if inv is None else inv)
+            counts.append(n)
+        per_seq = torch.stack(rows)  # (seqs, head_dim // 2)
+        if all(n == 1 for n in counts):  # a decode step: one row per sequence
+            return per_seq
+        repeats = torch.tensor(counts, device=per_seq.device)
+        return per_seq.repeat_interleave(repeats, dim=0, output_size=sum(counts))
 
     def _gather_sample_rows(self, rows: torch.Tensor, seqs: list[SeqStep]) -> torch.Tensor:
         """Final hidden states of the sampled sequences, in plan order, on every cp rank.

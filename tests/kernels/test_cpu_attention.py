@@ -28,7 +28,7 @@ from kernels.flash_decode import flash_decode, flash_decode_ref
 from kernels.kv_quant import code_dim, dequantize_kv_ref, quantize_kv_ref
 from kernels.rotary import rotary_cos_sin, rotate
 from kernels.store_kv import store_kv_ref
-from workers.layers.rotary import inverse_frequencies, rotary_cos_sin_per_token
+from workers.layers.rotary import inverse_frequencies
 
 needs_native = pytest.mark.skipif(
     cpu_attention._library() is None, reason="no C compiler: the native kernel is not built"
@@ -311,7 +311,7 @@ def test_rope_store_matches_rotate_and_store(dtype: torch.dtype, per_token: bool
     positions = torch.tensor([0, 1, 17, 300, 4095, 70000])
     if per_token:  # requests with their own RoPE base
         inv = torch.stack([inverse_frequencies(d, 10000.0 * (1 + i)) for i in range(tokens)])
-        cos, sin = rotary_cos_sin_per_token(positions, inv)
+        cos, sin = rotary_cos_sin(positions, inv)
     else:
         cos, sin = rotary_cos_sin(positions, inverse_frequencies(d, 1e6))
     want_q, want_k = rotate(q, cos, sin), rotate(k, cos, sin)

@@ -220,6 +220,29 @@ def test_rotary_matches_ref(device, dtype, head_dim, tokens, kv_heads, group):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_per_token_frequencies(device, dtype):
+    """A row of frequencies per token (requests with their own RoPE base) rotates each token as
+    the shared-frequency kernel does with that token's row."""
+    gen = _gen(11)
+    tokens, head_dim = 5, 64
+    q, k, _ = _fused_qkv(gen, tokens, 8, 2, head_dim, dtype, device)
+    positions = torch.randint(0, MAX_POSITION, (tokens,), generator=gen).to(device)
+    bases = [1e4, 5e5, 1e4, 5e7, 2e6]
+    inv = torch.stack([1.0 / b ** (torch.arange(0, head_dim, 2).float() / head_dim) for b in bases])
+    inv = inv.to(device)
+    q_out, k_out = RO.rotary_triton(q, k, positions, inv)
+    ref_q, ref_k = RO.rotary_ref(q, k, positions, inv)
+    _assert_close(q_out, ref_q, dtype)
+    _assert_close(k_out, ref_k, dtype)
+    for t in range(tokens):  # each row equals a one-token call with that token's frequencies
+        one_q, one_k = RO.rotary_triton(q[t : t + 1], k[t : t + 1], positions[t : t + 1], inv[t])
+        assert torch.equal(q_out[t : t + 1], one_q) and torch.equal(k_out[t : t + 1], one_k)
+    with pytest.raises(ValueError, match="inv_freq must be"):
+        RO.rotary_triton(q, k, positions, inv[:2])
+
+
+@needs_triton
 def test_rotary_leaves_inputs_untouched(device):
     gen = _gen(3)
     q, k, _ = _fused_qkv(gen, 3, 4, 2, 64, torch.float32, device)

@@ -87,8 +87,8 @@ def test_emulated_graphs_with_per_request_rope(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Dynamic NTK: a prompt past max_position_embeddings (32) decodes with its own RoPE base
-    through the graphs that read per-token cos/sin; after it finishes, the short request's steps
-    use the plain graphs. Both equal eager decoding."""
+    through the graphs that read per-token RoPE frequencies; after it finishes, the short
+    request's steps use the plain graphs. Both equal eager decoding."""
     from dist_runtime.formats.random_checkpoint import write_random_checkpoint
     from tests.conftest import TINY_SHAPES
 
@@ -110,7 +110,7 @@ def test_emulated_graphs_with_per_request_rope(
         with Runtime(model=str(folder), **dict(KW, session_len=80)) as rt:
             runs[mode] = rt.generate(prompts, params)
             graphs = rt.engine.executor.worker.runner.graphs  # type: ignore[union-attr]
-    assert graphs is not None and graphs.rope_dim == 8
+    assert graphs is not None and graphs.rope_half == 4
     assert graphs.num_rope_replays == 5 and graphs.num_replays == 13
     assert_same_outputs(runs[None], runs["emulate"], atol=1e-4)
 
@@ -198,7 +198,7 @@ def test_graphs_take_only_plain_decode_steps() -> None:
     graphs.capture()
     assert graphs.can_run(_meta(), 2)
     assert not graphs.can_run(_meta(is_decode=False), 2)
-    assert not graphs.can_run(_meta(rope=(torch.ones(1), torch.ones(1))), 2)
+    assert not graphs.can_run(_meta(rope_inv_freq=torch.ones(2, 4)), 2)  # no RoPE graphs
     assert not graphs.can_run(_meta(), 5)
     assert not graphs.can_run(_meta(block_tables=torch.zeros(2, 4, dtype=torch.int32)), 2)
 

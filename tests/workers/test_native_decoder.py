@@ -30,7 +30,7 @@ from kernels.paged_attention import shared_blocks
 from tests.conftest import TINY_SHAPES
 from workers.distributed import Collectives, MeshCoords
 from workers.layers.attention import AttentionMetadata
-from workers.layers.rotary import inverse_frequencies, rotary_cos_sin_per_token
+from workers.layers.rotary import inverse_frequencies
 from workers.model_runner import ModelRunner
 from workers.models import native_decode
 
@@ -114,7 +114,7 @@ class Seqs:
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int64),
             context_lens=torch.tensor(ctx, dtype=torch.int64),
             is_decode=decode,
-            rope=rope,
+            rope_inv_freq=rope,
         )
         return torch.tensor(ids), torch.tensor(pos), meta
 
@@ -177,7 +177,8 @@ def test_decode_steps_equal_the_layer_path_bit_for_bit(
 
 
 def test_per_request_rope_tables(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A step whose requests bring their own RoPE base (meta.rope) rotates with those tables."""
+    """A step whose requests bring their own RoPE base (meta.rope_inv_freq) rotates with their
+    frequencies."""
     runner = make_runner(checkpoint)
     seqs = Seqs(seed=7)
     for n in (40, 21):
@@ -185,11 +186,10 @@ def test_per_request_rope_tables(checkpoint: Path, monkeypatch: pytest.MonkeyPat
     forward(runner, *seqs.meta([(0, 0, 40), (1, 0, 21)], decode=False))
     head_dim = runner.model_config.head_dim
     inv = torch.stack([inverse_frequencies(head_dim, 10000.0), inverse_frequencies(head_dim, 5e5)])
-    rope = rotary_cos_sin_per_token(torch.tensor([40, 21]), inv)
-    layered, fused = both_paths(runner, seqs, [(0, 40, 41), (1, 21, 22)], monkeypatch, rope)
+    layered, fused = both_paths(runner, seqs, [(0, 40, 41), (1, 21, 22)], monkeypatch, inv)
     assert torch.equal(layered, fused)
     _, default = both_paths(runner, seqs, [(0, 40, 41), (1, 21, 22)], monkeypatch)
-    assert not torch.equal(fused, default)  # the tables were used
+    assert not torch.equal(fused, default)  # the frequencies were used
 
 
 @pytest.mark.parametrize("policy", [0, 8])

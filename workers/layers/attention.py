@@ -60,8 +60,9 @@ class AttentionMetadata:
     """(batch,) int64 cached + new tokens per sequence."""
     is_decode: bool = False
     """Every sequence has exactly one new token (split-KV decode kernel)."""
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    """Per-token RoPE (cos, sin) when a request has its own base; None: from positions."""
+    rope_inv_freq: torch.Tensor | None = None
+    """(tokens, head_dim // 2) fp32 RoPE frequencies per token when a step holds a request with
+    its own base (dynamic NTK); None: the model's frequencies for every token."""
     cp: CPMetadata | None = None
     """Set when cp > 1: the rows are this rank's tokens and attention spans the cp ranks."""
     cp_decode: bool = False
@@ -123,10 +124,10 @@ class Attention(nn.Module):
         k_cache, v_cache, quant = kv_cache.k, kv_cache.v, kv_cache.quant_args()
         if not use_triton(q.device) and native_rope_store_supported(q, k_cache, kv_cache.bits):
             # CPU: RoPE in place and the KV store in one native call.
-            cos, sin = meta.rope if meta.rope is not None else self.rotary.cos_sin(positions)
+            cos, sin = self.rotary.cos_sin(positions, meta.rope_inv_freq)
             rope_store(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
         else:
-            q, k = self.rotary(q, k, positions, meta.rope)
+            q, k = self.rotary(q, k, positions, meta.rope_inv_freq)
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
         if meta.cp_decode:
             out = cp_decode_attention(

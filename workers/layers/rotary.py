@@ -30,7 +30,7 @@ class RotaryEmbedding(nn.Module):
         factor = scaling.factor if scaling is not None and scaling.type == "linear" else 1.0
         inv = inverse_frequencies(config.head_dim, config.rope_theta, factor)
         self.register_buffer("inv_freq", inv.to(device), persistent=False)
-        self._positions: torch.Tensor | None = None
+        self._key: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] = (inv, inv)
 
     def forward(
@@ -38,28 +38,25 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         positions: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+        inv_freq: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if cos_sin is not None:  # per-token tables (requests with their own RoPE base)
-            return rotate(q, *cos_sin), rotate(k, *cos_sin)
+        """inv_freq: (tokens, head_dim // 2) frequencies per token (requests with their own
+        RoPE base); None: the model's."""
+        inv = self.inv_freq if inv_freq is None else inv_freq
         if use_triton(q.device):
-            return rotary(q, k, positions, self.inv_freq)
-        cos, sin = self.cos_sin(positions)
+            return rotary(q, k, positions, inv)
+        cos, sin = self.cos_sin(positions, inv_freq)
         return rotate(q, cos, sin), rotate(k, cos, sin)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of `rotary_cos_sin` for the step's positions. Every layer of a step passes
-        the same positions tensor, so the angles are computed once per step, not per layer."""
-        if positions is not self._positions:
-            self._positions = positions
-            self._cos_sin = rotary_cos_sin(positions, self.inv_freq)
+    def cos_sin(
+        self, positions: torch.Tensor, inv_freq: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of `rotary_cos_sin` for the step's positions (and per-token frequencies,
+        if any). Every layer of a step passes the same tensors, so the angles are computed once
+        per step, not per layer."""
+        key = (positions, inv_freq)
+        if self._key is None or any(a is not b for a, b in zip(key, self._key)):
+            self._key = key
+            inv = self.inv_freq if inv_freq is None else inv_freq
+            self._cos_sin = rotary_cos_sin(positions, inv)
         return self._cos_sin
-
-
-def rotary_cos_sin_per_token(
-    positions: torch.Tensor, inv_freq: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like rotary_cos_sin with one frequency row per token: inv_freq (tokens, head_dim/2)."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-    return emb.cos(), emb.sin()

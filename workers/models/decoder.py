@@ -161,7 +161,7 @@ class DecoderLM(nn.Module):
         if x.is_cpu and native_decode.step_runs_native(meta, x.shape[0]):
             decoder = self._native_decoder(kv_caches)
             if decoder is not None:
-                cos, sin = meta.rope if meta.rope is not None else self.rotary.cos_sin(positions)
+                cos, sin = self.rotary.cos_sin(positions, meta.rope_inv_freq)
                 reduce = self.comm.tp_all_reduce if self.comm.tp_size > 1 else None
                 return decoder.run(
                     x.contiguous(),
