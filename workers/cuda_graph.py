@@ -70,13 +70,23 @@ class DecodeGraphs:
         self.cp_decode = cp_decode
         self.sizes = capture_sizes(max_batch)
 
-        def ints(fill: int) -> torch.Tensor:
-            return torch.full((max_batch,), fill, dtype=torch.int64, device=device)
-
-        self.input_ids = ints(0)
-        self.positions = ints(0)
-        self.slot_mapping = ints(self.scratch_slot)
-        self.context_lens = ints(1)
+        # Token ids, positions, KV slots and context lengths in one (4, max_batch) buffer, so a
+        # step's inputs arrive in one copy from a pinned host twin (`run_staged`).
+        self.padding = torch.tensor([0, 0, self.scratch_slot, 1], dtype=torch.int64)
+        self.inputs = self.padding[:, None].expand(4, max_batch).to(device).contiguous()
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self.inputs.unbind()
+        pin = device.type == "cuda"
+        self._staging = [  # two, so a step can fill one while the last one's copy is pending
+            self.padding[:, None].expand(4, max_batch).contiguous().pin_memory()
+            if pin
+            else self.padding[:, None].expand(4, max_batch).contiguous()
+            for _ in range(2)
+        ]
+        self._staged_rows = [0, 0]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        self._padded_rows = 0
+        """Rows of block_tables / inv_freq a step filled past the rows of the steps after it."""
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int64, device=device)
         self.block_tables = torch.full(
             (max_batch, max_blocks), scratch_block, dtype=torch.int32, device=device
@@ -144,6 +154,10 @@ class DecodeGraphs:
             time.perf_counter() - start,
         )
 
+    @property
+    def captured(self) -> bool:
+        return bool(self._replay)
+
     def can_run(self, meta: AttentionMetadata, tokens: int) -> bool:
         """A decode step that fits (at cp > 1 one that runs every row on every cp rank);
         per-request RoPE frequencies only where their graphs were captured."""
@@ -158,6 +172,54 @@ class DecodeGraphs:
             and meta.block_tables.shape[1] <= self.max_blocks
             and bool(self._replay)
         )
+
+    def run_staged(
+        self,
+        rows: tuple[list[int], list[int], list[int], list[int]],
+        block_tables: torch.Tensor,
+        inv_freq: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A decode step of n sequences from host lists (token ids, positions, KV slots, context
+        lengths; n each) and the (n, width) device block tables: the four rows go over in one
+        copy from pinned memory, padding included, and the graph replays. Returns (n, hidden)
+        rows of the graph's output buffer (valid until the next replay)."""
+        n = len(rows[0])
+        b = next(size for size in self.sizes if size >= n)
+        turn = self._turn
+        self._turn ^= 1
+        event = self._copied[turn]
+        if event is not None:  # the copy that last read this buffer has finished
+            event.synchronize()
+        host = self._staging[turn]
+        view = host.numpy()
+        for i, values in enumerate(rows):
+            view[i, :n] = values
+        stale = self._staged_rows[turn]
+        if stale > n:
+            host[:, n:stale] = self.padding[:, None]
+        self._staged_rows[turn] = n
+        self.inputs.copy_(host, non_blocking=True)
+        if host.is_pinned():
+            self._copied[turn] = torch.cuda.Event()
+            self._copied[turn].record()  # type: ignore[union-attr]
+        width = block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(block_tables)
+        rope = inv_freq is not None
+        if inv_freq is not None:
+            assert self.inv_freq is not None
+            self.inv_freq[:n].copy_(inv_freq)
+        if self._padded_rows > n:  # rows a larger step left behind become padding again
+            self.block_tables[n : self._padded_rows].fill_(self.scratch_block)
+            if self.inv_freq is not None:
+                self.inv_freq[n : self._padded_rows].zero_()
+        self._padded_rows = n
+        return self._replay_size(b, n, rope)
+
+    def _replay_size(self, b: int, n: int, rope: bool) -> torch.Tensor:
+        self._replay[(b, rope)]()
+        self.num_replays += 1
+        self.num_rope_replays += rope
+        return self._outputs[(b, rope)][:n]
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -177,15 +239,10 @@ class DecodeGraphs:
             assert meta.rope_inv_freq is not None and self.inv_freq is not None
             self.inv_freq[:n].copy_(meta.rope_inv_freq)
         if b > n:  # rows a larger step left behind become padding again
-            self.input_ids[n:b].zero_()
-            self.positions[n:b].zero_()
-            self.slot_mapping[n:b].fill_(self.scratch_slot)
-            self.context_lens[n:b].fill_(1)
+            self.inputs[:, n:b] = self.padding[:, None].to(self.inputs.device)
             self.block_tables[n:b].fill_(self.scratch_block)
             if rope:
                 assert self.inv_freq is not None
                 self.inv_freq[n:b].zero_()
-        self._replay[(b, rope)]()
-        self.num_replays += 1
-        self.num_rope_replays += rope
-        return self._outputs[(b, rope)][:n]
+        self._padded_rows = max(self._padded_rows, n)
+        return self._replay_size(b, n, rope)

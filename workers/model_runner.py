@@ -220,23 +220,31 @@ class ModelRunner:
         cp = self.comm.cp_size
         # A cp decode step runs every row on every cp rank (`cp_decode_attention`).
         split = cp > 1 and any(len(s.token_ids) != 1 for s in plan.seqs)
-        if split:
-            input_ids, positions, meta, sample_rows = self._prepare_cp(plan.seqs)
-        else:
-            input_ids, positions, meta, sample_rows = self._prepare(plan.seqs)
-        if any(self.seqs[s.seq_id].inv_freq is not None for s in plan.seqs):
-            meta = dataclasses.replace(meta, rope_inv_freq=self._rope_inv_freq(plan.seqs, split))
-        if self.graphs is not None and self.graphs.can_run(meta, input_ids.shape[0]):
-            hidden = self.graphs.run(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta, self.kv_cache.layers)
+        own_rope = any(self.seqs[s.seq_id].inv_freq is not None for s in plan.seqs)
+        hidden = self._staged_decode(plan.seqs, own_rope)
+        sample_rows: torch.Tensor | None = None  # None: every row of `hidden`
+        if hidden is None:
+            if split:
+                input_ids, positions, meta, sample_rows = self._prepare_cp(plan.seqs)
+            else:
+                input_ids, positions, meta, sample_rows = self._prepare(plan.seqs)
+            if own_rope:
+                inv = self._rope_inv_freq(plan.seqs, split)
+                meta = dataclasses.replace(meta, rope_inv_freq=inv)
+            if self.graphs is not None and self.graphs.can_run(meta, input_ids.shape[0]):
+                hidden = self.graphs.run(input_ids, positions, meta)
+            else:
+                hidden = self.model(input_ids, positions, meta, self.kv_cache.layers)
         scored = self._score_prompts(plan.seqs, hidden)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:
             if not self.is_driver_rank:
                 return None
             return StepResult(step_id=plan.step_id, tokens=[], prompt_logprobs=scored)
-        rows = hidden[sample_rows]
+        if sample_rows is None and len(sampled) < len(plan.seqs):
+            picks = [i for i, s in enumerate(plan.seqs) if s.sample]
+            sample_rows = torch.tensor(picks, dtype=torch.int64, device=self.device)
+        rows = hidden if sample_rows is None else hidden[sample_rows]
         if split:
             rows = self._gather_sample_rows(rows, plan.seqs)
         if self.comm.cp_rank != 0:
@@ -342,6 +350,36 @@ class ModelRunner:
             raise ValueError(
                 f"seq {seq.seq_id} needs {needed} blocks but has {len(state.block_table)}"
             )
+
+    def _staged_decode(self, seqs: list[SeqStep], own_rope: bool) -> torch.Tensor | None:
+        """A decode step at cp = 1 through the graphs, its inputs sent in one copy
+        (`DecodeGraphs.run_staged`): the final hidden states, one row per sequence; None when
+        the step is not such a step (prefill chunks, cp > 1, too many rows, no graphs)."""
+        graphs = self.graphs
+        if (
+            graphs is None
+            or graphs.cp_decode
+            or not graphs.captured
+            or len(seqs) > graphs.max_batch
+            or any(len(s.token_ids) != 1 for s in seqs)
+            or (own_rope and graphs.rope_half is None)
+        ):
+            return None
+        bs = self.config.cache.block_size
+        ids, pos, slots, ctx = [], [], [], []
+        tables: list[DeviceBlockTable] = []
+        for s in seqs:
+            state = self.seqs[s.seq_id]
+            p = s.start_pos
+            ids.append(s.token_ids[0])
+            pos.append(p)
+            slots.append(state.block_table[p // bs] * bs + p % bs)
+            ctx.append(p + 1)
+            tables.append(state.table)
+        if max(t.size for t in tables) > graphs.max_blocks:
+            return None
+        inv = self._rope_inv_freq(seqs, False) if own_rope else None
+        return graphs.run_staged((ids, pos, slots, ctx), padded_block_tables(tables), inv)
 
     def _prepare(
         self, seqs: list[SeqStep]
@@ -491,8 +529,12 @@ class ModelRunner:
                 # preemption that recomputed the sequence.
                 position = s.start_pos + len(s.token_ids)
                 st.generator.manual_seed(draw_seed(st.spec.seed, position))
+        none = torch.empty(0, dtype=torch.int64, device=self.device)
         histories = [
-            torch.tensor(st.history, dtype=torch.int64, device=self.device) for st in states
+            torch.tensor(st.history, dtype=torch.int64, device=self.device)
+            if st.spec.needs_history
+            else none
+            for st in states
         ]
         return self.sampler.sample(
             logits,

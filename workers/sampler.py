@@ -163,6 +163,8 @@ class Sampler:
         if not specs:
             return []
         logits = logits.float()  # (batch, vocab)
+        if all(s.temperature == 0.0 and s.logprobs <= 0 and not s.needs_history for s in specs):
+            return _greedy(logits, seq_ids)
         penalties = torch.tensor([s.repetition_penalty for s in specs], dtype=torch.float32)
         penalized = apply_repetition_penalty(logits, histories, penalties)
         starts = output_starts or [s.num_prompt_tokens for s in specs]
@@ -209,6 +211,19 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One multinomial draw from `probs` (vocab,) on the generator's device; returns (1,)."""
     on_gen = probs if probs.device.type == generator.device.type else probs.to(generator.device)
     return torch.multinomial(on_gen, 1, generator=generator).to(probs.device)
+
+
+def _greedy(logits: torch.Tensor, seq_ids: list[int]) -> list[SampledToken]:
+    """Argmax rows with their raw log-probabilities and no top-k lists (the common decode step):
+    the same values as the general path, read back in one device-to-host copy."""
+    token_ids = logits.argmax(dim=-1)  # (batch,)
+    picked = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    chosen = picked - torch.logsumexp(logits, dim=-1)
+    ids, lps = torch.stack((token_ids.to(torch.float64), chosen.to(torch.float64))).tolist()
+    return [
+        SampledToken(seq_id=seq_id, token_id=int(t), logprob=lp, top_ids=[], top_logprobs=[])
+        for seq_id, t, lp in zip(seq_ids, ids, lps)
+    ]
 
 
 def _results(

@@ -184,6 +184,62 @@ def test_padding_rows_touch_only_the_scratch_block() -> None:
     assert graphs.num_replays == 3
 
 
+def test_staged_steps_pad_like_device_steps() -> None:
+    """`run_staged` (host lists, one copy of all four input rows): a smaller step after a larger
+    one sees padding in every row past its batch, in the inputs, the block tables and the RoPE
+    frequencies, whichever of the two staging buffers it fills."""
+    seen: list[tuple[torch.Tensor, ...]] = []
+
+    def forward(ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.rope_inv_freq is None:  # the plain graphs (captured, never replayed here)
+            return torch.stack([ids, pos], dim=1).float()
+        seen.append(
+            tuple(
+                t.clone()
+                for t in (
+                    ids,
+                    pos,
+                    meta.slot_mapping,
+                    meta.context_lens,
+                    meta.block_tables,
+                    meta.rope_inv_freq,
+                )
+            )
+        )
+        return torch.stack([ids, pos], dim=1).float()
+
+    graphs = DecodeGraphs(
+        forward,
+        max_batch=4,
+        max_blocks=3,
+        block_size=4,
+        scratch_block=9,
+        device=torch.device("cpu"),
+        rope_half=2,
+        emulate=True,
+    )
+    graphs.capture()
+    inv = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+    tables = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32)
+    rows = ([5, 6, 7, 8], [105, 106, 107, 108], [1, 2, 3, 4], [3, 4, 5, 6])
+    out = graphs.run_staged(rows, tables, inv)
+    assert out.tolist() == [[5, 105], [6, 106], [7, 107], [8, 108]]
+    for step, n in enumerate((3, 1, 2)):  # both staging buffers, each after a larger step
+        out = graphs.run_staged(tuple(r[:n] for r in rows), tables[:n, : 2 - (n == 1)], inv[:n])  # type: ignore[arg-type]
+        assert out.tolist() == [[5 + i, 105 + i] for i in range(n)], step
+        ids, pos, slots, lens, seen_tables, seen_inv = seen[-1]
+        b = ids.shape[0]
+        assert b == {3: 4, 1: 1, 2: 2}[n]
+        assert ids.tolist() == rows[0][:n] + [0] * (b - n)
+        assert pos.tolist() == rows[1][:n] + [0] * (b - n)
+        assert slots.tolist() == rows[2][:n] + [36] * (b - n)
+        assert lens.tolist() == rows[3][:n] + [1] * (b - n)
+        assert seen_tables[n:].eq(9).all() and seen_inv[n:].eq(0).all()
+        assert torch.equal(seen_inv[:n], inv[:n])
+    assert graphs.inputs[:, 2:].tolist() == [[0, 0], [0, 0], [36, 36], [1, 1]]
+    assert graphs.num_replays == 4 and graphs.num_rope_replays == 4
+
+
 def test_graphs_take_only_plain_decode_steps() -> None:
     graphs = DecodeGraphs(
         lambda ids, pos, meta: ids[:, None].float(),

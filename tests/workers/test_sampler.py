@@ -82,6 +82,26 @@ def test_greedy_equals_argmax_and_leaves_generator_alone() -> None:
     assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, states))
 
 
+def test_greedy_fast_path_equals_general_path() -> None:
+    """All-greedy rows without top-k lists or penalties take one read-back; their tokens and
+    log-probabilities are the general path's (argmax; logit minus log-sum-exp)."""
+    logits = random_logits(9, batch=6)
+    seq_ids = [4, 9, 1, 7, 3, 2]
+    gens = generators([0] * 6)
+    fast = Sampler().sample(logits, [spec(temperature=0.0)] * 6, [EMPTY] * 6, gens, seq_ids)
+    ids = logits.argmax(dim=-1)
+    want = logits.gather(1, ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    assert [(t.seq_id, t.token_id, t.logprob) for t in fast] == list(
+        zip(seq_ids, ids.tolist(), want.tolist())
+    )
+    assert all(t.top_ids == [] and t.top_logprobs == [] for t in fast)
+    full = Sampler().sample(
+        logits, [spec(temperature=0.0, logprobs=1)] * 6, [EMPTY] * 6, gens, seq_ids
+    )
+    assert [t.token_id for t in full] == [t.token_id for t in fast]
+    assert [t.logprob for t in fast] == pytest.approx([t.logprob for t in full], abs=1e-5)
+
+
 def test_greedy_ties_pick_lowest_id() -> None:
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
     assert sample_ids(logits, [spec(temperature=0.0)] * 2, generators([0, 0])) == [1, 0]
