@@ -14,11 +14,14 @@ changes no shape or FLOP. Prefill and decode are timed in one call per length (s
 bench/long_context.py's timed_generate), so the prefix cache never shortens a timed prefill.
 `--batch N` also times decode with N distinct sequences at each `--batch-lens` context: the
 median step in which all N get a token, against a floor of the weights + N sequences' KV.
-`--profile DIR` then traces `--profile-steps` decode steps at the first prompt length with
-torch.profiler (started and stopped inside the engine thread's executor calls): a Chrome trace
-in DIR, the top operators by device time in the report, and how busy the device was between
-the first traced step's start and the last one's end (kernel time / wall time: what is not
-busy is host work between kernels: scheduling, input building, sampling, launches).
+`--profile DIR` then traces `--profile-steps` decode steps at every prompt length and of the
+first batched decode with torch.profiler (started and stopped inside the engine thread's
+executor calls): a Chrome trace in DIR, the top operators by device time in the report, and how
+busy the device was between the first traced step's start and the last one's end (kernel time /
+wall time: what is not busy is host work between kernels: scheduling, input building,
+sampling, launches). A traced run sends the timed run's prompts again: the prefix cache (on)
+serves their prefill, so a trace costs a few steps. Timed prompts are fresh random tokens, so
+the cache never shortens a timed prefill.
 """
 
 from __future__ import annotations
@@ -120,18 +123,20 @@ def trace_decode_steps(
 
 
 def profile_decode(
-    rt: Runtime, prompt: list[int], steps: int, chunk: int, out_dir: Path, device: str
+    rt: Runtime, prompts: list[list[int]], steps: int, out_dir: Path, device: str, top_n: int = 15
 ) -> list[str]:
-    """Trace `steps` decode steps of one sequence (after its prefill, in steps of `chunk`
-    tokens, and two untraced decode steps); returns report lines: the device-busy fraction
-    and the top operators (device kernels on CUDA)."""
+    """Trace `steps` decode steps of `prompts` (sent before, so the prefix cache serves their
+    prefill: one step each, then two untraced decode steps); returns report lines: the
+    device-busy fraction, the host time between kernels, and the top operators (device kernels
+    on CUDA)."""
     from torch.profiler import ProfilerActivity
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    first = -(-len(prompt) // chunk) + 3
-    prof, wall_s = trace_decode_steps(rt, [prompt], first, first + steps - 1, activities)
+    first = len(prompts) + 3
+    prof, wall_s = trace_decode_steps(rt, prompts, first, first + steps - 1, activities)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trace = out_dir / f"decode_trace_{len(prompt)}.json"
+    name = f"decode_trace_{len(prompts[0])}" + (f"_b{len(prompts)}" if len(prompts) > 1 else "")
+    trace = out_dir / f"{name}.json"
     prof.export_chrome_trace(str(trace))
     events = prof.key_averages()
     on_device = device == "cuda"
@@ -140,18 +145,88 @@ def profile_decode(
     busy_us = sum(getattr(e, key) for e in pool)
     wall_us = wall_s * 1e6
     what = "kernel time" if on_device else "operator self CPU time"
+    batch = f" batch {len(prompts)}" if len(prompts) > 1 else ""
     lines = [
-        f"profile of {steps} decode steps at {len(prompt)} context: {wall_us / steps / 1e3:.2f} "
-        f"ms/step wall, {what} {busy_us / steps / 1e3:.2f} ms/step -> device busy "
-        f"{busy_us / wall_us:.0%}; Chrome trace {trace}",
+        f"profile of {steps} decode steps{batch} at {len(prompts[0])} context: "
+        f"{wall_us / steps / 1e3:.2f} ms/step wall, {what} {busy_us / steps / 1e3:.2f} ms/step "
+        f"-> device busy {busy_us / wall_us:.0%}, idle {(wall_us - busy_us) / steps / 1e3:.2f} "
+        f"ms/step; Chrome trace {trace}",
     ]
-    top = sorted(pool, key=lambda e: getattr(e, key), reverse=True)[:15]
+    top = sorted(pool, key=lambda e: getattr(e, key), reverse=True)[:top_n]
     for e in top:
         lines.append(
             f"  {e.key[:70]:70s} {getattr(e, key) / steps / 1e3:8.3f} ms/step "
             f"({getattr(e, key) / max(busy_us, 1):5.1%}), {e.count / steps:.0f} calls/step"
         )
     return lines
+
+
+class HostBreakdown:
+    """Where a decode step's wall time goes, without a profiler: each ModelRunner.execute call's
+    host time, each graph replay's host time (the cudaGraphLaunch call), and its device time
+    (CUDA events around the replay). Steps are consecutive execute calls that replayed a graph;
+    `report` gives medians over the steps recorded since `reset`."""
+
+    def __init__(self, rt: Runtime):
+        executor = rt.engine.executor
+        self.runner = executor.worker.runner  # type: ignore[union-attr]
+        self.calls: list[tuple[float, float, int]] = []  # (start, end, replays so far)
+        self.replays: list[tuple[float, float, Any, Any]] = []  # host start, end, events
+        execute = self.runner.execute
+
+        def timed_execute(plan: Any) -> Any:
+            start = time.perf_counter()
+            out = execute(plan)
+            self.calls.append((start, time.perf_counter(), len(self.replays)))
+            return out
+
+        self.runner.execute = timed_execute
+        graphs = self.runner.graphs
+        if graphs is not None:
+            for key, replay in list(graphs._replay.items()):
+                graphs._replay[key] = self._timed(replay)
+
+    def _timed(self, replay: Any) -> Any:
+        def timed() -> None:
+            cuda = torch.cuda.is_available()  # emulated graphs (CPU smoke runs): no device time
+            events = [torch.cuda.Event(enable_timing=True) if cuda else None for _ in range(2)]
+            if events[0] is not None:
+                events[0].record()
+            start = time.perf_counter()
+            replay()
+            end = time.perf_counter()
+            if events[1] is not None:
+                events[1].record()
+            self.replays.append((start, end, events[0], events[1]))
+
+        return timed
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.replays.clear()
+
+    def report(self) -> str:
+        """Medians in ms over graph-replay steps: step interval, execute call (inputs before
+        the replay, the replay call, then logits, sampling and the wait for the device), engine
+        time between calls, graph run (device)."""
+        _sync()
+        steps = []
+        for prev, (start, end, done), nxt in zip(self.calls, self.calls[1:], self.calls[2:]):
+            if done == prev[2] + 1:  # this call replayed one graph: a decode step
+                r0, r1, e0, e1 = self.replays[done - 1]
+                steps.append(
+                    (nxt[0] - start, end - start, r0 - start, r1 - r0, end - r1, nxt[0] - end)
+                    + (e0.elapsed_time(e1) / 1e3 if e0 is not None else float("nan"),)
+                )
+        if not steps:
+            return "host breakdown: no graph-replay steps"
+        m = [statistics.median(col) * 1e3 for col in zip(*steps)]
+        return (
+            f"host breakdown over {len(steps)} decode steps (medians, ms): step {m[0]:.2f} = "
+            f"worker execute {m[1]:.2f} (inputs {m[2]:.3f}, graph launch call {m[3]:.3f}, "
+            f"logits + sampling + wait {m[4]:.2f}) + engine between steps {m[5]:.3f}; "
+            f"graph run on the device {m[6]:.2f}"
+        )
 
 
 def param_count(cfg: dict) -> int:
@@ -192,7 +267,7 @@ def run(args: argparse.Namespace) -> list[str]:
         session_len=session,
         load_format="dummy",
         enforce_eager=args.enforce_eager,
-        cache=CacheConfig(gpu_memory_utilization=0.92, enable_prefix_caching=False),
+        cache=CacheConfig(gpu_memory_utilization=0.92, enable_prefix_caching=True),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=args.chunk),
     )
     params = param_count(cfg)
@@ -212,11 +287,15 @@ def run(args: argparse.Namespace) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     warm = [[1] * min(512, session - 8)]
     rt.generate(warm, SamplingParams(max_new_tokens=4, temperature=0.0))  # warm-up
+    runner = rt.engine.executor.worker.runner  # type: ignore[union-attr]
+    breakdown = HostBreakdown(rt) if runner.graphs is not None else None
     for n in lens:
         ids = torch.randint(3, cfg["vocab_size"], (n,), generator=gen).tolist()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         # One call: prefill = until the first token's step returned; decode = the steps after.
+        if breakdown is not None:
+            breakdown.reset()
         prefill, _, token_times, steps = timed_generate(
             rt, ids, args.decode_tokens + 1, progress=args.progress
         )
@@ -237,12 +316,19 @@ def run(args: argparse.Namespace) -> list[str]:
             f"{kv_bytes / 1e9:.2f} GB at the copy bandwidth) -> {floor / decode:.0%}; "
             f"peak GPU memory {_peak_gib():.1f} GiB"
         )
-        print(rows[-2], rows[-1], sep="\n", flush=True)
-    for n in batch_lens:
+        if breakdown is not None:
+            rows.append(f"  {breakdown.report()}")
+        print("\n".join(rows[-3:]), flush=True)
+        if args.profile:
+            rows += profile_decode(rt, [ids], args.profile_steps, Path(args.profile), args.device)
+            print("\n".join(rows[-16:]), flush=True)
+    for i, n in enumerate(batch_lens):
         prompts = [
             torch.randint(3, cfg["vocab_size"], (n,), generator=gen).tolist()
             for _ in range(args.batch)
         ]
+        if breakdown is not None:
+            breakdown.reset()
         step = batched_decode(rt, prompts, args.decode_tokens)
         kv_bytes = args.batch * 2 * layers * kvh * hd * 2 * n
         floor = (weight_bytes + kv_bytes) / (copy_gbs * 1e9)
@@ -251,13 +337,12 @@ def run(args: argparse.Namespace) -> list[str]:
             f"{floor * 1e3:5.2f} ms (weights {weight_bytes / 1e9:.1f} GB + KV "
             f"{kv_bytes / 1e9:.2f} GB) -> {floor / step:.0%}"
         )
-        print(rows[-1], flush=True)
-    if args.profile:
-        ids = torch.randint(3, cfg["vocab_size"], (lens[0],), generator=gen).tolist()
-        rows += profile_decode(
-            rt, ids, args.profile_steps, args.chunk, Path(args.profile), args.device
-        )
-        print("\n".join(rows[-16:]), flush=True)
+        if breakdown is not None:
+            rows.append(f"  {breakdown.report()}")
+        print("\n".join(rows[-2:]), flush=True)
+        if args.profile and i == 0:
+            rows += profile_decode(rt, prompts, args.profile_steps, Path(args.profile), args.device)
+            print("\n".join(rows[-16:]), flush=True)
     rt.shutdown()
     return rows
 

@@ -145,6 +145,23 @@ def decode_graphs_choice() -> str:
     return env_choice(DECODE_GRAPHS_ENV, ("auto", "emulate"))
 
 
+DECODE_GRAPH_SEGMENTS_ENV = "DIST_RUNTIME_DECODE_GRAPH_SEGMENTS"
+"""Graphs a decode step's forward is cut into (whole decoder layers each; default 1). The device
+starts on a graph only once its launch call returns, and a launch takes longer the more kernels
+the graph holds; with several, the first runs while the host launches the rest."""
+
+
+def decode_graph_segments() -> int:
+    """`DIST_RUNTIME_DECODE_GRAPH_SEGMENTS`: a positive integer, 1 when unset."""
+    raw = os.environ.get(DECODE_GRAPH_SEGMENTS_ENV, "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(
+            f"{DECODE_GRAPH_SEGMENTS_ENV}={raw!r} is not valid; use a positive integer or leave "
+            "it unset"
+        )
+    return int(raw)
+
+
 KERNELS_ENV = "DIST_RUNTIME_KERNELS"
 """`torch` or `triton` forces the kernel family (`kernels/dispatch.py`); unset: Triton on CUDA."""
 
@@ -156,6 +173,7 @@ WORKER_ENV = (
     CPU_DECODE_ENV,
     CPU_COLLECTIVES_ENV,
     DECODE_GRAPHS_ENV,
+    DECODE_GRAPH_SEGMENTS_ENV,
 )
 """Environment switches that choose kernels and paths inside the workers. The Ray executor
 hands the driver's values to every worker, so they hold on a cluster started elsewhere too."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,6 +29,10 @@ from workers.layers.attention import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+Carry = tuple[torch.Tensor, torch.Tensor | None]
+Stage = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, Carry | None], Carry]
+"""A segment of the decode forward: (input ids, positions, metadata, what the previous segment
+returned or None for the first) -> (hidden, residual); the last returns (final hidden, None)."""
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -58,10 +63,14 @@ class DecodeGraphs:
         rope_half: int | None = None,
         emulate: bool = False,
         cp_decode: bool = False,
+        stages: list[Stage] | None = None,
     ):
         if max_batch < 1 or max_blocks < 1:
             raise ValueError(f"max_batch {max_batch} and max_blocks {max_blocks} must be >= 1")
         self.forward = forward
+        self.stages = stages
+        """Set: each batch size is captured as one graph per stage (`DecodeGraphs.run` replays
+        them in order), so the device runs the first while the host launches the next."""
         self.max_batch = max_batch
         self.max_blocks = max_blocks
         self.scratch_block = scratch_block
@@ -117,17 +126,51 @@ class DecodeGraphs:
             cp_decode=self.cp_decode,
         )
 
+    def _forward(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
+        ids, pos = self.input_ids[:b], self.positions[:b]
+        if self.stages is None:
+            return self.forward(ids, pos, meta)
+        carry: Carry | None = None
+        for stage in self.stages:
+            carry = stage(ids, pos, meta, carry)
+        assert carry is not None
+        return carry[0]
+
+    def _capture_stages(
+        self, b: int, meta: AttentionMetadata, pool: Any
+    ) -> tuple[Callable[[], None], torch.Tensor, Any]:
+        """One graph per stage, each reading what the previous one wrote."""
+        assert self.stages is not None
+        ids, pos = self.input_ids[:b], self.positions[:b]
+        graphs = []
+        carry: Carry | None = None
+        for stage in self.stages:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                carry = stage(ids, pos, meta, carry)
+            pool = graph.pool()
+            graphs.append(graph)
+            self._carries.append(carry)  # the next graph reads it: keep its memory
+        assert carry is not None
+
+        def replay() -> None:
+            for graph in graphs:
+                graph.replay()
+
+        return replay, carry[0], pool
+
     def capture(self) -> None:
         """Capture every size, largest first, into one memory pool (a smaller graph's tensors
         fit in what the largest one freed)."""
         start = time.perf_counter()
-        pool = None
+        pool: Any = None
+        self._carries: list[Carry] = []
         variants = [False, True] if self.rope_half is not None else [False]
         for key in [(b, rope) for b in sorted(self.sizes, reverse=True) for rope in variants]:
             meta = self._meta(*key)
 
             def run(b: int = key[0], meta: AttentionMetadata = meta) -> torch.Tensor:
-                return self.forward(self.input_ids[:b], self.positions[:b], meta)
+                return self._forward(b, meta)
 
             if self.emulate:
                 out = run()
@@ -141,6 +184,11 @@ class DecodeGraphs:
                 continue
             run()  # warm-up outside the graph: Triton compiles, the allocator grows
             torch.cuda.synchronize()
+            if self.stages is not None:
+                self._replay[key], self._outputs[key], pool = self._capture_stages(
+                    key[0], meta, pool
+                )
+                continue
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = run()
@@ -149,8 +197,9 @@ class DecodeGraphs:
         if not self.emulate:
             torch.cuda.synchronize()
         logger.info(
-            "captured decode graphs for batch sizes %s in %.1f s",
+            "captured decode graphs for batch sizes %s%s in %.1f s",
             self.sizes,
+            f" ({len(self.stages)} segments each)" if self.stages is not None else "",
             time.perf_counter() - start,
         )
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_runtime.config import RuntimeConfig, decode_graphs_choice
+from dist_runtime.config import RuntimeConfig, decode_graph_segments, decode_graphs_choice
 from dist_runtime.protocol import (
     PromptLogprobs,
     SampledToken,
@@ -25,7 +25,7 @@ from dist_runtime.protocol import (
 )
 from workers.checkpoint import CheckpointReader, dtype_from_name
 from workers.context_parallel import block_owner, build_cp_metadata, local_key_count
-from workers.cuda_graph import DecodeGraphs
+from workers.cuda_graph import DecodeGraphs, Stage
 from workers.distributed import Collectives
 from workers.kv_cache import KVCache
 from workers.layers.attention import AttentionMetadata
@@ -191,6 +191,7 @@ class ModelRunner:
         block_size = self.config.cache.block_size
         self.graphs = DecodeGraphs(
             lambda ids, pos, meta: self.model(ids, pos, meta, kv.layers),
+            stages=self._graph_stages(kv.layers),
             max_batch=min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
             # A cp rank holds every cp-th block of a sequence.
             max_blocks=-(-self.config.session_len // (block_size * self.comm.cp_size)),
@@ -203,6 +204,22 @@ class ModelRunner:
         )
         with torch.inference_mode():
             self.graphs.capture()
+
+    def _graph_stages(self, kv_layers: list) -> list[Stage] | None:
+        """The decode forward cut into `decode_graph_segments()` runs of whole layers (None:
+        one graph of `model.forward`)."""
+        layers = self.model_config.num_layers
+        segments = min(decode_graph_segments(), layers)
+        if segments == 1:
+            return None
+        bounds = [layers * i // segments for i in range(segments + 1)]
+
+        def stage(span: range) -> Stage:
+            return lambda ids, pos, meta, carry: self.model.forward_layers(
+                ids, pos, meta, kv_layers, span, carry
+            )
+
+        return [stage(range(lo, hi)) for lo, hi in itertools.pairwise(bounds)]
 
     # -- steps ------------------------------------------------------------------------------
     @torch.inference_mode()

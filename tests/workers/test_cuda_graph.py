@@ -59,11 +59,19 @@ def _run(
         return outs, runner.graphs
 
 
-def test_emulated_graphs_equal_eager(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("segments", [1, 2])
+def test_emulated_graphs_equal_eager(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, segments: int
+) -> None:
+    """segments 2: each graph is cut into two runs of layers (embedding with the first, the
+    final norm with the last), replayed one after the other."""
+    monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPH_SEGMENTS", str(segments))
     eager, none = _run(tiny_llama_dir, False, monkeypatch)
     graphed, graphs = _run(tiny_llama_dir, True, monkeypatch)
     assert none is None
     assert graphs is not None and graphs.sizes == [1, 2, 4, 6]
+    assert (graphs.stages is None) == (segments == 1)
+    assert graphs.stages is None or len(graphs.stages) == segments
     assert graphs.num_replays == 19  # one replay per decode step: the longest has 20 tokens
     assert_same_outputs(eager, graphed, atol=1e-4)
 
@@ -291,3 +299,14 @@ def test_decode_graphs_switch(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPa
     Worker(msgpack.packb(config.to_dict()), 0, env={DECODE_GRAPHS_ENV: "emulate"})
     assert decode_graphs_choice() == "emulate"
     assert CPU_ATTENTION_ENV not in os.environ
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_bad_segment_count_is_named(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    from dist_runtime.config import decode_graph_segments
+
+    monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPH_SEGMENTS", value)
+    with pytest.raises(ValueError, match=f"DIST_RUNTIME_DECODE_GRAPH_SEGMENTS='{value}'"):
+        decode_graph_segments()
+    monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPH_SEGMENTS", "")
+    assert decode_graph_segments() == 1

@@ -179,6 +179,31 @@ class DecoderLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    def forward_layers(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[LayerKV],
+        layers: range,
+        carry: tuple[torch.Tensor, torch.Tensor | None] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A contiguous run of decoder layers (a segment of a decode graph, `forward` cut in
+        pieces): from the embedding when `carry` is None, else from the (hidden, residual) the
+        previous run returned. Returns (hidden, residual), or (final hidden, None) when the run
+        ends with the last layer."""
+        if carry is None:
+            x, residual = self.embed(input_ids), None
+        else:
+            x, residual = carry
+        with layer_invariant_scope():
+            for i in layers:
+                x, residual = self.layers[i](x, residual, positions, meta, kv_caches[i])
+        if layers.stop == len(self.layers):
+            x, _ = self.norm(x, residual)
+            return x, None
+        return x, residual
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, hidden) -> (n, vocab) fp32, identical on every tp rank."""
         return self.lm_head(hidden)

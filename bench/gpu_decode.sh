@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The decode checks of bench/gpu_suite.sh alone, for a short GPU lease: the split-KV decode
+# kernel against a device copy (exact and session-wide block tables), end-to-end decode of the
+# 7B shape at 8K-128K (batch 1 and 8) and of the 7B-1M shape at 1,048,576 tokens (2 layers),
+# each traced with torch.profiler and timed without it (HostBreakdown), then the CUDA tests of
+# the decode path.
+#   OUT=/tmp/gpu bash bench/gpu_decode.sh
+# KERNEL=0 skips the kernel table; SEGMENTS="1 4" also times the 7B decode with the graphs cut
+# into 4 segments (DIST_RUNTIME_DECODE_GRAPH_SEGMENTS) at 8K and 32K, after the full run.
+set -u
+OUT=${OUT:-/tmp/gpu_decode}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+log="$OUT/log.txt"
+step() { echo "=== $* ($(date +%T))" | tee -a "$log"; }
+
+step environment
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 \
+    | tee -a "$log"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    2>&1 | tee -a "$log"
+
+if [ "${KERNEL:-1}" = 1 ]; then
+    step split-KV decode kernel
+    timeout "${KERNEL_TIMEOUT:-60}" $PY bench/kernel_bench_attention.py --decode 2>&1 \
+        | tee -a "$log"
+fi
+
+step generate, 7B shape
+timeout "${GEN_TIMEOUT:-180}" $PY bench/generate_gpu.py --prompt-lens 8192,32768,131072 \
+    --decode-tokens 32 --batch 8 --batch-lens 8192,32768 --profile "$OUT/trace_7b" \
+    --out "$OUT/generate_7b.md" 2>&1 | grep -v "it/s" | tee -a "$log"
+
+for n in ${SEGMENTS:-}; do
+    [ "$n" = 1 ] && continue
+    step "generate, 7B shape, decode graphs in $n segments"
+    DIST_RUNTIME_DECODE_GRAPH_SEGMENTS=$n timeout "${GEN_TIMEOUT:-180}" $PY bench/generate_gpu.py \
+        --prompt-lens 8192,32768 --decode-tokens 32 --batch 8 --batch-lens 8192 \
+        --out "$OUT/generate_7b_segments$n.md" 2>&1 | grep -v "it/s" | tee -a "$log"
+done
+
+step generate, 1M tokens
+timeout "${LONG_TIMEOUT:-130}" $PY bench/generate_gpu.py \
+    --model-config bench/model_configs/internlm2_5-7b-chat-1m.json --layers 2 \
+    --prompt-lens 1048576 --decode-tokens 16 --profile "$OUT/trace_1m" \
+    --out "$OUT/generate_1m.md" 2>&1 | grep -v "it/s" | tee -a "$log"
+
+step CUDA tests of the decode path
+timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
+    tests/test_gpu_oracle.py tests/kernels/test_elementwise_kernels.py \
+    tests/kernels/test_attention_kernels.py tests/kernels/test_kv_quant.py -k \
+    "gpu or rotary or flash_decode or graph" 2>&1 | tail -15 | tee -a "$log"
+tar czf "$OUT/traces.tgz" -C "$OUT" $(cd "$OUT" && ls -d trace_* 2>/dev/null) 2>/dev/null \
+    && rm -rf "$OUT"/trace_*
+step done
