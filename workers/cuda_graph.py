@@ -225,13 +225,14 @@ class DecodeGraphs:
     def run_staged(
         self,
         rows: tuple[list[int], list[int], list[int], list[int]],
-        block_tables: torch.Tensor,
+        block_tables: list[torch.Tensor],
         inv_freq: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A decode step of n sequences from host lists (token ids, positions, KV slots, context
-        lengths; n each) and the (n, width) device block tables: the four rows go over in one
-        copy from pinned memory, padding included, and the graph replays. Returns (n, hidden)
-        rows of the graph's output buffer (valid until the next replay)."""
+        lengths; n each) and each sequence's 1-D device block table: the four rows go over in
+        one copy from pinned memory, padding included, the tables in one multi-tensor copy, and
+        the graph replays. Returns (n, hidden) rows of the graph's output buffer (valid until
+        the next replay)."""
         n = len(rows[0])
         b = next(size for size in self.sizes if size >= n)
         turn = self._turn
@@ -251,8 +252,9 @@ class DecodeGraphs:
         if host.is_pinned():
             self._copied[turn] = torch.cuda.Event()
             self._copied[turn].record()  # type: ignore[union-attr]
-        width = block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(block_tables)
+        # Entries past a table's length keep older ids: its context length bounds every read.
+        dst = [self.block_tables[i, : t.shape[0]] for i, t in enumerate(block_tables)]
+        torch._foreach_copy_(dst, block_tables)
         rope = inv_freq is not None
         if inv_freq is not None:
             assert self.inv_freq is not None

@@ -396,7 +396,7 @@ class ModelRunner:
         if max(t.size for t in tables) > graphs.max_blocks:
             return None
         inv = self._rope_inv_freq(seqs, False) if own_rope else None
-        return graphs.run_staged((ids, pos, slots, ctx), padded_block_tables(tables), inv)
+        return graphs.run_staged((ids, pos, slots, ctx), [t.view() for t in tables], inv)
 
     def _prepare(
         self, seqs: list[SeqStep]

@@ -32,6 +32,9 @@ class RequestHandle:
         self._error: BaseException | None = None
         self._callbacks: list[Callable[[RequestHandle], None]] = []
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._readers = 0
+        """Threads iterating the deltas and waiting for one: only they are woken per token
+        (a thread waiting in `result()` sleeps until the end)."""
         # Progress, written by the engine thread only (plain ints: readers see whole values).
         self.num_computed_prompt_tokens = 0
         """Prompt tokens whose K/V are in the cache (prefix-cache hits included)."""
@@ -88,7 +91,11 @@ class RequestHandle:
         try:
             while True:
                 with self._cond:
-                    self._cond.wait_for(lambda: self._deltas or self.done)
+                    self._readers += 1
+                    try:
+                        self._cond.wait_for(lambda: self._deltas or self.done)
+                    finally:
+                        self._readers -= 1
                     deltas = list(self._deltas)
                     self._deltas.clear()
                     finished = not deltas and self.done
@@ -131,8 +138,10 @@ class RequestHandle:
     def put(self, delta: RequestDelta) -> None:
         with self._cond:
             self._deltas.append(delta)
-            self._cond.notify_all()
-        self._wake_async()
+            if self._readers:
+                self._cond.notify_all()
+        if self._async_waiters:  # one that registers later reads the deltas first anyway
+            self._wake_async()
 
     def finish(self, output: RequestOutput) -> None:
         self._end(output, None)

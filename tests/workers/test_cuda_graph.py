@@ -230,12 +230,15 @@ def test_staged_steps_pad_like_device_steps() -> None:
     inv = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
     tables = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32)
     rows = ([5, 6, 7, 8], [105, 106, 107, 108], [1, 2, 3, 4], [3, 4, 5, 6])
-    out = graphs.run_staged(rows, tables, inv)
+    out = graphs.run_staged(rows, list(tables), inv)
     assert out.tolist() == [[5, 105], [6, 106], [7, 107], [8, 108]]
     for step, n in enumerate((3, 1, 2)):  # both staging buffers, each after a larger step
-        out = graphs.run_staged(tuple(r[:n] for r in rows), tables[:n, : 2 - (n == 1)], inv[:n])  # type: ignore[arg-type]
+        staged = tuple(r[:n] for r in rows)
+        ragged = [tables[i, : 1 + i % 2] for i in range(n)]  # tables of different lengths
+        out = graphs.run_staged(staged, ragged, inv[:n])  # type: ignore[arg-type]
         assert out.tolist() == [[5 + i, 105 + i] for i in range(n)], step
         ids, pos, slots, lens, seen_tables, seen_inv = seen[-1]
+        assert all(torch.equal(seen_tables[i, : t.shape[0]], t) for i, t in enumerate(ragged))
         b = ids.shape[0]
         assert b == {3: 4, 1: 1, 2: 2}[n]
         assert ids.tolist() == rows[0][:n] + [0] * (b - n)
