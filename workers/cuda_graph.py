@@ -64,6 +64,8 @@ class DecodeGraphs:
         emulate: bool = False,
         cp_decode: bool = False,
         stages: list[Stage] | None = None,
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        vocab_size: int = 0,
     ):
         if max_batch < 1 or max_blocks < 1:
             raise ValueError(f"max_batch {max_batch} and max_blocks {max_blocks} must be >= 1")
@@ -71,6 +73,10 @@ class DecodeGraphs:
         self.stages = stages
         """Set: each batch size is captured as one graph per stage (`DecodeGraphs.run` replays
         them in order), so the device runs the first while the host launches the next."""
+        self.head = head
+        """Set: hidden -> (rows, vocab) fp32 logits, replayed in the graph after the forward;
+        the logits land in `logits` and each row's argmax with its raw log-probability in
+        `greedy`, so a greedy step needs no kernel launch after the replay."""
         self.max_batch = max_batch
         self.max_blocks = max_blocks
         self.scratch_block = scratch_block
@@ -106,6 +112,12 @@ class DecodeGraphs:
         self.inv_freq = None
         if rope_half is not None:
             self.inv_freq = torch.zeros(max_batch, rope_half, dtype=torch.float32, device=device)
+        self.logits: torch.Tensor | None = None
+        self.greedy: torch.Tensor | None = None
+        if head is not None:
+            self.logits = torch.zeros(max_batch, vocab_size, dtype=torch.float32, device=device)
+            # (token id, log-probability) per row, float64 so one copy brings both back exactly.
+            self.greedy = torch.zeros(max_batch, 2, dtype=torch.float64, device=device)
         self._replay: dict[tuple[int, bool], Callable[[], None]] = {}
         self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.num_replays = 0
@@ -129,12 +141,26 @@ class DecodeGraphs:
     def _forward(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
         ids, pos = self.input_ids[:b], self.positions[:b]
         if self.stages is None:
-            return self.forward(ids, pos, meta)
+            return self._tail(b, self.forward(ids, pos, meta))
         carry: Carry | None = None
         for stage in self.stages:
             carry = stage(ids, pos, meta, carry)
         assert carry is not None
-        return carry[0]
+        return self._tail(b, carry[0])
+
+    def _tail(self, b: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head and the greedy pick of the first b rows (when `head` is set): the same
+        operations as `Sampler`'s greedy path, into the fixed `logits` and `greedy` buffers."""
+        if self.head is None:
+            return hidden
+        assert self.logits is not None and self.greedy is not None
+        logits = self.logits[:b]
+        logits.copy_(self.head(hidden))
+        token_ids = logits.argmax(dim=-1)
+        picked = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        self.greedy[:b, 0].copy_(token_ids)
+        self.greedy[:b, 1].copy_(picked - torch.logsumexp(logits, dim=-1))
+        return hidden
 
     def _capture_stages(
         self, b: int, meta: AttentionMetadata, pool: Any
@@ -144,10 +170,12 @@ class DecodeGraphs:
         ids, pos = self.input_ids[:b], self.positions[:b]
         graphs = []
         carry: Carry | None = None
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 carry = stage(ids, pos, meta, carry)
+                if i == len(self.stages) - 1:
+                    self._tail(b, carry[0])
             pool = graph.pool()
             graphs.append(graph)
             self._carries.append(carry)  # the next graph reads it: keep its memory

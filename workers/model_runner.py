@@ -32,7 +32,7 @@ from workers.layers.attention import AttentionMetadata
 from workers.layers.rotary import inverse_frequencies
 from workers.models.decoder import DecoderLM
 from workers.models.layouts import init_dummy_weights, load_weights
-from workers.sampler import Sampler, score_rows
+from workers.sampler import Sampler, greedy_tokens, plain_greedy, score_rows
 
 MAX_GRAPH_BATCH = 256
 """Largest decode batch replayed from a CUDA graph; bigger batches run eagerly (launch cost is
@@ -166,7 +166,11 @@ class ModelRunner:
         c, tokens = self.model_config, self.config.scheduler.max_num_batched_tokens
         width = 4 * c.hidden_size + 4 * c.intermediate_size // self.comm.tp_size
         per_token = width * self.dtype.itemsize + 4 * c.vocab_size // max(tokens, 1)
-        return tokens * per_token + (512 << 20)
+        graph_logits = 0  # the decode graphs' fp32 logits buffer (`DecodeGraphs.logits`)
+        if self._decode_graph_mode() is not None and self.comm.cp_size == 1:
+            rows = min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
+            graph_logits = 4 * c.vocab_size * rows
+        return tokens * per_token + graph_logits + (512 << 20)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         # The native decoder points at the old cache: let it go with it, before the new one.
@@ -192,6 +196,9 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             lambda ids, pos, meta: self.model(ids, pos, meta, kv.layers),
             stages=self._graph_stages(kv.layers),
+            # At cp > 1 only cp rank 0 runs the head, outside the graphs.
+            head=self.model.compute_logits if self.comm.cp_size == 1 else None,
+            vocab_size=self.model_config.vocab_size,
             max_batch=min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
             # A cp rank holds every cp-th block of a sequence.
             max_blocks=-(-self.config.session_len // (block_size * self.comm.cp_size)),
@@ -239,6 +246,7 @@ class ModelRunner:
         split = cp > 1 and any(len(s.token_ids) != 1 for s in plan.seqs)
         own_rope = any(self.seqs[s.seq_id].inv_freq is not None for s in plan.seqs)
         hidden = self._staged_decode(plan.seqs, own_rope)
+        staged = hidden is not None
         sample_rows: torch.Tensor | None = None  # None: every row of `hidden`
         if hidden is None:
             if split:
@@ -258,6 +266,22 @@ class ModelRunner:
             if not self.is_driver_rank:
                 return None
             return StepResult(step_id=plan.step_id, tokens=[], prompt_logprobs=scored)
+        graphs = self.graphs
+        if (
+            staged
+            and graphs is not None
+            and graphs.logits is not None
+            and graphs.greedy is not None
+            and len(sampled) == len(plan.seqs)
+        ):  # the graph ran the LM head (and the greedy pick) already
+            if not self.is_driver_rank:
+                return None
+            n = len(sampled)
+            if plain_greedy([self.seqs[s.seq_id].spec for s in sampled]):
+                tokens = greedy_tokens(graphs.greedy[:n], [s.seq_id for s in sampled])
+            else:
+                tokens = self._sample(graphs.logits[:n], sampled)
+            return StepResult(step_id=plan.step_id, tokens=tokens, prompt_logprobs=scored)
         if sample_rows is None and len(sampled) < len(plan.seqs):
             picks = [i for i, s in enumerate(plan.seqs) if s.sample]
             sample_rows = torch.tensor(picks, dtype=torch.int64, device=self.device)

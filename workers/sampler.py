@@ -163,7 +163,7 @@ class Sampler:
         if not specs:
             return []
         logits = logits.float()  # (batch, vocab)
-        if all(s.temperature == 0.0 and s.logprobs <= 0 and not s.needs_history for s in specs):
+        if plain_greedy(specs):
             return _greedy(logits, seq_ids)
         penalties = torch.tensor([s.repetition_penalty for s in specs], dtype=torch.float32)
         penalized = apply_repetition_penalty(logits, histories, penalties)
@@ -213,16 +213,27 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.multinomial(on_gen, 1, generator=generator).to(probs.device)
 
 
+def plain_greedy(specs: list[SamplingSpec]) -> bool:
+    """Every row greedy, with no top-k list and no penalty: its token and log-probability are
+    the argmax and the logit minus the row's log-sum-exp, nothing else."""
+    return all(s.temperature == 0.0 and s.logprobs <= 0 and not s.needs_history for s in specs)
+
+
 def _greedy(logits: torch.Tensor, seq_ids: list[int]) -> list[SampledToken]:
     """Argmax rows with their raw log-probabilities and no top-k lists (the common decode step):
     the same values as the general path, read back in one device-to-host copy."""
     token_ids = logits.argmax(dim=-1)  # (batch,)
     picked = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     chosen = picked - torch.logsumexp(logits, dim=-1)
-    ids, lps = torch.stack((token_ids.to(torch.float64), chosen.to(torch.float64))).tolist()
+    return greedy_tokens(torch.stack((token_ids.double(), chosen.double()), dim=1), seq_ids)
+
+
+def greedy_tokens(picked: torch.Tensor, seq_ids: list[int]) -> list[SampledToken]:
+    """Sampled tokens from (rows, 2) float64 (token id, log-probability) rows, read back in one
+    copy."""
     return [
         SampledToken(seq_id=seq_id, token_id=int(t), logprob=lp, top_ids=[], top_logprobs=[])
-        for seq_id, t, lp in zip(seq_ids, ids, lps)
+        for seq_id, (t, lp) in zip(seq_ids, picked.tolist())
     ]
 
 

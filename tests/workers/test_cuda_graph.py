@@ -43,31 +43,65 @@ def _prompts() -> list[list[int]]:
 
 
 def _run(
-    folder: Path, emulate: bool, monkeypatch: pytest.MonkeyPatch, **kw: Any
+    folder: Path,
+    emulate: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    logprobs: int = 2,
+    sampled: bool = False,
+    **kw: Any,
 ) -> tuple[list[Any], Any]:
+    """logprobs 0: greedy rows take the graphs' own greedy pick; sampled: one request draws
+    (temperature 0.8) from the graphs' logits beside the greedy ones."""
     mode = "emulate" if emulate else None
     monkeypatch.setattr(ModelRunner, "_decode_graph_mode", lambda self: mode)
     # Different lengths: sequences finish at different steps, so the batch shrinks from 5
     # (graph of 6, one padding row) to 1, and rows a larger step used become padding again.
     params = [
-        SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2)
+        SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=logprobs)
         for n in (20, 5, 12, 1, 16)
     ]
+    if sampled:
+        params[2] = SamplingParams(
+            max_new_tokens=12, temperature=0.8, seed=3, ignore_eos=True, logprobs=logprobs
+        )
     with Runtime(model=str(folder), **{**KW, **kw}) as rt:
         outs = rt.generate(_prompts(), params)
         runner = rt.engine.executor.worker.runner  # type: ignore[union-attr]
         return outs, runner.graphs
 
 
-@pytest.mark.parametrize("segments", [1, 2])
+@pytest.mark.parametrize(
+    "segments, logprobs, sampled", [(1, 2, False), (1, 0, False), (2, 0, True)]
+)
 def test_emulated_graphs_equal_eager(
-    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, segments: int
+    tiny_llama_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    segments: int,
+    logprobs: int,
+    sampled: bool,
 ) -> None:
     """segments 2: each graph is cut into two runs of layers (embedding with the first, the
-    final norm with the last), replayed one after the other."""
+    final norm and the LM head with the last), replayed one after the other. logprobs 0: the
+    tokens come from the graphs' greedy pick; with top-k lists or a sampling request in the
+    batch, from their logits."""
+    import workers.model_runner as model_runner
+
     monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPH_SEGMENTS", str(segments))
-    eager, none = _run(tiny_llama_dir, False, monkeypatch)
-    graphed, graphs = _run(tiny_llama_dir, True, monkeypatch)
+    picks: list[int] = []
+    greedy_tokens = model_runner.greedy_tokens
+
+    def counted(picked: torch.Tensor, seq_ids: list[int]) -> Any:
+        picks.append(len(seq_ids))
+        return greedy_tokens(picked, seq_ids)
+
+    monkeypatch.setattr(model_runner, "greedy_tokens", counted)
+    eager, none = _run(tiny_llama_dir, False, monkeypatch, logprobs, sampled)
+    assert not picks  # eager steps sample from their own logits
+    graphed, graphs = _run(tiny_llama_dir, True, monkeypatch, logprobs, sampled)
+    # The graphs' greedy pick serves every step of plain greedy rows (none with top-k lists;
+    # with the sampling request, only the steps after it finished).
+    assert (len(picks) == 19) if logprobs == 0 and not sampled else (len(picks) < 19)
+    assert logprobs != 0 or picks
     assert none is None
     assert graphs is not None and graphs.sizes == [1, 2, 4, 6]
     assert (graphs.stages is None) == (segments == 1)
