@@ -221,11 +221,13 @@ class HostBreakdown:
         if not steps:
             return "host breakdown: no graph-replay steps"
         m = [statistics.median(col) * 1e3 for col in zip(*steps)]
+        slowest = max(range(len(steps)), key=lambda i: steps[i][0])
+        worst = ", ".join(f"{x * 1e3:.2f}" for x in steps[slowest])
         return (
             f"host breakdown over {len(steps)} decode steps (medians, ms): step {m[0]:.2f} = "
             f"worker execute {m[1]:.2f} (inputs {m[2]:.3f}, graph launch call {m[3]:.3f}, "
             f"logits + sampling + wait {m[4]:.2f}) + engine between steps {m[5]:.3f}; "
-            f"graph run on the device {m[6]:.2f}"
+            f"graph run on the device {m[6]:.2f}; slowest step (#{slowest + 1}): {worst}"
         )
 
 

@@ -223,6 +223,10 @@ class DecodeGraphs:
             pool = graph.pool()
             self._replay[key], self._outputs[key] = graph.replay, out
         if not self.emulate:
+            # One replay of each (padding rows only: they write the scratch block) moves its
+            # first launch's one-off cost to start-up, out of a request's first decode step.
+            for launch in self._replay.values():
+                launch()
             torch.cuda.synchronize()
         logger.info(
             "captured decode graphs for batch sizes %s%s in %.1f s",
