@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The decode checks of bench/gpu_suite.sh alone, for a short GPU lease: the split-KV decode
-# kernel against a device copy (exact and session-wide block tables), end-to-end decode of the
-# 7B shape at 8K-128K (batch 1 and 8) and of the 7B-1M shape at 1,048,576 tokens (2 layers),
-# each traced with torch.profiler and timed without it (HostBreakdown), then the CUDA tests of
-# the decode path.
+# kernel as a decode step runs it (32 calls in one CUDA graph, candidate tile configs),
+# end-to-end decode of the 7B shape at 8K-128K (batch 1 and 8) and of the 7B-1M shape at
+# 1,048,576 tokens (2 layers), each traced with torch.profiler and timed without it (the host
+# breakdown), then the CUDA tests of the decode path.
 #   OUT=/tmp/gpu bash bench/gpu_decode.sh
-# KERNEL=0 skips the kernel table; SEGMENTS="1 4" also times the 7B decode with the graphs cut
+# KERNEL=table times single decode calls against a device copy instead of the in-graph sweep,
+# KERNEL=0 skips the kernel step. SEGMENTS="1 4" also times the 7B decode with the graphs cut
 # into 4 segments (DIST_RUNTIME_DECODE_GRAPH_SEGMENTS) at 8K and 32K, after the full run.
 set -u
 OUT=${OUT:-/tmp/gpu_decode}
@@ -21,11 +22,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     2>&1 | tee -a "$log"
 
-if [ "${KERNEL:-1}" = 1 ]; then
-    step split-KV decode kernel
-    timeout "${KERNEL_TIMEOUT:-60}" $PY bench/kernel_bench_attention.py --decode 2>&1 \
-        | tee -a "$log"
-fi
+case "${KERNEL:-graph}" in
+    table)
+        step split-KV decode kernel, one call at a time
+        timeout "${KERNEL_TIMEOUT:-60}" $PY bench/kernel_bench_attention.py --decode 2>&1 \
+            | tee -a "$log" ;;
+    graph)
+        step split-KV decode kernel, 32 calls per CUDA graph, candidate configs
+        timeout "${KERNEL_TIMEOUT:-90}" $PY bench/kernel_bench_attention.py --decode-graph 2>&1 \
+            | tee -a "$log" ;;
+esac
 
 step generate, 7B shape
 timeout "${GEN_TIMEOUT:-180}" $PY bench/generate_gpu.py --prompt-lens 8192,32768,131072 \

@@ -142,6 +142,72 @@ def bench_decode_grid(device: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
+GRAPH_SWEEP = [
+    (2, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
+    (4, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
+    (8, dict(BLOCK_N=64, num_warps=4, num_stages=2)),
+    (4, dict(BLOCK_N=32, num_warps=4, num_stages=3)),
+    (2, dict(BLOCK_N=128, num_warps=8, num_stages=2)),
+    (1, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
+]
+"""--decode-graph: (programs per SM, pass-1 config) candidates; the first is the default."""
+GRAPH_GRID = [(8192, 1), (32768, 1), (131072, 1), (8192, 8)]
+GRAPH_LAYERS = 32
+
+
+def bench_decode_graph(device: torch.device) -> list[dict[str, Any]]:
+    """The split-KV decode as a decode step runs it: one CUDA graph of 32 calls (32 layers, each
+    over its own cache, so no call reads another's keys from L2), timed by replays. A call in
+    isolation is launch-bound below ~100K keys; inside a graph it is not."""
+    rows = []
+    for ctx, batch in GRAPH_GRID:
+        rows += _decode_graph_rows(ctx, batch, device)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _decode_graph_rows(ctx: int, batch: int, device: torch.device) -> list[dict[str, Any]]:
+    gen = torch.Generator(device=device).manual_seed(SEED)
+    q = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    lens = torch.full((batch,), ctx, device=device)
+    layers = []
+    for _ in range(GRAPH_LAYERS):
+        k, v, table = _paged_cache(batch * ctx, 16, device, gen)
+        layers.append((k, v, table.view(batch, -1)))
+    nbytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * DTYPE.itemsize * GRAPH_LAYERS
+    scale = HEAD_DIM**-0.5
+
+    def step() -> None:
+        for k, v, table in layers:
+            FD.flash_decode_triton(q, k, v, table, lens, scale)
+
+    rows = []
+    default_decode, default_per_sm = FD.decode_config, FD.PROGRAMS_PER_SM
+    try:
+        for per_sm, cfg in GRAPH_SWEEP:
+            FD.decode_config = lambda *_, c=cfg: dict(c)  # type: ignore[misc]
+            FD.PROGRAMS_PER_SM = per_sm
+            step()  # compile outside the graph
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            ms = _ms(graph.replay)
+            splits = FD.split_plan(batch, KV_HEADS, ctx, cfg["BLOCK_N"], device)
+            rows.append(
+                dict(
+                    name="decode_graph",
+                    shape=f"ctx={ctx} b={batch} per_sm={per_sm} splits={splits} {cfg}",
+                    ms=ms / GRAPH_LAYERS,
+                    GBps=nbytes / ms / 1e6,
+                )
+            )
+            print(_format(rows[-1]), flush=True)
+    finally:
+        FD.decode_config, FD.PROGRAMS_PER_SM = default_decode, default_per_sm  # type: ignore[assignment]
+    return rows
+
+
 def bench_attention(device: torch.device) -> list[dict[str, Any]]:
     """One row per prefill length and per decode context, each with its baseline."""
     rows = [bench_prefill(s, device) for s in PREFILL_LENS]
@@ -219,12 +285,20 @@ def main() -> None:
         action="store_true",
         help="only decode: batch 1 and 8 from 8K to 1M keys, exact and session-wide tables",
     )
+    parser.add_argument(
+        "--decode-graph",
+        action="store_true",
+        help="only decode, 32 calls per CUDA graph as in a decode step, over candidate configs",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     device = torch.device("cuda")
     torch.manual_seed(SEED)
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    if args.decode_graph:
+        bench_decode_graph(device)
+        return
     if args.decode:
         bench_decode_grid(device)
         return
