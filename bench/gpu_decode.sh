@@ -22,17 +22,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     2>&1 | tee -a "$log"
 
-case "${KERNEL:-graph}" in
-    table)
-        step split-KV decode kernel, one call at a time
-        timeout "${KERNEL_TIMEOUT:-60}" $PY bench/kernel_bench_attention.py --decode 2>&1 \
-            | tee -a "$log" ;;
-    graph)
-        step split-KV decode kernel, 32 calls per CUDA graph, candidate configs
-        timeout "${KERNEL_TIMEOUT:-90}" $PY bench/kernel_bench_attention.py --decode-graph 2>&1 \
-            | tee -a "$log" ;;
-esac
-
 step generate, 7B shape
 timeout "${GEN_TIMEOUT:-180}" $PY bench/generate_gpu.py --prompt-lens 8192,32768,131072 \
     --decode-tokens 32 --batch 8 --batch-lens 8192,32768 --profile "$OUT/trace_7b" \
@@ -52,11 +41,25 @@ timeout "${LONG_TIMEOUT:-130}" $PY bench/generate_gpu.py \
     --prompt-lens 1048576 --decode-tokens 16 --profile "$OUT/trace_1m" \
     --out "$OUT/generate_1m.md" 2>&1 | grep -v "it/s" | tee -a "$log"
 
+case "${KERNEL:-graph}" in
+    table)
+        step split-KV decode kernel, one call at a time
+        timeout "${KERNEL_TIMEOUT:-60}" $PY bench/kernel_bench_attention.py --decode 2>&1 \
+            | tee -a "$log" ;;
+    graph)
+        step split-KV decode kernel, 32 calls per CUDA graph, candidate configs
+        timeout "${KERNEL_TIMEOUT:-90}" $PY bench/kernel_bench_attention.py --decode-graph 2>&1 \
+            | tee -a "$log" ;;
+esac
+
 step CUDA tests of the decode path
 timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/test_gpu_oracle.py tests/kernels/test_elementwise_kernels.py \
     tests/kernels/test_attention_kernels.py tests/kernels/test_kv_quant.py -k \
     "gpu or rotary or flash_decode or graph" 2>&1 | tail -15 | tee -a "$log"
+step CUDA tests of the 4-bit weight kernel
+timeout "${W4A16_TIMEOUT:-45}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
+    tests/kernels/test_w4a16.py 2>&1 | tail -15 | tee -a "$log"
 tar czf "$OUT/traces.tgz" -C "$OUT" $(cd "$OUT" && ls -d trace_* 2>/dev/null) 2>/dev/null \
     && rm -rf "$OUT"/trace_*
 step done
