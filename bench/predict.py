@@ -946,9 +946,10 @@ def term_lines(
     tokens: int,
     dtype: str,
     residual_ms: tuple[float, float] | None,
+    residual_cards: str = "",
 ) -> list[str]:
-    """The terms behind one mesh's row; residual_ms: the measured H100 CUDA-graph decode steps'
-    excess over their floor (min, max), if any."""
+    """The terms behind one mesh's row; residual_ms: the measured CUDA-graph decode steps'
+    excess over their floor (min, max), if any, on `residual_cards`."""
     p, d = r.prefill, r.decode
     bw = target.gpu.link_bytes_per_s(target.link)
     link = f"{target.link} {bw / 1e9:g} GB/s per direction"
@@ -1018,7 +1019,7 @@ def term_lines(
     )
     if residual_ms:
         line += (
-            f"; the measured H100 decode steps (CUDA graphs) ran {residual_ms[0]:.1f}-"
+            f"; the measured {residual_cards} decode steps (CUDA graphs) ran {residual_ms[0]:.1f}-"
             f"{residual_ms[1]:.1f} ms above their floor: if that carries over, "
             f"{d.total_s * 1e3 + residual_ms[0]:.1f}-{d.total_s * 1e3 + residual_ms[1]:.1f} ms"
         )
@@ -1240,8 +1241,10 @@ UNMEASURED = [
     "cp > 1 prefill: the position kernel's sorted-key rate was measured on a cp rank's workload "
     "on one GPU; the ring and query-exchange paths have run only on CPU.",
     "Decode: the model is a bandwidth floor. Host-side step cost (scheduling, block tables, "
-    "launches) is not modelled; on the measured H100 runs it added milliseconds per step (see "
-    "the validation). Collective latency per decode step (tp and cp) is not modelled either.",
+    "launches) is not modelled; on the measured H100 and H200 runs it added milliseconds per "
+    "step (see the validation; docs/benchmarks/gpu_h200_2026-12-04.md splits it: about 1 ms of "
+    "host work per step at batch 1 while the device waits). Collective latency per decode step "
+    "(tp and cp) is not modelled either.",
     "Prefill step overhead: nothing per chunk beyond the terms above; at 16,384-token chunks "
     "on H100 the prefill validation says that is within the aim; smaller chunks (the default "
     "8,192) double the number of steps.",
@@ -1321,9 +1324,10 @@ def build(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
     graph_rows = [r for r in rows if r.run.kind == "decode" and r.run.mode == "CUDA graphs"]
     excess = [(r.run.measured_s - r.predicted_s) * 1e3 for r in graph_rows]
     residual = (min(excess), max(excess)) if excess else None
+    cards = " and ".join(sorted({r.run.gpu.split("-")[0] for r in graph_rows}))
     terms: list[str] = []
     for r in results:
-        terms += term_lines(r, model, target, tokens, args.dtype, residual)
+        terms += term_lines(r, model, target, tokens, args.dtype, residual, cards)
     reading = reading_lines(results, rates, numbers, comparable)
     out = (
         head
