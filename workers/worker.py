@@ -15,7 +15,7 @@ import msgpack
 import torch
 
 from dist_runtime.config import WORKER_ENV, RuntimeConfig
-from dist_runtime.protocol import StepPlan, decode, encode
+from dist_runtime.protocol import StepPlan, StepResult, decode, encode
 from workers.distributed import MeshCoords, create_store, destroy_distributed, init_distributed
 from workers.model_runner import ModelRunner
 
@@ -79,9 +79,14 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks)
 
     def execute(self, plan_bytes: bytes) -> bytes | None:
-        assert self.runner is not None
-        result = self.runner.execute(decode(plan_bytes, StepPlan))
+        result = self.execute_plan(decode(plan_bytes, StepPlan))
         return None if result is None else encode(result)
+
+    def execute_plan(self, plan: StepPlan) -> StepResult | None:
+        """`execute` without the codec, for a worker in the driver's own process: the plan and
+        the result are shared objects (frozen messages whose lists neither side changes)."""
+        assert self.runner is not None
+        return self.runner.execute(plan)
 
     def memory_stats(self) -> dict[str, int]:
         """This worker's memory: peak resident bytes of its process, its KV cache allocation,
