@@ -98,7 +98,9 @@ class DecodeGraphs:
             for _ in range(2)
         ]
         self._staged_rows = [0, 0]
-        self._copied: list[torch.cuda.Event | None] = [None, None]
+        # Recorded after each staging buffer's copy (re-recorded, not re-created, per step).
+        self._copied = [torch.cuda.Event() for _ in range(2)] if pin else None
+        self._numpy = [buf.numpy() for buf in self._staging]
         self._turn = 0
         self._padded_rows = 0
         """Rows of block_tables / inv_freq a step filled past the rows of the steps after it."""
@@ -269,11 +271,9 @@ class DecodeGraphs:
         b = next(size for size in self.sizes if size >= n)
         turn = self._turn
         self._turn ^= 1
-        event = self._copied[turn]
-        if event is not None:  # the copy that last read this buffer has finished
-            event.synchronize()
-        host = self._staging[turn]
-        view = host.numpy()
+        if self._copied is not None:  # the copy that last read this buffer has finished
+            self._copied[turn].synchronize()  # (at once for an event never recorded)
+        host, view = self._staging[turn], self._numpy[turn]
         for i, values in enumerate(rows):
             view[i, :n] = values
         stale = self._staged_rows[turn]
@@ -281,9 +281,8 @@ class DecodeGraphs:
             host[:, n:stale] = self.padding[:, None]
         self._staged_rows[turn] = n
         self.inputs.copy_(host, non_blocking=True)
-        if host.is_pinned():
-            self._copied[turn] = torch.cuda.Event()
-            self._copied[turn].record()  # type: ignore[union-attr]
+        if self._copied is not None:
+            self._copied[turn].record()
         # Entries past a table's length keep older ids: its context length bounds every read.
         dst = [self.block_tables[i, : t.shape[0]] for i, t in enumerate(block_tables)]
         torch._foreach_copy_(dst, block_tables)
