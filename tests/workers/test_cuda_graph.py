@@ -169,6 +169,20 @@ def _meta(**kw: Any) -> AttentionMetadata:
     return AttentionMetadata(**base)
 
 
+def _small_graphs(forward: Any, **kw: Any) -> DecodeGraphs:
+    """Emulated graphs for batches up to 4 over 3-block tables (scratch block 9)."""
+    return DecodeGraphs(
+        forward,
+        max_batch=4,
+        max_blocks=3,
+        block_size=4,
+        scratch_block=9,
+        device=torch.device("cpu"),
+        emulate=True,
+        **kw,
+    )
+
+
 def test_padding_rows_touch_only_the_scratch_block() -> None:
     """Rows past the step's batch write the scratch slot and see only it, also after a larger
     step left real values in them; a smaller graph leaves rows past its size alone."""
@@ -180,15 +194,7 @@ def test_padding_rows_touch_only_the_scratch_block() -> None:
         )
         return torch.stack([ids, pos], dim=1).float()
 
-    graphs = DecodeGraphs(
-        forward,
-        max_batch=4,
-        max_blocks=3,
-        block_size=4,
-        scratch_block=9,
-        device=torch.device("cpu"),
-        emulate=True,
-    )
+    graphs = _small_graphs(forward)
     graphs.capture()
     assert len(seen) == 3  # sizes 4, 2, 1
     four = _meta(
@@ -250,16 +256,7 @@ def test_staged_steps_pad_like_device_steps() -> None:
         )
         return torch.stack([ids, pos], dim=1).float()
 
-    graphs = DecodeGraphs(
-        forward,
-        max_batch=4,
-        max_blocks=3,
-        block_size=4,
-        scratch_block=9,
-        device=torch.device("cpu"),
-        rope_half=2,
-        emulate=True,
-    )
+    graphs = _small_graphs(forward, rope_half=2)
     graphs.capture()
     inv = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
     tables = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32)
@@ -286,15 +283,7 @@ def test_staged_steps_pad_like_device_steps() -> None:
 
 
 def test_graphs_take_only_plain_decode_steps() -> None:
-    graphs = DecodeGraphs(
-        lambda ids, pos, meta: ids[:, None].float(),
-        max_batch=4,
-        max_blocks=3,
-        block_size=4,
-        scratch_block=9,
-        device=torch.device("cpu"),
-        emulate=True,
-    )
+    graphs = _small_graphs(lambda ids, pos, meta: ids[:, None].float())
     assert not graphs.can_run(_meta(), 2)  # nothing captured yet
     graphs.capture()
     assert graphs.can_run(_meta(), 2)
