@@ -162,6 +162,17 @@ def decode_graph_segments() -> int:
     return int(raw)
 
 
+ASYNC_DECODE_ENV = "DIST_RUNTIME_ASYNC_DECODE"
+"""`1`: plain greedy decode steps are planned and launched one step ahead, while the device
+still runs the step before (one-GPU runs with decode graphs); `0` (default): each step waits
+for the one before."""
+
+
+def async_decode_enabled() -> bool:
+    """`DIST_RUNTIME_ASYNC_DECODE`: '0' (default) or '1'."""
+    return env_choice(ASYNC_DECODE_ENV, ("0", "1")) == "1"
+
+
 KERNELS_ENV = "DIST_RUNTIME_KERNELS"
 """`torch` or `triton` forces the kernel family (`kernels/dispatch.py`); unset: Triton on CUDA."""
 
@@ -174,6 +185,7 @@ WORKER_ENV = (
     CPU_COLLECTIVES_ENV,
     DECODE_GRAPHS_ENV,
     DECODE_GRAPH_SEGMENTS_ENV,
+    ASYNC_DECODE_ENV,
 )
 """Environment switches that choose kernels and paths inside the workers. The Ray executor
 hands the driver's values to every worker, so they hold on a cluster started elsewhere too."""

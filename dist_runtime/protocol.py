@@ -55,6 +55,12 @@ class SamplingSpec:
         )
 
 
+LAST_SAMPLED = -1
+"""A decode step's token id that stands for the token the worker sampled for this sequence in
+the step before it, not yet read back by the driver (a step planned ahead: `Engine`'s
+asynchronous decode)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SeqStep:
     """One sequence's work in a step: compute `token_ids` at positions start_pos.."""

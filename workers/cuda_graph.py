@@ -98,6 +98,15 @@ class DecodeGraphs:
             for _ in range(2)
         ]
         self._staged_rows = [0, 0]
+        # Rows of `greedy` (from the replay before) whose token a row takes instead of its
+        # staged id: steps planned ahead (LAST_SAMPLED); -1 keeps the staged id.
+        self.last_rows = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        self._last_staging = [
+            torch.full((max_batch,), -1, dtype=torch.int64).pin_memory()
+            if pin
+            else torch.full((max_batch,), -1, dtype=torch.int64)
+            for _ in range(2)
+        ]
         # Recorded after each staging buffer's copy (re-recorded, not re-created, per step).
         self._copied = [torch.cuda.Event() for _ in range(2)] if pin else None
         self._numpy = [buf.numpy() for buf in self._staging]
@@ -261,12 +270,14 @@ class DecodeGraphs:
         rows: tuple[list[int], list[int], list[int], list[int]],
         block_tables: list[torch.Tensor],
         inv_freq: torch.Tensor | None = None,
+        last_rows: list[int] | None = None,
     ) -> torch.Tensor:
         """A decode step of n sequences from host lists (token ids, positions, KV slots, context
         lengths; n each) and each sequence's 1-D device block table: the four rows go over in
         one copy from pinned memory, padding included, the tables in one multi-tensor copy, and
-        the graph replays. Returns (n, hidden) rows of the graph's output buffer (valid until
-        the next replay)."""
+        the graph replays. `last_rows[i] >= 0`: row i's token id is the greedy pick of that row
+        of the previous replay, still on the device. Returns (n, hidden) rows of the graph's
+        output buffer (valid until the next replay). Nothing here waits for the device."""
         n = len(rows[0])
         b = next(size for size in self.sizes if size >= n)
         turn = self._turn
@@ -281,6 +292,14 @@ class DecodeGraphs:
             host[:, n:stale] = self.padding[:, None]
         self._staged_rows[turn] = n
         self.inputs.copy_(host, non_blocking=True)
+        if last_rows is not None:
+            assert self.greedy is not None, "taking last sampled ids needs the graphs' head"
+            src = self._last_staging[turn]
+            src.numpy()[:n] = last_rows
+            take = self.last_rows[:n]
+            take.copy_(src[:n], non_blocking=True)
+            picked = self.greedy[take.clamp(min=0), 0].to(torch.int64)
+            self.input_ids[:n] = torch.where(take >= 0, picked, self.input_ids[:n])
         if self._copied is not None:
             self._copied[turn].record()
         # Entries past a table's length keep older ids: its context length bounds every read.

@@ -7,15 +7,23 @@ so plans only carry deltas.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import itertools
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from dist_runtime.config import RuntimeConfig, decode_graph_segments, decode_graphs_choice
+from dist_runtime.config import (
+    RuntimeConfig,
+    async_decode_enabled,
+    decode_graph_segments,
+    decode_graphs_choice,
+)
 from dist_runtime.protocol import (
+    LAST_SAMPLED,
     PromptLogprobs,
     SampledToken,
     SamplingSpec,
@@ -60,7 +68,10 @@ class DeviceBlockTable:
             )
             grown[: self.size].copy_(self.buf[: self.size])
             self.buf = grown
-        self.buf[self.size : need].copy_(torch.tensor(blocks, dtype=torch.int32))
+        new = torch.tensor(blocks, dtype=torch.int32)
+        if self.buf.is_cuda:  # from pinned memory, so the host never waits for the device
+            new = new.pin_memory()
+        self.buf[self.size : need].copy_(new, non_blocking=new.is_pinned())
         self.size = need
 
     def view(self) -> torch.Tensor:
@@ -116,6 +127,13 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.seqs: dict[int, SeqState] = {}
         self.sampler = Sampler()
+        self._launched: collections.deque[_Launched | StepResult | None] = collections.deque()
+        self._last_rows: dict[int, int] | None = None
+        """seq id -> row of the last step replayed by `launch`, whose greedy picks the graphs
+        still hold; None after any other step."""
+        self._out_turn = 0
+        self.num_launched_ahead = 0
+        """Steps `launch` ran without waiting for the device."""
         self.num_steps = 0
         """Steps that ran the model (plans with at least one sequence)."""
         self.is_driver_rank = comm.coords.rank == 0
@@ -228,12 +246,123 @@ class ModelRunner:
 
         return [stage(range(lo, hi)) for lo, hi in itertools.pairwise(bounds)]
 
+    # -- steps launched ahead ---------------------------------------------------------------
+    def runs_ahead(self) -> bool:
+        """`launch` can return before a greedy decode step ends (`DIST_RUNTIME_ASYNC_DECODE=1`,
+        decode graphs with their head, cp = 1)."""
+        graphs = self.graphs
+        return async_decode_enabled() and graphs is not None and graphs.greedy is not None
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> None:
+        """Start a step; `collect` returns its result (in launch order). A plain greedy decode
+        step goes through the graphs without waiting for the device: its picks are read back
+        at `collect`, and the next step's `LAST_SAMPLED` ids are taken from them on the device.
+        Any other step runs here, as `execute` would."""
+        launched = self._launch_staged(plan) if self.runs_ahead() else None
+        if launched is None:
+            if any(s.token_ids[:1] == [LAST_SAMPLED] for s in plan.seqs):
+                plan = self._fill_last_sampled(plan)
+            self._launched.append(self.execute(plan))
+        else:
+            self._launched.append(launched)
+
+    def collect(self) -> StepResult | None:
+        if not self._launched:
+            raise RuntimeError("collect() without a launched step")
+        item = self._launched.popleft()
+        return item.result() if isinstance(item, _Launched) else item
+
+    def _launch_staged(self, plan: StepPlan) -> _Launched | None:
+        graphs = self.graphs
+        assert graphs is not None and graphs.greedy is not None and self.kv_cache is not None
+        seqs = plan.seqs
+        if not seqs or len(seqs) > graphs.max_batch or self.comm.cp_size != 1:
+            return None
+        for s in seqs:
+            state = self.seqs.get(s.seq_id)
+            if (
+                state is None
+                or s.is_new
+                or not s.sample
+                or len(s.token_ids) != 1
+                or not plain_greedy([state.spec])
+                or state.table.size + len(s.new_blocks) > graphs.max_blocks
+                or (state.inv_freq is not None and graphs.rope_half is None)
+            ):
+                return None
+        ahead = [s.token_ids[0] == LAST_SAMPLED for s in seqs]
+        last = self._last_rows
+        if any(ahead) and (last is None or any(s.seq_id not in last for s in seqs)):
+            return None  # the ids it needs are not on the device: `launch` fills them in
+        for seq_id in plan.finished_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for s in seqs:
+            self._update_state(s)
+        self.num_steps += 1
+        own_rope = any(self.seqs[s.seq_id].inv_freq is not None for s in seqs)
+        bs = self.config.cache.block_size
+        ids, pos, slots, ctx, tables = [], [], [], [], []
+        for s, is_ahead in zip(seqs, ahead):
+            state, p = self.seqs[s.seq_id], s.start_pos
+            ids.append(0 if is_ahead else s.token_ids[0])
+            pos.append(p)
+            slots.append(state.block_table[p // bs] * bs + p % bs)
+            ctx.append(p + 1)
+            tables.append(state.table.view())
+        rows = [last[s.seq_id] if a and last else -1 for s, a in zip(seqs, ahead)]
+        inv = self._rope_inv_freq(seqs, False) if own_rope else None
+        graphs.run_staged((ids, pos, slots, ctx), tables, inv, rows if any(ahead) else None)
+        n, turn = len(seqs), self._out_turn
+        self._out_turn ^= 1
+        out, event = self._read_back[turn]
+        out[:n].copy_(graphs.greedy[:n], non_blocking=True)
+        if event is not None:
+            event.record()
+        self._last_rows = {s.seq_id: i for i, s in enumerate(seqs)}
+        self.num_launched_ahead += 1
+        return _Launched(plan.step_id, [s.seq_id for s in seqs], out[:n], event)
+
+    @functools.cached_property
+    def _read_back(self) -> list[tuple[torch.Tensor, torch.cuda.Event | None]]:
+        """Two host buffers (pinned on CUDA) for the (token, log-probability) rows of launched
+        steps, each with the event after its copy: two steps are in flight at most."""
+        assert self.graphs is not None
+        cuda = self.device.type == "cuda"
+        return [
+            (
+                torch.zeros(self.graphs.max_batch, 2, dtype=torch.float64, pin_memory=cuda),
+                torch.cuda.Event() if cuda else None,
+            )
+            for _ in range(2)
+        ]
+
+    def _fill_last_sampled(self, plan: StepPlan) -> StepPlan:
+        """`plan` with each LAST_SAMPLED id replaced by the token the last launched step sampled
+        for that sequence (waiting for that step)."""
+        if not self._launched:
+            raise ValueError(f"step {plan.step_id} takes last sampled ids but none was launched")
+        last = self._launched[-1]
+        result = last.result() if isinstance(last, _Launched) else last
+        if result is None:
+            raise ValueError(f"step {plan.step_id} takes last sampled ids this rank never saw")
+        sampled = {t.seq_id: t.token_id for t in result.tokens}
+        seqs = []
+        for s in plan.seqs:
+            if s.token_ids[:1] == [LAST_SAMPLED]:
+                if s.seq_id not in sampled:
+                    raise ValueError(f"seq {s.seq_id}: no token sampled in the last step")
+                s = dataclasses.replace(s, token_ids=[sampled[s.seq_id]])
+            seqs.append(s)
+        return dataclasses.replace(plan, seqs=seqs)
+
     # -- steps ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Run one step; tp rank 0 of the world returns the sampled tokens, others None."""
         if self.kv_cache is None:
             raise RuntimeError("allocate_kv_cache() must run before execute()")
+        self._last_rows = None
         for seq_id in plan.finished_seq_ids:
             self.seqs.pop(seq_id, None)
         for seq in plan.seqs:
@@ -585,6 +714,26 @@ class ModelRunner:
             [s.seq_id for s in seqs],
             [max(0, st.spec.num_prompt_tokens - max(st.history_start, 0)) for st in states],
         )
+
+
+@dataclass
+class _Launched:
+    """A step `ModelRunner.launch` left running: its picks arrive in `picked` once `event`
+    (None off CUDA) has passed."""
+
+    step_id: int
+    seq_ids: list[int]
+    picked: torch.Tensor
+    event: torch.cuda.Event | None
+    _result: StepResult | None = None
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            if self.event is not None:
+                self.event.synchronize()
+            tokens = greedy_tokens(self.picked, self.seq_ids)
+            self._result = StepResult(step_id=self.step_id, tokens=tokens)
+        return self._result
 
 
 def draw_seed(seed: int, position: int) -> int:

@@ -82,6 +82,19 @@ class Worker:
         result = self.execute_plan(decode(plan_bytes, StepPlan))
         return None if result is None else encode(result)
 
+    def launch_plan(self, plan: StepPlan) -> None:
+        """Start a step without waiting for it (see `ModelRunner.launch`)."""
+        assert self.runner is not None
+        self.runner.launch(plan)
+
+    def collect_plan(self) -> StepResult | None:
+        assert self.runner is not None
+        return self.runner.collect()
+
+    def runs_ahead(self) -> bool:
+        assert self.runner is not None
+        return self.runner.runs_ahead()
+
     def execute_plan(self, plan: StepPlan) -> StepResult | None:
         """`execute` without the codec, for a worker in the driver's own process: the plan and
         the result are shared objects (frozen messages whose lists neither side changes)."""

@@ -20,6 +20,7 @@ When no new group can be started, or the loop itself breaks, every handle fails 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -40,7 +41,7 @@ from dist_runtime.engine.executor.factory import create_executor
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.output_processor import OutputProcessor
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
-from dist_runtime.protocol import StepPlan
+from dist_runtime.protocol import StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.text.text_stream import TextStream
 from dist_runtime.text.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -111,6 +112,10 @@ class Engine:
         self._deferred: list[_Request] = []  # engine thread only: waiting on `after`
         self._by_seq: dict[int, _Request] = {}
         self._steps: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
+        self._inflight: tuple[StepPlan, float] | None = None
+        """A step launched but not collected (asynchronous decode), with its start time."""
+        self.num_steps_ahead = 0
+        """Decode steps planned and launched while the step before them ran."""
         self._finish_listeners: list[Callable[[RequestHandle], None]] = []
         self.num_steps = 0
         self.num_generated_tokens = 0
@@ -325,7 +330,7 @@ class Engine:
             self._die(e)
 
     def _has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def _drain(self, block: bool) -> bool:
         """Handle every queued command (waiting for one when block); False on stop."""
@@ -418,31 +423,78 @@ class Engine:
             self._abort(parent.handle.request_id)  # nobody is left to use its blocks
 
     def _step(self) -> None:
+        if self._inflight is not None:
+            self._step_ahead()
+            return
         started = time.perf_counter()
         plan, _ = self.scheduler.schedule()
         if not plan.seqs:
             self._fail_all(RuntimeError("the KV cache is too small for any waiting request"))
             return
-        try:
-            assert self.executor is not None
-            result = self.executor.execute(plan)
-        except WorkerError as e:
-            if self._stopping.is_set():  # the workers are going away with the engine
-                logger.debug("worker failure while stopping: %s", e)
-                self._fail_all(EngineDeadError(f"the engine is stopping: {e}"))
+        assert self.executor is not None
+        if self.executor.runs_ahead():
+            try:
+                self.executor.launch(plan)
+            except Exception as e:
+                self._step_failed(plan, e)
                 return
-            self._recover(e)
+            self._inflight = (plan, started)
+            self._step_ahead()
             return
-        except Exception as e:  # the step itself failed: its requests end, the rest go on
-            logger.exception("step %d failed", plan.step_id)
-            self._fail([self._by_seq[s.seq_id] for s in plan.seqs], e)
+        try:
+            result = self.executor.execute(plan)
+        except Exception as e:
+            self._step_failed(plan, e)
             return
+        self._finish_step(plan, result, started)
+
+    def _step_ahead(self) -> None:
+        """Plan and launch the decode step after the one in flight (when it can be planned
+        before that one's tokens are known), then collect the one in flight: the host's work
+        for a step overlaps the device's work on the step before."""
+        assert self._inflight is not None and self.executor is not None
+        plan, started = self._inflight
+        ahead = None
+        if self._inbox.empty():  # a new request or an abort is handled first
+            ahead = self.scheduler.schedule_ahead(plan, self.config.session_len)
+        launched = time.perf_counter()
+        try:
+            if ahead is not None:
+                self.executor.launch(ahead)
+                self.num_steps_ahead += 1
+            result = self.executor.collect()
+        except Exception as e:
+            self._inflight = None
+            if ahead is not None and not isinstance(e, WorkerError):
+                with contextlib.suppress(Exception):
+                    self.executor.collect()  # the step launched ahead: its requests fail too
+            self._step_failed(plan, e)
+            return
+        self._inflight = None if ahead is None else (ahead, launched)
+        self._finish_step(plan, result, started)
+
+    def _step_failed(self, plan: StepPlan, error: Exception) -> None:
+        if isinstance(error, WorkerError):
+            self._inflight = None
+            if self._stopping.is_set():  # the workers are going away with the engine
+                logger.debug("worker failure while stopping: %s", error)
+                self._fail_all(EngineDeadError(f"the engine is stopping: {error}"))
+                return
+            self._recover(error)
+            return
+        # The step itself failed: its requests end, the rest go on.
+        logger.error("step %d failed", plan.step_id, exc_info=error)
+        self._fail([self._by_seq[s.seq_id] for s in plan.seqs if s.seq_id in self._by_seq], error)
+
+    def _finish_step(self, plan: StepPlan, result: StepResult, started: float) -> None:
         self.scheduler.on_step_done(plan)
         request_ids, num_prefill, num_decodes = self._update_progress(plan)
         for scored in result.prompt_logprobs:
             self.outputs.record_prompt_logprobs(self._by_seq[scored.seq_id].seq, scored)
         for tok in result.tokens:
-            request = self._by_seq[tok.seq_id]
+            request = self._by_seq.get(tok.seq_id)
+            if request is None or request.seq.status is SeqStatus.FINISHED:
+                continue  # a step planned ahead of this sequence's stop (or an abort)
             delta = self.outputs.process(request.seq, tok)
             handle = request.handle
             handle.num_output_tokens += 1
@@ -466,7 +518,9 @@ class Engine:
         ids = []
         num_prefill = num_decodes = 0
         for step in plan.seqs:
-            request = self._by_seq[step.seq_id]
+            request = self._by_seq.get(step.seq_id)
+            if request is None:  # it ended while this step, planned ahead, ran
+                continue
             handle, seq = request.handle, request.seq
             ids.append(handle.request_id)
             if step.start_pos >= len(seq.prompt_token_ids):

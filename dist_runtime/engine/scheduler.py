@@ -16,7 +16,7 @@ from typing import Any
 
 from dist_runtime.config import SchedulerConfig
 from dist_runtime.engine.block_manager import BlockManager
-from dist_runtime.protocol import SamplingSpec, SeqStep, StepPlan
+from dist_runtime.protocol import LAST_SAMPLED, SamplingSpec, SeqStep, StepPlan
 from dist_runtime.sampling_params import SamplingParams
 
 
@@ -301,6 +301,56 @@ class Scheduler:
         reset_ids = {s.seq_id for s in steps if s.is_new}
         finished = [i for i in self._finished_ids if i not in reset_ids]
         self._finished_ids = []
+        return StepPlan(step_id=next(self._step_ids), seqs=steps, finished_seq_ids=finished)
+
+    def schedule_ahead(self, inflight: StepPlan, session_len: int) -> StepPlan | None:
+        """The decode step after `inflight` (launched, its tokens not read yet), planned on the
+        guess that no sequence stops at it: each of its sequences computes the token it is
+        sampling now (`LAST_SAMPLED`, filled in on the worker). None when the step cannot be
+        planned ahead: a request waits or prefills, a sequence needs more than plain greedy
+        decoding, or a block is missing. A sequence that certainly stops at `inflight` (its
+        length limit) is left out; one that stops by EOS or a stop string runs one step more,
+        whose token the engine drops."""
+        if self.waiting or len(inflight.seqs) != len(self.running):
+            return None
+        seqs = []
+        for step in inflight.seqs:  # every check before any block moves
+            seq = self._seqs.get(step.seq_id)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                return None
+            p = seq.params
+            if (
+                len(step.token_ids) != 1
+                or step.start_pos != seq.num_tokens - 1
+                or p.temperature != 0.0
+                or p.logprobs
+                or _needs_history(p)
+                or seq.needs_prompt_logprobs
+            ):
+                return None
+            seqs.append(seq)
+        steps = []
+        for seq in seqs:
+            pos = seq.num_tokens
+            if len(seq.output_token_ids) + 1 >= seq.params.max_new_tokens or pos + 1 >= session_len:
+                continue  # its in-flight token is its last
+            if not self.blocks.can_grow(seq.block_table, pos + 1):
+                break  # the rest decode after the step in flight is read, as usual
+            self.blocks.grow(seq.block_table, pos + 1)
+            steps.append(
+                SeqStep(
+                    seq_id=seq.seq_id,
+                    token_ids=[LAST_SAMPLED],
+                    start_pos=pos,
+                    new_blocks=seq.block_table[seq.num_blocks_sent :],
+                    is_new=False,
+                    sample=True,
+                )
+            )
+            seq.num_blocks_sent = len(seq.block_table)
+        if not steps:
+            return None
+        finished, self._finished_ids = self._finished_ids, []
         return StepPlan(step_id=next(self._step_ids), seqs=steps, finished_seq_ids=finished)
 
     def on_step_done(self, plan: StepPlan) -> None:

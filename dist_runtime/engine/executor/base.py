@@ -26,6 +26,21 @@ class Executor(abc.ABC):
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step on every worker; the driver rank's result."""
 
+    def launch(self, plan: StepPlan) -> None:
+        """Start a step; its result comes from the matching `collect` (steps are collected in
+        launch order). An executor that cannot run ahead runs it here."""
+        self._launched: list[StepResult] = getattr(self, "_launched", [])
+        self._launched.append(self.execute(plan))
+
+    def collect(self) -> StepResult:
+        """The result of the oldest launched step not collected yet."""
+        return self._launched.pop(0)
+
+    def runs_ahead(self) -> bool:
+        """Whether `launch` returns before the step ends, so the driver can plan and launch the
+        next decode step meanwhile (whose `LAST_SAMPLED` token ids the workers fill in)."""
+        return False
+
     @abc.abstractmethod
     def memory_stats(self) -> list[dict[str, int]]:
         """Each worker's memory (see `Worker.memory_stats`), by rank."""

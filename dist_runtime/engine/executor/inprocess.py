@@ -39,6 +39,17 @@ class InProcessExecutor(Executor):
         assert out is not None
         return out
 
+    def launch(self, plan: StepPlan) -> None:
+        self.worker.launch_plan(plan)
+
+    def collect(self) -> StepResult:
+        out = self.worker.collect_plan()
+        assert out is not None
+        return out
+
+    def runs_ahead(self) -> bool:
+        return self.worker.runs_ahead()
+
     def memory_stats(self) -> list[dict[str, int]]:
         return [self.worker.memory_stats()]
 
