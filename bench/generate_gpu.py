@@ -210,6 +210,8 @@ class HostBreakdown:
         the replay, the replay call, then logits, sampling and the wait for the device), engine
         time between calls, graph run (device)."""
         _sync()
+        if self.runner.runs_ahead():
+            return "host breakdown: decode steps launch ahead (DIST_RUNTIME_ASYNC_DECODE=1)"
         steps = []
         for prev, (start, end, done), nxt in zip(self.calls, self.calls[1:], self.calls[2:]):
             if done == prev[2] + 1:  # this call replayed one graph: a decode step

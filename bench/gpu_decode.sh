@@ -8,6 +8,8 @@
 # KERNEL=table times single decode calls against a device copy instead of the in-graph sweep,
 # KERNEL=0 skips the kernel step. SEGMENTS="1 4" also times the 7B decode with the graphs cut
 # into 4 segments (DIST_RUNTIME_DECODE_GRAPH_SEGMENTS) at 8K and 32K, after the full run.
+# ASYNC=0 skips the runs with decode steps launched ahead (DIST_RUNTIME_ASYNC_DECODE=1: 7B at
+# 8K / 32K / batch 8, and 1M), which follow the default runs.
 set -u
 OUT=${OUT:-/tmp/gpu_decode}
 mkdir -p "$OUT"
@@ -35,6 +37,13 @@ for n in ${SEGMENTS:-}; do
         --out "$OUT/generate_7b_segments$n.md" 2>&1 | grep -v "it/s" | tee -a "$log"
 done
 
+if [ "${ASYNC:-1}" = 1 ]; then
+    step "generate, 7B shape, decode steps launched ahead (DIST_RUNTIME_ASYNC_DECODE=1)"
+    DIST_RUNTIME_ASYNC_DECODE=1 timeout "${GEN_TIMEOUT:-180}" $PY bench/generate_gpu.py \
+        --prompt-lens 8192,32768 --decode-tokens 32 --batch 8 --batch-lens 8192 \
+        --out "$OUT/generate_7b_async.md" 2>&1 | grep -v "it/s" | tee -a "$log"
+fi
+
 step generate, 1M tokens
 timeout "${LONG_TIMEOUT:-130}" $PY bench/generate_gpu.py \
     --model-config bench/model_configs/internlm2_5-7b-chat-1m.json --layers 2 \
@@ -51,6 +60,14 @@ case "${KERNEL:-graph}" in
         timeout "${KERNEL_TIMEOUT:-90}" $PY bench/kernel_bench_attention.py --decode-graph 2>&1 \
             | tee -a "$log" ;;
 esac
+
+if [ "${ASYNC:-1}" = 1 ]; then
+    step "generate, 1M tokens, decode steps launched ahead"
+    DIST_RUNTIME_ASYNC_DECODE=1 timeout "${LONG_TIMEOUT:-130}" $PY bench/generate_gpu.py \
+        --model-config bench/model_configs/internlm2_5-7b-chat-1m.json --layers 2 \
+        --prompt-lens 1048576 --decode-tokens 16 --out "$OUT/generate_1m_async.md" 2>&1 \
+        | grep -v "it/s" | tee -a "$log"
+fi
 
 step CUDA tests of the decode path
 timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \

@@ -205,20 +205,26 @@ def stamped_generate(
     stamps: list[tuple[float, int]] = []
     executor = rt.engine.executor
     assert executor is not None
-    execute = executor.execute
+    execute, collect = executor.execute, executor.collect
 
     def stamped(plan: Any) -> Any:
         out = execute(plan)
         stamps.append((time.perf_counter(), len(out.tokens)))
         return out
 
+    def stamped_collect() -> Any:  # steps launched ahead (DIST_RUNTIME_ASYNC_DECODE=1)
+        out = collect()
+        stamps.append((time.perf_counter(), len(out.tokens)))
+        return out
+
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     executor.execute = stamped  # type: ignore[method-assign]
+    executor.collect = stamped_collect  # type: ignore[method-assign]
     try:
         t0 = time.perf_counter()
         outs = rt.generate(prompts, params, use_tqdm=progress)
     finally:
-        del executor.execute  # back to the class method
+        del executor.execute, executor.collect  # back to the class methods
     return t0, stamps, outs
 
 

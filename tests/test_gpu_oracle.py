@@ -116,6 +116,36 @@ def test_decode_graphs_equal_eager(checkpoint: Path) -> None:
     assert_same_outputs(runs[True], runs[False], atol=1e-4)
 
 
+def test_async_decode_equals_step_by_step(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy decode steps launched one ahead (DIST_RUNTIME_ASYNC_DECODE=1: the ids taken from
+    the graph's picks on the device, the picks read back through pinned buffers) give the
+    step-by-step run's tokens and logprobs (stops and arrivals: tests/dist_runtime/
+    test_async_decode.py)."""
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (40, 300, 7)]
+    params = [
+        SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
+        for n in (30, 12, 21)
+    ]
+    runs, ahead = {}, {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("DIST_RUNTIME_ASYNC_DECODE", flag)
+        with Runtime(
+            model=str(checkpoint),
+            device=DEVICE,
+            dtype="float32",
+            session_len=1024,
+            cache=CacheConfig(block_size=16, num_blocks=256),
+            scheduler=SchedulerConfig(max_num_seqs=8),
+        ) as rt:
+            runs[flag] = rt.generate(prompts, params)
+            ahead[flag] = rt.engine.num_steps_ahead
+    assert ahead["0"] == 0 and (DEVICE != "cuda" or ahead["1"] > 10)
+    assert_same_outputs(runs["0"], runs["1"], atol=1e-4)
+
+
 def test_decode_graphs_with_per_request_rope_equal_eager(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
