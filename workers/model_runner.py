@@ -293,7 +293,7 @@ class ModelRunner:
                 return None
         ahead = [s.token_ids[0] == LAST_SAMPLED for s in seqs]
         last = self._last_rows
-        if any(ahead) and (last is None or any(s.seq_id not in last for s in seqs)):
+        if any(a and (last is None or s.seq_id not in last) for s, a in zip(seqs, ahead)):
             return None  # the ids it needs are not on the device: `launch` fills them in
         for seq_id in plan.finished_seq_ids:
             self.seqs.pop(seq_id, None)
