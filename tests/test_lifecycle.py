@@ -92,7 +92,15 @@ def test_ctrl_c_during_a_run_exits_cleanly(tiny_llama_dir: Path, tmp_path: Path)
     # 4-token chunks: some 640 prefill steps, seconds of work, so the signal lands in them.
     cmd += ["--dtype", "float32", "--session-len", "4096", "--max-num-batched-tokens", "4"]
     cmd += ["--max-num-seqs", "4"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # A Ctrl-C the test process ignores (a shell's background job, say) is ignored by the
+        # child too, and Python installs no KeyboardInterrupt handler then: restore it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert proc.stderr is not None
     seen = b""
     while b"document:" not in seen:  # the document is read: the prefill starts next
@@ -102,6 +110,6 @@ def test_ctrl_c_during_a_run_exits_cleanly(tiny_llama_dir: Path, tmp_path: Path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     text = (seen + err).decode(errors="replace")
-    assert proc.returncode == 130, text[-2000:]
+    assert proc.returncode == 130, f"{signal.getsignal(signal.SIGINT)!r}\n{text[-2000:]}"
     assert "interrupted: workers released" in text
     assert "Traceback" not in text
