@@ -34,29 +34,12 @@ TINY = {
 }
 
 
-def _start(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc: subprocess.Popen[str]) -> str:
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
-    return stdout
-
-
 def _run(*args: str) -> str:
-    return _finish(_start(*args))
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 def test_generate_gpu_script_runs_with_a_decode_profile(tmp_path: Path) -> None:
@@ -118,28 +101,19 @@ def test_tp_shm_bench_runs() -> None:
 def test_cpu_attention_bench_runs(tmp_path: Path) -> None:
     if _library() is None:
         pytest.skip("the native CPU kernels are not built here (no C compiler)")
-    data, report, ref_report = tmp_path / "run.json", tmp_path / "report.md", tmp_path / "ref.md"
+    data, report = tmp_path / "run.json", tmp_path / "report.md"
     common = ["--heads=demo", "--kv=0,4", "--max-context=1024", "--cache-mb=1", "--repeats=1"]
-    # a commit's kernel built and timed beside today's (HEAD: the same sources, checked too);
-    # it needs no earlier run, so it runs beside the two below (its build is one core's work)
-    with_ref = _start(
-        "bench/cpu_attention.py", *common, "--before-ref=HEAD", f"--report={ref_report}"
-    )
-    try:
-        _run("bench/cpu_attention.py", *common, f"--json={data}")
-        out = _run("bench/cpu_attention.py", *common, f"--before={data}", f"--report={report}")
-    except BaseException:
-        with_ref.kill()
-        with_ref.communicate()
-        raise
-    ref_out = _finish(with_ref)
+    _run("bench/cpu_attention.py", *common, f"--json={data}")
+    out = _run("bench/cpu_attention.py", *common, f"--before={data}", f"--report={report}")
     # every case is checked against the torch reference by the script before it is timed
     assert "cpu-attention: float32 native/torch" in out and "x the earlier native" in out
     text = report.read_text()
     assert text.count("| demo | 8 | 1,024 | int4 |") == 1
     assert len(json.loads(data.read_text())["rows"]) == 4
-    assert "x the earlier native" in ref_out and "before " in ref_out
-    assert "built from `HEAD`" in ref_report.read_text()
+    # a commit's kernel built and timed beside today's (HEAD: the same sources, checked too)
+    out = _run("bench/cpu_attention.py", *common, "--before-ref=HEAD", f"--report={report}")
+    assert "x the earlier native" in out and "before " in out
+    assert "built from `HEAD`" in report.read_text()
 
 
 def test_cpu_elementwise_bench_runs(tmp_path: Path) -> None:

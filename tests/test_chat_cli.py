@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TextIO, cast
@@ -28,7 +28,6 @@ from dist_runtime.formats.demo_model import demo_model_path
 from dist_runtime.text.documents import harbor_report
 from launch import chat
 from tests.conftest import REPO_ROOT
-from tests.helpers.background import selected_tests
 
 CHAT = REPO_ROOT / "launch" / "chat.py"
 MAX_NEW_TOKENS = 32
@@ -60,59 +59,6 @@ def doc_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def piped_session(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[[], subprocess.CompletedProcess[str]]]:
-    """The script driven through a pipe, started with the module (when its test is selected):
-    one core runs it while the in-process tests run on the other (both on one thread), and
-    test_piped_session, last, takes its result."""
-    tmp = tmp_path_factory.mktemp("piped")
-    doc_file = tmp / "kelmsby.txt"
-    doc_file.write_text(DOC.text, encoding="utf-8")
-    latin1 = tmp / "latin1.txt"
-    latin1.write_bytes(b"caf\xe9 au lait\n")
-    lines = [
-        "Hi! My name is Ana.",
-        "What is my name?",
-        "/bogus",
-        f"/doc {tmp / 'missing.txt'}",
-        f"/doc {latin1}",
-        "/reset",
-        f"/doc {doc_file}",
-        MAYOR,
-        "/help",
-    ]  # then EOF
-    (tmp / "stdin.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    proc: subprocess.Popen[str] | None = None
-
-    def start() -> subprocess.Popen[str]:
-        with open(tmp / "stdin.txt", encoding="utf-8") as stdin:
-            return subprocess.Popen(
-                [sys.executable, str(CHAT), "--tp", "1", "--device", "cpu", "--dtype", "float32"]
-                + ["--max-new-tokens", str(MAX_NEW_TOKENS), "--log-level", "WARNING"],
-                stdin=stdin,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                cwd=REPO_ROOT,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
-
-    if "test_piped_session" in selected_tests(request):
-        proc = start()
-
-    def result() -> subprocess.CompletedProcess[str]:
-        running = proc or start()
-        stdout, stderr = running.communicate(timeout=300)
-        return subprocess.CompletedProcess(running.args, running.returncode, stdout, stderr)
-
-    yield result
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-
-
 def session(rt: Runtime, max_new_tokens: int = MAX_NEW_TOKENS, **kw: Any) -> chat.ChatSession:
     args = chat.parse_args(["--tp", "1", "--max-new-tokens", str(max_new_tokens)])
     s = chat.ChatSession.from_args(rt, args)
@@ -126,6 +72,52 @@ def loop(s: chat.ChatSession, text: str, stdout: io.StringIO | None = None) -> t
     out, err = stdout or io.StringIO(), io.StringIO()
     status = chat.chat_loop(s, io.StringIO(text), out, err)
     return status, out.getvalue(), err.getvalue()
+
+
+def test_piped_session(tmp_path: Path, doc_file: Path) -> None:
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9 au lait\n")
+    lines = [
+        "Hi! My name is Ana.",
+        "What is my name?",
+        "/bogus",
+        f"/doc {tmp_path / 'missing.txt'}",
+        f"/doc {latin1}",
+        "/reset",
+        f"/doc {doc_file}",
+        MAYOR,
+        "/help",
+    ]  # then EOF
+    result = subprocess.run(
+        [sys.executable, str(CHAT), "--tp", "1", "--device", "cpu", "--dtype", "float32"]
+        + ["--max-new-tokens", str(MAX_NEW_TOKENS), "--log-level", "WARNING"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    # stdout: the three replies, each ended by a newline, then /help; no prompt through a pipe.
+    assert result.stdout.endswith(chat.HELP + "\n")
+    replies = result.stdout[: -len(chat.HELP) - 1]
+    assert ">>>" not in result.stdout
+    assert DOC.answers[1] in replies.splitlines()[-1]
+    assert len([line for line in replies.splitlines() if line.strip()]) >= 3
+    # stderr: one line per notice or error, in order.
+    notes = result.stderr.splitlines()
+    expected = [
+        r"unknown command /bogus; /help lists the commands",
+        r"error: cannot read '.*missing\.txt': No such file or directory",
+        r"error: '.*latin1\.txt' is not UTF-8 text \(byte 0xe9 at offset 3\)",
+        r"conversation reset",
+        r"loaded .*kelmsby\.txt \([\d,]+ tokens\)",
+    ]
+    assert len(notes) == len(expected), notes
+    for note, pattern in zip(notes, expected):
+        assert re.match(pattern, note), (note, pattern)
 
 
 def test_history_in_the_next_prompt_and_exit(rt: Runtime) -> None:
@@ -263,29 +255,3 @@ def test_help_states_defaults_and_bad_flags_fail_before_loading(
         assert chat.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {argv[0]} ") and err.count("\n") == 1, err
-
-
-def test_piped_session(piped_session: Callable[[], subprocess.CompletedProcess[str]]) -> None:
-    """Two turns, an unknown command, bad /doc paths, /reset, /doc and a question about the
-    document, /help, then EOF (the session started with the module: see piped_session)."""
-    result = piped_session()
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    # stdout: the three replies, each ended by a newline, then /help; no prompt through a pipe.
-    assert result.stdout.endswith(chat.HELP + "\n")
-    replies = result.stdout[: -len(chat.HELP) - 1]
-    assert ">>>" not in result.stdout
-    assert DOC.answers[1] in replies.splitlines()[-1]
-    assert len([line for line in replies.splitlines() if line.strip()]) >= 3
-    # stderr: one line per notice or error, in order.
-    notes = result.stderr.splitlines()
-    expected = [
-        r"unknown command /bogus; /help lists the commands",
-        r"error: cannot read '.*missing\.txt': No such file or directory",
-        r"error: '.*latin1\.txt' is not UTF-8 text \(byte 0xe9 at offset 3\)",
-        r"conversation reset",
-        r"loaded .*kelmsby\.txt \([\d,]+ tokens\)",
-    ]
-    assert len(notes) == len(expected), notes
-    for note, pattern in zip(notes, expected):
-        assert re.match(pattern, note), (note, pattern)

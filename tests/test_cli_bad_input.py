@@ -10,13 +10,11 @@ Runtime and the job queues replaced by fakes that fail the test if they are reac
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +25,29 @@ from dist_runtime.jobs.store import JobState
 from launch import run as run_cli
 from launch import submit as submit_cli
 from tests.conftest import REPO_ROOT
-from tests.helpers.background import Ahead, selected_tests
 
 RUN = REPO_ROOT / "launch" / "run.py"
 SUBMIT = REPO_ROOT / "launch" / "submit.py"
 CPU = ["--device", "cpu", "--dtype", "float32", "--log-level", "ERROR"]
 
 
-def make_files(root: Path) -> dict[str, Path]:
-    """Inputs the cases point at, under `root`: good and bad documents, job files and YAML."""
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    """Inputs the cases point at: good and bad documents, job files and YAML."""
     f = {
-        "doc": root / "doc.txt",
-        "latin1": root / "latin1.txt",
-        "blank": root / "blank.txt",
-        "dir": root / "a-dir",
-        "missing": root / "missing.txt",
-        "typo_yaml": root / "typo.yaml",
-        "bad_yaml": root / "bad.yaml",
-        "jobs": root / "in.jsonl",
-        "jobs_mnt0": root / "mnt0.jsonl",
-        "jobs_qint": root / "qint.jsonl",
-        "jobs_blank_doc": root / "blankdoc.jsonl",
-        "jobs_empty": root / "empty.jsonl",
-        "jobdir": root / "jobs",
+        "doc": tmp_path / "doc.txt",
+        "latin1": tmp_path / "latin1.txt",
+        "blank": tmp_path / "blank.txt",
+        "dir": tmp_path / "a-dir",
+        "missing": tmp_path / "missing.txt",
+        "typo_yaml": tmp_path / "typo.yaml",
+        "bad_yaml": tmp_path / "bad.yaml",
+        "jobs": tmp_path / "in.jsonl",
+        "jobs_mnt0": tmp_path / "mnt0.jsonl",
+        "jobs_qint": tmp_path / "qint.jsonl",
+        "jobs_blank_doc": tmp_path / "blankdoc.jsonl",
+        "jobs_empty": tmp_path / "empty.jsonl",
+        "jobdir": tmp_path / "jobs",
     }
     f["doc"].write_text("The keeper of the light is Ada Brennan.\n", encoding="utf-8")
     f["latin1"].write_bytes(b"caf\xe9 au lait\n")
@@ -71,11 +69,6 @@ def make_files(root: Path) -> dict[str, Path]:
     jsonl(f["jobs_blank_doc"], {"document": " ", "questions": ["q"]})
     f["jobs_empty"].write_text("\n", encoding="utf-8")
     return f
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, Path]:
-    return make_files(tmp_path)
 
 
 # -- as a user runs them ----------------------------------------------------------------------
@@ -121,114 +114,47 @@ RUN_CASES: list[tuple[list[str], list[str], bool]] = [
     (["--serve", "--no-ray-service", "--job-dir", "{doc}"], ["doc.txt", "is a file"], True),
     (["--out", "{dir}/a.jsonl"], ["--out", "--jobs"], True),
 ]
-RUN_CASE_IDS = [
-    "tp-0",
-    "log-level",
-    "yaml-typo",
-    "doc-not-utf8",
-    "jobs-line",
-    "job-dir-file",
-    "out",
-]
-
-RunCase = tuple[subprocess.CompletedProcess[str], dict[str, Path]]
 
 
-def _table_args(argv: list[str], f: dict[str, Path], model: Path) -> list[Any]:
-    return [a.format(**f) for a in argv]
-
-
-def _corrupt_checkpoint_args(f: dict[str, Path], model: Path) -> list[Any]:
-    """A copy of the checkpoint whose first shard is cut to 100 bytes (kept as f["shard"])."""
-    folder = Path(shutil.copytree(model, f["doc"].parent / "ckpt"))
-    f["shard"] = sorted(folder.glob("model-*.safetensors"))[0]
-    f["shard"].write_bytes(f["shard"].read_bytes()[:100])
-    return ["--model", folder, "--prompt", "hi", *CPU]
-
-
-def _long_document_args(f: dict[str, Path], model: Path) -> list[Any]:
-    doc = f["doc"].parent / "long.txt"
-    doc.write_text("The tide was high at dawn. " * 40, encoding="utf-8")
-    args = ["--model", model, "--session-len", "64", "--doc", doc, "-q", "When?", *CPU]
-    return [*args, "--max-new-tokens", "8"]
-
-
-RUN_CLI_CASES: dict[str, Callable[[dict[str, Path], Path], list[Any]]] = {
-    **{
-        f"test_run_cli_rejects[{i}]": functools.partial(_table_args, argv)
-        for i, (argv, _, _) in zip(RUN_CASE_IDS, RUN_CASES, strict=True)
-    },
-    "test_run_cli_out_in_a_missing_directory_queues_nothing": lambda f, model: [
-        "--jobs", f["jobs"], "--out", f["doc"].parent / "no-such-dir" / "answers.jsonl",
-        "--job-dir", f["jobdir"],
-    ],
-    "test_run_cli_dry_run_checks_like_a_start": lambda f, model: [
-        "--dry-run", "--model", model, "--session-len", "0",
-    ],
-    "test_run_cli_corrupt_checkpoint": _corrupt_checkpoint_args,
-    "test_run_cli_document_over_session_len": _long_document_args,
-}  # fmt: skip
-"""Per test: its `launch/run.py` arguments, given its files (make_files) and the checkpoint."""
-
-
-@pytest.fixture(scope="module")
-def run_cli_case(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
-) -> Iterator[Callable[[str], RunCase]]:
-    """run_cli_case(test name) -> (its `launch/run.py` run, the files it points at). Each case
-    has a folder of its own (cwd and inputs); the cases of the tests selected run ahead, two at
-    a time, in the order of the tests."""
-
-    def run(name: str) -> RunCase:
-        root = tmp_path_factory.mktemp("case")
-        f = make_files(root)
-        return _cli(RUN, RUN_CLI_CASES[name](f, tiny_llama_dir), root), f
-
-    selected = selected_tests(request)
-    ahead = Ahead({n: functools.partial(run, n) for n in RUN_CLI_CASES if n in selected})
-    yield lambda name: ahead.get(name) if name in selected else run(name)
-    ahead.close()
-
-
-@pytest.mark.parametrize(("argv", "names", "one_line"), RUN_CASES, ids=RUN_CASE_IDS)
+@pytest.mark.parametrize(
+    ("argv", "names", "one_line"),
+    RUN_CASES,
+    ids=["tp-0", "log-level", "yaml-typo", "doc-not-utf8", "jobs-line", "job-dir-file", "out"],
+)
 def test_run_cli_rejects(
-    run_cli_case: Callable[[str], RunCase],
-    request: pytest.FixtureRequest,
-    argv: list[str],
-    names: list[str],
-    one_line: bool,
+    files: dict[str, Path], tmp_path: Path, argv: list[str], names: list[str], one_line: bool
 ) -> None:
-    proc, files = run_cli_case(request.node.name)
-    assert proc.args[2:] == [a.format(**files) for a in argv]
-    _assert_rejected(proc, *names, one_line=one_line)
+    args = [a.format(**files) for a in argv]
+    _assert_rejected(_cli(RUN, args, tmp_path), *names, one_line=one_line)
 
 
 def test_run_cli_out_in_a_missing_directory_queues_nothing(
-    run_cli_case: Callable[[str], RunCase], request: pytest.FixtureRequest
+    files: dict[str, Path], tmp_path: Path
 ) -> None:
-    proc, files = run_cli_case(request.node.name)
-    _assert_rejected(proc, "no-such-dir", "does not exist")
+    out = tmp_path / "no-such-dir" / "answers.jsonl"
+    args = ["--jobs", files["jobs"], "--out", out, "--job-dir", files["jobdir"]]
+    _assert_rejected(_cli(RUN, args, tmp_path), "no-such-dir", "does not exist")
     assert not files["jobdir"].exists()  # no queue opened, no job queued
 
 
-def test_run_cli_dry_run_checks_like_a_start(
-    run_cli_case: Callable[[str], RunCase], request: pytest.FixtureRequest
-) -> None:
-    proc, _ = run_cli_case(request.node.name)
-    _assert_rejected(proc, "--session-len must be an integer >= 2, got 0")
+def test_run_cli_dry_run_checks_like_a_start(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    args = ["--dry-run", "--model", tiny_llama_dir, "--session-len", "0"]
+    _assert_rejected(_cli(RUN, args, tmp_path), "--session-len must be an integer >= 2, got 0")
 
 
-def test_run_cli_corrupt_checkpoint(
-    run_cli_case: Callable[[str], RunCase], request: pytest.FixtureRequest
-) -> None:
-    proc, files = run_cli_case(request.node.name)
-    _assert_rejected(proc, files["shard"].name, "not a readable safetensors file", "re-convert")
+def test_run_cli_corrupt_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(tiny_llama_dir, tmp_path / "ckpt"))
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    proc = _cli(RUN, ["--model", folder, "--prompt", "hi", *CPU], tmp_path)
+    _assert_rejected(proc, shard.name, "not a readable safetensors file", "re-convert")
 
 
-def test_run_cli_document_over_session_len(
-    run_cli_case: Callable[[str], RunCase], request: pytest.FixtureRequest
-) -> None:
-    proc, _ = run_cli_case(request.node.name)
+def test_run_cli_document_over_session_len(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "long.txt"
+    doc.write_text("The tide was high at dawn. " * 40, encoding="utf-8")
+    args = ["--model", tiny_llama_dir, "--session-len", "64", "--doc", doc, "-q", "When?", *CPU]
+    proc = _cli(RUN, [*args, "--max-new-tokens", "8"], tmp_path)
     # The model loads first (the prompt is tokenized with it), so progress bars may precede it.
     # In the flags' names, with every way out: a longer session, fewer new tokens, less text.
     _assert_rejected(

@@ -9,7 +9,6 @@ logprobs agree to fp32 reduction noise.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ def _prompt(length: int, seed: int) -> list[int]:
 
 PROMPTS: list[list[int]] = [_prompt(61, 1), [42], _prompt(23, 2), _prompt(6, 3)]
 
-Run = Callable[[int, int], tuple[list[RequestOutput], dict[str, Any]]]
+Run = Callable[[int, int], tuple[list[RequestOutput], Runtime | None]]
 
 
 def _runtime(model: Path, tp: int, cp: int, **kw: Any) -> Runtime:
@@ -52,39 +51,15 @@ def _runtime(model: Path, tp: int, cp: int, **kw: Any) -> Runtime:
     )
 
 
-PREFIX_DOC = _prompt(50, 7)
-PREFIX_PARAMS = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
-PREFIX_PROMPTS = [PREFIX_DOC + [9, 10, 11], PREFIX_DOC + [12, 13]]
-
-
-def _prefix_cache_run(rt: Runtime) -> dict[str, Any]:
-    """The two PREFIX_PROMPTS one after the other (the second on the first one's cached blocks),
-    then a request with prompt log-probabilities; what test_prefix_cache_and_kv_split_with_cp
-    checks."""
-    first = rt.generate(PREFIX_PROMPTS[:1], PREFIX_PARAMS)
-    before = rt.engine.scheduler.num_prompt_tokens_computed
-    second = rt.generate(PREFIX_PROMPTS[1:], PREFIX_PARAMS)
-    computed = rt.engine.scheduler.num_prompt_tokens_computed - before
-    refused: ValueError | None = None
-    try:
-        rt.generate([PREFIX_DOC], SamplingParams(prompt_logprobs=1))
-    except ValueError as e:
-        refused = e
-    return {"outputs": first + second, "computed": computed, "refused": refused}
-
-
 @pytest.fixture(scope="module")
 def run(ray_cluster: Any, tiny_llama_dir: Path) -> Run:
-    """run(tp, cp) -> (PROMPTS' outputs, and at cp 3 the prefix-cache requests' results on the
-    same workers), each mesh started once per module."""
-    cache: dict[tuple[int, int], tuple[list[RequestOutput], dict[str, Any]]] = {}
+    cache: dict[tuple[int, int], list[RequestOutput]] = {}
 
-    def get(tp: int, cp: int) -> tuple[list[RequestOutput], dict[str, Any]]:
+    def get(tp: int, cp: int) -> tuple[list[RequestOutput], Runtime | None]:
         if (tp, cp) not in cache:
             with _runtime(tiny_llama_dir, tp, cp) as rt:
-                outs = rt.generate(PROMPTS, PARAMS)
-                cache[tp, cp] = outs, _prefix_cache_run(rt) if cp == 3 else {}
-        return cache[tp, cp]
+                cache[tp, cp] = rt.generate(PROMPTS, PARAMS)
+        return cache[tp, cp], None
 
     return get
 
@@ -107,19 +82,23 @@ def test_mesh_matches_single_device(run: Run, tp: int, cp: int) -> None:
     _assert_same(got, want, f"tp={tp} cp={cp}")
 
 
-def test_prefix_cache_and_kv_split_with_cp(run: Run, tiny_llama_dir: Path) -> None:
+def test_prefix_cache_and_kv_split_with_cp(ray_cluster: Any, tiny_llama_dir: Path) -> None:
     """A second request on a cached prompt prefills only its own tokens; each cp rank holds
-    an even share of a sequence's KV blocks (1/cp of them, to within one block). Run on the cp 3
-    workers of the mesh test, after its batch (see run)."""
+    an even share of a sequence's KV blocks (1/cp of them, to within one block)."""
+    doc = _prompt(50, 7)
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
     with _runtime(tiny_llama_dir, 1, 1) as single:
-        want = single.generate(PREFIX_PROMPTS, PREFIX_PARAMS)
-    _, cp3 = run(1, 3)
-    assert cp3["computed"] == len(PREFIX_DOC) + 2 - (len(PREFIX_DOC) // BLOCK_SIZE) * BLOCK_SIZE
-    assert [o.token_ids for o in cp3["outputs"]] == [o.token_ids for o in want]
-    # prompt log-probabilities are not computed at cp > 1: refused when the request is added
-    refused = cp3["refused"]
-    assert isinstance(refused, ValueError), refused
-    assert re.search(r"prompt_logprobs .* \(cp=3\)", str(refused)), refused
+        want = single.generate([doc + [9, 10, 11], doc + [12, 13]], params)
+    with _runtime(tiny_llama_dir, 1, 3, num_blocks=40) as rt:
+        first = rt.generate([doc + [9, 10, 11]], params)
+        before = rt.engine.scheduler.num_prompt_tokens_computed
+        second = rt.generate([doc + [12, 13]], params)
+        computed = rt.engine.scheduler.num_prompt_tokens_computed - before
+        assert computed == len(doc) + 2 - (len(doc) // BLOCK_SIZE) * BLOCK_SIZE
+        assert [o.token_ids for o in first + second] == [o.token_ids for o in want]
+        # prompt log-probabilities are not computed at cp > 1: refused when the request is added
+        with pytest.raises(ValueError, match=r"prompt_logprobs .* \(cp=3\)"):
+            rt.generate([doc], SamplingParams(prompt_logprobs=1))
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])

@@ -6,9 +6,8 @@ session Ray cluster's four CPUs while that module runs.
 
 from __future__ import annotations
 
-import functools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from dist_runtime.formats.demo_model import demo_model_path
 from dist_runtime.text.chat import encode_chat, history_to_messages
 from dist_runtime.text.documents import passkey_haystack
 from dist_runtime.text.tokenizer import Tokenizer
-from tests.helpers.background import Ahead
 
 SESSION_LEN = 4096
 PASSKEY_SEED = 1234
@@ -40,27 +38,18 @@ def haystack(model_dir: Path) -> tuple[int, list[int]]:
     return key, encode_chat(tokenizer, history_to_messages(passkey_haystack(key, position=0.5)))
 
 
-def _single(model_dir: Path, haystack: tuple[int, list[int]]) -> list[int]:
-    """cp=1's reply, in this process on one thread; it must find the key."""
+@pytest.fixture(scope="module")
+def single(model_dir: Path, haystack: tuple[int, list[int]]) -> Iterator[list[int]]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
     key, prompt = haystack
     with Runtime(
         model=str(model_dir), device="cpu", dtype="float32", session_len=SESSION_LEN
     ) as rt:
         (out,) = rt.generate([prompt], PARAMS)
-    assert str(key) in out.text
-    return out.token_ids
-
-
-@pytest.fixture(scope="module")
-def single(model_dir: Path, haystack: tuple[int, list[int]]) -> Iterator[Callable[[], list[int]]]:
-    """single() -> cp=1's reply tokens. Computed on a thread of its own from the module's start,
-    on one core, while the test starts its cp workers (Ray processes) on the other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ahead = Ahead({"single": functools.partial(_single, model_dir, haystack)}, workers=1)
-    yield functools.partial(ahead.get, "single")
-    ahead.close()
     torch.set_num_threads(previous)
+    assert str(key) in out.text
+    yield out.token_ids
 
 
 PARAMS = SamplingParams(max_new_tokens=16, temperature=0.0)
@@ -72,7 +61,7 @@ def test_pass_key_with_context_parallelism(
     ray_cluster: Any,
     model_dir: Path,
     haystack: tuple[int, list[int]],
-    single: Callable[[], list[int]],
+    single: list[int],
     cp: int,
 ) -> None:
     """The haystack sharded over cp ranks (prefill chunks of 256 tokens per rank, so the later
@@ -88,4 +77,4 @@ def test_pass_key_with_context_parallelism(
         scheduler=SchedulerConfig(max_num_batched_tokens=256),
     ) as rt:
         (got,) = rt.generate([prompt], PARAMS)
-    assert got.token_ids == single()
+    assert got.token_ids == single

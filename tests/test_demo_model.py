@@ -9,17 +9,13 @@ One Runtime per tp degree is started per module and shared by the tests.
 The oracle is HF `LlamaForCausalLM` on the converted folder, not transformers' own GGUF loading:
 that takes 20-30 s on a 2-core machine (the gguf reader parses the 49K-token vocabulary), and
 `tests/dist_runtime/test_gguf_convert.py` checks that the folder's weights equal it bit for bit.
-HF's greedy path is read from one forward pass over the prompt and our generated tokens (up to
-the first step where the two paths differ they are one path, and the comparison stops there):
-on CPU that costs a prefill, where HF's own generate loop reads every weight once per token.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +27,6 @@ from dist_runtime.formats.demo_model import demo_model_path
 from dist_runtime.text.chat import encode_chat, history_to_messages
 from dist_runtime.text.documents import harbor_report, passkey_haystack
 from dist_runtime.text.tokenizer import Tokenizer
-from tests.helpers.background import Ahead, selected_tests
 
 MAX_NEW_TOKENS = 32
 TOP_K = 5
@@ -66,6 +61,13 @@ CONVERSATIONS: list[list[dict[str, str]]] = [
 ]
 """Chat prompts of 26 to ~300 tokens (the last spans many KV blocks); the system prompt is the
 template's default where none is given."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    token_ids: list[int]
+    logprobs: torch.Tensor
+    """(steps, vocab) log_softmax of HF's logits at each generated step."""
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -104,106 +106,75 @@ def rt1(model_dir: Path) -> Iterator[Runtime]:
         yield rt
 
 
-def _start_rt3(model_dir: Path) -> Runtime:
-    return Runtime(
-        model=str(model_dir),
-        tp=3,
-        device="cpu",
-        dtype="float32",
-        session_len=SESSION_LEN,
-        cache={"num_blocks": 1024},  # 16,384 tokens, not the default 1 GiB each worker zeroes
-    )
-
-
-RT3_TESTS = ("test_greedy_matches_hf_tp3", "test_ask_answers_every_bundled_question[rt3]")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def rt3_ahead(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[Ahead[Runtime] | None]:
-    """When a test of RT3_TESTS is selected, the tp=3 Runtime starts with the module, on a
-    thread of its own: its Ray workers start on one core while the tp=1 tests run on the other
-    (on one thread), and those tests come first."""
-    if not set(RT3_TESTS) & selected_tests(request):
-        yield None
-        return
-    request.getfixturevalue("ray_cluster")
-    ahead = Ahead({"rt3": functools.partial(_start_rt3, model_dir)}, workers=1)
-    yield ahead
-    ahead.close()
-    with contextlib.suppress(Exception):  # a start that failed failed the tests that used it
-        ahead.get("rt3").shutdown()  # when no test took it (a second shutdown does nothing)
-
-
 @pytest.fixture(scope="module")
-def rt3(ray_cluster: Any, model_dir: Path, rt3_ahead: Ahead[Runtime] | None) -> Iterator[Runtime]:
-    with rt3_ahead.get("rt3") if rt3_ahead is not None else _start_rt3(model_dir) as rt:
+def rt3(ray_cluster: Any, model_dir: Path) -> Iterator[Runtime]:
+    with Runtime(
+        model=str(model_dir), tp=3, device="cpu", dtype="float32", session_len=SESSION_LEN
+    ) as rt:
         yield rt
 
 
 @pytest.fixture(scope="module")
-def hf_reference(model_dir: Path) -> Callable[[list[int], list[int]], torch.Tensor]:
-    """hf_reference(prompt, generated) -> (steps, vocab) log_softmax of HF's logits at each
-    generated step: batch 1, no padding, every step's logits from one teacher-forced forward
-    over the prompt and the generated tokens (all but the last). Where HF's greedy path and
-    `generated` agree so far, HF's next greedy token is that row's argmax (no EOS stop, no
-    logits processor: the model's generation config has none)."""
+def hf_reference(model_dir: Path, prompts: list[list[int]]) -> list[Reference]:
+    """HF greedy generation of MAX_NEW_TOKENS per prompt, batch 1, no padding, no EOS stop."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    done: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def reference(prompt: list[int], generated: list[int]) -> torch.Tensor:
-        key = (*prompt, -1, *generated)
-        if key not in done:
-            x = torch.tensor([[*prompt, *generated[:-1]]])
-            with torch.no_grad():
-                logits = model(x, attention_mask=torch.ones_like(x)).logits[0, len(prompt) - 1 :]
-            done[key] = torch.log_softmax(logits.float(), dim=-1)
-        return done[key]
-
-    return reference
+    # No EOS stop (our side runs with ignore_eos). `min_new_tokens` would not do: it masks EOS
+    # out of the logits, so HF would pick another token where ours picks EOS.
+    model.generation_config.eos_token_id = None
+    refs = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            out = model.generate(
+                x,
+                # Explicit: without it generate masks every prompt token equal to pad_token_id,
+                # and SmolLM2's pad is <|im_end|> (id 2), which every chat turn ends with.
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=MAX_NEW_TOKENS,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+        refs.append(Reference(out.sequences[0, len(ids) :].tolist(), logprobs))
+    return refs
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _first_divergence(ours: RequestOutput, ref: torch.Tensor, name: str) -> int | None:
+def _first_divergence(ours: RequestOutput, ref: Reference, name: str) -> int | None:
     """vLLM's `check_logprobs_close`: walk the two greedy paths; at the first differing token
     each side's token must be in the other side's top-k, and the comparison stops there.
-    Before that, the logprob of each (shared) token must agree to fp32 noise. `ref` is HF's
-    log-probabilities along our path (hf_reference), so HF's token at a step is its argmax.
-    Returns the step of the first divergence, None when the paths are equal."""
-    assert len(ours.token_ids) == len(ref) == MAX_NEW_TOKENS, name
+    Before that, the logprob of each (shared) token must agree to fp32 noise. Returns the step
+    of the first divergence, None when the paths are equal."""
+    assert len(ours.token_ids) == len(ref.token_ids) == MAX_NEW_TOKENS, name
     assert ours.logprobs is not None and len(ours.logprobs) == MAX_NEW_TOKENS, name
-    for step, a in enumerate(ours.token_ids):
-        b = int(ref[step].argmax())
+    for step, (a, b) in enumerate(zip(ours.token_ids, ref.token_ids)):
         lp = ours.logprobs[step]
         assert lp.token_id == a and len(lp.top) == TOP_K, f"{name} step {step}"
         if a == b:
-            ref_lp = ref[step, a].item()
+            ref_lp = ref.logprobs[step, a].item()
             assert abs(lp.logprob - ref_lp) <= LOGPROB_ATOL, (
                 f"{name} step {step}: token {a} logprob {lp.logprob} vs HF {ref_lp}"
             )
             continue
-        ref_top = torch.topk(ref[step], TOP_K).indices.tolist()
+        ref_top = torch.topk(ref.logprobs[step], TOP_K).indices.tolist()
         assert a in ref_top, f"{name} step {step}: ours {a} not in HF's top-{TOP_K} {ref_top}"
         assert b in lp.top, f"{name} step {step}: HF {b} not in our top-{TOP_K} {list(lp.top)}"
         return step
     return None
 
 
-def _check_against_hf(
-    rt: Runtime,
-    prompts: list[list[int]],
-    hf_reference: Callable[[list[int], list[int]], torch.Tensor],
-) -> None:
+def _check_against_hf(rt: Runtime, prompts: list[list[int]], refs: list[Reference]) -> None:
     params = SamplingParams(
         max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, logprobs=TOP_K, ignore_eos=True
     )
     outs = rt.generate(prompts, params)
     diverged = {
         i: step
-        for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True))
-        if (step := _first_divergence(out, hf_reference(prompt, out.token_ids), f"prompt {i}"))
-        is not None
+        for i, (out, ref) in enumerate(zip(outs, refs, strict=True))
+        if (step := _first_divergence(out, ref, f"prompt {i}")) is not None
     }
     assert len(prompts) - len(diverged) >= MIN_FULL_MATCHES, f"first divergences: {diverged}"
 
@@ -220,11 +191,16 @@ def test_prompts_vary_in_length(prompts: list[list[int]]) -> None:
 
 
 def test_greedy_matches_hf_tp1(
-    rt1: Runtime,
-    prompts: list[list[int]],
-    hf_reference: Callable[[list[int], list[int]], torch.Tensor],
+    rt1: Runtime, prompts: list[list[int]], hf_reference: list[Reference]
 ) -> None:
     _check_against_hf(rt1, prompts, hf_reference)
+
+
+def test_greedy_matches_hf_tp3(
+    rt3: Runtime, prompts: list[list[int]], hf_reference: list[Reference]
+) -> None:
+    assert rt3.config.parallel.tp == 3
+    _check_against_hf(rt3, prompts, hf_reference)
 
 
 def test_chat_knows_the_capital_of_france(rt1: Runtime) -> None:
@@ -375,13 +351,3 @@ def test_server_logprob_bytes_rebuild_a_split_emoji(rt1: Runtime) -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-
-
-# tp 3 last: its Runtime starts while the tests above run (see rt3_ahead)
-def test_greedy_matches_hf_tp3(
-    rt3: Runtime,
-    prompts: list[list[int]],
-    hf_reference: Callable[[list[int], list[int]], torch.Tensor],
-) -> None:
-    assert rt3.config.parallel.tp == 3
-    _check_against_hf(rt3, prompts, hf_reference)

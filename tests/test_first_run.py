@@ -7,8 +7,6 @@ carriage-return bars, no Ray start-up chatter.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -34,42 +32,16 @@ RUN = REPO_ROOT / "launch" / "run.py"
 PHASES = ["loaded weights", "ready:", "prefill:", "decode:"]
 
 
-def _start(args: list[Any]) -> subprocess.Popen[str]:
+def _run(args: list[Any], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    return subprocess.Popen(
+    return subprocess.run(
         [sys.executable, str(RUN), *map(str, args)],
         cwd=REPO_ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        timeout=timeout,
     )
-
-
-def _finish(proc: subprocess.Popen[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def _run(args: list[Any], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return _finish(_start(args), timeout)
-
-
-def _run_together(*runs: list[Any]) -> list[subprocess.CompletedProcess[str]]:
-    """Independent runs started at once (each is mostly its own start-up), all waited for."""
-    started = [_start(args) for args in runs]
-    try:
-        return [_finish(proc) for proc in started]
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
 
 def _summary(stdout: str) -> dict[str, int]:
@@ -105,14 +77,11 @@ def _assert_clean_phases(stderr: str) -> None:
 
 @pytest.fixture(scope="module")
 def suggested_tp() -> list[int]:
-    """What `--tp 2` (which cannot shard the demo model) suggests instead: the command line's
-    own check, in this process (it fails before any model loads)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        status = run_cli.main(["--tp", "2", "--prompt", "Hi", "--max-new-tokens", "2"])
-    assert status == 2
-    assert "--tp 2 cannot shard this model" in err.getvalue(), err.getvalue()
-    return list(json.loads(err.getvalue().rsplit("choose --tp from ", 1)[1]))
+    """What `--tp 2` (which cannot shard the demo model) suggests instead."""
+    proc = _run(["--tp", "2", "--prompt", "Hi", "--max-new-tokens", "2"], timeout=60)
+    assert proc.returncode == 2
+    assert "--tp 2 cannot shard this model" in proc.stderr, proc.stderr
+    return list(json.loads(proc.stderr.rsplit("choose --tp from ", 1)[1]))
 
 
 @pytest.fixture(scope="module")
@@ -154,17 +123,15 @@ def test_one_question_and_a_prompt_through_the_chat_template(
     tokenizer: Tokenizer, suggested_tp: list[int]
 ) -> None:
     question = "Who is the mayor of Kelmsby?"
-    prompt = "Name a colour of the sky."
-    proc, templated, raw = _run_together(
-        ["--tp", min(suggested_tp), "-q", question],  # 1, the other suggested value
-        ["--tp", "1", "--prompt", prompt, "--max-new-tokens", "4"],
-        ["--tp", "1", "--prompt", prompt, "--max-new-tokens", "4", "--raw"],
-    )
+    proc = _run(["--tp", min(suggested_tp), "-q", question])  # 1, the other suggested value
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 answer in" in proc.stdout and "Tomas Berg" in proc.stdout
     assert "document: 2,092 tokens, 1 question\n" in proc.stderr
     _assert_clean_phases(proc.stderr)
 
+    prompt = "Name a colour of the sky."
+    templated = _run(["--tp", "1", "--prompt", prompt, "--max-new-tokens", "4"])
+    raw = _run(["--tp", "1", "--prompt", prompt, "--max-new-tokens", "4", "--raw"])
     for p in (templated, raw):
         assert p.returncode == 0, p.stderr[-3000:]
         assert "1 reply in" in p.stdout

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -138,52 +137,33 @@ def test_no_import_cycle_between_packages() -> None:
     assert cycles(graph) == []
 
 
-FRESH_IMPORTS = ["workers.models.layouts", "workers.worker", "dist_runtime"]
-DRIVER_STACK = (
-    "import sys; import torch; before = set(sys.modules); import workers.worker; "
-    "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
-    "('sqlite3', '_sqlite3', 'jinja2', 'tqdm', 'dist_runtime')))"
-)
+def _fresh(code: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
 
 
-@pytest.fixture(scope="module")
-def fresh() -> Iterator[Callable[[str], str]]:
-    """fresh(code) -> the stdout of `python -c code` in a new interpreter. The module's
-    interpreters all start at once (each is mostly torch's import, on one core)."""
-    codes = [f"import {module}; print('ok')" for module in FRESH_IMPORTS] + [DRIVER_STACK]
-    procs = {
-        code: subprocess.Popen(
-            [sys.executable, "-c", code],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for code in codes
-    }
-
-    def result(code: str) -> str:
-        stdout, stderr = procs[code].communicate(timeout=120)
-        assert procs[code].returncode == 0, stderr
-        return stdout.strip()
-
-    yield result
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+@pytest.mark.parametrize("module", ["workers.models.layouts", "workers.worker", "dist_runtime"])
+def test_imports_in_a_fresh_interpreter(module: str) -> None:
+    assert _fresh(f"import {module}; print('ok')") == "ok"
 
 
-@pytest.mark.parametrize("module", FRESH_IMPORTS)
-def test_imports_in_a_fresh_interpreter(fresh: Callable[[str], str], module: str) -> None:
-    assert fresh(f"import {module}; print('ok')") == "ok"
-
-
-def test_worker_process_imports_no_driver_stack(fresh: Callable[[str], str]) -> None:
+def test_worker_process_imports_no_driver_stack() -> None:
     """Beyond what torch itself loads (torch.hub imports tqdm), a worker loads no SQLite,
     Jinja or tqdm, and of the driver package only what both sides share (the config, the
     step protocol and the 4-bit weight format)."""
-    modules = ast.literal_eval(fresh(DRIVER_STACK))
+    code = (
+        "import sys; import torch; before = set(sys.modules); import workers.worker; "
+        "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
+        "('sqlite3', '_sqlite3', 'jinja2', 'tqdm', 'dist_runtime')))"
+    )
+    modules = ast.literal_eval(_fresh(code))
     assert not [m for m in modules if not m.startswith("dist_runtime")], modules
     shared = {"dist_runtime.config", "dist_runtime.protocol", "dist_runtime.formats.int4"}
     assert set(modules) <= {"dist_runtime", "dist_runtime.formats", *shared}

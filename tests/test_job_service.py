@@ -22,7 +22,6 @@ from dist_runtime.jobs.client import JobClient
 from launch import run as run_cli
 from launch import submit as submit_cli
 from tests.conftest import REPO_ROOT
-from tests.helpers.job_submitters import submit_notes
 
 DOC = " ".join(
     f"Entry {i}: the ferry left pier {i % 5} at {6 + i % 12} o'clock." for i in range(60)
@@ -52,17 +51,17 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
 def test_job_survives_the_service_being_killed(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """kill -9 the service mid-prefill; a new service on the same directory requeues the job,
     which completes with the answers an undisturbed run gives."""
+    with Runtime(
+        model=str(tiny_llama_dir),
+        device="cpu",
+        dtype="float32",
+        session_len=2048,
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8),
+    ) as rt:
+        want = rt.ask(DOC, QUESTIONS, PARAMS)
     job_dir = tmp_path / "jobs"
-    service = _serve(tiny_llama_dir, job_dir)  # it starts while the undisturbed run goes
+    service = _serve(tiny_llama_dir, job_dir)
     try:
-        with Runtime(
-            model=str(tiny_llama_dir),
-            device="cpu",
-            dtype="float32",
-            session_len=2048,
-            scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8),
-        ) as rt:
-            want = rt.ask(DOC, QUESTIONS, PARAMS)
         _wait_for(lambda: (job_dir / "service.json").exists(), 120, "the service to start")
         client = JobClient(job_dir)
         job_id = client.submit(DOC, QUESTIONS, PARAMS)
@@ -167,6 +166,16 @@ def test_run_jobs_file(tiny_llama_dir: Path, tmp_path: Path, capsys: Any) -> Non
     os.remove(out)
 
 
+def _submit_batch(job_dir: str, worker: int, count: int, out: Any) -> None:
+    client = JobClient(job_dir)
+    params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    ids = [
+        client.submit(f"Note {worker}-{i}: the tide turned at {i % 12} o'clock.", ["When?"], params)
+        for i in range(count)
+    ]
+    out.put((worker, ids))
+
+
 def test_two_hundred_jobs_from_four_processes_survive_a_kill(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
@@ -182,7 +191,7 @@ def test_two_hundred_jobs_from_four_processes_survive_a_kill(
         ctx = mp.get_context("spawn")
         out = ctx.Queue()
         procs = [
-            ctx.Process(target=submit_notes, args=(str(job_dir), w, 50, out)) for w in range(4)
+            ctx.Process(target=_submit_batch, args=(str(job_dir), w, 50, out)) for w in range(4)
         ]
         for p in procs:
             p.start()

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from dist_runtime import Runtime
 from dist_runtime.formats.demo_model import demo_model_path
@@ -35,20 +33,8 @@ from dist_runtime.needle import (
 from dist_runtime.text.tokenizer import Tokenizer
 from launch import needle as needle_cli
 from tests.conftest import REPO_ROOT
-from tests.helpers.background import Ahead, selected_tests
 
 NEEDLE_CLI = REPO_ROOT / "launch" / "needle.py"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread, as in tests/test_demo_model.py: on a 2-core machine torch's second
-    thread makes small CPU steps many times slower while another process runs (here the killed
-    grid's, started with the module)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -274,12 +260,8 @@ def test_tp3_gives_the_same_answers(rt1: Runtime, tmp_path: Path) -> None:
     assert compare == 0
 
 
-KilledGrid = tuple[dict[str, str], subprocess.CompletedProcess[str], Path]
-
-
-def _kill_and_resume(out: Path) -> KilledGrid:
-    """launch/needle.py SIGKILLed once two cells are written, then run again on the same --out:
-    (the lines the killed run wrote by cell, the second run, results.jsonl)."""
+def test_a_killed_grid_resumes_without_recomputing(tmp_path: Path) -> None:
+    out = tmp_path / "grid"
     argv = [
         sys.executable,
         str(NEEDLE_CLI),
@@ -292,7 +274,7 @@ def _kill_and_resume(out: Path) -> KilledGrid:
         "--out",
         str(out),
     ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -308,34 +290,13 @@ def _kill_and_resume(out: Path) -> KilledGrid:
         if proc.poll() is None:
             proc.kill()
     first = {json.loads(x)["cell"]: x for x in results.read_text().splitlines()}
-    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
-    return first, again, results
-
-
-@pytest.fixture(scope="module", autouse=True)
-def killed_grid(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[[], KilledGrid]]:
-    """_kill_and_resume for the last test, started with the module when that test is selected:
-    its processes run on one thread, on one core, while the grids above run in this process on
-    the other (see _one_torch_thread)."""
-    out = tmp_path_factory.mktemp("killed") / "grid"
-    if "test_a_killed_grid_resumes_without_recomputing" not in selected_tests(request):
-        yield functools.partial(_kill_and_resume, out)
-        return
-    ahead = Ahead({"grid": functools.partial(_kill_and_resume, out)}, workers=1)
-    yield functools.partial(ahead.get, "grid")
-    ahead.close()
-
-
-def test_a_killed_grid_resumes_without_recomputing(killed_grid: Callable[[], KilledGrid]) -> None:
-    first, again, results = killed_grid()
     assert 2 <= len(first) < 5
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     lines = results.read_text().splitlines()
     rows = [json.loads(x) for x in lines]
     assert len(rows) == 5 and len({r["cell"] for r in rows}) == 5
     for line in lines[: len(first)]:  # the finished cells are kept as they were
         assert line == first[json.loads(line)["cell"]]
-    summary = json.loads((results.parent / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["num_cells"] == 5 and "overall" in again.stdout

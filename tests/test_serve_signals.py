@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from dist_runtime import JobState, SamplingParams
 from dist_runtime.formats.demo_model import demo_model_path
 from dist_runtime.jobs.client import JobClient
 from tests.conftest import REPO_ROOT
-from tests.helpers.background import selected_tests
 
 RUN = REPO_ROOT / "launch" / "run.py"
 DOC = " ".join(
@@ -118,45 +116,21 @@ print("handled", got)
 """
 
 
-def _init_ray(before: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    return subprocess.Popen(
-        [sys.executable, "-c", INIT_RAY, before],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-@pytest.fixture(scope="module")
-def init_ray_runs(request: pytest.FixtureRequest) -> Iterator[dict[str, subprocess.Popen[str]]]:
-    """The INIT_RAY processes of the selected cases below, started together (each starts its
-    own Ray instance; most of their time is that start-up); each test waits for its own."""
-    test = "test_ray_init_leaves_sigterm_to_the_process"
-    selected = selected_tests(request)
-    runs = {b: _init_ray(b) for b in ("handler", "default") if f"{test}[{b}]" in selected}
-    yield runs
-    for proc in runs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
 @pytest.mark.parametrize("before", ["handler", "default"])
-def test_ray_init_leaves_sigterm_to_the_process(
-    init_ray_runs: dict[str, subprocess.Popen[str]], before: str
-) -> None:
+def test_ray_init_leaves_sigterm_to_the_process(before: str) -> None:
     """The root cause: ray.init installs its own SIGTERM handlers, a Python one over the
     application's and a C++ one that prints "*** SIGTERM received" and a stack dump. After
     init_ray the application's handler runs; without one, Ray's Python handler exits (15)
     quietly, without the dump (the case of a service signalled while its model loads)."""
-    if before not in init_ray_runs:  # not selected when the module started
-        init_ray_runs[before] = _init_ray(before)
-    run = init_ray_runs[before]
-    stdout, stderr = run.communicate(timeout=120)
-    proc = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", INIT_RAY, before],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "SIGTERM received" not in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     if before == "handler":

@@ -91,12 +91,7 @@ def run(
     def get(name: str, tp: int) -> Run:
         if (name, tp) not in cache:
             with Runtime(
-                model=str(folders[name]),
-                tp=tp,
-                session_len=256,
-                device="cpu",
-                dtype="float32",
-                cache={"num_blocks": 64},  # 1,024 tokens: not the default 1 GiB each rank zeroes
+                model=str(folders[name]), tp=tp, session_len=256, device="cpu", dtype="float32"
             ) as rt:
                 assert rt.engine.executor is not None
                 outs = rt.generate(PROMPTS, PARAMS)

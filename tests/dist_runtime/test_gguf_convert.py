@@ -343,23 +343,14 @@ def write_tiny_gguf(
     return written
 
 
-def _start_cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, str(CONVERT_CLI), *args, "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        check=False,
         cwd="/",  # the CLI must find the repo by itself
     )
-
-
-def _finish_cli(proc: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
-    stdout, stderr = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return _finish_cli(_start_cli(*args))
 
 
 def test_cli_roundtrip_undoes_llama_cpp_permutation(tmp_path: Path) -> None:
@@ -530,14 +521,11 @@ def test_output_folder_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_cli_errors(tmp_path: Path) -> None:
-    started = [  # two independent runs at once: each is mostly its interpreter's start-up
-        _start_cli(str(tmp_path / "nope.gguf"), str(tmp_path / "out")),
-        _start_cli(str(tmp_path / "nope.gguf"), str(tmp_path / "out"), "--shard-mb", "0"),
-    ]
-    missing, bad_shard = [_finish_cli(p) for p in started]
-    assert missing.returncode == 2
-    assert missing.stderr.startswith("error: ") and "does not exist" in missing.stderr
-    assert bad_shard.returncode == 2 and bad_shard.stderr.startswith("error: --shard-mb")
+    proc = _run_cli(str(tmp_path / "nope.gguf"), str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "does not exist" in proc.stderr
+    proc = _run_cli(str(tmp_path / "nope.gguf"), str(tmp_path / "out"), "--shard-mb", "0")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --shard-mb")
 
 
 # --------------------------------------------------------------------------------------------

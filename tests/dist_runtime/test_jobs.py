@@ -20,8 +20,8 @@ from dist_runtime import (
     UnknownJobError,
 )
 from dist_runtime.config import CacheConfig, SchedulerConfig
+from dist_runtime.jobs.client import JobClient
 from dist_runtime.jobs.store import IdempotencyKeyConflictError, JobStore
-from tests.helpers.job_submitters import submit_questions
 
 PARAMS = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
 DOC = "The harbour master keeps the tide tables. The lighthouse keeper is Ada Brennan. " * 3
@@ -113,6 +113,15 @@ def test_store_lifecycle_and_persistence(tmp_path: Path) -> None:
         store.status("nope")
     with pytest.raises(UnknownJobError):
         store.cancel("nope")
+
+
+def _submit_many(job_dir: str, worker: int, count: int, out: Any) -> None:
+    client = JobClient(job_dir)
+    ids = [
+        client.submit(f"{DOC} Worker {worker}, job {i}.", [f"Who keeps the light? ({i})"], PARAMS)
+        for i in range(count)
+    ]
+    out.put((worker, ids))
 
 
 # -- through a Runtime ------------------------------------------------------------------------
@@ -211,10 +220,7 @@ def test_eight_processes_submit_every_job_runs_once(rt: Runtime) -> None:
     out = ctx.Queue()
     job_dir = str(rt.job_dir)
     rt.serve_jobs()  # the service runs them (an earlier submit() may already have started it)
-    procs = [
-        ctx.Process(target=submit_questions, args=(job_dir, w, 3, out, DOC, PARAMS))
-        for w in range(8)
-    ]
+    procs = [ctx.Process(target=_submit_many, args=(job_dir, w, 3, out)) for w in range(8)]
     for p in procs:
         p.start()
     submitted = dict(out.get(timeout=120) for _ in procs)

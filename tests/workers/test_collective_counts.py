@@ -58,7 +58,7 @@ def _generate(folder: Path, tp: int) -> tuple[list[dict[str, dict[str, float]]],
         session_len=64,
         device="cpu",
         dtype="float32",
-        cache={"enable_prefix_caching": False, "num_blocks": 64},  # not the default 1 GiB
+        cache={"enable_prefix_caching": False},
     ) as rt:
         executor = rt.engine.executor
         assert executor is not None

@@ -220,14 +220,7 @@ PARAMS = SamplingParams(max_new_tokens=8, logprobs=3)
 
 
 def _generate(folder: Path, tp: int) -> list[Any]:
-    with Runtime(
-        model=str(folder),
-        tp=tp,
-        session_len=256,
-        device="cpu",
-        dtype="float32",
-        cache={"num_blocks": 64},  # 1,024 tokens: not the default 1 GiB each worker zeroes
-    ) as rt:
+    with Runtime(model=str(folder), tp=tp, session_len=256, device="cpu", dtype="float32") as rt:
         return rt.generate(PROMPTS, PARAMS)
 
 

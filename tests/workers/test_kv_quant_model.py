@@ -8,8 +8,7 @@ answers with int8. The numbers are in docs/benchmarks/kv_quant_cpu_2026-12-03.md
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,10 @@ from dist_runtime.formats.demo_model import demo_model_path
 from dist_runtime.text.documents import harbor_report
 from dist_runtime.text.tokenizer import Tokenizer
 from kernels.cpu_attention import _library
-from tests.helpers.background import Ahead, selected_tests
 from workers.scoring import Scorer
 
 CPU32: dict[str, Any] = dict(device="cpu", dtype="float32")
-HELD_OUT_TOKENS = 512
-HELD_OUT_CHUNK = 256
-"""Scored in two prefill chunks: the second reads the first one's KV from the quantized cache."""
+HELD_OUT_TOKENS = 1024
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,39 +36,13 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _int8_answers(tp: int) -> list[str]:
-    """The bundled questions asked of the demo model with an int8 KV cache."""
-    doc = harbor_report()
-    with Runtime(tp=tp, session_len=4096, cache={"quant_policy": 8}, **CPU32) as rt:
-        return rt.ask(doc.text, doc.questions, SamplingParams(max_new_tokens=64))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def int8_answers(
-    request: pytest.FixtureRequest, _one_torch_thread: None
-) -> Iterator[Callable[[int], list[str]]]:
-    """int8_answers(tp) -> _int8_answers(tp). The tp 1 run (in this process, on one thread)
-    starts with the module when its test is selected: one core runs it while the NLL test
-    scores on the other. Its test comes next, so it is done before any test below patches the
-    attention layers."""
-    first = "test_int8_answers_the_bundled_questions[1]"
-    if first not in selected_tests(request):
-        yield _int8_answers
-        return
-    ahead = Ahead({"1": functools.partial(_int8_answers, 1)}, workers=1)
-    yield lambda tp: ahead.get("1") if tp == 1 else _int8_answers(tp)
-    ahead.close()
-
-
-def _nll(
-    model: str, ids: list[int], policy: int, decode_last: int = 0, chunk: int = 512
-) -> list[float]:
+def _nll(model: str, ids: list[int], policy: int, decode_last: int = 0) -> list[float]:
     config = RuntimeConfig(
         model=model, session_len=4096, cache=CacheConfig(quant_policy=policy), **CPU32
     )
     scorer = Scorer(config, max_tokens=len(ids))
     try:
-        return scorer.score(ids, chunk=chunk, decode_last=decode_last).nll
+        return scorer.score(ids, chunk=512, decode_last=decode_last).nll
     finally:
         scorer.close()
 
@@ -93,7 +63,7 @@ def test_nll_per_policy_on_the_demo_model_and_a_micro_checkpoint(tiny_llama_dir:
     tokenizer = Tokenizer.from_folder(demo)
     assert tokenizer is not None
     ids = _held_out(tokenizer)
-    demo_nll = {p: _mean(_nll(demo, ids, p, chunk=HELD_OUT_CHUNK)) for p in (0, 8, 4)}
+    demo_nll = {p: _mean(_nll(demo, ids, p)) for p in (0, 8, 4)}
     micro_ids = [t % 512 for t in ids[:512]]
     micro_nll = {p: _mean(_nll(str(tiny_llama_dir), micro_ids, p)) for p in (0, 8, 4)}
     for nll in (demo_nll, micro_nll):
@@ -102,16 +72,6 @@ def test_nll_per_policy_on_the_demo_model_and_a_micro_checkpoint(tiny_llama_dir:
     # with outlier channels) measures about +10%, recorded in the benchmark report.
     assert abs(micro_nll[4] / micro_nll[0] - 1) < 0.05, micro_nll
     assert demo_nll[0] < demo_nll[4] < 1.15 * demo_nll[0], demo_nll
-
-
-@pytest.mark.parametrize("tp", [1, pytest.param(3, marks=pytest.mark.slow)])
-def test_int8_answers_the_bundled_questions(
-    ray_cluster: Any, int8_answers: Callable[[int], list[str]], tp: int
-) -> None:
-    doc = harbor_report()
-    answers = int8_answers(tp)
-    for question, fact, answer in zip(doc.questions, doc.answers, answers):
-        assert fact in answer, (tp, question, answer)
 
 
 @pytest.mark.parametrize("policy", [0, 8, 4])
@@ -175,12 +135,21 @@ def test_greedy_tokens_agree_across_meshes(
             tp=tp,
             cp=cp,
             session_len=512,
-            cache={"quant_policy": policy, "block_size": 16, "num_blocks": 64},
+            cache={"quant_policy": policy, "block_size": 16},
             **CPU32,
         ) as rt:
             tokens[(tp, cp)] = [o.token_ids for o in rt.generate(PARITY_PROMPTS, params)]
     assert tokens[(2, 1)] == tokens[(1, 1)]
     assert tokens[(1, 2)] == tokens[(1, 1)]
+
+
+@pytest.mark.parametrize("tp", [1, pytest.param(3, marks=pytest.mark.slow)])
+def test_int8_answers_the_bundled_questions(ray_cluster: Any, tp: int) -> None:
+    doc = harbor_report()
+    with Runtime(tp=tp, session_len=4096, cache={"quant_policy": 8}, **CPU32) as rt:
+        answers = rt.ask(doc.text, doc.questions, SamplingParams(max_new_tokens=64))
+    for question, fact, answer in zip(doc.questions, doc.answers, answers):
+        assert fact in answer, (tp, question, answer)
 
 
 def test_quant_policy_changes_the_prefix_cache_key_and_the_capacity(tiny_llama_dir: Path) -> None:
