@@ -80,7 +80,8 @@ def test_ctrl_c_during_a_run_exits_cleanly(tiny_llama_dir: Path, tmp_path: Path)
     doc.write_text(" ".join(f"Line {i}: the tide was {i % 7} metres." for i in range(120)))
     cmd = [sys.executable, str(REPO_ROOT / "launch" / "run.py"), "--model", str(tiny_llama_dir)]
     cmd += ["--doc", str(doc), "-q", "What was the tide at line 3?", "--device", "cpu"]
-    cmd += ["--dtype", "float32", "--session-len", "4096", "--max-num-batched-tokens", "16"]
+    # 4-token chunks: some 640 prefill steps, seconds of work, so the signal lands in them.
+    cmd += ["--dtype", "float32", "--session-len", "4096", "--max-num-batched-tokens", "4"]
     cmd += ["--max-num-seqs", "4"]
     proc = subprocess.Popen(
         cmd,
@@ -93,7 +94,7 @@ def test_ctrl_c_during_a_run_exits_cleanly(tiny_llama_dir: Path, tmp_path: Path)
     )
     assert proc.stderr is not None
     seen = b""
-    while b"prefill:" not in seen:  # the progress bar: steps are running
+    while b"document:" not in seen:  # the document is read: the prefill starts next
         chunk = proc.stderr.read1(4096)  # type: ignore[attr-defined]
         assert chunk, seen.decode(errors="replace")[-2000:]
         seen += chunk
