@@ -301,18 +301,10 @@ class ModelRunner:
             self._update_state(s)
         self.num_steps += 1
         own_rope = any(self.seqs[s.seq_id].inv_freq is not None for s in seqs)
-        bs = self.config.cache.block_size
-        ids, pos, slots, ctx, tables = [], [], [], [], []
-        for s, is_ahead in zip(seqs, ahead):
-            state, p = self.seqs[s.seq_id], s.start_pos
-            ids.append(0 if is_ahead else s.token_ids[0])
-            pos.append(p)
-            slots.append(state.block_table[p // bs] * bs + p % bs)
-            ctx.append(p + 1)
-            tables.append(state.table.view())
+        inputs, tables = self._decode_inputs(seqs, ahead)
         rows = [last[s.seq_id] if a and last else -1 for s, a in zip(seqs, ahead)]
         inv = self._rope_inv_freq(seqs, False) if own_rope else None
-        graphs.run_staged((ids, pos, slots, ctx), tables, inv, rows if any(ahead) else None)
+        graphs.run_staged(inputs, tables, inv, rows if any(ahead) else None)
         n, turn = len(seqs), self._out_turn
         self._out_turn ^= 1
         out, event = self._read_back[turn]
@@ -535,21 +527,28 @@ class ModelRunner:
             or (own_rope and graphs.rope_half is None)
         ):
             return None
+        if max(self.seqs[s.seq_id].table.size for s in seqs) > graphs.max_blocks:
+            return None
+        rows, tables = self._decode_inputs(seqs, [False] * len(seqs))
+        inv = self._rope_inv_freq(seqs, False) if own_rope else None
+        return graphs.run_staged(rows, tables, inv)
+
+    def _decode_inputs(
+        self, seqs: list[SeqStep], ahead: list[bool]
+    ) -> tuple[tuple[list[int], list[int], list[int], list[int]], list[torch.Tensor]]:
+        """A decode step's (token ids, positions, KV slots, context lengths) and each sequence's
+        device block table; a sequence marked in `ahead` gets id 0 (its id is set on the
+        device, `DecodeGraphs.run_staged`)."""
         bs = self.config.cache.block_size
-        ids, pos, slots, ctx = [], [], [], []
-        tables: list[DeviceBlockTable] = []
-        for s in seqs:
-            state = self.seqs[s.seq_id]
-            p = s.start_pos
-            ids.append(s.token_ids[0])
+        ids, pos, slots, ctx, tables = [], [], [], [], []
+        for s, is_ahead in zip(seqs, ahead, strict=True):
+            state, p = self.seqs[s.seq_id], s.start_pos
+            ids.append(0 if is_ahead else s.token_ids[0])
             pos.append(p)
             slots.append(state.block_table[p // bs] * bs + p % bs)
             ctx.append(p + 1)
-            tables.append(state.table)
-        if max(t.size for t in tables) > graphs.max_blocks:
-            return None
-        inv = self._rope_inv_freq(seqs, False) if own_rope else None
-        return graphs.run_staged((ids, pos, slots, ctx), [t.view() for t in tables], inv)
+            tables.append(state.table.view())
+        return (ids, pos, slots, ctx), tables
 
     def _prepare(
         self, seqs: list[SeqStep]

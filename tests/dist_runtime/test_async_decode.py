@@ -12,17 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig
+from dist_runtime import Runtime, SamplingParams
 from dist_runtime.protocol import LAST_SAMPLED
+from tests.workers.test_cuda_graph import KW  # the same small emulated-graph runtime
 from workers.model_runner import ModelRunner
-
-KW: dict[str, Any] = dict(
-    device="cpu",
-    dtype="float32",
-    session_len=96,
-    cache=CacheConfig(block_size=4, num_blocks=160),
-    scheduler=SchedulerConfig(max_num_seqs=6),
-)
 
 
 def _prompts(n: int = 5) -> list[list[int]]:
