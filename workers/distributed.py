@@ -95,6 +95,7 @@ COLLECTIVE_OPS = (
     "cp_all_gather",
     "cp_all_to_all",
     "cp_ring_shift",
+    "broadcast",
 )
 """The operations `Collectives.comm_stats` reports, by method name."""
 
@@ -197,6 +198,17 @@ class Collectives:
                 dist.all_gather(parts, x.contiguous(), group=self.tp_group)
         self._record("tp_all_gather", x.numel() * x.element_size(), time.perf_counter() - start)
         return torch.cat(parts, dim=dim)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """World rank 0's x on every rank of the world, in place (x: same shape and dtype on
+        every rank)."""
+        if self.coords.world_size == 1:
+            return x
+        start = time.perf_counter()
+        with self._guard("broadcast"):
+            dist.broadcast(x, src=0)
+        self._record("broadcast", x.numel() * x.element_size(), time.perf_counter() - start)
+        return x
 
     # -- context parallel: every call is collective over the cp group --------------------------
     @property

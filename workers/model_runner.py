@@ -259,13 +259,15 @@ class ModelRunner:
         step goes through the graphs without waiting for the device: its picks are read back
         at `collect`, and the next step's `LAST_SAMPLED` ids are taken from them on the device.
         Any other step runs here, as `execute` would."""
-        launched = self._launch_staged(plan) if self.runs_ahead() else None
-        if launched is None:
+        out: _Launched | StepResult | None = (
+            self._launch_staged(plan) if self.runs_ahead() else None
+        )
+        if out is None:
             if any(s.token_ids[:1] == [LAST_SAMPLED] for s in plan.seqs):
                 plan = self._fill_last_sampled(plan)
-            self._launched.append(self.execute(plan))
-        else:
-            self._launched.append(launched)
+            out = self.execute(plan)
+        if self.is_driver_rank:  # the other ranks return no results: nothing to collect
+            self._launched.append(out)
 
     def collect(self) -> StepResult | None:
         if not self._launched:
@@ -331,21 +333,28 @@ class ModelRunner:
 
     def _fill_last_sampled(self, plan: StepPlan) -> StepPlan:
         """`plan` with each LAST_SAMPLED id replaced by the token the last launched step sampled
-        for that sequence (waiting for that step)."""
-        if not self._launched:
-            raise ValueError(f"step {plan.step_id} takes last sampled ids but none was launched")
-        last = self._launched[-1]
-        result = last.result() if isinstance(last, _Launched) else last
-        if result is None:
-            raise ValueError(f"step {plan.step_id} takes last sampled ids this rank never saw")
-        sampled = {t.seq_id: t.token_id for t in result.tokens}
-        seqs = []
-        for s in plan.seqs:
-            if s.token_ids[:1] == [LAST_SAMPLED]:
-                if s.seq_id not in sampled:
-                    raise ValueError(f"seq {s.seq_id}: no token sampled in the last step")
-                s = dataclasses.replace(s, token_ids=[sampled[s.seq_id]])
-            seqs.append(s)
+        for that sequence (waiting for that step). Only the driver rank reads results: at
+        tp * cp > 1 it broadcasts the ids to the other ranks (-1 where it has none, and then
+        every rank raises)."""
+        slots = [i for i, s in enumerate(plan.seqs) if s.token_ids[:1] == [LAST_SAMPLED]]
+        ids, error = [-1] * len(slots), None
+        if self.is_driver_rank:
+            last = self._launched[-1] if self._launched else None
+            result = last.result() if isinstance(last, _Launched) else last
+            if result is None:
+                error = f"step {plan.step_id} takes last sampled ids but none was launched"
+            else:
+                sampled = {t.seq_id: t.token_id for t in result.tokens}
+                ids = [sampled.get(plan.seqs[i].seq_id, -1) for i in slots]
+        if self.comm.coords.world_size > 1:
+            shared = torch.tensor(ids, dtype=torch.int64, device=self.device)
+            ids = self.comm.broadcast(shared).tolist()
+        missing = [plan.seqs[i].seq_id for i, t in zip(slots, ids) if t < 0]
+        if error is not None or missing:
+            raise ValueError(error or f"seqs {missing}: no token sampled in the step before")
+        seqs = list(plan.seqs)
+        for i, token in zip(slots, ids):
+            seqs[i] = dataclasses.replace(seqs[i], token_ids=[token])
         return dataclasses.replace(plan, seqs=seqs)
 
     # -- steps ------------------------------------------------------------------------------

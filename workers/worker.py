@@ -82,6 +82,16 @@ class Worker:
         result = self.execute_plan(decode(plan_bytes, StepPlan))
         return None if result is None else encode(result)
 
+    def launch(self, plan_bytes: bytes) -> None:
+        """Start a step (see `ModelRunner.launch`); the driver rank's `collect` returns it."""
+        self.launch_plan(decode(plan_bytes, StepPlan))
+
+    def collect(self) -> bytes:
+        """Driver rank: the oldest launched step's result."""
+        result = self.collect_plan()
+        assert result is not None
+        return encode(result)
+
     def launch_plan(self, plan: StepPlan) -> None:
         """Start a step without waiting for it (see `ModelRunner.launch`)."""
         assert self.runner is not None

@@ -113,3 +113,45 @@ def test_arrival_abort_and_sampling_mid_decode(tiny_llama_dir: Path, modes: Any)
     assert ahead[4].finish_reason == "abort" and len(ahead[4].token_ids) >= 4
     assert ahead[4].token_ids[:4] == sync[4].token_ids[:4]
     assert num_ahead > 0
+
+
+@pytest.mark.parametrize(
+    ("tp", "cp", "graphs"),
+    [(2, 1, "emulate"), (1, 2, "emulate"), (2, 1, None)],
+    ids=["tp2-graphs", "cp2-graphs", "tp2-eager"],
+)
+def test_ahead_over_ray(
+    ray_cluster: Any,
+    tiny_llama_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tp: int,
+    cp: int,
+    graphs: str | None,
+) -> None:
+    """Over Ray each step's call is queued on the actors while the step before runs. At tp 2
+    with decode graphs every rank takes the ids from its own graph's picks (every tp rank
+    computes the same logits); at cp 2 (the graphs do not run the head) and without graphs the
+    driver rank broadcasts them. Same tokens and finish reasons as step by step."""
+    if graphs is None:
+        monkeypatch.delenv("DIST_RUNTIME_DECODE_GRAPHS", raising=False)
+    else:
+        monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPHS", graphs)
+    params = [_greedy(n) for n in (14, 5, 9)]
+    out = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("DIST_RUNTIME_ASYNC_DECODE", flag)
+        with Runtime(model=str(tiny_llama_dir), tp=tp, cp=cp, **KW) as rt:
+            outs = rt.generate(_prompts(3), params)
+            executor = rt.engine.executor
+            assert executor is not None
+            broadcasts = [s["broadcast"]["calls"] for s in executor.comm_stats()]
+            out.append((outs, rt.engine.num_steps_ahead, broadcasts))
+    (sync, sync_ahead, sync_casts), (ahead, num_ahead, casts) = out
+    _same(sync, ahead)
+    assert [len(o.token_ids) for o in ahead] == [14, 5, 9]
+    assert sync_ahead == 0 and sync_casts == [0] * (tp * cp)
+    assert num_ahead >= 8
+    if graphs is not None and cp == 1:
+        assert casts == [0] * tp  # every rank read its own graph's picks
+    else:
+        assert casts == [num_ahead] * (tp * cp)

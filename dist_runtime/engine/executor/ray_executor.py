@@ -7,6 +7,7 @@ Only msgpack bytes cross to the actors.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from dist_runtime.config import WORKER_ENV, RuntimeConfig
+from dist_runtime.config import WORKER_ENV, RuntimeConfig, async_decode_enabled
 from dist_runtime.engine.executor.base import Executor, WorkerError
 from dist_runtime.progress import plural
 from dist_runtime.protocol import StepPlan, StepResult, decode, encode
@@ -126,6 +127,9 @@ class RayExecutor(Executor):
         self._monitor: threading.Thread | None = None
         self._abandoned = threading.Event()
         """Set by `abandon`: waits on the workers end at once (the engine is stopping)."""
+        self._ahead = async_decode_enabled()
+        self._queued: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        """Launched steps not collected yet: (step id, every rank's launch call)."""
         try:
             self._start(ray)
         except BaseException:
@@ -315,6 +319,35 @@ class RayExecutor(Executor):
             f"running step {plan.step_id}",
         )
         return decode(outs[0], StepResult)
+
+    def launch(self, plan: StepPlan) -> None:
+        """Queue the step on every worker and return: each actor runs its calls in order, so a
+        step launched while the one before runs starts as soon as that one ends, without a
+        round trip to the driver between them."""
+        if self.dead is not None:
+            raise WorkerError(self.dead)
+        payload = encode(plan)
+        self._queued.append((plan.step_id, [a.launch.remote(payload) for a in self.actors]))
+
+    def collect(self) -> StepResult:
+        if not self._queued:
+            raise RuntimeError("collect() without a launched step")
+        step_id, launches = self._queued.popleft()
+        if self.dead is not None:
+            raise WorkerError(self.dead)
+        # Waiting on every rank's launch as well: a rank whose step failed fails the wait.
+        outs = self._get(
+            [*launches, self.actors[0].collect.remote()],
+            self.config.step_timeout_s,
+            f"running step {step_id}",
+        )
+        return decode(outs[-1], StepResult)
+
+    def runs_ahead(self) -> bool:
+        """With `DIST_RUNTIME_ASYNC_DECODE=1`. Every worker takes its `LAST_SAMPLED` ids from
+        the step before: from the device where a decode graph picked them, otherwise from the
+        driver rank's picks, broadcast."""
+        return self._ahead
 
     def memory_stats(self) -> list[dict[str, int]]:
         return list(
