@@ -9,7 +9,8 @@
 # KERNEL=0 skips the kernel step. SEGMENTS="1 4" also times the 7B decode with the graphs cut
 # into 4 segments (DIST_RUNTIME_DECODE_GRAPH_SEGMENTS) at 8K and 32K, after the full run.
 # ASYNC=0 skips the runs with decode steps launched ahead (DIST_RUNTIME_ASYNC_DECODE=1: 7B at
-# 8K / 32K / batch 8, and 1M), which follow the default runs.
+# 8K / 32K / batch 8, and 1M), which follow the default runs. The fused RoPE + KV-store kernel
+# is checked and timed first (FUSED_TIMEOUT), so a failure there shows before the long runs.
 set -u
 OUT=${OUT:-/tmp/gpu_decode}
 mkdir -p "$OUT"
@@ -23,6 +24,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
     | tee -a "$log"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     2>&1 | tee -a "$log"
+
+step "fused RoPE + KV store: CUDA tests, then timed against the two kernels it replaces"
+timeout "${FUSED_TIMEOUT:-60}" $PY -m pytest -q -x -p no:cacheprovider \
+    tests/kernels/test_elementwise_kernels.py -k rotary_store 2>&1 | tail -4 | tee -a "$log"
+timeout "${FUSED_TIMEOUT:-60}" $PY bench/kernel_bench_elementwise.py 2>&1 | tee -a "$log"
 
 step generate, 7B shape
 timeout "${GEN_TIMEOUT:-180}" $PY bench/generate_gpu.py --prompt-lens 8192,32768,131072 \

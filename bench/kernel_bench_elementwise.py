@@ -7,6 +7,10 @@ Shapes are one 16K-token prefill of a Llama-3-8B-sized layer at tp=1 in bf16: hi
 and write once (inputs, outputs; the weight and positions too), divided by the median time of
 `triton.testing.do_bench`; the reference's extra temporaries are not counted, so its GB/s is the
 bandwidth it would need to match, not what it moved.
+
+The fused RoPE + KV-store kernel (`kernels/rotary_store.py`) is timed against the two Triton
+kernels it replaces (rotary, then store_kv), at the prefill shape and at decode batches of 1
+and 8 tokens, where a layer's small kernels cost about their launch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from kernels.rms_norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from kernels.rotary import rotary_ref, rotary_triton  # noqa: E402
+from kernels.rotary_store import rotary_store_triton  # noqa: E402
 from kernels.silu_and_mul import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
 from kernels.store_kv import store_kv_ref, store_kv_triton  # noqa: E402
 
@@ -40,7 +45,9 @@ DTYPE = torch.bfloat16
 def bench_elementwise(device: torch.device | str = "cuda") -> list[dict]:
     """Time each kernel's Triton and torch versions; one dict per kernel.
 
-    Keys: kernel, shape, bytes, triton_ms, torch_ms, triton_gbps, torch_gbps, speedup.
+    Keys: kernel, shape, bytes, triton_ms, torch_ms, triton_gbps, torch_gbps, speedup, baseline
+    (what the torch_* keys timed: the torch reference, or for the fused kernel the two Triton
+    kernels it replaces).
     Raises RuntimeError off CUDA (the Triton kernels only compile for CUDA devices).
     """
     device = torch.device(device)
@@ -51,7 +58,9 @@ def bench_elementwise(device: torch.device | str = "cuda") -> list[dict]:
     torch.manual_seed(SEED)
     results = []
     for name, shape, num_bytes, fns in _workloads(device):
+        baseline = "torch" if "torch" in fns else "separate"
         ms = {impl: triton.testing.do_bench(fn) for impl, fn in fns.items()}
+        ms["torch"] = ms.pop(baseline)
         results.append(
             dict(
                 kernel=name,
@@ -62,6 +71,7 @@ def bench_elementwise(device: torch.device | str = "cuda") -> list[dict]:
                 triton_gbps=num_bytes / ms["triton"] / 1e6,
                 torch_gbps=num_bytes / ms["torch"] / 1e6,
                 speedup=ms["torch"] / ms["triton"],
+                baseline=baseline,
             )
         )
     return results
@@ -99,7 +109,29 @@ def _workloads(device: torch.device) -> list[Workload]:
     slots = torch.randperm(num_blocks * BLOCK_SIZE, device=device)[:t]
     store_bytes = 4 * t * KV_HEADS * HEAD_DIM * el + 8 * t  # read k, v; write two cache rows
 
+    def fused(tokens: int) -> Workload:
+        """Fused RoPE + store against rotary then store_kv, on the first `tokens` rows."""
+        qt, kt, vt, pt, st = q[:tokens], k[:tokens], v[:tokens], positions[:tokens], slots[:tokens]
+
+        def separate() -> None:
+            q_out, k_out = rotary_triton(qt, kt, pt, inv_freq)
+            store_kv_triton(k_out, vt, k_cache, v_cache, st)
+
+        nbytes = tokens * (2 * Q_HEADS + 3 * KV_HEADS) * HEAD_DIM * el + 16 * tokens
+        return (
+            "rotary+store fused",
+            f"{tokens} tokens (vs rotary, store_kv)",
+            nbytes,
+            dict(
+                triton=lambda: rotary_store_triton(qt, kt, vt, pt, inv_freq, k_cache, v_cache, st),
+                separate=separate,
+            ),
+        )
+
     return [
+        fused(1),
+        fused(8),
+        fused(t),
         (
             "rms_norm+residual",
             f"({t}, {HIDDEN})",
@@ -152,7 +184,7 @@ def main() -> int:
     for r in bench_elementwise("cuda"):
         print(
             f"{r['kernel']:<18} {r['shape']:<44} triton {r['triton_ms']:7.3f} ms "
-            f"{r['triton_gbps']:6.0f} GB/s | torch {r['torch_ms']:7.3f} ms "
+            f"{r['triton_gbps']:6.0f} GB/s | {r['baseline']} {r['torch_ms']:7.3f} ms "
             f"{r['torch_gbps']:6.0f} GB/s | x{r['speedup']:.2f}"
         )
     return 0

@@ -1,4 +1,5 @@
-"""Elementwise kernels (rms_norm, rotary, silu_and_mul, store_kv, lse_merge): each Triton kernel
+"""Elementwise kernels (rms_norm, rotary, silu_and_mul, store_kv, rotary_store, lse_merge): each
+Triton kernel
 against its torch twin, each twin against a float64 formula, and the dispatch between them.
 
 Without CUDA the kernels run in Triton's interpreter (see conftest.py). Kernel outputs are fresh
@@ -18,6 +19,7 @@ import kernels.dispatch as dispatch
 import kernels.lse_merge as LM
 import kernels.rms_norm as RN
 import kernels.rotary as RO
+import kernels.rotary_store as RS
 import kernels.silu_and_mul as SM
 import kernels.store_kv as SK
 from dist_runtime.config import CPU_ELEMENTWISE_ENV
@@ -346,6 +348,128 @@ def test_store_kv_int64_offsets_past_2_31_elements():
     assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[slots], v)
 
 
+# -- rotary_store --------------------------------------------------------------------------------
+
+
+def _rotary_store_case(
+    gen,
+    tokens,
+    q_heads,
+    kv_heads,
+    head_dim,
+    block_size,
+    num_padding,
+    dtype,
+    device,
+    per_token=False,
+):
+    q, k, v = _fused_qkv(gen, tokens, q_heads, kv_heads, head_dim, dtype, device)
+    positions = torch.randint(0, MAX_POSITION, (tokens,), generator=gen).to(device)
+    inv = _inv_freq(head_dim, device)
+    if per_token:  # a row per token: requests with their own RoPE base
+        bases = torch.tensor([1e4, 5e5, 5e7])[torch.arange(tokens) % 3]
+        exponents = torch.arange(0, head_dim, 2).float() / head_dim
+        inv = (1.0 / bases[:, None] ** exponents[None, :]).to(device)
+    num_blocks = tokens // block_size + 3
+    slots = _slots(gen, tokens, num_blocks * block_size, num_padding).to(device)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    caches = [torch.full(shape, NAN, dtype=dtype, device=device) for _ in range(2)]
+    return q, k, v, positions, inv, caches, slots
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "tokens, kv_heads, group, block_size, num_padding, per_token",
+    [
+        (1, 1, 8, 16, 0, False),
+        (7, 2, 4, 8, 2, True),
+        (33, 8, 1, 16, 5, False),
+        (5, 3, 3, 4, 1, True),
+    ],
+)
+def test_rotary_store_equals_rotary_then_store(
+    device, dtype, head_dim, tokens, kv_heads, group, block_size, num_padding, per_token
+):
+    """The fused kernel writes exactly what the rotary kernel then the store kernel write (same
+    fp32 formulas): the same q bit for bit, the same cache bytes, padding slots untouched; and
+    it is as close to the torch twin as the rotary kernel is."""
+    gen = _gen(tokens * head_dim + kv_heads + group)
+    q, k, v, pos, inv, (kc, vc), slots = _rotary_store_case(
+        gen,
+        tokens,
+        kv_heads * group,
+        kv_heads,
+        head_dim,
+        block_size,
+        num_padding,
+        dtype,
+        device,
+        per_token,
+    )
+    q_before, k_before, v_before = q.clone(), k.clone(), v.clone()
+    sep_kc, sep_vc, ref_kc, ref_vc = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    q_out = RS.rotary_store_triton(q, k, v, pos, inv, kc, vc, slots)
+    sep_q, sep_k = RO.rotary_triton(q, k, pos, inv)
+    SK.store_kv_triton(sep_k, v, sep_kc, sep_vc, slots)
+    assert q_out.is_contiguous() and torch.equal(q_out, sep_q)
+    torch.testing.assert_close(kc, sep_kc, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(vc, sep_vc, rtol=0, atol=0, equal_nan=True)
+    ref_q = RS.rotary_store_ref(q, k, v, pos, inv, ref_kc, ref_vc, slots)
+    _assert_close(q_out, ref_q, dtype)
+    valid = slots >= 0
+    flat = (-1, kv_heads, head_dim)
+    _assert_close(kc.view(flat)[slots[valid]], ref_kc.view(flat)[slots[valid]], dtype)
+    assert torch.equal(vc.view(flat)[slots[valid]], v[valid])
+    untouched = torch.ones(kc.view(flat).shape[0], dtype=torch.bool, device=device)
+    untouched[slots[valid]] = False
+    assert kc.view(flat)[untouched].isnan().all() and vc.view(flat)[untouched].isnan().all()
+    assert torch.equal(q, q_before) and torch.equal(k, k_before) and torch.equal(v, v_before)
+
+
+def test_rotary_store_ref_is_rotation_then_store_in_float64():
+    """The twin: the stored keys are the complex rotation of k by position * inv_freq, the
+    stored values are v, the returned queries the rotation of q."""
+    gen = _gen(13)
+    tokens, head_dim, half = 4, 16, 8
+    q, k, v = (_randn(gen, tokens, h, head_dim, dtype=torch.float64) for h in (4, 2, 2))
+    positions = torch.tensor([0, 3, 900, 70000])
+    inv = _inv_freq(head_dim, torch.device("cpu"))
+    kc = torch.full((3, 4, 2, head_dim), NAN, dtype=torch.float64)
+    vc = kc.clone()
+    slots = torch.tensor([2, -1, 11, 4])
+    q_out = RS.rotary_store_ref(q, k, v, positions, inv, kc, vc, slots)
+    angle = (positions.float()[:, None] * inv).double()[:, None, :]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(angle), angle)
+        return torch.cat((z.real, z.imag), -1)
+
+    torch.testing.assert_close(q_out, rot(q), rtol=1e-6, atol=1e-6)
+    flat_k, flat_v = kc.view(12, 2, head_dim), vc.view(12, 2, head_dim)
+    for t, slot in ((0, 2), (2, 11), (3, 4)):
+        torch.testing.assert_close(flat_k[slot], rot(k)[t], rtol=1e-6, atol=1e-6)
+        assert torch.equal(flat_v[slot], v[t])
+    assert flat_k[[0, 1, 3, 5, 6, 7, 8, 9, 10]].isnan().all()
+
+
+@needs_triton
+def test_rotary_store_rejects_mismatched_caches(device):
+    gen = _gen(14)
+    q, k, v, pos, inv, (kc, vc), slots = _rotary_store_case(
+        gen, 3, 4, 2, 64, 4, 0, torch.float32, device
+    )
+    with pytest.raises(ValueError, match="k_cache must be"):
+        RS.rotary_store_triton(q, k, v, pos, inv, kc[..., :32], vc, slots)
+    with pytest.raises(ValueError, match="v_cache must be"):
+        RS.rotary_store_triton(q, k, v, pos, inv, kc, vc.to(torch.bfloat16), slots)
+    with pytest.raises(ValueError, match="slot_mapping must be"):
+        RS.rotary_store_triton(q, k, v, pos, inv, kc, vc, slots[:2])
+    with pytest.raises(ValueError, match="v must match k"):
+        RS.rotary_store_triton(q, k, v[:, :1], pos, inv, kc, vc, slots)
+
+
 # -- lse_merge ---------------------------------------------------------------------------------
 
 
@@ -427,6 +551,7 @@ def test_empty_inputs_return_empty_outputs_without_launching(device, monkeypatch
         (RO, "_rotary_kernel"),
         (SM, "_silu_and_mul_kernel"),
         (SK, "_store_kv_kernel"),
+        (RS, "_rotary_store_kernel"),
         (LM, "_lse_merge_kernel"),
     ):
         monkeypatch.setattr(module, kernel, None)  # a launch would fail on None[grid]
@@ -442,6 +567,9 @@ def test_empty_inputs_return_empty_outputs_without_launching(device, monkeypatch
     cache = torch.full((2, 4, 2, 64), NAN, device=device)
     SK.store_kv_triton(k, k, cache, cache, torch.empty(0, dtype=torch.int64, device=device))
     assert cache.isnan().all()
+    no_pos = torch.empty(0, dtype=torch.int64, device=device)
+    q_out = RS.rotary_store_triton(q, k, k, no_pos, _inv_freq(64, device), cache, cache, no_pos)
+    assert q_out.shape == (0, 8, 64) and cache.isnan().all()
     lse = torch.empty(0, 8, device=device)
     out, lse = LM.lse_merge_triton(q, lse, q, lse)
     assert out.shape == (0, 8, 64) and lse.shape == (0, 8)
@@ -464,6 +592,11 @@ def _public_calls(device: torch.device) -> list[tuple[Any, str, Callable[[], Any
         (RO, "rotary", lambda: RO.rotary(q, k, pos, _inv_freq(64, device))),
         (SM, "silu_and_mul", lambda: SM.silu_and_mul(x)),
         (SK, "store_kv", lambda: SK.store_kv(k, v, cache, cache.clone(), pos)),
+        (
+            RS,
+            "rotary_store",
+            lambda: RS.rotary_store(q, k, v, pos, _inv_freq(64, device), cache, cache.clone(), pos),
+        ),
         (LM, "lse_merge", lambda: LM.lse_merge(q, lse, q, lse)),
     ]
 

@@ -12,6 +12,7 @@ from kernels.cpu_attention import native_rope_store_supported, rope_store
 from kernels.dispatch import use_triton
 from kernels.flash_decode import flash_decode
 from kernels.paged_attention import paged_attention
+from kernels.rotary_store import rotary_store
 from kernels.store_kv import store_kv
 from workers.context_parallel import CPMetadata, cp_attention, cp_decode_attention
 from workers.distributed import Collectives
@@ -126,6 +127,11 @@ class Attention(nn.Module):
             # CPU: RoPE in place and the KV store in one native call.
             cos, sin = self.rotary.cos_sin(positions, meta.rope_inv_freq)
             rope_store(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
+        elif use_triton(q.device) and kv_cache.bits == 0 and meta.cp is None:
+            # One kernel rotates q and writes the rotated k and v into the cache (a cp prefill
+            # chunk also reads k and v themselves, and a quantized cache stores codes).
+            inv = self.rotary.inv_freq if meta.rope_inv_freq is None else meta.rope_inv_freq
+            q = rotary_store(q, k, v, positions, inv, k_cache, v_cache, meta.slot_mapping)
         else:
             q, k = self.rotary(q, k, positions, meta.rope_inv_freq)
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
