@@ -109,6 +109,44 @@ def test_job_survives_a_dead_worker(rt: Runtime, expected: list[str], how: str, 
     assert rt.num_worker_restarts == 1
 
 
+def test_job_survives_a_dead_worker_with_steps_launched_ahead(
+    ray_cluster: Any,
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    expected: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With decode steps queued on the actors ahead of the one being read
+    (`DIST_RUNTIME_ASYNC_DECODE=1`), a worker that exits mid-decode fails the wait on the step
+    in flight; the engine replaces the group, drops the step queued behind it with the old
+    group, and the job's retry gives the undisturbed answers."""
+    monkeypatch.setenv("DIST_RUNTIME_ASYNC_DECODE", "1")
+    with Runtime(
+        model=str(tiny_llama_dir),
+        tp=2,
+        job_dir=str(tmp_path / "jobs"),
+        monitor_interval_s=0.5,
+        **KW,
+    ) as rt:
+        executor = rt.engine.executor
+        assert executor is not None and executor.runs_ahead()
+        collect = executor.collect
+
+        def slow() -> Any:
+            time.sleep(0.05)
+            return collect()
+
+        executor.collect = slow  # type: ignore[method-assign]
+        job_id = rt.submit(DOC, QUESTIONS, PARAMS)
+        _wait(lambda: rt.engine.num_steps_ahead > 0, 120, "a decode step launched ahead")
+        _kill_rank1(rt, "os._exit")
+        assert rt.result(job_id, timeout=180) == expected
+        status = rt.status(job_id)
+        assert status.state is JobState.DONE and status.attempts == 2
+        assert rt.num_worker_restarts == 1
+        assert rt.engine.executor is not executor and rt.engine.executor.runs_ahead()
+
+
 def test_job_failing_on_every_attempt_ends_failed_and_others_complete(
     ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path, expected: list[str], monkeypatch: Any
 ) -> None:
