@@ -144,7 +144,8 @@ def test_job_survives_a_dead_worker_with_steps_launched_ahead(
         status = rt.status(job_id)
         assert status.state is JobState.DONE and status.attempts == 2
         assert rt.num_worker_restarts == 1
-        assert rt.engine.executor is not executor and rt.engine.executor.runs_ahead()
+        replaced = rt.engine.executor
+        assert replaced is not None and replaced is not executor and replaced.runs_ahead()
 
 
 def test_job_failing_on_every_attempt_ends_failed_and_others_complete(
