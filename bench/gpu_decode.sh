@@ -63,7 +63,7 @@ case "${KERNEL:-graph}" in
             | tee -a "$log" ;;
     graph)
         step split-KV decode kernel, 32 calls per CUDA graph, candidate configs
-        timeout "${KERNEL_TIMEOUT:-90}" $PY bench/kernel_bench_attention.py --decode-graph 2>&1 \
+        timeout "${KERNEL_TIMEOUT:-120}" $PY bench/kernel_bench_attention.py --decode-graph 2>&1 \
             | tee -a "$log" ;;
 esac
 

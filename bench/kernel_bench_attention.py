@@ -143,14 +143,18 @@ def bench_decode_grid(device: torch.device) -> list[dict[str, Any]]:
 
 
 GRAPH_SWEEP = [
-    (2, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
-    (4, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
-    (8, dict(BLOCK_N=64, num_warps=4, num_stages=2)),
-    (4, dict(BLOCK_N=32, num_warps=4, num_stages=3)),
-    (2, dict(BLOCK_N=128, num_warps=8, num_stages=2)),
-    (1, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
+    (2, dict(BLOCK_N=64, num_warps=4, num_stages=3), 1),
+    (4, dict(BLOCK_N=64, num_warps=4, num_stages=3), 1),
+    (8, dict(BLOCK_N=64, num_warps=4, num_stages=2), 1),
+    (4, dict(BLOCK_N=32, num_warps=4, num_stages=3), 1),
+    (2, dict(BLOCK_N=128, num_warps=8, num_stages=2), 1),
+    (1, dict(BLOCK_N=64, num_warps=4, num_stages=3), 1),
+    (4, dict(BLOCK_N=64, num_warps=4, num_stages=3), 8),
+    (8, dict(BLOCK_N=64, num_warps=4, num_stages=3), 16),
 ]
-"""--decode-graph: (programs per SM, pass-1 config) candidates; the first is the default."""
+"""--decode-graph: (programs per SM, pass-1 config, fewest key tiles per split) candidates; the
+first is the default. A floor above 1 (`flash_decode.MIN_SPLIT_TILES`) keeps many splits for
+long sequences while a short one takes fewer, longer ones."""
 GRAPH_GRID = [(8192, 1), (32768, 1), (131072, 1), (8192, 8)]
 GRAPH_LAYERS = 32
 
@@ -183,10 +187,12 @@ def _decode_graph_rows(ctx: int, batch: int, device: torch.device) -> list[dict[
 
     rows = []
     default_decode, default_per_sm = FD.decode_config, FD.PROGRAMS_PER_SM
+    default_floor = FD.MIN_SPLIT_TILES
     try:
-        for per_sm, cfg in GRAPH_SWEEP:
+        for per_sm, cfg, floor in GRAPH_SWEEP:
             FD.decode_config = lambda *_, c=cfg: dict(c)  # type: ignore[misc]
             FD.PROGRAMS_PER_SM = per_sm
+            FD.MIN_SPLIT_TILES = floor
             step()  # compile outside the graph
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -194,10 +200,13 @@ def _decode_graph_rows(ctx: int, batch: int, device: torch.device) -> list[dict[
                 step()
             ms = _ms(graph.replay)
             splits = FD.split_plan(batch, KV_HEADS, ctx, cfg["BLOCK_N"], device)
+            tiles = -(-ctx // cfg["BLOCK_N"])
+            used = min(splits, -(-tiles // max(floor, -(-tiles // splits))))
             rows.append(
                 dict(
                     name="decode_graph",
-                    shape=f"ctx={ctx} b={batch} per_sm={per_sm} splits={splits} {cfg}",
+                    shape=f"ctx={ctx} b={batch} per_sm={per_sm} floor={floor} "
+                    f"splits={splits} ({used} with keys) {cfg}",
                     ms=ms / GRAPH_LAYERS,
                     GBps=nbytes / ms / 1e6,
                 )
@@ -205,6 +214,7 @@ def _decode_graph_rows(ctx: int, batch: int, device: torch.device) -> list[dict[
             print(_format(rows[-1]), flush=True)
     finally:
         FD.decode_config, FD.PROGRAMS_PER_SM = default_decode, default_per_sm  # type: ignore[assignment]
+        FD.MIN_SPLIT_TILES = default_floor
     return rows
 
 

@@ -37,6 +37,12 @@ PROGRAMS_PER_SM = 2
 """Target split programs per multiprocessor for pass 1."""
 INTERPRETER_SMS = 8
 """Multiprocessors assumed off CUDA, so small interpreter shapes still use several splits."""
+MIN_SPLIT_TILES = 1
+"""Fewest key tiles a split program takes. The split count is planned on the host from the
+block table's width (a session, in a decode graph); with a floor above 1, a sequence much
+shorter than that spreads over fewer, longer splits and the programs past its keys exit at
+once. 1: every split gets 1/num_splits of the sequence (`--decode-graph` in
+bench/kernel_bench_attention.py times floors against it)."""
 
 
 @_jit
@@ -52,6 +58,7 @@ def _flash_decode_split_kernel(
     part_lse_ptr,
     scale_log2,
     num_splits,
+    min_split_tiles,
     stride_q_seq,
     stride_q_head,
     stride_kc_block,
@@ -84,7 +91,7 @@ def _flash_decode_split_kernel(
     # Each sequence's own keys are cut into num_splits ranges of whole key tiles, so a short
     # sequence in a wide block table (a CUDA graph's, or a batch with a long neighbour) still
     # spreads its reads over every split program.
-    split_len = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits) * BLOCK_N
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits), min_split_tiles) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(lo + split_len, ctx)  # may be <= lo: an empty split stores out 0, lse -inf
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
@@ -323,6 +330,7 @@ def flash_decode_triton(
         part_lse,
         scale * LOG2E,
         num_splits,
+        MIN_SPLIT_TILES,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),

@@ -390,6 +390,20 @@ def test_flash_decode_triton_wide_table(device: torch.device, monkeypatch) -> No
 
 
 @needs_triton
+@pytest.mark.parametrize("min_tiles", [2, 5])
+def test_flash_decode_triton_split_floor(device: torch.device, monkeypatch, min_tiles: int) -> None:
+    """A floor on the key tiles per split: a sequence spreads over fewer, longer splits, the
+    programs past its keys store empty partials, and the merge still equals the reference."""
+    monkeypatch.setattr(FD, "PROGRAMS_PER_SM", 8)
+    monkeypatch.setattr(FD, "MIN_SPLIT_TILES", min_tiles)
+    b = make_paged_batch([(1, 150), (1, 20), (1, 1)], 4, 64, 16, torch.float32, device, seed=8)
+    tiles = -(-150 // FD.decode_config(64, torch.float32)["BLOCK_N"])
+    splits = FD.split_plan(3, KV_HEADS, b.block_tables.shape[1] * 16, 16, device)
+    assert splits * min_tiles > tiles  # the longest sequence leaves splits empty
+    _check_flash_decode(b, 0.125, torch.float32, device)
+
+
+@needs_triton
 def test_flash_decode_triton_one_split(device: torch.device, monkeypatch) -> None:
     """With the device already full, pass 1 writes the output directly (no merge pass)."""
     monkeypatch.setattr(FD, "PROGRAMS_PER_SM", 0)
