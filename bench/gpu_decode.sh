@@ -83,6 +83,8 @@ timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider -m "not sl
 step CUDA tests of the 4-bit weight kernel
 timeout "${W4A16_TIMEOUT:-45}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/kernels/test_w4a16.py 2>&1 | tail -15 | tee -a "$log"
+step "decode against its floor, every run (OUT/summary.md)"
+$PY bench/gpu_decode_summary.py "$OUT" 2>&1 | tee -a "$log"
 tar czf "$OUT/traces.tgz" -C "$OUT" $(cd "$OUT" && ls -d trace_* 2>/dev/null) 2>/dev/null \
     && rm -rf "$OUT"/trace_*
 step done

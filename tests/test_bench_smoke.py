@@ -3,7 +3,8 @@ cannot rot between the sessions that have a GPU: `bench/generate_gpu.py --device
 batched decode and its profiler trace, and `bench/host_step.py` (whose tables must equal the
 rebuilt ones, which it asserts itself); `bench/protocol_codec.py` (whose two codecs must agree,
 which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU kernel benches
-`bench/cpu_attention.py` (with its earlier-run column) and `bench/cpu_elementwise.py`."""
+`bench/cpu_attention.py` (with its earlier-run column) and `bench/cpu_elementwise.py`; and
+`bench/gpu_decode_summary.py` on the end-to-end script's own report."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _run(*args: str) -> str:
 def test_generate_gpu_script_runs_with_a_decode_profile(tmp_path: Path) -> None:
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    report, traces = tmp_path / "report.md", tmp_path / "traces"
+    report, traces = tmp_path / "generate_tiny.md", tmp_path / "traces"
     _run(
         "bench/generate_gpu.py",
         "--device=cpu",
@@ -66,6 +67,16 @@ def test_generate_gpu_script_runs_with_a_decode_profile(tmp_path: Path) -> None:
     assert "_linear" in text or "aten::" in text  # the top operators are listed
     trace = json.loads((traces / "decode_trace_96.json").read_text())
     assert trace["traceEvents"]
+
+    # The decode summary lines the report up against a second run's (here the same numbers).
+    (tmp_path / "generate_tiny_async.md").write_text(text)
+    out = _run("bench/gpu_decode_summary.py", str(tmp_path))
+    lines = out.splitlines()
+    assert lines[0].startswith("| batch | context | floor ms | target | default ms | default % |")
+    assert "async ms | async % |" in lines[0]
+    assert [line.split("|")[1:3] for line in lines[2:4]] == [[" 2 ", " 64 "], [" 1 ", " 96 "]]
+    assert lines[-1].startswith("decode vs floor, best run: b2 64 ") and "(default)" in lines[-1]
+    assert (tmp_path / "summary.md").read_text().splitlines()[-1] == lines[-1]
 
 
 def test_host_step_bench_runs() -> None:
