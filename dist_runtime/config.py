@@ -163,9 +163,10 @@ def decode_graph_segments() -> int:
 
 
 ASYNC_DECODE_ENV = "DIST_RUNTIME_ASYNC_DECODE"
-"""`1`: plain greedy decode steps are planned and launched one step ahead, while the device
-still runs the step before (in one process with decode graphs; over Ray always, each step's
-call queued on the actors); `0` (default): each step waits for the one before."""
+"""`1`: decode steps (greedy or sampling, without penalties or top-k log-probabilities) are
+planned and launched one step ahead, while the device still runs the step before (in one
+process with decode graphs; over Ray always, each step's call queued on the actors); `0`
+(default): each step waits for the one before."""
 
 
 def async_decode_enabled() -> bool:

@@ -119,16 +119,19 @@ def test_decode_graphs_equal_eager(checkpoint: Path) -> None:
 def test_async_decode_equals_step_by_step(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Greedy decode steps launched one ahead (DIST_RUNTIME_ASYNC_DECODE=1: the ids taken from
-    the graph's picks on the device, the picks read back through pinned buffers) give the
-    step-by-step run's tokens and logprobs (stops and arrivals: tests/dist_runtime/
-    test_async_decode.py)."""
+    """Decode steps launched one ahead (DIST_RUNTIME_ASYNC_DECODE=1: the ids taken from the
+    step before's picks on the device, the graph's argmax or a seeded draw from its logits, read
+    back through pinned buffers) give the step-by-step run's tokens and logprobs (stops and
+    arrivals: tests/dist_runtime/test_async_decode.py)."""
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (40, 300, 7)]
     params = [
         SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
         for n in (30, 12, 21)
     ]
+    params[1] = SamplingParams(
+        max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True, logprobs=0
+    )
     runs, ahead = {}, {}
     for flag in ("0", "1"):
         monkeypatch.setenv("DIST_RUNTIME_ASYNC_DECODE", flag)

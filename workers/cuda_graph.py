@@ -271,13 +271,16 @@ class DecodeGraphs:
         block_tables: list[torch.Tensor],
         inv_freq: torch.Tensor | None = None,
         last_rows: list[int] | None = None,
+        picks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A decode step of n sequences from host lists (token ids, positions, KV slots, context
         lengths; n each) and each sequence's 1-D device block table: the four rows go over in
         one copy from pinned memory, padding included, the tables in one multi-tensor copy, and
-        the graph replays. `last_rows[i] >= 0`: row i's token id is the greedy pick of that row
-        of the previous replay, still on the device. Returns (n, hidden) rows of the graph's
-        output buffer (valid until the next replay). Nothing here waits for the device."""
+        the graph replays. `last_rows[i] >= 0`: row i's token id is the pick of that row of the
+        previous step, still on the device: column 0 of `picks` (default: the graphs' own
+        `greedy`; a step that sampled after its replay picked into another buffer). Returns
+        (n, hidden) rows of the graph's output buffer (valid until the next replay). Nothing
+        here waits for the device."""
         n = len(rows[0])
         b = next(size for size in self.sizes if size >= n)
         turn = self._turn
@@ -293,12 +296,13 @@ class DecodeGraphs:
         self._staged_rows[turn] = n
         self.inputs.copy_(host, non_blocking=True)
         if last_rows is not None:
-            assert self.greedy is not None, "taking last sampled ids needs the graphs' head"
+            source = self.greedy if picks is None else picks
+            assert source is not None, "taking last sampled ids needs the graphs' head"
             src = self._last_staging[turn]
             src.numpy()[:n] = last_rows
             take = self.last_rows[:n]
             take.copy_(src[:n], non_blocking=True)
-            picked = self.greedy[take.clamp(min=0), 0].to(torch.int64)
+            picked = source[take.clamp(min=0), 0].to(torch.int64)
             self.input_ids[:n] = torch.where(take >= 0, picked, self.input_ids[:n])
         if self._copied is not None:
             self._copied[turn].record()

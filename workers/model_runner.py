@@ -40,7 +40,14 @@ from workers.layers.attention import AttentionMetadata
 from workers.layers.rotary import inverse_frequencies
 from workers.models.decoder import DecoderLM
 from workers.models.layouts import init_dummy_weights, load_weights
-from workers.sampler import Sampler, greedy_tokens, plain_greedy, score_rows
+from workers.sampler import (
+    Sampler,
+    greedy_tokens,
+    plain_greedy,
+    sample_on_device,
+    samples_on_device,
+    score_rows,
+)
 
 MAX_GRAPH_BATCH = 256
 """Largest decode batch replayed from a CUDA graph; bigger batches run eagerly (launch cost is
@@ -129,8 +136,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self._launched: collections.deque[_Launched | StepResult | None] = collections.deque()
         self._last_rows: dict[int, int] | None = None
-        """seq id -> row of the last step replayed by `launch`, whose greedy picks the graphs
-        still hold; None after any other step."""
+        """seq id -> row of the last step replayed by `launch`, whose picks (`_last_picks`) are
+        still on the device; None after any other step."""
+        self._last_picks: torch.Tensor | None = None
+        """The (token, log-probability) rows the last launched step picked into, on the device
+        (the graphs' `greedy`, or `_picks` for a step that sampled)."""
         self._out_turn = 0
         self.num_launched_ahead = 0
         """Steps `launch` ran without waiting for the device."""
@@ -248,17 +258,18 @@ class ModelRunner:
 
     # -- steps launched ahead ---------------------------------------------------------------
     def runs_ahead(self) -> bool:
-        """`launch` can return before a greedy decode step ends (`DIST_RUNTIME_ASYNC_DECODE=1`,
-        decode graphs with their head, cp = 1)."""
+        """`launch` can return before a decode step ends (`DIST_RUNTIME_ASYNC_DECODE=1`, decode
+        graphs with their head, cp = 1)."""
         graphs = self.graphs
         return async_decode_enabled() and graphs is not None and graphs.greedy is not None
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> None:
-        """Start a step; `collect` returns its result (in launch order). A plain greedy decode
-        step goes through the graphs without waiting for the device: its picks are read back
-        at `collect`, and the next step's `LAST_SAMPLED` ids are taken from them on the device.
-        Any other step runs here, as `execute` would."""
+        """Start a step; `collect` returns its result (in launch order). A decode step whose
+        rows need no history and no top-k list goes through the graphs without waiting for the
+        device: the graph's greedy picks, or draws made on the device from its logits, are read
+        back at `collect`, and the next step's `LAST_SAMPLED` ids are taken from them on the
+        device. Any other step runs here, as `execute` would."""
         out: _Launched | StepResult | None = (
             self._launch_staged(plan) if self.runs_ahead() else None
         )
@@ -288,7 +299,7 @@ class ModelRunner:
                 or s.is_new
                 or not s.sample
                 or len(s.token_ids) != 1
-                or not plain_greedy([state.spec])
+                or not samples_on_device([state.spec])
                 or state.table.size + len(s.new_blocks) > graphs.max_blocks
                 or (state.inv_freq is not None and graphs.rope_half is None)
             ):
@@ -306,16 +317,35 @@ class ModelRunner:
         inputs, tables = self._decode_inputs(seqs, ahead)
         rows = [last[s.seq_id] if a and last else -1 for s, a in zip(seqs, ahead)]
         inv = self._rope_inv_freq(seqs, False) if own_rope else None
-        graphs.run_staged(inputs, tables, inv, rows if any(ahead) else None)
+        graphs.run_staged(inputs, tables, inv, rows if any(ahead) else None, self._last_picks)
         n, turn = len(seqs), self._out_turn
+        specs = [self.seqs[s.seq_id].spec for s in seqs]
+        picks = graphs.greedy
+        if not plain_greedy(specs):  # draws on the device from the graph's logits
+            assert graphs.logits is not None
+            self._seed_draws(seqs)
+            picks = self._picks[turn]
+            gens = [self.seqs[s.seq_id].generator for s in seqs]
+            picks[:n].copy_(sample_on_device(graphs.logits[:n], specs, gens))
+        self._last_picks = picks
         self._out_turn ^= 1
         out, event = self._read_back[turn]
-        out[:n].copy_(graphs.greedy[:n], non_blocking=True)
+        out[:n].copy_(picks[:n], non_blocking=True)
         if event is not None:
             event.record()
         self._last_rows = {s.seq_id: i for i, s in enumerate(seqs)}
         self.num_launched_ahead += 1
         return _Launched(plan.step_id, [s.seq_id for s in seqs], out[:n], event)
+
+    @functools.cached_property
+    def _picks(self) -> list[torch.Tensor]:
+        """Two device buffers of (token, log-probability) rows for launched steps that sample
+        (greedy ones use the graphs' own `greedy`): a step's ids come from the one before's."""
+        assert self.graphs is not None
+        return [
+            torch.zeros(self.graphs.max_batch, 2, dtype=torch.float64, device=self.device)
+            for _ in range(2)
+        ]
 
     @functools.cached_property
     def _read_back(self) -> list[tuple[torch.Tensor, torch.cuda.Event | None]]:
@@ -699,14 +729,18 @@ class ModelRunner:
             seen[owner] += 1
         return gathered.flatten(0, 1)[torch.tensor(order, device=rows.device)]
 
+    def _seed_draws(self, seqs: list[SeqStep]) -> None:
+        """Seed each sampling sequence's stream for the token this step picks: one stream per
+        (seed, position), so a draw does not depend on batching, on a preemption that recomputed
+        the sequence, or on whether the step was launched ahead."""
+        for s in seqs:
+            st = self.seqs[s.seq_id]
+            if st.spec.temperature > 0:
+                st.generator.manual_seed(draw_seed(st.spec.seed, s.start_pos + len(s.token_ids)))
+
     def _sample(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[SampledToken]:
         states = [self.seqs[s.seq_id] for s in seqs]
-        for s, st in zip(seqs, states):
-            if st.spec.temperature > 0:
-                # One stream per (seed, position): a draw does not depend on batching or on a
-                # preemption that recomputed the sequence.
-                position = s.start_pos + len(s.token_ids)
-                st.generator.manual_seed(draw_seed(st.spec.seed, position))
+        self._seed_draws(seqs)
         none = torch.empty(0, dtype=torch.int64, device=self.device)
         histories = [
             torch.tensor(st.history, dtype=torch.int64, device=self.device)

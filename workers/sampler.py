@@ -174,19 +174,50 @@ class Sampler:
             [s.presence_penalty for s in specs],
             [s.frequency_penalty for s in specs],
         )
-        token_ids = torch.empty(len(specs), dtype=torch.long, device=logits.device)  # (batch,)
-        greedy = [i for i, s in enumerate(specs) if s.temperature == 0.0]
-        if greedy:
-            rows = torch.tensor(greedy, device=logits.device)
-            token_ids[rows] = penalized.index_select(0, rows).argmax(dim=-1)
-        sampled = [i for i, s in enumerate(specs) if s.temperature != 0.0]
-        if sampled:
-            rows = torch.tensor(sampled, device=logits.device)
-            warped = warp_logits(penalized.index_select(0, rows), [specs[i] for i in sampled])
-            probs = warped.softmax(dim=-1)  # (rows, vocab)
-            draws = [_draw(probs[j], generators[i]) for j, i in enumerate(sampled)]
-            token_ids[rows] = torch.cat(draws)
+        token_ids = _choose(penalized, specs, generators)
         return _results(logits, token_ids, specs, seq_ids)
+
+
+def _choose(
+    logits: torch.Tensor, specs: list[SamplingSpec], generators: list[torch.Generator]
+) -> torch.Tensor:
+    """(batch,) token ids on the logits' device: argmax for greedy rows, a draw from the warped
+    distribution for the others; nothing is read back to the host."""
+    token_ids = torch.empty(len(specs), dtype=torch.long, device=logits.device)  # (batch,)
+    greedy = [i for i, s in enumerate(specs) if s.temperature == 0.0]
+    if greedy:
+        rows = torch.tensor(greedy, device=logits.device)
+        token_ids[rows] = logits.index_select(0, rows).argmax(dim=-1)
+    sampled = [i for i, s in enumerate(specs) if s.temperature != 0.0]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)
+        warped = warp_logits(logits.index_select(0, rows), [specs[i] for i in sampled])
+        probs = warped.softmax(dim=-1)  # (rows, vocab)
+        draws = [_draw(probs[j], generators[i]) for j, i in enumerate(sampled)]
+        token_ids[rows] = torch.cat(draws)
+    return token_ids
+
+
+def sample_on_device(
+    logits: torch.Tensor, specs: list[SamplingSpec], generators: list[torch.Generator]
+) -> torch.Tensor:
+    """`Sampler.sample`'s tokens and chosen log-probabilities as (batch, 2) float64 (token id,
+    raw log-probability) rows left on the logits' device, for rows that need no history
+    (penalties) and no top-k list (`samples_on_device`): a step launched ahead takes its ids
+    from them without a read-back. Generators are seeded by the caller, as for `sample`."""
+    if not samples_on_device(specs):
+        raise ValueError("sample_on_device takes rows without penalties or top-k log-probs")
+    logits = logits.float()
+    token_ids = _choose(logits, specs, generators)
+    picked = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    chosen = picked - torch.logsumexp(logits, dim=-1)
+    return torch.stack((token_ids.double(), chosen.double()), dim=1)
+
+
+def samples_on_device(specs: list[SamplingSpec]) -> bool:
+    """Every row's token and log-probability can be picked without a host read: no history
+    (penalties) and no top-k list; greedy or any temperature / top-k / top-p / min-p."""
+    return all(s.logprobs <= 0 and not s.needs_history for s in specs)
 
 
 def _check_lengths(

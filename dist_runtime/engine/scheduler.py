@@ -307,10 +307,12 @@ class Scheduler:
         """The decode step after `inflight` (launched, its tokens not read yet), planned on the
         guess that no sequence stops at it: each of its sequences computes the token it is
         sampling now (`LAST_SAMPLED`, filled in on the worker). None when the step cannot be
-        planned ahead: a request waits or prefills, a sequence needs more than plain greedy
-        decoding, or a block is missing. A sequence that certainly stops at `inflight` (its
-        length limit) is left out; one that stops by EOS or a stop string runs one step more,
-        whose token the engine drops."""
+        planned ahead: a request waits or prefills, a sequence needs a penalty (its token history
+        on the worker), top-k log-probabilities or prompt log-probabilities, or a block is
+        missing. Greedy and sampling sequences alike go ahead: a draw is seeded by (seed,
+        position), so it is the same token either way. A sequence that certainly stops at
+        `inflight` (its length limit) is left out; one that stops by EOS or a stop string runs
+        one step more, whose token the engine drops."""
         if self.waiting or len(inflight.seqs) != len(self.running):
             return None
         seqs = []
@@ -322,7 +324,6 @@ class Scheduler:
             if (
                 len(step.token_ids) != 1
                 or step.start_pos != seq.num_tokens - 1
-                or p.temperature != 0.0
                 or p.logprobs
                 or _needs_history(p)
                 or seq.needs_prompt_logprobs

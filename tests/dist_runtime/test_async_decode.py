@@ -92,7 +92,7 @@ def test_ahead_equals_step_by_step(
 def test_arrival_abort_and_sampling_mid_decode(tiny_llama_dir: Path, modes: Any) -> None:
     """A request that arrives while others decode ahead waits for the step in flight, then
     prefills; an abort drops the aborted request's token from a step planned ahead; a sampling
-    request decodes step by step (its draw is made on the host) and the others with it."""
+    request joins them (its draws are seeded by position, so they match step by step)."""
 
     def scenario(rt: Runtime) -> list[Any]:
         first = rt.add_requests(_prompts(3), [_greedy(24), _greedy(24), _greedy(24)])
@@ -113,6 +113,49 @@ def test_arrival_abort_and_sampling_mid_decode(tiny_llama_dir: Path, modes: Any)
     assert ahead[4].finish_reason == "abort" and len(ahead[4].token_ids) >= 4
     assert ahead[4].token_ids[:4] == sync[4].token_ids[:4]
     assert num_ahead > 0
+
+
+def _sampling(max_new: int, **kw: Any) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new, ignore_eos=True, logprobs=0, **kw)
+
+
+SAMPLED = [
+    _sampling(14, temperature=0.8, seed=3),
+    _greedy(9),
+    _sampling(11, temperature=1.3, top_k=20, seed=4),
+    _sampling(16, temperature=0.7, top_p=0.9, min_p=0.02, seed=5),
+    _sampling(6, temperature=1.0),  # the engine draws its seed
+]
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_sampling_ahead_equals_step_by_step(
+    tiny_llama_dir: Path, modes: Any, on_device: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sampling requests (temperature, top-k, top-p, min-p; seeded or not) decode ahead beside
+    a greedy one: on the device the draws are made from the graph's logits and the next step
+    takes its ids from them; otherwise the worker fills them in from its picks. Either way
+    the same tokens and log-probabilities as step by step: each draw's stream is seeded by
+    (seed, position)."""
+    import workers.model_runner as MR
+
+    draws = [0]
+    real = MR.sample_on_device
+
+    def counted(*args: Any) -> Any:
+        draws[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(MR, "sample_on_device", counted)
+    if not on_device:
+        monkeypatch.setattr(ModelRunner, "_launch_staged", lambda self, plan: None)
+    # A request without a seed gets one from the engine's own seeded stream: the same in both.
+    sync, ahead, num_ahead = modes(lambda rt: rt.generate(_prompts(), SAMPLED), tiny_llama_dir)
+    _same(sync, ahead)
+    assert [len(o.token_ids) for o in ahead] == [14, 9, 11, 16, 6]
+    assert len({tuple(o.token_ids) for o in ahead}) == 5
+    assert num_ahead >= 10
+    assert (draws[0] >= num_ahead) if on_device else draws[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -136,7 +179,7 @@ def test_ahead_over_ray(
         monkeypatch.delenv("DIST_RUNTIME_DECODE_GRAPHS", raising=False)
     else:
         monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPHS", graphs)
-    params = [_greedy(n) for n in (14, 5, 9)]
+    params = [_greedy(14), _sampling(5, temperature=0.9, top_p=0.95, seed=2), _greedy(9)]
     out = []
     for flag in ("0", "1"):
         monkeypatch.setenv("DIST_RUNTIME_ASYNC_DECODE", flag)

@@ -17,6 +17,7 @@ from workers.sampler import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
+    sample_on_device,
     warp_logits,
 )
 
@@ -436,3 +437,27 @@ def test_score_rows_in_slices_equals_one_piece(monkeypatch: pytest.MonkeyPatch) 
     calls.clear()
     assert sampler.score_rows(logits, hidden, targets, 3, vocab, keep=False) == ([], [], [])
     assert calls == [5, 5, 5, 5, 3]
+
+
+def test_sample_on_device_equals_sample() -> None:
+    """The rows a step launched ahead picks on the device: the same tokens and chosen
+    log-probabilities as `Sampler.sample` with the same seeded streams, greedy rows included;
+    rows needing a history or a top-k list are refused."""
+    gen = torch.Generator().manual_seed(21)
+    logits = 3 * torch.randn(5, 300, generator=gen)
+    specs = [
+        spec(temperature=0.0, logprobs=0),
+        spec(temperature=0.7, seed=3),
+        spec(temperature=1.2, top_k=12, seed=4, logprobs=0),
+        spec(temperature=0.9, top_p=0.8, min_p=0.05, seed=5),
+        spec(temperature=0.0),
+    ]
+    seeds = [0, 3, 4, 5, 0]
+    want = Sampler().sample(logits, specs, [EMPTY] * 5, generators(seeds), list(range(5)))
+    got = sample_on_device(logits, specs, generators(seeds))
+    assert got.dtype == torch.float64 and got.shape == (5, 2)
+    assert [int(t) for t in got[:, 0]] == [w.token_id for w in want]
+    assert got[:, 1].tolist() == [w.logprob for w in want]
+    for bad in (spec(logprobs=2), spec(repetition_penalty=1.1), spec(presence_penalty=0.5)):
+        with pytest.raises(ValueError, match="without penalties or top-k"):
+            sample_on_device(logits[:1], [bad], generators([0]))
