@@ -11,6 +11,8 @@
 # ASYNC=0 skips the runs with decode steps launched ahead (DIST_RUNTIME_ASYNC_DECODE=1: 7B at
 # 8K / 32K / batch 8, and 1M), which follow the default runs. The fused RoPE + KV-store kernel
 # is checked and timed first (FUSED_TIMEOUT), so a failure there shows before the long runs.
+# GEMV=0 skips the last steps: the Triton GEMV against cuBLAS on the 7B shapes, and the 7B
+# decode with it and steps launched ahead (DIST_RUNTIME_GEMV=triton).
 set -u
 OUT=${OUT:-/tmp/gpu_decode}
 mkdir -p "$OUT"
@@ -83,6 +85,18 @@ timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider -m "not sl
 step CUDA tests of the 4-bit weight kernel
 timeout "${W4A16_TIMEOUT:-45}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/kernels/test_w4a16.py 2>&1 | tail -15 | tee -a "$log"
+if [ "${GEMV:-1}" = 1 ]; then
+    step "decode-sized linear layers: Triton GEMV, CUDA tests, then against cuBLAS"
+    timeout "${GEMV_TIMEOUT:-120}" $PY -m pytest -q -x -p no:cacheprovider \
+        tests/kernels/test_gemv.py 2>&1 | tail -4 | tee -a "$log"
+    timeout "${GEMV_TIMEOUT:-120}" $PY bench/kernel_bench_gemv.py 2>&1 | tee -a "$log"
+    step "generate, 7B shape, GEMV kernel and steps launched ahead"
+    DIST_RUNTIME_GEMV=triton DIST_RUNTIME_ASYNC_DECODE=1 timeout "${GEN_TIMEOUT:-180}" \
+        $PY bench/generate_gpu.py --prompt-lens 8192,32768 --decode-tokens 32 --batch 8 \
+        --batch-lens 8192 --out "$OUT/generate_7b_async_gemv.md" 2>&1 | grep -v "it/s" \
+        | tee -a "$log"
+fi
+
 step "decode against its floor, every run (OUT/summary.md)"
 $PY bench/gpu_decode_summary.py "$OUT" 2>&1 | tee -a "$log"
 tar czf "$OUT/traces.tgz" -C "$OUT" $(cd "$OUT" && ls -d trace_* 2>/dev/null) 2>/dev/null \

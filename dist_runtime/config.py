@@ -174,6 +174,16 @@ def async_decode_enabled() -> bool:
     return env_choice(ASYNC_DECODE_ENV, ("0", "1")) == "1"
 
 
+GEMV_ENV = "DIST_RUNTIME_GEMV"
+"""`cublas` (default) or `triton`: float linear layers of decode-sized batches (at most 16 rows)
+on CUDA through `F.linear` or the weight-streaming Triton kernel (`kernels/gemv.py`)."""
+
+
+def gemv_choice() -> str:
+    """`DIST_RUNTIME_GEMV`: 'cublas' (default) or 'triton'."""
+    return env_choice(GEMV_ENV, ("cublas", "triton"))
+
+
 KERNELS_ENV = "DIST_RUNTIME_KERNELS"
 """`torch` or `triton` forces the kernel family (`kernels/dispatch.py`); unset: Triton on CUDA."""
 
@@ -187,6 +197,7 @@ WORKER_ENV = (
     DECODE_GRAPHS_ENV,
     DECODE_GRAPH_SEGMENTS_ENV,
     ASYNC_DECODE_ENV,
+    GEMV_ENV,
 )
 """Environment switches that choose kernels and paths inside the workers. The Ray executor
 hands the driver's values to every worker, so they hold on a cluster started elsewhere too."""

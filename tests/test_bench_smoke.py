@@ -4,7 +4,8 @@ batched decode and its profiler trace, and `bench/host_step.py` (whose tables mu
 rebuilt ones, which it asserts itself); `bench/protocol_codec.py` (whose two codecs must agree,
 which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU kernel benches
 `bench/cpu_attention.py` (with its earlier-run column) and `bench/cpu_elementwise.py`; and
-`bench/gpu_decode_summary.py` on the end-to-end script's own report."""
+`bench/gpu_decode_summary.py` on the end-to-end script's own report; and the GEMV bench's per-shape
+work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kernels.cpu_attention import _library
 
@@ -137,3 +139,26 @@ def test_cpu_elementwise_bench_runs(tmp_path: Path) -> None:
     assert "saves" in out and "a pass at 1 rows" in out
     text = report.read_text()
     assert text.count("| SiLU-and-mul | 64 |") == 1
+
+
+def test_gemv_bench_shape_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every config of the sweep is checked against F.linear and timed (the CUDA graph timer
+    replaced by a plain call here)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import bench.kernel_bench_gemv as B
+
+    monkeypatch.setattr(B, "SHAPES", {"tiny": (40, 96, 2)})
+    monkeypatch.setattr(B, "MIN_BYTES", 3 * 40 * 96 * 4)
+    timed: list[int] = []
+
+    def fake_graph_ms(call, reps: int) -> float:
+        for _ in range(reps):
+            call()
+        timed.append(reps)
+        return 1.0 + len(timed)
+
+    monkeypatch.setattr(B, "_graph_ms", fake_graph_ms)
+    for m in (1, 3):
+        row = B.bench_shape("tiny", m, device="cpu", dtype=torch.float32)
+        assert float(row["cublas_ms"]) < float(row["default_ms"]) and row["best"] == row["default"]
+    assert timed == [3] * 2 * (2 + len(B.SWEEP))

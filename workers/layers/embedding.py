@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu_gemm import CpuLinearWeight, pack_cpu_weight
+from kernels.gemv import GEMV_MAX_M, gemv_available, gemv_triton
 from workers.distributed import Collectives
 
 
@@ -79,6 +80,10 @@ class ParallelLMHead(nn.Module):
         self.packed = pack_cpu_weight(weight.data)
         if self.packed is not None and self.tied is None:
             self.weight = None
+        self.gemv = self.packed is None and gemv_available(weight)
+
+    gemv: bool = False
+    """Decode-sized batches run the Triton GEMV (`kernels/gemv.py`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -86,5 +91,8 @@ class ParallelLMHead(nn.Module):
         else:
             weight = self.tied.weight if self.tied is not None else self.weight
             assert weight is not None
-            logits = F.linear(x, weight).float()  # (tokens, vocab_per_rank)
+            if self.gemv and 0 < x.shape[0] <= GEMV_MAX_M:
+                logits = gemv_triton(x, weight).float()
+            else:
+                logits = F.linear(x, weight).float()  # (tokens, vocab_per_rank)
         return self.comm.tp_all_gather(logits, dim=-1)[:, : self.vocab_size]

@@ -26,6 +26,7 @@ from dist_runtime.config import WeightQuant
 from dist_runtime.formats.int4 import Int4Weight
 from kernels.cpu_gemm import CpuLinearWeight, pack_cpu_weight
 from kernels.dispatch import use_triton
+from kernels.gemv import GEMV_MAX_M, gemv_available, gemv_triton
 from kernels.w4a16 import CpuInt4Weight, cpu_int4_supported, dequantized_weight, w4a16_matmul
 from workers.distributed import Collectives
 
@@ -109,14 +110,20 @@ class _Linear(nn.Module):
             self.cpu_packed = pack_cpu_weight(self.weight.data)
             if self.cpu_packed is not None:
                 self.weight = None
+        if self.weight is not None:
+            self.gemv = gemv_available(self.weight)
 
     cpu_int4: CpuInt4Weight | None = None
     cpu_packed: CpuLinearWeight | None = None
+    gemv: bool = False
+    """Decode-sized batches of this float layer run the Triton GEMV (`kernels/gemv.py`)."""
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.cpu_packed is not None:
             return self.cpu_packed.matmul(x, bias)
         if self.weight is not None:
+            if self.gemv and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M:
+                return gemv_triton(x, self.weight, bias)
             return F.linear(x, self.weight, bias)
         if self.cpu_int4 is not None:
             return self.cpu_int4.matmul(x, bias)
