@@ -57,6 +57,24 @@ def _rotate_heads(
 
 
 @_jit
+def _token_angles(
+    positions_ptr,
+    inv_freq_ptr,
+    tok,
+    stride_inv_tok,
+    HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """(cos, sin), each (BLOCK_D,) fp32, of one token's angles: its position times inv_freq, the
+    model's (stride_inv_tok 0) or a row per token (its request's RoPE base)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = tl.load(positions_ptr + tok).to(tl.float32)
+    inv_freq = tl.load(inv_freq_ptr + tok * stride_inv_tok + offs_d, mask=offs_d < HALF, other=0.0)
+    angle = pos * inv_freq  # the reference's freqs
+    return tl.cos(angle), tl.sin(angle)
+
+
+@_jit
 def _rotary_kernel(
     q_ptr,
     k_ptr,
@@ -81,13 +99,7 @@ def _rotary_kernel(
     BLOCK_HK: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    pos = tl.load(positions_ptr + tok).to(tl.float32)
-    # stride_inv_tok 0: the model's frequencies; else a row per token (its request's base).
-    inv_freq = tl.load(inv_freq_ptr + tok * stride_inv_tok + offs_d, mask=offs_d < HALF, other=0.0)
-    angle = pos * inv_freq  # (BLOCK_D,) fp32, the reference's freqs
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
+    cos, sin = _token_angles(positions_ptr, inv_freq_ptr, tok, stride_inv_tok, HALF, BLOCK_D)
     _rotate_heads(
         q_ptr + tok * stride_q_tok,
         q_out_ptr + tok * stride_qo_tok,

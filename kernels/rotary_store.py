@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from kernels.dispatch import use_triton
-from kernels.rotary import TILE_ELEMENTS, _check_inputs, _rotate_heads, rotary_ref
+from kernels.rotary import (
+    TILE_ELEMENTS,
+    _check_inputs,
+    _rotate_heads,
+    _token_angles,
+    rotary_ref,
+)
 from kernels.store_kv import store_kv_ref
 
 try:
@@ -89,13 +95,7 @@ def _rotary_store_kernel(
     BLOCK_HV: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    pos = tl.load(positions_ptr + tok).to(tl.float32)
-    # stride_inv_tok 0: the model's frequencies; else a row per token (its request's base).
-    inv_freq = tl.load(inv_freq_ptr + tok * stride_inv_tok + offs_d, mask=offs_d < HALF, other=0.0)
-    angle = pos * inv_freq  # (BLOCK_D,) fp32, as `rotary_cos_sin`
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
+    cos, sin = _token_angles(positions_ptr, inv_freq_ptr, tok, stride_inv_tok, HALF, BLOCK_D)
     _rotate_heads(
         q_ptr + tok * stride_q_tok,
         q_out_ptr + tok * stride_qo_tok,
