@@ -89,29 +89,35 @@ def test_ahead_equals_step_by_step(
     assert num_ahead >= 10
 
 
-def test_arrival_abort_and_sampling_mid_decode(tiny_llama_dir: Path, modes: Any) -> None:
-    """A request that arrives while others decode ahead waits for the step in flight, then
-    prefills; an abort drops the aborted request's token from a step planned ahead; a sampling
-    request joins them (its draws are seeded by position, so they match step by step)."""
+def _arrival_abort_sampling(rt: Runtime) -> list[Any]:
+    """Three greedy requests decode; the third is aborted after 4 tokens; a greedy and a
+    sampling request arrive mid-decode. Outputs: the two kept, the late two, the aborted."""
+    first = rt.add_requests(_prompts(3), [_greedy(24), _greedy(24), _greedy(24)])
+    for seen, _ in enumerate(first[2], 1):  # let it decode a few steps
+        if seen == 4:
+            break  # leaving the iteration aborts request 2
+    late = rt.add_requests([_prompts()[3]], [_greedy(10)])
+    sampled = rt.add_requests(
+        [_prompts()[4]], [SamplingParams(max_new_tokens=6, temperature=0.8, seed=5, logprobs=0)]
+    )
+    outs = [h.result() for h in first[:2] + late + sampled]
+    return outs + [first[2].result()]
 
-    def scenario(rt: Runtime) -> list[Any]:
-        first = rt.add_requests(_prompts(3), [_greedy(24), _greedy(24), _greedy(24)])
-        for seen, _ in enumerate(first[2], 1):  # let it decode a few steps
-            if seen == 4:
-                break  # leaving the iteration aborts request 2
-        late = rt.add_requests([_prompts()[3]], [_greedy(10)])
-        sampled = rt.add_requests(
-            [_prompts()[4]], [SamplingParams(max_new_tokens=6, temperature=0.8, seed=5, logprobs=0)]
-        )
-        outs = [h.result() for h in first[:2] + late + sampled]
-        return outs + [first[2].result()]
 
-    sync, ahead, num_ahead = modes(scenario, tiny_llama_dir)
+def _same_arrival_abort_sampling(sync: list[Any], ahead: list[Any]) -> None:
     _same(sync[:4], ahead[:4])
     # The abort lands after 4 tokens were seen, but how many more the engine sampled before it
     # handled the abort depends on timing in either mode.
     assert ahead[4].finish_reason == "abort" and len(ahead[4].token_ids) >= 4
     assert ahead[4].token_ids[:4] == sync[4].token_ids[:4]
+
+
+def test_arrival_abort_and_sampling_mid_decode(tiny_llama_dir: Path, modes: Any) -> None:
+    """A request that arrives while others decode ahead waits for the step in flight, then
+    prefills; an abort drops the aborted request's token from a step planned ahead; a sampling
+    request joins them (its draws are seeded by position, so they match step by step)."""
+    sync, ahead, num_ahead = modes(_arrival_abort_sampling, tiny_llama_dir)
+    _same_arrival_abort_sampling(sync, ahead)
     assert num_ahead > 0
 
 
@@ -180,7 +186,7 @@ def test_ahead_over_ray(
     else:
         monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPHS", graphs)
     params = [_greedy(14), _sampling(5, temperature=0.9, top_p=0.95, seed=2), _greedy(9)]
-    out = []
+    out, later = [], []
     for flag in ("0", "1"):
         monkeypatch.setenv("DIST_RUNTIME_ASYNC_DECODE", flag)
         with Runtime(model=str(tiny_llama_dir), tp=tp, cp=cp, **KW) as rt:
@@ -189,6 +195,10 @@ def test_ahead_over_ray(
             assert executor is not None
             broadcasts = [s["broadcast"]["calls"] for s in executor.comm_stats()]
             out.append((outs, rt.engine.num_steps_ahead, broadcasts))
+            if graphs is not None and cp == 1:  # arrivals and an abort, queued on the actors
+                later.append(_arrival_abort_sampling(rt))
+    if later:
+        _same_arrival_abort_sampling(*later)
     (sync, sync_ahead, sync_casts), (ahead, num_ahead, casts) = out
     _same(sync, ahead)
     assert [len(o.token_ids) for o in ahead] == [14, 5, 9]
