@@ -18,10 +18,11 @@ import pytest
 
 from dist_runtime import JobState, Runtime, SamplingParams
 from dist_runtime.config import SchedulerConfig
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from dist_runtime.jobs.client import JobClient
 from launch import run as run_cli
 from launch import submit as submit_cli
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, TINY_SEED, TINY_SHAPES
 
 DOC = " ".join(
     f"Entry {i}: the ferry left pier {i % 5} at {6 + i % 12} o'clock." for i in range(60)
@@ -34,9 +35,10 @@ SERVE_FLAGS = [
 ]  # fmt: skip
 
 
-def _serve(model: Path, job_dir: Path) -> subprocess.Popen[bytes]:
+def _serve(model: Path, job_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """`launch/run.py --serve` on job_dir; `extra` flags after SERVE_FLAGS override them."""
     cmd = [sys.executable, str(REPO_ROOT / "launch" / "run.py"), "--serve", "--no-ray-service"]
-    cmd += ["--model", str(model), "--job-dir", str(job_dir), *SERVE_FLAGS]
+    cmd += ["--model", str(model), "--job-dir", str(job_dir), *SERVE_FLAGS, *extra]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -48,23 +50,35 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def test_job_survives_the_service_being_killed(tiny_llama_dir: Path, tmp_path: Path) -> None:
+LONG_DOC = " ".join(
+    f"Entry {i}: the ferry left pier {i % 5} at {6 + i % 12} o'clock." for i in range(240)
+)
+"""Long enough (~7.7K prompt tokens at 8 a step) that the prefill outlasts a few of the
+service's 0.25 s progress writes, so the kill lands mid-prefill; DOC's can end before the
+first."""
+
+
+def test_job_survives_the_service_being_killed(tmp_path: Path) -> None:
     """kill -9 the service mid-prefill; a new service on the same directory requeues the job,
     which completes with the answers an undisturbed run gives."""
+    # The session's tiny model with room for LONG_DOC's positions.
+    model = write_random_checkpoint(
+        tmp_path / "model", seed=TINY_SEED, max_position_embeddings=16384, **TINY_SHAPES
+    )
     with Runtime(
-        model=str(tiny_llama_dir),
+        model=str(model),
         device="cpu",
         dtype="float32",
-        session_len=2048,
+        session_len=16384,
         scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8),
     ) as rt:
-        want = rt.ask(DOC, QUESTIONS, PARAMS)
+        want = rt.ask(LONG_DOC, QUESTIONS, PARAMS)
     job_dir = tmp_path / "jobs"
-    service = _serve(tiny_llama_dir, job_dir)
+    service = _serve(model, job_dir, "--session-len", "16384")
     try:
         _wait_for(lambda: (job_dir / "service.json").exists(), 120, "the service to start")
         client = JobClient(job_dir)
-        job_id = client.submit(DOC, QUESTIONS, PARAMS)
+        job_id = client.submit(LONG_DOC, QUESTIONS, PARAMS)
         _wait_for(lambda: client.status(job_id).prefill_tokens_done > 0, 60, "prefill to start")
         service.send_signal(signal.SIGKILL)
         service.wait(timeout=30)
@@ -74,7 +88,7 @@ def test_job_survives_the_service_being_killed(tiny_llama_dir: Path, tmp_path: P
     finally:
         if service.poll() is None:
             service.kill()
-    service = _serve(tiny_llama_dir, job_dir)
+    service = _serve(model, job_dir, "--session-len", "16384")
     try:
         assert client.result(job_id, timeout=180) == want
         assert client.status(job_id).attempts == 2
