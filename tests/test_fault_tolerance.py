@@ -54,16 +54,22 @@ def rt(ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path) -> Iterator[Runti
 
 
 def _slow_steps(rt: Runtime, seconds: float) -> None:
-    """Slow down the current worker group's steps (a replacement group runs at full speed)."""
+    """Slow down the current worker group's steps (a replacement group runs at full speed),
+    run one at a time or launched ahead."""
     executor = rt.engine.executor
     assert executor is not None
-    execute = executor.execute
+    execute, collect = executor.execute, executor.collect
 
     def slow(plan: Any) -> Any:
         time.sleep(seconds)
         return execute(plan)
 
+    def slow_collect() -> Any:
+        time.sleep(seconds)
+        return collect()
+
     executor.execute = slow  # type: ignore[method-assign]
+    executor.collect = slow_collect  # type: ignore[method-assign]
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -160,17 +166,25 @@ def test_job_failing_on_every_attempt_ends_failed_and_others_complete(
     def faulty_executor(config: Any) -> Any:
         """Every new group loses rank 1 at its third step while chaos is on."""
         executor = create(config)
-        execute, steps = executor.execute, [0]
+        execute, launch, steps = executor.execute, executor.launch, [0]
 
-        def step(plan: Any) -> Any:
+        def chaos_step() -> None:
             steps[0] += 1
             if chaos.is_set() and steps[0] == 3:
                 import ray
 
                 ray.kill(executor.actors[1], no_restart=True)  # type: ignore[attr-defined]
+
+        def step(plan: Any) -> Any:
+            chaos_step()
             return execute(plan)
 
+        def launched(plan: Any) -> None:  # steps launched ahead
+            chaos_step()
+            launch(plan)
+
         executor.execute = step  # type: ignore[method-assign]
+        executor.launch = launched  # type: ignore[method-assign]
         return executor
 
     monkeypatch.setattr(engine_module, "create_executor", faulty_executor)

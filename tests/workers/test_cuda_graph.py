@@ -87,6 +87,8 @@ def test_emulated_graphs_equal_eager(
     import workers.model_runner as model_runner
 
     monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPH_SEGMENTS", str(segments))
+    # Steps one at a time: the path counted here (launched ahead: test_async_decode.py).
+    monkeypatch.setenv("DIST_RUNTIME_ASYNC_DECODE", "0")
     picks: list[int] = []
     greedy_tokens = model_runner.greedy_tokens
 
