@@ -167,7 +167,30 @@ def bench_decode_graph(device: torch.device) -> list[dict[str, Any]]:
     for ctx, batch in GRAPH_GRID:
         rows += _decode_graph_rows(ctx, batch, device)
         torch.cuda.empty_cache()
+    print(graph_sweep_summary(rows), flush=True)
     return rows
+
+
+def graph_sweep_summary(rows: list[dict[str, Any]]) -> str:
+    """One line: each shape's fastest candidate (as a fraction of the default's time) and the
+    candidate with the lowest mean fraction over all shapes (GRAPH_SWEEP index; 0 = default)."""
+    shapes = sorted({(r["ctx"], r["batch"]) for r in rows})
+    ratio: dict[int, list[float]] = {}
+    parts = []
+    for ctx, batch in shapes:
+        mine = {r["candidate"]: r["ms"] for r in rows if (r["ctx"], r["batch"]) == (ctx, batch)}
+        base = mine[0]
+        for c, ms in mine.items():
+            ratio.setdefault(c, []).append(ms / base)
+        best = min(mine, key=lambda c: mine[c])
+        parts.append(f"ctx {ctx} b{batch}: #{best} {mine[best] / base:.2f}")
+    overall = min(ratio, key=lambda c: sum(ratio[c]) / len(ratio[c]))
+    mean = sum(ratio[overall]) / len(ratio[overall])
+    return (
+        "decode-graph sweep, time / default (#0): "
+        + "; ".join(parts)
+        + f"; best overall #{overall} {GRAPH_SWEEP[overall]} at {mean:.2f} on average"
+    )
 
 
 def _decode_graph_rows(ctx: int, batch: int, device: torch.device) -> list[dict[str, Any]]:
@@ -189,7 +212,7 @@ def _decode_graph_rows(ctx: int, batch: int, device: torch.device) -> list[dict[
     default_decode, default_per_sm = FD.decode_config, FD.PROGRAMS_PER_SM
     default_floor = FD.MIN_SPLIT_TILES
     try:
-        for per_sm, cfg, floor in GRAPH_SWEEP:
+        for candidate, (per_sm, cfg, floor) in enumerate(GRAPH_SWEEP):
             FD.decode_config = lambda *_, c=cfg: dict(c)  # type: ignore[misc]
             FD.PROGRAMS_PER_SM = per_sm
             FD.MIN_SPLIT_TILES = floor
@@ -204,6 +227,9 @@ def _decode_graph_rows(ctx: int, batch: int, device: torch.device) -> list[dict[
             used = min(splits, -(-tiles // max(floor, -(-tiles // splits))))
             rows.append(
                 dict(
+                    candidate=candidate,
+                    ctx=ctx,
+                    batch=batch,
                     name="decode_graph",
                     shape=f"ctx={ctx} b={batch} per_sm={per_sm} floor={floor} "
                     f"splits={splits} ({used} with keys) {cfg}",

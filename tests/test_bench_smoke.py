@@ -162,3 +162,20 @@ def test_gemv_bench_shape_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         row = B.bench_shape("tiny", m, device="cpu", dtype=torch.float32)
         assert float(row["cublas_ms"]) < float(row["default_ms"]) and row["best"] == row["default"]
     assert timed == [3] * 2 * (2 + len(B.SWEEP))
+
+
+def test_decode_graph_sweep_summary_names_the_fastest() -> None:
+    """The in-graph decode sweep's closing line: each shape's fastest candidate against the
+    default, and the candidate with the lowest mean time over the shapes."""
+    from bench.kernel_bench_attention import GRAPH_SWEEP, graph_sweep_summary
+
+    times = {(8192, 1): [0.020, 0.015, 0.030], (131072, 1): [0.150, 0.160, 0.140]}
+    rows = [
+        dict(candidate=c, ctx=ctx, batch=b, ms=ms)
+        for (ctx, b), per in times.items()
+        for c, ms in enumerate(per)
+    ]
+    line = graph_sweep_summary(rows)
+    assert "ctx 8192 b1: #1 0.75; ctx 131072 b1: #2 0.93;" in line
+    # Means: #1 (0.75 + 1.07) / 2 = 0.91, #2 (1.5 + 0.93) / 2 = 1.22, #0 1.0.
+    assert line.endswith(f"best overall #1 {GRAPH_SWEEP[1]} at 0.91 on average")
