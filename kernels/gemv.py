@@ -15,14 +15,14 @@ both on the 7B shapes.
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dist_runtime.config import gemv_choice
+from kernels.flash_attn import is_interpreting
+from kernels.flash_decode import _sm_count
 
 try:
     import triton
@@ -34,7 +34,6 @@ GEMV_MAX_M = 16
 """Most rows the kernel takes: one tl.dot row tile (a single row takes a dot-free path)."""
 PROGRAMS_PER_SM = 4
 """Target programs per multiprocessor when choosing BLOCK_N."""
-INTERPRETER_SMS = 8
 
 
 def _jit(fn: Any) -> Any:
@@ -103,15 +102,10 @@ def _gemv_kernel(
         tl.store(out_ptrs, acc2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict[str, int]:
     """BLOCK_N as wide as keeps ~PROGRAMS_PER_SM programs per multiprocessor (16-128), BLOCK_K
     so a weight tile is 8-16 KB, and the row tile: 1 (no dot) or 16."""
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else INTERPRETER_SMS
+    sms = _sm_count(device)  # a fixed count under the interpreter
     block_n = 128
     while block_n > 16 and triton.cdiv(n, block_n) < PROGRAMS_PER_SM * sms:
         block_n //= 2
@@ -162,14 +156,10 @@ def gemv_triton(
         out.stride(0),
         HAS_BIAS=bias is not None,
         # Triton's interpreter multiplies 16-bit dot operands wrongly: it gets them in fp32.
-        DOT_F32=x.dtype == torch.float32 or _interpreting(),
+        DOT_F32=x.dtype == torch.float32 or is_interpreting(),
         **cfg,
     )
     return out
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def gemv_available(weight: torch.Tensor) -> bool:
@@ -178,12 +168,17 @@ def gemv_available(weight: torch.Tensor) -> bool:
     for tests). Decided once per layer, after loading."""
     if gemv_choice() != "triton" or triton is None or weight.dim() != 2:
         return False
-    return (weight.is_cuda or _interpreting()) and weight.stride(1) == 1
+    return (weight.is_cuda or is_interpreting()) and weight.stride(1) == 1
+
+
+def gemv_fits(x: torch.Tensor) -> bool:
+    """x is a batch the kernel takes: 2-D with 1 to GEMV_MAX_M rows."""
+    return x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias): the kernel for up to GEMV_MAX_M rows where `gemv_available`,
     else `F.linear`."""
-    if gemv_available(weight) and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M:
+    if gemv_available(weight) and gemv_fits(x):
         return gemv_triton(x, weight, bias)
     return F.linear(x, weight, bias)

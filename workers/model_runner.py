@@ -142,6 +142,8 @@ class ModelRunner:
         """The (token, log-probability) rows the last launched step picked into, on the device
         (the graphs' `greedy`, or `_picks` for a step that sampled)."""
         self._out_turn = 0
+        self._ahead = async_decode_enabled()
+        """`DIST_RUNTIME_ASYNC_DECODE`, read once (the Ray worker sets it before building)."""
         self.num_launched_ahead = 0
         """Steps `launch` ran without waiting for the device."""
         self.num_steps = 0
@@ -261,7 +263,7 @@ class ModelRunner:
         """`launch` can return before a decode step ends (`DIST_RUNTIME_ASYNC_DECODE=1`, decode
         graphs with their head, cp = 1)."""
         graphs = self.graphs
-        return async_decode_enabled() and graphs is not None and graphs.greedy is not None
+        return self._ahead and graphs is not None and graphs.greedy is not None
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> None:
@@ -324,7 +326,7 @@ class ModelRunner:
         if not plain_greedy(specs):  # draws on the device from the graph's logits
             assert graphs.logits is not None
             self._seed_draws(seqs)
-            picks = self._picks[turn]
+            picks = self._picks
             gens = [self.seqs[s.seq_id].generator for s in seqs]
             picks[:n].copy_(sample_on_device(graphs.logits[:n], specs, gens))
         self._last_picks = picks
@@ -338,14 +340,12 @@ class ModelRunner:
         return _Launched(plan.step_id, [s.seq_id for s in seqs], out[:n], event)
 
     @functools.cached_property
-    def _picks(self) -> list[torch.Tensor]:
-        """Two device buffers of (token, log-probability) rows for launched steps that sample
-        (greedy ones use the graphs' own `greedy`): a step's ids come from the one before's."""
+    def _picks(self) -> torch.Tensor:
+        """The device's (token, log-probability) rows of launched steps that sample (greedy ones
+        use the graphs' own `greedy`). One buffer is enough: in stream order the next step
+        reads its ids from it, and the read-back copies it, before that step overwrites it."""
         assert self.graphs is not None
-        return [
-            torch.zeros(self.graphs.max_batch, 2, dtype=torch.float64, device=self.device)
-            for _ in range(2)
-        ]
+        return torch.zeros(self.graphs.max_batch, 2, dtype=torch.float64, device=self.device)
 
     @functools.cached_property
     def _read_back(self) -> list[tuple[torch.Tensor, torch.cuda.Event | None]]:

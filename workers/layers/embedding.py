@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu_gemm import CpuLinearWeight, pack_cpu_weight
-from kernels.gemv import GEMV_MAX_M, gemv_available, gemv_triton
+from kernels.gemv import gemv_available, gemv_fits, gemv_triton
 from workers.distributed import Collectives
 
 
@@ -91,7 +91,7 @@ class ParallelLMHead(nn.Module):
         else:
             weight = self.tied.weight if self.tied is not None else self.weight
             assert weight is not None
-            if self.gemv and 0 < x.shape[0] <= GEMV_MAX_M:
+            if self.gemv and gemv_fits(x):
                 logits = gemv_triton(x, weight).float()
             else:
                 logits = F.linear(x, weight).float()  # (tokens, vocab_per_rank)

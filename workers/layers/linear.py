@@ -26,7 +26,7 @@ from dist_runtime.config import WeightQuant
 from dist_runtime.formats.int4 import Int4Weight
 from kernels.cpu_gemm import CpuLinearWeight, pack_cpu_weight
 from kernels.dispatch import use_triton
-from kernels.gemv import GEMV_MAX_M, gemv_available, gemv_triton
+from kernels.gemv import gemv_available, gemv_fits, gemv_triton
 from kernels.w4a16 import CpuInt4Weight, cpu_int4_supported, dequantized_weight, w4a16_matmul
 from workers.distributed import Collectives
 
@@ -122,7 +122,7 @@ class _Linear(nn.Module):
         if self.cpu_packed is not None:
             return self.cpu_packed.matmul(x, bias)
         if self.weight is not None:
-            if self.gemv and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M:
+            if self.gemv and gemv_fits(x):
                 return gemv_triton(x, self.weight, bias)
             return F.linear(x, self.weight, bias)
         if self.cpu_int4 is not None:

@@ -28,13 +28,12 @@ class Executor(abc.ABC):
 
     def launch(self, plan: StepPlan) -> None:
         """Start a step; its result comes from the matching `collect` (steps are collected in
-        launch order). An executor that cannot run ahead runs it here."""
-        self._launched: list[StepResult] = getattr(self, "_launched", [])
-        self._launched.append(self.execute(plan))
+        launch order). The engine calls it only where `runs_ahead()`."""
+        raise NotImplementedError(f"{type(self).__name__} does not launch steps ahead")
 
     def collect(self) -> StepResult:
         """The result of the oldest launched step not collected yet."""
-        return self._launched.pop(0)
+        raise NotImplementedError(f"{type(self).__name__} does not launch steps ahead")
 
     def runs_ahead(self) -> bool:
         """Whether `launch` returns before the step ends, so the driver can plan and launch the
