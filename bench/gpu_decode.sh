@@ -85,6 +85,9 @@ timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider -m "not sl
 step CUDA tests of the 4-bit weight kernel
 timeout "${W4A16_TIMEOUT:-45}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/kernels/test_w4a16.py 2>&1 | tail -15 | tee -a "$log"
+step "4-bit weights against the float16 matmul (decode rows 1, 8, 64)"
+timeout "${W4A16_TIMEOUT:-45}" $PY bench/w4a16.py --m 1,8,64 --report "$OUT/w4a16.md" 2>&1 \
+    | tail -8 | tee -a "$log"
 if [ "${GEMV:-1}" = 1 ]; then
     step "decode-sized linear layers: Triton GEMV, CUDA tests, then against cuBLAS"
     timeout "${GEMV_TIMEOUT:-120}" $PY -m pytest -q -x -p no:cacheprovider \

@@ -13,6 +13,14 @@ Every figure is the vendor's peak, not a measurement:
   64 GB/s, Gen5 x16: 128 GB/s); half of it per direction.
 * ``memory_bytes``: device memory as `nvidia-smi` reports it for the card (MiB x 2^20), which is
   what the memory planner compares a plan against.
+* ``compute_capability`` (80 = sm_80), ``sms`` (streaming multiprocessors),
+  ``max_shared_per_block`` (the opt-in limit a kernel's dynamic shared memory must fit, which
+  Triton checks at load) and ``shared_per_sm``: what `bench/cuda_compile.py` compiles for and
+  checks against. SM counts from the A100 and H100 whitepapers (A100: 108 SMs; H100 SXM5: 132;
+  H200 is the same GH100 configuration); shared memory from the CUDA C++ Programming Guide's
+  table of technical specifications per compute capability (8.0: 164 KB per SM, 163 KB per
+  block; 9.0: 228 KB per SM, 227 KB per block). Both have 64K 32-bit registers, 2,048 resident
+  threads and 32 resident blocks per SM.
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ class GPU:
     nvlink_bidir_bytes_per_s: float
     pcie_bidir_bytes_per_s: float
     sources: tuple[str, ...]
+    compute_capability: int
+    sms: int
+    max_shared_per_block: int
+    shared_per_sm: int
 
     @property
     def nvlink_bytes_per_s_per_direction(self) -> float:
@@ -67,6 +79,19 @@ A100_DATASHEET = (
 H100_DATASHEET = "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet"
 H200_PAGE = "https://www.nvidia.com/en-us/data-center/h200/"
 H200_DATASHEET = "https://nvdam.widen.net/s/nb5zzzsjdf/hpc-datasheet-sc23-h200-datasheet-3002446"
+A100_WHITEPAPER = (
+    "https://images.nvidia.com/aem-dam/en-zz/Solutions/data-center/"
+    "nvidia-ampere-architecture-whitepaper.pdf"
+)
+H100_WHITEPAPER = "https://resources.nvidia.com/en-us-tensor-core/gtc22-whitepaper-hopper"
+CUDA_GUIDE_SPECS = (
+    "https://docs.nvidia.com/cuda/cuda-c-programming-guide/"
+    "#features-and-technical-specifications-technical-specifications-per-compute-capability"
+)
+KB = 1024
+REGISTERS_PER_SM = 65536
+THREADS_PER_SM = 2048
+BLOCKS_PER_SM = 32
 
 GPUS: dict[str, GPU] = {
     g.key: g
@@ -84,7 +109,11 @@ GPUS: dict[str, GPU] = {
             memory_bytes=81920 * MiB,
             nvlink_bidir_bytes_per_s=600 * GB,
             pcie_bidir_bytes_per_s=64 * GB,
-            sources=(A100_DATASHEET,),
+            sources=(A100_DATASHEET, A100_WHITEPAPER, CUDA_GUIDE_SPECS),
+            compute_capability=80,
+            sms=108,
+            max_shared_per_block=163 * KB,
+            shared_per_sm=164 * KB,
         ),
         GPU(
             key="H100-SXM",
@@ -99,7 +128,11 @@ GPUS: dict[str, GPU] = {
             memory_bytes=81559 * MiB,
             nvlink_bidir_bytes_per_s=900 * GB,
             pcie_bidir_bytes_per_s=128 * GB,
-            sources=(H100_DATASHEET,),
+            sources=(H100_DATASHEET, H100_WHITEPAPER, CUDA_GUIDE_SPECS),
+            compute_capability=90,
+            sms=132,
+            max_shared_per_block=227 * KB,
+            shared_per_sm=228 * KB,
         ),
         GPU(
             key="H200-SXM",
@@ -114,7 +147,11 @@ GPUS: dict[str, GPU] = {
             memory_bytes=143771 * MiB,
             nvlink_bidir_bytes_per_s=900 * GB,
             pcie_bidir_bytes_per_s=128 * GB,
-            sources=(H200_DATASHEET, H200_PAGE),
+            sources=(H200_DATASHEET, H200_PAGE, H100_WHITEPAPER, CUDA_GUIDE_SPECS),
+            compute_capability=90,
+            sms=132,
+            max_shared_per_block=227 * KB,
+            shared_per_sm=228 * KB,
         ),
     )
 }

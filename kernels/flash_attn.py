@@ -12,6 +12,7 @@ r // group, head r % group), so those heads share every K/V load. Its online-sof
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -233,18 +234,39 @@ def _flash_attn_kernel(
     _store_rows(out_ptrs + offs_d[None, :], lse_ptrs, acc, l_i, m_i, row_mask, STORE_LSE=True)
 
 
-def attention_config(head_dim: int, group: int, dtype: torch.dtype) -> dict[str, int]:
+@functools.cache
+def capability(device: torch.device) -> int:
+    """The CUDA device's compute capability as one number (80 = sm_80); 90 off CUDA, whose
+    configs are then the ones measured on an H100."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def attention_config(
+    head_dim: int, group: int, dtype: torch.dtype, device: torch.device, bits: int = 0
+) -> dict[str, int]:
     """Tile rows (tokens x group heads), key tile, warps and pipeline depth for prefill tiles.
 
     Small tiles in the interpreter keep the tests fast. H100 (bench/kernel_bench_attention.py
     --sweep, bf16 d128, 16K causal, block_size 16): 256 x 64 with 16 warps 420-431 TFLOP/s,
     128 x 128 / 8 warps 376-390, 128 x 64 / 4 warps 369-374, 128 x 64 / 8 warps 310.
+
+    Before sm_90 (A100, and Ada's 99 KB of shared memory), d128 takes the largest tile that
+    spills no registers on sm_80 (bench/cuda_compile.py: ptxas spilled 0.3 KB a thread at
+    256 x 64 for bf16 caches, 4 KB for int8 ones): 128 x 32 with 8 warps, and 64 x 64 with
+    8 warps for an int8 cache (`bits` 8), whose dequantization holds more registers.
     """
     rows = max(16, triton.next_power_of_2(group))
     if is_interpreting():
         return dict(BLOCK_M=max(rows, 32), BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32 or head_dim > 128:
         return dict(BLOCK_M=max(rows, 64), BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim == 128 and capability(device) < 90:
+        if bits == 8:
+            return dict(BLOCK_M=max(rows, 64), BLOCK_N=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=max(rows, 128), BLOCK_N=32, num_warps=8, num_stages=3)
     if head_dim == 128:
         return dict(BLOCK_M=max(rows, 256), BLOCK_N=64, num_warps=16, num_stages=3)
     return dict(BLOCK_M=max(rows, 128), BLOCK_N=64, num_warps=4, num_stages=3)
@@ -304,7 +326,7 @@ def flash_attn_triton(
     lse = torch.empty(q_len, q_heads, dtype=torch.float32, device=q.device)
     if q_len == 0:
         return out, lse
-    cfg = attention_config(head_dim, group, q.dtype)
+    cfg = attention_config(head_dim, group, q.dtype, q.device)
     num_q_blocks = triton.cdiv(q_len, cfg["BLOCK_M"] // group)
     _flash_attn_kernel[(num_q_blocks * kv_heads,)](
         q,

@@ -256,6 +256,14 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
+def merge_warps(block_s: int, head_dim: int) -> int:
+    """Warps of the merge: each thread holds at most 64 of the (splits x head_dim) fp32 partials.
+
+    4 warps held all of them up to 64 splits x 128; 256 splits (tp 4, one sequence) took 255
+    registers and spilled on sm_90 (bench/cuda_compile.py)."""
+    return min(max(block_s * head_dim // (32 * 64), 4), 16)
+
+
 def split_plan(batch: int, kv_heads: int, max_ctx: int, block_n: int, device: torch.device) -> int:
     """Splits per sequence: enough (sequence, kv head, split) programs to fill the device.
 
@@ -356,6 +364,7 @@ def flash_decode_triton(
         **cfg,
     )
     if num_splits > 1:
+        block_s = triton.next_power_of_2(num_splits)
         _flash_decode_merge_kernel[(batch, q_heads)](
             part_out,
             part_lse,
@@ -371,9 +380,9 @@ def flash_decode_triton(
             out.stride(1),
             lse.stride(0),
             HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_S=block_s,
             STORE_LSE=return_lse,
-            num_warps=4,
+            num_warps=merge_warps(block_s, head_dim),
         )
     return out, (lse if return_lse else None)
 

@@ -415,7 +415,7 @@ def paged_attention_triton(
     batch = block_tables.shape[0]
     if num_tokens == 0 or batch == 0:
         return out, (lse if return_lse else None)
-    cfg = attention_config(head_dim, group, q.dtype)
+    cfg = attention_config(head_dim, group, q.dtype, q.device, bits)
     work = _work_items(cu_seqlens_q, cfg["BLOCK_M"] // group, num_tokens)
     k_p, v_p, stride_p_block, stride_p_slot, stride_p_head = quant_kernel_args(
         k_cache, k_params, v_params, bits

@@ -448,7 +448,7 @@ def position_attention_triton(
         return out, lse
     q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
     k_pos = k_pos.to(device=q.device, dtype=torch.int64).contiguous()
-    cfg = attention_config(head_dim, group, q.dtype)
+    cfg = attention_config(head_dim, group, q.dtype, q.device)
     tokens = cfg["BLOCK_M"] // group
     num_q_blocks = triton.cdiv(n, tokens)
     bounds = k_pos  # unused unless keys_sorted

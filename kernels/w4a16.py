@@ -5,9 +5,12 @@
 scale[g(k), n], accumulating in fp32 and returning x's dtype.
 
 - **Triton kernel** (CUDA): dequantizes inside the GEMM. A program owns a BLOCK_M x BLOCK_N
-  output tile and walks K in BLOCK_K steps: it loads the packed words of its BLOCK_K rows (row k
-  from word k // 8, nibble k % 8), unpacks them with one shift and mask, applies the scale and
-  zero of each row's group in fp32 and feeds the tile to `tl.dot` with an fp32 accumulator.
+  output tile and walks K in BLOCK_K steps: it loads each packed word of its BLOCK_K rows once
+  (BLOCK_K / 8 word rows), spreads the 8 nibbles in registers (row k from word k // 8, nibble
+  k % 8: one shift and mask), applies the scale and zero of each row's group in fp32 and feeds
+  the tile to `tl.dot` with an fp32 accumulator. (Loading a word per row instead, 8 copies of
+  each, staged 32 KB a pipeline stage in shared memory at 128 x 64: 125 KB and one 4-warp block
+  per SM at decode sizes, against 40 KB and four blocks now; bench/cuda_compile.py.)
   Scales and zeros are read as one row per tile when BLOCK_K divides group_size (no g_idx), and
   gathered per row otherwise (GPTQ act-order `g_idx`, or groups smaller than the tile).
   Decode shapes (M <= `DECODE_MAX_M`) use 16-64-row tiles and split K over several programs
@@ -174,7 +177,7 @@ def _w4a16_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    shifts = ((tl.arange(0, BLOCK_K) % 8) * 4)[:, None]
+    shifts = (tl.arange(0, 8) * 4)[:, None]  # (8, 1): nibble j of a word
     k_start = pid_k * k_split
     k_end = tl.minimum(k_start + k_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -187,12 +190,16 @@ def _w4a16_kernel(
             other=0.0,
         )
         mask_kn = mask_k[:, None] & mask_n[None, :]
+        # Each word once: (BLOCK_K / 8, BLOCK_N), its 8 nibbles spread in registers, row 8r + j
+        # of the tile from nibble j of word row r (one shift and mask, as rows k = 8r + j).
+        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         words = tl.load(
-            qw_ptr + (offs_k // 8)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-            mask=mask_kn,
+            qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+            mask=(offs_w < k_end // 8)[:, None] & mask_n[None, :],
             other=0,
         )
-        q = ((words >> shifts) & 0xF).to(tl.float32)
+        nibbles = (words[:, None, :] >> shifts[None, :, :]) & 0xF
+        q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)).to(tl.float32)
         if TILE_IN_GROUP:
             g = k0 // group_size
             s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)

@@ -98,6 +98,10 @@ FAKE_GPU = hardware.GPU(
     nvlink_bidir_bytes_per_s=2e6,
     pcie_bidir_bytes_per_s=2e5,
     sources=(),
+    compute_capability=80,
+    sms=4,
+    max_shared_per_block=1 << 16,
+    shared_per_sm=1 << 16,
 )
 
 

@@ -473,6 +473,49 @@ def test_flash_attn_triton_matches_ref(
     assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 
+def _gpu_prefill_configs() -> dict[str, dict[str, int]]:
+    """The prefill tiles `attention_config` picks on an A100 and an H100 (bf16, d128, group 4),
+    by cache format, as the GPU would get them."""
+    configs = {}
+    for arch in (80, 90):
+        for bits in (0, 8):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(FA, "is_interpreting", lambda: False)
+                mp.setattr(FA, "capability", lambda device, arch=arch: arch)
+                cfg = FA.attention_config(128, 4, torch.bfloat16, CPU, bits)
+            configs[f"sm{arch}-kv{bits or 16}"] = cfg
+    return configs
+
+
+@needs_triton
+@pytest.mark.parametrize("name", sorted(_gpu_prefill_configs()) if triton is not None else [])
+def test_gpu_prefill_tiles_match_ref(name: str, device: torch.device, monkeypatch) -> None:
+    """The tiles the GPUs run (64-256 rows, 32-64 keys over 16-slot blocks) give the reference's
+    answer here too; the other tests run the interpreter's small tiles."""
+    import kernels.position_attention as PO
+
+    cfg = _gpu_prefill_configs()[name]
+    for module in (FA, PA, PO):
+        monkeypatch.setattr(module, "attention_config", lambda *_, c=cfg: dict(c))
+    dtype, scale = torch.bfloat16, _scale(128)
+    b = make_paged_batch([(70, 90), (1, 40), (33, 33)], 4, 128, 16, dtype, device, seed=9)
+    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.context_lens)
+    out, lse = PA.paged_attention_triton(*args, scale, return_lse=True)
+    ref_out, ref_lse = PA.paged_attention_ref(*args, scale, return_lse=True)
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+    q, k, v = b.q[:70], b.keys[0][:90], b.values[0][:90]
+    out, lse = FA.flash_attn_triton(q, k, v, scale, True, 20, 0)
+    ref_out, ref_lse = FA.flash_attn_ref(q, k, v, scale, True, 20, 0)
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+    q_pos = torch.arange(20, 90, device=device)
+    k_pos = torch.randperm(90, generator=torch.Generator().manual_seed(1)).to(device)
+    out, lse = PO.position_attention_triton(q, q_pos, k[k_pos], v[k_pos], k_pos, scale)
+    ref_out, ref_lse = PO.position_attention_ref(q, q_pos, k[k_pos], v[k_pos], k_pos, scale)
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
 # -- dispatch and argument checks -------------------------------------------------------------
 
 

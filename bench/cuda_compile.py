@@ -1,0 +1,725 @@
+"""Compile every Triton kernel for NVIDIA GPUs on a machine without one, at the shapes the
+runtime launches them with, and check each against the target's limits.
+
+    python bench/cuda_compile.py                       # A100 + H100, 7B at tp 1 and tp 4
+    python bench/cuda_compile.py --gpus A100-80GB --model bench/model_configs/*.json --tp 1 2 4
+
+Triton compiles to a cubin without a device: its LLVM and its bundled `ptxas` run on the host;
+only loading and launching need the driver. This swaps Triton's active driver for one that
+reports the target's compute capability, SM count and shared-memory limit, then calls the
+kernels' Triton wrappers (the `*_triton` functions the layers call) on CPU tensors of the
+deployment shapes. Specialisation, constexprs and the tile configs the wrappers pick (from the
+target's SM count) are therefore the real ones; the launch itself becomes a record. Triton's own
+load-time checks run as on the card (shared memory over the per-block limit, more threads than
+the registers allow). Registers and local memory (spills) per thread come from
+`cuobjdump -res-usage` on the cubin; resident blocks per SM follow from those, the warps and the
+shared memory (with the 1 KB per block the hardware reserves).
+
+What it cannot say: how fast anything runs. It finds compile failures, configs that do not fit a
+card (an A100 has 163 KB of shared memory per block against an H100's 227 KB), register spills
+and occupancy, before a GPU session spends its minutes on them.
+
+Prints a table per GPU and one summary line; exits 1 if any kernel failed to compile or fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import hardware  # noqa: E402
+
+log = logging.getLogger("cuda_compile")
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "model_configs" / "internlm2_5-7b-chat-1m.json"
+DEFAULT_GPUS = ("A100-80GB", "H100-SXM")
+DECODE_BATCHES = (1, 8, 64)
+DECODE_CONTEXTS = (8192, 32768, 131072, 1048576)
+PREFILL_TOKENS = 8192
+"""scheduler.max_num_batched_tokens: a prefill chunk's tokens."""
+BLOCK_SIZE = 16
+"""cache.block_size."""
+GROUP_SIZE = 128
+"""4-bit weights' quantization group (AWQ / GPTQ checkpoints)."""
+KV_BITS = (0, 8, 4)
+RESERVED_SHARED_PER_BLOCK = 1024
+"""Shared memory the hardware reserves per resident block (compute capability 8.0 and up)."""
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch, compiled for one GPU."""
+
+    gpu: str
+    kernel: str
+    where: str
+    grid: tuple[int, int, int]
+    num_warps: int
+    num_stages: int
+    shared: int
+    registers: int
+    spill_bytes: int
+    constexprs: dict[str, Any]
+    binary: str
+    """The compiled kernel's hash: launches with one hash share one binary."""
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+@dataclasses.dataclass
+class Failure:
+    gpu: str
+    where: str
+    error: str
+
+
+def blocks_per_sm(gpu: hardware.GPU, num_warps: int, registers: int, shared: int) -> int:
+    """Resident blocks per SM: the least of the block, thread, register and shared-memory
+    limits. Registers are allocated per warp in units of 256."""
+    threads = num_warps * 32
+    warp_registers = math.ceil(max(registers, 1) * 32 / 256) * 256
+    by_registers = (hardware.REGISTERS_PER_SM // warp_registers) // num_warps
+    by_shared = gpu.shared_per_sm // (shared + RESERVED_SHARED_PER_BLOCK)
+    return min(hardware.BLOCKS_PER_SM, hardware.THREADS_PER_SM // threads, by_registers, by_shared)
+
+
+def max_threads_per_block(registers: int) -> int:
+    """What the driver reports as a function's thread limit, from its registers per thread."""
+    warp_registers = math.ceil(max(registers, 1) * 32 / 256) * 256
+    return min(1024, (hardware.REGISTERS_PER_SM // warp_registers) * 32)
+
+
+def _cuda_tool(name: str) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return str(Path(get_ptxas(90).path).parent / name)
+
+
+_STORE_WIDTH = {None: 4, "64": 8, "128": 16, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes per thread) of the one function in `cubin`.
+
+    Spill stores are the local-memory stores (STL) in its SASS, summed by width: the figure
+    `ptxas -v` prints as "bytes spill stores". A stack frame alone is not counted."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage, sass = (
+            subprocess.run(
+                [_cuda_tool("cuobjdump"), flag, f.name], check=True, capture_output=True, text=True
+            ).stdout
+            for flag in ("-res-usage", "-sass")
+        )
+    registers = re.search(r"\bREG:(\d+)", usage)
+    if registers is None:
+        raise RuntimeError(f"cuobjdump -res-usage printed no register count:\n{usage}")
+    spill = sum(_STORE_WIDTH[m.group(1)] for m in re.finditer(r"\bSTL(?:\.(\w+))?\s", sass))
+    return int(registers.group(1)), spill
+
+
+class _Function:
+    """What `load_binary` hands Triton as the kernel's function handle."""
+
+    def __init__(self, name: str, registers: int, spill_bytes: int) -> None:
+        self.name, self.registers, self.spill_bytes = name, registers, spill_bytes
+
+
+class CompileOnlyDriver:
+    """Triton's active driver for a GPU that is not there: compiles for it, records launches."""
+
+    def __init__(self, gpu: hardware.GPU, record: Callable[[Any, Any, _Function, tuple], None]):
+        from triton.backends.compiler import GPUTarget
+
+        self.gpu = gpu
+        self.target = GPUTarget("cuda", gpu.compute_capability, 32)
+        self._record = record
+        self.utils = self  # Triton reaches load_binary & co. through driver.utils
+
+    # the DriverBase surface Triton's JIT and CompiledKernel use
+    def is_active(self) -> bool:
+        return True
+
+    def get_current_device(self) -> int:
+        return self.gpu.compute_capability  # distinct per target: Triton caches per device
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> Any:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_device_properties(self, device: int) -> dict[str, int]:
+        return {
+            "max_shared_mem": self.gpu.max_shared_per_block,
+            "multiprocessor_count": self.gpu.sms,
+            "max_num_regs": hardware.REGISTERS_PER_SM,
+            "warpSize": 32,
+        }
+
+    def load_binary(
+        self, name: str, cubin: bytes, shared: int, device: int
+    ) -> tuple[Any, _Function, int, int, int]:
+        registers, spill_bytes = resource_usage(cubin)
+        fn = _Function(name, registers, spill_bytes)
+        return object(), fn, registers, spill_bytes // 4, max_threads_per_block(registers)
+
+    def unload_module(self, module: Any) -> None:
+        pass
+
+    def launcher_cls(self, src: Any, metadata: Any) -> Callable[..., None]:
+        def launch(g0: int, g1: int, g2: int, stream: int, function: _Function, *rest: Any) -> None:
+            self._record(src, metadata, function, (g0, g1, g2))
+
+        return launch
+
+
+_DEVICE_HOOKS = (  # (module, function of a device, what it returns for the target)
+    ("kernels.flash_decode", "_sm_count", "sms"),
+    ("kernels.gemv", "_sm_count", "sms"),
+    ("kernels.w4a16", "_num_sms", "sms"),
+    ("kernels.flash_attn", "capability", "compute_capability"),
+)
+
+
+def _returning(value: int) -> Callable[[torch.device], int]:
+    return lambda device: value
+
+
+@contextlib.contextmanager
+def compile_only(gpu: hardware.GPU, record: Callable[..., None]) -> Iterator[None]:
+    """Within: Triton compiles for `gpu` and records launches instead of running them, and the
+    wrappers plan tiles from `gpu`'s SM count and compute capability."""
+    import importlib
+
+    from triton.runtime.driver import driver
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError(
+            "TRITON_INTERPRET is set: the kernels were decorated for Triton's CPU interpreter, "
+            "which compiles nothing; run without it (unset TRITON_INTERPRET)"
+        )
+    saved = []
+    for module_name, attr, field in _DEVICE_HOOKS:
+        module = importlib.import_module(module_name)
+        saved.append((module, attr, getattr(module, attr)))
+        setattr(module, attr, _returning(getattr(gpu, field)))
+    previous = driver._active  # None until something asked; asking fails without a GPU
+    driver.set_active(CompileOnlyDriver(gpu, record))
+    try:
+        yield
+    finally:
+        driver._active = previous
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+# --------------------------------------------------------------------------- the shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One worker's slice of a model at a tp degree."""
+
+    name: str
+    tp: int
+    hidden: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any], name: str, tp: int) -> Shard:
+        heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+        hidden = config["hidden_size"]
+        if heads % tp or config["intermediate_size"] % tp:
+            raise ValueError(f"{name}: {heads} heads do not split over tp={tp}")
+        return cls(
+            name=name,
+            tp=tp,
+            hidden=hidden,
+            q_heads=heads // tp,
+            kv_heads=max(kv // tp, 1),
+            head_dim=config.get("head_dim") or hidden // heads,
+            intermediate=config["intermediate_size"] // tp,
+            vocab=-(-config["vocab_size"] // tp),
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """name: (out_features, in_features) of this shard's decode-path linear layers."""
+        d = self.head_dim
+        return {
+            "qkv": ((self.q_heads + 2 * self.kv_heads) * d, self.hidden),
+            "o": (self.hidden, self.q_heads * d),
+            "gate_up": (2 * self.intermediate, self.hidden),
+            "down": (self.hidden, self.intermediate),
+            "lm_head": (self.vocab, self.hidden),
+        }
+
+
+def _paged_cache(
+    shard: Shard, blocks: int, bits: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    from kernels.kv_quant import code_dim
+
+    shape = (blocks, BLOCK_SIZE, shard.kv_heads, code_dim(shard.head_dim, bits))
+    if bits == 0:
+        return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype), None, None
+    params = (blocks, BLOCK_SIZE, shard.kv_heads, 2)
+    return (
+        torch.empty(shape, dtype=torch.uint8),
+        torch.empty(shape, dtype=torch.uint8),
+        torch.empty(params, dtype=torch.float32),
+        torch.empty(params, dtype=torch.float32),
+    )
+
+
+def scenarios(
+    shard: Shard, dtype: torch.dtype, contexts: tuple[int, ...], batches: tuple[int, ...]
+) -> Iterator[tuple[str, Callable[[], object]]]:
+    """(where, call) for every kernel launch the runtime makes with this shard: decode steps,
+    prefill chunks, context-parallel ring steps, 4-bit weights and the decode GEMV."""
+    from dist_runtime.formats.int4 import Int4Weight
+    from kernels.flash_attn import flash_attn_triton
+    from kernels.flash_decode import flash_decode_triton
+    from kernels.gemv import GEMV_MAX_M, gemv_triton
+    from kernels.lse_merge import lse_merge_triton
+    from kernels.paged_attention import paged_attention_triton
+    from kernels.position_attention import position_attention_triton
+    from kernels.rms_norm import rms_norm_triton
+    from kernels.rotary import rotary_triton
+    from kernels.rotary_store import rotary_store_triton
+    from kernels.silu_and_mul import silu_and_mul_triton
+    from kernels.store_kv import store_kv_triton
+    from kernels.w4a16 import w4a16_matmul_triton
+
+    s, d = shard, shard.head_dim
+    scale = d**-0.5
+    inv_freq = torch.empty(d // 2, dtype=torch.float32)
+    tag = f"{s.name} tp{s.tp} {dtype_tag(dtype)}"
+
+    # per token: norms, activation, RoPE and the KV store (every cache format)
+    for t in (*batches, PREFILL_TOKENS):
+        x = torch.empty(t, s.hidden, dtype=dtype)
+        w = torch.empty(s.hidden, dtype=dtype)
+        yield f"{tag} rms_norm {t} tokens", partial(rms_norm_triton, x, w, 1e-5)
+        yield f"{tag} rms_norm + residual {t} tokens", partial(rms_norm_triton, x, w, 1e-5, x)
+        gate_up = torch.empty(t, 2 * s.intermediate, dtype=dtype)
+        yield f"{tag} silu_and_mul {t} tokens", partial(silu_and_mul_triton, gate_up)
+
+        qkv = torch.empty(t, (s.q_heads + 2 * s.kv_heads) * d, dtype=dtype)
+        q_end, k_end = s.q_heads * d, (s.q_heads + s.kv_heads) * d
+        q = qkv[:, :q_end].view(t, s.q_heads, d)
+        k = qkv[:, q_end:k_end].view(t, s.kv_heads, d)
+        v = qkv[:, k_end:].view(t, s.kv_heads, d)
+        positions = torch.arange(t, dtype=torch.int64)
+        blocks = -(-t // BLOCK_SIZE)
+        kc, vc, _, _ = _paged_cache(s, blocks, 0, dtype)
+        for freq, label in ((inv_freq, ""), (torch.empty(t, d // 2), " (per-token inv_freq)")):
+            yield (
+                f"{tag} rotary_store {t} tokens{label}",
+                partial(rotary_store_triton, q, k, v, positions, freq, kc, vc, positions),
+            )
+        yield f"{tag} rotary {t} tokens", partial(rotary_triton, q, k, positions, inv_freq)
+        for bits in KV_BITS:
+            kc, vc, kp, vp = _paged_cache(s, blocks, bits, dtype)
+            yield (
+                f"{tag} store_kv {t} tokens kv{bits or 16}",
+                partial(store_kv_triton, k, v, kc, vc, positions, kp, vp, bits),
+            )
+
+    # decode attention: every batch x context x cache format, with the LSE (cp) and without
+    for batch in batches:
+        q = torch.empty(batch, s.q_heads, d, dtype=dtype)
+        for ctx in contexts:
+            tables = torch.zeros(batch, ctx // BLOCK_SIZE, dtype=torch.int32)
+            lens = torch.full((batch,), ctx, dtype=torch.int32)
+            for bits in KV_BITS:
+                kc, vc, kp, vp = _paged_cache(s, 4, bits, dtype)
+                for lse in (False, True):
+                    yield (
+                        f"{tag} flash_decode b{batch} ctx {ctx} kv{bits or 16}"
+                        + (" lse" if lse else ""),
+                        partial(
+                            flash_decode_triton, q, kc, vc, tables, lens, scale, lse, kp, vp, bits
+                        ),
+                    )
+
+    # prefill: one chunk of PREFILL_TOKENS after as many cached tokens, through the paged kernel
+    t = PREFILL_TOKENS
+    q = torch.empty(t, s.q_heads, d, dtype=dtype)
+    ctx = 2 * t
+    tables = torch.zeros(1, ctx // BLOCK_SIZE, dtype=torch.int32)
+    cu = torch.tensor([0, t], dtype=torch.int32)
+    lens = torch.tensor([ctx], dtype=torch.int32)
+    for bits in KV_BITS:
+        kc, vc, kp, vp = _paged_cache(s, 4, bits, dtype)
+        for lse in (False, True):
+            yield (
+                f"{tag} paged_attention prefill {t} kv{bits or 16}" + (" lse" if lse else ""),
+                partial(
+                    paged_attention_triton, q, kc, vc, tables, cu, lens, scale, lse, kp, vp, bits
+                ),
+            )
+    # a mixed step: decode rows beside a prefill chunk
+    kc, vc, _, _ = _paged_cache(s, 4, 0, dtype)
+    yield (
+        f"{tag} paged_attention mixed 4 decode + {t} prefill",
+        partial(
+            paged_attention_triton,
+            torch.empty(4 + t, s.q_heads, d, dtype=dtype),
+            kc,
+            vc,
+            torch.zeros(5, ctx // BLOCK_SIZE, dtype=torch.int32),
+            torch.tensor([0, 1, 2, 3, 4, 4 + t], dtype=torch.int32),
+            torch.full((5,), ctx, dtype=torch.int32),
+            scale,
+        ),
+    )
+
+    # context parallelism: a ring step's attention over a peer's chunk, and the merge
+    k = torch.empty(t, s.kv_heads, d, dtype=dtype)
+    v = torch.empty(t, s.kv_heads, d, dtype=dtype)
+    yield f"{tag} flash_attn causal {t}", partial(flash_attn_triton, q, k, v, scale, True)
+    yield f"{tag} flash_attn full {t}", partial(flash_attn_triton, q, k, v, scale, False, t, 0)
+    pos = torch.arange(t, dtype=torch.int64)
+    for keys_sorted in (False, True):
+        yield (
+            f"{tag} position_attention {t}" + (" sorted keys" if keys_sorted else ""),
+            partial(position_attention_triton, q, pos, k, v, pos, scale, keys_sorted),
+        )
+    for rows in (t, 1):
+        out = torch.empty(rows, s.q_heads, d, dtype=dtype)
+        lse_rows = torch.empty(rows, s.q_heads, dtype=torch.float32)
+        yield f"{tag} lse_merge {rows}", partial(lse_merge_triton, out, lse_rows, out, lse_rows)
+
+    # linear layers: the decode GEMV and 4-bit weights (decode and prefill rows)
+    for name, (n, k_in) in s.linears().items():
+        weight = torch.empty(n, k_in, dtype=dtype)
+        for m in sorted({1, *[b for b in batches if b <= GEMV_MAX_M], GEMV_MAX_M}):
+            x = torch.empty(m, k_in, dtype=dtype)
+            yield f"{tag} gemv {name} {m} rows", partial(gemv_triton, x, weight)
+        if name == "lm_head":
+            continue  # the head stays in the activation dtype
+        int4 = Int4Weight(
+            qweight=torch.zeros(k_in // 8, n, dtype=torch.int32),
+            scales=torch.empty(k_in // GROUP_SIZE, n, dtype=torch.float16),
+            zeros=torch.empty(k_in // GROUP_SIZE, n, dtype=torch.float16),
+            group_size=GROUP_SIZE,
+        )
+        for m in (*batches, PREFILL_TOKENS):
+            x = torch.empty(m, k_in, dtype=dtype)
+            yield f"{tag} w4a16 {name} {m} rows", partial(w4a16_matmul_triton, x, int4)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _constexpr_names(src: Any) -> dict[str, Any]:
+    names = src.fn.arg_names
+    return {
+        names[path[0]]: (str(value) if not isinstance(value, (int, float, bool)) else value)
+        for path, value in src.constants.items()
+        if len(path) == 1
+    }
+
+
+class _Recorder:
+    """Turns a launch on `gpu` into a `Launch`, labelled with the scenario running."""
+
+    def __init__(self, gpu: hardware.GPU, launches: list[Launch]) -> None:
+        self.gpu, self.launches, self.where = gpu, launches, ""
+
+    def __call__(self, src: Any, metadata: Any, function: _Function, grid: tuple) -> None:
+        self.launches.append(
+            Launch(
+                gpu=self.gpu.key,
+                kernel=metadata.name,
+                where=self.where,
+                grid=grid,
+                num_warps=metadata.num_warps,
+                num_stages=metadata.num_stages,
+                shared=metadata.shared,
+                registers=function.registers,
+                spill_bytes=function.spill_bytes,
+                constexprs=_constexpr_names(src),
+                binary=metadata.hash,
+            )
+        )
+
+
+def compile_all(
+    gpus: list[hardware.GPU],
+    shards: list[Shard],
+    dtype: torch.dtype,
+    contexts: tuple[int, ...],
+    batches: tuple[int, ...],
+) -> tuple[list[Launch], list[Failure]]:
+    launches: list[Launch] = []
+    failures: list[Failure] = []
+    for gpu in gpus:
+        recorder = _Recorder(gpu, launches)
+        with compile_only(gpu, recorder):
+            for shard in shards:
+                for where, call in scenarios(shard, dtype, contexts, batches):
+                    recorder.where = where
+                    try:
+                        call()
+                    except Exception as e:  # a compile error or a config that does not fit
+                        failures.append(Failure(gpu.key, where, f"{type(e).__name__}: {e}"))
+                        log.warning("%s: %s: %s", gpu.key, where, e)
+    return launches, failures
+
+
+def _config_text(launch: Launch) -> str:
+    tiles = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "TILE"))}
+    parts = [f"{k.removeprefix('BLOCK_')}={v}" for k, v in sorted(tiles.items())]
+    return " ".join([*parts, f"w{launch.num_warps}", f"s{launch.num_stages}"])
+
+
+def toolchain() -> str:
+    """Triton's version and its bundled ptxas's: what the numbers depend on."""
+    import triton
+
+    ptxas = (
+        subprocess.run(
+            [_cuda_tool("ptxas"), "--version"], check=True, capture_output=True, text=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    return f"Triton {triton.__version__}, ptxas {ptxas}"
+
+
+def report(launches: list[Launch], failures: list[Failure], gpus: list[hardware.GPU]) -> str:
+    lines: list[str] = [
+        f"Compiled with {toolchain()}. Spill B: bytes of spill stores per thread (as `ptxas -v` "
+        "counts them).",
+        "",
+    ]
+    for gpu in gpus:
+        mine = [x for x in launches if x.gpu == gpu.key]
+        by_binary: dict[str, list[Launch]] = {}
+        for x in mine:
+            by_binary.setdefault(x.binary, []).append(x)
+        lines += [
+            f"## {gpu.name} (sm_{gpu.compute_capability}, {gpu.sms} SMs, "
+            f"{gpu.max_shared_per_block // 1024} KB shared memory per block)",
+            "",
+            f"{len(by_binary)} binaries from {len(mine)} launches. Blocks/SM: resident blocks "
+            "per SM; waves: the largest grid of that binary over (SMs x blocks/SM).",
+            "",
+            "| kernel | tiles, warps, stages | regs | spill B | shared KB | blocks/SM | warps/SM "
+            "| waves (max grid) | launches | e.g. |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for group in sorted(by_binary.values(), key=lambda g: (g[0].kernel, _config_text(g[0]))):
+            x = group[0]
+            blocks = blocks_per_sm(gpu, x.num_warps, x.registers, x.shared)
+            biggest = max(group, key=lambda y: y.programs)
+            waves = biggest.programs / max(gpu.sms * blocks, 1)
+            lines.append(
+                f"| {x.kernel} | {_config_text(x)} | {x.registers} | {x.spill_bytes} | "
+                f"{x.shared / 1024:.1f} | {blocks} | {blocks * x.num_warps} | "
+                f"{waves:.2f} ({biggest.programs}) | {len(group)} | {biggest.where} |"
+            )
+        lines.append("")
+        mine_failed = [f for f in failures if f.gpu == gpu.key]
+        if mine_failed:
+            lines += ["Failed:", ""] + [f"- {f.where}: {f.error}" for f in mine_failed] + [""]
+    return "\n".join(lines)
+
+
+def summary(launches: list[Launch], failures: list[Failure], gpus: list[hardware.GPU]) -> str:
+    binaries = {(x.gpu, x.binary): x for x in launches}
+    spills = [x for x in binaries.values() if x.spill_bytes > 0]
+    kernels = sorted({x.kernel for x in launches})
+    worst_spill = max((x.spill_bytes for x in spills), default=0)
+    arch = ", ".join(f"{g.key} (sm_{g.compute_capability})" for g in gpus)
+    return (
+        f"cuda-compile: {len(kernels)} kernels, {len(binaries)} binaries, {len(launches)} launches "
+        f"for {arch}: {len(failures)} failed, {len(spills)} binaries spill "
+        f"(max {worst_spill} B/thread); {toolchain()}"
+    )
+
+
+PREFILL_CANDIDATES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (256, 64, 16, 3),
+    (256, 32, 16, 3),
+    (128, 128, 8, 3),
+    (128, 128, 8, 2),
+    (128, 64, 8, 4),
+    (128, 64, 8, 3),
+    (128, 64, 8, 2),
+    (128, 64, 4, 3),
+    (128, 64, 4, 2),
+    (128, 32, 8, 3),
+    (128, 32, 8, 2),
+    (128, 32, 4, 3),
+    (128, 32, 4, 2),
+    (64, 128, 4, 3),
+    (64, 64, 8, 3),
+    (64, 64, 4, 3),
+    (64, 64, 4, 2),
+    (64, 32, 4, 3),
+    (64, 32, 4, 2),
+]
+"""Prefill tiles `--sweep-prefill` compiles: the H100 sweep's and smaller ones."""
+
+
+def sweep_prefill(gpus: list[hardware.GPU], shard: Shard, dtype: torch.dtype) -> str:
+    """Compile every prefill-tile kernel (paged over each cache format, flash_attn, position)
+    at each candidate config; one table row per (GPU, config): each variant's spill bytes,
+    registers, shared memory and blocks per SM."""
+    import kernels.flash_attn as FA
+    import kernels.paged_attention as PA
+    import kernels.position_attention as PO
+
+    lines = [
+        f"Compiled with {toolchain()}. Each cell: spill B / registers / shared KB / blocks per SM.",
+        "",
+    ]
+    header = None
+    modules: list[Any] = [FA, PA, PO]  # each holds its own name for attention_config
+    for gpu in gpus:
+        for bm, bn, warps, stages in PREFILL_CANDIDATES:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            launches: list[Launch] = []
+            recorder = _Recorder(gpu, launches)
+            saved = [(m, m.attention_config) for m in modules]
+            cells: list[tuple[str, str]] = []
+            try:
+                for module, _ in saved:
+                    module.attention_config = lambda *_, c=cfg: dict(c)
+                with compile_only(gpu, recorder):
+                    for where, call in scenarios(shard, dtype, (8192,), (1,)):
+                        if not _is_prefill(where):
+                            continue
+                        first = len(launches)
+                        recorder.where = where
+                        try:
+                            call()
+                        except Exception as e:  # does not compile or fit
+                            cells.append((where, type(e).__name__))
+                            continue
+                        for x in launches[first:]:
+                            blocks = blocks_per_sm(gpu, x.num_warps, x.registers, x.shared)
+                            cells.append(
+                                (
+                                    where,
+                                    f"{x.spill_bytes} / {x.registers} / "
+                                    f"{x.shared / 1024:.0f} / {blocks}",
+                                )
+                            )
+            finally:
+                for module, fn in saved:
+                    module.attention_config = fn
+            if header is None:
+                names = [w.split(f"{dtype_tag(dtype)} ", 1)[-1] for w, _ in cells]
+                header = "| GPU | config | " + " | ".join(names) + " |"
+                lines += [header, "|---|---|" + "---|" * len(names)]
+            config = f"{bm} x {bn}, {warps} warps, {stages} stages"
+            lines.append(f"| {gpu.key} | {config} | " + " | ".join(c for _, c in cells) + " |")
+    return "\n".join(lines)
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_prefill(where: str) -> bool:
+    return any(k in where for k in ("paged_attention", "flash_attn", "position_attention"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--gpus", nargs="+", default=list(DEFAULT_GPUS), help="bench/hardware.py keys")
+    ap.add_argument("--model", nargs="+", type=Path, default=[DEFAULT_MODEL])
+    ap.add_argument("--tp", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    ap.add_argument("--contexts", nargs="+", type=int, default=list(DECODE_CONTEXTS))
+    ap.add_argument("--batches", nargs="+", type=int, default=list(DECODE_BATCHES))
+    ap.add_argument("--report", type=Path, help="also write the tables (markdown) here")
+    ap.add_argument("--json", type=Path, help="write every launch and failure as JSON here")
+    ap.add_argument(
+        "--sweep-prefill",
+        action="store_true",
+        help="instead: compile the prefill-tile kernels at every PREFILL_CANDIDATES config "
+        "(first --model at the first --tp)",
+    )
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    gpus = []
+    for name in args.gpus:
+        gpu = hardware.lookup(name)
+        if gpu is None:
+            ap.error(f"--gpus {name!r} is not known; use one of: {hardware.accepted_names()}")
+        gpus.append(gpu)
+    shards = []
+    for path in args.model:
+        config = json.loads(path.read_text())
+        for tp in args.tp:
+            shards.append(Shard.of(config, path.stem, tp))
+
+    started = time.perf_counter()
+    torch.set_num_threads(1)  # nothing here computes; the tensors only carry shapes
+    if args.sweep_prefill:
+        text = sweep_prefill(gpus, shards[0], getattr(torch, args.dtype))
+        print(text)
+        print(f"({time.perf_counter() - started:.0f} s)")
+        if args.report:
+            args.report.write_text(text + "\n")
+        return 0
+    launches, failures = compile_all(
+        gpus, shards, getattr(torch, args.dtype), tuple(args.contexts), tuple(args.batches)
+    )
+    text = report(launches, failures, gpus)
+    line = summary(launches, failures, gpus)
+    print(text)
+    print(f"({time.perf_counter() - started:.0f} s)")
+    print(line)
+    if args.report:
+        args.report.write_text(text + "\n" + line + "\n")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "launches": [dataclasses.asdict(x) for x in launches],
+                    "failures": [dataclasses.asdict(f) for f in failures],
+                    "summary": line,
+                },
+                indent=1,
+            )
+        )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Every Triton kernel compiles for the A100 (sm_80) and the H100 / H200 (sm_90) at the 7B's
+deployment shapes, fits their shared memory, and spills no more registers than allowed below;
+checked on a machine without a GPU (`bench/cuda_compile.py`: Triton's compiler and its bundled
+ptxas run on the host, the launches are recorded instead of run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import hardware
+from bench.cuda_compile import Shard, blocks_per_sm, max_threads_per_block
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SPILL_NOISE = 16
+"""Bytes of spill stores per thread any kernel may have: a register or two that ptxas parks
+around a loop (some versions do it at 40 registers), not a working set that does not fit."""
+SPILL_ALLOWED = {
+    # (gpu, kernel): bytes per thread. The H100's prefill tile (256 x 64, 16 warps) measured
+    # 420-431 TFLOP/s at 16K (kernel_bench_attention.py --sweep), the fastest config, with
+    # spills of 48-304 B under Triton 3.9; everything else must not spill.
+    ("H100-SXM", "_flash_attn_kernel"): 192,
+    ("H100-SXM", "_paged_attention_kernel"): 384,
+    ("H100-SXM", "_position_attn_kernel"): 384,
+}
+
+
+def _ptxas_available() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return Path(get_ptxas(90).path).exists()
+    except Exception:
+        return False
+
+
+def _jit_kernels() -> set[str]:
+    """Names of the launchable Triton kernels in kernels/ (by convention `_..._kernel`)."""
+    names = set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        names |= set(re.findall(r"@_jit\s*\ndef (_\w+_kernel)\(", path.read_text()))
+    return names
+
+
+def test_blocks_per_sm_by_hand() -> None:
+    h100 = hardware.lookup("H100")
+    assert h100 is not None
+    # 4 warps x 128 registers: 4096 registers a warp, 16 warps by registers = 4 blocks; shared
+    # memory 38 KB + 1 KB reserved fits 5; threads fit 16.
+    assert blocks_per_sm(h100, 4, 128, 38 * 1024) == 4
+    # 16 warps x 128 registers: one block fills the register file.
+    assert blocks_per_sm(h100, 16, 128, 0) == 1
+    # shared memory bound: 100 KB + 1 KB reserved, twice is 202 KB of the 228, three times over.
+    assert blocks_per_sm(h100, 4, 32, 100 * 1024) == 2
+    # registers round up to 256 a warp: 33 registers x 32 = 1056 -> 1280 -> 51 warps -> 12 blocks
+    assert blocks_per_sm(h100, 4, 33, 0) == 12
+    assert max_threads_per_block(255) == 256  # 255 x 32 -> 8192 a warp -> 8 warps
+    assert max_threads_per_block(64) == 1024
+
+
+def test_shard_shapes_at_tp4() -> None:
+    config = json.loads((ROOT / "bench/model_configs/internlm2_5-7b-chat-1m.json").read_text())
+    s = Shard.of(config, "7b", 4)
+    assert (s.q_heads, s.kv_heads, s.head_dim, s.intermediate) == (8, 2, 128, 3584)
+    assert s.linears()["qkv"] == ((8 + 2 * 2) * 128, 4096)
+    assert s.linears()["lm_head"] == (92544 // 4, 4096)
+    with pytest.raises(ValueError, match="tp=5"):
+        Shard.of(config, "7b", 5)
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not installed")
+def test_every_kernel_compiles_and_fits_a100_and_h100(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = str(ROOT)
+    gpus = ("A100-80GB", "H100-SXM")
+    runs = {}
+    for gpu_key in gpus:  # one process per GPU, side by side
+        out = tmp_path / f"{gpu_key}.json"
+        cmd = [sys.executable, str(ROOT / "bench/cuda_compile.py"), "--gpus", gpu_key]
+        cmd += ["--tp", "1", "4", "--batches", "1", "8", "--contexts", "8192", "1048576"]
+        proc = subprocess.Popen(
+            [*cmd, "--json", str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        runs[gpu_key] = (proc, out)
+    for gpu_key, (proc, out) in runs.items():
+        log, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, log[-4000:]
+        result = json.loads(out.read_text())
+        assert result["failures"] == []
+        gpu = hardware.GPUS[gpu_key]
+        mine = result["launches"]
+        missing = _jit_kernels() - {x["kernel"] for x in mine}
+        assert not missing, f"{gpu_key}: never launched {sorted(missing)}; add them to scenarios()"
+        for x in mine:
+            where = f"{gpu_key} {x['where']} ({x['kernel']})"
+            assert x["gpu"] == gpu_key
+            assert x["shared"] <= gpu.max_shared_per_block, where
+            assert blocks_per_sm(gpu, x["num_warps"], x["registers"], x["shared"]) >= 1, where
+            allowed = SPILL_ALLOWED.get((gpu_key, x["kernel"]), SPILL_NOISE)
+            assert x["spill_bytes"] <= allowed, (
+                f"{where} spills {x['spill_bytes']} B/thread (allowed {allowed}) with "
+                f"{x['registers']} registers, {x['num_warps']} warps, constexprs "
+                f"{x['constexprs']}; {result['summary']}"
+            )
