@@ -474,16 +474,17 @@ def test_flash_attn_triton_matches_ref(
 
 
 def _gpu_prefill_configs() -> dict[str, dict[str, int]]:
-    """The prefill tiles `attention_config` picks on an A100 and an H100 (bf16, d128, group 4),
-    by cache format, as the GPU would get them."""
+    """The prefill tiles `attention_config` picks on an A100 and an H100 (bf16, group 4), by
+    head size and cache format, as the GPU would get them."""
     configs = {}
     for arch in (80, 90):
-        for bits in (0, 8):
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(FA, "is_interpreting", lambda: False)
-                mp.setattr(FA, "capability", lambda device, arch=arch: arch)
-                cfg = FA.attention_config(128, 4, torch.bfloat16, CPU, bits)
-            configs[f"sm{arch}-kv{bits or 16}"] = cfg
+        for head_dim in (64, 128):
+            for bits in (0, 8):
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(FA, "is_interpreting", lambda: False)
+                    mp.setattr(FA, "capability", lambda device, arch=arch: arch)
+                    cfg = FA.attention_config(head_dim, 4, torch.bfloat16, CPU, bits)
+                configs[f"sm{arch}-d{head_dim}-kv{bits or 16}"] = cfg
     return configs
 
 
@@ -497,8 +498,9 @@ def test_gpu_prefill_tiles_match_ref(name: str, device: torch.device, monkeypatc
     cfg = _gpu_prefill_configs()[name]
     for module in (FA, PA, PO):
         monkeypatch.setattr(module, "attention_config", lambda *_, c=cfg: dict(c))
-    dtype, scale = torch.bfloat16, _scale(128)
-    b = make_paged_batch([(70, 90), (1, 40), (33, 33)], 4, 128, 16, dtype, device, seed=9)
+    head_dim = int(name.split("-d")[1].split("-")[0])
+    dtype, scale = torch.bfloat16, _scale(head_dim)
+    b = make_paged_batch([(70, 90), (1, 40), (33, 33)], 4, head_dim, 16, dtype, device, seed=9)
     args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.context_lens)
     out, lse = PA.paged_attention_triton(*args, scale, return_lse=True)
     ref_out, ref_lse = PA.paged_attention_ref(*args, scale, return_lse=True)

@@ -1,7 +1,8 @@
 """Every Triton kernel compiles for the A100 (sm_80) and the H100 / H200 (sm_90) at the 7B's
-deployment shapes, fits their shared memory, and spills no more registers than allowed below;
-checked on a machine without a GPU (`bench/cuda_compile.py`: Triton's compiler and its bundled
-ptxas run on the host, the launches are recorded instead of run)."""
+deployment shapes and a Llama shape with 64-wide heads, fits their shared memory, and spills no
+more registers than allowed below; checked on a machine without a GPU (`bench/cuda_compile.py`:
+Triton's compiler and its bundled ptxas run on the host, the launches are recorded instead of
+run)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ SPILL_ALLOWED = {
     ("H100-SXM", "_flash_attn_kernel"): 192,
     ("H100-SXM", "_paged_attention_kernel"): 384,
     ("H100-SXM", "_position_attn_kernel"): 384,
+}
+
+
+LLAMA_D64 = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
 }
 
 
@@ -80,12 +91,17 @@ def test_every_kernel_compiles_and_fits_a100_and_h100(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONPATH"] = str(ROOT)
+    # A Llama-family shape with 64-wide heads beside the 7B's 128 (Llama 3.2 1B's).
+    d64 = tmp_path / "llama_d64.json"
+    d64.write_text(json.dumps(LLAMA_D64))
+    internlm = ROOT / "bench/model_configs/internlm2_5-7b-chat-1m.json"
     gpus = ("A100-80GB", "H100-SXM")
     runs = {}
     for gpu_key in gpus:  # one process per GPU, side by side
         out = tmp_path / f"{gpu_key}.json"
         cmd = [sys.executable, str(ROOT / "bench/cuda_compile.py"), "--gpus", gpu_key]
-        cmd += ["--tp", "1", "4", "--batches", "1", "8", "--contexts", "8192", "1048576"]
+        cmd += ["--model", str(internlm), str(d64), "--tp", "1", "4"]
+        cmd += ["--batches", "1", "8", "--contexts", "8192", "1048576"]
         proc = subprocess.Popen(
             [*cmd, "--json", str(out)],
             env=env,
