@@ -93,20 +93,20 @@ class Failure:
     error: str
 
 
-def blocks_per_sm(gpu: hardware.GPU, num_warps: int, registers: int, shared: int) -> int:
+def blocks_per_sm(gpu: hardware.Arch, num_warps: int, registers: int, shared: int) -> int:
     """Resident blocks per SM: the least of the block, thread, register and shared-memory
     limits. Registers are allocated per warp in units of 256."""
     threads = num_warps * 32
     warp_registers = math.ceil(max(registers, 1) * 32 / 256) * 256
-    by_registers = (hardware.REGISTERS_PER_SM // warp_registers) // num_warps
+    by_registers = (gpu.registers_per_sm // warp_registers) // num_warps
     by_shared = gpu.shared_per_sm // (shared + RESERVED_SHARED_PER_BLOCK)
-    return min(hardware.BLOCKS_PER_SM, hardware.THREADS_PER_SM // threads, by_registers, by_shared)
+    return min(gpu.blocks_per_sm, gpu.threads_per_sm // threads, by_registers, by_shared)
 
 
-def max_threads_per_block(registers: int) -> int:
+def max_threads_per_block(gpu: hardware.Arch, registers: int) -> int:
     """What the driver reports as a function's thread limit, from its registers per thread."""
     warp_registers = math.ceil(max(registers, 1) * 32 / 256) * 256
-    return min(1024, (hardware.REGISTERS_PER_SM // warp_registers) * 32)
+    return min(1024, (gpu.registers_per_sm // warp_registers) * 32)
 
 
 def _cuda_tool(name: str) -> str:
@@ -149,7 +149,7 @@ class _Function:
 class CompileOnlyDriver:
     """Triton's active driver for a GPU that is not there: compiles for it, records launches."""
 
-    def __init__(self, gpu: hardware.GPU, record: Callable[[Any, Any, _Function, tuple], None]):
+    def __init__(self, gpu: hardware.Arch, record: Callable[[Any, Any, _Function, tuple], None]):
         from triton.backends.compiler import GPUTarget
 
         self.gpu = gpu
@@ -177,7 +177,7 @@ class CompileOnlyDriver:
         return {
             "max_shared_mem": self.gpu.max_shared_per_block,
             "multiprocessor_count": self.gpu.sms,
-            "max_num_regs": hardware.REGISTERS_PER_SM,
+            "max_num_regs": self.gpu.registers_per_sm,
             "warpSize": 32,
         }
 
@@ -186,7 +186,7 @@ class CompileOnlyDriver:
     ) -> tuple[Any, _Function, int, int, int]:
         registers, spill_bytes = resource_usage(cubin)
         fn = _Function(name, registers, spill_bytes)
-        return object(), fn, registers, spill_bytes // 4, max_threads_per_block(registers)
+        return object(), fn, registers, spill_bytes // 4, max_threads_per_block(self.gpu, registers)
 
     def unload_module(self, module: Any) -> None:
         pass
@@ -211,7 +211,7 @@ def _returning(value: int) -> Callable[[torch.device], int]:
 
 
 @contextlib.contextmanager
-def compile_only(gpu: hardware.GPU, record: Callable[..., None]) -> Iterator[None]:
+def compile_only(gpu: hardware.Arch, record: Callable[..., None]) -> Iterator[None]:
     """Within: Triton compiles for `gpu` and records launches instead of running them, and the
     wrappers plan tiles from `gpu`'s SM count and compute capability."""
     import importlib
@@ -453,7 +453,7 @@ def _constexpr_names(src: Any) -> dict[str, Any]:
 class _Recorder:
     """Turns a launch on `gpu` into a `Launch`, labelled with the scenario running."""
 
-    def __init__(self, gpu: hardware.GPU, launches: list[Launch]) -> None:
+    def __init__(self, gpu: hardware.Arch, launches: list[Launch]) -> None:
         self.gpu, self.launches, self.where = gpu, launches, ""
 
     def __call__(self, src: Any, metadata: Any, function: _Function, grid: tuple) -> None:
@@ -475,7 +475,7 @@ class _Recorder:
 
 
 def compile_all(
-    gpus: list[hardware.GPU],
+    gpus: list[hardware.Arch],
     shards: list[Shard],
     dtype: torch.dtype,
     contexts: tuple[int, ...],
@@ -517,7 +517,7 @@ def toolchain() -> str:
     return f"Triton {triton.__version__}, ptxas {ptxas}"
 
 
-def report(launches: list[Launch], failures: list[Failure], gpus: list[hardware.GPU]) -> str:
+def report(launches: list[Launch], failures: list[Failure], gpus: list[hardware.Arch]) -> str:
     lines: list[str] = [
         f"Compiled with {toolchain()}. Spill B: bytes of spill stores per thread (as `ptxas -v` "
         "counts them).",
@@ -556,7 +556,7 @@ def report(launches: list[Launch], failures: list[Failure], gpus: list[hardware.
     return "\n".join(lines)
 
 
-def summary(launches: list[Launch], failures: list[Failure], gpus: list[hardware.GPU]) -> str:
+def summary(launches: list[Launch], failures: list[Failure], gpus: list[hardware.Arch]) -> str:
     binaries = {(x.gpu, x.binary): x for x in launches}
     spills = [x for x in binaries.values() if x.spill_bytes > 0]
     kernels = sorted({x.kernel for x in launches})
@@ -593,7 +593,7 @@ PREFILL_CANDIDATES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 """Prefill tiles `--sweep-prefill` compiles: the H100 sweep's and smaller ones."""
 
 
-def sweep_prefill(gpus: list[hardware.GPU], shard: Shard, dtype: torch.dtype) -> str:
+def sweep_prefill(gpus: list[hardware.Arch], shard: Shard, dtype: torch.dtype) -> str:
     """Compile every prefill-tile kernel (paged over each cache format, flash_attn, position)
     at each candidate config; one table row per (GPU, config): each variant's spill bytes,
     registers, shared memory and blocks per SM."""
@@ -659,7 +659,9 @@ def _is_prefill(where: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--gpus", nargs="+", default=list(DEFAULT_GPUS), help="bench/hardware.py keys")
+    ap.add_argument(
+        "--gpus", nargs="+", default=list(DEFAULT_GPUS), help="bench/hardware.py ARCHS keys"
+    )
     ap.add_argument("--model", nargs="+", type=Path, default=[DEFAULT_MODEL])
     ap.add_argument("--tp", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
@@ -678,9 +680,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gpus = []
     for name in args.gpus:
-        gpu = hardware.lookup(name)
+        gpu = hardware.lookup_arch(name)
         if gpu is None:
-            ap.error(f"--gpus {name!r} is not known; use one of: {hardware.accepted_names()}")
+            ap.error(f"--gpus {name!r} is not known; use one of: {hardware.accepted_arch_names()}")
         gpus.append(gpu)
     shards = []
     for path in args.model:

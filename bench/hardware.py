@@ -20,7 +20,8 @@ Every figure is the vendor's peak, not a measurement:
   H200 is the same GH100 configuration); shared memory from the CUDA C++ Programming Guide's
   table of technical specifications per compute capability (8.0: 164 KB per SM, 163 KB per
   block; 9.0: 228 KB per SM, 227 KB per block). Both have 64K 32-bit registers, 2,048 resident
-  threads and 32 resident blocks per SM.
+  threads and 32 resident blocks per SM. `ARCHS` adds compile targets that are not modelled
+  (L40S, B200).
 """
 
 from __future__ import annotations
@@ -31,6 +32,24 @@ from dataclasses import dataclass
 GB = 10**9
 TB = 10**12
 MiB = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class Arch:
+    """What a kernel compiled for a card must fit: `bench/cuda_compile.py`'s targets."""
+
+    key: str
+    name: str
+    aliases: tuple[str, ...] = ()
+    compute_capability: int
+    """80 = sm_80."""
+    sms: int
+    max_shared_per_block: int
+    """The opt-in limit a kernel's dynamic shared memory must fit (Triton checks it at load)."""
+    shared_per_sm: int
+    threads_per_sm: int = 2048
+    blocks_per_sm: int = 32
+    registers_per_sm: int = 65536
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +73,18 @@ class GPU:
     sms: int
     max_shared_per_block: int
     shared_per_sm: int
+
+    @property
+    def arch(self) -> Arch:
+        return Arch(
+            key=self.key,
+            name=self.name,
+            aliases=self.aliases,
+            compute_capability=self.compute_capability,
+            sms=self.sms,
+            max_shared_per_block=self.max_shared_per_block,
+            shared_per_sm=self.shared_per_sm,
+        )
 
     @property
     def nvlink_bytes_per_s_per_direction(self) -> float:
@@ -89,9 +120,6 @@ CUDA_GUIDE_SPECS = (
     "#features-and-technical-specifications-technical-specifications-per-compute-capability"
 )
 KB = 1024
-REGISTERS_PER_SM = 65536
-THREADS_PER_SM = 2048
-BLOCKS_PER_SM = 32
 
 GPUS: dict[str, GPU] = {
     g.key: g
@@ -155,6 +183,52 @@ GPUS: dict[str, GPU] = {
         ),
     )
 }
+
+
+ARCHS: dict[str, Arch] = {
+    **{g.key: g.arch for g in GPUS.values()},
+    # Cards `bench/cuda_compile.py` compiles for beyond the modelled ones, with the figures
+    # PyTorch reports for them (`torch.cuda.get_device_properties`): L40S compute capability 8.9,
+    # 142 SMs; B200 10.0, 148 SMs, 232,448 B (227 KB) of opt-in shared memory per block. The
+    # CUDA C++ Programming Guide's table per compute capability gives the rest: 8.9 has 100 KB
+    # of shared memory per SM, 99 KB per block, 1,536 resident threads and 24 blocks per SM;
+    # 10.0 228 KB per SM, 2,048 threads and 32 blocks.
+    "L40S": Arch(
+        key="L40S",
+        name="NVIDIA L40S",
+        compute_capability=89,
+        sms=142,
+        max_shared_per_block=99 * KB,
+        shared_per_sm=100 * KB,
+        threads_per_sm=1536,
+        blocks_per_sm=24,
+    ),
+    "B200": Arch(
+        key="B200",
+        name="NVIDIA B200",
+        aliases=("B200-SXM",),
+        compute_capability=100,
+        sms=148,
+        max_shared_per_block=227 * KB,
+        shared_per_sm=228 * KB,
+    ),
+}
+
+
+def lookup_arch(name: str) -> Arch | None:
+    """The compile target named `name` (a key or alias of `ARCHS`, any case), or None."""
+    want = name.strip().lower()
+    for arch in ARCHS.values():
+        if want == arch.key.lower() or want in (a.lower() for a in arch.aliases):
+            return arch
+    return None
+
+
+def accepted_arch_names() -> str:
+    return "; ".join(
+        f"{a.key}" + (f" (also {', '.join(a.aliases)})" if a.aliases else "")
+        for a in ARCHS.values()
+    )
 
 
 def accepted_names() -> str:

@@ -253,8 +253,9 @@ def attention_config(
     --sweep, bf16 d128, 16K causal, block_size 16): 256 x 64 with 16 warps 420-431 TFLOP/s,
     128 x 128 / 8 warps 376-390, 128 x 64 / 4 warps 369-374, 128 x 64 / 8 warps 310.
 
-    Before sm_90 (A100, and Ada's 99 KB of shared memory) each head size takes the largest
-    tile that spills no registers on sm_80 (`bench/cuda_compile.py --sweep-prefill`: at d128
+    Off sm_90 (A100, Ada's 99 KB of shared memory, and Blackwell, where the H100's tile
+    spilled 0.6-9 KB a thread on sm_100) each head size takes the largest tile that spills no
+    registers on sm_80 (`bench/cuda_compile.py --sweep-prefill`: at d128
     the 256 x 64 tile spilled 0.6 KB a thread over bf16 caches and 14.8 KB over int8 ones; at
     d64 128 x 64 with 4 warps spilled 0.9 KB over int8): d128 128 x 32 with 8 warps (64 x 64
     over an int8 cache, whose dequantization holds more registers), d64 128 x 64 with 8 warps
@@ -265,7 +266,7 @@ def attention_config(
         return dict(BLOCK_M=max(rows, 32), BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32 or head_dim > 128:
         return dict(BLOCK_M=max(rows, 64), BLOCK_N=32, num_warps=4, num_stages=2)
-    if capability(device) < 90:
+    if capability(device) != 90:
         if head_dim == 128 and bits == 8:
             return dict(BLOCK_M=max(rows, 64), BLOCK_N=64, num_warps=8, num_stages=3)
         if head_dim == 128 or bits == 8:

@@ -1,8 +1,8 @@
-"""Every Triton kernel compiles for the A100 (sm_80) and the H100 / H200 (sm_90) at the 7B's
-deployment shapes and a Llama shape with 64-wide heads, fits their shared memory, and spills no
-more registers than allowed below; checked on a machine without a GPU (`bench/cuda_compile.py`:
-Triton's compiler and its bundled ptxas run on the host, the launches are recorded instead of
-run)."""
+"""Every Triton kernel compiles for the A100 (sm_80), the H100 / H200 (sm_90), the L40S (sm_89)
+and the B200 (sm_100) at the 7B's deployment shapes and a Llama shape with 64-wide heads, fits
+their shared memory, and spills no more registers than allowed below; checked on a machine
+without a GPU (`bench/cuda_compile.py`: Triton's compiler and its bundled ptxas run on the host,
+the launches are recorded instead of run)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ SPILL_ALLOWED = {
     ("H100-SXM", "_flash_attn_kernel"): 192,
     ("H100-SXM", "_paged_attention_kernel"): 384,
     ("H100-SXM", "_position_attn_kernel"): 384,
+    # sm_100 runs the spill-free sm_80 tiles; one variant parks 20 B.
+    ("B200", "_paged_attention_kernel"): 64,
 }
 
 
@@ -61,7 +63,7 @@ def _jit_kernels() -> set[str]:
 
 
 def test_blocks_per_sm_by_hand() -> None:
-    h100 = hardware.lookup("H100")
+    h100 = hardware.lookup_arch("H100")
     assert h100 is not None
     # 4 warps x 128 registers: 4096 registers a warp, 16 warps by registers = 4 blocks; shared
     # memory 38 KB + 1 KB reserved fits 5; threads fit 16.
@@ -72,8 +74,13 @@ def test_blocks_per_sm_by_hand() -> None:
     assert blocks_per_sm(h100, 4, 32, 100 * 1024) == 2
     # registers round up to 256 a warp: 33 registers x 32 = 1056 -> 1280 -> 51 warps -> 12 blocks
     assert blocks_per_sm(h100, 4, 33, 0) == 12
-    assert max_threads_per_block(255) == 256  # 255 x 32 -> 8192 a warp -> 8 warps
-    assert max_threads_per_block(64) == 1024
+    assert max_threads_per_block(h100, 255) == 256  # 255 x 32 -> 8192 a warp -> 8 warps
+    assert max_threads_per_block(h100, 64) == 1024
+    # Ada: 1,536 threads and 24 blocks per SM; 100 KB of shared memory.
+    l40s = hardware.ARCHS["L40S"]
+    assert blocks_per_sm(l40s, 4, 32, 0) == 12  # 1536 / 128 threads
+    assert blocks_per_sm(l40s, 1, 32, 0) == 24
+    assert blocks_per_sm(l40s, 4, 32, 48 * 1024) == 2
 
 
 def test_shard_shapes_at_tp4() -> None:
@@ -87,7 +94,7 @@ def test_shard_shapes_at_tp4() -> None:
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not installed")
-def test_every_kernel_compiles_and_fits_a100_and_h100(tmp_path: Path) -> None:
+def test_every_kernel_compiles_and_fits_each_card(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONPATH"] = str(ROOT)
@@ -95,12 +102,14 @@ def test_every_kernel_compiles_and_fits_a100_and_h100(tmp_path: Path) -> None:
     d64 = tmp_path / "llama_d64.json"
     d64.write_text(json.dumps(LLAMA_D64))
     internlm = ROOT / "bench/model_configs/internlm2_5-7b-chat-1m.json"
-    gpus = ("A100-80GB", "H100-SXM")
+    # The modelled cards at tp 1 and 4; Ada (99 KB of shared memory per block) and Blackwell at
+    # tp 1.
+    tps = {"A100-80GB": ["1", "4"], "H100-SXM": ["1", "4"], "L40S": ["1"], "B200": ["1"]}
     runs = {}
-    for gpu_key in gpus:  # one process per GPU, side by side
+    for gpu_key, tp in tps.items():  # one process per GPU, side by side
         out = tmp_path / f"{gpu_key}.json"
         cmd = [sys.executable, str(ROOT / "bench/cuda_compile.py"), "--gpus", gpu_key]
-        cmd += ["--model", str(internlm), str(d64), "--tp", "1", "4"]
+        cmd += ["--model", str(internlm), str(d64), "--tp", *tp]
         cmd += ["--batches", "1", "8", "--contexts", "8192", "1048576"]
         proc = subprocess.Popen(
             [*cmd, "--json", str(out)],
@@ -115,7 +124,7 @@ def test_every_kernel_compiles_and_fits_a100_and_h100(tmp_path: Path) -> None:
         assert proc.returncode == 0, log[-4000:]
         result = json.loads(out.read_text())
         assert result["failures"] == []
-        gpu = hardware.GPUS[gpu_key]
+        gpu = hardware.ARCHS[gpu_key]
         mine = result["launches"]
         missing = _jit_kernels() - {x["kernel"] for x in mine}
         assert not missing, f"{gpu_key}: never launched {sorted(missing)}; add them to scenarios()"
