@@ -110,9 +110,19 @@ def max_threads_per_block(gpu: hardware.Arch, registers: int) -> int:
 
 
 def _cuda_tool(name: str) -> str:
-    from triton.backends.nvidia.compiler import get_ptxas
+    """A CUDA binary (ptxas, cuobjdump) from Triton's NVIDIA backend."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
 
-    return str(Path(get_ptxas(90).path).parent / name)
+        path = Path(get_ptxas(90).path).parent / name
+    except Exception as e:  # no triton, or a wheel without the NVIDIA backend
+        raise RuntimeError(
+            f"compiling for NVIDIA GPUs needs Triton's NVIDIA backend and its bundled {name} "
+            f"(the Linux x86_64 triton wheel): {e}"
+        ) from e
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: Triton's NVIDIA backend came without {name}")
+    return str(path)
 
 
 _STORE_WIDTH = {None: 4, "64": 8, "128": 16, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
@@ -677,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Triton 3.9 fuses multiply-adds unless told otherwise and warns that the default will
+    # change; compile what a GPU run gets today, without the warning.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     gpus = []
     for name in args.gpus:
