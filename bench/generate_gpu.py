@@ -240,6 +240,19 @@ def param_count(cfg: dict) -> int:
     return layers * (attn + 3 * h * inter) + 2 * cfg["vocab_size"] * h
 
 
+KV_NAMES = {0: "bf16", 8: "int8", 4: "int4"}
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bits: int) -> int:
+    """Bytes of K and V one token holds in the cache: bf16, or int8 / int4 codes plus a float32
+    scale and zero per token and KV head (`cache.quant_policy`, kernels/kv_quant.py)."""
+    if bits == 0:
+        per_head = head_dim * 2
+    else:
+        per_head = head_dim * bits // 8 + 2 * 4
+    return 2 * layers * kv_heads * per_head
+
+
 def run(args: argparse.Namespace) -> list[str]:
     from bench.long_context import timed_generate
 
@@ -271,7 +284,9 @@ def run(args: argparse.Namespace) -> list[str]:
         session_len=session,
         load_format="dummy",
         enforce_eager=args.enforce_eager,
-        cache=CacheConfig(gpu_memory_utilization=0.92, enable_prefix_caching=True),
+        cache=CacheConfig(
+            gpu_memory_utilization=0.92, enable_prefix_caching=True, quant_policy=args.kv_quant
+        ),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=args.chunk),
     )
     params = param_count(cfg)
@@ -311,7 +326,7 @@ def run(args: argparse.Namespace) -> list[str]:
             f"{flops / prefill / 1e12:6.1f} TFLOP/s ({flops / prefill / 1e12 / tflops_peak:.0%}"
             " of matmul peak)"
         )
-        kv_bytes = 2 * layers * kvh * hd * 2 * n
+        kv_bytes = kv_bytes_per_token(layers, kvh, hd, args.kv_quant) * n
         # A decode step reads every layer weight, the LM head and the KV once.
         floor = (weight_bytes + kv_bytes) / (copy_gbs * 1e9)
         rows.append(
@@ -334,7 +349,7 @@ def run(args: argparse.Namespace) -> list[str]:
         if breakdown is not None:
             breakdown.reset()
         step = batched_decode(rt, prompts, args.decode_tokens)
-        kv_bytes = args.batch * 2 * layers * kvh * hd * 2 * n
+        kv_bytes = args.batch * kv_bytes_per_token(layers, kvh, hd, args.kv_quant) * n
         floor = (weight_bytes + kv_bytes) / (copy_gbs * 1e9)
         rows.append(
             f"decode batch {args.batch} at {n:>7} context: {step * 1e3:6.2f} ms/step, floor "
@@ -388,6 +403,13 @@ def main() -> None:
         help="int4: random AWQ 4-bit weights (group 128) through the W4A16 kernel",
     )
     p.add_argument(
+        "--kv-quant",
+        type=int,
+        choices=[0, 8, 4],
+        default=0,
+        help="KV cache: 0 bf16, 8 int8, 4 int4 (cache.quant_policy); the floor counts its bytes",
+    )
+    p.add_argument(
         "--profile", metavar="DIR", help="trace decode steps with torch.profiler into DIR"
     )
     p.add_argument("--profile-steps", type=int, default=8, help="decode steps to trace")
@@ -401,7 +423,7 @@ def main() -> None:
             f"# generate on {name}, {datetime.date.today()}\n\n"
             f"torch {torch.__version__}, python {platform.python_version()}, model shape "
             f"{args.model_config}, layers {args.layers or 'as configured'} (random {args.weights} "
-            "weights, bf16 activations, "
+            f"weights, bf16 activations, KV cache {KV_NAMES[args.kv_quant]}, "
             f"tp=1, chunk {args.chunk}, decode {'eager' if args.enforce_eager else 'CUDA graphs'})"
             "\n\n"
             + "\n".join(f"- {r}" for r in rows)

@@ -11,8 +11,9 @@
 # ASYNC=0 skips the runs with decode steps launched ahead (DIST_RUNTIME_ASYNC_DECODE=1: 7B at
 # 8K / 32K / batch 8, and 1M), which follow the default runs. The fused RoPE + KV-store kernel
 # is checked and timed first (FUSED_TIMEOUT), so a failure there shows before the long runs.
-# GEMV=0 skips the last steps: the Triton GEMV against cuBLAS on the 7B shapes, and the 7B
-# decode with it and steps launched ahead (DIST_RUNTIME_GEMV=triton).
+# KVQ=0 skips the 7B decode over int8 and int4 KV caches (32K and 131K, batch 8 at 32K;
+# KVQ_TIMEOUT each). GEMV=0 skips the last steps: the Triton GEMV against cuBLAS on the 7B
+# shapes, and the 7B decode with it and steps launched ahead (DIST_RUNTIME_GEMV=triton).
 set -u
 OUT=${OUT:-/tmp/gpu_decode}
 mkdir -p "$OUT"
@@ -50,6 +51,15 @@ if [ "${ASYNC:-1}" = 1 ]; then
     DIST_RUNTIME_ASYNC_DECODE=1 timeout "${GEN_TIMEOUT:-180}" $PY bench/generate_gpu.py \
         --prompt-lens 8192,32768 --decode-tokens 32 --batch 8 --batch-lens 8192 \
         --out "$OUT/generate_7b_async.md" 2>&1 | grep -v "it/s" | tee -a "$log"
+fi
+
+if [ "${KVQ:-1}" = 1 ]; then
+    for bits in 8 4; do
+        step "generate, 7B shape, int$bits KV cache"
+        timeout "${KVQ_TIMEOUT:-150}" $PY bench/generate_gpu.py --kv-quant $bits \
+            --prompt-lens 32768,131072 --decode-tokens 32 --batch 8 --batch-lens 32768 \
+            --out "$OUT/generate_7b_kv$bits.md" 2>&1 | grep -v "it/s" | tee -a "$log"
+    done
 fi
 
 step generate, 1M tokens

@@ -81,6 +81,45 @@ def test_generate_gpu_script_runs_with_a_decode_profile(tmp_path: Path) -> None:
     assert (tmp_path / "summary.md").read_text().splitlines()[-1] == lines[-1]
 
 
+def test_generate_gpu_script_with_an_int8_kv_cache(tmp_path: Path) -> None:
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    report = tmp_path / "generate_tiny_kv8.md"
+    _run(
+        "bench/generate_gpu.py",
+        "--device=cpu",
+        f"--model-config={config}",
+        "--prompt-lens=64",
+        "--decode-tokens=4",
+        "--chunk=64",
+        "--kv-quant=8",
+        f"--out={report}",
+    )
+    text = report.read_text()
+    assert "KV cache int8" in text and "decode at      64 context" in text
+
+
+def test_kv_bytes_per_token_by_hand() -> None:
+    from bench.generate_gpu import kv_bytes_per_token
+
+    # 2 (K, V) x 2 layers x 2 KV heads x (64 x 2 B | 64 x 1 B + scale, zero | 32 B + both)
+    assert kv_bytes_per_token(2, 2, 64, 0) == 2 * 2 * 2 * 128 == 1024
+    assert kv_bytes_per_token(2, 2, 64, 8) == 2 * 2 * 2 * (64 + 8) == 576
+    assert kv_bytes_per_token(2, 2, 64, 4) == 2 * 2 * 2 * (32 + 8) == 320
+
+
+def test_decode_summary_takes_each_runs_own_floor(tmp_path: Path) -> None:
+    (tmp_path / "generate_7b.md").write_text(
+        "- decode at     100 context:   2.00 ms/token, floor  1.00 ms (weights ...)\n"
+    )
+    (tmp_path / "generate_7b_kv8.md").write_text(
+        "- decode at     100 context:   1.00 ms/token, floor  0.80 ms (weights ...)\n"
+    )
+    lines = _run("bench/gpu_decode_summary.py", str(tmp_path)).splitlines()
+    assert lines[2] == "| 1 | 100 | 1.00 | 85% | 2.00 | 50% | 1.00 | 80% |"
+    assert lines[-1] == "decode vs floor, best run: b1 100 80% (kv8) (below target)"
+
+
 def test_host_step_bench_runs() -> None:
     out = _run("bench/host_step.py", "--contexts=1024,4096", "--batches=1,3", "--reps=3")
     assert "host-step: decode input building" in out
