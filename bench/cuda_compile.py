@@ -315,7 +315,6 @@ def scenarios(
 ) -> Iterator[tuple[str, Callable[[], object]]]:
     """(where, call) for every kernel launch the runtime makes with this shard: decode steps,
     prefill chunks, context-parallel ring steps, 4-bit weights and the decode GEMV."""
-    from dist_runtime.formats.int4 import Int4Weight
     from kernels.flash_attn import flash_attn_triton
     from kernels.flash_decode import flash_decode_triton
     from kernels.gemv import GEMV_MAX_M, gemv_triton
@@ -437,15 +436,39 @@ def scenarios(
             yield f"{tag} gemv {name} {m} rows", partial(gemv_triton, x, weight)
         if name == "lm_head":
             continue  # the head stays in the activation dtype
-        int4 = Int4Weight(
-            qweight=torch.zeros(k_in // 8, n, dtype=torch.int32),
-            scales=torch.empty(k_in // GROUP_SIZE, n, dtype=torch.float16),
-            zeros=torch.empty(k_in // GROUP_SIZE, n, dtype=torch.float16),
-            group_size=GROUP_SIZE,
-        )
         for m in (*batches, PREFILL_TOKENS):
             x = torch.empty(m, k_in, dtype=dtype)
-            yield f"{tag} w4a16 {name} {m} rows", partial(w4a16_matmul_triton, x, int4)
+            yield (
+                f"{tag} w4a16 {name} {m} rows",
+                partial(w4a16_matmul_triton, x, _int4(k_in, n, GROUP_SIZE, act_order=False)),
+            )
+        if name == "gate_up":  # scales gathered per row: GPTQ act-order, groups under a tile
+            for group, act_order in ((GROUP_SIZE, True), (32, False)):
+                weight_q = _int4(k_in, n, group, act_order)
+                for m in (1, PREFILL_TOKENS):
+                    x = torch.empty(m, k_in, dtype=dtype)
+                    label = "act-order" if act_order else f"group {group}"
+                    yield (
+                        f"{tag} w4a16 {name} {label} {m} rows",
+                        partial(w4a16_matmul_triton, x, weight_q),
+                    )
+
+
+def _int4(k: int, n: int, group: int, act_order: bool) -> Any:
+    """A 4-bit weight (in_features k, out_features n) of the runtime layout; with `act_order`
+    a GPTQ g_idx that is not the plain k // group, so the kernel gathers scales per row."""
+    from dist_runtime.formats.int4 import Int4Weight
+
+    g_idx = None
+    if act_order:
+        g_idx = (torch.arange(k, dtype=torch.int32) * 7 % k) // group
+    return Int4Weight(
+        qweight=torch.zeros(k // 8, n, dtype=torch.int32),
+        scales=torch.empty(k // group, n, dtype=torch.float16),
+        zeros=torch.empty(k // group, n, dtype=torch.float16),
+        group_size=group,
+        g_idx=g_idx,
+    )
 
 
 # --------------------------------------------------------------------------- running
