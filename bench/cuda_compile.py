@@ -3,6 +3,8 @@ runtime launches them with, and check each against the target's limits.
 
     python bench/cuda_compile.py                       # A100 + H100, 7B at tp 1 and tp 4
     python bench/cuda_compile.py --gpus A100-80GB --model bench/model_configs/*.json --tp 1 2 4
+    python bench/cuda_compile.py --gpus L40S B200      # other targets: bench/hardware.py ARCHS
+    python bench/cuda_compile.py --sweep-prefill       # the prefill tile candidates instead
 
 Triton compiles to a cubin without a device: its LLVM and its bundled `ptxas` run on the host;
 only loading and launching need the driver. This swaps Triton's active driver for one that
@@ -11,9 +13,9 @@ kernels' Triton wrappers (the `*_triton` functions the layers call) on CPU tenso
 deployment shapes. Specialisation, constexprs and the tile configs the wrappers pick (from the
 target's SM count) are therefore the real ones; the launch itself becomes a record. Triton's own
 load-time checks run as on the card (shared memory over the per-block limit, more threads than
-the registers allow). Registers and local memory (spills) per thread come from
-`cuobjdump -res-usage` on the cubin; resident blocks per SM follow from those, the warps and the
-shared memory (with the 1 KB per block the hardware reserves).
+the registers allow). Registers per thread come from `cuobjdump -res-usage` on the cubin and
+spill stores from its SASS (the bytes `ptxas -v` reports); resident blocks per SM follow from
+the registers, the warps and the shared memory (with the 1 KB per block the hardware reserves).
 
 What it cannot say: how fast anything runs. It finds compile failures, configs that do not fit a
 card (an A100 has 163 KB of shared memory per block against an H100's 227 KB), register spills
