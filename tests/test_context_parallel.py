@@ -200,5 +200,7 @@ def test_cp_decode_steps_replay_from_graphs(
     assert [s["rank"] for s in stats] == [0, 1, 2, 3]
     replays = {s["graph_replays"] for s in stats}
     assert len(replays) == 1, stats  # every rank replays the same steps
-    # Every decode step of the 33 tokens replays (the first token comes from a prefill).
+    # Every decode step of the 33 tokens replays (the first token comes from a prefill), its
+    # inputs (this rank's slots, key counts and blocks) staged in one copy.
     assert replays.pop() >= PARAMS.max_new_tokens - 1
+    assert {s["graph_staged_replays"] for s in stats} == {s["graph_replays"] for s in stats}

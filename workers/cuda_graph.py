@@ -133,6 +133,8 @@ class DecodeGraphs:
         self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.num_replays = 0
         self.num_rope_replays = 0
+        self.num_staged = 0
+        """Replays whose inputs came in one copy (`run_staged`)."""
 
     def _meta(self, b: int, rope: bool) -> AttentionMetadata:
         inv = None
@@ -318,6 +320,7 @@ class DecodeGraphs:
             if self.inv_freq is not None:
                 self.inv_freq[n : self._padded_rows].zero_()
         self._padded_rows = n
+        self.num_staged += 1
         return self._replay_size(b, n, rope)
 
     def _replay_size(self, b: int, n: int, rope: bool) -> torch.Tensor:

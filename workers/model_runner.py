@@ -553,13 +553,13 @@ class ModelRunner:
             )
 
     def _staged_decode(self, seqs: list[SeqStep], own_rope: bool) -> torch.Tensor | None:
-        """A decode step at cp = 1 through the graphs, its inputs sent in one copy
-        (`DecodeGraphs.run_staged`): the final hidden states, one row per sequence; None when
-        the step is not such a step (prefill chunks, cp > 1, too many rows, no graphs)."""
+        """A decode step through the graphs, its inputs sent in one copy
+        (`DecodeGraphs.run_staged`; at cp > 1 this rank's slots, key counts and blocks): the
+        final hidden states, one row per sequence; None when the step is not such a step
+        (prefill chunks, too many rows, no graphs)."""
         graphs = self.graphs
         if (
             graphs is None
-            or graphs.cp_decode
             or not graphs.captured
             or len(seqs) > graphs.max_batch
             or any(len(s.token_ids) != 1 for s in seqs)
@@ -577,16 +577,20 @@ class ModelRunner:
     ) -> tuple[tuple[list[int], list[int], list[int], list[int]], list[torch.Tensor]]:
         """A decode step's (token ids, positions, KV slots, context lengths) and each sequence's
         device block table; a sequence marked in `ahead` gets id 0 (its id is set on the
-        device, `DecodeGraphs.run_staged`)."""
-        bs = self.config.cache.block_size
+        device, `DecodeGraphs.run_staged`). At cp > 1 these are this rank's: the slot only where
+        it holds the token's block (else -1, not stored), its count of the keys, its blocks."""
+        bs, cp, rank = self.config.cache.block_size, self.comm.cp_size, self.comm.cp_rank
         ids, pos, slots, ctx, tables = [], [], [], [], []
         for s, is_ahead in zip(seqs, ahead, strict=True):
             state, p = self.seqs[s.seq_id], s.start_pos
             ids.append(0 if is_ahead else s.token_ids[0])
             pos.append(p)
-            slots.append(state.block_table[p // bs] * bs + p % bs)
+            block = p // bs
+            slots.append(state.block_table[block] * bs + p % bs if block % cp == rank else -1)
             ctx.append(p + 1)
             tables.append(state.table.view())
+        if cp > 1:
+            ctx = local_key_count(torch.tensor(ctx), bs, cp, rank).tolist()
         return (ids, pos, slots, ctx), tables
 
     def _prepare(

@@ -146,6 +146,7 @@ class Worker:
             "steps": self.runner.num_steps,
             "graph_replays": 0 if graphs is None else graphs.num_replays,
             "graph_rope_replays": 0 if graphs is None else graphs.num_rope_replays,
+            "graph_staged_replays": 0 if graphs is None else graphs.num_staged,
         }
 
     def ping(self) -> int:
