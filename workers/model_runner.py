@@ -197,7 +197,7 @@ class ModelRunner:
         width = 4 * c.hidden_size + 4 * c.intermediate_size // self.comm.tp_size
         per_token = width * self.dtype.itemsize + 4 * c.vocab_size // max(tokens, 1)
         graph_logits = 0  # the decode graphs' fp32 logits buffer (`DecodeGraphs.logits`)
-        if self._decode_graph_mode() is not None and self.comm.cp_size == 1:
+        if self._decode_graph_mode() is not None:
             rows = min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
             graph_logits = 4 * c.vocab_size * rows
         return tokens * per_token + graph_logits + (512 << 20)
@@ -226,8 +226,9 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             lambda ids, pos, meta: self.model(ids, pos, meta, kv.layers),
             stages=self._graph_stages(kv.layers),
-            # At cp > 1 only cp rank 0 runs the head, outside the graphs.
-            head=self.model.compute_logits if self.comm.cp_size == 1 else None,
+            # At cp > 1 every cp rank holds the same hidden states after the merge and runs the
+            # head in its graph, side by side; the driver rank's picks are the ones read.
+            head=self.model.compute_logits,
             vocab_size=self.model_config.vocab_size,
             max_batch=min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
             # A cp rank holds every cp-th block of a sequence.
@@ -261,7 +262,8 @@ class ModelRunner:
     # -- steps launched ahead ---------------------------------------------------------------
     def runs_ahead(self) -> bool:
         """`launch` can return before a decode step ends (`DIST_RUNTIME_ASYNC_DECODE=1`, decode
-        graphs with their head, cp = 1)."""
+        graphs with their head; at cp > 1 `_launch_staged` declines and the ids are
+        broadcast)."""
         graphs = self.graphs
         return self._ahead and graphs is not None and graphs.greedy is not None
 
@@ -292,6 +294,8 @@ class ModelRunner:
         graphs = self.graphs
         assert graphs is not None and graphs.greedy is not None and self.kv_cache is not None
         seqs = plan.seqs
+        # At cp > 1 each cp rank's logits come through its own tp group's all-reduces, equal
+        # but not guaranteed bit for bit across groups: the next ids go through a broadcast.
         if not seqs or len(seqs) > graphs.max_batch or self.comm.cp_size != 1:
             return None
         for s in seqs:
