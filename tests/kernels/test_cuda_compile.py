@@ -30,8 +30,10 @@ SPILL_ALLOWED = {
     ("H100-SXM", "_flash_attn_kernel"): 192,
     ("H100-SXM", "_paged_attention_kernel"): 384,
     ("H100-SXM", "_position_attn_kernel"): 384,
-    # sm_100 runs the spill-free sm_80 tiles; one variant parks 20 B.
+    # sm_100: the spill-free sm_80 prefill tiles park 20 B in one variant, as does the 4-bit
+    # kernel's act-order path at one row (Triton 3.9).
     ("B200", "_paged_attention_kernel"): 64,
+    ("B200", "_w4a16_kernel"): 64,
 }
 
 
