@@ -243,16 +243,6 @@ def param_count(cfg: dict) -> int:
 KV_NAMES = {0: "bf16", 8: "int8", 4: "int4"}
 
 
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bits: int) -> int:
-    """Bytes of K and V one token holds in the cache: bf16, or int8 / int4 codes plus a float32
-    scale and zero per token and KV head (`cache.quant_policy`, kernels/kv_quant.py)."""
-    if bits == 0:
-        per_head = head_dim * 2
-    else:
-        per_head = head_dim * bits // 8 + 2 * 4
-    return 2 * layers * kv_heads * per_head
-
-
 def run(args: argparse.Namespace) -> list[str]:
     from bench.long_context import timed_generate
 
@@ -291,18 +281,17 @@ def run(args: argparse.Namespace) -> list[str]:
     )
     params = param_count(cfg)
     from dist_runtime.config import ModelConfig
-    from dist_runtime.memory_planner import weight_bytes_per_worker
+    from dist_runtime.memory_planner import kv_bytes_per_token, weight_bytes_per_worker
 
+    model = ModelConfig.from_dict(cfg)
     # Bytes a decode step reads for the weights: every layer and the LM head, not the embedding.
-    weight_bytes = weight_bytes_per_worker(ModelConfig.from_dict(cfg), 1, "bfloat16")
+    weight_bytes = weight_bytes_per_worker(model, 1, "bfloat16")
+    # ... and per token of context: K and V (codes plus scale and zero for a quantized cache).
+    token_kv_bytes = kv_bytes_per_token(model, 1, "bfloat16", args.kv_quant)
     weight_bytes -= 2 * cfg["vocab_size"] * cfg["hidden_size"]
     emb = cfg["vocab_size"] * cfg["hidden_size"]
     hd = cfg["hidden_size"] // cfg["num_attention_heads"]
-    heads, kvh, layers = (
-        cfg["num_attention_heads"],
-        cfg["num_key_value_heads"],
-        cfg["num_hidden_layers"],
-    )
+    heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
     gen = torch.Generator().manual_seed(0)
     warm = [[1] * min(512, session - 8)]
     rt.generate(warm, SamplingParams(max_new_tokens=4, temperature=0.0))  # warm-up
@@ -326,7 +315,7 @@ def run(args: argparse.Namespace) -> list[str]:
             f"{flops / prefill / 1e12:6.1f} TFLOP/s ({flops / prefill / 1e12 / tflops_peak:.0%}"
             " of matmul peak)"
         )
-        kv_bytes = kv_bytes_per_token(layers, kvh, hd, args.kv_quant) * n
+        kv_bytes = token_kv_bytes * n
         # A decode step reads every layer weight, the LM head and the KV once.
         floor = (weight_bytes + kv_bytes) / (copy_gbs * 1e9)
         rows.append(
@@ -349,7 +338,7 @@ def run(args: argparse.Namespace) -> list[str]:
         if breakdown is not None:
             breakdown.reset()
         step = batched_decode(rt, prompts, args.decode_tokens)
-        kv_bytes = args.batch * kv_bytes_per_token(layers, kvh, hd, args.kv_quant) * n
+        kv_bytes = args.batch * token_kv_bytes * n
         floor = (weight_bytes + kv_bytes) / (copy_gbs * 1e9)
         rows.append(
             f"decode batch {args.batch} at {n:>7} context: {step * 1e3:6.2f} ms/step, floor "

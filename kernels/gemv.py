@@ -15,13 +15,11 @@ both on the 7B shapes.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from dist_runtime.config import gemv_choice
-from kernels.flash_attn import is_interpreting
+from kernels.flash_attn import _jit, is_interpreting
 from kernels.flash_decode import _sm_count
 
 try:
@@ -34,10 +32,6 @@ GEMV_MAX_M = 16
 """Most rows the kernel takes: one tl.dot row tile (a single row takes a dot-free path)."""
 PROGRAMS_PER_SM = 4
 """Target programs per multiprocessor when choosing BLOCK_N."""
-
-
-def _jit(fn: Any) -> Any:
-    return triton.jit(fn) if triton is not None else fn
 
 
 @_jit

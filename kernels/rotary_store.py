@@ -13,14 +13,13 @@ k/v are not stored).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from kernels.dispatch import use_triton
 from kernels.rotary import (
     TILE_ELEMENTS,
     _check_inputs,
+    _jit,
     _rotate_heads,
     _token_angles,
     rotary_ref,
@@ -32,10 +31,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: only the torch reference runs
     triton = None  # type: ignore[assignment]
-
-
-def _jit(fn: Any) -> Any:
-    return triton.jit(fn) if triton is not None else fn
 
 
 @_jit

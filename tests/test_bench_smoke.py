@@ -100,12 +100,15 @@ def test_generate_gpu_script_with_an_int8_kv_cache(tmp_path: Path) -> None:
 
 
 def test_kv_bytes_per_token_by_hand() -> None:
-    from bench.generate_gpu import kv_bytes_per_token
+    """The floor's KV bytes (the memory planner's count) for each cache format."""
+    from dist_runtime.config import ModelConfig
+    from dist_runtime.memory_planner import kv_bytes_per_token
 
+    model = ModelConfig.from_dict({**TINY, "hidden_size": 256})  # 4 heads of 64, 2 KV heads
     # 2 (K, V) x 2 layers x 2 KV heads x (64 x 2 B | 64 x 1 B + scale, zero | 32 B + both)
-    assert kv_bytes_per_token(2, 2, 64, 0) == 2 * 2 * 2 * 128 == 1024
-    assert kv_bytes_per_token(2, 2, 64, 8) == 2 * 2 * 2 * (64 + 8) == 576
-    assert kv_bytes_per_token(2, 2, 64, 4) == 2 * 2 * 2 * (32 + 8) == 320
+    assert kv_bytes_per_token(model, 1, "bfloat16", 0) == 2 * 2 * 2 * 128 == 1024
+    assert kv_bytes_per_token(model, 1, "bfloat16", 8) == 2 * 2 * 2 * (64 + 8) == 576
+    assert kv_bytes_per_token(model, 1, "bfloat16", 4) == 2 * 2 * 2 * (32 + 8) == 320
 
 
 def test_decode_summary_takes_each_runs_own_floor(tmp_path: Path) -> None:
