@@ -17,9 +17,15 @@ the registers allow). Registers per thread come from `cuobjdump -res-usage` on t
 spill stores from its SASS (the bytes `ptxas -v` reports); resident blocks per SM follow from
 the registers, the warps and the shared memory (with the 1 KB per block the hardware reserves).
 
+It also reads each kernel's main loop from its SASS (the instructions a thread issues per
+iteration) and, for the kernels that stream device memory at decode (the GEMV, the 4-bit GEMM,
+split-KV decode attention), the rate at which the SMs could stream their bytes if issuing
+instructions were the only limit: a loop under the HBM's bandwidth there cannot reach it on the
+card, however its memory accesses are arranged.
+
 What it cannot say: how fast anything runs. It finds compile failures, configs that do not fit a
-card (an A100 has 163 KB of shared memory per block against an H100's 227 KB), register spills
-and occupancy, before a GPU session spends its minutes on them.
+card (an A100 has 163 KB of shared memory per block against an H100's 227 KB), register spills,
+occupancy and issue-bound loops, before a GPU session spends its minutes on them.
 
 Prints a table per GPU and one summary line; exits 1 if any kernel failed to compile or fit.
 """
@@ -38,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -82,6 +89,9 @@ class Launch:
     constexprs: dict[str, Any]
     binary: str
     """The compiled kernel's hash: launches with one hash share one binary."""
+    loop: LoopMix | None = None
+    pointers: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Pointer arguments' element types (Triton's names: bf16, i32, ...)."""
 
     @property
     def programs(self) -> int:
@@ -127,14 +137,80 @@ def _cuda_tool(name: str) -> str:
     return str(path)
 
 
-_STORE_WIDTH = {None: 4, "64": 8, "128": 16, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
+_WIDTH = {"64": 8, "128": 16, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
+"""Bytes a thread moves per memory instruction, by its width modifier (none: 4)."""
+_SASS_LINE = re.compile(
+    r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)\s*([^;]*);"
+)
+ISSUE_PER_SM_CLOCK = 4
+"""Warp instructions an SM issues per clock at most: one per scheduler, four schedulers (Volta
+through Blackwell, per NVIDIA's architecture whitepapers)."""
 
 
-def resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, spill-store bytes per thread) of the one function in `cubin`.
+def _width(modifiers: str) -> int:
+    for token in modifiers.split("."):
+        if token in _WIDTH:
+            return _WIDTH[token]
+    return 4
 
-    Spill stores are the local-memory stores (STL) in its SASS, summed by width: the figure
+
+@dataclasses.dataclass(frozen=True)
+class LoopMix:
+    """A kernel's main loop, from its SASS: the backward branch whose body loads the most bytes
+    from global memory a thread (ties: the longer body). Counts are per thread and iteration;
+    every instruction of the body counts once (a branch inside the body is counted whole)."""
+
+    instructions: int
+    global_bytes: int
+    """LDG and LDGSTS (cp.async) bytes, by width, as issued: predicated-off lanes and loads
+    that several threads repeat included."""
+    narrow_shared: int
+    """Shared-memory loads and stores under 4 bytes a thread (LDS.U8, STS.U16, ...)."""
+    conversions: int
+    """Integer to float conversions (I2F, I2FP)."""
+
+
+def main_loop(sass: str) -> LoopMix | None:
+    """The main loop of the one function in `sass` (cuobjdump -sass text), or None without a
+    loop that loads from global memory."""
+    code = [
+        (int(m.group(1), 16), m.group(2), m.group(3), m.group(4)) for m in _SASS_LINE.finditer(sass)
+    ]
+    best: LoopMix | None = None
+    for address, op, _, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands) if op == "BRA" else None
+        if target is None or int(target.group(1), 16) > address:
+            continue
+        body = [x for x in code if int(target.group(1), 16) <= x[0] <= address]
+        mix = LoopMix(
+            instructions=len(body),
+            global_bytes=sum(_width(mods) for _, o, mods, _ in body if o in ("LDG", "LDGSTS")),
+            narrow_shared=sum(
+                1 for _, o, mods, _ in body if o in ("LDS", "STS") and _width(mods) < 4
+            ),
+            conversions=sum(1 for _, o, _, _ in body if o in ("I2F", "I2FP")),
+        )
+        if mix.global_bytes and (
+            best is None
+            or (mix.global_bytes, mix.instructions) > (best.global_bytes, best.instructions)
+        ):
+            best = mix
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class Sass:
+    """What `bench/cuda_compile.py` reads from a compiled kernel."""
+
+    registers: int
+    spill_bytes: int
+    """Spill stores per thread: the local-memory stores (STL) summed by width, the figure
     `ptxas -v` prints as "bytes spill stores". A stack frame alone is not counted."""
+    loop: LoopMix | None
+
+
+def read_sass(cubin: bytes) -> Sass:
+    """Registers, spill stores and the main loop's mix of the one function in `cubin`."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -147,15 +223,16 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     registers = re.search(r"\bREG:(\d+)", usage)
     if registers is None:
         raise RuntimeError(f"cuobjdump -res-usage printed no register count:\n{usage}")
-    spill = sum(_STORE_WIDTH[m.group(1)] for m in re.finditer(r"\bSTL(?:\.(\w+))?\s", sass))
-    return int(registers.group(1)), spill
+    spill = sum(_width(m.group(1) or "") for m in re.finditer(r"\bSTL((?:\.\w+)*)\s", sass))
+    return Sass(int(registers.group(1)), spill, main_loop(sass))
 
 
 class _Function:
     """What `load_binary` hands Triton as the kernel's function handle."""
 
-    def __init__(self, name: str, registers: int, spill_bytes: int) -> None:
-        self.name, self.registers, self.spill_bytes = name, registers, spill_bytes
+    def __init__(self, name: str, sass: Sass) -> None:
+        self.name, self.sass = name, sass
+        self.registers, self.spill_bytes = sass.registers, sass.spill_bytes
 
 
 class CompileOnlyDriver:
@@ -174,7 +251,9 @@ class CompileOnlyDriver:
         return True
 
     def get_current_device(self) -> int:
-        return self.gpu.compute_capability  # distinct per target: Triton caches per device
+        # Distinct per target, not per compute capability: Triton caches compiled kernels (and
+        # the launcher that records them) per device, and the H100 and H200 share sm_90.
+        return zlib.crc32(self.gpu.key.encode()) & 0x7FFFFFFF
 
     def get_current_stream(self, device: int | None = None) -> int:
         return 0
@@ -196,9 +275,10 @@ class CompileOnlyDriver:
     def load_binary(
         self, name: str, cubin: bytes, shared: int, device: int
     ) -> tuple[Any, _Function, int, int, int]:
-        registers, spill_bytes = resource_usage(cubin)
-        fn = _Function(name, registers, spill_bytes)
-        return object(), fn, registers, spill_bytes // 4, max_threads_per_block(self.gpu, registers)
+        sass = read_sass(cubin)
+        fn = _Function(name, sass)
+        threads = max_threads_per_block(self.gpu, sass.registers)
+        return object(), fn, sass.registers, sass.spill_bytes // 4, threads
 
     def unload_module(self, module: Any) -> None:
         pass
@@ -505,6 +585,10 @@ class _Recorder:
                 spill_bytes=function.spill_bytes,
                 constexprs=_constexpr_names(src),
                 binary=metadata.hash,
+                loop=function.sass.loop,
+                pointers={
+                    k: str(v)[1:] for k, v in src.signature.items() if str(v).startswith("*")
+                },
             )
         )
 
@@ -571,8 +655,8 @@ def report(launches: list[Launch], failures: list[Failure], gpus: list[hardware.
             "per SM; waves: the largest grid of that binary over (SMs x blocks/SM).",
             "",
             "| kernel | tiles, warps, stages | regs | spill B | shared KB | blocks/SM | warps/SM "
-            "| waves (max grid) | launches | e.g. |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| waves (max grid) | main loop | launches | e.g. |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
         ]
         for group in sorted(by_binary.values(), key=lambda g: (g[0].kernel, _config_text(g[0]))):
             x = group[0]
@@ -582,13 +666,173 @@ def report(launches: list[Launch], failures: list[Failure], gpus: list[hardware.
             lines.append(
                 f"| {x.kernel} | {_config_text(x)} | {x.registers} | {x.spill_bytes} | "
                 f"{x.shared / 1024:.1f} | {blocks} | {blocks * x.num_warps} | "
-                f"{waves:.2f} ({biggest.programs}) | {len(group)} | {biggest.where} |"
+                f"{waves:.2f} ({biggest.programs}) | {loop_text(gpu, x)} | {len(group)} "
+                f"| {biggest.where} |"
             )
         lines.append("")
+        lines += issue_bound_section(gpu, mine)
         mine_failed = [f for f in failures if f.gpu == gpu.key]
         if mine_failed:
             lines += ["Failed:", ""] + [f"- {f.where}: {f.error}" for f in mine_failed] + [""]
     return "\n".join(lines)
+
+
+_ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "i8": 1, "u8": 1, "i32": 4}
+
+
+def streamed_bytes(launch: Launch) -> int | None:
+    """Device-memory bytes one iteration of a streaming kernel's main loop must read, from its
+    tiles (None for other kernels): a GEMV's weight tile, a 4-bit GEMM's packed words, a
+    split-KV decode tile's K and V (codes and their float32 scale and zero per token)."""
+    c, size = launch.constexprs, _ELEMENT_BYTES
+    if launch.kernel == "_gemv_kernel":
+        return c["BLOCK_N"] * c["BLOCK_K"] * size[launch.pointers["w_ptr"]]
+    if launch.kernel == "_w4a16_kernel":
+        return c["BLOCK_K"] // 8 * c["BLOCK_N"] * size[launch.pointers["qw_ptr"]]
+    if launch.kernel == "_flash_decode_split_kernel":
+        codes = 2 * c["BLOCK_N"] * c["TILE_D"] * size[launch.pointers["k_cache_ptr"]]
+        params = 2 * c["BLOCK_N"] * 2 * size[launch.pointers["k_param_ptr"]] if c["BITS"] else 0
+        return codes + params
+    return None
+
+
+def issue_limit(gpu: hardware.Arch, launch: Launch) -> float | None:
+    """Bytes a second `gpu` could stream through a streaming launch's main loop if issuing were
+    the only limit, at its highest clock on every SM: each iteration issues `instructions` warp
+    instructions per warp and reads `streamed_bytes`; an SM issues ISSUE_PER_SM_CLOCK a clock.
+    An upper bound: dependencies, memory latency and the other pipes only lower it. None
+    without a main loop, for other launches (`is_streaming`) and cards without a clock."""
+    tile = streamed_bytes(launch)
+    if launch.loop is None or tile is None or not gpu.max_clock_hz or not is_streaming(launch):
+        return None
+    per_clock = ISSUE_PER_SM_CLOCK * tile / (launch.loop.instructions * launch.num_warps)
+    return per_clock * gpu.sms * gpu.max_clock_hz
+
+
+def loop_text(gpu: hardware.Arch, launch: Launch) -> str:
+    """'instructions / global B issued [/ issue-limited TB/s (x HBM)]' of a main loop."""
+    if launch.loop is None:
+        return ""
+    text = f"{launch.loop.instructions} / {launch.loop.global_bytes} B"
+    rate = issue_limit(gpu, launch)
+    if rate is not None:
+        text += f" / {rate / 1e12:.1f} TB/s"
+        if gpu.hbm_bytes_per_s:
+            text += f" ({rate / gpu.hbm_bytes_per_s:.1f}x)"
+    return text
+
+
+STREAMING_KERNELS = ("_flash_decode_split_kernel", "_gemv_kernel", "_w4a16_kernel")
+"""Kernels whose decode launches stream their bytes from device memory once: their main loops
+must issue fast enough to keep up with it."""
+
+
+def is_streaming(launch: Launch) -> bool:
+    """A decode launch that reads its bytes once: split-KV decode attention, the GEMV, and the
+    4-bit GEMM when one row tile holds every row (more tiles re-read the weight: prefill)."""
+    if launch.kernel == "_w4a16_kernel":
+        return launch.grid[0] == 1
+    return launch.kernel in STREAMING_KERNELS
+
+
+ISSUE_HEADROOM = 1.5
+"""Issue-limited rate a streaming loop should have over the HBM peak: an issue-bound loop
+reaches well under its limit (dependencies, memory latency), so at 1x it could not."""
+
+
+def issue_bound_section(gpu: hardware.Arch, launches: list[Launch]) -> list[str]:
+    """Lines naming the streaming kernels' binaries whose main loop could not issue
+    ISSUE_HEADROOM x the card's HBM bandwidth (empty for cards without the figures)."""
+    if not gpu.hbm_bytes_per_s or not gpu.max_clock_hz:
+        return []
+    short: dict[str, Launch] = {}
+    for x in launches:
+        rate = issue_limit(gpu, x)
+        fast_enough = rate is None or rate >= ISSUE_HEADROOM * gpu.hbm_bytes_per_s
+        if is_streaming(x) and not fast_enough:
+            short.setdefault(x.binary, x)
+    head = (
+        f"Main loop: instructions a thread issues per iteration / the global bytes its loads "
+        f"name / for the streaming kernels, the device-memory bytes a second the SMs could "
+        f"stream if issuing {ISSUE_PER_SM_CLOCK} warp instructions a clock at "
+        f"{gpu.max_clock_hz / 1e6:.0f} MHz were the only limit (x the HBM's "
+        f"{gpu.hbm_bytes_per_s / 1e12:.2f} TB/s). "
+    )
+    if not short:
+        return [head + f"Every streaming loop issues {ISSUE_HEADROOM}x the HBM or more.", ""]
+    lines = [head + f"Streaming loops under {ISSUE_HEADROOM}x:", ""]
+    for x in short.values():
+        assert x.loop is not None  # issue_limit had one
+        lines.append(
+            f"- {x.kernel} {_config_text(x)} ({x.where}): {loop_text(gpu, x)}; "
+            f"{x.loop.narrow_shared} narrow shared-memory accesses, {x.loop.conversions} "
+            "int-to-float conversions a thread per iteration"
+        )
+    return [*lines, ""]
+
+
+def _stream_bits(launch: Launch) -> int:
+    """Bits of what a streaming launch reads: the KV cache's or the weight's."""
+    if launch.kernel == "_w4a16_kernel":
+        return 4
+    return int(launch.constexprs.get("BITS", 0)) or 16
+
+
+def streaming_table(launches: list[Launch], gpus: list[hardware.Arch]) -> str:
+    """The streaming binaries' (`is_streaming`) main loops and issue limits: a summary per card
+    and kernel, then one row per binary."""
+    head = (
+        f"Compiled with {toolchain()}. Per iteration of the main loop: the instructions a thread "
+        "issues, the bytes the loop must read from device memory (`streamed_bytes`), the "
+        "narrow (< 4 B) shared-memory accesses and int-to-float conversions a thread makes; "
+        f"issue limit: those bytes over the loop's instructions at {ISSUE_PER_SM_CLOCK} warp "
+        "instructions a clock per SM, every SM at the card's highest clock."
+    )
+    summary_rows = [
+        "| card | kernel | bits read | instructions | issue limit | x HBM |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    detail = [
+        "| card | kernel | tiles, warps, stages | bits read | instructions | streamed B "
+        "| narrow shared | conversions | issue limit | x HBM | e.g. |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for gpu in gpus:
+        seen: dict[str, Launch] = {}
+        for x in launches:
+            if x.gpu == gpu.key and x.loop is not None and is_streaming(x):
+                seen.setdefault(x.binary, x)
+        rows = sorted(seen.values(), key=lambda x: (x.kernel, -_stream_bits(x), x.where))
+        kinds: dict[tuple[str, int], list[Launch]] = {}
+        for x in rows:
+            kinds.setdefault((x.kernel, _stream_bits(x)), []).append(x)
+        hbm = gpu.hbm_bytes_per_s or float("nan")
+        for (kernel, bits), group in kinds.items():
+            counts = sorted(float(y.loop.instructions) for y in group if y.loop is not None)
+            rates = sorted(r for y in group if (r := issue_limit(gpu, y)) is not None)
+            if rates:
+                summary_rows.append(
+                    f"| {gpu.key} | {kernel} | {bits} | {_span(counts, '{:.0f}')} "
+                    f"| {_span([r / 1e12 for r in rates], '{:.1f}')} TB/s "
+                    f"| {_span([r / hbm for r in rates], '{:.2f}')} |"
+                )
+        for x in rows:
+            assert x.loop is not None
+            rate = issue_limit(gpu, x)
+            limit = "" if rate is None else f"{rate / 1e12:.1f} TB/s"
+            ratio = "" if rate is None else f"{rate / hbm:.2f}"
+            detail.append(
+                f"| {gpu.key} | {x.kernel} | {_config_text(x)} | {_stream_bits(x)} "
+                f"| {x.loop.instructions} | {streamed_bytes(x)} | {x.loop.narrow_shared} "
+                f"| {x.loop.conversions} | {limit} | {ratio} | {x.where} |"
+            )
+    return "\n".join([head, "", *summary_rows, "", "Every binary:", "", *detail])
+
+
+def _span(values: list[float], fmt: str) -> str:
+    """'lo-hi' of sorted values in `fmt`, one value when both print the same."""
+    lo, hi = fmt.format(values[0]), fmt.format(values[-1])
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 def summary(launches: list[Launch], failures: list[Failure], gpus: list[hardware.Arch]) -> str:
@@ -705,6 +949,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, help="also write the tables (markdown) here")
     ap.add_argument("--json", type=Path, help="write every launch and failure as JSON here")
     ap.add_argument(
+        "--streaming",
+        action="store_true",
+        help="print only the streaming kernels' main loops and issue limits (one table)",
+    )
+    ap.add_argument(
         "--sweep-prefill",
         action="store_true",
         help="instead: compile the prefill-tile kernels at every PREFILL_CANDIDATES config "
@@ -740,7 +989,7 @@ def main(argv: list[str] | None = None) -> int:
     launches, failures = compile_all(
         gpus, shards, getattr(torch, args.dtype), tuple(args.contexts), tuple(args.batches)
     )
-    text = report(launches, failures, gpus)
+    text = streaming_table(launches, gpus) if args.streaming else report(launches, failures, gpus)
     line = summary(launches, failures, gpus)
     print(text)
     print(f"({time.perf_counter() - started:.0f} s)")
@@ -751,7 +1000,13 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    "launches": [dataclasses.asdict(x) for x in launches],
+                    "launches": [
+                        {
+                            **dataclasses.asdict(x),
+                            "issue_limit": issue_limit(hardware.ARCHS[x.gpu], x),
+                        }
+                        for x in launches
+                    ],
                     "failures": [dataclasses.asdict(f) for f in failures],
                     "summary": line,
                 },

@@ -11,8 +11,8 @@
 # ASYNC=0 skips the runs with decode steps launched ahead (DIST_RUNTIME_ASYNC_DECODE=1: 7B at
 # 8K / 32K / batch 8, and 1M), which follow the default runs. The fused RoPE + KV-store kernel
 # is checked and timed first (FUSED_TIMEOUT), so a failure there shows before the long runs.
-# KVQ=0 skips the 7B decode over int8 and int4 KV caches (32K and 131K, batch 8 at 32K;
-# KVQ_TIMEOUT each). GEMV=0 skips the last steps: the Triton GEMV against cuBLAS on the 7B
+# KVQ=0 skips the split-KV kernel over int8 / int4 caches (kernel_bench_attention.py --decode
+# --kv-bits, early) and the 7B decode over them (32K and 131K, batch 8 at 32K; KVQ_TIMEOUT each). GEMV=0 skips the last steps: the Triton GEMV against cuBLAS on the 7B
 # shapes, and the 7B decode with it and steps launched ahead (DIST_RUNTIME_GEMV=triton).
 set -u
 OUT=${OUT:-/tmp/gpu_decode}
@@ -23,7 +23,7 @@ log="$OUT/log.txt"
 step() { echo "=== $* ($(date +%T))" | tee -a "$log"; }
 
 step environment
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 \
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 \
     | tee -a "$log"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     2>&1 | tee -a "$log"
@@ -32,6 +32,12 @@ step "fused RoPE + KV store: CUDA tests, then timed against the two kernels it r
 timeout "${FUSED_TIMEOUT:-60}" $PY -m pytest -q -x -p no:cacheprovider \
     tests/kernels/test_elementwise_kernels.py -k rotary_store 2>&1 | tail -4 | tee -a "$log"
 timeout "${FUSED_TIMEOUT:-60}" $PY bench/kernel_bench_elementwise.py 2>&1 | tee -a "$log"
+
+if [ "${KVQ:-1}" = 1 ]; then
+    step "split-KV decode over int8 / int4 caches beside bf16 (cuda_compile.py --streaming predicts them issue-bound)"
+    timeout "${KVQ_KERNEL_TIMEOUT:-90}" $PY bench/kernel_bench_attention.py --decode --kv-bits 8 4 \
+        2>&1 | tee -a "$log"
+fi
 
 step generate, 7B shape
 timeout "${GEN_TIMEOUT:-180}" $PY bench/generate_gpu.py --prompt-lens 8192,32768,131072 \

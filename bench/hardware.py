@@ -22,6 +22,11 @@ Every figure is the vendor's peak, not a measurement:
   block; 9.0: 228 KB per SM, 227 KB per block). Both have 64K 32-bit registers, 2,048 resident
   threads and 32 resident blocks per SM. `ARCHS` adds compile targets that are not modelled
   (L40S, B200).
+* ``max_clock_hz``: the highest SM clock, for `bench/cuda_compile.py`'s issue limits (an upper
+  bound: a card under load runs at or below it). A100 SXM4: the whitepaper's boost clock,
+  1,410 MHz; H100 SXM5: 1,980 MHz, the boost clock of NVIDIA's final H100 SXM5
+  specifications; H200 SXM (the same GH100 die) taken at the same clock until a run records
+  it (`bench/gpu_decode.sh` logs `clocks.max.sm`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 
 GB = 10**9
 TB = 10**12
+MHz = 10**6
 MiB = 1 << 20
 
 
@@ -50,6 +56,10 @@ class Arch:
     threads_per_sm: int = 2048
     blocks_per_sm: int = 32
     registers_per_sm: int = 65536
+    max_clock_hz: float = 0.0
+    """The highest SM clock (0: not modelled): `bench/cuda_compile.py`'s issue limits use it."""
+    hbm_bytes_per_s: float = 0.0
+    """Device-memory bandwidth (0: not modelled)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +83,7 @@ class GPU:
     sms: int
     max_shared_per_block: int
     shared_per_sm: int
+    max_clock_hz: float
 
     @property
     def arch(self) -> Arch:
@@ -84,6 +95,8 @@ class GPU:
             sms=self.sms,
             max_shared_per_block=self.max_shared_per_block,
             shared_per_sm=self.shared_per_sm,
+            max_clock_hz=self.max_clock_hz,
+            hbm_bytes_per_s=self.hbm_bytes_per_s,
         )
 
     @property
@@ -142,6 +155,7 @@ GPUS: dict[str, GPU] = {
             sms=108,
             max_shared_per_block=163 * KB,
             shared_per_sm=164 * KB,
+            max_clock_hz=1410 * MHz,
         ),
         GPU(
             key="H100-SXM",
@@ -161,6 +175,7 @@ GPUS: dict[str, GPU] = {
             sms=132,
             max_shared_per_block=227 * KB,
             shared_per_sm=228 * KB,
+            max_clock_hz=1980 * MHz,
         ),
         GPU(
             key="H200-SXM",
@@ -180,6 +195,7 @@ GPUS: dict[str, GPU] = {
             sms=132,
             max_shared_per_block=227 * KB,
             shared_per_sm=228 * KB,
+            max_clock_hz=1980 * MHz,
         ),
     )
 }

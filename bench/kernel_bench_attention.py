@@ -10,6 +10,7 @@ reports). Baseline: torch SDPA's FlashAttention-2 backend, causal, on the same q
 repeated to 32 heads, in the same run.
 Decode: batch 1, one query token over a paged context; bytes = the K and V cache bytes read.
 Baseline: a device-to-device copy of that many bytes, GB/s = (read + written) / time.
+`--decode --kv-bits 8 4`: decode over int8 / int4 caches beside bf16 at the same points.
 """
 
 from __future__ import annotations
@@ -85,19 +86,56 @@ def bench_prefill(seq: int, device: torch.device, block_size: int = 16) -> dict[
     )
 
 
+def _quant_cache(
+    ctx: int, block_size: int, bits: int, device: torch.device, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random codes and (scale, zero) of a `bits` cache of ctx tokens, shuffled blocks as
+    `_paged_cache`: (k_cache, v_cache, k_params, v_params, table)."""
+    num_blocks = -(-ctx // block_size)
+    width = HEAD_DIM // 2 if bits == 4 else HEAD_DIM
+    shape = (num_blocks, block_size, KV_HEADS, width)
+    codes = [
+        torch.randint(0, 256, shape, generator=gen, device=device, dtype=torch.uint8)
+        for _ in range(2)
+    ]
+    params = []
+    for _ in range(2):
+        p = torch.empty(num_blocks, block_size, KV_HEADS, 2, device=device)
+        p[..., 0].uniform_(0.01, 0.05, generator=gen)  # scale
+        p[..., 1].uniform_(-3.0, -1.0, generator=gen)  # zero: the row's minimum
+        params.append(p)
+    table = torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32)[None]
+    return codes[0], codes[1], params[0], params[1], table
+
+
+def kv_bytes(batch: int, ctx: int, bits: int) -> int:
+    """K and V bytes a decode step reads: elements, or codes plus a float32 scale and zero per
+    token and KV head."""
+    if bits == 0:
+        return 2 * batch * ctx * KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    return 2 * batch * ctx * KV_HEADS * (HEAD_DIM * bits // 8 + 8)
+
+
 def _decode_ms(
-    ctx: int, device: torch.device, block_size: int, batch: int, width: int | None
+    ctx: int, device: torch.device, block_size: int, batch: int, width: int | None, bits: int = 0
 ) -> float:
     gen = torch.Generator(device=device).manual_seed(SEED)
     q = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-    k_cache, v_cache, table = _paged_cache(batch * ctx, block_size, device, gen)
+    quant: dict[str, Any] = {}
+    if bits:
+        k_cache, v_cache, k_params, v_params, table = _quant_cache(
+            batch * ctx, block_size, bits, device, gen
+        )
+        quant = dict(k_params=k_params, v_params=v_params, bits=bits)
+    else:
+        k_cache, v_cache, table = _paged_cache(batch * ctx, block_size, device, gen)
     table = table.view(batch, -1)
     if width is not None:  # a CUDA graph's table: a session wide, padded past the context
         pad = table[:, -1:].expand(-1, -(-width // block_size) - table.shape[1])
         table = torch.cat([table, pad], dim=1).contiguous()
     lens = torch.full((batch,), ctx, device=device)
     scale = HEAD_DIM**-0.5
-    return _ms(lambda: FD.flash_decode_triton(q, k_cache, v_cache, table, lens, scale))
+    return _ms(lambda: FD.flash_decode_triton(q, k_cache, v_cache, table, lens, scale, **quant))
 
 
 def bench_decode(
@@ -106,19 +144,23 @@ def bench_decode(
     block_size: int = 16,
     batch: int = 1,
     width: int | None = None,
+    bits: int = 0,
 ) -> dict[str, Any]:
     """Decode of `batch` sequences of `ctx` keys; `width`: block table as wide as that many
-    keys (as a decode graph's), else as wide as the context."""
-    ms = _decode_ms(ctx, device, block_size, batch, width)  # caches freed before the copy's
-    nbytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * DTYPE.itemsize  # K and V
+    keys (as a decode graph's), else as wide as the context; `bits` 8 / 4: over a quantized
+    cache, its bytes counted as read (codes and parameters)."""
+    ms = _decode_ms(ctx, device, block_size, batch, width, bits)  # freed before the copy's
+    nbytes = kv_bytes(batch, ctx, bits)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     base_ms = _ms(lambda: dst.copy_(src))
     gbps, copy_gbps = nbytes / ms / 1e6, 2 * nbytes / base_ms / 1e6
     table = f" table={width}" if width is not None else ""
+    cache = f" kv{bits}" if bits else ""
     return dict(
         name="flash_decode",
-        shape=f"ctx={ctx} b={batch}{table} h={Q_HEADS}/{KV_HEADS} d={HEAD_DIM} bs={block_size}",
+        shape=f"ctx={ctx} b={batch}{table}{cache} h={Q_HEADS}/{KV_HEADS} d={HEAD_DIM} "
+        f"bs={block_size}",
         ms=ms,
         GBps=gbps,
         baseline="d2d_copy",
@@ -139,6 +181,29 @@ def bench_decode_grid(device: torch.device) -> list[dict[str, Any]]:
         for width in (None, GRAPH_WIDTH):
             rows.append(bench_decode(ctx, device, batch=batch, width=width))
             print(_format(rows[-1]), flush=True)
+    return rows
+
+
+QUANT_GRID = [(32768, 1), (131072, 1), (1048576, 1), (32768, 8), (131072, 8)]
+"""--decode --kv-bits: (context, batch), exact tables, each cache format in turn."""
+
+
+def bench_decode_quant(device: torch.device, bits_list: list[int]) -> list[dict[str, Any]]:
+    """The split-KV kernel over bf16 and quantized caches at each QUANT_GRID point: GB/s of
+    the bytes each reads against a copy, and the time against bf16's (bench/cuda_compile.py
+    --streaming predicts the quantized loops issue-bound below the HBM's bandwidth)."""
+    rows = []
+    for ctx, batch in QUANT_GRID:
+        bf16_ms = None
+        for bits in (0, *bits_list):
+            row = bench_decode(ctx, device, batch=batch, bits=bits)
+            if bits == 0:
+                bf16_ms = row["ms"]
+            else:
+                assert bf16_ms is not None
+                row["speedup_vs_bf16"] = bf16_ms / row["ms"]
+            rows.append(row)
+            print(_format(row), flush=True)
     return rows
 
 
@@ -303,13 +368,21 @@ def sweep(device: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
+RATIOS = ("fraction_of_copy", "speedup_vs_bf16")
+
+
 def _format(row: dict[str, Any]) -> str:
     parts = [f"{row['name']:<22}", f"{row['shape']:<52}", f"{row['ms']:9.3f} ms"]
-    for key in ("tflops", "baseline_tflops", "GBps", "baseline_GBps", "fraction_of_copy"):
+    for key in (
+        "tflops",
+        "baseline_tflops",
+        "GBps",
+        "baseline_GBps",
+        "fraction_of_copy",
+        "speedup_vs_bf16",
+    ):
         if key in row:
-            parts.append(
-                f"{key}={row[key]:.1f}" if key != "fraction_of_copy" else f"{row[key]:.2f}x"
-            )
+            parts.append(f"{key}={row[key]:.2f}x" if key in RATIOS else f"{key}={row[key]:.1f}")
     return "  ".join(parts)
 
 
@@ -320,6 +393,13 @@ def main() -> None:
         "--decode",
         action="store_true",
         help="only decode: batch 1 and 8 from 8K to 1M keys, exact and session-wide tables",
+    )
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        nargs="+",
+        choices=(8, 4),
+        help="with --decode: time the split-KV kernel over these quantized caches beside bf16",
     )
     parser.add_argument(
         "--decode-graph",
@@ -334,6 +414,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     if args.decode_graph:
         bench_decode_graph(device)
+        return
+    if args.decode and args.kv_bits:
+        bench_decode_quant(device, args.kv_bits)
         return
     if args.decode:
         bench_decode_grid(device)

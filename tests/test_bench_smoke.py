@@ -221,3 +221,26 @@ def test_decode_graph_sweep_summary_names_the_fastest() -> None:
     assert "ctx 8192 b1: #1 0.75; ctx 131072 b1: #2 0.93;" in line
     # Means: #1 (0.75 + 1.07) / 2 = 0.91, #2 (1.5 + 0.93) / 2 = 1.22, #0 1.0.
     assert line.endswith(f"best overall #1 {GRAPH_SWEEP[1]} at 0.91 on average")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_quant_cache_is_a_valid_cache(bits: int) -> None:
+    """`kernel_bench_attention.py --decode --kv-bits`: its random caches are caches the decode
+    kernel accepts (codes, positive scales, shuffled blocks) and its byte count is codes plus a
+    float32 scale and zero per token and KV head."""
+    import kernels.flash_decode as FD
+    from bench.kernel_bench_attention import HEAD_DIM, KV_HEADS, Q_HEADS, _quant_cache, kv_bytes
+
+    gen = torch.Generator().manual_seed(0)
+    k, v, kp, vp, table = _quant_cache(48, 16, bits, torch.device("cpu"), gen)
+    assert k.dtype == torch.uint8 and k.shape == (3, 16, KV_HEADS, HEAD_DIM * bits // 8)
+    assert kp.shape == (3, 16, KV_HEADS, 2) and bool((kp[..., 0] > 0).all())
+    assert sorted(table[0].tolist()) == [0, 1, 2]
+    q = torch.randn(1, Q_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    lens = torch.tensor([48], dtype=torch.int32)
+    out, _ = FD.flash_decode(
+        q, k, v, table, lens, HEAD_DIM**-0.5, k_params=kp, v_params=vp, bits=bits
+    )
+    assert out.shape == q.shape and bool(out.isfinite().all())
+    assert kv_bytes(2, 100, bits) == 2 * 2 * 100 * KV_HEADS * (HEAD_DIM * bits // 8 + 8)
+    assert kv_bytes(1, 100, 0) == 2 * 100 * KV_HEADS * HEAD_DIM * 2

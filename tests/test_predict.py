@@ -102,6 +102,7 @@ FAKE_GPU = hardware.GPU(
     sms=4,
     max_shared_per_block=1 << 16,
     shared_per_sm=1 << 16,
+    max_clock_hz=1e9,
 )
 
 

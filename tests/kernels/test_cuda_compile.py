@@ -6,6 +6,7 @@ the launches are recorded instead of run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,7 +17,17 @@ from pathlib import Path
 import pytest
 
 from bench import hardware
-from bench.cuda_compile import Shard, blocks_per_sm, max_threads_per_block
+from bench.cuda_compile import (
+    ISSUE_HEADROOM,
+    Launch,
+    LoopMix,
+    Shard,
+    blocks_per_sm,
+    issue_limit,
+    main_loop,
+    max_threads_per_block,
+    streamed_bytes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +45,19 @@ SPILL_ALLOWED = {
     # kernel's act-order path at one row (Triton 3.9).
     ("B200", "_paged_attention_kernel"): 64,
     ("B200", "_w4a16_kernel"): 64,
+}
+
+
+ISSUE_BOUND = {
+    # Streaming loops that cannot issue ISSUE_HEADROOM x the HBM's bandwidth on the modelled
+    # cards (docs/benchmarks/issue_limits_2026-12-05.md): each 4-bit weight and each int8 /
+    # int4 cached element costs a conversion, a shared-memory access and register moves of its
+    # own, which Triton emits element by element. The floor is about 70% of the least figure
+    # measured (A100 / H100: 4-bit weights 0.35x, int8 KV 1.29x, int4 KV 0.67x), so a change
+    # that makes them slower fails here.
+    ("_w4a16_kernel", 0): 0.25,
+    ("_flash_decode_split_kernel", 8): 0.9,
+    ("_flash_decode_split_kernel", 4): 0.45,
 }
 
 
@@ -85,6 +109,72 @@ def test_blocks_per_sm_by_hand() -> None:
     assert blocks_per_sm(l40s, 4, 32, 48 * 1024) == 2
 
 
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                  /* 0x00000a0000017a02 */
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;        /* 0x0000000402047981 */
+        /*0020*/              @!P0 LDGSTS.E.BYPASS.128 [R6], desc[UR16][R10.64], !P1 ;
+        /*0030*/                   STS.U16 [R3], R4 ;
+        /*0040*/                   I2FP.F32.U32 R5, R5 ;
+        /*0050*/                   LDS.128 R8, [R3] ;
+        /*0060*/               @P1 BRA 0x10 ;
+        /*0070*/                   LDG.E.U8 R4, desc[UR4][R2.64] ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+"""
+
+
+def test_main_loop_from_sass() -> None:
+    # The loop 0x10-0x60: 6 instructions a thread, 16 + 16 bytes of global loads, one 2-byte
+    # shared store, one conversion; the trap loop at 0x90 loads nothing and is not the main one.
+    assert main_loop(SASS) == LoopMix(
+        instructions=6, global_bytes=32, narrow_shared=1, conversions=1
+    )
+    assert main_loop(SASS.replace("@P1 BRA 0x10", "@P1 BRA 0x80")) is None  # forward: no loop
+
+
+def test_issue_limit_by_hand() -> None:
+    h100 = hardware.lookup_arch("H100")
+    assert h100 is not None and h100.max_clock_hz == 1.98e9 and h100.hbm_bytes_per_s == 3.35e12
+    launch = Launch(
+        gpu=h100.key,
+        kernel="_gemv_kernel",
+        where="",
+        grid=(1, 1, 1),
+        num_warps=4,
+        num_stages=4,
+        shared=0,
+        registers=96,
+        spill_bytes=0,
+        constexprs={"BLOCK_N": 16, "BLOCK_K": 512, "BLOCK_M": 1},
+        binary="",
+        loop=LoopMix(instructions=348, global_bytes=136, narrow_shared=0, conversions=0),
+        pointers={"w_ptr": "bf16"},
+    )
+    # A 16 x 512 bf16 weight tile a iteration: 16 KB for 4 warps x 348 instructions; 4 warp
+    # instructions a clock: 16384 x 4 / (348 x 4) = 47.08 B a clock per SM, x 132 SMs x 1.98 GHz.
+    assert streamed_bytes(launch) == 16 * 512 * 2
+    rate = issue_limit(h100, launch)
+    assert rate == pytest.approx(16384 * 4 / (348 * 4) * 132 * 1.98e9)
+    assert rate == pytest.approx(12.3e12, rel=1e-2)
+    # int8 KV decode tile: 64 keys x 128 codes, K and V, plus a float32 scale and zero a key.
+    quant = dataclasses.replace(
+        launch,
+        kernel="_flash_decode_split_kernel",
+        constexprs={"BLOCK_N": 64, "TILE_D": 128, "BITS": 8},
+        pointers={"k_cache_ptr": "u8", "k_param_ptr": "fp32"},
+    )
+    assert streamed_bytes(quant) == 2 * 64 * 128 + 2 * 64 * 2 * 4
+    w4 = dataclasses.replace(
+        launch,
+        kernel="_w4a16_kernel",
+        constexprs={"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_M": 16},
+        pointers={"qw_ptr": "i32"},
+    )
+    assert streamed_bytes(w4) == 128 // 8 * 64 * 4  # packed words: half a byte a weight
+    assert streamed_bytes(dataclasses.replace(launch, kernel="_rms_norm_kernel")) is None
+    assert issue_limit(hardware.ARCHS["L40S"], launch) is None  # no modelled clock
+
+
 def test_shard_shapes_at_tp4() -> None:
     config = json.loads((ROOT / "bench/model_configs/internlm2_5-7b-chat-1m.json").read_text())
     s = Shard.of(config, "7b", 4)
@@ -128,6 +218,9 @@ def test_every_kernel_compiles_and_fits_each_card(tmp_path: Path) -> None:
         assert result["failures"] == []
         gpu = hardware.ARCHS[gpu_key]
         mine = result["launches"]
+        streaming = {x["kernel"] for x in mine if x["issue_limit"] is not None}
+        if gpu.max_clock_hz:  # decode's streaming kernels all had their loops read
+            assert streaming == {"_flash_decode_split_kernel", "_gemv_kernel", "_w4a16_kernel"}
         missing = _jit_kernels() - {x["kernel"] for x in mine}
         assert not missing, f"{gpu_key}: never launched {sorted(missing)}; add them to scenarios()"
         for x in mine:
@@ -135,6 +228,16 @@ def test_every_kernel_compiles_and_fits_each_card(tmp_path: Path) -> None:
             assert x["gpu"] == gpu_key
             assert x["shared"] <= gpu.max_shared_per_block, where
             assert blocks_per_sm(gpu, x["num_warps"], x["registers"], x["shared"]) >= 1, where
+            if x["issue_limit"] is not None and gpu.hbm_bytes_per_s:
+                # Decode must stream its bytes at the HBM's rate: the main loop has to issue
+                # its instructions fast enough for that, with room to spare.
+                bits = x["constexprs"].get("BITS", 0)
+                need = ISSUE_BOUND.get((x["kernel"], bits), ISSUE_HEADROOM)
+                got = x["issue_limit"] / gpu.hbm_bytes_per_s
+                assert got >= need, (
+                    f"{where}: its main loop ({x['loop']}) could stream {got:.2f}x the HBM's "
+                    f"bandwidth if issue were the only limit; needs {need}x"
+                )
             allowed = SPILL_ALLOWED.get((gpu_key, x["kernel"]), SPILL_NOISE)
             assert x["spill_bytes"] <= allowed, (
                 f"{where} spills {x['spill_bytes']} B/thread (allowed {allowed}) with "
