@@ -6,13 +6,18 @@ scale[g(k), n], accumulating in fp32 and returning x's dtype.
 
 - **Triton kernel** (CUDA): dequantizes inside the GEMM. A program owns a BLOCK_M x BLOCK_N
   output tile and walks K in BLOCK_K steps: it loads each packed word of its BLOCK_K rows once
-  (BLOCK_K / 8 word rows), spreads the 8 nibbles in registers (row k from word k // 8, nibble
-  k % 8: one shift and mask), applies the scale and zero of each row's group in fp32 and feeds
-  the tile to `tl.dot` with an fp32 accumulator. (Loading a word per row instead, 8 copies of
-  each, staged 32 KB a pipeline stage in shared memory at 128 x 64: 125 KB and one 4-warp block
-  per SM at decode sizes, against 40 KB and four blocks now; bench/cuda_compile.py.)
-  Scales and zeros are read as one row per tile when BLOCK_K divides group_size (no g_idx), and
-  gathered per row otherwise (GPTQ act-order `g_idx`, or groups smaller than the tile).
+  (BLOCK_K / 8 word rows) and spreads the 8 nibbles in registers (row k from word k // 8,
+  nibble k % 8). (Loading a word per row instead, 8 copies of each, staged 32 KB a pipeline
+  stage in shared memory at 128 x 64: 125 KB and one 4-warp block per SM at decode sizes;
+  bench/cuda_compile.py.) When BLOCK_K divides group_size (no g_idx) a tile has one scale and
+  zero per column, which come out of the product: x . ((q - z) s) = s (x . (q + c) - (z + c)
+  sum(x)). The codes go into `tl.dot` as they are, q + c exactly in x's dtype (the nibble in
+  the low mantissa bits of c = 128 for bfloat16, 1024 for float16: no conversion instruction),
+  and the scale and zero apply to the product's columns, so no weight is dequantized element
+  by element (`_codes_tile`; the main loop issues ~5 instructions a weight, against ~9 when
+  each was dequantized and stored to shared memory 2 bytes at a time: bench/cuda_compile.py
+  --streaming). Otherwise (GPTQ act-order `g_idx`, or groups smaller than the tile) scales and
+  zeros are gathered per row and the tile is dequantized in fp32 before the dot.
   Decode shapes (M <= `DECODE_MAX_M`) use 16-64-row tiles and split K over several programs
   when the output tiles alone would leave the GPU's SMs idle: each split writes an fp32 partial
   sum and a second pass adds them (deterministic, no atomics). Prefill shapes use 64- or
@@ -104,22 +109,33 @@ class W4A16Config:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
-def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> W4A16Config:
+def pick_config(
+    m: int, n: int, k: int, group_size: int, num_sms: int, act_order: bool = False
+) -> W4A16Config:
     """The tiles for an [m, k] x [k, n] product on a GPU with `num_sms` SMs.
 
-    Decode (m <= DECODE_MAX_M): the row tile covers m (16..64 rows), 64 columns, 128 rows of K;
+    Decode (m <= DECODE_MAX_M): the row tile covers m (16..64 rows), 128 columns (64 at 64
+    rows), 128 rows of K;
     K is split until the programs number about twice the SMs (at most MAX_SPLIT_K splits, at
     least one K tile each). Prefill: 64 x 128 tiles up to m = 128, 128 x 128 above, 64 rows of K.
     BLOCK_K shrinks to the largest power of two dividing group_size when that is at least 32, so
-    a tile reads one scale / zero row; otherwise they are gathered per row.
+    a tile reads one scale / zero row; otherwise (and with `act_order`: a g_idx) they are
+    gathered per row, and decode tiles stay 64 columns wide.
     """
+    pow2_of_group = group_size & -group_size
+    gathers = act_order or pow2_of_group < 32
     if m <= DECODE_MAX_M:
-        block_m, block_n, cap = max(16, _next_power_of_2(m)), 64, 128
-        num_warps, num_stages = 4, 4
+        block_m, cap = max(16, _next_power_of_2(m)), 128
+        # Up to 32 rows: 128 columns a program (at 16 rows the main loop issues ~650
+        # instructions a thread for 8 KB of packed weights against ~410 for 4 KB at 64 columns:
+        # bench/cuda_compile.py --streaming); 64 rows keep 64 columns, as at 128 their
+        # accumulators spill on an A100 (255 registers), and so do tiles that gather scales
+        # per row (111 KB of shared memory at 128 columns: over an L40S's 99 KB).
+        wide = block_m <= 32 and not gathers
+        block_n, num_warps, num_stages = (128, 4, 3) if wide else (64, 4, 4)
     else:
         block_m, block_n, cap = (64 if m <= 128 else 128), 128, 64
         num_warps, num_stages = (4, 3) if block_m == 64 else (8, 3)
-    pow2_of_group = group_size & -group_size
     block_k = min(cap, pow2_of_group) if pow2_of_group >= 32 else cap
     split_k = 1
     if m <= DECODE_MAX_M:
@@ -127,6 +143,45 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> W4A16C
         k_tiles = _cdiv(k, block_k)
         split_k = max(1, min(_cdiv(2 * num_sms, tiles), k_tiles, MAX_SPLIT_K))
     return W4A16Config(block_m, block_n, block_k, split_k, num_warps, num_stages)
+
+
+@_jit
+def _nibble_codes(words, SHIFT: tl.constexpr, CODE_MAGIC: tl.constexpr, CODE_DTYPE: tl.constexpr):
+    """Nibble SHIFT / 4 of each word as CODE_DTYPE: q + c, exactly. 16-bit dtypes put the code
+    in the low mantissa bits of a constant (CODE_MAGIC: bf16 0x4300 = 128, fp16 0x6400 = 1024),
+    so c is that constant and no conversion instruction runs; fp32 converts (c = 0)."""
+    q = (words >> SHIFT) & 0xF
+    if CODE_MAGIC == 0:
+        return q.to(CODE_DTYPE)
+    return (q | CODE_MAGIC).to(tl.int16).to(CODE_DTYPE, bitcast=True)
+
+
+@_jit
+def _codes_tile(
+    words,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CODE_MAGIC: tl.constexpr,
+    CODE_DTYPE: tl.constexpr,
+):
+    """(BLOCK_K / 8, BLOCK_N) packed words -> (BLOCK_K, BLOCK_N) codes (+ offset), row 8r + j
+    from nibble j of word row r. The 8 nibbles are stacked with joins (nibble j and j + 4 first:
+    the two halves of a 32-bit register) and each thread keeps a word's 8 codes together, so
+    the tile reaches shared memory in 16-byte stores (bench/cuda_compile.py --streaming: a
+    2-byte store per code when the tile was built by broadcasting shifts)."""
+    c0 = _nibble_codes(words, 0, CODE_MAGIC, CODE_DTYPE)
+    c1 = _nibble_codes(words, 4, CODE_MAGIC, CODE_DTYPE)
+    c2 = _nibble_codes(words, 8, CODE_MAGIC, CODE_DTYPE)
+    c3 = _nibble_codes(words, 12, CODE_MAGIC, CODE_DTYPE)
+    c4 = _nibble_codes(words, 16, CODE_MAGIC, CODE_DTYPE)
+    c5 = _nibble_codes(words, 20, CODE_MAGIC, CODE_DTYPE)
+    c6 = _nibble_codes(words, 24, CODE_MAGIC, CODE_DTYPE)
+    c7 = _nibble_codes(words, 28, CODE_MAGIC, CODE_DTYPE)
+    # join appends an axis: after three, [r, n, a, b, c] holds nibble 4a + 2b + c.
+    high = tl.join(tl.join(c0, c4), tl.join(c2, c6))  # [r, n, a, b]: nibble 4a + 2b
+    low = tl.join(tl.join(c1, c5), tl.join(c3, c7))  # nibble 4a + 2b + 1
+    stacked = tl.permute(tl.join(high, low), (0, 2, 3, 4, 1))  # [r, a, b, c, n]
+    return tl.reshape(stacked, (BLOCK_K, BLOCK_N))
 
 
 @_jit
@@ -156,6 +211,9 @@ def _w4a16_kernel(
     stride_on,
     HAS_G_IDX: tl.constexpr,
     TILE_IN_GROUP: tl.constexpr,
+    CODE_MAGIC: tl.constexpr,
+    CODE_OFFSET: tl.constexpr,
+    CODE_DTYPE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -189,23 +247,35 @@ def _w4a16_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        mask_kn = mask_k[:, None] & mask_n[None, :]
         # Each word once: (BLOCK_K / 8, BLOCK_N), its 8 nibbles spread in registers, row 8r + j
-        # of the tile from nibble j of word row r (one shift and mask, as rows k = 8r + j).
+        # of the tile from nibble j of word row r.
         offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         words = tl.load(
             qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
             mask=(offs_w < k_end // 8)[:, None] & mask_n[None, :],
             other=0,
         )
-        nibbles = (words[:, None, :] >> shifts[None, :, :]) & 0xF
-        q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)).to(tl.float32)
         if TILE_IN_GROUP:
+            # One scale and zero per column for the whole tile: they come out of the product,
+            # x . ((q - z) s) = s (x . (q + c) - (z + c) sum(x)), so the codes go into the dot
+            # as they are (q + c, exact in x's dtype) and nothing is dequantized element by
+            # element.
             g = k0 // group_size
             s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
             z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0.0)
-            w = (q - z.to(tl.float32)[None, :]) * s.to(tl.float32)[None, :]
+            codes = _codes_tile(words, BLOCK_K, BLOCK_N, CODE_MAGIC, CODE_DTYPE)
+            if DOT_F32:
+                part = tl.dot(x.to(tl.float32), codes.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(x, codes)
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            zero = z.to(tl.float32) + CODE_OFFSET
+            acc += s.to(tl.float32)[None, :] * (part - zero[None, :] * x_sum[:, None])
         else:
+            # Scales and zeros gathered per row: dequantize the tile, then multiply.
+            nibbles = (words[:, None, :] >> shifts[None, :, :]) & 0xF
+            q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)).to(tl.float32)
+            mask_kn = mask_k[:, None] & mask_n[None, :]
             if HAS_G_IDX:
                 g_rows = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
             else:
@@ -221,10 +291,10 @@ def _w4a16_kernel(
                 other=0.0,
             )
             w = (q - z.to(tl.float32)) * s.to(tl.float32)
-        if DOT_F32:
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc)
+            if DOT_F32:
+                acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = (
@@ -286,6 +356,21 @@ def _num_sms(device: torch.device) -> int:
     return INTERPRETER_SMS
 
 
+_CODE_ARGS = {
+    # activation dtype: the constant a code goes into as low mantissa bits (value c + q), c
+    torch.bfloat16: (0x4300, 128.0),  # 2^7: 7 mantissa bits
+    torch.float16: (0x6400, 1024.0),  # 2^10: 10 mantissa bits
+    torch.float32: (0, 0.0),  # converted
+}
+
+
+def _code_args(dtype: torch.dtype) -> dict[str, Any]:
+    """The kernel's CODE_* constexprs for activations of `dtype` (see `_nibble_codes`)."""
+    magic, offset = _CODE_ARGS[dtype]
+    code_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+    return dict(CODE_MAGIC=magic, CODE_OFFSET=offset, CODE_DTYPE=code_dtype)
+
+
 def w4a16_matmul_triton(
     x: torch.Tensor,
     weight: Int4Weight,
@@ -305,7 +390,9 @@ def w4a16_matmul_triton(
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
     if config is None:
-        config = pick_config(m, n, k, weight.group_size, _num_sms(x.device))
+        config = pick_config(
+            m, n, k, weight.group_size, _num_sms(x.device), act_order=weight.g_idx is not None
+        )
     k_tiles = _cdiv(k, config.block_k)
     k_split = _cdiv(k_tiles, min(config.split_k, k_tiles)) * config.block_k
     splits = _cdiv(k, k_split)
@@ -341,6 +428,7 @@ def w4a16_matmul_triton(
         target.stride(-1),
         HAS_G_IDX=has_g_idx,
         TILE_IN_GROUP=tile_in_group,
+        **_code_args(x.dtype),
         HAS_BIAS=fuse_bias,
         DOT_F32=x.dtype == torch.float32 or _is_interpreting(),
         BLOCK_M=config.block_m,

@@ -52,10 +52,11 @@ ISSUE_BOUND = {
     # Streaming loops that cannot issue ISSUE_HEADROOM x the HBM's bandwidth on the modelled
     # cards (docs/benchmarks/issue_limits_2026-12-05.md): each 4-bit weight and each int8 /
     # int4 cached element costs a conversion, a shared-memory access and register moves of its
-    # own, which Triton emits element by element. The floor is about 70% of the least figure
-    # measured (A100 / H100: 4-bit weights 0.35x, int8 KV 1.29x, int4 KV 0.67x), so a change
-    # that makes them slower fails here.
-    ("_w4a16_kernel", 0): 0.25,
+    # own, which Triton emits element by element (the 4-bit GEMM still does where it gathers
+    # scales per row or a tile is small). The floor is about 70% of the least figure measured
+    # (A100 / H100: 4-bit weights 0.41x, int8 KV 1.29x, int4 KV 0.67x), so a change that
+    # makes them slower fails here.
+    ("_w4a16_kernel", 0): 0.3,
     ("_flash_decode_split_kernel", 8): 0.9,
     ("_flash_decode_split_kernel", 4): 0.45,
 }

@@ -236,12 +236,17 @@ def test_decode_splits_k_and_prefill_does_not(device, monkeypatch):
 
 
 def test_pick_config_heuristic():
-    # Decode on a 132-SM GPU: InternLM2.5-7B's o_proj at M=1 splits K; gate_up has tiles enough.
+    # Decode on a 132-SM GPU: InternLM2.5-7B's o_proj at M=1 splits K until its 32 column
+    # tiles make about two programs an SM; gate_up's 224 take 2 splits.
     o = W.pick_config(1, 4096, 4096, 128, 132)
-    assert (o.block_m, o.block_k) == (16, 128) and o.split_k > 1
-    assert 64 * o.split_k >= 2 * 132
-    assert W.pick_config(1, 28672, 4096, 128, 132).split_k == 1
-    assert W.pick_config(64, 4096, 4096, 128, 132).block_m == 64
+    assert (o.block_m, o.block_n, o.block_k) == (16, 128, 128) and o.split_k == 9
+    assert 4096 // o.block_n * o.split_k >= 2 * 132
+    assert W.pick_config(1, 28672, 4096, 128, 132).split_k == 2
+    wide = W.pick_config(64, 4096, 4096, 128, 132)
+    assert (wide.block_m, wide.block_n) == (64, 64)
+    # Tiles that gather scales per row (a g_idx, or groups under 32) stay 64 columns wide.
+    assert W.pick_config(1, 4096, 4096, 128, 132, act_order=True).block_n == 64
+    assert W.pick_config(1, 4096, 4096, 16, 132).block_n == 64
     # Prefill: no split; BLOCK_K follows the group so a tile reads one scale row.
     big = W.pick_config(4096, 4096, 4096, 128, 132)
     assert (big.block_m, big.block_n, big.block_k, big.split_k) == (128, 128, 64, 1)
