@@ -690,9 +690,10 @@ def streamed_bytes(launch: Launch) -> int | None:
     if launch.kernel == "_w4a16_kernel":
         return c["BLOCK_K"] // 8 * c["BLOCK_N"] * size[launch.pointers["qw_ptr"]]
     if launch.kernel == "_flash_decode_split_kernel":
-        codes = 2 * c["BLOCK_N"] * c["TILE_D"] * size[launch.pointers["k_cache_ptr"]]
-        params = 2 * c["BLOCK_N"] * 2 * size[launch.pointers["k_param_ptr"]] if c["BITS"] else 0
-        return codes + params
+        if not c["BITS"]:
+            return 2 * c["BLOCK_N"] * c["TILE_D"] * size[launch.pointers["k_cache_ptr"]]
+        # TILE_D bytes of codes a row, however the kernel reads them; a scale and a zero a key
+        return 2 * c["BLOCK_N"] * (c["TILE_D"] + 2 * size[launch.pointers["k_param_ptr"]])
     return None
 
 

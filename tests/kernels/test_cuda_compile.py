@@ -54,9 +54,9 @@ ISSUE_BOUND = {
     # int4 cached element costs a conversion, a shared-memory access and register moves of its
     # own, which Triton emits element by element (the 4-bit GEMM still does where it gathers
     # scales per row or a tile is small). The floor is about 70% of the least figure measured
-    # (A100 / H100: 4-bit weights 0.41x, int8 KV 1.29x, int4 KV 0.67x), so a change that
+    # (A100 / H100: 4-bit weights 0.40x, int8 KV 1.29x, int4 KV 0.67x), so a change that
     # makes them slower fails here.
-    ("_w4a16_kernel", 0): 0.3,
+    ("_w4a16_kernel", 0): 0.28,
     ("_flash_decode_split_kernel", 8): 0.9,
     ("_flash_decode_split_kernel", 4): 0.45,
 }
@@ -165,6 +165,9 @@ def test_issue_limit_by_hand() -> None:
         pointers={"k_cache_ptr": "u8", "k_param_ptr": "fp32"},
     )
     assert streamed_bytes(quant) == 2 * 64 * 128 + 2 * 64 * 2 * 4
+    # read as int32 words: the same bytes
+    words = dataclasses.replace(quant, pointers={"k_cache_ptr": "i32", "k_param_ptr": "fp32"})
+    assert streamed_bytes(words) == streamed_bytes(quant)
     w4 = dataclasses.replace(
         launch,
         kernel="_w4a16_kernel",

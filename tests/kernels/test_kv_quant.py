@@ -43,9 +43,12 @@ NAN = float("nan")
 QUANT_LSE_TOL = {
     torch.float32: LSE_TOL[torch.float32],
     # Compiled kernels may fuse code * scale + zero into an FMA where torch rounds twice, which
-    # can flip the bf16 rounding of a dequantized element: a few 1e-4 in a score.
+    # can flip the rounding of a dequantized element: a few 1e-4 in a score (bf16).
     torch.bfloat16: (2e-3, 2e-3),
+    torch.float16: (5e-4, 5e-4),
 }
+QUANT_OUT_TOL = {**OUT_TOL, torch.float16: (5e-3, 5e-3)}
+"""OUT_TOL, and float16's: output rounding (2^-11) plus P rounded before P @ V on GPUs."""
 INTERPRETER_BF16_TOL = {"out": (5e-2, 5e-2), "lse": (2e-2, 2e-2)}
 """Triton's interpreter truncates fp32 -> bf16 where torch rounds to nearest even: every
 dequantized K/V element of the kernel sits up to one bf16 ulp (2^-8 relative) nearer zero than
@@ -402,7 +405,7 @@ def assert_quant_close(
     dtype: torch.dtype,
 ) -> None:
     assert not out.isnan().any(), "NaN in out: an unwritten row or a read of a poisoned slot"
-    out_tol, lse_tol = OUT_TOL[dtype], QUANT_LSE_TOL[dtype]
+    out_tol, lse_tol = QUANT_OUT_TOL[dtype], QUANT_LSE_TOL[dtype]
     if dtype == torch.bfloat16 and out.device.type != "cuda":
         out_tol, lse_tol = INTERPRETER_BF16_TOL["out"], INTERPRETER_BF16_TOL["lse"]
     assert_close(out.cpu().double(), ref_out.cpu().double(), out_tol)
@@ -434,6 +437,9 @@ PAGED_CASES = [
     (8, 4, 128, 8, torch.float32),
     (4, 2, 128, 16, torch.float32),
     (4, 2, 64, 16, torch.bfloat16),
+    # float16 queries dequantize into float16
+    (4, 4, 128, 16, torch.float16),
+    (8, 2, 64, 16, torch.float16),
 ]
 
 
@@ -458,6 +464,8 @@ DECODE_CASES = [
     (4, 2, 64, 16, torch.float32, [300]),  # one sequence over many splits
     (4, 4, 128, 8, torch.float32, [1, 37, 130, 16]),
     (8, 2, 128, 16, torch.bfloat16, [200, 5]),
+    (4, 2, 64, 16, torch.bfloat16, [200, 5]),
+    (4, 4, 128, 8, torch.float16, [37, 130]),
 ]
 
 
