@@ -10,10 +10,12 @@
 # into 4 segments (DIST_RUNTIME_DECODE_GRAPH_SEGMENTS) at 8K and 32K, after the full run.
 # ASYNC=0 skips the runs with decode steps launched ahead (DIST_RUNTIME_ASYNC_DECODE=1: 7B at
 # 8K / 32K / batch 8, and 1M), which follow the default runs. The fused RoPE + KV-store kernel
-# is checked and timed first (FUSED_TIMEOUT), so a failure there shows before the long runs.
+# is checked and timed first (FUSED_TIMEOUT), then the 4-bit weight kernel (W4A16_TIMEOUT), so a
+# failure there shows before the long runs.
 # KVQ=0 skips the split-KV kernel over int8 / int4 caches (kernel_bench_attention.py --decode
-# --kv-bits, early) and the 7B decode over them (32K and 131K, batch 8 at 32K; KVQ_TIMEOUT each). GEMV=0 skips the last steps: the Triton GEMV against cuBLAS on the 7B
-# shapes, and the 7B decode with it and steps launched ahead (DIST_RUNTIME_GEMV=triton).
+# --kv-bits, early) and the 7B decode over them (32K and 131K, batch 8 at 32K; KVQ_TIMEOUT
+# each). GEMV=0 skips the last steps: the Triton GEMV against cuBLAS on the 7B shapes, and the
+# 7B decode with it and steps launched ahead (DIST_RUNTIME_GEMV=triton).
 set -u
 OUT=${OUT:-/tmp/gpu_decode}
 mkdir -p "$OUT"
@@ -23,7 +25,8 @@ log="$OUT/log.txt"
 step() { echo "=== $* ($(date +%T))" | tee -a "$log"; }
 
 step environment
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 \
+nvidia-smi --format=csv \
+    --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem 2>&1 \
     | tee -a "$log"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     2>&1 | tee -a "$log"
@@ -33,8 +36,17 @@ timeout "${FUSED_TIMEOUT:-60}" $PY -m pytest -q -x -p no:cacheprovider \
     tests/kernels/test_elementwise_kernels.py -k rotary_store 2>&1 | tail -4 | tee -a "$log"
 timeout "${FUSED_TIMEOUT:-60}" $PY bench/kernel_bench_elementwise.py 2>&1 | tee -a "$log"
 
+# The 4-bit GEMM's tile changed untimed (codes into the dot, scale and zero after it): its CUDA
+# tests and timing come early, before the long runs.
+step CUDA tests of the 4-bit weight kernel
+timeout "${W4A16_TIMEOUT:-45}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
+    tests/kernels/test_w4a16.py 2>&1 | tail -15 | tee -a "$log"
+step "4-bit weights against the float16 matmul (decode rows 1, 8, 64)"
+timeout "${W4A16_TIMEOUT:-45}" $PY bench/w4a16.py --m 1,8,64 --report "$OUT/w4a16.md" 2>&1 \
+    | tail -8 | tee -a "$log"
+
 if [ "${KVQ:-1}" = 1 ]; then
-    step "split-KV decode over int8 / int4 caches beside bf16 (cuda_compile.py --streaming predicts them issue-bound)"
+    step "split-KV decode over int8 / int4 caches beside bf16 (predicted issue-bound)"
     timeout "${KVQ_KERNEL_TIMEOUT:-90}" $PY bench/kernel_bench_attention.py --decode --kv-bits 8 4 \
         2>&1 | tee -a "$log"
 fi
@@ -98,12 +110,6 @@ timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider -m "not sl
     tests/test_gpu_oracle.py tests/kernels/test_elementwise_kernels.py \
     tests/kernels/test_attention_kernels.py tests/kernels/test_kv_quant.py -k \
     "gpu or rotary or flash_decode or graph" 2>&1 | tail -15 | tee -a "$log"
-step CUDA tests of the 4-bit weight kernel
-timeout "${W4A16_TIMEOUT:-45}" $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
-    tests/kernels/test_w4a16.py 2>&1 | tail -15 | tee -a "$log"
-step "4-bit weights against the float16 matmul (decode rows 1, 8, 64)"
-timeout "${W4A16_TIMEOUT:-45}" $PY bench/w4a16.py --m 1,8,64 --report "$OUT/w4a16.md" 2>&1 \
-    | tail -8 | tee -a "$log"
 if [ "${GEMV:-1}" = 1 ]; then
     step "decode-sized linear layers: Triton GEMV, CUDA tests, then against cuBLAS"
     timeout "${GEMV_TIMEOUT:-120}" $PY -m pytest -q -x -p no:cacheprovider \
