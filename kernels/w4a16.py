@@ -9,15 +9,17 @@ scale[g(k), n], accumulating in fp32 and returning x's dtype.
   (BLOCK_K / 8 word rows) and spreads the 8 nibbles in registers (row k from word k // 8,
   nibble k % 8). (Loading a word per row instead, 8 copies of each, staged 32 KB a pipeline
   stage in shared memory at 128 x 64: 125 KB and one 4-warp block per SM at decode sizes;
-  bench/cuda_compile.py.) When BLOCK_K divides group_size (no g_idx) a tile has one scale and
-  zero per column, which come out of the product: x . ((q - z) s) = s (x . (q + c) - (z + c)
-  sum(x)). The codes go into `tl.dot` as they are, q + c exactly in x's dtype (the nibble in
-  the low mantissa bits of c = 128 for bfloat16, 1024 for float16: no conversion instruction),
-  and the scale and zero apply to the product's columns, so no weight is dequantized element
-  by element (`_codes_tile`; the main loop issues ~5 instructions a weight, against ~9 when
-  each was dequantized and stored to shared memory 2 bytes at a time: bench/cuda_compile.py
-  --streaming). Otherwise (GPTQ act-order `g_idx`, or groups smaller than the tile) scales and
-  zeros are gathered per row and the tile is dequantized in fp32 before the dot.
+  bench/cuda_compile.py.) Without a g_idx a tile takes its rows in runs of GROUP_K (the
+  largest power of two dividing group_size, at most BLOCK_K), each run inside one group with
+  one scale and zero per column, which come out of the product: x . ((q - z) s) = s (x . (q +
+  c) - (z + c) sum(x)). The codes go into `tl.dot` as they are, q + c exactly in x's dtype (the
+  nibble in the low mantissa bits of c = 128 for bfloat16, 1024 for float16: no conversion
+  instruction), and the scale and zero apply to the product's columns, so no weight is
+  dequantized element by element (`_group_tile`; the main loop issues ~5 instructions a weight,
+  against ~9 when each was dequantized and stored to shared memory 2 bytes at a time:
+  bench/cuda_compile.py --streaming). Otherwise (GPTQ act-order `g_idx`, or groups under
+  MIN_GROUP_K rows) scales and zeros are gathered per row and the tile is dequantized in fp32
+  before the dot.
   Decode shapes (M <= `DECODE_MAX_M`) use 16-64-row tiles and split K over several programs
   when the output tiles alone would leave the GPU's SMs idle: each split writes an fp32 partial
   sum and a second pass adds them (deterministic, no atomics). Prefill shapes use 64- or
@@ -61,6 +63,9 @@ except ImportError:  # CPU-only installs: only the torch reference runs
 
 DECODE_MAX_M = 64
 """Largest M served by the decode configs (small row tiles, split K)."""
+MIN_GROUP_K = 16
+"""Fewest rows of one group a tile takes its scale and zero out of the product for (tl.dot's
+smallest K); smaller groups gather them per row."""
 MAX_SPLIT_K = 16
 """Upper bound on K splits: each split costs an fp32 partial of M x N."""
 INTERPRETER_SMS = 8
@@ -118,15 +123,16 @@ def pick_config(
     rows), 128 rows of K;
     K is split until the programs number about twice the SMs (at most MAX_SPLIT_K splits, at
     least one K tile each). Prefill: 64 x 128 tiles up to m = 128, 128 x 128 above, 64 rows of K.
-    BLOCK_K shrinks to the largest power of two dividing group_size when that is at least 32, so
-    a tile reads one scale / zero row; otherwise (and with `act_order`: a g_idx) they are
-    gathered per row, and decode tiles stay 64 columns wide.
+    A tile takes its rows in runs of the largest power of two dividing group_size (at most
+    BLOCK_K; a prefill tile's BLOCK_K shrinks to one run), each with one scale / zero row; below
+    MIN_GROUP_K (and with `act_order`: a g_idx) they are gathered per row instead, and decode
+    tiles stay 64 columns wide.
     """
-    pow2_of_group = group_size & -group_size
-    gathers = act_order or pow2_of_group < 32
+    group_k = group_size & -group_size  # the longest run of rows inside one group
+    gathers = act_order or group_k < MIN_GROUP_K
     if m <= DECODE_MAX_M:
         block_m, cap = max(16, _next_power_of_2(m)), 128
-        # Up to 32 rows: 128 columns a program (at 16 rows the main loop issues ~650
+        # Up to 32 rows: 128 columns a program (at 16 rows the main loop issues ~630
         # instructions a thread for 8 KB of packed weights against ~410 for 4 KB at 64 columns:
         # bench/cuda_compile.py --streaming); 64 rows keep 64 columns, as at 128 their
         # accumulators spill on an A100 (255 registers), and so do tiles that gather scales
@@ -136,7 +142,9 @@ def pick_config(
     else:
         block_m, block_n, cap = (64 if m <= 128 else 128), 128, 64
         num_warps, num_stages = (4, 3) if block_m == 64 else (8, 3)
-    block_k = min(cap, pow2_of_group) if pow2_of_group >= 32 else cap
+    # Decode tiles take several runs of a smaller group; prefill tiles one (the 128 x 128 tile
+    # with two runs of 32 spills on an H100).
+    block_k = cap if m <= DECODE_MAX_M or gathers else min(cap, group_k)
     split_k = 1
     if m <= DECODE_MAX_M:
         tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
@@ -185,6 +193,87 @@ def _codes_tile(
 
 
 @_jit
+def _load_rows(
+    x_rows,
+    qw_ptr,
+    k0,
+    k_end,
+    offs_n,
+    mask_m,
+    mask_n,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    ROWS: tl.constexpr,
+):
+    """Activations (BLOCK_M, ROWS) and packed words (ROWS / 8, BLOCK_N) of rows k0.. k0 + ROWS,
+    each word once; rows at or past k_end read as zeros."""
+    offs_k = k0 + tl.arange(0, ROWS)
+    x = tl.load(
+        x_rows + offs_k[None, :] * stride_xk,
+        mask=mask_m[:, None] & (offs_k < k_end)[None, :],
+        other=0.0,
+    )
+    offs_w = k0 // 8 + tl.arange(0, ROWS // 8)
+    words = tl.load(
+        qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+        mask=(offs_w < k_end // 8)[:, None] & mask_n[None, :],
+        other=0,
+    )
+    return x, words
+
+
+@_jit
+def _group_tile(
+    acc,
+    x_rows,
+    qw_ptr,
+    scales_ptr,
+    zeros_ptr,
+    k0,
+    k_end,
+    group_size,
+    offs_n,
+    mask_m,
+    mask_n,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_zg,
+    stride_zn,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CODE_MAGIC: tl.constexpr,
+    CODE_OFFSET: tl.constexpr,
+    CODE_DTYPE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """acc + x[:, k0:k0+ROWS] @ W[k0:k0+ROWS] for ROWS rows inside one group (k0 a multiple of
+    ROWS, ROWS of the group size). Its one scale and zero per column come out of the product,
+    x . ((q - z) s) = s (x . (q + c) - (z + c) sum(x)), so the codes go into the dot as they are
+    (q + c, exact in x's dtype: `_codes_tile`) and nothing is dequantized element by element.
+    Each packed word is loaded once ((ROWS / 8, BLOCK_N) words). Rows at or past k_end read as
+    zeros (a run wholly past it adds nothing)."""
+    x, words = _load_rows(
+        x_rows, qw_ptr, k0, k_end, offs_n, mask_m, mask_n, stride_xk, stride_qk, stride_qn, ROWS
+    )
+    # a run wholly past k_end (its x reads as zeros) reads the last group's row instead
+    g = tl.minimum(k0, k_end - 1) // group_size
+    s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
+    z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0.0)
+    codes = _codes_tile(words, ROWS, BLOCK_N, CODE_MAGIC, CODE_DTYPE)
+    if DOT_F32:
+        part = tl.dot(x.to(tl.float32), codes.to(tl.float32), input_precision="ieee")
+    else:
+        part = tl.dot(x, codes)
+    x_sum = tl.sum(x.to(tl.float32), axis=1)
+    zero = z.to(tl.float32) + CODE_OFFSET
+    return acc + s.to(tl.float32)[None, :] * (part - zero[None, :] * x_sum[:, None])
+
+
+@_jit
 def _w4a16_kernel(
     x_ptr,
     qw_ptr,
@@ -219,13 +308,15 @@ def _w4a16_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_K: tl.constexpr,
 ):
     """out[split, m, n] = sum over this split's K slice of x[m, k] * W[n, k] (+ bias).
 
     Grid (M tiles, N tiles, splits). k_split is a multiple of BLOCK_K (so of 8), so every tile
-    starts on a word boundary and, with TILE_IN_GROUP, lies inside one group.
+    starts on a word boundary; with TILE_IN_GROUP each GROUP_K rows of it lie inside one group.
     DOT_F32 multiplies in fp32 IEEE (fp32 activations, and the interpreter, whose numpy has no
-    bf16 matmul); otherwise the dequantized tile is rounded to x's dtype for the tensor cores.
+    bf16 matmul); otherwise the codes (TILE_IN_GROUP) or the dequantized tile rounded to x's
+    dtype go to the tensor cores.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -240,39 +331,53 @@ def _w4a16_kernel(
     k_end = tl.minimum(k_start + k_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        x = tl.load(
-            x_rows + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        # Each word once: (BLOCK_K / 8, BLOCK_N), its 8 nibbles spread in registers, row 8r + j
-        # of the tile from nibble j of word row r.
-        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(
-            qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-            mask=(offs_w < k_end // 8)[:, None] & mask_n[None, :],
-            other=0,
-        )
         if TILE_IN_GROUP:
-            # One scale and zero per column for the whole tile: they come out of the product,
-            # x . ((q - z) s) = s (x . (q + c) - (z + c) sum(x)), so the codes go into the dot
-            # as they are (q + c, exact in x's dtype) and nothing is dequantized element by
-            # element.
-            g = k0 // group_size
-            s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
-            z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0.0)
-            codes = _codes_tile(words, BLOCK_K, BLOCK_N, CODE_MAGIC, CODE_DTYPE)
-            if DOT_F32:
-                part = tl.dot(x.to(tl.float32), codes.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(x, codes)
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
-            zero = z.to(tl.float32) + CODE_OFFSET
-            acc += s.to(tl.float32)[None, :] * (part - zero[None, :] * x_sum[:, None])
+            # GROUP_K rows at a time share one scale and zero per column (GROUP_K divides the
+            # group): `_group_tile` takes them out of the product.
+            for j in tl.static_range(BLOCK_K // GROUP_K):
+                acc = _group_tile(
+                    acc,
+                    x_rows,
+                    qw_ptr,
+                    scales_ptr,
+                    zeros_ptr,
+                    k0 + j * GROUP_K,
+                    k_end,
+                    group_size,
+                    offs_n,
+                    mask_m,
+                    mask_n,
+                    stride_xk,
+                    stride_qk,
+                    stride_qn,
+                    stride_sg,
+                    stride_sn,
+                    stride_zg,
+                    stride_zn,
+                    GROUP_K,
+                    BLOCK_N,
+                    CODE_MAGIC,
+                    CODE_OFFSET,
+                    CODE_DTYPE,
+                    DOT_F32,
+                )
         else:
             # Scales and zeros gathered per row: dequantize the tile, then multiply.
+            x, words = _load_rows(
+                x_rows,
+                qw_ptr,
+                k0,
+                k_end,
+                offs_n,
+                mask_m,
+                mask_n,
+                stride_xk,
+                stride_qk,
+                stride_qn,
+                BLOCK_K,
+            )
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_end
             nibbles = (words[:, None, :] >> shifts[None, :, :]) & 0xF
             q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)).to(tl.float32)
             mask_kn = mask_k[:, None] & mask_n[None, :]
@@ -397,7 +502,8 @@ def w4a16_matmul_triton(
     k_split = _cdiv(k_tiles, min(config.split_k, k_tiles)) * config.block_k
     splits = _cdiv(k, k_split)
     has_g_idx = weight.g_idx is not None
-    tile_in_group = not has_g_idx and weight.group_size % config.block_k == 0
+    group_k = min(config.block_k, weight.group_size & -weight.group_size)
+    tile_in_group = not has_g_idx and group_k >= MIN_GROUP_K
     target = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     fuse_bias = bias is not None and splits == 1
     scales, zeros = weight.scales, weight.zeros
@@ -434,6 +540,7 @@ def w4a16_matmul_triton(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
+        GROUP_K=group_k,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

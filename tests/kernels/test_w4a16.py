@@ -65,8 +65,8 @@ TOL = {
 """(rtol, atol as a fraction of the reference's RMS) per activation dtype."""
 M_DECODE = [1, 3, 17, 33]
 M_PREFILL = [67, 130]
-SHAPES = [(40, 192, 64), (104, 384, 128), (200, 384, 64)]
-"""(N, K, group_size)."""
+SHAPES = [(40, 192, 64), (104, 384, 128), (200, 384, 64), (24, 96, 32), (16, 64, 16)]
+"""(N, K, group_size): a tile takes groups of 64 / 32 / 16 in runs of that many rows."""
 FORMATS = ["awq", "gptq_act_order", "gptq", "runtime"]
 
 
@@ -244,17 +244,18 @@ def test_pick_config_heuristic():
     assert W.pick_config(1, 28672, 4096, 128, 132).split_k == 2
     wide = W.pick_config(64, 4096, 4096, 128, 132)
     assert (wide.block_m, wide.block_n) == (64, 64)
-    # Tiles that gather scales per row (a g_idx, or groups under 32) stay 64 columns wide.
+    # Tiles that gather scales per row (a g_idx, or groups under 16) stay 64 columns wide.
     assert W.pick_config(1, 4096, 4096, 128, 132, act_order=True).block_n == 64
-    assert W.pick_config(1, 4096, 4096, 16, 132).block_n == 64
+    assert W.pick_config(1, 4096, 4096, 8, 132).block_n == 64
+    assert W.pick_config(1, 4096, 4096, 32, 132).block_n == 128
     # Prefill: no split; BLOCK_K follows the group so a tile reads one scale row.
     big = W.pick_config(4096, 4096, 4096, 128, 132)
     assert (big.block_m, big.block_n, big.block_k, big.split_k) == (128, 128, 64, 1)
-    assert W.pick_config(4096, 4096, 4096, 32, 132).block_k == 32
+    assert W.pick_config(4096, 4096, 4096, 32, 132).block_k == 32  # prefill: one run a tile
     assert W.pick_config(100, 4096, 4096, 128, 132).block_m == 64
-    # Groups of 16 gather scales per row with the full tile; a group of 96 takes 32-row tiles.
+    # Smaller groups keep the full tile (runs of 16 or 32 rows; a group of 96 runs of 32).
     assert W.pick_config(1, 4096, 4096, 16, 132).block_k == 128
-    assert W.pick_config(1, 4096, 4032, 96, 132).block_k == 32
+    assert W.pick_config(1, 4096, 4032, 96, 132).block_k == 128
     # Never more splits than K tiles.
     assert W.pick_config(1, 64, 256, 128, 132).split_k == 2
     with pytest.raises(ValueError, match="power of two"):
