@@ -232,7 +232,6 @@ class _Function:
 
     def __init__(self, name: str, sass: Sass) -> None:
         self.name, self.sass = name, sass
-        self.registers, self.spill_bytes = sass.registers, sass.spill_bytes
 
 
 class CompileOnlyDriver:
@@ -581,8 +580,8 @@ class _Recorder:
                 num_warps=metadata.num_warps,
                 num_stages=metadata.num_stages,
                 shared=metadata.shared,
-                registers=function.registers,
-                spill_bytes=function.spill_bytes,
+                registers=function.sass.registers,
+                spill_bytes=function.sass.spill_bytes,
                 constexprs=_constexpr_names(src),
                 binary=metadata.hash,
                 loop=function.sass.loop,

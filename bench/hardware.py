@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 GB = 10**9
 TB = 10**12
@@ -231,34 +232,42 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-def lookup_arch(name: str) -> Arch | None:
-    """The compile target named `name` (a key or alias of `ARCHS`, any case), or None."""
+def _named(table: dict[str, Any], name: str) -> Any:
+    """The entry of `table` (GPUS or ARCHS) whose key or an alias is `name`, any case; None."""
     want = name.strip().lower()
-    for arch in ARCHS.values():
-        if want == arch.key.lower() or want in (a.lower() for a in arch.aliases):
-            return arch
+    for entry in table.values():
+        if want == entry.key.lower() or want in (a.lower() for a in entry.aliases):
+            return entry
     return None
 
 
-def accepted_arch_names() -> str:
+def _names(table: dict[str, Any]) -> str:
+    """Every name `_named` accepts in `table`, for error messages."""
     return "; ".join(
-        f"{a.key}" + (f" (also {', '.join(a.aliases)})" if a.aliases else "")
-        for a in ARCHS.values()
+        entry.key + (f" (also {', '.join(entry.aliases)})" if entry.aliases else "")
+        for entry in table.values()
     )
+
+
+def lookup_arch(name: str) -> Arch | None:
+    """The compile target named `name` (a key or alias of `ARCHS`, any case), or None."""
+    arch: Arch | None = _named(ARCHS, name)
+    return arch
+
+
+def accepted_arch_names() -> str:
+    return _names(ARCHS)
 
 
 def accepted_names() -> str:
     """Every name `lookup` accepts, for error messages."""
-    return "; ".join(f"{g.key} (also {', '.join(g.aliases)})" for g in GPUS.values())
+    return _names(GPUS)
 
 
 def lookup(name: str) -> GPU | None:
     """The GPU named `name` (its key or an alias, any case), or None."""
-    want = name.strip().lower()
-    for gpu in GPUS.values():
-        if want == gpu.key.lower() or want in (a.lower() for a in gpu.aliases):
-            return gpu
-    return None
+    gpu: GPU | None = _named(GPUS, name)
+    return gpu
 
 
 def match_device_name(text: str) -> GPU | None:

@@ -29,6 +29,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import kernels.flash_decode as FD  # noqa: E402
 import kernels.paged_attention as PA  # noqa: E402
+from dist_runtime.memory_planner import KV_PARAM_BYTES  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -113,7 +114,7 @@ def kv_bytes(batch: int, ctx: int, bits: int) -> int:
     token and KV head."""
     if bits == 0:
         return 2 * batch * ctx * KV_HEADS * HEAD_DIM * DTYPE.itemsize
-    return 2 * batch * ctx * KV_HEADS * (HEAD_DIM * bits // 8 + 8)
+    return 2 * batch * ctx * KV_HEADS * (HEAD_DIM * bits // 8 + KV_PARAM_BYTES)
 
 
 def _decode_ms(
