@@ -91,6 +91,9 @@ class SeqStep:
     next_prompt_token: int = -1
     """The prompt token after this chunk: the target of its last row when every row is scored
     (-1 otherwise)."""
+    allowed_tokens: bytes | None = None
+    """With sample: the tokens this sequence may sample (guided output), a packed mask of the
+    logits' width (bit i of byte i // 8, least significant first); None: any token."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,6 +188,7 @@ _SCALAR_TYPES: dict[Any, frozenset[type]] = {
     int: frozenset({int}),
     bool: frozenset({bool}),
     str: frozenset({str}),
+    bytes: frozenset({bytes}),
     float: frozenset({float, int}),
 }
 

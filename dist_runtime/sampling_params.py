@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +51,14 @@ class SamplingParams:
     then computes its whole prompt (no prefix-cache hit), as in vLLM."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the decoded text."""
+    json_schema: Any = None
+    """Guided output: a JSON Schema (a dict, or its JSON text) the output must be a value of;
+    every token is drawn from those that keep the output on the schema, and the request ends
+    when the value is complete. Stored as the schema's JSON text. See
+    `dist_runtime.text.json_grammar` for the keywords held (an unsupported one is a
+    ValueError naming it)."""
+    json_object: bool = False
+    """Guided output: any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
     extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
     """Reserved for options of later versions; must be empty."""
 
@@ -121,6 +131,13 @@ class SamplingParams:
             value = getattr(self, name)
             _check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         _check(
+            isinstance(self.json_object, bool),
+            f"json_object must be True or False, got {self.json_object!r}",
+        )
+        if self.json_schema is not None:
+            _check(not self.json_object, "give json_schema or json_object, not both")
+            object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
+        _check(
             isinstance(self.extra, dict),
             f"extra must be an empty dict (reserved), got {self.extra!r:.80}",
         )
@@ -129,6 +146,35 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def guided(self) -> bool:
+        """The output is held to a JSON grammar (json_schema or json_object)."""
+        return self.json_object or self.json_schema is not None
+
+
+def _schema_text(schema: object) -> str:
+    """A schema's compact JSON text (its key order kept: properties are generated in it),
+    checked by compiling it."""
+    from dist_runtime.text.guided import SchemaError, grammar_for
+
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"json_schema is not valid JSON: {e}") from None
+    _check(
+        isinstance(schema, (dict, bool)),
+        f"json_schema must be a JSON Schema object, got {type(schema).__name__}",
+    )
+    text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    try:
+        grammar_for(text)
+    except SchemaError as e:
+        raise ValueError(f"json_schema: {e}") from None
+    except RecursionError:
+        raise ValueError("json_schema: nested too deeply") from None
+    return text
 
 
 def _is_number(x: object) -> bool:

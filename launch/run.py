@@ -270,6 +270,19 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         default=None,
         help="seed of the sampling stream (default: the runtime's, 0)",
     )
+    g.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        default=None,
+        help="guided output: every answer is JSON valid against this JSON Schema (a file, or "
+        "the schema itself as JSON text)",
+    )
+    g.add_argument(
+        "--json",
+        dest="json_object",
+        action="store_true",
+        help="guided output: every answer is a JSON object",
+    )
 
 
 SAMPLING_FLAGS = {
@@ -282,13 +295,23 @@ SAMPLING_FLAGS = {
         "min_p",
         "repetition_penalty",
         "seed",
+        "json_schema",
     )
-}
+} | {"json_object": "--json"}
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The sampling flags as SamplingParams; a bad value is named by its flag."""
     values = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    schema = values["json_schema"]
+    if schema is not None and not schema.lstrip().startswith("{"):
+        try:
+            values["json_schema"] = Path(schema).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(
+                f"--json-schema {schema}: cannot read it ({e.strerror}); give a JSON Schema file "
+                "or the schema as JSON text"
+            ) from None
     try:
         return SamplingParams(**values)
     except ValueError as e:
@@ -388,10 +411,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 SAMPLING_DEFAULTS: dict[str, Any] = {
-    a.dest: a.default
-    for a in build_parser()._actions
-    if a.dest
-    in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    a.dest: a.default for a in build_parser()._actions if a.dest in SAMPLING_FLAGS
 }
 """The sampling flags and their defaults."""
 

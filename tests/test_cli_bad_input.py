@@ -269,6 +269,21 @@ RUN_TABLE: list[Any] = [
     ),
     pytest.param(["--seed", "-1"], "--seed must be a non-negative integer", id="seed"),
     pytest.param(
+        ["--json-schema", "{missing}"],
+        "--json-schema {missing}: cannot read it (No such file or directory)",
+        id="json-schema-missing",
+    ),
+    pytest.param(
+        ["--json-schema", '{{"type": "string", "pattern": "a"}}'],  # (format braces doubled)
+        "--json-schema: #: JSON Schema keyword 'pattern' is not supported",
+        id="json-schema-keyword",
+    ),
+    pytest.param(
+        ["--json", "--json-schema", "{{}}"],
+        "give --json-schema or --json, not both",
+        id="json-both",
+    ),
+    pytest.param(
         ["--config", "{missing}"], "config file '{missing}' does not exist", id="config-missing"
     ),
     pytest.param(

@@ -13,6 +13,7 @@ that takes 20-30 s on a 2-core machine (the gguf reader parses the 49K-token voc
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -351,3 +352,28 @@ def test_server_logprob_bytes_rebuild_a_split_emoji(rt1: Runtime) -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_guided_json_extracts_from_a_document(rt1: Runtime) -> None:
+    """Document QA into a schema: the real model fills it in, and the answer is JSON that
+    `json.loads` reads back with the facts of the document."""
+    doc = (
+        "Harbour inspection report. The inspection was signed by Alice Brown on 3 March 2024 in "
+        "Oslo. Two cranes failed their load test and were taken out of service."
+    )
+    schema = {
+        "type": "object",
+        "properties": {
+            "signed_by": {"type": "string", "maxLength": 40},
+            "city": {"type": "string", "maxLength": 30},
+            "cranes_failed": {"type": "integer"},
+        },
+        "required": ["signed_by", "city", "cranes_failed"],
+    }
+    (answer,) = rt1.ask(
+        doc,
+        ["Extract who signed, the city, and how many cranes failed, as JSON."],
+        SamplingParams(max_new_tokens=80, json_schema=schema),
+    )
+    value = json.loads(answer)
+    assert value == {"signed_by": "Alice Brown", "city": "Oslo", "cranes_failed": 2}

@@ -43,6 +43,16 @@ PROMPTS: list[str | list[int]] = [
 ]
 
 Run = tuple[list[RequestOutput], list[int]]
+GUIDED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"k": {"enum": ["a", "b"]}, "v": {"type": "array", "items": {"type": "integer"},
+                   "maxItems": 2}},
+    "required": ["k", "v"],
+}  # fmt: skip
+GUIDED = SamplingParams(max_new_tokens=120, json_schema=GUIDED_SCHEMA)
+"""A guided request rides along in every run: its masks travel to the rank-0 worker in the
+plan (over Ray's codec at tp > 1)."""
+guided_outputs: dict[tuple[str, int], RequestOutput] = {}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +104,8 @@ def run(
                 model=str(folders[name]), tp=tp, session_len=256, device="cpu", dtype="float32"
             ) as rt:
                 assert rt.engine.executor is not None
-                outs = rt.generate(PROMPTS, PARAMS)
+                *outs, guided = rt.generate([*PROMPTS, "JSON:"], [PARAMS] * len(PROMPTS) + [GUIDED])
+                guided_outputs[name, tp] = guided
                 cache[name, tp] = (outs, list(rt.engine.executor.weight_bytes_read))
         return cache[name, tp]
 
@@ -143,6 +154,15 @@ def test_tp_matches_tp1(run: Callable[[str, int], Run], name: str, tp: int) -> N
     outs, bytes_read = run(name, tp)
     assert len(bytes_read) == tp
     _assert_same_generation(outs, run(name, 1)[0])
+
+
+def test_guided_output_over_ray_matches_tp1(run: Callable[[str, int], Run]) -> None:
+    run("llama", 2)
+    run("llama", 1)
+    got, want = guided_outputs["llama", 2], guided_outputs["llama", 1]
+    assert got.token_ids == want.token_ids and got.finish_reason == "stop"
+    value = json.loads(got.text)
+    assert value["k"] in ("a", "b") and len(value["v"]) <= 2
 
 
 def test_prompts_cover_the_cases() -> None:

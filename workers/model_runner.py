@@ -304,6 +304,7 @@ class ModelRunner:
                 state is None
                 or s.is_new
                 or not s.sample
+                or s.allowed_tokens is not None
                 or len(s.token_ids) != 1
                 or not samples_on_device([state.spec])
                 or state.table.size + len(s.new_blocks) > graphs.max_blocks
@@ -441,7 +442,9 @@ class ModelRunner:
             if not self.is_driver_rank:
                 return None
             n = len(sampled)
-            if plain_greedy([self.seqs[s.seq_id].spec for s in sampled]):
+            if plain_greedy([self.seqs[s.seq_id].spec for s in sampled]) and not any(
+                s.allowed_tokens is not None for s in sampled
+            ):
                 tokens = greedy_tokens(graphs.greedy[:n], [s.seq_id for s in sampled])
             else:
                 tokens = self._sample(graphs.logits[:n], sampled)
@@ -763,6 +766,7 @@ class ModelRunner:
             [st.generator for st in states],
             [s.seq_id for s in seqs],
             [max(0, st.spec.num_prompt_tokens - max(st.history_start, 0)) for st in states],
+            [s.allowed_tokens for s in seqs],
         )
 
 

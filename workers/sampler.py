@@ -151,19 +151,23 @@ class Sampler:
         generators: list[torch.Generator],
         seq_ids: list[int],
         output_starts: list[int] | None = None,
+        allowed: list[bytes | None] | None = None,
     ) -> list[SampledToken]:
         """Sample a token for each row of `logits` (batch, vocab).
 
         Row i belongs to seq_ids[i]; histories[i] is the 1-D int64 tensor of every token the
         sequence has seen (prompt and output), generators[i] its random stream (CPU or the
         logits' device), advanced only by rows that sample; output_starts[i] is where the
-        generated tokens start in histories[i] (default: the spec's num_prompt_tokens).
+        generated tokens start in histories[i] (default: the spec's num_prompt_tokens);
+        allowed[i], when given and not None, the packed mask of the tokens row i may pick
+        (guided output: `SeqStep.allowed_tokens`), applied after the penalties.
         """
         _check_lengths(logits, specs, histories, generators, seq_ids)
         if not specs:
             return []
         logits = logits.float()  # (batch, vocab)
-        if plain_greedy(specs):
+        guided = allowed is not None and any(a is not None for a in allowed)
+        if plain_greedy(specs) and not guided:
             return _greedy(logits, seq_ids)
         penalties = torch.tensor([s.repetition_penalty for s in specs], dtype=torch.float32)
         penalized = apply_repetition_penalty(logits, histories, penalties)
@@ -174,8 +178,32 @@ class Sampler:
             [s.presence_penalty for s in specs],
             [s.frequency_penalty for s in specs],
         )
+        if guided:
+            assert allowed is not None
+            penalized = penalized.masked_fill(~allowed_rows(allowed, logits), _NEG_INF)
         token_ids = _choose(penalized, specs, generators)
         return _results(logits, token_ids, specs, seq_ids)
+
+
+def allowed_rows(allowed: list[bytes | None], logits: torch.Tensor) -> torch.Tensor:
+    """(batch, vocab) bool on the logits' device from packed masks (None: every token)."""
+    batch, vocab = logits.shape
+    nbytes = (vocab + 7) // 8
+    packed = torch.full((batch, nbytes), 255, dtype=torch.uint8)
+    for i, mask in enumerate(allowed):
+        if mask is None:
+            continue
+        if len(mask) != nbytes:
+            raise ValueError(
+                f"an allowed-token mask of {len(mask)} bytes for {vocab} logits (want {nbytes})"
+            )
+        packed[i] = torch.frombuffer(bytearray(mask), dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    bits = (packed.unsqueeze(2) >> shifts) & 1  # (batch, nbytes, 8), least significant first
+    rows = bits.reshape(batch, nbytes * 8)[:, :vocab].bool()
+    if not bool(rows.any(dim=1).all()):
+        raise ValueError("an allowed-token mask allows no token")
+    return rows.to(logits.device, non_blocking=True)
 
 
 def _choose(

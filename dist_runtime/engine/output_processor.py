@@ -1,14 +1,19 @@
 """Token post-processing on the engine thread: detokenize, stop checks, logprobs.
 
 The stop decision lives here and nowhere else: EOS (unless ignore_eos), stop token ids, stop
-strings (the text is cut before them), max_new_tokens and session_len.
+strings (the text is cut before them), the end of a guided output's JSON value, max_new_tokens
+and session_len.
 """
 
 from __future__ import annotations
 
+import logging
+
 from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogprobs
 from dist_runtime.engine.scheduler import Sequence
 from dist_runtime.protocol import PromptLogprobs, SampledToken
+
+logger = logging.getLogger(__name__)
 
 
 class OutputProcessor:
@@ -55,6 +60,19 @@ class OutputProcessor:
         p = seq.params
         if (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids:
             return "stop"
+        guide = seq.guide
+        if guide is not None:
+            if not guide.advance(token_id):  # the mask allowed it: a bug, but end cleanly
+                logger.error("seq %d: token %d left its JSON grammar", seq.seq_id, token_id)
+                return "stop"
+            if guide.ended:  # the value is complete and nothing may follow it
+                return "stop"
+            if not guide.can_go_on():
+                logger.warning(
+                    "seq %d: no token of the vocabulary continues its JSON; ending it here",
+                    seq.seq_id,
+                )
+                return "stop"
         if len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= self.session_len:
             return "length"
         return None

@@ -46,6 +46,8 @@ class Sequence:
     """TokenLogprobs of each output token, when the request asked for them."""
     text_state: Any = None
     """The driver's detokenization state (a TextStream), when the model has a tokenizer."""
+    guide: Any = None
+    """With guided output: the request's `dist_runtime.text.guided.JsonGuide`."""
 
     @property
     def num_tokens(self) -> int:
@@ -294,6 +296,9 @@ class Scheduler:
                     prompt_logprobs=(seq.params.prompt_logprobs or 0) if rows else -1,
                     prompt_logprob_rows=rows,
                     next_prompt_token=next_token,
+                    allowed_tokens=seq.guide.allowed_tokens()
+                    if seq.guide is not None and start + n == seq.num_tokens
+                    else None,
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)
@@ -308,9 +313,10 @@ class Scheduler:
         guess that no sequence stops at it: each of its sequences computes the token it is
         sampling now (`LAST_SAMPLED`, filled in on the worker). None when the step cannot be
         planned ahead: a request waits or prefills, a sequence needs a penalty (its token history
-        on the worker), top-k log-probabilities or prompt log-probabilities, or a block is
-        missing. Greedy and sampling sequences alike go ahead: a draw is seeded by (seed,
-        position), so it is the same token either way. A sequence that certainly stops at
+        on the worker), top-k log-probabilities, prompt log-probabilities or guided output (its
+        mask follows its last token), or a block is missing. Greedy and sampling sequences
+        alike go ahead: a draw is seeded by (seed, position), so it is the same token either
+        way. A sequence that certainly stops at
         `inflight` (its length limit) is left out; one that stops by EOS or a stop string runs
         one step more, whose token the engine drops."""
         if self.waiting or len(inflight.seqs) != len(self.running):
@@ -325,6 +331,7 @@ class Scheduler:
                 len(step.token_ids) != 1
                 or step.start_pos != seq.num_tokens - 1
                 or p.logprobs
+                or p.guided
                 or _needs_history(p)
                 or seq.needs_prompt_logprobs
             ):

@@ -186,6 +186,12 @@ class _Server:
     ) -> SamplingParams:
         seed = None if req.seed is None else (req.seed + index) % 2**63
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        fmt = req.response_format
+        schema = (
+            fmt.json_schema.schema_
+            if fmt and fmt.json_schema and fmt.type == "json_schema"
+            else None
+        )
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens if max_tokens is not None else 16,
@@ -202,9 +208,12 @@ class _Server:
                 skip_special_tokens=req.skip_special_tokens,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
+                json_object=fmt is not None and fmt.type == "json_object",
+                json_schema=schema,
             )
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            param = "response_format" if str(e).startswith("json_schema") else None
+            raise APIError(400, str(e), param=param) from e
 
     def add(
         self, prompts: list[list[int]], params: list[SamplingParams], param: str

@@ -1,12 +1,13 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models mirroring OpenAI's schema.
 
 Unknown fields are ignored (as OpenAI-compatible servers do), except those that would change
-the answer and that this server does not implement (`tools`, `response_format` other than text,
-`logit_bias`, `best_of`, `suffix`, ...): those are a 400 naming the field rather than an answer
+the answer and that this server does not implement (`tools`, `logit_bias`, `best_of`,
+`suffix`, ...): those are a 400 naming the field rather than an answer
 that silently ignores them. `null` means the field's default, as in OpenAI's schema. The
 runtime's own sampling extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
 `skip_special_tokens`, and vLLM's `prompt_logprobs`) are accepted as extra body fields. Ranges
-are checked here so a bad field is a 400 naming it.
+are checked here so a bad field is a 400 naming it. `response_format` `json_object` and
+`json_schema` turn on guided JSON output (`SamplingParams.json_object` / `json_schema`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,28 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text (the default), any JSON object, or a JSON Schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object with its schema')
+        return self
+
+
 class SamplingFields(_Request):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -81,6 +104,7 @@ class SamplingFields(_Request):
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     """vLLM's extra: each prompt token's log-probability and this many top ones, returned as
     the choice's `prompt_logprobs`."""
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -147,9 +171,6 @@ class ChatCompletionRequest(SamplingFields):
                     "tool_choice": lambda v: v is None or v == "none",
                     "functions": _empty,
                     "function_call": lambda v: v is None or v == "none",
-                    "response_format": lambda v: (
-                        v is None or (isinstance(v, dict) and v.get("type") == "text")
-                    ),
                     "audio": _empty,
                     "prediction": _empty,
                 },

@@ -44,6 +44,15 @@ PLAN = StepPlan(
             sampling=SPEC,
         ),
         SeqStep(seq_id=1, token_ids=[5], start_pos=40, new_blocks=[], is_new=False, sample=True),
+        SeqStep(
+            seq_id=2,
+            token_ids=[6],
+            start_pos=9,
+            new_blocks=[],
+            is_new=False,
+            sample=True,
+            allowed_tokens=b"\x00\x81\xff",
+        ),
     ],
     finished_seq_ids=[0, 2],
 )

@@ -461,3 +461,38 @@ def test_sample_on_device_equals_sample() -> None:
     for bad in (spec(logprobs=2), spec(repetition_penalty=1.1), spec(presence_penalty=0.5)):
         with pytest.raises(ValueError, match="without penalties or top-k"):
             sample_on_device(logits[:1], [bad], generators([0]))
+
+
+# -- guided output: allowed-token masks -------------------------------------------------------
+
+
+def _packed(allowed: list[int], vocab: int) -> bytes:
+    bits = bytearray((vocab + 7) // 8)
+    for i in allowed:
+        bits[i // 8] |= 1 << (i % 8)
+    return bytes(bits)
+
+
+def test_allowed_masks_hold_greedy_and_sampled_rows_to_their_tokens() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 21)
+    allowed: list[list[int] | None] = [[3, 17], [20], None, [0, 5, 9]]
+    specs = [spec(temperature=0.0), spec(temperature=0.0), spec(temperature=0.0), spec()]
+    masks = [None if a is None else _packed(a, 21) for a in allowed]
+    for seed in range(20):
+        out = Sampler().sample(logits, specs, [EMPTY] * 4, generators([seed] * 4), [0, 1, 2, 3],
+                               allowed=masks)  # fmt: skip
+        ids = [t.token_id for t in out]
+        assert ids[0] == max([3, 17], key=lambda i: logits[0, i].item())
+        assert ids[1] == 20 and ids[2] == int(logits[2].argmax()) and ids[3] in (0, 5, 9)
+        raw = torch.log_softmax(logits, dim=-1)  # log-probabilities stay the raw model's
+        for row, t in enumerate(out):
+            assert t.logprob == pytest.approx(raw[row, t.token_id].item(), abs=1e-5)
+
+
+def test_allowed_masks_must_fit_the_logits_and_allow_something() -> None:
+    logits = torch.zeros(1, 16)
+    with pytest.raises(ValueError, match="3 bytes for 16 logits"):
+        Sampler().sample(logits, [spec()], [EMPTY], generators([0]), [0], allowed=[b"\xff" * 3])
+    with pytest.raises(ValueError, match="allows no token"):
+        Sampler().sample(logits, [spec()], [EMPTY], generators([0]), [0], allowed=[b"\0\0"])

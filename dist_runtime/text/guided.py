@@ -1,0 +1,201 @@
+"""Guided JSON output: which tokens keep an output on its grammar, as a mask per step.
+
+`Vocabulary` holds a tokenizer's tokens as the bytes they stand for, in a byte trie. A mask
+walks the trie from the grammar's state (`dist_runtime.text.json_grammar`) and keeps every
+token whose bytes the grammar takes; a branch stops at the first refused byte, so a structural
+position (after `{`, `,`, `:`) visits a few thousand trie nodes. Inside a free string nearly
+every token fits: there the tokens that cannot leave a string (no quote, backslash or control
+byte, whole UTF-8 characters) are taken from a precomputed set, cut by length when the string
+has a `maxLength`, and only the rest are walked. Masks are cached per (vocabulary, state) on
+the grammar, so a schema's recurring positions cost a lookup.
+
+The engine keeps one `JsonGuide` per guided request on the driver: it sends the packed mask
+of the request's current state with each step that samples it (`SeqStep.allowed_tokens`), and
+advances the state with the token the worker sampled.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from dist_runtime.text.json_grammar import JsonGrammar, SchemaError, State
+
+MAX_MASKS = 2048
+"""Packed masks cached per grammar before the cache is dropped and refilled."""
+
+_MISS: Any = object()
+_Trie = tuple[list[dict[int, int]], list[list[int]]]
+
+
+class Vocabulary:
+    """Token ids by the bytes they stand for, as two tries (see the module's docstring)."""
+
+    def __init__(self, token_bytes: Iterable[bytes | None], size: int):
+        """`token_bytes[i]`: the bytes token i stands for, None (or b"") for a token guided
+        output never uses (special tokens); `size`: the width of the model's logits."""
+        self.size = size
+        self.token_bytes: list[bytes] = []
+        self.string_safe = np.zeros(size, dtype=bool)
+        """Tokens that keep a free string open whatever it holds (see the module)."""
+        self.char_len = np.zeros(size, dtype=np.int64)
+        """Characters of each string-safe token."""
+        full: list[tuple[int, bytes]] = []
+        rest: list[tuple[int, bytes]] = []
+        for i, data in enumerate(token_bytes):
+            data = data or b""
+            self.token_bytes.append(data)
+            if not data or i >= size:
+                continue
+            full.append((i, data))
+            text = _plain_text(data)
+            if text is None:
+                rest.append((i, data))
+            else:
+                self.string_safe[i] = True
+                self.char_len[i] = len(text)
+        self.trie = _build_trie(full)
+        self.other_trie = _build_trie(rest)
+        """The tokens a string state walks: those not string-safe."""
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, size: int) -> Vocabulary:
+        """The guided-output vocabulary of a `dist_runtime.text.tokenizer.Tokenizer`."""
+        n = min(tokenizer.vocab_size, size)
+        return cls(
+            (None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(n)),
+            size,
+        )
+
+    def mask(self, grammar: JsonGrammar, state: State, stop_ids: frozenset[int]) -> bytes:
+        """The packed mask (bit i of byte i // 8, least significant first) of the tokens that
+        may come next in `state`: those the grammar takes, plus `stop_ids` where the output
+        may end. Cached on the grammar."""
+        key = (id(self), state, stop_ids)
+        cached = grammar.masks.get(key)
+        if cached is not None:
+            return cached
+        allowed = np.zeros(self.size, dtype=bool)
+        run = grammar.string_run(state)
+        if run is None:
+            allowed[_walk(grammar, self.trie, state)] = True
+        else:
+            _, left = run
+            allowed |= (
+                self.string_safe if left is None else self.string_safe & (self.char_len <= left)
+            )
+            allowed[_walk(grammar, self.other_trie, state)] = True
+        if grammar.accepts(state):
+            allowed[[i for i in stop_ids if 0 <= i < self.size]] = True
+        packed = np.packbits(allowed, bitorder="little").tobytes()
+        if len(grammar.masks) >= MAX_MASKS:
+            grammar.masks.clear()
+        grammar.masks[key] = packed
+        return packed
+
+
+def _plain_text(data: bytes) -> str | None:
+    """The text of bytes that cannot end or escape a JSON string: whole UTF-8 characters and
+    no quote, backslash or control character; None otherwise."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if '"' in text or "\\" in text or any(ord(c) < 0x20 for c in text):
+        return None
+    return text
+
+
+def _build_trie(tokens: list[tuple[int, bytes]]) -> _Trie:
+    children: list[dict[int, int]] = [{}]
+    ends: list[list[int]] = [[]]
+    for token_id, data in tokens:
+        node = 0
+        for b in data:
+            nxt = children[node].get(b)
+            if nxt is None:
+                nxt = children[node][b] = len(children)
+                children.append({})
+                ends.append([])
+            node = nxt
+        ends[node].append(token_id)
+    return children, ends
+
+
+def _walk(grammar: JsonGrammar, trie: _Trie, state: State) -> list[int]:
+    """Ids of the trie's tokens whose every byte the grammar takes from `state`."""
+    children, ends = trie
+    cache, step = grammar._next, grammar.step
+    ids: list[int] = []
+    todo = [(0, state)]
+    while todo:
+        node, st = todo.pop()
+        for b, child in children[node].items():
+            nxt = cache.get((st, b), _MISS)
+            if nxt is _MISS:
+                nxt = step(st, b)
+            if nxt is None:
+                continue
+            ids.extend(ends[child])
+            if children[child]:
+                todo.append((child, nxt))
+    return ids
+
+
+class JsonGuide:
+    """One request's place in its grammar, on the driver."""
+
+    def __init__(self, grammar: JsonGrammar, vocab: Vocabulary, stop_ids: Iterable[int]):
+        self.grammar = grammar
+        self.vocab = vocab
+        self.stop_ids = frozenset(stop_ids)
+        self.state: State | None = grammar.start
+
+    def allowed_tokens(self) -> bytes:
+        """The packed mask of the next token (see `Vocabulary.mask`)."""
+        if self.state is None:
+            raise RuntimeError("the output has left its grammar")
+        return self.vocab.mask(self.grammar, self.state, self.stop_ids)
+
+    def advance(self, token_id: int) -> bool:
+        """Take a sampled token; False if the grammar refuses it (the mask did not allow it)."""
+        if self.state is None:
+            return False
+        if token_id in self.stop_ids:
+            return self.grammar.accepts(self.state)
+        data = self.vocab.token_bytes[token_id] if token_id < len(self.vocab.token_bytes) else b""
+        self.state = self.grammar.advance(self.state, data) if data else None
+        return self.state is not None
+
+    def can_go_on(self) -> bool:
+        """Some token may come next. False only where the grammar cannot be finished with this
+        vocabulary (a byte no token holds, nesting past MAX_DEPTH that the schema requires)."""
+        return any(self.allowed_tokens())
+
+    @property
+    def ended(self) -> bool:
+        """The value is complete and nothing may follow: the request can stop here."""
+        return self.grammar.ended(self.state)
+
+
+@functools.lru_cache(maxsize=64)
+def grammar_for(schema_text: str | None) -> JsonGrammar:
+    """The grammar of a schema's canonical JSON text (None: any JSON object), shared by the
+    requests that name the same schema."""
+    if schema_text is None:
+        return JsonGrammar.any_object()
+    return JsonGrammar.from_schema(json.loads(schema_text))
+
+
+def unpack_mask(packed: bytes, size: int) -> np.ndarray:
+    """The bool mask (size,) of a packed one."""
+    return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), bitorder="little")[:size].astype(
+        bool
+    )
+
+
+__all__ = ["JsonGuide", "SchemaError", "Vocabulary", "grammar_for", "unpack_mask"]

@@ -1,0 +1,177 @@
+"""Guided JSON output end to end on a random-weight model: whatever the weights prefer, every
+output is on its schema (checked with `jsonschema`), ends when the value closes, and leaves the
+other requests of its steps alone. A random model is the hard case: left to itself it would
+never write JSON, so only the masks can make these outputs valid."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from dist_runtime import JobState, Runtime, SamplingParams
+from dist_runtime.config import CacheConfig
+from dist_runtime.text.guided import JsonGuide, grammar_for, unpack_mask
+
+CPU32: dict[str, Any] = dict(device="cpu", dtype="float32")
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "n": {"type": "integer"},
+        "score": {"type": ["number", "null"]},
+        "ok": {"type": "boolean"},
+        "name": {"type": "string", "minLength": 1, "maxLength": 4},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
+        "note": {"type": "string", "maxLength": 2},
+    },
+    "required": ["color", "n", "score", "ok", "name", "tags"],
+}
+"""Every part bounded (the optional `note` too), so a value must close within ~400 tokens of
+the tiny model's mostly one-byte vocabulary."""
+ROOM = 700
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    with Runtime(
+        model=str(tiny_llama_dir),
+        session_len=1024,
+        job_dir=str(tmp_path_factory.mktemp("jobs")),
+        **CPU32,
+    ) as runtime:
+        yield runtime
+
+
+def _check_tokens_were_allowed(rt: Runtime, params: SamplingParams, token_ids: list[int]) -> None:
+    """Replay the output through a fresh guide: each token was in the mask before it."""
+    engine = rt.engine
+    guide = engine._json_guide(params)
+    size = engine.model_config.vocab_size
+    for i, token in enumerate(token_ids):
+        assert unpack_mask(guide.allowed_tokens(), size)[token], f"token {i} ({token})"
+        assert guide.advance(token)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_outputs_follow_the_schema(rt: Runtime, temperature: float) -> None:
+    params = [
+        SamplingParams(max_new_tokens=ROOM, json_schema=SCHEMA, temperature=temperature, seed=s)
+        for s in range(4)
+    ]
+    outs = rt.generate(["hello", "a b c", "hello", [5, 6, 7]], params)
+    for out, p in zip(outs, params):
+        assert out.finish_reason == "stop", out.text
+        value = json.loads(out.text)
+        jsonschema.validate(value, SCHEMA)
+        assert list(value)[:5] == ["color", "n", "score", "ok", "name"]  # the schema's order
+        assert out.text.endswith("}")  # the request ends with the value: nothing after it
+        _check_tokens_were_allowed(rt, p, out.token_ids)
+    if temperature > 0:  # four seeds, four different draws
+        assert len({o.text for o in outs}) > 1
+
+
+def test_guided_rows_leave_their_batch_alone(rt: Runtime) -> None:
+    plain = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = rt.generate(["one two", "three"], plain)
+    guided = SamplingParams(max_new_tokens=ROOM, json_schema=SCHEMA, temperature=1.0, seed=3)
+    mixed = rt.generate(["one two", "x", "three"], [plain, guided, plain])
+    assert [mixed[0].token_ids, mixed[2].token_ids] == [o.token_ids for o in alone]
+    jsonschema.validate(json.loads(mixed[1].text), SCHEMA)
+
+
+def test_json_object_output_is_an_object_or_its_prefix(rt: Runtime) -> None:
+    params = [
+        SamplingParams(max_new_tokens=60, json_object=True, temperature=1.0, seed=s)
+        for s in range(4)
+    ]
+    outs = rt.generate(["hi"] * 4, params)
+    grammar = grammar_for(None)
+    for out in outs:
+        if out.finish_reason == "stop":
+            assert isinstance(json.loads(out.text), dict)
+        else:  # cut by max_new_tokens: still a prefix of some JSON object
+            assert out.finish_reason == "length"
+            assert grammar.advance(grammar.start, out.text.encode()) is not None
+
+
+def test_logprobs_and_stop_ids_with_guided_output(rt: Runtime) -> None:
+    """Log-probabilities stay the raw model's (vLLM's default), one per token; a stop id is
+    allowed only where the value may end, so it never cuts the JSON short."""
+    eos = rt.engine.tokenizer.eos_token_ids if rt.engine.tokenizer else []
+    (out,) = rt.generate(
+        ["hello"], SamplingParams(max_new_tokens=ROOM, json_schema=SCHEMA, logprobs=2, seed=1)
+    )
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+    assert all(lp.logprob <= 0.0 for lp in out.logprobs)
+    assert not set(out.token_ids[:-1]) & set(eos)
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def test_preempted_guided_requests_recompute_on_their_schema(tiny_llama_dir: Path) -> None:
+    """12 blocks of 16 tokens for 4 growing outputs: the scheduler preempts and recomputes,
+    and the driver's grammar state carries over (greedy: the same outputs as with room)."""
+    params = SamplingParams(max_new_tokens=120, json_schema=SCHEMA)
+    prompts = [[3 + i, 9, 11 + i] for i in range(4)]
+    with Runtime(model=str(tiny_llama_dir), session_len=256, **CPU32) as roomy:
+        want = roomy.generate(prompts, params)
+    with Runtime(
+        model=str(tiny_llama_dir), session_len=256, cache=CacheConfig(num_blocks=12), **CPU32
+    ) as tight:
+        got = tight.generate(prompts, params)
+        assert tight.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for out in got:
+        if out.finish_reason == "stop":
+            jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def test_queued_job_keeps_its_schema(rt: Runtime) -> None:
+    params = SamplingParams(max_new_tokens=ROOM, json_schema=SCHEMA, temperature=0.7, seed=5)
+    job = rt.submit(document="a short document", questions=["q1", "q2"], params=params)
+    answers = rt.result(job, timeout=120)
+    assert rt.status(job).state is JobState.DONE
+    for answer in answers:
+        text = answer if isinstance(answer, str) else answer.text
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"json_schema": {"type": "string", "pattern": "a+"}}, "pattern"),
+        ({"json_schema": {"type": "integer", "minimum": 0}}, "minimum"),
+        ({"json_schema": "{not json"}, "not valid JSON"),
+        ({"json_schema": {"type": "object"}, "json_object": True}, "not both"),
+        ({"json_schema": [1]}, "JSON Schema object"),
+        ({"json_object": 1}, "json_object"),
+    ],
+)
+def test_bad_guided_params_name_the_problem(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_schema_is_kept_as_its_json_text() -> None:
+    """The schema is stored as text (hashable, and a job's params survive the queue's JSON),
+    in its own key order: properties are generated in it."""
+    p = SamplingParams(json_schema={"properties": {"b": {}, "a": {}}})
+    assert p.json_schema == '{"properties":{"b":{},"a":{}}}' and p.guided
+    assert SamplingParams(json_schema=p.json_schema) == p
+    assert hash(p) == hash(SamplingParams(json_schema=p.json_schema))
+    assert not SamplingParams().guided and SamplingParams(json_object=True).guided
+
+
+def test_guide_refuses_a_token_off_the_grammar(rt: Runtime) -> None:
+    guide: JsonGuide = rt.engine._json_guide(SamplingParams(json_schema=SCHEMA))
+    tok = rt.engine.tokenizer
+    assert tok is not None
+    (brace,) = [i for i in range(tok.vocab_size) if tok.token_bytes(i) == b"{"]
+    (letter,) = [i for i in range(tok.vocab_size) if tok.token_bytes(i) == b"x"]
+    assert not unpack_mask(guide.allowed_tokens(), rt.engine.model_config.vocab_size)[letter]
+    assert guide.advance(brace) and not guide.advance(letter)
