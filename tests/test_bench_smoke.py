@@ -5,7 +5,8 @@ rebuilt ones, which it asserts itself); `bench/protocol_codec.py` (whose two cod
 which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU kernel benches
 `bench/cpu_attention.py` (with its earlier-run column) and `bench/cpu_elementwise.py`; and
 `bench/gpu_decode_summary.py` on the end-to-end script's own report; and the GEMV bench's per-shape
-work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter."""
+work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; and the guided
+JSON bench (`bench/guided_json.py`) on the demo model with short answers."""
 
 from __future__ import annotations
 
@@ -244,3 +245,17 @@ def test_decode_quant_cache_is_a_valid_cache(bits: int) -> None:
     assert out.shape == q.shape and bool(out.isfinite().all())
     assert kv_bytes(2, 100, bits) == 2 * 2 * 100 * KV_HEADS * (HEAD_DIM * bits // 8 + 8)
     assert kv_bytes(1, 100, 0) == 2 * 100 * KV_HEADS * HEAD_DIM * 2
+
+
+def test_guided_json_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "guided.md"
+    out = _run(
+        "bench/guided_json.py",
+        "--batches=1,2",
+        "--max-new-tokens=24",
+        "--repeats=1",
+        f"--report={report}",
+    )
+    assert "guided-json: vocab 49152 tokens" in out and "decode step guided/plain b1" in out
+    text = report.read_text()
+    assert "| 2 |" in text and "```json" in text
