@@ -78,7 +78,7 @@ class MaskTimer:
             (self.hit if cached else self.miss).append(time.perf_counter() - t)
             return out
 
-        guided.Vocabulary.mask = timed  # type: ignore[method-assign]
+        guided.Vocabulary.mask = timed  # type: ignore[method-assign,assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:

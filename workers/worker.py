@@ -7,6 +7,7 @@ every rank joins the process group and builds its model shard.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Any
@@ -77,6 +78,10 @@ class Worker:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         assert self.runner is not None
         self.runner.allocate_kv_cache(num_blocks)
+        # The worker is set up: keep what it holds out of every later full collection
+        # (`dist_runtime.engine.engine.freeze_heap`).
+        gc.collect()
+        gc.freeze()
 
     def execute(self, plan_bytes: bytes) -> bytes | None:
         result = self.execute_plan(decode(plan_bytes, StepPlan))

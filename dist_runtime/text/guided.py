@@ -29,7 +29,7 @@ MAX_MASKS = 2048
 """Packed masks cached per grammar before the cache is dropped and refilled."""
 
 _MISS: Any = object()
-_Trie = tuple[list[dict[int, int]], list[list[int]]]
+_Trie = tuple[list[dict[int, int]], list[tuple[int, ...]]]
 
 
 class Vocabulary:
@@ -111,6 +111,10 @@ def _plain_text(data: bytes) -> str | None:
 
 
 def _build_trie(tokens: list[tuple[int, bytes]]) -> _Trie:
+    """(children, ends): children[node] maps a byte to the next node, ends[node] holds the ids
+    of the tokens whose bytes end there. Dicts of ints and tuples of ints only, which Python's
+    garbage collector stops tracking: a 100K-node trie adds nothing to a full collection's
+    pause."""
     children: list[dict[int, int]] = [{}]
     ends: list[list[int]] = [[]]
     for token_id, data in tokens:
@@ -123,7 +127,7 @@ def _build_trie(tokens: list[tuple[int, bytes]]) -> _Trie:
                 ends.append([])
             node = nxt
         ends[node].append(token_id)
-    return children, ends
+    return children, [tuple(e) for e in ends]
 
 
 def _walk(grammar: JsonGrammar, trie: _Trie, state: State) -> list[int]:
