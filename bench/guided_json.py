@@ -72,7 +72,7 @@ class MaskTimer:
         orig = self._orig
 
         def timed(vocab: Any, grammar: Any, state: Any, stop_ids: Any) -> bytes:
-            cached = (id(vocab), state, stop_ids) in grammar.masks
+            cached = (grammar, state, stop_ids) in vocab.masks
             t = time.perf_counter()
             out = orig(vocab, grammar, state, stop_ids)
             (self.hit if cached else self.miss).append(time.perf_counter() - t)

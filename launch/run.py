@@ -52,6 +52,7 @@ from dist_runtime.formats.demo_model import DemoModelError, demo_model_path  # n
 from dist_runtime.progress import plural  # noqa: E402
 from dist_runtime.text.chat import encode_chat  # noqa: E402
 from dist_runtime.text.documents import harbor_report  # noqa: E402
+from dist_runtime.text.guided import schema_argument  # noqa: E402
 
 logger = logging.getLogger("launch.run")
 
@@ -303,15 +304,8 @@ SAMPLING_FLAGS = {
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The sampling flags as SamplingParams; a bad value is named by its flag."""
     values = {name: getattr(args, name) for name in SAMPLING_FLAGS}
-    schema = values["json_schema"]
-    if schema is not None and not schema.lstrip().startswith("{"):
-        try:
-            values["json_schema"] = Path(schema).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ValueError(
-                f"--json-schema {schema}: cannot read it ({e.strerror}); give a JSON Schema file "
-                "or the schema as JSON text"
-            ) from None
+    if values["json_schema"] is not None:
+        values["json_schema"] = schema_argument(values["json_schema"])
     try:
         return SamplingParams(**values)
     except ValueError as e:
@@ -378,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--jobs",
-        help='JSONL batch: {"document" or "document_path", "questions", ["max_new_tokens"]} '
+        help='JSONL batch: {"document" or "document_path", "questions", ["max_new_tokens", '
+        '"json_schema", "json_object"]} '
         "per line; answers go to --out (default: none)",
     )
     g.add_argument("--out", help="JSONL file for --jobs answers (default: none)")
@@ -722,7 +717,7 @@ def read_jobs_file(path: str) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from e
         if not isinstance(job, dict):
             raise ValueError(f"{path}:{number}: each line must be a JSON object")
-        unknown = sorted(set(job) - {"document", "document_path", "questions", "max_new_tokens"})
+        unknown = sorted(set(job) - JOB_LINE_KEYS)
         if unknown:
             raise ValueError(f"{path}:{number}: unknown keys {unknown}")
         if ("document" in job) == ("document_path" in job):
@@ -742,16 +737,20 @@ def read_jobs_file(path: str) -> list[dict[str, Any]]:
                 f"{path}:{number}: questions must be a non-empty list of non-empty strings, "
                 f"got {questions!r:.80}"
             )
-        if "max_new_tokens" in job:
-            try:
-                SamplingParams(max_new_tokens=job["max_new_tokens"])
-            except ValueError as e:
-                raise ValueError(f"{path}:{number}: {e}") from e
+        try:  # the line's own sampling keys, checked before anything is queued
+            SamplingParams(**{k: job[k] for k in JOB_SAMPLING_KEYS if k in job})
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from e
         job["line"] = number
         jobs.append(job)
     if not jobs:
         raise ValueError(f"--jobs {path!r} holds no job")
     return jobs
+
+
+JOB_SAMPLING_KEYS = ("max_new_tokens", "json_schema", "json_object")
+"""Sampling keys a --jobs line may set for its own job (over the command line's flags)."""
+JOB_LINE_KEYS = {"document", "document_path", "questions", *JOB_SAMPLING_KEYS}
 
 
 def run_batch(
@@ -764,9 +763,10 @@ def run_batch(
     with rt:
         ids: list[tuple[dict[str, Any], str | None, str | None]] = []
         for job in batch:
-            p = params
-            if "max_new_tokens" in job:
-                p = dataclasses.replace(params, max_new_tokens=job["max_new_tokens"])
+            own = {k: job[k] for k in JOB_SAMPLING_KEYS if k in job}
+            if "json_schema" in own or "json_object" in own:  # the line's format replaces --json*
+                own = {"json_schema": None, "json_object": False, **own}
+            p = dataclasses.replace(params, **own) if own else params
             try:
                 job_id = rt.submit(
                     job.get("document"),

@@ -47,6 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-new-tokens", type=int, default=128, help="most tokens per answer (default 128)"
     )
     p.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="answer each question with JSON valid against this JSON Schema (a file, or the "
+        "schema as JSON text)",
+    )
+    p.add_argument(
+        "--json", dest="json_object", action="store_true", help="answer each with a JSON object"
+    )
+    p.add_argument(
         "--idempotency-key",
         help="resubmitting the same job with the same key returns its id; the key with another "
         f"document, questions or --max-new-tokens is an error (exit {EXIT_BAD})",
@@ -95,8 +104,9 @@ class _RayQueue:
                 raise cause from None
             raise
 
-    def submit(self, document: bytes, questions: list[str], max_new_tokens: int, **kw: Any) -> str:
-        params = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    def submit(
+        self, document: bytes, questions: list[str], params: dict[str, Any], **kw: Any
+    ) -> str:
         return str(
             self.get(
                 self.actor.submit.remote(
@@ -128,11 +138,12 @@ class _DirQueue:
 
         self.client = JobClient(job_dir)
 
-    def submit(self, document: bytes, questions: list[str], max_new_tokens: int, **kw: Any) -> str:
+    def submit(
+        self, document: bytes, questions: list[str], params: dict[str, Any], **kw: Any
+    ) -> str:
         from dist_runtime.sampling_params import SamplingParams
 
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-        return self.client.submit(document, questions, params, **kw)
+        return self.client.submit(document, questions, SamplingParams(**params), **kw)
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self.client.status(job_id).to_dict()
@@ -145,6 +156,18 @@ class _DirQueue:
 
     def jobs(self) -> list[dict[str, Any]]:
         return [s.to_dict() for s in self.client.jobs()]
+
+
+def job_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's SamplingParams fields (greedy), as a mapping a remote queue takes."""
+    from dist_runtime.text.guided import schema_argument
+
+    params: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
+    if args.json_schema is not None:
+        params["json_schema"] = schema_argument(args.json_schema)
+    if args.json_object:
+        params["json_object"] = True
+    return params
 
 
 def check_args(args: argparse.Namespace) -> bytes | None:
@@ -174,9 +197,10 @@ def check_args(args: argparse.Namespace) -> bytes | None:
         if not question.strip():
             raise ValueError(f"-q/--question {i + 1} is empty ({question!r}); give some text")
     try:
-        SamplingParams(max_new_tokens=args.max_new_tokens)
+        SamplingParams(**job_params(args))
     except ValueError as e:
-        raise ValueError(str(e).replace("max_new_tokens", "--max-new-tokens", 1)) from e
+        message = str(e).replace("max_new_tokens", "--max-new-tokens", 1)
+        raise ValueError(message.replace("json_schema", "--json-schema", 1)) from e
     try:
         document = Path(args.doc).read_bytes()
     except OSError as e:
@@ -240,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             job_id = queue.submit(
                 document,
                 args.question,
-                args.max_new_tokens,
+                job_params(args),
                 idempotency_key=args.idempotency_key,
                 encoding_errors="replace" if args.replace_invalid_utf8 else "strict",
             )

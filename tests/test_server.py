@@ -700,3 +700,25 @@ def test_structured_output_parse_with_a_pydantic_model(client: Any) -> None:
         temperature=0,
     )
     assert isinstance(out.choices[0].message.parsed, Reply)
+
+
+def test_job_with_a_json_schema(server: Server) -> None:
+    """A document-QA job's answers held to a schema; a bad schema is a 400 before queueing."""
+    doc = "The ferry leaves pier 4 at seven. The harbour master is Tom Reyes."
+    fmt = {"type": "json_schema", "json_schema": {"schema": GUIDED_SCHEMA}}
+    body = {"document": doc, "questions": ["Who?", "When?"], "max_tokens": 400,
+            "temperature": 0.8, "seed": 3, "response_format": fmt}  # fmt: skip
+    status, job = server.request("POST", "/v1/jobs", body)
+    assert status == 200, job
+    deadline = time.monotonic() + 120
+    while server.request("GET", f"/v1/jobs/{job['id']}")[1]["state"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    answers = server.request("GET", f"/v1/jobs/{job['id']}/result")[1]["answers"]
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), GUIDED_SCHEMA)
+    bad = {**body, "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"type": "string", "format": "email", "pattern": "@"}}}}  # fmt: skip
+    status, err = server.request("POST", "/v1/jobs", bad)
+    assert status == 400 and err["error"]["param"] == "response_format"
+    assert "'pattern'" in err["error"]["message"]

@@ -43,6 +43,7 @@ from dist_runtime.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     JobRequest,
+    ResponseFormat,
     SamplingFields,
     UnsupportedFieldError,
     error_body,
@@ -186,12 +187,7 @@ class _Server:
     ) -> SamplingParams:
         seed = None if req.seed is None else (req.seed + index) % 2**63
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        fmt = req.response_format
-        schema = (
-            fmt.json_schema.schema_
-            if fmt and fmt.json_schema and fmt.type == "json_schema"
-            else None
-        )
+        json_object, schema = _guided(req.response_format)
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens if max_tokens is not None else 16,
@@ -208,7 +204,7 @@ class _Server:
                 skip_special_tokens=req.skip_special_tokens,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
-                json_object=fmt is not None and fmt.type == "json_object",
+                json_object=json_object,
                 json_schema=schema,
             )
         except ValueError as e:
@@ -811,6 +807,16 @@ async def _stream(
     yield _sse("[DONE]")
 
 
+def _guided(fmt: ResponseFormat | None) -> tuple[bool, Any]:
+    """(json_object, json_schema) of SamplingParams for a request's `response_format`."""
+    if fmt is None or fmt.type == "text":
+        return False, None
+    if fmt.type == "json_object":
+        return True, None
+    assert fmt.json_schema is not None  # the model's validator requires it
+    return False, fmt.json_schema.schema_
+
+
 def _add_job_routes(app: FastAPI, server: _Server) -> None:
     runtime = server.runtime
 
@@ -853,11 +859,14 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
             loc = ".".join(str(x) for x in first["loc"])
             raise APIError(400, f"{loc}: {first['msg']}", param=loc) from e
         try:
+            json_object, schema = _guided(req.response_format)
             params = SamplingParams(
                 max_new_tokens=req.max_tokens,
                 temperature=req.temperature,
                 top_p=req.top_p,
                 seed=req.seed,
+                json_object=json_object,
+                json_schema=schema,
             )
             job_id = runtime.submit(
                 req.document, req.questions, params, idempotency_key=req.idempotency_key
@@ -867,7 +876,8 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
                 409, str(e), param="idempotency_key", code="idempotency_key_conflict"
             ) from e
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            param = "response_format" if str(e).startswith("json_schema") else None
+            raise APIError(400, str(e), param=param) from e
         return status(job_id)
 
     @app.get("/v1/jobs")

@@ -12,6 +12,7 @@ are checked here so a bad field is a 400 naming it. `response_format` `json_obje
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -213,6 +214,18 @@ class JobRequest(_Request):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     idempotency_key: str | None = None
+    response_format: ResponseFormat | None = None
+    """Guided JSON answers, as on the chat route (a multipart form sends it as JSON text)."""
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _form_json(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON: {e}") from None
+        return v
 
 
 def error_body(

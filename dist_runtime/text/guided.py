@@ -6,8 +6,8 @@ token whose bytes the grammar takes; a branch stops at the first refused byte, s
 position (after `{`, `,`, `:`) visits a few thousand trie nodes. Inside a free string nearly
 every token fits: there the tokens that cannot leave a string (no quote, backslash or control
 byte, whole UTF-8 characters) are taken from a precomputed set, cut by length when the string
-has a `maxLength`, and only the rest are walked. Masks are cached per (vocabulary, state) on
-the grammar, so a schema's recurring positions cost a lookup.
+has a `maxLength`, and only the rest are walked. A vocabulary caches its masks per (grammar,
+state), so a schema's recurring positions cost a lookup.
 
 The engine keeps one `JsonGuide` per guided request on the driver: it sends the packed mask
 of the request's current state with each step that samples it (`SeqStep.allowed_tokens`), and
@@ -19,14 +19,15 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dist_runtime.text.json_grammar import JsonGrammar, SchemaError, State
 
-MAX_MASKS = 2048
-"""Packed masks cached per grammar before the cache is dropped and refilled."""
+MAX_MASKS = 4096
+"""Packed masks a vocabulary caches before the cache is dropped and refilled."""
 
 _MISS: Any = object()
 _Trie = tuple[list[dict[int, int]], list[tuple[int, ...]]]
@@ -58,6 +59,8 @@ class Vocabulary:
             else:
                 self.string_safe[i] = True
                 self.char_len[i] = len(text)
+        self.masks: dict[tuple[JsonGrammar, State, frozenset[int]], bytes] = {}
+        """Packed masks by (grammar, state, stop ids), at most MAX_MASKS."""
         self.trie = _build_trie(full)
         self.other_trie = _build_trie(rest)
         """The tokens a string state walks: those not string-safe."""
@@ -74,9 +77,9 @@ class Vocabulary:
     def mask(self, grammar: JsonGrammar, state: State, stop_ids: frozenset[int]) -> bytes:
         """The packed mask (bit i of byte i // 8, least significant first) of the tokens that
         may come next in `state`: those the grammar takes, plus `stop_ids` where the output
-        may end. Cached on the grammar."""
-        key = (id(self), state, stop_ids)
-        cached = grammar.masks.get(key)
+        may end. Cached per (grammar, state, stop ids)."""
+        key = (grammar, state, stop_ids)
+        cached = self.masks.get(key)
         if cached is not None:
             return cached
         allowed = np.zeros(self.size, dtype=bool)
@@ -92,9 +95,9 @@ class Vocabulary:
         if grammar.accepts(state):
             allowed[[i for i in stop_ids if 0 <= i < self.size]] = True
         packed = np.packbits(allowed, bitorder="little").tobytes()
-        if len(grammar.masks) >= MAX_MASKS:
-            grammar.masks.clear()
-        grammar.masks[key] = packed
+        if len(self.masks) >= MAX_MASKS:
+            self.masks.clear()
+        self.masks[key] = packed
         return packed
 
 
@@ -195,6 +198,20 @@ def grammar_for(schema_text: str | None) -> JsonGrammar:
     return JsonGrammar.from_schema(json.loads(schema_text))
 
 
+def schema_argument(value: str, flag: str = "--json-schema") -> str:
+    """A command line's schema argument as JSON text: the text itself when it starts with `{`,
+    else the file it names (a ValueError naming `flag` when that cannot be read)."""
+    if value.lstrip().startswith("{"):
+        return value
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(
+            f"{flag} {value}: cannot read it ({e.strerror or e}); give a JSON Schema file or the "
+            "schema as JSON text"
+        ) from None
+
+
 def unpack_mask(packed: bytes, size: int) -> np.ndarray:
     """The bool mask (size,) of a packed one."""
     return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), bitorder="little")[:size].astype(
@@ -202,4 +219,11 @@ def unpack_mask(packed: bytes, size: int) -> np.ndarray:
     )
 
 
-__all__ = ["JsonGuide", "SchemaError", "Vocabulary", "grammar_for", "unpack_mask"]
+__all__ = [
+    "JsonGuide",
+    "SchemaError",
+    "Vocabulary",
+    "grammar_for",
+    "schema_argument",
+    "unpack_mask",
+]

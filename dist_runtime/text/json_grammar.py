@@ -8,15 +8,16 @@ transition is cached, so walking a vocabulary's byte trie from a state
 (`dist_runtime.text.guided`) is mostly a dict lookup per trie edge.
 
 What is generated:
-* whitespace before the value and around every `{ } [ ] , :`: one space, or a newline and up
-  to `MAX_INDENT` spaces or tabs (compact, `json.dumps` and indented output all fit; padding
-  without end, which weak models fall into, does not); none after the top-level value, so the
-  output ends with it;
+* whitespace before the value and around every `{ } [ ] , :`: one space, or (after at most one
+  space) a newline and up to `MAX_INDENT` spaces or tabs (compact, `json.dumps` and indented
+  output all fit; padding without end, which weak models fall into, does not); none after the
+  top-level value, so the output ends with it;
 * objects: the schema's `properties` in the order it lists them, each required one present,
   optional ones skippable, no other keys; an object schema without `properties` takes any keys,
   with values of its `additionalProperties` schema (any value when that is absent or true);
-* strings: `minLength` / `maxLength` in characters, escapes, any UTF-8; numbers in JSON's
-  syntax (at most `MAX_NUMBER_BYTES` bytes), integers without fraction or exponent;
+* strings: `minLength` / `maxLength` in characters, escapes, well-formed UTF-8 (a string with
+  a length bound takes no `\ud800`-`\udfff` escapes: the character itself is written); numbers
+  in JSON's syntax (at most `MAX_NUMBER_BYTES` bytes), integers without fraction or exponent;
 * `enum` / `const` as their compact JSON text; `anyOf` (and `oneOf`, generated as `anyOf`),
   `allOf` with one member, `$ref` into `$defs` / `definitions` (recursion included), `type`
   lists; nesting to `MAX_DEPTH`.
@@ -336,7 +337,7 @@ def _count(s: Mapping[str, Any], key: str, where: str, default: int | None) -> A
 #   ("root", node, phase, ws)                 phase 0 before the value, 2 in it, 1 after it
 #   ("obj", node, phase, idx, n, ws)          see _OBJ_* ; idx: the property in hand / next
 #   ("arr", node, phase, n, ws)               see _ARR_*
-#   ("str", node, phase, nchars, pending)     phase 0 '"', 1 content, 2 after '\', 3-6 \uXXXX
+#   ("str", node, phase, nchars, pending)     see _step_str
 #   ("lit", text, pos)
 #   ("num", integer, phase, nbytes)           see _num
 (_OBJ_OPEN, _OBJ_FIRST, _OBJ_KEY, _OBJ_COLON, _OBJ_VALUE, _OBJ_IN_VALUE, _OBJ_AFTER,
@@ -389,8 +390,8 @@ def _ws(frame: tuple[Any, ...], b: int, ws_index: int) -> list[tuple[Any, ...]] 
     spaces; _NEWLINE_RUN + n: a newline and n spaces or tabs): a NEXT result, [] when the run
     may not take `b`, None when `b` is not JSON whitespace a run can hold."""
     ws = frame[ws_index]
-    if b == 0x0A:
-        ok, new = ws == 0, _NEWLINE_RUN
+    if b == 0x0A:  # (after at most one space: `json.dumps(indent=..., separators=(", ", ...))`)
+        ok, new = ws <= 1, _NEWLINE_RUN
     elif b == 0x20 or b == 0x09:
         if ws >= _NEWLINE_RUN:
             ok, new = ws - _NEWLINE_RUN < MAX_INDENT, ws + 1
@@ -455,14 +456,25 @@ def _step_arr(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
     return []
 
 
+# UTF-8's allowed second bytes after the lead bytes that restrict them (no overlong forms, no
+# surrogates, nothing past U+10FFFF); a string frame's `pending` holds the continuation bytes
+# still due in its low two bits and, for the first of them, an index into this table above.
+_SECOND_BYTE = ((0x80, 0xBF), (0xA0, 0xBF), (0x80, 0x9F), (0x90, 0xBF), (0x80, 0x8F))
+_LEAD_RANGE = {0xE0: 1, 0xED: 2, 0xF0: 3, 0xF4: 4}
+
+
 def _step_str(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
+    # phases: 0 before '"', 1 content, 2 after '\', 3 after '\u', 4-6 after 1-3 hex digits,
+    # 7 after '\uD' in a counted string (no surrogate escapes there: a pair would count as two
+    # characters here and one in JSON Schema; the character itself can be written instead)
     _, node, phase, nchars, pending = f
     if phase == 0:
         return [(_NEXT, ("str", node, 1, 0, 0))] if b == 0x22 else []
     if phase == 1:
         if pending:
-            if 0x80 <= b <= 0xBF:
-                return [(_NEXT, ("str", node, 1, nchars, pending - 1))]
+            lo, hi = _SECOND_BYTE[pending >> 2]
+            if lo <= b <= hi:
+                return [(_NEXT, ("str", node, 1, nchars, (pending & 3) - 1))]
             return []
         if b == 0x22:
             return [(_CLOSE,)] if nchars >= node.min_len else []
@@ -477,9 +489,9 @@ def _step_str(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
         elif 0xC2 <= b <= 0xDF:
             more = 1
         elif 0xE0 <= b <= 0xEF:
-            more = 2
+            more = 2 | _LEAD_RANGE.get(b, 0) << 2
         elif 0xF0 <= b <= 0xF4:
-            more = 3
+            more = 3 | _LEAD_RANGE.get(b, 0) << 2
         else:
             return []
         return _counted(node, nchars, more)
@@ -487,8 +499,12 @@ def _step_str(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
         if b in _ESCAPES:
             return _counted(node, nchars, 0)
         return [(_NEXT, ("str", node, 3, nchars, 0))] if b == 0x75 else []
+    if phase == 7:  # '\uD' in a counted string: 0-7 next (U+D000-U+D7FF), not a surrogate
+        return [(_NEXT, ("str", node, 5, nchars, 0))] if 0x30 <= b <= 0x37 else []
     if b not in _HEX:  # phases 3-6: the four hex digits of \uXXXX
         return []
+    if phase == 3 and node.counts and b in (0x44, 0x64):
+        return [(_NEXT, ("str", node, 7, nchars, 0))]
     if phase < 6:
         return [(_NEXT, ("str", node, phase + 1, nchars, 0))]
     return _counted(node, nchars, 0)
@@ -622,8 +638,6 @@ class JsonGrammar:
         self.node = node
         self.start: State = frozenset({(("root", node, 0, 0),)})
         self._next: dict[tuple[State, int], State | None] = {}
-        self.masks: dict[Any, Any] = {}
-        """Token masks by (vocabulary, state), kept by `dist_runtime.text.guided`."""
 
     @classmethod
     def from_schema(cls, schema: Any) -> JsonGrammar:
