@@ -180,6 +180,56 @@ def test_run_jobs_file(tiny_llama_dir: Path, tmp_path: Path, capsys: Any) -> Non
     os.remove(out)
 
 
+ENUM_SCHEMA = {
+    "type": "object",
+    "properties": {"who": {"enum": ["Ada", "Tom"]}, "sure": {"type": "boolean"}},
+    "required": ["who", "sure"],
+}
+
+
+def test_run_jobs_file_with_json_schema(tiny_llama_dir: Path, tmp_path: Path, capsys: Any) -> None:
+    """A --jobs line's own json_schema guides its answers; --json guides the others; a line
+    whose schema cannot be held stops the file before anything is queued, naming the line."""
+    jobs = tmp_path / "in.jsonl"
+    lines = [
+        {
+            "document": DOC,
+            "questions": QUESTIONS,
+            "json_schema": ENUM_SCHEMA,
+            "max_new_tokens": 400,
+        },
+        {"document": DOC, "questions": QUESTIONS[:1], "max_new_tokens": 40},
+    ]
+    jobs.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    out = tmp_path / "answers.jsonl"
+    argv = ["--model", str(tiny_llama_dir), "--jobs", str(jobs), "--out", str(out), "--json"]
+    argv += ["--max-new-tokens", "64", "--device", "cpu", "--dtype", "float32"]
+    assert run_cli.main([*argv, "--session-len", "4096"]) == 0
+    first, second = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    for answer in first["answers"]:
+        value = json.loads(answer)
+        assert value["who"] in ("Ada", "Tom") and isinstance(value["sure"], bool)
+    (answer,) = second["answers"]  # --json: an object, or a prefix of one at 40 tokens
+    assert answer.lstrip().startswith("{")
+    lines[1]["json_schema"] = {"type": "string", "pattern": "x"}
+    jobs.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    assert run_cli.main([*argv, "--session-len", "4096"]) == 2
+    assert "in.jsonl:2: json_schema: #: JSON Schema keyword 'pattern'" in capsys.readouterr().err
+
+
+def test_submit_cli_with_a_json_schema(serving: Runtime, tmp_path: Path, capsys: Any) -> None:
+    doc, schema = tmp_path / "doc.txt", tmp_path / "schema.json"
+    doc.write_text(DOC, encoding="utf-8")
+    schema.write_text(json.dumps(ENUM_SCHEMA), encoding="utf-8")
+    argv = ["--job-dir", str(serving.job_dir), "--doc", str(doc), "-q", QUESTIONS[0]]
+    assert submit_cli.main([*argv, "--json-schema", str(schema), "--wait"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    value = json.loads(json.loads(out[1]))
+    assert value["who"] in ("Ada", "Tom") and isinstance(value["sure"], bool)
+    assert submit_cli.main([*argv, "--json-schema", '{"minimum": 3}']) == 2
+    assert "--json-schema: #: JSON Schema keyword 'minimum'" in capsys.readouterr().err
+
+
 def _submit_batch(job_dir: str, worker: int, count: int, out: Any) -> None:
     client = JobClient(job_dir)
     params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
