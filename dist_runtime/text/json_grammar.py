@@ -143,10 +143,25 @@ class NumberNode(Node):
 
 
 class LiteralNode(Node):
-    __slots__ = ("options",)
+    """`enum` / `const` members (and booleans) as one byte trie: a value is one parse however
+    many members share its prefix."""
+
+    __slots__ = ("options", "trie", "ends")
 
     def __init__(self, options: Iterable[bytes]):
         self.options = tuple(dict.fromkeys(options))
+        self.trie: list[dict[int, int]] = [{}]
+        ends = set()
+        for text in self.options:
+            pos = 0
+            for b in text:
+                nxt = self.trie[pos].get(b)
+                if nxt is None:
+                    nxt = self.trie[pos][b] = len(self.trie)
+                    self.trie.append({})
+                pos = nxt
+            ends.add(pos)
+        self.ends = frozenset(ends)
 
 
 class AnyOfNode(Node):
@@ -338,7 +353,8 @@ def _count(s: Mapping[str, Any], key: str, where: str, default: int | None) -> A
 #   ("obj", node, phase, idx, n, ws)          see _OBJ_* ; idx: the property in hand / next
 #   ("arr", node, phase, n, ws)               see _ARR_*
 #   ("str", node, phase, nchars, pending)     see _step_str
-#   ("lit", text, pos)
+#   ("lit", text, pos)                        one text (a property's key)
+#   ("enum", node, pos)                       a LiteralNode's members, pos a node of its trie
 #   ("num", integer, phase, nbytes)           see _num
 (_OBJ_OPEN, _OBJ_FIRST, _OBJ_KEY, _OBJ_COLON, _OBJ_VALUE, _OBJ_IN_VALUE, _OBJ_AFTER,
  _OBJ_NEXT) = range(8)  # fmt: skip
@@ -372,7 +388,7 @@ def _start(node: Node) -> list[tuple[Any, ...]]:
     if isinstance(node, NumberNode):
         return [("num", node.integer, 0, 0)]
     if isinstance(node, LiteralNode):
-        return [("lit", text, 0) for text in node.options]
+        return [("enum", node, 0)]
     assert isinstance(node, AnyValue)
     return [
         ("obj", _ANY_OBJECT, _OBJ_OPEN, 0, 0, 0),
@@ -558,6 +574,19 @@ def _step_lit(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
     return [(_CLOSE,)] if pos + 1 == len(text) else [(_NEXT, ("lit", text, pos + 1))]
 
 
+def _step_enum(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
+    _, node, pos = f
+    nxt = node.trie[pos].get(b)
+    if nxt is None:
+        return []
+    out: list[tuple[Any, ...]] = []
+    if nxt in node.ends:  # a member ends here (and may be the prefix of a longer one)
+        out.append((_CLOSE,))
+    if node.trie[nxt]:
+        out.append((_NEXT, ("enum", node, nxt)))
+    return out
+
+
 def _step_root(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
     _, node, phase, _ = f
     if phase != 0:
@@ -574,6 +603,7 @@ _STEPS = {
     "str": _step_str,
     "num": _step_num,
     "lit": _step_lit,
+    "enum": _step_enum,
     "root": _step_root,
 }
 
