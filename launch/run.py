@@ -276,13 +276,13 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         metavar="FILE",
         default=None,
         help="guided output: every answer is JSON valid against this JSON Schema (a file, or "
-        "the schema itself as JSON text)",
+        "the schema itself as JSON text; default: none)",
     )
     g.add_argument(
         "--json",
         dest="json_object",
         action="store_true",
-        help="guided output: every answer is a JSON object",
+        help="guided output: every answer is a JSON object (default: off)",
     )
 
 

@@ -7,6 +7,7 @@ go to the test's temporary folder (and to $DIST_RUNTIME_SCREENSHOTS when set).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -95,3 +96,18 @@ def test_stop_button_aborts_the_stream(page: Any, demo_server: Server) -> None:
     text = page.locator(".msg.assistant").first.inner_text()
     time.sleep(0.5)
     assert page.locator(".msg.assistant").first.inner_text() == text  # nothing more arrives
+
+
+def test_json_answers(page: Any, tmp_path: Path) -> None:
+    """ "answers: JSON" sends response_format json_object: the reply is a JSON object."""
+    expect = sync_api.expect
+    page.fill("#max-tokens", "60")
+    page.select_option("#format", "json_object")
+    page.fill("#prompt", "What is the capital of France? Reply in JSON.")
+    page.click("#send")
+    expect(page.locator(".msg.assistant").first).not_to_be_empty(timeout=60_000)
+    expect(page.locator("#send")).to_be_enabled(timeout=60_000)
+    reply = page.locator(".msg.assistant").first.inner_text()
+    value = json.loads(reply)
+    assert isinstance(value, dict) and "Paris" in reply, reply
+    _shot(page, tmp_path, "page_json.png")
