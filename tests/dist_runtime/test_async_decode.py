@@ -6,6 +6,7 @@ at a time: the same tokens, log-probabilities and finish reasons, with requests 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,24 @@ def test_ahead_over_ray(
         assert casts == [0] * tp  # every rank read its own graph's picks
     else:
         assert casts == [num_ahead] * (tp * cp)
+
+
+def test_guided_rows_wait_for_their_token(
+    tiny_llama_dir: Path, modes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guided row's mask follows its last token, so no step with it is planned ahead: with
+    greedy rows beside it, graphs (step by step or ahead) give what eager steps give, and its
+    answer is on its schema."""
+    schema = {"enum": ["yes", "no", "maybe"]}
+    params = [
+        _greedy(20),
+        SamplingParams(max_new_tokens=40, json_schema=schema, logprobs=0),
+        _greedy(12),
+    ]
+    sync, ahead, num_ahead = modes(lambda rt: rt.generate(_prompts(3), params), tiny_llama_dir)
+    _same(sync, ahead)
+    monkeypatch.setattr(ModelRunner, "_decode_graph_mode", lambda self: None)
+    with Runtime(model=str(tiny_llama_dir), **KW) as rt:
+        _same(rt.generate(_prompts(3), params), sync)
+    assert ahead[1].finish_reason == "stop" and json.loads(ahead[1].text) in schema["enum"]
+    assert num_ahead > 0  # the greedy rows went ahead once the guided one had ended

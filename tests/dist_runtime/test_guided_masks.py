@@ -17,6 +17,7 @@ import pytest
 from dist_runtime.formats.demo_model import default_cache_dir
 from dist_runtime.text.guided import JsonGuide, Vocabulary, grammar_for, unpack_mask
 from dist_runtime.text.json_grammar import JsonGrammar, SchemaError, State
+from tests.dist_runtime.test_json_grammar import SCHEMAS as GRAMMAR_SCHEMAS
 
 SMILE = "😀".encode()
 PIECES: list[bytes] = (
@@ -52,19 +53,7 @@ SCHEMAS: dict[str, Any] = {
         },
         "required": ["name", "age"],
     },
-    "tree": {
-        "$defs": {
-            "node": {
-                "type": "object",
-                "properties": {
-                    "value": {"type": "integer"},
-                    "children": {"type": "array", "items": {"$ref": "#/$defs/node"}},
-                },
-                "required": ["value"],
-            }
-        },
-        "$ref": "#/$defs/node",
-    },
+    "tree": GRAMMAR_SCHEMAS["tree"],
     "words": {"type": "array", "items": {"type": "string", "minLength": 3}, "minItems": 1},
     "integer": {"type": "integer"},
     "nullable": {"anyOf": [{"type": "string", "maxLength": 1}, {"type": "string"}, {}]},
