@@ -45,6 +45,10 @@ class SamplingSpec:
     frequency_penalty: float = 0.0
     num_prompt_tokens: int = 0
     """Where the output starts: presence and frequency penalties count output tokens only."""
+    bias_ids: list[int] = dataclasses.field(default_factory=list)
+    """Token ids with a logit bias (OpenAI's logit_bias), sorted."""
+    bias_values: list[float] = dataclasses.field(default_factory=list)
+    """Their biases, added to the logits before sampling."""
 
     @property
     def needs_history(self) -> bool:

@@ -59,6 +59,10 @@ class SamplingParams:
     ValueError naming it)."""
     json_object: bool = False
     """Guided output: any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
+    logit_bias: Any = ()
+    """OpenAI's logit bias: {token id: bias in [-100, 100]} added to the logits before
+    sampling (-100 in effect bans a token, 100 forces it); stored as sorted (id, bias) pairs.
+    Log-probabilities stay the model's own."""
     extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
     """Reserved for options of later versions; must be empty."""
 
@@ -134,6 +138,7 @@ class SamplingParams:
             isinstance(self.json_object, bool),
             f"json_object must be True or False, got {self.json_object!r}",
         )
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         if self.json_schema is not None:
             _check(not self.json_object, "give json_schema or json_object, not both")
             object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
@@ -151,6 +156,34 @@ class SamplingParams:
     def guided(self) -> bool:
         """The output is held to a JSON grammar (json_schema or json_object)."""
         return self.json_object or self.json_schema is not None
+
+
+def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs, from a mapping (ids may be JSON's string
+    keys) or pairs."""
+    wrong = f"logit_bias must map token ids to biases, got {bias!r:.80}"
+    if isinstance(bias, dict):
+        items: list[Any] = list(bias.items())
+    else:
+        _check(isinstance(bias, (list, tuple)), wrong)
+        items = list(bias)  # type: ignore[call-overload]
+    pairs: dict[int, float] = {}
+    for item in items:
+        _check(isinstance(item, (list, tuple)) and len(item) == 2, wrong)
+        key: Any = item[0]
+        value: Any = item[1]
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        _check(
+            _is_int(key) and key >= 0,
+            f"logit_bias keys must be token ids (integers >= 0), got {key!r:.40}",
+        )
+        _check(
+            _is_number(value) and -100.0 <= value <= 100.0,
+            f"logit_bias values must be in [-100, 100], got {value!r:.40} for token {key}",
+        )
+        pairs[key] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def _schema_text(schema: object) -> str:

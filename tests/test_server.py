@@ -587,7 +587,8 @@ def test_null_fields_take_their_defaults(server: Server) -> None:
         ("/v1/chat/completions", {"response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"minimum": 1}}}},
          "response_format"),
-        ("/v1/chat/completions", {"logit_bias": {"5": 100}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"5": 300}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"99999": 1}}, "logit_bias"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"suffix": " end"}, "suffix"),
@@ -722,3 +723,12 @@ def test_job_with_a_json_schema(server: Server) -> None:
     status, err = server.request("POST", "/v1/jobs", bad)
     assert status == 400 and err["error"]["param"] == "response_format"
     assert "'pattern'" in err["error"]["message"]
+
+
+def test_logit_bias(client: Any, tokenizer: Any) -> None:
+    """OpenAI's logit_bias: +100 on one token makes the answer that token, four times."""
+    out = client.completions.create(
+        model=None, prompt="Hello", max_tokens=4, temperature=0, logit_bias={"77": 100}
+    )
+    assert out.choices[0].text == tokenizer.decode([77] * 4)
+    assert out.usage.completion_tokens == 4

@@ -1,8 +1,9 @@
 """Token sampling on tp rank 0, after the LM head.
 
-Per row, in the order of HF transformers' `generate`: repetition penalty (then OpenAI's presence
-and frequency penalties on the generated tokens), then either greedy
-argmax (temperature 0) or temperature, top-k, top-p, min-p and a seeded multinomial draw.
+Per row: OpenAI's logit bias, then, in the order of HF transformers' `generate`, repetition
+penalty (then OpenAI's presence and frequency penalties on the generated tokens), the allowed
+tokens of guided output, then either greedy argmax (temperature 0) or temperature, top-k,
+top-p, min-p and a seeded multinomial draw.
 
 The helpers take a (batch, vocab) tensor and per-row parameter tensors and return a new tensor
 (filtered tokens set to -inf). Parameter tensors may live on the CPU; building them there keeps
@@ -170,7 +171,7 @@ class Sampler:
         if plain_greedy(specs) and not guided:
             return _greedy(logits, seq_ids)
         penalties = torch.tensor([s.repetition_penalty for s in specs], dtype=torch.float32)
-        penalized = apply_repetition_penalty(logits, histories, penalties)
+        penalized = apply_repetition_penalty(apply_logit_bias(logits, specs), histories, penalties)
         starts = output_starts or [s.num_prompt_tokens for s in specs]
         penalized = apply_presence_frequency(
             penalized,
@@ -183,6 +184,28 @@ class Sampler:
             penalized = penalized.masked_fill(~allowed_rows(allowed, logits), _NEG_INF)
         token_ids = _choose(penalized, specs, generators)
         return _results(logits, token_ids, specs, seq_ids)
+
+
+def apply_logit_bias(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+    """OpenAI's logit bias: each row's (token, bias) pairs added to its logits (a new tensor
+    when any row has some; the raw logits stay for the log-probabilities)."""
+    rows = [i for i, s in enumerate(specs) if s.bias_ids]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    for i in rows:
+        if specs[i].bias_ids[-1] >= vocab:
+            raise ValueError(
+                f"logit_bias names token {specs[i].bias_ids[-1]}, past the {vocab} logits"
+            )
+    row_idx = torch.tensor([i for i in rows for _ in specs[i].bias_ids])
+    col_idx = torch.tensor([t for i in rows for t in specs[i].bias_ids])
+    values = torch.tensor([b for i in rows for b in specs[i].bias_values], dtype=logits.dtype)
+    return logits.index_put(
+        (row_idx.to(logits.device), col_idx.to(logits.device)),
+        values.to(logits.device),
+        accumulate=True,
+    )
 
 
 def allowed_rows(allowed: list[bytes | None], logits: torch.Tensor) -> torch.Tensor:
@@ -244,8 +267,9 @@ def sample_on_device(
 
 def samples_on_device(specs: list[SamplingSpec]) -> bool:
     """Every row's token and log-probability can be picked without a host read: no history
-    (penalties) and no top-k list; greedy or any temperature / top-k / top-p / min-p."""
-    return all(s.logprobs <= 0 and not s.needs_history for s in specs)
+    (penalties), no top-k list and no logit bias; greedy or any temperature / top-k / top-p /
+    min-p."""
+    return all(s.logprobs <= 0 and not s.needs_history and not s.bias_ids for s in specs)
 
 
 def _check_lengths(
@@ -273,9 +297,12 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def plain_greedy(specs: list[SamplingSpec]) -> bool:
-    """Every row greedy, with no top-k list and no penalty: its token and log-probability are
-    the argmax and the logit minus the row's log-sum-exp, nothing else."""
-    return all(s.temperature == 0.0 and s.logprobs <= 0 and not s.needs_history for s in specs)
+    """Every row greedy, with no top-k list, no penalty and no logit bias: its token and
+    log-probability are the argmax and the logit minus the row's log-sum-exp, nothing else."""
+    return all(
+        s.temperature == 0.0 and s.logprobs <= 0 and not s.needs_history and not s.bias_ids
+        for s in specs
+    )
 
 
 def _greedy(logits: torch.Tensor, seq_ids: list[int]) -> list[SampledToken]:

@@ -299,6 +299,12 @@ class Engine:
                 f"prompt {index}: stop strings need a tokenizer, and "
                 f"{self.config.model} has none; use stop_token_ids"
             )
+        vocab = self.model_config.vocab_size
+        outside = [t for t, _ in params.logit_bias if t >= vocab]
+        if outside:
+            raise ValueError(
+                f"prompt {index}: logit_bias names token ids outside [0, {vocab}): {outside[:5]}"
+            )
         if params.guided and self.tokenizer is None:
             raise ValueError(
                 f"prompt {index}: guided JSON output needs a tokenizer, and {self.config.model} "

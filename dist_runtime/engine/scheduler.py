@@ -99,6 +99,8 @@ class Sequence:
             num_prompt_tokens=len(self.prompt_token_ids),
             seed=self.seed,
             logprobs=-1 if p.logprobs is None else p.logprobs,
+            bias_ids=[t for t, _ in p.logit_bias],
+            bias_values=[b for _, b in p.logit_bias],
         )
 
 
@@ -313,10 +315,10 @@ class Scheduler:
         guess that no sequence stops at it: each of its sequences computes the token it is
         sampling now (`LAST_SAMPLED`, filled in on the worker). None when the step cannot be
         planned ahead: a request waits or prefills, a sequence needs a penalty (its token history
-        on the worker), top-k log-probabilities, prompt log-probabilities or guided output (its
-        mask follows its last token), or a block is missing. Greedy and sampling sequences
-        alike go ahead: a draw is seeded by (seed, position), so it is the same token either
-        way. A sequence that certainly stops at
+        on the worker), top-k log-probabilities, prompt log-probabilities, a logit bias or guided
+        output (its mask follows its last token), or a block is missing. Greedy and sampling
+        sequences alike go ahead: a draw is seeded by (seed, position), so it is the same token
+        either way. A sequence that certainly stops at
         `inflight` (its length limit) is left out; one that stops by EOS or a stop string runs
         one step more, whose token the engine drops."""
         if self.waiting or len(inflight.seqs) != len(self.running):
@@ -332,6 +334,7 @@ class Scheduler:
                 or step.start_pos != seq.num_tokens - 1
                 or p.logprobs
                 or p.guided
+                or p.logit_bias
                 or _needs_history(p)
                 or seq.needs_prompt_logprobs
             ):

@@ -206,9 +206,17 @@ class _Server:
                 prompt_logprobs=prompt_logprobs,
                 json_object=json_object,
                 json_schema=schema,
+                logit_bias=req.logit_bias or (),
             )
         except ValueError as e:
-            param = "response_format" if str(e).startswith("json_schema") else None
+            message = str(e)
+            param = (
+                "response_format"
+                if message.startswith("json_schema")
+                else "logit_bias"
+                if message.startswith("logit_bias")
+                else None
+            )
             raise APIError(400, str(e), param=param) from e
 
     def add(
@@ -226,7 +234,8 @@ class _Server:
         try:
             handles = self.runtime.engine.add_requests(prompts, params)
         except ValueError as e:
-            raise APIError(400, str(e), param=param) from e
+            named = "logit_bias" if ": logit_bias " in str(e) else param
+            raise APIError(400, str(e), param=named) from e
         with self._in_flight_lock:
             self.in_flight += len(handles)
         for h in handles:

@@ -1,13 +1,13 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models mirroring OpenAI's schema.
 
 Unknown fields are ignored (as OpenAI-compatible servers do), except those that would change
-the answer and that this server does not implement (`tools`, `logit_bias`, `best_of`,
-`suffix`, ...): those are a 400 naming the field rather than an answer
-that silently ignores them. `null` means the field's default, as in OpenAI's schema. The
-runtime's own sampling extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`skip_special_tokens`, and vLLM's `prompt_logprobs`) are accepted as extra body fields. Ranges
-are checked here so a bad field is a 400 naming it. `response_format` `json_object` and
-`json_schema` turn on guided JSON output (`SamplingParams.json_object` / `json_schema`).
+the answer and that this server does not implement (`tools`, `best_of`, `suffix`, ...): those
+are a 400 naming the field rather than an answer that silently ignores them. `null` means the
+field's default, as in OpenAI's schema. The runtime's own sampling extras (`top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, `skip_special_tokens`, and vLLM's `prompt_logprobs`) are
+accepted as extra body fields. Ranges are checked here so a bad field is a 400 naming it.
+`response_format` `json_object` and `json_schema` turn on guided JSON output
+(`SamplingParams.json_object` / `json_schema`); `logit_bias` is OpenAI's.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ class SamplingFields(_Request):
     """vLLM's extra: each prompt token's log-probability and this many top ones, returned as
     the choice's `prompt_logprobs`."""
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+    """OpenAI's: token id (as a string key) -> bias in [-100, 100]."""
 
     @field_validator("stop")
     @classmethod
@@ -121,7 +123,6 @@ class SamplingFields(_Request):
             _unsupported(
                 data,
                 {
-                    "logit_bias": _empty,
                     "best_of": lambda v: v is None or v == 1 or v == data.get("n"),
                     "guided_json": _empty,
                     "guided_regex": _empty,

@@ -175,3 +175,23 @@ def test_guide_refuses_a_token_off_the_grammar(rt: Runtime) -> None:
     (letter,) = [i for i in range(tok.vocab_size) if tok.token_bytes(i) == b"x"]
     assert not unpack_mask(guide.allowed_tokens(), rt.engine.model_config.vocab_size)[letter]
     assert guide.advance(brace) and not guide.advance(letter)
+
+
+def test_logit_bias_end_to_end(rt: Runtime) -> None:
+    """+100 on one token makes it every token; -100 on what greedy picked removes it; ids past
+    the vocabulary and values past 100 are refused by name."""
+    (forced,) = rt.generate(["hi"], SamplingParams(max_new_tokens=5, logit_bias={"77": 100}))
+    assert forced.token_ids == [77] * 5
+    (plain,) = rt.generate(["hi"], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    banned = plain.token_ids[0]
+    (out,) = rt.generate(
+        ["hi"], SamplingParams(max_new_tokens=5, ignore_eos=True, logit_bias={banned: -100})
+    )
+    assert banned not in out.token_ids
+    with pytest.raises(ValueError, match=r"logit_bias names token ids outside \[0, 512\)"):
+        rt.generate(["hi"], SamplingParams(logit_bias={600: 1}))
+    with pytest.raises(ValueError, match="logit_bias values must be in"):
+        SamplingParams(logit_bias={1: 101})
+    with pytest.raises(ValueError, match="logit_bias keys must be token ids"):
+        SamplingParams(logit_bias={"x": 1})
+    assert SamplingParams(logit_bias={"7": 1, 2: -1}).logit_bias == ((2, -1.0), (7, 1.0))

@@ -25,7 +25,7 @@ NEG_INF = float("-inf")
 EMPTY = torch.empty(0, dtype=torch.long)
 
 
-def spec(**overrides: float) -> SamplingSpec:
+def spec(**overrides: Any) -> SamplingSpec:
     fields: dict = dict(
         temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0, logprobs=-1
     )
@@ -496,3 +496,32 @@ def test_allowed_masks_must_fit_the_logits_and_allow_something() -> None:
         Sampler().sample(logits, [spec()], [EMPTY], generators([0]), [0], allowed=[b"\xff" * 3])
     with pytest.raises(ValueError, match="allows no token"):
         Sampler().sample(logits, [spec()], [EMPTY], generators([0]), [0], allowed=[b"\0\0"])
+
+
+# -- logit bias -------------------------------------------------------------------------------
+
+
+def test_logit_bias_bans_and_forces_tokens_and_keeps_raw_logprobs() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(3, 12)
+    top = [int(i) for i in logits.argmax(dim=-1)]
+    specs = [
+        spec(temperature=0.0, bias_ids=[top[0]], bias_values=[-100.0]),  # its argmax banned
+        spec(temperature=0.0, bias_ids=[3], bias_values=[100.0]),  # token 3 forced
+        spec(bias_ids=[5, 7], bias_values=[100.0, 100.0]),  # a draw from {5, 7} only
+    ]
+    raw = torch.log_softmax(logits, dim=-1)
+    for seed in range(10):
+        out = Sampler().sample(logits, specs, [EMPTY] * 3, generators([seed] * 3), [0, 1, 2])
+        second = int(logits[0].topk(2).indices[1])
+        assert [t.token_id for t in out][:2] == [second, 3] and out[2].token_id in (5, 7)
+        for row, t in enumerate(out):
+            assert t.logprob == pytest.approx(raw[row, t.token_id].item(), abs=1e-5)
+
+
+def test_logit_bias_past_the_logits_is_named() -> None:
+    with pytest.raises(ValueError, match="names token 40, past the 12 logits"):
+        Sampler().sample(
+            torch.zeros(1, 12), [spec(bias_ids=[40], bias_values=[1.0])], [EMPTY],
+            generators([0]), [0],
+        )  # fmt: skip
