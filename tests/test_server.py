@@ -576,8 +576,7 @@ def test_null_fields_take_their_defaults(server: Server) -> None:
 @pytest.mark.parametrize(
     ("path", "extra", "param"),
     [
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]},
-         "tools"),
+        ("/v1/chat/completions", {"tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
         ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
         ("/v1/chat/completions", {"response_format": {"type": "regex"}},
@@ -592,7 +591,7 @@ def test_null_fields_take_their_defaults(server: Server) -> None:
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"suffix": " end"}, "suffix"),
-        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "4"}]},
+        ("/v1/chat/completions", {"messages": [{"role": "critic", "content": "4"}]},
          "messages.0.role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
          "messages.0.content"),

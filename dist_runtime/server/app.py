@@ -43,10 +43,18 @@ from dist_runtime.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     JobRequest,
+    NamedToolChoice,
     ResponseFormat,
     SamplingFields,
     UnsupportedFieldError,
     error_body,
+)
+from dist_runtime.server.tools import (
+    Function,
+    call_schema,
+    chat_turns,
+    parse_calls,
+    tool_calls_json,
 )
 from dist_runtime.text.chat import encode_chat
 
@@ -184,10 +192,15 @@ class _Server:
         logprobs: int | None,
         index: int,
         prompt_logprobs: int | None = None,
+        call_format: dict[str, Any] | None = None,
     ) -> SamplingParams:
+        """The request's SamplingParams; `call_format`: the schema of a required tool call,
+        which takes the place of a response_format."""
         seed = None if req.seed is None else (req.seed + index) % 2**63
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         json_object, schema = _guided(req.response_format)
+        if call_format is not None:
+            json_object, schema = False, call_format
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens if max_tokens is not None else 16,
@@ -411,7 +424,24 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         server.check_model(req.model)
         if runtime.tokenizer is None:
             raise APIError(400, f"{runtime.config.model} has no tokenizer; chat needs one")
-        turns = [{"role": m.template_role, "content": m.text()} for m in req.messages]
+        mode = req.tool_mode
+        functions = (
+            [Function(t.function.name, t.function.description, t.function.parameters)
+             for t in req.tools or []]
+            if mode != "none" else None
+        )  # fmt: skip
+        turns = chat_turns(
+            [
+                {
+                    "role": m.template_role,
+                    "content": m.text(),
+                    "tool_calls": [c.model_dump() for c in m.tool_calls or []],
+                    "tool_call_id": m.tool_call_id,
+                }
+                for m in req.messages
+            ],
+            functions,
+        )
         try:
             ids = encode_chat(runtime.tokenizer, turns)
         except ValueError as e:
@@ -420,21 +450,66 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             req.max_completion_tokens or req.max_tokens or server.default_max_tokens(len(ids))
         )
         top = (req.top_logprobs or 0) if req.logprobs else None
-        params = [server.params(req, max_tokens, top, i, req.prompt_logprobs) for i in range(req.n)]
+        call_format = None
+        if mode in ("required", "named") and functions:
+            chosen = functions
+            if isinstance(req.tool_choice, NamedToolChoice):
+                chosen = [f for f in functions if f.name == req.tool_choice.function.name]
+            call_format = call_schema(chosen, req.parallel_tool_calls and mode == "required")
+            try:
+                SamplingParams(json_schema=call_format)
+            except ValueError as e:
+                raise APIError(400, f"tools: a function's parameters: {e}", param="tools") from e
+        params = [
+            server.params(req, max_tokens, top, i, req.prompt_logprobs, call_format)
+            for i in range(req.n)
+        ]
         handles = server.add([ids] * req.n, params, "messages")
+        parallel = req.parallel_tool_calls
+
+        def calls_of(text: str, finish_reason: str | None) -> list[dict[str, Any]]:
+            if not functions or finish_reason != "stop":
+                return []
+            return tool_calls_json(parse_calls(text, functions, parallel))
+
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
+            held: dict[int, str] = {}
+            """Text of a choice held back while it may be a tool call (sent at its end)."""
+            plain: set[int] = set()
+            """Choices known to answer in text: streamed as they come."""
 
             def chat_choice(i: int, delta: RequestDelta, _first: bool) -> dict[str, Any] | None:
                 scored = delta.prompt_logprobs
-                if not delta.text and delta.finish_reason is None and scored is None:
+                text, finish = delta.text, delta.finish_reason
+                if functions and i not in plain:
+                    text = held.pop(i, "") + text
+                    start = text.lstrip()[:1]
+                    if mode in ("required", "named") or start in ("", "{", "[", "`"):
+                        if finish is None:  # perhaps a call: hold it until the answer ends
+                            held[i] = text
+                            text = ""
+                        elif calls := calls_of(text, finish):
+                            return {
+                                "index": i,
+                                "delta": {
+                                    "tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]
+                                },
+                                "logprobs": _chat_logprobs(server, delta.logprobs)
+                                if delta.logprobs
+                                else None,
+                                "finish_reason": "tool_calls",
+                            }
+                    else:
+                        plain.add(i)
+                if not text and finish is None and scored is None:
                     return None
                 logprobs = _chat_logprobs(server, delta.logprobs) if delta.logprobs else None
                 choice: dict[str, Any] = {
                     "index": i,
-                    "delta": {"content": delta.text} if delta.text else {},
+                    "delta": {"content": text} if text else {},
                     "logprobs": logprobs,
-                    "finish_reason": delta.finish_reason,
+                    "finish_reason": finish,
                 }
                 if scored is not None:
                     choice["prompt_logprobs"] = _vllm_prompt_logprobs(server, scored, ids)
@@ -458,15 +533,20 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         outs = await _gather(handles, request)
         usage = _usage(len(ids), outs, req.n)
         request.state.usage = usage
-        choices: list[dict[str, Any]] = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": o.text},
-                "logprobs": _chat_logprobs(server, o.logprobs) if req.logprobs else None,
-                "finish_reason": o.finish_reason,
-            }
-            for i, o in enumerate(outs)
-        ]
+        choices: list[dict[str, Any]] = []
+        for i, o in enumerate(outs):
+            calls = calls_of(o.text, o.finish_reason)
+            message: dict[str, Any] = {"role": "assistant", "content": o.text}
+            if calls:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": _chat_logprobs(server, o.logprobs) if req.logprobs else None,
+                    "finish_reason": "tool_calls" if calls else o.finish_reason,
+                }
+            )
         if req.prompt_logprobs is not None:
             for choice, o in zip(choices, outs):
                 choice["prompt_logprobs"] = _vllm_prompt_logprobs(server, o.prompt_logprobs, ids)

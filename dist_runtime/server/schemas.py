@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models mirroring OpenAI's schema.
 
 Unknown fields are ignored (as OpenAI-compatible servers do), except those that would change
-the answer and that this server does not implement (`tools`, `best_of`, `suffix`, ...): those
+the answer and that this server does not implement (`functions`, `best_of`, `suffix`, ...): those
 are a 400 naming the field rather than an answer that silently ignores them. `null` means the
 field's default, as in OpenAI's schema. The runtime's own sampling extras (`top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos`, `skip_special_tokens`, and vLLM's `prompt_logprobs`) are
@@ -139,12 +139,58 @@ class ContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
-    """`developer` is OpenAI's newer name for `system` and is sent to the template as one; tool
-    results (`tool`) need tool calls, which this server does not implement."""
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    """`developer` is OpenAI's newer name for `system` and is sent to the template as one; a
+    `tool` message carries a call's result (`tool_call_id`)."""
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     @property
     def template_role(self) -> str:
@@ -161,6 +207,41 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_choice_fits(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise UnsupportedFieldError("tools", f"two tools share a name: {names}")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise UnsupportedFieldError("tool_choice", "tool_choice needs tools to choose from")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise UnsupportedFieldError(
+                "tool_choice",
+                f"tool_choice names {choice.function.name!r}, which is not in tools {names}",
+            )
+        if (
+            choice not in (None, "none", "auto")
+            and self.response_format is not None
+            and (self.response_format.type != "text")
+        ):
+            raise UnsupportedFieldError(
+                "response_format", "a required tool call and a response_format cannot combine"
+            )
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """ "none", "auto", "required" or "named" (OpenAI's default: auto with tools)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -169,8 +250,6 @@ class ChatCompletionRequest(SamplingFields):
             _unsupported(
                 data,
                 {
-                    "tools": _empty,
-                    "tool_choice": lambda v: v is None or v == "none",
                     "functions": _empty,
                     "function_call": lambda v: v is None or v == "none",
                     "audio": _empty,
