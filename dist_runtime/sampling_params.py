@@ -59,6 +59,8 @@ class SamplingParams:
     ValueError naming it)."""
     json_object: bool = False
     """Guided output: any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
+    guided_choice: tuple[str, ...] = ()
+    """Guided output: the answer is exactly one of these strings (vLLM's `guided_choice`)."""
     logit_bias: Any = ()
     """OpenAI's logit bias: {token id: bias in [-100, 100]} added to the logits before
     sampling (-100 in effect bans a token, 100 forces it); stored as sorted (id, bias) pairs.
@@ -139,6 +141,18 @@ class SamplingParams:
             f"json_object must be True or False, got {self.json_object!r}",
         )
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if isinstance(self.guided_choice, str):
+            object.__setattr__(self, "guided_choice", (self.guided_choice,))
+        _check(
+            isinstance(self.guided_choice, (list, tuple))
+            and all(isinstance(c, str) and c for c in self.guided_choice),
+            f"guided_choice must be a list of non-empty strings, got {self.guided_choice!r:.80}",
+        )
+        object.__setattr__(self, "guided_choice", tuple(self.guided_choice))
+        _check(
+            not (self.guided_choice and (self.json_object or self.json_schema is not None)),
+            "give one of guided_choice, json_schema and json_object",
+        )
         if self.json_schema is not None:
             _check(not self.json_object, "give json_schema or json_object, not both")
             object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
@@ -154,8 +168,8 @@ class SamplingParams:
 
     @property
     def guided(self) -> bool:
-        """The output is held to a JSON grammar (json_schema or json_object)."""
-        return self.json_object or self.json_schema is not None
+        """The output is held to a grammar (json_schema, json_object or guided_choice)."""
+        return self.json_object or self.json_schema is not None or bool(self.guided_choice)
 
 
 def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:

@@ -731,3 +731,16 @@ def test_logit_bias(client: Any, tokenizer: Any) -> None:
     )
     assert out.choices[0].text == tokenizer.decode([77] * 4)
     assert out.usage.completion_tokens == 4
+
+
+def test_vllm_guided_choice_and_guided_json(client: Any) -> None:
+    out = client.completions.create(
+        model=None, prompt="Sentiment:", max_tokens=8, n=4, seed=1,
+        extra_body={"guided_choice": ["good", "bad"]},
+    )  # fmt: skip
+    assert {c.text for c in out.choices} <= {"good", "bad"}
+    out = client.chat.completions.create(
+        model=None, messages=[{"role": "user", "content": "JSON"}], max_tokens=400,
+        temperature=0, extra_body={"guided_json": GUIDED_SCHEMA},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(out.choices[0].message.content), GUIDED_SCHEMA)

@@ -199,6 +199,12 @@ class _Server:
         seed = None if req.seed is None else (req.seed + index) % 2**63
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         json_object, schema = _guided(req.response_format)
+        if req.guided_json is not None:
+            if json_object or schema is not None:
+                raise APIError(
+                    400, "give response_format or guided_json, not both", param="guided_json"
+                )
+            schema = req.guided_json
         if call_format is not None:
             json_object, schema = False, call_format
         try:
@@ -220,15 +226,22 @@ class _Server:
                 json_object=json_object,
                 json_schema=schema,
                 logit_bias=req.logit_bias or (),
+                guided_choice=tuple(req.guided_choice or ()),
             )
         except ValueError as e:
             message = str(e)
-            param = (
-                "response_format"
-                if message.startswith("json_schema")
-                else "logit_bias"
-                if message.startswith("logit_bias")
-                else None
+            param = next(
+                (
+                    field
+                    for prefix, field in (
+                        ("json_schema", "response_format"),
+                        ("logit_bias", "logit_bias"),
+                        ("guided_choice", "guided_choice"),
+                        ("give one of guided_choice", "guided_choice"),
+                    )
+                    if message.startswith(prefix)
+                ),
+                None,
             )
             raise APIError(400, str(e), param=param) from e
 

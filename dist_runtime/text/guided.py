@@ -198,6 +198,12 @@ def grammar_for(schema_text: str | None) -> JsonGrammar:
     return JsonGrammar.from_schema(json.loads(schema_text))
 
 
+@functools.lru_cache(maxsize=64)
+def choice_grammar(choices: tuple[str, ...]) -> JsonGrammar:
+    """The grammar of an answer that is exactly one of `choices`."""
+    return JsonGrammar.one_of(choices)
+
+
 def schema_argument(value: str, flag: str = "--json-schema") -> str:
     """A command line's schema argument as JSON text: the text itself when it starts with `{`,
     else the file it names (a ValueError naming `flag` when that cannot be read)."""
@@ -223,6 +229,7 @@ __all__ = [
     "JsonGuide",
     "SchemaError",
     "Vocabulary",
+    "choice_grammar",
     "grammar_for",
     "schema_argument",
     "unpack_mask",

@@ -674,6 +674,14 @@ class JsonGrammar:
         return cls(compile_schema(schema))
 
     @classmethod
+    def one_of(cls, texts: Iterable[str]) -> JsonGrammar:
+        """Exactly one of `texts`, as they are (not JSON): vLLM's `guided_choice`."""
+        node = LiteralNode(t.encode("utf-8") for t in texts)
+        grammar = cls(node)
+        grammar.start = frozenset({(("root", node, 2, 0), ("enum", node, 0))})
+        return grammar
+
+    @classmethod
     def any_object(cls) -> JsonGrammar:
         """Any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
         return cls(_ANY_OBJECT)

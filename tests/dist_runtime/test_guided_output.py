@@ -195,3 +195,19 @@ def test_logit_bias_end_to_end(rt: Runtime) -> None:
     with pytest.raises(ValueError, match="logit_bias keys must be token ids"):
         SamplingParams(logit_bias={"x": 1})
     assert SamplingParams(logit_bias={"7": 1, 2: -1}).logit_bias == ((2, -1.0), (7, 1.0))
+
+
+def test_guided_choice(rt: Runtime) -> None:
+    """The answer is exactly one of the choices, as written (no quotes, no whitespace), even
+    where one is the prefix of another."""
+    choices = ("positive", "negative", "neutral", "pos")
+    outs = rt.generate(
+        ["review: fine"] * 6,
+        [SamplingParams(guided_choice=choices, temperature=1.0, seed=s) for s in range(6)],
+    )
+    for out in outs:
+        assert out.text in choices and out.finish_reason == "stop", out.text
+    with pytest.raises(ValueError, match="give one of guided_choice, json_schema"):
+        SamplingParams(guided_choice=["a"], json_object=True)
+    with pytest.raises(ValueError, match="guided_choice must be a list of non-empty strings"):
+        SamplingParams(guided_choice=["a", ""])
