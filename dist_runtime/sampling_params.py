@@ -61,6 +61,9 @@ class SamplingParams:
     """Guided output: any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
     guided_choice: tuple[str, ...] = ()
     """Guided output: the answer is exactly one of these strings (vLLM's `guided_choice`)."""
+    guided_regex: str | None = None
+    """Guided output: the answer matches this regular expression whole (vLLM's
+    `guided_regex`; the syntax `dist_runtime.text.regex` holds)."""
     logit_bias: Any = ()
     """OpenAI's logit bias: {token id: bias in [-100, 100]} added to the logits before
     sampling (-100 in effect bans a token, 100 forces it); stored as sorted (id, bias) pairs.
@@ -149,10 +152,18 @@ class SamplingParams:
             f"guided_choice must be a list of non-empty strings, got {self.guided_choice!r:.80}",
         )
         object.__setattr__(self, "guided_choice", tuple(self.guided_choice))
+        kinds = [
+            bool(self.guided_choice),
+            self.guided_regex is not None,
+            self.json_object,
+            self.json_schema is not None,
+        ]
         _check(
-            not (self.guided_choice and (self.json_object or self.json_schema is not None)),
-            "give one of guided_choice, json_schema and json_object",
+            sum(kinds) <= 1 or kinds == [False, False, True, True],
+            "give one of guided_choice, guided_regex, json_schema and json_object",
         )
+        if self.guided_regex is not None:
+            _check_regex(self.guided_regex)
         if self.json_schema is not None:
             _check(not self.json_object, "give json_schema or json_object, not both")
             object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
@@ -168,8 +179,14 @@ class SamplingParams:
 
     @property
     def guided(self) -> bool:
-        """The output is held to a grammar (json_schema, json_object or guided_choice)."""
-        return self.json_object or self.json_schema is not None or bool(self.guided_choice)
+        """The output is held to a grammar (json_schema, json_object, guided_choice or
+        guided_regex)."""
+        return (
+            self.json_object
+            or self.json_schema is not None
+            or bool(self.guided_choice)
+            or self.guided_regex is not None
+        )
 
 
 def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
@@ -198,6 +215,17 @@ def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
         )
         pairs[key] = float(value)
     return tuple(sorted(pairs.items()))
+
+
+def _check_regex(pattern: object) -> None:
+    from dist_runtime.text.guided import regex_grammar
+    from dist_runtime.text.regex import RegexError
+
+    _check(isinstance(pattern, str), f"guided_regex must be a string, got {pattern!r:.80}")
+    try:
+        regex_grammar(str(pattern))
+    except RegexError as e:
+        raise ValueError(f"guided_regex: {e}") from None
 
 
 def _schema_text(schema: object) -> str:

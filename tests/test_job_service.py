@@ -211,10 +211,10 @@ def test_run_jobs_file_with_json_schema(tiny_llama_dir: Path, tmp_path: Path, ca
         assert value["who"] in ("Ada", "Tom") and isinstance(value["sure"], bool)
     (answer,) = second["answers"]  # --json: an object, or a prefix of one at 40 tokens
     assert answer.lstrip().startswith("{")
-    lines[1]["json_schema"] = {"type": "string", "pattern": "x"}
+    lines[1]["json_schema"] = {"type": "integer", "minimum": 0}
     jobs.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
     assert run_cli.main([*argv, "--session-len", "4096"]) == 2
-    assert "in.jsonl:2: json_schema: #: JSON Schema keyword 'pattern'" in capsys.readouterr().err
+    assert "in.jsonl:2: json_schema: #: JSON Schema keyword 'minimum'" in capsys.readouterr().err
 
 
 def test_submit_cli_with_a_json_schema(serving: Runtime, tmp_path: Path, capsys: Any) -> None:

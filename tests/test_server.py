@@ -718,10 +718,10 @@ def test_job_with_a_json_schema(server: Server) -> None:
     for answer in answers:
         jsonschema.validate(json.loads(answer), GUIDED_SCHEMA)
     bad = {**body, "response_format": {"type": "json_schema", "json_schema": {
-        "schema": {"type": "string", "format": "email", "pattern": "@"}}}}  # fmt: skip
+        "schema": {"type": "string", "format": "email", "pattern": "a\\b"}}}}  # fmt: skip
     status, err = server.request("POST", "/v1/jobs", bad)
     assert status == 400 and err["error"]["param"] == "response_format"
-    assert "'pattern'" in err["error"]["message"]
+    assert "/pattern" in err["error"]["message"] and "\\b" in err["error"]["message"]
 
 
 def test_logit_bias(client: Any, tokenizer: Any) -> None:
@@ -744,3 +744,17 @@ def test_vllm_guided_choice_and_guided_json(client: Any) -> None:
         temperature=0, extra_body={"guided_json": GUIDED_SCHEMA},
     )  # fmt: skip
     jsonschema.validate(json.loads(out.choices[0].message.content), GUIDED_SCHEMA)
+
+
+def test_vllm_guided_regex(client: Any) -> None:
+    out = client.completions.create(
+        model=None, prompt="Phone:", max_tokens=20, n=2, seed=4,
+        extra_body={"guided_regex": r"\d{3}-\d{4}"},
+    )  # fmt: skip
+    for choice in out.choices:
+        assert re.fullmatch(r"\d{3}-\d{4}", choice.text) and choice.finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(
+            model=None, prompt="x", max_tokens=2, extra_body={"guided_regex": "(?=a)"}
+        )
+    assert info.value.body["param"] == "guided_regex"

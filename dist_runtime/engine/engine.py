@@ -44,7 +44,13 @@ from dist_runtime.engine.output_processor import OutputProcessor
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
 from dist_runtime.protocol import StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
-from dist_runtime.text.guided import JsonGuide, Vocabulary, choice_grammar, grammar_for
+from dist_runtime.text.guided import (
+    JsonGuide,
+    Vocabulary,
+    choice_grammar,
+    grammar_for,
+    regex_grammar,
+)
 from dist_runtime.text.text_stream import TextStream
 from dist_runtime.text.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -308,7 +314,7 @@ class Engine:
         if params.guided and self.tokenizer is None:
             raise ValueError(
                 f"prompt {index}: guided JSON output needs a tokenizer, and {self.config.model} "
-                "has none; leave json_schema / json_object / guided_choice out"
+                "has none; leave json_schema / json_object / guided_choice / guided_regex out"
             )
         seed = params.seed if params.seed is not None else self._draw_seed()
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
@@ -338,11 +344,12 @@ class Engine:
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops |= self.outputs.eos_token_ids
-        grammar = (
-            choice_grammar(params.guided_choice)
-            if params.guided_choice
-            else grammar_for(params.json_schema)
-        )
+        if params.guided_choice:
+            grammar = choice_grammar(params.guided_choice)
+        elif params.guided_regex is not None:
+            grammar = regex_grammar(params.guided_regex)
+        else:
+            grammar = grammar_for(params.json_schema)
         return JsonGuide(grammar, vocab, stops)
 
     def _draw_seed(self) -> int:

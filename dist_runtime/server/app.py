@@ -227,6 +227,7 @@ class _Server:
                 json_schema=schema,
                 logit_bias=req.logit_bias or (),
                 guided_choice=tuple(req.guided_choice or ()),
+                guided_regex=req.guided_regex,
             )
         except ValueError as e:
             message = str(e)
@@ -237,6 +238,7 @@ class _Server:
                         ("json_schema", "response_format"),
                         ("logit_bias", "logit_bias"),
                         ("guided_choice", "guided_choice"),
+                        ("guided_regex", "guided_regex"),
                         ("give one of guided_choice", "guided_choice"),
                     )
                     if message.startswith(prefix)

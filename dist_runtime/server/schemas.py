@@ -1,13 +1,14 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models mirroring OpenAI's schema.
 
 Unknown fields are ignored (as OpenAI-compatible servers do), except those that would change
-the answer and that this server does not implement (`functions`, `best_of`, `suffix`, ...): those
-are a 400 naming the field rather than an answer that silently ignores them. `null` means the
-field's default, as in OpenAI's schema. The runtime's own sampling extras (`top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`, `skip_special_tokens`, and vLLM's `prompt_logprobs`,
-`guided_choice` and `guided_json`) are accepted as extra body fields. Ranges are checked here
-so a bad field is a 400 naming it. `response_format` `json_object` and `json_schema` turn on
-guided JSON output (`SamplingParams.json_object` / `json_schema`); `logit_bias` is OpenAI's.
+the answer and that this server does not implement (`functions`, `best_of`, `suffix`, ...):
+those are a 400 naming the field rather than an answer that silently ignores them. `null`
+means the field's default, as in OpenAI's schema. The runtime's own sampling extras (`top_k`,
+`min_p`, `repetition_penalty`, `ignore_eos`, `skip_special_tokens`, and vLLM's
+`prompt_logprobs`, `guided_choice`, `guided_regex` and `guided_json`) are accepted as extra
+body fields. Ranges are checked here so a bad field is a 400 naming it. `response_format`
+`json_object` and `json_schema` turn on guided JSON output (`SamplingParams.json_object` /
+`json_schema`); `logit_bias` is OpenAI's.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class SamplingFields(_Request):
     """OpenAI's: token id (as a string key) -> bias in [-100, 100]."""
     guided_choice: list[str] | None = None
     """vLLM's extra: the answer is exactly one of these strings."""
+    guided_regex: str | None = None
+    """vLLM's extra: the answer matches this regular expression whole."""
     guided_json: dict[str, Any] | None = None
     """vLLM's extra: a JSON Schema for the answer (as response_format's json_schema)."""
 
@@ -128,7 +131,6 @@ class SamplingFields(_Request):
                 data,
                 {
                     "best_of": lambda v: v is None or v == 1 or v == data.get("n"),
-                    "guided_regex": _empty,
                     "guided_grammar": _empty,
                 },
             )

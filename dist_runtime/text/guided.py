@@ -204,6 +204,12 @@ def choice_grammar(choices: tuple[str, ...]) -> JsonGrammar:
     return JsonGrammar.one_of(choices)
 
 
+@functools.lru_cache(maxsize=64)
+def regex_grammar(pattern: str) -> JsonGrammar:
+    """The grammar of an answer that matches `pattern` whole."""
+    return JsonGrammar.from_regex(pattern)
+
+
 def schema_argument(value: str, flag: str = "--json-schema") -> str:
     """A command line's schema argument as JSON text: the text itself when it starts with `{`,
     else the file it names (a ValueError naming `flag` when that cannot be read)."""
@@ -231,6 +237,7 @@ __all__ = [
     "Vocabulary",
     "choice_grammar",
     "grammar_for",
+    "regex_grammar",
     "schema_argument",
     "unpack_mask",
 ]

@@ -22,8 +22,11 @@ What is generated:
   `allOf` with one member, `$ref` into `$defs` / `definitions` (recursion included), `type`
   lists; nesting to `MAX_DEPTH`.
 
-Keywords that constrain values in ways this grammar cannot hold (`pattern`, `minimum`,
-`uniqueItems`, ...) are refused with `SchemaError`, which names the keyword and where it is;
+* `pattern` (`dist_runtime.text.regex`'s subset): such a string's characters are written as
+  themselves, not escaped, and its content matches the pattern whole.
+
+Keywords that constrain values in ways this grammar cannot hold (`minimum`, `uniqueItems`,
+`multipleOf`, ...) are refused with `SchemaError`, which names the keyword and where it is;
 annotations (`title`, `description`, `default`, `examples`, `format`, ...) are ignored, as
 JSON Schema's own validators do by default for `format`.
 """
@@ -33,6 +36,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from dist_runtime.text.regex import Regex, RegexError
 
 MAX_INDENT = 24
 """Spaces or tabs after a newline in one whitespace run (indented output up to some depth
@@ -68,7 +73,7 @@ _ANNOTATIONS = frozenset(
 _TYPE_KEYWORDS = {
     "object": {"properties", "required", "additionalProperties"},
     "array": {"items", "minItems", "maxItems"},
-    "string": {"minLength", "maxLength"},
+    "string": {"minLength", "maxLength", "pattern"},
     "integer": set(),
     "number": set(),
     "boolean": set(),
@@ -125,10 +130,10 @@ class ArrayNode(Node):
 
 
 class StringNode(Node):
-    __slots__ = ("min_len", "max_len")
+    __slots__ = ("min_len", "max_len", "regex")
 
-    def __init__(self, min_len: int = 0, max_len: int | None = None):
-        self.min_len, self.max_len = min_len, max_len
+    def __init__(self, min_len: int = 0, max_len: int | None = None, regex: Regex | None = None):
+        self.min_len, self.max_len, self.regex = min_len, max_len, regex
 
     @property
     def counts(self) -> bool:
@@ -288,7 +293,13 @@ class _Compiler:
             hi = _count(s, "maxLength", where, None)
             if hi is not None and hi < lo:
                 raise SchemaError(f"{where}: maxLength {hi} < minLength {lo}")
-            return StringNode(lo, hi) if lo or hi is not None else _FREE_STRING
+            regex = None
+            if "pattern" in s:
+                try:
+                    regex = Regex(s["pattern"])
+                except RegexError as e:
+                    raise SchemaError(f"{where}/pattern: {e}") from None
+            return StringNode(lo, hi, regex) if lo or hi is not None or regex else _FREE_STRING
         if t in ("integer", "number"):
             return NumberNode(integer=t == "integer")
         if t == "boolean":
@@ -384,6 +395,8 @@ def _start(node: Node) -> list[tuple[Any, ...]]:
     if isinstance(node, ArrayNode):
         return [("arr", node, _ARR_OPEN, 0, 0)]
     if isinstance(node, StringNode):
+        if node.regex is not None:
+            return [("rxs", node, 0, 0, node.regex.start, 0, 0)]
         return [("str", node, 0, 0, 0)]
     if isinstance(node, NumberNode):
         return [("num", node.integer, 0, 0)]
@@ -477,6 +490,8 @@ def _step_arr(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
 # still due in its low two bits and, for the first of them, an index into this table above.
 _SECOND_BYTE = ((0x80, 0xBF), (0xA0, 0xBF), (0x80, 0x9F), (0x90, 0xBF), (0x80, 0x8F))
 _LEAD_RANGE = {0xE0: 1, 0xED: 2, 0xF0: 3, 0xF4: 4}
+_KIND_LOW = (0, 0x800, 0, 0x10000, 0)  # the code points a restricted lead byte can still give
+_KIND_HIGH = (0x10FFFF, 0x10FFFF, 0xD7FF, 0x10FFFF, 0x10FFFF)
 
 
 def _step_str(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
@@ -524,6 +539,88 @@ def _step_str(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
     if phase < 6:
         return [(_NEXT, ("str", node, phase + 1, nchars, 0))]
     return _counted(node, nchars, 0)
+
+
+def _utf8_byte(pend: int, cp: int, b: int) -> tuple[int, int, bool] | None:
+    """One byte of a UTF-8 character: (bytes still due as `_step_str`'s `pending`, the code
+    point so far, complete) or None for a byte UTF-8 forbids here."""
+    if pend:
+        lo, hi = _SECOND_BYTE[pend >> 2]
+        if not lo <= b <= hi:
+            return None
+        left = (pend & 3) - 1
+        return left, (cp << 6) | (b & 0x3F), left == 0
+    if b < 0x80:
+        return 0, b, True
+    if 0xC2 <= b <= 0xDF:
+        return 1, b & 0x1F, False
+    if 0xE0 <= b <= 0xEF:
+        return 2 | _LEAD_RANGE.get(b, 0) << 2, b & 0x0F, False
+    if 0xF0 <= b <= 0xF4:
+        return 3 | _LEAD_RANGE.get(b, 0) << 2, b & 0x07, False
+    return None
+
+
+def _step_rxs(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
+    """A string whose content must match its `pattern`: characters are written as themselves
+    (no escapes, so no quote, backslash or control character) and fed to the pattern's
+    automaton as code points; the closing quote comes where the pattern (and minLength)
+    allow it to end."""
+    _, node, phase, nchars, rstate, pend, cp = f
+    if phase == 0:
+        return [(_NEXT, ("rxs", node, 1, 0, rstate, 0, 0))] if b == 0x22 else []
+    regex = node.regex
+    if not pend:
+        if b == 0x22:
+            return [(_CLOSE,)] if regex.accepts(rstate) and nchars >= node.min_len else []
+        if b < 0x20 or b == 0x5C:
+            return []
+    got = _utf8_byte(pend, cp, b)
+    if got is None:
+        return []
+    pend, cp, done = got
+    if node.max_len is not None and nchars >= node.max_len:
+        return []
+    if not done:
+        if not _may_complete(regex, rstate, pend, cp):
+            return []
+        return [(_NEXT, ("rxs", node, 1, nchars, rstate, pend, cp))]
+    rstate = regex.step(rstate, cp)
+    if rstate is None:
+        return []
+    count = nchars + 1 if node.max_len is not None else min(nchars + 1, node.min_len)
+    return [(_NEXT, ("rxs", node, 1, count, rstate, 0, 0))]
+
+
+def _may_complete(regex: Regex, rstate: Any, pend: int, cp: int) -> bool:
+    """A UTF-8 character begun (`pend` bytes still due after the bits `cp`) can end as a code
+    point the pattern takes next."""
+    shift = 6 * (pend & 3)
+    lo, hi = cp << shift, (cp << shift) | ((1 << shift) - 1)
+    lo, hi = max(lo, _KIND_LOW[pend >> 2]), min(hi, _KIND_HIGH[pend >> 2])  # E0 F0 ED F4 leads
+    return regex.can_take(rstate, lo, hi)
+
+
+def _step_rx(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
+    """A whole answer matching a pattern (`guided_regex`), as raw UTF-8."""
+    _, regex, rstate, pend, cp = f
+    got = _utf8_byte(pend, cp, b)
+    if got is None:
+        return []
+    pend, cp, done = got
+    if not done:
+        if not _may_complete(regex, rstate, pend, cp):
+            return []
+        return [(_NEXT, ("rx", regex, rstate, pend, cp))]
+    rstate = regex.step(rstate, cp)
+    if rstate is None:
+        return []
+    out: list[tuple[Any, ...]] = []
+    if regex.accepts(rstate):
+        out.append((_CLOSE,))
+    if regex.can_continue(rstate):
+        out.append((_NEXT, ("rx", regex, rstate, 0, 0)))
+    return out
 
 
 def _counted(node: StringNode, nchars: int, pending: int) -> list[tuple[Any, ...]]:
@@ -604,6 +701,8 @@ _STEPS = {
     "num": _step_num,
     "lit": _step_lit,
     "enum": _step_enum,
+    "rxs": _step_rxs,
+    "rx": _step_rx,
     "root": _step_root,
 }
 
@@ -643,8 +742,11 @@ def _feed(stack: Stack, b: int, out: set[Stack]) -> None:
 
 def _finishes(stack: Stack) -> bool:
     """The value can end here (with no more bytes)."""
-    while stack[-1][0] == "num":
-        if stack[-1][2] not in (2, 3, 5, 8):
+    while stack[-1][0] in ("num", "rx"):
+        top = stack[-1]
+        if top[0] == "num" and top[2] not in (2, 3, 5, 8):
+            return False
+        if top[0] == "rx" and (top[3] or not top[1].accepts(top[2])):
             return False
         stack = stack[:-2] + (_child_done(stack[-2]),)
     top = stack[-1]
@@ -672,6 +774,15 @@ class JsonGrammar:
     @classmethod
     def from_schema(cls, schema: Any) -> JsonGrammar:
         return cls(compile_schema(schema))
+
+    @classmethod
+    def from_regex(cls, pattern: str) -> JsonGrammar:
+        """An answer that matches `pattern` whole, as it is (not JSON): vLLM's
+        `guided_regex`; `RegexError` for a pattern the automaton cannot hold."""
+        regex = Regex(pattern)
+        grammar = cls(_ANY)
+        grammar.start = frozenset({(("root", _ANY, 2, 0), ("rx", regex, regex.start, 0, 0))})
+        return grammar
 
     @classmethod
     def one_of(cls, texts: Iterable[str]) -> JsonGrammar:

@@ -57,7 +57,17 @@ SCHEMAS: dict[str, Any] = {
     "words": {"type": "array", "items": {"type": "string", "minLength": 3}, "minItems": 1},
     "integer": {"type": "integer"},
     "nullable": {"anyOf": [{"type": "string", "maxLength": 1}, {"type": "string"}, {}]},
+    "patterned": {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{2}\\d{1,3}$"},
+            "word": {"type": "string", "pattern": "(é|ab)+", "maxLength": 3},
+        },
+        "required": ["code", "word"],
+    },
 }
+REGEX = r"(yes|no)(, because [a-z ]{1,20})?"
+"""The `regex` grammar: a whole raw answer (guided_regex)."""
 TEXTS: dict[str, list[str]] = {
     "person": [
         '{"name":"日本é","age":-12,"score":1.5e+3,"tags":["ab","😀"],"color":"日本","ok":true}',
@@ -68,6 +78,8 @@ TEXTS: dict[str, list[str]] = {
     "words": ['["hello", "日本語です", "a\\"\\\\\\n😀"]'],
     "integer": ["-1234", "0"],
     "nullable": ['"é"', '"\\uD83D\\uDE00 world"', '{"a":[1,2]}'],
+    "patterned": ['{"code":"AB12","word":"éab"}', '{ "code": "ZZ1", "word": "é" }'],
+    "regex": ["yes", "no, because it rains"],
     "any_object": ['{"hello world":"abc\\u00e9😀", "n":[1,-2.5E-7,true,null,{}]}'],
 }
 
@@ -75,6 +87,8 @@ TEXTS: dict[str, list[str]] = {
 def grammar(name: str) -> JsonGrammar:
     if name == "any_object":
         return JsonGrammar.any_object()
+    if name == "regex":
+        return JsonGrammar.from_regex(REGEX)
     return JsonGrammar.from_schema(SCHEMAS[name])
 
 
@@ -236,8 +250,8 @@ def test_grammar_for() -> None:
     assert g is grammar_for(None)
     assert g.accepts(g.advance(g.start, b'{"a":[1]}'))
     assert g.advance(g.start, b"[") is None
-    with pytest.raises(SchemaError, match="pattern"):
-        grammar_for(json.dumps({"type": "string", "pattern": "a"}))
+    with pytest.raises(SchemaError, match="minimum"):
+        grammar_for(json.dumps({"type": "integer", "minimum": 1}))
 
 
 def test_masks_are_not_shared_between_vocabularies() -> None:

@@ -144,7 +144,7 @@ def test_queued_job_keeps_its_schema(rt: Runtime) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"json_schema": {"type": "string", "pattern": "a+"}}, "pattern"),
+        ({"json_schema": {"type": "string", "pattern": "(a)\\1"}}, "back-references"),
         ({"json_schema": {"type": "integer", "minimum": 0}}, "minimum"),
         ({"json_schema": "{not json"}, "not valid JSON"),
         ({"json_schema": {"type": "object"}, "json_object": True}, "not both"),
@@ -211,3 +211,33 @@ def test_guided_choice(rt: Runtime) -> None:
         SamplingParams(guided_choice=("a",), json_object=True)
     with pytest.raises(ValueError, match="guided_choice must be a list of non-empty strings"):
         SamplingParams(guided_choice=("a", ""))
+
+
+def test_guided_regex_and_pattern_strings(rt: Runtime) -> None:
+    """A whole answer held to a pattern, and a JSON string held to its schema's `pattern`:
+    Python's `re` (ASCII classes) and jsonschema agree with every output."""
+    import re
+
+    pattern = r"(yes|no), [a-z]{2,5}( [a-z]{2,5}){0,2}\."
+    outs = rt.generate(
+        ["q"] * 4,
+        [SamplingParams(guided_regex=pattern, temperature=1.0, seed=s, max_new_tokens=60)
+         for s in range(4)],
+    )  # fmt: skip
+    for out in outs:
+        assert out.finish_reason == "stop" and re.fullmatch(pattern, out.text, re.ASCII), out.text
+    schema = {
+        "type": "object",
+        "properties": {"date": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+                       "code": {"type": "string", "pattern": "[A-Z]{2}[0-9]{1,3}"}},
+        "required": ["date", "code"],
+    }  # fmt: skip
+    for out in rt.generate(
+        ["q"] * 3, [SamplingParams(json_schema=schema, temperature=1.0, seed=s, max_new_tokens=300)
+                    for s in range(3)],
+    ):  # fmt: skip
+        value = json.loads(out.text)
+        jsonschema.validate(value, schema)
+        assert re.fullmatch(r"[A-Z]{2}[0-9]{1,3}", value["code"])
+    with pytest.raises(ValueError, match=r"guided_regex: pattern '\(a\)\\\\1'"):
+        SamplingParams(guided_regex=r"(a)\1")

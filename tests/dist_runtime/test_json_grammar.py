@@ -581,7 +581,9 @@ def test_any_object_accepts_only_objects(data: bytes, cut: int, garbage: bytes) 
 @pytest.mark.parametrize(
     ("schema", "keyword"),
     [
-        ({"type": "string", "pattern": "^a"}, "pattern"),
+        ({"type": "string", "pattern": "(a)\\1"}, "pattern"),
+        ({"type": "string", "pattern": "(?=a)b"}, "pattern"),
+        ({"type": "number", "multipleOf": 2}, "multipleOf"),
         ({"type": "integer", "minimum": 0}, "minimum"),
         ({"type": "array", "uniqueItems": True}, "uniqueItems"),
         ({"type": "array", "prefixItems": [{"type": "integer"}]}, "prefixItems"),
@@ -595,7 +597,7 @@ def test_any_object_accepts_only_objects(data: bytes, cut: int, garbage: bytes) 
         ({"type": "array", "minItems": 3, "maxItems": 2}, "maxItems"),
         ({"type": "string", "maxLength": -1}, "maxLength"),
         ({"type": "string", "minItems": 1}, "minItems"),
-        ({"properties": {"a": {"type": "string", "pattern": "x"}}}, "#/properties/a"),
+        ({"properties": {"a": {"type": "string", "pattern": "x\\b"}}}, "#/properties/a/pattern"),
         ({"items": {"not": {}}}, "#/items"),
         ({"anyOf": [{"type": "null"}, {"multipleOf": 2}]}, "#/anyOf/1"),
     ],
@@ -716,9 +718,19 @@ DEAD_END_NAMES = ["person", "matrix", "short_strings", "emoji", "unions"]
             "properties": {"a": {"enum": ["x", "xy", 1]}, "b": {"type": "boolean"}},
             "required": ["b"],
         },
+        {"type": "string", "pattern": "^[a-c]é{1,2}(日|x)?$", "maxLength": 3},
         *(SCHEMAS[name] for name in DEAD_END_NAMES),
     ],
-    ids=["string", "integer", "number", "array", "anyOf", "object", *DEAD_END_NAMES],
+    ids=[
+        "string",
+        "integer",
+        "number",
+        "array",
+        "anyOf",
+        "object",
+        "pattern",
+        *DEAD_END_NAMES,
+    ],  # fmt: skip
 )
 def test_every_state_can_be_finished(schema: Any) -> None:
     """Every state any bytes reach (all 256 tried from each) can still reach an accepting one:
@@ -750,6 +762,43 @@ def test_every_state_can_be_finished(schema: Any) -> None:
                 todo.append(prev)
     stuck = [s for s in edges if s not in done]
     assert not stuck, f"{len(stuck)} of {len(edges)} states cannot be finished"
+
+
+def test_regex_answers_can_always_be_finished() -> None:
+    """The same for whole answers held to a pattern (`guided_regex`)."""
+    for pattern in [r"(yes|no)(, [a-z]{1,3})?", r"[^\n]{0,2}日", r"\d+(\.\d{1,2})?"]:
+        g = JsonGrammar.from_regex(pattern)
+        seen, todo = {g.start}, [g.start]
+        while todo:
+            state = todo.pop()
+            nexts = [n for b in range(256) if (n := g.step(state, b)) is not None]
+            assert nexts or g.accepts(state), pattern
+            for n in nexts:
+                if n not in seen and len(seen) < 1_500:
+                    seen.add(n)
+                    todo.append(n)
+
+
+@pytest.mark.parametrize(
+    ("schema", "good", "bad"),
+    [
+        ({"type": "string", "pattern": "^\\d{4}-\\d{2}$"}, ['"2024-03"'],
+         ['"2024-3"', '"2024-03-"', '"2024\\u002d03"']),
+        ({"type": "string", "pattern": "(é|ab)+", "maxLength": 3}, ['"éab"', '"ééé"'],
+         ['"ababab"', '""', '"x"']),
+        ({"type": "string", "pattern": "[^a-z]+", "minLength": 2}, ['"日本"', '"A1"'],
+         ['"A"', '"Ab"']),
+    ],
+)  # fmt: skip
+def test_pattern_strings(schema: dict[str, Any], good: list[str], bad: list[str]) -> None:
+    """A string with a pattern: whole matches only, written without escapes, within its
+    length bounds; jsonschema agrees with every one it takes."""
+    g = JsonGrammar.from_schema(schema)
+    for text in good:
+        assert g.accepts(g.advance(g.start, text.encode())), text
+        jsonschema.validate(json.loads(text), schema)
+    for text in bad:
+        assert not g.accepts(g.advance(g.start, text.encode())), text
 
 
 # -- string runs ----------------------------------------------------------------------------------
