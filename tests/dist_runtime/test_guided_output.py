@@ -207,7 +207,7 @@ def test_guided_choice(rt: Runtime) -> None:
     )
     for out in outs:
         assert out.text in choices and out.finish_reason == "stop", out.text
-    with pytest.raises(ValueError, match="give one of guided_choice, json_schema"):
+    with pytest.raises(ValueError, match="give one of guided_choice, guided_regex, json_schema"):
         SamplingParams(guided_choice=("a",), json_object=True)
     with pytest.raises(ValueError, match="guided_choice must be a list of non-empty strings"):
         SamplingParams(guided_choice=("a", ""))
