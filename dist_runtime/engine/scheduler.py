@@ -282,6 +282,7 @@ class Scheduler:
             start = seq.num_computed_tokens
             new_blocks = seq.block_table[seq.num_blocks_sent :]
             rows, next_token = _prompt_rows(seq, start, n)
+            sample = start + n == seq.num_tokens
             steps.append(
                 SeqStep(
                     seq_id=seq.seq_id,
@@ -289,7 +290,7 @@ class Scheduler:
                     start_pos=start,
                     new_blocks=new_blocks,
                     is_new=seq.is_reset,
-                    sample=start + n == seq.num_tokens,
+                    sample=sample,
                     sampling=seq.sampling_spec() if seq.is_reset else None,
                     rope_base=seq.rope_base if seq.is_reset else 0.0,
                     cached_token_ids=seq.token_slice(0, start)
@@ -299,7 +300,7 @@ class Scheduler:
                     prompt_logprob_rows=rows,
                     next_prompt_token=next_token,
                     allowed_tokens=seq.guide.allowed_tokens()
-                    if seq.guide is not None and start + n == seq.num_tokens
+                    if seq.guide is not None and sample
                     else None,
                 )
             )

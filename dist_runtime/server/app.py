@@ -18,6 +18,7 @@ import codecs
 import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -230,22 +231,7 @@ class _Server:
                 guided_regex=req.guided_regex,
             )
         except ValueError as e:
-            message = str(e)
-            param = next(
-                (
-                    field
-                    for prefix, field in (
-                        ("json_schema", "response_format"),
-                        ("logit_bias", "logit_bias"),
-                        ("guided_choice", "guided_choice"),
-                        ("guided_regex", "guided_regex"),
-                        ("give one of guided_choice", "guided_choice"),
-                    )
-                    if message.startswith(prefix)
-                ),
-                None,
-            )
-            raise APIError(400, str(e), param=param) from e
+            raise APIError(400, str(e), param=_param_of(str(e))) from e
 
     def add(
         self, prompts: list[list[int]], params: list[SamplingParams], param: str
@@ -262,8 +248,7 @@ class _Server:
         try:
             handles = self.runtime.engine.add_requests(prompts, params)
         except ValueError as e:
-            named = "logit_bias" if ": logit_bias " in str(e) else param
-            raise APIError(400, str(e), param=named) from e
+            raise APIError(400, str(e), param=_param_of(str(e), param)) from e
         with self._in_flight_lock:
             self.in_flight += len(handles)
         for h in handles:
@@ -911,6 +896,24 @@ async def _stream(
     yield _sse("[DONE]")
 
 
+_ERROR_PARAMS = (
+    ("json_schema", "response_format"),
+    ("logit_bias", "logit_bias"),
+    ("guided_choice", "guided_choice"),
+    ("guided_regex", "guided_regex"),
+    ("give one of guided_choice", "guided_choice"),
+)
+"""How SamplingParams' and the engine's errors begin, by the request field they are about."""
+_PROMPT_PREFIX = re.compile(r"^prompt \d+: ")
+
+
+def _param_of(message: str, default: str | None = None) -> str | None:
+    """The request field an error names first (after the engine's "prompt N: "), else
+    `default`."""
+    text = _PROMPT_PREFIX.sub("", message)
+    return next((field for start, field in _ERROR_PARAMS if text.startswith(start)), default)
+
+
 def _guided(fmt: ResponseFormat | None) -> tuple[bool, Any]:
     """(json_object, json_schema) of SamplingParams for a request's `response_format`."""
     if fmt is None or fmt.type == "text":
@@ -980,8 +983,7 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
                 409, str(e), param="idempotency_key", code="idempotency_key_conflict"
             ) from e
         except ValueError as e:
-            param = "response_format" if str(e).startswith("json_schema") else None
-            raise APIError(400, str(e), param=param) from e
+            raise APIError(400, str(e), param=_param_of(str(e))) from e
         return status(job_id)
 
     @app.get("/v1/jobs")

@@ -588,7 +588,8 @@ def _step_rxs(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
     rstate = regex.step(rstate, cp)
     if rstate is None:
         return []
-    count = nchars + 1 if node.max_len is not None else min(nchars + 1, node.min_len)
+    count = _count_after(node, nchars)
+    assert count is not None  # room was checked at the character's first byte
     return [(_NEXT, ("rxs", node, 1, count, rstate, 0, 0))]
 
 
@@ -623,16 +624,21 @@ def _step_rx(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
     return out
 
 
-def _counted(node: StringNode, nchars: int, pending: int) -> list[tuple[Any, ...]]:
-    """One more character in a string's content. Only a node with bounds counts; without a
-    maxLength the count stops at minLength, so longer strings share one state."""
+def _count_after(node: StringNode, nchars: int, more: int = 1) -> int | None:
+    """A string's character count after `more` characters (None past its maxLength). Only a
+    node with bounds counts; without a maxLength the count stops at minLength, so longer
+    strings share one state."""
     if not node.counts:
-        return [(_NEXT, ("str", node, 1, 0, pending))]
-    if node.max_len is not None:
-        if nchars >= node.max_len:
-            return []
-        return [(_NEXT, ("str", node, 1, nchars + 1, pending))]
-    return [(_NEXT, ("str", node, 1, min(nchars + 1, node.min_len), pending))]
+        return 0
+    if node.max_len is None:
+        return min(nchars + more, node.min_len)
+    return nchars + more if nchars + more <= node.max_len else None
+
+
+def _counted(node: StringNode, nchars: int, pending: int) -> list[tuple[Any, ...]]:
+    """One more character in a string's content."""
+    count = _count_after(node, nchars)
+    return [] if count is None else [(_NEXT, ("str", node, 1, count, pending))]
 
 
 def _step_num(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
@@ -766,9 +772,10 @@ class JsonGrammar:
     dropped whole past MAX_CACHE entries, which is always safe: states are values).
     """
 
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, start: State | None = None):
+        """`start`: a state other than "before a value of `node`" (a raw answer begun)."""
         self.node = node
-        self.start: State = frozenset({(("root", node, 0, 0),)})
+        self.start: State = start or frozenset({(("root", node, 0, 0),)})
         self._next: dict[tuple[State, int], State | None] = {}
 
     @classmethod
@@ -780,17 +787,13 @@ class JsonGrammar:
         """An answer that matches `pattern` whole, as it is (not JSON): vLLM's
         `guided_regex`; `RegexError` for a pattern the automaton cannot hold."""
         regex = Regex(pattern)
-        grammar = cls(_ANY)
-        grammar.start = frozenset({(("root", _ANY, 2, 0), ("rx", regex, regex.start, 0, 0))})
-        return grammar
+        return cls(_ANY, frozenset({(("root", _ANY, 2, 0), ("rx", regex, regex.start, 0, 0))}))
 
     @classmethod
     def one_of(cls, texts: Iterable[str]) -> JsonGrammar:
         """Exactly one of `texts`, as they are (not JSON): vLLM's `guided_choice`."""
         node = LiteralNode(t.encode("utf-8") for t in texts)
-        grammar = cls(node)
-        grammar.start = frozenset({(("root", node, 2, 0), ("enum", node, 0))})
-        return grammar
+        return cls(node, frozenset({(("root", node, 2, 0), ("enum", node, 0))}))
 
     @classmethod
     def any_object(cls) -> JsonGrammar:
@@ -850,5 +853,6 @@ class JsonGrammar:
         _, node, _, count, _ = stack[-1]
         if nchars == 0 or not node.counts:
             return state
-        count = count + nchars if node.max_len is not None else min(count + nchars, node.min_len)
+        count = _count_after(node, count, nchars)
+        assert count is not None, "more characters than the string's maxLength leaves"
         return frozenset({stack[:-1] + (("str", node, 1, count, 0),)})
