@@ -4,6 +4,7 @@ and the document-QA job endpoints."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -248,9 +249,36 @@ def test_malformed_requests_never_500(server: Server) -> None:
         assert status == 400 and "error" in body, (raw, body)
     status, body = server.request("POST", "/v1/chat/completions", {"messages": "hi"})
     assert status == 400 and body["error"]["param"] == "messages"
-    status, body = server.request("POST", "/v1/completions", b"x" * (2 * 2**20))
-    assert status == 413 and body["error"]["code"] == "request_too_large"
+    for _ in range(5):  # the 413 once raced the upload: a broken pipe about 1 in 10
+        status, body = server.request("POST", "/v1/completions", b"x" * (2 * 2**20))
+        assert status == 413 and body["error"]["code"] == "request_too_large"
     assert server.request("GET", "/v1/nowhere")[0] == 404
+
+
+def test_oversized_chunked_body_is_413(server: Server) -> None:
+    """A body without a Content-Length is counted, whichever way the route reads it."""
+
+    def chunks(n: int) -> Iterator[bytes]:
+        for _ in range(n):
+            yield b"x" * 65536
+
+    for n in (32, 3):  # 2 MiB: over the 1 MiB limit; 192 KiB: under it, parsed as JSON
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:
+            conn.request(
+                "POST",
+                "/v1/completions",
+                body=chunks(n),
+                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            )
+            response = conn.getresponse()
+            body = json.loads(response.read())
+        finally:
+            conn.close()
+        if n == 32:
+            assert response.status == 413 and body["error"]["code"] == "request_too_large"
+        else:
+            assert response.status == 400 and "error" in body, body
 
 
 def test_sixteen_concurrent_streams(client: Any) -> None:
@@ -758,3 +786,56 @@ def test_vllm_guided_regex(client: Any) -> None:
             model=None, prompt="x", max_tokens=2, extra_body={"guided_regex": "(?=a)"}
         )
     assert info.value.body["param"] == "guided_regex"
+
+
+def test_body_limit_reads_the_upload_before_answering_413() -> None:
+    """In process: the 413 goes out only once the client's body is read (up to the drain
+    bound), so the client is not cut off mid-upload; a body under the limit without a
+    Content-Length reaches the route whole, and later messages (a disconnect) still do."""
+    import asyncio
+
+    from dist_runtime.server.app import _BodyLimit
+
+    async def route(scope: Any, receive: Any, send: Any) -> None:
+        first = await receive()
+        later = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        seen = [len(first["body"]), first["more_body"], later["type"]]
+        await send({"type": "http.response.body", "body": json.dumps(seen).encode()})
+
+    def run(n_chunks: int, length: int | None, drain: int) -> tuple[list[Any], int]:
+        chunks = [
+            {"type": "http.request", "body": b"x" * 1000, "more_body": i < n_chunks - 1}
+            for i in range(n_chunks)
+        ] + [{"type": "http.disconnect"}]
+        sent: list[Any] = []
+        read = 0
+        read_when_answered: list[int] = []
+
+        async def receive() -> Any:
+            nonlocal read
+            read += 1
+            return chunks[read - 1]
+
+        async def send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                read_when_answered.append(read)
+            sent.append(message)
+
+        headers = [] if length is None else [(b"content-length", str(length).encode())]
+        limit = _BodyLimit(route, max_bytes=10_000)
+        limit.drain_bytes = drain  # set below its 4x-limit floor to test the bound
+        scope = {"type": "http", "method": "POST", "headers": headers}
+        asyncio.run(limit(scope, receive, send))
+        return sent, read_when_answered[0]
+
+    for length in (20_000, None):  # by Content-Length and chunked
+        sent, read = run(20, length, drain=1_000_000)
+        assert sent[0]["status"] == 413 and b"request_too_large" in sent[1]["body"]
+        assert read == 20  # the whole upload was read before the answer
+        sent, read = run(20, length, drain=15_000)
+        assert sent[0]["status"] == 413
+        assert read < 20  # past the drain bound: answered without reading it all
+    sent, _ = run(5, None, drain=1_000_000)
+    assert sent[0]["status"] == 200
+    assert json.loads(sent[1]["body"]) == [5000, False, "http.disconnect"]

@@ -1019,16 +1019,20 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
         }
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class _BodyLimit:
-    """413 for a body over the limit, by Content-Length or by counting a chunked body."""
+    """413 for a body over the limit, by Content-Length or by counting a chunked body.
 
-    def __init__(self, app: Any, max_bytes: int):
+    A body without a Content-Length is read here (up to the limit) and handed on whole,
+    so an oversized one is a 413 however the route reads it. Before answering 413 the
+    rest of the body is read and dropped, up to `drain_bytes`: a client still sending
+    when the server closes the connection would see a broken pipe instead of the 413.
+    Past that bound the connection is closed at once.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, drain_bytes: int = 64 * 2**20):
         self.app = app
         self.max_bytes = max_bytes
+        self.drain_bytes = max(drain_bytes, 4 * max_bytes)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -1036,31 +1040,54 @@ class _BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(send)
-            return
-        seen = 0
-        started = False
-
-        async def counted() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def watched(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, watched)
-        except _TooLarge:
-            if not started:
+        if length is not None and length.isdigit():
+            if int(length) > self.max_bytes:
+                if int(length) <= self.drain_bytes:
+                    await self._drain(receive, 0)
                 await self._reject(send)
+                return
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        parts: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body was sent
+            body = message.get("body", b"")
+            seen += len(body)
+            more = bool(message.get("more_body", False))
+            if seen > self.max_bytes:
+                if more:
+                    await self._drain(receive, seen)
+                await self._reject(send)
+                return
+            parts.append(body)
+            if not more:
+                break
+        whole = {"type": "http.request", "body": b"".join(parts), "more_body": False}
+        given = False
+
+        async def replay() -> Any:
+            nonlocal given
+            if not given:
+                given = True
+                return whole
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _drain(self, receive: Any, seen: int) -> None:
+        while seen <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def _reject(self, send: Any) -> None:
         body = json.dumps(
