@@ -38,7 +38,8 @@ class SamplingParams:
     seed: int | None = None
     """Seed of this request's random stream; the same seed gives the same output."""
     stop_token_ids: tuple[int, ...] = ()
-    """Extra ids that end generation (the model's EOS ids always do unless ignore_eos)."""
+    """Extra ids that end generation (the model's EOS ids always do unless ignore_eos). The
+    token that ends a request stays in its token ids, not in its text."""
     stop: tuple[str, ...] = ()
     """Strings that end generation; the text is cut before the first one."""
     ignore_eos: bool = False

@@ -46,7 +46,13 @@ class OutputProcessor:
             seq.logprobs.append(entry)
             logprobs = [entry]
         text_state = seq.text_state
-        hit_stop = text_state is not None and text_state.add(tok.token_id)
+        # The EOS or stop token that ends a request adds no text, even when special tokens
+        # are kept (skip_special_tokens=False), as in vLLM: the answer is what came before it.
+        hit_stop = (
+            text_state is not None
+            and not self._is_stop_token(seq, tok.token_id)
+            and text_state.add(tok.token_id)
+        )
         reason = "stop" if hit_stop else self._stop_reason(seq, tok.token_id)
         text = ""
         if text_state is not None:
@@ -56,9 +62,12 @@ class OutputProcessor:
         prompt_logprobs = _prompt_logprobs(seq) if len(seq.output_token_ids) == 1 else None
         return RequestDelta([tok.token_id], text, logprobs, reason, prompt_logprobs)
 
-    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def _is_stop_token(self, seq: Sequence, token_id: int) -> bool:
         p = seq.params
-        if (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids:
+        return (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        if self._is_stop_token(seq, token_id):
             return "stop"
         guide = seq.guide
         if guide is not None:
@@ -73,7 +82,8 @@ class OutputProcessor:
                     seq.seq_id,
                 )
                 return "stop"
-        if len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= self.session_len:
+        full = seq.num_tokens >= self.session_len
+        if len(seq.output_token_ids) >= seq.params.max_new_tokens or full:
             return "length"
         return None
 

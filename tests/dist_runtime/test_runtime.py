@@ -161,6 +161,20 @@ def test_stop_token_ids(rt: Runtime) -> None:
     (stopped,) = rt.generate([prompt], _greedy(max_new_tokens=16, stop_token_ids=[target]))
     assert stopped.token_ids == full.token_ids[: k + 1]  # the stop token is kept
     assert stopped.finish_reason == "stop"
+    # ... in the ids, not in the text (as vLLM: the answer is what came before it)
+    assert stopped.text == rt.tokenizer.decode(full.token_ids[:k])  # type: ignore[union-attr]
+
+
+def test_the_ending_eos_adds_no_text_when_special_tokens_are_kept(rt: Runtime) -> None:
+    eos = rt.tokenizer.eos_token_ids[0]  # type: ignore[union-attr]
+    forced = _greedy(max_new_tokens=4, skip_special_tokens=False, logit_bias={eos: 100.0})
+    kept = _greedy(max_new_tokens=3, skip_special_tokens=False, ignore_eos=True,
+                   logit_bias={eos: 100.0})  # fmt: skip
+    ended, ignored = rt.generate([TEXT, TEXT], [forced, kept])
+    assert ended.token_ids == [eos] and ended.text == "" and ended.finish_reason == "stop"
+    # with ignore_eos the token is an ordinary one: its text is part of the answer
+    assert ignored.token_ids == [eos] * 3
+    assert ignored.text == rt.tokenizer.decode([eos] * 3, skip_special_tokens=False)  # type: ignore[union-attr]
 
 
 def test_max_new_tokens_finishes_with_length(rt: Runtime) -> None:
