@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_runtime.formats.demo_model import DemoModelError  # noqa: E402
+from dist_runtime.server.tools import TOOL_CALL_FORMATS  # noqa: E402
 from launch.run import (  # noqa: E402
     add_engine_args,
     add_ray_service_args,
@@ -62,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=64.0,
         help="largest request body, in MiB (default: %(default)s)",
+    )
+    g.add_argument(
+        "--tool-call-format",
+        choices=TOOL_CALL_FORMATS,
+        default="auto",
+        help="how tools and their calls are written for the model: internlm2 (its "
+        "<|action_start|><|plugin|> calls), json (a JSON object as the whole answer, any "
+        "model); auto: internlm2 when the tokenizer has those tokens (default: %(default)s)",
     )
     g.add_argument(
         "--max-concurrent-requests",
@@ -140,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             ),
             max_request_bytes=int(args.max_request_mb * 2**20),
             max_concurrent_requests=args.max_concurrent_requests,
+            tool_call_format=args.tool_call_format,
         )
-        app = create_app(rt, settings)
+        try:
+            app = create_app(rt, settings)
+        except ValueError as e:
+            return bad_input(e, args)
         logger.info("serving %s on http://%s:%d", settings.served_model_name, args.host, args.port)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0

@@ -1,7 +1,8 @@
-"""Function calling on the chat route: the prompt's tool text, the parsing of calls, required and
-named calls held to the functions' schemas (on a random-weight model, which only the grammar
-makes call anything), streamed like whole answers, errors naming the field, and a round trip
-on the demo model (call, tool result, answer)."""
+"""Function calling on the chat route, in both formats (generic JSON; InternLM2's agent tokens):
+the prompt's tool text, the parsing of calls, streamed text held back only while it may be a
+call, required and named calls held to the functions' schemas (on random-weight models, which
+only the grammar makes call anything), streamed like whole answers, errors naming the field,
+and a round trip on the demo model (call, tool result, answer)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,22 @@ from typing import Any
 import jsonschema
 import pytest
 
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from dist_runtime.server.tools import (
+    INTERNLM2_CALLS,
+    JSON_CALLS,
     TOOLS_INTRO,
+    CallSplitter,
     Function,
+    ToolFormat,
     call_schema,
     chat_turns,
     parse_calls,
+    tool_format_for,
 )
 from dist_runtime.text.json_grammar import JsonGrammar
+from dist_runtime.text.tokenizer import Tokenizer
+from tests.conftest import TINY_SEED, TINY_SHAPES
 from tests.test_server import KEY, Server
 
 openai = pytest.importorskip("openai")
@@ -36,6 +45,16 @@ TOOLS = [
     {"type": "function", "function": {"name": "tide", "description": "Tides", "parameters": TIDE}},
 ]
 FUNCTIONS = [Function("forecast", None, FORECAST), Function("tide", "Tides", TIDE)]
+AGENT_TOKENS = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>")
+"""InternLM2's agent tokens, in its tokenizer's order (ids 92538-92541 there)."""
+HISTORY: list[dict[str, Any]] = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Tides in Bergen?"},
+    {"role": "assistant", "content": "I will look.", "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "tide", "arguments": '{"port": "Bergen"}'}}]},
+    {"role": "tool", "content": "high at 6", "tool_call_id": "c1"},
+]  # fmt: skip
 
 
 # -- the pieces --------------------------------------------------------------------------------
@@ -103,14 +122,15 @@ def test_call_schema_takes_calls_and_nothing_else() -> None:
 
 
 # -- on a server ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def client(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = Server(
-        tiny_llama_dir, tmp_path_factory.mktemp("tools"), "--api-keys", KEY,
-        "--session-len", "2048",
-    )  # fmt: skip
+def _serve(model: Path, tmp: Path) -> Iterator[Any]:
+    s = Server(model, tmp, "--api-keys", KEY, "--session-len", "2048")
     yield openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
     s.close()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    yield from _serve(tiny_llama_dir, tmp_path_factory.mktemp("tools"))
 
 
 def _arguments_valid(call: Any) -> None:
@@ -233,3 +253,222 @@ def test_demo_model_calls_a_tool_and_answers_from_its_result(
         assert answer.finish_reason == "stop" and "sunny" in answer.message.content
     finally:
         s.close()
+
+
+# -- InternLM2's format ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def agent_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random InternLM2 checkpoint whose tokenizer has InternLM2's agent tokens."""
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("internlm2-agent"),
+        architecture="internlm2",
+        seed=TINY_SEED,
+        extra_special_tokens=AGENT_TOKENS,
+        **TINY_SHAPES,
+    )
+
+
+def test_internlm2_prompt_is_its_agent_format(agent_dir: Path) -> None:
+    """The functions in a `system name=<|plugin|>` turn after the system message, an earlier
+    call at the end of its assistant turn, the result in an `environment name=<|plugin|>` turn
+    (InternLM2's chat format, as LMDeploy writes it); a required call opens the answer."""
+    tok = Tokenizer.from_folder(agent_dir)
+    assert tok is not None
+    listed = json.dumps(
+        [{"name": "forecast", "parameters": FORECAST},
+         {"name": "tide", "description": "Tides", "parameters": TIDE}], ensure_ascii=False
+    )  # fmt: skip
+    want = (
+        "<s><|im_start|>system\nBe brief.<|im_end|>\n"
+        f"<|im_start|>system name=<|plugin|>\n{listed}<|im_end|>\n"
+        "<|im_start|>user\nTides in Bergen?<|im_end|>\n"
+        "<|im_start|>assistant\nI will look.<|action_start|><|plugin|>\n"
+        '{"name": "tide", "parameters": {"port": "Bergen"}}<|action_end|><|im_end|>\n'
+        "<|im_start|>environment name=<|plugin|>\nhigh at 6<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    turns = INTERNLM2_CALLS.turns(HISTORY, FUNCTIONS)
+    ids = INTERNLM2_CALLS.encode(tok, turns, calling=False)
+    assert tok.decode(ids, skip_special_tokens=False) == want
+    for token in AGENT_TOKENS[:1] + AGENT_TOKENS[2:]:  # each marker is its one special id
+        assert ids.count(tok.token_to_id(token) or -1) == want.count(token) > 0
+    calling = INTERNLM2_CALLS.encode(tok, turns, calling=True)
+    assert tok.decode(calling, skip_special_tokens=False) == (want + "<|action_start|><|plugin|>\n")
+    # without tools: no plugin turn; the tools' first turn when there is no system message
+    plain = INTERNLM2_CALLS.turns(HISTORY[1:2], None)
+    assert plain == [{"role": "user", "content": "Tides in Bergen?"}]
+    first = INTERNLM2_CALLS.turns(HISTORY[1:2], FUNCTIONS[:1])
+    assert first[0] == {"role": "system", "name": "<|plugin|>", "content": json.dumps(
+        [{"name": "forecast", "parameters": FORECAST}])}  # fmt: skip
+
+
+def test_tool_format_is_picked_from_the_tokenizer(
+    agent_dir: Path, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    agent, llama = Tokenizer.from_folder(agent_dir), Tokenizer.from_folder(tiny_llama_dir)
+    assert agent is not None and llama is not None
+    assert tool_format_for(agent) is INTERNLM2_CALLS
+    assert tool_format_for(agent, "json") is JSON_CALLS
+    assert tool_format_for(llama) is JSON_CALLS
+    with pytest.raises(ValueError, match=r"needs the tokens .*<\|action_start\|>.*json"):
+        tool_format_for(llama, "internlm2")
+    with pytest.raises(ValueError, match="'hermes' is not one of"):
+        tool_format_for(agent, "hermes")
+    # the agent tokens under another prompt format (a non-ChatML template): not InternLM2's
+    import shutil
+
+    other = Path(shutil.copytree(agent_dir, tmp_path / "other"))
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    templated = Tokenizer.from_folder(other)
+    assert templated is not None and tool_format_for(templated) is JSON_CALLS
+
+
+CALL = '{"name": "tide", "parameters": {"port": "Bergen"}}'
+
+
+@pytest.mark.parametrize(
+    ("text", "calling", "content", "calls"),
+    [
+        (f"Let me check.\n<|action_start|><|plugin|>\n{CALL}", False, "Let me check.",
+         [("tide", '{"port": "Bergen"}')]),
+        (f"<|action_start|><|plugin|>\n{CALL}<|action_end|>", False, "",
+         [("tide", '{"port": "Bergen"}')]),
+        ('<|action_start|><|plugin|>\n{"name": "tide", "arguments": "{\\"port\\": \\"x\\"}"}',
+         False, "", [("tide", '{"port": "x"}')]),
+        (CALL, True, "", [("tide", '{"port": "Bergen"}')]),  # the prompt opened the call
+        (CALL, False, CALL, []),  # InternLM2 calls only through its tokens
+        ('<|action_start|><|plugin|>\n{"name": "sunset", "parameters": {}}', False,
+         '<|action_start|><|plugin|>\n{"name": "sunset", "parameters": {}}', []),
+        ('Hmm <|action_start|><|plugin|>\n{"name": "tide", "par', False,
+         'Hmm <|action_start|><|plugin|>\n{"name": "tide", "par', []),
+        ('<|action_start|><|plugin|>\n{"name": "tide", "parameters": [1]}', False,
+         '<|action_start|><|plugin|>\n{"name": "tide", "parameters": [1]}', []),
+        ("It is high at six.", False, "It is high at six.", []),
+    ],
+)  # fmt: skip
+def test_internlm2_calls_are_read_back(
+    text: str, calling: bool, content: str, calls: list[tuple[str, str]]
+) -> None:
+    assert INTERNLM2_CALLS.split(text, FUNCTIONS, True, calling) == (content, calls)
+
+
+STREAMED = [
+    (INTERNLM2_CALLS, f"Checking the tide.  \n<|action_start|><|plugin|>\n{CALL}", False),
+    (INTERNLM2_CALLS, "The tide <|act is high; <|action_end|> is a token.", False),
+    (INTERNLM2_CALLS, "Nothing to call here.\n\n", False),
+    (INTERNLM2_CALLS, CALL, True),
+    (JSON_CALLS, '  {"name": "tide", "arguments": {"port": "Bergen"}}', False),
+    (JSON_CALLS, "`code` and more", False),
+    (JSON_CALLS, "Plain words { not a call }", False),
+]
+
+
+@pytest.mark.parametrize(("fmt", "text", "calling"), STREAMED)
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_streamed_text_is_held_only_while_it_may_be_a_call(
+    fmt: ToolFormat, text: str, calling: bool, step: int, finish: str
+) -> None:
+    """Fed in pieces, the content sent equals the whole answer's content, a call's marker or
+    JSON is never sent as content, and an answer cut short (length) calls nothing."""
+    split = CallSplitter(fmt, FUNCTIONS, True, calling)
+    sent, calls = [], []
+    pieces = [text[i : i + step] for i in range(0, len(text), step)]
+    for k, piece in enumerate(pieces):
+        out, found = split.feed(piece, finish if k == len(pieces) - 1 else None)
+        sent.append(out)
+        calls += found
+        if k < len(pieces) - 1:
+            assert not found
+            assert "<|action_start|>" not in "".join(sent) and '"name"' not in "".join(sent)
+    want = fmt.split(text, FUNCTIONS, True, calling) if finish == "stop" else (text, [])
+    assert ("".join(sent), calls) == want
+    if fmt is INTERNLM2_CALLS and not calling and "<|action_start|>" not in text:
+        # plain text streams as it comes, less a tail that may begin the marker or be
+        # whitespace before one
+        split = CallSplitter(fmt, FUNCTIONS, True, calling)
+        early, _ = split.feed(text, None)
+        assert early == text[: len(text.rstrip())] or text.rstrip().endswith("<|act")
+
+
+@pytest.fixture(scope="module")
+def agent_client(agent_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    yield from _serve(agent_dir, tmp_path_factory.mktemp("agent-tools"))
+
+
+def test_internlm2_required_and_named_calls(agent_client: Any, agent_dir: Path) -> None:
+    """The server picks InternLM2's format from the tokenizer; a required call's JSON follows
+    the opened call, with `parameters` held to the function's schema."""
+    tok = Tokenizer.from_folder(agent_dir)
+    assert tok is not None
+    for choice_ in ("required", {"type": "function", "function": {"name": "forecast"}}):
+        out = agent_client.chat.completions.create(
+            model=None, messages=HISTORY, tools=TOOLS, tool_choice=choice_, max_tokens=600,
+            temperature=1.0, seed=3, n=2,
+        )  # fmt: skip
+        for choice in out.choices:
+            assert choice.finish_reason == "tool_calls", choice
+            (call,) = choice.message.tool_calls
+            _arguments_valid(call)
+            if isinstance(choice_, dict):
+                assert call.function.name == "forecast"
+    # the prompt (vLLM's prompt_logprobs show its tokens) ended with the call's opening
+    out = agent_client.chat.completions.create(
+        model=None, messages=HISTORY, tools=TOOLS, tool_choice="required", max_tokens=600,
+        temperature=0, extra_body={"prompt_logprobs": 0},
+    )  # fmt: skip
+    prompt = [next(iter(e)) for e in out.choices[0].model_extra["prompt_logprobs"][1:]]
+    opening = [str(tok.token_to_id(t)) for t in ("<|action_start|>", "<|plugin|>")]
+    assert prompt[-3:-1] == opening and prompt[-1] == str(tok.encode("\n", False)[0])
+    assert prompt.count(opening[1]) == 4  # the tools turn, the earlier call, its result, this call
+    chunks = [
+        c for c in agent_client.chat.completions.create(
+            model=None, messages=HISTORY, tools=TOOLS, tool_choice="required", max_tokens=600,
+            temperature=0, stream=True,
+        ) if c.choices
+    ]  # fmt: skip
+    streamed = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert len(streamed) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks)
+
+
+def test_internlm2_auto_keeps_the_markers_and_stops_after_a_call(
+    agent_client: Any, agent_dir: Path
+) -> None:
+    """In auto mode the answer keeps special tokens (a call is marked by them) and ends at
+    `<|action_end|>`; without tools, neither."""
+    tok = Tokenizer.from_folder(agent_dir)
+    assert tok is not None
+    end, plugin = tok.token_to_id("<|action_end|>"), tok.token_to_id("<|plugin|>")
+    ask: dict[str, Any] = dict(model=None, messages=HISTORY[:2], temperature=0)
+    out = agent_client.chat.completions.create(
+        tools=TOOLS, max_tokens=5, logit_bias={str(end): 100}, **ask
+    )
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and out.usage.completion_tokens == 1, out
+    assert choice.message.content == "" and not choice.message.tool_calls
+    out = agent_client.chat.completions.create(
+        tools=TOOLS, max_tokens=3, logit_bias={str(plugin): 100}, **ask
+    )
+    assert out.choices[0].message.content == "<|plugin|>" * 3
+    out = agent_client.chat.completions.create(max_tokens=3, logit_bias={str(end): 100}, **ask)
+    assert out.choices[0].finish_reason == "length" and out.choices[0].message.content == ""
+
+
+def test_serve_refuses_internlm2_calls_for_a_model_without_its_tokens(tiny_llama_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.test_server import REPO_ROOT, free_port
+
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "launch" / "serve.py"), "--model", str(tiny_llama_dir),
+         "--device", "cpu", "--dtype", "float32", "--session-len", "256",
+         "--port", str(free_port()), "--tool-call-format", "internlm2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--tool-call-format internlm2 needs the tokens" in done.stderr
+    assert "use --tool-call-format json" in done.stderr

@@ -66,8 +66,11 @@ def write_random_checkpoint(
     seed: int = 0,
     max_shard_bytes: int | None = None,
     with_tokenizer: bool = True,
+    extra_special_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Write a random checkpoint folder and return its path.
+
+    `extra_special_tokens` become the tokenizer's last ids (e.g. InternLM2's agent tokens).
 
     `bias` adds q/k/v/o biases (Llama `attention_bias`, InternLM2 `bias`); the MLP never has
     biases. `max_shard_bytes` splits the weights into `model-0000i-of-0000N.safetensors` files
@@ -98,7 +101,12 @@ def write_random_checkpoint(
         state_dict = llama_to_internlm2_state_dict(state_dict, config)
     folder = write_from_state_dict(out_dir, config, state_dict, max_shard_bytes=max_shard_bytes)
     if with_tokenizer:
-        write_tokenizer(folder, vocab_size, model_max_length=max_position_embeddings)
+        write_tokenizer(
+            folder,
+            vocab_size,
+            model_max_length=max_position_embeddings,
+            extra_special_tokens=extra_special_tokens,
+        )
     return folder
 
 
@@ -351,18 +359,23 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def write_tokenizer(
-    out_dir: str | os.PathLike[str], vocab_size: int, *, model_max_length: int = 4096
+    out_dir: str | os.PathLike[str],
+    vocab_size: int,
+    *,
+    model_max_length: int = 4096,
+    extra_special_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Train a byte-level BPE with exactly `vocab_size` entries; write tokenizer files.
 
     Ids 0-3 are `<s>`, `</s>`, `<|im_start|>`, `<|im_end|>`, then the 256 byte tokens, then
     merges learned on the built-in corpus. When the corpus runs out of merges before
-    `vocab_size`, the rest is filled with `<|reserved_i|>` special tokens. Like Llama's
+    `vocab_size`, the rest is filled with `<|reserved_i|>` special tokens;
+    `extra_special_tokens` take the last ids. Like Llama's
     `tokenizer.json`, encoding adds `<s>` in front (pass `add_special_tokens=False` to skip).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    minimum = len(SPECIAL_TOKENS) + NUM_BYTE_TOKENS
+    minimum = len(SPECIAL_TOKENS) + NUM_BYTE_TOKENS + len(extra_special_tokens)
     if vocab_size < minimum:
         raise ValueError(
             f"a byte-level tokenizer needs vocab_size >= {minimum}, got "
@@ -372,18 +385,19 @@ def write_tokenizer(
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(extra_special_tokens),
         special_tokens=list(SPECIAL_TOKENS),
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_training_corpus(), trainer=trainer)
-    missing = vocab_size - tok.get_vocab_size(with_added_tokens=True)
+    missing = vocab_size - len(extra_special_tokens) - tok.get_vocab_size(with_added_tokens=True)
     if missing > 0:
         logger.info(
             "tokenizer corpus gave %d fewer merges than needed; adding reserved tokens", missing
         )
         tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(missing)])
+    tok.add_special_tokens(list(extra_special_tokens))
     assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     bos = SPECIAL_TOKENS[BOS_TOKEN_ID]

@@ -51,13 +51,13 @@ from dist_runtime.server.schemas import (
     error_body,
 )
 from dist_runtime.server.tools import (
+    JSON_CALLS,
+    CallSplitter,
     Function,
-    call_schema,
-    chat_turns,
-    parse_calls,
+    ToolFormat,
     tool_calls_json,
+    tool_format_for,
 )
-from dist_runtime.text.chat import encode_chat
 
 logger = logging.getLogger("dist_runtime.server")
 
@@ -72,6 +72,9 @@ class ServerSettings:
     max_request_bytes: int = 64 * 2**20
     max_concurrent_requests: int = 256
     """Generation requests in flight at once; past it, 429."""
+    tool_call_format: str = "auto"
+    """How tools and calls are written for the model: auto, json or internlm2 (see
+    `dist_runtime.server.tools`)."""
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -162,6 +165,11 @@ class _Server:
         self._in_flight_lock = threading.Lock()
         self.metrics = ServerMetrics(runtime.engine, runtime.job_counts)
         self.created = int(time.time())
+        tok = runtime.tokenizer
+        self.tool_format: ToolFormat = (
+            tool_format_for(tok, settings.tool_call_format) if tok is not None else JSON_CALLS
+        )
+        logger.info("tool calls in the %s format", self.tool_format.name)
 
     # -- checks ---------------------------------------------------------------------------------
     def key_ok(self, request: Request) -> bool:
@@ -430,7 +438,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
              for t in req.tools or []]
             if mode != "none" else None
         )  # fmt: skip
-        turns = chat_turns(
+        fmt = server.tool_format
+        turns = fmt.turns(
             [
                 {
                     "role": m.template_role,
@@ -442,8 +451,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             ],
             functions,
         )
+        calling = bool(functions) and mode in ("required", "named")
         try:
-            ids = encode_chat(runtime.tokenizer, turns)
+            ids = fmt.encode(runtime.tokenizer, turns, calling)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         max_tokens = (
@@ -451,11 +461,11 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         )
         top = (req.top_logprobs or 0) if req.logprobs else None
         call_format = None
-        if mode in ("required", "named") and functions:
+        if calling and functions:
             chosen = functions
             if isinstance(req.tool_choice, NamedToolChoice):
                 chosen = [f for f in functions if f.name == req.tool_choice.function.name]
-            call_format = call_schema(chosen, req.parallel_tool_calls and mode == "required")
+            call_format = fmt.call_schema(chosen, req.parallel_tool_calls and mode == "required")
             try:
                 SamplingParams(json_schema=call_format)
             except ValueError as e:
@@ -464,44 +474,44 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             server.params(req, max_tokens, top, i, req.prompt_logprobs, call_format)
             for i in range(req.n)
         ]
+        if functions and not calling and (fmt.stop or fmt.keep_special_tokens):
+            params = [
+                dataclasses.replace(
+                    p,
+                    stop=p.stop + tuple(s for s in fmt.stop if s not in p.stop),
+                    skip_special_tokens=p.skip_special_tokens and not fmt.keep_special_tokens,
+                )
+                for p in params
+            ]
         handles = server.add([ids] * req.n, params, "messages")
         parallel = req.parallel_tool_calls
 
-        def calls_of(text: str, finish_reason: str | None) -> list[dict[str, Any]]:
-            if not functions or finish_reason != "stop":
-                return []
-            return tool_calls_json(parse_calls(text, functions, parallel))
+        def splitter() -> CallSplitter | None:
+            return CallSplitter(fmt, functions, parallel, calling) if functions else None
 
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            held: dict[int, str] = {}
-            """Text of a choice held back while it may be a tool call (sent at its end)."""
-            plain: set[int] = set()
-            """Choices known to answer in text: streamed as they come."""
+            splitters = [splitter() for _ in range(req.n)]
 
             def chat_choice(i: int, delta: RequestDelta, _first: bool) -> dict[str, Any] | None:
                 scored = delta.prompt_logprobs
                 text, finish = delta.text, delta.finish_reason
-                if functions and i not in plain:
-                    text = held.pop(i, "") + text
-                    start = text.lstrip()[:1]
-                    if mode in ("required", "named") or start in ("", "{", "[", "`"):
-                        if finish is None:  # perhaps a call: hold it until the answer ends
-                            held[i] = text
-                            text = ""
-                        elif calls := calls_of(text, finish):
-                            return {
-                                "index": i,
-                                "delta": {
-                                    "tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]
-                                },
-                                "logprobs": _chat_logprobs(server, delta.logprobs)
-                                if delta.logprobs
-                                else None,
-                                "finish_reason": "tool_calls",
-                            }
-                    else:
-                        plain.add(i)
+                split = splitters[i]
+                if split is not None:
+                    text, calls = split.feed(text, finish)
+                    if calls:
+                        out: dict[str, Any] = {"content": text} if text else {}
+                        out["tool_calls"] = [
+                            {"index": j, **c} for j, c in enumerate(tool_calls_json(calls))
+                        ]
+                        return {
+                            "index": i,
+                            "delta": out,
+                            "logprobs": _chat_logprobs(server, delta.logprobs)
+                            if delta.logprobs
+                            else None,
+                            "finish_reason": "tool_calls",
+                        }
                 if not text and finish is None and scored is None:
                     return None
                 logprobs = _chat_logprobs(server, delta.logprobs) if delta.logprobs else None
@@ -535,10 +545,14 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         request.state.usage = usage
         choices: list[dict[str, Any]] = []
         for i, o in enumerate(outs):
-            calls = calls_of(o.text, o.finish_reason)
-            message: dict[str, Any] = {"role": "assistant", "content": o.text}
+            content, calls = o.text, []
+            split = splitter()
+            if split is not None:
+                content, found = split.feed(o.text, o.finish_reason)
+                calls = tool_calls_json(found)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
-                message = {"role": "assistant", "content": None, "tool_calls": calls}
+                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
             choices.append(
                 {
                     "index": i,

@@ -1,14 +1,26 @@
 """Function calling on the chat route: the tools go into the prompt, calls come out of the answer.
 
-The functions are described to the model in a system message (`tools_text`), which asks for a
-call as one JSON object, `{"name": ..., "arguments": {...}}`, or a JSON list of them. Earlier
-calls in the history are written back in that form, and tool results go to the template as
-`environment` turns (InternLM2's role for them), each naming its function. Then:
+Two formats (`ToolFormat`), picked per model (`tool_format_for`, or `--tool-call-format`):
+
+* `internlm2`, for models whose tokenizer has InternLM2's agent tokens (`<|plugin|>`,
+  `<|action_start|>`, `<|action_end|>`) and a ChatML prompt, the format those models were
+  trained on (as LMDeploy writes it): the functions as a JSON list in a
+  `<|im_start|>system name=<|plugin|>` turn after the system message; a call as
+  `<|action_start|><|plugin|>\n{"name": ..., "parameters": {...}}<|action_end|>` at the end of
+  the assistant's turn (text before it is the message's content); a tool's result as an
+  `<|im_start|>environment name=<|plugin|>` turn. One call a turn.
+* `json`, for every other model: the functions described in a system message (`tools_text`)
+  that asks for `{"name": ..., "arguments": {...}}` or a JSON list of them as the whole answer;
+  earlier calls written back in that form, results as `environment` turns naming their
+  function.
+
+Then, in both:
 
 * `tool_choice: "required"` or a named function: guided output (`call_schema`) makes the answer
-  a call whose `arguments` follow the function's `parameters` schema, so it always parses;
-* `"auto"`: the model answers freely, and an answer that is exactly such a call of a listed
-  function (`parse_calls`; a ```json fence around it is allowed) comes back as `tool_calls`;
+  a call whose arguments follow the function's `parameters` schema, so it always parses
+  (`internlm2`: the prompt ends with the call's opening tokens and the answer is its JSON);
+* `"auto"`: the model answers freely; a call in its answer comes back as `tool_calls`
+  (`CallSplitter` holds back streamed text while it may be one);
 * `"none"`: the tools stay out of the prompt.
 """
 
@@ -19,6 +31,9 @@ import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from dist_runtime.text.chat import IM_START, chat_template, encode_chat, internlm2_chat_prompt
+from dist_runtime.text.tokenizer import Tokenizer
 
 TOOLS_INTRO = (
     "You can call functions. To call one, reply with only a JSON object "
@@ -64,17 +79,16 @@ def _loaded(args: Any) -> Any:
         return args
 
 
-def call_schema(functions: list[Function], parallel: bool) -> dict[str, Any]:
+def call_schema(
+    functions: list[Function], parallel: bool, key: str = "arguments"
+) -> dict[str, Any]:
     """The JSON Schema of an answer that calls one of `functions` (several at once when
-    `parallel`)."""
+    `parallel`), its arguments under `key`."""
     ones = [
         {
             "type": "object",
-            "properties": {
-                "name": {"const": f.name},
-                "arguments": f.parameters or {"type": "object"},
-            },
-            "required": ["name", "arguments"],
+            "properties": {"name": {"const": f.name}, key: f.parameters or {"type": "object"}},
+            "required": ["name", key],
         }
         for f in functions
     ]
@@ -155,3 +169,216 @@ def chat_turns(
         else:
             turns.insert(0, {"role": "system", "content": text})
     return turns
+
+
+# -- formats ------------------------------------------------------------------------------------
+ACTION_START = "<|action_start|>"
+ACTION_END = "<|action_end|>"
+PLUGIN = "<|plugin|>"
+INTERNLM2_CALL_OPEN = f"{ACTION_START}{PLUGIN}\n"
+"""How an InternLM2 call begins; the call's JSON follows, then `<|action_end|>`."""
+TOOL_CALL_FORMATS = ("auto", "json", "internlm2")
+
+
+class ToolFormat:
+    """How functions, calls and results are written into a model's prompt and read back out of
+    its answers (see the module docstring)."""
+
+    name = ""
+    stop: tuple[str, ...] = ()
+    """Stop strings for answers that may call (the model stops after a call)."""
+    keep_special_tokens = False
+    """Answers that may call keep special tokens in their text (the call is marked by them)."""
+
+    def turns(
+        self, messages: list[dict[str, Any]], functions: list[Function] | None
+    ) -> list[dict[str, str]]:
+        """Template turns from OpenAI messages ({"role", "content", "tool_calls",
+        "tool_call_id"})."""
+        raise NotImplementedError
+
+    def encode(self, tokenizer: Tokenizer, turns: list[dict[str, str]], calling: bool) -> list[int]:
+        """The prompt's token ids; `calling`: the answer must be a call (required / named)."""
+        raise NotImplementedError
+
+    def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
+        """The JSON Schema a required call's answer is held to."""
+        raise NotImplementedError
+
+    def split(
+        self, text: str, functions: list[Function], parallel: bool, calling: bool
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """(content, calls) of a whole answer that ended by itself: [] when it calls nothing
+        (then the content is the whole text)."""
+        raise NotImplementedError
+
+    def sendable(self, text: str, calling: bool) -> int:
+        """How much of a streamed answer's text so far can be sent as content: none of what
+        may still turn out to be (part of) a call."""
+        raise NotImplementedError
+
+
+class JsonCalls(ToolFormat):
+    name = "json"
+
+    def turns(
+        self, messages: list[dict[str, Any]], functions: list[Function] | None
+    ) -> list[dict[str, str]]:
+        return chat_turns(messages, functions)
+
+    def encode(self, tokenizer: Tokenizer, turns: list[dict[str, str]], calling: bool) -> list[int]:
+        return encode_chat(tokenizer, turns)
+
+    def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
+        return call_schema(functions, parallel)
+
+    def split(
+        self, text: str, functions: list[Function], parallel: bool, calling: bool
+    ) -> tuple[str, list[tuple[str, str]]]:
+        calls = parse_calls(text, functions, parallel)
+        return ("" if calls else text), calls
+
+    def sendable(self, text: str, calling: bool) -> int:
+        if calling or text.lstrip()[:1] in ("", "{", "[", "`"):
+            return 0  # a call is the whole answer: hold it until it ends
+        return len(text)
+
+
+class InternLM2Calls(ToolFormat):
+    name = "internlm2"
+    stop = (ACTION_END,)
+    keep_special_tokens = True
+
+    def turns(
+        self, messages: list[dict[str, Any]], functions: list[Function] | None
+    ) -> list[dict[str, str]]:
+        turns: list[dict[str, str]] = []
+        for m in messages:
+            role, content = m["role"], m.get("content") or ""
+            if role == "assistant" and m.get("tool_calls"):
+                content += "".join(
+                    INTERNLM2_CALL_OPEN + self._payload(c["function"]["name"],
+                                                        c["function"]["arguments"]) + ACTION_END
+                    for c in m["tool_calls"]
+                )  # fmt: skip
+            elif role == "tool":
+                turns.append({"role": "environment", "name": PLUGIN, "content": content})
+                continue
+            turns.append({"role": role, "content": content})
+        if functions:
+            listed = json.dumps([_entry(f) for f in functions], ensure_ascii=False)
+            at = 1 if turns and turns[0]["role"] == "system" else 0
+            turns.insert(at, {"role": "system", "name": PLUGIN, "content": listed})
+        return turns
+
+    def encode(self, tokenizer: Tokenizer, turns: list[dict[str, str]], calling: bool) -> list[int]:
+        text = internlm2_chat_prompt(turns, bos_token=tokenizer.bos_token)
+        if calling:
+            text += INTERNLM2_CALL_OPEN
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    @staticmethod
+    def _payload(name: str, args: Any) -> str:
+        return json.dumps({"name": name, "parameters": _loaded(args)}, ensure_ascii=False)
+
+    def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
+        return call_schema(functions, False, key="parameters")  # one call a turn
+
+    def split(
+        self, text: str, functions: list[Function], parallel: bool, calling: bool
+    ) -> tuple[str, list[tuple[str, str]]]:
+        if calling:
+            content, payload = "", text
+        else:
+            at = text.find(ACTION_START + PLUGIN)
+            if at < 0:
+                return text, []
+            content, payload = text[:at].rstrip(), text[at + len(ACTION_START + PLUGIN) :]
+        payload = payload.strip()
+        if payload.endswith(ACTION_END):
+            payload = payload[: -len(ACTION_END)].rstrip()
+        try:
+            item = json.loads(payload)
+        except ValueError:
+            return text, []
+        names = {f.name for f in functions}
+        if not isinstance(item, dict) or item.get("name") not in names:
+            return text, []
+        args = item.get("parameters", item.get("arguments"))
+        if isinstance(args, str):
+            args = _loaded(args)
+        if not isinstance(args, dict):
+            return text, []
+        return content, [(item["name"], json.dumps(args, ensure_ascii=False))]
+
+    def sendable(self, text: str, calling: bool) -> int:
+        if calling:
+            return 0
+        at = text.find(ACTION_START)
+        if at < 0:  # hold a tail that may begin the marker
+            at = len(text)
+            for k in range(min(len(ACTION_START) - 1, len(text)), 0, -1):
+                if ACTION_START.startswith(text[-k:]):
+                    at -= k
+                    break
+        return len(text[:at].rstrip())  # whitespace before a call is not content
+
+
+def _entry(f: Function) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": f.name}
+    if f.description:
+        entry["description"] = f.description
+    entry["parameters"] = f.parameters or {"type": "object", "properties": {}}
+    return entry
+
+
+JSON_CALLS = JsonCalls()
+INTERNLM2_CALLS = InternLM2Calls()
+
+
+def tool_format_for(tokenizer: Tokenizer, name: str = "auto") -> ToolFormat:
+    """The tool-call format for a model: `name` ("json", "internlm2"), or with "auto"
+    InternLM2's when the tokenizer has its agent tokens and the prompt is ChatML."""
+    if name not in TOOL_CALL_FORMATS:
+        raise ValueError(f"tool-call format {name!r} is not one of {list(TOOL_CALL_FORMATS)}")
+    if name == "json":
+        return JSON_CALLS
+    missing = [t for t in (ACTION_START, ACTION_END, PLUGIN) if tokenizer.token_to_id(t) is None]
+    if name == "internlm2":
+        if missing:
+            raise ValueError(
+                f"--tool-call-format internlm2 needs the tokens {missing}, which the model's "
+                "tokenizer lacks; use --tool-call-format json (or auto)"
+            )
+        return INTERNLM2_CALLS
+    template = chat_template(tokenizer)
+    if not missing and (template is None or IM_START in template):
+        return INTERNLM2_CALLS
+    return JSON_CALLS
+
+
+class CallSplitter:
+    """One streamed choice's text: what to send as content as it comes, and at its end the
+    calls it makes (`feed`). The concatenated content equals the whole answer's `split`."""
+
+    def __init__(
+        self, fmt: ToolFormat, functions: list[Function], parallel: bool, calling: bool
+    ) -> None:
+        self.fmt, self.functions, self.parallel, self.calling = fmt, functions, parallel, calling
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, delta: str, finish_reason: str | None) -> tuple[str, list[tuple[str, str]]]:
+        """(content to send now, calls) for the next piece of text; calls only at the end, and
+        only when the answer ended by itself (`stop`)."""
+        self.text += delta
+        if finish_reason is None:
+            end = max(self.sent, self.fmt.sendable(self.text, self.calling))
+            out, self.sent = self.text[self.sent : end], end
+            return out, []
+        content, calls = self.text, list[tuple[str, str]]()
+        if finish_reason == "stop":
+            content, calls = self.fmt.split(self.text, self.functions, self.parallel, self.calling)
+        out = content[self.sent :]
+        self.sent = len(self.text)
+        return out, calls

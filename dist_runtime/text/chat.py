@@ -135,13 +135,22 @@ def internlm2_chat_prompt(
     add_generation_prompt: bool = True,
     bos_token: str | None = DEFAULT_BOS,
 ) -> str:
-    """InternLM2's ChatML, as its `model.chat` / `build_inputs` writes it."""
+    """InternLM2's ChatML, as its `model.chat` / `build_inputs` writes it. A message with a
+    `name` (InternLM2's agent turns: `{"role": "system", "name": "<|plugin|>", ...}`) opens
+    with `<|im_start|>{role} name={name}`."""
     parts = [bos_token or ""]
     for message in _message_dicts(messages):
-        parts.append(f"{IM_START}{message['role']}\n{message['content']}{IM_END}\n")
+        name = message.get("name")
+        role = f"{message['role']} name={name}" if name else message["role"]
+        parts.append(f"{IM_START}{role}\n{message['content']}{IM_END}\n")
     if add_generation_prompt:
         parts.append(f"{IM_START}assistant\n")
     return "".join(parts)
+
+
+def chat_template(tokenizer_folder_or_config: object) -> str | None:
+    """The chat template `build_chat_prompt` renders (None: InternLM2's ChatML)."""
+    return _load_template(tokenizer_folder_or_config)[1]
 
 
 def render_chat_template(
