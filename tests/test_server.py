@@ -839,3 +839,51 @@ def test_body_limit_reads_the_upload_before_answering_413() -> None:
     sent, _ = run(5, None, drain=1_000_000)
     assert sent[0]["status"] == 200
     assert json.loads(sent[1]["body"]) == [5000, False, "http.disconnect"]
+
+
+def test_tokenize_counts_what_the_routes_would_send(server: Server, client: Any) -> None:
+    """vLLM's /tokenize: a prompt or chat messages (with tools) tokenized as the completion /
+    chat route would, so a caller can check a long document fits `max_model_len`."""
+    prompt = "The tide turns at the pier."
+    status, body = server.request("POST", "/tokenize", {"prompt": prompt})
+    assert status == 200, body
+    done = client.completions.create(model=None, prompt=prompt, max_tokens=1)
+    assert body["count"] == len(body["tokens"]) == done.usage.prompt_tokens
+    assert body["max_model_len"] == 512 and body["token_strs"] is None
+    messages = [{"role": "user", "content": prompt}]
+    tools = [{"type": "function", "function": {"name": "tide", "parameters": {"type": "object"}}}]
+    for extra in ({}, {"tools": tools}):
+        status, chat = server.request("POST", "/tokenize", {"messages": messages, **extra})
+        assert status == 200, chat
+        answer = client.chat.completions.create(
+            model=None, messages=messages, max_tokens=1, **extra
+        )
+        assert chat["count"] == answer.usage.prompt_tokens
+    assert chat["count"] > body["count"]  # the template and the tools' text
+    status, bare = server.request(
+        "POST", "/tokenize",
+        {"prompt": prompt, "add_special_tokens": False, "return_token_strs": True},
+    )  # fmt: skip
+    assert bare["tokens"] == body["tokens"][1:]  # no BOS
+    assert "".join(bare["token_strs"]) == prompt
+    status, back = server.request("POST", "/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and back["prompt"] == "<s>" + prompt
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "param"),
+    [
+        ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"messages": []}, "messages"),
+        ("/tokenize", {"prompt": "a", "model": "other"}, "model"),
+        ("/detokenize", {"tokens": [1, 10**6]}, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ],
+)
+def test_tokenize_errors_name_the_field(
+    server: Server, path: str, payload: dict[str, Any], param: str
+) -> None:
+    status, body = server.request("POST", path, payload)
+    assert status in (400, 404) and body["error"]["param"] == param, body
+    assert server.request("POST", path, {"prompt": "a"}, key="wrong")[0] == 401

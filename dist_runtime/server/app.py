@@ -7,7 +7,8 @@ Every HTTP request is one more engine client: it adds requests and reads their h
 event loop (never blocking it); a client that disconnects, mid-stream or while waiting for a
 whole answer, aborts its requests. Routes: `/v1/models` (and `/v1/models/{name}`),
 `/v1/chat/completions`, `/v1/completions` (SSE with `stream: true`), the document-QA jobs
-under `/v1/jobs`, `/health`, `/metrics` and the chat page at `/`.
+under `/v1/jobs`, vLLM's `/tokenize` and `/detokenize`, `/health`, `/metrics` and the chat
+page at `/`.
 Errors are `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -42,11 +43,15 @@ from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.server.metrics import ServerMetrics
 from dist_runtime.server.schemas import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
     JobRequest,
     NamedToolChoice,
     ResponseFormat,
     SamplingFields,
+    TokenizeRequest,
+    Tool,
     UnsupportedFieldError,
     error_body,
 )
@@ -60,6 +65,8 @@ from dist_runtime.server.tools import (
 )
 
 logger = logging.getLogger("dist_runtime.server")
+KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")
+"""Routes that need an API key when the server has keys."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
     @app.middleware("http")
     async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         start = time.perf_counter()
-        if request.url.path.startswith("/v1/") and not server.key_ok(request):
+        if request.url.path.startswith(KEYED_PATHS) and not server.key_ok(request):
             return JSONResponse(
                 error_body(
                     "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -430,32 +437,11 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         server.check_model(req.model)
-        if runtime.tokenizer is None:
-            raise APIError(400, f"{runtime.config.model} has no tokenizer; chat needs one")
         mode = req.tool_mode
-        functions = (
-            [Function(t.function.name, t.function.description, t.function.parameters)
-             for t in req.tools or []]
-            if mode != "none" else None
-        )  # fmt: skip
+        functions = _functions(req.tools) if mode != "none" else None
         fmt = server.tool_format
-        turns = fmt.turns(
-            [
-                {
-                    "role": m.template_role,
-                    "content": m.text(),
-                    "tool_calls": [c.model_dump() for c in m.tool_calls or []],
-                    "tool_call_id": m.tool_call_id,
-                }
-                for m in req.messages
-            ],
-            functions,
-        )
         calling = bool(functions) and mode in ("required", "named")
-        try:
-            ids = fmt.encode(runtime.tokenizer, turns, calling)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
+        ids = await asyncio.to_thread(_chat_prompt, server, req.messages, functions, calling)
         max_tokens = (
             req.max_completion_tokens or req.max_tokens or server.default_max_tokens(len(ids))
         )
@@ -573,10 +559,45 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             "usage": usage,
         }
 
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's /tokenize: the prompt's token ids, as the completion or chat route would
+        build them, with the server's context length (to check a long document fits)."""
+        server.check_model(req.model)
+        if req.messages is not None:
+            ids = await asyncio.to_thread(
+                _chat_prompt, server, req.messages, _functions(req.tools), False
+            )
+        else:
+            tokenizer = runtime.tokenizer
+            if tokenizer is None:
+                raise APIError(400, f"{runtime.config.model} has no tokenizer", param="prompt")
+            text, special = req.prompt or "", req.add_special_tokens
+            ids = await asyncio.to_thread(tokenizer.encode, text, special)
+        return {
+            "count": len(ids),
+            "max_model_len": runtime.config.session_len,
+            "tokens": ids,
+            "token_strs": [server.token_text(t) for t in ids] if req.return_token_strs else None,
+        }
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        server.check_model(req.model)
+        tokenizer = runtime.tokenizer
+        if tokenizer is None:
+            raise APIError(400, f"{runtime.config.model} has no tokenizer", param="tokens")
+        vocab = runtime.engine.model_config.vocab_size
+        outside = [t for t in req.tokens if not 0 <= t < vocab]
+        if outside:
+            raise APIError(400, f"tokens outside [0, {vocab}): {outside[:5]}", param="tokens")
+        text = await asyncio.to_thread(tokenizer.decode, req.tokens, False)
+        return {"prompt": text}
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         server.check_model(req.model)
-        prompts = _prompt_ids(server, req.prompt)
+        prompts = await asyncio.to_thread(_prompt_ids, server, req.prompt)
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         all_ids = [ids for ids in prompts for _ in range(req.n)]
         scored_k = req.prompt_logprobs_k
@@ -674,6 +695,42 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         }
 
     _add_job_routes(app, server)
+
+
+def _functions(tools: list[Tool] | None) -> list[Function] | None:
+    return [
+        Function(t.function.name, t.function.description, t.function.parameters) for t in tools
+    ] if tools else None  # fmt: skip
+
+
+def _chat_prompt(
+    server: _Server,
+    messages: list[ChatMessage],
+    functions: list[Function] | None,
+    calling: bool,
+) -> list[int]:
+    """A chat request's prompt ids, in the model's tool-call format (run off the event loop:
+    a million-token document takes seconds)."""
+    tokenizer = server.runtime.tokenizer
+    if tokenizer is None:
+        raise APIError(400, f"{server.runtime.config.model} has no tokenizer; chat needs one")
+    fmt = server.tool_format
+    turns = fmt.turns(
+        [
+            {
+                "role": m.template_role,
+                "content": m.text(),
+                "tool_calls": [c.model_dump() for c in m.tool_calls or []],
+                "tool_call_id": m.tool_call_id,
+            }
+            for m in messages
+        ],
+        functions,
+    )
+    try:
+        return fmt.encode(tokenizer, turns, calling)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from e
 
 
 def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:

@@ -290,6 +290,32 @@ class CompletionRequest(SamplingFields):
         return max(ks) if ks else None
 
 
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a completion `prompt` or chat `messages` (with the `tools` that shape
+    the chat prompt), counted and tokenized as the matching route would."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
+    add_special_tokens: bool = True
+    """For a `prompt`: add BOS as the completion route does."""
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise UnsupportedFieldError("prompt", "give a prompt or messages (one of them)")
+        if self.messages is not None and not self.messages:
+            raise UnsupportedFieldError("messages", "messages must not be empty")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=16 * 2**20)
+
+
 class JobRequest(_Request):
     document: str = Field(min_length=1)
     questions: list[str] = Field(min_length=1)

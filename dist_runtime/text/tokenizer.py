@@ -38,6 +38,10 @@ SENTENCEPIECE_MODEL = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 ADDED_TOKENS_JSON = "added_tokens.json"
 IM_END = "<|im_end|>"
+LONG_TEXT_CHARS = 32768
+"""Texts longer than this are encoded without holding the GIL (`tokenizers` holds it through
+`encode`, about 2 s for a million tokens; `encode_batch` releases it; sentencepiece always
+does), so a server thread encoding a long document does not stall the others."""
 """ChatML end of turn: chat models (InternLM2, Qwen, SmolLM) stop on it as on EOS."""
 REPLACEMENT_CHAR = "\ufffd"
 """What decoding renders for incomplete UTF-8; a streamed delta never ends with it."""
@@ -426,6 +430,8 @@ class _TokenizersBackend(_Backend):
         """SentencePiece-style pieces: "▁" is a space, `<0xNN>` a byte (Llama 2, Mistral)."""
 
     def encode(self, text: str) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:  # the batch call lets other threads run meanwhile
+            return list(self._tok.encode_batch([text], add_special_tokens=False)[0].ids)
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:

@@ -559,3 +559,36 @@ def test_token_bytes_concatenate_to_the_text(any_tokenizer: Tokenizer, text: str
         byte_id = tok.token_to_id(f"<0x{b:02X}>")
         if byte_id is not None:
             assert tok.token_bytes(byte_id) == bytes([b])
+
+
+def test_long_texts_encode_without_holding_the_gil(tiny_llama_dir: Path) -> None:
+    """A server thread encoding a million-character document leaves the others running (HF
+    `tokenizers` holds the GIL through `encode`; long texts go through `encode_batch`)."""
+    import threading
+    import time
+
+    tok = Tokenizer.from_folder(tiny_llama_dir)
+    assert tok is not None
+    text = "The river ran quietly past the old mill. " * 25000
+    ticks, stop = [0], threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        time.sleep(0.05)
+        before = ticks[0]
+        ids = tok.encode(text, add_special_tokens=False)
+        during = ticks[0] - before
+    finally:
+        stop.set()
+        ticker.join()
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(tiny_llama_dir / "tokenizer.json"))
+    assert ids == hf.encode(text, add_special_tokens=False).ids
+    assert during >= 20, during  # held: 1-2 ticks in the ~0.5 s the encode takes
