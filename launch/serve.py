@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TOOL_CALL_FORMATS,
         default="auto",
         help="how tools and their calls are written for the model: internlm2 (its "
-        "<|action_start|><|plugin|> calls), json (a JSON object as the whole answer, any "
-        "model); auto: internlm2 when the tokenizer has those tokens (default: %(default)s)",
+        "<|action_start|><|plugin|> calls), template (the chat template writes the tools; "
+        "calls in <tool_call> tags or as JSON), json (a JSON object as the whole answer, any "
+        "model); auto: internlm2 when the tokenizer has those tokens, else template when the "
+        "chat template takes tools, else json (default: %(default)s)",
     )
     g.add_argument(
         "--max-concurrent-requests",

@@ -21,6 +21,7 @@ from dist_runtime.server.tools import (
     TOOLS_INTRO,
     CallSplitter,
     Function,
+    TemplateCalls,
     ToolFormat,
     call_schema,
     chat_turns,
@@ -288,11 +289,11 @@ def test_internlm2_prompt_is_its_agent_format(agent_dir: Path) -> None:
         "<|im_start|>assistant\n"
     )
     turns = INTERNLM2_CALLS.turns(HISTORY, FUNCTIONS)
-    ids = INTERNLM2_CALLS.encode(tok, turns, calling=False)
+    ids = INTERNLM2_CALLS.encode(tok, turns, FUNCTIONS, calling=False)
     assert tok.decode(ids, skip_special_tokens=False) == want
     for token in AGENT_TOKENS[:1] + AGENT_TOKENS[2:]:  # each marker is its one special id
         assert ids.count(tok.token_to_id(token) or -1) == want.count(token) > 0
-    calling = INTERNLM2_CALLS.encode(tok, turns, calling=True)
+    calling = INTERNLM2_CALLS.encode(tok, turns, FUNCTIONS, calling=True)
     assert tok.decode(calling, skip_special_tokens=False) == (want + "<|action_start|><|plugin|>\n")
     # without tools: no plugin turn; the tools' first turn when there is no system message
     plain = INTERNLM2_CALLS.turns(HISTORY[1:2], None)
@@ -354,6 +355,8 @@ def test_internlm2_calls_are_read_back(
     assert INTERNLM2_CALLS.split(text, FUNCTIONS, True, calling) == (content, calls)
 
 
+TAGGED = TemplateCalls(tagged=True)
+TAGGED_CALL = '{"name": "tide", "arguments": {"port": "Bergen"}}'
 STREAMED = [
     (INTERNLM2_CALLS, f"Checking the tide.  \n<|action_start|><|plugin|>\n{CALL}", False),
     (INTERNLM2_CALLS, "The tide <|act is high; <|action_end|> is a token.", False),
@@ -362,6 +365,14 @@ STREAMED = [
     (JSON_CALLS, '  {"name": "tide", "arguments": {"port": "Bergen"}}', False),
     (JSON_CALLS, "`code` and more", False),
     (JSON_CALLS, "Plain words { not a call }", False),
+    (
+        TAGGED,
+        f"Two calls.\n<tool_call>\n{TAGGED_CALL}\n</tool_call>\n<tool_call>\n"
+        '{"name": "forecast", "arguments": {"city": "Oslo", "days": 1}}\n</tool_call>\n',
+        False,
+    ),
+    (TAGGED, "A <tool_ is not a call, nor is <tool_call> half", False),
+    (TAGGED, TAGGED_CALL, True),
 ]
 
 
@@ -472,3 +483,164 @@ def test_serve_refuses_internlm2_calls_for_a_model_without_its_tokens(tiny_llama
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--tool-call-format internlm2 needs the tokens" in done.stderr
     assert "use --tool-call-format json" in done.stderr
+
+
+# -- chat templates that take tools ---------------------------------------------------------------
+HERMES_STYLE = """\
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}Functions you can call:
+{% for t in tools %}{{ t | tojson }}
+{% endfor %}To call one, write <tool_call>
+{"name": <name>, "arguments": <object>}
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'system' %}
+{%- elif m.role == 'tool' %}<|im_start|>user
+<tool_response name="{{ m.name }}">
+{{ m.content }}
+</tool_response><|im_end|>
+{% elif m.role == 'assistant' %}<|im_start|>assistant
+{{ m.content }}{% for c in m.tool_calls or [] %}
+<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+"""A template in the style of Hermes / Qwen2.5: tools in the system turn, calls in <tool_call>
+tags, results in user turns."""
+BARE_JSON_STYLE = """\
+{%- if tools %}<|im_start|>system
+Reply to call a function as JSON: {"name": function name, "parameters": its arguments}.
+{% for t in tools %}{{ t | tojson }}
+{% endfor %}<|im_end|>
+{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}
+{% if m.tool_calls %}{% for c in m.tool_calls %}{"name": "{{ c.function.name }}", \
+"parameters": {{ c.function.arguments | tojson }}}{% endfor %}{% else %}{{ m.content }}\
+{% endif %}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+"""A template in the style of Llama 3.1: a call is the whole answer, its arguments under
+`parameters`."""
+
+
+def _with_template(folder: Path, out: Path, template: str) -> Path:
+    import shutil
+
+    copy = Path(shutil.copytree(folder, out))
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def hermes_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _with_template(tiny_llama_dir, tmp_path_factory.mktemp("hermes") / "m", HERMES_STYLE)
+
+
+def test_templates_that_take_tools_write_them(hermes_dir: Path, tmp_path: Path) -> None:
+    tok = Tokenizer.from_folder(hermes_dir)
+    assert tok is not None
+    fmt = tool_format_for(tok)
+    assert isinstance(fmt, TemplateCalls) and fmt.tagged and fmt.key == "arguments"
+    turns = fmt.turns(HISTORY, FUNCTIONS)
+    text = tok.decode(fmt.encode(tok, turns, FUNCTIONS, calling=True), skip_special_tokens=False)
+    tools = "".join(
+        json.dumps({"type": "function", "function": f}, ensure_ascii=False) + "\n"
+        for f in (
+            {"name": "forecast", "parameters": FORECAST},
+            {"name": "tide", "description": "Tides", "parameters": TIDE},
+        )
+    )
+    assert text == (
+        "<s><|im_start|>system\nBe brief.\n\nFunctions you can call:\n" + tools
+        + 'To call one, write <tool_call>\n{"name": <name>, "arguments": <object>}\n'
+        "</tool_call><|im_end|>\n"
+        "<|im_start|>user\nTides in Bergen?<|im_end|>\n"
+        "<|im_start|>assistant\nI will look.<tool_call>\n"  # trim_blocks ate the newline
+        '{"name": "tide", "arguments": {"port": "Bergen"}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response name="tide">\nhigh at 6\n</tool_response><|im_end|>\n'
+        "<|im_start|>assistant\n<tool_call>\n"
+    )  # fmt: skip
+    # HF's apply_chat_template, given the same turns and tools, writes the same prompt
+    from transformers import AutoTokenizer
+
+    hf: Any = AutoTokenizer.from_pretrained(str(hermes_dir))
+    hf_tools = [{"type": "function", "function": json.loads(line)["function"]}
+                for line in tools.splitlines()]  # fmt: skip
+    hf_text = hf.apply_chat_template(
+        turns, tools=hf_tools, tokenize=False, add_generation_prompt=True
+    )
+    assert "<s>" + hf_text + "<tool_call>\n" == text
+    bare_dir = _with_template(hermes_dir, tmp_path / "bare", BARE_JSON_STYLE)
+    bare_tok = Tokenizer.from_folder(bare_dir)
+    assert bare_tok is not None
+    bare = tool_format_for(bare_tok)
+    assert isinstance(bare, TemplateCalls) and not bare.tagged and bare.key == "parameters"
+    text = bare_tok.decode(
+        bare.encode(bare_tok, bare.turns(HISTORY[1:3], FUNCTIONS), FUNCTIONS, calling=True),
+        skip_special_tokens=False,
+    )
+    assert text.endswith(
+        '<|im_start|>assistant\n{"name": "tide", "parameters": {"port": "Bergen"}}<|im_end|>\n'
+        "<|im_start|>assistant\n"
+    )
+    assert tool_format_for(bare_tok, "json") is JSON_CALLS
+    llama = Tokenizer.from_folder(_with_template(hermes_dir, tmp_path / "plain", "{{ messages }}"))
+    assert llama is not None
+    with pytest.raises(ValueError, match="needs a chat template that takes `tools`"):
+        tool_format_for(llama, "template")
+
+
+@pytest.mark.parametrize(
+    ("text", "parallel", "content", "calls"),
+    [
+        (f"Sure.\n<tool_call>\n{TAGGED_CALL}\n</tool_call>", True, "Sure.",
+         [("tide", '{"port": "Bergen"}')]),
+        (f"<tool_call>{TAGGED_CALL}</tool_call><tool_call>{TAGGED_CALL}</tool_call>", False, "",
+         [("tide", '{"port": "Bergen"}')]),
+        (f"<tool_call>{TAGGED_CALL}", True, "", [("tide", '{"port": "Bergen"}')]),  # unclosed
+        (f"<tool_call>{TAGGED_CALL}</tool_call> and then more", True,
+         f"<tool_call>{TAGGED_CALL}</tool_call> and then more", []),
+        ('<tool_call>{"name": "nope", "arguments": {}}</tool_call>', True,
+         '<tool_call>{"name": "nope", "arguments": {}}</tool_call>', []),
+        (TAGGED_CALL, True, TAGGED_CALL, []),  # tagged templates call with tags
+    ],
+)  # fmt: skip
+def test_tagged_calls_are_read_back(
+    text: str, parallel: bool, content: str, calls: list[tuple[str, str]]
+) -> None:
+    assert TAGGED.split(text, FUNCTIONS, parallel, False) == (content, calls)
+
+
+def test_template_calls_on_a_server(hermes_dir: Path, tmp_path: Path) -> None:
+    """A required call opens `<tool_call>` in the prompt and guides the call's JSON; the
+    template received the tools."""
+    tok = Tokenizer.from_folder(hermes_dir)
+    assert tok is not None
+    gen = _serve(hermes_dir, tmp_path)
+    client = next(gen)
+    try:
+        out = client.chat.completions.create(
+            model=None, messages=HISTORY, tools=TOOLS, tool_choice="required", max_tokens=600,
+            temperature=1.0, seed=5, n=2, extra_body={"prompt_logprobs": 0},
+        )  # fmt: skip
+        for choice in out.choices:
+            assert choice.finish_reason == "tool_calls", choice
+            (call,) = choice.message.tool_calls
+            _arguments_valid(call)
+        prompt = [int(next(iter(e))) for e in out.choices[0].model_extra["prompt_logprobs"][1:]]
+        text = tok.decode(prompt, skip_special_tokens=False)
+        assert text.endswith("<|im_start|>assistant\n<tool_call>\n")
+        assert "Functions you can call:" in text and '"name": "forecast"' in text
+    finally:
+        next(gen, None)

@@ -728,7 +728,7 @@ def _chat_prompt(
         functions,
     )
     try:
-        return fmt.encode(tokenizer, turns, calling)
+        return fmt.encode(tokenizer, turns, functions, calling)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from e
 

@@ -1,6 +1,6 @@
 """Function calling on the chat route: the tools go into the prompt, calls come out of the answer.
 
-Two formats (`ToolFormat`), picked per model (`tool_format_for`, or `--tool-call-format`):
+Three formats (`ToolFormat`), picked per model (`tool_format_for`, or `--tool-call-format`):
 
 * `internlm2`, for models whose tokenizer has InternLM2's agent tokens (`<|plugin|>`,
   `<|action_start|>`, `<|action_end|>`) and a ChatML prompt, the format those models were
@@ -9,6 +9,10 @@ Two formats (`ToolFormat`), picked per model (`tool_format_for`, or `--tool-call
   `<|action_start|><|plugin|>\n{"name": ..., "parameters": {...}}<|action_end|>` at the end of
   the assistant's turn (text before it is the message's content); a tool's result as an
   `<|im_start|>environment name=<|plugin|>` turn. One call a turn.
+* `template`, for a model whose chat template takes `tools` (Qwen2.5, Hermes, Llama 3.1, ...):
+  the template writes the functions, earlier calls and results, as HF's `apply_chat_template`
+  does; calls come back between `<tool_call>` tags when the template asks for them, else as
+  the whole answer's JSON (`TemplateCalls`).
 * `json`, for every other model: the functions described in a system message (`tools_text`)
   that asks for `{"name": ..., "arguments": {...}}` or a JSON list of them as the whole answer;
   earlier calls written back in that form, results as `environment` turns naming their
@@ -18,7 +22,8 @@ Then, in both:
 
 * `tool_choice: "required"` or a named function: guided output (`call_schema`) makes the answer
   a call whose arguments follow the function's `parameters` schema, so it always parses
-  (`internlm2`: the prompt ends with the call's opening tokens and the answer is its JSON);
+  (`internlm2` and tagged templates: the prompt ends with the call's opening and the answer is
+  its JSON);
 * `"auto"`: the model answers freely; a call in its answer comes back as `tool_calls`
   (`CallSplitter` holds back streamed text while it may be one);
 * `"none"`: the tools stay out of the prompt.
@@ -32,7 +37,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from dist_runtime.text.chat import IM_START, chat_template, encode_chat, internlm2_chat_prompt
+from dist_runtime.text.chat import (
+    IM_START,
+    chat_template,
+    encode_chat,
+    internlm2_chat_prompt,
+    template_variables,
+)
 from dist_runtime.text.tokenizer import Tokenizer
 
 TOOLS_INTRO = (
@@ -113,21 +124,33 @@ def parse_calls(text: str, functions: list[Function], parallel: bool) -> list[tu
     except ValueError:
         return []
     items = value if isinstance(value, list) else [value]
-    names = {f.name for f in functions}
-    calls = []
-    for item in items:
-        if not isinstance(item, dict) or item.get("name") not in names:
-            return []
-        args = item.get("arguments", item.get("parameters"))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                return []
-        if not isinstance(args, dict) or set(item) - {"name", "arguments", "parameters"}:
-            return []
-        calls.append((item["name"], json.dumps(args, ensure_ascii=False)))
-    return calls[:1] if not parallel else calls
+    calls = [_call_of(item, functions) for item in items]
+    if not calls or None in calls:
+        return []
+    found = [c for c in calls if c is not None]
+    return found[:1] if not parallel else found
+
+
+def _call_of(item: Any, functions: list[Function]) -> tuple[str, str] | None:
+    """(name, arguments as JSON text) of one call object, `{"name", "arguments"}` (or
+    `"parameters"`, arguments as an object or its JSON text), of a listed function; else
+    None."""
+    if not isinstance(item, dict) or item.get("name") not in {f.name for f in functions}:
+        return None
+    if set(item) - {"name", "arguments", "parameters"}:
+        return None
+    args = _loaded(item.get("arguments", item.get("parameters")))
+    if not isinstance(args, dict):
+        return None
+    return item["name"], json.dumps(args, ensure_ascii=False)
+
+
+def _payload_call(payload: str, functions: list[Function]) -> tuple[str, str] | None:
+    """The call in a marked block's JSON text (None when it is not one)."""
+    try:
+        return _call_of(json.loads(payload), functions)
+    except ValueError:
+        return None
 
 
 def tool_calls_json(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -177,7 +200,7 @@ ACTION_END = "<|action_end|>"
 PLUGIN = "<|plugin|>"
 INTERNLM2_CALL_OPEN = f"{ACTION_START}{PLUGIN}\n"
 """How an InternLM2 call begins; the call's JSON follows, then `<|action_end|>`."""
-TOOL_CALL_FORMATS = ("auto", "json", "internlm2")
+TOOL_CALL_FORMATS = ("auto", "json", "internlm2", "template")
 
 
 class ToolFormat:
@@ -192,12 +215,18 @@ class ToolFormat:
 
     def turns(
         self, messages: list[dict[str, Any]], functions: list[Function] | None
-    ) -> list[dict[str, str]]:
+    ) -> list[dict[str, Any]]:
         """Template turns from OpenAI messages ({"role", "content", "tool_calls",
         "tool_call_id"})."""
         raise NotImplementedError
 
-    def encode(self, tokenizer: Tokenizer, turns: list[dict[str, str]], calling: bool) -> list[int]:
+    def encode(
+        self,
+        tokenizer: Tokenizer,
+        turns: list[dict[str, Any]],
+        functions: list[Function] | None,
+        calling: bool,
+    ) -> list[int]:
         """The prompt's token ids; `calling`: the answer must be a call (required / named)."""
         raise NotImplementedError
 
@@ -223,10 +252,16 @@ class JsonCalls(ToolFormat):
 
     def turns(
         self, messages: list[dict[str, Any]], functions: list[Function] | None
-    ) -> list[dict[str, str]]:
-        return chat_turns(messages, functions)
+    ) -> list[dict[str, Any]]:
+        return list(chat_turns(messages, functions))
 
-    def encode(self, tokenizer: Tokenizer, turns: list[dict[str, str]], calling: bool) -> list[int]:
+    def encode(
+        self,
+        tokenizer: Tokenizer,
+        turns: list[dict[str, Any]],
+        functions: list[Function] | None,
+        calling: bool,
+    ) -> list[int]:
         return encode_chat(tokenizer, turns)
 
     def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
@@ -251,8 +286,8 @@ class InternLM2Calls(ToolFormat):
 
     def turns(
         self, messages: list[dict[str, Any]], functions: list[Function] | None
-    ) -> list[dict[str, str]]:
-        turns: list[dict[str, str]] = []
+    ) -> list[dict[str, Any]]:
+        turns: list[dict[str, Any]] = []
         for m in messages:
             role, content = m["role"], m.get("content") or ""
             if role == "assistant" and m.get("tool_calls"):
@@ -271,7 +306,13 @@ class InternLM2Calls(ToolFormat):
             turns.insert(at, {"role": "system", "name": PLUGIN, "content": listed})
         return turns
 
-    def encode(self, tokenizer: Tokenizer, turns: list[dict[str, str]], calling: bool) -> list[int]:
+    def encode(
+        self,
+        tokenizer: Tokenizer,
+        turns: list[dict[str, Any]],
+        functions: list[Function] | None,
+        calling: bool,
+    ) -> list[int]:
         text = internlm2_chat_prompt(turns, bos_token=tokenizer.bos_token)
         if calling:
             text += INTERNLM2_CALL_OPEN
@@ -297,31 +338,110 @@ class InternLM2Calls(ToolFormat):
         payload = payload.strip()
         if payload.endswith(ACTION_END):
             payload = payload[: -len(ACTION_END)].rstrip()
-        try:
-            item = json.loads(payload)
-        except ValueError:
-            return text, []
-        names = {f.name for f in functions}
-        if not isinstance(item, dict) or item.get("name") not in names:
-            return text, []
-        args = item.get("parameters", item.get("arguments"))
-        if isinstance(args, str):
-            args = _loaded(args)
-        if not isinstance(args, dict):
-            return text, []
-        return content, [(item["name"], json.dumps(args, ensure_ascii=False))]
+        call = _payload_call(payload, functions)
+        return (content, [call]) if call is not None else (text, [])
 
     def sendable(self, text: str, calling: bool) -> int:
+        return 0 if calling else _before_marker(text, ACTION_START)
+
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+
+
+class TemplateCalls(ToolFormat):
+    """For a model whose chat template takes `tools`: the template writes the functions, the
+    earlier calls and the results (HF's message convention: `tool_calls` with arguments as
+    objects, `tool` turns with `tool_call_id` and `name`). Calls come back between
+    `<tool_call>` and `</tool_call>` when the template asks for that (Hermes, Qwen2.5; text
+    before the first is content), else as the whole answer's JSON (Llama 3.1), arguments
+    under `key`."""
+
+    name = "template"
+
+    def __init__(self, tagged: bool, key: str = "arguments") -> None:
+        self.tagged, self.key = tagged, key
+        self.keep_special_tokens = tagged
+
+    def turns(
+        self, messages: list[dict[str, Any]], functions: list[Function] | None
+    ) -> list[dict[str, Any]]:
+        names: dict[str, str] = {}
+        turns: list[dict[str, Any]] = []
+        for m in messages:
+            turn: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                turn["tool_calls"] = [
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {
+                            "name": c["function"]["name"],
+                            "arguments": _loaded(c["function"]["arguments"]),
+                        },
+                    }
+                    for c in m["tool_calls"]
+                ]
+                names.update((c["id"], c["function"]["name"]) for c in m["tool_calls"])
+            elif m["role"] == "tool":
+                turn["tool_call_id"] = m.get("tool_call_id")
+                if name := names.get(m.get("tool_call_id") or ""):
+                    turn["name"] = name
+            turns.append(turn)
+        return turns
+
+    def encode(
+        self,
+        tokenizer: Tokenizer,
+        turns: list[dict[str, Any]],
+        functions: list[Function] | None,
+        calling: bool,
+    ) -> list[int]:
+        tools = [{"type": "function", "function": _entry(f)} for f in functions or []]
+        suffix = TOOL_CALL_OPEN + "\n" if calling and self.tagged else ""
+        return encode_chat(tokenizer, turns, tools=tools or None, suffix=suffix)
+
+    def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
+        # a tagged call opened in the prompt holds one call
+        return call_schema(functions, parallel and not self.tagged, key=self.key)
+
+    def split(
+        self, text: str, functions: list[Function], parallel: bool, calling: bool
+    ) -> tuple[str, list[tuple[str, str]]]:
+        if not self.tagged:
+            return JSON_CALLS.split(text, functions, parallel, calling)
         if calling:
-            return 0
-        at = text.find(ACTION_START)
-        if at < 0:  # hold a tail that may begin the marker
-            at = len(text)
-            for k in range(min(len(ACTION_START) - 1, len(text)), 0, -1):
-                if ACTION_START.startswith(text[-k:]):
-                    at -= k
-                    break
-        return len(text[:at].rstrip())  # whitespace before a call is not content
+            call = _payload_call(text.strip(), functions)
+            return ("", [call]) if call is not None else (text, [])
+        at = text.find(TOOL_CALL_OPEN)
+        if at < 0:
+            return text, []
+        calls = []
+        for block in text[at:].split(TOOL_CALL_OPEN)[1:]:
+            payload, _, after = block.partition(TOOL_CALL_CLOSE)
+            call = _payload_call(payload.strip(), functions)
+            if call is None or after.strip():  # not a call, or text after one
+                return text, []
+            calls.append(call)
+        return text[:at].rstrip(), calls if parallel else calls[:1]
+
+    def sendable(self, text: str, calling: bool) -> int:
+        if not self.tagged:
+            return JSON_CALLS.sendable(text, calling)
+        return 0 if calling else _before_marker(text, TOOL_CALL_OPEN)
+
+
+def _before_marker(text: str, marker: str) -> int:
+    """How much of `text` is surely content: what comes before `marker` (or before a tail that
+    may begin it), less the whitespace before it."""
+    at = text.find(marker)
+    if at < 0:
+        at = len(text)
+        for k in range(min(len(marker) - 1, len(text)), 0, -1):
+            if marker.startswith(text[-k:]):
+                at -= k
+                break
+    return len(text[:at].rstrip())
 
 
 def _entry(f: Function) -> dict[str, Any]:
@@ -343,6 +463,14 @@ def tool_format_for(tokenizer: Tokenizer, name: str = "auto") -> ToolFormat:
         raise ValueError(f"tool-call format {name!r} is not one of {list(TOOL_CALL_FORMATS)}")
     if name == "json":
         return JSON_CALLS
+    if name == "template":
+        template = chat_template(tokenizer)
+        if template is None or "tools" not in template_variables(template):
+            raise ValueError(
+                "--tool-call-format template needs a chat template that takes `tools`, and "
+                "this model's does not; use --tool-call-format json (or auto)"
+            )
+        return template_calls(template)
     missing = [t for t in (ACTION_START, ACTION_END, PLUGIN) if tokenizer.token_to_id(t) is None]
     if name == "internlm2":
         if missing:
@@ -354,7 +482,20 @@ def tool_format_for(tokenizer: Tokenizer, name: str = "auto") -> ToolFormat:
     template = chat_template(tokenizer)
     if not missing and (template is None or IM_START in template):
         return INTERNLM2_CALLS
+    if template is not None and "tools" in template_variables(template):
+        return template_calls(template)
     return JSON_CALLS
+
+
+def template_calls(template: str) -> TemplateCalls:
+    """The format of a template that takes `tools`: tagged calls if it asks for
+    `<tool_call>`, arguments under `parameters` if it names only that key (Llama 3.1)."""
+    key = (
+        "parameters"
+        if '"parameters"' in template and '"arguments"' not in template
+        else ("arguments")
+    )
+    return TemplateCalls(tagged=TOOL_CALL_OPEN in template, key=key)
 
 
 class CallSplitter:

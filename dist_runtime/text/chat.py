@@ -33,8 +33,9 @@ from dist_runtime.text.tokenizer import (
 if TYPE_CHECKING:
     import jinja2
 
-ROLES = ("system", "user", "assistant", "environment")
-"""InternLM2's roles (`environment` carries tool and interpreter results)."""
+ROLES = ("system", "user", "assistant", "environment", "tool")
+"""InternLM2's roles (`environment` carries tool and interpreter results), and `tool`: a tool's
+result for templates that take one (HF's convention, with `tool_call_id` / `name`)."""
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 """Where newer `save_pretrained` writes the template; it wins over tokenizer_config.json."""
 DEFAULT_BOS = "<s>"
@@ -94,6 +95,7 @@ def build_chat_prompt(
     tokenizer_folder_or_config: str | os.PathLike[str] | Mapping[str, Any] | Tokenizer,
     messages: Sequence[MessageLike],
     add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The prompt text for `messages`.
 
@@ -101,6 +103,8 @@ def build_chat_prompt(
     `chat_template` of its `tokenizer_config.json`), a loaded `tokenizer_config.json` dict,
     or a `Tokenizer`. Without a template, InternLM2's ChatML is used:
     `<s><|im_start|>{role}\\n{content}<|im_end|>\\n...<|im_start|>assistant\\n`.
+    `tools` (OpenAI's `{"type": "function", "function": {...}}` entries) go to a template as
+    its `tools`, as HF's `apply_chat_template(tools=...)` passes them.
     """
     special_tokens, template = _load_template(tokenizer_folder_or_config)
     dicts = _message_dicts(messages)
@@ -108,7 +112,7 @@ def build_chat_prompt(
         bos = special_tokens.get("bos_token")
         return internlm2_chat_prompt(dicts, add_generation_prompt, bos_token=bos)
     return render_chat_template(
-        template, dicts, add_generation_prompt=add_generation_prompt, **special_tokens
+        template, dicts, add_generation_prompt=add_generation_prompt, tools=tools, **special_tokens
     )
 
 
@@ -116,14 +120,17 @@ def encode_chat(
     tokenizer: Tokenizer,
     messages: Sequence[MessageLike],
     add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+    suffix: str = "",
 ) -> list[int]:
-    """Token ids of the chat prompt, with exactly one BOS where the model uses one.
+    """Token ids of the chat prompt (then `suffix`, the answer's forced start), with exactly
+    one BOS where the model uses one.
 
     A prompt whose text starts with the BOS string (InternLM2's ChatML, `{{ bos_token }}`
     templates) is encoded without adding another; otherwise the tokenizer adds BOS per its
     `add_bos_token`.
     """
-    text = build_chat_prompt(tokenizer, messages, add_generation_prompt)
+    text = build_chat_prompt(tokenizer, messages, add_generation_prompt, tools) + suffix
     bos = tokenizer.bos_token
     if bos and text.startswith(bos):
         return tokenizer.encode(text, add_special_tokens=False)
@@ -151,6 +158,16 @@ def internlm2_chat_prompt(
 def chat_template(tokenizer_folder_or_config: object) -> str | None:
     """The chat template `build_chat_prompt` renders (None: InternLM2's ChatML)."""
     return _load_template(tokenizer_folder_or_config)[1]
+
+
+def template_variables(template: str) -> set[str]:
+    """The variables a template reads from its context (`messages`, `tools`, ...)."""
+    import jinja2.meta
+
+    try:
+        return set(jinja2.meta.find_undeclared_variables(_environment().parse(template)))
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e}") from e
 
 
 def render_chat_template(

@@ -214,7 +214,7 @@ def test_template_context() -> None:
 
 
 # -- validation and the sandbox --------------------------------------------------------------------
-@pytest.mark.parametrize("role", ["tool", "System", "", "function"])
+@pytest.mark.parametrize("role", ["System", "", "function", "bot"])
 def test_bad_role(role: str) -> None:
     with pytest.raises(ValueError, match=repr(role)):
         ChatMessage(role, "hi")
