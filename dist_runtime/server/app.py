@@ -437,43 +437,22 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         server.check_model(req.model)
-        mode = req.tool_mode
-        functions = _functions(req.tools) if mode != "none" else None
-        fmt = server.tool_format
-        calling = bool(functions) and mode in ("required", "named")
-        ids = await asyncio.to_thread(_chat_prompt, server, req.messages, functions, calling)
-        max_tokens = (
-            req.max_completion_tokens or req.max_tokens or server.default_max_tokens(len(ids))
+        named = (
+            req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
         )
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        call_format = None
-        if calling and functions:
-            chosen = functions
-            if isinstance(req.tool_choice, NamedToolChoice):
-                chosen = [f for f in functions if f.name == req.tool_choice.function.name]
-            call_format = fmt.call_schema(chosen, req.parallel_tool_calls and mode == "required")
-            try:
-                SamplingParams(json_schema=call_format)
-            except ValueError as e:
-                raise APIError(400, f"tools: a function's parameters: {e}", param="tools") from e
-        params = [
-            server.params(req, max_tokens, top, i, req.prompt_logprobs, call_format)
-            for i in range(req.n)
-        ]
-        if functions and not calling and (fmt.stop or fmt.keep_special_tokens):
-            params = [
-                dataclasses.replace(
-                    p,
-                    stop=p.stop + tuple(s for s in fmt.stop if s not in p.stop),
-                    skip_special_tokens=p.skip_special_tokens and not fmt.keep_special_tokens,
-                )
-                for p in params
-            ]
-        handles = server.add([ids] * req.n, params, "messages")
-        parallel = req.parallel_tool_calls
-
-        def splitter() -> CallSplitter | None:
-            return CallSplitter(fmt, functions, parallel, calling) if functions else None
+        run = await _start_chat(
+            server,
+            req,
+            req.messages,
+            _functions(req.tools),
+            req.tool_mode,
+            named,
+            req.parallel_tool_calls,
+            req.max_completion_tokens or req.max_tokens,
+            (req.top_logprobs or 0) if req.logprobs else None,
+            req.n,
+        )
+        ids, handles, splitter = run.ids, run.handles, run.splitter
 
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
@@ -695,6 +674,66 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         }
 
     _add_job_routes(app, server)
+
+
+@dataclass
+class _ChatRun:
+    """A chat request in the engine: its prompt ids, one handle per choice, and a new
+    `CallSplitter` per choice when it offered tools (None otherwise)."""
+
+    ids: list[int]
+    handles: list[RequestHandle]
+    splitter: Callable[[], CallSplitter | None]
+
+
+async def _start_chat(
+    server: _Server,
+    sampling: SamplingFields,
+    messages: list[ChatMessage],
+    functions: list[Function] | None,
+    mode: str,
+    named: str | None,
+    parallel: bool,
+    max_tokens: int | None,
+    logprobs: int | None,
+    n: int,
+) -> _ChatRun:
+    """Build a chat prompt in the model's tool-call format and add its `n` requests: a
+    required (`mode` "required", or "named" for function `named`) call's answer is held to
+    the call's schema; answers that may call keep what marks a call."""
+    functions = functions if mode != "none" else None
+    fmt = server.tool_format
+    calling = bool(functions) and mode in ("required", "named")
+    ids = await asyncio.to_thread(_chat_prompt, server, messages, functions, calling)
+    if max_tokens is None:
+        max_tokens = server.default_max_tokens(len(ids))
+    call_format = None
+    if calling and functions:
+        chosen = [f for f in functions if named is None or f.name == named]
+        call_format = fmt.call_schema(chosen, parallel and mode == "required")
+        try:
+            SamplingParams(json_schema=call_format)
+        except ValueError as e:
+            raise APIError(400, f"tools: a function's parameters: {e}", param="tools") from e
+    params = [
+        server.params(sampling, max_tokens, logprobs, i, sampling.prompt_logprobs, call_format)
+        for i in range(n)
+    ]
+    if functions and not calling and (fmt.stop or fmt.keep_special_tokens):
+        params = [
+            dataclasses.replace(
+                p,
+                stop=p.stop + tuple(s for s in fmt.stop if s not in p.stop),
+                skip_special_tokens=p.skip_special_tokens and not fmt.keep_special_tokens,
+            )
+            for p in params
+        ]
+    handles = server.add([ids] * n, params, "messages")
+
+    def splitter() -> CallSplitter | None:
+        return CallSplitter(fmt, functions, parallel, calling) if functions else None
+
+    return _ChatRun(ids, handles, splitter)
 
 
 def _functions(tools: list[Tool] | None) -> list[Function] | None:
