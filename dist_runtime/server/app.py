@@ -6,9 +6,9 @@
 Every HTTP request is one more engine client: it adds requests and reads their handles on the
 event loop (never blocking it); a client that disconnects, mid-stream or while waiting for a
 whole answer, aborts its requests. Routes: `/v1/models` (and `/v1/models/{name}`),
-`/v1/chat/completions`, `/v1/completions` (SSE with `stream: true`), the document-QA jobs
-under `/v1/jobs`, vLLM's `/tokenize` and `/detokenize`, `/health`, `/metrics` and the chat
-page at `/`.
+`/v1/chat/completions`, `/v1/completions` (SSE with `stream: true`), the Responses API under
+`/v1/responses` (`dist_runtime.server.responses`), the document-QA jobs under `/v1/jobs`,
+vLLM's `/tokenize` and `/detokenize`, `/health`, `/metrics` and the chat page at `/`.
 Errors are `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -118,6 +118,9 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
     app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
     _add_error_handlers(app)
     _add_routes(app, server)
+    from dist_runtime.server.responses import add_responses_routes
+
+    add_responses_routes(app, server)
 
     @app.middleware("http")
     async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
@@ -737,9 +740,16 @@ async def _start_chat(
 
 
 def _functions(tools: list[Tool] | None) -> list[Function] | None:
-    return [
-        Function(t.function.name, t.function.description, t.function.parameters) for t in tools
-    ] if tools else None  # fmt: skip
+    return _functions_of(
+        [(t.function.name, t.function.description, t.function.parameters) for t in tools or []]
+    )
+
+
+def _functions_of(
+    tools: list[tuple[str, str | None, dict[str, Any] | None]],
+) -> list[Function] | None:
+    """Functions from (name, description, parameters); None for none."""
+    return [Function(*t) for t in tools] or None
 
 
 def _chat_prompt(

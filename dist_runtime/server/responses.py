@@ -1,0 +1,554 @@
+"""OpenAI's Responses API on the chat path: `POST /v1/responses`, `GET` and `DELETE
+/v1/responses/{id}`.
+
+A request's `input` (a string, or items: messages with text parts, `function_call` and
+`function_call_output` items) and `instructions` become chat messages and run as a chat
+request does (the model's template and tool-call format, guided output for `text.format` and
+required calls). The answer comes back as `output` items: an assistant `message` with its
+`output_text`, then a `function_call` item per call. `stream: true` sends the API's typed
+events (`response.created`, `response.output_text.delta`, ..., `response.completed`), in the
+order the official client's stream accumulator checks.
+
+`store` (the default) keeps the response, with the conversation it ends, in memory: `GET`
+returns it and `previous_response_id` continues from it (its input and output come before the
+new input; its instructions do not, as in OpenAI's API). The store holds the newest
+`STORE_MAX_ITEMS` responses and `STORE_MAX_CHARS` characters of conversation; a request that
+names an evicted or unknown response is a 404. Hosted tools (web search, file search, ...),
+images and files in the input, `background`, `conversation`, `prompt`, `include`, reasoning
+options and `truncation: "auto"` are 400s naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dist_runtime.server.schemas import (
+    ChatMessage,
+    JsonSchemaFormat,
+    ResponseFormat,
+    SamplingFields,
+    UnsupportedFieldError,
+    _empty,
+    _Request,
+    _unsupported,
+)
+
+if TYPE_CHECKING:
+    from dist_runtime.engine.handle import RequestOutput
+    from dist_runtime.server.app import _ChatRun, _Server
+
+STORE_MAX_ITEMS = 1000
+STORE_MAX_CHARS = 64 * 2**20
+"""Bounds of the in-memory response store (oldest evicted first)."""
+_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    name: str = Field(pattern=_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunctionChoice(BaseModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> TextFormat:
+        if self.type == "json_schema" and self.schema_ is None:
+            raise ValueError('format type "json_schema" needs its schema')
+        return self
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Request):
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    """An extra (as vLLM's): the same seed gives the same answer."""
+    stream: bool = False
+    text: TextConfig | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    store: bool = True
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsupported(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        _unsupported(
+            data,
+            {
+                "background": lambda v: not v,
+                "conversation": _empty,
+                "prompt": _empty,
+                "include": _empty,
+                "reasoning": lambda v: _empty(v) or not any(v.values()),
+                "truncation": lambda v: v in (None, "disabled"),
+                "top_logprobs": lambda v: not v,
+            },
+        )
+        for i, tool in enumerate(data.get("tools") or []):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind != "function":
+                raise UnsupportedFieldError(
+                    f"tools.{i}.type",
+                    f"tool type {kind!r} is a hosted tool this server does not have; "
+                    "give function tools only",
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _choice_fits(self) -> ResponsesRequest:
+        names = [t.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise UnsupportedFieldError("tools", f"two tools share a name: {names}")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise UnsupportedFieldError("tool_choice", "tool_choice needs tools to choose from")
+        if isinstance(choice, NamedFunctionChoice) and choice.name not in names:
+            raise UnsupportedFieldError(
+                "tool_choice", f"tool_choice names {choice.name!r}, which is not in tools {names}"
+            )
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedFunctionChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def sampling(self) -> SamplingFields:
+        """The chat path's sampling fields for this request."""
+        fmt = self.text.format if self.text is not None else None
+        response_format = None
+        if fmt is not None and fmt.type != "text":
+            schema = None
+            if fmt.type == "json_schema":
+                assert fmt.schema_ is not None  # the format's validator requires it
+                schema = JsonSchemaFormat(name=fmt.name, schema=fmt.schema_)
+            response_format = ResponseFormat(type=fmt.type, json_schema=schema)
+        return SamplingFields(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            response_format=response_format,
+        )
+
+
+@dataclass
+class _Stored:
+    body: dict[str, Any]
+    history: list[dict[str, Any]]
+    """The conversation the response ends, as chat messages (its input, then its output)."""
+    chars: int
+
+
+class ResponseStore:
+    """Stored responses, newest last; the oldest go first past the bounds."""
+
+    def __init__(self, max_items: int = STORE_MAX_ITEMS, max_chars: int = STORE_MAX_CHARS):
+        self.max_items, self.max_chars = max_items, max_chars
+        self._items: OrderedDict[str, _Stored] = OrderedDict()
+        self._chars = 0
+
+    def put(self, rid: str, body: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        chars = sum(len(m.get("content") or "") for m in history)
+        self._items[rid] = _Stored(body, history, chars)
+        self._chars += chars
+        while self._items and (len(self._items) > self.max_items or self._chars > self.max_chars):
+            _, old = self._items.popitem(last=False)
+            self._chars -= old.chars
+
+    def get(self, rid: str) -> _Stored | None:
+        return self._items.get(rid)
+
+    def delete(self, rid: str) -> bool:
+        old = self._items.pop(rid, None)
+        if old is not None:
+            self._chars -= old.chars
+        return old is not None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages ({"role", "content", "tool_calls", "tool_call_id"}) of a request's
+    `input`; a bad item is an `APIError` naming it."""
+    from dist_runtime.server.app import APIError
+
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise APIError(
+                    400,
+                    f"input item role {role!r} is not user, system, developer or assistant",
+                    param=f"input.{i}.role",
+                )
+            messages.append({"role": role, "content": _text(item.get("content"), f"input.{i}")})
+        elif kind == "function_call":
+            for key in ("call_id", "name"):
+                if not isinstance(item.get(key), str):
+                    raise APIError(400, f"a function_call item needs {key}", f"input.{i}.{key}")
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"},
+            }
+            last = messages[-1] if messages else None
+            if (
+                last is not None
+                and last["role"] == "assistant"
+                and i > 0
+                and (items[i - 1].get("type", "message") in ("message", "function_call"))
+            ):
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise APIError(
+                    400, "a function_call_output item needs call_id", f"input.{i}.call_id"
+                )
+            output = item.get("output")
+            text = output if isinstance(output, str) else _text(output, f"input.{i}.output")
+            messages.append({"role": "tool", "content": text, "tool_call_id": item["call_id"]})
+        elif kind == "reasoning":
+            continue  # another model's reasoning, sent back with its output: nothing to read
+        else:
+            raise APIError(
+                400,
+                f"input item type {kind!r} is not supported here: give message, "
+                "function_call or function_call_output items",
+                param=f"input.{i}.type",
+            )
+    return messages
+
+
+def _text(content: Any, where: str) -> str:
+    """The text of a message's content: a string, or text parts (images and files are 400s)."""
+    from dist_runtime.server.app import APIError
+
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(400, "content must be a string or a list of parts", f"{where}.content")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(
+            part.get("text"), str
+        ):
+            raise APIError(
+                400,
+                f"content part type {kind!r} is not supported: this model reads text "
+                "(input_text parts)",
+                param=f"{where}.content.{j}.type",
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _message_item(text: str, status: str) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "id": f"msg_{uuid.uuid4().hex}",
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+
+
+def _call_item(name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": f"fc_{uuid.uuid4().hex}",
+        "call_id": f"call_{uuid.uuid4().hex[:24]}",
+        "name": name,
+        "arguments": arguments,
+        "status": "completed",
+    }
+
+
+def _output_history(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The response's output as chat messages (to continue from)."""
+    message: dict[str, Any] = {"role": "assistant", "content": ""}
+    for item in output:
+        if item["type"] == "message":
+            message["content"] += "".join(p["text"] for p in item["content"])
+        else:
+            message.setdefault("tool_calls", []).append(
+                {
+                    "id": item["call_id"],
+                    "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]},
+                }
+            )
+    return [message]
+
+
+def add_responses_routes(app: FastAPI, server: _Server) -> None:
+    from dist_runtime.server.app import (
+        APIError,
+        _functions_of,
+        _gather,
+        _merged,
+        _start_chat,
+    )
+
+    store = ResponseStore()
+    name = server.settings.served_model_name
+
+    def body(
+        req: ResponsesRequest,
+        rid: str,
+        created: int,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        fmt = req.text.format if req.text is not None else None
+        choice = req.tool_choice or ("auto" if req.tools else "none")
+        return {
+            "id": rid,
+            "object": "response",
+            "created_at": created,
+            "status": status,
+            "error": None,
+            "incomplete_details": (
+                {"reason": "max_output_tokens"} if status == "incomplete" else None
+            ),
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "model": name,
+            "output": output,
+            "parallel_tool_calls": req.parallel_tool_calls,
+            "previous_response_id": req.previous_response_id,
+            "reasoning": None,
+            "store": req.store,
+            "temperature": req.temperature,
+            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)
+                     if fmt is not None else {"type": "text"}},
+            "tool_choice": choice.model_dump() if isinstance(choice, BaseModel) else choice,
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
+            "top_p": req.top_p,
+            "truncation": "disabled",
+            "usage": usage,
+            "user": req.user,
+            "metadata": req.metadata or {},
+        }  # fmt: skip
+
+    def usage_of(run: _ChatRun, out: RequestOutput) -> dict[str, Any]:
+        n_in, n_out = len(run.ids), len(out.token_ids)
+        return {
+            "input_tokens": n_in,
+            "input_tokens_details": {"cached_tokens": out.num_cached_tokens},
+            "output_tokens": n_out,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": n_in + n_out,
+        }
+
+    @app.post("/v1/responses")
+    async def create(req: ResponsesRequest, request: Request) -> Any:
+        server.check_model(req.model)
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id is not None:
+            previous = store.get(req.previous_response_id)
+            if previous is None:
+                raise APIError(
+                    404,
+                    f"no stored response {req.previous_response_id!r} (never stored, deleted, "
+                    "or evicted from the in-memory store)",
+                    "not_found_error",
+                    "previous_response_id",
+                )
+            history = [dict(m) for m in previous.history]
+        new = input_messages(req.input)
+        conversation = history + new
+        if req.instructions:
+            conversation = [{"role": "system", "content": req.instructions}, *conversation]
+        if not conversation:
+            raise APIError(400, "input has no messages", param="input")
+        try:
+            messages = [ChatMessage.model_validate(m) for m in conversation]
+        except ValueError as e:
+            raise APIError(400, str(e), param="input") from e
+        named = req.tool_choice.name if isinstance(req.tool_choice, NamedFunctionChoice) else None
+        run = await _start_chat(
+            server,
+            req.sampling(),
+            messages,
+            _functions_of([(t.name, t.description, t.parameters) for t in req.tools or []]),
+            req.tool_mode,
+            named,
+            req.parallel_tool_calls,
+            req.max_output_tokens,
+            None,
+            1,
+        )
+        rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
+
+        def finish(out: RequestOutput, output: list[dict[str, Any]]) -> dict[str, Any]:
+            status = "incomplete" if out.finish_reason == "length" else "completed"
+            for item in output:
+                if item["type"] == "message":
+                    item["status"] = status
+            usage = usage_of(run, out)
+            request.state.usage = {
+                "prompt_tokens": usage["input_tokens"],
+                "completion_tokens": usage["output_tokens"],
+            }
+            done = body(req, rid, created, status, output, usage)
+            if req.store:
+                store.put(rid, done, history + new + _output_history(output))
+            return done
+
+        if not req.stream:
+            (out,) = await _gather(run.handles, request)
+            split = run.splitter()
+            content, calls = split.feed(out.text, out.finish_reason) if split else (out.text, [])
+            output = [_message_item(content, "completed")] if content or not calls else []
+            output += [_call_item(n, a) for n, a in calls]
+            return finish(out, output)
+
+        async def events() -> AsyncIterator[str]:
+            seq = 0
+
+            def event(kind: str, **fields: Any) -> str:
+                nonlocal seq
+                data = {"type": kind, "sequence_number": seq, **fields}
+                seq += 1
+                return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+            start = body(req, rid, created, "in_progress", [], None)
+            yield event("response.created", response=start)
+            yield event("response.in_progress", response=start)
+            output: list[dict[str, Any]] = []
+            message: dict[str, Any] | None = None
+            text = ""
+            split = run.splitter()
+            calls: list[tuple[str, str]] = []
+
+            def open_message() -> list[str]:
+                nonlocal message
+                message = _message_item("", "in_progress")
+                message["content"] = []
+                output.append(message)
+                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                return [
+                    event("response.output_item.added", output_index=0, item=message),
+                    event("response.content_part.added", item_id=message["id"],
+                          output_index=0, content_index=0, part=part),
+                ]  # fmt: skip
+
+            try:
+                async for _, delta in _merged(run.handles):
+                    piece, found = (
+                        split.feed(delta.text, delta.finish_reason) if split else (delta.text, [])
+                    )
+                    calls += found
+                    if piece:
+                        for e in open_message() if message is None else []:
+                            yield e
+                        assert message is not None
+                        text += piece
+                        yield event(
+                            "response.output_text.delta",
+                            item_id=message["id"],
+                            output_index=0,
+                            content_index=0,
+                            delta=piece,
+                            logprobs=[],
+                        )
+            except Exception as error:
+                failed = body(req, rid, created, "failed", output, None)
+                failed["error"] = {"code": "server_error", "message": str(error)}
+                yield event("response.failed", response=failed)
+                return
+            out = run.handles[0].result(timeout=0)
+            if message is None and not calls:
+                for opened in open_message():
+                    yield opened
+            if message is not None:
+                part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+                message["content"] = [part]
+                message["status"] = "incomplete" if out.finish_reason == "length" else "completed"
+                yield event("response.output_text.done", item_id=message["id"], output_index=0,
+                            content_index=0, text=text, logprobs=[])  # fmt: skip
+                yield event("response.content_part.done", item_id=message["id"], output_index=0,
+                            content_index=0, part=part)  # fmt: skip
+                yield event("response.output_item.done", output_index=0, item=message)
+            for call_name, arguments in calls:
+                index = len(output)
+                item = _call_item(call_name, "")
+                output.append(item)
+                yield event("response.output_item.added", output_index=index, item=item)
+                yield event("response.function_call_arguments.delta", item_id=item["id"],
+                            output_index=index, delta=arguments)  # fmt: skip
+                item["arguments"] = arguments
+                yield event("response.function_call_arguments.done", item_id=item["id"],
+                            output_index=index, name=call_name, arguments=arguments)  # fmt: skip
+                yield event("response.output_item.done", output_index=index, item=item)
+            done = finish(out, output)
+            kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
+            yield event(kind, response=done)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/v1/responses/{response_id}")
+    async def get(response_id: str) -> dict[str, Any]:
+        stored = store.get(response_id)
+        if stored is None:
+            raise APIError(404, f"no stored response {response_id!r}", "not_found_error",
+                           "response_id")  # fmt: skip
+        return stored.body
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete(response_id: str) -> dict[str, Any]:
+        if not store.delete(response_id):
+            raise APIError(404, f"no stored response {response_id!r}", "not_found_error",
+                           "response_id")  # fmt: skip
+        return {"id": response_id, "object": "response", "deleted": True}

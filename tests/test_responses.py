@@ -1,0 +1,218 @@
+"""OpenAI's Responses API, driven by the official client on a random-weight model: answers equal
+the chat route's for the same conversation, `previous_response_id` continues a stored one,
+streamed events follow the client's accumulator, function calls round-trip, and bad requests
+are 400s naming the field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from dist_runtime.server.responses import ResponseStore, input_messages
+from tests.test_server import KEY, Server
+
+openai = pytest.importorskip("openai")
+
+PORT = {"type": "object", "properties": {"port": {"type": "string", "maxLength": 6}},
+        "required": ["port"]}  # fmt: skip
+TOOLS = [{"type": "function", "name": "tide", "description": "Tides", "parameters": PORT}]
+YES_NO = {"format": {"type": "json_schema", "name": "yn", "schema": {"enum": ["yes", "no way"]}}}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    s = Server(tiny_llama_dir, tmp_path_factory.mktemp("responses"), "--api-keys", KEY,
+               "--session-len", "2048")  # fmt: skip
+    yield openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+    s.close()
+
+
+def _chat(client: Any, messages: list[dict[str, Any]], max_tokens: int) -> Any:
+    return client.chat.completions.create(
+        model=None, messages=messages, max_tokens=max_tokens, temperature=0
+    )
+
+
+def test_answers_equal_the_chat_route(client: Any) -> None:
+    r = client.responses.create(
+        model=None, input="Where is the pier?", instructions="Be brief.", max_output_tokens=7,
+        temperature=0,
+    )  # fmt: skip
+    chat = _chat(client, [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Where is the pier?"}], 7)  # fmt: skip
+    assert r.object == "response" and r.id.startswith("resp_")
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == 7
+    assert r.usage.total_tokens == r.usage.input_tokens + 7
+    # cut by max_output_tokens: incomplete, as OpenAI reports it
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    (item,) = r.output
+    assert item.type == "message" and item.role == "assistant" and item.status == "incomplete"
+    # the same as a list of items with text parts
+    items = client.responses.create(
+        model=None, max_output_tokens=7, temperature=0, instructions="Be brief.",
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Where is the "},
+                                            {"type": "input_text", "text": "pier?"}]}],
+    )  # fmt: skip
+    assert items.output_text == r.output_text
+
+
+def test_previous_response_continues_the_conversation(client: Any) -> None:
+    first = client.responses.create(
+        model=None, input="Name a port.", instructions="Reply in French.", max_output_tokens=5,
+        temperature=0,
+    )  # fmt: skip
+    second = client.responses.create(
+        model=None, input="And another?", previous_response_id=first.id, max_output_tokens=5,
+        temperature=0,
+    )  # fmt: skip
+    # the first's input and output come first; its instructions do not (OpenAI's rule)
+    chat = _chat(client, [{"role": "user", "content": "Name a port."},
+                          {"role": "assistant", "content": first.output_text},
+                          {"role": "user", "content": "And another?"}], 5)  # fmt: skip
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.output_text == chat.choices[0].message.content
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    for call in (lambda: client.responses.retrieve(first.id),
+                 lambda: client.responses.create(model=None, input="x",
+                                                 previous_response_id=first.id)):  # fmt: skip
+        with pytest.raises(openai.NotFoundError):
+            call()
+    unstored = client.responses.create(model=None, input="x", max_output_tokens=1, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_streamed_events_build_the_same_response(client: Any) -> None:
+    kwargs: dict[str, Any] = dict(model=None, input="Yes or no?", max_output_tokens=16,
+                                  temperature=0, text=YES_NO)  # fmt: skip
+    whole = client.responses.create(**kwargs)
+    assert whole.status == "completed" and json.loads(whole.output_text) in ("yes", "no way")
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]  # fmt: skip
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == final.output_text == whole.output_text
+    assert client.responses.retrieve(final.id).output_text == whole.output_text
+
+
+def test_function_calls_round_trip(client: Any) -> None:
+    r = client.responses.create(
+        model=None, input="Tides in Bergen?", tools=TOOLS, tool_choice="required",
+        max_output_tokens=200, temperature=0,
+    )  # fmt: skip
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "tide" and call.call_id
+    jsonschema.validate(json.loads(call.arguments), PORT)
+    with client.responses.stream(model=None, input="Tides in Bergen?", tools=TOOLS,
+                                 tool_choice={"type": "function", "name": "tide"},
+                                 max_output_tokens=200, temperature=0) as stream:  # fmt: skip
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.delta",
+                     "response.function_call_arguments.done", "response.output_item.done",
+                     "response.completed"]  # fmt: skip
+    assert final.output[0].arguments == call.arguments  # greedy: the same call
+    # the result goes back as a function_call_output item, continuing the stored response
+    answer = client.responses.create(
+        model=None, previous_response_id=r.id, tools=TOOLS, tool_choice="none",
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "high at 6"}],
+        max_output_tokens=4, temperature=0,
+    )  # fmt: skip
+    chat = client.chat.completions.create(
+        model=None, max_tokens=4, temperature=0, tools=[
+            {"type": "function", "function": {"name": "tide", "description": "Tides",
+                                              "parameters": PORT}}], tool_choice="none",
+        messages=[{"role": "user", "content": "Tides in Bergen?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": call.call_id, "type": "function",
+                       "function": {"name": "tide", "arguments": call.arguments}}]},
+                  {"role": "tool", "tool_call_id": call.call_id, "content": "high at 6"}],
+    )  # fmt: skip
+    assert answer.usage.input_tokens == chat.usage.prompt_tokens
+    assert answer.output_text == chat.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "match"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type", "hosted tool"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+         "input.0.content.0.type", "reads text"),
+        ({"input": [{"type": "computer_call_output"}]}, "input.0.type", "not supported"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role", "not user"),
+        ({"background": True}, "background", "not supported"),
+        ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
+        ({"truncation": "auto"}, "truncation", "not supported"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "x"}}, "tool_choice",
+         "not in tools"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format", "schema"),
+    ],
+)  # fmt: skip
+def test_bad_requests_name_the_field(
+    client: Any, extra: dict[str, Any], param: str, match: str
+) -> None:
+    body: dict[str, Any] = {"input": "Hi", "max_output_tokens": 2, **extra}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=None, **body)
+    error = info.value.body
+    assert error["param"].startswith(param) and match in error["message"], error
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.create(model=None, input="x", previous_response_id="resp_nope")
+    assert missing.value.body["param"] == "previous_response_id"
+
+
+def test_input_items_become_chat_messages() -> None:
+    items: list[dict[str, Any]] = [
+        {"role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "c1", "name": "tide", "arguments": '{"port": "A"}'},
+        {"type": "function_call", "call_id": "c2", "name": "tide", "arguments": '{"port": "B"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "high"},
+        {"type": "function_call_output", "call_id": "c2",
+         "output": [{"type": "input_text", "text": "low"}]},
+        {"type": "function_call", "call_id": "c3", "name": "tide"},
+    ]  # fmt: skip
+    assert input_messages(items) == [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "tide", "arguments": '{"port": "A"}'}},
+            {"id": "c2", "type": "function",
+             "function": {"name": "tide", "arguments": '{"port": "B"}'}}]},
+        {"role": "tool", "content": "high", "tool_call_id": "c1"},
+        {"role": "tool", "content": "low", "tool_call_id": "c2"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c3", "type": "function", "function": {"name": "tide", "arguments": "{}"}}]},
+    ]  # fmt: skip
+    assert input_messages("Hello") == [{"role": "user", "content": "Hello"}]
+
+
+def test_store_keeps_the_newest_within_its_bounds() -> None:
+    store = ResponseStore(max_items=3, max_chars=10)
+    for i in range(4):
+        store.put(f"r{i}", {"id": f"r{i}"}, [{"role": "user", "content": "abc"}])
+    assert [store.get(f"r{i}") is not None for i in range(4)] == [False, True, True, True]
+    store.put("big", {}, [{"role": "user", "content": "x" * 8}])  # 9 + 8 chars > 10
+    assert len(store) == 1 and store.get("big") is not None
+    assert store.delete("big") and not store.delete("big") and len(store) == 0
