@@ -40,10 +40,17 @@ from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogpro
 from dist_runtime.jobs.store import IdempotencyKeyConflictError, JobState, UnknownJobError
 from dist_runtime.runtime import Runtime
 from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.server.calls import (
+    APIError,
+    chat_prompt,
+    functions_of,
+    gather,
+    merged,
+    start_chat,
+)
 from dist_runtime.server.metrics import ServerMetrics
 from dist_runtime.server.schemas import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     JobRequest,
@@ -57,7 +64,6 @@ from dist_runtime.server.schemas import (
 )
 from dist_runtime.server.tools import (
     JSON_CALLS,
-    CallSplitter,
     Function,
     ToolFormat,
     tool_calls_json,
@@ -83,25 +89,6 @@ class ServerSettings:
     """How tools and calls are written for the model: auto, json or internlm2 (see
     `dist_runtime.server.tools`)."""
     extra_info: dict[str, Any] = field(default_factory=dict)
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-        )
 
 
 def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
@@ -443,7 +430,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         named = (
             req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
         )
-        run = await _start_chat(
+        run = await start_chat(
             server,
             req,
             req.messages,
@@ -508,7 +495,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 ],
             )
             return StreamingResponse(body, media_type="text/event-stream")
-        outs = await _gather(handles, request)
+        outs = await gather(handles, request)
         usage = _usage(len(ids), outs, req.n)
         request.state.usage = usage
         choices: list[dict[str, Any]] = []
@@ -548,7 +535,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         server.check_model(req.model)
         if req.messages is not None:
             ids = await asyncio.to_thread(
-                _chat_prompt, server, req.messages, _functions(req.tools), False
+                chat_prompt, server, req.messages, _functions(req.tools), False
             )
         else:
             tokenizer = runtime.tokenizer
@@ -646,7 +633,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 include_usage=include_usage,
             )
             return StreamingResponse(body, media_type="text/event-stream")
-        outs = await _gather(handles, request)
+        outs = await gather(handles, request)
         usage = _usage(prompt_tokens, outs, req.n)
         request.state.usage = usage
         choices = [
@@ -679,107 +666,10 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     _add_job_routes(app, server)
 
 
-@dataclass
-class _ChatRun:
-    """A chat request in the engine: its prompt ids, one handle per choice, and a new
-    `CallSplitter` per choice when it offered tools (None otherwise)."""
-
-    ids: list[int]
-    handles: list[RequestHandle]
-    splitter: Callable[[], CallSplitter | None]
-
-
-async def _start_chat(
-    server: _Server,
-    sampling: SamplingFields,
-    messages: list[ChatMessage],
-    functions: list[Function] | None,
-    mode: str,
-    named: str | None,
-    parallel: bool,
-    max_tokens: int | None,
-    logprobs: int | None,
-    n: int,
-) -> _ChatRun:
-    """Build a chat prompt in the model's tool-call format and add its `n` requests: a
-    required (`mode` "required", or "named" for function `named`) call's answer is held to
-    the call's schema; answers that may call keep what marks a call."""
-    functions = functions if mode != "none" else None
-    fmt = server.tool_format
-    calling = bool(functions) and mode in ("required", "named")
-    ids = await asyncio.to_thread(_chat_prompt, server, messages, functions, calling)
-    if max_tokens is None:
-        max_tokens = server.default_max_tokens(len(ids))
-    call_format = None
-    if calling and functions:
-        chosen = [f for f in functions if named is None or f.name == named]
-        call_format = fmt.call_schema(chosen, parallel and mode == "required")
-        try:
-            SamplingParams(json_schema=call_format)
-        except ValueError as e:
-            raise APIError(400, f"tools: a function's parameters: {e}", param="tools") from e
-    params = [
-        server.params(sampling, max_tokens, logprobs, i, sampling.prompt_logprobs, call_format)
-        for i in range(n)
-    ]
-    if functions and not calling and (fmt.stop or fmt.keep_special_tokens):
-        params = [
-            dataclasses.replace(
-                p,
-                stop=p.stop + tuple(s for s in fmt.stop if s not in p.stop),
-                skip_special_tokens=p.skip_special_tokens and not fmt.keep_special_tokens,
-            )
-            for p in params
-        ]
-    handles = server.add([ids] * n, params, "messages")
-
-    def splitter() -> CallSplitter | None:
-        return CallSplitter(fmt, functions, parallel, calling) if functions else None
-
-    return _ChatRun(ids, handles, splitter)
-
-
 def _functions(tools: list[Tool] | None) -> list[Function] | None:
-    return _functions_of(
+    return functions_of(
         [(t.function.name, t.function.description, t.function.parameters) for t in tools or []]
     )
-
-
-def _functions_of(
-    tools: list[tuple[str, str | None, dict[str, Any] | None]],
-) -> list[Function] | None:
-    """Functions from (name, description, parameters); None for none."""
-    return [Function(*t) for t in tools] or None
-
-
-def _chat_prompt(
-    server: _Server,
-    messages: list[ChatMessage],
-    functions: list[Function] | None,
-    calling: bool,
-) -> list[int]:
-    """A chat request's prompt ids, in the model's tool-call format (run off the event loop:
-    a million-token document takes seconds)."""
-    tokenizer = server.runtime.tokenizer
-    if tokenizer is None:
-        raise APIError(400, f"{server.runtime.config.model} has no tokenizer; chat needs one")
-    fmt = server.tool_format
-    turns = fmt.turns(
-        [
-            {
-                "role": m.template_role,
-                "content": m.text(),
-                "tool_calls": [c.model_dump() for c in m.tool_calls or []],
-                "tool_call_id": m.tool_call_id,
-            }
-            for m in messages
-        ],
-        functions,
-    )
-    try:
-        return fmt.encode(tokenizer, turns, functions, calling)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from e
 
 
 def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:
@@ -799,39 +689,6 @@ def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:
         else:
             out.append(list(p))
     return out
-
-
-async def _gather(handles: list[RequestHandle], request: Request) -> list[RequestOutput]:
-    """Every handle's output, read on the event loop (deltas consumed, never blocking). A client
-    that disconnects first aborts the requests (499 in the access log)."""
-
-    async def read() -> None:
-        for h in handles:
-            async for _ in h:
-                pass
-
-    reader = asyncio.ensure_future(read())
-    watcher = asyncio.ensure_future(_disconnect(request))
-    finished = False
-    try:
-        await asyncio.wait((reader, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not reader.done():
-            raise APIError(499, "the client disconnected", code="client_disconnected")
-        reader.result()  # a failed request raises here
-        finished = True
-        return [h.result(timeout=0) for h in handles]
-    finally:
-        watcher.cancel()
-        reader.cancel()
-        if not finished:
-            for h in handles:
-                h.abort()
-
-
-async def _disconnect(request: Request) -> None:
-    """Returns when the client has disconnected (the body is already read by then)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _chat_logprobs(server: _Server, entries: list[TokenLogprobs] | None) -> dict[str, Any]:
@@ -931,46 +788,6 @@ def _vllm_prompt_logprobs(
     return out
 
 
-async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]]:
-    """(index, delta) of every handle as they arrive, in arrival order."""
-    import asyncio
-
-    if len(handles) == 1:  # the common case: no tasks, no queue
-        try:
-            async for delta in handles[0]:
-                yield 0, delta
-        finally:
-            handles[0].abort()
-        return
-
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(i: int, h: RequestHandle) -> None:
-        try:
-            async for delta in h:
-                await queue.put((i, delta))
-            await queue.put((i, None))
-        except BaseException as e:
-            await queue.put((i, e))
-
-    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
-    try:
-        left = len(handles)
-        while left:
-            i, item = await queue.get()
-            if item is None:
-                left -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        for h in handles:
-            h.abort()
-
-
 async def _stream(
     handles: list[RequestHandle],
     request: Request,
@@ -997,7 +814,7 @@ async def _stream(
     pending: dict[int, list[TokenLogprobs]] = {}
     """Logprobs of tokens whose text is still held back: sent with the text they make."""
     try:
-        async for k, delta in _merged(handles):
+        async for k, delta in merged(handles):
             if k in pending:
                 delta = dataclasses.replace(delta, logprobs=pending.pop(k) + (delta.logprobs or []))
             made = choice(k, delta, k not in started)

@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dist_runtime.server.calls import APIError, ChatRun, functions_of, gather, merged, start_chat
 from dist_runtime.server.schemas import (
     ChatMessage,
     JsonSchemaFormat,
@@ -44,8 +45,8 @@ from dist_runtime.server.schemas import (
 )
 
 if TYPE_CHECKING:
-    from dist_runtime.engine.handle import RequestOutput
-    from dist_runtime.server.app import _ChatRun, _Server
+    from dist_runtime.engine.outputs import RequestOutput
+    from dist_runtime.server.app import _Server
 
 STORE_MAX_ITEMS = 1000
 STORE_MAX_CHARS = 64 * 2**20
@@ -213,8 +214,6 @@ class ResponseStore:
 def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Chat messages ({"role", "content", "tool_calls", "tool_call_id"}) of a request's
     `input`; a bad item is an `APIError` naming it."""
-    from dist_runtime.server.app import APIError
-
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict[str, Any]] = []
@@ -270,8 +269,6 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _text(content: Any, where: str) -> str:
     """The text of a message's content: a string, or text parts (images and files are 400s)."""
-    from dist_runtime.server.app import APIError
-
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -331,13 +328,6 @@ def _output_history(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def add_responses_routes(app: FastAPI, server: _Server) -> None:
-    from dist_runtime.server.app import (
-        APIError,
-        _functions_of,
-        _gather,
-        _merged,
-        _start_chat,
-    )
 
     store = ResponseStore()
     name = server.settings.served_model_name
@@ -381,7 +371,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
             "metadata": req.metadata or {},
         }  # fmt: skip
 
-    def usage_of(run: _ChatRun, out: RequestOutput) -> dict[str, Any]:
+    def usage_of(run: ChatRun, out: RequestOutput) -> dict[str, Any]:
         n_in, n_out = len(run.ids), len(out.token_ids)
         return {
             "input_tokens": n_in,
@@ -417,11 +407,11 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
         except ValueError as e:
             raise APIError(400, str(e), param="input") from e
         named = req.tool_choice.name if isinstance(req.tool_choice, NamedFunctionChoice) else None
-        run = await _start_chat(
+        run = await start_chat(
             server,
             req.sampling(),
             messages,
-            _functions_of([(t.name, t.description, t.parameters) for t in req.tools or []]),
+            functions_of([(t.name, t.description, t.parameters) for t in req.tools or []]),
             req.tool_mode,
             named,
             req.parallel_tool_calls,
@@ -447,7 +437,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
             return done
 
         if not req.stream:
-            (out,) = await _gather(run.handles, request)
+            (out,) = await gather(run.handles, request)
             split = run.splitter()
             content, calls = split.feed(out.text, out.finish_reason) if split else (out.text, [])
             output = [_message_item(content, "completed")] if content or not calls else []
@@ -485,7 +475,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                 ]  # fmt: skip
 
             try:
-                async for _, delta in _merged(run.handles):
+                async for _, delta in merged(run.handles):
                     piece, found = (
                         split.feed(delta.text, delta.finish_reason) if split else (delta.text, [])
                     )

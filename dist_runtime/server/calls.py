@@ -1,0 +1,212 @@
+"""How server routes call the engine: a chat request's prompt (in the model's tool-call format)
+and its requests (`start_chat`), reading handles on the event loop (`gather`, `merged`; a
+client that disconnects aborts its requests), and `APIError`, the error a route answers with.
+Shared by the chat, completion and Responses routes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+
+from dist_runtime.engine.handle import RequestHandle
+from dist_runtime.engine.outputs import RequestOutput
+from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.server.schemas import ChatMessage, SamplingFields
+from dist_runtime.server.tools import CallSplitter, Function
+
+if TYPE_CHECKING:
+    from dist_runtime.server.app import _Server
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+
+
+@dataclass
+class ChatRun:
+    """A chat request in the engine: its prompt ids, one handle per choice, and a new
+    `CallSplitter` per choice when it offered tools (None otherwise)."""
+
+    ids: list[int]
+    handles: list[RequestHandle]
+    splitter: Callable[[], CallSplitter | None]
+
+
+async def start_chat(
+    server: _Server,
+    sampling: SamplingFields,
+    messages: list[ChatMessage],
+    functions: list[Function] | None,
+    mode: str,
+    named: str | None,
+    parallel: bool,
+    max_tokens: int | None,
+    logprobs: int | None,
+    n: int,
+) -> ChatRun:
+    """Build a chat prompt in the model's tool-call format and add its `n` requests: a
+    required (`mode` "required", or "named" for function `named`) call's answer is held to
+    the call's schema; answers that may call keep what marks a call."""
+    functions = functions if mode != "none" else None
+    fmt = server.tool_format
+    calling = bool(functions) and mode in ("required", "named")
+    ids = await asyncio.to_thread(chat_prompt, server, messages, functions, calling)
+    if max_tokens is None:
+        max_tokens = server.default_max_tokens(len(ids))
+    call_format = None
+    if calling and functions:
+        chosen = [f for f in functions if named is None or f.name == named]
+        call_format = fmt.call_schema(chosen, parallel and mode == "required")
+        try:
+            SamplingParams(json_schema=call_format)
+        except ValueError as e:
+            raise APIError(400, f"tools: a function's parameters: {e}", param="tools") from e
+    params = [
+        server.params(sampling, max_tokens, logprobs, i, sampling.prompt_logprobs, call_format)
+        for i in range(n)
+    ]
+    if functions and not calling and (fmt.stop or fmt.keep_special_tokens):
+        params = [
+            dataclasses.replace(
+                p,
+                stop=p.stop + tuple(s for s in fmt.stop if s not in p.stop),
+                skip_special_tokens=p.skip_special_tokens and not fmt.keep_special_tokens,
+            )
+            for p in params
+        ]
+    handles = server.add([ids] * n, params, "messages")
+
+    def splitter() -> CallSplitter | None:
+        return CallSplitter(fmt, functions, parallel, calling) if functions else None
+
+    return ChatRun(ids, handles, splitter)
+
+
+def functions_of(
+    tools: list[tuple[str, str | None, dict[str, Any] | None]],
+) -> list[Function] | None:
+    """Functions from (name, description, parameters); None for none."""
+    return [Function(*t) for t in tools] or None
+
+
+def chat_prompt(
+    server: _Server,
+    messages: list[ChatMessage],
+    functions: list[Function] | None,
+    calling: bool,
+) -> list[int]:
+    """A chat request's prompt ids, in the model's tool-call format (run off the event loop:
+    a million-token document takes seconds)."""
+    tokenizer = server.runtime.tokenizer
+    if tokenizer is None:
+        raise APIError(400, f"{server.runtime.config.model} has no tokenizer; chat needs one")
+    fmt = server.tool_format
+    turns = fmt.turns(
+        [
+            {
+                "role": m.template_role,
+                "content": m.text(),
+                "tool_calls": [c.model_dump() for c in m.tool_calls or []],
+                "tool_call_id": m.tool_call_id,
+            }
+            for m in messages
+        ],
+        functions,
+    )
+    try:
+        return fmt.encode(tokenizer, turns, functions, calling)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from e
+
+
+async def gather(handles: list[RequestHandle], request: Request) -> list[RequestOutput]:
+    """Every handle's output, read on the event loop (deltas consumed, never blocking). A client
+    that disconnects first aborts the requests (499 in the access log)."""
+
+    async def read() -> None:
+        for h in handles:
+            async for _ in h:
+                pass
+
+    reader = asyncio.ensure_future(read())
+    watcher = asyncio.ensure_future(disconnect(request))
+    finished = False
+    try:
+        await asyncio.wait((reader, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not reader.done():
+            raise APIError(499, "the client disconnected", code="client_disconnected")
+        reader.result()  # a failed request raises here
+        finished = True
+        return [h.result(timeout=0) for h in handles]
+    finally:
+        watcher.cancel()
+        reader.cancel()
+        if not finished:
+            for h in handles:
+                h.abort()
+
+
+async def disconnect(request: Request) -> None:
+    """Returns when the client has disconnected (the body is already read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, delta) of every handle as they arrive, in arrival order."""
+    import asyncio
+
+    if len(handles) == 1:  # the common case: no tasks, no queue
+        try:
+            async for delta in handles[0]:
+                yield 0, delta
+        finally:
+            handles[0].abort()
+        return
+
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, h: RequestHandle) -> None:
+        try:
+            async for delta in h:
+                await queue.put((i, delta))
+            await queue.put((i, None))
+        except BaseException as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for h in handles:
+            h.abort()
