@@ -69,6 +69,12 @@ class SamplingParams:
     """OpenAI's logit bias: {token id: bias in [-100, 100]} added to the logits before
     sampling (-100 in effect bans a token, 100 forces it); stored as sorted (id, bias) pairs.
     Log-probabilities stay the model's own."""
+    priority: int = 0
+    """Scheduling priority, lower first (vLLM's convention): waiting requests are admitted in
+    priority order (first come, first served within one), and when KV blocks or sequence slots
+    run out, the running request with the highest value (the latest admitted among equals) is
+    preempted for a waiting one with a lower value. Preempted requests resume from the prefix
+    cache where their blocks were not reused."""
     extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
     """Reserved for options of later versions; must be empty."""
 
@@ -136,6 +142,11 @@ class SamplingParams:
             self.prompt_logprobs is None
             or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
             f"prompt_logprobs must be an integer in [0, 20] or None, got {self.prompt_logprobs!r}",
+        )
+        _check(
+            _is_int(self.priority) and -(2**31) <= self.priority < 2**31,
+            f"priority must be an integer in [-2**31, 2**31) (lower runs first), "
+            f"got {self.priority!r}",
         )
         for name in ("ignore_eos", "skip_special_tokens"):
             value = getattr(self, name)

@@ -56,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", dest="json_object", action="store_true", help="answer each with a JSON object"
     )
     p.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="scheduling priority of the job's requests, lower first: e.g. 1 lets interactive "
+        "requests (priority 0) go ahead of a batch of documents (default 0)",
+    )
+    p.add_argument(
         "--idempotency-key",
         help="resubmitting the same job with the same key returns its id; the key with another "
         f"document, questions or --max-new-tokens is an error (exit {EXIT_BAD})",
@@ -167,6 +174,8 @@ def job_params(args: argparse.Namespace) -> dict[str, Any]:
         params["json_schema"] = schema_argument(args.json_schema)
     if args.json_object:
         params["json_object"] = True
+    if args.priority:
+        params["priority"] = args.priority
     return params
 
 

@@ -40,11 +40,12 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp / f"server-{self.port}.log", "w")  # noqa: SIM115
+        self.job_dir = tmp / f"jobs-{self.port}"
         args = [
             sys.executable, str(REPO_ROOT / "launch" / "serve.py"), "--model", str(model),
             "--device", "cpu", "--dtype", "float32", "--session-len", "512",
             "--block-size", "16", "--num-blocks", "256", "--port", str(self.port),
-            "--job-dir", str(tmp / f"jobs-{self.port}"), *extra,
+            "--job-dir", str(self.job_dir), *extra,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -887,3 +888,31 @@ def test_tokenize_errors_name_the_field(
     status, body = server.request("POST", path, payload)
     assert status in (400, 404) and body["error"]["param"] == param, body
     assert server.request("POST", path, {"prompt": "a"}, key="wrong")[0] == 401
+
+
+def test_priority_is_taken_and_checked(server: Server, client: Any) -> None:
+    """vLLM's `priority` extra on every generation route and on jobs (a job's stays with it
+    in the queue); a value that is not an integer is a 400 naming it."""
+    for path, body in (
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                  "max_tokens": 1}),
+        ("/v1/responses", {"input": "Hi", "max_output_tokens": 1}),
+    ):  # fmt: skip
+        status, out = server.request("POST", path, {**body, "priority": -3})
+        assert status == 200, (path, out)
+        status, out = server.request("POST", path, {**body, "priority": "soon"})
+        assert status == 400 and out["error"]["param"] == "priority", (path, out)
+    status, job = server.request(
+        "POST", "/v1/jobs",
+        {"document": "The pier is long.", "questions": ["How long?"], "max_tokens": 2,
+         "priority": 7},
+    )  # fmt: skip
+    assert status == 200, job
+    import sqlite3
+
+    from dist_runtime.jobs.store import DB_NAME
+
+    with sqlite3.connect(server.job_dir / DB_NAME) as db:
+        (params,) = db.execute("SELECT params FROM jobs WHERE id = ?", (job["id"],)).fetchone()
+    assert json.loads(params)["priority"] == 7

@@ -4,6 +4,13 @@ Each step spends a token budget: every running decode first (one token each), th
 chunks of sequences still reading their prompt, then newly admitted sequences while KV blocks
 last. When a decode cannot get a block, the most recently admitted sequence is preempted: its
 blocks are freed and it is recomputed later (prompt + output so far).
+
+Requests carry a priority (`SamplingParams.priority`, lower first): the waiting queue is kept
+in priority order (arrival order within one, preempted sequences at the head of theirs),
+decodes claim blocks most important first, a preemption takes the least important running
+sequence (the latest admitted among equals), and a waiting sequence that finds no block or
+slot preempts a running one of lower priority that this step has not scheduled yet. With
+every priority equal (the default) this is the plain first-come order above.
 """
 
 from __future__ import annotations
@@ -124,8 +131,23 @@ class Scheduler:
         self._seqs: dict[int, Sequence] = {}
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._enqueue(seq, front=False)
         self._seqs[seq.seq_id] = seq
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """Into the waiting queue in priority order: at the back of its priority (a new
+        arrival) or at its front (a preempted or reset sequence)."""
+        p = seq.params.priority
+        waiting = self.waiting
+        if not front and (not waiting or waiting[-1].params.priority <= p):
+            waiting.append(seq)  # the common case: equal priorities
+            return
+        if front and (not waiting or waiting[0].params.priority >= p):
+            waiting.appendleft(seq)
+            return
+        ahead = (lambda q: q > p) if not front else (lambda q: q >= p)
+        at = next((i for i, w in enumerate(waiting) if ahead(w.params.priority)), len(waiting))
+        waiting.insert(at, seq)
 
     def get(self, seq_id: int) -> Sequence:
         return self._seqs[seq_id]
@@ -137,6 +159,7 @@ class Scheduler:
         # The budget is per cp rank: striped blocks spread a chunk evenly over the ranks.
         budget = self.config.max_num_batched_tokens * self.blocks.cp_size
         scheduled: list[ScheduledSeq] = []
+        self._make_room_for_waiting()
         for seq in self._decodes_with_blocks():
             scheduled.append(ScheduledSeq(seq, 1))
             budget -= 1
@@ -154,6 +177,8 @@ class Scheduler:
         for seq in prefilling:
             if budget <= 0:
                 break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted just now for a more important arrival
             n = self._chunk(seq, budget)
             if n:
                 scheduled.append(ScheduledSeq(seq, n))
@@ -167,14 +192,20 @@ class Scheduler:
         """Admit waiting sequences in order while tokens, slots and blocks last (with
         fresh_only, up to the first preempted one); tokens used."""
         used = 0
-        while self.waiting and used < budget and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and used < budget:
             seq = self.waiting[0]
             if fresh_only and seq.was_preempted:
+                break
+            if len(self.running) >= self.config.max_num_seqs and not self._preempt_for(
+                seq, scheduled
+            ):
                 break
             self._reuse_prefix(seq)
             n = self._chunk(seq, budget - used)
             if not n:
                 self._drop_blocks(seq)
+                if self._preempt_for(seq, scheduled):
+                    continue  # its blocks may be enough now
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -185,12 +216,13 @@ class Scheduler:
 
     def _decodes_with_blocks(self) -> list[Sequence]:
         """Running sequences that decode this step, preempting others until all have blocks."""
-        decodes = []
-        for seq in list(self.running):
+        decodes: list[Sequence] = []
+        # most important first, so a preemption takes blocks from the least important
+        for seq in sorted(self.running, key=lambda s: s.params.priority):
             if seq.status is not SeqStatus.RUNNING or seq.num_computed_tokens != seq.num_tokens - 1:
                 continue
             while not self.blocks.can_grow(seq.block_table, seq.num_tokens):
-                victim = self.running[-1]
+                victim = self._victim(exclude=decodes)
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -198,6 +230,44 @@ class Scheduler:
                 self.blocks.grow(seq.block_table, seq.num_tokens)
                 decodes.append(seq)
         return decodes
+
+    def _victim(self, exclude: list[Sequence]) -> Sequence:
+        """The running sequence to preempt: the highest priority value, the latest admitted
+        among equals, of those not in `exclude`."""
+        index = max(
+            (i for i, s in enumerate(self.running) if not _in(exclude, s)),
+            key=lambda i: (self.running[i].params.priority, i),
+        )
+        return self.running[index]
+
+    def _make_room_for_waiting(self) -> None:
+        """Preempt running sequences less important than the head of the queue (least
+        important first) until it has a slot and the blocks of a first chunk: else running
+        decodes, scheduled first every step, would keep it out until they finish."""
+        if not self.waiting:
+            return
+        head = self.waiting[0]
+        first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
+        while not (
+            len(self.running) < self.config.max_num_seqs and self.blocks.can_grow([], first_chunk)
+        ):
+            if not self._preempt_for(head, []):
+                return
+
+    def _preempt_for(self, seq: Sequence, scheduled: list[ScheduledSeq]) -> bool:
+        """Preempt a running sequence of lower priority than waiting `seq` (one this step
+        has not scheduled), to free its blocks and slot; False when there is none."""
+        taken = [item.seq for item in scheduled]
+        candidates = [
+            i
+            for i, s in enumerate(self.running)
+            if s.params.priority > seq.params.priority and not _in(taken, s)
+        ]
+        if not candidates:
+            return False
+        index = max(candidates, key=lambda i: (self.running[i].params.priority, i))
+        self._preempt(self.running[index])
+        return True
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Prefill tokens of seq to run now (grows its table), 0 when no block is free."""
@@ -252,7 +322,7 @@ class Scheduler:
         self.blocks = blocks
         for seq in reversed(self.running):
             seq.status = SeqStatus.WAITING
-            self.waiting.appendleft(seq)
+            self._enqueue(seq, front=True)
         self.running.clear()
         for seq in self.waiting:
             seq.block_table.clear()  # ids of the old pool: nothing to free
@@ -271,7 +341,7 @@ class Scheduler:
         seq.is_reset = True
         seq.status = SeqStatus.WAITING
         seq.was_preempted = True
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, front=True)
         self._finished_ids.append(seq.seq_id)
         self.num_preemptions += 1
 
@@ -403,6 +473,10 @@ class Scheduler:
 
 def _has(scheduled: list[ScheduledSeq], seq: Sequence) -> bool:
     return any(s.seq is seq for s in scheduled)
+
+
+def _in(seqs: list[Sequence], seq: Sequence) -> bool:
+    return any(s is seq for s in seqs)
 
 
 def _prompt_rows(seq: Sequence, start: int, n: int) -> tuple[int, int]:

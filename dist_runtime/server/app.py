@@ -234,6 +234,7 @@ class _Server:
                 logit_bias=req.logit_bias or (),
                 guided_choice=tuple(req.guided_choice or ()),
                 guided_regex=req.guided_regex,
+                priority=req.priority,
             )
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from e
@@ -911,6 +912,7 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
                 seed=req.seed,
                 json_object=json_object,
                 json_schema=schema,
+                priority=req.priority,
             )
             job_id = runtime.submit(
                 req.document, req.questions, params, idempotency_key=req.idempotency_key

@@ -97,6 +97,8 @@ class ResponsesRequest(_Request):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     """An extra (as vLLM's): the same seed gives the same answer."""
+    priority: int = Field(default=0, ge=-(2**31), lt=2**31)
+    """An extra (as vLLM's): scheduling priority, lower first."""
     stream: bool = False
     text: TextConfig | None = None
     tools: list[FunctionTool] | None = None
@@ -171,6 +173,7 @@ class ResponsesRequest(_Request):
             top_p=self.top_p,
             seed=self.seed,
             response_format=response_format,
+            priority=self.priority,
         )
 
 

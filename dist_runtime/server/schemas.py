@@ -115,6 +115,8 @@ class SamplingFields(_Request):
     """vLLM's extra: the answer matches this regular expression whole."""
     guided_json: dict[str, Any] | None = None
     """vLLM's extra: a JSON Schema for the answer (as response_format's json_schema)."""
+    priority: int = Field(default=0, ge=-(2**31), lt=2**31)
+    """vLLM's extra: scheduling priority, lower first (`SamplingParams.priority`)."""
 
     @field_validator("stop")
     @classmethod
@@ -324,6 +326,8 @@ class JobRequest(_Request):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     idempotency_key: str | None = None
+    priority: int = Field(default=0, ge=-(2**31), lt=2**31)
+    """Scheduling priority of the job's requests, lower first (`SamplingParams.priority`)."""
     response_format: ResponseFormat | None = None
     """Guided JSON answers, as on the chat route (a multipart form sends it as JSON text)."""
 

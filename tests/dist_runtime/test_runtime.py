@@ -338,3 +338,37 @@ def test_progress_counts_every_decoded_token(
     lines = capsys.readouterr().err.splitlines()
     decode = [line for line in lines if line.startswith("decode: ")]
     assert len(decode) == 1 and decode[0].startswith(f"decode: {generated - 2} tokens in "), lines
+
+
+def test_an_important_request_goes_ahead_of_a_running_one(tiny_llama_dir: Path) -> None:
+    """One sequence slot: a priority-0 arrival preempts the priority-5 request whose long
+    prompt is being prefilled in small chunks, ends first, and the preempted one still ends
+    with the tokens it gives alone (greedy)."""
+    import time
+
+    low_prompt, high_prompt = _prompt(1500, seed=21), _prompt(9, seed=22)
+    with Runtime(
+        model=str(tiny_llama_dir),
+        session_len=2048,
+        scheduler=SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=32),
+        **CPU32,
+    ) as runtime:
+        (alone,) = runtime.generate([low_prompt], _greedy(max_new_tokens=8, ignore_eos=True))
+        ended: list[str] = []
+        (low,) = runtime.engine.add_requests(
+            [low_prompt], [_greedy(max_new_tokens=8, ignore_eos=True, priority=5)]
+        )
+        low.add_done_callback(lambda _h: ended.append("low"))
+        deadline = time.monotonic() + 30
+        while not runtime.engine.scheduler.running:  # low's prefill has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        (high,) = runtime.engine.add_requests(
+            [high_prompt], [_greedy(max_new_tokens=4, ignore_eos=True, priority=0)]
+        )
+        high.add_done_callback(lambda _h: ended.append("high"))
+        assert len(high.result(timeout=60).token_ids) == 4
+        out = low.result(timeout=60)
+        preemptions = runtime.engine.scheduler.num_preemptions
+    assert ended == ["high", "low"] and preemptions >= 1
+    assert out.token_ids == alone.token_ids

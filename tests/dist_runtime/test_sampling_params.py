@@ -34,6 +34,9 @@ from dist_runtime.sampling_params import SamplingParams
         ("stop", ""),
         ("stop", ["ok", ""]),
         ("stop_token_ids", [1, -2]),
+        ("priority", 1.5),
+        ("priority", "high"),
+        ("priority", 2**31),
     ],
 )
 def test_invalid_value_names_the_field(field: str, value: Any) -> None:

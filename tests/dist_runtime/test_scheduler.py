@@ -26,9 +26,9 @@ def fake_token(seq_id: int, position: int) -> int:
     return (seq_id * 7919 + position * 104729) % 1000
 
 
-def make_seq(seq_id: int, prompt_len: int, max_new_tokens: int = 4) -> Sequence:
+def make_seq(seq_id: int, prompt_len: int, max_new_tokens: int = 4, priority: int = 0) -> Sequence:
     prompt = [(seq_id * 31 + i) % 1000 for i in range(prompt_len)]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, priority=priority)
     return Sequence(seq_id=seq_id, prompt_token_ids=prompt, params=params, seed=seq_id)
 
 
@@ -277,6 +277,82 @@ def test_finished_ids_are_reported_once_after_finishing() -> None:
         assert reported == step + 1  # in the very next plan, before its blocks are reused
 
 
+def _first_steps(d: Driver) -> list[int]:
+    """Sequence ids in the order their (first or recomputed) prefill started."""
+    return [s.seq_id for p in d.plans for s in p.seqs if s.is_new]
+
+
+def test_waiting_requests_are_admitted_by_priority() -> None:
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    d.add(*(make_seq(i, prompt_len=3, max_new_tokens=2, priority=p)
+            for i, p in enumerate([2, 0, 1, 0, -1])))  # fmt: skip
+    d.run()
+    # lower first, first come first served among equals; nothing running is ever outranked
+    assert _first_steps(d) == [4, 1, 3, 2, 0] and d.scheduler.num_preemptions == 0
+    for seq in d.seqs.values():
+        assert seq.output_token_ids == d.expected_output(seq)
+
+
+def test_an_important_arrival_takes_the_slot_of_a_running_one() -> None:
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    low, high = make_seq(0, 5, max_new_tokens=12, priority=5), make_seq(1, 4, 3, priority=0)
+    d.add(low)
+    for _ in range(4):
+        d.step()
+    d.add(high)
+    plan = d.step()
+    assert [(s.seq_id, s.is_new) for s in plan.seqs] == [(1, True)]  # low gave up its slot
+    assert low.status is SeqStatus.WAITING and d.scheduler.num_preemptions == 1
+    d.run()
+    assert d.finished_at[1] < d.finished_at[0] and d.recomputes == [0]
+    for seq in (low, high):
+        assert seq.output_token_ids == d.expected_output(seq)
+    # an equal or less important arrival waits for the slot instead
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    first, second = make_seq(0, 5, 6, priority=1), make_seq(1, 4, 3, priority=1)
+    d.add(first)
+    d.step()
+    d.add(second)
+    d.run()
+    assert d.scheduler.num_preemptions == 0 and d.finished_at[0] < d.finished_at[1]
+
+
+def test_an_important_arrival_takes_the_blocks_of_a_running_one() -> None:
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64)
+    d = Driver(num_blocks=6, block_size=4, config=config)
+    low = make_seq(0, 17, max_new_tokens=4, priority=3)  # 5 of the 6 blocks
+    d.add(low)
+    d.step()
+    high = make_seq(1, 9, max_new_tokens=2, priority=0)  # needs 3
+    d.add(high)
+    plan = d.step()
+    assert d.scheduler.num_preemptions == 1
+    # high runs whole; low, preempted, restarts on what is left (3 blocks of its 5)
+    assert [(s.seq_id, s.is_new, s.start_pos, len(s.token_ids)) for s in plan.seqs] == [
+        (1, True, 0, 9), (0, True, 0, 12)
+    ]  # fmt: skip
+    d.run()
+    assert d.finished_at[1] < d.finished_at[0]
+    for seq in (low, high):
+        assert seq.output_token_ids == d.expected_output(seq)
+
+
+def test_a_decode_short_of_blocks_preempts_the_least_important() -> None:
+    """The less important sequence gives up its blocks even though it was admitted first."""
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64)
+    d = Driver(num_blocks=6, block_size=4, config=config)
+    low, high = make_seq(0, 7, max_new_tokens=9, priority=1), make_seq(1, 7, 9, priority=0)
+    d.add(low)
+    d.add(high)
+    d.run()
+    assert d.scheduler.num_preemptions >= 1 and d.recomputes and set(d.recomputes) == {0}
+    assert d.finished_at[1] < d.finished_at[0]
+    for seq in (low, high):
+        assert seq.output_token_ids == d.expected_output(seq)
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_random_workloads_replay_and_recompute(seed: int) -> None:
     """Random prompt lengths, budgets and cache sizes, arrivals between steps: every plan
@@ -288,7 +364,11 @@ def test_random_workloads_replay_and_recompute(seed: int) -> None:
     config = SchedulerConfig(
         max_num_seqs=max_seqs, max_num_batched_tokens=rng.randint(max_seqs, 40)
     )
-    seqs = [make_seq(i, rng.randint(1, 30), rng.randint(1, 12)) for i in range(rng.randint(3, 12))]
+    prioritized = seed % 2 == 1  # odd seeds draw priorities too
+    seqs = [
+        make_seq(i, rng.randint(1, 30), rng.randint(1, 12), rng.randint(0, 3) if prioritized else 0)
+        for i in range(rng.randint(3, 12))
+    ]
     longest = max(s.num_tokens + s.params.max_new_tokens for s in seqs)
     num_blocks = -(-longest // block_size) + rng.randint(0, 8)  # every sequence fits alone
     d = Driver(num_blocks, block_size, config)
