@@ -916,3 +916,16 @@ def test_priority_is_taken_and_checked(server: Server, client: Any) -> None:
     with sqlite3.connect(server.job_dir / DB_NAME) as db:
         (params,) = db.execute("SELECT params FROM jobs WHERE id = ?", (job["id"],)).fetchone()
     assert json.loads(params)["priority"] == 7
+
+
+def test_choices_say_which_stop_ended_them(client: Any) -> None:
+    """vLLM's `stop_reason`: the stop string that cut the text; null for a length finish."""
+    ask: dict[str, Any] = dict(model=None, prompt="The tide", max_tokens=24, temperature=0,
+                               extra_body={"ignore_eos": True})  # fmt: skip
+    full = client.completions.create(**ask).choices[0]
+    assert full.finish_reason == "length" and full.model_extra["stop_reason"] is None
+    at = next(i for i in range(1, len(full.text) - 1) if full.text.find(full.text[i : i + 2]) == i)
+    stop = full.text[at : at + 2]
+    cut = client.completions.create(stop=[stop, "never-seen"], **ask).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:at]
+    assert cut.model_extra["stop_reason"] == stop

@@ -87,8 +87,7 @@ class OutputProcessor:
             return "length"
         return None
 
-    @staticmethod
-    def output(seq: Sequence, finish_reason: str) -> RequestOutput:
+    def output(self, seq: Sequence, finish_reason: str) -> RequestOutput:
         text_state = seq.text_state
         if text_state is not None and finish_reason == "abort":
             text_state.finish()
@@ -100,7 +99,16 @@ class OutputProcessor:
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
             prompt_logprobs=_prompt_logprobs(seq),
+            stop_reason=self._stop_cause(seq) if finish_reason == "stop" else None,
         )
+
+    def _stop_cause(self, seq: Sequence) -> str | int | None:
+        if seq.text_state is not None and seq.text_state.stop_hit is not None:
+            return str(seq.text_state.stop_hit)
+        last = seq.output_token_ids[-1] if seq.output_token_ids else None
+        if last is not None and self._is_stop_token(seq, last):
+            return last
+        return None
 
 
 def _prompt_logprobs(seq: Sequence) -> list[TokenLogprobs | None] | None:

@@ -515,6 +515,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     "message": message,
                     "logprobs": _chat_logprobs(server, o.logprobs) if req.logprobs else None,
                     "finish_reason": "tool_calls" if calls else o.finish_reason,
+                    "stop_reason": o.stop_reason,
                 }
             )
         if req.prompt_logprobs is not None:
@@ -651,6 +652,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 if req.logprobs is not None
                 else None,
                 "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_reason,
                 **extras(k, o.prompt_logprobs),
             }
             for k, o in enumerate(outs)

@@ -21,6 +21,8 @@ class TextStream:
         self.text = ""
         self.num_emitted = 0
         self.hit_stop = False
+        self.stop_hit: str | None = None
+        """The stop string the text was cut at (the earliest one in the text)."""
 
     def add(self, token_id: int) -> bool:
         """Append a token's text; True when a stop string now appears (the text is cut there)."""
@@ -47,9 +49,10 @@ class TextStream:
         return delta
 
     def _cut_at_stop(self, before: int) -> bool:
-        hits = [self.text.find(s, max(0, before - len(s) + 1)) for s in self.stops]
-        hits = [h for h in hits if h >= 0]
-        if not hits:
+        found = [(self.text.find(s, max(0, before - len(s) + 1)), s) for s in self.stops]
+        found = [(at, s) for at, s in found if at >= 0]
+        if not found:
             return False
-        self.text = self.text[: min(hits)]
+        at, self.stop_hit = min(found, key=lambda hit: hit[0])
+        self.text = self.text[:at]
         return True

@@ -67,6 +67,7 @@ def test_outputs_follow_the_schema(rt: Runtime, temperature: float) -> None:
     outs = rt.generate(["hello", "a b c", "hello", [5, 6, 7]], params)
     for out, p in zip(outs, params):
         assert out.finish_reason == "stop", out.text
+        assert out.stop_reason is None  # the value closed: no stop string or token
         value = json.loads(out.text)
         jsonschema.validate(value, SCHEMA)
         assert list(value)[:5] == ["color", "n", "score", "ok", "name"]  # the schema's order

@@ -144,7 +144,8 @@ def test_stop_string_cuts_the_text(rt: Runtime) -> None:
     stop, at = _stop_string(full.text)
     assert at > 0
     (cut,) = rt.generate([TEXT], SamplingParams(**{**_fields(params), "stop": [stop, "zzzzqq"]}))
-    assert cut.finish_reason == "stop"
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert full.stop_reason is None  # finished by length
     assert cut.text == full.text[:at] and stop not in cut.text
     # Generation ended on the token that completed the stop string.
     n = len(cut.token_ids)
@@ -160,7 +161,7 @@ def test_stop_token_ids(rt: Runtime) -> None:
     k = full.token_ids.index(target)
     (stopped,) = rt.generate([prompt], _greedy(max_new_tokens=16, stop_token_ids=[target]))
     assert stopped.token_ids == full.token_ids[: k + 1]  # the stop token is kept
-    assert stopped.finish_reason == "stop"
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == target
     # ... in the ids, not in the text (as vLLM: the answer is what came before it)
     assert stopped.text == rt.tokenizer.decode(full.token_ids[:k])  # type: ignore[union-attr]
 
@@ -172,6 +173,7 @@ def test_the_ending_eos_adds_no_text_when_special_tokens_are_kept(rt: Runtime) -
                    logit_bias={eos: 100.0})  # fmt: skip
     ended, ignored = rt.generate([TEXT, TEXT], [forced, kept])
     assert ended.token_ids == [eos] and ended.text == "" and ended.finish_reason == "stop"
+    assert ended.stop_reason == eos and ignored.stop_reason is None
     # with ignore_eos the token is an ordinary one: its text is part of the answer
     assert ignored.token_ids == [eos] * 3
     assert ignored.text == rt.tokenizer.decode([eos] * 3, skip_special_tokens=False)  # type: ignore[union-attr]
