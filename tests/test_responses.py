@@ -151,7 +151,7 @@ def test_function_calls_round_trip(client: Any) -> None:
 @pytest.mark.parametrize(
     ("extra", "param", "match"),
     [
-        ({"tools": [{"type": "web_search"}]}, "tools.0.type", "hosted tool"),
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type", "built-in tool"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input.0.content.0.type", "reads text"),
         ({"input": [{"type": "computer_call_output"}]}, "input.0.type", "not supported"),

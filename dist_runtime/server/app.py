@@ -7,7 +7,8 @@ Every HTTP request is one more engine client: it adds requests and reads their h
 event loop (never blocking it); a client that disconnects, mid-stream or while waiting for a
 whole answer, aborts its requests. Routes: `/v1/models` (and `/v1/models/{name}`),
 `/v1/chat/completions`, `/v1/completions` (SSE with `stream: true`), the Responses API under
-`/v1/responses` (`dist_runtime.server.responses`), the document-QA jobs under `/v1/jobs`,
+`/v1/responses` (`dist_runtime.server.responses`), Anthropic's `/v1/messages`
+(`dist_runtime.server.anthropic`), the document-QA jobs under `/v1/jobs`,
 vLLM's `/tokenize` and `/detokenize`, `/health`, `/metrics` and the chat page at `/`.
 Errors are `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -105,9 +106,11 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
     app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
     _add_error_handlers(app)
     _add_routes(app, server)
+    from dist_runtime.server.anthropic import add_messages_routes
     from dist_runtime.server.responses import add_responses_routes
 
     add_responses_routes(app, server)
+    add_messages_routes(app, server)
 
     @app.middleware("http")
     async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
@@ -115,9 +118,12 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
         if request.url.path.startswith(KEYED_PATHS) and not server.key_ok(request):
             return JSONResponse(
                 error_body(
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' (or "
+                    "'x-api-key: <key>')",
                     "authentication_error",
                     code="invalid_api_key",
+                    path=request.url.path,
+                    status=401,
                 ),
                 status_code=401,
             )
@@ -174,7 +180,9 @@ class _Server:
         if not keys:
             return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and token.strip() in keys
+        if scheme.lower() == "bearer" and token.strip() in keys:
+            return True
+        return request.headers.get("x-api-key", "").strip() in keys  # Anthropic's header
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.served_model_name:
@@ -301,24 +309,35 @@ def token_string(raw: bytes) -> str:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    def reply(
+        request: Request,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> JSONResponse:
+        body = error_body(message, type_, param, code, path=request.url.path, status=status)
+        return JSONResponse(body, status_code=status)
+
     @app.exception_handler(APIError)
-    async def api_error(_request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return reply(request, e.status, e.message, e.type, e.param, e.code)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(list(e.errors()))
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+        return reply(request, 400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+        return reply(request, e.status_code, str(e.detail), kind)
 
     @app.exception_handler(Exception)
-    async def internal(_request: Request, e: Exception) -> JSONResponse:
+    async def internal(request: Request, e: Exception) -> JSONResponse:
         logger.exception("internal error")
-        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+        return reply(request, 500, "internal server error", "server_error")
 
 
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
@@ -985,7 +1004,7 @@ class _BodyLimit:
             if int(length) > self.max_bytes:
                 if int(length) <= self.drain_bytes:
                     await self._drain(receive, 0)
-                await self._reject(send)
+                await self._reject(send, scope)
                 return
             await self.app(scope, receive, send)
             return
@@ -1004,7 +1023,7 @@ class _BodyLimit:
             if seen > self.max_bytes:
                 if more:
                     await self._drain(receive, seen)
-                await self._reject(send)
+                await self._reject(send, scope)
                 return
             parts.append(body)
             if not more:
@@ -1030,12 +1049,14 @@ class _BodyLimit:
             if not message.get("more_body", False):
                 return
 
-    async def _reject(self, send: Any) -> None:
+    async def _reject(self, send: Any, scope: Any) -> None:
         body = json.dumps(
             error_body(
                 f"request body over {self.max_bytes} bytes (--max-request-mb)",
                 "invalid_request_error",
                 code="request_too_large",
+                path=scope.get("path", ""),
+                status=413,
             )
         ).encode()
         await send(

@@ -38,10 +38,11 @@ from dist_runtime.server.schemas import (
     JsonSchemaFormat,
     ResponseFormat,
     SamplingFields,
-    UnsupportedFieldError,
     _empty,
     _Request,
     _unsupported,
+    check_tool_choice,
+    check_tool_types,
 )
 
 if TYPE_CHECKING:
@@ -126,28 +127,17 @@ class ResponsesRequest(_Request):
                 "top_logprobs": lambda v: not v,
             },
         )
-        for i, tool in enumerate(data.get("tools") or []):
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            if kind != "function":
-                raise UnsupportedFieldError(
-                    f"tools.{i}.type",
-                    f"tool type {kind!r} is a hosted tool this server does not have; "
-                    "give function tools only",
-                )
+        check_tool_types(data.get("tools"), ("function",), "give function tools only")
         return data
 
     @model_validator(mode="after")
     def _choice_fits(self) -> ResponsesRequest:
-        names = [t.name for t in self.tools or []]
-        if len(set(names)) != len(names):
-            raise UnsupportedFieldError("tools", f"two tools share a name: {names}")
         choice = self.tool_choice
-        if choice not in (None, "none", "auto") and not names:
-            raise UnsupportedFieldError("tool_choice", "tool_choice needs tools to choose from")
-        if isinstance(choice, NamedFunctionChoice) and choice.name not in names:
-            raise UnsupportedFieldError(
-                "tool_choice", f"tool_choice names {choice.name!r}, which is not in tools {names}"
-            )
+        check_tool_choice(
+            [t.name for t in self.tools or []],
+            choice not in (None, "none", "auto"),
+            choice.name if isinstance(choice, NamedFunctionChoice) else None,
+        )
         return self
 
     @property

@@ -139,6 +139,31 @@ class SamplingFields(_Request):
         return data
 
 
+def check_tool_types(tools: Any, allowed: tuple[str | None, ...], give: str) -> None:
+    """Every tool (a raw request's list) is of an `allowed` type: the others are a provider's
+    built-in tools (web search, ...), which this server does not have."""
+    for i, tool in enumerate(tools or []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in allowed:
+            raise UnsupportedFieldError(
+                f"tools.{i}.type",
+                f"tool type {kind!r} is a built-in tool this server does not have; {give}",
+            )
+
+
+def check_tool_choice(names: list[str], calls: bool, named: str | None) -> None:
+    """The tools' names are distinct; a choice that requires a call (`calls`) has tools to
+    call, and a named one (`named`) is among them."""
+    if len(set(names)) != len(names):
+        raise UnsupportedFieldError("tools", f"two tools share a name: {names}")
+    if calls and not names:
+        raise UnsupportedFieldError("tool_choice", "tool_choice needs tools to choose from")
+    if named is not None and named not in names:
+        raise UnsupportedFieldError(
+            "tool_choice", f"tool_choice names {named!r}, which is not in tools {names}"
+        )
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
@@ -219,17 +244,12 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _tool_choice_fits(self) -> ChatCompletionRequest:
-        names = [t.function.name for t in self.tools or []]
-        if len(set(names)) != len(names):
-            raise UnsupportedFieldError("tools", f"two tools share a name: {names}")
         choice = self.tool_choice
-        if choice not in (None, "none", "auto") and not names:
-            raise UnsupportedFieldError("tool_choice", "tool_choice needs tools to choose from")
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise UnsupportedFieldError(
-                "tool_choice",
-                f"tool_choice names {choice.function.name!r}, which is not in tools {names}",
-            )
+        check_tool_choice(
+            [t.function.name for t in self.tools or []],
+            choice not in (None, "none", "auto"),
+            choice.function.name if isinstance(choice, NamedToolChoice) else None,
+        )
         if (
             choice not in (None, "none", "auto")
             and self.response_format is not None
@@ -343,6 +363,32 @@ class JobRequest(_Request):
 
 
 def error_body(
-    message: str, type_: str, param: str | None = None, code: str | None = None
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    path: str = "",
+    status: int = 400,
 ) -> dict[str, Any]:
+    """An error's JSON: OpenAI's `{"error": {"message", "type", "param", "code"}}`, or on
+    Anthropic's routes (`path` under /v1/messages) `{"type": "error", "error": {"type",
+    "message"}}` with Anthropic's type for the status."""
+    if path.startswith(ANTHROPIC_PATH):
+        if param and not message.startswith(param):
+            message = f"{param}: {message}"
+        kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else type_)
+        return {"type": "error", "error": {"type": kind, "message": message}}
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+ANTHROPIC_PATH = "/v1/messages"
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}

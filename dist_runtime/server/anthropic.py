@@ -1,0 +1,339 @@
+"""Anthropic's Messages API on the chat path: `POST /v1/messages` and
+`POST /v1/messages/count_tokens` (as LMDeploy serves them), for clients built on Anthropic's
+SDK.
+
+A request's `system` and `messages` (text blocks; `tool_use` blocks in assistant turns and
+`tool_result` blocks in user turns) become chat messages and run as a chat request does: the
+model's template and tool-call format, and guided calls for `tool_choice` `any` / `tool`. The
+answer comes back as content blocks: a `text` block, then a `tool_use` block per call, with
+`stop_reason` `end_turn`, `max_tokens`, `stop_sequence` (and which) or `tool_use`. `stream:
+true` sends Anthropic's events (`message_start`, `content_block_start` / `_delta` / `_stop`,
+`message_delta`, `message_stop`). Keys go in `x-api-key` (or `Authorization: Bearer`); errors
+are `{"type": "error", "error": {"type", "message"}}`. Images, documents, server tools and
+extended thinking are 400s naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dist_runtime.server.calls import APIError, functions_of, gather, merged, start_chat
+from dist_runtime.server.schemas import (
+    ChatMessage,
+    SamplingFields,
+    UnsupportedFieldError,
+    _Request,
+    check_tool_choice,
+    check_tool_types,
+)
+
+if TYPE_CHECKING:
+    from dist_runtime.engine.outputs import RequestOutput
+    from dist_runtime.server.app import _Server
+
+_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class AnthropicTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str | None = None
+    name: str = Field(pattern=_NAME)
+    description: str | None = None
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
+class AnthropicToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
+
+
+class MessagesRequest(_Request):
+    model: str | None = None
+    max_tokens: int = Field(ge=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+    metadata: dict[str, Any] | None = None
+    priority: int = Field(default=0, ge=-(2**31), lt=2**31)
+    """An extra (as vLLM's): scheduling priority, lower first."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsupported(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        thinking = data.get("thinking")
+        if isinstance(thinking, dict) and thinking.get("type") not in (None, "disabled"):
+            raise UnsupportedFieldError(
+                "thinking", "extended thinking is not supported by this model; leave it out"
+            )
+        check_tool_types(
+            data.get("tools"), (None, "custom"), "give custom tools (name, input_schema)"
+        )
+        return data
+
+    @model_validator(mode="after")
+    def _choice_fits(self) -> MessagesRequest:
+        choice = self.tool_choice
+        check_tool_choice(
+            [t.name for t in self.tools or []],
+            choice is not None and choice.type in ("any", "tool"),
+            choice.name or "" if choice is not None and choice.type == "tool" else None,
+        )
+        if any(not s for s in self.stop_sequences or []):
+            raise UnsupportedFieldError("stop_sequences", "stop sequences must not be empty")
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        choice = self.tool_choice
+        if not self.tools or (choice is not None and choice.type == "none"):
+            return "none"
+        if choice is None or choice.type == "auto":
+            return "auto"
+        return "required" if choice.type == "any" else "named"
+
+    def sampling(self) -> SamplingFields:
+        return SamplingFields(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            stop=self.stop_sequences or None,
+            priority=self.priority,
+        )
+
+
+def chat_messages(
+    system: str | list[dict[str, Any]] | None, messages: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Chat messages ({"role", "content", "tool_calls", "tool_call_id"}) of a request's system
+    prompt and messages; a bad block is an `APIError` naming it."""
+    out: list[dict[str, Any]] = []
+    if system:
+        out.append({"role": "system", "content": _texts(system, "system")})
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("user", "assistant"):
+            raise APIError(400, f"role {role!r} is not user or assistant", param=f"{where}.role")
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise APIError(400, "content must be a string or a list of blocks", f"{where}.content")
+        texts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for j, block in enumerate(content):
+            kind = block.get("type") if isinstance(block, dict) else None
+            at = f"{where}.content.{j}"
+            if kind == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif kind == "tool_use" and role == "assistant":
+                if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                    raise APIError(400, "a tool_use block needs id and name", param=at)
+                arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+                function = {"name": block["name"], "arguments": arguments}
+                calls.append({"id": block["id"], "type": "function", "function": function})
+            elif kind == "tool_result" and role == "user":
+                if not isinstance(block.get("tool_use_id"), str):
+                    raise APIError(400, "a tool_result block needs tool_use_id", param=at)
+                result = block.get("content") or ""
+                text = result if isinstance(result, str) else _texts(result, f"{at}.content")
+                if block.get("is_error"):
+                    text = f"Error: {text}"
+                out.append({"role": "tool", "content": text, "tool_call_id": block["tool_use_id"]})
+            elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+                continue  # another model's reasoning, sent back with its answer
+            else:
+                raise APIError(
+                    400,
+                    f"content block type {kind!r} is not supported in a {role} turn: this "
+                    "model reads text (and tool_use / tool_result blocks)",
+                    param=f"{at}.type",
+                )
+        if texts or calls or role == "assistant":
+            message: dict[str, Any] = {"role": role, "content": "".join(texts)}
+            if calls:
+                message["tool_calls"] = calls
+            out.append(message)
+    return out
+
+
+def _texts(blocks: Any, where: str) -> str:
+    if isinstance(blocks, str):
+        return blocks
+    if not isinstance(blocks, list):
+        raise APIError(400, "must be a string or a list of text blocks", param=where)
+    texts = []
+    for j, block in enumerate(blocks):
+        if not (isinstance(block, dict) and block.get("type") == "text"
+                and isinstance(block.get("text"), str)):  # fmt: skip
+            raise APIError(400, "only text blocks are supported here", param=f"{where}.{j}.type")
+        texts.append(block["text"])
+    return "".join(texts)
+
+
+def stop_fields(out: RequestOutput, calls: list[tuple[str, str]]) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) of an answer."""
+    if calls:
+        return "tool_use", None
+    if out.finish_reason == "length":
+        return "max_tokens", None
+    if isinstance(out.stop_reason, str):
+        return "stop_sequence", out.stop_reason
+    return "end_turn", None
+
+
+def add_messages_routes(app: FastAPI, server: _Server) -> None:
+    name = server.settings.served_model_name
+
+    def messages_of(req: MessagesRequest) -> list[ChatMessage]:
+        try:
+            return [ChatMessage.model_validate(m) for m in chat_messages(req.system, req.messages)]
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+
+    def functions(req: MessagesRequest) -> Any:
+        return functions_of([(t.name, t.description, t.input_schema) for t in req.tools or []])
+
+    @app.post("/v1/messages")
+    async def create(req: MessagesRequest, request: Request) -> Any:
+        server.check_model(req.model)
+        choice = req.tool_choice
+        run = await start_chat(
+            server,
+            req.sampling(),
+            messages_of(req),
+            functions(req),
+            req.tool_mode,
+            choice.name if choice is not None and choice.type == "tool" else None,
+            not (choice is not None and choice.disable_parallel_tool_use),
+            req.max_tokens,
+            None,
+            1,
+        )
+        mid = f"msg_{uuid.uuid4().hex}"
+
+        def usage(out: RequestOutput | None) -> dict[str, Any]:
+            cached = out.num_cached_tokens if out is not None else 0
+            return {
+                "input_tokens": len(run.ids) - cached,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": cached,
+                "output_tokens": len(out.token_ids) if out is not None else 0,
+            }
+
+        def tool_block(call: tuple[str, str]) -> dict[str, Any]:
+            return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}",
+                    "name": call[0], "input": json.loads(call[1])}  # fmt: skip
+
+        def account(out: RequestOutput) -> None:
+            request.state.usage = {
+                "prompt_tokens": len(run.ids), "completion_tokens": len(out.token_ids)
+            }  # fmt: skip
+
+        if not req.stream:
+            (out,) = await gather(run.handles, request)
+            split = run.splitter()
+            text, calls = split.feed(out.text, out.finish_reason) if split else (out.text, [])
+            content = [{"type": "text", "text": text}] if text or not calls else []
+            content += [tool_block(c) for c in calls]
+            reason, sequence = stop_fields(out, calls)
+            account(out)
+            return {
+                "id": mid,
+                "type": "message",
+                "role": "assistant",
+                "model": name,
+                "content": content,
+                "stop_reason": reason,
+                "stop_sequence": sequence,
+                "usage": usage(out),
+            }
+
+        async def events() -> AsyncIterator[str]:
+            def event(kind: str, **fields: Any) -> str:
+                return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n"
+
+            yield event("message_start", message={
+                "id": mid, "type": "message", "role": "assistant", "model": name,
+                "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage(None),
+            })  # fmt: skip
+            split = run.splitter()
+            calls: list[tuple[str, str]] = []
+            index = -1  # the open text block's index
+            try:
+                async for _, delta in merged(run.handles):
+                    piece, found = (
+                        split.feed(delta.text, delta.finish_reason) if split else (delta.text, [])
+                    )
+                    calls += found
+                    if piece:
+                        if index < 0:
+                            index = 0
+                            yield event("content_block_start", index=0,
+                                        content_block={"type": "text", "text": ""})  # fmt: skip
+                        yield event("content_block_delta", index=0,
+                                    delta={"type": "text_delta", "text": piece})  # fmt: skip
+            except Exception as error:
+                yield event("error", error={"type": "api_error", "message": str(error)})
+                return
+            out = run.handles[0].result(timeout=0)
+            if index < 0 and not calls:
+                index = 0
+                yield event("content_block_start", index=0,
+                            content_block={"type": "text", "text": ""})  # fmt: skip
+            if index == 0:
+                yield event("content_block_stop", index=0)
+            for k, call in enumerate(calls, index + 1):
+                block = tool_block(call)
+                arguments = json.dumps(block["input"], ensure_ascii=False)
+                yield event("content_block_start", index=k, content_block={**block, "input": {}})
+                json_delta = {"type": "input_json_delta", "partial_json": arguments}
+                yield event("content_block_delta", index=k, delta=json_delta)
+                yield event("content_block_stop", index=k)
+            reason, sequence = stop_fields(out, calls)
+            account(out)
+            yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
+                        usage={"output_tokens": len(out.token_ids)})  # fmt: skip
+            yield event("message_stop")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(req: CountRequest) -> dict[str, Any]:
+        """The prompt's tokens, as /v1/messages would build it (tools included)."""
+        import asyncio
+
+        from dist_runtime.server.calls import chat_prompt
+
+        server.check_model(req.model)
+        as_messages = MessagesRequest(
+            max_tokens=1, messages=req.messages, system=req.system, tools=req.tools
+        )
+        messages = messages_of(as_messages)
+        ids = await asyncio.to_thread(chat_prompt, server, messages, functions(as_messages), False)
+        return {"input_tokens": len(ids)}
+
+
+class CountRequest(_Request):
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[AnthropicTool] | None = None
