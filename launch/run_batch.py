@@ -14,7 +14,8 @@ this process, so an answer equals what `launch/serve.py` would give; they run to
 --max-concurrent at once) in one engine, sharing its prefix cache.
 
 A run that stops (Ctrl-C, a crash) resumes: lines whose custom_id already has an answer in the
-output file are skipped and the rest appended. Bad input (a line that is not such a request,
+output file are skipped and the rest appended; answers worth another try (a 5xx, a 429) are
+taken out of the file and their requests run again. Bad input (a line that is not such a request,
 custom_ids that repeat, a stream request) is an `error:` naming the line, exit 2, before any
 model is loaded. Every engine flag of launch/run.py applies.
 """
@@ -45,6 +46,8 @@ from launch.run import (  # noqa: E402
 logger = logging.getLogger("launch.run_batch")
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+RETRIED = frozenset({429, 500, 502, 503, 504})
+"""Statuses a resumed run tries again (the others are the request's answer)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,24 +112,31 @@ def read_requests(path: Path, done: set[str]) -> list[dict[str, Any]]:
 
 
 def answered(path: Path) -> set[str]:
-    """custom_ids with an answer in an earlier run's output. A last line the earlier run did
-    not finish writing is cut off, so appended answers start on a line of their own."""
+    """custom_ids with a final answer in an earlier run's output. Answers worth another try (a
+    server error, a 429) and a last line the earlier run did not finish writing are removed
+    from the file, so their requests run again and each custom_id keeps one line."""
     if not path.exists():
         return set()
     raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        with path.open("r+b") as f:
-            f.truncate(raw.rfind(b"\n") + 1)
-        raw = raw[: raw.rfind(b"\n") + 1]
-    done = set()
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+    lines = raw[: raw.rfind(b"\n") + 1].decode("utf-8", errors="replace").splitlines()
+    done, kept = set(), []
+    for number, line in enumerate(lines, 1):
         try:
-            done.add(json.loads(line)["custom_id"])
+            answer = json.loads(line)
+            custom_id, status = answer["custom_id"], answer["response"]["status_code"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(
                 f"--output line {number} is not an answer of this tool ({e}); give another "
                 "--output, or remove the file to start over"
             ) from e
+        if status in RETRIED:
+            continue
+        done.add(custom_id)
+        kept.append(line)
+    if len(kept) != len(lines) or not raw.endswith(b"\n"):
+        scratch = path.with_name(path.name + ".partial")
+        scratch.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        scratch.replace(path)
     return done
 
 
@@ -171,7 +181,14 @@ async def call(app: Any, path: str, body: bytes) -> tuple[int, bytes]:
             if not message.get("more_body", False):
                 answered.set()
 
-    await app(scope, receive, send)
+    try:
+        await app(scope, receive, send)
+    except Exception as e:  # Starlette re-raises after sending its 500
+        logger.error("a request failed: %s: %s", type(e).__name__, e)
+        if not chunks:
+            status = 500
+            chunks = [json.dumps({"error": {"message": "internal server error",
+                                            "type": "server_error"}}).encode()]  # fmt: skip
     return status, b"".join(chunks)
 
 
@@ -183,7 +200,7 @@ async def run_all(
     from tqdm import tqdm
 
     gate = asyncio.Semaphore(max_concurrent)
-    counts = [0, 0]
+    counts = [0, 0]  # answered (2xx), refused
     bar = tqdm(total=len(requests), desc="batch", unit="req", file=sys.stderr, disable=None)
 
     async def one(item: dict[str, Any]) -> None:
@@ -244,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     with rt:
         settings = ServerSettings(
             served_model_name=Path(config.model).name,
-            max_concurrent_requests=max(args.max_concurrent, 1),
+            max_concurrent_requests=2**31,  # --max-concurrent bounds the lines in flight
             max_request_bytes=2**62,
         )
         try:

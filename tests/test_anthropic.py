@@ -210,3 +210,16 @@ def test_keys_and_unknown_models(server: Server) -> None:
     # the OpenAI routes keep OpenAI's error shape
     status, error = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0})
     assert status == 400 and error["error"]["param"] == "max_tokens"
+
+
+def test_count_tokens_checks_what_messages_checks(server: Server, api: Anthropic) -> None:
+    base = {"model": _model(server), "messages": [{"role": "user", "content": "Hi"}]}
+    for tools, match in (
+        (TOOLS + TOOLS, "share a name"),
+        ([{"type": "web_search_20250305", "name": "web_search"}], "tools.0.type"),
+    ):
+        status, error = api.post("/v1/messages/count_tokens", {**base, "tools": tools})
+        assert status == 400 and match in error["error"]["message"], error
+    status, counted = api.post("/v1/messages/count_tokens", {**base, "tools": TOOLS})
+    assert status == 200 and counted["input_tokens"] > api.post(
+        "/v1/messages/count_tokens", base)[1]["input_tokens"]  # fmt: skip

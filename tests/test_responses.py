@@ -163,6 +163,7 @@ def test_function_calls_round_trip(client: Any) -> None:
          "not in tools"),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format", "schema"),
+        ({"metadata": {"k": "x" * 513}}, "metadata", "at most 16 pairs"),
     ],
 )  # fmt: skip
 def test_bad_requests_name_the_field(
@@ -209,10 +210,13 @@ def test_input_items_become_chat_messages() -> None:
 
 
 def test_store_keeps_the_newest_within_its_bounds() -> None:
-    store = ResponseStore(max_items=3, max_chars=10)
+    one = [{"role": "user", "content": "abc"}]
+    size = len(json.dumps({"id": "r0"})) + len(json.dumps(one))
+    store = ResponseStore(max_items=3, max_chars=4 * size)
     for i in range(4):
-        store.put(f"r{i}", {"id": f"r{i}"}, [{"role": "user", "content": "abc"}])
+        store.put(f"r{i}", {"id": f"r{i}"}, one)
     assert [store.get(f"r{i}") is not None for i in range(4)] == [False, True, True, True]
-    store.put("big", {}, [{"role": "user", "content": "x" * 8}])  # 9 + 8 chars > 10
+    # the response's own fields count too (tools, metadata, call arguments), not only text
+    store.put("big", {"id": "big", "metadata": {"k": "x" * 3 * size}}, [])
     assert len(store) == 1 and store.get("big") is not None
     assert store.delete("big") and not store.delete("big") and len(store) == 0

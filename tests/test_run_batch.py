@@ -122,3 +122,37 @@ def test_an_output_that_is_not_answers_is_refused(
     assert "--output line 1 is not an answer" in capsys.readouterr().err
     assert run_batch.main(["-i", str(inp), "-o", str(inp)]) == 2
     assert "--output must be another file" in capsys.readouterr().err
+
+
+def test_a_server_error_is_an_answer_until_a_resumed_run_retries_it(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that fails inside the server gets its 500 line and the batch goes on; the
+    next run takes that line out and runs the request again."""
+    import dist_runtime.server.app as app_module
+
+    start_chat = app_module.start_chat
+
+    async def flaky(server: Any, sampling: Any, messages: Any, *rest: Any) -> Any:
+        if messages[-1].text() == "boom":
+            raise RuntimeError("a failure inside the server")
+        return await start_chat(server, sampling, messages, *rest)
+
+    monkeypatch.setattr(app_module, "start_chat", flaky)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ask = {"max_tokens": 3, "temperature": 0}
+    inp.write_text("\n".join([
+        _line("fine", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                               **ask}),
+        _line("boom", "/v1/chat/completions", {"messages": [{"role": "user", "content": "boom"}],
+                                               **ask}),
+    ]) + "\n")  # fmt: skip
+    argv = ["-i", str(inp), "-o", str(out), "--model", str(tiny_llama_dir), *ENGINE]
+    assert run_batch.main(argv) == 0
+    first = _answers(out)
+    assert first["fine"]["response"]["status_code"] == 200
+    assert first["boom"]["response"]["status_code"] == 500
+    monkeypatch.setattr(app_module, "start_chat", start_chat)
+    assert run_batch.main(argv) == 0
+    again = _answers(out)  # one line per custom_id
+    assert again["fine"] == first["fine"] and again["boom"]["response"]["status_code"] == 200

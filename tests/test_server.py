@@ -804,7 +804,9 @@ def test_body_limit_reads_the_upload_before_answering_413() -> None:
         seen = [len(first["body"]), first["more_body"], later["type"]]
         await send({"type": "http.response.body", "body": json.dumps(seen).encode()})
 
-    def run(n_chunks: int, length: int | None, drain: int) -> tuple[list[Any], int]:
+    def run(
+        n_chunks: int, length: int | None, drain: int, expect: bool = False
+    ) -> tuple[list[Any], int]:
         chunks = [
             {"type": "http.request", "body": b"x" * 1000, "more_body": i < n_chunks - 1}
             for i in range(n_chunks)
@@ -824,6 +826,8 @@ def test_body_limit_reads_the_upload_before_answering_413() -> None:
             sent.append(message)
 
         headers = [] if length is None else [(b"content-length", str(length).encode())]
+        if expect:
+            headers.append((b"expect", b"100-continue"))
         limit = _BodyLimit(route, max_bytes=10_000)
         limit.drain_bytes = drain  # set below its 4x-limit floor to test the bound
         scope = {"type": "http", "method": "POST", "headers": headers}
@@ -837,6 +841,9 @@ def test_body_limit_reads_the_upload_before_answering_413() -> None:
         sent, read = run(20, length, drain=15_000)
         assert sent[0]["status"] == 413
         assert read < 20  # past the drain bound: answered without reading it all
+    # a client waiting on `Expect: 100-continue` gets its 413 before sending anything
+    sent, read = run(20, 20_000, drain=1_000_000, expect=True)
+    assert sent[0]["status"] == 413 and read == 0
     sent, _ = run(5, None, drain=1_000_000)
     assert sent[0]["status"] == 200
     assert json.loads(sent[1]["body"]) == [5000, False, "http.disconnect"]

@@ -78,6 +78,8 @@ HISTORY: list[dict[str, Any]] = [
         ('The tide is high. {"name": "tide", "arguments": {}}', True, []),  # text around it
         ('{"name": "tide", "arguments": {}', True, []),  # cut short
         ("It is sunny.", True, []),
+        ('{"name": ["tide"], "arguments": {}}', True, []),  # a name that is not a string
+        ("[" * 3000, True, []),  # deeper than json can parse
     ],
 )  # fmt: skip
 def test_parse_calls(text: str, parallel: bool, want: list[tuple[str, str]]) -> None:
@@ -171,6 +173,23 @@ def test_named_call_streams_like_a_whole_answer(client: Any) -> None:
     ]
     assert not any(d.content for d in deltas)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_malformed_calls_in_the_history_are_not_server_errors(client: Any) -> None:
+    for arguments in ("[" * 3000, '{"port": ' * 2000):
+        function = {"name": "tide", "arguments": arguments}
+        call = {"id": "c1", "type": "function", "function": function}
+        messages = [
+            {"role": "user", "content": "Tides?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "high"},
+        ]
+        try:  # answered, or refused for its length; never a server error
+            out = client.chat.completions.create(model=None, messages=messages, tools=TOOLS,
+                                                 max_tokens=2)  # fmt: skip
+            assert out.choices[0].finish_reason == "length"
+        except openai.BadRequestError as e:
+            assert "over session_len" in str(e), e
 
 
 def test_tool_results_in_the_history_are_accepted(client: Any) -> None:
@@ -460,6 +479,7 @@ def test_internlm2_auto_keeps_the_markers_and_stops_after_a_call(
     choice = out.choices[0]
     assert choice.finish_reason == "stop" and out.usage.completion_tokens == 1, out
     assert choice.message.content == "" and not choice.message.tool_calls
+    assert choice.model_extra["stop_reason"] is None  # the server's own stop is not named
     out = agent_client.chat.completions.create(
         tools=TOOLS, max_tokens=3, logit_bias={str(plugin): 100}, **ask
     )

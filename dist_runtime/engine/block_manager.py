@@ -156,6 +156,25 @@ class BlockManager:
         `root` starts the hash chain (default: this cache's root). Returns (block ids, now
         referenced by the caller; chained hash after the last one).
         """
+        blocks, parent = self._cached_chain(token_ids, max_tokens, root)
+        bs = self.block_size
+        for i, block in enumerate(blocks):
+            pool = self._pools[i % self.cp_size]
+            pool.evictable.pop(block, None)
+            pool.refs[block] += 1
+        self.num_queried_tokens += max_tokens
+        self.num_hit_tokens += len(blocks) * bs
+        return blocks, parent
+
+    def cached_prefix_tokens(
+        self, token_ids: Sequence[int], max_tokens: int, root: int | None = None
+    ) -> int:
+        """How many leading tokens `match_prefix` would find cached (nothing is referenced)."""
+        return len(self._cached_chain(token_ids, max_tokens, root)[0]) * self.block_size
+
+    def _cached_chain(
+        self, token_ids: Sequence[int], max_tokens: int, root: int | None
+    ) -> tuple[list[int], int]:
         parent, blocks = (self.root_hash if root is None else root), list[int]()
         if not self.enable_prefix_caching:
             return blocks, parent
@@ -167,12 +186,6 @@ class BlockManager:
                 break
             blocks.append(block)
             parent = h
-        for i, block in enumerate(blocks):
-            pool = self._pools[i % self.cp_size]
-            pool.evictable.pop(block, None)
-            pool.refs[block] += 1
-        self.num_queried_tokens += max_tokens
-        self.num_hit_tokens += len(blocks) * bs
         return blocks, parent
 
     def register_block(self, index: int, block: int, parent: int, tokens: Sequence[int]) -> int:

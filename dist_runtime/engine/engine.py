@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import gc
 import itertools
 import logging
@@ -189,8 +190,10 @@ class Engine:
         share_prefix = share_prefix and all(p.prompt_logprobs is None for p in params)
         shared = self._shared_prefix(list(prompts)) if share_prefix else None
         if shared is not None:
+            # the pass runs at its requests' priority (the most important of them)
+            priority = min(p.priority for p in params)
             prefix = _Request(
-                self._make_sequence(shared, PREFIX_PASS, 0),
+                self._make_sequence(shared, dataclasses.replace(PREFIX_PASS, priority=priority), 0),
                 RequestHandle(f"prefix-{next(self._request_ids)}", len(shared), self.abort),
                 is_internal=True,
             )

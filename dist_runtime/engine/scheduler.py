@@ -247,7 +247,15 @@ class Scheduler:
         if not self.waiting:
             return
         head = self.waiting[0]
-        first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
+        p = head.params.priority
+        if not any(s.params.priority > p for s in self.running):
+            return  # the common case (equal priorities): nothing to preempt
+        cached = 0
+        if not head.block_table and not head.needs_prompt_logprobs:
+            # the blocks its prompt finds in the prefix cache need no room
+            n = head.num_tokens - 1
+            cached = self.blocks.cached_prefix_tokens(head.token_slice(0, n), n, self._root(head))
+        first_chunk = min(head.num_tokens - cached, self.config.max_num_batched_tokens)
         while not (
             len(self.running) < self.config.max_num_seqs and self.blocks.can_grow([], first_chunk)
         ):

@@ -21,10 +21,18 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dist_runtime.server.calls import APIError, functions_of, gather, merged, start_chat
+from dist_runtime.server.calls import (
+    APIError,
+    client_stop,
+    functions_of,
+    gather,
+    merged,
+    start_chat,
+)
 from dist_runtime.server.schemas import (
     ChatMessage,
     SamplingFields,
@@ -189,14 +197,18 @@ def _texts(blocks: Any, where: str) -> str:
     return "".join(texts)
 
 
-def stop_fields(out: RequestOutput, calls: list[tuple[str, str]]) -> tuple[str, str | None]:
-    """(stop_reason, stop_sequence) of an answer."""
+def stop_fields(
+    out: RequestOutput, calls: list[tuple[str, str]], requested: list[str] | None
+) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) of an answer; only the client's own stop sequences are
+    named (not one the tool-call format added)."""
     if calls:
         return "tool_use", None
     if out.finish_reason == "length":
         return "max_tokens", None
-    if isinstance(out.stop_reason, str):
-        return "stop_sequence", out.stop_reason
+    sequence = client_stop(out.stop_reason, requested)
+    if isinstance(sequence, str):
+        return "stop_sequence", sequence
     return "end_turn", None
 
 
@@ -254,7 +266,7 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
             text, calls = split.feed(out.text, out.finish_reason) if split else (out.text, [])
             content = [{"type": "text", "text": text}] if text or not calls else []
             content += [tool_block(c) for c in calls]
-            reason, sequence = stop_fields(out, calls)
+            reason, sequence = stop_fields(out, calls, req.stop_sequences)
             account(out)
             return {
                 "id": mid,
@@ -308,7 +320,7 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                 json_delta = {"type": "input_json_delta", "partial_json": arguments}
                 yield event("content_block_delta", index=k, delta=json_delta)
                 yield event("content_block_stop", index=k)
-            reason, sequence = stop_fields(out, calls)
+            reason, sequence = stop_fields(out, calls, req.stop_sequences)
             account(out)
             yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
                         usage={"output_tokens": len(out.token_ids)})  # fmt: skip
@@ -324,9 +336,13 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
         from dist_runtime.server.calls import chat_prompt
 
         server.check_model(req.model)
-        as_messages = MessagesRequest(
-            max_tokens=1, messages=req.messages, system=req.system, tools=req.tools
-        )
+        try:  # checked as /v1/messages checks them
+            as_messages = MessagesRequest.model_validate(
+                {"max_tokens": 1, "messages": req.messages, "system": req.system,
+                 "tools": req.tools}
+            )  # fmt: skip
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from e
         messages = messages_of(as_messages)
         ids = await asyncio.to_thread(chat_prompt, server, messages, functions(as_messages), False)
         return {"input_tokens": len(ids)}
@@ -336,4 +352,4 @@ class CountRequest(_Request):
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
-    tools: list[AnthropicTool] | None = None
+    tools: list[dict[str, Any]] | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,6 +45,7 @@ from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.server.calls import (
     APIError,
     chat_prompt,
+    client_stop,
     functions_of,
     gather,
     merged,
@@ -534,7 +536,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     "message": message,
                     "logprobs": _chat_logprobs(server, o.logprobs) if req.logprobs else None,
                     "finish_reason": "tool_calls" if calls else o.finish_reason,
-                    "stop_reason": o.stop_reason,
+                    "stop_reason": client_stop(o.stop_reason, req.stop),
                 }
             )
         if req.prompt_logprobs is not None:
@@ -671,7 +673,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 if req.logprobs is not None
                 else None,
                 "finish_reason": o.finish_reason,
-                "stop_reason": o.stop_reason,
+                "stop_reason": client_stop(o.stop_reason, req.stop),
                 **extras(k, o.prompt_logprobs),
             }
             for k, o in enumerate(outs)
@@ -979,14 +981,19 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
         }
 
 
+DRAIN_SECONDS = 30.0
+"""How long an oversized upload is read (and dropped) before its 413 goes out regardless."""
+
+
 class _BodyLimit:
     """413 for a body over the limit, by Content-Length or by counting a chunked body.
 
     A body without a Content-Length is read here (up to the limit) and handed on whole,
     so an oversized one is a 413 however the route reads it. Before answering 413 the
-    rest of the body is read and dropped, up to `drain_bytes`: a client still sending
-    when the server closes the connection would see a broken pipe instead of the 413.
-    Past that bound the connection is closed at once.
+    rest of the body is read and dropped, up to `drain_bytes` and `DRAIN_SECONDS` (not when
+    the client waits on `Expect: 100-continue`, which sends nothing before a go-ahead): a
+    client still sending when the server closes the connection would see a broken pipe
+    instead of the 413. Past those bounds the connection is closed at once.
     """
 
     def __init__(self, app: Any, max_bytes: int, drain_bytes: int = 64 * 2**20):
@@ -1000,9 +1007,12 @@ class _BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
+        # a client that sent `Expect: 100-continue` waits for a go-ahead before its body:
+        # answer at once rather than ask for the body only to drop it
+        waiting = headers.get(b"expect", b"").lower() == b"100-continue"
         if length is not None and length.isdigit():
             if int(length) > self.max_bytes:
-                if int(length) <= self.drain_bytes:
+                if int(length) <= self.drain_bytes and not waiting:
                     await self._drain(receive, 0)
                 await self._reject(send, scope)
                 return
@@ -1041,13 +1051,18 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
     async def _drain(self, receive: Any, seen: int) -> None:
-        while seen <= self.drain_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
+        async def drain() -> None:
+            nonlocal seen
+            while seen <= self.drain_bytes:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                seen += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+
+        with contextlib.suppress(TimeoutError):  # a stalled upload gets its 413 anyway
+            await asyncio.wait_for(drain(), timeout=DRAIN_SECONDS)
 
     async def _reject(self, send: Any, scope: Any) -> None:
         body = json.dumps(

@@ -121,22 +121,23 @@ def chat_prompt(
     if tokenizer is None:
         raise APIError(400, f"{server.runtime.config.model} has no tokenizer; chat needs one")
     fmt = server.tool_format
-    turns = fmt.turns(
-        [
-            {
-                "role": m.template_role,
-                "content": m.text(),
-                "tool_calls": [c.model_dump() for c in m.tool_calls or []],
-                "tool_call_id": m.tool_call_id,
-            }
-            for m in messages
-        ],
-        functions,
-    )
     try:
+        turns = fmt.turns(
+            [
+                {
+                    "role": m.template_role,
+                    "content": m.text(),
+                    "tool_calls": [c.model_dump() for c in m.tool_calls or []],
+                    "tool_call_id": m.tool_call_id,
+                }
+                for m in messages
+            ],
+            functions,
+        )
         return fmt.encode(tokenizer, turns, functions, calling)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from e
+    except (ValueError, RecursionError) as e:
+        what = str(e) if isinstance(e, ValueError) else "a value nests too deeply"
+        raise APIError(400, what, param="messages") from e
 
 
 async def gather(handles: list[RequestHandle], request: Request) -> list[RequestOutput]:
@@ -210,3 +211,12 @@ async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]]
             t.cancel()
         for h in handles:
             h.abort()
+
+
+def client_stop(reason: str | int | None, requested: Any) -> str | int | None:
+    """A finished request's `stop_reason` as its client may see it: a stop string only if the
+    client asked for it (not one the server added, like InternLM2's `<|action_end|>`)."""
+    if isinstance(reason, str):
+        asked = [requested] if isinstance(requested, str) else list(requested or ())
+        return reason if reason in asked else None
+    return reason

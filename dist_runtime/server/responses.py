@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dist_runtime.server.calls import APIError, ChatRun, functions_of, gather, merged, start_chat
 from dist_runtime.server.schemas import (
@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 
 STORE_MAX_ITEMS = 1000
 STORE_MAX_CHARS = 64 * 2**20
-"""Bounds of the in-memory response store (oldest evicted first)."""
+"""Bounds of the in-memory response store (oldest evicted first): responses, and characters
+of their JSON (the conversation, the response with its tools and metadata)."""
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
@@ -108,6 +109,7 @@ class ResponsesRequest(_Request):
     previous_response_id: str | None = None
     store: bool = True
     metadata: dict[str, str] | None = None
+    """At most 16 pairs, keys of 64 characters and values of 512 (OpenAI's limits)."""
     user: str | None = None
 
     @model_validator(mode="before")
@@ -129,6 +131,16 @@ class ResponsesRequest(_Request):
         )
         check_tool_types(data.get("tools"), ("function",), "give function tools only")
         return data
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and (
+            len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())
+        ):
+            raise ValueError("metadata holds at most 16 pairs, keys of 64 characters and "
+                             "values of 512")  # fmt: skip
+        return v
 
     @model_validator(mode="after")
     def _choice_fits(self) -> ResponsesRequest:
@@ -184,7 +196,8 @@ class ResponseStore:
         self._chars = 0
 
     def put(self, rid: str, body: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        chars = sum(len(m.get("content") or "") for m in history)
+        # everything kept counts: the conversation and the response (tools, metadata, calls)
+        chars = len(json.dumps(body)) + len(json.dumps(history))
         self._items[rid] = _Stored(body, history, chars)
         self._chars += chars
         while self._items and (len(self._items) > self.max_items or self._chars > self.max_chars):

@@ -86,7 +86,7 @@ def _loaded(args: Any) -> Any:
         return args
     try:
         return json.loads(args)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than json allows
         return args
 
 
@@ -121,7 +121,7 @@ def parse_calls(text: str, functions: list[Function], parallel: bool) -> list[tu
         return []
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     items = value if isinstance(value, list) else [value]
     calls = [_call_of(item, functions) for item in items]
@@ -135,7 +135,8 @@ def _call_of(item: Any, functions: list[Function]) -> tuple[str, str] | None:
     """(name, arguments as JSON text) of one call object, `{"name", "arguments"}` (or
     `"parameters"`, arguments as an object or its JSON text), of a listed function; else
     None."""
-    if not isinstance(item, dict) or item.get("name") not in {f.name for f in functions}:
+    name = item.get("name") if isinstance(item, dict) else None
+    if not isinstance(name, str) or name not in {f.name for f in functions}:
         return None
     if set(item) - {"name", "arguments", "parameters"}:
         return None
@@ -149,7 +150,7 @@ def _payload_call(payload: str, functions: list[Function]) -> tuple[str, str] | 
     """The call in a marked block's JSON text (None when it is not one)."""
     try:
         return _call_of(json.loads(payload), functions)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

@@ -374,3 +374,28 @@ def test_an_important_request_goes_ahead_of_a_running_one(tiny_llama_dir: Path) 
         preemptions = runtime.engine.scheduler.num_preemptions
     assert ended == ["high", "low"] and preemptions >= 1
     assert out.token_ids == alone.token_ids
+
+
+def test_a_shared_prefix_pass_runs_at_its_requests_priority(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's document is read once by a hidden pass first: at the job's priority, so a
+    low-priority batch does not read its documents ahead of interactive requests."""
+    made: list[SamplingParams] = []
+    make = rt.engine._make_sequence
+
+    def spy(prompt: Any, params: SamplingParams, index: int) -> Any:
+        made.append(params)
+        return make(prompt, params, index)
+
+    monkeypatch.setattr(rt.engine, "_make_sequence", spy)
+    doc = _prompt(40, seed=30)
+    handles = rt.engine.add_requests(
+        [doc + [7], doc + [8]],
+        [_greedy(max_new_tokens=2, priority=4), _greedy(max_new_tokens=2, priority=2)],
+        share_prefix=True,
+    )
+    for h in handles:
+        h.result(timeout=60)
+    assert [p.priority for p in made] == [4, 2, 2]  # the two requests, then the pass
+    assert made[2].max_new_tokens == 1

@@ -339,6 +339,32 @@ def test_an_important_arrival_takes_the_blocks_of_a_running_one() -> None:
         assert seq.output_token_ids == d.expected_output(seq)
 
 
+def test_an_arrival_whose_prompt_is_cached_preempts_nobody() -> None:
+    """The blocks an arrival finds in the prefix cache (here: a document a running sequence
+    shares) need no room, so it does not preempt for them. The scheduler alone, as the engine
+    drives it (on_step_done caches computed blocks)."""
+    blocks = BlockManager(num_blocks=14, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), blocks)
+    low = make_seq(0, 40, max_new_tokens=6, priority=5)  # 10 blocks of the document
+    scheduler.add(low)
+    for _ in range(2):
+        plan, _ = scheduler.schedule()
+        scheduler.on_step_done(plan)
+        for s in plan.seqs:
+            if s.sample:
+                low.output_token_ids.append(fake_token(0, low.num_tokens))
+    assert len(low.block_table) == 11 and blocks.num_free_blocks == 3
+    params = SamplingParams(max_new_tokens=2, temperature=0.0, priority=0)
+    high = Sequence(seq_id=1, prompt_token_ids=low.prompt_token_ids + [1, 2], params=params,
+                    seed=1)  # fmt: skip
+    scheduler.add(high)
+    plan, _ = scheduler.schedule()
+    assert scheduler.num_preemptions == 0
+    assert [(s.seq_id, s.start_pos, len(s.token_ids)) for s in plan.seqs] == [
+        (0, 41, 1), (1, 40, 2)
+    ]  # fmt: skip
+
+
 def test_a_decode_short_of_blocks_preempts_the_least_important() -> None:
     """The less important sequence gives up its blocks even though it was admitted first."""
     config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64)
