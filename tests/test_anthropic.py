@@ -223,3 +223,27 @@ def test_count_tokens_checks_what_messages_checks(server: Server, api: Anthropic
     status, counted = api.post("/v1/messages/count_tokens", {**base, "tools": TOOLS})
     assert status == 200 and counted["input_tokens"] > api.post(
         "/v1/messages/count_tokens", base)[1]["input_tokens"]  # fmt: skip
+
+
+def test_a_last_assistant_message_is_continued(server: Server, api: Anthropic) -> None:
+    """Anthropic's prefill: the answer continues the assistant's last message, as the chat
+    route's continue_final_message does."""
+    messages = [{"role": "user", "content": "Where is the pier?"},
+                {"role": "assistant", "content": "The pier is"}]  # fmt: skip
+    ask = {"model": _model(server), "max_tokens": 6, "temperature": 0, "messages": messages}
+    status, msg = api.post("/v1/messages", ask)
+    assert status == 200, msg
+    chat = _chat(server, messages, max_tokens=6, continue_final_message=True,
+                 add_generation_prompt=False)  # fmt: skip
+    assert msg["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+    assert (
+        msg["usage"]["input_tokens"] + msg["usage"]["cache_read_input_tokens"]
+        == (chat["usage"]["prompt_tokens"])
+    )
+    counted = api.post("/v1/messages/count_tokens", {"model": _model(server),
+                                                     "messages": messages})[1]  # fmt: skip
+    assert counted["input_tokens"] == chat["usage"]["prompt_tokens"]
+    use = {"type": "tool_use", "id": "toolu_1", "name": "tide", "input": {"port": "A"}}
+    status, error = api.post("/v1/messages", {**ask, "tools": TOOLS, "messages": [
+        messages[0], {"role": "assistant", "content": [use]}]})  # fmt: skip
+    assert status == 400 and "tool_result" in error["error"]["message"], error

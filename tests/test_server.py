@@ -936,3 +936,35 @@ def test_choices_say_which_stop_ended_them(client: Any) -> None:
     cut = client.completions.create(stop=[stop, "never-seen"], **ask).choices[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:at]
     assert cut.model_extra["stop_reason"] == stop
+
+
+def test_continue_final_message_continues_the_assistant(
+    server: Server, client: Any, tokenizer: Any
+) -> None:
+    """vLLM's continue_final_message: the prompt ends inside the assistant's turn, right after
+    its start, and the answer is what follows (the completion route given those ids agrees)."""
+    from dist_runtime.text.chat import encode_chat
+
+    messages = [{"role": "user", "content": "Where is the pier?"},
+                {"role": "assistant", "content": "The pier is"}]  # fmt: skip
+    out = client.chat.completions.create(
+        model=None, messages=messages, max_tokens=6, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )  # fmt: skip
+    ids = encode_chat(tokenizer, messages, continue_final_message=True)
+    assert tokenizer.decode(ids, skip_special_tokens=False).endswith("assistant\nThe pier is")
+    same = client.completions.create(model=None, prompt=ids, max_tokens=6, temperature=0)
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.choices[0].message.content == same.choices[0].text
+    for extra, param in (
+        ({"continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
+        ({"add_generation_prompt": False}, "add_generation_prompt"),
+    ):
+        status, body = server.request("POST", "/v1/chat/completions",
+                                      {"messages": messages, "max_tokens": 1, **extra})  # fmt: skip
+        assert status == 400 and body["error"]["param"] == param, body
+    status, body = server.request(
+        "POST", "/v1/chat/completions",
+        {"messages": messages[:1], "max_tokens": 1, "continue_final_message": True},
+    )  # fmt: skip
+    assert status == 400 and "must be the assistant's" in body["error"]["message"], body

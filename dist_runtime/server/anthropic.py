@@ -4,7 +4,8 @@ SDK.
 
 A request's `system` and `messages` (text blocks; `tool_use` blocks in assistant turns and
 `tool_result` blocks in user turns) become chat messages and run as a chat request does: the
-model's template and tool-call format, and guided calls for `tool_choice` `any` / `tool`. The
+model's template and tool-call format, and guided calls for `tool_choice` `any` / `tool`. A
+last assistant message starts the answer (Anthropic's prefill): the model continues it. The
 answer comes back as content blocks: a `text` block, then a `tool_use` block per call, with
 `stop_reason` `end_turn`, `max_tokens`, `stop_sequence` (and which) or `tool_use`. `stream:
 true` sends Anthropic's events (`message_start`, `content_block_start` / `_delta` / `_stop`,
@@ -224,14 +225,29 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
     def functions(req: MessagesRequest) -> Any:
         return functions_of([(t.name, t.description, t.input_schema) for t in req.tools or []])
 
+    def prefilled(req: MessagesRequest, messages: list[ChatMessage]) -> bool:
+        """A last assistant message starts the answer (Anthropic's prefill)."""
+        last = messages[-1]
+        if last.role != "assistant":
+            return False
+        if last.tool_calls:
+            raise APIError(
+                400,
+                "the last message is the assistant's tool_use: answer it with a user message "
+                "holding its tool_result",
+                param=f"messages.{len(req.messages) - 1}",
+            )
+        return bool(last.text().strip())
+
     @app.post("/v1/messages")
     async def create(req: MessagesRequest, request: Request) -> Any:
         server.check_model(req.model)
         choice = req.tool_choice
+        messages = messages_of(req)
         run = await start_chat(
             server,
             req.sampling(),
-            messages_of(req),
+            messages,
             functions(req),
             req.tool_mode,
             choice.name if choice is not None and choice.type == "tool" else None,
@@ -239,6 +255,7 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
             req.max_tokens,
             None,
             1,
+            prefilled(req, messages),
         )
         mid = f"msg_{uuid.uuid4().hex}"
 
@@ -344,7 +361,10 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from e
         messages = messages_of(as_messages)
-        ids = await asyncio.to_thread(chat_prompt, server, messages, functions(as_messages), False)
+        ids = await asyncio.to_thread(
+            chat_prompt, server, messages, functions(as_messages), False,
+            prefilled(as_messages, messages),
+        )  # fmt: skip
         return {"input_tokens": len(ids)}
 
 

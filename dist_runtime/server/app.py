@@ -463,6 +463,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             req.max_completion_tokens or req.max_tokens,
             (req.top_logprobs or 0) if req.logprobs else None,
             req.n,
+            req.continue_final_message,
         )
         ids, handles, splitter = run.ids, run.handles, run.splitter
 

@@ -63,14 +63,22 @@ async def start_chat(
     max_tokens: int | None,
     logprobs: int | None,
     n: int,
+    continue_final: bool = False,
 ) -> ChatRun:
     """Build a chat prompt in the model's tool-call format and add its `n` requests: a
     required (`mode` "required", or "named" for function `named`) call's answer is held to
-    the call's schema; answers that may call keep what marks a call."""
+    the call's schema; answers that may call keep what marks a call; with `continue_final`
+    the answer continues the assistant's last message."""
     functions = functions if mode != "none" else None
     fmt = server.tool_format
     calling = bool(functions) and mode in ("required", "named")
-    ids = await asyncio.to_thread(chat_prompt, server, messages, functions, calling)
+    if calling and continue_final:
+        raise APIError(
+            400,
+            "a required tool call and continuing the assistant's last message cannot combine",
+            param="tool_choice",
+        )
+    ids = await asyncio.to_thread(chat_prompt, server, messages, functions, calling, continue_final)
     if max_tokens is None:
         max_tokens = server.default_max_tokens(len(ids))
     call_format = None
@@ -114,6 +122,7 @@ def chat_prompt(
     messages: list[ChatMessage],
     functions: list[Function] | None,
     calling: bool,
+    continue_final: bool = False,
 ) -> list[int]:
     """A chat request's prompt ids, in the model's tool-call format (run off the event loop:
     a million-token document takes seconds)."""
@@ -134,7 +143,7 @@ def chat_prompt(
             ],
             functions,
         )
-        return fmt.encode(tokenizer, turns, functions, calling)
+        return fmt.encode(tokenizer, turns, functions, calling, continue_final)
     except (ValueError, RecursionError) as e:
         what = str(e) if isinstance(e, ValueError) else "a value nests too deeply"
         raise APIError(400, what, param="messages") from e

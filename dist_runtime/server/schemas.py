@@ -241,9 +241,26 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    continue_final_message: bool = False
+    """vLLM's extra: the last message, the assistant's, starts the answer; the model continues
+    it (send `add_generation_prompt: false` with it, as vLLM asks)."""
+    add_generation_prompt: bool | None = None
+    """vLLM's extra: open the assistant's turn after the messages (the default unless
+    continue_final_message)."""
 
     @model_validator(mode="after")
     def _tool_choice_fits(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise UnsupportedFieldError(
+                "add_generation_prompt",
+                "continue_final_message continues the last message: it cannot open a new "
+                "turn too; send add_generation_prompt: false",
+            )
+        if self.add_generation_prompt is False and not self.continue_final_message:
+            raise UnsupportedFieldError(
+                "add_generation_prompt",
+                "add_generation_prompt: false is supported with continue_final_message only",
+            )
         choice = self.tool_choice
         check_tool_choice(
             [t.function.name for t in self.tools or []],

@@ -40,6 +40,8 @@ from typing import Any
 from dist_runtime.text.chat import (
     IM_START,
     chat_template,
+    check_continuable,
+    cut_after_final_message,
     encode_chat,
     internlm2_chat_prompt,
     template_variables,
@@ -227,8 +229,10 @@ class ToolFormat:
         turns: list[dict[str, Any]],
         functions: list[Function] | None,
         calling: bool,
+        continue_final: bool = False,
     ) -> list[int]:
-        """The prompt's token ids; `calling`: the answer must be a call (required / named)."""
+        """The prompt's token ids; `calling`: the answer must be a call (required / named);
+        `continue_final`: the answer continues the last (assistant) turn."""
         raise NotImplementedError
 
     def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
@@ -262,8 +266,9 @@ class JsonCalls(ToolFormat):
         turns: list[dict[str, Any]],
         functions: list[Function] | None,
         calling: bool,
+        continue_final: bool = False,
     ) -> list[int]:
-        return encode_chat(tokenizer, turns)
+        return encode_chat(tokenizer, turns, continue_final_message=continue_final)
 
     def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
         return call_schema(functions, parallel)
@@ -313,8 +318,15 @@ class InternLM2Calls(ToolFormat):
         turns: list[dict[str, Any]],
         functions: list[Function] | None,
         calling: bool,
+        continue_final: bool = False,
     ) -> list[int]:
-        text = internlm2_chat_prompt(turns, bos_token=tokenizer.bos_token)
+        if continue_final:
+            check_continuable(turns)
+        text = internlm2_chat_prompt(
+            turns, add_generation_prompt=not continue_final, bos_token=tokenizer.bos_token
+        )
+        if continue_final:
+            text = cut_after_final_message(text, turns[-1]["content"])
         if calling:
             text += INTERNLM2_CALL_OPEN
         return tokenizer.encode(text, add_special_tokens=False)
@@ -397,10 +409,17 @@ class TemplateCalls(ToolFormat):
         turns: list[dict[str, Any]],
         functions: list[Function] | None,
         calling: bool,
+        continue_final: bool = False,
     ) -> list[int]:
         tools = [{"type": "function", "function": _entry(f)} for f in functions or []]
         suffix = TOOL_CALL_OPEN + "\n" if calling and self.tagged else ""
-        return encode_chat(tokenizer, turns, tools=tools or None, suffix=suffix)
+        return encode_chat(
+            tokenizer,
+            turns,
+            tools=tools or None,
+            suffix=suffix,
+            continue_final_message=continue_final,
+        )
 
     def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
         # a tagged call opened in the prompt holds one call

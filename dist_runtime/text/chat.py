@@ -96,6 +96,7 @@ def build_chat_prompt(
     messages: Sequence[MessageLike],
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
+    continue_final_message: bool = False,
 ) -> str:
     """The prompt text for `messages`.
 
@@ -105,15 +106,57 @@ def build_chat_prompt(
     `<s><|im_start|>{role}\\n{content}<|im_end|>\\n...<|im_start|>assistant\\n`.
     `tools` (OpenAI's `{"type": "function", "function": {...}}` entries) go to a template as
     its `tools`, as HF's `apply_chat_template(tools=...)` passes them.
+    `continue_final_message` (as HF's): the last message, the assistant's, is the start of
+    the answer: the prompt ends right after its content, so the model continues it.
     """
     special_tokens, template = _load_template(tokenizer_folder_or_config)
     dicts = _message_dicts(messages)
+    if continue_final_message:
+        check_continuable(dicts)
+        add_generation_prompt = False
     if template is None:
         bos = special_tokens.get("bos_token")
-        return internlm2_chat_prompt(dicts, add_generation_prompt, bos_token=bos)
-    return render_chat_template(
-        template, dicts, add_generation_prompt=add_generation_prompt, tools=tools, **special_tokens
-    )
+        text = internlm2_chat_prompt(dicts, add_generation_prompt, bos_token=bos)
+    else:
+        text = render_chat_template(
+            template,
+            dicts,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            **special_tokens,
+        )
+    return cut_after_final_message(text, dicts[-1]["content"]) if continue_final_message else text
+
+
+def check_continuable(dicts: list[dict[str, Any]]) -> None:
+    """The messages end with a non-empty assistant message, for continue_final_message."""
+    if not dicts or dicts[-1]["role"] != "assistant":
+        role = dicts[-1]["role"] if dicts else None
+        raise ValueError(
+            "continue_final_message continues the assistant's last message: the last message "
+            f"must be the assistant's, got {role!r}"
+        )
+    if not dicts[-1]["content"].strip():
+        raise ValueError(
+            "continue_final_message needs the assistant's last message to start the answer; "
+            "it is empty (leave the message out and ask for a generation prompt instead)"
+        )
+
+
+def cut_after_final_message(rendered: str, final: str) -> str:
+    """A rendered chat cut right after the final message's content (HF's rule: its text as
+    written, or stripped where the template strips it), dropping its end-of-turn markup."""
+    stripped = final.strip()
+    at = rendered.rfind(stripped)
+    if at < 0:
+        raise ChatTemplateError(
+            "continue_final_message: the chat template rewrites the last message, so its text "
+            "does not appear in the prompt and cannot be continued"
+        )
+    kept = final.lstrip()
+    if rendered[at : at + len(kept)] == kept:
+        return rendered[: at + len(kept)]
+    return rendered[: at + len(stripped)]
 
 
 def encode_chat(
@@ -122,6 +165,7 @@ def encode_chat(
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
     suffix: str = "",
+    continue_final_message: bool = False,
 ) -> list[int]:
     """Token ids of the chat prompt (then `suffix`, the answer's forced start), with exactly
     one BOS where the model uses one.
@@ -130,7 +174,10 @@ def encode_chat(
     templates) is encoded without adding another; otherwise the tokenizer adds BOS per its
     `add_bos_token`.
     """
-    text = build_chat_prompt(tokenizer, messages, add_generation_prompt, tools) + suffix
+    text = build_chat_prompt(
+        tokenizer, messages, add_generation_prompt, tools, continue_final_message
+    )
+    text += suffix
     bos = tokenizer.bos_token
     if bos and text.startswith(bos):
         return tokenizer.encode(text, add_special_tokens=False)

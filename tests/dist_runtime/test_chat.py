@@ -12,6 +12,7 @@ from jinja2.exceptions import SecurityError, TemplateError
 
 from dist_runtime.text.chat import (
     ChatMessage,
+    ChatTemplateError,
     build_chat_prompt,
     encode_chat,
     history_to_messages,
@@ -261,3 +262,51 @@ def test_template_errors_are_value_errors() -> None:
         render_chat_template("{% for %}", [ChatMessage("user", "hi")])
     with pytest.raises(ValueError, match="TypeError"):
         render_chat_template("{{ 'a' + 1 }}", [ChatMessage("user", "hi")])
+
+
+# -- continuing the assistant's last message -------------------------------------------------
+STRIPPING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A template that strips contents: the continued text ends where the stripped one does."""
+
+
+@pytest.mark.parametrize("template", [SMOLLM2_TEMPLATE, INTERNLM2_TEMPLATE, STRIPPING_TEMPLATE])
+@pytest.mark.parametrize("prefix", ["The pier is", '  {"name": ', "Yes. "])
+def test_continue_final_message_matches_hf(
+    tiny_llama_dir: Path, tmp_path: Path, template: str, prefix: str
+) -> None:
+    folder = _json_folder(tiny_llama_dir, tmp_path, chat_template=template)
+    chat = [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": prefix}]
+    text = build_chat_prompt(folder, chat, continue_final_message=True)
+    hf = _hf_render(folder, chat, tokenize=False, continue_final_message=True)
+    assert text == hf
+    assert text.endswith((prefix.lstrip(), prefix.strip()))  # as written, or as the template
+    assert "<|im_end|>" not in text[-len(prefix) - 12 :]  # writes it: no end of turn after
+
+
+def test_continue_final_message_in_internlm2_chatml(sp_folder: Path) -> None:
+    chat = [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": "At the "}]
+    text = build_chat_prompt(Tokenizer(sp_folder), chat, continue_final_message=True)
+    assert text == "<s><|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\nAt the "
+
+
+@pytest.mark.parametrize(
+    ("chat", "match"),
+    [
+        ([{"role": "user", "content": "Where?"}], "must be the assistant's, got 'user'"),
+        ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "  "}], "is empty"),
+    ],
+)
+def test_continue_final_message_needs_an_assistant_start(
+    chat: list[dict[str, str]], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_chat_prompt({}, chat, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="rewrites the last message"):
+        build_chat_prompt(
+            {"chat_template": "{% for m in messages %}{{ m.role }}: [redacted]\n{% endfor %}"},
+            [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A secret"}],
+            continue_final_message=True,
+        )
