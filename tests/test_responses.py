@@ -156,7 +156,6 @@ def test_function_calls_round_trip(client: Any) -> None:
          "input.0.content.0.type", "reads text"),
         ({"input": [{"type": "computer_call_output"}]}, "input.0.type", "not supported"),
         ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role", "not user"),
-        ({"background": True}, "background", "not supported"),
         ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
         ({"truncation": "auto"}, "truncation", "not supported"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "x"}}, "tool_choice",
@@ -220,3 +219,33 @@ def test_store_keeps_the_newest_within_its_bounds() -> None:
     store.put("big", {"id": "big", "metadata": {"k": "x" * 3 * size}}, [])
     assert len(store) == 1 and store.get("big") is not None
     assert store.delete("big") and not store.delete("big") and len(store) == 0
+
+
+def test_background_responses_run_on_and_can_be_cancelled(client: Any) -> None:
+    """background: answered at once as queued, polled to its end (the same answer as a
+    foreground request); a long one cancelled ends `cancelled` with what it had written."""
+    import time
+
+    ask: dict[str, Any] = dict(model=None, input="Where is the pier?", max_output_tokens=12,
+                               temperature=0)  # fmt: skip
+    queued = client.responses.create(background=True, **ask)
+    assert queued.status in ("queued", "in_progress") and queued.output == []
+    deadline = time.monotonic() + 60
+    while (got := client.responses.retrieve(queued.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert got.background and got.status == "incomplete"  # cut by max_output_tokens
+    assert got.output_text == client.responses.create(**ask).output_text
+    long = client.responses.create(
+        model=None, input="Tell me everything.", max_output_tokens=1900, background=True
+    )
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and cancelled.usage.output_tokens < 1900
+    assert client.responses.retrieve(long.id).status == "cancelled"
+    assert client.responses.cancel(long.id).status == "cancelled"  # again: nothing changes
+    with pytest.raises(openai.BadRequestError, match="only a background response"):
+        client.responses.cancel(client.responses.create(**ask).id)
+    for extra, param in (({"store": False}, "store"), ({"stream": True}, "stream")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(background=True, **ask, **extra)
+        assert info.value.body["param"] == param

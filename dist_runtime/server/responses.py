@@ -13,13 +13,18 @@ order the official client's stream accumulator checks.
 returns it and `previous_response_id` continues from it (its input and output come before the
 new input; its instructions do not, as in OpenAI's API). The store holds the newest
 `STORE_MAX_ITEMS` responses and `STORE_MAX_CHARS` characters of conversation; a request that
-names an evicted or unknown response is a 404. Hosted tools (web search, file search, ...),
-images and files in the input, `background`, `conversation`, `prompt`, `include`, reasoning
-options and `truncation: "auto"` are 400s naming the field.
+names an evicted or unknown response is a 404. `background: true` answers at once with the
+response `queued` and runs it on (a million-token prompt outlives most HTTP timeouts): `GET`
+shows it `in_progress` and then done, `POST /v1/responses/{id}/cancel` stops it (`cancelled`,
+with what it had written). Background responses live in this process: a restart loses the
+ones running (the durable path is `/v1/jobs`). Hosted tools (web search, file search, ...),
+images and files in the input, `conversation`, `prompt`, `include`, reasoning options and
+`truncation: "auto"` are 400s naming the field.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -38,6 +43,7 @@ from dist_runtime.server.schemas import (
     JsonSchemaFormat,
     ResponseFormat,
     SamplingFields,
+    UnsupportedFieldError,
     _empty,
     _Request,
     _unsupported,
@@ -108,6 +114,10 @@ class ResponsesRequest(_Request):
     parallel_tool_calls: bool = True
     previous_response_id: str | None = None
     store: bool = True
+    background: bool = False
+    """Answer at once with the response `queued`; it runs on, and `GET /v1/responses/{id}`
+    shows it (`in_progress`, then done) until then; `POST .../cancel` stops it. Needs
+    `store`; cannot stream."""
     metadata: dict[str, str] | None = None
     """At most 16 pairs, keys of 64 characters and values of 512 (OpenAI's limits)."""
     user: str | None = None
@@ -120,7 +130,6 @@ class ResponsesRequest(_Request):
         _unsupported(
             data,
             {
-                "background": lambda v: not v,
                 "conversation": _empty,
                 "prompt": _empty,
                 "include": _empty,
@@ -141,6 +150,16 @@ class ResponsesRequest(_Request):
             raise ValueError("metadata holds at most 16 pairs, keys of 64 characters and "
                              "values of 512")  # fmt: skip
         return v
+
+    @model_validator(mode="after")
+    def _background_fits(self) -> ResponsesRequest:
+        if self.background and not self.store:
+            raise UnsupportedFieldError("store", "a background response is stored: drop store")
+        if self.background and self.stream:
+            raise UnsupportedFieldError(
+                "stream", "a background response does not stream here: poll GET instead"
+            )
+        return self
 
     @model_validator(mode="after")
     def _choice_fits(self) -> ResponsesRequest:
@@ -336,6 +355,8 @@ def _output_history(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def add_responses_routes(app: FastAPI, server: _Server) -> None:
 
     store = ResponseStore()
+    background: dict[str, tuple[asyncio.Future[None], Any]] = {}
+    """Background responses still running: their task and engine handle."""
     name = server.settings.served_model_name
 
     def body(
@@ -365,6 +386,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
             "previous_response_id": req.previous_response_id,
             "reasoning": None,
             "store": req.store,
+            "background": req.background,
             "temperature": req.temperature,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)
                      if fmt is not None else {"type": "text"}},
@@ -401,6 +423,13 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                     "not_found_error",
                     "previous_response_id",
                 )
+            if previous.body["status"] in ("queued", "in_progress"):
+                raise APIError(
+                    400,
+                    f"response {req.previous_response_id!r} is still {previous.body['status']}"
+                    "; continue from it once it is done",
+                    param="previous_response_id",
+                )
             history = [dict(m) for m in previous.history]
         new = input_messages(req.input)
         conversation = history + new
@@ -429,6 +458,8 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
 
         def finish(out: RequestOutput, output: list[dict[str, Any]]) -> dict[str, Any]:
             status = "incomplete" if out.finish_reason == "length" else "completed"
+            if out.finish_reason == "abort":
+                status = "cancelled"
             for item in output:
                 if item["type"] == "message":
                     item["status"] = status
@@ -442,13 +473,37 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                 store.put(rid, done, history + new + _output_history(output))
             return done
 
-        if not req.stream:
-            (out,) = await gather(run.handles, request)
+        def whole(out: RequestOutput) -> dict[str, Any]:
             split = run.splitter()
             content, calls = split.feed(out.text, out.finish_reason) if split else (out.text, [])
             output = [_message_item(content, "completed")] if content or not calls else []
             output += [_call_item(n, a) for n, a in calls]
             return finish(out, output)
+
+        if req.background:
+            queued = body(req, rid, created, "queued", [], None)
+            store.put(rid, queued, [])
+            (handle,) = run.handles
+
+            async def run_on() -> None:
+                try:
+                    async for _ in handle:  # a first token: it runs
+                        if queued["status"] == "queued":
+                            queued["status"] = "in_progress"
+                    whole(handle.result(timeout=0))
+                except Exception as e:  # the engine failed the request
+                    failed = body(req, rid, created, "failed", [], None)
+                    failed["error"] = {"code": "server_error", "message": str(e)}
+                    store.put(rid, failed, [])
+                finally:
+                    background.pop(rid, None)
+
+            background[rid] = (asyncio.ensure_future(run_on()), handle)
+            return queued
+
+        if not req.stream:
+            (out,) = await gather(run.handles, request)
+            return whole(out)
 
         async def events() -> AsyncIterator[str]:
             seq = 0
@@ -540,6 +595,26 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
         if stored is None:
             raise APIError(404, f"no stored response {response_id!r}", "not_found_error",
                            "response_id")  # fmt: skip
+        return stored.body
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel(response_id: str) -> dict[str, Any]:
+        """Stop a background response; it ends `cancelled` with what it had written."""
+        running = background.get(response_id)
+        if running is None:
+            stored = store.get(response_id)
+            if stored is None:
+                raise APIError(404, f"no stored response {response_id!r}", "not_found_error",
+                               "response_id")  # fmt: skip
+            if not stored.body.get("background"):
+                raise APIError(400, "only a background response can be cancelled",
+                               param="response_id")  # fmt: skip
+            return stored.body  # done already: cancelling changes nothing
+        task, handle = running
+        handle.abort()
+        await asyncio.shield(task)
+        stored = store.get(response_id)
+        assert stored is not None
         return stored.body
 
     @app.delete("/v1/responses/{response_id}")
