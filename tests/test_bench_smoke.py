@@ -6,7 +6,8 @@ which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU k
 `bench/cpu_attention.py` (with its earlier-run column) and `bench/cpu_elementwise.py`; and
 `bench/gpu_decode_summary.py` on the end-to-end script's own report; and the GEMV bench's per-shape
 work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; and the guided
-JSON bench (`bench/guided_json.py`) on the demo model with short answers."""
+JSON bench (`bench/guided_json.py`) and the priority bench (`bench/priority.py`) on the demo
+model with short answers."""
 
 from __future__ import annotations
 
@@ -259,3 +260,19 @@ def test_guided_json_bench_runs(tmp_path: Path) -> None:
     assert "guided-json: vocab 49152 tokens" in out and "decode step guided/plain b1" in out
     text = report.read_text()
     assert "| 2 |" in text and "```json" in text
+
+
+def test_priority_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "priority.md"
+    out = _run(
+        "bench/priority.py",
+        "--batch=3",
+        "--doc-tokens=96",
+        "--doc-new-tokens=6",
+        "--max-num-seqs=2",
+        "--tries=1",
+        f"--report={report}",
+    )
+    assert "priority: interactive first token during a batch p50" in out
+    text = report.read_text()
+    assert "| equal |" in text and "| priority |" in text
