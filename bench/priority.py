@@ -135,7 +135,7 @@ def main() -> int:
             "",
             f"- CPU: {cpu_model()}, {usable_cores()} usable cores, {args.threads} torch threads",
             f"- Python {platform.python_version()}, torch {torch.__version__}",
-            f"- code: `{code_version()}`",
+            f"- code: {code_version()}",
             f"- demo model (SmolLM2-135M-Instruct, fp32); {args.batch} documents of "
             f"{args.doc_tokens} tokens, {args.doc_new_tokens} new tokens each; "
             f"{args.max_num_seqs} sequence slots, {args.chunk} tokens a step; {args.tries} "
