@@ -274,14 +274,18 @@ class Runtime:
         """The job directory (a temporary one when the config names none)."""
         return str(self._job_store().job_dir)
 
-    def serve_jobs(self, max_running_jobs: int | None = None) -> JobRunner:
+    def serve_jobs(
+        self, max_running_jobs: int | None = None, priority_offset: int = 0
+    ) -> JobRunner:
         """Start running the job directory's queued jobs (and those a dead service left
         running) in the background; submit() does this too. max_running_jobs caps the jobs
-        running at once (default: as many as fill max_num_seqs with their questions)."""
+        running at once (default: as many as fill max_num_seqs with their questions);
+        priority_offset is added to every job's priority (lower runs first)."""
         self._check_serving()
         runner = self._job_runner()
         if max_running_jobs is not None:
             runner.max_running_jobs = max_running_jobs
+        runner.priority_offset = priority_offset
         runner.start()
         return runner
 

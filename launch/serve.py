@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--job-dir",
         help="durable job queue directory (SQLite) served at /v1/jobs (default: no job queue)",
     )
+    g.add_argument(
+        "--job-priority",
+        type=int,
+        default=0,
+        help="added to every queued job's priority (lower runs first): 1 lets HTTP requests "
+        "(priority 0 unless they say otherwise) go ahead of the queue's documents "
+        "(default: %(default)s)",
+    )
     add_ray_service_args(g, "--job-dir on Ray")
     return p
 
@@ -129,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check(args)
         config = with_model(build_config(args))
+        if args.job_priority and config.job_dir is None:
+            raise ValueError(
+                "--job-priority applies to the queued jobs of --job-dir; add --job-dir or "
+                "drop --job-priority"
+            )
     except (ValueError, DemoModelError) as e:
         return bad_input(e, args)
     import uvicorn
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return rt
     with rt:
         if config.job_dir is not None:
-            rt.serve_jobs()
+            rt.serve_jobs(priority_offset=args.job_priority)
             if not args.no_ray_service:
                 register_ray_service(rt.job_dir, args)
         settings = ServerSettings(

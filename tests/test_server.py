@@ -968,3 +968,12 @@ def test_continue_final_message_continues_the_assistant(
         {"messages": messages[:1], "max_tokens": 1, "continue_final_message": True},
     )  # fmt: skip
     assert status == 400 and "must be the assistant's" in body["error"]["message"], body
+
+
+def test_job_priority_needs_a_job_dir(tiny_llama_dir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "launch" / "serve.py"), "--model", str(tiny_llama_dir),
+         "--device", "cpu", "--job-priority", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--job-priority applies to the queued jobs" in done.stderr

@@ -16,6 +16,7 @@ cancelled once the engine has let go of them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ class JobRunner:
         self.poll_s = poll_s
         self.max_running_jobs: int | None = None
         """At most this many jobs at once; None: as many as fill max_num_seqs."""
+        self.priority_offset = 0
+        """Added to every job's priority (1: requests at priority 0, e.g. interactive HTTP
+        traffic, go ahead of the queue's documents)."""
         self.num_jobs_run = 0
         self.num_requeued_at_stop = 0
         """Running jobs that `stop` put back in the queue (the next service runs them)."""
@@ -138,9 +142,14 @@ class JobRunner:
             )
             prompts = request.prompts
             assert prompts is not None  # a tokenizer was given
+            params = request.params
+            if self.priority_offset:
+                params = dataclasses.replace(
+                    params, priority=params.priority + self.priority_offset
+                )
             handles = self.engine.add_requests(
                 prompts,
-                [request.params] * len(prompts),
+                [params] * len(prompts),
                 share_prefix=True,
                 request_ids=[f"job-{job.job_id}-{i}" for i in range(len(prompts))],
             )

@@ -3,6 +3,7 @@ submitting processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import pickle
 import time
@@ -291,3 +292,27 @@ def test_queued_jobs_run_as_one_batch_and_cancel_alone(
         assert rt.engine.wait_idle(timeout=30)
         assert rt.engine.blocks.num_free_blocks == free_before
         assert not rt.engine.scheduler.has_work()
+
+
+def test_serve_jobs_offsets_every_jobs_priority(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve_jobs(priority_offset=N)` (`launch/serve.py --job-priority N`) runs each queued
+    job's requests N lower than the job asked, so HTTP traffic at 0 goes first."""
+    store = JobStore(tmp_path / "jobs")
+    asked = dataclasses.replace(PARAMS, priority=2)
+    job_id = store.submit(DOC, ["Who keeps the light?", "Who keeps the tide tables?"], asked)
+    store.close()
+    with Runtime(model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=2048,
+                 job_dir=str(tmp_path / "jobs")) as rt:  # fmt: skip
+        seen: list[int] = []
+        add = rt.engine.add_requests
+
+        def spy(prompts: Any, params: Any, **kw: Any) -> Any:
+            seen.extend(p.priority for p in params)
+            return add(prompts, params, **kw)
+
+        monkeypatch.setattr(rt.engine, "add_requests", spy)
+        rt.serve_jobs(priority_offset=3)
+        assert len(rt.result(job_id, timeout=120)) == 2
+    assert seen == [5, 5]
