@@ -48,12 +48,12 @@ class OutputProcessor:
         text_state = seq.text_state
         # The EOS or stop token that ends a request adds no text, even when special tokens
         # are kept (skip_special_tokens=False), as in vLLM: the answer is what came before it.
-        hit_stop = (
-            text_state is not None
-            and not self._is_stop_token(seq, tok.token_id)
-            and text_state.add(tok.token_id)
-        )
-        reason = "stop" if hit_stop else self._stop_reason(seq, tok.token_id)
+        if self._is_stop_token(seq, tok.token_id):
+            reason: str | None = "stop"
+        elif text_state is not None and text_state.add(tok.token_id):
+            reason = "stop"  # a stop string
+        else:
+            reason = self._stop_reason(seq, tok.token_id)
         text = ""
         if text_state is not None:
             if reason is not None:
@@ -67,8 +67,7 @@ class OutputProcessor:
         return (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
-        if self._is_stop_token(seq, token_id):
-            return "stop"
+        """Why a request ends at an ordinary token (not a stop token or string), if it does."""
         guide = seq.guide
         if guide is not None:
             if not guide.advance(token_id):  # the mask allowed it: a bug, but end cleanly

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,13 +233,18 @@ class Scheduler:
         return decodes
 
     def _victim(self, exclude: list[Sequence]) -> Sequence:
-        """The running sequence to preempt: the highest priority value, the latest admitted
-        among equals, of those not in `exclude`."""
-        index = max(
-            (i for i, s in enumerate(self.running) if not _in(exclude, s)),
-            key=lambda i: (self.running[i].params.priority, i),
-        )
-        return self.running[index]
+        """The running sequence to preempt, of those not in `exclude`."""
+        victim = self._least_important(lambda s: not _in(exclude, s))
+        assert victim is not None  # the sequence asking is never excluded
+        return victim
+
+    def _least_important(self, eligible: Callable[[Sequence], bool]) -> Sequence | None:
+        """The eligible running sequence with the highest priority value, the latest admitted
+        among equals; None when none is eligible."""
+        candidates = [i for i, s in enumerate(self.running) if eligible(s)]
+        if not candidates:
+            return None
+        return self.running[max(candidates, key=lambda i: (self.running[i].params.priority, i))]
 
     def _make_room_for_waiting(self) -> None:
         """Preempt running sequences less important than the head of the queue (least
@@ -265,16 +271,11 @@ class Scheduler:
     def _preempt_for(self, seq: Sequence, scheduled: list[ScheduledSeq]) -> bool:
         """Preempt a running sequence of lower priority than waiting `seq` (one this step
         has not scheduled), to free its blocks and slot; False when there is none."""
-        taken = [item.seq for item in scheduled]
-        candidates = [
-            i
-            for i, s in enumerate(self.running)
-            if s.params.priority > seq.params.priority and not _in(taken, s)
-        ]
-        if not candidates:
+        p = seq.params.priority
+        victim = self._least_important(lambda s: s.params.priority > p and not _has(scheduled, s))
+        if victim is None:
             return False
-        index = max(candidates, key=lambda i: (self.running[i].params.priority, i))
-        self._preempt(self.running[index])
+        self._preempt(victim)
         return True
 
     def _chunk(self, seq: Sequence, budget: int) -> int:

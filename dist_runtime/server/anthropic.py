@@ -16,6 +16,7 @@ extended thinking are 400s naming the field.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dist_runtime.server.calls import (
     APIError,
+    chat_prompt,
     client_stop,
     functions_of,
     gather,
@@ -279,8 +281,7 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
 
         if not req.stream:
             (out,) = await gather(run.handles, request)
-            split = run.splitter()
-            text, calls = split.feed(out.text, out.finish_reason) if split else (out.text, [])
+            text, calls = run.splitter().feed(out.text, out.finish_reason)
             content = [{"type": "text", "text": text}] if text or not calls else []
             content += [tool_block(c) for c in calls]
             reason, sequence = stop_fields(out, calls, req.stop_sequences)
@@ -309,9 +310,7 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
             index = -1  # the open text block's index
             try:
                 async for _, delta in merged(run.handles):
-                    piece, found = (
-                        split.feed(delta.text, delta.finish_reason) if split else (delta.text, [])
-                    )
+                    piece, found = split.feed(delta.text, delta.finish_reason)
                     calls += found
                     if piece:
                         if index < 0:
@@ -348,10 +347,6 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(req: CountRequest) -> dict[str, Any]:
         """The prompt's tokens, as /v1/messages would build it (tools included)."""
-        import asyncio
-
-        from dist_runtime.server.calls import chat_prompt
-
         server.check_model(req.model)
         try:  # checked as /v1/messages checks them
             as_messages = MessagesRequest.model_validate(

@@ -474,22 +474,20 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             def chat_choice(i: int, delta: RequestDelta, _first: bool) -> dict[str, Any] | None:
                 scored = delta.prompt_logprobs
                 text, finish = delta.text, delta.finish_reason
-                split = splitters[i]
-                if split is not None:
-                    text, calls = split.feed(text, finish)
-                    if calls:
-                        out: dict[str, Any] = {"content": text} if text else {}
-                        out["tool_calls"] = [
-                            {"index": j, **c} for j, c in enumerate(tool_calls_json(calls))
-                        ]
-                        return {
-                            "index": i,
-                            "delta": out,
-                            "logprobs": _chat_logprobs(server, delta.logprobs)
-                            if delta.logprobs
-                            else None,
-                            "finish_reason": "tool_calls",
-                        }
+                text, calls = splitters[i].feed(text, finish)
+                if calls:
+                    out: dict[str, Any] = {"content": text} if text else {}
+                    out["tool_calls"] = [
+                        {"index": j, **c} for j, c in enumerate(tool_calls_json(calls))
+                    ]
+                    return {
+                        "index": i,
+                        "delta": out,
+                        "logprobs": _chat_logprobs(server, delta.logprobs)
+                        if delta.logprobs
+                        else None,
+                        "finish_reason": "tool_calls",
+                    }
                 if not text and finish is None and scored is None:
                     return None
                 logprobs = _chat_logprobs(server, delta.logprobs) if delta.logprobs else None
@@ -523,11 +521,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         request.state.usage = usage
         choices: list[dict[str, Any]] = []
         for i, o in enumerate(outs):
-            content, calls = o.text, []
-            split = splitter()
-            if split is not None:
-                content, found = split.feed(o.text, o.finish_reason)
-                calls = tool_calls_json(found)
+            content, found = splitter().feed(o.text, o.finish_reason)
+            calls = tool_calls_json(found)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
                 message = {"role": "assistant", "content": content or None, "tool_calls": calls}

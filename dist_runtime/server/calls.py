@@ -49,7 +49,7 @@ class ChatRun:
 
     ids: list[int]
     handles: list[RequestHandle]
-    splitter: Callable[[], CallSplitter | None]
+    splitter: Callable[[], CallSplitter]
 
 
 async def start_chat(
@@ -104,8 +104,8 @@ async def start_chat(
         ]
     handles = server.add([ids] * n, params, "messages")
 
-    def splitter() -> CallSplitter | None:
-        return CallSplitter(fmt, functions, parallel, calling) if functions else None
+    def splitter() -> CallSplitter:
+        return CallSplitter(fmt, functions or [], parallel, calling)
 
     return ChatRun(ids, handles, splitter)
 

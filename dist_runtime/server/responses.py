@@ -474,8 +474,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
             return done
 
         def whole(out: RequestOutput) -> dict[str, Any]:
-            split = run.splitter()
-            content, calls = split.feed(out.text, out.finish_reason) if split else (out.text, [])
+            content, calls = run.splitter().feed(out.text, out.finish_reason)
             output = [_message_item(content, "completed")] if content or not calls else []
             output += [_call_item(n, a) for n, a in calls]
             return finish(out, output)
@@ -537,9 +536,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
 
             try:
                 async for _, delta in merged(run.handles):
-                    piece, found = (
-                        split.feed(delta.text, delta.finish_reason) if split else (delta.text, [])
-                    )
+                    piece, found = split.feed(delta.text, delta.finish_reason)
                     calls += found
                     if piece:
                         for e in open_message() if message is None else []:

@@ -66,13 +66,7 @@ class Function:
 
 def tools_text(functions: list[Function]) -> str:
     """The system text that lists the functions (one JSON line each)."""
-    lines = [TOOLS_INTRO]
-    for f in functions:
-        entry: dict[str, Any] = {"name": f.name}
-        if f.description:
-            entry["description"] = f.description
-        entry["parameters"] = f.parameters or {"type": "object", "properties": {}}
-        lines.append(json.dumps(entry, ensure_ascii=False))
+    lines = [TOOLS_INTRO, *(json.dumps(_entry(f), ensure_ascii=False) for f in functions)]
     return "\n".join(lines)
 
 
@@ -465,6 +459,7 @@ def _before_marker(text: str, marker: str) -> int:
 
 
 def _entry(f: Function) -> dict[str, Any]:
+    """A function as the model is shown it: name, description (if any), parameters."""
     entry: dict[str, Any] = {"name": f.name}
     if f.description:
         entry["description"] = f.description
@@ -520,7 +515,8 @@ def template_calls(template: str) -> TemplateCalls:
 
 class CallSplitter:
     """One streamed choice's text: what to send as content as it comes, and at its end the
-    calls it makes (`feed`). The concatenated content equals the whole answer's `split`."""
+    calls it makes (`feed`). The concatenated content equals the whole answer's `split`.
+    Without functions it passes the text through as it comes."""
 
     def __init__(
         self, fmt: ToolFormat, functions: list[Function], parallel: bool, calling: bool
@@ -532,6 +528,8 @@ class CallSplitter:
     def feed(self, delta: str, finish_reason: str | None) -> tuple[str, list[tuple[str, str]]]:
         """(content to send now, calls) for the next piece of text; calls only at the end, and
         only when the answer ended by itself (`stop`)."""
+        if not self.functions:
+            return delta, []
         self.text += delta
         if finish_reason is None:
             end = max(self.sent, self.fmt.sendable(self.text, self.calling))
