@@ -37,6 +37,10 @@ QUANT_POLICIES = (0, 8, 4)
 """KV cache quantization: bits per cached K/V element (0: the model's dtype)."""
 
 
+MAX_SPECULATIVE_TOKENS = 16
+"""Most draft tokens one sequence may propose per step."""
+
+
 class ConfigError(ValueError):
     """A configuration value a user can fix; `key` names the config key (e.g. `parallel.tp`)
     when one value is at fault, so a front end can name its own flag instead."""
@@ -633,12 +637,32 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     """Token budget of one step per cp rank (a step computes up to cp times this many tokens):
     decodes first, then prefill chunks."""
+    num_speculative_tokens: int = 0
+    """Speculative decoding by prompt lookup (n-gram drafts, vLLM's `ngram` method): a decoding
+    sequence whose last tokens appeared earlier in its prompt or output proposes up to this many
+    of the tokens that followed them, and one step checks them all; 0: off."""
+    prompt_lookup_max: int = 4
+    """Longest n-gram matched against the sequence's earlier tokens (the longest match wins)."""
+    prompt_lookup_min: int = 2
+    """Shortest n-gram that may propose a draft."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ConfigError(f"scheduler.{name} must be a positive integer, got {value!r}")
+        k = self.num_speculative_tokens
+        if not _is_int(k) or not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(
+                f"scheduler.num_speculative_tokens must be an integer in [0, "
+                f"{MAX_SPECULATIVE_TOKENS}] (0: no speculative decoding), got {k!r}"
+            )
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if not (_is_int(lo) and _is_int(hi) and 1 <= lo <= hi):
+            raise ConfigError(
+                f"scheduler.prompt_lookup_min ({lo!r}) and prompt_lookup_max ({hi!r}) must be "
+                "integers with 1 <= min <= max"
+            )
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError(
                 f"scheduler.max_num_batched_tokens ({self.max_num_batched_tokens}) must be at "
@@ -719,6 +743,12 @@ class RuntimeConfig:
             raise ConfigError(
                 f"executor=inprocess runs one worker, but tp*cp = {self.parallel.world_size}; "
                 "use executor=ray (or auto) for more than one device"
+            )
+        if self.scheduler.num_speculative_tokens and self.parallel.cp > 1:
+            raise ConfigError(
+                f"speculative decoding (scheduler.num_speculative_tokens = "
+                f"{self.scheduler.num_speculative_tokens}) runs at cp = 1; this config has "
+                f"cp = {self.parallel.cp}: set num_speculative_tokens to 0 or run with cp = 1"
             )
         if not _is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")

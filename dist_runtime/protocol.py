@@ -78,6 +78,10 @@ class SeqStep:
     """Reset worker-side state for this id (first chunk of a prompt, or a recompute)."""
     sample: bool
     """Sample a token after this chunk (false for non-final prefill chunks)."""
+    num_draft_tokens: int = 0
+    """The last this many token_ids are a draft to check (speculative decoding): the step
+    samples after each of the last num_draft_tokens + 1 tokens and returns the draft tokens
+    the model agrees with, up to its first disagreement, then its own next token."""
     sampling: SamplingSpec | None = None
     """Present when is_new."""
     rope_base: float = 0.0
@@ -135,6 +139,8 @@ class PromptLogprobs:
 class StepResult:
     step_id: int
     tokens: list[SampledToken]
+    """One per sampled sequence in plan order; a sequence with a draft has 1 to
+    num_draft_tokens + 1 in a row (its accepted draft tokens, then the model's own)."""
     prompt_logprobs: list[PromptLogprobs] = dataclasses.field(default_factory=list)
     """Scored rows of the step's chunks that asked for prompt log-probabilities."""
 

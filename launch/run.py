@@ -78,6 +78,9 @@ ENGINE_FLAGS: dict[str, str] = {
     "cache.quant_policy": "--quant-policy",
     "scheduler.max_num_seqs": "--max-num-seqs",
     "scheduler.max_num_batched_tokens": "--max-num-batched-tokens",
+    "scheduler.num_speculative_tokens": "--num-speculative-tokens",
+    "scheduler.prompt_lookup_max": "--prompt-lookup-max",
+    "scheduler.prompt_lookup_min": "--prompt-lookup-min",
 }
 """Config key -> the flag that sets it (errors about a flag's value name the flag)."""
 
@@ -206,6 +209,25 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         help="tokens one step computes per cp rank: decodes, then prefill chunks "
         f"(default: {_default('scheduler.max_num_batched_tokens')})",
+    )
+    g.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        help="speculative decoding by prompt lookup: each decoding sequence whose last tokens "
+        "appeared before (in the document, say) proposes up to this many of the tokens that "
+        "followed them, checked in one step; greedy answers are unchanged (default: 0 = off)",
+    )
+    g.add_argument(
+        "--prompt-lookup-max",
+        type=int,
+        help="longest n-gram the lookup matches "
+        f"(default: {_default('scheduler.prompt_lookup_max')})",
+    )
+    g.add_argument(
+        "--prompt-lookup-min",
+        type=int,
+        help="shortest n-gram the lookup matches "
+        f"(default: {_default('scheduler.prompt_lookup_min')})",
     )
     g = p.add_argument_group("output")
     g.add_argument(

@@ -47,7 +47,13 @@ from workers.sampler import (
     sample_on_device,
     samples_on_device,
     score_rows,
+    verify_draft,
 )
+
+DRAFT_DECODE_MAX_CONTEXT = 4096
+"""Longest context at which a CUDA step checking drafts runs as a wider decode step (each row
+reads its sequence's keys: at 4K tokens of a 7B model's KV that is about 0.5 GB a row, next to
+15 GB of weights); longer ones run as a prefill chunk per sequence, which reads them once."""
 
 MAX_GRAPH_BATCH = 256
 """Largest decode batch replayed from a CUDA graph; bigger batches run eagerly (launch cost is
@@ -408,24 +414,28 @@ class ModelRunner:
         self.num_steps += 1
         cp = self.comm.cp_size
         # A cp decode step runs every row on every cp rank (`cp_decode_attention`).
-        split = cp > 1 and any(len(s.token_ids) != 1 for s in plan.seqs)
-        own_rope = any(self.seqs[s.seq_id].inv_freq is not None for s in plan.seqs)
-        hidden = self._staged_decode(plan.seqs, own_rope)
+        drafts = any(s.num_draft_tokens for s in plan.seqs)
+        # rows of the forward pass: a decode step checking drafts runs as a wider decode step
+        rows_of = _draft_rows(plan.seqs) if drafts and self._drafts_as_decode(plan.seqs) else None
+        seqs = plan.seqs if rows_of is None else rows_of
+        split = cp > 1 and any(len(s.token_ids) != 1 for s in seqs)
+        own_rope = any(self.seqs[s.seq_id].inv_freq is not None for s in seqs)
+        hidden = self._staged_decode(seqs, own_rope)
         staged = hidden is not None
         sample_rows: torch.Tensor | None = None  # None: every row of `hidden`
         if hidden is None:
             if split:
-                input_ids, positions, meta, sample_rows = self._prepare_cp(plan.seqs)
+                input_ids, positions, meta, sample_rows = self._prepare_cp(seqs)
             else:
-                input_ids, positions, meta, sample_rows = self._prepare(plan.seqs)
+                input_ids, positions, meta, sample_rows = self._prepare(seqs)
             if own_rope:
-                inv = self._rope_inv_freq(plan.seqs, split)
+                inv = self._rope_inv_freq(seqs, split)
                 meta = dataclasses.replace(meta, rope_inv_freq=inv)
             if self.graphs is not None and self.graphs.can_run(meta, input_ids.shape[0]):
                 hidden = self.graphs.run(input_ids, positions, meta)
             else:
                 hidden = self.model(input_ids, positions, meta, self.kv_cache.layers)
-        scored = self._score_prompts(plan.seqs, hidden)
+        scored = self._score_prompts(seqs, hidden)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:
             if not self.is_driver_rank:
@@ -441,8 +451,10 @@ class ModelRunner:
         ):  # the graph ran the LM head (and the greedy pick) already
             if not self.is_driver_rank:
                 return None
-            n = len(sampled)
-            if plain_greedy([self.seqs[s.seq_id].spec for s in sampled]) and not any(
+            n = len(seqs)  # one row per sequence, or per row of a draft
+            if drafts:
+                tokens = self._sample_drafts(graphs.logits[:n], sampled)
+            elif plain_greedy([self.seqs[s.seq_id].spec for s in sampled]) and not any(
                 s.allowed_tokens is not None for s in sampled
             ):
                 tokens = greedy_tokens(graphs.greedy[:n], [s.seq_id for s in sampled])
@@ -457,10 +469,13 @@ class ModelRunner:
             rows = self._gather_sample_rows(rows, plan.seqs)
         if self.comm.cp_rank != 0:
             return None
-        logits = self.model.compute_logits(rows)  # (sampled, vocab) fp32
+        logits = self.model.compute_logits(rows)  # (sampled rows, vocab) fp32
         if not self.is_driver_rank:
             return None
-        tokens = self._sample(logits, sampled)
+        if any(s.num_draft_tokens for s in sampled):
+            tokens = self._sample_drafts(logits, sampled)
+        else:
+            tokens = self._sample(logits, sampled)
         return StepResult(step_id=plan.step_id, tokens=tokens, prompt_logprobs=scored)
 
     def _score_prompts(self, seqs: list[SeqStep], hidden: torch.Tensor) -> list[PromptLogprobs]:
@@ -646,8 +661,10 @@ class ModelRunner:
             is_decode=all(len(s.token_ids) == 1 for s in seqs),
             cp_decode=cp > 1,
         )
-        rows = torch.tensor(
-            [cu[i + 1] - 1 for i, s in enumerate(seqs) if s.sample], dtype=torch.int64, device=dev
+        rows = torch.tensor(  # a draft's sequence samples after each of its last tokens
+            [r for i, s in enumerate(seqs) if s.sample for r in _sample_span(s, cu[i + 1])],
+            dtype=torch.int64,
+            device=dev,
         )
         return (
             torch.tensor(ids, dtype=torch.int64, device=dev),
@@ -749,6 +766,51 @@ class ModelRunner:
             if st.spec.temperature > 0:
                 st.generator.manual_seed(draw_seed(st.spec.seed, s.start_pos + len(s.token_ids)))
 
+    def _drafts_as_decode(self, seqs: list[SeqStep]) -> bool:
+        """Whether a step whose sequences decode (some checking a draft) runs as a decode step
+        of one row per token (`_draft_rows`): the decode path (the native CPU decoder, the
+        decode graphs) instead of a prefill chunk per sequence. Each row attends over its
+        sequence's keys, so a sequence's keys are read once per row except where the rows
+        share blocks (the CPU decode attends over a batch's common blocks once); on CUDA
+        that is taken only while contexts are short (`DRAFT_DECODE_MAX_CONTEXT`)."""
+        if any(len(s.token_ids) != s.num_draft_tokens + 1 or not s.sample for s in seqs):
+            return False  # a prefill chunk rides along
+        if self.comm.cp_size > 1:
+            return False
+        if self.device.type == "cpu":
+            return True
+        return max(s.start_pos + len(s.token_ids) for s in seqs) <= DRAFT_DECODE_MAX_CONTEXT
+
+    def _sample_drafts(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[SampledToken]:
+        """Tokens of a step where some sequences check a draft: `logits` has one row per
+        sequence without one and num_draft_tokens + 1 rows per sequence with one, in plan
+        order; the tokens come back in plan order, a draft's kept tokens in a row."""
+        starts = [0, *itertools.accumulate(s.num_draft_tokens + 1 for s in seqs)]
+        plain = [i for i, s in enumerate(seqs) if not s.num_draft_tokens]
+        out: list[list[SampledToken]] = [[] for _ in seqs]
+        if plain:
+            rows = torch.tensor([starts[i] for i in plain], device=logits.device)
+            picked = self._sample(logits.index_select(0, rows), [seqs[i] for i in plain])
+            for i, tok in zip(plain, picked):
+                out[i] = [tok]
+        for i, s in enumerate(seqs):
+            n = s.num_draft_tokens
+            if not n:
+                continue
+            if s.allowed_tokens is not None:
+                raise ValueError(f"seq {s.seq_id}: a guided step cannot carry a draft")
+            state = self.seqs[s.seq_id]
+            first = s.start_pos + len(s.token_ids) - n  # position of the first token picked
+            out[i] = verify_draft(
+                logits[starts[i] : starts[i + 1]],
+                s.token_ids[-n:],
+                state.spec,
+                state.generator,
+                [draw_seed(state.spec.seed, first + j) for j in range(n + 1)],
+                s.seq_id,
+            )
+        return [tok for toks in out for tok in toks]
+
     def _sample(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[SampledToken]:
         states = [self.seqs[s.seq_id] for s in seqs]
         self._seed_draws(seqs)
@@ -788,6 +850,35 @@ class _Launched:
             tokens = greedy_tokens(self.picked, self.seq_ids)
             self._result = StepResult(step_id=self.step_id, tokens=tokens)
         return self._result
+
+
+def _draft_rows(seqs: list[SeqStep]) -> list[SeqStep]:
+    """A decode step with drafts as one single-token sampled step per token, in order: a
+    sequence with a draft of n tokens becomes n + 1 rows at consecutive positions. Every row
+    stores its K/V before any attends, so row j sees the draft tokens before it."""
+    rows = []
+    for s in seqs:
+        if not s.num_draft_tokens:
+            rows.append(s)
+            continue
+        for j, token in enumerate(s.token_ids):
+            rows.append(
+                SeqStep(
+                    seq_id=s.seq_id,
+                    token_ids=[token],
+                    start_pos=s.start_pos + j,
+                    new_blocks=[],
+                    is_new=False,
+                    sample=True,
+                )
+            )
+    return rows
+
+
+def _sample_span(step: SeqStep, end: int) -> range:
+    """Rows of a sampled chunk ending at row `end` (exclusive) that are sampled after: its last
+    row, and with a draft the num_draft_tokens rows before it too."""
+    return range(end - 1 - step.num_draft_tokens, end)
 
 
 def draw_seed(seed: int, position: int) -> int:

@@ -186,6 +186,63 @@ class Sampler:
         return _results(logits, token_ids, specs, seq_ids)
 
 
+def verify_draft(
+    logits: torch.Tensor,
+    draft: list[int],
+    spec: SamplingSpec,
+    generator: torch.Generator,
+    seeds: list[int],
+    seq_id: int,
+) -> list[SampledToken]:
+    """The tokens one sequence keeps from a draft: `logits` (len(draft) + 1, vocab) are the
+    rows after its last token and after each draft token; `seeds` seed the draw at each row.
+
+    Greedy: the draft tokens that equal the argmax of the row before them, up to the first that
+    does not, then that row's argmax, so the tokens are plain greedy decode's. Sampling: draft
+    token j is kept with its probability p_j(d_j) under the warped distribution (temperature,
+    top-k, top-p, min-p), else the row's token is drawn from p_j without d_j (renormalised)
+    and the rest is dropped; when every draft token is kept, one more is drawn from the last
+    row. This is speculative sampling with a draft that proposes d_j with probability 1, so
+    every token is distributed as plain sampling's (Leviathan et al., 2023). Logit bias
+    applies; penalties and guided masks do not (such sequences get no draft). Log-probabilities
+    are the raw ones, as `Sampler.sample` reports."""
+    n = len(draft)
+    if logits.dim() != 2 or logits.shape[0] != n + 1 or len(seeds) != n + 1:
+        raise ValueError(
+            f"a draft of {n} tokens needs {n + 1} logit rows and seeds, got shape "
+            f"{tuple(logits.shape)} and {len(seeds)} seeds"
+        )
+    if spec.needs_history:
+        raise ValueError(f"seq {seq_id}: a sequence with penalties cannot verify a draft")
+    logits = logits.float()
+    biased = apply_logit_bias(logits, [spec] * (n + 1))
+    chosen: list[int] = []
+    if spec.temperature == 0.0:
+        targets = biased.argmax(dim=-1).tolist()
+        while len(chosen) < n and draft[len(chosen)] == targets[len(chosen)]:
+            chosen.append(draft[len(chosen)])
+        chosen.append(targets[len(chosen)])
+    else:
+        probs = warp_logits(biased, [spec] * (n + 1)).softmax(dim=-1)  # (n + 1, vocab)
+        for j in range(n + 1):
+            generator.manual_seed(seeds[j])
+            if j == n:  # every draft token was kept: one more from the last row
+                chosen.append(int(_draw(probs[j], generator)))
+                break
+            d = draft[j]
+            u = torch.rand((), generator=generator, device=generator.device)
+            if float(u) < float(probs[j, d]):
+                chosen.append(d)
+                continue
+            residual = probs[j].clone()
+            residual[d] = 0.0
+            chosen.append(int(_draw(residual, generator)) if float(residual.sum()) > 0 else d)
+            break
+    m = len(chosen)
+    token_ids = torch.tensor(chosen, dtype=torch.long, device=logits.device)
+    return _results(logits[:m], token_ids, [spec] * m, [seq_id] * m)
+
+
 def apply_logit_bias(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
     """OpenAI's logit bias: each row's (token, bias) pairs added to its logits (a new tensor
     when any row has some; the raw logits stay for the log-probabilities)."""

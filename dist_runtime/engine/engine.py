@@ -42,8 +42,9 @@ from dist_runtime.engine.executor.base import Executor, WorkerError
 from dist_runtime.engine.executor.factory import create_executor
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.output_processor import OutputProcessor
+from dist_runtime.engine.outputs import RequestDelta
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
-from dist_runtime.protocol import StepPlan, StepResult
+from dist_runtime.protocol import SampledToken, StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.text.guided import (
     JsonGuide,
@@ -252,6 +253,8 @@ class Engine:
             "prefix_cache_queried_tokens": blocks.num_queried_tokens,
             "prefix_cache_hit_tokens": blocks.num_hit_tokens,
             "num_worker_restarts": self.num_worker_restarts,
+            "num_draft_tokens": sched.num_draft_tokens,
+            "num_accepted_tokens": sched.num_accepted_tokens,
         }
 
     @property
@@ -379,7 +382,7 @@ class Engine:
         try:
             if self._start_on_loop:
                 self._start_workers()
-            self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+            self.scheduler = Scheduler(self.config.scheduler, self.blocks, self.config.session_len)
         except BaseException as e:
             self._dead = e
             started.set_exception(e)
@@ -552,30 +555,46 @@ class Engine:
         self._fail([self._by_seq[s.seq_id] for s in plan.seqs if s.seq_id in self._by_seq], error)
 
     def _finish_step(self, plan: StepPlan, result: StepResult, started: float) -> None:
-        self.scheduler.on_step_done(plan)
+        self.scheduler.on_step_done(plan, result)
         request_ids, num_prefill, num_decodes = self._update_progress(plan)
         for scored in result.prompt_logprobs:
             self.outputs.record_prompt_logprobs(self._by_seq[scored.seq_id].seq, scored)
-        for tok in result.tokens:
-            request = self._by_seq.get(tok.seq_id)
-            if request is None or request.seq.status is SeqStatus.FINISHED:
-                continue  # a step planned ahead of this sequence's stop (or an abort)
-            delta = self.outputs.process(request.seq, tok)
-            handle = request.handle
-            handle.num_output_tokens += 1
-            self.num_generated_tokens += not request.is_internal
-            if handle.first_token_step_id is None:
-                handle.first_token_step_id = plan.step_id
-                handle.first_token_time = time.monotonic()
-            if not request.is_internal:  # a prefix pass's token is dropped
-                handle.put(delta)
-            if delta.finish_reason is not None:
-                self.scheduler.finish(request.seq, delta.finish_reason)
-                self._end(request, self.outputs.output(request.seq, delta.finish_reason))
+        tokens, i = result.tokens, 0
+        while i < len(tokens):  # a sequence with a draft has several tokens in a row
+            j = i + 1
+            while j < len(tokens) and tokens[j].seq_id == tokens[i].seq_id:
+                j += 1
+            self._deliver(plan.step_id, tokens[i:j])
+            i = j
         self._admit_ready()
         self.num_steps += 1
         seconds = time.perf_counter() - started
+        self.scheduler.record_step_time(plan, seconds)
         self._steps.append(StepRecord(plan.step_id, request_ids, num_prefill, num_decodes, seconds))
+
+    def _deliver(self, step_id: int, tokens: list[SampledToken]) -> None:
+        """One sequence's tokens of a step, in order, to its request: one delta for all of
+        them, up to the one that ends it (later ones are dropped)."""
+        request = self._by_seq.get(tokens[0].seq_id)
+        if request is None or request.seq.status is SeqStatus.FINISHED:
+            return  # a step planned ahead of this sequence's stop (or an abort)
+        handle = request.handle
+        if handle.first_token_step_id is None:
+            handle.first_token_step_id = step_id
+            handle.first_token_time = time.monotonic()
+        deltas = []
+        for tok in tokens:
+            deltas.append(self.outputs.process(request.seq, tok))
+            handle.num_output_tokens += 1
+            self.num_generated_tokens += not request.is_internal
+            if deltas[-1].finish_reason is not None:
+                break
+        delta = deltas[0] if len(deltas) == 1 else _merge(deltas)
+        if not request.is_internal:  # a prefix pass's token is dropped
+            handle.put(delta)
+        if delta.finish_reason is not None:
+            self.scheduler.finish(request.seq, delta.finish_reason)
+            self._end(request, self.outputs.output(request.seq, delta.finish_reason))
 
     def _update_progress(self, plan: StepPlan) -> tuple[tuple[str, ...], int, int]:
         """Write each scheduled request's progress on its handle; (request ids, prefill
@@ -618,7 +637,7 @@ class Engine:
             raise EngineDeadError(f"replacing failed workers failed: {e}") from e
         if owned_ray:  # the new group inherits the Ray instance the old one started
             setattr(self.executor, "_owns_ray", True)  # noqa: B010
-        self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        self.scheduler = Scheduler(self.config.scheduler, self.blocks, self.config.session_len)
         self.num_worker_restarts += 1
         self._fail(
             in_flight,
@@ -702,6 +721,20 @@ class Engine:
             f"weights; now {tp}), or shorten --session-len to {per_rank * cp} "
             "(`launch/run.py --dry-run` prints the plan)"
         )
+
+
+def _merge(deltas: list[RequestDelta]) -> RequestDelta:
+    """Consecutive deltas of one request as one."""
+    logprobs = None
+    if deltas[0].logprobs is not None:
+        logprobs = [lp for d in deltas for lp in d.logprobs or ()]
+    return RequestDelta(
+        [t for d in deltas for t in d.token_ids],
+        "".join(d.text for d in deltas),
+        logprobs,
+        deltas[-1].finish_reason,
+        deltas[0].prompt_logprobs,
+    )
 
 
 def _check_ids(ids: list[int], vocab_size: int, index: int) -> None:

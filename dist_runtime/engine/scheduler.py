@@ -11,6 +11,12 @@ decodes claim blocks most important first, a preemption takes the least importan
 sequence (the latest admitted among equals), and a waiting sequence that finds no block or
 slot preempts a running one of lower priority that this step has not scheduled yet. With
 every priority equal (the default) this is the plain first-come order above.
+
+With speculative decoding (`num_speculative_tokens` > 0), a decoding sequence may carry a draft
+(`dist_runtime.engine.speculative`): the step computes its last token and the draft, and the
+workers return the draft tokens the model agrees with plus one more. Drafts use the step's
+spare budget and only free blocks (never a preemption); K/V written for a rejected draft token
+lies past the sequence's computed tokens and is overwritten by the next step.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any
 
 from dist_runtime.config import SchedulerConfig
 from dist_runtime.engine.block_manager import BlockManager
-from dist_runtime.protocol import LAST_SAMPLED, SamplingSpec, SeqStep, StepPlan
+from dist_runtime.engine.speculative import PromptLookup
+from dist_runtime.protocol import LAST_SAMPLED, SamplingSpec, SeqStep, StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
 
 
@@ -56,6 +63,14 @@ class Sequence:
     """The driver's detokenization state (a TextStream), when the model has a tokenizer."""
     guide: Any = None
     """With guided output: the request's `dist_runtime.text.guided.JsonGuide`."""
+    draft: list[int] = field(default_factory=list)
+    """Draft tokens proposed for the step being planned (speculative decoding)."""
+    token_buffer: Any = None
+    """Its tokens as an array for the draft lookup (`speculative.TokenBuffer`), once needed."""
+    spec_accepted: float = 0.0
+    """Draft tokens of this sequence the model kept (decayed while it drafts nothing)."""
+    spec_rejected: float = 0.0
+    """Its drafts that ended in a rejected token (the same decay)."""
 
     @property
     def num_tokens(self) -> int:
@@ -119,9 +134,22 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, session_len: int = 0):
         self.config = config
         self.blocks = blocks
+        self.session_len = session_len
+        """Longest sequence (drafts never run past it); 0: unbounded (tests)."""
+        self.lookup = (
+            PromptLookup(
+                config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min
+            )
+            if config.num_speculative_tokens
+            else None
+        )
+        self.num_draft_tokens = 0
+        """Draft tokens the workers checked (speculative decoding)."""
+        self.num_accepted_tokens = 0
+        """Of those, the ones the model agreed with."""
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._finished_ids: list[int] = []
@@ -161,9 +189,13 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens * self.blocks.cp_size
         scheduled: list[ScheduledSeq] = []
         self._make_room_for_waiting()
-        for seq in self._decodes_with_blocks():
-            scheduled.append(ScheduledSeq(seq, 1))
-            budget -= 1
+        decodes = self._decodes_with_blocks()
+        budget -= len(decodes)
+        share = self.lookup.row_share(len(decodes)) if self.lookup is not None else 0.0
+        for seq in decodes:
+            n = self._propose(seq, budget, share) if self.lookup is not None else 0
+            scheduled.append(ScheduledSeq(seq, 1 + n))
+            budget -= n
         prefilling = [
             s
             for s in self.running
@@ -231,6 +263,24 @@ class Scheduler:
                 self.blocks.grow(seq.block_table, seq.num_tokens)
                 decodes.append(seq)
         return decodes
+
+    def _propose(self, seq: Sequence, budget: int, share: float) -> int:
+        """Give a decoding sequence a draft of at most `budget` tokens, within its length
+        limits, the blocks free now (its table grows to hold it) and what its rows are worth
+        (`PromptLookup.draft_len` at a row's cost `share`); its length."""
+        p = seq.params
+        if p.guided or _needs_history(p):
+            return 0  # its next token's mask or penalties follow the tokens before it
+        limit = min(budget, p.max_new_tokens - len(seq.output_token_ids) - 1)
+        if self.session_len:
+            limit = min(limit, self.session_len - seq.num_tokens - 1)
+        limit = min(limit, self.blocks.max_tokens(seq.block_table) - seq.num_tokens)
+        assert self.lookup is not None
+        draft = self.lookup.propose(seq, limit, share)
+        if draft:
+            self.blocks.grow(seq.block_table, seq.num_tokens + len(draft))
+        seq.draft = draft
+        return len(draft)
 
     def _victim(self, exclude: list[Sequence]) -> Sequence:
         """The running sequence to preempt, of those not in `exclude`."""
@@ -308,7 +358,9 @@ class Scheduler:
 
     def _register_blocks(self, seq: Sequence) -> None:
         bs = self.blocks.block_size
-        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        # a step's accepted draft tokens are computed before the engine appends them
+        known = min(seq.num_computed_tokens, seq.num_tokens)
+        full = min(known // bs, len(seq.block_table))
         if full <= seq.num_hashed_blocks:
             return
         first = seq.num_hashed_blocks
@@ -350,6 +402,7 @@ class Scheduler:
         seq.is_reset = True
         seq.status = SeqStatus.WAITING
         seq.was_preempted = True
+        seq.draft = []
         self._enqueue(seq, front=True)
         self._finished_ids.append(seq.seq_id)
         self.num_preemptions += 1
@@ -360,13 +413,16 @@ class Scheduler:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
             new_blocks = seq.block_table[seq.num_blocks_sent :]
+            draft, seq.draft = seq.draft, []
+            n -= len(draft)
             rows, next_token = _prompt_rows(seq, start, n)
             sample = start + n == seq.num_tokens
             steps.append(
                 SeqStep(
                     seq_id=seq.seq_id,
-                    token_ids=seq.token_slice(start, start + n),
+                    token_ids=seq.token_slice(start, start + n) + draft,
                     start_pos=start,
+                    num_draft_tokens=len(draft),
                     new_blocks=new_blocks,
                     is_new=seq.is_reset,
                     sample=sample,
@@ -401,8 +457,8 @@ class Scheduler:
         either way. A sequence that certainly stops at
         `inflight` (its length limit) is left out; one that stops by EOS or a stop string runs
         one step more, whose token the engine drops."""
-        if self.waiting or len(inflight.seqs) != len(self.running):
-            return None
+        if self.waiting or len(inflight.seqs) != len(self.running) or self.lookup is not None:
+            return None  # with speculation, each step's drafts follow the tokens before it
         seqs = []
         for step in inflight.seqs:  # every check before any block moves
             seq = self._seqs.get(step.seq_id)
@@ -444,17 +500,40 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, []
         return StepPlan(step_id=next(self._step_ids), seqs=steps, finished_seq_ids=finished)
 
-    def on_step_done(self, plan: StepPlan) -> None:
-        """The workers ran `plan`: its tokens' K/V are now cached."""
+    def on_step_done(self, plan: StepPlan, result: StepResult | None = None) -> None:
+        """The workers ran `plan`: its tokens' K/V are now cached (of a draft, the K/V of the
+        tokens `result` accepted: it returns accepted + 1 tokens for such a sequence)."""
+        returned: dict[int, int] = {}
+        if result is not None and any(s.num_draft_tokens for s in plan.seqs):
+            for tok in result.tokens:
+                returned[tok.seq_id] = returned.get(tok.seq_id, 0) + 1
         for step in plan.seqs:
             seq = self._seqs.get(step.seq_id)
             if seq is not None and seq.status is SeqStatus.RUNNING:
-                seq.num_computed_tokens = step.start_pos + len(step.token_ids)
+                computed = len(step.token_ids)
+                if step.num_draft_tokens:
+                    accepted = max(returned.get(step.seq_id, 1) - 1, 0)
+                    self.num_draft_tokens += step.num_draft_tokens
+                    self.num_accepted_tokens += accepted
+                    PromptLookup.record(seq, step.num_draft_tokens, accepted)
+                    computed += accepted - step.num_draft_tokens
+                seq.num_computed_tokens = step.start_pos + computed
                 prompt_len = len(seq.prompt_token_ids)
                 self.num_prompt_tokens_computed += max(
                     0, min(seq.num_computed_tokens, prompt_len) - step.start_pos
                 )
                 self._register_blocks(seq)
+
+    def record_step_time(self, plan: StepPlan, seconds: float) -> None:
+        """A step's wall time, for the draft policy's cost fit (decode steps only)."""
+        if self.lookup is None or not plan.seqs:
+            return
+        rows = 0
+        for step in plan.seqs:
+            if len(step.token_ids) != step.num_draft_tokens + 1:
+                return  # a prefill chunk rode along
+            rows += len(step.token_ids)
+        self.lookup.cost.record(rows, seconds)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED

@@ -51,6 +51,11 @@ class _EngineCollector(Collector):
             "generation_tokens": ("Tokens generated", "generated"),
             "num_preemptions": ("Sequences preempted (recomputed later)", "preemptions"),
             "engine_steps": ("Engine steps run", "steps"),
+            "spec_decode_num_draft_tokens": (
+                "Draft tokens checked (speculative decoding by prompt lookup)",
+                "drafted",
+            ),
+            "spec_decode_num_accepted_tokens": ("Draft tokens the model kept", "accepted"),
         }
         values = {
             "queries": s["prefix_cache_queried_tokens"],
@@ -59,6 +64,8 @@ class _EngineCollector(Collector):
             "generated": s["num_generated_tokens"],
             "preemptions": s["num_preemptions"],
             "steps": s["num_steps"],
+            "drafted": s["num_draft_tokens"],
+            "accepted": s["num_accepted_tokens"],
         }
         for name, (doc, key) in counters.items():
             yield CounterMetricFamily(P + name, doc, value=values[key])

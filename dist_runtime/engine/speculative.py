@@ -1,0 +1,158 @@
+"""Draft tokens by prompt lookup (n-gram speculation) on the driver.
+
+A decoding sequence's last n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`)
+are searched for among its earlier tokens, prompt and output alike; at the latest place the
+longest such n-gram occurred with k tokens after it, those tokens are the draft. Answers about a
+document quote it, and code edits repeat their input, so drafts are often right; the step that
+computes the draft checks it (`workers.sampler.verify_draft`), keeps the tokens the model
+agrees with and adds one of its own, so a step yields 1 to k + 1 tokens where plain decode
+yields 1. Nothing runs on the device: one vectorised pass over the sequence's tokens per
+step (about a millisecond at a million tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+PRIOR_ACCEPTED = 1.0
+PRIOR_REJECTED = 1.0
+"""A sequence's acceptance estimate starts from 1 accepted token in 2 (and drifts back to it)."""
+
+FORGET = 0.9
+"""Each step a sequence's draft is held back, its acceptance counts keep this share, so a
+sequence whose drafts were rejected is tried again after a while."""
+
+
+class TokenBuffer:
+    """A sequence's tokens as a growing int64 array, appended to as outputs arrive."""
+
+    def __init__(self) -> None:
+        self.array = np.empty(0, dtype=np.int64)
+        self.size = 0
+
+    def sync(self, seq: Any) -> np.ndarray:
+        """The buffer brought up to `seq`'s prompt + output; returns the filled view."""
+        total = seq.num_tokens
+        if total > self.size:
+            if total > self.array.size:
+                grown = np.empty(max(total, 2 * self.array.size, 256), dtype=np.int64)
+                grown[: self.size] = self.array[: self.size]
+                self.array = grown
+            self.array[self.size : total] = seq.token_slice(self.size, total)
+            self.size = total
+        return self.array[: self.size]
+
+
+def lookup_draft(tokens: np.ndarray, k: int, n_max: int, n_min: int) -> list[int]:
+    """Up to k tokens that followed an earlier occurrence of the longest suffix of `tokens` of
+    n_min..n_max tokens (an occurrence may overlap the suffix itself): the latest one with k
+    tokens after it, else the earliest; [] when no such n-gram occurred before."""
+    size = tokens.shape[0]
+    if k <= 0 or size <= n_min:
+        return []
+    # candidate ends: earlier positions holding the last token, each followed by a token
+    ends = np.flatnonzero(tokens[: size - 1] == tokens[size - 1])
+    n = 1
+    while n < n_max:
+        room = ends[ends >= n]  # room for one more token before the match
+        longer = room[tokens[room - n] == tokens[size - 1 - n]]
+        if not longer.size:
+            break
+        ends, n = longer, n + 1
+    if n < n_min or not ends.size:
+        return []
+    # the latest occurrence followed by k tokens, else the earliest (followed by the most):
+    # in a run of one repeated token the latest is the suffix itself, with one token after it
+    full = ends[ends + k < size]
+    start = int(full[-1] if full.size else ends[0]) + 1
+    return tokens[start : start + k].tolist()
+
+
+class StepCost:
+    """Seconds of a decode step as a + b * rows, fitted by least squares over recent decode
+    steps (weights halve every `half_life` steps)."""
+
+    def __init__(self, half_life: float = 64.0):
+        self.decay = 0.5 ** (1.0 / half_life)
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def record(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self._w = self._w * d + 1.0
+        self._x = self._x * d + rows
+        self._y = self._y * d + seconds
+        self._xx = self._xx * d + rows * rows
+        self._xy = self._xy * d + rows * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b) with b >= 0, or None until steps of at least two sizes were seen."""
+        w = self._w
+        var = self._xx * w - self._x * self._x
+        if w < 4.0 or var <= 1e-9 * max(self._xx * w, 1.0):
+            return None
+        b = max((self._xy * w - self._x * self._y) / var, 0.0)
+        a = max((self._y - b * self._x) / w, 0.0)
+        return a, b
+
+
+class PromptLookup:
+    """Proposes drafts for decoding sequences (`Scheduler` asks once per sequence per step).
+
+    A draft is worth its rows while each token's chance of being kept beats what a row costs:
+    with the step cost fitted as a + b * rows (`StepCost`, measured) and a batch of B
+    sequences, a plain step's token costs (a + b * B) / B, a draft token b, and draft token j
+    is kept with probability alpha ** j, alpha the sequence's own share of draft tokens kept.
+    So a sequence drafts the j tokens with alpha ** j > b * B / (a + b * B), at most
+    `num_tokens`: long drafts while a small batch waits on memory (where rows are nearly free)
+    and a sequence keeps copying, short or none once rows cost compute or drafts miss."""
+
+    def __init__(self, num_tokens: int, n_max: int, n_min: int):
+        self.num_tokens = num_tokens
+        self.n_max = n_max
+        self.n_min = n_min
+        self.cost = StepCost()
+
+    def row_share(self, batch: int) -> float:
+        """b * B / (a + b * B) for a decode batch of `batch` sequences; 0 until fitted."""
+        fit = self.cost.fit()
+        if fit is None or batch <= 0:
+            return 0.0
+        a, b = fit
+        rows = b * batch
+        return rows / (a + rows) if a + rows > 0 else 0.0
+
+    def draft_len(self, seq: Any, share: float) -> int:
+        """How many draft tokens `seq` may propose when a row costs `share` (`row_share`)."""
+        if share <= 0.0:
+            return self.num_tokens
+        alpha = (seq.spec_accepted + PRIOR_ACCEPTED) / (
+            seq.spec_accepted + seq.spec_rejected + PRIOR_ACCEPTED + PRIOR_REJECTED
+        )
+        if alpha <= share:
+            return 0
+        if alpha >= 1.0:
+            return self.num_tokens
+        return min(self.num_tokens, int(math.log(share) / math.log(alpha)))
+
+    def propose(self, seq: Any, limit: int, share: float = 0.0) -> list[int]:
+        """At most min(num_tokens, limit, `draft_len`) draft tokens for `seq` (which keeps its
+        token buffer and acceptance counts)."""
+        k = min(limit, self.draft_len(seq, share))
+        if k <= 0:
+            if limit > 0:  # held back by its record: let it fade
+                seq.spec_accepted *= FORGET
+                seq.spec_rejected *= FORGET
+            return []
+        buffer = seq.token_buffer
+        if buffer is None:
+            buffer = seq.token_buffer = TokenBuffer()
+        return lookup_draft(buffer.sync(seq), k, self.n_max, self.n_min)
+
+    @staticmethod
+    def record(seq: Any, drafted: int, accepted: int) -> None:
+        """A step kept `accepted` of `seq`'s `drafted` draft tokens."""
+        seq.spec_accepted += accepted
+        seq.spec_rejected += accepted < drafted

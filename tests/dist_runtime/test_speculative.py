@@ -1,0 +1,275 @@
+"""Speculative decoding by prompt lookup, end to end: greedy answers equal plain decoding's
+token for token (log-probabilities to fp32 noise), whichever way the workers check a draft (as
+a wider decode step, or as a prefill chunk per sequence), with requests that stop inside a
+draft, prompts still prefilling beside drafting sequences, penalties and guided output (no
+drafts), the prefix cache, sampling, and tensor parallelism over Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_runtime import Runtime, SamplingParams
+from dist_runtime.config import CacheConfig, ConfigError, RuntimeConfig, SchedulerConfig
+from dist_runtime.engine.speculative import PromptLookup
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
+from tests.conftest import TINY_SHAPES
+from workers.model_runner import ModelRunner
+
+KW: dict[str, Any] = dict(
+    device="cpu",
+    dtype="float32",
+    session_len=256,
+    cache=CacheConfig(block_size=4, num_blocks=600),
+)
+
+
+def _prompts() -> list[list[int]]:
+    """Prompts that repeat themselves (drafts are found) and one that does not."""
+    gen = torch.Generator().manual_seed(3)
+    phrase = torch.randint(4, 200, (13,), generator=gen).tolist()
+    return [
+        phrase * 4,
+        phrase[:6] * 5 + [9, 8],
+        torch.randint(4, 500, (37,), generator=gen).tolist(),
+        (phrase[3:] + [1, 2, 3]) * 3,
+    ]
+
+
+def _greedy(**kw: Any) -> SamplingParams:
+    kw = {"max_new_tokens": 40, "temperature": 0.0, "ignore_eos": True, "logprobs": 2} | kw
+    return SamplingParams(**kw)
+
+
+@pytest.fixture(autouse=True)
+def full_drafts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drafts of full length whatever steps cost here (the policy's fit follows wall time)."""
+    monkeypatch.setattr(PromptLookup, "row_share", lambda self, batch: 0.0)
+
+
+def _run(folder: Path, prompts: list[Any], params: list[SamplingParams], k: int, **kw: Any):
+    sched = kw.pop("scheduler", {})
+    config = SchedulerConfig(max_num_seqs=8, num_speculative_tokens=k, **sched)
+    with Runtime(model=str(folder), **(KW | kw), scheduler=config) as rt:
+        outs = rt.generate(prompts, params)
+        return outs, rt.engine.stats()
+
+
+def _assert_same(got: list[Any], want: list[Any]) -> None:
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.token_ids == w.token_ids, f"prompt {i}"
+        assert g.finish_reason == w.finish_reason and g.text == w.text
+        assert g.stop_reason == w.stop_reason
+        if w.logprobs is None:
+            assert g.logprobs is None
+            continue
+        assert g.logprobs is not None and len(g.logprobs) == len(w.logprobs)
+        for a, b in zip(g.logprobs, w.logprobs):
+            assert a.token_id == b.token_id and list(a.top) == list(b.top)
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert list(a.top.values()) == pytest.approx(list(b.top.values()), abs=1e-4)
+
+
+@pytest.mark.parametrize("path", ["decode-rows", "chunk"])
+def test_greedy_equals_plain_decoding(
+    tiny_llama_dir: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if path == "chunk":
+        monkeypatch.setattr(ModelRunner, "_drafts_as_decode", lambda self, seqs: False)
+    prompts = _prompts()
+    params = [_greedy()] * len(prompts)
+    want, plain_stats = _run(tiny_llama_dir, prompts, params, k=0)
+    got, stats = _run(tiny_llama_dir, prompts, params, k=4)
+    _assert_same(got, want)
+    assert plain_stats["num_draft_tokens"] == 0
+    assert stats["num_accepted_tokens"] > 0
+    assert stats["num_draft_tokens"] > stats["num_accepted_tokens"]  # some were rejected
+    # each step that kept draft tokens saved a step
+    assert stats["num_steps"] < plain_stats["num_steps"]
+
+
+def test_native_decoder_checks_drafts(tmp_path: Path) -> None:
+    """head_dim 16: the native CPU decoder runs the draft rows (a shared-prefix batch: the
+    rows of one sequence share its blocks)."""
+    folder = write_random_checkpoint(
+        tmp_path / "hd16", seed=6, **dict(TINY_SHAPES, num_heads=4, num_kv_heads=2)
+    )
+    prompts = _prompts()
+    params = [_greedy(max_new_tokens=30)] * len(prompts)
+    want, _ = _run(folder, prompts, params, k=0)
+    got, stats = _run(folder, prompts, params, k=6)
+    _assert_same(got, want)
+    assert stats["num_accepted_tokens"] > 0
+
+
+def test_limits_and_stops_equal_plain_decoding(tiny_llama_dir: Path) -> None:
+    """Stop tokens, stop strings and length limits end answers where plain decoding does
+    (drafts never run past max_new_tokens)."""
+    prompts = _prompts()
+    (first, *_), _ = _run(tiny_llama_dir, prompts[1:2], [_greedy()], k=0)
+    stop_id = first.token_ids[25]
+    stop_text = first.text[len(first.text) // 2 : len(first.text) // 2 + 3]
+    params = [
+        _greedy(stop_token_ids=[stop_id]),
+        _greedy(max_new_tokens=23),
+        _greedy(stop=[stop_text]) if stop_text.strip() else _greedy(max_new_tokens=3),
+        _greedy(max_new_tokens=1),
+        _greedy(stop_token_ids=[stop_id], ignore_eos=False),
+    ]
+    batch = [prompts[1]] * len(params)
+    want, _ = _run(tiny_llama_dir, batch, params, k=0)
+    got, stats = _run(tiny_llama_dir, batch, params, k=8)
+    _assert_same(got, want)
+    assert want[0].finish_reason == "stop" and want[0].stop_reason == stop_id
+    assert len(want[1].token_ids) == 23
+    assert stats["num_accepted_tokens"] > 0
+
+
+def test_stop_token_inside_a_draft(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first step that keeps two draft tokens has its second token turned into the
+    request's stop token: the answer ends there, the tokens after it in that step are
+    dropped, and the streamed deltas add up to the answer."""
+    stop = 3
+    sample = ModelRunner._sample_drafts
+    hit: list[list[int]] = []
+
+    def inject(self: ModelRunner, logits: torch.Tensor, seqs: list[Any]) -> list[Any]:
+        tokens = sample(self, logits, seqs)
+        ids = [t.token_id for t in tokens]
+        if not hit and len(tokens) >= 3 and len(set(t.seq_id for t in tokens)) == 1:
+            hit.append(ids)
+            tokens[1] = dataclasses.replace(tokens[1], token_id=stop)
+        return tokens
+
+    monkeypatch.setattr(ModelRunner, "_sample_drafts", inject)
+    prompt = _prompts()[1]
+    (plain,), _ = _run(tiny_llama_dir, [prompt], [_greedy()], k=0)
+    assert stop not in plain.token_ids
+    config = SchedulerConfig(num_speculative_tokens=4)
+    with Runtime(model=str(tiny_llama_dir), **KW, scheduler=config) as rt:
+        handle = rt.engine.add_request(prompt, _greedy(stop_token_ids=[stop]))
+        deltas = list(handle)
+        out = handle.result()
+    assert hit, "no step kept two draft tokens"
+    n = len(out.token_ids)
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.token_ids[-1] == stop and n < 40
+    assert out.token_ids[: n - 2] == plain.token_ids[: n - 2]
+    assert out.token_ids[n - 2] == hit[0][0]  # the kept token before the stop
+    assert [t for d in deltas for t in d.token_ids] == out.token_ids
+    assert "".join(d.text for d in deltas) == out.text
+    assert deltas[-1].finish_reason == "stop" and len(deltas[-1].token_ids) == 2
+
+
+def test_prefill_beside_drafts(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small step budget: long prompts prefill in chunks over several steps while a short
+    one already decodes with drafts, so steps mix prefill chunks and drafts (checked as
+    chunks)."""
+    mixed = []
+    as_decode = ModelRunner._drafts_as_decode
+
+    def probe(self: ModelRunner, seqs: list[Any]) -> bool:
+        mixed.append(any(len(s.token_ids) != s.num_draft_tokens + 1 for s in seqs))
+        return as_decode(self, seqs)
+
+    monkeypatch.setattr(ModelRunner, "_drafts_as_decode", probe)
+    gen = torch.Generator().manual_seed(8)
+    longs = [torch.randint(4, 500, (n,), generator=gen).tolist() for n in (150, 120)]
+    short = _prompts()[1]  # its answer soon repeats one token: drafts every step
+
+    def run(k: int) -> tuple[list[Any], dict[str, float]]:
+        config = SchedulerConfig(
+            max_num_seqs=8, max_num_batched_tokens=32, num_speculative_tokens=k
+        )
+        with Runtime(model=str(tiny_llama_dir), **KW, scheduler=config) as rt:
+            first = rt.engine.add_request(short, _greedy(max_new_tokens=70))
+            later: list[Any] = []
+            seen = 0
+            for delta in first:  # the long prompts arrive while it decodes
+                seen += len(delta.token_ids)
+                if seen >= 20 and not later:
+                    later = rt.engine.add_requests(longs, [_greedy(max_new_tokens=12)] * 2)
+            outs = [first.result(), *(h.result() for h in later)]
+            assert outs[0].finish_reason == "length"
+            return outs, rt.engine.stats()
+
+    want, _ = run(0)
+    got, stats = run(4)
+    _assert_same(got, want)
+    assert stats["num_accepted_tokens"] > 0
+    assert any(mixed), "no step checked a draft beside a prefill chunk"
+
+
+def test_penalties_and_guided_output_get_no_draft(tiny_llama_dir: Path) -> None:
+    prompts = _prompts()[:2]
+    params = [
+        _greedy(repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=30, guided_choice=("alpha beta", "gamma")),
+    ]
+    want, _ = _run(tiny_llama_dir, prompts, params, k=0)
+    got, stats = _run(tiny_llama_dir, prompts, params, k=4)
+    _assert_same(got, want)
+    assert stats["num_draft_tokens"] == 0
+
+
+def test_accepted_tokens_reach_the_prefix_cache(tiny_llama_dir: Path) -> None:
+    """Blocks filled by accepted draft tokens are registered: a follow-up prompt made of the
+    first prompt and its answer finds them cached, and continues as plain decoding does."""
+    prompt = _prompts()[0]
+    config = SchedulerConfig(max_num_seqs=8, num_speculative_tokens=4)
+    with Runtime(model=str(tiny_llama_dir), **KW, scheduler=config) as rt:
+        (first,) = rt.generate([prompt], _greedy())
+        follow = prompt + first.token_ids[:-1]
+        (second,) = rt.generate([follow], _greedy(max_new_tokens=10))
+        drafted = rt.engine.stats()["num_accepted_tokens"]
+    block = KW["cache"].block_size
+    assert drafted > 0
+    assert second.num_cached_tokens == (len(follow) - 1) // block * block
+    (want,), _ = _run(tiny_llama_dir, [follow], [_greedy(max_new_tokens=10)], k=0)
+    _assert_same([second], [want])
+
+
+def test_sampling_is_seeded_and_bounded(tiny_llama_dir: Path) -> None:
+    """With a seed, a sampled answer is the same each run (drafts follow the tokens, draws
+    follow (seed, position)); lengths stay within max_new_tokens."""
+    prompts = _prompts()
+    params = [
+        SamplingParams(max_new_tokens=30, temperature=0.7, top_p=0.9, seed=5, ignore_eos=True),
+        SamplingParams(max_new_tokens=25, temperature=1.0, top_k=3, seed=6, ignore_eos=True),
+    ] * 2
+    a, stats = _run(tiny_llama_dir, prompts, params, k=4)
+    b, _ = _run(tiny_llama_dir, prompts, params, k=4)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [len(o.token_ids) for o in a] == [30, 25, 30, 25]
+    assert stats["num_draft_tokens"] > 0
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ConfigError, match="num_speculative_tokens must be an integer in"):
+        SchedulerConfig(num_speculative_tokens=-1)
+    with pytest.raises(ConfigError, match="num_speculative_tokens must be an integer in"):
+        SchedulerConfig(num_speculative_tokens=17)
+    with pytest.raises(ConfigError, match="1 <= min <= max"):
+        SchedulerConfig(num_speculative_tokens=2, prompt_lookup_min=5, prompt_lookup_max=3)
+    with pytest.raises(ConfigError, match="runs at cp = 1"):
+        RuntimeConfig.from_dict(
+            {"model": "m", "parallel": {"cp": 2}, "scheduler": {"num_speculative_tokens": 4}}
+        )
+
+
+def test_tensor_parallel_drafts(ray_cluster: Any, tmp_path: Path) -> None:
+    """tp = 2 over Ray (the draft crosses the wire in the plan; every rank runs the draft rows
+    through the native decoder stage by stage): the tp = 1 plain answers."""
+    folder = write_random_checkpoint(
+        tmp_path / "hd16", seed=6, **dict(TINY_SHAPES, num_heads=4, num_kv_heads=2)
+    )
+    prompts = _prompts()
+    params = [_greedy(max_new_tokens=30)] * len(prompts)
+    want, _ = _run(folder, prompts, params, k=0)
+    got, stats = _run(folder, prompts, params, k=4, tp=2)
+    _assert_same(got, want)
+    assert stats["num_accepted_tokens"] > 0
