@@ -239,6 +239,17 @@ RUN_TABLE: list[Any] = [
         id="max-num-seqs",
     ),
     pytest.param(
+        ["--num-speculative-tokens", "-1"],
+        "--num-speculative-tokens must be an integer in [0, 16] (0: no speculative decoding), "
+        "got -1",
+        id="num-speculative-tokens",
+    ),
+    pytest.param(
+        ["--num-speculative-tokens", "2", "--cp", "2"],
+        "speculative decoding (--num-speculative-tokens = 2) runs at --cp = 1",
+        id="speculative-cp",
+    ),
+    pytest.param(
         ["--rope-scaling-factor", "0.5"],
         "--rope-scaling-factor must be a number >= 1, got 0.5",
         id="rope-factor",

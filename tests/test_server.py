@@ -106,7 +106,7 @@ def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     s = Server(
         tiny_llama_dir,
         tmp_path_factory.mktemp("server"),
-        *("--api-keys", f"{KEY},other", "--max-request-mb", "1"),
+        *("--api-keys", f"{KEY},other", "--max-request-mb", "1", "--num-speculative-tokens", "4"),
     )
     yield s
     s.close()
@@ -977,3 +977,44 @@ def test_job_priority_needs_a_job_dir(tiny_llama_dir: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and "--job-priority applies to the queued jobs" in done.stderr
+
+
+def test_speculative_decoding_behind_the_server(server: Server, client: Any) -> None:
+    """The module's server drafts (`--num-speculative-tokens 4`): a prompt whose answer
+    repeats itself streams the same tokens as its plain completion, several tokens to a chunk
+    where a step kept a draft, and /metrics counts the drafts."""
+    from tests.dist_runtime.test_speculative import _prompts
+
+    prompt = _prompts()[1]  # the tiny model's answer soon repeats one token
+    drafted = server.metric("spec_decode_num_draft_tokens_total")
+    whole = client.completions.create(
+        model=client.models.list().data[0].id,
+        prompt=prompt,
+        max_tokens=40,
+        temperature=0,
+        logprobs=1,
+    )
+    chunks = list(
+        client.completions.create(
+            model=whole.model,
+            prompt=prompt,
+            max_tokens=40,
+            temperature=0,
+            logprobs=1,
+            stream=True,
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    streamed = [
+        t
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.tokens
+    ]
+    assert streamed == whole.choices[0].logprobs.tokens and len(streamed) == 40
+    assert any(
+        len(c.choices[0].logprobs.tokens) > 1 for c in chunks if c.choices and c.choices[0].logprobs
+    )
+    assert server.metric("spec_decode_num_draft_tokens_total") > drafted
+    assert server.metric("spec_decode_num_accepted_tokens_total") > 0

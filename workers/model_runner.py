@@ -204,7 +204,7 @@ class ModelRunner:
         per_token = width * self.dtype.itemsize + 4 * c.vocab_size // max(tokens, 1)
         graph_logits = 0  # the decode graphs' fp32 logits buffer (`DecodeGraphs.logits`)
         if self._decode_graph_mode() is not None:
-            rows = min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
+            rows = self._graph_rows()
             graph_logits = 4 * c.vocab_size * rows
         return tokens * per_token + graph_logits + (512 << 20)
 
@@ -236,7 +236,7 @@ class ModelRunner:
             # head in its graph, side by side; the driver rank's picks are the ones read.
             head=self.model.compute_logits,
             vocab_size=self.model_config.vocab_size,
-            max_batch=min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
+            max_batch=self._graph_rows(),
             # A cp rank holds every cp-th block of a sequence.
             max_blocks=-(-self.config.session_len // (block_size * self.comm.cp_size)),
             block_size=block_size,
@@ -248,6 +248,12 @@ class ModelRunner:
         )
         with torch.inference_mode():
             self.graphs.capture()
+
+    def _graph_rows(self) -> int:
+        """Rows of the largest decode graph: a row per running sequence, and with speculative
+        decoding a row per draft token too (`_draft_rows`), up to MAX_GRAPH_BATCH."""
+        sched = self.config.scheduler
+        return min(sched.max_num_seqs * (1 + sched.num_speculative_tokens), MAX_GRAPH_BATCH)
 
     def _graph_stages(self, kv_layers: list) -> list[Stage] | None:
         """The decode forward cut into `decode_graph_segments()` runs of whole layers (None:

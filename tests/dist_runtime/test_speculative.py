@@ -74,12 +74,28 @@ def _assert_same(got: list[Any], want: list[Any]) -> None:
             assert list(a.top.values()) == pytest.approx(list(b.top.values()), abs=1e-4)
 
 
-@pytest.mark.parametrize("path", ["decode-rows", "chunk"])
+@pytest.mark.parametrize("path", ["decode-rows", "chunk", "graphs"])
 def test_greedy_equals_plain_decoding(
     tiny_llama_dir: Path, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """decode-rows: a draft's tokens are rows of a decode step; chunk: a prefill chunk per
+    sequence; graphs: decode graphs (emulated on CPU, as on CUDA, with asynchronous decode
+    asked for: a drafting engine plans no step ahead) run the draft rows and their LM head."""
     if path == "chunk":
         monkeypatch.setattr(ModelRunner, "_drafts_as_decode", lambda self, seqs: False)
+    if path == "graphs":
+        monkeypatch.setattr(ModelRunner, "_decode_graph_mode", lambda self: "emulate")
+        monkeypatch.setenv("DIST_RUNTIME_ASYNC_DECODE", "1")
+        staged = ModelRunner._staged_decode
+        drafted_rows = []
+
+        def probe(self: ModelRunner, seqs: list[Any], own_rope: bool) -> Any:
+            hidden = staged(self, seqs, own_rope)
+            ids = [s.seq_id for s in seqs]
+            drafted_rows.append(hidden is not None and len(set(ids)) < len(ids))
+            return hidden
+
+        monkeypatch.setattr(ModelRunner, "_staged_decode", probe)
     prompts = _prompts()
     params = [_greedy()] * len(prompts)
     want, plain_stats = _run(tiny_llama_dir, prompts, params, k=0)
@@ -90,6 +106,8 @@ def test_greedy_equals_plain_decoding(
     assert stats["num_draft_tokens"] > stats["num_accepted_tokens"]  # some were rejected
     # each step that kept draft tokens saved a step
     assert stats["num_steps"] < plain_stats["num_steps"]
+    if path == "graphs":
+        assert any(drafted_rows), "no graph replay ran a draft's rows"
 
 
 def test_native_decoder_checks_drafts(tmp_path: Path) -> None:
