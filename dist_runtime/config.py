@@ -744,12 +744,6 @@ class RuntimeConfig:
                 f"executor=inprocess runs one worker, but tp*cp = {self.parallel.world_size}; "
                 "use executor=ray (or auto) for more than one device"
             )
-        if self.scheduler.num_speculative_tokens and self.parallel.cp > 1:
-            raise ConfigError(
-                f"speculative decoding (scheduler.num_speculative_tokens = "
-                f"{self.scheduler.num_speculative_tokens}) runs at cp = 1; this config has "
-                f"cp = {self.parallel.cp}: set num_speculative_tokens to 0 or run with cp = 1"
-            )
         if not _is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         for name in ("job_dir", "ray_address"):

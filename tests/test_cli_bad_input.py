@@ -245,11 +245,6 @@ RUN_TABLE: list[Any] = [
         id="num-speculative-tokens",
     ),
     pytest.param(
-        ["--num-speculative-tokens", "2", "--cp", "2"],
-        "speculative decoding (--num-speculative-tokens = 2) runs at --cp = 1",
-        id="speculative-cp",
-    ),
-    pytest.param(
         ["--rope-scaling-factor", "0.5"],
         "--rope-scaling-factor must be a number >= 1, got 0.5",
         id="rope-factor",

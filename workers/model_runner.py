@@ -705,9 +705,10 @@ class ModelRunner:
             ids.append(torch.tensor(s.token_ids, dtype=torch.int64)[mine - start])
             pos.append(mine)
             slots.append(torch.tensor(table, dtype=torch.int64)[local_block] * bs + mine % bs)
+            if s.sample:  # its last token's row, and a draft's rows before it, where held here
+                picked = torch.nonzero(mine >= end - 1 - s.num_draft_tokens).flatten()
+                rows += (n + picked).tolist()
             n += mine.numel()
-            if s.sample and int(mine[-1]) == end - 1:
-                rows.append(n - 1)
         empty = torch.empty(0, dtype=torch.int64)
         meta = AttentionMetadata(
             slot_mapping=(torch.cat(slots) if slots else empty).to(dev),
@@ -745,12 +746,18 @@ class ModelRunner:
         return per_seq.repeat_interleave(repeats, dim=0, output_size=sum(counts))
 
     def _gather_sample_rows(self, rows: torch.Tensor, seqs: list[SeqStep]) -> torch.Tensor:
-        """Final hidden states of the sampled sequences, in plan order, on every cp rank.
+        """Final hidden states of the sampled rows (each sampled sequence's last token, and a
+        draft's tokens before it), in plan order, on every cp rank.
 
-        Each sampled sequence's last token lives on the rank holding its block; the ranks
-        all-gather their rows (padded to the most any rank has)."""
+        Each row lives on the rank holding its token's block; the ranks all-gather their rows
+        (padded to the most any rank has)."""
         bs, cp = self.config.cache.block_size, self.comm.cp_size
-        owners = [((s.start_pos + len(s.token_ids) - 1) // bs) % cp for s in seqs if s.sample]
+        owners = [
+            (p // bs) % cp
+            for s in seqs
+            if s.sample
+            for p in _sample_span(s, s.start_pos + len(s.token_ids))
+        ]
         counts = [owners.count(j) for j in range(cp)]
         width = max(counts)
         padded = rows.new_zeros(width, rows.shape[-1])
