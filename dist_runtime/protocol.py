@@ -102,6 +102,9 @@ class SeqStep:
     allowed_tokens: bytes | None = None
     """With sample: the tokens this sequence may sample (guided output), a packed mask of the
     logits' width (bit i of byte i // 8, least significant first); None: any token."""
+    draft_allowed_tokens: list[bytes] = dataclasses.field(default_factory=list)
+    """With a draft and guided output: num_draft_tokens + 1 such masks, one per sampled row
+    (row j's after the draft's first j tokens); allowed_tokens is then None."""
 
 
 @dataclass(frozen=True, kw_only=True)

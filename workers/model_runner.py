@@ -810,8 +810,10 @@ class ModelRunner:
             n = s.num_draft_tokens
             if not n:
                 continue
-            if s.allowed_tokens is not None:
-                raise ValueError(f"seq {s.seq_id}: a guided step cannot carry a draft")
+            if s.draft_allowed_tokens and len(s.draft_allowed_tokens) != n + 1:
+                raise ValueError(
+                    f"seq {s.seq_id}: {len(s.draft_allowed_tokens)} masks for a draft of {n}"
+                )
             state = self.seqs[s.seq_id]
             first = s.start_pos + len(s.token_ids) - n  # position of the first token picked
             out[i] = verify_draft(
@@ -821,6 +823,7 @@ class ModelRunner:
                 state.generator,
                 [draw_seed(state.spec.seed, first + j) for j in range(n + 1)],
                 s.seq_id,
+                s.draft_allowed_tokens or None,
             )
         return [tok for toks in out for tok in toks]
 

@@ -12,7 +12,7 @@ the helpers free of device syncs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +193,7 @@ def verify_draft(
     generator: torch.Generator,
     seeds: list[int],
     seq_id: int,
+    allowed: list[bytes] | None = None,
 ) -> list[SampledToken]:
     """The tokens one sequence keeps from a draft: `logits` (len(draft) + 1, vocab) are the
     rows after its last token and after each draft token; `seeds` seed the draw at each row.
@@ -204,8 +205,9 @@ def verify_draft(
     and the rest is dropped; when every draft token is kept, one more is drawn from the last
     row. This is speculative sampling with a draft that proposes d_j with probability 1, so
     every token is distributed as plain sampling's (Leviathan et al., 2023). Logit bias
-    applies; penalties and guided masks do not (such sequences get no draft). Log-probabilities
-    are the raw ones, as `Sampler.sample` reports."""
+    applies, and with guided output `allowed` holds each row's packed mask (the grammar's
+    state after the draft tokens before it); penalties do not (such sequences get no draft).
+    Log-probabilities are the raw ones, as `Sampler.sample` reports."""
     n = len(draft)
     if logits.dim() != 2 or logits.shape[0] != n + 1 or len(seeds) != n + 1:
         raise ValueError(
@@ -216,6 +218,8 @@ def verify_draft(
         raise ValueError(f"seq {seq_id}: a sequence with penalties cannot verify a draft")
     logits = logits.float()
     biased = apply_logit_bias(logits, [spec] * (n + 1))
+    if allowed is not None:
+        biased = biased.masked_fill(~allowed_rows(allowed, logits), _NEG_INF)
     chosen: list[int] = []
     if spec.temperature == 0.0:
         targets = biased.argmax(dim=-1).tolist()
@@ -265,7 +269,7 @@ def apply_logit_bias(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.T
     )
 
 
-def allowed_rows(allowed: list[bytes | None], logits: torch.Tensor) -> torch.Tensor:
+def allowed_rows(allowed: Sequence[bytes | None], logits: torch.Tensor) -> torch.Tensor:
     """(batch, vocab) bool on the logits' device from packed masks (None: every token)."""
     batch, vocab = logits.shape
     nbytes = (vocab + 7) // 8

@@ -65,6 +65,8 @@ class Sequence:
     """With guided output: the request's `dist_runtime.text.guided.JsonGuide`."""
     draft: list[int] = field(default_factory=list)
     """Draft tokens proposed for the step being planned (speculative decoding)."""
+    draft_masks: list[bytes] = field(default_factory=list)
+    """With guided output and a draft: the allowed-token masks of its rows."""
     token_buffer: Any = None
     """Its tokens as an array for the draft lookup (`speculative.TokenBuffer`), once needed."""
     spec_accepted: float = 0.0
@@ -269,14 +271,18 @@ class Scheduler:
         limits, the blocks free now (its table grows to hold it) and what its rows are worth
         (`PromptLookup.draft_len` at a row's cost `share`); its length."""
         p = seq.params
-        if p.guided or _needs_history(p):
-            return 0  # its next token's mask or penalties follow the tokens before it
+        if _needs_history(p):
+            return 0  # its next token's penalties follow the tokens before it
         limit = min(budget, p.max_new_tokens - len(seq.output_token_ids) - 1)
         if self.session_len:
             limit = min(limit, self.session_len - seq.num_tokens - 1)
         limit = min(limit, self.blocks.max_tokens(seq.block_table) - seq.num_tokens)
         assert self.lookup is not None
         draft = self.lookup.propose(seq, limit, share)
+        if draft and seq.guide is not None:  # the part its grammar takes, and the rows' masks
+            draft, seq.draft_masks = seq.guide.check_draft(draft)
+            if not draft:
+                seq.draft_masks = []
         if draft:
             self.blocks.grow(seq.block_table, seq.num_tokens + len(draft))
         seq.draft = draft
@@ -403,6 +409,7 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.was_preempted = True
         seq.draft = []
+        seq.draft_masks = []
         self._enqueue(seq, front=True)
         self._finished_ids.append(seq.seq_id)
         self.num_preemptions += 1
@@ -414,6 +421,7 @@ class Scheduler:
             start = seq.num_computed_tokens
             new_blocks = seq.block_table[seq.num_blocks_sent :]
             draft, seq.draft = seq.draft, []
+            masks, seq.draft_masks = seq.draft_masks, []
             n -= len(draft)
             rows, next_token = _prompt_rows(seq, start, n)
             sample = start + n == seq.num_tokens
@@ -435,8 +443,9 @@ class Scheduler:
                     prompt_logprob_rows=rows,
                     next_prompt_token=next_token,
                     allowed_tokens=seq.guide.allowed_tokens()
-                    if seq.guide is not None and sample
+                    if seq.guide is not None and sample and not draft
                     else None,
+                    draft_allowed_tokens=masks,
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)

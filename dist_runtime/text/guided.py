@@ -178,6 +178,34 @@ class JsonGuide:
         self.state = self.grammar.advance(self.state, data) if data else None
         return self.state is not None
 
+    def check_draft(self, draft: list[int]) -> tuple[list[int], list[bytes]]:
+        """The leading draft tokens the grammar takes from here (up to a stop token, a token
+        it refuses, or the end of the value), and the masks of the rows that check them: one
+        per kept token and one after the last (the state is not moved)."""
+        grammar, state = self.grammar, self.state
+        kept: list[int] = []
+        masks: list[bytes] = []
+        if state is None:
+            raise RuntimeError("the output has left its grammar")
+        for token in draft:
+            mask = self.vocab.mask(grammar, state, self.stop_ids)
+            if (
+                grammar.ended(state)
+                or token in self.stop_ids
+                or token >= len(self.vocab.token_bytes)
+                or not mask[token // 8] >> (token % 8) & 1
+            ):
+                break
+            data = self.vocab.token_bytes[token]
+            after = grammar.advance(state, data) if data else None
+            if after is None:
+                break
+            kept.append(token)
+            masks.append(mask)
+            state = after
+        masks.append(self.vocab.mask(grammar, state, self.stop_ids))
+        return kept, masks
+
     def can_go_on(self) -> bool:
         """Some token may come next. False only where the grammar cannot be finished with this
         vocabulary (a byte no token holds, nesting past MAX_DEPTH that the schema requires)."""

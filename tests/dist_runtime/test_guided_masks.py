@@ -362,3 +362,37 @@ def test_real_tokenizer_masks_match_brute_force(smollm2: tuple[Any, Vocabulary])
         got = unpack_mask(vocab.mask(g, state, eos), vocab.size)
         want = brute_force(g, state, vocab.token_bytes, vocab.size, eos)
         assert np.array_equal(got, want), (prefix, np.flatnonzero(got != want)[:10])
+
+
+def test_guide_checks_a_draft_without_moving() -> None:
+    """`check_draft` keeps the draft tokens the grammar takes, up to the first it refuses, a
+    stop token or the end of the value, with the mask of every row that checks them: the
+    masks a guide shows when walked token by token; the guide itself stays where it was."""
+    g = grammar("person")
+    stops = frozenset({0})
+    data = TEXTS["person"][0].encode()
+    pieces = sorted({t for t in TOKENS if t}, key=len, reverse=True)
+    tokens = []
+    while data:
+        piece = next(p for p in pieces if data.startswith(p))
+        tokens.append(TOKENS.index(piece))
+        data = data[len(piece) :]
+    guide = JsonGuide(g, VOCAB, stops)
+    walker = JsonGuide(g, VOCAB, stops)
+    expected = []
+    for token in tokens:
+        expected.append(walker.allowed_tokens())
+        assert walker.advance(token)
+    expected.append(walker.allowed_tokens())
+    # the whole value, then a stop token and more: kept up to the value's end
+    kept, masks = guide.check_draft([*tokens, 0, tokens[0]])
+    assert kept == tokens and masks == expected
+    assert guide.state == g.start  # not moved
+    # a refused token cuts the draft before it
+    allowed_after_first = unpack_mask(expected[1], SIZE)
+    refused = next(i for i, t in enumerate(TOKENS) if t and not allowed_after_first[i])
+    kept, masks = guide.check_draft([tokens[0], refused, tokens[1]])
+    assert kept == [tokens[0]] and masks == expected[:2]
+    # a stop token where the value is not complete is not kept
+    kept, masks = guide.check_draft([0])
+    assert kept == [] and masks == expected[:1]

@@ -534,3 +534,30 @@ def test_verify_rejects_penalties(extra: dict[str, Any], temperature: float) -> 
     logits = torch.zeros(2, 5)
     with pytest.raises(ValueError):
         verify_draft(logits, [1], spec(temperature, **extra), torch.Generator(), [0, 1], 0)
+
+
+def _packed(allowed: list[int], vocab: int = 6) -> bytes:
+    bits = np.zeros(vocab, dtype=bool)
+    bits[allowed] = True
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def test_verify_greedy_row_masks() -> None:
+    """Guided output: each row is checked under its own mask. Row 1 forbids its argmax (4), so
+    the draft's 4 is refused there and the row's best allowed token (its second best) comes
+    instead; a mask that allows the draft token keeps it."""
+    logits = greedy_logits()
+    second = int(logits[1].topk(2).indices[1])
+    everything = _packed(list(range(6)))
+    masks = [everything, _packed([t for t in range(6) if t != 4]), everything, everything]
+    out = verify_draft(logits, [2, 4, 1], spec(), torch.Generator(), [0] * 4, 3, masks)
+    assert ids(out) == [2, second]
+    assert out[1].logprob == pytest.approx(float(torch.log_softmax(logits, -1)[1, second]))
+    out = verify_draft(logits, [2, 4, 1], spec(), torch.Generator(), [0] * 4, 3, [everything] * 4)
+    assert ids(out) == [2, 4, 1, 5]
+    # sampling draws only allowed tokens, in every row
+    only_3 = _packed([3])
+    out = verify_draft(
+        logits, [3, 3, 3], spec(1.0), torch.Generator(), [5, 6, 7, 8], 3, [only_3] * 4
+    )
+    assert ids(out) == [3, 3, 3, 3]
