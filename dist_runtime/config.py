@@ -589,6 +589,10 @@ class CacheConfig:
     """On CPU: bytes per worker for the KV cache when num_blocks is None."""
     enable_prefix_caching: bool = True
     """Share full KV blocks between sequences with the same token prefix."""
+    host_kv_cache_gb: float = 0.0
+    """GiB of host memory per worker for a second tier of the prefix cache: a cached block
+    evicted from the device is copied there first, and a prompt whose prefix is found there
+    copies it back instead of computing it again (0: off)."""
     quant_policy: int = 0
     """KV cache quantization (LMDeploy's quant_policy): 0 keeps K/V in the model's dtype; 8 and
     4 store them as 8- or 4-bit codes with a float32 scale and zero per token and KV head,
@@ -621,6 +625,17 @@ class CacheConfig:
             raise ConfigError(
                 f"cache.enable_prefix_caching must be true or false, got "
                 f"{self.enable_prefix_caching!r}"
+            )
+        if not _is_number(self.host_kv_cache_gb) or not self.host_kv_cache_gb >= 0:
+            raise ConfigError(
+                f"cache.host_kv_cache_gb must be a number of GiB >= 0 (0: no host tier), got "
+                f"{self.host_kv_cache_gb!r}"
+            )
+        if self.host_kv_cache_gb and not self.enable_prefix_caching:
+            raise ConfigError(
+                f"cache.host_kv_cache_gb ({self.host_kv_cache_gb}) keeps prefix-cache blocks in "
+                "host memory, and enable_prefix_caching is false: turn prefix caching on or "
+                "leave the host tier at 0"
             )
         if not _is_int(self.cpu_kv_cache_bytes) or self.cpu_kv_cache_bytes < 1:
             raise ConfigError(

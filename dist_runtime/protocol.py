@@ -108,11 +108,26 @@ class SeqStep:
 
 
 @dataclass(frozen=True, kw_only=True)
+class KVMove:
+    """A KV block copied between a cp rank's device cache and its host tier."""
+
+    pool: int
+    """The cp rank whose workers copy it (each tp rank its own heads)."""
+    block: int
+    slot: int
+    """The block's place in the host tier."""
+    to_host: bool
+    """True: device block -> host slot (an eviction); False: host slot -> device block."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class StepPlan:
     step_id: int
     seqs: list[SeqStep]
     finished_seq_ids: list[int]
     """Sequences whose worker-side state can be dropped before this step runs."""
+    kv_moves: list[KVMove] = dataclasses.field(default_factory=list)
+    """Copies between the device cache and the host tier, done in order before the step."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -76,6 +76,7 @@ ENGINE_FLAGS: dict[str, str] = {
     "cache.block_size": "--block-size",
     "cache.num_blocks": "--num-blocks",
     "cache.quant_policy": "--quant-policy",
+    "cache.host_kv_cache_gb": "--host-kv-cache-gb",
     "scheduler.max_num_seqs": "--max-num-seqs",
     "scheduler.max_num_batched_tokens": "--max-num-batched-tokens",
     "scheduler.num_speculative_tokens": "--num-speculative-tokens",
@@ -192,6 +193,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="KV cache quantization: 0 keeps K/V in the model's dtype, 8 stores int8 codes, 4 "
         "int4 codes (each with a float32 scale and zero per token and KV head), for 2x / ~3.6x "
         "the tokens in the same memory (default: 0)",
+    )
+    g.add_argument(
+        "--host-kv-cache-gb",
+        type=float,
+        help="GiB of host memory per worker for a second tier of the prefix cache: cached KV "
+        "blocks evicted from the device are kept there, and a prompt that finds its document "
+        "there copies it back instead of prefilling it again (default: 0 = off)",
     )
     g.add_argument(
         "--enforce-eager",

@@ -11,10 +11,12 @@ plan names.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
+from dist_runtime.protocol import KVMove
 from kernels.kv_quant import code_dim
 
 PARAM_BYTES = 2 * 4
@@ -93,3 +95,61 @@ class KVCache:
     def nbytes(self) -> int:
         params = 0 if self.params is None else self.params.numel() * 4
         return self.data.numel() * self.data.element_size() + params
+
+
+class HostKVTier:
+    """One worker's host tier of the prefix cache: `num_slots` blocks in the device cache's
+    layout (its heads, codes and params), in pinned memory when the cache is on CUDA. The
+    driver's block manager decides every copy (`KVMove`)."""
+
+    def __init__(self, cache: KVCache, num_slots: int):
+        pin = cache.data.is_cuda
+
+        def like(t: torch.Tensor) -> torch.Tensor:
+            shape = (*t.shape[:2], num_slots, *t.shape[3:])
+            return torch.zeros(shape, dtype=t.dtype, pin_memory=pin)
+
+        self.num_slots = num_slots
+        self.data = like(cache.data)
+        self.params = None if cache.params is None else like(cache.params)
+
+    @property
+    def nbytes(self) -> int:
+        params = 0 if self.params is None else self.params.numel() * 4
+        return self.data.numel() * self.data.element_size() + params
+
+    def apply(self, cache: KVCache, moves: list[KVMove]) -> None:
+        """Do `moves` (this worker's, in plan order): runs of one direction are copied
+        together unless a run names a block or slot twice, which goes one copy at a time."""
+        for _, run in itertools.groupby(moves, key=lambda m: m.to_host):
+            group = list(run)
+            if len({m.block for m in group}) < len(group) or len({m.slot for m in group}) < len(
+                group
+            ):
+                for m in group:
+                    self._copy(cache, [m])
+            else:
+                self._copy(cache, group)
+
+    def _copy(self, cache: KVCache, moves: list[KVMove]) -> None:
+        bad = [
+            m
+            for m in moves
+            if not (0 <= m.block < cache.num_blocks and 0 <= m.slot < self.num_slots)
+        ]
+        if bad:
+            raise ValueError(
+                f"KV moves {bad[:2]} outside {cache.num_blocks} blocks or "
+                f"{self.num_slots} host slots"
+            )
+        pairs = [(cache.data, self.data)]
+        if cache.params is not None and self.params is not None:
+            pairs.append((cache.params, self.params))
+        slots = torch.tensor([m.slot for m in moves])
+        for device, host in pairs:
+            blocks = torch.tensor([m.block for m in moves], device=device.device)
+            if moves[0].to_host:
+                host.index_copy_(2, slots, device.index_select(2, blocks).cpu())
+            else:
+                rows = host.index_select(2, slots)
+                device.index_copy_(2, blocks, rows.to(device.device, non_blocking=True))

@@ -35,7 +35,7 @@ from workers.checkpoint import CheckpointReader, dtype_from_name
 from workers.context_parallel import block_owner, build_cp_metadata, local_key_count
 from workers.cuda_graph import DecodeGraphs, Stage
 from workers.distributed import Collectives
-from workers.kv_cache import KVCache
+from workers.kv_cache import HostKVTier, KVCache
 from workers.layers.attention import AttentionMetadata
 from workers.layers.rotary import inverse_frequencies
 from workers.models.decoder import DecoderLM
@@ -137,6 +137,7 @@ class ModelRunner:
             self.weight_bytes_read = reader.bytes_read
             reader.close()
         self.kv_cache: KVCache | None = None
+        self.host_kv: HostKVTier | None = None
         self.graphs: DecodeGraphs | None = None
         self.seqs: dict[int, SeqState] = {}
         self.sampler = Sampler()
@@ -182,6 +183,14 @@ class ModelRunner:
         spare = 1 if self._decode_graph_mode() else 0  # the graphs' scratch block
         return max(budget // self.kv_block_bytes() - spare, 0)
 
+    def num_host_blocks(self) -> int:
+        """Blocks of `cache.host_kv_cache_gb` GiB of host memory (0: no host tier)."""
+        gb = self.config.cache.host_kv_cache_gb
+        return int(gb * 2**30) // self.kv_block_bytes() if gb else 0
+
+    def host_kv_bytes(self) -> int:
+        return 0 if self.host_kv is None else self.host_kv.nbytes
+
     def _per_request_rope(self) -> bool:
         """Whether a request can bring its own RoPE base (dynamic NTK past max positions)."""
         scaling = self.model_config.rope_scaling
@@ -208,10 +217,10 @@ class ModelRunner:
             graph_logits = 4 * c.vocab_size * rows
         return tokens * per_token + graph_logits + (512 << 20)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None:
         # The native decoder points at the old cache: let it go with it, before the new one.
         self.model.drop_native_decoder()
-        self.kv_cache = self.graphs = None
+        self.kv_cache = self.graphs = self.host_kv = None
         mode = self._decode_graph_mode()
         self.kv_cache = KVCache(
             self.model_config.num_layers,
@@ -224,6 +233,8 @@ class ModelRunner:
             scratch=mode is not None,
             bits=self.config.cache.quant_policy,
         )
+        if num_host_blocks:
+            self.host_kv = HostKVTier(self.kv_cache, num_host_blocks)
         if mode is None:
             return
         kv = self.kv_cache
@@ -286,13 +297,14 @@ class ModelRunner:
         device: the graph's greedy picks, or draws made on the device from its logits, are read
         back at `collect`, and the next step's `LAST_SAMPLED` ids are taken from them on the
         device. Any other step runs here, as `execute` would."""
+        self._move_kv(plan)
         out: _Launched | StepResult | None = (
             self._launch_staged(plan) if self.runs_ahead() else None
         )
         if out is None:
             if any(s.token_ids[:1] == [LAST_SAMPLED] for s in plan.seqs):
                 plan = self._fill_last_sampled(plan)
-            out = self.execute(plan)
+            out = self._execute(plan)
         if self.is_driver_rank:  # the other ranks return no results: nothing to collect
             self._launched.append(out)
 
@@ -408,6 +420,24 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Run one step; tp rank 0 of the world returns the sampled tokens, others None."""
+        self._move_kv(plan)
+        return self._execute(plan)
+
+    def _move_kv(self, plan: StepPlan) -> None:
+        """The plan's host-tier copies of this worker's cp rank, in order, before its step."""
+        if self.kv_cache is None:
+            raise RuntimeError("allocate_kv_cache() must run before execute()")
+        if not plan.kv_moves:
+            return
+        if self.host_kv is None:
+            raise ValueError(
+                f"step {plan.step_id} moves KV blocks but this worker has no host tier"
+            )
+        rank = self.comm.cp_rank
+        self.host_kv.apply(self.kv_cache, [m for m in plan.kv_moves if m.pool == rank])
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> StepResult | None:
         if self.kv_cache is None:
             raise RuntimeError("allocate_kv_cache() must run before execute()")
         self._last_rows = None

@@ -75,9 +75,13 @@ class Worker:
         assert self.runner is not None
         return self.runner.num_available_blocks()
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def num_host_blocks(self) -> int:
         assert self.runner is not None
-        self.runner.allocate_kv_cache(num_blocks)
+        return self.runner.num_host_blocks()
+
+    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None:
+        assert self.runner is not None
+        self.runner.allocate_kv_cache(num_blocks, num_host_blocks)
         # The worker is set up: keep what it holds out of every later full collection
         # (`dist_runtime.engine.engine.freeze_heap`).
         gc.collect()
@@ -126,6 +130,7 @@ class Worker:
             "rank": self.coords.rank,
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "kv_cache_bytes": 0 if self.runner.kv_cache is None else self.runner.kv_cache.nbytes,
+            "host_kv_bytes": self.runner.host_kv_bytes(),
         }
         if self.runner.device.type == "cuda":
             stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.runner.device)

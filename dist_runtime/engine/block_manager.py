@@ -10,6 +10,12 @@ every token up to its end (seeded with whatever else shapes K/V, such as the RoP
 sequence whose leading blocks hash the same shares those blocks by reference count. Blocks
 nobody references keep their content and are evicted least recently used, only when no
 never-used block is left.
+
+Host tier (`cache.host_kv_cache_gb`): an evicted cached block is first copied to a slot of its
+pool's host tier (least recently used slots are reused), and a prefix lookup that misses on the
+device but finds the block's hash there takes a device block and copies it back. The copies are
+`KVMove`s, queued in order and sent with the next step plan (`take_moves`); workers do them
+before that step, so a block is saved before it is overwritten and loaded before it is read.
 """
 
 from __future__ import annotations
@@ -17,16 +23,45 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
+from dist_runtime.protocol import KVMove
+
+
+class _HostTier:
+    """One pool's host slots: which block hash each holds, least recently used first."""
+
+    def __init__(self, num_slots: int):
+        self.free: deque[int] = deque(range(num_slots))
+        self.by_hash: OrderedDict[int, int] = OrderedDict()  # chained hash -> slot
+
+    def put(self, h: int) -> int | None:
+        """A slot to copy the block of hash `h` into (None: it is there already)."""
+        if h in self.by_hash:
+            self.by_hash.move_to_end(h)
+            return None
+        slot = self.free.popleft() if self.free else self.by_hash.popitem(last=False)[1]
+        self.by_hash[h] = slot
+        return slot
+
+    def get(self, h: int) -> int | None:
+        slot = self.by_hash.get(h)
+        if slot is not None:
+            self.by_hash.move_to_end(h)
+        return slot
+
 
 class _Pool:
     """One cp rank's block ids: free list, reference counts, prefix-cache maps."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, index: int, host_slots: int, moves: list[KVMove]):
         self.free: deque[int] = deque(range(num_blocks))
         self.refs = [0] * num_blocks
         self.hash_of: dict[int, int] = {}  # block id -> chained hash of its content
         self.by_hash: dict[int, int] = {}  # chained hash -> block id
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, hashed, LRU
+        self.index = index
+        self.host = _HostTier(host_slots) if host_slots else None
+        self.moves = moves  # the manager's queue, shared by its pools
+        self.num_saved = 0
 
     @property
     def num_free(self) -> int:
@@ -37,8 +72,25 @@ class _Pool:
             block = self.free.popleft()
         else:
             block, _ = self.evictable.popitem(last=False)
-            del self.by_hash[self.hash_of.pop(block)]
+            h = self.hash_of.pop(block)
+            del self.by_hash[h]
+            slot = None if self.host is None else self.host.put(h)
+            if slot is not None:  # keep its content in the host tier
+                self.moves.append(KVMove(pool=self.index, block=block, slot=slot, to_host=True))
+                self.num_saved += 1
         self.refs[block] = 1
+        return block
+
+    def load(self, h: int) -> int | None:
+        """A device block holding the host tier's copy of hash `h` (registered and referenced
+        once; its copy queued), or None when the tier lacks it or no block is free."""
+        slot = None if self.host is None else self.host.get(h)
+        if slot is None or not self.num_free:
+            return None
+        block = self.take()
+        self.moves.append(KVMove(pool=self.index, block=block, slot=slot, to_host=False))
+        self.by_hash[h] = block
+        self.hash_of[block] = h
         return block
 
     def release(self, block: int) -> None:
@@ -67,6 +119,7 @@ class BlockManager:
         enable_prefix_caching: bool = True,
         cache_salt: int = 0,
         cp_size: int = 1,
+        host_slots: int = 0,
     ):
         if num_blocks < 1:
             raise ValueError(
@@ -80,9 +133,26 @@ class BlockManager:
         self.cp_size = cp_size
         self.enable_prefix_caching = enable_prefix_caching
         self.root_hash = hash(("dist_runtime-kv", cache_salt))
-        self._pools = [_Pool(num_blocks) for _ in range(cp_size)]
+        self.host_slots = host_slots if enable_prefix_caching else 0
+        """Host-tier slots per pool (0: no host tier)."""
+        self._moves: list[KVMove] = []
+        self._pools = [_Pool(num_blocks, i, self.host_slots, self._moves) for i in range(cp_size)]
         self.num_hit_tokens = 0
+        """Prompt tokens found cached, on the device or in the host tier."""
+        self.num_host_hit_tokens = 0
+        """Of those, the ones copied back from the host tier."""
         self.num_queried_tokens = 0
+
+    def take_moves(self) -> list[KVMove]:
+        """The host-tier copies queued since the last call, in order (for the next plan)."""
+        moves = list(self._moves)
+        self._moves.clear()
+        return moves
+
+    @property
+    def num_saved_blocks(self) -> int:
+        """Blocks copied to the host tier on eviction, since start."""
+        return sum(p.num_saved for p in self._pools)
 
     @property
     def num_free_blocks(self) -> int:
@@ -153,23 +223,37 @@ class BlockManager:
     ) -> tuple[list[int], int]:
         """Cached blocks holding the longest block-aligned prefix of at most max_tokens tokens.
 
-        `root` starts the hash chain (default: this cache's root). Returns (block ids, now
-        referenced by the caller; chained hash after the last one).
+        `root` starts the hash chain (default: this cache's root). Blocks found only in the
+        host tier are copied back into free device blocks (`take_moves`). Returns (block ids,
+        now referenced by the caller; chained hash after the last one).
         """
-        blocks, parent = self._cached_chain(token_ids, max_tokens, root)
+        parent, blocks = (self.root_hash if root is None else root), list[int]()
         bs = self.block_size
-        for i, block in enumerate(blocks):
-            pool = self._pools[i % self.cp_size]
-            pool.evictable.pop(block, None)
-            pool.refs[block] += 1
         self.num_queried_tokens += max_tokens
+        if not self.enable_prefix_caching:
+            return blocks, parent
+        for i in range(max_tokens // bs):
+            h = self.block_hash(parent, token_ids[i * bs : (i + 1) * bs])
+            pool = self._pools[i % self.cp_size]
+            block = pool.by_hash.get(h)
+            if block is not None:
+                pool.evictable.pop(block, None)
+                pool.refs[block] += 1
+            else:
+                block = pool.load(h)
+                if block is None:
+                    break
+                self.num_host_hit_tokens += bs
+            blocks.append(block)
+            parent = h
         self.num_hit_tokens += len(blocks) * bs
         return blocks, parent
 
     def cached_prefix_tokens(
         self, token_ids: Sequence[int], max_tokens: int, root: int | None = None
     ) -> int:
-        """How many leading tokens `match_prefix` would find cached (nothing is referenced)."""
+        """How many leading tokens `match_prefix` would find on the device (nothing is
+        referenced; a host-tier hit still needs a free block, so it is not counted)."""
         return len(self._cached_chain(token_ids, max_tokens, root)[0]) * self.block_size
 
     def _cached_chain(

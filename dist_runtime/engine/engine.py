@@ -252,6 +252,9 @@ class Engine:
             "num_blocks": blocks.num_blocks * blocks.cp_size,
             "prefix_cache_queried_tokens": blocks.num_queried_tokens,
             "prefix_cache_hit_tokens": blocks.num_hit_tokens,
+            "prefix_cache_host_hit_tokens": blocks.num_host_hit_tokens,
+            "host_kv_saved_blocks": blocks.num_saved_blocks,
+            "host_kv_blocks": blocks.host_slots * blocks.cp_size,
             "num_worker_restarts": self.num_worker_restarts,
             "num_draft_tokens": sched.num_draft_tokens,
             "num_accepted_tokens": sched.num_accepted_tokens,
@@ -497,6 +500,13 @@ class Engine:
         started = time.perf_counter()
         plan, _ = self.scheduler.schedule()
         if not plan.seqs:
+            if plan.kv_moves:  # host-tier copies of blocks already registered: done all the same
+                assert self.executor is not None
+                try:
+                    self.executor.execute(plan)
+                except Exception as e:
+                    self._step_failed(plan, e)
+                    return
             self._fail_all(RuntimeError("the KV cache is too small for any waiting request"))
             return
         assert self.executor is not None
@@ -692,14 +702,16 @@ class Engine:
                     self.config.cache.quant_policy,
                 )
             )
+            host_slots = self.executor.num_host_blocks()
             self.blocks = BlockManager(
                 num_blocks,
                 self.config.cache.block_size,
                 self.config.cache.enable_prefix_caching,
                 salt,
                 cp_size=self.config.parallel.cp,
+                host_slots=host_slots,
             )
-            self.executor.allocate_kv_cache(num_blocks)
+            self.executor.allocate_kv_cache(num_blocks, host_slots)
         except BaseException:
             self.executor.shutdown()
             self.executor = None

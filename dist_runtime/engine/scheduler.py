@@ -453,7 +453,12 @@ class Scheduler:
         reset_ids = {s.seq_id for s in steps if s.is_new}
         finished = [i for i in self._finished_ids if i not in reset_ids]
         self._finished_ids = []
-        return StepPlan(step_id=next(self._step_ids), seqs=steps, finished_seq_ids=finished)
+        return StepPlan(
+            step_id=next(self._step_ids),
+            seqs=steps,
+            finished_seq_ids=finished,
+            kv_moves=self.blocks.take_moves(),
+        )
 
     def schedule_ahead(self, inflight: StepPlan, session_len: int) -> StepPlan | None:
         """The decode step after `inflight` (launched, its tokens not read yet), planned on the
@@ -507,7 +512,12 @@ class Scheduler:
         if not steps:
             return None
         finished, self._finished_ids = self._finished_ids, []
-        return StepPlan(step_id=next(self._step_ids), seqs=steps, finished_seq_ids=finished)
+        return StepPlan(
+            step_id=next(self._step_ids),
+            seqs=steps,
+            finished_seq_ids=finished,
+            kv_moves=self.blocks.take_moves(),
+        )
 
     def on_step_done(self, plan: StepPlan, result: StepResult | None = None) -> None:
         """The workers ran `plan`: its tokens' K/V are now cached (of a draft, the K/V of the

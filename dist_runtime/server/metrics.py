@@ -47,6 +47,14 @@ class _EngineCollector(Collector):
         counters = {
             "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", "queries"),
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache", "hits"),
+            "prefix_cache_host_hits": (
+                "Prompt tokens copied back from the host tier of the prefix cache",
+                "host_hits",
+            ),
+            "host_kv_saved_blocks": (
+                "KV blocks copied to the host tier as the device cache evicted them",
+                "saved",
+            ),
             "prompt_tokens_computed": ("Prompt tokens the workers computed", "computed"),
             "generation_tokens": ("Tokens generated", "generated"),
             "num_preemptions": ("Sequences preempted (recomputed later)", "preemptions"),
@@ -60,6 +68,8 @@ class _EngineCollector(Collector):
         values = {
             "queries": s["prefix_cache_queried_tokens"],
             "hits": s["prefix_cache_hit_tokens"],
+            "host_hits": s["prefix_cache_host_hit_tokens"],
+            "saved": s["host_kv_saved_blocks"],
             "computed": s["num_prompt_tokens_computed"],
             "generated": s["num_generated_tokens"],
             "preemptions": s["num_preemptions"],

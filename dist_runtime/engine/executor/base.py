@@ -20,7 +20,11 @@ class Executor(abc.ABC):
         """KV blocks every worker can hold (the minimum over workers)."""
 
     @abc.abstractmethod
-    def allocate_kv_cache(self, num_blocks: int) -> None: ...
+    def num_host_blocks(self) -> int:
+        """KV blocks each worker's host tier holds (`cache.host_kv_cache_gb`; 0: none)."""
+
+    @abc.abstractmethod
+    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None: ...
 
     @abc.abstractmethod
     def execute(self, plan: StepPlan) -> StepResult:

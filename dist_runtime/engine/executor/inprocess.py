@@ -29,8 +29,11 @@ class InProcessExecutor(Executor):
     def num_available_blocks(self) -> int:
         return self.worker.num_available_blocks()
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.worker.allocate_kv_cache(num_blocks)
+    def num_host_blocks(self) -> int:
+        return self.worker.num_host_blocks()
+
+    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None:
+        self.worker.allocate_kv_cache(num_blocks, num_host_blocks)
 
     def execute(self, plan: StepPlan) -> StepResult:
         # No codec in one process: the messages it would check are built by this code on both

@@ -276,9 +276,17 @@ class RayExecutor(Executor):
         )
         return min(counts)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def num_host_blocks(self) -> int:
+        counts = self._get(
+            [a.num_host_blocks.remote() for a in self.actors],
+            self.config.init_timeout_s,
+            "sizing the host KV tier",
+        )
+        return min(counts)
+
+    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None:
         self._get(
-            [a.allocate_kv_cache.remote(num_blocks) for a in self.actors],
+            [a.allocate_kv_cache.remote(num_blocks, num_host_blocks) for a in self.actors],
             self.config.init_timeout_s,
             "allocating the KV cache",
         )
