@@ -846,6 +846,10 @@ class ModelRunner:
                 )
             state = self.seqs[s.seq_id]
             first = s.start_pos + len(s.token_ids) - n  # position of the first token picked
+            history, output_start = None, 0
+            if state.spec.needs_history:  # through the draft's last token (`_update_state`)
+                history = torch.tensor(state.history, dtype=torch.int64, device=self.device)
+                output_start = max(0, state.spec.num_prompt_tokens - max(state.history_start, 0))
             out[i] = verify_draft(
                 logits[starts[i] : starts[i + 1]],
                 s.token_ids[-n:],
@@ -854,7 +858,11 @@ class ModelRunner:
                 [draw_seed(state.spec.seed, first + j) for j in range(n + 1)],
                 s.seq_id,
                 s.draft_allowed_tokens or None,
+                history,
+                output_start,
             )
+            if state.spec.needs_history:  # the rejected draft tokens leave the history
+                del state.history[len(state.history) - (n + 1 - len(out[i])) :]
         return [tok for toks in out for tok in toks]
 
     def _sample(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[SampledToken]:

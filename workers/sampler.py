@@ -194,6 +194,8 @@ def verify_draft(
     seeds: list[int],
     seq_id: int,
     allowed: list[bytes] | None = None,
+    history: torch.Tensor | None = None,
+    output_start: int = 0,
 ) -> list[SampledToken]:
     """The tokens one sequence keeps from a draft: `logits` (len(draft) + 1, vocab) are the
     rows after its last token and after each draft token; `seeds` seed the draw at each row.
@@ -205,19 +207,33 @@ def verify_draft(
     and the rest is dropped; when every draft token is kept, one more is drawn from the last
     row. This is speculative sampling with a draft that proposes d_j with probability 1, so
     every token is distributed as plain sampling's (Leviathan et al., 2023). Logit bias
-    applies, and with guided output `allowed` holds each row's packed mask (the grammar's
-    state after the draft tokens before it); penalties do not (such sequences get no draft).
-    Log-probabilities are the raw ones, as `Sampler.sample` reports."""
+    applies, then with penalties the ones of each row's own history (`history`, 1-D: every
+    token up to the draft's last, outputs from `output_start`; row j sees it without the draft
+    tokens after d_j), then with guided output each row's packed mask `allowed` (the grammar's
+    state after the draft tokens before it), in `Sampler.sample`'s order. Log-probabilities
+    are the raw ones, as `Sampler.sample` reports."""
     n = len(draft)
     if logits.dim() != 2 or logits.shape[0] != n + 1 or len(seeds) != n + 1:
         raise ValueError(
             f"a draft of {n} tokens needs {n + 1} logit rows and seeds, got shape "
             f"{tuple(logits.shape)} and {len(seeds)} seeds"
         )
-    if spec.needs_history:
-        raise ValueError(f"seq {seq_id}: a sequence with penalties cannot verify a draft")
+    if spec.needs_history and history is None:
+        raise ValueError(f"seq {seq_id}: a sequence with penalties needs its history")
     logits = logits.float()
-    biased = apply_logit_bias(logits, [spec] * (n + 1))
+    specs = [spec] * (n + 1)
+    biased = apply_logit_bias(logits, specs)
+    if spec.needs_history:
+        assert history is not None
+        rows = [history[: history.numel() - n + j] for j in range(n + 1)]
+        penalties = torch.full((n + 1,), spec.repetition_penalty, dtype=torch.float32)
+        biased = apply_repetition_penalty(biased, rows, penalties)
+        biased = apply_presence_frequency(
+            biased,
+            [h[output_start:] for h in rows],
+            [spec.presence_penalty] * (n + 1),
+            [spec.frequency_penalty] * (n + 1),
+        )
     if allowed is not None:
         biased = biased.masked_fill(~allowed_rows(allowed, logits), _NEG_INF)
     chosen: list[int] = []
@@ -227,7 +243,7 @@ def verify_draft(
             chosen.append(draft[len(chosen)])
         chosen.append(targets[len(chosen)])
     else:
-        probs = warp_logits(biased, [spec] * (n + 1)).softmax(dim=-1)  # (n + 1, vocab)
+        probs = warp_logits(biased, specs).softmax(dim=-1)  # (n + 1, vocab)
         for j in range(n + 1):
             generator.manual_seed(seeds[j])
             if j == n:  # every draft token was kept: one more from the last row

@@ -271,8 +271,6 @@ class Scheduler:
         limits, the blocks free now (its table grows to hold it) and what its rows are worth
         (`PromptLookup.draft_len` at a row's cost `share`); its length."""
         p = seq.params
-        if _needs_history(p):
-            return 0  # its next token's penalties follow the tokens before it
         limit = min(budget, p.max_new_tokens - len(seq.output_token_ids) - 1)
         if self.session_len:
             limit = min(limit, self.session_len - seq.num_tokens - 1)

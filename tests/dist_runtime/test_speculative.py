@@ -224,13 +224,24 @@ def test_prefill_beside_drafts(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyP
     assert any(mixed), "no step checked a draft beside a prefill chunk"
 
 
-def test_penalties_get_no_draft(tiny_llama_dir: Path) -> None:
-    prompts = _prompts()[:2]
-    params = [_greedy(repetition_penalty=1.3), _greedy(presence_penalty=0.5)]
+@pytest.mark.parametrize("path", ["decode-rows", "chunk"])
+def test_penalties_with_drafts(tiny_llama_dir: Path, path: str, monkeypatch: Any) -> None:
+    """Penalties over the history: each draft row is penalised over the tokens before it, and
+    the rejected draft tokens leave the worker's history (later steps equal plain decoding's)."""
+    if path == "chunk":
+        monkeypatch.setattr(ModelRunner, "_drafts_as_decode", lambda self, seqs: False)
+    prompts = _prompts()
+    params = [
+        _greedy(repetition_penalty=1.05),
+        _greedy(presence_penalty=0.3),
+        _greedy(frequency_penalty=0.2, repetition_penalty=1.02),
+        _greedy(repetition_penalty=1.05),
+    ]
     want, _ = _run(tiny_llama_dir, prompts, params, k=0)
     got, stats = _run(tiny_llama_dir, prompts, params, k=4)
     _assert_same(got, want)
-    assert stats["num_draft_tokens"] == 0
+    assert stats["num_accepted_tokens"] > 0
+    assert stats["num_draft_tokens"] > stats["num_accepted_tokens"]
 
 
 REPEATED_SCHEMA = {

@@ -22,7 +22,7 @@ from dist_runtime.engine.speculative import (
     lookup_draft,
 )
 from dist_runtime.protocol import SampledToken, SamplingSpec
-from workers.sampler import verify_draft
+from workers.sampler import Sampler, verify_draft
 
 
 def arr(*tokens: int) -> np.ndarray:
@@ -530,10 +530,44 @@ def test_verify_rejects_wrong_shapes() -> None:
     [{"repetition_penalty": 1.1}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}],
 )
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_verify_rejects_penalties(extra: dict[str, Any], temperature: float) -> None:
+def test_verify_penalties_need_the_history(extra: dict[str, Any], temperature: float) -> None:
     logits = torch.zeros(2, 5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs its history"):
         verify_draft(logits, [1], spec(temperature, **extra), torch.Generator(), [0, 1], 0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"repetition_penalty": 1.7}, {"presence_penalty": 1.5}, {"frequency_penalty": 0.8}],
+)
+def test_verify_greedy_penalties_row_by_row(extra: dict[str, Any]) -> None:
+    """Row j is penalised over the history through draft token j only (outputs from
+    output_start): each kept token is what `Sampler.sample` picks from that row with that
+    history."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 6, generator=g)
+    history = torch.tensor([5, 0, 1, 2, 3, 4])  # prompt [5, 0], outputs from 2; draft [2, 3, 4]
+    s = spec(**extra, num_prompt_tokens=2)
+    want = []
+    for j in range(4):
+        row_history = history[: 3 + j]
+        (tok,) = Sampler().sample(logits[j : j + 1], [s], [row_history], [torch.Generator()], [9])
+        want.append(tok.token_id)
+    draft = [2, 3, 4]
+    out = verify_draft(logits, draft, s, torch.Generator(), [0] * 4, 9, None, history, 2)
+    kept = 0
+    while kept < 3 and draft[kept] == want[kept]:
+        kept += 1
+    assert ids(out) == draft[:kept] + [want[kept]]
+    # a draft of the tokens greedy decoding with these penalties picks: all kept, plus one
+    chain: list[int] = []
+    for j in range(4):
+        row_history = torch.tensor([5, 0, 1, *chain])
+        (tok,) = Sampler().sample(logits[j : j + 1], [s], [row_history], [torch.Generator()], [9])
+        chain.append(tok.token_id)
+    history = torch.tensor([5, 0, 1, *chain[:3]])
+    out = verify_draft(logits, chain[:3], s, torch.Generator(), [0] * 4, 9, None, history, 2)
+    assert ids(out) == chain
 
 
 def _packed(allowed: list[int], vocab: int = 6) -> bytes:
