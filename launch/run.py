@@ -675,6 +675,16 @@ def dry_run(args: argparse.Namespace) -> int:
     if plan.max_positions is not None and plan.max_positions < plan.max_session_len:
         capacity.append(f"(by memory; the model's RoPE stops at {plan.max_positions:,})")
     print(f"max session_len by --quant-policy: {'; '.join(capacity)}")
+    host_gb = config.cache.host_kv_cache_gb
+    if host_gb:
+        from dist_runtime.memory_planner import kv_bytes_per_token
+
+        per_token = kv_bytes_per_token(model, plan.tp, plan.dtype, plan.quant_policy)
+        tokens = int(host_gb * GiB) // per_token
+        print(
+            f"host tier of the prefix cache: {host_gb:g} GiB of host memory per worker (not on "
+            f"the device), {tokens * plan.cp:,} tokens of evicted prefixes over cp={plan.cp}"
+        )
     quant = plan.model.weight_quant
     if quant is not None:
         as_float = replan(

@@ -277,3 +277,16 @@ def test_a_tied_head_on_cpu_counts_its_onednn_copy(monkeypatch: pytest.MonkeyPat
     )
     monkeypatch.setenv("DIST_RUNTIME_CPU_GEMM", "torch")
     assert weight_bytes_per_worker(tied, 2, "float32", is_cuda=False) == plain
+
+
+def test_cli_dry_run_shows_the_host_tier(capsys: pytest.CaptureFixture[str]) -> None:
+    """7B-1M at tp 4 cp 2: a worker holds 2 of the 8 KV heads, 2 x 32 layers x 2 heads x 128
+    x 2 bytes = 32 KiB a token, so 64 GiB of host memory hold 2M tokens per worker, 4M over
+    the two cp ranks."""
+    cli = _run_cli()
+    argv = ["--dry-run", "--model", str(CONFIG_1M), "--tp", "4", "--cp", "2"]
+    argv += ["--session-len", "1048576", "--device-memory-gib", "80"]
+    assert cli.main([*argv, "--host-kv-cache-gb", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "host tier of the prefix cache: 64 GiB of host memory per worker" in out
+    assert "4,194,304 tokens of evicted prefixes over cp=2" in out
