@@ -626,7 +626,7 @@ class CacheConfig:
                 f"cache.enable_prefix_caching must be true or false, got "
                 f"{self.enable_prefix_caching!r}"
             )
-        if not _is_number(self.host_kv_cache_gb) or not self.host_kv_cache_gb >= 0:
+        if not _is_number(self.host_kv_cache_gb) or not 0 <= self.host_kv_cache_gb < float("inf"):
             raise ConfigError(
                 f"cache.host_kv_cache_gb must be a number of GiB >= 0 (0: no host tier), got "
                 f"{self.host_kv_cache_gb!r}"
@@ -675,8 +675,8 @@ class SchedulerConfig:
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if not (_is_int(lo) and _is_int(hi) and 1 <= lo <= hi):
             raise ConfigError(
-                f"scheduler.prompt_lookup_min ({lo!r}) and prompt_lookup_max ({hi!r}) must be "
-                "integers with 1 <= min <= max"
+                f"scheduler.prompt_lookup_min ({lo!r}) and scheduler.prompt_lookup_max ({hi!r}) "
+                "must be integers with 1 <= min <= max"
             )
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError(

@@ -3,7 +3,7 @@
 Per row: OpenAI's logit bias, then, in the order of HF transformers' `generate`, repetition
 penalty (then OpenAI's presence and frequency penalties on the generated tokens), the allowed
 tokens of guided output, then either greedy argmax (temperature 0) or temperature, top-k,
-top-p, min-p and a seeded multinomial draw.
+top-p, min-p and a seeded draw (an exponential race, `_draw`).
 
 The helpers take a (batch, vocab) tensor and per-row parameter tensors and return a new tensor
 (filtered tokens set to -inf). Parameter tensors may live on the CPU; building them there keeps
@@ -200,18 +200,21 @@ def verify_draft(
     """The tokens one sequence keeps from a draft: `logits` (len(draft) + 1, vocab) are the
     rows after its last token and after each draft token; `seeds` seed the draw at each row.
 
-    Greedy: the draft tokens that equal the argmax of the row before them, up to the first that
-    does not, then that row's argmax, so the tokens are plain greedy decode's. Sampling: draft
-    token j is kept with its probability p_j(d_j) under the warped distribution (temperature,
-    top-k, top-p, min-p), else the row's token is drawn from p_j without d_j (renormalised)
-    and the rest is dropped; when every draft token is kept, one more is drawn from the last
-    row. This is speculative sampling with a draft that proposes d_j with probability 1, so
-    every token is distributed as plain sampling's (Leviathan et al., 2023). Logit bias
-    applies, then with penalties the ones of each row's own history (`history`, 1-D: every
-    token up to the draft's last, outputs from `output_start`; row j sees it without the draft
-    tokens after d_j), then with guided output each row's packed mask `allowed` (the grammar's
-    state after the draft tokens before it), in `Sampler.sample`'s order. Log-probabilities
-    are the raw ones, as `Sampler.sample` reports."""
+    Each row's token is the one plain decoding would pick there: the argmax (greedy) or the
+    seeded draw of `_draw` (sampling: temperature, top-k, top-p, min-p), the draw at row j
+    seeded by seeds[j]. The draft tokens equal to the pick of the row before them are kept, up
+    to the first that is not, and that row's pick comes instead; when all are kept the last
+    row's pick follows. `_draw` is an exponential race (the argmax of p / E for i.i.d.
+    exponential noise E from the row's seed), so a row's pick is a function of its
+    distribution and its seed alone: draft token d_j is kept with probability p_j(d_j), every
+    token is distributed as plain sampling's, and a seeded answer is the same token for token
+    with drafts or without.
+
+    Logit bias applies, then with penalties the ones of each row's own history (`history`,
+    1-D: every token up to the draft's last, outputs from `output_start`; row j sees it without
+    the draft tokens after d_j), then with guided output each row's packed mask `allowed` (the
+    grammar's state after the draft tokens before it), in `Sampler.sample`'s order.
+    Log-probabilities are the raw ones, as `Sampler.sample` reports."""
     n = len(draft)
     if logits.dim() != 2 or logits.shape[0] != n + 1 or len(seeds) != n + 1:
         raise ValueError(
@@ -236,28 +239,18 @@ def verify_draft(
         )
     if allowed is not None:
         biased = biased.masked_fill(~allowed_rows(allowed, logits), _NEG_INF)
-    chosen: list[int] = []
     if spec.temperature == 0.0:
-        targets = biased.argmax(dim=-1).tolist()
-        while len(chosen) < n and draft[len(chosen)] == targets[len(chosen)]:
-            chosen.append(draft[len(chosen)])
-        chosen.append(targets[len(chosen)])
+        picks = biased.argmax(dim=-1).tolist()
     else:
         probs = warp_logits(biased, specs).softmax(dim=-1)  # (n + 1, vocab)
+        picks = []
         for j in range(n + 1):
             generator.manual_seed(seeds[j])
-            if j == n:  # every draft token was kept: one more from the last row
-                chosen.append(int(_draw(probs[j], generator)))
-                break
-            d = draft[j]
-            u = torch.rand((), generator=generator, device=generator.device)
-            if float(u) < float(probs[j, d]):
-                chosen.append(d)
-                continue
-            residual = probs[j].clone()
-            residual[d] = 0.0
-            chosen.append(int(_draw(residual, generator)) if float(residual.sum()) > 0 else d)
-            break
+            picks.append(int(_draw(probs[j], generator)))
+    chosen: list[int] = []
+    while len(chosen) < n and draft[len(chosen)] == picks[len(chosen)]:
+        chosen.append(draft[len(chosen)])
+    chosen.append(picks[len(chosen)])
     m = len(chosen)
     token_ids = torch.tensor(chosen, dtype=torch.long, device=logits.device)
     return _results(logits[:m], token_ids, [spec] * m, [seq_id] * m)
@@ -368,9 +361,15 @@ def _check_lengths(
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One multinomial draw from `probs` (vocab,) on the generator's device; returns (1,)."""
+    """One draw from `probs` (vocab,) on the generator's device, returns (1,): the argmax of
+    probs / E with E i.i.d. exponential noise from the generator (an exponential race, which
+    picks token i with probability probs[i], as vLLM's sampler does). The pick is fixed by the
+    distribution and the generator's state alone, which lets a speculative step check a draft
+    token against the very token plain decoding would draw (`verify_draft`)."""
     on_gen = probs if probs.device.type == generator.device.type else probs.to(generator.device)
-    return torch.multinomial(on_gen, 1, generator=generator).to(probs.device)
+    noise = torch.empty_like(on_gen, dtype=torch.float32).exponential_(generator=generator)
+    race = on_gen.float() / noise.clamp_min_(torch.finfo(torch.float32).tiny)
+    return race.argmax().reshape(1).to(probs.device)
 
 
 def plain_greedy(specs: list[SamplingSpec]) -> bool:

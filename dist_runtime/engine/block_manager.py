@@ -33,12 +33,20 @@ class _HostTier:
         self.free: deque[int] = deque(range(num_slots))
         self.by_hash: OrderedDict[int, int] = OrderedDict()  # chained hash -> slot
 
-    def put(self, h: int) -> int | None:
-        """A slot to copy the block of hash `h` into (None: it is there already)."""
+    def put(self, h: int, keep: int | None = None) -> int | None:
+        """A slot to copy the block of hash `h` into, giving up the least recently used one
+        but `keep`'s (a slot a queued load still reads); None: `h` is there already, or the
+        only slot is `keep`'s (the block is not kept)."""
         if h in self.by_hash:
             self.by_hash.move_to_end(h)
             return None
-        slot = self.free.popleft() if self.free else self.by_hash.popitem(last=False)[1]
+        if self.free:
+            slot = self.free.popleft()
+        else:
+            victim = next((k for k in self.by_hash if k != keep), None)
+            if victim is None:
+                return None
+            slot = self.by_hash.pop(victim)
         self.by_hash[h] = slot
         return slot
 
@@ -67,14 +75,16 @@ class _Pool:
     def num_free(self) -> int:
         return len(self.free) + len(self.evictable)
 
-    def take(self) -> int:
+    def take(self, keep: int | None = None) -> int:
+        """A block for new content: a never-used one, else the least recently used cached one
+        (saved to the host tier first, never into `keep`'s slot)."""
         if self.free:
             block = self.free.popleft()
         else:
             block, _ = self.evictable.popitem(last=False)
             h = self.hash_of.pop(block)
             del self.by_hash[h]
-            slot = None if self.host is None else self.host.put(h)
+            slot = None if self.host is None else self.host.put(h, keep)
             if slot is not None:  # keep its content in the host tier
                 self.moves.append(KVMove(pool=self.index, block=block, slot=slot, to_host=True))
                 self.num_saved += 1
@@ -87,7 +97,7 @@ class _Pool:
         slot = None if self.host is None else self.host.get(h)
         if slot is None or not self.num_free:
             return None
-        block = self.take()
+        block = self.take(keep=h)  # an eviction's save must not reuse the slot read here
         self.moves.append(KVMove(pool=self.index, block=block, slot=slot, to_host=False))
         self.by_hash[h] = block
         self.hash_of[block] = h
@@ -186,12 +196,16 @@ class BlockManager:
         need = self._need_per_pool(len(table), want)
         return all(n <= p.num_free for n, p in zip(need, self._pools))
 
-    def max_tokens(self, table: list[int]) -> int:
-        """Most tokens `table` can cover if it takes free blocks (at least what it covers)."""
+    def max_tokens(self, table: list[int], evict: bool = True) -> int:
+        """Most tokens `table` can cover if it takes free blocks (at least what it covers);
+        with evict=False only never-used ones, not cached blocks."""
         cp, have = self.cp_size, len(table)
         # Pool s can hold its current entries plus its free blocks: a_s entries in all, and a
         # table of B entries holds ceil((B - s) / cp) of them, so B <= a_s * cp + s.
-        most = min((_count(have, s, cp) + p.num_free) * cp + s for s, p in enumerate(self._pools))
+        most = min(
+            (_count(have, s, cp) + (p.num_free if evict else len(p.free))) * cp + s
+            for s, p in enumerate(self._pools)
+        )
         return max(most, have) * self.block_size
 
     def grow(self, table: list[int], num_tokens: int) -> list[int]:

@@ -15,8 +15,9 @@ every priority equal (the default) this is the plain first-come order above.
 With speculative decoding (`num_speculative_tokens` > 0), a decoding sequence may carry a draft
 (`dist_runtime.engine.speculative`): the step computes its last token and the draft, and the
 workers return the draft tokens the model agrees with plus one more. Drafts use the step's
-spare budget and only free blocks (never a preemption); K/V written for a rejected draft token
-lies past the sequence's computed tokens and is overwritten by the next step.
+spare budget and only never-used blocks (no preemption, no eviction from the prefix cache); K/V
+written for a rejected draft token lies past the sequence's computed tokens and is overwritten by
+the next step.
 """
 
 from __future__ import annotations
@@ -268,13 +269,13 @@ class Scheduler:
 
     def _propose(self, seq: Sequence, budget: int, share: float) -> int:
         """Give a decoding sequence a draft of at most `budget` tokens, within its length
-        limits, the blocks free now (its table grows to hold it) and what its rows are worth
+        limits, the never-used blocks (its table grows to hold it) and what its rows are worth
         (`PromptLookup.draft_len` at a row's cost `share`); its length."""
         p = seq.params
         limit = min(budget, p.max_new_tokens - len(seq.output_token_ids) - 1)
         if self.session_len:
             limit = min(limit, self.session_len - seq.num_tokens - 1)
-        limit = min(limit, self.blocks.max_tokens(seq.block_table) - seq.num_tokens)
+        limit = min(limit, self.blocks.max_tokens(seq.block_table, evict=False) - seq.num_tokens)
         assert self.lookup is not None
         draft = self.lookup.propose(seq, limit, share)
         if draft and seq.guide is not None:  # the part its grammar takes, and the rows' masks
@@ -400,6 +401,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._register_blocks(seq)
         self._drop_blocks(seq)
         seq.num_computed_tokens = 0
         seq.num_blocks_sent = 0
@@ -469,8 +471,10 @@ class Scheduler:
         either way. A sequence that certainly stops at
         `inflight` (its length limit) is left out; one that stops by EOS or a stop string runs
         one step more, whose token the engine drops."""
-        if self.waiting or len(inflight.seqs) != len(self.running) or self.lookup is not None:
-            return None  # with speculation, each step's drafts follow the tokens before it
+        if self.waiting or len(inflight.seqs) != len(self.running):
+            return None
+        if self.lookup is not None and self.lookup.would_draft(self.running):
+            return None  # a draft follows the token in flight: this step waits for it
         seqs = []
         for step in inflight.seqs:  # every check before any block moves
             seq = self._seqs.get(step.seq_id)
@@ -570,6 +574,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
+        self._register_blocks(seq)  # blocks its last step filled (accepted draft tokens)
         self._drop_blocks(seq)
         self._seqs.pop(seq.seq_id, None)
         if seq.num_blocks_sent or not seq.is_reset:

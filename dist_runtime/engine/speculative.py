@@ -142,14 +142,30 @@ class PromptLookup:
         token buffer and acceptance counts)."""
         k = min(limit, self.draft_len(seq, share))
         if k <= 0:
-            if limit > 0:  # held back by its record: let it fade
-                seq.spec_accepted *= FORGET
-                seq.spec_rejected *= FORGET
+            if limit > 0:
+                self.hold(seq)
             return []
         buffer = seq.token_buffer
         if buffer is None:
             buffer = seq.token_buffer = TokenBuffer()
         return lookup_draft(buffer.sync(seq), k, self.n_max, self.n_min)
+
+    def would_draft(self, seqs: list[Any]) -> bool:
+        """Whether the policy lets any of these decoding sequences draft now (a step planned
+        ahead of their last token drafts nothing; the others' records fade as in `propose`)."""
+        share = self.row_share(len(seqs))
+        held = [s for s in seqs if self.draft_len(s, share) <= 0]
+        if len(held) < len(seqs):
+            return True
+        for seq in held:
+            self.hold(seq)
+        return False
+
+    @staticmethod
+    def hold(seq: Any) -> None:
+        """A sequence held back by its record: its counts fade towards the prior."""
+        seq.spec_accepted *= FORGET
+        seq.spec_rejected *= FORGET
 
     @staticmethod
     def record(seq: Any, drafted: int, accepted: int) -> None:

@@ -267,6 +267,31 @@ def test_a_load_that_evicts_saves_the_victim_first() -> None:
     assert bm.take_moves() == [load(0, 3), load(1, 2)]  # U comes back from its own slots
 
 
+def test_a_one_slot_tier_never_saves_over_the_slot_a_load_reads() -> None:
+    """One host slot, holding T's block: loading it takes the only device block, U's, whose
+    save would need that very slot; the save is skipped (U's block is simply dropped), so the
+    load reads T's content and not U's."""
+    bm = BlockManager(num_blocks=1, block_size=BS, host_slots=1)
+    assert cached_then_freed(bm, T[:2]) == [0]
+    assert cached_then_freed(bm, U[:2]) == [0]  # evicts T's block into slot 0
+    assert bm.take_moves() == [save(0, 0)]
+    blocks, _ = bm.match_prefix(T[:2], 2)
+    assert blocks == [0]
+    assert bm.take_moves() == [load(0, 0)]  # not [save(0, 0), load(0, 0)]
+    assert bm.cached_prefix_tokens(U[:2], 2) == 0
+    assert bm.match_prefix(U[:2], 2)[0] == []  # U was not kept anywhere
+
+
+def test_host_tier_put_keeps_the_slot_asked_for() -> None:
+    tier = _HostTier(2)
+    assert tier.put(10) == 0 and tier.put(11) == 1
+    assert tier.put(12, keep=10) == 1  # 10 is the LRU entry but kept: 11 gives up its slot
+    assert tier.get(10) == 0 and tier.get(11) is None
+    one = _HostTier(1)
+    assert one.put(10) == 0
+    assert one.put(11, keep=10) is None and one.get(10) == 0
+
+
 def test_cp_moves_name_their_pool_and_each_pool_has_its_own_tier() -> None:
     bm = BlockManager(num_blocks=2, block_size=BS, cp_size=2, host_slots=2)
     table: list[int] = []

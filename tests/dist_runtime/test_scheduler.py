@@ -61,10 +61,12 @@ class Replay:
 
 
 class Driver:
-    """The runtime's loop around a Scheduler, with invariants checked on every plan."""
+    """The runtime's loop around a Scheduler, with invariants checked on every plan. Prefix
+    caching is off: every sequence computes its whole prompt (the prefix-cache tests drive a
+    Scheduler through on_step_done instead)."""
 
     def __init__(self, num_blocks: int, block_size: int, config: SchedulerConfig):
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.scheduler = Scheduler(config, self.blocks)
         self.config = config
         self.replay = Replay()
