@@ -15,7 +15,8 @@
 # KVQ=0 skips the split-KV kernel over int8 / int4 caches (kernel_bench_attention.py --decode
 # --kv-bits, early) and the 7B decode over them (32K and 131K, batch 8 at 32K; KVQ_TIMEOUT
 # each). GEMV=0 skips the last steps: the Triton GEMV against cuBLAS on the 7B shapes, and the
-# 7B decode with it and steps launched ahead (DIST_RUNTIME_GEMV=triton).
+# 7B decode with it and steps launched ahead (DIST_RUNTIME_GEMV=triton). SPEC=0 skips the cost
+# of speculative decoding's draft rows (bench/draft_rows.py: 7B at 4K, batch 1 and 8, k = 4).
 set -u
 OUT=${OUT:-/tmp/gpu_decode}
 mkdir -p "$OUT"
@@ -120,6 +121,12 @@ if [ "${GEMV:-1}" = 1 ]; then
         $PY bench/generate_gpu.py --prompt-lens 8192,32768 --decode-tokens 32 --batch 8 \
         --batch-lens 8192 --out "$OUT/generate_7b_async_gemv.md" 2>&1 | grep -v "it/s" \
         | tee -a "$log"
+fi
+
+if [ "${SPEC:-1}" = 1 ]; then
+    step "speculative decoding: what a draft row costs in a 7B decode step (4K, batch 1 and 8)"
+    timeout "${SPEC_TIMEOUT:-150}" $PY bench/draft_rows.py --contexts 4096 --batches 1,8 \
+        --drafts 0,4 --out "$OUT/draft_rows.md" 2>&1 | tee -a "$log"
 fi
 
 step "decode against its floor, every run (OUT/summary.md)"

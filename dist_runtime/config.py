@@ -660,6 +660,10 @@ class SchedulerConfig:
     """Longest n-gram matched against the sequence's earlier tokens (the longest match wins)."""
     prompt_lookup_min: int = 2
     """Shortest n-gram that may propose a draft."""
+    draft_policy: str = "adaptive"
+    """adaptive: a draft's length follows the measured cost of a row and the sequence's share
+    of kept draft tokens (`dist_runtime.engine.speculative.PromptLookup`); fixed: every draft
+    as long as the lookup finds, up to num_speculative_tokens (vLLM's ngram)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -671,6 +675,10 @@ class SchedulerConfig:
             raise ConfigError(
                 f"scheduler.num_speculative_tokens must be an integer in [0, "
                 f"{MAX_SPECULATIVE_TOKENS}] (0: no speculative decoding), got {k!r}"
+            )
+        if self.draft_policy not in ("adaptive", "fixed"):
+            raise ConfigError(
+                f"scheduler.draft_policy must be adaptive or fixed, got {self.draft_policy!r}"
             )
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if not (_is_int(lo) and _is_int(hi) and 1 <= lo <= hi):

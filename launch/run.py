@@ -82,6 +82,7 @@ ENGINE_FLAGS: dict[str, str] = {
     "scheduler.num_speculative_tokens": "--num-speculative-tokens",
     "scheduler.prompt_lookup_max": "--prompt-lookup-max",
     "scheduler.prompt_lookup_min": "--prompt-lookup-min",
+    "scheduler.draft_policy": "--draft-policy",
 }
 """Config key -> the flag that sets it (errors about a flag's value name the flag)."""
 
@@ -236,6 +237,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         help="shortest n-gram the lookup matches "
         f"(default: {_default('scheduler.prompt_lookup_min')})",
+    )
+    g.add_argument(
+        "--draft-policy",
+        choices=["adaptive", "fixed"],
+        help="adaptive: draft lengths follow the measured cost of a row and each sequence's "
+        "share of kept draft tokens; fixed: every draft as long as the lookup finds "
+        "(default: adaptive)",
     )
     g = p.add_argument_group("output")
     g.add_argument(

@@ -6,8 +6,10 @@ which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU k
 `bench/cpu_attention.py` (with its earlier-run column) and `bench/cpu_elementwise.py`; and
 `bench/gpu_decode_summary.py` on the end-to-end script's own report; and the GEMV bench's per-shape
 work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; and the guided
-JSON bench (`bench/guided_json.py`) and the priority bench (`bench/priority.py`) on the demo
-model with short answers."""
+JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), the speculative
+decoding bench (`bench/speculative.py`) and the host-tier bench (`bench/host_kv_cache.py`) on
+the demo model with short answers; and the draft-row cost bench (`bench/draft_rows.py`) on a
+tiny random model."""
 
 from __future__ import annotations
 
@@ -276,3 +278,34 @@ def test_priority_bench_runs(tmp_path: Path) -> None:
     assert "priority: interactive first token during a batch p50" in out
     text = report.read_text()
     assert "| equal |" in text and "| priority |" in text
+
+
+def test_speculative_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "speculative.md"
+    out = _run("bench/speculative.py", "--tries=1", "--max-new-tokens=12", f"--report={report}")
+    assert "speculative (prompt lookup, k=4): b1" in out and "answers identical: True" in out
+    assert "| all | on |" in report.read_text()
+
+
+def test_host_kv_cache_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "host.md"
+    out = _run("bench/host_kv_cache.py", "--tries=1", "--max-new-tokens=4", f"--report={report}")
+    assert "host-kv-cache: a 2092-token document asked again" in out
+    assert "answers identical: True" in out
+    assert "| host tier |" in report.read_text()
+
+
+def test_draft_rows_bench_runs(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    out = _run(
+        "bench/draft_rows.py",
+        "--device=cpu",
+        f"--model-config={config}",
+        "--contexts=64",
+        "--batches=1,2",
+        "--drafts=0,2",
+        "--decode-tokens=8",
+    )
+    assert "draft-rows (cpu, config): 0K b1: k=2 step" in out and "0K b2: k=2 step" in out
+    assert "| 64 | 2 |" in out

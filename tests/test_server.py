@@ -106,7 +106,16 @@ def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     s = Server(
         tiny_llama_dir,
         tmp_path_factory.mktemp("server"),
-        *("--api-keys", f"{KEY},other", "--max-request-mb", "1", "--num-speculative-tokens", "4"),
+        *(
+            "--api-keys",
+            f"{KEY},other",
+            "--max-request-mb",
+            "1",
+            "--num-speculative-tokens",
+            "4",
+            "--draft-policy",
+            "fixed",
+        ),
     )
     yield s
     s.close()
@@ -980,7 +989,8 @@ def test_job_priority_needs_a_job_dir(tiny_llama_dir: Path) -> None:
 
 
 def test_speculative_decoding_behind_the_server(server: Server, client: Any) -> None:
-    """The module's server drafts (`--num-speculative-tokens 4`): a prompt whose answer
+    """The module's server drafts (`--num-speculative-tokens 4 --draft-policy fixed`, so the
+    step times of a loaded test machine do not hold the drafts back): a prompt whose answer
     repeats itself streams the same tokens as its plain completion, several tokens to a chunk
     where a step kept a draft, and /metrics counts the drafts."""
     from tests.dist_runtime.test_speculative import _prompts

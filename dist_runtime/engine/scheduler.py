@@ -144,7 +144,10 @@ class Scheduler:
         """Longest sequence (drafts never run past it); 0: unbounded (tests)."""
         self.lookup = (
             PromptLookup(
-                config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min
+                config.num_speculative_tokens,
+                config.prompt_lookup_max,
+                config.prompt_lookup_min,
+                adaptive=config.draft_policy == "adaptive",
             )
             if config.num_speculative_tokens
             else None

@@ -109,15 +109,18 @@ class PromptLookup:
     `num_tokens`: long drafts while a small batch waits on memory (where rows are nearly free)
     and a sequence keeps copying, short or none once rows cost compute or drafts miss."""
 
-    def __init__(self, num_tokens: int, n_max: int, n_min: int):
+    def __init__(self, num_tokens: int, n_max: int, n_min: int, adaptive: bool = True):
         self.num_tokens = num_tokens
         self.n_max = n_max
         self.n_min = n_min
+        self.adaptive = adaptive
+        """False (draft_policy fixed): every draft as long as the lookup finds."""
         self.cost = StepCost()
 
     def row_share(self, batch: int) -> float:
-        """b * B / (a + b * B) for a decode batch of `batch` sequences; 0 until fitted."""
-        fit = self.cost.fit()
+        """b * B / (a + b * B) for a decode batch of `batch` sequences; 0 until fitted (and
+        always with the fixed policy)."""
+        fit = self.cost.fit() if self.adaptive else None
         if fit is None or batch <= 0:
             return 0.0
         a, b = fit

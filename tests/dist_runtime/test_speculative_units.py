@@ -595,3 +595,15 @@ def test_verify_greedy_row_masks() -> None:
         logits, [3, 3, 3], spec(1.0), torch.Generator(), [5, 6, 7, 8], 3, [only_3] * 4
     )
     assert ids(out) == [3, 3, 3, 3]
+
+
+def test_fixed_policy_ignores_the_step_cost() -> None:
+    """draft_policy fixed: a fitted cost that would hold every draft back changes nothing."""
+    adaptive, fixed = PromptLookup(4, 4, 2), PromptLookup(4, 4, 2, adaptive=False)
+    for lookup in (adaptive, fixed):
+        for rows in (1, 2, 3, 4, 5, 6):
+            lookup.cost.record(rows, 0.001 + 0.01 * rows)  # rows cost 10x the base
+    assert adaptive.row_share(8) > 0.9 and fixed.row_share(8) == 0.0
+    seq = FakeSeq([1, 2, 3, 1, 2, 3, 4, 5, 1, 2])
+    assert adaptive.draft_len(seq, adaptive.row_share(8)) == 0
+    assert fixed.draft_len(seq, fixed.row_share(8)) == 4
