@@ -18,6 +18,7 @@ draft of k is the share alpha at which the tokens a step keeps on average,
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.machine import code_version  # noqa: E402
 from dist_runtime import CacheConfig, Runtime, SamplingParams, SchedulerConfig  # noqa: E402
 from dist_runtime.engine.speculative import PromptLookup  # noqa: E402
 
@@ -128,7 +130,7 @@ def main() -> int:
         + " | ms per draft row | "
         + " | ".join(f"k={k} break-even" for k in drafts[1:])
         + " |",
-        "|" + "---|" * (3 + 2 * len(drafts)),
+        "|" + "---|" * (2 + 2 * len(drafts)),
     ]
     summary = []
     for n in contexts:
@@ -152,12 +154,19 @@ def main() -> int:
                 else f"{n} b{b}: {ms[0]:.2f} ms"
             )
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    head = f"draft-rows ({device}, {Path(args.model_config).stem}): " + "; ".join(summary)
+    config_path = Path(args.model_config)
+    name = config_path.parent.name if config_path.stem == "config" else config_path.stem
+    head = f"draft-rows ({device}, {name}): " + "; ".join(summary)
     print(head)
     print("\n".join(lines))
     if args.out:
+        command = "python bench/draft_rows.py" + "".join(f" {a}" for a in sys.argv[1:])
         Path(args.out).write_text(
-            f"# Draft rows on {device}\n\n`{head}`\n\n" + "\n".join(lines) + "\n"
+            f"# Draft rows on {device} ({datetime.date.today()})\n\nProduced by `{command}`; "
+            f"see its docstring for how each number is measured.\n\n**Summary:** `{head}`\n\n"
+            f"- {device}, torch {torch.__version__}, {dtype}, code {code_version()}\n\n"
+            + "\n".join(lines)
+            + "\n"
         )
     return 0
 

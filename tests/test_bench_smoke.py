@@ -296,7 +296,7 @@ def test_host_kv_cache_bench_runs(tmp_path: Path) -> None:
 
 
 def test_draft_rows_bench_runs(tmp_path: Path) -> None:
-    config = tmp_path / "config.json"
+    config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
     out = _run(
         "bench/draft_rows.py",
@@ -307,5 +307,5 @@ def test_draft_rows_bench_runs(tmp_path: Path) -> None:
         "--drafts=0,2",
         "--decode-tokens=8",
     )
-    assert "draft-rows (cpu, config): 0K b1: k=2 step" in out and "0K b2: k=2 step" in out
+    assert "draft-rows (cpu, tiny): 0K b1: k=2 step" in out and "0K b2: k=2 step" in out
     assert "| 64 | 2 |" in out
