@@ -58,3 +58,28 @@ def code_version() -> str:
     status = git("status", "--porcelain", "--", "dist_runtime", "workers", "kernels")
     changed = [line[3:] for line in status.splitlines()]
     return f"`{commit}`" + (f" plus uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
+def cpu_report_header(title: str, summary: str, threads: int) -> list[str]:
+    """The first lines of a CPU bench's markdown report: its title (dated), the command that
+    produced it, its summary line, the machine and the code."""
+    import datetime
+    import sys
+
+    import torch
+
+    script = Path(sys.argv[0]).as_posix()
+    script = script[script.index("bench/") :] if "bench/" in script else script
+    return [
+        f"# {title} ({datetime.date.today()})",
+        "",
+        f"Produced by `python {script}"
+        + "".join(f" {a}" for a in sys.argv[1:])
+        + "`; see its docstring for how each number is measured.",  # fmt: skip
+        "",
+        f"**Summary:** `{summary}`",
+        "",
+        f"- CPU: {cpu_model()}, {usable_cores()} usable cores, {threads} torch threads",
+        f"- Python {platform.python_version()}, torch {torch.__version__}",
+        f"- code: {code_version()}",
+    ]

@@ -20,8 +20,6 @@ One summary line; `--report` writes a markdown report.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.machine import code_version, cpu_model, usable_cores  # noqa: E402
+from bench.machine import cpu_report_header  # noqa: E402
 from dist_runtime import Runtime, SamplingParams  # noqa: E402
 from dist_runtime.config import SchedulerConfig  # noqa: E402
 from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
@@ -141,17 +139,9 @@ def main() -> int:
     print(summary)
     if args.report:
         lines = [
-            f"# Speculative decoding by prompt lookup on CPU ({datetime.date.today()})",
-            "",
-            "Produced by `python bench/speculative.py"
-            + "".join(f" {a}" for a in sys.argv[1:])
-            + "`; see its docstring for how each number is measured.",  # fmt: skip
-            "",
-            f"**Summary:** `{summary}`",
-            "",
-            f"- CPU: {cpu_model()}, {usable_cores()} usable cores, {args.threads} torch threads",
-            f"- Python {platform.python_version()}, torch {torch.__version__}",
-            f"- code: {code_version()}",
+            *cpu_report_header(
+                "Speculative decoding by prompt lookup on CPU", summary, args.threads
+            ),
             f"- demo model (SmolLM2-135M-Instruct, fp32); {len(QUESTIONS)} questions about the "
             f"bundled report, greedy, up to {args.max_new_tokens} new tokens; {args.tries} tries",
             "",
