@@ -106,8 +106,9 @@ class HostKVTier:
         pin = cache.data.is_cuda
 
         def like(t: torch.Tensor) -> torch.Tensor:
+            # empty: a slot is read only after a save wrote it (pages are touched as filled)
             shape = (*t.shape[:2], num_slots, *t.shape[3:])
-            return torch.zeros(shape, dtype=t.dtype, pin_memory=pin)
+            return torch.empty(shape, dtype=t.dtype, pin_memory=pin)
 
         self.num_slots = num_slots
         self.data = like(cache.data)

@@ -186,7 +186,16 @@ class ModelRunner:
     def num_host_blocks(self) -> int:
         """Blocks of `cache.host_kv_cache_gb` GiB of host memory (0: no host tier)."""
         gb = self.config.cache.host_kv_cache_gb
-        return int(gb * 2**30) // self.kv_block_bytes() if gb else 0
+        if not gb:
+            return 0
+        available = _available_host_bytes()
+        if available is not None and gb * 2**30 > available:
+            raise ValueError(
+                f"cache.host_kv_cache_gb = {gb:g} GiB per worker, but this worker's node has "
+                f"{available / 2**30:.1f} GiB of memory available; lower --host-kv-cache-gb "
+                "(each worker on a node takes that much)"
+            )
+        return int(gb * 2**30) // self.kv_block_bytes()
 
     def host_kv_bytes(self) -> int:
         return 0 if self.host_kv is None else self.host_kv.nbytes
@@ -933,6 +942,18 @@ def _sample_span(step: SeqStep, end: int) -> range:
     """Rows of a sampled chunk ending at row `end` (exclusive) that are sampled after: its last
     row, and with a draft the num_draft_tokens rows before it too."""
     return range(end - 1 - step.num_draft_tokens, end)
+
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def draw_seed(seed: int, position: int) -> int:

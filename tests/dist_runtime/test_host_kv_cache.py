@@ -139,3 +139,9 @@ def test_small_host_tiers_keep_answers_right(tiny_llama_dir: Path, slots: int) -
     assert stats["prefix_cache_host_hit_tokens"] > 0
     plain, tiered = outs.values()
     _same(tiered, plain)
+
+
+def test_a_host_tier_larger_than_the_node_is_refused(tiny_llama_dir: Path) -> None:
+    cache = CacheConfig(block_size=4, num_blocks=70, host_kv_cache_gb=1 << 20)  # a PiB
+    with pytest.raises(ValueError, match="GiB of memory available; lower --host-kv-cache-gb"):
+        Runtime(model=str(tiny_llama_dir), device="cpu", dtype="float32", cache=cache)
