@@ -12,14 +12,20 @@ runtime, alternating runtimes: one at a time (batch 1), then all at once (batch 
 A try's time is from adding its requests to the last answer; tokens/s is the output tokens over
 that time. The answers of both runtimes are compared token for token.
 
-Reported per batch: output tokens/s (median over tries) with and without speculation, their
-ratio, the share of draft tokens accepted and the tokens per step a drafting sequence gained.
-One summary line; `--report` writes a markdown report.
+Predicted outputs (OpenAI's `prediction`): in each try the runtime without speculation also
+rewrites three paragraphs of the report with two names changed, one at a time, once plainly and
+once with the paragraph (names changed) as each request's prediction; up to
+max(`--max-new-tokens`, 160) tokens.
+
+Reported per batch (and for the rewrites): output tokens/s (median over tries) with and without
+drafts, their ratio, the share of draft tokens accepted, the steps and the draft tokens. One
+summary line; `--report` writes a markdown report.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -35,6 +41,7 @@ from dist_runtime import Runtime, SamplingParams  # noqa: E402
 from dist_runtime.config import SchedulerConfig  # noqa: E402
 from dist_runtime.formats.demo_model import demo_model_path  # noqa: E402
 from dist_runtime.jobs.doc_qa import qa_prompts  # noqa: E402
+from dist_runtime.text.chat import encode_chat  # noqa: E402
 from dist_runtime.text.documents import harbor_report  # noqa: E402
 
 QUESTIONS = [
@@ -47,13 +54,15 @@ QUESTIONS = [
 ]
 
 
-def run(rt: Runtime, prompts: list[list[int]], params: SamplingParams, batch: bool) -> dict:
+def run(rt: Runtime, prompts: list[list[int]], params: Any, batch: bool) -> dict:
+    """One pass over the prompts (`params`: one SamplingParams, or one per prompt)."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
     stats0 = rt.engine.stats()
     start = time.perf_counter()
     if batch:
-        outs = rt.generate(prompts, [params] * len(prompts))
+        outs = rt.generate(prompts, plist)
     else:
-        outs = [rt.generate([p], [params])[0] for p in prompts]
+        outs = [rt.generate([p], [q])[0] for p, q in zip(prompts, plist)]
     seconds = time.perf_counter() - start
     stats1 = rt.engine.stats()
     return {
@@ -64,6 +73,37 @@ def run(rt: Runtime, prompts: list[list[int]], params: SamplingParams, batch: bo
         "drafted": stats1["num_draft_tokens"] - stats0["num_draft_tokens"],
         "accepted": stats1["num_accepted_tokens"] - stats0["num_accepted_tokens"],
     }
+
+
+def rewrite_prompts(
+    rt: Runtime, max_new_tokens: int
+) -> tuple[tuple[list[list[int]], SamplingParams], list[SamplingParams]]:
+    """Predicted outputs: ask to rewrite three paragraphs of the report with two names changed,
+    predicting the paragraph with the names changed; ((prompts, plain params), params with
+    each prediction)."""
+    assert rt.tokenizer is not None
+    paragraphs = [p for p in harbor_report().text.split("\n") if len(p) > 300][:3]
+    ask = (
+        "Rewrite this paragraph exactly, word for word, but write 'Oldport' instead of "
+        "'Kelmsby' and 'council' instead of 'town hall':\n\n"
+    )
+    prompts = [
+        encode_chat(rt.tokenizer, [{"role": "user", "content": ask + p}]) for p in paragraphs
+    ]
+    plain = SamplingParams(max_new_tokens=max(max_new_tokens, 160), temperature=0.0)
+    predicted = [
+        dataclasses.replace(
+            plain,
+            prediction=tuple(
+                rt.tokenizer.encode(
+                    p.replace("Kelmsby", "Oldport").replace("town hall", "council"),
+                    add_special_tokens=False,
+                )
+            ),
+        )
+        for p in paragraphs
+    ]
+    return (prompts, plain), predicted
 
 
 def main() -> int:
@@ -100,26 +140,36 @@ def main() -> int:
         prompts = qa_prompts(rt0.tokenizer, harbor_report().text, QUESTIONS)
         for rt in runtimes.values():  # fills the prefix cache with the document
             rt.generate(prompts[:1], [SamplingParams(max_new_tokens=4, temperature=0.0)])
+        rewrites, predicted = rewrite_prompts(rt0, args.max_new_tokens)
         for _ in range(args.tries):
             for batch in ("1", "all"):
                 for mode, rt in runtimes.items():
                     r = run(rt, prompts, params, batch == "all")
                     results.setdefault((batch, mode), []).append(r)
+            # predicted outputs on the runtime that drafts nothing else
+            for mode, plist in (
+                ("plain", [rewrites[1]] * len(predicted)),
+                ("predicted", predicted),
+            ):
+                r = run(rt0, rewrites[0], plist, False)
+                results.setdefault(("rewrite", mode), []).append(r)
     finally:
         for rt in runtimes.values():
             rt.shutdown()
 
+    pairs = [("1", "off", "on"), ("all", "off", "on"), ("rewrite", "plain", "predicted")]
     same = all(
         a["ids"] == b["ids"]
-        for batch in ("1", "all")
-        for a, b in zip(results[(batch, "off")], results[(batch, "on")])
+        for batch, x, y in pairs
+        for a, b in zip(results[(batch, x)], results[(batch, y)], strict=True)
     )
 
     def tps(batch: str, mode: str) -> float:
         return statistics.median(r["tokens"] / r["seconds"] for r in results[(batch, mode)])
 
     def total(batch: str, key: str) -> int:
-        return sum(r[key] for r in results[(batch, "on")])
+        mode = "predicted" if batch == "rewrite" else "on"
+        return sum(r[key] for r in results[(batch, mode)])
 
     def acceptance(batch: str) -> float:
         return total(batch, "accepted") / max(total(batch, "drafted"), 1)
@@ -131,6 +181,11 @@ def main() -> int:
             f"{name} {tps(batch, 'on'):.1f} vs {tps(batch, 'off'):.1f} tok/s "
             f"({tps(batch, 'on') / tps(batch, 'off'):.2f}x, {acceptance(batch):.0%} of drafts kept)"
         )
+    rw_on, rw_off = tps("rewrite", "predicted"), tps("rewrite", "plain")
+    parts.append(
+        f"predicted outputs (k=0 runtime, {len(predicted)} paragraph rewrites) {rw_on:.1f} vs "
+        f"{rw_off:.1f} tok/s ({rw_on / rw_off:.2f}x, {acceptance('rewrite'):.0%} kept)"
+    )
     summary = (
         f"speculative (prompt lookup, k={args.k}): "
         + "; ".join(parts)
@@ -148,8 +203,8 @@ def main() -> int:
             "| batch | mode | output tok/s (median) | tokens | steps | drafted | accepted |",
             "|---|---|---:|---:|---:|---:|---:|",
         ]
-        for batch in ("1", "all"):
-            for mode in ("off", "on"):
+        for batch, x, y in pairs:
+            for mode in (x, y):
                 rs = results[(batch, mode)]
                 lines.append(
                     f"| {batch} | {mode} | {tps(batch, mode):.1f} | "

@@ -75,6 +75,11 @@ class SamplingParams:
     run out, the running request with the highest value (the latest admitted among equals) is
     preempted for a waiting one with a lower value. Preempted requests resume from the prefix
     cache where their blocks were not reused."""
+    prediction: tuple[int, ...] = ()
+    """Predicted output (OpenAI's `prediction`): token ids the answer is expected to mostly
+    repeat, e.g. a document being edited. Decoding drafts from it (speculative decoding, even
+    when the runtime's num_speculative_tokens is 0) and keeps what the model agrees with; the
+    answer is the one decoding without it gives."""
     extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
     """Reserved for options of later versions; must be empty."""
 
@@ -147,6 +152,13 @@ class SamplingParams:
             _is_int(self.priority) and -(2**31) <= self.priority < 2**31,
             f"priority must be an integer in [-2**31, 2**31) (lower runs first), "
             f"got {self.priority!r}",
+        )
+        if isinstance(self.prediction, list):
+            object.__setattr__(self, "prediction", tuple(self.prediction))
+        _check(
+            isinstance(self.prediction, tuple)
+            and all(_is_int(t) and t >= 0 for t in self.prediction),
+            f"prediction must be a list of token ids, got {self.prediction!r:.80}",
         )
         for name in ("ignore_eos", "skip_special_tokens"):
             value = getattr(self, name)

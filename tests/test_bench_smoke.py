@@ -284,7 +284,8 @@ def test_speculative_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "speculative.md"
     out = _run("bench/speculative.py", "--tries=1", "--max-new-tokens=12", f"--report={report}")
     assert "speculative (prompt lookup, k=4): b1" in out and "answers identical: True" in out
-    assert "| all | on |" in report.read_text()
+    assert "predicted outputs (k=0 runtime, 3 paragraph rewrites)" in out
+    assert "| all | on |" in report.read_text() and "| rewrite | predicted |" in report.read_text()
 
 
 def test_host_kv_cache_bench_runs(tmp_path: Path) -> None:

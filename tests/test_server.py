@@ -1028,3 +1028,26 @@ def test_speculative_decoding_behind_the_server(server: Server, client: Any) -> 
     )
     assert server.metric("spec_decode_num_draft_tokens_total") > drafted
     assert server.metric("spec_decode_num_accepted_tokens_total") > 0
+
+
+def test_predicted_outputs(client: Any) -> None:
+    """OpenAI's `prediction`: the answer equals the one without it, and usage says how many
+    draft tokens were kept and rejected."""
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Repeat after me: the harbour opens at dawn."}]
+    kw: dict[str, Any] = dict(model=model, messages=messages, max_tokens=30, temperature=0)
+    plain = client.chat.completions.create(**kw)
+    text = plain.choices[0].message.content
+    predicted = client.chat.completions.create(
+        **kw, prediction={"type": "content", "content": text}
+    )
+    assert predicted.choices[0].message.content == text
+    details = predicted.usage.completion_tokens_details
+    # the text re-encoded need not split into the tokens the model picked: kept where it does
+    assert details.accepted_prediction_tokens > 0
+    parts = client.chat.completions.create(
+        **kw,
+        prediction={"type": "content", "content": [{"type": "text", "text": "nothing like it"}]},
+    )
+    assert parts.choices[0].message.content == text
+    assert parts.usage.completion_tokens == plain.usage.completion_tokens

@@ -99,6 +99,8 @@ class OutputProcessor:
             num_cached_tokens=seq.num_cached_tokens,
             prompt_logprobs=_prompt_logprobs(seq),
             stop_reason=self._stop_cause(seq) if finish_reason == "stop" else None,
+            num_draft_tokens=seq.num_drafted,
+            num_accepted_draft_tokens=seq.num_accepted,
         )
 
     def _stop_cause(self, seq: Sequence) -> str | int | None:

@@ -44,6 +44,10 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """With params.prompt_logprobs: one entry per prompt token, None for the first (nothing
     precedes it); entry i holds log P(prompt[i] | prompt[:i]) and the top k at position i."""
+    num_draft_tokens: int = 0
+    """Draft tokens checked for it (speculative decoding: prompt lookup or a prediction)."""
+    num_accepted_draft_tokens: int = 0
+    """Of those, the ones kept (each saved a decode step)."""
     stop_reason: str | int | None = None
     """What ended a 'stop' (vLLM's field): the stop string the text was cut at, or the EOS or
     stop token id; None for a guided answer whose value closed, and for other finishes."""

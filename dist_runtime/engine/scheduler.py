@@ -74,6 +74,14 @@ class Sequence:
     """Draft tokens of this sequence the model kept (decayed while it drafts nothing)."""
     spec_rejected: float = 0.0
     """Its drafts that ended in a rejected token (the same decay)."""
+    num_drafted: int = 0
+    """Draft tokens the workers checked for it."""
+    num_accepted: int = 0
+    """Of those, the ones kept."""
+    prediction_array: Any = None
+    """params.prediction as an array, once a draft needs it."""
+    prediction_checked: int = 0
+    """Output tokens found equal to the prediction's start so far (-1: they parted)."""
 
     @property
     def num_tokens(self) -> int:
@@ -142,16 +150,14 @@ class Scheduler:
         self.blocks = blocks
         self.session_len = session_len
         """Longest sequence (drafts never run past it); 0: unbounded (tests)."""
-        self.lookup = (
-            PromptLookup(
-                config.num_speculative_tokens,
-                config.prompt_lookup_max,
-                config.prompt_lookup_min,
-                adaptive=config.draft_policy == "adaptive",
-            )
-            if config.num_speculative_tokens
-            else None
+        self.lookup = PromptLookup(
+            config.num_speculative_tokens,
+            config.prompt_lookup_max,
+            config.prompt_lookup_min,
+            adaptive=config.draft_policy == "adaptive",
         )
+        """Drafts for every decoding sequence (num_speculative_tokens > 0), or for those with
+        a predicted output only."""
         self.num_draft_tokens = 0
         """Draft tokens the workers checked (speculative decoding)."""
         self.num_accepted_tokens = 0
@@ -197,9 +203,9 @@ class Scheduler:
         self._make_room_for_waiting()
         decodes = self._decodes_with_blocks()
         budget -= len(decodes)
-        share = self.lookup.row_share(len(decodes)) if self.lookup is not None else 0.0
+        share = self.lookup.row_share(len(decodes))
         for seq in decodes:
-            n = self._propose(seq, budget, share) if self.lookup is not None else 0
+            n = self._propose(seq, budget, share) if self.lookup.drafts(seq) else 0
             scheduled.append(ScheduledSeq(seq, 1 + n))
             budget -= n
         prefilling = [
@@ -279,7 +285,6 @@ class Scheduler:
         if self.session_len:
             limit = min(limit, self.session_len - seq.num_tokens - 1)
         limit = min(limit, self.blocks.max_tokens(seq.block_table, evict=False) - seq.num_tokens)
-        assert self.lookup is not None
         draft = self.lookup.propose(seq, limit, share)
         if draft and seq.guide is not None:  # the part its grammar takes, and the rows' masks
             draft, seq.draft_masks = seq.guide.check_draft(draft)
@@ -476,7 +481,7 @@ class Scheduler:
         one step more, whose token the engine drops."""
         if self.waiting or len(inflight.seqs) != len(self.running):
             return None
-        if self.lookup is not None and self.lookup.would_draft(self.running):
+        if self.lookup.would_draft([s for s in self.running if self.lookup.drafts(s)]):
             return None  # a draft follows the token in flight: this step waits for it
         seqs = []
         for step in inflight.seqs:  # every check before any block moves
@@ -539,6 +544,8 @@ class Scheduler:
                     accepted = max(returned.get(step.seq_id, 1) - 1, 0)
                     self.num_draft_tokens += step.num_draft_tokens
                     self.num_accepted_tokens += accepted
+                    seq.num_drafted += step.num_draft_tokens
+                    seq.num_accepted += accepted
                     PromptLookup.record(seq, step.num_draft_tokens, accepted)
                     computed += accepted - step.num_draft_tokens
                 seq.num_computed_tokens = step.start_pos + computed
@@ -550,7 +557,7 @@ class Scheduler:
 
     def record_step_time(self, plan: StepPlan, seconds: float) -> None:
         """A step's wall time, for the draft policy's cost fit (decode steps only)."""
-        if self.lookup is None or not plan.seqs:
+        if not plan.seqs:
             return
         rows = 0
         for step in plan.seqs:

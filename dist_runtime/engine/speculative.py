@@ -46,6 +46,33 @@ class TokenBuffer:
         return self.array[: self.size]
 
 
+PREDICTION_TOKENS = 8
+"""Draft length for a request with a predicted output on a runtime that drafts no other (its
+num_speculative_tokens is 0)."""
+
+
+def continuation(
+    corpus: np.ndarray, tokens: np.ndarray, k: int, n_max: int, n_min: int
+) -> list[int]:
+    """Up to k tokens of `corpus` after the latest place (followed by a token) where the longest
+    suffix of `tokens` of n_min..n_max tokens occurs in it; [] when none does."""
+    size, length = tokens.shape[0], corpus.shape[0]
+    if k <= 0 or size < n_min or length < 2:
+        return []
+    ends = np.flatnonzero(corpus[: length - 1] == tokens[size - 1])
+    n = 1
+    while n < min(n_max, size):
+        room = ends[ends >= n]
+        longer = room[corpus[room - n] == tokens[size - 1 - n]]
+        if not longer.size:
+            break
+        ends, n = longer, n + 1
+    if n < n_min or not ends.size:
+        return []
+    start = int(ends[-1]) + 1
+    return corpus[start : start + k].tolist()
+
+
 def lookup_draft(tokens: np.ndarray, k: int, n_max: int, n_min: int) -> list[int]:
     """Up to k tokens that followed an earlier occurrence of the longest suffix of `tokens` of
     n_min..n_max tokens (an occurrence may overlap the suffix itself): the latest one with k
@@ -111,6 +138,9 @@ class PromptLookup:
 
     def __init__(self, num_tokens: int, n_max: int, n_min: int, adaptive: bool = True):
         self.num_tokens = num_tokens
+        """Longest draft of a sequence's own tokens (0: it drafts only from a prediction)."""
+        self.prediction_tokens = num_tokens or PREDICTION_TOKENS
+        """Longest draft from a request's predicted output."""
         self.n_max = n_max
         self.n_min = n_min
         self.adaptive = adaptive
@@ -127,18 +157,23 @@ class PromptLookup:
         rows = b * batch
         return rows / (a + rows) if a + rows > 0 else 0.0
 
+    def drafts(self, seq: Any) -> bool:
+        """Whether `seq` may draft at all: it has a prediction, or the runtime drafts."""
+        return bool(self.num_tokens or seq.params.prediction)
+
     def draft_len(self, seq: Any, share: float) -> int:
         """How many draft tokens `seq` may propose when a row costs `share` (`row_share`)."""
+        cap = self.prediction_tokens if seq.params.prediction else self.num_tokens
         if share <= 0.0:
-            return self.num_tokens
+            return cap
         alpha = (seq.spec_accepted + PRIOR_ACCEPTED) / (
             seq.spec_accepted + seq.spec_rejected + PRIOR_ACCEPTED + PRIOR_REJECTED
         )
         if alpha <= share:
             return 0
         if alpha >= 1.0:
-            return self.num_tokens
-        return min(self.num_tokens, int(math.log(share) / math.log(alpha)))
+            return cap
+        return min(cap, int(math.log(share) / math.log(alpha)))
 
     def propose(self, seq: Any, limit: int, share: float = 0.0) -> list[int]:
         """At most min(num_tokens, limit, `draft_len`) draft tokens for `seq` (which keeps its
@@ -151,7 +186,29 @@ class PromptLookup:
         buffer = seq.token_buffer
         if buffer is None:
             buffer = seq.token_buffer = TokenBuffer()
-        return lookup_draft(buffer.sync(seq), k, self.n_max, self.n_min)
+        tokens = buffer.sync(seq)
+        if seq.params.prediction:
+            draft = self._from_prediction(seq, tokens, k)
+            if draft or not self.num_tokens:
+                return draft
+        return lookup_draft(tokens, min(k, self.num_tokens), self.n_max, self.n_min)
+
+    def _from_prediction(self, seq: Any, tokens: np.ndarray, k: int) -> list[int]:
+        """The prediction's next tokens while the output still follows it from its start;
+        after they part, what follows the output's last tokens where they occur in it (n-grams
+        from one token: a prediction is the answer's own text)."""
+        prediction = seq.prediction_array
+        if prediction is None:
+            prediction = seq.prediction_array = np.asarray(seq.params.prediction, dtype=np.int64)
+        out = seq.output_token_ids
+        done = seq.prediction_checked
+        if done >= 0:  # the output has matched the prediction so far: check the new tokens
+            m = len(out)
+            agree = m <= len(prediction) and out[done:m] == seq.params.prediction[done:m]
+            seq.prediction_checked = m if agree else -1
+            if agree:
+                return prediction[m : m + k].tolist()
+        return continuation(prediction, tokens, k, self.n_max, 1)
 
     def would_draft(self, seqs: list[Any]) -> bool:
         """Whether the policy lets any of these decoding sequences draft now (a step planned

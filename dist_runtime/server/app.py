@@ -245,9 +245,17 @@ class _Server:
                 guided_choice=tuple(req.guided_choice or ()),
                 guided_regex=req.guided_regex,
                 priority=req.priority,
+                prediction=self.prediction_ids(req),
             )
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from e
+
+    def prediction_ids(self, req: SamplingFields) -> tuple[int, ...]:
+        """The token ids of the request's predicted output (none without a tokenizer)."""
+        tok = self.runtime.tokenizer
+        if req.prediction is None or tok is None:
+            return ()
+        return tuple(tok.encode(req.prediction.text(), add_special_tokens=False))
 
     def add(
         self, prompts: list[list[int]], params: list[SamplingParams], param: str
@@ -397,12 +405,20 @@ def _usage(prompt_tokens: int, outputs: list[RequestOutput], n: int) -> dict[str
     """Usage of the outputs of prompts with n choices each (outputs grouped by prompt)."""
     completion = sum(len(o.token_ids) for o in outputs)
     cached = sum(o.num_cached_tokens for o in outputs[::n])
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    drafted = sum(o.num_draft_tokens for o in outputs)
+    if drafted:  # OpenAI's Predicted Outputs counts, for every draft checked
+        accepted = sum(o.num_accepted_draft_tokens for o in outputs)
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": drafted - accepted,
+        }
+    return usage
 
 
 def _sse(data: dict[str, Any] | str) -> str:

@@ -84,6 +84,23 @@ class ResponseFormat(BaseModel):
         return self
 
 
+class PredictionPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(_Request):
+    """OpenAI's `prediction`: {"type": "content", "content": text or text parts}."""
+
+    type: Literal["content"]
+    content: str | list[PredictionPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
 class SamplingFields(_Request):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -117,6 +134,8 @@ class SamplingFields(_Request):
     """vLLM's extra: a JSON Schema for the answer (as response_format's json_schema)."""
     priority: int = Field(default=0, ge=-(2**31), lt=2**31)
     """vLLM's extra: scheduling priority, lower first (`SamplingParams.priority`)."""
+    prediction: Prediction | None = None
+    """OpenAI's Predicted Outputs: text the answer is expected to mostly repeat."""
 
     @field_validator("stop")
     @classmethod
@@ -296,7 +315,6 @@ class ChatCompletionRequest(SamplingFields):
                     "functions": _empty,
                     "function_call": lambda v: v is None or v == "none",
                     "audio": _empty,
-                    "prediction": _empty,
                 },
             )
             if data.get("top_logprobs") and not data.get("logprobs"):

@@ -378,3 +378,30 @@ def test_context_parallel_drafts(ray_cluster: Any, tiny_llama_dir: Path, cp: int
     got, stats = _run(tiny_llama_dir, prompts, params, k=4, cp=cp)
     _assert_same(got, want)
     assert stats["num_accepted_tokens"] > 0
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_predicted_output(tiny_llama_dir: Path, k: int) -> None:
+    """A prediction (OpenAI's Predicted Outputs) drafts even on a runtime that drafts nothing
+    else (k = 0): the answer is plain decoding's; a right prediction is kept whole, and one
+    with a changed stretch is followed again after it (its n-grams realign the drafts)."""
+    prompts = _prompts()[2:3] * 3
+    plain = _greedy(max_new_tokens=40)
+    (want, *_), _ = _run(tiny_llama_dir, prompts[:1], [plain], k=0)
+    edited = [*want.token_ids[:12], 7, 8, 9, *want.token_ids[15:]]
+    params = [
+        dataclasses.replace(plain, prediction=tuple(want.token_ids)),
+        dataclasses.replace(plain, prediction=tuple(edited)),
+        plain,
+    ]
+    got, stats = _run(tiny_llama_dir, prompts, params, k=k)
+    _assert_same(got, [want] * 3)
+    right, changed, none = got
+    # right: every draft kept; the 40 tokens in 40 / (draft + 1) steps
+    assert right.num_draft_tokens == right.num_accepted_draft_tokens >= 30
+    # changed: drafts miss at the changed stretch, and are kept again after it
+    assert 0 < changed.num_accepted_draft_tokens < changed.num_draft_tokens
+    assert changed.num_accepted_draft_tokens >= 25
+    if k == 0:
+        assert none.num_draft_tokens == 0  # no prediction, no speculation on this runtime
+    assert stats["num_accepted_tokens"] == sum(o.num_accepted_draft_tokens for o in got)
