@@ -19,9 +19,11 @@ from dist_runtime.engine.speculative import (
     PromptLookup,
     StepCost,
     TokenBuffer,
+    continuation,
     lookup_draft,
 )
 from dist_runtime.protocol import SampledToken, SamplingSpec
+from dist_runtime.sampling_params import SamplingParams
 from workers.sampler import Sampler, verify_draft
 
 
@@ -37,6 +39,7 @@ class FakeSeq:
     token_buffer: Any = None
     spec_accepted: float = 0.0
     spec_rejected: float = 0.0
+    params: SamplingParams = field(default_factory=SamplingParams)  # no prediction
     slices: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -607,3 +610,15 @@ def test_fixed_policy_ignores_the_step_cost() -> None:
     seq = FakeSeq([1, 2, 3, 1, 2, 3, 4, 5, 1, 2])
     assert adaptive.draft_len(seq, adaptive.row_share(8)) == 0
     assert fixed.draft_len(seq, fixed.row_share(8)) == 4
+
+
+def test_continuation_finds_the_suffix_in_another_corpus() -> None:
+    corpus = arr(5, 6, 7, 8, 9, 6, 7, 3)
+    # [6, 7] occurs twice: the latest (ending at 6) gives what follows it
+    assert continuation(corpus, arr(1, 6, 7), k=3, n_max=4, n_min=1) == [3]
+    # the longest suffix wins: [5, 6, 7] only at the start
+    assert continuation(corpus, arr(5, 6, 7), k=3, n_max=4, n_min=1) == [8, 9, 6]
+    # n_min = 2 and only the last token occurs: nothing
+    assert continuation(corpus, arr(1, 2, 9), k=3, n_max=4, n_min=2) == []
+    assert continuation(corpus, arr(1, 2, 9), k=3, n_max=4, n_min=1) == [6, 7, 3]
+    assert continuation(corpus, arr(4), k=3, n_max=4, n_min=1) == []
