@@ -602,6 +602,8 @@ class Engine:
         delta = deltas[0] if len(deltas) == 1 else _merge(deltas)
         if not request.is_internal:  # a prefix pass's token is dropped
             handle.put(delta)
+        if len(deltas) < len(tokens):  # it stopped inside a draft: the rest was not kept
+            self.scheduler.drop_draft_tokens(request.seq, len(tokens) - len(deltas))
         if delta.finish_reason is not None:
             self.scheduler.finish(request.seq, delta.finish_reason)
             self._end(request, self.outputs.output(request.seq, delta.finish_reason))

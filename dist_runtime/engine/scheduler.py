@@ -555,6 +555,13 @@ class Scheduler:
                 )
                 self._register_blocks(seq)
 
+    def drop_draft_tokens(self, seq: Sequence, unused: int) -> None:
+        """A sequence ended inside a step's kept draft, `unused` of its tokens after the stop:
+        all but the last (the model's own token) were counted as accepted draft tokens."""
+        dropped = max(unused - 1, 0)
+        seq.num_accepted -= dropped
+        self.num_accepted_tokens -= dropped
+
     def record_step_time(self, plan: StepPlan, seconds: float) -> None:
         """A step's wall time, for the draft policy's cost fit (decode steps only)."""
         if not plan.seqs:

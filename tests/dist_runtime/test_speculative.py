@@ -150,19 +150,23 @@ def test_limits_and_stops_equal_plain_decoding(tiny_llama_dir: Path) -> None:
 
 
 def test_stop_token_inside_a_draft(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first step that keeps two draft tokens has its second token turned into the
+    """The first step that keeps three draft tokens has its second token turned into the
     request's stop token: the answer ends there, the tokens after it in that step are
     dropped, and the streamed deltas add up to the answer."""
     stop = 3
     sample = ModelRunner._sample_drafts
     hit: list[list[int]] = []
 
+    kept_before = [0]
+
     def inject(self: ModelRunner, logits: torch.Tensor, seqs: list[Any]) -> list[Any]:
         tokens = sample(self, logits, seqs)
         ids = [t.token_id for t in tokens]
-        if not hit and len(tokens) >= 3 and len(set(t.seq_id for t in tokens)) == 1:
+        if not hit and len(tokens) >= 4 and len(set(t.seq_id for t in tokens)) == 1:
             hit.append(ids)
             tokens[1] = dataclasses.replace(tokens[1], token_id=stop)
+        elif not hit:
+            kept_before[0] += len(tokens) - 1  # the draft tokens this step kept
         return tokens
 
     monkeypatch.setattr(ModelRunner, "_sample_drafts", inject)
@@ -174,6 +178,7 @@ def test_stop_token_inside_a_draft(tiny_llama_dir: Path, monkeypatch: pytest.Mon
         handle = rt.engine.add_request(prompt, _greedy(stop_token_ids=[stop]))
         deltas = list(handle)
         out = handle.result()
+        stats_accepted = [rt.engine.stats()["num_accepted_tokens"]]
     assert hit, "no step kept two draft tokens"
     n = len(out.token_ids)
     assert out.finish_reason == "stop" and out.stop_reason == stop
@@ -183,6 +188,8 @@ def test_stop_token_inside_a_draft(tiny_llama_dir: Path, monkeypatch: pytest.Mon
     assert [t for d in deltas for t in d.token_ids] == out.token_ids
     assert "".join(d.text for d in deltas) == out.text
     assert deltas[-1].finish_reason == "stop" and len(deltas[-1].token_ids) == 2
+    # of the injected step's draft only the two before the stop's end count as kept
+    assert out.num_accepted_draft_tokens == stats_accepted[0] == kept_before[0] + 2
 
 
 def test_prefill_beside_drafts(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
