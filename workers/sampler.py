@@ -170,20 +170,33 @@ class Sampler:
         guided = allowed is not None and any(a is not None for a in allowed)
         if plain_greedy(specs) and not guided:
             return _greedy(logits, seq_ids)
-        penalties = torch.tensor([s.repetition_penalty for s in specs], dtype=torch.float32)
-        penalized = apply_repetition_penalty(apply_logit_bias(logits, specs), histories, penalties)
         starts = output_starts or [s.num_prompt_tokens for s in specs]
-        penalized = apply_presence_frequency(
-            penalized,
-            [h[start:] for h, start in zip(histories, starts)],
-            [s.presence_penalty for s in specs],
-            [s.frequency_penalty for s in specs],
-        )
-        if guided:
-            assert allowed is not None
-            penalized = penalized.masked_fill(~allowed_rows(allowed, logits), _NEG_INF)
+        penalized = adjusted_logits(logits, specs, histories, starts, allowed if guided else None)
         token_ids = _choose(penalized, specs, generators)
         return _results(logits, token_ids, specs, seq_ids)
+
+
+def adjusted_logits(
+    logits: torch.Tensor,
+    specs: list[SamplingSpec],
+    histories: list[torch.Tensor],
+    output_starts: list[int],
+    allowed: Sequence[bytes | None] | None,
+) -> torch.Tensor:
+    """The fp32 logits a row's token is picked from: logit bias, repetition penalty over its
+    history, presence and frequency penalties over its outputs (history[output_start:]), then
+    the guided mask (`allowed`, None: none), in that order."""
+    penalties = torch.tensor([s.repetition_penalty for s in specs], dtype=torch.float32)
+    penalized = apply_repetition_penalty(apply_logit_bias(logits, specs), histories, penalties)
+    penalized = apply_presence_frequency(
+        penalized,
+        [h[start:] for h, start in zip(histories, output_starts)],
+        [s.presence_penalty for s in specs],
+        [s.frequency_penalty for s in specs],
+    )
+    if allowed is not None:
+        penalized = penalized.masked_fill(~allowed_rows(allowed, logits), _NEG_INF)
+    return penalized
 
 
 def verify_draft(
@@ -225,20 +238,11 @@ def verify_draft(
         raise ValueError(f"seq {seq_id}: a sequence with penalties needs its history")
     logits = logits.float()
     specs = [spec] * (n + 1)
-    biased = apply_logit_bias(logits, specs)
-    if spec.needs_history:
-        assert history is not None
+    if history is None:
+        rows = [torch.empty(0, dtype=torch.int64)] * (n + 1)
+    else:  # row j: the history through draft token j
         rows = [history[: history.numel() - n + j] for j in range(n + 1)]
-        penalties = torch.full((n + 1,), spec.repetition_penalty, dtype=torch.float32)
-        biased = apply_repetition_penalty(biased, rows, penalties)
-        biased = apply_presence_frequency(
-            biased,
-            [h[output_start:] for h in rows],
-            [spec.presence_penalty] * (n + 1),
-            [spec.frequency_penalty] * (n + 1),
-        )
-    if allowed is not None:
-        biased = biased.masked_fill(~allowed_rows(allowed, logits), _NEG_INF)
+    biased = adjusted_logits(logits, specs, rows, [output_start] * (n + 1), allowed)
     if spec.temperature == 0.0:
         picks = biased.argmax(dim=-1).tolist()
     else:

@@ -51,22 +51,30 @@ PREDICTION_TOKENS = 8
 num_speculative_tokens is 0)."""
 
 
+def _longest_match(corpus: np.ndarray, tokens: np.ndarray, n_max: int) -> tuple[np.ndarray, int]:
+    """(ends, n): the positions of `corpus` (each followed by a token) where the longest suffix
+    of `tokens` of at most n_max tokens ends, and its length n (ends is empty when not even
+    the last token occurs)."""
+    size, length = tokens.shape[0], corpus.shape[0]
+    ends = np.flatnonzero(corpus[: length - 1] == tokens[size - 1])
+    n = 1
+    while n < min(n_max, size):
+        room = ends[ends >= n]  # room for one more token before the match
+        longer = room[corpus[room - n] == tokens[size - 1 - n]]
+        if not longer.size:
+            break
+        ends, n = longer, n + 1
+    return ends, n
+
+
 def continuation(
     corpus: np.ndarray, tokens: np.ndarray, k: int, n_max: int, n_min: int
 ) -> list[int]:
     """Up to k tokens of `corpus` after the latest place (followed by a token) where the longest
     suffix of `tokens` of n_min..n_max tokens occurs in it; [] when none does."""
-    size, length = tokens.shape[0], corpus.shape[0]
-    if k <= 0 or size < n_min or length < 2:
+    if k <= 0 or tokens.shape[0] < n_min or corpus.shape[0] < 2:
         return []
-    ends = np.flatnonzero(corpus[: length - 1] == tokens[size - 1])
-    n = 1
-    while n < min(n_max, size):
-        room = ends[ends >= n]
-        longer = room[corpus[room - n] == tokens[size - 1 - n]]
-        if not longer.size:
-            break
-        ends, n = longer, n + 1
+    ends, n = _longest_match(corpus, tokens, n_max)
     if n < n_min or not ends.size:
         return []
     start = int(ends[-1]) + 1
@@ -80,15 +88,7 @@ def lookup_draft(tokens: np.ndarray, k: int, n_max: int, n_min: int) -> list[int
     size = tokens.shape[0]
     if k <= 0 or size <= n_min:
         return []
-    # candidate ends: earlier positions holding the last token, each followed by a token
-    ends = np.flatnonzero(tokens[: size - 1] == tokens[size - 1])
-    n = 1
-    while n < n_max:
-        room = ends[ends >= n]  # room for one more token before the match
-        longer = room[tokens[room - n] == tokens[size - 1 - n]]
-        if not longer.size:
-            break
-        ends, n = longer, n + 1
+    ends, n = _longest_match(tokens, tokens, n_max)
     if n < n_min or not ends.size:
         return []
     # the latest occurrence followed by k tokens, else the earliest (followed by the most):
