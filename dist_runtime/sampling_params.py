@@ -65,6 +65,9 @@ class SamplingParams:
     guided_regex: str | None = None
     """Guided output: the answer matches this regular expression whole (vLLM's
     `guided_regex`; the syntax `dist_runtime.text.regex` holds)."""
+    guided_grammar: str | None = None
+    """Guided output: the answer is text that a GBNF grammar's `root` rule produces (vLLM's
+    `guided_grammar`, llama.cpp's format; see `dist_runtime.text.gbnf`)."""
     logit_bias: Any = ()
     """OpenAI's logit bias: {token id: bias in [-100, 100]} added to the logits before
     sampling (-100 in effect bans a token, 100 forces it); stored as sorted (id, bias) pairs.
@@ -179,15 +182,18 @@ class SamplingParams:
         kinds = [
             bool(self.guided_choice),
             self.guided_regex is not None,
+            self.guided_grammar is not None,
             self.json_object,
             self.json_schema is not None,
         ]
         _check(
-            sum(kinds) <= 1 or kinds == [False, False, True, True],
-            "give one of guided_choice, guided_regex, json_schema and json_object",
+            sum(kinds) <= 1 or kinds == [False, False, False, True, True],
+            "give one of guided_choice, guided_regex, guided_grammar, json_schema and json_object",
         )
         if self.guided_regex is not None:
             _check_regex(self.guided_regex)
+        if self.guided_grammar is not None:
+            _check_grammar(self.guided_grammar)
         if self.json_schema is not None:
             _check(not self.json_object, "give json_schema or json_object, not both")
             object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
@@ -203,13 +209,14 @@ class SamplingParams:
 
     @property
     def guided(self) -> bool:
-        """The output is held to a grammar (json_schema, json_object, guided_choice or
-        guided_regex)."""
+        """The output is held to a grammar (json_schema, json_object, guided_choice,
+        guided_regex or guided_grammar)."""
         return (
             self.json_object
             or self.json_schema is not None
             or bool(self.guided_choice)
             or self.guided_regex is not None
+            or self.guided_grammar is not None
         )
 
 
@@ -250,6 +257,17 @@ def _check_regex(pattern: object) -> None:
         regex_grammar(str(pattern))
     except RegexError as e:
         raise ValueError(f"guided_regex: {e}") from None
+
+
+def _check_grammar(text: object) -> None:
+    from dist_runtime.text.gbnf import GrammarError
+    from dist_runtime.text.guided import gbnf_grammar
+
+    _check(isinstance(text, str), f"guided_grammar must be a string, got {text!r:.80}")
+    try:
+        gbnf_grammar(str(text))
+    except GrammarError as e:
+        raise ValueError(f"guided_grammar: {e}") from None
 
 
 def _schema_text(schema: object) -> str:

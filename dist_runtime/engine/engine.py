@@ -50,6 +50,7 @@ from dist_runtime.text.guided import (
     JsonGuide,
     Vocabulary,
     choice_grammar,
+    gbnf_grammar,
     grammar_for,
     regex_grammar,
 )
@@ -323,7 +324,8 @@ class Engine:
         if params.guided and self.tokenizer is None:
             raise ValueError(
                 f"prompt {index}: guided JSON output needs a tokenizer, and {self.config.model} "
-                "has none; leave json_schema / json_object / guided_choice / guided_regex out"
+                "has none; leave json_schema / json_object / guided_choice / guided_regex / "
+                "guided_grammar out"
             )
         seed = params.seed if params.seed is not None else self._draw_seed()
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
@@ -357,6 +359,8 @@ class Engine:
             grammar = choice_grammar(params.guided_choice)
         elif params.guided_regex is not None:
             grammar = regex_grammar(params.guided_regex)
+        elif params.guided_grammar is not None:
+            grammar = gbnf_grammar(params.guided_grammar)
         else:
             grammar = grammar_for(params.json_schema)
         return JsonGuide(grammar, vocab, stops)

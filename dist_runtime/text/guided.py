@@ -1,4 +1,5 @@
-"""Guided JSON output: which tokens keep an output on its grammar, as a mask per step.
+"""Guided output (JSON, regex, choice, GBNF): which tokens keep an output on its grammar, as a
+mask per step.
 
 `Vocabulary` holds a tokenizer's tokens as the bytes they stand for, in a byte trie. A mask
 walks the trie from the grammar's state (`dist_runtime.text.json_grammar`) and keeps every
@@ -238,6 +239,12 @@ def regex_grammar(pattern: str) -> JsonGrammar:
     return JsonGrammar.from_regex(pattern)
 
 
+@functools.lru_cache(maxsize=64)
+def gbnf_grammar(text: str) -> JsonGrammar:
+    """The grammar of an answer that a GBNF grammar produces (`dist_runtime.text.gbnf`)."""
+    return JsonGrammar.from_gbnf(text)
+
+
 def schema_argument(value: str, flag: str = "--json-schema") -> str:
     """A command line's schema argument as JSON text: the text itself when it starts with `{`,
     else the file it names (a ValueError naming `flag` when that cannot be read)."""
@@ -264,6 +271,7 @@ __all__ = [
     "SchemaError",
     "Vocabulary",
     "choice_grammar",
+    "gbnf_grammar",
     "grammar_for",
     "regex_grammar",
     "schema_argument",

@@ -37,6 +37,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from dist_runtime.text.gbnf import Chars, compile_gbnf, rules_of
 from dist_runtime.text.regex import Regex, RegexError
 
 MAX_INDENT = 24
@@ -46,6 +47,9 @@ MAX_DEPTH = 24
 """Deepest nesting of arrays and objects an output may reach."""
 MAX_NUMBER_BYTES = 24
 """Longest number, sign, fraction and exponent included."""
+MAX_GRAMMAR_DEPTH = 256
+"""Deepest stack of open rules a GBNF grammar's parse may reach (nested, not repeated: a
+repetition and a rule's last item reuse their frame)."""
 MAX_CACHE = 500_000
 """Cached transitions per grammar before the cache is dropped and refilled."""
 
@@ -367,6 +371,7 @@ def _count(s: Mapping[str, Any], key: str, where: str, default: int | None) -> A
 #   ("lit", text, pos)                        one text (a property's key)
 #   ("enum", node, pos)                       a LiteralNode's members, pos a node of its trie
 #   ("num", integer, phase, nbytes)           see _num
+#   ("cfg", seq, pos, pending, cp)            a GBNF alternative before its item pos, see _step_cfg
 (_OBJ_OPEN, _OBJ_FIRST, _OBJ_KEY, _OBJ_COLON, _OBJ_VALUE, _OBJ_IN_VALUE, _OBJ_AFTER,
  _OBJ_NEXT) = range(8)  # fmt: skip
 _ARR_OPEN, _ARR_FIRST, _ARR_ITEM, _ARR_AFTER, _ARR_NEXT = range(5)
@@ -379,6 +384,7 @@ _NEXT = 0  # (NEXT, frame): the byte is consumed, the frame replaces the top
 _PUSH = 1  # (PUSH, frame, children): the top becomes frame, then each child takes the byte
 _DONE = 2  # (DONE,): the top value ended before this byte; its parent takes the byte
 _CLOSE = 3  # (CLOSE,): the byte ends the top value
+_REPLACE = 4  # (REPLACE, children): the top is done once a child is; each child takes the byte
 
 Stack = tuple[tuple[Any, ...], ...]
 
@@ -670,6 +676,36 @@ def _step_num(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
     return [(_DONE,)] if phase in (2, 3, 5, 8) else []
 
 
+def _step_cfg(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
+    """An alternative of a GBNF rule (`dist_runtime.text.gbnf`), standing before item `pos`:
+    a character (fed as UTF-8, `pending` / `cp` a character begun as in `_step_rxs`) or a
+    rule, whose alternatives are pushed above this frame, or replace it when the rule is the
+    last item (a tail call: `x*` repeats in constant depth)."""
+    _, seq, pos, pend, cp = f
+    items = seq.items
+    if pos == len(items):
+        return [(_DONE,)]
+    item = items[pos]
+    if type(item) is Chars:
+        got = _utf8_byte(pend, cp, b)
+        if got is None:
+            return []
+        pend, cp, done = got
+        if not done:
+            shift = 6 * (pend & 3)
+            lo = max(cp << shift, _KIND_LOW[pend >> 2])
+            hi = min((cp << shift) | ((1 << shift) - 1), _KIND_HIGH[pend >> 2])
+            return [(_NEXT, ("cfg", seq, pos, pend, cp))] if item.meets(lo, hi) else []
+        if not item.takes(cp):
+            return []
+        if pos + 1 == len(items):
+            return [(_CLOSE,)]
+        return [(_NEXT, ("cfg", seq, pos + 1, 0, 0))]
+    if pos + 1 == len(items):
+        return [(_REPLACE, item.starts)]
+    return [(_PUSH, ("cfg", seq, pos + 1, 0, 0), item.starts)]
+
+
 def _step_lit(f: tuple[Any, ...], b: int) -> list[tuple[Any, ...]]:
     _, text, pos = f
     if text[pos] != b:
@@ -709,6 +745,7 @@ _STEPS = {
     "enum": _step_enum,
     "rxs": _step_rxs,
     "rx": _step_rx,
+    "cfg": _step_cfg,
     "root": _step_root,
 }
 
@@ -716,6 +753,8 @@ _STEPS = {
 def _child_done(parent: tuple[Any, ...]) -> tuple[Any, ...]:
     """The parent frame once the value on top of it has ended."""
     kind = parent[0]
+    if kind == "cfg":  # (moved past the rule when it was pushed)
+        return parent
     if kind == "root":
         return ("root", parent[1], 1, 0)
     if kind == "arr":
@@ -737,6 +776,12 @@ def _feed(stack: Stack, b: int, out: set[Stack]) -> None:
             for child in result[2]:
                 if len(base) > MAX_DEPTH and child[0] in ("obj", "arr"):
                     continue
+                if len(base) > MAX_GRAMMAR_DEPTH and child[0] == "cfg":
+                    continue
+                _feed(base + (child,), b, out)
+        elif kind == _REPLACE:
+            base = stack[:-1]
+            for child in result[1]:
                 _feed(base + (child,), b, out)
         else:
             parent = stack[:-2] + (_child_done(stack[-2]),)
@@ -748,8 +793,10 @@ def _feed(stack: Stack, b: int, out: set[Stack]) -> None:
 
 def _finishes(stack: Stack) -> bool:
     """The value can end here (with no more bytes)."""
-    while stack[-1][0] in ("num", "rx"):
+    while stack[-1][0] in ("num", "rx", "cfg"):
         top = stack[-1]
+        if top[0] == "cfg" and (top[3] or not top[1].rest_nullable[top[2]]):
+            return False
         if top[0] == "num" and top[2] not in (2, 3, 5, 8):
             return False
         if top[0] == "rx" and (top[3] or not top[1].accepts(top[2])):
@@ -788,6 +835,17 @@ class JsonGrammar:
         `guided_regex`; `RegexError` for a pattern the automaton cannot hold."""
         regex = Regex(pattern)
         return cls(_ANY, frozenset({(("root", _ANY, 2, 0), ("rx", regex, regex.start, 0, 0))}))
+
+    @classmethod
+    def from_gbnf(cls, text: str) -> JsonGrammar:
+        """An answer that a GBNF grammar's `root` produces, as it is (not JSON): vLLM's
+        `guided_grammar`; `GrammarError` for a grammar that cannot be held
+        (`dist_runtime.text.gbnf`)."""
+        root = compile_gbnf(text)
+        for rule in rules_of(root):
+            rule.starts = tuple(("cfg", alt, 0, 0, 0) for alt in rule.alts)
+        node = AnyOfNode(())
+        return cls(node, frozenset((("root", node, 2, 0), start) for start in root.starts))
 
     @classmethod
     def one_of(cls, texts: Iterable[str]) -> JsonGrammar:

@@ -68,6 +68,12 @@ SCHEMAS: dict[str, Any] = {
 }
 REGEX = r"(yes|no)(, because [a-z ]{1,20})?"
 """The `regex` grammar: a whole raw answer (guided_regex)."""
+GBNF = r"""
+root  ::= item ("," " "? item){0,3}
+item  ::= "name" | "日本" [é😀]? | num | "\"" [^"\\\n]* "\"" | "[" (item ("," item)*)? "]"
+num   ::= "-"? [0-9]+ ("." [0-9]+)?
+"""
+"""The `gbnf` grammar: a raw answer from a recursive GBNF grammar (guided_grammar)."""
 TEXTS: dict[str, list[str]] = {
     "person": [
         '{"name":"日本é","age":-12,"score":1.5e+3,"tags":["ab","😀"],"color":"日本","ok":true}',
@@ -80,6 +86,7 @@ TEXTS: dict[str, list[str]] = {
     "nullable": ['"é"', '"\\uD83D\\uDE00 world"', '{"a":[1,2]}'],
     "patterned": ['{"code":"AB12","word":"éab"}', '{ "code": "ZZ1", "word": "é" }'],
     "regex": ["yes", "no, because it rains"],
+    "gbnf": ["name, 日本😀,-12.5", '[1,[name,"a b é"]], "x", []', "日本é"],
     "any_object": ['{"hello world":"abc\\u00e9😀", "n":[1,-2.5E-7,true,null,{}]}'],
 }
 
@@ -89,6 +96,8 @@ def grammar(name: str) -> JsonGrammar:
         return JsonGrammar.any_object()
     if name == "regex":
         return JsonGrammar.from_regex(REGEX)
+    if name == "gbnf":
+        return JsonGrammar.from_gbnf(GBNF)
     return JsonGrammar.from_schema(SCHEMAS[name])
 
 
@@ -396,3 +405,36 @@ def test_guide_checks_a_draft_without_moving() -> None:
     # a stop token where the value is not complete is not kept
     kept, masks = guide.check_draft([0])
     assert kept == [] and masks == expected[:1]
+
+
+SQL = r"""
+root ::= "SELECT " cols " FROM " name (" WHERE " cond)? ";"
+cols ::= "*" | name (", " name)*
+name ::= [a-z_] [a-z0-9_]*
+cond ::= name " = " (num | text)
+num  ::= [0-9]+
+text ::= "'" [^'\n]* "'"
+"""
+
+
+def test_real_tokenizer_gbnf(smollm2: tuple[Any, Vocabulary]) -> None:
+    """A GBNF grammar with the demo tokenizer: the ids of a valid answer are each in the mask
+    before them, the guide ends after `;` (only EOS then), and the full mask equals brute force
+    at the start, inside a name, inside a quoted text and after the end."""
+    tok, vocab = smollm2
+    eos = frozenset(tok.eos_token_ids)
+    g = JsonGrammar.from_gbnf(SQL)
+    text = "SELECT id, city FROM towns WHERE city = 'Zürich 日本';"
+    guide = JsonGuide(g, vocab, eos)
+    for n, token in enumerate(tok.encode(text, add_special_tokens=False)):
+        assert not guide.ended
+        assert unpack_mask(guide.allowed_tokens(), vocab.size)[token], n
+        assert guide.advance(token)
+    assert guide.ended
+    assert np.flatnonzero(unpack_mask(guide.allowed_tokens(), vocab.size)).tolist() == sorted(eos)
+    data = text.encode()
+    for prefix in [b"", b"SELECT id, ci", data[: data.index("Zü".encode()) + 2], data]:
+        state = reach(g, prefix)
+        got = unpack_mask(vocab.mask(g, state, eos), vocab.size)
+        want = brute_force(g, state, vocab.token_bytes, vocab.size, eos)
+        assert np.array_equal(got, want), (prefix, np.flatnonzero(got != want)[:10])

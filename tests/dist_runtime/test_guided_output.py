@@ -208,10 +208,71 @@ def test_guided_choice(rt: Runtime) -> None:
     )
     for out in outs:
         assert out.text in choices and out.finish_reason == "stop", out.text
-    with pytest.raises(ValueError, match="give one of guided_choice, guided_regex, json_schema"):
+    with pytest.raises(ValueError, match="give one of guided_choice, guided_regex, guided_gr"):
         SamplingParams(guided_choice=("a",), json_object=True)
     with pytest.raises(ValueError, match="guided_choice must be a list of non-empty strings"):
         SamplingParams(guided_choice=("a", ""))
+
+
+GRAMMAR = r"""
+root ::= answer ("; " answer){0,2} "."
+answer ::= ("yes" | "no") | list
+list ::= "[" (item (", " item){0,2})? "]"
+item ::= [0-9]{1,3} | list
+"""
+"""A recursive GBNF grammar (lists nest); its language as `well_formed` checks it."""
+
+
+def well_formed(text: str) -> bool:
+    """Independently of the grammar: answers split by "; " (one to three) then ".", each
+    yes / no or a bracketed list whose items are 1-3 digits or lists, up to three per list."""
+
+    def value(s: str, i: int) -> int:  # the index after a list or number starting at i
+        if s.startswith("[", i):
+            i, n = i + 1, 0
+            while not s.startswith("]", i):
+                if n:
+                    if not s.startswith(", ", i):
+                        return -1
+                    i += 2
+                i = value(s, i)
+                n += 1
+                if i < 0 or n > 3:
+                    return -1
+            return i + 1
+        j = i
+        while j < len(s) and s[j].isdigit():
+            j += 1
+        return j if 1 <= j - i <= 3 else -1
+
+    if not text.endswith("."):
+        return False
+    answers = text[:-1].split("; ")
+    if not 1 <= len(answers) <= 3:
+        return False
+    for a in answers:
+        if a not in ("yes", "no") and not (a.startswith("[") and value(a, 0) == len(a)):
+            return False
+    return True
+
+
+def test_guided_grammar(rt: Runtime) -> None:
+    """Answers from a recursive GBNF grammar (vLLM's guided_grammar): each is in the language
+    (checked by a recogniser written apart from the grammar), ends by itself at the grammar's
+    end, and every token was in its mask; a grammar that cannot be generated is refused."""
+    params = [
+        SamplingParams(guided_grammar=GRAMMAR, temperature=1.0, seed=s, max_new_tokens=200)
+        for s in range(5)
+    ]
+    outs = rt.generate(["q"] * 5, params)
+    for out, p in zip(outs, params, strict=True):
+        assert out.finish_reason == "stop" and well_formed(out.text), out.text
+        _check_tokens_were_allowed(rt, p, out.token_ids)
+    assert well_formed("[1, [22, []]]; no.") and not well_formed("[1, 2, 3, 4].")
+    with pytest.raises(ValueError, match="guided_grammar: rule root is left-recursive"):
+        SamplingParams(guided_grammar='root ::= root "a" | "a"')
+    with pytest.raises(ValueError, match="give one of guided_choice, guided_regex, guided_gr"):
+        SamplingParams(guided_grammar='root ::= "a"', guided_regex="a")
 
 
 def test_guided_regex_and_pattern_strings(rt: Runtime) -> None:
