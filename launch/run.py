@@ -52,7 +52,7 @@ from dist_runtime.formats.demo_model import DemoModelError, demo_model_path  # n
 from dist_runtime.progress import plural  # noqa: E402
 from dist_runtime.text.chat import encode_chat  # noqa: E402
 from dist_runtime.text.documents import harbor_report  # noqa: E402
-from dist_runtime.text.guided import schema_argument  # noqa: E402
+from dist_runtime.text.guided import grammar_argument, schema_argument  # noqa: E402
 
 logger = logging.getLogger("launch.run")
 
@@ -322,6 +322,14 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         action="store_true",
         help="guided output: every answer is a JSON object (default: off)",
     )
+    g.add_argument(
+        "--grammar",
+        dest="guided_grammar",
+        metavar="FILE",
+        default=None,
+        help="guided output: every answer is text this GBNF grammar's root rule produces (a "
+        "file, or the grammar itself, `root ::= ...`; default: none)",
+    )
 
 
 SAMPLING_FLAGS = {
@@ -336,7 +344,7 @@ SAMPLING_FLAGS = {
         "seed",
         "json_schema",
     )
-} | {"json_object": "--json"}
+} | {"json_object": "--json", "guided_grammar": "--grammar"}
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -344,6 +352,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     values = {name: getattr(args, name) for name in SAMPLING_FLAGS}
     if values["json_schema"] is not None:
         values["json_schema"] = schema_argument(values["json_schema"])
+    if values["guided_grammar"] is not None:
+        values["guided_grammar"] = grammar_argument(values["guided_grammar"])
     try:
         return SamplingParams(**values)
     except ValueError as e:
@@ -411,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--jobs",
         help='JSONL batch: {"document" or "document_path", "questions", ["max_new_tokens", '
-        '"json_schema", "json_object"]} '
+        '"json_schema", "json_object", "guided_grammar"]} '
         "per line; answers go to --out (default: none)",
     )
     g.add_argument("--out", help="JSONL file for --jobs answers (default: none)")
@@ -796,7 +806,7 @@ def read_jobs_file(path: str) -> list[dict[str, Any]]:
     return jobs
 
 
-JOB_SAMPLING_KEYS = ("max_new_tokens", "json_schema", "json_object")
+JOB_SAMPLING_KEYS = ("max_new_tokens", "json_schema", "json_object", "guided_grammar")
 """Sampling keys a --jobs line may set for its own job (over the command line's flags)."""
 JOB_LINE_KEYS = {"document", "document_path", "questions", *JOB_SAMPLING_KEYS}
 
@@ -812,8 +822,9 @@ def run_batch(
         ids: list[tuple[dict[str, Any], str | None, str | None]] = []
         for job in batch:
             own = {k: job[k] for k in JOB_SAMPLING_KEYS if k in job}
-            if "json_schema" in own or "json_object" in own:  # the line's format replaces --json*
-                own = {"json_schema": None, "json_object": False, **own}
+            if {"json_schema", "json_object", "guided_grammar"} & own.keys():
+                # the line's format replaces --json* / --grammar
+                own = {"json_schema": None, "json_object": False, "guided_grammar": None, **own}
             p = dataclasses.replace(params, **own) if own else params
             try:
                 job_id = rt.submit(

@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", dest="json_object", action="store_true", help="answer each with a JSON object"
     )
     p.add_argument(
+        "--grammar",
+        metavar="FILE",
+        help="answer each question with text this GBNF grammar's root rule produces (a file, "
+        "or the grammar itself, `root ::= ...`)",
+    )
+    p.add_argument(
         "--priority",
         type=int,
         default=0,
@@ -167,13 +173,15 @@ class _DirQueue:
 
 def job_params(args: argparse.Namespace) -> dict[str, Any]:
     """The job's SamplingParams fields (greedy), as a mapping a remote queue takes."""
-    from dist_runtime.text.guided import schema_argument
+    from dist_runtime.text.guided import grammar_argument, schema_argument
 
     params: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
     if args.json_schema is not None:
         params["json_schema"] = schema_argument(args.json_schema)
     if args.json_object:
         params["json_object"] = True
+    if args.grammar is not None:
+        params["guided_grammar"] = grammar_argument(args.grammar)
     if args.priority:
         params["priority"] = args.priority
     return params
@@ -209,6 +217,7 @@ def check_args(args: argparse.Namespace) -> bytes | None:
         SamplingParams(**job_params(args))
     except ValueError as e:
         message = str(e).replace("max_new_tokens", "--max-new-tokens", 1)
+        message = message.replace("guided_grammar", "--grammar", 1)
         raise ValueError(message.replace("json_schema", "--json-schema", 1)) from e
     try:
         document = Path(args.doc).read_bytes()

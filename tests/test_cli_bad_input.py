@@ -290,6 +290,21 @@ RUN_TABLE: list[Any] = [
         id="json-both",
     ),
     pytest.param(
+        ["--grammar", "{missing}"],
+        "--grammar {missing}: cannot read it (No such file or directory)",
+        id="grammar-missing",
+    ),
+    pytest.param(
+        ["--grammar", 'root ::= root "a" | "a"'],
+        "--grammar: rule root is left-recursive (root -> root)",
+        id="grammar-left-recursive",
+    ),
+    pytest.param(
+        ["--json", "--grammar", 'root ::= "a"'],
+        "give one of guided_choice, guided_regex, --grammar, --json-schema and --json",
+        id="grammar-and-json",
+    ),
+    pytest.param(
         ["--config", "{missing}"], "config file '{missing}' does not exist", id="config-missing"
     ),
     pytest.param(

@@ -259,6 +259,20 @@ def schema_argument(value: str, flag: str = "--json-schema") -> str:
         ) from None
 
 
+def grammar_argument(value: str, flag: str = "--grammar") -> str:
+    """A command line's GBNF grammar argument as text: the text itself when it holds a rule
+    (`::=`), else the file it names (a ValueError naming `flag` when that cannot be read)."""
+    if "::=" in value:
+        return value
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(
+            f"{flag} {value}: cannot read it ({e.strerror or e}); give a GBNF grammar file or "
+            "the grammar itself (root ::= ...)"
+        ) from None
+
+
 def unpack_mask(packed: bytes, size: int) -> np.ndarray:
     """The bool mask (size,) of a packed one."""
     return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), bitorder="little")[:size].astype(
@@ -272,6 +286,7 @@ __all__ = [
     "Vocabulary",
     "choice_grammar",
     "gbnf_grammar",
+    "grammar_argument",
     "grammar_for",
     "regex_grammar",
     "schema_argument",
