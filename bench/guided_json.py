@@ -1,7 +1,8 @@
-r"""Guided JSON output: what holding the output to a JSON Schema costs per decode step, in one
-run, on the demo model (SmolLM2-135M-Instruct) unless `--model` names another.
+r"""Guided output: what holding the output to a JSON Schema (or, with `--grammar`, to a GBNF
+grammar) costs per decode step, in one run, on the demo model (SmolLM2-135M-Instruct) unless
+`--model` names another.
 
-    python bench/guided_json.py [--batches 1,8] [--max-new-tokens 256] [--report PATH]
+    python bench/guided_json.py [--batches 1,8] [--max-new-tokens 256] [--grammar] [--report PATH]
 
 1. **Vocabulary.** Time to build the byte tries of the tokenizer's vocabulary (once per
    engine, on the first guided request).
@@ -12,7 +13,8 @@ run, on the demo model (SmolLM2-135M-Instruct) unless `--model` names another.
    The engine's own step records give the median time of the steps in which every row of the
    batch decoded; the ratio guided / plain is the cost of guidance (masks on the driver, the
    mask upload and the masked sampling on the worker, no greedy shortcut). Outputs are checked:
-   each guided answer must be JSON holding the schema's required keys.
+   each guided answer must be JSON holding the schema's required keys (with `--grammar`: text
+   the grammar produces, checked by an equivalent Python pattern).
 
 One summary line at the end; `--report` writes a markdown report.
 """
@@ -23,6 +25,7 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -48,6 +51,17 @@ SCHEMA: dict[str, Any] = {
     },
     "required": ["answer", "confidence", "evidence"],
 }
+GRAMMAR = r"""
+root ::= "Answer: " line "\nConfidence: " ("low" | "medium" | "high") "\nEvidence: " quote
+         ("; " quote){0,2} "\n"
+line ::= [^\n]+
+quote ::= "\"" [^"\n]+ "\""
+"""
+"""The `--grammar` answer: a free line, a choice, one to three quotes (GBNF)."""
+GRAMMAR_PATTERN = (
+    r'Answer: [^\n]+\nConfidence: (low|medium|high)\nEvidence: "[^"\n]+"(; "[^"\n]+"){0,2}\n'
+)
+"""GRAMMAR's language as a Python pattern, to check answers independently of the grammar."""
 QUESTIONS = [
     "Who signed the report?",
     "Which equipment failed?",
@@ -111,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2, help="runs per (batch, mode); medians")
+    p.add_argument("--grammar", action="store_true", help="guide by GRAMMAR (GBNF), not SCHEMA")
     p.add_argument("--report", type=Path, default=None)
     args = p.parse_args(argv)
+    guide: dict[str, Any] = {"guided_grammar": GRAMMAR} if args.grammar else {"json_schema": SCHEMA}
+    kind = "guided-grammar" if args.grammar else "guided-json"
     batches = [int(b) for b in args.batches.split(",")]
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
@@ -135,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, Any] = {"batch": batch}
                 for mode in ("plain", "guided"):
                     params = (
-                        SamplingParams(max_new_tokens=args.max_new_tokens, json_schema=SCHEMA)
+                        SamplingParams(max_new_tokens=args.max_new_tokens, **guide)
                         if mode == "guided"
                         else SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
                     )
@@ -149,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                         if mode == "guided":
                             for o in outs:
                                 total += 1
+                                if args.grammar:
+                                    valid += bool(re.fullmatch(GRAMMAR_PATTERN, o.text))
+                                    continue
                                 try:
                                     value = json.loads(o.text)
                                 except ValueError:
@@ -159,23 +179,24 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{mode}_tokens"] = tokens
                 row["ratio"] = row["guided_ms"] / row["plain_ms"]
                 rows.append(row)
-        example = rt.generate(prompts[:1], SamplingParams(max_new_tokens=160, json_schema=SCHEMA))
+        example = rt.generate(prompts[:1], SamplingParams(max_new_tokens=160, **guide))
     miss_ms = [x * 1e3 for x in masks.miss]
     hit_ms = [x * 1e3 for x in masks.hit]
     ratios = " ".join(f"b{r['batch']} {r['ratio']:.2f}x" for r in rows)
     summary = (
-        f"guided-json: vocab {vocab.size} tokens in {vocab_s:.2f} s | masks built "
+        f"{kind}: vocab {vocab.size} tokens in {vocab_s:.2f} s | masks built "
         f"{len(miss_ms)} p50 {_pct(miss_ms, 0.5):.2f} ms p95 {_pct(miss_ms, 0.95):.2f} ms, cached "
         f"{len(hit_ms)} p50 {_pct(hit_ms, 0.5):.3f} ms | decode step guided/plain {ratios} | "
         f"{valid}/{total} answers valid"
     )
     if args.report:
         lines = [
-            f"# Guided JSON output, {platform.processor() or platform.machine()}, "
+            f"# Guided {'GBNF' if args.grammar else 'JSON'} output, "
+            f"{platform.processor() or platform.machine()}, "
             f"{datetime.date.today()}",
             "",
             f"`python bench/guided_json.py --batches {args.batches} --max-new-tokens "
-            f"{args.max_new_tokens} --repeats {args.repeats}` on "
+            f"{args.max_new_tokens} --repeats {args.repeats}{' --grammar' * args.grammar}` on "
             f"{args.model or 'the demo model (SmolLM2-135M-Instruct, fp32, CPU)'}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads.",
             "",
@@ -202,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "A guided answer (first question, greedy):",
             "",
-            "```json",
+            "```" + ("" if args.grammar else "json"),
             example[0].text,
             "```",
             "",

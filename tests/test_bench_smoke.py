@@ -264,6 +264,21 @@ def test_guided_json_bench_runs(tmp_path: Path) -> None:
     assert "| 2 |" in text and "```json" in text
 
 
+def test_guided_grammar_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "grammar.md"
+    out = _run(
+        "bench/guided_json.py",
+        "--grammar",
+        "--batches=2",
+        "--max-new-tokens=24",
+        "--repeats=1",
+        f"--report={report}",
+    )
+    assert "guided-grammar: vocab 49152 tokens" in out and "decode step guided/plain b2" in out
+    text = report.read_text()
+    assert "# Guided GBNF output" in text and "| 2 |" in text and "Answer: " in text
+
+
 def test_priority_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "priority.md"
     out = _run(
