@@ -629,6 +629,25 @@ def test_null_fields_take_their_defaults(server: Server) -> None:
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"suffix": " end"}, "suffix"),
+        ("/v1/completions", {"guided_grammar": 'root ::= root "a" | "b"'}, "guided_grammar"),
+        ("/v1/chat/completions", {"guided_regex": "a", "guided_grammar": 'root ::= "a"'},
+         "guided_grammar"),
+        ("/v1/chat/completions", {"structured_outputs": {"structural_tag": '{"a": 1}'}},
+         "structured_outputs.structural_tag"),
+        ("/v1/completions", {"structured_outputs": {"disable_any_whitespace": True}},
+         "structured_outputs.disable_any_whitespace"),
+        ("/v1/completions", {"structured_outputs": {"regx": "a"}}, "structured_outputs.regx"),
+        ("/v1/completions", {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+         "structured_outputs"),
+        ("/v1/completions", {"structured_outputs": {"grammar": "root ::= x"}},
+         "structured_outputs.grammar"),
+        ("/v1/completions", {"structured_outputs": {"json": "{not json"}},
+         "structured_outputs.json"),
+        ("/v1/chat/completions", {"structured_outputs": {"regex": "a"},
+                                  "response_format": {"type": "json_object"}},
+         "structured_outputs"),
+        ("/v1/completions", {"structured_outputs": {"choice": ["a"]}, "guided_choice": ["a"]},
+         "structured_outputs"),
         ("/v1/chat/completions", {"messages": [{"role": "critic", "content": "4"}]},
          "messages.0.role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
@@ -796,6 +815,97 @@ def test_vllm_guided_regex(client: Any) -> None:
             model=None, prompt="x", max_tokens=2, extra_body={"guided_regex": "(?=a)"}
         )
     assert info.value.body["param"] == "guided_regex"
+
+
+WORDS_GRAMMAR = 'root ::= ("yes" | "no") ", " [a-z]{2,6}'
+NESTED_GRAMMAR = """
+root ::= "[" list? "]"
+list ::= item ("," item)?     # at most two items
+item ::= [0-9] | root
+"""
+
+
+def in_nested_lists(text: str) -> bool:
+    """Whether `text` is in NESTED_GRAMMAR's language, checked without a grammar: compact JSON
+    of a list of at most two items, each a digit or such a list."""
+
+    def ok(value: Any) -> bool:
+        return (
+            isinstance(value, list)
+            and len(value) <= 2
+            and all(ok(x) or (type(x) is int and 0 <= x <= 9) for x in value)
+        )
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return ok(value) and json.dumps(value, separators=(",", ":")) == text
+
+
+def test_vllm_guided_grammar(client: Any) -> None:
+    """GBNF grammars (vLLM's `guided_grammar`) on both routes: every answer is in the
+    grammar's language and ends there; the recursive one nests lists in lists."""
+    checks = {
+        WORDS_GRAMMAR: lambda text: bool(re.fullmatch(r"(yes|no), [a-z]{2,6}", text)),
+        NESTED_GRAMMAR: in_nested_lists,
+    }
+    for grammar, check in checks.items():
+        extra = {"extra_body": {"guided_grammar": grammar}, "n": 4, "seed": 1}
+        done = client.completions.create(model=None, prompt="List:", max_tokens=60, **extra)
+        chat = client.chat.completions.create(
+            model=None, messages=[{"role": "user", "content": "A list"}], max_tokens=60, **extra
+        )
+        answers = [(c.text, c.finish_reason) for c in done.choices]
+        answers += [(c.message.content, c.finish_reason) for c in chat.choices]
+        for text, finish in answers:
+            assert check(text) and finish == "stop", (grammar, text, finish)
+        if grammar == NESTED_GRAMMAR:
+            assert any(text.startswith("[[") for text, _ in answers), answers
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=None, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+            extra_body={"guided_grammar": 'root ::= root "a" | "b"'},
+        )  # fmt: skip
+    assert info.value.body["param"] == "guided_grammar"
+    assert "left-recursive" in info.value.body["message"]
+
+
+def test_vllm_structured_outputs(client: Any) -> None:
+    """vLLM's newer `structured_outputs` object guides as the guided_* fields do; the knobs
+    that do not change the answer are taken, those that would are refused by name."""
+
+    def complete(structured: dict[str, Any]) -> list[Any]:
+        out = client.completions.create(
+            model=None, prompt="Answer:", max_tokens=60, n=2, seed=2,
+            extra_body={"structured_outputs": structured},
+        )  # fmt: skip
+        assert all(c.finish_reason == "stop" for c in out.choices), out.choices
+        return [c.text for c in out.choices]
+
+    for text in complete({"grammar": NESTED_GRAMMAR, "disable_fallback": True}):
+        assert in_nested_lists(text), text
+    for text in complete({"regex": r"\d{3}-\d{4}", "backend": "xgrammar"}):
+        assert re.fullmatch(r"\d{3}-\d{4}", text)
+    assert set(complete({"choice": ["good", "bad"]})) <= {"good", "bad"}
+    small = {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"],
+             "additionalProperties": False}  # fmt: skip
+    for schema in (small, json.dumps(small)):  # a schema, or its JSON text
+        for text in complete({"json": schema}):
+            jsonschema.validate(json.loads(text), small)
+    out = client.completions.create(
+        model=None, prompt="JSON:", max_tokens=8,
+        extra_body={"structured_outputs": {"json_object": True}},
+    )  # fmt: skip
+    assert out.choices[0].text.lstrip()[:1] == "{"
+    chat = client.chat.completions.create(
+        model=None, messages=[{"role": "user", "content": "Answer"}], max_tokens=20,
+        extra_body={"structured_outputs": {"grammar": WORDS_GRAMMAR}},
+    )  # fmt: skip
+    assert re.fullmatch(r"(yes|no), [a-z]{2,6}", chat.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError) as info:
+        complete({"regex": "a", "whitespace_pattern": " *"})
+    assert info.value.body["param"] == "structured_outputs.whitespace_pattern"
 
 
 def test_body_limit_reads_the_upload_before_answering_413() -> None:

@@ -215,14 +215,17 @@ class _Server:
         seed = None if req.seed is None else (req.seed + index) % 2**63
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         json_object, schema = _guided(req.response_format)
-        if req.guided_json is not None:
-            if json_object or schema is not None:
-                raise APIError(
-                    400, "give response_format or guided_json, not both", param="guided_json"
-                )
-            schema = req.guided_json
+        guide_params: dict[str, Any] = {  # one kind at most: the request's validator checks it
+            "json_object": json_object,
+            "json_schema": req.guided_json if req.guided_json is not None else schema,
+            "guided_choice": tuple(req.guided_choice or ()),
+            "guided_regex": req.guided_regex,
+            "guided_grammar": req.guided_grammar,
+        }
+        structured = req.structured_outputs.kinds() if req.structured_outputs else {}
+        guide_params.update({_STRUCTURED[k]: v for k, v in structured.items()})
         if call_format is not None:
-            json_object, schema = False, call_format
+            guide_params.update(json_object=False, json_schema=call_format)
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens if max_tokens is not None else 16,
@@ -239,15 +242,14 @@ class _Server:
                 skip_special_tokens=req.skip_special_tokens,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
-                json_object=json_object,
-                json_schema=schema,
                 logit_bias=req.logit_bias or (),
-                guided_choice=tuple(req.guided_choice or ()),
-                guided_regex=req.guided_regex,
                 priority=req.priority,
                 prediction=self.prediction_ids(req),
+                **guide_params,
             )
         except ValueError as e:
+            if structured:
+                raise _structured_error(str(e)) from e
             raise APIError(400, str(e), param=_param_of(str(e))) from e
 
     def prediction_ids(self, req: SamplingFields) -> tuple[int, ...]:
@@ -874,10 +876,19 @@ _ERROR_PARAMS = (
     ("logit_bias", "logit_bias"),
     ("guided_choice", "guided_choice"),
     ("guided_regex", "guided_regex"),
+    ("guided_grammar", "guided_grammar"),
     ("give one of guided_choice", "guided_choice"),
 )
 """How SamplingParams' and the engine's errors begin, by the request field they are about."""
 _PROMPT_PREFIX = re.compile(r"^prompt \d+: ")
+_STRUCTURED = {
+    "choice": "guided_choice",
+    "regex": "guided_regex",
+    "json": "json_schema",
+    "grammar": "guided_grammar",
+    "json_object": "json_object",
+}
+"""structured_outputs' keys -> the SamplingParams fields they set."""
 
 
 def _param_of(message: str, default: str | None = None) -> str | None:
@@ -885,6 +896,16 @@ def _param_of(message: str, default: str | None = None) -> str | None:
     `default`."""
     text = _PROMPT_PREFIX.sub("", message)
     return next((field for start, field in _ERROR_PARAMS if text.startswith(start)), default)
+
+
+def _structured_error(message: str) -> APIError:
+    """A 400 for SamplingParams' error about the guide structured_outputs gave, in the
+    request's names (`structured_outputs.grammar: ...` for `guided_grammar: ...`)."""
+    for key, name in _STRUCTURED.items():
+        if message.startswith(name):
+            param = f"structured_outputs.{key}"
+            return APIError(400, param + message.removeprefix(name), param=param)
+    return APIError(400, message, param=_param_of(message))
 
 
 def _guided(fmt: ResponseFormat | None) -> tuple[bool, Any]:

@@ -5,10 +5,12 @@ the answer and that this server does not implement (`functions`, `best_of`, `suf
 those are a 400 naming the field rather than an answer that silently ignores them. `null`
 means the field's default, as in OpenAI's schema. The runtime's own sampling extras (`top_k`,
 `min_p`, `repetition_penalty`, `ignore_eos`, `skip_special_tokens`, and vLLM's
-`prompt_logprobs`, `guided_choice`, `guided_regex` and `guided_json`) are accepted as extra
-body fields. Ranges are checked here so a bad field is a 400 naming it. `response_format`
-`json_object` and `json_schema` turn on guided JSON output (`SamplingParams.json_object` /
-`json_schema`); `logit_bias` is OpenAI's.
+`prompt_logprobs`, `guided_choice`, `guided_regex`, `guided_json`, `guided_grammar` and their
+newer form `structured_outputs`) are accepted as extra body fields. Ranges are checked here so
+a bad field is a 400 naming it. `response_format` `json_object` and `json_schema` turn on
+guided JSON output (`SamplingParams.json_object` / `json_schema`); `logit_bias` is OpenAI's.
+A request gives one kind of guided output: two (`structured_outputs` and `guided_regex`, ...)
+are a 400 naming the later of them.
 """
 
 from __future__ import annotations
@@ -27,18 +29,24 @@ class UnsupportedFieldError(ValueError):
         self.param = param
 
 
-def _unsupported(data: dict[str, Any], fields: dict[str, Any]) -> None:
+def _unsupported(data: dict[str, Any], fields: dict[str, Any], within: str = "") -> None:
     """Raise for the first of `fields` set in `data` to a value other than the harmless ones
-    (`fields[name]`: a predicate that is true for values that change nothing)."""
+    (`fields[name]`: a predicate that is true for values that change nothing); `within`: the
+    path of the object `data` is (`structured_outputs.`), which the error's param starts with."""
     for name, harmless in fields.items():
         if name in data and not harmless(data[name]):
             raise UnsupportedFieldError(
-                name, f"{name} is not supported by this server; leave it out of the request"
+                within + name,
+                f"{within}{name} is not supported by this server; leave it out of the request",
             )
 
 
 def _empty(v: Any) -> bool:
     return v is None or v == {} or v == [] or v == ""
+
+
+def _off(v: Any) -> bool:
+    return v is None or v is False
 
 
 class _Request(BaseModel):
@@ -101,6 +109,61 @@ class Prediction(_Request):
         return "".join(part.text for part in self.content)
 
 
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` (its form of the guided_* fields since 0.12): one of
+    `choice`, `regex`, `json` (a JSON Schema, or its JSON text), `grammar` (GBNF) and
+    `json_object`. `disable_fallback` and `backend` choose how vLLM builds the guide, not what
+    it lets through (this server has one way, which never falls back to unguided output):
+    accepted and ignored. vLLM's options that change the answer (`structural_tag`,
+    `whitespace_pattern`, `disable_any_whitespace`, `disable_additional_properties`) are a 400
+    unless left at their defaults, and so is any other key."""
+
+    model_config = ConfigDict(extra="forbid")
+    choice: list[str] | None = Field(default=None, min_length=1)
+    regex: str | None = None
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    grammar: str | None = None
+    json_object: bool = False
+    disable_fallback: bool = False
+    backend: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsupported(cls, data: Any) -> Any:
+        """Refuse vLLM's options that would change the answer; drop them at their defaults."""
+        if not isinstance(data, dict):
+            return data
+        options = {
+            "structural_tag": _empty,
+            "whitespace_pattern": _empty,
+            "disable_any_whitespace": _off,
+            "disable_additional_properties": _off,
+        }
+        _unsupported(data, options, "structured_outputs.")
+        return {k: v for k, v in data.items() if k not in options}
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StructuredOutputs:
+        kinds = self.kinds()
+        if len(kinds) > 1:
+            given = " and ".join(kinds)
+            raise ValueError(
+                f"give one of choice, regex, json, grammar and json_object, not {given}"
+            )
+        return self
+
+    def kinds(self) -> dict[str, Any]:
+        """The guides it gives, by vLLM's names (none for `{}`)."""
+        given = {
+            "choice": self.choice,
+            "regex": self.regex,
+            "json": self.json_,
+            "grammar": self.grammar,
+            "json_object": self.json_object or None,
+        }
+        return {k: v for k, v in given.items() if v is not None}
+
+
 class SamplingFields(_Request):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -132,6 +195,11 @@ class SamplingFields(_Request):
     """vLLM's extra: the answer matches this regular expression whole."""
     guided_json: dict[str, Any] | None = None
     """vLLM's extra: a JSON Schema for the answer (as response_format's json_schema)."""
+    guided_grammar: str | None = None
+    """vLLM's extra: the answer is text of this GBNF grammar (llama.cpp's format, from its
+    `root` rule)."""
+    structured_outputs: StructuredOutputs | None = None
+    """vLLM's newer form of the guided_* fields (the only one since vLLM 0.12)."""
     priority: int = Field(default=0, ge=-(2**31), lt=2**31)
     """vLLM's extra: scheduling priority, lower first (`SamplingParams.priority`)."""
     prediction: Prediction | None = None
@@ -152,10 +220,32 @@ class SamplingFields(_Request):
                 data,
                 {
                     "best_of": lambda v: v is None or v == 1 or v == data.get("n"),
-                    "guided_grammar": _empty,
                 },
             )
         return data
+
+    @model_validator(mode="after")
+    def _one_guide(self) -> SamplingFields:
+        guides = self.guides()
+        if len(guides) > 1:
+            raise UnsupportedFieldError(
+                guides[-1], f"give one of {' and '.join(guides)}: each asks for guided output"
+            )
+        return self
+
+    def guides(self) -> list[str]:
+        """The fields that give the request guided output (response_format other than text,
+        guided_*, structured_outputs other than `{}`)."""
+        fmt, so = self.response_format, self.structured_outputs
+        given = {
+            "response_format": fmt is not None and fmt.type != "text",
+            "guided_json": self.guided_json is not None,
+            "guided_choice": bool(self.guided_choice),
+            "guided_regex": self.guided_regex is not None,
+            "guided_grammar": self.guided_grammar is not None,
+            "structured_outputs": so is not None and bool(so.kinds()),
+        }
+        return [name for name, on in given.items() if on]
 
 
 def check_tool_types(tools: Any, allowed: tuple[str | None, ...], give: str) -> None:
@@ -286,13 +376,10 @@ class ChatCompletionRequest(SamplingFields):
             choice not in (None, "none", "auto"),
             choice.function.name if isinstance(choice, NamedToolChoice) else None,
         )
-        if (
-            choice not in (None, "none", "auto")
-            and self.response_format is not None
-            and (self.response_format.type != "text")
-        ):
+        guides = self.guides()
+        if choice not in (None, "none", "auto") and guides:
             raise UnsupportedFieldError(
-                "response_format", "a required tool call and a response_format cannot combine"
+                guides[0], f"a required tool call and a {guides[0]} cannot combine"
             )
         return self
 
