@@ -55,11 +55,13 @@ GRAMMAR = r"""
 root ::= "Answer: " line "\nConfidence: " ("low" | "medium" | "high") "\nEvidence: " quote
          ("; " quote){0,2} "\n"
 line ::= [^\n]+
-quote ::= "\"" [^"\n]+ "\""
+quote ::= "\"" word (" " word){0,11} "\""
+word ::= [A-Za-z0-9,.'-]+
 """
-"""The `--grammar` answer: a free line, a choice, one to three quotes (GBNF)."""
+"""The `--grammar` answer: a free line, a choice, one to three quotes of up to 12 words."""
+_QUOTE = r"\"[A-Za-z0-9,.'-]+( [A-Za-z0-9,.'-]+){0,11}\""
 GRAMMAR_PATTERN = (
-    r'Answer: [^\n]+\nConfidence: (low|medium|high)\nEvidence: "[^"\n]+"(; "[^"\n]+"){0,2}\n'
+    rf"Answer: [^\n]+\nConfidence: (low|medium|high)\nEvidence: {_QUOTE}(; {_QUOTE}){{0,2}}\n"
 )
 """GRAMMAR's language as a Python pattern, to check answers independently of the grammar."""
 QUESTIONS = [
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             for q in QUESTIONS
         ]
         rt.generate(prompts[:1], SamplingParams(max_new_tokens=4))  # warm-up, caches the doc
-        valid = total = 0
+        valid = total = stopped = 0
         with MaskTimer() as masks:
             for batch in batches:
                 batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                         if mode == "guided":
                             for o in outs:
                                 total += 1
+                                stopped += o.finish_reason == "stop"
                                 if args.grammar:
                                     valid += bool(re.fullmatch(GRAMMAR_PATTERN, o.text))
                                     continue
@@ -185,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     ratios = " ".join(f"b{r['batch']} {r['ratio']:.2f}x" for r in rows)
     summary = (
         f"{kind}: vocab {vocab.size} tokens in {vocab_s:.2f} s | masks built "
-        f"{len(miss_ms)} p50 {_pct(miss_ms, 0.5):.2f} ms p95 {_pct(miss_ms, 0.95):.2f} ms, cached "
+        f"{len(miss_ms)} (total {sum(miss_ms) / 1e3:.2f} s) p50 {_pct(miss_ms, 0.5):.2f} ms "
+        f"p95 {_pct(miss_ms, 0.95):.2f} ms, cached "
         f"{len(hit_ms)} p50 {_pct(hit_ms, 0.5):.3f} ms | decode step guided/plain {ratios} | "
-        f"{valid}/{total} answers valid"
+        f"{valid}/{total} answers valid, {stopped} ended by themselves"
     )
     if args.report:
         lines = [
