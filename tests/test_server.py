@@ -636,6 +636,7 @@ def test_null_fields_take_their_defaults(server: Server) -> None:
          "structured_outputs.structural_tag"),
         ("/v1/completions", {"structured_outputs": {"disable_any_whitespace": True}},
          "structured_outputs.disable_any_whitespace"),
+        ("/v1/completions", {"guided_whitespace_pattern": "[ ]?"}, "guided_whitespace_pattern"),
         ("/v1/completions", {"structured_outputs": {"regx": "a"}}, "structured_outputs.regx"),
         ("/v1/completions", {"structured_outputs": {"regex": "a", "choice": ["a"]}},
          "structured_outputs"),

@@ -220,6 +220,7 @@ class SamplingFields(_Request):
                 data,
                 {
                     "best_of": lambda v: v is None or v == 1 or v == data.get("n"),
+                    "guided_whitespace_pattern": _empty,
                 },
             )
         return data
