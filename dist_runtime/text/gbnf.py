@@ -69,6 +69,46 @@ class Chars:
         i = bisect_right(self.lows, hi) - 1
         return i >= 0 and self.highs[i] >= lo
 
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return tuple(zip(self.lows, self.highs, strict=True))
+
+    def covers(self, other: Chars) -> bool:
+        """Every code point of `other` is in this set."""
+        for lo, hi in other.ranges:
+            i = bisect_right(self.lows, lo) - 1
+            if i < 0 or self.highs[i] < hi:
+                return False
+        return True
+
+    def overlaps(self, other: Chars) -> bool:
+        return any(self.meets(lo, hi) for lo, hi in other.ranges)
+
+    def __and__(self, other: Chars) -> Chars:
+        out = []
+        for lo, hi in self.ranges:
+            for olo, ohi in other.ranges:
+                if olo <= hi and lo <= ohi:
+                    out.append((max(lo, olo), min(hi, ohi)))
+        return Chars(out)
+
+    def __sub__(self, other: Chars) -> Chars:
+        out = []
+        for lo, hi in self.ranges:
+            at = lo
+            for olo, ohi in other.ranges:
+                if ohi < at or olo > hi:
+                    continue
+                if olo > at:
+                    out.append((at, olo - 1))
+                at = max(at, ohi + 1)
+            if at <= hi:
+                out.append((at, hi))
+        return Chars(out)
+
+    def __bool__(self) -> bool:
+        return bool(self.lows)
+
 
 class Seq:
     """One alternative of a rule: items in order. `rest_nullable[i]`: items[i:] can all be

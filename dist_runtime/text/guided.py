@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from dist_runtime.text.gbnf import Chars
 from dist_runtime.text.json_grammar import JsonGrammar, SchemaError, State
 
 MAX_MASKS = 4096
 """Packed masks a vocabulary caches before the cache is dropped and refilled."""
+MAX_CLASSES = 64
+"""Character classes whose token sets a vocabulary keeps (`Vocabulary.class_tokens`)."""
 
 _MISS: Any = object()
 _Trie = tuple[list[dict[int, int]], list[tuple[int, ...]]]
@@ -65,6 +69,8 @@ class Vocabulary:
         self.trie = _build_trie(full)
         self.other_trie = _build_trie(rest)
         """The tokens a string state walks: those not string-safe."""
+        self._texts: list[str | None] | None = None
+        self._classes: dict[tuple[tuple[int, int], ...], _ClassTokens] = {}
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, size: int) -> Vocabulary:
@@ -85,7 +91,10 @@ class Vocabulary:
             return cached
         allowed = np.zeros(self.size, dtype=bool)
         run = grammar.string_run(state)
-        if run is None:
+        chars = grammar.char_run(state) if run is None and grammar.gbnf else None
+        if chars is not None:
+            self._char_run(grammar, state, *chars, allowed)
+        elif run is None:
             allowed[_walk(grammar, self.trie, state)] = True
         else:
             _, left = run
@@ -100,6 +109,84 @@ class Vocabulary:
             self.masks.clear()
         self.masks[key] = packed
         return packed
+
+    def _char_run(
+        self, grammar: JsonGrammar, state: State, chars: Chars, seed: int, allowed: np.ndarray
+    ) -> None:
+        """Mark the tokens allowed from a GBNF state with a character run (`char_run`): those
+        made only of the run's characters by how many characters the grammar can take in a
+        row from here (one seed character stands for all: each leads to the same state while
+        the state stays uniform), the others by a walk of the trie that holds them."""
+        tokens = self.class_tokens(chars)
+        step = chr(seed).encode()
+        n, st, dead = 0, state, False
+        while n < tokens.most:
+            nxt = grammar.advance(st, step)
+            if nxt is None:
+                dead = True
+                break
+            n, st = n + 1, nxt
+            if n < tokens.most and not grammar.uniform(st, chars):
+                break
+        allowed |= tokens.member & (tokens.lengths <= n)
+        if not dead and n < tokens.most:  # longer ones part where the run stops: one by one
+            for i in np.flatnonzero(tokens.member & (tokens.lengths > n)).tolist():
+                if grammar.advance(state, self.token_bytes[i]) is not None:
+                    allowed[i] = True
+        allowed[_walk(grammar, tokens.other_trie, state)] = True
+
+    def class_tokens(self, chars: Chars) -> _ClassTokens:
+        """The tokens made only of whole characters of `chars`, their lengths in characters,
+        and a trie of all the other tokens; cached per class."""
+        key = chars.ranges
+        hit = self._classes.get(key)
+        if hit is not None:
+            return hit
+        if self._texts is None:
+            self._texts = [_utf8(data) for data in self.token_bytes[: self.size]]
+        pattern = re.compile(
+            "["
+            + "".join(
+                re.escape(chr(lo)) if lo == hi else f"{re.escape(chr(lo))}-{re.escape(chr(hi))}"
+                for lo, hi in key
+            )
+            + "]+"
+        )
+        member = np.zeros(self.size, dtype=bool)
+        lengths = np.zeros(self.size, dtype=np.int64)
+        others: list[tuple[int, bytes]] = []
+        for i, text in enumerate(self._texts):
+            if not self.token_bytes[i]:
+                continue
+            if text and pattern.fullmatch(text):
+                member[i] = True
+                lengths[i] = len(text)
+            else:
+                others.append((i, self.token_bytes[i]))
+        if len(self._classes) >= MAX_CLASSES:
+            self._classes.clear()
+        tokens = self._classes[key] = _ClassTokens(
+            member, lengths, int(lengths.max(initial=0)), _build_trie(others)
+        )
+        return tokens
+
+
+class _ClassTokens(NamedTuple):
+    member: np.ndarray
+    """Tokens made only of whole characters of the class."""
+    lengths: np.ndarray
+    """Their lengths in characters (0 for the others)."""
+    most: int
+    """The longest of them."""
+    other_trie: _Trie
+    """Every other token with bytes."""
+
+
+def _utf8(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _plain_text(data: bytes) -> str | None:

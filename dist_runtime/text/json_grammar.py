@@ -791,6 +791,36 @@ def _feed(stack: Stack, b: int, out: set[Stack]) -> None:
                 _feed(parent, b, out)
 
 
+def _consumers(stack: Stack, out: list[tuple[Chars, Stack]]) -> bool:
+    """Add the (character class, stack) pairs that may take the next character of a GBNF
+    parse, its rules expanded as `_feed` expands them; False when the stack is not at a
+    character boundary of GBNF frames (then no character run applies)."""
+    top = stack[-1]
+    if top[0] == "root":
+        return top[2] == 1  # the answer is complete: nothing takes a character
+    if top[0] != "cfg" or top[3]:
+        return False
+    _, seq, pos, _, _ = top
+    items = seq.items
+    if pos == len(items):
+        return _consumers(stack[:-2] + (_child_done(stack[-2]),), out)
+    item = items[pos]
+    if type(item) is Chars:
+        out.append((item, stack))
+        return True
+    if pos + 1 == len(items):
+        base = stack[:-1]
+    else:
+        base = stack[:-1] + (("cfg", seq, pos + 1, 0, 0),)
+        if len(base) > MAX_GRAMMAR_DEPTH:
+            return True
+    return all(_consumers(base + (child,), out) for child in item.starts)
+
+
+_SEEDS = tuple(map(ord, "a 0A.e"))
+"""Characters tried, in order, to pick a state's character run (`JsonGrammar.char_run`)."""
+
+
 def _finishes(stack: Stack) -> bool:
     """The value can end here (with no more bytes)."""
     while stack[-1][0] in ("num", "rx", "cfg"):
@@ -823,6 +853,8 @@ class JsonGrammar:
         """`start`: a state other than "before a value of `node`" (a raw answer begun)."""
         self.node = node
         self.start: State = start or frozenset({(("root", node, 0, 0),)})
+        self.gbnf = False
+        """Built from a GBNF grammar (`char_run` applies)."""
         self._next: dict[tuple[State, int], State | None] = {}
 
     @classmethod
@@ -845,7 +877,9 @@ class JsonGrammar:
         for rule in rules_of(root):
             rule.starts = tuple(("cfg", alt, 0, 0, 0) for alt in rule.alts)
         node = AnyOfNode(())
-        return cls(node, frozenset((("root", node, 2, 0), start) for start in root.starts))
+        grammar = cls(node, frozenset((("root", node, 2, 0), start) for start in root.starts))
+        grammar.gbnf = True
+        return grammar
 
     @classmethod
     def one_of(cls, texts: Iterable[str]) -> JsonGrammar:
@@ -904,6 +938,45 @@ class JsonGrammar:
             return None
         node = top[1]
         return top[3], None if node.max_len is None else node.max_len - top[3]
+
+    def char_run(self, state: State) -> tuple[Chars, int] | None:
+        """For a GBNF state at a character boundary: a set of characters C that every parse
+        treats alike (each class that may take the next character holds all of C or none of
+        it), so every character of C leads to one and the same state, and one of them; None
+        when there is no such set worth using. A vocabulary mask takes the tokens made only of
+        C's characters by their length instead of walking them (`dist_runtime.text.guided`)."""
+        consumers = self._consumers(state)
+        if not consumers:
+            return None
+        classes = list({id(k): k for k, _ in consumers}.values())
+        for seed in _SEEDS:
+            holding = [k for k in classes if k.takes(seed)]
+            if not holding:
+                continue
+            run = holding[0]
+            for k in holding[1:]:
+                run = run & k
+            for k in classes:
+                if not k.takes(seed):
+                    run = run - k
+            return run, seed  # (holds the seed: never empty)
+        return None
+
+    def uniform(self, state: State, chars: Chars) -> bool:
+        """Every character of `chars` leads from `state` to the same state (see `char_run`)."""
+        consumers = self._consumers(state)
+        return consumers is not None and all(
+            k.covers(chars) or not k.overlaps(chars) for k, _ in consumers
+        )
+
+    def _consumers(self, state: State) -> list[tuple[Chars, Stack]] | None:
+        if not self.gbnf:
+            return None
+        out: list[tuple[Chars, Stack]] = []
+        for stack in state:
+            if not _consumers(stack, out):
+                return None
+        return out
 
     def after_string_run(self, state: State, nchars: int) -> State:
         """The state after `nchars` plain characters from a `string_run` state."""

@@ -74,6 +74,15 @@ item  ::= "name" | "日本" [é😀]? | num | "\"" [^"\\\n]* "\"" | "[" (item ("
 num   ::= "-"? [0-9]+ ("." [0-9]+)?
 """
 """The `gbnf` grammar: a raw answer from a recursive GBNF grammar (guided_grammar)."""
+RUNS: dict[str, str] = {
+    "runs_counted": r'root ::= "<" [^>\n]{0,4} ">" [a-z]{1,3} [a-c] "!"',
+    "runs_digits": r'root ::= [0-9]{2,6} ("." [0-9]+)? | "-" [0-9]+',
+    "runs_utf8": r'root ::= [^a-z]{1,5} [α-ω]* "z"',
+}
+"""GBNF grammars whose states have character runs (`JsonGrammar.char_run`) of every kind: a
+counted run that ends (tokens past it refused), one that meets an overlapping class (tokens
+past that point checked one by one), digits (a run picked by another seed), multi-byte
+characters in and out of overlapping classes."""
 TEXTS: dict[str, list[str]] = {
     "person": [
         '{"name":"日本é","age":-12,"score":1.5e+3,"tags":["ab","😀"],"color":"日本","ok":true}',
@@ -87,6 +96,9 @@ TEXTS: dict[str, list[str]] = {
     "patterned": ['{"code":"AB12","word":"éab"}', '{ "code": "ZZ1", "word": "é" }'],
     "regex": ["yes", "no, because it rains"],
     "gbnf": ["name, 日本😀,-12.5", '[1,[name,"a b é"]], "x", []', "日本é"],
+    "runs_counted": ["<ab é>xyb!", "<>ab!", "<日本😀>abca!"],
+    "runs_digits": ["12.5", "123456", "-0"],
+    "runs_utf8": ["1日😀z", "Ωαβγz", "日本語ですz"],
     "any_object": ['{"hello world":"abc\\u00e9😀", "n":[1,-2.5E-7,true,null,{}]}'],
 }
 
@@ -98,6 +110,8 @@ def grammar(name: str) -> JsonGrammar:
         return JsonGrammar.from_regex(REGEX)
     if name == "gbnf":
         return JsonGrammar.from_gbnf(GBNF)
+    if name in RUNS:
+        return JsonGrammar.from_gbnf(RUNS[name])
     return JsonGrammar.from_schema(SCHEMAS[name])
 
 
@@ -177,6 +191,30 @@ def test_masks_match_brute_force_along_random_walks(name: str, seed: int) -> Non
         assert data is not None
         out += data
         state = reach(g, data, state)
+
+
+@pytest.mark.parametrize("name", ["gbnf", *RUNS])
+def test_character_runs_are_taken(name: str) -> None:
+    """The GBNF masks above go through character runs (the brute-force tests check them): most
+    states along the valid texts have one, and it holds the characters the text goes on with."""
+    g = grammar(name)
+    with_run = total = 0
+    for text in TEXTS[name]:
+        state = g.start
+        for ch in text:
+            run = g.char_run(state)
+            total += 1
+            if run is not None:
+                with_run += 1
+                chars, seed = run
+                assert chars.takes(seed)
+                assert g.advance(state, chr(seed).encode()) is not None
+                for c in chars.ranges[:3]:  # every member leads where the seed does
+                    assert g.advance(state, chr(c[0]).encode()) == g.advance(
+                        state, chr(seed).encode()
+                    )
+            state = reach(g, ch.encode(), state)
+    assert with_run >= total // 2, (with_run, total)
 
 
 def test_mask_layout_and_cache() -> None:
