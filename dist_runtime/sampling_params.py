@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,22 +253,25 @@ def _check_regex(pattern: object) -> None:
     from dist_runtime.text.guided import regex_grammar
     from dist_runtime.text.regex import RegexError
 
-    _check(isinstance(pattern, str), f"guided_regex must be a string, got {pattern!r:.80}")
-    try:
-        regex_grammar(str(pattern))
-    except RegexError as e:
-        raise ValueError(f"guided_regex: {e}") from None
+    _check_guide("guided_regex", pattern, regex_grammar, RegexError)
 
 
 def _check_grammar(text: object) -> None:
     from dist_runtime.text.gbnf import GrammarError
     from dist_runtime.text.guided import gbnf_grammar
 
-    _check(isinstance(text, str), f"guided_grammar must be a string, got {text!r:.80}")
+    _check_guide("guided_grammar", text, gbnf_grammar, GrammarError)
+
+
+def _check_guide(
+    field: str, text: object, build: Callable[[str], object], error: type[Exception]
+) -> None:
+    """`text` is a string its guide can be built from; a ValueError naming `field` if not."""
+    _check(isinstance(text, str), f"{field} must be a string, got {text!r:.80}")
     try:
-        gbnf_grammar(str(text))
-    except GrammarError as e:
-        raise ValueError(f"guided_grammar: {e}") from None
+        build(str(text))
+    except error as e:
+        raise ValueError(f"{field}: {e}") from None
 
 
 def _schema_text(schema: object) -> str:

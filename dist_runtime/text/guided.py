@@ -335,28 +335,25 @@ def gbnf_grammar(text: str) -> JsonGrammar:
 def schema_argument(value: str, flag: str = "--json-schema") -> str:
     """A command line's schema argument as JSON text: the text itself when it starts with `{`,
     else the file it names (a ValueError naming `flag` when that cannot be read)."""
-    if value.lstrip().startswith("{"):
-        return value
-    try:
-        return Path(value).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(
-            f"{flag} {value}: cannot read it ({e.strerror or e}); give a JSON Schema file or the "
-            "schema as JSON text"
-        ) from None
+    inline = value.lstrip().startswith("{")
+    return _text_argument(value, flag, inline, "a JSON Schema file or the schema as JSON text")
 
 
 def grammar_argument(value: str, flag: str = "--grammar") -> str:
     """A command line's GBNF grammar argument as text: the text itself when it holds a rule
     (`::=`), else the file it names (a ValueError naming `flag` when that cannot be read)."""
-    if "::=" in value:
+    give = "a GBNF grammar file or the grammar itself (root ::= ...)"
+    return _text_argument(value, flag, "::=" in value, give)
+
+
+def _text_argument(value: str, flag: str, inline: bool, give: str) -> str:
+    if inline:
         return value
     try:
         return Path(value).read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(
-            f"{flag} {value}: cannot read it ({e.strerror or e}); give a GBNF grammar file or "
-            "the grammar itself (root ::= ...)"
+            f"{flag} {value}: cannot read it ({e.strerror or e}); give {give}"
         ) from None
 
 
