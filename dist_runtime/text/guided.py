@@ -91,7 +91,7 @@ class Vocabulary:
             return cached
         allowed = np.zeros(self.size, dtype=bool)
         run = grammar.string_run(state)
-        chars = grammar.char_run(state) if run is None and grammar.gbnf else None
+        chars = grammar.char_run(state) if run is None else None
         if chars is not None:
             self._char_run(grammar, state, *chars, allowed)
         elif run is None:

@@ -791,14 +791,32 @@ def _feed(stack: Stack, b: int, out: set[Stack]) -> None:
                 _feed(parent, b, out)
 
 
-def _consumers(stack: Stack, out: list[tuple[Chars, Stack]]) -> bool:
-    """Add the (character class, stack) pairs that may take the next character of a GBNF
-    parse, its rules expanded as `_feed` expands them; False when the stack is not at a
-    character boundary of GBNF frames (then no character run applies)."""
+_UNWRITTEN = (Chars([(0x22, 0x22)]), Chars([(0x5C, 0x5C)]), Chars([(0x00, 0x1F)]))
+"""A patterned string's quote, backslash and control characters (see `_consumers`)."""
+
+
+def _consumers(stack: Stack, out: list[Chars]) -> bool:
+    """Add the character classes that may take the next character of a parse: a GBNF
+    alternative's (its rules expanded as `_feed` expands them), a pattern's moves (a whole
+    answer's, or a patterned JSON string's beside the classes that end or break that string);
+    False when the stack is not at a character boundary of such frames (then no character run
+    applies). Listing a class that takes nothing is safe: a run only gets narrower."""
     top = stack[-1]
-    if top[0] == "root":
+    kind = top[0]
+    if kind == "root":
         return top[2] == 1  # the answer is complete: nothing takes a character
-    if top[0] != "cfg" or top[3]:
+    if kind == "rx":
+        if top[3]:
+            return False
+        out.extend(top[1].classes(top[2]))
+        return True
+    if kind == "rxs":
+        if top[2] != 1 or top[5]:
+            return False
+        out.extend(top[1].regex.classes(top[4]))
+        out.extend(_UNWRITTEN)
+        return True
+    if kind != "cfg" or top[3]:
         return False
     _, seq, pos, _, _ = top
     items = seq.items
@@ -806,7 +824,7 @@ def _consumers(stack: Stack, out: list[tuple[Chars, Stack]]) -> bool:
         return _consumers(stack[:-2] + (_child_done(stack[-2]),), out)
     item = items[pos]
     if type(item) is Chars:
-        out.append((item, stack))
+        out.append(item)
         return True
     if pos + 1 == len(items):
         base = stack[:-1]
@@ -853,8 +871,6 @@ class JsonGrammar:
         """`start`: a state other than "before a value of `node`" (a raw answer begun)."""
         self.node = node
         self.start: State = start or frozenset({(("root", node, 0, 0),)})
-        self.gbnf = False
-        """Built from a GBNF grammar (`char_run` applies)."""
         self._next: dict[tuple[State, int], State | None] = {}
 
     @classmethod
@@ -877,9 +893,7 @@ class JsonGrammar:
         for rule in rules_of(root):
             rule.starts = tuple(("cfg", alt, 0, 0, 0) for alt in rule.alts)
         node = AnyOfNode(())
-        grammar = cls(node, frozenset((("root", node, 2, 0), start) for start in root.starts))
-        grammar.gbnf = True
-        return grammar
+        return cls(node, frozenset((("root", node, 2, 0), start) for start in root.starts))
 
     @classmethod
     def one_of(cls, texts: Iterable[str]) -> JsonGrammar:
@@ -940,15 +954,16 @@ class JsonGrammar:
         return top[3], None if node.max_len is None else node.max_len - top[3]
 
     def char_run(self, state: State) -> tuple[Chars, int] | None:
-        """For a GBNF state at a character boundary: a set of characters C that every parse
-        treats alike (each class that may take the next character holds all of C or none of
-        it), so every character of C leads to one and the same state, and one of them; None
-        when there is no such set worth using. A vocabulary mask takes the tokens made only of
-        C's characters by their length instead of walking them (`dist_runtime.text.guided`)."""
+        """For a state at a character boundary of GBNF or pattern frames: a set of characters
+        C that every parse treats alike (each class that may take the next character holds
+        all of C or none of it), so every character of C leads to one and the same state, and
+        one of them; None when there is no such set worth using. A vocabulary mask takes the
+        tokens made only of C's characters by their length instead of walking them
+        (`dist_runtime.text.guided`)."""
         consumers = self._consumers(state)
         if not consumers:
             return None
-        classes = list({id(k): k for k, _ in consumers}.values())
+        classes = list({id(k): k for k in consumers}.values())
         for seed in _SEEDS:
             holding = [k for k in classes if k.takes(seed)]
             if not holding:
@@ -966,13 +981,11 @@ class JsonGrammar:
         """Every character of `chars` leads from `state` to the same state (see `char_run`)."""
         consumers = self._consumers(state)
         return consumers is not None and all(
-            k.covers(chars) or not k.overlaps(chars) for k, _ in consumers
+            k.covers(chars) or not k.overlaps(chars) for k in consumers
         )
 
-    def _consumers(self, state: State) -> list[tuple[Chars, Stack]] | None:
-        if not self.gbnf:
-            return None
-        out: list[tuple[Chars, Stack]] = []
+    def _consumers(self, state: State) -> list[Chars] | None:
+        out: list[Chars] = []
         for stack in state:
             if not _consumers(stack, out):
                 return None

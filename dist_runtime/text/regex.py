@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from dist_runtime.text.gbnf import Chars
+
 MAX_NFA_STATES = 20_000
 """Largest automaton a pattern may compile to (bounded repeats are unrolled)."""
 
@@ -60,6 +62,7 @@ class Regex:
         self.start = self._closure({start})
         self._next: dict[tuple[frozenset[int], int], frozenset[int] | None] = {}
         self._takes: dict[tuple[frozenset[int], int, int], bool] = {}
+        self._classes: dict[frozenset[int], tuple[Chars, ...]] = {}
 
     # -- construction ------------------------------------------------------------------------
     def _state(self) -> int:
@@ -167,6 +170,20 @@ class Regex:
             self._takes.clear()
         self._takes[key] = ok
         return ok
+
+    def classes(self, state: frozenset[int]) -> tuple[Chars, ...]:
+        """The character classes of the moves out of `state` (cached)."""
+        hit = self._classes.get(state)
+        if hit is None:
+            hit = tuple(
+                Chars(_complement(ranges) if negated else list(ranges))
+                for s in state
+                for ranges, negated, _ in self._moves[s]
+            )
+            if len(self._classes) > 20_000:
+                self._classes.clear()
+            self._classes[state] = hit
+        return hit
 
     def accepts(self, state: frozenset[int]) -> bool:
         return self.accept in state
