@@ -593,6 +593,16 @@ class CacheConfig:
     """GiB of host memory per worker for a second tier of the prefix cache: a cached block
     evicted from the device is copied there first, and a prompt whose prefix is found there
     copies it back instead of computing it again (0: off)."""
+    kv_cache_dir: str | None = None
+    """A directory for a disk tier of the prefix cache, kept across restarts: every full block
+    computed is also written there (by each worker, its own heads), and a prompt whose prefix
+    is found there reads it back instead of computing it. Files are kept per model, dtype and
+    KV layout (a fingerprint of the weights' content among them), so one directory serves
+    several models. Every worker must reach it (a local disk on one node; a shared file system
+    across nodes). None: off."""
+    disk_kv_cache_gb: float = 64.0
+    """Most GiB the disk tier's files take (all workers together); the least recently used
+    blocks are deleted past it."""
     quant_policy: int = 0
     """KV cache quantization (LMDeploy's quant_policy): 0 keeps K/V in the model's dtype; 8 and
     4 store them as 8- or 4-bit codes with a float32 scale and zero per token and KV head,
@@ -636,6 +646,22 @@ class CacheConfig:
                 f"cache.host_kv_cache_gb ({self.host_kv_cache_gb}) keeps prefix-cache blocks in "
                 "host memory, and enable_prefix_caching is false: turn prefix caching on or "
                 "leave the host tier at 0"
+            )
+        if self.kv_cache_dir is not None:
+            if not isinstance(self.kv_cache_dir, str) or not self.kv_cache_dir:
+                raise ConfigError(
+                    f"cache.kv_cache_dir must be a directory path or null, got "
+                    f"{self.kv_cache_dir!r}"
+                )
+            if not self.enable_prefix_caching:
+                raise ConfigError(
+                    f"cache.kv_cache_dir ({self.kv_cache_dir}) keeps prefix-cache blocks on "
+                    "disk, and enable_prefix_caching is false: turn prefix caching on or leave "
+                    "the directory out"
+                )
+        if not _is_number(self.disk_kv_cache_gb) or not 0 < self.disk_kv_cache_gb < float("inf"):
+            raise ConfigError(
+                f"cache.disk_kv_cache_gb must be a number of GiB > 0, got {self.disk_kv_cache_gb!r}"
             )
         if not _is_int(self.cpu_kv_cache_bytes) or self.cpu_kv_cache_bytes < 1:
             raise ConfigError(

@@ -109,7 +109,8 @@ class SeqStep:
 
 @dataclass(frozen=True, kw_only=True)
 class KVMove:
-    """A KV block copied between a cp rank's device cache and its host tier."""
+    """A KV block copied between a cp rank's device cache and its host tier, or between it
+    and its disk tier (`disk` set)."""
 
     pool: int
     """The cp rank whose workers copy it (each tp rank its own heads)."""
@@ -118,6 +119,14 @@ class KVMove:
     """The block's place in the host tier."""
     to_host: bool
     """True: device block -> host slot (an eviction); False: host slot -> device block."""
+    disk: int = 0
+    """0: a host-tier copy; DISK_SAVE: write device block `block` to the disk tier under
+    `key`; DISK_LOAD: read `key` into device block `block`; DISK_DROP: delete `key`."""
+    key: str = ""
+    """The block's chained digest, as 32 hex digits (its file name in the disk tier)."""
+
+
+DISK_SAVE, DISK_LOAD, DISK_DROP = 1, 2, 3
 
 
 @dataclass(frozen=True, kw_only=True)

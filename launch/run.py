@@ -77,6 +77,8 @@ ENGINE_FLAGS: dict[str, str] = {
     "cache.num_blocks": "--num-blocks",
     "cache.quant_policy": "--quant-policy",
     "cache.host_kv_cache_gb": "--host-kv-cache-gb",
+    "cache.kv_cache_dir": "--kv-cache-dir",
+    "cache.disk_kv_cache_gb": "--disk-kv-cache-gb",
     "scheduler.max_num_seqs": "--max-num-seqs",
     "scheduler.max_num_batched_tokens": "--max-num-batched-tokens",
     "scheduler.num_speculative_tokens": "--num-speculative-tokens",
@@ -201,6 +203,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="GiB of host memory per worker for a second tier of the prefix cache: cached KV "
         "blocks evicted from the device are kept there, and a prompt that finds its document "
         "there copies it back instead of prefilling it again (default: 0 = off)",
+    )
+    g.add_argument(
+        "--kv-cache-dir",
+        metavar="DIR",
+        help="a directory for a disk tier of the prefix cache, kept across restarts: every KV "
+        "block computed is also written there, and a prompt whose prefix (a document) is found "
+        "there reads it back instead of prefilling it; per model and KV layout, so one directory "
+        "serves several (default: off)",
+    )
+    g.add_argument(
+        "--disk-kv-cache-gb",
+        type=float,
+        help="most GiB the --kv-cache-dir files take, all workers together; the least recently "
+        f"used blocks are deleted past it (default: {_default('cache.disk_kv_cache_gb'):g})",
     )
     g.add_argument(
         "--enforce-eager",
@@ -702,6 +718,15 @@ def dry_run(args: argparse.Namespace) -> int:
         print(
             f"host tier of the prefix cache: {host_gb:g} GiB of host memory per worker (not on "
             f"the device), {tokens * plan.cp:,} tokens of evicted prefixes over cp={plan.cp}"
+        )
+    if config.cache.kv_cache_dir is not None:
+        from dist_runtime.memory_planner import kv_bytes_per_token
+
+        per_token = kv_bytes_per_token(model, plan.tp, plan.dtype, plan.quant_policy)
+        disk_gb = config.cache.disk_kv_cache_gb
+        print(
+            f"disk tier of the prefix cache: {config.cache.kv_cache_dir}, at most {disk_gb:g} "
+            f"GiB, {int(disk_gb * GiB) // (per_token * plan.tp):,} tokens of prefixes"
         )
     quant = plan.model.weight_quant
     if quant is not None:

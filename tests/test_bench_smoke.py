@@ -7,9 +7,9 @@ which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU k
 `bench/gpu_decode_summary.py` on the end-to-end script's own report; and the GEMV bench's per-shape
 work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; and the guided
 JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), the speculative
-decoding bench (`bench/speculative.py`) and the host-tier bench (`bench/host_kv_cache.py`) on
-the demo model with short answers; and the draft-row cost bench (`bench/draft_rows.py`) on a
-tiny random model."""
+decoding bench (`bench/speculative.py`), the host-tier bench (`bench/host_kv_cache.py`) and
+the disk-tier bench (`bench/disk_kv_cache.py`) on the demo model with short answers; and the
+draft-row cost bench (`bench/draft_rows.py`) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -309,6 +309,14 @@ def test_host_kv_cache_bench_runs(tmp_path: Path) -> None:
     assert "host-kv-cache: a 2092-token document asked again" in out
     assert "answers identical: True" in out
     assert "| host tier |" in report.read_text()
+
+
+def test_disk_kv_cache_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "disk.md"
+    out = _run("bench/disk_kv_cache.py", "--tries=1", "--max-new-tokens=4", f"--report={report}")
+    assert "disk-kv-cache: a 2176-token document in a new runtime" in out
+    assert "answers identical: True" in out
+    assert "| warm directory |" in report.read_text()
 
 
 def test_draft_rows_bench_runs(tmp_path: Path) -> None:

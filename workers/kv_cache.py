@@ -12,12 +12,22 @@ plan names.
 from __future__ import annotations
 
 import itertools
+import logging
+import math
+import os
+import queue
+import struct
+import threading
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from dist_runtime.protocol import KVMove
+from dist_runtime.protocol import DISK_DROP, DISK_LOAD, DISK_SAVE, KVMove
 from kernels.kv_quant import code_dim
+
+logger = logging.getLogger(__name__)
 
 PARAM_BYTES = 2 * 4
 """float32 scale and zero per token and KV head, for K and for V each."""
@@ -154,3 +164,137 @@ class HostKVTier:
             else:
                 rows = host.index_select(2, slots)
                 device.index_copy_(2, blocks, rows.to(device.device, non_blocking=True))
+
+
+class DiskKVTier:
+    """One worker's disk tier of the prefix cache: a directory with one file per block (this
+    worker's heads of every layer, codes and params when quantized), named by the block's
+    digest. The driver's block manager decides every save, load and deletion (`KVMove`s with
+    `disk` set); a save is copied off the device at once and written by a background thread
+    (to a temporary name, then renamed: a file under its final name is whole), and a load
+    finds a block still waiting to be written in memory."""
+
+    SUFFIX = ".kv"
+    MAGIC = b"DRKV1\n"
+
+    def __init__(self, cache: KVCache, directory: Path, max_pending: int = 64):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        self.data_shape = (*cache.data.shape[:2], *cache.data.shape[3:])
+        self.data_dtype = cache.data.dtype
+        self.params_shape = (
+            None if cache.params is None else (*cache.params.shape[:2], *cache.params.shape[3:])
+        )
+        self.data_bytes = math.prod(self.data_shape) * cache.data.element_size()
+        self.params_bytes = 0 if self.params_shape is None else math.prod(self.params_shape) * 4
+        self.file_bytes = len(self.MAGIC) + 16 + self.data_bytes + self.params_bytes
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[int, str, Any]] = queue.Queue(maxsize=max_pending)
+        self.num_written = self.num_read = self.num_failed = 0
+        for leftover in directory.glob("*.tmp"):  # a write cut short by a crash
+            leftover.unlink(missing_ok=True)
+        self._thread = threading.Thread(target=self._write_loop, name="kv-disk", daemon=True)
+        self._thread.start()
+
+    def listing(self) -> list[str]:
+        """The digests of the whole blocks on disk, least recently written first (a file of
+        another size, which another layout or a cut write left, is skipped)."""
+        found = []
+        for path in self.dir.glob("*" + self.SUFFIX):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if st.st_size == self.file_bytes:
+                found.append((st.st_mtime_ns, path.stem))
+        return [key for _, key in sorted(found)]
+
+    def apply(self, cache: KVCache, moves: list[KVMove]) -> None:
+        """Do this worker's disk moves, in plan order."""
+        for m in moves:
+            if m.disk == DISK_SAVE:
+                data = cache.data[:, :, m.block].to("cpu", copy=True).contiguous()
+                params = None
+                if cache.params is not None:
+                    params = cache.params[:, :, m.block].to("cpu", copy=True).contiguous()
+                snapshot = (data, params)
+                with self._lock:
+                    self._pending[m.key] = snapshot
+                self._queue.put((DISK_SAVE, m.key, snapshot))  # waits while the writer lags
+            elif m.disk == DISK_LOAD:
+                with self._lock:
+                    found = self._pending.get(m.key)
+                data, params = found if found is not None else self._read(m.key)
+                cache.data[:, :, m.block].copy_(data)
+                if cache.params is not None and params is not None:
+                    cache.params[:, :, m.block].copy_(params)
+                self.num_read += 1
+            elif m.disk == DISK_DROP:
+                self._queue.put((DISK_DROP, m.key, None))
+
+    def flush(self) -> None:
+        """Wait until every queued write and deletion is done."""
+        self._queue.join()
+
+    def _path(self, key: str) -> Path:
+        return self.dir / (key + self.SUFFIX)
+
+    def _read(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        path = self._path(key)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise RuntimeError(
+                f"disk KV tier: block file {path} is gone (deleted while the runtime ran, or its "
+                "write failed: see this worker's log); restart the runtime to re-read the "
+                "directory"
+            ) from None
+        head = len(self.MAGIC) + 16
+        sizes = struct.unpack("<QQ", raw[len(self.MAGIC) : head]) if len(raw) >= head else None
+        if (
+            not raw.startswith(self.MAGIC)
+            or sizes != (self.data_bytes, self.params_bytes)
+            or len(raw) != self.file_bytes
+        ):
+            raise RuntimeError(
+                f"disk KV tier: {path} is not a block of this KV cache ({len(raw)} bytes, "
+                f"expected {self.file_bytes}); delete it and restart the runtime"
+            )
+        buf = bytearray(raw[head:])
+        data = torch.frombuffer(buf, dtype=torch.uint8, count=self.data_bytes)
+        data = data.view(self.data_dtype).reshape(self.data_shape)
+        params = None
+        if self.params_shape is not None:
+            params = torch.frombuffer(buf, dtype=torch.uint8, offset=self.data_bytes)
+            params = params.view(torch.float32).reshape(self.params_shape)
+        return data, params
+
+    def _write_loop(self) -> None:
+        while True:
+            kind, key, snapshot = self._queue.get()
+            try:
+                if kind == DISK_SAVE:
+                    self._write(key, snapshot)
+                else:
+                    self._path(key).unlink(missing_ok=True)
+            except OSError as e:
+                self.num_failed += 1
+                logger.error("disk KV tier: cannot write block %s in %s: %s", key, self.dir, e)
+            finally:
+                if kind == DISK_SAVE:
+                    with self._lock:
+                        if self._pending.get(key) is snapshot:
+                            del self._pending[key]
+                self._queue.task_done()
+
+    def _write(self, key: str, snapshot: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        data, params = snapshot
+        tmp = self.dir / f"{key}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(self.MAGIC + struct.pack("<QQ", self.data_bytes, self.params_bytes))
+            f.write(data.view(torch.uint8).numpy().data)
+            if params is not None:
+                f.write(params.view(torch.uint8).numpy().data)
+        os.replace(tmp, self._path(key))
+        self.num_written += 1

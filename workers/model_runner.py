@@ -13,6 +13,7 @@ import functools
 import itertools
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -35,7 +36,7 @@ from workers.checkpoint import CheckpointReader, dtype_from_name
 from workers.context_parallel import block_owner, build_cp_metadata, local_key_count
 from workers.cuda_graph import DecodeGraphs, Stage
 from workers.distributed import Collectives
-from workers.kv_cache import HostKVTier, KVCache
+from workers.kv_cache import DiskKVTier, HostKVTier, KVCache
 from workers.layers.attention import AttentionMetadata
 from workers.layers.rotary import inverse_frequencies
 from workers.models.decoder import DecoderLM
@@ -138,6 +139,7 @@ class ModelRunner:
             reader.close()
         self.kv_cache: KVCache | None = None
         self.host_kv: HostKVTier | None = None
+        self.disk_kv: DiskKVTier | None = None
         self.graphs: DecodeGraphs | None = None
         self.seqs: dict[int, SeqState] = {}
         self.sampler = Sampler()
@@ -200,6 +202,20 @@ class ModelRunner:
     def host_kv_bytes(self) -> int:
         return 0 if self.host_kv is None else self.host_kv.nbytes
 
+    def disk_kv_blocks(self) -> tuple[int, int, list[str]]:
+        """(this worker's cp rank, disk-tier blocks per pool that `cache.disk_kv_cache_gb`
+        allows, the digests of the blocks on disk, least recently written first)."""
+        if self.disk_kv is None:
+            raise RuntimeError("this worker has no disk tier (allocate_kv_cache without a dir)")
+        budget = int(self.config.cache.disk_kv_cache_gb * 2**30)
+        per_pool = budget // (self.disk_kv.file_bytes * self.comm.tp_size * self.comm.cp_size)
+        return self.comm.cp_rank, per_pool, self.disk_kv.listing()
+
+    def flush_disk_kv(self) -> None:
+        """Wait until the disk tier's queued writes are on disk."""
+        if self.disk_kv is not None:
+            self.disk_kv.flush()
+
     def _per_request_rope(self) -> bool:
         """Whether a request can bring its own RoPE base (dynamic NTK past max positions)."""
         scaling = self.model_config.rope_scaling
@@ -226,10 +242,15 @@ class ModelRunner:
             graph_logits = 4 * c.vocab_size * rows
         return tokens * per_token + graph_logits + (512 << 20)
 
-    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None:
+    def allocate_kv_cache(
+        self, num_blocks: int, num_host_blocks: int = 0, disk_dir: str | None = None
+    ) -> None:
+        """The KV cache, its host tier (`num_host_blocks`) and its disk tier: `disk_dir`, the
+        directory of this model's and layout's blocks, where this worker keeps its own."""
         # The native decoder points at the old cache: let it go with it, before the new one.
         self.model.drop_native_decoder()
-        self.kv_cache = self.graphs = self.host_kv = None
+        self.flush_disk_kv()
+        self.kv_cache = self.graphs = self.host_kv = self.disk_kv = None
         mode = self._decode_graph_mode()
         self.kv_cache = KVCache(
             self.model_config.num_layers,
@@ -244,6 +265,9 @@ class ModelRunner:
         )
         if num_host_blocks:
             self.host_kv = HostKVTier(self.kv_cache, num_host_blocks)
+        if disk_dir is not None:
+            where = Path(disk_dir) / f"tp{self.comm.tp_rank}-cp{self.comm.cp_rank}"
+            self.disk_kv = DiskKVTier(self.kv_cache, where)
         if mode is None:
             return
         kv = self.kv_cache
@@ -433,17 +457,22 @@ class ModelRunner:
         return self._execute(plan)
 
     def _move_kv(self, plan: StepPlan) -> None:
-        """The plan's host-tier copies of this worker's cp rank, in order, before its step."""
+        """The plan's host- and disk-tier copies of this worker's cp rank, in order, before its
+        step."""
         if self.kv_cache is None:
             raise RuntimeError("allocate_kv_cache() must run before execute()")
         if not plan.kv_moves:
             return
-        if self.host_kv is None:
-            raise ValueError(
-                f"step {plan.step_id} moves KV blocks but this worker has no host tier"
-            )
         rank = self.comm.cp_rank
-        self.host_kv.apply(self.kv_cache, [m for m in plan.kv_moves if m.pool == rank])
+        mine = [m for m in plan.kv_moves if m.pool == rank]
+        for on_disk, run in itertools.groupby(mine, key=lambda m: bool(m.disk)):
+            tier = self.disk_kv if on_disk else self.host_kv
+            if tier is None:
+                raise ValueError(
+                    f"step {plan.step_id} moves KV blocks but this worker has no "
+                    f"{'disk' if on_disk else 'host'} tier"
+                )
+            tier.apply(self.kv_cache, list(run))
 
     @torch.inference_mode()
     def _execute(self, plan: StepPlan) -> StepResult | None:

@@ -79,9 +79,11 @@ class Worker:
         assert self.runner is not None
         return self.runner.num_host_blocks()
 
-    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None:
+    def allocate_kv_cache(
+        self, num_blocks: int, num_host_blocks: int = 0, disk_dir: str | None = None
+    ) -> None:
         assert self.runner is not None
-        self.runner.allocate_kv_cache(num_blocks, num_host_blocks)
+        self.runner.allocate_kv_cache(num_blocks, num_host_blocks, disk_dir)
         # The worker is set up: keep what it holds out of every later full collection
         # (`dist_runtime.engine.engine.freeze_heap`).
         gc.collect()
@@ -162,7 +164,16 @@ class Worker:
     def ping(self) -> int:
         return self.coords.rank
 
+    def disk_kv_blocks(self) -> tuple[int, int, list[str]]:
+        assert self.runner is not None
+        return self.runner.disk_kv_blocks()
+
+    def flush_disk_kv(self) -> None:
+        if self.runner is not None:
+            self.runner.flush_disk_kv()
+
     def shutdown(self) -> None:
+        self.flush_disk_kv()
         self.runner = None
         destroy_distributed()
         self._store = None

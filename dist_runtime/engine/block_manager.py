@@ -16,14 +16,24 @@ pool's host tier (least recently used slots are reused), and a prefix lookup tha
 device but finds the block's hash there takes a device block and copies it back. The copies are
 `KVMove`s, queued in order and sent with the next step plan (`take_moves`); workers do them
 before that step, so a block is saved before it is overwritten and loaded before it is read.
+
+Disk tier (`cache.kv_cache_dir`): the hash chain is then a cryptographic digest (BLAKE2b, 128
+bits) rooted in a fingerprint of the model and KV layout, the same in every process, so the
+blocks outlive the process. Every block registered is also written to disk (a `DISK_SAVE`
+move; the worker writes it in the background), a lookup that misses the device and host tier
+reads a block found there into a free device block (`DISK_LOAD`), and past the tier's capacity
+the least recently used block's files are deleted (`DISK_DROP`). The index starts from the
+blocks the workers find on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
-from dist_runtime.protocol import KVMove
+from dist_runtime.protocol import DISK_DROP, DISK_LOAD, DISK_SAVE, KVMove
 
 
 class _HostTier:
@@ -57,6 +67,14 @@ class _HostTier:
         return slot
 
 
+class _DiskTier:
+    """One pool's blocks on disk, least recently used first, at most `capacity`."""
+
+    def __init__(self, capacity: int, present: Sequence[int]):
+        self.capacity = capacity
+        self.by_hash: OrderedDict[int, None] = OrderedDict.fromkeys(present)
+
+
 class _Pool:
     """One cp rank's block ids: free list, reference counts, prefix-cache maps."""
 
@@ -70,6 +88,8 @@ class _Pool:
         self.host = _HostTier(host_slots) if host_slots else None
         self.moves = moves  # the manager's queue, shared by its pools
         self.num_saved = 0
+        self.disk: _DiskTier | None = None
+        self.num_disk_saved = 0
 
     @property
     def num_free(self) -> int:
@@ -103,6 +123,34 @@ class _Pool:
         self.hash_of[block] = h
         return block
 
+    def save_to_disk(self, h: int, block: int) -> None:
+        """Write the block of hash `h` to the disk tier (unless it is there: then it is only
+        marked used), deleting the least recently used blocks past the tier's capacity."""
+        disk = self.disk
+        if disk is None:
+            return
+        if h in disk.by_hash:
+            disk.by_hash.move_to_end(h)
+            return
+        disk.by_hash[h] = None
+        self.moves.append(_disk_move(DISK_SAVE, self.index, block, h))
+        self.num_disk_saved += 1
+        while len(disk.by_hash) > disk.capacity:
+            old, _ = disk.by_hash.popitem(last=False)
+            self.moves.append(_disk_move(DISK_DROP, self.index, 0, old))
+
+    def load_from_disk(self, h: int) -> int | None:
+        """A device block holding the disk tier's copy of hash `h` (registered and referenced
+        once; its read queued), or None when the tier lacks it or no block is free."""
+        if self.disk is None or h not in self.disk.by_hash or not self.num_free:
+            return None
+        self.disk.by_hash.move_to_end(h)
+        block = self.take()
+        self.moves.append(_disk_move(DISK_LOAD, self.index, block, h))
+        self.by_hash[h] = block
+        self.hash_of[block] = h
+        return block
+
     def release(self, block: int) -> None:
         self.refs[block] -= 1
         if self.refs[block] == 0:
@@ -130,7 +178,14 @@ class BlockManager:
         cache_salt: int = 0,
         cp_size: int = 1,
         host_slots: int = 0,
+        root: int | None = None,
+        disk_blocks: Sequence[Sequence[int]] | None = None,
+        disk_capacity: int = 0,
     ):
+        """`root`: a fixed root of the hash chain, which makes the hashes BLAKE2b digests, the
+        same in every process (the disk tier's); `disk_blocks`: per pool, the digests the disk
+        tier holds, least recently used first, at most `disk_capacity` blocks per pool (the
+        disk tier is on when given)."""
         if num_blocks < 1:
             raise ValueError(
                 f"the KV cache has {num_blocks} blocks; give the workers more memory "
@@ -142,11 +197,25 @@ class BlockManager:
         self.block_size = block_size
         self.cp_size = cp_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.root_hash = hash(("dist_runtime-kv", cache_salt))
+        self.stable = root is not None
+        """Hashes are BLAKE2b digests rooted at `root` (the disk tier's), not Python's."""
+        self.root_hash = root if root is not None else hash(("dist_runtime-kv", cache_salt))
         self.host_slots = host_slots if enable_prefix_caching else 0
         """Host-tier slots per pool (0: no host tier)."""
         self._moves: list[KVMove] = []
         self._pools = [_Pool(num_blocks, i, self.host_slots, self._moves) for i in range(cp_size)]
+        self.disk_capacity = 0
+        """Disk-tier blocks per pool (0: no disk tier)."""
+        if disk_blocks is not None and enable_prefix_caching:
+            if not self.stable or len(disk_blocks) != cp_size or disk_capacity < 1:
+                raise ValueError(
+                    "a disk tier needs a fixed hash root, one listing per pool and a capacity"
+                )
+            self.disk_capacity = disk_capacity
+            for pool, present in zip(self._pools, disk_blocks, strict=True):
+                pool.disk = _DiskTier(disk_capacity, list(present)[-disk_capacity:])
+        self.num_disk_hit_tokens = 0
+        """Prompt tokens read back from the disk tier."""
         self.num_hit_tokens = 0
         """Prompt tokens found cached, on the device or in the host tier."""
         self.num_host_hit_tokens = 0
@@ -163,6 +232,16 @@ class BlockManager:
     def num_saved_blocks(self) -> int:
         """Blocks copied to the host tier on eviction, since start."""
         return sum(p.num_saved for p in self._pools)
+
+    @property
+    def num_disk_saved_blocks(self) -> int:
+        """Blocks written to the disk tier, since start."""
+        return sum(p.num_disk_saved for p in self._pools)
+
+    @property
+    def num_disk_blocks(self) -> int:
+        """Blocks the disk tier holds now."""
+        return sum(len(p.disk.by_hash) for p in self._pools if p.disk is not None)
 
     @property
     def num_free_blocks(self) -> int:
@@ -230,7 +309,15 @@ class BlockManager:
 
     # -- prefix caching ---------------------------------------------------------------------
     def block_hash(self, parent: int, tokens: Sequence[int]) -> int:
+        if self.stable:
+            return _digest(parent.to_bytes(16, "little") + struct.pack(f"<{len(tokens)}q", *tokens))
         return hash((parent, tuple(tokens)))
+
+    def derive_root(self, root: int, value: float) -> int:
+        """A hash chain's root for K/V that `value` (a RoPE base) also shapes."""
+        if self.stable:
+            return _digest(root.to_bytes(16, "little") + struct.pack("<d", value))
+        return hash((root, value))
 
     def match_prefix(
         self, token_ids: Sequence[int], max_tokens: int, root: int | None = None
@@ -253,11 +340,17 @@ class BlockManager:
             if block is not None:
                 pool.evictable.pop(block, None)
                 pool.refs[block] += 1
+                if pool.disk is not None and h in pool.disk.by_hash:
+                    pool.disk.by_hash.move_to_end(h)  # (a device hit keeps its file fresh too)
             else:
                 block = pool.load(h)
-                if block is None:
-                    break
-                self.num_host_hit_tokens += bs
+                if block is not None:
+                    self.num_host_hit_tokens += bs
+                else:
+                    block = pool.load_from_disk(h)
+                    if block is None:
+                        break
+                    self.num_disk_hit_tokens += bs
             blocks.append(block)
             parent = h
         self.num_hit_tokens += len(blocks) * bs
@@ -294,7 +387,16 @@ class BlockManager:
         if self.enable_prefix_caching and h not in pool.by_hash and block not in pool.hash_of:
             pool.by_hash[h] = block
             pool.hash_of[block] = h
+            pool.save_to_disk(h, block)
         return h
+
+
+def _digest(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "little")
+
+
+def _disk_move(kind: int, pool: int, block: int, h: int) -> KVMove:
+    return KVMove(pool=pool, block=block, slot=0, to_host=False, disk=kind, key=f"{h:032x}")
 
 
 def _count(entries: int, pool: int, cp: int) -> int:

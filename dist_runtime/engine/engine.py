@@ -41,6 +41,7 @@ from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.engine.executor.base import Executor, WorkerError
 from dist_runtime.engine.executor.factory import create_executor
 from dist_runtime.engine.handle import RequestHandle
+from dist_runtime.engine.kv_disk import disk_tier
 from dist_runtime.engine.output_processor import OutputProcessor
 from dist_runtime.engine.outputs import RequestDelta
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
@@ -256,6 +257,9 @@ class Engine:
             "prefix_cache_host_hit_tokens": blocks.num_host_hit_tokens,
             "host_kv_saved_blocks": blocks.num_saved_blocks,
             "host_kv_blocks": blocks.host_slots * blocks.cp_size,
+            "prefix_cache_disk_hit_tokens": blocks.num_disk_hit_tokens,
+            "disk_kv_saved_blocks": blocks.num_disk_saved_blocks,
+            "disk_kv_blocks": blocks.num_disk_blocks,
             "num_worker_restarts": self.num_worker_restarts,
             "num_draft_tokens": sched.num_draft_tokens,
             "num_accepted_tokens": sched.num_accepted_tokens,
@@ -709,20 +713,62 @@ class Engine:
                 )
             )
             host_slots = self.executor.num_host_blocks()
+            disk_dir, root = None, None
+            cache = self.config.cache
+            if cache.kv_cache_dir is not None and cache.enable_prefix_caching:
+                where, root = disk_tier(self.config, self.model_config)
+                disk_dir = str(where)
+            self.executor.allocate_kv_cache(num_blocks, host_slots, disk_dir)
+            disk_blocks, capacity = None, 0
+            if disk_dir is not None:
+                disk_blocks, capacity = self._disk_listing(disk_dir)
             self.blocks = BlockManager(
                 num_blocks,
-                self.config.cache.block_size,
-                self.config.cache.enable_prefix_caching,
+                cache.block_size,
+                cache.enable_prefix_caching,
                 salt,
                 cp_size=self.config.parallel.cp,
                 host_slots=host_slots,
+                root=root,
+                disk_blocks=disk_blocks,
+                disk_capacity=capacity,
             )
-            self.executor.allocate_kv_cache(num_blocks, host_slots)
         except BaseException:
             self.executor.shutdown()
             self.executor = None
             raise
         freeze_heap()
+
+    def _disk_listing(self, disk_dir: str) -> tuple[list[list[int]], int]:
+        """Per pool, the digests of the blocks every one of its workers has on disk (least
+        recently written first), and the disk tier's capacity in blocks per pool."""
+        assert self.executor is not None
+        listings = self.executor.disk_kv_blocks()
+        capacity = min(cap for _, cap, _ in listings)
+        if capacity < 1:
+            raise ConfigError(
+                f"cache.disk_kv_cache_gb = {self.config.cache.disk_kv_cache_gb:g} GiB holds no "
+                "KV block of this model on every worker; raise --disk-kv-cache-gb"
+            )
+        cp = self.config.parallel.cp
+        pools: list[list[int]] = [[] for _ in range(cp)]
+        shared: list[set[int] | None] = [None] * cp
+        for cp_rank, _, keys in listings:
+            digests = [int(k, 16) for k in keys if len(k) == 32]
+            mine = set(digests)
+            if shared[cp_rank] is None:
+                pools[cp_rank] = digests
+                shared[cp_rank] = mine
+            else:
+                shared[cp_rank] &= mine  # type: ignore[operator]
+        found = [[d for d in pools[r] if d in (shared[r] or ())] for r in range(cp)]
+        logger.info(
+            "disk KV tier %s: %d blocks found, room for %d per cp rank",
+            disk_dir,
+            sum(map(len, found)),
+            capacity,
+        )
+        return found, capacity
 
     def _check_session_fits(self, num_blocks: int) -> None:
         """Fail at start when one full session cannot fit in the KV memory the workers have."""

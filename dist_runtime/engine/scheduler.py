@@ -388,7 +388,7 @@ class Scheduler:
     def _root(self, seq: Sequence) -> int:
         """Hash chain root of a sequence's blocks: K/V rotated with another base differ."""
         root = self.blocks.root_hash
-        return root if seq.rope_base == 0.0 else hash((root, seq.rope_base))
+        return root if seq.rope_base == 0.0 else self.blocks.derive_root(root, seq.rope_base)
 
     def reset(self, blocks: BlockManager) -> None:
         """The workers were replaced and every KV block with them: adopt the new pool and put

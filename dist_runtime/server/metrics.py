@@ -40,6 +40,10 @@ class _EngineCollector(Collector):
                 used / s["num_blocks"] if s["num_blocks"] else 0.0,
             ),
             "kv_cache_used_blocks": ("KV blocks held by requests", used),
+            "disk_kv_blocks": (
+                "KV blocks the disk tier of the prefix cache holds",
+                s["disk_kv_blocks"],
+            ),
             "engine_alive": ("1 while the engine runs", float(self.engine.is_alive)),
         }
         for name, (doc, value) in gauges.items():
@@ -55,6 +59,11 @@ class _EngineCollector(Collector):
                 "KV blocks copied to the host tier as the device cache evicted them",
                 "saved",
             ),
+            "prefix_cache_disk_hits": (
+                "Prompt tokens read back from the disk tier of the prefix cache",
+                "disk_hits",
+            ),
+            "disk_kv_saved_blocks": ("KV blocks written to the disk tier", "disk_saved"),
             "prompt_tokens_computed": ("Prompt tokens the workers computed", "computed"),
             "generation_tokens": ("Tokens generated", "generated"),
             "num_preemptions": ("Sequences preempted (recomputed later)", "preemptions"),
@@ -70,6 +79,8 @@ class _EngineCollector(Collector):
             "hits": s["prefix_cache_hit_tokens"],
             "host_hits": s["prefix_cache_host_hit_tokens"],
             "saved": s["host_kv_saved_blocks"],
+            "disk_hits": s["prefix_cache_disk_hit_tokens"],
+            "disk_saved": s["disk_kv_saved_blocks"],
             "computed": s["num_prompt_tokens_computed"],
             "generated": s["num_generated_tokens"],
             "preemptions": s["num_preemptions"],

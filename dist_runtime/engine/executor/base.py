@@ -24,7 +24,15 @@ class Executor(abc.ABC):
         """KV blocks each worker's host tier holds (`cache.host_kv_cache_gb`; 0: none)."""
 
     @abc.abstractmethod
-    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None: ...
+    def allocate_kv_cache(
+        self, num_blocks: int, num_host_blocks: int = 0, disk_dir: str | None = None
+    ) -> None:
+        """Each worker's KV cache, host tier and disk tier (`disk_dir`: see
+        `ModelRunner.allocate_kv_cache`)."""
+
+    @abc.abstractmethod
+    def disk_kv_blocks(self) -> list[tuple[int, int, list[str]]]:
+        """Each worker's (cp rank, disk-tier blocks per pool, digests on disk), by rank."""
 
     @abc.abstractmethod
     def execute(self, plan: StepPlan) -> StepResult:

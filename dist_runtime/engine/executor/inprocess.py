@@ -32,8 +32,13 @@ class InProcessExecutor(Executor):
     def num_host_blocks(self) -> int:
         return self.worker.num_host_blocks()
 
-    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None:
-        self.worker.allocate_kv_cache(num_blocks, num_host_blocks)
+    def allocate_kv_cache(
+        self, num_blocks: int, num_host_blocks: int = 0, disk_dir: str | None = None
+    ) -> None:
+        self.worker.allocate_kv_cache(num_blocks, num_host_blocks, disk_dir)
+
+    def disk_kv_blocks(self) -> list[tuple[int, int, list[str]]]:
+        return [self.worker.disk_kv_blocks()]
 
     def execute(self, plan: StepPlan) -> StepResult:
         # No codec in one process: the messages it would check are built by this code on both

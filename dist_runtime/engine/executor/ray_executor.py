@@ -284,11 +284,23 @@ class RayExecutor(Executor):
         )
         return min(counts)
 
-    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None:
+    def allocate_kv_cache(
+        self, num_blocks: int, num_host_blocks: int = 0, disk_dir: str | None = None
+    ) -> None:
         self._get(
-            [a.allocate_kv_cache.remote(num_blocks, num_host_blocks) for a in self.actors],
+            [
+                a.allocate_kv_cache.remote(num_blocks, num_host_blocks, disk_dir)
+                for a in self.actors
+            ],
             self.config.init_timeout_s,
             "allocating the KV cache",
+        )
+
+    def disk_kv_blocks(self) -> list[tuple[int, int, list[str]]]:
+        return self._get(
+            [a.disk_kv_blocks.remote() for a in self.actors],
+            self.config.init_timeout_s,
+            "listing the disk KV tier",
         )
 
     def _watch(self) -> None:
@@ -392,6 +404,11 @@ class RayExecutor(Executor):
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=self.config.monitor_interval_s * 3 + 1)
         self._monitor = None
+        if self.actors and self.config.cache.kv_cache_dir and self.dead is None:
+            try:  # the disk tier's queued writes, before the workers go
+                ray.get([a.flush_disk_kv.remote() for a in self.actors], timeout=30)
+            except Exception as e:
+                logger.warning("disk KV tier: writes still queued may be lost: %s", e)
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)

@@ -1,0 +1,302 @@
+"""The prefix cache's disk tier (`cache.kv_cache_dir`): blocks written as they are computed come
+back in a later process (and in the same one, after the device evicted them) instead of being
+prefilled again, with the answers of a run without the tier; the directory is kept per model
+and layout, bounded by its capacity, and files that are cut short or gone are never read as
+K/V. Unit tests of the block manager's moves and of the worker's files come first."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_runtime import Runtime, SamplingParams
+from dist_runtime.config import CacheConfig, ConfigError
+from dist_runtime.engine.block_manager import BlockManager
+from dist_runtime.protocol import DISK_DROP, DISK_LOAD, DISK_SAVE, KVMove
+from workers.kv_cache import DiskKVTier, KVCache
+
+BS = 2
+ROOT = 12345
+
+
+def register(bm: BlockManager, table: list[int], tokens: Sequence[int]) -> list[int]:
+    parent, hashes = bm.root_hash, []
+    for i in range(len(tokens) // bm.block_size):
+        parent = bm.register_block(i, table[i], parent, tokens[i * BS : (i + 1) * BS])
+        hashes.append(parent)
+    return hashes
+
+
+def disk_bm(present: Sequence[int] = (), capacity: int = 8, **kw: Any) -> BlockManager:
+    return BlockManager(
+        num_blocks=kw.pop("num_blocks", 6),
+        block_size=BS,
+        root=ROOT,
+        disk_blocks=[list(present)],
+        disk_capacity=capacity,
+        **kw,
+    )
+
+
+def kinds(moves: list[KVMove]) -> list[tuple[int, int, str]]:
+    return [(m.disk, m.block, m.key) for m in moves]
+
+
+# -- block manager --------------------------------------------------------------------------------
+def test_stable_hashes_are_the_same_in_every_manager_and_depend_on_the_root() -> None:
+    """BLAKE2b digests, 128 bits: two managers with one root agree (so do two processes: no
+    Python hash seed enters), another root or another token differs."""
+    a, b, c = disk_bm(), disk_bm(), BlockManager(4, BS, root=ROOT + 1)
+    assert a.block_hash(ROOT, [1, 2]) == b.block_hash(ROOT, [1, 2])
+    assert a.block_hash(ROOT, [1, 2]).bit_length() > 64
+    assert a.block_hash(ROOT, [1, 2]) != a.block_hash(ROOT, [1, 3])
+    assert a.block_hash(a.root_hash, [1, 2]) != c.block_hash(c.root_hash, [1, 2])
+    assert a.derive_root(ROOT, 1e6) == b.derive_root(ROOT, 1e6) != a.derive_root(ROOT, 2e6)
+    plain = BlockManager(4, BS)
+    assert not plain.stable and plain.block_hash(5, [1, 2]) == hash((5, (1, 2)))
+
+
+def test_registered_blocks_are_saved_once_and_found_again_after_a_restart() -> None:
+    bm = disk_bm()
+    table: list[int] = []
+    bm.grow(table, 6)
+    hashes = register(bm, table, [1, 2, 3, 4, 5, 6])
+    saves = bm.take_moves()
+    assert kinds(saves) == [(DISK_SAVE, table[i], f"{h:032x}") for i, h in enumerate(hashes)]
+    register(bm, table, [1, 2, 3, 4, 5, 6])  # registered already: nothing more
+    assert bm.take_moves() == [] and bm.num_disk_saved_blocks == 3
+    # a new manager (a new process) that the workers tell what they have on disk
+    again = disk_bm(present=hashes)
+    blocks, parent = again.match_prefix([1, 2, 3, 4, 5, 6, 7], 7)
+    assert parent == hashes[-1] and len(blocks) == 3
+    assert kinds(again.take_moves()) == [
+        (DISK_LOAD, b, f"{h:032x}") for b, h in zip(blocks, hashes, strict=True)
+    ]
+    assert again.num_disk_hit_tokens == 6 and again.num_hit_tokens == 6
+    # now on the device: a second lookup hits there and reads nothing
+    again.free(list(blocks))
+    more, _ = again.match_prefix([1, 2, 3, 4], 4)
+    assert more == blocks[:2] and again.take_moves() == []
+
+
+def test_a_lookup_stops_at_the_first_block_the_disk_lacks() -> None:
+    bm = disk_bm(present=[])
+    table: list[int] = []
+    bm.grow(table, 6)
+    hashes = register(bm, table, [1, 2, 3, 4, 5, 6])
+    bm.take_moves()
+    fresh = disk_bm(present=[hashes[0], hashes[2]])  # the middle block's file is gone
+    blocks, parent = fresh.match_prefix([1, 2, 3, 4, 5, 6], 6)
+    assert len(blocks) == 1 and parent == hashes[0]
+
+
+def test_past_capacity_the_least_recently_used_blocks_are_dropped() -> None:
+    """Capacity 3: a fourth block drops the oldest file; a device hit keeps a block fresh."""
+    bm = disk_bm(capacity=3, num_blocks=8)
+    t1: list[int] = []
+    bm.grow(t1, 6)
+    h = register(bm, t1, [1, 2, 3, 4, 5, 6])
+    bm.take_moves()
+    bm.free(t1)
+    hit, _ = bm.match_prefix([1, 2, 3, 4], 4)  # refreshes the first two blocks
+    bm.free(hit)
+    t2: list[int] = []
+    bm.grow(t2, 2)
+    (h2,) = register(bm, t2, [9, 9])
+    moves = bm.take_moves()
+    assert kinds(moves) == [(DISK_SAVE, t2[0], f"{h2:032x}"), (DISK_DROP, 0, f"{h[2]:032x}")]
+    assert bm.num_disk_blocks == 3
+
+
+def test_disk_tier_needs_a_stable_root_and_a_listing_per_pool() -> None:
+    with pytest.raises(ValueError, match="a disk tier needs a fixed hash root"):
+        BlockManager(4, BS, disk_blocks=[[]], disk_capacity=4)
+    with pytest.raises(ValueError, match="a disk tier needs a fixed hash root"):
+        BlockManager(4, BS, root=ROOT, cp_size=2, disk_blocks=[[]], disk_capacity=4)
+
+
+# -- the worker's files ---------------------------------------------------------------------------
+def small_cache(bits: int = 0, num_blocks: int = 4) -> KVCache:
+    cache = KVCache(2, num_blocks, 4, 2, 8, torch.bfloat16, torch.device("cpu"), bits=bits)
+    cache.data.copy_(torch.randint(0, 200, cache.data.shape).to(cache.data.dtype))
+    if cache.params is not None:
+        cache.params.copy_(torch.randn(cache.params.shape))
+    return cache
+
+
+def move(kind: int, block: int, key: str) -> KVMove:
+    return KVMove(pool=0, block=block, slot=0, to_host=False, disk=kind, key=key)
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_files_round_trip_before_and_after_they_are_written(tmp_path: Path, bits: int) -> None:
+    cache = small_cache(bits)
+    want = cache.data[:, :, 1].clone()
+    want_params = None if cache.params is None else cache.params[:, :, 1].clone()
+    tier = DiskKVTier(cache, tmp_path)
+    key = "ab" * 16
+    tier.apply(cache, [move(DISK_SAVE, 1, key), move(DISK_LOAD, 2, key)])  # maybe still queued
+    assert torch.equal(cache.data[:, :, 2], want)
+    tier.flush()
+    assert tier.listing() == [key] and tier.num_written == 1
+    assert (tmp_path / f"{key}.kv").stat().st_size == tier.file_bytes
+    fresh = small_cache(bits)
+    DiskKVTier(fresh, tmp_path).apply(fresh, [move(DISK_LOAD, 3, key)])  # from the file
+    assert torch.equal(fresh.data[:, :, 3], want)
+    if want_params is not None:
+        assert fresh.params is not None and torch.equal(fresh.params[:, :, 3], want_params)
+    tier.apply(cache, [move(DISK_DROP, 0, key)])
+    tier.flush()
+    assert tier.listing() == [] and not (tmp_path / f"{key}.kv").exists()
+
+
+def test_files_of_another_size_are_not_listed_and_a_gone_file_is_an_error(tmp_path: Path) -> None:
+    cache = small_cache()
+    tier = DiskKVTier(cache, tmp_path)
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    tier.apply(cache, [move(DISK_SAVE, 0, a), move(DISK_SAVE, 1, b)])
+    tier.flush()
+    os.utime(tmp_path / f"{a}.kv", ns=(1, 2))  # the oldest
+    with open(tmp_path / f"{b}.kv", "r+b") as f:
+        f.truncate(100)  # a write cut short
+    (tmp_path / f"{c}.123.tmp").write_bytes(b"x")
+    again = DiskKVTier(cache, tmp_path)
+    assert again.listing() == [a]
+    assert not (tmp_path / f"{c}.123.tmp").exists()  # leftovers of a crash are removed
+    with pytest.raises(RuntimeError, match="is not a block of this KV cache"):
+        again.apply(cache, [move(DISK_LOAD, 2, b)])
+    with pytest.raises(RuntimeError, match="is gone"):
+        again.apply(cache, [move(DISK_LOAD, 2, c)])
+
+
+# -- end to end -----------------------------------------------------------------------------------
+PARAMS = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(4, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+DOC = _tokens(120, 1)
+
+
+def _ask(folder: Path, kv_dir: Path | None, docs: Sequence[list[int]], **kw: Any) -> dict[str, Any]:
+    cache = CacheConfig(
+        block_size=4,
+        num_blocks=kw.pop("num_blocks", 70) // kw.get("cp", 1),
+        kv_cache_dir=None if kv_dir is None else str(kv_dir),
+        quant_policy=kw.pop("bits", 0),
+        disk_kv_cache_gb=kw.pop("disk_gb", 1.0),
+    )
+    with Runtime(
+        model=str(folder), device="cpu", dtype="float32", session_len=256, cache=cache, **kw
+    ) as rt:
+        outs = [rt.generate([doc], PARAMS)[0] for doc in docs]
+        stats = rt.engine.stats()
+    return {"outs": outs, "stats": stats}
+
+
+def _same(got: list[Any], want: list[Any]) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        assert [x.logprob for x in g.logprobs] == pytest.approx(
+            [x.logprob for x in w.logprobs], abs=1e-5
+        )
+
+
+def _files(kv_dir: Path) -> list[Path]:
+    return sorted(kv_dir.glob("*/*/*.kv"))
+
+
+@pytest.mark.parametrize("bits", [0, 8])
+def test_a_document_comes_back_from_disk_in_a_new_process(
+    tiny_llama_dir: Path, tmp_path: Path, bits: int
+) -> None:
+    plain = _ask(tiny_llama_dir, None, [DOC + [7]], bits=bits)
+    first = _ask(tiny_llama_dir, tmp_path, [DOC + [7]], bits=bits)
+    again = _ask(tiny_llama_dir, tmp_path, [DOC + [9]], bits=bits)
+    _same(first["outs"], plain["outs"])
+    assert first["stats"]["disk_kv_saved_blocks"] >= len(DOC) // 4
+    assert len(_files(tmp_path)) == first["stats"]["disk_kv_blocks"]
+    assert again["stats"]["prefix_cache_disk_hit_tokens"] == len(DOC)
+    assert again["stats"]["num_prompt_tokens_computed"] == 1
+    assert again["outs"][0].num_cached_tokens == len(DOC)
+    other = _ask(tiny_llama_dir, None, [DOC + [9]], bits=bits)
+    _same(again["outs"], other["outs"])
+
+
+def test_evicted_blocks_come_back_from_disk_in_the_same_process(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A 70-block device cache and no host tier: three other documents push DOC out, and the
+    fourth question about it reads it back from disk."""
+    docs = [DOC + [7], *(_tokens(120, s) for s in (2, 3, 4)), DOC + [9]]
+    plain = _ask(tiny_llama_dir, None, docs)
+    disk = _ask(tiny_llama_dir, tmp_path, docs)
+    _same(disk["outs"], plain["outs"])
+    assert disk["stats"]["prefix_cache_disk_hit_tokens"] == len(DOC)
+    assert plain["stats"]["num_prompt_tokens_computed"] - disk["stats"][
+        "num_prompt_tokens_computed"
+    ] == len(DOC)
+
+
+def test_each_model_and_layout_has_its_own_directory(
+    tiny_llama_dir: Path, tiny_internlm2_dir: Path, tmp_path: Path
+) -> None:
+    """Another checkpoint, block size or KV quantization never reads these blocks."""
+    _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
+    for folder, kw in [(tiny_internlm2_dir, {}), (tiny_llama_dir, {"bits": 4})]:
+        run = _ask(folder, tmp_path, [DOC + [7]], **kw)
+        assert run["stats"]["prefix_cache_disk_hit_tokens"] == 0
+    cards = sorted(tmp_path.glob("*/fingerprint.json"))
+    assert len(cards) == 3
+    assert (tmp_path / "weights.json").exists()
+
+
+def test_a_cut_file_is_recomputed_not_read(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A block file cut short (a crash mid-write that still renamed it, a full disk) is left
+    out when the directory is read, so the prefix is found up to it and the rest computed."""
+    plain = _ask(tiny_llama_dir, None, [DOC + [7]])
+    _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
+    files = sorted(_files(tmp_path), key=lambda p: p.stat().st_mtime_ns)
+    with open(files[10], "r+b") as f:  # the 11th block written: tokens 40-43
+        f.truncate(64)
+    again = _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
+    _same(again["outs"], plain["outs"])
+    assert again["stats"]["prefix_cache_disk_hit_tokens"] == 40
+
+
+def test_the_directory_stays_within_its_capacity(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    block_file = 2 * 2 * 4 * 4 * 8 * 4 + 22  # K and V, 2 layers, 4 tokens, 4 KV heads, 8, fp32
+    gb = 20 * block_file / 2**30  # room for 20 blocks
+    run = _ask(tiny_llama_dir, tmp_path, [DOC + [7], _tokens(120, 5)], disk_gb=gb)
+    assert run["stats"]["disk_kv_blocks"] == 20
+    assert len(_files(tmp_path)) == 20
+    with pytest.raises(ConfigError, match="holds no KV block of this model"):
+        _ask(tiny_llama_dir, tmp_path, [DOC], disk_gb=block_file / 2 / 2**30)
+
+
+def test_disk_tier_needs_the_prefix_cache() -> None:
+    with pytest.raises(ConfigError, match="enable_prefix_caching is false"):
+        CacheConfig(kv_cache_dir="/tmp/x", enable_prefix_caching=False)
+    with pytest.raises(ConfigError, match="disk_kv_cache_gb must be a number of GiB > 0"):
+        CacheConfig(kv_cache_dir="/tmp/x", disk_kv_cache_gb=0)
+
+
+@pytest.mark.parametrize(("tp", "cp"), [(2, 1), (1, 2)])
+def test_disk_tier_over_ray(
+    ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path, tp: int, cp: int
+) -> None:
+    """Each worker writes its own heads (tp) or stripe of blocks (cp); the workers' queued
+    writes are flushed before they stop, and a new worker group reads them back."""
+    plain = _ask(tiny_llama_dir, None, [DOC + [7]])
+    _ask(tiny_llama_dir, tmp_path, [DOC + [7]], tp=tp, cp=cp)
+    assert len(list(tmp_path.glob("*/tp*-cp*"))) == tp * cp
+    again = _ask(tiny_llama_dir, tmp_path, [DOC + [7]], tp=tp, cp=cp)
+    _same(again["outs"], plain["outs"])
+    assert again["stats"]["prefix_cache_disk_hit_tokens"] == len(DOC)
