@@ -198,8 +198,8 @@ class DiskKVTier:
         self._thread.start()
 
     def listing(self) -> list[str]:
-        """The digests of the whole blocks on disk, least recently written first (a file of
-        another size, which another layout or a cut write left, is skipped)."""
+        """The digests of the whole blocks on disk, least recently written or read first (a
+        file of another size, which a cut write left, is skipped)."""
         found = []
         for path in self.dir.glob("*" + self.SUFFIX):
             try:
@@ -244,6 +244,7 @@ class DiskKVTier:
         path = self._path(key)
         try:
             raw = path.read_bytes()
+            os.utime(path)  # a block read is a block used: the listing's order is by this time
         except FileNotFoundError:
             raise RuntimeError(
                 f"disk KV tier: block file {path} is gone (deleted while the runtime ran, or its "

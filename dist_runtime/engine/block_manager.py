@@ -213,7 +213,10 @@ class BlockManager:
                 )
             self.disk_capacity = disk_capacity
             for pool, present in zip(self._pools, disk_blocks, strict=True):
-                pool.disk = _DiskTier(disk_capacity, list(present)[-disk_capacity:])
+                present = list(present)
+                pool.disk = _DiskTier(disk_capacity, present[-disk_capacity:])
+                # past a capacity lowered since they were written: the oldest go
+                self.drop_from_disk(pool.index, present[:-disk_capacity])
         self.num_disk_hit_tokens = 0
         """Prompt tokens read back from the disk tier."""
         self.num_hit_tokens = 0
@@ -221,6 +224,16 @@ class BlockManager:
         self.num_host_hit_tokens = 0
         """Of those, the ones copied back from the host tier."""
         self.num_queried_tokens = 0
+
+    def drop_from_disk(self, pool: int, digests: Sequence[int]) -> None:
+        """Delete these blocks' files from pool `pool`'s workers (blocks out of the index: past
+        its capacity, or held by only some of the pool's workers)."""
+        for h in digests:
+            self._moves.append(_disk_move(DISK_DROP, pool, 0, h))
+
+    @property
+    def has_moves(self) -> bool:
+        return bool(self._moves)
 
     def take_moves(self) -> list[KVMove]:
         """The host-tier copies queued since the last call, in order (for the next plan)."""

@@ -400,9 +400,11 @@ class Engine:
             return
         started.set_result(None)
         try:
-            while self._drain(block=not self._has_work()):
+            while self._drain(block=not self._has_work() and not self.blocks.has_moves):
                 if self._has_work():
                     self._step()
+                else:
+                    self._send_moves()
             self._die(EngineDeadError("the engine was shut down"))
         except BaseException as e:  # a bug in the loop: nobody may hang on it
             logger.exception("engine loop failed")
@@ -533,6 +535,18 @@ class Engine:
             self._step_failed(plan, e)
             return
         self._finish_step(plan, result, started)
+
+    def _send_moves(self) -> None:
+        """Idle: send the KV moves still queued (the disk tier's last saves) in a plan of no
+        sequences, so they are done now rather than with the next request's first step."""
+        plan = self.scheduler.moves_plan()
+        if plan is None:
+            return
+        assert self.executor is not None
+        try:
+            self.executor.execute(plan)
+        except Exception as e:
+            self._step_failed(plan, e)
 
     def _step_ahead(self) -> None:
         """Plan and launch the decode step after the one in flight (when it can be planned
@@ -719,9 +733,9 @@ class Engine:
                 where, root = disk_tier(self.config, self.model_config)
                 disk_dir = str(where)
             self.executor.allocate_kv_cache(num_blocks, host_slots, disk_dir)
-            disk_blocks, capacity = None, 0
+            disk_blocks, capacity, orphans = None, 0, list[list[int]]()
             if disk_dir is not None:
-                disk_blocks, capacity = self._disk_listing(disk_dir)
+                disk_blocks, capacity, orphans = self._disk_listing(disk_dir)
             self.blocks = BlockManager(
                 num_blocks,
                 cache.block_size,
@@ -733,15 +747,18 @@ class Engine:
                 disk_blocks=disk_blocks,
                 disk_capacity=capacity,
             )
+            for pool, digests in enumerate(orphans):
+                self.blocks.drop_from_disk(pool, digests)
         except BaseException:
             self.executor.shutdown()
             self.executor = None
             raise
         freeze_heap()
 
-    def _disk_listing(self, disk_dir: str) -> tuple[list[list[int]], int]:
+    def _disk_listing(self, disk_dir: str) -> tuple[list[list[int]], int, list[list[int]]]:
         """Per pool, the digests of the blocks every one of its workers has on disk (least
-        recently written first), and the disk tier's capacity in blocks per pool."""
+        recently written first); the disk tier's capacity in blocks per pool; per pool, the
+        digests only some of its workers have (a write lost on one of them: deleted)."""
         assert self.executor is not None
         listings = self.executor.disk_kv_blocks()
         capacity = min(cap for _, cap, _ in listings)
@@ -753,22 +770,25 @@ class Engine:
         cp = self.config.parallel.cp
         pools: list[list[int]] = [[] for _ in range(cp)]
         shared: list[set[int] | None] = [None] * cp
+        seen: list[set[int]] = [set() for _ in range(cp)]
         for cp_rank, _, keys in listings:
             digests = [int(k, 16) for k in keys if len(k) == 32]
             mine = set(digests)
+            seen[cp_rank] |= mine
             if shared[cp_rank] is None:
                 pools[cp_rank] = digests
                 shared[cp_rank] = mine
             else:
                 shared[cp_rank] &= mine  # type: ignore[operator]
         found = [[d for d in pools[r] if d in (shared[r] or ())] for r in range(cp)]
+        orphans = [sorted(seen[r] - (shared[r] or set())) for r in range(cp)]
         logger.info(
             "disk KV tier %s: %d blocks found, room for %d per cp rank",
             disk_dir,
             sum(map(len, found)),
             capacity,
         )
-        return found, capacity
+        return found, capacity, orphans
 
     def _check_session_fits(self, num_blocks: int) -> None:
         """Fail at start when one full session cannot fit in the KV memory the workers have."""

@@ -468,6 +468,20 @@ class Scheduler:
             kv_moves=self.blocks.take_moves(),
         )
 
+    def moves_plan(self) -> StepPlan | None:
+        """A plan of no sequences carrying the KV moves queued since the last plan (the disk
+        tier's saves of the blocks a finished request's last step filled), for an engine with
+        nothing else to run; None when none are queued."""
+        if not self.blocks.has_moves:
+            return None
+        finished, self._finished_ids = self._finished_ids, []
+        return StepPlan(
+            step_id=next(self._step_ids),
+            seqs=[],
+            finished_seq_ids=finished,
+            kv_moves=self.blocks.take_moves(),
+        )
+
     def schedule_ahead(self, inflight: StepPlan, session_len: int) -> StepPlan | None:
         """The decode step after `inflight` (launched, its tokens not read yet), planned on the
         guess that no sequence stops at it: each of its sequences computes the token it is
