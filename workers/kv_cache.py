@@ -190,6 +190,7 @@ class DiskKVTier:
         self.file_bytes = len(self.MAGIC) + 16 + self.data_bytes + self.params_bytes
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._lock = threading.Lock()
+        self.max_pending = max_pending
         self._queue: queue.Queue[tuple[int, str, Any]] = queue.Queue(maxsize=max_pending)
         self.num_written = self.num_read = self.num_failed = 0
         for leftover in directory.glob("*.tmp"):  # a write cut short by a crash
@@ -211,18 +212,29 @@ class DiskKVTier:
         return [key for _, key in sorted(found)]
 
     def apply(self, cache: KVCache, moves: list[KVMove]) -> None:
-        """Do this worker's disk moves, in plan order."""
+        """Do this worker's disk moves, in plan order (a run of saves copied off the device
+        in one gather)."""
+        for is_save, run in itertools.groupby(moves, key=lambda m: m.disk == DISK_SAVE):
+            group = list(run)
+            if not is_save:
+                self._other(cache, group)
+                continue
+            for at in range(0, len(group), self.max_pending):  # host memory: one queue's worth
+                self._save(cache, group[at : at + self.max_pending])
+
+    def _save(self, cache: KVCache, moves: list[KVMove]) -> None:
+        blocks = torch.tensor([m.block for m in moves], device=cache.data.device)
+        data = cache.data.index_select(2, blocks).cpu()
+        params = None if cache.params is None else cache.params.index_select(2, blocks).cpu()
+        for i, m in enumerate(moves):
+            snapshot = (data[:, :, i], None if params is None else params[:, :, i])
+            with self._lock:
+                self._pending[m.key] = snapshot
+            self._queue.put((DISK_SAVE, m.key, snapshot))  # waits while the writer lags
+
+    def _other(self, cache: KVCache, moves: list[KVMove]) -> None:
         for m in moves:
-            if m.disk == DISK_SAVE:
-                data = cache.data[:, :, m.block].to("cpu", copy=True).contiguous()
-                params = None
-                if cache.params is not None:
-                    params = cache.params[:, :, m.block].to("cpu", copy=True).contiguous()
-                snapshot = (data, params)
-                with self._lock:
-                    self._pending[m.key] = snapshot
-                self._queue.put((DISK_SAVE, m.key, snapshot))  # waits while the writer lags
-            elif m.disk == DISK_LOAD:
+            if m.disk == DISK_LOAD:
                 with self._lock:
                     found = self._pending.get(m.key)
                 data, params = found if found is not None else self._read(m.key)
@@ -290,7 +302,8 @@ class DiskKVTier:
                 self._queue.task_done()
 
     def _write(self, key: str, snapshot: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-        data, params = snapshot
+        data = snapshot[0].contiguous()
+        params = None if snapshot[1] is None else snapshot[1].contiguous()
         tmp = self.dir / f"{key}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             f.write(self.MAGIC + struct.pack("<QQ", self.data_bytes, self.params_bytes))

@@ -162,6 +162,27 @@ def test_files_round_trip_before_and_after_they_are_written(tmp_path: Path, bits
     assert tier.listing() == [] and not (tmp_path / f"{key}.kv").exists()
 
 
+def test_a_run_of_saves_longer_than_the_queue_is_gathered_in_pieces(tmp_path: Path) -> None:
+    """Six saves through a two-entry queue (then loads and a drop in the same plan, in order):
+    every block's file holds that block."""
+    cache = small_cache(num_blocks=8)
+    want = [cache.data[:, :, b].clone() for b in range(6)]
+    tier = DiskKVTier(cache, tmp_path, max_pending=2)
+    keys = [f"{b:032x}" for b in range(6)]
+    tier.apply(
+        cache,
+        [move(DISK_SAVE, b, keys[b]) for b in range(6)]
+        + [move(DISK_LOAD, 6, keys[4]), move(DISK_DROP, 0, keys[5]), move(DISK_LOAD, 7, keys[1])],
+    )
+    assert torch.equal(cache.data[:, :, 6], want[4]) and torch.equal(cache.data[:, :, 7], want[1])
+    tier.flush()
+    assert sorted(tier.listing()) == keys[:5]
+    fresh = small_cache(num_blocks=8)
+    DiskKVTier(fresh, tmp_path).apply(fresh, [move(DISK_LOAD, b, keys[b]) for b in range(5)])
+    for b in range(5):
+        assert torch.equal(fresh.data[:, :, b], want[b])
+
+
 def test_files_of_another_size_are_not_listed_and_a_gone_file_is_an_error(tmp_path: Path) -> None:
     cache = small_cache()
     tier = DiskKVTier(cache, tmp_path)
