@@ -111,6 +111,8 @@ timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider -m "not sl
     tests/test_gpu_oracle.py tests/kernels/test_elementwise_kernels.py \
     tests/kernels/test_attention_kernels.py tests/kernels/test_kv_quant.py -k \
     "gpu or rotary or flash_decode or graph" 2>&1 | tail -15 | tee -a "$log"
+timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider \
+    tests/dist_runtime/test_disk_kv_cache.py -k "cuda" 2>&1 | tail -4 | tee -a "$log"
 if [ "${GEMV:-1}" = 1 ]; then
     step "decode-sized linear layers: Triton GEMV, CUDA tests, then against cuBLAS"
     timeout "${GEMV_TIMEOUT:-120}" $PY -m pytest -q -x -p no:cacheprovider \

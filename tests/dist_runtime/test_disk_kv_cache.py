@@ -128,8 +128,16 @@ def test_disk_tier_needs_a_stable_root_and_a_listing_per_pool() -> None:
 
 
 # -- the worker's files ---------------------------------------------------------------------------
-def small_cache(bits: int = 0, num_blocks: int = 4) -> KVCache:
-    cache = KVCache(2, num_blocks, 4, 2, 8, torch.bfloat16, torch.device("cpu"), bits=bits)
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
+
+
+def small_cache(bits: int = 0, num_blocks: int = 4, device: str = "cpu") -> KVCache:
+    cache = KVCache(2, num_blocks, 4, 2, 8, torch.bfloat16, torch.device(device), bits=bits)
     cache.data.copy_(torch.randint(0, 200, cache.data.shape).to(cache.data.dtype))
     if cache.params is not None:
         cache.params.copy_(torch.randn(cache.params.shape))
@@ -140,9 +148,12 @@ def move(kind: int, block: int, key: str) -> KVMove:
     return KVMove(pool=0, block=block, slot=0, to_host=False, disk=kind, key=key)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [0, 8, 4])
-def test_files_round_trip_before_and_after_they_are_written(tmp_path: Path, bits: int) -> None:
-    cache = small_cache(bits)
+def test_files_round_trip_before_and_after_they_are_written(
+    tmp_path: Path, bits: int, device: str
+) -> None:
+    cache = small_cache(bits, device=device)
     want = cache.data[:, :, 1].clone()
     want_params = None if cache.params is None else cache.params[:, :, 1].clone()
     tier = DiskKVTier(cache, tmp_path)
@@ -152,7 +163,7 @@ def test_files_round_trip_before_and_after_they_are_written(tmp_path: Path, bits
     tier.flush()
     assert tier.listing() == [key] and tier.num_written == 1
     assert (tmp_path / f"{key}.kv").stat().st_size == tier.file_bytes
-    fresh = small_cache(bits)
+    fresh = small_cache(bits, device=device)
     DiskKVTier(fresh, tmp_path).apply(fresh, [move(DISK_LOAD, 3, key)])  # from the file
     assert torch.equal(fresh.data[:, :, 3], want)
     if want_params is not None:
@@ -162,10 +173,13 @@ def test_files_round_trip_before_and_after_they_are_written(tmp_path: Path, bits
     assert tier.listing() == [] and not (tmp_path / f"{key}.kv").exists()
 
 
-def test_a_run_of_saves_longer_than_the_queue_is_gathered_in_pieces(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_of_saves_longer_than_the_queue_is_gathered_in_pieces(
+    tmp_path: Path, device: str
+) -> None:
     """Six saves through a two-entry queue (then loads and a drop in the same plan, in order):
     every block's file holds that block."""
-    cache = small_cache(num_blocks=8)
+    cache = small_cache(num_blocks=8, device=device)
     want = [cache.data[:, :, b].clone() for b in range(6)]
     tier = DiskKVTier(cache, tmp_path, max_pending=2)
     keys = [f"{b:032x}" for b in range(6)]
@@ -177,7 +191,7 @@ def test_a_run_of_saves_longer_than_the_queue_is_gathered_in_pieces(tmp_path: Pa
     assert torch.equal(cache.data[:, :, 6], want[4]) and torch.equal(cache.data[:, :, 7], want[1])
     tier.flush()
     assert sorted(tier.listing()) == keys[:5]
-    fresh = small_cache(num_blocks=8)
+    fresh = small_cache(num_blocks=8, device=device)
     DiskKVTier(fresh, tmp_path).apply(fresh, [move(DISK_LOAD, b, keys[b]) for b in range(5)])
     for b in range(5):
         assert torch.equal(fresh.data[:, :, b], want[b])
