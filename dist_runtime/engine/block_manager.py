@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from dist_runtime.protocol import DISK_DROP, DISK_LOAD, DISK_SAVE, KVMove
 
@@ -68,11 +68,15 @@ class _HostTier:
 
 
 class _DiskTier:
-    """One pool's blocks on disk, least recently used first, at most `capacity`."""
+    """One pool's blocks on disk, least recently used first, at most `capacity`; `check`
+    (pool, digest) says whether a block's files are there now."""
 
-    def __init__(self, capacity: int, present: Sequence[int]):
+    def __init__(
+        self, capacity: int, present: Sequence[int], check: Callable[[int, int], bool] | None
+    ):
         self.capacity = capacity
         self.by_hash: OrderedDict[int, None] = OrderedDict.fromkeys(present)
+        self.check = check
 
 
 class _Pool:
@@ -142,9 +146,16 @@ class _Pool:
     def load_from_disk(self, h: int) -> int | None:
         """A device block holding the disk tier's copy of hash `h` (registered and referenced
         once; its read queued), or None when the tier lacks it or no block is free."""
-        if self.disk is None or h not in self.disk.by_hash or not self.num_free:
+        disk = self.disk
+        if disk is None or h not in disk.by_hash or not self.num_free:
             return None
-        self.disk.by_hash.move_to_end(h)
+        if disk.check is not None and not disk.check(self.index, h):
+            # its files went (deleted by hand; a write that failed): a miss, and the other
+            # workers' copies of it go too
+            del disk.by_hash[h]
+            self.moves.append(_disk_move(DISK_DROP, self.index, 0, h))
+            return None
+        disk.by_hash.move_to_end(h)
         block = self.take()
         self.moves.append(_disk_move(DISK_LOAD, self.index, block, h))
         self.by_hash[h] = block
@@ -181,11 +192,13 @@ class BlockManager:
         root: int | None = None,
         disk_blocks: Sequence[Sequence[int]] | None = None,
         disk_capacity: int = 0,
+        disk_check: Callable[[int, int], bool] | None = None,
     ):
         """`root`: a fixed root of the hash chain, which makes the hashes BLAKE2b digests, the
         same in every process (the disk tier's); `disk_blocks`: per pool, the digests the disk
         tier holds, least recently used first, at most `disk_capacity` blocks per pool (the
-        disk tier is on when given)."""
+        disk tier is on when given); `disk_check(pool, digest)`: whether a block's files are on
+        disk now, asked before each read is queued."""
         if num_blocks < 1:
             raise ValueError(
                 f"the KV cache has {num_blocks} blocks; give the workers more memory "
@@ -214,7 +227,7 @@ class BlockManager:
             self.disk_capacity = disk_capacity
             for pool, present in zip(self._pools, disk_blocks, strict=True):
                 present = list(present)
-                pool.disk = _DiskTier(disk_capacity, present[-disk_capacity:])
+                pool.disk = _DiskTier(disk_capacity, present[-disk_capacity:], disk_check)
                 # past a capacity lowered since they were written: the oldest go
                 self.drop_from_disk(pool.index, present[:-disk_capacity])
         self.num_disk_hit_tokens = 0
@@ -230,6 +243,33 @@ class BlockManager:
         its capacity, or held by only some of the pool's workers)."""
         for h in digests:
             self._moves.append(_disk_move(DISK_DROP, pool, 0, h))
+
+    def forget(self, moves: Sequence[KVMove]) -> None:
+        """A step carrying `moves` failed, perhaps part way through them: no block they name
+        may be trusted, so the prefix cache forgets them (a device block a load filled, a host
+        slot a save filled, a block the disk tier wrote or read); their requests are ended by
+        the caller, and a later prompt computes those blocks again."""
+        for m in moves:
+            pool = self._pools[m.pool]
+            if m.disk in (DISK_SAVE, DISK_LOAD) and pool.disk is not None:
+                pool.disk.by_hash.pop(int(m.key, 16), None)
+            if m.disk == DISK_SAVE or m.disk == DISK_DROP:
+                continue
+            if m.disk == 0 and m.to_host:
+                if pool.host is not None:
+                    stale = [h for h, slot in pool.host.by_hash.items() if slot == m.slot]
+                    for h in stale:
+                        del pool.host.by_hash[h]
+                        pool.host.free.append(m.slot)
+                continue
+            if m.block not in pool.hash_of:
+                continue
+            h = pool.hash_of.pop(m.block)  # a load into m.block
+            if pool.by_hash.get(h) == m.block:
+                del pool.by_hash[h]
+            if m.block in pool.evictable:
+                del pool.evictable[m.block]
+                pool.free.append(m.block)
 
     @property
     def has_moves(self) -> bool:

@@ -568,6 +568,7 @@ class Engine:
             if ahead is not None and not isinstance(e, WorkerError):
                 with contextlib.suppress(Exception):
                     self.executor.collect()  # the step launched ahead: its requests fail too
+                self.blocks.forget(ahead.kv_moves)
             self._step_failed(plan, e)
             return
         self._inflight = None if ahead is None else (ahead, launched)
@@ -584,6 +585,7 @@ class Engine:
             return
         # The step itself failed: its requests end, the rest go on.
         logger.error("step %d failed", plan.step_id, exc_info=error)
+        self.blocks.forget(plan.kv_moves)
         self._fail([self._by_seq[s.seq_id] for s in plan.seqs if s.seq_id in self._by_seq], error)
 
     def _finish_step(self, plan: StepPlan, result: StepResult, started: float) -> None:
@@ -746,6 +748,7 @@ class Engine:
                 root=root,
                 disk_blocks=disk_blocks,
                 disk_capacity=capacity,
+                disk_check=None if disk_dir is None else self._disk_check(disk_dir),
             )
             for pool, digests in enumerate(orphans):
                 self.blocks.drop_from_disk(pool, digests)
@@ -754,6 +757,17 @@ class Engine:
             self.executor = None
             raise
         freeze_heap()
+
+    def _disk_check(self, disk_dir: str) -> Callable[[int, int], bool]:
+        """Whether every tp rank of a pool has a block's file (the driver reaches the directory
+        as the workers do), so a file gone since the start is a miss, not a failed step."""
+        tp = self.config.parallel.tp
+
+        def on_disk(pool: int, digest: int) -> bool:
+            name = f"{digest:032x}.kv"
+            return all(os.path.exists(f"{disk_dir}/tp{r}-cp{pool}/{name}") for r in range(tp))
+
+        return on_disk
 
     def _disk_listing(self, disk_dir: str) -> tuple[list[list[int]], int, list[list[int]]]:
         """Per pool, the digests of the blocks every one of its workers has on disk (least

@@ -120,6 +120,52 @@ def test_blocks_past_a_lowered_capacity_are_dropped_oldest_first() -> None:
     assert bm.match_prefix([1, 2], 2) == ([], bm.root_hash)  # (no such digest chain)
 
 
+def test_a_block_whose_files_went_is_a_miss_and_the_others_copies_go_too() -> None:
+    gone = {7}
+    bm = disk_bm(present=[5, 7, 9], disk_check=lambda pool, h: h not in gone)
+    assert bm._pools[0].load_from_disk(5) is not None
+    assert bm._pools[0].load_from_disk(7) is None
+    moves = bm.take_moves()
+    assert [m.disk for m in moves] == [DISK_LOAD, DISK_DROP] and moves[1].key == f"{7:032x}"
+    assert bm.num_disk_blocks == 2
+
+
+def test_a_failed_step_forgets_the_blocks_its_moves_name() -> None:
+    """Loads (host and disk) whose step failed leave no hash behind, so a later prompt
+    computes those blocks; a disk digest read in it leaves the index; a host slot a save filled
+    is freed."""
+    bm = BlockManager(
+        num_blocks=4, block_size=BS, host_slots=2, root=ROOT, disk_blocks=[[]], disk_capacity=8
+    )
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8]
+    table: list[int] = []
+    bm.grow(table, 8)
+    register(bm, table, tokens)
+    bm.free(table)
+    bm.take_moves()  # the disk saves
+    other: list[int] = []
+    bm.grow(other, 4)  # evicts the last two cached blocks into the host tier
+    saves = bm.take_moves()
+    assert [(m.disk, m.to_host) for m in saves] == [(0, True), (0, True)]
+    bm.free(other)
+    blocks, _ = bm.match_prefix(tokens, 8)  # two on the device, two loaded from the host
+    loads = bm.take_moves()
+    assert [(m.disk, m.to_host) for m in loads] == [(0, False), (0, False)]
+    bm.forget(saves + loads)
+    bm.free(blocks)
+    assert bm.cached_prefix_tokens(tokens, 8) == 4  # only the two the step did not touch
+    assert not bm._pools[0].host.by_hash  # type: ignore[union-attr]
+    assert bm.num_disk_blocks == 4
+    blocks, _ = bm.match_prefix(tokens, 8)  # now the last two come from disk
+    reads = bm.take_moves()
+    assert [m.disk for m in reads] == [DISK_LOAD, DISK_LOAD]
+    kept = blocks[:2]
+    bm.forget(reads)
+    bm.free(blocks)
+    assert bm.cached_prefix_tokens(tokens, 8) == 4 and bm.num_disk_blocks == 2
+    assert bm.match_prefix(tokens, 8)[0] == kept and bm.take_moves() == []
+
+
 def test_disk_tier_needs_a_stable_root_and_a_listing_per_pool() -> None:
     with pytest.raises(ValueError, match="a disk tier needs a fixed hash root"):
         BlockManager(4, BS, disk_blocks=[[]], disk_capacity=4)
@@ -314,6 +360,51 @@ def test_a_cut_file_is_recomputed_not_read(tiny_llama_dir: Path, tmp_path: Path)
     again = _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
     _same(again["outs"], plain["outs"])
     assert again["stats"]["prefix_cache_disk_hit_tokens"] == 40
+
+
+def test_a_file_deleted_while_running_is_computed_again(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """The driver checks a block's files before it queues their read: one deleted by hand
+    since the start is a miss, and the answer is the one a run without the tier gives."""
+    docs = [DOC + [7], *(_tokens(120, s) for s in (2, 3, 4))]
+    plain = _ask(tiny_llama_dir, None, [DOC + [7]])
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path))
+    with Runtime(
+        model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=256, cache=cache
+    ) as rt:
+        for doc in docs:  # DOC's blocks written, then pushed off the device
+            rt.generate([doc], PARAMS)
+        rt.engine.wait_idle(10)
+        oldest = sorted(_files(tmp_path), key=lambda p: p.stat().st_mtime_ns)
+        oldest[3].unlink()  # DOC's fourth block
+        again = rt.generate([DOC + [7]], PARAMS)[0]
+        stats = rt.engine.stats()
+    _same([again], plain["outs"])
+    assert stats["prefix_cache_disk_hit_tokens"] == 12
+
+
+def test_a_file_cut_while_running_fails_its_request_and_is_forgotten(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A file that is there but cut short fails the read, so the request that needed it fails
+    with the file's name; the step's blocks are forgotten, and asking again computes them."""
+    docs = [DOC + [7], *(_tokens(120, s) for s in (2, 3, 4))]
+    plain = _ask(tiny_llama_dir, None, [DOC + [7]])
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path))
+    with Runtime(
+        model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=256, cache=cache
+    ) as rt:
+        for doc in docs:
+            rt.generate([doc], PARAMS)
+        rt.engine.wait_idle(10)
+        target = sorted(_files(tmp_path), key=lambda p: p.stat().st_mtime_ns)[3]
+        with open(target, "r+b") as f:
+            f.truncate(64)
+        with pytest.raises(RuntimeError, match=f"{target.name} is not a block of this KV cache"):
+            rt.generate([DOC + [7]], PARAMS)
+        again = rt.generate([DOC + [7]], PARAMS)[0]
+    _same([again], plain["outs"])
 
 
 def test_the_directory_stays_within_its_capacity(tiny_llama_dir: Path, tmp_path: Path) -> None:
