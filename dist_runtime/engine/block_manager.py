@@ -127,6 +127,12 @@ class _Pool:
         self.hash_of[block] = h
         return block
 
+    def holds(self, h: int) -> bool:
+        """The host or disk tier has the block of hash `h` (a later lookup may load it)."""
+        return (self.host is not None and h in self.host.by_hash) or (
+            self.disk is not None and h in self.disk.by_hash
+        )
+
     def save_to_disk(self, h: int, block: int) -> None:
         """Write the block of hash `h` to the disk tier (unless it is there: then it is only
         marked used), deleting the least recently used blocks past the tier's capacity."""
@@ -378,15 +384,33 @@ class BlockManager:
         """Cached blocks holding the longest block-aligned prefix of at most max_tokens tokens.
 
         `root` starts the hash chain (default: this cache's root). Blocks found only in the
-        host tier are copied back into free device blocks (`take_moves`). Returns (block ids,
-        now referenced by the caller; chained hash after the last one).
+        host or disk tier are copied back into free device blocks (`take_moves`). Returns
+        (block ids, now referenced by the caller; chained hash after the last one).
         """
-        parent, blocks = (self.root_hash if root is None else root), list[int]()
+        root = self.root_hash if root is None else root
+        blocks, parent, _ = self.match_more(token_ids, max_tokens, root, 0)
+        return blocks, parent
+
+    def match_more(
+        self,
+        token_ids: Sequence[int],
+        max_tokens: int,
+        parent: int,
+        start: int,
+        max_loads: int | None = None,
+    ) -> tuple[list[int], int, bool]:
+        """`match_prefix` from block `start` on (`parent`: the chained hash before it),
+        copying back at most `max_loads` blocks from the host and disk tiers. Returns (block
+        ids, chained hash after the last one, paused: it stopped at `max_loads` before a block
+        a tier holds, so a later call may go on)."""
         bs = self.block_size
-        self.num_queried_tokens += max_tokens
+        if start == 0:
+            self.num_queried_tokens += max_tokens
+        blocks: list[int] = []
         if not self.enable_prefix_caching:
-            return blocks, parent
-        for i in range(max_tokens // bs):
+            return blocks, parent, False
+        loads, paused = 0, False
+        for i in range(start, max_tokens // bs):
             h = self.block_hash(parent, token_ids[i * bs : (i + 1) * bs])
             pool = self._pools[i % self.cp_size]
             block = pool.by_hash.get(h)
@@ -395,6 +419,9 @@ class BlockManager:
                 pool.refs[block] += 1
                 if pool.disk is not None and h in pool.disk.by_hash:
                     pool.disk.by_hash.move_to_end(h)  # (a device hit keeps its file fresh too)
+            elif max_loads is not None and loads >= max_loads:
+                paused = pool.holds(h)
+                break
             else:
                 block = pool.load(h)
                 if block is not None:
@@ -404,10 +431,11 @@ class BlockManager:
                     if block is None:
                         break
                     self.num_disk_hit_tokens += bs
+                loads += 1
             blocks.append(block)
             parent = h
         self.num_hit_tokens += len(blocks) * bs
-        return blocks, parent
+        return blocks, parent, paused
 
     def cached_prefix_tokens(
         self, token_ids: Sequence[int], max_tokens: int, root: int | None = None

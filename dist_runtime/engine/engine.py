@@ -517,6 +517,8 @@ class Engine:
                 except Exception as e:
                     self._step_failed(plan, e)
                     return
+            if any(s.loading for s in self.scheduler.running):
+                return  # a prefix being read back from the host or disk tier: it goes on
             self._fail_all(RuntimeError("the KV cache is too small for any waiting request"))
             return
         assert self.executor is not None

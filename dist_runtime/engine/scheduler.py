@@ -18,6 +18,11 @@ workers return the draft tokens the model agrees with plus one more. Drafts use 
 spare budget and only never-used blocks (no preemption, no eviction from the prefix cache); K/V
 written for a rejected draft token lies past the sequence's computed tokens and is overwritten by
 the next step.
+
+A prompt whose prefix waits in the host or disk tier of the prefix cache is read back a share
+per step (`LOADS_PER_STEP` times the token budget, over every sequence reading): the copies run
+before each step, so a long document's read goes between the other requests' decode steps, as
+its prefill would, instead of holding them up for all of it at once.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.engine.speculative import PromptLookup
 from dist_runtime.protocol import LAST_SAMPLED, SamplingSpec, SeqStep, StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
+
+LOADS_PER_STEP = 2
+"""Tokens of prefix read back from the host and disk tiers per step, as a multiple of the
+step's token budget (reading is faster than computing, so a step reads more than it prefills)."""
 
 
 class SeqStatus(enum.Enum):
@@ -95,6 +104,9 @@ class Sequence:
     """Prompt tokens found in the prefix cache at admission."""
     was_preempted: bool = False
     """Preempted at least once (its blocks were taken back; it recomputes)."""
+    loading: bool = False
+    """Admitted while more of its prefix waits in the host or disk tier than one step reads:
+    it runs no chunk until the rest is read (`Scheduler._go_on_loading`)."""
     rope_base: float = 0.0
     """RoPE base fixed for this request (0: the model's own); it salts its prefix-cache keys."""
     prompt_logprobs: list[Any] = field(default_factory=list)
@@ -166,6 +178,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._finished_ids: list[int] = []
         self._step_ids = itertools.count()
+        self._loads_left = 0
+        """Blocks the current step may still read back from the host and disk tiers."""
         self.num_preemptions = 0
         self.num_prompt_tokens_computed = 0
         """Prompt tokens the workers computed (prefix-cache hits excluded, recomputes counted)."""
@@ -199,6 +213,7 @@ class Scheduler:
     def schedule(self) -> tuple[StepPlan, list[ScheduledSeq]]:
         # The budget is per cp rank: striped blocks spread a chunk evenly over the ranks.
         budget = self.config.max_num_batched_tokens * self.blocks.cp_size
+        self._loads_left = LOADS_PER_STEP * budget // self.blocks.block_size
         scheduled: list[ScheduledSeq] = []
         self._make_room_for_waiting()
         decodes = self._decodes_with_blocks()
@@ -220,10 +235,12 @@ class Scheduler:
         share = budget if not prefilling else max(budget // 2, 1)
         budget -= self._admit_waiting(scheduled, min(share, budget), fresh_only=True)
         for seq in prefilling:
+            if seq.loading and seq.status is SeqStatus.RUNNING:
+                self._go_on_loading(seq)
             if budget <= 0:
                 break
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # preempted just now for a more important arrival
+            if seq.status is not SeqStatus.RUNNING or seq.loading:
+                continue  # preempted just now for a more important arrival, or still reading
             n = self._chunk(seq, budget)
             if n:
                 scheduled.append(ScheduledSeq(seq, n))
@@ -246,6 +263,11 @@ class Scheduler:
             ):
                 break
             self._reuse_prefix(seq)
+            if seq.loading:  # admitted; it computes once the rest of its prefix is read
+                self.waiting.popleft()
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
+                continue
             n = self._chunk(seq, budget - used)
             if not n:
                 self._drop_blocks(seq)
@@ -355,15 +377,34 @@ class Scheduler:
         """Start a sequence from the cached blocks of its longest known prefix."""
         if seq.block_table or seq.num_computed_tokens or seq.needs_prompt_logprobs:
             return
+        self._match(seq, self._root(seq))
+
+    def _match(self, seq: Sequence, parent: int) -> None:
+        """Extend a sequence's table with cached blocks from its first block not computed on,
+        reading at most this step's share from the host and disk tiers (`loading` when more
+        waits there)."""
         # At least the last token is computed, so the step yields logits to sample from.
-        blocks, seq.prefix_hash = self.blocks.match_prefix(
-            seq.token_slice(0, seq.num_tokens - 1), seq.num_tokens - 1, self._root(seq)
+        n, start = seq.num_tokens - 1, len(seq.block_table)
+        bm = self.blocks
+        read = bm.num_host_hit_tokens + bm.num_disk_hit_tokens
+        blocks, seq.prefix_hash, seq.loading = bm.match_more(
+            seq.token_slice(0, n), n, parent, start, max_loads=max(self._loads_left, 0)
         )
+        read = bm.num_host_hit_tokens + bm.num_disk_hit_tokens - read
+        self._loads_left -= read // bm.block_size
         seq.block_table.extend(blocks)
-        seq.num_hashed_blocks = len(blocks)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(blocks) * self.blocks.block_size
+        seq.num_hashed_blocks = len(seq.block_table)
+        cached = len(seq.block_table) * self.blocks.block_size
+        seq.num_computed_tokens = seq.num_cached_tokens = cached
+
+    def _go_on_loading(self, seq: Sequence) -> None:
+        """Read the next share of a loading sequence's prefix (it stops loading when its
+        chain ends, in a tier or not)."""
+        assert seq.prefix_hash is not None
+        self._match(seq, seq.prefix_hash)
 
     def _drop_blocks(self, seq: Sequence) -> None:
+        seq.loading = False
         self.blocks.free(seq.block_table)
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
@@ -405,6 +446,7 @@ class Scheduler:
             seq.num_hashed_blocks = 0
             seq.prefix_hash = None
             seq.is_reset = True
+            seq.loading = False
         self._finished_ids.clear()
 
     def _preempt(self, seq: Sequence) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dist_runtime import Runtime, SamplingParams
-from dist_runtime.config import CacheConfig, ConfigError
+from dist_runtime.config import CacheConfig, ConfigError, SchedulerConfig
 from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.protocol import DISK_DROP, DISK_LOAD, DISK_SAVE, KVMove
 from workers.kv_cache import DiskKVTier, KVCache
@@ -111,6 +111,28 @@ def test_past_capacity_the_least_recently_used_blocks_are_dropped() -> None:
     moves = bm.take_moves()
     assert kinds(moves) == [(DISK_SAVE, t2[0], f"{h2:032x}"), (DISK_DROP, 0, f"{h[2]:032x}")]
     assert bm.num_disk_blocks == 3
+
+
+def test_match_more_reads_a_share_and_says_when_more_waits() -> None:
+    """At most `max_loads` blocks read per call; `paused` when the next block is in a tier,
+    so the caller goes on from where it stopped; a device hit costs no read."""
+    bm = disk_bm(num_blocks=8)
+    tokens = list(range(1, 13))
+    table: list[int] = []
+    bm.grow(table, 12)
+    hashes = register(bm, table, tokens)
+    fresh = disk_bm(present=hashes, num_blocks=8)
+    got, parent, paused = fresh.match_more(tokens, 12, fresh.root_hash, 0, max_loads=2)
+    assert len(got) == 2 and paused and parent == hashes[1]
+    more, parent, paused = fresh.match_more(tokens, 12, parent, 2, max_loads=2)
+    assert len(more) == 2 and paused and parent == hashes[3]
+    rest, parent, paused = fresh.match_more(tokens, 12, parent, 4, max_loads=2)
+    assert len(rest) == 2 and not paused and parent == hashes[5]
+    assert [m.disk for m in fresh.take_moves()] == [DISK_LOAD] * 6
+    assert fresh.num_queried_tokens == 12 and fresh.num_disk_hit_tokens == 12
+    fresh.free(got + more + rest)
+    again, _, paused = fresh.match_more(tokens, 12, fresh.root_hash, 0, max_loads=0)
+    assert len(again) == 6 and not paused  # all on the device now
 
 
 def test_blocks_past_a_lowered_capacity_are_dropped_oldest_first() -> None:
@@ -405,6 +427,43 @@ def test_a_file_cut_while_running_fails_its_request_and_is_forgotten(
             rt.generate([DOC + [7]], PARAMS)
         again = rt.generate([DOC + [7]], PARAMS)[0]
     _same([again], plain["outs"])
+
+
+def test_a_long_prefix_is_read_a_share_per_step_between_decodes(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """With a 16-token step budget a step reads at most 2 x 16 tokens (8 blocks) of prefix
+    back from disk: the document's 30 blocks come over four steps, another request decodes in
+    the same steps, and both answers are those of runs without the tier."""
+    short = _tokens(6, 11)
+    plain = _ask(tiny_llama_dir, None, [short, DOC + [7]])
+    _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path))
+    with Runtime(
+        model=str(tiny_llama_dir),
+        device="cpu",
+        dtype="float32",
+        session_len=256,
+        cache=cache,
+        scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4),
+    ) as rt:
+        executor = rt.engine.executor
+        assert executor is not None
+        plans: list[Any] = []
+        run = executor.execute
+
+        def spy(plan: Any) -> Any:
+            plans.append(plan)
+            return run(plan)
+
+        executor.execute = spy  # type: ignore[method-assign]
+        both = rt.generate([short, DOC + [7]], PARAMS)
+        stats = rt.engine.stats()
+    reads = [sum(m.disk == DISK_LOAD for m in p.kv_moves) for p in plans]
+    assert sum(reads) == 30 and max(reads) <= 8 and sum(r > 0 for r in reads) >= 4
+    assert any(r and p.seqs for r, p in zip(reads, plans, strict=True))  # beside a decode
+    assert stats["prefix_cache_disk_hit_tokens"] == len(DOC)
+    _same(both, plain["outs"])
 
 
 def test_the_directory_stays_within_its_capacity(tiny_llama_dir: Path, tmp_path: Path) -> None:
