@@ -123,7 +123,10 @@ class KVMove:
     """0: a host-tier copy; DISK_SAVE: write device block `block` to the disk tier under
     `key`; DISK_LOAD: read `key` into device block `block`; DISK_DROP: delete `key`."""
     key: str = ""
-    """The block's chained digest, as 32 hex digits (its file name in the disk tier)."""
+    """The block's chained digest, as 32 hex digits (its file is named by it)."""
+    parent: str = ""
+    """With DISK_SAVE: the digest of the block before it in its chain (the file's name holds
+    it too, so the tier's shape is known from a listing)."""
 
 
 DISK_SAVE, DISK_LOAD, DISK_DROP = 1, 2, 3

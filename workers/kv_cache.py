@@ -169,10 +169,11 @@ class HostKVTier:
 class DiskKVTier:
     """One worker's disk tier of the prefix cache: a directory with one file per block (this
     worker's heads of every layer, codes and params when quantized), named by the block's
-    digest. The driver's block manager decides every save, load and deletion (`KVMove`s with
-    `disk` set); a save is copied off the device at once and written by a background thread
-    (to a temporary name, then renamed: a file under its final name is whole), and a load
-    finds a block still waiting to be written in memory."""
+    digest and its parent's (`<digest>-<parent>.kv`: a listing gives the chains' shape). The
+    driver's block manager decides every save, load and deletion (`KVMove`s with `disk`
+    set); a save is copied off the device at once and written by a background thread (to a
+    temporary name, then renamed: a file under its final name is whole), and a load finds a
+    block still waiting to be written in memory."""
 
     SUFFIX = ".kv"
     MAGIC = b"DRKV1\n"
@@ -189,18 +190,22 @@ class DiskKVTier:
         self.params_bytes = 0 if self.params_shape is None else math.prod(self.params_shape) * 4
         self.file_bytes = len(self.MAGIC) + 16 + self.data_bytes + self.params_bytes
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._names: dict[str, str] = {}
+        """Digest -> file name stem (`<digest>-<parent>`) of every block on disk or queued."""
         self._lock = threading.Lock()
         self.max_pending = max_pending
         self._queue: queue.Queue[tuple[int, str, Any]] = queue.Queue(maxsize=max_pending)
         self.num_written = self.num_read = self.num_failed = 0
         for leftover in directory.glob("*.tmp"):  # a write cut short by a crash
             leftover.unlink(missing_ok=True)
+        for path in directory.glob("*" + self.SUFFIX):
+            self._names[path.stem.partition("-")[0]] = path.stem
         self._thread = threading.Thread(target=self._write_loop, name="kv-disk", daemon=True)
         self._thread.start()
 
     def listing(self) -> list[str]:
-        """The digests of the whole blocks on disk, least recently written or read first (a
-        file of another size, which a cut write left, is skipped)."""
+        """The names (`<digest>-<parent>`) of the whole blocks on disk, least recently written
+        or read first (a file of another size, which a cut write left, is skipped)."""
         found = []
         for path in self.dir.glob("*" + self.SUFFIX):
             try:
@@ -209,7 +214,8 @@ class DiskKVTier:
                 continue
             if st.st_size == self.file_bytes:
                 found.append((st.st_mtime_ns, path.stem))
-        return [key for _, key in sorted(found)]
+                self._names[path.stem.partition("-")[0]] = path.stem
+        return [name for _, name in sorted(found)]
 
     def apply(self, cache: KVCache, moves: list[KVMove]) -> None:
         """Do this worker's disk moves, in plan order (a run of saves copied off the device
@@ -228,9 +234,10 @@ class DiskKVTier:
         params = None if cache.params is None else cache.params.index_select(2, blocks).cpu()
         for i, m in enumerate(moves):
             snapshot = (data[:, :, i], None if params is None else params[:, :, i])
+            name = self._names[m.key] = f"{m.key}-{m.parent}"
             with self._lock:
                 self._pending[m.key] = snapshot
-            self._queue.put((DISK_SAVE, m.key, snapshot))  # waits while the writer lags
+            self._queue.put((DISK_SAVE, m.key, (name, snapshot)))  # waits while the writer lags
 
     def _other(self, cache: KVCache, moves: list[KVMove]) -> None:
         for m in moves:
@@ -243,17 +250,19 @@ class DiskKVTier:
                     cache.params[:, :, m.block].copy_(params)
                 self.num_read += 1
             elif m.disk == DISK_DROP:
-                self._queue.put((DISK_DROP, m.key, None))
+                name = self._names.pop(m.key, None)
+                if name is not None:
+                    self._queue.put((DISK_DROP, name, None))
 
     def flush(self) -> None:
         """Wait until every queued write and deletion is done."""
         self._queue.join()
 
-    def _path(self, key: str) -> Path:
-        return self.dir / (key + self.SUFFIX)
+    def _path(self, name: str) -> Path:
+        return self.dir / (name + self.SUFFIX)
 
     def _read(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        path = self._path(key)
+        path = self._path(self._names.get(key, key))
         try:
             raw = path.read_bytes()
             os.utime(path)  # a block read is a block used: the listing's order is by this time
@@ -285,30 +294,30 @@ class DiskKVTier:
 
     def _write_loop(self) -> None:
         while True:
-            kind, key, snapshot = self._queue.get()
+            kind, key, payload = self._queue.get()  # a save: its name and data; a drop: none
             try:
                 if kind == DISK_SAVE:
-                    self._write(key, snapshot)
+                    self._write(*payload)
                 else:
-                    self._path(key).unlink(missing_ok=True)
+                    self._path(key).unlink(missing_ok=True)  # (a drop's key is its name)
             except OSError as e:
                 self.num_failed += 1
                 logger.error("disk KV tier: cannot write block %s in %s: %s", key, self.dir, e)
             finally:
                 if kind == DISK_SAVE:
                     with self._lock:
-                        if self._pending.get(key) is snapshot:
+                        if self._pending.get(key) is payload[1]:
                             del self._pending[key]
                 self._queue.task_done()
 
-    def _write(self, key: str, snapshot: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    def _write(self, name: str, snapshot: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         data = snapshot[0].contiguous()
         params = None if snapshot[1] is None else snapshot[1].contiguous()
-        tmp = self.dir / f"{key}.{os.getpid()}.tmp"
+        tmp = self.dir / f"{name}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             f.write(self.MAGIC + struct.pack("<QQ", self.data_bytes, self.params_bytes))
             f.write(data.view(torch.uint8).numpy().data)
             if params is not None:
                 f.write(params.view(torch.uint8).numpy().data)
-        os.replace(tmp, self._path(key))
+        os.replace(tmp, self._path(name))
         self.num_written += 1

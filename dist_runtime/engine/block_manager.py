@@ -68,15 +68,58 @@ class _HostTier:
 
 
 class _DiskTier:
-    """One pool's blocks on disk, least recently used first, at most `capacity`; `check`
-    (pool, digest) says whether a block's files are there now."""
+    """The blocks on disk, over every pool: each one's parent (the block before it in its hash
+    chain) and pool, at most `capacity`. Only leaves are evicted (blocks no other block on disk
+    goes on from), least recently used first, and a leaf's parent that becomes a leaf goes
+    first after it: a document loses its tail before its head, so what is left of it is still
+    a prefix a prompt can read. `check(pool, digest, parent)`: whether a block's files are
+    there now."""
 
-    def __init__(
-        self, capacity: int, present: Sequence[int], check: Callable[[int, int], bool] | None
-    ):
+    def __init__(self, capacity: int, check: Callable[[int, int, int], bool] | None):
         self.capacity = capacity
-        self.by_hash: OrderedDict[int, None] = OrderedDict.fromkeys(present)
         self.check = check
+        self.parent: dict[int, int] = {}
+        self.pool: dict[int, int] = {}
+        self.children: dict[int, int] = {}
+        self.leaves: OrderedDict[int, None] = OrderedDict()
+
+    def __contains__(self, h: int) -> bool:
+        return h in self.parent
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def add(self, h: int, parent: int, pool: int) -> None:
+        self.parent[h], self.pool[h] = parent, pool
+        self.leaves[h] = None
+        if parent in self.parent:
+            self.leaves.pop(parent, None)
+            self.children[parent] = self.children.get(parent, 0) + 1
+
+    def touch(self, h: int) -> None:
+        if h in self.leaves:
+            self.leaves.move_to_end(h)
+
+    def remove(self, h: int) -> None:
+        """Take `h` out of the index (its children, if any, stay until they are evicted)."""
+        if h not in self.parent:
+            return
+        parent = self.parent.pop(h)
+        del self.pool[h]
+        self.leaves.pop(h, None)
+        self.children.pop(h, None)
+        if parent in self.parent:
+            left = self.children[parent] - 1
+            if left:
+                self.children[parent] = left
+            else:
+                del self.children[parent]
+                self.leaves[parent] = None
+                self.leaves.move_to_end(parent, last=False)  # the same document's next tail
+
+    def victim(self) -> int | None:
+        """The leaf to evict next."""
+        return next(iter(self.leaves), None)
 
 
 class _Pool:
@@ -92,7 +135,7 @@ class _Pool:
         self.host = _HostTier(host_slots) if host_slots else None
         self.moves = moves  # the manager's queue, shared by its pools
         self.num_saved = 0
-        self.disk: _DiskTier | None = None
+        self.disk: _DiskTier | None = None  # shared by every pool
         self.num_disk_saved = 0
 
     @property
@@ -130,38 +173,46 @@ class _Pool:
     def holds(self, h: int) -> bool:
         """The host or disk tier has the block of hash `h` (a later lookup may load it)."""
         return (self.host is not None and h in self.host.by_hash) or (
-            self.disk is not None and h in self.disk.by_hash
+            self.disk is not None and h in self.disk
         )
 
-    def save_to_disk(self, h: int, block: int) -> None:
-        """Write the block of hash `h` to the disk tier (unless it is there: then it is only
-        marked used), deleting the least recently used blocks past the tier's capacity."""
+    def save_to_disk(self, h: int, parent: int, block: int, first: bool) -> None:
+        """Write the block of hash `h` (after `parent` in its chain; `first`: the chain's first
+        block) to the disk tier, unless it is there (then it is only marked used) or its parent
+        is not (a lookup would never reach it); past the tier's capacity a leaf is deleted
+        first, or, when the leaf to go is `parent` (the tier is full of this very chain), the
+        block is not written."""
         disk = self.disk
         if disk is None:
             return
-        if h in disk.by_hash:
-            disk.by_hash.move_to_end(h)
+        if h in disk:
+            disk.touch(h)
             return
-        disk.by_hash[h] = None
-        self.moves.append(_disk_move(DISK_SAVE, self.index, block, h))
+        if not first and parent not in disk:
+            return
+        if len(disk) >= disk.capacity:
+            victim = disk.victim()
+            if victim is None or victim == parent:
+                return
+            self.moves.append(_disk_move(DISK_DROP, disk.pool[victim], 0, victim))
+            disk.remove(victim)
+        disk.add(h, parent, self.index)
+        self.moves.append(_disk_move(DISK_SAVE, self.index, block, h, parent))
         self.num_disk_saved += 1
-        while len(disk.by_hash) > disk.capacity:
-            old, _ = disk.by_hash.popitem(last=False)
-            self.moves.append(_disk_move(DISK_DROP, self.index, 0, old))
 
     def load_from_disk(self, h: int) -> int | None:
         """A device block holding the disk tier's copy of hash `h` (registered and referenced
         once; its read queued), or None when the tier lacks it or no block is free."""
         disk = self.disk
-        if disk is None or h not in disk.by_hash or not self.num_free:
+        if disk is None or h not in disk or not self.num_free:
             return None
-        if disk.check is not None and not disk.check(self.index, h):
+        if disk.check is not None and not disk.check(self.index, h, disk.parent[h]):
             # its files went (deleted by hand; a write that failed): a miss, and the other
             # workers' copies of it go too
-            del disk.by_hash[h]
+            disk.remove(h)
             self.moves.append(_disk_move(DISK_DROP, self.index, 0, h))
             return None
-        disk.by_hash.move_to_end(h)
+        disk.touch(h)
         block = self.take()
         self.moves.append(_disk_move(DISK_LOAD, self.index, block, h))
         self.by_hash[h] = block
@@ -196,15 +247,16 @@ class BlockManager:
         cp_size: int = 1,
         host_slots: int = 0,
         root: int | None = None,
-        disk_blocks: Sequence[Sequence[int]] | None = None,
+        disk_blocks: Sequence[Sequence[tuple[int, int]]] | None = None,
         disk_capacity: int = 0,
-        disk_check: Callable[[int, int], bool] | None = None,
+        disk_check: Callable[[int, int, int], bool] | None = None,
     ):
         """`root`: a fixed root of the hash chain, which makes the hashes BLAKE2b digests, the
-        same in every process (the disk tier's); `disk_blocks`: per pool, the digests the disk
-        tier holds, least recently used first, at most `disk_capacity` blocks per pool (the
-        disk tier is on when given); `disk_check(pool, digest)`: whether a block's files are on
-        disk now, asked before each read is queued."""
+        same in every process (the disk tier's); `disk_blocks`: per pool, the (digest, parent
+        digest) pairs of the blocks the disk tier holds, least recently used first, at most
+        `disk_capacity` blocks per pool (the disk tier is on when given); `disk_check(pool,
+        digest, parent)`: whether a block's files are on disk now, asked before each read is
+        queued."""
         if num_blocks < 1:
             raise ValueError(
                 f"the KV cache has {num_blocks} blocks; give the workers more memory "
@@ -231,11 +283,17 @@ class BlockManager:
                     "a disk tier needs a fixed hash root, one listing per pool and a capacity"
                 )
             self.disk_capacity = disk_capacity
-            for pool, present in zip(self._pools, disk_blocks, strict=True):
-                present = list(present)
-                pool.disk = _DiskTier(disk_capacity, present[-disk_capacity:], disk_check)
-                # past a capacity lowered since they were written: the oldest go
-                self.drop_from_disk(pool.index, present[:-disk_capacity])
+            tier = _DiskTier(disk_capacity * cp_size, disk_check)
+            for index, present in enumerate(disk_blocks):
+                for h, parent in present:
+                    tier.add(h, parent, index)
+            for pool in self._pools:
+                pool.disk = tier
+            while len(tier) > tier.capacity:  # a capacity lowered since they were written
+                victim = tier.victim()
+                assert victim is not None  # (a chain's last block is a leaf)
+                self.drop_from_disk(tier.pool[victim], [victim])
+                tier.remove(victim)
         self.num_disk_hit_tokens = 0
         """Prompt tokens read back from the disk tier."""
         self.num_hit_tokens = 0
@@ -258,7 +316,7 @@ class BlockManager:
         for m in moves:
             pool = self._pools[m.pool]
             if m.disk in (DISK_SAVE, DISK_LOAD) and pool.disk is not None:
-                pool.disk.by_hash.pop(int(m.key, 16), None)
+                pool.disk.remove(int(m.key, 16))
             if m.disk == DISK_SAVE or m.disk == DISK_DROP:
                 continue
             if m.disk == 0 and m.to_host:
@@ -300,7 +358,8 @@ class BlockManager:
     @property
     def num_disk_blocks(self) -> int:
         """Blocks the disk tier holds now."""
-        return sum(len(p.disk.by_hash) for p in self._pools if p.disk is not None)
+        disk = self._pools[0].disk
+        return 0 if disk is None else len(disk)
 
     @property
     def num_free_blocks(self) -> int:
@@ -417,8 +476,8 @@ class BlockManager:
             if block is not None:
                 pool.evictable.pop(block, None)
                 pool.refs[block] += 1
-                if pool.disk is not None and h in pool.disk.by_hash:
-                    pool.disk.by_hash.move_to_end(h)  # (a device hit keeps its file fresh too)
+                if pool.disk is not None:
+                    pool.disk.touch(h)  # (a device hit keeps its file fresh too)
             elif max_loads is not None and loads >= max_loads:
                 paused = pool.holds(h)
                 break
@@ -468,7 +527,7 @@ class BlockManager:
         if self.enable_prefix_caching and h not in pool.by_hash and block not in pool.hash_of:
             pool.by_hash[h] = block
             pool.hash_of[block] = h
-            pool.save_to_disk(h, block)
+            pool.save_to_disk(h, parent, block, first=index == 0)
         return h
 
 
@@ -476,8 +535,16 @@ def _digest(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "little")
 
 
-def _disk_move(kind: int, pool: int, block: int, h: int) -> KVMove:
-    return KVMove(pool=pool, block=block, slot=0, to_host=False, disk=kind, key=f"{h:032x}")
+def _disk_move(kind: int, pool: int, block: int, h: int, parent: int = 0) -> KVMove:
+    return KVMove(
+        pool=pool,
+        block=block,
+        slot=0,
+        to_host=False,
+        disk=kind,
+        key=f"{h:032x}",
+        parent=f"{parent:032x}" if kind == DISK_SAVE else "",
+    )
 
 
 def _count(entries: int, pool: int, cp: int) -> int:

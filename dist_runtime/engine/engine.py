@@ -95,6 +95,18 @@ class _Request:
     """A shared-prefix pass nobody waits on: aborted when all its dependents are."""
 
 
+def _digest_pair(name: str) -> tuple[int, int] | None:
+    """(digest, parent digest) of a disk-tier file's name (`<digest>-<parent>`), None for a
+    name of another shape."""
+    key, _, parent = name.partition("-")
+    if len(key) != 32 or len(parent) != 32:
+        return None
+    try:
+        return int(key, 16), int(parent, 16)
+    except ValueError:
+        return None
+
+
 def freeze_heap() -> None:
     """Move every object alive now out of the garbage collector's reach (`gc.freeze`).
 
@@ -760,21 +772,23 @@ class Engine:
             raise
         freeze_heap()
 
-    def _disk_check(self, disk_dir: str) -> Callable[[int, int], bool]:
+    def _disk_check(self, disk_dir: str) -> Callable[[int, int, int], bool]:
         """Whether every tp rank of a pool has a block's file (the driver reaches the directory
         as the workers do), so a file gone since the start is a miss, not a failed step."""
         tp = self.config.parallel.tp
 
-        def on_disk(pool: int, digest: int) -> bool:
-            name = f"{digest:032x}.kv"
+        def on_disk(pool: int, digest: int, parent: int) -> bool:
+            name = f"{digest:032x}-{parent:032x}.kv"
             return all(os.path.exists(f"{disk_dir}/tp{r}-cp{pool}/{name}") for r in range(tp))
 
         return on_disk
 
-    def _disk_listing(self, disk_dir: str) -> tuple[list[list[int]], int, list[list[int]]]:
-        """Per pool, the digests of the blocks every one of its workers has on disk (least
-        recently written first); the disk tier's capacity in blocks per pool; per pool, the
-        digests only some of its workers have (a write lost on one of them: deleted)."""
+    def _disk_listing(
+        self, disk_dir: str
+    ) -> tuple[list[list[tuple[int, int]]], int, list[list[int]]]:
+        """Per pool, the (digest, parent digest) of the blocks every one of its workers has on
+        disk (least recently used first); the disk tier's capacity in blocks per pool; per
+        pool, the digests only some of its workers have (a write lost on one of them: deleted)."""
         assert self.executor is not None
         listings = self.executor.disk_kv_blocks()
         capacity = min(cap for _, cap, _ in listings)
@@ -784,19 +798,20 @@ class Engine:
                 "KV block of this model on every worker; raise --disk-kv-cache-gb"
             )
         cp = self.config.parallel.cp
-        pools: list[list[int]] = [[] for _ in range(cp)]
+        pools: list[list[tuple[int, int]]] = [[] for _ in range(cp)]
         shared: list[set[int] | None] = [None] * cp
         seen: list[set[int]] = [set() for _ in range(cp)]
-        for cp_rank, _, keys in listings:
-            digests = [int(k, 16) for k in keys if len(k) == 32]
-            mine = set(digests)
+        for cp_rank, _, names in listings:
+            pairs = [_digest_pair(name) for name in names]
+            digests = [pair for pair in pairs if pair is not None]
+            mine = {d for d, _ in digests}
             seen[cp_rank] |= mine
             if shared[cp_rank] is None:
                 pools[cp_rank] = digests
                 shared[cp_rank] = mine
             else:
                 shared[cp_rank] &= mine  # type: ignore[operator]
-        found = [[d for d in pools[r] if d in (shared[r] or ())] for r in range(cp)]
+        found = [[d for d in pools[r] if d[0] in (shared[r] or ())] for r in range(cp)]
         orphans = [sorted(seen[r] - (shared[r] or set())) for r in range(cp)]
         logger.info(
             "disk KV tier %s: %d blocks found, room for %d per cp rank",

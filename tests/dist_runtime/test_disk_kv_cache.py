@@ -32,7 +32,12 @@ def register(bm: BlockManager, table: list[int], tokens: Sequence[int]) -> list[
     return hashes
 
 
-def disk_bm(present: Sequence[int] = (), capacity: int = 8, **kw: Any) -> BlockManager:
+def chain(hashes: Sequence[int], root: int = ROOT) -> list[tuple[int, int]]:
+    """(digest, parent digest) pairs of a chain, as a listing gives them."""
+    return list(zip(hashes, [root, *hashes[:-1]], strict=True))
+
+
+def disk_bm(present: Sequence[tuple[int, int]] = (), capacity: int = 8, **kw: Any) -> BlockManager:
     return BlockManager(
         num_blocks=kw.pop("num_blocks", 6),
         block_size=BS,
@@ -68,10 +73,11 @@ def test_registered_blocks_are_saved_once_and_found_again_after_a_restart() -> N
     hashes = register(bm, table, [1, 2, 3, 4, 5, 6])
     saves = bm.take_moves()
     assert kinds(saves) == [(DISK_SAVE, table[i], f"{h:032x}") for i, h in enumerate(hashes)]
+    assert [m.parent for m in saves] == [f"{p:032x}" for _, p in chain(hashes)]
     register(bm, table, [1, 2, 3, 4, 5, 6])  # registered already: nothing more
     assert bm.take_moves() == [] and bm.num_disk_saved_blocks == 3
     # a new manager (a new process) that the workers tell what they have on disk
-    again = disk_bm(present=hashes)
+    again = disk_bm(present=chain(hashes))
     blocks, parent = again.match_prefix([1, 2, 3, 4, 5, 6, 7], 7)
     assert parent == hashes[-1] and len(blocks) == 3
     assert kinds(again.take_moves()) == [
@@ -90,27 +96,53 @@ def test_a_lookup_stops_at_the_first_block_the_disk_lacks() -> None:
     bm.grow(table, 6)
     hashes = register(bm, table, [1, 2, 3, 4, 5, 6])
     bm.take_moves()
-    fresh = disk_bm(present=[hashes[0], hashes[2]])  # the middle block's file is gone
+    fresh = disk_bm(present=[chain(hashes)[0], chain(hashes)[2]])  # the middle one is gone
     blocks, parent = fresh.match_prefix([1, 2, 3, 4, 5, 6], 6)
     assert len(blocks) == 1 and parent == hashes[0]
 
 
-def test_past_capacity_the_least_recently_used_blocks_are_dropped() -> None:
-    """Capacity 3: a fourth block drops the oldest file; a device hit keeps a block fresh."""
-    bm = disk_bm(capacity=3, num_blocks=8)
-    t1: list[int] = []
-    bm.grow(t1, 6)
-    h = register(bm, t1, [1, 2, 3, 4, 5, 6])
+def saved(bm: BlockManager, tokens: Sequence[int]) -> list[int]:
+    """Register a prompt's blocks and free them (their saves taken); their hashes."""
+    table: list[int] = []
+    bm.grow(table, len(tokens))
+    hashes = register(bm, table, tokens)
+    bm.free(table)
+    return hashes
+
+
+def test_past_capacity_a_chain_loses_its_tail_first() -> None:
+    """Capacity 4: document A's three blocks, then B's: each of B's blocks takes the place of
+    A's last block (a leaf), never A's head, so A stays a readable prefix; the least recently
+    used document goes first, and a device hit counts as a use."""
+    bm = disk_bm(capacity=4, num_blocks=12)
+    a = saved(bm, [1, 2, 3, 4, 5, 6])
+    c = saved(bm, [7, 7])  # one block, used after A
     bm.take_moves()
-    bm.free(t1)
-    hit, _ = bm.match_prefix([1, 2, 3, 4], 4)  # refreshes the first two blocks
-    bm.free(hit)
-    t2: list[int] = []
-    bm.grow(t2, 2)
-    (h2,) = register(bm, t2, [9, 9])
+    b = saved(bm, [9, 9, 8, 8])
     moves = bm.take_moves()
-    assert kinds(moves) == [(DISK_SAVE, t2[0], f"{h2:032x}"), (DISK_DROP, 0, f"{h[2]:032x}")]
-    assert bm.num_disk_blocks == 3
+    assert [(m.disk, m.key) for m in moves] == [
+        (DISK_DROP, f"{a[2]:032x}"),
+        (DISK_SAVE, f"{b[0]:032x}"),
+        (DISK_DROP, f"{a[1]:032x}"),
+        (DISK_SAVE, f"{b[1]:032x}"),
+    ]
+    assert bm.num_disk_blocks == 4
+    hit, _ = bm.match_prefix([1, 2], 2)  # A's head, on the device: used now
+    bm.free(hit)
+    saved(bm, [5, 5])
+    assert [(m.disk, m.key) for m in bm.take_moves()][0] == (DISK_DROP, f"{c[0]:032x}")
+
+
+def test_a_chain_longer_than_the_tier_keeps_its_head() -> None:
+    """A tier full of one document's blocks does not write its later ones (dropping its own
+    tail to make room would leave neither readable)."""
+    bm = disk_bm(capacity=3, num_blocks=8)
+    hashes = saved(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    moves = bm.take_moves()
+    assert [(m.disk, m.key) for m in moves] == [(DISK_SAVE, f"{h:032x}") for h in hashes[:3]]
+    fresh = disk_bm(present=chain(hashes[:3]), capacity=3, num_blocks=8)
+    blocks, _ = fresh.match_prefix(list(range(1, 11)), 10)
+    assert len(blocks) == 3
 
 
 def test_match_more_reads_a_share_and_says_when_more_waits() -> None:
@@ -121,7 +153,7 @@ def test_match_more_reads_a_share_and_says_when_more_waits() -> None:
     table: list[int] = []
     bm.grow(table, 12)
     hashes = register(bm, table, tokens)
-    fresh = disk_bm(present=hashes, num_blocks=8)
+    fresh = disk_bm(present=chain(hashes), num_blocks=8)
     got, parent, paused = fresh.match_more(tokens, 12, fresh.root_hash, 0, max_loads=2)
     assert len(got) == 2 and paused and parent == hashes[1]
     more, parent, paused = fresh.match_more(tokens, 12, parent, 2, max_loads=2)
@@ -135,16 +167,22 @@ def test_match_more_reads_a_share_and_says_when_more_waits() -> None:
     assert len(again) == 6 and not paused  # all on the device now
 
 
-def test_blocks_past_a_lowered_capacity_are_dropped_oldest_first() -> None:
-    bm = disk_bm(present=[1, 2, 3, 4, 5], capacity=3)
+def test_blocks_past_a_lowered_capacity_are_dropped_tail_first() -> None:
+    """Listed blocks over the capacity: the least recently used chain loses its tail."""
+    older, newer = [11, 12, 13], [21, 22]
+    bm = disk_bm(present=chain(older) + chain(newer), capacity=3)
     assert bm.num_disk_blocks == 3
-    assert kinds(bm.take_moves()) == [(DISK_DROP, 0, f"{h:032x}") for h in (1, 2)]
-    assert bm.match_prefix([1, 2], 2) == ([], bm.root_hash)  # (no such digest chain)
+    assert [(m.disk, m.key) for m in bm.take_moves()] == [
+        (DISK_DROP, f"{13:032x}"),
+        (DISK_DROP, f"{12:032x}"),
+    ]
 
 
 def test_a_block_whose_files_went_is_a_miss_and_the_others_copies_go_too() -> None:
     gone = {7}
-    bm = disk_bm(present=[5, 7, 9], disk_check=lambda pool, h: h not in gone)
+    bm = disk_bm(
+        present=[(5, ROOT), (7, ROOT), (9, ROOT)], disk_check=lambda pool, h, p: h not in gone
+    )
     assert bm._pools[0].load_from_disk(5) is not None
     assert bm._pools[0].load_from_disk(7) is None
     moves = bm.take_moves()
@@ -212,8 +250,17 @@ def small_cache(bits: int = 0, num_blocks: int = 4, device: str = "cpu") -> KVCa
     return cache
 
 
+P = "0" * 32
+"""The parent digest these files' blocks are saved under."""
+
+
 def move(kind: int, block: int, key: str) -> KVMove:
-    return KVMove(pool=0, block=block, slot=0, to_host=False, disk=kind, key=key)
+    parent = P if kind == DISK_SAVE else ""
+    return KVMove(pool=0, block=block, slot=0, to_host=False, disk=kind, key=key, parent=parent)
+
+
+def name(key: str) -> str:
+    return f"{key}-{P}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -229,8 +276,8 @@ def test_files_round_trip_before_and_after_they_are_written(
     tier.apply(cache, [move(DISK_SAVE, 1, key), move(DISK_LOAD, 2, key)])  # maybe still queued
     assert torch.equal(cache.data[:, :, 2], want)
     tier.flush()
-    assert tier.listing() == [key] and tier.num_written == 1
-    assert (tmp_path / f"{key}.kv").stat().st_size == tier.file_bytes
+    assert tier.listing() == [name(key)] and tier.num_written == 1
+    assert (tmp_path / f"{name(key)}.kv").stat().st_size == tier.file_bytes
     fresh = small_cache(bits, device=device)
     DiskKVTier(fresh, tmp_path).apply(fresh, [move(DISK_LOAD, 3, key)])  # from the file
     assert torch.equal(fresh.data[:, :, 3], want)
@@ -238,7 +285,7 @@ def test_files_round_trip_before_and_after_they_are_written(
         assert fresh.params is not None and torch.equal(fresh.params[:, :, 3], want_params)
     tier.apply(cache, [move(DISK_DROP, 0, key)])
     tier.flush()
-    assert tier.listing() == [] and not (tmp_path / f"{key}.kv").exists()
+    assert tier.listing() == [] and not (tmp_path / f"{name(key)}.kv").exists()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -258,7 +305,7 @@ def test_a_run_of_saves_longer_than_the_queue_is_gathered_in_pieces(
     )
     assert torch.equal(cache.data[:, :, 6], want[4]) and torch.equal(cache.data[:, :, 7], want[1])
     tier.flush()
-    assert sorted(tier.listing()) == keys[:5]
+    assert sorted(tier.listing()) == [name(k) for k in keys[:5]]
     fresh = small_cache(num_blocks=8, device=device)
     DiskKVTier(fresh, tmp_path).apply(fresh, [move(DISK_LOAD, b, keys[b]) for b in range(5)])
     for b in range(5):
@@ -271,15 +318,15 @@ def test_files_of_another_size_are_not_listed_and_a_gone_file_is_an_error(tmp_pa
     a, b, c = "a" * 32, "b" * 32, "c" * 32
     tier.apply(cache, [move(DISK_SAVE, 0, a), move(DISK_SAVE, 1, b)])
     tier.flush()
-    os.utime(tmp_path / f"{a}.kv", ns=(1, 2))  # the oldest
-    with open(tmp_path / f"{b}.kv", "r+b") as f:
+    os.utime(tmp_path / f"{name(a)}.kv", ns=(1, 2))  # the oldest
+    with open(tmp_path / f"{name(b)}.kv", "r+b") as f:
         f.truncate(100)  # a write cut short
     (tmp_path / f"{c}.123.tmp").write_bytes(b"x")
     again = DiskKVTier(cache, tmp_path)
-    assert again.listing() == [a]
-    before = (tmp_path / f"{a}.kv").stat().st_mtime_ns
+    assert again.listing() == [name(a)]
+    before = (tmp_path / f"{name(a)}.kv").stat().st_mtime_ns
     again.apply(cache, [move(DISK_LOAD, 3, a)])  # a read refreshes the block's place
-    assert (tmp_path / f"{a}.kv").stat().st_mtime_ns > before
+    assert (tmp_path / f"{name(a)}.kv").stat().st_mtime_ns > before
     assert not (tmp_path / f"{c}.123.tmp").exists()  # leftovers of a crash are removed
     with pytest.raises(RuntimeError, match="is not a block of this KV cache"):
         again.apply(cache, [move(DISK_LOAD, 2, b)])
@@ -483,17 +530,21 @@ def test_disk_tier_needs_the_prefix_cache() -> None:
         CacheConfig(kv_cache_dir="/tmp/x", disk_kv_cache_gb=0)
 
 
-def test_a_capacity_lowered_at_restart_deletes_the_oldest_files(
+def test_a_capacity_lowered_at_restart_keeps_the_head_of_a_document(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
+    """32 blocks on disk, then a restart with room for 10: the document's tail goes, its first
+    10 blocks stay and are read (40 tokens), and its later blocks are not written over them."""
     block_file = 2 * 2 * 4 * 4 * 8 * 4 + 22
+    plain = _ask(tiny_llama_dir, None, [DOC + [7]])
     _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
     assert len(_files(tmp_path)) == 32
-    oldest = sorted(_files(tmp_path), key=lambda p: p.stat().st_mtime_ns)[:22]
-    run = _ask(tiny_llama_dir, tmp_path, [_tokens(8, 9)], disk_gb=10 * block_file / 2**30)
+    head = sorted(_files(tmp_path), key=lambda p: p.stat().st_mtime_ns)[:10]
+    run = _ask(tiny_llama_dir, tmp_path, [DOC + [7]], disk_gb=10 * block_file / 2**30)
+    _same(run["outs"], plain["outs"])
+    assert run["stats"]["prefix_cache_disk_hit_tokens"] == 40
     assert run["stats"]["disk_kv_blocks"] == 10
-    left = _files(tmp_path)
-    assert len(left) == 10 and not set(oldest) & set(left)
+    assert sorted(_files(tmp_path)) == sorted(head)
 
 
 @pytest.mark.parametrize(("tp", "cp"), [(2, 1), (1, 2)])
