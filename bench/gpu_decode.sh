@@ -113,6 +113,9 @@ timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider -m "not sl
     "gpu or rotary or flash_decode or graph" 2>&1 | tail -15 | tee -a "$log"
 timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider \
     tests/dist_runtime/test_disk_kv_cache.py -k "cuda" 2>&1 | tail -4 | tee -a "$log"
+step "disk tier of the prefix cache: 7B blocks from the GPU to files and back"
+timeout "${DISK_TIMEOUT:-60}" $PY bench/disk_kv_tier.py --device cuda --blocks 512 2>&1 \
+    | tee -a "$log"
 if [ "${GEMV:-1}" = 1 ]; then
     step "decode-sized linear layers: Triton GEMV, CUDA tests, then against cuBLAS"
     timeout "${GEMV_TIMEOUT:-120}" $PY -m pytest -q -x -p no:cacheprovider \

@@ -319,6 +319,19 @@ def test_disk_kv_cache_bench_runs(tmp_path: Path) -> None:
     assert "| warm directory |" in report.read_text()
 
 
+def test_disk_kv_tier_bench_runs() -> None:
+    out = _run(
+        "bench/disk_kv_tier.py",
+        "--device=cpu",
+        "--blocks=8",
+        "--layers=2",
+        "--kv-heads=2",
+        "--head-dim=8",
+        "--bits=8",
+    )
+    assert "disk-kv-tier (cpu, 8 blocks of" in out and "read back identical: True" in out
+
+
 def test_draft_rows_bench_runs(tmp_path: Path) -> None:
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
