@@ -198,8 +198,6 @@ class DiskKVTier:
         self.num_written = self.num_read = self.num_failed = 0
         for leftover in directory.glob("*.tmp"):  # a write cut short by a crash
             leftover.unlink(missing_ok=True)
-        for path in directory.glob("*" + self.SUFFIX):
-            self._names[path.stem.partition("-")[0]] = path.stem
         self._thread = threading.Thread(target=self._write_loop, name="kv-disk", daemon=True)
         self._thread.start()
 
@@ -250,7 +248,8 @@ class DiskKVTier:
                     cache.params[:, :, m.block].copy_(params)
                 self.num_read += 1
             elif m.disk == DISK_DROP:
-                name = self._names.pop(m.key, None)
+                name = self._name(m.key)
+                self._names.pop(m.key, None)
                 if name is not None:
                     self._queue.put((DISK_DROP, name, None))
 
@@ -258,11 +257,21 @@ class DiskKVTier:
         """Wait until every queued write and deletion is done."""
         self._queue.join()
 
+    def _name(self, key: str) -> str | None:
+        """The file name stem of block `key` (known from the listing or its save; else looked
+        up on disk), None when there is no such file."""
+        name = self._names.get(key)
+        if name is None:
+            found = next(self.dir.glob(f"{key}-*{self.SUFFIX}"), None)
+            if found is not None:
+                name = self._names[key] = found.stem
+        return name
+
     def _path(self, name: str) -> Path:
         return self.dir / (name + self.SUFFIX)
 
     def _read(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        path = self._path(self._names.get(key, key))
+        path = self._path(self._name(key) or key)
         try:
             raw = path.read_bytes()
             os.utime(path)  # a block read is a block used: the listing's order is by this time

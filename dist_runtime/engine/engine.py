@@ -797,22 +797,16 @@ class Engine:
                 f"cache.disk_kv_cache_gb = {self.config.cache.disk_kv_cache_gb:g} GiB holds no "
                 "KV block of this model on every worker; raise --disk-kv-cache-gb"
             )
-        cp = self.config.parallel.cp
-        pools: list[list[tuple[int, int]]] = [[] for _ in range(cp)]
-        shared: list[set[int] | None] = [None] * cp
-        seen: list[set[int]] = [set() for _ in range(cp)]
+        workers: list[list[list[tuple[int, int]]]] = [[] for _ in range(self.config.parallel.cp)]
         for cp_rank, _, names in listings:
             pairs = [_digest_pair(name) for name in names]
-            digests = [pair for pair in pairs if pair is not None]
-            mine = {d for d, _ in digests}
-            seen[cp_rank] |= mine
-            if shared[cp_rank] is None:
-                pools[cp_rank] = digests
-                shared[cp_rank] = mine
-            else:
-                shared[cp_rank] &= mine  # type: ignore[operator]
-        found = [[d for d in pools[r] if d[0] in (shared[r] or ())] for r in range(cp)]
-        orphans = [sorted(seen[r] - (shared[r] or set())) for r in range(cp)]
+            workers[cp_rank].append([pair for pair in pairs if pair is not None])
+        found, orphans = [], []
+        for lists in workers:  # each pool's workers' listings (one per tp rank)
+            held = [{d for d, _ in pairs} for pairs in lists]
+            everywhere = set.intersection(*held)
+            found.append([pair for pair in lists[0] if pair[0] in everywhere])
+            orphans.append(sorted(set.union(*held) - everywhere))
         logger.info(
             "disk KV tier %s: %d blocks found, room for %d per cp rank",
             disk_dir,

@@ -65,7 +65,7 @@ def disk_tier(config: RuntimeConfig, model_config: ModelConfig) -> tuple[Path, i
 
 
 def _model_fields(model_config: ModelConfig) -> dict[str, Any]:
-    fields = {
+    return {
         "num_layers": model_config.num_layers,
         "hidden_size": model_config.hidden_size,
         "num_heads": model_config.num_heads,
@@ -74,7 +74,6 @@ def _model_fields(model_config: ModelConfig) -> dict[str, Any]:
         "rope_theta": model_config.rope_theta,
         "rope_scaling": str(model_config.rope_scaling),
     }
-    return fields
 
 
 def weights_digest(config: RuntimeConfig, memo: Path) -> str:

@@ -490,18 +490,10 @@ class _Parser:
                 ranges.append((lo, hi))
             else:
                 ranges.append((lo, lo))
-        if negated:
-            out, nxt = [], 0
-            for lo, hi in sorted(ranges):
-                if lo > nxt:
-                    out.append((nxt, lo - 1))
-                nxt = max(nxt, hi + 1)
-            if nxt <= _MAX_CP:
-                out.append((nxt, _MAX_CP))
-            ranges = out
-        if not ranges:
+        chars = Chars([(0, _MAX_CP)]) - Chars(ranges) if negated else Chars(ranges)
+        if not chars:
             raise self.fail("the class admits no character", at)
-        return Chars(ranges)
+        return chars
 
 
 __all__ = ["Chars", "GrammarError", "Rule", "Seq", "compile_gbnf", "rules_of"]

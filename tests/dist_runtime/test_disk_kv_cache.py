@@ -6,8 +6,9 @@ K/V. Unit tests of the block manager's moves and of the worker's files come firs
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -431,22 +432,28 @@ def test_a_cut_file_is_recomputed_not_read(tiny_llama_dir: Path, tmp_path: Path)
     assert again["stats"]["prefix_cache_disk_hit_tokens"] == 40
 
 
+@contextlib.contextmanager
+def _doc_on_disk_only(folder: Path, kv_dir: Path) -> Iterator[tuple[Runtime, Path]]:
+    """A runtime that wrote DOC's blocks to disk, then pushed them off its device cache with
+    three other documents; and the file of DOC's fourth block."""
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(kv_dir))
+    with Runtime(
+        model=str(folder), device="cpu", dtype="float32", session_len=256, cache=cache
+    ) as rt:
+        for doc in [DOC + [7], *(_tokens(120, s) for s in (2, 3, 4))]:
+            rt.generate([doc], PARAMS)
+        rt.engine.wait_idle(10)
+        yield rt, sorted(_files(kv_dir), key=lambda p: p.stat().st_mtime_ns)[3]
+
+
 def test_a_file_deleted_while_running_is_computed_again(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     """The driver checks a block's files before it queues their read: one deleted by hand
     since the start is a miss, and the answer is the one a run without the tier gives."""
-    docs = [DOC + [7], *(_tokens(120, s) for s in (2, 3, 4))]
     plain = _ask(tiny_llama_dir, None, [DOC + [7]])
-    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path))
-    with Runtime(
-        model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=256, cache=cache
-    ) as rt:
-        for doc in docs:  # DOC's blocks written, then pushed off the device
-            rt.generate([doc], PARAMS)
-        rt.engine.wait_idle(10)
-        oldest = sorted(_files(tmp_path), key=lambda p: p.stat().st_mtime_ns)
-        oldest[3].unlink()  # DOC's fourth block
+    with _doc_on_disk_only(tiny_llama_dir, tmp_path) as (rt, fourth):
+        fourth.unlink()
         again = rt.generate([DOC + [7]], PARAMS)[0]
         stats = rt.engine.stats()
     _same([again], plain["outs"])
@@ -458,16 +465,8 @@ def test_a_file_cut_while_running_fails_its_request_and_is_forgotten(
 ) -> None:
     """A file that is there but cut short fails the read, so the request that needed it fails
     with the file's name; the step's blocks are forgotten, and asking again computes them."""
-    docs = [DOC + [7], *(_tokens(120, s) for s in (2, 3, 4))]
     plain = _ask(tiny_llama_dir, None, [DOC + [7]])
-    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path))
-    with Runtime(
-        model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=256, cache=cache
-    ) as rt:
-        for doc in docs:
-            rt.generate([doc], PARAMS)
-        rt.engine.wait_idle(10)
-        target = sorted(_files(tmp_path), key=lambda p: p.stat().st_mtime_ns)[3]
+    with _doc_on_disk_only(tiny_llama_dir, tmp_path) as (rt, target):
         with open(target, "r+b") as f:
             f.truncate(64)
         with pytest.raises(RuntimeError, match=f"{target.name} is not a block of this KV cache"):
