@@ -767,6 +767,9 @@ class RuntimeConfig:
     rope_scaling_factor: float | None = None
     """Dynamic-NTK factor to use instead of the checkpoint's rope_scaling (as LMDeploy's
     --rope-scaling-factor): lets a model without RoPE scaling run past its trained length."""
+    lora_modules: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters to serve beside the base model, name -> PEFT folder (`--lora-modules`);
+    a request picks one by name (`SamplingParams.adapter`, the server's `model`)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -832,6 +835,9 @@ class RuntimeConfig:
         factor = self.rope_scaling_factor
         if factor is not None and (not _is_number(factor) or not factor >= 1.0):
             raise ConfigError(f"rope_scaling_factor must be a number >= 1, got {factor!r}")
+        from dist_runtime.lora import check_lora_modules
+
+        check_lora_modules(self.lora_modules)
         for name, cls in (
             ("parallel", ParallelConfig),
             ("cache", CacheConfig),

@@ -87,6 +87,9 @@ class SeqStep:
     rope_base: float = 0.0
     """With is_new: this sequence's RoPE base (dynamic NTK past the trained length); 0 keeps
     the model's own."""
+    adapter: int = 0
+    """With is_new: this sequence's LoRA adapter slot (i + 1 for the i-th of
+    `RuntimeConfig.lora_modules`); 0 is the base model."""
     cached_token_ids: list[int] = dataclasses.field(default_factory=list)
     """With is_new and a penalty that reads the history: the tokens before start_pos (found in
     the prefix cache, so never sent to the workers as token_ids)."""

@@ -84,6 +84,10 @@ class SamplingParams:
     repeat, e.g. a document being edited. Decoding drafts from it (speculative decoding, even
     when the runtime's num_speculative_tokens is 0) and keeps what the model agrees with; the
     answer is the one decoding without it gives."""
+    adapter: str | None = None
+    """The LoRA adapter to answer with, by the name it was loaded under
+    (`RuntimeConfig.lora_modules`, `--lora-modules NAME=DIR`); None: the base model. Requests
+    of different adapters share a batch."""
     extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
     """Reserved for options of later versions; must be empty."""
 
@@ -163,6 +167,10 @@ class SamplingParams:
             isinstance(self.prediction, tuple)
             and all(_is_int(t) and t >= 0 for t in self.prediction),
             f"prediction must be a list of token ids, got {self.prediction!r:.80}",
+        )
+        _check(
+            self.adapter is None or (isinstance(self.adapter, str) and bool(self.adapter)),
+            f"adapter must be a LoRA adapter's name or None, got {self.adapter!r:.80}",
         )
         for name in ("ignore_eos", "skip_special_tokens"):
             value = getattr(self, name)

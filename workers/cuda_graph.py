@@ -259,6 +259,7 @@ class DecodeGraphs:
         rope_ok = inv is None or (self.rope_half is not None and inv.shape[1:] == (self.rope_half,))
         return (
             meta.is_decode
+            and meta.lora is None
             and rope_ok
             and meta.cp is None
             and meta.cp_decode == self.cp_decode

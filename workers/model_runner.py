@@ -23,6 +23,7 @@ from dist_runtime.config import (
     decode_graph_segments,
     decode_graphs_choice,
 )
+from dist_runtime.lora import AdapterSpec
 from dist_runtime.protocol import (
     LAST_SAMPLED,
     PromptLogprobs,
@@ -39,6 +40,7 @@ from workers.distributed import Collectives
 from workers.kv_cache import DiskKVTier, HostKVTier, KVCache
 from workers.layers.attention import AttentionMetadata
 from workers.layers.rotary import inverse_frequencies
+from workers.lora import LoraBatch, load_adapters
 from workers.models.decoder import DecoderLM
 from workers.models.layouts import init_dummy_weights, load_weights
 from workers.sampler import (
@@ -114,6 +116,8 @@ class SeqState:
     """Position of history[0] (-1: empty); a prefix-cache hit starts it past 0."""
     inv_freq: torch.Tensor | None = None
     """RoPE frequencies of a request with its own base (dynamic NTK); None: the model's."""
+    adapter: int = 0
+    """LoRA adapter slot (0: the base model)."""
 
 
 class ModelRunner:
@@ -137,6 +141,15 @@ class ModelRunner:
             load_weights(self.model, reader)
             self.weight_bytes_read = reader.bytes_read
             reader.close()
+        self.num_adapters = len(config.lora_modules)
+        if config.lora_modules:
+            specs = [
+                AdapterSpec.load(name, path, self.model_config)
+                for name, path in config.lora_modules.items()
+            ]
+            self.model.lora = load_adapters(
+                self.model, self.model_config, specs, self.model.shard, comm.tp_rank, comm.tp_size
+            )
         self.kv_cache: KVCache | None = None
         self.host_kv: HostKVTier | None = None
         self.disk_kv: DiskKVTier | None = None
@@ -366,6 +379,7 @@ class ModelRunner:
                 or not samples_on_device([state.spec])
                 or state.table.size + len(s.new_blocks) > graphs.max_blocks
                 or (state.inv_freq is not None and graphs.rope_half is None)
+                or state.adapter
             ):
                 return None
         ahead = [s.token_ids[0] == LAST_SAMPLED for s in seqs]
@@ -494,7 +508,8 @@ class ModelRunner:
         seqs = plan.seqs if rows_of is None else rows_of
         split = cp > 1 and any(len(s.token_ids) != 1 for s in seqs)
         own_rope = any(self.seqs[s.seq_id].inv_freq is not None for s in seqs)
-        hidden = self._staged_decode(seqs, own_rope)
+        adapted = any(self.seqs[s.seq_id].adapter for s in seqs)
+        hidden = None if adapted else self._staged_decode(seqs, own_rope)
         staged = hidden is not None
         sample_rows: torch.Tensor | None = None  # None: every row of `hidden`
         if hidden is None:
@@ -505,6 +520,10 @@ class ModelRunner:
             if own_rope:
                 inv = self._rope_inv_freq(seqs, split)
                 meta = dataclasses.replace(meta, rope_inv_freq=inv)
+            if adapted:
+                slots = [self.seqs[s.seq_id].adapter for s in seqs]
+                lora = LoraBatch.build(slots, self._row_counts(seqs, split), self.device)
+                meta = dataclasses.replace(meta, lora=lora)
             if self.graphs is not None and self.graphs.can_run(meta, input_ids.shape[0]):
                 hidden = self.graphs.run(input_ids, positions, meta)
             else:
@@ -617,11 +636,17 @@ class ModelRunner:
             inv = None
             if seq.rope_base:
                 inv = inverse_frequencies(self.model_config.head_dim, seq.rope_base)
+            if not 0 <= seq.adapter <= self.num_adapters:
+                raise ValueError(
+                    f"seq {seq.seq_id}: adapter slot {seq.adapter} but this worker has "
+                    f"{self.num_adapters} LoRA adapter(s)"
+                )
             self.seqs[seq.seq_id] = SeqState(
                 spec=seq.sampling,
                 generator=gen,
                 table=DeviceBlockTable(self.device),
                 inv_freq=None if inv is None else inv.to(self.device),
+                adapter=seq.adapter,
             )
         state = self.seqs.get(seq.seq_id)
         if state is None:
@@ -797,21 +822,25 @@ class ModelRunner:
         base, rows packed sequence by sequence in plan order (split: a cp rank's share of the
         step's tokens, else all of them)."""
         default = self.model.rotary.inv_freq
-        rows, counts = [], []
-        bs, cp, rank = self.config.cache.block_size, self.comm.cp_size, self.comm.cp_rank
-        for s in seqs:
-            n = len(s.token_ids)
-            if split:
-                span = torch.arange(s.start_pos, s.start_pos + n)
-                n = int((block_owner(span, bs, cp) == rank).sum())
-            inv = self.seqs[s.seq_id].inv_freq
-            rows.append(default if inv is None else inv)
-            counts.append(n)
-        per_seq = torch.stack(rows)  # (seqs, head_dim // 2)
+        rows = [self.seqs[s.seq_id].inv_freq for s in seqs]
+        counts = self._row_counts(seqs, split)
+        per_seq = torch.stack([default if inv is None else inv for inv in rows])
         if all(n == 1 for n in counts):  # a decode step: one row per sequence
             return per_seq
         repeats = torch.tensor(counts, device=per_seq.device)
         return per_seq.repeat_interleave(repeats, dim=0, output_size=sum(counts))
+
+    def _row_counts(self, seqs: list[SeqStep], split: bool) -> list[int]:
+        """Each sequence's rows in the step's forward, packed in plan order (split: this cp
+        rank's share of its tokens)."""
+        if not split:
+            return [len(s.token_ids) for s in seqs]
+        bs, cp, rank = self.config.cache.block_size, self.comm.cp_size, self.comm.cp_rank
+        counts = []
+        for s in seqs:
+            span = torch.arange(s.start_pos, s.start_pos + len(s.token_ids))
+            counts.append(int((block_owner(span, bs, cp) == rank).sum()))
+        return counts
 
     def _gather_sample_rows(self, rows: torch.Tensor, seqs: list[SeqStep]) -> torch.Tensor:
         """Final hidden states of the sampled rows (each sampled sequence's last token, and a

@@ -431,10 +431,12 @@ class BlockManager:
             return _digest(parent.to_bytes(16, "little") + struct.pack(f"<{len(tokens)}q", *tokens))
         return hash((parent, tuple(tokens)))
 
-    def derive_root(self, root: int, value: float) -> int:
-        """A hash chain's root for K/V that `value` (a RoPE base) also shapes."""
+    def derive_root(self, root: int, value: float | bytes) -> int:
+        """A hash chain's root for K/V that `value` (a RoPE base, or a LoRA adapter's content
+        hash) also shapes."""
         if self.stable:
-            return _digest(root.to_bytes(16, "little") + struct.pack("<d", value))
+            salt = value if isinstance(value, bytes) else struct.pack("<d", value)
+            return _digest(root.to_bytes(16, "little") + salt)
         return hash((root, value))
 
     def match_prefix(

@@ -45,6 +45,7 @@ from dist_runtime.engine.kv_disk import disk_tier
 from dist_runtime.engine.output_processor import OutputProcessor
 from dist_runtime.engine.outputs import RequestDelta
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
+from dist_runtime.lora import AdapterSpec
 from dist_runtime.protocol import SampledToken, StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.text.guided import (
@@ -136,6 +137,12 @@ class Engine:
         if tokenizer is not None:
             eos |= set(tokenizer.eos_token_ids)
         self.outputs = OutputProcessor(eos, config.session_len)
+        self.adapters = {
+            name: AdapterSpec.load(name, path, model_config)
+            for name, path in config.lora_modules.items()
+        }
+        """LoRA adapters by name, checked before any worker starts; slot i + 1 for the i-th."""
+        self._adapter_slots = {name: i + 1 for i, name in enumerate(self.adapters)}
         self._vocab: Vocabulary | None = None
         self._vocab_lock = threading.Lock()
         """The tokenizer's tokens as bytes for guided output, built on first use."""
@@ -202,13 +209,21 @@ class Engine:
             for s, rid in zip(seqs, ids)
         ]
         # A request scoring its prompt computes all of it: a shared-prefix pass would not help.
-        share_prefix = share_prefix and all(p.prompt_logprobs is None for p in params)
+        # Requests of different adapters have different K/V for the same text.
+        share_prefix = (
+            share_prefix
+            and all(p.prompt_logprobs is None for p in params)
+            and len({p.adapter for p in params}) == 1
+        )
         shared = self._shared_prefix(list(prompts)) if share_prefix else None
         if shared is not None:
             # the pass runs at its requests' priority (the most important of them)
             priority = min(p.priority for p in params)
+            pass_params = dataclasses.replace(
+                PREFIX_PASS, priority=priority, adapter=params[0].adapter
+            )
             prefix = _Request(
-                self._make_sequence(shared, dataclasses.replace(PREFIX_PASS, priority=priority), 0),
+                self._make_sequence(shared, pass_params, 0),
                 RequestHandle(f"prefix-{next(self._request_ids)}", len(shared), self.abort),
                 is_internal=True,
             )
@@ -343,8 +358,17 @@ class Engine:
                 "has none; leave json_schema / json_object / guided_choice / guided_regex / "
                 "guided_grammar out"
             )
+        if params.adapter is not None and params.adapter not in self.adapters:
+            loaded = list(self.adapters) or "none"
+            raise ValueError(
+                f"prompt {index}: adapter {params.adapter!r} is not loaded (loaded: {loaded}); "
+                "start the runtime with lora_modules (--lora-modules NAME=DIR) naming it"
+            )
         seed = params.seed if params.seed is not None else self._draw_seed()
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
+        if params.adapter is not None:
+            seq.adapter = self._adapter_slots[params.adapter]
+            seq.adapter_digest = self.adapters[params.adapter].digest
         if params.guided:
             seq.guide = self._json_guide(params)
         base = self.model_config.rope_base(len(ids))

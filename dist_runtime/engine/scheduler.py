@@ -109,6 +109,10 @@ class Sequence:
     it runs no chunk until the rest is read (`Scheduler._go_on_loading`)."""
     rope_base: float = 0.0
     """RoPE base fixed for this request (0: the model's own); it salts its prefix-cache keys."""
+    adapter: int = 0
+    """LoRA adapter slot (0: the base model)."""
+    adapter_digest: bytes = b""
+    """Its adapter's content hash, which salts its prefix-cache keys."""
     prompt_logprobs: list[Any] = field(default_factory=list)
     """With params.prompt_logprobs: a TokenLogprobs (or None) per prompt position, so a
     recompute overwrites positions instead of adding entries; [0] stays None."""
@@ -427,9 +431,14 @@ class Scheduler:
         seq.num_hashed_blocks, seq.prefix_hash = full, parent
 
     def _root(self, seq: Sequence) -> int:
-        """Hash chain root of a sequence's blocks: K/V rotated with another base differ."""
+        """Hash chain root of a sequence's blocks: K/V rotated with another base, or computed
+        through an adapter, differ."""
         root = self.blocks.root_hash
-        return root if seq.rope_base == 0.0 else self.blocks.derive_root(root, seq.rope_base)
+        if seq.rope_base != 0.0:
+            root = self.blocks.derive_root(root, seq.rope_base)
+        if seq.adapter_digest:
+            root = self.blocks.derive_root(root, seq.adapter_digest)
+        return root
 
     def reset(self, blocks: BlockManager) -> None:
         """The workers were replaced and every KV block with them: adopt the new pool and put
@@ -486,6 +495,7 @@ class Scheduler:
                     sample=sample,
                     sampling=seq.sampling_spec() if seq.is_reset else None,
                     rope_base=seq.rope_base if seq.is_reset else 0.0,
+                    adapter=seq.adapter if seq.is_reset else 0,
                     cached_token_ids=seq.token_slice(0, start)
                     if seq.is_reset and start and _needs_history(seq.params)
                     else [],

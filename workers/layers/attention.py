@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from workers.distributed import Collectives
 from workers.kv_cache import LayerKV
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.layers.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from workers.lora import LoraBatch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +74,9 @@ class AttentionMetadata:
     """A decode step with cp > 1: every cp rank holds every row, `block_tables` and
     `context_lens` describe this rank's KV shard, and the partial results are merged over the
     cp group (`cp_decode_attention`)."""
+    lora: LoraBatch | None = None
+    """The step's rows by LoRA adapter (`workers/lora.py`); None: every row is the base
+    model's."""
 
 
 class Attention(nn.Module):

@@ -18,6 +18,8 @@ Float weights on CPU are then packed once for the native or oneDNN matmul (`kern
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,9 @@ from kernels.dispatch import use_triton
 from kernels.gemv import gemv_available, gemv_fits, gemv_triton
 from kernels.w4a16 import CpuInt4Weight, cpu_int4_supported, dequantized_weight, w4a16_matmul
 from workers.distributed import Collectives
+
+if TYPE_CHECKING:
+    from workers.lora import LinearLora
 
 
 def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,6 +119,8 @@ class _Linear(nn.Module):
             self.gemv = gemv_available(self.weight)
 
     cpu_int4: CpuInt4Weight | None = None
+    lora: LinearLora | None = None
+    """LoRA adapters on this layer (`workers/lora.py`); None: none adapts it."""
     cpu_packed: CpuLinearWeight | None = None
     gemv: bool = False
     """Decode-sized batches of this float layer run the Triton GEMV (`kernels/gemv.py`)."""
@@ -154,7 +161,8 @@ class ColumnParallelLinear(_Linear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, self.bias)
+        out = self._matmul(x, self.bias)
+        return out if self.lora is None else self.lora.add_to(x, out)
 
 
 class RowParallelLinear(_Linear):
@@ -189,8 +197,10 @@ class RowParallelLinear(_Linear):
         return self.reduce(self.partial(x))
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's partial product (no reduce, no bias)."""
-        return self._matmul(x, None)
+        """This rank's partial product (no reduce, no bias), adapters' terms included: their
+        sum over ranks is the adapters' whole term."""
+        out = self._matmul(x, None)
+        return out if self.lora is None else self.lora.add_to(x, out)
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's partial (in place), plus the bias."""

@@ -6,6 +6,8 @@ Only wiring lives here; the checkpoint layouts (tensor names, InternLM2's packed
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -22,6 +24,9 @@ from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 from workers.models import native_decode
 from workers.models.names import linear_quant
+
+if TYPE_CHECKING:
+    from workers.lora import LoraState
 
 MLP_PIECE_BYTES = 8 << 20
 """On CPU, the MLP of a long chunk runs in row pieces whose gate_up output is at most this big
@@ -57,7 +62,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         step = self._cpu_rows_per_piece(x)
-        if step >= rows:
+        if step >= rows or self._adapted():
             return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         # A long CPU prefill chunk in pieces: the (rows, 2 * inter) gate_up output would be a
         # fresh allocation past glibc's mmap threshold in every layer (zero-filled pages faulted
@@ -67,6 +72,11 @@ class MLP(nn.Module):
             piece = silu_and_mul(self.gate_up_proj(x[i : i + step]))
             out[i : i + step] = self.down_proj.partial(piece)
         return self.down_proj.reduce(out)
+
+    def _adapted(self) -> bool:
+        """A step with LoRA rows: its row indices span the whole chunk (no pieces)."""
+        lora = self.gate_up_proj.lora or self.down_proj.lora
+        return lora is not None and lora.state.batch is not None
 
     def _cpu_rows_per_piece(self, x: torch.Tensor) -> int:
         """Rows whose gate_up output fits MLP_PIECE_BYTES on CPU (at least 64); any on GPU."""
@@ -137,6 +147,9 @@ class DecoderLM(nn.Module):
         self.lm_head = ParallelLMHead(
             config.vocab_size, config.hidden_size, dtype, device, comm, tied
         )
+        self.lora: LoraState | None = None
+        """Set when LoRA adapters are loaded (`workers/lora.py`): each step's rows by adapter
+        go there for the forward's duration."""
         self.drop_native_decoder()
 
     def drop_native_decoder(self) -> None:
@@ -157,6 +170,8 @@ class DecoderLM(nn.Module):
         kv_caches: list[LayerKV],
     ) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> final hidden states (tokens, hidden)."""
+        if meta.lora is not None:
+            return self._adapted_forward(input_ids, positions, meta, kv_caches)
         x = self.embed(input_ids)
         if x.is_cpu and native_decode.step_runs_native(meta, x.shape[0]):
             decoder = self._native_decoder(kv_caches)
@@ -177,6 +192,25 @@ class DecoderLM(nn.Module):
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
                 x, residual = layer(x, residual, positions, meta, kv_cache)
         x, _ = self.norm(x, residual)
+        return x
+
+    def _adapted_forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[LayerKV],
+    ) -> torch.Tensor:
+        """`forward` of a step with LoRA rows: layer by layer, the adapters' rows set."""
+        if self.lora is None:
+            raise ValueError("this step has LoRA rows but the model has no adapters loaded")
+        self.lora.batch = meta.lora
+        try:
+            x, _ = self.forward_layers(
+                input_ids, positions, meta, kv_caches, range(len(self.layers)), None
+            )
+        finally:
+            self.lora.batch = None
         return x
 
     def forward_layers(

@@ -34,6 +34,7 @@ def step_runs_native(meta: AttentionMetadata, tokens: int) -> bool:
     `build`'s): a decode step without cp, one token per sequence, the fused path chosen."""
     return (
         meta.is_decode
+        and meta.lora is None
         and meta.cp is None
         and not meta.cp_decode
         and meta.block_tables.shape[0] == tokens

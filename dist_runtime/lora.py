@@ -1,0 +1,278 @@
+"""LoRA adapters served beside the base model (`--lora-modules NAME=DIR`).
+
+An adapter is a PEFT folder: `adapter_config.json` (`r`, `lora_alpha`, `target_modules`,
+optionally `use_rslora`, `rank_pattern`, `alpha_pattern`) and `adapter_model.safetensors`
+holding, for each adapted linear layer `M` of the base checkpoint,
+`base_model.model.M.lora_A.weight` [r, in] and `base_model.model.M.lora_B.weight` [out, r].
+The layer's output becomes `W x + s * B (A x)` with `s = alpha / r` (`alpha / sqrt(r)` with
+rsLoRA), exactly what PEFT's merge computes into `W`.
+
+Every adapter is read once at start (`AdapterSpec.load` checks the folder against the model,
+headers only, before any worker starts); requests pick one by name
+(`SamplingParams.adapter`), and one batch mixes requests of any adapters and of the base model.
+The adapted layers are the attention and MLP projections (q, k, v, o, gate, up, down, or
+InternLM2's wqkv, wo, w1, w3, w2); an adapter that trains embeddings or the LM head, DoRA,
+or adapter biases is refused with the reason. Prefix-cache keys of a request are salted with its
+adapter's content hash, so base and adapter K/V are never shared.
+
+The worker side (sharding A and B for tensor parallelism, the batched forward) is
+`workers/lora.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dist_runtime.config import ConfigError, ModelConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+
+_UNSUPPORTED = {
+    "use_dora": "DoRA adapters (use_dora) are not supported; merge the adapter into the "
+    "weights (PEFT's merge_and_unload) and serve the merged checkpoint",
+    "modules_to_save": "adapters that fully train extra modules (modules_to_save) are not "
+    "supported; merge the adapter into the weights and serve the merged checkpoint",
+}
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One adapted linear layer: its checkpoint name (e.g. `model.layers.0.self_attn.q_proj`),
+    rank and scale."""
+
+    name: str
+    rank: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A checked adapter folder: what it adapts and its content hash."""
+
+    name: str
+    path: str
+    modules: tuple[AdapterModule, ...]
+    digest: bytes
+    """BLAKE2b of its config and weights: salts its requests' prefix-cache keys."""
+
+    @property
+    def max_rank(self) -> int:
+        return max(m.rank for m in self.modules)
+
+    @classmethod
+    def load(cls, name: str, path: str, model: ModelConfig) -> AdapterSpec:
+        """Read and check the folder `path` against `model` (tensor headers only)."""
+        where = f"LoRA adapter {name!r} ({path})"
+        folder = Path(path)
+        cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+        if not folder.is_dir():
+            raise ConfigError(f"{where}: no such directory; give --lora-modules NAME=DIR")
+        if not cfg_path.is_file():
+            raise ConfigError(f"{where}: {ADAPTER_CONFIG} is missing; is it a PEFT LoRA folder?")
+        if not weights.is_file():
+            bin_file = folder / "adapter_model.bin"
+            hint = (
+                "; it has adapter_model.bin (pickle), which is not read: save it with "
+                "safe_serialization=True"
+                if bin_file.is_file()
+                else ""
+            )
+            raise ConfigError(f"{where}: {ADAPTER_WEIGHTS} is missing{hint}")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}: {ADAPTER_CONFIG} is not valid JSON: {e}") from e
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{where}: {ADAPTER_CONFIG} must hold a JSON object")
+        _check_config(cfg, where)
+        shapes = _tensor_shapes(weights, where)
+        modules = _modules(cfg, shapes, model, where)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(cfg_path.read_bytes())
+        with weights.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return cls(name=name, path=str(folder), modules=modules, digest=h.digest())
+
+
+def _check_config(cfg: dict[str, Any], where: str) -> None:
+    peft_type = cfg.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise ConfigError(f"{where}: peft_type {peft_type!r} is not a LoRA adapter (LORA)")
+    for key, why in _UNSUPPORTED.items():
+        if cfg.get(key):
+            raise ConfigError(f"{where}: {why}")
+    if cfg.get("bias", "none") != "none":
+        raise ConfigError(
+            f"{where}: bias {cfg['bias']!r} trains the base model's biases, which is not "
+            "supported; merge the adapter into the weights and serve the merged checkpoint"
+        )
+    if cfg.get("fan_in_fan_out"):
+        raise ConfigError(f"{where}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
+    for key in ("r", "lora_alpha"):
+        value = cfg.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{where}: {ADAPTER_CONFIG} needs {key} > 0, got {value!r}")
+
+
+def _tensor_shapes(weights: Path, where: str) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = f.keys()
+            return {k: tuple(f.get_slice(k).get_shape()) for k in names}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ConfigError(f"{where}: {ADAPTER_WEIGHTS} cannot be read: {e}") from e
+
+
+def _module_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear layer a LoRA adapter may adapt, by checkpoint name."""
+    c = model
+    hd, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size
+    names = _layout_names(model)
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(c.num_layers):
+        p = names["layer"].format(i)
+        if names["wqkv"]:
+            out[p + names["wqkv"]] = ((c.num_heads + 2 * c.num_kv_heads) * hd, hidden)
+        else:
+            out[p + names["q"]] = (c.num_heads * hd, hidden)
+            out[p + names["k"]] = (c.num_kv_heads * hd, hidden)
+            out[p + names["v"]] = (c.num_kv_heads * hd, hidden)
+        out[p + names["o"]] = (hidden, c.num_heads * hd)
+        out[p + names["gate"]] = (inter, hidden)
+        out[p + names["up"]] = (inter, hidden)
+        out[p + names["down"]] = (hidden, inter)
+    return out
+
+
+def _layout_names(model: ModelConfig) -> dict[str, Any]:
+    from workers.models.names import LAYOUTS
+
+    lay = LAYOUTS[model.architecture]
+    return {k: getattr(lay, k) for k in ("layer", "q", "k", "v", "wqkv", "o", "gate", "up", "down")}
+
+
+def _modules(
+    cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], model: ModelConfig, where: str
+) -> tuple[AdapterModule, ...]:
+    linears = _module_shapes(model)
+    found: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            what = "a bias" if key.endswith(".bias") else "not a lora_A / lora_B weight"
+            raise ConfigError(f"{where}: tensor {key!r} is {what}; only LoRA A/B are supported")
+        module = m.group(1).removeprefix(PEFT_PREFIX)
+        found.setdefault(module, {})[m.group(2)] = shape
+    if not found:
+        raise ConfigError(f"{where}: {ADAPTER_WEIGHTS} holds no lora_A / lora_B tensors")
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    modules = []
+    for module, ab in sorted(found.items()):
+        if module not in linears:
+            kind = (
+                "an embedding or the LM head"
+                if re.search(r"embed|lm_head|output$", module)
+                else "not one of the model's attention or MLP projections"
+            )
+            raise ConfigError(
+                f"{where}: it adapts {module!r}, which is {kind}; only q/k/v/o and gate/up/down "
+                f"projections ({model.architecture} names) can carry an adapter"
+            )
+        if set(ab) != {"A", "B"}:
+            raise ConfigError(f"{where}: {module!r} has lora_{''.join(ab)} but not both A and B")
+        out_f, in_f = linears[module]
+        a, b = ab["A"], ab["B"]
+        rank = a[0] if len(a) == 2 else -1
+        if len(a) != 2 or len(b) != 2 or a[1] != in_f or b[0] != out_f or b[1] != rank:
+            raise ConfigError(
+                f"{where}: {module!r} has lora_A {list(a)} and lora_B {list(b)}; this model "
+                f"needs [r, {in_f}] and [{out_f}, r]: was the adapter trained on another model?"
+            )
+        expected = _pattern(rank_pattern, module, cfg["r"])
+        if rank != expected:
+            raise ConfigError(
+                f"{where}: {module!r} has rank {rank} but {ADAPTER_CONFIG} says {expected}"
+            )
+        alpha = float(_pattern(alpha_pattern, module, cfg["lora_alpha"]))
+        scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+        modules.append(AdapterModule(module, rank, scale))
+    return tuple(modules)
+
+
+def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's per-module override: the first key that is the module's name or a dotted suffix
+    of it (or a regular expression matching such a suffix)."""
+    for key, value in patterns.items():
+        if module == key or module.endswith("." + key):
+            return value
+        try:
+            if re.fullmatch(rf"(.*\.)?{key}", module):
+                return value
+        except re.error:
+            continue
+    return default
+
+
+def parse_lora_modules(items: list[str]) -> dict[str, str]:
+    """`--lora-modules` values `NAME=DIR` (or a JSON object {"name": ..., "path": ...}, as
+    vLLM takes) as {name: dir}."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, path = _split_item(item)
+        if name in out:
+            raise ConfigError(f"--lora-modules names {name!r} twice", key="lora_modules")
+        out[name] = path
+    return out
+
+
+def _split_item(item: str) -> tuple[str, str]:
+    if item.lstrip().startswith("{"):
+        try:
+            obj = json.loads(item)
+        except ValueError as e:
+            raise ConfigError(f"--lora-modules {item!r} is not valid JSON: {e}") from e
+        name, path = obj.get("name"), obj.get("path")
+    else:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ConfigError(
+                f"--lora-modules {item!r} must be NAME=DIR (e.g. sql=/adapters/sql-lora)",
+                key="lora_modules",
+            )
+    if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+        raise ConfigError(f"--lora-modules {item!r} needs a name and a directory")
+    return name, path
+
+
+def check_lora_modules(value: Any) -> None:
+    """RuntimeConfig.lora_modules: a mapping of adapter names to folders."""
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"lora_modules must be a mapping of adapter names to folders, got {value!r:.80}",
+            key="lora_modules",
+        )
+    for name, path in value.items():
+        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            raise ConfigError(
+                f"lora_modules: adapter name {name!r} must be 1-128 letters, digits or ._:/@+- "
+                "(starting with a letter or digit)",
+                key="lora_modules",
+            )
+        if not isinstance(path, str) or not path:
+            raise ConfigError(
+                f"lora_modules: adapter {name!r} needs a folder path, got {path!r}",
+                key="lora_modules",
+            )

@@ -1,0 +1,234 @@
+"""LoRA adapters on a worker: each rank's shards of A and B, and the batched forward.
+
+Every adapted linear layer gets a `LinearLora`: per adapter slot (1.., in
+`RuntimeConfig.lora_modules` order; 0 is the base model) an `A` [R, in_local] and a `B`
+[out_local, R] with the scale folded into `B`, so the layer adds `B (A x)` to its output.
+
+* Column-parallel layers (q/k/v, gate/up) keep all of `A` and this rank's output rows of `B`.
+  A fused layer's parts have their own `A`s: they are stacked along R and `B` is block-diagonal
+  over them (rows of q use q's columns only, ...), so one pair of matmuls serves the fused
+  output. InternLM2's packed wqkv has one `A`, and `B`'s rows are cut as the weight's are.
+* Row-parallel layers (o, down) keep this rank's input columns of `A` and all of `B`; the
+  rank's `B (A_local x_local)` goes into its partial product before the all-reduce, whose sum
+  over ranks is `B (A x)`: no collective of its own.
+
+A step's rows are grouped by adapter (`LoraBatch`, built by the model runner from the
+sequences' slots): per adapter present, one gather, two small matmuls and one scatter-add per
+layer. Steps without adapter rows cost nothing; steps with them run eagerly (no CUDA graph, no
+native CPU decoder).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterModule, AdapterSpec
+from workers.layers.attention import HeadShard
+from workers.layers.linear import _Linear
+from workers.models.decoder import DecoderLayer, DecoderLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """A step's rows by adapter: (slot, row indices on the device, or None for every row)."""
+
+    groups: tuple[tuple[int, torch.Tensor | None], ...]
+
+    @classmethod
+    def build(cls, slots: list[int], counts: list[int], device: torch.device) -> LoraBatch | None:
+        """From each sequence's adapter slot and its number of rows in the step (rows packed
+        sequence by sequence); None when no row has an adapter."""
+        present = sorted({s for s, n in zip(slots, counts, strict=True) if s and n})
+        if not present:
+            return None
+        total = sum(counts)
+        groups: list[tuple[int, torch.Tensor | None]] = []
+        for slot in present:
+            rows = [
+                r
+                for s, n, start in zip(slots, counts, _starts(counts), strict=True)
+                if s == slot
+                for r in range(start, start + n)
+            ]
+            index = None if len(rows) == total else torch.tensor(rows, dtype=torch.int64)
+            groups.append((slot, None if index is None else index.to(device)))
+        return cls(tuple(groups))
+
+
+def _starts(counts: list[int]) -> list[int]:
+    out, at = [], 0
+    for n in counts:
+        out.append(at)
+        at += n
+    return out
+
+
+class LoraState:
+    """The step's `LoraBatch`, shared by every adapted layer of a model (set by the model's
+    forward for its duration)."""
+
+    def __init__(self) -> None:
+        self.batch: LoraBatch | None = None
+
+
+class LinearLora:
+    """One layer's adapters: slot -> (A [R, in_local], B [out_local, R] scaled)."""
+
+    def __init__(self, state: LoraState) -> None:
+        self.state = state
+        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` plus the adapters' terms for the step's rows of `x` (in place)."""
+        batch = self.state.batch
+        if batch is None:
+            return out
+        for slot, rows in batch.groups:
+            ab = self.weights.get(slot)
+            if ab is None:
+                continue
+            a, b = ab
+            if rows is None:
+                out.add_(torch.matmul(torch.matmul(x, a.t()), b.t()))
+            else:
+                delta = torch.matmul(torch.matmul(x.index_select(0, rows), a.t()), b.t())
+                out.index_add_(0, rows, delta)
+        return out
+
+
+def load_adapters(
+    model: DecoderLM,
+    config: ModelConfig,
+    specs: list[AdapterSpec],
+    shard: HeadShard,
+    tp_rank: int,
+    tp_size: int,
+) -> LoraState:
+    """Read every adapter (slot i + 1 for specs[i]) and attach this rank's shards to the
+    model's linear layers. Returns the state the model's forward sets each step."""
+    from workers.models.layouts import _qkv_out_ranges
+    from workers.models.names import LAYOUTS
+
+    lay = LAYOUTS[config.architecture]
+    state = LoraState()
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    inter = config.intermediate_size // tp_size
+    mlp_rows = (tp_rank * inter, (tp_rank + 1) * inter)
+    hd = config.head_dim
+    q_cols = (shard.q_start * hd, (shard.q_start + shard.num_q) * hd)
+    loaded_bytes = 0
+    for slot, spec in enumerate(specs, start=1):
+        with _AdapterFile(spec) as pair:
+            for i, layer in enumerate(model.layers):
+                assert isinstance(layer, DecoderLayer)
+                p = lay.layer.format(i)
+                attn, mlp = layer.attn, layer.mlp
+                qkv = _qkv_out_ranges(lay, p, config, shard)
+                gate_up = [(f"{p}{n}", *mlp_rows) for n in (lay.gate, lay.up)]
+                for column, ranges in ((attn.qkv_proj, qkv), (mlp.gate_up_proj, gate_up)):
+                    ab = _column(ranges, pair)
+                    if ab is not None:
+                        loaded_bytes += _attach(column, state, slot, ab, device, dtype)
+                for row, module, cols in (
+                    (attn.o_proj, f"{p}{lay.o}", q_cols),
+                    (mlp.down_proj, f"{p}{lay.down}", mlp_rows),
+                ):
+                    found = pair(module)
+                    if found is not None:
+                        a, b, _ = found
+                        ab = (a[:, cols[0] : cols[1]], b)
+                        loaded_bytes += _attach(row, state, slot, ab, device, dtype)
+    logger.info(
+        "tp rank %d: %d LoRA adapter(s), %.1f MiB", tp_rank, len(specs), loaded_bytes / 2**20
+    )
+    return state
+
+
+class _AdapterFile:
+    """An adapter's weights file, open: `pair(module)` reads (A, scaled B, module) in float32,
+    or None when the adapter leaves that module alone."""
+
+    def __init__(self, spec: AdapterSpec) -> None:
+        self.spec = spec
+        self.by_name = {m.name: m for m in spec.modules}
+
+    def __enter__(self) -> Callable[[str], tuple[torch.Tensor, torch.Tensor, AdapterModule] | None]:
+        from safetensors import safe_open
+
+        self.file = safe_open(f"{self.spec.path}/{ADAPTER_WEIGHTS}", framework="pt")
+        names = self.file.keys()
+        self.keys = {_module_of(k): k for k in names}
+        return self.pair
+
+    def __exit__(self, *exc: object) -> None:
+        del self.file
+
+    def pair(self, module: str) -> tuple[torch.Tensor, torch.Tensor, AdapterModule] | None:
+        m = self.by_name.get(module)
+        if m is None:
+            return None
+        a = self.file.get_tensor(self.keys[(module, "A")]).to(torch.float32)
+        b = self.file.get_tensor(self.keys[(module, "B")]).to(torch.float32)
+        return a, b * m.scale, m
+
+
+def _module_of(key: str) -> tuple[str, str]:
+    """('model.layers.0.self_attn.q_proj', 'A') of a PEFT tensor name."""
+    module, _, tail = key.rpartition(".lora_")  # tail: A.weight, or A.<adapter>.weight
+    return module.removeprefix(PEFT_PREFIX), tail[:1]
+
+
+def _column(
+    ranges: list[tuple[str, int, int]],
+    pair: Callable[[str], tuple[torch.Tensor, torch.Tensor, AdapterModule] | None],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A fused column-parallel layer's (A, B): the parts' A stacked, B's local rows of each
+    part placed under that part's columns (zeros where a part has no adapter)."""
+    a_of: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+    offset = 0
+    for module, _, _ in ranges:
+        if module in a_of:
+            continue
+        found = pair(module)
+        if found is None:
+            continue
+        a, b, _ = found
+        a_of[module] = (offset, a, b)
+        offset += a.shape[0]
+    if not a_of:
+        return None
+    rows = sum(hi - lo for _, lo, hi in ranges)
+    width = next(iter(a_of.values()))[1].shape[1]
+    a_cat = torch.cat([a for _, a, _ in a_of.values()])
+    b_cat = torch.zeros(rows, offset, dtype=torch.float32)
+    at = 0
+    for module, lo, hi in ranges:
+        if module in a_of:
+            col, a, b = a_of[module]
+            b_cat[at : at + hi - lo, col : col + a.shape[0]] = b[lo:hi]
+        at += hi - lo
+    assert a_cat.shape[1] == width
+    return a_cat, b_cat
+
+
+def _attach(
+    linear: _Linear,
+    state: LoraState,
+    slot: int,
+    ab: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> int:
+    if linear.lora is None:
+        linear.lora = LinearLora(state)
+    a, b = (t.to(device=device, dtype=dtype).contiguous() for t in ab)
+    linear.lora.weights[slot] = (a, b)
+    return a.numel() * a.element_size() + b.numel() * b.element_size()
