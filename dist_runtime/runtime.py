@@ -223,6 +223,7 @@ class Runtime:
         self._check_serving()
         if self.tokenizer is None:
             raise ValueError(f"{self.config.model} has no tokenizer; document QA needs one")
+        self.engine.check_adapter(params)
         job = check_job(
             document,
             questions,

@@ -49,6 +49,7 @@ from dist_runtime.config import (  # noqa: E402
 )
 from dist_runtime.engine.executor.base import WorkerError  # noqa: E402
 from dist_runtime.formats.demo_model import DemoModelError, demo_model_path  # noqa: E402
+from dist_runtime.lora import parse_lora_modules  # noqa: E402
 from dist_runtime.progress import plural  # noqa: E402
 from dist_runtime.text.chat import encode_chat  # noqa: E402
 from dist_runtime.text.documents import harbor_report  # noqa: E402
@@ -62,6 +63,7 @@ ENGINE_FLAGS: dict[str, str] = {
     "rope_scaling_factor": "--rope-scaling-factor",
     "allow_rope_extrapolation": "--allow-rope-extrapolation",
     "job_dir": "--job-dir",
+    "lora_modules": "--lora-modules",
     "device": "--device",
     "dtype": "--dtype",
     "executor": "--executor",
@@ -134,6 +136,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow --session-len past the positions the model's RoPE supports, with plain RoPE "
         "(quality falls there; to measure where, e.g. launch/needle.py) (default: off)",
+    )
+    g.add_argument(
+        "--lora-modules",
+        nargs="+",
+        action="extend",
+        metavar="NAME=DIR",
+        help="LoRA adapters (PEFT folders) to serve beside the base model, each under a name "
+        "that requests pick it by (--adapter, the server's `model`); repeatable (default: none)",
     )
     g = p.add_argument_group("parallelism and devices")
     g.add_argument(
@@ -326,6 +336,12 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         help="seed of the sampling stream (default: the runtime's, 0)",
     )
     g.add_argument(
+        "--adapter",
+        metavar="NAME",
+        default=None,
+        help="answer with this LoRA adapter, one of --lora-modules (default: the base model)",
+    )
+    g.add_argument(
         "--json-schema",
         metavar="FILE",
         default=None,
@@ -359,6 +375,7 @@ SAMPLING_FLAGS = {
         "repetition_penalty",
         "seed",
         "json_schema",
+        "adapter",
     )
 } | {"json_object": "--json", "guided_grammar": "--grammar"}
 
@@ -568,6 +585,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     values["step_timeout_s"] = args.step_timeout
     for key in ("enforce_eager", "require_ray_auth", "allow_rope_extrapolation"):  # store_true
         values[key] = True if values[key] else None
+    if values["lora_modules"] is not None:
+        values["lora_modules"] = parse_lora_modules(values["lora_modules"])
     return values
 
 
@@ -831,7 +850,7 @@ def read_jobs_file(path: str) -> list[dict[str, Any]]:
     return jobs
 
 
-JOB_SAMPLING_KEYS = ("max_new_tokens", "json_schema", "json_object", "guided_grammar")
+JOB_SAMPLING_KEYS = ("max_new_tokens", "json_schema", "json_object", "guided_grammar", "adapter")
 """Sampling keys a --jobs line may set for its own job (over the command line's flags)."""
 JOB_LINE_KEYS = {"document", "document_path", "questions", *JOB_SAMPLING_KEYS}
 

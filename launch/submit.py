@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "or the grammar itself, `root ::= ...`)",
     )
     p.add_argument(
+        "--adapter",
+        metavar="NAME",
+        help="answer with this LoRA adapter, one the serving runtime loaded (--lora-modules)",
+    )
+    p.add_argument(
         "--priority",
         type=int,
         default=0,
@@ -184,6 +189,8 @@ def job_params(args: argparse.Namespace) -> dict[str, Any]:
         params["guided_grammar"] = grammar_argument(args.grammar)
     if args.priority:
         params["priority"] = args.priority
+    if args.adapter is not None:
+        params["adapter"] = args.adapter
     return params
 
 

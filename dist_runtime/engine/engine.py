@@ -358,12 +358,7 @@ class Engine:
                 "has none; leave json_schema / json_object / guided_choice / guided_regex / "
                 "guided_grammar out"
             )
-        if params.adapter is not None and params.adapter not in self.adapters:
-            loaded = list(self.adapters) or "none"
-            raise ValueError(
-                f"prompt {index}: adapter {params.adapter!r} is not loaded (loaded: {loaded}); "
-                "start the runtime with lora_modules (--lora-modules NAME=DIR) naming it"
-            )
+        self.check_adapter(params, f"prompt {index}: ")
         seed = params.seed if params.seed is not None else self._draw_seed()
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
         if params.adapter is not None:
@@ -380,6 +375,16 @@ class Engine:
             )
             seq.text_state = TextStream(detok, params.stop)
         return seq
+
+    def check_adapter(self, params: SamplingParams | None, where: str = "") -> None:
+        """Refuse a request naming a LoRA adapter this engine has not loaded."""
+        if params is None or params.adapter is None or params.adapter in self.adapters:
+            return
+        loaded = list(self.adapters) or "none"
+        raise ValueError(
+            f"{where}adapter {params.adapter!r} is not loaded (loaded: {loaded}); start the "
+            "runtime with lora_modules (--lora-modules NAME=DIR) naming it"
+        )
 
     def _json_guide(self, params: SamplingParams) -> JsonGuide:
         """A guided request's grammar state; the vocabulary's byte tries are built on the first

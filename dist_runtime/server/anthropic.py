@@ -126,6 +126,7 @@ class MessagesRequest(_Request):
             top_k=self.top_k,
             stop=self.stop_sequences or None,
             priority=self.priority,
+            model=self.model,
         )
 
 
@@ -216,7 +217,6 @@ def stop_fields(
 
 
 def add_messages_routes(app: FastAPI, server: _Server) -> None:
-    name = server.settings.served_model_name
 
     def messages_of(req: MessagesRequest) -> list[ChatMessage]:
         try:
@@ -290,7 +290,7 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                 "id": mid,
                 "type": "message",
                 "role": "assistant",
-                "model": name,
+                "model": server.model_name(req.model),
                 "content": content,
                 "stop_reason": reason,
                 "stop_sequence": sequence,
@@ -302,7 +302,8 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                 return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n"
 
             yield event("message_start", message={
-                "id": mid, "type": "message", "role": "assistant", "model": name,
+                "id": mid, "type": "message", "role": "assistant",
+                "model": server.model_name(req.model),
                 "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage(None),
             })  # fmt: skip
             split = run.splitter()

@@ -165,6 +165,11 @@ class _Server:
     def __init__(self, runtime: Runtime, settings: ServerSettings):
         self.runtime = runtime
         self.settings = settings
+        if settings.served_model_name in runtime.engine.adapters:
+            raise ValueError(
+                f"the served model name {settings.served_model_name!r} is also a LoRA adapter's "
+                "name; give the adapter another name in --lora-modules (or --served-model-name)"
+            )
         self.in_flight = 0
         """Generation requests not yet ended; the event loop adds, engine callbacks subtract."""
         self._in_flight_lock = threading.Lock()
@@ -187,14 +192,26 @@ class _Server:
         return request.headers.get("x-api-key", "").strip() in keys  # Anthropic's header
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.settings.served_model_name:
+        """A request's `model`: the served name, a LoRA adapter's name, or none (the base
+        model); anything else is a 404."""
+        adapters = self.runtime.engine.adapters
+        if name is not None and name != self.settings.served_model_name and name not in adapters:
+            served = [self.settings.served_model_name, *adapters]
             raise APIError(
                 404,
-                f"model {name!r} does not exist; this server serves "
-                f"{self.settings.served_model_name!r} (GET /v1/models)",
+                f"model {name!r} does not exist; this server serves {served} (GET /v1/models)",
                 param="model",
                 code="model_not_found",
             )
+
+    def model_name(self, name: str | None) -> str:
+        """The `model` a response names: the adapter a request asked for, else the served
+        name."""
+        return name if name in self.runtime.engine.adapters else self.settings.served_model_name
+
+    def adapter(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` picks (None: the base model)."""
+        return name if name in self.runtime.engine.adapters else None
 
     def check_alive(self) -> None:
         if not self.runtime.engine.is_alive:
@@ -245,6 +262,7 @@ class _Server:
                 logit_bias=req.logit_bias or (),
                 priority=req.priority,
                 prediction=self.prediction_ids(req),
+                adapter=self.adapter(req.model),
                 **guide_params,
             )
         except ValueError as e:
@@ -446,23 +464,27 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         html = resources.files("dist_runtime.server").joinpath("static/index.html").read_text()
         return HTMLResponse(html)
 
-    def model_card() -> dict[str, Any]:
+    def model_card(model: str) -> dict[str, Any]:
+        adapter = runtime.engine.adapters.get(model)
         return {
-            "id": name,
+            "id": model,
             "object": "model",
             "created": server.created,
             "owned_by": "dist-runtime",
+            "root": runtime.config.model if adapter is None else adapter.path,
+            "parent": None if adapter is None else name,
             "max_model_len": runtime.config.session_len,
         }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        data = [model_card(m) for m in (name, *runtime.engine.adapters)]
+        return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict[str, Any]:
         server.check_model(model)
-        return model_card()
+        return model_card(model)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
@@ -523,7 +545,12 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             body = _stream(
                 handles,
                 request,
-                {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name},
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": server.model_name(req.model),
+                },
                 chat_choice,
                 prompt_tokens=len(ids),
                 n=req.n,
@@ -560,7 +587,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             "id": rid,
             "object": "chat.completion",
             "created": created,
-            "model": name,
+            "model": server.model_name(req.model),
             "choices": choices,
             "usage": usage,
         }
@@ -663,7 +690,12 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             body = _stream(
                 handles,
                 request,
-                {"id": rid, "object": "text_completion", "created": created, "model": name},
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": server.model_name(req.model),
+                },
                 text_choice,
                 prompt_tokens=prompt_tokens,
                 n=req.n,
@@ -696,7 +728,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             "id": rid,
             "object": "text_completion",
             "created": created,
-            "model": name,
+            "model": server.model_name(req.model),
             "choices": choices,
             "usage": usage,
         }
@@ -959,9 +991,11 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
             first = e.errors()[0]
             loc = ".".join(str(x) for x in first["loc"])
             raise APIError(400, f"{loc}: {first['msg']}", param=loc) from e
+        server.check_model(req.model)
         try:
             json_object, schema = _guided(req.response_format)
             params = SamplingParams(
+                adapter=server.adapter(req.model),
                 max_new_tokens=req.max_tokens,
                 temperature=req.temperature,
                 top_p=req.top_p,

@@ -195,6 +195,7 @@ class ResponsesRequest(_Request):
             seed=self.seed,
             response_format=response_format,
             priority=self.priority,
+            model=self.model,
         )
 
 
@@ -357,7 +358,6 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
     store = ResponseStore()
     background: dict[str, tuple[asyncio.Future[None], Any]] = {}
     """Background responses still running: their task and engine handle."""
-    name = server.settings.served_model_name
 
     def body(
         req: ResponsesRequest,
@@ -380,7 +380,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
             ),
             "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens,
-            "model": name,
+            "model": server.model_name(req.model),
             "output": output,
             "parallel_tool_calls": req.parallel_tool_calls,
             "previous_response_id": req.previous_response_id,

@@ -462,6 +462,8 @@ class DetokenizeRequest(_Request):
 
 
 class JobRequest(_Request):
+    model: str | None = None
+    """The served model or one of its LoRA adapters (None: the base model)."""
     document: str = Field(min_length=1)
     questions: list[str] = Field(min_length=1)
     max_tokens: int = Field(default=128, ge=1)
