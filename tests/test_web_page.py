@@ -23,6 +23,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
 
+ADAPTER = "demo-lora"
+"""A random LoRA adapter the page's server also serves: the page offers a choice of model."""
 DOC = (
     "Harbour report. The lighthouse keeper is Ada Brennan. The ferry leaves pier 4 at "
     "seven o'clock every morning. The harbour master is Tom Reyes."
@@ -32,8 +34,13 @@ DOC = (
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from dist_runtime.formats.demo_model import demo_model_path
+    from dist_runtime.formats.lora_adapter import write_random_adapter
 
-    s = Server(demo_model_path(), tmp_path_factory.mktemp("page"), "--session-len", "2048")
+    tmp = tmp_path_factory.mktemp("page")
+    adapter = write_random_adapter(tmp / "adapter", demo_model_path(), std=0.02, seed=3)
+    s = Server(
+        demo_model_path(), tmp, "--session-len", "2048", "--lora-modules", f"{ADAPTER}={adapter}"
+    )
     yield s
     s.close()
 
@@ -111,3 +118,37 @@ def test_json_answers(page: Any, tmp_path: Path) -> None:
     value = json.loads(reply)
     assert isinstance(value, dict) and "Paris" in reply, reply
     _shot(page, tmp_path, "page_json.png")
+
+
+def test_model_choice_sends_the_adapter(page: Any, demo_server: Server, tmp_path: Path) -> None:
+    """With a LoRA adapter loaded the header offers the models; a message sent with the adapter
+    chosen gets the adapter's answer (the API's answer for that model, not the base model's)."""
+    expect = sync_api.expect
+    expect(page.locator("#model-choice")).to_be_visible()
+    options = page.locator("#models option").all_inner_texts()
+    assert options[1:] == [f"{ADAPTER} (adapter)"] and len(options) == 2, options
+    page.fill("#max-tokens", "16")
+    page.select_option("#models", ADAPTER)
+    question = "Name a color."
+    page.fill("#prompt", question)
+    page.click("#send")
+    expect(page.locator(".msg.assistant").first).not_to_be_empty(timeout=60_000)
+    expect(page.locator("#send")).to_be_enabled(timeout=60_000)
+    reply = page.locator(".msg.assistant").first.inner_text()
+    _shot(page, tmp_path, "page_adapter.png")
+
+    def answer(model: str) -> str:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 16,
+            "temperature": 0,
+            "response_format": {"type": "text"},
+        }
+        status, out = demo_server.request("POST", "/v1/chat/completions", body)
+        assert status == 200, out
+        assert out["model"] == model
+        return str(out["choices"][0]["message"]["content"])
+
+    base = demo_server.request("GET", "/v1/models")[1]["data"][0]["id"]
+    assert reply == answer(ADAPTER).strip() != answer(base).strip()
