@@ -101,12 +101,27 @@ class Server:
         self.log.close()
 
 
+ADAPTER = "tiny-lora"
+"""A random LoRA adapter the module's server serves beside the base model."""
+
+
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def adapter_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dist_runtime.formats.lora_adapter import write_random_adapter
+
+    return write_random_adapter(tmp_path_factory.mktemp("adapter"), tiny_llama_dir, seed=5)
+
+
+@pytest.fixture(scope="module")
+def server(
+    tiny_llama_dir: Path, adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     s = Server(
         tiny_llama_dir,
         tmp_path_factory.mktemp("server"),
         *(
+            "--lora-modules",
+            f"{ADAPTER}={adapter_dir}",
             "--api-keys",
             f"{KEY},other",
             "--max-request-mb",
@@ -133,9 +148,82 @@ def tokenizer(tiny_llama_dir: Path) -> Any:
     return Tokenizer.from_folder(tiny_llama_dir)
 
 
-def test_models(client: Any, tiny_llama_dir: Path) -> None:
-    (model,) = client.models.list().data
+def test_models(client: Any, tiny_llama_dir: Path, adapter_dir: Path) -> None:
+    model, adapter = client.models.list().data
     assert model.id == tiny_llama_dir.name and model.model_extra["max_model_len"] == 512
+    assert model.model_extra["parent"] is None
+    assert adapter.id == ADAPTER and adapter.model_extra["parent"] == model.id
+    assert adapter.model_extra["root"] == str(adapter_dir)
+    assert client.models.retrieve(ADAPTER).model_extra["parent"] == model.id
+
+
+def test_adapter_answers_on_every_route(
+    client: Any, server: Server, tiny_llama_dir: Path, adapter_dir: Path, tmp_path: Path
+) -> None:
+    """`model` names the LoRA adapter: completions give the merged checkpoint's answer (the
+    adapter folded into the weights, run in this process), and chat, Responses and Messages
+    answer the same chat prompt alike, naming the adapter; the base model answers otherwise."""
+    from dist_runtime import Runtime, SamplingParams
+    from dist_runtime.formats.lora_adapter import merge_adapter
+
+    ids = [5, 17, 99, 200, 31, 64, 7, 250, 12, 80]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    merged = merge_adapter(tiny_llama_dir, adapter_dir, tmp_path / "merged")
+    with Runtime(model=str(merged), session_len=512, device="cpu", dtype="float32") as rt:
+        expected = rt.generate([ids], params)[0].text
+    kw: dict[str, Any] = dict(
+        prompt=ids, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    got = client.completions.create(model=ADAPTER, **kw)
+    assert got.model == ADAPTER and got.choices[0].text == expected
+    base = client.completions.create(model=tiny_llama_dir.name, **kw)
+    assert base.model == tiny_llama_dir.name and base.choices[0].text != expected
+
+    question = [{"role": "user", "content": "Tell me about the harbour."}]
+    chat = client.chat.completions.create(
+        model=ADAPTER, messages=question, max_tokens=10, temperature=0
+    )
+    text = chat.choices[0].message.content
+    assert chat.model == ADAPTER
+    streamed = client.chat.completions.create(
+        model=ADAPTER, messages=question, max_tokens=10, temperature=0, stream=True
+    )
+    chunks = list(streamed)
+    assert {c.model for c in chunks} == {ADAPTER}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    plain = client.chat.completions.create(
+        model=tiny_llama_dir.name, messages=question, max_tokens=10, temperature=0
+    )
+    assert plain.choices[0].message.content != text
+    response = client.responses.create(
+        model=ADAPTER, input=question[0]["content"], max_output_tokens=10, temperature=0
+    )
+    assert response.model == ADAPTER and response.output_text == text
+    status, message = server.request(
+        "POST",
+        "/v1/messages",
+        {"model": ADAPTER, "messages": question, "max_tokens": 10, "temperature": 0},
+    )
+    assert status == 200 and message["model"] == ADAPTER
+    assert message["content"][0]["text"] == text
+
+
+def test_unknown_model_is_a_404_naming_the_adapters(client: Any, server: Server) -> None:
+    with pytest.raises(openai.NotFoundError, match=ADAPTER):
+        client.chat.completions.create(
+            model="other-lora", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    job = {"model": "other-lora", "document": "A short text.", "questions": ["What?"]}
+    status, body = server.request("POST", "/v1/jobs", job)
+    assert status == 404 and ADAPTER in body["error"]["message"]
+    status, body = server.request("POST", "/v1/jobs", {**job, "model": ADAPTER, "max_tokens": 4})
+    assert status == 200, body
+    deadline = time.monotonic() + 60
+    while server.request("GET", f"/v1/jobs/{body['id']}")[1]["state"] != "done":
+        assert time.monotonic() < deadline, "the adapter's job did not finish"
+        time.sleep(0.1)
+    (answer,) = server.request("GET", f"/v1/jobs/{body['id']}/result")[1]["answers"]
+    assert isinstance(answer, str)
 
 
 def test_chat_stream_equals_non_stream_and_usage(
