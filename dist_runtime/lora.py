@@ -68,6 +68,18 @@ class AdapterSpec:
     def max_rank(self) -> int:
         return max(m.rank for m in self.modules)
 
+    def bytes_per_worker(self, model: ModelConfig, tp: int, itemsize: int) -> int:
+        """Device bytes of one tp rank's shards: all of A and 1/tp of B's rows for a
+        column-parallel layer, 1/tp of A's columns and all of B for o and down."""
+        shapes = _module_shapes(model)
+        names = _layout_names(model)
+        total = 0
+        for m in self.modules:
+            out_f, in_f = shapes[m.name]
+            row = m.name.endswith(("." + names["o"], "." + names["down"]))
+            total += m.rank * (in_f // tp + out_f) if row else m.rank * (in_f + out_f // tp)
+        return total * itemsize
+
     @classmethod
     def load(cls, name: str, path: str, model: ModelConfig) -> AdapterSpec:
         """Read and check the folder `path` against `model` (tensor headers only)."""
@@ -233,7 +245,7 @@ def parse_lora_modules(items: list[str]) -> dict[str, str]:
     for item in items:
         name, path = _split_item(item)
         if name in out:
-            raise ConfigError(f"--lora-modules names {name!r} twice", key="lora_modules")
+            raise ConfigError(f"--lora-modules names {name!r} twice")
         out[name] = path
     return out
 
@@ -249,8 +261,7 @@ def _split_item(item: str) -> tuple[str, str]:
         name, sep, path = item.partition("=")
         if not sep:
             raise ConfigError(
-                f"--lora-modules {item!r} must be NAME=DIR (e.g. sql=/adapters/sql-lora)",
-                key="lora_modules",
+                f"--lora-modules {item!r} must be NAME=DIR (e.g. sql=/adapters/sql-lora)"
             )
     if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
         raise ConfigError(f"--lora-modules {item!r} needs a name and a directory")

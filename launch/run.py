@@ -49,7 +49,7 @@ from dist_runtime.config import (  # noqa: E402
 )
 from dist_runtime.engine.executor.base import WorkerError  # noqa: E402
 from dist_runtime.formats.demo_model import DemoModelError, demo_model_path  # noqa: E402
-from dist_runtime.lora import parse_lora_modules  # noqa: E402
+from dist_runtime.lora import AdapterSpec, parse_lora_modules  # noqa: E402
 from dist_runtime.progress import plural  # noqa: E402
 from dist_runtime.text.chat import encode_chat  # noqa: E402
 from dist_runtime.text.documents import harbor_report  # noqa: E402
@@ -715,6 +715,7 @@ def dry_run(args: argparse.Namespace) -> int:
         )
         if not config.allow_rope_extrapolation:
             plan = dataclasses.replace(plan, max_positions=model.max_rope_len())
+        adapters = [AdapterSpec.load(n, d, model) for n, d in config.lora_modules.items()]
     except ConfigError as e:
         return bad_input(e, args)
     print(plan.table())
@@ -737,6 +738,14 @@ def dry_run(args: argparse.Namespace) -> int:
         print(
             f"host tier of the prefix cache: {host_gb:g} GiB of host memory per worker (not on "
             f"the device), {tokens * plan.cp:,} tokens of evicted prefixes over cp={plan.cp}"
+        )
+    if adapters:
+        itemsize = 4 if plan.dtype == "float32" else 2
+        sizes = [a.bytes_per_worker(model, plan.tp, itemsize) for a in adapters]
+        listed = ", ".join(f"{a.name} (rank {a.max_rank})" for a in adapters)
+        print(
+            f"LoRA adapters: {listed}; {sum(sizes) / 2**20:,.1f} MiB per worker, taken from "
+            "the KV cache's share"
         )
     if config.cache.kv_cache_dir is not None:
         from dist_runtime.memory_planner import kv_bytes_per_token

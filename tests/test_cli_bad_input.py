@@ -391,6 +391,19 @@ RUN_TABLE: list[Any] = [
         id="dry-run-yaml",
     ),
     pytest.param(
+        ["--lora-modules", "sql"],
+        "--lora-modules 'sql' must be NAME=DIR (e.g. sql=",
+        id="lora-modules-no-dir",
+    ),
+    pytest.param(
+        ["--lora-modules", "a={doc}", "a={dir}"], "--lora-modules names 'a' twice", id="lora-twice"
+    ),
+    pytest.param(
+        ["--dry-run", "--model", "{model}", "--lora-modules", "x={dir}"],
+        "LoRA adapter 'x' ({dir}): adapter_config.json is missing",
+        id="dry-run-lora-folder",
+    ),
+    pytest.param(
         ["--dry-run", "--model", "{model}", "--tp", "3"],
         "--tp 3 cannot shard this model",
         id="dry-run-tp",
