@@ -50,7 +50,7 @@ def test_jobs_line_picks_its_adapter(
     demo: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     doc = "The harbour master is Tom Reyes. The ferry leaves pier 4 at seven."
-    job = {"document": doc, "questions": ["Name three colors of the sea."]}
+    job: dict[str, object] = {"document": doc, "questions": ["Name three colors of the sea."]}
 
     def run(model: Path, lines: list[dict[str, object]], *extra: str) -> list[str]:
         jobs, out = tmp_path / "jobs.jsonl", tmp_path / "out.jsonl"
