@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -835,8 +836,6 @@ class RuntimeConfig:
         factor = self.rope_scaling_factor
         if factor is not None and (not _is_number(factor) or not factor >= 1.0):
             raise ConfigError(f"rope_scaling_factor must be a number >= 1, got {factor!r}")
-        from dist_runtime.lora import check_lora_modules
-
         check_lora_modules(self.lora_modules)
         for name, cls in (
             ("parallel", ParallelConfig),
@@ -923,6 +922,32 @@ class RuntimeConfig:
     ) -> RuntimeConfig:
         """Read a YAML file and apply overrides: `{"session_len": 8192, "parallel.tp": 2}`."""
         return cls.from_dict(merge_overrides(read_yaml(path), overrides or {}), source=str(path))
+
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+"""A LoRA adapter's name (`RuntimeConfig.lora_modules`): what requests and the server's `model`
+field pick it by."""
+
+
+def check_lora_modules(value: Any) -> None:
+    """RuntimeConfig.lora_modules: a mapping of adapter names to folders."""
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"lora_modules must be a mapping of adapter names to folders, got {value!r:.80}",
+            key="lora_modules",
+        )
+    for name, path in value.items():
+        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            raise ConfigError(
+                f"lora_modules: adapter name {name!r} must be 1-128 letters, digits or ._:/@+- "
+                "(starting with a letter or digit)",
+                key="lora_modules",
+            )
+        if not isinstance(path, str) or not path:
+            raise ConfigError(
+                f"lora_modules: adapter {name!r} needs a folder path, got {path!r}",
+                key="lora_modules",
+            )
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -29,12 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dist_runtime.config import ConfigError, ModelConfig
+from dist_runtime.config import ConfigError, ModelConfig, check_lora_modules
+from dist_runtime.formats.lora_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "PEFT_PREFIX",
+    "AdapterModule",
+    "AdapterSpec",
+    "check_lora_modules",
+    "parse_lora_modules",
+]
+
 
 _UNSUPPORTED = {
     "use_dora": "DoRA adapters (use_dora) are not supported; merge the adapter into the "
@@ -266,24 +273,3 @@ def _split_item(item: str) -> tuple[str, str]:
     if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
         raise ConfigError(f"--lora-modules {item!r} needs a name and a directory")
     return name, path
-
-
-def check_lora_modules(value: Any) -> None:
-    """RuntimeConfig.lora_modules: a mapping of adapter names to folders."""
-    if not isinstance(value, dict):
-        raise ConfigError(
-            f"lora_modules must be a mapping of adapter names to folders, got {value!r:.80}",
-            key="lora_modules",
-        )
-    for name, path in value.items():
-        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
-            raise ConfigError(
-                f"lora_modules: adapter name {name!r} must be 1-128 letters, digits or ._:/@+- "
-                "(starting with a letter or digit)",
-                key="lora_modules",
-            )
-        if not isinstance(path, str) or not path:
-            raise ConfigError(
-                f"lora_modules: adapter {name!r} needs a folder path, got {path!r}",
-                key="lora_modules",
-            )

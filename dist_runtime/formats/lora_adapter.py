@@ -1,6 +1,6 @@
-"""PEFT LoRA adapter folders: random ones for tests and benchmarks, and merging one into a
-checkpoint (`W + s * B @ A` on the full, unsharded tensors: the reference the served adapter is
-checked against).
+"""PEFT LoRA adapter folders: their file and tensor names (shared with the workers), random ones
+for tests and benchmarks, and merging one into a checkpoint (`W + s * B @ A` on the full,
+unsharded tensors: the reference the served adapter is checked against).
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dist_runtime.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+"""PEFT's prefix of the base model's module names in an adapter's tensor names."""
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INTERNLM2_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
