@@ -399,6 +399,7 @@ def scenarios(
     from kernels.flash_attn import flash_attn_triton
     from kernels.flash_decode import flash_decode_triton
     from kernels.gemv import GEMV_MAX_M, gemv_triton
+    from kernels.lora import lora_add_triton
     from kernels.lse_merge import lse_merge_triton
     from kernels.paged_attention import paged_attention_triton
     from kernels.position_attention import position_attention_triton
@@ -460,6 +461,16 @@ def scenarios(
                             flash_decode_triton, q, kc, vc, tables, lens, scale, lse, kp, vp, bits
                         ),
                     )
+
+    # LoRA terms of a decode step (kernels/lora.py): the fused q/k/v layer's, rank 16 a part
+    qkv_out = (s.q_heads + 2 * s.kv_heads) * d
+    for batch in batches:
+        x = torch.empty(batch, s.hidden, dtype=dtype)
+        a = torch.empty(5, 48, s.hidden, dtype=dtype)
+        b = torch.empty(5, qkv_out, 48, dtype=dtype)
+        slots = torch.zeros(batch, dtype=torch.int64)
+        y = torch.empty(batch, qkv_out, dtype=dtype)
+        yield f"{tag} lora_add b{batch} qkv rank 48", partial(lora_add_triton, x, a, b, slots, y)
 
     # prefill: one chunk of PREFILL_TOKENS after as many cached tokens, through the paged kernel
     t = PREFILL_TOKENS

@@ -112,7 +112,11 @@ timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider -m "not sl
     tests/kernels/test_attention_kernels.py tests/kernels/test_kv_quant.py -k \
     "gpu or rotary or flash_decode or graph" 2>&1 | tail -15 | tee -a "$log"
 timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider \
-    tests/dist_runtime/test_disk_kv_cache.py -k "cuda" 2>&1 | tail -4 | tee -a "$log"
+    tests/dist_runtime/test_disk_kv_cache.py tests/dist_runtime/test_lora.py -k "cuda" 2>&1 \
+    | tail -4 | tee -a "$log"
+step "LoRA kernels (Triton shrink / expand) against float64"
+timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider \
+    tests/kernels/test_lora_kernels.py 2>&1 | tail -4 | tee -a "$log"
 step "disk tier of the prefix cache: 7B blocks from the GPU to files and back"
 timeout "${DISK_TIMEOUT:-60}" $PY bench/disk_kv_tier.py --device cuda --blocks 512 2>&1 \
     | tee -a "$log"

@@ -30,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from dist_runtime.config import ConfigError, ModelConfig, check_lora_modules
-from dist_runtime.formats.lora_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from dist_runtime.formats.lora_adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    pattern_value,
+)
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -39,6 +44,7 @@ __all__ = [
     "AdapterModule",
     "AdapterSpec",
     "check_lora_modules",
+    "lora_bytes_per_worker",
     "parse_lora_modules",
 ]
 
@@ -74,18 +80,6 @@ class AdapterSpec:
     @property
     def max_rank(self) -> int:
         return max(m.rank for m in self.modules)
-
-    def bytes_per_worker(self, model: ModelConfig, tp: int, itemsize: int) -> int:
-        """Device bytes of one tp rank's shards: all of A and 1/tp of B's rows for a
-        column-parallel layer, 1/tp of A's columns and all of B for o and down."""
-        shapes = _module_shapes(model)
-        names = _layout_names(model)
-        total = 0
-        for m in self.modules:
-            out_f, in_f = shapes[m.name]
-            row = m.name.endswith(("." + names["o"], "." + names["down"]))
-            total += m.rank * (in_f // tp + out_f) if row else m.rank * (in_f + out_f // tp)
-        return total * itemsize
 
     @classmethod
     def load(cls, name: str, path: str, model: ModelConfig) -> AdapterSpec:
@@ -220,29 +214,55 @@ def _modules(
                 f"{where}: {module!r} has lora_A {list(a)} and lora_B {list(b)}; this model "
                 f"needs [r, {in_f}] and [{out_f}, r]: was the adapter trained on another model?"
             )
-        expected = _pattern(rank_pattern, module, cfg["r"])
+        expected = _pattern(rank_pattern, module, cfg["r"], where)
         if rank != expected:
             raise ConfigError(
                 f"{where}: {module!r} has rank {rank} but {ADAPTER_CONFIG} says {expected}"
             )
-        alpha = float(_pattern(alpha_pattern, module, cfg["lora_alpha"]))
+        alpha = float(_pattern(alpha_pattern, module, cfg["lora_alpha"], where))
         scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
         modules.append(AdapterModule(module, rank, scale))
     return tuple(modules)
 
 
-def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's per-module override: the first key that is the module's name or a dotted suffix
-    of it (or a regular expression matching such a suffix)."""
-    for key, value in patterns.items():
-        if module == key or module.endswith("." + key):
-            return value
-        try:
-            if re.fullmatch(rf"(.*\.)?{key}", module):
-                return value
-        except re.error:
-            continue
-    return default
+def _pattern(patterns: dict[str, Any], module: str, default: Any, where: str) -> Any:
+    try:
+        return pattern_value(patterns, module, default)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def lora_bytes_per_worker(
+    specs: list[AdapterSpec], model: ModelConfig, tp: int, itemsize: int
+) -> int:
+    """Device bytes of the adapters on one tp rank, as `workers/lora.py` stacks them: per
+    adapted layer, for every slot (the adapters and the base model's zeros) an A of the largest
+    rank there by the rank's input width, and a B of the rank's output rows by that rank. A
+    fused layer's rank is its parts' ranks added (q + k + v, gate + up), and its B holds every
+    output row of the fusion."""
+    if not specs:
+        return 0
+    c, names = model, _layout_names(model)
+    hd, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size // tp
+    q_local, kv_local = c.num_heads // tp, max(c.num_kv_heads // tp, 1)
+    layers = {  # our layer -> (its checkpoint parts, in_local, out_local)
+        "qkv": (
+            [names["wqkv"]] if names["wqkv"] else [names["q"], names["k"], names["v"]],
+            hidden,
+            (q_local + 2 * kv_local) * hd,
+        ),
+        "o": ([names["o"]], q_local * hd, hidden),
+        "gate_up": ([names["gate"], names["up"]], hidden, 2 * inter),
+        "down": ([names["down"]], inter, hidden),
+    }
+    ranks = [{m.name: m.rank for m in spec.modules} for spec in specs]
+    total = 0
+    for i in range(c.num_layers):
+        p = names["layer"].format(i)
+        for parts, in_local, out_local in layers.values():
+            rank = max(sum(r.get(p + part, 0) for part in parts) for r in ranks)
+            total += (len(specs) + 1) * rank * (in_local + out_local)
+    return total * itemsize
 
 
 def parse_lora_modules(items: list[str]) -> dict[str, str]:

@@ -49,7 +49,11 @@ from dist_runtime.config import (  # noqa: E402
 )
 from dist_runtime.engine.executor.base import WorkerError  # noqa: E402
 from dist_runtime.formats.demo_model import DemoModelError, demo_model_path  # noqa: E402
-from dist_runtime.lora import AdapterSpec, parse_lora_modules  # noqa: E402
+from dist_runtime.lora import (  # noqa: E402
+    AdapterSpec,
+    lora_bytes_per_worker,
+    parse_lora_modules,
+)
 from dist_runtime.progress import plural  # noqa: E402
 from dist_runtime.text.chat import encode_chat  # noqa: E402
 from dist_runtime.text.documents import harbor_report  # noqa: E402
@@ -741,11 +745,11 @@ def dry_run(args: argparse.Namespace) -> int:
         )
     if adapters:
         itemsize = 4 if plan.dtype == "float32" else 2
-        sizes = [a.bytes_per_worker(model, plan.tp, itemsize) for a in adapters]
+        size = lora_bytes_per_worker(adapters, model, plan.tp, itemsize)
         listed = ", ".join(f"{a.name} (rank {a.max_rank})" for a in adapters)
         print(
-            f"LoRA adapters: {listed}; {sum(sizes) / 2**20:,.1f} MiB per worker, taken from "
-            "the KV cache's share"
+            f"LoRA adapters: {listed}; {size / 2**20:,.1f} MiB per worker, taken from the KV "
+            "cache's share"
         )
     if config.cache.kv_cache_dir is not None:
         from dist_runtime.memory_planner import kv_bytes_per_token

@@ -11,8 +11,10 @@ batch to the next captured size with rows that write their K/V to a scratch bloc
 sequence owns and attend only to it; the block table keeps its full width (a session's worth of
 blocks, or this cp rank's share of them), so the split-KV decode kernel's plan never changes
 between replays. Models with dynamic-NTK RoPE get a second set of graphs that read per-token
-RoPE frequencies from a fixed buffer, for steps holding a request with its own RoPE base. Logits
-and sampling stay eager: they depend on the request's sampling options.
+RoPE frequencies from a fixed buffer, for steps holding a request with its own RoPE base; with
+LoRA adapters loaded, another set reads each row's adapter slot from a fixed buffer
+(`kernels/lora.py`), for steps holding a request with an adapter. Logits and sampling stay
+eager: they depend on the request's sampling options.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from workers.layers.attention import AttentionMetadata
+from workers.lora import LoraBatch
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class DecodeGraphs:
         stages: list[Stage] | None = None,
         head: Callable[[torch.Tensor], torch.Tensor] | None = None,
         vocab_size: int = 0,
+        lora: bool = False,
     ):
         if max_batch < 1 or max_blocks < 1:
             raise ValueError(f"max_batch {max_batch} and max_blocks {max_blocks} must be >= 1")
@@ -123,24 +127,34 @@ class DecodeGraphs:
         self.inv_freq = None
         if rope_half is not None:
             self.inv_freq = torch.zeros(max_batch, rope_half, dtype=torch.float32, device=device)
+        # Each row's LoRA adapter slot (0: the base model) for the graphs of steps with adapters.
+        self.lora_slots: torch.Tensor | None = None
+        if lora:
+            self.lora_slots = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.logits: torch.Tensor | None = None
         self.greedy: torch.Tensor | None = None
         if head is not None:
             self.logits = torch.zeros(max_batch, vocab_size, dtype=torch.float32, device=device)
             # (token id, log-probability) per row, float64 so one copy brings both back exactly.
             self.greedy = torch.zeros(max_batch, 2, dtype=torch.float64, device=device)
-        self._replay: dict[tuple[int, bool], Callable[[], None]] = {}
-        self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self._replay: dict[tuple[int, bool, bool], Callable[[], None]] = {}
+        self._outputs: dict[tuple[int, bool, bool], torch.Tensor] = {}
+        """By (batch size, per-token RoPE, LoRA slots)."""
         self.num_replays = 0
         self.num_rope_replays = 0
+        self.num_lora_replays = 0
         self.num_staged = 0
         """Replays whose inputs came in one copy (`run_staged`)."""
 
-    def _meta(self, b: int, rope: bool) -> AttentionMetadata:
+    def _meta(self, b: int, rope: bool, lora: bool) -> AttentionMetadata:
         inv = None
         if rope:
             assert self.inv_freq is not None
             inv = self.inv_freq[:b]
+        adapters = None
+        if lora:
+            assert self.lora_slots is not None
+            adapters = LoraBatch(slots=self.lora_slots[:b])
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:b],
             block_tables=self.block_tables[:b],
@@ -149,6 +163,7 @@ class DecodeGraphs:
             is_decode=True,
             rope_inv_freq=inv,
             cp_decode=self.cp_decode,
+            lora=adapters,
         )
 
     def _forward(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
@@ -206,8 +221,15 @@ class DecodeGraphs:
         start = time.perf_counter()
         pool: Any = None
         self._carries: list[Carry] = []
-        variants = [False, True] if self.rope_half is not None else [False]
-        for key in [(b, rope) for b in sorted(self.sizes, reverse=True) for rope in variants]:
+        ropes = [False, True] if self.rope_half is not None else [False]
+        loras = [False, True] if self.lora_slots is not None else [False]
+        keys = [
+            (b, rope, lora)
+            for b in sorted(self.sizes, reverse=True)
+            for rope in ropes
+            for lora in loras
+        ]
+        for key in keys:
             meta = self._meta(*key)
 
             def run(b: int = key[0], meta: AttentionMetadata = meta) -> torch.Tensor:
@@ -217,7 +239,7 @@ class DecodeGraphs:
                 out = run()
 
                 def replay(
-                    key: tuple[int, bool] = key, run: Callable[[], torch.Tensor] = run
+                    key: tuple[int, bool, bool] = key, run: Callable[[], torch.Tensor] = run
                 ) -> None:
                     self._outputs[key].copy_(run())
 
@@ -254,12 +276,13 @@ class DecodeGraphs:
 
     def can_run(self, meta: AttentionMetadata, tokens: int) -> bool:
         """A decode step that fits (at cp > 1 one that runs every row on every cp rank);
-        per-request RoPE frequencies only where their graphs were captured."""
+        per-request RoPE frequencies and LoRA adapters only where their graphs were captured."""
         inv = meta.rope_inv_freq
         rope_ok = inv is None or (self.rope_half is not None and inv.shape[1:] == (self.rope_half,))
+        lora_ok = meta.lora is None or (self.lora_slots is not None and meta.lora.slots is not None)
         return (
             meta.is_decode
-            and meta.lora is None
+            and lora_ok
             and rope_ok
             and meta.cp is None
             and meta.cp_decode == self.cp_decode
@@ -275,13 +298,15 @@ class DecodeGraphs:
         inv_freq: torch.Tensor | None = None,
         last_rows: list[int] | None = None,
         picks: torch.Tensor | None = None,
+        lora_slots: list[int] | None = None,
     ) -> torch.Tensor:
         """A decode step of n sequences from host lists (token ids, positions, KV slots, context
         lengths; n each) and each sequence's 1-D device block table: the four rows go over in
         one copy from pinned memory, padding included, the tables in one multi-tensor copy, and
         the graph replays. `last_rows[i] >= 0`: row i's token id is the pick of that row of the
         previous step, still on the device: column 0 of `picks` (default: the graphs' own
-        `greedy`; a step that sampled after its replay picked into another buffer). Returns
+        `greedy`; a step that sampled after its replay picked into another buffer).
+        `lora_slots`: each row's LoRA adapter slot, for a step with adapter rows. Returns
         (n, hidden) rows of the graph's output buffer (valid until the next replay). Nothing
         here waits for the device."""
         n = len(rows[0])
@@ -316,19 +341,26 @@ class DecodeGraphs:
         if inv_freq is not None:
             assert self.inv_freq is not None
             self.inv_freq[:n].copy_(inv_freq)
+        lora = lora_slots is not None
+        if lora_slots is not None:
+            assert self.lora_slots is not None, "LoRA rows need graphs captured with adapters"
+            self.lora_slots[:n].copy_(torch.tensor(lora_slots, dtype=torch.int64))
         if self._padded_rows > n:  # rows a larger step left behind become padding again
             self.block_tables[n : self._padded_rows].fill_(self.scratch_block)
             if self.inv_freq is not None:
                 self.inv_freq[n : self._padded_rows].zero_()
+            if self.lora_slots is not None:
+                self.lora_slots[n : self._padded_rows].zero_()
         self._padded_rows = n
         self.num_staged += 1
-        return self._replay_size(b, n, rope)
+        return self._replay_size(b, n, rope, lora)
 
-    def _replay_size(self, b: int, n: int, rope: bool) -> torch.Tensor:
-        self._replay[(b, rope)]()
+    def _replay_size(self, b: int, n: int, rope: bool, lora: bool) -> torch.Tensor:
+        self._replay[(b, rope, lora)]()
         self.num_replays += 1
         self.num_rope_replays += rope
-        return self._outputs[(b, rope)][:n]
+        self.num_lora_replays += lora
+        return self._outputs[(b, rope, lora)][:n]
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -347,11 +379,18 @@ class DecodeGraphs:
         if rope:
             assert meta.rope_inv_freq is not None and self.inv_freq is not None
             self.inv_freq[:n].copy_(meta.rope_inv_freq)
+        lora = meta.lora is not None
+        if meta.lora is not None:
+            assert meta.lora.slots is not None and self.lora_slots is not None
+            self.lora_slots[:n].copy_(meta.lora.slots)
         if b > n:  # rows a larger step left behind become padding again
             self.inputs[:, n:b] = self.padding[:, None].to(self.inputs.device)
             self.block_tables[n:b].fill_(self.scratch_block)
             if rope:
                 assert self.inv_freq is not None
                 self.inv_freq[n:b].zero_()
+            if lora:
+                assert self.lora_slots is not None
+                self.lora_slots[n:b].zero_()
         self._padded_rows = max(self._padded_rows, n)
-        return self._replay_size(b, n, rope)
+        return self._replay_size(b, n, rope, lora)

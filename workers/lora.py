@@ -28,6 +28,7 @@ import torch
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterModule, AdapterSpec
+from kernels.lora import lora_add
 from workers.layers.attention import HeadShard
 from workers.layers.linear import _Linear
 from workers.models.decoder import DecoderLayer, DecoderLM
@@ -37,9 +38,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """A step's rows by adapter: (slot, row indices on the device, or None for every row)."""
+    """A step's rows by adapter, in one of two forms: `groups`, (slot, row indices on the
+    device, or None for every row) per adapter present, for steps run eagerly (one pair of
+    matmuls per adapter); or `slots`, each row's slot as a device tensor (0: base), for decode
+    steps replayed from CUDA graphs (`kernels/lora.py`, one pair of kernels for any mix)."""
 
-    groups: tuple[tuple[int, torch.Tensor | None], ...]
+    groups: tuple[tuple[int, torch.Tensor | None], ...] = ()
+    slots: torch.Tensor | None = None
 
     @classmethod
     def build(cls, slots: list[int], counts: list[int], device: torch.device) -> LoraBatch | None:
@@ -48,6 +53,7 @@ class LoraBatch:
         present = sorted({s for s, n in zip(slots, counts, strict=True) if s and n})
         if not present:
             return None
+        per_row = torch.tensor(slots).repeat_interleave(torch.tensor(counts))
         total = sum(counts)
         groups: list[tuple[int, torch.Tensor | None]] = []
         for slot in present:
@@ -59,7 +65,7 @@ class LoraBatch:
             ]
             index = None if len(rows) == total else torch.tensor(rows, dtype=torch.int64)
             groups.append((slot, None if index is None else index.to(device)))
-        return cls(tuple(groups))
+        return cls(tuple(groups), per_row.to(device))
 
 
 def _starts(counts: list[int]) -> list[int]:
@@ -79,17 +85,36 @@ class LoraState:
 
 
 class LinearLora:
-    """One layer's adapters: slot -> (A [R, in_local], B [out_local, R] scaled)."""
+    """One layer's adapters, stacked by slot: `a` [slots, R, in_local] and `b` [slots,
+    out_local, R] (scale folded in; slot 0 and a slot that leaves this layer alone are zeros;
+    R the largest rank here), and each slot's own (A, B) as views of its rank."""
 
     def __init__(self, state: LoraState) -> None:
         self.state = state
         self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.a = self.b = torch.empty(0)
+
+    def stack(self, num_slots: int, device: torch.device, dtype: torch.dtype) -> int:
+        """Move the adapters' matrices into the stacks on the device; returns their bytes."""
+        rank = max(a.shape[0] for a, _ in self.weights.values())
+        a0, b0 = next(iter(self.weights.values()))
+        self.a = torch.zeros(num_slots, rank, a0.shape[1], dtype=dtype, device=device)
+        self.b = torch.zeros(num_slots, b0.shape[0], rank, dtype=dtype, device=device)
+        for slot, (a, b) in list(self.weights.items()):
+            r = a.shape[0]
+            self.a[slot, :r].copy_(a)
+            self.b[slot, :, :r].copy_(b)
+            self.weights[slot] = (self.a[slot, :r], self.b[slot, :, :r])
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` plus the adapters' terms for the step's rows of `x` (in place)."""
         batch = self.state.batch
         if batch is None:
             return out
+        if not batch.groups:
+            assert batch.slots is not None
+            return lora_add(x, self.a, self.b, batch.slots, out)
         for slot, rows in batch.groups:
             ab = self.weights.get(slot)
             if ab is None:
@@ -136,7 +161,7 @@ def load_adapters(
                 for column, ranges in ((attn.qkv_proj, qkv), (mlp.gate_up_proj, gate_up)):
                     ab = _column(ranges, pair)
                     if ab is not None:
-                        loaded_bytes += _attach(column, state, slot, ab, device, dtype)
+                        _attach(column, state, slot, ab)
                 for row, module, cols in (
                     (attn.o_proj, f"{p}{lay.o}", q_cols),
                     (mlp.down_proj, f"{p}{lay.down}", mlp_rows),
@@ -144,8 +169,10 @@ def load_adapters(
                     found = pair(module)
                     if found is not None:
                         a, b, _ = found
-                        ab = (a[:, cols[0] : cols[1]], b)
-                        loaded_bytes += _attach(row, state, slot, ab, device, dtype)
+                        _attach(row, state, slot, (a[:, cols[0] : cols[1]], b))
+    for linear in model.modules():
+        if isinstance(linear, _Linear) and linear.lora is not None:
+            loaded_bytes += linear.lora.stack(len(specs) + 1, device, dtype)
     logger.info(
         "tp rank %d: %d LoRA adapter(s), %.1f MiB", tp_rank, len(specs), loaded_bytes / 2**20
     )
@@ -220,15 +247,9 @@ def _column(
 
 
 def _attach(
-    linear: _Linear,
-    state: LoraState,
-    slot: int,
-    ab: tuple[torch.Tensor, torch.Tensor],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> int:
+    linear: _Linear, state: LoraState, slot: int, ab: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Give `linear` the slot's (A, B), fp32 on the host until `LinearLora.stack`."""
     if linear.lora is None:
         linear.lora = LinearLora(state)
-    a, b = (t.to(device=device, dtype=dtype).contiguous() for t in ab)
-    linear.lora.weights[slot] = (a, b)
-    return a.numel() * a.element_size() + b.numel() * b.element_size()
+    linear.lora.weights[slot] = (ab[0].contiguous(), ab[1].contiguous())

@@ -302,6 +302,7 @@ class ModelRunner:
             rope_half=self.model_config.head_dim // 2 if self._per_request_rope() else None,
             emulate=mode == "emulate",
             cp_decode=self.comm.cp_size > 1,
+            lora=self.num_adapters > 0,
         )
         with torch.inference_mode():
             self.graphs.capture()
@@ -379,7 +380,7 @@ class ModelRunner:
                 or not samples_on_device([state.spec])
                 or state.table.size + len(s.new_blocks) > graphs.max_blocks
                 or (state.inv_freq is not None and graphs.rope_half is None)
-                or state.adapter
+                or (state.adapter and graphs.lora_slots is None)
             ):
                 return None
         ahead = [s.token_ids[0] == LAST_SAMPLED for s in seqs]
@@ -395,7 +396,15 @@ class ModelRunner:
         inputs, tables = self._decode_inputs(seqs, ahead)
         rows = [last[s.seq_id] if a and last else -1 for s, a in zip(seqs, ahead)]
         inv = self._rope_inv_freq(seqs, False) if own_rope else None
-        graphs.run_staged(inputs, tables, inv, rows if any(ahead) else None, self._last_picks)
+        adapters = [self.seqs[s.seq_id].adapter for s in seqs]
+        graphs.run_staged(
+            inputs,
+            tables,
+            inv,
+            rows if any(ahead) else None,
+            self._last_picks,
+            lora_slots=adapters if any(adapters) else None,
+        )
         n, turn = len(seqs), self._out_turn
         specs = [self.seqs[s.seq_id].spec for s in seqs]
         picks = graphs.greedy
@@ -509,7 +518,7 @@ class ModelRunner:
         split = cp > 1 and any(len(s.token_ids) != 1 for s in seqs)
         own_rope = any(self.seqs[s.seq_id].inv_freq is not None for s in seqs)
         adapted = any(self.seqs[s.seq_id].adapter for s in seqs)
-        hidden = None if adapted else self._staged_decode(seqs, own_rope)
+        hidden = self._staged_decode(seqs, own_rope, adapted)
         staged = hidden is not None
         sample_rows: torch.Tensor | None = None  # None: every row of `hidden`
         if hidden is None:
@@ -673,7 +682,9 @@ class ModelRunner:
                 f"seq {seq.seq_id} needs {needed} blocks but has {len(state.block_table)}"
             )
 
-    def _staged_decode(self, seqs: list[SeqStep], own_rope: bool) -> torch.Tensor | None:
+    def _staged_decode(
+        self, seqs: list[SeqStep], own_rope: bool, adapted: bool
+    ) -> torch.Tensor | None:
         """A decode step through the graphs, its inputs sent in one copy
         (`DecodeGraphs.run_staged`; at cp > 1 this rank's slots, key counts and blocks): the
         final hidden states, one row per sequence; None when the step is not such a step
@@ -685,13 +696,15 @@ class ModelRunner:
             or len(seqs) > graphs.max_batch
             or any(len(s.token_ids) != 1 for s in seqs)
             or (own_rope and graphs.rope_half is None)
+            or (adapted and graphs.lora_slots is None)
         ):
             return None
         if max(self.seqs[s.seq_id].table.size for s in seqs) > graphs.max_blocks:
             return None
         rows, tables = self._decode_inputs(seqs, [False] * len(seqs))
         inv = self._rope_inv_freq(seqs, False) if own_rope else None
-        return graphs.run_staged(rows, tables, inv)
+        lora = [self.seqs[s.seq_id].adapter for s in seqs] if adapted else None
+        return graphs.run_staged(rows, tables, inv, lora_slots=lora)
 
     def _decode_inputs(
         self, seqs: list[SeqStep], ahead: list[bool]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,7 @@ def write_random_adapter(
             continue
         if not any(name.endswith("." + t) for t in targets):
             continue
-        r = rank
-        for key, value in (rank_pattern or {}).items():
-            if name.endswith("." + key):
-                r = value
+        r = int(pattern_value(rank_pattern or {}, name, rank))
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) * std
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * std
     folder = Path(out_dir)
@@ -102,7 +100,7 @@ def merge_adapter(
 ) -> Path:
     """A copy of `checkpoint` with the adapter merged: each adapted weight W becomes
     W + s * B @ A (computed in float64, stored in W's dtype), s = alpha / r (alpha / sqrt(r)
-    with rsLoRA; rank_pattern / alpha_pattern by module suffix)."""
+    with rsLoRA; alpha_pattern read as PEFT reads it)."""
     ckpt, folder, out = Path(checkpoint), Path(adapter), Path(out_dir)
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
     deltas: dict[str, torch.Tensor] = {}
@@ -115,7 +113,7 @@ def merge_adapter(
             a = f.get_tensor(key).double()
             b = f.get_tensor(key.replace(".lora_A", ".lora_B")).double()
             r = a.shape[0]
-            alpha = _by_suffix(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+            alpha = pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             deltas[f"{module}.weight"] = scale * (b @ a)
     if out.exists():
@@ -148,8 +146,14 @@ def _holds(folder: Path, name: str) -> bool:
     return False
 
 
-def _by_suffix(patterns: dict[str, Any], module: str, default: Any) -> Any:
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    r"""A rank_pattern / alpha_pattern override for `module`, as PEFT reads them: the value of the
+    first key that, as a regular expression, matches the module name or a dotted suffix of it
+    (`(.*\.)?(key)$`); `default` when none does."""
     for key, value in patterns.items():
-        if module == key or module.endswith("." + key):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as e:
+            raise ValueError(f"pattern key {key!r} is not a regular expression: {e}") from e
     return default

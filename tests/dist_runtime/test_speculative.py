@@ -91,8 +91,8 @@ def test_greedy_equals_plain_decoding(
         staged = ModelRunner._staged_decode
         drafted_rows = []
 
-        def probe(self: ModelRunner, seqs: list[Any], own_rope: bool) -> Any:
-            hidden = staged(self, seqs, own_rope)
+        def probe(self: ModelRunner, seqs: list[Any], own_rope: bool, adapted: bool) -> Any:
+            hidden = staged(self, seqs, own_rope, adapted)
             ids = [s.seq_id for s in seqs]
             drafted_rows.append(hidden is not None and len(set(ids)) < len(ids))
             return hidden

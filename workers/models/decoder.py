@@ -201,16 +201,10 @@ class DecoderLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[LayerKV],
     ) -> torch.Tensor:
-        """`forward` of a step with LoRA rows: layer by layer, the adapters' rows set."""
-        if self.lora is None:
-            raise ValueError("this step has LoRA rows but the model has no adapters loaded")
-        self.lora.batch = meta.lora
-        try:
-            x, _ = self.forward_layers(
-                input_ids, positions, meta, kv_caches, range(len(self.layers)), None
-            )
-        finally:
-            self.lora.batch = None
+        """`forward` of a step with LoRA rows: layer by layer (not the native decoder)."""
+        x, _ = self.forward_layers(
+            input_ids, positions, meta, kv_caches, range(len(self.layers)), None
+        )
         return x
 
     def forward_layers(
@@ -230,9 +224,17 @@ class DecoderLM(nn.Module):
             x, residual = self.embed(input_ids), None
         else:
             x, residual = carry
-        with layer_invariant_scope():
-            for i in layers:
-                x, residual = self.layers[i](x, residual, positions, meta, kv_caches[i])
+        if meta.lora is not None:
+            if self.lora is None:
+                raise ValueError("this step has LoRA rows but the model has no adapters loaded")
+            self.lora.batch = meta.lora  # the adapted layers read the step's rows from here
+        try:
+            with layer_invariant_scope():
+                for i in layers:
+                    x, residual = self.layers[i](x, residual, positions, meta, kv_caches[i])
+        finally:
+            if self.lora is not None:
+                self.lora.batch = None
         if layers.stop == len(self.layers):
             x, _ = self.norm(x, residual)
             return x, None
