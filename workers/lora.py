@@ -115,17 +115,42 @@ class LinearLora:
         if not batch.groups:
             assert batch.slots is not None
             return lora_add(x, self.a, self.b, batch.slots, out)
+        if x.is_cpu and 2 * len(batch.groups) > self.a.shape[0]:
+            return self._add_dense(x, out, batch)
         for slot, rows in batch.groups:
             ab = self.weights.get(slot)
             if ab is None:
                 continue
             a, b = ab
             if rows is None:
-                out.add_(torch.matmul(torch.matmul(x, a.t()), b.t()))
+                torch.addmm(out, torch.matmul(x, a.t()), b.t(), out=out)
             else:
                 delta = torch.matmul(torch.matmul(x.index_select(0, rows), a.t()), b.t())
                 out.index_add_(0, rows, delta)
         return out
+
+    def _add_dense(self, x: torch.Tensor, out: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+        """A step holding rows of more than half the slots, on CPU: every slot's A at once (the
+        stack viewed as one [slots * R, in] matrix), each row's products outside its own slot
+        zeroed, then every slot's B at once. Two matmuls that compute every slot for every row,
+        against a gather, two matmuls and a scatter per adapter present (at 8 decode rows of
+        the demo model, 4 adapters: 83 against 4 x 32 us for a q/k/v layer)."""
+        assert batch.slots is not None
+        slots, rank = self.a.shape[0], self.a.shape[1]
+        h = torch.matmul(x, self.a.view(slots * rank, -1).t())  # (rows, slots * R)
+        own = batch.slots[:, None] == self._column_slots(slots, rank, x.device)[None, :]
+        h.mul_(own)
+        if self._b_flat is None:  # (out, slots * R): every slot's B side by side, made once
+            self._b_flat = self.b.permute(1, 0, 2).reshape(self.b.shape[1], -1).contiguous()
+        return out.add_(torch.matmul(h, self._b_flat.t()))
+
+    def _column_slots(self, slots: int, rank: int, device: torch.device) -> torch.Tensor:
+        if self._columns is None:
+            self._columns = torch.arange(slots, device=device).repeat_interleave(rank)
+        return self._columns
+
+    _columns: torch.Tensor | None = None
+    _b_flat: torch.Tensor | None = None
 
 
 def load_adapters(
