@@ -8,8 +8,8 @@ which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU k
 work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; and the guided
 JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), the speculative
 decoding bench (`bench/speculative.py`), the host-tier bench (`bench/host_kv_cache.py`) and
-the disk-tier bench (`bench/disk_kv_cache.py`) on the demo model with short answers; and the
-draft-row cost bench (`bench/draft_rows.py`) on a tiny random model."""
+the disk-tier bench (`bench/disk_kv_cache.py`) and the LoRA bench (`bench/lora.py`) on the demo
+model with short answers; and the draft-row cost bench (`bench/draft_rows.py`) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -317,6 +317,14 @@ def test_disk_kv_cache_bench_runs(tmp_path: Path) -> None:
     assert "disk-kv-cache: a 2176-token document in a new runtime" in out
     assert "answers identical: True" in out
     assert "| warm directory |" in report.read_text()
+
+
+def test_lora_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "lora.md"
+    argv = ["--batch=2", "--rank=4", "--max-new-tokens=4", "--repeats=1", f"--report={report}"]
+    out = _run("bench/lora.py", *argv)
+    assert "lora: batch 2, rank 4, 4 new tokens: base model" in out and "four adapters" in out
+    assert "| one adapter |" in report.read_text()
 
 
 def test_disk_kv_tier_bench_runs() -> None:
