@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dist_runtime.config import ConfigError, ModelConfig, check_lora_modules
+from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig, check_lora_modules
 from dist_runtime.formats.lora_adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -41,9 +41,13 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "PEFT_PREFIX",
+    "AdapterConflictError",
     "AdapterModule",
+    "AdapterNotFoundError",
     "AdapterSpec",
+    "adapter_slot_rank",
     "check_lora_modules",
+    "check_slot_rank",
     "lora_bytes_per_worker",
     "parse_lora_modules",
 ]
@@ -263,6 +267,39 @@ def lora_bytes_per_worker(
             rank = max(sum(r.get(p + part, 0) for part in parts) for r in ranks)
             total += (len(specs) + 1) * rank * (in_local + out_local)
     return total * itemsize
+
+
+class AdapterConflictError(ValueError):
+    """Loading or unloading an adapter conflicts with the runtime's state: the name is loaded
+    already, every slot is taken, or requests still use it."""
+
+
+class AdapterNotFoundError(ValueError):
+    """The adapter named is not loaded."""
+
+
+DEFAULT_SLOT_RANK = 16
+"""The rank reserved slots hold when max_lora_rank is not given (vLLM's default too)."""
+
+
+def adapter_slot_rank(config: RuntimeConfig, specs: list[AdapterSpec]) -> int:
+    """The rank of reserved adapter slots: max_lora_rank, else the larger of 16 and the
+    start adapters' ranks. A start adapter over an explicit max_lora_rank is a ConfigError."""
+    if config.max_lora_rank is not None:
+        for spec in specs:
+            check_slot_rank(spec, config.max_lora_rank)
+        return config.max_lora_rank
+    return max([DEFAULT_SLOT_RANK, *(s.max_rank for s in specs)])
+
+
+def check_slot_rank(spec: AdapterSpec, rank: int) -> None:
+    if spec.max_rank > rank:
+        raise ConfigError(
+            f"LoRA adapter {spec.name!r} ({spec.path}) has rank {spec.max_rank}, over the "
+            f"{rank} the reserved slots hold; start with a larger max_lora_rank "
+            "(--max-lora-rank)",
+            key="max_lora_rank",
+        )
 
 
 def parse_lora_modules(items: list[str]) -> dict[str, str]:

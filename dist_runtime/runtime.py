@@ -88,6 +88,26 @@ class Runtime:
         )
 
     @property
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters loaded now (what `SamplingParams.adapter` may name)."""
+        return list(self.engine.adapters)
+
+    def load_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Load the PEFT LoRA folder `path` as adapter `name` while the runtime runs (between
+        two steps, on every worker). Needs `max_loras` (`--max-loras`) slots to put it in; a
+        folder that does not fit the model, a rank over `max_lora_rank`, a name loaded already
+        or no free slot is a ValueError (ConfigError) naming it."""
+        self._check_serving()
+        self.engine.load_adapter(name, os.fspath(path))
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload adapter `name`, freeing its slot; refused (ValueError) while a request uses
+        it. Its prefix-cache blocks stay until evicted: loading the same folder again finds
+        them."""
+        self._check_serving()
+        self.engine.unload_adapter(name)
+
+    @property
     def num_worker_restarts(self) -> int:
         """Times a dead or hung worker made the runtime replace its whole worker group."""
         return self.engine.num_worker_restarts

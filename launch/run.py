@@ -68,6 +68,8 @@ ENGINE_FLAGS: dict[str, str] = {
     "allow_rope_extrapolation": "--allow-rope-extrapolation",
     "job_dir": "--job-dir",
     "lora_modules": "--lora-modules",
+    "max_loras": "--max-loras",
+    "max_lora_rank": "--max-lora-rank",
     "device": "--device",
     "dtype": "--dtype",
     "executor": "--executor",
@@ -148,6 +150,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME=DIR",
         help="LoRA adapters (PEFT folders) to serve beside the base model, each under a name "
         "that requests pick it by (--adapter, the server's `model`); repeatable (default: none)",
+    )
+    g.add_argument(
+        "--max-loras",
+        type=int,
+        help="adapter slots to reserve on each worker, so adapters can also be loaded and "
+        "unloaded while serving (Runtime.load_adapter, the server's /v1/load_lora_adapter) "
+        "(default: exactly --lora-modules, fixed)",
+    )
+    g.add_argument(
+        "--max-lora-rank",
+        type=int,
+        help="largest rank of an adapter in a reserved slot (default with --max-loras: 16, or "
+        "the largest of --lora-modules)",
     )
     g = p.add_argument_group("parallelism and devices")
     g.add_argument(

@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         "chat template takes tools, else json (default: %(default)s)",
     )
     g.add_argument(
+        "--enable-lora-loading",
+        action="store_true",
+        help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's), which load "
+        "LoRA folders from this machine's disk into the --max-loras slots; keep --api-keys set "
+        "(default: off)",
+    )
+    g.add_argument(
         "--max-concurrent-requests",
         type=int,
         default=256,
@@ -137,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check(args)
         config = with_model(build_config(args))
+        if args.enable_lora_loading and config.max_loras is None:
+            raise ValueError(
+                "--enable-lora-loading loads adapters into reserved slots; add --max-loras N"
+            )
         if args.job_priority and config.job_dir is None:
             raise ValueError(
                 "--job-priority applies to the queued jobs of --job-dir; add --job-dir or "
@@ -165,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             max_request_bytes=int(args.max_request_mb * 2**20),
             max_concurrent_requests=args.max_concurrent_requests,
             tool_call_format=args.tool_call_format,
+            enable_lora_loading=args.enable_lora_loading,
         )
         try:
             app = create_app(rt, settings)

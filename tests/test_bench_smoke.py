@@ -9,7 +9,8 @@ work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; a
 JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), the speculative
 decoding bench (`bench/speculative.py`), the host-tier bench (`bench/host_kv_cache.py`) and
 the disk-tier bench (`bench/disk_kv_cache.py`) and the LoRA bench (`bench/lora.py`) on the demo
-model with short answers; and the draft-row cost bench (`bench/draft_rows.py`) on a tiny random model."""
+model with short answers; and the draft-row cost bench (`bench/draft_rows.py`) on a tiny random
+model."""
 
 from __future__ import annotations
 

@@ -95,17 +95,49 @@ class LinearLora:
         self.a = self.b = torch.empty(0)
 
     def stack(self, num_slots: int, device: torch.device, dtype: torch.dtype) -> int:
-        """Move the adapters' matrices into the stacks on the device; returns their bytes."""
+        """Move the adapters' matrices (fp32 on the host so far) into stacks on the device of
+        their largest rank; returns the stacks' bytes."""
         rank = max(a.shape[0] for a, _ in self.weights.values())
         a0, b0 = next(iter(self.weights.values()))
-        self.a = torch.zeros(num_slots, rank, a0.shape[1], dtype=dtype, device=device)
-        self.b = torch.zeros(num_slots, b0.shape[0], rank, dtype=dtype, device=device)
-        for slot, (a, b) in list(self.weights.items()):
-            r = a.shape[0]
-            self.a[slot, :r].copy_(a)
-            self.b[slot, :, :r].copy_(b)
-            self.weights[slot] = (self.a[slot, :r], self.b[slot, :, :r])
+        return self.reserve(num_slots, rank, a0.shape[1], b0.shape[0], device, dtype)
+
+    def reserve(
+        self,
+        num_slots: int,
+        rank: int,
+        in_local: int,
+        out_local: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> int:
+        """Stacks of `num_slots` slots of `rank`, zeros but for the adapters held so far."""
+        held = self.weights
+        self.a = torch.zeros(num_slots, rank, in_local, dtype=dtype, device=device)
+        self.b = torch.zeros(num_slots, out_local, rank, dtype=dtype, device=device)
+        self.weights = {}
+        for slot, (a, b) in held.items():
+            self.put(slot, a, b)
         return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
+    def put(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy a slot's (A [r, in_local], B [out_local, r]) into the stacks, in place (a
+        captured graph keeps reading the same memory)."""
+        r = a.shape[0]
+        if r > self.a.shape[1]:
+            raise ValueError(f"rank {r} is over the {self.a.shape[1]} this layer's slots hold")
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.a[slot, :r].copy_(a)
+        self.b[slot, :, :r].copy_(b)
+        self.weights[slot] = (self.a[slot, :r], self.b[slot, :, :r])
+        self._b_flat = None
+
+    def remove(self, slot: int) -> None:
+        """Zero a slot (an unloaded adapter)."""
+        if self.weights.pop(slot, None) is not None:
+            self.a[slot].zero_()
+            self.b[slot].zero_()
+            self._b_flat = None
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` plus the adapters' terms for the step's rows of `x` (in place)."""
@@ -153,6 +185,103 @@ class LinearLora:
     _b_flat: torch.Tensor | None = None
 
 
+class LoraLayers:
+    """The adapters of one model on this rank: which slot holds which, and their shards in the
+    model's linear layers.
+
+    Without `room` (adapters fixed at start) each layer's stacks are sized to the adapters given
+    (`finish`), a fused layer's parts packed one after another. With `room` = (slots, rank)
+    every projection of every layer reserves that many slots at once, each fused part `rank`
+    columns wide, so adapters can be added and removed later, in place."""
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        config: ModelConfig,
+        shard: HeadShard,
+        tp_rank: int,
+        tp_size: int,
+        room: tuple[int, int] | None = None,
+    ) -> None:
+        from workers.models.layouts import _qkv_out_ranges
+        from workers.models.names import LAYOUTS
+
+        self.model, self.room, self.tp_rank = model, room, tp_rank
+        self.state = LoraState()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        lay = LAYOUTS[config.architecture]
+        inter = config.intermediate_size // tp_size
+        mlp_rows = (tp_rank * inter, (tp_rank + 1) * inter)
+        hd = config.head_dim
+        q_cols = (shard.q_start * hd, (shard.q_start + shard.num_q) * hd)
+        self.columns: list[tuple[_Linear, list[tuple[str, int, int]]]] = []
+        """Column-parallel layers with their output ranges (checkpoint module, rows)."""
+        self.rows: list[tuple[_Linear, str, tuple[int, int]]] = []
+        """Row-parallel layers with their module and input columns."""
+        for i, layer in enumerate(model.layers):
+            assert isinstance(layer, DecoderLayer)
+            p = lay.layer.format(i)
+            qkv = _qkv_out_ranges(lay, p, config, shard)
+            gate_up = [(f"{p}{n}", *mlp_rows) for n in (lay.gate, lay.up)]
+            self.columns += [(layer.attn.qkv_proj, qkv), (layer.mlp.gate_up_proj, gate_up)]
+            self.rows += [
+                (layer.attn.o_proj, f"{p}{lay.o}", q_cols),
+                (layer.mlp.down_proj, f"{p}{lay.down}", mlp_rows),
+            ]
+        self.bytes = 0
+        if room is not None:
+            slots, rank = room
+            for linear, ranges in self.columns:
+                parts = len(dict.fromkeys(m for m, _, _ in ranges))
+                rows = sum(hi - lo for _, lo, hi in ranges)
+                self.bytes += self._lora(linear).reserve(
+                    slots, parts * rank, config.hidden_size, rows, self.device, self.dtype
+                )
+            for linear, _, (lo, hi) in self.rows:
+                self.bytes += self._lora(linear).reserve(
+                    slots, rank, hi - lo, config.hidden_size, self.device, self.dtype
+                )
+
+    def _lora(self, linear: _Linear) -> LinearLora:
+        if linear.lora is None:
+            linear.lora = LinearLora(self.state)
+        return linear.lora
+
+    def add(self, slot: int, spec: AdapterSpec) -> None:
+        """Read `spec`'s file and put this rank's shards into `slot` of every layer it adapts."""
+        width = None if self.room is None else self.room[1]
+        with _AdapterFile(spec) as pair:
+            for linear, ranges in self.columns:
+                ab = _column(ranges, pair, width)
+                if ab is not None:
+                    self._put(linear, slot, ab)
+            for linear, module, (lo, hi) in self.rows:
+                found = pair(module)
+                if found is not None:
+                    self._put(linear, slot, (found[0][:, lo:hi], found[1]))
+
+    def _put(self, linear: _Linear, slot: int, ab: tuple[torch.Tensor, torch.Tensor]) -> None:
+        lora = self._lora(linear)
+        if self.room is None:  # fp32 on the host until `finish` sizes the stacks
+            lora.weights[slot] = (ab[0].contiguous(), ab[1].contiguous())
+        else:
+            lora.put(slot, ab[0], ab[1])
+
+    def finish(self, num_slots: int) -> None:
+        """Without room: size every adapted layer's stacks to the adapters added."""
+        if self.room is not None:
+            return
+        for linear in self.model.modules():
+            if isinstance(linear, _Linear) and linear.lora is not None:
+                self.bytes += linear.lora.stack(num_slots, self.device, self.dtype)
+
+    def remove(self, slot: int) -> None:
+        for linear in self.model.modules():
+            if isinstance(linear, _Linear) and linear.lora is not None:
+                linear.lora.remove(slot)
+
+
 def load_adapters(
     model: DecoderLM,
     config: ModelConfig,
@@ -160,48 +289,22 @@ def load_adapters(
     shard: HeadShard,
     tp_rank: int,
     tp_size: int,
-) -> LoraState:
+    room: tuple[int, int] | None = None,
+) -> LoraLayers:
     """Read every adapter (slot i + 1 for specs[i]) and attach this rank's shards to the
-    model's linear layers. Returns the state the model's forward sets each step."""
-    from workers.models.layouts import _qkv_out_ranges
-    from workers.models.names import LAYOUTS
-
-    lay = LAYOUTS[config.architecture]
-    state = LoraState()
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
-    inter = config.intermediate_size // tp_size
-    mlp_rows = (tp_rank * inter, (tp_rank + 1) * inter)
-    hd = config.head_dim
-    q_cols = (shard.q_start * hd, (shard.q_start + shard.num_q) * hd)
-    loaded_bytes = 0
+    model's linear layers (with `room` = (slots, rank), reserving that many slots)."""
+    layers = LoraLayers(model, config, shard, tp_rank, tp_size, room)
     for slot, spec in enumerate(specs, start=1):
-        with _AdapterFile(spec) as pair:
-            for i, layer in enumerate(model.layers):
-                assert isinstance(layer, DecoderLayer)
-                p = lay.layer.format(i)
-                attn, mlp = layer.attn, layer.mlp
-                qkv = _qkv_out_ranges(lay, p, config, shard)
-                gate_up = [(f"{p}{n}", *mlp_rows) for n in (lay.gate, lay.up)]
-                for column, ranges in ((attn.qkv_proj, qkv), (mlp.gate_up_proj, gate_up)):
-                    ab = _column(ranges, pair)
-                    if ab is not None:
-                        _attach(column, state, slot, ab)
-                for row, module, cols in (
-                    (attn.o_proj, f"{p}{lay.o}", q_cols),
-                    (mlp.down_proj, f"{p}{lay.down}", mlp_rows),
-                ):
-                    found = pair(module)
-                    if found is not None:
-                        a, b, _ = found
-                        _attach(row, state, slot, (a[:, cols[0] : cols[1]], b))
-    for linear in model.modules():
-        if isinstance(linear, _Linear) and linear.lora is not None:
-            loaded_bytes += linear.lora.stack(len(specs) + 1, device, dtype)
+        layers.add(slot, spec)
+    layers.finish(len(specs) + 1)
     logger.info(
-        "tp rank %d: %d LoRA adapter(s), %.1f MiB", tp_rank, len(specs), loaded_bytes / 2**20
+        "tp rank %d: %d LoRA adapter(s), %.1f MiB%s",
+        tp_rank,
+        len(specs),
+        layers.bytes / 2**20,
+        "" if room is None else f" ({room[0] - 1} slots of rank {room[1]} reserved)",
     )
-    return state
+    return layers
 
 
 class _AdapterFile:
@@ -241,15 +344,17 @@ def _module_of(key: str) -> tuple[str, str]:
 def _column(
     ranges: list[tuple[str, int, int]],
     pair: Callable[[str], tuple[torch.Tensor, torch.Tensor, AdapterModule] | None],
+    part_width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A fused column-parallel layer's (A, B): the parts' A stacked, B's local rows of each
-    part placed under that part's columns (zeros where a part has no adapter)."""
+    part placed under that part's columns (zeros where a part has no adapter). The parts follow
+    one another, or with `part_width` each starts at its index x part_width."""
     a_of: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
     offset = 0
-    for module, _, _ in ranges:
-        if module in a_of:
-            continue
+    for index, module in enumerate(dict.fromkeys(m for m, _, _ in ranges)):
         found = pair(module)
+        if part_width is not None:
+            offset = index * part_width
         if found is None:
             continue
         a, b, _ = found
@@ -259,7 +364,9 @@ def _column(
         return None
     rows = sum(hi - lo for _, lo, hi in ranges)
     width = next(iter(a_of.values()))[1].shape[1]
-    a_cat = torch.cat([a for _, a, _ in a_of.values()])
+    a_cat = torch.zeros(offset, width, dtype=torch.float32)
+    for col, a, _ in a_of.values():
+        a_cat[col : col + a.shape[0]] = a
     b_cat = torch.zeros(rows, offset, dtype=torch.float32)
     at = 0
     for module, lo, hi in ranges:
@@ -269,12 +376,3 @@ def _column(
         at += hi - lo
     assert a_cat.shape[1] == width
     return a_cat, b_cat
-
-
-def _attach(
-    linear: _Linear, state: LoraState, slot: int, ab: tuple[torch.Tensor, torch.Tensor]
-) -> None:
-    """Give `linear` the slot's (A, B), fp32 on the host until `LinearLora.stack`."""
-    if linear.lora is None:
-        linear.lora = LinearLora(state)
-    linear.lora.weights[slot] = (ab[0].contiguous(), ab[1].contiguous())

@@ -23,7 +23,7 @@ from dist_runtime.config import (
     decode_graph_segments,
     decode_graphs_choice,
 )
-from dist_runtime.lora import AdapterSpec
+from dist_runtime.lora import AdapterSpec, adapter_slot_rank, check_slot_rank
 from dist_runtime.protocol import (
     LAST_SAMPLED,
     PromptLogprobs,
@@ -40,7 +40,7 @@ from workers.distributed import Collectives
 from workers.kv_cache import DiskKVTier, HostKVTier, KVCache
 from workers.layers.attention import AttentionMetadata
 from workers.layers.rotary import inverse_frequencies
-from workers.lora import LoraBatch, load_adapters
+from workers.lora import LoraBatch, LoraLayers, load_adapters
 from workers.models.decoder import DecoderLM
 from workers.models.layouts import init_dummy_weights, load_weights
 from workers.sampler import (
@@ -141,15 +141,27 @@ class ModelRunner:
             load_weights(self.model, reader)
             self.weight_bytes_read = reader.bytes_read
             reader.close()
-        self.num_adapters = len(config.lora_modules)
-        if config.lora_modules:
+        self.lora: LoraLayers | None = None
+        """The adapters' shards (`workers/lora.py`); None without lora_modules / max_loras."""
+        self.num_adapter_slots = config.max_loras or len(config.lora_modules)
+        if self.num_adapter_slots:
             specs = [
                 AdapterSpec.load(name, path, self.model_config)
                 for name, path in config.lora_modules.items()
             ]
-            self.model.lora = load_adapters(
-                self.model, self.model_config, specs, self.model.shard, comm.tp_rank, comm.tp_size
+            room = None
+            if config.max_loras is not None:
+                room = (config.max_loras + 1, adapter_slot_rank(config, specs))
+            self.lora = load_adapters(
+                self.model,
+                self.model_config,
+                specs,
+                self.model.shard,
+                comm.tp_rank,
+                comm.tp_size,
+                room,
             )
+            self.model.lora = self.lora.state
         self.kv_cache: KVCache | None = None
         self.host_kv: HostKVTier | None = None
         self.disk_kv: DiskKVTier | None = None
@@ -172,6 +184,30 @@ class ModelRunner:
         """Steps that ran the model (plans with at least one sequence)."""
         self.is_driver_rank = comm.coords.rank == 0
         """Global rank 0 samples; with cp its cp group's ranks also compute the logits."""
+
+    # -- LoRA adapters loaded while running ---------------------------------------------------
+    def load_lora(self, slot: int, name: str, path: str) -> None:
+        """Read the adapter folder `path` into reserved `slot` (replacing what it held)."""
+        lora = self._reserved(slot)
+        spec = AdapterSpec.load(name, path, self.model_config)
+        assert lora.room is not None
+        check_slot_rank(spec, lora.room[1])
+        lora.remove(slot)
+        lora.add(slot, spec)
+
+    def unload_lora(self, slot: int) -> None:
+        """Zero reserved `slot`."""
+        self._reserved(slot).remove(slot)
+
+    def _reserved(self, slot: int) -> LoraLayers:
+        if self.lora is None or self.lora.room is None:
+            raise ValueError(
+                "this runtime's adapters are fixed at start; start it with max_loras "
+                "(--max-loras) to load and unload adapters while it runs"
+            )
+        if not 1 <= slot < self.lora.room[0]:
+            raise ValueError(f"adapter slot {slot} is outside 1..{self.lora.room[0] - 1}")
+        return self.lora
 
     # -- KV cache ---------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -302,7 +338,7 @@ class ModelRunner:
             rope_half=self.model_config.head_dim // 2 if self._per_request_rope() else None,
             emulate=mode == "emulate",
             cp_decode=self.comm.cp_size > 1,
-            lora=self.num_adapters > 0,
+            lora=self.lora is not None,
         )
         with torch.inference_mode():
             self.graphs.capture()
@@ -645,10 +681,10 @@ class ModelRunner:
             inv = None
             if seq.rope_base:
                 inv = inverse_frequencies(self.model_config.head_dim, seq.rope_base)
-            if not 0 <= seq.adapter <= self.num_adapters:
+            if not 0 <= seq.adapter <= self.num_adapter_slots:
                 raise ValueError(
                     f"seq {seq.seq_id}: adapter slot {seq.adapter} but this worker has "
-                    f"{self.num_adapters} LoRA adapter(s)"
+                    f"{self.num_adapter_slots} LoRA adapter slot(s)"
                 )
             self.seqs[seq.seq_id] = SeqState(
                 spec=seq.sampling,

@@ -168,6 +168,14 @@ class Worker:
         assert self.runner is not None
         return self.runner.disk_kv_blocks()
 
+    def load_lora(self, slot: int, name: str, path: str) -> None:
+        assert self.runner is not None
+        self.runner.load_lora(slot, name, path)
+
+    def unload_lora(self, slot: int) -> None:
+        assert self.runner is not None
+        self.runner.unload_lora(slot)
+
     def flush_disk_kv(self) -> None:
         if self.runner is not None:
             self.runner.flush_disk_kv()

@@ -36,7 +36,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig
+from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig, check_lora_modules
 from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.engine.executor.base import Executor, WorkerError
 from dist_runtime.engine.executor.factory import create_executor
@@ -45,7 +45,13 @@ from dist_runtime.engine.kv_disk import disk_tier
 from dist_runtime.engine.output_processor import OutputProcessor
 from dist_runtime.engine.outputs import RequestDelta
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
-from dist_runtime.lora import AdapterSpec
+from dist_runtime.lora import (
+    AdapterConflictError,
+    AdapterNotFoundError,
+    AdapterSpec,
+    adapter_slot_rank,
+    check_slot_rank,
+)
 from dist_runtime.protocol import SampledToken, StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.text.guided import (
@@ -141,8 +147,13 @@ class Engine:
             name: AdapterSpec.load(name, path, model_config)
             for name, path in config.lora_modules.items()
         }
-        """LoRA adapters by name, checked before any worker starts; slot i + 1 for the i-th."""
+        """LoRA adapters by name, checked before any worker starts (replaced whole, never
+        changed in place: other threads read it)."""
         self._adapter_slots = {name: i + 1 for i, name in enumerate(self.adapters)}
+        """Each adapter's slot on the workers (engine thread)."""
+        if config.max_loras is not None:  # the workers reserve slots of one resolved rank
+            rank = adapter_slot_rank(config, list(self.adapters.values()))
+            self.config = config = dataclasses.replace(config, max_lora_rank=rank)
         self._vocab: Vocabulary | None = None
         self._vocab_lock = threading.Lock()
         """The tokenizer's tokens as bytes for guided output, built on first use."""
@@ -361,9 +372,6 @@ class Engine:
         self.check_adapter(params, f"prompt {index}: ")
         seed = params.seed if params.seed is not None else self._draw_seed()
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
-        if params.adapter is not None:
-            seq.adapter = self._adapter_slots[params.adapter]
-            seq.adapter_digest = self.adapters[params.adapter].digest
         if params.guided:
             seq.guide = self._json_guide(params)
         base = self.model_config.rope_base(len(ids))
@@ -381,10 +389,85 @@ class Engine:
         if params is None or params.adapter is None or params.adapter in self.adapters:
             return
         loaded = list(self.adapters) or "none"
-        raise ValueError(
-            f"{where}adapter {params.adapter!r} is not loaded (loaded: {loaded}); start the "
-            "runtime with lora_modules (--lora-modules NAME=DIR) naming it"
+        how = (
+            "load it (Runtime.load_adapter, the server's /v1/load_lora_adapter)"
+            if self.config.max_loras is not None
+            else "start the runtime with lora_modules (--lora-modules NAME=DIR) naming it"
         )
+        raise ValueError(
+            f"{where}adapter {params.adapter!r} is not loaded (loaded: {loaded}); {how}"
+        )
+
+    # -- adapters loaded while running (any thread; the work runs on the engine thread) ---------
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load the PEFT folder `path` as adapter `name` into a free reserved slot of every
+        worker, between two steps. Needs max_loras; the name must be new."""
+        check_lora_modules({name: path})
+        if self.config.max_loras is None:
+            raise ValueError(
+                "this runtime's adapters are fixed at start; start it with max_loras "
+                "(--max-loras) to load adapters while it runs"
+            )
+        if name in self.adapters:
+            raise AdapterConflictError(
+                f"adapter {name!r} is loaded already; unload it first to replace it"
+            )
+        spec = AdapterSpec.load(name, path, self.model_config)
+        assert self.config.max_lora_rank is not None
+        check_slot_rank(spec, self.config.max_lora_rank)
+        self.call(lambda: self._load_adapter(spec))
+
+    def _load_adapter(self, spec: AdapterSpec) -> None:
+        assert self.executor is not None and self.config.max_loras is not None
+        if spec.name in self.adapters:
+            raise AdapterConflictError(f"adapter {spec.name!r} is loaded already")
+        used = set(self._adapter_slots.values())
+        free = [s for s in range(1, self.config.max_loras + 1) if s not in used]
+        if not free:
+            raise AdapterConflictError(
+                f"all {self.config.max_loras} adapter slots are taken "
+                f"({sorted(self.adapters)}); unload one, or start with a larger max_loras "
+                "(--max-loras)"
+            )
+        try:
+            self.executor.load_lora(free[0], spec.name, spec.path)
+        except BaseException:
+            try:  # leave no worker with half an adapter in a slot that reads as free
+                self.executor.unload_lora(free[0])
+            except Exception as e:
+                logger.warning("clearing adapter slot %d failed: %s", free[0], e)
+            raise
+        self._adapter_slots = {**self._adapter_slots, spec.name: free[0]}
+        self.adapters = {**self.adapters, spec.name: spec}
+        logger.info("loaded LoRA adapter %r from %s into slot %d", spec.name, spec.path, free[0])
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload adapter `name` between two steps; refused while a request uses it."""
+        self.call(lambda: self._unload_adapter(name))
+
+    def _unload_adapter(self, name: str) -> None:
+        assert self.executor is not None
+        if name not in self.adapters:
+            loaded = sorted(self.adapters) or "none"
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded (loaded: {loaded})")
+        if self.config.max_loras is None:
+            raise ValueError(
+                "this runtime's adapters are fixed at start; start it with max_loras "
+                "(--max-loras) to unload adapters while it runs"
+            )
+        users = [
+            r for r in (*self._active.values(), *self._deferred) if r.seq.params.adapter == name
+        ]
+        if users:
+            raise AdapterConflictError(
+                f"adapter {name!r} answers {len(users)} request(s) now; unload it when they "
+                "end (or abort them)"
+            )
+        slot = self._adapter_slots[name]
+        self.executor.unload_lora(slot)
+        self._adapter_slots = {k: v for k, v in self._adapter_slots.items() if k != name}
+        self.adapters = {k: v for k, v in self.adapters.items() if k != name}
+        logger.info("unloaded LoRA adapter %r (slot %d)", name, slot)
 
     def _json_guide(self, params: SamplingParams) -> JsonGuide:
         """A guided request's grammar state; the vocabulary's byte tries are built on the first
@@ -480,6 +563,10 @@ class Engine:
                 if rid in self._active or any(r.handle.request_id == rid for r in self._deferred):
                     request.handle.fail(ValueError(f"request id {rid!r} is already running"))
                     continue
+                error = self._bind_adapter(request.seq)
+                if error is not None:
+                    request.handle.fail(error)
+                    continue
                 self._by_seq[request.seq.seq_id] = request
                 if request.after is None:
                     self._admit(request)
@@ -494,6 +581,18 @@ class Engine:
                     future.set_result(fn())
                 except BaseException as e:
                     future.set_exception(e)
+
+    def _bind_adapter(self, seq: Sequence) -> ValueError | None:
+        """Give a new sequence its adapter's slot and hash as they are now; the error to fail
+        it with when its adapter was unloaded since the caller checked the name."""
+        name = seq.params.adapter
+        if name is None:
+            return None
+        spec = self.adapters.get(name)
+        if spec is None:
+            return ValueError(f"adapter {name!r} was unloaded before this request started")
+        seq.adapter, seq.adapter_digest = self._adapter_slots[name], spec.digest
+        return None
 
     def _admit(self, request: _Request) -> None:
         self._active[request.handle.request_id] = request
@@ -710,6 +809,12 @@ class Engine:
         owned_ray = bool(getattr(old, "_owns_ray", False))
         if old is not None:
             old.shutdown(keep_ray=True)
+        # The new workers load the adapters loaded now (in slots 1.. in their order): what was
+        # loaded or unloaded since start carries over.
+        order = sorted(self.adapters, key=self._adapter_slots.__getitem__)
+        self._adapter_slots = {name: i + 1 for i, name in enumerate(order)}
+        modules = {name: self.adapters[name].path for name in order}
+        self.config = dataclasses.replace(self.config, lora_modules=modules)
         try:
             self._start_workers()
         except BaseException as e:

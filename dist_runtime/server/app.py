@@ -33,13 +33,20 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogprobs
 from dist_runtime.jobs.store import IdempotencyKeyConflictError, JobState, UnknownJobError
+from dist_runtime.lora import AdapterConflictError, AdapterNotFoundError
 from dist_runtime.runtime import Runtime
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.server.calls import (
@@ -57,11 +64,13 @@ from dist_runtime.server.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     JobRequest,
+    LoadLoraRequest,
     NamedToolChoice,
     ResponseFormat,
     SamplingFields,
     TokenizeRequest,
     Tool,
+    UnloadLoraRequest,
     UnsupportedFieldError,
     error_body,
 )
@@ -91,6 +100,9 @@ class ServerSettings:
     tool_call_format: str = "auto"
     """How tools and calls are written for the model: auto, json or internlm2 (see
     `dist_runtime.server.tools`)."""
+    enable_lora_loading: bool = False
+    """Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): callers with a key
+    load adapters from folders on the server's disk. Off: those routes are 403."""
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -212,6 +224,15 @@ class _Server:
     def adapter(self, name: str | None) -> str | None:
         """The LoRA adapter a request's `model` picks (None: the base model)."""
         return name if name in self.runtime.engine.adapters else None
+
+    def check_lora_loading(self) -> None:
+        if not self.settings.enable_lora_loading:
+            raise APIError(
+                403,
+                "loading and unloading LoRA adapters over HTTP is off; start the server with "
+                "--enable-lora-loading (and --max-loras)",
+                code="forbidden",
+            )
 
     def check_alive(self) -> None:
         if not self.runtime.engine.is_alive:
@@ -613,6 +634,34 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             "tokens": ids,
             "token_strs": [server.token_text(t) for t in ids] if req.return_token_strs else None,
         }
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoraRequest) -> Response:
+        server.check_lora_loading()
+        if req.lora_name == name:
+            raise APIError(
+                400, f"{name!r} is the served model's name; name the adapter otherwise", "lora_name"
+            )
+        try:
+            await asyncio.to_thread(runtime.load_adapter, req.lora_name, req.lora_path)
+        except AdapterConflictError as e:
+            raise APIError(409, str(e), param="lora_name", code="conflict") from e
+        except ValueError as e:
+            raise APIError(400, str(e), param="lora_path") from e
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoraRequest) -> Response:
+        server.check_lora_loading()
+        try:
+            await asyncio.to_thread(runtime.unload_adapter, req.lora_name)
+        except AdapterNotFoundError as e:
+            raise APIError(404, str(e), param="lora_name", code="model_not_found") from e
+        except AdapterConflictError as e:
+            raise APIError(409, str(e), param="lora_name", code="conflict") from e
+        except ValueError as e:
+            raise APIError(400, str(e), param="lora_name") from e
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:

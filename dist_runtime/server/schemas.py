@@ -456,6 +456,20 @@ class TokenizeRequest(_Request):
         return self
 
 
+class LoadLoraRequest(_Request):
+    """vLLM's /v1/load_lora_adapter."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(_Request):
+    """vLLM's /v1/unload_lora_adapter (its lora_int_id is taken and ignored)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int] = Field(max_length=16 * 2**20)

@@ -11,6 +11,9 @@
   and cp=2.
 * Decode steps replayed from graphs (emulated on CPU) take each row's adapter from the graphs'
   slot buffer, step by step and launched ahead.
+* Adapters loaded and unloaded while running (`max_loras`): into reserved slots, read in place
+  by the decode graphs, refused while in use or with no slot free, carried over a worker
+  restart over Ray.
 * Prefix caching never lets a base request and an adapter request share K/V, while the same
   adapter twice does hit the cache.
 * Every refusal: folders `AdapterSpec.load` rejects (with the reason), bad names and
@@ -22,9 +25,11 @@ decoder while steps with adapter rows run layer by layer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,7 +56,13 @@ from dist_runtime.formats.lora_adapter import (
     write_random_adapter,
 )
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint
-from dist_runtime.lora import AdapterSpec, lora_bytes_per_worker, parse_lora_modules
+from dist_runtime.lora import (
+    AdapterConflictError,
+    AdapterNotFoundError,
+    AdapterSpec,
+    lora_bytes_per_worker,
+    parse_lora_modules,
+)
 from tests.conftest import TINY_SHAPES
 
 CPU32: dict[str, Any] = dict(device="cpu", dtype="float32")
@@ -599,6 +610,125 @@ def test_cp2_matches_the_references(llama: Family, ray_cluster: Any, reference: 
         _assert_same(got, want, f"request {i} (adapter {MIXED_ADAPTERS[i]})")
     for i, j in ((0, 1), (0, 2), (1, 2), (3, 4)):
         assert _answers_differ(outs[i], outs[j]), (i, j)
+
+
+# -- adapters loaded and unloaded while running ---------------------------------------------------
+
+
+def _room_runtime(family: Family, start: dict[str, str], **kw: Any) -> Runtime:
+    kw.setdefault("cache", CACHE)
+    kw.setdefault("scheduler", SchedulerConfig(max_num_batched_tokens=BUDGET, max_num_seqs=8))
+    return Runtime(
+        model=str(family.ckpt),
+        lora_modules=start,
+        max_loras=2,
+        max_lora_rank=8,
+        session_len=256,
+        **CPU32,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_adapters_loaded_and_unloaded_while_running(
+    llama: Family, reference: Reference, monkeypatch: pytest.MonkeyPatch, graphs: bool
+) -> None:
+    """Two reserved slots: a2 loaded after start (after the decode graphs were captured, with
+    `graphs`: they read the slots in place) answers as its merged checkpoint beside a1; a third
+    finds no slot; a1 cannot go while a request of it runs, then goes; its folder loaded again
+    under another name answers as a1 did and finds a1's blocks in the prefix cache (the same
+    content hash)."""
+    from workers.model_runner import ModelRunner
+
+    if graphs:
+        monkeypatch.setattr(ModelRunner, "_decode_graph_mode", lambda self: "emulate")
+    a1, a2 = (str(llama.adapters[n]) for n in ("a1", "a2"))
+    with _room_runtime(llama, {"a1": a1}) as rt:
+        assert rt.adapters == ["a1"]
+        with pytest.raises(ValueError, match="'a2' is not loaded .* load it"):
+            rt.generate([SHORT], [_params("a2")])
+        rt.load_adapter("a2", a2)
+        assert rt.adapters == ["a1", "a2"]
+        outs = rt.generate(MIXED_PROMPTS, _mixed_params())
+        with pytest.raises(AdapterConflictError, match="all 2 adapter slots are taken"):
+            rt.load_adapter("a3", a1)
+        with pytest.raises(AdapterConflictError, match="loaded already"):
+            rt.load_adapter("a2", a2)
+        handle = rt.engine.add_request(LONG, _params("a1", 40))
+        while not handle.num_computed_prompt_tokens:
+            time.sleep(0.01)
+        with pytest.raises(AdapterConflictError, match="answers 1 request"):
+            rt.unload_adapter("a1")
+        first = handle.result()
+        rt.unload_adapter("a1")
+        with pytest.raises(AdapterNotFoundError):
+            rt.unload_adapter("a1")
+        with pytest.raises(ValueError, match="'a1' is not loaded"):
+            rt.generate([SHORT], [_params("a1")])
+        rt.load_adapter("again", a1)
+        (again,) = rt.generate([LONG], [_params("again", 40)])
+        if graphs:
+            executor: Any = rt.engine.executor
+            assert executor.worker.runner.graphs.num_lora_replays >= 10
+    _assert_mixed(outs, reference(llama, MIXED_PROMPTS, _mixed_params()))
+    assert again.token_ids == first.token_ids
+    assert again.num_cached_tokens >= BLOCK_SIZE  # a1's prompt blocks, found by content hash
+    (want,) = reference(llama, [LONG], [_params("a1", 40)])
+    assert first.token_ids == want.token_ids
+
+
+def test_adapters_fixed_at_start_cannot_change(llama: Family) -> None:
+    with _lora_runtime(llama) as rt:
+        with pytest.raises(ValueError, match="fixed at start; start it with max_loras"):
+            rt.load_adapter("a3", str(llama.adapters["a1"]))
+        with pytest.raises(ValueError, match="fixed at start"):
+            rt.unload_adapter("a1")
+        assert rt.adapters == ["a1", "a2"]
+
+
+def test_reserved_slots_are_checked(llama: Family, tmp_path: Path) -> None:
+    big = write_random_adapter(tmp_path / "r16", llama.ckpt, rank=16, seed=5)
+    with pytest.raises(ConfigError, match="rank 16, over the 8 the reserved slots hold"):
+        _room_runtime(llama, {"big": str(big)})
+    with pytest.raises(ConfigError, match="names 3 adapters but max_loras is 2"):
+        _room_runtime(llama, {**llama.lora_modules, "c": str(big)})
+    with pytest.raises(ConfigError, match="set max_loras too"):
+        Runtime(model=str(llama.ckpt), max_lora_rank=8, session_len=256, **CPU32)
+    with _room_runtime(llama, {}) as rt:
+        with pytest.raises(ConfigError, match="rank 16, over the 8"):
+            rt.load_adapter("big", str(big))
+        with pytest.raises(ConfigError, match="no such directory"):
+            rt.load_adapter("gone", str(tmp_path / "gone"))
+        assert rt.adapters == []
+        rt.load_adapter("a1", str(llama.adapters["a1"]))  # the slots are still free
+        assert rt.adapters == ["a1"]
+
+
+def test_adapters_loaded_over_ray_survive_a_worker_restart(
+    llama: Family, ray_cluster: Any, reference: Reference
+) -> None:
+    """tp=2: every worker loads the adapter into its slot; after a worker dies the new group
+    loads the adapters loaded then (a2, added at run time; not a1, unloaded), and a2 answers
+    as its merged checkpoint again."""
+    params = [_params("a2"), _params(None)]
+    prompts = [SHORT, SHORT]
+    with _room_runtime(llama, {"a1": str(llama.adapters["a1"])}, tp=2) as rt:
+        rt.load_adapter("a2", str(llama.adapters["a2"]))
+        rt.unload_adapter("a1")
+        before = rt.generate(prompts, params)
+        executor: Any = rt.engine.executor
+        ray_cluster.kill(executor.actors[1], no_restart=True)
+        deadline = time.monotonic() + 60
+        while rt.num_worker_restarts == 0:
+            with contextlib.suppress(Exception):  # the dead worker's step fails: a new group
+                rt.generate([SHORT], [_params(None, 2)])
+            assert time.monotonic() < deadline, "the worker group was not replaced"
+        assert rt.adapters == ["a2"]
+        after = rt.generate(prompts, params)
+    refs = reference(llama, prompts, params)
+    for got in (before, after):
+        for i, (g, want) in enumerate(zip(got, refs, strict=True)):
+            _assert_same(g, want, f"request {i}")
 
 
 @pytest.mark.parametrize("layout", ["llama", "internlm2"])

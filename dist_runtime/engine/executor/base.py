@@ -35,6 +35,14 @@ class Executor(abc.ABC):
         """Each worker's (cp rank, disk-tier blocks per pool, digests on disk), by rank."""
 
     @abc.abstractmethod
+    def load_lora(self, slot: int, name: str, path: str) -> None:
+        """Every worker reads the adapter folder `path` into its reserved `slot`."""
+
+    @abc.abstractmethod
+    def unload_lora(self, slot: int) -> None:
+        """Every worker zeroes its reserved adapter `slot`."""
+
+    @abc.abstractmethod
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step on every worker; the driver rank's result."""
 

@@ -40,6 +40,12 @@ class InProcessExecutor(Executor):
     def disk_kv_blocks(self) -> list[tuple[int, int, list[str]]]:
         return [self.worker.disk_kv_blocks()]
 
+    def load_lora(self, slot: int, name: str, path: str) -> None:
+        self.worker.load_lora(slot, name, path)
+
+    def unload_lora(self, slot: int) -> None:
+        self.worker.unload_lora(slot)
+
     def execute(self, plan: StepPlan) -> StepResult:
         # No codec in one process: the messages it would check are built by this code on both
         # sides (the Ray executor, and the protocol tests, take the encoded path).

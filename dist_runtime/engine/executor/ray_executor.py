@@ -303,6 +303,20 @@ class RayExecutor(Executor):
             "listing the disk KV tier",
         )
 
+    def load_lora(self, slot: int, name: str, path: str) -> None:
+        self._get(
+            [a.load_lora.remote(slot, name, path) for a in self.actors],
+            self.config.init_timeout_s,
+            f"loading LoRA adapter {name!r}",
+        )
+
+    def unload_lora(self, slot: int) -> None:
+        self._get(
+            [a.unload_lora.remote(slot) for a in self.actors],
+            self.config.init_timeout_s,
+            f"unloading LoRA adapter slot {slot}",
+        )
+
     def _watch(self) -> None:
         """Sentinel pings, so a worker that dies between requests is noticed within seconds.
 
