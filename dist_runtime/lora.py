@@ -237,14 +237,19 @@ def _pattern(patterns: dict[str, Any], module: str, default: Any, where: str) ->
 
 
 def lora_bytes_per_worker(
-    specs: list[AdapterSpec], model: ModelConfig, tp: int, itemsize: int
+    specs: list[AdapterSpec],
+    model: ModelConfig,
+    tp: int,
+    itemsize: int,
+    room: tuple[int, int] | None = None,
 ) -> int:
     """Device bytes of the adapters on one tp rank, as `workers/lora.py` stacks them: per
     adapted layer, for every slot (the adapters and the base model's zeros) an A of the largest
     rank there by the rank's input width, and a B of the rank's output rows by that rank. A
     fused layer's rank is its parts' ranks added (q + k + v, gate + up), and its B holds every
-    output row of the fusion."""
-    if not specs:
+    output row of the fusion. With `room` = (slots, rank) (reserved slots, `max_loras`): every
+    projection, `slots` slots, each part `rank` wide."""
+    if not specs and room is None:
         return 0
     c, names = model, _layout_names(model)
     hd, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size // tp
@@ -260,12 +265,16 @@ def lora_bytes_per_worker(
         "down": ([names["down"]], inter, hidden),
     }
     ranks = [{m.name: m.rank for m in spec.modules} for spec in specs]
+    slots = len(specs) + 1 if room is None else room[0]
     total = 0
     for i in range(c.num_layers):
         p = names["layer"].format(i)
         for parts, in_local, out_local in layers.values():
-            rank = max(sum(r.get(p + part, 0) for part in parts) for r in ranks)
-            total += (len(specs) + 1) * rank * (in_local + out_local)
+            if room is not None:
+                rank = len(parts) * room[1]
+            else:
+                rank = max(sum(r.get(p + part, 0) for part in parts) for r in ranks)
+            total += slots * rank * (in_local + out_local)
     return total * itemsize
 
 

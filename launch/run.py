@@ -51,6 +51,7 @@ from dist_runtime.engine.executor.base import WorkerError  # noqa: E402
 from dist_runtime.formats.demo_model import DemoModelError, demo_model_path  # noqa: E402
 from dist_runtime.lora import (  # noqa: E402
     AdapterSpec,
+    adapter_slot_rank,
     lora_bytes_per_worker,
     parse_lora_modules,
 )
@@ -735,6 +736,8 @@ def dry_run(args: argparse.Namespace) -> int:
         if not config.allow_rope_extrapolation:
             plan = dataclasses.replace(plan, max_positions=model.max_rope_len())
         adapters = [AdapterSpec.load(n, d, model) for n, d in config.lora_modules.items()]
+        if config.max_loras is not None:
+            adapter_slot_rank(config, adapters)  # a start adapter over max_lora_rank
     except ConfigError as e:
         return bad_input(e, args)
     print(plan.table())
@@ -758,13 +761,17 @@ def dry_run(args: argparse.Namespace) -> int:
             f"host tier of the prefix cache: {host_gb:g} GiB of host memory per worker (not on "
             f"the device), {tokens * plan.cp:,} tokens of evicted prefixes over cp={plan.cp}"
         )
-    if adapters:
+    if adapters or config.max_loras:
         itemsize = 4 if plan.dtype == "float32" else 2
-        size = lora_bytes_per_worker(adapters, model, plan.tp, itemsize)
-        listed = ", ".join(f"{a.name} (rank {a.max_rank})" for a in adapters)
+        room = None
+        if config.max_loras is not None:
+            room = (config.max_loras + 1, adapter_slot_rank(config, adapters))
+        size = lora_bytes_per_worker(adapters, model, plan.tp, itemsize, room)
+        listed = ", ".join(f"{a.name} (rank {a.max_rank})" for a in adapters) or "none at start"
+        slots = "" if room is None else f" in {room[0] - 1} reserved slots of rank {room[1]}"
         print(
-            f"LoRA adapters: {listed}; {size / 2**20:,.1f} MiB per worker, taken from the KV "
-            "cache's share"
+            f"LoRA adapters: {listed}{slots}; {size / 2**20:,.1f} MiB per worker, taken from "
+            "the KV cache's share"
         )
     if config.cache.kv_cache_dir is not None:
         from dist_runtime.memory_planner import kv_bytes_per_token

@@ -122,6 +122,9 @@ def server(
         *(
             "--lora-modules",
             f"{ADAPTER}={adapter_dir}",
+            "--max-loras",
+            "2",
+            "--enable-lora-loading",
             "--api-keys",
             f"{KEY},other",
             "--max-request-mb",
@@ -206,6 +209,70 @@ def test_adapter_answers_on_every_route(
     )
     assert status == 200 and message["model"] == ADAPTER
     assert message["content"][0]["text"] == text
+
+
+def test_adapters_loaded_and_unloaded_over_http(
+    client: Any, server: Server, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: a folder loaded at run time is
+    listed and answers under its name, as the same folder served from start does; a name
+    loaded already, a bad folder and an unknown name are refused with the reason; unloaded, it
+    is gone from the list and a request naming it is a 404."""
+    from dist_runtime.formats.lora_adapter import write_random_adapter
+
+    folder = write_random_adapter(tmp_path / "late", tiny_llama_dir, seed=6)
+    body = {"lora_name": "late-lora", "lora_path": str(folder)}
+    status, text = server.request("POST", "/v1/load_lora_adapter", body)
+    assert status == 200 and text == "Success: LoRA adapter 'late-lora' added successfully."
+    ids = [m.id for m in client.models.list().data]
+    assert ids[1:] == [ADAPTER, "late-lora"]
+    kw: dict[str, Any] = dict(prompt=[5, 17, 99], max_tokens=6, temperature=0)
+    late = client.completions.create(model="late-lora", **kw)
+    assert late.model == "late-lora"
+    assert late.choices[0].text != client.completions.create(model=ADAPTER, **kw).choices[0].text
+
+    status, err = server.request("POST", "/v1/load_lora_adapter", body)
+    assert status == 409 and "loaded already" in err["error"]["message"]
+    third = {"lora_name": "third", "lora_path": str(folder)}
+    status, err = server.request("POST", "/v1/load_lora_adapter", third)
+    assert status == 409 and "all 2 adapter slots are taken" in err["error"]["message"]
+    bad = {"lora_name": "bad", "lora_path": str(tmp_path / "missing")}
+    status, err = server.request("POST", "/v1/load_lora_adapter", bad)
+    assert status == 400 and "no such directory" in err["error"]["message"]
+    served = {"lora_name": ids[0], "lora_path": str(folder)}
+    status, err = server.request("POST", "/v1/load_lora_adapter", served)
+    assert status == 400 and "served model's name" in err["error"]["message"]
+
+    status, text = server.request("POST", "/v1/unload_lora_adapter", {"lora_name": "late-lora"})
+    assert status == 200 and text == "Success: LoRA adapter 'late-lora' removed successfully."
+    assert [m.id for m in client.models.list().data][1:] == [ADAPTER]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="late-lora", **kw)
+    status, err = server.request("POST", "/v1/unload_lora_adapter", {"lora_name": "late-lora"})
+    assert status == 404 and err["error"]["code"] == "model_not_found"
+    # the same folder under another name: the answer it gave before
+    status, _ = server.request(
+        "POST", "/v1/load_lora_adapter", {"lora_name": "late-2", "lora_path": str(folder)}
+    )
+    assert status == 200
+    assert client.completions.create(model="late-2", **kw).choices[0].text == late.choices[0].text
+    assert server.request("POST", "/v1/unload_lora_adapter", {"lora_name": "late-2"})[0] == 200
+
+
+def test_lora_loading_needs_reserved_slots(tiny_llama_dir: Path) -> None:
+    """--enable-lora-loading without --max-loras is refused before the model loads."""
+    args = [sys.executable, str(REPO_ROOT / "launch" / "serve.py"), "--model", str(tiny_llama_dir)]
+    proc = subprocess.run(
+        [*args, "--enable-lora-loading", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --enable-lora-loading loads adapters into reserved slots; add --max-loras N"
+    )
 
 
 def test_unknown_model_is_a_404_naming_the_adapters(client: Any, server: Server) -> None:

@@ -152,3 +152,7 @@ def test_model_choice_sends_the_adapter(page: Any, demo_server: Server, tmp_path
 
     base = demo_server.request("GET", "/v1/models")[1]["data"][0]["id"]
     assert reply == answer(ADAPTER).strip() != answer(base).strip()
+    # this server was started without --enable-lora-loading: adapters stay as started
+    body = {"lora_name": "x", "lora_path": "/tmp"}
+    status, err = demo_server.request("POST", "/v1/load_lora_adapter", body)
+    assert status == 403 and "--enable-lora-loading" in err["error"]["message"]

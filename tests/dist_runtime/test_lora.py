@@ -750,6 +750,17 @@ def test_bytes_per_worker_is_what_the_worker_holds(
     )
     specs = list(rt.engine.adapters.values())
     assert held > 0 and held == lora_bytes_per_worker(specs, rt.model_config, 1, 4)
+    # reserved slots (max_loras 2 of rank 8): every projection, each part 8 wide, 3 slots
+    family: Family = request.getfixturevalue(layout)
+    with _room_runtime(family, {}) as room_rt:
+        room_model = room_rt.engine.executor.worker.runner.model  # type: ignore[union-attr]
+        held = sum(
+            t.numel() * t.element_size()
+            for m in room_model.modules()
+            if isinstance(m, _Linear) and m.lora is not None
+            for t in (m.lora.a, m.lora.b)
+        )
+    assert held == lora_bytes_per_worker([], rt.model_config, 1, 4, room=(3, 8))
 
 
 # -- requests naming adapters ---------------------------------------------------------------------
@@ -886,6 +897,8 @@ def test_adapter_spec_reads_ranks_and_scales(llama: Family, llama_config: ModelC
     # a2 (layer 1 only, smaller ranks) takes a third slot of a1's ranks everywhere
     per_slot = 24 * (64 + 128) + 8 * (64 + 64) + 16 * (64 + 320) + 8 * (160 + 64)
     assert lora_bytes_per_worker([a1, a2], llama_config, 1, 4) == 2 * 3 * per_slot * 4
+    # reserved: 2 slots of rank 8 (+ the base model's): each part 8 wide, as a1 everywhere
+    assert lora_bytes_per_worker([], llama_config, 1, 4, room=(3, 8)) == 2 * 3 * per_slot * 4
 
 
 def test_rank_pattern_regex_key_as_peft_reads_it(
