@@ -243,7 +243,6 @@ class Runtime:
         self._check_serving()
         if self.tokenizer is None:
             raise ValueError(f"{self.config.model} has no tokenizer; document QA needs one")
-        self.engine.check_adapter(params)
         job = check_job(
             document,
             questions,
@@ -254,6 +253,7 @@ class Runtime:
             tokenizer=self.tokenizer,
             session_len=self.config.session_len,
         )
+        self.engine.check_adapter(job.params)
         store = self._job_store()
         job_id = store.submit(
             job.document, job.questions, job.params, idempotency_key, job.prefill_tokens
