@@ -226,6 +226,9 @@ def test_adapters_loaded_and_unloaded_over_http(
     assert status == 200 and text == "Success: LoRA adapter 'late-lora' added successfully."
     ids = [m.id for m in client.models.list().data]
     assert ids[1:] == [ADAPTER, "late-lora"]
+    assert server.metric("lora_adapters_loaded") == 2 and server.metric("lora_slots") == 2
+    _, text = server.request("GET", "/metrics")
+    assert 'dist_runtime:lora_requests{adapter="late-lora",state="running"} 0.0' in text
     kw: dict[str, Any] = dict(prompt=[5, 17, 99], max_tokens=6, temperature=0)
     late = client.completions.create(model="late-lora", **kw)
     assert late.model == "late-lora"
@@ -246,6 +249,7 @@ def test_adapters_loaded_and_unloaded_over_http(
     status, text = server.request("POST", "/v1/unload_lora_adapter", {"lora_name": "late-lora"})
     assert status == 200 and text == "Success: LoRA adapter 'late-lora' removed successfully."
     assert [m.id for m in client.models.list().data][1:] == [ADAPTER]
+    assert server.metric("lora_adapters_loaded") == 1
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="late-lora", **kw)
     status, err = server.request("POST", "/v1/unload_lora_adapter", {"lora_name": "late-lora"})

@@ -303,6 +303,16 @@ class Engine:
             "num_accepted_tokens": sched.num_accepted_tokens,
         }
 
+    def adapter_stats(self) -> dict[str, tuple[int, int]]:
+        """Each loaded LoRA adapter's (running, waiting) requests (read without stopping the
+        loop: a snapshot of the scheduler's lists)."""
+        counts = {name: [0, 0] for name in self.adapters}
+        for column, seqs in enumerate((list(self.scheduler.running), list(self.scheduler.waiting))):
+            for seq in seqs:
+                if seq.params.adapter in counts:
+                    counts[seq.params.adapter][column] += 1
+        return {name: (run, wait) for name, (run, wait) in counts.items()}
+
     @property
     def is_alive(self) -> bool:
         return self._dead is None

@@ -90,6 +90,22 @@ class _EngineCollector(Collector):
         }
         for name, (doc, key) in counters.items():
             yield CounterMetricFamily(P + name, doc, value=values[key])
+        adapters = self.engine.adapter_stats()
+        if adapters or self.engine.config.max_loras is not None:
+            yield GaugeMetricFamily(
+                P + "lora_adapters_loaded", "LoRA adapters loaded", value=len(adapters)
+            )
+            slots = self.engine.config.max_loras or len(self.engine.config.lora_modules)
+            yield GaugeMetricFamily(P + "lora_slots", "LoRA adapter slots per worker", value=slots)
+            requests = GaugeMetricFamily(
+                P + "lora_requests",
+                "Requests of each LoRA adapter, running or waiting",
+                labels=["adapter", "state"],
+            )
+            for name, (running, waiting) in sorted(adapters.items()):
+                requests.add_metric([name, "running"], running)
+                requests.add_metric([name, "waiting"], waiting)
+            yield requests
         if self.job_counts is not None:
             jobs = GaugeMetricFamily(
                 P + "jobs", "Jobs in the durable queue by state", labels=["state"]

@@ -659,7 +659,9 @@ def test_adapters_loaded_and_unloaded_while_running(
             time.sleep(0.01)
         with pytest.raises(AdapterConflictError, match="answers 1 request"):
             rt.unload_adapter("a1")
+        assert rt.engine.adapter_stats() in ({"a1": (1, 0), "a2": (0, 0)}, {"a2": (0, 0)})
         first = handle.result()
+        assert rt.engine.adapter_stats() == {"a1": (0, 0), "a2": (0, 0)}
         rt.unload_adapter("a1")
         with pytest.raises(AdapterNotFoundError):
             rt.unload_adapter("a1")
