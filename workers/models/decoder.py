@@ -170,8 +170,9 @@ class DecoderLM(nn.Module):
         kv_caches: list[LayerKV],
     ) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> final hidden states (tokens, hidden)."""
-        if meta.lora is not None:
-            return self._adapted_forward(input_ids, positions, meta, kv_caches)
+        if meta.lora is not None:  # rows with LoRA adapters: layer by layer, not the native decoder
+            everything = range(len(self.layers))
+            return self.forward_layers(input_ids, positions, meta, kv_caches, everything, None)[0]
         x = self.embed(input_ids)
         if x.is_cpu and native_decode.step_runs_native(meta, x.shape[0]):
             decoder = self._native_decoder(kv_caches)
@@ -192,19 +193,6 @@ class DecoderLM(nn.Module):
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
                 x, residual = layer(x, residual, positions, meta, kv_cache)
         x, _ = self.norm(x, residual)
-        return x
-
-    def _adapted_forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_caches: list[LayerKV],
-    ) -> torch.Tensor:
-        """`forward` of a step with LoRA rows: layer by layer (not the native decoder)."""
-        x, _ = self.forward_layers(
-            input_ids, positions, meta, kv_caches, range(len(self.layers)), None
-        )
         return x
 
     def forward_layers(
