@@ -485,6 +485,32 @@ def test_prefix_cache_never_shares_base_and_adapter_kv(
             assert all(_answers_differ(a, b) for b in runs[i + 1 :]), seed
 
 
+def test_disk_tier_keeps_adapter_blocks_apart_across_restarts(
+    llama: Family, reference: Reference, tmp_path: Path
+) -> None:
+    """The disk tier's keys are salted with the adapter's content hash too: a new runtime reads
+    an adapter request's prompt back from disk for the same adapter only (the base model and
+    another adapter compute it), and every answer is its merged checkpoint's."""
+    cache = CacheConfig(block_size=BLOCK_SIZE, num_blocks=128, kv_cache_dir=str(tmp_path / "kv"))
+
+    def run(adapter: Adapter) -> tuple[RequestOutput, float]:
+        with _lora_runtime(llama, cache=cache) as rt:
+            (out,) = rt.generate([LONG], [_params(adapter)])
+            return out, rt.engine.stats()["prefix_cache_disk_hit_tokens"]
+
+    first, hits = run("a1")
+    assert hits == 0
+    again, hits = run("a1")
+    assert hits == len(LONG) // BLOCK_SIZE * BLOCK_SIZE and again.token_ids == first.token_ids
+    for other in (None, "a2"):
+        out, hits = run(other)
+        assert hits == 0, other
+        (want,) = reference(llama, [LONG], [_params(other)])
+        assert out.token_ids == want.token_ids
+    (want,) = reference(llama, [LONG], [_params("a1")])
+    assert first.token_ids == want.token_ids
+
+
 def test_shared_prefix_pass_runs_with_the_adapter(
     llama: Family, llama_rt: Runtime, reference: Reference
 ) -> None:
