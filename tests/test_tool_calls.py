@@ -155,23 +155,61 @@ def test_required_calls_follow_the_schemas(client: Any, temperature: float) -> N
             _arguments_valid(call)
 
 
-def test_named_call_streams_like_a_whole_answer(client: Any) -> None:
+def _accumulate(deltas: list[Any]) -> dict[int, dict[str, Any]]:
+    """Streamed tool-call deltas put together as OpenAI's clients do (by index: the first
+    carries id, type and name, every one a piece of the arguments)."""
+    calls: dict[int, dict[str, Any]] = {}
+    for d in deltas:
+        for tc in d.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+            if tc.id is not None:
+                assert entry["id"] is None, "a call's id came twice"
+                entry["id"], entry["name"], entry["type"] = tc.id, tc.function.name, tc.type
+            else:
+                assert entry["id"] is not None, "arguments before the call's id and name"
+                assert tc.function.name is None
+            entry["arguments"] += tc.function.arguments or ""
+    return calls
+
+
+@pytest.mark.parametrize("name", ["tide", "forecast"])
+def test_named_call_streams_its_arguments_as_they_come(client: Any, name: str) -> None:
+    """A required call streams: its id and name in the first delta, then its arguments piece
+    by piece; put together they are the whole answer's call, arguments character for
+    character."""
     kwargs: dict[str, Any] = dict(
         model=None, messages=[{"role": "user", "content": "Tides?"}], tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "tide"}}, max_tokens=600,
+        tool_choice={"type": "function", "function": {"name": name}}, max_tokens=600,
         temperature=0, parallel_tool_calls=False,
     )  # fmt: skip
     whole = client.chat.completions.create(**kwargs).choices[0]
     (call,) = whole.message.tool_calls
-    assert call.function.name == "tide" and whole.finish_reason == "tool_calls"
+    assert call.function.name == name and whole.finish_reason == "tool_calls"
     _arguments_valid(call)
     chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
     deltas = [c.choices[0].delta for c in chunks]
-    streamed = [tc for d in deltas for tc in d.tool_calls or []]
-    assert [(tc.function.name, tc.function.arguments) for tc in streamed] == [
-        (call.function.name, call.function.arguments)
-    ]
+    (streamed,) = _accumulate(deltas).values()
+    assert streamed["id"].startswith("call_") and streamed["type"] == "function"
+    assert (streamed["name"], streamed["arguments"]) == (name, call.function.arguments)
+    pieces = [tc.function.arguments for d in deltas for tc in d.tool_calls or []]
+    assert len([p for p in pieces if p]) >= 2  # in pieces, not whole
     assert not any(d.content for d in deltas)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_required_parallel_calls_stream_each_call(client: Any) -> None:
+    """tool_choice "required" with parallel calls: the answer may be a list of calls; each
+    streams under its own index and the calls put together equal the whole answer's."""
+    kwargs: dict[str, Any] = dict(
+        model=None, messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
+        tool_choice="required", max_tokens=600, temperature=1.0, seed=5,
+    )  # fmt: skip
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    streamed = _accumulate([c.choices[0].delta for c in chunks])
+    assert [(c["name"], c["arguments"]) for _, c in sorted(streamed.items())] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls
+    ]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -423,6 +461,47 @@ def test_streamed_text_is_held_only_while_it_may_be_a_call(
         assert early == text[: len(text.rstrip())] or text.rstrip().endswith("<|act")
 
 
+REQUIRED: list[tuple[ToolFormat, str]] = [
+    (JSON_CALLS, '{"name": "tide", "arguments": {"port": "Bergen"}}'),
+    (
+        JSON_CALLS,
+        '[{"name":"tide","arguments":{}} , {"name": "forecast", "arguments": '
+        '{"city": "Oslo", "days": 12}}]',
+    ),  # fmt: skip
+    (INTERNLM2_CALLS, '{"name": "forecast", "parameters": {"city":"Rome","days":3}}'),
+    (TAGGED, '{"name": "tide", "arguments": {"port": "K\\u00f8ge\\n"}}'),
+]
+
+
+@pytest.mark.parametrize(("fmt", "text"), REQUIRED)
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_required_calls_stream_pieces_that_make_the_whole_answer(
+    fmt: ToolFormat, text: str, step: int
+) -> None:
+    """A required call's answer fed in pieces: per call a first delta with id and name, then
+    pieces of its arguments, which put together are the whole answer's
+    arguments exactly (written as json.dumps writes them, whatever the answer's spacing and
+    escapes); the finish reason is tool_calls."""
+    split = CallSplitter(fmt, FUNCTIONS, True, True)
+    deltas, finish = [], None
+    pieces = [text[i : i + step] for i in range(0, len(text), step)]
+    for k, piece in enumerate(pieces):
+        out, finish = split.call_deltas(piece, "stop" if k == len(pieces) - 1 else None)
+        deltas += out
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        if "id" in d:  # (with a first piece of the arguments when one came in the same feed)
+            assert d["index"] not in calls
+            assert d["id"].startswith("call_") and d["type"] == "function"
+            calls[d["index"]] = [d["function"]["name"], d["function"]["arguments"]]
+            continue
+        assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
+        calls[d["index"]][1] += d["function"]["arguments"]
+    _, want = fmt.split(text, FUNCTIONS, True, True)
+    assert [tuple(calls[i]) for i in sorted(calls)] == want and want
+    assert finish == "tool_calls"
+
+
 @pytest.fixture(scope="module")
 def agent_client(agent_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     yield from _serve(agent_dir, tmp_path_factory.mktemp("agent-tools"))
@@ -459,8 +538,11 @@ def test_internlm2_required_and_named_calls(agent_client: Any, agent_dir: Path) 
             temperature=0, stream=True,
         ) if c.choices
     ]  # fmt: skip
-    streamed = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
-    assert len(streamed) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    (streamed,) = _accumulate([c.choices[0].delta for c in chunks]).values()
+    (call,) = out.choices[0].message.tool_calls  # the same prompt answered whole
+    assert streamed["name"] == call.function.name
+    assert streamed["arguments"] == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not any(c.choices[0].delta.content for c in chunks)
 
 

@@ -535,6 +535,18 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             def chat_choice(i: int, delta: RequestDelta, _first: bool) -> dict[str, Any] | None:
                 scored = delta.prompt_logprobs
                 text, finish = delta.text, delta.finish_reason
+                if splitters[i].streams_calls:  # a required call: its pieces as they come
+                    pieces, finish = splitters[i].call_deltas(text, finish)
+                    if not pieces and finish is None:
+                        return None
+                    return {
+                        "index": i,
+                        "delta": {"tool_calls": pieces} if pieces else {},
+                        "logprobs": _chat_logprobs(server, delta.logprobs)
+                        if delta.logprobs
+                        else None,
+                        "finish_reason": finish,
+                    }
                 text, calls = splitters[i].feed(text, finish)
                 if calls:
                     out: dict[str, Any] = {"content": text} if text else {}

@@ -32,6 +32,7 @@ Then, in both:
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -46,7 +47,10 @@ from dist_runtime.text.chat import (
     internlm2_chat_prompt,
     template_variables,
 )
+from dist_runtime.text.json_stream import JsonStream, Path
 from dist_runtime.text.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 TOOLS_INTRO = (
     "You can call functions. To call one, reply with only a JSON object "
@@ -516,7 +520,11 @@ def template_calls(template: str) -> TemplateCalls:
 class CallSplitter:
     """One streamed choice's text: what to send as content as it comes, and at its end the
     calls it makes (`feed`). The concatenated content equals the whole answer's `split`.
-    Without functions it passes the text through as it comes."""
+    Without functions it passes the text through as it comes.
+
+    A required call (`calling`: the answer is held to the call's schema, so it is one) streams
+    instead (`call_deltas`): each call's id and name once its name is whole, then its arguments
+    as they come, written as the whole answer's `tool_calls` write them (`JsonStream`)."""
 
     def __init__(
         self, fmt: ToolFormat, functions: list[Function], parallel: bool, calling: bool
@@ -524,6 +532,77 @@ class CallSplitter:
         self.fmt, self.functions, self.parallel, self.calling = fmt, functions, parallel, calling
         self.text = ""
         self.sent = 0
+        self.streams_calls = calling and bool(functions)
+        self._json = JsonStream()
+        self._top = ""
+        self._names: dict[int, list[str]] = {}
+        self._calls: dict[int, dict[str, Any]] = {}
+        """Call index -> {"id", "name" (None until whole), "held" (arguments before the name),
+        "arguments" (sent)}."""
+
+    def call_deltas(
+        self, delta: str, finish_reason: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A required call's next piece: OpenAI's streamed `tool_calls` deltas (the first of a
+        call with its id, type and name, the others with pieces of its arguments) and the
+        finish reason to send (`tool_calls` when the answer ended as the calls sent)."""
+        self.text += delta
+        out: dict[int, dict[str, Any]] = {}
+        try:
+            events = self._json.feed(delta)
+            if finish_reason is not None:
+                events += self._json.finish()
+        except ValueError as e:  # not JSON after all (the guide held it to the schema)
+            logger.warning("a required tool call's answer is not JSON: %s", e)
+            events = []
+        for path, piece, done in events:
+            self._take(path, piece, done, out)
+        deltas = [out[i] for i in sorted(out)]
+        if finish_reason != "stop":
+            return deltas, finish_reason
+        _, calls = self.fmt.split(self.text, self.functions, self.parallel, self.calling)
+        sent = [(c["name"], "".join(c["arguments"])) for _, c in sorted(self._calls.items())]
+        if calls != sent:
+            logger.warning("streamed tool calls %s differ from the answer's %s", sent, calls)
+        return deltas, "tool_calls" if calls else "stop"
+
+    def _take(self, path: Path, piece: str, done: bool, out: dict[int, dict[str, Any]]) -> None:
+        if not path:
+            self._top = self._top or piece[:1]
+            return
+        if self._top == "[":
+            index, rest = path[0], path[1:]
+        else:
+            index, rest = 0, path
+        if not isinstance(index, int) or not rest:
+            return
+        call = self._calls.setdefault(
+            index,
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "name": None, "held": [], "arguments": []},
+        )
+        if rest[0] == "name":
+            self._names.setdefault(index, []).append(piece)
+            if done and len(rest) == 1:
+                call["name"] = json.loads("".join(self._names[index]))
+                head = out.setdefault(index, {"index": index})
+                head.update(id=call["id"], type="function")
+                head["function"] = {"name": call["name"], "arguments": ""}
+                self._send(index, call, "".join(call["held"]), out)
+                call["held"] = []
+        elif rest[0] in ("arguments", "parameters"):
+            if call["name"] is None:
+                call["held"].append(piece)
+            else:
+                self._send(index, call, piece, out)
+
+    @staticmethod
+    def _send(index: int, call: dict[str, Any], piece: str, out: dict[int, dict[str, Any]]) -> None:
+        if not piece:
+            return
+        call["arguments"].append(piece)
+        entry = out.setdefault(index, {"index": index})
+        function = entry.setdefault("function", {"arguments": ""})
+        function["arguments"] = function.get("arguments", "") + piece
 
     def feed(self, delta: str, finish_reason: str | None) -> tuple[str, list[tuple[str, str]]]:
         """(content to send now, calls) for the next piece of text; calls only at the end, and
