@@ -216,6 +216,10 @@ def stop_fields(
     return "end_turn", None
 
 
+def _tool_id() -> str:
+    return f"toolu_{uuid.uuid4().hex[:24]}"
+
+
 def add_messages_routes(app: FastAPI, server: _Server) -> None:
 
     def messages_of(req: MessagesRequest) -> list[ChatMessage]:
@@ -271,8 +275,8 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
             }
 
         def tool_block(call: tuple[str, str]) -> dict[str, Any]:
-            return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}",
-                    "name": call[0], "input": json.loads(call[1])}  # fmt: skip
+            return {"type": "tool_use", "id": _tool_id(), "name": call[0],
+                    "input": json.loads(call[1])}  # fmt: skip
 
         def account(out: RequestOutput) -> None:
             request.state.usage = {
@@ -309,6 +313,38 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
             split = run.splitter()
             calls: list[tuple[str, str]] = []
             index = -1  # the open text block's index
+            if split.streams_calls:  # a required call: its blocks as its pieces come
+                streamed: dict[int, int] = {}  # call index -> block index
+                try:
+                    async for _, delta in merged(run.handles):
+                        pieces, _ = split.call_deltas(delta.text, delta.finish_reason)
+                        for d in pieces:
+                            if "id" in d:
+                                if streamed:
+                                    yield event("content_block_stop", index=len(streamed) - 1)
+                                streamed[d["index"]] = len(streamed)
+                                block = {"type": "tool_use", "id": _tool_id(),
+                                         "name": d["function"]["name"], "input": {}}  # fmt: skip
+                                yield event("content_block_start", index=len(streamed) - 1,
+                                            content_block=block)  # fmt: skip
+                            piece = d["function"].get("arguments")
+                            if piece:
+                                json_delta = {"type": "input_json_delta", "partial_json": piece}
+                                yield event("content_block_delta", index=streamed[d["index"]],
+                                            delta=json_delta)  # fmt: skip
+                except Exception as error:
+                    yield event("error", error={"type": "api_error", "message": str(error)})
+                    return
+                if streamed:
+                    yield event("content_block_stop", index=len(streamed) - 1)
+                out = run.handles[0].result(timeout=0)
+                reason, sequence = stop_fields(out, split.final_calls, req.stop_sequences)
+                account(out)
+                ended = {"stop_reason": reason, "stop_sequence": sequence}
+                yield event("message_delta", delta=ended,
+                            usage={"output_tokens": len(out.token_ids)})  # fmt: skip
+                yield event("message_stop")
+                return
             try:
                 async for _, delta in merged(run.handles):
                     piece, found = split.feed(delta.text, delta.finish_reason)

@@ -534,6 +534,44 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                           output_index=0, content_index=0, part=part),
                 ]  # fmt: skip
 
+            if split.streams_calls:  # a required call: its items as its pieces come
+                items: dict[int, dict[str, Any]] = {}
+                try:
+                    async for _, delta in merged(run.handles):
+                        pieces, _ = split.call_deltas(delta.text, delta.finish_reason)
+                        for d in pieces:
+                            if "id" in d:
+                                item = _call_item(d["function"]["name"], "")
+                                item["status"] = "in_progress"
+                                items[d["index"]] = item
+                                output.append(item)
+                                yield event("response.output_item.added",
+                                            output_index=len(output) - 1,
+                                            item=dict(item))  # fmt: skip
+                            item = items[d["index"]]
+                            piece = d["function"].get("arguments", "")
+                            if piece:
+                                item["arguments"] += piece
+                                yield event("response.function_call_arguments.delta",
+                                            item_id=item["id"], output_index=output.index(item),
+                                            delta=piece)  # fmt: skip
+                except Exception as error:
+                    failed = body(req, rid, created, "failed", output, None)
+                    failed["error"] = {"code": "server_error", "message": str(error)}
+                    yield event("response.failed", response=failed)
+                    return
+                out = run.handles[0].result(timeout=0)
+                for item in items.values():
+                    index = output.index(item)
+                    item["status"] = "completed"
+                    yield event("response.function_call_arguments.done", item_id=item["id"],
+                                output_index=index, name=item["name"],
+                                arguments=item["arguments"])  # fmt: skip
+                    yield event("response.output_item.done", output_index=index, item=item)
+                done = finish(out, output)
+                cut = done["status"] == "incomplete"
+                yield event("response.incomplete" if cut else "response.completed", response=done)
+                return
             try:
                 async for _, delta in merged(run.handles):
                     piece, found = split.feed(delta.text, delta.finish_reason)

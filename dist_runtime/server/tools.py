@@ -533,6 +533,8 @@ class CallSplitter:
         self.text = ""
         self.sent = 0
         self.streams_calls = calling and bool(functions)
+        self.final_calls: list[tuple[str, str]] = []
+        """With streams_calls, once the answer ended by itself: the calls it makes."""
         self._json = JsonStream()
         self._top = ""
         self._names: dict[int, list[str]] = {}
@@ -561,6 +563,7 @@ class CallSplitter:
         if finish_reason != "stop":
             return deltas, finish_reason
         _, calls = self.fmt.split(self.text, self.functions, self.parallel, self.calling)
+        self.final_calls = calls
         sent = [(c["name"], "".join(c["arguments"])) for _, c in sorted(self._calls.items())]
         if calls != sent:
             logger.warning("streamed tool calls %s differ from the answer's %s", sent, calls)
