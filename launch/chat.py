@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -64,6 +65,8 @@ HELP = """\
 /reset       forget the conversation and the loaded document
 /doc FILE    load a UTF-8 text file to ask about (starts a new conversation; it stays first
              in every prompt, so its tokens are computed once and reused from the cache)
+/adapter [NAME]  answer with LoRA adapter NAME (one of --lora-modules); without NAME the
+             base model; the conversation goes on
 /exit        quit (also /quit, Ctrl-D)
 Ctrl-C stops a streaming reply and drops that turn from the history; at the prompt it quits
 (exit status 130). The oldest turns are dropped (never the document) when a turn would pass
@@ -278,6 +281,14 @@ def _command(
     elif name == "/reset":
         session.reset()
         note("conversation reset")
+    elif name == "/adapter":
+        wanted = rest.strip() or None
+        loaded = session.rt.adapters
+        if wanted is not None and wanted not in loaded:
+            note(f"error: adapter {wanted!r} is not loaded (loaded: {loaded or 'none'})")
+            return None
+        session.params = dataclasses.replace(session.params, adapter=wanted)
+        note(f"answering with adapter {wanted}" if wanted else "answering with the base model")
     elif name == "/doc":
         path = _unquote(rest.strip())
         if not path:

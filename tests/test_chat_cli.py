@@ -255,3 +255,33 @@ def test_help_states_defaults_and_bad_flags_fail_before_loading(
         assert chat.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {argv[0]} ") and err.count("\n") == 1, err
+
+
+def test_adapter_command_switches_the_model_answering(tmp_path: Path) -> None:
+    """/adapter NAME answers with a loaded LoRA adapter, /adapter alone with the base model
+    again; a name not loaded is an error note and changes nothing."""
+    from dist_runtime.formats.lora_adapter import write_random_adapter
+
+    adapter = write_random_adapter(tmp_path / "lora", demo_model_path(), std=0.02, seed=3)
+    with Runtime(
+        model=str(demo_model_path()),
+        device="cpu",
+        dtype="float32",
+        lora_modules={"sea": str(adapter)},
+    ) as runtime:
+        question = "Name three colors of the sea."
+
+        def ask(*commands: str) -> tuple[str, str]:
+            s = session(runtime, max_new_tokens=12)
+            status, out, err = loop(s, "".join(c + "\n" for c in commands) + question + "\n")
+            assert status == 0
+            return out, err
+
+        base, err = ask()
+        assert err == ""
+        adapted, err = ask("/adapter sea")
+        assert err == "answering with adapter sea\n" and adapted != base
+        again, err = ask("/adapter sea", "/adapter")
+        assert err.endswith("answering with the base model\n") and again == base
+        same, err = ask("/adapter nope")
+        assert err == "error: adapter 'nope' is not loaded (loaded: ['sea'])\n" and same == base
