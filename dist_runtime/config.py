@@ -773,8 +773,10 @@ class RuntimeConfig:
     a request picks one by name (`SamplingParams.adapter`, the server's `model`)."""
     max_loras: int | None = None
     """Adapter slots each worker reserves (`--max-loras`): set, adapters can also be loaded and
-    unloaded while the runtime runs (`Runtime.load_adapter`), up to this many at once; None:
-    exactly `lora_modules`, fixed at start."""
+    unloaded while the runtime runs (`Runtime.load_adapter`), and more adapters than slots may
+    be registered: one is loaded into a slot when a request of it is admitted (in place of the
+    least recently used adapter no running request uses); None: exactly `lora_modules`, all
+    resident, fixed at start."""
     max_lora_rank: int | None = None
     """Largest rank an adapter loaded into a reserved slot may have (`--max-lora-rank`); with
     max_loras set, None means 16 (or the largest rank of `lora_modules`)."""
@@ -848,12 +850,6 @@ class RuntimeConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 1 <= value <= 1024):
                 raise ConfigError(f"{name} must be an integer in [1, 1024] or unset, got {value!r}")
-        if self.max_loras is not None and len(self.lora_modules) > self.max_loras:
-            raise ConfigError(
-                f"lora_modules names {len(self.lora_modules)} adapters but max_loras is "
-                f"{self.max_loras}; raise max_loras or load fewer",
-                key="max_loras",
-            )
         if self.max_lora_rank is not None and self.max_loras is None:
             raise ConfigError(
                 "max_lora_rank sizes the slots of max_loras; set max_loras too (or leave "

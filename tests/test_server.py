@@ -236,9 +236,15 @@ def test_adapters_loaded_and_unloaded_over_http(
 
     status, err = server.request("POST", "/v1/load_lora_adapter", body)
     assert status == 409 and "loaded already" in err["error"]["message"]
+    # both slots hold adapters: a third is registered, and loaded when a request needs it (in
+    # place of the least recently used, here the start adapter)
+    loads = server.metric("lora_adapter_loads_total")
     third = {"lora_name": "third", "lora_path": str(folder)}
-    status, err = server.request("POST", "/v1/load_lora_adapter", third)
-    assert status == 409 and "all 2 adapter slots are taken" in err["error"]["message"]
+    assert server.request("POST", "/v1/load_lora_adapter", third)[0] == 200
+    assert server.metric("lora_adapter_loads_total") == loads
+    assert client.completions.create(model="third", **kw).choices[0].text == late.choices[0].text
+    assert server.metric("lora_adapter_loads_total") == loads + 1
+    assert server.request("POST", "/v1/unload_lora_adapter", {"lora_name": "third"})[0] == 200
     bad = {"lora_name": "bad", "lora_path": str(tmp_path / "missing")}
     status, err = server.request("POST", "/v1/load_lora_adapter", bad)
     assert status == 400 and "no such directory" in err["error"]["message"]

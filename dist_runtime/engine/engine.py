@@ -147,10 +147,19 @@ class Engine:
             name: AdapterSpec.load(name, path, model_config)
             for name, path in config.lora_modules.items()
         }
-        """LoRA adapters by name, checked before any worker starts (replaced whole, never
-        changed in place: other threads read it)."""
-        self._adapter_slots = {name: i + 1 for i, name in enumerate(self.adapters)}
-        """Each adapter's slot on the workers (engine thread)."""
+        """LoRA adapters requests may name, checked before any worker starts (replaced whole,
+        never changed in place: other threads read it)."""
+        slots = config.max_loras or len(self.adapters)
+        self._adapter_slots = {name: i + 1 for i, name in enumerate(list(self.adapters)[:slots])}
+        """The adapters resident on the workers now, by slot (engine thread). With max_loras
+        more adapters than slots may be registered: one is loaded into a slot when a request
+        of it is admitted, in place of the least recently used one no running request uses."""
+        self._adapter_use = itertools.count()
+        self._adapter_last_use: dict[str, int] = {}
+        self._adapter_failures: list[tuple[Sequence, BaseException]] = []
+        """Sequences whose adapter failed to load while the scheduler admitted: failed after."""
+        self.num_adapter_loads = 0
+        """Adapters loaded into a slot while running (on demand or by load_adapter)."""
         if config.max_loras is not None:  # the workers reserve slots of one resolved rank
             rank = adapter_slot_rank(config, list(self.adapters.values()))
             self.config = config = dataclasses.replace(config, max_lora_rank=rank)
@@ -300,6 +309,7 @@ class Engine:
             "disk_kv_blocks": blocks.num_disk_blocks,
             "num_worker_restarts": self.num_worker_restarts,
             "num_draft_tokens": sched.num_draft_tokens,
+            "num_adapter_loads": self.num_adapter_loads,
             "num_accepted_tokens": sched.num_accepted_tokens,
         }
 
@@ -410,8 +420,9 @@ class Engine:
 
     # -- adapters loaded while running (any thread; the work runs on the engine thread) ---------
     def load_adapter(self, name: str, path: str) -> None:
-        """Load the PEFT folder `path` as adapter `name` into a free reserved slot of every
-        worker, between two steps. Needs max_loras; the name must be new."""
+        """Register the PEFT folder `path` as adapter `name` and, when a reserved slot is free,
+        load it there between two steps (else its first request loads it). Needs max_loras;
+        the name must be new."""
         check_lora_modules({name: path})
         if self.config.max_loras is None:
             raise ValueError(
@@ -428,28 +439,32 @@ class Engine:
         self.call(lambda: self._load_adapter(spec))
 
     def _load_adapter(self, spec: AdapterSpec) -> None:
-        assert self.executor is not None and self.config.max_loras is not None
         if spec.name in self.adapters:
             raise AdapterConflictError(f"adapter {spec.name!r} is loaded already")
+        free = self._free_slots()
+        if free:
+            self._put_adapter(spec, free[0])
+        self.adapters = {**self.adapters, spec.name: spec}
+
+    def _free_slots(self) -> list[int]:
+        assert self.config.max_loras is not None
         used = set(self._adapter_slots.values())
-        free = [s for s in range(1, self.config.max_loras + 1) if s not in used]
-        if not free:
-            raise AdapterConflictError(
-                f"all {self.config.max_loras} adapter slots are taken "
-                f"({sorted(self.adapters)}); unload one, or start with a larger max_loras "
-                "(--max-loras)"
-            )
+        return [s for s in range(1, self.config.max_loras + 1) if s not in used]
+
+    def _put_adapter(self, spec: AdapterSpec, slot: int) -> None:
+        """Load `spec` into `slot` of every worker (engine thread)."""
+        assert self.executor is not None
         try:
-            self.executor.load_lora(free[0], spec.name, spec.path)
+            self.executor.load_lora(slot, spec.name, spec.path)
         except BaseException:
             try:  # leave no worker with half an adapter in a slot that reads as free
-                self.executor.unload_lora(free[0])
+                self.executor.unload_lora(slot)
             except Exception as e:
-                logger.warning("clearing adapter slot %d failed: %s", free[0], e)
+                logger.warning("clearing adapter slot %d failed: %s", slot, e)
             raise
-        self._adapter_slots = {**self._adapter_slots, spec.name: free[0]}
-        self.adapters = {**self.adapters, spec.name: spec}
-        logger.info("loaded LoRA adapter %r from %s into slot %d", spec.name, spec.path, free[0])
+        self._adapter_slots = {**self._adapter_slots, spec.name: slot}
+        self.num_adapter_loads += 1
+        logger.info("loaded LoRA adapter %r from %s into slot %d", spec.name, spec.path, slot)
 
     def unload_adapter(self, name: str) -> None:
         """Unload adapter `name` between two steps; refused while a request uses it."""
@@ -473,11 +488,60 @@ class Engine:
                 f"adapter {name!r} answers {len(users)} request(s) now; unload it when they "
                 "end (or abort them)"
             )
-        slot = self._adapter_slots[name]
-        self.executor.unload_lora(slot)
-        self._adapter_slots = {k: v for k, v in self._adapter_slots.items() if k != name}
+        slot = self._adapter_slots.get(name)
+        if slot is not None:
+            self.executor.unload_lora(slot)
+            self._adapter_slots = {k: v for k, v in self._adapter_slots.items() if k != name}
         self.adapters = {k: v for k, v in self.adapters.items() if k != name}
-        logger.info("unloaded LoRA adapter %r (slot %d)", name, slot)
+        self._adapter_last_use.pop(name, None)
+        logger.info("unloaded LoRA adapter %r", name)
+
+    def _make_resident(self, seq: Sequence) -> bool:
+        """The scheduler admits `seq`: give it its adapter's slot, loading the adapter into a
+        free slot, or in place of the least recently used adapter that no running sequence
+        uses; False when every slot serves running sequences (it waits) or the load failed
+        (it fails after the step is planned)."""
+        name = seq.params.adapter
+        if name is None:
+            return True
+        self._adapter_last_use[name] = next(self._adapter_use)
+        slot = self._adapter_slots.get(name)
+        if slot is None:
+            free = self._free_slots()
+            if not free:
+                busy = {s.params.adapter for s in self.scheduler.running}
+                idle = [n for n in self._adapter_slots if n not in busy]
+                if not idle:
+                    return False
+                victim = min(idle, key=lambda n: self._adapter_last_use.get(n, -1))
+                free = [self._adapter_slots[victim]]
+                self._adapter_slots = {k: v for k, v in self._adapter_slots.items() if k != victim}
+                logger.info("LoRA adapter %r leaves slot %d for %r", victim, free[0], name)
+            try:
+                self._put_adapter(self.adapters[name], free[0])
+            except Exception as e:
+                self._adapter_failures.append((seq, e))
+                return False
+            slot = free[0]
+        seq.adapter = slot
+        return True
+
+    def _new_scheduler(self) -> Scheduler:
+        scheduler = Scheduler(self.config.scheduler, self.blocks, self.config.session_len)
+        if self.adapters or self.config.max_loras is not None:
+            scheduler.admit_hook = self._make_resident
+        return scheduler
+
+    def _fail_adapter_loads(self) -> None:
+        """Fail the requests whose adapter could not be loaded at admission."""
+        failures, self._adapter_failures = self._adapter_failures, []
+        for seq, error in failures:
+            request = self._by_seq.get(seq.seq_id)
+            if request is not None:
+                self._fail(
+                    [request],
+                    WorkerError(f"loading LoRA adapter {seq.params.adapter!r} failed: {error}"),
+                )
 
     def _json_guide(self, params: SamplingParams) -> JsonGuide:
         """A guided request's grammar state; the vocabulary's byte tries are built on the first
@@ -527,7 +591,7 @@ class Engine:
         try:
             if self._start_on_loop:
                 self._start_workers()
-            self.scheduler = Scheduler(self.config.scheduler, self.blocks, self.config.session_len)
+            self.scheduler = self._new_scheduler()
         except BaseException as e:
             self._dead = e
             started.set_exception(e)
@@ -601,7 +665,7 @@ class Engine:
         spec = self.adapters.get(name)
         if spec is None:
             return ValueError(f"adapter {name!r} was unloaded before this request started")
-        seq.adapter, seq.adapter_digest = self._adapter_slots[name], spec.digest
+        seq.adapter_digest = spec.digest  # its slot: when the scheduler admits it
         return None
 
     def _admit(self, request: _Request) -> None:
@@ -659,6 +723,7 @@ class Engine:
             return
         started = time.perf_counter()
         plan, _ = self.scheduler.schedule()
+        self._fail_adapter_loads()
         if not plan.seqs:
             if plan.kv_moves:  # host-tier copies of blocks already registered: done all the same
                 assert self.executor is not None
@@ -819,19 +884,17 @@ class Engine:
         owned_ray = bool(getattr(old, "_owns_ray", False))
         if old is not None:
             old.shutdown(keep_ray=True)
-        # The new workers load the adapters loaded now (in slots 1.. in their order): what was
+        # The new workers load the adapters resident now (in slots 1.. in their order): what was
         # loaded or unloaded since start carries over.
-        order = sorted(self.adapters, key=self._adapter_slots.__getitem__)
+        order = sorted(self._adapter_slots, key=self._adapter_slots.__getitem__)
         self._adapter_slots = {name: i + 1 for i, name in enumerate(order)}
-        modules = {name: self.adapters[name].path for name in order}
-        self.config = dataclasses.replace(self.config, lora_modules=modules)
         try:
             self._start_workers()
         except BaseException as e:
             raise EngineDeadError(f"replacing failed workers failed: {e}") from e
         if owned_ray:  # the new group inherits the Ray instance the old one started
             setattr(self.executor, "_owns_ray", True)  # noqa: B010
-        self.scheduler = Scheduler(self.config.scheduler, self.blocks, self.config.session_len)
+        self.scheduler = self._new_scheduler()
         self.num_worker_restarts += 1
         self._fail(
             in_flight,
@@ -872,7 +935,10 @@ class Engine:
     # -- workers ------------------------------------------------------------------------------
     def _start_workers(self) -> None:
         """A new worker group (new processes) and an empty KV cache for it."""
-        self.executor = create_executor(self.config)
+        # the workers load the resident adapters, in slot order
+        resident = sorted(self._adapter_slots, key=self._adapter_slots.__getitem__)
+        modules = {name: self.adapters[name].path for name in resident}
+        self.executor = create_executor(dataclasses.replace(self.config, lora_modules=modules))
         try:
             num_blocks = self.executor.num_available_blocks()
             if self.config.cache.num_blocks is None:

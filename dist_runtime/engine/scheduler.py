@@ -188,6 +188,10 @@ class Scheduler:
         self.num_prompt_tokens_computed = 0
         """Prompt tokens the workers computed (prefix-cache hits excluded, recomputes counted)."""
         self._seqs: dict[int, Sequence] = {}
+        self.admit_hook: Callable[[Sequence], bool] | None = None
+        """Called for a waiting sequence with a LoRA adapter before it is admitted (the engine
+        makes its adapter resident and gives it the slot); False leaves it waiting this step,
+        behind the sequences admitted past it."""
 
     def add(self, seq: Sequence) -> None:
         self._enqueue(seq, front=False)
@@ -258,10 +262,15 @@ class Scheduler:
         """Admit waiting sequences in order while tokens, slots and blocks last (with
         fresh_only, up to the first preempted one); tokens used."""
         used = 0
+        skipped: list[Sequence] = []  # waiting for an adapter slot: the others go on
         while self.waiting and used < budget:
             seq = self.waiting[0]
             if fresh_only and seq.was_preempted:
                 break
+            hook = self.admit_hook
+            if hook is not None and seq.params.adapter is not None and not hook(seq):
+                skipped.append(self.waiting.popleft())
+                continue
             if len(self.running) >= self.config.max_num_seqs and not self._preempt_for(
                 seq, scheduled
             ):
@@ -283,6 +292,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             used += n
+        self.waiting.extendleft(reversed(skipped))
         return used
 
     def _decodes_with_blocks(self) -> list[Sequence]:

@@ -97,6 +97,11 @@ class _EngineCollector(Collector):
             )
             slots = self.engine.config.max_loras or len(self.engine.config.lora_modules)
             yield GaugeMetricFamily(P + "lora_slots", "LoRA adapter slots per worker", value=slots)
+            yield CounterMetricFamily(
+                P + "lora_adapter_loads",
+                "LoRA adapters loaded into a slot while running (on demand or by request)",
+                value=self.engine.num_adapter_loads,
+            )
             requests = GaugeMetricFamily(
                 P + "lora_requests",
                 "Requests of each LoRA adapter, running or waiting",

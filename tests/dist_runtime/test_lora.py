@@ -641,13 +641,13 @@ def test_cp2_matches_the_references(llama: Family, ray_cluster: Any, reference: 
 # -- adapters loaded and unloaded while running ---------------------------------------------------
 
 
-def _room_runtime(family: Family, start: dict[str, str], **kw: Any) -> Runtime:
+def _room_runtime(family: Family, start: dict[str, str], max_loras: int = 2, **kw: Any) -> Runtime:
     kw.setdefault("cache", CACHE)
     kw.setdefault("scheduler", SchedulerConfig(max_num_batched_tokens=BUDGET, max_num_seqs=8))
     return Runtime(
         model=str(family.ckpt),
         lora_modules=start,
-        max_loras=2,
+        max_loras=max_loras,
         max_lora_rank=8,
         session_len=256,
         **CPU32,
@@ -660,10 +660,10 @@ def test_adapters_loaded_and_unloaded_while_running(
     llama: Family, reference: Reference, monkeypatch: pytest.MonkeyPatch, graphs: bool
 ) -> None:
     """Two reserved slots: a2 loaded after start (after the decode graphs were captured, with
-    `graphs`: they read the slots in place) answers as its merged checkpoint beside a1; a third
-    finds no slot; a1 cannot go while a request of it runs, then goes; its folder loaded again
-    under another name answers as a1 did and finds a1's blocks in the prefix cache (the same
-    content hash)."""
+    `graphs`: they read the slots in place) answers as its merged checkpoint beside a1; a name
+    loaded already is refused; a1 cannot go while a request of it runs, then goes; its folder
+    loaded again under another name answers as a1 did and finds a1's blocks in the prefix
+    cache (the same content hash)."""
     from workers.model_runner import ModelRunner
 
     if graphs:
@@ -676,8 +676,7 @@ def test_adapters_loaded_and_unloaded_while_running(
         rt.load_adapter("a2", a2)
         assert rt.adapters == ["a1", "a2"]
         outs = rt.generate(MIXED_PROMPTS, _mixed_params())
-        with pytest.raises(AdapterConflictError, match="all 2 adapter slots are taken"):
-            rt.load_adapter("a3", a1)
+        assert rt.engine.num_adapter_loads == 1  # a2 went into the free slot at once
         with pytest.raises(AdapterConflictError, match="loaded already"):
             rt.load_adapter("a2", a2)
         handle = rt.engine.add_request(LONG, _params("a1", 40))
@@ -705,6 +704,29 @@ def test_adapters_loaded_and_unloaded_while_running(
     assert first.token_ids == want.token_ids
 
 
+def test_more_adapters_than_slots_take_turns(llama: Family, reference: Reference) -> None:
+    """One slot, four adapters registered (a1, a2, and their folders again as b1, b2): a batch
+    naming all of them runs each adapter's requests while it holds the slot and loads the next
+    when none of them runs (the least recently used gives way); every answer is its merged
+    checkpoint's."""
+    a1, a2 = (str(llama.adapters[n]) for n in ("a1", "a2"))
+    start = {"a1": a1, "a2": a2, "b1": a1, "b2": a2}
+    names: list[Adapter] = ["a1", "a2", None, "b1", "a1", "b2", None]
+    prompts = [_prompt(12 + i, seed=40 + i) for i in range(len(names))]
+    with _room_runtime(llama, start, max_loras=1) as rt:
+        assert rt.adapters == ["a1", "a2", "b1", "b2"]
+        outs = rt.generate(prompts, [_params(n) for n in names])
+        loads = rt.engine.num_adapter_loads
+        executor: Any = rt.engine.executor
+        assert executor.worker.runner.num_adapter_slots == 1
+    assert loads >= 3  # a2, b1, b2 each took the slot after a1 (a1's two requests ran together)
+    refs = reference(
+        llama, prompts, [_params({"b1": "a1", "b2": "a2"}.get(n or "", n)) for n in names]
+    )
+    for i, (got, want) in enumerate(zip(outs, refs, strict=True)):
+        _assert_same(got, want, f"request {i} (adapter {names[i]})")
+
+
 def test_adapters_fixed_at_start_cannot_change(llama: Family) -> None:
     with _lora_runtime(llama) as rt:
         with pytest.raises(ValueError, match="fixed at start; start it with max_loras"):
@@ -718,8 +740,6 @@ def test_reserved_slots_are_checked(llama: Family, tmp_path: Path) -> None:
     big = write_random_adapter(tmp_path / "r16", llama.ckpt, rank=16, seed=5)
     with pytest.raises(ConfigError, match="rank 16, over the 8 the reserved slots hold"):
         _room_runtime(llama, {"big": str(big)})
-    with pytest.raises(ConfigError, match="names 3 adapters but max_loras is 2"):
-        _room_runtime(llama, {**llama.lora_modules, "c": str(big)})
     with pytest.raises(ConfigError, match="set max_loras too"):
         Runtime(model=str(llama.ckpt), max_lora_rank=8, session_len=256, **CPU32)
     with _room_runtime(llama, {}) as rt:
