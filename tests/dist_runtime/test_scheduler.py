@@ -412,3 +412,33 @@ def test_random_workloads_replay_and_recompute(seed: int) -> None:
     for seq in seqs:
         assert seq.status is SeqStatus.FINISHED
         assert seq.output_token_ids == d.expected_output(seq)
+
+
+def test_a_request_whose_adapter_has_no_slot_waits_and_the_others_go_ahead() -> None:
+    """The admit hook (the engine making an adapter resident) says no: that sequence stays at
+    the head of the queue, in its place, and the ones behind it are admitted; once the hook says
+    yes it is admitted, with the slot the hook gave it in its first step."""
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4),
+                          BlockManager(32, 4, enable_prefix_caching=False))  # fmt: skip
+    lora = make_seq(0, 8)
+    lora.params = SamplingParams(max_new_tokens=4, adapter="a")
+    plain, also = make_seq(1, 8), make_seq(2, 8)
+    for seq in (lora, plain, also):
+        scheduler.add(seq)
+    asked: list[int] = []
+    free = False
+
+    def hook(seq: Sequence) -> bool:
+        asked.append(seq.seq_id)
+        if free:
+            seq.adapter = 3
+        return free
+
+    scheduler.admit_hook = hook
+    plan, _ = scheduler.schedule()
+    assert [s.seq_id for s in plan.seqs] == [1, 2] and list(scheduler.waiting) == [lora]
+    assert asked == [0, 0]  # asked again by the second admission pass of the step
+    free = True
+    plan, _ = scheduler.schedule()
+    (first,) = [s for s in plan.seqs if s.seq_id == 0]
+    assert first.is_new and first.adapter == 3 and not scheduler.waiting
