@@ -129,8 +129,15 @@ class DecodeGraphs:
             self.inv_freq = torch.zeros(max_batch, rope_half, dtype=torch.float32, device=device)
         # Each row's LoRA adapter slot (0: the base model) for the graphs of steps with adapters.
         self.lora_slots: torch.Tensor | None = None
+        self._lora_staging: list[torch.Tensor] = []
         if lora:
             self.lora_slots = torch.zeros(max_batch, dtype=torch.int64, device=device)
+            self._lora_staging = [  # pinned twins: a step's slots go over without a sync
+                torch.zeros(max_batch, dtype=torch.int64).pin_memory()
+                if pin
+                else torch.zeros(max_batch, dtype=torch.int64)
+                for _ in range(2)
+            ]
         self.logits: torch.Tensor | None = None
         self.greedy: torch.Tensor | None = None
         if head is not None:
@@ -332,7 +339,13 @@ class DecodeGraphs:
             take.copy_(src[:n], non_blocking=True)
             picked = source[take.clamp(min=0), 0].to(torch.int64)
             self.input_ids[:n] = torch.where(take >= 0, picked, self.input_ids[:n])
-        if self._copied is not None:
+        lora = lora_slots is not None
+        if lora_slots is not None:
+            assert self.lora_slots is not None, "LoRA rows need graphs captured with adapters"
+            staged = self._lora_staging[turn]
+            staged.numpy()[:n] = lora_slots
+            self.lora_slots[:n].copy_(staged[:n], non_blocking=True)
+        if self._copied is not None:  # (after every copy from this turn's pinned buffers)
             self._copied[turn].record()
         # Entries past a table's length keep older ids: its context length bounds every read.
         dst = [self.block_tables[i, : t.shape[0]] for i, t in enumerate(block_tables)]
@@ -341,10 +354,6 @@ class DecodeGraphs:
         if inv_freq is not None:
             assert self.inv_freq is not None
             self.inv_freq[:n].copy_(inv_freq)
-        lora = lora_slots is not None
-        if lora_slots is not None:
-            assert self.lora_slots is not None, "LoRA rows need graphs captured with adapters"
-            self.lora_slots[:n].copy_(torch.tensor(lora_slots, dtype=torch.int64))
         if self._padded_rows > n:  # rows a larger step left behind become padding again
             self.block_tables[n : self._padded_rows].fill_(self.scratch_block)
             if self.inv_freq is not None:
