@@ -522,6 +522,16 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
             split = run.splitter()
             calls: list[tuple[str, str]] = []
 
+            def failure(error: Exception) -> str:
+                failed = body(req, rid, created, "failed", output, None)
+                failed["error"] = {"code": "server_error", "message": str(error)}
+                return event("response.failed", response=failed)
+
+            def completion(out: RequestOutput) -> str:
+                done = finish(out, output)
+                cut = done["status"] == "incomplete"
+                return event("response.incomplete" if cut else "response.completed", response=done)
+
             def open_message() -> list[str]:
                 nonlocal message
                 message = _message_item("", "in_progress")
@@ -556,9 +566,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                                             item_id=item["id"], output_index=output.index(item),
                                             delta=piece)  # fmt: skip
                 except Exception as error:
-                    failed = body(req, rid, created, "failed", output, None)
-                    failed["error"] = {"code": "server_error", "message": str(error)}
-                    yield event("response.failed", response=failed)
+                    yield failure(error)
                     return
                 out = run.handles[0].result(timeout=0)
                 for item in items.values():
@@ -568,9 +576,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                                 output_index=index, name=item["name"],
                                 arguments=item["arguments"])  # fmt: skip
                     yield event("response.output_item.done", output_index=index, item=item)
-                done = finish(out, output)
-                cut = done["status"] == "incomplete"
-                yield event("response.incomplete" if cut else "response.completed", response=done)
+                yield completion(out)
                 return
             try:
                 async for _, delta in merged(run.handles):
@@ -590,9 +596,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                             logprobs=[],
                         )
             except Exception as error:
-                failed = body(req, rid, created, "failed", output, None)
-                failed["error"] = {"code": "server_error", "message": str(error)}
-                yield event("response.failed", response=failed)
+                yield failure(error)
                 return
             out = run.handles[0].result(timeout=0)
             if message is None and not calls:
@@ -618,9 +622,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                 yield event("response.function_call_arguments.done", item_id=item["id"],
                             output_index=index, name=call_name, arguments=arguments)  # fmt: skip
                 yield event("response.output_item.done", output_index=index, item=item)
-            done = finish(out, output)
-            kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
-            yield event(kind, response=done)
+            yield completion(out)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
