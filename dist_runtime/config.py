@@ -777,6 +777,10 @@ class RuntimeConfig:
     be registered: one is loaded into a slot when a request of it is admitted (in place of the
     least recently used adapter no running request uses); None: exactly `lora_modules`, all
     resident, fixed at start."""
+    max_cpu_loras: int | None = None
+    """Adapters whose shards each worker keeps in host memory (`--max-cpu-loras`, vLLM's name),
+    so an adapter loaded into a slot again is copied, not read from its folder; None: twice
+    max_loras (with max_loras set; else none)."""
     max_lora_rank: int | None = None
     """Largest rank an adapter loaded into a reserved slot may have (`--max-lora-rank`); with
     max_loras set, None means 16 (or the largest rank of `lora_modules`)."""
@@ -846,10 +850,16 @@ class RuntimeConfig:
         if factor is not None and (not _is_number(factor) or not factor >= 1.0):
             raise ConfigError(f"rope_scaling_factor must be a number >= 1, got {factor!r}")
         check_lora_modules(self.lora_modules)
-        for name in ("max_loras", "max_lora_rank"):
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 1 <= value <= 1024):
                 raise ConfigError(f"{name} must be an integer in [1, 1024] or unset, got {value!r}")
+        if self.max_cpu_loras is not None and self.max_loras is None:
+            raise ConfigError(
+                "max_cpu_loras keeps adapters for the slots of max_loras; set max_loras too (or "
+                "leave max_cpu_loras out)",
+                key="max_cpu_loras",
+            )
         if self.max_lora_rank is not None and self.max_loras is None:
             raise ConfigError(
                 "max_lora_rank sizes the slots of max_loras; set max_loras too (or leave "

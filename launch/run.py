@@ -71,6 +71,7 @@ ENGINE_FLAGS: dict[str, str] = {
     "lora_modules": "--lora-modules",
     "max_loras": "--max-loras",
     "max_lora_rank": "--max-lora-rank",
+    "max_cpu_loras": "--max-cpu-loras",
     "device": "--device",
     "dtype": "--dtype",
     "executor": "--executor",
@@ -158,6 +159,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="adapter slots to reserve on each worker, so adapters can also be loaded and "
         "unloaded while serving (Runtime.load_adapter, the server's /v1/load_lora_adapter) "
         "(default: exactly --lora-modules, fixed)",
+    )
+    g.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        help="adapters whose shards each worker keeps in host memory, so one loaded into a slot "
+        "again is copied, not read from its folder (default with --max-loras: twice it)",
     )
     g.add_argument(
         "--max-lora-rank",

@@ -20,6 +20,7 @@ native CPU decoder).
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -202,6 +203,7 @@ class LoraLayers:
         tp_rank: int,
         tp_size: int,
         room: tuple[int, int] | None = None,
+        host_cache: int = 0,
     ) -> None:
         from workers.models.layouts import _qkv_out_ranges
         from workers.models.names import LAYOUTS
@@ -230,6 +232,14 @@ class LoraLayers:
                 (layer.mlp.down_proj, f"{p}{lay.down}", mlp_rows),
             ]
         self.bytes = 0
+        self.host_cache = host_cache
+        self._host: collections.OrderedDict[bytes, list[tuple[int, torch.Tensor, torch.Tensor]]]
+        self._host = collections.OrderedDict()
+        """Adapters' shards kept in host memory by content hash, most recently used last (at
+        most `host_cache`): loading one again into a slot copies them instead of reading and
+        cutting its file."""
+        self.num_file_reads = 0
+        self.num_host_hits = 0
         if room is not None:
             slots, rank = room
             for linear, ranges in self.columns:
@@ -249,17 +259,46 @@ class LoraLayers:
         return linear.lora
 
     def add(self, slot: int, spec: AdapterSpec) -> None:
-        """Read `spec`'s file and put this rank's shards into `slot` of every layer it adapts."""
+        """Put this rank's shards of `spec` into `slot` of every layer it adapts: from the host
+        cache, or read and cut from its file."""
+        shards = self._host.get(spec.digest)
+        if shards is not None:
+            self._host.move_to_end(spec.digest)
+            self.num_host_hits += 1
+        else:
+            shards = self._read(spec)
+            if self.host_cache:
+                self._host[spec.digest] = shards
+                while len(self._host) > self.host_cache:
+                    self._host.popitem(last=False)
+        linears = [linear for linear, _ in self.columns] + [linear for linear, _, _ in self.rows]
+        for index, a, b in shards:
+            self._put(linears[index], slot, (a, b))
+
+    def _read(self, spec: AdapterSpec) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(layer index in columns + rows, A, B) of every layer `spec` adapts, this rank's
+        shards (in the model's dtype when they are kept in the host cache)."""
+        self.num_file_reads += 1
         width = None if self.room is None else self.room[1]
+        out: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         with _AdapterFile(spec) as pair:
-            for linear, ranges in self.columns:
+            for index, (_, ranges) in enumerate(self.columns):
                 ab = _column(ranges, pair, width)
                 if ab is not None:
-                    self._put(linear, slot, ab)
-            for linear, module, (lo, hi) in self.rows:
+                    out.append((index, *ab))
+            for index, (_, module, (lo, hi)) in enumerate(self.rows, start=len(self.columns)):
                 found = pair(module)
                 if found is not None:
-                    self._put(linear, slot, (found[0][:, lo:hi], found[1]))
+                    out.append((index, found[0][:, lo:hi].contiguous(), found[1]))
+        if self.host_cache:
+            pin = self.device.type == "cuda"
+
+            def kept(t: torch.Tensor) -> torch.Tensor:
+                t = t.to(self.dtype)
+                return t.pin_memory() if pin else t
+
+            out = [(i, kept(a), kept(b)) for i, a, b in out]
+        return out
 
     def _put(self, linear: _Linear, slot: int, ab: tuple[torch.Tensor, torch.Tensor]) -> None:
         lora = self._lora(linear)
@@ -290,10 +329,12 @@ def load_adapters(
     tp_rank: int,
     tp_size: int,
     room: tuple[int, int] | None = None,
+    host_cache: int = 0,
 ) -> LoraLayers:
     """Read every adapter (slot i + 1 for specs[i]) and attach this rank's shards to the
-    model's linear layers (with `room` = (slots, rank), reserving that many slots)."""
-    layers = LoraLayers(model, config, shard, tp_rank, tp_size, room)
+    model's linear layers (with `room` = (slots, rank), reserving that many slots; keeping
+    up to `host_cache` adapters' shards in host memory)."""
+    layers = LoraLayers(model, config, shard, tp_rank, tp_size, room, host_cache)
     for slot, spec in enumerate(specs, start=1):
         layers.add(slot, spec)
     layers.finish(len(specs) + 1)

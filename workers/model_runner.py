@@ -149,9 +149,10 @@ class ModelRunner:
                 AdapterSpec.load(name, path, self.model_config)
                 for name, path in config.lora_modules.items()
             ]
-            room = None
+            room, host_cache = None, 0
             if config.max_loras is not None:
                 room = (config.max_loras + 1, adapter_slot_rank(config, specs))
+                host_cache = config.max_cpu_loras or 2 * config.max_loras
             self.lora = load_adapters(
                 self.model,
                 self.model_config,
@@ -160,6 +161,7 @@ class ModelRunner:
                 comm.tp_rank,
                 comm.tp_size,
                 room,
+                host_cache,
             )
             self.model.lora = self.lora.state
         self.kv_cache: KVCache | None = None

@@ -707,8 +707,8 @@ def test_adapters_loaded_and_unloaded_while_running(
 def test_more_adapters_than_slots_take_turns(llama: Family, reference: Reference) -> None:
     """One slot, four adapters registered (a1, a2, and their folders again as b1, b2): a batch
     naming all of them runs each adapter's requests while it holds the slot and loads the next
-    when none of them runs (the least recently used gives way); every answer is its merged
-    checkpoint's."""
+    when none of them runs (the least recently used gives way), from the workers' host cache
+    after the first read of each folder; every answer is its merged checkpoint's."""
     a1, a2 = (str(llama.adapters[n]) for n in ("a1", "a2"))
     start = {"a1": a1, "a2": a2, "b1": a1, "b2": a2}
     names: list[Adapter] = ["a1", "a2", None, "b1", "a1", "b2", None]
@@ -718,7 +718,11 @@ def test_more_adapters_than_slots_take_turns(llama: Family, reference: Reference
         outs = rt.generate(prompts, [_params(n) for n in names])
         loads = rt.engine.num_adapter_loads
         executor: Any = rt.engine.executor
-        assert executor.worker.runner.num_adapter_slots == 1
+        runner = executor.worker.runner
+        assert runner.num_adapter_slots == 1
+        # two folders' contents: each read once, then copied from the host cache
+        assert runner.lora.num_file_reads == 2
+        assert runner.lora.num_host_hits == loads + 1 - 2
     assert loads >= 3  # a2, b1, b2 each took the slot after a1 (a1's two requests ran together)
     refs = reference(
         llama, prompts, [_params({"b1": "a1", "b2": "a2"}.get(n or "", n)) for n in names]
@@ -742,6 +746,8 @@ def test_reserved_slots_are_checked(llama: Family, tmp_path: Path) -> None:
         _room_runtime(llama, {"big": str(big)})
     with pytest.raises(ConfigError, match="set max_loras too"):
         Runtime(model=str(llama.ckpt), max_lora_rank=8, session_len=256, **CPU32)
+    with pytest.raises(ConfigError, match="max_cpu_loras keeps adapters for the slots"):
+        Runtime(model=str(llama.ckpt), max_cpu_loras=4, session_len=256, **CPU32)
     with _room_runtime(llama, {}) as rt:
         with pytest.raises(ConfigError, match="rank 16, over the 8"):
             rt.load_adapter("big", str(big))
