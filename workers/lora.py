@@ -1,8 +1,8 @@
 """LoRA adapters on a worker: each rank's shards of A and B, and the batched forward.
 
-Every adapted linear layer gets a `LinearLora`: per adapter slot (1.., in
-`RuntimeConfig.lora_modules` order; 0 is the base model) an `A` [R, in_local] and a `B`
-[out_local, R] with the scale folded into `B`, so the layer adds `B (A x)` to its output.
+Every adapted linear layer gets a `LinearLora`: per adapter slot (1..; 0 is the base model) an
+`A` [R, in_local] and a `B` [out_local, R] with the scale folded into `B`, stacked over the
+slots, so the layer adds `B[s] (A[s] x)` to each row's output.
 
 * Column-parallel layers (q/k/v, gate/up) keep all of `A` and this rank's output rows of `B`.
   A fused layer's parts have their own `A`s: they are stacked along R and `B` is block-diagonal
@@ -12,10 +12,15 @@ Every adapted linear layer gets a `LinearLora`: per adapter slot (1.., in
   rank's `B (A_local x_local)` goes into its partial product before the all-reduce, whose sum
   over ranks is `B (A x)`: no collective of its own.
 
-A step's rows are grouped by adapter (`LoraBatch`, built by the model runner from the
-sequences' slots): per adapter present, one gather, two small matmuls and one scatter-add per
-layer. Steps without adapter rows cost nothing; steps with them run eagerly (no CUDA graph, no
-native CPU decoder).
+A step's rows come by adapter (`LoraBatch`, built by the model runner from the sequences'
+slots): steps run eagerly take one pair of matmuls per adapter present (on CPU, with rows of
+most slots, every slot at once, masked); decode steps replayed from CUDA graphs read each row's
+slot from a device tensor through the shrink / expand kernels (`kernels/lora.py`). Steps without
+adapter rows cost nothing, and steps with them do not run on the native CPU decoder.
+
+`LoraLayers` fills the stacks: sized to the adapters given at start, or with reserved slots
+(`max_loras`) filled and zeroed in place while the runtime runs, from a host cache of recently
+used adapters' shards or their files.
 """
 
 from __future__ import annotations
