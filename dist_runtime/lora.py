@@ -7,9 +7,10 @@ holding, for each adapted linear layer `M` of the base checkpoint,
 The layer's output becomes `W x + s * B (A x)` with `s = alpha / r` (`alpha / sqrt(r)` with
 rsLoRA), exactly what PEFT's merge computes into `W`.
 
-Every adapter is read once at start (`AdapterSpec.load` checks the folder against the model,
-headers only, before any worker starts); requests pick one by name
-(`SamplingParams.adapter`), and one batch mixes requests of any adapters and of the base model.
+Every adapter's folder is checked against the model before it is served (`AdapterSpec.load`,
+headers only: at start before any worker starts, or when it is registered while running with
+`max_loras`); requests pick one by name (`SamplingParams.adapter`), and one batch mixes
+requests of any adapters and of the base model.
 The adapted layers are the attention and MLP projections (q, k, v, o, gate, up, down, or
 InternLM2's wqkv, wo, w1, w3, w2); an adapter that trains embeddings or the LM head, DoRA,
 or adapter biases is refused with the reason. Prefix-cache keys of a request are salted with its
