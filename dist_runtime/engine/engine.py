@@ -540,7 +540,7 @@ class Engine:
             if request is not None:
                 self._fail(
                     [request],
-                    WorkerError(f"loading LoRA adapter {seq.params.adapter!r} failed: {error}"),
+                    ValueError(f"loading LoRA adapter {seq.params.adapter!r} failed: {error}"),
                 )
 
     def _json_guide(self, params: SamplingParams) -> JsonGuide:

@@ -731,6 +731,30 @@ def test_more_adapters_than_slots_take_turns(llama: Family, reference: Reference
         _assert_same(got, want, f"request {i} (adapter {names[i]})")
 
 
+def test_an_adapter_whose_file_went_fails_only_its_request(
+    llama: Family, reference: Reference, tmp_path: Path
+) -> None:
+    """An adapter registered while its folder was fine, then cut short before a request loads
+    it into the slot: that request fails naming it, the base and the resident adapter's
+    requests in the same batch answer, and the slot serves again."""
+    import shutil
+
+    broken = Path(shutil.copytree(llama.adapters["a2"], tmp_path / "a2"))
+    with _room_runtime(llama, {"a1": str(llama.adapters["a1"])}, max_loras=1) as rt:
+        rt.load_adapter("broken", str(broken))  # registered: the one slot holds a1
+        weights = broken / ADAPTER_WEIGHTS
+        weights.write_bytes(weights.read_bytes()[:200])
+        handles = [rt.engine.add_request(SHORT, _params(name)) for name in ("a1", "broken", None)]
+        with pytest.raises(ValueError, match="loading LoRA adapter 'broken' failed"):
+            handles[1].result(timeout=60)
+        ok = [handles[0].result(timeout=60), handles[2].result(timeout=60)]
+        (again,) = rt.generate([SHORT], [_params("a1")])
+    refs = reference(llama, [SHORT, SHORT], [_params("a1"), _params(None)])
+    for got, want in zip(ok, refs, strict=True):
+        _assert_same(got, want)
+    assert again.token_ids == refs[0].token_ids
+
+
 def test_adapters_fixed_at_start_cannot_change(llama: Family) -> None:
     with _lora_runtime(llama) as rt:
         with pytest.raises(ValueError, match="fixed at start; start it with max_loras"):
