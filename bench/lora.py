@@ -11,8 +11,10 @@ model is also timed layer by layer (`DIST_RUNTIME_CPU_DECODE=layers`): the adapt
 the difference from that. Each repeat sends
 `--batch` prompts of about 60 tokens (fresh per repeat, so the prefix cache serves none) with
 greedy decoding past EOS to `--max-new-tokens`, and times `generate` from call to return.
-Reported: medians of generated tokens per second and their ratio to the base model's; one
-summary line; `--report` writes a markdown report.
+Reported: medians of generated tokens per second and their ratio to the base model's. Then, on
+a runtime with one adapter slot (`max_loras=1`) and the four adapters registered, the time of
+one-token requests whose adapter holds the slot, takes it from the workers' host cache, or is
+read from its folder (its first use). One summary line; `--report` writes a markdown report.
 """
 
 from __future__ import annotations
@@ -54,6 +56,41 @@ def prompts(batch: int, repeat: int) -> list[str]:
         "the boats that sail from it in the morning, with their names and their captains."
         for i in range(batch)
     ]
+
+
+def swap_times(model: Path, modules: dict[str, str], repeats: int) -> dict[str, list[float]]:
+    """Seconds of one-token requests on a runtime with one adapter slot and every adapter
+    registered: adapter resident, adapter copied into the slot from the host cache, adapter
+    read from its folder (its first use)."""
+    times: dict[str, list[float]] = {"resident": [], "from host cache": [], "from its folder": []}
+    rt = Runtime(
+        model=str(model),
+        device="cpu",
+        dtype="float32",
+        session_len=1024,
+        lora_modules=modules,
+        max_loras=1,
+        max_cpu_loras=len(modules),  # every adapter's shards kept once read
+    )
+    try:
+        rt.generate(["warm up"], SamplingParams(max_new_tokens=1))
+        calls = iter(range(10**6))
+
+        def one(name: str) -> float:
+            start = time.perf_counter()
+            rt.generate([f"request {next(calls)}"], SamplingParams(max_new_tokens=1, adapter=name))
+            return time.perf_counter() - start
+
+        names = list(modules)  # the first is in the slot from the start
+        for name in names[1:]:
+            times["from its folder"].append(one(name))
+        for _ in range(repeats):
+            for name in names:  # each takes the slot from the one before it
+                times["from host cache"].append(one(name))
+                times["resident"].append(one(name))
+    finally:
+        rt.shutdown()
+    return times
 
 
 def main() -> int:
@@ -100,11 +137,14 @@ def main() -> int:
         finally:
             os.environ.pop(CPU_DECODE_ENV, None)
             rt.shutdown()
+        swaps = swap_times(model, modules, args.repeats)
     med = {mode: statistics.median(v) for mode, v in tps.items()}
     base = med["base model"]
     summary = (
         f"lora: batch {args.batch}, rank {args.rank}, {args.max_new_tokens} new tokens: "
         + ", ".join(f"{mode} {med[mode]:.0f} tok/s ({med[mode] / base:.2f}x)" for mode in MODES)
+        + "; one slot, one-token requests: "
+        + ", ".join(f"{kind} {statistics.median(v) * 1000:.1f} ms" for kind, v in swaps.items())
     )
     print(summary)
     if args.report:
@@ -121,6 +161,18 @@ def main() -> int:
         for mode in MODES:
             each = ", ".join(f"{v:.0f}" for v in tps[mode])
             lines.append(f"| {mode} | {med[mode]:.0f} | {med[mode] / base:.2f}x | {each} |")
+        lines += [
+            "",
+            "One slot (`max_loras=1`), the four adapters registered: a one-token request whose "
+            "adapter holds the slot, one whose adapter takes the slot from the workers' host "
+            "cache, and one whose adapter is read from its folder (its first use).",
+            "",
+            "| request | ms (median) | each |",
+            "|---|---:|---|",
+        ]
+        for kind, values in swaps.items():
+            each = ", ".join(f"{v * 1000:.1f}" for v in values)
+            lines.append(f"| {kind} | {statistics.median(values) * 1000:.1f} | {each} |")
         Path(args.report).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return 0
 

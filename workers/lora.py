@@ -266,19 +266,30 @@ class LoraLayers:
     def add(self, slot: int, spec: AdapterSpec) -> None:
         """Put this rank's shards of `spec` into `slot` of every layer it adapts: from the host
         cache, or read and cut from its file."""
-        shards = self._host.get(spec.digest)
-        if shards is not None:
-            self._host.move_to_end(spec.digest)
-            self.num_host_hits += 1
-        else:
-            shards = self._read(spec)
-            if self.host_cache:
-                self._host[spec.digest] = shards
-                while len(self._host) > self.host_cache:
-                    self._host.popitem(last=False)
+        if self.put_cached(slot, spec.digest):
+            return
+        shards = self._read(spec)
+        if self.host_cache:
+            self._host[spec.digest] = shards
+            while len(self._host) > self.host_cache:
+                self._host.popitem(last=False)
+        self._put_all(slot, shards)
+
+    def _put_all(self, slot: int, shards: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
         linears = [linear for linear, _ in self.columns] + [linear for linear, _, _ in self.rows]
         for index, a, b in shards:
             self._put(linears[index], slot, (a, b))
+
+    def put_cached(self, slot: int, digest: bytes) -> bool:
+        """Put the adapter with content hash `digest` into `slot` from the host cache; False
+        when the cache does not hold it."""
+        shards = self._host.get(digest)
+        if shards is None:
+            return False
+        self._host.move_to_end(digest)
+        self.num_host_hits += 1
+        self._put_all(slot, shards)
+        return True
 
     def _read(self, spec: AdapterSpec) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """(layer index in columns + rows, A, B) of every layer `spec` adapts, this rank's

@@ -188,13 +188,16 @@ class ModelRunner:
         """Global rank 0 samples; with cp its cp group's ranks also compute the logits."""
 
     # -- LoRA adapters loaded while running ---------------------------------------------------
-    def load_lora(self, slot: int, name: str, path: str) -> None:
-        """Read the adapter folder `path` into reserved `slot` (replacing what it held)."""
+    def load_lora(self, slot: int, name: str, path: str, digest: bytes = b"") -> None:
+        """Put the adapter into reserved `slot` (replacing what it held): from the host cache
+        when it holds `digest` (the adapter's content hash), else read from the folder `path`."""
         lora = self._reserved(slot)
+        lora.remove(slot)
+        if digest and lora.put_cached(slot, digest):
+            return
         spec = AdapterSpec.load(name, path, self.model_config)
         assert lora.room is not None
         check_slot_rank(spec, lora.room[1])
-        lora.remove(slot)
         lora.add(slot, spec)
 
     def unload_lora(self, slot: int) -> None:

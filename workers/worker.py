@@ -168,9 +168,9 @@ class Worker:
         assert self.runner is not None
         return self.runner.disk_kv_blocks()
 
-    def load_lora(self, slot: int, name: str, path: str) -> None:
+    def load_lora(self, slot: int, name: str, path: str, digest: bytes = b"") -> None:
         assert self.runner is not None
-        self.runner.load_lora(slot, name, path)
+        self.runner.load_lora(slot, name, path, digest)
 
     def unload_lora(self, slot: int) -> None:
         assert self.runner is not None

@@ -455,7 +455,7 @@ class Engine:
         """Load `spec` into `slot` of every worker (engine thread)."""
         assert self.executor is not None
         try:
-            self.executor.load_lora(slot, spec.name, spec.path)
+            self.executor.load_lora(slot, spec.name, spec.path, spec.digest)
         except BaseException:
             try:  # leave no worker with half an adapter in a slot that reads as free
                 self.executor.unload_lora(slot)

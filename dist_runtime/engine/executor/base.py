@@ -35,8 +35,9 @@ class Executor(abc.ABC):
         """Each worker's (cp rank, disk-tier blocks per pool, digests on disk), by rank."""
 
     @abc.abstractmethod
-    def load_lora(self, slot: int, name: str, path: str) -> None:
-        """Every worker reads the adapter folder `path` into its reserved `slot`."""
+    def load_lora(self, slot: int, name: str, path: str, digest: bytes = b"") -> None:
+        """Every worker puts the adapter into its reserved `slot`: from its host cache when that
+        holds `digest`, else read from the folder `path`."""
 
     @abc.abstractmethod
     def unload_lora(self, slot: int) -> None:

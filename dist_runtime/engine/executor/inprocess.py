@@ -40,8 +40,8 @@ class InProcessExecutor(Executor):
     def disk_kv_blocks(self) -> list[tuple[int, int, list[str]]]:
         return [self.worker.disk_kv_blocks()]
 
-    def load_lora(self, slot: int, name: str, path: str) -> None:
-        self.worker.load_lora(slot, name, path)
+    def load_lora(self, slot: int, name: str, path: str, digest: bytes = b"") -> None:
+        self.worker.load_lora(slot, name, path, digest)
 
     def unload_lora(self, slot: int) -> None:
         self.worker.unload_lora(slot)

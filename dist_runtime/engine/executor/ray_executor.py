@@ -303,9 +303,9 @@ class RayExecutor(Executor):
             "listing the disk KV tier",
         )
 
-    def load_lora(self, slot: int, name: str, path: str) -> None:
+    def load_lora(self, slot: int, name: str, path: str, digest: bytes = b"") -> None:
         self._get(
-            [a.load_lora.remote(slot, name, path) for a in self.actors],
+            [a.load_lora.remote(slot, name, path, digest) for a in self.actors],
             self.config.init_timeout_s,
             f"loading LoRA adapter {name!r}",
         )
