@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,20 +59,20 @@ def prompts(batch: int, repeat: int) -> list[str]:
     ]
 
 
+def demo_runtime(model: Path, modules: dict[str, str], **kw: Any) -> Runtime:
+    return Runtime(
+        model=str(model), device="cpu", dtype="float32", session_len=1024, lora_modules=modules,
+        **kw,
+    )  # fmt: skip
+
+
 def swap_times(model: Path, modules: dict[str, str], repeats: int) -> dict[str, list[float]]:
     """Seconds of one-token requests on a runtime with one adapter slot and every adapter
     registered: adapter resident, adapter copied into the slot from the host cache, adapter
     read from its folder (its first use)."""
     times: dict[str, list[float]] = {"resident": [], "from host cache": [], "from its folder": []}
-    rt = Runtime(
-        model=str(model),
-        device="cpu",
-        dtype="float32",
-        session_len=1024,
-        lora_modules=modules,
-        max_loras=1,
-        max_cpu_loras=len(modules),  # every adapter's shards kept once read
-    )
+    # every adapter's shards kept once read
+    rt = demo_runtime(model, modules, max_loras=1, max_cpu_loras=len(modules))
     try:
         rt.generate(["warm up"], SamplingParams(max_new_tokens=1))
         calls = iter(range(10**6))
@@ -109,13 +110,7 @@ def main() -> int:
             name: str(write_random_adapter(Path(tmp) / name, model, rank=args.rank, seed=i))
             for i, name in enumerate(ADAPTERS)
         }
-        rt = Runtime(
-            model=str(model),
-            device="cpu",
-            dtype="float32",
-            session_len=1024,
-            lora_modules=modules,
-        )
+        rt = demo_runtime(model, modules)
         try:
             tps: dict[str, list[float]] = {mode: [] for mode in MODES}
             for repeat in range(args.repeats + 1):  # the first round warms up

@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig, check_lora_modules
 from dist_runtime.formats.lora_adapter import (
@@ -37,6 +37,9 @@ from dist_runtime.formats.lora_adapter import (
     PEFT_PREFIX,
     pattern_value,
 )
+
+if TYPE_CHECKING:
+    from workers.models.names import Layout
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -65,11 +68,13 @@ _UNSUPPORTED = {
 @dataclass(frozen=True)
 class AdapterModule:
     """One adapted linear layer: its checkpoint name (e.g. `model.layers.0.self_attn.q_proj`),
-    rank and scale."""
+    rank, scale, and the names of its A and B tensors in the adapter's file."""
 
     name: str
     rank: int
     scale: float
+    a_key: str = ""
+    b_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,11 @@ class AdapterSpec:
         return max(m.rank for m in self.modules)
 
     @classmethod
-    def load(cls, name: str, path: str, model: ModelConfig) -> AdapterSpec:
-        """Read and check the folder `path` against `model` (tensor headers only)."""
+    def load(
+        cls, name: str, path: str, model: ModelConfig, digest: bytes | None = None
+    ) -> AdapterSpec:
+        """Read and check the folder `path` against `model` (tensor headers only). Its content
+        hash is computed (a read of the whole file) unless `digest` is given."""
         where = f"LoRA adapter {name!r} ({path})"
         folder = Path(path)
         cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
@@ -114,12 +122,14 @@ class AdapterSpec:
         _check_config(cfg, where)
         shapes = _tensor_shapes(weights, where)
         modules = _modules(cfg, shapes, model, where)
-        h = hashlib.blake2b(digest_size=16)
-        h.update(cfg_path.read_bytes())
-        with weights.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return cls(name=name, path=str(folder), modules=modules, digest=h.digest())
+        if digest is None:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(cfg_path.read_bytes())
+            with weights.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = h.digest()
+        return cls(name=name, path=str(folder), modules=modules, digest=digest)
 
 
 def _check_config(cfg: dict[str, Any], where: str) -> None:
@@ -153,39 +163,20 @@ def _tensor_shapes(weights: Path, where: str) -> dict[str, tuple[int, ...]]:
         raise ConfigError(f"{where}: {ADAPTER_WEIGHTS} cannot be read: {e}") from e
 
 
-def _module_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of every linear layer a LoRA adapter may adapt, by checkpoint name."""
-    c = model
-    hd, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size
-    names = _layout_names(model)
-    out: dict[str, tuple[int, int]] = {}
-    for i in range(c.num_layers):
-        p = names["layer"].format(i)
-        if names["wqkv"]:
-            out[p + names["wqkv"]] = ((c.num_heads + 2 * c.num_kv_heads) * hd, hidden)
-        else:
-            out[p + names["q"]] = (c.num_heads * hd, hidden)
-            out[p + names["k"]] = (c.num_kv_heads * hd, hidden)
-            out[p + names["v"]] = (c.num_kv_heads * hd, hidden)
-        out[p + names["o"]] = (hidden, c.num_heads * hd)
-        out[p + names["gate"]] = (inter, hidden)
-        out[p + names["up"]] = (inter, hidden)
-        out[p + names["down"]] = (hidden, inter)
-    return out
-
-
-def _layout_names(model: ModelConfig) -> dict[str, Any]:
+def _layout(model: ModelConfig) -> Layout:
     from workers.models.names import LAYOUTS
 
-    lay = LAYOUTS[model.architecture]
-    return {k: getattr(lay, k) for k in ("layer", "q", "k", "v", "wqkv", "o", "gate", "up", "down")}
+    return LAYOUTS[model.architecture]
 
 
 def _modules(
     cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], model: ModelConfig, where: str
 ) -> tuple[AdapterModule, ...]:
-    linears = _module_shapes(model)
+    from workers.models.layouts import linear_shapes
+
+    linears = linear_shapes(model)
     found: dict[str, dict[str, tuple[int, ...]]] = {}
+    keys: dict[tuple[str, str], str] = {}
     for key, shape in shapes.items():
         m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
         if m is None:
@@ -193,6 +184,7 @@ def _modules(
             raise ConfigError(f"{where}: tensor {key!r} is {what}; only LoRA A/B are supported")
         module = m.group(1).removeprefix(PEFT_PREFIX)
         found.setdefault(module, {})[m.group(2)] = shape
+        keys[module, m.group(2)] = key
     if not found:
         raise ConfigError(f"{where}: {ADAPTER_WEIGHTS} holds no lora_A / lora_B tensors")
     rank_pattern = cfg.get("rank_pattern") or {}
@@ -226,7 +218,7 @@ def _modules(
             )
         alpha = float(_pattern(alpha_pattern, module, cfg["lora_alpha"], where))
         scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-        modules.append(AdapterModule(module, rank, scale))
+        modules.append(AdapterModule(module, rank, scale, keys[module, "A"], keys[module, "B"]))
     return tuple(modules)
 
 
@@ -252,29 +244,26 @@ def lora_bytes_per_worker(
     projection, `slots` slots, each part `rank` wide."""
     if not specs and room is None:
         return 0
-    c, names = model, _layout_names(model)
+    c, lay = model, _layout(model)
     hd, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size // tp
     q_local, kv_local = c.num_heads // tp, max(c.num_kv_heads // tp, 1)
-    layers = {  # our layer -> (its checkpoint parts, in_local, out_local)
-        "qkv": (
-            [names["wqkv"]] if names["wqkv"] else [names["q"], names["k"], names["v"]],
-            hidden,
-            (q_local + 2 * kv_local) * hd,
-        ),
-        "o": ([names["o"]], q_local * hd, hidden),
-        "gate_up": ([names["gate"], names["up"]], hidden, 2 * inter),
-        "down": ([names["down"]], inter, hidden),
-    }
+    qkv = [lay.wqkv] if lay.wqkv else [lay.q, lay.k, lay.v]
+    layers = [  # our layers: (their checkpoint parts, in_local, out_local)
+        (qkv, hidden, (q_local + 2 * kv_local) * hd),
+        ([lay.o], q_local * hd, hidden),
+        ([lay.gate, lay.up], hidden, 2 * inter),
+        ([lay.down], inter, hidden),
+    ]
     ranks = [{m.name: m.rank for m in spec.modules} for spec in specs]
     slots = len(specs) + 1 if room is None else room[0]
     total = 0
     for i in range(c.num_layers):
-        p = names["layer"].format(i)
-        for parts, in_local, out_local in layers.values():
+        p = lay.layer.format(i)
+        for parts, in_local, out_local in layers:
             if room is not None:
                 rank = len(parts) * room[1]
             else:
-                rank = max(sum(r.get(p + part, 0) for part in parts) for r in ranks)
+                rank = max(sum(r.get(f"{p}{part}", 0) for part in parts) for r in ranks)
             total += slots * rank * (in_local + out_local)
     return total * itemsize
 

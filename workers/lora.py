@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterModule, AdapterSpec
+from dist_runtime.lora import ADAPTER_WEIGHTS, AdapterModule, AdapterSpec
 from kernels.lora import lora_add
 from workers.layers.attention import HeadShard
 from workers.layers.linear import _Linear
@@ -269,7 +269,7 @@ class LoraLayers:
         if self.put_cached(slot, spec.digest):
             return
         shards = self._read(spec)
-        if self.host_cache:
+        if self.host_cache and spec.digest:  # (a start adapter's hash is the driver's)
             self._host[spec.digest] = shards
             while len(self._host) > self.host_cache:
                 self._host.popitem(last=False)
@@ -283,7 +283,7 @@ class LoraLayers:
     def put_cached(self, slot: int, digest: bytes) -> bool:
         """Put the adapter with content hash `digest` into `slot` from the host cache; False
         when the cache does not hold it."""
-        shards = self._host.get(digest)
+        shards = self._host.get(digest) if digest else None
         if shards is None:
             return False
         self._host.move_to_end(digest)
@@ -376,8 +376,6 @@ class _AdapterFile:
         from safetensors import safe_open
 
         self.file = safe_open(f"{self.spec.path}/{ADAPTER_WEIGHTS}", framework="pt")
-        names = self.file.keys()
-        self.keys = {_module_of(k): k for k in names}
         return self.pair
 
     def __exit__(self, *exc: object) -> None:
@@ -387,15 +385,9 @@ class _AdapterFile:
         m = self.by_name.get(module)
         if m is None:
             return None
-        a = self.file.get_tensor(self.keys[(module, "A")]).to(torch.float32)
-        b = self.file.get_tensor(self.keys[(module, "B")]).to(torch.float32)
+        a = self.file.get_tensor(m.a_key).to(torch.float32)
+        b = self.file.get_tensor(m.b_key).to(torch.float32)
         return a, b * m.scale, m
-
-
-def _module_of(key: str) -> tuple[str, str]:
-    """('model.layers.0.self_attn.q_proj', 'A') of a PEFT tensor name."""
-    module, _, tail = key.rpartition(".lora_")  # tail: A.weight, or A.<adapter>.weight
-    return module.removeprefix(PEFT_PREFIX), tail[:1]
 
 
 def _column(

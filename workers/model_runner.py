@@ -145,8 +145,8 @@ class ModelRunner:
         """The adapters' shards (`workers/lora.py`); None without lora_modules / max_loras."""
         self.num_adapter_slots = config.max_loras or len(config.lora_modules)
         if self.num_adapter_slots:
-            specs = [
-                AdapterSpec.load(name, path, self.model_config)
+            specs = [  # checked by the driver, which hashed them too
+                AdapterSpec.load(name, path, self.model_config, digest=b"")
                 for name, path in config.lora_modules.items()
             ]
             room, host_cache = None, 0
@@ -195,7 +195,7 @@ class ModelRunner:
         lora.remove(slot)
         if digest and lora.put_cached(slot, digest):
             return
-        spec = AdapterSpec.load(name, path, self.model_config)
+        spec = AdapterSpec.load(name, path, self.model_config, digest=digest)
         assert lora.room is not None
         check_slot_rank(spec, lora.room[1])
         lora.add(slot, spec)

@@ -884,11 +884,7 @@ class Engine:
         owned_ray = bool(getattr(old, "_owns_ray", False))
         if old is not None:
             old.shutdown(keep_ray=True)
-        # The new workers load the adapters resident now (in slots 1.. in their order): what was
-        # loaded or unloaded since start carries over.
-        order = sorted(self._adapter_slots, key=self._adapter_slots.__getitem__)
-        self._adapter_slots = {name: i + 1 for i, name in enumerate(order)}
-        try:
+        try:  # the new workers get the adapters resident now, in their slots
             self._start_workers()
         except BaseException as e:
             raise EngineDeadError(f"replacing failed workers failed: {e}") from e
@@ -935,11 +931,15 @@ class Engine:
     # -- workers ------------------------------------------------------------------------------
     def _start_workers(self) -> None:
         """A new worker group (new processes) and an empty KV cache for it."""
-        # the workers load the resident adapters, in slot order
-        resident = sorted(self._adapter_slots, key=self._adapter_slots.__getitem__)
-        modules = {name: self.adapters[name].path for name in resident}
+        # Adapters fixed at start size the workers' layers; reserved slots are filled once the
+        # workers run, with each adapter's hash (the key of their host caches)
+        modules = self.config.lora_modules if self.config.max_loras is None else {}
         self.executor = create_executor(dataclasses.replace(self.config, lora_modules=modules))
         try:
+            if self.config.max_loras is not None:
+                for name, slot in self._adapter_slots.items():
+                    spec = self.adapters[name]
+                    self.executor.load_lora(slot, name, spec.path, spec.digest)
             num_blocks = self.executor.num_available_blocks()
             if self.config.cache.num_blocks is None:
                 self._check_session_fits(num_blocks)

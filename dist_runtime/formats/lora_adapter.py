@@ -119,31 +119,22 @@ def merge_adapter(
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(ckpt, out)
+    merged: set[str] = set()
     for file in sorted(out.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             names = f.keys()
             tensors = {k: f.get_tensor(k) for k in names}
-        changed = False
-        for name, delta in deltas.items():
-            if name in tensors:
-                w = tensors[name]
-                tensors[name] = (w.double() + delta).to(w.dtype)
-                changed = True
-        if changed:
+        mine = [name for name in deltas if name in tensors]
+        for name in mine:
+            w = tensors[name]
+            tensors[name] = (w.double() + deltas[name]).to(w.dtype)
+        if mine:
             save_file(tensors, str(file), metadata={"format": "pt"})
-    missing = [n for n in deltas if not _holds(out, n)]
+        merged.update(mine)
+    missing = [n for n in deltas if n not in merged]
     if missing:
         raise ValueError(f"the checkpoint has no tensors {missing[:3]} that the adapter adapts")
     return out
-
-
-def _holds(folder: Path, name: str) -> bool:
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            names = f.keys()
-            if name in names:
-                return True
-    return False
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:

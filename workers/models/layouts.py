@@ -45,6 +45,18 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every projection of the checkpoint, float, by module name (what a LoRA
+    adapter may adapt)."""
+    return {
+        name.removesuffix(".weight"): (shape[0], shape[1])
+        for name, shape in _float_shapes(config).items()
+        if name.endswith(".weight")
+        and len(shape) == 2
+        and _is_linear(config, name.removesuffix(".weight"))
+    }
+
+
 def _is_linear(config: ModelConfig, module: str) -> bool:
     lay = LAYOUTS[config.architecture]
     parts = (lay.q, lay.k, lay.v, lay.wqkv, lay.o, lay.gate, lay.up, lay.down)
