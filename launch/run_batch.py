@@ -27,13 +27,18 @@ import asyncio
 import json
 import logging
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_runtime.formats.demo_model import DemoModelError  # noqa: E402
+from dist_runtime.server.batch_lines import (  # noqa: E402
+    answer_line,
+    call,
+    keep_answers,
+    parse_lines,
+)
 from launch.run import (  # noqa: E402
     add_engine_args,
     bad_input,
@@ -44,10 +49,6 @@ from launch.run import (  # noqa: E402
 )
 
 logger = logging.getLogger("launch.run_batch")
-
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
-RETRIED = frozenset({429, 500, 502, 503, 504})
-"""Statuses a resumed run tries again (the others are the request's answer)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,120 +77,22 @@ def read_requests(path: Path, done: set[str]) -> list[dict[str, Any]]:
         raise ValueError(f"--input {str(path)!r} cannot be read: {e.strerror}") from e
     except UnicodeDecodeError as e:
         raise ValueError(f"--input {str(path)!r} is not UTF-8 text ({e.reason})") from e
-    requests: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"--input line {number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where} is not JSON: {e.msg}") from e
-        if not isinstance(item, dict):
-            raise ValueError(f"{where} must be a JSON object with custom_id, method, url, body")
-        custom_id = item.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            raise ValueError(f"{where}: custom_id must be a non-empty string")
-        if custom_id in seen:
-            raise ValueError(
-                f"{where}: custom_id {custom_id!r} repeats line {seen[custom_id]}; give each "
-                "request its own"
-            )
-        seen[custom_id] = number
-        if item.get("method", "POST") != "POST":
-            raise ValueError(f"{where}: method must be POST, got {item.get('method')!r}")
-        if item.get("url") not in URLS:
-            raise ValueError(f"{where}: url {item.get('url')!r} is not one of {list(URLS)}")
-        body = item.get("body")
-        if not isinstance(body, dict):
-            raise ValueError(f"{where}: body must be a JSON object (the request)")
-        if body.get("stream"):
-            raise ValueError(f"{where}: a batch request cannot stream; drop stream: true")
-        if custom_id not in done:
-            requests.append({**item, "line": number})
-    return requests
+    requests, errors = parse_lines(lines, max_errors=1)
+    if errors:
+        raise ValueError(f"--input {errors[0].message}")
+    return [r for r in requests if r["custom_id"] not in done]
 
 
 def answered(path: Path) -> set[str]:
     """custom_ids with a final answer in an earlier run's output. Answers worth another try (a
     server error, a 429) and a last line the earlier run did not finish writing are removed
     from the file, so their requests run again and each custom_id keeps one line."""
-    if not path.exists():
-        return set()
-    raw = path.read_bytes()
-    lines = raw[: raw.rfind(b"\n") + 1].decode("utf-8", errors="replace").splitlines()
-    done, kept = set(), []
-    for number, line in enumerate(lines, 1):
-        try:
-            answer = json.loads(line)
-            custom_id, status = answer["custom_id"], answer["response"]["status_code"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"--output line {number} is not an answer of this tool ({e}); give another "
-                "--output, or remove the file to start over"
-            ) from e
-        if status in RETRIED:
-            continue
-        done.add(custom_id)
-        kept.append(line)
-    if len(kept) != len(lines) or not raw.endswith(b"\n"):
-        scratch = path.with_name(path.name + ".partial")
-        scratch.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        scratch.replace(path)
-    return done
-
-
-async def call(app: Any, path: str, body: bytes) -> tuple[int, bytes]:
-    """One POST through the ASGI app, as an HTTP client that stays connected would send it."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"batch"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-        "client": ("127.0.0.1", 0),
-        "server": ("127.0.0.1", 0),
-    }
-    delivered = False
-    answered = asyncio.Event()
-    status, chunks = 500, []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await answered.wait()  # the routes abort a request whose client leaves: stay
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                answered.set()
-
     try:
-        await app(scope, receive, send)
-    except Exception as e:  # Starlette re-raises after sending its 500
-        logger.error("a request failed: %s: %s", type(e).__name__, e)
-        if not chunks:
-            status = 500
-            chunks = [json.dumps({"error": {"message": "internal server error",
-                                            "type": "server_error"}}).encode()]  # fmt: skip
-    return status, b"".join(chunks)
+        return set(keep_answers(path))
+    except ValueError as e:
+        raise ValueError(
+            f"--output {e}; give another --output, or remove the file to start over"
+        ) from e
 
 
 async def run_all(
@@ -206,20 +109,7 @@ async def run_all(
     async def one(item: dict[str, Any]) -> None:
         async with gate:
             status, raw = await call(app, item["url"], json.dumps(item["body"]).encode())
-        try:
-            body = json.loads(raw)
-        except json.JSONDecodeError:
-            body = {"error": {"message": raw.decode(errors="replace"), "type": "server_error"}}
-        line = {
-            "id": f"batch_req_{uuid.uuid4().hex}",
-            "custom_id": item["custom_id"],
-            "response": {
-                "status_code": status,
-                "request_id": body.get("id") or f"req_{uuid.uuid4().hex}",
-                "body": body,
-            },
-            "error": None,
-        }
+        line = answer_line(item["custom_id"], status, raw)
         out.write(json.dumps(line, ensure_ascii=False) + "\n")
         out.flush()
         counts[0 if status < 300 else 1] += 1

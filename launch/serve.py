@@ -87,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="generation requests in flight at once; more get 429 (default: %(default)s)",
     )
+    g = p.add_argument_group("batches (/v1/files and /v1/batches, kept in --job-dir)")
+    g.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=200.0,
+        help="largest upload to /v1/files, in MiB (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-priority",
+        type=int,
+        default=1,
+        help="added to each batch request's priority (lower runs first): 1 lets interactive "
+        "requests (priority 0) go ahead of batches (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-batch-requests",
+        type=int,
+        help="batch requests in flight at once, all batches together (default: half of "
+        "--max-concurrent-requests)",
+    )
     g = p.add_argument_group("jobs")
     g.add_argument(
         "--job-dir",
@@ -116,6 +136,15 @@ def check(args: argparse.Namespace) -> None:
     if args.max_concurrent_requests < 1:
         raise ValueError(
             f"--max-concurrent-requests must be >= 1, got {args.max_concurrent_requests}"
+        )
+    if not args.max_file_mb > 0:
+        raise ValueError(f"--max-file-mb must be > 0, got {args.max_file_mb}")
+    if args.max_batch_requests is not None and not (
+        1 <= args.max_batch_requests <= args.max_concurrent_requests
+    ):
+        raise ValueError(
+            f"--max-batch-requests must be in 1..{args.max_concurrent_requests} "
+            f"(--max-concurrent-requests), got {args.max_batch_requests}"
         )
     if args.api_keys is not None and not [k for k in args.api_keys.split(",") if k.strip()]:
         raise ValueError("--api-keys is empty; give at least one key or drop the flag")
@@ -175,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             ),
             max_request_bytes=int(args.max_request_mb * 2**20),
             max_concurrent_requests=args.max_concurrent_requests,
+            max_file_bytes=int(args.max_file_mb * 2**20),
+            batch_priority=args.batch_priority,
+            batch_max_in_flight=args.max_batch_requests,
             tool_call_format=args.tool_call_format,
             enable_lora_loading=args.enable_lora_loading,
         )

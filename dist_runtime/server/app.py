@@ -100,6 +100,14 @@ class ServerSettings:
     tool_call_format: str = "auto"
     """How tools and calls are written for the model: auto, json or internlm2 (see
     `dist_runtime.server.tools`)."""
+    max_file_bytes: int = 200 * 2**20
+    """Largest upload to /v1/files (a batch's requests)."""
+    batch_priority: int = 1
+    """Added to each batch request's priority (lower runs first): 1 lets interactive
+    requests go first."""
+    batch_max_in_flight: int | None = None
+    """Batch requests in flight at once, all batches together (default: half of
+    max_concurrent_requests)."""
     enable_lora_loading: bool = False
     """Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): callers with a key
     load adapters from folders on the server's disk. Off: those routes are 403."""
@@ -107,7 +115,17 @@ class ServerSettings:
 
 
 def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
-    app = FastAPI(title="dist-runtime", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await app.state.batches.startup()  # go on with batches a previous server left
+        try:
+            yield
+        finally:
+            await app.state.batches.shutdown()
+
+    app = FastAPI(
+        title="dist-runtime", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
     server = _Server(runtime, settings)
     app.state.server = server
     if settings.allowed_origins:
@@ -117,14 +135,21 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        _BodyLimit,
+        max_bytes=settings.max_request_bytes,
+        paths={"/v1/files": (settings.max_file_bytes, "--max-file-mb")},
+    )
     _add_error_handlers(app)
     _add_routes(app, server)
     from dist_runtime.server.anthropic import add_messages_routes
+    from dist_runtime.server.batches import add_batch_routes
     from dist_runtime.server.responses import add_responses_routes
 
     add_responses_routes(app, server)
     add_messages_routes(app, server)
+    app.state.batches = add_batch_routes(app, server)
+    server.metrics.batch_counts = app.state.batches.counts
 
     @app.middleware("http")
     async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
@@ -1124,14 +1149,27 @@ class _BodyLimit:
     instead of the 413. Past those bounds the connection is closed at once.
     """
 
-    def __init__(self, app: Any, max_bytes: int, drain_bytes: int = 64 * 2**20):
+    def __init__(
+        self,
+        app: Any,
+        max_bytes: int,
+        drain_bytes: int = 64 * 2**20,
+        paths: dict[str, tuple[int, str]] | None = None,
+        flag: str = "--max-request-mb",
+    ):
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_bytes, self.flag = max_bytes, flag
         self.drain_bytes = max(drain_bytes, 4 * max_bytes)
+        self.paths = paths or {}
+        """Routes with their own limit (uploads): path -> (bytes, the flag that sets it)."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        own = self.paths.get(scope.get("path", ""))
+        if own is not None:
+            await _BodyLimit(self.app, own[0], self.drain_bytes, flag=own[1])(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
@@ -1195,7 +1233,7 @@ class _BodyLimit:
     async def _reject(self, send: Any, scope: Any) -> None:
         body = json.dumps(
             error_body(
-                f"request body over {self.max_bytes} bytes (--max-request-mb)",
+                f"request body over {self.max_bytes} bytes ({self.flag})",
                 "invalid_request_error",
                 code="request_too_large",
                 path=scope.get("path", ""),

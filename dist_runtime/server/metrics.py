@@ -28,6 +28,7 @@ class _EngineCollector(Collector):
     def __init__(self, engine: Engine, job_counts: Callable[[], dict[str, int]] | None):
         self.engine = engine
         self.job_counts = job_counts
+        self.batch_counts: Callable[[], dict[str, int]] = dict
 
     def collect(self) -> Iterator[Any]:
         s = self.engine.stats()
@@ -111,6 +112,14 @@ class _EngineCollector(Collector):
                 requests.add_metric([name, "running"], running)
                 requests.add_metric([name, "waiting"], waiting)
             yield requests
+        batch_counts = self.batch_counts()
+        if batch_counts:
+            batches = GaugeMetricFamily(
+                P + "batches", "Batches (/v1/batches) by status", labels=["status"]
+            )
+            for status, count in sorted(batch_counts.items()):
+                batches.add_metric([status], count)
+            yield batches
         if self.job_counts is not None:
             jobs = GaugeMetricFamily(
                 P + "jobs", "Jobs in the durable queue by state", labels=["state"]
@@ -125,7 +134,8 @@ class ServerMetrics:
 
     def __init__(self, engine: Engine, job_counts: Callable[[], dict[str, int]] | None = None):
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine, job_counts))
+        self._collector = _EngineCollector(engine, job_counts)
+        self.registry.register(self._collector)
         self.ttft = Histogram(
             P + "time_to_first_token_seconds",
             "Seconds from a request's arrival to its first token",
@@ -153,7 +163,25 @@ class ServerMetrics:
             ["finished_reason"],
             registry=self.registry,
         )
+        self.batch_requests = Counter(
+            P + "batch_requests",
+            "Batch requests answered, by outcome (completed: a 2xx; failed: refused)",
+            ["outcome"],
+            registry=self.registry,
+        )
         engine.add_finish_listener(self.observe)
+
+    @property
+    def batch_counts(self) -> Callable[[], dict[str, int]]:
+        return self._collector.batch_counts
+
+    @batch_counts.setter
+    def batch_counts(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Where the batches' counts by status come from (the /v1/batches store)."""
+        self._collector.batch_counts = counts
+
+    def batch_answer(self, status: int) -> None:
+        self.batch_requests.labels("completed" if status < 300 else "failed").inc()
 
     def observe(self, handle: RequestHandle) -> None:
         error = handle.exception()

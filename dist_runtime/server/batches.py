@@ -1,0 +1,799 @@
+"""OpenAI's Files and Batch APIs: upload a file of requests, run it in the background, download
+the answers.
+
+    f = client.files.create(file=open("requests.jsonl", "rb"), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    client.batches.retrieve(b.id).status         # in_progress ... completed
+    client.files.content(b.output_file_id).text  # the answers, one JSON line each
+
+Routes: `/v1/files` (upload, list, get, `/content`, delete) and `/v1/batches` (create, list,
+get, `/cancel`). A batch's lines are `launch/run_batch.py`'s (`batch_lines`): each runs through
+the server's own route in process, so its answer equals what a client calling that route gets;
+the batch's requests share the engine with everyone else's at `batch_priority` (1 by default:
+interactive requests, at 0, go first; lower runs first). At most `max_in_flight` of all
+batches' requests are in flight at once, leaving room under `--max-concurrent-requests` for
+interactive callers. A request refused with 429 or 503 is tried again later, not answered.
+
+Durable: uploads, the batches' records and their answers so far live under the job directory
+(`--job-dir`, else a temporary one), in `batches/`. Each answer is appended to the batch's
+answer log as it ends; a server that stops (or dies) mid-batch leaves the batch `in_progress`,
+and the next server on that directory runs the requests not yet answered. At the end the log is
+sorted into the output file (answers with a 2xx, in input order) and the error file (the others,
+and with `expired` / `cancelled` a `batch_expired` / `batch_cancelled` line for each request not
+run), both synced to disk before the batch says `completed`.
+
+A batch is checked when it is created: a line that is not a request for its endpoint makes it
+`failed` at once, with every bad line (up to 100) in `errors`. `completion_window` is OpenAI's
+"24h" or any other `<n>s|m|h|d`; past it the batch ends `expired`. Files do not expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dist_runtime.server.batch_lines import (
+    URLS,
+    LineError,
+    answer_line,
+    call,
+    keep_answers,
+    parse_lines,
+    read_answers,
+    unrun_line,
+)
+from dist_runtime.server.calls import APIError
+
+if TYPE_CHECKING:
+    from dist_runtime.server.app import _Server
+
+logger = logging.getLogger("dist_runtime.server.batches")
+
+DB_NAME = "batches.sqlite3"
+PURPOSES = ("batch",)
+"""Purposes an upload may have (the files batches read)."""
+FINAL = ("completed", "failed", "expired", "cancelled")
+_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+RETRY_SECONDS = (0.2, 5.0)
+"""First and longest wait before trying again a request refused with 429 / 503."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status, seq);
+"""
+
+
+def window_seconds(window: str) -> int:
+    """Seconds of a completion window (`24h`, `30m`, `2d`, `90s`); a ValueError otherwise."""
+    match = _WINDOW.match(window)
+    if match is None:
+        raise ValueError(
+            f"completion_window {window!r} is not a duration like '24h' (a whole number of "
+            "s, m, h or d)"
+        )
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+class BatchStore:
+    """Files and batches of one directory: SQLite records (each object's JSON) and the files'
+    bytes in `files/`. One server process writes it."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.files_dir = self.root / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.root / DB_NAME, check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- files ------------------------------------------------------------------------------
+    def path(self, file_id: str) -> Path:
+        return self.files_dir / file_id
+
+    def add_file(self, file_id: str, filename: str, purpose: str, size: int) -> dict[str, Any]:
+        """Record a file whose bytes are at `path(file_id)` already."""
+        body = {
+            "id": file_id,
+            "object": "file",
+            "bytes": size,
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO files (id, body) VALUES (?, ?)", (file_id, json.dumps(body))
+            )
+        return body
+
+    def file(self, file_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM files WHERE id = ?", (file_id,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def files(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        """Every file, oldest first (of one purpose when given)."""
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM files ORDER BY seq").fetchall()
+        found = [json.loads(r[0]) for r in rows]
+        return [f for f in found if purpose is None or f["purpose"] == purpose]
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+        with contextlib.suppress(FileNotFoundError):
+            self.path(file_id).unlink()
+        return gone
+
+    # -- batches ----------------------------------------------------------------------------
+    def log_path(self, batch_id: str) -> Path:
+        """The batch's answer log: answers appended as they end (`batch_lines` format)."""
+        return self.root / f"{batch_id}.answers.jsonl"
+
+    def add_batch(self, body: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO batches (id, status, body) VALUES (?, ?, ?)",
+                (body["id"], body["status"], json.dumps(body)),
+            )
+
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """A new batch of the requests in an uploaded file: `in_progress`, or `failed` with
+        its bad lines in `errors`. Reads the whole file (call it off the event loop)."""
+        now = int(time.time())
+        body: dict[str, Any] = {
+            "id": f"batch_{uuid.uuid4().hex}",
+            "object": "batch",
+            "endpoint": endpoint,
+            "model": None,
+            "errors": None,
+            "input_file_id": input_file_id,
+            "completion_window": completion_window,
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + window_seconds(completion_window),
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": metadata,
+            "usage": None,
+        }
+        requests, errors = read_requests(self.path(input_file_id), endpoint)
+        if errors:
+            body["errors"] = {"object": "list", "data": [e.to_dict() for e in errors]}
+            _mark(body, "failed")
+        else:
+            models = {r["body"].get("model") for r in requests}
+            body["model"] = models.pop() if len(models) == 1 else None
+            body["request_counts"]["total"] = len(requests)
+            _mark(body, "in_progress")
+        self.add_batch(body)
+        return body
+
+    def batch(self, batch_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def batches(self) -> list[dict[str, Any]]:
+        """Every batch, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM batches ORDER BY seq DESC").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        """Batches not yet in a final status, oldest first."""
+        marks = ",".join("?" * len(FINAL))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT body FROM batches WHERE status NOT IN ({marks}) ORDER BY seq", FINAL
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def update(
+        self,
+        batch_id: str,
+        change: Callable[[dict[str, Any]], None],
+        files: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
+        """Apply `change` to the batch's record (and record `files`) in one transaction."""
+        with self._tx() as db:
+            row = db.execute("SELECT body FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            body = json.loads(row[0])
+            change(body)
+            db.execute(
+                "UPDATE batches SET status = ?, body = ? WHERE id = ?",
+                (body["status"], json.dumps(body), batch_id),
+            )
+            for f in files:
+                db.execute(
+                    "INSERT OR REPLACE INTO files (id, body) VALUES (?, ?)",
+                    (f["id"], json.dumps(f)),
+                )
+        return dict(body)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM batches GROUP BY status")
+            return {status: n for status, n in rows.fetchall()}
+
+    def inputs_in_use(self) -> set[str]:
+        """Input files of batches not yet final."""
+        return {b["input_file_id"] for b in self.unfinished()}
+
+
+def read_requests(path: Path, endpoint: str) -> tuple[list[dict[str, Any]], list[LineError]]:
+    """The requests of a batch's input file, and its bad lines."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        return [], [LineError(0, "invalid_file", f"the file is not UTF-8 text ({e.reason})")]
+    requests, errors = parse_lines(text.splitlines(), urls=(endpoint,))
+    if not requests and not errors:
+        errors = [LineError(0, "empty_file", "the file holds no requests")]
+    return requests, errors
+
+
+def batch_usage(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's batch `usage`: the answers' tokens added up (chat / completions usage or the
+    Responses API's)."""
+    inp = out = cached = 0
+    for a in answers:
+        body = (a.get("response") or {}).get("body") or {}
+        usage = body.get("usage") or {}
+        inp += usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
+        out += usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        cached += details.get("cached_tokens", 0) or 0
+    return {
+        "input_tokens": inp,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": out,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": inp + out,
+    }
+
+
+def _write_lines(path: Path, lines: list[dict[str, Any]]) -> int:
+    """Write JSON lines to `path` (through a scratch file), synced; returns the bytes."""
+    scratch = path.with_name(path.name + ".partial")
+    with scratch.open("w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    scratch.replace(path)
+    return path.stat().st_size
+
+
+class BatchRunner:
+    """Runs the store's batches on the server's event loop, through the app's routes."""
+
+    def __init__(
+        self,
+        store: BatchStore,
+        app: Any,
+        headers: list[tuple[bytes, bytes]],
+        max_in_flight: int,
+        priority: int,
+        on_answer: Callable[[int], None] | None = None,
+    ):
+        self.store, self.app, self.headers = store, app, headers
+        self.max_in_flight, self.priority = max_in_flight, priority
+        self.on_answer = on_answer
+        self._gate: asyncio.Semaphore | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._leave: dict[str, asyncio.Event] = {}
+        self._stopping = False
+
+    def resume(self) -> None:
+        """Start (or finish) every batch a previous server left unfinished."""
+        for b in self.store.unfinished():
+            self.start(b["id"])
+
+    def start(self, batch_id: str) -> None:
+        if batch_id in self._tasks or self._stopping:
+            return
+        task = asyncio.ensure_future(self._run(batch_id))
+        self._tasks[batch_id] = task
+        task.add_done_callback(lambda t: self._ended(batch_id, t))
+
+    def _ended(self, batch_id: str, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(batch_id, None)
+        self._leave.pop(batch_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("batch %s stopped: %r", batch_id, task.exception())
+
+    def cancel(self, batch_id: str) -> None:
+        """Stop a cancelling batch's requests (its task then ends it `cancelled`)."""
+        leave = self._leave.get(batch_id)
+        if leave is not None:
+            leave.set()
+        else:
+            self.start(batch_id)
+
+    async def stop(self) -> None:
+        """Leave every running batch as it is (its requests aborted, unanswered): the next
+        server on this directory goes on with them."""
+        self._stopping = True
+        for batch_id, leave in self._leave.items():
+            logger.info(
+                "stopping: batch %s stays in_progress; a server on this job directory goes on "
+                "with it",
+                batch_id,
+            )
+            leave.set()
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+
+    async def _run(self, batch_id: str) -> None:
+        store = self.store
+        batch = store.batch(batch_id)
+        assert batch is not None
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(self.max_in_flight)
+        requests, _ = await asyncio.to_thread(
+            read_requests, store.path(batch["input_file_id"]), batch["endpoint"]
+        )
+        if batch["status"] == "in_progress" and time.time() < batch["expires_at"]:
+            answers = await asyncio.to_thread(keep_answers, store.log_path(batch_id))
+            todo = [r for r in requests if r["custom_id"] not in answers]
+            if answers:
+                logger.info(
+                    "batch %s: %d answered before, %d to go", batch_id, len(answers), len(todo)
+                )
+            await self._send(batch, todo)
+            if self._stopping:
+                return
+        cancelled = (store.batch(batch_id) or batch)["status"] == "cancelling"
+        await self._finish(batch_id, requests, cancelled)
+
+    async def _send(self, batch: dict[str, Any], todo: list[dict[str, Any]]) -> None:
+        """Run the requests until all are answered, the batch expires or is cancelled."""
+        assert self._gate is not None
+        batch_id = batch["id"]
+        leave = self._leave.setdefault(batch_id, asyncio.Event())
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(max(0.0, batch["expires_at"] - time.time()), leave.set)
+        log = self.store.log_path(batch_id).open("a", encoding="utf-8")
+        running: set[asyncio.Task[None]] = set()
+        try:
+            for item in todo:
+                if not await self._acquire(leave):
+                    break
+                task = asyncio.ensure_future(self._one(batch_id, item, log, leave))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: self._release())
+            if running:
+                await asyncio.wait(running)
+        finally:
+            timer.cancel()
+            log.close()
+
+    async def _acquire(self, leave: asyncio.Event) -> bool:
+        """A place among the requests in flight; False once `leave` is set."""
+        assert self._gate is not None
+        gate = asyncio.ensure_future(self._gate.acquire())
+        left = asyncio.ensure_future(leave.wait())
+        done, _ = await asyncio.wait((gate, left), return_when=asyncio.FIRST_COMPLETED)
+        left.cancel()
+        if gate not in done:
+            gate.cancel()  # Semaphore.acquire gives back a place it got as it is cancelled
+            return False
+        if leave.is_set():
+            self._release()
+            return False
+        return True
+
+    def _release(self) -> None:
+        assert self._gate is not None
+        self._gate.release()
+
+    async def _one(
+        self, batch_id: str, item: dict[str, Any], log: Any, leave: asyncio.Event
+    ) -> None:
+        body = dict(item["body"])
+        priority = body.get("priority", 0)
+        if isinstance(priority, int) and not isinstance(priority, bool):  # else the route's 400
+            body["priority"] = priority + self.priority
+        raw_body = json.dumps(body).encode()
+        wait = RETRY_SECONDS[0]
+        while True:
+            status, raw = await call(self.app, item["url"], raw_body, self.headers, leave)
+            if leave.is_set() and status == 499:
+                return  # aborted unanswered: cancelled, expired or the server stopping
+            if status not in (429, 503):
+                break
+            # busy or restarting: not the request's answer; try again
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(leave.wait(), timeout=wait)
+            if leave.is_set():
+                return
+            wait = min(wait * 2, RETRY_SECONDS[1])
+        line = answer_line(item["custom_id"], status, raw)
+        log.write(json.dumps(line, ensure_ascii=False) + "\n")
+        log.flush()
+        key = "completed" if status < 300 else "failed"
+
+        def count(b: dict[str, Any]) -> None:
+            b["request_counts"][key] += 1
+
+        self.store.update(batch_id, count)
+        if self.on_answer is not None:
+            self.on_answer(status)
+
+    async def _finish(self, batch_id: str, requests: list[dict[str, Any]], cancelled: bool) -> None:
+        """Sort the answer log into the output and error files and end the batch: `cancelled`,
+        `expired` (requests left unanswered) or `completed`."""
+        store = self.store
+        log = store.log_path(batch_id)
+        answers, _ = await asyncio.to_thread(read_answers, log, frozenset())
+        done, failed, unrun = [], [], []
+        for r in requests:
+            a = answers.get(r["custom_id"])
+            if a is None:
+                unrun.append(r["custom_id"])
+            elif a["response"]["status_code"] < 300:
+                done.append(a)
+            else:
+                failed.append(a)
+        status = "cancelled" if cancelled else "expired" if unrun else "completed"
+        if status == "completed":
+            store.update(batch_id, lambda b: _mark(b, "finalizing"))
+        code = "batch_cancelled" if cancelled else "batch_expired"
+        not_run = [unrun_line(custom_id, code, _UNRUN[code]) for custom_id in unrun]
+        hexid = batch_id.removeprefix("batch_")
+        files = []
+        out_id = err_id = None
+        if done:
+            out_id = f"file-{hexid}-output"
+            size = await asyncio.to_thread(_write_lines, store.path(out_id), done)
+            files.append(_file_body(out_id, f"{batch_id}_output.jsonl", size))
+        if failed or not_run:
+            err_id = f"file-{hexid}-errors"
+            size = await asyncio.to_thread(_write_lines, store.path(err_id), failed + not_run)
+            files.append(_file_body(err_id, f"{batch_id}_errors.jsonl", size))
+
+        def end(b: dict[str, Any]) -> None:
+            _mark(b, status)
+            b["output_file_id"], b["error_file_id"] = out_id, err_id
+            b["request_counts"] = {
+                "total": len(requests),
+                "completed": len(done),
+                "failed": len(failed),
+            }
+            b["usage"] = batch_usage(done + failed)
+
+        store.update(batch_id, end, files)
+        with contextlib.suppress(FileNotFoundError):
+            log.unlink()
+        logger.info(
+            "batch %s %s: %d answered, %d refused, %d not run",
+            batch_id,
+            status,
+            len(done),
+            len(failed),
+            len(unrun),
+        )
+
+
+_UNRUN = {
+    "batch_expired": "This request could not be executed before the completion window expired.",
+    "batch_cancelled": "This request was not executed: the batch was cancelled.",
+}
+
+
+def _mark(b: dict[str, Any], status: str) -> None:
+    b["status"] = status
+    b[f"{status}_at"] = int(time.time())
+
+
+def _file_body(file_id: str, filename: str, size: int) -> dict[str, Any]:
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": size,
+        "created_at": int(time.time()),
+        "filename": filename,
+        "purpose": "batch_output",
+        "status": "processed",
+        "expires_at": None,
+        "status_details": None,
+    }
+
+
+class CreateBatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if v not in URLS:
+            raise ValueError(f"{v!r} is not one of {list(URLS)}")
+        return v
+
+    @field_validator("completion_window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        window_seconds(v)
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if len(v) > 16:
+            raise ValueError(f"at most 16 keys, got {len(v)}")
+        for key, value in v.items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError(f"key {key[:64]!r}: keys are at most 64 characters, values 512")
+        return v
+
+
+class ListQuery(BaseModel):
+    after: str | None = None
+    limit: int = Field(default=20, ge=1, le=10_000)
+
+
+class Batches:
+    """The Files and Batch routes' state: the store (opened on first use) and its runner."""
+
+    def __init__(self, server: _Server, app: FastAPI):
+        self.server, self.app = server, app
+        self._store: BatchStore | None = None
+        self._runner: BatchRunner | None = None
+        self._open_lock = threading.Lock()
+
+    @property
+    def store(self) -> BatchStore:
+        with self._open_lock:
+            if self._store is None:
+                self._store = BatchStore(Path(self.server.runtime.job_dir) / "batches")
+            return self._store
+
+    @property
+    def runner(self) -> BatchRunner:
+        if self._runner is None:
+            settings = self.server.settings
+            keys = settings.api_keys
+            headers = [(b"authorization", f"Bearer {keys[0]}".encode())] if keys else []
+            self._runner = BatchRunner(
+                self.store,
+                self.app,
+                headers,
+                settings.batch_max_in_flight or max(1, settings.max_concurrent_requests // 2),
+                settings.batch_priority,
+                self.server.metrics.batch_answer,
+            )
+        return self._runner
+
+    def counts(self) -> dict[str, int]:
+        return {} if self._store is None else self._store.counts()
+
+    async def startup(self) -> None:
+        """Go on with the batches a previous server left (only a --job-dir outlives one)."""
+        if self.server.runtime.config.job_dir is not None and self.store.unfinished():
+            self.runner.resume()
+
+    async def shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.stop()
+        if self._store is not None:
+            self._store.close()
+
+
+def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
+    batches = Batches(server, app)
+
+    def file_of(file_id: str) -> dict[str, Any]:
+        found = batches.store.file(file_id)
+        if found is None:
+            raise APIError(404, f"no file {file_id!r}", "not_found_error", "file_id")
+        return found
+
+    def batch_of(batch_id: str) -> dict[str, Any]:
+        found = batches.store.batch(batch_id)
+        if found is None:
+            raise APIError(404, f"no batch {batch_id!r}", "not_found_error", "batch_id")
+        return found
+
+    @app.post("/v1/files")
+    async def upload(request: Request) -> dict[str, Any]:
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise APIError(400, "upload a file as multipart/form-data with 'file' and 'purpose'")
+        form = await request.form()
+        purpose, upload = form.get("purpose"), form.get("file")
+        if purpose not in PURPOSES:
+            raise APIError(
+                400, f"purpose must be one of {list(PURPOSES)}, got {purpose!r}", param="purpose"
+            )
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "the form has no 'file' part", param="file")
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        dest = batches.store.path(file_id)
+
+        def save() -> int:
+            with dest.open("wb") as f:
+                shutil.copyfileobj(upload.file, f, 2**20)
+                f.flush()
+                os.fsync(f.fileno())
+            return dest.stat().st_size
+
+        size = await asyncio.to_thread(save)
+        name = os.path.basename(upload.filename or "upload.jsonl")
+        return batches.store.add_file(file_id, name, str(purpose), size)
+
+    @app.get("/v1/files")
+    async def list_files(
+        purpose: str | None = None, after: str | None = None, limit: int = 10_000,
+        order: str = "desc",
+    ) -> dict[str, Any]:  # fmt: skip
+        if order not in ("asc", "desc"):
+            raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
+        found = batches.store.files(purpose)
+        if order == "desc":
+            found.reverse()
+        return _page(found, after, limit, 10_000)
+
+    @app.get("/v1/files/{file_id}")
+    async def get_file(file_id: str) -> dict[str, Any]:
+        return file_of(file_id)
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str) -> FileResponse:
+        found = file_of(file_id)
+        return FileResponse(
+            batches.store.path(file_id),
+            media_type="application/jsonl" if found["filename"].endswith(".jsonl")
+            else "application/octet-stream",
+            filename=found["filename"],
+        )  # fmt: skip
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str) -> dict[str, Any]:
+        file_of(file_id)
+        if file_id in batches.store.inputs_in_use():
+            raise APIError(
+                409,
+                f"file {file_id!r} is the input of a batch still running; cancel the batch "
+                "first (POST /v1/batches/{id}/cancel)",
+                code="file_in_use",
+            )
+        batches.store.delete_file(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    @app.post("/v1/batches")
+    async def create(req: CreateBatchRequest) -> dict[str, Any]:
+        server.check_alive()
+        found = file_of(req.input_file_id)
+        if found["purpose"] != "batch":
+            raise APIError(
+                400,
+                f"file {req.input_file_id!r} has purpose {found['purpose']!r}; upload the "
+                "requests with purpose 'batch'",
+                param="input_file_id",
+            )
+        body = await asyncio.to_thread(
+            batches.store.create_batch,
+            req.input_file_id,
+            req.endpoint,
+            req.completion_window,
+            req.metadata,
+        )
+        if body["status"] == "in_progress":
+            batches.runner.start(body["id"])
+        return body
+
+    @app.get("/v1/batches")
+    async def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        return _page(batches.store.batches(), after, limit, 100)
+
+    @app.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str) -> dict[str, Any]:
+        return batch_of(batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel(batch_id: str) -> dict[str, Any]:
+        found = batch_of(batch_id)
+        if found["status"] in FINAL:
+            raise APIError(
+                409,
+                f"batch {batch_id!r} is {found['status']}; only a batch in progress can be "
+                "cancelled",
+                code="batch_not_cancellable",
+            )
+        if found["status"] != "in_progress":
+            return found  # cancelling or finalizing already
+        body = batches.store.update(batch_id, lambda b: _mark(b, "cancelling"))
+        batches.runner.cancel(batch_id)
+        return body
+
+    return batches
+
+
+def _page(items: list[dict[str, Any]], after: str | None, limit: int, most: int) -> dict[str, Any]:
+    """One page of a list (OpenAI's cursor pagination: the items after the one named)."""
+    if not 1 <= limit <= most:
+        raise APIError(400, f"limit must be in 1..{most}, got {limit}", param="limit")
+    if after is not None:
+        at = next((i for i, x in enumerate(items) if x["id"] == after), None)
+        if at is None:
+            raise APIError(404, f"no object {after!r} to list after", "not_found_error", "after")
+        items = items[at + 1 :]
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }

@@ -1,0 +1,215 @@
+"""OpenAI's Files and Batch APIs (/v1/files, /v1/batches) on the HTTP server, driven by the
+official `openai` client: answers equal to the routes' own, bad files refused with every bad
+line, cancel, expiry, and a batch that outlives a killed server."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from test_server import KEY, Server  # noqa: E402
+
+CHAT = "/v1/chat/completions"
+
+
+def _line(custom_id: str, body: dict[str, Any], url: str = CHAT) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def _chat(text: str, max_tokens: int = 6) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+
+
+def _client(server: Server) -> Any:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def _upload(client: Any, lines: list[str]) -> Any:
+    return client.files.create(file=("requests.jsonl", "\n".join(lines).encode()), purpose="batch")
+
+
+def _wait(client: Any, batch_id: str, until: tuple[str, ...], timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in until:
+            return batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.1)
+
+
+def _lines(client: Any, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(tiny_llama_dir, tmp_path_factory.mktemp("batches"), "--api-keys", KEY,
+               "--max-batch-requests", "2", "--max-request-mb", "0.004",
+               "--max-file-mb", "0.05")  # fmt: skip
+    yield s
+    s.close()
+
+
+def test_a_batch_answers_as_the_routes_do(server: Server) -> None:
+    client = _client(server)
+    lines = [
+        _line("pier", _chat("Where is the pier?")),
+        _line("lamp", _chat("Light the lamp.", 5)),
+        _line("nobody", {**_chat("Hi"), "model": "no-such-model"}),
+        _line("bad", {"messages": "not a list"}),
+    ]
+    upload = _upload(client, lines)
+    assert upload.purpose == "batch" and upload.bytes == len("\n".join(lines).encode())
+    batch = client.batches.create(input_file_id=upload.id, endpoint=CHAT,
+                                  completion_window="24h", metadata={"run": "one"})  # fmt: skip
+    assert batch.status == "in_progress" and batch.request_counts.total == 4
+    batch = _wait(client, batch.id, ("completed",))
+    assert batch.metadata == {"run": "one"} and batch.completed_at is not None
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (4, 2, 2)
+    done, refused = _lines(client, batch.output_file_id), _lines(client, batch.error_file_id)
+    assert [a["custom_id"] for a in done] == ["pier", "lamp"]  # input order
+    assert [a["custom_id"] for a in refused] == ["nobody", "bad"]
+    assert [a["response"]["status_code"] for a in refused] == [404, 400]
+    assert refused[1]["response"]["body"]["error"]["param"] == "messages"
+    for answer, body in zip(done, (_chat("Where is the pier?"), _chat("Light the lamp.", 5))):
+        status, direct = server.request("POST", CHAT, body)
+        got = answer["response"]["body"]
+        assert status == answer["response"]["status_code"] == 200 and answer["error"] is None
+        assert got["choices"] == direct["choices"]
+        assert got["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"]
+    assert batch.usage is not None
+    assert batch.usage.input_tokens == sum(a["response"]["body"]["usage"]["prompt_tokens"]
+                                           for a in done)  # fmt: skip
+    assert batch.usage.output_tokens == 6 + 5
+    # the files and the batch are listed; output files are named after the batch
+    ids = {f.id for f in client.files.list()}
+    assert {upload.id, batch.output_file_id, batch.error_file_id} <= ids
+    assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+    assert [b.id for b in client.batches.list(limit=100)][0] == batch.id
+    assert server.metric('batch_requests_total{outcome="completed"}') >= 2
+
+
+def test_a_bad_file_fails_its_batch_with_every_bad_line(server: Server) -> None:
+    client = _client(server)
+    upload = _upload(client, [
+        _line("a", _chat("x")),
+        "{oops",
+        _line("b", _chat("y"), url="/v1/completions"),
+        _line("a", _chat("z")),
+        _line("c", {**_chat("w"), "stream": True}),
+    ])  # fmt: skip
+    batch = client.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="24h")
+    assert batch.status == "failed" and batch.failed_at is not None
+    assert batch.errors is not None
+    errors = [(e.line, e.code) for e in batch.errors.data]
+    assert errors == [(2, "invalid_json_line"), (3, "mismatched_endpoint"),
+                      (4, "duplicate_custom_id"), (5, "invalid_request")]  # fmt: skip
+    assert "repeats line 1" in batch.errors.data[2].message
+    with pytest.raises(openai.NotFoundError, match="no file 'file-none'"):
+        client.batches.create(input_file_id="file-none", endpoint=CHAT, completion_window="24h")
+    with pytest.raises(openai.BadRequestError, match="endpoint"):
+        client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings",
+                              completion_window="24h")  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="completion_window 'soon'"):
+        client.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="soon")
+    with pytest.raises(openai.BadRequestError, match="purpose must be one of"):
+        client.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune")
+    # uploads have their own limit: over --max-request-mb (4 KiB) is fine, over 50 KiB is not
+    assert _upload(client, [_line(f"r{i}", _chat("x" * 100)) for i in range(40)]).bytes > 4096
+    with pytest.raises(openai.APIStatusError, match="--max-file-mb") as e:
+        _upload(client, [_line(f"r{i}", _chat("x" * 1000)) for i in range(60)])
+    assert e.value.status_code == 413
+    empty = _upload(client, [""])
+    batch = client.batches.create(input_file_id=empty.id, endpoint=CHAT, completion_window="24h")
+    assert batch.status == "failed" and batch.errors.data[0].code == "empty_file"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_none")
+
+
+def _slow_batch(client: Any, n: int, window: str = "24h") -> Any:
+    upload = _upload(client, [_line(f"r{i}", _chat(f"Count to {i}.", 400)) for i in range(n)])
+    return client.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window=window)
+
+
+def _accounts_for_every_request(client: Any, batch: Any, n: int, code: str) -> None:
+    done, other = _lines(client, batch.output_file_id), _lines(client, batch.error_file_id)
+    ids = [a["custom_id"] for a in done + other]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(n))  # each once
+    unrun = [a for a in other if a["response"] is None]
+    assert unrun and all(a["error"]["code"] == code for a in unrun)
+    assert batch.request_counts.completed == len(done) < n
+
+
+def test_cancel_stops_a_batch_and_keeps_what_it_answered(server: Server) -> None:
+    client = _client(server)
+    batch = _slow_batch(client, 12)
+    with pytest.raises(openai.ConflictError, match="cancel the batch first"):
+        client.files.delete(batch.input_file_id)
+    _wait(client, batch.id, ("in_progress",))
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    batch = _wait(client, batch.id, ("cancelled",))
+    assert batch.cancelled_at is not None
+    _accounts_for_every_request(client, batch, 12, "batch_cancelled")
+    with pytest.raises(openai.ConflictError, match="only a batch in progress"):
+        client.batches.cancel(batch.id)
+    assert client.files.delete(batch.input_file_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(batch.input_file_id)
+
+
+def test_a_batch_past_its_window_expires(server: Server) -> None:
+    client = _client(server)
+    batch = _slow_batch(client, 40, window="1s")  # about 0.15 s a request, 2 at once, here
+    batch = _wait(client, batch.id, ("expired",))
+    assert batch.expired_at is not None
+    _accounts_for_every_request(client, batch, 40, "batch_expired")
+
+
+def test_a_batch_outlives_a_killed_server(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The server dies mid-batch (SIGKILL); the next one on the job directory answers the
+    rest, each request once, the answers those of the routes."""
+    job_dir = tmp_path / "jobs"
+    args = ("--api-keys", KEY, "--max-batch-requests", "1", "--job-dir", str(job_dir))
+    n = 8
+    lines = [_line(f"r{i}", _chat(f"Story {i}:", 60)) for i in range(n)]
+    first = Server(tiny_llama_dir, tmp_path, *args)
+    try:
+        client = _client(first)
+        upload = _upload(client, lines)
+        batch = client.batches.create(input_file_id=upload.id, endpoint=CHAT,
+                                      completion_window="24h")  # fmt: skip
+        deadline = time.monotonic() + 60
+        while client.batches.retrieve(batch.id).request_counts.completed < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        first.proc.kill()
+        first.proc.wait(30)
+        log = job_dir / "batches" / f"{batch.id}.answers.jsonl"
+        assert 2 <= len(log.read_text().splitlines()) < n  # left mid-batch
+    finally:
+        first.close()
+    second = Server(tiny_llama_dir, tmp_path, *args)
+    try:
+        client = _client(second)
+        done = _wait(client, batch.id, ("completed",))
+        assert done.request_counts.completed == n and done.error_file_id is None
+        answers = _lines(client, done.output_file_id)
+        assert [a["custom_id"] for a in answers] == [f"r{i}" for i in range(n)]
+        for i in (0, n - 1):  # one answered before the kill, one after
+            _, direct = second.request("POST", CHAT, _chat(f"Story {i}:", 60))
+            assert answers[i]["response"]["body"]["choices"] == direct["choices"]
+    finally:
+        second.close()
