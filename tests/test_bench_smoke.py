@@ -8,9 +8,9 @@ which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU k
 work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; and the guided
 JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), the speculative
 decoding bench (`bench/speculative.py`), the host-tier bench (`bench/host_kv_cache.py`) and
-the disk-tier bench (`bench/disk_kv_cache.py`) and the LoRA bench (`bench/lora.py`) on the demo
-model with short answers; and the draft-row cost bench (`bench/draft_rows.py`) on a tiny random
-model."""
+the disk-tier bench (`bench/disk_kv_cache.py`), the LoRA bench (`bench/lora.py`) and the Batch
+API bench (`bench/batch_api.py`) on the demo model with short answers; and the draft-row cost
+bench (`bench/draft_rows.py`) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -294,6 +294,20 @@ def test_priority_bench_runs(tmp_path: Path) -> None:
     assert "priority: interactive first token during a batch p50" in out
     text = report.read_text()
     assert "| equal |" in text and "| priority |" in text
+
+
+def test_batch_api_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "batch_api.md"
+    out = _run(
+        "bench/batch_api.py",
+        "--requests=2",
+        "--new-tokens=4",
+        "--interactive=1",
+        f"--report={report}",
+    )
+    assert "batch_api: 2 requests x 4 tokens: batch" in out
+    text = report.read_text()
+    assert "| one batch (upload to `completed`) |" in text and "| 1 (default) |" in text
 
 
 def test_speculative_bench_runs(tmp_path: Path) -> None:

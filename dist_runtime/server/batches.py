@@ -115,6 +115,7 @@ class BatchStore:
             self.root / DB_NAME, check_same_thread=False, isolation_level=None
         )
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # see _tx
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -122,15 +123,23 @@ class BatchStore:
             self._db.close()
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; `durable`: synced to disk at its commit (what a client was told
+        exists, or a batch's end), else only safe from the process dying (counters)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if durable:
+                self._db.execute("PRAGMA synchronous=FULL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
 
     # -- files ------------------------------------------------------------------------------
     def path(self, file_id: str) -> Path:
@@ -257,9 +266,10 @@ class BatchStore:
         batch_id: str,
         change: Callable[[dict[str, Any]], None],
         files: Sequence[dict[str, Any]] = (),
+        durable: bool = True,
     ) -> dict[str, Any]:
         """Apply `change` to the batch's record (and record `files`) in one transaction."""
-        with self._tx() as db:
+        with self._tx(durable) as db:
             row = db.execute("SELECT body FROM batches WHERE id = ?", (batch_id,)).fetchone()
             body = json.loads(row[0])
             change(body)
@@ -401,6 +411,12 @@ class BatchRunner:
         if batch["status"] == "in_progress" and time.time() < batch["expires_at"]:
             answers = await asyncio.to_thread(keep_answers, store.log_path(batch_id))
             todo = [r for r in requests if r["custom_id"] not in answers]
+            ok = sum(a["response"]["status_code"] < 300 for a in answers.values())
+
+            def recount(b: dict[str, Any]) -> None:
+                b["request_counts"].update(completed=ok, failed=len(answers) - ok)
+
+            store.update(batch_id, recount)  # the log is the truth (a crash may split them)
             if answers:
                 logger.info(
                     "batch %s: %d answered before, %d to go", batch_id, len(answers), len(todo)
@@ -482,7 +498,7 @@ class BatchRunner:
         def count(b: dict[str, Any]) -> None:
             b["request_counts"][key] += 1
 
-        self.store.update(batch_id, count)
+        self.store.update(batch_id, count, durable=False)
         if self.on_answer is not None:
             self.on_answer(status)
 
