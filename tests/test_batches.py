@@ -4,6 +4,7 @@ line, cancel, expiry, and a batch that outlives a killed server."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -213,3 +214,113 @@ def test_a_batch_outlives_a_killed_server(tiny_llama_dir: Path, tmp_path: Path) 
             assert answers[i]["response"]["body"]["choices"] == direct["choices"]
     finally:
         second.close()
+
+
+DOC = "The lighthouse keeper is Ada Brennan. The ferry leaves pier 4 at seven. " * 4
+
+
+def _document(client: Any) -> str:
+    return str(client.files.create(file=("doc.txt", DOC.encode()), purpose="user_data").id)
+
+
+def _choices(server: Server, path: str, body: dict[str, Any]) -> Any:
+    status, out = server.request("POST", path, body)
+    assert status == 200, out
+    return out
+
+
+def _parts(ref: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": "Read this:\n"}, {"type": "file", "file": ref},
+            {"type": "text", "text": "\nWho keeps the light?"}]  # fmt: skip
+
+
+def test_an_uploaded_document_stands_where_a_message_names_it(server: Server) -> None:
+    """A file part (an upload's file_id or base64 file_data) answers as its text inlined, on
+    the chat, Responses and Messages routes, /tokenize, and a QA job."""
+    client = _client(server)
+    file_id = _document(client)
+    data = base64.b64encode(DOC.encode()).decode()
+    inline = [{"role": "user", "content": f"Read this:\n{DOC}\nWho keeps the light?"}]
+    want = _choices(server, CHAT, {"messages": inline, "max_tokens": 6, "temperature": 0})
+    for ref in ({"file_id": file_id}, {"file_data": f"data:text/plain;base64,{data}"}):
+        parts = _parts(ref)
+        got = client.chat.completions.create(
+            model=client.models.list().data[0].id,
+            messages=[{"role": "user", "content": parts}],
+            max_tokens=6,
+            temperature=0,
+        )
+        assert got.choices[0].message.content == want["choices"][0]["message"]["content"]
+        assert got.usage is not None and got.usage.prompt_tokens == want["usage"]["prompt_tokens"]
+    # /tokenize counts it as the chat route builds it
+    parts = _parts({"file_id": file_id})
+    counted = _choices(server, "/tokenize", {"messages": [{"role": "user", "content": parts}]})
+    assert counted["count"] == want["usage"]["prompt_tokens"]
+    # the Responses API's input_file part
+    text = _choices(server, "/v1/responses", {"input": inline, "max_output_tokens": 6,
+                                               "temperature": 0})["output"][0]  # fmt: skip
+    response = client.responses.create(
+        input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "Read this:\n"},
+            {"type": "input_file", "file_id": file_id},
+            {"type": "input_text", "text": "\nWho keeps the light?"}]}],
+        max_output_tokens=6, temperature=0,
+    )  # fmt: skip
+    assert response.output_text == text["content"][0]["text"]
+    # Anthropic's document block: a text source, and a file source
+    question = {"type": "text", "text": "Who keeps the light?"}
+    plain = _choices(server, "/v1/messages", {"max_tokens": 6, "temperature": 0, "messages": [
+        {"role": "user", "content": f"Harbour notes\n\n{DOC}Who keeps the light?"}]})  # fmt: skip
+    for source in ({"type": "text", "media_type": "text/plain", "data": DOC},
+                   {"type": "file", "file_id": file_id}):  # fmt: skip
+        block = {"type": "document", "source": source, "title": "Harbour notes"}
+        got = _choices(server, "/v1/messages", {"max_tokens": 6, "temperature": 0, "messages": [
+            {"role": "user", "content": [block, question]}]})  # fmt: skip
+        assert got["content"] == plain["content"]
+
+        def prompt(u: dict[str, Any]) -> int:  # input_tokens are those not cached
+            return int(u["input_tokens"] + u.get("cache_read_input_tokens", 0))
+
+        assert prompt(got["usage"]) == prompt(plain["usage"])
+    # a QA job on the upload answers as one given the text
+    answers = []
+    for doc in ({"document": DOC}, {"document_file_id": file_id}):
+        job = _choices(server, "/v1/jobs", {**doc, "questions": ["Who?"], "max_tokens": 4})
+        deadline = time.monotonic() + 60
+        while server.request("GET", f"/v1/jobs/{job['id']}")[1]["state"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        answers.append(server.request("GET", f"/v1/jobs/{job['id']}/result")[1]["answers"])
+    assert answers[0] == answers[1]
+
+
+def test_a_file_part_that_cannot_be_read_is_a_400_naming_it(server: Server) -> None:
+    client = _client(server)
+    binary = client.files.create(file=("x.bin", b"\xff\xfe\x00binary"), purpose="user_data").id
+
+    def chat(ref: dict[str, Any]) -> tuple[int, Any]:
+        parts = [{"type": "text", "text": "Hi"}, {"type": "file", "file": ref}]
+        return server.request("POST", CHAT, {"messages": [{"role": "user", "content": parts}]})
+
+    status, body = chat({"file_id": "file-none"})
+    assert status == 404 and body["error"]["param"] == "messages.0.content.1.file.file_id"
+    status, body = chat({"file_id": binary})
+    assert status == 400 and "not UTF-8 text" in body["error"]["message"]
+    status, body = chat({"file_data": "not base64!"})
+    assert status == 400 and body["error"]["param"] == "messages.0.content.1.file.file_data"
+    status, body = chat({"file_id": binary, "file_data": "eA=="})
+    assert status == 400 and "one of them" in body["error"]["message"]
+    status, body = server.request("POST", "/v1/responses", {"input": [{"role": "user", "content": [
+        {"type": "input_file", "file_url": "https://example.com/a.pdf"}]}]})  # fmt: skip
+    assert status == 400 and body["error"]["param"] == "input.0.content.0.file_url"
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                          "data": "JVBERi0="}}  # fmt: skip
+    status, body = server.request("POST", "/v1/messages", {"max_tokens": 4, "messages": [
+        {"role": "user", "content": [pdf]}]})  # fmt: skip
+    assert status == 400 and "no PDF" in body["error"]["message"]
+    status, body = server.request("POST", "/v1/jobs", {"document": "d", "document_file_id": binary,
+                                                       "questions": ["q"]})  # fmt: skip
+    assert status == 400 and "one of them" in body["error"]["message"], body
+    status, body = server.request("POST", "/v1/jobs", {"document_file_id": "file-none",
+                                                       "questions": ["q"]})  # fmt: skip
+    assert status == 404 and body["error"]["param"] == "document_file_id"

@@ -10,8 +10,10 @@ answer comes back as content blocks: a `text` block, then a `tool_use` block per
 `stop_reason` `end_turn`, `max_tokens`, `stop_sequence` (and which) or `tool_use`. `stream:
 true` sends Anthropic's events (`message_start`, `content_block_start` / `_delta` / `_stop`,
 `message_delta`, `message_stop`). Keys go in `x-api-key` (or `Authorization: Bearer`); errors
-are `{"type": "error", "error": {"type", "message"}}`. Images, documents, server tools and
-extended thinking are 400s naming the field.
+are `{"type": "error", "error": {"type", "message"}}`. `document` blocks of text (a `text`
+source, base64 `text/plain`, or a `file` source naming an upload of `POST /v1/files`) stand in
+the user's turn as their text, after their `title` and `context` lines. Images, PDFs,
+citations, server tools and extended thinking are 400s naming the field.
 """
 
 from __future__ import annotations
@@ -149,13 +151,15 @@ def chat_messages(
             continue
         if not isinstance(content, list):
             raise APIError(400, "content must be a string or a list of blocks", f"{where}.content")
-        texts: list[str] = []
+        parts: list[dict[str, Any]] = []
         calls: list[dict[str, Any]] = []
         for j, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
             at = f"{where}.content.{j}"
             if kind == "text" and isinstance(block.get("text"), str):
-                texts.append(block["text"])
+                parts.append({"type": "text", "text": block["text"]})
+            elif kind == "document" and role == "user":
+                parts += _document(block, at)
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                     raise APIError(400, "a tool_use block needs id and name", param=at)
@@ -179,12 +183,47 @@ def chat_messages(
                     "model reads text (and tool_use / tool_result blocks)",
                     param=f"{at}.type",
                 )
-        if texts or calls or role == "assistant":
-            message: dict[str, Any] = {"role": role, "content": "".join(texts)}
+        if parts or calls or role == "assistant":
+            text_only = all(p["type"] == "text" for p in parts)
+            body = "".join(p["text"] for p in parts) if text_only else parts
+            message: dict[str, Any] = {"role": role, "content": body}
             if calls:
                 message["tool_calls"] = calls
             out.append(message)
     return out
+
+
+def _document(block: dict[str, Any], at: str) -> list[dict[str, Any]]:
+    """Chat parts of a `document` block: its `title` and `context` lines (when given), then the
+    document's text (a `text` source, a base64 `text/plain` one, or an upload's `file_id`)."""
+    citations = block.get("citations")
+    if isinstance(citations, dict) and citations.get("enabled"):
+        raise APIError(
+            400, "citations are not supported by this model; leave them out", f"{at}.citations"
+        )
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    head = "".join(f"{block[k]}\n" for k in ("title", "context") if isinstance(block.get(k), str))
+    parts = [{"type": "text", "text": head + "\n"}] if head else []
+    if kind == "text" and isinstance(source, dict) and isinstance(source.get("data"), str):
+        return [*parts, {"type": "text", "text": source["data"]}]
+    if kind == "base64" and isinstance(source, dict) and isinstance(source.get("data"), str):
+        if source.get("media_type") != "text/plain":
+            raise APIError(
+                400,
+                f"a document of media_type {source.get('media_type')!r} is not read here: "
+                "send text/plain (this model reads text, no PDF)",
+                param=f"{at}.source.media_type",
+            )
+        return [*parts, {"type": "file", "file": {"file_data": source["data"]}}]
+    if kind == "file" and isinstance(source, dict) and isinstance(source.get("file_id"), str):
+        return [*parts, {"type": "file", "file": {"file_id": source["file_id"]}}]
+    raise APIError(
+        400,
+        f"document source type {kind!r} is not read here: give a text source, base64 text/plain "
+        "data or a file_id (POST /v1/files)",
+        param=f"{at}.source",
+    )
 
 
 def _texts(blocks: Any, where: str) -> str:

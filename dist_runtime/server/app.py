@@ -63,6 +63,7 @@ from dist_runtime.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    FileRef,
     JobRequest,
     LoadLoraRequest,
     NamedToolChoice,
@@ -149,6 +150,7 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
     add_responses_routes(app, server)
     add_messages_routes(app, server)
     app.state.batches = add_batch_routes(app, server)
+    server.file_text = app.state.batches.file_text
     server.metrics.batch_counts = app.state.batches.counts
 
     @app.middleware("http")
@@ -209,6 +211,8 @@ class _Server:
             )
         self.in_flight = 0
         """Generation requests not yet ended; the event loop adds, engine callbacks subtract."""
+        self.file_text: Callable[[FileRef, str], str] = _no_files
+        """The text of a file a message refers to (`Batches.file_text` reads the uploads)."""
         self._in_flight_lock = threading.Lock()
         self.metrics = ServerMetrics(runtime.engine, runtime.job_counts)
         self.created = int(time.time())
@@ -373,6 +377,10 @@ class _Server:
     def is_special(self, token_id: int) -> bool:
         tok = self.runtime.tokenizer
         return tok is not None and tok.is_special(token_id)
+
+
+def _no_files(ref: FileRef, where: str) -> str:
+    raise APIError(400, "this server keeps no files", param=where)
 
 
 def token_string(raw: bytes) -> str:
@@ -1074,10 +1082,18 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
         try:
             req = JobRequest.model_validate(raw)
         except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(x) for x in first["loc"])
-            raise APIError(400, f"{loc}: {first['msg']}", param=loc) from e
+            message, param = _validation_message(list(e.errors()))
+            raise APIError(400, message, param=param) from e
         server.check_model(req.model)
+        document = req.document
+        if req.document_file_id is not None:
+            ref = FileRef(file_id=req.document_file_id)
+            try:
+                document = await asyncio.to_thread(server.file_text, ref, "document")
+            except APIError as e:
+                e.param = "document_file_id"
+                raise
+        assert document is not None
         try:
             json_object, schema = _guided(req.response_format)
             params = SamplingParams(
@@ -1091,7 +1107,7 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
                 priority=req.priority,
             )
             job_id = runtime.submit(
-                req.document, req.questions, params, idempotency_key=req.idempotency_key
+                document, req.questions, params, idempotency_key=req.idempotency_key
             )
         except IdempotencyKeyConflictError as e:
             raise APIError(

@@ -8,7 +8,9 @@ the answers.
     client.files.content(b.output_file_id).text  # the answers, one JSON line each
 
 Routes: `/v1/files` (upload, list, get, `/content`, delete) and `/v1/batches` (create, list,
-get, `/cancel`). A batch's lines are `launch/run_batch.py`'s (`batch_lines`): each runs through
+get, `/cancel`). An upload is a batch's requests (`purpose` `batch`) or a document (`user_data`)
+that messages name in a `file` part (chat), an `input_file` part (Responses), a `document`
+block (Messages) or `document_file_id` (jobs): `Batches.file_text` reads it there. A batch's lines are `launch/run_batch.py`'s (`batch_lines`): each runs through
 the server's own route in process, so its answer equals what a client calling that route gets;
 the batch's requests share the engine with everyone else's at `batch_priority` (1 by default:
 interactive requests, at 0, go first; lower runs first). At most `max_in_flight` of all
@@ -31,6 +33,8 @@ A batch is checked when it is created: a line that is not a request for its endp
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -60,6 +64,7 @@ from dist_runtime.server.batch_lines import (
     unrun_line,
 )
 from dist_runtime.server.calls import APIError
+from dist_runtime.server.schemas import FileRef
 
 if TYPE_CHECKING:
     from dist_runtime.server.app import _Server
@@ -67,8 +72,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dist_runtime.server.batches")
 
 DB_NAME = "batches.sqlite3"
-PURPOSES = ("batch",)
-"""Purposes an upload may have (the files batches read)."""
+PURPOSES = ("batch", "user_data", "assistants")
+"""Purposes an upload may have: a batch's requests, or a document messages refer to."""
 FINAL = ("completed", "failed", "expired", "cancelled")
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -654,6 +659,42 @@ class Batches:
 
     def counts(self) -> dict[str, int]:
         return {} if self._store is None else self._store.counts()
+
+    def file_text(self, ref: FileRef, where: str) -> str:
+        """The text of a file a message gives the model (an upload, or base64 data); an
+        APIError naming `where` (the part's path) if there is none or it is not UTF-8 text.
+        Reads the whole file: call it off the event loop."""
+        if ref.file_id is not None:
+            if self.store.file(ref.file_id) is None:
+                raise APIError(
+                    404,
+                    f"no file {ref.file_id!r} (upload it with POST /v1/files)",
+                    "not_found_error",
+                    f"{where}.file_id",
+                )
+            raw = self.store.path(ref.file_id).read_bytes()
+            what = f"file {ref.file_id!r}"
+        else:
+            assert ref.file_data is not None
+            data = ref.file_data
+            if data.startswith("data:"):
+                _, _, data = data.partition(",")
+            try:
+                raw = base64.b64decode(data, validate=True)
+            except binascii.Error as e:
+                raise APIError(
+                    400, f"file_data is not base64: {e}", param=f"{where}.file_data"
+                ) from e
+            what = "file_data"
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise APIError(
+                400,
+                f"{what} is not UTF-8 text ({e.reason} at byte {e.start}); this server reads "
+                "text files only (no PDF or images): send the document's text",
+                param=f"{where}.file_id" if ref.file_id is not None else f"{where}.file_data",
+            ) from e
 
     async def startup(self) -> None:
         """Go on with the batches a previous server left (only a --job-dir outlives one)."""

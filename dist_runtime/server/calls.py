@@ -16,7 +16,7 @@ from fastapi import Request
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.outputs import RequestOutput
 from dist_runtime.sampling_params import SamplingParams
-from dist_runtime.server.schemas import ChatMessage, SamplingFields
+from dist_runtime.server.schemas import ChatMessage, FilePart, SamplingFields
 from dist_runtime.server.tools import CallSplitter, Function
 
 if TYPE_CHECKING:
@@ -117,6 +117,19 @@ def functions_of(
     return [Function(*t) for t in tools] or None
 
 
+def message_text(server: _Server, message: ChatMessage, index: int) -> str:
+    """A message's text, files read (an upload or base64 data, text only) where they stand."""
+    if not isinstance(message.content, list):
+        return message.content or ""
+    texts = []
+    for j, part in enumerate(message.content):
+        if isinstance(part, FilePart):
+            texts.append(server.file_text(part.file, f"messages.{index}.content.{j}.file"))
+        else:
+            texts.append(part.text)
+    return "".join(texts)
+
+
 def chat_prompt(
     server: _Server,
     messages: list[ChatMessage],
@@ -135,11 +148,11 @@ def chat_prompt(
             [
                 {
                     "role": m.template_role,
-                    "content": m.text(),
+                    "content": message_text(server, m, i),
                     "tool_calls": [c.model_dump() for c in m.tool_calls or []],
                     "tool_call_id": m.tool_call_id,
                 }
-                for m in messages
+                for i, m in enumerate(messages)
             ],
             functions,
         )

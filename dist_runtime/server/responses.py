@@ -1,7 +1,8 @@
 """OpenAI's Responses API on the chat path: `POST /v1/responses`, `GET` and `DELETE
 /v1/responses/{id}`.
 
-A request's `input` (a string, or items: messages with text parts, `function_call` and
+A request's `input` (a string, or items: messages with text parts and `input_file` parts of
+text files, by `file_id` from `POST /v1/files` or as `file_data`; `function_call` and
 `function_call_output` items) and `instructions` become chat messages and run as a chat
 request does (the model's template and tool-call format, guided output for `text.format` and
 required calls). The answer comes back as `output` items: an assistant `message` with its
@@ -18,8 +19,8 @@ response `queued` and runs it on (a million-token prompt outlives most HTTP time
 shows it `in_progress` and then done, `POST /v1/responses/{id}/cancel` stops it (`cancelled`,
 with what it had written). Background responses live in this process: a restart loses the
 ones running (the durable path is `/v1/jobs`). Hosted tools (web search, file search, ...),
-images and files in the input, `conversation`, `prompt`, `include`, reasoning options and
-`truncation: "auto"` are 400s naming the field.
+images, files by URL and files that are not UTF-8 text in the input, `conversation`,
+`prompt`, `include`, reasoning options and `truncation: "auto"` are 400s naming the field.
 """
 
 from __future__ import annotations
@@ -293,26 +294,41 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
-def _text(content: Any, where: str) -> str:
-    """The text of a message's content: a string, or text parts (images and files are 400s)."""
+def _text(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """The content of a message as the chat route takes it: its text, or with `input_file`
+    parts (text files) chat parts, a `file` part where each file stands (images are 400s)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise APIError(400, "content must be a string or a list of parts", f"{where}.content")
-    texts = []
+    parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "input_file":
+            assert isinstance(part, dict)
+            if part.get("file_url") is not None:
+                raise APIError(
+                    400,
+                    "file_url is not read here (the server fetches nothing): give file_id (an "
+                    "upload, POST /v1/files) or file_data",
+                    param=f"{where}.content.{j}.file_url",
+                )
+            ref = {k: part[k] for k in ("file_id", "file_data", "filename") if k in part}
+            parts.append({"type": "file", "file": ref})
+            continue
         if kind not in ("input_text", "output_text", "text") or not isinstance(
             part.get("text"), str
         ):
             raise APIError(
                 400,
                 f"content part type {kind!r} is not supported: this model reads text "
-                "(input_text parts)",
+                "(input_text parts, and input_file parts of text files)",
                 param=f"{where}.content.{j}.type",
             )
-        texts.append(part["text"])
-    return "".join(texts)
+        parts.append({"type": "text", "text": part["text"]})
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
 
 
 def _message_item(text: str, status: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ are a 400 naming the later of them.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -274,10 +274,40 @@ def check_tool_choice(names: list[str], calls: bool, named: str | None) -> None:
         )
 
 
-class ContentPart(BaseModel):
+class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: str
+
+
+class FileRef(BaseModel):
+    """A file given to the model: an upload's `file_id` (`POST /v1/files`) or the file itself
+    as `file_data` (base64, or a `data:` URL). Text files only (UTF-8): its text stands where
+    the part is."""
+
+    model_config = ConfigDict(extra="forbid")
+    file_id: str | None = None
+    file_data: str | None = None
+    filename: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FileRef:
+        if (self.file_id is None) == (self.file_data is None):
+            raise ValueError(
+                "give file_id (an uploaded file, POST /v1/files) or file_data (its bytes in "
+                "base64), one of them"
+            )
+        return self
+
+
+class FilePart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["file"]
+    file: FileRef
+
+
+ContentPart = Annotated[TextPart | FilePart, Field(discriminator="type")]
+"""A part of a chat message's content: text, or a text file (OpenAI's `file` part)."""
 
 
 class FunctionCall(BaseModel):
@@ -338,8 +368,9 @@ class ChatMessage(BaseModel):
         return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
+        """The content's text (files left out: `calls.message_text` reads them)."""
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text for part in self.content if isinstance(part, TextPart))
         return self.content or ""
 
 
@@ -478,7 +509,9 @@ class DetokenizeRequest(_Request):
 class JobRequest(_Request):
     model: str | None = None
     """The served model or one of its LoRA adapters (None: the base model)."""
-    document: str = Field(min_length=1)
+    document: str | None = Field(default=None, min_length=1)
+    document_file_id: str | None = None
+    """The document as an upload (`POST /v1/files`, a UTF-8 text file) instead of `document`."""
     questions: list[str] = Field(min_length=1)
     max_tokens: int = Field(default=128, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
@@ -499,6 +532,16 @@ class JobRequest(_Request):
             except json.JSONDecodeError as e:
                 raise ValueError(f"not valid JSON: {e}") from None
         return v
+
+    @model_validator(mode="after")
+    def _one_document(self) -> JobRequest:
+        if (self.document is None) == (self.document_file_id is None):
+            raise UnsupportedFieldError(
+                "document",
+                "give the document as document (its text), a file part (multipart), or "
+                "document_file_id (an upload, POST /v1/files): one of them",
+            )
+        return self
 
 
 def error_body(
