@@ -691,6 +691,10 @@ class SchedulerConfig:
     """adaptive: a draft's length follows the measured cost of a row and the sequence's share
     of kept draft tokens (`dist_runtime.engine.speculative.PromptLookup`); fixed: every draft
     as long as the lookup finds, up to num_speculative_tokens (vLLM's ngram)."""
+    priority_aging_s: float = 600.0
+    """A request moves one priority level ahead for every this many seconds since it arrived,
+    so less important work (batches, queued jobs) is not starved by a steady stream of more
+    important requests; 0: never (strict priority)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -702,6 +706,12 @@ class SchedulerConfig:
             raise ConfigError(
                 f"scheduler.num_speculative_tokens must be an integer in [0, "
                 f"{MAX_SPECULATIVE_TOKENS}] (0: no speculative decoding), got {k!r}"
+            )
+        aging = self.priority_aging_s
+        if not isinstance(aging, (int, float)) or isinstance(aging, bool) or not aging >= 0:
+            raise ConfigError(
+                f"scheduler.priority_aging_s must be a number of seconds >= 0 (0: no aging), "
+                f"got {aging!r}"
             )
         if self.draft_policy not in ("adaptive", "fixed"):
             raise ConfigError(

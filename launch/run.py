@@ -95,6 +95,7 @@ ENGINE_FLAGS: dict[str, str] = {
     "scheduler.prompt_lookup_max": "--prompt-lookup-max",
     "scheduler.prompt_lookup_min": "--prompt-lookup-min",
     "scheduler.draft_policy": "--draft-policy",
+    "scheduler.priority_aging_s": "--priority-aging-s",
 }
 """Config key -> the flag that sets it (errors about a flag's value name the flag)."""
 
@@ -271,6 +272,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         help="tokens one step computes per cp rank: decodes, then prefill chunks "
         f"(default: {_default('scheduler.max_num_batched_tokens')})",
+    )
+    g.add_argument(
+        "--priority-aging-s",
+        type=float,
+        help="a waiting request moves one priority level ahead per this many seconds since it "
+        "arrived, so batches and queued jobs at a lower priority are not starved by a steady "
+        f"stream of interactive requests; 0: never (default: "
+        f"{_default('scheduler.priority_aging_s'):g})",
     )
     g.add_argument(
         "--num-speculative-tokens",

@@ -245,6 +245,11 @@ RUN_TABLE: list[Any] = [
         id="num-speculative-tokens",
     ),
     pytest.param(
+        ["--priority-aging-s", "-5"],
+        "--priority-aging-s must be a number of seconds >= 0 (0: no aging), got -5.0",
+        id="priority-aging-s",
+    ),
+    pytest.param(
         ["--rope-scaling-factor", "0.5"],
         "--rope-scaling-factor must be a number >= 1, got 0.5",
         id="rope-factor",

@@ -2,15 +2,18 @@
 
 Each step spends a token budget: every running decode first (one token each), then prefill
 chunks of sequences still reading their prompt, then newly admitted sequences while KV blocks
-last. When a decode cannot get a block, the most recently admitted sequence is preempted: its
+last. When a decode cannot get a block, the most recently arrived sequence is preempted: its
 blocks are freed and it is recomputed later (prompt + output so far).
 
-Requests carry a priority (`SamplingParams.priority`, lower first): the waiting queue is kept
-in priority order (arrival order within one, preempted sequences at the head of theirs),
-decodes claim blocks most important first, a preemption takes the least important running
-sequence (the latest admitted among equals), and a waiting sequence that finds no block or
-slot preempts a running one of lower priority that this step has not scheduled yet. With
-every priority equal (the default) this is the plain first-come order above.
+Requests carry a priority (`SamplingParams.priority`, lower first) that improves by one level
+for every `priority_aging_s` seconds since they arrived, so no request waits behind more
+important ones forever. As the aging is the same for all, it orders requests by a fixed rank
+(`Sequence.rank`: priority plus arrival time in aging units): the waiting queue is kept in rank
+order (arrival order within one priority), decodes claim blocks most important first, a
+preemption takes the least important running sequence (the latest arrived among equals), and a
+waiting sequence that finds no block or slot preempts a running one at least a whole level
+less important that this step has not scheduled yet. With every priority equal (the default)
+this is the plain first-come order above.
 
 With speculative decoding (`num_speculative_tokens` > 0), a decoding sequence may carry a draft
 (`dist_runtime.engine.speculative`): the step computes its last token and the draft, and the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,6 +111,10 @@ class Sequence:
     loading: bool = False
     """Admitted while more of its prefix waits in the host or disk tier than one step reads:
     it runs no chunk until the rest is read (`Scheduler._go_on_loading`)."""
+    rank: float = 0.0
+    """Its place in priority order, lower first: its priority, plus its arrival time in
+    units of `SchedulerConfig.priority_aging_s` (so a request that has waited that long
+    ranks with those one priority level more important arriving now); set by `add`."""
     rope_base: float = 0.0
     """RoPE base fixed for this request (0: the model's own); it salts its prefix-cache keys."""
     adapter: int = 0
@@ -194,22 +202,24 @@ class Scheduler:
         behind the sequences admitted past it."""
 
     def add(self, seq: Sequence) -> None:
+        aging = self.config.priority_aging_s
+        seq.rank = seq.params.priority + (time.monotonic() / aging if aging else 0.0)
         self._enqueue(seq, front=False)
         self._seqs[seq.seq_id] = seq
 
     def _enqueue(self, seq: Sequence, front: bool) -> None:
         """Into the waiting queue in priority order: at the back of its priority (a new
         arrival) or at its front (a preempted or reset sequence)."""
-        p = seq.params.priority
+        p = seq.rank
         waiting = self.waiting
-        if not front and (not waiting or waiting[-1].params.priority <= p):
+        if not front and (not waiting or waiting[-1].rank <= p):
             waiting.append(seq)  # the common case: equal priorities
             return
-        if front and (not waiting or waiting[0].params.priority >= p):
+        if front and (not waiting or waiting[0].rank >= p):
             waiting.appendleft(seq)
             return
         ahead = (lambda q: q > p) if not front else (lambda q: q >= p)
-        at = next((i for i, w in enumerate(waiting) if ahead(w.params.priority)), len(waiting))
+        at = next((i for i, w in enumerate(waiting) if ahead(w.rank)), len(waiting))
         waiting.insert(at, seq)
 
     def get(self, seq_id: int) -> Sequence:
@@ -299,7 +309,7 @@ class Scheduler:
         """Running sequences that decode this step, preempting others until all have blocks."""
         decodes: list[Sequence] = []
         # most important first, so a preemption takes blocks from the least important
-        for seq in sorted(self.running, key=lambda s: s.params.priority):
+        for seq in sorted(self.running, key=lambda s: s.rank):
             if seq.status is not SeqStatus.RUNNING or seq.num_computed_tokens != seq.num_tokens - 1:
                 continue
             while not self.blocks.can_grow(seq.block_table, seq.num_tokens):
@@ -343,7 +353,7 @@ class Scheduler:
         candidates = [i for i, s in enumerate(self.running) if eligible(s)]
         if not candidates:
             return None
-        return self.running[max(candidates, key=lambda i: (self.running[i].params.priority, i))]
+        return self.running[max(candidates, key=lambda i: (self.running[i].rank, i))]
 
     def _make_room_for_waiting(self) -> None:
         """Preempt running sequences less important than the head of the queue (least
@@ -352,8 +362,8 @@ class Scheduler:
         if not self.waiting:
             return
         head = self.waiting[0]
-        p = head.params.priority
-        if not any(s.params.priority > p for s in self.running):
+        p = head.rank
+        if not any(s.rank >= p + 1 for s in self.running):
             return  # the common case (equal priorities): nothing to preempt
         cached = 0
         if not head.block_table and not head.needs_prompt_logprobs:
@@ -370,8 +380,9 @@ class Scheduler:
     def _preempt_for(self, seq: Sequence, scheduled: list[ScheduledSeq]) -> bool:
         """Preempt a running sequence of lower priority than waiting `seq` (one this step
         has not scheduled), to free its blocks and slot; False when there is none."""
-        p = seq.params.priority
-        victim = self._least_important(lambda s: s.params.priority > p and not _has(scheduled, s))
+        p = seq.rank
+        # a whole priority level less important (ranks within one level only order the queue)
+        victim = self._least_important(lambda s: s.rank >= p + 1 and not _has(scheduled, s))
         if victim is None:
             return False
         self._preempt(victim)

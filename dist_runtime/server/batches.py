@@ -10,10 +10,13 @@ the answers.
 Routes: `/v1/files` (upload, list, get, `/content`, delete) and `/v1/batches` (create, list,
 get, `/cancel`). An upload is a batch's requests (`purpose` `batch`) or a document (`user_data`)
 that messages name in a `file` part (chat), an `input_file` part (Responses), a `document`
-block (Messages) or `document_file_id` (jobs): `Batches.file_text` reads it there. A batch's lines are `launch/run_batch.py`'s (`batch_lines`): each runs through
-the server's own route in process, so its answer equals what a client calling that route gets;
-the batch's requests share the engine with everyone else's at `batch_priority` (1 by default:
-interactive requests, at 0, go first; lower runs first). At most `max_in_flight` of all
+block (Messages) or `document_file_id` (jobs): `Batches.file_text` reads it there.
+
+A batch's lines are `launch/run_batch.py`'s (`batch_lines`): each runs through the server's own
+route in process, so its answer equals what a client calling that route gets; the batch's
+requests share the engine with everyone else's at `batch_priority` (1 by default: interactive
+requests, at 0, go first; lower runs first; a request waiting `priority_aging_s` moves a level
+ahead). At most `max_in_flight` of all
 batches' requests are in flight at once, leaving room under `--max-concurrent-requests` for
 interactive callers. A request refused with 429 or 503 is tried again later, not answered.
 

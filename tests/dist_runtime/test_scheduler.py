@@ -381,6 +381,88 @@ def test_a_decode_short_of_blocks_preempts_the_least_important() -> None:
         assert seq.output_token_ids == d.expected_output(seq)
 
 
+class Clock:
+    """time.monotonic as the scheduler reads it, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    import dist_runtime.engine.scheduler as scheduler_module
+
+    c = Clock()
+    monkeypatch.setattr(scheduler_module.time, "monotonic", c)
+    return c
+
+
+@pytest.mark.parametrize("aging", [0.0, 10.0])
+def test_a_request_waiting_long_enough_goes_ahead_of_more_important_arrivals(
+    aging: float, clock: Clock
+) -> None:
+    """With aging every 10 s, a priority-2 request that has waited 25 s ranks ahead of a
+    priority-0 arrival (2 levels gained, and earlier); without aging it waits behind it."""
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, priority_aging_s=aging)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    running = make_seq(0, 3, max_new_tokens=3, priority=0)
+    d.add(running)
+    d.step()
+    d.add(make_seq(1, 3, max_new_tokens=2, priority=2))  # waits for the slot
+    clock.now += 25
+    d.add(make_seq(2, 3, max_new_tokens=2, priority=0))
+    d.run()
+    order = [1, 2] if aging else [2, 1]
+    assert _first_steps(d)[1:] == order and d.scheduler.num_preemptions == 0
+
+
+def test_aging_preempts_only_a_whole_level_less_important(clock: Clock) -> None:
+    """A waiting request preempts a running one only if that one ranks a whole (aged) level
+    below it: a priority-1 request running since 5 s before a priority-0 arrival has gained
+    half a level and keeps its slot; one arrived with it gives the slot up."""
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, priority_aging_s=10.0)
+    for head_start, preempted in ((5.0, 0), (0.0, 1)):
+        d = Driver(num_blocks=64, block_size=4, config=config)
+        d.add(make_seq(0, 5, max_new_tokens=6, priority=1))
+        d.step()
+        clock.now += head_start
+        d.add(make_seq(1, 4, max_new_tokens=2, priority=0))
+        d.run()
+        assert d.scheduler.num_preemptions == preempted, head_start
+        for seq in d.seqs.values():
+            assert seq.output_token_ids == d.expected_output(seq)
+
+
+def test_equal_priorities_never_preempt_for_a_waiting_request(clock: Clock) -> None:
+    """Among equal priorities a waiting request that arrived before a running one (it waited
+    for its LoRA adapter's slot while the later one took the sequence slot) does not take the
+    slot back: only whole levels preempt."""
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, priority_aging_s=10.0)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    slot_free = False
+    d.scheduler.admit_hook = lambda seq: slot_free
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, adapter="x")
+    early = Sequence(seq_id=0, prompt_token_ids=[1, 2, 3], params=params, seed=0)
+    d.add(early)
+    clock.now += 5
+    d.add(make_seq(1, 3, max_new_tokens=4))
+    d.step()  # the early one's adapter has no slot: the later one runs
+    slot_free = True
+    d.run()
+    assert _first_steps(d) == [1, 0] and d.scheduler.num_preemptions == 0
+
+
+def test_priority_aging_must_be_a_number_of_seconds() -> None:
+    from dist_runtime.config import ConfigError
+
+    for bad in (-1, "soon", True):
+        with pytest.raises(ConfigError, match="priority_aging_s must be a number of seconds"):
+            SchedulerConfig(priority_aging_s=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_random_workloads_replay_and_recompute(seed: int) -> None:
     """Random prompt lengths, budgets and cache sizes, arrivals between steps: every plan
