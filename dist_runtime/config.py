@@ -778,6 +778,10 @@ class RuntimeConfig:
     rope_scaling_factor: float | None = None
     """Dynamic-NTK factor to use instead of the checkpoint's rope_scaling (as LMDeploy's
     --rope-scaling-factor): lets a model without RoPE scaling run past its trained length."""
+    chat_template: str | None = None
+    """A Jinja chat template used instead of the model's (vLLM's `--chat-template`): the path
+    of a file holding it, or its text. For a checkpoint that ships none (a base model) or one
+    that should be prompted otherwise."""
     lora_modules: dict[str, str] = field(default_factory=dict)
     """LoRA adapters to serve beside the base model, name -> PEFT folder (`--lora-modules`);
     a request picks one by name (`SamplingParams.adapter`, the server's `model`)."""
@@ -859,6 +863,7 @@ class RuntimeConfig:
         factor = self.rope_scaling_factor
         if factor is not None and (not _is_number(factor) or not factor >= 1.0):
             raise ConfigError(f"rope_scaling_factor must be a number >= 1, got {factor!r}")
+        check_chat_template(self.chat_template)
         check_lora_modules(self.lora_modules)
         for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
             value = getattr(self, name)
@@ -966,6 +971,31 @@ class RuntimeConfig:
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 """A LoRA adapter's name (`RuntimeConfig.lora_modules`): what requests and the server's `model`
 field pick it by."""
+
+
+def check_chat_template(value: Any) -> None:
+    """RuntimeConfig.chat_template: unset, a file, or a Jinja template's text."""
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"chat_template must be a file's path or a Jinja template's text, got {value!r:.80}"
+        )
+    if "{{" in value or "{%" in value:
+        return
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"chat_template {value!r:.200} is neither a file nor a Jinja template (no '{{{{' "
+            "or '{%'); give the path of a .jinja file or the template's text"
+        )
+
+
+def read_chat_template(value: str) -> str:
+    """The template text of a checked `chat_template` value (a file is read)."""
+    if "{{" in value or "{%" in value:
+        return value
+    return Path(value).expanduser().read_text(encoding="utf-8")
 
 
 def check_lora_modules(value: Any) -> None:

@@ -28,6 +28,7 @@ from dist_runtime.config import (
     RuntimeConfig,
     SchedulerConfig,
     build_section,
+    read_chat_template,
 )
 from dist_runtime.engine.engine import Engine
 from dist_runtime.engine.executor.base import Executor
@@ -38,7 +39,12 @@ from dist_runtime.jobs.runner import JobRunner
 from dist_runtime.jobs.store import JobState, JobStatus, JobStore
 from dist_runtime.progress import plural
 from dist_runtime.sampling_params import SamplingParams
-from dist_runtime.text.chat import MessageLike, encode_chat, history_to_messages
+from dist_runtime.text.chat import (
+    MessageLike,
+    encode_chat,
+    history_to_messages,
+    template_variables,
+)
 from dist_runtime.text.tokenizer import Tokenizer
 from workers.checkpoint import CheckpointReader
 from workers.models.layouts import check_checkpoint
@@ -75,6 +81,8 @@ class Runtime:
             check_checkpoint(self.model_config, reader)
             reader.close()
         self.tokenizer = Tokenizer.from_folder(self.config.model)
+        if self.config.chat_template is not None:
+            self._use_chat_template(self.config.chat_template)
         self.engine = Engine(self.config, self.model_config, self.tokenizer)
         """The engine loop every call feeds; its counters are in `engine.stats()`."""
         blocks = self.engine.blocks
@@ -86,6 +94,18 @@ class Runtime:
             plural(blocks.num_blocks, "block"),
             blocks.block_size,
         )
+
+    def _use_chat_template(self, value: str) -> None:
+        """Prompt chats with `value` (a template file or text) instead of the model's."""
+        if self.tokenizer is None:
+            raise ConfigError(
+                f"chat_template is set but {self.config.model} has no tokenizer to chat with",
+                key="chat_template",
+            )
+        text = read_chat_template(value)
+        template_variables(text)  # a template that does not parse fails here, not per chat
+        self.tokenizer.chat_template = text
+        logger.info("chat template: %s", "given text" if text is value else value)
 
     @property
     def adapters(self) -> list[str]:

@@ -69,6 +69,7 @@ ENGINE_FLAGS: dict[str, str] = {
     "allow_rope_extrapolation": "--allow-rope-extrapolation",
     "job_dir": "--job-dir",
     "lora_modules": "--lora-modules",
+    "chat_template": "--chat-template",
     "max_loras": "--max-loras",
     "max_lora_rank": "--max-lora-rank",
     "max_cpu_loras": "--max-cpu-loras",
@@ -122,6 +123,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--config", help="YAML file mapping onto RuntimeConfig; flags override it (default: none)"
+    )
+    g.add_argument(
+        "--chat-template",
+        help="a Jinja chat template to prompt chats with instead of the model's: a file's path "
+        "or the template's text (default: the model's own, else InternLM2's ChatML)",
     )
     g.add_argument(
         "--dtype",

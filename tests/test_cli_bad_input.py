@@ -245,6 +245,11 @@ RUN_TABLE: list[Any] = [
         id="num-speculative-tokens",
     ),
     pytest.param(
+        ["--chat-template", "no-such-template.jinja"],
+        "--chat-template 'no-such-template.jinja' is neither a file nor a Jinja template",
+        id="chat-template",
+    ),
+    pytest.param(
         ["--priority-aging-s", "-5"],
         "--priority-aging-s must be a number of seconds >= 0 (0: no aging), got -5.0",
         id="priority-aging-s",

@@ -558,6 +558,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             (req.top_logprobs or 0) if req.logprobs else None,
             req.n,
             req.continue_final_message,
+            req.chat_template_kwargs,
         )
         ids, handles, splitter = run.ids, run.handles, run.splitter
 
@@ -665,7 +666,13 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         server.check_model(req.model)
         if req.messages is not None:
             ids = await asyncio.to_thread(
-                chat_prompt, server, req.messages, _functions(req.tools), False
+                chat_prompt,
+                server,
+                req.messages,
+                _functions(req.tools),
+                False,
+                False,
+                req.chat_template_kwargs,
             )
         else:
             tokenizer = runtime.tokenizer

@@ -64,6 +64,7 @@ async def start_chat(
     logprobs: int | None,
     n: int,
     continue_final: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> ChatRun:
     """Build a chat prompt in the model's tool-call format and add its `n` requests: a
     required (`mode` "required", or "named" for function `named`) call's answer is held to
@@ -78,7 +79,9 @@ async def start_chat(
             "a required tool call and continuing the assistant's last message cannot combine",
             param="tool_choice",
         )
-    ids = await asyncio.to_thread(chat_prompt, server, messages, functions, calling, continue_final)
+    ids = await asyncio.to_thread(
+        chat_prompt, server, messages, functions, calling, continue_final, template_kwargs
+    )
     if max_tokens is None:
         max_tokens = server.default_max_tokens(len(ids))
     call_format = None
@@ -136,6 +139,7 @@ def chat_prompt(
     functions: list[Function] | None,
     calling: bool,
     continue_final: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """A chat request's prompt ids, in the model's tool-call format (run off the event loop:
     a million-token document takes seconds)."""
@@ -156,7 +160,7 @@ def chat_prompt(
             ],
             functions,
         )
-        return fmt.encode(tokenizer, turns, functions, calling, continue_final)
+        return fmt.encode(tokenizer, turns, functions, calling, continue_final, template_kwargs)
     except (ValueError, RecursionError) as e:
         what = str(e) if isinstance(e, ValueError) else "a value nests too deeply"
         raise APIError(400, what, param="messages") from e

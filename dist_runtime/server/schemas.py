@@ -388,6 +388,8 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = None
     """vLLM's extra: open the assistant's turn after the messages (the default unless
     continue_final_message)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM's extra: more variables for the chat template (e.g. `enable_thinking`)."""
 
     @model_validator(mode="after")
     def _tool_choice_fits(self) -> ChatCompletionRequest:
@@ -474,6 +476,7 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = True
     """For a `prompt`: add BOS as the completion route does."""
     return_token_strs: bool = False

@@ -228,9 +228,11 @@ class ToolFormat:
         functions: list[Function] | None,
         calling: bool,
         continue_final: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """The prompt's token ids; `calling`: the answer must be a call (required / named);
-        `continue_final`: the answer continues the last (assistant) turn."""
+        `continue_final`: the answer continues the last (assistant) turn; `template_kwargs`:
+        more variables for the chat template (a format writing its own prompt has none)."""
         raise NotImplementedError
 
     def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
@@ -265,8 +267,11 @@ class JsonCalls(ToolFormat):
         functions: list[Function] | None,
         calling: bool,
         continue_final: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
-        return encode_chat(tokenizer, turns, continue_final_message=continue_final)
+        return encode_chat(
+            tokenizer, turns, continue_final_message=continue_final, template_kwargs=template_kwargs
+        )
 
     def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
         return call_schema(functions, parallel)
@@ -317,6 +322,7 @@ class InternLM2Calls(ToolFormat):
         functions: list[Function] | None,
         calling: bool,
         continue_final: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         if continue_final:
             check_continuable(turns)
@@ -408,6 +414,7 @@ class TemplateCalls(ToolFormat):
         functions: list[Function] | None,
         calling: bool,
         continue_final: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         tools = [{"type": "function", "function": _entry(f)} for f in functions or []]
         suffix = TOOL_CALL_OPEN + "\n" if calling and self.tagged else ""
@@ -417,6 +424,7 @@ class TemplateCalls(ToolFormat):
             tools=tools or None,
             suffix=suffix,
             continue_final_message=continue_final,
+            template_kwargs=template_kwargs,
         )
 
     def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
@@ -477,7 +485,8 @@ INTERNLM2_CALLS = InternLM2Calls()
 
 def tool_format_for(tokenizer: Tokenizer, name: str = "auto") -> ToolFormat:
     """The tool-call format for a model: `name` ("json", "internlm2"), or with "auto"
-    InternLM2's when the tokenizer has its agent tokens and the prompt is ChatML."""
+    InternLM2's when the tokenizer has its agent tokens and the model's own prompt is ChatML
+    (not when a chat template was given to replace it: that template writes every prompt)."""
     if name not in TOOL_CALL_FORMATS:
         raise ValueError(f"tool-call format {name!r} is not one of {list(TOOL_CALL_FORMATS)}")
     if name == "json":
@@ -499,7 +508,8 @@ def tool_format_for(tokenizer: Tokenizer, name: str = "auto") -> ToolFormat:
             )
         return INTERNLM2_CALLS
     template = chat_template(tokenizer)
-    if not missing and (template is None or IM_START in template):
+    given = tokenizer.chat_template is not None  # a template given to replace the model's
+    if not missing and not given and (template is None or IM_START in template):
         return INTERNLM2_CALLS
     if template is not None and "tools" in template_variables(template):
         return template_calls(template)

@@ -97,6 +97,7 @@ def build_chat_prompt(
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
     continue_final_message: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> str:
     """The prompt text for `messages`.
 
@@ -108,6 +109,8 @@ def build_chat_prompt(
     its `tools`, as HF's `apply_chat_template(tools=...)` passes them.
     `continue_final_message` (as HF's): the last message, the assistant's, is the start of
     the answer: the prompt ends right after its content, so the model continues it.
+    `template_kwargs` are more variables for the template (vLLM's `chat_template_kwargs`,
+    e.g. `{"enable_thinking": false}`); they may not replace the ones set here.
     """
     special_tokens, template = _load_template(tokenizer_folder_or_config)
     dicts = _message_dicts(messages)
@@ -118,12 +121,17 @@ def build_chat_prompt(
         bos = special_tokens.get("bos_token")
         text = internlm2_chat_prompt(dicts, add_generation_prompt, bos_token=bos)
     else:
+        context = {"tools": tools, **special_tokens}
+        taken = sorted(set(template_kwargs or {}) & {*context, "messages", "add_generation_prompt"})
+        if taken:
+            raise ValueError(
+                f"chat_template_kwargs may not set {taken}: the prompt's own variables"
+            )
         text = render_chat_template(
             template,
             dicts,
             add_generation_prompt=add_generation_prompt,
-            tools=tools,
-            **special_tokens,
+            **{**(template_kwargs or {}), **context},
         )
     return cut_after_final_message(text, dicts[-1]["content"]) if continue_final_message else text
 
@@ -166,6 +174,7 @@ def encode_chat(
     tools: list[dict[str, Any]] | None = None,
     suffix: str = "",
     continue_final_message: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """Token ids of the chat prompt (then `suffix`, the answer's forced start), with exactly
     one BOS where the model uses one.
@@ -175,7 +184,7 @@ def encode_chat(
     `add_bos_token`.
     """
     text = build_chat_prompt(
-        tokenizer, messages, add_generation_prompt, tools, continue_final_message
+        tokenizer, messages, add_generation_prompt, tools, continue_final_message, template_kwargs
     )
     text += suffix
     bos = tokenizer.bos_token
@@ -276,6 +285,8 @@ def _load_template(source: object) -> tuple[dict[str, str], str | None]:
         config: Mapping[str, Any] = source.config
         folder = source.folder
         special_tokens = source.special_tokens_map
+        if source.chat_template is not None:
+            return special_tokens, source.chat_template
     elif isinstance(source, Mapping):
         config = source
     elif isinstance(source, (str, os.PathLike)):

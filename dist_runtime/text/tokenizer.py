@@ -83,6 +83,8 @@ class Tokenizer:
         )
         self.add_bos: bool = _config_bool(self.config, "add_bos_token", default_bos)
         self.add_eos: bool = _config_bool(self.config, "add_eos_token", default_eos)
+        self.chat_template: str | None = None
+        """A chat template used instead of the folder's (`RuntimeConfig.chat_template`)."""
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike[str]) -> Tokenizer | None:

@@ -1,0 +1,83 @@
+"""`--chat-template` (RuntimeConfig.chat_template) replaces the model's template for every chat
+prompt, and a chat request's `chat_template_kwargs` reach the template; through the server's
+routes in process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dist_runtime import Runtime
+from dist_runtime.formats.random_checkpoint import write_random_checkpoint
+from dist_runtime.server.app import ServerSettings, create_app
+from dist_runtime.server.batch_lines import call
+from dist_runtime.server.tools import INTERNLM2_CALLS, tool_format_for
+from dist_runtime.text.chat import ChatTemplateError, encode_chat
+from dist_runtime.text.tokenizer import Tokenizer
+from tests.conftest import TINY_SEED, TINY_SHAPES
+
+TEMPLATE = (
+    "{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}"
+    "{% if shout %}LOUD {% endif %}{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def _post(app: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    status, raw = asyncio.run(call(app, path, json.dumps(body).encode()))
+    return status, json.loads(raw)
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+def test_a_given_template_writes_every_chat_prompt(
+    as_file: bool, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "chat.jinja"
+    source.write_text(TEMPLATE)
+    value = str(source) if as_file else TEMPLATE
+    with Runtime(model=str(tiny_llama_dir), session_len=256, device="cpu", dtype="float32",
+                 chat_template=value) as rt:  # fmt: skip
+        tok = rt.tokenizer
+        assert tok is not None and tok.chat_template == TEMPLATE
+        want = tok.encode("[user]Hi\n[assistant]")
+        assert encode_chat(tok, HI) == want
+        app = create_app(rt, ServerSettings(served_model_name="m"))
+        status, out = _post(app, "/tokenize", {"messages": HI})
+        assert status == 200 and out["tokens"] == want
+        loud = {"messages": HI, "chat_template_kwargs": {"shout": True}}
+        status, out = _post(app, "/tokenize", loud)
+        assert status == 200 and out["tokens"] == tok.encode("[user]Hi\nLOUD [assistant]")
+        body = {"messages": HI, "max_tokens": 2, "temperature": 0,
+                "chat_template_kwargs": {"shout": True}}  # fmt: skip
+        status, out = _post(app, "/v1/chat/completions", body)
+        assert status == 200 and out["usage"]["prompt_tokens"] == len(
+            tok.encode("[user]Hi\nLOUD [assistant]")
+        )
+        status, out = _post(app, "/v1/chat/completions",
+                            {**body, "chat_template_kwargs": {"messages": []}})  # fmt: skip
+        assert status == 400 and "may not set ['messages']" in out["error"]["message"]
+
+
+def test_a_template_that_does_not_parse_fails_at_start(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ChatTemplateError, match="does not parse"):
+        Runtime(model=str(tiny_llama_dir), session_len=256, device="cpu",
+                chat_template="{% if %}")  # fmt: skip
+
+
+def test_a_given_template_is_not_overridden_by_internlm2_calls(tmp_path: Path) -> None:
+    """With InternLM2's agent tokens the tool-call format is InternLM2's own prompt writer,
+    unless a template was given: then the given template writes the prompts."""
+    folder = write_random_checkpoint(
+        tmp_path / "agent", architecture="internlm2", seed=TINY_SEED,
+        extra_special_tokens=("<|plugin|>", "<|interpreter|>", "<|action_end|>",
+                              "<|action_start|>"),
+        **TINY_SHAPES,
+    )  # fmt: skip
+    tok = Tokenizer.from_folder(folder)
+    assert tok is not None and tool_format_for(tok) is INTERNLM2_CALLS
+    tok.chat_template = TEMPLATE
+    assert tool_format_for(tok).name == "json"
