@@ -1223,6 +1223,12 @@ def test_choices_say_which_stop_ended_them(client: Any) -> None:
     cut = client.completions.create(stop=[stop, "never-seen"], **ask).choices[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:at]
     assert cut.model_extra["stop_reason"] == stop
+    # vLLM's stop_token_ids: with every id a stop, the first token ends it (and adds no text)
+    every = {**ask, "extra_body": {"ignore_eos": True, "stop_token_ids": list(range(512))}}
+    out = client.completions.create(**every)
+    first = out.choices[0]
+    assert first.finish_reason == "stop" and first.text == "" and out.usage.completion_tokens == 1
+    assert isinstance(first.model_extra["stop_reason"], int)
 
 
 def test_continue_final_message_continues_the_assistant(

@@ -306,6 +306,7 @@ class _Server:
                 seed=seed,
                 stop=tuple(stop),
                 ignore_eos=req.ignore_eos,
+                stop_token_ids=tuple(req.stop_token_ids or ()),
                 skip_special_tokens=req.skip_special_tokens,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,

@@ -182,6 +182,9 @@ class SamplingFields(_Request):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    """vLLM's extra: token ids that end the answer (beside EOS); the choice's `stop_reason`
+    names the one that did."""
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     """vLLM's extra: each prompt token's log-probability and this many top ones, returned as
