@@ -252,3 +252,108 @@ def test_background_responses_run_on_and_can_be_cancelled(client: Any) -> None:
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(background=True, **ask, **extra)
         assert info.value.body["param"] == param
+
+
+def test_disk_store_keeps_responses_and_pending_requests(tmp_path: Path) -> None:
+    from dist_runtime.server.responses import DiskResponseStore
+
+    store = DiskResponseStore(tmp_path / "responses.sqlite3")
+    one = [{"role": "user", "content": "abc"}]
+    store.put("r0", {"id": "r0", "status": "completed"}, one)
+    store.put("r1", {"id": "r1", "status": "queued"}, [], {"input": "x", "background": True})
+    store.close()
+    store = DiskResponseStore(tmp_path / "responses.sqlite3")  # a later server
+    got = store.get("r0")
+    assert got is not None and got.history == one and got.request is None
+    assert [(rid, s.request) for rid, s in store.pending()] == [
+        ("r1", {"input": "x", "background": True})
+    ]
+    store.put("r1", {"id": "r1", "status": "completed"}, one)  # answered: no longer pending
+    assert store.pending() == [] and len(store) == 2
+    old = DiskResponseStore(tmp_path / "responses.sqlite3", retention_s=-1)
+    old.put("r2", {"id": "r2", "status": "completed"}, [])  # past retention: all go
+    assert len(old) == 0 and store.get("r0") is None
+    assert not store.delete("r0")
+
+
+def test_a_background_response_outlives_a_server_restart(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A background response still queued when the server stops (SIGTERM) is run again by the
+    next server on the job directory, under its id, to the answer a foreground request gives."""
+    import http.client
+    import time
+
+    args = ("--api-keys", KEY, "--job-dir", str(tmp_path / "jobs"), "--max-num-seqs", "1")
+    first = Server(tiny_llama_dir, tmp_path, *args)
+    try:
+        # a long answer holds the only sequence slot, so the background ones wait, queued
+        conn = http.client.HTTPConnection("127.0.0.1", first.port, timeout=60)
+        body = {"prompt": "x", "max_tokens": 450, "ignore_eos": True, "stream": True}
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps(body),
+            {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
+        assert conn.getresponse().status == 200  # fmt: skip
+        c = openai.OpenAI(base_url=first.url + "/v1", api_key=KEY, max_retries=0)
+        ask: dict[str, Any] = dict(model=None, input="Where is the pier?", max_output_tokens=9,
+                                   temperature=0)  # fmt: skip
+        kept = c.responses.create(background=True, **ask)
+        assert c.responses.retrieve(kept.id).status == "queued"
+    finally:
+        first.close()  # SIGTERM: the background responses stay queued in the job directory
+    second = Server(tiny_llama_dir, tmp_path, *args)
+    try:
+        c = openai.OpenAI(base_url=second.url + "/v1", api_key=KEY, max_retries=0)
+        deadline = time.monotonic() + 60
+        while (got := c.responses.retrieve(kept.id)).status in ("queued", "in_progress"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert got.status == "incomplete" and got.created_at == kept.created_at
+        assert got.output_text == c.responses.create(**ask).output_text
+    finally:
+        second.close()
+
+
+def test_a_response_cancelled_before_it_runs_again_stays_cancelled(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """In process: a background response a previous server left queued, cancelled before this
+    server's start-up runs it again, is not run again."""
+    import asyncio
+
+    from dist_runtime import Runtime
+    from dist_runtime.server.app import ServerSettings, create_app
+    from dist_runtime.server.batch_lines import call
+    from dist_runtime.server.responses import DiskResponseStore
+
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    left = DiskResponseStore(job_dir / "responses.sqlite3")
+    request = {"input": "Hi", "background": True, "max_output_tokens": 3}
+    for rid in ("resp_a", "resp_b"):
+        body = {"id": rid, "status": "queued", "created_at": 1, "background": True}
+        left.put(rid, body, [], request)
+    left.close()
+    with Runtime(model=str(tiny_llama_dir), session_len=256, device="cpu",
+                 job_dir=str(job_dir)) as rt:  # fmt: skip
+        app = create_app(rt, ServerSettings(served_model_name="m"))
+
+        async def run() -> tuple[Any, Any]:
+            status, raw = await call(app, "/v1/responses/resp_a/cancel", b"")
+            assert status == 200 and json.loads(raw)["status"] == "cancelled"
+            state = app.state.responses
+            await state.startup()
+            assert state._resuming is not None
+            await state._resuming
+            while state.background:
+                await asyncio.sleep(0.01)
+            a, b = state.store.get("resp_a"), state.store.get("resp_b")
+            await state.shutdown()
+            return a, b
+
+        a, b = asyncio.run(run())
+    assert a.body["status"] == "cancelled" and a.request is None
+    assert b.body["status"] == "incomplete" and b.body["created_at"] == 1 and b.request is None

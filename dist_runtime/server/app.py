@@ -118,10 +118,13 @@ class ServerSettings:
 def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await app.state.batches.startup()  # go on with batches a previous server left
+        # go on with the batches and background responses a previous server left
+        await app.state.batches.startup()
+        await app.state.responses.startup()
         try:
             yield
         finally:
+            await app.state.responses.shutdown()
             await app.state.batches.shutdown()
 
     app = FastAPI(
@@ -147,7 +150,7 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
     from dist_runtime.server.batches import add_batch_routes
     from dist_runtime.server.responses import add_responses_routes
 
-    add_responses_routes(app, server)
+    app.state.responses = add_responses_routes(app, server)
     add_messages_routes(app, server)
     app.state.batches = add_batch_routes(app, server)
     server.file_text = app.state.batches.file_text

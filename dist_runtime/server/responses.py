@@ -10,23 +10,32 @@ required calls). The answer comes back as `output` items: an assistant `message`
 events (`response.created`, `response.output_text.delta`, ..., `response.completed`), in the
 order the official client's stream accumulator checks.
 
-`store` (the default) keeps the response, with the conversation it ends, in memory: `GET`
-returns it and `previous_response_id` continues from it (its input and output come before the
-new input; its instructions do not, as in OpenAI's API). The store holds the newest
-`STORE_MAX_ITEMS` responses and `STORE_MAX_CHARS` characters of conversation; a request that
-names an evicted or unknown response is a 404. `background: true` answers at once with the
-response `queued` and runs it on (a million-token prompt outlives most HTTP timeouts): `GET`
-shows it `in_progress` and then done, `POST /v1/responses/{id}/cancel` stops it (`cancelled`,
-with what it had written). Background responses live in this process: a restart loses the
-ones running (the durable path is `/v1/jobs`). Hosted tools (web search, file search, ...),
-images, files by URL and files that are not UTF-8 text in the input, `conversation`,
-`prompt`, `include`, reasoning options and `truncation: "auto"` are 400s naming the field.
+`store` (the default) keeps the response, with the conversation it ends: `GET` returns it and
+`previous_response_id` continues from it (its input and output come before the new input; its
+instructions do not, as in OpenAI's API). With a job directory (`--job-dir`) the store is a
+SQLite file there (`DiskResponseStore`), kept across restarts for 30 days as OpenAI keeps
+them; without one it is in memory and holds the newest `STORE_MAX_ITEMS` responses and
+`STORE_MAX_CHARS` characters of conversation. A request that names an evicted or unknown
+response is a 404. `background: true` answers at once with the response `queued` and runs it
+on (a million-token prompt outlives most HTTP timeouts): `GET` shows it `in_progress` and then
+done, `POST /v1/responses/{id}/cancel` stops it (`cancelled`, with what it had written). With a
+job directory its request is stored until it is answered, and a server that stops (or dies)
+first leaves it `queued` / `in_progress` there for the next server on that directory, which
+runs it again from the start under the same id; without one it is lost with the process.
+
+Hosted tools (web search, file search, ...), images, files by URL and files that are not UTF-8
+text in the input, `conversation`, `prompt`, `include`, reasoning options and
+`truncation: "auto"` are 400s naming the field.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import sqlite3
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -51,6 +60,8 @@ from dist_runtime.server.schemas import (
     check_tool_choice,
     check_tool_types,
 )
+
+logger = logging.getLogger("dist_runtime.server.responses")
 
 if TYPE_CHECKING:
     from dist_runtime.engine.outputs import RequestOutput
@@ -206,6 +217,12 @@ class _Stored:
     history: list[dict[str, Any]]
     """The conversation the response ends, as chat messages (its input, then its output)."""
     chars: int
+    request: dict[str, Any] | None = None
+    """A background response not yet done: its request, to run it again after a restart."""
+
+
+PENDING = ("queued", "in_progress")
+"""Statuses of a background response still to be answered."""
 
 
 class ResponseStore:
@@ -216,14 +233,23 @@ class ResponseStore:
         self._items: OrderedDict[str, _Stored] = OrderedDict()
         self._chars = 0
 
-    def put(self, rid: str, body: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    def put(
+        self,
+        rid: str,
+        body: dict[str, Any],
+        history: list[dict[str, Any]],
+        request: dict[str, Any] | None = None,
+    ) -> None:
         # everything kept counts: the conversation and the response (tools, metadata, calls)
         chars = len(json.dumps(body)) + len(json.dumps(history))
-        self._items[rid] = _Stored(body, history, chars)
+        old = self._items.pop(rid, None)
+        if old is not None:
+            self._chars -= old.chars
+        self._items[rid] = _Stored(body, history, chars, request)
         self._chars += chars
         while self._items and (len(self._items) > self.max_items or self._chars > self.max_chars):
-            _, old = self._items.popitem(last=False)
-            self._chars -= old.chars
+            _, gone = self._items.popitem(last=False)
+            self._chars -= gone.chars
 
     def get(self, rid: str) -> _Stored | None:
         return self._items.get(rid)
@@ -234,8 +260,93 @@ class ResponseStore:
             self._chars -= old.chars
         return old is not None
 
+    def pending(self) -> list[tuple[str, _Stored]]:
+        """Background responses not yet answered (none survive in memory: always empty at a
+        start)."""
+        return [(rid, s) for rid, s in self._items.items() if s.body["status"] in PENDING]
+
     def __len__(self) -> int:
         return len(self._items)
+
+
+DISK_RETENTION_S = 30 * 86400
+"""How long the job directory keeps a stored response (OpenAI keeps them 30 days)."""
+
+
+class DiskResponseStore:
+    """Stored responses in the job directory (SQLite, `responses.sqlite3`): they outlive the
+    server, and a background response left `queued` or `in_progress` by one is run again by the
+    next (`pending`). Responses older than `retention_s` are deleted as new ones come."""
+
+    def __init__(self, path: str | os.PathLike[str], retention_s: float = DISK_RETENTION_S):
+        self.retention_s = retention_s
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS responses (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "id TEXT NOT NULL UNIQUE, created REAL NOT NULL, status TEXT NOT NULL, "
+            "body TEXT NOT NULL, history TEXT NOT NULL, request TEXT);"
+            "CREATE INDEX IF NOT EXISTS responses_by_status ON responses (status);"
+        )
+
+    def put(
+        self,
+        rid: str,
+        body: dict[str, Any],
+        history: list[dict[str, Any]],
+        request: dict[str, Any] | None = None,
+    ) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO responses (id, created, status, body, history, request) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = "
+                "excluded.status, body = excluded.body, history = excluded.history, request = "
+                "excluded.request",
+                (rid, now, body["status"], json.dumps(body), json.dumps(history),
+                 None if request is None else json.dumps(request)),
+            )  # fmt: skip
+            self._db.execute("DELETE FROM responses WHERE created < ?", (now - self.retention_s,))
+            self._db.execute("COMMIT")
+
+    def get(self, rid: str) -> _Stored | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT body, history, request FROM responses WHERE id = ?", (rid,)
+            ).fetchone()
+        return None if row is None else _row(row)
+
+    def delete(self, rid: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount > 0
+
+    def pending(self) -> list[tuple[str, _Stored]]:
+        """Background responses a server left unanswered, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, body, history, request FROM responses WHERE status IN (?, ?) "
+                "ORDER BY seq",
+                PENDING,
+            ).fetchall()
+        return [(r[0], _row(r[1:])) for r in rows]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _row(row: tuple[str, str, str | None]) -> _Stored:
+    body, history, request = row
+    return _Stored(
+        json.loads(body), json.loads(history), len(body) + len(history),
+        None if request is None else json.loads(request),
+    )  # fmt: skip
 
 
 def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -369,11 +480,56 @@ def _output_history(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [message]
 
 
-def add_responses_routes(app: FastAPI, server: _Server) -> None:
+class Responses:
+    """The routes' state: the store (in the job directory when the server has one) and the
+    background responses running; `startup` runs again those a previous server left."""
 
-    store = ResponseStore()
-    background: dict[str, tuple[asyncio.Future[None], Any]] = {}
-    """Background responses still running: their task and engine handle."""
+    def __init__(self, server: _Server):
+        job_dir = server.runtime.config.job_dir
+        self.store: ResponseStore | DiskResponseStore = (
+            DiskResponseStore(os.path.join(job_dir, "responses.sqlite3"))
+            if job_dir is not None
+            else ResponseStore()
+        )
+        self.background: dict[str, tuple[asyncio.Future[None], Any]] = {}
+        """Background responses still running: their task and engine handle."""
+        self.stopping = False
+        self._resuming: asyncio.Future[None] | None = None
+        self.resume: Any = None
+        """Run a stored background request again (set by the routes)."""
+
+    async def startup(self) -> None:
+        pending = self.store.pending()
+        if pending:  # in the background: the server answers meanwhile
+            self._resuming = asyncio.ensure_future(self._resume_all([rid for rid, _ in pending]))
+
+    async def _resume_all(self, rids: list[str]) -> None:
+        for rid in rids:
+            stored = self.store.get(rid)  # again: it may have been cancelled meanwhile
+            if self.stopping or stored is None or stored.body["status"] not in PENDING:
+                continue
+            if stored.request is None:
+                continue
+            logger.info("running again background response %s (left %s)", rid,
+                        stored.body["status"])  # fmt: skip
+            await self.resume(rid, stored)
+
+    async def shutdown(self) -> None:
+        """Stop the background responses unanswered (the next server on the job directory
+        runs them again; without one they are lost with this process)."""
+        self.stopping = True
+        if self._resuming is not None:
+            self._resuming.cancel()
+        for task, handle in list(self.background.values()):
+            handle.abort()
+            task.cancel()
+        if isinstance(self.store, DiskResponseStore):
+            self.store.close()
+
+
+def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
+    state = Responses(server)
+    store, background = state.store, state.background
 
     def body(
         req: ResponsesRequest,
@@ -427,6 +583,28 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
 
     @app.post("/v1/responses")
     async def create(req: ResponsesRequest, request: Request) -> Any:
+        return await respond(req, request)
+
+    async def resume(rid: str, stored: _Stored) -> None:
+        created = stored.body["created_at"]
+        try:
+            req = ResponsesRequest.model_validate(stored.request)
+            await respond(req, None, rid, created)
+        except (APIError, ValueError) as e:
+            failed = stored.body | {"status": "failed"}
+            failed["error"] = {"code": "server_error", "message": f"not run again: {e}"}
+            store.put(rid, failed, [])
+
+    state.resume = resume
+
+    async def respond(
+        req: ResponsesRequest,
+        request: Request | None,
+        rid: str | None = None,
+        created: int | None = None,
+    ) -> Any:
+        """Answer a request (`request`: its HTTP request; None for a background response run
+        again after a restart, under its first `rid` and `created`)."""
         server.check_model(req.model)
         history: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
@@ -435,7 +613,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                 raise APIError(
                     404,
                     f"no stored response {req.previous_response_id!r} (never stored, deleted, "
-                    "or evicted from the in-memory store)",
+                    "or evicted from the store)",
                     "not_found_error",
                     "previous_response_id",
                 )
@@ -470,7 +648,8 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
             None,
             1,
         )
-        rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
+        rid = rid or f"resp_{uuid.uuid4().hex}"
+        created = created or int(time.time())
 
         def finish(out: RequestOutput, output: list[dict[str, Any]]) -> dict[str, Any]:
             status = "incomplete" if out.finish_reason == "length" else "completed"
@@ -480,10 +659,11 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                 if item["type"] == "message":
                     item["status"] = status
             usage = usage_of(run, out)
-            request.state.usage = {
-                "prompt_tokens": usage["input_tokens"],
-                "completion_tokens": usage["output_tokens"],
-            }
+            if request is not None:
+                request.state.usage = {
+                    "prompt_tokens": usage["input_tokens"],
+                    "completion_tokens": usage["output_tokens"],
+                }
             done = body(req, rid, created, status, output, usage)
             if req.store:
                 store.put(rid, done, history + new + _output_history(output))
@@ -497,7 +677,8 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
 
         if req.background:
             queued = body(req, rid, created, "queued", [], None)
-            store.put(rid, queued, [])
+            asked = req.model_dump(mode="json", by_alias=True, exclude_unset=True)
+            store.put(rid, queued, [], asked)  # kept until answered: a restart runs it again
             (handle,) = run.handles
 
             async def run_on() -> None:
@@ -505,8 +686,11 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
                     async for _ in handle:  # a first token: it runs
                         if queued["status"] == "queued":
                             queued["status"] = "in_progress"
+                            store.put(rid, queued, [], asked)
                     whole(handle.result(timeout=0))
                 except Exception as e:  # the engine failed the request
+                    if state.stopping:
+                        return  # the server stops: left for the next one to run again
                     failed = body(req, rid, created, "failed", [], None)
                     failed["error"] = {"code": "server_error", "message": str(e)}
                     store.put(rid, failed, [])
@@ -517,6 +701,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
             return queued
 
         if not req.stream:
+            assert request is not None  # only background responses run again without one
             (out,) = await gather(run.handles, request)
             return whole(out)
 
@@ -662,6 +847,10 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
             if not stored.body.get("background"):
                 raise APIError(400, "only a background response can be cancelled",
                                param="response_id")  # fmt: skip
+            if stored.body["status"] in PENDING:  # left by a previous server, not yet resumed
+                cancelled = stored.body | {"status": "cancelled"}
+                store.put(response_id, cancelled, [])
+                return cancelled
             return stored.body  # done already: cancelling changes nothing
         task, handle = running
         handle.abort()
@@ -676,3 +865,5 @@ def add_responses_routes(app: FastAPI, server: _Server) -> None:
             raise APIError(404, f"no stored response {response_id!r}", "not_found_error",
                            "response_id")  # fmt: skip
         return {"id": response_id, "object": "response", "deleted": True}
+
+    return state
