@@ -45,6 +45,10 @@ class SamplingParams:
     """Strings that end generation; the text is cut before the first one."""
     ignore_eos: bool = False
     """Keep generating past EOS until max_new_tokens."""
+    min_tokens: int = 0
+    """The answer's least length (vLLM's `min_tokens`, LMDeploy's `min_new_tokens`): before
+    this many tokens, EOS and stop_token_ids are left out of sampling, and stop strings count
+    only once they start in the text of the min_tokens-th token or later. 0: off."""
     logprobs: int | None = None
     """Return this many top log-probabilities per generated token (plus the chosen one)."""
     prompt_logprobs: int | None = None
@@ -140,6 +144,11 @@ class SamplingParams:
             f"seed must be a non-negative integer below 2**63 or None, got {self.seed!r}",
         )
         _check(
+            _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_new_tokens,
+            f"min_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens!r}], "
+            f"got {self.min_tokens!r}",
+        )
+        _check(
             all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
         )
@@ -206,6 +215,11 @@ class SamplingParams:
         if self.json_schema is not None:
             _check(not self.json_object, "give json_schema or json_object, not both")
             object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
+        _check(
+            not (self.min_tokens and self.guided),
+            "min_tokens cannot combine with guided output (the grammar decides where the "
+            "answer ends); leave one out",
+        )
         _check(
             isinstance(self.extra, dict),
             f"extra must be an empty dict (reserved), got {self.extra!r:.80}",

@@ -164,6 +164,8 @@ class Engine:
             rank = adapter_slot_rank(config, list(self.adapters.values()))
             self.config = config = dataclasses.replace(config, max_lora_rank=rank)
         self._vocab: Vocabulary | None = None
+        self._min_tokens_masks: dict[frozenset[int], bytes] = {}
+        """Allowed-token masks before min_tokens, by the ids they leave out."""
         self._vocab_lock = threading.Lock()
         """The tokenizer's tokens as bytes for guided output, built on first use."""
         self._rng = random.Random(config.seed)
@@ -394,6 +396,8 @@ class Engine:
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, params=params, seed=seed)
         if params.guided:
             seq.guide = self._json_guide(params)
+        if params.min_tokens:
+            seq.min_tokens_mask = self._min_tokens_mask(params, index)
         base = self.model_config.rope_base(len(ids))
         if base != self.model_config.rope_theta:
             seq.rope_base = base
@@ -542,6 +546,30 @@ class Engine:
                     [request],
                     ValueError(f"loading LoRA adapter {seq.params.adapter!r} failed: {error}"),
                 )
+
+    def _min_tokens_mask(self, params: SamplingParams, index: int) -> bytes | None:
+        """The allowed-token mask of a request's samples before min_tokens: every token but
+        EOS (unless ignore_eos) and its stop ids; None when none of those is in the
+        vocabulary."""
+        vocab = self.model_config.vocab_size
+        banned = {t for t in params.stop_token_ids if t < vocab}
+        if not params.ignore_eos:
+            banned |= {t for t in self.outputs.eos_token_ids if t < vocab}
+        if not banned:
+            return None
+        if len(banned) >= vocab:
+            raise ValueError(
+                f"prompt {index}: min_tokens would leave no token to pick (every id is EOS or "
+                "a stop_token_id); give fewer stop_token_ids"
+            )
+        key = frozenset(banned)
+        mask = self._min_tokens_masks.get(key)
+        if mask is None:
+            packed = bytearray(b"\xff" * ((vocab + 7) // 8))
+            for t in banned:
+                packed[t // 8] &= ~(1 << (t % 8)) & 0xFF  # least significant bit first
+            mask = self._min_tokens_masks[key] = bytes(packed)
+        return mask
 
     def _json_guide(self, params: SamplingParams) -> JsonGuide:
         """A guided request's grammar state; the vocabulary's byte tries are built on the first

@@ -50,7 +50,9 @@ class OutputProcessor:
         # are kept (skip_special_tokens=False), as in vLLM: the answer is what came before it.
         if self._is_stop_token(seq, tok.token_id):
             reason: str | None = "stop"
-        elif text_state is not None and text_state.add(tok.token_id):
+        elif text_state is not None and text_state.add(
+            tok.token_id, armed=len(seq.output_token_ids) >= seq.params.min_tokens
+        ):
             reason = "stop"  # a stop string
         else:
             reason = self._stop_reason(seq, tok.token_id)

@@ -100,6 +100,14 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def holds_stops(self, ahead: int = 0) -> bool:
+        """Whether its sample `ahead` tokens from now must not be EOS or a stop id (it has
+        fewer than min_tokens output tokens before it)."""
+        return (
+            self.min_tokens_mask is not None
+            and len(self.output_token_ids) + ahead < self.params.min_tokens
+        )
+
     num_hashed_blocks: int = 0
     """Leading blocks of block_table registered in the prefix cache."""
     prefix_hash: int | None = None
@@ -111,6 +119,9 @@ class Sequence:
     loading: bool = False
     """Admitted while more of its prefix waits in the host or disk tier than one step reads:
     it runs no chunk until the rest is read (`Scheduler._go_on_loading`)."""
+    min_tokens_mask: bytes | None = None
+    """With min_tokens: the allowed-token mask of its samples before it (EOS and stop ids
+    out); None when there is nothing to hold back."""
     rank: float = 0.0
     """Its place in priority order, lower first: its priority, plus its arrival time in
     units of `SchedulerConfig.priority_aging_s` (so a request that has waited that long
@@ -327,6 +338,9 @@ class Scheduler:
         limits, the never-used blocks (its table grows to hold it) and what its rows are worth
         (`PromptLookup.draft_len` at a row's cost `share`); its length."""
         p = seq.params
+        if seq.holds_stops():  # its next sample needs the min_tokens mask: no draft rows
+            seq.draft = []
+            return 0
         limit = min(budget, p.max_new_tokens - len(seq.output_token_ids) - 1)
         if self.session_len:
             limit = min(limit, self.session_len - seq.num_tokens - 1)
@@ -523,9 +537,7 @@ class Scheduler:
                     prompt_logprobs=(seq.params.prompt_logprobs or 0) if rows else -1,
                     prompt_logprob_rows=rows,
                     next_prompt_token=next_token,
-                    allowed_tokens=seq.guide.allowed_tokens()
-                    if seq.guide is not None and sample and not draft
-                    else None,
+                    allowed_tokens=_allowed(seq) if sample and not draft else None,
                     draft_allowed_tokens=masks,
                 )
             )
@@ -582,6 +594,7 @@ class Scheduler:
                 or p.logprobs
                 or p.guided
                 or p.logit_bias
+                or seq.holds_stops(ahead=1)
                 or _needs_history(p)
                 or seq.needs_prompt_logprobs
             ):
@@ -701,6 +714,14 @@ def _prompt_rows(seq: Sequence, start: int, n: int) -> tuple[int, int]:
     prompt = seq.prompt_token_ids
     rows = max(0, min(start + n, len(prompt) - 1) - start)
     return rows, prompt[start + n] if rows == n else -1
+
+
+def _allowed(seq: Sequence) -> bytes | None:
+    """The allowed-token mask of a sequence's next sample: its grammar's, or before
+    min_tokens one without EOS and its stop ids; None: any token."""
+    if seq.guide is not None:
+        return seq.guide.allowed_tokens()
+    return seq.min_tokens_mask if seq.holds_stops() else None
 
 
 def _needs_history(p: SamplingParams) -> bool:

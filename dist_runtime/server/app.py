@@ -310,6 +310,7 @@ class _Server:
                 stop=tuple(stop),
                 ignore_eos=req.ignore_eos,
                 stop_token_ids=tuple(req.stop_token_ids or ()),
+                min_tokens=req.min_tokens,
                 skip_special_tokens=req.skip_special_tokens,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
@@ -1015,6 +1016,7 @@ _ERROR_PARAMS = (
     ("guided_regex", "guided_regex"),
     ("guided_grammar", "guided_grammar"),
     ("give one of guided_choice", "guided_choice"),
+    ("min_tokens", "min_tokens"),
 )
 """How SamplingParams' and the engine's errors begin, by the request field they are about."""
 _PROMPT_PREFIX = re.compile(r"^prompt \d+: ")

@@ -182,6 +182,8 @@ class SamplingFields(_Request):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    """vLLM's extra: the answer's least length in tokens (EOS and stop ids held back)."""
     stop_token_ids: list[int] | None = None
     """vLLM's extra: token ids that end the answer (beside EOS); the choice's `stop_reason`
     names the one that did."""

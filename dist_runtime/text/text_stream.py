@@ -23,12 +23,17 @@ class TextStream:
         self.hit_stop = False
         self.stop_hit: str | None = None
         """The stop string the text was cut at (the earliest one in the text)."""
+        self.stop_from = 0
+        """Where a stop string may start: text added while not `armed` is passed over."""
 
-    def add(self, token_id: int) -> bool:
-        """Append a token's text; True when a stop string now appears (the text is cut there)."""
+    def add(self, token_id: int, armed: bool = True) -> bool:
+        """Append a token's text; True when a stop string now appears (the text is cut there).
+        Not `armed` (before min_tokens): the token's text is no place for a stop string."""
         before = len(self.text)
         self.text += self.detokenizer.add(token_id)
-        if self.stops:
+        if not armed:
+            self.stop_from = len(self.text)
+        elif self.stops:
             self.hit_stop = self._cut_at_stop(before)
         return self.hit_stop
 
@@ -37,7 +42,7 @@ class TextStream:
         if flush is not None and not self.hit_stop:
             self.text += flush()
             if self.stops:
-                self._cut_at_stop(0)
+                self._cut_at_stop(self.stop_from)
 
     def release(self, finished: bool) -> str:
         """Text not yet streamed that can no longer change."""
@@ -49,7 +54,8 @@ class TextStream:
         return delta
 
     def _cut_at_stop(self, before: int) -> bool:
-        found = [(self.text.find(s, max(0, before - len(s) + 1)), s) for s in self.stops]
+        start = self.stop_from
+        found = [(self.text.find(s, max(start, before - len(s) + 1)), s) for s in self.stops]
         found = [(at, s) for at, s in found if at >= 0]
         if not found:
             return False

@@ -230,3 +230,16 @@ def test_guided_rows_wait_for_their_token(
         _same(rt.generate(_prompts(3), params), sync)
     assert ahead[1].finish_reason == "stop" and json.loads(ahead[1].text) in schema["enum"]
     assert num_ahead > 0  # the greedy rows went ahead once the guided one had ended
+
+
+def test_min_tokens_rows_go_ahead_only_past_it(tiny_llama_dir: Path, modes: Any) -> None:
+    """A row before its min_tokens needs the mask without its stop ids, so no step with it is
+    planned ahead until then: ahead and step by step give the same tokens, none of the stop
+    ids (here every odd one) among the first 6."""
+    odd = list(range(1, 512, 2))
+    params = [_greedy(16, stop_token_ids=odd, min_tokens=6), _greedy(20), _greedy(14)]
+    sync, ahead, num_ahead = modes(lambda rt: rt.generate(_prompts(3), params), tiny_llama_dir)
+    _same(sync, ahead)
+    first = ahead[0].token_ids
+    assert len(first) > 6 and not any(t % 2 for t in first[:6])
+    assert num_ahead > 0

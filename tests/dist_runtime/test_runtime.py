@@ -3,6 +3,7 @@ cache, seeded sampling, stop conditions, finish reasons and per-prompt sampling 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -177,6 +178,39 @@ def test_the_ending_eos_adds_no_text_when_special_tokens_are_kept(rt: Runtime) -
     # with ignore_eos the token is an ordinary one: its text is part of the answer
     assert ignored.token_ids == [eos] * 3
     assert ignored.text == rt.tokenizer.decode([eos] * 3, skip_special_tokens=False)  # type: ignore[union-attr]
+
+
+def test_min_tokens_holds_back_eos_stop_ids_and_stop_strings(rt: Runtime) -> None:
+    tok = rt.tokenizer
+    assert tok is not None
+    eos = tok.eos_token_ids[0]
+    # EOS is forced by a bias, yet the first three tokens are something else
+    forced = _greedy(max_new_tokens=6, logit_bias={eos: 100.0}, min_tokens=3)
+    (out,) = rt.generate([TEXT], forced)
+    assert len(out.token_ids) == 4 and out.token_ids[-1] == eos and eos not in out.token_ids[:3]
+    assert out.finish_reason == "stop"
+    # a stop id greedy decoding picks early is held back until min_tokens
+    prompt = _prompt(8, seed=4)
+    (full,) = rt.generate([prompt], _greedy(max_new_tokens=16, ignore_eos=True))
+    target = full.token_ids[1]
+    (held,) = rt.generate([prompt], _greedy(max_new_tokens=16, ignore_eos=True,
+                                            stop_token_ids=[target], min_tokens=6))  # fmt: skip
+    assert target not in held.token_ids[:6] and len(held.token_ids) > 2
+    assert held.token_ids[0] == full.token_ids[0]  # the same until the held-back pick
+    # a stop string in the text before min_tokens does not count
+    stop = next(
+        full.text[i : i + 2] for i in range(len(full.text) - 1)
+        if full.text.count(full.text[i : i + 2]) == 1 and full.text[i : i + 2].strip()
+    )  # fmt: skip
+    ask = _greedy(max_new_tokens=16, ignore_eos=True, stop=[stop])
+    (cut,) = rt.generate([prompt], ask)
+    (kept,) = rt.generate([prompt], dataclasses.replace(ask, min_tokens=16))
+    assert cut.finish_reason == "stop" and len(cut.token_ids) < 16
+    assert kept.finish_reason == "length" and kept.text == full.text
+    with pytest.raises(ValueError, match="min_tokens must be an integer in"):
+        _greedy(max_new_tokens=4, min_tokens=5)
+    with pytest.raises(ValueError, match="min_tokens cannot combine with guided output"):
+        _greedy(min_tokens=2, json_object=True)
 
 
 def test_max_new_tokens_finishes_with_length(rt: Runtime) -> None:

@@ -149,6 +149,21 @@ def test_limits_and_stops_equal_plain_decoding(tiny_llama_dir: Path) -> None:
     assert stats["num_accepted_tokens"] > 0
 
 
+def test_min_tokens_drafts_only_past_it(tiny_llama_dir: Path) -> None:
+    """Before min_tokens a sequence drafts nothing (each sample needs the mask without its stop
+    ids): a predicted output that plain decoding follows, one of whose tokens is a stop id,
+    is not taken up to that token; the answer goes on past it."""
+    prompt = _prompts()[2]
+    (plain,), _ = _run(tiny_llama_dir, [prompt], [_greedy(max_new_tokens=16)], k=0)
+    ids = plain.token_ids
+    at = next(i for i in range(3, 12) if ids[i] not in ids[:i])
+    params = _greedy(max_new_tokens=16, stop_token_ids=[ids[at]], min_tokens=12,
+                     prediction=tuple(ids))  # fmt: skip
+    (out,), stats = _run(tiny_llama_dir, [prompt], [params], k=4)
+    assert out.token_ids[:at] == ids[:at] and ids[at] not in out.token_ids[:12]
+    assert len(out.token_ids) >= 12
+
+
 def test_stop_token_inside_a_draft(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first step that keeps three draft tokens has its second token turned into the
     request's stop token: the answer ends there, the tokens after it in that step are
