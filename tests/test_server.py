@@ -151,6 +151,32 @@ def tokenizer(tiny_llama_dir: Path) -> Any:
     return Tokenizer.from_folder(tiny_llama_dir)
 
 
+def test_every_answer_carries_a_request_id(client: Any, server: Server) -> None:
+    """x-request-id: the caller's own when usable, else a new one (the client's _request_id);
+    on errors too."""
+    ask = dict(model=None, prompt="The tide", max_tokens=2)
+    raw = client.completions.with_raw_response.create(
+        **ask, extra_headers={"x-request-id": "trace-42/a"}
+    )
+    assert raw.headers["x-request-id"] == "trace-42/a"
+    made = client.completions.create(**ask)._request_id
+    assert made.startswith("req_") and len(made) == 36
+    raw = client.completions.with_raw_response.create(
+        **ask, extra_headers={"x-request-id": "not one; " + "x" * 200}
+    )
+    assert raw.headers["x-request-id"].startswith("req_")  # not plain: replaced
+    for key in (KEY, "wrong"):  # a 400 and a 401
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/completions", "{}", {"Authorization": f"Bearer {key}",
+                                                      "x-request-id": "e1"})  # fmt: skip
+        r = conn.getresponse()
+        assert r.status in (400, 401) and r.getheader("x-request-id") == "e1"
+        conn.close()
+    server.log.flush()
+    text = Path(server.log.name).read_text()  # the access lines name the id
+    assert "POST /v1/completions 200" in text and "id=trace-42/a" in text
+
+
 def test_models(client: Any, tiny_llama_dir: Path, adapter_dir: Path) -> None:
     model, adapter = client.models.list().data
     assert model.id == tiny_llama_dir.name and model.model_extra["max_model_len"] == 512

@@ -86,6 +86,18 @@ from dist_runtime.server.tools import (
 logger = logging.getLogger("dist_runtime.server")
 KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")
 """Routes that need an API key when the server has keys."""
+REQUEST_ID_HEADER = "x-request-id"
+"""Every answer carries one (OpenAI's header; the official client shows it as `_request_id`):
+the caller's own, when it sent a usable one, else a new one. The access log names it."""
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+def request_id(given: str | None) -> str:
+    """The id of a request: the caller's `x-request-id` when it is 1-128 plain characters,
+    else a new `req_...`."""
+    if given is not None and _REQUEST_ID.match(given):
+        return given
+    return f"req_{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
@@ -137,7 +149,8 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
             CORSMiddleware,
             allow_origins=list(settings.allowed_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER],
         )
     app.add_middleware(
         _BodyLimit,
@@ -159,6 +172,7 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
     @app.middleware("http")
     async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         start = time.perf_counter()
+        rid = request_id(request.headers.get(REQUEST_ID_HEADER))
         if request.url.path.startswith(KEYED_PATHS) and not server.key_ok(request):
             return JSONResponse(
                 error_body(
@@ -170,19 +184,22 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
                     status=401,
                 ),
                 status_code=401,
+                headers={REQUEST_ID_HEADER: rid},
             )
         response = await call_next(request)
+        response.headers[REQUEST_ID_HEADER] = rid
 
         def log() -> None:
             usage = getattr(request.state, "usage", None) or {}
             logger.info(
-                "%s %s %d prompt=%s completion=%s %.3fs",
+                "%s %s %d prompt=%s completion=%s %.3fs id=%s",
                 request.method,
                 request.url.path,
                 response.status_code,
                 usage.get("prompt_tokens", "-"),
                 usage.get("completion_tokens", "-"),
                 time.perf_counter() - start,
+                rid,
             )
 
         if response.headers.get("content-type", "").startswith("text/event-stream"):
