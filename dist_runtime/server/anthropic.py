@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dist_runtime.server.calls import (
@@ -255,6 +254,10 @@ def stop_fields(
     return "end_turn", None
 
 
+ANTHROPIC_PING = 'event: ping\ndata: {"type": "ping"}\n\n'
+"""Anthropic's keep-alive event (its SDK skips it)."""
+
+
 def _tool_id() -> str:
     return f"toolu_{uuid.uuid4().hex[:24]}"
 
@@ -418,7 +421,7 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                         usage={"output_tokens": len(out.token_ids)})  # fmt: skip
             yield event("message_stop")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return server.sse(events(), ping=ANTHROPIC_PING)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(req: CountRequest) -> dict[str, Any]:

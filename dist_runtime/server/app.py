@@ -50,11 +50,13 @@ from dist_runtime.lora import AdapterConflictError, AdapterNotFoundError
 from dist_runtime.runtime import Runtime
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.server.calls import (
+    SSE_COMMENT,
     APIError,
     chat_prompt,
     client_stop,
     functions_of,
     gather,
+    keep_alive,
     merged,
     start_chat,
 )
@@ -113,6 +115,9 @@ class ServerSettings:
     tool_call_format: str = "auto"
     """How tools and calls are written for the model: auto, json or internlm2 (see
     `dist_runtime.server.tools`)."""
+    sse_keepalive_s: float = 15.0
+    """A stream that sent nothing for this long (a long prefill before the first token) sends
+    a keep-alive (an SSE comment; Anthropic's `ping` event on /v1/messages); 0: never."""
     max_file_bytes: int = 200 * 2**20
     """Largest upload to /v1/files (a batch's requests)."""
     batch_priority: int = 1
@@ -341,6 +346,13 @@ class _Server:
             if structured:
                 raise _structured_error(str(e)) from e
             raise APIError(400, str(e), param=_param_of(str(e))) from e
+
+    def sse(self, body: AsyncIterator[str], ping: str = SSE_COMMENT) -> StreamingResponse:
+        """A streamed answer, kept alive while it waits (`ServerSettings.sse_keepalive_s`)."""
+        every = self.settings.sse_keepalive_s
+        if every > 0:
+            body = keep_alive(body, every, ping)
+        return StreamingResponse(body, media_type="text/event-stream")
 
     def prediction_ids(self, req: SamplingFields) -> tuple[int, ...]:
         """The token ids of the request's predicted output (none without a tokenizer)."""
@@ -649,7 +661,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     for i in range(req.n)
                 ],
             )
-            return StreamingResponse(body, media_type="text/event-stream")
+            return server.sse(body)
         outs = await gather(handles, request)
         usage = _usage(len(ids), outs, req.n)
         request.state.usage = usage
@@ -824,7 +836,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 n=req.n,
                 include_usage=include_usage,
             )
-            return StreamingResponse(body, media_type="text/event-stream")
+            return server.sse(body)
         outs = await gather(handles, request)
         usage = _usage(prompt_tokens, outs, req.n)
         request.state.usage = usage

@@ -6,6 +6,7 @@ Shared by the chat, completion and Responses routes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -197,6 +198,42 @@ async def disconnect(request: Request) -> None:
     """Returns when the client has disconnected (the body is already read by then)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+SSE_COMMENT = ": keep-alive\n\n"
+"""An SSE comment: every SSE client skips it; proxies see bytes flow."""
+
+
+async def keep_alive(
+    body: AsyncIterator[str], every: float, ping: str = SSE_COMMENT
+) -> AsyncIterator[str]:
+    """`body`'s events, with `ping` sent whenever none came for `every` seconds: a stream
+    whose first token waits on a long prefill (minutes for a million-token prompt) would
+    otherwise send nothing, and proxies close connections idle for a minute or so. Closing
+    this stream (the client left) closes `body`, whose own clean-up aborts its requests."""
+    events = body.__aiter__()
+    step: asyncio.Future[str] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(events.__anext__())
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=every)
+                if done:
+                    break
+                yield ping
+            try:
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await step
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]]:

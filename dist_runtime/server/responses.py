@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dist_runtime.server.calls import APIError, ChatRun, functions_of, gather, merged, start_chat
@@ -825,7 +824,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                 yield event("response.output_item.done", output_index=index, item=item)
             yield completion(out)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return server.sse(events())
 
     @app.get("/v1/responses/{response_id}")
     async def get(response_id: str) -> dict[str, Any]:
