@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_runtime.formats.demo_model import DemoModelError  # noqa: E402
+from dist_runtime.server.reasoning import REASONING_PARSERS  # noqa: E402
 from dist_runtime.server.tools import TOOL_CALL_FORMATS  # noqa: E402
 from launch.run import (  # noqa: E402
     add_engine_args,
@@ -73,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         "calls in <tool_call> tags or as JSON), json (a JSON object as the whole answer, any "
         "model); auto: internlm2 when the tokenizer has those tokens, else template when the "
         "chat template takes tools, else json (default: %(default)s)",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        help="a reasoning model's thinking (<think> ... </think>: DeepSeek-R1 and its distills, "
+        "Qwen3) returned apart from its answer, as reasoning_content on the chat route and a "
+        "reasoning item on the Responses route (default: none, thinking stays in the content)",
     )
     g.add_argument(
         "--enable-lora-loading",
@@ -208,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_priority=args.batch_priority,
             batch_max_in_flight=args.max_batch_requests,
             tool_call_format=args.tool_call_format,
+            reasoning_parser=args.reasoning_parser,
             enable_lora_loading=args.enable_lora_loading,
         )
         try:

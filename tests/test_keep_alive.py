@@ -53,7 +53,8 @@ async def _stream(app: Any, path: str, body: dict[str, Any]) -> str:
              "server": ("127.0.0.1", 0),
              "headers": [(b"content-type", b"application/json"),
                          (b"content-length", str(len(raw)).encode())]}  # fmt: skip
-    sent, done = [], asyncio.Event()
+    sent: list[bytes] = []
+    done = asyncio.Event()
 
     async def receive() -> dict[str, Any]:
         if not sent:

@@ -61,6 +61,12 @@ from dist_runtime.server.calls import (
     start_chat,
 )
 from dist_runtime.server.metrics import ServerMetrics
+from dist_runtime.server.reasoning import (
+    REASONING_PARSERS,
+    ReasoningSplitter,
+    opens_thinking,
+    reasoning_tokens,
+)
 from dist_runtime.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -115,6 +121,9 @@ class ServerSettings:
     tool_call_format: str = "auto"
     """How tools and calls are written for the model: auto, json or internlm2 (see
     `dist_runtime.server.tools`)."""
+    reasoning_parser: str | None = None
+    """Return a reasoning model's thinking (`<think>` ... `</think>`) as `reasoning_content`
+    apart from its answer: "deepseek_r1" or "qwen3" (`dist_runtime.server.reasoning`)."""
     sse_keepalive_s: float = 15.0
     """A stream that sent nothing for this long (a long prefill before the first token) sends
     a keep-alive (an SSE comment; Anthropic's `ping` event on /v1/messages); 0: never."""
@@ -236,6 +245,13 @@ class _Server:
             )
         self.in_flight = 0
         """Generation requests not yet ended; the event loop adds, engine callbacks subtract."""
+        if settings.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(
+                f"reasoning parser {settings.reasoning_parser!r} is not one of "
+                f"{list(REASONING_PARSERS)}"
+            )
+        self.reasoning = settings.reasoning_parser is not None
+        """Thinking is returned apart from the answer (`dist_runtime.server.reasoning`)."""
         self.file_text: Callable[[FileRef, str], str] = _no_files
         """The text of a file a message refers to (`Batches.file_text` reads the uploads)."""
         self._in_flight_lock = threading.Lock()
@@ -509,8 +525,14 @@ def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     return f"{param}: must be one of {', '.join(tags)} ({where}: {detail})", param
 
 
-def _usage(prompt_tokens: int, outputs: list[RequestOutput], n: int) -> dict[str, Any]:
-    """Usage of the outputs of prompts with n choices each (outputs grouped by prompt)."""
+def _usage(
+    prompt_tokens: int,
+    outputs: list[RequestOutput],
+    n: int,
+    reasoning: Callable[[RequestOutput], int] | None = None,
+) -> dict[str, Any]:
+    """Usage of the outputs of prompts with n choices each (outputs grouped by prompt);
+    `reasoning`: an output's thinking tokens, when a reasoning parser is on."""
     completion = sum(len(o.token_ids) for o in outputs)
     cached = sum(o.num_cached_tokens for o in outputs[::n])
     usage: dict[str, Any] = {
@@ -526,6 +548,9 @@ def _usage(prompt_tokens: int, outputs: list[RequestOutput], n: int) -> dict[str
             "accepted_prediction_tokens": accepted,
             "rejected_prediction_tokens": drafted - accepted,
         }
+    if reasoning is not None:
+        details = usage.setdefault("completion_tokens_details", {})
+        details["reasoning_tokens"] = sum(reasoning(o) for o in outputs)
     return usage
 
 
@@ -597,12 +622,21 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         ids, handles, splitter = run.ids, run.handles, run.splitter
 
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        opened = server.reasoning and opens_thinking(runtime.tokenizer, ids)
+
+        def thinking(out: RequestOutput) -> int:
+            return reasoning_tokens(runtime.tokenizer, out.token_ids, opened)
+
         if req.stream:
             splitters = [splitter() for _ in range(req.n)]
+            thoughts = [ReasoningSplitter(opened) for _ in range(req.n)]
 
             def chat_choice(i: int, delta: RequestDelta, _first: bool) -> dict[str, Any] | None:
                 scored = delta.prompt_logprobs
                 text, finish = delta.text, delta.finish_reason
+                thought = ""
+                if server.reasoning and not splitters[i].streams_calls:
+                    thought, text = thoughts[i].feed(text, finish is not None)
                 if splitters[i].streams_calls:  # a required call: its pieces as they come
                     pieces, finish = splitters[i].call_deltas(text, finish)
                     if not pieces and finish is None:
@@ -616,8 +650,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                         "finish_reason": finish,
                     }
                 text, calls = splitters[i].feed(text, finish)
+                said: dict[str, Any] = {"reasoning_content": thought} if thought else {}
                 if calls:
-                    out: dict[str, Any] = {"content": text} if text else {}
+                    out: dict[str, Any] = {**said, "content": text} if text else said
                     out["tool_calls"] = [
                         {"index": j, **c} for j, c in enumerate(tool_calls_json(calls))
                     ]
@@ -629,12 +664,14 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                         else None,
                         "finish_reason": "tool_calls",
                     }
-                if not text and finish is None and scored is None:
+                if not text and not thought and finish is None and scored is None:
                     return None
                 logprobs = _chat_logprobs(server, delta.logprobs) if delta.logprobs else None
+                if text:
+                    said["content"] = text
                 choice: dict[str, Any] = {
                     "index": i,
-                    "delta": {"content": text} if text else {},
+                    "delta": said,
                     "logprobs": logprobs,
                     "finish_reason": finish,
                 }
@@ -660,18 +697,25 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
                     for i in range(req.n)
                 ],
+                reasoning=thinking if server.reasoning else None,
             )
             return server.sse(body)
         outs = await gather(handles, request)
-        usage = _usage(len(ids), outs, req.n)
+        usage = _usage(len(ids), outs, req.n, thinking if server.reasoning else None)
         request.state.usage = usage
         choices: list[dict[str, Any]] = []
         for i, o in enumerate(outs):
-            content, found = splitter().feed(o.text, o.finish_reason)
+            one = splitter()
+            thought, answer = None, o.text
+            if server.reasoning and not one.streams_calls:
+                thought, answer = ReasoningSplitter(opened).split(o.text)
+            content, found = one.feed(answer, o.finish_reason)
             calls = tool_calls_json(found)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
                 message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+            if server.reasoning:
+                message["reasoning_content"] = thought
             choices.append(
                 {
                     "index": i,
@@ -1003,6 +1047,7 @@ async def _stream(
     n: int,
     include_usage: bool,
     first: Sequence[dict[str, Any]] = (),
+    reasoning: Callable[[RequestOutput], int] | None = None,
 ) -> AsyncIterator[str]:
     """The SSE body of a streamed request: `first` chunks, then choice(index, delta, is_first)
     for every delta (None skips it), the usage chunk when asked for, and [DONE]."""
@@ -1031,7 +1076,7 @@ async def _stream(
     except Exception as e:
         yield _sse(error_body(str(e), "server_error"))
         return
-    usage = _usage(prompt_tokens, [h.result(timeout=0) for h in handles], n)
+    usage = _usage(prompt_tokens, [h.result(timeout=0) for h in handles], n, reasoning)
     request.state.usage = usage
     if include_usage:
         yield chunk([], usage)

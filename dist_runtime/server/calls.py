@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -206,7 +206,7 @@ SSE_COMMENT = ": keep-alive\n\n"
 
 async def keep_alive(
     body: AsyncIterator[str], every: float, ping: str = SSE_COMMENT
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """`body`'s events, with `ping` sent whenever none came for `every` seconds: a stream
     whose first token waits on a long prefill (minutes for a million-token prompt) would
     otherwise send nothing, and proxies close connections idle for a minute or so. Closing

@@ -47,6 +47,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dist_runtime.server.calls import APIError, ChatRun, functions_of, gather, merged, start_chat
+from dist_runtime.server.reasoning import ReasoningSplitter, opens_thinking, reasoning_tokens
 from dist_runtime.server.schemas import (
     ChatMessage,
     JsonSchemaFormat,
@@ -441,6 +442,17 @@ def _text(content: Any, where: str) -> str | list[dict[str, Any]]:
     return parts
 
 
+def _reasoning_item(text: str, status: str) -> dict[str, Any]:
+    """A reasoning model's thinking (`--reasoning-parser`) as a Responses output item."""
+    return {
+        "type": "reasoning",
+        "id": f"rs_{uuid.uuid4().hex}",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+        "status": status,
+    }
+
+
 def _message_item(text: str, status: str) -> dict[str, Any]:
     return {
         "type": "message",
@@ -468,6 +480,8 @@ def _output_history(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for item in output:
         if item["type"] == "message":
             message["content"] += "".join(p["text"] for p in item["content"])
+        elif item["type"] == "reasoning":
+            continue  # thinking is not sent back to the model (its template drops it)
         else:
             message.setdefault("tool_calls", []).append(
                 {
@@ -572,11 +586,15 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
 
     def usage_of(run: ChatRun, out: RequestOutput) -> dict[str, Any]:
         n_in, n_out = len(run.ids), len(out.token_ids)
+        thought = 0
+        if server.reasoning and not run.splitter().streams_calls:
+            opened = opens_thinking(server.runtime.tokenizer, run.ids)
+            thought = reasoning_tokens(server.runtime.tokenizer, out.token_ids, opened)
         return {
             "input_tokens": n_in,
             "input_tokens_details": {"cached_tokens": out.num_cached_tokens},
             "output_tokens": n_out,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": thought},
             "total_tokens": n_in + n_out,
         }
 
@@ -655,7 +673,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             if out.finish_reason == "abort":
                 status = "cancelled"
             for item in output:
-                if item["type"] == "message":
+                if item["type"] in ("message", "reasoning"):
                     item["status"] = status
             usage = usage_of(run, out)
             if request is not None:
@@ -668,9 +686,17 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                 store.put(rid, done, history + new + _output_history(output))
             return done
 
+        thinks = server.reasoning and not run.splitter().streams_calls
+        opened = thinks and opens_thinking(server.runtime.tokenizer, run.ids)
+
         def whole(out: RequestOutput) -> dict[str, Any]:
-            content, calls = run.splitter().feed(out.text, out.finish_reason)
-            output = [_message_item(content, "completed")] if content or not calls else []
+            thought, answer = None, out.text
+            if thinks:
+                thought, answer = ReasoningSplitter(opened).split(out.text)
+            content, calls = run.splitter().feed(answer, out.finish_reason)
+            output = [] if thought is None else [_reasoning_item(thought, "completed")]
+            if content or not calls:
+                output.append(_message_item(content, "completed"))
             output += [_call_item(n, a) for n, a in calls]
             return finish(out, output)
 
@@ -721,6 +747,28 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             text = ""
             split = run.splitter()
             calls: list[tuple[str, str]] = []
+            thoughts = ReasoningSplitter(opened) if thinks else None
+            reasoning: dict[str, Any] | None = None
+            thought_text = ""
+
+            def open_reasoning() -> str:
+                nonlocal reasoning
+                reasoning = _reasoning_item("", "in_progress")
+                output.append(reasoning)
+                return event("response.output_item.added", output_index=len(output) - 1,
+                             item=json.loads(json.dumps(reasoning)))  # fmt: skip
+
+            def close_reasoning() -> list[str]:
+                if reasoning is None or reasoning["status"] != "in_progress":
+                    return []
+                at = output.index(reasoning)
+                reasoning["content"] = [{"type": "reasoning_text", "text": thought_text}]
+                reasoning["status"] = "completed"
+                return [
+                    event("response.reasoning_text.done", item_id=reasoning["id"],
+                          output_index=at, content_index=0, text=thought_text),
+                    event("response.output_item.done", output_index=at, item=reasoning),
+                ]  # fmt: skip
 
             def failure(error: Exception) -> str:
                 failed = body(req, rid, created, "failed", output, None)
@@ -734,14 +782,17 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
 
             def open_message() -> list[str]:
                 nonlocal message
+                closed = close_reasoning()
                 message = _message_item("", "in_progress")
                 message["content"] = []
                 output.append(message)
+                at = len(output) - 1
                 part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
                 return [
-                    event("response.output_item.added", output_index=0, item=message),
+                    *closed,
+                    event("response.output_item.added", output_index=at, item=message),
                     event("response.content_part.added", item_id=message["id"],
-                          output_index=0, content_index=0, part=part),
+                          output_index=at, content_index=0, part=part),
                 ]  # fmt: skip
 
             if split.streams_calls:  # a required call: its items as its pieces come
@@ -780,7 +831,19 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                 return
             try:
                 async for _, delta in merged(run.handles):
-                    piece, found = split.feed(delta.text, delta.finish_reason)
+                    said = delta.text
+                    if thoughts is not None:
+                        thought, said = thoughts.feed(said, delta.finish_reason is not None)
+                        if thought:
+                            if reasoning is None:
+                                yield open_reasoning()
+                            assert reasoning is not None
+                            thought_text += thought
+                            yield event("response.reasoning_text.delta",
+                                        item_id=reasoning["id"],
+                                        output_index=output.index(reasoning), content_index=0,
+                                        delta=thought)  # fmt: skip
+                    piece, found = split.feed(said, delta.finish_reason)
                     calls += found
                     if piece:
                         for e in open_message() if message is None else []:
@@ -790,7 +853,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                         yield event(
                             "response.output_text.delta",
                             item_id=message["id"],
-                            output_index=0,
+                            output_index=output.index(message),
                             content_index=0,
                             delta=piece,
                             logprobs=[],
@@ -799,18 +862,21 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                 yield failure(error)
                 return
             out = run.handles[0].result(timeout=0)
+            for e in close_reasoning():
+                yield e
             if message is None and not calls:
-                for opened in open_message():
-                    yield opened
+                for e in open_message():
+                    yield e
             if message is not None:
+                at = output.index(message)
                 part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
                 message["content"] = [part]
                 message["status"] = "incomplete" if out.finish_reason == "length" else "completed"
-                yield event("response.output_text.done", item_id=message["id"], output_index=0,
+                yield event("response.output_text.done", item_id=message["id"], output_index=at,
                             content_index=0, text=text, logprobs=[])  # fmt: skip
-                yield event("response.content_part.done", item_id=message["id"], output_index=0,
-                            content_index=0, part=part)  # fmt: skip
-                yield event("response.output_item.done", output_index=0, item=message)
+                yield event("response.content_part.done", item_id=message["id"],
+                            output_index=at, content_index=0, part=part)  # fmt: skip
+                yield event("response.output_item.done", output_index=at, item=message)
             for call_name, arguments in calls:
                 index = len(output)
                 item = _call_item(call_name, "")

@@ -1,0 +1,119 @@
+"""`--reasoning-parser`: a reasoning model's thinking apart from its answer, on the chat route
+(`reasoning_content`, streamed as its own deltas) and the Responses route (a `reasoning` item),
+with its tokens counted. Answers are forced into the `<think>` form by guided_regex on a
+random-weight model, through the server's routes in process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dist_runtime import Runtime
+from dist_runtime.server.app import ServerSettings, create_app
+from dist_runtime.server.batch_lines import call
+from dist_runtime.server.reasoning import ReasoningSplitter
+from tests.test_keep_alive import _stream
+
+THINKING = r"<think>\n[a-z]{4,8} [a-z]{4,8}\n</think>\n\n[A-Z][a-z]{3,8} [a-z]{3,8}\."
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    ("opened", "text", "want"),
+    [
+        (False, "<think>\nhmm\n</think>\n\nYes.", ("\nhmm\n", "Yes.")),
+        (False, "  <think>a</think>b", ("a", "b")),
+        (False, "No thinking here.", (None, "No thinking here.")),
+        (False, "<thx>not it", (None, "<thx>not it")),
+        (True, "so...</think>\nDone.", ("so...", "Done.")),
+        (True, "cut off mid-thought", ("cut off mid-thought", "")),
+        (False, "<think>never closed", ("never closed", "")),
+        (False, "<think></think>", ("", "")),
+    ],
+)  # fmt: skip
+def test_split_and_every_cut_agree(opened: bool, text: str, want: tuple[str | None, str]) -> None:
+    assert ReasoningSplitter(opened).split(text) == want
+    for cut in range(len(text) + 1):
+        for second in range(cut, len(text) + 1):
+            r = ReasoningSplitter(opened)
+            pieces = [r.feed(text[:cut], False), r.feed(text[cut:second], False),
+                      r.feed(text[second:], True)]  # fmt: skip
+            thought = "".join(p[0] for p in pieces)
+            answer = "".join(p[1] for p in pieces)
+            assert (thought if r.thought else None, answer) == want, (cut, second)
+
+
+@pytest.fixture(scope="module")
+def app(tiny_llama_dir: Path) -> Iterator[Any]:
+    with Runtime(model=str(tiny_llama_dir), session_len=512, device="cpu",
+                 dtype="float32") as rt:  # fmt: skip
+        yield create_app(rt, ServerSettings(served_model_name="m", reasoning_parser="deepseek_r1"))
+
+
+def _post(app: Any, path: str, body: dict[str, Any]) -> Any:
+    status, raw = asyncio.run(call(app, path, json.dumps(body).encode()))
+    assert status == 200, raw
+    return json.loads(raw)
+
+
+def test_chat_returns_the_thinking_apart(app: Any) -> None:
+    ask = {"messages": HI, "max_tokens": 60, "temperature": 0, "guided_regex": THINKING}
+    out = _post(app, "/v1/chat/completions", ask)
+    message = out["choices"][0]["message"]
+    thought, answer = message["reasoning_content"], message["content"]
+    assert thought.startswith("\n") and thought.endswith("\n") and " " in thought
+    assert answer[0].isupper() and answer.endswith(".") and "<think>" not in answer
+    n = out["usage"]["completion_tokens_details"]["reasoning_tokens"]
+    assert 0 < n < out["usage"]["completion_tokens"]  # up to the token completing </think>
+    streamed = asyncio.run(_stream(app, "/v1/chat/completions", {**ask, "stream": True}))
+    deltas = [json.loads(e.removeprefix("data: "))["choices"][0]["delta"]
+              for e in streamed.split("\n\n") if e.startswith("data: {")]  # fmt: skip
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == thought
+    assert "".join(d.get("content") or "" for d in deltas) == answer
+    # without thinking in the answer: all content, reasoning_content null
+    plain = _post(app, "/v1/chat/completions", {**ask, "guided_regex": "[A-Z][a-z]{3,6}\\."})
+    assert plain["choices"][0]["message"]["reasoning_content"] is None
+    assert plain["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+
+
+def test_responses_return_a_reasoning_item(app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same answer on the Responses route: a reasoning item, then the message; streamed,
+    reasoning_text deltas at output 0 and output_text deltas at output 1."""
+    from dist_runtime.server.responses import ResponsesRequest
+
+    sampling = ResponsesRequest.sampling  # the route takes no guided_regex: force the form
+
+    def forced(self: Any) -> Any:
+        return sampling(self).model_copy(update={"guided_regex": THINKING})
+
+    monkeypatch.setattr(ResponsesRequest, "sampling", forced)
+    chat = _post(
+        app,
+        "/v1/chat/completions",
+        {"messages": HI, "max_tokens": 60, "temperature": 0, "guided_regex": THINKING},
+    )
+    want = chat["choices"][0]["message"]
+    ask = {"input": "Hi", "max_output_tokens": 60, "temperature": 0}
+    r = _post(app, "/v1/responses", ask)
+    reasoning, message = r["output"]
+    assert reasoning["type"] == "reasoning" and message["type"] == "message"
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": want["reasoning_content"]}]
+    assert message["content"][0]["text"] == want["content"]
+    details = chat["usage"]["completion_tokens_details"]["reasoning_tokens"]
+    assert r["usage"]["output_tokens_details"]["reasoning_tokens"] == details
+    streamed = asyncio.run(_stream(app, "/v1/responses", {**ask, "stream": True}))
+    events = [json.loads(e.split("data: ", 1)[1]) for e in streamed.split("\n\n")
+              if "data: " in e]  # fmt: skip
+    thought = [e for e in events if e["type"] == "response.reasoning_text.delta"]
+    said = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert "".join(e["delta"] for e in thought) == want["reasoning_content"]
+    assert "".join(e["delta"] for e in said) == want["content"]
+    assert {e["output_index"] for e in thought} == {0} and {e["output_index"] for e in said} == {1}
+    (done,) = [e for e in events if e["type"] == "response.completed"]
+    assert [item["type"] for item in done["response"]["output"]] == ["reasoning", "message"]
+    assert done["response"]["output"][0]["content"] == reasoning["content"]
