@@ -117,3 +117,38 @@ def test_responses_return_a_reasoning_item(app: Any, monkeypatch: pytest.MonkeyP
     (done,) = [e for e in events if e["type"] == "response.completed"]
     assert [item["type"] for item in done["response"]["output"]] == ["reasoning", "message"]
     assert done["response"]["output"][0]["content"] == reasoning["content"]
+
+
+def test_messages_return_a_thinking_block(app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Anthropic's route: a thinking block, then the text; streamed, thinking_delta pieces
+    in block 0 (closed with its signature_delta) and text_delta pieces in block 1."""
+    from dist_runtime.server.anthropic import MessagesRequest
+
+    sampling = MessagesRequest.sampling
+
+    def forced(self: Any) -> Any:
+        return sampling(self).model_copy(update={"guided_regex": THINKING, "temperature": 0.0})
+
+    monkeypatch.setattr(MessagesRequest, "sampling", forced)
+    chat = _post(
+        app,
+        "/v1/chat/completions",
+        {"messages": HI, "max_tokens": 60, "temperature": 0, "guided_regex": THINKING},
+    )
+    want = chat["choices"][0]["message"]
+    ask = {"messages": HI, "max_tokens": 60}
+    m = _post(app, "/v1/messages", ask)
+    assert m["content"] == [
+        {"type": "thinking", "thinking": want["reasoning_content"], "signature": ""},
+        {"type": "text", "text": want["content"]},
+    ]
+    streamed = asyncio.run(_stream(app, "/v1/messages", {**ask, "stream": True}))
+    events = [json.loads(e.split("data: ", 1)[1]) for e in streamed.split("\n\n")
+              if "data: " in e]  # fmt: skip
+    deltas = [e for e in events if e["type"] == "content_block_delta"]
+    thought = "".join(e["delta"].get("thinking", "") for e in deltas if e["index"] == 0)
+    text = "".join(e["delta"].get("text", "") for e in deltas if e["index"] == 1)
+    assert thought == want["reasoning_content"] and text == want["content"]
+    starts = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+    stops = [e["index"] for e in events if e["type"] == "content_block_stop"]
+    assert starts == ["thinking", "text"] and stops == [0, 1]

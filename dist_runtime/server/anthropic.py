@@ -37,6 +37,7 @@ from dist_runtime.server.calls import (
     merged,
     start_chat,
 )
+from dist_runtime.server.reasoning import ReasoningSplitter, opens_thinking
 from dist_runtime.server.schemas import (
     ChatMessage,
     SamplingFields,
@@ -254,6 +255,12 @@ def stop_fields(
     return "end_turn", None
 
 
+def _thinking_block(text: str) -> dict[str, Any]:
+    """A reasoning model's thinking (`--reasoning-parser`) as Anthropic's thinking block
+    (unsigned: it is not checked when sent back, and is dropped from the prompt then)."""
+    return {"type": "thinking", "thinking": text, "signature": ""}
+
+
 ANTHROPIC_PING = 'event: ping\ndata: {"type": "ping"}\n\n'
 """Anthropic's keep-alive event (its SDK skips it)."""
 
@@ -325,10 +332,18 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                 "prompt_tokens": len(run.ids), "completion_tokens": len(out.token_ids)
             }  # fmt: skip
 
+        thinks = server.reasoning and not run.splitter().streams_calls
+        opened = thinks and opens_thinking(server.runtime.tokenizer, run.ids)
+
         if not req.stream:
             (out,) = await gather(run.handles, request)
-            text, calls = run.splitter().feed(out.text, out.finish_reason)
-            content = [{"type": "text", "text": text}] if text or not calls else []
+            thought, answer = None, out.text
+            if thinks:
+                thought, answer = ReasoningSplitter(opened).split(out.text)
+            text, calls = run.splitter().feed(answer, out.finish_reason)
+            content = [] if thought is None else [_thinking_block(thought)]
+            if text or not calls:
+                content.append({"type": "text", "text": text})
             content += [tool_block(c) for c in calls]
             reason, sequence = stop_fields(out, calls, req.stop_sequences)
             account(out)
@@ -387,28 +402,52 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                             usage={"output_tokens": len(out.token_ids)})  # fmt: skip
                 yield event("message_stop")
                 return
+            thoughts = ReasoningSplitter(opened) if thinks else None
+            blocks = 0  # blocks started
+            thinking = -1  # the thinking block's index, while it is open
+
+            def open_text() -> list[str]:
+                nonlocal index, blocks, thinking
+                closed = [event("content_block_stop", index=thinking)] if thinking >= 0 else []
+                thinking, index, blocks = -1, blocks, blocks + 1
+                start = event("content_block_start", index=index,
+                              content_block={"type": "text", "text": ""})  # fmt: skip
+                return [*closed, start]
+
             try:
                 async for _, delta in merged(run.handles):
-                    piece, found = split.feed(delta.text, delta.finish_reason)
+                    said = delta.text
+                    if thoughts is not None:
+                        thought, said = thoughts.feed(said, delta.finish_reason is not None)
+                        if thought and index < 0:
+                            if thinking < 0:
+                                thinking, blocks = blocks, blocks + 1
+                                yield event("content_block_start", index=thinking,
+                                            content_block=_thinking_block(""))  # fmt: skip
+                            step = {"type": "thinking_delta", "thinking": thought}
+                            yield event("content_block_delta", index=thinking, delta=step)
+                    piece, found = split.feed(said, delta.finish_reason)
                     calls += found
                     if piece:
-                        if index < 0:
-                            index = 0
-                            yield event("content_block_start", index=0,
-                                        content_block={"type": "text", "text": ""})  # fmt: skip
-                        yield event("content_block_delta", index=0,
+                        for e in open_text() if index < 0 else []:
+                            yield e
+                        yield event("content_block_delta", index=index,
                                     delta={"type": "text_delta", "text": piece})  # fmt: skip
             except Exception as error:
                 yield event("error", error={"type": "api_error", "message": str(error)})
                 return
             out = run.handles[0].result(timeout=0)
+            if thinking >= 0:
+                yield event("content_block_delta", index=thinking,
+                            delta={"type": "signature_delta", "signature": ""})  # fmt: skip
             if index < 0 and not calls:
-                index = 0
-                yield event("content_block_start", index=0,
-                            content_block={"type": "text", "text": ""})  # fmt: skip
-            if index == 0:
-                yield event("content_block_stop", index=0)
-            for k, call in enumerate(calls, index + 1):
+                for e in open_text():
+                    yield e
+            elif thinking >= 0:
+                yield event("content_block_stop", index=thinking)
+            if index >= 0:
+                yield event("content_block_stop", index=index)
+            for k, call in enumerate(calls, blocks):
                 block = tool_block(call)
                 arguments = json.dumps(block["input"], ensure_ascii=False)
                 yield event("content_block_start", index=k, content_block={**block, "input": {}})

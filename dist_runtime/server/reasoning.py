@@ -4,8 +4,9 @@ Models such as DeepSeek-R1 (and its Llama distills) and Qwen3 think first, betwe
 `</think>`, then answer. With a reasoning parser the chat route returns the thinking as the
 message's `reasoning_content` (DeepSeek's API field, as vLLM returns it) and the rest as its
 `content`; streamed, as `delta.reasoning_content` pieces, then `delta.content`. The Responses
-route returns it as a `reasoning` output item before the message. Tool calls are looked for in
-the answer only. `usage.completion_tokens_details.reasoning_tokens` counts the thinking's tokens.
+route returns it as a `reasoning` output item before the message, the Messages route as a
+`thinking` block before the text. Tool calls are looked for in the answer only.
+`usage.completion_tokens_details.reasoning_tokens` counts the thinking's tokens.
 
 Where thinking starts: at `<think>` opening the answer, or at the answer's start when the prompt
 ends with `<think>` (DeepSeek-R1's template opens it there). Where it ends: at `</think>`; an
