@@ -156,3 +156,48 @@ def test_model_choice_sends_the_adapter(page: Any, demo_server: Server, tmp_path
     body = {"lora_name": "x", "lora_path": "/tmp"}
     status, err = demo_server.request("POST", "/v1/load_lora_adapter", body)
     assert status == 403 and "--enable-lora-loading" in err["error"]["message"]
+
+
+def test_a_reasoning_models_thinking_shows_folded(page: Any, tmp_path: Path) -> None:
+    """With a reasoning parser the stream's reasoning_content pieces fill a Thinking section
+    above the answer, folded once the answer starts; the history keeps the answer only. The
+    stream is the server's format, served here by the browser's route (the demo model does
+    not think)."""
+    expect = sync_api.expect
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        body = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        return f"data: {json.dumps(body)}\n\n"
+
+    stream = "".join([
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"reasoning_content": "The user greets me. "}),
+        chunk({"reasoning_content": "I should greet back."}),
+        ": keep-alive\n\n",
+        chunk({"content": "Hello"}),
+        chunk({"content": " there!"}, "stop"),
+        "data: [DONE]\n\n",
+    ])  # fmt: skip
+    sent: list[Any] = []
+
+    def reply(route: Any) -> None:
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=stream)
+
+    page.route("**/v1/chat/completions", reply)
+    page.fill("#prompt", "Hi!")
+    page.click("#send")
+    bubble = page.locator(".msg.assistant").last
+    expect(bubble.locator("span")).to_have_text("Hello there!", timeout=30_000)
+    thinking = bubble.locator("details.thinking")
+    expect(thinking).to_have_count(1)
+    assert thinking.get_attribute("open") is None  # folded once the answer started
+    thinking.locator("summary").click()
+    expect(thinking.locator("div")).to_have_text("The user greets me. I should greet back.")
+    _shot(page, tmp_path, "page_thinking.png")
+    page.fill("#prompt", "And now?")
+    page.click("#send")
+    expect(page.locator(".msg.assistant")).to_have_count(2, timeout=30_000)
+    expect(page.locator("#send")).to_be_enabled(timeout=30_000)
+    assert sent[1]["messages"][1] == {"role": "assistant", "content": "Hello there!"}
