@@ -552,6 +552,12 @@ def test_jobs_endpoints(server: Server) -> None:
     _, text = server.request("GET", "/metrics")
     assert 'dist_runtime:jobs{state="done"}' in text
     assert "dist_runtime:time_to_first_token_seconds_bucket" in text
+    # vLLM's per-request phases: the job's two questions at least went through each
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_prompt_tokens",
+                 "request_generation_tokens"):  # fmt: skip
+        assert server.metric(f"{name}_count") >= 2, name
+    assert server.metric('request_generation_tokens_bucket{le="4.0"}') >= 2  # max_tokens 4
     assert "dist_runtime:prefix_cache_disk_hits_total 0.0" in text  # (no disk tier here)
     assert "dist_runtime:disk_kv_blocks 0.0" in text
 

@@ -835,7 +835,8 @@ class Engine:
 
     def _finish_step(self, plan: StepPlan, result: StepResult, started: float) -> None:
         self.scheduler.on_step_done(plan, result)
-        request_ids, num_prefill, num_decodes = self._update_progress(plan)
+        began = time.monotonic() - (time.perf_counter() - started)  # the step's start
+        request_ids, num_prefill, num_decodes = self._update_progress(plan, began)
         for scored in result.prompt_logprobs:
             self.outputs.record_prompt_logprobs(self._by_seq[scored.seq_id].seq, scored)
         tokens, i = result.tokens, 0
@@ -877,7 +878,7 @@ class Engine:
             self.scheduler.finish(request.seq, delta.finish_reason)
             self._end(request, self.outputs.output(request.seq, delta.finish_reason))
 
-    def _update_progress(self, plan: StepPlan) -> tuple[tuple[str, ...], int, int]:
+    def _update_progress(self, plan: StepPlan, began: float) -> tuple[tuple[str, ...], int, int]:
         """Write each scheduled request's progress on its handle; (request ids, prefill
         tokens, decodes) of the step."""
         ids = []
@@ -894,6 +895,7 @@ class Engine:
                 num_prefill += len(step.token_ids)
             if handle.first_step_id is None:
                 handle.first_step_id = plan.step_id
+                handle.first_scheduled_time = began
             handle.last_step_id = plan.step_id
             handle.num_computed_prompt_tokens = min(
                 seq.num_computed_tokens, len(seq.prompt_token_ids)

@@ -45,6 +45,8 @@ class RequestHandle:
         self.finish_time: float | None = None
         self.first_step_id: int | None = None
         """The engine step that first computed tokens of this request."""
+        self.first_scheduled_time: float | None = None
+        """time.monotonic() when that step began (the end of its wait in the queue)."""
         self.first_token_step_id: int | None = None
         self.last_step_id: int | None = None
 
