@@ -283,12 +283,18 @@ class DiskResponseStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # a stored answer is safe from the process dying at once, from the machine's only after
+        # the next checkpoint: no disk sync per response on the event loop (a background
+        # request, which is queued work, is synced: `put`)
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS responses (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
             "id TEXT NOT NULL UNIQUE, created REAL NOT NULL, status TEXT NOT NULL, "
             "body TEXT NOT NULL, history TEXT NOT NULL, request TEXT);"
             "CREATE INDEX IF NOT EXISTS responses_by_status ON responses (status);"
+            "CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created);"
         )
+        self._purged = 0.0
 
     def put(
         self,
@@ -299,6 +305,8 @@ class DiskResponseStore:
     ) -> None:
         now = time.time()
         with self._lock:
+            if request is not None:
+                self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 "INSERT INTO responses (id, created, status, body, history, request) "
@@ -308,8 +316,14 @@ class DiskResponseStore:
                 (rid, now, body["status"], json.dumps(body), json.dumps(history),
                  None if request is None else json.dumps(request)),
             )  # fmt: skip
-            self._db.execute("DELETE FROM responses WHERE created < ?", (now - self.retention_s,))
+            if now - self._purged > 60:  # the ones past retention, once a minute at most
+                self._purged = now
+                self._db.execute(
+                    "DELETE FROM responses WHERE created < ?", (now - self.retention_s,)
+                )
             self._db.execute("COMMIT")
+            if request is not None:
+                self._db.execute("PRAGMA synchronous=NORMAL")
 
     def get(self, rid: str) -> _Stored | None:
         with self._lock:
