@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--api-keys",
         default=os.environ.get(API_KEYS_ENV),
-        help="comma-separated keys required as 'Authorization: Bearer' on /v1/* "
-        f"(default: ${API_KEYS_ENV}, else none: no key needed)",
+        help="comma-separated keys required as 'Authorization: Bearer' on /v1/*, each KEY or "
+        "NAME=KEY (the name labels its usage in /metrics and the access log; default key1, "
+        f"key2, ...) (default: ${API_KEYS_ENV}, else none: no key needed)",
     )
     g.add_argument(
         "--allowed-origins", help="comma-separated origins allowed by CORS (default: none)"
@@ -136,6 +138,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+_KEY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+def parse_api_keys(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(keys, names) of `--api-keys`: comma-separated `KEY` or `NAME=KEY` entries (a NAME is a
+    letter then up to 63 letters, digits, `_.-`; an entry whose part before `=` is not one is a
+    plain key). Plain keys are named key1, key2, ... by position."""
+    keys: list[str] = []
+    names: list[str] = []
+    for i, entry in enumerate(e.strip() for e in text.split(",") if e.strip()):
+        name, eq, key = entry.partition("=")
+        if not (eq and key and _KEY_NAME.match(name)):
+            name, key = f"key{i + 1}", entry
+        if name in names:
+            raise ValueError(f"--api-keys names {name!r} twice; give each key its own name")
+        if key in keys:
+            raise ValueError(f"--api-keys lists the key named {name!r} twice")
+        keys.append(key)
+        names.append(name)
+    return tuple(keys), tuple(names)
+
+
 def check(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
@@ -156,6 +180,7 @@ def check(args: argparse.Namespace) -> None:
         )
     if args.api_keys is not None and not [k for k in args.api_keys.split(",") if k.strip()]:
         raise ValueError("--api-keys is empty; give at least one key or drop the flag")
+    parse_api_keys(args.api_keys or "")
 
 
 def register_ray_service(job_dir: str, args: argparse.Namespace) -> None:
@@ -204,9 +229,11 @@ def main(argv: list[str] | None = None) -> int:
             rt.serve_jobs(priority_offset=args.job_priority)
             if not args.no_ray_service:
                 register_ray_service(rt.job_dir, args)
+        keys, key_names = parse_api_keys(args.api_keys or "")
         settings = ServerSettings(
             served_model_name=args.served_model_name or Path(config.model).name,
-            api_keys=tuple(k.strip() for k in (args.api_keys or "").split(",") if k.strip()),
+            api_keys=keys,
+            api_key_names=key_names,
             allowed_origins=tuple(
                 o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()
             ),

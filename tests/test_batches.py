@@ -18,6 +18,8 @@ openai = pytest.importorskip("openai")
 from test_server import KEY, Server  # noqa: E402
 
 CHAT = "/v1/chat/completions"
+BOB = "bobs-key"
+"""A second key of the module's server: usage is accounted per key."""
 
 
 def _line(custom_id: str, body: dict[str, Any], url: str = CHAT) -> str:
@@ -55,9 +57,9 @@ def _lines(client: Any, file_id: str | None) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = Server(tiny_llama_dir, tmp_path_factory.mktemp("batches"), "--api-keys", KEY,
-               "--max-batch-requests", "2", "--max-request-mb", "0.004",
-               "--max-file-mb", "0.05")  # fmt: skip
+    s = Server(tiny_llama_dir, tmp_path_factory.mktemp("batches"), "--api-keys",
+               f"alice={KEY},bob={BOB}", "--max-batch-requests", "2", "--max-request-mb",
+               "0.004", "--max-file-mb", "0.05")  # fmt: skip
     yield s
     s.close()
 
@@ -324,3 +326,32 @@ def test_a_file_part_that_cannot_be_read_is_a_400_naming_it(server: Server) -> N
     status, body = server.request("POST", "/v1/jobs", {"document_file_id": "file-none",
                                                        "questions": ["q"]})  # fmt: skip
     assert status == 404 and body["error"]["param"] == "document_file_id"
+
+
+def test_usage_is_accounted_to_the_key_and_a_batch_to_its_creator(server: Server) -> None:
+    """`--api-keys NAME=KEY`: requests and tokens per key name in /metrics and the access log;
+    a batch's requests count for the key that created it (bob's here), not the runner's."""
+    bob = openai.OpenAI(base_url=server.url + "/v1", api_key=BOB, max_retries=0)
+    before = server.metric('api_key_requests_total{key="alice"}')
+    _client(server).chat.completions.create(model=None, messages=[{"role": "user",
+                                            "content": "Hi"}], max_tokens=3)  # fmt: skip
+    assert server.metric('api_key_requests_total{key="alice"}') == before + 1
+    upload = _upload(bob, [_line(f"b{i}", _chat(f"Hello {i}", 4)) for i in range(2)])
+    batch = bob.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="24h")
+    _wait(bob, batch.id, ("completed",))
+    assert server.metric('api_key_requests_total{key="bob"}') == 2
+    assert server.metric('api_key_generation_tokens_total{key="bob"}') == 8
+    assert server.metric('api_key_requests_total{key="alice"}') == before + 1
+    server.log.flush()
+    assert "key=bob" in Path(server.log.name).read_text()
+
+
+def test_api_keys_take_names() -> None:
+    from launch.serve import parse_api_keys
+
+    assert parse_api_keys("k1, alice=k2,=k3,abc=") == (
+        ("k1", "k2", "=k3", "abc="),
+        ("key1", "alice", "key3", "key4"),
+    )
+    with pytest.raises(ValueError, match="names 'a' twice"):
+        parse_api_keys("a=1,a=2")

@@ -45,6 +45,8 @@ class RequestHandle:
         self.finish_time: float | None = None
         self.first_step_id: int | None = None
         """The engine step that first computed tokens of this request."""
+        self.owner: str | None = None
+        """Who asked (the name of the server's API key it came with), for accounting."""
         self.first_scheduled_time: float | None = None
         """time.monotonic() when that step began (the end of its wait in the queue)."""
         self.first_token_step_id: int | None = None

@@ -50,6 +50,7 @@ from dist_runtime.lora import AdapterConflictError, AdapterNotFoundError
 from dist_runtime.runtime import Runtime
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.server.calls import (
+    CALLER,
     SSE_COMMENT,
     APIError,
     chat_prompt,
@@ -113,6 +114,8 @@ class ServerSettings:
     served_model_name: str
     api_keys: tuple[str, ...] = ()
     """Bearer keys accepted on /v1/*; empty: no key needed."""
+    api_key_names: tuple[str, ...] = ()
+    """A name per key, for the per-key metrics and the access log (default key1, key2, ...)."""
     allowed_origins: tuple[str, ...] = ()
     """CORS origins allowed to call the API from a browser; empty: same origin only."""
     max_request_bytes: int = 64 * 2**20
@@ -187,6 +190,8 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
     async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         start = time.perf_counter()
         rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+        caller = CALLER.get() or server.key_name(request)  # (a batch's requests: its creator)
+        CALLER.set(caller)
         if request.url.path.startswith(KEYED_PATHS) and not server.key_ok(request):
             return JSONResponse(
                 error_body(
@@ -206,7 +211,7 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
         def log() -> None:
             usage = getattr(request.state, "usage", None) or {}
             logger.info(
-                "%s %s %d prompt=%s completion=%s %.3fs id=%s",
+                "%s %s %d prompt=%s completion=%s %.3fs id=%s%s",
                 request.method,
                 request.url.path,
                 response.status_code,
@@ -214,6 +219,7 @@ def create_app(runtime: Runtime, settings: ServerSettings) -> FastAPI:
                 usage.get("completion_tokens", "-"),
                 time.perf_counter() - start,
                 rid,
+                f" key={caller}" if caller else "",
             )
 
         if response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -265,13 +271,22 @@ class _Server:
 
     # -- checks ---------------------------------------------------------------------------------
     def key_ok(self, request: Request) -> bool:
+        return not self.settings.api_keys or self.key_name(request) is not None
+
+    def key_name(self, request: Request) -> str | None:
+        """The name of the API key a request came with; None without a right one."""
         keys = self.settings.api_keys
         if not keys:
-            return True
+            return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token.strip() in keys:
-            return True
-        return request.headers.get("x-api-key", "").strip() in keys  # Anthropic's header
+        given = token.strip() if scheme.lower() == "bearer" else ""
+        if given not in keys:
+            given = request.headers.get("x-api-key", "").strip()  # Anthropic's header
+        if given not in keys:
+            return None
+        at = keys.index(given)
+        names = self.settings.api_key_names
+        return names[at] if at < len(names) else f"key{at + 1}"
 
     def check_model(self, name: str | None) -> None:
         """A request's `model`: the served name, a LoRA adapter's name, or none (the base
@@ -395,7 +410,9 @@ class _Server:
             raise APIError(400, str(e), param=_param_of(str(e), param)) from e
         with self._in_flight_lock:
             self.in_flight += len(handles)
+        owner = CALLER.get()
         for h in handles:
+            h.owner = owner
             h.add_done_callback(self._release)
         return handles
 

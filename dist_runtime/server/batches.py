@@ -66,7 +66,7 @@ from dist_runtime.server.batch_lines import (
     read_answers,
     unrun_line,
 )
-from dist_runtime.server.calls import APIError
+from dist_runtime.server.calls import CALLER, APIError
 from dist_runtime.server.schemas import FileRef
 
 if TYPE_CHECKING:
@@ -93,7 +93,8 @@ CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status, seq);
 """
@@ -196,12 +197,18 @@ class BatchStore:
         """The batch's answer log: answers appended as they end (`batch_lines` format)."""
         return self.root / f"{batch_id}.answers.jsonl"
 
-    def add_batch(self, body: dict[str, Any]) -> None:
+    def add_batch(self, body: dict[str, Any], owner: str | None = None) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO batches (id, status, body) VALUES (?, ?, ?)",
-                (body["id"], body["status"], json.dumps(body)),
+                "INSERT INTO batches (id, status, body, owner) VALUES (?, ?, ?, ?)",
+                (body["id"], body["status"], json.dumps(body), owner),
             )
+
+    def owner(self, batch_id: str) -> str | None:
+        """The name of the API key that created the batch (its requests are accounted to it)."""
+        with self._lock:
+            row = self._db.execute("SELECT owner FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return None if row is None else row[0]
 
     def create_batch(
         self,
@@ -209,6 +216,7 @@ class BatchStore:
         endpoint: str,
         completion_window: str,
         metadata: dict[str, str] | None = None,
+        owner: str | None = None,
     ) -> dict[str, Any]:
         """A new batch of the requests in an uploaded file: `in_progress`, or `failed` with
         its bad lines in `errors`. Reads the whole file (call it off the event loop)."""
@@ -246,7 +254,7 @@ class BatchStore:
             body["model"] = models.pop() if len(models) == 1 else None
             body["request_counts"]["total"] = len(requests)
             _mark(body, "in_progress")
-        self.add_batch(body)
+        self.add_batch(body, owner)
         return body
 
     def batch(self, batch_id: str) -> dict[str, Any] | None:
@@ -480,6 +488,7 @@ class BatchRunner:
     async def _one(
         self, batch_id: str, item: dict[str, Any], log: Any, leave: asyncio.Event
     ) -> None:
+        CALLER.set(self.store.owner(batch_id))  # this task's requests: the batch creator's
         body = dict(item["body"])
         priority = body.get("priority", 0)
         if isinstance(priority, int) and not isinstance(priority, bool):  # else the route's 400
@@ -808,6 +817,7 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
             req.endpoint,
             req.completion_window,
             req.metadata,
+            CALLER.get(),
         )
         if body["status"] == "in_progress":
             batches.runner.start(body["id"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -199,6 +200,11 @@ async def disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
+
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
+"""The name of the API key the request being served came with (set by the app's middleware,
+or by the batch runner for a batch's requests: its creator's); engine requests added while
+serving it are accounted to it."""
 
 SSE_COMMENT = ": keep-alive\n\n"
 """An SSE comment: every SSE client skips it; proxies see bytes flow."""

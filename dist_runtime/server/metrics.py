@@ -195,6 +195,24 @@ class ServerMetrics:
             ["finished_reason"],
             registry=self.registry,
         )
+        self.key_requests = Counter(
+            P + "api_key_requests",
+            "Requests ended, by the API key they came with (--api-keys NAME=KEY names it)",
+            ["key"],
+            registry=self.registry,
+        )
+        self.key_prompt_tokens = Counter(
+            P + "api_key_prompt_tokens",
+            "Prompt tokens of ended requests, by API key",
+            ["key"],
+            registry=self.registry,
+        )
+        self.key_generation_tokens = Counter(
+            P + "api_key_generation_tokens",
+            "Tokens generated, by API key",
+            ["key"],
+            registry=self.registry,
+        )
         self.batch_requests = Counter(
             P + "batch_requests",
             "Batch requests answered, by outcome (completed: a 2xx; failed: refused)",
@@ -220,6 +238,10 @@ class ServerMetrics:
         reason = "error" if error is not None else handle.result(0).finish_reason
         self.success.labels(reason).inc()
         self.prompt_tokens.inc(handle.num_prompt_tokens)
+        if handle.owner is not None:
+            self.key_requests.labels(handle.owner).inc()
+            self.key_prompt_tokens.labels(handle.owner).inc(handle.num_prompt_tokens)
+            self.key_generation_tokens.labels(handle.owner).inc(handle.num_output_tokens)
         end = handle.finish_time or handle.arrival_time
         self.e2e.observe(end - handle.arrival_time)
         self.request_prompt_tokens.observe(handle.num_prompt_tokens)
