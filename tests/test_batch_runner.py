@@ -146,3 +146,41 @@ def test_a_batch_found_past_its_window_expires_without_running(tmp_path: Path) -
     errors = _answers(store, batch["error_file_id"])
     assert [a["error"]["code"] for a in errors] == ["batch_expired"] * 3
     assert batch["output_file_id"] is None
+
+
+def test_a_missing_input_file_fails_the_batch(tmp_path: Path) -> None:
+    store, batch_id = _store(tmp_path, 2)
+    store.path("file-in").unlink()  # behind the server's back
+    asyncio.run(_run(BatchRunner(store, ScriptedApp(_ok), [], 2, 0), batch_id))
+    batch = store.batch(batch_id)
+    assert batch is not None and batch["status"] == "failed"
+    assert batch["errors"]["data"][0]["code"] == "input_file_missing"
+
+
+def test_an_answer_that_cannot_be_recorded_stops_the_batch_for_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk, say: the batch stops unfinished (not `expired`), and the next runner
+    answers the rest."""
+    import sqlite3
+
+    store, batch_id = _store(tmp_path, 4)
+    update = store.update
+    calls = {"n": 0}
+
+    def failing(batch: str, change: Any, files: Any = (), durable: bool = True) -> Any:
+        calls["n"] += 1
+        if not durable and calls["n"] > 2:  # the second answer's counter
+            raise sqlite3.OperationalError("database or disk is full")
+        return update(batch, change, files, durable)
+
+    monkeypatch.setattr(store, "update", failing)
+    asyncio.run(_run(BatchRunner(store, ScriptedApp(_ok), [], 1, 0), batch_id))
+    batch = store.batch(batch_id)
+    assert batch is not None and batch["status"] == "in_progress"
+    monkeypatch.setattr(store, "update", update)
+    asyncio.run(_run(BatchRunner(store, ScriptedApp(_ok), [], 1, 0), batch_id))
+    batch = store.batch(batch_id)
+    assert batch is not None and batch["status"] == "completed"
+    answers = _answers(store, batch["output_file_id"])
+    assert [a["custom_id"] for a in answers] == [f"r{i}" for i in range(4)]

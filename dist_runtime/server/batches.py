@@ -373,6 +373,8 @@ class BatchRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._leave: dict[str, asyncio.Event] = {}
         self._stopping = False
+        self._broken: set[str] = set()
+        """Batches that could not record an answer: left for the next server."""
 
     def resume(self) -> None:
         """Start (or finish) every batch a previous server left unfinished."""
@@ -421,9 +423,21 @@ class BatchRunner:
         assert batch is not None
         if self._gate is None:
             self._gate = asyncio.Semaphore(self.max_in_flight)
-        requests, _ = await asyncio.to_thread(
-            read_requests, store.path(batch["input_file_id"]), batch["endpoint"]
-        )
+        try:
+            requests, _ = await asyncio.to_thread(
+                read_requests, store.path(batch["input_file_id"]), batch["endpoint"]
+            )
+        except OSError as e:  # its input file went (deleted behind the server's back)
+            error = {"code": "input_file_missing", "line": None, "param": "input_file_id",
+                     "message": f"the input file cannot be read: {e}"}  # fmt: skip
+
+            def failed(b: dict[str, Any]) -> None:
+                b["errors"] = {"object": "list", "data": [error]}
+                _mark(b, "failed")
+
+            store.update(batch_id, failed)
+            logger.error("batch %s failed: %s", batch_id, error["message"])
+            return
         if batch["status"] == "in_progress" and time.time() < batch["expires_at"]:
             answers = await asyncio.to_thread(keep_answers, store.log_path(batch_id))
             todo = [r for r in requests if r["custom_id"] not in answers]
@@ -438,8 +452,8 @@ class BatchRunner:
                     "batch %s: %d answered before, %d to go", batch_id, len(answers), len(todo)
                 )
             await self._send(batch, todo)
-            if self._stopping:
-                return
+            if self._stopping or batch_id in self._broken:
+                return  # left in_progress: the next server goes on with it
         cancelled = (store.batch(batch_id) or batch)["status"] == "cancelling"
         await self._finish(batch_id, requests, cancelled)
 
@@ -508,14 +522,21 @@ class BatchRunner:
                 return
             wait = min(wait * 2, RETRY_SECONDS[1])
         line = answer_line(item["custom_id"], status, raw)
-        log.write(json.dumps(line, ensure_ascii=False) + "\n")
-        log.flush()
         key = "completed" if status < 300 else "failed"
 
         def count(b: dict[str, Any]) -> None:
             b["request_counts"][key] += 1
 
-        self.store.update(batch_id, count, durable=False)
+        try:
+            log.write(json.dumps(line, ensure_ascii=False) + "\n")
+            log.flush()
+            self.store.update(batch_id, count, durable=False)
+        except (OSError, sqlite3.Error) as e:  # a full disk, say: stop, and go on after a restart
+            logger.error("batch %s: cannot record an answer (%s); the batch stops here and "
+                         "goes on when the server restarts", batch_id, e)  # fmt: skip
+            self._broken.add(batch_id)
+            leave.set()
+            return
         if self.on_answer is not None:
             self.on_answer(status)
 
