@@ -92,6 +92,12 @@ class SamplingParams:
     """The LoRA adapter to answer with, by the name it was loaded under
     (`RuntimeConfig.lora_modules`, `--lora-modules NAME=DIR`); None: the base model. Requests
     of different adapters share a batch."""
+    include_stop_str_in_output: bool = False
+    """Keep the stop string that ended the answer at the end of its text (vLLM's)."""
+    cache_salt: str | None = None
+    """Prefix-cache isolation (vLLM's `cache_salt`): this request finds and leaves cached K/V
+    only among requests with the same salt, so callers who do not share it cannot tell from
+    its speed what others asked."""
     extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
     """Reserved for options of later versions; must be empty."""
 
@@ -219,6 +225,15 @@ class SamplingParams:
             not (self.min_tokens and self.guided),
             "min_tokens cannot combine with guided output (the grammar decides where the "
             "answer ends); leave one out",
+        )
+        _check(
+            isinstance(self.include_stop_str_in_output, bool),
+            "include_stop_str_in_output must be True or False, got "
+            f"{self.include_stop_str_in_output!r}",
+        )
+        _check(
+            self.cache_salt is None or (isinstance(self.cache_salt, str) and bool(self.cache_salt)),
+            f"cache_salt must be a non-empty string or None, got {self.cache_salt!r:.80}",
         )
         _check(
             isinstance(self.extra, dict),

@@ -1255,6 +1255,9 @@ def test_choices_say_which_stop_ended_them(client: Any) -> None:
     cut = client.completions.create(stop=[stop, "never-seen"], **ask).choices[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:at]
     assert cut.model_extra["stop_reason"] == stop
+    kept = client.completions.create(stop=[stop], **{**ask, "extra_body": {
+        "ignore_eos": True, "include_stop_str_in_output": True}}).choices[0]  # fmt: skip
+    assert kept.finish_reason == "stop" and kept.text == full.text[: at + len(stop)]
     # vLLM's stop_token_ids: with every id a stop, the first token ends it (and adds no text)
     every = {**ask, "extra_body": {"ignore_eos": True, "stop_token_ids": list(range(512))}}
     out = client.completions.create(**every)
@@ -1272,6 +1275,33 @@ def test_choices_say_which_stop_ended_them(client: Any) -> None:
         with pytest.raises(openai.BadRequestError, match=match) as info:
             client.completions.create(**{**ask, "extra_body": extra})
         assert info.value.body["param"] == "min_tokens"
+
+
+def test_vllm_prompt_and_cache_options(client: Any) -> None:
+    """truncate_prompt_tokens keeps the prompt's last tokens; cache_salt keeps cached K/V among
+    requests with the same salt; options that would change the answer unseen are 400s."""
+    ids = [(7 * i) % 500 + 3 for i in range(48)]
+    ask: dict[str, Any] = dict(model=None, max_tokens=4, temperature=0)
+    cut = client.completions.create(prompt=ids, **ask,
+                                    extra_body={"truncate_prompt_tokens": 20})  # fmt: skip
+    tail = client.completions.create(prompt=ids[-20:], **ask)
+    assert cut.usage.prompt_tokens == 20 and cut.choices[0].text == tail.choices[0].text
+
+    def cached(salt: str) -> int:
+        out = client.completions.create(prompt=ids, **ask, extra_body={"cache_salt": salt})
+        return int(out.usage.prompt_tokens_details.cached_tokens)
+
+    first = cached("alice")
+    assert cached("bob") == 0 and cached("alice") > first  # alice's blocks, not bob's
+    for field, value in (("use_beam_search", True), ("allowed_token_ids", [1, 2]),
+                         ("spaces_between_special_tokens", False)):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(prompt="x", **ask, extra_body={field: value})
+        assert info.value.body["param"] == field
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(messages=[{"role": "user", "content": "x"}], **ask,
+                                       extra_body={"echo": True})  # fmt: skip
+    assert info.value.body["param"] == "echo"
 
 
 def test_continue_final_message_continues_the_assistant(

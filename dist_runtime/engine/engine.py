@@ -236,13 +236,17 @@ class Engine:
             share_prefix
             and all(p.prompt_logprobs is None for p in params)
             and len({p.adapter for p in params}) == 1
+            and len({p.cache_salt for p in params}) == 1
         )
         shared = self._shared_prefix(list(prompts)) if share_prefix else None
         if shared is not None:
             # the pass runs at its requests' priority (the most important of them)
             priority = min(p.priority for p in params)
             pass_params = dataclasses.replace(
-                PREFIX_PASS, priority=priority, adapter=params[0].adapter
+                PREFIX_PASS,
+                priority=priority,
+                adapter=params[0].adapter,
+                cache_salt=params[0].cache_salt,
             )
             prefix = _Request(
                 self._make_sequence(shared, pass_params, 0),
@@ -405,7 +409,7 @@ class Engine:
             detok = IncrementalDetokenizer(
                 self.tokenizer, skip_special_tokens=params.skip_special_tokens
             )
-            seq.text_state = TextStream(detok, params.stop)
+            seq.text_state = TextStream(detok, params.stop, params.include_stop_str_in_output)
         return seq
 
     def check_adapter(self, params: SamplingParams | None, where: str = "") -> None:

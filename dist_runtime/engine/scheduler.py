@@ -467,12 +467,14 @@ class Scheduler:
 
     def _root(self, seq: Sequence) -> int:
         """Hash chain root of a sequence's blocks: K/V rotated with another base, or computed
-        through an adapter, differ."""
+        through an adapter, differ; a cache salt keeps its blocks among its own."""
         root = self.blocks.root_hash
         if seq.rope_base != 0.0:
             root = self.blocks.derive_root(root, seq.rope_base)
         if seq.adapter_digest:
             root = self.blocks.derive_root(root, seq.adapter_digest)
+        if seq.params.cache_salt is not None:
+            root = self.blocks.derive_root(root, b"salt:" + seq.params.cache_salt.encode())
         return root
 
     def reset(self, blocks: BlockManager) -> None:

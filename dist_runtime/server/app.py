@@ -364,6 +364,8 @@ class _Server:
                 ignore_eos=req.ignore_eos,
                 stop_token_ids=tuple(req.stop_token_ids or ()),
                 min_tokens=req.min_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                cache_salt=req.cache_salt,
                 skip_special_tokens=req.skip_special_tokens,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
@@ -827,6 +829,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     async def completions(req: CompletionRequest, request: Request) -> Any:
         server.check_model(req.model)
         prompts = await asyncio.to_thread(_prompt_ids, server, req.prompt)
+        cut = req.truncate_prompt_tokens
+        if cut is not None:
+            prompts = [ids[-cut:] for ids in prompts]
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         all_ids = [ids for ids in prompts for _ in range(req.n)]
         scored_k = req.prompt_logprobs_k
@@ -837,9 +842,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         ]
         handles = server.add(all_ids, all_params, "prompt")
         echo = [
-            server.prompt_text(req.prompt, i, ids) if req.echo else ""
+            server.prompt_text(req.prompt if cut is None else None, i, ids) if req.echo else ""
             for i, ids in enumerate(prompts)
-        ]
+        ]  # (a cut prompt echoes what is left of it)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
         # echo with logprobs: the prompt's tokens (and their log-probabilities) come first.

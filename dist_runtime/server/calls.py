@@ -84,6 +84,8 @@ async def start_chat(
     ids = await asyncio.to_thread(
         chat_prompt, server, messages, functions, calling, continue_final, template_kwargs
     )
+    if sampling.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last tokens only
+        ids = ids[-sampling.truncate_prompt_tokens :]
     if max_tokens is None:
         max_tokens = server.default_max_tokens(len(ids))
     call_format = None

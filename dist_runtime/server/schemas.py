@@ -182,6 +182,12 @@ class SamplingFields(_Request):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    """vLLM's extra: the stop string that ended the answer stays at the end of its text."""
+    cache_salt: str | None = Field(default=None, min_length=1)
+    """vLLM's extra: prefix-cache isolation; only requests with the same salt share cached K/V."""
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    """vLLM's extra: keep only the prompt's last this many tokens."""
     min_tokens: int = Field(default=0, ge=0)
     """vLLM's extra: the answer's least length in tokens (EOS and stop ids held back)."""
     stop_token_ids: list[int] | None = None
@@ -226,6 +232,14 @@ class SamplingFields(_Request):
                 {
                     "best_of": lambda v: v is None or v == 1 or v == data.get("n"),
                     "guided_whitespace_pattern": _empty,
+                    # vLLM's other options that would change the answer
+                    "use_beam_search": _off,
+                    "length_penalty": lambda v: v in (None, 1, 1.0),
+                    "allowed_token_ids": _empty,
+                    "bad_words": _empty,
+                    "spaces_between_special_tokens": lambda v: v in (None, True),
+                    "return_tokens_as_token_ids": _off,
+                    "logits_processors": _empty,
                 },
             )
         return data
@@ -441,6 +455,10 @@ class ChatCompletionRequest(SamplingFields):
                     "functions": _empty,
                     "function_call": lambda v: v is None or v == "none",
                     "audio": _empty,
+                    # vLLM's chat options that would change the prompt or the answer
+                    "echo": _off,
+                    "documents": _empty,
+                    "chat_template": _empty,
                 },
             )
             if data.get("top_logprobs") and not data.get("logprobs"):

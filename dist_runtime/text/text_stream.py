@@ -14,9 +14,13 @@ class Detokenizer(Protocol):
 
 
 class TextStream:
-    def __init__(self, detokenizer: Detokenizer, stops: tuple[str, ...]):
+    def __init__(
+        self, detokenizer: Detokenizer, stops: tuple[str, ...], include_stop: bool = False
+    ):
         self.detokenizer = detokenizer
         self.stops = stops
+        self.include_stop = include_stop
+        """The text is cut after the stop string found, not before it."""
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text = ""
         self.num_emitted = 0
@@ -60,5 +64,5 @@ class TextStream:
         if not found:
             return False
         at, self.stop_hit = min(found, key=lambda hit: hit[0])
-        self.text = self.text[:at]
+        self.text = self.text[: at + len(self.stop_hit) if self.include_stop else at]
         return True
