@@ -81,22 +81,29 @@ def test_chat_returns_the_thinking_apart(app: Any) -> None:
     assert plain["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
 
 
+def _force_thinking(monkeypatch: pytest.MonkeyPatch, request_type: Any) -> None:
+    """Hold a route's answers to the thinking form (its requests take no guided_regex)."""
+    sampling = request_type.sampling
+
+    def forced(self: Any) -> Any:
+        return sampling(self).model_copy(update={"guided_regex": THINKING, "temperature": 0.0})
+
+    monkeypatch.setattr(request_type, "sampling", forced)
+
+
+def _thinking_chat(app: Any) -> Any:
+    """The chat route's greedy answer in the thinking form (what the other routes must give)."""
+    body = {"messages": HI, "max_tokens": 60, "temperature": 0, "guided_regex": THINKING}
+    return _post(app, "/v1/chat/completions", body)
+
+
 def test_responses_return_a_reasoning_item(app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same answer on the Responses route: a reasoning item, then the message; streamed,
     reasoning_text deltas at output 0 and output_text deltas at output 1."""
     from dist_runtime.server.responses import ResponsesRequest
 
-    sampling = ResponsesRequest.sampling  # the route takes no guided_regex: force the form
-
-    def forced(self: Any) -> Any:
-        return sampling(self).model_copy(update={"guided_regex": THINKING})
-
-    monkeypatch.setattr(ResponsesRequest, "sampling", forced)
-    chat = _post(
-        app,
-        "/v1/chat/completions",
-        {"messages": HI, "max_tokens": 60, "temperature": 0, "guided_regex": THINKING},
-    )
+    _force_thinking(monkeypatch, ResponsesRequest)
+    chat = _thinking_chat(app)
     want = chat["choices"][0]["message"]
     ask = {"input": "Hi", "max_output_tokens": 60, "temperature": 0}
     r = _post(app, "/v1/responses", ask)
@@ -124,18 +131,8 @@ def test_messages_return_a_thinking_block(app: Any, monkeypatch: pytest.MonkeyPa
     in block 0 (closed with its signature_delta) and text_delta pieces in block 1."""
     from dist_runtime.server.anthropic import MessagesRequest
 
-    sampling = MessagesRequest.sampling
-
-    def forced(self: Any) -> Any:
-        return sampling(self).model_copy(update={"guided_regex": THINKING, "temperature": 0.0})
-
-    monkeypatch.setattr(MessagesRequest, "sampling", forced)
-    chat = _post(
-        app,
-        "/v1/chat/completions",
-        {"messages": HI, "max_tokens": 60, "temperature": 0, "guided_regex": THINKING},
-    )
-    want = chat["choices"][0]["message"]
+    _force_thinking(monkeypatch, MessagesRequest)
+    want = _thinking_chat(app)["choices"][0]["message"]
     ask = {"messages": HI, "max_tokens": 60}
     m = _post(app, "/v1/messages", ask)
     assert m["content"] == [
