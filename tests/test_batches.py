@@ -355,3 +355,46 @@ def test_api_keys_take_names() -> None:
     )
     with pytest.raises(ValueError, match="names 'a' twice"):
         parse_api_keys("a=1,a=2")
+
+
+def test_files_expire(server: Server) -> None:
+    """Batch files are kept 30 days unless told otherwise (OpenAI's default), documents until
+    deleted; `expires_after` and a batch's `output_expires_after` set it."""
+    client = _client(server)
+    month = 30 * 86400
+    doc = client.files.create(file=("d.txt", b"text"), purpose="user_data")
+    requests = _upload(client, [_line("a", _chat("x", 2))])
+    soon = client.files.create(file=("s.jsonl", _line("a", _chat("x", 2)).encode()),
+                               purpose="batch",
+                               expires_after={"anchor": "created_at", "seconds": 3600})  # fmt: skip
+    assert doc.expires_at is None and requests.expires_at == requests.created_at + month
+    assert soon.expires_at == soon.created_at + 3600
+    batch = client.batches.create(input_file_id=soon.id, endpoint=CHAT, completion_window="24h",
+                                  output_expires_after={"anchor": "created_at",
+                                                        "seconds": 7200})  # fmt: skip
+    batch = _wait(client, batch.id, ("completed",))
+    out = client.files.retrieve(batch.output_file_id)
+    assert out.expires_at == out.created_at + 7200
+    with pytest.raises(openai.BadRequestError, match="expires_after.seconds"):
+        client.files.create(file=("x.jsonl", b"{}"), purpose="batch",
+                            expires_after={"anchor": "created_at", "seconds": 60})  # fmt: skip
+
+
+def test_expired_files_are_deleted_but_not_a_running_batchs_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dist_runtime.server import batches as module
+
+    store = module.BatchStore(tmp_path)
+    for name in ("old", "in-use", "kept"):
+        store.path(name).write_text(_line("a", _chat("x")) + "\n")
+    store.add_file("old", "old.jsonl", "batch", 1, 3600)
+    store.add_file("in-use", "in.jsonl", "batch", 1, 3600)
+    store.add_file("kept", "kept.txt", "user_data", 1, None)
+    assert store.create_batch("in-use", CHAT, "24h")["status"] == "in_progress"
+    now = time.time()
+    monkeypatch.setattr(module.time, "time", lambda: now + 7200)
+    assert store.purge_expired() == 1
+    assert store.file("old") is None and not store.path("old").exists()
+    assert store.file("in-use") is not None and store.file("kept") is not None
+    assert store.purge_expired() == 0  # (at most once a minute)

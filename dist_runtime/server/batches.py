@@ -30,7 +30,9 @@ run), both synced to disk before the batch says `completed`.
 
 A batch is checked when it is created: a line that is not a request for its endpoint makes it
 `failed` at once, with every bad line (up to 100) in `errors`. `completion_window` is OpenAI's
-"24h" or any other `<n>s|m|h|d`; past it the batch ends `expired`. Files do not expire.
+"24h" or any other `<n>s|m|h|d`; past it the batch ends `expired`. Batch files are deleted
+30 days after they were made (OpenAI's default) or as `expires_after` / `output_expires_after`
+say; documents are kept until deleted.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dist_runtime.server.batch_lines import (
     URLS,
@@ -78,6 +80,11 @@ DB_NAME = "batches.sqlite3"
 PURPOSES = ("batch", "user_data", "assistants")
 """Purposes an upload may have: a batch's requests, or a document messages refer to."""
 FINAL = ("completed", "failed", "expired", "cancelled")
+FILE_RETENTION_S = 30 * 86400
+"""How long batch files (their requests, answers and errors) are kept unless told otherwise
+(OpenAI's default); documents (`user_data`) are kept until deleted."""
+EXPIRY_RANGE = (3600, 30 * 86400)
+"""The `expires_after` seconds OpenAI takes (an hour to 30 days)."""
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 RETRY_SECONDS = (0.2, 5.0)
@@ -94,7 +101,8 @@ CREATE TABLE IF NOT EXISTS batches (
     id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
     body TEXT NOT NULL,
-    owner TEXT
+    owner TEXT,
+    output_expires_after INTEGER
 );
 CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status, seq);
 """
@@ -126,6 +134,7 @@ class BatchStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # see _tx
         self._db.executescript(_SCHEMA)
+        self._purged = 0.0
 
     def close(self) -> None:
         with self._lock:
@@ -154,19 +163,17 @@ class BatchStore:
     def path(self, file_id: str) -> Path:
         return self.files_dir / file_id
 
-    def add_file(self, file_id: str, filename: str, purpose: str, size: int) -> dict[str, Any]:
-        """Record a file whose bytes are at `path(file_id)` already."""
-        body = {
-            "id": file_id,
-            "object": "file",
-            "bytes": size,
-            "created_at": int(time.time()),
-            "filename": filename,
-            "purpose": purpose,
-            "status": "processed",
-            "expires_at": None,
-            "status_details": None,
-        }
+    def add_file(
+        self,
+        file_id: str,
+        filename: str,
+        purpose: str,
+        size: int,
+        expires_after: int | None = None,
+    ) -> dict[str, Any]:
+        """Record a file whose bytes are at `path(file_id)` already; it is deleted
+        `expires_after` seconds after now (None: kept until deleted)."""
+        body = _file_body(file_id, filename, purpose, size, expires_after)
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO files (id, body) VALUES (?, ?)", (file_id, json.dumps(body))
@@ -197,12 +204,45 @@ class BatchStore:
         """The batch's answer log: answers appended as they end (`batch_lines` format)."""
         return self.root / f"{batch_id}.answers.jsonl"
 
-    def add_batch(self, body: dict[str, Any], owner: str | None = None) -> None:
+    def add_batch(
+        self,
+        body: dict[str, Any],
+        owner: str | None = None,
+        output_expires_after: int | None = FILE_RETENTION_S,
+    ) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO batches (id, status, body, owner) VALUES (?, ?, ?, ?)",
-                (body["id"], body["status"], json.dumps(body), owner),
+                "INSERT INTO batches (id, status, body, owner, output_expires_after) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (body["id"], body["status"], json.dumps(body), owner, output_expires_after),
             )
+
+    def output_expiry(self, batch_id: str) -> int | None:
+        """Seconds the batch's output and error files are kept (None: until deleted)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT output_expires_after FROM batches WHERE id = ?", (batch_id,)
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def purge_expired(self, every: float = 60.0) -> int:
+        """Delete the files past their `expires_at` (not the input of a batch still running),
+        at most once per `every` seconds; how many went."""
+        now = time.time()
+        if now - self._purged < every:
+            return 0
+        self._purged = now
+        in_use = self.inputs_in_use()
+        gone = [
+            f["id"]
+            for f in self.files()
+            if f.get("expires_at") is not None and f["expires_at"] <= now and f["id"] not in in_use
+        ]
+        for file_id in gone:
+            self.delete_file(file_id)
+        if gone:
+            logger.info("deleted %d expired file(s)", len(gone))
+        return len(gone)
 
     def owner(self, batch_id: str) -> str | None:
         """The name of the API key that created the batch (its requests are accounted to it)."""
@@ -217,6 +257,7 @@ class BatchStore:
         completion_window: str,
         metadata: dict[str, str] | None = None,
         owner: str | None = None,
+        output_expires_after: int | None = FILE_RETENTION_S,
     ) -> dict[str, Any]:
         """A new batch of the requests in an uploaded file: `in_progress`, or `failed` with
         its bad lines in `errors`. Reads the whole file (call it off the event loop)."""
@@ -254,7 +295,7 @@ class BatchStore:
             body["model"] = models.pop() if len(models) == 1 else None
             body["request_counts"]["total"] = len(requests)
             _mark(body, "in_progress")
-        self.add_batch(body, owner)
+        self.add_batch(body, owner, output_expires_after)
         return body
 
     def batch(self, batch_id: str) -> dict[str, Any] | None:
@@ -561,16 +602,17 @@ class BatchRunner:
         code = "batch_cancelled" if cancelled else "batch_expired"
         not_run = [unrun_line(custom_id, code, _UNRUN[code]) for custom_id in unrun]
         hexid = batch_id.removeprefix("batch_")
+        keep = store.output_expiry(batch_id)
         files = []
         out_id = err_id = None
         if done:
             out_id = f"file-{hexid}-output"
             size = await asyncio.to_thread(_write_lines, store.path(out_id), done)
-            files.append(_file_body(out_id, f"{batch_id}_output.jsonl", size))
+            files.append(_file_body(out_id, f"{batch_id}_output.jsonl", "batch_output", size, keep))
         if failed or not_run:
             err_id = f"file-{hexid}-errors"
             size = await asyncio.to_thread(_write_lines, store.path(err_id), failed + not_run)
-            files.append(_file_body(err_id, f"{batch_id}_errors.jsonl", size))
+            files.append(_file_body(err_id, f"{batch_id}_errors.jsonl", "batch_output", size, keep))
 
         def end(b: dict[str, Any]) -> None:
             _mark(b, status)
@@ -606,18 +648,36 @@ def _mark(b: dict[str, Any], status: str) -> None:
     b[f"{status}_at"] = int(time.time())
 
 
-def _file_body(file_id: str, filename: str, size: int) -> dict[str, Any]:
+def _file_body(
+    file_id: str, filename: str, purpose: str, size: int, expires_after: int | None
+) -> dict[str, Any]:
+    now = int(time.time())
     return {
         "id": file_id,
         "object": "file",
         "bytes": size,
-        "created_at": int(time.time()),
+        "created_at": now,
         "filename": filename,
-        "purpose": "batch_output",
+        "purpose": purpose,
         "status": "processed",
-        "expires_at": None,
+        "expires_at": None if expires_after is None else now + expires_after,
         "status_details": None,
     }
+
+
+class ExpiresAfter(BaseModel):
+    """OpenAI's expiry policy of a file: `seconds` after its `created_at`."""
+
+    model_config = ConfigDict(extra="forbid")
+    anchor: str = "created_at"
+    seconds: int = Field(ge=EXPIRY_RANGE[0], le=EXPIRY_RANGE[1])
+
+    @field_validator("anchor")
+    @classmethod
+    def _anchor(cls, v: str) -> str:
+        if v != "created_at":
+            raise ValueError(f"anchor must be 'created_at', got {v!r}")
+        return v
 
 
 class CreateBatchRequest(BaseModel):
@@ -626,6 +686,8 @@ class CreateBatchRequest(BaseModel):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
+    output_expires_after: ExpiresAfter | None = None
+    """How long the output and error files are kept (default 30 days)."""
 
     @field_validator("endpoint")
     @classmethod
@@ -731,8 +793,10 @@ class Batches:
 
     async def startup(self) -> None:
         """Go on with the batches a previous server left (only a --job-dir outlives one)."""
-        if self.server.runtime.config.job_dir is not None and self.store.unfinished():
-            self.runner.resume()
+        if self.server.runtime.config.job_dir is not None:
+            self.store.purge_expired()
+            if self.store.unfinished():
+                self.runner.resume()
 
     async def shutdown(self) -> None:
         if self._runner is not None:
@@ -745,6 +809,7 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
     batches = Batches(server, app)
 
     def file_of(file_id: str) -> dict[str, Any]:
+        batches.store.purge_expired()
         found = batches.store.file(file_id)
         if found is None:
             raise APIError(404, f"no file {file_id!r}", "not_found_error", "file_id")
@@ -766,6 +831,8 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
             raise APIError(
                 400, f"purpose must be one of {list(PURPOSES)}, got {purpose!r}", param="purpose"
             )
+        keep = _form_expiry(form, FILE_RETENTION_S if purpose == "batch" else None)
+        batches.store.purge_expired()
         if upload is None or isinstance(upload, str):
             raise APIError(400, "the form has no 'file' part", param="file")
         file_id = f"file-{uuid.uuid4().hex[:24]}"
@@ -780,7 +847,7 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
 
         size = await asyncio.to_thread(save)
         name = os.path.basename(upload.filename or "upload.jsonl")
-        return batches.store.add_file(file_id, name, str(purpose), size)
+        return batches.store.add_file(file_id, name, str(purpose), size, keep)
 
     @app.get("/v1/files")
     async def list_files(
@@ -789,6 +856,7 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
     ) -> dict[str, Any]:  # fmt: skip
         if order not in ("asc", "desc"):
             raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
+        batches.store.purge_expired()
         found = batches.store.files(purpose)
         if order == "desc":
             found.reverse()
@@ -839,6 +907,9 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
             req.completion_window,
             req.metadata,
             CALLER.get(),
+            FILE_RETENTION_S
+            if req.output_expires_after is None
+            else req.output_expires_after.seconds,
         )
         if body["status"] == "in_progress":
             batches.runner.start(body["id"])
@@ -869,6 +940,23 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
         return body
 
     return batches
+
+
+def _form_expiry(form: Any, default: int | None) -> int | None:
+    """Seconds an upload is kept: its form's `expires_after` (as the official client sends it,
+    `expires_after[anchor]` and `expires_after[seconds]`), else `default`."""
+    seconds = form.get("expires_after[seconds]")
+    anchor = form.get("expires_after[anchor]", "created_at")
+    if seconds is None:
+        return default
+    try:
+        return ExpiresAfter(anchor=anchor, seconds=seconds).seconds
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise APIError(400, f"expires_after.{where}: {message}",
+                       param=f"expires_after.{where}") from e  # fmt: skip
 
 
 def _page(items: list[dict[str, Any]], after: str | None, limit: int, most: int) -> dict[str, Any]:
