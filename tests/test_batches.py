@@ -398,3 +398,31 @@ def test_expired_files_are_deleted_but_not_a_running_batchs_input(
     assert store.file("old") is None and not store.path("old").exists()
     assert store.file("in-use") is not None and store.file("kept") is not None
     assert store.purge_expired() == 0  # (at most once a minute)
+
+
+def test_a_key_sees_only_its_own_files_and_batches(server: Server) -> None:
+    """With several keys each one's uploads, batches and their outputs are its own: another
+    key's are absent from its lists and 404s by id (also named in a chat's file part)."""
+    alice = _client(server)
+    bob = openai.OpenAI(base_url=server.url + "/v1", api_key=BOB, max_retries=0)
+    mine = alice.files.create(file=("doc.txt", b"Alice's notes."), purpose="user_data")
+    batch = alice.batches.create(input_file_id=_upload(alice, [_line("a", _chat("x", 2))]).id,
+                                 endpoint=CHAT, completion_window="24h")  # fmt: skip
+    batch = _wait(alice, batch.id, ("completed",))
+    assert mine.id in {f.id for f in alice.files.list()}
+    assert not {mine.id, batch.output_file_id} & {f.id for f in bob.files.list()}
+    assert batch.id not in {b.id for b in bob.batches.list(limit=100)}
+    for call in (
+        lambda: bob.files.retrieve(mine.id),
+        lambda: bob.files.content(mine.id),
+        lambda: bob.files.delete(batch.output_file_id),
+        lambda: bob.batches.retrieve(batch.id),
+        lambda: bob.batches.cancel(batch.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    parts = [{"type": "file", "file": {"file_id": mine.id}}]
+    status, body = server.request("POST", CHAT, {"messages": [{"role": "user", "content": parts}]},
+                                  key=BOB)  # fmt: skip
+    assert status == 404 and body["error"]["param"] == "messages.0.content.0.file.file_id"
+    assert alice.files.content(batch.output_file_id).text  # still the owner's

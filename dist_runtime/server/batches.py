@@ -94,7 +94,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -170,26 +171,35 @@ class BatchStore:
         purpose: str,
         size: int,
         expires_after: int | None = None,
+        owner: str | None = None,
     ) -> dict[str, Any]:
         """Record a file whose bytes are at `path(file_id)` already; it is deleted
-        `expires_after` seconds after now (None: kept until deleted)."""
+        `expires_after` seconds after now (None: kept until deleted). `owner`: the name of
+        the API key that uploaded it (only that key sees it)."""
         body = _file_body(file_id, filename, purpose, size, expires_after)
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO files (id, body) VALUES (?, ?)", (file_id, json.dumps(body))
+                "INSERT OR REPLACE INTO files (id, body, owner) VALUES (?, ?, ?)",
+                (file_id, json.dumps(body), owner),
             )
         return body
 
-    def file(self, file_id: str) -> dict[str, Any] | None:
+    def file(self, file_id: str, caller: str | None = None) -> dict[str, Any] | None:
+        """A file's record; None for none, or for one another key owns (`caller`: the asking
+        key's name, None on a server without keys)."""
         with self._lock:
-            row = self._db.execute("SELECT body FROM files WHERE id = ?", (file_id,)).fetchone()
-        return None if row is None else dict(json.loads(row[0]))
+            row = self._db.execute(
+                "SELECT body, owner FROM files WHERE id = ?", (file_id,)
+            ).fetchone()
+        if row is None or not _visible(row[1], caller):
+            return None
+        return dict(json.loads(row[0]))
 
-    def files(self, purpose: str | None = None) -> list[dict[str, Any]]:
-        """Every file, oldest first (of one purpose when given)."""
+    def files(self, purpose: str | None = None, caller: str | None = None) -> list[dict[str, Any]]:
+        """Every file `caller` may see, oldest first (of one purpose when given)."""
         with self._lock:
-            rows = self._db.execute("SELECT body FROM files ORDER BY seq").fetchall()
-        found = [json.loads(r[0]) for r in rows]
+            rows = self._db.execute("SELECT body, owner FROM files ORDER BY seq").fetchall()
+        found = [json.loads(r[0]) for r in rows if _visible(r[1], caller)]
         return [f for f in found if purpose is None or f["purpose"] == purpose]
 
     def delete_file(self, file_id: str) -> bool:
@@ -298,16 +308,21 @@ class BatchStore:
         self.add_batch(body, owner, output_expires_after)
         return body
 
-    def batch(self, batch_id: str) -> dict[str, Any] | None:
+    def batch(self, batch_id: str, caller: str | None = None) -> dict[str, Any] | None:
+        """A batch's record; None for none, or for one another key created."""
         with self._lock:
-            row = self._db.execute("SELECT body FROM batches WHERE id = ?", (batch_id,)).fetchone()
-        return None if row is None else dict(json.loads(row[0]))
+            row = self._db.execute(
+                "SELECT body, owner FROM batches WHERE id = ?", (batch_id,)
+            ).fetchone()
+        if row is None or not _visible(row[1], caller):
+            return None
+        return dict(json.loads(row[0]))
 
-    def batches(self) -> list[dict[str, Any]]:
-        """Every batch, newest first."""
+    def batches(self, caller: str | None = None) -> list[dict[str, Any]]:
+        """Every batch `caller` may see, newest first."""
         with self._lock:
-            rows = self._db.execute("SELECT body FROM batches ORDER BY seq DESC").fetchall()
-        return [json.loads(r[0]) for r in rows]
+            rows = self._db.execute("SELECT body, owner FROM batches ORDER BY seq DESC").fetchall()
+        return [json.loads(r[0]) for r in rows if _visible(r[1], caller)]
 
     def unfinished(self) -> list[dict[str, Any]]:
         """Batches not yet in a final status, oldest first."""
@@ -334,10 +349,11 @@ class BatchStore:
                 "UPDATE batches SET status = ?, body = ? WHERE id = ?",
                 (body["status"], json.dumps(body), batch_id),
             )
-            for f in files:
+            (owner,) = db.execute("SELECT owner FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            for f in files:  # a batch's output and error files are its creator's
                 db.execute(
-                    "INSERT OR REPLACE INTO files (id, body) VALUES (?, ?)",
-                    (f["id"], json.dumps(f)),
+                    "INSERT OR REPLACE INTO files (id, body, owner) VALUES (?, ?, ?)",
+                    (f["id"], json.dumps(f), owner),
                 )
         return dict(body)
 
@@ -349,6 +365,12 @@ class BatchStore:
     def inputs_in_use(self) -> set[str]:
         """Input files of batches not yet final."""
         return {b["input_file_id"] for b in self.unfinished()}
+
+
+def _visible(owner: str | None, caller: str | None) -> bool:
+    """Whether a file or batch made by key `owner` is the business of key `caller`: on a
+    server without keys (caller None) everything is; with keys, only what that key made."""
+    return caller is None or owner == caller
 
 
 def read_requests(path: Path, endpoint: str) -> tuple[list[dict[str, Any]], list[LineError]]:
@@ -760,7 +782,7 @@ class Batches:
         APIError naming `where` (the part's path) if there is none or it is not UTF-8 text.
         Reads the whole file: call it off the event loop."""
         if ref.file_id is not None:
-            if self.store.file(ref.file_id) is None:
+            if self.store.file(ref.file_id, CALLER.get()) is None:
                 raise APIError(
                     404,
                     f"no file {ref.file_id!r} (upload it with POST /v1/files)",
@@ -810,13 +832,13 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
 
     def file_of(file_id: str) -> dict[str, Any]:
         batches.store.purge_expired()
-        found = batches.store.file(file_id)
+        found = batches.store.file(file_id, CALLER.get())
         if found is None:
             raise APIError(404, f"no file {file_id!r}", "not_found_error", "file_id")
         return found
 
     def batch_of(batch_id: str) -> dict[str, Any]:
-        found = batches.store.batch(batch_id)
+        found = batches.store.batch(batch_id, CALLER.get())
         if found is None:
             raise APIError(404, f"no batch {batch_id!r}", "not_found_error", "batch_id")
         return found
@@ -847,7 +869,7 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
 
         size = await asyncio.to_thread(save)
         name = os.path.basename(upload.filename or "upload.jsonl")
-        return batches.store.add_file(file_id, name, str(purpose), size, keep)
+        return batches.store.add_file(file_id, name, str(purpose), size, keep, CALLER.get())
 
     @app.get("/v1/files")
     async def list_files(
@@ -857,7 +879,7 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
         if order not in ("asc", "desc"):
             raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
         batches.store.purge_expired()
-        found = batches.store.files(purpose)
+        found = batches.store.files(purpose, CALLER.get())
         if order == "desc":
             found.reverse()
         return _page(found, after, limit, 10_000)
@@ -917,7 +939,7 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
 
     @app.get("/v1/batches")
     async def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
-        return _page(batches.store.batches(), after, limit, 100)
+        return _page(batches.store.batches(CALLER.get()), after, limit, 100)
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str) -> dict[str, Any]:
