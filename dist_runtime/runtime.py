@@ -248,6 +248,7 @@ class Runtime:
         document_path: str | os.PathLike[str] | None = None,
         encoding_errors: str = "strict",
         idempotency_key: str | None = None,
+        owner: str | None = None,
     ) -> str:
         """Queue a document-QA job and return its id at once.
 
@@ -258,7 +259,8 @@ class Runtime:
         An `idempotency_key` makes a retry safe: submitting the same job (document,
         questions, params) with a key already used returns the first job's id; a different
         job with that key raises IdempotencyKeyConflictError (a ValueError) naming the key
-        and the existing job.
+        and the existing job. `owner` (the server's API key name) keeps idempotency keys and
+        the server's job lists per owner and accounts the job's tokens to it.
         """
         self._check_serving()
         if self.tokenizer is None:
@@ -276,7 +278,7 @@ class Runtime:
         self.engine.check_adapter(job.params)
         store = self._job_store()
         job_id = store.submit(
-            job.document, job.questions, job.params, idempotency_key, job.prefill_tokens
+            job.document, job.questions, job.params, idempotency_key, job.prefill_tokens, owner
         )
         runner = self._job_runner()
         runner.start()
@@ -302,9 +304,13 @@ class Runtime:
             self._runner.notify()
         return state
 
-    def jobs(self) -> list[JobStatus]:
-        """Every job in the job directory, oldest first."""
-        return self._job_store().list_jobs()
+    def jobs(self, owner: str | None = None) -> list[JobStatus]:
+        """Every job in the job directory, oldest first (only `owner`'s when given)."""
+        return self._job_store().list_jobs(owner)
+
+    def job_owner(self, job_id: str) -> str | None:
+        """Who submitted a job (`submit`'s owner); UnknownJobError for none."""
+        return self._job_store().owner(job_id)
 
     def job_counts(self) -> dict[str, int]:
         """How many jobs of the job directory are in each state."""

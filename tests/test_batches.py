@@ -426,3 +426,26 @@ def test_a_key_sees_only_its_own_files_and_batches(server: Server) -> None:
                                   key=BOB)  # fmt: skip
     assert status == 404 and body["error"]["param"] == "messages.0.content.0.file.file_id"
     assert alice.files.content(batch.output_file_id).text  # still the owner's
+
+
+def test_a_key_sees_only_its_own_jobs(server: Server) -> None:
+    """Document-QA jobs too: another key's are absent from a key's list and 404s; idempotency
+    keys are per key; a job's tokens count for the key that submitted it."""
+    job = {"document": "The keeper is Ada.", "questions": ["Who?"], "max_tokens": 3,
+           "idempotency_key": "same-key"}  # fmt: skip
+    before = server.metric('api_key_generation_tokens_total{key="alice"}')
+    status, mine = server.request("POST", "/v1/jobs", job)
+    assert status == 200, mine
+    status, theirs = server.request("POST", "/v1/jobs", {**job, "document": "Other."}, key=BOB)
+    assert status == 200 and theirs["id"] != mine["id"]  # bob's own key space: no conflict
+    deadline = time.monotonic() + 60
+    while server.request("GET", f"/v1/jobs/{mine['id']}")[1]["state"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    listed = {j["id"] for j in server.request("GET", "/v1/jobs", key=BOB)[1]["data"]}
+    assert theirs["id"] in listed and mine["id"] not in listed
+    for method, path in (("GET", f"/v1/jobs/{mine['id']}"), ("DELETE", f"/v1/jobs/{mine['id']}"),
+                         ("GET", f"/v1/jobs/{mine['id']}/result")):  # fmt: skip
+        assert server.request(method, path, key=BOB)[0] == 404
+    assert server.request("GET", f"/v1/jobs/{mine['id']}/result")[0] == 200
+    assert server.metric('api_key_generation_tokens_total{key="alice"}') >= before + 1

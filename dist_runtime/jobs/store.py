@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     prefill_tokens_done INTEGER NOT NULL DEFAULT 0,
     prefill_tokens_total INTEGER NOT NULL DEFAULT 0,
     tokens_generated INTEGER NOT NULL DEFAULT 0,
-    answers TEXT
+    answers TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 """
@@ -127,6 +128,8 @@ class Job:
     questions: list[str]
     params: SamplingParams
     attempts: int
+    owner: str | None = None
+    """Who submitted it (its requests are accounted to it)."""
 
 
 def check_idempotency_key(key: object) -> None:
@@ -169,6 +172,9 @@ class JobStore:
             for stmt in _SCHEMA.strip().split(";"):
                 if stmt.strip():
                     self._db.execute(stmt)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            if "owner" not in columns:  # a job directory from before owners were kept
+                self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -205,18 +211,23 @@ class JobStore:
         params: SamplingParams,
         idempotency_key: str | None = None,
         prefill_tokens_total: int = 0,
+        owner: str | None = None,
     ) -> str:
         """Queue a job and return its id. With an idempotency key already used: the same
         job (document, questions and params equal) returns that job's id without queueing
         another; a different one raises IdempotencyKeyConflictError.
-        prefill_tokens_total: the prompt tokens it will prefill, shown by status() at once."""
+        prefill_tokens_total: the prompt tokens it will prefill, shown by status() at once.
+        owner: who submitted it (the server's API key name); idempotency keys are per owner."""
         check_idempotency_key(idempotency_key)
         now = time.time()
+        stored_key = idempotency_key
+        if idempotency_key is not None and owner is not None:
+            stored_key = f"{owner}\x00{idempotency_key}"  # another owner's key is another key
         with self._tx() as db:
             if idempotency_key is not None:
                 row = db.execute(
                     "SELECT id, document, questions, params FROM jobs WHERE idempotency_key = ?",
-                    (idempotency_key,),
+                    (stored_key,),
                 ).fetchone()
                 if row is not None:
                     differs = _differences(row[1:], document, questions, params)
@@ -226,10 +237,11 @@ class JobStore:
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (id, idempotency_key, state, document, questions, params, "
-                "prefill_tokens_total, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "prefill_tokens_total, created, updated, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
-                    idempotency_key,
+                    stored_key,
                     JobState.QUEUED.value,
                     document,
                     json.dumps(questions),
@@ -237,9 +249,18 @@ class JobStore:
                     prefill_tokens_total,
                     now,
                     now,
+                    owner,
                 ),
             )
         return job_id
+
+    def owner(self, job_id: str) -> str | None:
+        """Who submitted a job (None: unknown, or no owner given); UnknownJobError for none."""
+        with self._tx() as db:
+            row = db.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJobError(f"no job {job_id!r} in {self.path}")
+        return None if row[0] is None else str(row[0])
 
     def status(self, job_id: str) -> JobStatus:
         with self._tx() as db:
@@ -249,9 +270,15 @@ class JobStore:
             raise UnknownJobError(f"no job {job_id!r} in {self.path}")
         return _status(found)
 
-    def list_jobs(self) -> list[JobStatus]:
+    def list_jobs(self, owner: str | None = None) -> list[JobStatus]:
+        """Every job, oldest first (only `owner`'s when given)."""
         with self._tx() as db:
-            rows = db.execute(f"SELECT {_STATUS_COLUMNS} FROM jobs ORDER BY seq").fetchall()
+            if owner is None:
+                rows = db.execute(f"SELECT {_STATUS_COLUMNS} FROM jobs ORDER BY seq").fetchall()
+            else:
+                rows = db.execute(
+                    f"SELECT {_STATUS_COLUMNS} FROM jobs WHERE owner = ? ORDER BY seq", (owner,)
+                ).fetchall()
         return [_status(r) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
@@ -355,7 +382,7 @@ class JobStore:
         """Take the oldest queued job (now running, one more attempt), or None."""
         with self._tx() as db:
             row = db.execute(
-                "SELECT id, document, questions, params, attempts FROM jobs "
+                "SELECT id, document, questions, params, attempts, owner FROM jobs "
                 "WHERE state = ? ORDER BY seq LIMIT 1",
                 (JobState.QUEUED.value,),
             ).fetchone()
@@ -372,6 +399,7 @@ class JobStore:
             questions=list(json.loads(row[2])),
             params=params_from_json(row[3]),
             attempts=row[4] + 1,
+            owner=row[5],
         )
 
     def cancel_requested(self, job_id: str) -> bool:

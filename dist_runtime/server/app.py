@@ -1158,6 +1158,9 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
 
     def status(job_id: str) -> dict[str, Any]:
         try:
+            caller = CALLER.get()
+            if caller is not None and runtime.job_owner(job_id) != caller:
+                raise UnknownJobError(job_id)  # another key's job: none of this one's business
             s = runtime.status(job_id)
         except UnknownJobError as e:
             raise APIError(404, f"no job {job_id!r}", "not_found_error", "id") from e
@@ -1216,7 +1219,11 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
                 priority=req.priority,
             )
             job_id = runtime.submit(
-                document, req.questions, params, idempotency_key=req.idempotency_key
+                document,
+                req.questions,
+                params,
+                idempotency_key=req.idempotency_key,
+                owner=CALLER.get(),
             )
         except IdempotencyKeyConflictError as e:
             raise APIError(
@@ -1228,7 +1235,8 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
 
     @app.get("/v1/jobs")
     async def list_jobs() -> dict[str, Any]:
-        return {"object": "list", "data": [status(s.job_id) for s in runtime.jobs()]}
+        jobs = runtime.jobs(CALLER.get())
+        return {"object": "list", "data": [status(s.job_id) for s in jobs]}
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str) -> dict[str, Any]:

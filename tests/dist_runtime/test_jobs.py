@@ -316,3 +316,24 @@ def test_serve_jobs_offsets_every_jobs_priority(
         rt.serve_jobs(priority_offset=3)
         assert len(rt.result(job_id, timeout=120)) == 2
     assert seen == [5, 5]
+
+
+def test_a_job_directory_from_before_owners_opens_and_keeps_owners(tmp_path: Path) -> None:
+    """A job database without the owner column gets it on open; owners then scope listings
+    and idempotency keys."""
+    import sqlite3
+
+    from dist_runtime.jobs.store import _SCHEMA, DB_NAME
+
+    old_schema = _SCHEMA.replace(",\n    owner TEXT\n", "\n")
+    assert "owner" not in old_schema
+    with sqlite3.connect(tmp_path / DB_NAME) as db:
+        db.executescript(old_schema)
+    store = JobStore(tmp_path)
+    params = SamplingParams(max_new_tokens=2)
+    a = store.submit("doc a", ["q"], params, idempotency_key="k", owner="alice")
+    b = store.submit("doc b", ["q"], params, idempotency_key="k", owner="bob")
+    assert a != b and store.owner(a) == "alice" and store.owner(b) == "bob"
+    assert [s.job_id for s in store.list_jobs("alice")] == [a]
+    assert {s.job_id for s in store.list_jobs()} == {a, b}
+    assert store.submit("doc a", ["q"], params, idempotency_key="k", owner="alice") == a
