@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest upload to /v1/files, in MiB (default: %(default)s)",
     )
     g.add_argument(
+        "--max-files-gb-per-key",
+        type=float,
+        default=100.0,
+        help="most GiB of files (uploads, batch outputs) one API key may hold; an upload past "
+        "it is a 413; 0: no limit (default: %(default)s)",
+    )
+    g.add_argument(
         "--batch-priority",
         type=int,
         default=1,
@@ -171,6 +178,10 @@ def check(args: argparse.Namespace) -> None:
         )
     if not args.max_file_mb > 0:
         raise ValueError(f"--max-file-mb must be > 0, got {args.max_file_mb}")
+    if not args.max_files_gb_per_key >= 0:
+        raise ValueError(
+            f"--max-files-gb-per-key must be >= 0 (0: no limit), got {args.max_files_gb_per_key}"
+        )
     if args.max_batch_requests is not None and not (
         1 <= args.max_batch_requests <= args.max_concurrent_requests
     ):
@@ -240,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             max_request_bytes=int(args.max_request_mb * 2**20),
             max_concurrent_requests=args.max_concurrent_requests,
             max_file_bytes=int(args.max_file_mb * 2**20),
+            max_files_bytes_per_key=int(args.max_files_gb_per_key * 2**30) or None,
             batch_priority=args.batch_priority,
             batch_max_in_flight=args.max_batch_requests,
             tool_call_format=args.tool_call_format,

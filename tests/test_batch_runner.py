@@ -184,3 +184,43 @@ def test_an_answer_that_cannot_be_recorded_stops_the_batch_for_later(
     assert batch is not None and batch["status"] == "completed"
     answers = _answers(store, batch["output_file_id"])
     assert [a["custom_id"] for a in answers] == [f"r{i}" for i in range(4)]
+
+
+def test_a_keys_files_are_held_to_its_quota(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """--max-files-gb-per-key: an upload that would take the key past it is a 413 (and not
+    kept); another key has its own room."""
+    import uuid
+
+    from dist_runtime import Runtime
+    from dist_runtime.server.app import ServerSettings, create_app
+    from dist_runtime.server.batch_lines import call
+
+    def upload(app: Any, key: str, size: int) -> tuple[int, Any]:
+        boundary = uuid.uuid4().hex
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data'
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="d.txt"\r\n\r\n{"x" * size}\r\n--{boundary}--\r\n'
+        ).encode()
+        form = f"multipart/form-data; boundary={boundary}".encode()
+        headers = [(b"authorization", f"Bearer {key}".encode()), (b"content-type", form)]
+        status, raw = asyncio.run(call(app, "/v1/files", body, headers))
+        return status, json.loads(raw)
+
+    with Runtime(model=str(tiny_llama_dir), session_len=128, device="cpu",
+                 job_dir=str(tmp_path / "jobs")) as rt:  # fmt: skip
+        settings = ServerSettings(
+            served_model_name="m",
+            api_keys=("ka", "kb"),
+            api_key_names=("a", "b"),
+            max_files_bytes_per_key=1000,
+        )
+        app = create_app(rt, settings)
+        assert upload(app, "ka", 600)[0] == 200
+        status, err = upload(app, "ka", 600)
+        assert status == 413 and err["error"]["code"] == "storage_limit_exceeded"
+        assert "--max-files-gb-per-key" in err["error"]["message"]
+        assert upload(app, "kb", 600)[0] == 200  # b's own room
+        store = app.state.batches.store
+        assert [f["bytes"] for f in store.files(None, "a")] == [600]  # the refused one is gone
+        assert len(list(store.files_dir.iterdir())) == 2

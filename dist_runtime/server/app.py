@@ -132,6 +132,9 @@ class ServerSettings:
     a keep-alive (an SSE comment; Anthropic's `ping` event on /v1/messages); 0: never."""
     max_file_bytes: int = 200 * 2**20
     """Largest upload to /v1/files (a batch's requests)."""
+    max_files_bytes_per_key: int | None = 100 * 2**30
+    """Most bytes of files (uploads, batch outputs) one API key may hold (OpenAI's default
+    storage limit: 100 GB); None: no limit."""
     batch_priority: int = 1
     """Added to each batch request's priority (lower runs first): 1 lets interactive
     requests go first."""

@@ -208,7 +208,11 @@ async def call(
         "root_path": "",
         "headers": [
             (b"host", b"batch"),
-            (b"content-type", b"application/json"),
+            *(
+                []
+                if any(k == b"content-type" for k, _ in headers)
+                else [(b"content-type", b"application/json")]
+            ),
             (b"content-length", str(len(body)).encode()),
             *headers,
         ],

@@ -868,6 +868,18 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
             return dest.stat().st_size
 
         size = await asyncio.to_thread(save)
+        quota = server.settings.max_files_bytes_per_key
+        if quota is not None:
+            held = sum(f["bytes"] for f in batches.store.files(None, CALLER.get()))
+            if held + size > quota:
+                dest.unlink(missing_ok=True)
+                raise APIError(
+                    413,
+                    f"this upload ({size} bytes) would take this key's files to {held + size} "
+                    f"bytes, over its {quota} (--max-files-gb-per-key); delete files "
+                    "(DELETE /v1/files/{id}) or ask for a larger quota",
+                    code="storage_limit_exceeded",
+                )
         name = os.path.basename(upload.filename or "upload.jsonl")
         return batches.store.add_file(file_id, name, str(purpose), size, keep, CALLER.get())
 

@@ -281,6 +281,7 @@ class DiskResponseStore:
     def __init__(self, path: str | os.PathLike[str], retention_s: float = DISK_RETENTION_S):
         self.retention_s = retention_s
         self._lock = threading.Lock()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         # a stored answer is safe from the process dying at once, from the machine's only after
