@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="generation requests in flight at once; more get 429 (default: %(default)s)",
     )
+    g.add_argument(
+        "--max-concurrent-requests-per-key",
+        type=int,
+        help="of those, one API key's at most, so one caller cannot take every place "
+        "(default: no limit of its own)",
+    )
     g = p.add_argument_group("batches (/v1/files and /v1/batches, kept in --job-dir)")
     g.add_argument(
         "--max-file-mb",
@@ -176,6 +182,12 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--max-concurrent-requests must be >= 1, got {args.max_concurrent_requests}"
         )
+    per_key = args.max_concurrent_requests_per_key
+    if per_key is not None and not 1 <= per_key <= args.max_concurrent_requests:
+        raise ValueError(
+            f"--max-concurrent-requests-per-key must be in 1..{args.max_concurrent_requests} "
+            f"(--max-concurrent-requests), got {per_key}"
+        )
     if not args.max_file_mb > 0:
         raise ValueError(f"--max-file-mb must be > 0, got {args.max_file_mb}")
     if not args.max_files_gb_per_key >= 0:
@@ -250,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             max_request_bytes=int(args.max_request_mb * 2**20),
             max_concurrent_requests=args.max_concurrent_requests,
+            max_concurrent_requests_per_key=args.max_concurrent_requests_per_key,
             max_file_bytes=int(args.max_file_mb * 2**20),
             max_files_bytes_per_key=int(args.max_files_gb_per_key * 2**30) or None,
             batch_priority=args.batch_priority,

@@ -224,3 +224,31 @@ def test_a_keys_files_are_held_to_its_quota(tiny_llama_dir: Path, tmp_path: Path
         store = app.state.batches.store
         assert [f["bytes"] for f in store.files(None, "a")] == [600]  # the refused one is gone
         assert len(list(store.files_dir.iterdir())) == 2
+
+
+def test_a_key_is_held_to_its_share_of_the_requests(tiny_llama_dir: Path) -> None:
+    """--max-concurrent-requests-per-key: a key with its requests in flight gets a 429 for
+    more; another key still gets in."""
+    from dist_runtime import Runtime
+    from dist_runtime.server.app import ServerSettings, create_app
+    from dist_runtime.server.batch_lines import call
+
+    def ask(key: str, tokens: int) -> Any:
+        body = json.dumps({"prompt": "x", "max_tokens": tokens, "ignore_eos": True}).encode()
+        return call(app, "/v1/completions", body, [(b"authorization", f"Bearer {key}".encode())])
+
+    with Runtime(model=str(tiny_llama_dir), session_len=512, device="cpu") as rt:
+        settings = ServerSettings(served_model_name="m", api_keys=("ka", "kb"),
+                                  max_concurrent_requests_per_key=1)  # fmt: skip
+        app = create_app(rt, settings)
+
+        async def run() -> list[int]:
+            long = asyncio.ensure_future(ask("ka", 400))
+            while not app.state.server.in_flight_by.get("key1"):
+                await asyncio.sleep(0.001)
+            second, other = await asyncio.gather(ask("ka", 2), ask("kb", 2))
+            first = await long
+            return [first[0], second[0], other[0]]
+
+        assert asyncio.run(run()) == [200, 429, 200]
+        assert app.state.server.in_flight_by == {}

@@ -121,6 +121,9 @@ class ServerSettings:
     max_request_bytes: int = 64 * 2**20
     max_concurrent_requests: int = 256
     """Generation requests in flight at once; past it, 429."""
+    max_concurrent_requests_per_key: int | None = None
+    """Of those, one API key's at most (so one tenant cannot take every place); None: no
+    limit of its own."""
     tool_call_format: str = "auto"
     """How tools and calls are written for the model: auto, json or internlm2 (see
     `dist_runtime.server.tools`)."""
@@ -263,6 +266,8 @@ class _Server:
         """Thinking is returned apart from the answer (`dist_runtime.server.reasoning`)."""
         self.file_text: Callable[[FileRef, str], str] = _no_files
         """The text of a file a message refers to (`Batches.file_text` reads the uploads)."""
+        self.in_flight_by: dict[str | None, int] = {}
+        """Of those, each API key's (by name)."""
         self._in_flight_lock = threading.Lock()
         self.metrics = ServerMetrics(runtime.engine, runtime.job_counts)
         self.created = int(time.time())
@@ -409,21 +414,36 @@ class _Server:
                 f"{self.settings.max_concurrent_requests} (--max-concurrent-requests); retry later",
                 "rate_limit_exceeded",
             )
+        owner = CALLER.get()
+        per_key = self.settings.max_concurrent_requests_per_key
+        mine = self.in_flight_by.get(owner, 0)
+        if owner is not None and per_key is not None and mine + len(prompts) > per_key:
+            raise APIError(
+                429,
+                f"this key has {mine} requests in flight, at most {per_key} "
+                "(--max-concurrent-requests-per-key); retry later",
+                "rate_limit_exceeded",
+            )
         try:
             handles = self.runtime.engine.add_requests(prompts, params)
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e), param)) from e
         with self._in_flight_lock:
             self.in_flight += len(handles)
-        owner = CALLER.get()
+            self.in_flight_by[owner] = self.in_flight_by.get(owner, 0) + len(handles)
         for h in handles:
             h.owner = owner
             h.add_done_callback(self._release)
         return handles
 
-    def _release(self, _handle: RequestHandle) -> None:
+    def _release(self, handle: RequestHandle) -> None:
         with self._in_flight_lock:
             self.in_flight -= 1
+            left = self.in_flight_by.get(handle.owner, 1) - 1
+            if left:
+                self.in_flight_by[handle.owner] = left
+            else:
+                self.in_flight_by.pop(handle.owner, None)
 
     def default_max_tokens(self, prompt_len: int) -> int:
         return max(1, self.runtime.config.session_len - prompt_len)
