@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def read_requests(path: Path, done: set[str]) -> list[dict[str, Any]]:
     """The input's requests not yet answered; a bad line is a ValueError naming it."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # (not at U+2028 in a string)
     except OSError as e:
         raise ValueError(f"--input {str(path)!r} cannot be read: {e.strerror}") from e
     except UnicodeDecodeError as e:

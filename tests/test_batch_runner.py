@@ -252,3 +252,22 @@ def test_a_key_is_held_to_its_share_of_the_requests(tiny_llama_dir: Path) -> Non
 
         assert asyncio.run(run()) == [200, 429, 200]
         assert app.state.server.in_flight_by == {}
+
+
+def test_lines_split_at_newlines_only(tmp_path: Path) -> None:
+    """A request or answer holding U+2028 (written raw, as json.dumps(ensure_ascii=False) does)
+    is one line, not two."""
+    from dist_runtime.server.batch_lines import keep_answers, read_answers
+
+    store = BatchStore(tmp_path / "batches")
+    body = {"messages": [{"role": "user", "content": "a\u2028b"}]}
+    line = json.dumps({"custom_id": "r0", "url": CHAT, "body": body}, ensure_ascii=False)
+    store.path("file-in").write_text(line + "\n", encoding="utf-8")
+    store.add_file("file-in", "in.jsonl", "batch", 0)
+    batch = store.create_batch("file-in", CHAT, "24h")
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 1
+    log = tmp_path / "answers.jsonl"
+    answer = {"custom_id": "r0", "response": {"status_code": 200, "body": {"text": "x\u2028y"}}}
+    log.write_text(json.dumps(answer, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_answers(log) == {"r0": answer} == keep_answers(log)
+    assert log.read_text(encoding="utf-8").count("\n") == 1  # nothing rewritten

@@ -37,7 +37,6 @@ from dist_runtime.server.calls import (
     merged,
     start_chat,
 )
-from dist_runtime.server.reasoning import ReasoningSplitter, opens_thinking
 from dist_runtime.server.schemas import (
     ChatMessage,
     SamplingFields,
@@ -332,14 +331,10 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                 "prompt_tokens": len(run.ids), "completion_tokens": len(out.token_ids)
             }  # fmt: skip
 
-        thinks = server.reasoning and not run.splitter().streams_calls
-        opened = thinks and opens_thinking(server.runtime.tokenizer, run.ids)
-
         if not req.stream:
             (out,) = await gather(run.handles, request)
-            thought, answer = None, out.text
-            if thinks:
-                thought, answer = ReasoningSplitter(opened).split(out.text)
+            splits = run.thoughts()
+            thought, answer = (None, out.text) if splits is None else splits.split(out.text)
             text, calls = run.splitter().feed(answer, out.finish_reason)
             content = [] if thought is None else [_thinking_block(thought)]
             if text or not calls:
@@ -402,7 +397,7 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                             usage={"output_tokens": len(out.token_ids)})  # fmt: skip
                 yield event("message_stop")
                 return
-            thoughts = ReasoningSplitter(opened) if thinks else None
+            thoughts = run.thoughts()
             blocks = 0  # blocks started
             thinking = -1  # the thinking block's index, while it is open
 

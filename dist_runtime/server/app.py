@@ -45,7 +45,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogprobs
-from dist_runtime.jobs.store import IdempotencyKeyConflictError, JobState, UnknownJobError
+from dist_runtime.jobs.store import (
+    IdempotencyKeyConflictError,
+    JobState,
+    JobStatus,
+    UnknownJobError,
+)
 from dist_runtime.lora import AdapterConflictError, AdapterNotFoundError
 from dist_runtime.runtime import Runtime
 from dist_runtime.sampling_params import SamplingParams
@@ -64,9 +69,6 @@ from dist_runtime.server.calls import (
 from dist_runtime.server.metrics import ServerMetrics
 from dist_runtime.server.reasoning import (
     REASONING_PARSERS,
-    ReasoningSplitter,
-    opens_thinking,
-    reasoning_tokens,
 )
 from dist_runtime.server.schemas import (
     ChatCompletionRequest,
@@ -664,21 +666,17 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         ids, handles, splitter = run.ids, run.handles, run.splitter
 
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        opened = server.reasoning and opens_thinking(runtime.tokenizer, ids)
-
-        def thinking(out: RequestOutput) -> int:
-            return reasoning_tokens(runtime.tokenizer, out.token_ids, opened)
-
+        thinking = run.thinking_tokens if server.reasoning else None
         if req.stream:
             splitters = [splitter() for _ in range(req.n)]
-            thoughts = [ReasoningSplitter(opened) for _ in range(req.n)]
+            thoughts = [run.thoughts() for _ in range(req.n)]
 
             def chat_choice(i: int, delta: RequestDelta, _first: bool) -> dict[str, Any] | None:
                 scored = delta.prompt_logprobs
                 text, finish = delta.text, delta.finish_reason
-                thought = ""
-                if server.reasoning and not splitters[i].streams_calls:
-                    thought, text = thoughts[i].feed(text, finish is not None)
+                thought, splits = "", thoughts[i]
+                if splits is not None:
+                    thought, text = splits.feed(text, finish is not None)
                 if splitters[i].streams_calls:  # a required call: its pieces as they come
                     pieces, finish = splitters[i].call_deltas(text, finish)
                     if not pieces and finish is None:
@@ -739,19 +737,17 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
                     for i in range(req.n)
                 ],
-                reasoning=thinking if server.reasoning else None,
+                reasoning=thinking,
             )
             return server.sse(body)
         outs = await gather(handles, request)
-        usage = _usage(len(ids), outs, req.n, thinking if server.reasoning else None)
+        usage = _usage(len(ids), outs, req.n, thinking)
         request.state.usage = usage
         choices: list[dict[str, Any]] = []
         for i, o in enumerate(outs):
-            one = splitter()
-            thought, answer = None, o.text
-            if server.reasoning and not one.streams_calls:
-                thought, answer = ReasoningSplitter(opened).split(o.text)
-            content, found = one.feed(answer, o.finish_reason)
+            splits = run.thoughts()
+            thought, answer = (None, o.text) if splits is None else splits.split(o.text)
+            content, found = splitter().feed(answer, o.finish_reason)
             calls = tool_calls_json(found)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
@@ -1187,6 +1183,9 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
             s = runtime.status(job_id)
         except UnknownJobError as e:
             raise APIError(404, f"no job {job_id!r}", "not_found_error", "id") from e
+        return job_dict(s)
+
+    def job_dict(s: JobStatus) -> dict[str, Any]:
         d = s.to_dict()
         d["id"] = d.pop("job_id")
         d["object"] = "job"
@@ -1258,8 +1257,8 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
 
     @app.get("/v1/jobs")
     async def list_jobs() -> dict[str, Any]:
-        jobs = runtime.jobs(CALLER.get())
-        return {"object": "list", "data": [status(s.job_id) for s in jobs]}
+        jobs = runtime.jobs(CALLER.get())  # (only the caller's)
+        return {"object": "list", "data": [job_dict(s) for s in jobs]}
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str) -> dict[str, Any]:
@@ -1316,8 +1315,11 @@ class _BodyLimit:
         self.app = app
         self.max_bytes, self.flag = max_bytes, flag
         self.drain_bytes = max(drain_bytes, 4 * max_bytes)
-        self.paths = paths or {}
-        """Routes with their own limit (uploads): path -> (bytes, the flag that sets it)."""
+        self.paths = {
+            path: _BodyLimit(app, limit, drain_bytes, flag=flag)
+            for path, (limit, flag) in (paths or {}).items()
+        }
+        """Routes with their own limit (uploads), each with its limiter."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -1325,7 +1327,7 @@ class _BodyLimit:
             return
         own = self.paths.get(scope.get("path", ""))
         if own is not None:
-            await _BodyLimit(self.app, own[0], self.drain_bytes, flag=own[1])(scope, receive, send)
+            await own(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")

@@ -117,16 +117,20 @@ def _check_line(
     return {**item, "line": number}
 
 
-def read_answers(
-    path: Path, retried: frozenset[int] = RETRIED
-) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """The answers of an answer file, by custom_id, and the file's complete lines (a last line
-    cut short is not among them). Answers worth another try (a status in `retried`) are left
-    out of both. A line that is not an answer is a ValueError naming it."""
+def read_answers(path: Path, retried: frozenset[int] = RETRIED) -> dict[str, dict[str, Any]]:
+    """The answers of an answer file, by custom_id (a last line cut short is not one).
+    Answers worth another try (a status in `retried`) are left out. A line that is not an
+    answer is a ValueError naming it."""
+    return _read(path, retried)[0]
+
+
+def _read(path: Path, retried: frozenset[int]) -> tuple[dict[str, dict[str, Any]], list[str], bool]:
+    """(answers, the lines holding them, whether those are the whole file)."""
     if not path.exists():
-        return {}, []
+        return {}, [], True
     raw = path.read_bytes()
-    lines = raw[: raw.rfind(b"\n") + 1].decode("utf-8", errors="replace").splitlines()
+    # split at newlines only: splitlines() would also cut at U+2028 inside a JSON string
+    lines = raw[: raw.rfind(b"\n") + 1].decode("utf-8", errors="replace").split("\n")[:-1]
     answers: dict[str, dict[str, Any]] = {}
     kept: list[str] = []
     for number, line in enumerate(lines, 1):
@@ -140,20 +144,18 @@ def read_answers(
             continue
         answers[custom_id] = answer
         kept.append(line)
-    return answers, kept
+    torn = bool(raw) and not raw.endswith(b"\n")
+    return answers, kept, not torn and len(kept) == len(lines)
 
 
 def keep_answers(path: Path) -> dict[str, dict[str, Any]]:
     """`read_answers`, with the file rewritten to the kept lines when some were dropped (a
     request to retry, a line cut short), so each custom_id keeps one line."""
-    answers, kept = read_answers(path)
-    if path.exists():
-        raw = path.read_bytes()
-        torn = bool(raw) and not raw.endswith(b"\n")
-        if torn or len(kept) != raw.count(b"\n"):
-            scratch = path.with_name(path.name + ".partial")
-            scratch.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            scratch.replace(path)
+    answers, kept, whole = _read(path, RETRIED)
+    if not whole:
+        scratch = path.with_name(path.name + ".partial")
+        scratch.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        scratch.replace(path)
     return answers
 
 

@@ -379,7 +379,7 @@ def read_requests(path: Path, endpoint: str) -> tuple[list[dict[str, Any]], list
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         return [], [LineError(0, "invalid_file", f"the file is not UTF-8 text ({e.reason})")]
-    requests, errors = parse_lines(text.splitlines(), urls=(endpoint,))
+    requests, errors = parse_lines(text.split("\n"), urls=(endpoint,))  # (not at U+2028)
     if not requests and not errors:
         errors = [LineError(0, "empty_file", "the file holds no requests")]
     return requests, errors
@@ -522,6 +522,8 @@ class BatchRunner:
 
     async def _send(self, batch: dict[str, Any], todo: list[dict[str, Any]]) -> None:
         """Run the requests until all are answered, the batch expires or is cancelled."""
+        # this batch's task and the line tasks it starts: the batch creator's requests
+        CALLER.set(self.store.owner(batch["id"]))
         assert self._gate is not None
         batch_id = batch["id"]
         leave = self._leave.setdefault(batch_id, asyncio.Event())
@@ -565,7 +567,6 @@ class BatchRunner:
     async def _one(
         self, batch_id: str, item: dict[str, Any], log: Any, leave: asyncio.Event
     ) -> None:
-        CALLER.set(self.store.owner(batch_id))  # this task's requests: the batch creator's
         body = dict(item["body"])
         priority = body.get("priority", 0)
         if isinstance(priority, int) and not isinstance(priority, bool):  # else the route's 400
@@ -608,7 +609,7 @@ class BatchRunner:
         `expired` (requests left unanswered) or `completed`."""
         store = self.store
         log = store.log_path(batch_id)
-        answers, _ = await asyncio.to_thread(read_answers, log, frozenset())
+        answers = await asyncio.to_thread(read_answers, log, frozenset())
         done, failed, unrun = [], [], []
         for r in requests:
             a = answers.get(r["custom_id"])

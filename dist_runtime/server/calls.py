@@ -18,8 +18,10 @@ from fastapi import Request
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.outputs import RequestOutput
 from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.server.reasoning import ReasoningSplitter, opens_thinking, reasoning_tokens
 from dist_runtime.server.schemas import ChatMessage, FilePart, SamplingFields
 from dist_runtime.server.tools import CallSplitter, Function
+from dist_runtime.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from dist_runtime.server.app import _Server
@@ -52,6 +54,19 @@ class ChatRun:
     ids: list[int]
     handles: list[RequestHandle]
     splitter: Callable[[], CallSplitter]
+    thinks: bool = False
+    """A reasoning parser splits the answers' thinking off (never a required call's)."""
+    opened: bool = False
+    """The prompt ends inside an opened `<think>`."""
+    tokenizer: Tokenizer | None = None
+
+    def thoughts(self) -> ReasoningSplitter | None:
+        """A new splitter of one answer's thinking, None when there is none to split."""
+        return ReasoningSplitter(self.opened) if self.thinks else None
+
+    def thinking_tokens(self, out: RequestOutput) -> int:
+        """How many of an answer's tokens are thinking."""
+        return reasoning_tokens(self.tokenizer, out.token_ids, self.opened) if self.thinks else 0
 
 
 async def start_chat(
@@ -114,7 +129,10 @@ async def start_chat(
     def splitter() -> CallSplitter:
         return CallSplitter(fmt, functions or [], parallel, calling)
 
-    return ChatRun(ids, handles, splitter)
+    tokenizer = server.runtime.tokenizer
+    thinks = server.reasoning and not calling
+    opened = thinks and opens_thinking(tokenizer, ids)
+    return ChatRun(ids, handles, splitter, thinks, opened, tokenizer)
 
 
 def functions_of(

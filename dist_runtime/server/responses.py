@@ -47,7 +47,6 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dist_runtime.server.calls import APIError, ChatRun, functions_of, gather, merged, start_chat
-from dist_runtime.server.reasoning import ReasoningSplitter, opens_thinking, reasoning_tokens
 from dist_runtime.server.schemas import (
     ChatMessage,
     JsonSchemaFormat,
@@ -601,10 +600,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
 
     def usage_of(run: ChatRun, out: RequestOutput) -> dict[str, Any]:
         n_in, n_out = len(run.ids), len(out.token_ids)
-        thought = 0
-        if server.reasoning and not run.splitter().streams_calls:
-            opened = opens_thinking(server.runtime.tokenizer, run.ids)
-            thought = reasoning_tokens(server.runtime.tokenizer, out.token_ids, opened)
+        thought = run.thinking_tokens(out)
         return {
             "input_tokens": n_in,
             "input_tokens_details": {"cached_tokens": out.num_cached_tokens},
@@ -701,13 +697,9 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                 store.put(rid, done, history + new + _output_history(output))
             return done
 
-        thinks = server.reasoning and not run.splitter().streams_calls
-        opened = thinks and opens_thinking(server.runtime.tokenizer, run.ids)
-
         def whole(out: RequestOutput) -> dict[str, Any]:
-            thought, answer = None, out.text
-            if thinks:
-                thought, answer = ReasoningSplitter(opened).split(out.text)
+            splits = run.thoughts()
+            thought, answer = (None, out.text) if splits is None else splits.split(out.text)
             content, calls = run.splitter().feed(answer, out.finish_reason)
             output = [] if thought is None else [_reasoning_item(thought, "completed")]
             if content or not calls:
@@ -762,7 +754,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             text = ""
             split = run.splitter()
             calls: list[tuple[str, str]] = []
-            thoughts = ReasoningSplitter(opened) if thinks else None
+            thoughts = run.thoughts()
             reasoning: dict[str, Any] | None = None
             thought_text = ""
 
