@@ -695,8 +695,16 @@ class SchedulerConfig:
     """A request moves one priority level ahead for every this many seconds since it arrived,
     so less important work (batches, queued jobs) is not starved by a steady stream of more
     important requests; 0: never (strict priority)."""
+    fair_share: bool = True
+    """Among requests of one priority, a free slot goes to the tenant (API key, job
+    submitter) that has received the least service so far, not to the oldest request
+    (`dist_runtime.engine.scheduler`); false: first come, first served."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fair_share, bool):
+            raise ConfigError(
+                f"scheduler.fair_share must be true or false, got {self.fair_share!r}"
+            )
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:

@@ -97,6 +97,7 @@ ENGINE_FLAGS: dict[str, str] = {
     "scheduler.prompt_lookup_min": "--prompt-lookup-min",
     "scheduler.draft_policy": "--draft-policy",
     "scheduler.priority_aging_s": "--priority-aging-s",
+    "scheduler.fair_share": "--fair-share",
 }
 """Config key -> the flag that sets it (errors about a flag's value name the flag)."""
 
@@ -286,6 +287,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "arrived, so batches and queued jobs at a lower priority are not starved by a steady "
         f"stream of interactive requests; 0: never (default: "
         f"{_default('scheduler.priority_aging_s'):g})",
+    )
+    g.add_argument(
+        "--fair-share",
+        action=argparse.BooleanOptionalAction,
+        help="among requests of one priority, a free slot goes to the API key (or job "
+        "submitter) served least so far, so one caller's flood of requests takes turns with "
+        "another's instead of going first; --no-fair-share: first come, first served "
+        "(default: on)",
     )
     g.add_argument(
         "--num-speculative-tokens",

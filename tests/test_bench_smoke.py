@@ -6,11 +6,11 @@ which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU k
 `bench/cpu_attention.py` (with its earlier-run column) and `bench/cpu_elementwise.py`; and
 `bench/gpu_decode_summary.py` on the end-to-end script's own report; and the GEMV bench's per-shape
 work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; and the guided
-JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), the speculative
-decoding bench (`bench/speculative.py`), the host-tier bench (`bench/host_kv_cache.py`) and
-the disk-tier bench (`bench/disk_kv_cache.py`), the LoRA bench (`bench/lora.py`) and the Batch
-API bench (`bench/batch_api.py`) on the demo model with short answers; and the draft-row cost
-bench (`bench/draft_rows.py`) on a tiny random model."""
+JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), the fair-share bench
+(`bench/fair_share.py`), the speculative decoding bench (`bench/speculative.py`), the host-tier
+bench (`bench/host_kv_cache.py`) and the disk-tier bench (`bench/disk_kv_cache.py`), the LoRA bench
+(`bench/lora.py`) and the Batch API bench (`bench/batch_api.py`) on the demo model with short
+answers; and the draft-row cost bench (`bench/draft_rows.py`) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -294,6 +294,23 @@ def test_priority_bench_runs(tmp_path: Path) -> None:
     assert "priority: interactive first token during a batch p50" in out
     text = report.read_text()
     assert "| equal |" in text and "| priority |" in text
+
+
+def test_fair_share_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "fair_share.md"
+    out = _run(
+        "bench/fair_share.py",
+        "--flood=4",
+        "--others=1",
+        "--prompt-tokens=32",
+        "--new-tokens=3",
+        "--max-num-seqs=2",
+        "--tries=1",
+        f"--report={report}",
+    )
+    assert "fair-share: the second key's 1 requests done in p50" in out
+    text = report.read_text()
+    assert "| fair share |" in text and "| first come, first served |" in text
 
 
 def test_batch_api_bench_runs(tmp_path: Path) -> None:

@@ -212,6 +212,7 @@ class Engine:
         *,
         share_prefix: bool = False,
         request_ids: Seq[str] | None = None,
+        tenant: str | None = None,
     ) -> list[RequestHandle]:
         """Queue one request per token-id prompt; returns their handles at once.
 
@@ -219,6 +220,8 @@ class Engine:
         max_new_tokens within session_len and the KV cache). They are admitted together.
         With share_prefix, prompts whose common prefix fills a KV block get it computed once
         first (a hidden one-token pass); the prompts then start from its cached blocks.
+        `tenant` (an API key's name) is whom they run for: the scheduler shares slots fairly
+        between tenants, and the handles' `owner`.
         """
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
@@ -226,10 +229,14 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(request_ids)} request ids")
         seqs = [self._make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
         ids = request_ids or [f"req-{next(self._request_ids)}" for _ in prompts]
+        for seq in seqs:
+            seq.tenant = tenant
         requests = [
             _Request(s, RequestHandle(rid, len(s.prompt_token_ids), self.abort))
             for s, rid in zip(seqs, ids)
         ]
+        for r in requests:
+            r.handle.owner = tenant
         # A request scoring its prompt computes all of it: a shared-prefix pass would not help.
         # Requests of different adapters have different K/V for the same text.
         share_prefix = (
@@ -248,8 +255,10 @@ class Engine:
                 adapter=params[0].adapter,
                 cache_salt=params[0].cache_salt,
             )
+            pass_seq = self._make_sequence(shared, pass_params, 0)
+            pass_seq.tenant = tenant
             prefix = _Request(
-                self._make_sequence(shared, pass_params, 0),
+                pass_seq,
                 RequestHandle(f"prefix-{next(self._request_ids)}", len(shared), self.abort),
                 is_internal=True,
             )

@@ -15,6 +15,15 @@ waiting sequence that finds no block or slot preempts a running one at least a w
 less important that this step has not scheduled yet. With every priority equal (the default)
 this is the plain first-come order above.
 
+Among requests of one priority, tenants (the server's API keys, a job's submitter: the
+`tenant` a request is added with) share fairly (`SchedulerConfig.fair_share`), as in the
+Virtual Token Counter (Sheng et al., OSDI 2024): each tenant counts the service it received
+(prompt tokens computed, plus `FAIR_OUTPUT_WEIGHT` per generated token, charged as steps are
+planned), and a free slot goes to the oldest waiting request of the tenant with the lowest count.
+A tenant returning from idle starts at the lowest count of those active, so idle time banks no
+credit. One tenant's hundred queued requests then take turns with another's one instead of
+going first; with a single tenant (no API keys) the order is unchanged.
+
 With speculative decoding (`num_speculative_tokens` > 0), a decoding sequence may carry a draft
 (`dist_runtime.engine.speculative`): the step computes its last token and the draft, and the
 workers return the draft tokens the model agrees with plus one more. Drafts use the step's
@@ -43,6 +52,11 @@ from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.engine.speculative import PromptLookup
 from dist_runtime.protocol import LAST_SAMPLED, SamplingSpec, SeqStep, StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
+
+FAIR_OUTPUT_WEIGHT = 2.0
+"""Service one generated token counts for, against 1 for a computed prompt token (the Virtual
+Token Counter's weights: a decode row costs a share of a weight-bandwidth-bound step, a prompt
+token a share of a compute-bound chunk)."""
 
 LOADS_PER_STEP = 2
 """Tokens of prefix read back from the host and disk tiers per step, as a multiple of the
@@ -126,6 +140,8 @@ class Sequence:
     """Its place in priority order, lower first: its priority, plus its arrival time in
     units of `SchedulerConfig.priority_aging_s` (so a request that has waited that long
     ranks with those one priority level more important arriving now); set by `add`."""
+    tenant: str | None = None
+    """Who it runs for (an API key's name; None: unnamed), for the fair share between tenants."""
     rope_base: float = 0.0
     """RoPE base fixed for this request (0: the model's own); it salts its prefix-cache keys."""
     adapter: int = 0
@@ -211,10 +227,21 @@ class Scheduler:
         """Called for a waiting sequence with a LoRA adapter before it is admitted (the engine
         makes its adapter resident and gives it the slot); False leaves it waiting this step,
         behind the sequences admitted past it."""
+        self.served: dict[str | None, float] = {}
+        """Service each tenant received (the fair share's counters): prompt tokens computed
+        plus FAIR_OUTPUT_WEIGHT per generated token, lifted on a return from idle."""
+        self._active: dict[str | None, int] = {}
+        """Sequences waiting or running per tenant (tenants with none are absent)."""
 
     def add(self, seq: Sequence) -> None:
         aging = self.config.priority_aging_s
         seq.rank = seq.params.priority + (time.monotonic() / aging if aging else 0.0)
+        tenant = seq.tenant
+        if tenant not in self._active:  # back from idle: no credit for the time away
+            active = [self.served.get(t, 0.0) for t in self._active]
+            if active:
+                self.served[tenant] = max(self.served.get(tenant, 0.0), min(active))
+        self._active[tenant] = self._active.get(tenant, 0) + 1
         self._enqueue(seq, front=False)
         self._seqs[seq.seq_id] = seq
 
@@ -271,6 +298,8 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or seq.loading:
                 continue  # preempted just now for a more important arrival, or still reading
             n = self._chunk(seq, budget)
+            while not n and self._preempt_after(seq, scheduled):
+                n = self._chunk(seq, budget)
             if n:
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
@@ -283,14 +312,14 @@ class Scheduler:
         """Admit waiting sequences in order while tokens, slots and blocks last (with
         fresh_only, up to the first preempted one); tokens used."""
         used = 0
-        skipped: list[Sequence] = []  # waiting for an adapter slot: the others go on
-        while self.waiting and used < budget:
-            seq = self.waiting[0]
-            if fresh_only and seq.was_preempted:
+        skipped: set[int] = set()  # waiting for an adapter slot: the others go on
+        while used < budget:
+            seq = self._next_waiting(skipped)
+            if seq is None or (fresh_only and seq.was_preempted):
                 break
             hook = self.admit_hook
             if hook is not None and seq.params.adapter is not None and not hook(seq):
-                skipped.append(self.waiting.popleft())
+                skipped.add(seq.seq_id)
                 continue
             if len(self.running) >= self.config.max_num_seqs and not self._preempt_for(
                 seq, scheduled
@@ -298,7 +327,7 @@ class Scheduler:
                 break
             self._reuse_prefix(seq)
             if seq.loading:  # admitted; it computes once the rest of its prefix is read
-                self.waiting.popleft()
+                self._unqueue(seq)
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
                 continue
@@ -308,13 +337,46 @@ class Scheduler:
                 if self._preempt_for(seq, scheduled):
                     continue  # its blocks may be enough now
                 break
-            self.waiting.popleft()
+            self._unqueue(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             used += n
-        self.waiting.extendleft(reversed(skipped))
         return used
+
+    def _next_waiting(self, skipped: set[int]) -> Sequence | None:
+        """The waiting sequence to admit next (None: none but those in `skipped`): the head
+        of the queue, unless other tenants wait at its priority: then the oldest of those of
+        the tenant with the least service (a preempted head goes first regardless)."""
+        head = next((s for s in self.waiting if s.seq_id not in skipped), None)
+        if head is None or head.was_preempted or not self.config.fair_share:
+            return head
+        if len(self._active) < 2:
+            return head  # the common case: one tenant
+        best, least = head, self.served.get(head.tenant, 0.0)
+        seen = {head.tenant}
+        priority = head.params.priority
+        for seq in self.waiting:
+            if (
+                seq.tenant in seen
+                or seq.params.priority != priority
+                or seq.was_preempted
+                or seq.seq_id in skipped
+            ):
+                continue
+            seen.add(seq.tenant)
+            served = self.served.get(seq.tenant, 0.0)
+            if served < least:
+                best, least = seq, served
+            if len(seen) == len(self._active):
+                break
+        return best
+
+    def _unqueue(self, seq: Sequence) -> None:
+        if self.waiting[0] is seq:
+            self.waiting.popleft()
+        else:
+            del self.waiting[next(i for i, s in enumerate(self.waiting) if s is seq)]
 
     def _decodes_with_blocks(self) -> list[Sequence]:
         """Running sequences that decode this step, preempting others until all have blocks."""
@@ -397,6 +459,22 @@ class Scheduler:
         p = seq.rank
         # a whole priority level less important (ranks within one level only order the queue)
         victim = self._least_important(lambda s: s.rank >= p + 1 and not _has(scheduled, s))
+        if victim is None:
+            return False
+        self._preempt(victim)
+        return True
+
+    def _preempt_after(self, seq: Sequence, scheduled: list[ScheduledSeq]) -> bool:
+        """For a running prefill that found no free block: preempt the least important
+        running sequence ranked after it (less important, or as important and admitted later)
+        that this step has not scheduled; False when there is none. Without it, prefills
+        admitted together could hold every block between them, each waiting for one more, with
+        no decode left to finish and free some."""
+        order = {id(s): i for i, s in enumerate(self.running)}
+        after = (seq.rank, order[id(seq)])
+        victim = self._least_important(
+            lambda s: (s.rank, order[id(s)]) > after and not _has(scheduled, s)
+        )
         if victim is None:
             return False
         self._preempt(victim)
@@ -518,6 +596,7 @@ class Scheduler:
             new_blocks = seq.block_table[seq.num_blocks_sent :]
             draft, seq.draft = seq.draft, []
             masks, seq.draft_masks = seq.draft_masks, []
+            self._charge(seq, start, n)
             n -= len(draft)
             rows, next_token = _prompt_rows(seq, start, n)
             sample = start + n == seq.num_tokens
@@ -553,6 +632,14 @@ class Scheduler:
             seqs=steps,
             finished_seq_ids=finished,
             kv_moves=self.blocks.take_moves(),
+        )
+
+    def _charge(self, seq: Sequence, start: int, n: int) -> None:
+        """Count rows [start, start + n) of a planned step (draft rows included: they cost
+        their compute whether kept or not) to its tenant's service."""
+        prompt = min(max(len(seq.prompt_token_ids) - start, 0), n)
+        self.served[seq.tenant] = (
+            self.served.get(seq.tenant, 0.0) + prompt + FAIR_OUTPUT_WEIGHT * (n - prompt)
         )
 
     def moves_plan(self) -> StepPlan | None:
@@ -610,6 +697,7 @@ class Scheduler:
             if not self.blocks.can_grow(seq.block_table, pos + 1):
                 break  # the rest decode after the step in flight is read, as usual
             self.blocks.grow(seq.block_table, pos + 1)
+            self._charge(seq, pos, 1)
             steps.append(
                 SeqStep(
                     seq_id=seq.seq_id,
@@ -691,6 +779,11 @@ class Scheduler:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
+        left = self._active.get(seq.tenant, 1) - 1
+        if left > 0:
+            self._active[seq.tenant] = left
+        else:
+            self._active.pop(seq.tenant, None)
         if seq in self.running:
             self.running.remove(seq)
         self._register_blocks(seq)  # blocks its last step filled (accepted draft tokens)

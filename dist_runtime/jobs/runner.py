@@ -152,9 +152,8 @@ class JobRunner:
                 [params] * len(prompts),
                 share_prefix=True,
                 request_ids=[f"job-{job.job_id}-{i}" for i in range(len(prompts))],
+                tenant=job.owner,
             )
-            for h in handles:
-                h.owner = job.owner
         except Exception as e:
             self.store.fail(job.job_id, f"{type(e).__name__}: {e}")
             logger.error("job %s failed: %s", job.job_id, e)

@@ -427,14 +427,13 @@ class _Server:
                 "rate_limit_exceeded",
             )
         try:
-            handles = self.runtime.engine.add_requests(prompts, params)
+            handles = self.runtime.engine.add_requests(prompts, params, tenant=owner)
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e), param)) from e
         with self._in_flight_lock:
             self.in_flight += len(handles)
             self.in_flight_by[owner] = self.in_flight_by.get(owner, 0) + len(handles)
         for h in handles:
-            h.owner = owner
             h.add_done_callback(self._release)
         return handles
 

@@ -236,3 +236,22 @@ def test_heap_is_frozen_while_the_engine_runs(tiny_llama_dir: Path) -> None:
         assert frozen > 10_000
         runtime.generate(["a b"], _params(4))
     assert gc.get_freeze_count() == 0
+
+
+def test_prefills_filling_the_cache_between_them_both_finish(tiny_llama_dir: Path) -> None:
+    """A 120- and a 48-token prompt in a 128-token KV cache, 32 tokens a step: admitted
+    together, they come to hold every block between them, each short of one more. The earlier
+    takes the later one's block instead of the engine failing both ("the KV cache is too
+    small"), and each answer equals the one it gets alone."""
+    with Runtime(
+        model=str(tiny_llama_dir),
+        session_len=256,
+        cache=CacheConfig(block_size=16, num_blocks=8, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET, max_num_seqs=2),
+        **CPU32,
+    ) as small:
+        prompts = [_prompt(120, 21), _prompt(48, 22)]
+        together = [h.result(timeout=60) for h in small.add_requests(prompts, _params(4))]
+        alone = [small.generate([p], _params(4))[0] for p in prompts]
+        assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+        assert small.engine.stats()["num_preemptions"] >= 1

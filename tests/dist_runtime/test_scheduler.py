@@ -26,10 +26,18 @@ def fake_token(seq_id: int, position: int) -> int:
     return (seq_id * 7919 + position * 104729) % 1000
 
 
-def make_seq(seq_id: int, prompt_len: int, max_new_tokens: int = 4, priority: int = 0) -> Sequence:
+def make_seq(
+    seq_id: int,
+    prompt_len: int,
+    max_new_tokens: int = 4,
+    priority: int = 0,
+    tenant: str | None = None,
+) -> Sequence:
     prompt = [(seq_id * 31 + i) % 1000 for i in range(prompt_len)]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, priority=priority)
-    return Sequence(seq_id=seq_id, prompt_token_ids=prompt, params=params, seed=seq_id)
+    return Sequence(
+        seq_id=seq_id, prompt_token_ids=prompt, params=params, seed=seq_id, tenant=tenant
+    )
 
 
 @dataclass
@@ -463,7 +471,89 @@ def test_priority_aging_must_be_a_number_of_seconds() -> None:
             SchedulerConfig(priority_aging_s=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("fixed", [True, False])
+def test_prefills_holding_every_block_between_them_make_progress(
+    fixed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 30-token and a 12-token prompt in a 32-token cache, 8 tokens a step: the second is
+    admitted with half of each step while the first goes on, until the first holds 7 blocks
+    (28 tokens) and the second 1, each waiting for one more, with no decode to finish and
+    free some. The earlier one takes the later one's block (which recomputes), and both
+    finish; without that (`fixed` False) the steps come out empty for ever."""
+    config = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8)
+    d = Driver(num_blocks=8, block_size=4, config=config)
+    if not fixed:
+        monkeypatch.setattr(Scheduler, "_preempt_after", lambda self, seq, scheduled: False)
+    d.add(make_seq(0, 30, max_new_tokens=2), make_seq(1, 12, max_new_tokens=2))
+    for _ in range(6):
+        d.step()
+    if not fixed:
+        assert d.plans[-1].seqs == [] and d.scheduler.has_work()
+        assert d.blocks.num_free_blocks == 0
+        return
+    d.run()
+    assert d.scheduler.num_preemptions >= 1 and d.finished_at[0] < d.finished_at[1]
+    for seq in d.seqs.values():
+        assert seq.output_token_ids == d.expected_output(seq)
+
+
+# -- fair share between tenants -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_tenants_of_one_priority_take_turns(fair: bool) -> None:
+    """Tenant a queues four requests, then b two: with the fair share a free slot goes to
+    the tenant served least (each request: 3 prompt tokens + a decode row at weight 2 = 5), so
+    b's first request goes second, not fifth; ties go to the older request."""
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, fair_share=fair)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    d.add(*(make_seq(i, 3, max_new_tokens=2, tenant="a") for i in range(4)))
+    d.add(*(make_seq(i, 3, max_new_tokens=2, tenant="b") for i in range(4, 6)))
+    d.run()
+    assert _first_steps(d) == ([0, 4, 1, 5, 2, 3] if fair else [0, 1, 2, 3, 4, 5])
+    if fair:
+        assert d.scheduler.served == {"a": 20.0, "b": 10.0}
+    for seq in d.seqs.values():
+        assert seq.output_token_ids == d.expected_output(seq)
+
+
+def test_a_tenant_back_from_idle_banks_no_credit() -> None:
+    """b ran one request, then a ran three alone: b, back, starts at a's count (the lowest of
+    those active) rather than its own old one, so the two take turns instead of b's three
+    requests all going first."""
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    d.add(make_seq(0, 3, max_new_tokens=2, tenant="b"))
+    d.run()
+    d.add(*(make_seq(i, 3, max_new_tokens=2, tenant="a") for i in range(1, 7)))
+    for _ in range(6):  # three of a's requests, 2 steps each
+        d.step()
+    assert d.scheduler.served == {"a": 15.0, "b": 5.0}
+    d.add(*(make_seq(i, 3, max_new_tokens=2, tenant="b") for i in range(7, 10)))
+    assert d.scheduler.served["b"] == 15.0  # lifted to a's
+    d.run()
+    assert _first_steps(d)[4:] == [4, 7, 5, 8, 6, 9]
+
+
+def test_the_fair_share_never_crosses_priorities() -> None:
+    """b has had no service, but its request is less important than a's: a's go first."""
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, priority_aging_s=0)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    d.add(*(make_seq(i, 3, max_new_tokens=2, priority=0, tenant="a") for i in range(3)))
+    d.add(make_seq(3, 3, max_new_tokens=2, priority=1, tenant="b"))
+    d.add(make_seq(4, 3, max_new_tokens=2, priority=0, tenant="c"))
+    d.run()
+    assert _first_steps(d) == [0, 4, 1, 2, 3]
+
+
+def test_fair_share_must_be_a_bool() -> None:
+    from dist_runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match="scheduler.fair_share must be true or false"):
+        SchedulerConfig(fair_share="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", range(300))
 def test_random_workloads_replay_and_recompute(seed: int) -> None:
     """Random prompt lengths, budgets and cache sizes, arrivals between steps: every plan
     replays into the driver's tables, blocks are never shared, and preempted sequences end
@@ -475,8 +565,15 @@ def test_random_workloads_replay_and_recompute(seed: int) -> None:
         max_num_seqs=max_seqs, max_num_batched_tokens=rng.randint(max_seqs, 40)
     )
     prioritized = seed % 2 == 1  # odd seeds draw priorities too
+    tenants = [None] if seed % 3 else ["a", "b", None]  # every third seed: tenants share
     seqs = [
-        make_seq(i, rng.randint(1, 30), rng.randint(1, 12), rng.randint(0, 3) if prioritized else 0)
+        make_seq(
+            i,
+            rng.randint(1, 30),
+            rng.randint(1, 12),
+            rng.randint(0, 3) if prioritized else 0,
+            rng.choice(tenants),
+        )
         for i in range(rng.randint(3, 12))
     ]
     longest = max(s.num_tokens + s.params.max_new_tokens for s in seqs)
@@ -494,6 +591,7 @@ def test_random_workloads_replay_and_recompute(seed: int) -> None:
     for seq in seqs:
         assert seq.status is SeqStatus.FINISHED
         assert seq.output_token_ids == d.expected_output(seq)
+    assert not d.scheduler._active  # every tenant's count of live sequences went back to 0
 
 
 def test_a_request_whose_adapter_has_no_slot_waits_and_the_others_go_ahead() -> None:
