@@ -456,6 +456,8 @@ class Runtime:
         if isinstance(prompt, str):
             return self.encode(prompt)
         ids = list(prompt)
+        if set(map(type, ids)) == {int}:
+            return ids  # the common case, checked at C speed (a million-token prompt)
         text = next((t for t in ids if isinstance(t, (str, bytes))), None)
         if text is not None:
             raise ValueError(

@@ -7,7 +7,8 @@ which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU k
 `bench/gpu_decode_summary.py` on the end-to-end script's own report; and the GEMV bench's per-shape
 work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; and the guided
 JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), the fair-share bench
-(`bench/fair_share.py`), the speculative decoding bench (`bench/speculative.py`), the host-tier
+(`bench/fair_share.py`), the long-prompt host-work bench (`bench/long_prompt_host.py`), the
+speculative decoding bench (`bench/speculative.py`), the host-tier
 bench (`bench/host_kv_cache.py`) and the disk-tier bench (`bench/disk_kv_cache.py`), the LoRA bench
 (`bench/lora.py`) and the Batch API bench (`bench/batch_api.py`) on the demo model with short
 answers; and the draft-row cost bench (`bench/draft_rows.py`) on a tiny random model."""
@@ -311,6 +312,13 @@ def test_fair_share_bench_runs(tmp_path: Path) -> None:
     assert "fair-share: the second key's 1 requests done in p50" in out
     text = report.read_text()
     assert "| fair share |" in text and "| first come, first served |" in text
+
+
+def test_long_prompt_host_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "long_prompt_host.md"
+    out = _run("bench/long_prompt_host.py", "--tokens=20000", "--repeats=1", f"--report={report}")
+    assert "long-prompt-host: a question after a cached" in out
+    assert "| tokenize the prompt |" in report.read_text()
 
 
 def test_batch_api_bench_runs(tmp_path: Path) -> None:

@@ -31,6 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from dist_runtime.text.token_cache import PrefixTokenCache
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -85,6 +89,9 @@ class Tokenizer:
         self.add_eos: bool = _config_bool(self.config, "add_eos_token", default_eos)
         self.chat_template: str | None = None
         """A chat template used instead of the folder's (`RuntimeConfig.chat_template`)."""
+        self.prefix_tokens = PrefixTokenCache(self._backend.encode, self._token_spelling)
+        """The tokens of the last long texts, reused for a text that starts the same way (a
+        new question after the same document)."""
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike[str]) -> Tokenizer | None:
@@ -165,13 +172,21 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        ids = self._backend.encode(text)
+        ids = self.prefix_tokens.encode(text)
         if add_special_tokens:
             if self.add_bos and self.bos_token_id is not None:
                 ids = [self.bos_token_id, *ids]
             if self.add_eos and self.eos_token_id is not None:
                 ids = [*ids, self.eos_token_id]
         return ids
+
+    def _token_spelling(self) -> tuple[np.ndarray, np.ndarray]:
+        """The UTF-8 byte length of each token id's text, and which ids are added tokens."""
+        n = self.vocab_size
+        lengths = np.fromiter((len(self.token_bytes(i)) for i in range(n)), np.int64, count=n)
+        added = np.zeros(n, dtype=bool)
+        added[[i for i in self._backend.added_token_ids() if 0 <= i < n]] = True
+        return lengths, added
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids the tokenizer does not know (padded model vocabularies) are
@@ -398,6 +413,10 @@ class _Backend:
     def is_byte_run_token(self, token_id: int) -> bool:
         return False
 
+    def added_token_ids(self) -> Iterable[int]:
+        """Ids of the added tokens (special or not): encoding splits a text at them first."""
+        return ()
+
     def default_named_token(self, key: str) -> str | None:
         return None
 
@@ -468,6 +487,9 @@ class _TokenizersBackend(_Backend):
 
     def is_byte_run_token(self, token_id: int) -> bool:
         return token_id in self._byte_run_ids
+
+    def added_token_ids(self) -> Iterable[int]:
+        return self._added_text.keys()
 
     def default_add_special(self, bos: int | None, eos: int | None) -> tuple[bool, bool]:
         """What the tokenizer.json post-processor adds (used when the config does not say)."""
@@ -603,6 +625,9 @@ class _SentencePieceBackend(_Backend):
         if 0 <= token_id < self._num_pieces and self._sp.id_to_piece(token_id) == piece:
             return token_id
         return None
+
+    def added_token_ids(self) -> Iterable[int]:
+        return self._added.keys()
 
     def default_named_token(self, key: str) -> str | None:
         token_id = {

@@ -592,3 +592,84 @@ def test_long_texts_encode_without_holding_the_gil(tiny_llama_dir: Path) -> None
     hf = HFTokenizer.from_file(str(tiny_llama_dir / "tokenizer.json"))
     assert ids == hf.encode(text, add_special_tokens=False).ids
     assert during >= 20, during  # held: 1-2 ticks in the ~0.5 s the encode takes
+
+
+# -- long texts: tokens reused from a text that starts the same way ------------------------------
+
+
+def _long_text(rng: random.Random, chars: int) -> str:
+    """Varied text: corpus lines, accents, CJK, emoji (4-byte characters split across byte
+    tokens), runs of spaces, tabs and blank lines, digits, special-token strings."""
+    pieces = [*_corpus(), "naïve café façade", "港口的起重机", "🚢⚓🌊", "   ", "\t", "\n\n\n",
+              "2026-12-05 14:03", "<|im_end|>", " \n ", "x"]  # fmt: skip
+    out: list[str] = []
+    n = 0
+    while n < chars:
+        piece = rng.choice(pieces) + rng.choice(["\n", " ", "", "\n\n"])
+        out.append(piece)
+        n += len(piece)
+    return "".join(out)
+
+
+def _check_reuse(tok: Tokenizer, seed: int, partings: int) -> None:
+    """Questions after the same long document, texts parting from it at random places (inside
+    a word, a run of spaces, an emoji's bytes), the same text again and one sharing only a
+    short start: each encodes exactly as the backend encodes it whole, and most reuse kept
+    tokens."""
+    from dist_runtime.text.token_cache import MIN_CHARS
+
+    rng = random.Random(seed)
+    doc = _long_text(rng, MIN_CHARS + 20_000)
+    texts = [doc + f"\nQuestion {i}: which crane failed?" for i in range(3)]
+    texts += [
+        doc[: rng.randrange(MIN_CHARS, len(doc))] + _long_text(rng, 300) for _ in range(partings)
+    ]
+    texts += [texts[0], doc[:1000] + _long_text(rng, MIN_CHARS)]
+    for text in texts:
+        assert tok.encode(text, add_special_tokens=False) == tok._backend.encode(text)
+    cache = tok.prefix_tokens
+    whole = len(tok._backend.encode(doc))
+    assert cache.hits >= partings + 2 and cache.reused_tokens > (partings + 2) * whole // 2
+
+
+def test_a_long_text_reuses_the_tokens_of_one_that_starts_the_same_way(
+    any_tokenizer: Tokenizer,
+) -> None:
+    """Every kind of tokenizer: byte-level BPE, SentencePiece with and without its dummy
+    prefix (which leads each piece between added tokens), and its tokenizer.json conversion."""
+    _check_reuse(any_tokenizer, seed=5, partings=6)
+
+
+def test_the_demo_tokenizer_reuses_long_texts_exactly(smollm2_dir: Path) -> None:
+    _check_reuse(Tokenizer(smollm2_dir), seed=11, partings=20)
+
+
+def test_a_normalizer_that_changes_lengths_keeps_nothing(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A tokenizer.json whose normalizer rewrites "x" as "yy": its tokens do not spell the
+    text, so no boundary can be found; every text is encoded whole, and right."""
+    from dist_runtime.text.token_cache import MIN_CHARS
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    spec = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "Replace", "pattern": {"String": "x"}, "content": "yy"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    tok = Tokenizer(tmp_path)
+    doc = _long_text(random.Random(2), MIN_CHARS + 5000)
+    for q in ("x?", "y?"):
+        assert tok.encode(doc + q, add_special_tokens=False) == tok._backend.encode(doc + q)
+    assert tok.prefix_tokens.hits == 0 and not tok.prefix_tokens._entries
+
+
+def test_common_prefix() -> None:
+    from dist_runtime.text.token_cache import common_prefix
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a = "".join(rng.choice("ab") for _ in range(rng.randrange(0, 300_000, 997)))
+        cut = rng.randrange(len(a) + 1)
+        b = a[:cut] + rng.choice(["", "c", "cab"]) + a[cut:][: rng.randrange(3)]
+        expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == expected == common_prefix(b, a)
