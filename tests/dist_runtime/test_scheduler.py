@@ -622,3 +622,76 @@ def test_a_request_whose_adapter_has_no_slot_waits_and_the_others_go_ahead() -> 
     plan, _ = scheduler.schedule()
     (first,) = [s for s in plan.seqs if s.seq_id == 0]
     assert first.is_new and first.adapter == 3 and not scheduler.waiting
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_random_workloads_with_the_prefix_cache(seed: int) -> None:
+    """As the engine drives it (`on_step_done` marks tokens computed and caches full blocks):
+    prompts sharing documents, a tight cache, priorities, tenants, cp pools, aborts. Every
+    step makes progress, every request ends with its tokens, and every block comes back."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4, 8])
+    cp = rng.choice([1, 1, 2])
+    max_seqs = rng.randint(1, 6)
+    config = SchedulerConfig(
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=rng.randint(max_seqs, 40),
+        priority_aging_s=rng.choice([0.0, 600.0]),
+    )
+    docs = [[rng.randrange(1000) for _ in range(rng.randint(1, 24))] for _ in range(3)]
+    seqs = []
+    for i in range(rng.randint(3, 14)):
+        prompt = rng.choice(docs) + [rng.randrange(1000) for _ in range(rng.randint(1, 6))]
+        params = SamplingParams(
+            max_new_tokens=rng.randint(1, 10), temperature=0.0, priority=rng.randint(0, 2)
+        )
+        seqs.append(
+            Sequence(
+                seq_id=i,
+                prompt_token_ids=prompt,
+                params=params,
+                seed=i,
+                tenant=rng.choice(["a", "b", None]),
+            )  # fmt: skip
+        )
+    longest = max(len(s.prompt_token_ids) + s.params.max_new_tokens for s in seqs)
+    longest_blocks = -(-longest // block_size)
+    per_pool = -(-longest_blocks // cp) + rng.randint(0, 6)  # every sequence fits alone
+    blocks = BlockManager(per_pool, block_size, cp_size=cp)
+    scheduler = Scheduler(config, blocks)
+    pending, aborted = list(seqs), set()
+    for _ in range(3000):
+        while pending and rng.random() < 0.4:
+            scheduler.add(pending.pop(0))
+        live = [s for s in seqs if s.status is not SeqStatus.FINISHED and s not in pending]
+        if live and rng.random() < 0.03:
+            victim = rng.choice(live)
+            scheduler.abort(victim)
+            aborted.add(victim.seq_id)
+        if not scheduler.has_work():
+            if not pending:
+                break
+            continue
+        plan, _ = scheduler.schedule()
+        assert plan.seqs, "no progress"
+        for step in plan.seqs:
+            seq = scheduler.get(step.seq_id)
+            full = seq.prompt_token_ids + seq.output_token_ids
+            assert step.token_ids == full[step.start_pos : step.start_pos + len(step.token_ids)]
+        scheduler.on_step_done(plan)
+        for step in plan.seqs:
+            seq = scheduler.get(step.seq_id)
+            if step.sample:
+                seq.output_token_ids.append(fake_token(seq.seq_id, seq.num_tokens))
+                if len(seq.output_token_ids) >= seq.params.max_new_tokens:
+                    scheduler.finish(seq, "length")
+    else:
+        raise AssertionError("the workload did not finish")
+    for seq in seqs:
+        assert seq.status is SeqStatus.FINISHED
+        if seq.seq_id not in aborted:
+            n = len(seq.prompt_token_ids)
+            expected = [fake_token(seq.seq_id, n + i) for i in range(seq.params.max_new_tokens)]
+            assert seq.output_token_ids == expected
+    assert blocks.num_free_blocks == per_pool * cp  # every block free or evictable
+    assert not scheduler._active
