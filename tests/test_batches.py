@@ -329,13 +329,19 @@ def test_a_file_part_that_cannot_be_read_is_a_400_naming_it(server: Server) -> N
 
 
 def test_usage_is_accounted_to_the_key_and_a_batch_to_its_creator(server: Server) -> None:
-    """`--api-keys NAME=KEY`: requests and tokens per key name in /metrics and the access log;
-    a batch's requests count for the key that created it (bob's here), not the runner's."""
+    """`--api-keys NAME=KEY`: requests, tokens and the fair share's service per key name in
+    /metrics and the access log; a batch's requests count for the key that created it (bob's
+    here), not the runner's."""
     bob = openai.OpenAI(base_url=server.url + "/v1", api_key=BOB, max_retries=0)
-    before = server.metric('api_key_requests_total{key="alice"}')
-    _client(server).chat.completions.create(model=None, messages=[{"role": "user",
-                                            "content": "Hi"}], max_tokens=3)  # fmt: skip
+    for i in range(2):  # (the first: alice's counters exist even when this test runs alone)
+        _client(server).chat.completions.create(model=None, messages=[{"role": "user",
+                                                "content": "Hi"}], max_tokens=3)  # fmt: skip
+        if i == 0:
+            before = server.metric('api_key_requests_total{key="alice"}')
     assert server.metric('api_key_requests_total{key="alice"}') == before + 1
+    # the fair share counted alice's prompt tokens and 2 per generated token; nothing is left
+    assert server.metric('api_key_fair_share_service{key="alice"}') >= 3 * 2
+    assert server.metric('api_key_engine_requests{key="alice",state="running"}') == 0
     upload = _upload(bob, [_line(f"b{i}", _chat(f"Hello {i}", 4)) for i in range(2)])
     batch = bob.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="24h")
     _wait(bob, batch.id, ("completed",))

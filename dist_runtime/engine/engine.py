@@ -328,6 +328,18 @@ class Engine:
             "num_accepted_tokens": sched.num_accepted_tokens,
         }
 
+    def tenant_stats(self) -> dict[str, tuple[int, int, float]]:
+        """Each named tenant's (running, waiting) requests and the service the fair share has
+        counted for it (read without stopping the loop: a snapshot of the scheduler's lists)."""
+        sched = self.scheduler
+        served = {t: v for t, v in dict(sched.served).items() if t is not None}
+        counts = {t: [0, 0] for t in served}
+        for column, seqs in enumerate((list(sched.running), list(sched.waiting))):
+            for seq in seqs:
+                if seq.tenant is not None:
+                    counts.setdefault(seq.tenant, [0, 0])[column] += 1
+        return {t: (run, wait, served.get(t, 0.0)) for t, (run, wait) in counts.items()}
+
     def adapter_stats(self) -> dict[str, tuple[int, int]]:
         """Each loaded LoRA adapter's (running, waiting) requests (read without stopping the
         loop: a snapshot of the scheduler's lists)."""

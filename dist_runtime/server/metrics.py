@@ -114,6 +114,26 @@ class _EngineCollector(Collector):
                 requests.add_metric([name, "running"], running)
                 requests.add_metric([name, "waiting"], waiting)
             yield requests
+        tenants = self.engine.tenant_stats()
+        if tenants:
+            in_engine = GaugeMetricFamily(
+                P + "api_key_engine_requests",
+                "Requests of each API key in the engine, running or waiting",
+                labels=["key", "state"],
+            )
+            service = GaugeMetricFamily(
+                P + "api_key_fair_share_service",
+                "Service the fair share counted for each API key: prompt tokens computed plus 2 "
+                "per generated token, lifted to the least served active key's on a return from "
+                "idle (the key with the least goes next among one priority)",
+                labels=["key"],
+            )
+            for name, (running, waiting, served) in sorted(tenants.items()):
+                in_engine.add_metric([name, "running"], running)
+                in_engine.add_metric([name, "waiting"], waiting)
+                service.add_metric([name], served)
+            yield in_engine
+            yield service
         batch_counts = self.batch_counts()
         if batch_counts:
             batches = GaugeMetricFamily(
