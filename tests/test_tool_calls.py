@@ -272,45 +272,118 @@ def test_tool_errors_name_the_field(
 
 
 # -- the demo model ------------------------------------------------------------------------------
-def test_demo_model_calls_a_tool_and_answers_from_its_result(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    """SmolLM2-135M with a forced call picks the city from the question, then answers from the
-    tool's result (greedy)."""
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from dist_runtime.formats.demo_model import demo_model_path
 
     s = Server(demo_model_path(), tmp_path_factory.mktemp("demo-tools"), "--session-len", "2048")
-    try:
-        demo = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
-        weather = {
-            "type": "function",
-            "function": {
-                "name": "get_weather",
-                "description": "Current weather in a city",
-                "parameters": {
-                    "type": "object",
-                    "properties": {"city": {"type": "string"}},
-                    "required": ["city"],
-                },
-            },
-        }
-        messages: list[dict[str, Any]] = [
-            {"role": "user", "content": "What is the weather in Paris?"}
-        ]
-        kwargs: dict[str, Any] = dict(model=None, tools=[weather], max_tokens=60, temperature=0)
-        first = demo.chat.completions.create(messages=messages, tool_choice="required", **kwargs)
-        (call,) = first.choices[0].message.tool_calls
-        assert call.function.name == "get_weather"
-        assert json.loads(call.function.arguments) == {"city": "Paris"}
-        messages += [
-            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-            {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"},
-        ]
-        answer = demo.chat.completions.create(messages=messages, **kwargs).choices[0]
-        # "The weather in Paris is indeed sunny." on the development machine
-        assert answer.finish_reason == "stop" and "sunny" in answer.message.content
-    finally:
-        s.close()
+    yield s
+    s.close()
+
+
+def test_demo_model_calls_a_tool_and_answers_from_its_result(demo_server: Server) -> None:
+    """SmolLM2-135M with a forced call picks the city from the question, then answers from the
+    tool's result (greedy)."""
+    demo = openai.OpenAI(base_url=demo_server.url + "/v1", api_key=KEY, max_retries=0)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kwargs: dict[str, Any] = dict(model=None, tools=[WEATHER], max_tokens=60, temperature=0)
+    first = demo.chat.completions.create(messages=messages, tool_choice="required", **kwargs)
+    (call,) = first.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"},
+    ]
+    answer = demo.chat.completions.create(messages=messages, **kwargs).choices[0]
+    # "The weather in Paris is indeed sunny." on the development machine
+    assert answer.finish_reason == "stop" and "sunny" in answer.message.content
+
+
+def test_a_call_the_model_chooses_streams_as_it_comes(demo_server: Server) -> None:
+    """tool_choice auto: after one call and its answer, the demo model (greedy) calls again for
+    another city. Streamed, on the chat, Responses and Anthropic routes alike, the call comes
+    as pieces while it is written (not whole at the end), and the pieces make the call the
+    whole answer makes."""
+    from tests.test_anthropic import Anthropic
+
+    demo = openai.OpenAI(base_url=demo_server.url + "/v1", api_key=KEY, max_retries=0)
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12 degrees, rain"},
+        {"role": "assistant", "content": "It is 12 degrees and raining in Oslo."},
+        {"role": "user", "content": "What is the weather in Rome?"},
+    ]  # fmt: skip
+    kwargs: dict[str, Any] = dict(model=None, tools=[WEATHER], max_tokens=40, temperature=0)
+    whole = demo.chat.completions.create(messages=messages, **kwargs).choices[0]
+    (call,) = whole.message.tool_calls  # "get_weather", '{"city": "Rome"}' here
+    assert whole.finish_reason == "tool_calls" and call.function.name == "get_weather"
+    want = (call.function.name, call.function.arguments)
+
+    chunks = list(demo.chat.completions.create(messages=messages, stream=True, **kwargs))
+    pieces = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert pieces[0].id and pieces[0].function.name == want[0] and len(pieces) >= 3
+    assert (want[0], "".join(p.function.arguments or "" for p in pieces)) == want
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+    items = [
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather",
+         "arguments": '{"city": "Oslo"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "12 degrees, rain"},
+        {"role": "assistant", "content": "It is 12 degrees and raining in Oslo."},
+        {"role": "user", "content": "What is the weather in Rome?"},
+    ]  # fmt: skip
+    responses_tool = {"type": "function", **WEATHER["function"]}
+    model = demo.models.list().data[0].id
+    events = list(demo.responses.create(model=model, input=items, tools=[responses_tool],
+                                        max_output_tokens=40, temperature=0, stream=True))  # type: ignore[arg-type]  # fmt: skip
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    (added,) = [e.item for e in events if e.type == "response.output_item.added"]
+    assert added.type == "function_call" and added.name == want[0] and len(deltas) >= 3
+    assert "".join(deltas) == want[1] and events[-1].type == "response.completed"
+    assert [o.type for o in events[-1].response.output] == ["function_call"]
+
+    anthropic_tool = {"name": "get_weather", "description": "Current weather in a city",
+                      "input_schema": WEATHER["function"]["parameters"]}  # fmt: skip
+    history = [
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+         "name": "get_weather", "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+         "content": "12 degrees, rain"}]},
+        {"role": "assistant", "content": "It is 12 degrees and raining in Oslo."},
+        {"role": "user", "content": "What is the weather in Rome?"},
+    ]  # fmt: skip
+    status, sse = Anthropic(demo_server).post("/v1/messages", {
+        "model": model, "max_tokens": 40, "temperature": 0, "tools": [anthropic_tool],
+        "messages": history, "stream": True})  # fmt: skip
+    assert status == 200, sse
+    (start,) = [e for n, e in sse if n == "content_block_start"]
+    assert start["content_block"]["type"] == "tool_use"
+    assert start["content_block"]["name"] == want[0]
+    deltas_of = [e["delta"] for n, e in sse if n == "content_block_delta"]
+    json_pieces = [d["partial_json"] for d in deltas_of if d["type"] == "input_json_delta"]
+    assert len(json_pieces) >= 3 and "".join(json_pieces) == want[1]
+    (ended,) = [e for n, e in sse if n == "message_delta"]
+    assert ended["delta"]["stop_reason"] == "tool_use"
 
 
 # -- InternLM2's format ---------------------------------------------------------------------------
@@ -459,6 +532,73 @@ def test_streamed_text_is_held_only_while_it_may_be_a_call(
         split = CallSplitter(fmt, FUNCTIONS, True, calling)
         early, _ = split.feed(text, None)
         assert early == text[: len(text.rstrip())] or text.rstrip().endswith("<|act")
+
+
+AUTO_STREAMED = [
+    *[(fmt, text) for fmt, text, calling in STREAMED if not calling],
+    (JSON_CALLS, '[{"name": "tide", "arguments": {}}, {"name": "forecast", "arguments": '
+                 '{"city": "Rome", "days": 4}}]'),
+    (JSON_CALLS, '{"name": "tide", "arguments": "{\\"port\\": \\"x\\"}"}'),
+    (JSON_CALLS, '{"arguments": {"port": "y"}, "name": "tide"}'),
+    (JSON_CALLS, '{"name": "sunset", "arguments": {}}'),
+    (JSON_CALLS, '{"answer": 42}'),
+    (JSON_CALLS, '{"name": "tide", "description": "Tides", "parameters": {}}'),
+    (TAGGED, 'A.\n<tool_call>\n{"name": "tide", "why": 1, "arguments": {}}\n</tool_call>'),
+    (INTERNLM2_CALLS, 'Let me see.<|action_start|><|plugin|>\n{"name": "sunset", '
+                      '"parameters": {}}'),
+    (TAGGED, f"One.\n<tool_call>\n{TAGGED_CALL}\n</tool_call>"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fmt", "text"), AUTO_STREAMED)
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_auto_calls_stream_as_they_come(fmt: ToolFormat, text: str, step: int) -> None:
+    """tool_choice auto, fed in pieces: the content sent and the calls the deltas make equal
+    the whole answer's split; a call's deltas start before the answer ends (once its name is
+    whole, a listed function's), never as content; the finish reason is tool_calls when it
+    calls."""
+    split = CallSplitter(fmt, FUNCTIONS, True, False)
+    content, calls, finish = "", dict[int, list[str]](), None
+    first_call_at = None
+    pieces = [text[i : i + step] for i in range(0, len(text), step)]
+    for k, piece in enumerate(pieces):
+        said, deltas, finish = split.stream(piece, "stop" if k == len(pieces) - 1 else None)
+        content += said
+        for d in deltas:
+            if "id" in d:
+                assert d["index"] not in calls and d["type"] == "function"
+                calls[d["index"]] = [d["function"]["name"], d["function"]["arguments"]]
+                first_call_at = k if first_call_at is None else first_call_at
+            else:
+                calls[d["index"]][1] += d["function"]["arguments"]
+        assert "<tool_call>" not in content and "<|action_start|>" not in content or not calls
+    want_content, want_calls = fmt.split(text, FUNCTIONS, True, False)
+    assert content == want_content
+    assert [tuple(calls[i]) for i in sorted(calls)] == want_calls
+    assert finish == ("tool_calls" if want_calls else "stop")
+    name_ends = text.find('"', text.find('"name": "') + 9) if want_calls else len(text)
+    if name_ends < (len(pieces) - 1) * step:  # the name was whole before the last piece
+        assert first_call_at is not None and first_call_at < len(pieces) - 1  # streamed
+
+
+def test_an_auto_call_cut_short_ends_with_length() -> None:
+    """Deltas wait until the call's arguments begin, then go; cut short, it ends `length`."""
+    split = CallSplitter(JSON_CALLS, FUNCTIONS, True, False)
+    assert split.stream('{"name": "tide", "argu', None) == ("", [], None)
+    said, deltas, finish = split.stream('ments": {"port": "Be', "length")
+    assert said == "" and finish == "length"
+    assert deltas[0]["function"]["name"] == "tide"
+    assert "".join(d["function"]["arguments"] for d in deltas) == '{"port": "Be'
+
+
+def test_json_with_more_than_a_call_is_content() -> None:
+    """A listed function's description echoed back (as the demo model does when asked to
+    call it) is no call: nothing streams as one, and it ends as content."""
+    text = '{"name": "tide", "description": "Tides", "parameters": {"type": "object"}}'
+    split = CallSplitter(JSON_CALLS, FUNCTIONS, True, False)
+    got = [split.stream(text[i : i + 4], None) for i in range(0, len(text), 4)]
+    assert all(piece == ("", [], None) for piece in got)
+    assert split.stream("", "stop") == (text, [], "stop")
 
 
 REQUIRED: list[tuple[ToolFormat, str]] = [

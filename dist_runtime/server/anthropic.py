@@ -363,7 +363,6 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                 "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage(None),
             })  # fmt: skip
             split = run.splitter()
-            calls: list[tuple[str, str]] = []
             index = -1  # the open text block's index
             if split.streams_calls:  # a required call: its blocks as its pieces come
                 streamed: dict[int, int] = {}  # call index -> block index
@@ -400,6 +399,8 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
             thoughts = run.thoughts()
             blocks = 0  # blocks started
             thinking = -1  # the thinking block's index, while it is open
+            tool = -1  # the open tool_use block's index
+            call_blocks: dict[int, int] = {}  # call index -> its block's index
 
             def open_text() -> list[str]:
                 nonlocal index, blocks, thinking
@@ -409,47 +410,71 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                               content_block={"type": "text", "text": ""})  # fmt: skip
                 return [*closed, start]
 
+            def close_open() -> list[str]:
+                """Stop the open thinking, text or tool_use block."""
+                nonlocal thinking, index, tool
+                closed = []
+                if thinking >= 0:
+                    signed = {"type": "signature_delta", "signature": ""}
+                    closed.append(event("content_block_delta", index=thinking, delta=signed))
+                for at in (thinking, index, tool):
+                    if at >= 0:
+                        closed.append(event("content_block_stop", index=at))
+                thinking = index = tool = -1
+                return closed
+
+            def call_events(pieces: list[dict[str, Any]]) -> list[str]:
+                """A tool_use block once a call's name is whole, then its input's JSON as it
+                comes."""
+                nonlocal blocks, tool
+                events: list[str] = []
+                for d in pieces:
+                    if "id" in d:
+                        events += close_open()
+                        tool, blocks = blocks, blocks + 1
+                        call_blocks[d["index"]] = tool
+                        block = {"type": "tool_use", "id": _tool_id(),
+                                 "name": d["function"]["name"], "input": {}}  # fmt: skip
+                        events.append(event("content_block_start", index=tool,
+                                            content_block=block))  # fmt: skip
+                    piece = d["function"].get("arguments")
+                    if piece:
+                        json_delta = {"type": "input_json_delta", "partial_json": piece}
+                        events.append(event("content_block_delta", index=call_blocks[d["index"]],
+                                            delta=json_delta))  # fmt: skip
+                return events
+
             try:
                 async for _, delta in merged(run.handles):
                     said = delta.text
                     if thoughts is not None:
                         thought, said = thoughts.feed(said, delta.finish_reason is not None)
-                        if thought and index < 0:
+                        if thought and index < 0 and not call_blocks:
                             if thinking < 0:
                                 thinking, blocks = blocks, blocks + 1
                                 yield event("content_block_start", index=thinking,
                                             content_block=_thinking_block(""))  # fmt: skip
                             step = {"type": "thinking_delta", "thinking": thought}
                             yield event("content_block_delta", index=thinking, delta=step)
-                    piece, found = split.feed(said, delta.finish_reason)
-                    calls += found
-                    if piece:
+                    # text, and calls' pieces as they come (auto, once a call opens)
+                    piece, pieces, _ = split.stream(said, delta.finish_reason)
+                    if piece and not call_blocks:
                         for e in open_text() if index < 0 else []:
                             yield e
                         yield event("content_block_delta", index=index,
                                     delta={"type": "text_delta", "text": piece})  # fmt: skip
+                    for e in call_events(pieces):
+                        yield e
             except Exception as error:
                 yield event("error", error={"type": "api_error", "message": str(error)})
                 return
             out = run.handles[0].result(timeout=0)
-            if thinking >= 0:
-                yield event("content_block_delta", index=thinking,
-                            delta={"type": "signature_delta", "signature": ""})  # fmt: skip
-            if index < 0 and not calls:
+            if index < 0 and not call_blocks:
                 for e in open_text():
                     yield e
-            elif thinking >= 0:
-                yield event("content_block_stop", index=thinking)
-            if index >= 0:
-                yield event("content_block_stop", index=index)
-            for k, call in enumerate(calls, blocks):
-                block = tool_block(call)
-                arguments = json.dumps(block["input"], ensure_ascii=False)
-                yield event("content_block_start", index=k, content_block={**block, "input": {}})
-                json_delta = {"type": "input_json_delta", "partial_json": arguments}
-                yield event("content_block_delta", index=k, delta=json_delta)
-                yield event("content_block_stop", index=k)
-            reason, sequence = stop_fields(out, calls, req.stop_sequences)
+            for e in close_open():
+                yield e
+            reason, sequence = stop_fields(out, split.final_calls, req.stop_sequences)
             account(out)
             yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
                         usage={"output_tokens": len(out.token_ids)})  # fmt: skip

@@ -676,34 +676,12 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 thought, splits = "", thoughts[i]
                 if splits is not None:
                     thought, text = splits.feed(text, finish is not None)
-                if splitters[i].streams_calls:  # a required call: its pieces as they come
-                    pieces, finish = splitters[i].call_deltas(text, finish)
-                    if not pieces and finish is None:
-                        return None
-                    return {
-                        "index": i,
-                        "delta": {"tool_calls": pieces} if pieces else {},
-                        "logprobs": _chat_logprobs(server, delta.logprobs)
-                        if delta.logprobs
-                        else None,
-                        "finish_reason": finish,
-                    }
-                text, calls = splitters[i].feed(text, finish)
+                # content, and calls' pieces as they come (required, or auto once a call opens)
+                text, pieces, finish = splitters[i].stream(text, finish)
                 said: dict[str, Any] = {"reasoning_content": thought} if thought else {}
-                if calls:
-                    out: dict[str, Any] = {**said, "content": text} if text else said
-                    out["tool_calls"] = [
-                        {"index": j, **c} for j, c in enumerate(tool_calls_json(calls))
-                    ]
-                    return {
-                        "index": i,
-                        "delta": out,
-                        "logprobs": _chat_logprobs(server, delta.logprobs)
-                        if delta.logprobs
-                        else None,
-                        "finish_reason": "tool_calls",
-                    }
-                if not text and not thought and finish is None and scored is None:
+                if pieces:
+                    said["tool_calls"] = pieces
+                if not text and not said and finish is None and scored is None:
                     return None
                 logprobs = _chat_logprobs(server, delta.logprobs) if delta.logprobs else None
                 if text:

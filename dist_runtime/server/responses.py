@@ -753,7 +753,6 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             message: dict[str, Any] | None = None
             text = ""
             split = run.splitter()
-            calls: list[tuple[str, str]] = []
             thoughts = run.thoughts()
             reasoning: dict[str, Any] | None = None
             thought_text = ""
@@ -802,40 +801,58 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                           output_index=at, content_index=0, part=part),
                 ]  # fmt: skip
 
-            if split.streams_calls:  # a required call: its items as its pieces come
-                items: dict[int, dict[str, Any]] = {}
-                try:
-                    async for _, delta in merged(run.handles):
-                        pieces, _ = split.call_deltas(delta.text, delta.finish_reason)
-                        for d in pieces:
-                            if "id" in d:
-                                item = _call_item(d["function"]["name"], "")
-                                item["status"] = "in_progress"
-                                items[d["index"]] = item
-                                output.append(item)
-                                yield event("response.output_item.added",
-                                            output_index=len(output) - 1,
-                                            item=dict(item))  # fmt: skip
-                            item = items[d["index"]]
-                            piece = d["function"].get("arguments", "")
-                            if piece:
-                                item["arguments"] += piece
-                                yield event("response.function_call_arguments.delta",
+            items: dict[int, dict[str, Any]] = {}  # the calls' items, by call index
+
+            def close_message(status: str) -> list[str]:
+                if message is None or message["status"] != "in_progress":
+                    return []
+                at = output.index(message)
+                part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+                message["content"] = [part]
+                message["status"] = status
+                return [
+                    event("response.output_text.done", item_id=message["id"], output_index=at,
+                          content_index=0, text=text, logprobs=[]),
+                    event("response.content_part.done", item_id=message["id"],
+                          output_index=at, content_index=0, part=part),
+                    event("response.output_item.done", output_index=at, item=message),
+                ]  # fmt: skip
+
+            def call_events(pieces: list[dict[str, Any]]) -> list[str]:
+                """A call's item once its name is whole, then its arguments as they come."""
+                events: list[str] = []
+                for d in pieces:
+                    if "id" in d:
+                        events += [*close_reasoning(), *close_message("completed")]
+                        item = _call_item(d["function"]["name"], "")
+                        item["status"] = "in_progress"
+                        items[d["index"]] = item
+                        output.append(item)
+                        at = len(output) - 1
+                        events.append(
+                            event("response.output_item.added", output_index=at, item=dict(item))
+                        )
+                    item = items[d["index"]]
+                    piece = d["function"].get("arguments", "")
+                    if piece:
+                        item["arguments"] += piece
+                        events.append(event("response.function_call_arguments.delta",
                                             item_id=item["id"], output_index=output.index(item),
-                                            delta=piece)  # fmt: skip
-                except Exception as error:
-                    yield failure(error)
-                    return
-                out = run.handles[0].result(timeout=0)
+                                            delta=piece))  # fmt: skip
+                return events
+
+            def close_calls() -> list[str]:
+                events: list[str] = []
                 for item in items.values():
                     index = output.index(item)
                     item["status"] = "completed"
-                    yield event("response.function_call_arguments.done", item_id=item["id"],
-                                output_index=index, name=item["name"],
-                                arguments=item["arguments"])  # fmt: skip
-                    yield event("response.output_item.done", output_index=index, item=item)
-                yield completion(out)
-                return
+                    events.append(event("response.function_call_arguments.done",
+                                        item_id=item["id"], output_index=index, name=item["name"],
+                                        arguments=item["arguments"]))  # fmt: skip
+                    events.append(event("response.output_item.done", output_index=index,
+                                        item=item))  # fmt: skip
+                return events
+
             try:
                 async for _, delta in merged(run.handles):
                     said = delta.text
@@ -850,8 +867,9 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                                         item_id=reasoning["id"],
                                         output_index=output.index(reasoning), content_index=0,
                                         delta=thought)  # fmt: skip
-                    piece, found = split.feed(said, delta.finish_reason)
-                    calls += found
+                    # content, and calls' pieces as they come (required, or auto once a call
+                    # opens)
+                    piece, pieces, _ = split.stream(said, delta.finish_reason)
                     if piece:
                         for e in open_message() if message is None else []:
                             yield e
@@ -865,36 +883,21 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                             delta=piece,
                             logprobs=[],
                         )
+                    for e in call_events(pieces):
+                        yield e
             except Exception as error:
                 yield failure(error)
                 return
             out = run.handles[0].result(timeout=0)
             for e in close_reasoning():
                 yield e
-            if message is None and not calls:
+            if message is None and not items:
                 for e in open_message():
                     yield e
-            if message is not None:
-                at = output.index(message)
-                part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-                message["content"] = [part]
-                message["status"] = "incomplete" if out.finish_reason == "length" else "completed"
-                yield event("response.output_text.done", item_id=message["id"], output_index=at,
-                            content_index=0, text=text, logprobs=[])  # fmt: skip
-                yield event("response.content_part.done", item_id=message["id"],
-                            output_index=at, content_index=0, part=part)  # fmt: skip
-                yield event("response.output_item.done", output_index=at, item=message)
-            for call_name, arguments in calls:
-                index = len(output)
-                item = _call_item(call_name, "")
-                output.append(item)
-                yield event("response.output_item.added", output_index=index, item=item)
-                yield event("response.function_call_arguments.delta", item_id=item["id"],
-                            output_index=index, delta=arguments)  # fmt: skip
-                item["arguments"] = arguments
-                yield event("response.function_call_arguments.done", item_id=item["id"],
-                            output_index=index, name=call_name, arguments=arguments)  # fmt: skip
-                yield event("response.output_item.done", output_index=index, item=item)
+            for e in close_message("incomplete" if out.finish_reason == "length" else "completed"):
+                yield e
+            for e in close_calls():
+                yield e
             yield completion(out)
 
         return server.sse(events())

@@ -213,6 +213,8 @@ class ToolFormat:
     """Stop strings for answers that may call (the model stops after a call)."""
     keep_special_tokens = False
     """Answers that may call keep special tokens in their text (the call is marked by them)."""
+    marker: str | None = None
+    """What opens a call in an answer (its JSON follows); None: a call is the whole answer."""
 
     def turns(
         self, messages: list[dict[str, Any]], functions: list[Function] | None
@@ -292,6 +294,7 @@ class InternLM2Calls(ToolFormat):
     name = "internlm2"
     stop = (ACTION_END,)
     keep_special_tokens = True
+    marker = ACTION_START + PLUGIN
 
     def turns(
         self, messages: list[dict[str, Any]], functions: list[Function] | None
@@ -379,6 +382,7 @@ class TemplateCalls(ToolFormat):
     def __init__(self, tagged: bool, key: str = "arguments") -> None:
         self.tagged, self.key = tagged, key
         self.keep_special_tokens = tagged
+        self.marker = TOOL_CALL_OPEN if tagged else None
 
     def turns(
         self, messages: list[dict[str, Any]], functions: list[Function] | None
@@ -534,7 +538,13 @@ class CallSplitter:
 
     A required call (`calling`: the answer is held to the call's schema, so it is one) streams
     instead (`call_deltas`): each call's id and name once its name is whole, then its arguments
-    as they come, written as the whole answer's `tool_calls` write them (`JsonStream`)."""
+    as they come, written as the whole answer's `tool_calls` write them (`JsonStream`).
+
+    `stream` does both, and streams the calls of an answer free to call (`tool_choice` auto)
+    too: content until the format's marker opens a call (`<tool_call>`, InternLM2's
+    `<|action_start|><|plugin|>`), then the call's pieces; where a call is the whole answer
+    (the JSON format), its pieces once a listed function's name is whole in JSON the answer
+    starts with (until then they wait: JSON that turns out not to be a call is content)."""
 
     def __init__(
         self, fmt: ToolFormat, functions: list[Function], parallel: bool, calling: bool
@@ -544,13 +554,27 @@ class CallSplitter:
         self.sent = 0
         self.streams_calls = calling and bool(functions)
         self.final_calls: list[tuple[str, str]] = []
-        """With streams_calls, once the answer ended by itself: the calls it makes."""
+        """Once a streamed answer ended by itself (`call_deltas`, `stream`): the calls it
+        made."""
         self._json = JsonStream()
         self._top = ""
         self._names: dict[int, list[str]] = {}
         self._calls: dict[int, dict[str, Any]] = {}
         """Call index -> {"id", "name" (None until whole), "held" (arguments before the name),
-        "arguments" (sent)}."""
+        "arguments" (sent), "raw" (arguments given as a JSON string, kept until whole)}."""
+        self._names_known = {f.name for f in functions}
+        self._phase = "text"
+        """Auto mode's reading of the answer: "text" (content so far), "json" (JSON that may
+        be the calls, waiting for a name), "call" (inside a call's JSON, streamed), "after"
+        (past a marked call), "held" (held to the end, as `feed` holds it)."""
+        self._fed = 0
+        """Characters of `text` fed to the call's JSON reader."""
+        self._index = 0
+        """The marked call being read."""
+        self._waiting: dict[int, dict[str, Any]] = {}
+        """Deltas of whole-answer JSON not sent yet (no listed function's name is whole)."""
+        self.streamed = False
+        """Call deltas were sent (auto mode)."""
 
     def call_deltas(
         self, delta: str, finish_reason: str | None
@@ -579,11 +603,23 @@ class CallSplitter:
             logger.warning("streamed tool calls %s differ from the answer's %s", sent, calls)
         return deltas, "tool_calls" if calls else "stop"
 
-    def _take(self, path: Path, piece: str, done: bool, out: dict[int, dict[str, Any]]) -> None:
-        if not path:
+    def _take(
+        self,
+        path: Path,
+        piece: str,
+        done: bool,
+        out: dict[int, dict[str, Any]],
+        marked: int | None = None,
+    ) -> None:
+        """One JSON event into call deltas (`out`); `marked`: the index of the marked call
+        whose JSON this is (else the answer's JSON: a call, or a list of them)."""
+        index: str | int
+        if marked is not None:
+            index, rest = marked, path
+        elif not path:
             self._top = self._top or piece[:1]
             return
-        if self._top == "[":
+        elif self._top == "[":
             index, rest = path[0], path[1:]
         else:
             index, rest = 0, path
@@ -603,10 +639,29 @@ class CallSplitter:
                 self._send(index, call, "".join(call["held"]), out)
                 call["held"] = []
         elif rest[0] in ("arguments", "parameters"):
-            if call["name"] is None:
-                call["held"].append(piece)
-            else:
-                self._send(index, call, piece, out)
+            if call.get("raw") is not None or (
+                not call["held"]
+                and not call["arguments"]
+                and len(rest) == 1
+                and piece.startswith('"')
+            ):
+                # arguments as JSON text: sent once whole, as the object they spell
+                call["raw"] = call.get("raw", "") + piece
+                if done and len(rest) == 1:
+                    text = _loaded(json.loads(call["raw"]))
+                    call["raw"] = None
+                    if isinstance(text, dict):
+                        self._send_or_hold(index, call, json.dumps(text, ensure_ascii=False), out)
+                return
+            self._send_or_hold(index, call, piece, out)
+
+    def _send_or_hold(
+        self, index: int, call: dict[str, Any], piece: str, out: dict[int, dict[str, Any]]
+    ) -> None:
+        if call["name"] is None:
+            call["held"].append(piece)
+        else:
+            self._send(index, call, piece, out)
 
     @staticmethod
     def _send(index: int, call: dict[str, Any], piece: str, out: dict[int, dict[str, Any]]) -> None:
@@ -616,6 +671,142 @@ class CallSplitter:
         entry = out.setdefault(index, {"index": index})
         function = entry.setdefault("function", {"arguments": ""})
         function["arguments"] = function.get("arguments", "") + piece
+
+    def stream(
+        self, delta: str, finish_reason: str | None
+    ) -> tuple[str, list[dict[str, Any]], str | None]:
+        """(content to send now, OpenAI's streamed `tool_calls` deltas to send now, the finish
+        reason to send: `tool_calls` when the answer ended as the calls sent) for the next
+        piece of text."""
+        if not self.functions:
+            return delta, [], finish_reason
+        if self.calling:
+            deltas, finish = self.call_deltas(delta, finish_reason)
+            return "", deltas, finish
+        self.text += delta
+        out: dict[int, dict[str, Any]] = {}
+        content = self._read(out)
+        if finish_reason is None:
+            return content, [out[i] for i in sorted(out)], None
+        if self._phase == "json":
+            self._json_done(out)  # (JSON ending with a number: its last events)
+        if not self.streamed:  # as `feed`: the rest as content, or the calls whole
+            rest, calls = self.feed("", finish_reason)
+            self.final_calls = calls
+            deltas = [{"index": j, **c} for j, c in enumerate(tool_calls_json(calls))]
+            return content + rest, deltas, "tool_calls" if calls else finish_reason
+        if finish_reason != "stop":
+            return content, [out[i] for i in sorted(out)], finish_reason
+        _, calls = self.fmt.split(self.text, self.functions, self.parallel, self.calling)
+        sent = [(c["name"], "".join(c["arguments"])) for _, c in sorted(self._calls.items())]
+        if calls != sent:
+            logger.warning("streamed tool calls %s differ from the answer's %s", sent, calls)
+        self.final_calls = sent
+        return content, [out[i] for i in sorted(out)], "tool_calls" if sent else "stop"
+
+    def _read(self, out: dict[int, dict[str, Any]]) -> str:
+        """Auto mode: take the text so far through the phases; the content to send now."""
+        marker = self.fmt.marker
+        content = ""
+        if self._phase == "text":
+            if marker is not None:
+                at = self.text.find(marker)
+                if at < 0:
+                    end = max(self.sent, self.fmt.sendable(self.text, False))
+                    content, self.sent = self.text[self.sent : end], end
+                    return content
+                end = max(self.sent, len(self.text[:at].rstrip()))
+                content, self.sent = self.text[self.sent : end], end
+                self._open_marked(at + len(marker))
+            else:
+                head = self.text.lstrip()[:1]
+                if head and head not in "{[`":
+                    end = len(self.text)
+                    content, self.sent = self.text[self.sent : end], end
+                    return content
+                if head in ("", "`"):  # nothing yet, or a fenced block: held
+                    self._phase = "held" if head else "text"
+                    return content
+                self._phase, self._fed = "json", 0
+                self._json = JsonStream()
+        if self._phase == "json":
+            self._read_json(out)
+        elif self._phase == "call":
+            self._read_marked(out)
+        if self._phase == "after" and marker is not None and self.parallel:
+            at = self.text.find(marker, self._fed)
+            if at >= 0:
+                self._open_marked(at + len(marker))
+                self._read_marked(out)
+        return content
+
+    def _open_marked(self, start: int) -> None:
+        self._phase, self._fed = "call", start
+        self._json = JsonStream(trailing=True)
+
+    def _read_marked(self, out: dict[int, dict[str, Any]]) -> None:
+        """A marked call's JSON so far into deltas; "after" once it ended."""
+        piece, self._fed = self.text[self._fed :], len(self.text)
+        try:
+            events = self._json.feed(piece)
+        except ValueError:  # not JSON: not a call (the answer's split says so at its end)
+            self._phase = "after"
+            return
+        self._take_events(events, out, self._index)
+        if self._json.ended:
+            self._fed = len(self.text) - len(self._json.rest)
+            self._phase, self._index = "after", self._index + 1
+
+    def _read_json(self, out: dict[int, dict[str, Any]]) -> None:
+        """Whole-answer JSON so far: deltas wait until a listed function's name is whole."""
+        piece, self._fed = self.text[self._fed :], len(self.text)
+        try:
+            events = self._json.feed(piece)
+        except ValueError:
+            self._phase = "held"
+            return
+        self._take_events(events, out, None)
+
+    def _json_done(self, out: dict[int, dict[str, Any]]) -> None:
+        try:
+            self._take_events(self._json.finish(), out, None)
+        except ValueError:
+            self._phase = "held"
+
+    def _take_events(
+        self,
+        events: list[tuple[Path, str, bool]],
+        out: dict[int, dict[str, Any]],
+        marked: int | None,
+    ) -> None:
+        """JSON events into deltas. They wait (in `_waiting`) until a call of a listed
+        function has its name whole and its arguments begun, with no other key: then the
+        answer is taken for calls, and they go (into `out`). A key other than a call's, or
+        the name of a function not listed, stops the reading: the answer is held to its end,
+        as `feed` holds it (where nothing was sent yet, its split decides)."""
+        for path, piece, done in events:
+            rest = path if marked is not None else path[1:] if self._top == "[" else path
+            key = rest[0] if rest and isinstance(rest[0], str) else None
+            if key is not None and key not in ("name", "arguments", "parameters"):
+                self._stop_reading()
+                return
+            target = out if self.streamed else self._waiting
+            self._take(path, piece, done, target, marked)
+            calls = self._calls.values()
+            if any(c["name"] is not None and c["name"] not in self._names_known for c in calls):
+                self._stop_reading()
+                return
+            if not self.streamed and any(
+                c["name"] is not None and (c["arguments"] or c["held"] or c.get("raw") is not None)
+                for c in calls
+            ):
+                out.update(self._waiting)  # a listed function's call: send what waited
+                self._waiting.clear()
+                self.streamed = True
+
+    def _stop_reading(self) -> None:
+        self._phase = "held"
+        self._waiting.clear()
 
     def feed(self, delta: str, finish_reason: str | None) -> tuple[str, list[tuple[str, str]]]:
         """(content to send now, calls) for the next piece of text; calls only at the end, and

@@ -40,6 +40,9 @@ class JsonStream:
     """Inside a string: (its path, whether it is an object key)."""
     _key_chars: list[str] = field(default_factory=list)
     _ended: bool = False
+    trailing: bool = False
+    """Text after the value is left in `rest` (a marked tool call's closing tag), not an
+    error."""
 
     def feed(self, text: str) -> list[tuple[Path, str, bool]]:
         """The events the next raw characters make (see the module docstring)."""
@@ -54,6 +57,12 @@ class JsonStream:
         """The top-level value is complete."""
         return self._ended
 
+    @property
+    def rest(self) -> str:
+        """With `trailing`, once the value ended: the text fed after it (less leading
+        whitespace)."""
+        return self._buf if self._ended else ""
+
     # -- the machine -------------------------------------------------------------------------
     def _emit(self, path: Path, text: str, done: bool = False) -> None:
         if text or done:
@@ -67,6 +76,8 @@ class JsonStream:
         if not buf:
             return False
         if self._ended:
+            if self.trailing:
+                return False
             raise ValueError(f"text after the JSON value: {buf[:20]!r}")
         c = buf[0]
         frame = self._stack[-1] if self._stack else None
