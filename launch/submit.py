@@ -78,6 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="resubmitting the same job with the same key returns its id; the key with another "
         f"document, questions or --max-new-tokens is an error (exit {EXIT_BAD})",
     )
+    p.add_argument(
+        "--owner",
+        metavar="KEY_NAME",
+        help="submit for this API key name of the HTTP server (`--api-keys NAME=KEY`): the key "
+        "then sees the job in /v1/jobs, its idempotency keys are that key's, its tokens count "
+        "for it and it shares the engine as that key; with --list, only its jobs "
+        "(default: none, a job no key sees)",
+    )
     p.add_argument("--wait", action="store_true", help="wait and print the answers")
     p.add_argument(
         "--timeout",
@@ -133,6 +141,7 @@ class _RayQueue:
                     params,
                     kw["idempotency_key"],
                     kw["encoding_errors"],
+                    kw["owner"],
                 )
             )
         )
@@ -146,8 +155,8 @@ class _RayQueue:
     def cancel(self, job_id: str) -> str:
         return str(self.get(self.actor.cancel.remote(job_id)))
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return list(self.get(self.actor.jobs.remote()))
+    def jobs(self, owner: str | None) -> list[dict[str, Any]]:
+        return list(self.get(self.actor.jobs.remote(owner)))
 
 
 class _DirQueue:
@@ -172,8 +181,8 @@ class _DirQueue:
     def cancel(self, job_id: str) -> str:
         return self.client.cancel(job_id).value
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return [s.to_dict() for s in self.client.jobs()]
+    def jobs(self, owner: str | None) -> list[dict[str, Any]]:
+        return [s.to_dict() for s in self.client.jobs(owner)]
 
 
 def job_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -280,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             print(queue.cancel(args.cancel))
             return 0
         if args.list:
-            for job in queue.jobs():
+            for job in queue.jobs(args.owner):
                 print(json.dumps(job))
             return 0
         job_id = args.result
@@ -292,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 job_params(args),
                 idempotency_key=args.idempotency_key,
                 encoding_errors="replace" if args.replace_invalid_utf8 else "strict",
+                owner=args.owner,
             )
             print(job_id, flush=True)
             if not args.wait:

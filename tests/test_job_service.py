@@ -125,6 +125,11 @@ def test_ray_queue_actor(ray_cluster: Any, serving: Runtime) -> None:
         assert answers == serving.ask(DOC, QUESTIONS, PARAMS)
         assert ray_cluster.get(actor.status.remote(job_id))["state"] == "done"
         assert [j["job_id"] for j in ray_cluster.get(actor.jobs.remote())] == [job_id]
+        owned = ray_cluster.get(actor.submit.remote(DOC, QUESTIONS[:1], params, None,
+                                                    "strict", "bob"))  # fmt: skip
+        assert [j["job_id"] for j in ray_cluster.get(actor.jobs.remote("bob"))] == [owned]
+        assert serving.job_owner(owned) == "bob"
+        ray_cluster.get(actor.result.remote(owned, 120))
         with pytest.raises(Exception, match=r"over session_len 2048"):
             ray_cluster.get(actor.submit.remote("word " * 3000, ["q"], params))
         with pytest.raises(ValueError, match=r"already serves"):
@@ -152,6 +157,14 @@ def test_submit_cli_against_a_job_dir(serving: Runtime, tmp_path: Path, capsys: 
     bad.write_bytes(b"\xff\xfe not text")
     assert submit_cli.main(["--job-dir", job_dir, "--doc", str(bad), "-q", "q"]) == 2
     assert "not UTF-8" in capsys.readouterr().err
+    # --owner: the job is that API key's (the server lists it for that key only)
+    assert submit_cli.main([*argv, "-q", QUESTIONS[0], "--owner", "alice"]) == 0
+    alices = capsys.readouterr().out.strip()
+    assert serving.job_owner(alices) == "alice" and serving.job_owner(job_id) is None
+    assert submit_cli.main(["--job-dir", job_dir, "--list", "--owner", "alice"]) == 0
+    listed = [json.loads(line)["job_id"] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [alices]
+    serving.result(alices, timeout=120)
 
 
 def test_run_jobs_file(tiny_llama_dir: Path, tmp_path: Path, capsys: Any) -> None:

@@ -31,8 +31,11 @@ class JobClient:
         document_path: str | os.PathLike[str] | None = None,
         encoding_errors: str = "strict",
         idempotency_key: str | None = None,
+        owner: str | None = None,
     ) -> str:
-        """Validate and queue a job; returns its id (see `Runtime.submit`)."""
+        """Validate and queue a job; returns its id (see `Runtime.submit`; `owner`: the
+        server's API key name it is submitted for, which then sees it and is accounted its
+        tokens)."""
         info = self.store.service_info()
         model = str(info["model"]) if info is not None else None
         job = check_job(
@@ -46,7 +49,7 @@ class JobClient:
             session_len=int(info["session_len"]) if info is not None else None,
         )
         return self.store.submit(
-            job.document, job.questions, job.params, idempotency_key, job.prefill_tokens
+            job.document, job.questions, job.params, idempotency_key, job.prefill_tokens, owner
         )
 
     def status(self, job_id: str) -> JobStatus:
@@ -58,8 +61,9 @@ class JobClient:
     def cancel(self, job_id: str) -> JobState:
         return self.store.cancel(job_id)
 
-    def jobs(self) -> list[JobStatus]:
-        return self.store.list_jobs()
+    def jobs(self, owner: str | None = None) -> list[JobStatus]:
+        """Every job, oldest first (only `owner`'s when given)."""
+        return self.store.list_jobs(owner)
 
     def close(self) -> None:
         self.store.close()

@@ -42,6 +42,7 @@ class JobQueue:
         params: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         encoding_errors: str = "strict",
+        owner: str | None = None,
     ) -> str:
         sampling = None if params is None else _sampling_params(params)
         return self.client.submit(
@@ -50,6 +51,7 @@ class JobQueue:
             sampling,
             encoding_errors=encoding_errors,
             idempotency_key=idempotency_key,
+            owner=owner,
         )
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -61,8 +63,8 @@ class JobQueue:
     def cancel(self, job_id: str) -> str:
         return self.client.cancel(job_id).value
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return [s.to_dict() for s in self.client.jobs()]
+    def jobs(self, owner: str | None = None) -> list[dict[str, Any]]:
+        return [s.to_dict() for s in self.client.jobs(owner)]
 
     def where(self) -> dict[str, Any]:
         return {"job_dir": self.job_dir, "pid": os.getpid()}
