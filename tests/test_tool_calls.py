@@ -7,6 +7,7 @@ and a round trip on the demo model (call, tool result, answer)."""
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -577,8 +578,75 @@ def test_auto_calls_stream_as_they_come(fmt: ToolFormat, text: str, step: int) -
     assert [tuple(calls[i]) for i in sorted(calls)] == want_calls
     assert finish == ("tool_calls" if want_calls else "stop")
     name_ends = text.find('"', text.find('"name": "') + 9) if want_calls else len(text)
-    if name_ends < (len(pieces) - 1) * step:  # the name was whole before the last piece
+    as_text = '"arguments": "' in text  # (arguments as JSON text go once whole)
+    if name_ends < (len(pieces) - 2) * step and not as_text:  # the name was whole early
         assert first_call_at is not None and first_call_at < len(pieces) - 1  # streamed
+
+
+def _fuzz_call(rng: random.Random) -> str:
+    name = rng.choice(["tide", "forecast", "sunset"])
+    args = rng.choice(["{}", '{"port": "Bergen"}', '{"city": "Oslo", "days": 2}', "[1]",
+                       '"{\\"port\\": \\"x\\"}"', '{"a": {"b": [1, 2.5, null]}}'])  # fmt: skip
+    key = rng.choice(["arguments", "parameters"])
+    body = rng.choice([f'{{"name": "{name}", "{key}": {args}}}'] * 5 + [
+        f'{{"{key}": {args}, "name": "{name}"}}', f'{{"name": "{name}", "{key}": {args}, "x": 1}}'
+    ])  # fmt: skip
+    return body[: rng.randrange(len(body))] if rng.random() < 0.1 else body
+
+
+def _fuzz_answer(rng: random.Random, fmt: ToolFormat) -> str:
+    bits = ["Sure.", " Let me check", "\n", "  ", "{", "}", "[", '"', "`", "```json\n", "<tool_",
+            "<|act"]  # fmt: skip
+    text = "".join(rng.choice(bits) for _ in range(rng.randint(0, 4))) if rng.random() < 0.5 else ""
+    if fmt is JSON_CALLS:
+        if rng.random() < 0.3:
+            return text + " " + _fuzz_call(rng)
+        if rng.random() < 0.5:
+            return "[" + ", ".join(_fuzz_call(rng) for _ in range(rng.randint(1, 3))) + "]"
+        return rng.choice(["", "  ", "\n"]) + _fuzz_call(rng)
+    assert fmt.marker is not None
+    for _ in range(rng.randint(0, 3)):
+        close = "\n</tool_call>" if fmt is TAGGED else ""
+        text += f"\n{fmt.marker}\n{_fuzz_call(rng)}{close}" + rng.choice(["", "", "", "x"])
+    return text
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_streamed_auto_calls_agree_with_the_whole_answer(seed: int) -> None:
+    """Random answers (text, calls of listed and unlisted functions, arguments that are no
+    object, extra keys, JSON cut short, text after a call) in random pieces: when the whole
+    answer calls, the stream sends exactly its content and calls; when it does not, the
+    stream sends its whole text, unless it had streamed a call of a listed function before a
+    later part of the answer spoiled it (it cannot be taken back: those calls stand, with
+    finish_reason tool_calls; their arguments may be cut short where the answer ended)."""
+    rng = random.Random(seed)
+    for _ in range(300):
+        fmt = rng.choice([JSON_CALLS, INTERNLM2_CALLS, TAGGED])
+        parallel = rng.random() < 0.7
+        text = _fuzz_answer(rng, fmt)
+        count = max(0, min(len(text) - 1, rng.randint(0, 12)))
+        cuts = sorted(rng.sample(range(1, max(len(text), 1)), count))
+        bounds = [0, *cuts, len(text)]
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])] or [""]
+        split = CallSplitter(fmt, FUNCTIONS, parallel, False)
+        content, calls, finish = "", dict[int, list[str]](), None
+        for k, piece in enumerate(pieces):
+            said, deltas, finish = split.stream(piece, "stop" if k == len(pieces) - 1 else None)
+            content += said
+            for d in deltas:
+                if "id" in d:
+                    calls[d["index"]] = [d["function"]["name"], d["function"]["arguments"]]
+                else:
+                    calls[d["index"]][1] += d["function"]["arguments"]
+        got = [(name, args) for _, (name, args) in sorted(calls.items())]
+        want_content, want_calls = fmt.split(text, FUNCTIONS, parallel, False)
+        if want_calls or not split.streamed:
+            assert (content, got) == (want_content, want_calls), (fmt.name, parallel, text)
+            assert finish == ("tool_calls" if want_calls else "stop")
+        else:  # streamed, then spoiled: each call sent is one of a listed function
+            assert got and finish == "tool_calls" and split.final_calls == got
+            for name, args in got:  # (arguments cut short where the answer ended in them)
+                assert name in {f.name for f in FUNCTIONS} and args.startswith("{")
 
 
 def test_an_auto_call_cut_short_ends_with_length() -> None:

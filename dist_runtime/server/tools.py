@@ -575,6 +575,10 @@ class CallSplitter:
         """Deltas of whole-answer JSON not sent yet (no listed function's name is whole)."""
         self.streamed = False
         """Call deltas were sent (auto mode)."""
+        self._sent: dict[int, list[str]] = {}
+        """Call index -> [name, arguments] as sent (auto mode)."""
+        self._released: set[int] = set()
+        """Calls whose deltas go out as they come (auto mode)."""
 
     def call_deltas(
         self, delta: str, finish_reason: str | None
@@ -652,6 +656,8 @@ class CallSplitter:
                     call["raw"] = None
                     if isinstance(text, dict):
                         self._send_or_hold(index, call, json.dumps(text, ensure_ascii=False), out)
+                    else:
+                        call["bad"] = True  # JSON text of no object: no call
                 return
             self._send_or_hold(index, call, piece, out)
 
@@ -686,23 +692,29 @@ class CallSplitter:
         self.text += delta
         out: dict[int, dict[str, Any]] = {}
         content = self._read(out)
-        if finish_reason is None:
-            return content, [out[i] for i in sorted(out)], None
-        if self._phase == "json":
+        if finish_reason is not None and self._phase == "json":
             self._json_done(out)  # (JSON ending with a number: its last events)
+        deltas = [out[i] for i in sorted(out)]
+        for d in deltas:  # what the client has been sent
+            function = d["function"]
+            sent = self._sent.setdefault(d["index"], [function.get("name", ""), ""])
+            sent[1] += function.get("arguments", "")
+        if finish_reason is None:
+            return content, deltas, None
         if not self.streamed:  # as `feed`: the rest as content, or the calls whole
             rest, calls = self.feed("", finish_reason)
             self.final_calls = calls
             deltas = [{"index": j, **c} for j, c in enumerate(tool_calls_json(calls))]
             return content + rest, deltas, "tool_calls" if calls else finish_reason
         if finish_reason != "stop":
-            return content, [out[i] for i in sorted(out)], finish_reason
+            return content, deltas, finish_reason
         _, calls = self.fmt.split(self.text, self.functions, self.parallel, self.calling)
-        sent = [(c["name"], "".join(c["arguments"])) for _, c in sorted(self._calls.items())]
-        if calls != sent:
-            logger.warning("streamed tool calls %s differ from the answer's %s", sent, calls)
-        self.final_calls = sent
-        return content, [out[i] for i in sorted(out)], "tool_calls" if sent else "stop"
+        self.final_calls = [(name, args) for _, (name, args) in sorted(self._sent.items())]
+        if calls != self.final_calls:
+            logger.warning(
+                "streamed tool calls %s differ from the answer's %s", self.final_calls, calls
+            )
+        return content, deltas, "tool_calls" if self.final_calls else "stop"
 
     def _read(self, out: dict[int, dict[str, Any]]) -> str:
         """Auto mode: take the text so far through the phases; the content to send now."""
@@ -733,11 +745,12 @@ class CallSplitter:
             self._read_json(out)
         elif self._phase == "call":
             self._read_marked(out)
-        if self._phase == "after" and marker is not None and self.parallel:
+        while self._phase == "after" and marker is not None and self.parallel:
             at = self.text.find(marker, self._fed)
-            if at >= 0:
-                self._open_marked(at + len(marker))
-                self._read_marked(out)
+            if at < 0:
+                break
+            self._open_marked(at + len(marker))
+            self._read_marked(out)
         return content
 
     def _open_marked(self, start: int) -> None:
@@ -750,7 +763,7 @@ class CallSplitter:
         try:
             events = self._json.feed(piece)
         except ValueError:  # not JSON: not a call (the answer's split says so at its end)
-            self._phase = "after"
+            self._phase, self._index = "after", self._index + 1
             return
         self._take_events(events, out, self._index)
         if self._json.ended:
@@ -779,29 +792,53 @@ class CallSplitter:
         out: dict[int, dict[str, Any]],
         marked: int | None,
     ) -> None:
-        """JSON events into deltas. They wait (in `_waiting`) until a call of a listed
-        function has its name whole and its arguments begun, with no other key: then the
-        answer is taken for calls, and they go (into `out`). A key other than a call's, or
-        the name of a function not listed, stops the reading: the answer is held to its end,
-        as `feed` holds it (where nothing was sent yet, its split decides)."""
+        """JSON events into deltas. A call's deltas wait (in `_waiting`) until its name, a
+        listed function's, is whole and its arguments have begun, with no other key: then
+        they go (into `out`), and the rest of it as it comes. A key other than a call's,
+        arguments that are no object, or the name of a function not listed stop the reading:
+        the answer is held to its end, as `feed` holds it (where nothing was sent yet, its
+        split decides)."""
         for path, piece, done in events:
-            rest = path if marked is not None else path[1:] if self._top == "[" else path
+            if marked is not None:
+                index: str | int | None = marked
+                rest = path
+            elif self._top == "[":
+                index, rest = (path[0] if path else None), path[1:]
+            else:
+                index, rest = (0 if path else None), path
             key = rest[0] if rest and isinstance(rest[0], str) else None
+            call = self._calls.get(index) if isinstance(index, int) else None
+            begun = call is not None and bool(
+                call["held"] or call["arguments"] or call.get("raw") is not None
+            )
             if key is not None and key not in ("name", "arguments", "parameters"):
                 self._stop_reading()
                 return
-            target = out if self.streamed else self._waiting
-            self._take(path, piece, done, target, marked)
-            calls = self._calls.values()
-            if any(c["name"] is not None and c["name"] not in self._names_known for c in calls):
+            if (
+                key in ("arguments", "parameters")
+                and len(rest) == 1
+                and not begun
+                and piece
+                and piece[0] not in '{"'
+            ):  # arguments that are no object: no call
                 self._stop_reading()
                 return
-            if not self.streamed and any(
-                c["name"] is not None and (c["arguments"] or c["held"] or c.get("raw") is not None)
-                for c in calls
-            ):
-                out.update(self._waiting)  # a listed function's call: send what waited
-                self._waiting.clear()
+            released = index in self._released
+            target = out if released else self._waiting
+            if marked is None and not self.parallel and self._top == "[" and index != 0:
+                target = {}  # one call wanted: the list's others are read, not sent
+            self._take(path, piece, done, target, marked)
+            call = self._calls.get(index) if isinstance(index, int) else None
+            if call is None or call["name"] is None:
+                continue
+            if call["name"] not in self._names_known or call.get("bad"):
+                self._stop_reading()
+                return
+            # (arguments given as JSON text go once whole: until then, nothing to send)
+            if not released and target is self._waiting and (call["held"] or call["arguments"]):
+                assert isinstance(index, int)
+                out[index] = self._waiting.pop(index)  # a listed function's call: it goes
+                self._released.add(index)
                 self.streamed = True
 
     def _stop_reading(self) -> None:
