@@ -12,6 +12,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _PUBLIC = {
+    "Beam": "dist_runtime.beam_search",
+    "BeamSearchParams": "dist_runtime.beam_search",
     "CacheConfig": "dist_runtime.config",
     "ConfigError": "dist_runtime.config",
     "ModelConfig": "dist_runtime.config",
@@ -30,6 +32,8 @@ _PUBLIC = {
 }
 
 __all__ = [
+    "Beam",
+    "BeamSearchParams",
     "CacheConfig",
     "ConfigError",
     "IdempotencyKeyConflictError",
@@ -48,6 +52,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from dist_runtime.beam_search import Beam, BeamSearchParams
     from dist_runtime.config import (
         CacheConfig,
         ConfigError,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Generator
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from dist_runtime.beam_search import Beam, BeamSearch, BeamSearchParams, run_beam_search
 from dist_runtime.config import (
     CacheConfig,
     ConfigError,
@@ -146,6 +147,65 @@ class Runtime:
         """
         handles = self.add_requests(prompts, params)
         return self._wait(handles, use_tqdm, _per_prompt(params, len(handles)))
+
+    def beam_search(
+        self,
+        prompts: Seq[Prompt],
+        params: BeamSearchParams,
+        *,
+        priority: int = 0,
+        adapter: str | None = None,
+        cache_salt: str | None = None,
+        tenant: str | None = None,
+    ) -> list[list[Beam]]:
+        """The `params.beam_width` best beams of each prompt (text or token ids), best first
+        (`dist_runtime.beam_search`); each beam's `text` is set when the model has a
+        tokenizer. The beams of every prompt run in the same engine steps, at `priority`, with
+        LoRA `adapter` and prefix-cache `cache_salt`, for `tenant`."""
+        self._check_alive()
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Seq) or not prompts:
+            raise ValueError(
+                "prompts must be a non-empty list of strings or token-id lists, got "
+                f"{type(prompts).__name__} {prompts!r:.80}"
+            )
+        ids = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
+        session = self.config.session_len
+        for i, prompt in enumerate(ids):
+            if len(prompt) + 1 > session:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens, over session_len {session} less the "
+                    "one new token a beam needs; shorten it or raise session_len"
+                )
+        eos = frozenset(self.engine.outputs.eos_token_ids)
+        searches = [
+            BeamSearch(p, params, eos, min(params.max_tokens, session - len(p))) for p in ids
+        ]
+
+        def step(sequences: list[list[int]], k: int) -> list[dict[int, float]]:
+            one = SamplingParams(
+                max_new_tokens=1,
+                temperature=0.0,
+                logprobs=k,
+                ignore_eos=True,
+                priority=priority,
+                adapter=adapter,
+                cache_salt=cache_salt,
+            )
+            handles = self.engine.add_requests(sequences, [one] * len(sequences), tenant=tenant)
+            tops = []
+            for out in self._wait(handles, False, [one] * len(handles)):
+                assert out.logprobs is not None
+                tops.append(out.logprobs[0].top)
+            return tops
+
+        results = run_beam_search(searches, step)
+        if self.tokenizer is not None:
+            tok = self.tokenizer
+            results = [
+                [dataclasses.replace(b, text=tok.decode(_cut_eos(b, eos))) for b in beams]
+                for beams in results
+            ]
+        return results
 
     def add_requests(
         self,
@@ -537,6 +597,12 @@ class Runtime:
                 phase.update_to(sum(h.num_output_tokens for h in handles) - first)
                 wait()
             phase.update_to(sum(h.num_output_tokens for h in handles) - first, 0)
+
+
+def _cut_eos(beam: Beam, eos: frozenset[int]) -> list[int]:
+    """A beam's tokens less the EOS that ended it (its text, as a finished request's)."""
+    ids = beam.token_ids
+    return ids[:-1] if beam.finish_reason == "stop" and ids and ids[-1] in eos else ids
 
 
 def _as_token_id(t: Any) -> Any:

@@ -116,14 +116,21 @@ def rt3(ray_cluster: Any, model_dir: Path) -> Iterator[Runtime]:
 
 
 @pytest.fixture(scope="module")
-def hf_reference(model_dir: Path, prompts: list[list[int]]) -> list[Reference]:
-    """HF greedy generation of MAX_NEW_TOKENS per prompt, batch 1, no padding, no EOS stop."""
+def hf_model(model_dir: Path) -> Any:
+    """HF's model on the same weights, without an EOS stop (our side runs with ignore_eos).
+    `min_new_tokens` would not do: it masks EOS out of the logits, so HF would pick another
+    token where ours picks EOS."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    # No EOS stop (our side runs with ignore_eos). `min_new_tokens` would not do: it masks EOS
-    # out of the logits, so HF would pick another token where ours picks EOS.
     model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_reference(hf_model: Any, prompts: list[list[int]]) -> list[Reference]:
+    """HF greedy generation of MAX_NEW_TOKENS per prompt, batch 1, no padding, no EOS stop."""
+    model = hf_model
     refs = []
     for ids in prompts:
         x = torch.tensor([ids])
@@ -195,6 +202,33 @@ def test_greedy_matches_hf_tp1(
     rt1: Runtime, prompts: list[list[int]], hf_reference: list[Reference]
 ) -> None:
     _check_against_hf(rt1, prompts, hf_reference)
+
+
+def test_beam_search_matches_hf(rt1: Runtime, prompts: list[list[int]], hf_model: Any) -> None:
+    """Beam search (width 3, 8 tokens, no EOS stop) against HF's `generate(num_beams=3)`:
+    with no beam ending early both keep, each step, the 3 best continuations by cumulative
+    log-probability, so the beams are the same, in the same order; each beam's cumulative
+    log-probability equals HF's score of its tokens (fp32 noise). As for greedy paths, a
+    near-tie may flip a beam: all but one prompt must match whole."""
+    from dist_runtime import BeamSearchParams
+
+    params = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
+    ours = rt1.beam_search(prompts, params)
+    matches = 0
+    for ids, beams in zip(prompts, ours):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            hf = hf_model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                   num_beams=3, num_return_sequences=3, max_new_tokens=8,
+                                   length_penalty=1.0, early_stopping=False)  # fmt: skip
+            theirs = [row[len(ids) :].tolist() for row in hf]
+            matches += [b.token_ids for b in beams] == theirs
+            for beam in beams:
+                full = torch.tensor([ids + beam.token_ids])
+                logits = hf_model(full).logits[0, len(ids) - 1 : -1].float()
+                picked = torch.log_softmax(logits, -1)[range(8), beam.token_ids]
+                assert abs(picked.sum().item() - beam.cumulative_logprob) < 5e-3
+    assert matches >= len(prompts) - 1, f"{matches} of {len(prompts)} prompts' beams match HF"
 
 
 def test_greedy_matches_hf_tp3(

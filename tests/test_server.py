@@ -1277,6 +1277,38 @@ def test_choices_say_which_stop_ended_them(client: Any) -> None:
         assert info.value.body["param"] == "min_tokens"
 
 
+def test_vllm_beam_search(client: Any) -> None:
+    """use_beam_search (vLLM's): the n best beams are the choices, best first; one beam is
+    the greedy answer; on chat too; what would sample, hold back, stream or score tokens is a
+    400 naming the field."""
+    ask: dict[str, Any] = dict(model=None, max_tokens=6, temperature=0)
+    beam = {"use_beam_search": True, "ignore_eos": True}
+    out = client.completions.create(prompt="The harbor", n=3, extra_body=beam, **ask)
+    texts = [c.text for c in out.choices]
+    assert len(set(texts)) == 3 and [c.index for c in out.choices] == [0, 1, 2]
+    assert {c.finish_reason for c in out.choices} == {"length"}
+    assert out.usage.completion_tokens == 18
+    one = client.completions.create(prompt="The harbor", n=1, extra_body=beam, **ask)
+    greedy = client.completions.create(prompt="The harbor", extra_body={"ignore_eos": True},
+                                       **ask)  # fmt: skip
+    assert one.choices[0].text == greedy.choices[0].text
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = client.chat.completions.create(messages=messages, n=2, extra_body=beam, **ask)
+    assert len({c.message.content for c in chat.choices}) == 2
+    bad: list[tuple[str, dict[str, Any]]] = [
+        ("stream", {"stream": True}), ("logprobs", {"logprobs": 2}), ("stop", {"stop": ["."]}),
+        ("n", {"n": 11}), ("temperature", {"temperature": 0.7}), ("echo", {"echo": True}),
+    ]  # fmt: skip
+    for field, extra in bad:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(prompt="x", **{**ask, **extra}, extra_body=beam)
+        assert info.value.body["param"] == field, field
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(messages=messages, tools=[tool], extra_body=beam, **ask)
+    assert info.value.body["param"] == "tools"
+
+
 def test_vllm_prompt_and_cache_options(client: Any) -> None:
     """truncate_prompt_tokens keeps the prompt's last tokens; cache_salt keeps cached K/V among
     requests with the same salt; options that would change the answer unseen are 400s."""
@@ -1293,7 +1325,7 @@ def test_vllm_prompt_and_cache_options(client: Any) -> None:
 
     first = cached("alice")
     assert cached("bob") == 0 and cached("alice") > first  # alice's blocks, not bob's
-    for field, value in (("use_beam_search", True), ("allowed_token_ids", [1, 2]),
+    for field, value in (("length_penalty", 2.0), ("allowed_token_ids", [1, 2]),
                          ("spaces_between_special_tokens", False)):  # fmt: skip
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(prompt="x", **ask, extra_body={field: value})

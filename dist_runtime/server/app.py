@@ -43,6 +43,7 @@ from fastapi.responses import (
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dist_runtime.beam_search import Beam, BeamSearchParams
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogprobs
 from dist_runtime.jobs.store import (
@@ -69,6 +70,8 @@ from dist_runtime.server.calls import (
 from dist_runtime.server.metrics import ServerMetrics
 from dist_runtime.server.reasoning import (
     REASONING_PARSERS,
+    ReasoningSplitter,
+    opens_thinking,
 )
 from dist_runtime.server.schemas import (
     ChatCompletionRequest,
@@ -404,12 +407,11 @@ class _Server:
             return ()
         return tuple(tok.encode(req.prediction.text(), add_special_tokens=False))
 
-    def add(
-        self, prompts: list[list[int]], params: list[SamplingParams], param: str
-    ) -> list[RequestHandle]:
-        """Add the requests; a prompt the engine refuses is a 400 naming `param`."""
+    def _check_room(self, count: int) -> str | None:
+        """429 unless `count` more requests fit the server's and the caller's caps; the
+        caller (its key's name)."""
         self.check_alive()
-        if self.in_flight + len(prompts) > self.settings.max_concurrent_requests:
+        if self.in_flight + count > self.settings.max_concurrent_requests:
             raise APIError(
                 429,
                 f"{self.in_flight} requests in flight, at most "
@@ -419,13 +421,58 @@ class _Server:
         owner = CALLER.get()
         per_key = self.settings.max_concurrent_requests_per_key
         mine = self.in_flight_by.get(owner, 0)
-        if owner is not None and per_key is not None and mine + len(prompts) > per_key:
+        if owner is not None and per_key is not None and mine + count > per_key:
             raise APIError(
                 429,
                 f"this key has {mine} requests in flight, at most {per_key} "
                 "(--max-concurrent-requests-per-key); retry later",
                 "rate_limit_exceeded",
             )
+        return owner
+
+    async def beam_search(
+        self, prompts: list[list[int]], req: SamplingFields, max_tokens: int, param: str
+    ) -> list[list[Beam]]:
+        """Each prompt's `req.n` best beams (`Runtime.beam_search`), counted as `req.n`
+        requests in flight per prompt while they run; a prompt the runtime refuses is a 400
+        naming `param`."""
+        count = req.n * len(prompts)
+        owner = self._check_room(count)
+        with self._in_flight_lock:
+            self.in_flight += count
+            self.in_flight_by[owner] = self.in_flight_by.get(owner, 0) + count
+        try:
+            params = BeamSearchParams(
+                beam_width=req.n,
+                max_tokens=max_tokens,
+                ignore_eos=req.ignore_eos,
+                length_penalty=req.length_penalty,
+            )
+            return await asyncio.to_thread(
+                self.runtime.beam_search,
+                prompts,
+                params,
+                priority=req.priority,
+                adapter=self.adapter(req.model),
+                cache_salt=req.cache_salt,
+                tenant=owner,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e), param=_param_of(str(e), param)) from e
+        finally:
+            with self._in_flight_lock:
+                self.in_flight -= count
+                left = self.in_flight_by.get(owner, count) - count
+                if left:
+                    self.in_flight_by[owner] = left
+                else:
+                    self.in_flight_by.pop(owner, None)
+
+    def add(
+        self, prompts: list[list[int]], params: list[SamplingParams], param: str
+    ) -> list[RequestHandle]:
+        """Add the requests; a prompt the engine refuses is a 400 naming `param`."""
+        owner = self._check_room(len(prompts))
         try:
             handles = self.runtime.engine.add_requests(prompts, params, tenant=owner)
         except ValueError as e:
@@ -568,6 +615,15 @@ def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     return f"{param}: must be one of {', '.join(tags)} ({where}: {detail})", param
 
 
+def _beam_usage(prompt_tokens: int, beams: list[Beam]) -> dict[str, Any]:
+    completion = sum(len(b.token_ids) for b in beams)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
 def _usage(
     prompt_tokens: int,
     outputs: list[RequestOutput],
@@ -642,9 +698,51 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         server.check_model(model)
         return model_card(model)
 
+    async def beam_chat(req: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+        """`use_beam_search`: the `n` best beams are the choices, best first."""
+        if req.tool_mode != "none" or req.logprobs:
+            name = "logprobs" if req.logprobs else "tools"
+            raise APIError(400, f"{name} does not go with use_beam_search: leave it out",
+                           param=name)  # fmt: skip
+        ids = await asyncio.to_thread(
+            chat_prompt, server, req.messages, None, False, req.continue_final_message,
+            req.chat_template_kwargs,
+        )  # fmt: skip
+        if req.truncate_prompt_tokens is not None:
+            ids = ids[-req.truncate_prompt_tokens :]
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:
+            max_tokens = server.default_max_tokens(len(ids))
+        (beams,) = await server.beam_search([ids], req, max_tokens, "messages")
+        usage = _beam_usage(len(ids), beams)
+        request.state.usage = usage
+        opened = server.reasoning and opens_thinking(server.runtime.tokenizer, ids)
+        choices = []
+        for k, beam in enumerate(beams):
+            thought, answer = (
+                ReasoningSplitter(opened).split(beam.text)
+                if server.reasoning
+                else (None, beam.text)
+            )
+            message: dict[str, Any] = {"role": "assistant", "content": answer}
+            if server.reasoning:
+                message["reasoning_content"] = thought
+            choices.append({"index": k, "message": message, "logprobs": None,
+                            "finish_reason": beam.finish_reason, "stop_reason": None})  # fmt: skip
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": server.model_name(req.model),
+            "choices": choices,
+            "usage": usage,
+        }
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         server.check_model(req.model)
+        if req.use_beam_search:
+            return await beam_chat(req, request)
         named = (
             req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
         )
@@ -821,6 +919,36 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         text = await asyncio.to_thread(tokenizer.decode, req.tokens, False)
         return {"prompt": text}
 
+    async def beam_completions(
+        req: CompletionRequest, request: Request, prompts: list[list[int]], max_tokens: int
+    ) -> dict[str, Any]:
+        """`use_beam_search`: each prompt's `n` best beams are its choices, best first."""
+        if req.echo or req.logprobs is not None:
+            name = "echo" if req.echo else "logprobs"
+            raise APIError(400, f"{name} does not go with use_beam_search: leave it out",
+                           param=name)  # fmt: skip
+        found = await server.beam_search(prompts, req, max_tokens, "prompt")
+        beams = [b for per_prompt in found for b in per_prompt]
+        usage = _beam_usage(sum(len(p) for p in prompts), beams)
+        request.state.usage = usage
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": server.model_name(req.model),
+            "choices": [
+                {
+                    "index": k,
+                    "text": b.text,
+                    "logprobs": None,
+                    "finish_reason": b.finish_reason,
+                    "stop_reason": None,
+                }
+                for k, b in enumerate(beams)
+            ],  # fmt: skip
+            "usage": usage,
+        }
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         server.check_model(req.model)
@@ -829,6 +957,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         if cut is not None:
             prompts = [ids[-cut:] for ids in prompts]
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        if req.use_beam_search:
+            return await beam_completions(req, request, prompts, max_tokens)
         all_ids = [ids for ids in prompts for _ in range(req.n)]
         scored_k = req.prompt_logprobs_k
         all_params = [

@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dist_runtime.beam_search import MAX_BEAM_WIDTH
+
 
 class UnsupportedFieldError(ValueError):
     """A request field this server does not implement, set to a value that would matter."""
@@ -213,6 +215,11 @@ class SamplingFields(_Request):
     """vLLM's newer form of the guided_* fields (the only one since vLLM 0.12)."""
     priority: int = Field(default=0, ge=-(2**31), lt=2**31)
     """vLLM's extra: scheduling priority, lower first (`SamplingParams.priority`)."""
+    use_beam_search: bool = False
+    """vLLM's extra: beam search (`dist_runtime.beam_search`), `n` beams wide; the `n` best
+    beams are the choices, best first."""
+    length_penalty: float = 1.0
+    """vLLM's extra, with beam search: the exponent of the length a beam's score divides by."""
     prediction: Prediction | None = None
     """OpenAI's Predicted Outputs: text the answer is expected to mostly repeat."""
 
@@ -233,8 +240,6 @@ class SamplingFields(_Request):
                     "best_of": lambda v: v is None or v == 1 or v == data.get("n"),
                     "guided_whitespace_pattern": _empty,
                     # vLLM's other options that would change the answer
-                    "use_beam_search": _off,
-                    "length_penalty": lambda v: v in (None, 1, 1.0),
                     "allowed_token_ids": _empty,
                     "bad_words": _empty,
                     "spaces_between_special_tokens": lambda v: v in (None, True),
@@ -243,6 +248,44 @@ class SamplingFields(_Request):
                 },
             )
         return data
+
+    @model_validator(mode="after")
+    def _beam_search_fits(self) -> SamplingFields:
+        """Beam search ranks beams by the model's own log-probabilities, greedy, to its own
+        EOS: what would sample, hold back, guide or stream it is a 400 naming the field."""
+        if not self.use_beam_search:
+            if self.length_penalty != 1.0:
+                raise UnsupportedFieldError(
+                    "length_penalty", "length_penalty goes with use_beam_search: true"
+                )
+            return self
+        if self.n > MAX_BEAM_WIDTH:
+            raise UnsupportedFieldError(
+                "n", f"with use_beam_search, n (the beam width) is at most {MAX_BEAM_WIDTH}"
+            )
+        fixed = {
+            "stream": self.stream,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "min_tokens": self.min_tokens,
+            "logit_bias": self.logit_bias,
+            "prompt_logprobs": self.prompt_logprobs is not None,
+            "prediction": self.prediction,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "top_p": self.top_p != 1.0,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+            "temperature": self.temperature not in (0.0, 1.0),
+            **{name: True for name in self.guides()},
+        }
+        for name, given in fixed.items():
+            if given:
+                raise UnsupportedFieldError(
+                    name, f"{name} does not go with use_beam_search: leave it out"
+                )
+        return self
 
     @model_validator(mode="after")
     def _one_guide(self) -> SamplingFields:
