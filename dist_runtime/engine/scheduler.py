@@ -232,6 +232,8 @@ class Scheduler:
         plus FAIR_OUTPUT_WEIGHT per generated token, lifted on a return from idle."""
         self._active: dict[str | None, int] = {}
         """Sequences waiting or running per tenant (tenants with none are absent)."""
+        self._waiting_by: dict[tuple[str | None, int], int] = {}
+        """Sequences waiting per (tenant, priority) (pairs with none are absent)."""
 
     def add(self, seq: Sequence) -> None:
         aging = self.config.priority_aging_s
@@ -250,6 +252,8 @@ class Scheduler:
         arrival) or at its front (a preempted or reset sequence)."""
         p = seq.rank
         waiting = self.waiting
+        key = (seq.tenant, seq.params.priority)
+        self._waiting_by[key] = self._waiting_by.get(key, 0) + 1
         if not front and (not waiting or waiting[-1].rank <= p):
             waiting.append(seq)  # the common case: equal priorities
             return
@@ -351,11 +355,12 @@ class Scheduler:
         head = next((s for s in self.waiting if s.seq_id not in skipped), None)
         if head is None or head.was_preempted or not self.config.fair_share:
             return head
-        if len(self._active) < 2:
-            return head  # the common case: one tenant
+        priority = head.params.priority
+        tenants = sum(1 for _, p in self._waiting_by if p == priority)
+        if tenants < 2:
+            return head  # the common case: one tenant waits at this priority
         best, least = head, self.served.get(head.tenant, 0.0)
         seen = {head.tenant}
-        priority = head.params.priority
         for seq in self.waiting:
             if (
                 seq.tenant in seen
@@ -368,8 +373,8 @@ class Scheduler:
             served = self.served.get(seq.tenant, 0.0)
             if served < least:
                 best, least = seq, served
-            if len(seen) == len(self._active):
-                break
+            if len(seen) == tenants:
+                break  # the oldest of every tenant waiting at this priority seen
         return best
 
     def _unqueue(self, seq: Sequence) -> None:
@@ -377,6 +382,15 @@ class Scheduler:
             self.waiting.popleft()
         else:
             del self.waiting[next(i for i, s in enumerate(self.waiting) if s is seq)]
+        self._count_out(seq)
+
+    def _count_out(self, seq: Sequence) -> None:
+        key = (seq.tenant, seq.params.priority)
+        left = self._waiting_by.get(key, 1) - 1
+        if left > 0:
+            self._waiting_by[key] = left
+        else:
+            self._waiting_by.pop(key, None)
 
     def _decodes_with_blocks(self) -> list[Sequence]:
         """Running sequences that decode this step, preempting others until all have blocks."""
@@ -776,6 +790,7 @@ class Scheduler:
         seq.finish_reason = seq.finish_reason or "abort"
         if seq in self.waiting:
             self.waiting.remove(seq)
+            self._count_out(seq)
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:

@@ -10,6 +10,7 @@ produced without preemption.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -674,6 +675,9 @@ def test_random_workloads_with_the_prefix_cache(seed: int) -> None:
             continue
         plan, _ = scheduler.schedule()
         assert plan.seqs, "no progress"
+        assert scheduler._waiting_by == dict(
+            Counter((s.tenant, s.params.priority) for s in scheduler.waiting)
+        )
         for step in plan.seqs:
             seq = scheduler.get(step.seq_id)
             full = seq.prompt_token_ids + seq.output_token_ids
@@ -694,4 +698,4 @@ def test_random_workloads_with_the_prefix_cache(seed: int) -> None:
             expected = [fake_token(seq.seq_id, n + i) for i in range(seq.params.max_new_tokens)]
             assert seq.output_token_ids == expected
     assert blocks.num_free_blocks == per_pool * cp  # every block free or evictable
-    assert not scheduler._active
+    assert not scheduler._active and not scheduler._waiting_by
