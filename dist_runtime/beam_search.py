@@ -20,6 +20,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+
+class BeamSearchCancelled(Exception):
+    """The search was told to stop (its caller left)."""
+
+
 MAX_BEAM_WIDTH = 10
 """Widest beam: a step asks for 2 x width log-probabilities, at most 20."""
 

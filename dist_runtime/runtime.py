@@ -16,12 +16,19 @@ import logging
 import operator
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Generator
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from dist_runtime.beam_search import Beam, BeamSearch, BeamSearchParams, run_beam_search
+from dist_runtime.beam_search import (
+    Beam,
+    BeamSearch,
+    BeamSearchCancelled,
+    BeamSearchParams,
+    run_beam_search,
+)
 from dist_runtime.config import (
     CacheConfig,
     ConfigError,
@@ -157,11 +164,13 @@ class Runtime:
         adapter: str | None = None,
         cache_salt: str | None = None,
         tenant: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[list[Beam]]:
         """The `params.beam_width` best beams of each prompt (text or token ids), best first
         (`dist_runtime.beam_search`); each beam's `text` is set when the model has a
         tokenizer. The beams of every prompt run in the same engine steps, at `priority`, with
-        LoRA `adapter` and prefix-cache `cache_salt`, for `tenant`."""
+        LoRA `adapter` and prefix-cache `cache_salt`, for `tenant`. Setting `cancel` stops the
+        search before its next step (`BeamSearchCancelled`)."""
         self._check_alive()
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Seq) or not prompts:
             raise ValueError(
@@ -182,6 +191,8 @@ class Runtime:
         ]
 
         def step(sequences: list[list[int]], k: int) -> list[dict[int, float]]:
+            if cancel is not None and cancel.is_set():
+                raise BeamSearchCancelled("the beam search was cancelled")
             one = SamplingParams(
                 max_new_tokens=1,
                 temperature=0.0,
@@ -192,6 +203,8 @@ class Runtime:
                 cache_salt=cache_salt,
             )
             handles = self.engine.add_requests(sequences, [one] * len(sequences), tenant=tenant)
+            for h in handles:
+                h.part_of = "beam_search"
             tops = []
             for out in self._wait(handles, False, [one] * len(handles)):
                 assert out.logprobs is not None

@@ -62,6 +62,37 @@ def test_answers_equal_the_chat_route(client: Any) -> None:
     assert items.output_text == r.output_text
 
 
+def test_output_text_logprobs_equal_the_chat_routes(client: Any) -> None:
+    """include: ["message.output_text.logprobs"] with top_logprobs: each output token's entry
+    (token, logprob, bytes, top_logprobs), as the chat route gives them; streamed, each text
+    delta carries its tokens' entries and together they make the whole answer's."""
+    ask: dict[str, Any] = dict(model=None, input="Where is the pier?", max_output_tokens=6,
+                               temperature=0, include=["message.output_text.logprobs"],
+                               top_logprobs=2)  # fmt: skip
+    r = client.responses.create(**ask)
+    entries = r.output[0].content[0].logprobs
+    assert len(entries) == 6 and all(len(e.top_logprobs) == 2 for e in entries)
+    assert r.top_logprobs == 2
+    chat = client.chat.completions.create(
+        model=None, messages=[{"role": "user", "content": "Where is the pier?"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    want = [(c.token, c.logprob, [t.token for t in c.top_logprobs])
+            for c in chat.choices[0].logprobs.content]  # fmt: skip
+    assert [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in entries] == want
+    assert "".join(bytes(e.bytes).decode("utf-8", "replace") for e in entries) == r.output_text
+    events = list(client.responses.create(stream=True, **ask))
+    streamed = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    (done,) = [ev for ev in events if ev.type == "response.output_text.done"]
+    assert [e.token for e in streamed] == [e.token for e in done.logprobs] == [w[0] for w in want]
+    plain = client.responses.create(**{**ask, "include": None})
+    assert plain.output[0].content[0].logprobs == []
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(tools=[tool], **ask)
+    assert info.value.body["param"] == "include"
+
+
 def test_previous_response_continues_the_conversation(client: Any) -> None:
     first = client.responses.create(
         model=None, input="Name a port.", instructions="Reply in French.", max_output_tokens=5,
@@ -159,7 +190,8 @@ def test_function_calls_round_trip(client: Any) -> None:
          "input.0.content.0.type", "reads text"),
         ({"input": [{"type": "computer_call_output"}]}, "input.0.type", "not supported"),
         ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role", "not user"),
-        ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
+        ({"include": ["reasoning.encrypted_content"]}, "include.0",
+         "message.output_text.logprobs"),
         ({"truncation": "auto"}, "truncation", "not supported"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "x"}}, "tool_choice",
          "not in tools"),

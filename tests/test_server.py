@@ -640,16 +640,9 @@ def test_models_retrieve(client: Any, tiny_llama_dir: Path) -> None:
         client.models.retrieve("gpt-4")
 
 
-def test_non_streamed_request_aborted_on_disconnect(server: Server) -> None:
-    def aborted() -> float:
-        _, text = server.request("GET", "/metrics")
-        match = re.search(
-            r'^dist_runtime:request_success_total\{finished_reason="abort"\} (\S+)$', text, re.M
-        )
-        return float(match.group(1)) if match else 0.0
-
-    before = aborted()
-    body = json.dumps({"prompt": "The sea", "max_tokens": 500, "ignore_eos": True}).encode()
+def _complete_and_leave(server: Server, ask: dict[str, Any]) -> None:
+    """POST a completion over a raw socket and close it once the engine runs the request."""
+    body = json.dumps(ask).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -660,11 +653,44 @@ def test_non_streamed_request_aborted_on_disconnect(server: Server) -> None:
         while server.metric("num_requests_running") == 0:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+
+
+def test_non_streamed_request_aborted_on_disconnect(server: Server) -> None:
+    def aborted() -> float:
+        _, text = server.request("GET", "/metrics")
+        match = re.search(
+            r'^dist_runtime:request_success_total\{finished_reason="abort"\} (\S+)$', text, re.M
+        )
+        return float(match.group(1)) if match else 0.0
+
+    before = aborted()
+    _complete_and_leave(server, {"prompt": "The sea", "max_tokens": 500, "ignore_eos": True})
     deadline = time.monotonic() + 30
     while aborted() == before:  # without the abort it ends by length, never 'abort'
         assert time.monotonic() < deadline, "the disconnected request ran on"
         time.sleep(0.05)
     assert server.metric("num_requests_running") == 0
+
+
+def test_a_beam_search_stops_when_its_client_leaves(server: Server) -> None:
+    """A beam search of 400 steps (4 beams, EOS ignored): its client leaves as it starts, and
+    it stops within a few steps instead of running its 400 for nobody."""
+    steps = server.metric("engine_steps_total")
+    _complete_and_leave(server, {"prompt": "The sea", "max_tokens": 400, "n": 4,
+                                 "ignore_eos": True, "use_beam_search": True})  # fmt: skip
+    deadline, idle_since = time.monotonic() + 60, None
+    while True:  # idle (nothing running or waiting) for a whole second
+        busy = server.metric("num_requests_running") + server.metric("num_requests_waiting")
+        now = time.monotonic()
+        if busy:
+            idle_since = None
+            assert now < deadline, "the beam search went on after its client left"
+        elif idle_since is None:
+            idle_since = now
+        elif now - idle_since > 1.0:
+            break
+        time.sleep(0.02)
+    assert server.metric("engine_steps_total") - steps < 100
 
 
 def test_streamed_logprobs_include_held_back_tokens(client: Any) -> None:
@@ -1277,13 +1303,15 @@ def test_choices_say_which_stop_ended_them(client: Any) -> None:
         assert info.value.body["param"] == "min_tokens"
 
 
-def test_vllm_beam_search(client: Any) -> None:
+def test_vllm_beam_search(server: Server, client: Any) -> None:
     """use_beam_search (vLLM's): the n best beams are the choices, best first; one beam is
     the greedy answer; on chat too; what would sample, hold back, stream or score tokens is a
-    400 naming the field."""
+    400 naming the field. The metrics count it as one request, not one per beam and step."""
     ask: dict[str, Any] = dict(model=None, max_tokens=6, temperature=0)
     beam = {"use_beam_search": True, "ignore_eos": True}
+    before = server.metric('request_success_total{finished_reason="length"}')
     out = client.completions.create(prompt="The harbor", n=3, extra_body=beam, **ask)
+    assert server.metric('request_success_total{finished_reason="length"}') == before + 1
     texts = [c.text for c in out.choices]
     assert len(set(texts)) == 3 and [c.index for c in out.choices] == [0, 1, 2]
     assert {c.finish_reason for c in out.choices} == {"length"}

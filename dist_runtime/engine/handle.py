@@ -47,6 +47,9 @@ class RequestHandle:
         """The engine step that first computed tokens of this request."""
         self.owner: str | None = None
         """Who asked (the name of the server's API key it came with), for accounting."""
+        self.part_of: str | None = None
+        """What larger request this is a step of ("beam_search"), which is accounted for as a
+        whole instead (the server's request metrics skip the step)."""
         self.first_scheduled_time: float | None = None
         """time.monotonic() when that step began (the end of its wait in the queue)."""
         self.first_token_step_id: int | None = None

@@ -43,7 +43,7 @@ from fastapi.responses import (
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dist_runtime.beam_search import Beam, BeamSearchParams
+from dist_runtime.beam_search import Beam, BeamSearchCancelled, BeamSearchParams
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogprobs
 from dist_runtime.jobs.store import (
@@ -61,6 +61,7 @@ from dist_runtime.server.calls import (
     APIError,
     chat_prompt,
     client_stop,
+    disconnect,
     functions_of,
     gather,
     keep_alive,
@@ -431,16 +432,22 @@ class _Server:
         return owner
 
     async def beam_search(
-        self, prompts: list[list[int]], req: SamplingFields, max_tokens: int, param: str
+        self,
+        prompts: list[list[int]],
+        req: SamplingFields,
+        max_tokens: int,
+        param: str,
+        request: Request,
     ) -> list[list[Beam]]:
         """Each prompt's `req.n` best beams (`Runtime.beam_search`), counted as `req.n`
         requests in flight per prompt while they run; a prompt the runtime refuses is a 400
-        naming `param`."""
+        naming `param`. A client that leaves stops the search before its next step (499)."""
         count = req.n * len(prompts)
         owner = self._check_room(count)
         with self._in_flight_lock:
             self.in_flight += count
             self.in_flight_by[owner] = self.in_flight_by.get(owner, 0) + count
+        cancel = threading.Event()
         try:
             params = BeamSearchParams(
                 beam_width=req.n,
@@ -448,15 +455,32 @@ class _Server:
                 ignore_eos=req.ignore_eos,
                 length_penalty=req.length_penalty,
             )
-            return await asyncio.to_thread(
-                self.runtime.beam_search,
-                prompts,
-                params,
-                priority=req.priority,
-                adapter=self.adapter(req.model),
-                cache_salt=req.cache_salt,
-                tenant=owner,
+            search = asyncio.ensure_future(
+                asyncio.to_thread(
+                    self.runtime.beam_search,
+                    prompts,
+                    params,
+                    priority=req.priority,
+                    adapter=self.adapter(req.model),
+                    cache_salt=req.cache_salt,
+                    tenant=owner,
+                    cancel=cancel,
+                )
             )
+            watcher = asyncio.ensure_future(disconnect(request))
+            await asyncio.wait((search, watcher), return_when=asyncio.FIRST_COMPLETED)
+            watcher.cancel()
+            if not search.done():
+                cancel.set()
+                with contextlib.suppress(BeamSearchCancelled):
+                    await search  # (its step in flight ends first)
+                raise APIError(499, "the client disconnected", code="client_disconnected")
+            found: list[list[Beam]] = search.result()
+            for prompt, beams in zip(prompts, found):
+                self.metrics.observe_whole(
+                    owner, beams[0].finish_reason, len(prompt), sum(len(b.token_ids) for b in beams)
+                )
+            return found
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e), param)) from e
         finally:
@@ -513,6 +537,21 @@ class _Server:
     def token_text(self, token_id: int) -> str:
         """A token as logprobs show it: see `token_string`."""
         return token_string(self.token_bytes(token_id))
+
+    def logprob_entries(self, entries: list[TokenLogprobs] | None) -> list[dict[str, Any]]:
+        """OpenAI's logprobs entries (chat's `logprobs.content`, a Responses output_text's
+        `logprobs`): token, logprob, bytes and top_logprobs of each token."""
+
+        def one(token_id: int, lp: float) -> dict[str, Any]:
+            raw = self.token_bytes(token_id)
+            return {"token": token_string(raw), "logprob": lp, "bytes": list(raw)}
+
+        content = []
+        for e in entries or []:
+            item = one(e.token_id, e.logprob)
+            item["top_logprobs"] = [one(t, lp) for t, lp in e.top.items()]
+            content.append(item)
+        return content
 
     def is_special(self, token_id: int) -> bool:
         tok = self.runtime.tokenizer
@@ -713,7 +752,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = server.default_max_tokens(len(ids))
-        (beams,) = await server.beam_search([ids], req, max_tokens, "messages")
+        (beams,) = await server.beam_search([ids], req, max_tokens, "messages", request)
         usage = _beam_usage(len(ids), beams)
         request.state.usage = usage
         opened = server.reasoning and opens_thinking(server.runtime.tokenizer, ids)
@@ -927,7 +966,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             name = "echo" if req.echo else "logprobs"
             raise APIError(400, f"{name} does not go with use_beam_search: leave it out",
                            param=name)  # fmt: skip
-        found = await server.beam_search(prompts, req, max_tokens, "prompt")
+        found = await server.beam_search(prompts, req, max_tokens, "prompt", request)
         beams = [b for per_prompt in found for b in per_prompt]
         usage = _beam_usage(sum(len(p) for p in prompts), beams)
         request.state.usage = usage
@@ -1089,16 +1128,7 @@ def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:
 
 
 def _chat_logprobs(server: _Server, entries: list[TokenLogprobs] | None) -> dict[str, Any]:
-    def one(token_id: int, lp: float) -> dict[str, Any]:
-        raw = server.token_bytes(token_id)
-        return {"token": token_string(raw), "logprob": lp, "bytes": list(raw)}
-
-    content = []
-    for e in entries or []:
-        item = one(e.token_id, e.logprob)
-        item["top_logprobs"] = [one(t, lp) for t, lp in e.top.items()]
-        content.append(item)
-    return {"content": content}
+    return {"content": server.logprob_entries(entries)}
 
 
 @dataclass(frozen=True)

@@ -250,10 +250,26 @@ class ServerMetrics:
         """Where the batches' counts by status come from (the /v1/batches store)."""
         self._collector.batch_counts = counts
 
+    def observe_whole(
+        self, owner: str | None, finish_reason: str, prompt_tokens: int, generated: int
+    ) -> None:
+        """A request run as many engine requests (a beam search): its success, its tokens and
+        its key's counts, once."""
+        self.success.labels(finish_reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(generated)
+        if owner is not None:
+            self.key_requests.labels(owner).inc()
+            self.key_prompt_tokens.labels(owner).inc(prompt_tokens)
+            self.key_generation_tokens.labels(owner).inc(generated)
+
     def batch_answer(self, status: int) -> None:
         self.batch_requests.labels("completed" if status < 300 else "failed").inc()
 
     def observe(self, handle: RequestHandle) -> None:
+        if handle.part_of is not None:
+            return  # a step of a larger request: `observe_whole` counts that one
         error = handle.exception()
         reason = "error" if error is not None else handle.result(0).finish_reason
         self.success.labels(reason).inc()

@@ -24,8 +24,9 @@ first leaves it `queued` / `in_progress` there for the next server on that direc
 runs it again from the start under the same id; without one it is lost with the process.
 
 Hosted tools (web search, file search, ...), images, files by URL and files that are not UTF-8
-text in the input, `conversation`, `prompt`, `include`, reasoning options and
-`truncation: "auto"` are 400s naming the field.
+text in the input, `conversation`, `prompt`, `include` values other than
+`message.output_text.logprobs`, reasoning options and `truncation: "auto"` are 400s naming the
+field.
 """
 
 from __future__ import annotations
@@ -132,6 +133,18 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = None
     """At most 16 pairs, keys of 64 characters and values of 512 (OpenAI's limits)."""
     user: str | None = None
+    include: list[Literal["message.output_text.logprobs"]] | None = None
+    """`message.output_text.logprobs`: each output token's log-probability in the message's
+    output_text (`logprobs`), with `top_logprobs` alternatives."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @property
+    def logprobs(self) -> int | None:
+        """How many alternatives each output token's log-probability comes with (None: no
+        log-probabilities)."""
+        if self.include and "message.output_text.logprobs" in self.include:
+            return self.top_logprobs or 0
+        return None
 
     @model_validator(mode="before")
     @classmethod
@@ -143,10 +156,8 @@ class ResponsesRequest(_Request):
             {
                 "conversation": _empty,
                 "prompt": _empty,
-                "include": _empty,
                 "reasoning": lambda v: _empty(v) or not any(v.values()),
                 "truncation": lambda v: v in (None, "disabled"),
-                "top_logprobs": lambda v: not v,
             },
         )
         check_tool_types(data.get("tools"), ("function",), "give function tools only")
@@ -592,6 +603,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             "tool_choice": choice.model_dump() if isinstance(choice, BaseModel) else choice,
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
             "top_p": req.top_p,
+            "top_logprobs": req.top_logprobs,
             "truncation": "disabled",
             "usage": usage,
             "user": req.user,
@@ -663,6 +675,13 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             messages = [ChatMessage.model_validate(m) for m in conversation]
         except ValueError as e:
             raise APIError(400, str(e), param="input") from e
+        if req.logprobs is not None and (req.tool_mode != "none" or server.reasoning):
+            raise APIError(
+                400,
+                "output_text log-probabilities are given for answers that are all text: not with "
+                "tools or a reasoning parser (leave message.output_text.logprobs out)",
+                param="include",
+            )
         named = req.tool_choice.name if isinstance(req.tool_choice, NamedFunctionChoice) else None
         run = await start_chat(
             server,
@@ -673,7 +692,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             named,
             req.parallel_tool_calls,
             req.max_output_tokens,
-            None,
+            req.logprobs,
             1,
         )
         rid = rid or f"resp_{uuid.uuid4().hex}"
@@ -704,6 +723,8 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             output = [] if thought is None else [_reasoning_item(thought, "completed")]
             if content or not calls:
                 output.append(_message_item(content, "completed"))
+                if req.logprobs is not None:
+                    output[-1]["content"][0]["logprobs"] = server.logprob_entries(out.logprobs)
             output += [_call_item(n, a) for n, a in calls]
             return finish(out, output)
 
@@ -803,16 +824,20 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
 
             items: dict[int, dict[str, Any]] = {}  # the calls' items, by call index
 
+            text_logprobs: list[dict[str, Any]] = []
+            scored: list[dict[str, Any]] = []  # entries of tokens whose text is not sent yet
+
             def close_message(status: str) -> list[str]:
                 if message is None or message["status"] != "in_progress":
                     return []
                 at = output.index(message)
-                part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+                part = {"type": "output_text", "text": text, "annotations": [],
+                        "logprobs": text_logprobs}  # fmt: skip
                 message["content"] = [part]
                 message["status"] = status
                 return [
                     event("response.output_text.done", item_id=message["id"], output_index=at,
-                          content_index=0, text=text, logprobs=[]),
+                          content_index=0, text=text, logprobs=text_logprobs),
                     event("response.content_part.done", item_id=message["id"],
                           output_index=at, content_index=0, part=part),
                     event("response.output_item.done", output_index=at, item=message),
@@ -870,25 +895,32 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                     # content, and calls' pieces as they come (required, or auto once a call
                     # opens)
                     piece, pieces, _ = split.stream(said, delta.finish_reason)
+                    # (with log-probabilities there are no tools: the text is all content; a
+                    # token whose text is held back has its entry sent with the text's delta)
+                    if req.logprobs is not None:
+                        scored += server.logprob_entries(delta.logprobs)
                     if piece:
                         for e in open_message() if message is None else []:
                             yield e
                         assert message is not None
                         text += piece
+                        text_logprobs.extend(scored)
                         yield event(
                             "response.output_text.delta",
                             item_id=message["id"],
                             output_index=output.index(message),
                             content_index=0,
                             delta=piece,
-                            logprobs=[],
+                            logprobs=scored,
                         )
+                        scored = []
                     for e in call_events(pieces):
                         yield e
             except Exception as error:
                 yield failure(error)
                 return
             out = run.handles[0].result(timeout=0)
+            text_logprobs.extend(scored)  # (tokens of no text: a stop string's, say)
             for e in close_reasoning():
                 yield e
             if message is None and not items:

@@ -564,9 +564,10 @@ class CallSplitter:
         "arguments" (sent), "raw" (arguments given as a JSON string, kept until whole)}."""
         self._names_known = {f.name for f in functions}
         self._phase = "text"
-        """Auto mode's reading of the answer: "text" (content so far), "json" (JSON that may
-        be the calls, waiting for a name), "call" (inside a call's JSON, streamed), "after"
-        (past a marked call), "held" (held to the end, as `feed` holds it)."""
+        """Auto mode's reading of the answer: "text" (content so far), "plain" (content to
+        its end: a whole-answer format's answer that is no JSON), "json" (JSON that may be
+        the calls, waiting for a name), "call" (inside a call's JSON, streamed), "after" (past
+        a marked call), "held" (held to the end, as `feed` holds it)."""
         self._fed = 0
         """Characters of `text` fed to the call's JSON reader."""
         self._index = 0
@@ -720,6 +721,9 @@ class CallSplitter:
         """Auto mode: take the text so far through the phases; the content to send now."""
         marker = self.fmt.marker
         content = ""
+        if self._phase == "plain":  # a whole-answer format's answer that is not JSON
+            content, self.sent = self.text[self.sent :], len(self.text)
+            return content
         if self._phase == "text":
             if marker is not None:
                 at = self.text.find(marker)
@@ -733,8 +737,8 @@ class CallSplitter:
             else:
                 head = self.text.lstrip()[:1]
                 if head and head not in "{[`":
-                    end = len(self.text)
-                    content, self.sent = self.text[self.sent : end], end
+                    self._phase = "plain"
+                    content, self.sent = self.text[self.sent :], len(self.text)
                     return content
                 if head in ("", "`"):  # nothing yet, or a fenced block: held
                     self._phase = "held" if head else "text"
