@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -255,3 +256,51 @@ def test_prefills_filling_the_cache_between_them_both_finish(tiny_llama_dir: Pat
         alone = [small.generate([p], _params(4))[0] for p in prompts]
         assert [o.token_ids for o in together] == [o.token_ids for o in alone]
         assert small.engine.stats()["num_preemptions"] >= 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_random_crowd_gets_the_answers_each_gets_alone(tiny_llama_dir: Path, seed: int) -> None:
+    """Many callers at once on a tight KV cache (preemptions, prefix sharing, prefills holding
+    blocks), with priorities, tenants sharing fairly and aborts: every request not aborted ends
+    with the tokens it gets alone, and every block comes back."""
+    rng = random.Random(seed)
+    docs = [_prompt(rng.randint(20, 150), 30 + d) for d in range(3)]
+    asks = []
+    for i in range(24):
+        prompt = rng.choice(docs) + _prompt(rng.randint(1, 20), 100 + i)
+        params = SamplingParams(max_new_tokens=rng.randint(1, 12), temperature=0.0,
+                                ignore_eos=True, priority=rng.randint(0, 2))  # fmt: skip
+        asks.append((prompt, params, rng.choice(["a", "b", None]), rng.random() < 0.15))
+    with Runtime(
+        model=str(tiny_llama_dir),
+        session_len=256,
+        cache=CacheConfig(block_size=16, num_blocks=24),
+        scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET, max_num_seqs=6),
+        **CPU32,
+    ) as rt:
+        results: dict[int, Any] = {}
+
+        def caller(mine: list[int]) -> None:
+            for i in mine:
+                prompt, params, tenant, abort = asks[i]
+                (h,) = rt.engine.add_requests([prompt], [params], tenant=tenant)
+                if abort:
+                    time.sleep(rng.random() * 0.01)
+                    h.abort()
+                results[i] = h
+                time.sleep(rng.random() * 0.005)
+
+        threads = [threading.Thread(target=caller, args=(list(range(k, 24, 3)),))
+                   for k in range(3)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        outs = {i: h.result(timeout=120) for i, h in results.items()}
+        assert rt.engine.wait_idle(30)
+        for i, (prompt, params, _, aborted) in enumerate(asks):
+            if aborted:
+                continue
+            alone = rt.generate([prompt], params)[0]
+            assert outs[i].token_ids == alone.token_ids, i
+        assert rt.engine.blocks.num_free_blocks == 24
