@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         "requests (priority 0) go ahead of batches (default: %(default)s)",
     )
     g.add_argument(
+        "--min-priority",
+        type=int,
+        help="the most important priority a request (or job, or batch line) may ask for; "
+        "lower values are a 400 naming priority. On a server many share, 0 keeps any caller "
+        "from going ahead of everyone's interactive requests (default: any)",
+    )
+    g.add_argument(
         "--max-batch-requests",
         type=int,
         help="batch requests in flight at once, all batches together (default: half of "
@@ -266,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             max_file_bytes=int(args.max_file_mb * 2**20),
             max_files_bytes_per_key=int(args.max_files_gb_per_key * 2**30) or None,
             batch_priority=args.batch_priority,
+            min_priority=args.min_priority,
             batch_max_in_flight=args.max_batch_requests,
             tool_call_format=args.tool_call_format,
             reasoning_parser=args.reasoning_parser,

@@ -59,7 +59,7 @@ def _lines(client: Any, file_id: str | None) -> list[dict[str, Any]]:
 def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = Server(tiny_llama_dir, tmp_path_factory.mktemp("batches"), "--api-keys",
                f"alice={KEY},bob={BOB}", "--max-batch-requests", "2", "--max-request-mb",
-               "0.004", "--max-file-mb", "0.05")  # fmt: skip
+               "0.004", "--max-file-mb", "0.05", "--min-priority", "-1")  # fmt: skip
     yield s
     s.close()
 
@@ -455,3 +455,26 @@ def test_a_key_sees_only_its_own_jobs(server: Server) -> None:
         assert server.request(method, path, key=BOB)[0] == 404
     assert server.request("GET", f"/v1/jobs/{mine['id']}/result")[0] == 200
     assert server.metric('api_key_generation_tokens_total{key="alice"}') >= before + 1
+
+
+def test_a_key_cannot_ask_for_more_priority_than_the_server_allows(server: Server) -> None:
+    """--min-priority -1: a request, beam search, job or Responses request asking for -2 is a
+    400 naming priority; -1 is served."""
+    client = _client(server)
+    ask: dict[str, Any] = dict(model=None, messages=[{"role": "user", "content": "Hi"}],
+                               max_tokens=2)  # fmt: skip
+    assert client.chat.completions.create(**ask, extra_body={"priority": -1}).choices
+    refused = [
+        lambda: client.chat.completions.create(**ask, extra_body={"priority": -2}),
+        lambda: client.completions.create(model=None, prompt="Hi", max_tokens=2, n=2,
+                                          extra_body={"priority": -2, "use_beam_search": True}),
+        lambda: client.responses.create(model=None, input="Hi", max_output_tokens=2,
+                                        extra_body={"priority": -2}),
+    ]  # fmt: skip
+    for call in refused:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.body["param"] == "priority" and "--min-priority" in str(info.value)
+    status, body = server.request("POST", "/v1/jobs", {"document": "d", "questions": ["q"],
+                                                       "priority": -2})  # fmt: skip
+    assert status == 400 and body["error"]["param"] == "priority", body

@@ -147,6 +147,10 @@ class ServerSettings:
     batch_priority: int = 1
     """Added to each batch request's priority (lower runs first): 1 lets interactive
     requests go first."""
+    min_priority: int | None = None
+    """The most important priority a request may ask for (lower is more important): on a
+    server many share, 0 keeps any caller from going ahead of everyone else's interactive
+    requests; None: any."""
     batch_max_in_flight: int | None = None
     """Batch requests in flight at once, all batches together (default: half of
     max_concurrent_requests)."""
@@ -338,6 +342,17 @@ class _Server:
             raise APIError(503, "the engine is down; restart the server", "service_unavailable")
 
     # -- generation ----------------------------------------------------------------------------
+    def check_priority(self, priority: int) -> None:
+        """A 400 naming `priority` for one more important than `--min-priority` allows."""
+        floor = self.settings.min_priority
+        if floor is not None and priority < floor:
+            raise APIError(
+                400,
+                f"priority {priority} is more important than this server lets a request ask "
+                f"for: give {floor} or more (--min-priority)",
+                param="priority",
+            )
+
     def params(
         self,
         req: SamplingFields,
@@ -349,6 +364,7 @@ class _Server:
     ) -> SamplingParams:
         """The request's SamplingParams; `call_format`: the schema of a required tool call,
         which takes the place of a response_format."""
+        self.check_priority(req.priority)
         seed = None if req.seed is None else (req.seed + index) % 2**63
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         json_object, schema = _guided(req.response_format)
@@ -442,6 +458,7 @@ class _Server:
         """Each prompt's `req.n` best beams (`Runtime.beam_search`), counted as `req.n`
         requests in flight per prompt while they run; a prompt the runtime refuses is a 400
         naming `param`. A client that leaves stops the search before its next step (499)."""
+        self.check_priority(req.priority)
         count = req.n * len(prompts)
         owner = self._check_room(count)
         with self._in_flight_lock:
@@ -1367,6 +1384,7 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
         assert document is not None
         try:
             json_object, schema = _guided(req.response_format)
+            server.check_priority(req.priority)
             params = SamplingParams(
                 adapter=server.adapter(req.model),
                 max_new_tokens=req.max_tokens,
