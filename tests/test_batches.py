@@ -478,3 +478,22 @@ def test_a_key_cannot_ask_for_more_priority_than_the_server_allows(server: Serve
     status, body = server.request("POST", "/v1/jobs", {"document": "d", "questions": ["q"],
                                                        "priority": -2})  # fmt: skip
     assert status == 400 and body["error"]["param"] == "priority", body
+
+
+def test_service_tiers_run_a_level_apart(server: Server) -> None:
+    """OpenAI's service_tier: "flex" runs a level behind interactive requests, "priority" a
+    level ahead where --min-priority (-1 here) allows it, else as "default"; the response
+    names the tier used, streamed chunks too, on the Responses route as well."""
+    client = _client(server)
+    ask: dict[str, Any] = dict(model=None, messages=[{"role": "user", "content": "Hi"}],
+                               max_tokens=2)  # fmt: skip
+    cases = [("flex", 0, "flex"), ("priority", 0, "priority"), ("priority", -1, "default"),
+             ("auto", 0, "default"), (None, 0, "default")]  # fmt: skip
+    for tier, priority, used in cases:
+        out = client.chat.completions.create(**ask, service_tier=tier,  # type: ignore[arg-type]
+                                             extra_body={"priority": priority})  # fmt: skip
+        assert out.service_tier == used, (tier, priority)
+    chunks = list(client.chat.completions.create(**ask, service_tier="flex", stream=True))
+    assert {c.service_tier for c in chunks} == {"flex"}
+    r = client.responses.create(model=None, input="Hi", max_output_tokens=2, service_tier="flex")
+    assert r.service_tier == "flex"

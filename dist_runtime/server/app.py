@@ -353,6 +353,18 @@ class _Server:
                 param="priority",
             )
 
+    def tier(self, req: SamplingFields) -> tuple[str, int]:
+        """(the service tier a request runs at, the priority it runs with): "flex" a level
+        less important than asked, "priority" a level more where `--min-priority` allows it
+        (else "default"); any other tier is "default"."""
+        self.check_priority(req.priority)
+        if req.service_tier == "flex":
+            return "flex", req.priority + 1
+        floor = self.settings.min_priority
+        if req.service_tier == "priority" and (floor is None or req.priority - 1 >= floor):
+            return "priority", req.priority - 1
+        return "default", req.priority
+
     def params(
         self,
         req: SamplingFields,
@@ -364,7 +376,7 @@ class _Server:
     ) -> SamplingParams:
         """The request's SamplingParams; `call_format`: the schema of a required tool call,
         which takes the place of a response_format."""
-        self.check_priority(req.priority)
+        _, priority = self.tier(req)
         seed = None if req.seed is None else (req.seed + index) % 2**63
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         json_object, schema = _guided(req.response_format)
@@ -400,7 +412,7 @@ class _Server:
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 logit_bias=req.logit_bias or (),
-                priority=req.priority,
+                priority=priority,
                 prediction=self.prediction_ids(req),
                 adapter=self.adapter(req.model),
                 **guide_params,
@@ -458,7 +470,7 @@ class _Server:
         """Each prompt's `req.n` best beams (`Runtime.beam_search`), counted as `req.n`
         requests in flight per prompt while they run; a prompt the runtime refuses is a 400
         naming `param`. A client that leaves stops the search before its next step (499)."""
-        self.check_priority(req.priority)
+        _, priority = self.tier(req)
         count = req.n * len(prompts)
         owner = self._check_room(count)
         with self._in_flight_lock:
@@ -477,7 +489,7 @@ class _Server:
                     self.runtime.beam_search,
                     prompts,
                     params,
-                    priority=req.priority,
+                    priority=priority,
                     adapter=self.adapter(req.model),
                     cache_salt=req.cache_salt,
                     tenant=owner,
@@ -859,6 +871,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": server.model_name(req.model),
+                    "service_tier": server.tier(req)[0],
                 },
                 chat_choice,
                 prompt_tokens=len(ids),
@@ -902,6 +915,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             "object": "chat.completion",
             "created": created,
             "model": server.model_name(req.model),
+            "service_tier": server.tier(req)[0],
             "choices": choices,
             "usage": usage,
         }

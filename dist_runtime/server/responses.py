@@ -133,6 +133,9 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = None
     """At most 16 pairs, keys of 64 characters and values of 512 (OpenAI's limits)."""
     user: str | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    """As on the chat route: "flex" a level behind interactive requests, "priority" a level
+    ahead where `--min-priority` allows; the response names the tier used."""
     include: list[Literal["message.output_text.logprobs"]] | None = None
     """`message.output_text.logprobs`: each output token's log-probability in the message's
     output_text (`logprobs`), with `top_logprobs` alternatives."""
@@ -218,6 +221,7 @@ class ResponsesRequest(_Request):
             response_format=response_format,
             priority=self.priority,
             model=self.model,
+            service_tier=self.service_tier,
         )
 
 
@@ -604,6 +608,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
             "top_p": req.top_p,
             "top_logprobs": req.top_logprobs,
+            "service_tier": server.tier(req.sampling())[0],
             "truncation": "disabled",
             "usage": usage,
             "user": req.user,

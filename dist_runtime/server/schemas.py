@@ -215,6 +215,9 @@ class SamplingFields(_Request):
     """vLLM's newer form of the guided_* fields (the only one since vLLM 0.12)."""
     priority: int = Field(default=0, ge=-(2**31), lt=2**31)
     """vLLM's extra: scheduling priority, lower first (`SamplingParams.priority`)."""
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    """OpenAI's: "flex" runs a level behind interactive requests (as batches do), "priority"
+    a level ahead where `--min-priority` allows; the response names the tier used."""
     use_beam_search: bool = False
     """vLLM's extra: beam search (`dist_runtime.beam_search`), `n` beams wide; the `n` best
     beams are the choices, best first."""
