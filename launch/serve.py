@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         "requests (priority 0) go ahead of batches (default: %(default)s)",
     )
     g.add_argument(
+        "--key-weights",
+        help="each named API key's share of the engine under the fair share, NAME=W,...: a "
+        "key of weight 2 gets twice the turns of one of weight 1 among requests of one "
+        "priority (default: 1 each)",
+    )
+    g.add_argument(
         "--min-priority",
         type=int,
         help="the most important priority a request (or job, or batch line) may ask for; "
@@ -178,6 +184,23 @@ def parse_api_keys(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         keys.append(key)
         names.append(name)
     return tuple(keys), tuple(names)
+
+
+def parse_key_weights(text: str) -> dict[str, float]:
+    """`--key-weights`: comma-separated NAME=W entries, W a number > 0."""
+    weights: dict[str, float] = {}
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        name, eq, value = entry.partition("=")
+        try:
+            weight = float(value) if eq else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if not (weight > 0 and weight != float("inf")):
+            raise ValueError(
+                f"--key-weights entry {entry!r} is not NAME=W with W a number > 0 (e.g. alice=2)"
+            )
+        weights[name.strip()] = weight
+    return weights
 
 
 def check(args: argparse.Namespace) -> None:
@@ -274,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             max_files_bytes_per_key=int(args.max_files_gb_per_key * 2**30) or None,
             batch_priority=args.batch_priority,
             min_priority=args.min_priority,
+            key_weights=parse_key_weights(args.key_weights or ""),
             batch_max_in_flight=args.max_batch_requests,
             tool_call_format=args.tool_call_format,
             reasoning_parser=args.reasoning_parser,

@@ -59,7 +59,8 @@ def _lines(client: Any, file_id: str | None) -> list[dict[str, Any]]:
 def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = Server(tiny_llama_dir, tmp_path_factory.mktemp("batches"), "--api-keys",
                f"alice={KEY},bob={BOB}", "--max-batch-requests", "2", "--max-request-mb",
-               "0.004", "--max-file-mb", "0.05", "--min-priority", "-1")  # fmt: skip
+               "0.004", "--max-file-mb", "0.05", "--min-priority", "-1",
+               "--key-weights", "alice=2")  # fmt: skip
     yield s
     s.close()
 
@@ -361,6 +362,27 @@ def test_api_keys_take_names() -> None:
     )
     with pytest.raises(ValueError, match="names 'a' twice"):
         parse_api_keys("a=1,a=2")
+
+
+def test_key_weights_parse_and_halve_a_keys_count(server: Server) -> None:
+    """--key-weights alice=2: the same request counts half as much of alice's service as of
+    bob's, so alice gets twice the turns; bad entries are named."""
+    from launch.serve import parse_key_weights
+
+    assert parse_key_weights(" alice=2, bob=0.5") == {"alice": 2.0, "bob": 0.5}
+    for bad in ("alice", "alice=0", "alice=-1", "alice=x", "alice=inf"):
+        with pytest.raises(ValueError, match="is not NAME=W"):
+            parse_key_weights(bad)
+    bob = openai.OpenAI(base_url=server.url + "/v1", api_key=BOB, max_retries=0)
+    deltas = []
+    for client, name in ((_client(server), "alice"), (bob, "bob")):
+        client.completions.create(model=None, prompt="Hello", max_tokens=1)  # (the gauge)
+        gauge = f'api_key_fair_share_service{{key="{name}"}}'
+        before = server.metric(gauge)
+        client.completions.create(model=None, prompt="Hello there", max_tokens=4,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+        deltas.append(server.metric(gauge) - before)
+    assert deltas[1] > 0 and deltas[0] * 2 == deltas[1], deltas
 
 
 def test_files_expire(server: Server) -> None:

@@ -19,7 +19,8 @@ Among requests of one priority, tenants (the server's API keys, a job's submitte
 `tenant` a request is added with) share fairly (`SchedulerConfig.fair_share`), as in the
 Virtual Token Counter (Sheng et al., OSDI 2024): each tenant counts the service it received
 (prompt tokens computed, plus `FAIR_OUTPUT_WEIGHT` per generated token, charged as steps are
-planned), and a free slot goes to the oldest waiting request of the tenant with the lowest count.
+planned, divided by the tenant's weight), and a free slot goes to the oldest waiting request of
+the tenant with the lowest count.
 A tenant returning from idle starts at the lowest count of those active, so idle time banks no
 credit. One tenant's hundred queued requests then take turns with another's one instead of
 going first; with a single tenant (no API keys) the order is unchanged.
@@ -232,6 +233,9 @@ class Scheduler:
         plus FAIR_OUTPUT_WEIGHT per generated token, lifted on a return from idle."""
         self._active: dict[str | None, int] = {}
         """Sequences waiting or running per tenant (tenants with none are absent)."""
+        self.weights: dict[str | None, float] = {}
+        """Each tenant's share of the service (1 when absent): a tenant of weight 2 is counted
+        half of what it receives, so it gets twice the turns of one of weight 1."""
         self._waiting_by: dict[tuple[str | None, int], int] = {}
         """Sequences waiting per (tenant, priority) (pairs with none are absent)."""
 
@@ -652,9 +656,9 @@ class Scheduler:
         """Count rows [start, start + n) of a planned step (draft rows included: they cost
         their compute whether kept or not) to its tenant's service."""
         prompt = min(max(len(seq.prompt_token_ids) - start, 0), n)
-        self.served[seq.tenant] = (
-            self.served.get(seq.tenant, 0.0) + prompt + FAIR_OUTPUT_WEIGHT * (n - prompt)
-        )
+        cost = prompt + FAIR_OUTPUT_WEIGHT * (n - prompt)
+        weight = self.weights.get(seq.tenant, 1.0)
+        self.served[seq.tenant] = self.served.get(seq.tenant, 0.0) + cost / weight
 
     def moves_plan(self) -> StepPlan | None:
         """A plan of no sequences carrying the KV moves queued since the last plan (the disk

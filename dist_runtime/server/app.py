@@ -147,6 +147,9 @@ class ServerSettings:
     batch_priority: int = 1
     """Added to each batch request's priority (lower runs first): 1 lets interactive
     requests go first."""
+    key_weights: dict[str, float] = field(default_factory=dict)
+    """Each API key's share of the engine under the fair share (1 when absent): a key of
+    weight 2 gets twice the turns of one of weight 1 among requests of one priority."""
     min_priority: int | None = None
     """The most important priority a request may ask for (lower is more important): on a
     server many share, 0 keeps any caller from going ahead of everyone else's interactive
@@ -274,6 +277,14 @@ class _Server:
             )
         self.reasoning = settings.reasoning_parser is not None
         """Thinking is returned apart from the answer (`dist_runtime.server.reasoning`)."""
+        unknown = sorted(set(settings.key_weights) - set(settings.api_key_names))
+        if unknown:
+            raise ValueError(
+                f"--key-weights names {unknown}, which --api-keys does not name; name keys "
+                "as NAME=KEY there"
+            )
+        weights = dict(settings.key_weights)
+        runtime.engine.call(lambda: runtime.engine.scheduler.weights.update(weights))
         self.file_text: Callable[[FileRef, str], str] = _no_files
         """The text of a file a message refers to (`Batches.file_text` reads the uploads)."""
         self.in_flight_by: dict[str | None, int] = {}

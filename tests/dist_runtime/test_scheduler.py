@@ -536,6 +536,19 @@ def test_a_tenant_back_from_idle_banks_no_credit() -> None:
     assert _first_steps(d)[4:] == [4, 7, 5, 8, 6, 9]
 
 
+def test_a_tenant_of_weight_2_gets_twice_the_turns() -> None:
+    """Equal requests from a (weight 2) and b (weight 1), all queued at once: a's count grows
+    half as fast, so of every three slots a gets two."""
+    config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64)
+    d = Driver(num_blocks=64, block_size=4, config=config)
+    d.scheduler.weights["a"] = 2.0
+    d.add(*(make_seq(i, 3, max_new_tokens=2, tenant="a") for i in range(6)))
+    d.add(*(make_seq(i, 3, max_new_tokens=2, tenant="b") for i in range(6, 12)))
+    d.run()
+    first = [("a" if i < 6 else "b") for i in _first_steps(d)[:9]]
+    assert first.count("a") == 6 and first.count("b") == 3, first
+
+
 def test_the_fair_share_never_crosses_priorities() -> None:
     """b has had no service, but its request is less important than a's: a's go first."""
     config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, priority_aging_s=0)
