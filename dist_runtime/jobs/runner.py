@@ -120,7 +120,10 @@ class JobRunner:
 
     def _claim(self) -> None:
         while self._has_room() and not self._stop.is_set():
-            job = self.store.claim()
+            busy: dict[str | None, int] = {}  # running jobs per owner: the least busy goes next
+            for run in self._running.values():
+                busy[run.job.owner] = busy.get(run.job.owner, 0) + 1
+            job = self.store.claim(busy)
             if job is None:
                 return
             self._start(job)

@@ -17,6 +17,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,14 +379,30 @@ class JobStore:
                 (JobState.QUEUED.value, undo, time.time(), job_id, JobState.RUNNING.value),
             )
 
-    def claim(self) -> Job | None:
-        """Take the oldest queued job (now running, one more attempt), or None."""
+    def claim(self, busy: Mapping[str | None, int] | None = None) -> Job | None:
+        """Take a queued job (now running, one more attempt), or None: the oldest, or with
+        `busy` (jobs running per owner) the oldest of an owner running the fewest, so one
+        owner's hundred queued jobs take turns with another's one."""
         with self._tx() as db:
-            row = db.execute(
-                "SELECT id, document, questions, params, attempts, owner FROM jobs "
-                "WHERE state = ? ORDER BY seq LIMIT 1",
-                (JobState.QUEUED.value,),
-            ).fetchone()
+            if busy is None:
+                row = db.execute(
+                    "SELECT id, document, questions, params, attempts, owner FROM jobs "
+                    "WHERE state = ? ORDER BY seq LIMIT 1",
+                    (JobState.QUEUED.value,),
+                ).fetchone()
+            else:  # each owner's oldest queued job, then the least busy owner's
+                heads = db.execute(
+                    "SELECT owner, MIN(seq) FROM jobs WHERE state = ? GROUP BY owner",
+                    (JobState.QUEUED.value,),
+                ).fetchall()
+                if not heads:
+                    return None
+                _, seq = min(heads, key=lambda h: (busy.get(h[0], 0), h[1]))
+                row = db.execute(
+                    "SELECT id, document, questions, params, attempts, owner FROM jobs "
+                    "WHERE seq = ?",
+                    (seq,),
+                ).fetchone()
             if row is None:
                 return None
             db.execute(

@@ -56,6 +56,29 @@ def test_idempotency_key_of_another_job_is_an_error(
     store.close()
 
 
+def test_owners_take_turns_at_the_queue(tmp_path: Path) -> None:
+    """Alice queues three jobs, then bob one, then nobody (no owner) one: told how many jobs
+    each owner runs, the store hands out the oldest job of an owner running the fewest, so
+    bob's goes second, not fourth; without that, the oldest."""
+    store = JobStore(tmp_path)
+    ids = [store.submit("d", ["q"], PARAMS, owner=o)
+           for o in ("alice", "alice", "alice", "bob", None)]  # fmt: skip
+    busy: dict[str | None, int] = {}
+    order = []
+    for _ in range(5):
+        job = store.claim(busy)
+        assert job is not None
+        order.append(job.job_id)
+        busy[job.owner] = busy.get(job.owner, 0) + 1
+    assert order == [ids[0], ids[3], ids[4], ids[1], ids[2]]
+    assert store.claim(busy) is None
+    other = JobStore(tmp_path / "fifo")
+    fifo = [other.submit("d", ["q"], PARAMS, owner=o) for o in ("alice", "alice", "bob")]
+    assert [other.claim().job_id for _ in range(3)] == fifo  # type: ignore[union-attr]
+    store.close()
+    other.close()
+
+
 def test_idempotency_retry_matches_a_row_with_fewer_param_fields(tmp_path: Path) -> None:
     """A job row written before SamplingParams had some of its fields (the schema itself is
     unchanged): a retry with the same key compares with the stored job's defaults filled in."""
