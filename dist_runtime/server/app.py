@@ -283,8 +283,8 @@ class _Server:
                 f"--key-weights names {unknown}, which --api-keys does not name; name keys "
                 "as NAME=KEY there"
             )
-        weights = dict(settings.key_weights)
-        runtime.engine.call(lambda: runtime.engine.scheduler.weights.update(weights))
+        # (a dict the engine thread only reads: one update under the GIL is safe)
+        runtime.engine.scheduler.weights.update(settings.key_weights)
         self.file_text: Callable[[FileRef, str], str] = _no_files
         """The text of a file a message refers to (`Batches.file_text` reads the uploads)."""
         self.in_flight_by: dict[str | None, int] = {}
