@@ -123,7 +123,7 @@ class JobRunner:
             busy: dict[str | None, int] = {}  # running jobs per owner: the least busy goes next
             for run in self._running.values():
                 busy[run.job.owner] = busy.get(run.job.owner, 0) + 1
-            job = self.store.claim(busy)
+            job = self.store.claim(busy, self.engine.config.scheduler.priority_aging_s)
             if job is None:
                 return
             self._start(job)

@@ -379,30 +379,35 @@ class JobStore:
                 (JobState.QUEUED.value, undo, time.time(), job_id, JobState.RUNNING.value),
             )
 
-    def claim(self, busy: Mapping[str | None, int] | None = None) -> Job | None:
-        """Take a queued job (now running, one more attempt), or None: the oldest, or with
-        `busy` (jobs running per owner) the oldest of an owner running the fewest, so one
-        owner's hundred queued jobs take turns with another's one."""
+    def claim(
+        self, busy: Mapping[str | None, int] | None = None, aging_s: float = 0.0
+    ) -> Job | None:
+        """Take a queued job (now running, one more attempt), or None: of the jobs within a
+        priority level of the most important (a job's priority, less a level for every
+        `aging_s` seconds it has waited, as the scheduler ages requests; 0: no aging), the
+        oldest; with `busy` (jobs running per owner) the oldest of an owner running the
+        fewest, so one owner's hundred queued jobs take turns with another's one."""
+        rank = "COALESCE(json_extract(params, '$.priority'), 0)"
+        args: list[Any] = [JobState.QUEUED.value]
+        if aging_s > 0:
+            rank += " - (? - created) / ?"
+            args = [time.time(), aging_s, *args]
+        ranked = f"SELECT owner, seq, {rank} AS rank FROM jobs WHERE state = ?"
         with self._tx() as db:
-            if busy is None:
-                row = db.execute(
-                    "SELECT id, document, questions, params, attempts, owner FROM jobs "
-                    "WHERE state = ? ORDER BY seq LIMIT 1",
-                    (JobState.QUEUED.value,),
-                ).fetchone()
-            else:  # each owner's oldest queued job, then the least busy owner's
-                heads = db.execute(
-                    "SELECT owner, MIN(seq) FROM jobs WHERE state = ? GROUP BY owner",
-                    (JobState.QUEUED.value,),
-                ).fetchall()
-                if not heads:
-                    return None
-                _, seq = min(heads, key=lambda h: (busy.get(h[0], 0), h[1]))
-                row = db.execute(
-                    "SELECT id, document, questions, params, attempts, owner FROM jobs "
-                    "WHERE seq = ?",
-                    (seq,),
-                ).fetchone()
+            heads = db.execute(  # each owner's oldest job within a level of the best
+                f"WITH q AS ({ranked}) SELECT owner, MIN(seq) FROM q "
+                "WHERE rank < (SELECT MIN(rank) FROM q) + 1 GROUP BY owner",
+                args,
+            ).fetchall()
+            if not heads:
+                return None
+            owners = busy or {}
+            key = (lambda h: (owners.get(h[0], 0), h[1])) if busy is not None else (lambda h: h[1])
+            _, seq = min(heads, key=key)
+            row = db.execute(
+                "SELECT id, document, questions, params, attempts, owner FROM jobs WHERE seq = ?",
+                (seq,),
+            ).fetchone()
             if row is None:
                 return None
             db.execute(

@@ -79,6 +79,22 @@ def test_owners_take_turns_at_the_queue(tmp_path: Path) -> None:
     other.close()
 
 
+def test_the_queue_hands_out_the_most_important_job_first(tmp_path: Path) -> None:
+    """A job asking priority -1 goes before older ones at 0; a priority-1 job that has waited
+    two aging periods ranks ahead of a fresh one at 0 (it gained two levels)."""
+    store = JobStore(tmp_path)
+    normal = [store.submit("d", ["q"], PARAMS) for _ in range(2)]
+    urgent = store.submit("d", ["q"], dataclasses.replace(PARAMS, priority=-1))
+    assert [store.claim().job_id for _ in range(3)] == [urgent, *normal]  # type: ignore[union-attr]
+    late = store.submit("d", ["q"], dataclasses.replace(PARAMS, priority=1))
+    fresh = store.submit("d", ["q"], PARAMS)
+    with store._tx() as db:  # the priority-1 job has waited 20 minutes
+        db.execute("UPDATE jobs SET created = created - 1200 WHERE id = ?", (late,))
+    assert store.claim(aging_s=600.0).job_id == late  # type: ignore[union-attr]
+    assert store.claim(aging_s=600.0).job_id == fresh  # type: ignore[union-attr]
+    store.close()
+
+
 def test_idempotency_retry_matches_a_row_with_fewer_param_fields(tmp_path: Path) -> None:
     """A job row written before SamplingParams had some of its fields (the schema itself is
     unchanged): a retry with the same key compares with the stored job's defaults filled in."""
