@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from dist_runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 DB_NAME = "jobs.sqlite3"
 SERVICE_INFO = "service.json"
@@ -176,6 +179,13 @@ class JobStore:
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
             if "owner" not in columns:  # a job directory from before owners were kept
                 self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+        try:  # SQLite's JSON functions (built in since 3.38, an option before)
+            self._db.execute("SELECT json_extract('{}', '$.x')")
+            self._json1 = True
+        except sqlite3.OperationalError:
+            self._json1 = False
+            logger.warning("this SQLite has no json_extract: queued jobs start in arrival order "
+                           "whatever their priority")  # fmt: skip
 
     def close(self) -> None:
         with self._lock:
@@ -387,7 +397,7 @@ class JobStore:
         `aging_s` seconds it has waited, as the scheduler ages requests; 0: no aging), the
         oldest; with `busy` (jobs running per owner) the oldest of an owner running the
         fewest, so one owner's hundred queued jobs take turns with another's one."""
-        rank = "COALESCE(json_extract(params, '$.priority'), 0)"
+        rank = "COALESCE(json_extract(params, '$.priority'), 0)" if self._json1 else "0"
         args: list[Any] = [JobState.QUEUED.value]
         if aging_s > 0:
             rank += " - (? - created) / ?"
