@@ -20,6 +20,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from dist_runtime.engine.outputs import TokenLogprobs
+
 
 class BeamSearchCancelled(Exception):
     """The search was told to stop (its caller left)."""
@@ -38,6 +40,9 @@ class BeamSearchParams:
     ignore_eos: bool = False
     length_penalty: float = 1.0
     """Exponent of the generated length the score divides by (> 0 favours longer beams)."""
+    logprobs: int | None = None
+    """Keep each beam token's log-probability with this many top alternatives (at most 20;
+    None: none)."""
 
     def __post_init__(self) -> None:
         w = self.beam_width
@@ -52,6 +57,9 @@ class BeamSearchParams:
         lp = self.length_penalty
         if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
             raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
+        k = self.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20):
+            raise ValueError(f"logprobs must be an integer in [0, 20] or None, got {k!r}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,8 @@ class Beam:
     """"stop" (it ended with EOS) or "length"."""
     score: float
     text: str = ""
+    logprobs: list[TokenLogprobs] | None = None
+    """With `BeamSearchParams.logprobs`: each token's log-probability and top alternatives."""
 
 
 @dataclass
@@ -75,12 +85,12 @@ class BeamSearch:
     eos_ids: frozenset[int]
     max_new_tokens: int
     """The params' max_tokens, less what the session length leaves."""
-    live: list[tuple[list[int], float]] = field(default_factory=list)
+    live: list[tuple[list[int], float, list[TokenLogprobs]]] = field(default_factory=list)
     complete: list[Beam] = field(default_factory=list)
     steps: int = 0
 
     def __post_init__(self) -> None:
-        self.live = [([], 0.0)]
+        self.live = [([], 0.0, [])]
 
     @property
     def done(self) -> bool:
@@ -90,19 +100,27 @@ class BeamSearch:
         if len(self.complete) < width:
             return False
         worst = sorted(b.score for b in self.complete)[-width]
-        best_live = max(cum for _, cum in self.live)
+        best_live = max(cum for _, cum, _ in self.live)
         return self._bound(best_live) <= worst
 
     def wanted(self) -> list[list[int]]:
-        return [self.prompt + tokens for tokens, _ in self.live]
+        return [self.prompt + tokens for tokens, _, _ in self.live]
 
     def advance(self, tops: Sequence[dict[int, float]]) -> None:
         """Each live beam's top next tokens (id -> log-probability), in `wanted()`'s order."""
-        candidates: list[tuple[list[int], float]] = []
+        candidates: list[tuple[list[int], float, list[TokenLogprobs]]] = []
         k = 2 * self.params.beam_width  # (a step shared with wider searches asks for more)
-        for (tokens, cum), top in zip(self.live, tops):
-            for token, logprob in sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:k]:
-                grown = (tokens + [token], cum + logprob)
+        shown = self.params.logprobs
+        for (tokens, cum, scored), top in zip(self.live, tops):
+            ranked = sorted(top.items(), key=lambda kv: kv[1], reverse=True)
+            alternatives = dict(ranked[:shown]) if shown is not None else {}
+            for token, logprob in ranked[:k]:
+                lps = (
+                    scored + [TokenLogprobs(token, logprob, alternatives)]
+                    if shown is not None
+                    else scored
+                )
+                grown = (tokens + [token], cum + logprob, lps)
                 if token in self.eos_ids and not self.params.ignore_eos:
                     self.complete.append(self._beam(*grown, "stop"))
                 else:
@@ -112,13 +130,22 @@ class BeamSearch:
         self.steps += 1
 
     def results(self) -> list[Beam]:
-        beams = self.complete + [self._beam(t, c, "length") for t, c in self.live]
+        beams = self.complete + [self._beam(t, c, lps, "length") for t, c, lps in self.live]
         beams.sort(key=lambda b: b.score, reverse=True)
         return beams[: self.params.beam_width]
 
-    def _beam(self, tokens: list[int], cum: float, reason: str) -> Beam:
+    def _beam(
+        self, tokens: list[int], cum: float, scored: list[TokenLogprobs], reason: str
+    ) -> Beam:
         length = len(tokens) - (1 if reason == "stop" else 0)
-        return Beam(tokens, cum, reason, cum / max(length, 1) ** self.params.length_penalty)
+        score = cum / max(length, 1) ** self.params.length_penalty
+        return Beam(
+            tokens,
+            cum,
+            reason,
+            score,
+            logprobs=scored if self.params.logprobs is not None else None,
+        )
 
     def _bound(self, cum: float) -> float:
         """The best score a live beam of cumulative log-probability `cum` can reach."""
@@ -139,7 +166,7 @@ def run_beam_search(
         if not going:
             return [s.results() for s in searches]
         wanted = [s.wanted() for s in going]
-        k = 2 * max(s.params.beam_width for s in going)
+        k = max(max(2 * s.params.beam_width, s.params.logprobs or 0) for s in going)
         tops = step([seq for w in wanted for seq in w], k)
         at = 0
         for search, w in zip(going, wanted):

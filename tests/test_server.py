@@ -1304,14 +1304,17 @@ def test_choices_say_which_stop_ended_them(client: Any) -> None:
 
 
 def test_vllm_beam_search(server: Server, client: Any) -> None:
-    """use_beam_search (vLLM's): the n best beams are the choices, best first; one beam is
-    the greedy answer; on chat too; what would sample, hold back, stream or score tokens is a
-    400 naming the field. The metrics count it as one request, not one per beam and step."""
+    """use_beam_search (vLLM's): the n best beams are the choices, best first, with their
+    tokens' log-probabilities when asked; one beam is the greedy answer; on chat too; what
+    would sample, hold back or stream is a 400 naming the field. The metrics count it as one
+    request, not one per beam and step."""
     ask: dict[str, Any] = dict(model=None, max_tokens=6, temperature=0)
     beam = {"use_beam_search": True, "ignore_eos": True}
-    before = server.metric('request_success_total{finished_reason="length"}')
+    lengths = 'request_success_total{finished_reason="length"}'
+    client.completions.create(prompt="The harbor", extra_body=beam, **ask)  # (the counter)
+    before = server.metric(lengths)
     out = client.completions.create(prompt="The harbor", n=3, extra_body=beam, **ask)
-    assert server.metric('request_success_total{finished_reason="length"}') == before + 1
+    assert server.metric(lengths) == before + 1
     texts = [c.text for c in out.choices]
     assert len(set(texts)) == 3 and [c.index for c in out.choices] == [0, 1, 2]
     assert {c.finish_reason for c in out.choices} == {"length"}
@@ -1320,11 +1323,19 @@ def test_vllm_beam_search(server: Server, client: Any) -> None:
     greedy = client.completions.create(prompt="The harbor", extra_body={"ignore_eos": True},
                                        **ask)  # fmt: skip
     assert one.choices[0].text == greedy.choices[0].text
+    scored = client.completions.create(prompt="The harbor", n=2, logprobs=2, extra_body=beam,
+                                       **ask)  # fmt: skip
+    sums = [sum(c.logprobs.token_logprobs) for c in scored.choices]
+    assert sums == sorted(sums, reverse=True)  # (one length: best first is most likely first)
+    assert all(len(c.logprobs.tokens) == 6 for c in scored.choices)
+    assert all(len(t) == 2 for c in scored.choices for t in c.logprobs.top_logprobs)
     messages = [{"role": "user", "content": "Hello"}]
-    chat = client.chat.completions.create(messages=messages, n=2, extra_body=beam, **ask)
+    chat = client.chat.completions.create(messages=messages, n=2, extra_body=beam, logprobs=True,
+                                          top_logprobs=1, **ask)  # fmt: skip
     assert len({c.message.content for c in chat.choices}) == 2
+    assert all(len(c.logprobs.content) == 6 for c in chat.choices)
     bad: list[tuple[str, dict[str, Any]]] = [
-        ("stream", {"stream": True}), ("logprobs", {"logprobs": 2}), ("stop", {"stop": ["."]}),
+        ("stream", {"stream": True}), ("stop", {"stop": ["."]}),
         ("n", {"n": 11}), ("temperature", {"temperature": 0.7}), ("echo", {"echo": True}),
     ]  # fmt: skip
     for field, extra in bad:

@@ -477,6 +477,7 @@ class _Server:
         max_tokens: int,
         param: str,
         request: Request,
+        logprobs: int | None = None,
     ) -> list[list[Beam]]:
         """Each prompt's `req.n` best beams (`Runtime.beam_search`), counted as `req.n`
         requests in flight per prompt while they run; a prompt the runtime refuses is a 400
@@ -494,6 +495,7 @@ class _Server:
                 max_tokens=max_tokens,
                 ignore_eos=req.ignore_eos,
                 length_penalty=req.length_penalty,
+                logprobs=logprobs,
             )
             search = asyncio.ensure_future(
                 asyncio.to_thread(
@@ -779,10 +781,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
 
     async def beam_chat(req: ChatCompletionRequest, request: Request) -> dict[str, Any]:
         """`use_beam_search`: the `n` best beams are the choices, best first."""
-        if req.tool_mode != "none" or req.logprobs:
-            name = "logprobs" if req.logprobs else "tools"
-            raise APIError(400, f"{name} does not go with use_beam_search: leave it out",
-                           param=name)  # fmt: skip
+        if req.tool_mode != "none":
+            raise APIError(400, "tools do not go with use_beam_search: leave them out",
+                           param="tools")  # fmt: skip
         ids = await asyncio.to_thread(
             chat_prompt, server, req.messages, None, False, req.continue_final_message,
             req.chat_template_kwargs,
@@ -792,7 +793,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = server.default_max_tokens(len(ids))
-        (beams,) = await server.beam_search([ids], req, max_tokens, "messages", request)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        (beams,) = await server.beam_search([ids], req, max_tokens, "messages", request, logprobs)
         usage = _beam_usage(len(ids), beams)
         request.state.usage = usage
         opened = server.reasoning and opens_thinking(server.runtime.tokenizer, ids)
@@ -806,7 +808,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             message: dict[str, Any] = {"role": "assistant", "content": answer}
             if server.reasoning:
                 message["reasoning_content"] = thought
-            choices.append({"index": k, "message": message, "logprobs": None,
+            scored = _chat_logprobs(server, beam.logprobs) if logprobs is not None else None
+            choices.append({"index": k, "message": message, "logprobs": scored,
                             "finish_reason": beam.finish_reason, "stop_reason": None})  # fmt: skip
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -1004,11 +1007,10 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         req: CompletionRequest, request: Request, prompts: list[list[int]], max_tokens: int
     ) -> dict[str, Any]:
         """`use_beam_search`: each prompt's `n` best beams are its choices, best first."""
-        if req.echo or req.logprobs is not None:
-            name = "echo" if req.echo else "logprobs"
-            raise APIError(400, f"{name} does not go with use_beam_search: leave it out",
-                           param=name)  # fmt: skip
-        found = await server.beam_search(prompts, req, max_tokens, "prompt", request)
+        if req.echo:
+            raise APIError(400, "echo does not go with use_beam_search: leave it out",
+                           param="echo")  # fmt: skip
+        found = await server.beam_search(prompts, req, max_tokens, "prompt", request, req.logprobs)
         beams = [b for per_prompt in found for b in per_prompt]
         usage = _beam_usage(sum(len(p) for p in prompts), beams)
         request.state.usage = usage
@@ -1021,7 +1023,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 {
                     "index": k,
                     "text": b.text,
-                    "logprobs": None,
+                    "logprobs": _completion_logprobs(server, b.logprobs, 0, None, req.logprobs)
+                    if req.logprobs is not None
+                    else None,
                     "finish_reason": b.finish_reason,
                     "stop_reason": None,
                 }

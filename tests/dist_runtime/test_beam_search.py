@@ -133,5 +133,13 @@ def test_on_the_engine(rt: Runtime) -> None:
             own = sum(p.logprob for p in scored.prompt_logprobs[len(prompt) :] if p is not None)
             assert abs(own - beam.cumulative_logprob) < 1e-3
             assert beam.text == rt.tokenizer.decode(beam.token_ids)  # type: ignore[union-attr]
+    (with_logprobs,) = rt.beam_search(
+        prompts[:1], BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True, logprobs=2)
+    )
+    for beam in with_logprobs:
+        assert beam.logprobs is not None and len(beam.logprobs) == 5
+        assert [e.token_id for e in beam.logprobs] == beam.token_ids
+        assert abs(sum(e.logprob for e in beam.logprobs) - beam.cumulative_logprob) < 1e-9
+        assert all(len(e.top) == 2 for e in beam.logprobs)
     with pytest.raises(ValueError, match="over session_len"):
         rt.beam_search([[1] * 300], BeamSearchParams(beam_width=2, max_tokens=2))
