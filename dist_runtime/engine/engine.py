@@ -229,14 +229,12 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(request_ids)} request ids")
         seqs = [self._make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
         ids = request_ids or [f"req-{next(self._request_ids)}" for _ in prompts]
-        for seq in seqs:
-            seq.tenant = tenant
         requests = [
             _Request(s, RequestHandle(rid, len(s.prompt_token_ids), self.abort))
             for s, rid in zip(seqs, ids)
         ]
         for r in requests:
-            r.handle.owner = tenant
+            r.seq.tenant = r.handle.owner = tenant
         # A request scoring its prompt computes all of it: a shared-prefix pass would not help.
         # Requests of different adapters have different K/V for the same text.
         share_prefix = (

@@ -389,12 +389,7 @@ class Scheduler:
         self._count_out(seq)
 
     def _count_out(self, seq: Sequence) -> None:
-        key = (seq.tenant, seq.params.priority)
-        left = self._waiting_by.get(key, 1) - 1
-        if left > 0:
-            self._waiting_by[key] = left
-        else:
-            self._waiting_by.pop(key, None)
+        _decrement(self._waiting_by, (seq.tenant, seq.params.priority))
 
     def _decodes_with_blocks(self) -> list[Sequence]:
         """Running sequences that decode this step, preempting others until all have blocks."""
@@ -798,11 +793,7 @@ class Scheduler:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        left = self._active.get(seq.tenant, 1) - 1
-        if left > 0:
-            self._active[seq.tenant] = left
-        else:
-            self._active.pop(seq.tenant, None)
+        _decrement(self._active, seq.tenant)
         if seq in self.running:
             self.running.remove(seq)
         self._register_blocks(seq)  # blocks its last step filled (accepted draft tokens)
@@ -810,6 +801,15 @@ class Scheduler:
         self._seqs.pop(seq.seq_id, None)
         if seq.num_blocks_sent or not seq.is_reset:
             self._finished_ids.append(seq.seq_id)
+
+
+def _decrement(counts: dict[Any, int], key: Any) -> None:
+    """One fewer of `key`, which leaves `counts` at none."""
+    left = counts.get(key, 1) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _has(scheduled: list[ScheduledSeq], seq: Sequence) -> bool:

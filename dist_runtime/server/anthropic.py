@@ -364,38 +364,6 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
             })  # fmt: skip
             split = run.splitter()
             index = -1  # the open text block's index
-            if split.streams_calls:  # a required call: its blocks as its pieces come
-                streamed: dict[int, int] = {}  # call index -> block index
-                try:
-                    async for _, delta in merged(run.handles):
-                        pieces, _ = split.call_deltas(delta.text, delta.finish_reason)
-                        for d in pieces:
-                            if "id" in d:
-                                if streamed:
-                                    yield event("content_block_stop", index=len(streamed) - 1)
-                                streamed[d["index"]] = len(streamed)
-                                block = {"type": "tool_use", "id": _tool_id(),
-                                         "name": d["function"]["name"], "input": {}}  # fmt: skip
-                                yield event("content_block_start", index=len(streamed) - 1,
-                                            content_block=block)  # fmt: skip
-                            piece = d["function"].get("arguments")
-                            if piece:
-                                json_delta = {"type": "input_json_delta", "partial_json": piece}
-                                yield event("content_block_delta", index=streamed[d["index"]],
-                                            delta=json_delta)  # fmt: skip
-                except Exception as error:
-                    yield event("error", error={"type": "api_error", "message": str(error)})
-                    return
-                if streamed:
-                    yield event("content_block_stop", index=len(streamed) - 1)
-                out = run.handles[0].result(timeout=0)
-                reason, sequence = stop_fields(out, split.final_calls, req.stop_sequences)
-                account(out)
-                ended = {"stop_reason": reason, "stop_sequence": sequence}
-                yield event("message_delta", delta=ended,
-                            usage={"output_tokens": len(out.token_ids)})  # fmt: skip
-                yield event("message_stop")
-                return
             thoughts = run.thoughts()
             blocks = 0  # blocks started
             thinking = -1  # the thinking block's index, while it is open
@@ -456,7 +424,7 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                                             content_block=_thinking_block(""))  # fmt: skip
                             step = {"type": "thinking_delta", "thinking": thought}
                             yield event("content_block_delta", index=thinking, delta=step)
-                    # text, and calls' pieces as they come (auto, once a call opens)
+                    # text, and calls' pieces as they come (required, or auto once a call opens)
                     piece, pieces, _ = split.stream(said, delta.finish_reason)
                     if piece and not call_blocks:
                         for e in open_text() if index < 0 else []:
@@ -469,8 +437,8 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                 yield event("error", error={"type": "api_error", "message": str(error)})
                 return
             out = run.handles[0].result(timeout=0)
-            if index < 0 and not call_blocks:
-                for e in open_text():
+            if index < 0 and not call_blocks and not split.streams_calls:
+                for e in open_text():  # (a required call cut short has no block at all)
                     yield e
             for e in close_open():
                 yield e

@@ -485,9 +485,7 @@ class _Server:
         _, priority = self.tier(req)
         count = req.n * len(prompts)
         owner = self._check_room(count)
-        with self._in_flight_lock:
-            self.in_flight += count
-            self.in_flight_by[owner] = self.in_flight_by.get(owner, 0) + count
+        self._count_in(owner, count)
         cancel = threading.Event()
         try:
             params = BeamSearchParams(
@@ -526,13 +524,7 @@ class _Server:
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e), param)) from e
         finally:
-            with self._in_flight_lock:
-                self.in_flight -= count
-                left = self.in_flight_by.get(owner, count) - count
-                if left:
-                    self.in_flight_by[owner] = left
-                else:
-                    self.in_flight_by.pop(owner, None)
+            self._count_in(owner, -count)
 
     def add(
         self, prompts: list[list[int]], params: list[SamplingParams], param: str
@@ -543,21 +535,23 @@ class _Server:
             handles = self.runtime.engine.add_requests(prompts, params, tenant=owner)
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e), param)) from e
-        with self._in_flight_lock:
-            self.in_flight += len(handles)
-            self.in_flight_by[owner] = self.in_flight_by.get(owner, 0) + len(handles)
+        self._count_in(owner, len(handles))
         for h in handles:
             h.add_done_callback(self._release)
         return handles
 
     def _release(self, handle: RequestHandle) -> None:
+        self._count_in(handle.owner, -1)
+
+    def _count_in(self, owner: str | None, count: int) -> None:
+        """`count` more requests in flight (fewer when negative), the server's and `owner`'s."""
         with self._in_flight_lock:
-            self.in_flight -= 1
-            left = self.in_flight_by.get(handle.owner, 1) - 1
+            self.in_flight += count
+            left = self.in_flight_by.get(owner, 0) + count
             if left:
-                self.in_flight_by[handle.owner] = left
+                self.in_flight_by[owner] = left
             else:
-                self.in_flight_by.pop(handle.owner, None)
+                self.in_flight_by.pop(owner, None)
 
     def default_max_tokens(self, prompt_len: int) -> int:
         return max(1, self.runtime.config.session_len - prompt_len)

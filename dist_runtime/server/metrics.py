@@ -253,8 +253,8 @@ class ServerMetrics:
     def observe_whole(
         self, owner: str | None, finish_reason: str, prompt_tokens: int, generated: int
     ) -> None:
-        """A request run as many engine requests (a beam search): its success, its tokens and
-        its key's counts, once."""
+        """A request's success, its tokens and its key's counts (once for a request run as
+        many engine requests, a beam search)."""
         self.success.labels(finish_reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.request_prompt_tokens.observe(prompt_tokens)
@@ -272,16 +272,9 @@ class ServerMetrics:
             return  # a step of a larger request: `observe_whole` counts that one
         error = handle.exception()
         reason = "error" if error is not None else handle.result(0).finish_reason
-        self.success.labels(reason).inc()
-        self.prompt_tokens.inc(handle.num_prompt_tokens)
-        if handle.owner is not None:
-            self.key_requests.labels(handle.owner).inc()
-            self.key_prompt_tokens.labels(handle.owner).inc(handle.num_prompt_tokens)
-            self.key_generation_tokens.labels(handle.owner).inc(handle.num_output_tokens)
+        self.observe_whole(handle.owner, reason, handle.num_prompt_tokens, handle.num_output_tokens)
         end = handle.finish_time or handle.arrival_time
         self.e2e.observe(end - handle.arrival_time)
-        self.request_prompt_tokens.observe(handle.num_prompt_tokens)
-        self.request_generation_tokens.observe(handle.num_output_tokens)
         scheduled = handle.first_scheduled_time
         if scheduled is not None:
             self.queue_time.observe(max(0.0, scheduled - handle.arrival_time))

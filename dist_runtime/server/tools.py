@@ -574,12 +574,15 @@ class CallSplitter:
         """The marked call being read."""
         self._waiting: dict[int, dict[str, Any]] = {}
         """Deltas of whole-answer JSON not sent yet (no listed function's name is whole)."""
-        self.streamed = False
-        """Call deltas were sent (auto mode)."""
         self._sent: dict[int, list[str]] = {}
         """Call index -> [name, arguments] as sent (auto mode)."""
         self._released: set[int] = set()
         """Calls whose deltas go out as they come (auto mode)."""
+
+    @property
+    def streamed(self) -> bool:
+        """Call deltas were sent (auto mode)."""
+        return bool(self._released)
 
     def call_deltas(
         self, delta: str, finish_reason: str | None
@@ -843,7 +846,6 @@ class CallSplitter:
                 assert isinstance(index, int)
                 out[index] = self._waiting.pop(index)  # a listed function's call: it goes
                 self._released.add(index)
-                self.streamed = True
 
     def _stop_reading(self) -> None:
         self._phase = "held"
