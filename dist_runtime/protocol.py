@@ -176,6 +176,9 @@ class StepResult:
     num_draft_tokens + 1 in a row (its accepted draft tokens, then the model's own)."""
     prompt_logprobs: list[PromptLogprobs] = dataclasses.field(default_factory=list)
     """Scored rows of the step's chunks that asked for prompt log-probabilities."""
+    unread_moves: list[int] = dataclasses.field(default_factory=list)
+    """Indices in the plan's `kv_moves` of disk reads whose file failed its check on some
+    worker: the step ran on no worker (no tokens), and the driver plans it again."""
 
 
 M = TypeVar("M")

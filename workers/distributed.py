@@ -96,6 +96,7 @@ COLLECTIVE_OPS = (
     "cp_all_to_all",
     "cp_ring_shift",
     "broadcast",
+    "world_all_reduce",
 )
 """The operations `Collectives.comm_stats` reports, by method name."""
 
@@ -208,6 +209,17 @@ class Collectives:
         with self._guard("broadcast"):
             dist.broadcast(x, src=0)
         self._record("broadcast", x.numel() * x.element_size(), time.perf_counter() - start)
+        return x
+
+    def world_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise max of x over every rank of the world, in place (x: same shape and
+        dtype on every rank)."""
+        if self.coords.world_size == 1:
+            return x
+        start = time.perf_counter()
+        with self._guard("world all-reduce"):
+            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        self._record("world_all_reduce", x.numel() * x.element_size(), time.perf_counter() - start)
         return x
 
     # -- context parallel: every call is collective over the cp group --------------------------

@@ -18,6 +18,8 @@ import os
 import queue
 import struct
 import threading
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,10 +175,20 @@ class DiskKVTier:
     driver's block manager decides every save, load and deletion (`KVMove`s with `disk`
     set); a save is copied off the device at once and written by a background thread (to a
     temporary name, then renamed: a file under its final name is whole), and a load finds a
-    block still waiting to be written in memory."""
+    block still waiting to be written in memory.
+
+    A file is a 32-byte header (magic, the two payload sizes, the payload's CRC-32) and the
+    payload. A read checks all of it, so a file that a power loss, a full disk or a bad sector
+    left wrong (renames are not fsynced: the tier is a cache, and a block that fails its check
+    is computed again) is never read as K/V: `apply` reports it and deletes it. Reads of a
+    run of loads go through a few threads, as do the checksums of blocks to write (file reads
+    and CRC-32 release the GIL)."""
 
     SUFFIX = ".kv"
-    MAGIC = b"DRKV1\n"
+    MAGIC = b"DRKV2\n\0\0"
+    HEADER = struct.Struct("<8sQQII")
+    """magic, data bytes, params bytes, CRC-32 of data then params, 0."""
+    THREADS = 4
 
     def __init__(self, cache: KVCache, directory: Path, max_pending: int = 64):
         directory.mkdir(parents=True, exist_ok=True)
@@ -188,14 +200,17 @@ class DiskKVTier:
         )
         self.data_bytes = math.prod(self.data_shape) * cache.data.element_size()
         self.params_bytes = 0 if self.params_shape is None else math.prod(self.params_shape) * 4
-        self.file_bytes = len(self.MAGIC) + 16 + self.data_bytes + self.params_bytes
+        self.file_bytes = self.HEADER.size + self.data_bytes + self.params_bytes
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._names: dict[str, str] = {}
         """Digest -> file name stem (`<digest>-<parent>`) of every block on disk or queued."""
         self._lock = threading.Lock()
         self.max_pending = max_pending
         self._queue: queue.Queue[tuple[int, str, Any]] = queue.Queue(maxsize=max_pending)
-        self.num_written = self.num_read = self.num_failed = 0
+        self.num_written = self.num_read = self.num_failed = self.num_unread = 0
+        self._threads: ThreadPoolExecutor | None = None
+        self._buffers = threading.local()
+        """Each reading thread's buffer of one file."""
         for leftover in directory.glob("*.tmp"):  # a write cut short by a crash
             leftover.unlink(missing_ok=True)
         self._thread = threading.Thread(target=self._write_loop, name="kv-disk", daemon=True)
@@ -203,8 +218,9 @@ class DiskKVTier:
 
     def listing(self) -> list[str]:
         """The names (`<digest>-<parent>`) of the whole blocks on disk, least recently written
-        or read first (a file of another size, which a cut write left, is skipped)."""
-        found = []
+        or read first. A file of another size (a write cut short, another layout's file) is
+        deleted."""
+        found, wrong = [], 0
         for path in self.dir.glob("*" + self.SUFFIX):
             try:
                 st = path.stat()
@@ -213,18 +229,36 @@ class DiskKVTier:
             if st.st_size == self.file_bytes:
                 found.append((st.st_mtime_ns, path.stem))
                 self._names[path.stem.partition("-")[0]] = path.stem
+            else:
+                path.unlink(missing_ok=True)
+                wrong += 1
+        if wrong:
+            logger.warning(
+                "disk KV tier: deleted %d block file(s) in %s that were not %d bytes long",
+                wrong,
+                self.dir,
+                self.file_bytes,
+            )
         return [name for _, name in sorted(found)]
 
-    def apply(self, cache: KVCache, moves: list[KVMove]) -> None:
+    def apply(self, cache: KVCache, moves: list[KVMove]) -> list[int]:
         """Do this worker's disk moves, in plan order (a run of saves copied off the device
-        in one gather)."""
-        for is_save, run in itertools.groupby(moves, key=lambda m: m.disk == DISK_SAVE):
+        in one gather, a run of loads read by several threads). Returns the indices in
+        `moves` of the loads whose file failed its check (gone, cut short, another layout's,
+        its CRC-32 wrong): their blocks hold nothing to use, and their files are deleted."""
+        unread: list[int] = []
+        at = 0
+        for kind, run in itertools.groupby(moves, key=lambda m: m.disk):
             group = list(run)
-            if not is_save:
-                self._other(cache, group)
-                continue
-            for at in range(0, len(group), self.max_pending):  # host memory: one queue's worth
-                self._save(cache, group[at : at + self.max_pending])
+            if kind == DISK_SAVE:
+                for i in range(0, len(group), self.max_pending):  # host memory: a queue's worth
+                    self._save(cache, group[i : i + self.max_pending])
+            elif kind == DISK_LOAD:
+                unread += [at + i for i in self._load(cache, group)]
+            else:
+                self._drop(group)
+            at += len(group)
+        return unread
 
     def _save(self, cache: KVCache, moves: list[KVMove]) -> None:
         blocks = torch.tensor([m.block for m in moves], device=cache.data.device)
@@ -235,23 +269,50 @@ class DiskKVTier:
             name = self._names[m.key] = f"{m.key}-{m.parent}"
             with self._lock:
                 self._pending[m.key] = snapshot
-            self._queue.put((DISK_SAVE, m.key, (name, snapshot)))  # waits while the writer lags
+            packed = self._pool().submit(_pack, snapshot)  # beside the writer's file writes
+            self._queue.put((DISK_SAVE, m.key, (name, snapshot, packed)))  # waits while it lags
 
-    def _other(self, cache: KVCache, moves: list[KVMove]) -> None:
+    def _load(self, cache: KVCache, moves: list[KVMove]) -> list[int]:
+        """Read `moves`' blocks into the cache; the indices of those that failed their check."""
+        if len(moves) > 1:
+            done = list(self._pool().map(lambda m: self._load_one(cache, m), moves))
+        else:
+            done = [self._load_one(cache, m) for m in moves]
+        unread = [i for i, ok in enumerate(done) if not ok]
+        self.num_read += len(moves) - len(unread)
+        self.num_unread += len(unread)
+        return unread
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """The threads that read files and compute the checksums of files to write."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.THREADS, thread_name_prefix="kv-disk")
+        return self._threads
+
+    def _load_one(self, cache: KVCache, m: KVMove) -> bool:
+        """Block `m.key` into `m.block` (from memory while its write waits, else from its file
+        through this thread's buffer); False when its file failed its check."""
+        with self._lock:
+            got = self._pending.get(m.key)
+        if got is None:
+            buf = getattr(self._buffers, "buf", None)
+            if buf is None:
+                buf = self._buffers.buf = bytearray(self.file_bytes)
+            got = self._read(m.key, buf)
+            if got is None:
+                return False
+        data, params = got
+        cache.data[:, :, m.block].copy_(data)  # (from pageable memory: done when it returns)
+        if cache.params is not None and params is not None:
+            cache.params[:, :, m.block].copy_(params)
+        return True
+
+    def _drop(self, moves: list[KVMove]) -> None:
         for m in moves:
-            if m.disk == DISK_LOAD:
-                with self._lock:
-                    found = self._pending.get(m.key)
-                data, params = found if found is not None else self._read(m.key)
-                cache.data[:, :, m.block].copy_(data)
-                if cache.params is not None and params is not None:
-                    cache.params[:, :, m.block].copy_(params)
-                self.num_read += 1
-            elif m.disk == DISK_DROP:
-                name = self._name(m.key)
-                self._names.pop(m.key, None)
-                if name is not None:
-                    self._queue.put((DISK_DROP, name, None))
+            name = self._name(m.key)
+            self._names.pop(m.key, None)
+            if name is not None:
+                self._queue.put((DISK_DROP, name, None))
 
     def flush(self) -> None:
         """Wait until every queued write and deletion is done."""
@@ -270,36 +331,48 @@ class DiskKVTier:
     def _path(self, name: str) -> Path:
         return self.dir / (name + self.SUFFIX)
 
-    def _read(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _read(self, key: str, buf: bytearray) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Block `key` from its file, as views of `buf`; None (logged, the file deleted) when
+        the file is gone or fails its check."""
         path = self._path(self._name(key) or key)
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                got = f.readinto(buf)
+                more = f.read(1)
             os.utime(path)  # a block read is a block used: the listing's order is by this time
         except FileNotFoundError:
-            raise RuntimeError(
-                f"disk KV tier: block file {path} is gone (deleted while the runtime ran, or its "
-                "write failed: see this worker's log); restart the runtime to re-read the "
-                "directory"
-            ) from None
-        head = len(self.MAGIC) + 16
-        sizes = struct.unpack("<QQ", raw[len(self.MAGIC) : head]) if len(raw) >= head else None
-        if (
-            not raw.startswith(self.MAGIC)
-            or sizes != (self.data_bytes, self.params_bytes)
-            or len(raw) != self.file_bytes
-        ):
-            raise RuntimeError(
-                f"disk KV tier: {path} is not a block of this KV cache ({len(raw)} bytes, "
-                f"expected {self.file_bytes}); delete it and restart the runtime"
+            logger.warning(
+                "disk KV tier: block file %s is gone (deleted while the runtime ran, or its write "
+                "failed: see this worker's log); its block is computed again",
+                path,
             )
-        buf = bytearray(raw[head:])
-        data = torch.frombuffer(buf, dtype=torch.uint8, count=self.data_bytes)
-        data = data.view(self.data_dtype).reshape(self.data_shape)
-        params = None
-        if self.params_shape is not None:
-            params = torch.frombuffer(buf, dtype=torch.uint8, offset=self.data_bytes)
-            params = params.view(torch.float32).reshape(self.params_shape)
-        return data, params
+            return None
+        view = memoryview(buf)
+        head = self.HEADER.size
+        magic, data_bytes, params_bytes, crc, _ = self.HEADER.unpack_from(buf)
+        if got != self.file_bytes or more:
+            problem = f"{'over ' if more else ''}{got} bytes, expected {self.file_bytes}"
+        elif magic != self.MAGIC:
+            problem = f"its header starts {bytes(magic)!r}, not {self.MAGIC!r}"
+        elif (data_bytes, params_bytes) != (self.data_bytes, self.params_bytes):
+            problem = f"a block of another layout ({data_bytes} + {params_bytes} bytes)"
+        elif zlib.crc32(view[head:]) != crc:
+            problem = "its CRC-32 does not match its content"
+        else:
+            data = torch.frombuffer(buf, dtype=torch.uint8, count=self.data_bytes, offset=head)
+            data = data.view(self.data_dtype).reshape(self.data_shape)
+            params = None
+            if self.params_shape is not None:
+                params = torch.frombuffer(buf, dtype=torch.uint8, offset=head + self.data_bytes)
+                params = params.view(torch.float32).reshape(self.params_shape)
+            return data, params
+        logger.warning(
+            "disk KV tier: block file %s is damaged (%s); deleted, its block is computed again",
+            path,
+            problem,
+        )
+        path.unlink(missing_ok=True)
+        return None
 
     def _write_loop(self) -> None:
         while True:
@@ -319,14 +392,26 @@ class DiskKVTier:
                             del self._pending[key]
                 self._queue.task_done()
 
-    def _write(self, name: str, snapshot: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-        data = snapshot[0].contiguous()
-        params = None if snapshot[1] is None else snapshot[1].contiguous()
+    def _write(
+        self,
+        name: str,
+        snapshot: tuple[torch.Tensor, torch.Tensor | None],
+        packed: Future[tuple[list[memoryview], int]],
+    ) -> None:
+        parts, crc = packed.result()
         tmp = self.dir / f"{name}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
-            f.write(self.MAGIC + struct.pack("<QQ", self.data_bytes, self.params_bytes))
-            f.write(data.view(torch.uint8).numpy().data)
-            if params is not None:
-                f.write(params.view(torch.uint8).numpy().data)
+            f.write(self.HEADER.pack(self.MAGIC, self.data_bytes, self.params_bytes, crc, 0))
+            for part in parts:
+                f.write(part)
         os.replace(tmp, self._path(name))
         self.num_written += 1
+
+
+def _pack(snapshot: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[list[memoryview], int]:
+    """A block's payload as the file holds it (data, then params) and its CRC-32."""
+    parts = [t.contiguous().view(torch.uint8).numpy().data for t in snapshot if t is not None]
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return parts, crc

@@ -25,6 +25,7 @@ from dist_runtime.config import (
 )
 from dist_runtime.lora import AdapterSpec, adapter_slot_rank, check_slot_rank
 from dist_runtime.protocol import (
+    DISK_LOAD,
     LAST_SAMPLED,
     PromptLogprobs,
     SampledToken,
@@ -385,11 +386,13 @@ class ModelRunner:
         device: the graph's greedy picks, or draws made on the device from its logits, are read
         back at `collect`, and the next step's `LAST_SAMPLED` ids are taken from them on the
         device. Any other step runs here, as `execute` would."""
-        self._move_kv(plan)
-        out: _Launched | StepResult | None = (
-            self._launch_staged(plan) if self.runs_ahead() else None
-        )
-        if out is None:
+        unread = self._move_kv(plan)
+        out: _Launched | StepResult | None = None
+        if unread:
+            out = self._skip(plan, unread)
+        elif self.runs_ahead():
+            out = self._launch_staged(plan)
+        if out is None and not unread:
             if any(s.token_ids[:1] == [LAST_SAMPLED] for s in plan.seqs):
                 plan = self._fill_last_sampled(plan)
             out = self._execute(plan)
@@ -517,26 +520,54 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Run one step; tp rank 0 of the world returns the sampled tokens, others None."""
-        self._move_kv(plan)
+        unread = self._move_kv(plan)
+        if unread:
+            return self._skip(plan, unread)
         return self._execute(plan)
 
-    def _move_kv(self, plan: StepPlan) -> None:
+    def _move_kv(self, plan: StepPlan) -> list[int]:
         """The plan's host- and disk-tier copies of this worker's cp rank, in order, before its
-        step."""
+        step. Returns the indices in `plan.kv_moves` of the disk reads that failed their check
+        on any rank (the same list on every rank: the step then runs on none)."""
         if self.kv_cache is None:
             raise RuntimeError("allocate_kv_cache() must run before execute()")
         if not plan.kv_moves:
-            return
+            return []
         rank = self.comm.cp_rank
-        mine = [m for m in plan.kv_moves if m.pool == rank]
-        for on_disk, run in itertools.groupby(mine, key=lambda m: bool(m.disk)):
-            tier = self.disk_kv if on_disk else self.host_kv
-            if tier is None:
-                raise ValueError(
-                    f"step {plan.step_id} moves KV blocks but this worker has no "
-                    f"{'disk' if on_disk else 'host'} tier"
-                )
-            tier.apply(self.kv_cache, list(run))
+        mine = [(i, m) for i, m in enumerate(plan.kv_moves) if m.pool == rank]
+        unread: list[int] = []
+        for on_disk, run in itertools.groupby(mine, key=lambda im: bool(im[1].disk)):
+            group = list(run)
+            moves = [m for _, m in group]
+            if on_disk:
+                if self.disk_kv is None:
+                    raise ValueError(
+                        f"step {plan.step_id} moves KV blocks but this worker has no disk tier"
+                    )
+                unread += [group[j][0] for j in self.disk_kv.apply(self.kv_cache, moves)]
+            else:
+                if self.host_kv is None:
+                    raise ValueError(
+                        f"step {plan.step_id} moves KV blocks but this worker has no host tier"
+                    )
+                self.host_kv.apply(self.kv_cache, moves)
+        if self.comm.coords.world_size > 1 and any(m.disk == DISK_LOAD for m in plan.kv_moves):
+            flags = torch.zeros(len(plan.kv_moves), dtype=torch.int32, device=self.device)
+            flags[unread] = 1
+            unread = self.comm.world_max(flags).nonzero().flatten().tolist()
+        return unread
+
+    def _skip(self, plan: StepPlan, unread: list[int]) -> StepResult | None:
+        """A step some of whose disk reads failed: its sequences' state is taken in (block
+        tables, new sequences, finished ones) but nothing runs, and the driver rank says which
+        reads failed; the driver plans the step again without those blocks."""
+        for seq_id in plan.finished_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for seq in plan.seqs:
+            self._update_state(seq)
+        if not self.is_driver_rank:
+            return None
+        return StepResult(step_id=plan.step_id, tokens=[], unread_moves=unread)
 
     @torch.inference_mode()
     def _execute(self, plan: StepPlan) -> StepResult | None:
@@ -716,6 +747,7 @@ class ModelRunner:
             if state.history_start < 0:
                 state.history = list(seq.cached_token_ids)
                 state.history_start = seq.start_pos - len(seq.cached_token_ids)
+            del state.history[max(seq.start_pos - state.history_start, 0) :]  # a step planned again
             state.history.extend(seq.token_ids)
         needed = -(-(seq.start_pos + len(seq.token_ids)) // self.config.cache.block_size)
         if needed > len(state.block_table):

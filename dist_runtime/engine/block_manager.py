@@ -90,11 +90,13 @@ class _DiskTier:
         return len(self.parent)
 
     def add(self, h: int, parent: int, pool: int) -> None:
+        """Index block `h`. Blocks may come in any order (a listing's is by time of use, and
+        pool by pool): `children` counts a block's children whether it is indexed yet or not."""
         self.parent[h], self.pool[h] = parent, pool
-        self.leaves[h] = None
-        if parent in self.parent:
-            self.leaves.pop(parent, None)
-            self.children[parent] = self.children.get(parent, 0) + 1
+        if not self.children.get(h):
+            self.leaves[h] = None
+        self.children[parent] = self.children.get(parent, 0) + 1
+        self.leaves.pop(parent, None)
 
     def touch(self, h: int) -> None:
         if h in self.leaves:
@@ -107,15 +109,14 @@ class _DiskTier:
         parent = self.parent.pop(h)
         del self.pool[h]
         self.leaves.pop(h, None)
-        self.children.pop(h, None)
+        left = self.children.get(parent, 0) - 1
+        if left > 0:
+            self.children[parent] = left
+            return
+        self.children.pop(parent, None)
         if parent in self.parent:
-            left = self.children[parent] - 1
-            if left:
-                self.children[parent] = left
-            else:
-                del self.children[parent]
-                self.leaves[parent] = None
-                self.leaves.move_to_end(parent, last=False)  # the same document's next tail
+            self.leaves[parent] = None
+            self.leaves.move_to_end(parent, last=False)  # the same document's next tail
 
     def victim(self) -> int | None:
         """The leaf to evict next."""

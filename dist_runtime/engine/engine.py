@@ -187,6 +187,8 @@ class Engine:
         """A step launched but not collected (asynchronous decode), with its start time."""
         self.num_steps_ahead = 0
         """Decode steps planned and launched while the step before them ran."""
+        self.num_disk_unread_blocks = 0
+        """Blocks read back from the disk tier whose file failed its check (computed again)."""
         self._finish_listeners: list[Callable[[RequestHandle], None]] = []
         self.num_steps = 0
         self.num_generated_tokens = 0
@@ -320,6 +322,7 @@ class Engine:
             "prefix_cache_disk_hit_tokens": blocks.num_disk_hit_tokens,
             "disk_kv_saved_blocks": blocks.num_disk_saved_blocks,
             "disk_kv_blocks": blocks.num_disk_blocks,
+            "disk_kv_unread_blocks": self.num_disk_unread_blocks,
             "num_worker_restarts": self.num_worker_restarts,
             "num_draft_tokens": sched.num_draft_tokens,
             "num_adapter_loads": self.num_adapter_loads,
@@ -779,7 +782,7 @@ class Engine:
             if plan.kv_moves:  # host-tier copies of blocks already registered: done all the same
                 assert self.executor is not None
                 try:
-                    self.executor.execute(plan)
+                    self._check_reads(plan, self.executor.execute(plan))
                 except Exception as e:
                     self._step_failed(plan, e)
                     return
@@ -812,9 +815,28 @@ class Engine:
             return
         assert self.executor is not None
         try:
-            self.executor.execute(plan)
+            self._check_reads(plan, self.executor.execute(plan))
         except Exception as e:
             self._step_failed(plan, e)
+
+    def _check_reads(self, plan: StepPlan, result: StepResult) -> bool:
+        """Whether every disk read of the step passed its check. When one did not, the step
+        ran on no worker: its blocks are forgotten and the requests that held them start
+        again (computing from the block before), and the rest are planned again as they
+        were."""
+        if not result.unread_moves:
+            return True
+        moves = [plan.kv_moves[i] for i in result.unread_moves]
+        redo = self.scheduler.unread(moves)
+        self.num_disk_unread_blocks += len(moves)
+        logger.warning(
+            "step %d: %d block(s) read back from the disk tier failed their check (see the "
+            "workers' log); %d sequence(s) compute them again",
+            plan.step_id,
+            len(moves),
+            len(redo),
+        )
+        return False
 
     def _step_ahead(self) -> None:
         """Plan and launch the decode step after the one in flight (when it can be planned
@@ -857,6 +879,8 @@ class Engine:
         self._fail([self._by_seq[s.seq_id] for s in plan.seqs if s.seq_id in self._by_seq], error)
 
     def _finish_step(self, plan: StepPlan, result: StepResult, started: float) -> None:
+        if not self._check_reads(plan, result):
+            return
         self.scheduler.on_step_done(plan, result)
         began = time.monotonic() - (time.perf_counter() - started)  # the step's start
         request_ids, num_prefill, num_decodes = self._update_progress(plan, began)

@@ -51,7 +51,15 @@ from typing import Any
 from dist_runtime.config import SchedulerConfig
 from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.engine.speculative import PromptLookup
-from dist_runtime.protocol import LAST_SAMPLED, SamplingSpec, SeqStep, StepPlan, StepResult
+from dist_runtime.protocol import (
+    DISK_LOAD,
+    LAST_SAMPLED,
+    KVMove,
+    SamplingSpec,
+    SeqStep,
+    StepPlan,
+    StepResult,
+)
 from dist_runtime.sampling_params import SamplingParams
 
 FAIR_OUTPUT_WEIGHT = 2.0
@@ -586,6 +594,26 @@ class Scheduler:
             seq.loading = False
         self._finished_ids.clear()
 
+    def unread(self, moves: list[KVMove]) -> list[Sequence]:
+        """Disk reads that failed their check on a worker (the step that carried them ran on
+        none): the prefix cache forgets their blocks and their files go from every worker, and
+        each running sequence whose table holds one starts again, to find its prefix up to the
+        block before and compute the rest. Returns those sequences."""
+        bm = self.blocks
+        bm.forget(moves)
+        for m in moves:
+            bm.drop_from_disk(m.pool, [int(m.key, 16)])
+        bm.num_disk_hit_tokens -= len(moves) * bm.block_size
+        bm.num_hit_tokens -= len(moves) * bm.block_size
+        lost = {(m.pool, m.block) for m in moves}
+        cp = bm.cp_size
+        redo = [
+            s for s in self.running if any((i % cp, b) in lost for i, b in enumerate(s.block_table))
+        ]
+        for seq in redo:
+            self._preempt(seq)
+        return redo
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._register_blocks(seq)
@@ -682,6 +710,8 @@ class Scheduler:
         one step more, whose token the engine drops."""
         if self.waiting or len(inflight.seqs) != len(self.running):
             return None
+        if any(m.disk == DISK_LOAD for m in inflight.kv_moves):
+            return None  # a read may fail its check: the step is then planned again
         if self.lookup.would_draft([s for s in self.running if self.lookup.drafts(s)]):
             return None  # a draft follows the token in flight: this step waits for it
         seqs = []

@@ -67,6 +67,10 @@ class _EngineCollector(Collector):
                 "disk_hits",
             ),
             "disk_kv_saved_blocks": ("KV blocks written to the disk tier", "disk_saved"),
+            "disk_kv_unread_blocks": (
+                "KV blocks whose disk-tier file failed its check when read back (computed again)",
+                "disk_unread",
+            ),
             "prompt_tokens_computed": ("Prompt tokens the workers computed", "computed"),
             "generation_tokens": ("Tokens generated", "generated"),
             "num_preemptions": ("Sequences preempted (recomputed later)", "preemptions"),
@@ -84,6 +88,7 @@ class _EngineCollector(Collector):
             "saved": s["host_kv_saved_blocks"],
             "disk_hits": s["prefix_cache_disk_hit_tokens"],
             "disk_saved": s["disk_kv_saved_blocks"],
+            "disk_unread": s["disk_kv_unread_blocks"],
             "computed": s["num_prompt_tokens_computed"],
             "generated": s["num_generated_tokens"],
             "preemptions": s["num_preemptions"],

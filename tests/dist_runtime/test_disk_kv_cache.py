@@ -134,6 +134,30 @@ def test_past_capacity_a_chain_loses_its_tail_first() -> None:
     assert [(m.disk, m.key) for m in bm.take_moves()][0] == (DISK_DROP, f"{c[0]:032x}")
 
 
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_a_listing_in_any_order_still_loses_tails_first(order: str) -> None:
+    """A listing comes by time of use and pool by pool, not in chain order: a chain of six
+    listed in any order is evicted from its tail, and forgetting a middle block (a read that
+    failed its check) leaves the index whole."""
+    bm = disk_bm(num_blocks=8)
+    hashes = saved(bm, list(range(1, 13)))
+    bm.take_moves()
+    pairs = chain(hashes)
+    listed = pairs[::-1] if order == "reversed" else [pairs[i] for i in (3, 0, 5, 1, 4, 2)]
+    tier_bm = disk_bm(present=listed, capacity=8, num_blocks=8)
+    tier = tier_bm._pools[0].disk
+    assert tier is not None and list(tier.leaves) == [hashes[-1]]
+    tier_bm.forget([move(DISK_LOAD, 0, f"{hashes[2]:032x}")])  # no KeyError
+    assert set(tier.leaves) == {hashes[1], hashes[-1]}
+    evicted = []
+    while (victim := tier.victim()) is not None:
+        evicted.append(victim)
+        tier.remove(victim)
+    assert evicted.index(hashes[1]) < evicted.index(hashes[0])
+    assert len(evicted) == 5
+    assert [h for h in evicted if h in hashes[3:]] == hashes[3:][::-1]  # tail first
+
+
 def test_a_chain_longer_than_the_tier_keeps_its_head() -> None:
     """A tier full of one document's blocks does not write its later ones (dropping its own
     tail to make room would leave neither readable)."""
@@ -313,7 +337,7 @@ def test_a_run_of_saves_longer_than_the_queue_is_gathered_in_pieces(
         assert torch.equal(fresh.data[:, :, b], want[b])
 
 
-def test_files_of_another_size_are_not_listed_and_a_gone_file_is_an_error(tmp_path: Path) -> None:
+def test_files_of_another_size_are_deleted_when_listed(tmp_path: Path) -> None:
     cache = small_cache()
     tier = DiskKVTier(cache, tmp_path)
     a, b, c = "a" * 32, "b" * 32, "c" * 32
@@ -325,14 +349,57 @@ def test_files_of_another_size_are_not_listed_and_a_gone_file_is_an_error(tmp_pa
     (tmp_path / f"{c}.123.tmp").write_bytes(b"x")
     again = DiskKVTier(cache, tmp_path)
     assert again.listing() == [name(a)]
-    before = (tmp_path / f"{name(a)}.kv").stat().st_mtime_ns
-    again.apply(cache, [move(DISK_LOAD, 3, a)])  # a read refreshes the block's place
-    assert (tmp_path / f"{name(a)}.kv").stat().st_mtime_ns > before
+    assert not (tmp_path / f"{name(b)}.kv").exists()
     assert not (tmp_path / f"{c}.123.tmp").exists()  # leftovers of a crash are removed
-    with pytest.raises(RuntimeError, match="is not a block of this KV cache"):
-        again.apply(cache, [move(DISK_LOAD, 2, b)])
-    with pytest.raises(RuntimeError, match="is gone"):
-        again.apply(cache, [move(DISK_LOAD, 2, c)])
+    before = (tmp_path / f"{name(a)}.kv").stat().st_mtime_ns
+    assert again.apply(cache, [move(DISK_LOAD, 3, a)]) == []
+    assert (tmp_path / f"{name(a)}.kv").stat().st_mtime_ns > before  # a read refreshes it
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_a_read_that_fails_its_check_is_reported_not_copied(tmp_path: Path, bits: int) -> None:
+    """One flipped bit anywhere in a file (payload, params, header), a file cut short or grown
+    after the listing, or a file gone: `apply` names those loads, leaves their blocks alone and
+    deletes their files; the good loads of the same run (read by several threads) land."""
+    cache = small_cache(bits, num_blocks=12)
+    tier = DiskKVTier(cache, tmp_path)
+    keys = [f"{i:032x}" for i in range(8)]
+    tier.apply(cache, [move(DISK_SAVE, i, k) for i, k in enumerate(keys)])
+    tier.flush()
+    path = [tmp_path / f"{name(k)}.kv" for k in keys]
+    size = tier.file_bytes
+    flips = {1: size - 1, 2: tier.HEADER.size + 5, 3: 9}  # last byte, first payload, a size
+    for i, at in flips.items():
+        raw = bytearray(path[i].read_bytes())
+        raw[at] ^= 0x10
+        path[i].write_bytes(bytes(raw))
+    with open(path[4], "r+b") as f:
+        f.truncate(size - 8)
+    with open(path[5], "ab") as f:
+        f.write(b"\0")
+    path[6].unlink()
+    fresh = small_cache(bits, num_blocks=12)
+    fresh.data.zero_()
+    loads = [move(DISK_LOAD, 4 + i, k) for i, k in enumerate(keys)]
+    assert DiskKVTier(fresh, tmp_path).apply(fresh, [move(DISK_DROP, 0, "f" * 32), *loads]) == [
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+    ]
+    for i in range(8):
+        got = fresh.data[:, :, 4 + i]
+        if i in (0, 7):
+            assert torch.equal(got, cache.data[:, :, i])
+        else:
+            assert not got.any()  # left alone
+    for i in range(8):
+        assert path[i].exists() == (i in (0, 7))
+    if bits:
+        assert fresh.params is not None and cache.params is not None
+        assert torch.equal(fresh.params[:, :, 4], cache.params[:, :, 0])
 
 
 # -- end to end -----------------------------------------------------------------------------------
@@ -430,6 +497,7 @@ def test_a_cut_file_is_recomputed_not_read(tiny_llama_dir: Path, tmp_path: Path)
     again = _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
     _same(again["outs"], plain["outs"])
     assert again["stats"]["prefix_cache_disk_hit_tokens"] == 40
+    assert files[10].stat().st_size == files[0].stat().st_size  # deleted when listed, rewritten
 
 
 @contextlib.contextmanager
@@ -460,19 +528,30 @@ def test_a_file_deleted_while_running_is_computed_again(
     assert stats["prefix_cache_disk_hit_tokens"] == 12
 
 
-def test_a_file_cut_while_running_fails_its_request_and_is_forgotten(
+def test_a_file_damaged_while_running_is_computed_again(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
-    """A file that is there but cut short fails the read, so the request that needed it fails
-    with the file's name; the step's blocks are forgotten, and asking again computes them."""
+    """A file that is there but fails its check when read (one flipped bit): the step that
+    read it runs on no worker, the request finds its prefix up to the block before and
+    computes the rest, with the answer of a run without the tier; the block is written again,
+    whole."""
     plain = _ask(tiny_llama_dir, None, [DOC + [7]])
     with _doc_on_disk_only(tiny_llama_dir, tmp_path) as (rt, target):
-        with open(target, "r+b") as f:
-            f.truncate(64)
-        with pytest.raises(RuntimeError, match=f"{target.name} is not a block of this KV cache"):
-            rt.generate([DOC + [7]], PARAMS)
+        raw = bytearray(target.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        target.write_bytes(bytes(raw))
         again = rt.generate([DOC + [7]], PARAMS)[0]
+        rt.engine.wait_idle(10)
+        stats = rt.engine.stats()
+        rewritten = target.read_bytes()
     _same([again], plain["outs"])
+    assert stats["disk_kv_unread_blocks"] == 1
+    assert stats["prefix_cache_disk_hit_tokens"] == len(DOC) - 4  # read, all but that one
+    assert again.num_cached_tokens == 12  # the three blocks before it
+    assert len(rewritten) == len(raw) and rewritten != bytes(raw)
+    assert _ask(tiny_llama_dir, tmp_path, [DOC + [9]])["stats"]["prefix_cache_disk_hit_tokens"] == (
+        len(DOC)
+    )
 
 
 def test_a_long_prefix_is_read_a_share_per_step_between_decodes(
@@ -513,7 +592,7 @@ def test_a_long_prefix_is_read_a_share_per_step_between_decodes(
 
 
 def test_the_directory_stays_within_its_capacity(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    block_file = 2 * 2 * 4 * 4 * 8 * 4 + 22  # K and V, 2 layers, 4 tokens, 4 KV heads, 8, fp32
+    block_file = 2 * 2 * 4 * 4 * 8 * 4 + 32  # K and V, 2 layers, 4 tokens, 4 KV heads, 8, fp32
     gb = 20 * block_file / 2**30  # room for 20 blocks
     run = _ask(tiny_llama_dir, tmp_path, [DOC + [7], _tokens(120, 5)], disk_gb=gb)
     assert run["stats"]["disk_kv_blocks"] == 20
@@ -534,7 +613,7 @@ def test_a_capacity_lowered_at_restart_keeps_the_head_of_a_document(
 ) -> None:
     """32 blocks on disk, then a restart with room for 10: the document's tail goes, its first
     10 blocks stay and are read (40 tokens), and its later blocks are not written over them."""
-    block_file = 2 * 2 * 4 * 4 * 8 * 4 + 22
+    block_file = 2 * 2 * 4 * 4 * 8 * 4 + 32
     plain = _ask(tiny_llama_dir, None, [DOC + [7]])
     _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
     assert len(_files(tmp_path)) == 32
@@ -544,6 +623,19 @@ def test_a_capacity_lowered_at_restart_keeps_the_head_of_a_document(
     assert run["stats"]["prefix_cache_disk_hit_tokens"] == 40
     assert run["stats"]["disk_kv_blocks"] == 10
     assert sorted(_files(tmp_path)) == sorted(head)
+
+
+def _longest_chain(names: list[str]) -> list[str]:
+    """The digests of the longest chain among block file names (`<digest>-<parent>`), first
+    block first."""
+    parent = dict(n.split("-") for n in names)
+    longest: list[str] = []
+    for leaf in set(parent) - set(parent.values()):
+        chain = [leaf]
+        while chain[-1] in parent and parent[chain[-1]] in parent:
+            chain.append(parent[chain[-1]])
+        longest = max(longest, chain[::-1], key=len)
+    return longest
 
 
 @pytest.mark.parametrize(("tp", "cp"), [(2, 1), (1, 2)])
@@ -568,3 +660,14 @@ def test_disk_tier_over_ray(
     third = _ask(tiny_llama_dir, tmp_path, [DOC + [7]], tp=tp, cp=cp)
     _same(third["outs"], plain["outs"])
     assert third["stats"]["prefix_cache_disk_hit_tokens"] == len(DOC)  # written again
+    # one worker's file of a block is damaged: that worker's failed check stops the step on
+    # every worker (else its peers would wait in a collective), and the block is computed again
+    fourth_block = _longest_chain([f.stem for w in workers for f in w.glob("*.kv")])[3]
+    damaged = next(f for w in workers[::-1] for f in w.glob(f"{fourth_block}-*.kv"))
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 0x01
+    damaged.write_bytes(bytes(raw))
+    fourth = _ask(tiny_llama_dir, tmp_path, [DOC + [7]], tp=tp, cp=cp)
+    _same(fourth["outs"], plain["outs"])
+    assert fourth["stats"]["disk_kv_unread_blocks"] == 1
+    assert fourth["outs"][0].num_cached_tokens < len(DOC)
