@@ -782,7 +782,8 @@ class Engine:
             if plan.kv_moves:  # host-tier copies of blocks already registered: done all the same
                 assert self.executor is not None
                 try:
-                    self._check_reads(plan, self.executor.execute(plan))
+                    if not self._check_reads(plan, self.executor.execute(plan)):
+                        return  # the reads' requests start again
                 except Exception as e:
                     self._step_failed(plan, e)
                     return

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -591,6 +593,32 @@ def test_a_long_prefix_is_read_a_share_per_step_between_decodes(
     _same(both, plain["outs"])
 
 
+def test_a_read_failing_while_nothing_else_runs_is_planned_again(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A lone request reads its prefix back 8 blocks a step (no sequence in those steps); the
+    11th block's file is damaged, so the second read fails with nothing else running: the
+    request starts again from the 10 blocks read, instead of the engine failing it as if the
+    cache were too small."""
+    plain = _ask(tiny_llama_dir, None, [DOC + [7]])
+    _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
+    names = [f.stem for f in _files(tmp_path)]
+    eleventh = _longest_chain(names)[10]
+    (target,) = tmp_path.glob(f"*/*/{eleventh}-*.kv")
+    raw = bytearray(target.read_bytes())
+    raw[-3] ^= 0x40
+    target.write_bytes(bytes(raw))
+    run = _ask(
+        tiny_llama_dir,
+        tmp_path,
+        [DOC + [7]],
+        scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4),
+    )
+    _same(run["outs"], plain["outs"])
+    assert run["stats"]["disk_kv_unread_blocks"] == 1
+    assert run["outs"][0].num_cached_tokens == 40
+
+
 def test_the_directory_stays_within_its_capacity(tiny_llama_dir: Path, tmp_path: Path) -> None:
     block_file = 2 * 2 * 4 * 4 * 8 * 4 + 32  # K and V, 2 layers, 4 tokens, 4 KV heads, 8, fp32
     gb = 20 * block_file / 2**30  # room for 20 blocks
@@ -671,3 +699,67 @@ def test_disk_tier_over_ray(
     _same(fourth["outs"], plain["outs"])
     assert fourth["stats"]["disk_kv_unread_blocks"] == 1
     assert fourth["outs"][0].num_cached_tokens < len(DOC)
+
+
+@pytest.mark.parametrize(
+    "seed", range(int(os.environ["DISK_CROWD_SEEDS"])) if "DISK_CROWD_SEEDS" in os.environ else [14]
+)
+def test_a_crowd_reading_damaged_files_gets_the_answers_of_no_tier(
+    tiny_llama_dir: Path, tmp_path: Path, seed: int
+) -> None:
+    """Documents written to disk by one runtime, a fifth of their files then damaged (bits
+    flipped, cut short); a new runtime with a tight device cache and a small step budget (reads
+    spread over steps, shared blocks, evictions) answers a crowd of questions about them from
+    three threads, with more files damaged between its rounds: every answer is the one a
+    runtime without the tier gives, the damaged blocks were caught, and every block comes back.
+    Seed 14 has a retried read fail again while nothing else ran (the engine then failed every
+    request as if the cache were too small). Offline: `DISK_CROWD_SEEDS=200 pytest -k
+    crowd_reading` (200 clean)."""
+    rng = random.Random(seed)
+    docs = [_tokens(rng.randint(40, 110), 60 + d) for d in range(4)]
+    asks = [rng.choice(docs) + _tokens(rng.randint(1, 6), 200 + i) for i in range(12)]
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path))
+    kw: dict[str, Any] = {"model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32",
+                          "session_len": 256}  # fmt: skip
+    with Runtime(**kw, cache=CacheConfig(block_size=4, num_blocks=70)) as plain:
+        want = [plain.generate([a], params)[0].token_ids for a in asks]
+    with Runtime(**kw, cache=cache) as first:
+        first.generate([d + [1] for d in docs], params)
+
+    def damage(share: float) -> int:
+        files = _files(tmp_path)
+        hit = rng.sample(files, max(1, int(len(files) * share)))
+        for path in hit:
+            raw = bytearray(path.read_bytes())
+            if rng.random() < 0.2:
+                raw = raw[: rng.randrange(len(raw))]
+            else:
+                raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+            path.write_bytes(bytes(raw))
+        return len(hit)
+
+    damage(0.2)
+    got: dict[int, list[int]] = {}
+    with Runtime(
+        **kw, cache=cache, scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4)
+    ) as rt:
+        for round_ in range(2):
+            mine = list(range(round_ * 6, round_ * 6 + 6))
+
+            def caller(part: list[int]) -> None:
+                handles = [(i, rt.engine.add_requests([asks[i]], [params])[0]) for i in part]
+                for i, h in handles:
+                    got[i] = h.result(timeout=120).token_ids
+
+            threads = [threading.Thread(target=caller, args=(mine[k::3],)) for k in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert rt.engine.wait_idle(30)
+            damage(0.2)
+        stats = rt.engine.stats()
+        assert rt.engine.blocks.num_free_blocks == 70
+    assert [got[i] for i in range(len(asks))] == want
+    assert stats["disk_kv_unread_blocks"] >= 1 and stats["prefix_cache_disk_hit_tokens"] > 0
