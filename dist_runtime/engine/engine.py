@@ -41,7 +41,7 @@ from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.engine.executor.base import Executor, WorkerError
 from dist_runtime.engine.executor.factory import create_executor
 from dist_runtime.engine.handle import RequestHandle
-from dist_runtime.engine.kv_disk import disk_tier
+from dist_runtime.engine.kv_disk import InUse, disk_tier
 from dist_runtime.engine.output_processor import OutputProcessor
 from dist_runtime.engine.outputs import RequestDelta
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
@@ -187,6 +187,8 @@ class Engine:
         """A step launched but not collected (asynchronous decode), with its start time."""
         self.num_steps_ahead = 0
         """Decode steps planned and launched while the step before them ran."""
+        self._tier_in_use: InUse | None = None
+        """The disk tier's directory, held while the engine runs (`kv_disk.prune` skips it)."""
         self.num_disk_unread_blocks = 0
         """Blocks read back from the disk tier whose file failed its check (computed again)."""
         self._finish_listeners: list[Callable[[RequestHandle], None]] = []
@@ -369,6 +371,9 @@ class Engine:
         if self.executor is not None:
             self.executor.shutdown()
             self.executor = None
+        if self._tier_in_use is not None:  # after the workers' last writes
+            self._tier_in_use.close()
+            self._tier_in_use = None
         gc.unfreeze()  # what the engine held can be collected again (and is, at exit)
 
     # -- validation (caller's thread) -----------------------------------------------------------
@@ -1034,8 +1039,10 @@ class Engine:
             disk_dir, root = None, None
             cache = self.config.cache
             if cache.kv_cache_dir is not None and cache.enable_prefix_caching:
-                where, root = disk_tier(self.config, self.model_config)
-                disk_dir = str(where)
+                if self._tier_in_use is not None:  # (workers started again: the same one)
+                    self._tier_in_use.close()
+                self._tier_in_use, root = disk_tier(self.config, self.model_config)
+                disk_dir = str(self._tier_in_use.where)
             self.executor.allocate_kv_cache(num_blocks, host_slots, disk_dir)
             disk_blocks, capacity, orphans = None, 0, list[list[int]]()
             if disk_dir is not None:
@@ -1057,6 +1064,9 @@ class Engine:
         except BaseException:
             self.executor.shutdown()
             self.executor = None
+            if self._tier_in_use is not None:
+                self._tier_in_use.close()
+                self._tier_in_use = None
             raise
         freeze_heap()
 

@@ -11,16 +11,26 @@ another's blocks.
 The weights' content is hashed once (BLAKE2b over every `*.safetensors` file and
 `config.json`) and remembered in `weights.json` by each file's path, size and modification
 time, so later starts hash nothing.
+
+A runtime holds a shared lock on its fingerprint directory's `in_use.lock` while it runs
+(`InUse`; the kernel drops it when the process ends), so `prune` (`launch/kv_cache_dir.py`),
+which bounds the directory as a whole, never deletes blocks a running runtime reads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
+import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from dist_runtime.config import ModelConfig, RuntimeConfig
 from dist_runtime.progress import Phase
@@ -29,12 +39,15 @@ logger = logging.getLogger(__name__)
 
 FORMAT = 1
 """The block files' layout version (`workers.kv_cache.DiskKVTier`): part of the fingerprint."""
+LOCK = "in_use.lock"
+CARD = "fingerprint.json"
 _CHUNK = 8 << 20
 _SHOW_PROGRESS_BYTES = 2 << 30
 
 
-def disk_tier(config: RuntimeConfig, model_config: ModelConfig) -> tuple[Path, int]:
-    """(the directory of this model's and layout's blocks, the root of their hash chain)."""
+def disk_tier(config: RuntimeConfig, model_config: ModelConfig) -> tuple[InUse, int]:
+    """(this model's and layout's directory of blocks, held in use until closed; the root of
+    their hash chain)."""
     assert config.cache.kv_cache_dir is not None
     top = Path(config.cache.kv_cache_dir).expanduser()
     try:
@@ -56,12 +69,11 @@ def disk_tier(config: RuntimeConfig, model_config: ModelConfig) -> tuple[Path, i
     }
     text = json.dumps(what, sort_keys=True)
     digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
-    where = top / digest.hex()
-    where.mkdir(exist_ok=True)
-    card = where / "fingerprint.json"
+    held = InUse(top / digest.hex())
+    card = held.where / CARD
     if not card.exists():
-        card.write_text(json.dumps({"model": config.model, **what}, indent=2, sort_keys=True))
-    return where, int.from_bytes(digest, "little")
+        card.write_text(json.dumps({"checkpoint": config.model, **what}, indent=2, sort_keys=True))
+    return held, int.from_bytes(digest, "little")
 
 
 def _model_fields(model_config: ModelConfig) -> dict[str, Any]:
@@ -128,4 +140,144 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["FORMAT", "disk_tier", "weights_digest"]
+class InUse:
+    """A shared lock on a tier directory, held while a runtime uses it (several runtimes may
+    share one directory; `prune` takes the lock exclusively, so it skips a directory in use
+    and a runtime starting waits for a deletion under way, then makes the directory anew)."""
+
+    def __init__(self, where: Path):
+        while True:
+            where.mkdir(parents=True, exist_ok=True)
+            f: IO[bytes] = open(where / LOCK, "a+b")  # noqa: SIM115 (held until close)
+            fcntl.flock(f, fcntl.LOCK_SH)
+            try:
+                if os.stat(where / LOCK).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()  # the directory was deleted while this waited: again, anew
+        os.utime(where / LOCK)  # its time: when a runtime last started on the directory
+        self.where = where
+        self._file: IO[bytes] | None = f
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                os.utime(self.where / LOCK)  # ... and last stopped using it
+            self._file.close()
+            self._file = None
+
+
+@dataclasses.dataclass
+class TierDir:
+    """One fingerprint's directory of blocks, as `survey` finds it."""
+
+    path: Path
+    card: dict[str, Any]
+    """Its `fingerprint.json`: the model, dtype, KV layout (empty when unreadable)."""
+    files: int
+    nbytes: int
+    last_used: float
+    """The newest time a block in it was written or read, or a runtime started or stopped on
+    it (seconds since the epoch)."""
+    in_use: bool
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+
+def survey(top: Path) -> list[TierDir]:
+    """Every fingerprint directory under a disk tier's top directory, least recently used
+    first."""
+    if not top.is_dir():
+        raise ValueError(f"{str(top)!r} is not a directory; give a --kv-cache-dir")
+    found = []
+    for path in top.iterdir():
+        if not (path.is_dir() and (path / CARD).exists()):
+            continue
+        try:
+            card = json.loads((path / CARD).read_text())
+        except (OSError, ValueError):
+            card = {}
+        files = nbytes = 0
+        last = 0.0
+        for entry in [path / LOCK, path / CARD, *path.glob("tp*-cp*/*.kv")]:
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            last = max(last, st.st_mtime)
+            if entry.suffix == ".kv":
+                files += 1
+                nbytes += st.st_size
+        found.append(TierDir(path, card, files, nbytes, last, _in_use(path)))
+    return sorted(found, key=lambda t: t.last_used)
+
+
+def _in_use(path: Path) -> bool:
+    try:
+        with open(path / LOCK, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+    except FileNotFoundError:
+        pass
+    return False
+
+
+def choose(
+    tiers: list[TierDir],
+    ids: Sequence[str] = (),
+    unused_for_s: float | None = None,
+    max_bytes: int | None = None,
+    now: float | None = None,
+) -> list[TierDir]:
+    """The directories to delete: those named (an id or a prefix naming one), those unused
+    for `unused_for_s`, then the least recently used until the rest hold at most `max_bytes`;
+    never one in use (`tiers` as `survey` orders them)."""
+    now = time.time() if now is None else now
+    picked: dict[str, TierDir] = {}
+    for want in ids:
+        match = [t for t in tiers if t.id.startswith(want)]
+        if len(match) != 1:
+            what = "no directory" if not match else f"{len(match)} directories"
+            raise ValueError(
+                f"{want!r} names {what} of {[t.id[:12] for t in tiers]}; give more of an id"
+            )
+        picked[match[0].id] = match[0]
+    if unused_for_s is not None:
+        for t in tiers:
+            if now - t.last_used >= unused_for_s:
+                picked[t.id] = t
+    if max_bytes is not None:
+        left = sum(t.nbytes for t in tiers if t.id not in picked)
+        for t in tiers:  # least recently used first
+            if left <= max_bytes:
+                break
+            if t.id not in picked and not t.in_use:
+                picked[t.id] = t
+                left -= t.nbytes
+    return [t for t in tiers if t.id in picked and not t.in_use]
+
+
+def prune(tier: TierDir) -> bool:
+    """Delete a fingerprint's directory unless a runtime holds it now; whether it went."""
+    try:
+        f = open(tier.path / LOCK, "a+b")  # noqa: SIM115
+    except FileNotFoundError:
+        return False  # gone already
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        shutil.rmtree(tier.path, ignore_errors=True)
+    logger.info(
+        "disk KV tier: deleted %s (%d blocks, %.1f GiB)", tier.path, tier.files, tier.nbytes / 2**30
+    )
+    return True
+
+
+__all__ = ["FORMAT", "InUse", "TierDir", "choose", "disk_tier", "prune", "survey", "weights_digest"]

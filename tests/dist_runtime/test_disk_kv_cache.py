@@ -7,9 +7,12 @@ K/V. Unit tests of the block manager's moves and of the worker's files come firs
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
+import shutil
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,9 @@ import torch
 from dist_runtime import Runtime, SamplingParams
 from dist_runtime.config import CacheConfig, ConfigError, SchedulerConfig
 from dist_runtime.engine.block_manager import BlockManager
+from dist_runtime.engine.kv_disk import InUse, TierDir, choose, prune, survey
 from dist_runtime.protocol import DISK_DROP, DISK_LOAD, DISK_SAVE, KVMove
+from launch import kv_cache_dir
 from workers.kv_cache import DiskKVTier, KVCache
 
 BS = 2
@@ -763,3 +768,71 @@ def test_a_crowd_reading_damaged_files_gets_the_answers_of_no_tier(
         assert rt.engine.blocks.num_free_blocks == 70
     assert [got[i] for i in range(len(asks))] == want
     assert stats["disk_kv_unread_blocks"] >= 1 and stats["prefix_cache_disk_hit_tokens"] > 0
+
+
+# -- the directory as a whole (launch/kv_cache_dir.py) ---------------------------------------------
+def _tier(name: str, nbytes: int, last_used: float, in_use: bool = False) -> TierDir:
+    return TierDir(Path("/x") / name, {}, 1, nbytes, last_used, in_use)
+
+
+def test_choose_picks_named_stale_and_least_recently_used_never_in_use() -> None:
+    tiers = [_tier("aa1", 50, 100), _tier("ab2", 40, 200, in_use=True), _tier("b3", 30, 300),
+             _tier("c4", 20, 400)]  # fmt: skip
+    ids = lambda picked: [t.id for t in picked]  # noqa: E731
+    assert ids(choose(tiers, ["b"])) == ["b3"]
+    assert ids(choose(tiers, ["ab"])) == []  # in use
+    assert ids(choose(tiers, unused_for_s=200, now=500)) == ["aa1", "b3"]  # (ab2 in use)
+    assert ids(choose(tiers, max_bytes=60)) == ["aa1", "b3"]  # 140 -> 90 (ab2 held) -> 60
+    assert ids(choose(tiers, max_bytes=200)) == []
+    for bad, match in [("a", "names 2 directories"), ("z", "names no directory")]:
+        with pytest.raises(ValueError, match=match):
+            choose(tiers, [bad])
+
+
+def test_a_directory_a_runtime_holds_is_never_pruned(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Two layouts' directories; while a runtime holds one, pruning to 0 GiB deletes only the
+    other (through the command line), and once it stops the held one goes too."""
+    _ask(tiny_llama_dir, tmp_path, [DOC + [7]], bits=8)
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path))
+    with Runtime(
+        model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=256, cache=cache
+    ) as rt:
+        rt.generate([DOC + [7]], PARAMS)
+        rt.engine.wait_idle(10)
+        tiers = survey(tmp_path)
+        assert [t.in_use for t in tiers] == [False, True]  # the int8 one, least recent
+        assert tiers[0].card["quant_policy"] == 8 and tiers[0].files == 32
+        assert tiers[0].card["checkpoint"] == str(tiny_llama_dir)
+        assert tiers[0].nbytes == sum(f.stat().st_size for f in tiers[0].path.rglob("*.kv"))
+        assert kv_cache_dir.main([str(tmp_path), "--max-gb", "0", "--dry-run"]) == 0
+        assert len(survey(tmp_path)) == 2
+        assert kv_cache_dir.main([str(tmp_path), "--max-gb", "0"]) == 0
+        (left,) = survey(tmp_path)
+        assert left.in_use and left.path == tiers[1].path
+        again = rt.generate([DOC + [9]], PARAMS)[0]  # its own blocks are all there
+        assert again.num_cached_tokens == len(DOC)
+    assert kv_cache_dir.main([str(tmp_path), "--delete", left.id[:6]]) == 0
+    assert survey(tmp_path) == []
+    assert kv_cache_dir.main([str(tmp_path), "--delete", "ff"]) == kv_cache_dir.EXIT_BAD
+    assert kv_cache_dir.main([str(tmp_path / "none")]) == kv_cache_dir.EXIT_BAD
+
+
+def test_a_runtime_starting_during_a_deletion_waits_and_starts_anew(tmp_path: Path) -> None:
+    where = tmp_path / "ab"
+    first = InUse(where)
+    first.close()
+    with open(where / "in_use.lock", "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # a prune under way
+        started: list[InUse] = []
+        waiter = threading.Thread(target=lambda: started.append(InUse(where)))
+        waiter.start()
+        time.sleep(0.2)
+        assert not started  # waits for the deletion
+        shutil.rmtree(where)
+    waiter.join(5)
+    (held,) = started
+    assert (where / "in_use.lock").exists()  # made anew, and held
+    tier = TierDir(where, {}, 0, 0, 0.0, True)
+    assert not prune(tier) and where.exists()
+    held.close()
+    assert prune(tier) and not where.exists()
