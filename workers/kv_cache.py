@@ -11,6 +11,7 @@ plan names.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -18,6 +19,7 @@ import os
 import queue
 import struct
 import threading
+import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -189,6 +191,9 @@ class DiskKVTier:
     HEADER = struct.Struct("<8sQQII")
     """magic, data bytes, params bytes, CRC-32 of data then params, 0."""
     THREADS = 4
+    STALE_TMP_S = 60.0
+    """A temporary file this old is a write a crash cut short (a write takes milliseconds);
+    a younger one may be another runtime's on the same directory, and is left alone."""
 
     def __init__(self, cache: KVCache, directory: Path, max_pending: int = 64):
         directory.mkdir(parents=True, exist_ok=True)
@@ -212,7 +217,9 @@ class DiskKVTier:
         self._buffers = threading.local()
         """Each reading thread's buffer of one file."""
         for leftover in directory.glob("*.tmp"):  # a write cut short by a crash
-            leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (not one another runtime is writing now)
+                if time.time() - leftover.stat().st_mtime > self.STALE_TMP_S:
+                    leftover.unlink()
         self._thread = threading.Thread(target=self._write_loop, name="kv-disk", daemon=True)
         self._thread.start()
 

@@ -354,10 +354,13 @@ def test_files_of_another_size_are_deleted_when_listed(tmp_path: Path) -> None:
     with open(tmp_path / f"{name(b)}.kv", "r+b") as f:
         f.truncate(100)  # a write cut short
     (tmp_path / f"{c}.123.tmp").write_bytes(b"x")
+    os.utime(tmp_path / f"{c}.123.tmp", (1, 1))  # a crash's leftover, not a write under way
+    (tmp_path / f"{a}.456.tmp").write_bytes(b"y")  # another runtime's write under way
     again = DiskKVTier(cache, tmp_path)
     assert again.listing() == [name(a)]
     assert not (tmp_path / f"{name(b)}.kv").exists()
     assert not (tmp_path / f"{c}.123.tmp").exists()  # leftovers of a crash are removed
+    assert (tmp_path / f"{a}.456.tmp").exists()
     before = (tmp_path / f"{name(a)}.kv").stat().st_mtime_ns
     assert again.apply(cache, [move(DISK_LOAD, 3, a)]) == []
     assert (tmp_path / f"{name(a)}.kv").stat().st_mtime_ns > before  # a read refreshes it
