@@ -839,3 +839,32 @@ def test_a_runtime_starting_during_a_deletion_waits_and_starts_anew(tmp_path: Pa
     assert not prune(tier) and where.exists()
     held.close()
     assert prune(tier) and not where.exists()
+
+
+def test_two_runtimes_share_a_directory(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Two runtimes on one directory at once, the second with room for 20 blocks: it reads
+    the head of a document written before it started, and its evictions delete files the first
+    has listed; the first finds those gone (a miss) and computes them. Every answer is the one
+    a runtime without the tier gives."""
+    block_file = 2 * 2 * 4 * 4 * 8 * 4 + 32
+    other = _tokens(120, 8)
+    plain = _ask(tiny_llama_dir, None, [DOC + [7], other + [7], DOC + [9]])
+    _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
+
+    def runtime(gb: float) -> Runtime:
+        cache = CacheConfig(block_size=4, num_blocks=40, kv_cache_dir=str(tmp_path),
+                            disk_kv_cache_gb=gb)  # fmt: skip
+        return Runtime(
+            model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=256, cache=cache
+        )
+
+    with runtime(1.0) as first, runtime(20 * block_file / 2**30) as second:
+        a = second.generate([DOC + [7]], PARAMS)[0]  # DOC's first 20 blocks (its bound)
+        assert second.engine.stats()["prefix_cache_disk_hit_tokens"] == 80
+        b = second.generate([other + [7]], PARAMS)[0]  # its writes push DOC's files out
+        second.engine.wait_idle(10)
+        assert len(_files(tmp_path)) <= 20
+        c = first.generate([DOC + [9]], PARAMS)[0]  # listed at its start; many files gone now
+        stats = first.engine.stats()
+    _same([a, b, c], plain["outs"])
+    assert stats["prefix_cache_disk_hit_tokens"] < len(DOC)
