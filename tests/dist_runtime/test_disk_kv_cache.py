@@ -709,25 +709,33 @@ def test_disk_tier_over_ray(
     assert fourth["outs"][0].num_cached_tokens < len(DOC)
 
 
-@pytest.mark.parametrize(
-    "seed", range(int(os.environ["DISK_CROWD_SEEDS"])) if "DISK_CROWD_SEEDS" in os.environ else [14]
+_CROWD = (
+    [(s, h) for s in range(int(os.environ["DISK_CROWD_SEEDS"])) for h in (0, 24)]
+    if "DISK_CROWD_SEEDS" in os.environ
+    else [(14, 0), (3, 24)]
 )
+
+
+@pytest.mark.parametrize(("seed", "host_slots"), _CROWD)
 def test_a_crowd_reading_damaged_files_gets_the_answers_of_no_tier(
-    tiny_llama_dir: Path, tmp_path: Path, seed: int
+    tiny_llama_dir: Path, tmp_path: Path, seed: int, host_slots: int
 ) -> None:
     """Documents written to disk by one runtime, a fifth of their files then damaged (bits
     flipped, cut short); a new runtime with a tight device cache and a small step budget (reads
     spread over steps, shared blocks, evictions) answers a crowd of questions about them from
     three threads, with more files damaged between its rounds: every answer is the one a
     runtime without the tier gives, the damaged blocks were caught, and every block comes back.
-    Seed 14 has a retried read fail again while nothing else ran (the engine then failed every
-    request as if the cache were too small). Offline: `DISK_CROWD_SEEDS=200 pytest -k
-    crowd_reading` (200 clean)."""
+    With `host_slots`, a host tier of that many blocks between the device and the disk. Seed 14
+    has a retried read fail again while nothing else ran (the engine then failed every request
+    as if the cache were too small). Offline: `DISK_CROWD_SEEDS=200 pytest -k crowd_reading`
+    (200 seeds clean, with and without the host tier)."""
     rng = random.Random(seed)
     docs = [_tokens(rng.randint(40, 110), 60 + d) for d in range(4)]
     asks = [rng.choice(docs) + _tokens(rng.randint(1, 6), 200 + i) for i in range(12)]
     params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
-    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path))
+    host_gb = host_slots * 2 * 2 * 4 * 4 * 8 * 4 / 2**30
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path),
+                        host_kv_cache_gb=host_gb)  # fmt: skip
     kw: dict[str, Any] = {"model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32",
                           "session_len": 256}  # fmt: skip
     with Runtime(**kw, cache=CacheConfig(block_size=4, num_blocks=70)) as plain:
@@ -771,6 +779,10 @@ def test_a_crowd_reading_damaged_files_gets_the_answers_of_no_tier(
         assert rt.engine.blocks.num_free_blocks == 70
     assert [got[i] for i in range(len(asks))] == want
     assert stats["disk_kv_unread_blocks"] >= 1 and stats["prefix_cache_disk_hit_tokens"] > 0
+    if not host_slots:
+        assert stats["host_kv_saved_blocks"] == 0
+    elif seed == 3:  # (this seed reads blocks back from both tiers)
+        assert stats["prefix_cache_host_hit_tokens"] > 0
 
 
 # -- the directory as a whole (launch/kv_cache_dir.py) ---------------------------------------------
