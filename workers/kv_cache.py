@@ -12,6 +12,7 @@ plan names.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import math
@@ -191,6 +192,8 @@ class DiskKVTier:
     HEADER = struct.Struct("<8sQQII")
     """magic, data bytes, params bytes, CRC-32 of data then params, 0."""
     THREADS = 4
+    FULL_PAUSE_S = 30.0
+    """After a write finds the disk full, saves are dropped (not tried) this long."""
     STALE_TMP_S = 60.0
     """A temporary file this old is a write a crash cut short (a write takes milliseconds);
     a younger one may be another runtime's on the same directory, and is left alone."""
@@ -214,6 +217,9 @@ class DiskKVTier:
         self._queue: queue.Queue[tuple[int, str, Any]] = queue.Queue(maxsize=max_pending)
         self.num_written = self.num_read = self.num_failed = self.num_unread = 0
         self._threads: ThreadPoolExecutor | None = None
+        self._full_until = 0.0
+        self._last_error_log = -1e9
+        self._errors_unlogged = 0
         self._buffers = threading.local()
         """Each reading thread's buffer of one file."""
         for leftover in directory.glob("*.tmp"):  # a write cut short by a crash
@@ -385,19 +391,45 @@ class DiskKVTier:
         while True:
             kind, key, payload = self._queue.get()  # a save: its name and data; a drop: none
             try:
-                if kind == DISK_SAVE:
-                    self._write(*payload)
-                else:
+                if kind != DISK_SAVE:
                     self._path(key).unlink(missing_ok=True)  # (a drop's key is its name)
+                elif time.monotonic() < self._full_until:
+                    self.num_failed += 1  # full: not tried (a read finds it missing: computed)
+                else:
+                    self._write(*payload)
             except OSError as e:
                 self.num_failed += 1
-                logger.error("disk KV tier: cannot write block %s in %s: %s", key, self.dir, e)
+                self._failed(key, e)
             finally:
                 if kind == DISK_SAVE:
                     with self._lock:
                         if self._pending.get(key) is payload[1]:
                             del self._pending[key]
                 self._queue.task_done()
+
+    def _failed(self, key: str, e: OSError) -> None:
+        """Log a failed write or deletion: a full disk pauses writes for FULL_PAUSE_S; other
+        errors are logged once a minute at most, with a count, not once per block."""
+        now = time.monotonic()
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            self._full_until = now + self.FULL_PAUSE_S
+            logger.error(
+                "disk KV tier: %s is full (%s); no block is written for %g s (the blocks not "
+                "written are computed again when a prompt needs them); %d writes failed so far",
+                self.dir,
+                e.strerror,
+                self.FULL_PAUSE_S,
+                self.num_failed,
+            )
+            return
+        if now - self._last_error_log < 60.0:
+            self._errors_unlogged += 1
+            return
+        more = f" ({self._errors_unlogged} more since the last message)" * bool(
+            self._errors_unlogged
+        )
+        logger.error("disk KV tier: cannot write block %s in %s: %s%s", key, self.dir, e, more)
+        self._last_error_log, self._errors_unlogged = now, 0
 
     def _write(
         self,
@@ -407,11 +439,16 @@ class DiskKVTier:
     ) -> None:
         parts, crc = packed.result()
         tmp = self.dir / f"{name}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(self.HEADER.pack(self.MAGIC, self.data_bytes, self.params_bytes, crc, 0))
-            for part in parts:
-                f.write(part)
-        os.replace(tmp, self._path(name))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(self.HEADER.pack(self.MAGIC, self.data_bytes, self.params_bytes, crc, 0))
+                for part in parts:
+                    f.write(part)
+            os.replace(tmp, self._path(name))
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # what a full disk took of it
+            raise
         self.num_written += 1
 
 

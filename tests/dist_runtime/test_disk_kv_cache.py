@@ -7,6 +7,7 @@ K/V. Unit tests of the block manager's moves and of the worker's files come firs
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import random
@@ -410,6 +411,43 @@ def test_a_read_that_fails_its_check_is_reported_not_copied(tmp_path: Path, bits
     if bits:
         assert fresh.params is not None and cache.params is not None
         assert torch.equal(fresh.params[:, :, 4], cache.params[:, :, 0])
+
+
+def test_a_full_disk_pauses_writes_and_errors_are_not_logged_per_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that finds the disk full leaves no temporary file and pauses writes (the next
+    saves are not tried, one message); other errors log once a minute with a count."""
+    import workers.kv_cache as kv_module
+
+    cache = small_cache(num_blocks=8)
+    tier = DiskKVTier(cache, tmp_path)
+    tries: list[str] = []
+
+    def full(src: Any, dst: Any) -> None:
+        tries.append(str(dst))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kv_module.os, "replace", full)
+    keys = [f"{i:032x}" for i in range(8)]
+    with caplog.at_level("ERROR", logger="workers.kv_cache"):
+        tier.apply(cache, [move(DISK_SAVE, i, keys[i]) for i in range(4)])
+        tier.flush()
+    assert len(tries) == 1 and tier.num_failed == 4 and tier.num_written == 0
+    assert list(tmp_path.iterdir()) == []  # the cut temporary file went too
+    assert [r.message.count("is full") for r in caplog.records] == [1]
+    caplog.clear()
+    tier._full_until = 0.0  # the pause is over; now the directory refuses writes
+
+    def refused(src: Any, dst: Any) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(kv_module.os, "replace", refused)
+    with caplog.at_level("ERROR", logger="workers.kv_cache"):
+        tier.apply(cache, [move(DISK_SAVE, i, keys[i]) for i in range(4, 8)])
+        tier.flush()
+    assert tier.num_failed == 8 and len(caplog.records) == 1
+    assert "Permission denied" in caplog.records[0].message
 
 
 # -- end to end -----------------------------------------------------------------------------------
