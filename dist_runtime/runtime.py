@@ -464,6 +464,13 @@ class Runtime:
             "hit_rate": hits / queried if queried else 0.0,
         }
 
+    def reset_prefix_cache(self, host: bool = True, disk: bool = True) -> dict[str, int]:
+        """Forget what the prefix cache holds: the device's blocks, and unless told otherwise
+        the host tier's and the disk tier's (this model's and layout's files are deleted).
+        Requests running now go on; later prompts compute their prefixes again. Returns the
+        blocks forgotten per tier ({"device", "host", "disk"})."""
+        return self.engine.reset_prefix_cache(host=host, disk=disk)
+
     def worker_memory(self) -> list[dict[str, int]]:
         """Each worker's peak resident bytes and KV cache bytes (and CUDA peak), by rank."""
         return self._read_workers(lambda executor: executor.memory_stats())

@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: off)",
     )
     g.add_argument(
+        "--enable-cache-reset",
+        action="store_true",
+        help="serve POST /reset_prefix_cache (vLLM's), which makes the runtime forget its prefix "
+        "cache, the disk tier's files included (?host=false / ?disk=false keep a tier); keep "
+        "--api-keys set (default: off)",
+    )
+    g.add_argument(
         "--max-concurrent-requests",
         type=int,
         default=256,
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             tool_call_format=args.tool_call_format,
             reasoning_parser=args.reasoning_parser,
             enable_lora_loading=args.enable_lora_loading,
+            enable_cache_reset=args.enable_cache_reset,
         )
         try:
             app = create_app(rt, settings)

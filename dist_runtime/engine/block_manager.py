@@ -309,6 +309,32 @@ class BlockManager:
         for h in digests:
             self._moves.append(_disk_move(DISK_DROP, pool, 0, h))
 
+    def reset_prefix_cache(self, host: bool = True, disk: bool = True) -> dict[str, int]:
+        """Forget every cached block on the device (blocks running requests hold stay theirs,
+        no longer shared), and with `host` / `disk` every block those tiers keep (the disk's
+        files are deleted). Returns how many blocks each tier forgot."""
+        forgot = {"device": 0, "host": 0, "disk": 0}
+        for pool in self._pools:
+            forgot["device"] += len(pool.hash_of)
+            pool.hash_of.clear()
+            pool.by_hash.clear()
+            pool.free.extend(pool.evictable)
+            pool.evictable.clear()
+            if host and pool.host is not None:
+                forgot["host"] += len(pool.host.by_hash)
+                pool.host.free.extend(pool.host.by_hash.values())
+                pool.host.by_hash.clear()
+        tier = self._pools[0].disk
+        if disk and tier is not None:
+            forgot["disk"] = len(tier)
+            for h, pool_index in list(tier.pool.items()):
+                self._moves.append(_disk_move(DISK_DROP, pool_index, 0, h))
+            tier.parent.clear()
+            tier.pool.clear()
+            tier.children.clear()
+            tier.leaves.clear()
+        return forgot
+
     def forget(self, moves: Sequence[KVMove]) -> None:
         """A step carrying `moves` failed, perhaps part way through them: no block they name
         may be trusted, so the prefix cache forgets them (a device block a load filled, a host

@@ -283,6 +283,22 @@ class Engine:
         """Abort a request (its blocks are freed before the next step); unknown ids are ignored."""
         self._send("abort", request_id)
 
+    def reset_prefix_cache(self, host: bool = True, disk: bool = True) -> dict[str, int]:
+        """Forget the prefix cache between two steps (`BlockManager.reset_prefix_cache`): the
+        device's cached blocks, and with `host` / `disk` those tiers' (the disk's files go with
+        the next plan, and when no step is in flight the call waits for them). Running
+        requests go on. Returns the blocks forgotten per tier."""
+
+        def reset() -> dict[str, int]:
+            forgot = self.blocks.reset_prefix_cache(host=host, disk=disk)
+            logger.info("prefix cache reset: %s blocks forgotten", forgot)
+            if forgot["disk"] and self._inflight is None and self.executor is not None:
+                self._send_moves()  # the deletions now, not with the next step
+                self.executor.flush_disk_kv()
+            return forgot
+
+        return self.call(reset)
+
     def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
         """Run fn on the engine thread between two steps (for anything that touches the
         executor or the scheduler's state) and return its result."""

@@ -9,7 +9,8 @@ whole answer, aborts its requests. Routes: `/v1/models` (and `/v1/models/{name}`
 `/v1/chat/completions`, `/v1/completions` (SSE with `stream: true`), the Responses API under
 `/v1/responses` (`dist_runtime.server.responses`), Anthropic's `/v1/messages`
 (`dist_runtime.server.anthropic`), the document-QA jobs under `/v1/jobs`,
-vLLM's `/tokenize` and `/detokenize`, `/health`, `/metrics` and the chat page at `/`.
+vLLM's `/tokenize`, `/detokenize` and `/reset_prefix_cache` (when enabled), `/health`, `/metrics`
+and the chat page at `/`.
 Errors are `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -99,7 +100,7 @@ from dist_runtime.server.tools import (
 )
 
 logger = logging.getLogger("dist_runtime.server")
-KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")
+KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize", "/reset_prefix_cache")
 """Routes that need an API key when the server has keys."""
 REQUEST_ID_HEADER = "x-request-id"
 """Every answer carries one (OpenAI's header; the official client shows it as `_request_id`):
@@ -160,6 +161,9 @@ class ServerSettings:
     enable_lora_loading: bool = False
     """Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): callers with a key
     load adapters from folders on the server's disk. Off: those routes are 403."""
+    enable_cache_reset: bool = False
+    """Serve POST /reset_prefix_cache (vLLM's route): callers with a key make the runtime forget
+    its prefix cache, the disk tier's files included. Off: that route is 403."""
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -345,6 +349,15 @@ class _Server:
                 403,
                 "loading and unloading LoRA adapters over HTTP is off; start the server with "
                 "--enable-lora-loading (and --max-loras)",
+                code="forbidden",
+            )
+
+    def check_cache_reset(self) -> None:
+        if not self.settings.enable_cache_reset:
+            raise APIError(
+                403,
+                "resetting the prefix cache over HTTP is off; start the server with "
+                "--enable-cache-reset",
                 code="forbidden",
             )
 
@@ -955,6 +968,15 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             "tokens": ids,
             "token_strs": [server.token_text(t) for t in ids] if req.return_token_strs else None,
         }
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(host: bool = True, disk: bool = True) -> dict[str, Any]:
+        """Forget the prefix cache (vLLM's route); `?host=false` / `?disk=false` keep a tier.
+        Requests running now go on."""
+        server.check_cache_reset()
+        server.check_alive()
+        forgot = await asyncio.to_thread(runtime.reset_prefix_cache, host, disk)
+        return {"object": "prefix_cache.reset", "forgotten_blocks": forgot}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(req: LoadLoraRequest) -> Response:

@@ -198,6 +198,7 @@ async def call(
 ) -> tuple[int, bytes]:
     """One POST through the ASGI app, as an HTTP client that stays connected would send it
     (until `leave` is set: then it disconnects, and the route aborts the request)."""
+    path, _, query = path.partition("?")
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -206,7 +207,7 @@ async def call(
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "root_path": "",
         "headers": [
             (b"host", b"batch"),

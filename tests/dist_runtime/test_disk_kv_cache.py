@@ -6,9 +6,11 @@ K/V. Unit tests of the block manager's moves and of the worker's files come firs
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import random
 import shutil
@@ -918,3 +920,56 @@ def test_two_runtimes_share_a_directory(tiny_llama_dir: Path, tmp_path: Path) ->
         stats = first.engine.stats()
     _same([a, b, c], plain["outs"])
     assert stats["prefix_cache_disk_hit_tokens"] < len(DOC)
+
+
+def test_reset_forgets_every_tier_and_running_requests_go_on(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """`Runtime.reset_prefix_cache`: with `disk=False` the device's blocks go and the disk's
+    stay (the next question reads them back); a full reset deletes the files too (the next
+    question computes everything), with the same answers; a request running during a reset
+    ends with its own answer. Over HTTP (POST /reset_prefix_cache) it is 403 unless enabled,
+    and needs a key."""
+    from dist_runtime.server.app import ServerSettings, create_app
+    from dist_runtime.server.batch_lines import call
+
+    plain = _ask(tiny_llama_dir, None, [DOC + [7], DOC + [8]])
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path),
+                        host_kv_cache_gb=20 * 1024 / 2**30)  # fmt: skip
+    with Runtime(
+        model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=256, cache=cache
+    ) as rt:
+        first = rt.generate([DOC + [7]], PARAMS)[0]
+        rt.engine.wait_idle(10)
+        forgot = rt.reset_prefix_cache(disk=False)
+        assert forgot["device"] == 32 and forgot["disk"] == 0
+        assert rt.engine.blocks.num_free_blocks == 70
+        again = rt.generate([DOC + [8]], PARAMS)[0]
+        assert again.num_cached_tokens == len(DOC)
+        assert rt.engine.stats()["prefix_cache_disk_hit_tokens"] == len(DOC)
+        (running,) = rt.add_requests([DOC + [7]], [PARAMS])
+        forgot = rt.reset_prefix_cache()
+        assert forgot["disk"] >= 32
+        assert running.result(timeout=60).token_ids == first.token_ids
+        rt.engine.wait_idle(10)
+        rt.reset_prefix_cache()  # the blocks it registered as it went
+        assert _files(tmp_path) == []  # (the call waits for the deletions)
+        cold = rt.generate([DOC + [8]], PARAMS)[0]
+        assert cold.num_cached_tokens == 0
+        keyed = [(b"authorization", b"Bearer k")]
+
+        def post(app: Any, path: str, headers: Any = keyed) -> tuple[int, Any]:
+            status, body = asyncio.run(call(app, path, b"", headers))
+            return status, json.loads(body)
+
+        off = create_app(rt, ServerSettings(served_model_name="m", api_keys=("k",)))
+        status, body = post(off, "/reset_prefix_cache")
+        assert status == 403 and "--enable-cache-reset" in body["error"]["message"]
+        on = create_app(
+            rt, ServerSettings(served_model_name="m", api_keys=("k",), enable_cache_reset=True)
+        )
+        assert post(on, "/reset_prefix_cache", [])[0] == 401
+        status, body = post(on, "/reset_prefix_cache?disk=false&host=false")
+        assert status == 200 and body["forgotten_blocks"]["device"] > 0
+        assert body["forgotten_blocks"]["disk"] == 0 and len(_files(tmp_path)) > 0
+    _same([first, again, cold], plain["outs"][:1] + plain["outs"][1:] * 2)

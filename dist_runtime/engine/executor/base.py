@@ -56,6 +56,10 @@ class Executor(abc.ABC):
         """The result of the oldest launched step not collected yet."""
         raise NotImplementedError(f"{type(self).__name__} does not launch steps ahead")
 
+    @abc.abstractmethod
+    def flush_disk_kv(self) -> None:
+        """Wait until every worker's disk tier has done its queued writes and deletions."""
+
     def runs_ahead(self) -> bool:
         """Whether `launch` returns before the step ends, so the driver can plan and launch the
         next decode step meanwhile (whose `LAST_SAMPLED` token ids the workers fill in)."""

@@ -64,6 +64,9 @@ class InProcessExecutor(Executor):
     def runs_ahead(self) -> bool:
         return self.worker.runs_ahead()
 
+    def flush_disk_kv(self) -> None:
+        self.worker.flush_disk_kv()
+
     def memory_stats(self) -> list[dict[str, int]]:
         return [self.worker.memory_stats()]
 

@@ -377,6 +377,15 @@ class RayExecutor(Executor):
         )
         return decode(outs[-1], StepResult)
 
+    def flush_disk_kv(self) -> None:
+        if self.dead is not None:
+            raise WorkerError(self.dead)
+        self._get(
+            [a.flush_disk_kv.remote() for a in self.actors],
+            self.config.step_timeout_s,
+            "flushing the disk KV tier",
+        )
+
     def runs_ahead(self) -> bool:
         """With `DIST_RUNTIME_ASYNC_DECODE=1`. Every worker takes its `LAST_SAMPLED` ids from
         the step before: from the device where a decode graph picked them, otherwise from the
