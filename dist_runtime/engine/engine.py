@@ -1055,10 +1055,11 @@ class Engine:
             disk_dir, root = None, None
             cache = self.config.cache
             if cache.kv_cache_dir is not None and cache.enable_prefix_caching:
+                held, root = disk_tier(self.config, self.model_config)
                 if self._tier_in_use is not None:  # (workers started again: the same one)
                     self._tier_in_use.close()
-                self._tier_in_use, root = disk_tier(self.config, self.model_config)
-                disk_dir = str(self._tier_in_use.where)
+                self._tier_in_use = held
+                disk_dir = str(held.where)
             self.executor.allocate_kv_cache(num_blocks, host_slots, disk_dir)
             disk_blocks, capacity, orphans = None, 0, list[list[int]]()
             if disk_dir is not None:
