@@ -184,7 +184,7 @@ class Sequence:
         p = self.params
         return SamplingSpec(
             temperature=float(p.temperature),
-            top_k=p.top_k,
+            top_k=p.top_k if p.top_k < 2**31 else 0,  # (past any vocabulary: no limit)
             top_p=float(p.top_p),
             min_p=float(p.min_p),
             repetition_penalty=float(p.repetition_penalty),

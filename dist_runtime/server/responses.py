@@ -159,7 +159,7 @@ class ResponsesRequest(_Request):
             {
                 "conversation": _empty,
                 "prompt": _empty,
-                "reasoning": lambda v: _empty(v) or not any(v.values()),
+                "reasoning": lambda v: _empty(v) or (isinstance(v, dict) and not any(v.values())),
                 "truncation": lambda v: v in (None, "disabled"),
             },
         )

@@ -316,8 +316,11 @@ class SamplingFields(_Request):
 
 def check_tool_types(tools: Any, allowed: tuple[str | None, ...], give: str) -> None:
     """Every tool (a raw request's list) is of an `allowed` type: the others are a provider's
-    built-in tools (web search, ...), which this server does not have."""
-    for i, tool in enumerate(tools or []):
+    built-in tools (web search, ...), which this server does not have. Anything but a list
+    is left to the field's own validation (a 400 naming `tools`)."""
+    if not isinstance(tools, list):
+        return
+    for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind not in allowed:
             raise UnsupportedFieldError(
