@@ -117,6 +117,11 @@ PLAUSIBLE: dict[str, list[Any]] = {
         [{"role": "assistant", "content": "partial"}],
         [],
     ],  # fmt: skip
+    "tokens": [[99999999], [-1], ["x"], []],
+    "document": ["", "x" * 5000, ["a"]],
+    "questions": [[], [""], ["q"] * 40, "q"],
+    "document_path": ["/etc/passwd", "/nonexistent"],
+    "idempotency_key": ["k1", ""],
     "input": [
         "hi",
         [{"role": "user", "content": "hi"}],
@@ -131,6 +136,9 @@ ROUTES: dict[str, dict[str, Any]] = {
     "/v1/responses": {"input": "hello", "max_output_tokens": 4},
     "/v1/messages": {"messages": USER, "max_tokens": 4},
     "/tokenize": {"prompt": "hello"},
+    "/detokenize": {"tokens": [1, 2, 3]},
+    "/v1/messages/count_tokens": {"messages": USER},
+    "/v1/jobs": {"document": "The ferry leaves at seven.", "questions": ["When?"], "max_tokens": 3},
 }
 SEEDS = range(int(os.environ["HTTP_FUZZ_SEEDS"])) if "HTTP_FUZZ_SEEDS" in os.environ else [21]
 
