@@ -52,7 +52,7 @@ def _row(t: TierDir, now: float) -> str:
         bits = card.get("quant_policy") or 0
         kv = f"int{bits}" if bits else card.get("dtype", "?")
         layout = f"tp{card.get('tp', '?')}xcp{card.get('cp', '?')} {kv} bs{card.get('block_size')}"
-    used = "in use" if t.in_use else _ago(now - t.last_used)
+    used = "in use" if t.in_use else _ago(now - t.last_used) + ("?" if t.in_use is None else "")
     return (
         f"{t.id[:12]}  {t.nbytes / 2**30:8.2f} GiB  {t.files:8d} blocks  {used:>13}  "
         f"{layout:<24} {card.get('checkpoint', '?')}"
@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.dir}: {len(tiers)} model / layout directories, {total / 2**30:.2f} GiB")
     for t in tiers:
         print("  " + _row(t, now))
+    if any(t.in_use is None for t in tiers):
+        print("?: this file system has no file locks, so a runtime using such a directory cannot "
+              "be told apart: stop the runtimes on DIR before deleting")  # fmt: skip
     wanted = bool(args.delete or args.unused_days is not None or args.max_gb is not None)
     if not wanted:
         return 0

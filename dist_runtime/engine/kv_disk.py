@@ -149,7 +149,16 @@ class InUse:
         while True:
             where.mkdir(parents=True, exist_ok=True)
             f: IO[bytes] = open(where / LOCK, "a+b")  # noqa: SIM115 (held until close)
-            fcntl.flock(f, fcntl.LOCK_SH)
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH)
+            except OSError as e:  # a file system without locks (Lustre without -o flock, ...)
+                logger.warning(
+                    "disk KV tier: %s cannot be locked (%s); launch/kv_cache_dir.py cannot tell "
+                    "that this runtime uses it",
+                    where,
+                    e.strerror or e,
+                )
+                break
             try:
                 if os.stat(where / LOCK).st_ino == os.fstat(f.fileno()).st_ino:
                     break
@@ -180,7 +189,8 @@ class TierDir:
     last_used: float
     """The newest time a block in it was written or read, or a runtime started or stopped on
     it (seconds since the epoch)."""
-    in_use: bool
+    in_use: bool | None
+    """Whether a running runtime holds it (None: its file system has no locks to tell)."""
 
     @property
     def id(self) -> str:
@@ -215,13 +225,16 @@ def survey(top: Path) -> list[TierDir]:
     return sorted(found, key=lambda t: t.last_used)
 
 
-def _in_use(path: Path) -> bool:
+def _in_use(path: Path) -> bool | None:
+    """Whether a runtime holds the directory; None when its file system has no locks."""
     try:
-        with open(path / LOCK, "rb") as f:
+        with open(path / LOCK, "r+b") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return True
+            except OSError:
+                return None
     except FileNotFoundError:
         pass
     return False
@@ -273,6 +286,8 @@ def prune(tier: TierDir) -> bool:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        except OSError:
+            pass  # no locks on this file system: the caller was told (`TierDir.in_use` None)
         shutil.rmtree(tier.path, ignore_errors=True)
     logger.info(
         "disk KV tier: deleted %s (%d blocks, %.1f GiB)", tier.path, tier.files, tier.nbytes / 2**30

@@ -973,3 +973,25 @@ def test_reset_forgets_every_tier_and_running_requests_go_on(
         assert status == 200 and body["forgotten_blocks"]["device"] > 0
         assert body["forgotten_blocks"]["disk"] == 0 and len(_files(tmp_path)) > 0
     _same([first, again, cold], plain["outs"][:1] + plain["outs"][1:] * 2)
+
+
+def test_a_file_system_without_locks_still_runs_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where flock fails (Lustre mounted without it, some NFS), a runtime starts anyway with a
+    warning, and the survey says it cannot tell whether a directory is in use."""
+    import dist_runtime.engine.kv_disk as kv_disk
+
+    def no_locks(f: Any, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(kv_disk.fcntl, "flock", no_locks)
+    where = tmp_path / "ab"
+    with caplog.at_level("WARNING", logger="dist_runtime.engine.kv_disk"):
+        held = InUse(where)
+    assert "cannot be locked (No locks available)" in caplog.text
+    (where / "fingerprint.json").write_text("{}")
+    (tier,) = survey(tmp_path)
+    assert tier.in_use is None
+    assert prune(tier) and not where.exists()
+    held.close()
