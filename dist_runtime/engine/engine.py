@@ -745,6 +745,14 @@ class Engine:
 
     def _admit(self, request: _Request) -> None:
         self._active[request.handle.request_id] = request
+        guide = request.seq.guide
+        if guide is not None and (guide.ended or not guide.can_go_on()):
+            # Its grammar takes no token at all (it matches the empty text only, and EOS is
+            # ignored or ends it): the answer is empty, as a closing value ends a request, and
+            # no step samples from a mask that allows nothing.
+            request.handle.put(RequestDelta([], "", None, "stop"))
+            self._end(request, self.outputs.output(request.seq, "stop"))
+            return
         self.scheduler.add(request.seq)
 
     def _admit_ready(self) -> None:

@@ -303,3 +303,21 @@ def test_guided_regex_and_pattern_strings(rt: Runtime) -> None:
         assert re.fullmatch(r"[A-Z]{2}[0-9]{1,3}", value["code"])
     with pytest.raises(ValueError, match=r"guided_regex: pattern '\(a\)\\\\1'"):
         SamplingParams(guided_regex=r"(a)\1")
+
+
+def test_a_grammar_that_takes_no_token_ends_empty_and_alone(rt: Runtime) -> None:
+    """A grammar matching only the empty text, with EOS ignored, allows no token at all: the
+    request ends at once with "" ("stop"), streamed as one closing delta, and the request
+    sharing its step is untouched (it used to fail with it: an empty mask raised in the
+    sampler)."""
+    other = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    alone = rt.generate(["other"], other)[0]
+    for kw in ({"guided_regex": ""}, {"guided_grammar": 'root ::= ""'}):
+        empty = SamplingParams(max_new_tokens=40, ignore_eos=True, **kw)
+        got = [h.result(timeout=60) for h in rt.add_requests(["hello", "other"], [empty, other])]
+        assert (got[0].text, got[0].token_ids, got[0].finish_reason) == ("", [], "stop")
+        assert got[1].token_ids == alone.token_ids
+        (h,) = rt.add_requests(["hello"], [empty])
+        assert [(d.text, d.finish_reason) for d in h] == [("", "stop")]
+    maybe = SamplingParams(max_new_tokens=40, ignore_eos=True, guided_regex="a?")
+    assert rt.generate(["hello"], maybe)[0].text == "a"  # it can take a token: it does
