@@ -312,8 +312,11 @@ def test_a_grammar_that_takes_no_token_ends_empty_and_alone(rt: Runtime) -> None
     sampler)."""
     other = SamplingParams(max_new_tokens=5, ignore_eos=True)
     alone = rt.generate(["other"], other)[0]
-    for kw in ({"guided_regex": ""}, {"guided_grammar": 'root ::= ""'}):
-        empty = SamplingParams(max_new_tokens=40, ignore_eos=True, **kw)
+    empties = [
+        SamplingParams(max_new_tokens=40, ignore_eos=True, guided_regex=""),
+        SamplingParams(max_new_tokens=40, ignore_eos=True, guided_grammar='root ::= ""'),
+    ]
+    for empty in empties:
         got = [h.result(timeout=60) for h in rt.add_requests(["hello", "other"], [empty, other])]
         assert (got[0].text, got[0].token_ids, got[0].finish_reason) == ("", [], "stop")
         assert got[1].token_ids == alone.token_ids
