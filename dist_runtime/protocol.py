@@ -176,6 +176,11 @@ class StepResult:
     num_draft_tokens + 1 in a row (its accepted draft tokens, then the model's own)."""
     prompt_logprobs: list[PromptLogprobs] = dataclasses.field(default_factory=list)
     """Scored rows of the step's chunks that asked for prompt log-probabilities."""
+    failed_seq_ids: list[int] = dataclasses.field(default_factory=list)
+    """Sequences whose token could not be sampled (their row raised in the sampler, each row
+    tried alone): no token for them; the driver fails their requests, the others go on."""
+    failed_reasons: list[str] = dataclasses.field(default_factory=list)
+    """The error of each of `failed_seq_ids`, in order."""
     unread_moves: list[int] = dataclasses.field(default_factory=list)
     """Indices in the plan's `kv_moves` of disk reads whose file failed its check on some
     worker: the step ran on no worker (no tokens), and the driver plans it again."""

@@ -173,6 +173,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self._launched: collections.deque[_Launched | StepResult | None] = collections.deque()
         self._last_rows: dict[int, int] | None = None
+        self._failed_rows: list[tuple[int, str]] = []
+        """(seq id, error) of this step's rows the sampler could not take (`_sample`)."""
         """seq id -> row of the last step replayed by `launch`, whose picks (`_last_picks`) are
         still on the device; None after any other step."""
         self._last_picks: torch.Tensor | None = None
@@ -574,6 +576,7 @@ class ModelRunner:
         if self.kv_cache is None:
             raise RuntimeError("allocate_kv_cache() must run before execute()")
         self._last_rows = None
+        self._failed_rows = []
         for seq_id in plan.finished_seq_ids:
             self.seqs.pop(seq_id, None)
         for seq in plan.seqs:
@@ -634,7 +637,7 @@ class ModelRunner:
                 tokens = greedy_tokens(graphs.greedy[:n], [s.seq_id for s in sampled])
             else:
                 tokens = self._sample(graphs.logits[:n], sampled)
-            return StepResult(step_id=plan.step_id, tokens=tokens, prompt_logprobs=scored)
+            return self._result(plan, tokens, scored)
         if sample_rows is None and len(sampled) < len(plan.seqs):
             picks = [i for i, s in enumerate(plan.seqs) if s.sample]
             sample_rows = torch.tensor(picks, dtype=torch.int64, device=self.device)
@@ -650,7 +653,19 @@ class ModelRunner:
             tokens = self._sample_drafts(logits, sampled)
         else:
             tokens = self._sample(logits, sampled)
-        return StepResult(step_id=plan.step_id, tokens=tokens, prompt_logprobs=scored)
+        return self._result(plan, tokens, scored)
+
+    def _result(
+        self, plan: StepPlan, tokens: list[SampledToken], scored: list[PromptLogprobs]
+    ) -> StepResult:
+        failed = self._failed_rows
+        return StepResult(
+            step_id=plan.step_id,
+            tokens=tokens,
+            prompt_logprobs=scored,
+            failed_seq_ids=[seq_id for seq_id, _ in failed],
+            failed_reasons=[reason for _, reason in failed],
+        )
 
     def _score_prompts(self, seqs: list[SeqStep], hidden: torch.Tensor) -> list[PromptLogprobs]:
         """Prompt log-probabilities of the chunks that ask for them (cp = 1, rows packed in
@@ -1019,6 +1034,23 @@ class ModelRunner:
         return [tok for toks in out for tok in toks]
 
     def _sample(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[SampledToken]:
+        """The rows' tokens; when the batch raises, each row is sampled alone and the rows that
+        raise again are left out and recorded in `_failed_rows` (a request's values that break
+        the sampler fail that request, not the others of its step)."""
+        try:
+            return self._sample_batch(logits, seqs)
+        except Exception as e:
+            logger.warning("sampling %d rows failed (%s); sampling them one by one", len(seqs), e)
+        tokens: list[SampledToken] = []
+        for i, seq in enumerate(seqs):
+            try:
+                tokens += self._sample_batch(logits[i : i + 1], [seq])
+            except Exception as e:
+                logger.exception("seq %d: sampling failed", seq.seq_id)
+                self._failed_rows.append((seq.seq_id, f"{type(e).__name__}: {e}"))
+        return tokens
+
+    def _sample_batch(self, logits: torch.Tensor, seqs: list[SeqStep]) -> list[SampledToken]:
         states = [self.seqs[s.seq_id] for s in seqs]
         self._seed_draws(seqs)
         none = torch.empty(0, dtype=torch.int64, device=self.device)

@@ -923,6 +923,14 @@ class Engine:
                 j += 1
             self._deliver(plan.step_id, tokens[i:j])
             i = j
+        for seq_id, reason in zip(result.failed_seq_ids, result.failed_reasons, strict=True):
+            request = self._by_seq.get(seq_id)
+            if request is not None and not request.handle.done:
+                error = RuntimeError(
+                    f"request {request.handle.request_id}: its next token could not be sampled "
+                    f"({reason}); the other requests went on"
+                )
+                self._fail([request], error)
         self._admit_ready()
         self.num_steps += 1
         seconds = time.perf_counter() - started

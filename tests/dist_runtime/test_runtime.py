@@ -302,6 +302,33 @@ def test_runtime_serves_after_a_failed_step(tiny_llama_dir: Path) -> None:
         assert after.token_ids == before.token_ids
 
 
+def test_a_row_the_sampler_refuses_fails_its_request_only(tiny_llama_dir: Path) -> None:
+    """The sampler raising for one request's row (its values broke it) fails that request,
+    naming the error; the request sampled in the same steps gets the tokens it gets alone,
+    and the engine goes on."""
+    with Runtime(model=str(tiny_llama_dir), session_len=64, **CPU32) as runtime:
+        good = _greedy(max_new_tokens=6, ignore_eos=True)
+        bad = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.123)
+        (alone,) = runtime.generate([[5, 6, 7]], good)
+        executor = runtime.engine.executor
+        runner = executor.worker.runner  # type: ignore[union-attr]
+        real = runner.sampler.sample
+
+        def picky(logits: Any, specs: list[Any], *args: Any) -> Any:
+            if any(abs(s.temperature - 0.123) < 1e-9 for s in specs):
+                raise ValueError("injected: this row's values break the sampler")
+            return real(logits, specs, *args)
+
+        runner.sampler.sample = picky
+        handles = runtime.add_requests([[9, 9, 9], [5, 6, 7]], [bad, good])
+        with pytest.raises(RuntimeError, match="could not be sampled .*injected"):
+            handles[0].result(timeout=60)
+        assert handles[1].result(timeout=60).token_ids == alone.token_ids
+        assert runtime.engine.wait_idle(10)
+        assert runtime.engine.blocks.num_free_blocks == runtime.engine.blocks.num_blocks
+        assert runtime.generate([[5, 6, 7]], good)[0].token_ids == alone.token_ids
+
+
 # -- known bugs ------------------------------------------------------------------------------
 
 
