@@ -1018,17 +1018,22 @@ class ModelRunner:
             if state.spec.needs_history:  # through the draft's last token (`_update_state`)
                 history = torch.tensor(state.history, dtype=torch.int64, device=self.device)
                 output_start = max(0, state.spec.num_prompt_tokens - max(state.history_start, 0))
-            out[i] = verify_draft(
-                logits[starts[i] : starts[i + 1]],
-                s.token_ids[-n:],
-                state.spec,
-                state.generator,
-                [draw_seed(state.spec.seed, first + j) for j in range(n + 1)],
-                s.seq_id,
-                s.draft_allowed_tokens or None,
-                history,
-                output_start,
-            )
+            try:
+                out[i] = verify_draft(
+                    logits[starts[i] : starts[i + 1]],
+                    s.token_ids[-n:],
+                    state.spec,
+                    state.generator,
+                    [draw_seed(state.spec.seed, first + j) for j in range(n + 1)],
+                    s.seq_id,
+                    s.draft_allowed_tokens or None,
+                    history,
+                    output_start,
+                )
+            except Exception as e:  # this request's values broke it: it alone fails
+                logger.exception("seq %d: checking its draft failed", s.seq_id)
+                self._failed_rows.append((s.seq_id, f"{type(e).__name__}: {e}"))
+                continue
             if state.spec.needs_history:  # the rejected draft tokens leave the history
                 del state.history[len(state.history) - (n + 1 - len(out[i])) :]
         return [tok for toks in out for tok in toks]

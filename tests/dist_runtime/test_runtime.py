@@ -329,6 +329,42 @@ def test_a_row_the_sampler_refuses_fails_its_request_only(tiny_llama_dir: Path) 
         assert runtime.generate([[5, 6, 7]], good)[0].token_ids == alone.token_ids
 
 
+def test_a_draft_check_that_raises_fails_its_request_only(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With drafts (each request predicts its own answer): checking one request's draft
+    raising fails that request only; the other, checking its draft in the same steps, gets
+    its tokens."""
+    import workers.model_runner as runner_module
+
+    prompt = [5, 6, 7, 8] * 6
+    spec = SchedulerConfig(num_speculative_tokens=4, draft_policy="fixed")
+    with Runtime(model=str(tiny_llama_dir), session_len=64, scheduler=spec, **CPU32) as runtime:
+        good = _greedy(max_new_tokens=8, ignore_eos=True)
+        bad = _greedy(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.0001)  # (a mark)
+        (alone,) = runtime.generate([prompt], good)
+        (bad_alone,) = runtime.generate([prompt[1:]], bad)
+        good = dataclasses.replace(good, prediction=tuple(alone.token_ids))
+        bad = dataclasses.replace(bad, prediction=tuple(bad_alone.token_ids))
+        real = runner_module.verify_draft
+        checked: list[float] = []
+
+        def picky(logits: Any, draft: Any, sampling: Any, *args: Any) -> Any:
+            checked.append(sampling.repetition_penalty)
+            if sampling.repetition_penalty != 1.0:
+                raise ValueError("injected: this draft's check breaks")
+            return real(logits, draft, sampling, *args)
+
+        monkeypatch.setattr(runner_module, "verify_draft", picky)
+        handles = runtime.add_requests([prompt[1:], prompt], [bad, good])
+        with pytest.raises(RuntimeError, match="could not be sampled .*injected"):
+            handles[0].result(timeout=60)
+        assert handles[1].result(timeout=60).token_ids == alone.token_ids
+        assert set(checked) == {1.0, 1.0001}  # both drafted, in the same steps
+        assert runtime.engine.wait_idle(10)
+        assert runtime.engine.blocks.num_free_blocks == runtime.engine.blocks.num_blocks
+
+
 # -- known bugs ------------------------------------------------------------------------------
 
 
