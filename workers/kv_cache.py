@@ -396,7 +396,8 @@ class DiskKVTier:
                 elif time.monotonic() < self._full_until:
                     self.num_failed += 1  # full: not tried (a read finds it missing: computed)
                 else:
-                    self._write(*payload)
+                    name, _, packed = payload
+                    self._write(name, packed)
             except OSError as e:
                 self.num_failed += 1
                 self._failed(key, e)
@@ -431,12 +432,7 @@ class DiskKVTier:
         logger.error("disk KV tier: cannot write block %s in %s: %s%s", key, self.dir, e, more)
         self._last_error_log, self._errors_unlogged = now, 0
 
-    def _write(
-        self,
-        name: str,
-        snapshot: tuple[torch.Tensor, torch.Tensor | None],
-        packed: Future[tuple[list[memoryview], int]],
-    ) -> None:
+    def _write(self, name: str, packed: Future[tuple[list[memoryview], int]]) -> None:
         parts, crc = packed.result()
         tmp = self.dir / f"{name}.{os.getpid()}.tmp"
         try:

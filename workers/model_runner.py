@@ -173,10 +173,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self._launched: collections.deque[_Launched | StepResult | None] = collections.deque()
         self._last_rows: dict[int, int] | None = None
-        self._failed_rows: list[tuple[int, str]] = []
-        """(seq id, error) of this step's rows the sampler could not take (`_sample`)."""
         """seq id -> row of the last step replayed by `launch`, whose picks (`_last_picks`) are
         still on the device; None after any other step."""
+        self._failed_rows: list[tuple[int, str]] = []
+        """(seq id, error) of this step's rows the sampler could not take (`_sample`)."""
         self._last_picks: torch.Tensor | None = None
         """The (token, log-probability) rows the last launched step picked into, on the device
         (the graphs' `greedy`, or `_picks` for a step that sampled)."""
@@ -389,15 +389,15 @@ class ModelRunner:
         back at `collect`, and the next step's `LAST_SAMPLED` ids are taken from them on the
         device. Any other step runs here, as `execute` would."""
         unread = self._move_kv(plan)
-        out: _Launched | StepResult | None = None
+        out: _Launched | StepResult | None
         if unread:
             out = self._skip(plan, unread)
-        elif self.runs_ahead():
-            out = self._launch_staged(plan)
-        if out is None and not unread:
-            if any(s.token_ids[:1] == [LAST_SAMPLED] for s in plan.seqs):
-                plan = self._fill_last_sampled(plan)
-            out = self._execute(plan)
+        else:
+            out = self._launch_staged(plan) if self.runs_ahead() else None
+            if out is None:
+                if any(s.token_ids[:1] == [LAST_SAMPLED] for s in plan.seqs):
+                    plan = self._fill_last_sampled(plan)
+                out = self._execute(plan)
         if self.is_driver_rank:  # the other ranks return no results: nothing to collect
             self._launched.append(out)
 
@@ -540,19 +540,14 @@ class ModelRunner:
         unread: list[int] = []
         for on_disk, run in itertools.groupby(mine, key=lambda im: bool(im[1].disk)):
             group = list(run)
-            moves = [m for _, m in group]
-            if on_disk:
-                if self.disk_kv is None:
-                    raise ValueError(
-                        f"step {plan.step_id} moves KV blocks but this worker has no disk tier"
-                    )
-                unread += [group[j][0] for j in self.disk_kv.apply(self.kv_cache, moves)]
-            else:
-                if self.host_kv is None:
-                    raise ValueError(
-                        f"step {plan.step_id} moves KV blocks but this worker has no host tier"
-                    )
-                self.host_kv.apply(self.kv_cache, moves)
+            tier = self.disk_kv if on_disk else self.host_kv
+            if tier is None:
+                raise ValueError(
+                    f"step {plan.step_id} moves KV blocks but this worker has no "
+                    f"{'disk' if on_disk else 'host'} tier"
+                )
+            failed = tier.apply(self.kv_cache, [m for _, m in group])  # (disk: reads that failed)
+            unread += [group[j][0] for j in failed or ()]
         if self.comm.coords.world_size > 1 and any(m.disk == DISK_LOAD for m in plan.kv_moves):
             flags = torch.zeros(len(plan.kv_moves), dtype=torch.int32, device=self.device)
             flags[unread] = 1
@@ -563,13 +558,18 @@ class ModelRunner:
         """A step some of whose disk reads failed: its sequences' state is taken in (block
         tables, new sequences, finished ones) but nothing runs, and the driver rank says which
         reads failed; the driver plans the step again without those blocks."""
+        self._take_in(plan)
+        if not self.is_driver_rank:
+            return None
+        return StepResult(step_id=plan.step_id, tokens=[], unread_moves=unread)
+
+    def _take_in(self, plan: StepPlan) -> None:
+        """The plan's news for this worker's sequence state: finished ones go, new ones come,
+        block tables grow."""
         for seq_id in plan.finished_seq_ids:
             self.seqs.pop(seq_id, None)
         for seq in plan.seqs:
             self._update_state(seq)
-        if not self.is_driver_rank:
-            return None
-        return StepResult(step_id=plan.step_id, tokens=[], unread_moves=unread)
 
     @torch.inference_mode()
     def _execute(self, plan: StepPlan) -> StepResult | None:
@@ -577,10 +577,7 @@ class ModelRunner:
             raise RuntimeError("allocate_kv_cache() must run before execute()")
         self._last_rows = None
         self._failed_rows = []
-        for seq_id in plan.finished_seq_ids:
-            self.seqs.pop(seq_id, None)
-        for seq in plan.seqs:
-            self._update_state(seq)
+        self._take_in(plan)
         if not plan.seqs:
             return StepResult(step_id=plan.step_id, tokens=[]) if self.is_driver_rank else None
         self.num_steps += 1

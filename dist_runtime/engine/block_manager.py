@@ -118,6 +118,10 @@ class _DiskTier:
             self.leaves[parent] = None
             self.leaves.move_to_end(parent, last=False)  # the same document's next tail
 
+    def clear(self) -> None:
+        for index in (self.parent, self.pool, self.children, self.leaves):
+            index.clear()
+
     def victim(self) -> int | None:
         """The leaf to evict next."""
         return next(iter(self.leaves), None)
@@ -329,10 +333,7 @@ class BlockManager:
             forgot["disk"] = len(tier)
             for h, pool_index in list(tier.pool.items()):
                 self._moves.append(_disk_move(DISK_DROP, pool_index, 0, h))
-            tier.parent.clear()
-            tier.pool.clear()
-            tier.children.clear()
-            tier.leaves.clear()
+            tier.clear()
         return forgot
 
     def forget(self, moves: Sequence[KVMove]) -> None:

@@ -265,7 +265,7 @@ def choose(
             if now - t.last_used >= unused_for_s:
                 picked[t.id] = t
     if max_bytes is not None:
-        left = sum(t.nbytes for t in tiers if t.id not in picked)
+        left = sum(t.nbytes for t in tiers if t.id not in picked or t.in_use)  # what stays
         for t in tiers:  # least recently used first
             if left <= max_bytes:
                 break

@@ -344,22 +344,16 @@ class _Server:
         return name if name in self.runtime.engine.adapters else None
 
     def check_lora_loading(self) -> None:
-        if not self.settings.enable_lora_loading:
-            raise APIError(
-                403,
-                "loading and unloading LoRA adapters over HTTP is off; start the server with "
-                "--enable-lora-loading (and --max-loras)",
-                code="forbidden",
-            )
+        _check_on(
+            self.settings.enable_lora_loading,
+            "loading and unloading LoRA adapters",
+            "--enable-lora-loading (and --max-loras)",
+        )
 
     def check_cache_reset(self) -> None:
-        if not self.settings.enable_cache_reset:
-            raise APIError(
-                403,
-                "resetting the prefix cache over HTTP is off; start the server with "
-                "--enable-cache-reset",
-                code="forbidden",
-            )
+        _check_on(
+            self.settings.enable_cache_reset, "resetting the prefix cache", "--enable-cache-reset"
+        )
 
     def check_alive(self) -> None:
         if not self.runtime.engine.is_alive:
@@ -701,6 +695,14 @@ def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     where = ".".join([param or "", *(str(x) for x in inner)]) if inner else param
     detail = str(deepest.get("msg", "invalid")).removeprefix("Value error, ")
     return f"{param}: must be one of {', '.join(tags)} ({where}: {detail})", param
+
+
+def _check_on(on: bool, what: str, flags: str) -> None:
+    """403 for a route the server was not started with."""
+    if not on:
+        raise APIError(
+            403, f"{what} over HTTP is off; start the server with {flags}", code="forbidden"
+        )
 
 
 def _beam_usage(prompt_tokens: int, beams: list[Beam]) -> dict[str, Any]:
