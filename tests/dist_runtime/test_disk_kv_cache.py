@@ -839,6 +839,7 @@ def test_choose_picks_named_stale_and_least_recently_used_never_in_use() -> None
     assert ids(choose(tiers, unused_for_s=200, now=500)) == ["aa1", "b3"]  # (ab2 in use)
     assert ids(choose(tiers, max_bytes=60)) == ["aa1", "b3"]  # 140 -> 90 (ab2 held) -> 60
     assert ids(choose(tiers, max_bytes=200)) == []
+    assert ids(choose(tiers, ["ab"], max_bytes=60)) == ["aa1", "b3"]  # ab2 stays: it counts
     for bad, match in [("a", "names 2 directories"), ("z", "names no directory")]:
         with pytest.raises(ValueError, match=match):
             choose(tiers, [bad])
