@@ -561,6 +561,7 @@ def test_jobs_endpoints(server: Server) -> None:
     assert "dist_runtime:prefix_cache_disk_hits_total 0.0" in text  # (no disk tier here)
     assert "dist_runtime:disk_kv_blocks 0.0" in text
     assert "dist_runtime:disk_kv_unread_blocks_total 0.0" in text
+    assert "dist_runtime:disk_kv_adopted_blocks_total 0.0" in text
 
 
 def test_job_idempotency_key_reused_for_another_job_is_409(server: Server) -> None:

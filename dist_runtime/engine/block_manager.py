@@ -142,6 +142,7 @@ class _Pool:
         self.num_saved = 0
         self.disk: _DiskTier | None = None  # shared by every pool
         self.num_disk_saved = 0
+        self.num_disk_adopted = 0
 
     @property
     def num_free(self) -> int:
@@ -175,10 +176,15 @@ class _Pool:
         self.hash_of[block] = h
         return block
 
-    def holds(self, h: int) -> bool:
-        """The host or disk tier has the block of hash `h` (a later lookup may load it)."""
-        return (self.host is not None and h in self.host.by_hash) or (
-            self.disk is not None and h in self.disk
+    def holds(self, h: int, parent: int) -> bool:
+        """The host or disk tier has the block of hash `h` (after `parent` in its chain): a
+        later lookup may load it. On disk that includes a block another runtime on the same
+        directory wrote."""
+        if self.host is not None and h in self.host.by_hash:
+            return True
+        disk = self.disk
+        return disk is not None and (
+            h in disk or (disk.check is not None and disk.check(self.index, h, parent))
         )
 
     def save_to_disk(self, h: int, parent: int, block: int, first: bool) -> None:
@@ -205,15 +211,21 @@ class _Pool:
         self.moves.append(_disk_move(DISK_SAVE, self.index, block, h, parent))
         self.num_disk_saved += 1
 
-    def load_from_disk(self, h: int) -> int | None:
-        """A device block holding the disk tier's copy of hash `h` (registered and referenced
-        once; its read queued), or None when the tier lacks it or no block is free."""
+    def load_from_disk(self, h: int, parent: int, first: bool) -> int | None:
+        """A device block holding the disk tier's copy of hash `h` (after `parent` in its
+        chain; `first`: the chain's first block; registered and referenced once; its read
+        queued), or None when the tier lacks it or no block is free."""
         disk = self.disk
-        if disk is None or h not in disk or not self.num_free:
+        if disk is None or not self.num_free:
             return None
-        if disk.check is not None and not disk.check(self.index, h, disk.parent[h]):
-            # its files went (deleted by hand; a write that failed): a miss, and the other
-            # workers' copies of it go too
+        if h not in disk:
+            # another runtime on the directory may have written it since this one listed it
+            if disk.check is None or not disk.check(self.index, h, parent):
+                return None
+            self._adopt(h, parent, first)
+        elif disk.check is not None and not disk.check(self.index, h, disk.parent[h]):
+            # its files went (deleted by hand or by another runtime; a write that failed): a
+            # miss, and the other workers' copies of it go too
             disk.remove(h)
             self.moves.append(_disk_move(DISK_DROP, self.index, 0, h))
             return None
@@ -223,6 +235,25 @@ class _Pool:
         self.by_hash[h] = block
         self.hash_of[block] = h
         return block
+
+    def _adopt(self, h: int, parent: int, first: bool) -> None:
+        """Index block `h`, whose files are on disk though the index lacks them (another
+        runtime on the directory wrote it after this one listed the directory), as a save
+        would: past the tier's capacity a leaf is deleted first, and a block whose parent the
+        index lacks, or whose only room would be its parent's, stays out (it is read all the
+        same; the runtime that wrote it keeps it within its own bound)."""
+        disk = self.disk
+        assert disk is not None
+        if not first and parent not in disk:
+            return
+        if len(disk) >= disk.capacity:
+            victim = disk.victim()
+            if victim is None or victim == parent:
+                return
+            self.moves.append(_disk_move(DISK_DROP, disk.pool[victim], 0, victim))
+            disk.remove(victim)
+        disk.add(h, parent, self.index)
+        self.num_disk_adopted += 1
 
     def release(self, block: int) -> None:
         self.refs[block] -= 1
@@ -384,6 +415,12 @@ class BlockManager:
         return sum(p.num_disk_saved for p in self._pools)
 
     @property
+    def num_disk_adopted_blocks(self) -> int:
+        """Blocks found on disk that another runtime on the directory wrote after this one
+        listed it (indexed at their first lookup), since start."""
+        return sum(p.num_disk_adopted for p in self._pools)
+
+    @property
     def num_disk_blocks(self) -> int:
         """Blocks the disk tier holds now."""
         disk = self._pools[0].disk
@@ -509,14 +546,14 @@ class BlockManager:
                 if pool.disk is not None:
                     pool.disk.touch(h)  # (a device hit keeps its file fresh too)
             elif max_loads is not None and loads >= max_loads:
-                paused = pool.holds(h)
+                paused = pool.holds(h, parent)
                 break
             else:
                 block = pool.load(h)
                 if block is not None:
                     self.num_host_hit_tokens += bs
                 else:
-                    block = pool.load_from_disk(h)
+                    block = pool.load_from_disk(h, parent, first=i == 0)
                     if block is None:
                         break
                     self.num_disk_hit_tokens += bs

@@ -102,6 +102,11 @@ class _Request:
     """A shared-prefix pass nobody waits on: aborted when all its dependents are."""
 
 
+ORPHAN_AGE_S = 60.0
+"""A block file that some of a pool's workers lack at start is deleted as a lost write only
+when older than this (younger, another runtime on the directory may still be writing it)."""
+
+
 def _digest_pair(name: str) -> tuple[int, int] | None:
     """(digest, parent digest) of a disk-tier file's name (`<digest>-<parent>`), None for a
     name of another shape."""
@@ -339,6 +344,7 @@ class Engine:
             "host_kv_blocks": blocks.host_slots * blocks.cp_size,
             "prefix_cache_disk_hit_tokens": blocks.num_disk_hit_tokens,
             "disk_kv_saved_blocks": blocks.num_disk_saved_blocks,
+            "disk_kv_adopted_blocks": blocks.num_disk_adopted_blocks,
             "disk_kv_blocks": blocks.num_disk_blocks,
             "disk_kv_unread_blocks": self.num_disk_unread_blocks,
             "num_worker_restarts": self.num_worker_restarts,
@@ -1133,11 +1139,18 @@ class Engine:
             pairs = [_digest_pair(name) for name in names]
             workers[cp_rank].append([pair for pair in pairs if pair is not None])
         found, orphans = [], []
-        for lists in workers:  # each pool's workers' listings (one per tp rank)
+        for pool, lists in enumerate(workers):  # each pool's workers' listings (one per rank)
             held = [{d for d, _ in pairs} for pairs in lists]
             everywhere = set.intersection(*held)
             found.append([pair for pair in lists[0] if pair[0] in everywhere])
-            orphans.append(sorted(set.union(*held) - everywhere))
+            parents = {d: p for pairs in lists for d, p in pairs}
+            orphans.append(
+                sorted(
+                    d
+                    for d in set.union(*held) - everywhere
+                    if not self._written_lately(disk_dir, pool, d, parents[d])
+                )
+            )
         logger.info(
             "disk KV tier %s: %d blocks found, room for %d per cp rank",
             disk_dir,
@@ -1145,6 +1158,18 @@ class Engine:
             capacity,
         )
         return found, capacity, orphans
+
+    def _written_lately(self, disk_dir: str, pool: int, digest: int, parent: int) -> bool:
+        """Whether a block's file on some worker of `pool` is younger than a write can take:
+        another runtime on the directory may be writing the others' now (so it is not a
+        write a crash lost on some of them)."""
+        name = f"{digest:032x}-{parent:032x}.kv"
+        now = time.time()
+        for r in range(self.config.parallel.tp):
+            with contextlib.suppress(OSError):
+                if now - os.stat(f"{disk_dir}/tp{r}-cp{pool}/{name}").st_mtime < ORPHAN_AGE_S:
+                    return True
+        return False
 
     def _check_session_fits(self, num_blocks: int) -> None:
         """Fail at start when one full session cannot fit in the KV memory the workers have."""

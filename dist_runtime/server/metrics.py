@@ -67,6 +67,10 @@ class _EngineCollector(Collector):
                 "disk_hits",
             ),
             "disk_kv_saved_blocks": ("KV blocks written to the disk tier", "disk_saved"),
+            "disk_kv_adopted_blocks": (
+                "KV blocks found in the disk tier that another runtime on the directory wrote",
+                "disk_adopted",
+            ),
             "disk_kv_unread_blocks": (
                 "KV blocks whose disk-tier file failed its check when read back (computed again)",
                 "disk_unread",
@@ -89,6 +93,7 @@ class _EngineCollector(Collector):
             "disk_hits": s["prefix_cache_disk_hit_tokens"],
             "disk_saved": s["disk_kv_saved_blocks"],
             "disk_unread": s["disk_kv_unread_blocks"],
+            "disk_adopted": s["disk_kv_adopted_blocks"],
             "computed": s["num_prompt_tokens_computed"],
             "generated": s["num_generated_tokens"],
             "preemptions": s["num_preemptions"],

@@ -218,11 +218,43 @@ def test_a_block_whose_files_went_is_a_miss_and_the_others_copies_go_too() -> No
     bm = disk_bm(
         present=[(5, ROOT), (7, ROOT), (9, ROOT)], disk_check=lambda pool, h, p: h not in gone
     )
-    assert bm._pools[0].load_from_disk(5) is not None
-    assert bm._pools[0].load_from_disk(7) is None
+    assert bm._pools[0].load_from_disk(5, ROOT, first=True) is not None
+    assert bm._pools[0].load_from_disk(7, ROOT, first=True) is None
     moves = bm.take_moves()
     assert [m.disk for m in moves] == [DISK_LOAD, DISK_DROP] and moves[1].key == f"{7:032x}"
     assert bm.num_disk_blocks == 2
+
+
+def test_blocks_another_runtime_wrote_since_the_listing_are_found_and_indexed() -> None:
+    """A block missing from the index whose files are on disk (another runtime on the
+    directory wrote it after this one started) is read and indexed at its lookup, a share at a
+    time as for listed ones; a full index deletes a leaf for it, never the parent the lookup
+    just used; a block whose files are not there is still a miss."""
+    writer = disk_bm(num_blocks=8)
+    tokens = list(range(1, 13))
+    theirs = saved(writer, tokens)  # written by the other runtime
+    on_disk = set(chain(theirs))
+    mine = [31, 32]
+    bm = disk_bm(
+        present=chain(mine), capacity=4, num_blocks=8,
+        disk_check=lambda pool, h, p: (h, p) in on_disk or h in mine,
+    )  # fmt: skip
+    got, parent, paused = bm.match_more(tokens, 12, bm.root_hash, 0, max_loads=2)
+    assert len(got) == 2 and paused and parent == theirs[1]  # the next one is there too
+    rest, parent, paused = bm.match_more(tokens, 12, parent, 2, max_loads=None)
+    assert len(got + rest) == 6 and parent == theirs[-1] and not paused
+    moves = bm.take_moves()
+    loads = [m.key for m in moves if m.disk == DISK_LOAD]
+    assert loads == [f"{h:032x}" for h in theirs]
+    # room for 4: the listed chain went tail first; the fifth block's only room was its
+    # parent's, so it and the sixth (its parent not indexed) were read, not indexed
+    drops = [m.key for m in moves if m.disk == DISK_DROP]
+    assert drops == [f"{32:032x}", f"{31:032x}"]
+    assert bm.num_disk_adopted_blocks == 4 and bm.num_disk_blocks == 4
+    assert bm.num_disk_hit_tokens == 12
+    bm.free(got + rest)
+    missing, _ = bm.match_prefix([7, 7, 8, 8], 4)  # nothing on disk: a miss
+    assert missing == [] and bm.num_disk_adopted_blocks == 4
 
 
 def test_a_failed_step_forgets_the_blocks_its_moves_name() -> None:
@@ -724,12 +756,19 @@ def test_disk_tier_over_ray(
     _ask(tiny_llama_dir, tmp_path, [DOC + [7]], tp=tp, cp=cp)
     workers = sorted(tmp_path.glob("*/tp*-cp*"))
     assert len(workers) == tp * cp
-    # one worker lost the write of one block: the others' copies of it are deleted at start,
-    # and the document is found up to that block
-    lost = sorted(workers[-1].glob("*.kv"), key=lambda p: p.stat().st_mtime_ns)[5]
+    # one worker lost the write of one block minutes ago: the others' copies of it are
+    # deleted at start, and the document is found up to that block; another block some
+    # workers have, written seconds ago, may be another runtime's write under way: kept
+    written = sorted(workers[-1].glob("*.kv"), key=lambda p: p.stat().st_mtime_ns)
+    lost, young = written[5], written[8]
     lost.unlink()
+    young.unlink()
+    for w in workers:
+        if (w / lost.name).exists():
+            os.utime(w / lost.name, (time.time() - 600,) * 2)
     _ask(tiny_llama_dir, tmp_path, [_tokens(8, 9)], tp=tp, cp=cp)  # another prompt
     assert not any((w / lost.name).exists() for w in workers)
+    assert sum((w / young.name).exists() for w in workers) == len(workers) // cp - 1
     again = _ask(tiny_llama_dir, tmp_path, [DOC + [7]], tp=tp, cp=cp)
     _same(again["outs"], plain["outs"])
     assert 0 < again["stats"]["prefix_cache_disk_hit_tokens"] < len(DOC)
@@ -897,11 +936,12 @@ def test_a_runtime_starting_during_a_deletion_waits_and_starts_anew(tmp_path: Pa
 def test_two_runtimes_share_a_directory(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Two runtimes on one directory at once, the second with room for 20 blocks: it reads
     the head of a document written before it started, and its evictions delete files the first
-    has listed; the first finds those gone (a miss) and computes them. Every answer is the one
-    a runtime without the tier gives."""
+    has listed; the first finds those gone (a miss) and computes them. A document the first
+    writes while both run is read by the second. Every answer is the one a runtime without
+    the tier gives."""
     block_file = 2 * 2 * 4 * 4 * 8 * 4 + 32
-    other = _tokens(120, 8)
-    plain = _ask(tiny_llama_dir, None, [DOC + [7], other + [7], DOC + [9]])
+    other, third = _tokens(120, 8), _tokens(40, 9)
+    plain = _ask(tiny_llama_dir, None, [DOC + [7], other + [7], DOC + [9], third + [8]])
     _ask(tiny_llama_dir, tmp_path, [DOC + [7]])
 
     def runtime(gb: float) -> Runtime:
@@ -919,8 +959,16 @@ def test_two_runtimes_share_a_directory(tiny_llama_dir: Path, tmp_path: Path) ->
         assert len(_files(tmp_path)) <= 20
         c = first.generate([DOC + [9]], PARAMS)[0]  # listed at its start; many files gone now
         stats = first.engine.stats()
-    _same([a, b, c], plain["outs"])
+        first.generate([third + [7]], PARAMS)
+        first.engine.wait_idle(10)
+        first.engine.call(first.engine.executor.flush_disk_kv)  # type: ignore[union-attr]
+        d = second.generate([third + [8]], PARAMS)[0]  # written after it started
+        seconds = second.engine.stats()
+    _same([a, b, c, d], plain["outs"])
     assert stats["prefix_cache_disk_hit_tokens"] < len(DOC)
+    assert d.num_cached_tokens == len(third)
+    assert seconds["disk_kv_adopted_blocks"] == len(third) // 4
+    assert seconds["prefix_cache_disk_hit_tokens"] == 80 + len(third)
 
 
 def test_reset_forgets_every_tier_and_running_requests_go_on(
