@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -209,15 +210,37 @@ class Sass:
     loop: LoopMix | None
 
 
+def _sass_cache() -> Path:
+    """Where `read_sass` keeps what it read of each cubin (beside Triton's own cache, which
+    keeps the cubins): a rerun with the kernels unchanged runs no cuobjdump."""
+    triton_cache = os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache"
+    return Path(triton_cache) / "dist_runtime-sass"
+
+
 def read_sass(cubin: bytes) -> Sass:
     """Registers, spill stores and the main loop's mix of the one function in `cubin`."""
+    tool = _cuda_tool("cuobjdump")
+    key = hashlib.sha256(tool.encode() + b"\0" + cubin).hexdigest()
+    cached = _sass_cache() / f"{key}.json"
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        got = json.loads(cached.read_text())
+        loop = None if got["loop"] is None else LoopMix(**got["loop"])
+        return Sass(int(got["registers"]), int(got["spill_bytes"]), loop)
+    sass = _read_sass(cubin, tool)
+    with contextlib.suppress(OSError):  # (a cache that cannot be written: read next time)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(sass)))
+        tmp.replace(cached)
+    return sass
+
+
+def _read_sass(cubin: bytes, tool: str) -> Sass:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage, sass = (
-            subprocess.run(
-                [_cuda_tool("cuobjdump"), flag, f.name], check=True, capture_output=True, text=True
-            ).stdout
+            subprocess.run([tool, flag, f.name], check=True, capture_output=True, text=True).stdout
             for flag in ("-res-usage", "-sass")
         )
     registers = re.search(r"\bREG:(\d+)", usage)

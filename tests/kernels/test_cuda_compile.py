@@ -191,6 +191,32 @@ def test_shard_shapes_at_tp4() -> None:
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not installed")
+def test_what_cuobjdump_said_of_a_cubin_is_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import cuda_compile
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    calls: list[bytes] = []
+    loop = LoopMix(instructions=6, global_bytes=32, narrow_shared=1, conversions=1)
+
+    def run_cuobjdump(cubin: bytes, tool: str) -> cuda_compile.Sass:
+        calls.append(cubin)
+        return cuda_compile.Sass(len(cubin), 8, loop if cubin == b"ab" else None)
+
+    monkeypatch.setattr(cuda_compile, "_read_sass", run_cuobjdump)
+    for _ in range(2):
+        assert cuda_compile.read_sass(b"ab") == cuda_compile.Sass(2, 8, loop)
+        assert cuda_compile.read_sass(b"abc") == cuda_compile.Sass(3, 8, None)
+    assert calls == [b"ab", b"abc"]
+    (entry, _) = sorted((tmp_path / "dist_runtime-sass").glob("*.json"))
+    entry.write_text("{")  # a cut entry is read again
+    cuda_compile.read_sass(b"ab")
+    cuda_compile.read_sass(b"abc")
+    assert len(calls) == 3
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not installed")
 def test_every_kernel_compiles_and_fits_each_card(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
