@@ -4,7 +4,8 @@ restart) that finds its KV blocks on disk, against one that prefills it.
     python bench/disk_kv_cache.py [--tries 3] [--report PATH]
 
 Each try, on the demo model (SmolLM2-135M-Instruct, fp32, in-process executor), three fresh
-Runtimes in turn, each asking the same three questions about a ~2,100-token report (`rt.ask`):
+Runtimes in turn, each asking the same three questions about a ~2,100-token report (`rt.ask`;
+`--sections`, 24 by default, sets its length):
 
 1. **no disk tier**: the document is prefilled;
 2. **cold directory** (`kv_cache_dir`, empty): prefilled too, and every block written to disk
@@ -78,12 +79,13 @@ def one_run(kv_dir: str | None, doc: str, params: SamplingParams) -> dict[str, A
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tries", type=int, default=3)
+    p.add_argument("--sections", type=int, default=24, help="report sections (~150 tokens each)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", help="write a markdown report here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    doc = harbor_report(seed=7).text
+    doc = harbor_report(seed=7, num_sections=args.sections).text
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     top = Path(tempfile.mkdtemp(prefix="disk-kv-bench-"))

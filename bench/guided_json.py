@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2, help="runs per (batch, mode); medians")
+    p.add_argument("--sections", type=int, default=24, help="report sections (~150 tokens each)")
+    p.add_argument("--example-tokens", type=int, default=160, help="new tokens of the example")
     p.add_argument("--grammar", action="store_true", help="guide by GRAMMAR (GBNF), not SCHEMA")
     p.add_argument("--report", type=Path, default=None)
     args = p.parse_args(argv)
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         vocab = guided.Vocabulary.from_tokenizer(tok, rt.engine.model_config.vocab_size)
         vocab_s = time.perf_counter() - t
-        doc = harbor_report()
+        doc = harbor_report(num_sections=args.sections)
         prompts = [
             encode_chat(tok, [{"role": "user", "content": f"{doc}\n\n{q} Answer in JSON."}])
             for q in QUESTIONS
@@ -182,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{mode}_tokens"] = tokens
                 row["ratio"] = row["guided_ms"] / row["plain_ms"]
                 rows.append(row)
-        example = rt.generate(prompts[:1], SamplingParams(max_new_tokens=160, **guide))
+        example = rt.generate(
+            prompts[:1], SamplingParams(max_new_tokens=args.example_tokens, **guide)
+        )
     miss_ms = [x * 1e3 for x in masks.miss]
     hit_ms = [x * 1e3 for x in masks.hit]
     ratios = " ".join(f"b{r['batch']} {r['ratio']:.2f}x" for r in rows)

@@ -4,13 +4,13 @@ document pushed its KV blocks out of the device cache.
     python bench/host_kv_cache.py [--tries 3] [--device-blocks 150] [--report PATH]
 
 Two Runtimes on the demo model (SmolLM2-135M-Instruct, fp32, in-process executor), both with a
-device KV cache of `--device-blocks` blocks of 16 tokens (room for one ~2,100-token document and
-its answers, not two), one with a host tier (`host_kv_cache_gb = --host-gb`) and one without.
-Each try, in each runtime in turn: three questions about report A (`rt.ask`), three about report
-B (another seed of the same generator, so its blocks evict A's), then three more about A, timed
-from the call to the last answer. Reported per runtime: the median time of that last ask, the
-prompt tokens it computed and how many came back from the host tier; the answers of both
-runtimes are compared. One summary line; `--report` writes a markdown report.
+device KV cache of `--device-blocks` blocks of 16 tokens (room for one ~2,100-token document of
+`--sections 24` and its answers, not two), one with a host tier (`host_kv_cache_gb = --host-gb`)
+and one without. Each try, in each runtime in turn: three questions about report A (`rt.ask`),
+three about report B (another seed of the same generator, so its blocks evict A's), then three
+more about A, timed from the call to the last answer. Reported per runtime: the median time of
+that last ask, the prompt tokens it computed and how many came back from the host tier; the
+answers of both runtimes are compared. One summary line; `--report` writes a markdown report.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def one_try(rt: Runtime, doc_a: str, doc_b: str, params: SamplingParams) -> dict
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tries", type=int, default=3)
+    p.add_argument("--sections", type=int, default=24, help="report sections (~150 tokens each)")
     p.add_argument("--device-blocks", type=int, default=150, help="device KV blocks (16 tokens)")
     p.add_argument("--host-gb", type=float, default=1.0, help="host tier of the tiered runtime")
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -70,7 +71,8 @@ def main() -> int:
     p.add_argument("--report", help="write a markdown report here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    doc_a, doc_b = harbor_report(seed=7).text, harbor_report(seed=8).text
+    doc_a = harbor_report(seed=7, num_sections=args.sections).text
+    doc_b = harbor_report(seed=8, num_sections=args.sections).text
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
     runtimes = {
         mode: Runtime(

@@ -4,18 +4,18 @@
 
 Two Runtimes on the demo model (SmolLM2-135M-Instruct, fp32, in-process executor), one with
 `num_speculative_tokens = --k` and one without, answer the same questions about the bundled
-report (`harbor_report`, about 2,100 tokens) through its chat template, greedy, up to
-`--max-new-tokens` tokens each (EOS ends an answer). Questions ask the model to quote, list and
-summarise, so some answers copy the document and some do not. After a warm-up that fills
-each runtime's prefix cache with the document, each try runs every question twice in each
-runtime, alternating runtimes: one at a time (batch 1), then all at once (batch `len(questions)`).
-A try's time is from adding its requests to the last answer; tokens/s is the output tokens over
-that time. The answers of both runtimes are compared token for token.
+report (`harbor_report`, about 2,100 tokens; `--sections` sets its length) through its chat
+template, greedy, up to `--max-new-tokens` tokens each (EOS ends an answer). Questions ask the
+model to quote, list and summarise, so some answers copy the document and some do not. After a
+warm-up that fills each runtime's prefix cache with the document, each try runs every question
+twice in each runtime, alternating runtimes: one at a time (batch 1), then all at once (batch
+`len(questions)`). A try's time is from adding its requests to the last answer; tokens/s is the
+output tokens over that time. The answers of both runtimes are compared token for token.
 
 Predicted outputs (OpenAI's `prediction`): in each try the runtime without speculation also
 rewrites three paragraphs of the report with two names changed, one at a time, once plainly and
 once with the paragraph (names changed) as each request's prediction; up to
-max(`--max-new-tokens`, 160) tokens.
+`--rewrite-tokens` tokens (160).
 
 Reported per batch (and for the rewrites): output tokens/s (median over tries) with and without
 drafts, their ratio, the share of draft tokens accepted, the steps and the draft tokens. One
@@ -76,13 +76,13 @@ def run(rt: Runtime, prompts: list[list[int]], params: Any, batch: bool) -> dict
 
 
 def rewrite_prompts(
-    rt: Runtime, max_new_tokens: int
+    rt: Runtime, report: str, max_new_tokens: int
 ) -> tuple[tuple[list[list[int]], SamplingParams], list[SamplingParams]]:
-    """Predicted outputs: ask to rewrite three paragraphs of the report with two names changed,
+    """Predicted outputs: ask to rewrite three paragraphs of `report` with two names changed,
     predicting the paragraph with the names changed; ((prompts, plain params), params with
     each prediction)."""
     assert rt.tokenizer is not None
-    paragraphs = [p for p in harbor_report().text.split("\n") if len(p) > 300][:3]
+    paragraphs = [p for p in report.split("\n") if len(p) > 300][:3]
     ask = (
         "Rewrite this paragraph exactly, word for word, but write 'Oldport' instead of "
         "'Kelmsby' and 'council' instead of 'town hall':\n\n"
@@ -90,7 +90,7 @@ def rewrite_prompts(
     prompts = [
         encode_chat(rt.tokenizer, [{"role": "user", "content": ask + p}]) for p in paragraphs
     ]
-    plain = SamplingParams(max_new_tokens=max(max_new_tokens, 160), temperature=0.0)
+    plain = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     predicted = [
         dataclasses.replace(
             plain,
@@ -113,10 +113,14 @@ def main() -> int:
     p.add_argument("--lookup-max", type=int, default=4, help="prompt_lookup_max")
     p.add_argument("--tries", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--sections", type=int, default=24, help="report sections (~150 tokens each)")
+    p.add_argument("--questions", type=int, default=len(QUESTIONS), help="the first N questions")
+    p.add_argument("--rewrite-tokens", type=int, default=160, help="new tokens of a rewrite")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", help="write a markdown report here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    questions = QUESTIONS[: args.questions]
     kw: dict[str, Any] = dict(
         model=str(demo_model_path()), device="cpu", dtype="float32", session_len=4096
     )
@@ -137,10 +141,11 @@ def main() -> int:
     try:
         rt0 = runtimes["off"]
         assert rt0.tokenizer is not None
-        prompts = qa_prompts(rt0.tokenizer, harbor_report().text, QUESTIONS)
+        report = harbor_report(num_sections=args.sections).text
+        prompts = qa_prompts(rt0.tokenizer, report, questions)
         for rt in runtimes.values():  # fills the prefix cache with the document
             rt.generate(prompts[:1], [SamplingParams(max_new_tokens=4, temperature=0.0)])
-        rewrites, predicted = rewrite_prompts(rt0, args.max_new_tokens)
+        rewrites, predicted = rewrite_prompts(rt0, report, args.rewrite_tokens)
         for _ in range(args.tries):
             for batch in ("1", "all"):
                 for mode, rt in runtimes.items():
@@ -176,7 +181,7 @@ def main() -> int:
 
     parts = []
     for batch in ("1", "all"):
-        name = "b1" if batch == "1" else f"b{len(QUESTIONS)}"
+        name = "b1" if batch == "1" else f"b{len(questions)}"
         parts.append(
             f"{name} {tps(batch, 'on'):.1f} vs {tps(batch, 'off'):.1f} tok/s "
             f"({tps(batch, 'on') / tps(batch, 'off'):.2f}x, {acceptance(batch):.0%} of drafts kept)"
@@ -197,7 +202,7 @@ def main() -> int:
             *cpu_report_header(
                 "Speculative decoding by prompt lookup on CPU", summary, args.threads
             ),
-            f"- demo model (SmolLM2-135M-Instruct, fp32); {len(QUESTIONS)} questions about the "
+            f"- demo model (SmolLM2-135M-Instruct, fp32); {len(questions)} questions about the "
             f"bundled report, greedy, up to {args.max_new_tokens} new tokens; {args.tries} tries",
             "",
             "| batch | mode | output tok/s (median) | tokens | steps | drafted | accepted |",
@@ -211,7 +216,7 @@ def main() -> int:
                     f"{sum(r['tokens'] for r in rs)} | {sum(r['steps'] for r in rs)} | "
                     f"{sum(r['drafted'] for r in rs)} | {sum(r['accepted'] for r in rs)} |"
                 )
-        lines += ["", "Questions:", ""] + [f"- {q}" for q in QUESTIONS]
+        lines += ["", "Questions:", ""] + [f"- {q}" for q in questions]
         Path(args.report).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return 0
 

@@ -259,6 +259,8 @@ def test_guided_json_bench_runs(tmp_path: Path) -> None:
         "--batches=1,2",
         "--max-new-tokens=24",
         "--repeats=1",
+        "--sections=6",
+        "--example-tokens=24",
         f"--report={report}",
     )
     assert "guided-json: vocab 49152 tokens" in out and "decode step guided/plain b1" in out
@@ -274,6 +276,8 @@ def test_guided_grammar_bench_runs(tmp_path: Path) -> None:
         "--batches=2",
         "--max-new-tokens=24",
         "--repeats=1",
+        "--sections=6",
+        "--example-tokens=24",
         f"--report={report}",
     )
     assert "guided-grammar: vocab 49152 tokens" in out and "decode step guided/plain b2" in out
@@ -337,7 +341,9 @@ def test_batch_api_bench_runs(tmp_path: Path) -> None:
 
 def test_speculative_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "speculative.md"
-    out = _run("bench/speculative.py", "--tries=1", "--max-new-tokens=12", f"--report={report}")
+    argv = ["--tries=1", "--max-new-tokens=12", "--sections=6", "--rewrite-tokens=24"]
+    argv += ["--questions=3"]
+    out = _run("bench/speculative.py", *argv, f"--report={report}")
     assert "speculative (prompt lookup, k=4): b1" in out and "answers identical: True" in out
     assert "predicted outputs (k=0 runtime, 3 paragraph rewrites)" in out
     assert "| all | on |" in report.read_text() and "| rewrite | predicted |" in report.read_text()
@@ -345,16 +351,19 @@ def test_speculative_bench_runs(tmp_path: Path) -> None:
 
 def test_host_kv_cache_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "host.md"
-    out = _run("bench/host_kv_cache.py", "--tries=1", "--max-new-tokens=4", f"--report={report}")
-    assert "host-kv-cache: a 2092-token document asked again" in out
+    argv = ["--tries=1", "--max-new-tokens=4", "--sections=6", "--device-blocks=50"]
+    out = _run("bench/host_kv_cache.py", *argv, f"--report={report}")
+    assert "host-kv-cache: a 611-token document asked again" in out
+    assert "(0 copied back)" not in out  # the second document pushed the first to the host
     assert "answers identical: True" in out
     assert "| host tier |" in report.read_text()
 
 
 def test_disk_kv_cache_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "disk.md"
-    out = _run("bench/disk_kv_cache.py", "--tries=1", "--max-new-tokens=4", f"--report={report}")
-    assert "disk-kv-cache: a 2176-token document in a new runtime" in out
+    argv = ["--tries=1", "--max-new-tokens=4", "--sections=6"]
+    out = _run("bench/disk_kv_cache.py", *argv, f"--report={report}")
+    assert "disk-kv-cache: a 716-token document in a new runtime" in out
     assert "answers identical: True" in out
     assert "| warm directory |" in report.read_text()
 
