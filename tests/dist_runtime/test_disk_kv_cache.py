@@ -864,6 +864,67 @@ def test_a_crowd_reading_damaged_files_gets_the_answers_of_no_tier(
         assert stats["prefix_cache_host_hit_tokens"] > 0
 
 
+_SHARED = (
+    list(range(int(os.environ["DISK_SHARED_SEEDS"]))) if "DISK_SHARED_SEEDS" in os.environ else [5]
+)
+
+
+@pytest.mark.parametrize("seed", _SHARED)
+def test_two_runtimes_on_one_directory_answer_a_crowd_as_no_tier_does(
+    tiny_llama_dir: Path, tmp_path: Path, seed: int
+) -> None:
+    """Two runtimes on one directory at once, each with a tight device cache and a disk bound
+    smaller than the documents together: callers ask either about four documents at random,
+    so each reads blocks the other wrote (listed at its start, or written since), and deletes
+    blocks the other indexes (a read that then finds its file gone is computed again). Every
+    answer is the one a runtime without the tier gives, and each ends with every device block
+    free. Offline: `DISK_SHARED_SEEDS=100 pytest -k crowd_as_no_tier` (100 seeds clean)."""
+    rng = random.Random(seed)
+    docs = [_tokens(rng.randint(40, 110), 80 + d) for d in range(4)]
+    asks = [rng.choice(docs) + _tokens(rng.randint(1, 6), 300 + i) for i in range(16)]
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    kw: dict[str, Any] = {"model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32",
+                          "session_len": 256}  # fmt: skip
+    with Runtime(**kw, cache=CacheConfig(block_size=4, num_blocks=70)) as plain:
+        want = [plain.generate([a], params)[0].token_ids for a in asks]
+    with Runtime(**kw, cache=CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path))
+                 ) as first:  # fmt: skip
+        first.generate([docs[0] + [1]], params)  # on disk before the two start
+    block_file = 2 * 2 * 4 * 4 * 8 * 4 + 32
+    cache = CacheConfig(block_size=4, num_blocks=50, kv_cache_dir=str(tmp_path),
+                        disk_kv_cache_gb=45 * block_file / 2**30)  # fmt: skip
+    sched = SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4)
+    got: dict[int, list[int]] = {}
+    with (
+        Runtime(**kw, cache=cache, scheduler=sched) as a,
+        Runtime(**kw, cache=cache, scheduler=sched) as b,
+    ):
+        runtimes = [a, b]
+        order = list(range(len(asks)))
+        rng.shuffle(order)
+        which = {i: rng.randrange(2) for i in order}
+
+        def caller(part: list[int]) -> None:
+            for i in part:  # one at a time: a later question may find an earlier one's blocks
+                (h,) = runtimes[which[i]].engine.add_requests([asks[i]], [params])
+                got[i] = h.result(timeout=120).token_ids
+
+        threads = [threading.Thread(target=caller, args=(order[k::3],)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = []
+        for rt in runtimes:
+            assert rt.engine.wait_idle(30)
+            stats.append(rt.engine.stats())
+            assert rt.engine.blocks.num_free_blocks == 50
+    assert [got[i] for i in range(len(asks))] == want
+    assert sum(s["prefix_cache_disk_hit_tokens"] for s in stats) > 0
+    if seed == 5:  # (this seed reads blocks the other runtime wrote while both ran)
+        assert sum(s["disk_kv_adopted_blocks"] for s in stats) > 0
+
+
 # -- the directory as a whole (launch/kv_cache_dir.py) ---------------------------------------------
 def _tier(name: str, nbytes: int, last_used: float, in_use: bool = False) -> TierDir:
     return TierDir(Path("/x") / name, {}, 1, nbytes, last_used, in_use)
