@@ -562,6 +562,7 @@ def test_jobs_endpoints(server: Server) -> None:
     assert "dist_runtime:disk_kv_blocks 0.0" in text
     assert "dist_runtime:disk_kv_unread_blocks_total 0.0" in text
     assert "dist_runtime:disk_kv_adopted_blocks_total 0.0" in text
+    assert "dist_runtime:disk_kv_shared_evicted_blocks_total 0.0" in text
 
 
 def test_job_idempotency_key_reused_for_another_job_is_409(server: Server) -> None:

@@ -420,6 +420,11 @@ class BlockManager:
         listed it (indexed at their first lookup), since start."""
         return sum(p.num_disk_adopted for p in self._pools)
 
+    def disk_indexes(self, digest: int) -> bool:
+        """Whether the disk tier's index has block `digest` (safe from another thread)."""
+        disk = self._pools[0].disk
+        return disk is not None and digest in disk
+
     @property
     def num_disk_blocks(self) -> int:
         """Blocks the disk tier holds now."""

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig, check_lora_modules
@@ -41,7 +42,7 @@ from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.engine.executor.base import Executor, WorkerError
 from dist_runtime.engine.executor.factory import create_executor
 from dist_runtime.engine.handle import RequestHandle
-from dist_runtime.engine.kv_disk import InUse, disk_tier
+from dist_runtime.engine.kv_disk import InUse, disk_tier, trim_shared
 from dist_runtime.engine.output_processor import OutputProcessor
 from dist_runtime.engine.outputs import RequestDelta
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
@@ -102,6 +103,9 @@ class _Request:
     """A shared-prefix pass nobody waits on: aborted when all its dependents are."""
 
 
+DISK_AUDIT_S = 30.0
+"""How often a runtime with a disk tier counts the blocks in its directory (other runtimes on
+it may have written past this one's bound: `Engine.audit_disk`)."""
 ORPHAN_AGE_S = 60.0
 """A block file that some of a pool's workers lack at start is deleted as a lost write only
 when older than this (younger, another runtime on the directory may still be writing it)."""
@@ -196,6 +200,11 @@ class Engine:
         """The disk tier's directory, held while the engine runs (`kv_disk.prune` skips it)."""
         self.num_disk_unread_blocks = 0
         """Blocks read back from the disk tier whose file failed its check (computed again)."""
+        self._disk_dir: str | None = None
+        """The disk tier's fingerprint directory (None: no disk tier)."""
+        self.num_disk_shared_evicted_blocks = 0
+        """Blocks other runtimes on the disk tier's directory wrote, deleted to keep the
+        directory within this runtime's bound (`audit_disk`)."""
         self._finish_listeners: list[Callable[[RequestHandle], None]] = []
         self.num_steps = 0
         self.num_generated_tokens = 0
@@ -212,6 +221,8 @@ class Engine:
         )
         self._thread.start()
         started.result()  # re-raises what stopped the workers from starting
+        if self._disk_dir is not None:  # the directory's other runtimes count in the bound
+            threading.Thread(target=self._audit_loop, name="kv-disk-audit", daemon=True).start()
 
     # -- callers (any thread) -------------------------------------------------------------------
     def add_requests(
@@ -345,6 +356,7 @@ class Engine:
             "prefix_cache_disk_hit_tokens": blocks.num_disk_hit_tokens,
             "disk_kv_saved_blocks": blocks.num_disk_saved_blocks,
             "disk_kv_adopted_blocks": blocks.num_disk_adopted_blocks,
+            "disk_kv_shared_evicted_blocks": self.num_disk_shared_evicted_blocks,
             "disk_kv_blocks": blocks.num_disk_blocks,
             "disk_kv_unread_blocks": self.num_disk_unread_blocks,
             "num_worker_restarts": self.num_worker_restarts,
@@ -1083,6 +1095,7 @@ class Engine:
                 self._tier_in_use = held
                 disk_dir = str(held.where)
             self.executor.allocate_kv_cache(num_blocks, host_slots, disk_dir)
+            self._disk_dir = disk_dir
             disk_blocks, capacity, orphans = None, 0, list[list[int]]()
             if disk_dir is not None:
                 disk_blocks, capacity, orphans = self._disk_listing(disk_dir)
@@ -1108,6 +1121,28 @@ class Engine:
                 self._tier_in_use = None
             raise
         freeze_heap()
+
+    def audit_disk(self) -> int:
+        """Bring the disk tier's directory within this runtime's bound when other runtimes
+        on it wrote past it (`kv_disk.trim_shared`: their least recently used blocks go; each
+        runtime's own blocks stay within its own bound already). Runs every DISK_AUDIT_S
+        seconds on a thread of its own; returns the blocks deleted."""
+        disk_dir, blocks = self._disk_dir, getattr(self, "blocks", None)
+        if disk_dir is None or blocks is None or not blocks.disk_capacity:
+            return 0
+        parallel = self.config.parallel
+        deleted = trim_shared(
+            Path(disk_dir), parallel.tp, parallel.cp, blocks.disk_capacity, blocks.disk_indexes
+        )
+        self.num_disk_shared_evicted_blocks += deleted
+        return deleted
+
+    def _audit_loop(self) -> None:
+        while not self._stopping.wait(DISK_AUDIT_S):
+            try:
+                self.audit_disk()
+            except Exception:  # (a directory gone or unreadable: tried again later)
+                logger.exception("disk KV tier: checking the directory's size failed")
 
     def _disk_check(self, disk_dir: str) -> Callable[[int, int, int], bool]:
         """Whether every tp rank of a pool has a block's file (the driver reaches the directory

@@ -28,11 +28,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from dist_runtime.config import ModelConfig, RuntimeConfig
+from dist_runtime.engine.block_manager import _DiskTier
 from dist_runtime.progress import Phase
 
 logger = logging.getLogger(__name__)
@@ -295,4 +296,62 @@ def prune(tier: TierDir) -> bool:
     return True
 
 
-__all__ = ["FORMAT", "InUse", "TierDir", "choose", "disk_tier", "prune", "survey", "weights_digest"]
+def trim_shared(
+    where: Path, tp: int, cp: int, capacity: int, indexed: Callable[[int], bool]
+) -> int:
+    """Keep a fingerprint directory that several runtimes share within one runtime's bound:
+    per pool, when its block files (counted on tp rank 0) exceed `capacity`, delete on every
+    rank blocks this runtime does not index (`indexed(digest)`: the others' blocks) until they
+    fit, as the runtime's own index evicts: leaves first (a document loses its tail before its
+    head), the least recently used (written or read) first. A runtime whose indexed block goes
+    this way finds its files gone at its next lookup: a miss. Returns the blocks deleted."""
+    deleted = 0
+    for pool in range(cp):
+        try:
+            with os.scandir(where / f"tp0-cp{pool}") as it:
+                entries = [e for e in it if e.name.endswith(".kv")]
+        except FileNotFoundError:
+            continue
+        over = len(entries) - capacity
+        if over <= 0:
+            continue
+        theirs = []
+        for entry in entries:
+            key, _, after = entry.name.removesuffix(".kv").partition("-")
+            with contextlib.suppress(OSError, ValueError):
+                digest = int(key, 16)
+                if not indexed(digest):
+                    theirs.append((entry.stat().st_mtime_ns, digest, int(after, 16), entry.name))
+        chains = _DiskTier(len(theirs), None)
+        names = {}
+        for _, digest, parent, name in sorted(theirs):  # least recently used first
+            chains.add(digest, parent, pool)
+            names[digest] = name
+        while over > 0 and (victim := chains.victim()) is not None:
+            chains.remove(victim)
+            for rank in range(tp):
+                with contextlib.suppress(OSError):
+                    os.unlink(where / f"tp{rank}-cp{pool}" / names[victim])
+            over -= 1
+            deleted += 1
+    if deleted:
+        logger.info(
+            "disk KV tier %s: deleted %d least recently used block(s) other runtimes on the "
+            "directory wrote, to keep it within this runtime's bound",
+            where,
+            deleted,
+        )
+    return deleted
+
+
+__all__ = [
+    "FORMAT",
+    "InUse",
+    "TierDir",
+    "choose",
+    "disk_tier",
+    "prune",
+    "survey",
+    "trim_shared",
+    "weights_digest",
+]

@@ -71,6 +71,11 @@ class _EngineCollector(Collector):
                 "KV blocks found in the disk tier that another runtime on the directory wrote",
                 "disk_adopted",
             ),
+            "disk_kv_shared_evicted_blocks": (
+                "KV blocks other runtimes on the disk tier's directory wrote, deleted to keep "
+                "it within this runtime's bound",
+                "disk_shared_evicted",
+            ),
             "disk_kv_unread_blocks": (
                 "KV blocks whose disk-tier file failed its check when read back (computed again)",
                 "disk_unread",
@@ -94,6 +99,7 @@ class _EngineCollector(Collector):
             "disk_saved": s["disk_kv_saved_blocks"],
             "disk_unread": s["disk_kv_unread_blocks"],
             "disk_adopted": s["disk_kv_adopted_blocks"],
+            "disk_shared_evicted": s["disk_kv_shared_evicted_blocks"],
             "computed": s["num_prompt_tokens_computed"],
             "generated": s["num_generated_tokens"],
             "preemptions": s["num_preemptions"],

@@ -26,7 +26,7 @@ import torch
 from dist_runtime import Runtime, SamplingParams
 from dist_runtime.config import CacheConfig, ConfigError, SchedulerConfig
 from dist_runtime.engine.block_manager import BlockManager
-from dist_runtime.engine.kv_disk import InUse, TierDir, choose, prune, survey
+from dist_runtime.engine.kv_disk import InUse, TierDir, choose, prune, survey, trim_shared
 from dist_runtime.protocol import DISK_DROP, DISK_LOAD, DISK_SAVE, KVMove
 from launch import kv_cache_dir
 from workers.kv_cache import DiskKVTier, KVCache
@@ -864,6 +864,91 @@ def test_a_crowd_reading_damaged_files_gets_the_answers_of_no_tier(
         assert stats["prefix_cache_host_hit_tokens"] > 0
 
 
+def test_trimming_a_shared_directory_deletes_the_others_tails_least_recent_first(
+    tmp_path: Path,
+) -> None:
+    """tp=2: pool files counted on rank 0, deleted on both ranks; blocks this runtime indexes
+    stay; the others' chains lose their tails first, the least recently used chain first."""
+    mine, old_doc, new_doc = [1, 2, 3], [11, 12, 13], [21, 22]
+    stamp = 1_000_000
+    for rank in range(2):
+        (tmp_path / f"tp{rank}-cp0").mkdir()
+    for i, (h, parent) in enumerate(chain(mine) + chain(old_doc) + chain(new_doc)):
+        for rank in range(2):
+            f = tmp_path / f"tp{rank}-cp0" / f"{h:032x}-{parent:032x}.kv"
+            f.write_bytes(b"x")
+            os.utime(f, (stamp + i, stamp + i))
+    (tmp_path / "tp0-cp0" / "stray.tmp").write_bytes(b"x")
+
+    def left(rank: int) -> list[int]:
+        return sorted(int(f.name[:32], 16) for f in (tmp_path / f"tp{rank}-cp0").glob("*.kv"))
+
+    assert trim_shared(tmp_path, 2, 1, 8, lambda d: d in mine) == 0
+    assert trim_shared(tmp_path, 2, 1, 7, lambda d: d in mine) == 1
+    assert left(0) == left(1) == [1, 2, 3, 11, 12, 21, 22]  # the older document's tail
+    assert trim_shared(tmp_path, 2, 1, 5, lambda d: d in mine) == 2
+    assert left(0) == left(1) == [1, 2, 3, 21, 22]  # the rest of it, before the newer one
+    assert trim_shared(tmp_path, 2, 1, 1, lambda d: d in mine) == 2  # never its own
+    assert left(0) == left(1) == mine
+    assert trim_shared(tmp_path, 2, 2, 1, lambda d: False) == 2  # (no cp1 directory)
+
+
+def test_a_runtime_keeps_a_shared_directory_within_its_bound(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Two runtimes with room for 20 blocks each write a document of 17 blocks each: the
+    directory holds 34 files until one runtime's audit deletes the tail of the other's
+    document; that one then reads the head back and computes the rest, with the same answer."""
+    block_file = 2 * 2 * 4 * 4 * 8 * 4 + 32
+    docs = [_tokens(60, 21), _tokens(60, 22)]
+    plain = _ask(tiny_llama_dir, None, [docs[0] + [7], docs[0] + [8]])
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path),
+                        disk_kv_cache_gb=20 * block_file / 2**30)  # fmt: skip
+    kw: dict[str, Any] = {"model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32",
+                          "session_len": 256, "cache": cache}  # fmt: skip
+    with Runtime(**kw) as a, Runtime(**kw) as b:
+        first = a.generate([docs[0] + [7]], PARAMS)[0]
+        b.generate([docs[1] + [7]], PARAMS)
+        for rt in (a, b):
+            rt.engine.wait_idle(10)
+            rt.engine.call(rt.engine.executor.flush_disk_kv)  # type: ignore[union-attr]
+        assert len(_files(tmp_path)) == 34
+        assert a.engine.audit_disk() == 14 and len(_files(tmp_path)) == 20
+        assert a.engine.stats()["disk_kv_shared_evicted_blocks"] == 14
+        assert a.engine.audit_disk() == 0
+        a.reset_prefix_cache(disk=False)  # its device copies go: the disk's are read
+        again = a.generate([docs[0] + [8]], PARAMS)[0]
+        hit = a.engine.stats()["prefix_cache_disk_hit_tokens"]
+        b.reset_prefix_cache(disk=False)
+        other = b.generate([docs[1] + [8]], PARAMS)[0]
+        assert other.num_cached_tokens == 3 * 4  # the head of its document: 3 blocks left
+    _same([first, again], plain["outs"])
+    assert hit == len(docs[0])
+
+
+def test_the_audit_runs_on_its_own_while_the_runtime_serves(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dist_runtime.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "DISK_AUDIT_S", 0.05)
+    block_file = 2 * 2 * 4 * 4 * 8 * 4 + 32
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path),
+                        disk_kv_cache_gb=5 * block_file / 2**30)  # fmt: skip
+    with Runtime(
+        model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=256, cache=cache
+    ) as rt:
+        assert rt.engine._disk_dir is not None
+        pool = Path(rt.engine._disk_dir) / "tp0-cp0"
+        for i in range(1, 9):  # another runtime's chain of 8 blocks
+            (pool / f"{i:032x}-{i - 1:032x}.kv").write_bytes(b"x")
+        deadline = time.monotonic() + 10
+        while len(list(pool.glob("*.kv"))) > 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(int(f.name[:32], 16) for f in pool.glob("*.kv")) == [1, 2, 3, 4, 5]
+        assert rt.engine.stats()["disk_kv_shared_evicted_blocks"] == 3
+
+
 _SHARED = (
     list(range(int(os.environ["DISK_SHARED_SEEDS"]))) if "DISK_SHARED_SEEDS" in os.environ else [5]
 )
@@ -871,14 +956,18 @@ _SHARED = (
 
 @pytest.mark.parametrize("seed", _SHARED)
 def test_two_runtimes_on_one_directory_answer_a_crowd_as_no_tier_does(
-    tiny_llama_dir: Path, tmp_path: Path, seed: int
+    tiny_llama_dir: Path, tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two runtimes on one directory at once, each with a tight device cache and a disk bound
     smaller than the documents together: callers ask either about four documents at random,
     so each reads blocks the other wrote (listed at its start, or written since), and deletes
-    blocks the other indexes (a read that then finds its file gone is computed again). Every
+    blocks the other indexes (a read that then finds its file gone is computed again); each
+    audits the directory every 0.1 s, deleting what the other wrote past its bound. Every
     answer is the one a runtime without the tier gives, and each ends with every device block
     free. Offline: `DISK_SHARED_SEEDS=100 pytest -k crowd_as_no_tier` (100 seeds clean)."""
+    from dist_runtime.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "DISK_AUDIT_S", 0.1)
     rng = random.Random(seed)
     docs = [_tokens(rng.randint(40, 110), 80 + d) for d in range(4)]
     asks = [rng.choice(docs) + _tokens(rng.randint(1, 6), 300 + i) for i in range(16)]
