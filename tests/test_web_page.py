@@ -201,3 +201,18 @@ def test_a_reasoning_models_thinking_shows_folded(page: Any, tmp_path: Path) -> 
     expect(page.locator(".msg.assistant")).to_have_count(2, timeout=30_000)
     expect(page.locator("#send")).to_be_enabled(timeout=30_000)
     assert sent[1]["messages"][1] == {"role": "assistant", "content": "Hello there!"}
+
+
+def test_a_narrow_window_puts_the_panels_one_above_the_other(page: Any, tmp_path: Path) -> None:
+    chat, doc = page.locator("main > section").all()
+    wide_chat, wide_doc = chat.bounding_box(), doc.bounding_box()
+    assert wide_doc["x"] > wide_chat["x"] + wide_chat["width"] - 1  # side by side at 1280 px
+    page.set_viewport_size({"width": 700, "height": 700})
+    narrow_chat, narrow_doc = chat.bounding_box(), doc.bounding_box()
+    assert narrow_doc["y"] >= narrow_chat["y"] + narrow_chat["height"] - 1
+    assert narrow_chat["width"] > 600  # each the window's width
+    send = page.locator("#send").bounding_box()
+    assert send["x"] + send["width"] <= 700
+    title = page.locator("header h1").bounding_box()
+    assert title["height"] < 30  # one line
+    _shot(page, tmp_path, "page_narrow.png")
