@@ -3,14 +3,17 @@ restart) that finds its KV blocks on disk, against one that prefills it.
 
     python bench/disk_kv_cache.py [--tries 3] [--report PATH]
 
-Each try, on the demo model (SmolLM2-135M-Instruct, fp32, in-process executor), three fresh
-Runtimes in turn, each asking the same three questions about a ~2,100-token report (`rt.ask`;
+Each try, on the demo model (SmolLM2-135M-Instruct, fp32, in-process executor), four fresh
+Runtimes, each asking the same three questions about a ~2,100-token report (`rt.ask`;
 `--sections`, 24 by default, sets its length):
 
 1. **no disk tier**: the document is prefilled;
 2. **cold directory** (`kv_cache_dir`, empty): prefilled too, and every block written to disk
    as it is computed (the writes' cost on the ask, then the wait at shutdown for the last);
-3. **warm directory** (the same directory, a new Runtime): the document's blocks are read back.
+3. **running replica** (the same directory): a Runtime started before the cold one, so the
+   blocks were written after it listed the directory, asks once the cold one has stopped: it
+   finds them by their files (another replica's blocks, as on a shared directory);
+4. **warm directory** (the same directory, a new Runtime): the document's blocks are read back.
 
 Timed from the call to the last answer; start-up is timed apart (the weights' fingerprint is
 hashed once, then remembered). Reported: medians, prompt tokens computed and read from disk,
@@ -43,10 +46,10 @@ QUESTIONS = [
     "Who keeps the lighthouse?",
     "What is the name of the largest boat of the fleet?",
 ]
-MODES = ("no disk tier", "cold directory", "warm directory")
+MODES = ("no disk tier", "cold directory", "running replica", "warm directory")
 
 
-def one_run(kv_dir: str | None, doc: str, params: SamplingParams) -> dict[str, Any]:
+def new_runtime(kv_dir: str | None) -> tuple[Runtime, float]:
     start = time.perf_counter()
     rt = Runtime(
         model=str(demo_model_path()),
@@ -55,25 +58,32 @@ def one_run(kv_dir: str | None, doc: str, params: SamplingParams) -> dict[str, A
         session_len=4096,
         cache=CacheConfig(kv_cache_dir=kv_dir),
     )
-    started = time.perf_counter() - start
-    try:
-        start = time.perf_counter()
-        answers = rt.ask(doc, QUESTIONS, params)
-        seconds = time.perf_counter() - start
-        stats = rt.engine.stats()
-    finally:
-        start = time.perf_counter()
-        rt.shutdown()
-        stopped = time.perf_counter() - start
+    return rt, time.perf_counter() - start
+
+
+def ask(rt: Runtime, doc: str, params: SamplingParams) -> dict[str, Any]:
+    start = time.perf_counter()
+    answers = rt.ask(doc, QUESTIONS, params)
+    seconds = time.perf_counter() - start
+    stats = rt.engine.stats()
     return {
-        "start": started,
         "seconds": seconds,
-        "stop": stopped,
         "answers": answers,
         "computed": stats["num_prompt_tokens_computed"],
         "from_disk": stats["prefix_cache_disk_hit_tokens"],
         "written": stats["disk_kv_saved_blocks"],
     }
+
+
+def one_run(kv_dir: str | None, doc: str, params: SamplingParams) -> dict[str, Any]:
+    rt, started = new_runtime(kv_dir)
+    try:
+        result = ask(rt, doc, params)
+    finally:
+        start = time.perf_counter()
+        rt.shutdown()
+        stopped = time.perf_counter() - start
+    return {"start": started, "stop": stopped, **result}
 
 
 def main() -> int:
@@ -93,7 +103,13 @@ def main() -> int:
         for i in range(args.tries):
             kv_dir = str(top / f"try{i}")
             results["no disk tier"].append(one_run(None, doc, params))
-            results["cold directory"].append(one_run(kv_dir, doc, params))
+            running, started = new_runtime(kv_dir)  # before the blocks are written
+            try:
+                results["cold directory"].append(one_run(kv_dir, doc, params))
+                results["running replica"].append({"start": started, "stop": 0.0,
+                                                   **ask(running, doc, params)})  # fmt: skip
+            finally:
+                running.shutdown()
             results["warm directory"].append(one_run(kv_dir, doc, params))
         size = sum(f.stat().st_size for f in (top / "try0").rglob("*.kv"))
     finally:
@@ -102,10 +118,10 @@ def main() -> int:
     def med(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[mode])
 
-    plain, cold, warm = MODES
+    plain, cold, replica, warm = MODES
     same = all(
         r["answers"] == results[plain][i]["answers"]
-        for mode in (cold, warm)
+        for mode in (cold, replica, warm)
         for i, r in enumerate(results[mode])
     )
     summary = (
@@ -113,6 +129,8 @@ def main() -> int:
         f"{med(warm, 'seconds'):.2f} s from the disk tier vs {med(plain, 'seconds'):.2f} s "
         f"prefilled ({med(plain, 'seconds') / med(warm, 'seconds'):.1f}x; "
         f"{med(warm, 'from_disk'):.0f} tokens read, {med(warm, 'computed'):.0f} computed); "
+        f"a runtime already running when they were written: {med(replica, 'seconds'):.2f} s "
+        f"({med(replica, 'from_disk'):.0f} tokens read); "
         f"writing it: {med(cold, 'seconds'):.2f} s (+{med(cold, 'stop'):.2f} s at shutdown), "
         f"{size / 2**20:.0f} MiB; answers identical: {same}"
     )

@@ -365,7 +365,10 @@ def test_disk_kv_cache_bench_runs(tmp_path: Path) -> None:
     out = _run("bench/disk_kv_cache.py", *argv, f"--report={report}")
     assert "disk-kv-cache: a 716-token document in a new runtime" in out
     assert "answers identical: True" in out
+    assert "a runtime already running when they were written" in out
+    assert "(0 tokens read)" not in out  # it read the blocks written after it started
     assert "| warm directory |" in report.read_text()
+    assert "| running replica |" in report.read_text()
 
 
 def test_lora_bench_runs(tmp_path: Path) -> None:
