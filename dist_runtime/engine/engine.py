@@ -302,8 +302,9 @@ class Engine:
     def reset_prefix_cache(self, host: bool = True, disk: bool = True) -> dict[str, int]:
         """Forget the prefix cache between two steps (`BlockManager.reset_prefix_cache`): the
         device's cached blocks, and with `host` / `disk` those tiers' (the disk's files go with
-        the next plan, and when no step is in flight the call waits for them). Running
-        requests go on. Returns the blocks forgotten per tier."""
+        the next plan, and when no step is in flight the call waits for them; so do blocks
+        other runtimes on the directory wrote, which a lookup would otherwise find again).
+        Running requests go on. Returns the blocks forgotten per tier."""
 
         def reset() -> dict[str, int]:
             forgot = self.blocks.reset_prefix_cache(host=host, disk=disk)
@@ -311,6 +312,11 @@ class Engine:
             if forgot["disk"] and self._inflight is None and self.executor is not None:
                 self._send_moves()  # the deletions now, not with the next step
                 self.executor.flush_disk_kv()
+            if disk and self._disk_dir is not None:
+                parallel = self.config.parallel
+                forgot["disk"] += trim_shared(
+                    Path(self._disk_dir), parallel.tp, parallel.cp, 0, self.blocks.disk_indexes
+                )
             return forgot
 
         return self.call(reset)

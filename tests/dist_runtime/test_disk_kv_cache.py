@@ -1151,8 +1151,11 @@ def test_reset_forgets_every_tier_and_running_requests_go_on(
         assert forgot["disk"] >= 32
         assert running.result(timeout=60).token_ids == first.token_ids
         rt.engine.wait_idle(10)
-        rt.reset_prefix_cache()  # the blocks it registered as it went
+        pool = next(tmp_path.glob("*/tp0-cp0"))
+        (pool / f"{1:032x}-{2:032x}.kv").write_bytes(b"x")  # another runtime's block
+        forgot = rt.reset_prefix_cache()  # the blocks it registered as it went, and that one
         assert _files(tmp_path) == []  # (the call waits for the deletions)
+        assert forgot["disk"] >= 2
         cold = rt.generate([DOC + [8]], PARAMS)[0]
         assert cold.num_cached_tokens == 0
         keyed = [(b"authorization", b"Bearer k")]
