@@ -1104,6 +1104,7 @@ class Engine:
             self._disk_dir = disk_dir
             disk_blocks, capacity, orphans = None, 0, list[list[int]]()
             if disk_dir is not None:
+                self._check_disk_dir_shared(disk_dir)
                 disk_blocks, capacity, orphans = self._disk_listing(disk_dir)
             self.blocks = BlockManager(
                 num_blocks,
@@ -1149,6 +1150,26 @@ class Engine:
                 self.audit_disk()
             except Exception:  # (a directory gone or unreadable: tried again later)
                 logger.exception("disk KV tier: checking the directory's size failed")
+
+    def _check_disk_dir_shared(self, disk_dir: str) -> None:
+        """The driver decides every disk read by looking at the workers' files: fail at start
+        when it does not see their directories (workers on other nodes, the directory not on a
+        file system they share), rather than miss every block and delete the workers' files
+        as gone."""
+        parallel = self.config.parallel
+        missing = [
+            f"tp{r}-cp{p}"
+            for p in range(parallel.cp)
+            for r in range(parallel.tp)
+            if not os.path.isdir(f"{disk_dir}/tp{r}-cp{p}")
+        ]
+        if missing:
+            raise ConfigError(
+                f"cache.kv_cache_dir = {self.config.cache.kv_cache_dir!r}: the workers' disk-tier "
+                f"directories {missing} are not under {disk_dir} as this process sees it. Workers "
+                "on other nodes need the directory on a file system every node shares, at the "
+                "same path (NFS, Lustre, ...); or run without --kv-cache-dir"
+            )
 
     def _disk_check(self, disk_dir: str) -> Callable[[int, int, int], bool]:
         """Whether every tp rank of a pool has a block's file (the driver reaches the directory

@@ -949,6 +949,25 @@ def test_the_audit_runs_on_its_own_while_the_runtime_serves(
         assert rt.engine.stats()["disk_kv_shared_evicted_blocks"] == 3
 
 
+def test_a_driver_that_does_not_see_the_workers_directories_fails_at_start(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers whose directory is not the driver's (another node's disk) would have every
+    block missed and deleted as gone: the runtime refuses to start, naming the fix."""
+    elsewhere = tmp_path / "worker-node"
+    real_init = DiskKVTier.__init__
+
+    def on_another_node(self: DiskKVTier, cache: KVCache, directory: Path, *a: Any) -> None:
+        real_init(self, cache, elsewhere / directory.name, *a)
+
+    monkeypatch.setattr(DiskKVTier, "__init__", on_another_node)
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path / "kv"))
+    with pytest.raises(ConfigError, match=r"tp0-cp0.*file system every node shares"):
+        Runtime(
+            model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=256, cache=cache
+        )
+
+
 _SHARED = (
     list(range(int(os.environ["DISK_SHARED_SEEDS"]))) if "DISK_SHARED_SEEDS" in os.environ else [5]
 )
