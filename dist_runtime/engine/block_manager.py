@@ -67,6 +67,11 @@ class _HostTier:
         return slot
 
 
+DROPPED_KEPT = 1 << 16
+"""Digests of blocks this runtime deleted that the disk tier remembers, so a lookup does not
+take them back from files whose deletion is still queued."""
+
+
 class _DiskTier:
     """The blocks on disk, over every pool: each one's parent (the block before it in its hash
     chain) and pool, at most `capacity`. Only leaves are evicted (blocks no other block on disk
@@ -82,6 +87,10 @@ class _DiskTier:
         self.pool: dict[int, int] = {}
         self.children: dict[int, int] = {}
         self.leaves: OrderedDict[int, None] = OrderedDict()
+        self.dropped: OrderedDict[int, None] = OrderedDict()
+        """Blocks whose files this runtime deleted lately (the last DROPPED_KEPT): never taken
+        back from their files by a lookup, which could otherwise read one its deletion has not
+        reached yet."""
 
     def __contains__(self, h: int) -> bool:
         return h in self.parent
@@ -92,6 +101,7 @@ class _DiskTier:
     def add(self, h: int, parent: int, pool: int) -> None:
         """Index block `h`. Blocks may come in any order (a listing's is by time of use, and
         pool by pool): `children` counts a block's children whether it is indexed yet or not."""
+        self.dropped.pop(h, None)
         self.parent[h], self.pool[h] = parent, pool
         if not self.children.get(h):
             self.leaves[h] = None
@@ -125,6 +135,13 @@ class _DiskTier:
     def victim(self) -> int | None:
         """The leaf to evict next."""
         return next(iter(self.leaves), None)
+
+    def dropping(self, h: int) -> None:
+        """Block `h`'s files are being deleted (a `DISK_DROP` queued)."""
+        self.dropped[h] = None
+        self.dropped.move_to_end(h)
+        if len(self.dropped) > DROPPED_KEPT:
+            self.dropped.popitem(last=False)
 
 
 class _Pool:
@@ -184,7 +201,12 @@ class _Pool:
             return True
         disk = self.disk
         return disk is not None and (
-            h in disk or (disk.check is not None and disk.check(self.index, h, parent))
+            h in disk
+            or (
+                h not in disk.dropped
+                and disk.check is not None
+                and disk.check(self.index, h, parent)
+            )
         )
 
     def save_to_disk(self, h: int, parent: int, block: int, first: bool) -> None:
@@ -205,8 +227,7 @@ class _Pool:
             victim = disk.victim()
             if victim is None or victim == parent:
                 return
-            self.moves.append(_disk_move(DISK_DROP, disk.pool[victim], 0, victim))
-            disk.remove(victim)
+            self._drop(victim)
         disk.add(h, parent, self.index)
         self.moves.append(_disk_move(DISK_SAVE, self.index, block, h, parent))
         self.num_disk_saved += 1
@@ -220,14 +241,14 @@ class _Pool:
             return None
         if h not in disk:
             # another runtime on the directory may have written it since this one listed it
-            if disk.check is None or not disk.check(self.index, h, parent):
+            if h in disk.dropped or disk.check is None or not disk.check(self.index, h, parent):
                 return None
-            self._adopt(h, parent, first)
+            if not self._adopt(h, parent, first):
+                return None
         elif disk.check is not None and not disk.check(self.index, h, disk.parent[h]):
             # its files went (deleted by hand or by another runtime; a write that failed): a
             # miss, and the other workers' copies of it go too
-            disk.remove(h)
-            self.moves.append(_disk_move(DISK_DROP, self.index, 0, h))
+            self._drop(h)
             return None
         disk.touch(h)
         block = self.take()
@@ -236,24 +257,32 @@ class _Pool:
         self.hash_of[block] = h
         return block
 
-    def _adopt(self, h: int, parent: int, first: bool) -> None:
+    def _adopt(self, h: int, parent: int, first: bool) -> bool:
         """Index block `h`, whose files are on disk though the index lacks them (another
         runtime on the directory wrote it after this one listed the directory), as a save
-        would: past the tier's capacity a leaf is deleted first, and a block whose parent the
-        index lacks, or whose only room would be its parent's, stays out (it is read all the
-        same; the runtime that wrote it keeps it within its own bound)."""
+        would: past the tier's capacity a leaf is deleted first; a block whose parent the
+        index lacks, or whose only room would be its parent's, is not taken (a miss, as a save
+        of it would not be written). Whether it was."""
         disk = self.disk
         assert disk is not None
         if not first and parent not in disk:
-            return
+            return False
         if len(disk) >= disk.capacity:
             victim = disk.victim()
             if victim is None or victim == parent:
-                return
-            self.moves.append(_disk_move(DISK_DROP, disk.pool[victim], 0, victim))
-            disk.remove(victim)
+                return False
+            self._drop(victim)
         disk.add(h, parent, self.index)
         self.num_disk_adopted += 1
+        return True
+
+    def _drop(self, h: int) -> None:
+        """Take block `h` out of the disk tier's index and delete its files."""
+        disk = self.disk
+        assert disk is not None
+        self.moves.append(_disk_move(DISK_DROP, disk.pool[h], 0, h))
+        disk.remove(h)
+        disk.dropping(h)
 
     def release(self, block: int) -> None:
         self.refs[block] -= 1
@@ -341,8 +370,11 @@ class BlockManager:
     def drop_from_disk(self, pool: int, digests: Sequence[int]) -> None:
         """Delete these blocks' files from pool `pool`'s workers (blocks out of the index: past
         its capacity, or held by only some of the pool's workers)."""
+        tier = self._pools[0].disk
         for h in digests:
             self._moves.append(_disk_move(DISK_DROP, pool, 0, h))
+            if tier is not None:
+                tier.dropping(h)
 
     def reset_prefix_cache(self, host: bool = True, disk: bool = True) -> dict[str, int]:
         """Forget every cached block on the device (blocks running requests hold stay theirs,
@@ -364,6 +396,7 @@ class BlockManager:
             forgot["disk"] = len(tier)
             for h, pool_index in list(tier.pool.items()):
                 self._moves.append(_disk_move(DISK_DROP, pool_index, 0, h))
+                tier.dropping(h)
             tier.clear()
         return forgot
 
