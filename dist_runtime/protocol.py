@@ -133,6 +133,9 @@ class KVMove:
 
 
 DISK_SAVE, DISK_LOAD, DISK_DROP = 1, 2, 3
+DISK_SEEN = "worker.seen"
+"""A file each worker touches in its disk-tier directory when it opens it: the driver checks
+that it sees the touch (it reads the same directory, so it decides the workers' reads)."""
 
 
 @dataclass(frozen=True, kw_only=True)

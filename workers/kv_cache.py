@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from dist_runtime.protocol import DISK_DROP, DISK_LOAD, DISK_SAVE, KVMove
+from dist_runtime.protocol import DISK_DROP, DISK_LOAD, DISK_SAVE, DISK_SEEN, KVMove
 from kernels.kv_quant import code_dim
 
 logger = logging.getLogger(__name__)
@@ -200,6 +200,7 @@ class DiskKVTier:
 
     def __init__(self, cache: KVCache, directory: Path, max_pending: int = 64):
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / DISK_SEEN).touch()
         self.dir = directory
         self.data_shape = (*cache.data.shape[:2], *cache.data.shape[3:])
         self.data_dtype = cache.data.dtype

@@ -53,7 +53,7 @@ from dist_runtime.lora import (
     adapter_slot_rank,
     check_slot_rank,
 )
-from dist_runtime.protocol import SampledToken, StepPlan, StepResult
+from dist_runtime.protocol import DISK_SEEN, SampledToken, StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.text.guided import (
     JsonGuide,
@@ -1100,11 +1100,12 @@ class Engine:
                     self._tier_in_use.close()
                 self._tier_in_use = held
                 disk_dir = str(held.where)
+            opened = time.time()
             self.executor.allocate_kv_cache(num_blocks, host_slots, disk_dir)
             self._disk_dir = disk_dir
             disk_blocks, capacity, orphans = None, 0, list[list[int]]()
             if disk_dir is not None:
-                self._check_disk_dir_shared(disk_dir)
+                self._check_disk_dir_shared(disk_dir, opened)
                 disk_blocks, capacity, orphans = self._disk_listing(disk_dir)
             self.blocks = BlockManager(
                 num_blocks,
@@ -1151,17 +1152,24 @@ class Engine:
             except Exception:  # (a directory gone or unreadable: tried again later)
                 logger.exception("disk KV tier: checking the directory's size failed")
 
-    def _check_disk_dir_shared(self, disk_dir: str) -> None:
+    def _check_disk_dir_shared(self, disk_dir: str, opened: float) -> None:
         """The driver decides every disk read by looking at the workers' files: fail at start
-        when it does not see their directories (workers on other nodes, the directory not on a
-        file system they share), rather than miss every block and delete the workers' files
-        as gone."""
+        when it does not see each worker's touch of its directory since `opened` (workers on
+        other nodes, the directory not on a file system they share; a minute's leeway for
+        clocks), rather than miss every block and delete the workers' files as gone."""
         parallel = self.config.parallel
+
+        def seen(where: str) -> bool:
+            try:
+                return os.stat(f"{where}/{DISK_SEEN}").st_mtime >= opened - 60
+            except OSError:
+                return False
+
         missing = [
             f"tp{r}-cp{p}"
             for p in range(parallel.cp)
             for r in range(parallel.tp)
-            if not os.path.isdir(f"{disk_dir}/tp{r}-cp{p}")
+            if not seen(f"{disk_dir}/tp{r}-cp{p}")
         ]
         if missing:
             raise ConfigError(

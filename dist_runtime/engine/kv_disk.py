@@ -50,7 +50,7 @@ def disk_tier(config: RuntimeConfig, model_config: ModelConfig) -> tuple[InUse, 
     """(this model's and layout's directory of blocks, held in use until closed; the root of
     their hash chain)."""
     assert config.cache.kv_cache_dir is not None
-    top = Path(config.cache.kv_cache_dir).expanduser()
+    top = Path(config.cache.kv_cache_dir).expanduser().absolute()  # (workers: another cwd)
     try:
         top.mkdir(parents=True, exist_ok=True)
     except OSError as e:

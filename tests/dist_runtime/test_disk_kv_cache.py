@@ -472,7 +472,8 @@ def test_a_full_disk_pauses_writes_and_errors_are_not_logged_per_block(
         tier.apply(cache, [move(DISK_SAVE, i, keys[i]) for i in range(4)])
         tier.flush()
     assert len(tries) == 1 and tier.num_failed == 4 and tier.num_written == 0
-    assert list(tmp_path.iterdir()) == []  # the cut temporary file went too
+    left = [f.name for f in tmp_path.iterdir()]
+    assert left == ["worker.seen"]  # the cut temporary file went too
     assert [r.message.count("is full") for r in caplog.records] == [1]
     caplog.clear()
     tier._full_until = 0.0  # the pause is over; now the directory refuses writes
@@ -957,19 +958,27 @@ def test_a_driver_that_does_not_see_the_workers_directories_fails_at_start(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Workers whose directory is not the driver's (another node's disk) would have every
-    block missed and deleted as gone: the runtime refuses to start, naming the fix."""
+    block missed and deleted as gone: the runtime refuses to start, naming the fix, even when
+    the driver's directory holds an earlier local run's worker directories."""
     elsewhere = tmp_path / "worker-node"
     real_init = DiskKVTier.__init__
 
     def on_another_node(self: DiskKVTier, cache: KVCache, directory: Path, *a: Any) -> None:
         real_init(self, cache, elsewhere / directory.name, *a)
 
+    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir="kv")  # (relative)
+    kw: dict[str, Any] = {"model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32",
+                          "session_len": 256, "cache": cache}  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    with Runtime(**kw) as rt:  # workers get the directory as an absolute path
+        assert rt.engine._disk_dir is not None
+        assert Path(rt.engine._disk_dir).is_absolute()
+        assert Path(rt.engine._disk_dir).parent == tmp_path / "kv"
+    for seen in (tmp_path / "kv").glob("*/tp*-cp*/worker.seen"):  # that run was a while ago
+        os.utime(seen, (time.time() - 600,) * 2)
     monkeypatch.setattr(DiskKVTier, "__init__", on_another_node)
-    cache = CacheConfig(block_size=4, num_blocks=70, kv_cache_dir=str(tmp_path / "kv"))
     with pytest.raises(ConfigError, match=r"tp0-cp0.*file system every node shares"):
-        Runtime(
-            model=str(tiny_llama_dir), device="cpu", dtype="float32", session_len=256, cache=cache
-        )
+        Runtime(**kw)
 
 
 _SHARED = (
