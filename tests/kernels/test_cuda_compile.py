@@ -214,6 +214,12 @@ def test_what_cuobjdump_said_of_a_cubin_is_read_once(
     cuda_compile.read_sass(b"ab")
     cuda_compile.read_sass(b"abc")
     assert len(calls) == 3
+    # the same kernel compiled in a checkout elsewhere: its line table names another path
+    monkeypatch.setattr(cuda_compile, "_ROOT", Path("/src/one"))
+    assert cuda_compile.read_sass(b"line /src/one/kernels/k.py") == cuda_compile.Sass(26, 8, None)
+    monkeypatch.setattr(cuda_compile, "_ROOT", Path("/elsewhere/two"))
+    assert cuda_compile.read_sass(b"line /elsewhere/two/kernels/k.py").registers == 26
+    assert len(calls) == 4
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not installed")
