@@ -199,15 +199,15 @@ class _Pool:
         directory wrote."""
         if self.host is not None and h in self.host.by_hash:
             return True
+        return self.disk is not None and (h in self.disk or self._written_elsewhere(h, parent))
+
+    def _written_elsewhere(self, h: int, parent: int) -> bool:
+        """Block `h` (not indexed) has its files on disk: another runtime on the directory
+        wrote it since this one listed it (never one this runtime is deleting)."""
         disk = self.disk
-        return disk is not None and (
-            h in disk
-            or (
-                h not in disk.dropped
-                and disk.check is not None
-                and disk.check(self.index, h, parent)
-            )
-        )
+        assert disk is not None
+        check = disk.check
+        return h not in disk.dropped and check is not None and check(self.index, h, parent)
 
     def save_to_disk(self, h: int, parent: int, block: int, first: bool) -> None:
         """Write the block of hash `h` (after `parent` in its chain; `first`: the chain's first
@@ -240,10 +240,7 @@ class _Pool:
         if disk is None or not self.num_free:
             return None
         if h not in disk:
-            # another runtime on the directory may have written it since this one listed it
-            if h in disk.dropped or disk.check is None or not disk.check(self.index, h, parent):
-                return None
-            if not self._adopt(h, parent, first):
+            if not (self._written_elsewhere(h, parent) and self._adopt(h, parent, first)):
                 return None
         elif disk.check is not None and not disk.check(self.index, h, disk.parent[h]):
             # its files went (deleted by hand or by another runtime; a write that failed): a
@@ -395,8 +392,7 @@ class BlockManager:
         if disk and tier is not None:
             forgot["disk"] = len(tier)
             for h, pool_index in list(tier.pool.items()):
-                self._moves.append(_disk_move(DISK_DROP, pool_index, 0, h))
-                tier.dropping(h)
+                self.drop_from_disk(pool_index, [h])
             tier.clear()
         return forgot
 

@@ -111,6 +111,11 @@ ORPHAN_AGE_S = 60.0
 when older than this (younger, another runtime on the directory may still be writing it)."""
 
 
+def _block_file(disk_dir: str, rank: int, pool: int, digest: int, parent: int) -> str:
+    """Where tp rank `rank` of pool `pool` keeps a block's file (`workers.kv_cache`'s name)."""
+    return f"{disk_dir}/tp{rank}-cp{pool}/{digest:032x}-{parent:032x}.kv"
+
+
 def _digest_pair(name: str) -> tuple[int, int] | None:
     """(digest, parent digest) of a disk-tier file's name (`<digest>-<parent>`), None for a
     name of another shape."""
@@ -313,10 +318,7 @@ class Engine:
                 self._send_moves()  # the deletions now, not with the next step
                 self.executor.flush_disk_kv()
             if disk and self._disk_dir is not None:
-                parallel = self.config.parallel
-                forgot["disk"] += trim_shared(
-                    Path(self._disk_dir), parallel.tp, parallel.cp, 0, self.blocks.disk_indexes
-                )
+                forgot["disk"] += self._trim_shared(self._disk_dir, self.blocks, 0)
             return forgot
 
         return self.call(reset)
@@ -1138,12 +1140,14 @@ class Engine:
         disk_dir, blocks = self._disk_dir, getattr(self, "blocks", None)
         if disk_dir is None or blocks is None or not blocks.disk_capacity:
             return 0
-        parallel = self.config.parallel
-        deleted = trim_shared(
-            Path(disk_dir), parallel.tp, parallel.cp, blocks.disk_capacity, blocks.disk_indexes
-        )
+        deleted = self._trim_shared(disk_dir, blocks, blocks.disk_capacity)
         self.num_disk_shared_evicted_blocks += deleted
         return deleted
+
+    def _trim_shared(self, disk_dir: str, blocks: BlockManager, capacity: int) -> int:
+        """`kv_disk.trim_shared` on this runtime's directory, sparing what `blocks` indexes."""
+        parallel = self.config.parallel
+        return trim_shared(Path(disk_dir), parallel.tp, parallel.cp, capacity, blocks.disk_indexes)
 
     def _audit_loop(self) -> None:
         while not self._stopping.wait(DISK_AUDIT_S):
@@ -1185,8 +1189,9 @@ class Engine:
         tp = self.config.parallel.tp
 
         def on_disk(pool: int, digest: int, parent: int) -> bool:
-            name = f"{digest:032x}-{parent:032x}.kv"
-            return all(os.path.exists(f"{disk_dir}/tp{r}-cp{pool}/{name}") for r in range(tp))
+            return all(
+                os.path.exists(_block_file(disk_dir, r, pool, digest, parent)) for r in range(tp)
+            )
 
         return on_disk
 
@@ -1233,11 +1238,11 @@ class Engine:
         """Whether a block's file on some worker of `pool` is younger than a write can take:
         another runtime on the directory may be writing the others' now (so it is not a
         write a crash lost on some of them)."""
-        name = f"{digest:032x}-{parent:032x}.kv"
         now = time.time()
         for r in range(self.config.parallel.tp):
             with contextlib.suppress(OSError):
-                if now - os.stat(f"{disk_dir}/tp{r}-cp{pool}/{name}").st_mtime < ORPHAN_AGE_S:
+                path = _block_file(disk_dir, r, pool, digest, parent)
+                if now - os.stat(path).st_mtime < ORPHAN_AGE_S:
                     return True
         return False
 

@@ -321,17 +321,16 @@ def trim_shared(
             with contextlib.suppress(OSError, ValueError):
                 digest = int(key, 16)
                 if not indexed(digest):
-                    theirs.append((entry.stat().st_mtime_ns, digest, int(after, 16), entry.name))
+                    theirs.append((entry.stat().st_mtime_ns, digest, int(after, 16)))
         chains = _DiskTier(len(theirs), None)
-        names = {}
-        for _, digest, parent, name in sorted(theirs):  # least recently used first
+        for _, digest, parent in sorted(theirs):  # least recently used first
             chains.add(digest, parent, pool)
-            names[digest] = name
         while over > 0 and (victim := chains.victim()) is not None:
+            name = f"{victim:032x}-{chains.parent[victim]:032x}.kv"
             chains.remove(victim)
             for rank in range(tp):
                 with contextlib.suppress(OSError):
-                    os.unlink(where / f"tp{rank}-cp{pool}" / names[victim])
+                    os.unlink(where / f"tp{rank}-cp{pool}" / name)
             over -= 1
             deleted += 1
     if deleted:

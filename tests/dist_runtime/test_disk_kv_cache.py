@@ -16,7 +16,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -524,6 +524,15 @@ def _same(got: list[Any], want: list[Any]) -> None:
         )
 
 
+def _in_three_threads(caller: Callable[[list[int]], None], items: list[int]) -> None:
+    """caller(a third of `items`) on each of three threads at once; returns when all end."""
+    threads = [threading.Thread(target=caller, args=(items[k::3],)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _files(kv_dir: Path) -> list[Path]:
     return sorted(kv_dir.glob("*/*/*.kv"))
 
@@ -852,11 +861,7 @@ def test_a_crowd_reading_damaged_files_gets_the_answers_of_no_tier(
                 for i, h in handles:
                     got[i] = h.result(timeout=120).token_ids
 
-            threads = [threading.Thread(target=caller, args=(mine[k::3],)) for k in range(3)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            _in_three_threads(caller, mine)
             assert rt.engine.wait_idle(30)
             damage(0.2)
         stats = rt.engine.stats()
@@ -1030,11 +1035,7 @@ def test_two_runtimes_on_one_directory_answer_a_crowd_as_no_tier_does(
                 (h,) = runtimes[which[i]].engine.add_requests([asks[i]], [params])
                 got[i] = h.result(timeout=120).token_ids
 
-        threads = [threading.Thread(target=caller, args=(order[k::3],)) for k in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_three_threads(caller, order)
         stats = []
         for rt in runtimes:
             assert rt.engine.wait_idle(30)
