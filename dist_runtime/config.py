@@ -778,6 +778,12 @@ class RuntimeConfig:
     """Seconds between the driver's liveness pings of its Ray workers."""
     max_job_attempts: int = 3
     """Runs of a job before a worker failure marks it failed (1: never retried)."""
+    request_retries: int = 1
+    """Worker failures a running request goes on through: once the worker group is replaced it
+    computes its prompt and the tokens it had again (as after a preemption) and carries on, its
+    stream unbroken and its tokens those of a run without the failure. A request running at
+    more failures than this fails with `WorkerError` (one that kills its workers does not go on
+    killing them); 0: every running request fails at a worker failure."""
     job_dir: str | None = None
     """Directory of the durable job queue (SQLite); None: a temporary one per Runtime."""
     allow_rope_extrapolation: bool = False
@@ -847,6 +853,10 @@ class RuntimeConfig:
         if not _is_int(self.max_job_attempts) or self.max_job_attempts < 1:
             raise ConfigError(
                 f"max_job_attempts must be an integer >= 1, got {self.max_job_attempts!r}"
+            )
+        if not _is_int(self.request_retries) or self.request_retries < 0:
+            raise ConfigError(
+                f"request_retries must be an integer >= 0, got {self.request_retries!r}"
             )
         for name in (
             "step_timeout_s",

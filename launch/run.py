@@ -82,6 +82,7 @@ ENGINE_FLAGS: dict[str, str] = {
     "require_ray_auth": "--require-ray-auth",
     "collective_timeout_s": "--collective-timeout",
     "step_timeout_s": "--step-timeout",
+    "request_retries": "--request-retries",
     "parallel.tp": "--tp",
     "parallel.cp": "--cp",
     "cache.block_size": "--block-size",
@@ -223,6 +224,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--step-timeout",
         type=float,
         help=f"seconds a step may take before it is hung (default: {_default('step_timeout_s'):g})",
+    )
+    g.add_argument(
+        "--request-retries",
+        type=int,
+        help="worker failures a running request goes on through (its workers replaced, it "
+        "recomputes what it had and carries on); 0 fails every running request at a worker "
+        f"failure (default: {_default('request_retries')})",
     )
     g = p.add_argument_group("memory")
     g.add_argument(

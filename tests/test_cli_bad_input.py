@@ -281,6 +281,11 @@ RUN_TABLE: list[Any] = [
         id="step-timeout",
     ),
     pytest.param(
+        ["--request-retries", "-1"],
+        "--request-retries must be an integer >= 0, got -1",
+        id="request-retries",
+    ),
+    pytest.param(
         ["--master-addr", ""], "--master-addr must be a host name or IP address", id="master-addr"
     ),
     pytest.param(["--seed", "-1"], "--seed must be a non-negative integer", id="seed"),

@@ -7,7 +7,9 @@ driver where a test must hit a window (mid-prefill, mid-decode).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ import pytest
 from dist_runtime import JobFailedError, JobState, Runtime, SamplingParams
 from dist_runtime.config import CacheConfig, SchedulerConfig
 from dist_runtime.engine.executor.base import WorkerError
+from dist_runtime.server.metrics import ServerMetrics
 
 DOC = " ".join(
     f"Entry {i}: the ferry left pier {i % 5} at {6 + i % 12} o'clock." for i in range(40)
@@ -111,8 +114,32 @@ def test_job_survives_a_dead_worker(rt: Runtime, expected: list[str], how: str, 
     _kill_rank1(rt, how)
     assert rt.result(job_id, timeout=180) == expected
     status = rt.status(job_id)
-    assert status.state is JobState.DONE and status.attempts == 2  # one retry
-    assert rt.num_worker_restarts == 1
+    # Its requests went on on the new workers: the job ran once.
+    assert status.state is JobState.DONE and status.attempts == 1
+    assert rt.num_worker_restarts == 1 and rt.engine.stats()["num_resumed_requests"] >= 1
+
+
+def test_job_is_requeued_when_its_requests_are_not_retried(
+    ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path, expected: list[str]
+) -> None:
+    """request_retries=0: a worker failure fails the requests running, and the job runner
+    runs the job again."""
+    with Runtime(
+        model=str(tiny_llama_dir),
+        tp=2,
+        job_dir=str(tmp_path / "jobs"),
+        monitor_interval_s=0.5,
+        request_retries=0,
+        **KW,
+    ) as rt:
+        _slow_steps(rt, 0.05)
+        job_id = rt.submit(DOC, QUESTIONS, PARAMS)
+        _wait(lambda: rt.status(job_id).tokens_generated > 0, 120, "decode to start")
+        _kill_rank1(rt, "os._exit")
+        assert rt.result(job_id, timeout=180) == expected
+        status = rt.status(job_id)
+        assert status.state is JobState.DONE and status.attempts == 2  # one retry
+        assert rt.num_worker_restarts == 1 and rt.engine.stats()["num_resumed_requests"] == 0
 
 
 def test_job_survives_a_dead_worker_with_steps_launched_ahead(
@@ -125,7 +152,7 @@ def test_job_survives_a_dead_worker_with_steps_launched_ahead(
     """With decode steps queued on the actors ahead of the one being read
     (`DIST_RUNTIME_ASYNC_DECODE=1`), a worker that exits mid-decode fails the wait on the step
     in flight; the engine replaces the group, drops the step queued behind it with the old
-    group, and the job's retry gives the undisturbed answers."""
+    group, and the job's requests go on there with the undisturbed answers."""
     monkeypatch.setenv("DIST_RUNTIME_ASYNC_DECODE", "1")
     with Runtime(
         model=str(tiny_llama_dir),
@@ -148,8 +175,8 @@ def test_job_survives_a_dead_worker_with_steps_launched_ahead(
         _kill_rank1(rt, "os._exit")
         assert rt.result(job_id, timeout=180) == expected
         status = rt.status(job_id)
-        assert status.state is JobState.DONE and status.attempts == 2
-        assert rt.num_worker_restarts == 1
+        assert status.state is JobState.DONE and status.attempts == 1
+        assert rt.num_worker_restarts == 1 and rt.engine.stats()["num_resumed_requests"] == 2
         replaced = rt.engine.executor
         assert replaced is not None and replaced is not executor and replaced.runs_ahead()
 
@@ -193,6 +220,7 @@ def test_job_failing_on_every_attempt_ends_failed_and_others_complete(
         tp=2,
         job_dir=str(tmp_path / "jobs"),
         max_job_attempts=2,
+        request_retries=0,  # (each attempt then ends at its first failure)
         **KW,
     ) as rt:
         doomed = rt.submit(DOC, QUESTIONS, PARAMS)
@@ -205,23 +233,95 @@ def test_job_failing_on_every_attempt_ends_failed_and_others_complete(
         assert rt.status(fine).attempts == 1
 
 
-def test_generate_raises_and_the_runtime_recovers(rt: Runtime) -> None:
+def test_requests_running_at_a_worker_failure_go_on_with_their_tokens(rt: Runtime) -> None:
+    """A worker dies while a greedy and a seeded sampling request (with a penalty, so the new
+    workers need its token history) decode: both go on on the new group, their streams
+    unbroken, with the tokens of a run without the failure."""
+    prompts: list[Any] = [[5, 6, 7, 8, 9] * 10, [11, 12, 13] * 7]
+    params = [
+        SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True),
+        SamplingParams(
+            max_new_tokens=24, temperature=0.9, seed=7, repetition_penalty=1.3, ignore_eos=True
+        ),
+    ]
+    want = [o.token_ids for o in rt.generate(prompts, params)]
+    assert want[0] != want[1]
+    _slow_steps(rt, 0.05)
+    handles = rt.add_requests(prompts, params)
+    _wait(lambda: handles[1].num_output_tokens >= 4, 120, "decode to start")
+    _kill_rank1(rt, "ray.kill")
+    streamed = [[t for delta in h for t in delta.token_ids] for h in handles]
+    assert streamed == want
+    assert [h.result().token_ids for h in handles] == want
+    stats = rt.engine.stats()
+    assert rt.num_worker_restarts == 1 and stats["num_resumed_requests"] == 2
+    text = ServerMetrics(rt.engine).render().decode()
+    assert "dist_runtime:worker_restarts_total 1.0" in text
+    assert "dist_runtime:requests_resumed_total 2.0" in text
+
+
+def test_a_prefill_cut_by_a_worker_failure_goes_on_from_the_disk_tier(
+    ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """With a disk tier, the blocks a long prefill wrote before a worker died are read back by
+    the new group: the request goes on from there rather than from its first token."""
+    prompt: list[Any] = [[3 + (i * 7) % 90 for i in range(400)]]
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    with Runtime(model=str(tiny_llama_dir), **KW) as plain:
+        (want,) = plain.generate(prompt, params)
+    cache = CacheConfig(block_size=16, num_blocks=256, kv_cache_dir=str(tmp_path / "kv"))
+    with Runtime(model=str(tiny_llama_dir), tp=2, **{**KW, "cache": cache}) as rt:
+        _slow_steps(rt, 0.05)
+        (handle,) = rt.add_requests(prompt, params)
+        _wait(lambda: handle.num_computed_prompt_tokens >= 240, 120, "half the prefill")
+        _kill_rank1(rt, "ray.kill")
+        assert handle.result(timeout=120).token_ids == want.token_ids
+        stats = rt.engine.stats()
+        assert rt.num_worker_restarts == 1 and stats["num_resumed_requests"] == 1
+        # the blocks written before the failure (all but those still queued) were read back
+        assert stats["prefix_cache_disk_hit_tokens"] >= 160
+        assert stats["num_prompt_tokens_computed"] <= 400 + 400 - 160
+
+
+def test_a_worker_dead_between_requests_is_replaced_before_the_next(rt: Runtime) -> None:
     prompt = [[5, 6, 7, 8, 9] * 10]
     params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
     (want,) = rt.generate(prompt, params)
     _kill_rank1(rt, "ray.kill")
     _wait(lambda: getattr(rt.engine.executor, "dead", None) is not None, 10, "the monitor")
     assert "worker rank 1 died" in str(getattr(rt.engine.executor, "dead", ""))
-    with pytest.raises(WorkerError, match=r"worker rank 1 died.*replaced its workers"):
-        rt.generate(prompt, params)
-    assert rt.num_worker_restarts == 1 and not rt.engine.scheduler.has_work()
     (again,) = rt.generate(prompt, params)
     assert again.token_ids == want.token_ids
+    assert rt.num_worker_restarts == 1 and not rt.engine.scheduler.has_work()
 
 
-def _hung_rank1_fails_then_recovers(rt: Runtime, match: str) -> None:
-    """Rank 1's steps sleep forever: the next generate raises `match` within a minute, and the
-    retry on the rebuilt group gives the undisturbed tokens."""
+def test_generate_raises_when_requests_are_not_retried(
+    ray_cluster: Any, tiny_llama_dir: Path
+) -> None:
+    """request_retries=0: the requests running at a worker failure fail with WorkerError, and
+    the new group serves the next call."""
+    with Runtime(model=str(tiny_llama_dir), tp=2, request_retries=0, **KW) as rt:
+        prompt = [[5, 6, 7, 8, 9] * 10]
+        params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+        (want,) = rt.generate(prompt, params)
+        _slow_steps(rt, 0.05)
+        (handle,) = rt.add_requests(prompt, params)
+        _wait(lambda: handle.num_output_tokens >= 2, 60, "decode to start")
+        _kill_rank1(rt, "ray.kill")
+        dropped = r"(?s)worker died.*dropped this request, running \(request_retries=0\)"
+        with pytest.raises(WorkerError, match=dropped):
+            handle.result(timeout=60)  # (failed at once, before the new group is up)
+        _wait(lambda: rt.num_worker_restarts == 1, 60, "the new worker group")
+        assert not rt.engine.scheduler.has_work()
+        (again,) = rt.generate(prompt, params)
+        assert again.token_ids == want.token_ids
+
+
+def _hung_rank1_fails_then_recovers(
+    rt: Runtime, match: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rank 1's steps sleep forever: within a minute the engine replaces the group, naming
+    `match`, and the request goes on there with the undisturbed tokens."""
     prompt = [[5, 6, 7, 8, 9] * 10]
     params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     (want,) = rt.generate(prompt, params)
@@ -235,29 +335,32 @@ def _hung_rank1_fails_then_recovers(rt: Runtime, match: str) -> None:
 
     ray.get(actor.__ray_call__.remote(hang))
     start = time.monotonic()
-    with pytest.raises(WorkerError, match=match):
-        rt.generate(prompt, params)
+    with caplog.at_level(logging.ERROR, logger="dist_runtime.engine.engine"):
+        (again,) = rt.generate(prompt, params)
     assert time.monotonic() - start < 60
-    (again,) = rt.generate(prompt, params)
     assert again.token_ids == want.token_ids
     assert rt.num_worker_restarts == 1
+    failures = [
+        r.getMessage() for r in caplog.records if "replacing the worker group" in r.getMessage()
+    ]
+    assert len(failures) == 1 and re.search(match, failures[0]), failures
 
 
 def test_hung_worker_is_detected_by_the_step_timeout(
-    ray_cluster: Any, tiny_llama_dir: Path
+    ray_cluster: Any, tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with Runtime(model=str(tiny_llama_dir), tp=2, step_timeout_s=3.0, **KW) as rt:
-        _hung_rank1_fails_then_recovers(rt, r"timed out after 3 s")
+        _hung_rank1_fails_then_recovers(rt, r"timed out after 3 s", caplog)
 
 
 def test_hung_peer_fails_the_collective_before_the_step_timeout(
-    ray_cluster: Any, tiny_llama_dir: Path
+    ray_cluster: Any, tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Rank 1 stops answering; rank 0's next all-reduce gives up after collective_timeout_s
     (well before the 120 s step timeout), the step fails naming the collective, and a fresh
-    group serves the retry."""
+    group carries the request on."""
     with Runtime(
         model=str(tiny_llama_dir), tp=2, step_timeout_s=120.0, collective_timeout_s=3.0, **KW
     ) as rt:
         hung = r"rank 0: tp all-reduce failed; a peer is hung or dead \(collective_timeout_s=3\)"
-        _hung_rank1_fails_then_recovers(rt, hung)
+        _hung_rank1_fails_then_recovers(rt, hung, caplog)

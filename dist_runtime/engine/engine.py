@@ -11,8 +11,10 @@ handle) and blocks on the queue when there is none. Many callers therefore share
     for delta in handle: ...          # or handle.result(), or handle.abort()
     engine.shutdown()
 
-Failures: a dead or hung worker (`WorkerError`) makes the engine replace its whole worker group
-and fail the requests in flight with that error (callers resubmit; the job runner requeues).
+Failures: a dead or hung worker (`WorkerError`) makes the engine replace its whole worker group;
+the requests in flight go on there, recomputing what they had (a request running at more than
+`request_retries` failures fails with that error instead: callers resubmit, the job runner
+requeues).
 When no new group can be started, or the loop itself breaks, every handle fails with
 `EngineDeadError` and later adds are refused.
 """
@@ -101,6 +103,8 @@ class _Request:
     dependents: list[_Request] = field(default_factory=list)
     is_internal: bool = False
     """A shared-prefix pass nobody waits on: aborted when all its dependents are."""
+    failures: int = 0
+    """Worker failures it was running at (it went on after each, up to `request_retries`)."""
 
 
 DISK_AUDIT_S = 30.0
@@ -153,6 +157,8 @@ class Engine:
         self.executor: Executor | None = None
         self.num_worker_restarts = 0
         """Times a dead or hung worker made the engine replace its whole worker group."""
+        self.num_resumed_requests = 0
+        """Running requests that went on after a worker failure, on the new worker group."""
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None:
             eos |= set(tokenizer.eos_token_ids)
@@ -368,6 +374,7 @@ class Engine:
             "disk_kv_blocks": blocks.num_disk_blocks,
             "disk_kv_unread_blocks": self.num_disk_unread_blocks,
             "num_worker_restarts": self.num_worker_restarts,
+            "num_resumed_requests": self.num_resumed_requests,
             "num_draft_tokens": sched.num_draft_tokens,
             "num_adapter_loads": self.num_adapter_loads,
             "num_accepted_tokens": sched.num_accepted_tokens,
@@ -1017,10 +1024,26 @@ class Engine:
 
     # -- failures (engine thread) ---------------------------------------------------------------
     def _recover(self, error: WorkerError) -> None:
-        """A worker died or hung: kill the whole group (never reusing its process group), start
-        a fresh one, then fail the requests that were in flight (callers resubmit)."""
+        """A worker died or hung: kill the whole group (never reusing its process group) and
+        start a fresh one. The requests go on there: each running one computes its prompt and
+        the tokens it had again, as a preempted one does, and its stream goes on where it was
+        (draws are seeded by position, so its tokens are those of a run without the failure);
+        one that was running at more than `request_retries` failures fails instead."""
         logger.error("worker failure, replacing the worker group: %s", error)
-        in_flight = [*self._active.values(), *self._deferred]
+        running = [
+            self._by_seq[s.seq_id] for s in self.scheduler.running if s.seq_id in self._by_seq
+        ]
+        for request in running:
+            request.failures += 1
+        retries = self.config.request_retries
+        times = f"at {retries + 1} worker failures, " if retries else ""
+        self._fail(
+            [r for r in running if r.failures > retries],
+            WorkerError(
+                f"{error}; the runtime replaced its workers and dropped this request, running "
+                f"{times}(request_retries={retries}): submit it again"
+            ),
+        )
         old, self.executor = self.executor, None
         owned_ray = bool(getattr(old, "_owns_ray", False))
         if old is not None:
@@ -1031,15 +1054,9 @@ class Engine:
             raise EngineDeadError(f"replacing failed workers failed: {e}") from e
         if owned_ray:  # the new group inherits the Ray instance the old one started
             setattr(self.executor, "_owns_ray", True)  # noqa: B010
-        self.scheduler = self._new_scheduler()
         self.num_worker_restarts += 1
-        self._fail(
-            in_flight,
-            WorkerError(
-                f"{error}; the runtime replaced its workers and dropped the requests in flight: "
-                "submit them again"
-            ),
-        )
+        self.num_resumed_requests += sum(not r.handle.done for r in running)
+        self.scheduler.reset(self.blocks)  # every sequence left recomputes from its start
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every request in flight (running, waiting, deferred) and free its blocks."""
@@ -1051,6 +1068,7 @@ class Engine:
                 self._deferred.remove(request)
             self.scheduler.abort(request.seq)
             self._end(request, None, error)
+        self._admit_ready()  # a failed prefix pass: the prompts waiting on it start without it
 
     def _die(self, error: BaseException) -> None:
         with self._lock:

@@ -582,6 +582,7 @@ class Scheduler:
         self.blocks = blocks
         for seq in reversed(self.running):
             seq.status = SeqStatus.WAITING
+            seq.was_preempted = True  # ahead of the arrivals, as a preempted sequence is
             self._enqueue(seq, front=True)
         self.running.clear()
         for seq in self.waiting:
@@ -592,6 +593,8 @@ class Scheduler:
             seq.prefix_hash = None
             seq.is_reset = True
             seq.loading = False
+            seq.draft = []
+            seq.draft_masks = []
         self._finished_ids.clear()
 
     def unread(self, moves: list[KVMove]) -> list[Sequence]:

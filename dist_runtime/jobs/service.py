@@ -16,13 +16,16 @@ Arguments and results are plain strings, lists and dicts.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import logging
 import os
+import time
 from typing import Any
 
 from dist_runtime.jobs.client import JobClient
 from dist_runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_NAME = "dist_runtime_jobs"
 DEFAULT_NAMESPACE = "dist_runtime"
@@ -124,8 +127,22 @@ def connect(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Any
         ) from e
 
 
-def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> None:
+def stop(
+    name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, timeout: float = 30.0
+) -> None:
+    """Kill the queue actor and wait (up to `timeout` s) until Ray no longer lists its name, so
+    a `start` or `connect` right after sees it gone (Ray drops the name asynchronously)."""
     import ray
 
-    with contextlib.suppress(ValueError):  # not running
+    try:
         ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    except ValueError:  # not running
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        time.sleep(0.05)
+    logger.warning("job queue actor %r: still listed %.0f s after it was killed", name, timeout)

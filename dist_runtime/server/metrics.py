@@ -83,6 +83,15 @@ class _EngineCollector(Collector):
             "prompt_tokens_computed": ("Prompt tokens the workers computed", "computed"),
             "generation_tokens": ("Tokens generated", "generated"),
             "num_preemptions": ("Sequences preempted (recomputed later)", "preemptions"),
+            "worker_restarts": (
+                "Worker groups replaced after a worker died or hung",
+                "restarts",
+            ),
+            "requests_resumed": (
+                "Running requests that went on after a worker failure (recomputed on the new "
+                "workers)",
+                "resumed",
+            ),
             "engine_steps": ("Engine steps run", "steps"),
             "spec_decode_num_draft_tokens": (
                 "Draft tokens checked (speculative decoding by prompt lookup)",
@@ -103,6 +112,8 @@ class _EngineCollector(Collector):
             "computed": s["num_prompt_tokens_computed"],
             "generated": s["num_generated_tokens"],
             "preemptions": s["num_preemptions"],
+            "restarts": s["num_worker_restarts"],
+            "resumed": s["num_resumed_requests"],
             "steps": s["num_steps"],
             "drafted": s["num_draft_tokens"],
             "accepted": s["num_accepted_tokens"],

@@ -181,6 +181,73 @@ def test_job_starts_while_another_decodes(rt: Runtime, monkeypatch: pytest.Monke
     assert len(rt.result(long, timeout=120)) == 1
 
 
+def test_every_kind_of_request_goes_on_through_a_worker_failure(tiny_llama_dir: Path) -> None:
+    """A worker failure while prompts prefill and others decode replaces the worker; every
+    request (greedy, seeded sampling with penalties, top log-probabilities, prompt
+    log-probabilities, a guided regex, a stop string, a waiting one) ends as in a run without
+    the failure, its stream unbroken."""
+    prompts = [_prompt(40, i) for i in range(6)] + [_prompt(200, 9)]
+    sampled = dict(temperature=0.8, top_p=0.9, ignore_eos=True)
+    params = [
+        _params(12),
+        SamplingParams(max_new_tokens=12, seed=5, presence_penalty=0.5, **sampled),  # type: ignore[arg-type]
+        SamplingParams(max_new_tokens=12, seed=6, repetition_penalty=1.3, logprobs=3, **sampled),  # type: ignore[arg-type]
+        SamplingParams(max_new_tokens=6, prompt_logprobs=2, ignore_eos=True),
+        SamplingParams(max_new_tokens=12, guided_regex="[a-f]{2,6}", seed=7, temperature=1.0),
+        SamplingParams(max_new_tokens=24, stop=("e",), seed=8, temperature=1.0),
+        _params(8),  # admitted after the others: prefilling when the worker fails
+    ]
+    kw: dict[str, Any] = dict(
+        session_len=512,
+        cache=CacheConfig(block_size=16, num_blocks=128),
+        scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET, max_num_seqs=8),
+        **CPU32,
+    )
+    with Runtime(model=str(tiny_llama_dir), **kw) as runtime:
+        want = runtime.generate(prompts, params)
+    with Runtime(model=str(tiny_llama_dir), **kw) as runtime:
+        executor = runtime.engine.executor
+        assert executor is not None
+        execute, calls, running = executor.execute, [0], [0]
+
+        def dying(plan: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 12:  # the short prompts decode, the long one prefills
+                running[0] = len(runtime.engine.scheduler.running)
+                assert any(len(s.token_ids) > 1 for s in plan.seqs), "no prefill at the failure"
+                assert any(len(s.token_ids) == 1 for s in plan.seqs), "no decode at the failure"
+                raise WorkerError("injected: worker rank 0 died")
+            return execute(plan)
+
+        executor.execute = dying  # type: ignore[method-assign]
+        handles = runtime.add_requests(prompts, params)
+        streams = [list(h) for h in handles]
+        got = [h.result(timeout=60) for h in handles]
+        assert runtime.engine.executor is not executor and calls[0] == 12
+        stats = runtime.engine.stats()
+        assert stats["num_worker_restarts"] == 1 and stats["num_resumed_requests"] == running[0]
+        assert running[0] >= 4
+    for i, (g, w, deltas) in enumerate(zip(got, want, streams, strict=True)):
+        assert g.token_ids == w.token_ids, i
+        assert (g.text, g.finish_reason) == (w.text, w.finish_reason), i
+        # (a recomputed row sums in another batch: the same to float32 rounding)
+        _close_logprobs(g.logprobs, w.logprobs, i)
+        _close_logprobs(g.prompt_logprobs, w.prompt_logprobs, i)
+        assert [t for d in deltas for t in d.token_ids] == g.token_ids, i
+        assert "".join(d.text for d in deltas) == g.text, i
+    assert want[5].finish_reason == "stop"  # (the stop string is met)
+
+
+def _close_logprobs(got: list[Any] | None, want: list[Any] | None, i: int) -> None:
+    assert (got is None) == (want is None), i
+    for g, w in zip(got or [], want or [], strict=True):
+        assert (g is None) == (w is None), i
+        if g is not None:
+            assert g.token_id == w.token_id and list(g.top) == list(w.top), i
+            assert g.logprob == pytest.approx(w.logprob, abs=1e-4), i
+            assert list(g.top.values()) == pytest.approx(list(w.top.values()), abs=1e-4), i
+
+
 def test_dead_engine_fails_every_handle(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -302,6 +302,37 @@ def test_runtime_serves_after_a_failed_step(tiny_llama_dir: Path) -> None:
         assert after.token_ids == before.token_ids
 
 
+def test_prompts_waiting_on_a_failed_prefix_pass_start_without_it(tiny_llama_dir: Path) -> None:
+    """A step that raises while the shared prefix of several prompts is computed once (the
+    hidden prefix pass) fails that pass only: the prompts waiting on it start at once and
+    compute the prefix themselves, with the answers of an undisturbed run."""
+    params = _greedy(max_new_tokens=4, ignore_eos=True)
+    prefix = [5 + i % 50 for i in range(40)]
+    prompts = [prefix + [60, 61], prefix + [70, 71]]
+    kw: dict[str, Any] = dict(
+        session_len=128,
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16),
+        **CPU32,
+    )
+    with Runtime(model=str(tiny_llama_dir), **kw) as runtime:
+        want = [h.result(timeout=60).token_ids for h in runtime.add_requests(prompts, params)]
+    with Runtime(model=str(tiny_llama_dir), **kw) as runtime:
+        executor = runtime.engine.executor
+        assert executor is not None
+        real_execute, calls = executor.execute, [0]
+
+        def flaky(plan: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 2:  # the prefix pass's second chunk
+                raise RuntimeError("injected step failure")
+            return real_execute(plan)
+
+        executor.execute = flaky  # type: ignore[method-assign]
+        handles = runtime.add_requests(prompts, params, share_prefix=True)
+        assert [h.result(timeout=60).token_ids for h in handles] == want
+        assert calls[0] > 2
+
+
 def test_a_row_the_sampler_refuses_fails_its_request_only(tiny_llama_dir: Path) -> None:
     """The sampler raising for one request's row (its values broke it) fails that request,
     naming the error; the request sampled in the same steps gets the tokens it gets alone,
