@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import random
 import threading
 import time
@@ -238,7 +239,7 @@ def test_every_kind_of_request_goes_on_through_a_worker_failure(tiny_llama_dir: 
     assert want[5].finish_reason == "stop"  # (the stop string is met)
 
 
-def _close_logprobs(got: list[Any] | None, want: list[Any] | None, i: int) -> None:
+def _close_logprobs(got: list[Any] | None, want: list[Any] | None, i: Any) -> None:
     assert (got is None) == (want is None), i
     for g, w in zip(got or [], want or [], strict=True):
         assert (g is None) == (w is None), i
@@ -246,6 +247,116 @@ def _close_logprobs(got: list[Any] | None, want: list[Any] | None, i: int) -> No
             assert g.token_id == w.token_id and list(g.top) == list(w.top), i
             assert g.logprob == pytest.approx(w.logprob, abs=1e-4), i
             assert list(g.top.values()) == pytest.approx(list(w.top.values()), abs=1e-4), i
+
+
+_FAILURE_CROWD = (
+    range(int(os.environ["FAILURE_CROWD_SEEDS"])) if "FAILURE_CROWD_SEEDS" in os.environ else [0, 1]
+)
+
+
+@pytest.mark.parametrize("seed", _FAILURE_CROWD)
+def test_a_crowd_through_worker_failures_gets_the_answers_of_none(
+    tiny_llama_dir: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random requests (greedy; seeded sampling with penalties; log-probabilities; prompt
+    log-probabilities; stop strings; min_tokens; guided regexes; priorities; shared prefixes
+    behind a hidden prefix pass) from three threads on a tight cache (preemptions), with
+    speculative decoding on odd seeds and a host tier on every third: the worker fails at
+    random steps, up to three times, and every request ends as in a run without failures.
+    Offline: `FAILURE_CROWD_SEEDS=150 pytest -k crowd_through` (150 seeds clean)."""
+    rng = random.Random(seed)
+    docs = [_prompt(rng.randint(30, 90), 40 + d) for d in range(2)]
+    docs.append((_prompt(7, 43) * 13)[: rng.randint(30, 90)])  # repeats: prompt lookup drafts
+    palette: list[dict[str, Any]] = [
+        dict(temperature=0.0),
+        dict(temperature=0.9, top_p=0.9, presence_penalty=0.4),
+        dict(temperature=0.7, top_k=20, repetition_penalty=1.2, frequency_penalty=0.3),
+        dict(temperature=0.0, logprobs=2),
+        dict(temperature=0.0, prompt_logprobs=1),
+        dict(temperature=1.0, stop=("e", "a ")),
+        dict(temperature=0.8, min_tokens=3),
+        dict(temperature=1.0, guided_regex="[a-h]{1,5}( [0-9]{1,3})?"),
+    ]
+    asks: list[tuple[list[list[int]], list[SamplingParams], bool]] = []
+    for i in range(10):
+        doc = rng.choice(docs)
+        n = rng.choice([1, 1, 2, 3])  # several questions about one document share its prefix
+        prompts = [doc + _prompt(rng.randint(1, 8), 300 + 10 * i + k) for k in range(n)]
+        params = [
+            SamplingParams(
+                max_new_tokens=rng.randint(3, 12),
+                seed=rng.randrange(1000),
+                ignore_eos=True,
+                priority=rng.choice([0, 0, 1]),
+                **rng.choice(palette),
+            )
+            for _ in prompts
+        ]
+        asks.append((prompts, params, n > 1 and rng.random() < 0.7))
+    host_gb = 24 * 2 * 2 * 4 * 4 * 8 * 4 / 2**30 if seed % 3 == 0 else 0.0
+    kw: dict[str, Any] = dict(
+        model=str(tiny_llama_dir),
+        session_len=256,
+        cache=CacheConfig(block_size=4, num_blocks=60, host_kv_cache_gb=host_gb),
+        scheduler=SchedulerConfig(
+            max_num_seqs=4, max_num_batched_tokens=16, num_speculative_tokens=3 * (seed % 2)
+        ),
+        request_retries=5,
+        **CPU32,
+    )
+
+    def run(rt: Runtime) -> dict[tuple[int, int], Any]:
+        got: dict[tuple[int, int], Any] = {}
+
+        def caller(part: list[int]) -> None:
+            for i in part:
+                prompts, params, share = asks[i]
+                handles = rt.add_requests(prompts, params, share_prefix=share)
+                time.sleep(rng.random() * 0.02)
+                for k, h in enumerate(handles):
+                    got[i, k] = h.result(timeout=120)
+
+        threads = [
+            threading.Thread(target=caller, args=(list(range(len(asks)))[k::3],)) for k in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+            assert not t.is_alive()
+        return got
+
+    with Runtime(**kw) as plain:
+        want = run(plain)
+    failures = [rng.randint(1, 3)]
+    create = engine_module.create_executor
+
+    def failing_executor(config: Any) -> Any:
+        executor = create(config)
+        execute, countdown = executor.execute, [rng.randint(2, 40)]
+
+        def step(plan: Any) -> Any:
+            countdown[0] -= 1
+            if failures[0] and countdown[0] == 0 and plan.seqs:
+                failures[0] -= 1
+                raise WorkerError("injected: worker rank 0 died")
+            return execute(plan)
+
+        executor.execute = step  # type: ignore[method-assign]
+        return executor
+
+    monkeypatch.setattr(engine_module, "create_executor", failing_executor)
+    with Runtime(**kw) as rt:
+        got = run(rt)
+        restarts = rt.engine.stats()["num_worker_restarts"]
+        assert rt.engine.wait_idle(30) and rt.engine.blocks.num_free_blocks == 60
+    assert restarts >= 1
+    assert sorted(got) == sorted(want)
+    for key, w in want.items():
+        g = got[key]
+        assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason), key
+        _close_logprobs(g.logprobs, w.logprobs, key[0])
+        _close_logprobs(g.prompt_logprobs, w.prompt_logprobs, key[0])
 
 
 def test_dead_engine_fails_every_handle(
