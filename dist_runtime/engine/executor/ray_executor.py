@@ -8,9 +8,11 @@ Only msgpack bytes cross to the actors.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -40,6 +42,35 @@ def _import_ray() -> Any:
             "the in-process executor)"
         ) from e
     return ray
+
+
+def place_ranks(nodes: list[str], tp: int, first: str | None) -> tuple[list[int], list[int]]:
+    """The placement-group bundle of each rank (rank = cp_rank * tp + tp_rank), given the node
+    of each bundle: tp groups (ranks [c * tp, (c + 1) * tp)) whole on one node first, nodes
+    taken `first` first, then those with the most bundles; the bundles left make the last
+    groups, across nodes. Returns (bundle of each rank, cp ranks whose tp group spans nodes)."""
+    if len(nodes) % tp:
+        raise ValueError(f"{len(nodes)} bundles do not make tp groups of {tp}")
+    free: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        free.setdefault(node, []).append(i)
+    order = sorted(free, key=lambda n: (n != first, -len(free[n]), nodes.index(n)))
+    groups: list[list[int]] = []
+    for node in order:
+        while len(free[node]) >= tp:
+            groups.append(free[node][:tp])
+            del free[node][:tp]
+    rest = [b for node in order for b in free[node]]
+    spanning = list(range(len(groups), len(nodes) // tp))
+    groups.extend(rest[i : i + tp] for i in range(0, len(rest), tp))
+    return [b for group in groups for b in group], spanning
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 def init_ray(ray: Any, **kwargs: Any) -> None:
@@ -156,6 +187,7 @@ class RayExecutor(Executor):
             self.config.init_timeout_s,
             f"placing {self.world_size} workers ({bundle} each)",
         )
+        bundles, host = self._layout(ray)
         from workers.worker import Worker
 
         actor_cls = ray.remote(Worker)
@@ -167,12 +199,11 @@ class RayExecutor(Executor):
                 num_cpus=1,
                 num_gpus=1 if self.is_cuda else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank
+                    placement_group=self.pg, placement_group_bundle_index=bundles[rank]
                 ),
             ).remote(config_bytes, rank, threads, env)
             for rank in range(self.world_size)
         ]
-        host = self.config.master_addr
         port = self._get(
             self.actors[0].create_store.remote(host),
             self.config.init_timeout_s,
@@ -195,6 +226,52 @@ class RayExecutor(Executor):
             plural(self.world_size, "worker"),
             time.perf_counter() - loading,
         )
+
+    def _layout(self, ray: Any) -> tuple[list[int], str]:
+        """Where each rank runs (its bundle in the placement group) and the rendezvous store's
+        address. Each tp group gets one node where the bundles allow (its all-reduces run every
+        layer; cp's exchanges are fewer and overlap compute), rank 0 the node of `master_addr`
+        or else the driver's. On several nodes a loopback `master_addr` becomes rank 0's node's
+        address, since the other nodes could not reach it."""
+        from ray.util.placement_group import placement_group_table
+
+        table = placement_group_table(self.pg)["bundles_to_node_id"]
+        nodes = [str(table[i]) for i in range(self.world_size)]
+        addresses = {str(n["NodeID"]): str(n["NodeManagerAddress"]) for n in ray.nodes()}
+        host = self.config.master_addr
+        first = next((n for n in nodes if addresses.get(n) == host), None)
+        if first is None:
+            first = str(ray.get_runtime_context().get_node_id())
+        tp = self.config.parallel.tp
+        bundles, spanning = place_ranks(nodes, tp, first)
+        used = sorted(set(nodes), key=nodes.index)
+        if len(used) > 1:
+            where = ", ".join(
+                f"{addresses.get(n, '?')} (node {n[:8]}): ranks "
+                f"{[r for r in range(self.world_size) if nodes[bundles[r]] == n]}"
+                for n in used
+            )
+            logger.info("workers on %d nodes (%s)", len(used), where)
+            zero = addresses.get(nodes[bundles[0]], host)
+            if is_loopback(host) or (host != zero and host in addresses.values()):
+                # (a loopback address, or another node's, where rank 0 cannot listen)
+                logger.info(
+                    "the workers span nodes and rank 0 runs on %s: the rendezvous store "
+                    "listens there, not on master_addr %s",
+                    zero,
+                    host,
+                )
+                host = zero
+        for cp_rank in spanning:
+            logger.warning(
+                "the tp group of cp rank %d (ranks %d-%d) spans nodes: its all-reduces, one "
+                "per layer, cross the network; give each node a multiple of tp=%d free devices",
+                cp_rank,
+                cp_rank * tp,
+                cp_rank * tp + tp - 1,
+                tp,
+            )
+        return bundles, host
 
     def _check_capacity(self, ray: Any, bundle: dict[str, int]) -> None:
         total = ray.cluster_resources()
