@@ -190,9 +190,9 @@ def test_job_failing_on_every_attempt_ends_failed_and_others_complete(
     chaos.set()
     create = engine_module.create_executor
 
-    def faulty_executor(config: Any) -> Any:
+    def faulty_executor(config: Any, replacing: bool = False) -> Any:
         """Every new group loses rank 1 at its third step while chaos is on."""
-        executor = create(config)
+        executor = create(config, replacing)
         execute, launch, steps = executor.execute, executor.launch, [0]
 
         def chaos_step() -> None:

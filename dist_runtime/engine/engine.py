@@ -1049,7 +1049,7 @@ class Engine:
         if old is not None:
             old.shutdown(keep_ray=True)
         try:  # the new workers get the adapters resident now, in their slots
-            self._start_workers()
+            self._start_workers(replacing=True)
         except BaseException as e:
             raise EngineDeadError(f"replacing failed workers failed: {e}") from e
         if owned_ray:  # the new group inherits the Ray instance the old one started
@@ -1088,12 +1088,15 @@ class Engine:
         self._deferred.clear()
 
     # -- workers ------------------------------------------------------------------------------
-    def _start_workers(self) -> None:
-        """A new worker group (new processes) and an empty KV cache for it."""
+    def _start_workers(self, replacing: bool = False) -> None:
+        """A new worker group (new processes) and an empty KV cache for it (`replacing`: in
+        place of a failed one)."""
         # Adapters fixed at start size the workers' layers; reserved slots are filled once the
         # workers run, with each adapter's hash (the key of their host caches)
         modules = self.config.lora_modules if self.config.max_loras is None else {}
-        self.executor = create_executor(dataclasses.replace(self.config, lora_modules=modules))
+        self.executor = create_executor(
+            dataclasses.replace(self.config, lora_modules=modules), replacing=replacing
+        )
         try:
             if self.config.max_loras is not None:
                 for name, slot in self._adapter_slots.items():

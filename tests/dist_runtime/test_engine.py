@@ -331,8 +331,8 @@ def test_a_crowd_through_worker_failures_gets_the_answers_of_none(
     failures = [rng.randint(1, 3)]
     create = engine_module.create_executor
 
-    def failing_executor(config: Any) -> Any:
-        executor = create(config)
+    def failing_executor(config: Any, replacing: bool = False) -> Any:
+        executor = create(config, replacing)
         execute, countdown = executor.execute, [rng.randint(2, 40)]
 
         def step(plan: Any) -> Any:
@@ -375,7 +375,7 @@ def test_dead_engine_fails_every_handle(
                 raise WorkerError("injected: worker rank 0 died")
             return execute(plan)
 
-        def no_devices(config: Any) -> Any:
+        def no_devices(config: Any, replacing: bool = False) -> Any:
             raise RuntimeError("injected: no devices left")
 
         monkeypatch.setattr(executor, "execute", dying)

@@ -47,14 +47,17 @@ def test_loopback_addresses() -> None:
 
 
 @pytest.mark.slow
-def test_tp_groups_on_two_nodes_of_a_ray_cluster() -> None:
+def test_tp_groups_on_two_nodes_and_a_lost_node_replaced() -> None:
     """A tp=2 x cp=2 runtime on a two-node Ray cluster (two raylets on this machine): each tp
-    group runs on one node, rank 0 on the driver's, and the answer is the single device's."""
+    group runs on one node, rank 0 on the driver's, and the answer is the single device's.
+    Then the other node is lost while the runtime is idle: once Ray counts it gone, a request
+    makes the engine replace its workers, which waits for the devices (a cluster short of them
+    is refused only at start) until a new node joins, and the request gets the same answer."""
     run = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "helpers" / "two_nodes.py")],
+        [sys.executable, str(ROOT / "tests" / "helpers" / "two_nodes.py"), "--lose-node"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
         cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -65,3 +68,5 @@ def test_tp_groups_on_two_nodes_of_a_ray_cluster() -> None:
     assert nodes[0] == out["driver"]
     assert out["got"] == out["want"]
     assert "the rendezvous store listens there, not on master_addr 127.0.0.1" in run.stderr
+    assert out["after_loss"] == out["want"] and out["restarts"] == 1
+    assert "the Ray cluster has 2 CPU now, 4 needed: waiting up to 120 s" in run.stderr

@@ -144,9 +144,10 @@ def check_ray_auth(require: bool) -> str:
 
 
 class RayExecutor(Executor):
-    def __init__(self, config: RuntimeConfig):
+    def __init__(self, config: RuntimeConfig, replacing: bool = False):
         self.ray = ray = _import_ray()
         self.config = config
+        self._replacing = replacing
         self.world_size = config.parallel.world_size
         self.is_cuda = config.resolved_device() == "cuda"
         self._owns_ray = False
@@ -274,24 +275,35 @@ class RayExecutor(Executor):
         return bundles, host
 
     def _check_capacity(self, ray: Any, bundle: dict[str, int]) -> None:
+        """Refuse a cluster without the devices at all (a group replacing a failed one waits
+        for them instead: a lost node may come back, or an autoscaler add one); log a wait
+        for devices other jobs hold."""
         total = ray.cluster_resources()
-        for key, per_worker in bundle.items():
-            have = int(total.get(key, 0))
-            if have < per_worker * self.world_size:
-                raise WorkerError(
-                    f"tp*cp = {self.world_size} workers need {per_worker * self.world_size} {key} "
-                    f"but the Ray cluster has {have}; lower tp/cp or add {key}s to the cluster"
-                )
         free = ray.available_resources()
         for key, per_worker in bundle.items():
-            if int(free.get(key, 0)) < per_worker * self.world_size:
+            need, have = per_worker * self.world_size, int(total.get(key, 0))
+            if have < need and not self._replacing:
+                raise WorkerError(
+                    f"tp*cp = {self.world_size} workers need {need} {key} but the Ray cluster "
+                    f"has {have}; lower tp/cp or add {key}s to the cluster"
+                )
+            if have < need:
+                logger.warning(
+                    "the Ray cluster has %d %s now, %d needed: waiting up to %.0f s for it to "
+                    "have them again (a node lost: restart it or add one)",
+                    have,
+                    key,
+                    need,
+                    self.config.init_timeout_s,
+                )
+            elif int(free.get(key, 0)) < need:
                 logger.warning(
                     "%d %s of the cluster's %d are free now, %d needed: waiting up to %.0f s for "
                     "other jobs (another Runtime?) to release them",
                     int(free.get(key, 0)),
                     key,
-                    int(total.get(key, 0)),
-                    per_worker * self.world_size,
+                    have,
+                    need,
                     self.config.init_timeout_s,
                 )
 
