@@ -159,6 +159,8 @@ class Engine:
         """Times a dead or hung worker made the engine replace its whole worker group."""
         self.num_resumed_requests = 0
         """Running requests that went on after a worker failure, on the new worker group."""
+        self.replacing_workers = False
+        """True while a failed worker group is being replaced (requests wait meanwhile)."""
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None:
             eos |= set(tokenizer.eos_token_ids)
@@ -1046,12 +1048,15 @@ class Engine:
         )
         old, self.executor = self.executor, None
         owned_ray = bool(getattr(old, "_owns_ray", False))
-        if old is not None:
-            old.shutdown(keep_ray=True)
+        self.replacing_workers = True
         try:  # the new workers get the adapters resident now, in their slots
+            if old is not None:
+                old.shutdown(keep_ray=True)
             self._start_workers(replacing=True)
         except BaseException as e:
             raise EngineDeadError(f"replacing failed workers failed: {e}") from e
+        finally:
+            self.replacing_workers = False
         if owned_ray:  # the new group inherits the Ray instance the old one started
             setattr(self.executor, "_owns_ray", True)  # noqa: B010
         self.num_worker_restarts += 1

@@ -753,9 +753,11 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
 
     @app.get("/health")
     async def health() -> Response:
-        if runtime.engine.is_alive:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "engine down"}, status_code=503)
+        if not runtime.engine.is_alive:
+            return JSONResponse({"status": "engine down"}, status_code=503)
+        if runtime.engine.replacing_workers:  # (requests queue meanwhile: route elsewhere)
+            return JSONResponse({"status": "replacing workers"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:

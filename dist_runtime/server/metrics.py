@@ -48,6 +48,10 @@ class _EngineCollector(Collector):
                 s["disk_kv_blocks"],
             ),
             "engine_alive": ("1 while the engine runs", float(self.engine.is_alive)),
+            "engine_replacing_workers": (
+                "1 while the engine replaces a failed worker group (requests wait)",
+                float(self.engine.replacing_workers),
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(P + name, doc, value=value)

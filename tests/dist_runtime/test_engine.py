@@ -239,6 +239,66 @@ def test_every_kind_of_request_goes_on_through_a_worker_failure(tiny_llama_dir: 
     assert want[5].finish_reason == "stop"  # (the stop string is met)
 
 
+def test_health_says_replacing_workers_while_a_group_is_replaced(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a failed worker group is replaced, /health answers 503 "replacing workers" (a
+    load balancer routes elsewhere; requests queue meanwhile) and the metric says so; then
+    the request goes on and /health is 200 again."""
+    from dist_runtime.server.app import ServerSettings, create_app
+
+    started, release = threading.Event(), threading.Event()
+    create = engine_module.create_executor
+
+    def slow_replacement(config: Any, replacing: bool = False) -> Any:
+        if replacing:
+            started.set()
+            release.wait(60)
+        return create(config, replacing)
+
+    async def get(app: Any, path: str) -> tuple[int, str]:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "query_string": b"", "root_path": "", "headers": [(b"host", b"t")],
+                 "client": ("127.0.0.1", 0), "server": ("t", 80)}  # fmt: skip
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return status, body.decode()
+
+    monkeypatch.setattr(engine_module, "create_executor", slow_replacement)
+    with Runtime(model=str(tiny_llama_dir), session_len=128, **CPU32) as rt:
+        app = create_app(rt, ServerSettings(served_model_name="m"))
+        executor = rt.engine.executor
+        assert executor is not None
+        (want,) = rt.generate([[5, 6, 7]], _params(6))
+        execute, calls = executor.execute, [0]
+
+        def dying(plan: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 2:
+                raise WorkerError("injected: worker rank 0 died")
+            return execute(plan)
+
+        executor.execute = dying  # type: ignore[method-assign]
+        (handle,) = rt.add_requests([[5, 6, 7]], [_params(6)])
+        assert started.wait(30)
+        assert asyncio.run(get(app, "/health")) == (503, '{"status":"replacing workers"}')
+        assert "dist_runtime:engine_replacing_workers 1.0" in asyncio.run(get(app, "/metrics"))[1]
+        release.set()
+        assert handle.result(timeout=60).token_ids == want.token_ids
+        assert asyncio.run(get(app, "/health")) == (200, '{"status":"ok"}')
+        assert "dist_runtime:engine_replacing_workers 0.0" in asyncio.run(get(app, "/metrics"))[1]
+
+
 def _close_logprobs(got: list[Any] | None, want: list[Any] | None, i: Any) -> None:
     assert (got is None) == (want is None), i
     for g, w in zip(got or [], want or [], strict=True):
