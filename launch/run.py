@@ -1166,10 +1166,18 @@ def run_summary(
 
     queried, hits = delta("prefix_cache_queried_tokens"), delta("prefix_cache_hit_tokens")
     rate = f"{100 * hits / queried:.0f}%" if queried else "n/a"
+    restarts = delta("num_worker_restarts")
+    failures = (
+        f"; {plural(restarts, 'worker group')} replaced after a failure, "
+        f"{plural(delta('num_resumed_requests'), 'request')} went on"
+        if restarts
+        else ""
+    )
     return (
         f"{plural(n, what)} in {seconds:.1f} s; prefill "
         f"{delta('num_prompt_tokens_computed'):,} tokens computed + {hits:,} from the prefix "
         f"cache (hit rate {rate}); generated {plural(delta('num_generated_tokens'), 'token')}"
+        f"{failures}"
     )
 
 

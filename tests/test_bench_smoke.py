@@ -9,7 +9,8 @@ work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; a
 JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), the fair-share bench
 (`bench/fair_share.py`), the long-prompt host-work bench (`bench/long_prompt_host.py`), the
 speculative decoding bench (`bench/speculative.py`), the host-tier
-bench (`bench/host_kv_cache.py`) and the disk-tier bench (`bench/disk_kv_cache.py`), the LoRA bench
+bench (`bench/host_kv_cache.py`), the disk-tier bench (`bench/disk_kv_cache.py`), the recovery
+bench (`bench/recovery.py`), the LoRA bench
 (`bench/lora.py`) and the Batch API bench (`bench/batch_api.py`) on the demo model with short
 answers; and the draft-row cost bench (`bench/draft_rows.py`) on a tiny random model."""
 
@@ -369,6 +370,16 @@ def test_disk_kv_cache_bench_runs(tmp_path: Path) -> None:
     assert "(0 tokens read)" not in out  # it read the blocks written after it started
     assert "| warm directory |" in report.read_text()
     assert "| running replica |" in report.read_text()
+
+
+def test_recovery_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "recovery.md"
+    argv = ["--tries=1", "--max-new-tokens=4", "--decode-at=2", "--sections=2", "--chunk=64"]
+    out = _run("bench/recovery.py", *argv, f"--report={report}")
+    assert "whose worker fails at 3/4 of its prefill" in out
+    assert "answers identical: True" in out
+    assert "(0 tokens read back)" not in out  # the blocks written before the failure
+    assert "| the same with a disk tier |" in report.read_text()
 
 
 def test_lora_bench_runs(tmp_path: Path) -> None:

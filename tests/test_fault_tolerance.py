@@ -119,6 +119,7 @@ def test_job_survives_a_dead_worker(rt: Runtime, expected: list[str], how: str, 
     assert rt.num_worker_restarts == 1 and rt.engine.stats()["num_resumed_requests"] >= 1
 
 
+@pytest.mark.slow  # (the job runner's requeue on a failed request is also in the next test)
 def test_job_is_requeued_when_its_requests_are_not_retried(
     ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path, expected: list[str]
 ) -> None:

@@ -151,6 +151,8 @@ def test_run_summary_counts_in_english(n: int, what: str, words: str) -> None:
             "prefix_cache_queried_tokens",
             "prefix_cache_hit_tokens",
             "num_generated_tokens",
+            "num_worker_restarts",
+            "num_resumed_requests",
         ),
         0,
     )
@@ -158,6 +160,10 @@ def test_run_summary_counts_in_english(n: int, what: str, words: str) -> None:
     line = run_cli.run_summary(n, what, 15.9, before, after)  # type: ignore[arg-type]
     assert line.startswith(f"{words} in 15.9 s; prefill 62 tokens computed"), line
     assert line.endswith("generated 16 tokens"), line
+    failed = {**after, "num_worker_restarts": 1, "num_resumed_requests": 3}
+    line = run_cli.run_summary(n, what, 15.9, before, failed)  # type: ignore[arg-type]
+    assert line.endswith("generated 16 tokens; 1 worker group replaced after a failure, "
+                         "3 requests went on"), line  # fmt: skip
 
 
 # -- help and errors -------------------------------------------------------------------------
