@@ -1038,7 +1038,7 @@ class Engine:
         for request in running:
             request.failures += 1
         retries = self.config.request_retries
-        times = f"at {retries + 1} worker failures, " if retries else ""
+        times = f"at {retries + 1} worker failures " if retries else ""
         self._fail(
             [r for r in running if r.failures > retries],
             WorkerError(

@@ -239,6 +239,36 @@ def test_every_kind_of_request_goes_on_through_a_worker_failure(tiny_llama_dir: 
     assert want[5].finish_reason == "stop"  # (the stop string is met)
 
 
+def test_a_request_that_kills_its_workers_fails_at_its_second_failure(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """request_retries=1 (the default): a request whose every step kills the worker goes on
+    once on a new worker, then fails naming request_retries; the engine serves the next."""
+    create = engine_module.create_executor
+
+    def poisoned(config: Any, replacing: bool = False) -> Any:
+        executor = create(config, replacing)
+        execute = executor.execute
+
+        def step(plan: Any) -> Any:
+            if any(s.token_ids[:3] == [499, 498, 497] for s in plan.seqs):
+                raise WorkerError("injected: worker rank 0 died")
+            return execute(plan)
+
+        executor.execute = step  # type: ignore[method-assign]
+        return executor
+
+    monkeypatch.setattr(engine_module, "create_executor", poisoned)
+    with Runtime(model=str(tiny_llama_dir), session_len=128, **CPU32) as rt:
+        with pytest.raises(
+            WorkerError,
+            match=r"dropped this request, running at 2 worker failures \(request_retries=1\)",
+        ):
+            rt.generate([[499, 498, 497, 5, 6]], _params(4))
+        (out,) = rt.generate([[5, 6, 7]], _params(4))  # (after the second replacement)
+        assert len(out.token_ids) == 4 and rt.num_worker_restarts == 2
+
+
 def test_health_says_replacing_workers_while_a_group_is_replaced(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
