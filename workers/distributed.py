@@ -82,9 +82,18 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) resolves to a loopback address (False when it
+    does not resolve)."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
 def pin_interfaces_to_loopback(host: str) -> None:
     """Keep gloo's and NCCL's own sockets on loopback when the group lives on one machine."""
-    if ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+    if is_loopback(host):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 

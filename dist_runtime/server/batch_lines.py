@@ -195,15 +195,17 @@ async def call(
     body: bytes,
     headers: Sequence[tuple[bytes, bytes]] = (),
     leave: asyncio.Event | None = None,
+    method: str = "POST",
 ) -> tuple[int, bytes]:
-    """One POST through the ASGI app, as an HTTP client that stays connected would send it
-    (until `leave` is set: then it disconnects, and the route aborts the request)."""
+    """One request (a POST unless `method` says otherwise) through the ASGI app, as an HTTP
+    client that stays connected would send it (until `leave` is set: then it disconnects, and
+    the route aborts the request)."""
     path, _, query = path.partition("?")
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": method,
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),

@@ -269,6 +269,19 @@ def test_a_request_that_kills_its_workers_fails_at_its_second_failure(
         assert len(out.token_ids) == 4 and rt.num_worker_restarts == 2
 
 
+def _die_at_step(executor: Any, n: int) -> None:
+    """The executor's n-th step from now raises a WorkerError (its worker "died")."""
+    execute, calls = executor.execute, [0]
+
+    def dying(plan: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == n:
+            raise WorkerError("injected: worker rank 0 died")
+        return execute(plan)
+
+    executor.execute = dying
+
+
 def test_health_says_replacing_workers_while_a_group_is_replaced(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -276,6 +289,7 @@ def test_health_says_replacing_workers_while_a_group_is_replaced(
     load balancer routes elsewhere; requests queue meanwhile) and the metric says so; then
     the request goes on and /health is 200 again."""
     from dist_runtime.server.app import ServerSettings, create_app
+    from dist_runtime.server.batch_lines import call
 
     started, release = threading.Event(), threading.Event()
     create = engine_module.create_executor
@@ -286,22 +300,8 @@ def test_health_says_replacing_workers_while_a_group_is_replaced(
             release.wait(60)
         return create(config, replacing)
 
-    async def get(app: Any, path: str) -> tuple[int, str]:
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
-                 "query_string": b"", "root_path": "", "headers": [(b"host", b"t")],
-                 "client": ("127.0.0.1", 0), "server": ("t", 80)}  # fmt: skip
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        await app(scope, receive, send)
-        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    def get(app: Any, path: str) -> tuple[int, str]:
+        status, body = asyncio.run(call(app, path, b"", method="GET"))
         return status, body.decode()
 
     monkeypatch.setattr(engine_module, "create_executor", slow_replacement)
@@ -310,23 +310,15 @@ def test_health_says_replacing_workers_while_a_group_is_replaced(
         executor = rt.engine.executor
         assert executor is not None
         (want,) = rt.generate([[5, 6, 7]], _params(6))
-        execute, calls = executor.execute, [0]
-
-        def dying(plan: Any) -> Any:
-            calls[0] += 1
-            if calls[0] == 2:
-                raise WorkerError("injected: worker rank 0 died")
-            return execute(plan)
-
-        executor.execute = dying  # type: ignore[method-assign]
+        _die_at_step(executor, 2)
         (handle,) = rt.add_requests([[5, 6, 7]], [_params(6)])
         assert started.wait(30)
-        assert asyncio.run(get(app, "/health")) == (503, '{"status":"replacing workers"}')
-        assert "dist_runtime:engine_replacing_workers 1.0" in asyncio.run(get(app, "/metrics"))[1]
+        assert get(app, "/health") == (503, '{"status":"replacing workers"}')
+        assert "dist_runtime:engine_replacing_workers 1.0" in get(app, "/metrics")[1]
         release.set()
         assert handle.result(timeout=60).token_ids == want.token_ids
-        assert asyncio.run(get(app, "/health")) == (200, '{"status":"ok"}')
-        assert "dist_runtime:engine_replacing_workers 0.0" in asyncio.run(get(app, "/metrics"))[1]
+        assert get(app, "/health") == (200, '{"status":"ok"}')
+        assert "dist_runtime:engine_replacing_workers 0.0" in get(app, "/metrics")[1]
 
 
 def _close_logprobs(got: list[Any] | None, want: list[Any] | None, i: Any) -> None:
@@ -457,18 +449,11 @@ def test_dead_engine_fails_every_handle(
     try:
         executor = runtime.engine.executor
         assert executor is not None
-        execute, calls = executor.execute, [0]
-
-        def dying(plan: Any) -> Any:
-            calls[0] += 1
-            if calls[0] == 5:
-                raise WorkerError("injected: worker rank 0 died")
-            return execute(plan)
 
         def no_devices(config: Any, replacing: bool = False) -> Any:
             raise RuntimeError("injected: no devices left")
 
-        monkeypatch.setattr(executor, "execute", dying)
+        _die_at_step(executor, 5)
         monkeypatch.setattr(engine_module, "create_executor", no_devices)
         errors: list[BaseException] = []
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_runtime.engine.executor.ray_executor import is_loopback, place_ranks
+from dist_runtime.engine.executor.ray_executor import place_ranks
+from workers.distributed import is_loopback
 
 ROOT = Path(__file__).resolve().parents[2]
 

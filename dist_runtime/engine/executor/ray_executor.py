@@ -8,11 +8,9 @@ Only msgpack bytes cross to the actors.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -25,6 +23,7 @@ from dist_runtime.config import WORKER_ENV, RuntimeConfig, async_decode_enabled
 from dist_runtime.engine.executor.base import Executor, WorkerError
 from dist_runtime.progress import plural
 from dist_runtime.protocol import StepPlan, StepResult, decode, encode
+from workers.distributed import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +63,6 @@ def place_ranks(nodes: list[str], tp: int, first: str | None) -> tuple[list[int]
     spanning = list(range(len(groups), len(nodes) // tp))
     groups.extend(rest[i : i + tp] for i in range(0, len(rest), tp))
     return [b for group in groups for b in group], spanning
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return False
 
 
 def init_ray(ray: Any, **kwargs: Any) -> None:
@@ -240,12 +232,12 @@ class RayExecutor(Executor):
         nodes = [str(table[i]) for i in range(self.world_size)]
         addresses = {str(n["NodeID"]): str(n["NodeManagerAddress"]) for n in ray.nodes()}
         host = self.config.master_addr
-        first = next((n for n in nodes if addresses.get(n) == host), None)
-        if first is None:
-            first = str(ray.get_runtime_context().get_node_id())
+        first = next((n for n in nodes if addresses.get(n) == host), None) or str(
+            ray.get_runtime_context().get_node_id()
+        )
         tp = self.config.parallel.tp
         bundles, spanning = place_ranks(nodes, tp, first)
-        used = sorted(set(nodes), key=nodes.index)
+        used = list(dict.fromkeys(nodes))
         if len(used) > 1:
             where = ", ".join(
                 f"{addresses.get(n, '?')} (node {n[:8]}): ranks "
