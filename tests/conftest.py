@@ -20,7 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from dist_runtime import heap  # noqa: E402
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint  # noqa: E402
+
+_FREEZE = heap.freeze
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,6 +74,24 @@ def tiny_internlm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         max_shard_bytes=TINY_SHARD_BYTES,
         **TINY_SHAPES,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_heap_freeze() -> Iterator[None]:
+    """The tests start hundreds of runtimes in this one process, and each start's collection
+    before it froze the heap (`dist_runtime.heap.freeze`) walked the whole session's heap:
+    about 0.3 s a start, a quarter of tests/dist_runtime's time. In this process it is off;
+    runtimes in child processes and Ray workers keep it, and so do tests that ask for
+    `heap_freeze`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(heap, "freeze", lambda: None)
+        yield
+
+
+@pytest.fixture
+def heap_freeze(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runtimes freeze the heap, as outside the tests."""
+    monkeypatch.setattr(heap, "freeze", _FREEZE)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ every rank joins the process group and builds its model shard.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import msgpack
 import torch
 
+from dist_runtime import heap
 from dist_runtime.config import WORKER_ENV, RuntimeConfig
 from dist_runtime.protocol import StepPlan, StepResult, decode, encode
 from workers.distributed import MeshCoords, create_store, destroy_distributed, init_distributed
@@ -84,10 +84,7 @@ class Worker:
     ) -> None:
         assert self.runner is not None
         self.runner.allocate_kv_cache(num_blocks, num_host_blocks, disk_dir)
-        # The worker is set up: keep what it holds out of every later full collection
-        # (`dist_runtime.engine.engine.freeze_heap`).
-        gc.collect()
-        gc.freeze()
+        heap.freeze()  # the worker is set up: what it holds stays out of full collections
 
     def execute(self, plan_bytes: bytes) -> bytes | None:
         result = self.execute_plan(decode(plan_bytes, StepPlan))

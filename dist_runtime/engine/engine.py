@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import gc
 import itertools
 import logging
 import os
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dist_runtime import heap
 from dist_runtime.config import ConfigError, ModelConfig, RuntimeConfig, check_lora_modules
 from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.engine.executor.base import Executor, WorkerError
@@ -130,21 +130,6 @@ def _digest_pair(name: str) -> tuple[int, int] | None:
         return int(key, 16), int(parent, 16)
     except ValueError:
         return None
-
-
-def freeze_heap() -> None:
-    """Move every object alive now out of the garbage collector's reach (`gc.freeze`).
-
-    After start the process holds a few hundred thousand long-lived objects (the model's
-    modules, the tokenizer, torch and Ray internals); each full collection walked all of them,
-    a 50-75 ms pause on the engine thread whenever allocation-heavy work (a guided request's
-    grammar states, a burst of new requests) triggered one. Frozen, a full collection walks
-    only what was made since. Called once the workers run (again after a worker group is
-    replaced, and after the guided-output vocabulary is built); objects frozen are never
-    collected while frozen, so `shutdown` unfreezes them."""
-    gc.collect()
-    gc.freeze()
-    logger.debug("froze %d objects out of the garbage collector's reach", gc.get_freeze_count())
 
 
 class Engine:
@@ -425,7 +410,7 @@ class Engine:
         if self._tier_in_use is not None:  # after the workers' last writes
             self._tier_in_use.close()
             self._tier_in_use = None
-        gc.unfreeze()  # what the engine held can be collected again (and is, at exit)
+        heap.unfreeze()  # what the engine held can be collected again (and is, at exit)
 
     # -- validation (caller's thread) -----------------------------------------------------------
     def _make_sequence(self, prompt: list[int], params: SamplingParams, index: int) -> Sequence:
@@ -662,7 +647,7 @@ class Engine:
                 self._vocab = Vocabulary.from_tokenizer(
                     self.tokenizer, self.model_config.vocab_size
                 )
-                freeze_heap()
+                heap.freeze()
             vocab = self._vocab
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -1156,7 +1141,7 @@ class Engine:
                 self._tier_in_use.close()
                 self._tier_in_use = None
             raise
-        freeze_heap()
+        heap.freeze()
 
     def audit_disk(self) -> int:
         """Bring the disk tier's directory within this runtime's bound when other runtimes

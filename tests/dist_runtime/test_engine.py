@@ -478,6 +478,7 @@ def test_dead_engine_fails_every_handle(
         runtime.shutdown()
 
 
+@pytest.mark.usefixtures("heap_freeze")
 def test_heap_is_frozen_while_the_engine_runs(tiny_llama_dir: Path) -> None:
     """What exists once the workers run stays out of full collections (a 50-75 ms pause each
     on the engine thread of the demo model otherwise), and is collectable again after
