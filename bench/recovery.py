@@ -77,9 +77,9 @@ def run(
     replaced: list[float] = []
     recover = type(engine)._recover
 
-    def timed_recover(error: WorkerError) -> None:
+    def timed_recover(plan: Any, error: WorkerError) -> None:
         start = time.perf_counter()
-        recover(engine, error)
+        recover(engine, plan, error)
         replaced.append(time.perf_counter() - start)
 
     engine._recover = timed_recover  # type: ignore[method-assign]

@@ -779,11 +779,14 @@ class RuntimeConfig:
     max_job_attempts: int = 3
     """Runs of a job before a worker failure marks it failed (1: never retried)."""
     request_retries: int = 1
-    """Worker failures a running request goes on through: once the worker group is replaced it
-    computes its prompt and the tokens it had again (as after a preemption) and carries on, its
-    stream unbroken and its tokens those of a run without the failure. A request running at
-    more failures than this fails with `WorkerError` (one that kills its workers does not go on
-    killing them); 0: every running request fails at a worker failure."""
+    """Failed steps a request goes on through (a worker died or hung, or the step raised):
+    it computes its prompt and the tokens it had again (as after a preemption, on a new worker
+    group after a worker failure) and carries on, its stream unbroken and its tokens those of
+    a run without the failure. A failure is counted against every request of its step, or,
+    when the step ran a suspect of an earlier failure, against that one only (suspects run one
+    at a time until each passes the point where it failed). A request counted more times than
+    this fails (a worker failure with `WorkerError`), so one that kills its workers does not go
+    on killing them and the requests beside it go on; 0: every request of a failed step fails."""
     job_dir: str | None = None
     """Directory of the durable job queue (SQLite); None: a temporary one per Runtime."""
     allow_rope_extrapolation: bool = False

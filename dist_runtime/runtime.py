@@ -150,8 +150,8 @@ class Runtime:
         """Generate for every prompt (text or token ids); blocks until all are done.
 
         Other threads' calls run in the same engine steps. The requests go on through a
-        worker failure (`request_retries`); if one fails (its step raised, or it was running
-        at more worker failures than that) the others are aborted and the error is raised.
+        failed step (`request_retries`); if one fails (it was counted at more failed steps
+        than that) the others are aborted and the error is raised.
         """
         handles = self.add_requests(prompts, params)
         return self._wait(handles, use_tqdm, _per_prompt(params, len(handles)))

@@ -228,9 +228,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--request-retries",
         type=int,
-        help="worker failures a running request goes on through (its workers replaced, it "
-        "recomputes what it had and carries on); 0 fails every running request at a worker "
-        f"failure (default: {_default('request_retries')})",
+        help="failed steps a request goes on through (a dead or hung worker is replaced; the "
+        "request recomputes what it had and carries on); a request that keeps making steps "
+        "fail is singled out and fails, the others go on; 0 fails every request of a failed "
+        f"step (default: {_default('request_retries')})",
     )
     g = p.add_argument_group("memory")
     g.add_argument(

@@ -123,7 +123,7 @@ def test_job_survives_a_dead_worker(rt: Runtime, expected: list[str], how: str, 
 def test_job_is_requeued_when_its_requests_are_not_retried(
     ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path, expected: list[str]
 ) -> None:
-    """request_retries=0: a worker failure fails the requests running, and the job runner
+    """request_retries=0: a worker failure fails the requests of its step, and the job runner
     runs the job again."""
     with Runtime(
         model=str(tiny_llama_dir),
@@ -299,8 +299,8 @@ def test_a_worker_dead_between_requests_is_replaced_before_the_next(rt: Runtime)
 def test_generate_raises_when_requests_are_not_retried(
     ray_cluster: Any, tiny_llama_dir: Path
 ) -> None:
-    """request_retries=0: the requests running at a worker failure fail with WorkerError, and
-    the new group serves the next call."""
+    """request_retries=0: the requests of the step a worker fails in fail with WorkerError,
+    and the new group serves the next call."""
     with Runtime(model=str(tiny_llama_dir), tp=2, request_retries=0, **KW) as rt:
         prompt = [[5, 6, 7, 8, 9] * 10]
         params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
@@ -309,7 +309,7 @@ def test_generate_raises_when_requests_are_not_retried(
         (handle,) = rt.add_requests(prompt, params)
         _wait(lambda: handle.num_output_tokens >= 2, 60, "decode to start")
         _kill_rank1(rt, "ray.kill")
-        dropped = r"(?s)worker died.*dropped this request, running \(request_retries=0\)"
+        dropped = r"(?s)worker died.*dropped this request \(request_retries=0\)"
         with pytest.raises(WorkerError, match=dropped):
             handle.result(timeout=60)  # (failed at once, before the new group is up)
         _wait(lambda: rt.num_worker_restarts == 1, 60, "the new worker group")

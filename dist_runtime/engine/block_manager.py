@@ -399,8 +399,8 @@ class BlockManager:
     def forget(self, moves: Sequence[KVMove]) -> None:
         """A step carrying `moves` failed, perhaps part way through them: no block they name
         may be trusted, so the prefix cache forgets them (a device block a load filled, a host
-        slot a save filled, a block the disk tier wrote or read); their requests are ended by
-        the caller, and a later prompt computes those blocks again."""
+        slot a save filled, a block the disk tier wrote or read); the caller ends or restarts
+        the requests holding them (`Scheduler.redo`), and a later prompt computes them again."""
         for m in moves:
             pool = self._pools[m.pool]
             if m.disk in (DISK_SAVE, DISK_LOAD) and pool.disk is not None:

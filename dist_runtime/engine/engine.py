@@ -104,7 +104,7 @@ class _Request:
     is_internal: bool = False
     """A shared-prefix pass nobody waits on: aborted when all its dependents are."""
     failures: int = 0
-    """Worker failures it was running at (it went on after each, up to `request_retries`)."""
+    """Failed steps counted against it (it went on after each, up to `request_retries`)."""
 
 
 DISK_AUDIT_S = 30.0
@@ -144,6 +144,8 @@ class Engine:
         """Times a dead or hung worker made the engine replace its whole worker group."""
         self.num_resumed_requests = 0
         """Running requests that went on after a worker failure, on the new worker group."""
+        self.num_retried_steps = 0
+        """Steps that failed with the workers alive (their requests computed them again)."""
         self.replacing_workers = False
         """True while a failed worker group is being replaced (requests wait meanwhile)."""
         eos = set(model_config.eos_token_ids)
@@ -362,6 +364,7 @@ class Engine:
             "disk_kv_unread_blocks": self.num_disk_unread_blocks,
             "num_worker_restarts": self.num_worker_restarts,
             "num_resumed_requests": self.num_resumed_requests,
+            "num_retried_steps": self.num_retried_steps,
             "num_draft_tokens": sched.num_draft_tokens,
             "num_adapter_loads": self.num_adapter_loads,
             "num_accepted_tokens": sched.num_accepted_tokens,
@@ -921,12 +924,15 @@ class Engine:
                 logger.debug("worker failure while stopping: %s", error)
                 self._fail_all(EngineDeadError(f"the engine is stopping: {error}"))
                 return
-            self._recover(error)
+            self._recover(plan, error)
             return
-        # The step itself failed: its requests end, the rest go on.
+        # The step itself failed (the workers live): its requests compute it again, but for
+        # the one it is counted against past request_retries; the rest go on.
         logger.error("step %d failed", plan.step_id, exc_info=error)
         self.blocks.forget(plan.kv_moves)
-        self._fail([self._by_seq[s.seq_id] for s in plan.seqs if s.seq_id in self._by_seq], error)
+        going = self._blame(plan, error, error)
+        self.scheduler.redo([r.seq for r in going], plan.kv_moves)
+        self.num_retried_steps += 1
 
     def _finish_step(self, plan: StepPlan, result: StepResult, started: float) -> None:
         if not self._check_reads(plan, result):
@@ -1010,27 +1016,52 @@ class Engine:
         return tuple(ids), num_prefill, num_decodes
 
     # -- failures (engine thread) ---------------------------------------------------------------
-    def _recover(self, error: WorkerError) -> None:
-        """A worker died or hung: kill the whole group (never reusing its process group) and
-        start a fresh one. The requests go on there: each running one computes its prompt and
-        the tokens it had again, as a preempted one does, and its stream goes on where it was
-        (draws are seeded by position, so its tokens are those of a run without the failure);
-        one that was running at more than `request_retries` failures fails instead."""
+    def _blame(self, plan: StepPlan, error: Exception, failed: Exception) -> list[_Request]:
+        """Count the failure of `plan` against its likeliest cause and fail the requests it
+        puts past `request_retries` with `failed`; the requests of the step that go on.
+
+        The cause is taken to be the suspect the step ran (a request counted at an earlier
+        failure that has not yet run past the point where it failed; one runs at a time), else
+        every request of the step, which all become suspects. A request that makes every step
+        it is in fail is thus counted alone at its second failure and fails, while those that
+        ran beside it go on."""
+        in_step = [self._by_seq[s.seq_id] for s in plan.seqs if s.seq_id in self._by_seq]
+        suspects = [r for r in in_step if r.seq.suspect_at is not None]
+        blamed = suspects or in_step
+        for request in blamed:
+            request.failures += 1
+            seq = request.seq
+            seq.suspect_at = max(seq.num_computed_tokens, seq.suspect_at or 0)
+        if blamed:
+            logger.warning(
+                "step %d failed (%s); counted against %s",
+                plan.step_id,
+                error,
+                "its suspect" if suspects else f"its {len(blamed)} request(s)",
+            )
+        self._fail([r for r in blamed if r.failures > self.config.request_retries], failed)
+        return [r for r in in_step if not r.handle.done]
+
+    def _recover(self, plan: StepPlan, error: WorkerError) -> None:
+        """A worker died or hung in `plan`: kill the whole group (never reusing its process
+        group) and start a fresh one. The requests go on there: each running one computes its
+        prompt and the tokens it had again, as a preempted one does, and its stream goes on
+        where it was (draws are seeded by position, so its tokens are those of a run without
+        the failure); one that the failure puts past `request_retries` (`_blame`) fails."""
         logger.error("worker failure, replacing the worker group: %s", error)
+        retries = self.config.request_retries
+        counted = f" after {retries + 1} failed steps counted against it" if retries else ""
+        self._blame(
+            plan,
+            error,
+            WorkerError(
+                f"{error}; the runtime replaced its workers and dropped this request{counted} "
+                f"(request_retries={retries}): submit it again"
+            ),
+        )
         running = [
             self._by_seq[s.seq_id] for s in self.scheduler.running if s.seq_id in self._by_seq
         ]
-        for request in running:
-            request.failures += 1
-        retries = self.config.request_retries
-        times = f"at {retries + 1} worker failures " if retries else ""
-        self._fail(
-            [r for r in running if r.failures > retries],
-            WorkerError(
-                f"{error}; the runtime replaced its workers and dropped this request, running "
-                f"{times}(request_retries={retries}): submit it again"
-            ),
-        )
         old, self.executor = self.executor, None
         owned_ray = bool(getattr(old, "_owns_ray", False))
         self.replacing_workers = True

@@ -139,6 +139,10 @@ class Sequence:
     """Prompt tokens found in the prefix cache at admission."""
     was_preempted: bool = False
     """Preempted at least once (its blocks were taken back; it recomputes)."""
+    suspect_at: int | None = None
+    """Tokens it had computed when a step it ran in failed, until it runs past that point: a
+    suspect of that failure. At most one suspect runs at a time (others run beside it), so a
+    request that makes steps fail again is singled out (`Engine._blame`)."""
     loading: bool = False
     """Admitted while more of its prefix waits in the host or disk tier than one step reads:
     it runs no chunk until the rest is read (`Scheduler._go_on_loading`)."""
@@ -333,6 +337,9 @@ class Scheduler:
             seq = self._next_waiting(skipped)
             if seq is None or (fresh_only and seq.was_preempted):
                 break
+            if seq.suspect_at is not None and self.suspect_running():
+                skipped.add(seq.seq_id)  # one suspect at a time: the others go on
+                continue
             hook = self.admit_hook
             if hook is not None and seq.params.adapter is not None and not hook(seq):
                 skipped.add(seq.seq_id)
@@ -359,6 +366,10 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, n))
             used += n
         return used
+
+    def suspect_running(self) -> bool:
+        """Whether a suspect of a failed step (`Sequence.suspect_at`) runs."""
+        return any(s.suspect_at is not None for s in self.running)
 
     def _next_waiting(self, skipped: set[int]) -> Sequence | None:
         """The waiting sequence to admit next (None: none but those in `skipped`): the head
@@ -459,6 +470,11 @@ class Scheduler:
         if not self.waiting:
             return
         head = self.waiting[0]
+        if head.suspect_at is not None and self.suspect_running():  # it waits for that one
+            first = next((s for s in self.waiting if s.suspect_at is None), None)
+            if first is None:
+                return
+            head = first
         p = head.rank
         if not any(s.rank >= p + 1 for s in self.running):
             return  # the common case (equal priorities): nothing to preempt
@@ -617,7 +633,28 @@ class Scheduler:
             self._preempt(seq)
         return redo
 
-    def _preempt(self, seq: Sequence) -> None:
+    def redo(self, seqs: list[Sequence], moves: list[KVMove]) -> None:
+        """A step failed on the workers without taking their state with it (the caller made
+        the prefix cache forget the blocks its `moves` touched): its running sequences, and
+        every running one holding a block the step was to read back, give their blocks back
+        (those their earlier steps filled stay in the prefix cache) and wait at the head of
+        the queue to compute again."""
+        loads = {
+            (m.pool, m.block)
+            for m in moves
+            if m.disk == DISK_LOAD or (m.disk == 0 and not m.to_host)  # into a device block
+        }
+        cp = self.blocks.cp_size
+        holders = [
+            s
+            for s in self.running
+            if any((i % cp, b) in loads for i, b in enumerate(s.block_table))
+        ]
+        for seq in [*seqs, *holders]:
+            if seq.status is SeqStatus.RUNNING:  # (once: a preempted one waits)
+                self._preempt(seq, count=False)
+
+    def _preempt(self, seq: Sequence, count: bool = True) -> None:
         self.running.remove(seq)
         self._register_blocks(seq)
         self._drop_blocks(seq)
@@ -630,7 +667,7 @@ class Scheduler:
         seq.draft_masks = []
         self._enqueue(seq, front=True)
         self._finished_ids.append(seq.seq_id)
-        self.num_preemptions += 1
+        self.num_preemptions += count
 
     def _plan(self, scheduled: list[ScheduledSeq]) -> StepPlan:
         steps = []
@@ -785,6 +822,8 @@ class Scheduler:
                     PromptLookup.record(seq, step.num_draft_tokens, accepted)
                     computed += accepted - step.num_draft_tokens
                 seq.num_computed_tokens = step.start_pos + computed
+                if seq.suspect_at is not None and seq.num_computed_tokens > seq.suspect_at:
+                    seq.suspect_at = None  # it ran past its failure: the next suspect may run
                 prompt_len = len(seq.prompt_token_ids)
                 self.num_prompt_tokens_computed += max(
                     0, min(seq.num_computed_tokens, prompt_len) - step.start_pos

@@ -96,6 +96,10 @@ class _EngineCollector(Collector):
                 "workers)",
                 "resumed",
             ),
+            "steps_retried": (
+                "Steps that failed with their workers alive (their requests computed them again)",
+                "retried",
+            ),
             "engine_steps": ("Engine steps run", "steps"),
             "spec_decode_num_draft_tokens": (
                 "Draft tokens checked (speculative decoding by prompt lookup)",
@@ -118,6 +122,7 @@ class _EngineCollector(Collector):
             "preemptions": s["num_preemptions"],
             "restarts": s["num_worker_restarts"],
             "resumed": s["num_resumed_requests"],
+            "retried": s["num_retried_steps"],
             "steps": s["num_steps"],
             "drafted": s["num_draft_tokens"],
             "accepted": s["num_accepted_tokens"],

@@ -239,34 +239,68 @@ def test_every_kind_of_request_goes_on_through_a_worker_failure(tiny_llama_dir: 
     assert want[5].finish_reason == "stop"  # (the stop string is met)
 
 
-def test_a_request_that_kills_its_workers_fails_at_its_second_failure(
-    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kind", ["worker", "step"])
+def test_a_request_that_fails_every_step_it_is_in_fails_alone(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    """request_retries=1 (the default): a request whose every step kills the worker goes on
-    once on a new worker, then fails naming request_retries; the engine serves the next."""
-    create = engine_module.create_executor
+    """request_retries=1 (the default): a request whose every step fails (its worker dies, or
+    the step raises) is counted with the six requests beside it at the first failure; the
+    seven then run one at a time past the point where they failed (the six beside whatever
+    else runs), so it is counted alone at its second failure and fails, naming the error,
+    while the six end as in a run without it. The engine serves the next request."""
+    poison = [499, 498, 497, 5, 6]
+    prompts = [_prompt(30, i) for i in range(6)]
+    sampled = dict(temperature=0.9, top_p=0.9, ignore_eos=True)
+    params = [_params(8)] * 3
+    params += [SamplingParams(max_new_tokens=8, seed=i, **sampled) for i in range(3)]  # type: ignore[arg-type]
+    kw: dict[str, Any] = dict(
+        session_len=128,
+        scheduler=SchedulerConfig(max_num_batched_tokens=8 * BUDGET, max_num_seqs=8),
+        **CPU32,
+    )
+    with Runtime(model=str(tiny_llama_dir), **kw) as rt:
+        want = rt.generate(prompts, params)
+    create, engine, together = engine_module.create_executor, list[Any](), list[int]()
+    error = WorkerError if kind == "worker" else RuntimeError
 
     def poisoned(config: Any, replacing: bool = False) -> Any:
         executor = create(config, replacing)
         execute = executor.execute
 
         def step(plan: Any) -> Any:
-            if any(s.token_ids[:3] == [499, 498, 497] for s in plan.seqs):
-                raise WorkerError("injected: worker rank 0 died")
+            seqs = [engine[0].scheduler.get(s.seq_id) for s in plan.seqs]
+            together.append(sum(s.suspect_at is not None for s in seqs))
+            if any(s.prompt_token_ids[:3] == poison[:3] for s in seqs):
+                raise error("injected: the poison's step")
             return execute(plan)
 
         executor.execute = step  # type: ignore[method-assign]
         return executor
 
     monkeypatch.setattr(engine_module, "create_executor", poisoned)
-    with Runtime(model=str(tiny_llama_dir), session_len=128, **CPU32) as rt:
-        with pytest.raises(
-            WorkerError,
-            match=r"dropped this request, running at 2 worker failures \(request_retries=1\)",
-        ):
-            rt.generate([[499, 498, 497, 5, 6]], _params(4))
-        (out,) = rt.generate([[5, 6, 7]], _params(4))  # (after the second replacement)
-        assert len(out.token_ids) == 4 and rt.num_worker_restarts == 2
+    with Runtime(model=str(tiny_llama_dir), **kw) as rt:
+        engine.append(rt.engine)
+        *handles, bad = rt.add_requests([*prompts, poison], [*params, _params(4)])
+        message = (
+            r"dropped this request after 2 failed steps counted against it \(request_retries=1\)"
+            if kind == "worker"
+            else "the poison's step"
+        )
+        with pytest.raises(error, match=message):
+            bad.result(timeout=60)
+        got = [h.result(timeout=60) for h in handles]
+        stats = rt.engine.stats()
+        if kind == "worker":
+            assert rt.num_worker_restarts == 2 and stats["num_retried_steps"] == 0
+        else:
+            assert rt.num_worker_restarts == 0 and stats["num_retried_steps"] == 2
+        assert together[0] == 0 and max(together) == 1  # suspects ran one at a time
+        assert sum(t == 1 for t in together) >= 7
+        (out,) = rt.generate([[5, 6, 7]], _params(4))
+        assert len(out.token_ids) == 4
+        assert rt.engine.wait_idle(30)
+        assert rt.engine.blocks.num_free_blocks == rt.engine.blocks.num_blocks
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
 def _die_at_step(executor: Any, n: int) -> None:
@@ -343,8 +377,9 @@ def test_a_crowd_through_worker_failures_gets_the_answers_of_none(
     """Random requests (greedy; seeded sampling with penalties; log-probabilities; prompt
     log-probabilities; stop strings; min_tokens; guided regexes; priorities; shared prefixes
     behind a hidden prefix pass) from three threads on a tight cache (preemptions), with
-    speculative decoding on odd seeds and a host tier on every third: the worker fails at
-    random steps, up to three times, and every request ends as in a run without failures.
+    speculative decoding on odd seeds and a host tier on every third: the worker dies or the
+    step raises at random steps, up to three times, and every request ends as in a run
+    without failures.
     Offline: `FAILURE_CROWD_SEEDS=150 pytest -k crowd_through` (150 seeds clean)."""
     rng = random.Random(seed)
     docs = [_prompt(rng.randint(30, 90), 40 + d) for d in range(2)]
@@ -419,9 +454,12 @@ def test_a_crowd_through_worker_failures_gets_the_answers_of_none(
 
         def step(plan: Any) -> Any:
             countdown[0] -= 1
-            if failures[0] and countdown[0] == 0 and plan.seqs:
+            if failures[0] and countdown[0] <= 0 and plan.seqs:
                 failures[0] -= 1
-                raise WorkerError("injected: worker rank 0 died")
+                if rng.random() < 0.5:
+                    raise WorkerError("injected: worker rank 0 died")
+                countdown[0] = rng.randint(2, 40)  # (the same workers go on)
+                raise RuntimeError("injected: the step raised")
             return execute(plan)
 
         executor.execute = step  # type: ignore[method-assign]
@@ -430,9 +468,9 @@ def test_a_crowd_through_worker_failures_gets_the_answers_of_none(
     monkeypatch.setattr(engine_module, "create_executor", failing_executor)
     with Runtime(**kw) as rt:
         got = run(rt)
-        restarts = rt.engine.stats()["num_worker_restarts"]
+        stats = rt.engine.stats()
         assert rt.engine.wait_idle(30) and rt.engine.blocks.num_free_blocks == 60
-    assert restarts >= 1
+    assert stats["num_worker_restarts"] + stats["num_retried_steps"] >= 1
     assert sorted(got) == sorted(want)
     for key, w in want.items():
         g = got[key]

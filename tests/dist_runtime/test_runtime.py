@@ -15,6 +15,7 @@ import torch
 
 from dist_runtime import CacheConfig, RequestOutput, Runtime, SamplingParams, SchedulerConfig
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint
+from dist_runtime.server.metrics import ServerMetrics
 from tests.conftest import TINY_SHAPES
 
 VOCAB = TINY_SHAPES["vocab_size"]
@@ -276,10 +277,15 @@ def test_per_prompt_sampling_params(rt: Runtime) -> None:
 # -- failures ------------------------------------------------------------------------------
 
 
-def test_runtime_serves_after_a_failed_step(tiny_llama_dir: Path) -> None:
-    """A step that raises aborts its request: the next generate() starts clean."""
+@pytest.mark.parametrize("retries", [1, 0])
+def test_runtime_serves_after_a_failed_step(tiny_llama_dir: Path, retries: int) -> None:
+    """A step that raises once (its workers live): its request computes it again and ends as
+    undisturbed; with request_retries=0 the request fails naming the error instead. Either
+    way nothing is left held and the next generate() gets the undisturbed tokens."""
     params = _greedy(max_new_tokens=5, ignore_eos=True)
-    with Runtime(model=str(tiny_llama_dir), session_len=64, **CPU32) as runtime:
+    with Runtime(
+        model=str(tiny_llama_dir), session_len=64, request_retries=retries, **CPU32
+    ) as runtime:
         (before,) = runtime.generate([[5, 6, 7]], params)
         executor = runtime.engine.executor
         assert executor is not None
@@ -289,13 +295,21 @@ def test_runtime_serves_after_a_failed_step(tiny_llama_dir: Path) -> None:
         def flaky(plan: Any) -> Any:
             nonlocal calls
             calls += 1
-            if calls == 2:
-                raise RuntimeError("injected worker failure")
+            if calls == 2:  # its first decode
+                raise RuntimeError("injected step failure")
             return real_execute(plan)
 
         executor.execute = flaky  # type: ignore[method-assign]
-        with pytest.raises(RuntimeError, match="injected worker failure"):
-            runtime.generate([[5, 6, 7]], params)
+        if retries:
+            (again,) = runtime.generate([[5, 6, 7]], params)
+            assert again.token_ids == before.token_ids
+        else:
+            with pytest.raises(RuntimeError, match="injected step failure"):
+                runtime.generate([[5, 6, 7]], params)
+        assert runtime.engine.stats()["num_retried_steps"] == 1
+        text = ServerMetrics(runtime.engine).render().decode()
+        assert "dist_runtime:steps_retried_total 1.0" in text
+        assert calls > 2 if retries else calls == 2
         assert not runtime.engine.scheduler.has_work()
         assert runtime.engine.blocks.num_free_blocks == runtime.engine.blocks.num_blocks
         (after,) = runtime.generate([[5, 6, 7]], params)
@@ -304,14 +318,15 @@ def test_runtime_serves_after_a_failed_step(tiny_llama_dir: Path) -> None:
 
 def test_prompts_waiting_on_a_failed_prefix_pass_start_without_it(tiny_llama_dir: Path) -> None:
     """A step that raises while the shared prefix of several prompts is computed once (the
-    hidden prefix pass) fails that pass only: the prompts waiting on it start at once and
-    compute the prefix themselves, with the answers of an undisturbed run."""
+    hidden prefix pass) fails that pass only (request_retries=0): the prompts waiting on it
+    start at once and compute the prefix themselves, with the answers of an undisturbed run."""
     params = _greedy(max_new_tokens=4, ignore_eos=True)
     prefix = [5 + i % 50 for i in range(40)]
     prompts = [prefix + [60, 61], prefix + [70, 71]]
     kw: dict[str, Any] = dict(
         session_len=128,
         scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16),
+        request_retries=0,
         **CPU32,
     )
     with Runtime(model=str(tiny_llama_dir), **kw) as runtime:

@@ -638,6 +638,37 @@ def test_a_request_whose_adapter_has_no_slot_waits_and_the_others_go_ahead() -> 
     assert first.is_new and first.adapter == 3 and not scheduler.waiting
 
 
+def test_suspects_of_a_failed_step_run_one_at_a_time_beside_the_others() -> None:
+    """Sequences a failed step was counted against (`suspect_at`: the tokens each had then) are
+    admitted one at a time, each until a step takes it past that point; a sequence that is
+    no suspect is admitted beside it. `redo` puts a failed step's sequences back to wait."""
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=8),
+                          BlockManager(64, 4, enable_prefix_caching=False))  # fmt: skip
+    first, second, fresh = make_seq(0, 8), make_seq(1, 8), make_seq(2, 8)
+    first.suspect_at, second.suspect_at = 8, 0  # first failed in its first decode
+    for seq in (first, second, fresh):
+        scheduler.add(seq)
+
+    def step() -> list[tuple[int, int]]:
+        plan, _ = scheduler.schedule()
+        scheduler.on_step_done(plan)
+        for s in plan.seqs:
+            if s.sample:
+                scheduler.get(s.seq_id).output_token_ids.append(7)
+        return [(s.seq_id, len(s.token_ids)) for s in plan.seqs]
+
+    assert step() == [(0, 8), (2, 2)]  # the second suspect waits; the fresh one goes beside
+    assert first.suspect_at == 8 and [s.seq_id for s in scheduler.waiting] == [1]
+    assert step() == [(0, 1), (2, 6)]  # the first runs past its failure: no suspect now
+    assert first.suspect_at is None
+    assert step() == [(0, 1), (2, 1), (1, 8)]
+    assert second.suspect_at is None
+    scheduler.redo([first, fresh], [])  # a step failed with the workers alive
+    assert [s.seq_id for s in scheduler.waiting] == [0, 2] and scheduler.running == [second]
+    assert first.num_computed_tokens == 0 and first.status is SeqStatus.WAITING
+    assert scheduler.num_preemptions == 0  # (not counted as preemptions)
+
+
 @pytest.mark.parametrize("seed", range(150))
 def test_random_workloads_with_the_prefix_cache(seed: int) -> None:
     """As the engine drives it (`on_step_done` marks tokens computed and caches full blocks):
