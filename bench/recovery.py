@@ -19,8 +19,18 @@ of its own per try, on a new directory):
 
 Timed from the call to the answer; the worker's replacement is timed apart (`Engine._recover`
 around the new executor's start). Reported: medians, prompt tokens computed (over both
-workers), tokens read from the disk tier, and whether every answer is the undisturbed one. One
-summary line; `--report` writes a markdown report.
+workers), tokens read from the disk tier, and whether every answer is the undisturbed one.
+
+Then a request that makes every step it is in fail (a poison), sent with `--batch` questions
+about a shorter report (`--batch-sections`): the batch alone, then beside the poison whose
+worker dies at each of its steps, then beside one whose steps raise with the workers alive.
+The poison is admitted last, so the failure first strikes a step the whole batch is in; the
+engine counts it against all of them, runs them again one suspect at a time, and the poison,
+counted alone at its second failure, fails. Reported: seconds to the batch's answers, whether
+they are the undisturbed ones, whether only the poison failed, and the worker replacements and
+retried steps it cost.
+
+One summary line; `--report` writes a markdown report.
 """
 
 from __future__ import annotations
@@ -115,6 +125,75 @@ def run(
     }
 
 
+POISON_KINDS = ("alone", "beside a poison killing its worker", "beside a poison whose steps raise")
+BATCH_QUESTIONS = (
+    "Who keeps the lighthouse?",
+    "What does the harbor master log each morning?",
+    "Which ship arrived last?",
+    "What was the tide at noon?",
+    "Who repairs the nets?",
+    "What is stored in the north shed?",
+    "When does the ferry leave?",
+    "How deep is the channel?",
+)
+
+
+def run_batch(
+    rt: Runtime, kind: str, prompts: list[list[int]], poison: list[int], params: SamplingParams
+) -> dict[str, Any]:
+    """`prompts` at once, alone or beside `poison` (admitted last), each of whose steps fails
+    as `kind` says (in every worker group the engine starts)."""
+    engine = rt.engine
+    rt.reset_prefix_cache()
+    before = engine.stats()
+    create = engine_module.create_executor
+    error = WorkerError if kind == POISON_KINDS[1] else RuntimeError
+    plain: list[tuple[Any, Any]] = []
+
+    def poisoned(executor: Any) -> Any:
+        execute = executor.execute
+        plain.append((executor, execute))
+
+        def step(plan: Any) -> Any:
+            for s in plan.seqs:
+                seq = engine.scheduler.get(s.seq_id)
+                if seq.prompt_token_ids == poison:
+                    raise error("injected: the poison's step")
+            return execute(plan)
+
+        executor.execute = step
+        return executor
+
+    if kind != POISON_KINDS[0]:
+        poisoned(engine.executor)
+        engine_module.create_executor = lambda c, replacing=False: poisoned(create(c, replacing))  # type: ignore[assignment]
+    try:
+        start = time.perf_counter()
+        sent = prompts if kind == POISON_KINDS[0] else [*prompts, poison]
+        handles = rt.add_requests(sent, params)
+        outs = [h.result() for h in handles[: len(prompts)]]
+        seconds = time.perf_counter() - start
+        poison_failed = False
+        if kind != POISON_KINDS[0]:
+            try:
+                handles[-1].result()
+            except Exception:
+                poison_failed = True
+    finally:
+        engine_module.create_executor = create
+        for executor, execute in plain:
+            executor.execute = execute
+    after = engine.stats()
+    return {
+        "seconds": seconds,
+        "tokens": [o.token_ids for o in outs],
+        "poison_failed": poison_failed,
+        "restarts": after["num_worker_restarts"] - before["num_worker_restarts"],
+        "retried": after["num_retried_steps"] - before["num_retried_steps"],
+        "computed": after["num_prompt_tokens_computed"] - before["num_prompt_tokens_computed"],
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tries", type=int, default=3)
@@ -122,6 +201,10 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=512, help="prefill tokens per step")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--decode-at", type=int, default=16, help="new token the decode failure hits")
+    p.add_argument("--batch", type=int, default=4, help="questions sent beside the poison")
+    p.add_argument(
+        "--batch-sections", type=int, default=8, help="report sections of the batch's document"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", help="write a markdown report here")
     args = p.parse_args()
@@ -145,19 +228,40 @@ def main() -> int:
                 results[disk].append(run(rt, disk, prompt, params, args))
     finally:
         shutil.rmtree(top, ignore_errors=True)
+    if not 1 <= args.batch <= len(BATCH_QUESTIONS):
+        raise SystemExit(f"--batch must be 1 to {len(BATCH_QUESTIONS)}, got {args.batch}")
+    short = harbor_report(seed=11, num_sections=args.batch_sections).text
+    asks = [tokenizer.encode(f"{short}\n\nQuestion: {q}\nAnswer:") for q in BATCH_QUESTIONS]
+    batch, poison = asks[: args.batch], asks[args.batch % len(asks)] + [13]
+    batches: dict[str, list[dict[str, Any]]] = {kind: [] for kind in POISON_KINDS}
+    with new_runtime(None, args) as rt:
+        for _ in range(args.tries):
+            for kind in POISON_KINDS:
+                batches[kind].append(run_batch(rt, kind, batch, poison, params))
 
     def med(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[mode])
 
+    def bmed(kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in batches[kind])
+
     want = results[plain][0]["tokens"]
     same = all(r["tokens"] == want for mode in MODES for r in results[mode])
+    alone, killer, raiser = POISON_KINDS
+    same_batch = all(
+        r["tokens"] == batches[alone][0]["tokens"] for k in POISON_KINDS for r in batches[k]
+    )
+    only_poison = all(r["poison_failed"] for k in (killer, raiser) for r in batches[k])
     summary = (
         f"recovery: a {len(prompt)}-token prompt whose worker fails at 3/4 of its prefill "
         f"answers in {med(prefill, 'seconds'):.2f} s ({med(disk, 'seconds'):.2f} s with the "
         f"disk tier, {med(disk, 'from_disk'):.0f} tokens read back) vs "
         f"{med(plain, 'seconds'):.2f} s undisturbed; failing at new token {args.decode_at}: "
         f"{med(decode, 'seconds'):.2f} s; worker replaced in {med(prefill, 'replace'):.2f} s; "
-        f"answers identical: {same}"
+        f"answers identical: {same}; {args.batch} questions beside a poison killing its worker "
+        f"{bmed(killer, 'seconds'):.2f} s ({bmed(killer, 'restarts'):.0f} replacements), "
+        f"whose steps raise {bmed(raiser, 'seconds'):.2f} s, vs {bmed(alone, 'seconds'):.2f} s "
+        f"alone; only the poison failed: {only_poison}, batch answers identical: {same_batch}"
     )
     print(summary)
     if args.report:
@@ -176,6 +280,23 @@ def main() -> int:
             lines.append(
                 f"| {mode} | {med(mode, 'seconds'):.2f} | {med(mode, 'replace'):.2f} | "
                 f"{med(mode, 'computed'):.0f} | {med(mode, 'from_disk'):.0f} |"
+            )
+        lines += [
+            "",
+            f"{args.batch} questions about a {len(batch[0])}-token report, sent at once "
+            f"(greedy, {args.max_new_tokens} new tokens), alone and beside a poison (a "
+            "request each of whose steps fails; admitted last, so the first failure strikes a "
+            "step the whole batch is in):",
+            "",
+            "| batch | to its answers (s) | worker replacements | steps retried | prompt "
+            "tokens computed | only the poison failed |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for kind in POISON_KINDS:
+            failed = "" if kind == alone else str(all(r["poison_failed"] for r in batches[kind]))
+            lines.append(
+                f"| {kind} | {bmed(kind, 'seconds'):.2f} | {bmed(kind, 'restarts'):.0f} | "
+                f"{bmed(kind, 'retried'):.0f} | {bmed(kind, 'computed'):.0f} | {failed} |"
             )
         Path(args.report).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return 0

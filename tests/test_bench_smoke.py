@@ -375,11 +375,16 @@ def test_disk_kv_cache_bench_runs(tmp_path: Path) -> None:
 def test_recovery_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "recovery.md"
     argv = ["--tries=1", "--max-new-tokens=4", "--decode-at=2", "--sections=2", "--chunk=64"]
+    argv += ["--batch=2", "--batch-sections=1"]
     out = _run("bench/recovery.py", *argv, f"--report={report}")
     assert "whose worker fails at 3/4 of its prefill" in out
     assert "answers identical: True" in out
     assert "(0 tokens read back)" not in out  # the blocks written before the failure
-    assert "| the same with a disk tier |" in report.read_text()
+    assert "(2 replacements)" in out
+    assert "only the poison failed: True, batch answers identical: True" in out
+    text = report.read_text()
+    assert "| the same with a disk tier |" in text
+    assert "| beside a poison whose steps raise |" in text
 
 
 def test_lora_bench_runs(tmp_path: Path) -> None:
