@@ -12,9 +12,10 @@ handle) and blocks on the queue when there is none. Many callers therefore share
     engine.shutdown()
 
 Failures: a dead or hung worker (`WorkerError`) makes the engine replace its whole worker group;
-the requests in flight go on there, recomputing what they had (a request running at more than
-`request_retries` failures fails with that error instead: callers resubmit, the job runner
-requeues).
+the requests in flight go on there, recomputing what they had. A step that raises with its
+workers alive is computed again the same way. Each failed step is counted against its likeliest
+cause (`_blame`); a request counted more than `request_retries` times fails with the error
+instead (callers resubmit, the job runner requeues).
 When no new group can be started, or the loop itself breaks, every handle fails with
 `EngineDeadError` and later adds are refused.
 """
