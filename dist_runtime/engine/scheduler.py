@@ -624,14 +624,19 @@ class Scheduler:
             bm.drop_from_disk(m.pool, [int(m.key, 16)])
         bm.num_disk_hit_tokens -= len(moves) * bm.block_size
         bm.num_hit_tokens -= len(moves) * bm.block_size
-        lost = {(m.pool, m.block) for m in moves}
-        cp = bm.cp_size
-        redo = [
-            s for s in self.running if any((i % cp, b) in lost for i, b in enumerate(s.block_table))
-        ]
+        redo = self._holding({(m.pool, m.block) for m in moves})
         for seq in redo:
             self._preempt(seq)
         return redo
+
+    def _holding(self, blocks: set[tuple[int, int]]) -> list[Sequence]:
+        """The running sequences whose tables hold one of `blocks` ((pool, block) pairs)."""
+        cp = self.blocks.cp_size
+        return [
+            s
+            for s in self.running
+            if any((i % cp, b) in blocks for i, b in enumerate(s.block_table))
+        ]
 
     def redo(self, seqs: list[Sequence], moves: list[KVMove]) -> None:
         """A step failed on the workers without taking their state with it (the caller made
@@ -644,13 +649,7 @@ class Scheduler:
             for m in moves
             if m.disk == DISK_LOAD or (m.disk == 0 and not m.to_host)  # into a device block
         }
-        cp = self.blocks.cp_size
-        holders = [
-            s
-            for s in self.running
-            if any((i % cp, b) in loads for i, b in enumerate(s.block_table))
-        ]
-        for seq in [*seqs, *holders]:
+        for seq in [*seqs, *self._holding(loads)]:
             if seq.status is SeqStatus.RUNNING:  # (once: a preempted one waits)
                 self._preempt(seq, count=False)
 
