@@ -587,7 +587,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     """On CUDA: fraction of the device's memory the runtime may use (weights + KV + activations)."""
     cpu_kv_cache_bytes: int = 1 << 30
-    """On CPU: bytes per worker for the KV cache when num_blocks is None."""
+    """On CPU: bytes per worker for the KV cache when num_blocks is None. They are reserved,
+    not touched: the OS supplies the pages as blocks are first written."""
     enable_prefix_caching: bool = True
     """Share full KV blocks between sequences with the same token prefix."""
     host_kv_cache_gb: float = 0.0

@@ -16,6 +16,7 @@ import errno
 import itertools
 import logging
 import math
+import mmap
 import os
 import queue
 import struct
@@ -55,6 +56,20 @@ class LayerKV:
         return {"k_params": self.k_params, "v_params": self.v_params, "bits": self.bits}
 
 
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On CPU it lies in fresh anonymous pages, which the OS zeroes as they are
+    first touched: a cache of gigabytes costs nothing to allocate and holds memory only as its
+    blocks are used (`torch.zeros` writes every byte first, ~0.2 s and all of it resident per
+    GiB)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, nbytes)  # page-aligned; freed when the tensor is
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
+
+
 class KVCache:
     def __init__(
         self,
@@ -76,13 +91,10 @@ class KVCache:
         """One extra block no sequence owns (padding rows of graphed decode steps write it)."""
         shape = (2, num_layers, num_blocks + int(scratch), block_size, num_kv_heads)
         # (2, layers, blocks, block_size, kv_heads, head_dim or code bytes)
-        self.data = torch.zeros(
-            *shape,
-            code_dim(head_dim, bits),
-            dtype=torch.uint8 if bits else dtype,
-            device=device,
+        self.data = zeros(
+            (*shape, code_dim(head_dim, bits)), torch.uint8 if bits else dtype, torch.device(device)
         )
-        self.params = torch.zeros(*shape, 2, dtype=torch.float32, device=device) if bits else None
+        self.params = zeros((*shape, 2), torch.float32, torch.device(device)) if bits else None
         self.layers = [
             LayerKV(
                 self.data[0, i],
