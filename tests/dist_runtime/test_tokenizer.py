@@ -666,10 +666,20 @@ def test_a_normalizer_that_changes_lengths_keeps_nothing(
 def test_common_prefix() -> None:
     from dist_runtime.text.token_cache import common_prefix
 
-    rng = random.Random(0)
+    def oracle(a: str, b: str) -> int:
+        """The longest n with a[:n] == b[:n], by bisection over slice comparisons."""
+        lo, hi = 0, min(len(a), len(b))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid - 1)
+        return lo
+
+    rng, AB = random.Random(0), str.maketrans("01", "ab")
     for _ in range(200):
-        a = "".join(rng.choice("ab") for _ in range(rng.randrange(0, 300_000, 997)))
+        n = rng.randrange(0, 300_000, 997)
+        a = format(rng.getrandbits(n), f"0{n}b")[-n:].translate(AB) if n else ""
         cut = rng.randrange(len(a) + 1)
         b = a[:cut] + rng.choice(["", "c", "cab"]) + a[cut:][: rng.randrange(3)]
-        expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        expected = oracle(a, b)
         assert common_prefix(a, b) == expected == common_prefix(b, a)
+    assert oracle("abc", "abd") == 2 and oracle("ab", "abc") == 2 and oracle("", "a") == 0
