@@ -586,9 +586,11 @@ class CacheConfig:
     """Blocks per worker; None derives it from the memory budget below."""
     gpu_memory_utilization: float = 0.9
     """On CUDA: fraction of the device's memory the runtime may use (weights + KV + activations)."""
-    cpu_kv_cache_bytes: int = 1 << 30
-    """On CPU: bytes per worker for the KV cache when num_blocks is None. They are reserved,
-    not touched: the OS supplies the pages as blocks are first written."""
+    cpu_kv_cache_gb: float | None = None
+    """On CPU: GiB of host memory per worker for the KV cache when num_blocks is None. None:
+    what one full session needs on a worker, at least 1 GiB and at most 90% of the memory the
+    node has available at start. The memory is reserved, not written: the OS supplies its
+    pages as blocks are first used."""
     enable_prefix_caching: bool = True
     """Share full KV blocks between sequences with the same token prefix."""
     host_kv_cache_gb: float = 0.0
@@ -665,9 +667,12 @@ class CacheConfig:
             raise ConfigError(
                 f"cache.disk_kv_cache_gb must be a number of GiB > 0, got {self.disk_kv_cache_gb!r}"
             )
-        if not _is_int(self.cpu_kv_cache_bytes) or self.cpu_kv_cache_bytes < 1:
+        if self.cpu_kv_cache_gb is not None and (
+            not _is_number(self.cpu_kv_cache_gb) or not 0 < self.cpu_kv_cache_gb < float("inf")
+        ):
             raise ConfigError(
-                f"cache.cpu_kv_cache_bytes must be positive, got {self.cpu_kv_cache_bytes}"
+                f"cache.cpu_kv_cache_gb must be a number of GiB > 0 (or left out: one full "
+                f"session's), got {self.cpu_kv_cache_gb!r}"
             )
 
 

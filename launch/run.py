@@ -88,6 +88,7 @@ ENGINE_FLAGS: dict[str, str] = {
     "cache.block_size": "--block-size",
     "cache.num_blocks": "--num-blocks",
     "cache.quant_policy": "--quant-policy",
+    "cache.cpu_kv_cache_gb": "--cpu-kv-cache-gb",
     "cache.host_kv_cache_gb": "--host-kv-cache-gb",
     "cache.kv_cache_dir": "--kv-cache-dir",
     "cache.disk_kv_cache_gb": "--disk-kv-cache-gb",
@@ -250,6 +251,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="KV cache quantization: 0 keeps K/V in the model's dtype, 8 stores int8 codes, 4 "
         "int4 codes (each with a float32 scale and zero per token and KV head), for 2x / ~3.6x "
         "the tokens in the same memory (default: 0)",
+    )
+    g.add_argument(
+        "--cpu-kv-cache-gb",
+        type=float,
+        help="on --device cpu: GiB of host memory per worker for the KV cache, reserved and "
+        "filled as blocks are used (default: what one full --session-len needs, at least 1 GiB "
+        "and at most 90%% of the memory available)",
     )
     g.add_argument(
         "--host-kv-cache-gb",
@@ -734,6 +742,7 @@ def dry_run(args: argparse.Namespace) -> int:
     worker. Exit status: 0 fits, 1 does not (with a suggestion), 2 bad input."""
     from dist_runtime.config import QUANT_POLICIES, ModelConfig
     from dist_runtime.memory_planner import GiB, plan_memory, replan
+    from workers.model_runner import CPU_KV_AVAILABLE_FRACTION, available_host_bytes
 
     try:
         # The same checks as a real start (unknown keys, types, ranges), minus the checkpoint.
@@ -754,8 +763,13 @@ def dry_run(args: argparse.Namespace) -> int:
         model = config.with_rope_override(model)
         config.check_session_len(model)  # as a start would: RoPE limits come before memory
         dtype = config.dtype
+        on_cpu = config.device == "cpu"
+        cpu_gb = config.cache.cpu_kv_cache_gb
         if args.device_memory_gib is not None:
             device_bytes = int(args.device_memory_gib * GiB)
+        elif on_cpu:  # what a CPU worker may take by default (workers.model_runner)
+            available = available_host_bytes() or 0
+            device_bytes = int(available * CPU_KV_AVAILABLE_FRACTION)
         else:
             import torch
 
@@ -766,13 +780,18 @@ def dry_run(args: argparse.Namespace) -> int:
             tp=config.parallel.tp,
             cp=config.parallel.cp,
             session_len=config.session_len,
-            dtype="bfloat16" if dtype == "auto" else dtype,
+            dtype=("float32" if on_cpu else "bfloat16") if dtype == "auto" else dtype,
             device_bytes=device_bytes,
             block_size=config.cache.block_size,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             is_cuda=config.device != "cpu",
             quant_policy=config.cache.quant_policy,
         )
+        if on_cpu and cpu_gb is not None and args.device_memory_gib is None:
+            # the KV cache gets the reservation asked for, whatever the host has beyond it
+            reserved = plan.weights + plan.activations + plan.overhead + int(cpu_gb * GiB)
+            plan = dataclasses.replace(plan, device_bytes=reserved)
+            plan = replan(plan)
         if not config.allow_rope_extrapolation:
             plan = dataclasses.replace(plan, max_positions=model.max_rope_len())
         adapters = [AdapterSpec.load(n, d, model) for n, d in config.lora_modules.items()]
@@ -781,6 +800,16 @@ def dry_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return bad_input(e, args)
     print(plan.table())
+    if on_cpu and args.device_memory_gib is None:
+        print(
+            "(on CPU the device is this host's memory: "
+            + (
+                f"the weights and activations plus --cpu-kv-cache-gb {cpu_gb:g} of KV"
+                if cpu_gb is not None
+                else f"{CPU_KV_AVAILABLE_FRACTION:.0%} of what it has available now"
+            )
+            + ")"
+        )
     capacity = []
     for policy in QUANT_POLICIES:
         p = dataclasses.replace(plan, quant_policy=policy)
@@ -841,7 +870,11 @@ def dry_run(args: argparse.Namespace) -> int:
         )
     if plan.fits:
         return 0
-    print(plan.suggestion())
+    suggestion = plan.suggestion()
+    if on_cpu and cpu_gb is not None and args.device_memory_gib is None:
+        need = math.ceil(plan.kv_cache / GiB * 100) / 100
+        suggestion += f", or raise --cpu-kv-cache-gb to {need:g}"
+    print(suggestion)
     return 1
 
 

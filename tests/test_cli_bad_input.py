@@ -234,6 +234,11 @@ RUN_TABLE: list[Any] = [
         id="quant-policy",
     ),
     pytest.param(
+        ["--cpu-kv-cache-gb", "0"],
+        "--cpu-kv-cache-gb must be a number of GiB > 0 (or left out: one full session's), got 0.0",
+        id="cpu-kv-cache-gb",
+    ),
+    pytest.param(
         ["--max-num-seqs", "0"],
         "--max-num-seqs must be a positive integer, got 0",
         id="max-num-seqs",

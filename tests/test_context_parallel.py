@@ -163,7 +163,7 @@ def test_session_that_does_not_fit_fails_at_start_and_cp_fixes_it(
         session_len=256,
         device="cpu",
         dtype="float32",
-        cache=CacheConfig(block_size=16, cpu_kv_cache_bytes=8 * block_bytes),
+        cache=CacheConfig(block_size=16, cpu_kv_cache_gb=8 * block_bytes / 2**30),
     )
     with pytest.raises(ConfigError, match=r"session_len 256 does not fit.* use --cp 2"):
         Runtime(**kw)

@@ -235,19 +235,43 @@ class ModelRunner:
         if cache.num_blocks is not None:
             return cache.num_blocks
         if self.device.type == "cpu":
-            return max(cache.cpu_kv_cache_bytes // self.kv_block_bytes(), 0)
+            return max(self.cpu_kv_budget() // self.kv_block_bytes(), 0)
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         budget = int(total * cache.gpu_memory_utilization) - used - self._activation_reserve()
         spare = 1 if self._decode_graph_mode() else 0  # the graphs' scratch block
         return max(budget // self.kv_block_bytes() - spare, 0)
 
+    def cpu_kv_budget(self) -> int:
+        """Bytes of host memory this worker reserves for its KV cache on CPU:
+        `cache.cpu_kv_cache_gb`, else one full session's blocks of this worker (its KV heads,
+        its share of a cp split), at least CPU_KV_MIN_BYTES and at most
+        CPU_KV_AVAILABLE_FRACTION of what the node has available. Reserving costs nothing
+        until blocks are written (see `workers.kv_cache.zeros`)."""
+        gb = self.config.cache.cpu_kv_cache_gb
+        available = available_host_bytes()
+        if gb is not None:
+            budget = int(gb * 2**30)
+            if available is not None and budget > available:
+                raise ValueError(
+                    f"cache.cpu_kv_cache_gb = {gb:g} GiB per worker, but this worker's node has "
+                    f"{available / 2**30:.1f} GiB of memory available; lower --cpu-kv-cache-gb "
+                    "(each worker on a node reserves that much)"
+                )
+            return budget
+        cp, bs = self.config.parallel.cp, self.config.cache.block_size
+        tokens = -(-self.config.session_len // cp)
+        budget = max(CPU_KV_MIN_BYTES, -(-tokens // bs) * self.kv_block_bytes())
+        if available is not None and budget > CPU_KV_MIN_BYTES:
+            budget = max(CPU_KV_MIN_BYTES, min(budget, int(available * CPU_KV_AVAILABLE_FRACTION)))
+        return budget
+
     def num_host_blocks(self) -> int:
         """Blocks of `cache.host_kv_cache_gb` GiB of host memory (0: no host tier)."""
         gb = self.config.cache.host_kv_cache_gb
         if not gb:
             return 0
-        available = _available_host_bytes()
+        available = available_host_bytes()
         if available is not None and gb * 2**30 > available:
             raise ValueError(
                 f"cache.host_kv_cache_gb = {gb:g} GiB per worker, but this worker's node has "
@@ -1122,7 +1146,13 @@ def _sample_span(step: SeqStep, end: int) -> range:
     return range(end - 1 - step.num_draft_tokens, end)
 
 
-def _available_host_bytes() -> int | None:
+CPU_KV_MIN_BYTES = 1 << 30
+"""The least KV memory a CPU worker reserves by default (room for concurrent short sessions)."""
+CPU_KV_AVAILABLE_FRACTION = 0.9
+"""The most of its node's available memory a CPU worker reserves for KV by default."""
+
+
+def available_host_bytes() -> int | None:
     """MemAvailable of /proc/meminfo in bytes (None where it cannot be read)."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:

@@ -322,7 +322,7 @@ class BlockManager:
         if num_blocks < 1:
             raise ValueError(
                 f"the KV cache has {num_blocks} blocks; give the workers more memory "
-                "(cache.num_blocks, cache.cpu_kv_cache_bytes or "
+                "(cache.num_blocks, cache.cpu_kv_cache_gb or "
                 "cache.gpu_memory_utilization)"
             )
         self.num_blocks = num_blocks

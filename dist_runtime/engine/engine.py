@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import queue
 import random
@@ -1297,11 +1298,24 @@ class Engine:
         if per_rank * cp >= session or num_blocks < 1:  # no KV at all: BlockManager says so
             return
         need_cp = -(-session // max(per_rank, 1))
+        where, more = "left on each worker", ""
+        if self.config.resolved_device() == "cpu":
+            gb = self.config.cache.cpu_kv_cache_gb
+            if gb is None:
+                where = (
+                    "each worker may reserve (one full session's by default, capped at 90% of "
+                    "the memory its node has available)"
+                )
+            else:
+                where = f"each worker reserves (--cpu-kv-cache-gb {gb:g})"
+                need_blocks = math.ceil(math.ceil(session / cp) / bs)
+                need_gb = need_blocks * gb / num_blocks  # (gb / num_blocks: one block's GiB)
+                more = f"raise --cpu-kv-cache-gb to {math.ceil(need_gb * 100) / 100:g}, "
         raise ConfigError(
-            f"session_len {session} does not fit: the KV memory left on each worker holds "
+            f"session_len {session} does not fit: the KV memory {where} holds "
             f"{num_blocks} blocks of {bs} tokens, {per_rank * cp} tokens over cp={cp}; "
             f"use --cp {need_cp} (KV is split over cp ranks), raise --tp (shards KV heads and "
-            f"weights; now {tp}), or shorten --session-len to {per_rank * cp} "
+            f"weights; now {tp}), {more}or shorten --session-len to {per_rank * cp} "
             "(`launch/run.py --dry-run` prints the plan)"
         )
 

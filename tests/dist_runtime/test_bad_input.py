@@ -362,7 +362,7 @@ def test_yaml_override_error_names_the_key(tmp_path: Path) -> None:
         "cache: {num_blocks: 2.5}",
         "scheduler: {max_num_seqs: many}",
         "cache: {gpu_memory_utilization: high}",
-        "cache: {cpu_kv_cache_bytes: lots}",
+        "cache: {cpu_kv_cache_gb: lots}",
         "scheduler: {max_num_seqs: true}",
         "step_timeout_s: soon",
     ],
@@ -395,8 +395,59 @@ def test_kv_cache_cannot_hold_one_prompt(tiny_llama_dir: Path) -> None:
         assert len(out.token_ids) <= 3
 
 
+def test_cpu_kv_cache_is_sized_for_a_full_session(tiny_llama_dir: Path) -> None:
+    """By default a CPU worker reserves what one full session needs when that is over 1 GiB:
+    the tiny model's KV takes 512 bytes a token (2 layers x 4 heads x 8 dims x fp32, K and
+    V), so 1 GiB holds 2,097,152 tokens and a 3,000,000-token session gets its own 187,500
+    blocks. The reservation costs nothing until blocks are used."""
+    session = 3_000_000
+    with Runtime(
+        model=str(tiny_llama_dir), session_len=session, allow_rope_extrapolation=True, **CPU32
+    ) as rt:
+        assert rt.engine.blocks.num_blocks == session // 16
+        assert rt.worker_memory()[0]["kv_cache_bytes"] == session * 512
+        (out,) = rt.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, temperature=0.0))
+        assert len(out.token_ids) == 3
+    with Runtime(model=str(tiny_llama_dir), session_len=64, **CPU32) as rt:
+        assert rt.worker_memory()[0]["kv_cache_bytes"] == 1 << 30  # the least it reserves
+
+
+def test_cpu_kv_cache_asked_for_or_needed_beyond_the_host(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workers.model_runner as runner_module
+
+    monkeypatch.setattr(runner_module, "available_host_bytes", lambda: 2 << 30)  # 2 GiB free
+    with pytest.raises(
+        ValueError,
+        match=r"cpu_kv_cache_gb = 3 GiB per worker, but this "
+        r"worker's node has 2\.0 GiB of memory available; lower --cpu-kv-cache-gb",
+    ):
+        start(tiny_llama_dir, cache=CacheConfig(cpu_kv_cache_gb=3))
+    # A session needing 2.5 GiB: the default reservation stops at 90% of the 2 GiB.
+    with pytest.raises(
+        ConfigError,
+        match=r"session_len 5000000 does not fit: the KV memory each worker may reserve \(one "
+        r"full session's by default, capped at 90% of the memory its node has available\) "
+        r"holds 235929 blocks",
+    ):
+        start(tiny_llama_dir, session_len=5_000_000, allow_rope_extrapolation=True)
+    # One asked for below the session's need names the reservation that would hold it.
+    with pytest.raises(
+        ConfigError,
+        match=r"reserves \(--cpu-kv-cache-gb 0\.5\) holds 65536 blocks .* raise "
+        r"--cpu-kv-cache-gb to 0\.75, or shorten --session-len to 1048576",
+    ):
+        start(
+            tiny_llama_dir,
+            session_len=1_572_864,
+            allow_rope_extrapolation=True,
+            cache=CacheConfig(cpu_kv_cache_gb=0.5),
+        )
+
+
 def test_kv_cache_budget_of_zero_blocks(tiny_llama_dir: Path) -> None:
-    cache = CacheConfig(cpu_kv_cache_bytes=1)
+    cache = CacheConfig(cpu_kv_cache_gb=1e-9)  # one byte
     with pytest.raises(ValueError, match=r"the KV cache has 0 blocks"):
         start(tiny_llama_dir, cache=cache)
 

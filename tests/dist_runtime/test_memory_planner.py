@@ -290,3 +290,26 @@ def test_cli_dry_run_shows_the_host_tier(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "host tier of the prefix cache: 64 GiB of host memory per worker" in out
     assert "4,194,304 tokens of evicted prefixes over cp=2" in out
+
+
+def test_cli_dry_run_on_cpu_plans_the_kv_reservation(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On --device cpu the plan is the runtime's: fp32, and the KV cache either the
+    --cpu-kv-cache-gb reservation (7B-1M at tp 4: 2 x 32 layers x 2 heads x 128 x 4 bytes =
+    64 KiB a token, so 16 GiB hold 262,144 tokens) or 90% of the memory available."""
+    import workers.model_runner as runner_module
+
+    cli = _run_cli()
+    argv = ["--dry-run", "--model", str(CONFIG_1M), "--device", "cpu", "--tp", "4"]
+    assert cli.main([*argv, "--session-len", "262144", "--cpu-kv-cache-gb", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "float32" in out and "kv cache     16.00 GiB" in out
+    assert "max session_len at tp=4 cp=1: 262,144" in out
+    assert cli.main([*argv, "--session-len", "524288", "--cpu-kv-cache-gb", "16"]) == 1
+    out = capsys.readouterr().out
+    assert "fits: no" in out and "or raise --cpu-kv-cache-gb to 32" in out
+    monkeypatch.setattr(runner_module, "available_host_bytes", lambda: 100 * GiB)
+    assert cli.main([*argv, "--session-len", "262144"]) == 0
+    out = capsys.readouterr().out
+    assert "device       90.00 GiB" in out and "90% of what it has available now" in out

@@ -159,7 +159,7 @@ def test_quant_policy_changes_the_prefix_cache_key_and_the_capacity(tiny_llama_d
         with Runtime(
             model=str(tiny_llama_dir),
             session_len=128,
-            cache={"quant_policy": policy, "cpu_kv_cache_bytes": 1 << 20},
+            cache={"quant_policy": policy, "cpu_kv_cache_gb": 1 / 1024},
             **CPU32,
         ) as rt:
             blocks[policy] = rt.engine.blocks.num_blocks
