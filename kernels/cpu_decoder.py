@@ -70,8 +70,17 @@ LAYER_FIELDS = (
 )
 
 
+LORA_LINEARS = ("qkv", "o", "gate_up", "down")
+"""The order of a layer's LoRA stacks in `_Layer.lora_a` / `lora_b` / `lora_rank`."""
+
+
 class _Layer(ctypes.Structure):
-    _fields_ = [(name, _ptr) for name in LAYER_FIELDS]
+    _fields_ = [
+        *((name, _ptr) for name in LAYER_FIELDS),
+        ("lora_a", _ptr * 4),
+        ("lora_b", _ptr * 4),
+        ("lora_rank", _i64 * 4),
+    ]
 
 
 class _Step(ctypes.Structure):
@@ -91,6 +100,8 @@ class _Step(ctypes.Structure):
         ("prefix_per", _i64),
         *((name, _ptr) for name in ("x", "residual", "h", "qkv", "attn", "gate_up", "act", "work")),
         *((name, _ptr) for name in ("tail_out", "tail_lse", "prefix_lse")),
+        ("lora_slots", _ptr),
+        ("lora_h", _ptr),
     ]
 
 
@@ -134,6 +145,20 @@ class LayerTensors:
     v_cache: torch.Tensor
     k_params: torch.Tensor | None = None
     v_params: torch.Tensor | None = None
+
+
+LoraStacks = tuple[torch.Tensor, torch.Tensor] | None
+"""One linear layer's LoRA stacks, A (slots, rank, in) and B (slots, out, rank) float32 (the
+scale folded into B, slot 0 zeros), or None where no adapter touches it."""
+
+
+@dataclass(frozen=True)
+class LoraStep:
+    """A decode step's adapters: each sequence's slot (0: the base model) and, per layer, the
+    stacks of its qkv, o, gate_up and down layers (`LORA_LINEARS`)."""
+
+    slots: torch.Tensor
+    layers: list[tuple[LoraStacks, LoraStacks, LoraStacks, LoraStacks]]
 
 
 def _addr(t: torch.Tensor | None) -> int | None:
@@ -262,6 +287,7 @@ class CpuDecoder:
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        lora: LoraStep | None = None,
     ) -> torch.Tensor:
         """The final hidden states (tokens, hidden) of one decode step.
 
@@ -269,6 +295,7 @@ class CpuDecoder:
         cos, sin: (tokens, head_dim) worth of RoPE tables; slot_mapping (tokens,) int64;
         block_tables (tokens, max_blocks) int32 / int64; context_lens (tokens,) int64.
         reduce: the tp all-reduce, in place, between stages (None: tp = 1).
+        lora: the sequences' LoRA adapters (None: none).
         """
         tokens = x.shape[0]
         if (
@@ -291,6 +318,9 @@ class CpuDecoder:
             )
         if tokens == 0:
             return x
+        lora_slots, rank = None, 0
+        if lora is not None:
+            lora_slots, rank = self._set_lora(lora, tokens)
         threads = torch.get_num_threads()
         bs = self.block_size
         lens = context_lens.to(torch.int64).contiguous()
@@ -317,12 +347,13 @@ class CpuDecoder:
             tokens * self.inter,  # act
             work,
         ]
-        if shared:
-            sizes += [tokens * self.q_size, tokens * self.q_heads, tokens * self.q_heads]
+        merge = [tokens * self.q_size, tokens * self.q_heads, tokens * self.q_heads]
+        sizes += merge if shared else [0, 0, 0]
+        sizes.append(tokens * rank)  # lora_h
         buf = torch.empty(sum(sizes), dtype=torch.float32)
         base, addrs = buf.data_ptr(), []
-        for n in sizes:
-            addrs.append(base)
+        for i, n in enumerate(sizes):
+            addrs.append(base if n or i < 7 else None)  # (no merge or LoRA buffers: NULL)
             base += 4 * n
         cos = cos.to(torch.float32).contiguous()
         sin = sin.to(torch.float32).contiguous()
@@ -349,8 +380,9 @@ class CpuDecoder:
             prefix_splits,
             prefix_per,
             x.data_ptr(),
-            *addrs,
-            *([None] * (10 - len(addrs))),  # no shared prefix: no merge buffers
+            *addrs[:10],
+            _addr(lora_slots),
+            addrs[10],
         )
         stages = 2 * self.num_layers + 1
         step_ref = ctypes.byref(step)
@@ -372,6 +404,49 @@ class CpuDecoder:
                 if stage < stages - 1:
                     reduce(x)
         return buf[sizes[0] : sizes[0] + tokens * self.hidden].view(tokens, self.hidden)
+
+    def _set_lora(self, lora: LoraStep, tokens: int) -> tuple[torch.Tensor, int]:
+        """Point each layer at its LoRA stacks for this step (they may have been reallocated
+        since the last); returns the slots as int64 and the largest rank."""
+        slots = lora.slots.to(torch.int64).contiguous()
+        if slots.shape != (tokens,) or len(lora.layers) != self.num_layers:
+            raise ValueError(
+                f"LoRA slots {tuple(slots.shape)} and {len(lora.layers)} layers' stacks do not "
+                f"describe a decode step of {tokens} sequences over {self.num_layers} layers"
+            )
+        low, high = (int(v) for v in torch.aminmax(slots))
+        dims = (
+            (self.hidden, self.q_size + 2 * self.kv_size),
+            (self.q_size, self.hidden),
+            (self.hidden, 2 * self.inter),
+            (self.inter, self.hidden),
+        )
+        rank = 0
+        for i, stacks in enumerate(lora.layers):
+            layer = self.layers[i]
+            for w, ab in enumerate(stacks):
+                if ab is None:
+                    layer.lora_a[w] = layer.lora_b[w] = None
+                    layer.lora_rank[w] = 0
+                    continue
+                a, b = ab
+                (k, n), r = dims[w], a.shape[1] if a.dim() == 3 else -1
+                if (
+                    a.dtype != torch.float32
+                    or b.dtype != torch.float32
+                    or not (a.is_contiguous() and b.is_contiguous())
+                    or a.shape != (a.shape[0], r, k)
+                    or b.shape != (a.shape[0], n, r)
+                    or not 0 <= low <= high < a.shape[0]
+                ):
+                    raise ValueError(
+                        f"layer {i} {LORA_LINEARS[w]}: LoRA stacks A {tuple(a.shape)} {a.dtype} "
+                        f"and B {tuple(b.shape)} {b.dtype} (contiguous float32 (slots, rank, "
+                        f"{k}) and (slots, {n}, rank)) do not take slots {low}..{high}"
+                    )
+                layer.lora_a[w], layer.lora_b[w], layer.lora_rank[w] = a.data_ptr(), b.data_ptr(), r
+                rank = max(rank, r)
+        return slots, rank
 
     @staticmethod
     def _check(code: int) -> None:

@@ -15,8 +15,9 @@ slots, so the layer adds `B[s] (A[s] x)` to each row's output.
 A step's rows come by adapter (`LoraBatch`, built by the model runner from the sequences'
 slots): steps run eagerly take one pair of matmuls per adapter present (on CPU, with rows of
 most slots, every slot at once, masked); decode steps replayed from CUDA graphs read each row's
-slot from a device tensor through the shrink / expand kernels (`kernels/lora.py`). Steps without
-adapter rows cost nothing, and steps with them do not run on the native CPU decoder.
+slot from a device tensor through the shrink / expand kernels (`kernels/lora.py`); decode steps
+on the native CPU decoder read each row's slot and the stacks from C (`kernels/cpu_decoder.py`).
+Steps without adapter rows cost nothing.
 
 `LoraLayers` fills the stacks: sized to the adapters given at start, or with reserved slots
 (`max_loras`) filled and zeroed in place while the runtime runs, from a host cache of recently

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "simd.h"
 
 #define DT_F32 0
 
@@ -34,13 +35,19 @@ struct dr_decoder {
 };
 
 /* One layer's weights (linear ones panel-packed, see cpu_gemm.c; biases may be NULL) and
- * cache. */
+ * cache, and its LoRA stacks per linear layer (qkv, o, gate_up, down; NULL: not adapted) as
+ * workers/lora.py keeps them: A (slots, rank, in) and B (slots, out, rank), the scale folded
+ * into B, slot 0 the base model (zeros). */
 struct dr_decoder_layer {
     const float *input_norm, *post_norm;
     const float *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
     char *k_cache, *v_cache;
     float *k_params, *v_params;
+    const float *lora_a[4], *lora_b[4];
+    int64_t lora_rank[4];
 };
+
+enum { LORA_QKV, LORA_O, LORA_GATE_UP, LORA_DOWN };
 
 /* One step: `tokens` sequences with one new token each, and the buffers it runs over. */
 struct dr_decode_step {
@@ -66,7 +73,45 @@ struct dr_decode_step {
     float *act;      /* (tokens, inter) */
     float *work;     /* attention scratch, for the largest of its calls */
     float *tail_out, *tail_lse, *prefix_lse; /* shared prefix only */
+    const int64_t *lora_slots; /* (tokens,) each sequence's adapter slot; NULL: no adapters */
+    float *lora_h;             /* (tokens, the largest rank) */
 };
+
+#define LORA_PARALLEL_MIN 32768
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    vf acc = splat(0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc += load(a + i) * load(b + i);
+    float r = hsum(acc);
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+/* out[t] += B[s] (A[s] x[t]) for every sequence t whose adapter slot s is not 0, as the layer
+ * path's LinearLora adds it after the linear layer (and its bias); under tensor parallelism to
+ * this rank's partial sums of a row-parallel layer, before the all-reduce. */
+static void lora_add(const struct dr_decoder_layer *L, int which, const struct dr_decode_step *s,
+                     const float *x, int64_t K, float *out, int64_t N) {
+    const float *A = L->lora_a[which], *B = L->lora_b[which];
+    const int64_t T = s->tokens, R = L->lora_rank[which];
+    if (!s->lora_slots || !A || !B || R <= 0) return;
+    const int nt = (int)s->num_threads;
+#pragma omp parallel for collapse(2) num_threads(nt) if (T * R * K >= LORA_PARALLEL_MIN) \
+    schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t slot = s->lora_slots[t];
+            s->lora_h[t * R + r] = slot ? dot(A + (slot * R + r) * K, x + t * K, K) : 0.0f;
+        }
+#pragma omp parallel for collapse(2) num_threads(nt) if (T * N * R >= LORA_PARALLEL_MIN) \
+    schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t o = 0; o < N; o++) {
+            const int64_t slot = s->lora_slots[t];
+            if (slot) out[t * N + o] += dot(B + (slot * N + o) * R, s->lora_h + t * R, R);
+        }
+}
 
 /* h = norm(x + residual) and residual = x + residual; stage 0 has no residual yet, so the
  * residual becomes x itself, as the layer path's first norm returns it. */
@@ -142,6 +187,7 @@ static int attention_half(const struct dr_decoder *m, const struct dr_decoder_la
     const int nt = (int)s->num_threads;
     norm_in(m, L->input_norm, s, first);
     dr_linear(s->h, T, H, L->qkv, qkv_n, L->qkv_bias, s->qkv, nt);
+    lora_add(L, LORA_QKV, s, s->h, H, s->qkv, qkv_n);
     char *q = (char *)s->qkv, *k = (char *)(s->qkv + q_size), *v = (char *)(s->qkv + q_size + kv_size);
     dr_rope_store(q, qkv_n, d, k, qkv_n, d, v, qkv_n, d, s->cos, s->sin, L->k_cache, L->v_cache,
                   m->kc_block, m->kc_slot, m->kc_head, s->slots, (int)T, (int)m->q_heads,
@@ -150,6 +196,7 @@ static int attention_half(const struct dr_decoder *m, const struct dr_decoder_la
     const int rc = attend(m, L, s);
     if (rc) return rc;
     dr_linear(s->attn, T, q_size, L->o, H, L->o_bias, s->x, nt);
+    lora_add(L, LORA_O, s, s->attn, q_size, s->x, H);
     return 0;
 }
 
@@ -159,8 +206,10 @@ static void mlp_half(const struct dr_decoder *m, const struct dr_decoder_layer *
     const int nt = (int)s->num_threads;
     norm_in(m, L->post_norm, s, 0);
     dr_linear(s->h, T, H, L->gate_up, 2 * I, L->gate_up_bias, s->gate_up, nt);
+    lora_add(L, LORA_GATE_UP, s, s->h, H, s->gate_up, 2 * I);
     dr_silu_and_mul(s->gate_up, 2 * I, s->act, I, T, I, nt);
     dr_linear(s->act, T, I, L->down, H, L->down_bias, s->x, nt);
+    lora_add(L, LORA_DOWN, s, s->act, I, s->x, H);
 }
 
 /* Run stages [first, last); returns 0, or dr_paged_decode's code (1: no scratch memory,

@@ -8,6 +8,7 @@ serve take the layer path.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -292,3 +293,87 @@ def test_a_new_cache_drops_the_decoder_built_on_the_old_one(checkpoint: Path) ->
     new = runner.model._native_decoder(runner.kv_cache.layers)
     assert new is not None and new is not old
     assert new.layers[0].k_cache == runner.kv_cache.layers[0].k.data_ptr()
+
+
+def _attach_adapters(runner: ModelRunner, every_linear: bool) -> None:
+    """Random adapters in slots 1-3 of the model (slot 0 the base): in reserved stacks of rank
+    4 on every linear layer, or (every_linear False) sized to them on layer 0's qkv and the
+    last layer's down only, the other layers' stacks left out."""
+    from workers.lora import LinearLora, LoraLayers, LoraState
+
+    model, gen = runner.model, torch.Generator().manual_seed(17)
+    decoder_layers: list[Any] = list(model.layers)
+
+    def pair(lin: Any, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randn(r, lin.cpu_packed.in_features, generator=gen) * 0.3
+        return a, torch.randn(lin.cpu_packed.out_features, r, generator=gen) * 0.3
+
+    if every_linear:
+        layers = LoraLayers(model, runner.model_config, model.shard, 0, 1, room=(4, 4))
+        for layer in decoder_layers:
+            for lin in (layer.attn.qkv_proj, layer.attn.o_proj):
+                lin.lora.put(1, *pair(lin, 4))
+                lin.lora.put(3, *pair(lin, 2))
+            for lin in (layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                lin.lora.put(2, *pair(lin, 3))
+        model.lora = layers.state
+        return
+    state = LoraState()
+    for lin in (decoder_layers[0].attn.qkv_proj, decoder_layers[-1].mlp.down_proj):
+        lin.lora = LinearLora(state)
+        for slot in (1, 2, 3):
+            lin.lora.weights[slot] = pair(lin, 5)
+        lin.lora.stack(4, torch.device("cpu"), torch.float32)
+    model.lora = state
+
+
+@pytest.mark.parametrize("every_linear", [True, False], ids=["reserved-slots", "some-layers"])
+def test_lora_rows_decode_natively_as_the_layer_path_does(
+    checkpoint: Path, every_linear: bool, fused_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps mixing a base row with rows of three adapters run on the native decoder and
+    give the layer path's hidden states (to float rounding: the adapters' dot products sum in
+    another order); the base row's equal a step without adapters bit for bit, the others'
+    differ; one call and the tp > 1 stage schedule agree."""
+    from workers.lora import LoraBatch
+
+    cpu = torch.device("cpu")
+    runner = make_runner(checkpoint)
+    assert runner.kv_cache is not None
+    _attach_adapters(runner, every_linear)
+    seqs = Seqs(seed=13)
+    lens, adapters = [40, 17, 66, 5], [0, 1, 2, 3]
+    for n in lens:
+        seqs.add(n + 4)
+    ids, pos, meta = seqs.meta([(i, 0, n) for i, n in enumerate(lens)], decode=False)
+    prefill = dataclasses.replace(meta, lora=LoraBatch.build(adapters, lens, cpu))
+    forward(runner, ids, pos, prefill)  # the prompts' K/V with their adapters
+    assert not fused_calls
+    for t in range(3):
+        work = [(i, n + t, n + t + 1) for i, n in enumerate(lens)]
+        ids, pos, meta = seqs.meta(work, decode=True)
+        meta = dataclasses.replace(meta, lora=LoraBatch.build(adapters, [1] * 4, cpu))
+        monkeypatch.setenv(CPU_DECODE_ENV, "layers")
+        layered = forward(runner, ids, pos, meta)
+        monkeypatch.delenv(CPU_DECODE_ENV)
+        fused = forward(runner, ids, pos, meta)
+        torch.testing.assert_close(fused, layered, rtol=1e-5, atol=1e-5)
+    assert fused_calls == [4, 4, 4]
+    # The last step again without adapters: the base row is unchanged, the adapted ones move.
+    base = forward(runner, ids, pos, dataclasses.replace(meta, lora=None))
+    assert torch.equal(base[0], fused[0])
+    assert all(not torch.allclose(base[r], fused[r]) for r in (1, 2, 3))
+    # One call and stage by stage, on the next token.
+    decoder = runner.model._native_decoder(runner.kv_cache.layers)
+    assert decoder is not None
+    ids, pos, meta = seqs.meta([(i, n + 3, n + 4) for i, n in enumerate(lens)], decode=True)
+    batch = LoraBatch.build(adapters, [1] * 4, cpu)
+    assert batch is not None
+    lora = native_decode.lora_step(runner.model, batch)
+    assert lora is not None
+    cos, sin = runner.model.rotary.cos_sin(pos)
+    args = (cos, sin, meta.slot_mapping, meta.block_tables, meta.context_lens)
+    with torch.inference_mode():
+        one = decoder.run(runner.model.embed(ids), *args, lora=lora).clone()
+        staged = decoder.run(runner.model.embed(ids), *args, reduce=lambda x: x, lora=lora)
+    assert torch.equal(one, staged)

@@ -170,13 +170,11 @@ class DecoderLM(nn.Module):
         kv_caches: list[LayerKV],
     ) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> final hidden states (tokens, hidden)."""
-        if meta.lora is not None:  # rows with LoRA adapters: layer by layer, not the native decoder
-            everything = range(len(self.layers))
-            return self.forward_layers(input_ids, positions, meta, kv_caches, everything, None)[0]
         x = self.embed(input_ids)
         if x.is_cpu and native_decode.step_runs_native(meta, x.shape[0]):
             decoder = self._native_decoder(kv_caches)
-            if decoder is not None:
+            lora = None if meta.lora is None else native_decode.lora_step(self, meta.lora)
+            if decoder is not None and (meta.lora is None or lora is not None):
                 cos, sin = self.rotary.cos_sin(positions, meta.rope_inv_freq)
                 reduce = self.comm.tp_all_reduce if self.comm.tp_size > 1 else None
                 return decoder.run(
@@ -187,7 +185,12 @@ class DecoderLM(nn.Module):
                     meta.block_tables,
                     meta.context_lens,
                     reduce,
+                    lora,
                 )
+        if meta.lora is not None:  # rows with LoRA adapters, layer by layer
+            everything = range(len(self.layers))
+            carry = (x, None)
+            return self.forward_layers(input_ids, positions, meta, kv_caches, everything, carry)[0]
         residual: torch.Tensor | None = None
         with layer_invariant_scope():
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):

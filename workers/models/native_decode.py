@@ -2,7 +2,8 @@
 
 A float32 model on CPU whose linear layers all run on the native panel kernel decodes through
 it: every layer's kernels from one C call (tp = 1) or two per layer with the all-reduces
-between them (tp > 1). The layer-by-layer path stays for everything else: prefill chunks, cp,
+between them (tp > 1), the rows' LoRA adapters included. The layer-by-layer path stays for
+everything else: prefill chunks, cp,
 other dtypes or weight formats, a head_dim the attention kernel does not take, a row-parallel
 bias under tp > 1 (added after the reduce, between stages), and whenever
 `DIST_RUNTIME_CPU_DECODE=layers` or the attention / elementwise kernels are switched to torch.
@@ -18,12 +19,13 @@ import torch
 from dist_runtime.config import cpu_attention_choice, cpu_decode_choice, cpu_elementwise_choice
 from kernels import cpu_decoder
 from kernels.cpu_attention import MAX_HEAD_DIM
-from kernels.cpu_decoder import CpuDecoder, LayerTensors
+from kernels.cpu_decoder import CpuDecoder, LayerTensors, LoraStacks, LoraStep
 from kernels.cpu_gemm import NativeLinearWeight
 from workers.kv_cache import LayerKV
 from workers.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
+    from workers.lora import LoraBatch
     from workers.models.decoder import DecoderLayer, DecoderLM
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ def step_runs_native(meta: AttentionMetadata, tokens: int) -> bool:
     `build`'s): a decode step without cp, one token per sequence, the fused path chosen."""
     return (
         meta.is_decode
-        and meta.lora is None
+        and (meta.lora is None or meta.lora.slots is not None)
         and meta.cp is None
         and not meta.cp_decode
         and meta.block_tables.shape[0] == tokens
@@ -117,6 +119,26 @@ def build(model: DecoderLM, kv_caches: list[LayerKV]) -> CpuDecoder | None:
         eps=model.config.rms_norm_eps,
         bits=kv_caches[0].bits,
     )
+
+
+def lora_step(model: DecoderLM, batch: LoraBatch) -> LoraStep | None:
+    """The native decoder's view of a step's adapters: each row's slot and every adapted
+    layer's stacks; None (the step runs layer by layer) where a stack is not float32."""
+    assert batch.slots is not None
+    layers = []
+    for layer in _layers(model):
+        attn, mlp = layer.attn, layer.mlp
+        stacks: list[LoraStacks] = []
+        for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            lora = lin.lora
+            if lora is None or lora.a.dim() != 3:
+                stacks.append(None)
+            elif lora.a.dtype != torch.float32 or lora.b.dtype != torch.float32:
+                return None
+            else:
+                stacks.append((lora.a, lora.b))
+        layers.append((stacks[0], stacks[1], stacks[2], stacks[3]))
+    return LoraStep(batch.slots, layers)
 
 
 def _layers(model: DecoderLM) -> list[DecoderLayer]:
