@@ -148,8 +148,8 @@ class LayerTensors:
 
 
 LoraStacks = tuple[torch.Tensor, torch.Tensor] | None
-"""One linear layer's LoRA stacks, A (slots, rank, in) and B (slots, out, rank) float32 (the
-scale folded into B, slot 0 zeros), or None where no adapter touches it."""
+"""One linear layer's LoRA stacks, A (slots, rank, in) and B by rows (slots, rank, out), float32
+(the scale folded into B, slot 0 zeros), or None where no adapter touches it."""
 
 
 @dataclass(frozen=True)
@@ -436,13 +436,13 @@ class CpuDecoder:
                     or b.dtype != torch.float32
                     or not (a.is_contiguous() and b.is_contiguous())
                     or a.shape != (a.shape[0], r, k)
-                    or b.shape != (a.shape[0], n, r)
+                    or b.shape != (a.shape[0], r, n)
                     or not 0 <= low <= high < a.shape[0]
                 ):
                     raise ValueError(
                         f"layer {i} {LORA_LINEARS[w]}: LoRA stacks A {tuple(a.shape)} {a.dtype} "
                         f"and B {tuple(b.shape)} {b.dtype} (contiguous float32 (slots, rank, "
-                        f"{k}) and (slots, {n}, rank)) do not take slots {low}..{high}"
+                        f"{k}) and (slots, rank, {n})) do not take slots {low}..{high}"
                     )
                 layer.lora_a[w], layer.lora_b[w], layer.lora_rank[w] = a.data_ptr(), b.data_ptr(), r
                 rank = max(rank, r)

@@ -122,6 +122,7 @@ class LinearLora:
         self.a = torch.zeros(num_slots, rank, in_local, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, out_local, rank, dtype=dtype, device=device)
         self.weights = {}
+        self._b_flat = self._b_rows = None
         for slot, (a, b) in held.items():
             self.put(slot, a, b)
         return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
@@ -137,14 +138,14 @@ class LinearLora:
         self.a[slot, :r].copy_(a)
         self.b[slot, :, :r].copy_(b)
         self.weights[slot] = (self.a[slot, :r], self.b[slot, :, :r])
-        self._b_flat = None
+        self._b_flat = self._b_rows = None
 
     def remove(self, slot: int) -> None:
         """Zero a slot (an unloaded adapter)."""
         if self.weights.pop(slot, None) is not None:
             self.a[slot].zero_()
             self.b[slot].zero_()
-            self._b_flat = None
+            self._b_flat = self._b_rows = None
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` plus the adapters' terms for the step's rows of `x` (in place)."""
@@ -183,6 +184,13 @@ class LinearLora:
             self._b_flat = self.b.permute(1, 0, 2).reshape(self.b.shape[1], -1).contiguous()
         return out.add_(torch.matmul(h, self._b_flat.t()))
 
+    def b_rows(self) -> torch.Tensor:
+        """The B stack as (slots, R, out), each rank's row contiguous over the outputs (what the
+        native CPU decoder adds from, a row at a time); made once per change of the stacks."""
+        if self._b_rows is None:
+            self._b_rows = self.b.transpose(1, 2).contiguous()
+        return self._b_rows
+
     def _column_slots(self, slots: int, rank: int, device: torch.device) -> torch.Tensor:
         if self._columns is None:
             self._columns = torch.arange(slots, device=device).repeat_interleave(rank)
@@ -190,6 +198,7 @@ class LinearLora:
 
     _columns: torch.Tensor | None = None
     _b_flat: torch.Tensor | None = None
+    _b_rows: torch.Tensor | None = None
 
 
 class LoraLayers:

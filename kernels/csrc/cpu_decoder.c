@@ -35,9 +35,9 @@ struct dr_decoder {
 };
 
 /* One layer's weights (linear ones panel-packed, see cpu_gemm.c; biases may be NULL) and
- * cache, and its LoRA stacks per linear layer (qkv, o, gate_up, down; NULL: not adapted) as
- * workers/lora.py keeps them: A (slots, rank, in) and B (slots, out, rank), the scale folded
- * into B, slot 0 the base model (zeros). */
+ * cache, and its LoRA stacks per linear layer (qkv, o, gate_up, down; NULL: not adapted) from
+ * workers/lora.py: A (slots, rank, in) and B by rows (slots, rank, out), the scale folded into
+ * B, slot 0 the base model (zeros). */
 struct dr_decoder_layer {
     const float *input_norm, *post_norm;
     const float *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
@@ -90,27 +90,35 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 
 /* out[t] += B[s] (A[s] x[t]) for every sequence t whose adapter slot s is not 0, as the layer
  * path's LinearLora adds it after the linear layer (and its bias); under tensor parallelism to
- * this rank's partial sums of a row-parallel layer, before the all-reduce. */
+ * this rank's partial sums of a row-parallel layer, before the all-reduce. h = A x is a dot
+ * product per rank; B h adds each rank's row of B, scaled, over the outputs, in chunks. */
 static void lora_add(const struct dr_decoder_layer *L, int which, const struct dr_decode_step *s,
                      const float *x, int64_t K, float *out, int64_t N) {
     const float *A = L->lora_a[which], *B = L->lora_b[which];
     const int64_t T = s->tokens, R = L->lora_rank[which];
     if (!s->lora_slots || !A || !B || R <= 0) return;
     const int nt = (int)s->num_threads;
+    const int64_t *slots = s->lora_slots;
+    float *h = s->lora_h;
 #pragma omp parallel for collapse(2) num_threads(nt) if (T * R * K >= LORA_PARALLEL_MIN) \
     schedule(static)
     for (int64_t t = 0; t < T; t++)
-        for (int64_t r = 0; r < R; r++) {
-            const int64_t slot = s->lora_slots[t];
-            s->lora_h[t * R + r] = slot ? dot(A + (slot * R + r) * K, x + t * K, K) : 0.0f;
+        for (int64_t r = 0; r < R; r++)
+            h[t * R + r] = slots[t] ? dot(A + (slots[t] * R + r) * K, x + t * K, K) : 0.0f;
+    const int64_t chunk = 256;
+#pragma omp parallel for num_threads(nt) if (T * R * N >= LORA_PARALLEL_MIN) schedule(static)
+    for (int64_t c = 0; c < N; c += chunk) {
+        const int64_t end = c + chunk < N ? c + chunk : N;
+        for (int64_t t = 0; t < T; t++) {
+            if (!slots[t]) continue;
+            float *o = out + t * N;
+            for (int64_t r = 0; r < R; r++) {
+                const float hr = h[t * R + r];
+                const float *b = B + (slots[t] * R + r) * N;
+                for (int64_t j = c; j < end; j++) o[j] += hr * b[j];
+            }
         }
-#pragma omp parallel for collapse(2) num_threads(nt) if (T * N * R >= LORA_PARALLEL_MIN) \
-    schedule(static)
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t o = 0; o < N; o++) {
-            const int64_t slot = s->lora_slots[t];
-            if (slot) out[t * N + o] += dot(B + (slot * N + o) * R, s->lora_h + t * R, R);
-        }
+    }
 }
 
 /* h = norm(x + residual) and residual = x + residual; stage 0 has no residual yet, so the

@@ -19,8 +19,9 @@
 * Every refusal: folders `AdapterSpec.load` rejects (with the reason), bad names and
   `--lora-modules` items, and requests naming an adapter that is not loaded.
 
-The Llama checkpoint has head_dim 16, so its base-only decode steps run on the native CPU
-decoder while steps with adapter rows run layer by layer.
+The Llama checkpoint has head_dim 16, so its decode steps, adapter rows included, run on the
+native CPU decoder (tp=2: stage by stage, the adapters added to the partial sums before each
+all-reduce); InternLM2's (head_dim 8) run layer by layer.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def _family(root: Path, ckpt: Path, adapters: dict[str, dict[str, Any]]) -> Fami
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Family:
-    """Llama layout, head_dim 16 (the native CPU decoder takes its base decode steps). a1:
+    """Llama layout, head_dim 16 (the native CPU decoder takes its decode steps). a1:
     every projection, rank 8. a2: rsLoRA, q/v/o/up/down of layer 1 only, down rank 4 and v
     rank 2 (rank_pattern), so the fused q/k/v and gate/up layers have parts without an
     adapter and parts of different ranks."""

@@ -136,7 +136,7 @@ def lora_step(model: DecoderLM, batch: LoraBatch) -> LoraStep | None:
             elif lora.a.dtype != torch.float32 or lora.b.dtype != torch.float32:
                 return None
             else:
-                stacks.append((lora.a, lora.b))
+                stacks.append((lora.a, lora.b_rows()))
         layers.append((stacks[0], stacks[1], stacks[2], stacks[3]))
     return LoraStep(batch.slots, layers)
 
