@@ -102,8 +102,8 @@ static void lora_add(const struct dr_decoder_layer *L, int which, const struct d
     float *h = s->lora_h;
 #pragma omp parallel for collapse(2) num_threads(nt) if (T * R * K >= LORA_PARALLEL_MIN) \
     schedule(static)
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t r = 0; r < R; r++)
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t t = 0; t < T; t++)
             h[t * R + r] = slots[t] ? dot(A + (slots[t] * R + r) * K, x + t * K, K) : 0.0f;
     const int64_t chunk = 256;
 #pragma omp parallel for num_threads(nt) if (T * R * N >= LORA_PARALLEL_MIN) schedule(static)
@@ -112,10 +112,17 @@ static void lora_add(const struct dr_decoder_layer *L, int which, const struct d
         for (int64_t t = 0; t < T; t++) {
             if (!slots[t]) continue;
             float *o = out + t * N;
-            for (int64_t r = 0; r < R; r++) {
-                const float hr = h[t * R + r];
-                const float *b = B + (slots[t] * R + r) * N;
-                for (int64_t j = c; j < end; j++) o[j] += hr * b[j];
+            const float *ht = h + t * R, *b = B + slots[t] * R * N;
+            int64_t j = c;
+            for (; j + 8 <= end; j += 8) { /* each output read and written once */
+                vf acc = load(o + j);
+                for (int64_t r = 0; r < R; r++) acc += splat(ht[r]) * load(b + r * N + j);
+                store(o + j, acc);
+            }
+            for (; j < end; j++) {
+                float acc = o[j];
+                for (int64_t r = 0; r < R; r++) acc += ht[r] * b[r * N + j];
+                o[j] = acc;
             }
         }
     }
