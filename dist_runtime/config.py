@@ -588,9 +588,9 @@ class CacheConfig:
     """On CUDA: fraction of the device's memory the runtime may use (weights + KV + activations)."""
     cpu_kv_cache_gb: float | None = None
     """On CPU: GiB of host memory per worker for the KV cache when num_blocks is None. None:
-    what one full session needs on a worker, at least 1 GiB and at most 90% of the memory the
-    node has available at start. The memory is reserved, not written: the OS supplies its
-    pages as blocks are first used."""
+    what one full session needs on a worker, at least 1 GiB and at most its share (of the
+    runtime's workers on its node) of 90% of the memory the node has available at start. The
+    memory is reserved, not written: the OS supplies its pages as blocks are first used."""
     enable_prefix_caching: bool = True
     """Share full KV blocks between sequences with the same token prefix."""
     host_kv_cache_gb: float = 0.0

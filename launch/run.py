@@ -257,7 +257,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="on --device cpu: GiB of host memory per worker for the KV cache, reserved and "
         "filled as blocks are used (default: what one full --session-len needs, at least 1 GiB "
-        "and at most 90%% of the memory available)",
+        "and at most the worker's share of 90%% of its node's available memory)",
     )
     g.add_argument(
         "--host-kv-cache-gb",
@@ -769,7 +769,8 @@ def dry_run(args: argparse.Namespace) -> int:
             device_bytes = int(args.device_memory_gib * GiB)
         elif on_cpu:  # what a CPU worker may take by default (workers.model_runner)
             available = available_host_bytes() or 0
-            device_bytes = int(available * CPU_KV_AVAILABLE_FRACTION)
+            world = config.parallel.tp * config.parallel.cp  # (all on this host)
+            device_bytes = int(available * CPU_KV_AVAILABLE_FRACTION) // world
         else:
             import torch
 
@@ -806,7 +807,8 @@ def dry_run(args: argparse.Namespace) -> int:
             + (
                 f"the weights and activations plus --cpu-kv-cache-gb {cpu_gb:g} of KV"
                 if cpu_gb is not None
-                else f"{CPU_KV_AVAILABLE_FRACTION:.0%} of what it has available now"
+                else f"{CPU_KV_AVAILABLE_FRACTION:.0%} of what it has available now, split "
+                f"over the {plan.tp * plan.cp} worker(s) on it"
             )
             + ")"
         )

@@ -169,6 +169,7 @@ def test_session_that_does_not_fit_fails_at_start_and_cp_fixes_it(
         Runtime(**kw)
     with Runtime(cp=2, **kw) as rt:
         assert rt.engine.blocks.capacity_tokens == 256
+        assert rt.engine.executor.sharing == [2, 2]  # type: ignore[union-attr]
         (out,) = rt.generate([_prompt(200, 9)], SamplingParams(max_new_tokens=50, ignore_eos=True))
         assert len(out.token_ids) == 50
         assert all(m["kv_cache_bytes"] == 8 * block_bytes for m in rt.worker_memory())

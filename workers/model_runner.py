@@ -229,25 +229,27 @@ class ModelRunner:
             self.config.cache.quant_policy,
         )
 
-    def num_available_blocks(self) -> int:
-        """Blocks this worker can hold: the configured count, else from its memory budget."""
+    def num_available_blocks(self, sharing: int = 1) -> int:
+        """Blocks this worker can hold: the configured count, else from its memory budget
+        (`sharing`: the runtime's workers on this worker's node, itself included)."""
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
         if self.device.type == "cpu":
-            return max(self.cpu_kv_budget() // self.kv_block_bytes(), 0)
+            return max(self.cpu_kv_budget(sharing) // self.kv_block_bytes(), 0)
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         budget = int(total * cache.gpu_memory_utilization) - used - self._activation_reserve()
         spare = 1 if self._decode_graph_mode() else 0  # the graphs' scratch block
         return max(budget // self.kv_block_bytes() - spare, 0)
 
-    def cpu_kv_budget(self) -> int:
+    def cpu_kv_budget(self, sharing: int = 1) -> int:
         """Bytes of host memory this worker reserves for its KV cache on CPU:
         `cache.cpu_kv_cache_gb`, else one full session's blocks of this worker (its KV heads,
-        its share of a cp split), at least CPU_KV_MIN_BYTES and at most
-        CPU_KV_AVAILABLE_FRACTION of what the node has available. Reserving costs nothing
-        until blocks are written (see `workers.kv_cache.zeros`)."""
+        its share of a cp split), at least CPU_KV_MIN_BYTES and at most its share (of
+        `sharing` workers on the node) of CPU_KV_AVAILABLE_FRACTION of what the node has
+        available. Reserving costs nothing until blocks are written (see
+        `workers.kv_cache.zeros`)."""
         gb = self.config.cache.cpu_kv_cache_gb
         available = available_host_bytes()
         if gb is not None:
@@ -263,7 +265,8 @@ class ModelRunner:
         tokens = -(-self.config.session_len // cp)
         budget = max(CPU_KV_MIN_BYTES, -(-tokens // bs) * self.kv_block_bytes())
         if available is not None and budget > CPU_KV_MIN_BYTES:
-            budget = max(CPU_KV_MIN_BYTES, min(budget, int(available * CPU_KV_AVAILABLE_FRACTION)))
+            share = int(available * CPU_KV_AVAILABLE_FRACTION) // max(sharing, 1)
+            budget = max(CPU_KV_MIN_BYTES, min(budget, share))
         return budget
 
     def num_host_blocks(self) -> int:

@@ -71,9 +71,9 @@ class Worker:
         self.runner = ModelRunner(self.config, comm)
         return self.runner.weight_bytes_read
 
-    def num_available_blocks(self) -> int:
+    def num_available_blocks(self, sharing: int = 1) -> int:
         assert self.runner is not None
-        return self.runner.num_available_blocks()
+        return self.runner.num_available_blocks(sharing)
 
     def num_host_blocks(self) -> int:
         assert self.runner is not None

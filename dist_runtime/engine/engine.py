@@ -1303,8 +1303,8 @@ class Engine:
             gb = self.config.cache.cpu_kv_cache_gb
             if gb is None:
                 where = (
-                    "each worker may reserve (one full session's by default, capped at 90% of "
-                    "the memory its node has available)"
+                    "each worker may reserve (one full session's by default, capped at its share "
+                    "of 90% of the memory its node has available)"
                 )
             else:
                 where = f"each worker reserves (--cpu-kv-cache-gb {gb:g})"

@@ -428,8 +428,8 @@ def test_cpu_kv_cache_asked_for_or_needed_beyond_the_host(
     with pytest.raises(
         ConfigError,
         match=r"session_len 5000000 does not fit: the KV memory each worker may reserve \(one "
-        r"full session's by default, capped at 90% of the memory its node has available\) "
-        r"holds 235929 blocks",
+        r"full session's by default, capped at its share of 90% of the memory its node has "
+        r"available\) holds 235929 blocks",
     ):
         start(tiny_llama_dir, session_len=5_000_000, allow_rope_extrapolation=True)
     # One asked for below the session's need names the reservation that would hold it.

@@ -309,7 +309,8 @@ def test_cli_dry_run_on_cpu_plans_the_kv_reservation(
     assert cli.main([*argv, "--session-len", "524288", "--cpu-kv-cache-gb", "16"]) == 1
     out = capsys.readouterr().out
     assert "fits: no" in out and "or raise --cpu-kv-cache-gb to 32" in out
-    monkeypatch.setattr(runner_module, "available_host_bytes", lambda: 100 * GiB)
+    monkeypatch.setattr(runner_module, "available_host_bytes", lambda: 400 * GiB)
     assert cli.main([*argv, "--session-len", "262144"]) == 0
     out = capsys.readouterr().out
-    assert "device       90.00 GiB" in out and "90% of what it has available now" in out
+    assert "device       90.00 GiB" in out  # a quarter of 90% of 400 GiB: 4 workers share it
+    assert "90% of what it has available now, split over the 4 worker(s) on it" in out

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,3 +54,37 @@ def test_a_quantized_cache_has_zeroed_codes_and_params() -> None:
     assert cache.params is not None and cache.params.shape == (2, 2, 9, 4, 2, 2)
     assert bool((cache.data == 0).all()) and bool((cache.params == 0).all())
     assert cache.scratch_block == 8
+
+
+def test_cpu_kv_budget_for_a_session_within_the_nodes_memory(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny model's KV takes 512 bytes a token, so a 5,000,000-token session needs
+    312,500 blocks of 8 KiB (2.38 GiB). With 4 GiB available a worker alone reserves that; two
+    or four workers on the node get at most their share of 90% of it, and never less than
+    1 GiB; a reservation asked for is what it is."""
+    import workers.model_runner as runner_module
+    from dist_runtime.config import CacheConfig, RuntimeConfig
+    from workers.distributed import Collectives, MeshCoords
+    from workers.model_runner import ModelRunner
+
+    GiB = 1 << 30
+
+    def runner(**cache: Any) -> ModelRunner:
+        config = RuntimeConfig(
+            model=str(tiny_llama_dir),
+            device="cpu",
+            dtype="float32",
+            session_len=5_000_000,
+            allow_rope_extrapolation=True,
+            cache=CacheConfig(**cache),
+        )
+        return ModelRunner(config, Collectives(MeshCoords()))
+
+    monkeypatch.setattr(runner_module, "available_host_bytes", lambda: 4 * GiB)
+    auto = runner()
+    assert auto.cpu_kv_budget() == 312_500 * 8192
+    assert auto.cpu_kv_budget(sharing=2) == int(4 * GiB * 0.9) // 2
+    assert auto.cpu_kv_budget(sharing=4) == GiB
+    assert auto.num_available_blocks(sharing=2) == int(4 * GiB * 0.9) // 2 // 8192
+    assert runner(cpu_kv_cache_gb=0.25).cpu_kv_budget(sharing=4) == GiB // 4

@@ -145,6 +145,8 @@ class RayExecutor(Executor):
         self._owns_ray = False
         self.pg: Any = None
         self.actors: list[Any] = []
+        self.sharing = [1] * self.world_size
+        """Per rank, the workers on its node, itself included (they share its memory)."""
         self.dead: str | None = None
         """Why the group is unusable (a worker died), as the monitor found it; None: healthy."""
         self._stop_monitor = threading.Event()
@@ -237,6 +239,7 @@ class RayExecutor(Executor):
         )
         tp = self.config.parallel.tp
         bundles, spanning = place_ranks(nodes, tp, first)
+        self.sharing = [nodes.count(nodes[bundles[r]]) for r in range(self.world_size)]
         used = list(dict.fromkeys(nodes))
         if len(used) > 1:
             where = ", ".join(
@@ -351,7 +354,7 @@ class RayExecutor(Executor):
 
     def num_available_blocks(self) -> int:
         counts = self._get(
-            [a.num_available_blocks.remote() for a in self.actors],
+            [a.num_available_blocks.remote(n) for a, n in zip(self.actors, self.sharing)],
             self.config.init_timeout_s,
             "sizing the KV cache",
         )
