@@ -395,11 +395,16 @@ def test_kv_cache_cannot_hold_one_prompt(tiny_llama_dir: Path) -> None:
         assert len(out.token_ids) <= 3
 
 
-def test_cpu_kv_cache_is_sized_for_a_full_session(tiny_llama_dir: Path) -> None:
+def test_cpu_kv_cache_is_sized_for_a_full_session(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """By default a CPU worker reserves what one full session needs when that is over 1 GiB:
     the tiny model's KV takes 512 bytes a token (2 layers x 4 heads x 8 dims x fp32, K and
     V), so 1 GiB holds 2,097,152 tokens and a 3,000,000-token session gets its own 187,500
     blocks. The reservation costs nothing until blocks are used."""
+    import workers.model_runner as runner_module
+
+    monkeypatch.setattr(runner_module, "available_host_bytes", lambda: 16 << 30)  # any machine
     session = 3_000_000
     with Runtime(
         model=str(tiny_llama_dir), session_len=session, allow_rope_extrapolation=True, **CPU32
