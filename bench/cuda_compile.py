@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -221,9 +222,12 @@ def _sass_cache() -> Path:
 def read_sass(cubin: bytes) -> Sass:
     """Registers, spill stores and the main loop's mix of the one function in `cubin`."""
     tool = _cuda_tool("cuobjdump")
-    # (a cubin's line table names the kernel's source file: a clone elsewhere reads the same)
-    same_anywhere = cubin.replace(str(_ROOT).encode(), b"<checkout>")
-    key = hashlib.sha256(tool.encode() + b"\0" + same_anywhere).hexdigest()
+    # (a cubin's line table names the kernel's source files, ours and Triton's: a clone
+    # elsewhere, or another environment with the same Triton, reads the same)
+    triton_dir = str(Path(tool).parents[3])  # .../site-packages/triton
+    same_anywhere = cubin.replace(triton_dir.encode(), b"<triton>")
+    same_anywhere = same_anywhere.replace(str(_ROOT).encode(), b"<checkout>")
+    key = hashlib.sha256(_file_digest(tool) + b"\0" + same_anywhere).hexdigest()
     cached = _sass_cache() / f"{key}.json"
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         got = json.loads(cached.read_text())
@@ -236,6 +240,12 @@ def read_sass(cubin: bytes) -> Sass:
         tmp.write_text(json.dumps(dataclasses.asdict(sass)))
         tmp.replace(cached)
     return sass
+
+
+@functools.cache
+def _file_digest(path: str) -> bytes:
+    """A tool's identity for cache keys: its bytes, wherever it is installed."""
+    return hashlib.sha256(Path(path).read_bytes()).digest()
 
 
 def _read_sass(cubin: bytes, tool: str) -> Sass:

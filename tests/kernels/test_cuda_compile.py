@@ -220,6 +220,16 @@ def test_what_cuobjdump_said_of_a_cubin_is_read_once(
     monkeypatch.setattr(cuda_compile, "_ROOT", Path("/elsewhere/two"))
     assert cuda_compile.read_sass(b"line /elsewhere/two/kernels/k.py").registers == 26
     assert len(calls) == 4
+    # ... and with Triton (its cuobjdump, its language files) installed in another
+    # environment: the same tool's bytes, the same cubin but for that path
+    for env in ("venv-a", "venv-b"):
+        tool = tmp_path / env / "site-packages/triton/backends/nvidia/bin/cuobjdump"
+        tool.parent.mkdir(parents=True)
+        tool.write_bytes(b"the same cuobjdump")
+        monkeypatch.setattr(cuda_compile, "_cuda_tool", lambda name, t=tool: str(t))
+        language = tmp_path / env / "site-packages/triton/language/standard.py"
+        assert cuda_compile.read_sass(b"line " + str(language).encode()).registers > 0
+    assert len(calls) == 5
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not installed")
