@@ -1067,6 +1067,10 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
+RENAMED_KEYS = {"cpu_kv_cache_bytes": "cpu_kv_cache_gb (GiB; left out, one full session's)"}
+"""Section keys that were renamed, with what replaced them (named when an old one is given)."""
+
+
 def build_section(cls: type, value: Any, source: str) -> Any:
     """A nested config section from a mapping (or the section object itself)."""
     if isinstance(value, cls):
@@ -1076,7 +1080,10 @@ def build_section(cls: type, value: Any, source: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
+        renamed = "".join(
+            f"; {key} is now {RENAMED_KEYS[key]}" for key in unknown if key in RENAMED_KEYS
+        )
+        raise ConfigError(f"{source}: unknown keys {unknown}{renamed}; known keys: {sorted(known)}")
     try:
         return cls(**value)
     except TypeError as e:

@@ -373,6 +373,15 @@ def test_yaml_wrong_value_types(tmp_path: Path, text: str) -> None:
         RuntimeConfig.from_yaml(_yaml(tmp_path, f"model: /m\n{text}\n"))
 
 
+def test_a_renamed_key_names_its_replacement(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"cache: unknown keys \['cpu_kv_cache_bytes'\]; cpu_kv_cache_bytes is now "
+        r"cpu_kv_cache_gb \(GiB",
+    ):
+        RuntimeConfig.from_yaml(_yaml(tmp_path, "model: /m\ncache: {cpu_kv_cache_bytes: 5}\n"))
+
+
 def test_runtime_section_given_as_dict(tiny_llama_dir: Path) -> None:
     with Runtime(model=str(tiny_llama_dir), **{**CPU32, "cache": {"num_blocks": 12}}) as rt:
         assert rt.engine.blocks.num_blocks == 12
