@@ -46,6 +46,11 @@ from dist_runtime.config import (
 
 GiB = 1 << 30
 CUDA_OVERHEAD_BYTES = 1 * GiB
+CPU_KV_MIN_BYTES = 1 * GiB
+"""The least KV memory a CPU worker reserves by default (room for concurrent short sessions)."""
+CPU_KV_AVAILABLE_FRACTION = 0.9
+"""The most of its node's available memory a CPU worker reserves for KV by default (its share,
+when the runtime has several workers on the node)."""
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -155,6 +160,18 @@ def kv_bytes_per_token(model: ModelConfig, tp: int, dtype: str, quant_policy: in
     else:
         per_head = model.head_dim * _dtype_bytes(dtype)
     return 2 * model.num_layers * kv_heads_per_rank(model, tp) * per_head
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def kv_tokens_per_worker(session_len: int, cp: int, block_size: int, num_seqs: int = 1) -> int:

@@ -741,8 +741,13 @@ def dry_run(args: argparse.Namespace) -> int:
     """Plan one worker's memory from args (+ --config) and config.json alone, starting no
     worker. Exit status: 0 fits, 1 does not (with a suggestion), 2 bad input."""
     from dist_runtime.config import QUANT_POLICIES, ModelConfig
-    from dist_runtime.memory_planner import GiB, plan_memory, replan
-    from workers.model_runner import CPU_KV_AVAILABLE_FRACTION, available_host_bytes
+    from dist_runtime.memory_planner import (
+        CPU_KV_AVAILABLE_FRACTION,
+        GiB,
+        available_host_bytes,
+        plan_memory,
+        replan,
+    )
 
     try:
         # The same checks as a real start (unknown keys, types, ranges), minus the checkpoint.

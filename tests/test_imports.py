@@ -157,7 +157,8 @@ def test_imports_in_a_fresh_interpreter(module: str) -> None:
 def test_worker_process_imports_no_driver_stack() -> None:
     """Beyond what torch itself loads (torch.hub imports tqdm), a worker loads no SQLite,
     Jinja or tqdm, and of the driver package only what both sides share (the config, the
-    step protocol, the 4-bit weight format, LoRA adapter folders and the heap freeze)."""
+    step protocol, the 4-bit weight format, LoRA adapter folders, the heap freeze and the
+    memory planner's CPU KV policy)."""
     code = (
         "import sys; import torch; before = set(sys.modules); import workers.worker; "
         "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
@@ -172,5 +173,6 @@ def test_worker_process_imports_no_driver_stack() -> None:
         "dist_runtime.lora",
         "dist_runtime.formats.lora_adapter",
         "dist_runtime.heap",
+        "dist_runtime.memory_planner",
     }
     assert set(modules) <= {"dist_runtime", "dist_runtime.formats", *shared}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dist_runtime import memory_planner
 from dist_runtime.config import (
     RuntimeConfig,
     async_decode_enabled,
@@ -248,10 +249,10 @@ class ModelRunner:
         `cache.cpu_kv_cache_gb`, else one full session's blocks of this worker (its KV heads,
         its share of a cp split), at least CPU_KV_MIN_BYTES and at most its share (of
         `sharing` workers on the node) of CPU_KV_AVAILABLE_FRACTION of what the node has
-        available. Reserving costs nothing until blocks are written (see
-        `workers.kv_cache.zeros`)."""
+        available (`dist_runtime.memory_planner`). Reserving costs nothing until blocks are
+        written (see `workers.kv_cache.zeros`)."""
         gb = self.config.cache.cpu_kv_cache_gb
-        available = available_host_bytes()
+        available = memory_planner.available_host_bytes()
         if gb is not None:
             budget = int(gb * 2**30)
             if available is not None and budget > available:
@@ -261,12 +262,14 @@ class ModelRunner:
                     "(each worker on a node reserves that much)"
                 )
             return budget
-        cp, bs = self.config.parallel.cp, self.config.cache.block_size
-        tokens = -(-self.config.session_len // cp)
-        budget = max(CPU_KV_MIN_BYTES, -(-tokens // bs) * self.kv_block_bytes())
-        if available is not None and budget > CPU_KV_MIN_BYTES:
-            share = int(available * CPU_KV_AVAILABLE_FRACTION) // max(sharing, 1)
-            budget = max(CPU_KV_MIN_BYTES, min(budget, share))
+        bs, least = self.config.cache.block_size, memory_planner.CPU_KV_MIN_BYTES
+        tokens = memory_planner.kv_tokens_per_worker(
+            self.config.session_len, self.config.parallel.cp, bs
+        )
+        budget = max(least, tokens // bs * self.kv_block_bytes())
+        if available is not None and budget > least:
+            share = int(available * memory_planner.CPU_KV_AVAILABLE_FRACTION) // max(sharing, 1)
+            budget = max(least, min(budget, share))
         return budget
 
     def num_host_blocks(self) -> int:
@@ -274,7 +277,7 @@ class ModelRunner:
         gb = self.config.cache.host_kv_cache_gb
         if not gb:
             return 0
-        available = available_host_bytes()
+        available = memory_planner.available_host_bytes()
         if available is not None and gb * 2**30 > available:
             raise ValueError(
                 f"cache.host_kv_cache_gb = {gb:g} GiB per worker, but this worker's node has "
@@ -1147,24 +1150,6 @@ def _sample_span(step: SeqStep, end: int) -> range:
     """Rows of a sampled chunk ending at row `end` (exclusive) that are sampled after: its last
     row, and with a draft the num_draft_tokens rows before it too."""
     return range(end - 1 - step.num_draft_tokens, end)
-
-
-CPU_KV_MIN_BYTES = 1 << 30
-"""The least KV memory a CPU worker reserves by default (room for concurrent short sessions)."""
-CPU_KV_AVAILABLE_FRACTION = 0.9
-"""The most of its node's available memory a CPU worker reserves for KV by default."""
-
-
-def available_host_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where it cannot be read)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def draw_seed(seed: int, position: int) -> int:

@@ -57,6 +57,7 @@ from dist_runtime.lora import (
     adapter_slot_rank,
     check_slot_rank,
 )
+from dist_runtime.memory_planner import kv_tokens_per_worker
 from dist_runtime.protocol import DISK_SEEN, SampledToken, StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.text.guided import (
@@ -1308,7 +1309,7 @@ class Engine:
                 )
             else:
                 where = f"each worker reserves (--cpu-kv-cache-gb {gb:g})"
-                need_blocks = math.ceil(math.ceil(session / cp) / bs)
+                need_blocks = kv_tokens_per_worker(session, cp, bs) // bs
                 need_gb = need_blocks * gb / num_blocks  # (gb / num_blocks: one block's GiB)
                 more = f"raise --cpu-kv-cache-gb to {math.ceil(need_gb * 100) / 100:g}, "
         raise ConfigError(

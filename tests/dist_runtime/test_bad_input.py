@@ -411,9 +411,9 @@ def test_cpu_kv_cache_is_sized_for_a_full_session(
     the tiny model's KV takes 512 bytes a token (2 layers x 4 heads x 8 dims x fp32, K and
     V), so 1 GiB holds 2,097,152 tokens and a 3,000,000-token session gets its own 187,500
     blocks. The reservation costs nothing until blocks are used."""
-    import workers.model_runner as runner_module
+    import dist_runtime.memory_planner as planner_module
 
-    monkeypatch.setattr(runner_module, "available_host_bytes", lambda: 16 << 30)  # any machine
+    monkeypatch.setattr(planner_module, "available_host_bytes", lambda: 16 << 30)  # any machine
     session = 3_000_000
     with Runtime(
         model=str(tiny_llama_dir), session_len=session, allow_rope_extrapolation=True, **CPU32
@@ -429,9 +429,9 @@ def test_cpu_kv_cache_is_sized_for_a_full_session(
 def test_cpu_kv_cache_asked_for_or_needed_beyond_the_host(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.model_runner as runner_module
+    import dist_runtime.memory_planner as planner_module
 
-    monkeypatch.setattr(runner_module, "available_host_bytes", lambda: 2 << 30)  # 2 GiB free
+    monkeypatch.setattr(planner_module, "available_host_bytes", lambda: 2 << 30)  # 2 GiB free
     with pytest.raises(
         ValueError,
         match=r"cpu_kv_cache_gb = 3 GiB per worker, but this "

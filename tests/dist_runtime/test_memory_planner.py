@@ -298,7 +298,7 @@ def test_cli_dry_run_on_cpu_plans_the_kv_reservation(
     """On --device cpu the plan is the runtime's: fp32, and the KV cache either the
     --cpu-kv-cache-gb reservation (7B-1M at tp 4: 2 x 32 layers x 2 heads x 128 x 4 bytes =
     64 KiB a token, so 16 GiB hold 262,144 tokens) or 90% of the memory available."""
-    import workers.model_runner as runner_module
+    import dist_runtime.memory_planner as planner_module
 
     cli = _run_cli()
     argv = ["--dry-run", "--model", str(CONFIG_1M), "--device", "cpu", "--tp", "4"]
@@ -309,7 +309,7 @@ def test_cli_dry_run_on_cpu_plans_the_kv_reservation(
     assert cli.main([*argv, "--session-len", "524288", "--cpu-kv-cache-gb", "16"]) == 1
     out = capsys.readouterr().out
     assert "fits: no" in out and "or raise --cpu-kv-cache-gb to 32" in out
-    monkeypatch.setattr(runner_module, "available_host_bytes", lambda: 400 * GiB)
+    monkeypatch.setattr(planner_module, "available_host_bytes", lambda: 400 * GiB)
     assert cli.main([*argv, "--session-len", "262144"]) == 0
     out = capsys.readouterr().out
     assert "device       90.00 GiB" in out  # a quarter of 90% of 400 GiB: 4 workers share it

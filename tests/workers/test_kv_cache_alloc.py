@@ -63,7 +63,7 @@ def test_cpu_kv_budget_for_a_session_within_the_nodes_memory(
     312,500 blocks of 8 KiB (2.38 GiB). With 4 GiB available a worker alone reserves that; two
     or four workers on the node get at most their share of 90% of it, and never less than
     1 GiB; a reservation asked for is what it is."""
-    import workers.model_runner as runner_module
+    import dist_runtime.memory_planner as planner_module
     from dist_runtime.config import CacheConfig, RuntimeConfig
     from workers.distributed import Collectives, MeshCoords
     from workers.model_runner import ModelRunner
@@ -81,7 +81,7 @@ def test_cpu_kv_budget_for_a_session_within_the_nodes_memory(
         )
         return ModelRunner(config, Collectives(MeshCoords()))
 
-    monkeypatch.setattr(runner_module, "available_host_bytes", lambda: 4 * GiB)
+    monkeypatch.setattr(planner_module, "available_host_bytes", lambda: 4 * GiB)
     auto = runner()
     assert auto.cpu_kv_budget() == 312_500 * 8192
     assert auto.cpu_kv_budget(sharing=2) == int(4 * GiB * 0.9) // 2
