@@ -12,7 +12,8 @@ speculative decoding bench (`bench/speculative.py`), the host-tier
 bench (`bench/host_kv_cache.py`), the disk-tier bench (`bench/disk_kv_cache.py`), the recovery
 bench (`bench/recovery.py`), the LoRA bench
 (`bench/lora.py`) and the Batch API bench (`bench/batch_api.py`) on the demo model with short
-answers; and the draft-row cost bench (`bench/draft_rows.py`) on a tiny random model."""
+answers; and the draft-row cost bench (`bench/draft_rows.py`) and the KV allocation bench
+(`bench/kv_alloc.py`) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -422,3 +423,10 @@ def test_draft_rows_bench_runs(tmp_path: Path) -> None:
     )
     assert "draft-rows (cpu, tiny): 0K b1: k=2 step" in out and "0K b2: k=2 step" in out
     assert "| 64 | 2 |" in out
+
+
+def test_kv_alloc_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "kv_alloc.md"
+    out = _run("bench/kv_alloc.py", "--repeats=1", "--cache-gb=0.25", f"--report={report}")
+    assert "kv-alloc: start + 3 tokens + stop, fresh pages vs torch.zeros: 0.25 GiB" in out
+    assert "| 0.25 GiB | torch.zeros |" in report.read_text()
