@@ -49,6 +49,11 @@ class SamplingSpec:
     """Token ids with a logit bias (OpenAI's logit_bias), sorted."""
     bias_values: list[float] = dataclasses.field(default_factory=list)
     """Their biases, added to the logits before sampling."""
+    allowed_ids: list[int] = dataclasses.field(default_factory=list)
+    """The only token ids it may sample, sorted (vLLM's allowed_token_ids); empty: any."""
+    bad_words: list[list[int]] = dataclasses.field(default_factory=list)
+    """Token sequences it must not complete (vLLM's bad_words): a sequence's last token is
+    held back while the output ends with the ones before it."""
 
     @property
     def needs_history(self) -> bool:
@@ -56,7 +61,13 @@ class SamplingSpec:
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
+            or any(len(w) > 1 for w in self.bad_words)
         )
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Its logits change before sampling (logit bias, allowed ids, bad words)."""
+        return bool(self.bias_ids or self.allowed_ids or self.bad_words)
 
 
 LAST_SAMPLED = -1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,15 @@ class SamplingParams:
     """OpenAI's logit bias: {token id: bias in [-100, 100]} added to the logits before
     sampling (-100 in effect bans a token, 100 forces it); stored as sorted (id, bias) pairs.
     Log-probabilities stay the model's own."""
+    allowed_token_ids: Sequence[int] | None = None
+    """vLLM's `allowed_token_ids`: every token is drawn from these ids only (the others'
+    logits are set to -inf before sampling; log-probabilities stay the model's own). None:
+    any token; stored sorted and without repeats."""
+    bad_words: Sequence[str] = ()
+    """vLLM's `bad_words`: words the answer does not write. Each word is tokenized without
+    its leading spaces and with one leading space (inside a sentence); a form's last token is
+    held back whenever the answer's tokens so far end with the ones before it (a one-token
+    form is never drawn). The same text in other tokens is not caught. Needs a tokenizer."""
     priority: int = 0
     """Scheduling priority, lower first (vLLM's convention): waiting requests are admitted in
     priority order (first come, first served within one), and when KV blocks or sequence slots
@@ -195,6 +204,25 @@ class SamplingParams:
             f"json_object must be True or False, got {self.json_object!r}",
         )
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            _check(
+                isinstance(ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in ids),
+                f"allowed_token_ids must be a list of token ids, got {ids!r:.80}",
+            )
+            _check(
+                len(ids) > 0,
+                "allowed_token_ids must name at least one token id (None: any token)",
+            )
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(ids))))
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        _check(
+            isinstance(self.bad_words, (list, tuple))
+            and all(isinstance(w, str) and w.strip() for w in self.bad_words),
+            f"bad_words must be a list of words (not blank), got {self.bad_words!r:.80}",
+        )
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
         if isinstance(self.guided_choice, str):
             object.__setattr__(self, "guided_choice", (self.guided_choice,))
         _check(

@@ -854,6 +854,11 @@ def test_null_fields_take_their_defaults(server: Server) -> None:
          "response_format"),
         ("/v1/chat/completions", {"logit_bias": {"5": 300}}, "logit_bias"),
         ("/v1/chat/completions", {"logit_bias": {"99999": 1}}, "logit_bias"),
+        ("/v1/completions", {"allowed_token_ids": [99999]}, "allowed_token_ids"),
+        ("/v1/completions", {"allowed_token_ids": []}, "allowed_token_ids"),
+        ("/v1/completions", {"bad_words": [" "]}, "bad_words"),
+        ("/v1/completions", {"bad_words": ["x"], "use_beam_search": True, "n": 2},
+         "bad_words"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"suffix": " end"}, "suffix"),
@@ -1017,6 +1022,28 @@ def test_logit_bias(client: Any, tokenizer: Any) -> None:
     )
     assert out.choices[0].text == tokenizer.decode([77] * 4)
     assert out.usage.completion_tokens == 4
+
+
+def test_allowed_token_ids_and_bad_words(client: Any, tokenizer: Any) -> None:
+    """vLLM's allowed_token_ids (every token one of them) and bad_words (the word never
+    written) as extra body fields, on both routes."""
+    words = [" tea", " w", " explains"]
+    allowed = [t for w in words for t in tokenizer.encode(w, add_special_tokens=False)]
+    assert len(allowed) == 3  # one token each
+    ask = dict(model=None, prompt="The scheduler reads", max_tokens=8, temperature=0)
+    out = client.completions.create(**ask, extra_body={"allowed_token_ids": allowed})
+    text = out.choices[0].text
+    assert out.usage.completion_tokens == 8 and set(text.split()) <= {w.strip() for w in words}
+    chat = dict(model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                temperature=0)  # fmt: skip
+    free = client.chat.completions.create(**chat, extra_body={"allowed_token_ids": allowed})
+    said = free.choices[0].message.content.split()
+    assert said and set(said) <= {w.strip() for w in words}
+    held = client.chat.completions.create(
+        **chat, extra_body={"allowed_token_ids": allowed, "bad_words": [said[0]]}
+    )
+    assert said[0] not in held.choices[0].message.content.split()
+    assert held.usage.completion_tokens == 8
 
 
 def test_vllm_guided_choice_and_guided_json(client: Any) -> None:
@@ -1367,7 +1394,7 @@ def test_vllm_prompt_and_cache_options(client: Any) -> None:
 
     first = cached("alice")
     assert cached("bob") == 0 and cached("alice") > first  # alice's blocks, not bob's
-    for field, value in (("length_penalty", 2.0), ("allowed_token_ids", [1, 2]),
+    for field, value in (("length_penalty", 2.0), ("return_tokens_as_token_ids", True),
                          ("spaces_between_special_tokens", False)):  # fmt: skip
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(prompt="x", **ask, extra_body={field: value})

@@ -1,9 +1,10 @@
 """Token sampling on tp rank 0, after the LM head.
 
 Per row: OpenAI's logit bias, then, in the order of HF transformers' `generate`, repetition
-penalty (then OpenAI's presence and frequency penalties on the generated tokens), the allowed
-tokens of guided output, then either greedy argmax (temperature 0) or temperature, top-k,
-top-p, min-p and a seeded draw (an exponential race, `_draw`).
+penalty (then OpenAI's presence and frequency penalties on the generated tokens), vLLM's
+allowed token ids and bad words, the allowed tokens of guided output, then either greedy
+argmax (temperature 0) or temperature, top-k, top-p, min-p and a seeded draw (an exponential
+race, `_draw`).
 
 The helpers take a (batch, vocab) tensor and per-row parameter tensors and return a new tensor
 (filtered tokens set to -inf). Parameter tensors may live on the CPU; building them there keeps
@@ -184,19 +185,57 @@ def adjusted_logits(
     allowed: Sequence[bytes | None] | None,
 ) -> torch.Tensor:
     """The fp32 logits a row's token is picked from: logit bias, repetition penalty over its
-    history, presence and frequency penalties over its outputs (history[output_start:]), then
-    the guided mask (`allowed`, None: none), in that order."""
+    history, presence and frequency penalties over its outputs (history[output_start:]), the
+    allowed ids and bad words (`apply_token_bans`), then the guided mask (`allowed`, None:
+    none), in that order. A row left with no token to pick is a ValueError."""
     penalties = torch.tensor([s.repetition_penalty for s in specs], dtype=torch.float32)
     penalized = apply_repetition_penalty(apply_logit_bias(logits, specs), histories, penalties)
+    outputs = [h[start:] for h, start in zip(histories, output_starts)]
     penalized = apply_presence_frequency(
         penalized,
-        [h[start:] for h, start in zip(histories, output_starts)],
+        outputs,
         [s.presence_penalty for s in specs],
         [s.frequency_penalty for s in specs],
     )
+    banned = any(s.allowed_ids or s.bad_words for s in specs)
+    if banned:
+        penalized = apply_token_bans(penalized, specs, outputs)
     if allowed is not None:
         penalized = penalized.masked_fill(~allowed_rows(allowed, logits), _NEG_INF)
+    if banned or allowed is not None:
+        empty = torch.isneginf(penalized).all(dim=-1).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"no token is left to sample in row {empty[0]}: allowed_token_ids, bad_words "
+                "and guided output rule out every one"
+            )
     return penalized
+
+
+def apply_token_bans(
+    logits: torch.Tensor, specs: list[SamplingSpec], outputs: list[torch.Tensor]
+) -> torch.Tensor:
+    """vLLM's allowed_token_ids and bad_words: each row's logits outside its allowed ids, and
+    the last token of each bad word whose other tokens end the row's output (`outputs[i]`, its
+    generated tokens; a one-token word always), set to -inf in a new tensor."""
+    vocab = logits.shape[-1]
+    keep = torch.ones_like(logits, dtype=torch.bool, device="cpu")  # (batch, vocab)
+    for i, spec in enumerate(specs):
+        if spec.allowed_ids:
+            if spec.allowed_ids[-1] >= vocab:
+                raise ValueError(
+                    f"allowed_token_ids names token {spec.allowed_ids[-1]}, past the {vocab} logits"
+                )
+            keep[i] = False
+            keep[i, spec.allowed_ids] = True
+        if not spec.bad_words:
+            continue
+        tail = outputs[i][-max(len(w) for w in spec.bad_words) :].tolist()
+        for word in spec.bad_words:
+            last, before = word[-1], word[:-1]
+            if last < vocab and (not before or tail[len(tail) - len(before) :] == before):
+                keep[i, last] = False
+    return logits.masked_fill(~keep.to(logits.device), _NEG_INF)
 
 
 def verify_draft(
@@ -343,7 +382,7 @@ def samples_on_device(specs: list[SamplingSpec]) -> bool:
     """Every row's token and log-probability can be picked without a host read: no history
     (penalties), no top-k list and no logit bias; greedy or any temperature / top-k / top-p /
     min-p."""
-    return all(s.logprobs <= 0 and not s.needs_history and not s.bias_ids for s in specs)
+    return all(s.logprobs <= 0 and not s.needs_history and not s.adjusts_logits for s in specs)
 
 
 def _check_lengths(
@@ -380,7 +419,7 @@ def plain_greedy(specs: list[SamplingSpec]) -> bool:
     """Every row greedy, with no top-k list, no penalty and no logit bias: its token and
     log-probability are the argmax and the logit minus the row's log-sum-exp, nothing else."""
     return all(
-        s.temperature == 0.0 and s.logprobs <= 0 and not s.needs_history and not s.bias_ids
+        s.temperature == 0.0 and s.logprobs <= 0 and not s.needs_history and not s.adjusts_logits
         for s in specs
     )
 

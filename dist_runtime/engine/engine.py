@@ -458,6 +458,12 @@ class Engine:
             raise ValueError(
                 f"prompt {index}: logit_bias names token ids outside [0, {vocab}): {outside[:5]}"
             )
+        outside = [t for t in params.allowed_token_ids or () if t >= vocab]
+        if outside:
+            raise ValueError(
+                f"prompt {index}: allowed_token_ids names token ids outside [0, {vocab}): "
+                f"{outside[:5]}"
+            )
         if params.guided and self.tokenizer is None:
             raise ValueError(
                 f"prompt {index}: guided JSON output needs a tokenizer, and {self.config.model} "
@@ -471,6 +477,10 @@ class Engine:
             seq.guide = self._json_guide(params)
         if params.min_tokens:
             seq.min_tokens_mask = self._min_tokens_mask(params, index)
+        if params.bad_words:
+            seq.bad_word_ids = self._bad_word_ids(params, index)
+        if params.allowed_token_ids is not None or params.bad_words:
+            self._check_some_token(params, seq.bad_word_ids, index)
         base = self.model_config.rope_base(len(ids))
         if base != self.model_config.rope_theta:
             seq.rope_base = base
@@ -643,6 +653,57 @@ class Engine:
                 packed[t // 8] &= ~(1 << (t % 8)) & 0xFF  # least significant bit first
             mask = self._min_tokens_masks[key] = bytes(packed)
         return mask
+
+    def _bad_word_ids(self, params: SamplingParams, index: int) -> list[list[int]]:
+        """params.bad_words as token sequences: each word without its leading spaces, and with
+        one leading space (the word inside a sentence) unless that is the same tokens with a
+        space token before them. vLLM keeps the spaced form only when it has as many tokens,
+        which lets " exaggerated" through when it is one token and "exaggerated" three (vLLM
+        issue 32557); here it is held back too."""
+        if self.tokenizer is None:
+            raise ValueError(
+                f"prompt {index}: bad_words need a tokenizer, and {self.config.model} has none; "
+                "use logit_bias or allowed_token_ids"
+            )
+        vocab = self.model_config.vocab_size
+        words: list[list[int]] = []
+        for word in params.bad_words:
+            bare = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            for ids in (bare, spaced):
+                if any(t >= vocab for t in ids):
+                    raise ValueError(
+                        f"prompt {index}: bad word {word!r} tokenizes to ids past the model's "
+                        f"{vocab} logits: {ids}"
+                    )
+            if bare:
+                words.append(bare)
+            if spaced and spaced[-len(bare) :] != bare:
+                words.append(spaced)
+        return words
+
+    def _check_some_token(
+        self, params: SamplingParams, bad_words: list[list[int]], index: int
+    ) -> None:
+        """Refuse allowed_token_ids and bad_words that could leave a step no token to pick:
+        every allowed id is a one-token bad word, EOS or a stop id held back by min_tokens, or
+        the last token of a longer bad word."""
+        held: set[int] = set()
+        if params.min_tokens:
+            held = set(params.stop_token_ids)
+            if not params.ignore_eos:
+                held |= self.outputs.eos_token_ids
+        vocab = self.model_config.vocab_size
+        if params.allowed_token_ids is None and len(bad_words) + len(held) < vocab:
+            return  # fewer ids held back than the vocabulary has
+        allowed = set(params.allowed_token_ids or range(vocab))
+        left = allowed - {w[0] for w in bad_words if len(w) == 1} - held
+        if not left - {w[-1] for w in bad_words if len(w) > 1}:
+            raise ValueError(
+                f"prompt {index}: allowed_token_ids {sorted(allowed)[:8]} leave no token to "
+                "pick once bad_words (and min_tokens' EOS and stop ids) are held back; allow "
+                "more tokens or name fewer bad words"
+            )
 
     def _json_guide(self, params: SamplingParams) -> JsonGuide:
         """A guided request's grammar state; the vocabulary's byte tries are built on the first

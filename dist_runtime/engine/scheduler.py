@@ -146,6 +146,8 @@ class Sequence:
     loading: bool = False
     """Admitted while more of its prefix waits in the host or disk tier than one step reads:
     it runs no chunk until the rest is read (`Scheduler._go_on_loading`)."""
+    bad_word_ids: list[list[int]] = field(default_factory=list)
+    """params.bad_words as token sequences (`Engine._bad_word_ids`)."""
     min_tokens_mask: bytes | None = None
     """With min_tokens: the allowed-token mask of its samples before it (EOS and stop ids
     out); None when there is nothing to hold back."""
@@ -199,6 +201,8 @@ class Sequence:
             logprobs=-1 if p.logprobs is None else p.logprobs,
             bias_ids=[t for t, _ in p.logit_bias],
             bias_values=[b for _, b in p.logit_bias],
+            allowed_ids=list(p.allowed_token_ids or ()),
+            bad_words=self.bad_word_ids,
         )
 
 
@@ -693,7 +697,7 @@ class Scheduler:
                     rope_base=seq.rope_base if seq.is_reset else 0.0,
                     adapter=seq.adapter if seq.is_reset else 0,
                     cached_token_ids=seq.token_slice(0, start)
-                    if seq.is_reset and start and _needs_history(seq.params)
+                    if seq.is_reset and start and _needs_history(seq)
                     else [],
                     prompt_logprobs=(seq.params.prompt_logprobs or 0) if rows else -1,
                     prompt_logprob_rows=rows,
@@ -741,8 +745,9 @@ class Scheduler:
         guess that no sequence stops at it: each of its sequences computes the token it is
         sampling now (`LAST_SAMPLED`, filled in on the worker). None when the step cannot be
         planned ahead: a request waits or prefills, a sequence needs a penalty (its token history
-        on the worker), top-k log-probabilities, prompt log-probabilities, a logit bias or guided
-        output (its mask follows its last token), or a block is missing. Greedy and sampling
+        on the worker), top-k log-probabilities, prompt log-probabilities, a logit bias, allowed
+        ids, bad words or guided output (its mask follows its last token), or a block is
+        missing. Greedy and sampling
         sequences alike go ahead: a draw is seeded by (seed, position), so it is the same token
         either way. A sequence that certainly stops at
         `inflight` (its length limit) is left out; one that stops by EOS or a stop string runs
@@ -765,8 +770,10 @@ class Scheduler:
                 or p.logprobs
                 or p.guided
                 or p.logit_bias
+                or p.allowed_token_ids
+                or seq.bad_word_ids
                 or seq.holds_stops(ahead=1)
-                or _needs_history(p)
+                or _needs_history(seq)
                 or seq.needs_prompt_logprobs
             ):
                 return None
@@ -909,6 +916,13 @@ def _allowed(seq: Sequence) -> bytes | None:
     return seq.min_tokens_mask if seq.holds_stops() else None
 
 
-def _needs_history(p: SamplingParams) -> bool:
-    """Whether the workers' sampler reads the sequence's earlier tokens."""
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+def _needs_history(seq: Sequence) -> bool:
+    """Whether the workers' sampler reads the sequence's earlier tokens (penalties, or a bad
+    word of more than one token)."""
+    p = seq.params
+    return (
+        p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+        or any(len(w) > 1 for w in seq.bad_word_ids)
+    )

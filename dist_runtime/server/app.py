@@ -430,6 +430,10 @@ class _Server:
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 logit_bias=req.logit_bias or (),
+                allowed_token_ids=None
+                if req.allowed_token_ids is None
+                else tuple(req.allowed_token_ids),
+                bad_words=tuple(req.bad_words or ()),
                 priority=priority,
                 prediction=self.prediction_ids(req),
                 adapter=self.adapter(req.model),
@@ -1330,6 +1334,9 @@ async def _stream(
 _ERROR_PARAMS = (
     ("json_schema", "response_format"),
     ("logit_bias", "logit_bias"),
+    ("allowed_token_ids", "allowed_token_ids"),
+    ("bad_words", "bad_words"),
+    ("bad word", "bad_words"),
     ("guided_choice", "guided_choice"),
     ("guided_regex", "guided_regex"),
     ("guided_grammar", "guided_grammar"),

@@ -202,6 +202,10 @@ class SamplingFields(_Request):
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
     """OpenAI's: token id (as a string key) -> bias in [-100, 100]."""
+    allowed_token_ids: list[int] | None = None
+    """vLLM's extra: every token is drawn from these ids only."""
+    bad_words: list[str] | None = None
+    """vLLM's extra: words the answer does not write (`SamplingParams.bad_words`)."""
     guided_choice: list[str] | None = None
     """vLLM's extra: the answer is exactly one of these strings."""
     guided_regex: str | None = None
@@ -243,8 +247,6 @@ class SamplingFields(_Request):
                     "best_of": lambda v: v is None or v == 1 or v == data.get("n"),
                     "guided_whitespace_pattern": _empty,
                     # vLLM's other options that would change the answer
-                    "allowed_token_ids": _empty,
-                    "bad_words": _empty,
                     "spaces_between_special_tokens": lambda v: v in (None, True),
                     "return_tokens_as_token_ids": _off,
                     "logits_processors": _empty,
@@ -272,6 +274,8 @@ class SamplingFields(_Request):
             "stop_token_ids": self.stop_token_ids,
             "min_tokens": self.min_tokens,
             "logit_bias": self.logit_bias,
+            "allowed_token_ids": self.allowed_token_ids is not None,
+            "bad_words": self.bad_words,
             "prompt_logprobs": self.prompt_logprobs is not None,
             "prediction": self.prediction,
             "top_k": self.top_k,

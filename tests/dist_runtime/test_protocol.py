@@ -30,6 +30,10 @@ SPEC = SamplingSpec(
     repetition_penalty=1.1,
     seed=2**62,
     logprobs=-1,
+    bias_ids=[5],
+    bias_values=[-2.5],
+    allowed_ids=[1, 7, 511],
+    bad_words=[[4], [9, 12, 3]],
 )
 PLAN = StepPlan(
     step_id=7,

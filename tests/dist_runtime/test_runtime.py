@@ -214,6 +214,91 @@ def test_min_tokens_holds_back_eos_stop_ids_and_stop_strings(rt: Runtime) -> Non
         _greedy(min_tokens=2, json_object=True)
 
 
+def test_allowed_token_ids_equal_a_bias_on_them(rt: Runtime) -> None:
+    """vLLM's allowed_token_ids: greedy picks the best allowed token at each step, what a +100
+    bias on those tokens alone picks too; sampled tokens stay among them."""
+    prompt = _prompt(8, seed=5)
+    (full,) = rt.generate([prompt], _greedy(max_new_tokens=12, ignore_eos=True))
+    allowed = sorted(set(full.token_ids[2:6]) | {7, 300, 301})
+    assert full.token_ids[0] not in allowed  # the answer must change
+    only = _greedy(max_new_tokens=12, ignore_eos=True, allowed_token_ids=allowed, logprobs=0)
+    bias = _greedy(max_new_tokens=12, ignore_eos=True, logit_bias={t: 100.0 for t in allowed})
+    (got, want) = rt.generate([prompt, prompt], [only, bias])
+    assert got.token_ids == want.token_ids and set(got.token_ids) <= set(allowed)
+    assert got.logprobs is not None and got.logprobs[0].logprob < -1.0  # the model's own
+    sampled = SamplingParams(temperature=1.0, seed=3, max_new_tokens=12, ignore_eos=True,
+                             allowed_token_ids=allowed)  # fmt: skip
+    (out,) = rt.generate([prompt], sampled)
+    assert set(out.token_ids) <= set(allowed) and len(set(out.token_ids)) > 1
+
+
+def _bad_word(rt: Runtime, ids: list[int], n: int) -> tuple[int, str]:
+    """(i, word): the first i > 0 where `word`, the text of ids[i : i + n], is held back as
+    exactly those tokens."""
+    tok = rt.tokenizer
+    assert tok is not None
+    for i in range(1, len(ids) - n):
+        word = tok.decode(ids[i : i + n])
+        if word.strip() and ids[i : i + n] in rt.engine._bad_word_ids(
+            SamplingParams(bad_words=[word]), 0
+        ):
+            return i, word
+    raise AssertionError(f"no {n}-token word of {ids} tokenizes back to its tokens")
+
+
+def _holds(ids: list[int], word: list[int]) -> bool:
+    return any(ids[i : i + len(word)] == word for i in range(len(ids)))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_bad_words_turn_the_answer_where_they_would_start(rt: Runtime, n: int) -> None:
+    """vLLM's bad_words: the answer is greedy's up to the word's last token, which another
+    takes; no form of the word appears in the answer."""
+    (full,) = rt.generate([TEXT], _greedy(max_new_tokens=24, ignore_eos=True))
+    i, word = _bad_word(rt, full.token_ids, n)
+    (out,) = rt.generate([TEXT], _greedy(max_new_tokens=24, ignore_eos=True, bad_words=[word]))
+    end = i + n - 1  # the word's last token
+    assert out.token_ids[:end] == full.token_ids[:end]
+    assert out.token_ids[end] != full.token_ids[end]
+    for form in rt.engine._bad_word_ids(SamplingParams(bad_words=[word]), 0):
+        assert not _holds(out.token_ids, form), (word, form)
+
+
+def test_a_bad_word_is_held_back_inside_a_sentence(rt: Runtime) -> None:
+    """A word is held back after a space too, also where the spaced form is fewer tokens (vLLM
+    keeps it only at an equal count): " tea" is one token of this tokenizer, "tea" two."""
+    tok = rt.tokenizer
+    assert tok is not None
+    bare, spaced = (tok.encode(w, add_special_tokens=False) for w in ("tea", " tea"))
+    assert len(bare) == 2 and len(spaced) == 1
+    forms = rt.engine._bad_word_ids(SamplingParams(bad_words=["  tea"]), 0)
+    assert forms == [bare, spaced]
+    only = _greedy(max_new_tokens=4, ignore_eos=True, allowed_token_ids=[*bare, *spaced, 9])
+    (free,) = rt.generate([TEXT], only)
+    assert spaced[0] in free.token_ids  # the model says " tea" when it may
+    (held,) = rt.generate([TEXT], dataclasses.replace(only, bad_words=("tea",)))
+    assert spaced[0] not in held.token_ids and not _holds(held.token_ids, bare)
+
+
+def test_bans_that_could_leave_no_token_are_refused(rt: Runtime) -> None:
+    tok = rt.tokenizer
+    assert tok is not None
+    eos = tok.eos_token_ids[0]
+    (word,) = tok.encode(" tea", add_special_tokens=False)
+    cases: list[tuple[dict[str, Any], str]] = [
+        (dict(allowed_token_ids=[VOCAB + 3]), "allowed_token_ids names token ids outside"),
+        (dict(allowed_token_ids=[word], bad_words=["tea"]), "leave no token to pick"),
+        (dict(allowed_token_ids=[eos], min_tokens=1), "leave no token to pick"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            rt.generate([TEXT], _greedy(max_new_tokens=4, **kwargs))
+    with pytest.raises(ValueError, match="allowed_token_ids must name at least one"):
+        SamplingParams(allowed_token_ids=[])
+    with pytest.raises(ValueError, match="bad_words must be a list of words"):
+        SamplingParams(bad_words=["ok", "  "])
+
+
 def test_max_new_tokens_finishes_with_length(rt: Runtime) -> None:
     outs = rt.generate([[7], TEXT], _greedy(max_new_tokens=7, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [7, 7]

@@ -37,6 +37,11 @@ from dist_runtime.sampling_params import SamplingParams
         ("priority", 1.5),
         ("priority", "high"),
         ("priority", 2**31),
+        ("allowed_token_ids", []),
+        ("allowed_token_ids", [3, -1]),
+        ("allowed_token_ids", 5),
+        ("bad_words", [""]),
+        ("bad_words", [3]),
     ],
 )
 def test_invalid_value_names_the_field(field: str, value: Any) -> None:
@@ -87,3 +92,12 @@ def test_frozen() -> None:
     params = SamplingParams()
     with pytest.raises(AttributeError):
         params.temperature = 0.5  # type: ignore[misc]
+
+
+def test_allowed_ids_and_bad_words_are_stored_as_tuples_and_survive_the_job_store() -> None:
+    from dist_runtime.jobs.store import params_from_json, params_to_json
+
+    params = SamplingParams(allowed_token_ids=[9, 2, 9], bad_words="tea")
+    assert params.allowed_token_ids == (2, 9) and params.bad_words == ("tea",)
+    assert hash(params) == hash(SamplingParams(allowed_token_ids=(2, 9), bad_words=("tea",)))
+    assert params_from_json(params_to_json(params)) == params

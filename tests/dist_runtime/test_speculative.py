@@ -266,6 +266,52 @@ def test_penalties_with_drafts(tiny_llama_dir: Path, path: str, monkeypatch: Any
     assert stats["num_draft_tokens"] > stats["num_accepted_tokens"]
 
 
+def test_allowed_ids_and_bad_words_with_drafts(tiny_llama_dir: Path) -> None:
+    """allowed_token_ids and bad_words hold each draft row to what plain decoding may pick
+    there (a bad word's last token is held back on the row after its start, in the draft or
+    not): answers equal plain decoding's."""
+    prompts = _prompts()
+    plain, _ = _run(tiny_llama_dir, prompts, [_greedy()] * 4, k=0)
+    with Runtime(model=str(tiny_llama_dir), **KW) as rt:
+        found = _repeated_word(rt, [p + o.token_ids for p, o in zip(prompts, plain)], prompts)
+    assert found is not None, "no two tokens the answers repeat are a word"
+    at, pair, word = found
+    prompts = [prompts[at], prompts[at], prompts[1 - at % 2], prompts[at]]
+    params = [
+        _greedy(bad_words=[word]),
+        _greedy(allowed_token_ids=sorted(set(plain[at].token_ids))),
+        _greedy(allowed_token_ids=sorted(set(plain[1 - at % 2].token_ids[:30]))),
+        _greedy(allowed_token_ids=sorted(set(plain[at].token_ids)), bad_words=[word]),
+    ]
+    want, _ = _run(tiny_llama_dir, prompts, params, k=0)
+    got, stats = _run(tiny_llama_dir, prompts, params, k=4)
+    _assert_same(got, want)
+    assert stats["num_accepted_tokens"] > 0
+    for out in (want[0], want[3]):
+        assert not _count(out.token_ids, pair)
+
+
+def _repeated_word(
+    rt: Runtime, texts: list[list[int]], prompts: list[list[int]]
+) -> tuple[int, list[int], str] | None:
+    """(k, pair, word): two tokens that answer k writes twice (drafts offer them the second
+    time) and that are a word tokenized back to them."""
+    assert rt.tokenizer is not None
+    for k, (ids, prompt) in enumerate(zip(texts, prompts)):
+        for i in range(len(prompt) + 1, len(ids) - 2):
+            pair = ids[i : i + 2]
+            word = rt.tokenizer.decode(pair)
+            if _count(ids, pair) > 1 and pair in rt.engine._bad_word_ids(
+                SamplingParams(bad_words=[word]), 0
+            ):
+                return k, pair, word
+    return None
+
+
+def _count(ids: list[int], part: list[int]) -> int:
+    return sum(ids[i : i + len(part)] == part for i in range(len(ids)))
+
+
 REPEATED_SCHEMA = {
     "type": "array",
     "items": {

@@ -622,3 +622,16 @@ def test_continuation_finds_the_suffix_in_another_corpus() -> None:
     assert continuation(corpus, arr(1, 2, 9), k=3, n_max=4, n_min=2) == []
     assert continuation(corpus, arr(1, 2, 9), k=3, n_max=4, n_min=1) == [6, 7, 3]
     assert continuation(corpus, arr(4), k=3, n_max=4, n_min=1) == []
+
+
+def test_verify_greedy_bad_words_follow_each_rows_history() -> None:
+    """A bad word [2, 4] holds 4 back only at the row after the draft's 2: the draft [2, 4, 1]
+    loses its 4 there, and the row's next best token comes instead."""
+    logits = greedy_logits()
+    banned = spec(bad_words=[[2, 4]], num_prompt_tokens=1)
+    history = torch.tensor([0, 2, 4, 1])  # the prompt [0], then the draft
+    out = verify_draft(logits, [2, 4, 1], banned, torch.Generator(), [0] * 4, 1, None, history, 1)
+    runner_up = int(logits[1].topk(2).indices[1])
+    assert ids(out) == [2, runner_up]
+    plain = verify_draft(logits, [2, 4, 1], spec(), torch.Generator(), [0] * 4, 1)
+    assert ids(plain) == [2, 4, 1, 5]

@@ -525,3 +525,62 @@ def test_logit_bias_past_the_logits_is_named() -> None:
             torch.zeros(1, 12), [spec(bias_ids=[40], bias_values=[1.0])], [EMPTY],
             generators([0]), [0],
         )  # fmt: skip
+
+
+# -- allowed token ids and bad words (vLLM's) -----------------------------------------------------
+
+
+def test_allowed_ids_hold_greedy_and_sampled_rows_and_keep_raw_logprobs() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(3, 30)
+    specs = [
+        spec(temperature=0.0, allowed_ids=[4, 11, 29]),
+        spec(allowed_ids=[0, 7]),
+        spec(temperature=0.0),  # a row without any: the plain argmax beside them
+    ]
+    raw = torch.log_softmax(logits, dim=-1)
+    seen: set[int] = set()
+    for seed in range(40):
+        out = Sampler().sample(logits, specs, [EMPTY] * 3, generators([seed] * 3), [0, 1, 2])
+        assert out[0].token_id == max([4, 11, 29], key=lambda i: logits[0, i].item())
+        assert out[1].token_id in (0, 7) and out[2].token_id == int(logits[2].argmax())
+        seen.add(out[1].token_id)
+        for row, t in enumerate(out):
+            assert t.logprob == pytest.approx(raw[row, t.token_id].item(), abs=1e-5)
+    assert seen == {0, 7}  # both drawn: a mask, not a pick
+
+
+def test_bad_words_ban_one_token_words_always_and_longer_ones_after_their_start() -> None:
+    logits = torch.zeros(1, 10)
+    logits[0, 5] = 3.0  # the argmax
+    logits[0, 6] = 2.0  # the runner-up
+    banned = spec(temperature=0.0, bad_words=[[5]], num_prompt_tokens=2)
+    history = torch.tensor([5, 5, 1, 2])  # prompt [5, 5], output [1, 2]
+    assert sample_ids(logits, [banned], generators([0]), [history]) == [6]
+    phrase = spec(temperature=0.0, bad_words=[[1, 2, 5]], num_prompt_tokens=2)
+    assert sample_ids(logits, [phrase], generators([0]), [history]) == [6]  # output ends 1, 2
+    other = torch.tensor([5, 5, 2, 1])
+    assert sample_ids(logits, [phrase], generators([0]), [other]) == [5]
+    # only the output counts: the prompt's [1, 2] does not start the word
+    in_prompt = spec(temperature=0.0, bad_words=[[1, 2, 5]], num_prompt_tokens=4)
+    assert sample_ids(logits, [in_prompt], generators([0]), [history]) == [5]
+    # the output shorter than the word's start: nothing held back
+    short = spec(temperature=0.0, bad_words=[[9, 1, 2, 5]], num_prompt_tokens=2)
+    assert sample_ids(logits, [short], generators([0]), [history]) == [5]
+
+
+def test_bans_turn_the_fast_paths_off() -> None:
+    from workers.sampler import plain_greedy, samples_on_device
+
+    for s in (spec(temperature=0.0, allowed_ids=[1]), spec(temperature=0.0, bad_words=[[1]])):
+        assert not plain_greedy([s]) and not samples_on_device([s])
+    assert spec(bad_words=[[1, 2]]).needs_history and not spec(bad_words=[[1]]).needs_history
+
+
+def test_bans_that_leave_no_token_are_named() -> None:
+    logits = torch.zeros(1, 4)
+    banned = spec(allowed_ids=[2], bad_words=[[2]])
+    with pytest.raises(ValueError, match="no token is left to sample"):
+        Sampler().sample(logits, [banned], [EMPTY], generators([0]), [0])
+    with pytest.raises(ValueError, match="allowed_token_ids names token 9, past the 4 logits"):
+        Sampler().sample(logits, [spec(allowed_ids=[9])], [EMPTY], generators([0]), [0])
