@@ -1046,6 +1046,38 @@ def test_allowed_token_ids_and_bad_words(client: Any, tokenizer: Any) -> None:
     assert held.usage.completion_tokens == 8
 
 
+def test_return_tokens_as_token_ids(client: Any, tokenizer: Any) -> None:
+    """vLLM's return_tokens_as_token_ids: logprobs name tokens as `token_id:N`, on the
+    completion route (tokens, top_logprobs keys, streamed too) and the chat route (token, with
+    `bytes` still the token's own)."""
+    ask = dict(model=None, prompt="The tide", max_tokens=5, temperature=0, logprobs=2)
+    named = client.completions.create(**ask)
+    out = client.completions.create(**ask, extra_body={"return_tokens_as_token_ids": True})
+    assert out.choices[0].text == named.choices[0].text
+    lp = out.choices[0].logprobs
+    ids = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    assert all(t.startswith("token_id:") for t in lp.tokens)
+    assert tokenizer.decode(ids) == out.choices[0].text
+    assert lp.token_logprobs == pytest.approx(named.choices[0].logprobs.token_logprobs)
+    for top, want in zip(lp.top_logprobs, named.choices[0].logprobs.top_logprobs):
+        assert sorted(top.values()) == pytest.approx(sorted(want.values()))
+        assert all(k.startswith("token_id:") for k in top)
+    stream = client.completions.create(
+        **ask, stream=True, extra_body={"return_tokens_as_token_ids": True}
+    )
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.tokens]  # fmt: skip
+    assert streamed == lp.tokens
+    chat = client.chat.completions.create(
+        model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=2, extra_body={"return_tokens_as_token_ids": True},
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    ids = [int(e.token.removeprefix("token_id:")) for e in content]
+    assert [bytes(e.bytes) for e in content] == [tokenizer.token_bytes(t) for t in ids]
+    assert all(t.token.startswith("token_id:") for e in content for t in e.top_logprobs)
+
+
 def test_vllm_guided_choice_and_guided_json(client: Any) -> None:
     out = client.completions.create(
         model=None, prompt="Sentiment:", max_tokens=8, n=4, seed=1,
@@ -1394,7 +1426,7 @@ def test_vllm_prompt_and_cache_options(client: Any) -> None:
 
     first = cached("alice")
     assert cached("bob") == 0 and cached("alice") > first  # alice's blocks, not bob's
-    for field, value in (("length_penalty", 2.0), ("return_tokens_as_token_ids", True),
+    for field, value in (("length_penalty", 2.0), ("logits_processors", ["f"]),
                          ("spaces_between_special_tokens", False)):  # fmt: skip
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(prompt="x", **ask, extra_body={field: value})

@@ -585,13 +585,18 @@ class _Server:
         """A token as logprobs show it: see `token_string`."""
         return token_string(self.token_bytes(token_id))
 
-    def logprob_entries(self, entries: list[TokenLogprobs] | None) -> list[dict[str, Any]]:
+    def logprob_entries(
+        self, entries: list[TokenLogprobs] | None, as_ids: bool = False
+    ) -> list[dict[str, Any]]:
         """OpenAI's logprobs entries (chat's `logprobs.content`, a Responses output_text's
-        `logprobs`): token, logprob, bytes and top_logprobs of each token."""
+        `logprobs`): token, logprob, bytes and top_logprobs of each token; with `as_ids` each
+        `token` is `token_id:N` (vLLM's return_tokens_as_token_ids), `bytes` still the raw
+        ones."""
 
         def one(token_id: int, lp: float) -> dict[str, Any]:
             raw = self.token_bytes(token_id)
-            return {"token": token_string(raw), "logprob": lp, "bytes": list(raw)}
+            token = f"token_id:{token_id}" if as_ids else token_string(raw)
+            return {"token": token, "logprob": lp, "bytes": list(raw)}
 
         content = []
         for e in entries or []:
@@ -823,7 +828,11 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             message: dict[str, Any] = {"role": "assistant", "content": answer}
             if server.reasoning:
                 message["reasoning_content"] = thought
-            scored = _chat_logprobs(server, beam.logprobs) if logprobs is not None else None
+            scored = (
+                _chat_logprobs(server, beam.logprobs, req.return_tokens_as_token_ids)
+                if logprobs is not None
+                else None
+            )
             choices.append({"index": k, "message": message, "logprobs": scored,
                             "finish_reason": beam.finish_reason, "stop_reason": None})  # fmt: skip
         return {
@@ -878,7 +887,11 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     said["tool_calls"] = pieces
                 if not text and not said and finish is None and scored is None:
                     return None
-                logprobs = _chat_logprobs(server, delta.logprobs) if delta.logprobs else None
+                logprobs = (
+                    _chat_logprobs(server, delta.logprobs, req.return_tokens_as_token_ids)
+                    if delta.logprobs
+                    else None
+                )
                 if text:
                     said["content"] = text
                 choice: dict[str, Any] = {
@@ -931,7 +944,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 {
                     "index": i,
                     "message": message,
-                    "logprobs": _chat_logprobs(server, o.logprobs) if req.logprobs else None,
+                    "logprobs": _chat_logprobs(server, o.logprobs, req.return_tokens_as_token_ids)
+                    if req.logprobs
+                    else None,
                     "finish_reason": "tool_calls" if calls else o.finish_reason,
                     "stop_reason": client_stop(o.stop_reason, req.stop),
                 }
@@ -1047,7 +1062,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 {
                     "index": k,
                     "text": b.text,
-                    "logprobs": _completion_logprobs(server, b.logprobs, 0, None, req.logprobs)
+                    "logprobs": _completion_logprobs(
+                        server, b.logprobs, 0, None, req.logprobs, req.return_tokens_as_token_ids
+                    )
                     if req.logprobs is not None
                     else None,
                     "finish_reason": b.finish_reason,
@@ -1110,7 +1127,14 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 start = sent[k] + len(text) - len(delta.text)
                 prompt = echoed(k, delta.prompt_logprobs) if first else None
                 logprobs = (
-                    _completion_logprobs(server, delta.logprobs, start, prompt, req.logprobs)
+                    _completion_logprobs(
+                        server,
+                        delta.logprobs,
+                        start,
+                        prompt,
+                        req.logprobs,
+                        req.return_tokens_as_token_ids,
+                    )
                     if delta.logprobs or prompt is not None
                     else None
                 )
@@ -1151,6 +1175,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     len(echo[k // req.n]),
                     echoed(k, o.prompt_logprobs),
                     req.logprobs,
+                    req.return_tokens_as_token_ids,
                 )
                 if req.logprobs is not None
                 else None,
@@ -1197,8 +1222,10 @@ def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:
     return out
 
 
-def _chat_logprobs(server: _Server, entries: list[TokenLogprobs] | None) -> dict[str, Any]:
-    return {"content": server.logprob_entries(entries)}
+def _chat_logprobs(
+    server: _Server, entries: list[TokenLogprobs] | None, as_ids: bool = False
+) -> dict[str, Any]:
+    return {"content": server.logprob_entries(entries, as_ids)}
 
 
 @dataclass(frozen=True)
@@ -1216,13 +1243,15 @@ def _completion_logprobs(
     start: int,
     prompt: _EchoedPrompt | None = None,
     top: int | None = None,
+    as_ids: bool = False,
 ) -> dict[str, Any]:
     """The legacy logprobs object; `text_offset` counts characters of the choice's whole text,
     the first token starting at `start` (after the echoed prompt or the text streamed so far).
     A token that continues a character split over tokens starts at that character. With
     `prompt`, its tokens come first (from offset 0; the first has null logprobs, as in OpenAI's
     API), and a special token the echoed text leaves out (a BOS added by the tokenizer) takes
-    no characters. `top` caps each top_logprobs map."""
+    no characters. `top` caps each top_logprobs map. With `as_ids` tokens (and top_logprobs'
+    keys) are `token_id:N` (vLLM's return_tokens_as_token_ids)."""
     tokens: list[str] = []
     token_lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
@@ -1237,10 +1266,11 @@ def _completion_logprobs(
                 piece = ""
             offsets.append(pos)
             pos += len(piece)
-            tokens.append(token_string(raw))
+            tokens.append(f"token_id:{token_id}" if as_ids else token_string(raw))
             token_lps.append(None if e is None else e.logprob)
             items = [] if e is None else list(e.top.items())[:top]
-            tops.append(None if e is None else {server.token_text(t): lp for t, lp in items})
+            name = (lambda t: f"token_id:{t}") if as_ids else server.token_text
+            tops.append(None if e is None else {name(t): lp for t, lp in items})
 
     if prompt is not None:
         add(prompt.token_ids, prompt.entries, 0, prompt.text)

@@ -202,6 +202,8 @@ class SamplingFields(_Request):
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
     """OpenAI's: token id (as a string key) -> bias in [-100, 100]."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's extra: logprobs name tokens as `token_id:N` (`bytes` stay the token's own)."""
     allowed_token_ids: list[int] | None = None
     """vLLM's extra: every token is drawn from these ids only."""
     bad_words: list[str] | None = None
@@ -248,7 +250,6 @@ class SamplingFields(_Request):
                     "guided_whitespace_pattern": _empty,
                     # vLLM's other options that would change the answer
                     "spaces_between_special_tokens": lambda v: v in (None, True),
-                    "return_tokens_as_token_ids": _off,
                     "logits_processors": _empty,
                 },
             )
