@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: off)",
     )
     g.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="render a chat request's own chat_template (vLLM's field): it runs in jinja2's "
+        "sandbox, but its loops can keep a CPU busy, so trust your callers (default: off, a 400)",
+    )
+    g.add_argument(
         "--enable-cache-reset",
         action="store_true",
         help="serve POST /reset_prefix_cache (vLLM's), which makes the runtime forget its prefix "
@@ -310,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             reasoning_parser=args.reasoning_parser,
             enable_lora_loading=args.enable_lora_loading,
             enable_cache_reset=args.enable_cache_reset,
+            trust_request_chat_template=args.trust_request_chat_template,
         )
         try:
             app = create_app(rt, settings)

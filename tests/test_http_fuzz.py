@@ -57,6 +57,8 @@ PLAUSIBLE: dict[str, list[Any]] = {
     ],
     "logit_bias": [{"5": 100}, {"99999999": 1}, {"x": 1}, {"5": 1000}],
     "allowed_token_ids": [[5, 6], [], [99999999], [-1], ["x"]],
+    "chat_template": ["{{ messages }}", "{% if %}", ""],
+    "documents": [[{"title": "a", "text": "b"}], [], "x", [{"text": 3}]],
     "bad_words": [["the"], [""], ["a", " b c"], "x", [3]],
     "prompt": [[1, 2, 3], [[1, 2], [3]], ["a", "b"], [99999999], "", [], [[]]],
     "stop": [["\n"], "x", [""], ["a"] * 10],

@@ -161,6 +161,10 @@ class ServerSettings:
     enable_lora_loading: bool = False
     """Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): callers with a key
     load adapters from folders on the server's disk. Off: those routes are 403."""
+    trust_request_chat_template: bool = False
+    """Render a chat request's own `chat_template` (vLLM's field and flag). A template runs in
+    jinja2's sandbox, but it is code the caller chose: its loops can keep a CPU busy. Off:
+    such a request is a 400."""
     enable_cache_reset: bool = False
     """Serve POST /reset_prefix_cache (vLLM's route): callers with a key make the runtime forget
     its prefix cache, the disk tier's files included. Off: that route is 403."""
@@ -349,6 +353,15 @@ class _Server:
             "loading and unloading LoRA adapters",
             "--enable-lora-loading (and --max-loras)",
         )
+
+    def check_request_templates(self) -> None:
+        if not self.settings.trust_request_chat_template:
+            raise APIError(
+                400,
+                "this server renders only its own chat template; a request's chat_template "
+                "needs the server started with --trust-request-chat-template",
+                param="chat_template",
+            )
 
     def check_cache_reset(self) -> None:
         _check_on(
@@ -806,7 +819,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                            param="tools")  # fmt: skip
         ids = await asyncio.to_thread(
             chat_prompt, server, req.messages, None, False, req.continue_final_message,
-            req.chat_template_kwargs,
+            req.chat_template_kwargs, req.chat_template, req.documents,
         )  # fmt: skip
         if req.truncate_prompt_tokens is not None:
             ids = ids[-req.truncate_prompt_tokens :]
@@ -865,6 +878,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             req.n,
             req.continue_final_message,
             req.chat_template_kwargs,
+            req.chat_template,
+            req.documents,
         )
         ids, handles, splitter = run.ids, run.handles, run.splitter
 
@@ -978,6 +993,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 False,
                 False,
                 req.chat_template_kwargs,
+                req.chat_template,
+                req.documents,
             )
         else:
             tokenizer = runtime.tokenizer

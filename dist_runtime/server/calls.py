@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from dist_runtime.engine.outputs import RequestOutput
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.server.reasoning import ReasoningSplitter, opens_thinking, reasoning_tokens
 from dist_runtime.server.schemas import ChatMessage, FilePart, SamplingFields
-from dist_runtime.server.tools import CallSplitter, Function
+from dist_runtime.server.tools import INTERNLM2_CALLS, CallSplitter, Function, tool_format_for
+from dist_runtime.text.chat import ChatTemplateError, chat_template, template_variables
 from dist_runtime.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -82,6 +84,8 @@ async def start_chat(
     n: int,
     continue_final: bool = False,
     template_kwargs: dict[str, Any] | None = None,
+    template: str | None = None,
+    documents: list[dict[str, str]] | None = None,
 ) -> ChatRun:
     """Build a chat prompt in the model's tool-call format and add its `n` requests: a
     required (`mode` "required", or "named" for function `named`) call's answer is held to
@@ -97,7 +101,15 @@ async def start_chat(
             param="tool_choice",
         )
     ids = await asyncio.to_thread(
-        chat_prompt, server, messages, functions, calling, continue_final, template_kwargs
+        chat_prompt,
+        server,
+        messages,
+        functions,
+        calling,
+        continue_final,
+        template_kwargs,
+        template,
+        documents,
     )
     if sampling.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last tokens only
         ids = ids[-sampling.truncate_prompt_tokens :]
@@ -162,13 +174,49 @@ def chat_prompt(
     calling: bool,
     continue_final: bool = False,
     template_kwargs: dict[str, Any] | None = None,
+    template: str | None = None,
+    documents: list[dict[str, str]] | None = None,
 ) -> list[int]:
     """A chat request's prompt ids, in the model's tool-call format (run off the event loop:
-    a million-token document takes seconds)."""
+    a million-token document takes seconds). `template` is the request's own chat template
+    (vLLM's `chat_template`, with `--trust-request-chat-template`), `documents` the template's
+    `documents` (vLLM's, for templates that write retrieved documents)."""
     tokenizer = server.runtime.tokenizer
     if tokenizer is None:
         raise APIError(400, f"{server.runtime.config.model} has no tokenizer; chat needs one")
     fmt = server.tool_format
+    if template is not None:
+        server.check_request_templates()
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = template
+        try:
+            own = tool_format_for(tokenizer, server.settings.tool_call_format)
+        except ValueError as e:
+            raise APIError(400, str(e), param="chat_template") from e
+        if functions and (type(own), vars(own)) != (type(fmt), vars(fmt)):
+            raise APIError(
+                400,
+                f"this chat_template writes tool calls in the {own.name} format and the server "
+                f"reads them in its {fmt.name} format (--tool-call-format); leave tools or "
+                "chat_template out",
+                param="chat_template",
+            )
+        fmt = own  # the template writes the prompt (not InternLM2's ChatML)
+    if documents is not None:
+        if "documents" in (template_kwargs or {}):
+            raise APIError(
+                400,
+                "give documents or chat_template_kwargs.documents, not both",
+                param="documents",
+            )
+        if fmt is INTERNLM2_CALLS:
+            raise APIError(
+                400,
+                "documents go to a chat template, and this server writes InternLM2's ChatML "
+                "itself (its tool-call format); put the documents' text in the messages",
+                param="documents",
+            )
+        template_kwargs = {**(template_kwargs or {}), **_documents(tokenizer, documents)}
     try:
         turns = fmt.turns(
             [
@@ -185,7 +233,22 @@ def chat_prompt(
         return fmt.encode(tokenizer, turns, functions, calling, continue_final, template_kwargs)
     except (ValueError, RecursionError) as e:
         what = str(e) if isinstance(e, ValueError) else "a value nests too deeply"
-        raise APIError(400, what, param="messages") from e
+        mine = template is not None and isinstance(e, ChatTemplateError)
+        raise APIError(400, what, param="chat_template" if mine else "messages") from e
+
+
+def _documents(tokenizer: Tokenizer, documents: list[dict[str, str]]) -> dict[str, Any]:
+    """The template variables for a request's `documents`: a 400 naming `documents` when the
+    chat template would not write them (none, or one that never reads `documents`)."""
+    template = chat_template(tokenizer)
+    if template is None or "documents" not in template_variables(template):
+        raise APIError(
+            400,
+            "documents go to a chat template that writes them (reads `documents`), and this "
+            "model's does not; put the documents' text in the messages",
+            param="documents",
+        )
+    return {"documents": documents}
 
 
 async def gather(handles: list[RequestHandle], request: Request) -> list[RequestOutput]:

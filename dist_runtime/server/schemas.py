@@ -463,6 +463,12 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message)."""
     chat_template_kwargs: dict[str, Any] | None = None
     """vLLM's extra: more variables for the chat template (e.g. `enable_thinking`)."""
+    chat_template: str | None = Field(default=None, min_length=1)
+    """vLLM's extra: a Jinja chat template for this request instead of the model's (with
+    `--trust-request-chat-template`)."""
+    documents: list[dict[str, str]] | None = None
+    """vLLM's extra: documents for a chat template that writes them (its `documents`, as HF's
+    `apply_chat_template(documents=...)`), each e.g. `{"title": ..., "text": ...}`."""
 
     @model_validator(mode="after")
     def _tool_choice_fits(self) -> ChatCompletionRequest:
@@ -511,8 +517,6 @@ class ChatCompletionRequest(SamplingFields):
                     "audio": _empty,
                     # vLLM's chat options that would change the prompt or the answer
                     "echo": _off,
-                    "documents": _empty,
-                    "chat_template": _empty,
                 },
             )
             if data.get("top_logprobs") and not data.get("logprobs"):
@@ -554,6 +558,8 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(default=None, min_length=1)
+    documents: list[dict[str, str]] | None = None
     add_special_tokens: bool = True
     """For a `prompt`: add BOS as the completion route does."""
     return_token_strs: bool = False
