@@ -1431,10 +1431,6 @@ def test_vllm_prompt_and_cache_options(client: Any) -> None:
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(prompt="x", **ask, extra_body={field: value})
         assert info.value.body["param"] == field
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(messages=[{"role": "user", "content": "x"}], **ask,
-                                       extra_body={"echo": True})  # fmt: skip
-    assert info.value.body["param"] == "echo"
 
 
 def test_continue_final_message_continues_the_assistant(
@@ -1455,18 +1451,64 @@ def test_continue_final_message_continues_the_assistant(
     same = client.completions.create(model=None, prompt=ids, max_tokens=6, temperature=0)
     assert out.usage.prompt_tokens == len(ids)
     assert out.choices[0].message.content == same.choices[0].text
-    for extra, param in (
-        ({"continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
-        ({"add_generation_prompt": False}, "add_generation_prompt"),
-    ):
-        status, body = server.request("POST", "/v1/chat/completions",
-                                      {"messages": messages, "max_tokens": 1, **extra})  # fmt: skip
-        assert status == 400 and body["error"]["param"] == param, body
+    status, body = server.request(
+        "POST", "/v1/chat/completions",
+        {"messages": messages, "max_tokens": 1, "continue_final_message": True,
+         "add_generation_prompt": True},
+    )  # fmt: skip
+    assert status == 400 and body["error"]["param"] == "add_generation_prompt", body
     status, body = server.request(
         "POST", "/v1/chat/completions",
         {"messages": messages[:1], "max_tokens": 1, "continue_final_message": True},
     )  # fmt: skip
     assert status == 400 and "must be the assistant's" in body["error"]["message"], body
+
+
+def test_chat_echo_and_a_closed_last_turn(server: Server, client: Any, tokenizer: Any) -> None:
+    """vLLM's chat echo: the content starts with the assistant's last message (streamed in
+    the first chunk), not with a user's. add_generation_prompt: false alone ends the prompt
+    with the last turn closed, as HF's apply_chat_template(add_generation_prompt=False); a
+    required call then is a 400; /tokenize counts both ways as the chat route does."""
+    from dist_runtime.text.chat import encode_chat
+
+    messages = [{"role": "user", "content": "Where is the pier?"},
+                {"role": "assistant", "content": "The pier is"}]  # fmt: skip
+    ask = dict(model=None, max_tokens=6, temperature=0)
+    go_on = {"continue_final_message": True, "add_generation_prompt": False}
+    plain = client.chat.completions.create(messages=messages, **ask, extra_body=go_on)
+    echoed = client.chat.completions.create(
+        messages=messages, **ask, extra_body={**go_on, "echo": True}
+    )
+    assert echoed.choices[0].message.content == "The pier is" + plain.choices[0].message.content
+    stream = client.chat.completions.create(
+        messages=messages, **ask, stream=True, extra_body={**go_on, "echo": True}
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == (
+        echoed.choices[0].message.content
+    )
+    asked = client.chat.completions.create(messages=messages[:1], **ask, extra_body={"echo": True})
+    alone = client.chat.completions.create(messages=messages[:1], **ask)
+    assert asked.choices[0].message.content == alone.choices[0].message.content
+    closed = client.chat.completions.create(
+        messages=messages, **ask, extra_body={"add_generation_prompt": False}
+    )
+    ids = encode_chat(tokenizer, messages, add_generation_prompt=False)
+    assert closed.usage.prompt_tokens == len(ids)
+    assert not tokenizer.decode(ids, skip_special_tokens=False).endswith("assistant\n")
+    same = client.completions.create(model=None, prompt=ids, max_tokens=6, temperature=0)
+    assert closed.choices[0].message.content == same.choices[0].text
+    for extra, count in (({"add_generation_prompt": False}, len(ids)),
+                         (go_on, len(encode_chat(tokenizer, messages,
+                                                 continue_final_message=True)))):  # fmt: skip
+        status, body = server.request("POST", "/tokenize", {"messages": messages, **extra})
+        assert status == 200 and body["count"] == count, body
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    status, body = server.request(
+        "POST", "/v1/chat/completions",
+        {"messages": messages, "max_tokens": 1, "add_generation_prompt": False,
+         "tools": tools, "tool_choice": "required"},
+    )  # fmt: skip
+    assert status == 400 and body["error"]["param"] == "tool_choice", body
 
 
 def test_job_priority_needs_a_job_dir(tiny_llama_dir: Path) -> None:

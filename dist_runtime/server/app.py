@@ -67,6 +67,7 @@ from dist_runtime.server.calls import (
     gather,
     keep_alive,
     merged,
+    message_text,
     start_chat,
 )
 from dist_runtime.server.metrics import ServerMetrics
@@ -820,6 +821,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         ids = await asyncio.to_thread(
             chat_prompt, server, req.messages, None, False, req.continue_final_message,
             req.chat_template_kwargs, req.chat_template, req.documents,
+            req.add_generation_prompt is not False,
         )  # fmt: skip
         if req.truncate_prompt_tokens is not None:
             ids = ids[-req.truncate_prompt_tokens :]
@@ -838,7 +840,10 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 if server.reasoning
                 else (None, beam.text)
             )
-            message: dict[str, Any] = {"role": "assistant", "content": answer}
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": _echoed(server, req) + answer,
+            }
             if server.reasoning:
                 message["reasoning_content"] = thought
             scored = (
@@ -880,6 +885,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             req.chat_template_kwargs,
             req.chat_template,
             req.documents,
+            req.add_generation_prompt is not False,
         )
         ids, handles, splitter = run.ids, run.handles, run.splitter
 
@@ -919,7 +925,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     choice["prompt_logprobs"] = _vllm_prompt_logprobs(server, scored, ids)
                 return choice
 
-            role = {"role": "assistant", "content": ""}
+            role = {"role": "assistant", "content": _echoed(server, req)}
             body = _stream(
                 handles,
                 request,
@@ -945,10 +951,12 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         usage = _usage(len(ids), outs, req.n, thinking)
         request.state.usage = usage
         choices: list[dict[str, Any]] = []
+        echoed = _echoed(server, req)
         for i, o in enumerate(outs):
             splits = run.thoughts()
             thought, answer = (None, o.text) if splits is None else splits.split(o.text)
             content, found = splitter().feed(answer, o.finish_reason)
+            content = echoed + content if echoed else content
             calls = tool_calls_json(found)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
@@ -991,10 +999,11 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 req.messages,
                 _functions(req.tools),
                 False,
-                False,
+                req.continue_final_message,
                 req.chat_template_kwargs,
                 req.chat_template,
                 req.documents,
+                req.add_generation_prompt and not req.continue_final_message,
             )
         else:
             tokenizer = runtime.tokenizer
@@ -1237,6 +1246,15 @@ def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:
         else:
             out.append(list(p))
     return out
+
+
+def _echoed(server: _Server, req: ChatCompletionRequest) -> str:
+    """vLLM's chat `echo`: the last message's text when it is the assistant's (the answer
+    continues it), else ""."""
+    last = req.messages[-1] if req.messages else None
+    if not req.echo or last is None or last.template_role != "assistant":
+        return ""
+    return message_text(server, last, len(req.messages) - 1)
 
 
 def _chat_logprobs(

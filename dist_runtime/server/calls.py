@@ -86,6 +86,7 @@ async def start_chat(
     template_kwargs: dict[str, Any] | None = None,
     template: str | None = None,
     documents: list[dict[str, str]] | None = None,
+    generation_prompt: bool = True,
 ) -> ChatRun:
     """Build a chat prompt in the model's tool-call format and add its `n` requests: a
     required (`mode` "required", or "named" for function `named`) call's answer is held to
@@ -100,6 +101,13 @@ async def start_chat(
             "a required tool call and continuing the assistant's last message cannot combine",
             param="tool_choice",
         )
+    if calling and not generation_prompt:
+        raise APIError(
+            400,
+            "a required tool call is the assistant's answer: it needs the assistant's turn "
+            "opened (leave add_generation_prompt out)",
+            param="tool_choice",
+        )
     ids = await asyncio.to_thread(
         chat_prompt,
         server,
@@ -110,6 +118,7 @@ async def start_chat(
         template_kwargs,
         template,
         documents,
+        generation_prompt,
     )
     if sampling.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last tokens only
         ids = ids[-sampling.truncate_prompt_tokens :]
@@ -176,6 +185,7 @@ def chat_prompt(
     template_kwargs: dict[str, Any] | None = None,
     template: str | None = None,
     documents: list[dict[str, str]] | None = None,
+    generation_prompt: bool = True,
 ) -> list[int]:
     """A chat request's prompt ids, in the model's tool-call format (run off the event loop:
     a million-token document takes seconds). `template` is the request's own chat template
@@ -230,7 +240,9 @@ def chat_prompt(
             ],
             functions,
         )
-        return fmt.encode(tokenizer, turns, functions, calling, continue_final, template_kwargs)
+        return fmt.encode(
+            tokenizer, turns, functions, calling, continue_final, template_kwargs, generation_prompt
+        )
     except (ValueError, RecursionError) as e:
         what = str(e) if isinstance(e, ValueError) else "a value nests too deeply"
         mine = template is not None and isinstance(e, ChatTemplateError)

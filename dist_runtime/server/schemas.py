@@ -460,12 +460,15 @@ class ChatCompletionRequest(SamplingFields):
     it (send `add_generation_prompt: false` with it, as vLLM asks)."""
     add_generation_prompt: bool | None = None
     """vLLM's extra: open the assistant's turn after the messages (the default unless
-    continue_final_message)."""
+    continue_final_message); false alone ends the prompt with the last turn closed."""
     chat_template_kwargs: dict[str, Any] | None = None
     """vLLM's extra: more variables for the chat template (e.g. `enable_thinking`)."""
     chat_template: str | None = Field(default=None, min_length=1)
     """vLLM's extra: a Jinja chat template for this request instead of the model's (with
     `--trust-request-chat-template`)."""
+    echo: bool = False
+    """vLLM's extra: the answer's content starts with the last message's when that is the
+    assistant's (the text it continues)."""
     documents: list[dict[str, str]] | None = None
     """vLLM's extra: documents for a chat template that writes them (its `documents`, as HF's
     `apply_chat_template(documents=...)`), each e.g. `{"title": ..., "text": ...}`."""
@@ -477,11 +480,6 @@ class ChatCompletionRequest(SamplingFields):
                 "add_generation_prompt",
                 "continue_final_message continues the last message: it cannot open a new "
                 "turn too; send add_generation_prompt: false",
-            )
-        if self.add_generation_prompt is False and not self.continue_final_message:
-            raise UnsupportedFieldError(
-                "add_generation_prompt",
-                "add_generation_prompt: false is supported with continue_final_message only",
             )
         choice = self.tool_choice
         check_tool_choice(
@@ -516,7 +514,6 @@ class ChatCompletionRequest(SamplingFields):
                     "function_call": lambda v: v is None or v == "none",
                     "audio": _empty,
                     # vLLM's chat options that would change the prompt or the answer
-                    "echo": _off,
                 },
             )
             if data.get("top_logprobs") and not data.get("logprobs"):
@@ -560,6 +557,9 @@ class TokenizeRequest(_Request):
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = Field(default=None, min_length=1)
     documents: list[dict[str, str]] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    """For `messages`: as the chat route's fields."""
     add_special_tokens: bool = True
     """For a `prompt`: add BOS as the completion route does."""
     return_token_strs: bool = False

@@ -231,10 +231,13 @@ class ToolFormat:
         calling: bool,
         continue_final: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        generation_prompt: bool = True,
     ) -> list[int]:
         """The prompt's token ids; `calling`: the answer must be a call (required / named);
         `continue_final`: the answer continues the last (assistant) turn; `template_kwargs`:
-        more variables for the chat template (a format writing its own prompt has none)."""
+        more variables for the chat template (a format writing its own prompt has none);
+        `generation_prompt` false: the prompt ends with the last turn closed (HF's
+        `add_generation_prompt=False`), no assistant turn opened."""
         raise NotImplementedError
 
     def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
@@ -270,9 +273,14 @@ class JsonCalls(ToolFormat):
         calling: bool,
         continue_final: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        generation_prompt: bool = True,
     ) -> list[int]:
         return encode_chat(
-            tokenizer, turns, continue_final_message=continue_final, template_kwargs=template_kwargs
+            tokenizer,
+            turns,
+            add_generation_prompt=generation_prompt,
+            continue_final_message=continue_final,
+            template_kwargs=template_kwargs,
         )
 
     def call_schema(self, functions: list[Function], parallel: bool) -> dict[str, Any]:
@@ -326,11 +334,14 @@ class InternLM2Calls(ToolFormat):
         calling: bool,
         continue_final: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        generation_prompt: bool = True,
     ) -> list[int]:
         if continue_final:
             check_continuable(turns)
         text = internlm2_chat_prompt(
-            turns, add_generation_prompt=not continue_final, bos_token=tokenizer.bos_token
+            turns,
+            add_generation_prompt=generation_prompt and not continue_final,
+            bos_token=tokenizer.bos_token,
         )
         if continue_final:
             text = cut_after_final_message(text, turns[-1]["content"])
@@ -419,12 +430,14 @@ class TemplateCalls(ToolFormat):
         calling: bool,
         continue_final: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        generation_prompt: bool = True,
     ) -> list[int]:
         tools = [{"type": "function", "function": _entry(f)} for f in functions or []]
         suffix = TOOL_CALL_OPEN + "\n" if calling and self.tagged else ""
         return encode_chat(
             tokenizer,
             turns,
+            add_generation_prompt=generation_prompt,
             tools=tools or None,
             suffix=suffix,
             continue_final_message=continue_final,
