@@ -357,6 +357,37 @@ def test_chat_stream_equals_non_stream_and_usage(
     assert streamed == text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_continuous_usage_stats(client: Any, tokenizer: Any) -> None:
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage
+    so far, counting up to the final usage; per prompt on the completion route."""
+    usage = {"include_usage": True, "continuous_usage_stats": True}
+    chat = list(client.chat.completions.create(
+        model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
+        stream=True, stream_options=usage, extra_body={"ignore_eos": True},
+    ))  # fmt: skip
+    final = chat[-1].usage
+    assert final.completion_tokens == 6 and chat[-1].choices == []
+    counts = [c.usage.completion_tokens for c in chat[:-1]]
+    assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == 6
+    assert all(c.usage.prompt_tokens == final.prompt_tokens for c in chat)
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+               for c in chat)  # fmt: skip
+    prompts = ["The tide", "A much longer prompt about the harbour"]
+    sizes = [len(tokenizer.encode(p)) for p in prompts]
+    chunks = list(client.completions.create(
+        model=None, prompt=prompts, max_tokens=4, temperature=0, stream=True,
+        stream_options=usage, extra_body={"ignore_eos": True},
+    ))  # fmt: skip
+    last: dict[int, Any] = {}
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        assert c.usage.prompt_tokens == sizes[choice.index]
+        assert c.usage.completion_tokens >= last.get(choice.index, 0)
+        last[choice.index] = c.usage.completion_tokens
+    assert last == {0: 4, 1: 4} and chunks[-1].usage.prompt_tokens == sum(sizes)
 
 
 def test_chat_logprobs_and_n(client: Any, tiny_llama_dir: Path) -> None:

@@ -940,6 +940,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 prompt_tokens=len(ids),
                 n=req.n,
                 include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                continuous_usage=bool(req.stream_options and req.stream_options.continuous),
                 first=[
                     {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
                     for i in range(req.n)
@@ -1186,6 +1187,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 prompt_tokens=prompt_tokens,
                 n=req.n,
                 include_usage=include_usage,
+                continuous_usage=bool(req.stream_options and req.stream_options.continuous),
+                choice_prompt_tokens=[len(prompts[k // req.n]) for k in range(len(handles))],
             )
             return server.sse(body)
         outs = await gather(handles, request)
@@ -1361,9 +1364,14 @@ async def _stream(
     include_usage: bool,
     first: Sequence[dict[str, Any]] = (),
     reasoning: Callable[[RequestOutput], int] | None = None,
+    continuous_usage: bool = False,
+    choice_prompt_tokens: Sequence[int] | None = None,
 ) -> AsyncIterator[str]:
     """The SSE body of a streamed request: `first` chunks, then choice(index, delta, is_first)
-    for every delta (None skips it), the usage chunk when asked for, and [DONE]."""
+    for every delta (None skips it), the usage chunk when asked for, and [DONE]. With
+    `continuous_usage` (vLLM's continuous_usage_stats) each choice's chunk carries the usage
+    so far: its prompt's tokens (`choice_prompt_tokens[k]`, default all of them) and the
+    tokens that choice has generated."""
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
         body = {**header, "choices": choices}
@@ -1371,19 +1379,29 @@ async def _stream(
             body["usage"] = usage
         return _sse(body)
 
+    generated = [0] * len(handles)
+
+    def so_far(k: int) -> dict[str, int] | None:
+        if not continuous_usage:
+            return None
+        done = generated[k]
+        asked = prompt_tokens if choice_prompt_tokens is None else choice_prompt_tokens[k]
+        return {"prompt_tokens": asked, "completion_tokens": done, "total_tokens": asked + done}
+
     for c in first:
-        yield chunk([c])
+        yield chunk([c], so_far(c["index"]))
     started: set[int] = set()
     pending: dict[int, list[TokenLogprobs]] = {}
     """Logprobs of tokens whose text is still held back: sent with the text they make."""
     try:
         async for k, delta in merged(handles):
+            generated[k] += len(delta.token_ids)
             if k in pending:
                 delta = dataclasses.replace(delta, logprobs=pending.pop(k) + (delta.logprobs or []))
             made = choice(k, delta, k not in started)
             started.add(k)
             if made is not None:
-                yield chunk([made])
+                yield chunk([made], so_far(k))
             elif delta.logprobs:
                 pending[k] = delta.logprobs
     except Exception as e:
