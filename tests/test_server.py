@@ -360,6 +360,38 @@ def test_chat_stream_equals_non_stream_and_usage(
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_return_token_ids(server: Server, client: Any, tokenizer: Any) -> None:
+    """vLLM's return_token_ids: the prompt's ids and each choice's generated ids, the same
+    streamed (the prompt's on the first chunk, each chunk's new ids on it) as whole."""
+    chat = dict(model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                temperature=0)  # fmt: skip
+    want = {"return_token_ids": True, "ignore_eos": True}
+    out = client.chat.completions.create(**chat, extra_body=want).model_dump()
+    status, counted = server.request("POST", "/tokenize", {"messages": chat["messages"]})
+    assert status == 200 and out["prompt_token_ids"] == counted["tokens"]
+    ids = out["choices"][0]["token_ids"]
+    assert len(ids) == 6 and tokenizer.decode(ids) == out["choices"][0]["message"]["content"]
+    plain = client.chat.completions.create(**chat, extra_body={"ignore_eos": True}).model_dump()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+    chunks = [c.model_dump() for c in
+              client.chat.completions.create(**chat, stream=True, extra_body=want)]  # fmt: skip
+    assert chunks[0]["prompt_token_ids"] == counted["tokens"]
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks[1:] for t in c["choices"][0]["token_ids"]] == ids
+    prompts = ["The tide", "A harbour"]
+    done = client.completions.create(model=None, prompt=prompts, max_tokens=4, temperature=0,
+                                     extra_body=want).model_dump()  # fmt: skip
+    for choice, prompt in zip(done["choices"], prompts):
+        assert choice["prompt_token_ids"] == tokenizer.encode(prompt)
+        assert tokenizer.decode(choice["token_ids"]) == choice["text"]
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    for c in client.completions.create(model=None, prompt=prompts, max_tokens=4, temperature=0,
+                                       stream=True, extra_body=want):  # fmt: skip
+        (choice,) = c.model_dump()["choices"]
+        streamed[choice["index"]] += choice["token_ids"]
+    assert [streamed[0], streamed[1]] == [c["token_ids"] for c in done["choices"]]
+
+
 def test_continuous_usage_stats(client: Any, tokenizer: Any) -> None:
     """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage
     so far, counting up to the final usage; per prompt on the completion route."""

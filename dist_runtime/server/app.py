@@ -852,7 +852,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 else None
             )
             choices.append({"index": k, "message": message, "logprobs": scored,
-                            "finish_reason": beam.finish_reason, "stop_reason": None})  # fmt: skip
+                            "finish_reason": beam.finish_reason, "stop_reason": None,
+                            **_ids(req, token_ids=beam.token_ids)})  # fmt: skip
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -860,6 +861,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             "model": server.model_name(req.model),
             "choices": choices,
             "usage": usage,
+            **_ids(req, prompt_token_ids=ids),
         }
 
     @app.post("/v1/chat/completions")
@@ -941,6 +943,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 n=req.n,
                 include_usage=bool(req.stream_options and req.stream_options.include_usage),
                 continuous_usage=bool(req.stream_options and req.stream_options.continuous),
+                token_ids=req.return_token_ids,
+                opening=_ids(req, prompt_token_ids=ids),
                 first=[
                     {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
                     for i in range(req.n)
@@ -973,6 +977,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     else None,
                     "finish_reason": "tool_calls" if calls else o.finish_reason,
                     "stop_reason": client_stop(o.stop_reason, req.stop),
+                    **_ids(req, token_ids=o.token_ids),
                 }
             )
         if req.prompt_logprobs is not None:
@@ -986,6 +991,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             "service_tier": server.tier(req)[0],
             "choices": choices,
             "usage": usage,
+            **_ids(req, prompt_token_ids=ids),
         }
 
     @app.post("/tokenize")
@@ -1096,6 +1102,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     else None,
                     "finish_reason": b.finish_reason,
                     "stop_reason": None,
+                    **_ids(req, prompt_token_ids=prompts[k // req.n], token_ids=b.token_ids),
                 }
                 for k, b in enumerate(beams)
             ],  # fmt: skip
@@ -1172,6 +1179,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     "logprobs": logprobs,
                     "finish_reason": delta.finish_reason,
                     **(extras(k, delta.prompt_logprobs) if first else {}),
+                    **(_ids(req, prompt_token_ids=prompts[k // req.n]) if first else {}),
                 }
 
             body = _stream(
@@ -1189,6 +1197,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 include_usage=include_usage,
                 continuous_usage=bool(req.stream_options and req.stream_options.continuous),
                 choice_prompt_tokens=[len(prompts[k // req.n]) for k in range(len(handles))],
+                token_ids=req.return_token_ids,
             )
             return server.sse(body)
         outs = await gather(handles, request)
@@ -1211,6 +1220,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 "finish_reason": o.finish_reason,
                 "stop_reason": client_stop(o.stop_reason, req.stop),
                 **extras(k, o.prompt_logprobs),
+                **_ids(req, prompt_token_ids=prompts[k // req.n], token_ids=o.token_ids),
             }
             for k, o in enumerate(outs)
         ]
@@ -1249,6 +1259,11 @@ def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:
         else:
             out.append(list(p))
     return out
+
+
+def _ids(req: SamplingFields, **ids: list[int]) -> dict[str, list[int]]:
+    """vLLM's return_token_ids fields (`prompt_token_ids`, `token_ids`) when asked for."""
+    return {name: list(value) for name, value in ids.items()} if req.return_token_ids else {}
 
 
 def _echoed(server: _Server, req: ChatCompletionRequest) -> str:
@@ -1366,17 +1381,26 @@ async def _stream(
     reasoning: Callable[[RequestOutput], int] | None = None,
     continuous_usage: bool = False,
     choice_prompt_tokens: Sequence[int] | None = None,
+    token_ids: bool = False,
+    opening: dict[str, Any] | None = None,
 ) -> AsyncIterator[str]:
     """The SSE body of a streamed request: `first` chunks, then choice(index, delta, is_first)
     for every delta (None skips it), the usage chunk when asked for, and [DONE]. With
     `continuous_usage` (vLLM's continuous_usage_stats) each choice's chunk carries the usage
     so far: its prompt's tokens (`choice_prompt_tokens[k]`, default all of them) and the
-    tokens that choice has generated."""
+    tokens that choice has generated. With `token_ids` (vLLM's return_token_ids) each choice
+    carries the `token_ids` generated since its last chunk; `opening` are more fields of the
+    first chunk (the prompt's ids)."""
+    opened = False
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
+        nonlocal opened
         body = {**header, "choices": choices}
         if include_usage:
             body["usage"] = usage
+        if opening and not opened:
+            body.update(opening)
+        opened = True
         return _sse(body)
 
     generated = [0] * len(handles)
@@ -1393,6 +1417,8 @@ async def _stream(
     started: set[int] = set()
     pending: dict[int, list[TokenLogprobs]] = {}
     """Logprobs of tokens whose text is still held back: sent with the text they make."""
+    unsent: dict[int, list[int]] = {}
+    """The same for their ids (return_token_ids)."""
     try:
         async for k, delta in merged(handles):
             generated[k] += len(delta.token_ids)
@@ -1401,9 +1427,13 @@ async def _stream(
             made = choice(k, delta, k not in started)
             started.add(k)
             if made is not None:
+                if token_ids:
+                    made["token_ids"] = unsent.pop(k, []) + delta.token_ids
                 yield chunk([made], so_far(k))
-            elif delta.logprobs:
-                pending[k] = delta.logprobs
+            else:
+                if delta.logprobs:
+                    pending[k] = delta.logprobs
+                unsent[k] = unsent.get(k, []) + delta.token_ids
     except Exception as e:
         yield _sse(error_body(str(e), "server_error"))
         return

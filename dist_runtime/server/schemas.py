@@ -209,6 +209,9 @@ class SamplingFields(_Request):
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
     """OpenAI's: token id (as a string key) -> bias in [-100, 100]."""
+    return_token_ids: bool = False
+    """vLLM's extra: the answer carries its prompt's token ids and each choice's generated
+    ids (`prompt_token_ids`, `token_ids`), streamed too."""
     return_tokens_as_token_ids: bool = False
     """vLLM's extra: logprobs name tokens as `token_id:N` (`bytes` stay the token's own)."""
     allowed_token_ids: list[int] | None = None
