@@ -181,3 +181,22 @@ def test_internlm2_prompts_take_a_request_template_but_not_documents(tmp_path: P
         status, out = _post(app, "/tokenize", with_tools)
         assert status == 400 and out["error"]["param"] == "chat_template"
         assert "json format" in out["error"]["message"]
+
+
+def test_reasoning_effort_reaches_the_template(tiny_llama_dir: Path) -> None:
+    """OpenAI's reasoning_effort goes to the template as `reasoning_effort` (as vLLM passes
+    it); chat_template_kwargs' own value wins."""
+    effort = "{% for m in messages %}{{ m.content }}{% endfor %}|{{ reasoning_effort or '-' }}|"
+    with Runtime(model=str(tiny_llama_dir), session_len=256, device="cpu", dtype="float32",
+                 chat_template=effort) as rt:  # fmt: skip
+        tok = rt.tokenizer
+        assert tok is not None
+        app = create_app(rt, ServerSettings(served_model_name="m"))
+        body = {"messages": HI, "max_tokens": 1, "temperature": 0}
+        for extra, text in (({}, "Hi|-|"), ({"reasoning_effort": "low"}, "Hi|low|"),
+                            ({"reasoning_effort": "low",
+                              "chat_template_kwargs": {"reasoning_effort": "very high"}},
+                             "Hi|very high|")):  # fmt: skip
+            status, out = _post(app, "/v1/chat/completions", {**body, **extra})
+            assert status == 200 and out["usage"]["prompt_tokens"] == len(tok.encode(text))
+        assert len({len(tok.encode(t)) for t in ("Hi|-|", "Hi|low|", "Hi|very high|")}) == 3

@@ -79,6 +79,19 @@ def test_chat_returns_the_thinking_apart(app: Any) -> None:
     plain = _post(app, "/v1/chat/completions", {**ask, "guided_regex": "[A-Z][a-z]{3,6}\\."})
     assert plain["choices"][0]["message"]["reasoning_content"] is None
     assert plain["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    # vLLM's include_reasoning: false leaves the thinking out, the answer and counts alone
+    hidden = _post(app, "/v1/chat/completions", {**ask, "include_reasoning": False})
+    assert "reasoning_content" not in hidden["choices"][0]["message"]
+    assert hidden["choices"][0]["message"]["content"] == answer
+    tokens = ("completion_tokens", "completion_tokens_details")
+    assert [hidden["usage"][k] for k in tokens] == [out["usage"][k] for k in tokens]
+    streamed = asyncio.run(
+        _stream(app, "/v1/chat/completions", {**ask, "stream": True, "include_reasoning": False})
+    )
+    deltas = [json.loads(e.removeprefix("data: "))["choices"][0]["delta"]
+              for e in streamed.split("\n\n") if e.startswith("data: {")]  # fmt: skip
+    assert not any("reasoning_content" in d for d in deltas)
+    assert "".join(d.get("content") or "" for d in deltas) == answer
 
 
 def _force_thinking(monkeypatch: pytest.MonkeyPatch, request_type: Any) -> None:

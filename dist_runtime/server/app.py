@@ -820,7 +820,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                            param="tools")  # fmt: skip
         ids = await asyncio.to_thread(
             chat_prompt, server, req.messages, None, False, req.continue_final_message,
-            req.chat_template_kwargs, req.chat_template, req.documents,
+            req.template_kwargs(), req.chat_template, req.documents,
             req.add_generation_prompt is not False,
         )  # fmt: skip
         if req.truncate_prompt_tokens is not None:
@@ -844,7 +844,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 "role": "assistant",
                 "content": _echoed(server, req) + answer,
             }
-            if server.reasoning:
+            if server.reasoning and req.include_reasoning:
                 message["reasoning_content"] = thought
             scored = (
                 _chat_logprobs(server, beam.logprobs, req.return_tokens_as_token_ids)
@@ -884,7 +884,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             (req.top_logprobs or 0) if req.logprobs else None,
             req.n,
             req.continue_final_message,
-            req.chat_template_kwargs,
+            req.template_kwargs(),
             req.chat_template,
             req.documents,
             req.add_generation_prompt is not False,
@@ -905,7 +905,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     thought, text = splits.feed(text, finish is not None)
                 # content, and calls' pieces as they come (required, or auto once a call opens)
                 text, pieces, finish = splitters[i].stream(text, finish)
-                said: dict[str, Any] = {"reasoning_content": thought} if thought else {}
+                shown = thought and req.include_reasoning
+                said: dict[str, Any] = {"reasoning_content": thought} if shown else {}
                 if pieces:
                     said["tool_calls"] = pieces
                 if not text and not said and finish is None and scored is None:
@@ -966,7 +967,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
                 message = {"role": "assistant", "content": content or None, "tool_calls": calls}
-            if server.reasoning:
+            if server.reasoning and req.include_reasoning:
                 message["reasoning_content"] = thought
             choices.append(
                 {

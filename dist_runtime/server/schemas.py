@@ -476,12 +476,24 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = Field(default=None, min_length=1)
     """vLLM's extra: a Jinja chat template for this request instead of the model's (with
     `--trust-request-chat-template`)."""
+    reasoning_effort: str | None = None
+    """OpenAI's: passed to the chat template as `reasoning_effort` (as vLLM does), for
+    templates that read it; chat_template_kwargs may set it too."""
+    include_reasoning: bool = True
+    """vLLM's extra: false leaves a reasoning model's thinking out of the answer (its tokens
+    still count)."""
     echo: bool = False
     """vLLM's extra: the answer's content starts with the last message's when that is the
     assistant's (the text it continues)."""
     documents: list[dict[str, str]] | None = None
     """vLLM's extra: documents for a chat template that writes them (its `documents`, as HF's
     `apply_chat_template(documents=...)`), each e.g. `{"title": ..., "text": ...}`."""
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """chat_template_kwargs, with reasoning_effort when given (the kwargs' own wins)."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
 
     @model_validator(mode="after")
     def _tool_choice_fits(self) -> ChatCompletionRequest:
