@@ -392,6 +392,18 @@ def test_return_token_ids(server: Server, client: Any, tokenizer: Any) -> None:
     assert [streamed[0], streamed[1]] == [c["token_ids"] for c in done["choices"]]
 
 
+def test_completion_add_special_tokens(client: Any, tokenizer: Any) -> None:
+    """vLLM's add_special_tokens on the completion route: false sends the text's tokens
+    alone (no BOS), the same answer as those ids sent as the prompt."""
+    bare = tokenizer.encode("The tide", add_special_tokens=False)
+    assert tokenizer.encode("The tide") != bare  # this tokenizer adds BOS by default
+    ask = dict(model=None, max_tokens=4, temperature=0)
+    out = client.completions.create(prompt="The tide", **ask,
+                                    extra_body={"add_special_tokens": False})  # fmt: skip
+    same = client.completions.create(prompt=bare, **ask)
+    assert out.usage.prompt_tokens == len(bare) and out.choices[0].text == same.choices[0].text
+
+
 def test_continuous_usage_stats(client: Any, tokenizer: Any) -> None:
     """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage
     so far, counting up to the final usage; per prompt on the completion route."""

@@ -1113,7 +1113,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         server.check_model(req.model)
-        prompts = await asyncio.to_thread(_prompt_ids, server, req.prompt)
+        prompts = await asyncio.to_thread(_prompt_ids, server, req.prompt, req.add_special_tokens)
         cut = req.truncate_prompt_tokens
         if cut is not None:
             prompts = [ids[-cut:] for ids in prompts]
@@ -1243,8 +1243,9 @@ def _functions(tools: list[Tool] | None) -> list[Function] | None:
     )
 
 
-def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:
-    """The token ids of each prompt of a /v1/completions request."""
+def _prompt_ids(server: _Server, prompt: Any, special: bool = True) -> list[list[int]]:
+    """The token ids of each prompt of a /v1/completions request (text prompts with the
+    tokenizer's special tokens unless `special` is false)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -1256,7 +1257,7 @@ def _prompt_ids(server: _Server, prompt: Any) -> list[list[int]]:
         if isinstance(p, str):
             if server.runtime.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer; send token ids", param="prompt")
-            out.append(server.runtime.tokenizer.encode(p))
+            out.append(server.runtime.tokenizer.encode(p, special))
         else:
             out.append(list(p))
     return out

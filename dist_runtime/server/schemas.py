@@ -535,7 +535,6 @@ class ChatCompletionRequest(SamplingFields):
                     "functions": _empty,
                     "function_call": lambda v: v is None or v == "none",
                     "audio": _empty,
-                    # vLLM's chat options that would change the prompt or the answer
                 },
             )
             if data.get("top_logprobs") and not data.get("logprobs"):
@@ -549,6 +548,8 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    add_special_tokens: bool = True
+    """vLLM's extra: text prompts get the tokenizer's special tokens (BOS); false: none."""
 
     @model_validator(mode="before")
     @classmethod
