@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -86,6 +87,56 @@ def test_chat_streams_and_documents_get_answers(page: Any, tmp_path: Path) -> No
     assert "seven" in answers[1].lower() or "7" in answers[1], answers
     expect(page.locator("#job-state")).to_contain_text("done")
     _shot(page, tmp_path, "page_document.png")
+
+
+def test_system_prompt_and_answer_stats(page: Any, tmp_path: Path) -> None:
+    """A system prompt goes first in the messages sent; under each answer a line gives its
+    tokens, the time to its first token and its tokens per second (from the stream's usage)."""
+    expect = sync_api.expect
+    sent: list[Any] = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions") else None)  # fmt: skip
+    page.fill("#max-tokens", "12")
+    page.fill("#system", "Answer in one short sentence.")
+    page.fill("#prompt", "What is the capital of France?")
+    page.click("#send")
+    expect(page.locator("#send")).to_be_enabled(timeout=60_000)
+    stats = page.locator(".stats").first
+    expect(stats).to_have_text(re.compile(r"^\d+ tokens? · first token \d+\.\d\d s"))
+    assert re.search(r"· \d+\.\d tokens/s$", stats.inner_text()), stats.inner_text()
+    assert sent[0]["messages"] == [
+        {"role": "system", "content": "Answer in one short sentence."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    assert sent[0]["stream_options"] == {"include_usage": True}
+    assert "tokens" not in page.locator(".msg.assistant").first.inner_text()  # beside it
+    _shot(page, tmp_path, "page_stats.png")
+
+
+def test_document_size_and_a_cancelled_job(page: Any, demo_server: Server) -> None:
+    """The document's token count against the context shows once typing pauses (too long in
+    red); Cancel stops a running job (DELETE /v1/jobs/{id}) and the page says so."""
+    expect = sync_api.expect
+    page.fill("#document", DOC)
+    expect(page.locator("#doc-size")).to_have_text(
+        re.compile(r"^document: \d+ tokens of 2,048$"), timeout=30_000
+    )
+    page.fill("#document", DOC * 80)
+    expect(page.locator("#doc-size")).to_contain_text("(too long)", timeout=30_000)
+    assert "error" in (page.locator("#doc-size").get_attribute("class") or "")
+    page.fill("#document", DOC)
+    page.fill("#max-tokens", "400")
+    page.fill("#questions", "\n".join(f"Tell the story of question {i}." for i in range(12)))
+    page.click("#ask")
+    expect(page.locator("#job-state")).to_contain_text("running", timeout=60_000)
+    page.click("#cancel")
+    expect(page.locator("#job-state")).to_have_text("cancelled", timeout=60_000)
+    expect(page.locator("#ask")).to_be_enabled()
+    expect(page.locator("#cancel")).to_be_disabled()
+    assert page.locator(".qa").count() == 0
+    jobs = demo_server.request("GET", "/v1/jobs")[1]["data"]
+    (job,) = [j for j in jobs if j["num_questions"] == 12]
+    assert job["state"] == "cancelled", job
 
 
 def test_stop_button_aborts_the_stream(page: Any, demo_server: Server) -> None:
