@@ -535,6 +535,8 @@ class ChatCompletionRequest(SamplingFields):
                     "functions": _empty,
                     "function_call": lambda v: v is None or v == "none",
                     "audio": _empty,
+                    "modalities": lambda v: _empty(v) or v == ["text"],
+                    "web_search_options": lambda v: v is None,
                 },
             )
             if data.get("top_logprobs") and not data.get("logprobs"):
