@@ -10,7 +10,7 @@ JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), t
 (`bench/fair_share.py`), the long-prompt host-work bench (`bench/long_prompt_host.py`), the
 speculative decoding bench (`bench/speculative.py`), the host-tier
 bench (`bench/host_kv_cache.py`), the disk-tier bench (`bench/disk_kv_cache.py`), the recovery
-bench (`bench/recovery.py`), the LoRA bench
+bench (`bench/recovery.py`; `bench/worker_raise.py` on demand, -m slow), the LoRA bench
 (`bench/lora.py`) and the Batch API bench (`bench/batch_api.py`) on the demo model with short
 answers; and the draft-row cost bench (`bench/draft_rows.py`) and the KV allocation bench
 (`bench/kv_alloc.py`) on a tiny random model."""
@@ -386,6 +386,17 @@ def test_recovery_bench_runs(tmp_path: Path) -> None:
     text = report.read_text()
     assert "| the same with a disk tier |" in text
     assert "| beside a poison whose steps raise |" in text
+
+
+@pytest.mark.slow  # (three Ray workers started, and replaced twice: about a minute)
+def test_worker_raise_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "worker_raise.md"
+    argv = ["--tries=1", "--batch=1", "--max-new-tokens=4", "--sections=1"]
+    out = _run("bench/worker_raise.py", *argv, f"--report={report}")
+    assert "retried in place (0 replacements)" in out
+    assert "replacing the group (2 replacements)" in out
+    assert "only the poison failed: True, batch answers identical: True" in out
+    assert "| replacing the group |" in report.read_text()
 
 
 def test_lora_bench_runs(tmp_path: Path) -> None:

@@ -365,3 +365,106 @@ def test_hung_peer_fails_the_collective_before_the_step_timeout(
     ) as rt:
         hung = r"rank 0: tp all-reduce failed; a peer is hung or dead \(collective_timeout_s=3\)"
         _hung_rank1_fails_then_recovers(rt, hung, caplog)
+
+
+def _raise_in_steps(rt: Runtime, ranks: list[int], times: int) -> None:
+    """The next `times` steps raise on `ranks`, inside each worker before it computes
+    anything (so a rank left out goes on into the step's collectives)."""
+    import ray
+
+    def arm(self: Any) -> None:
+        runner, left = self.runner, [times]
+        execute, launch = runner.execute, runner.launch
+
+        def failing(run: Any) -> Any:
+            def step(plan: Any) -> Any:
+                if left[0] > 0:
+                    left[0] -= 1
+                    raise ValueError("injected step failure")
+                return run(plan)
+
+            return step
+
+        runner.execute, runner.launch = failing(execute), failing(launch)
+
+    assert rt.engine.executor is not None
+    actors = rt.engine.executor.actors  # type: ignore[attr-defined]
+    ray.get([actors[r].__ray_call__.remote(arm) for r in ranks])
+
+
+FAULT_PROMPTS: list[Any] = [[5, 6, 7, 8, 9] * 10, [11, 12, 13] * 7]
+FAULT_PARAMS = [
+    SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_new_tokens=16, temperature=0.9, seed=7, repetition_penalty=1.3,
+                   ignore_eos=True),
+]  # fmt: skip
+
+
+def _decode_with_fault(rt: Runtime, ranks: list[int], times: int) -> list[list[int]]:
+    """The requests' tokens when steps start raising (on `ranks`, `times` steps) mid-decode."""
+    handles = rt.add_requests(FAULT_PROMPTS, FAULT_PARAMS)
+    _wait(lambda: handles[1].num_output_tokens >= 3, 120, "decode to start")
+    _raise_in_steps(rt, ranks, times)
+    return [[t for delta in h for t in delta.token_ids] for h in handles]
+
+
+def test_a_step_raising_on_every_worker_runs_on_in_place(rt: Runtime) -> None:
+    """Every worker raises in one step and finishes it: the group is in step, so it runs on
+    (no new workers, no weights loaded again) and the step's requests compute it again, with
+    the tokens of a run without the failure."""
+    want = [o.token_ids for o in rt.generate(FAULT_PROMPTS, FAULT_PARAMS)]
+    _slow_steps(rt, 0.05)
+    assert _decode_with_fault(rt, [0, 1], 1) == want
+    stats = rt.engine.stats()
+    assert rt.num_worker_restarts == 0 and stats["num_retried_steps"] == 1
+
+
+def test_a_step_raising_on_one_worker_replaces_the_group(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 raises before the step's first all-reduce, which rank 0 waits in: the group is
+    out of step, so it is replaced once its grace runs out, and the requests go on there."""
+    from dist_runtime.engine.executor import ray_executor
+
+    monkeypatch.setattr(ray_executor, "STEP_ERROR_GRACE_S", 1.0)
+    want = [o.token_ids for o in rt.generate(FAULT_PROMPTS, FAULT_PARAMS)]
+    _slow_steps(rt, 0.05)
+    assert _decode_with_fault(rt, [1], 1) == want
+    assert rt.num_worker_restarts == 1
+
+
+def test_steps_failing_in_a_row_replace_the_group(ray_cluster: Any, tiny_llama_dir: Path) -> None:
+    """A step that fails in place again and again (a worker left broken) is not retried for
+    ever: the third failure in a row replaces the group, whose fresh workers go on."""
+    with Runtime(model=str(tiny_llama_dir), tp=2, request_retries=5, **KW) as rt:
+        want = [o.token_ids for o in rt.generate(FAULT_PROMPTS, FAULT_PARAMS)]
+        assert _decode_with_fault(rt, [0, 1], 100) == want
+        assert rt.num_worker_restarts == 1
+        assert rt.engine.stats()["num_retried_steps"] == 2  # the third failure replaced them
+
+
+def test_a_launched_step_raising_on_every_worker_runs_on_in_place(
+    ray_cluster: Any, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With steps launched ahead (`DIST_RUNTIME_ASYNC_DECODE=1`), a launched step raising on
+    every worker: the step queued behind it is dropped on the workers too, and the group runs
+    on with the undisturbed tokens."""
+    monkeypatch.setenv("DIST_RUNTIME_ASYNC_DECODE", "1")
+    with Runtime(model=str(tiny_llama_dir), tp=2, **KW) as rt:
+        executor = rt.engine.executor
+        assert executor is not None and executor.runs_ahead()
+        greedy = [FAULT_PARAMS[0]] * 2  # (a penalty would keep steps from going ahead)
+        want = [o.token_ids for o in rt.generate(FAULT_PROMPTS, greedy)]
+        collect = executor.collect
+
+        def slow() -> Any:
+            time.sleep(0.05)
+            return collect()
+
+        executor.collect = slow  # type: ignore[method-assign]
+        handles = rt.add_requests(FAULT_PROMPTS, greedy)
+        _wait(lambda: rt.engine.num_steps_ahead > 2, 120, "decode steps launched ahead")
+        _raise_in_steps(rt, [0, 1], 1)
+        assert [[t for d in h for t in d.token_ids] for h in handles] == want
+        assert rt.num_worker_restarts == 0 and rt.engine.stats()["num_retried_steps"] == 1
+        assert rt.engine.executor is executor

@@ -431,6 +431,13 @@ class ModelRunner:
         if self.is_driver_rank:  # the other ranks return no results: nothing to collect
             self._launched.append(out)
 
+    def drop_launched(self) -> None:
+        """Forget the launched steps not yet collected (a step among them raised)."""
+        for item in self._launched:
+            if isinstance(item, _Launched) and item.event is not None:
+                item.event.synchronize()  # its device work ends before its buffers are reused
+        self._launched.clear()
+
     def collect(self) -> StepResult | None:
         if not self._launched:
             raise RuntimeError("collect() without a launched step")

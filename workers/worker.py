@@ -109,6 +109,12 @@ class Worker:
         assert self.runner is not None
         return self.runner.collect()
 
+    def drop_launched(self) -> None:
+        """Forget the steps launched and not collected: one of them raised, and the driver
+        plans their requests again (`RayExecutor._step_raised`)."""
+        assert self.runner is not None
+        self.runner.drop_launched()
+
     def runs_ahead(self) -> bool:
         assert self.runner is not None
         return self.runner.runs_ahead()

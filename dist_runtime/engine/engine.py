@@ -13,7 +13,8 @@ handle) and blocks on the queue when there is none. Many callers therefore share
 
 Failures: a dead or hung worker (`WorkerError`) makes the engine replace its whole worker group;
 the requests in flight go on there, recomputing what they had. A step that raises with its
-workers alive is computed again the same way. Each failed step is counted against its likeliest
+workers alive and in step (any error in process, `StepFailedError` over Ray) is computed again
+the same way on the same workers. Each failed step is counted against its likeliest
 cause (`_blame`); a request counted more than `request_retries` times fails with the error
 instead (callers resubmit, the job runner requeues).
 When no new group can be started, or the loop itself breaks, every handle fails with

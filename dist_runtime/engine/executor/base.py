@@ -8,7 +8,12 @@ from dist_runtime.protocol import StepPlan, StepResult
 
 
 class WorkerError(RuntimeError):
-    """A worker failed, died or timed out."""
+    """A worker failed, died or timed out: its group is replaced."""
+
+
+class StepFailedError(RuntimeError):
+    """A step raised on its workers, and every worker finished it: the group is in step and
+    runs on (the engine computes the step's requests again, as after any step that raised)."""
 
 
 class Executor(abc.ABC):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 import msgpack
 
 from dist_runtime.config import WORKER_ENV, RuntimeConfig, async_decode_enabled
-from dist_runtime.engine.executor.base import Executor, WorkerError
+from dist_runtime.engine.executor.base import Executor, StepFailedError, WorkerError
 from dist_runtime.progress import plural
 from dist_runtime.protocol import StepPlan, StepResult, decode, encode
 from workers.distributed import is_loopback
@@ -29,6 +30,21 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = str(Path(__file__).resolve().parents[3])
 ABANDON_CHECK_S = 0.25
+STEP_ERROR_GRACE_S = 10.0
+"""After a step raises on one worker, how long the others get to finish it. All done: the
+group is in step (no rank waits in a collective another left) and runs on, the step retried
+in place (`StepFailedError`). One still running: it waits on a rank that left, so the group is
+replaced (`WorkerError`), as for a death."""
+MAX_IN_PLACE_FAILURES = 3
+"""Steps failing in a row that are retried in place before the group is replaced anyway: a
+device or communicator left broken would fail every step."""
+BROKEN_DEVICE = re.compile(
+    r"CUDA error|cudaError|CUBLAS_STATUS|illegal memory access|device-side assert|NCCL|"
+    r"ProcessGroup|Connection (reset|closed)|Broken pipe|a peer is hung or dead",
+    re.IGNORECASE,
+)
+"""Errors that leave a worker's device or communicators unusable: its group is replaced at
+once rather than retried in place."""
 """How often a wait on the workers looks whether the engine abandoned it."""
 
 
@@ -155,6 +171,8 @@ class RayExecutor(Executor):
         """Set by `abandon`: waits on the workers end at once (the engine is stopping)."""
         self._ahead = async_decode_enabled()
         self._queued: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        self._failures_in_place = 0
+        """Steps that raised in a row and were retried in place (`_step_raised`)."""
         """Launched steps not collected yet: (step id, every rank's launch call)."""
         try:
             self._start(ray)
@@ -326,13 +344,16 @@ class RayExecutor(Executor):
         same SIGTERM: without its GCS a driver never learns that an actor died)."""
         self._abandoned.set()
 
-    def _get(self, refs: Any, timeout: float, what: str) -> Any:
+    def _get(self, refs: Any, timeout: float, what: str, step: bool = False) -> Any:
         """ray.get with a timeout that fails as soon as any one ref fails: when a worker dies
-        mid-step its peers block in a collective, so waiting for all of them would hang."""
+        mid-step its peers block in a collective, so waiting for all of them would hang. A
+        `step` that raises on a live worker is retried in place when the group is still in
+        step (`_step_raised`)."""
         ray = self.ray
+        every = list(refs) if isinstance(refs, list) else [refs]
         try:
             deadline = time.monotonic() + timeout
-            pending = list(refs) if isinstance(refs, list) else [refs]
+            pending = every
             while pending:
                 if self._abandoned.is_set():
                     raise WorkerError(f"stopped waiting for the workers while {what}")
@@ -344,13 +365,68 @@ class RayExecutor(Executor):
                 )
                 for ref in ready:
                     ray.get(ref, timeout=0)  # raises this ref's error, if any
-            return ray.get(refs, timeout=1.0)
+            out = ray.get(refs, timeout=1.0)
         except ray.exceptions.GetTimeoutError as e:
             raise WorkerError(f"{what} timed out after {timeout:.0f} s") from e
         except ray.exceptions.RayActorError as e:
             raise WorkerError(f"a worker died while {what}: {e}") from e
         except ray.exceptions.RayTaskError as e:
+            if step:
+                self._step_raised(every, e, what)
             raise WorkerError(f"a worker failed while {what}: {e}") from e
+        if step:
+            self._failures_in_place = 0
+        return out
+
+    def _step_raised(self, refs: list[Any], error: Exception, what: str) -> None:
+        """A step raised on a worker (`error`). Raise StepFailedError when the group may run
+        on: every worker finished this step and those launched after it within
+        STEP_ERROR_GRACE_S, none died, the error does not name a broken device or
+        communicator, and fewer than MAX_IN_PLACE_FAILURES steps failed in a row. The
+        workers' launched steps are dropped then (the engine computes their requests again).
+        Return otherwise, for the caller's WorkerError."""
+        ray = self.ray
+        cause = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+        if BROKEN_DEVICE.search(str(error)):
+            logger.error("a worker's device or communicator broke while %s: %s", what, cause)
+            return
+        if self._failures_in_place + 1 >= MAX_IN_PLACE_FAILURES:
+            in_a_row = self._failures_in_place + 1
+            logger.error("%d steps in a row failed on the workers: replacing them", in_a_row)
+            return
+        later = [r for _, launches in self._queued for r in launches]
+        everything = refs + later
+        done, running = ray.wait(
+            everything, num_returns=len(everything), timeout=STEP_ERROR_GRACE_S
+        )
+        if running:
+            logger.error(
+                "a worker failed while %s and its peers did not finish the step within "
+                "%.0f s: the group is out of step",
+                what,
+                STEP_ERROR_GRACE_S,
+            )
+            return
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError:
+                return
+            except Exception:
+                pass  # the failure itself, or a step launched after it failing in turn
+        try:  # the workers forget the steps they launched; the engine plans them again
+            ray.get([a.drop_launched.remote() for a in self.actors], timeout=STEP_ERROR_GRACE_S)
+        except Exception as e:
+            logger.error("dropping the workers' launched steps failed: %s", e)
+            return
+        self._queued.clear()
+        self._failures_in_place += 1
+        logger.warning(
+            "a step raised on a worker while %s; every worker finished it, so they run on: %s",
+            what,
+            cause,
+        )
+        raise StepFailedError(f"a worker raised while {what}: {cause}") from error
 
     def num_available_blocks(self) -> int:
         counts = self._get(
@@ -435,6 +511,7 @@ class RayExecutor(Executor):
             [a.execute.remote(payload) for a in self.actors],
             self.config.step_timeout_s,
             f"running step {plan.step_id}",
+            step=True,
         )
         return decode(outs[0], StepResult)
 
@@ -458,6 +535,7 @@ class RayExecutor(Executor):
             [*launches, self.actors[0].collect.remote()],
             self.config.step_timeout_s,
             f"running step {step_id}",
+            step=True,
         )
         return decode(outs[-1], StepResult)
 
