@@ -18,9 +18,10 @@ Each try runs the batch three ways, on one runtime:
 3. **replacing the group** (the behaviour before in-place retries, `MAX_IN_PLACE_FAILURES`
    set to 1): each failure replaces the worker group, whose new workers load the weights again.
 
-Reported: medians of the seconds to the batch's answers, worker replacements and retried steps,
-whether the batch's answers are the undisturbed ones and whether only the poison failed. One
-summary line; `--report` writes a markdown report.
+Each run starts with the batch once for 2 tokens (a group just replaced is cold), then empties
+the prefix cache. Reported: medians of the seconds to the batch's answers, worker replacements
+and retried steps, whether the batch's answers are the undisturbed ones and whether only the
+poison failed. One summary line; `--report` writes a markdown report.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def run_batch(rt: Runtime, kind: str, prompts: list[list[int]], poison: list[int
               params: SamplingParams) -> dict[str, Any]:  # fmt: skip
     """The batch at once, alone or beside the poison (admitted last)."""
     engine = rt.engine
+    rt.generate(prompts, SamplingParams(max_new_tokens=2))  # warm (a replaced group is cold)
     rt.reset_prefix_cache()
     before = engine.stats()
     restarts = rt.num_worker_restarts
@@ -147,7 +149,6 @@ def main() -> int:
     with Runtime(model=str(demo_model_path()), tp=args.tp, device="cpu", dtype="float32",
                  session_len=4096) as rt:  # fmt: skip
         start_s = time.perf_counter() - started
-        rt.generate(batch, params)  # warm-up (first steps page the weights in)
         for _ in range(args.tries):
             for kind in KINDS:
                 runs[kind].append(run_batch(rt, kind, batch, poison, params))
