@@ -7,7 +7,8 @@ On the demo model (SmolLM2-135M-Instruct, fp32) over Ray (`--tp` workers on this
 `--batch` questions about a short report are sent at once beside a poison: a request whose
 every step raises inside every worker (a `ValueError` from the workers' step, injected into
 each worker group the engine starts). The poison is admitted last, so its first failure strikes
-a step the whole batch is in; the engine counts it against all of them, runs them again one
+a step the whole batch is in (the report they share is computed once first, as `Runtime.ask`
+does); the engine counts it against all of them, runs them again one
 suspect at a time, and the poison, counted alone at its second failure, fails.
 
 Each try runs the batch three ways, on one runtime:
@@ -99,10 +100,11 @@ def run_batch(rt: Runtime, kind: str, prompts: list[list[int]], poison: list[int
     try:
         start = time.perf_counter()
         if kind == KINDS[0]:
-            handles = rt.add_requests(prompts, params)
+            handles = rt.add_requests(prompts, params, share_prefix=True)
         else:
             marked = dataclasses.replace(params, seed=POISON_SEED)
-            handles = rt.add_requests([*prompts, poison], [*[params] * len(prompts), marked])
+            plist = [*[params] * len(prompts), marked]
+            handles = rt.add_requests([*prompts, poison], plist, share_prefix=True)
         outs = [h.result(timeout=600) for h in handles[: len(prompts)]]
         seconds = time.perf_counter() - start
         poison_failed = False
