@@ -240,7 +240,7 @@ def test_a_reasoning_models_thinking_shows_folded(page: Any, tmp_path: Path) -> 
     page.fill("#prompt", "Hi!")
     page.click("#send")
     bubble = page.locator(".msg.assistant").last
-    expect(bubble.locator("span")).to_have_text("Hello there!", timeout=30_000)
+    expect(bubble.locator(".answer")).to_have_text("Hello there!", timeout=30_000)
     thinking = bubble.locator("details.thinking")
     expect(thinking).to_have_count(1)
     assert thinking.get_attribute("open") is None  # folded once the answer started
@@ -252,6 +252,36 @@ def test_a_reasoning_models_thinking_shows_folded(page: Any, tmp_path: Path) -> 
     expect(page.locator(".msg.assistant")).to_have_count(2, timeout=30_000)
     expect(page.locator("#send")).to_be_enabled(timeout=30_000)
     assert sent[1]["messages"][1] == {"role": "assistant", "content": "Hello there!"}
+
+
+def test_answers_render_markdown_and_nothing_else(page: Any, tmp_path: Path) -> None:
+    """A text answer's Markdown is rendered (bold, code, lists, a code block, an http link),
+    while markup of its own stays text: an answer cannot put an element on the page."""
+    expect = sync_api.expect
+    answer = ("**Bold** and `a<b`\n\n- one\n- two *three*\n\n```python\n<b>x</b> = 2 * 3\n```\n"
+              "<img src=x onerror=\"window.pwned=1\"> [docs](https://example.com/a?b=1&c=2) "
+              "[bad](javascript:window.pwned=2)")  # fmt: skip
+    choice = {"index": 0, "delta": {"content": answer}, "finish_reason": "stop"}
+    body = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [choice]}  # fmt: skip
+    stream = f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"content-type": "text/event-stream"}, body=stream))  # fmt: skip
+    page.fill("#prompt", "Show me.")
+    page.click("#send")
+    shown = page.locator(".msg.assistant .answer").last
+    expect(shown.locator("strong")).to_have_text("Bold", timeout=30_000)
+    expect(shown.locator("p code")).to_have_text("a<b")
+    expect(shown.locator("li")).to_have_text(["one", "two three"])
+    expect(shown.locator("li em")).to_have_text("three")
+    expect(shown.locator("pre code")).to_have_text("<b>x</b> = 2 * 3")
+    expect(shown.locator("a")).to_have_count(1)
+    assert shown.locator("a").get_attribute("href") == "https://example.com/a?b=1&c=2"
+    assert shown.locator("img, b, script").count() == 0
+    assert '<img src=x onerror="window.pwned=1">' in shown.inner_text()
+    assert "[bad](javascript:window.pwned=2)" in shown.inner_text()
+    assert page.evaluate("window.pwned") is None
+    _shot(page, tmp_path, "page_markdown.png")
 
 
 def test_a_narrow_window_puts_the_panels_one_above_the_other(page: Any, tmp_path: Path) -> None:
