@@ -640,6 +640,41 @@ def test_jobs_endpoints(server: Server) -> None:
     assert "dist_runtime:disk_kv_shared_evicted_blocks_total 0.0" in text
 
 
+def _job_answers(server: Server, body: dict[str, Any]) -> list[str]:
+    status, job = server.request("POST", "/v1/jobs", body)
+    assert status == 200, job
+    deadline = time.monotonic() + 60
+    while server.request("GET", f"/v1/jobs/{job['id']}")[1]["state"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    answers: list[str] = server.request("GET", f"/v1/jobs/{job['id']}/result")[1]["answers"]
+    return answers
+
+
+def test_job_sampling_options_and_unknown_fields(server: Server, tokenizer: Any) -> None:
+    """A job takes the completion route's sampling options (a stop string cuts its answers, a
+    logit bias forces a token); a field the job API does not know is a 400 naming it."""
+    doc = "The ferry leaves pier 4 at seven. The harbour master is Tom Reyes."
+    ask = {"document": doc, "questions": ["Who is the harbour master?"], "max_tokens": 12,
+           "ignore_eos": True}  # fmt: skip
+    (full,) = _job_answers(server, ask)
+    stop = full[3:6]
+    assert stop.strip() and full.find(stop) == 3
+    (cut,) = _job_answers(server, {**ask, "stop": [stop]})
+    assert cut == full[:3]
+    (forced,) = _job_answers(server, {**ask, "logit_bias": {"77": 100}})
+    assert forced == tokenizer.decode([77] * 12)
+    for field, value in (("top_k", 5), ("min_p", 0.1), ("presence_penalty", 0.5),
+                         ("frequency_penalty", 0.5), ("min_tokens", 2), ("stop_token_ids", [2]),
+                         ("logit_bias", {"5": -1}), ("allowed_token_ids", [5, 6]),
+                         ("bad_words", ["pier"])):  # fmt: skip
+        status, job = server.request("POST", "/v1/jobs", {**ask, field: value})
+        assert status == 200, (field, job)
+    for field, value in (("temprature", 0.5), ("n", 2), ("top_k", -1), ("stop", 3)):
+        status, body = server.request("POST", "/v1/jobs", {**ask, field: value})
+        assert status == 400 and body["error"]["param"] == field, (field, body)
+
+
 def test_job_idempotency_key_reused_for_another_job_is_409(server: Server) -> None:
     doc = "The ferry leaves pier 4 at seven. The harbour master is Tom Reyes."
     body = {"document": doc, "questions": ["Who?"], "max_tokens": 2, "idempotency_key": "k-409"}

@@ -618,6 +618,10 @@ class DetokenizeRequest(_Request):
 
 
 class JobRequest(_Request):
+    """`POST /v1/jobs`: a field this API does not know is a 400 naming it (a misspelt
+    sampling option would otherwise be dropped without a word)."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     """The served model or one of its LoRA adapters (None: the base model)."""
     document: str | None = Field(default=None, min_length=1)
@@ -633,10 +637,27 @@ class JobRequest(_Request):
     """Scheduling priority of the job's requests, lower first (`SamplingParams.priority`)."""
     response_format: ResponseFormat | None = None
     """Guided JSON answers, as on the chat route (a multipart form sends it as JSON text)."""
+    # The rest of the sampling options, as on the completion route (`SamplingParams`).
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
-    @field_validator("response_format", mode="before")
+    @field_validator(
+        "response_format", "stop_token_ids", "logit_bias", "allowed_token_ids", "bad_words",
+        mode="before",
+    )  # fmt: skip
     @classmethod
     def _form_json(cls, v: Any) -> Any:
+        """A multipart form's value of these fields is their JSON text."""
         if isinstance(v, str):
             try:
                 return json.loads(v)
