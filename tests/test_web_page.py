@@ -139,6 +139,39 @@ def test_document_size_and_a_cancelled_job(page: Any, demo_server: Server) -> No
     assert job["state"] == "cancelled", job
 
 
+def test_a_long_prefill_shows_its_pace_and_the_time_left(page: Any, tmp_path: Path) -> None:
+    """A job's prefill shows its tokens per second and the time left at that pace, as the
+    page measures it between its polls (the job is served by the browser's routes: 1,000
+    tokens of a 1,048,576-token prefill more at each poll, about 3 per second)."""
+    expect = sync_api.expect
+    polls = [0]
+
+    def job(route: Any) -> None:
+        if route.request.method == "POST":
+            body = {"id": "job-1", "state": "queued", "prefill_tokens_done": 0,
+                    "prefill_tokens_total": 1_048_576, "tokens_generated": 0}  # fmt: skip
+        else:
+            polls[0] += 1
+            body = {"id": "job-1", "state": "running", "prefill_tokens_done": 1000 * polls[0],
+                    "prefill_tokens_total": 1_048_576, "tokens_generated": 0}  # fmt: skip
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
+    page.route("**/v1/jobs*", job)
+    page.route("**/v1/jobs/job-1", job)
+    page.fill("#document", DOC)
+    page.fill("#questions", "Who keeps the lighthouse?")
+    page.click("#ask")
+    state = page.locator("#job-state")
+    expect(state).to_contain_text("tokens/s", timeout=30_000)
+    text = state.inner_text()
+    found = re.search(r"/ 1,048,576 tokens · ([\d,]+) tokens/s · about (\d+) (min|h)", text)
+    assert found, text
+    rate = int(found.group(1).replace(",", ""))
+    assert 1000 < rate < 6000, text  # 1,000 tokens a poll, a poll every 0.3 s or a little more
+    _shot(page, tmp_path, "page_pace.png")
+    page.click("#cancel")
+
+
 def test_stop_button_aborts_the_stream(page: Any, demo_server: Server) -> None:
     expect = sync_api.expect
     page.fill("#max-tokens", "400")
