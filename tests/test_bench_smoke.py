@@ -1,19 +1,14 @@
-"""The GPU suite's end-to-end script and the host-step bench run here on tiny shapes, so they
-cannot rot between the sessions that have a GPU: `bench/generate_gpu.py --device cpu` with its
-batched decode and its profiler trace, and `bench/host_step.py` (whose tables must equal the
-rebuilt ones, which it asserts itself); `bench/protocol_codec.py` (whose two codecs must agree,
-which it asserts itself); the bare-call part of `bench/tp_shm.py`; and the CPU kernel benches
-`bench/cpu_attention.py` (with its earlier-run column) and `bench/cpu_elementwise.py`; and
-`bench/gpu_decode_summary.py` on the end-to-end script's own report; and the GEMV bench's per-shape
-work (`bench/kernel_bench_gemv.py`) on tiny shapes under Triton's interpreter; and the guided
-JSON bench (`bench/guided_json.py`), the priority bench (`bench/priority.py`), the fair-share bench
-(`bench/fair_share.py`), the long-prompt host-work bench (`bench/long_prompt_host.py`), the
-speculative decoding bench (`bench/speculative.py`), the host-tier
-bench (`bench/host_kv_cache.py`), the disk-tier bench (`bench/disk_kv_cache.py`), the recovery
-bench (`bench/recovery.py`; `bench/worker_raise.py` on demand, -m slow), the LoRA bench
-(`bench/lora.py`) and the Batch API bench (`bench/batch_api.py`) on the demo model with short
-answers; and the draft-row cost bench (`bench/draft_rows.py`) and the KV allocation bench
-(`bench/kv_alloc.py`) on a tiny random model."""
+"""The benches run here on tiny shapes or short answers, so they cannot rot between the
+sessions that use them: the GPU suite's end-to-end script (`bench/generate_gpu.py --device cpu`,
+with its batched decode and profiler trace) and `bench/gpu_decode_summary.py` on its report; the
+host-step, protocol-codec and tp shared-memory benches (which assert their own invariants); the
+CPU kernel benches and the GEMV bench's per-shape work under Triton's interpreter; and on the
+demo model or a tiny random one the guided JSON and grammar, priority, fair-share, long-prompt
+host-work, host-tier, disk-tier, recovery, LoRA, draft-row and KV-allocation benches.
+
+A few take 10 s or more each and run on demand (`-m slow`): `bench/cpu_attention.py` (with its
+earlier-run column and a commit's kernel built beside today's), `bench/speculative.py`,
+`bench/batch_api.py` and `bench/worker_raise.py` (three Ray workers, replaced twice)."""
 
 from __future__ import annotations
 
@@ -161,6 +156,7 @@ def test_tp_shm_bench_runs() -> None:
     assert "| decode b1 | 576 |" in out and "tp-shm: shm vs gloo at tp 2: decode b1 call" in out
 
 
+@pytest.mark.slow  # (three runs, one building a commit's kernel: ~15 s; run with -m slow)
 def test_cpu_attention_bench_runs(tmp_path: Path) -> None:
     if _library() is None:
         pytest.skip("the native CPU kernels are not built here (no C compiler)")
@@ -327,6 +323,7 @@ def test_long_prompt_host_bench_runs(tmp_path: Path) -> None:
     assert "| tokenize the prompt |" in report.read_text()
 
 
+@pytest.mark.slow  # (~11 s; run with -m slow)
 def test_batch_api_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "batch_api.md"
     out = _run(
@@ -341,6 +338,7 @@ def test_batch_api_bench_runs(tmp_path: Path) -> None:
     assert "| one batch (upload to `completed`) |" in text and "| 1 (default) |" in text
 
 
+@pytest.mark.slow  # (~15 s; run with -m slow)
 def test_speculative_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "speculative.md"
     argv = ["--tries=1", "--max-new-tokens=12", "--sections=6", "--rewrite-tokens=24"]
