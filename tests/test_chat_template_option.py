@@ -200,3 +200,12 @@ def test_reasoning_effort_reaches_the_template(tiny_llama_dir: Path) -> None:
             status, out = _post(app, "/v1/chat/completions", {**body, **extra})
             assert status == 200 and out["usage"]["prompt_tokens"] == len(tok.encode(text))
         assert len({len(tok.encode(t)) for t in ("Hi|-|", "Hi|low|", "Hi|very high|")}) == 3
+        # the Responses route's reasoning.effort, the same way; a summary is not made here
+        ask = {"input": "Hi", "max_output_tokens": 1, "temperature": 0, "store": False}
+        status, out = _post(app, "/v1/responses", {**ask, "reasoning": {"effort": "low"}})
+        assert status == 200 and out["usage"]["input_tokens"] == len(tok.encode("Hi|low|"))
+        assert out["reasoning"] == {"effort": "low", "summary": None}
+        status, out = _post(app, "/v1/responses", ask)
+        assert out["usage"]["input_tokens"] == len(tok.encode("Hi|-|")) and out["reasoning"] is None
+        status, out = _post(app, "/v1/responses", {**ask, "reasoning": {"summary": "auto"}})
+        assert status == 400 and out["error"]["param"] == "reasoning.summary"

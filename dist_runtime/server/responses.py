@@ -25,7 +25,7 @@ runs it again from the start under the same id; without one it is lost with the 
 
 Hosted tools (web search, file search, ...), images, files by URL and files that are not UTF-8
 text in the input, `conversation`, `prompt`, `include` values other than
-`message.output_text.logprobs`, reasoning options and `truncation: "auto"` are 400s naming the
+`message.output_text.logprobs`, reasoning summaries and `truncation: "auto"` are 400s naming the
 field.
 """
 
@@ -108,6 +108,24 @@ class TextConfig(BaseModel):
     format: TextFormat | None = None
 
 
+class ReasoningOptions(_Request):
+    effort: str | None = None
+    """Passed to the chat template as `reasoning_effort` (as the chat route passes it)."""
+    summary: str | None = None
+    generate_summary: str | None = None
+
+    @model_validator(mode="after")
+    def _no_summary(self) -> ReasoningOptions:
+        for name in ("summary", "generate_summary"):
+            if getattr(self, name) is not None:
+                raise UnsupportedFieldError(
+                    f"reasoning.{name}",
+                    f"reasoning.{name} is not supported: the thinking comes back whole as a "
+                    "reasoning item (with --reasoning-parser); leave it out",
+                )
+        return self
+
+
 class ResponsesRequest(_Request):
     model: str | None = None
     input: str | list[dict[str, Any]]
@@ -120,6 +138,7 @@ class ResponsesRequest(_Request):
     priority: int = Field(default=0, ge=-(2**31), lt=2**31)
     """An extra (as vLLM's): scheduling priority, lower first."""
     stream: bool = False
+    reasoning: ReasoningOptions | None = None
     text: TextConfig | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
@@ -159,7 +178,6 @@ class ResponsesRequest(_Request):
             {
                 "conversation": _empty,
                 "prompt": _empty,
-                "reasoning": lambda v: _empty(v) or (isinstance(v, dict) and not any(v.values())),
                 "truncation": lambda v: v in (None, "disabled"),
             },
         )
@@ -598,7 +616,9 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             "output": output,
             "parallel_tool_calls": req.parallel_tool_calls,
             "previous_response_id": req.previous_response_id,
-            "reasoning": None,
+            "reasoning": {"effort": req.reasoning.effort, "summary": None}
+            if req.reasoning is not None and req.reasoning.effort is not None
+            else None,
             "store": req.store,
             "background": req.background,
             "temperature": req.temperature,
@@ -699,6 +719,11 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             req.max_output_tokens,
             req.logprobs,
             1,
+            template_kwargs=(
+                {"reasoning_effort": req.reasoning.effort}
+                if req.reasoning is not None and req.reasoning.effort is not None
+                else None
+            ),
         )
         rid = rid or f"resp_{uuid.uuid4().hex}"
         created = created or int(time.time())
