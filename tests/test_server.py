@@ -404,6 +404,19 @@ def test_completion_add_special_tokens(client: Any, tokenizer: Any) -> None:
     assert out.usage.prompt_tokens == len(bare) and out.choices[0].text == same.choices[0].text
 
 
+def test_an_unknown_field_is_ignored_and_logged_once(server: Server, client: Any) -> None:
+    """A field the API does not have is ignored (as OpenAI-compatible servers do), and its
+    name goes to the server's log once, so a misspelt option does not go unnoticed."""
+    ask = dict(model=None, prompt="The tide", max_tokens=2, temperature=0)
+    for _ in range(2):
+        out = client.completions.create(**ask, extra_body={"temprature_typo": 0.5})
+        assert out.usage.completion_tokens == 2
+    server.log.flush()
+    log = Path(server.log.name).read_text()
+    line = "CompletionRequest fields ignored (not part of this API): temprature_typo"
+    assert log.count(line) == 1, log[-2000:]
+
+
 def test_continuous_usage_stats(client: Any, tokenizer: Any) -> None:
     """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage
     so far, counting up to the final usage; per prompt on the completion route."""

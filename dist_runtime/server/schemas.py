@@ -1,6 +1,7 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models mirroring OpenAI's schema.
 
-Unknown fields are ignored (as OpenAI-compatible servers do), except those that would change
+Unknown fields are ignored (as OpenAI-compatible servers do; each name is logged once, as vLLM
+logs them, so a misspelt option shows in the server's log), except those that would change
 the answer and that this server does not implement (`functions`, `best_of`, `suffix`, ...):
 those are a 400 naming the field rather than an answer that silently ignores them. `null`
 means the field's default, as in OpenAI's schema. The runtime's own sampling extras (`top_k`,
@@ -16,11 +17,18 @@ are a 400 naming the later of them.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dist_runtime.beam_search import MAX_BEAM_WIDTH
+
+logger = logging.getLogger(__name__)
+_IGNORED_LOGGED: set[tuple[str, str]] = set()
+"""(request type, field) pairs already logged as ignored."""
+_IGNORED_LOCK = threading.Lock()
 
 
 class UnsupportedFieldError(ValueError):
@@ -53,6 +61,29 @@ def _off(v: Any) -> bool:
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_ignored(cls, data: Any) -> Any:
+        """Log (once per field and request type) the fields this model does not have: they
+        are ignored, and a client's misspelt option should not go unnoticed."""
+        if isinstance(data, dict) and cls.model_config.get("extra") == "ignore":
+            known = set(cls.model_fields)
+            known |= {f.alias for f in cls.model_fields.values() if f.alias}
+            new = []
+            with _IGNORED_LOCK:
+                for name in data:
+                    key = (cls.__name__, str(name))
+                    if name not in known and key not in _IGNORED_LOGGED:
+                        _IGNORED_LOGGED.add(key)
+                        new.append(str(name))
+            if new:
+                logger.warning(
+                    "%s fields ignored (not part of this API): %s",
+                    cls.__name__,
+                    ", ".join(sorted(new)),
+                )
+        return data
 
     @model_validator(mode="before")
     @classmethod
