@@ -369,7 +369,9 @@ def test_hung_peer_fails_the_collective_before_the_step_timeout(
 
 def _raise_in_steps(rt: Runtime, ranks: list[int], times: int) -> None:
     """The next `times` steps raise on `ranks`, inside each worker before it computes
-    anything (so a rank left out goes on into the step's collectives)."""
+    anything (so a rank left out goes on into the step's collectives). Armed from the engine
+    thread between two steps, so every rank is armed before the same step (a step submitted
+    to one actor before the arming and to the other after it would raise on one rank only)."""
     import ray
 
     def arm(self: Any) -> None:
@@ -387,9 +389,12 @@ def _raise_in_steps(rt: Runtime, ranks: list[int], times: int) -> None:
 
         runner.execute, runner.launch = failing(execute), failing(launch)
 
-    assert rt.engine.executor is not None
-    actors = rt.engine.executor.actors  # type: ignore[attr-defined]
-    ray.get([actors[r].__ray_call__.remote(arm) for r in ranks])
+    def arm_all() -> None:
+        assert rt.engine.executor is not None
+        actors = rt.engine.executor.actors  # type: ignore[attr-defined]
+        ray.get([actors[r].__ray_call__.remote(arm) for r in ranks])
+
+    rt.engine.call(arm_all, timeout=120)
 
 
 FAULT_PROMPTS: list[Any] = [[5, 6, 7, 8, 9] * 10, [11, 12, 13] * 7]

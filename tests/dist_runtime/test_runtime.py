@@ -401,6 +401,31 @@ def test_runtime_serves_after_a_failed_step(tiny_llama_dir: Path, retries: int) 
         assert after.token_ids == before.token_ids
 
 
+def test_a_step_naming_a_broken_device_replaces_the_worker(tiny_llama_dir: Path) -> None:
+    """A step error that names a broken device (a sticky CUDA error would fail every later
+    step on it) replaces the in-process worker, as a dead worker is, instead of being retried
+    on it; the request goes on there with the undisturbed tokens."""
+    params = _greedy(max_new_tokens=5, ignore_eos=True)
+    with Runtime(model=str(tiny_llama_dir), session_len=64, **CPU32) as runtime:
+        (before,) = runtime.generate([[5, 6, 7]], params)
+        executor = runtime.engine.executor
+        assert executor is not None
+        runner = executor.worker.runner  # type: ignore[attr-defined]
+        real_execute, calls = runner.execute, [0]
+
+        def broken(plan: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 2:  # its first decode
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return real_execute(plan)
+
+        runner.execute = broken
+        (again,) = runtime.generate([[5, 6, 7]], params)
+        assert again.token_ids == before.token_ids
+        assert runtime.num_worker_restarts == 1 and runtime.engine.executor is not executor
+        assert runtime.engine.stats()["num_retried_steps"] == 0
+
+
 def test_prompts_waiting_on_a_failed_prefix_pass_start_without_it(tiny_llama_dir: Path) -> None:
     """A step that raises while the shared prefix of several prompts is computed once (the
     hidden prefix pass) fails that pass only (request_retries=0): the prompts waiting on it

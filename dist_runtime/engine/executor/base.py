@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import abc
+import re
 
 from dist_runtime.protocol import StepPlan, StepResult
 
 
 class WorkerError(RuntimeError):
     """A worker failed, died or timed out: its group is replaced."""
+
+
+BROKEN_DEVICE = re.compile(
+    r"CUDA error|cudaError|CUBLAS_STATUS|illegal memory access|device-side assert|NCCL|"
+    r"ProcessGroup|Connection (reset|closed)|Broken pipe|a peer is hung or dead",
+    re.IGNORECASE,
+)
+"""Errors that leave a worker's device or communicators unusable (a sticky CUDA error fails
+every later step): its group is replaced rather than the step retried in place."""
+
+
+def breaks_device(error: BaseException) -> bool:
+    """Whether `error` names a broken device or communicator (`BROKEN_DEVICE`)."""
+    return BROKEN_DEVICE.search(str(error)) is not None
 
 
 class StepFailedError(RuntimeError):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 import msgpack
 
 from dist_runtime.config import RuntimeConfig
-from dist_runtime.engine.executor.base import Executor
+from dist_runtime.engine.executor.base import Executor, WorkerError, breaks_device
 from dist_runtime.protocol import StepPlan, StepResult
 from workers.worker import Worker
 
@@ -49,15 +51,18 @@ class InProcessExecutor(Executor):
     def execute(self, plan: StepPlan) -> StepResult:
         # No codec in one process: the messages it would check are built by this code on both
         # sides (the Ray executor, and the protocol tests, take the encoded path).
-        out = self.worker.execute_plan(plan)
+        with _device_check(f"running step {plan.step_id}"):
+            out = self.worker.execute_plan(plan)
         assert out is not None
         return out
 
     def launch(self, plan: StepPlan) -> None:
-        self.worker.launch_plan(plan)
+        with _device_check(f"launching step {plan.step_id}"):
+            self.worker.launch_plan(plan)
 
     def collect(self) -> StepResult:
-        out = self.worker.collect_plan()
+        with _device_check("collecting a step"):
+            out = self.worker.collect_plan()
         assert out is not None
         return out
 
@@ -78,3 +83,19 @@ class InProcessExecutor(Executor):
 
     def shutdown(self, keep_ray: bool = False) -> None:
         self.worker.shutdown()
+
+
+@contextlib.contextmanager
+def _device_check(what: str) -> Iterator[None]:
+    """A step error that names a broken device (a sticky CUDA error fails every later step)
+    becomes a WorkerError, so the engine replaces the worker (or, when the device cannot start
+    one again, stops with the cause) instead of failing request after request on it. Any
+    other error is a step that raised: the engine computes its requests again."""
+    try:
+        yield
+    except WorkerError:
+        raise
+    except Exception as e:
+        if breaks_device(e):
+            raise WorkerError(f"the device broke while {what}: {e}") from e
+        raise

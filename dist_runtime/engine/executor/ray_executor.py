@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -21,7 +20,12 @@ from typing import Any
 import msgpack
 
 from dist_runtime.config import WORKER_ENV, RuntimeConfig, async_decode_enabled
-from dist_runtime.engine.executor.base import Executor, StepFailedError, WorkerError
+from dist_runtime.engine.executor.base import (
+    Executor,
+    StepFailedError,
+    WorkerError,
+    breaks_device,
+)
 from dist_runtime.progress import plural
 from dist_runtime.protocol import StepPlan, StepResult, decode, encode
 from workers.distributed import is_loopback
@@ -30,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = str(Path(__file__).resolve().parents[3])
 ABANDON_CHECK_S = 0.25
+"""How often a wait on the workers looks whether the engine abandoned it."""
 STEP_ERROR_GRACE_S = 10.0
 """After a step raises on one worker, how long the others get to finish it. All done: the
 group is in step (no rank waits in a collective another left) and runs on, the step retried
@@ -38,14 +43,6 @@ replaced (`WorkerError`), as for a death."""
 MAX_IN_PLACE_FAILURES = 3
 """Steps failing in a row that are retried in place before the group is replaced anyway: a
 device or communicator left broken would fail every step."""
-BROKEN_DEVICE = re.compile(
-    r"CUDA error|cudaError|CUBLAS_STATUS|illegal memory access|device-side assert|NCCL|"
-    r"ProcessGroup|Connection (reset|closed)|Broken pipe|a peer is hung or dead",
-    re.IGNORECASE,
-)
-"""Errors that leave a worker's device or communicators unusable: its group is replaced at
-once rather than retried in place."""
-"""How often a wait on the workers looks whether the engine abandoned it."""
 
 
 def _import_ray() -> Any:
@@ -387,7 +384,7 @@ class RayExecutor(Executor):
         Return otherwise, for the caller's WorkerError."""
         ray = self.ray
         cause = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-        if BROKEN_DEVICE.search(str(error)):
+        if breaks_device(error):
             logger.error("a worker's device or communicator broke while %s: %s", what, cause)
             return
         if self._failures_in_place + 1 >= MAX_IN_PLACE_FAILURES:
