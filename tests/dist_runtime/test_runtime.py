@@ -280,6 +280,20 @@ def test_a_bad_word_is_held_back_inside_a_sentence(rt: Runtime) -> None:
     assert spaced[0] not in held.token_ids and not _holds(held.token_ids, bare)
 
 
+def test_bans_that_leave_a_guided_step_no_token_fail_that_request_alone(rt: Runtime) -> None:
+    """Guided output whose every next token the bans rule out: that request fails naming
+    it, the one beside it ends as undisturbed, and the runtime serves on."""
+    plain = _greedy(max_new_tokens=6, ignore_eos=True)
+    (want,) = rt.generate([TEXT], plain)
+    stuck = _greedy(max_new_tokens=6, guided_choice=("yes", "no"), allowed_token_ids=[7])
+    handles = rt.add_requests([TEXT, TEXT], [stuck, plain])
+    with pytest.raises(RuntimeError, match="no token is left to sample"):
+        handles[0].result(timeout=60)
+    assert handles[1].result(timeout=60).token_ids == want.token_ids
+    (again,) = rt.generate([TEXT], plain)
+    assert again.token_ids == want.token_ids
+
+
 def test_bans_that_could_leave_no_token_are_refused(rt: Runtime) -> None:
     tok = rt.tokenizer
     assert tok is not None
