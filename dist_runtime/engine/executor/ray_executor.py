@@ -168,9 +168,9 @@ class RayExecutor(Executor):
         """Set by `abandon`: waits on the workers end at once (the engine is stopping)."""
         self._ahead = async_decode_enabled()
         self._queued: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        """Launched steps not collected yet: (step id, every rank's launch call)."""
         self._failures_in_place = 0
         """Steps that raised in a row and were retried in place (`_step_raised`)."""
-        """Launched steps not collected yet: (step id, every rank's launch call)."""
         try:
             self._start(ray)
         except BaseException:
