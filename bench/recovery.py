@@ -24,11 +24,12 @@ workers), tokens read from the disk tier, and whether every answer is the undist
 Then a request that makes every step it is in fail (a poison), sent with `--batch` questions
 about a shorter report (`--batch-sections`): the batch alone, then beside the poison whose
 worker dies at each of its steps, then beside one whose steps raise with the workers alive.
-The poison is admitted last, so the failure first strikes a step the whole batch is in; the
-engine counts it against all of them, runs them again one suspect at a time, and the poison,
-counted alone at its second failure, fails. Reported: seconds to the batch's answers, whether
-they are the undisturbed ones, whether only the poison failed, and the worker replacements and
-retried steps it cost.
+The questions share their report's prefix pass (as `Runtime.ask` does), so every run computes
+the report once. The poison is admitted last, so the failure first strikes a step the whole
+batch is in; the engine counts it against all of them, runs them again one suspect at a time,
+and the poison, counted alone at its second failure, fails. Reported: seconds to the batch's
+answers, whether they are the undisturbed ones, whether only the poison failed, and the worker
+replacements and retried steps it cost.
 
 One summary line; `--report` writes a markdown report.
 """
@@ -170,7 +171,7 @@ def run_batch(
     try:
         start = time.perf_counter()
         sent = prompts if kind == POISON_KINDS[0] else [*prompts, poison]
-        handles = rt.add_requests(sent, params)
+        handles = rt.add_requests(sent, params, share_prefix=True)  # (as Runtime.ask does)
         outs = [h.result() for h in handles[: len(prompts)]]
         seconds = time.perf_counter() - start
         poison_failed = False
