@@ -688,6 +688,33 @@ def test_job_sampling_options_and_unknown_fields(server: Server, tokenizer: Any)
         assert status == 400 and body["error"]["param"] == field, (field, body)
 
 
+def test_job_list_pages_and_filters(server: Server) -> None:
+    """GET /v1/jobs lists every job oldest first; `state` keeps one state, `order=desc` puts
+    the newest first, and `limit` / `after` page through them (OpenAI's cursor pagination)."""
+    doc = "The ferry leaves pier 4 at seven."
+    made = [
+        server.request("POST", "/v1/jobs", {"document": doc, "questions": [f"Q{i}?"],
+                                            "max_tokens": 1})[1]["id"]
+        for i in range(3)
+    ]  # fmt: skip
+    for job_id in made:
+        deadline = time.monotonic() + 60
+        while server.request("GET", f"/v1/jobs/{job_id}")[1]["state"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    every = [j["id"] for j in server.request("GET", "/v1/jobs")[1]["data"]]
+    assert every[-3:] == made
+    done = server.request("GET", "/v1/jobs?state=done")[1]["data"]
+    assert {j["state"] for j in done} == {"done"} and set(made) <= {j["id"] for j in done}
+    newest = server.request("GET", "/v1/jobs?order=desc&limit=2")[1]
+    assert [j["id"] for j in newest["data"]] == made[::-1][:2] and newest["has_more"]
+    rest = server.request("GET", f"/v1/jobs?order=desc&limit=2&after={newest['last_id']}")[1]
+    assert rest["data"][0]["id"] == made[0]
+    for query, param in (("state=finished", "state"), ("order=up", "order"), ("limit=0", "limit")):
+        status, body = server.request("GET", f"/v1/jobs?{query}")
+        assert status == 400 and body["error"]["param"] == param, body
+
+
 def test_job_idempotency_key_reused_for_another_job_is_409(server: Server) -> None:
     doc = "The ferry leaves pier 4 at seven. The harbour master is Tom Reyes."
     body = {"document": doc, "questions": ["Who?"], "max_tokens": 2, "idempotency_key": "k-409"}

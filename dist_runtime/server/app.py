@@ -66,6 +66,7 @@ from dist_runtime.server.calls import (
     functions_of,
     gather,
     keep_alive,
+    list_page,
     merged,
     message_text,
     start_chat,
@@ -1594,9 +1595,26 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
         return status(job_id)
 
     @app.get("/v1/jobs")
-    async def list_jobs() -> dict[str, Any]:
-        jobs = runtime.jobs(CALLER.get())  # (only the caller's)
-        return {"object": "list", "data": [job_dict(s) for s in jobs]}
+    async def list_jobs(
+        state: str | None = None, after: str | None = None, limit: int | None = None,
+        order: str = "asc",
+    ) -> dict[str, Any]:  # fmt: skip
+        """The caller's jobs, oldest first (`order=desc`: newest first), those in `state`
+        only when given; with `limit`, one page after the job `after` (OpenAI's cursor
+        pagination: `has_more`, `last_id`)."""
+        states = [s.value for s in JobState]
+        if state is not None and state not in states:
+            raise APIError(400, f"state must be one of {states}, got {state!r}", param="state")
+        if order not in ("asc", "desc"):
+            raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
+        jobs = [job_dict(s) for s in runtime.jobs(CALLER.get())]  # (only the caller's)
+        if state is not None:
+            jobs = [j for j in jobs if j["state"] == state]
+        if order == "desc":
+            jobs.reverse()
+        if limit is None and after is None:
+            return {"object": "list", "data": jobs}
+        return list_page(jobs, after, 20 if limit is None else limit, 10_000)
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str) -> dict[str, Any]:

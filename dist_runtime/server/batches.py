@@ -68,7 +68,7 @@ from dist_runtime.server.batch_lines import (
     read_answers,
     unrun_line,
 )
-from dist_runtime.server.calls import CALLER, APIError
+from dist_runtime.server.calls import CALLER, APIError, list_page
 from dist_runtime.server.schemas import FileRef
 
 if TYPE_CHECKING:
@@ -895,7 +895,7 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
         found = batches.store.files(purpose, CALLER.get())
         if order == "desc":
             found.reverse()
-        return _page(found, after, limit, 10_000)
+        return list_page(found, after, limit, 10_000)
 
     @app.get("/v1/files/{file_id}")
     async def get_file(file_id: str) -> dict[str, Any]:
@@ -952,7 +952,7 @@ def add_batch_routes(app: FastAPI, server: _Server) -> Batches:
 
     @app.get("/v1/batches")
     async def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
-        return _page(batches.store.batches(CALLER.get()), after, limit, 100)
+        return list_page(batches.store.batches(CALLER.get()), after, limit, 100)
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str) -> dict[str, Any]:
@@ -992,22 +992,3 @@ def _form_expiry(form: Any, default: int | None) -> int | None:
         message = str(first["msg"]).removeprefix("Value error, ")
         raise APIError(400, f"expires_after.{where}: {message}",
                        param=f"expires_after.{where}") from e  # fmt: skip
-
-
-def _page(items: list[dict[str, Any]], after: str | None, limit: int, most: int) -> dict[str, Any]:
-    """One page of a list (OpenAI's cursor pagination: the items after the one named)."""
-    if not 1 <= limit <= most:
-        raise APIError(400, f"limit must be in 1..{most}, got {limit}", param="limit")
-    if after is not None:
-        at = next((i for i, x in enumerate(items) if x["id"] == after), None)
-        if at is None:
-            raise APIError(404, f"no object {after!r} to list after", "not_found_error", "after")
-        items = items[at + 1 :]
-    page = items[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(items) > limit,
-    }

@@ -384,3 +384,24 @@ def client_stop(reason: str | int | None, requested: Any) -> str | int | None:
         asked = [requested] if isinstance(requested, str) else list(requested or ())
         return reason if reason in asked else None
     return reason
+
+
+def list_page(
+    items: list[dict[str, Any]], after: str | None, limit: int, most: int
+) -> dict[str, Any]:
+    """One page of a list (OpenAI's cursor pagination: the items after the one named)."""
+    if not 1 <= limit <= most:
+        raise APIError(400, f"limit must be in 1..{most}, got {limit}", param="limit")
+    if after is not None:
+        at = next((i for i, x in enumerate(items) if x["id"] == after), None)
+        if at is None:
+            raise APIError(404, f"no object {after!r} to list after", "not_found_error", "after")
+        items = items[at + 1 :]
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
