@@ -321,10 +321,7 @@ def test_unknown_model_is_a_404_naming_the_adapters(client: Any, server: Server)
     assert status == 404 and ADAPTER in body["error"]["message"]
     status, body = server.request("POST", "/v1/jobs", {**job, "model": ADAPTER, "max_tokens": 4})
     assert status == 200, body
-    deadline = time.monotonic() + 60
-    while server.request("GET", f"/v1/jobs/{body['id']}")[1]["state"] != "done":
-        assert time.monotonic() < deadline, "the adapter's job did not finish"
-        time.sleep(0.1)
+    _wait_done(server, body["id"], what="the adapter's job did not finish")
     (answer,) = server.request("GET", f"/v1/jobs/{body['id']}/result")[1]["answers"]
     assert isinstance(answer, str)
 
@@ -625,10 +622,7 @@ def test_jobs_endpoints(server: Server) -> None:
         "POST", "/v1/jobs", {"document": doc, "questions": ["Who?", "What?"], "max_tokens": 4}
     )
     assert status == 200 and job["prefill_tokens_total"] > 0, job
-    deadline = time.monotonic() + 60
-    while server.request("GET", f"/v1/jobs/{job['id']}")[1]["state"] != "done":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    _wait_done(server, job["id"])
     status, result = server.request("GET", f"/v1/jobs/{job['id']}/result")
     assert status == 200 and len(result["answers"]) == 2
     listed = server.request("GET", "/v1/jobs")[1]["data"]
@@ -653,13 +647,18 @@ def test_jobs_endpoints(server: Server) -> None:
     assert "dist_runtime:disk_kv_shared_evicted_blocks_total 0.0" in text
 
 
+def _wait_done(server: Server, job_id: str, timeout: float = 60, what: str = "") -> None:
+    """Poll a job until it is done (failing the test past `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while server.request("GET", f"/v1/jobs/{job_id}")[1]["state"] != "done":
+        assert time.monotonic() < deadline, what or f"job {job_id} did not finish"
+        time.sleep(0.05)
+
+
 def _job_answers(server: Server, body: dict[str, Any]) -> list[str]:
     status, job = server.request("POST", "/v1/jobs", body)
     assert status == 200, job
-    deadline = time.monotonic() + 60
-    while server.request("GET", f"/v1/jobs/{job['id']}")[1]["state"] != "done":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    _wait_done(server, job["id"])
     answers: list[str] = server.request("GET", f"/v1/jobs/{job['id']}/result")[1]["answers"]
     return answers
 
@@ -698,10 +697,7 @@ def test_job_list_pages_and_filters(server: Server) -> None:
         for i in range(3)
     ]  # fmt: skip
     for job_id in made:
-        deadline = time.monotonic() + 60
-        while server.request("GET", f"/v1/jobs/{job_id}")[1]["state"] != "done":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_done(server, job_id)
     every = [j["id"] for j in server.request("GET", "/v1/jobs")[1]["data"]]
     assert every[-3:] == made
     done = server.request("GET", "/v1/jobs?state=done")[1]["data"]
@@ -729,10 +725,7 @@ def test_job_idempotency_key_reused_for_another_job_is_409(server: Server) -> No
         assert err["error"]["type"] == "invalid_request_error"
         assert "'k-409'" in err["error"]["message"] and job["id"] in err["error"]["message"]
     assert [j["id"] for j in server.request("GET", "/v1/jobs")[1]["data"]].count(job["id"]) == 1
-    deadline = time.monotonic() + 60
-    while server.request("GET", f"/v1/jobs/{job['id']}")[1]["state"] != "done":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    _wait_done(server, job["id"])
 
 
 def test_concurrency_limit(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -1153,10 +1146,7 @@ def test_job_with_a_json_schema(server: Server) -> None:
             "temperature": 0.8, "seed": 3, "response_format": fmt}  # fmt: skip
     status, job = server.request("POST", "/v1/jobs", body)
     assert status == 200, job
-    deadline = time.monotonic() + 120
-    while server.request("GET", f"/v1/jobs/{job['id']}")[1]["state"] != "done":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    _wait_done(server, job["id"], timeout=120)
     answers = server.request("GET", f"/v1/jobs/{job['id']}/result")[1]["answers"]
     for answer in answers:
         jsonschema.validate(json.loads(answer), GUIDED_SCHEMA)

@@ -445,10 +445,8 @@ class _Server:
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 logit_bias=req.logit_bias or (),
-                allowed_token_ids=None
-                if req.allowed_token_ids is None
-                else tuple(req.allowed_token_ids),
-                bad_words=tuple(req.bad_words or ()),
+                allowed_token_ids=req.allowed_token_ids,
+                bad_words=req.bad_words or (),
                 priority=priority,
                 prediction=self.prediction_ids(req),
                 adapter=self.adapter(req.model),
@@ -835,16 +833,14 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         request.state.usage = usage
         opened = server.reasoning and opens_thinking(server.runtime.tokenizer, ids)
         choices = []
+        echoed = _echoed(server, req)
         for k, beam in enumerate(beams):
             thought, answer = (
                 ReasoningSplitter(opened).split(beam.text)
                 if server.reasoning
                 else (None, beam.text)
             )
-            message: dict[str, Any] = {
-                "role": "assistant",
-                "content": _echoed(server, req) + answer,
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": echoed + answer}
             if server.reasoning and req.include_reasoning:
                 message["reasoning_content"] = thought
             scored = (
@@ -1313,6 +1309,8 @@ def _completion_logprobs(
     tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
 
+    name = (lambda t: f"token_id:{t}") if as_ids else server.token_text
+
     def add(token_ids: list[int], scored: list[Any], pos: int, text: str | None) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for token_id, e in zip(token_ids, scored):
@@ -1325,7 +1323,6 @@ def _completion_logprobs(
             tokens.append(f"token_id:{token_id}" if as_ids else token_string(raw))
             token_lps.append(None if e is None else e.logprob)
             items = [] if e is None else list(e.top.items())[:top]
-            name = (lambda t: f"token_id:{t}") if as_ids else server.token_text
             tops.append(None if e is None else {name(t): lp for t, lp in items})
 
     if prompt is not None:

@@ -161,6 +161,11 @@ class ResponsesRequest(_Request):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @property
+    def effort(self) -> str | None:
+        """`reasoning.effort`, for the chat template's `reasoning_effort` (None: not given)."""
+        return None if self.reasoning is None else self.reasoning.effort
+
+    @property
     def logprobs(self) -> int | None:
         """How many alternatives each output token's log-probability comes with (None: no
         log-probabilities)."""
@@ -616,9 +621,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             "output": output,
             "parallel_tool_calls": req.parallel_tool_calls,
             "previous_response_id": req.previous_response_id,
-            "reasoning": {"effort": req.reasoning.effort, "summary": None}
-            if req.reasoning is not None and req.reasoning.effort is not None
-            else None,
+            "reasoning": None if req.effort is None else {"effort": req.effort, "summary": None},
             "store": req.store,
             "background": req.background,
             "temperature": req.temperature,
@@ -719,11 +722,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             req.max_output_tokens,
             req.logprobs,
             1,
-            template_kwargs=(
-                {"reasoning_effort": req.reasoning.effort}
-                if req.reasoning is not None and req.reasoning.effort is not None
-                else None
-            ),
+            template_kwargs=None if req.effort is None else {"reasoning_effort": req.effort},
         )
         rid = rid or f"resp_{uuid.uuid4().hex}"
         created = created or int(time.time())

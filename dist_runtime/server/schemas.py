@@ -16,6 +16,7 @@ are a 400 naming the later of them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -59,6 +60,13 @@ def _off(v: Any) -> bool:
     return v is None or v is False
 
 
+@functools.cache
+def _field_names(cls: type[BaseModel]) -> frozenset[str]:
+    """A request model's field names and aliases (what `_Request._log_ignored` knows)."""
+    fields = cls.model_fields
+    return frozenset(fields) | {f.alias for f in fields.values() if f.alias}
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -67,22 +75,18 @@ class _Request(BaseModel):
     def _log_ignored(cls, data: Any) -> Any:
         """Log (once per field and request type) the fields this model does not have: they
         are ignored, and a client's misspelt option should not go unnoticed."""
-        if isinstance(data, dict) and cls.model_config.get("extra") == "ignore":
-            known = set(cls.model_fields)
-            known |= {f.alias for f in cls.model_fields.values() if f.alias}
-            new = []
-            with _IGNORED_LOCK:
-                for name in data:
-                    key = (cls.__name__, str(name))
-                    if name not in known and key not in _IGNORED_LOGGED:
-                        _IGNORED_LOGGED.add(key)
-                        new.append(str(name))
-            if new:
-                logger.warning(
-                    "%s fields ignored (not part of this API): %s",
-                    cls.__name__,
-                    ", ".join(sorted(new)),
-                )
+        if not isinstance(data, dict) or cls.model_config.get("extra") != "ignore":
+            return data
+        unknown = [str(name) for name in data if name not in _field_names(cls)]
+        if not unknown:
+            return data
+        with _IGNORED_LOCK:
+            new = [n for n in unknown if (cls.__name__, n) not in _IGNORED_LOGGED]
+            _IGNORED_LOGGED.update((cls.__name__, n) for n in new)
+        if new:
+            logger.warning(
+                "%s fields ignored (not part of this API): %s", cls.__name__, ", ".join(sorted(new))
+            )
         return data
 
     @model_validator(mode="before")
