@@ -114,6 +114,9 @@ class _Request:
 DISK_AUDIT_S = 30.0
 """How often a runtime with a disk tier counts the blocks in its directory (other runtimes on
 it may have written past this one's bound: `Engine.audit_disk`)."""
+REPLACEMENT_KV_WAIT_S = 30.0
+"""How long a replacement worker group waits for the KV memory the group it replaces had:
+a killed process's device memory is freed some time after its resources return to Ray."""
 ORPHAN_AGE_S = 60.0
 """A block file that some of a pool's workers lack at start is deleted as a lost write only
 when older than this (younger, another runtime on the directory may still be writing it)."""
@@ -202,6 +205,8 @@ class Engine:
         """Decode steps planned and launched while the step before them ran."""
         self._tier_in_use: InUse | None = None
         """The disk tier's directory, held while the engine runs (`kv_disk.prune` skips it)."""
+        self._kv_blocks = 0
+        """KV blocks per worker of the running group (a replacement group gets as many)."""
         self.num_disk_unread_blocks = 0
         """Blocks read back from the disk tier whose file failed its check (computed again)."""
         self._disk_dir: str | None = None
@@ -1143,6 +1148,7 @@ class Engine:
         self.num_worker_restarts += 1
         self.num_resumed_requests += sum(not r.handle.done for r in running)
         self.scheduler.reset(self.blocks)  # every sequence left recomputes from its start
+        self._drop_unfit()
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every request in flight (running, waiting, deferred) and free its blocks."""
@@ -1189,8 +1195,10 @@ class Engine:
                     spec = self.adapters[name]
                     self.executor.load_lora(slot, name, spec.path, spec.digest)
             num_blocks = self.executor.num_available_blocks()
-            if self.config.cache.num_blocks is None:
-                self._check_session_fits(num_blocks)
+            if replacing and self._kv_blocks:
+                num_blocks = self._replacement_blocks(num_blocks, self._kv_blocks)
+            if self.config.cache.num_blocks is None and not replacing:
+                self._check_session_fits(num_blocks)  # (replacing: `_drop_unfit`)
             # Anything that changes K/V for the same tokens salts the prefix-cache hashes.
             salt = hash(
                 (
@@ -1230,6 +1238,7 @@ class Engine:
             )
             for pool, digests in enumerate(orphans):
                 self.blocks.drop_from_disk(pool, digests)
+            self._kv_blocks = num_blocks
         except BaseException:
             self.executor.shutdown()
             self.executor = None
@@ -1352,6 +1361,47 @@ class Engine:
                 if now - os.stat(path).st_mtime < ORPHAN_AGE_S:
                     return True
         return False
+
+    def _replacement_blocks(self, available: int, before: int) -> int:
+        """KV blocks for a group replacing one that had `before`: the same count, so what
+        fitted still fits and the memory plan stays the one the runtime started with. Memory
+        the killed workers held may not be free yet (a device frees a dead process's memory
+        after Ray has handed its GPU on): wait up to REPLACEMENT_KV_WAIT_S for it, then go on
+        with what there is (requests that no longer fit fail alone: `_drop_unfit`)."""
+        assert self.executor is not None
+        deadline = time.monotonic() + REPLACEMENT_KV_WAIT_S
+        while available < before and time.monotonic() < deadline:
+            time.sleep(0.5)
+            available = self.executor.num_available_blocks()
+        if available < before:
+            logger.warning(
+                "the replacement workers have KV memory for %d blocks, the replaced ones had %d "
+                "(after waiting %g s for it to be freed); going on with %d",
+                available,
+                before,
+                REPLACEMENT_KV_WAIT_S,
+                available,
+            )
+        return min(available, before)
+
+    def _drop_unfit(self) -> None:
+        """Fail the requests whose tokens no longer fit the KV cache (a replacement group that
+        got less memory than the one it replaced: `_replacement_blocks`)."""
+        capacity = self.blocks.capacity_tokens
+        unfit = [
+            r
+            for r in [*self._active.values(), *self._deferred]
+            if len(r.seq.prompt_token_ids) + r.seq.params.max_new_tokens > capacity
+        ]
+        if unfit:
+            self._fail(
+                unfit,
+                WorkerError(
+                    f"the workers were replaced and the new ones' KV cache holds {capacity} "
+                    "tokens, fewer than this request needs: submit it again with a shorter "
+                    "prompt or max_new_tokens, or once the workers have their memory back"
+                ),
+            )
 
     def _check_session_fits(self, num_blocks: int) -> None:
         """Fail at start when one full session cannot fit in the KV memory the workers have."""

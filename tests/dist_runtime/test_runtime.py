@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dist_runtime import CacheConfig, RequestOutput, Runtime, SamplingParams, SchedulerConfig
+from dist_runtime.engine.executor.base import WorkerError
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from dist_runtime.server.metrics import ServerMetrics
 from tests.conftest import TINY_SHAPES
@@ -415,6 +416,22 @@ def test_runtime_serves_after_a_failed_step(tiny_llama_dir: Path, retries: int) 
         assert after.token_ids == before.token_ids
 
 
+def _break_device_at_step(runtime: Runtime, step: int) -> None:
+    """Make the in-process worker's `step`-th execute from now raise a sticky CUDA error."""
+    executor = runtime.engine.executor
+    assert executor is not None
+    runner = executor.worker.runner  # type: ignore[attr-defined]
+    real_execute, calls = runner.execute, [0]
+
+    def broken(plan: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == step:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_execute(plan)
+
+    runner.execute = broken
+
+
 def test_a_step_naming_a_broken_device_replaces_the_worker(tiny_llama_dir: Path) -> None:
     """A step error that names a broken device (a sticky CUDA error would fail every later
     step on it) replaces the in-process worker, as a dead worker is, instead of being retried
@@ -423,21 +440,69 @@ def test_a_step_naming_a_broken_device_replaces_the_worker(tiny_llama_dir: Path)
     with Runtime(model=str(tiny_llama_dir), session_len=64, **CPU32) as runtime:
         (before,) = runtime.generate([[5, 6, 7]], params)
         executor = runtime.engine.executor
-        assert executor is not None
-        runner = executor.worker.runner  # type: ignore[attr-defined]
-        real_execute, calls = runner.execute, [0]
-
-        def broken(plan: Any) -> Any:
-            calls[0] += 1
-            if calls[0] == 2:  # its first decode
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return real_execute(plan)
-
-        runner.execute = broken
+        _break_device_at_step(runtime, 2)  # its first decode
         (again,) = runtime.generate([[5, 6, 7]], params)
         assert again.token_ids == before.token_ids
         assert runtime.num_worker_restarts == 1 and runtime.engine.executor is not executor
         assert runtime.engine.stats()["num_retried_steps"] == 0
+
+
+@pytest.mark.parametrize("offers", [[99], [1, 1, 99]], ids=["more", "freed-late"])
+def test_a_replacement_worker_keeps_the_kv_blocks_the_replaced_one_had(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, offers: list[int]
+) -> None:
+    """The replacement group gets as many KV blocks as the group it replaces: not more when
+    more is free, and when less is free at first (a dead process's device memory is freed
+    late) it waits for the rest."""
+    from dist_runtime.engine import engine as engine_module
+    from workers.model_runner import ModelRunner
+
+    params = _greedy(max_new_tokens=5, ignore_eos=True)
+    with Runtime(model=str(tiny_llama_dir), session_len=64, **CPU32) as runtime:
+        (before,) = runtime.generate([[5, 6, 7]], params)
+        had = runtime.engine.blocks.num_blocks
+        queue = [had + d if d > 1 else d for d in offers]  # 1: short of what it had
+        polls: list[int] = []
+
+        def offered(self: ModelRunner, sharing: int = 1) -> int:
+            polls.append(queue[0] if len(queue) == 1 else queue.pop(0))
+            return polls[-1]
+
+        monkeypatch.setattr(ModelRunner, "num_available_blocks", offered)
+        monkeypatch.setattr(engine_module, "REPLACEMENT_KV_WAIT_S", 5.0)
+        _break_device_at_step(runtime, 2)
+        (again,) = runtime.generate([[5, 6, 7]], params)
+        assert runtime.num_worker_restarts == 1
+        assert again.token_ids == before.token_ids
+        assert polls == [had + 99 if d > 1 else 1 for d in offers]
+        assert runtime.engine.blocks.num_blocks == had
+
+
+def test_a_replacement_worker_with_less_kv_fails_only_what_no_longer_fits(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory that stays short past the wait: the runtime goes on with the blocks there are;
+    a request in flight that no longer fits fails with an error saying so, the one beside it
+    ends undisturbed, and a new one too long for the smaller cache is refused at once."""
+    from dist_runtime.engine import engine as engine_module
+    from workers.model_runner import ModelRunner
+
+    short, long = _greedy(max_new_tokens=5, ignore_eos=True), _greedy(max_new_tokens=8)
+    long_prompt = _prompt(40, seed=3)
+    with Runtime(model=str(tiny_llama_dir), session_len=64, **CPU32) as runtime:
+        (before,) = runtime.generate([[5, 6, 7]], short)
+        assert runtime.engine.blocks.num_blocks * runtime.engine.blocks.block_size >= 48
+        monkeypatch.setattr(ModelRunner, "num_available_blocks", lambda self, sharing=1: 2)
+        monkeypatch.setattr(engine_module, "REPLACEMENT_KV_WAIT_S", 0.6)
+        _break_device_at_step(runtime, 2)
+        h_short, h_long = runtime.add_requests([[5, 6, 7], long_prompt], [short, long])
+        assert h_short.result(timeout=60).token_ids == before.token_ids
+        with pytest.raises(WorkerError, match="KV cache holds 32 tokens"):
+            h_long.result(timeout=60)
+        assert runtime.num_worker_restarts == 1 and runtime.engine.blocks.num_blocks == 2
+        with pytest.raises(ValueError, match="needs 48 tokens of KV cache but the cache holds 32"):
+            runtime.add_requests([long_prompt], long)
+        assert runtime.engine.blocks.num_free_blocks == 2
 
 
 def test_prompts_waiting_on_a_failed_prefix_pass_start_without_it(tiny_llama_dir: Path) -> None:
