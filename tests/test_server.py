@@ -1005,7 +1005,10 @@ def test_null_fields_take_their_defaults(server: Server) -> None:
         ("/v1/completions", {"bad_words": ["x"], "use_beam_search": True, "n": 2},
          "bad_words"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
-        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/completions", {"best_of": 2, "n": 3}, "best_of"),
+        ("/v1/completions", {"best_of": 3, "stream": True}, "best_of"),
+        ("/v1/completions", {"best_of": 3, "use_beam_search": True}, "best_of"),
+        ("/v1/chat/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"suffix": " end"}, "suffix"),
         ("/v1/completions", {"guided_grammar": 'root ::= root "a" | "b"'}, "guided_grammar"),
         ("/v1/chat/completions", {"guided_regex": "a", "guided_grammar": 'root ::= "a"'},
@@ -1101,6 +1104,25 @@ def test_response_format_json_schema(client: Any) -> None:
         model=None, prompt="JSON:", max_tokens=400, extra_body={"response_format": fmt}
     )
     jsonschema.validate(json.loads(done.choices[0].text), GUIDED_SCHEMA)
+
+
+def test_best_of_returns_the_most_likely_of_the_completions_sampled(client: Any) -> None:
+    """best_of samples that many completions and returns the n with the highest mean
+    log-probability per token, best first; usage counts every one sampled. The oracle: the
+    same request with n=best_of (the same seeds), ranked here."""
+    ask: dict[str, Any] = dict(model=None, prompt="The harbor", max_tokens=6, seed=11)
+    every = client.completions.create(n=4, logprobs=0, temperature=1.0, **ask)
+    mean = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every.choices]
+    ranked = [every.choices[i].text for i in sorted(range(4), key=lambda i: -mean[i])]
+    assert len(set(ranked)) > 1  # (distinct samples: the ranking has something to do)
+    best = client.completions.create(n=2, temperature=1.0, best_of=4, **ask)
+    assert [c.text for c in best.choices] == ranked[:2]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert all(c.logprobs is None for c in best.choices)
+    assert best.usage.completion_tokens == every.usage.completion_tokens
+    with_lp = client.completions.create(n=1, logprobs=2, temperature=1.0, best_of=4, **ask)
+    assert with_lp.choices[0].text == ranked[0]
+    assert len(with_lp.choices[0].logprobs.top_logprobs[0]) == 2
 
 
 def test_response_format_json_object(client: Any) -> None:

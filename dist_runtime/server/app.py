@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -765,6 +766,21 @@ def _usage(
     return usage
 
 
+def _best_of(outputs: list[RequestOutput], width: int, n: int) -> list[RequestOutput]:
+    """The `n` of each prompt's `width` outputs (grouped by prompt) with the highest mean
+    log-probability per token, best first (ties: the one sampled first)."""
+
+    def mean(o: RequestOutput) -> float:
+        lps = o.logprobs or []
+        return sum(lp.logprob for lp in lps) / len(lps) if lps else -math.inf
+
+    best: list[RequestOutput] = []
+    for at in range(0, len(outputs), width):
+        group = outputs[at : at + width]
+        best += sorted(group, key=mean, reverse=True)[:n]
+    return best
+
+
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -1117,12 +1133,14 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         if req.use_beam_search:
             return await beam_completions(req, request, prompts, max_tokens)
-        all_ids = [ids for ids in prompts for _ in range(req.n)]
+        width = req.width  # (best_of: more sampled than returned, ranked by their logprobs)
+        all_ids = [ids for ids in prompts for _ in range(width)]
         scored_k = req.prompt_logprobs_k
+        ranked_by = req.logprobs if width == req.n else max(req.logprobs or 0, 0)
         all_params = [
-            server.params(req, max_tokens, req.logprobs, j, scored_k)
+            server.params(req, max_tokens, ranked_by, j, scored_k)
             for _ in prompts
-            for j in range(req.n)
+            for j in range(width)
         ]
         handles = server.add(all_ids, all_params, "prompt")
         echo = [
@@ -1199,8 +1217,10 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             )
             return server.sse(body)
         outs = await gather(handles, request)
-        usage = _usage(prompt_tokens, outs, req.n)
+        usage = _usage(prompt_tokens, outs, width)
         request.state.usage = usage
+        if width > req.n:
+            outs = _best_of(outs, width, req.n)
         choices = [
             {
                 "index": k,

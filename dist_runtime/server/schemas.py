@@ -291,7 +291,10 @@ class SamplingFields(_Request):
             _unsupported(
                 data,
                 {
-                    "best_of": lambda v: v is None or v == 1 or v == data.get("n"),
+                    # (completions take it: `CompletionRequest.best_of`)
+                    "best_of": lambda v: (
+                        "best_of" in cls.model_fields or v is None or v == 1 or v == data.get("n")
+                    ),
                     "guided_whitespace_pattern": _empty,
                     # vLLM's other options that would change the answer
                     "spaces_between_special_tokens": lambda v: v in (None, True),
@@ -587,6 +590,10 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     add_special_tokens: bool = True
     """vLLM's extra: text prompts get the tokenizer's special tokens (BOS); false: none."""
+    best_of: int | None = Field(default=None, ge=1, le=16)
+    """OpenAI's: sample this many completions per prompt and return the `n` with the highest
+    log-probability per token (the model's own, before temperature and the other settings),
+    best first; every one sampled counts in the usage."""
 
     @model_validator(mode="before")
     @classmethod
@@ -594,6 +601,28 @@ class CompletionRequest(SamplingFields):
         if isinstance(data, dict):
             _unsupported(data, {"suffix": _empty})
         return data
+
+    @model_validator(mode="after")
+    def _best_of_fits(self) -> CompletionRequest:
+        if self.best_of is None or self.best_of == self.n:
+            return self
+        if self.best_of < self.n:
+            raise UnsupportedFieldError(
+                "best_of", f"best_of ({self.best_of}) must be at least n ({self.n})"
+            )
+        for name, on in (("stream", self.stream), ("use_beam_search", self.use_beam_search)):
+            if on:
+                raise UnsupportedFieldError(
+                    "best_of",
+                    f"best_of ({self.best_of}) above n ({self.n}) does not go with {name}: the "
+                    "best completions are known only once all are done; leave one out",
+                )
+        return self
+
+    @property
+    def width(self) -> int:
+        """Completions sampled per prompt: `best_of`, else `n`."""
+        return self.best_of or self.n
 
     @property
     def prompt_logprobs_k(self) -> int | None:
