@@ -987,7 +987,8 @@ def test_null_fields_take_their_defaults(server: Server) -> None:
     [
         ("/v1/chat/completions", {"tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
         ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
-        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}], "tools": [
+            {"type": "function", "function": {"name": "g"}}]}, "functions"),
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
         ("/v1/chat/completions", {"web_search_options": {}}, "web_search_options"),
         ("/v1/chat/completions", {"response_format": {"type": "regex"}},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,99 @@ def test_tool_results_in_the_history_are_accepted(client: Any) -> None:
         model=None, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=4
     )
     assert out.choices[0].finish_reason == "length" and out.choices[0].message.content
+
+
+FUNCTION_DEFS = [t["function"] for t in TOOLS]
+
+
+@pytest.mark.parametrize("name", ["tide", "forecast"])
+def test_older_functions_and_function_call_answer_in_their_form(client: Any, name: str) -> None:
+    """OpenAI's older `functions` / `function_call`: a named call answers as the newer form's
+    call does, written as the older API's `function_call` (finish reason `function_call`),
+    whole and streamed (the name first, then the arguments in pieces)."""
+    ask: dict[str, Any] = dict(
+        model=None, messages=[{"role": "user", "content": "Tides?"}], max_tokens=600,
+        temperature=0,
+    )  # fmt: skip
+    newer = client.chat.completions.create(
+        tools=TOOLS, tool_choice={"type": "function", "function": {"name": name}},
+        parallel_tool_calls=False, **ask,
+    ).choices[0]  # fmt: skip
+    (call,) = newer.message.tool_calls
+    older = client.chat.completions.create(
+        functions=FUNCTION_DEFS, function_call={"name": name}, **ask
+    ).choices[0]
+    assert older.finish_reason == "function_call" and older.message.tool_calls is None
+    assert older.message.content is None
+    assert (older.message.function_call.name, older.message.function_call.arguments) == (
+        name, call.function.arguments,
+    )  # fmt: skip
+    chunks = [
+        c
+        for c in client.chat.completions.create(
+            functions=FUNCTION_DEFS, function_call={"name": name}, stream=True, **ask
+        )
+        if c.choices
+    ]
+    deltas = [c.choices[0].delta for c in chunks if c.choices[0].delta.function_call]
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
+    assert deltas[0].function_call.name == name
+    assert all(d.function_call.name is None for d in deltas[1:]) and len(deltas) >= 2
+    assert "".join(d.function_call.arguments or "" for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "function_call"
+    none = client.chat.completions.create(
+        functions=FUNCTION_DEFS, function_call="none", **{**ask, "max_tokens": 4}
+    ).choices[0]
+    assert none.finish_reason == "length" and none.message.function_call is None
+
+
+def _tokenize(client: Any, body: dict[str, Any]) -> list[int]:
+    root = str(client.base_url).removesuffix("/").removesuffix("/v1")
+    req = urllib.request.Request(root + "/tokenize", data=json.dumps(body).encode())
+    req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", f"Bearer {KEY}")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        tokens: list[int] = json.loads(r.read())["tokens"]
+    return tokens
+
+
+def test_an_older_function_history_is_the_prompt_of_the_newer_one(client: Any) -> None:
+    """An assistant's `function_call` and the `function` message with its result make the
+    prompt the newer `tool_calls` and `tool` message make (`functions` that `tools` make)."""
+    older = [
+        *HISTORY[:2],
+        {"role": "assistant", "content": "I will look.",
+         "function_call": {"name": "tide", "arguments": '{"port": "Bergen"}'}},
+        {"role": "function", "name": "tide", "content": "high at 6"},
+    ]  # fmt: skip
+    newer_ids = _tokenize(client, {"messages": HISTORY, "tools": TOOLS})
+    assert _tokenize(client, {"messages": older, "functions": FUNCTION_DEFS}) == newer_ids
+    out = client.chat.completions.create(
+        model=None, messages=older, functions=FUNCTION_DEFS, function_call="auto", max_tokens=3
+    )
+    assert out.usage.prompt_tokens == len(newer_ids)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "match"),
+    [
+        ({"functions": FUNCTION_DEFS, "tools": TOOLS}, "functions", "not both"),
+        ({"function_call": "auto"}, "function_call", "goes with functions"),
+        ({"functions": FUNCTION_DEFS, "function_call": {"name": "x"}}, "tool_choice",
+         "'x', which is not in tools"),
+        ({"messages": [{"role": "function", "name": "tide", "content": "x"}]}, "messages.0",
+         "no assistant message before it calls"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages.0", "needs the name"),
+    ],
+)  # fmt: skip
+def test_older_function_fields_errors_name_the_field(
+    client: Any, extra: dict[str, Any], param: str, match: str
+) -> None:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=None, **{**body, **extra})
+    error = info.value.body
+    assert error["param"] == param and match in error["message"], error
 
 
 @pytest.mark.parametrize(

@@ -766,6 +766,18 @@ def _usage(
     return usage
 
 
+def _function_call_delta(pieces: list[dict[str, Any]]) -> dict[str, str]:
+    """Streamed `tool_calls` pieces of one call in the older API's form: the delta's
+    `function_call`, its name with the first piece, then its arguments."""
+    delta: dict[str, str] = {"arguments": ""}
+    for piece in pieces:
+        function = piece.get("function", {})
+        if function.get("name") is not None:
+            delta["name"] = function["name"]
+        delta["arguments"] += function.get("arguments") or ""
+    return delta
+
+
 def _best_of(outputs: list[RequestOutput], width: int, n: int) -> list[RequestOutput]:
     """The `n` of each prompt's `width` outputs (grouped by prompt) with the highest mean
     log-probability per token, best first (ties: the one sampled first)."""
@@ -906,6 +918,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
 
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         thinking = run.thinking_tokens if server.reasoning else None
+        legacy = req.functions is not None  # (the answer's call in the older API's form)
         if req.stream:
             splitters = [splitter() for _ in range(req.n)]
             thoughts = [run.thoughts() for _ in range(req.n)]
@@ -920,8 +933,12 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 text, pieces, finish = splitters[i].stream(text, finish)
                 shown = thought and req.include_reasoning
                 said: dict[str, Any] = {"reasoning_content": thought} if shown else {}
-                if pieces:
+                if pieces and legacy:
+                    said["function_call"] = _function_call_delta(pieces)
+                elif pieces:
                     said["tool_calls"] = pieces
+                if legacy and finish == "tool_calls":
+                    finish = "function_call"
                 if not text and not said and finish is None and scored is None:
                     return None
                 logprobs = (
@@ -978,7 +995,11 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             content = echoed + content if echoed else content
             calls = tool_calls_json(found)
             message: dict[str, Any] = {"role": "assistant", "content": content}
-            if calls:
+            if calls and legacy:
+                (call,) = calls  # (functions: parallel_tool_calls is off)
+                message = {"role": "assistant", "content": content or None,
+                           "function_call": call["function"]}  # fmt: skip
+            elif calls:
                 message = {"role": "assistant", "content": content or None, "tool_calls": calls}
             if server.reasoning and req.include_reasoning:
                 message["reasoning_content"] = thought
@@ -989,7 +1010,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                     "logprobs": _chat_logprobs(server, o.logprobs, req.return_tokens_as_token_ids)
                     if req.logprobs
                     else None,
-                    "finish_reason": "tool_calls" if calls else o.finish_reason,
+                    "finish_reason": ("function_call" if legacy else "tool_calls")
+                    if calls
+                    else o.finish_reason,
                     "stop_reason": client_stop(o.stop_reason, req.stop),
                     **_ids(req, token_ids=o.token_ids),
                 }

@@ -2,7 +2,7 @@
 
 Unknown fields are ignored (as OpenAI-compatible servers do; each name is logged once, as vLLM
 logs them, so a misspelt option shows in the server's log), except those that would change
-the answer and that this server does not implement (`functions`, `best_of`, `suffix`, ...):
+the answer and that this server does not implement (`suffix`, chat's `best_of`, ...):
 those are a 400 naming the field rather than an answer that silently ignores them. `null`
 means the field's default, as in OpenAI's schema. The runtime's own sampling extras (`top_k`,
 `min_p`, `repetition_penalty`, `ignore_eos`, `skip_special_tokens`, and vLLM's
@@ -469,19 +469,28 @@ class NamedToolChoice(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
+    role: Literal["system", "user", "assistant", "developer", "tool", "function"]
     """`developer` is OpenAI's newer name for `system` and is sent to the template as one; a
-    `tool` message carries a call's result (`tool_call_id`)."""
+    `tool` message carries a call's result (`tool_call_id`); `function` is the older form of
+    `tool` (the result of the call named `name`: `legacy_function_turns`)."""
     content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None
+    """The older form of an assistant's `tool_calls`: one call."""
+    name: str | None = None
+    """A `function` message's function (other roles' `name` changes nothing here)."""
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "function" and not self.name:
+            raise ValueError("a function message needs the name of the function it answers")
+        if (self.tool_calls or self.function_call) and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls or a function_call")
+        if self.tool_calls and self.function_call:
+            raise ValueError("send tool_calls or the older function_call, not both")
         return self
 
     @property
@@ -493,6 +502,31 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content if isinstance(part, TextPart))
         return self.content or ""
+
+
+def legacy_function_turns(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Messages in OpenAI's older function-calling form (an assistant's `function_call`, a
+    `function` message with its result) in the newer one: the call gets an id and the result
+    names it (the latest call of that function before it), as `tool_calls` and `tool`."""
+    if not any(m.role == "function" or m.function_call for m in messages):
+        return messages
+    out, ids = list[ChatMessage](), dict[str, str]()
+    for i, m in enumerate(messages):
+        if m.function_call is not None:
+            ids[m.function_call.name] = call_id = f"call_{i}"
+            call = ToolCall(id=call_id, function=m.function_call)
+            m = m.model_copy(update={"function_call": None, "tool_calls": [call]})
+        elif m.role == "function":
+            assert m.name is not None
+            if m.name not in ids:
+                raise UnsupportedFieldError(
+                    f"messages.{i}",
+                    f"function message {i} answers {m.name!r}, which no assistant message "
+                    "before it calls (function_call)",
+                )
+            m = m.model_copy(update={"role": "tool", "tool_call_id": ids[m.name]})
+        out.append(m)
+    return out
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -526,6 +560,11 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None
     """vLLM's extra: documents for a chat template that writes them (its `documents`, as HF's
     `apply_chat_template(documents=...)`), each e.g. `{"title": ..., "text": ...}`."""
+    functions: list[FunctionDef] | None = None
+    """OpenAI's older form of `tools` (functions alone). The answer then calls at most one,
+    as the older API's `function_call` in the message, finish reason `function_call`."""
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+    """OpenAI's older form of `tool_choice`, with `functions`."""
 
     def template_kwargs(self) -> dict[str, Any] | None:
         """chat_template_kwargs, with reasoning_effort when given (the kwargs' own wins)."""
@@ -535,6 +574,7 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _tool_choice_fits(self) -> ChatCompletionRequest:
+        self._from_functions()
         if self.continue_final_message and self.add_generation_prompt:
             raise UnsupportedFieldError(
                 "add_generation_prompt",
@@ -554,6 +594,30 @@ class ChatCompletionRequest(SamplingFields):
             )
         return self
 
+    def _from_functions(self) -> None:
+        """The older function-calling fields in their newer form (tools, tool_choice, one
+        call at most; the messages' `function_call` and `function` turns)."""
+        self.messages = legacy_function_turns(self.messages)
+        if self.functions is not None:
+            if self.tools is not None:
+                raise UnsupportedFieldError(
+                    "functions", "send tools or the older functions, not both"
+                )
+            self.tools = [Tool(type="function", function=f) for f in self.functions]
+            self.parallel_tool_calls = False  # (the older answer holds one call)
+        if self.function_call is None:
+            return
+        if self.functions is None or self.tool_choice is not None:
+            raise UnsupportedFieldError(
+                "function_call",
+                "function_call goes with functions (the older form of tools and tool_choice): "
+                "send functions with it, or tools with tool_choice",
+            )
+        call = self.function_call
+        self.tool_choice = (
+            call if isinstance(call, str) else NamedToolChoice(type="function", function=call)
+        )
+
     @property
     def tool_mode(self) -> str:
         """ "none", "auto", "required" or "named" (OpenAI's default: auto with tools)."""
@@ -570,8 +634,6 @@ class ChatCompletionRequest(SamplingFields):
             _unsupported(
                 data,
                 {
-                    "functions": _empty,
-                    "function_call": lambda v: v is None or v == "none",
                     "audio": _empty,
                     "modalities": lambda v: _empty(v) or v == ["text"],
                     "web_search_options": lambda v: v is None,
@@ -652,6 +714,8 @@ class TokenizeRequest(_Request):
     add_special_tokens: bool = True
     """For a `prompt`: add BOS as the completion route does."""
     return_token_strs: bool = False
+    functions: list[FunctionDef] | None = None
+    """The older form of `tools`, as the chat route takes it."""
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -659,6 +723,14 @@ class TokenizeRequest(_Request):
             raise UnsupportedFieldError("prompt", "give a prompt or messages (one of them)")
         if self.messages is not None and not self.messages:
             raise UnsupportedFieldError("messages", "messages must not be empty")
+        if self.messages is not None:
+            self.messages = legacy_function_turns(self.messages)
+        if self.functions is not None:
+            if self.tools is not None:
+                raise UnsupportedFieldError(
+                    "functions", "send tools or the older functions, not both"
+                )
+            self.tools = [Tool(type="function", function=f) for f in self.functions]
         return self
 
 
