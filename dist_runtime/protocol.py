@@ -30,6 +30,22 @@ class ProtocolError(ValueError):
     """A control-plane payload that does not decode into the expected message."""
 
 
+def reads_history(
+    repetition_penalty: float,
+    presence_penalty: float,
+    frequency_penalty: float,
+    bad_words: list[list[int]],
+) -> bool:
+    """Whether the workers' sampler reads a sequence's earlier tokens: penalties, or a bad
+    word of more than one token."""
+    return (
+        repetition_penalty != 1.0
+        or presence_penalty != 0.0
+        or frequency_penalty != 0.0
+        or any(len(w) > 1 for w in bad_words)
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingSpec:
     """The sampling parameters a worker needs (stop strings stay on the driver)."""
@@ -57,11 +73,8 @@ class SamplingSpec:
 
     @property
     def needs_history(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-            or any(len(w) > 1 for w in self.bad_words)
+        return reads_history(
+            self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.bad_words
         )
 
     @property

@@ -120,8 +120,26 @@ PLAUSIBLE: dict[str, list[Any]] = {
         ],
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
         [{"role": "assistant", "content": "partial"}],
+        [
+            {"role": "user", "content": "q"},
+            {
+                "role": "assistant",
+                "content": None,
+                "function_call": {"name": "f", "arguments": '{"a": 1}'},
+            },
+            {"role": "function", "name": "f", "content": "3"},
+        ],
+        [{"role": "function", "name": "f", "content": "3"}],
         [],
     ],  # fmt: skip
+    "best_of": [1, 2, 4, 17],
+    "functions": [[TOOL["function"]], [{"name": "bad name!"}], [{"name": "g"}, {"name": "g"}]],
+    "function_call": ["auto", "none", {"name": "f"}, {"name": "zz"}],
+    "return_token_ids": [True],
+    "return_tokens_as_token_ids": [True],
+    "add_generation_prompt": [False],
+    "include_reasoning": [False],
+    "reasoning_effort": ["high"],
     "tokens": [[99999999], [-1], ["x"], []],
     "document": ["", "x" * 5000, ["a"]],
     "questions": [[], [""], ["q"] * 40, "q"],
@@ -183,7 +201,7 @@ def test_random_bodies_never_5xx_and_leave_nothing_behind(tiny_llama_dir: Path, 
             raw_body = json.dumps(body).encode()
             status, raw = await asyncio.wait_for(call(app, route, raw_body, leave=leave), 60)
             statuses.append(status)
-            assert status < 500, (route, body, raw[:300])
+            assert status < 500, json.dumps([route, body, raw[:300].decode()])
             if status >= 400 and status != 499:  # (499: the client left)
                 error = json.loads(raw)["error"]
                 assert error["message"] and error["type"], (route, body, error)

@@ -1107,6 +1107,22 @@ def test_response_format_json_schema(client: Any) -> None:
     jsonschema.validate(json.loads(done.choices[0].text), GUIDED_SCHEMA)
 
 
+def test_settings_that_leave_no_token_are_a_400_not_a_server_error(server: Server) -> None:
+    """A request whose own settings rule out every token at a step (a guided choice none of
+    whose tokens allowed_token_ids allows; fuzzing found bad_words against a schema's key) is
+    the client's error: a 400 naming the cause, streamed as an invalid_request_error event."""
+    body = {"prompt": "Pick", "max_tokens": 4, "guided_choice": ["yes", "no"],
+            "allowed_token_ids": [7]}  # fmt: skip
+    status, out = server.request("POST", "/v1/completions", body)
+    assert status == 400, out
+    assert out["error"]["type"] == "invalid_request_error"
+    assert "no token is left to sample" in out["error"]["message"]
+    status, raw = server.request("POST", "/v1/completions", {**body, "stream": True})
+    assert status == 200
+    errors = [json.loads(line[6:]) for line in raw.splitlines() if '"error"' in line]
+    assert [e["error"]["type"] for e in errors] == ["invalid_request_error"], raw
+
+
 def test_best_of_returns_the_most_likely_of_the_completions_sampled(client: Any) -> None:
     """best_of samples that many completions and returns the n with the highest mean
     log-probability per token, best first; usage counts every one sampled. The oracle: the

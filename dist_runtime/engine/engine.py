@@ -87,6 +87,12 @@ class EngineDeadError(RuntimeError):
     """The engine stopped (shut down, or its workers could not be replaced)."""
 
 
+class SamplingError(RuntimeError):
+    """A request's next token could not be sampled: its own settings rule out every token
+    (allowed_token_ids, bad_words, guided output) or break the sampler. The request alone
+    fails; the server answers 400 (the request's fault, not the server's)."""
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """One engine step: who shared it and how much it computed."""
@@ -1022,7 +1028,7 @@ class Engine:
         for seq_id, reason in zip(result.failed_seq_ids, result.failed_reasons, strict=True):
             request = self._by_seq.get(seq_id)
             if request is not None and not request.handle.done:
-                error = RuntimeError(
+                error = SamplingError(
                     f"request {request.handle.request_id}: its next token could not be sampled "
                     f"({reason}); the other requests went on"
                 )

@@ -59,6 +59,7 @@ from dist_runtime.protocol import (
     SeqStep,
     StepPlan,
     StepResult,
+    reads_history,
 )
 from dist_runtime.sampling_params import SamplingParams
 
@@ -917,12 +918,8 @@ def _allowed(seq: Sequence) -> bytes | None:
 
 
 def _needs_history(seq: Sequence) -> bool:
-    """Whether the workers' sampler reads the sequence's earlier tokens (penalties, or a bad
-    word of more than one token)."""
+    """Whether the workers' sampler reads the sequence's earlier tokens (`reads_history`)."""
     p = seq.params
-    return (
-        p.repetition_penalty != 1.0
-        or p.presence_penalty != 0.0
-        or p.frequency_penalty != 0.0
-        or any(len(w) > 1 for w in seq.bad_word_ids)
+    return reads_history(
+        p.repetition_penalty, p.presence_penalty, p.frequency_penalty, seq.bad_word_ids
     )

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dist_runtime.engine.engine import SamplingError
 from dist_runtime.server.calls import (
     APIError,
     chat_prompt,
@@ -434,7 +435,8 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
                     for e in call_events(pieces):
                         yield e
             except Exception as error:
-                yield event("error", error={"type": "api_error", "message": str(error)})
+                kind = "invalid_request_error" if isinstance(error, SamplingError) else "api_error"
+                yield event("error", error={"type": kind, "message": str(error)})
                 return
             out = run.handles[0].result(timeout=0)
             if index < 0 and not call_blocks and not split.streams_calls:

@@ -46,6 +46,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dist_runtime.beam_search import Beam, BeamSearchCancelled, BeamSearchParams
+from dist_runtime.engine.engine import SamplingError
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.outputs import RequestDelta, RequestOutput, TokenLogprobs
 from dist_runtime.jobs.store import (
@@ -1478,7 +1479,8 @@ async def _stream(
                     pending[k] = delta.logprobs
                 unsent[k] = unsent.get(k, []) + delta.token_ids
     except Exception as e:
-        yield _sse(error_body(str(e), "server_error"))
+        kind = "invalid_request_error" if isinstance(e, SamplingError) else "server_error"
+        yield _sse(error_body(str(e), kind))
         return
     usage = _usage(prompt_tokens, [h.result(timeout=0) for h in handles], n, reasoning)
     request.state.usage = usage

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
+from dist_runtime.engine.engine import SamplingError
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.outputs import RequestOutput
 from dist_runtime.sampling_params import SamplingParams
@@ -279,7 +280,10 @@ async def gather(handles: list[RequestHandle], request: Request) -> list[Request
         await asyncio.wait((reader, watcher), return_when=asyncio.FIRST_COMPLETED)
         if not reader.done():
             raise APIError(499, "the client disconnected", code="client_disconnected")
-        reader.result()  # a failed request raises here
+        try:
+            reader.result()  # a failed request raises here
+        except SamplingError as e:
+            raise APIError(400, str(e)) from e
         finished = True
         return [h.result(timeout=0) for h in handles]
     finally:
