@@ -107,6 +107,15 @@ class SamplingParams:
     """Prefix-cache isolation (vLLM's `cache_salt`): this request finds and leaves cached K/V
     only among requests with the same salt, so callers who do not share it cannot tell from
     its speed what others asked."""
+    thinking_budget: int | None = None
+    """A reasoning model's most thinking tokens (vLLM's `thinking_token_budget`): once it has
+    generated this many between `thinking_markers` without closing them, the end marker's
+    tokens are forced, so it closes its thinking and answers (`dist_runtime.engine.thinking`).
+    The thinking opens where the prompt ends with the start marker (a template that opens it)
+    or where the output writes it. None: no bound. Needs a tokenizer."""
+    thinking_markers: tuple[str, str] = ("<think>", "</think>")
+    """The thinking's start and end markers (Qwen3's and DeepSeek-R1's by default), as text
+    the tokenizer turns into tokens."""
     extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
     """Reserved for options of later versions; must be empty."""
 
@@ -262,6 +271,25 @@ class SamplingParams:
         _check(
             self.cache_salt is None or (isinstance(self.cache_salt, str) and bool(self.cache_salt)),
             f"cache_salt must be a non-empty string or None, got {self.cache_salt!r:.80}",
+        )
+        _check(
+            self.thinking_budget is None
+            or (_is_int(self.thinking_budget) and self.thinking_budget >= 0),
+            f"thinking_budget must be an integer >= 0 or None, got {self.thinking_budget!r}",
+        )
+        if isinstance(self.thinking_markers, list):
+            object.__setattr__(self, "thinking_markers", tuple(self.thinking_markers))
+        _check(
+            isinstance(self.thinking_markers, tuple)
+            and len(self.thinking_markers) == 2
+            and all(isinstance(m, str) and m for m in self.thinking_markers),
+            "thinking_markers must be two non-empty strings (start, end), got "
+            f"{self.thinking_markers!r:.80}",
+        )
+        _check(
+            self.thinking_budget is None or not self.guided,
+            "thinking_budget cannot combine with guided output (the grammar holds the whole "
+            "answer, which then has no thinking); leave one out",
         )
         _check(
             isinstance(self.extra, dict),

@@ -17,6 +17,7 @@ from dist_runtime import Runtime
 from dist_runtime.server.app import ServerSettings, create_app
 from dist_runtime.server.batch_lines import call
 from dist_runtime.server.reasoning import ReasoningSplitter
+from dist_runtime.text.tokenizer import Tokenizer
 from tests.test_keep_alive import _stream
 
 THINKING = r"<think>\n[a-z]{4,8} [a-z]{4,8}\n</think>\n\n[A-Z][a-z]{3,8} [a-z]{3,8}\."
@@ -98,8 +99,9 @@ def _force_thinking(monkeypatch: pytest.MonkeyPatch, request_type: Any) -> None:
     """Hold a route's answers to the thinking form (its requests take no guided_regex)."""
     sampling = request_type.sampling
 
-    def forced(self: Any) -> Any:
-        return sampling(self).model_copy(update={"guided_regex": THINKING, "temperature": 0.0})
+    def forced(self: Any, *args: Any) -> Any:
+        fields = sampling(self, *args)
+        return fields.model_copy(update={"guided_regex": THINKING, "temperature": 0.0})
 
     monkeypatch.setattr(request_type, "sampling", forced)
 
@@ -162,3 +164,42 @@ def test_messages_return_a_thinking_block(app: Any, monkeypatch: pytest.MonkeyPa
     starts = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
     stops = [e["index"] for e in events if e["type"] == "content_block_stop"]
     assert starts == ["thinking", "text"] and stops == [0, 1]
+
+
+OPENED = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>"}]
+"""A conversation whose prompt ends inside an opened `<think>` (the answer continues it)."""
+
+
+def test_a_thinking_budget_closes_the_thinking_and_the_model_answers(
+    app: Any, tiny_llama_dir: Path
+) -> None:
+    """vLLM's thinking_token_budget: the random model never closes its thinking by itself (all
+    of its answer is reasoning); with a budget of 3 its thinking is those 3 tokens and the
+    forced `</think>`, and the rest is the answer. Anthropic's thinking.budget_tokens gives the
+    same, and `disabled` closes the thinking at once (budget 0)."""
+    ask = {"messages": OPENED, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+           "continue_final_message": True, "add_generation_prompt": False,
+           "return_token_ids": True}  # fmt: skip
+    free = _post(app, "/v1/chat/completions", ask)
+    assert free["choices"][0]["message"]["content"] == ""
+    details = free["usage"]["completion_tokens_details"]
+    assert details["reasoning_tokens"] == 12
+    out = _post(app, "/v1/chat/completions", {**ask, "thinking_token_budget": 3})
+    message = out["choices"][0]["message"]
+    assert message["content"] and "</think>" not in message["content"]
+    tokenizer = Tokenizer.from_folder(tiny_llama_dir)
+    assert tokenizer is not None
+    end = tokenizer.encode("</think>", add_special_tokens=False)
+    assert out["usage"]["completion_tokens_details"]["reasoning_tokens"] == 3 + len(end)
+    first3 = tokenizer.decode(free["choices"][0]["token_ids"][:3])
+    assert message["reasoning_content"] == first3
+    claude = {"messages": OPENED, "max_tokens": 12, "temperature": 0}
+    m = _post(app, "/v1/messages", {**claude, "thinking": {"type": "enabled", "budget_tokens": 3}})
+    assert [b["type"] for b in m["content"]] == ["thinking", "text"]
+    assert m["content"][0]["thinking"] == first3
+    off = _post(app, "/v1/messages", {**claude, "thinking": {"type": "disabled"}})
+    none = _post(app, "/v1/chat/completions", {**ask, "thinking_token_budget": 0})
+    assert none["usage"]["completion_tokens_details"]["reasoning_tokens"] == len(end)
+    assert off["content"][-1] == {
+        "type": "text", "text": none["choices"][0]["message"]["content"]
+    }  # fmt: skip

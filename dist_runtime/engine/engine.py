@@ -51,6 +51,7 @@ from dist_runtime.engine.kv_disk import InUse, disk_tier, trim_shared
 from dist_runtime.engine.output_processor import OutputProcessor
 from dist_runtime.engine.outputs import RequestDelta
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
+from dist_runtime.engine.thinking import ThinkingBudget
 from dist_runtime.lora import (
     AdapterConflictError,
     AdapterNotFoundError,
@@ -493,6 +494,8 @@ class Engine:
             seq.bad_word_ids = self._bad_word_ids(params, index)
         if params.allowed_token_ids is not None or params.bad_words:
             self._check_some_token(params, seq.bad_word_ids, index)
+        if params.thinking_budget is not None:
+            seq.thinking = self._thinking(params, ids, index)
         base = self.model_config.rope_base(len(ids))
         if base != self.model_config.rope_theta:
             seq.rope_base = base
@@ -641,6 +644,23 @@ class Engine:
                     [request],
                     ValueError(f"loading LoRA adapter {seq.params.adapter!r} failed: {error}"),
                 )
+
+    def _thinking(self, params: SamplingParams, ids: list[int], index: int) -> ThinkingBudget:
+        """A request's thinking budget: its markers as tokens, and whether its prompt opened
+        the thinking (ends with the start marker, perhaps then whitespace)."""
+        start, end = params.thinking_markers
+        if self.tokenizer is None:
+            raise ValueError(
+                f"prompt {index}: thinking_budget needs a tokenizer (its markers are text), and "
+                f"{self.config.model} has none; leave thinking_budget out"
+            )
+        start_ids = tuple(self.tokenizer.encode(start, add_special_tokens=False))
+        end_ids = tuple(self.tokenizer.encode(end, add_special_tokens=False))
+        tail = self.tokenizer.decode(ids[-8:], skip_special_tokens=False)
+        opened = tail.rstrip().endswith(start)
+        return ThinkingBudget(
+            params.thinking_budget or 0, start_ids, end_ids, opened, self.model_config.vocab_size
+        )
 
     def _min_tokens_mask(self, params: SamplingParams, index: int) -> bytes | None:
         """The allowed-token mask of a request's samples before min_tokens: every token but

@@ -38,6 +38,8 @@ class OutputProcessor:
     def process(self, seq: Sequence, tok: SampledToken) -> RequestDelta:
         """Record a sampled token on seq; the delta's finish_reason says whether it ended."""
         seq.output_token_ids.append(tok.token_id)
+        if seq.thinking is not None:
+            seq.thinking.advance(seq.output_token_ids)
         logprobs = None
         if seq.params.logprobs is not None:
             entry = TokenLogprobs(

@@ -51,6 +51,7 @@ from typing import Any
 from dist_runtime.config import SchedulerConfig
 from dist_runtime.engine.block_manager import BlockManager
 from dist_runtime.engine.speculative import PromptLookup
+from dist_runtime.engine.thinking import ThinkingBudget
 from dist_runtime.protocol import (
     DISK_LOAD,
     LAST_SAMPLED,
@@ -149,6 +150,8 @@ class Sequence:
     it runs no chunk until the rest is read (`Scheduler._go_on_loading`)."""
     bad_word_ids: list[list[int]] = field(default_factory=list)
     """params.bad_words as token sequences (`Engine._bad_word_ids`)."""
+    thinking: ThinkingBudget | None = None
+    """With params.thinking_budget: where its thinking is and what it must write next."""
     min_tokens_mask: bytes | None = None
     """With min_tokens: the allowed-token mask of its samples before it (EOS and stop ids
     out); None when there is nothing to hold back."""
@@ -437,10 +440,13 @@ class Scheduler:
         limits, the never-used blocks (its table grows to hold it) and what its rows are worth
         (`PromptLookup.draft_len` at a row's cost `share`); its length."""
         p = seq.params
-        if seq.holds_stops():  # its next sample needs the min_tokens mask: no draft rows
+        room = seq.thinking.draft_room() if seq.thinking is not None else None
+        if seq.holds_stops() or room == 0:  # its next sample needs a mask: no draft rows
             seq.draft = []
             return 0
         limit = min(budget, p.max_new_tokens - len(seq.output_token_ids) - 1)
+        if room is not None:  # (no step takes the thinking past its budget)
+            limit = min(limit, room)
         if self.session_len:
             limit = min(limit, self.session_len - seq.num_tokens - 1)
         limit = min(limit, self.blocks.max_tokens(seq.block_table, evict=False) - seq.num_tokens)
@@ -774,6 +780,7 @@ class Scheduler:
                 or p.allowed_token_ids
                 or seq.bad_word_ids
                 or seq.holds_stops(ahead=1)
+                or (seq.thinking is not None and seq.thinking.needs_last_token())
                 or _needs_history(seq)
                 or seq.needs_prompt_logprobs
             ):
@@ -910,8 +917,11 @@ def _prompt_rows(seq: Sequence, start: int, n: int) -> tuple[int, int]:
 
 
 def _allowed(seq: Sequence) -> bytes | None:
-    """The allowed-token mask of a sequence's next sample: its grammar's, or before
-    min_tokens one without EOS and its stop ids; None: any token."""
+    """The allowed-token mask of a sequence's next sample: the forced end of its thinking
+    (its budget spent), its grammar's, or before min_tokens one without EOS and its stop ids;
+    None: any token."""
+    if seq.thinking is not None and seq.thinking.forced:
+        return seq.thinking.mask()
     if seq.guide is not None:
         return seq.guide.allowed_tokens()
     return seq.min_tokens_mask if seq.holds_stops() else None

@@ -69,6 +69,12 @@ class AnthropicToolChoice(BaseModel):
     disable_parallel_tool_use: bool = False
 
 
+class ThinkingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["enabled", "disabled"]
+    budget_tokens: int | None = Field(default=None, ge=1)
+
+
 class MessagesRequest(_Request):
     model: str | None = None
     max_tokens: int = Field(ge=1)
@@ -85,20 +91,52 @@ class MessagesRequest(_Request):
     priority: int = Field(default=0, ge=-(2**31), lt=2**31)
     """An extra (as vLLM's): scheduling priority, lower first."""
 
+    thinking: ThinkingConfig | None = None
+    """Extended thinking, for a reasoning model (`--reasoning-parser`): `enabled` bounds its
+    thinking to `budget_tokens` (then `</think>` is forced), `disabled` closes it at once."""
+
     @model_validator(mode="before")
     @classmethod
     def _no_unsupported(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        thinking = data.get("thinking")
-        if isinstance(thinking, dict) and thinking.get("type") not in (None, "disabled"):
-            raise UnsupportedFieldError(
-                "thinking", "extended thinking is not supported by this model; leave it out"
-            )
         check_tool_types(
             data.get("tools"), (None, "custom"), "give custom tools (name, input_schema)"
         )
         return data
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> MessagesRequest:
+        thinking = self.thinking
+        if thinking is not None and thinking.type == "enabled":
+            if thinking.budget_tokens is None:
+                raise UnsupportedFieldError(
+                    "thinking.budget_tokens", "enabled thinking needs budget_tokens"
+                )
+            if thinking.budget_tokens >= self.max_tokens:
+                raise UnsupportedFieldError(
+                    "thinking.budget_tokens",
+                    f"thinking.budget_tokens ({thinking.budget_tokens}) must be less than "
+                    f"max_tokens ({self.max_tokens}): the thinking is part of the output",
+                )
+        return self
+
+    def thinking_budget(self, reasoning: bool) -> int | None:
+        """The answer's thinking budget on a server with (`reasoning`) or without a reasoning
+        parser; a 400 for thinking asked of a model that has none."""
+        thinking = self.thinking
+        if thinking is None:
+            return None
+        if not reasoning:
+            if thinking.type == "enabled":
+                raise APIError(
+                    400,
+                    "extended thinking needs a reasoning model: start the server with "
+                    "--reasoning-parser (deepseek_r1 or qwen3), or leave thinking out",
+                    param="thinking",
+                )
+            return None
+        return thinking.budget_tokens if thinking.type == "enabled" else 0
 
     @model_validator(mode="after")
     def _choice_fits(self) -> MessagesRequest:
@@ -121,7 +159,7 @@ class MessagesRequest(_Request):
             return "auto"
         return "required" if choice.type == "any" else "named"
 
-    def sampling(self) -> SamplingFields:
+    def sampling(self, reasoning: bool) -> SamplingFields:
         return SamplingFields(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -129,6 +167,7 @@ class MessagesRequest(_Request):
             stop=self.stop_sequences or None,
             priority=self.priority,
             model=self.model,
+            thinking_token_budget=self.thinking_budget(reasoning),
         )
 
 
@@ -301,7 +340,7 @@ def add_messages_routes(app: FastAPI, server: _Server) -> None:
         messages = messages_of(req)
         run = await start_chat(
             server,
-            req.sampling(),
+            req.sampling(server.reasoning),
             messages,
             functions(req),
             req.tool_mode,

@@ -452,6 +452,7 @@ class _Server:
                 priority=priority,
                 prediction=self.prediction_ids(req),
                 adapter=self.adapter(req.model),
+                thinking_budget=None if call_format is not None else req.thinking_token_budget,
                 **guide_params,
             )
         except ValueError as e:

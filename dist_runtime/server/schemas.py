@@ -276,6 +276,10 @@ class SamplingFields(_Request):
     """vLLM's extra, with beam search: the exponent of the length a beam's score divides by."""
     prediction: Prediction | None = None
     """OpenAI's Predicted Outputs: text the answer is expected to mostly repeat."""
+    thinking_token_budget: int | None = Field(default=None, ge=0)
+    """vLLM's extra: a reasoning model's most thinking tokens, between `<think>` and
+    `</think>`; then `</think>` is forced and the model answers (`SamplingParams.
+    thinking_budget`)."""
 
     @field_validator("stop")
     @classmethod
