@@ -676,6 +676,9 @@ def test_job_sampling_options_and_unknown_fields(server: Server, tokenizer: Any)
     assert cut == full[:3]
     (forced,) = _job_answers(server, {**ask, "logit_bias": {"77": 100}})
     assert forced == tokenizer.decode([77] * 12)
+    # a thinking budget is stored with the job and read back; an answer that opens no
+    # thinking is left as it is
+    assert _job_answers(server, {**ask, "thinking_token_budget": 0}) == [full]
     for field, value in (("top_k", 5), ("min_p", 0.1), ("presence_penalty", 0.5),
                          ("frequency_penalty", 0.5), ("min_tokens", 2), ("stop_token_ids", [2]),
                          ("logit_bias", {"5": -1}), ("allowed_token_ids", [5, 6]),

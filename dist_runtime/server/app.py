@@ -1621,6 +1621,7 @@ def _add_job_routes(app: FastAPI, server: _Server) -> None:
                 json_object=json_object,
                 json_schema=schema,
                 priority=req.priority,
+                thinking_budget=req.thinking_token_budget,
             )
             job_id = runtime.submit(
                 document,

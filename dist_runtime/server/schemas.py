@@ -790,6 +790,8 @@ class JobRequest(_Request):
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    thinking_token_budget: int | None = Field(default=None, ge=0)
+    """A reasoning model's most thinking tokens per answer (as on the chat route)."""
 
     @field_validator(
         "response_format", "stop_token_ids", "logit_bias", "allowed_token_ids", "bad_words",
