@@ -23,6 +23,7 @@ from dist_runtime import JobState, Runtime, SamplingParams
 from dist_runtime.config import CacheConfig, SchedulerConfig
 from dist_runtime.engine.engine import EngineDeadError
 from dist_runtime.engine.executor.base import WorkerError
+from dist_runtime.text.tokenizer import Tokenizer
 
 CPU32: dict[str, Any] = dict(device="cpu", dtype="float32")
 BUDGET = 32
@@ -375,11 +376,11 @@ def test_a_crowd_through_worker_failures_gets_the_answers_of_none(
     tiny_llama_dir: Path, seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Random requests (greedy; seeded sampling with penalties; log-probabilities; prompt
-    log-probabilities; stop strings; min_tokens; guided regexes; priorities; shared prefixes
-    behind a hidden prefix pass) from three threads on a tight cache (preemptions), with
-    speculative decoding on odd seeds and a host tier on every third: the worker dies or the
-    step raises at random steps, up to three times, and every request ends as in a run
-    without failures.
+    log-probabilities; stop strings; min_tokens; guided regexes; thinking budgets; priorities;
+    shared prefixes behind a hidden prefix pass) from three threads on a tight cache
+    (preemptions), with speculative decoding on odd seeds and a host tier on every third: the
+    worker dies or the step raises at random steps, up to three times, and every request ends
+    as in a run without failures.
     Offline: `FAILURE_CROWD_SEEDS=150 pytest -k crowd_through` (150 seeds clean)."""
     rng = random.Random(seed)
     docs = [_prompt(rng.randint(30, 90), 40 + d) for d in range(2)]
@@ -393,7 +394,12 @@ def test_a_crowd_through_worker_failures_gets_the_answers_of_none(
         dict(temperature=1.0, stop=("e", "a ")),
         dict(temperature=0.8, min_tokens=3),
         dict(temperature=1.0, guided_regex="[a-h]{1,5}( [0-9]{1,3})?"),
+        dict(temperature=0.0, thinking_budget=2),  # (its prompt opens the thinking)
+        dict(temperature=0.9, thinking_budget=0),
     ]
+    tokenizer = Tokenizer.from_folder(tiny_llama_dir)
+    assert tokenizer is not None
+    think = tokenizer.encode("<think>", add_special_tokens=False)
     asks: list[tuple[list[list[int]], list[SamplingParams], bool]] = []
     for i in range(10):
         doc = rng.choice(docs)
@@ -408,6 +414,9 @@ def test_a_crowd_through_worker_failures_gets_the_answers_of_none(
                 **rng.choice(palette),
             )
             for _ in prompts
+        ]
+        prompts = [
+            p + think if sp.thinking_budget is not None else p for p, sp in zip(prompts, params)
         ]
         asks.append((prompts, params, n > 1 and rng.random() < 0.7))
     host_gb = 24 * 2 * 2 * 4 * 4 * 8 * 4 / 2**30 if seed % 3 == 0 else 0.0
