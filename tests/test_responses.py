@@ -6,6 +6,7 @@ are 400s naming the field."""
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,7 @@ def test_function_calls_round_trip(client: Any) -> None:
         ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role", "not user"),
         ({"include": ["reasoning.encrypted_content"]}, "include.0",
          "message.output_text.logprobs"),
-        ({"truncation": "auto"}, "truncation", "not supported"),
+        ({"truncation": "auto", "input": "pier " * 3000}, "input", "last turn alone"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "x"}}, "tool_choice",
          "not in tools"),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
@@ -211,6 +212,40 @@ def test_bad_requests_name_the_field(
     with pytest.raises(openai.NotFoundError) as missing:
         client.responses.create(model=None, input="x", previous_response_id="resp_nope")
     assert missing.value.body["param"] == "previous_response_id"
+
+
+def _tokens(client: Any, messages: list[dict[str, Any]]) -> int:
+    root = str(client.base_url).removesuffix("/").removesuffix("/v1")
+    req = urllib.request.Request(
+        root + "/tokenize", data=json.dumps({"messages": messages}).encode()
+    )
+    req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", f"Bearer {KEY}")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        count: int = json.loads(r.read())["count"]
+    return count
+
+
+def test_truncation_auto_drops_the_oldest_turns(client: Any) -> None:
+    """A conversation longer than the context: a 400 by default; with `truncation: "auto"`
+    the instructions and the longest run of newest turns that fits (the chat prompt of
+    exactly those, as /tokenize counts it)."""
+    turns = [
+        {"role": "user" if i % 2 == 0 else "assistant",
+         "content": f"Turn {i}: " + "the ferry leaves the pier at seven " * 12}
+        for i in range(41)
+    ]  # fmt: skip
+    ask: dict[str, Any] = dict(model=None, instructions="Be brief.", input=turns,
+                               max_output_tokens=16, temperature=0)  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(**ask)
+    assert "over session_len" in info.value.body["message"]
+    r = client.responses.create(truncation="auto", **ask)
+    assert r.truncation == "auto" and r.usage.output_tokens == 16
+    system = [{"role": "system", "content": "Be brief."}]
+    fitting = [k for k in range(len(turns)) if _tokens(client, system + turns[k:]) <= 2048 - 16]
+    assert 1 < fitting[0] < len(turns) - 1
+    assert r.usage.input_tokens == _tokens(client, system + turns[fitting[0] :])
 
 
 def test_input_items_become_chat_messages() -> None:

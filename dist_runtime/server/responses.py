@@ -25,8 +25,9 @@ runs it again from the start under the same id; without one it is lost with the 
 
 Hosted tools (web search, file search, ...), images, files by URL and files that are not UTF-8
 text in the input, `conversation`, `prompt`, `include` values other than
-`message.output_text.logprobs`, reasoning summaries and `truncation: "auto"` are 400s naming the
-field.
+`message.output_text.logprobs` and reasoning summaries are 400s naming the field.
+`truncation: "auto"` drops a conversation's oldest turns (after the instructions) until it fits
+the context, as OpenAI's does.
 """
 
 from __future__ import annotations
@@ -47,7 +48,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dist_runtime.server.calls import APIError, ChatRun, functions_of, gather, merged, start_chat
+from dist_runtime.server.calls import (
+    APIError,
+    ChatRun,
+    chat_prompt,
+    functions_of,
+    gather,
+    merged,
+    start_chat,
+)
 from dist_runtime.server.schemas import (
     ChatMessage,
     JsonSchemaFormat,
@@ -66,6 +75,7 @@ logger = logging.getLogger("dist_runtime.server.responses")
 if TYPE_CHECKING:
     from dist_runtime.engine.outputs import RequestOutput
     from dist_runtime.server.app import _Server
+    from dist_runtime.server.tools import Function
 
 STORE_MAX_ITEMS = 1000
 STORE_MAX_CHARS = 64 * 2**20
@@ -159,6 +169,9 @@ class ResponsesRequest(_Request):
     """`message.output_text.logprobs`: each output token's log-probability in the message's
     output_text (`logprobs`), with `top_logprobs` alternatives."""
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    truncation: Literal["auto", "disabled"] | None = None
+    """`auto`: a conversation longer than the context drops its oldest turns (after the
+    instructions) until it fits (`truncated`); `disabled` (the default): it is a 400."""
 
     @property
     def effort(self) -> str | None:
@@ -183,7 +196,6 @@ class ResponsesRequest(_Request):
             {
                 "conversation": _empty,
                 "prompt": _empty,
-                "truncation": lambda v: v in (None, "disabled"),
             },
         )
         check_tool_types(data.get("tools"), ("function",), "give function tools only")
@@ -457,6 +469,47 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
+def truncated(
+    server: _Server,
+    messages: list[ChatMessage],
+    functions: list[Function] | None,
+    mode: str,
+    template_kwargs: dict[str, Any] | None,
+    room: int,
+) -> list[ChatMessage]:
+    """The conversation cut to a prompt of at most `room` tokens (`truncation: "auto"`): its
+    leading system message (the instructions) kept, then as few of the oldest turns after it
+    dropped as make it fit (a call's results go with it: no cut leaves a `tool` message
+    first); a 400 when even its last turn alone is too long."""
+    functions = functions if mode != "none" else None
+    calling = bool(functions) and mode in ("required", "named")
+
+    def fits(kept: list[ChatMessage]) -> bool:
+        ids = chat_prompt(server, kept, functions, calling, False, template_kwargs)
+        return len(ids) <= room
+
+    if fits(messages):
+        return messages
+    head = messages[:1] if messages[0].role in ("system", "developer") else []
+    rest = messages[len(head) :]
+    cuts = [i for i in range(1, len(rest)) if rest[i].role != "tool"]
+    lo, hi = 0, len(cuts)  # the fewest dropped: the first cut that fits (fewer turns, fewer tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(head + rest[cuts[mid] :]):
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo == len(cuts):
+        raise APIError(
+            400,
+            f"the conversation's last turn alone is longer than the {room} tokens the context "
+            "leaves (session_len less max_output_tokens): shorten it",
+            param="input",
+        )
+    return head + rest[cuts[lo] :]
+
+
 def _text(content: Any, where: str) -> str | list[dict[str, Any]]:
     """The content of a message as the chat route takes it: its text, or with `input_file`
     parts (text files) chat parts, a `file` part where each file stands (images are 400s)."""
@@ -632,7 +685,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
             "top_p": req.top_p,
             "top_logprobs": req.top_logprobs,
             "service_tier": server.tier(req.sampling())[0],
-            "truncation": "disabled",
+            "truncation": req.truncation or "disabled",
             "usage": usage,
             "user": req.user,
             "metadata": req.metadata or {},
@@ -711,18 +764,25 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                 param="include",
             )
         named = req.tool_choice.name if isinstance(req.tool_choice, NamedFunctionChoice) else None
+        functions = functions_of([(t.name, t.description, t.parameters) for t in req.tools or []])
+        template_kwargs = None if req.effort is None else {"reasoning_effort": req.effort}
+        if req.truncation == "auto":
+            room = server.runtime.config.session_len - (req.max_output_tokens or 1)
+            messages = await asyncio.to_thread(
+                truncated, server, messages, functions, req.tool_mode, template_kwargs, room
+            )
         run = await start_chat(
             server,
             req.sampling(),
             messages,
-            functions_of([(t.name, t.description, t.parameters) for t in req.tools or []]),
+            functions,
             req.tool_mode,
             named,
             req.parallel_tool_calls,
             req.max_output_tokens,
             req.logprobs,
             1,
-            template_kwargs=None if req.effort is None else {"reasoning_effort": req.effort},
+            template_kwargs=template_kwargs,
         )
         rid = rid or f"resp_{uuid.uuid4().hex}"
         created = created or int(time.time())
