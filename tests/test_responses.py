@@ -6,6 +6,8 @@ are 400s naming the field."""
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +122,34 @@ def test_previous_response_continues_the_conversation(client: Any) -> None:
     unstored = client.responses.create(model=None, input="x", max_output_tokens=1, store=False)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
+
+
+def test_input_items_list_a_responses_own_input(client: Any) -> None:
+    """GET /v1/responses/{id}/input_items: the request's own input items (not the ones of the
+    response it continues), with ids, newest first by default, paged as OpenAI pages."""
+    first = client.responses.create(model=None, input="Name a port.", max_output_tokens=2)
+    (only,) = client.responses.input_items.list(first.id).data
+    assert only.type == "message" and only.role == "user" and only.id.startswith("msg_")
+    assert [(c.type, c.text) for c in only.content] == [("input_text", "Name a port.")]
+    given = [
+        {"role": "user", "content": "Where is the pier?"},
+        {"role": "assistant", "content": "North."},
+        {"type": "message", "role": "user", "id": "msg_mine",
+         "content": [{"type": "input_text", "text": "And the ferry?"}]},
+    ]  # fmt: skip
+    second = client.responses.create(
+        model=None, input=given, previous_response_id=first.id, max_output_tokens=2
+    )
+    newest = client.responses.input_items.list(second.id).data
+    assert [i.content[0].text for i in newest] == ["And the ferry?", "North.", "Where is the pier?"]
+    assert newest[0].id == "msg_mine" and newest[1].content[0].type == "output_text"
+    page = client.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [i.content[0].text for i in page.data] == ["Where is the pier?", "North."]
+    assert page.has_more
+    rest = client.responses.input_items.list(second.id, order="asc", after=page.data[-1].id)
+    assert [i.id for i in rest.data] == ["msg_mine"] and not rest.has_more
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_nope")
 
 
 def test_streamed_events_build_the_same_response(client: Any) -> None:
@@ -294,7 +324,6 @@ def test_store_keeps_the_newest_within_its_bounds() -> None:
 def test_background_responses_run_on_and_can_be_cancelled(client: Any) -> None:
     """background: answered at once as queued, polled to its end (the same answer as a
     foreground request); a long one cancelled ends `cancelled` with what it had written."""
-    import time
 
     ask: dict[str, Any] = dict(model=None, input="Where is the pier?", max_output_tokens=12,
                                temperature=0)  # fmt: skip
@@ -324,19 +353,34 @@ def test_background_responses_run_on_and_can_be_cancelled(client: Any) -> None:
 def test_disk_store_keeps_responses_and_pending_requests(tmp_path: Path) -> None:
     from dist_runtime.server.responses import DiskResponseStore
 
+    # a store written before input items were kept gets their column
+    made = sqlite3.connect(tmp_path / "responses.sqlite3")
+    made.execute(
+        "CREATE TABLE responses (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL "
+        "UNIQUE, created REAL NOT NULL, status TEXT NOT NULL, body TEXT NOT NULL, history TEXT "
+        "NOT NULL, request TEXT)"
+    )
+    made.execute("INSERT INTO responses (id, created, status, body, history) VALUES "
+                 "('old', ?, 'completed', '{}', '[]')", (time.time(),))  # fmt: skip
+    made.commit()
+    made.close()
     store = DiskResponseStore(tmp_path / "responses.sqlite3")
+    was = store.get("old")
+    assert was is not None and was.input is None
     one = [{"role": "user", "content": "abc"}]
-    store.put("r0", {"id": "r0", "status": "completed"}, one)
+    items = [{"type": "message", "id": "msg_1", "role": "user", "content": []}]
+    store.put("r0", {"id": "r0", "status": "completed"}, one, items=items)
     store.put("r1", {"id": "r1", "status": "queued"}, [], {"input": "x", "background": True})
     store.close()
     store = DiskResponseStore(tmp_path / "responses.sqlite3")  # a later server
     got = store.get("r0")
     assert got is not None and got.history == one and got.request is None
+    assert got.input == items
     assert [(rid, s.request) for rid, s in store.pending()] == [
         ("r1", {"input": "x", "background": True})
     ]
     store.put("r1", {"id": "r1", "status": "completed"}, one)  # answered: no longer pending
-    assert store.pending() == [] and len(store) == 2
+    assert store.pending() == [] and len(store) == 3
     old = DiskResponseStore(tmp_path / "responses.sqlite3", retention_s=-1)
     old.put("r2", {"id": "r2", "status": "completed"}, [])  # past retention: all go
     assert len(old) == 0 and store.get("r0") is None

@@ -1,5 +1,5 @@
 """OpenAI's Responses API on the chat path: `POST /v1/responses`, `GET` and `DELETE
-/v1/responses/{id}`.
+/v1/responses/{id}`, `GET /v1/responses/{id}/input_items`.
 
 A request's `input` (a string, or items: messages with text parts and `input_file` parts of
 text files, by `file_id` from `POST /v1/files` or as `file_data`; `function_call` and
@@ -54,6 +54,7 @@ from dist_runtime.server.calls import (
     chat_prompt,
     functions_of,
     gather,
+    list_page,
     merged,
     start_chat,
 )
@@ -268,6 +269,8 @@ class _Stored:
     chars: int
     request: dict[str, Any] | None = None
     """A background response not yet done: its request, to run it again after a restart."""
+    input: list[dict[str, Any]] | None = None
+    """Its request's `input` as items with ids (`input_items`: `GET .../input_items`)."""
 
 
 PENDING = ("queued", "in_progress")
@@ -288,13 +291,14 @@ class ResponseStore:
         body: dict[str, Any],
         history: list[dict[str, Any]],
         request: dict[str, Any] | None = None,
+        items: list[dict[str, Any]] | None = None,
     ) -> None:
         # everything kept counts: the conversation and the response (tools, metadata, calls)
-        chars = len(json.dumps(body)) + len(json.dumps(history))
+        chars = len(json.dumps(body)) + len(json.dumps(history)) + len(json.dumps(items))
         old = self._items.pop(rid, None)
         if old is not None:
             self._chars -= old.chars
-        self._items[rid] = _Stored(body, history, chars, request)
+        self._items[rid] = _Stored(body, history, chars, request, items)
         self._chars += chars
         while self._items and (len(self._items) > self.max_items or self._chars > self.max_chars):
             _, gone = self._items.popitem(last=False)
@@ -344,6 +348,9 @@ class DiskResponseStore:
             "CREATE INDEX IF NOT EXISTS responses_by_status ON responses (status);"
             "CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created);"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(responses)")}
+        if "input" not in columns:  # (a store written before input items were kept)
+            self._db.execute("ALTER TABLE responses ADD COLUMN input TEXT")
         self._purged = 0.0
 
     def put(
@@ -352,6 +359,7 @@ class DiskResponseStore:
         body: dict[str, Any],
         history: list[dict[str, Any]],
         request: dict[str, Any] | None = None,
+        items: list[dict[str, Any]] | None = None,
     ) -> None:
         now = time.time()
         with self._lock:
@@ -359,12 +367,13 @@ class DiskResponseStore:
                 self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
-                "INSERT INTO responses (id, created, status, body, history, request) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = "
+                "INSERT INTO responses (id, created, status, body, history, request, input) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = "
                 "excluded.status, body = excluded.body, history = excluded.history, request = "
-                "excluded.request",
+                "excluded.request, input = excluded.input",
                 (rid, now, body["status"], json.dumps(body), json.dumps(history),
-                 None if request is None else json.dumps(request)),
+                 None if request is None else json.dumps(request),
+                 None if items is None else json.dumps(items)),
             )  # fmt: skip
             if now - self._purged > 60:  # the ones past retention, once a minute at most
                 self._purged = now
@@ -378,7 +387,7 @@ class DiskResponseStore:
     def get(self, rid: str) -> _Stored | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT body, history, request FROM responses WHERE id = ?", (rid,)
+                "SELECT body, history, request, input FROM responses WHERE id = ?", (rid,)
             ).fetchone()
         return None if row is None else _row(row)
 
@@ -390,7 +399,7 @@ class DiskResponseStore:
         """Background responses a server left unanswered, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, body, history, request FROM responses WHERE status IN (?, ?) "
+                "SELECT id, body, history, request, input FROM responses WHERE status IN (?, ?) "
                 "ORDER BY seq",
                 PENDING,
             ).fetchall()
@@ -405,12 +414,38 @@ class DiskResponseStore:
             self._db.close()
 
 
-def _row(row: tuple[str, str, str | None]) -> _Stored:
-    body, history, request = row
+def _row(row: tuple[str, str, str | None, str | None]) -> _Stored:
+    body, history, request, items = row
     return _Stored(
         json.loads(body), json.loads(history), len(body) + len(history),
         None if request is None else json.loads(request),
+        None if items is None else json.loads(items),
     )  # fmt: skip
+
+
+_ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
+                "reasoning": "rs"}  # fmt: skip
+
+
+def input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A request's `input` as OpenAI lists it back (`GET /v1/responses/{id}/input_items`):
+    items with a `type` and an `id` (the caller's, else a new one), message text as content
+    parts."""
+    raw: list[dict[str, Any]] = (
+        [{"role": "user", "content": given}] if isinstance(given, str) else given
+    )
+    items = []
+    for one in raw:
+        item: dict[str, Any] = dict(one)
+        kind = item.setdefault("type", "message")
+        if kind == "message":
+            text_part = "output_text" if item.get("role") == "assistant" else "input_text"
+            if isinstance(item.get("content"), str):
+                item["content"] = [{"type": text_part, "text": item["content"]}]
+            item.setdefault("status", "completed")
+        item.setdefault("id", f"{_ITEM_PREFIX.get(kind, 'item')}_{uuid.uuid4().hex}")
+        items.append(item)
+    return items
 
 
 def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -714,7 +749,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
         except (APIError, ValueError) as e:
             failed = stored.body | {"status": "failed"}
             failed["error"] = {"code": "server_error", "message": f"not run again: {e}"}
-            store.put(rid, failed, [])
+            store.put(rid, failed, [], items=stored.input)
 
     state.resume = resume
 
@@ -747,6 +782,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                 )
             history = [dict(m) for m in previous.history]
         new = input_messages(req.input)
+        items = input_items(req.input)
         conversation = history + new
         if req.instructions:
             conversation = [{"role": "system", "content": req.instructions}, *conversation]
@@ -802,7 +838,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                 }
             done = body(req, rid, created, status, output, usage)
             if req.store:
-                store.put(rid, done, history + new + _output_history(output))
+                store.put(rid, done, history + new + _output_history(output), items=items)
             return done
 
         def whole(out: RequestOutput) -> dict[str, Any]:
@@ -820,7 +856,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
         if req.background:
             queued = body(req, rid, created, "queued", [], None)
             asked = req.model_dump(mode="json", by_alias=True, exclude_unset=True)
-            store.put(rid, queued, [], asked)  # kept until answered: a restart runs it again
+            store.put(rid, queued, [], asked, items)  # kept until answered: a restart runs it
             (handle,) = run.handles
 
             async def run_on() -> None:
@@ -828,14 +864,14 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                     async for _ in handle:  # a first token: it runs
                         if queued["status"] == "queued":
                             queued["status"] = "in_progress"
-                            store.put(rid, queued, [], asked)
+                            store.put(rid, queued, [], asked, items)
                     whole(handle.result(timeout=0))
                 except Exception as e:  # the engine failed the request
                     if state.stopping:
                         return  # the server stops: left for the next one to run again
                     failed = body(req, rid, created, "failed", [], None)
                     failed["error"] = {"code": "server_error", "message": str(e)}
-                    store.put(rid, failed, [])
+                    store.put(rid, failed, [], items=items)
                 finally:
                     background.pop(rid, None)
 
@@ -1031,6 +1067,23 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                            "response_id")  # fmt: skip
         return stored.body
 
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def items_of(
+        response_id: str, limit: int = 20, order: str = "desc", after: str | None = None
+    ) -> dict[str, Any]:
+        """The response's input items (its own request's, not those of the responses it
+        continues), newest first by default; one page (`limit`, `after`)."""
+        stored = store.get(response_id)
+        if stored is None:
+            raise APIError(404, f"no stored response {response_id!r}", "not_found_error",
+                           "response_id")  # fmt: skip
+        if order not in ("asc", "desc"):
+            raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
+        found = list(stored.input or [])
+        if order == "desc":
+            found.reverse()
+        return list_page(found, after, limit, 100)
+
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel(response_id: str) -> dict[str, Any]:
         """Stop a background response; it ends `cancelled` with what it had written."""
@@ -1045,7 +1098,7 @@ def add_responses_routes(app: FastAPI, server: _Server) -> Responses:
                                param="response_id")  # fmt: skip
             if stored.body["status"] in PENDING:  # left by a previous server, not yet resumed
                 cancelled = stored.body | {"status": "cancelled"}
-                store.put(response_id, cancelled, [])
+                store.put(response_id, cancelled, [], items=stored.input)
                 return cancelled
             return stored.body  # done already: cancelling changes nothing
         task, handle = running
