@@ -1012,6 +1012,8 @@ def test_null_fields_take_their_defaults(server: Server) -> None:
         ("/v1/completions", {"best_of": 2, "n": 3}, "best_of"),
         ("/v1/completions", {"best_of": 3, "stream": True}, "best_of"),
         ("/v1/completions", {"best_of": 3, "use_beam_search": True}, "best_of"),
+        ("/v1/completions", {"thinking_token_budget": 3, "use_beam_search": True},
+         "thinking_token_budget"),
         ("/v1/chat/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"suffix": " end"}, "suffix"),
         ("/v1/completions", {"guided_grammar": 'root ::= root "a" | "b"'}, "guided_grammar"),

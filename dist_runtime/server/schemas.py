@@ -338,6 +338,7 @@ class SamplingFields(_Request):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty != 1.0,
             "temperature": self.temperature not in (0.0, 1.0),
+            "thinking_token_budget": self.thinking_token_budget is not None,
             **{name: True for name in self.guides()},
         }
         for name, given in fixed.items():
