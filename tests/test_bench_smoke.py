@@ -8,7 +8,8 @@ host-work, host-tier, disk-tier, recovery, LoRA, draft-row and KV-allocation ben
 
 A few take 10 s or more each and run on demand (`-m slow`): `bench/cpu_attention.py` (with its
 earlier-run column and a commit's kernel built beside today's), `bench/speculative.py`,
-`bench/batch_api.py` and `bench/worker_raise.py` (three Ray workers, replaced twice)."""
+`bench/batch_api.py`, `bench/worker_raise.py` (three Ray workers, replaced twice) and
+`bench/sampler_options.py` (the demo model with six sampling options)."""
 
 from __future__ import annotations
 
@@ -439,3 +440,18 @@ def test_kv_alloc_bench_runs(tmp_path: Path) -> None:
     out = _run("bench/kv_alloc.py", "--repeats=1", "--cache-gb=0.25", f"--report={report}")
     assert "kv-alloc: start + 3 tokens + stop, fresh pages vs torch.zeros: 0.25 GiB" in out
     assert "| 0.25 GiB | torch.zeros |" in report.read_text()
+
+
+@pytest.mark.slow  # (the demo model, six options; ~10 s; run with -m slow)
+def test_sampler_options_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "sampler_options.md"
+    out = _run(
+        "bench/sampler_options.py",
+        "--batch=1",
+        "--new-tokens=20",
+        "--repeats=1",
+        f"--report={report}",
+    )
+    assert "sampler-options: b1 x 20 tokens, time against plain greedy" in out
+    assert "thinking_budget" in out
+    assert report.read_text().count("| min_tokens |") == 1
