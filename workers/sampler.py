@@ -222,12 +222,7 @@ def apply_token_bans(
     keep = torch.ones_like(logits, dtype=torch.bool, device="cpu")  # (batch, vocab)
     for i, spec in enumerate(specs):
         if spec.allowed_ids:
-            if spec.allowed_ids[-1] >= vocab:
-                raise ValueError(
-                    f"allowed_token_ids names token {spec.allowed_ids[-1]}, past the {vocab} logits"
-                )
-            keep[i] = False
-            keep[i, spec.allowed_ids] = True
+            keep[i] = _allowed_row(spec, vocab)
         if not spec.bad_words:
             continue
         tail = outputs[i][-max(len(w) for w in spec.bad_words) :].tolist()
@@ -236,6 +231,22 @@ def apply_token_bans(
             if last < vocab and (not before or tail[len(tail) - len(before) :] == before):
                 keep[i, last] = False
     return logits.masked_fill(~keep.to(logits.device), _NEG_INF)
+
+
+def _allowed_row(spec: SamplingSpec, vocab: int) -> torch.Tensor:
+    """(vocab,) bool, true at the spec's allowed ids: built at its first step and kept on the
+    spec (a worker holds one spec per sequence for its whole life), so a step costs a copy,
+    not a list of ids turned into a tensor per row."""
+    cached = spec.__dict__.get("_allowed_row")
+    if cached is None or cached.numel() != vocab:
+        if spec.allowed_ids[-1] >= vocab:
+            raise ValueError(
+                f"allowed_token_ids names token {spec.allowed_ids[-1]}, past the {vocab} logits"
+            )
+        cached = torch.zeros(vocab, dtype=torch.bool)
+        cached[torch.tensor(spec.allowed_ids, dtype=torch.long)] = True
+        object.__setattr__(spec, "_allowed_row", cached)  # (a frozen dataclass's cache)
+    return cached
 
 
 def verify_draft(
