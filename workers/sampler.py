@@ -13,6 +13,8 @@ the helpers free of device syncs.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -202,8 +204,8 @@ def adjusted_logits(
         penalized = apply_token_bans(penalized, specs, outputs)
     if allowed is not None:
         penalized = penalized.masked_fill(~allowed_rows(allowed, logits), _NEG_INF)
-    if banned or allowed is not None:
-        empty = torch.isneginf(penalized).all(dim=-1).nonzero().flatten().tolist()
+    if banned or allowed is not None:  # (a row's max is -inf only when every logit is)
+        empty = torch.isneginf(penalized.amax(dim=-1)).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
                 f"no token is left to sample in row {empty[0]}: allowed_token_ids, bad_words "
@@ -332,11 +334,37 @@ def apply_logit_bias(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.T
     )
 
 
+MASK_CACHE_ROWS = 64
+"""Unpacked allowed-token masks a sampler keeps (least recently used out): a request's
+min_tokens mask is the same every step, a grammar's states recur."""
+_mask_rows: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+_mask_lock = threading.Lock()
+
+
+def _mask_row(mask: bytes, vocab: int) -> torch.Tensor:
+    """(vocab,) bool of one packed mask (least significant bit first), from the cache."""
+    with _mask_lock:
+        row = _mask_rows.get(mask)
+        if row is not None and row.numel() == vocab:
+            _mask_rows.move_to_end(mask)
+            return row
+    packed = torch.frombuffer(bytearray(mask), dtype=torch.uint8)
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1  # (nbytes, 8)
+    row = bits.reshape(-1)[:vocab].bool()
+    if not bool(row.any()):
+        raise ValueError("an allowed-token mask allows no token")
+    with _mask_lock:
+        _mask_rows[mask] = row
+        while len(_mask_rows) > MASK_CACHE_ROWS:
+            _mask_rows.popitem(last=False)
+    return row
+
+
 def allowed_rows(allowed: Sequence[bytes | None], logits: torch.Tensor) -> torch.Tensor:
     """(batch, vocab) bool on the logits' device from packed masks (None: every token)."""
     batch, vocab = logits.shape
     nbytes = (vocab + 7) // 8
-    packed = torch.full((batch, nbytes), 255, dtype=torch.uint8)
+    rows = torch.ones((batch, vocab), dtype=torch.bool)
     for i, mask in enumerate(allowed):
         if mask is None:
             continue
@@ -344,12 +372,7 @@ def allowed_rows(allowed: Sequence[bytes | None], logits: torch.Tensor) -> torch
             raise ValueError(
                 f"an allowed-token mask of {len(mask)} bytes for {vocab} logits (want {nbytes})"
             )
-        packed[i] = torch.frombuffer(bytearray(mask), dtype=torch.uint8)
-    shifts = torch.arange(8, dtype=torch.uint8)
-    bits = (packed.unsqueeze(2) >> shifts) & 1  # (batch, nbytes, 8), least significant first
-    rows = bits.reshape(batch, nbytes * 8)[:, :vocab].bool()
-    if not bool(rows.any(dim=1).all()):
-        raise ValueError("an allowed-token mask allows no token")
+        rows[i] = _mask_row(bytes(mask), vocab)
     return rows.to(logits.device, non_blocking=True)
 
 
@@ -358,8 +381,10 @@ def _choose(
 ) -> torch.Tensor:
     """(batch,) token ids on the logits' device: argmax for greedy rows, a draw from the warped
     distribution for the others; nothing is read back to the host."""
-    token_ids = torch.empty(len(specs), dtype=torch.long, device=logits.device)  # (batch,)
     greedy = [i for i, s in enumerate(specs) if s.temperature == 0.0]
+    if len(greedy) == len(specs):
+        return logits.argmax(dim=-1)
+    token_ids = torch.empty(len(specs), dtype=torch.long, device=logits.device)  # (batch,)
     if greedy:
         rows = torch.tensor(greedy, device=logits.device)
         token_ids[rows] = logits.index_select(0, rows).argmax(dim=-1)

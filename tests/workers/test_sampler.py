@@ -12,7 +12,9 @@ import torch
 
 from dist_runtime.protocol import SamplingSpec
 from workers.sampler import (
+    MASK_CACHE_ROWS,
     Sampler,
+    allowed_rows,
     apply_min_p,
     apply_repetition_penalty,
     apply_top_k,
@@ -488,6 +490,27 @@ def test_allowed_masks_hold_greedy_and_sampled_rows_to_their_tokens() -> None:
         raw = torch.log_softmax(logits, dim=-1)  # log-probabilities stay the raw model's
         for row, t in enumerate(out):
             assert t.logprob == pytest.approx(raw[row, t.token_id].item(), abs=1e-5)
+
+
+def test_allowed_rows_from_the_mask_cache_equal_the_masks_bits() -> None:
+    """Unpacked masks are cached (least recently used out past MASK_CACHE_ROWS): through many
+    more masks than it holds, repeated in turn, with a vocabulary that is not a multiple of 8,
+    every row is the mask's own bits."""
+    vocab = 37
+    gen = torch.Generator().manual_seed(3)
+    masks = []
+    for _ in range(MASK_CACHE_ROWS + 20):
+        bits = torch.rand(vocab, generator=gen) < 0.5
+        bits[int(torch.randint(vocab, (1,), generator=gen))] = True
+        packed = bytearray((vocab + 7) // 8)
+        for t in bits.nonzero().flatten().tolist():
+            packed[t // 8] |= 1 << (t % 8)
+        masks.append((bytes(packed), bits))
+    logits = torch.zeros(3, vocab)
+    for k in [*range(len(masks)), *range(len(masks) - 1, -1, -3)]:
+        rows = allowed_rows([masks[k][0], None, masks[(k * 7) % len(masks)][0]], logits)
+        assert torch.equal(rows[0], masks[k][1]) and bool(rows[1].all())
+        assert torch.equal(rows[2], masks[(k * 7) % len(masks)][1])
 
 
 def test_allowed_masks_must_fit_the_logits_and_allow_something() -> None:
