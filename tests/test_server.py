@@ -499,6 +499,15 @@ def test_keys(server: Server) -> None:
     assert status == 401 and body["error"]["type"] == "authentication_error"
     assert server.request("GET", "/v1/models", key="other")[0] == 200
     assert server.request("GET", "/health", key=None)[0] == 200
+    # SageMaker's /ping (GET or POST) answers as /health; /version names the package's
+    for method in ("GET", "POST"):
+        assert server.request(method, "/ping", key=None) == (200, {"status": "ok"})
+    import tomllib
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert server.request("GET", "/version", key=None) == (
+        200, {"version": pyproject["project"]["version"]}
+    )  # fmt: skip
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()

@@ -20,6 +20,7 @@ import asyncio
 import codecs
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -799,6 +801,16 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+def _package_version() -> str:
+    """The installed package's version (pyproject's, for a source checkout not installed)."""
+    try:
+        return importlib.metadata.version("dist-runtime")
+    except importlib.metadata.PackageNotFoundError:
+        text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+        match = re.search(r'^version = "([^"]+)"', text, re.M)
+        return match.group(1) if match else "unknown"
+
+
 def _add_routes(app: FastAPI, server: _Server) -> None:
     runtime = server.runtime
     name = server.settings.served_model_name
@@ -810,6 +822,15 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         if runtime.engine.replacing_workers:  # (requests queue meanwhile: route elsewhere)
             return JSONResponse({"status": "replacing workers"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        """SageMaker's health route (as vLLM serves it): /health's answer."""
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": _package_version()}
 
     @app.get("/metrics")
     async def metrics() -> Response:
