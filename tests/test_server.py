@@ -401,6 +401,28 @@ def test_completion_add_special_tokens(client: Any, tokenizer: Any) -> None:
     assert out.usage.prompt_tokens == len(bare) and out.choices[0].text == same.choices[0].text
 
 
+def test_chat_add_special_tokens(server: Server, tokenizer: Any) -> None:
+    """vLLM's chat add_special_tokens: true puts the tokenizer's BOS before what the chat
+    template writes (off by default: the template writes the prompt); /tokenize counts the
+    same either way."""
+    bos = tokenizer.encode("a")[: -len(tokenizer.encode("a", add_special_tokens=False))]
+    assert bos
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+            "return_token_ids": True}  # fmt: skip
+    ids = {}
+    for special in (False, True):
+        status, out = server.request(
+            "POST", "/v1/chat/completions", {**body, "add_special_tokens": special}
+        )
+        assert status == 200, out
+        ids[special] = out["prompt_token_ids"]
+        status, counted = server.request(
+            "POST", "/tokenize", {"messages": body["messages"], "add_special_tokens": special}
+        )
+        assert counted["tokens"] == ids[special]
+    assert ids[True] == bos + ids[False]
+
+
 def test_an_unknown_field_is_ignored_and_logged_once(server: Server, client: Any) -> None:
     """A field the API does not have is ignored (as OpenAI-compatible servers do), and its
     name goes to the server's log once, so a misspelt option does not go unnoticed."""

@@ -871,7 +871,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         ids = await asyncio.to_thread(
             chat_prompt, server, req.messages, None, False, req.continue_final_message,
             req.template_kwargs(), req.chat_template, req.documents,
-            req.add_generation_prompt is not False,
+            req.add_generation_prompt is not False, req.add_special_tokens,
         )  # fmt: skip
         if req.truncate_prompt_tokens is not None:
             ids = ids[-req.truncate_prompt_tokens :]
@@ -936,6 +936,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             req.chat_template,
             req.documents,
             req.add_generation_prompt is not False,
+            req.add_special_tokens,
         )
         ids, handles, splitter = run.ids, run.handles, run.splitter
 
@@ -1071,12 +1072,13 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 req.chat_template,
                 req.documents,
                 req.add_generation_prompt and not req.continue_final_message,
+                bool(req.add_special_tokens),
             )
         else:
             tokenizer = runtime.tokenizer
             if tokenizer is None:
                 raise APIError(400, f"{runtime.config.model} has no tokenizer", param="prompt")
-            text, special = req.prompt or "", req.add_special_tokens
+            text, special = req.prompt or "", req.add_special_tokens is not False
             ids = await asyncio.to_thread(tokenizer.encode, text, special)
         return {
             "count": len(ids),

@@ -88,6 +88,7 @@ async def start_chat(
     template: str | None = None,
     documents: list[dict[str, str]] | None = None,
     generation_prompt: bool = True,
+    special_tokens: bool = False,
 ) -> ChatRun:
     """Build a chat prompt in the model's tool-call format and add its `n` requests: a
     required (`mode` "required", or "named" for function `named`) call's answer is held to
@@ -120,6 +121,7 @@ async def start_chat(
         template,
         documents,
         generation_prompt,
+        special_tokens,
     )
     if sampling.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last tokens only
         ids = ids[-sampling.truncate_prompt_tokens :]
@@ -187,9 +189,12 @@ def chat_prompt(
     template: str | None = None,
     documents: list[dict[str, str]] | None = None,
     generation_prompt: bool = True,
+    special_tokens: bool = False,
 ) -> list[int]:
     """A chat request's prompt ids, in the model's tool-call format (run off the event loop:
-    a million-token document takes seconds). `template` is the request's own chat template
+    a million-token document takes seconds); `special_tokens`: with the tokens the tokenizer
+    adds to a text (BOS) on top of the template's (vLLM's chat `add_special_tokens`).
+    `template` is the request's own chat template
     (vLLM's `chat_template`, with `--trust-request-chat-template`), `documents` the template's
     `documents` (vLLM's, for templates that write retrieved documents)."""
     tokenizer = server.runtime.tokenizer
@@ -241,13 +246,29 @@ def chat_prompt(
             ],
             functions,
         )
-        return fmt.encode(
+        ids = fmt.encode(
             tokenizer, turns, functions, calling, continue_final, template_kwargs, generation_prompt
         )
     except (ValueError, RecursionError) as e:
         what = str(e) if isinstance(e, ValueError) else "a value nests too deeply"
         mine = template is not None and isinstance(e, ChatTemplateError)
         raise APIError(400, what, param="chat_template" if mine else "messages") from e
+    if not special_tokens:
+        return ids
+    before, after = special_ids(tokenizer)
+    return [*before, *ids, *after]
+
+
+def special_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds before and after a text's own (BOS; EOS for some)."""
+    bare = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    at = next(
+        (k for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare), None
+    )
+    if at is None:  # (a tokenizer that changes the text's own ids: add nothing)
+        return [], []
+    return full[:at], full[at + len(bare) :]
 
 
 def _documents(tokenizer: Tokenizer, documents: list[dict[str, str]]) -> dict[str, Any]:

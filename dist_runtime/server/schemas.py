@@ -565,6 +565,9 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None
     """vLLM's extra: documents for a chat template that writes them (its `documents`, as HF's
     `apply_chat_template(documents=...)`), each e.g. `{"title": ..., "text": ...}`."""
+    add_special_tokens: bool = False
+    """vLLM's extra: the tokens the tokenizer adds to a text (BOS) on top of what the chat
+    template writes (for a template that writes no BOS); off by default, as in vLLM."""
     functions: list[FunctionDef] | None = None
     """OpenAI's older form of `tools` (functions alone). The answer then calls at most one,
     as the older API's `function_call` in the message, finish reason `function_call`."""
@@ -716,8 +719,9 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     """For `messages`: as the chat route's fields."""
-    add_special_tokens: bool = True
-    """For a `prompt`: add BOS as the completion route does."""
+    add_special_tokens: bool | None = None
+    """Add the tokenizer's special tokens (BOS) as the matching route does: by default for a
+    `prompt` (as completions), not for `messages` (as chat, whose template writes them)."""
     return_token_strs: bool = False
     functions: list[FunctionDef] | None = None
     """The older form of `tools`, as the chat route takes it."""
