@@ -65,6 +65,9 @@ class SamplingParams:
     ValueError naming it)."""
     json_object: bool = False
     """Guided output: any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
+    compact_json: bool = False
+    """With json_schema or json_object: no whitespace outside strings (vLLM's
+    `disable_any_whitespace`), so the answer is compact JSON."""
     guided_choice: tuple[str, ...] = ()
     """Guided output: the answer is exactly one of these strings (vLLM's `guided_choice`)."""
     guided_regex: str | None = None
@@ -258,6 +261,14 @@ class SamplingParams:
         if self.json_schema is not None:
             _check(not self.json_object, "give json_schema or json_object, not both")
             object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
+        _check(
+            isinstance(self.compact_json, bool),
+            f"compact_json must be True or False, got {self.compact_json!r}",
+        )
+        _check(
+            not self.compact_json or self.json_object or self.json_schema is not None,
+            "compact_json goes with guided JSON (json_schema or json_object)",
+        )
         _check(
             not (self.min_tokens and self.guided),
             "min_tokens cannot combine with guided output (the grammar decides where the "

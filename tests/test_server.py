@@ -1143,6 +1143,46 @@ def test_response_format_json_schema(client: Any) -> None:
     jsonschema.validate(json.loads(done.choices[0].text), GUIDED_SCHEMA)
 
 
+def _whitespace_outside_strings(text: str) -> bool:
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            escaped, in_string = (not escaped and c == "\\"), in_string and (escaped or c != '"')
+        elif c == '"':
+            in_string = True
+        elif c in " \t\n\r":
+            return True
+    return False
+
+
+def test_disable_any_whitespace_makes_guided_json_compact(client: Any) -> None:
+    """vLLM's structured_outputs.disable_any_whitespace: the schema's JSON with no whitespace
+    outside strings, with the JSON in structured_outputs or a response_format; a 400 with a
+    guide that is not JSON."""
+    assert _whitespace_outside_strings('{"a": 1}') and not _whitespace_outside_strings('{"a b":1}')
+    ask: dict[str, Any] = dict(model=None, prompt="JSON:", max_tokens=400, temperature=1.0)
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": GUIDED_SCHEMA}}
+    compact = {"disable_any_whitespace": True}
+    for seed in range(3):
+        for extra in ({"structured_outputs": {"json": GUIDED_SCHEMA, **compact}},
+                      {"response_format": fmt, "structured_outputs": compact}):  # fmt: skip
+            text = client.completions.create(seed=seed, extra_body=extra, **ask).choices[0].text
+            jsonschema.validate(json.loads(text), GUIDED_SCHEMA)
+            assert not _whitespace_outside_strings(text), text
+    loose = [
+        client.completions.create(seed=seed, extra_body={"response_format": fmt}, **ask)
+        .choices[0]
+        .text
+        for seed in range(3)
+    ]
+    assert any(_whitespace_outside_strings(t) for t in loose)  # (what the option changes)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(
+            extra_body={"structured_outputs": {"regex": "a+", **compact}}, **ask
+        )
+    assert info.value.body["param"] == "structured_outputs.disable_any_whitespace"
+
+
 def test_settings_that_leave_no_token_are_a_400_not_a_server_error(server: Server) -> None:
     """A request whose own settings rule out every token at a step (a guided choice none of
     whose tokens allowed_token_ids allows; fuzzing found bad_words against a schema's key) is

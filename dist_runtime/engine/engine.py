@@ -758,7 +758,7 @@ class Engine:
         elif params.guided_grammar is not None:
             grammar = gbnf_grammar(params.guided_grammar)
         else:
-            grammar = grammar_for(params.json_schema)
+            grammar = grammar_for(params.json_schema, params.compact_json)
         return JsonGuide(grammar, vocab, stops)
 
     def _draw_seed(self) -> int:

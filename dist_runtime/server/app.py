@@ -428,6 +428,15 @@ class _Server:
         guide_params.update({_STRUCTURED[k]: v for k, v in structured.items()})
         if call_format is not None:
             guide_params.update(json_object=False, json_schema=call_format)
+        if req.structured_outputs is not None and req.structured_outputs.disable_any_whitespace:
+            if not guide_params["json_object"] and guide_params["json_schema"] is None:
+                raise APIError(
+                    400,
+                    "structured_outputs.disable_any_whitespace goes with guided JSON (json, "
+                    "json_object, a JSON response_format or guided_json)",
+                    param="structured_outputs.disable_any_whitespace",
+                )
+            guide_params["compact_json"] = True
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens if max_tokens is not None else 16,

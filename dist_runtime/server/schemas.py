@@ -158,9 +158,10 @@ class StructuredOutputs(_Request):
     `choice`, `regex`, `json` (a JSON Schema, or its JSON text), `grammar` (GBNF) and
     `json_object`. `disable_fallback` and `backend` choose how vLLM builds the guide, not what
     it lets through (this server has one way, which never falls back to unguided output):
-    accepted and ignored. vLLM's options that change the answer (`structural_tag`,
-    `whitespace_pattern`, `disable_any_whitespace`, `disable_additional_properties`) are a 400
-    unless left at their defaults, and so is any other key."""
+    accepted and ignored. `disable_any_whitespace` makes guided JSON compact (no whitespace
+    outside strings). vLLM's other options that change the answer (`structural_tag`,
+    `whitespace_pattern`, `disable_additional_properties`) are a 400 unless left at their
+    defaults, and so is any other key."""
 
     model_config = ConfigDict(extra="forbid")
     choice: list[str] | None = Field(default=None, min_length=1)
@@ -170,6 +171,7 @@ class StructuredOutputs(_Request):
     json_object: bool = False
     disable_fallback: bool = False
     backend: str | None = None
+    disable_any_whitespace: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -180,7 +182,6 @@ class StructuredOutputs(_Request):
         options = {
             "structural_tag": _empty,
             "whitespace_pattern": _empty,
-            "disable_any_whitespace": _off,
             "disable_additional_properties": _off,
         }
         _unsupported(data, options, "structured_outputs.")

@@ -306,12 +306,12 @@ class JsonGuide:
 
 
 @functools.lru_cache(maxsize=64)
-def grammar_for(schema_text: str | None) -> JsonGrammar:
+def grammar_for(schema_text: str | None, compact: bool = False) -> JsonGrammar:
     """The grammar of a schema's canonical JSON text (None: any JSON object), shared by the
-    requests that name the same schema."""
+    requests that name the same schema; `compact`: no whitespace outside strings."""
     if schema_text is None:
-        return JsonGrammar.any_object()
-    return JsonGrammar.from_schema(json.loads(schema_text))
+        return JsonGrammar.any_object(compact)
+    return JsonGrammar.from_schema(json.loads(schema_text), compact)
 
 
 @functools.lru_cache(maxsize=64)

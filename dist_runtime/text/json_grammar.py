@@ -854,6 +854,15 @@ def _finishes(stack: Stack) -> bool:
     return top[0] == "root" and top[2] == 1
 
 
+_WHITESPACE = frozenset(b" \t\n\r")
+
+
+def _in_string(stack: Stack) -> bool:
+    """The parse is inside a JSON string's content (where whitespace is text)."""
+    top = stack[-1]
+    return top[0] in ("str", "rxs") and top[2] == 1
+
+
 State = frozenset[Stack]
 """A recogniser state: the parse stacks still alive. Hashable; its hash is cached."""
 
@@ -867,15 +876,17 @@ class JsonGrammar:
     dropped whole past MAX_CACHE entries, which is always safe: states are values).
     """
 
-    def __init__(self, node: Node, start: State | None = None):
-        """`start`: a state other than "before a value of `node`" (a raw answer begun)."""
+    def __init__(self, node: Node, start: State | None = None, compact: bool = False):
+        """`start`: a state other than "before a value of `node`" (a raw answer begun);
+        `compact`: JSON without whitespace outside strings (vLLM's `disable_any_whitespace`)."""
         self.node = node
         self.start: State = start or frozenset({(("root", node, 0, 0),)})
+        self.compact = compact
         self._next: dict[tuple[State, int], State | None] = {}
 
     @classmethod
-    def from_schema(cls, schema: Any) -> JsonGrammar:
-        return cls(compile_schema(schema))
+    def from_schema(cls, schema: Any, compact: bool = False) -> JsonGrammar:
+        return cls(compile_schema(schema), compact=compact)
 
     @classmethod
     def from_regex(cls, pattern: str) -> JsonGrammar:
@@ -902,9 +913,9 @@ class JsonGrammar:
         return cls(node, frozenset({(("root", node, 2, 0), ("enum", node, 0))}))
 
     @classmethod
-    def any_object(cls) -> JsonGrammar:
+    def any_object(cls, compact: bool = False) -> JsonGrammar:
         """Any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
-        return cls(_ANY_OBJECT)
+        return cls(_ANY_OBJECT, compact=compact)
 
     def step(self, state: State, b: int) -> State | None:
         key = (state, b)
@@ -914,6 +925,8 @@ class JsonGrammar:
             pass
         out: set[Stack] = set()
         for stack in state:
+            if self.compact and b in _WHITESPACE and not _in_string(stack):
+                continue  # (compact: whitespace only inside strings)
             _feed(stack, b, out)
         nxt = frozenset(out) if out else None
         if len(self._next) >= MAX_CACHE:

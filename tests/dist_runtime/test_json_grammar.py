@@ -543,6 +543,38 @@ def test_any_object_accepts_every_object(value: dict[str, Any], style: dict[str,
     assert_accepted(g, {"type": "object"}, render(value, style))
 
 
+@settings(max_examples=150, deadline=None)
+@given(value=st.dictionaries(KEYS, JSON_VALUES, max_size=4), style=STYLES)
+def test_compact_grammars_take_compact_json_only(
+    value: dict[str, Any], style: dict[str, Any]
+) -> None:
+    """vLLM's disable_any_whitespace: the compact rendering is accepted, whitespace inside
+    strings included; any layout with whitespace outside strings is refused at its first
+    such byte, and the compact grammar refuses exactly the bytes the full one takes there."""
+    compact, full = JsonGrammar.any_object(compact=True), JsonGrammar.any_object()
+    tight = json.dumps(value, separators=(",", ":"), ensure_ascii=style["ensure_ascii"]).encode()
+    assert_accepted(compact, {"type": "object"}, tight)
+    loose = render(value, style)
+    state, full_state = compact.start, full.start
+    for i, b in enumerate(loose):
+        after = compact.step(state, b)
+        in_string = any(stack[-1][0] in ("str", "rxs") and stack[-1][2] == 1 for stack in state)
+        if b in b" \t\n\r" and not in_string:
+            assert after is None, (loose, i)
+            break
+        assert after is not None and after == full.step(full_state, b), (loose, i)
+        state, full_state = after, full.step(full_state, b)
+    else:
+        assert loose == tight or compact.accepts(state)
+    small = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    }
+    schema = JsonGrammar.from_schema(small, compact=True)
+    assert schema.accepts(schema.advance(schema.start, b'{"name":"a b","age":3}'))
+    assert schema.advance(schema.start, b'{"name": "a b"') is None
+
+
 @settings(max_examples=100, deadline=None)
 @given(value=JSON_VALUES.filter(lambda v: not isinstance(v, dict)), style=STYLES)
 def test_any_object_refuses_other_values(value: Any, style: dict[str, Any]) -> None:
