@@ -562,8 +562,10 @@ def test_compact_grammars_take_compact_json_only(
         if b in b" \t\n\r" and not in_string:
             assert after is None, (loose, i)
             break
-        assert after is not None and after == full.step(full_state, b), (loose, i)
-        state, full_state = after, full.step(full_state, b)
+        full_after = full.step(full_state, b)
+        assert after is not None and after == full_after, (loose, i)
+        assert full_after is not None
+        state, full_state = after, full_after
     else:
         assert loose == tight or compact.accepts(state)
     small = {
