@@ -12,8 +12,10 @@ true` sends Anthropic's events (`message_start`, `content_block_start` / `_delta
 `message_delta`, `message_stop`). Keys go in `x-api-key` (or `Authorization: Bearer`); errors
 are `{"type": "error", "error": {"type", "message"}}`. `document` blocks of text (a `text`
 source, base64 `text/plain`, or a `file` source naming an upload of `POST /v1/files`) stand in
-the user's turn as their text, after their `title` and `context` lines. Images, PDFs,
-citations, server tools and extended thinking are 400s naming the field.
+the user's turn as their text, after their `title` and `context` lines. With a reasoning
+parser (`--reasoning-parser`) the thinking comes back as a `thinking` block, and `thinking`
+(`enabled` with `budget_tokens`, or `disabled`: a budget of 0) bounds it; without one,
+enabled thinking is a 400. Images, PDFs, citations and server tools are 400s naming the field.
 """
 
 from __future__ import annotations
