@@ -4,12 +4,13 @@ with its batched decode and profiler trace) and `bench/gpu_decode_summary.py` on
 host-step, protocol-codec and tp shared-memory benches (which assert their own invariants); the
 CPU kernel benches and the GEMV bench's per-shape work under Triton's interpreter; and on the
 demo model or a tiny random one the guided JSON and grammar, priority, fair-share, long-prompt
-host-work, host-tier, disk-tier, recovery, LoRA, draft-row and KV-allocation benches.
+host-work, disk-tier, LoRA, draft-row and KV-allocation benches.
 
-A few take 10 s or more each and run on demand (`-m slow`): `bench/cpu_attention.py` (with its
-earlier-run column and a commit's kernel built beside today's), `bench/speculative.py`,
-`bench/batch_api.py`, `bench/worker_raise.py` (three Ray workers, replaced twice) and
-`bench/sampler_options.py` (the demo model with six sampling options)."""
+A few take about 10 s or more each and run on demand (`-m slow`): `bench/cpu_attention.py`
+(with its earlier-run column and a commit's kernel built beside today's),
+`bench/speculative.py`, `bench/batch_api.py`, `bench/worker_raise.py` (three Ray workers,
+replaced twice), `bench/sampler_options.py` (the demo model with six sampling options),
+`bench/recovery.py`, `bench/host_kv_cache.py` and `bench/disk_kv_cache.py`."""
 
 from __future__ import annotations
 
@@ -350,6 +351,7 @@ def test_speculative_bench_runs(tmp_path: Path) -> None:
     assert "| all | on |" in report.read_text() and "| rewrite | predicted |" in report.read_text()
 
 
+@pytest.mark.slow  # (~10 s; run with -m slow)
 def test_host_kv_cache_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "host.md"
     argv = ["--tries=1", "--max-new-tokens=4", "--sections=6", "--device-blocks=50"]
@@ -360,6 +362,7 @@ def test_host_kv_cache_bench_runs(tmp_path: Path) -> None:
     assert "| host tier |" in report.read_text()
 
 
+@pytest.mark.slow  # (~9 s; run with -m slow)
 def test_disk_kv_cache_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "disk.md"
     argv = ["--tries=1", "--max-new-tokens=4", "--sections=6"]
@@ -372,6 +375,7 @@ def test_disk_kv_cache_bench_runs(tmp_path: Path) -> None:
     assert "| running replica |" in report.read_text()
 
 
+@pytest.mark.slow  # (Ray workers replaced; ~14 s; run with -m slow)
 def test_recovery_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "recovery.md"
     argv = ["--tries=1", "--max-new-tokens=4", "--decode-at=2", "--sections=2", "--chunk=64"]
