@@ -31,7 +31,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
 }
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
-SUPPORTED_ROPE_SCALING = (None, "linear", "default")
+SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3")
 
 
 QUANT_POLICIES = (0, 8, 4)
@@ -54,19 +54,37 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     type: str
-    """Scaling type from `rope_scaling.type` / `rope_type`: linear or dynamic (NTK)."""
+    """Scaling type from `rope_scaling.type` / `rope_type`: linear, dynamic (NTK) or llama3
+    (Llama 3.1's: the low frequencies divided by `factor`, the high ones kept, a smooth blend
+    between)."""
     factor: float = 1.0
     """Linear: positions are divided by it. Dynamic: the NTK factor, which changes the RoPE
-    base only for prompts longer than max_position_embeddings."""
+    base only for prompts longer than max_position_embeddings. Llama3: the low frequencies'
+    divisor."""
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    """Llama3: wavelengths over original / low_freq_factor are scaled, those under
+    original / high_freq_factor kept."""
 
     def __post_init__(self) -> None:
-        if self.type not in ("linear", "dynamic"):
+        if self.type not in ("linear", "dynamic", "llama3"):
             raise ConfigError(
                 f"rope_scaling type {self.type!r} is not supported (supported: linear, dynamic, "
-                "or none); remove `rope_scaling` from config.json or use a checkpoint without it"
+                "llama3, or none); remove `rope_scaling` from config.json or use a checkpoint "
+                "without it"
             )
         if not self.factor >= 1.0:
             raise ConfigError(f"rope_scaling factor must be >= 1, got {self.factor}")
+        if self.type == "llama3" and not (
+            0 < self.low_freq_factor < self.high_freq_factor
+            and self.original_max_position_embeddings > 0
+        ):
+            raise ConfigError(
+                "llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor and "
+                f"original_max_position_embeddings > 0, got {self.low_freq_factor}, "
+                f"{self.high_freq_factor} and {self.original_max_position_embeddings}"
+            )
 
 
 WEIGHT_QUANT_METHODS = ("awq", "gptq", "gguf")
@@ -338,6 +356,9 @@ class ModelConfig:
     """RoPE scaling, or None."""
     max_position_embeddings: int = 4096
     """Trained context length."""
+    sliding_window: int | None = None
+    """Mistral's: each token attends to this many before it at most (None: all). The runtime
+    attends to all, so a session is kept within it (`RuntimeConfig.check_session_len`)."""
     tie_word_embeddings: bool = False
     """LM head shares the embedding matrix."""
     attention_bias: bool = False
@@ -387,8 +408,8 @@ class ModelConfig:
         """Longest sequence RoPE supports: the trained length, times a linear factor; None
         (no bound) with dynamic NTK, which rescales past it."""
         scaling = self.rope_scaling
-        if scaling is None:
-            return self.max_position_embeddings
+        if scaling is None or scaling.type == "llama3":  # (llama3: max_position_embeddings
+            return self.max_position_embeddings  # is the scaled length already)
         if scaling.type == "linear":
             return int(self.max_position_embeddings * scaling.factor)
         return None
@@ -440,9 +461,10 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
-            rope_scaling=_parse_rope_scaling(hf.get("rope_scaling"), source),
+            rope_theta=_rope_theta(hf, source),
+            rope_scaling=_parse_rope_scaling(_rope_params(hf), source),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            sliding_window=_sliding_window(hf, source),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
             # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.
@@ -495,6 +517,35 @@ def _parse_weight_quant(hf: dict[str, Any], source: str) -> WeightQuant | None:
     return WeightQuant.from_dict(raw, source)
 
 
+def _sliding_window(hf: dict[str, Any], source: str) -> int | None:
+    """Mistral's `sliding_window` (None, or one that covers every position: none)."""
+    window = hf.get("sliding_window")
+    if window is None or hf.get("use_sliding_window") is False:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ConfigError(f"{source}: sliding_window must be a positive integer or null, "
+                          f"got {window!r:.80}")  # fmt: skip
+    return None if window >= int(hf.get("max_position_embeddings", 4096)) else window
+
+
+def _rope_params(hf: dict[str, Any]) -> Any:
+    """The checkpoint's RoPE scaling: transformers 5 writes it (with rope_theta) as
+    `rope_parameters`, earlier versions as `rope_scaling`."""
+    params = hf.get("rope_parameters")
+    return params if params is not None else hf.get("rope_scaling")
+
+
+def _rope_theta(hf: dict[str, Any], source: str) -> float:
+    params = hf.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_parameters must be an object, got {params!r:.80}")
+    theta = (params or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    try:
+        return float(theta)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: rope_theta must be a number, got {theta!r:.80}") from None
+
+
 def _parse_rope_scaling(raw: Any, source: str) -> RopeScaling | None:
     if raw is None:
         return None
@@ -503,7 +554,27 @@ def _parse_rope_scaling(raw: Any, source: str) -> RopeScaling | None:
     kind = raw.get("rope_type", raw.get("type"))
     if kind in (None, "default"):
         return None
-    return RopeScaling(type=kind, factor=float(raw.get("factor", 1.0)))
+    if kind != "llama3":
+        return RopeScaling(type=kind, factor=float(raw.get("factor", 1.0)))
+    missing = [
+        k
+        for k in (
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        )
+        if k not in raw
+    ]
+    if missing:
+        raise ConfigError(f"{source}: llama3 rope_scaling lacks {missing}")
+    return RopeScaling(
+        type=kind,
+        factor=float(raw["factor"]),
+        low_freq_factor=float(raw["low_freq_factor"]),
+        high_freq_factor=float(raw["high_freq_factor"]),
+        original_max_position_embeddings=int(raw["original_max_position_embeddings"]),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -926,12 +997,31 @@ class RuntimeConfig:
     def with_rope_override(self, model: ModelConfig) -> ModelConfig:
         """`model` with rope_scaling_factor (if set) as its dynamic-NTK scaling."""
         if self.rope_scaling_factor is not None:
+            own = model.rope_scaling
+            if own is not None and own.type == "llama3":
+                raise ConfigError(
+                    "rope_scaling_factor (--rope-scaling-factor) sets dynamic NTK scaling, "
+                    "which would replace this checkpoint's llama3 rope_scaling (its "
+                    f"max_position_embeddings {model.max_position_embeddings} already "
+                    "includes it); leave it out",
+                    key="rope_scaling_factor",
+                )
             scaling = RopeScaling(type="dynamic", factor=float(self.rope_scaling_factor))
             model = dataclasses.replace(model, rope_scaling=scaling)
         return model
 
     def check_session_len(self, model: ModelConfig) -> None:
-        """Refuse a session longer than the model's RoPE supports, before any work."""
+        """Refuse a session longer than the model's RoPE supports, or than its sliding window
+        (which the runtime does not implement), before any work."""
+        window = model.sliding_window
+        if window is not None and self.session_len > window:
+            raise ConfigError(
+                f"session_len {self.session_len} is over this checkpoint's sliding_window "
+                f"{window}: it attends to at most {window} tokens back, and this runtime "
+                f"attends to all of them, which would change its answers past that; shorten "
+                f"session_len to {window}",
+                key="session_len",
+            )
         limit = model.max_rope_len()
         if limit is not None and self.session_len > limit and not self.allow_rope_extrapolation:
             scaling = model.rope_scaling

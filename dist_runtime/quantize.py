@@ -73,7 +73,7 @@ from dist_runtime.formats.random_checkpoint import (
 )
 from dist_runtime.progress import Phase
 from workers.checkpoint import CheckpointError, CheckpointReader
-from workers.layers.rotary import inverse_frequencies
+from workers.layers.rotary import model_frequencies
 from workers.models.layouts import LAYOUTS, Layout, check_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -390,10 +390,7 @@ def rope_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) [seq_len, head_dim] for positions 0..seq_len-1 (linear scaling applied;
     dynamic NTK keeps the trained base within max_position_embeddings)."""
-    scaling = config.rope_scaling
-    factor = scaling.factor if scaling is not None and scaling.type == "linear" else 1.0
-    base = config.rope_base(seq_len)
-    inv = inverse_frequencies(config.head_dim, base, factor).to(device)
+    inv = model_frequencies(config, config.rope_base(seq_len)).to(device)
     freqs = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv[None]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()

@@ -41,7 +41,7 @@ from workers.cuda_graph import DecodeGraphs, Stage
 from workers.distributed import Collectives
 from workers.kv_cache import DiskKVTier, HostKVTier, KVCache
 from workers.layers.attention import AttentionMetadata
-from workers.layers.rotary import inverse_frequencies
+from workers.layers.rotary import model_frequencies
 from workers.lora import LoraBatch, LoraLayers, load_adapters
 from workers.models.decoder import DecoderLM
 from workers.models.layouts import init_dummy_weights, load_weights
@@ -765,7 +765,7 @@ class ModelRunner:
             gen.manual_seed(seq.sampling.seed)
             inv = None
             if seq.rope_base:
-                inv = inverse_frequencies(self.model_config.head_dim, seq.rope_base)
+                inv = model_frequencies(self.model_config, seq.rope_base)
             if not 0 <= seq.adapter <= self.num_adapter_slots:
                 raise ValueError(
                     f"seq {seq.seq_id}: adapter slot {seq.adapter} but this worker has "

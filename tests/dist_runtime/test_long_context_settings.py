@@ -7,6 +7,7 @@ prompt length, so the first token's logprobs must equal HF's at the prompt's las
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,92 @@ def test_rope_scaling_factor_override_enables_dynamic_ntk(tmp_path: Path) -> Non
     with Runtime(model=str(dynamic), **kw) as rt:
         want = _first_token(rt, prompt)
     assert got.top == want.top
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}  # fmt: skip
+"""Llama 3.1's scaling at a small scale: with head_dim 8 and theta 5e5 the wavelengths (6, 166,
+4 400 and 116 000 positions) fall in each of its three bands (kept under 16, blended up to 64,
+stretched past it)."""
+
+
+def _llama3_checkpoint(tmp_path: Path, name: str, transformers5: bool) -> Path:
+    """A random Llama 3.1-style checkpoint, its RoPE written as transformers 4 does
+    (`rope_theta`, `rope_scaling`) or as transformers 5 does (both in `rope_parameters`)."""
+    shapes = dict(TINY_SHAPES, max_position_embeddings=256, seed=5, with_tokenizer=False)
+    folder = write_random_checkpoint(
+        tmp_path / name, architecture="llama", rope_theta=5e5, rope_scaling=LLAMA3, **shapes
+    )
+    if transformers5:
+        path = folder / "config.json"
+        config = json.loads(path.read_text())
+        params = {"rope_theta": config.pop("rope_theta"), **config.pop("rope_scaling")}
+        path.write_text(json.dumps({**config, "rope_parameters": params}))
+    return folder
+
+
+@pytest.mark.parametrize("transformers5", [False, True], ids=["rope_scaling", "rope_parameters"])
+def test_llama3_rope_scaling_matches_hf(tmp_path: Path, transformers5: bool) -> None:
+    """Llama 3.1's `rope_type: llama3` (the frequencies rescaled by wavelength), read from
+    either config layout: the first token's log-probabilities equal HF's, and differ from the
+    unscaled model's (so the scaling is in them)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from workers.layers.rotary import model_frequencies
+
+    folder = _llama3_checkpoint(tmp_path, "llama3", transformers5)
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.rope_theta == 5e5 and model.rope_scaling is not None
+    assert model.rope_scaling.original_max_position_embeddings == 64
+    hf_config = LlamaConfig.from_pretrained(folder)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, torch.device("cpu"))
+    assert torch.equal(model_frequencies(model), want)
+    prompt = _prompt(120, seed=9)
+    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=200) as rt:
+        got = _first_token(rt, prompt)
+    ids, values = _hf_top5(folder, prompt)
+    assert list(got.top) == ids
+    torch.testing.assert_close(torch.tensor(list(got.top.values())), values, rtol=0, atol=1e-4)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in folder.iterdir():
+        (plain / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_scaling", None)
+    config.pop("rope_parameters", None)
+    (plain / "config.json").write_text(json.dumps({**config, "rope_theta": 5e5}))
+    with Runtime(model=str(plain), device="cpu", dtype="float32", session_len=200) as rt:
+        unscaled = _first_token(rt, prompt)
+    assert list(unscaled.top.values()) != list(got.top.values())
+
+
+def test_llama3_rope_scaling_errors(tmp_path: Path) -> None:
+    folder = _llama3_checkpoint(tmp_path, "llama3", transformers5=False)
+    path = folder / "config.json"
+    with pytest.raises(ConfigError, match="rope_scaling_factor .* llama3"):
+        Runtime(model=str(folder), device="cpu", session_len=64, rope_scaling_factor=2.0)
+    config = json.loads(path.read_text())
+    del config["rope_scaling"]["low_freq_factor"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"llama3 rope_scaling lacks \['low_freq_factor'\]"):
+        ModelConfig.from_pretrained(str(folder))
+
+
+def test_a_session_past_a_sliding_window_is_refused(tmp_path: Path) -> None:
+    """Mistral v0.1 attends within a sliding window; this runtime attends to every earlier
+    token, so a session that could pass the window is refused at start (one within it runs,
+    and a window covering every position, or switched off, is no window)."""
+    folder = _checkpoint(tmp_path, "mistral")
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="session_len 24 is over this checkpoint's sliding_wi"):
+        Runtime(model=str(folder), device="cpu", session_len=24)
+    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=16) as rt:
+        (out,) = rt.generate([_prompt(5, seed=1)], SamplingParams(max_new_tokens=3))
+        assert len(out.token_ids) == 3
+    for off in ({"sliding_window": MAX_POS}, {"use_sliding_window": False}):
+        path.write_text(json.dumps({**config, **off}))
+        assert ModelConfig.from_pretrained(str(folder)).sliding_window is None

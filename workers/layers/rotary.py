@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from dist_runtime.config import ModelConfig
+from dist_runtime.config import ModelConfig, RopeScaling
 from kernels.dispatch import use_triton
 from kernels.rotary import rotary, rotary_cos_sin, rotate
 
@@ -19,16 +21,41 @@ def inverse_frequencies(head_dim: int, theta: float, linear_factor: float = 1.0)
     return 1.0 / (theta**exponents) / linear_factor
 
 
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's frequency scaling (HF's `rope_type: llama3`, the same float32 ops): a
+    wavelength longer than original / low_freq_factor is stretched `factor` times, one shorter
+    than original / high_freq_factor kept, and one between blended smoothly."""
+    old = scaling.original_max_position_embeddings
+    low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, blended, scaled)
+
+
+def model_frequencies(config: ModelConfig, theta: float | None = None) -> torch.Tensor:
+    """(head_dim // 2,) fp32: the model's RoPE frequencies with its scaling (linear divides
+    them; llama3 rescales them by wavelength; dynamic NTK changes only the base, `theta`)."""
+    scaling = config.rope_scaling
+    base = config.rope_theta if theta is None else theta
+    if scaling is not None and scaling.type == "linear":
+        return inverse_frequencies(config.head_dim, base, scaling.factor)
+    inv = inverse_frequencies(config.head_dim, base)
+    if scaling is not None and scaling.type == "llama3":
+        return llama3_frequencies(inv, scaling)
+    return inv
+
+
 class RotaryEmbedding(nn.Module):
     inv_freq: torch.Tensor
 
     def __init__(self, config: ModelConfig, device: torch.device):
         super().__init__()
-        scaling = config.rope_scaling
-        # Dynamic NTK keeps the trained base for prompts within max_position_embeddings (the
-        # only ones admitted, see ModelConfig.check_prompt_len).
-        factor = scaling.factor if scaling is not None and scaling.type == "linear" else 1.0
-        inv = inverse_frequencies(config.head_dim, config.rope_theta, factor)
+        # Dynamic NTK keeps the trained base for prompts within max_position_embeddings (a
+        # longer one brings its own frequencies: `ModelRunner._rope_inv_freq`).
+        inv = model_frequencies(config)
         self.register_buffer("inv_freq", inv.to(device), persistent=False)
         self._key: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] = (inv, inv)
