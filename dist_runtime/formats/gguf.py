@@ -287,8 +287,10 @@ def _llama_config(
         )
     if "rope_freqs.weight" in tensors:
         raise GGUFError(
-            f"{src} carries a `rope_freqs` tensor (Llama 3.1-style frequency scaling), which the "
-            "runtime does not support yet"
+            f"{src} carries a `rope_freqs` tensor (Llama 3.1-style frequency scaling as "
+            "llama.cpp stores it: factors per dimension, not the parameters they came from), "
+            "which the converter does not read; use the model's Hugging Face checkpoint, whose "
+            "`rope_type: llama3` the runtime reads"
         )
     embd = tensors.get("token_embd.weight")
     vocab = get("vocab_size", required=False)
