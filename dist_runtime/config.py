@@ -495,7 +495,18 @@ class ModelConfig:
                     hf = {**hf, "quantization_config": _read_json(folder / name)}
                     cfg_file = folder / name
                     break
-        return cls.from_dict(hf, source=str(cfg_file))
+        model = cls.from_dict(hf, source=str(cfg_file))
+        gen_file = folder / "generation_config.json"
+        if not gen_file.is_file():
+            return model
+        # HF's generate stops at generation_config's EOS ids (Llama 3 Instruct's turns end with
+        # <|eot_id|>, which config.json may not name): they end generation here too
+        eos = _read_json(gen_file).get("eos_token_id")
+        more = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in more):
+            raise ConfigError(f"{gen_file}: eos_token_id must be token ids, got {eos!r:.80}")
+        ids = tuple(dict.fromkeys([*model.eos_token_ids, *more]))
+        return dataclasses.replace(model, eos_token_ids=ids)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

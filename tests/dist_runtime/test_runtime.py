@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dist_runtime import CacheConfig, RequestOutput, Runtime, SamplingParams, SchedulerConfig
+from dist_runtime.config import ConfigError, ModelConfig
 from dist_runtime.engine.executor.base import WorkerError
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from dist_runtime.server.metrics import ServerMetrics
@@ -731,3 +732,24 @@ def test_a_shared_prefix_pass_runs_at_its_requests_priority(
         h.result(timeout=60)
     assert [p.priority for p in made] == [4, 2, 2]  # the two requests, then the pass
     assert made[2].max_new_tokens == 1
+
+
+def test_generation_config_eos_ids_end_generation(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """generation_config.json's eos_token_id (where Llama 3 Instruct names <|eot_id|>, which its
+    config.json may not) ends generation as config.json's EOS does."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    params = _greedy(max_new_tokens=8)
+    with Runtime(model=str(folder), session_len=64, **CPU32) as rt:
+        (free,) = rt.generate([[5, 6, 7]], params)
+    stop = free.token_ids[3]
+    assert stop not in free.token_ids[:3]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop]}))
+    model = ModelConfig.from_pretrained(str(folder))
+    assert stop in model.eos_token_ids and 2 in model.eos_token_ids
+    with Runtime(model=str(folder), session_len=64, **CPU32) as rt:
+        (out,) = rt.generate([[5, 6, 7]], params)
+    assert out.token_ids == free.token_ids[:4] and out.finish_reason == "stop"
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ["x"]}))
+    with pytest.raises(ConfigError, match="eos_token_id must be token ids"):
+        ModelConfig.from_pretrained(str(folder))
