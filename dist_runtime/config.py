@@ -29,7 +29,10 @@ SUPPORTED_ARCHITECTURES = {
     "InternLM2ForCausalLM": "internlm2",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
 }
+"""config.json architectures and the weight layout each is read with (Qwen2's is Llama's, with
+biases on q/k/v only)."""
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3")
 
@@ -362,7 +365,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     """LM head shares the embedding matrix."""
     attention_bias: bool = False
-    """q/k/v/o projections carry a bias (InternLM2 `bias`, Llama `attention_bias`)."""
+    """q/k/v projections carry a bias (InternLM2 `bias`, Llama `attention_bias`, Qwen2's
+    always), and o too unless `o_bias` says otherwise."""
+    o_bias: bool | None = None
+    """The output projection carries a bias; None: as attention_bias (Qwen2: False)."""
     mlp_bias: bool = False
     """MLP projections carry a bias."""
     bos_token_id: int | None = None
@@ -415,6 +421,10 @@ class ModelConfig:
         return None
 
     @property
+    def has_o_bias(self) -> bool:
+        return self.attention_bias if self.o_bias is None else self.o_bias
+
+    @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
@@ -446,10 +456,11 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        qwen2 = "Qwen2ForCausalLM" in archs
         bias = (
             bool(hf.get("bias", False))
             if arch == "internlm2"
-            else bool(hf.get("attention_bias", False))
+            else qwen2 or bool(hf.get("attention_bias", False))
         )
         return cls(
             architecture=arch,
@@ -467,6 +478,7 @@ class ModelConfig:
             sliding_window=_sliding_window(hf, source),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
+            o_bias=False if qwen2 else None,  # (Qwen2: biases on q/k/v, none on o)
             # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.
             mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
             bos_token_id=hf.get("bos_token_id"),

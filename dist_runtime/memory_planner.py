@@ -90,7 +90,9 @@ def weight_params_per_worker(model: ModelConfig, tp: int) -> int:
     qkv_rows = (q_local + 2 * kv_local) * hd
     layer = qkv_rows * h + h * q_local * hd  # wqkv (column-parallel) + wo (row-parallel)
     if model.attention_bias:
-        layer += qkv_rows + h  # sharded qkv bias, replicated o bias
+        layer += qkv_rows  # sharded qkv bias
+    if model.has_o_bias:
+        layer += h  # replicated o bias
     layer += 3 * inter_local * h  # gate, up (column-parallel), down (row-parallel)
     if model.mlp_bias:
         layer += 2 * inter_local + h

@@ -341,7 +341,13 @@ def read_layer(config: ModelConfig, get: Getter, index: int) -> dict[str, torch.
             )
             out.update({f"q.{suffix}": q, f"k.{suffix}": k, f"v.{suffix}": v})
     for canon, name in _linear_names(lay).items():
-        has_bias = config.mlp_bias if canon in ("gate", "up", "down") else config.attention_bias
+        has_bias = (
+            config.mlp_bias
+            if canon in ("gate", "up", "down")
+            else config.has_o_bias
+            if canon == "o"
+            else config.attention_bias
+        )
         for suffix in ("weight", "bias") if has_bias else ("weight",):
             out[f"{canon}.{suffix}"] = get(f"{p}{name}.{suffix}")
     out["input_norm.weight"] = get(f"{p}{lay.input_norm}.weight")

@@ -82,12 +82,21 @@ def head_dim_16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2: biases on q/k/v (sharded with their rows) and none on o."""
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("tiny-qwen2"), architecture="qwen2", seed=7, **TINY_SHAPES
+    )
+
+
+@pytest.fixture(scope="module")
 def run(
     ray_cluster: Any,
     tiny_llama_dir: Path,
     tiny_internlm2_dir: Path,
     replicated_kv_dir: Path,
     head_dim_16_dir: Path,
+    qwen2_dir: Path,
 ) -> Callable[[str, int], Run]:
     """run(checkpoint, tp) -> (outputs, weight bytes read per rank), computed once per module."""
     folders = {
@@ -95,6 +104,7 @@ def run(
         "internlm2": tiny_internlm2_dir,
         "internlm2-4h-2kv": replicated_kv_dir,
         "llama-hd16": head_dim_16_dir,
+        "qwen2": qwen2_dir,
     }
     cache: dict[tuple[str, int], Run] = {}
 
@@ -147,8 +157,16 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         ("llama", 2),
         ("internlm2-4h-2kv", 4),
         ("llama-hd16", 2),
+        ("qwen2", 2),
     ],
-    ids=["internlm2-tp2", "internlm2-tp4", "llama-tp2", "replicated-kv-tp4", "native-decoder-tp2"],
+    ids=[
+        "internlm2-tp2",
+        "internlm2-tp4",
+        "llama-tp2",
+        "replicated-kv-tp4",
+        "native-decoder-tp2",
+        "qwen2-tp2",
+    ],
 )
 def test_tp_matches_tp1(run: Callable[[str, int], Run], name: str, tp: int) -> None:
     outs, bytes_read = run(name, tp)

@@ -35,7 +35,11 @@ from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "internlm2": "InternLM2ForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPECIAL_TOKENS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
 BOS_TOKEN_ID = 0
@@ -95,6 +99,8 @@ def write_random_checkpoint(
         bias=bias,
         dtype=dtype,
     )
+    if architecture == "qwen2":  # (q/k/v biases always, none on o)
+        config = _qwen2_config(config)
     state_dict = random_llama_state_dict(config, seed=seed, dtype=DTYPES[dtype])
     if architecture == "internlm2":
         config = _internlm2_config(config)
@@ -163,6 +169,21 @@ def _llama_config(
     }
 
 
+def _qwen2_config(llama: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2 config.json keys: Llama's without the bias switches (its q/k/v always have
+    biases, its o never), and its sliding window off."""
+    dropped = ("attention_bias", "mlp_bias")
+    config = {k: v for k, v in llama.items() if k not in dropped}
+    config.update(
+        architectures=[ARCHITECTURES["qwen2"]],
+        model_type="qwen2",
+        use_sliding_window=False,
+        sliding_window=llama["max_position_embeddings"],
+        max_window_layers=llama["num_hidden_layers"],
+    )
+    return config
+
+
 def _internlm2_config(llama: dict[str, Any]) -> dict[str, Any]:
     """InternLM2 config.json keys (the remote code has no `head_dim`: it is hidden / heads)."""
     if llama["head_dim"] * llama["num_attention_heads"] != llama["hidden_size"]:
@@ -211,9 +232,10 @@ def _random_layer(
         ("v", kv_rows, hidden),
         ("o", hidden, q_rows),
     )
+    qwen2 = config.get("model_type") == "qwen2"
     for name, rows, cols in attn:
         out[f"{prefix}self_attn.{name}_proj.weight"] = _linear(gen, rows, cols)
-        if config["attention_bias"]:
+        if config.get("attention_bias") or (qwen2 and name != "o"):
             out[f"{prefix}self_attn.{name}_proj.bias"] = _normal(gen, (rows,), BIAS_STD)
     for name, rows, cols in (
         ("gate", inter, hidden),

@@ -204,6 +204,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "internlm2-rope-linear": dict(
         architecture="internlm2", rope_scaling={"rope_type": "linear", "factor": 2.5}
     ),
+    "qwen2": dict(architecture="qwen2", tie_word_embeddings=True, rope_theta=1e6),
 }
 
 
@@ -221,7 +222,16 @@ def test_config_variants_match_hf(variant: str, tmp_path: Path) -> None:
 
     # The variant must matter at this tolerance, or the parity above proves nothing about it.
     variant_kwargs = VARIANTS[variant]
-    if "tie_word_embeddings" in variant_kwargs:
+    if variant == "qwen2":  # (q/k/v biases, none on o: the layer's, and HF's, parameters)
+        layer = runner.model.layers[0]
+        assert isinstance(layer, DecoderLayer)
+        assert layer.attn.qkv_proj.bias is not None and layer.attn.o_proj.bias is None
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+        assert (hf_logits(hf, seq.tokens) - want).abs().max() > 100 * logits_atol(want)
+    elif "tie_word_embeddings" in variant_kwargs:
         # No LM head in the checkpoint: parity means the embedding served as the head.
         names = set(CheckpointReader(folder).names())
         assert not {"lm_head.weight", "output.weight"} & names

@@ -108,7 +108,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(
             self.q_size,
             config.hidden_size,
-            config.attention_bias,
+            config.has_o_bias,
             dtype,
             device,
             comm,

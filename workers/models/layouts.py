@@ -91,7 +91,7 @@ def _float_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 if c.attention_bias:
                     shapes[f"{p}{name}.bias"] = (heads * hd,)
         shapes[f"{p}{lay.o}.weight"] = (hidden, c.num_heads * hd)
-        if c.attention_bias:
+        if c.has_o_bias:
             shapes[f"{p}{lay.o}.bias"] = (hidden,)
         for name in (lay.gate, lay.up):
             shapes[f"{p}{name}.weight"] = (c.intermediate_size, hidden)
@@ -163,7 +163,7 @@ def _load_layer(
         _copy_int4(attn.o_proj, read_int4(reader, quant, f"{p}{lay.o}", o_in, in_range=q_cols))
     else:
         _copy(attn.o_proj.weight, reader.read_rows(f"{p}{lay.o}.weight", *q_cols, dim=1))
-    if config.attention_bias:
+    if config.has_o_bias:
         _copy(attn.o_proj.bias, reader.read(f"{p}{lay.o}.bias"))
     inter = config.intermediate_size // tp_size
     rows = (tp_rank * inter, (tp_rank + 1) * inter)
