@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ SUPPORTED_ARCHITECTURES = {
 """config.json architectures and the weight layout each is read with (Qwen2's is Llama's, with
 biases on q/k/v only)."""
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
-SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3")
+SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3", "yarn")
 
 
 QUANT_POLICIES = (0, 8, 4)
@@ -54,6 +55,23 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def yarn_attention_factor(scaling: RopeScaling) -> float:
+    """YaRN's q / k scale (HF's `attention_factor`); 1 for every other scaling."""
+    if scaling.type != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if scaling.mscale and scaling.mscale_all_dim:
+        return mscale(scaling.factor, scaling.mscale) / mscale(
+            scaling.factor, scaling.mscale_all_dim
+        )
+    return mscale(scaling.factor)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     type: str
@@ -68,14 +86,25 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     """Llama3: wavelengths over original / low_freq_factor are scaled, those under
-    original / high_freq_factor kept."""
+    original / high_freq_factor kept. YaRN: the trained length its ramp is placed by."""
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    """YaRN: the rotation counts whose dimensions bound the ramp between extrapolated (fast)
+    and interpolated (slow) frequencies."""
+    attention_factor: float | None = None
+    """YaRN: the factor q and k are scaled by (HF scales cos and sin); None: from `factor`
+    (and mscale / mscale_all_dim, DeepSeek's form), 0.1 ln(factor) + 1."""
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    """YaRN: the ramp's bounds rounded to whole dimensions (HF's default)."""
 
     def __post_init__(self) -> None:
-        if self.type not in ("linear", "dynamic", "llama3"):
+        if self.type not in ("linear", "dynamic", "llama3", "yarn"):
             raise ConfigError(
                 f"rope_scaling type {self.type!r} is not supported (supported: linear, dynamic, "
-                "llama3, or none); remove `rope_scaling` from config.json or use a checkpoint "
-                "without it"
+                "llama3, yarn, or none); remove `rope_scaling` from config.json or use a "
+                "checkpoint without it"
             )
         if not self.factor >= 1.0:
             raise ConfigError(f"rope_scaling factor must be >= 1, got {self.factor}")
@@ -418,7 +447,18 @@ class ModelConfig:
             return self.max_position_embeddings  # is the scaled length already)
         if scaling.type == "linear":
             return int(self.max_position_embeddings * scaling.factor)
+        if scaling.type == "yarn":
+            scaled = int(scaling.original_max_position_embeddings * scaling.factor)
+            return max(scaled, self.max_position_embeddings)
         return None
+
+    @property
+    def attention_scale(self) -> float:
+        """Softmax scale of q.k: 1 / sqrt(head_dim), times the square of YaRN's attention
+        factor (HF scales the rotated q and k by it; folding it in here is the same product)."""
+        scaling = self.rope_scaling
+        factor = yarn_attention_factor(scaling) if scaling is not None else 1.0
+        return self.head_dim**-0.5 * factor * factor
 
     @property
     def has_o_bias(self) -> bool:
@@ -551,6 +591,30 @@ def _sliding_window(hf: dict[str, Any], source: str) -> int | None:
     return None if window >= int(hf.get("max_position_embeddings", 4096)) else window
 
 
+def _yarn_scaling(raw: dict[str, Any], source: str) -> RopeScaling:
+    """YaRN's parameters (HF's `rope_type: yarn`: Qwen2.5's long-context setting)."""
+    if "original_max_position_embeddings" not in raw or "factor" not in raw:
+        raise ConfigError(
+            f"{source}: yarn rope_scaling needs factor and original_max_position_embeddings"
+        )
+
+    def number(key: str) -> float | None:
+        value = raw.get(key)
+        return None if value is None else float(value)
+
+    return RopeScaling(
+        type="yarn",
+        factor=float(raw["factor"]),
+        original_max_position_embeddings=int(raw["original_max_position_embeddings"]),
+        beta_fast=number("beta_fast") or 32.0,
+        beta_slow=number("beta_slow") or 1.0,
+        attention_factor=number("attention_factor"),
+        mscale=number("mscale"),
+        mscale_all_dim=number("mscale_all_dim"),
+        truncate=bool(raw.get("truncate", True)),
+    )
+
+
 def _rope_params(hf: dict[str, Any]) -> Any:
     """The checkpoint's RoPE scaling: transformers 5 writes it (with rope_theta) as
     `rope_parameters`, earlier versions as `rope_scaling`."""
@@ -577,6 +641,8 @@ def _parse_rope_scaling(raw: Any, source: str) -> RopeScaling | None:
     kind = raw.get("rope_type", raw.get("type"))
     if kind in (None, "default"):
         return None
+    if kind == "yarn":
+        return _yarn_scaling(raw, source)
     if kind != "llama3":
         return RopeScaling(type=kind, factor=float(raw.get("factor", 1.0)))
     missing = [

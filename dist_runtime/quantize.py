@@ -64,7 +64,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dist_runtime.config import ConfigError, ModelConfig
+from dist_runtime.config import ConfigError, ModelConfig, yarn_attention_factor
 from dist_runtime.formats.int4 import dequantize, pack_awq, quantize_rtn, unpack_awq
 from dist_runtime.formats.random_checkpoint import (
     pack_internlm2_wqkv,
@@ -399,7 +399,8 @@ def rope_tables(
     inv = model_frequencies(config, config.rope_base(seq_len)).to(device)
     freqs = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv[None]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    factor = yarn_attention_factor(config.rope_scaling) if config.rope_scaling else 1.0
+    return emb.cos() * factor, emb.sin() * factor  # (YaRN scales the rotated q and k, as HF)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

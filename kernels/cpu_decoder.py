@@ -181,7 +181,9 @@ class CpuDecoder:
         head_dim: int,
         eps: float,
         bits: int = 0,
+        scale: float | None = None,
     ):
+        """`scale`: the attention's softmax scale (None: 1 / sqrt(head_dim))."""
         fn = _stages_fn()
         if fn is None:
             raise RuntimeError("the native CPU kernels are not built (see the log)")
@@ -265,7 +267,7 @@ class CpuDecoder:
             *kp,
             bits,
             eps,
-            head_dim**-0.5,
+            head_dim**-0.5 if scale is None else scale,
             final_norm.data_ptr(),
         )
         self.layers = (_Layer * len(layers))()

@@ -195,3 +195,67 @@ def test_a_session_past_a_sliding_window_is_refused(tmp_path: Path) -> None:
     for off in ({"sliding_window": MAX_POS}, {"use_sliding_window": False}):
         path.write_text(json.dumps({**config, **off}))
         assert ModelConfig.from_pretrained(str(folder)).sliding_window is None
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_yarn_rope_scaling_matches_hf(tmp_path: Path, architecture: str) -> None:
+    """YaRN (Qwen2.5's long-context setting): a checkpoint trained to 32 positions run to 4x
+    that. Its frequencies are HF's, its attention factor (0.1 ln 4 + 1, HF's scale of the
+    rotated q and k) is folded into the softmax scale, and the first token's
+    log-probabilities of a 100-token prompt equal HF's."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from workers.layers.rotary import model_frequencies
+
+    shapes = dict(TINY_SHAPES, max_position_embeddings=32, seed=6, with_tokenizer=False)
+    folder = write_random_checkpoint(
+        tmp_path / "yarn", architecture=architecture, rope_theta=1e4, rope_scaling=YARN, **shapes
+    )
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.max_rope_len() == 128
+    want, factor = ROPE_INIT_FUNCTIONS["yarn"](AutoConfig.from_pretrained(folder), None)
+    assert torch.equal(model_frequencies(model), want) and factor > 1.1
+    assert model.attention_scale == pytest.approx(model.head_dim**-0.5 * factor**2)
+    prompt = _prompt(100, seed=13)
+    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
+        got = _first_token(rt, prompt)
+    ids, values = _hf_top5(folder, prompt)
+    assert list(got.top) == ids
+    torch.testing.assert_close(torch.tensor(list(got.top.values())), values, rtol=0, atol=1e-4)
+    with pytest.raises(ConfigError, match="session_len 200 is over the 128 tokens"):
+        Runtime(model=str(folder), device="cpu", session_len=200)
+
+
+def test_yarn_decode_steps_match_hf_generate(tmp_path: Path) -> None:
+    """The decode steps too (head_dim 16: on CPU they run through the native decoder, which
+    takes the YaRN softmax scale): greedy tokens and top-5 log-probabilities equal HF's."""
+    shapes = dict(TINY_SHAPES, head_dim=16, max_position_embeddings=32, seed=8)
+    folder = write_random_checkpoint(
+        tmp_path / "yarn16", architecture="qwen2", rope_scaling=YARN, with_tokenizer=False,
+        **shapes,
+    )  # fmt: skip
+    prompt = _prompt(70, seed=14)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=5, ignore_eos=True)
+    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
+        model = rt.engine.executor.worker.runner.model  # type: ignore[union-attr]
+        assert model.layers[0].attn.scale == rt.engine.model_config.attention_scale
+        (out,) = rt.generate([prompt], params)
+        native = model._native
+        assert native is not None and native[1] is not None  # (decodes ran natively)
+    hf = load_hf_llama(folder)
+    with torch.no_grad():
+        gen = hf.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    assert out.token_ids == gen.sequences[0, len(prompt) :].tolist()
+    assert out.logprobs is not None
+    for lp, raw in zip(out.logprobs, gen.logits, strict=True):
+        values, indices = torch.log_softmax(raw[0].float(), dim=-1).topk(5)
+        assert list(lp.top) == indices.tolist()
+        torch.testing.assert_close(torch.tensor(list(lp.top.values())), values, rtol=0, atol=1e-4)

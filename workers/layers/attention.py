@@ -94,7 +94,7 @@ class Attention(nn.Module):
         super().__init__()
         self.shard = shard
         self.head_dim = config.head_dim
-        self.scale = config.head_dim**-0.5
+        self.scale = config.attention_scale
         self.q_size = shard.num_q * config.head_dim
         self.kv_size = shard.num_kv * config.head_dim
         self.qkv_proj = ColumnParallelLinear(

@@ -35,6 +35,28 @@ def llama3_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Te
     return torch.where(medium, blended, scaled)
 
 
+def yarn_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """YaRN's frequencies (HF's `rope_type: yarn`, the same float32 ops): dimensions that turn
+    more than beta_fast times over the trained length keep their frequency, those turning
+    fewer than beta_slow times are interpolated (divided by `factor`), a linear ramp between."""
+
+    def dim_of(rotations: float) -> float:
+        trained = scaling.original_max_position_embeddings
+        return head_dim * math.log(trained / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # (HF's guard against a zero-width ramp)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (scaling.factor * pos_freqs)
+    keep = 1 - ramp
+    return interpolated * (1 - keep) + extrapolated * keep
+
+
 def model_frequencies(config: ModelConfig, theta: float | None = None) -> torch.Tensor:
     """(head_dim // 2,) fp32: the model's RoPE frequencies with its scaling (linear divides
     them; llama3 rescales them by wavelength; dynamic NTK changes only the base, `theta`)."""
@@ -42,6 +64,8 @@ def model_frequencies(config: ModelConfig, theta: float | None = None) -> torch.
     base = config.rope_theta if theta is None else theta
     if scaling is not None and scaling.type == "linear":
         return inverse_frequencies(config.head_dim, base, scaling.factor)
+    if scaling is not None and scaling.type == "yarn":
+        return yarn_frequencies(config.head_dim, base, scaling)
     inv = inverse_frequencies(config.head_dim, base)
     if scaling is not None and scaling.type == "llama3":
         return llama3_frequencies(inv, scaling)

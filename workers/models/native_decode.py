@@ -118,6 +118,7 @@ def build(model: DecoderLM, kv_caches: list[LayerKV]) -> CpuDecoder | None:
         head_dim=model.config.head_dim,
         eps=model.config.rms_norm_eps,
         bits=kv_caches[0].bits,
+        scale=model.config.attention_scale,
     )
 
 
