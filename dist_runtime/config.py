@@ -31,9 +31,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
+    "Qwen3ForCausalLM": "llama",
 }
 """config.json architectures and the weight layout each is read with (Qwen2's is Llama's, with
-biases on q/k/v only)."""
+biases on q/k/v only; Qwen3's Llama's with an RMSNorm on each q and k head)."""
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3", "yarn")
 
@@ -398,6 +399,8 @@ class ModelConfig:
     always), and o too unless `o_bias` says otherwise."""
     o_bias: bool | None = None
     """The output projection carries a bias; None: as attention_bias (Qwen2: False)."""
+    qk_norm: bool = False
+    """Qwen3's: every q and k head goes through an RMSNorm (weights of head_dim) before RoPE."""
     mlp_bias: bool = False
     """MLP projections carry a bias."""
     bos_token_id: int | None = None
@@ -519,6 +522,7 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
             o_bias=False if qwen2 else None,  # (Qwen2: biases on q/k/v, none on o)
+            qk_norm="Qwen3ForCausalLM" in archs,
             # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.
             mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
             bos_token_id=hf.get("bos_token_id"),

@@ -97,6 +97,8 @@ def weight_params_per_worker(model: ModelConfig, tp: int) -> int:
     if model.mlp_bias:
         layer += 2 * inter_local + h
     layer += 2 * h  # attention and ffn RMSNorm, replicated
+    if model.qk_norm:
+        layer += 2 * hd  # Qwen3's q and k head norms, replicated
     vocab_local = _ceil_div(model.vocab_size, tp)
     embed = vocab_local * h * (1 if model.tie_word_embeddings else 2)
     return model.num_layers * layer + embed + h  # + final norm

@@ -875,6 +875,13 @@ def quantize_checkpoint(
     src_dir, dst_dir = Path(src), Path(dst)
     config, hf, reader = _open_source(src_dir)
     try:
+        if config.qk_norm:
+            raise QuantizeError(
+                f"{src_dir} is a Qwen3 checkpoint (q / k head norms), which the calibration "
+                "forward does not run; quantize it with AutoAWQ or GPTQ tooling and load the "
+                "result",
+                "model",
+            )
         check_group_size(config, group_size)
         _check_out_dir(src_dir, dst_dir, force)
         ids = None

@@ -90,6 +90,17 @@ def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3: an RMSNorm on every q and k head (replicated weights, each rank's heads)."""
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("tiny-qwen3"),
+        architecture="qwen3",
+        seed=8,
+        **dict(TINY_SHAPES, head_dim=16),
+    )
+
+
+@pytest.fixture(scope="module")
 def run(
     ray_cluster: Any,
     tiny_llama_dir: Path,
@@ -97,6 +108,7 @@ def run(
     replicated_kv_dir: Path,
     head_dim_16_dir: Path,
     qwen2_dir: Path,
+    qwen3_dir: Path,
 ) -> Callable[[str, int], Run]:
     """run(checkpoint, tp) -> (outputs, weight bytes read per rank), computed once per module."""
     folders = {
@@ -105,6 +117,7 @@ def run(
         "internlm2-4h-2kv": replicated_kv_dir,
         "llama-hd16": head_dim_16_dir,
         "qwen2": qwen2_dir,
+        "qwen3": qwen3_dir,
     }
     cache: dict[tuple[str, int], Run] = {}
 
@@ -158,6 +171,7 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         ("internlm2-4h-2kv", 4),
         ("llama-hd16", 2),
         ("qwen2", 2),
+        ("qwen3", 2),
     ],
     ids=[
         "internlm2-tp2",
@@ -166,6 +180,7 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         "replicated-kv-tp4",
         "native-decoder-tp2",
         "qwen2-tp2",
+        "qwen3-tp2",
     ],
 )
 def test_tp_matches_tp1(run: Callable[[str, int], Run], name: str, tp: int) -> None:

@@ -39,6 +39,7 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "internlm2": "InternLM2ForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPECIAL_TOKENS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
@@ -101,6 +102,8 @@ def write_random_checkpoint(
     )
     if architecture == "qwen2":  # (q/k/v biases always, none on o)
         config = _qwen2_config(config)
+    elif architecture == "qwen3":  # (an RMSNorm on each q and k head)
+        config = _qwen2_config(config, qwen3=True)
     state_dict = random_llama_state_dict(config, seed=seed, dtype=DTYPES[dtype])
     if architecture == "internlm2":
         config = _internlm2_config(config)
@@ -169,14 +172,16 @@ def _llama_config(
     }
 
 
-def _qwen2_config(llama: dict[str, Any]) -> dict[str, Any]:
+def _qwen2_config(llama: dict[str, Any], qwen3: bool = False) -> dict[str, Any]:
     """Qwen2 config.json keys: Llama's without the bias switches (its q/k/v always have
-    biases, its o never), and its sliding window off."""
-    dropped = ("attention_bias", "mlp_bias")
+    biases, its o never), and its sliding window off; Qwen3's keep Llama's `attention_bias`
+    (no biases) and add the q / k head norms."""
+    dropped = ("mlp_bias",) if qwen3 else ("attention_bias", "mlp_bias")
     config = {k: v for k, v in llama.items() if k not in dropped}
+    kind = "qwen3" if qwen3 else "qwen2"
     config.update(
-        architectures=[ARCHITECTURES["qwen2"]],
-        model_type="qwen2",
+        architectures=[ARCHITECTURES[kind]],
+        model_type=kind,
         use_sliding_window=False,
         sliding_window=llama["max_position_embeddings"],
         max_window_layers=llama["num_hidden_layers"],
@@ -237,6 +242,9 @@ def _random_layer(
         out[f"{prefix}self_attn.{name}_proj.weight"] = _linear(gen, rows, cols)
         if config.get("attention_bias") or (qwen2 and name != "o"):
             out[f"{prefix}self_attn.{name}_proj.bias"] = _normal(gen, (rows,), BIAS_STD)
+    if config.get("model_type") == "qwen3":
+        for name in ("q_norm", "k_norm"):
+            out[f"{prefix}self_attn.{name}.weight"] = _norm(gen, config["head_dim"])
     for name, rows, cols in (
         ("gate", inter, hidden),
         ("up", inter, hidden),

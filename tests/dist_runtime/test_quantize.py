@@ -495,3 +495,15 @@ def test_cli_runs_as_a_script(tiny_internlm2_dir: Path, tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: --group-size: group size 128 does not divide")
+
+
+def test_a_qwen3_checkpoint_is_refused_naming_why(tmp_path: Path) -> None:
+    """The calibration forward has no q / k head norms: a Qwen3 checkpoint is refused before
+    any work, rather than quantized against the wrong activations."""
+    from dist_runtime.formats.random_checkpoint import write_random_checkpoint
+    from dist_runtime.quantize import QuantizeError
+
+    src = write_random_checkpoint(tmp_path / "qwen3", architecture="qwen3", head_dim=16)
+    with pytest.raises(QuantizeError, match="Qwen3 checkpoint .* head norms") as info:
+        quantize_checkpoint(src, tmp_path / "out", progress=False)
+    assert info.value.key == "model" and not (tmp_path / "out").exists()

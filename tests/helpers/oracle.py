@@ -20,16 +20,18 @@ from dist_runtime.formats.random_checkpoint import unpack_internlm2_wqkv
 
 def load_hf_llama(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Any:
     """Load a Llama or InternLM2 checkpoint folder as an eval-mode eager-attention HF Llama (a
-    Qwen2 one as HF's Qwen2)."""
+    Qwen2 or Qwen3 one as HF's own)."""
     folder = Path(folder)
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model: Any
     if hf["architectures"] == ["InternLM2ForCausalLM"]:
         model = _load_internlm2(folder, hf, dtype)
-    elif hf["architectures"] == ["Qwen2ForCausalLM"]:
-        from transformers import Qwen2ForCausalLM
+    elif hf["architectures"] in (["Qwen2ForCausalLM"], ["Qwen3ForCausalLM"]):
+        from transformers import AutoModelForCausalLM
 
-        model = Qwen2ForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation="eager"
+        )
     else:
         model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
     return model.eval()

@@ -205,6 +205,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         architecture="internlm2", rope_scaling={"rope_type": "linear", "factor": 2.5}
     ),
     "qwen2": dict(architecture="qwen2", tie_word_embeddings=True, rope_theta=1e6),
+    "qwen3": dict(architecture="qwen3", head_dim=16, rope_theta=1e6),
 }
 
 
@@ -230,6 +231,15 @@ def test_config_variants_match_hf(variant: str, tmp_path: Path) -> None:
             for name, p in hf.named_parameters():
                 if name.endswith("bias"):
                     p.zero_()
+        assert (hf_logits(hf, seq.tokens) - want).abs().max() > 100 * logits_atol(want)
+    elif variant == "qwen3":  # (the head norms: HF's model without them answers otherwise)
+        layer = runner.model.layers[0]
+        assert isinstance(layer, DecoderLayer) and layer.attn.q_norm is not None
+        with torch.no_grad():
+            for module in hf.modules():
+                if type(module).__name__ == "Qwen3Attention":
+                    module.q_norm.weight.fill_(1.0)
+                    module.k_norm.weight.fill_(1.0)
         assert (hf_logits(hf, seq.tokens) - want).abs().max() > 100 * logits_atol(want)
     elif "tie_word_embeddings" in variant_kwargs:
         # No LM head in the checkpoint: parity means the embedding served as the head.

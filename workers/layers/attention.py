@@ -19,6 +19,7 @@ from workers.context_parallel import CPMetadata, cp_attention, cp_decode_attenti
 from workers.distributed import Collectives
 from workers.kv_cache import LayerKV
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
+from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -116,6 +117,10 @@ class Attention(nn.Module):
         )
         self.rotary = rotary
         self.comm = comm
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:  # (Qwen3: each head normed over head_dim before RoPE)
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
 
     def forward(
         self,
@@ -129,6 +134,9 @@ class Attention(nn.Module):
         q = q.view(tokens, self.shard.num_q, self.head_dim)
         k = k.view(tokens, self.shard.num_kv, self.head_dim)
         v = v.view(tokens, self.shard.num_kv, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim))[0].view_as(q)
+            k = self.k_norm(k.reshape(-1, self.head_dim))[0].view_as(k)
         k_cache, v_cache, quant = kv_cache.k, kv_cache.v, kv_cache.quant_args()
         if not use_triton(q.device) and native_rope_store_supported(q, k_cache, kv_cache.bits):
             # CPU: RoPE in place and the KV store in one native call.

@@ -102,6 +102,10 @@ def _float_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}{lay.down}.bias"] = (hidden,)
         shapes[f"{p}{lay.input_norm}.weight"] = (hidden,)
         shapes[f"{p}{lay.post_norm}.weight"] = (hidden,)
+        if c.qk_norm:
+            assert lay.q_norm and lay.k_norm
+            shapes[f"{p}{lay.q_norm}.weight"] = (hd,)
+            shapes[f"{p}{lay.k_norm}.weight"] = (hd,)
     return shapes
 
 
@@ -190,6 +194,9 @@ def _load_layer(
         _copy(mlp.down_proj.bias, reader.read(f"{p}{lay.down}.bias"))
     _copy(layer.input_norm.weight, reader.read(f"{p}{lay.input_norm}.weight"))
     _copy(layer.post_attn_norm.weight, reader.read(f"{p}{lay.post_norm}.weight"))
+    if attn.q_norm is not None and attn.k_norm is not None:  # (replicated on every rank)
+        _copy(attn.q_norm.weight, reader.read(f"{p}{lay.q_norm}.weight"))
+        _copy(attn.k_norm.weight, reader.read(f"{p}{lay.k_norm}.weight"))
 
 
 def _read_qkv(

@@ -23,6 +23,9 @@ class Layout:
     post_norm: str
     norm: str
     head: str
+    q_norm: str | None = None
+    k_norm: str | None = None
+    """Qwen3's per-head RMSNorms of q and k (`ModelConfig.qk_norm`)."""
 
 
 LAYOUTS = {
@@ -41,6 +44,8 @@ LAYOUTS = {
         post_norm="post_attention_layernorm",
         norm="model.norm",
         head="lm_head",
+        q_norm="self_attn.q_norm",
+        k_norm="self_attn.k_norm",
     ),
     "internlm2": Layout(
         embed="model.tok_embeddings",

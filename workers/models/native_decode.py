@@ -55,6 +55,8 @@ def unfit_reason(model: DecoderLM, kv_caches: list[LayerKV]) -> str | None:
         return "cp > 1"
     if not cpu_decoder.available():
         return "the native library is not built"
+    if config.qk_norm:
+        return "q / k head norms (Qwen3)"
     head_dim = config.head_dim
     if head_dim % 16 or head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} is not a multiple of 16 up to {MAX_HEAD_DIM}"
