@@ -516,7 +516,9 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(hf, source),
-            rope_scaling=_parse_rope_scaling(_rope_params(hf), source),
+            rope_scaling=_parse_rope_scaling(
+                _rope_params(hf), source, int(hf.get("max_position_embeddings", 4096))
+            ),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             sliding_window=_sliding_window(hf, source),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -595,12 +597,11 @@ def _sliding_window(hf: dict[str, Any], source: str) -> int | None:
     return None if window >= int(hf.get("max_position_embeddings", 4096)) else window
 
 
-def _yarn_scaling(raw: dict[str, Any], source: str) -> RopeScaling:
-    """YaRN's parameters (HF's `rope_type: yarn`: Qwen2.5's long-context setting)."""
-    if "original_max_position_embeddings" not in raw or "factor" not in raw:
-        raise ConfigError(
-            f"{source}: yarn rope_scaling needs factor and original_max_position_embeddings"
-        )
+def _yarn_scaling(raw: dict[str, Any], source: str, max_pos: int) -> RopeScaling:
+    """YaRN's parameters (HF's `rope_type: yarn`: Qwen2.5's long-context setting); the trained
+    length is max_position_embeddings where the config names none, as in HF."""
+    if "factor" not in raw:
+        raise ConfigError(f"{source}: yarn rope_scaling needs its factor")
 
     def number(key: str) -> float | None:
         value = raw.get(key)
@@ -609,7 +610,9 @@ def _yarn_scaling(raw: dict[str, Any], source: str) -> RopeScaling:
     return RopeScaling(
         type="yarn",
         factor=float(raw["factor"]),
-        original_max_position_embeddings=int(raw["original_max_position_embeddings"]),
+        original_max_position_embeddings=int(
+            raw.get("original_max_position_embeddings") or max_pos
+        ),
         beta_fast=number("beta_fast") or 32.0,
         beta_slow=number("beta_slow") or 1.0,
         attention_factor=number("attention_factor"),
@@ -637,7 +640,7 @@ def _rope_theta(hf: dict[str, Any], source: str) -> float:
         raise ConfigError(f"{source}: rope_theta must be a number, got {theta!r:.80}") from None
 
 
-def _parse_rope_scaling(raw: Any, source: str) -> RopeScaling | None:
+def _parse_rope_scaling(raw: Any, source: str, max_pos: int = 4096) -> RopeScaling | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
@@ -646,7 +649,7 @@ def _parse_rope_scaling(raw: Any, source: str) -> RopeScaling | None:
     if kind in (None, "default"):
         return None
     if kind == "yarn":
-        return _yarn_scaling(raw, source)
+        return _yarn_scaling(raw, source, max_pos)
     if kind != "llama3":
         return RopeScaling(type=kind, factor=float(raw.get("factor", 1.0)))
     missing = [

@@ -259,3 +259,20 @@ def test_yarn_decode_steps_match_hf_generate(tmp_path: Path) -> None:
         values, indices = torch.log_softmax(raw[0].float(), dim=-1).topk(5)
         assert list(lp.top) == indices.tolist()
         torch.testing.assert_close(torch.tensor(list(lp.top.values())), values, rtol=0, atol=1e-4)
+
+
+def test_yarn_without_its_trained_length_takes_max_positions_as_hf_does(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from workers.layers.rotary import model_frequencies
+
+    shapes = dict(TINY_SHAPES, max_position_embeddings=64, seed=6, with_tokenizer=False)
+    folder = write_random_checkpoint(
+        tmp_path / "yarn", rope_scaling={"rope_type": "yarn", "factor": 2.0}, **shapes
+    )
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.rope_scaling is not None
+    assert model.rope_scaling.original_max_position_embeddings == 64
+    want, _ = ROPE_INIT_FUNCTIONS["yarn"](AutoConfig.from_pretrained(folder), None)
+    assert torch.equal(model_frequencies(model), want)
