@@ -430,6 +430,15 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         help="guided output: every answer is text this GBNF grammar's root rule produces (a "
         "file, or the grammar itself, `root ::= ...`; default: none)",
     )
+    g.add_argument(
+        "--thinking-budget",
+        dest="thinking_budget",
+        type=int,
+        metavar="N",
+        default=None,
+        help="a reasoning model's most thinking tokens, between <think> and </think>; then "
+        "</think> is forced and it answers (default: no bound)",
+    )
 
 
 SAMPLING_FLAGS = {
@@ -445,7 +454,7 @@ SAMPLING_FLAGS = {
         "json_schema",
         "adapter",
     )
-} | {"json_object": "--json", "guided_grammar": "--grammar"}
+} | {"json_object": "--json", "guided_grammar": "--grammar", "thinking_budget": "--thinking-budget"}
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

@@ -295,6 +295,11 @@ RUN_TABLE: list[Any] = [
     ),
     pytest.param(["--seed", "-1"], "--seed must be a non-negative integer", id="seed"),
     pytest.param(
+        ["--thinking-budget", "-2"],
+        "--thinking-budget must be an integer >= 0 or None, got -2",
+        id="thinking-budget",
+    ),
+    pytest.param(
         ["--json-schema", "{missing}"],
         "--json-schema {missing}: cannot read it (No such file or directory)",
         id="json-schema-missing",
@@ -613,3 +618,11 @@ def test_run_main_workers_that_cannot_start(
     assert capsys.readouterr().err == (
         "error: tp*cp = 8 workers need 8 CPU but the Ray cluster has 4; lower tp/cp\n"
     )
+
+
+def test_sampling_flags_reach_sampling_params() -> None:
+    """--thinking-budget (with the other sampling flags) becomes the SamplingParams field."""
+    args = run_cli.build_parser().parse_args(["--thinking-budget", "5", "--temperature", "0.5"])
+    params = run_cli.sampling_params(args)
+    assert params.thinking_budget == 5 and params.temperature == 0.5
+    assert run_cli.sampling_params(run_cli.build_parser().parse_args([])).thinking_budget is None
