@@ -320,28 +320,6 @@ def test_an_older_function_history_is_the_prompt_of_the_newer_one(client: Any) -
 @pytest.mark.parametrize(
     ("extra", "param", "match"),
     [
-        ({"functions": FUNCTION_DEFS, "tools": TOOLS}, "functions", "not both"),
-        ({"function_call": "auto"}, "function_call", "goes with functions"),
-        ({"functions": FUNCTION_DEFS, "function_call": {"name": "x"}}, "tool_choice",
-         "'x', which is not in tools"),
-        ({"messages": [{"role": "function", "name": "tide", "content": "x"}]}, "messages.0",
-         "no assistant message before it calls"),
-        ({"messages": [{"role": "function", "content": "x"}]}, "messages.0", "needs the name"),
-    ],
-)  # fmt: skip
-def test_older_function_fields_errors_name_the_field(
-    client: Any, extra: dict[str, Any], param: str, match: str
-) -> None:
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=None, **{**body, **extra})
-    error = info.value.body
-    assert error["param"] == param and match in error["message"], error
-
-
-@pytest.mark.parametrize(
-    ("extra", "param", "match"),
-    [
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
          "tool_choice", "'x', which is not in tools"),
@@ -354,6 +332,14 @@ def test_older_function_fields_errors_name_the_field(
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0", "tool_call_id"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
          "tools.0.function.name", "pattern"),
+        # OpenAI's older functions / function_call
+        ({"functions": FUNCTION_DEFS, "tools": TOOLS}, "functions", "not both"),
+        ({"function_call": "auto"}, "function_call", "goes with functions"),
+        ({"functions": FUNCTION_DEFS, "function_call": {"name": "x"}}, "tool_choice",
+         "'x', which is not in tools"),
+        ({"messages": [{"role": "function", "name": "tide", "content": "x"}]}, "messages.0",
+         "no assistant message before it calls"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages.0", "needs the name"),
     ],
 )  # fmt: skip
 def test_tool_errors_name_the_field(

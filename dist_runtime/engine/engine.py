@@ -51,7 +51,7 @@ from dist_runtime.engine.kv_disk import InUse, disk_tier, trim_shared
 from dist_runtime.engine.output_processor import OutputProcessor
 from dist_runtime.engine.outputs import RequestDelta
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
-from dist_runtime.engine.thinking import ThinkingBudget
+from dist_runtime.engine.thinking import ThinkingBudget, prompt_opens
 from dist_runtime.lora import (
     AdapterConflictError,
     AdapterNotFoundError,
@@ -656,8 +656,7 @@ class Engine:
             )
         start_ids = tuple(self.tokenizer.encode(start, add_special_tokens=False))
         end_ids = tuple(self.tokenizer.encode(end, add_special_tokens=False))
-        tail = self.tokenizer.decode(ids[-8:], skip_special_tokens=False)
-        opened = tail.rstrip().endswith(start)
+        opened = prompt_opens(self.tokenizer, ids, start)
         return ThinkingBudget(
             params.thinking_budget or 0, start_ids, end_ids, opened, self.model_config.vocab_size
         )

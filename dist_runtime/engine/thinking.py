@@ -17,12 +17,26 @@ it (the engine has to see that token first).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dist_runtime.text.tokenizer import Tokenizer
 
 BEFORE, OPEN, CLOSED = "before", "open", "closed"
 
 
 def _ends_with(tokens: list[int], tail: tuple[int, ...]) -> bool:
     return len(tokens) >= len(tail) and tuple(tokens[len(tokens) - len(tail) :]) == tail
+
+
+def prompt_opens(tokenizer: Tokenizer, prompt_ids: Sequence[int], marker: str) -> bool:
+    """Whether a prompt ends with the start marker (perhaps then whitespace): a template that
+    opens the thinking."""
+    if not prompt_ids:
+        return False
+    tail = tokenizer.decode(list(prompt_ids[-8:]), skip_special_tokens=False)
+    return tail.rstrip().endswith(marker)
 
 
 @functools.lru_cache(maxsize=64)

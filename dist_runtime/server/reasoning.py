@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dist_runtime.engine.thinking import prompt_opens
 from dist_runtime.text.tokenizer import Tokenizer
 
 THINK_OPEN = "<think>"
@@ -87,10 +88,7 @@ class ReasoningSplitter:
 
 def opens_thinking(tokenizer: Tokenizer | None, prompt_ids: Sequence[int]) -> bool:
     """Whether a prompt ends inside an opened `<think>` (the template opened the thinking)."""
-    if tokenizer is None or not prompt_ids:
-        return False
-    tail = tokenizer.decode(list(prompt_ids[-8:]), skip_special_tokens=False)
-    return tail.rstrip().endswith(THINK_OPEN)
+    return tokenizer is not None and prompt_opens(tokenizer, prompt_ids, THINK_OPEN)
 
 
 def reasoning_tokens(tokenizer: Tokenizer | None, token_ids: Sequence[int], opened: bool) -> int:

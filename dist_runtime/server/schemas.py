@@ -535,6 +535,17 @@ def legacy_function_turns(messages: list[ChatMessage]) -> list[ChatMessage]:
     return out
 
 
+def tools_with_functions(
+    tools: list[Tool] | None, functions: list[FunctionDef] | None
+) -> list[Tool] | None:
+    """A request's `tools`, or the older `functions` as tools (not both)."""
+    if functions is None:
+        return tools
+    if tools is not None:
+        raise UnsupportedFieldError("functions", "send tools or the older functions, not both")
+    return [Tool(type="function", function=f) for f in functions]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -607,12 +618,8 @@ class ChatCompletionRequest(SamplingFields):
         """The older function-calling fields in their newer form (tools, tool_choice, one
         call at most; the messages' `function_call` and `function` turns)."""
         self.messages = legacy_function_turns(self.messages)
+        self.tools = tools_with_functions(self.tools, self.functions)
         if self.functions is not None:
-            if self.tools is not None:
-                raise UnsupportedFieldError(
-                    "functions", "send tools or the older functions, not both"
-                )
-            self.tools = [Tool(type="function", function=f) for f in self.functions]
             self.parallel_tool_calls = False  # (the older answer holds one call)
         if self.function_call is None:
             return
@@ -735,12 +742,7 @@ class TokenizeRequest(_Request):
             raise UnsupportedFieldError("messages", "messages must not be empty")
         if self.messages is not None:
             self.messages = legacy_function_turns(self.messages)
-        if self.functions is not None:
-            if self.tools is not None:
-                raise UnsupportedFieldError(
-                    "functions", "send tools or the older functions, not both"
-                )
-            self.tools = [Tool(type="function", function=f) for f in self.functions]
+        self.tools = tools_with_functions(self.tools, self.functions)
         return self
 
 

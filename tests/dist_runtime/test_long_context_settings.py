@@ -8,6 +8,7 @@ prompt length, so the first token's logprobs must equal HF's at the prompt's las
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,21 @@ def _hf_top5(folder: Path, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
     return indices.tolist(), values
 
 
-@pytest.mark.parametrize("length", [20, 50, 90])
-def test_dynamic_ntk_matches_hf_past_trained_length(tmp_path: Path, length: int) -> None:
-    folder = _checkpoint(tmp_path, "dyn", rope_scaling={"type": "dynamic", "factor": 2.0})
-    prompt = _prompt(length, seed=length)
-    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
+def _first_token_matches_hf(folder: Path, prompt: list[int], session_len: int) -> Any:
+    """The runtime's first-token top-5 log-probabilities are HF's; returns them."""
+    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=session_len) as rt:
         got = _first_token(rt, prompt)
     ids, values = _hf_top5(folder, prompt)
     assert list(got.top) == ids
     torch.testing.assert_close(torch.tensor(list(got.top.values())), values, rtol=0, atol=1e-4)
+    return got
+
+
+@pytest.mark.parametrize("length", [20, 50, 90])
+def test_dynamic_ntk_matches_hf_past_trained_length(tmp_path: Path, length: int) -> None:
+    folder = _checkpoint(tmp_path, "dyn", rope_scaling={"type": "dynamic", "factor": 2.0})
+    prompt = _prompt(length, seed=length)
+    _first_token_matches_hf(folder, prompt, 128)
     model = ModelConfig.from_pretrained(str(folder))
     assert (model.rope_base(length) > model.rope_theta) == (length > MAX_POS)
 
@@ -148,15 +155,9 @@ def test_llama3_rope_scaling_matches_hf(tmp_path: Path, transformers5: bool) -> 
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, torch.device("cpu"))
     assert torch.equal(model_frequencies(model), want)
     prompt = _prompt(120, seed=9)
-    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=200) as rt:
-        got = _first_token(rt, prompt)
-    ids, values = _hf_top5(folder, prompt)
-    assert list(got.top) == ids
-    torch.testing.assert_close(torch.tensor(list(got.top.values())), values, rtol=0, atol=1e-4)
+    got = _first_token_matches_hf(folder, prompt, 200)
     plain = tmp_path / "plain"
-    plain.mkdir()
-    for f in folder.iterdir():
-        (plain / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(folder, plain)
     config = json.loads((folder / "config.json").read_text())
     config.pop("rope_scaling", None)
     config.pop("rope_parameters", None)
@@ -221,11 +222,7 @@ def test_yarn_rope_scaling_matches_hf(tmp_path: Path, architecture: str) -> None
     assert torch.equal(model_frequencies(model), want) and factor > 1.1
     assert model.attention_scale == pytest.approx(model.head_dim**-0.5 * factor**2)
     prompt = _prompt(100, seed=13)
-    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
-        got = _first_token(rt, prompt)
-    ids, values = _hf_top5(folder, prompt)
-    assert list(got.top) == ids
-    torch.testing.assert_close(torch.tensor(list(got.top.values())), values, rtol=0, atol=1e-4)
+    _first_token_matches_hf(folder, prompt, 128)
     with pytest.raises(ConfigError, match="session_len 200 is over the 128 tokens"):
         Runtime(model=str(folder), device="cpu", session_len=200)
 
