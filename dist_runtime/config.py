@@ -409,6 +409,10 @@ class ModelConfig:
     """Ids that end generation."""
     weight_quant: WeightQuant | None = None
     """4-bit weights (AWQ / GPTQ checkpoint), or None for float weights."""
+    torch_dtype: str | None = None
+    """The dtype the checkpoint's weights were saved in (config.json's `torch_dtype`, or
+    transformers 5's `dtype`), if it names one of SUPPORTED_DTYPES: what `dtype: auto`
+    computes in on CUDA when it is float16 or bfloat16."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -530,6 +534,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             weight_quant=_parse_weight_quant(hf, source),
+            torch_dtype=_saved_dtype(hf),
         )
 
     @classmethod
@@ -565,6 +570,16 @@ class ModelConfig:
             raise ConfigError(f"{gen_file}: eos_token_id must be token ids, got {eos!r:.80}")
         ids = tuple(dict.fromkeys([*model.eos_token_ids, *more]))
         return dataclasses.replace(model, eos_token_ids=ids)
+
+
+def _saved_dtype(hf: dict[str, Any]) -> str | None:
+    """config.json's `torch_dtype` (transformers 5: `dtype`), as a SUPPORTED_DTYPES name; None
+    when it names none (absent, 'auto', or a dtype the runtime does not compute in)."""
+    name = hf.get("torch_dtype", hf.get("dtype"))
+    if isinstance(name, str):
+        name = name.removeprefix("torch.")
+        name = {"half": "float16", "float": "float32", "bf16": "bfloat16"}.get(name, name)
+    return name if name in SUPPORTED_DTYPES else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -911,6 +926,16 @@ class SchedulerConfig:
             )
 
 
+def auto_dtype(device: str, model: ModelConfig | None) -> str:
+    """`dtype: auto` on `device`: float32 on CPU (its matmuls are fastest there); on CUDA the
+    checkpoint's saved half type, so a float16 model is not rounded to bfloat16's shorter
+    mantissa, and bfloat16 for float32 or unnamed checkpoints (as vLLM does)."""
+    if device != "cuda":
+        return "float32"
+    saved = model.torch_dtype if model is not None else None
+    return saved if saved in ("float16", "bfloat16") else "bfloat16"
+
+
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     """Everything a Runtime needs; the YAML file's top level."""
@@ -918,7 +943,9 @@ class RuntimeConfig:
     model: str
     """Path to a Hugging Face checkpoint folder (config.json + *.safetensors)."""
     dtype: str = "auto"
-    """Weight/activation dtype: float32, float16, bfloat16, or auto (bf16 on CUDA, fp32 on CPU)."""
+    """Weight/activation dtype: float32, float16, bfloat16, or auto: on CUDA the checkpoint's
+    own half type (config.json's torch_dtype, float16 or bfloat16; bfloat16 for a float32 or
+    unnamed one), on CPU float32."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)."""
     session_len: int = 4096
@@ -1138,10 +1165,12 @@ class RuntimeConfig:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def resolved_dtype(self) -> str:
+    def resolved_dtype(self, model: ModelConfig | None = None) -> str:
+        """The dtype workers compute in; `model` (the checkpoint's config) settles `auto` on
+        CUDA by its saved dtype (without it: bfloat16)."""
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if self.resolved_device() == "cuda" else "float32"
+        return auto_dtype(self.resolved_device(), model)
 
     def resolved_executor(self) -> str:
         if self.executor != "auto":

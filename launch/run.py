@@ -135,7 +135,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16", "auto"],
-        help="weight and activation dtype (default: auto = bfloat16 on CUDA, float32 on CPU)",
+        help="weight and activation dtype (default: auto = float32 on CPU; on CUDA the "
+        "checkpoint's torch_dtype when float16 or bfloat16, else bfloat16)",
     )
     g.add_argument(
         "--session-len",
@@ -749,7 +750,7 @@ def with_model(config: RuntimeConfig) -> RuntimeConfig:
 def dry_run(args: argparse.Namespace) -> int:
     """Plan one worker's memory from args (+ --config) and config.json alone, starting no
     worker. Exit status: 0 fits, 1 does not (with a suggestion), 2 bad input."""
-    from dist_runtime.config import QUANT_POLICIES, ModelConfig
+    from dist_runtime.config import QUANT_POLICIES, ModelConfig, auto_dtype
     from dist_runtime.memory_planner import (
         CPU_KV_AVAILABLE_FRACTION,
         GiB,
@@ -795,7 +796,7 @@ def dry_run(args: argparse.Namespace) -> int:
             tp=config.parallel.tp,
             cp=config.parallel.cp,
             session_len=config.session_len,
-            dtype=("float32" if on_cpu else "bfloat16") if dtype == "auto" else dtype,
+            dtype=auto_dtype("cpu" if on_cpu else "cuda", model) if dtype == "auto" else dtype,
             device_bytes=device_bytes,
             block_size=config.cache.block_size,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,

@@ -129,8 +129,8 @@ class ModelRunner:
         device = config.resolved_device()
         # Ray exposes one GPU per actor (CUDA_VISIBLE_DEVICES), so it is always index 0.
         self.device = torch.device("cuda:0" if device == "cuda" else device)
-        self.dtype = dtype_from_name(config.resolved_dtype())
         self.model_config = config.load_model_config()
+        self.dtype = dtype_from_name(config.resolved_dtype(self.model_config))
         config.parallel.check_model(self.model_config)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

@@ -1229,7 +1229,7 @@ class Engine:
                 (
                     self.model_config.rope_theta,
                     str(self.model_config.rope_scaling),
-                    self.config.resolved_dtype(),
+                    self.config.resolved_dtype(self.model_config),
                     self.config.cache.quant_policy,
                 )
             )

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from dist_runtime.config import ModelConfig, RuntimeConfig
+from dist_runtime.config import ModelConfig, RopeScaling, RuntimeConfig
 from dist_runtime.engine.block_manager import _DiskTier
 from dist_runtime.progress import Phase
 
@@ -62,7 +62,7 @@ def disk_tier(config: RuntimeConfig, model_config: ModelConfig) -> tuple[InUse, 
         "format": FORMAT,
         "weights": weights_digest(config, top / "weights.json"),
         "model": _model_fields(model_config),
-        "dtype": config.resolved_dtype(),
+        "dtype": config.resolved_dtype(model_config),
         "quant_policy": config.cache.quant_policy,
         "block_size": config.cache.block_size,
         "tp": config.parallel.tp,
@@ -85,8 +85,17 @@ def _model_fields(model_config: ModelConfig) -> dict[str, Any]:
         "num_kv_heads": model_config.num_kv_heads,
         "head_dim": model_config.head_dim,
         "rope_theta": model_config.rope_theta,
-        "rope_scaling": str(model_config.rope_scaling),
+        "rope_scaling": _scaling_text(model_config.rope_scaling),
     }
+
+
+def _scaling_text(scaling: RopeScaling | None) -> str:
+    """`scaling` as the fingerprint has always spelled it: linear and dynamic scaling (all
+    RopeScaling held before llama3 and YaRN) by their type and factor alone, so directories
+    written before the other types' fields existed stay found; the others in full."""
+    if scaling is not None and scaling.type in ("linear", "dynamic"):
+        return f"RopeScaling(type={scaling.type!r}, factor={scaling.factor!r})"
+    return str(scaling)
 
 
 def weights_digest(config: RuntimeConfig, memo: Path) -> str:

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from dist_runtime import CacheConfig, RequestOutput, Runtime, SamplingParams, SchedulerConfig
-from dist_runtime.config import ConfigError, ModelConfig
+from dist_runtime.config import ConfigError, ModelConfig, RopeScaling, RuntimeConfig, auto_dtype
 from dist_runtime.engine.executor.base import WorkerError
+from dist_runtime.engine.kv_disk import _scaling_text
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from dist_runtime.server.metrics import ServerMetrics
 from tests.conftest import TINY_SHAPES
@@ -753,3 +754,55 @@ def test_generation_config_eos_ids_end_generation(tiny_llama_dir: Path, tmp_path
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ["x"]}))
     with pytest.raises(ConfigError, match="eos_token_id must be token ids"):
         ModelConfig.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("saved", "key", "cuda", "cpu"),
+    [
+        ("float16", "torch_dtype", "float16", "float32"),
+        ("bfloat16", "torch_dtype", "bfloat16", "float32"),
+        ("float16", "dtype", "float16", "float32"),  # (transformers 5's key)
+        ("torch.float16", "torch_dtype", "float16", "float32"),
+        ("float32", "torch_dtype", "bfloat16", "float32"),
+        ("auto", "torch_dtype", "bfloat16", "float32"),
+        (None, None, "bfloat16", "float32"),
+    ],
+)
+def test_auto_dtype_follows_the_checkpoints_half_type_on_cuda(
+    saved: str | None, key: str | None, cuda: str, cpu: str
+) -> None:
+    """`dtype: auto` keeps a float16 checkpoint in float16 on CUDA (bfloat16 would round its
+    weights to a 7-bit mantissa), bfloat16 for float32 or unnamed ones; CPU computes in fp32."""
+    hf: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+    }
+    if key is not None:
+        hf[key] = saved
+    model = ModelConfig.from_dict(hf)
+    for device, want in (("cuda", cuda), ("cpu", cpu)):
+        config = RuntimeConfig(model="m", device=device)
+        assert config.resolved_dtype(model) == want
+        assert auto_dtype(device, model) == want
+        assert RuntimeConfig(model="m", device=device, dtype="float32").resolved_dtype(model) == (
+            "float32"
+        )
+    assert RuntimeConfig(model="m", device="cuda").resolved_dtype() == "bfloat16"
+
+
+def test_a_disk_tier_fingerprint_spells_linear_and_dynamic_scaling_as_it_always_has() -> None:
+    """Directories written before llama3 / YaRN scaling were read keep their fingerprint: the
+    two older types are spelt by type and factor alone (the RopeScaling repr of that time)."""
+    assert _scaling_text(RopeScaling(type="dynamic", factor=2.0)) == (
+        "RopeScaling(type='dynamic', factor=2.0)"
+    )
+    assert _scaling_text(RopeScaling(type="linear", factor=4.0)) == (
+        "RopeScaling(type='linear', factor=4.0)"
+    )
+    assert _scaling_text(None) == "None"
+    yarn = RopeScaling(type="yarn", factor=4.0, original_max_position_embeddings=32)
+    assert "original_max_position_embeddings=32" in _scaling_text(yarn)
