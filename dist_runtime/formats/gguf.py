@@ -92,8 +92,9 @@ _LAYER_TENSORS = {
 }
 _ATTN_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output")
 _MLP_PROJ = ("ffn_gate", "ffn_up", "ffn_down")
-_SKIPPED_TENSORS = re.compile(r"^blk\.\d+\.attn_rot_embd(\.weight)?$")
-"""Precomputed rotary frequencies some old converters stored; recomputed from the config."""
+_SKIPPED_TENSORS = re.compile(r"^(blk\.\d+\.attn_rot_embd(\.weight)?|rope_freqs\.weight)$")
+"""Precomputed rotary frequencies some old converters stored (recomputed from the config), and
+llama.cpp's Llama 3.1 frequency divisors (read into config.json's rope_scaling)."""
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
 _GLOBAL_NAME = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
 
@@ -285,12 +286,19 @@ def _llama_config(
             f"{src}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
             f"{head_dim}) are not supported"
         )
-    if "rope_freqs.weight" in tensors:
-        raise GGUFError(
-            f"{src} carries a `rope_freqs` tensor (Llama 3.1-style frequency scaling as "
-            "llama.cpp stores it: factors per dimension, not the parameters they came from), "
-            "which the converter does not read; use the model's Hugging Face checkpoint, whose "
-            "`rope_type: llama3` the runtime reads"
+    theta = _f32(get("rope.freq_base", required=False) or 10000.0)
+    scaling = _rope_scaling(get, src)
+    freqs = tensors.get("rope_freqs.weight")
+    if freqs is not None:
+        if scaling is not None:
+            raise GGUFError(
+                f"{src} carries both rope scaling metadata ({scaling['type']}) and a "
+                "`rope_freqs` tensor; llama.cpp applies both, which no Hugging Face rope_type "
+                "describes; use the model's Hugging Face checkpoint"
+            )
+        original = get("rope.scaling.original_context_length", required=False)
+        scaling = _llama3_from_freq_factors(
+            np.asarray(freqs.data, dtype=np.float64).reshape(-1), head_dim, theta, original, src
         )
     embd = tensors.get("token_embd.weight")
     vocab = get("vocab_size", required=False)
@@ -319,8 +327,8 @@ def _llama_config(
         "hidden_act": "silu",
         "max_position_embeddings": int(get("context_length", required=False) or 4096),
         "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", required=False) or 1e-6),
-        "rope_theta": _f32(get("rope.freq_base", required=False) or 10000.0),
-        "rope_scaling": _rope_scaling(get, src),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
         "attention_bias": attention_bias,
         "mlp_bias": mlp_bias,
         "tie_word_embeddings": "output.weight" not in tensors,
@@ -367,6 +375,94 @@ def _rope_scaling(get: Any, src: Path) -> dict[str, Any] | None:
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
     return scaling
+
+
+FREQ_FACTOR_RTOL = 1e-5
+"""How close the llama3 parameters read from a `rope_freqs` tensor must reproduce every one of
+its factors (they are stored as float32: about 6e-8 apart from the values they came from)."""
+
+
+def _llama3_factors(
+    inv_freq: np.ndarray, factor: float, low: float, high: float, original: float
+) -> np.ndarray:
+    """llama.cpp's per-dimension divisors of Llama 3.1's frequency scaling (HF's `llama3`)."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(
+        wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended)
+    )
+
+
+def _band_edges(
+    x: np.ndarray, factors: np.ndarray, factor: float, between: np.ndarray
+) -> Iterable[tuple[float, float]]:
+    """Candidate (low_freq_factor, high_freq_factor) for divisors `factors` at x = trained /
+    wavelength: the blend s = (x - low) / (high - low) is a line; two or more blended
+    divisors fix it (least squares); one fixes a point of it, so high / low is tried at Llama
+    3's 4 and a few other ratios; none leaves the edges anywhere in the gap between the slow
+    and fast dimensions. Each candidate is checked against every divisor by the caller."""
+    smooth = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
+    if between.sum() >= 2:
+        slope, intercept = np.polyfit(x[between], smooth, 1)
+        if slope > 0:
+            yield -intercept / slope, (1 - intercept) / slope
+        return
+    if between.sum() == 1:
+        (xm,), (sm,) = x[between], smooth
+        for ratio in (4.0, 2.0, 8.0, 1.5, 16.0):
+            low = xm / (1 + (ratio - 1) * sm)
+            yield low, ratio * low
+        return
+    slow = x[factors >= factor * (1 - FREQ_FACTOR_RTOL)]
+    fast = x[factors <= 1 + FREQ_FACTOR_RTOL]
+    if slow.size and fast.size and fast.min() > slow.max():
+        gap = fast.min() / slow.max()
+        yield slow.max() * gap**0.25, slow.max() * gap**0.75
+
+
+def _llama3_from_freq_factors(
+    factors: np.ndarray, head_dim: int, theta: float, original: Any, src: Path
+) -> dict[str, Any] | None:
+    """HF's `rope_type: llama3` parameters that give llama.cpp's `rope_freqs` divisors.
+
+    llama.cpp stores Llama 3.1's scaling as one divisor per frequency: 1 for the fast ones,
+    `factor` for the slow ones, and 1 / ((1 - s) / factor + s) between, with s linear in
+    original / wavelength. The blended divisors give that line (`_band_edges`), hence
+    low_freq_factor and high_freq_factor for the trained length (GGUF's
+    rope.scaling.original_context_length, else Llama 3's 8192: only their ratios to it
+    matter); the parameters found must give back every divisor."""
+    if factors.size != head_dim // 2:
+        raise GGUFError(
+            f"{src}: rope_freqs has {factors.size} factors, expected head_dim / 2 = {head_dim // 2}"
+        )
+    if not np.all(np.isfinite(factors)) or factors.min() <= 0:
+        raise GGUFError(f"{src}: rope_freqs holds non-positive or non-finite factors")
+    if np.allclose(factors, 1.0, rtol=0, atol=FREQ_FACTOR_RTOL):
+        return None  # (all ones: no scaling)
+    factor = float(factors.max())
+    trained = int(original or 8192)
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    between = (factors > 1 + FREQ_FACTOR_RTOL) & (factors < factor * (1 - FREQ_FACTOR_RTOL))
+    unlike = (
+        f"{src}: its rope_freqs tensor is not Llama 3.1-style frequency scaling (divisors "
+        f"{np.round(factors, 4).tolist()}), which is the only kind the converter reads; use the "
+        "model's Hugging Face checkpoint"
+    )
+    x = trained * inv_freq / (2 * math.pi)  # (trained / wavelength, falling with the dimension)
+    for low, high in _band_edges(x, factors, factor, between):
+        for f, lo, hi in ((round(factor, 4), round(low, 4), round(high, 4)), (factor, low, high)):
+            if 0 < lo < hi:
+                got = _llama3_factors(inv_freq, f, lo, hi, trained)
+                if np.allclose(got, factors, rtol=FREQ_FACTOR_RTOL, atol=0):
+                    return {
+                        "rope_type": "llama3",
+                        "factor": float(f),
+                        "low_freq_factor": float(lo),
+                        "high_freq_factor": float(hi),
+                        "original_max_position_embeddings": trained,
+                    }
+    raise GGUFError(unlike)
 
 
 def _generation_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -231,10 +232,13 @@ def _tiny_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def _tiny_hf_llama(tie: bool, seed: int = 0) -> tuple[Any, dict[str, torch.Tensor]]:
+def _tiny_hf_llama(
+    tie: bool, seed: int = 0, rope_scaling: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokens, _, _ = _tiny_vocab()
+    scaled: dict[str, Any] = {"rope_scaling": rope_scaling} if rope_scaling else {}
     config = LlamaConfig(
         vocab_size=len(tokens),
         hidden_size=TINY["hidden"],
@@ -246,6 +250,7 @@ def _tiny_hf_llama(tie: bool, seed: int = 0) -> tuple[Any, dict[str, torch.Tenso
         rms_norm_eps=1e-5,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
+        **scaled,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -280,11 +285,13 @@ def write_tiny_gguf(
     tokenizer: str | None = "gpt2",
     tensor_types: dict[str, gguf.GGMLQuantizationType] | None = None,
     extra_raw: dict[str, tuple[tuple[int, int], gguf.GGMLQuantizationType]] | None = None,
+    extra_f32: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write a Llama-layout state dict as llama.cpp would (q/k permuted); return the written data.
 
     `tensor_types` maps HF names to F16 or a type `gguf.quants.quantize` writes (default F32);
-    `extra_raw` adds zero-filled tensors of any GGML type (GGUF name -> ((rows, cols), type)).
+    `extra_raw` adds zero-filled tensors of any GGML type (GGUF name -> ((rows, cols), type));
+    `extra_f32` adds float32 tensors by GGUF name (llama.cpp's `rope_freqs.weight`).
     """
     tensor_types = tensor_types or {}
     w = gguf.GGUFWriter(str(path), arch)
@@ -333,6 +340,8 @@ def write_tiny_gguf(
         else:
             w.add_tensor(name, gguf.quants.quantize(arr, kind), raw_dtype=kind)
         written[name] = arr
+    for name, arr in (extra_f32 or {}).items():
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
     for name, ((rows, cols), kind) in (extra_raw or {}).items():
         block, type_size = gguf.GGML_QUANT_SIZES[kind]
         w.add_tensor(name, np.zeros((rows, cols // block * type_size), np.uint8), raw_dtype=kind)
@@ -403,6 +412,97 @@ def test_tiny_conversion_equals_transformers_gguf_loading(tmp_path: Path) -> Non
     for name in types:
         assert torch.allclose(ours[name], sd[name], atol=0.1, rtol=0.1), name
     assert ModelConfig.from_pretrained(out).tie_word_embeddings is True
+
+
+def llama_cpp_rope_factors(
+    head_dim: int, theta: float, factor: float, low: float, high: float, original: int
+) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf for `rope_type: llama3`: one divisor per frequency."""
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+
+
+@pytest.mark.parametrize(
+    ("original", "high"),
+    [(64, 4.0), (96, 4.0), (150, 2.0)],
+    ids=["two-blended", "one-blended", "none-blended"],
+)
+def test_llama_cpp_rope_freqs_become_hf_llama3_scaling(
+    tmp_path: Path, original: int, high: float
+) -> None:
+    """A Llama 3.1-style GGUF (its scaling stored only as llama.cpp's `rope_freqs` divisors,
+    the trained length nowhere) converts to a `rope_type: llama3` config whose frequencies are
+    the source model's: HF's model from the converted folder gives the source's logits, and
+    the runtime's frequencies equal HF's."""
+    from transformers import LlamaForCausalLM
+
+    from workers.layers.rotary import model_frequencies
+
+    scaling = {
+        "rope_type": "llama3",
+        **LLAMA3,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
+    }
+    _, sd = _tiny_hf_llama(tie=False, seed=3, rope_scaling=scaling)
+    source = LlamaForCausalLM(_tiny_hf_llama(tie=False, rope_scaling=scaling)[0]).eval()
+    source.load_state_dict(sd)
+    factors = llama_cpp_rope_factors(
+        TINY["head_dim"], 10000.0, LLAMA3["factor"], 1.0, high, original
+    )
+    blended = int(((factors > 1) & (factors < LLAMA3["factor"])).sum())
+    assert blended == {64: 2, 96: 1, 150: 0}[original]
+    src = tmp_path / "llama31.gguf"
+    write_tiny_gguf(src, sd, extra_f32={"rope_freqs.weight": factors})
+    out = convert_gguf(src, tmp_path / "hf", progress=False)
+
+    read = json.loads((out / "config.json").read_text())["rope_scaling"]
+    assert read["rope_type"] == "llama3" and read["factor"] == LLAMA3["factor"]
+    # (no trained length in the GGUF: Llama 3's 8192, with the band edges scaled to match)
+    assert read["original_max_position_embeddings"] == 8192
+    if blended:  # (Llama 3's band ratio, high / low = 4, is the one tried first)
+        assert read["low_freq_factor"] == pytest.approx(8192 / original, rel=1e-4)
+        assert read["high_freq_factor"] == pytest.approx(4 * 8192 / original, rel=1e-4)
+    torch.testing.assert_close(
+        model_frequencies(ModelConfig.from_pretrained(out)),
+        source.model.rotary_emb.inv_freq.float(),
+        rtol=1e-6,
+        atol=0,
+    )
+    converted = LlamaForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.arange(3, 203).reshape(1, -1) % sd["model.embed_tokens.weight"].shape[0]
+    with torch.no_grad():
+        want, got = source(ids).logits, converted(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_freqs_of_another_kind_are_refused(tmp_path: Path) -> None:
+    _, sd = _tiny_hf_llama(tie=True)
+    ramp = np.linspace(1.0, 3.0, TINY["head_dim"] // 2) ** 2  # (not llama3's blend)
+    src = tmp_path / "odd.gguf"
+    write_tiny_gguf(src, sd, extra_f32={"rope_freqs.weight": ramp})
+    with pytest.raises(GGUFError, match="not Llama 3.1-style frequency scaling"):
+        convert_gguf(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    ones = np.ones(TINY["head_dim"] // 2)
+    write_tiny_gguf(tmp_path / "ones.gguf", sd, extra_f32={"rope_freqs.weight": ones})
+    out = convert_gguf(tmp_path / "ones.gguf", tmp_path / "plain", progress=False)
+    assert ModelConfig.from_pretrained(out).rope_scaling is None
+    write_tiny_gguf(tmp_path / "short.gguf", sd, extra_f32={"rope_freqs.weight": ones[:3]})
+    with pytest.raises(GGUFError, match="rope_freqs has 3 factors, expected head_dim / 2 = 8"):
+        convert_gguf(tmp_path / "short.gguf", tmp_path / "out2", progress=False)
 
 
 def test_tiny_tokenizer_files(tmp_path: Path) -> None:
