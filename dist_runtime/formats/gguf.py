@@ -11,7 +11,8 @@ requested dtype and written straight to its place in the safetensors file, one t
 so memory holds one tensor and never the whole model. GGUF stores shapes in ggml order
 (fastest-varying first); they are reversed to PyTorch order. llama.cpp's converter permutes the
 rows of `attn_q` / `attn_k` per head from Hugging Face's rotate-half RoPE layout to its
-interleaved one; that permutation is undone exactly as transformers does when it loads a GGUF.
+interleaved one for Llama-architecture files (not for qwen2, whose RoPE is rotate-half there
+too); that permutation is undone exactly as transformers does when it loads a GGUF.
 
 With `weights="int4"` (`launch/convert.py --weights int4`), the decoder's linear layers whose
 GGUF tensors are Q4_0, Q4_1 or Q4_K stay 4-bit: each 32-value block's codes are kept and its
@@ -53,7 +54,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+"""GGUF architectures converted: Llama's layout (Mistral, SmolLM, ... too) and Qwen2's (Qwen2 /
+Qwen2.5 and their distills: q/k/v biases, and q/k rows never permuted, since llama.cpp's qwen2
+rotates halves as HF does)."""
 """`general.architecture` values this converter understands."""
 SUPPORTED_TENSOR_TYPES = (
     "F32",
@@ -114,6 +118,35 @@ ByteLevel]. (transformers 5.x's GGUF loader ignores these names and uses plain G
 which differs on whitespace runs before a digit: "a  1" -> a|Ġ|Ġ|1 there, a|ĠĠ|1 here.)"""
 _LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe")
 _GPT2_PRE = ("default", "gpt2", "gpt-2", "olmo", "mpt", "jais")
+_LETTERS_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_LETTERS_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+_SPLITS = {
+    # Qwen2's tokenizer.json: Llama 3's rules with single digits
+    "qwen2": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+    # Mistral NeMo's tekken: words split at case changes, single digits, slashes kept on symbols
+    "tekken": (
+        rf"[^\r\n\p{{L}}\p{{N}}]?{_LETTERS_UPPER}*{_LETTERS_LOWER}+"
+        rf"|[^\r\n\p{{L}}\p{{N}}]?{_LETTERS_UPPER}+{_LETTERS_LOWER}*"
+        r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+    # GPT-4o's (Llama 4's): tekken's words with contractions attached, digits in threes
+    "gpt-4o": (
+        rf"[^\r\n\p{{L}}\p{{N}}]?{_LETTERS_UPPER}*{_LETTERS_LOWER}+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        rf"|[^\r\n\p{{L}}\p{{N}}]?{_LETTERS_UPPER}+{_LETTERS_LOWER}*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+}
+_SPLIT_OF_PRE = {
+    **{name: _LLAMA3_SPLIT for name in _LLAMA3_PRE},
+    **{name: _SPLITS["qwen2"] for name in ("qwen2", "deepseek-r1-qwen", "megrez")},
+    "tekken": _SPLITS["tekken"],
+    **{name: _SPLITS["gpt-4o"] for name in ("gpt-4o", "llama4")},
+}
+"""llama.cpp's split rules per `tokenizer.ggml.pre` name that are one regex before byte-level
+BPE (the names whose rules are GPT-2's, or digits then GPT-2's, are handled apart)."""
 
 
 class GGUFError(ValueError):
@@ -313,10 +346,23 @@ def _llama_config(
     layers = int(get("block_count"))
     attention_bias = any(f"blk.{i}.{n}.bias" in tensors for i in range(layers) for n in _ATTN_PROJ)
     mlp_bias = any(f"blk.{i}.{n}.bias" in tensors for i in range(layers) for n in _MLP_PROJ)
+    if arch == "qwen2":
+        biases = [f"blk.{i}.{n}.bias" for i in range(layers) for n in _ATTN_PROJ[:3]]
+        missing = [b for b in biases if b not in tensors]
+        odd = [
+            n
+            for n in tensors
+            if n.endswith((".attn_output.bias", *(f".{m}.bias" for m in _MLP_PROJ)))
+        ]
+        if missing or odd:
+            raise GGUFError(
+                f"{src}: a qwen2 GGUF has biases on attn_q, attn_k and attn_v and nowhere else; "
+                f"this one lacks {missing[:3]} and has {odd[:3]}; is it another architecture?"
+            )
 
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        "model_type": arch,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": uniform("feed_forward_length", get("feed_forward_length")),
@@ -498,7 +544,8 @@ def _plan_llama_tensors(
         "attn_norm": (hidden,),
         "ffn_norm": (hidden,),
     }
-    permute = {"attn_q": heads, "attn_k": kv_heads}
+    # (llama.cpp interleaves Llama's q/k rows for its RoPE; qwen2's it leaves as HF has them)
+    permute = {"attn_q": heads, "attn_k": kv_heads} if config["model_type"] == "llama" else {}
 
     plan: list[_TensorPlan] = []
     unknown: list[str] = []
@@ -539,16 +586,17 @@ def _plan_llama_tensors(
         plan.append(_TensorPlan(name, hf, expected, heads_to_permute))
     if unknown:
         raise GGUFError(
-            f"{src}: tensors {sorted(unknown)[:8]} have no Hugging Face Llama counterpart; this "
-            "GGUF is not a plain Llama model"
+            f"{src}: tensors {sorted(unknown)[:8]} have no Hugging Face counterpart; this GGUF "
+            f"is not a plain {config['model_type']} model"
         )
     if wrong_shape:
         raise GGUFError(f"{src}: tensor shapes do not match the metadata: {wrong_shape[:4]}")
     required = ["token_embd.weight", "output_norm.weight"]
     for i in range(layers):
         required += [f"blk.{i}.{k}.weight" for k in _LAYER_TENSORS]
-        if config["attention_bias"]:
-            required += [f"blk.{i}.{k}.bias" for k in _ATTN_PROJ]
+        if config["attention_bias"]:  # (qwen2: none on attn_output)
+            qwen2 = config["model_type"] == "qwen2"
+            required += [f"blk.{i}.{k}.bias" for k in _ATTN_PROJ[: 3 if qwen2 else 4]]
         if config["mlp_bias"]:
             required += [f"blk.{i}.{k}.bias" for k in _MLP_PROJ]
     missing = [n for n in required if n not in tensors]
@@ -930,10 +978,10 @@ def _pre_tokenizer(pre: str | None) -> Any:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre in _DIGITS_THEN_GPT2:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _LLAMA3_PRE:
+    if pre in _SPLIT_OF_PRE:
         return pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.Split(Regex(_SPLIT_OF_PRE[pre]), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )

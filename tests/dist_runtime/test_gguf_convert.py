@@ -221,11 +221,12 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def _tiny_vocab() -> tuple[list[str], list[int], list[str]]:
+def _tiny_vocab(more_merges: tuple[str, ...] = ()) -> tuple[list[str], list[int], list[str]]:
     """A byte-level vocabulary: 3 control tokens, the 256 byte symbols, a few merges."""
     control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     byte_symbols = list(bytes_to_unicode().values())
     merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"]
+    merges += more_merges
     merged = [m.replace(" ", "") for m in merges]
     tokens = control + byte_symbols + merged
     types = [3] * len(control) + [1] * (len(tokens) - len(control))
@@ -286,12 +287,15 @@ def write_tiny_gguf(
     tensor_types: dict[str, gguf.GGMLQuantizationType] | None = None,
     extra_raw: dict[str, tuple[tuple[int, int], gguf.GGMLQuantizationType]] | None = None,
     extra_f32: dict[str, np.ndarray] | None = None,
+    pre: str = "smollm",
+    more_merges: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
     """Write a Llama-layout state dict as llama.cpp would (q/k permuted); return the written data.
 
     `tensor_types` maps HF names to F16 or a type `gguf.quants.quantize` writes (default F32);
     `extra_raw` adds zero-filled tensors of any GGML type (GGUF name -> ((rows, cols), type));
-    `extra_f32` adds float32 tensors by GGUF name (llama.cpp's `rope_freqs.weight`).
+    `extra_f32` adds float32 tensors by GGUF name (llama.cpp's `rope_freqs.weight`). q/k rows
+    are permuted for `arch` llama only (llama.cpp's qwen2 keeps HF's rotate-half layout).
     """
     tensor_types = tensor_types or {}
     w = gguf.GGUFWriter(str(path), arch)
@@ -304,11 +308,11 @@ def write_tiny_gguf(
     w.add_rope_dimension_count(TINY["head_dim"])
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    tokens, types, merges = _tiny_vocab()
+    tokens, types, merges = _tiny_vocab(more_merges)
     w.add_vocab_size(len(tokens))
     if tokenizer is not None:
         w.add_tokenizer_model(tokenizer)
-        w.add_tokenizer_pre("smollm")
+        w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
@@ -328,9 +332,9 @@ def write_tiny_gguf(
         else:
             parts = hf_name.split(".")  # model.layers.N.<module...>.weight
             name = f"blk.{parts[2]}.{_TO_GGUF['.'.join(parts[3:-1])]}.{parts[-1]}"
-        if ".attn_q." in name:
+        if ".attn_q." in name and arch == "llama":
             arr = llama_cpp_permute(arr, TINY["heads"])
-        elif ".attn_k." in name:
+        elif ".attn_k." in name and arch == "llama":
             arr = llama_cpp_permute(arr, TINY["kv_heads"])
         kind = tensor_types.get(hf_name, gguf.GGMLQuantizationType.F32)
         if kind == gguf.GGMLQuantizationType.F32:
@@ -503,6 +507,79 @@ def test_rope_freqs_of_another_kind_are_refused(tmp_path: Path) -> None:
     write_tiny_gguf(tmp_path / "short.gguf", sd, extra_f32={"rope_freqs.weight": ones[:3]})
     with pytest.raises(GGUFError, match="rope_freqs has 3 factors, expected head_dim / 2 = 8"):
         convert_gguf(tmp_path / "short.gguf", tmp_path / "out2", progress=False)
+
+
+DIGIT_MERGES = ("1 2", "12 3", "Ġ 1", "Ġ1 2")
+"""Merges that make a 3-digit run one token where a split rule keeps digits together."""
+
+
+def test_qwen2_gguf_converts_to_a_qwen2_checkpoint(tmp_path: Path) -> None:
+    """A qwen2 GGUF (q/k/v biases, q/k rows as HF has them, Qwen2's split rules) becomes a
+    Qwen2ForCausalLM folder: its tensors are transformers' GGUF loading's and the source's, its
+    tokenizer encodes as transformers' GGUF tokenizer does, and the runtime decodes the source
+    model's greedy tokens."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from dist_runtime import Runtime, SamplingParams
+
+    tokens, _, _ = _tiny_vocab(DIGIT_MERGES)
+    config = Qwen2Config(
+        vocab_size=len(tokens),
+        hidden_size=TINY["hidden"],
+        intermediate_size=TINY["inter"],
+        num_hidden_layers=TINY["layers"],
+        num_attention_heads=TINY["heads"],
+        num_key_value_heads=TINY["kv_heads"],
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(5)
+    source = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # norms start at one and biases at zero: make a mix-up show
+        for name, p in source.named_parameters():
+            if name.endswith(("norm.weight", "bias")):
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p))
+    sd = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    assert any(k.endswith("q_proj.bias") for k in sd) and not any("o_proj.bias" in k for k in sd)
+    src = tmp_path / "qwen.gguf"
+    write_tiny_gguf(src, sd, arch="qwen2", pre="qwen2", more_merges=DIGIT_MERGES)
+    out = convert_gguf(src, tmp_path / "hf", progress=False)
+
+    cfg = ModelConfig.from_pretrained(out)
+    assert cfg.attention_bias and not cfg.has_o_bias
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    ours = _read_weights(out)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=src.name).state_dict()
+    assert set(ours) == set(sd)
+    assert all(torch.equal(t, sd[n]) and torch.equal(t, hf[n]) for n, t in ours.items())
+
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=src.name)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for text in [*TOKENIZER_TEXTS, *DIGIT_SPACING_TEXTS, "x 123 4567"]:
+        assert tok.encode(text, add_special_tokens=False).ids == hf_tok.encode(
+            text, add_special_tokens=False
+        ), text
+    # (Qwen2's rules split digits one by one: the digit merges never apply)
+    assert tok.encode("123", add_special_tokens=False).ids == [tokens.index(c) for c in "123"]
+
+    prompt = [5, 70, 71, 72, 40, 41, 9]
+    with torch.no_grad():
+        want = source.generate(
+            torch.tensor([prompt]), max_new_tokens=6, do_sample=False, attention_mask=None
+        )[0, len(prompt) :].tolist()
+    with Runtime(model=str(out), session_len=64, device="cpu", dtype="float32") as rt:
+        (got,) = rt.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert got.token_ids == want
+
+
+def test_qwen2_gguf_without_its_biases_is_refused(tmp_path: Path) -> None:
+    _, sd = _tiny_hf_llama(tie=True)  # (a Llama state dict: no biases anywhere)
+    src = tmp_path / "fake-qwen.gguf"
+    write_tiny_gguf(src, sd, arch="qwen2")
+    with pytest.raises(GGUFError, match="qwen2 GGUF has biases on attn_q, attn_k and attn_v"):
+        convert_gguf(src, tmp_path / "out", progress=False)
 
 
 def test_tiny_tokenizer_files(tmp_path: Path) -> None:
