@@ -67,6 +67,8 @@ LAYER_FIELDS = (
     "v_cache",
     "k_params",
     "v_params",
+    "q_norm",
+    "k_norm",
 )
 
 
@@ -145,6 +147,10 @@ class LayerTensors:
     v_cache: torch.Tensor
     k_params: torch.Tensor | None = None
     v_params: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    """Qwen3's RMSNorm weights (head_dim,) of every q head, before RoPE (None: no norm)."""
+    k_norm: torch.Tensor | None = None
+    """The same for every k head (given with q_norm or not at all)."""
 
 
 LoraStacks = tuple[torch.Tensor, torch.Tensor] | None
@@ -219,6 +225,14 @@ class CpuDecoder:
                 w = getattr(t, name)
                 if w.dtype != torch.float32 or w.shape != (hidden,) or not w.is_contiguous():
                     raise ValueError(f"layer {i}: {name} must be float32 ({hidden},) contiguous")
+            if (t.q_norm is None) != (t.k_norm is None):
+                raise ValueError(f"layer {i}: q_norm and k_norm come together")
+            for name in ("q_norm", "k_norm"):
+                w = getattr(t, name)
+                if w is not None and (
+                    w.dtype != torch.float32 or w.shape != (head_dim,) or not w.is_contiguous()
+                ):
+                    raise ValueError(f"layer {i}: {name} must be float32 ({head_dim},) contiguous")
             for name, size in (
                 ("qkv_bias", q_size + 2 * kv_size),
                 ("o_bias", hidden),

@@ -34,7 +34,8 @@ struct dr_decoder {
     const float *final_norm;
 };
 
-/* One layer's weights (linear ones panel-packed, see cpu_gemm.c; biases may be NULL) and
+/* One layer's weights (linear ones panel-packed, see cpu_gemm.c; biases may be NULL; q_norm and
+ * k_norm, Qwen3's per-head RMSNorm weights of head_dim, NULL for other models) and
  * cache, and its LoRA stacks per linear layer (qkv, o, gate_up, down; NULL: not adapted) from
  * workers/lora.py: A (slots, rank, in) and B by rows (slots, rank, out), the scale folded into
  * B, slot 0 the base model (zeros). */
@@ -43,6 +44,7 @@ struct dr_decoder_layer {
     const float *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
     char *k_cache, *v_cache;
     float *k_params, *v_params;
+    const float *q_norm, *k_norm;
     const float *lora_a[4], *lora_b[4];
     int64_t lora_rank[4];
 };
@@ -203,6 +205,12 @@ static int attention_half(const struct dr_decoder *m, const struct dr_decoder_la
     norm_in(m, L->input_norm, s, first);
     dr_linear(s->h, T, H, L->qkv, qkv_n, L->qkv_bias, s->qkv, nt);
     lora_add(L, LORA_QKV, s, s->h, H, s->qkv, qkv_n);
+    if (L->q_norm && L->k_norm) /* each q and k head normed over head_dim, in place */
+        for (int64_t t = 0; t < T; t++) {
+            float *qt = s->qkv + t * qkv_n, *kt = qt + q_size;
+            dr_rms_norm(qt, d, NULL, 0, NULL, 0, qt, d, L->q_norm, m->q_heads, d, m->eps, nt);
+            dr_rms_norm(kt, d, NULL, 0, NULL, 0, kt, d, L->k_norm, m->kv_heads, d, m->eps, nt);
+        }
     char *q = (char *)s->qkv, *k = (char *)(s->qkv + q_size), *v = (char *)(s->qkv + q_size + kv_size);
     dr_rope_store(q, qkv_n, d, k, qkv_n, d, v, qkv_n, d, s->cos, s->sin, L->k_cache, L->v_cache,
                   m->kc_block, m->kc_slot, m->kc_head, s->slots, (int)T, (int)m->q_heads,

@@ -1,7 +1,8 @@
 """CPU decode steps through the native decoder (`kernels/cpu_decoder.py`) give the layer-by-layer
 path's hidden states: bit for bit for float32, int8 and int4 caches, with attention biases, a
-tied head, both checkpoint layouts and per-request RoPE tables; to float rounding for a batch
-over a shared cached prefix (whose two attention partials it merges in C). Stage by stage (the
+tied head, both checkpoint layouts, Qwen3's q / k head norms and per-request RoPE tables; to
+float rounding for a batch over a shared cached prefix (whose two attention partials it merges
+in C). Stage by stage (the
 tp > 1 schedule, here with an identity reduce) equals one call. Steps and models it does not
 serve take the layer path.
 """
@@ -46,13 +47,13 @@ HD16 = dict(TINY_SHAPES, num_heads=4, num_kv_heads=2)
 """hidden 64 over 4 heads: head_dim 16, the smallest the native attention takes."""
 
 
-@pytest.fixture(scope="module", params=["llama-bias-tied", "internlm2"])
+@pytest.fixture(scope="module", params=["llama-bias-tied", "internlm2", "qwen3"])
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    extra: dict[str, Any] = (
-        dict(architecture="llama", bias=True, tie_word_embeddings=True)
-        if request.param == "llama-bias-tied"
-        else dict(architecture="internlm2")
-    )
+    extra: dict[str, Any] = {
+        "llama-bias-tied": dict(architecture="llama", bias=True, tie_word_embeddings=True),
+        "internlm2": dict(architecture="internlm2"),
+        "qwen3": dict(architecture="qwen3"),  # (q / k head norms before RoPE)
+    }[request.param]
     return write_random_checkpoint(tmp_path_factory.mktemp(request.param), seed=3, **HD16, **extra)
 
 

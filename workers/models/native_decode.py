@@ -55,8 +55,6 @@ def unfit_reason(model: DecoderLM, kv_caches: list[LayerKV]) -> str | None:
         return "cp > 1"
     if not cpu_decoder.available():
         return "the native library is not built"
-    if config.qk_norm:
-        return "q / k head norms (Qwen3)"
     head_dim = config.head_dim
     if head_dim % 16 or head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} is not a multiple of 16 up to {MAX_HEAD_DIM}"
@@ -110,6 +108,8 @@ def build(model: DecoderLM, kv_caches: list[LayerKV]) -> CpuDecoder | None:
                 v_cache=kv.v,
                 k_params=kv.k_params,
                 v_params=kv.v_params,
+                q_norm=None if attn.q_norm is None else attn.q_norm.weight.data,
+                k_norm=None if attn.k_norm is None else attn.k_norm.weight.data,
             )
         )
     return CpuDecoder(
