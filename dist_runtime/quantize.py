@@ -326,7 +326,8 @@ def checkpoint_linears(config: ModelConfig) -> list[str]:
 
 def read_layer(config: ModelConfig, get: Getter, index: int) -> dict[str, torch.Tensor]:
     """One decoder layer as float32 tensors under canonical names: `q.weight` .. `down.weight`,
-    their biases where the config has them, `input_norm.weight`, `post_norm.weight`."""
+    their biases where the config has them, `input_norm.weight`, `post_norm.weight` (and
+    Qwen3's `q_norm.weight`, `k_norm.weight`)."""
     lay = LAYOUTS[config.architecture]
     p = lay.layer.format(index)
     out: dict[str, torch.Tensor] = {}
@@ -352,6 +353,9 @@ def read_layer(config: ModelConfig, get: Getter, index: int) -> dict[str, torch.
             out[f"{canon}.{suffix}"] = get(f"{p}{name}.{suffix}")
     out["input_norm.weight"] = get(f"{p}{lay.input_norm}.weight")
     out["post_norm.weight"] = get(f"{p}{lay.post_norm}.weight")
+    if config.qk_norm:
+        out["q_norm.weight"] = get(f"{p}{lay.q_norm}.weight")
+        out["k_norm.weight"] = get(f"{p}{lay.k_norm}.weight")
     return {k: v.to(torch.float32) for k, v in out.items()}
 
 
@@ -375,6 +379,9 @@ def layer_to_checkpoint(
                 out[f"{p}{name}.{suffix}"] = canon[f"{c}.{suffix}"]
     out[f"{p}{lay.input_norm}.weight"] = canon["input_norm.weight"]
     out[f"{p}{lay.post_norm}.weight"] = canon["post_norm.weight"]
+    if "q_norm.weight" in canon:
+        out[f"{p}{lay.q_norm}.weight"] = canon["q_norm.weight"]
+        out[f"{p}{lay.k_norm}.weight"] = canon["k_norm.weight"]
     return out
 
 
@@ -423,6 +430,9 @@ def layer_forward(
     q = _linear(w, "q", x).view(b, t, nh, hd).transpose(1, 2)
     k = _linear(w, "k", x).view(b, t, nkv, hd).transpose(1, 2)
     v = _linear(w, "v", x).view(b, t, nkv, hd).transpose(1, 2)
+    if "q_norm.weight" in w:  # (Qwen3: every q and k head normed before RoPE)
+        q = _rms_norm(q, w["q_norm.weight"], config.rms_norm_eps)
+        k = _rms_norm(k, w["k_norm.weight"], config.rms_norm_eps)
     cos, sin = rope[0][:t], rope[1][:t]
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     if nkv != nh:
@@ -875,13 +885,6 @@ def quantize_checkpoint(
     src_dir, dst_dir = Path(src), Path(dst)
     config, hf, reader = _open_source(src_dir)
     try:
-        if config.qk_norm:
-            raise QuantizeError(
-                f"{src_dir} is a Qwen3 checkpoint (q / k head norms), which the calibration "
-                "forward does not run; quantize it with AutoAWQ or GPTQ tooling and load the "
-                "result",
-                "model",
-            )
         check_group_size(config, group_size)
         _check_out_dir(src_dir, dst_dir, force)
         ids = None
