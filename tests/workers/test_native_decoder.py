@@ -49,11 +49,12 @@ HD16 = dict(TINY_SHAPES, num_heads=4, num_kv_heads=2)
 
 @pytest.fixture(scope="module", params=["llama-bias-tied", "internlm2", "qwen3"])
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    extra: dict[str, Any] = {
+    kinds: dict[str, dict[str, Any]] = {
         "llama-bias-tied": dict(architecture="llama", bias=True, tie_word_embeddings=True),
         "internlm2": dict(architecture="internlm2"),
         "qwen3": dict(architecture="qwen3"),  # (q / k head norms before RoPE)
-    }[request.param]
+    }
+    extra = kinds[request.param]
     return write_random_checkpoint(tmp_path_factory.mktemp(request.param), seed=3, **HD16, **extra)
 
 
