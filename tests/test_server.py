@@ -1683,11 +1683,17 @@ def test_vllm_prompt_and_cache_options(client: Any) -> None:
 
     first = cached("alice")
     assert cached("bob") == 0 and cached("alice") > first  # alice's blocks, not bob's
-    for field, value in (("length_penalty", 2.0), ("logits_processors", ["f"]),
-                         ("spaces_between_special_tokens", False)):  # fmt: skip
+    for field, value in (("length_penalty", 2.0), ("logits_processors", ["f"])):
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(prompt="x", **ask, extra_body={field: value})
         assert info.value.body["param"] == field
+    # (special tokens are joined without spaces whatever spaces_between_special_tokens says,
+    # as vLLM's fast tokenizers do)
+    plain = client.completions.create(prompt=ids, **ask, extra_body={"skip_special_tokens": False})
+    for spaced in (True, False):
+        extra = {"skip_special_tokens": False, "spaces_between_special_tokens": spaced}
+        out = client.completions.create(prompt=ids, **ask, extra_body=extra)
+        assert out.choices[0].text == plain.choices[0].text
 
 
 def test_continue_final_message_continues_the_assistant(

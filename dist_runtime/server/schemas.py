@@ -239,6 +239,10 @@ class SamplingFields(_Request):
     """vLLM's extra: token ids that end the answer (beside EOS); the choice's `stop_reason`
     names the one that did."""
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    """vLLM's extra; either value gives the same text: special tokens are joined to their
+    neighbours without spaces, as vLLM's fast-tokenizer path does (its slow tokenizers alone
+    put spaces between them when true)."""
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     """vLLM's extra: each prompt token's log-probability and this many top ones, returned as
     the choice's `prompt_logprobs`."""
@@ -301,8 +305,8 @@ class SamplingFields(_Request):
                         "best_of" in cls.model_fields or v is None or v == 1 or v == data.get("n")
                     ),
                     "guided_whitespace_pattern": _empty,
-                    # vLLM's other options that would change the answer
-                    "spaces_between_special_tokens": lambda v: v in (None, True),
+                    # vLLM's other options that would change the answer (its
+                    # `spaces_between_special_tokens` is taken: `SamplingFields`)
                     "logits_processors": _empty,
                 },
             )
