@@ -32,11 +32,13 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
     "Qwen3ForCausalLM": "llama",
+    "Phi3ForCausalLM": "llama",
 }
 """config.json architectures and the weight layout each is read with (Qwen2's is Llama's, with
-biases on q/k/v only; Qwen3's Llama's with an RMSNorm on each q and k head)."""
+biases on q/k/v only; Qwen3's Llama's with an RMSNorm on each q and k head; Phi-3's Llama's
+with q/k/v and gate/up packed, `ModelConfig.fused_projections`)."""
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
-SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 QUANT_POLICIES = (0, 8, 4)
@@ -56,12 +58,18 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def yarn_attention_factor(scaling: RopeScaling) -> float:
-    """YaRN's q / k scale (HF's `attention_factor`); 1 for every other scaling."""
-    if scaling.type != "yarn":
+def rope_attention_factor(scaling: RopeScaling) -> float:
+    """YaRN's and LongRoPE's q / k scale (HF's `attention_factor`); 1 for every other
+    scaling."""
+    if scaling.type not in ("yarn", "longrope"):
         return 1.0
     if scaling.attention_factor is not None:
         return scaling.attention_factor
+    if scaling.type == "longrope":  # (from the ratio of the lengths, HF's default)
+        trained = scaling.original_max_position_embeddings
+        if scaling.factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(scaling.factor) / math.log(trained))
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -99,13 +107,19 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     truncate: bool = True
     """YaRN: the ramp's bounds rounded to whole dimensions (HF's default)."""
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    """LongRoPE (Phi-3's): each frequency's divisor, one per dimension pair; a request whose
+    prompt is longer than original_max_position_embeddings takes the long ones
+    (`ModelConfig.rope_base`), else the short ones. `factor` is max_position_embeddings over
+    the trained length (it sets the default attention_factor)."""
 
     def __post_init__(self) -> None:
-        if self.type not in ("linear", "dynamic", "llama3", "yarn"):
+        if self.type not in ("linear", "dynamic", "llama3", "yarn", "longrope"):
             raise ConfigError(
                 f"rope_scaling type {self.type!r} is not supported (supported: linear, dynamic, "
-                "llama3, yarn, or none); remove `rope_scaling` from config.json or use a "
-                "checkpoint without it"
+                "llama3, yarn, longrope, or none); remove `rope_scaling` from config.json or "
+                "use a checkpoint without it"
             )
         if not self.factor >= 1.0:
             raise ConfigError(f"rope_scaling factor must be >= 1, got {self.factor}")
@@ -401,6 +415,10 @@ class ModelConfig:
     """The output projection carries a bias; None: as attention_bias (Qwen2: False)."""
     qk_norm: bool = False
     """Qwen3's: every q and k head goes through an RMSNorm (weights of head_dim) before RoPE."""
+    fused_projections: bool = False
+    """Phi-3's checkpoint packs q, k and v into one `qkv_proj` and gate and up into one
+    `gate_up_proj` (rows [q | k | v] and [gate | up]); read as Llama's names through row
+    views (`workers.models.names.open_checkpoint`)."""
     mlp_bias: bool = False
     """MLP projections carry a bias."""
     bos_token_id: int | None = None
@@ -439,8 +457,18 @@ class ModelConfig:
     def rope_base(self, prompt_len: int) -> float:
         """RoPE base of a request: dynamic NTK (HF InternLM2's formula) raises it for a prompt
         longer than max_position_embeddings. It is fixed once per request from its prompt
-        length (as TurboMind does), so keys already cached never change rotation."""
+        length (as TurboMind does), so keys already cached never change rotation.
+
+        LongRoPE keeps the base and changes the factors: a prompt longer than the trained
+        length takes the long ones (as HF does for such a prompt), named by the base negated
+        (no real base is negative; `workers.layers.rotary.model_frequencies` reads the sign).
+        A request that grows past the trained length while decoding keeps its short factors
+        (HF switches them mid-sequence while its cache keeps the old rotations)."""
         scaling, max_pos = self.rope_scaling, self.max_position_embeddings
+        if scaling is not None and scaling.type == "longrope":
+            if prompt_len > scaling.original_max_position_embeddings:
+                return -self.rope_theta
+            return self.rope_theta
         if scaling is None or scaling.type != "dynamic" or prompt_len <= max_pos:
             return self.rope_theta
         d, factor = self.head_dim, scaling.factor
@@ -450,7 +478,7 @@ class ModelConfig:
         """Longest sequence RoPE supports: the trained length, times a linear factor; None
         (no bound) with dynamic NTK, which rescales past it."""
         scaling = self.rope_scaling
-        if scaling is None or scaling.type == "llama3":  # (llama3: max_position_embeddings
+        if scaling is None or scaling.type in ("llama3", "longrope"):  # (max_position_embeddings
             return self.max_position_embeddings  # is the scaled length already)
         if scaling.type == "linear":
             return int(self.max_position_embeddings * scaling.factor)
@@ -461,10 +489,11 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
-        """Softmax scale of q.k: 1 / sqrt(head_dim), times the square of YaRN's attention
-        factor (HF scales the rotated q and k by it; folding it in here is the same product)."""
+        """Softmax scale of q.k: 1 / sqrt(head_dim), times the square of YaRN's or LongRoPE's
+        attention factor (HF scales the rotated q and k by it; folding it in here is the same
+        product)."""
         scaling = self.rope_scaling
-        factor = yarn_attention_factor(scaling) if scaling is not None else 1.0
+        factor = rope_attention_factor(scaling) if scaling is not None else 1.0
         return self.head_dim**-0.5 * factor * factor
 
     @property
@@ -504,6 +533,22 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         qwen2 = "Qwen2ForCausalLM" in archs
+        phi3 = "Phi3ForCausalLM" in archs
+        params = _rope_params(hf)
+        partial = (params if isinstance(params, dict) else {}).get(
+            "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)
+        )
+        quant = _parse_weight_quant(hf, source)
+        if phi3 and quant is not None:
+            raise ConfigError(
+                f"{source}: a 4-bit Phi-3 checkpoint (packed qkv_proj / gate_up_proj) is not "
+                "read; load the float checkpoint"
+            )
+        if partial != 1.0:
+            raise ConfigError(
+                f"{source}: partial_rotary_factor {partial!r} (RoPE on part of each head, as "
+                "Phi-4-mini has) is not supported; every head dimension is rotated here"
+            )
         bias = (
             bool(hf.get("bias", False))
             if arch == "internlm2"
@@ -521,7 +566,12 @@ class ModelConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(hf, source),
             rope_scaling=_parse_rope_scaling(
-                _rope_params(hf), source, int(hf.get("max_position_embeddings", 4096))
+                _rope_params(hf),
+                source,
+                int(hf.get("max_position_embeddings", 4096)),
+                phi3=phi3,
+                original=hf.get("original_max_position_embeddings"),
+                head_dim=head_dim,
             ),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             sliding_window=_sliding_window(hf, source),
@@ -529,11 +579,12 @@ class ModelConfig:
             attention_bias=bias,
             o_bias=False if qwen2 else None,  # (Qwen2: biases on q/k/v, none on o)
             qk_norm="Qwen3ForCausalLM" in archs,
+            fused_projections=phi3,
             # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.
             mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            weight_quant=_parse_weight_quant(hf, source),
+            weight_quant=quant,
             torch_dtype=_saved_dtype(hf),
         )
 
@@ -637,6 +688,45 @@ def _yarn_scaling(raw: dict[str, Any], source: str, max_pos: int) -> RopeScaling
     )
 
 
+def _longrope_scaling(
+    raw: dict[str, Any], source: str, max_pos: int, original: Any, head_dim: int
+) -> RopeScaling:
+    """LongRoPE's parameters (Phi-3's `rope_type: longrope`, formerly `su`): both factor
+    lists, of head_dim / 2 positive numbers; the trained length from rope_scaling or the
+    config's top level (Phi-3 writes it there)."""
+    lists = {}
+    for key in ("short_factor", "long_factor"):
+        value = raw.get(key)
+        if not (
+            isinstance(value, list)
+            and len(value) == head_dim // 2
+            and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in value
+            )
+        ):
+            raise ConfigError(
+                f"{source}: longrope rope_scaling needs {key} as a list of {head_dim // 2} "
+                f"positive numbers (head_dim / 2), got {value!r:.80}"
+            )
+        lists[key] = tuple(float(x) for x in value)
+    trained = raw.get("original_max_position_embeddings") or original or max_pos
+    if not (_is_int(trained) and trained > 0):
+        raise ConfigError(
+            f"{source}: original_max_position_embeddings must be a positive integer, got "
+            f"{trained!r}"
+        )
+    factor = raw.get("factor")
+    attention = raw.get("attention_factor")
+    return RopeScaling(
+        type="longrope",
+        factor=float(factor) if factor is not None else max(1.0, max_pos / trained),
+        original_max_position_embeddings=int(trained),
+        attention_factor=None if attention is None else float(attention),
+        short_factor=lists["short_factor"],
+        long_factor=lists["long_factor"],
+    )
+
+
 def _rope_params(hf: dict[str, Any]) -> Any:
     """The checkpoint's RoPE scaling: transformers 5 writes it (with rope_theta) as
     `rope_parameters`, earlier versions as `rope_scaling`."""
@@ -655,7 +745,17 @@ def _rope_theta(hf: dict[str, Any], source: str) -> float:
         raise ConfigError(f"{source}: rope_theta must be a number, got {theta!r:.80}") from None
 
 
-def _parse_rope_scaling(raw: Any, source: str, max_pos: int = 4096) -> RopeScaling | None:
+def _parse_rope_scaling(
+    raw: Any,
+    source: str,
+    max_pos: int = 4096,
+    *,
+    phi3: bool = False,
+    original: Any = None,
+    head_dim: int = 0,
+) -> RopeScaling | None:
+    """`phi3`: Phi-3's config, whose `su` and `yarn` mean longrope (as HF reads them);
+    `original`: the config's top-level original_max_position_embeddings."""
     if raw is None:
         return None
     if not isinstance(raw, dict):
@@ -663,6 +763,10 @@ def _parse_rope_scaling(raw: Any, source: str, max_pos: int = 4096) -> RopeScali
     kind = raw.get("rope_type", raw.get("type"))
     if kind in (None, "default"):
         return None
+    if kind == "su" or (phi3 and kind == "yarn"):
+        kind = "longrope"
+    if kind == "longrope":
+        return _longrope_scaling(raw, source, max_pos, original, head_dim)
     if kind == "yarn":
         return _yarn_scaling(raw, source, max_pos)
     if kind != "llama3":
@@ -1121,12 +1225,11 @@ class RuntimeConfig:
         """`model` with rope_scaling_factor (if set) as its dynamic-NTK scaling."""
         if self.rope_scaling_factor is not None:
             own = model.rope_scaling
-            if own is not None and own.type == "llama3":
+            if own is not None and own.type in ("llama3", "yarn", "longrope"):
                 raise ConfigError(
                     "rope_scaling_factor (--rope-scaling-factor) sets dynamic NTK scaling, "
-                    "which would replace this checkpoint's llama3 rope_scaling (its "
-                    f"max_position_embeddings {model.max_position_embeddings} already "
-                    "includes it); leave it out",
+                    f"which would replace this checkpoint's {own.type} rope_scaling (it runs "
+                    f"to {model.max_rope_len()} positions with it); leave it out",
                     key="rope_scaling_factor",
                 )
             scaling = RopeScaling(type="dynamic", factor=float(self.rope_scaling_factor))

@@ -195,6 +195,9 @@ def _modules(
             kind = (
                 "an embedding or the LM head"
                 if re.search(r"embed|lm_head|output$", module)
+                else "a packed projection (Phi-3's qkv_proj / gate_up_proj), which adapters "
+                "cannot target here"
+                if re.search(r"\.(qkv_proj|gate_up_proj)$", module)
                 else "not one of the model's attention or MLP projections"
             )
             raise ConfigError(

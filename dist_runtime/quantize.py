@@ -64,7 +64,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dist_runtime.config import ConfigError, ModelConfig, yarn_attention_factor
+from dist_runtime.config import ConfigError, ModelConfig, rope_attention_factor
 from dist_runtime.formats.int4 import dequantize, pack_awq, quantize_rtn, unpack_awq
 from dist_runtime.formats.random_checkpoint import (
     pack_internlm2_wqkv,
@@ -406,7 +406,7 @@ def rope_tables(
     inv = model_frequencies(config, config.rope_base(seq_len)).to(device)
     freqs = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv[None]
     emb = torch.cat((freqs, freqs), dim=-1)
-    factor = yarn_attention_factor(config.rope_scaling) if config.rope_scaling else 1.0
+    factor = rope_attention_factor(config.rope_scaling) if config.rope_scaling else 1.0
     return emb.cos() * factor, emb.sin() * factor  # (YaRN scales the rotated q and k, as HF)
 
 
@@ -885,6 +885,12 @@ def quantize_checkpoint(
     src_dir, dst_dir = Path(src), Path(dst)
     config, hf, reader = _open_source(src_dir)
     try:
+        if config.fused_projections:
+            raise QuantizeError(
+                f"{src_dir} is a Phi-3 checkpoint (packed qkv_proj / gate_up_proj), which the "
+                "quantizer does not write; serve it in float (or quantize it with AutoAWQ)",
+                "model",
+            )
         check_group_size(config, group_size)
         _check_out_dir(src_dir, dst_dir, force)
         ids = None

@@ -101,6 +101,27 @@ def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def phi3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Phi-3: q/k/v and gate/up packed (each rank reads its rows of the packed tensors) and
+    LongRoPE trained to 16 positions (the multi-block prompt takes the long factors)."""
+    half = TINY_SHAPES["hidden_size"] // TINY_SHAPES["num_heads"] // 2
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.5 * i for i in range(half)],
+        "long_factor": [1.0 + 2.0 * i for i in range(half)],
+        "original_max_position_embeddings": 16,
+    }
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("tiny-phi3"),
+        architecture="phi3",
+        seed=9,
+        rope_scaling=scaling,
+        max_position_embeddings=512,
+        **TINY_SHAPES,
+    )
+
+
+@pytest.fixture(scope="module")
 def run(
     ray_cluster: Any,
     tiny_llama_dir: Path,
@@ -109,6 +130,7 @@ def run(
     head_dim_16_dir: Path,
     qwen2_dir: Path,
     qwen3_dir: Path,
+    phi3_dir: Path,
 ) -> Callable[[str, int], Run]:
     """run(checkpoint, tp) -> (outputs, weight bytes read per rank), computed once per module."""
     folders = {
@@ -118,6 +140,7 @@ def run(
         "llama-hd16": head_dim_16_dir,
         "qwen2": qwen2_dir,
         "qwen3": qwen3_dir,
+        "phi3": phi3_dir,
     }
     cache: dict[tuple[str, int], Run] = {}
 
@@ -172,6 +195,7 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         ("llama-hd16", 2),
         ("qwen2", 2),
         ("qwen3", 2),
+        ("phi3", 2),
     ],
     ids=[
         "internlm2-tp2",
@@ -181,6 +205,7 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         "native-decoder-tp2",
         "qwen2-tp2",
         "qwen3-tp2",
+        "phi3-tp2",
     ],
 )
 def test_tp_matches_tp1(run: Callable[[str, int], Run], name: str, tp: int) -> None:

@@ -31,13 +31,30 @@ class CheckpointReader:
         self.folder = Path(folder)
         self.weight_map = _weight_map(self.folder)
         self._handles: dict[str, Any] = {}
+        self.views: dict[str, tuple[str, int, int]] = {}
+        """Tensors read as rows [start, stop) of another (name -> (source, start, stop)): a
+        packed projection's parts (`add_views`)."""
         self.bytes_read = 0
 
     def names(self) -> list[str]:
+        """The tensors stored (views are not listed)."""
         return list(self.weight_map)
 
     def has(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.weight_map or name in self.views
+
+    def add_views(self, views: dict[str, tuple[str, int, int]]) -> None:
+        """Read each `name` as rows [start, stop) of its source tensor; a name the checkpoint
+        stores itself is read as stored."""
+        for name, (source, start, stop) in views.items():
+            if name not in self.weight_map:
+                if not 0 <= start < stop <= self.shape(source)[0]:
+                    raise CheckpointError(
+                        f"tensor {source!r} in {self.folder} has {self.shape(source)[0]} rows, "
+                        f"fewer than the {stop} its parts need; the weights do not match the "
+                        "config"
+                    )
+                self.views[name] = (source, start, stop)
 
     def _handle(self, name: str) -> Any:
         if name not in self.weight_map:
@@ -57,6 +74,9 @@ class CheckpointReader:
         return self._handles[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.views:
+            source, start, stop = self.views[name]
+            return (stop - start, *self.shape(source)[1:])
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def check_shape(self, name: str, expected: tuple[int, ...]) -> None:
@@ -71,6 +91,18 @@ class CheckpointReader:
         self, name: str, start: int | None = None, stop: int | None = None, dim: int = 0
     ) -> torch.Tensor:
         """Rows [start, stop) along dim (0 or 1) of a tensor, reading only those bytes."""
+        if name in self.views:
+            source, lo, hi = self.views[name]
+            if dim == 0:
+                first, last = slice(start, stop).indices(hi - lo)[:2]
+                return self.read_rows(source, lo + first, lo + max(first, last))
+            tensor_slice = self._handle(source).get_slice(source)
+            try:
+                t = tensor_slice[lo:hi, start:stop]
+            except Exception as e:
+                raise CheckpointError(f"reading {name!r} from {self.folder} failed: {e}") from e
+            self.bytes_read += t.numel() * t.element_size()
+            return t
         tensor_slice = self._handle(name).get_slice(name)
         try:
             if start is None and stop is None:

@@ -19,6 +19,7 @@ import torch
 
 from dist_runtime.config import RuntimeConfig
 from workers.layers.attention import AttentionMetadata
+from workers.layers.rotary import model_frequencies
 from workers.worker import Worker
 
 
@@ -67,6 +68,13 @@ class Scorer:
         assert runner.kv_cache is not None
         table = torch.arange(self.num_blocks, dtype=torch.int32, device=dev)[None]
         ids = torch.tensor(token_ids, dtype=torch.int64, device=dev)
+        # The text's RoPE frequencies as a request with it as its prompt gets them (dynamic NTK's
+        # base, LongRoPE's long factors past the trained length), for every step.
+        config = runner.model_config
+        base = config.rope_base(n)
+        inv = None
+        if base != config.rope_theta:
+            inv = model_frequencies(config, base).to(dev)
         bounds, start = [], 0
         while start < n:
             step = 1 if start >= n - decode_last else min(chunk, n - decode_last - start)
@@ -83,6 +91,7 @@ class Scorer:
                 cu_seqlens_q=torch.tensor([0, hi - lo], dtype=torch.int64, device=dev),
                 context_lens=torch.tensor([hi], dtype=torch.int64, device=dev),
                 is_decode=hi - lo == 1,
+                rope_inv_freq=None if inv is None else inv.repeat(hi - lo, 1),
             )
             hidden = runner.model(ids[lo:hi], pos, meta, runner.kv_cache.layers)
             targets = ids[lo + 1 : hi + 1]

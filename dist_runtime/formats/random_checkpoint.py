@@ -40,6 +40,7 @@ ARCHITECTURES = {
     "internlm2": "InternLM2ForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPECIAL_TOKENS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
@@ -108,6 +109,9 @@ def write_random_checkpoint(
     if architecture == "internlm2":
         config = _internlm2_config(config)
         state_dict = llama_to_internlm2_state_dict(state_dict, config)
+    elif architecture == "phi3":  # (q/k/v and gate/up packed)
+        config = _phi3_config(config)
+        state_dict = llama_to_phi3_state_dict(state_dict)
     folder = write_from_state_dict(out_dir, config, state_dict, max_shard_bytes=max_shard_bytes)
     if with_tokenizer:
         write_tokenizer(
@@ -187,6 +191,49 @@ def _qwen2_config(llama: dict[str, Any], qwen3: bool = False) -> dict[str, Any]:
         max_window_layers=llama["num_hidden_layers"],
     )
     return config
+
+
+def _phi3_config(llama: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3 config.json keys: Llama's without the bias switches (Phi-3 has none), the trained
+    length at the top level (LongRoPE's rope_scaling names it there), no sliding window."""
+    if llama["attention_bias"]:
+        raise ValueError("Phi-3 has no attention biases; pass bias=False")
+    dropped = ("attention_bias", "mlp_bias", "head_dim")
+    config = {k: v for k, v in llama.items() if k not in dropped}
+    if llama["head_dim"] * llama["num_attention_heads"] != llama["hidden_size"]:
+        raise ValueError("Phi-3 requires head_dim * num_heads == hidden_size")
+    scaling = llama["rope_scaling"] or {}
+    config.update(
+        architectures=[ARCHITECTURES["phi3"]],
+        model_type="phi3",
+        original_max_position_embeddings=scaling.get(
+            "original_max_position_embeddings", llama["max_position_embeddings"]
+        ),
+        sliding_window=None,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+    )
+    if scaling:
+        config["rope_scaling"] = {
+            k: v for k, v in scaling.items() if k != "original_max_position_embeddings"
+        }
+    return config
+
+
+def llama_to_phi3_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Llama names -> Phi-3's: q, k, v rows packed into `qkv_proj`, gate and up into
+    `gate_up_proj`, in that order; the rest as it is."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if ".self_attn.q_proj." in name:
+            parts = [sd[name.replace("q_proj", x)] for x in ("q_proj", "k_proj", "v_proj")]
+            out[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
+        elif ".mlp.gate_proj." in name:
+            parts = [sd[name.replace("gate_proj", x)] for x in ("gate_proj", "up_proj")]
+            out[name.replace("gate_proj", "gate_up_proj")] = torch.cat(parts)
+        elif not any(f".{x}." in name for x in ("k_proj", "v_proj", "up_proj")):
+            out[name] = t
+    return out
 
 
 def _internlm2_config(llama: dict[str, Any]) -> dict[str, Any]:

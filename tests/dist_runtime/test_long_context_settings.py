@@ -8,6 +8,7 @@ prompt length, so the first token's logprobs must equal HF's at the prompt's las
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from dist_runtime.config import ConfigError, ModelConfig
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from tests.conftest import TINY_SHAPES
 from tests.helpers.oracle import load_hf_llama
+from workers.checkpoint import CheckpointError
 
 MAX_POS = 32
 PARAMS = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=5, ignore_eos=True)
@@ -273,3 +275,119 @@ def test_yarn_without_its_trained_length_takes_max_positions_as_hf_does(tmp_path
     assert model.rope_scaling.original_max_position_embeddings == 64
     want, _ = ROPE_INIT_FUNCTIONS["yarn"](AutoConfig.from_pretrained(folder), None)
     assert torch.equal(model_frequencies(model), want)
+
+
+TRAINED = 32
+"""The Phi-3 checkpoints' trained length: prompts past it take LongRoPE's long factors."""
+
+
+def _phi3_checkpoint(tmp_path: Path, transformers5: bool, **kw: Any) -> Path:
+    """A random Phi-3 (q/k/v and gate/up packed) with LongRoPE, short and long factors far
+    apart, its RoPE written as Phi-3.5's config.json has it (`rope_scaling` with `type`, the
+    trained length at the top level) or as transformers 5 does (`rope_parameters`)."""
+    half = kw.get("head_dim", TINY_SHAPES["hidden_size"] // TINY_SHAPES["num_heads"]) // 2
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.25 * i for i in range(half)],
+        "long_factor": [1.0 + 3.0 * i for i in range(half)],
+        "original_max_position_embeddings": TRAINED,
+    }
+    shapes = dict(TINY_SHAPES, max_position_embeddings=256, seed=12, with_tokenizer=False)
+    folder = write_random_checkpoint(
+        tmp_path / "phi3", architecture="phi3", rope_scaling=scaling, **{**shapes, **kw}
+    )
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    scaling = config.pop("rope_scaling")
+    if transformers5:
+        params = {"rope_theta": config.pop("rope_theta"), **scaling}
+        config["rope_parameters"] = {**params, "rope_type": "longrope"}
+    else:
+        config["rope_scaling"] = {
+            "type": "longrope",
+            **{k: v for k, v in scaling.items() if k != "rope_type"},
+        }
+    path.write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("transformers5", [False, True], ids=["rope_scaling", "rope_parameters"])
+def test_phi3_longrope_matches_hf(tmp_path: Path, transformers5: bool) -> None:
+    """Phi-3's checkpoint (q/k/v and gate/up packed) read through row views, its LongRoPE read
+    from either config layout: a prompt within the trained length uses the short factors and
+    one past it the long ones (HF's choice for a whole prompt), both with HF's attention
+    factor; the first token's log-probabilities equal HF's Phi3ForCausalLM's."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from workers.layers.rotary import model_frequencies
+
+    folder = _phi3_checkpoint(tmp_path, transformers5)
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.fused_projections and model.max_rope_len() == 256
+    hf_config = AutoConfig.from_pretrained(folder)
+    for length in (20, 90):
+        want, factor = ROPE_INIT_FUNCTIONS["longrope"](hf_config, None, seq_len=length)
+        base = model.rope_base(length)
+        assert (base < 0) == (length > TRAINED)
+        assert torch.equal(model_frequencies(model, base), want)
+        assert model.attention_scale == pytest.approx(model.head_dim**-0.5 * factor**2)
+        assert factor == pytest.approx((1 + math.log(256 / TRAINED) / math.log(TRAINED)) ** 0.5)
+        _first_token_matches_hf(folder, _prompt(length, seed=length), 200)
+
+
+def test_phi3_decode_steps_match_hf_generate(tmp_path: Path) -> None:
+    """Greedy decoding of a Phi-3 (head_dim 16: on CPU its decodes run through the native
+    decoder) past the trained length, long factors throughout: HF's tokens and top-5
+    log-probabilities."""
+    folder = _phi3_checkpoint(tmp_path, transformers5=False, head_dim=16, num_heads=4)
+    prompt = _prompt(70, seed=15)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=5, ignore_eos=True)
+    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
+        (out,) = rt.generate([prompt], params)
+        native = rt.engine.executor.worker.runner.model._native  # type: ignore[union-attr]
+        assert native is not None and native[1] is not None  # (decodes ran natively)
+    hf = load_hf_llama(folder)
+    with torch.no_grad():
+        gen = hf.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    assert out.token_ids == gen.sequences[0, len(prompt) :].tolist()
+    assert out.logprobs is not None
+    for lp, raw in zip(out.logprobs, gen.logits, strict=True):
+        values, indices = torch.log_softmax(raw[0].float(), dim=-1).topk(5)
+        assert list(lp.top) == indices.tolist()
+        torch.testing.assert_close(torch.tensor(list(lp.top.values())), values, rtol=0, atol=1e-4)
+
+
+def test_phi3_errors(tmp_path: Path) -> None:
+    folder = _phi3_checkpoint(tmp_path, transformers5=False)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    longrope = ModelConfig.from_pretrained(str(folder))
+    path.write_text(
+        json.dumps({**config, "rope_scaling": {**config["rope_scaling"], "type": "su"}})
+    )
+    assert ModelConfig.from_pretrained(str(folder)) == longrope  # (Phi-3's first name for it)
+    with pytest.raises(ConfigError, match="replace this checkpoint's longrope rope_scaling"):
+        Runtime(model=str(folder), device="cpu", session_len=64, rope_scaling_factor=2.0)
+    bad = {**config, "rope_scaling": {**config["rope_scaling"], "long_factor": [1.0, 2.0]}}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="long_factor as a list of 4 positive numbers"):
+        ModelConfig.from_pretrained(str(folder))
+    path.write_text(json.dumps({**config, "partial_rotary_factor": 0.75}))
+    with pytest.raises(ConfigError, match="partial_rotary_factor 0.75"):
+        ModelConfig.from_pretrained(str(folder))
+    path.write_text(json.dumps(config))
+    weights = folder / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(weights)
+    sd["model.layers.1.self_attn.qkv_proj.weight"] = sd["model.layers.1.self_attn.qkv_proj.weight"][
+        :-8
+    ]
+    save_file(sd, weights)
+    with pytest.raises(CheckpointError, match="fewer than the 128 its parts need"):
+        Runtime(model=str(folder), device="cpu", session_len=64)

@@ -57,11 +57,23 @@ def yarn_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch
     return interpolated * (1 - keep) + extrapolated * keep
 
 
+def longrope_frequencies(head_dim: int, theta: float, factors: tuple[float, ...]) -> torch.Tensor:
+    """LongRoPE's frequencies (HF's `rope_type: longrope`, the same float32 ops): each default
+    frequency divided by its own factor."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * theta**exponents)
+
+
 def model_frequencies(config: ModelConfig, theta: float | None = None) -> torch.Tensor:
     """(head_dim // 2,) fp32: the model's RoPE frequencies with its scaling (linear divides
-    them; llama3 rescales them by wavelength; dynamic NTK changes only the base, `theta`)."""
+    them; llama3 rescales them by wavelength; dynamic NTK changes only the base, `theta`;
+    LongRoPE divides them by its short factors, or its long ones for a negative `theta`, see
+    `ModelConfig.rope_base`)."""
     scaling = config.rope_scaling
     base = config.rope_theta if theta is None else theta
+    if scaling is not None and scaling.type == "longrope":
+        factors = scaling.long_factor if base < 0 else scaling.short_factor
+        return longrope_frequencies(config.head_dim, abs(base), factors)
     if scaling is not None and scaling.type == "linear":
         return inverse_frequencies(config.head_dim, base, scaling.factor)
     if scaling is not None and scaling.type == "yarn":

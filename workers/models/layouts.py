@@ -22,7 +22,7 @@ from workers.layers.embedding import vocab_range
 from workers.layers.linear import _Linear
 from workers.models.decoder import DecoderLayer, DecoderLM
 from workers.models.int4_loading import Int4Slice, int4_shapes, read_int4
-from workers.models.names import LAYOUTS, Layout
+from workers.models.names import LAYOUTS, Layout, fused_views
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ def _float_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_checkpoint(config: ModelConfig, reader: CheckpointReader) -> None:
-    """Raise CheckpointError for a missing, unreadable or mis-shaped tensor (headers only)."""
+    """Raise CheckpointError for a missing, unreadable or mis-shaped tensor (headers only).
+    A checkpoint with packed projections (Phi-3) is read through views of their parts."""
+    reader.add_views(fused_views(config))
     for name, shape in expected_shapes(config).items():
         reader.check_shape(name, shape)
 

@@ -66,6 +66,35 @@ LAYOUTS = {
 }
 
 
+FUSED = {"qkv": "self_attn.qkv_proj", "gate_up": "mlp.gate_up_proj"}
+"""Phi-3's packed projections, by the Llama parts they hold ([q | k | v], [gate | up])."""
+
+
+def fused_views(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """For a checkpoint with packed projections (`ModelConfig.fused_projections`), each Llama
+    part as rows of its packed tensor: name -> (packed name, start, stop); empty otherwise."""
+    if not config.fused_projections:
+        return {}
+    lay = LAYOUTS[config.architecture]
+    assert lay.q and lay.k and lay.v
+    hd = config.head_dim
+    q, kv, inter = config.num_heads * hd, config.num_kv_heads * hd, config.intermediate_size
+    parts = {
+        "qkv": [(lay.q, 0, q), (lay.k, q, q + kv), (lay.v, q + kv, q + 2 * kv)],
+        "gate_up": [(lay.gate, 0, inter), (lay.up, inter, 2 * inter)],
+    }
+    views = {}
+    for i in range(config.num_layers):
+        p = lay.layer.format(i)
+        for packed, pieces in parts.items():
+            biased = config.attention_bias if packed == "qkv" else config.mlp_bias
+            for suffix in ("weight", "bias") if biased else ("weight",):
+                for name, start, stop in pieces:
+                    source = f"{p}{FUSED[packed]}.{suffix}"
+                    views[f"{p}{name}.{suffix}"] = (source, start, stop)
+    return views
+
+
 def linear_quant(config: ModelConfig, part: str) -> WeightQuant | None:
     """The 4-bit format of the linear layer `part` ('qkv', 'o', 'gate', 'down'), or None when
     it is float (a float checkpoint, or a layer the quantizer left out)."""
