@@ -391,3 +391,26 @@ def test_phi3_errors(tmp_path: Path) -> None:
     save_file(sd, weights)
     with pytest.raises(CheckpointError, match="fewer than the 128 its parts need"):
         Runtime(model=str(folder), device="cpu", session_len=64)
+
+
+def test_the_scorer_takes_a_texts_own_rope(tmp_path: Path) -> None:
+    """Teacher-forced scoring (`workers.scoring`, the benches' perplexity) of a text past the
+    trained length uses the frequencies a request with that prompt gets (here LongRoPE's long
+    factors): its NLL per token is the runtime's prompt log-probabilities."""
+    from dist_runtime import RuntimeConfig
+    from workers.scoring import Scorer
+
+    folder = _phi3_checkpoint(tmp_path, transformers5=False)
+    ids = _prompt(60, seed=21)
+    config = RuntimeConfig(model=str(folder), device="cpu", dtype="float32", session_len=128)
+    scorer = Scorer(config, max_tokens=len(ids))
+    try:
+        nll = scorer.score(ids, chunk=16).nll
+    finally:
+        scorer.close()
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, prompt_logprobs=0)
+    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
+        (out,) = rt.generate([ids], params)
+    assert out.prompt_logprobs is not None
+    want = [-lp.logprob for lp in out.prompt_logprobs[1:] if lp is not None]
+    torch.testing.assert_close(torch.tensor(nll), torch.tensor(want), rtol=0, atol=1e-4)
