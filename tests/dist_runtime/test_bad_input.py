@@ -100,8 +100,11 @@ def test_config_json_missing_required_key(broken: Path) -> None:
 
 
 def test_unsupported_rope_scaling(broken: Path) -> None:
+    _edit_config(broken, rope_scaling={"rope_type": "mrope", "factor": 4.0})
+    with pytest.raises(ConfigError, match=r"rope_scaling type 'mrope' is not supported"):
+        start(broken)
     _edit_config(broken, rope_scaling={"rope_type": "longrope", "factor": 4.0})
-    with pytest.raises(ConfigError, match=r"rope_scaling type 'longrope' is not supported"):
+    with pytest.raises(ConfigError, match=r"longrope rope_scaling needs short_factor as a list"):
         start(broken)
     _edit_config(broken, rope_scaling={"rope_type": "yarn"})
     with pytest.raises(ConfigError, match=r"yarn rope_scaling needs its factor"):
