@@ -415,6 +415,12 @@ class ModelConfig:
     """The output projection carries a bias; None: as attention_bias (Qwen2: False)."""
     qk_norm: bool = False
     """Qwen3's: every q and k head goes through an RMSNorm (weights of head_dim) before RoPE."""
+    rotary_dim: int | None = None
+    """RoPE turns only the first rotary_dim dimensions of every q and k head (HF's
+    `partial_rotary_factor`, Phi-4-mini's 0.75), the rest pass through; None: all of them.
+    The loader reorders each q and k head's rows so that the turned pairs are the runtime's
+    rotate-half pairs and the rest pair up at frequency 0 (`workers.models.layouts.
+    rotary_row_order`): q.k is unchanged, and every RoPE kernel serves it as it is."""
     fused_projections: bool = False
     """Phi-3's checkpoint packs q, k and v into one `qkv_proj` and gate and up into one
     `gate_up_proj` (rows [q | k | v] and [gate | up]); read as Llama's names through row
@@ -453,6 +459,18 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rotary_dim is not None and not (
+            _is_int(self.rotary_dim) and 0 < self.rotary_dim < self.head_dim
+        ):
+            raise ConfigError(
+                f"config.json: rotary_dim {self.rotary_dim!r} must be an integer in "
+                f"(0, head_dim {self.head_dim})"
+            )
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions of each head RoPE turns (`rotary_dim`, or all of head_dim)."""
+        return self.rotary_dim or self.head_dim
 
     def rope_base(self, prompt_len: int) -> float:
         """RoPE base of a request: dynamic NTK (HF InternLM2's formula) raises it for a prompt
@@ -471,7 +489,7 @@ class ModelConfig:
             return self.rope_theta
         if scaling is None or scaling.type != "dynamic" or prompt_len <= max_pos:
             return self.rope_theta
-        d, factor = self.head_dim, scaling.factor
+        d, factor = self.rope_dim, scaling.factor
         return self.rope_theta * (factor * prompt_len / max_pos - (factor - 1)) ** (d / (d - 2))
 
     def max_rope_len(self) -> int | None:
@@ -491,10 +509,17 @@ class ModelConfig:
     def attention_scale(self) -> float:
         """Softmax scale of q.k: 1 / sqrt(head_dim), times the square of YaRN's or LongRoPE's
         attention factor (HF scales the rotated q and k by it; folding it in here is the same
-        product)."""
+        product). With partial RoPE only the turned dimensions are scaled, so the factor is
+        folded into their weight rows at load instead."""
+        if self.rotary_dim is not None:  # (the factor is in q's and k's turned rows instead:
+            return self.head_dim**-0.5  # `workers.models.layouts.rotary_row_scale`)
+        return self.head_dim**-0.5 * self.rope_attention_factor**2
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """YaRN's or LongRoPE's scale of the turned q and k (1 for other scalings)."""
         scaling = self.rope_scaling
-        factor = rope_attention_factor(scaling) if scaling is not None else 1.0
-        return self.head_dim**-0.5 * factor * factor
+        return rope_attention_factor(scaling) if scaling is not None else 1.0
 
     @property
     def has_o_bias(self) -> bool:
@@ -544,10 +569,13 @@ class ModelConfig:
                 f"{source}: a 4-bit Phi-3 checkpoint (packed qkv_proj / gate_up_proj) is not "
                 "read; load the float checkpoint"
             )
-        if partial != 1.0:
+        rotary_dim = _rotary_dim(partial, head_dim, source)
+        if rotary_dim is not None and arch == "internlm2":
+            raise ConfigError(f"{source}: partial_rotary_factor is not read for InternLM2")
+        if rotary_dim is not None and quant is not None:
             raise ConfigError(
-                f"{source}: partial_rotary_factor {partial!r} (RoPE on part of each head, as "
-                "Phi-4-mini has) is not supported; every head dimension is rotated here"
+                f"{source}: 4-bit weights with a partial_rotary_factor are not read; load the "
+                "float checkpoint"
             )
         bias = (
             bool(hf.get("bias", False))
@@ -571,7 +599,7 @@ class ModelConfig:
                 int(hf.get("max_position_embeddings", 4096)),
                 phi3=phi3,
                 original=hf.get("original_max_position_embeddings"),
-                head_dim=head_dim,
+                head_dim=rotary_dim or head_dim,
             ),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             sliding_window=_sliding_window(hf, source),
@@ -580,6 +608,7 @@ class ModelConfig:
             o_bias=False if qwen2 else None,  # (Qwen2: biases on q/k/v, none on o)
             qk_norm="Qwen3ForCausalLM" in archs,
             fused_projections=phi3,
+            rotary_dim=rotary_dim,
             # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.
             mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
             bos_token_id=hf.get("bos_token_id"),
@@ -621,6 +650,22 @@ class ModelConfig:
             raise ConfigError(f"{gen_file}: eos_token_id must be token ids, got {eos!r:.80}")
         ids = tuple(dict.fromkeys([*model.eos_token_ids, *more]))
         return dataclasses.replace(model, eos_token_ids=ids)
+
+
+def _rotary_dim(partial: Any, head_dim: int, source: str) -> int | None:
+    """Dimensions RoPE turns per head for HF's `partial_rotary_factor` (int(head_dim *
+    factor), as HF computes it); None for 1 (all of them)."""
+    if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+        raise ConfigError(f"{source}: partial_rotary_factor must be in (0, 1], got {partial!r}")
+    dim = int(head_dim * partial)
+    if dim == head_dim:
+        return None
+    if dim < 2 or dim % 2:
+        raise ConfigError(
+            f"{source}: partial_rotary_factor {partial} turns {dim} of head_dim {head_dim} "
+            "dimensions; RoPE needs an even number, at least 2"
+        )
+    return dim
 
 
 def _saved_dtype(hf: dict[str, Any]) -> str | None:
@@ -706,7 +751,7 @@ def _longrope_scaling(
         ):
             raise ConfigError(
                 f"{source}: longrope rope_scaling needs {key} as a list of {head_dim // 2} "
-                f"positive numbers (head_dim / 2), got {value!r:.80}"
+                f"positive numbers (half the dimensions RoPE turns), got {value!r:.80}"
             )
         lists[key] = tuple(float(x) for x in value)
     trained = raw.get("original_max_position_embeddings") or original or max_pos

@@ -204,6 +204,12 @@ def _modules(
                 f"{where}: it adapts {module!r}, which is {kind}; only q/k/v/o and gate/up/down "
                 f"projections ({model.architecture} names) can carry an adapter"
             )
+        if model.rotary_dim is not None and re.search(r"\.(q_proj|k_proj)$", module):
+            raise ConfigError(
+                f"{where}: it adapts {module!r}, a q / k projection of a model with partial RoPE "
+                "(partial_rotary_factor), whose rows are reordered here; adapters on v, o and "
+                "the MLP are read"
+            )
         if set(ab) != {"A", "B"}:
             raise ConfigError(f"{where}: {module!r} has lora_{''.join(ab)} but not both A and B")
         out_f, in_f = linears[module]

@@ -885,6 +885,12 @@ def quantize_checkpoint(
     src_dir, dst_dir = Path(src), Path(dst)
     config, hf, reader = _open_source(src_dir)
     try:
+        if config.rotary_dim is not None:
+            raise QuantizeError(
+                f"{src_dir} turns part of each head with RoPE (partial_rotary_factor), which "
+                "the calibration forward does not; serve it in float",
+                "model",
+            )
         if config.fused_projections:
             raise QuantizeError(
                 f"{src_dir} is a Phi-3 checkpoint (packed qkv_proj / gate_up_proj), which the "

@@ -102,9 +102,11 @@ def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def phi3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Phi-3: q/k/v and gate/up packed (each rank reads its rows of the packed tensors) and
-    LongRoPE trained to 16 positions (the multi-block prompt takes the long factors)."""
-    half = TINY_SHAPES["hidden_size"] // TINY_SHAPES["num_heads"] // 2
+    """Phi-3: q/k/v and gate/up packed (each rank reads its rows of the packed tensors),
+    LongRoPE trained to 16 positions (the multi-block prompt takes the long factors) and
+    Phi-4-mini's partial RoPE (half of each head turned: its q / k rows reordered and scaled
+    per rank)."""
+    half = TINY_SHAPES["hidden_size"] // TINY_SHAPES["num_heads"] // 4
     scaling = {
         "rope_type": "longrope",
         "short_factor": [1.0 + 0.5 * i for i in range(half)],
@@ -117,6 +119,7 @@ def phi3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         seed=9,
         rope_scaling=scaling,
         max_position_embeddings=512,
+        partial_rotary_factor=0.5,
         **TINY_SHAPES,
     )
 

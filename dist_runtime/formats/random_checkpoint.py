@@ -73,10 +73,12 @@ def write_random_checkpoint(
     max_shard_bytes: int | None = None,
     with_tokenizer: bool = True,
     extra_special_tokens: tuple[str, ...] = (),
+    partial_rotary_factor: float | None = None,
 ) -> Path:
     """Write a random checkpoint folder and return its path.
 
     `extra_special_tokens` become the tokenizer's last ids (e.g. InternLM2's agent tokens).
+    `partial_rotary_factor` (phi3 only, Phi-4-mini's setting): RoPE on that share of each head.
 
     `bias` adds q/k/v/o biases (Llama `attention_bias`, InternLM2 `bias`); the MLP never has
     biases. `max_shard_bytes` splits the weights into `model-0000i-of-0000N.safetensors` files
@@ -112,6 +114,10 @@ def write_random_checkpoint(
     elif architecture == "phi3":  # (q/k/v and gate/up packed)
         config = _phi3_config(config)
         state_dict = llama_to_phi3_state_dict(state_dict)
+        if partial_rotary_factor is not None:
+            config["partial_rotary_factor"] = partial_rotary_factor
+    if partial_rotary_factor is not None and architecture != "phi3":
+        raise ValueError("partial_rotary_factor is written for architecture phi3 only")
     folder = write_from_state_dict(out_dir, config, state_dict, max_shard_bytes=max_shard_bytes)
     if with_tokenizer:
         write_tokenizer(

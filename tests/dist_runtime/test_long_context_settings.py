@@ -285,7 +285,8 @@ def _phi3_checkpoint(tmp_path: Path, transformers5: bool, **kw: Any) -> Path:
     """A random Phi-3 (q/k/v and gate/up packed) with LongRoPE, short and long factors far
     apart, its RoPE written as Phi-3.5's config.json has it (`rope_scaling` with `type`, the
     trained length at the top level) or as transformers 5 does (`rope_parameters`)."""
-    half = kw.get("head_dim", TINY_SHAPES["hidden_size"] // TINY_SHAPES["num_heads"]) // 2
+    head_dim = kw.get("head_dim", TINY_SHAPES["hidden_size"] // TINY_SHAPES["num_heads"])
+    half = int(head_dim * kw.get("partial_rotary_factor", 1.0)) // 2
     scaling = {
         "rope_type": "longrope",
         "short_factor": [1.0 + 0.25 * i for i in range(half)],
@@ -362,6 +363,54 @@ def test_phi3_decode_steps_match_hf_generate(tmp_path: Path) -> None:
         torch.testing.assert_close(torch.tensor(list(lp.top.values())), values, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("length", [20, 60])
+def test_partial_rotary_matches_hf(tmp_path: Path, length: int) -> None:
+    """Phi-4-mini's partial RoPE (partial_rotary_factor 0.5: 8 of head_dim 16 turned, the
+    rest passed through) with LongRoPE on the turned dimensions: greedy decoding (natively on
+    CPU) gives HF's tokens and top-5 log-probabilities, within and past the trained length."""
+    from workers.models.layouts import rotary_row_order
+
+    folder = _phi3_checkpoint(
+        tmp_path, transformers5=False, head_dim=16, num_heads=4, partial_rotary_factor=0.5
+    )
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.rotary_dim == 8 and model.rope_dim == 8
+    order = rotary_row_order(model)
+    assert order is not None and sorted(order.tolist()) == list(range(16))
+    assert order[:4].tolist() == [0, 1, 2, 3] and order[8:12].tolist() == [4, 5, 6, 7]
+    prompt = _prompt(length, seed=16)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=5, ignore_eos=True)
+    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
+        (out,) = rt.generate([prompt], params)
+        native = rt.engine.executor.worker.runner.model._native  # type: ignore[union-attr]
+        assert native is not None and native[1] is not None  # (decodes ran natively)
+    hf = load_hf_llama(folder)
+    with torch.no_grad():
+        gen = hf.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    assert out.token_ids == gen.sequences[0, len(prompt) :].tolist()
+    assert out.logprobs is not None
+    for lp, raw in zip(out.logprobs, gen.logits, strict=True):
+        values, indices = torch.log_softmax(raw[0].float(), dim=-1).topk(5)
+        assert list(lp.top) == indices.tolist()
+        torch.testing.assert_close(torch.tensor(list(lp.top.values())), values, rtol=0, atol=1e-4)
+
+
+def test_phi3_and_partial_rope_checkpoints_are_not_quantized(tmp_path: Path) -> None:
+    from dist_runtime.quantize import QuantizeError, quantize_checkpoint
+
+    phi3 = _phi3_checkpoint(tmp_path / "a", transformers5=False)
+    with pytest.raises(QuantizeError, match=r"Phi-3 checkpoint \(packed qkv_proj"):
+        quantize_checkpoint(phi3, tmp_path / "out", progress=False)
+    partial = _phi3_checkpoint(tmp_path / "b", transformers5=False, partial_rotary_factor=0.5)
+    with pytest.raises(QuantizeError, match="turns part of each head with RoPE"):
+        quantize_checkpoint(partial, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_phi3_errors(tmp_path: Path) -> None:
     folder = _phi3_checkpoint(tmp_path, transformers5=False)
     path = folder / "config.json"
@@ -377,8 +426,11 @@ def test_phi3_errors(tmp_path: Path) -> None:
     path.write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match="long_factor as a list of 4 positive numbers"):
         ModelConfig.from_pretrained(str(folder))
-    path.write_text(json.dumps({**config, "partial_rotary_factor": 0.75}))
-    with pytest.raises(ConfigError, match="partial_rotary_factor 0.75"):
+    path.write_text(json.dumps({**config, "partial_rotary_factor": 0.375}))
+    with pytest.raises(ConfigError, match="partial_rotary_factor 0.375 turns 3 of head_dim 8"):
+        ModelConfig.from_pretrained(str(folder))
+    path.write_text(json.dumps({**config, "partial_rotary_factor": 1.5}))
+    with pytest.raises(ConfigError, match=r"partial_rotary_factor must be in \(0, 1\], got 1.5"):
         ModelConfig.from_pretrained(str(folder))
     path.write_text(json.dumps(config))
     weights = folder / "model.safetensors"

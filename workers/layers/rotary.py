@@ -68,17 +68,26 @@ def model_frequencies(config: ModelConfig, theta: float | None = None) -> torch.
     """(head_dim // 2,) fp32: the model's RoPE frequencies with its scaling (linear divides
     them; llama3 rescales them by wavelength; dynamic NTK changes only the base, `theta`;
     LongRoPE divides them by its short factors, or its long ones for a negative `theta`, see
-    `ModelConfig.rope_base`)."""
-    scaling = config.rope_scaling
-    base = config.rope_theta if theta is None else theta
+    `ModelConfig.rope_base`). With partial RoPE (`ModelConfig.rotary_dim`) the pairs past the
+    turned ones get frequency 0 (the loader's row order puts the passed-through dimensions
+    there)."""
+    inv = _frequencies(config, config.rope_theta if theta is None else theta)
+    if config.rope_dim < config.head_dim:  # (partial RoPE: the passed-through pairs turn at 0)
+        inv = torch.cat([inv, inv.new_zeros((config.head_dim - config.rope_dim) // 2)])
+    return inv
+
+
+def _frequencies(config: ModelConfig, base: float) -> torch.Tensor:
+    """(rope_dim // 2,) frequencies of the dimensions RoPE turns."""
+    scaling, dim = config.rope_scaling, config.rope_dim
     if scaling is not None and scaling.type == "longrope":
         factors = scaling.long_factor if base < 0 else scaling.short_factor
-        return longrope_frequencies(config.head_dim, abs(base), factors)
+        return longrope_frequencies(dim, abs(base), factors)
     if scaling is not None and scaling.type == "linear":
-        return inverse_frequencies(config.head_dim, base, scaling.factor)
+        return inverse_frequencies(dim, base, scaling.factor)
     if scaling is not None and scaling.type == "yarn":
-        return yarn_frequencies(config.head_dim, base, scaling)
-    inv = inverse_frequencies(config.head_dim, base)
+        return yarn_frequencies(dim, base, scaling)
+    inv = inverse_frequencies(dim, base)
     if scaling is not None and scaling.type == "llama3":
         return llama3_frequencies(inv, scaling)
     return inv

@@ -197,8 +197,55 @@ def _load_layer(
     _copy(layer.input_norm.weight, reader.read(f"{p}{lay.input_norm}.weight"))
     _copy(layer.post_attn_norm.weight, reader.read(f"{p}{lay.post_norm}.weight"))
     if attn.q_norm is not None and attn.k_norm is not None:  # (replicated on every rank)
-        _copy(attn.q_norm.weight, reader.read(f"{p}{lay.q_norm}.weight"))
-        _copy(attn.k_norm.weight, reader.read(f"{p}{lay.k_norm}.weight"))
+        order, scale = rotary_row_order(config), rotary_row_scale(config)
+        for norm, name in ((attn.q_norm, lay.q_norm), (attn.k_norm, lay.k_norm)):
+            w = reader.read(f"{p}{name}.weight")
+            w = w if order is None else w[order]
+            _copy(norm.weight, w if scale is None else w * scale.to(w.dtype))
+
+
+def rotary_row_order(config: ModelConfig) -> torch.Tensor | None:
+    """With partial RoPE (`ModelConfig.rotary_dim` r of head_dim d), the checkpoint dimension
+    each q / k head row takes here; None with full RoPE.
+
+    HF turns pairs (i, i + r/2) for i < r/2 and passes dimensions r.. through; the runtime
+    turns rotate-half pairs (j, j + d/2) at frequency j. So the turned pairs go to j = i (rows
+    i and i + d/2) and the passed-through dimensions fill the pairs j >= r/2, whose frequency
+    is 0 (`model_frequencies`): the same permutation of q and k keeps every q.k."""
+    d, r = config.head_dim, config.rotary_dim
+    if r is None:
+        return None
+    half, rest = d // 2, (d - r) // 2
+    order = torch.empty(d, dtype=torch.int64)
+    order[: r // 2] = torch.arange(r // 2)
+    order[half : half + r // 2] = torch.arange(r // 2, r)
+    order[r // 2 : half] = torch.arange(r, r + rest)
+    order[half + r // 2 :] = torch.arange(r + rest, d)
+    return order
+
+
+def rotary_row_scale(config: ModelConfig) -> torch.Tensor | None:
+    """With partial RoPE and an attention factor (YaRN's, LongRoPE's), the factor on each q / k
+    head row (in `rotary_row_order`) that HF applies to the turned dimensions alone; None
+    otherwise (full RoPE folds it into the softmax scale, `ModelConfig.attention_scale`)."""
+    factor = config.rope_attention_factor
+    if config.rotary_dim is None or factor == 1.0:
+        return None
+    half, turned = config.head_dim // 2, config.rotary_dim // 2
+    scale = torch.ones(config.head_dim)
+    scale[:turned] = factor
+    scale[half : half + turned] = factor
+    return scale
+
+
+def _reorder_heads(
+    rows: torch.Tensor, order: torch.Tensor, head_dim: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each head's rows (of a weight or bias) in `order`, times `scale` per row."""
+    heads = rows.view(-1, head_dim, *rows.shape[1:])[:, order]
+    if scale is not None:
+        heads = heads * scale.to(heads.dtype).view(1, head_dim, *([1] * (rows.dim() - 1)))
+    return heads.reshape(rows.shape)
 
 
 def _read_qkv(
@@ -209,9 +256,17 @@ def _read_qkv(
     config: ModelConfig,
     shard: HeadShard,
 ) -> torch.Tensor:
-    """This rank's rows of q, k and v, concatenated as [q | k | v]."""
+    """This rank's rows of q, k and v, concatenated as [q | k | v] (q's and k's heads in
+    `rotary_row_order` with partial RoPE)."""
     ranges = _qkv_out_ranges(lay, p, config, shard)
-    return torch.cat([reader.read_rows(f"{name}.{suffix}", lo, hi) for name, lo, hi in ranges])
+    parts = [reader.read_rows(f"{name}.{suffix}", lo, hi) for name, lo, hi in ranges]
+    order = rotary_row_order(config)
+    if order is not None:
+        assert lay.wqkv is None and len(parts) == 3  # (q, k, v ranges: the llama layout)
+        # (q / k head norms come after the projection: the factor goes on their weights)
+        scale = None if config.qk_norm else rotary_row_scale(config)
+        parts[:2] = [_reorder_heads(t, order, config.head_dim, scale) for t in parts[:2]]
+    return torch.cat(parts)
 
 
 def _qkv_out_ranges(
