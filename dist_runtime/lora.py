@@ -75,6 +75,9 @@ class AdapterModule:
     scale: float
     a_key: str = ""
     b_key: str = ""
+    b_rows: tuple[int, int] | None = None
+    """The rows of B that are this layer's, when the adapter adapts a packed projection
+    (Phi-3's qkv_proj / gate_up_proj: one module per part, all with the packed A)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ def _modules(
     from workers.models.layouts import linear_shapes
 
     linears = linear_shapes(model)
+    packed = _packed_parts(model)
     found: dict[str, dict[str, tuple[int, ...]]] = {}
     keys: dict[tuple[str, str], str] = {}
     for key, shape in shapes.items():
@@ -191,20 +195,19 @@ def _modules(
     alpha_pattern = cfg.get("alpha_pattern") or {}
     modules = []
     for module, ab in sorted(found.items()):
-        if module not in linears:
+        parts = packed.get(module)
+        if module not in linears and parts is None:
             kind = (
                 "an embedding or the LM head"
                 if re.search(r"embed|lm_head|output$", module)
-                else "a packed projection (Phi-3's qkv_proj / gate_up_proj), which adapters "
-                "cannot target here"
-                if re.search(r"\.(qkv_proj|gate_up_proj)$", module)
                 else "not one of the model's attention or MLP projections"
             )
             raise ConfigError(
                 f"{where}: it adapts {module!r}, which is {kind}; only q/k/v/o and gate/up/down "
                 f"projections ({model.architecture} names) can carry an adapter"
             )
-        if model.rotary_dim is not None and re.search(r"\.(q_proj|k_proj)$", module):
+        q_or_k = r"\.(q_proj|k_proj|qkv_proj)$"
+        if model.rotary_dim is not None and re.search(q_or_k, module):
             raise ConfigError(
                 f"{where}: it adapts {module!r}, a q / k projection of a model with partial RoPE "
                 "(partial_rotary_factor), whose rows are reordered here; adapters on v, o and "
@@ -212,7 +215,10 @@ def _modules(
             )
         if set(ab) != {"A", "B"}:
             raise ConfigError(f"{where}: {module!r} has lora_{''.join(ab)} but not both A and B")
-        out_f, in_f = linears[module]
+        if parts is not None:  # (a packed projection: its rows are the parts', in order)
+            out_f, in_f = parts[-1][2], linears[parts[0][0]][1]
+        else:
+            out_f, in_f = linears[module]
         a, b = ab["A"], ab["B"]
         rank = a[0] if len(a) == 2 else -1
         if len(a) != 2 or len(b) != 2 or a[1] != in_f or b[0] != out_f or b[1] != rank:
@@ -227,8 +233,26 @@ def _modules(
             )
         alpha = float(_pattern(alpha_pattern, module, cfg["lora_alpha"], where))
         scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-        modules.append(AdapterModule(module, rank, scale, keys[module, "A"], keys[module, "B"]))
-    return tuple(modules)
+        a_key, b_key = keys[module, "A"], keys[module, "B"]
+        if parts is None:
+            modules.append(AdapterModule(module, rank, scale, a_key, b_key))
+            continue
+        for part, start, stop in parts:
+            modules.append(AdapterModule(part, rank, scale, a_key, b_key, (start, stop)))
+    return tuple(sorted(modules, key=lambda m: m.name))
+
+
+def _packed_parts(model: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
+    """A checkpoint with packed projections (Phi-3): each packed module -> its parts as
+    (module, first row, end row), from the checkpoint's row views."""
+    from workers.models.names import fused_views
+
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for name, (source, start, stop) in fused_views(model).items():
+        if name.endswith(".weight"):
+            part = (name.removesuffix(".weight"), start, stop)
+            out.setdefault(source.removesuffix(".weight"), []).append(part)
+    return out
 
 
 def _pattern(patterns: dict[str, Any], module: str, default: Any, where: str) -> Any:

@@ -397,6 +397,8 @@ class _AdapterFile:
             return None
         a = self.file.get_tensor(m.a_key).to(torch.float32)
         b = self.file.get_tensor(m.b_key).to(torch.float32)
+        if m.b_rows is not None:  # (a packed projection's adapter: this part's rows)
+            b = b[m.b_rows[0] : m.b_rows[1]]
         return a, b * m.scale, m
 
 
