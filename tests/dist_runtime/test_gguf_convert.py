@@ -233,14 +233,22 @@ def _tiny_vocab(more_merges: tuple[str, ...] = ()) -> tuple[list[str], list[int]
     return tokens, types, merges
 
 
-def _tiny_hf_llama(
-    tie: bool, seed: int = 0, rope_scaling: dict[str, Any] | None = None
-) -> tuple[Any, dict[str, torch.Tensor]]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_hf_model(
+    tie: bool,
+    seed: int = 0,
+    rope_scaling: dict[str, Any] | None = None,
+    qwen2: bool = False,
+    more_merges: tuple[str, ...] = (),
+) -> Any:
+    """A random eval-mode HF Llama (or Qwen2: q/k/v biases) of the TINY shape over
+    `_tiny_vocab(more_merges)`, its norms and biases random too so a mix-up shows."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    tokens, _, _ = _tiny_vocab()
-    scaled: dict[str, Any] = {"rope_scaling": rope_scaling} if rope_scaling else {}
-    config = LlamaConfig(
+    tokens, _, _ = _tiny_vocab(more_merges)
+    extra: dict[str, Any] = {"rope_scaling": rope_scaling} if rope_scaling else {}
+    config_cls: Any = Qwen2Config if qwen2 else LlamaConfig
+    model_cls: Any = Qwen2ForCausalLM if qwen2 else LlamaForCausalLM
+    config = config_cls(
         vocab_size=len(tokens),
         hidden_size=TINY["hidden"],
         intermediate_size=TINY["inter"],
@@ -251,14 +259,24 @@ def _tiny_hf_llama(
         rms_norm_eps=1e-5,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
-        **scaled,
+        **extra,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # norms are ones at init; make them distinct so a mix-up shows
+    model = model_cls(config).eval()
+    with torch.no_grad():  # norms start at one and biases at zero
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+def _tiny_hf_llama(
+    tie: bool, seed: int = 0, rope_scaling: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    model = _tiny_hf_model(tie, seed, rope_scaling)
+    config = model.config
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if tie:
         sd.pop("lm_head.weight")
@@ -519,28 +537,12 @@ def test_qwen2_gguf_converts_to_a_qwen2_checkpoint(tmp_path: Path) -> None:
     tokenizer encodes as transformers' GGUF tokenizer does, and the runtime decodes the source
     model's greedy tokens."""
     from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dist_runtime import Runtime, SamplingParams
 
     tokens, _, _ = _tiny_vocab(DIGIT_MERGES)
-    config = Qwen2Config(
-        vocab_size=len(tokens),
-        hidden_size=TINY["hidden"],
-        intermediate_size=TINY["inter"],
-        num_hidden_layers=TINY["layers"],
-        num_attention_heads=TINY["heads"],
-        num_key_value_heads=TINY["kv_heads"],
-        rms_norm_eps=1e-5,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(5)
-    source = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # norms start at one and biases at zero: make a mix-up show
-        for name, p in source.named_parameters():
-            if name.endswith(("norm.weight", "bias")):
-                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p))
+    source = _tiny_hf_model(tie=False, seed=5, qwen2=True, more_merges=DIGIT_MERGES)
     sd = {k: v.detach().clone() for k, v in source.state_dict().items()}
     assert any(k.endswith("q_proj.bias") for k in sd) and not any("o_proj.bias" in k for k in sd)
     src = tmp_path / "qwen.gguf"

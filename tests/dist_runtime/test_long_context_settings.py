@@ -61,6 +61,31 @@ def _first_token_matches_hf(folder: Path, prompt: list[int], session_len: int) -
     return got
 
 
+def _decodes_match_hf_generate(folder: Path, prompt: list[int], session_len: int = 128) -> None:
+    """Six greedy tokens decoded (on CPU through the native decoder: checked) give HF
+    generate's tokens and top-5 log-probabilities."""
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=5, ignore_eos=True)
+    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=session_len) as rt:
+        model = rt.engine.executor.worker.runner.model  # type: ignore[union-attr]
+        assert model.layers[0].attn.scale == rt.engine.model_config.attention_scale
+        (out,) = rt.generate([prompt], params)
+        native = model._native
+        assert native is not None and native[1] is not None  # (decodes ran natively)
+    hf = load_hf_llama(folder)
+    with torch.no_grad():
+        gen = hf.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    assert out.token_ids == gen.sequences[0, len(prompt) :].tolist()
+    assert out.logprobs is not None
+    for lp, raw in zip(out.logprobs, gen.logits, strict=True):
+        values, indices = torch.log_softmax(raw[0].float(), dim=-1).topk(5)
+        assert list(lp.top) == indices.tolist()
+        torch.testing.assert_close(torch.tensor(list(lp.top.values())), values, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("length", [20, 50, 90])
 def test_dynamic_ntk_matches_hf_past_trained_length(tmp_path: Path, length: int) -> None:
     folder = _checkpoint(tmp_path, "dyn", rope_scaling={"type": "dynamic", "factor": 2.0})
@@ -237,27 +262,7 @@ def test_yarn_decode_steps_match_hf_generate(tmp_path: Path) -> None:
         tmp_path / "yarn16", architecture="qwen2", rope_scaling=YARN, with_tokenizer=False,
         **shapes,
     )  # fmt: skip
-    prompt = _prompt(70, seed=14)
-    params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=5, ignore_eos=True)
-    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
-        model = rt.engine.executor.worker.runner.model  # type: ignore[union-attr]
-        assert model.layers[0].attn.scale == rt.engine.model_config.attention_scale
-        (out,) = rt.generate([prompt], params)
-        native = model._native
-        assert native is not None and native[1] is not None  # (decodes ran natively)
-    hf = load_hf_llama(folder)
-    with torch.no_grad():
-        gen = hf.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-    assert out.token_ids == gen.sequences[0, len(prompt) :].tolist()
-    assert out.logprobs is not None
-    for lp, raw in zip(out.logprobs, gen.logits, strict=True):
-        values, indices = torch.log_softmax(raw[0].float(), dim=-1).topk(5)
-        assert list(lp.top) == indices.tolist()
-        torch.testing.assert_close(torch.tensor(list(lp.top.values())), values, rtol=0, atol=1e-4)
+    _decodes_match_hf_generate(folder, _prompt(70, seed=14))
 
 
 def test_yarn_without_its_trained_length_takes_max_positions_as_hf_does(tmp_path: Path) -> None:
@@ -342,25 +347,7 @@ def test_phi3_decode_steps_match_hf_generate(tmp_path: Path) -> None:
     decoder) past the trained length, long factors throughout: HF's tokens and top-5
     log-probabilities."""
     folder = _phi3_checkpoint(tmp_path, transformers5=False, head_dim=16, num_heads=4)
-    prompt = _prompt(70, seed=15)
-    params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=5, ignore_eos=True)
-    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
-        (out,) = rt.generate([prompt], params)
-        native = rt.engine.executor.worker.runner.model._native  # type: ignore[union-attr]
-        assert native is not None and native[1] is not None  # (decodes ran natively)
-    hf = load_hf_llama(folder)
-    with torch.no_grad():
-        gen = hf.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-    assert out.token_ids == gen.sequences[0, len(prompt) :].tolist()
-    assert out.logprobs is not None
-    for lp, raw in zip(out.logprobs, gen.logits, strict=True):
-        values, indices = torch.log_softmax(raw[0].float(), dim=-1).topk(5)
-        assert list(lp.top) == indices.tolist()
-        torch.testing.assert_close(torch.tensor(list(lp.top.values())), values, rtol=0, atol=1e-4)
+    _decodes_match_hf_generate(folder, _prompt(70, seed=15))
 
 
 @pytest.mark.parametrize("length", [20, 60])
@@ -378,25 +365,7 @@ def test_partial_rotary_matches_hf(tmp_path: Path, length: int) -> None:
     order = rotary_row_order(model)
     assert order is not None and sorted(order.tolist()) == list(range(16))
     assert order[:4].tolist() == [0, 1, 2, 3] and order[8:12].tolist() == [4, 5, 6, 7]
-    prompt = _prompt(length, seed=16)
-    params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=5, ignore_eos=True)
-    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=128) as rt:
-        (out,) = rt.generate([prompt], params)
-        native = rt.engine.executor.worker.runner.model._native  # type: ignore[union-attr]
-        assert native is not None and native[1] is not None  # (decodes ran natively)
-    hf = load_hf_llama(folder)
-    with torch.no_grad():
-        gen = hf.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-    assert out.token_ids == gen.sequences[0, len(prompt) :].tolist()
-    assert out.logprobs is not None
-    for lp, raw in zip(out.logprobs, gen.logits, strict=True):
-        values, indices = torch.log_softmax(raw[0].float(), dim=-1).topk(5)
-        assert list(lp.top) == indices.tolist()
-        torch.testing.assert_close(torch.tensor(list(lp.top.values())), values, rtol=0, atol=1e-4)
+    _decodes_match_hf_generate(folder, _prompt(length, seed=16))
 
 
 def test_phi3_and_partial_rope_checkpoints_are_not_quantized(tmp_path: Path) -> None:
