@@ -564,11 +564,6 @@ class ModelConfig:
             "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)
         )
         quant = _parse_weight_quant(hf, source)
-        if phi3 and quant is not None:
-            raise ConfigError(
-                f"{source}: a 4-bit Phi-3 checkpoint (packed qkv_proj / gate_up_proj) is not "
-                "read; load the float checkpoint"
-            )
         rotary_dim = _rotary_dim(partial, head_dim, source)
         if rotary_dim is not None and arch == "internlm2":
             raise ConfigError(f"{source}: partial_rotary_factor is not read for InternLM2")

@@ -176,9 +176,10 @@ def _modules(
     cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], model: ModelConfig, where: str
 ) -> tuple[AdapterModule, ...]:
     from workers.models.layouts import linear_shapes
+    from workers.models.names import packed_parts
 
     linears = linear_shapes(model)
-    packed = _packed_parts(model)
+    packed = packed_parts(model)
     found: dict[str, dict[str, tuple[int, ...]]] = {}
     keys: dict[tuple[str, str], str] = {}
     for key, shape in shapes.items():
@@ -240,19 +241,6 @@ def _modules(
         for part, start, stop in parts:
             modules.append(AdapterModule(part, rank, scale, a_key, b_key, (start, stop)))
     return tuple(sorted(modules, key=lambda m: m.name))
-
-
-def _packed_parts(model: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
-    """A checkpoint with packed projections (Phi-3): each packed module -> its parts as
-    (module, first row, end row), from the checkpoint's row views."""
-    from workers.models.names import fused_views
-
-    out: dict[str, list[tuple[str, int, int]]] = {}
-    for name, (source, start, stop) in fused_views(model).items():
-        if name.endswith(".weight"):
-            part = (name.removesuffix(".weight"), start, stop)
-            out.setdefault(source.removesuffix(".weight"), []).append(part)
-    return out
 
 
 def _pattern(patterns: dict[str, Any], module: str, default: Any, where: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,16 @@ class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be loaded as it is."""
 
 
+@dataclass(frozen=True)
+class View:
+    """A tensor read as [start, stop) along `dim` (0 or 1) of `source`."""
+
+    source: str
+    start: int
+    stop: int
+    dim: int = 0
+
+
 class CheckpointReader:
     """Name -> file map of a checkpoint folder, with lazily opened safetensors handles."""
 
@@ -31,9 +42,8 @@ class CheckpointReader:
         self.folder = Path(folder)
         self.weight_map = _weight_map(self.folder)
         self._handles: dict[str, Any] = {}
-        self.views: dict[str, tuple[str, int, int]] = {}
-        """Tensors read as rows [start, stop) of another (name -> (source, start, stop)): a
-        packed projection's parts (`add_views`)."""
+        self.views: dict[str, View] = {}
+        """Tensors read as a slice of another: a packed projection's parts (`add_views`)."""
         self.bytes_read = 0
 
     def names(self) -> list[str]:
@@ -43,18 +53,21 @@ class CheckpointReader:
     def has(self, name: str) -> bool:
         return name in self.weight_map or name in self.views
 
-    def add_views(self, views: dict[str, tuple[str, int, int]]) -> None:
-        """Read each `name` as rows [start, stop) of its source tensor; a name the checkpoint
-        stores itself is read as stored."""
-        for name, (source, start, stop) in views.items():
-            if name not in self.weight_map:
-                if not 0 <= start < stop <= self.shape(source)[0]:
-                    raise CheckpointError(
-                        f"tensor {source!r} in {self.folder} has {self.shape(source)[0]} rows, "
-                        f"fewer than the {stop} its parts need; the weights do not match the "
-                        "config"
-                    )
-                self.views[name] = (source, start, stop)
+    def add_views(self, views: dict[str, View], optional: frozenset[str] = frozenset()) -> None:
+        """Read each `name` as its view's slice of the source tensor; a name the checkpoint
+        stores itself is read as stored, and one in `optional` whose source is not stored is
+        left out (it is as absent as its source)."""
+        for name, view in views.items():
+            if name in self.weight_map or (name in optional and view.source not in self.weight_map):
+                continue
+            size = self.shape(view.source)[view.dim]
+            if not 0 <= view.start < view.stop <= size:
+                what = "rows" if view.dim == 0 else "columns"
+                raise CheckpointError(
+                    f"tensor {view.source!r} in {self.folder} has {size} {what}, fewer than the "
+                    f"{view.stop} its parts need; the weights do not match the config"
+                )
+            self.views[name] = view
 
     def _handle(self, name: str) -> Any:
         if name not in self.weight_map:
@@ -75,8 +88,10 @@ class CheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self.views:
-            source, start, stop = self.views[name]
-            return (stop - start, *self.shape(source)[1:])
+            view = self.views[name]
+            shape = list(self.shape(view.source))
+            shape[view.dim] = view.stop - view.start
+            return tuple(shape)
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def check_shape(self, name: str, expected: tuple[int, ...]) -> None:
@@ -92,13 +107,19 @@ class CheckpointReader:
     ) -> torch.Tensor:
         """Rows [start, stop) along dim (0 or 1) of a tensor, reading only those bytes."""
         if name in self.views:
-            source, lo, hi = self.views[name]
-            if dim == 0:
-                first, last = slice(start, stop).indices(hi - lo)[:2]
-                return self.read_rows(source, lo + first, lo + max(first, last))
-            tensor_slice = self._handle(source).get_slice(source)
+            view = self.views[name]
+            if view.dim == dim:  # (a slice along the view's own axis: one read)
+                first, last = slice(start, stop).indices(view.stop - view.start)[:2]
+                return self.read_rows(
+                    view.source, view.start + first, view.start + max(first, last), dim
+                )
+            rows: tuple[int | None, int | None] = (start, stop)
+            cols: tuple[int | None, int | None] = (view.start, view.stop)
+            if dim == 1:  # (columns of a row view)
+                rows, cols = cols, rows
+            tensor_slice = self._handle(view.source).get_slice(view.source)
             try:
-                t = tensor_slice[lo:hi, start:stop]
+                t = tensor_slice[rows[0] : rows[1], cols[0] : cols[1]]
             except Exception as e:
                 raise CheckpointError(f"reading {name!r} from {self.folder} failed: {e}") from e
             self.bytes_read += t.numel() * t.element_size()

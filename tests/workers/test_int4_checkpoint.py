@@ -37,6 +37,7 @@ LINEARS = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "internlm2": ("wqkv", "wo", "w1", "w2", "w3"),
 }
+LINEARS["llama"] += ("qkv_proj", "gate_up_proj")  # (Phi-3's packed ones, quantized as one)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -174,6 +175,9 @@ CASES = {
     "gptq-llama-actorder-sym": ("llama", "gptq", True, True),
     "gptq-internlm2-actorder": ("internlm2", "gptq", True, False),
     "gptq-llama-asym": ("llama", "gptq", False, False),
+    # Phi-3: qkv_proj and gate_up_proj quantized as one linear each, read part by part
+    "awq-phi3": ("phi3", "awq", False, False),
+    "gptq-phi3-actorder": ("phi3", "gptq", True, False),
     "quantize.py-awq-internlm2": ("internlm2", "quantize.py", False, False),
 }
 
@@ -230,6 +234,7 @@ def _generate(folder: Path, tp: int) -> list[Any]:
         pytest.param("awq-internlm2", marks=pytest.mark.slow),  # quantize.py's case covers it
         "gptq-llama-actorder-sym",
         "quantize.py-awq-internlm2",
+        "awq-phi3",  # (each rank's columns of the packed layers' parts)
     ],
 )
 def test_tp3_generates_what_the_float_twin_does(

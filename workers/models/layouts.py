@@ -112,7 +112,7 @@ def _float_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def check_checkpoint(config: ModelConfig, reader: CheckpointReader) -> None:
     """Raise CheckpointError for a missing, unreadable or mis-shaped tensor (headers only).
     A checkpoint with packed projections (Phi-3) is read through views of their parts."""
-    reader.add_views(fused_views(config))
+    reader.add_views(*fused_views(config))
     for name, shape in expected_shapes(config).items():
         reader.check_shape(name, shape)
 

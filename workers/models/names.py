@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_runtime.config import ModelConfig, WeightQuant
+from workers.checkpoint import View
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,52 @@ LAYOUTS = {
 
 
 FUSED = {"qkv": "self_attn.qkv_proj", "gate_up": "mlp.gate_up_proj"}
+QUANT_COLUMNS = {
+    "awq": (("qweight", 8), ("qzeros", 8), ("scales", 1)),
+    "gptq": (("qweight", 1), ("qzeros", 8), ("scales", 1)),
+    "gguf": (("qweight", 1), ("zeros", 1), ("scales", 1)),
+}
+"""A 4-bit layer's tensors by format, with the outputs each of their columns holds."""
 """Phi-3's packed projections, by the Llama parts they hold ([q | k | v], [gate | up])."""
 
 
-def fused_views(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
+def fused_views(config: ModelConfig) -> tuple[dict[str, View], frozenset[str]]:
     """For a checkpoint with packed projections (`ModelConfig.fused_projections`), each Llama
-    part as rows of its packed tensor: name -> (packed name, start, stop); empty otherwise."""
+    part as a slice of its packed tensor, and the views that are optional (GPTQ's g_idx,
+    shared by the parts); empty otherwise.
+
+    Float weights and biases are row slices. A 4-bit packed layer (quantized as one linear, as
+    AWQ and GPTQ tools do) is cut along its outputs: AWQ's qweight and qzeros and GPTQ's qzeros
+    pack 8 outputs per int32 column (a part starts and ends on a word: its sizes are multiples
+    of 8), GPTQ's qweight and both scales hold one column per output."""
+    views: dict[str, View] = {}
+    optional: set[str] = set()
+    quant = config.weight_quant
+    for module, pieces in packed_parts(config).items():
+        biased = config.attention_bias if module.endswith(FUSED["qkv"]) else config.mlp_bias
+        four_bit = quant is not None and quant.quantized(module)
+        suffixes = ("bias",) if biased else ()
+        if not four_bit:
+            suffixes = ("weight", *suffixes)
+        for name, start, stop in pieces:
+            for suffix in suffixes:
+                views[f"{name}.{suffix}"] = View(f"{module}.{suffix}", start, stop)
+            if not four_bit:
+                continue
+            assert quant is not None
+            for tensor, per in QUANT_COLUMNS[quant.method]:
+                views[f"{name}.{tensor}"] = View(
+                    f"{module}.{tensor}", start // per, stop // per, dim=1
+                )
+            if quant.method == "gptq":  # (one input order for all the parts)
+                views[f"{name}.g_idx"] = View(f"{module}.g_idx", 0, config.hidden_size)
+                optional.add(f"{name}.g_idx")
+    return views, frozenset(optional)
+
+
+def packed_parts(config: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
+    """A checkpoint with packed projections (Phi-3): each packed module (with its layer
+    prefix) -> its Llama parts as (module, first output row, end row); empty otherwise."""
     if not config.fused_projections:
         return {}
     lay = LAYOUTS[config.architecture]
@@ -83,16 +124,12 @@ def fused_views(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
         "qkv": [(lay.q, 0, q), (lay.k, q, q + kv), (lay.v, q + kv, q + 2 * kv)],
         "gate_up": [(lay.gate, 0, inter), (lay.up, inter, 2 * inter)],
     }
-    views = {}
+    out = {}
     for i in range(config.num_layers):
         p = lay.layer.format(i)
         for packed, pieces in parts.items():
-            biased = config.attention_bias if packed == "qkv" else config.mlp_bias
-            for suffix in ("weight", "bias") if biased else ("weight",):
-                for name, start, stop in pieces:
-                    source = f"{p}{FUSED[packed]}.{suffix}"
-                    views[f"{p}{name}.{suffix}"] = (source, start, stop)
-    return views
+            out[f"{p}{FUSED[packed]}"] = [(f"{p}{name}", lo, hi) for name, lo, hi in pieces]
+    return out
 
 
 def linear_quant(config: ModelConfig, part: str) -> WeightQuant | None:
