@@ -28,7 +28,8 @@ for other tools.
 Tokenizer: byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) are rebuilt as a
 `tokenizers` BPE with the vocabulary, merges, control tokens as special added tokens and the
 pre-tokenizer named by `tokenizer.ggml.pre` (llama.cpp's split rules, see `_pre_tokenizer`).
-SentencePiece vocabularies (`"llama"`) are not supported yet: convert with `tokenizer=False`.
+SentencePiece vocabularies (`"llama"`: Llama 2, Mistral, Phi-3) are written back as the
+`tokenizer.model` they came from (`_sentencepiece_files`).
 
 Everything is written to a temporary folder next to `out_dir` and renamed into place at the end,
 so a failed conversion never leaves a half-written checkpoint behind.
@@ -102,9 +103,13 @@ llama.cpp's Llama 3.1 frequency divisors (read into config.json's rope_scaling).
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
 _GLOBAL_NAME = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
 
-# token_type values of `tokenizer.ggml.token_type` (llama.cpp's llama_token_type).
+# token_type values of `tokenizer.ggml.token_type` (llama.cpp's llama_token_type, which are
+# SentencePiece's piece types).
+_TOKEN_NORMAL = 1
+_TOKEN_UNKNOWN = 2
 _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
+_TOKEN_BYTE = 6
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (
@@ -225,7 +230,10 @@ def convert_gguf(
         _write_json(tmp / "config.json", hf_config)
         _write_json(tmp / "generation_config.json", _generation_config(hf_config))
         for name, content in tok_files.items():
-            (tmp / name).write_text(content, encoding="utf-8")
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
         if keep4:
             _write_int4_weights(tmp, tensors, plan, OUTPUT_DTYPES[dtype], keep4, progress)
         else:
@@ -856,8 +864,11 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 # tokenizer
 
 
-def _tokenizer_files(meta: dict[str, Any], src: Path, config: dict[str, Any]) -> dict[str, str]:
-    """`tokenizer.json` and `tokenizer_config.json` contents built from the GGUF vocabulary."""
+def _tokenizer_files(
+    meta: dict[str, Any], src: Path, config: dict[str, Any]
+) -> dict[str, str | bytes]:
+    """`tokenizer.json` (byte-level BPE) or `tokenizer.model` (SentencePiece), and
+    `tokenizer_config.json`, built from the GGUF vocabulary."""
     model = meta.get("tokenizer.ggml.model")
     if model is None or "tokenizer.ggml.tokens" not in meta:
         raise GGUFError(
@@ -865,12 +876,14 @@ def _tokenizer_files(meta: dict[str, Any], src: Path, config: dict[str, Any]) ->
             "convert the weights only with tokenizer=False (launch/convert.py --no-tokenizer) and "
             "use token-id prompts, or copy tokenizer.json from the original model"
         )
+    if model == "llama":
+        return _sentencepiece_files(meta, src, config)
     if model != "gpt2":
-        what = "SentencePiece ('llama')" if model == "llama" else repr(model)
         raise GGUFError(
-            f"{src}: {what} tokenizers in GGUF files are not supported yet (only byte-level BPE, "
-            "'gpt2'); convert with tokenizer=False (launch/convert.py --no-tokenizer) and copy "
-            "tokenizer.json / tokenizer_config.json from the original Hugging Face model"
+            f"{src}: {model!r} tokenizers in GGUF files are not supported (only byte-level BPE, "
+            "'gpt2', and SentencePiece, 'llama'); convert with tokenizer=False (launch/convert.py "
+            "--no-tokenizer) and copy tokenizer.json / tokenizer_config.json from the original "
+            "Hugging Face model"
         )
     tok, vocab_tokens = build_byte_level_tokenizer(meta, src)
 
@@ -901,6 +914,138 @@ def _tokenizer_files(meta: dict[str, Any], src: Path, config: dict[str, Any]) ->
         "tokenizer.json": tok.to_str(pretty=True),
         "tokenizer_config.json": json.dumps(tok_config, indent=2, sort_keys=True) + "\n",
     }
+
+
+def _sentencepiece_files(
+    meta: dict[str, Any], src: Path, config: dict[str, Any]
+) -> dict[str, str | bytes]:
+    """A SentencePiece vocabulary ('llama': Llama 2, Mistral, Phi-3...) as the `tokenizer.model`
+    it was converted from: every piece with its score and type, BPE, byte fallback when the
+    vocabulary has byte pieces, the identity normalizer with llama.cpp's space prefix
+    (`tokenizer.ggml.add_space_prefix`), whitespace-only pieces kept whole when the vocabulary
+    has them. Control and user-defined pieces are named in tokenizer_config.json so text that
+    spells them (chat templates) reads them as one token each, as llama.cpp does."""
+    tokens: list[str] = [str(t) for t in meta["tokenizer.ggml.tokens"]]
+    scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+    types = list(meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens))
+    if not len(scores) == len(types) == len(tokens):
+        raise GGUFError(
+            f"{src}: {len(tokens)} tokens but {len(scores)} scores and {len(types)} token types"
+        )
+    types = [_TOKEN_NORMAL if t == 0 else int(t) for t in types]  # (0: undefined)
+    unknown = [i for i, t in enumerate(types) if t == _TOKEN_UNKNOWN]
+    if len(unknown) != 1:
+        raise GGUFError(
+            f"{src}: a SentencePiece vocabulary has one unknown piece (<unk>), this one "
+            f"{len(unknown)}"
+        )
+
+    def named(key: str) -> int:
+        idx = meta.get(f"tokenizer.ggml.{key}")
+        if idx is not None and not 0 <= int(idx) < len(tokens):
+            raise GGUFError(f"{src}: tokenizer.ggml.{key} = {idx} is outside the vocabulary")
+        return -1 if idx is None else int(idx)
+
+    bos, eos, pad = named("bos_token_id"), named("eos_token_id"), named("padding_token_id")
+    model = sentencepiece_model(
+        tokens,
+        [float(x) for x in scores],
+        types,
+        add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+        unk_id=unknown[0],
+        bos_id=bos,
+        eos_id=eos,
+        pad_id=pad,
+    )
+    added = {
+        str(i): {
+            "content": tokens[i],
+            "special": t == _TOKEN_CONTROL,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+        }
+        for i, t in enumerate(types)
+        if t in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED) or i == unknown[0]
+    }
+    tok_config: dict[str, Any] = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": tokens[bos] if bos >= 0 else None,
+        "eos_token": tokens[eos] if eos >= 0 else None,
+        "unk_token": tokens[unknown[0]],
+        "pad_token": tokens[pad] if pad >= 0 else None,
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "added_tokens_decoder": added,
+        "clean_up_tokenization_spaces": False,
+        "legacy": True,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    template = meta.get("tokenizer.chat_template")
+    if isinstance(template, str):
+        tok_config["chat_template"] = template
+    return {
+        "tokenizer.model": model,
+        "tokenizer_config.json": json.dumps(tok_config, indent=2, sort_keys=True) + "\n",
+    }
+
+
+def sentencepiece_model(
+    pieces: Sequence[str],
+    scores: Sequence[float],
+    types: Sequence[int],
+    *,
+    add_space_prefix: bool,
+    unk_id: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+) -> bytes:
+    """A BPE SentencePiece `ModelProto` (sentencepiece_model.proto), serialized by hand: the
+    pieces (1) with piece, score and type; the trainer spec (2) with the model type, vocabulary
+    size, byte fallback and the special pieces' ids and spellings; the identity normalizer (3).
+    Types are SentencePiece's, which llama.cpp's token types copy (1 normal ... 6 byte)."""
+
+    def varint(n: int) -> bytes:
+        n &= (1 << 64) - 1  # (negative int32: ten bytes, as protobuf writes them)
+        out = bytearray()
+        while True:
+            low, n = n & 0x7F, n >> 7
+            out.append(low | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def field(number: int, value: int | float | bool | str | bytes) -> bytes:
+        if isinstance(value, (str, bytes)):
+            raw = value.encode("utf-8") if isinstance(value, str) else value
+            return varint(number << 3 | 2) + varint(len(raw)) + raw
+        if isinstance(value, float):
+            return varint(number << 3 | 5) + struct.pack("<f", value)
+        return varint(number << 3) + varint(int(value))
+
+    out = bytearray()
+    for piece, score, kind in zip(pieces, scores, types, strict=True):
+        out += field(1, field(1, piece) + field(2, float(score)) + field(3, kind))
+    whitespace_runs = any(len(p) > 1 and set(p) == {"\u2581"} for p in pieces)
+    trainer = [
+        field(3, 2),  # model_type: BPE
+        field(4, len(pieces)),
+        field(26, whitespace_runs),  # allow_whitespace_only_pieces
+        field(35, any(k == _TOKEN_BYTE for k in types)),  # byte_fallback
+        field(40, unk_id),
+        field(41, bos_id),
+        field(42, eos_id),
+        field(43, pad_id),
+        field(45, pieces[unk_id]),
+    ]
+    for number, index in ((46, bos_id), (47, eos_id), (48, pad_id)):
+        if index >= 0:
+            trainer.append(field(number, pieces[index]))
+    out += field(2, b"".join(trainer))
+    normalizer = [field(1, "identity"), field(3, add_space_prefix), field(4, False), field(5, True)]
+    out += field(3, b"".join(normalizer))
+    return bytes(out)
 
 
 def bytes_to_unicode() -> dict[int, str]:

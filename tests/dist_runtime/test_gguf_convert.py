@@ -239,6 +239,7 @@ def _tiny_hf_model(
     rope_scaling: dict[str, Any] | None = None,
     qwen2: bool = False,
     more_merges: tuple[str, ...] = (),
+    vocab_size: int | None = None,
 ) -> Any:
     """A random eval-mode HF Llama (or Qwen2: q/k/v biases) of the TINY shape over
     `_tiny_vocab(more_merges)`, its norms and biases random too so a mix-up shows."""
@@ -249,7 +250,7 @@ def _tiny_hf_model(
     config_cls: Any = Qwen2Config if qwen2 else LlamaConfig
     model_cls: Any = Qwen2ForCausalLM if qwen2 else LlamaForCausalLM
     config = config_cls(
-        vocab_size=len(tokens),
+        vocab_size=vocab_size or len(tokens),
         hidden_size=TINY["hidden"],
         intermediate_size=TINY["inter"],
         num_hidden_layers=TINY["layers"],
@@ -307,6 +308,7 @@ def write_tiny_gguf(
     extra_f32: dict[str, np.ndarray] | None = None,
     pre: str = "smollm",
     more_merges: tuple[str, ...] = (),
+    spm: tuple[list[str], list[float], list[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write a Llama-layout state dict as llama.cpp would (q/k permuted); return the written data.
 
@@ -327,7 +329,22 @@ def write_tiny_gguf(
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     tokens, types, merges = _tiny_vocab(more_merges)
-    w.add_vocab_size(len(tokens))
+    if spm is not None:  # (a SentencePiece vocabulary: pieces, scores, types; no merges)
+        pieces, scores, kinds = spm
+        w.add_vocab_size(len(pieces))
+        w.add_tokenizer_model("llama")
+        w.add_token_list(pieces)
+        w.add_token_scores(scores)
+        w.add_token_types(kinds)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(True)
+        w.add_add_space_prefix(True)
+        w.add_chat_template("{{ messages }}")
+        tokenizer = None
+    else:
+        w.add_vocab_size(len(tokens))
     if tokenizer is not None:
         w.add_tokenizer_model(tokenizer)
         w.add_tokenizer_pre(pre)
@@ -665,10 +682,74 @@ def test_missing_and_unsupported_tokenizer(tmp_path: Path) -> None:
     assert not (out / "tokenizer.json").exists()
     assert ModelConfig.from_pretrained(out).num_layers == 2
 
-    spm = tmp_path / "spm.gguf"
-    write_tiny_gguf(spm, sd, tokenizer="llama")
-    with pytest.raises(GGUFError, match=r"SentencePiece.*not supported yet.*--no-tokenizer"):
-        convert_gguf(spm, tmp_path / "out2", progress=False)
+    bert = tmp_path / "bert.gguf"
+    write_tiny_gguf(bert, sd, tokenizer="bert")
+    with pytest.raises(GGUFError, match=r"'bert' tokenizers in GGUF files are not supported"):
+        convert_gguf(bert, tmp_path / "out2", progress=False)
+
+
+SPM_TEXTS = [
+    "Hello, world!",
+    "  leading spaces and    inner runs  ",
+    "line one\nline two\n\n\ttabbed",
+    "numbers 12345 and 3.14159",
+    "Café naïve — 中文 😀",
+    "<s>text after a control piece</s> and more",
+    "x",
+]
+
+
+def test_sentencepiece_gguf_vocabulary_becomes_its_tokenizer_model(tmp_path: Path) -> None:
+    """A 'llama' (SentencePiece) GGUF vocabulary -- Llama 2, Mistral, Phi-3 -- is written back
+    as the tokenizer.model it came from: the same pieces, scores and types, and the same ids
+    for every text as the original model (byte fallback, space prefix, control pieces in text
+    read as one token each, as llama.cpp reads them)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    from dist_runtime.text.tokenizer import Tokenizer
+    from tests.dist_runtime.test_tokenizer import write_sentencepiece_folder
+
+    original = write_sentencepiece_folder(tmp_path / "sp", "llama")
+    sp = spm.SentencePieceProcessor(model_file=str(original / "tokenizer.model"))
+    n = sp.get_piece_size()
+    kinds = [
+        2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+        for i in range(n)
+    ]
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    scores = [sp.get_score(i) for i in range(n)]
+    model = _tiny_hf_model(tie=True, seed=2, vocab_size=n)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    src = tmp_path / "spm.gguf"
+    write_tiny_gguf(src, sd, spm=(pieces, scores, kinds))
+    out = convert_gguf(src, tmp_path / "hf", progress=False)
+    assert not (out / "tokenizer.json").exists()
+
+    written = sentencepiece_model_pb2.ModelProto()
+    written.ParseFromString((out / "tokenizer.model").read_bytes())
+    source = sentencepiece_model_pb2.ModelProto()
+    source.ParseFromString((original / "tokenizer.model").read_bytes())
+    assert [(p.piece, p.score, p.type) for p in written.pieces] == [
+        (p.piece, p.score, p.type) for p in source.pieces
+    ]
+    for spec, fields in (
+        ("trainer_spec", ("model_type", "byte_fallback", "allow_whitespace_only_pieces")),
+        ("normalizer_spec", ("add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces")),
+    ):
+        for name in fields:  # (what encoding reads)
+            got, want = getattr(getattr(written, spec), name), getattr(getattr(source, spec), name)
+            assert got == want, (spec, name)
+    assert written.trainer_spec.allow_whitespace_only_pieces  # (the vocabulary has "▁▁" pieces)
+    ours, theirs = Tokenizer(out), Tokenizer(original)
+    assert (ours.bos_token_id, ours.eos_token_id) == (1, 2)
+    for text in SPM_TEXTS:
+        want = theirs.encode(text, add_special_tokens=True)
+        assert ours.encode(text, add_special_tokens=True) == want, text
+        assert ours.decode(want, skip_special_tokens=False) == theirs.decode(
+            want, skip_special_tokens=False
+        )
+    assert ours.encode("<s>", add_special_tokens=False) == [1]  # (a control piece, whole)
 
 
 def test_output_folder_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
