@@ -726,9 +726,9 @@ def test_sentencepiece_gguf_vocabulary_becomes_its_tokenizer_model(tmp_path: Pat
     out = convert_gguf(src, tmp_path / "hf", progress=False)
     assert not (out / "tokenizer.json").exists()
 
-    written = sentencepiece_model_pb2.ModelProto()
+    written = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
     written.ParseFromString((out / "tokenizer.model").read_bytes())
-    source = sentencepiece_model_pb2.ModelProto()
+    source = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
     source.ParseFromString((original / "tokenizer.model").read_bytes())
     assert [(p.piece, p.score, p.type) for p in written.pieces] == [
         (p.piece, p.score, p.type) for p in source.pieces
