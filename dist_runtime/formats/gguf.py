@@ -55,10 +55,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "phi3")
 """GGUF architectures converted: Llama's layout (Mistral, SmolLM, ... too) and Qwen2's (Qwen2 /
 Qwen2.5 and their distills: q/k/v biases, and q/k rows never permuted, since llama.cpp's qwen2
-rotates halves as HF does)."""
+rotates halves as HF does), and Phi-3's (Phi-3 / 3.5 / 4-mini: q/k/v and gate/up packed as
+HF packs them, LongRoPE's factors as tensors, partial RoPE)."""
 """`general.architecture` values this converter understands."""
 SUPPORTED_TENSOR_TYPES = (
     "F32",
@@ -95,11 +96,21 @@ _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_PHI3_TENSORS = {
+    **{k: v for k, v in _LAYER_TENSORS.items() if k not in ("ffn_gate", "ffn_up")},
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",
+}
+"""Phi-3's layer tensors: q/k/v (or attn_qkv, packed as HF's qkv_proj) and ffn_up holding HF's
+gate_up_proj ([gate | up])."""
 _ATTN_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output")
 _MLP_PROJ = ("ffn_gate", "ffn_up", "ffn_down")
-_SKIPPED_TENSORS = re.compile(r"^(blk\.\d+\.attn_rot_embd(\.weight)?|rope_freqs\.weight)$")
+_SKIPPED_TENSORS = re.compile(
+    r"^(blk\.\d+\.attn_rot_embd(\.weight)?|rope_freqs\.weight|rope_factors_(long|short)\.weight)$"
+)
 """Precomputed rotary frequencies some old converters stored (recomputed from the config), and
-llama.cpp's Llama 3.1 frequency divisors (read into config.json's rope_scaling)."""
+llama.cpp's Llama 3.1 frequency divisors and Phi-3's LongRoPE factors (read into config.json's
+rope_scaling)."""
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
 _GLOBAL_NAME = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
 
@@ -210,6 +221,11 @@ def convert_gguf(
             f"{list(SUPPORTED_ARCHITECTURES)}"
         )
     tensors = {t.name: t for t in reader.tensors}
+    if weights == "int4" and arch == "phi3":
+        raise GGUFError(
+            f"{src}: weights='int4' (--weights int4) is not supported for phi3 GGUFs, whose "
+            "q/k/v and gate/up are packed; convert with float weights"
+        )
     hf_config = _llama_config(meta, tensors, src, dtype)
     plan = _plan_llama_tensors(tensors, hf_config, src)
     keep4 = _four_bit_kinds(tensors, plan) if weights == "int4" else {}
@@ -316,19 +332,34 @@ def _llama_config(
     kv_heads = heads if kv_raw is None else uniform("attention.head_count_kv", kv_raw)
     rope_dim = get("rope.dimension_count", required=False)
     key_len = get("attention.key_length", required=False)
-    head_dim = int(key_len or rope_dim or hidden // heads)
+    head_dim = int(key_len or hidden // heads)
     value_len = get("attention.value_length", required=False)
     if value_len is not None and int(value_len) != head_dim:
         raise GGUFError(
             f"{src}: attention.key_length {head_dim} != value_length {value_len} is not supported"
         )
-    if rope_dim is not None and int(rope_dim) != head_dim:
+    rotary = int(rope_dim or head_dim)
+    if rotary != head_dim and arch != "phi3":
         raise GGUFError(
             f"{src}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
-            f"{head_dim}) are not supported"
+            f"{head_dim}) are not supported for {arch}"
         )
     theta = _f32(get("rope.freq_base", required=False) or 10000.0)
     scaling = _rope_scaling(get, src)
+    if arch == "phi3" and "rope_factors_long.weight" in tensors:  # (LongRoPE)
+        scaling = {
+            "type": "longrope",
+            "rope_type": "longrope",
+            **{
+                f"{kind}_factor": [
+                    _f32(x) for x in np.asarray(tensors[f"rope_factors_{kind}.weight"].data).ravel()
+                ]
+                for kind in ("long", "short")
+            },
+        }
+        attn_factor = get("rope.scaling.attn_factor", required=False)
+        if attn_factor is not None:
+            scaling["attention_factor"] = _f32(attn_factor)
     freqs = tensors.get("rope_freqs.weight")
     if freqs is not None:
         if scaling is not None:
@@ -368,8 +399,9 @@ def _llama_config(
                 f"this one lacks {missing[:3]} and has {odd[:3]}; is it another architecture?"
             )
 
+    hf_arch = {"qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}.get(arch, "LlamaForCausalLM")
     config: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [hf_arch],
         "model_type": arch,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
@@ -388,6 +420,14 @@ def _llama_config(
         "tie_word_embeddings": "output.weight" not in tensors,
         "torch_dtype": dtype,
     }
+    if arch == "phi3":
+        original = get("rope.scaling.original_context_length", required=False)
+        if original is not None:
+            config["original_max_position_embeddings"] = int(original)
+        window = get("attention.sliding_window", required=False)
+        config["sliding_window"] = int(window) if window else None
+        if rotary != head_dim:
+            config["partial_rotary_factor"] = rotary / head_dim
     for hf_key, gguf_key in (
         ("bos_token_id", "bos_token_id"),
         ("pad_token_id", "padding_token_id"),
@@ -552,6 +592,12 @@ def _plan_llama_tensors(
         "attn_norm": (hidden,),
         "ffn_norm": (hidden,),
     }
+    names = _LAYER_TENSORS
+    if config["model_type"] == "phi3":
+        names = _PHI3_TENSORS
+        weight_shapes.update(
+            attn_qkv=((heads + 2 * kv_heads) * hd, hidden), ffn_up=(2 * inter, hidden)
+        )
     # (llama.cpp interleaves Llama's q/k rows for its RoPE; qwen2's it leaves as HF has them)
     permute = {"attn_q": heads, "attn_k": kv_heads} if config["model_type"] == "llama" else {}
 
@@ -573,9 +619,9 @@ def _plan_llama_tensors(
         shape = tuple(int(d) for d in reversed(t.shape))
         m = _LAYER_NAME.match(name)
         g = _GLOBAL_NAME.match(name)
-        if m and m.group(2) in _LAYER_TENSORS and int(m.group(1)) < layers:
+        if m and m.group(2) in names and int(m.group(1)) < layers:
             layer, kind, suffix = int(m.group(1)), m.group(2), m.group(3)
-            hf = f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.{suffix}"
+            hf = f"model.layers.{layer}.{names[kind]}.{suffix}"
             expected = weight_shapes[kind] if suffix == "weight" else weight_shapes[kind][:1]
             heads_to_permute = permute.get(kind, 0)
         elif g and g.group(1) in _GLOBAL_TENSORS:
@@ -601,7 +647,12 @@ def _plan_llama_tensors(
         raise GGUFError(f"{src}: tensor shapes do not match the metadata: {wrong_shape[:4]}")
     required = ["token_embd.weight", "output_norm.weight"]
     for i in range(layers):
-        required += [f"blk.{i}.{k}.weight" for k in _LAYER_TENSORS]
+        kinds = list(_LAYER_TENSORS)
+        if config["model_type"] == "phi3":  # (q/k/v packed or not; gate and up packed)
+            separate = ("attn_q", "attn_k", "attn_v")
+            qkv = ["attn_qkv"] if f"blk.{i}.attn_qkv.weight" in tensors else list(separate)
+            kinds = qkv + [k for k in _PHI3_TENSORS if k not in (*separate, "attn_qkv")]
+        required += [f"blk.{i}.{k}.weight" for k in kinds]
         if config["attention_bias"]:  # (qwen2: none on attn_output)
             qwen2 = config["model_type"] == "qwen2"
             required += [f"blk.{i}.{k}.bias" for k in _ATTN_PROJ[: 3 if qwen2 else 4]]

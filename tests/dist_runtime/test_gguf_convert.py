@@ -294,6 +294,8 @@ _TO_GGUF = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.qkv_proj": "attn_qkv",  # (Phi-3's packed ones)
+    "mlp.gate_up_proj": "ffn_up",
 }
 
 
@@ -309,13 +311,17 @@ def write_tiny_gguf(
     pre: str = "smollm",
     more_merges: tuple[str, ...] = (),
     spm: tuple[list[str], list[float], list[int]] | None = None,
+    rope_dim: int | None = None,
+    configure: Any = None,
 ) -> dict[str, np.ndarray]:
     """Write a Llama-layout state dict as llama.cpp would (q/k permuted); return the written data.
 
     `tensor_types` maps HF names to F16 or a type `gguf.quants.quantize` writes (default F32);
     `extra_raw` adds zero-filled tensors of any GGML type (GGUF name -> ((rows, cols), type));
     `extra_f32` adds float32 tensors by GGUF name (llama.cpp's `rope_freqs.weight`). q/k rows
-    are permuted for `arch` llama only (llama.cpp's qwen2 keeps HF's rotate-half layout).
+    are permuted for `arch` llama only (llama.cpp's qwen2 and phi3 keep HF's rotate-half
+    layout). `rope_dim`: rope.dimension_count (default head_dim); `configure(writer)` adds
+    more metadata.
     """
     tensor_types = tensor_types or {}
     w = gguf.GGUFWriter(str(path), arch)
@@ -325,7 +331,9 @@ def write_tiny_gguf(
     w.add_feed_forward_length(TINY["inter"])
     w.add_head_count(TINY["heads"])
     w.add_head_count_kv(TINY["kv_heads"])
-    w.add_rope_dimension_count(TINY["head_dim"])
+    w.add_rope_dimension_count(rope_dim or TINY["head_dim"])
+    if configure is not None:
+        configure(w)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     tokens, types, merges = _tiny_vocab(more_merges)
@@ -591,6 +599,69 @@ def test_qwen2_gguf_converts_to_a_qwen2_checkpoint(tmp_path: Path) -> None:
     with Runtime(model=str(out), session_len=64, device="cpu", dtype="float32") as rt:
         (got,) = rt.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0.0))
     assert got.token_ids == want
+
+
+@pytest.mark.parametrize("partial", [None, 0.5], ids=["phi3.5", "phi4-mini-partial-rope"])
+def test_phi3_gguf_converts_to_a_phi3_checkpoint(tmp_path: Path, partial: float | None) -> None:
+    """A phi3 GGUF as llama.cpp writes one (q/k/v in attn_qkv and gate/up in ffn_up, both
+    packed as HF packs them; LongRoPE's factors as rope_factors_long / _short tensors with the
+    trained length in the metadata; rope.dimension_count below head_dim for partial RoPE)
+    becomes a Phi3ForCausalLM folder whose weights are the source's, and the runtime decodes
+    the source model's greedy tokens on both sides of the trained length."""
+    from dist_runtime import Runtime, SamplingParams
+    from dist_runtime.formats.random_checkpoint import write_random_checkpoint
+    from tests.helpers.oracle import load_hf_llama
+
+    hd = TINY["head_dim"]
+    rotary = int(hd * (partial or 1.0))
+    half = rotary // 2
+    long = [1.0 + 2.0 * i for i in range(half)]
+    short = [1.0 + 0.25 * i for i in range(half)]
+    scaling = {
+        "rope_type": "longrope",
+        "long_factor": long,
+        "short_factor": short,
+        "original_max_position_embeddings": 32,
+    }
+    tokens, _, _ = _tiny_vocab()
+    source_dir = write_random_checkpoint(
+        tmp_path / "src", architecture="phi3", vocab_size=len(tokens), hidden_size=TINY["hidden"],
+        intermediate_size=TINY["inter"], num_layers=TINY["layers"], num_heads=TINY["heads"],
+        num_kv_heads=TINY["kv_heads"], max_position_embeddings=256, rope_scaling=scaling,
+        partial_rotary_factor=partial, with_tokenizer=False, seed=7,
+    )  # fmt: skip
+    sd = load_file(str(source_dir / "model.safetensors"))
+    assert "model.layers.0.self_attn.qkv_proj.weight" in sd
+    rope = {
+        "rope_factors_long.weight": np.array(long, np.float32),
+        "rope_factors_short.weight": np.array(short, np.float32),
+    }
+    src = tmp_path / "phi3.gguf"
+
+    def configure(w: Any) -> None:
+        w.add_rope_scaling_orig_ctx_len(32)
+
+    write_tiny_gguf(src, sd, arch="phi3", extra_f32=rope, rope_dim=rotary, configure=configure)
+    out = convert_gguf(src, tmp_path / "hf", progress=False)
+    cfg = ModelConfig.from_pretrained(out)
+    assert cfg.fused_projections and cfg.rotary_dim == (rotary if partial else None)
+    assert cfg.rope_scaling is not None and cfg.rope_scaling.type == "longrope"
+    assert cfg.rope_scaling.original_max_position_embeddings == 32
+    ours = _read_weights(out)
+    assert set(ours) == set(sd) and all(torch.equal(t, sd[n]) for n, t in ours.items())
+
+    source = load_hf_llama(source_dir)
+    for length in (20, 60):  # (short factors, then long ones)
+        prompt = [(7 * i) % len(tokens) for i in range(3, 3 + length)]
+        with torch.no_grad():
+            want = source.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, length, dtype=torch.long),
+                max_new_tokens=5, min_new_tokens=5, do_sample=False,
+            )[0, length:].tolist()  # fmt: skip
+        params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
+        with Runtime(model=str(out), session_len=128, device="cpu", dtype="float32") as rt:
+            (got,) = rt.generate([prompt], params)
+        assert got.token_ids == want, length
 
 
 def test_qwen2_gguf_without_its_biases_is_refused(tmp_path: Path) -> None:
