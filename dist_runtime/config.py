@@ -33,10 +33,12 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "llama",
     "Qwen3ForCausalLM": "llama",
     "Phi3ForCausalLM": "llama",
+    "GraniteForCausalLM": "llama",
 }
 """config.json architectures and the weight layout each is read with (Qwen2's is Llama's, with
 biases on q/k/v only; Qwen3's Llama's with an RMSNorm on each q and k head; Phi-3's Llama's
-with q/k/v and gate/up packed, `ModelConfig.fused_projections`)."""
+with q/k/v and gate/up packed, `ModelConfig.fused_projections`; IBM Granite's Llama's with four
+scalar multipliers, `ModelConfig.embedding_multiplier` and the three after it)."""
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -421,6 +423,15 @@ class ModelConfig:
     The loader reorders each q and k head's rows so that the turned pairs are the runtime's
     rotate-half pairs and the rest pair up at frequency 0 (`workers.models.layouts.
     rotary_row_order`): q.k is unchanged, and every RoPE kernel serves it as it is."""
+    embedding_multiplier: float = 1.0
+    """Granite's: the embeddings are multiplied by it."""
+    residual_multiplier: float = 1.0
+    """Granite's: each layer's attention and MLP outputs are multiplied by it before the
+    residual add (the loader folds it into o_proj's and down_proj's weights and biases)."""
+    attention_multiplier: float | None = None
+    """Granite's: the softmax scale of q.k, in place of 1 / sqrt(head_dim)."""
+    logits_scaling: float = 1.0
+    """Granite's: the logits are divided by it."""
     fused_projections: bool = False
     """Phi-3's checkpoint packs q, k and v into one `qkv_proj` and gate and up into one
     `gate_up_proj` (rows [q | k | v] and [gate | up]); read as Llama's names through row
@@ -511,9 +522,12 @@ class ModelConfig:
         attention factor (HF scales the rotated q and k by it; folding it in here is the same
         product). With partial RoPE only the turned dimensions are scaled, so the factor is
         folded into their weight rows at load instead."""
+        base = (
+            self.head_dim**-0.5 if self.attention_multiplier is None else self.attention_multiplier
+        )
         if self.rotary_dim is not None:  # (the factor is in q's and k's turned rows instead:
-            return self.head_dim**-0.5  # `workers.models.layouts.rotary_row_scale`)
-        return self.head_dim**-0.5 * self.rope_attention_factor**2
+            return base  # `workers.models.layouts.rotary_row_scale`)
+        return base * self.rope_attention_factor**2
 
     @property
     def rope_attention_factor(self) -> float:
@@ -603,6 +617,7 @@ class ModelConfig:
             o_bias=False if qwen2 else None,  # (Qwen2: biases on q/k/v, none on o)
             qk_norm="Qwen3ForCausalLM" in archs,
             fused_projections=phi3,
+            **_granite_multipliers(hf, source),
             rotary_dim=rotary_dim,
             # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.
             mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
@@ -645,6 +660,24 @@ class ModelConfig:
             raise ConfigError(f"{gen_file}: eos_token_id must be token ids, got {eos!r:.80}")
         ids = tuple(dict.fromkeys([*model.eos_token_ids, *more]))
         return dataclasses.replace(model, eos_token_ids=ids)
+
+
+def _granite_multipliers(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """IBM Granite's scalars where config.json names them (other configs have none)."""
+    out: dict[str, Any] = {}
+    for key in (
+        "embedding_multiplier",
+        "residual_multiplier",
+        "attention_multiplier",
+        "logits_scaling",
+    ):
+        value = hf.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ConfigError(f"{source}: {key} must be a positive number, got {value!r}")
+        out[key] = float(value)
+    return out
 
 
 def _rotary_dim(partial: Any, head_dim: int, source: str) -> int | None:

@@ -234,6 +234,9 @@ def _modules(
             )
         alpha = float(_pattern(alpha_pattern, module, cfg["lora_alpha"], where))
         scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+        lay = _layout(model)
+        if module.endswith((f".{lay.o}", f".{lay.down}")):  # (Granite's residual multiplier,
+            scale *= model.residual_multiplier  # folded into these layers' weights too)
         a_key, b_key = keys[module, "A"], keys[module, "B"]
         if parts is None:
             modules.append(AdapterModule(module, rank, scale, a_key, b_key))

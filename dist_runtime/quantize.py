@@ -885,6 +885,13 @@ def quantize_checkpoint(
     src_dir, dst_dir = Path(src), Path(dst)
     config, hf, reader = _open_source(src_dir)
     try:
+        if config.residual_multiplier != 1.0 or config.attention_multiplier is not None:
+            raise QuantizeError(
+                f"{src_dir} is a Granite checkpoint (embedding, residual, attention and logit "
+                "multipliers), which the calibration forward does not run; quantize it with "
+                "AutoAWQ or GPTQ tooling and load the result",
+                "model",
+            )
         if config.rotary_dim is not None:
             raise QuantizeError(
                 f"{src_dir} turns part of each head with RoPE (partial_rotary_factor), which "

@@ -125,6 +125,20 @@ def phi3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def granite_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Granite: its residual multiplier folded into each rank's o_proj / down_proj columns
+    (and the o bias added once, after the all-reduce), a tied head divided by logits_scaling."""
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("tiny-granite"),
+        architecture="granite",
+        seed=10,
+        bias=True,
+        tie_word_embeddings=True,
+        **TINY_SHAPES,
+    )
+
+
+@pytest.fixture(scope="module")
 def run(
     ray_cluster: Any,
     tiny_llama_dir: Path,
@@ -134,6 +148,7 @@ def run(
     qwen2_dir: Path,
     qwen3_dir: Path,
     phi3_dir: Path,
+    granite_dir: Path,
 ) -> Callable[[str, int], Run]:
     """run(checkpoint, tp) -> (outputs, weight bytes read per rank), computed once per module."""
     folders = {
@@ -144,6 +159,7 @@ def run(
         "qwen2": qwen2_dir,
         "qwen3": qwen3_dir,
         "phi3": phi3_dir,
+        "granite": granite_dir,
     }
     cache: dict[tuple[str, int], Run] = {}
 
@@ -199,6 +215,8 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         ("qwen2", 2),
         ("qwen3", 2),
         ("phi3", 2),
+        # on demand (-m slow): the folded multiplier is linear in each rank's partial sums
+        pytest.param("granite", 2, marks=pytest.mark.slow),
     ],
     ids=[
         "internlm2-tp2",
@@ -209,6 +227,7 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         "qwen2-tp2",
         "qwen3-tp2",
         "phi3-tp2",
+        "granite-tp2",
     ],
 )
 def test_tp_matches_tp1(run: Callable[[str, int], Run], name: str, tp: int) -> None:

@@ -41,7 +41,15 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "granite": "GraniteForCausalLM",
 }
+GRANITE_MULTIPLIERS = {
+    "embedding_multiplier": 6.0,
+    "residual_multiplier": 0.3,
+    "attention_multiplier": 0.07,
+    "logits_scaling": 4.0,
+}
+"""The scalars a random Granite checkpoint carries (far from 1, so a missing one shows)."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPECIAL_TOKENS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
 BOS_TOKEN_ID = 0
@@ -111,6 +119,10 @@ def write_random_checkpoint(
     if architecture == "internlm2":
         config = _internlm2_config(config)
         state_dict = llama_to_internlm2_state_dict(state_dict, config)
+    elif architecture == "granite":  # (Llama's layout and four scalar multipliers)
+        config.update(
+            architectures=[ARCHITECTURES["granite"]], model_type="granite", **GRANITE_MULTIPLIERS
+        )
     elif architecture == "phi3":  # (q/k/v and gate/up packed)
         config = _phi3_config(config)
         state_dict = llama_to_phi3_state_dict(state_dict)

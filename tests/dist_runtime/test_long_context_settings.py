@@ -435,3 +435,20 @@ def test_the_scorer_takes_a_texts_own_rope(tmp_path: Path) -> None:
     assert out.prompt_logprobs is not None
     want = [-lp.logprob for lp in out.prompt_logprobs[1:] if lp is not None]
     torch.testing.assert_close(torch.tensor(nll), torch.tensor(want), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_granite_matches_hf(tmp_path: Path, tie: bool) -> None:
+    """IBM Granite (Llama's layout with an embedding multiplier, a residual multiplier the
+    loader folds into o_proj and down_proj, an attention multiplier as the softmax scale and a
+    logits divisor): HF GraniteForCausalLM's first-token log-probabilities, greedy tokens and
+    their top-5 log-probabilities (decodes natively on CPU, head_dim 16)."""
+    shapes = dict(TINY_SHAPES, head_dim=16, num_heads=4, seed=17, with_tokenizer=False)
+    folder = write_random_checkpoint(
+        tmp_path / "granite", architecture="granite", tie_word_embeddings=tie, bias=True, **shapes
+    )
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.attention_scale == 0.07 and model.logits_scaling == 4.0
+    prompt = _prompt(40, seed=18)
+    _first_token_matches_hf(folder, prompt, 128)
+    _decodes_match_hf_generate(folder, prompt)

@@ -333,29 +333,38 @@ def test_matches_hf_peft(llama: Family, llama_rt: Runtime, adapter: str) -> None
     )
 
 
-def test_phi3_packed_projection_adapters_match_hf_peft(tmp_path: Path) -> None:
-    """A Phi-3 adapter on its packed qkv_proj and gate_up_proj (and o, down), as PEFT trains
-    and saves it: each packed module is read as its parts sharing A, with B's rows split, and
-    PEFT's prompt log-probabilities and greedy tokens come back (decodes on the native CPU
-    decoder, head_dim 16)."""
+PEFT_CASES = {
+    # Phi-3: adapters on its packed qkv_proj / gate_up_proj, read as their parts sharing A
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    # Granite: o / down deltas scaled by the residual multiplier folded into those layers
+    "granite": ("q_proj", "v_proj", "o_proj", "down_proj"),
+}
+
+
+@pytest.mark.parametrize("arch", list(PEFT_CASES))
+def test_adapters_of_other_layouts_match_hf_peft(tmp_path: Path, arch: str) -> None:
+    """PEFT trains and saves an adapter on HF's own model class (Phi-3, Granite): the
+    runtime's prompt log-probabilities and greedy tokens with it are PEFT's (decodes on the
+    native CPU decoder, head_dim 16)."""
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     ckpt = write_random_checkpoint(
-        tmp_path / "phi3", architecture="phi3", seed=4, **dict(TINY_SHAPES, num_heads=4)
+        tmp_path / arch, architecture=arch, seed=4, **dict(TINY_SHAPES, num_heads=4)
     )
     base = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     torch.manual_seed(0)
+    targets = list(PEFT_CASES[arch])
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     model = get_peft_model(base, config).eval()
     model.save_pretrained(str(tmp_path / "adapter"))
     spec = AdapterSpec.load("p", str(tmp_path / "adapter"), ModelConfig.from_pretrained(ckpt))
-    qkv = [m for m in spec.modules if m.name.startswith("model.layers.0.self_attn.")]
-    assert [(m.name.rsplit(".", 1)[1], m.b_rows) for m in qkv] == [
-        ("k_proj", (64, 128)), ("o_proj", None), ("q_proj", (0, 64)), ("v_proj", (128, 192))
-    ]  # fmt: skip
+    if arch == "phi3":
+        qkv = [m for m in spec.modules if m.name.startswith("model.layers.0.self_attn.")]
+        assert [(m.name.rsplit(".", 1)[1], m.b_rows) for m in qkv] == [
+            ("k_proj", (64, 128)), ("o_proj", None), ("q_proj", (0, 64)), ("v_proj", (128, 192))
+        ]  # fmt: skip
     prompt, n = _prompt(37, seed=6), 6
     with torch.no_grad():
         ref = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0], dim=-1)

@@ -170,7 +170,7 @@ class DecoderLM(nn.Module):
         kv_caches: list[LayerKV],
     ) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> final hidden states (tokens, hidden)."""
-        x = self.embed(input_ids)
+        x = self.embed_tokens(input_ids)
         if x.is_cpu and native_decode.step_runs_native(meta, x.shape[0]):
             decoder = self._native_decoder(kv_caches)
             lora = None if meta.lora is None else native_decode.lora_step(self, meta.lora)
@@ -212,7 +212,7 @@ class DecoderLM(nn.Module):
         previous run returned. Returns (hidden, residual), or (final hidden, None) when the run
         ends with the last layer."""
         if carry is None:
-            x, residual = self.embed(input_ids), None
+            x, residual = self.embed_tokens(input_ids), None
         else:
             x, residual = carry
         if meta.lora is not None:
@@ -231,6 +231,15 @@ class DecoderLM(nn.Module):
             return x, None
         return x, residual
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(tokens,) -> (tokens, hidden): the embeddings, times Granite's multiplier."""
+        x = self.embed(input_ids)
+        scale = self.config.embedding_multiplier
+        return x if scale == 1.0 else x * scale
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, hidden) -> (n, vocab) fp32, identical on every tp rank."""
-        return self.lm_head(hidden)
+        """(n, hidden) -> (n, vocab) fp32, identical on every tp rank (divided by Granite's
+        logits_scaling)."""
+        logits = self.lm_head(hidden)
+        scale = self.config.logits_scaling
+        return logits if scale == 1.0 else logits / scale

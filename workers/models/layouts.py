@@ -10,7 +10,9 @@ KV groups reads just their rows, as a q, k and v range per group.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import overload
 
 import torch
 
@@ -163,14 +165,17 @@ def _load_layer(
     if config.attention_bias:
         _copy(attn.qkv_proj.bias, _read_qkv(reader, lay, p, "bias", config, shard))
     q_cols = (shard.q_start * hd, (shard.q_start + shard.num_q) * hd)
+    # (Granite's residual multiplier, on what o_proj and down_proj add to the residual)
+    m = config.residual_multiplier
     if attn.o_proj.quantized:
         assert quant is not None
         o_in = config.num_heads * hd
-        _copy_int4(attn.o_proj, read_int4(reader, quant, f"{p}{lay.o}", o_in, in_range=q_cols))
+        o = read_int4(reader, quant, f"{p}{lay.o}", o_in, in_range=q_cols)
+        _copy_int4(attn.o_proj, _times(o, m))
     else:
-        _copy(attn.o_proj.weight, reader.read_rows(f"{p}{lay.o}.weight", *q_cols, dim=1))
+        _copy(attn.o_proj.weight, _times(reader.read_rows(f"{p}{lay.o}.weight", *q_cols, dim=1), m))
     if config.has_o_bias:
-        _copy(attn.o_proj.bias, reader.read(f"{p}{lay.o}.bias"))
+        _copy(attn.o_proj.bias, _times(reader.read(f"{p}{lay.o}.bias"), m))
     inter = config.intermediate_size // tp_size
     rows = (tp_rank * inter, (tp_rank + 1) * inter)
     suffixes: tuple[str, ...] = ("weight", "bias") if config.mlp_bias else ("weight",)
@@ -189,11 +194,12 @@ def _load_layer(
     if mlp.down_proj.quantized:
         assert quant is not None
         down = read_int4(reader, quant, f"{p}{lay.down}", config.intermediate_size, in_range=rows)
-        _copy_int4(mlp.down_proj, down)
+        _copy_int4(mlp.down_proj, _times(down, m))
     else:
-        _copy(mlp.down_proj.weight, reader.read_rows(f"{p}{lay.down}.weight", *rows, dim=1))
+        down_w = reader.read_rows(f"{p}{lay.down}.weight", *rows, dim=1)
+        _copy(mlp.down_proj.weight, _times(down_w, m))
     if config.mlp_bias:
-        _copy(mlp.down_proj.bias, reader.read(f"{p}{lay.down}.bias"))
+        _copy(mlp.down_proj.bias, _times(reader.read(f"{p}{lay.down}.bias"), m))
     _copy(layer.input_norm.weight, reader.read(f"{p}{lay.input_norm}.weight"))
     _copy(layer.post_attn_norm.weight, reader.read(f"{p}{lay.post_norm}.weight"))
     if attn.q_norm is not None and attn.k_norm is not None:  # (replicated on every rank)
@@ -298,6 +304,19 @@ def _qkv_out_ranges(
         (name, base + g * hd, base + (g + 1) * hd),
         (name, base + (g + 1) * hd, base + (g + 2) * hd),
     ]
+
+
+@overload
+def _times(t: torch.Tensor, m: float) -> torch.Tensor: ...
+@overload
+def _times(t: Int4Slice, m: float) -> Int4Slice: ...
+def _times(t: torch.Tensor | Int4Slice, m: float) -> torch.Tensor | Int4Slice:
+    """A weight, bias or 4-bit slice (its scales) times m, computed in float32 (m == 1: as is)."""
+    if m == 1.0:
+        return t
+    if isinstance(t, Int4Slice):
+        return dataclasses.replace(t, scales=t.scales * m)
+    return (t.float() * m).to(t.dtype)
 
 
 def _copy_int4(linear: _Linear, part: Int4Slice) -> None:
