@@ -178,6 +178,8 @@ CASES = {
     # Phi-3: qkv_proj and gate_up_proj quantized as one linear each, read part by part
     "awq-phi3": ("phi3", "awq", False, False),
     "gptq-phi3-actorder": ("phi3", "gptq", True, False),
+    # Granite: the residual multiplier folded into o_proj's and down_proj's 4-bit scales
+    "awq-granite": ("granite", "awq", False, False),
     "quantize.py-awq-internlm2": ("internlm2", "quantize.py", False, False),
 }
 
