@@ -75,6 +75,7 @@ from dist_runtime.progress import Phase
 from workers.checkpoint import CheckpointError, CheckpointReader
 from workers.layers.rotary import model_frequencies
 from workers.models.layouts import LAYOUTS, Layout, check_checkpoint
+from workers.models.names import fused_views, packed_parts
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +309,40 @@ def relative_error(
 Getter = Callable[[str], torch.Tensor]
 
 
+def state_dict_getter(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> Getter:
+    """`weights[name]`, and for a checkpoint with packed projections (Phi-3) a part's float
+    weight it does not hold itself as its rows of the packed one (`split_packed`)."""
+    parts = split_packed(config, weights, suffixes=("weight", "bias"))
+
+    def get(name: str) -> torch.Tensor:
+        return weights[name] if name in weights else parts[name]
+
+    return get
+
+
+def split_packed(
+    config: ModelConfig,
+    tensors: Mapping[str, torch.Tensor],
+    suffixes: tuple[str, ...] = ("weight", "bias", "qweight", "qzeros", "scales"),
+) -> dict[str, torch.Tensor]:
+    """`tensors` with each packed projection's (Phi-3's qkv_proj / gate_up_proj) tensors of
+    these suffixes replaced by its parts' (q / k / v, gate / up): float ones by rows, AWQ's by
+    output columns (qweight and qzeros hold 8 outputs per word) -- the inverse of `_packed`."""
+    out = dict(tensors)
+    for module, parts in packed_parts(config).items():
+        for suffix in suffixes:
+            packed = out.pop(f"{module}.{suffix}", None)
+            if packed is None:
+                continue
+            per = 8 if suffix in ("qweight", "qzeros") else 1
+            for part, start, stop in parts:
+                if suffix in ("weight", "bias"):
+                    out[f"{part}.{suffix}"] = packed[start:stop]
+                else:
+                    out[f"{part}.{suffix}"] = packed[:, start // per : stop // per]
+    return out
+
+
 def _linear_names(lay: Layout) -> dict[str, str]:
     """Canonical linear -> checkpoint module name (without the layer prefix)."""
     names = {"o": lay.o, "gate": lay.gate, "up": lay.up, "down": lay.down}
@@ -438,9 +473,14 @@ def layer_forward(
     if nkv != nh:
         k = k.repeat_interleave(nh // nkv, dim=1)
         v = v.repeat_interleave(nh // nkv, dim=1)
-    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # (Granite: its attention multiplier is the softmax scale, its residual multiplier scales
+    # what each half adds)
+    attn = F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=config.attention_multiplier
+    )
     attn = attn.transpose(1, 2).reshape(b, t, nh * hd)
-    h = h + _linear(w, "o", attn)
+    m = config.residual_multiplier
+    h = h + m * _linear(w, "o", attn)
     x2 = _rms_norm(h, w["post_norm.weight"], config.rms_norm_eps)
     act = F.silu(_linear(w, "gate", x2)) * _linear(w, "up", x2)
     if capture is not None:
@@ -448,7 +488,7 @@ def layer_forward(
         capture["o"] = attn.reshape(b * t, -1)
         capture["gate_up"] = x2.reshape(b * t, -1)
         capture["down"] = act.reshape(b * t, -1)
-    return h + _linear(w, "down", act)
+    return h + m * _linear(w, "down", act)
 
 
 def forward_logits(
@@ -456,19 +496,20 @@ def forward_logits(
 ) -> torch.Tensor:
     """Logits [batch, seq, vocab] of a full state dict in checkpoint names (float32 math)."""
     lay = LAYOUTS[config.architecture]
+    stored = state_dict_getter(config, weights)
 
     def get(name: str) -> torch.Tensor:
-        return weights[name].to(torch.float32)
+        return stored(name).to(torch.float32)
 
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     embed = get(f"{lay.embed}.weight")
-    h = embed[ids]
+    h = embed[ids] * config.embedding_multiplier
     rope = rope_tables(config, ids.shape[1], h.device)
     for i in range(config.num_layers):
         h = layer_forward(config, read_layer(config, get, i), h, rope)
     h = _rms_norm(h, get(f"{lay.norm}.weight"), config.rms_norm_eps)
     head = embed if config.tie_word_embeddings else get(f"{lay.head}.weight")
-    return h @ head.T
+    return h @ head.T / config.logits_scaling
 
 
 def mean_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
@@ -595,6 +636,7 @@ def awq_layers(
     float output of the layer before."""
     config = ModelConfig.from_pretrained(model_dir)
     reader = CheckpointReader(Path(model_dir))
+    reader.add_views(*fused_views(config))
     try:
         yield from _awq_layers(config, reader.read, input_ids, group_size, zero_point, clip, device)
     finally:
@@ -616,6 +658,7 @@ def _awq_layers(
         return get(name).to(device)
 
     h = get_on_device(f"{lay.embed}.weight")[input_ids.to(device)].to(torch.float32)
+    h = h * config.embedding_multiplier
     rope = rope_tables(config, input_ids.shape[1], device)
     for i in range(config.num_layers):
         w = read_layer(config, get_on_device, i)
@@ -885,23 +928,10 @@ def quantize_checkpoint(
     src_dir, dst_dir = Path(src), Path(dst)
     config, hf, reader = _open_source(src_dir)
     try:
-        if config.residual_multiplier != 1.0 or config.attention_multiplier is not None:
-            raise QuantizeError(
-                f"{src_dir} is a Granite checkpoint (embedding, residual, attention and logit "
-                "multipliers), which the calibration forward does not run; quantize it with "
-                "AutoAWQ or GPTQ tooling and load the result",
-                "model",
-            )
         if config.rotary_dim is not None:
             raise QuantizeError(
                 f"{src_dir} turns part of each head with RoPE (partial_rotary_factor), which "
                 "the calibration forward does not; serve it in float",
-                "model",
-            )
-        if config.fused_projections:
-            raise QuantizeError(
-                f"{src_dir} is a Phi-3 checkpoint (packed qkv_proj / gate_up_proj), which the "
-                "quantizer does not write; serve it in float (or quantize it with AutoAWQ)",
                 "model",
             )
         check_group_size(config, group_size)
@@ -989,13 +1019,33 @@ def _quantized_tensors(
             FP16_TINY,
         )
     out: dict[str, torch.Tensor] = {}
+    parts_of: dict[str, list[str]] = {}  # (Phi-3: a packed tensor -> its parts, in order)
+    for part, view in fused_views(config)[0].items():
+        parts_of.setdefault(view.source, []).append(part)
     for name in reader.names():
         if name in produced:
             out.update(produced.pop(name))
+        elif name in parts_of and all(p in produced for p in parts_of[name]):
+            out.update(_packed(name, [produced.pop(p) for p in parts_of[name]]))
         else:
             t = reader.read(name)
             out[name] = t.to(cast) if cast is not None and t.is_floating_point() else t
     assert not produced, sorted(produced)
+    return out
+
+
+def _packed(name: str, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors of a packed projection (`name`, Phi-3's qkv_proj / gate_up_proj weight)
+    from its parts': 4-bit tensors joined along their output columns (AWQ packs 8 outputs per
+    word and each part has a multiple of 8: the words join as they are), float ones along rows.
+    Each output column is quantized on its own, so this is the packed layer quantized as one."""
+    module = name.removesuffix(".weight")
+    out: dict[str, torch.Tensor] = {}
+    for key in parts[0]:
+        suffix = key.rsplit(".", 1)[1]
+        tensors = [next(v for k, v in part.items() if k.endswith("." + suffix)) for part in parts]
+        dim = 0 if suffix in ("weight", "bias") else 1
+        out[f"{module}.{suffix}"] = torch.cat(tensors, dim=dim).contiguous()
     return out
 
 

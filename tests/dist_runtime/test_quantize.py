@@ -39,6 +39,8 @@ from dist_runtime.quantize import (
     quantize_checkpoint,
     read_layer,
     rope_tables,
+    split_packed,
+    state_dict_getter,
 )
 from dist_runtime.text.documents import harbor_report
 from dist_runtime.text.tokenizer import Tokenizer
@@ -63,6 +65,10 @@ MODELS: dict[str, dict[str, Any]] = {
     ),
     # Qwen3: q / k head norms between the qkv group and RoPE; o folds into v.
     "qwen3-mha": dict(architecture="qwen3", num_heads=4, num_kv_heads=4),
+    # Phi-3: q/k/v and gate/up packed (read as parts, written packed again).
+    "phi3-gqa": dict(architecture="phi3", num_heads=4, num_kv_heads=2),
+    # Granite: embedding / residual / attention / logit multipliers in the forward.
+    "granite-mha": dict(architecture="granite", num_heads=4, num_kv_heads=4),
 }
 
 
@@ -105,7 +111,11 @@ def _write_micro(folder: Path, architecture: str, **shape: Any) -> Path:
         p = lay.layer.format(i)
         weights[f"{p}{lay.input_norm}.weight"][hidden_outliers] *= 10
         weights[f"{p}{lay.post_norm}.weight"][hidden_outliers] *= 10
-        weights[f"{p}{lay.up}.weight"][inter_outliers] *= 10
+        up = f"{p}{lay.up}.weight"
+        if up in weights:
+            weights[up][inter_outliers] *= 10
+        else:  # (Phi-3: up is the second half of gate_up_proj)
+            weights[f"{p}mlp.gate_up_proj.weight"][256 + inter_outliers] *= 10
     for f in folder.glob("model*.safetensors*"):
         f.unlink()
     config = json.loads((folder / "config.json").read_text())
@@ -162,7 +172,7 @@ def test_folder_has_awq_gemm_tensors_config_and_float_rest(
     micro: Path, quantized: dict[str, Path]
 ) -> None:
     config = ModelConfig.from_pretrained(micro)
-    source = _state_dict(micro)
+    source = split_packed(config, _state_dict(micro))  # (Phi-3: its parts, as written)
     out = quantized["awq"]
     hf = json.loads((out / "config.json").read_text())
     assert hf["quantization_config"] == {
@@ -185,6 +195,11 @@ def test_folder_has_awq_gemm_tensors_config_and_float_rest(
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
         written = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    if config.fused_projections:  # (written packed, as AWQ tools write a Phi-3)
+        for module in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+            assert f"model.layers.1.{module}.qweight" in written
+        assert not any(".q_proj." in name or ".up_proj." in name for name in written)
+    written = split_packed(config, written)
     linears = []
     for i in range(config.num_layers):
         for lin in checkpoint_linears(config):
@@ -213,8 +228,8 @@ def test_rtn_writes_quantize_rtn_of_the_source_exactly(
     micro: Path, quantized: dict[str, Path]
 ) -> None:
     config = ModelConfig.from_pretrained(micro)
-    source = _state_dict(micro)
-    written = _state_dict(quantized["rtn"])
+    source = split_packed(config, _state_dict(micro))
+    written = split_packed(config, _state_dict(quantized["rtn"]))
     for i in range(config.num_layers):
         for lin in checkpoint_linears(config):
             module = f"{LAYOUTS[config.architecture].layer.format(i)}{lin}"
@@ -251,8 +266,8 @@ def test_awq_written_weights_dequantize_to_the_folded_clipped_weights(
     """Within one quantization step of the weights that were rounded (and the norms written
     are the folded norms)."""
     config = ModelConfig.from_pretrained(micro)
-    written = _state_dict(quantized["awq"])
-    deq = load_dequantized(quantized["awq"])
+    written = split_packed(config, _state_dict(quantized["awq"]))
+    deq = split_packed(config, load_dequantized(quantized["awq"]))
     for result in awq_results:
         expected = layer_to_checkpoint(config, result.index, result.clipped)
         p = LAYOUTS[config.architecture].layer.format(result.index)
@@ -325,13 +340,13 @@ def test_awq_output_error_is_at_most_rtns_for_every_layer_group(
     ids = calibration_ids(micro)
     awq, rtn = load_dequantized(quantized["awq"]), load_dequantized(quantized["rtn"])
     lay = LAYOUTS[config.architecture]
-    h = source[f"{lay.embed}.weight"][ids]
+    h = source[f"{lay.embed}.weight"][ids] * config.embedding_multiplier  # (Granite: 6)
     rope = rope_tables(config, ids.shape[1])
     for r in awq_results:
         captured: dict[str, torch.Tensor] = {}
         h = layer_forward(config, r.source, h, rope, captured)
-        awq_layer = read_layer(config, awq.__getitem__, r.index)
-        rtn_layer = read_layer(config, rtn.__getitem__, r.index)
+        awq_layer = read_layer(config, state_dict_getter(config, awq), r.index)
+        rtn_layer = read_layer(config, state_dict_getter(config, rtn), r.index)
         rows = {"up": r.scales["down"]}
         if config.num_heads == config.num_kv_heads:
             rows["v"] = r.scales["o"]
