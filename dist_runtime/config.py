@@ -435,7 +435,7 @@ class ModelConfig:
     fused_projections: bool = False
     """Phi-3's checkpoint packs q, k and v into one `qkv_proj` and gate and up into one
     `gate_up_proj` (rows [q | k | v] and [gate | up]); read as Llama's names through row
-    views (`workers.models.names.open_checkpoint`)."""
+    views (`workers.models.names.fused_views`)."""
     mlp_bias: bool = False
     """MLP projections carry a bias."""
     bos_token_id: int | None = None
