@@ -332,7 +332,8 @@ def _llama_config(
     kv_heads = heads if kv_raw is None else uniform("attention.head_count_kv", kv_raw)
     rope_dim = get("rope.dimension_count", required=False)
     key_len = get("attention.key_length", required=False)
-    head_dim = int(key_len or hidden // heads)
+    # (phi3's rope.dimension_count is the rotated width, which may be less than head_dim)
+    head_dim = int(key_len or (rope_dim if arch != "phi3" else None) or hidden // heads)
     value_len = get("attention.value_length", required=False)
     if value_len is not None and int(value_len) != head_dim:
         raise GGUFError(
