@@ -55,11 +55,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "phi3", "granite")
 """GGUF architectures converted: Llama's layout (Mistral, SmolLM, ... too) and Qwen2's (Qwen2 /
 Qwen2.5 and their distills: q/k/v biases, and q/k rows never permuted, since llama.cpp's qwen2
 rotates halves as HF does), and Phi-3's (Phi-3 / 3.5 / 4-mini: q/k/v and gate/up packed as
-HF packs them, LongRoPE's factors as tensors, partial RoPE)."""
+HF packs them, LongRoPE's factors as tensors, partial RoPE) and IBM Granite's (Llama's, q/k rows
+permuted as Llama's, with its four scales in the metadata)."""
 """`general.architecture` values this converter understands."""
 SUPPORTED_TENSOR_TYPES = (
     "F32",
@@ -400,7 +401,11 @@ def _llama_config(
                 f"this one lacks {missing[:3]} and has {odd[:3]}; is it another architecture?"
             )
 
-    hf_arch = {"qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}.get(arch, "LlamaForCausalLM")
+    hf_arch = {
+        "qwen2": "Qwen2ForCausalLM",
+        "phi3": "Phi3ForCausalLM",
+        "granite": "GraniteForCausalLM",
+    }.get(arch, "LlamaForCausalLM")
     config: dict[str, Any] = {
         "architectures": [hf_arch],
         "model_type": arch,
@@ -421,6 +426,16 @@ def _llama_config(
         "tie_word_embeddings": "output.weight" not in tensors,
         "torch_dtype": dtype,
     }
+    if arch == "granite":  # (HF's names for llama.cpp's scales)
+        for hf_key, key in (
+            ("embedding_multiplier", "embedding_scale"),
+            ("residual_multiplier", "residual_scale"),
+            ("attention_multiplier", "attention.scale"),
+            ("logits_scaling", "logit_scale"),
+        ):
+            value = get(key, required=False)
+            if value is not None:
+                config[hf_key] = _f32(value)
     if arch == "phi3":
         original = get("rope.scaling.original_context_length", required=False)
         if original is not None:
@@ -599,8 +614,10 @@ def _plan_llama_tensors(
         weight_shapes.update(
             attn_qkv=((heads + 2 * kv_heads) * hd, hidden), ffn_up=(2 * inter, hidden)
         )
-    # (llama.cpp interleaves Llama's q/k rows for its RoPE; qwen2's it leaves as HF has them)
-    permute = {"attn_q": heads, "attn_k": kv_heads} if config["model_type"] == "llama" else {}
+    # (llama.cpp interleaves Llama's and Granite's q/k rows for its RoPE; qwen2's and phi3's it
+    # leaves as HF has them)
+    interleaved = config["model_type"] in ("llama", "granite")
+    permute = {"attn_q": heads, "attn_k": kv_heads} if interleaved else {}
 
     plan: list[_TensorPlan] = []
     unknown: list[str] = []

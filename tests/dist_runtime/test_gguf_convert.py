@@ -319,9 +319,9 @@ def write_tiny_gguf(
     `tensor_types` maps HF names to F16 or a type `gguf.quants.quantize` writes (default F32);
     `extra_raw` adds zero-filled tensors of any GGML type (GGUF name -> ((rows, cols), type));
     `extra_f32` adds float32 tensors by GGUF name (llama.cpp's `rope_freqs.weight`). q/k rows
-    are permuted for `arch` llama only (llama.cpp's qwen2 and phi3 keep HF's rotate-half
-    layout). `rope_dim`: rope.dimension_count (default head_dim); `configure(writer)` adds
-    more metadata.
+    are permuted for `arch` llama and granite only (llama.cpp's qwen2 and phi3 keep HF's
+    rotate-half layout). `rope_dim`: rope.dimension_count (default head_dim);
+    `configure(writer)` adds more metadata.
     """
     tensor_types = tensor_types or {}
     w = gguf.GGUFWriter(str(path), arch)
@@ -375,9 +375,9 @@ def write_tiny_gguf(
         else:
             parts = hf_name.split(".")  # model.layers.N.<module...>.weight
             name = f"blk.{parts[2]}.{_TO_GGUF['.'.join(parts[3:-1])]}.{parts[-1]}"
-        if ".attn_q." in name and arch == "llama":
+        if ".attn_q." in name and arch in ("llama", "granite"):
             arr = llama_cpp_permute(arr, TINY["heads"])
-        elif ".attn_k." in name and arch == "llama":
+        elif ".attn_k." in name and arch in ("llama", "granite"):
             arr = llama_cpp_permute(arr, TINY["kv_heads"])
         kind = tensor_types.get(hf_name, gguf.GGMLQuantizationType.F32)
         if kind == gguf.GGMLQuantizationType.F32:
@@ -662,6 +662,50 @@ def test_phi3_gguf_converts_to_a_phi3_checkpoint(tmp_path: Path, partial: float 
         with Runtime(model=str(out), session_len=128, device="cpu", dtype="float32") as rt:
             (got,) = rt.generate([prompt], params)
         assert got.token_ids == want, length
+
+
+def test_granite_gguf_converts_to_a_granite_checkpoint(tmp_path: Path) -> None:
+    """A granite GGUF (Llama's tensors, q/k rows permuted as Llama's, its four scales in the
+    metadata) becomes a GraniteForCausalLM folder with HF's multiplier names: the source's
+    weights and its greedy tokens."""
+    from dist_runtime import Runtime, SamplingParams
+    from dist_runtime.formats.random_checkpoint import GRANITE_MULTIPLIERS, write_random_checkpoint
+    from tests.helpers.oracle import load_hf_llama
+
+    tokens, _, _ = _tiny_vocab()
+    source_dir = write_random_checkpoint(
+        tmp_path / "src", architecture="granite", vocab_size=len(tokens),
+        hidden_size=TINY["hidden"], intermediate_size=TINY["inter"], num_layers=TINY["layers"],
+        num_heads=TINY["heads"], num_kv_heads=TINY["kv_heads"], tie_word_embeddings=True,
+        with_tokenizer=False, seed=8,
+    )  # fmt: skip
+    sd = load_file(str(source_dir / "model.safetensors"))
+    m = GRANITE_MULTIPLIERS
+
+    def configure(w: Any) -> None:
+        w.add_embedding_scale(m["embedding_multiplier"])
+        w.add_residual_scale(m["residual_multiplier"])
+        w.add_attention_scale(m["attention_multiplier"])
+        w.add_logit_scale(m["logits_scaling"])
+
+    src = tmp_path / "granite.gguf"
+    write_tiny_gguf(src, sd, arch="granite", configure=configure)
+    out = convert_gguf(src, tmp_path / "hf", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["GraniteForCausalLM"]
+    assert {k: config[k] for k in m} == pytest.approx(m, rel=1e-6)
+    ours = _read_weights(out)
+    assert set(ours) == set(sd) and all(torch.equal(t, sd[n]) for n, t in ours.items())
+    prompt = [(5 * i) % len(tokens) for i in range(3, 30)]
+    with torch.no_grad():
+        want = load_hf_llama(source_dir).generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=5, min_new_tokens=5, do_sample=False,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
+    with Runtime(model=str(out), session_len=64, device="cpu", dtype="float32") as rt:
+        (got,) = rt.generate([prompt], params)
+    assert got.token_ids == want
 
 
 def test_qwen2_gguf_without_its_biases_is_refused(tmp_path: Path) -> None:
