@@ -34,11 +34,13 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "llama",
     "Phi3ForCausalLM": "llama",
     "GraniteForCausalLM": "llama",
+    "GlmForCausalLM": "llama",
 }
 """config.json architectures and the weight layout each is read with (Qwen2's is Llama's, with
 biases on q/k/v only; Qwen3's Llama's with an RMSNorm on each q and k head; Phi-3's Llama's
 with q/k/v and gate/up packed, `ModelConfig.fused_projections`; IBM Granite's Llama's with four
-scalar multipliers, `ModelConfig.embedding_multiplier` and the three after it)."""
+scalar multipliers, `ModelConfig.embedding_multiplier` and the three after it; GLM-4's (the
+`-hf` checkpoints) Llama's with gate/up packed, no o bias and interleaved partial RoPE)."""
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -423,6 +425,9 @@ class ModelConfig:
     The loader reorders each q and k head's rows so that the turned pairs are the runtime's
     rotate-half pairs and the rest pair up at frequency 0 (`workers.models.layouts.
     rotary_row_order`): q.k is unchanged, and every RoPE kernel serves it as it is."""
+    rope_interleaved: bool = False
+    """GLM-4's: RoPE turns adjacent dimensions (2i, 2i + 1) together, not (i, i + d/2); the
+    loader reorders q / k rows into the runtime's pairs (`rotary_row_order`)."""
     embedding_multiplier: float = 1.0
     """Granite's: the embeddings are multiplied by it."""
     residual_multiplier: float = 1.0
@@ -573,6 +578,7 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         qwen2 = "Qwen2ForCausalLM" in archs
         phi3 = "Phi3ForCausalLM" in archs
+        glm = "GlmForCausalLM" in archs
         params = _rope_params(hf)
         partial = (params if isinstance(params, dict) else {}).get(
             "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)
@@ -581,7 +587,7 @@ class ModelConfig:
         rotary_dim = _rotary_dim(partial, head_dim, source)
         if rotary_dim is not None and arch == "internlm2":
             raise ConfigError(f"{source}: partial_rotary_factor is not read for InternLM2")
-        if rotary_dim is not None and quant is not None:
+        if (rotary_dim is not None or glm) and quant is not None:
             raise ConfigError(
                 f"{source}: 4-bit weights with a partial_rotary_factor are not read; load the "
                 "float checkpoint"
@@ -614,9 +620,10 @@ class ModelConfig:
             sliding_window=_sliding_window(hf, source),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
-            o_bias=False if qwen2 else None,  # (Qwen2: biases on q/k/v, none on o)
+            o_bias=False if qwen2 or glm else None,  # (Qwen2, GLM: q/k/v biases, none on o)
             qk_norm="Qwen3ForCausalLM" in archs,
-            fused_projections=phi3,
+            fused_projections=phi3 or glm,  # (GLM: gate_up_proj packed; q, k, v apart)
+            rope_interleaved=glm,
             **_granite_multipliers(hf, source),
             rotary_dim=rotary_dim,
             # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.

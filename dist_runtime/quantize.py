@@ -928,7 +928,7 @@ def quantize_checkpoint(
     src_dir, dst_dir = Path(src), Path(dst)
     config, hf, reader = _open_source(src_dir)
     try:
-        if config.rotary_dim is not None:
+        if config.rotary_dim is not None or config.rope_interleaved:
             raise QuantizeError(
                 f"{src_dir} turns part of each head with RoPE (partial_rotary_factor), which "
                 "the calibration forward does not; serve it in float",

@@ -139,6 +139,15 @@ def granite_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def glm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """GLM-4: interleaved partial RoPE (each rank's q / k heads reordered), q/k/v biases and
+    none on o, gate/up packed."""
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("tiny-glm"), architecture="glm", seed=11, **TINY_SHAPES
+    )
+
+
+@pytest.fixture(scope="module")
 def run(
     ray_cluster: Any,
     tiny_llama_dir: Path,
@@ -149,6 +158,7 @@ def run(
     qwen3_dir: Path,
     phi3_dir: Path,
     granite_dir: Path,
+    glm_dir: Path,
 ) -> Callable[[str, int], Run]:
     """run(checkpoint, tp) -> (outputs, weight bytes read per rank), computed once per module."""
     folders = {
@@ -160,6 +170,7 @@ def run(
         "qwen3": qwen3_dir,
         "phi3": phi3_dir,
         "granite": granite_dir,
+        "glm": glm_dir,
     }
     cache: dict[tuple[str, int], Run] = {}
 
@@ -217,6 +228,8 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         ("phi3", 2),
         # on demand (-m slow): the folded multiplier is linear in each rank's partial sums
         pytest.param("granite", 2, marks=pytest.mark.slow),
+        # on demand: the row reordering per rank is phi3-tp2's, in another order
+        pytest.param("glm", 2, marks=pytest.mark.slow),
     ],
     ids=[
         "internlm2-tp2",
@@ -228,6 +241,7 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         "qwen3-tp2",
         "phi3-tp2",
         "granite-tp2",
+        "glm-tp2",
     ],
 )
 def test_tp_matches_tp1(run: Callable[[str, int], Run], name: str, tp: int) -> None:

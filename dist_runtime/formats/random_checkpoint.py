@@ -42,6 +42,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "granite": "GraniteForCausalLM",
+    "glm": "GlmForCausalLM",
 }
 GRANITE_MULTIPLIERS = {
     "embedding_multiplier": 6.0,
@@ -86,7 +87,8 @@ def write_random_checkpoint(
     """Write a random checkpoint folder and return its path.
 
     `extra_special_tokens` become the tokenizer's last ids (e.g. InternLM2's agent tokens).
-    `partial_rotary_factor` (phi3 only, Phi-4-mini's setting): RoPE on that share of each head.
+    `partial_rotary_factor` (phi3 and glm, whose default is 0.5): RoPE on that share of each
+    head. glm has q/k/v biases always, none on o, gate/up packed and interleaved RoPE.
 
     `bias` adds q/k/v/o biases (Llama `attention_bias`, InternLM2 `bias`); the MLP never has
     biases. `max_shard_bytes` splits the weights into `model-0000i-of-0000N.safetensors` files
@@ -113,6 +115,13 @@ def write_random_checkpoint(
     )
     if architecture == "qwen2":  # (q/k/v biases always, none on o)
         config = _qwen2_config(config)
+    elif architecture == "glm":  # (q/k/v biases always, none on o)
+        config.update(
+            architectures=[ARCHITECTURES["glm"]],
+            model_type="glm",
+            attention_bias=True,
+            partial_rotary_factor=partial_rotary_factor or 0.5,
+        )
     elif architecture == "qwen3":  # (an RMSNorm on each q and k head)
         config = _qwen2_config(config, qwen3=True)
     state_dict = random_llama_state_dict(config, seed=seed, dtype=DTYPES[dtype])
@@ -128,8 +137,10 @@ def write_random_checkpoint(
         state_dict = llama_to_phi3_state_dict(state_dict)
         if partial_rotary_factor is not None:
             config["partial_rotary_factor"] = partial_rotary_factor
-    if partial_rotary_factor is not None and architecture != "phi3":
-        raise ValueError("partial_rotary_factor is written for architecture phi3 only")
+    elif architecture == "glm":  # (gate and up packed as Phi-3's)
+        state_dict = llama_to_phi3_state_dict(state_dict, attention=False)
+    if partial_rotary_factor is not None and architecture not in ("phi3", "glm"):
+        raise ValueError("partial_rotary_factor is written for architectures phi3 and glm only")
     folder = write_from_state_dict(out_dir, config, state_dict, max_shard_bytes=max_shard_bytes)
     if with_tokenizer:
         write_tokenizer(
@@ -238,18 +249,22 @@ def _phi3_config(llama: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def llama_to_phi3_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Llama names -> Phi-3's: q, k, v rows packed into `qkv_proj`, gate and up into
-    `gate_up_proj`, in that order; the rest as it is."""
+def llama_to_phi3_state_dict(
+    sd: dict[str, torch.Tensor], attention: bool = True
+) -> dict[str, torch.Tensor]:
+    """Llama names -> Phi-3's: q, k, v rows packed into `qkv_proj` (`attention`; GLM's stay
+    apart), gate and up into `gate_up_proj`, in that order; the rest as it is."""
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
-        if ".self_attn.q_proj." in name:
+        if ".self_attn.q_proj." in name and attention:
             parts = [sd[name.replace("q_proj", x)] for x in ("q_proj", "k_proj", "v_proj")]
             out[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
         elif ".mlp.gate_proj." in name:
             parts = [sd[name.replace("gate_proj", x)] for x in ("gate_proj", "up_proj")]
             out[name.replace("gate_proj", "gate_up_proj")] = torch.cat(parts)
-        elif not any(f".{x}." in name for x in ("k_proj", "v_proj", "up_proj")):
+        elif not any(f".{x}." in name for x in ("k_proj", "v_proj", "up_proj")) or (
+            not attention and ".mlp." not in name
+        ):
             out[name] = t
     return out
 
@@ -302,10 +317,10 @@ def _random_layer(
         ("v", kv_rows, hidden),
         ("o", hidden, q_rows),
     )
-    qwen2 = config.get("model_type") == "qwen2"
+    qkv_bias_only = config.get("model_type") in ("qwen2", "glm")
     for name, rows, cols in attn:
         out[f"{prefix}self_attn.{name}_proj.weight"] = _linear(gen, rows, cols)
-        if config.get("attention_bias") or (qwen2 and name != "o"):
+        if (config.get("attention_bias") and not qkv_bias_only) or (qkv_bias_only and name != "o"):
             out[f"{prefix}self_attn.{name}_proj.bias"] = _normal(gen, (rows,), BIAS_STD)
     if config.get("model_type") == "qwen3":
         for name in ("q_norm", "k_norm"):

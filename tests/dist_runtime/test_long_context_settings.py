@@ -449,3 +449,24 @@ def test_granite_matches_hf(tmp_path: Path, tie: bool) -> None:
     prompt = _prompt(40, seed=18)
     _first_token_matches_hf(folder, prompt, 128)
     _decodes_match_hf_generate(folder, prompt)
+
+
+@pytest.mark.parametrize("partial", [0.5, 1.0], ids=["glm-4-partial", "full"])
+def test_glm_interleaved_rope_matches_hf(tmp_path: Path, partial: float) -> None:
+    """GLM-4's `-hf` checkpoints (GlmForCausalLM: q/k/v biases and none on o, gate/up packed,
+    RoPE turning adjacent pairs (2i, 2i + 1) of the first half of each head): q / k rows
+    reordered into the runtime's pairs at load give HF's first-token log-probabilities, greedy
+    tokens and their top-5 log-probabilities (decodes natively on CPU)."""
+    from workers.models.layouts import rotary_row_order
+
+    shapes = dict(TINY_SHAPES, head_dim=16, num_heads=4, seed=19, with_tokenizer=False)
+    folder = write_random_checkpoint(
+        tmp_path / "glm", architecture="glm", partial_rotary_factor=partial, **shapes
+    )
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.rope_interleaved and not model.has_o_bias and model.attention_bias
+    order = rotary_row_order(model)
+    assert order is not None and order[:2].tolist() == [0, 2] and order[8:10].tolist() == [1, 3]
+    prompt = _prompt(40, seed=20)
+    _first_token_matches_hf(folder, prompt, 128)
+    _decodes_match_hf_generate(folder, prompt)

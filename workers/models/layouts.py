@@ -214,17 +214,22 @@ def rotary_row_order(config: ModelConfig) -> torch.Tensor | None:
     """With partial RoPE (`ModelConfig.rotary_dim` r of head_dim d), the checkpoint dimension
     each q / k head row takes here; None with full RoPE.
 
-    HF turns pairs (i, i + r/2) for i < r/2 and passes dimensions r.. through; the runtime
-    turns rotate-half pairs (j, j + d/2) at frequency j. So the turned pairs go to j = i (rows
-    i and i + d/2) and the passed-through dimensions fill the pairs j >= r/2, whose frequency
-    is 0 (`model_frequencies`): the same permutation of q and k keeps every q.k."""
-    d, r = config.head_dim, config.rotary_dim
-    if r is None:
+    HF turns pairs (i, i + r/2) for i < r/2 (GLM's interleaved RoPE: (2i, 2i + 1)) and passes
+    dimensions r.. through; the runtime turns rotate-half pairs (j, j + d/2) at frequency j.
+    So the turned pairs go to j = i (rows i and i + d/2) and the passed-through dimensions fill
+    the pairs j >= r/2, whose frequency is 0 (`model_frequencies`): the same permutation of q
+    and k keeps every q.k. None when the checkpoint's pairs are already the runtime's."""
+    d, r = config.head_dim, config.rope_dim
+    if r == d and not config.rope_interleaved:
         return None
     half, rest = d // 2, (d - r) // 2
     order = torch.empty(d, dtype=torch.int64)
-    order[: r // 2] = torch.arange(r // 2)
-    order[half : half + r // 2] = torch.arange(r // 2, r)
+    if config.rope_interleaved:  # (GLM: pairs (2i, 2i + 1) -> (i, i + d/2))
+        order[: r // 2] = torch.arange(0, r, 2)
+        order[half : half + r // 2] = torch.arange(1, r, 2)
+    else:
+        order[: r // 2] = torch.arange(r // 2)
+        order[half : half + r // 2] = torch.arange(r // 2, r)
     order[r // 2 : half] = torch.arange(r, r + rest)
     order[half + r // 2 :] = torch.arange(r + rest, d)
     return order
