@@ -207,14 +207,6 @@ def _modules(
                 f"{where}: it adapts {module!r}, which is {kind}; only q/k/v/o and gate/up/down "
                 f"projections ({model.architecture} names) can carry an adapter"
             )
-        q_or_k = r"\.(q_proj|k_proj|qkv_proj)$"
-        reordered = model.rotary_dim is not None or model.rope_interleaved
-        if reordered and re.search(q_or_k, module):
-            raise ConfigError(
-                f"{where}: it adapts {module!r}, a q / k projection of a model with partial or "
-                "interleaved RoPE, whose rows are reordered here; adapters on v, o and the MLP "
-                "are read"
-            )
         if set(ab) != {"A", "B"}:
             raise ConfigError(f"{where}: {module!r} has lora_{''.join(ab)} but not both A and B")
         if parts is not None:  # (a packed projection: its rows are the parts', in order)

@@ -224,6 +224,7 @@ class LoraLayers:
         from workers.models.names import LAYOUTS
 
         self.model, self.room, self.tp_rank = model, room, tp_rank
+        self.config = config
         self.state = LoraState()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -307,7 +308,7 @@ class LoraLayers:
         self.num_file_reads += 1
         width = None if self.room is None else self.room[1]
         out: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        with _AdapterFile(spec) as pair:
+        with _AdapterFile(spec, self.config) as pair:
             for index, (_, ranges) in enumerate(self.columns):
                 ab = _column(ranges, pair, width)
                 if ab is not None:
@@ -378,9 +379,16 @@ class _AdapterFile:
     """An adapter's weights file, open: `pair(module)` reads (A, scaled B, module) in float32,
     or None when the adapter leaves that module alone."""
 
-    def __init__(self, spec: AdapterSpec) -> None:
+    def __init__(self, spec: AdapterSpec, config: ModelConfig | None = None) -> None:
+        from workers.models.layouts import rotary_row_order, rotary_row_scale
+
         self.spec = spec
         self.by_name = {m.name: m for m in spec.modules}
+        # (partial or interleaved RoPE: q / k rows are reordered, and scaled, as the loader
+        # reorders and scales the base weights' rows)
+        self.order = None if config is None else rotary_row_order(config)
+        self.scale = None if config is None or config.qk_norm else rotary_row_scale(config)
+        self.head_dim = 0 if config is None else config.head_dim
 
     def __enter__(self) -> Callable[[str], tuple[torch.Tensor, torch.Tensor, AdapterModule] | None]:
         from safetensors import safe_open
@@ -399,6 +407,10 @@ class _AdapterFile:
         b = self.file.get_tensor(m.b_key).to(torch.float32)
         if m.b_rows is not None:  # (a packed projection's adapter: this part's rows)
             b = b[m.b_rows[0] : m.b_rows[1]]
+        if self.order is not None and module.endswith((".q_proj", ".k_proj")):
+            from workers.models.layouts import _reorder_heads
+
+            b = _reorder_heads(b, self.order, self.head_dim, self.scale)
         return a, b * m.scale, m
 
 

@@ -333,34 +333,54 @@ def test_matches_hf_peft(llama: Family, llama_rt: Runtime, adapter: str) -> None
     )
 
 
-PEFT_CASES = {
+LONGROPE_4 = {
+    "rope_type": "longrope",
+    "short_factor": [1.0, 1.5, 2.0, 2.5],
+    "long_factor": [1.0, 3.0, 5.0, 7.0],
+    "original_max_position_embeddings": 16,
+}
+"""LongRoPE over the 4 turned pairs of a head_dim-16 head at partial_rotary_factor 0.5, trained
+to 16 positions (max 256): an attention factor of 1.29 on the turned q / k rows."""
+PEFT_CASES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     # Phi-3: adapters on its packed qkv_proj / gate_up_proj, read as their parts sharing A
-    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "phi3": (("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), {"architecture": "phi3"}),
     # Granite: o / down deltas scaled by the residual multiplier folded into those layers
-    "granite": ("q_proj", "v_proj", "o_proj", "down_proj"),
+    "granite": (("q_proj", "v_proj", "o_proj", "down_proj"), {"architecture": "granite"}),
+    # Phi-4-mini: partial RoPE, q / k rows of B reordered and scaled as the base weights' are
+    "phi4-mini": (
+        ("qkv_proj", "gate_up_proj"),
+        {
+            "architecture": "phi3",
+            "partial_rotary_factor": 0.5,
+            "rope_scaling": LONGROPE_4,
+            "max_position_embeddings": 256,
+        },
+    ),
+    # GLM-4: interleaved partial RoPE, q / k adapters on their own modules
+    "glm": (("q_proj", "k_proj", "gate_up_proj"), {"architecture": "glm"}),
 }
 
 
-@pytest.mark.parametrize("arch", list(PEFT_CASES))
-def test_adapters_of_other_layouts_match_hf_peft(tmp_path: Path, arch: str) -> None:
-    """PEFT trains and saves an adapter on HF's own model class (Phi-3, Granite): the
-    runtime's prompt log-probabilities and greedy tokens with it are PEFT's (decodes on the
-    native CPU decoder, head_dim 16)."""
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_adapters_of_other_layouts_match_hf_peft(tmp_path: Path, case: str) -> None:
+    """PEFT trains and saves an adapter on HF's own model class (Phi-3, Granite, Phi-4-mini,
+    GLM-4): the runtime's prompt log-probabilities and greedy tokens with it are PEFT's
+    (decodes on the native CPU decoder, head_dim 16)."""
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    targets, extra = PEFT_CASES[case]
     ckpt = write_random_checkpoint(
-        tmp_path / arch, architecture=arch, seed=4, **dict(TINY_SHAPES, num_heads=4)
+        tmp_path / case, seed=4, **{**dict(TINY_SHAPES, num_heads=4), **extra}
     )
     base = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     torch.manual_seed(0)
-    targets = list(PEFT_CASES[arch])
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
     model = get_peft_model(base, config).eval()
     model.save_pretrained(str(tmp_path / "adapter"))
     spec = AdapterSpec.load("p", str(tmp_path / "adapter"), ModelConfig.from_pretrained(ckpt))
-    if arch == "phi3":
+    if case == "phi3":
         qkv = [m for m in spec.modules if m.name.startswith("model.layers.0.self_attn.")]
         assert [(m.name.rsplit(".", 1)[1], m.b_rows) for m in qkv] == [
             ("k_proj", (64, 128)), ("o_proj", None), ("q_proj", (0, 64)), ("v_proj", (128, 192))
