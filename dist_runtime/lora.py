@@ -180,6 +180,8 @@ def _modules(
 
     linears = linear_shapes(model)
     packed = packed_parts(model)
+    lay = _layout(model)
+    residual_outputs = (f".{lay.o}", f".{lay.down}")
     found: dict[str, dict[str, tuple[int, ...]]] = {}
     keys: dict[tuple[str, str], str] = {}
     for key, shape in shapes.items():
@@ -227,9 +229,8 @@ def _modules(
             )
         alpha = float(_pattern(alpha_pattern, module, cfg["lora_alpha"], where))
         scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-        lay = _layout(model)
-        if module.endswith((f".{lay.o}", f".{lay.down}")):  # (Granite's residual multiplier,
-            scale *= model.residual_multiplier  # folded into these layers' weights too)
+        if module.endswith(residual_outputs):  # (Granite's residual multiplier, folded into
+            scale *= model.residual_multiplier  # these layers' weights too)
         a_key, b_key = keys[module, "A"], keys[module, "B"]
         if parts is None:
             modules.append(AdapterModule(module, rank, scale, a_key, b_key))

@@ -64,7 +64,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dist_runtime.config import ConfigError, ModelConfig, rope_attention_factor
+from dist_runtime.config import ConfigError, ModelConfig
 from dist_runtime.formats.int4 import dequantize, pack_awq, quantize_rtn, unpack_awq
 from dist_runtime.formats.random_checkpoint import (
     pack_internlm2_wqkv,
@@ -75,7 +75,7 @@ from dist_runtime.progress import Phase
 from workers.checkpoint import CheckpointError, CheckpointReader
 from workers.layers.rotary import model_frequencies
 from workers.models.layouts import LAYOUTS, Layout, check_checkpoint
-from workers.models.names import fused_views, packed_parts
+from workers.models.names import QUANT_COLUMNS, fused_views, packed_parts
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def split_packed(
             packed = out.pop(f"{module}.{suffix}", None)
             if packed is None:
                 continue
-            per = 8 if suffix in ("qweight", "qzeros") else 1
+            per = dict(QUANT_COLUMNS["awq"]).get(suffix, 1)  # (outputs per column)
             for part, start, stop in parts:
                 if suffix in ("weight", "bias"):
                     out[f"{part}.{suffix}"] = packed[start:stop]
@@ -441,7 +441,7 @@ def rope_tables(
     inv = model_frequencies(config, config.rope_base(seq_len)).to(device)
     freqs = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv[None]
     emb = torch.cat((freqs, freqs), dim=-1)
-    factor = rope_attention_factor(config.rope_scaling) if config.rope_scaling else 1.0
+    factor = config.rope_attention_factor
     return emb.cos() * factor, emb.sin() * factor  # (YaRN scales the rotated q and k, as HF)
 
 
@@ -1019,9 +1019,10 @@ def _quantized_tensors(
             FP16_TINY,
         )
     out: dict[str, torch.Tensor] = {}
-    parts_of: dict[str, list[str]] = {}  # (Phi-3: a packed tensor -> its parts, in order)
-    for part, view in fused_views(config)[0].items():
-        parts_of.setdefault(view.source, []).append(part)
+    parts_of = {  # (Phi-3: a packed weight -> its parts', in order)
+        f"{packed}.weight": [f"{part}.weight" for part, _, _ in parts]
+        for packed, parts in packed_parts(config).items()
+    }
     for name in reader.names():
         if name in produced:
             out.update(produced.pop(name))

@@ -106,32 +106,20 @@ class CheckpointReader:
         self, name: str, start: int | None = None, stop: int | None = None, dim: int = 0
     ) -> torch.Tensor:
         """Rows [start, stop) along dim (0 or 1) of a tensor, reading only those bytes."""
+        wanted = slice(start, stop)
+        source, index = name, (wanted,) if dim == 0 else (slice(None), wanted)
         if name in self.views:
             view = self.views[name]
-            if view.dim == dim:  # (a slice along the view's own axis: one read)
-                first, last = slice(start, stop).indices(view.stop - view.start)[:2]
-                return self.read_rows(
-                    view.source, view.start + first, view.start + max(first, last), dim
-                )
-            rows: tuple[int | None, int | None] = (start, stop)
-            cols: tuple[int | None, int | None] = (view.start, view.stop)
-            if dim == 1:  # (columns of a row view)
-                rows, cols = cols, rows
-            tensor_slice = self._handle(view.source).get_slice(view.source)
-            try:
-                t = tensor_slice[rows[0] : rows[1], cols[0] : cols[1]]
-            except Exception as e:
-                raise CheckpointError(f"reading {name!r} from {self.folder} failed: {e}") from e
-            self.bytes_read += t.numel() * t.element_size()
-            return t
-        tensor_slice = self._handle(name).get_slice(name)
+            source, own = view.source, slice(view.start, view.stop)
+            if view.dim == dim:  # (a slice of the view along its own axis)
+                first, last = wanted.indices(view.stop - view.start)[:2]
+                part = slice(view.start + first, view.start + max(first, last))
+                index = (part,) if dim == 0 else (slice(None), part)
+            else:  # (the view's rows or columns, and the wanted ones along the other axis)
+                index = (wanted, own) if view.dim == 1 else (own, wanted)
+        tensor_slice = self._handle(source).get_slice(source)
         try:
-            if start is None and stop is None:
-                t = tensor_slice[:]
-            elif dim == 0:
-                t = tensor_slice[start:stop]
-            else:
-                t = tensor_slice[:, start:stop]
+            t = tensor_slice[index]
         except Exception as e:
             raise CheckpointError(f"reading {name!r} from {self.folder} failed: {e}") from e
         self.bytes_read += t.numel() * t.element_size()

@@ -39,6 +39,7 @@ from kernels.lora import lora_add
 from workers.layers.attention import HeadShard
 from workers.layers.linear import _Linear
 from workers.models.decoder import DecoderLayer, DecoderLM
+from workers.models.layouts import qk_projection_rows, reorder_heads
 
 logger = logging.getLogger(__name__)
 
@@ -379,16 +380,13 @@ class _AdapterFile:
     """An adapter's weights file, open: `pair(module)` reads (A, scaled B, module) in float32,
     or None when the adapter leaves that module alone."""
 
-    def __init__(self, spec: AdapterSpec, config: ModelConfig | None = None) -> None:
-        from workers.models.layouts import rotary_row_order, rotary_row_scale
-
+    def __init__(self, spec: AdapterSpec, config: ModelConfig) -> None:
         self.spec = spec
         self.by_name = {m.name: m for m in spec.modules}
-        # (partial or interleaved RoPE: q / k rows are reordered, and scaled, as the loader
+        # (partial or interleaved RoPE: B's q / k rows are reordered, and scaled, as the loader
         # reorders and scales the base weights' rows)
-        self.order = None if config is None else rotary_row_order(config)
-        self.scale = None if config is None or config.qk_norm else rotary_row_scale(config)
-        self.head_dim = 0 if config is None else config.head_dim
+        self.order, self.scale = qk_projection_rows(config)
+        self.head_dim = config.head_dim
 
     def __enter__(self) -> Callable[[str], tuple[torch.Tensor, torch.Tensor, AdapterModule] | None]:
         from safetensors import safe_open
@@ -408,9 +406,7 @@ class _AdapterFile:
         if m.b_rows is not None:  # (a packed projection's adapter: this part's rows)
             b = b[m.b_rows[0] : m.b_rows[1]]
         if self.order is not None and module.endswith((".q_proj", ".k_proj")):
-            from workers.models.layouts import _reorder_heads
-
-            b = _reorder_heads(b, self.order, self.head_dim, self.scale)
+            b = reorder_heads(b, self.order, self.head_dim, self.scale)
         return a, b * m.scale, m
 
 

@@ -11,8 +11,9 @@ requested dtype and written straight to its place in the safetensors file, one t
 so memory holds one tensor and never the whole model. GGUF stores shapes in ggml order
 (fastest-varying first); they are reversed to PyTorch order. llama.cpp's converter permutes the
 rows of `attn_q` / `attn_k` per head from Hugging Face's rotate-half RoPE layout to its
-interleaved one for Llama-architecture files (not for qwen2, whose RoPE is rotate-half there
-too); that permutation is undone exactly as transformers does when it loads a GGUF.
+interleaved one for Llama- and Granite-architecture files (not for qwen2 or phi3, whose RoPE is
+rotate-half there too); that permutation is undone exactly as transformers does when it loads a
+GGUF.
 
 With `weights="int4"` (`launch/convert.py --weights int4`), the decoder's linear layers whose
 GGUF tensors are Q4_0, Q4_1 or Q4_K stay 4-bit: each 32-value block's codes are kept and its
@@ -957,12 +958,8 @@ def _tokenizer_files(
     tok, vocab_tokens = build_byte_level_tokenizer(meta, src)
 
     def token(key: str) -> str | None:
-        idx = meta.get(f"tokenizer.ggml.{key}")
-        if idx is None:
-            return None
-        if not 0 <= int(idx) < len(vocab_tokens):
-            raise GGUFError(f"{src}: tokenizer.ggml.{key} = {idx} is outside the vocabulary")
-        return vocab_tokens[int(idx)]
+        idx = _named_token(meta, key, len(vocab_tokens), src)
+        return None if idx is None else vocab_tokens[idx]
 
     tok_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -983,6 +980,17 @@ def _tokenizer_files(
         "tokenizer.json": tok.to_str(pretty=True),
         "tokenizer_config.json": json.dumps(tok_config, indent=2, sort_keys=True) + "\n",
     }
+
+
+def _named_token(meta: dict[str, Any], key: str, size: int, src: Path) -> int | None:
+    """The id `tokenizer.ggml.{key}` names (bos_token_id...), checked against a vocabulary of
+    `size`; None when the file names none."""
+    idx = meta.get(f"tokenizer.ggml.{key}")
+    if idx is None:
+        return None
+    if not 0 <= int(idx) < size:
+        raise GGUFError(f"{src}: tokenizer.ggml.{key} = {idx} is outside the vocabulary")
+    return int(idx)
 
 
 def _sentencepiece_files(
@@ -1010,10 +1018,8 @@ def _sentencepiece_files(
         )
 
     def named(key: str) -> int:
-        idx = meta.get(f"tokenizer.ggml.{key}")
-        if idx is not None and not 0 <= int(idx) < len(tokens):
-            raise GGUFError(f"{src}: tokenizer.ggml.{key} = {idx} is outside the vocabulary")
-        return -1 if idx is None else int(idx)
+        idx = _named_token(meta, key, len(tokens), src)
+        return -1 if idx is None else idx
 
     bos, eos, pad = named("bos_token_id"), named("eos_token_id"), named("padding_token_id")
     model = sentencepiece_model(

@@ -254,18 +254,19 @@ def llama_to_phi3_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Llama names -> Phi-3's: q, k, v rows packed into `qkv_proj` (`attention`; GLM's stay
     apart), gate and up into `gate_up_proj`, in that order; the rest as it is."""
+    packs: list[tuple[str, tuple[str, ...]]] = [("gate_up_proj", ("gate_proj", "up_proj"))]
+    if attention:
+        packs.append(("qkv_proj", ("q_proj", "k_proj", "v_proj")))
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
-        if ".self_attn.q_proj." in name and attention:
-            parts = [sd[name.replace("q_proj", x)] for x in ("q_proj", "k_proj", "v_proj")]
-            out[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
-        elif ".mlp.gate_proj." in name:
-            parts = [sd[name.replace("gate_proj", x)] for x in ("gate_proj", "up_proj")]
-            out[name.replace("gate_proj", "gate_up_proj")] = torch.cat(parts)
-        elif not any(f".{x}." in name for x in ("k_proj", "v_proj", "up_proj")) or (
-            not attention and ".mlp." not in name
-        ):
+        pack = next((pk for pk in packs if any(f".{part}." in name for part in pk[1])), None)
+        if pack is None:
             out[name] = t
+        elif f".{pack[1][0]}." in name:  # (the first part: the packed tensor goes here)
+            packed, parts = pack
+            first = parts[0]
+            rows = [sd[name.replace(first, part)] for part in parts]
+            out[name.replace(first, packed)] = torch.cat(rows)
     return out
 
 
@@ -320,7 +321,7 @@ def _random_layer(
     qkv_bias_only = config.get("model_type") in ("qwen2", "glm")
     for name, rows, cols in attn:
         out[f"{prefix}self_attn.{name}_proj.weight"] = _linear(gen, rows, cols)
-        if (config.get("attention_bias") and not qkv_bias_only) or (qkv_bias_only and name != "o"):
+        if name != "o" if qkv_bias_only else config.get("attention_bias"):
             out[f"{prefix}self_attn.{name}_proj.bias"] = _normal(gen, (rows,), BIAS_STD)
     if config.get("model_type") == "qwen3":
         for name in ("q_norm", "k_norm"):

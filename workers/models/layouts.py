@@ -249,7 +249,14 @@ def rotary_row_scale(config: ModelConfig) -> torch.Tensor | None:
     return scale
 
 
-def _reorder_heads(
+def qk_projection_rows(config: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(`rotary_row_order`, the scale on q / k projection rows): what the loader does to the
+    q / k rows of the projection's weight and bias, and of a LoRA adapter's B. The scale is
+    None with Qwen3's head norms, which come after the projection (it goes on them instead)."""
+    return rotary_row_order(config), None if config.qk_norm else rotary_row_scale(config)
+
+
+def reorder_heads(
     rows: torch.Tensor, order: torch.Tensor, head_dim: int, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Each head's rows (of a weight or bias) in `order`, times `scale` per row."""
@@ -271,12 +278,10 @@ def _read_qkv(
     `rotary_row_order` with partial RoPE)."""
     ranges = _qkv_out_ranges(lay, p, config, shard)
     parts = [reader.read_rows(f"{name}.{suffix}", lo, hi) for name, lo, hi in ranges]
-    order = rotary_row_order(config)
+    order, scale = qk_projection_rows(config)
     if order is not None:
         assert lay.wqkv is None and len(parts) == 3  # (q, k, v ranges: the llama layout)
-        # (q / k head norms come after the projection: the factor goes on their weights)
-        scale = None if config.qk_norm else rotary_row_scale(config)
-        parts[:2] = [_reorder_heads(t, order, config.head_dim, scale) for t in parts[:2]]
+        parts[:2] = [reorder_heads(t, order, config.head_dim, scale) for t in parts[:2]]
     return torch.cat(parts)
 
 
