@@ -34,6 +34,7 @@ import torch
 
 from dist_runtime.config import cpu_attention_choice
 from kernels import native
+from kernels.flash_attn import check_window
 from kernels.kv_quant import check_quant_caches, code_dim
 from kernels.native import run_profiled
 
@@ -77,6 +78,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         ptr,  # scratch
         i32,  # cache kind: the dtype's code, or 8 / 4 bits
         *(ptr, ptr, i64, i64, i64),  # k, v params (scale, zero) and their strides
+        i64,  # sliding window (0: none)
     ]
     fn.restype = i32
     rs = lib.dr_rope_store
@@ -137,6 +139,12 @@ def split_plan(items: int, max_blocks: int, threads: int) -> tuple[int, int]:
     return -(-max_blocks // per) if max_blocks else 1, per
 
 
+def window_keys(max_keys: int, window: int, block_size: int) -> int:
+    """The keys a split plan spreads over threads: the longest context, or with a sliding
+    window (window > 0) the most blocks a window can touch (it may start mid-block)."""
+    return min(max_keys, window + block_size) if window > 0 else max_keys
+
+
 def scratch_floats(seqs: int, rows: int, kv_heads: int, group: int, splits: int, d: int) -> int:
     """Floats of `dr_paged_decode`'s scratch: per (sequence, kv head, split) the partial
     (acc d, max, sum) of each of its rows x group queries."""
@@ -155,6 +163,7 @@ def paged_decode(
     k_params: torch.Tensor | None = None,
     v_params: torch.Tensor | None = None,
     bits: int = 0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (seqs * rows, q_heads, d) float32 and lse (seqs * rows, q_heads) float32.
 
@@ -162,11 +171,14 @@ def paged_decode(
     block table row and context length (rows > 1: a batch over one shared prefix, seqs = 1).
     max_keys: the longest context (bounds the splits; the kernel reads each sequence's own).
     A context of 0 keys gives out 0 and lse -inf. bits 8 / 4: the caches hold uint8 codes and
-    k_params / v_params their float32 (scale, zero) (`kernels/kv_quant.py`).
+    k_params / v_params their float32 (scale, zero) (`kernels/kv_quant.py`). window > 0: the
+    query of a context of n keys attends to its last `window` keys only, [max(0, n - window),
+    n) (one row per sequence); 0: to all of them.
     """
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU decode attention kernel is not built (see the log)")
+    check_window(window)
     tokens, q_heads, d = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     seqs = block_tables.shape[0]
@@ -206,7 +218,7 @@ def paged_decode(
     if tokens == 0:
         return out, lse
     threads = torch.get_num_threads()
-    max_blocks = -(-max_keys // block_size)
+    max_blocks = -(-window_keys(max_keys, window, block_size) // block_size)
     splits, per = split_plan(seqs, max_blocks, threads)
     group = q_heads // kv_heads
     work = torch.empty(scratch_floats(seqs, rows, kv_heads, group, splits, d), dtype=torch.float32)
@@ -247,10 +259,15 @@ def paged_decode(
         k_ptr,
         v_ptr,
         *p_strides,
+        window,
     )
     failed = run_profiled(lib.dr_paged_decode, PROFILE_NAME, args)
     if failed == 1:
         raise MemoryError("the CPU decode attention kernel could not allocate its scratch")
+    if failed == 4:
+        raise ValueError(
+            f"a sliding window ({window}) needs one query row per sequence, not {rows}"
+        )
     if failed:
         raise RuntimeError(f"the CPU decode attention kernel refused its inputs (code {failed})")
     return out, lse
@@ -267,23 +284,27 @@ def flash_decode_cpu(
     k_params: torch.Tensor | None = None,
     v_params: torch.Tensor | None = None,
     bits: int = 0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`flash_decode_ref` through the native kernel (see `native_decode_supported`); a
-    quantized cache (bits 8 / 4) is dequantized row by row as it is read.
+    quantized cache (bits 8 / 4) is dequantized row by row as it is read. window > 0: each
+    query attends to its sequence's last `window` keys only (`paged_decode`).
 
     A batch whose sequences share at least MIN_SHARED_BLOCKS leading blocks (questions on one
     cached document) reads the shared prefix once for every query, each sequence's tail on its
-    own, and merges the two by log-sum-exp, as the reference does.
+    own, and merges the two by log-sum-exp, as the reference does; not when a window hides
+    keys of the longest context (each query's window starts elsewhere).
     """
     from kernels.paged_attention import MIN_SHARED_BLOCKS, _decode_plan
     from kernels.position_attention import merge_pair
 
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
+    check_window(window)
     batch = q.shape[0]
     block_size = k_cache.shape[1]
     plan = _decode_plan(block_tables, context_lens, block_size)
-    if batch > 1 and plan.shared >= MIN_SHARED_BLOCKS:
+    if batch > 1 and plan.shared >= MIN_SHARED_BLOCKS and not 0 < window < plan.keys:
         shared = plan.shared
         prefix = torch.tensor([shared * block_size], dtype=torch.int64)
         out, lse = paged_decode(
@@ -325,6 +346,7 @@ def flash_decode_cpu(
             k_params=k_params,
             v_params=v_params,
             bits=bits,
+            window=window,
         )
     return out.to(q.dtype), (lse if return_lse else None)
 

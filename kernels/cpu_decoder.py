@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import native
-from kernels.cpu_attention import MAX_HEAD_DIM, scratch_floats, split_plan
+from kernels.cpu_attention import MAX_HEAD_DIM, scratch_floats, split_plan, window_keys
 from kernels.cpu_gemm import NativeLinearWeight
 from kernels.native import run_profiled
 from kernels.paged_attention import MIN_SHARED_BLOCKS, shared_blocks
@@ -100,6 +100,7 @@ class _Step(ctypes.Structure):
         ("tail_lens", _ptr),
         ("prefix_splits", _i64),
         ("prefix_per", _i64),
+        ("windows", _ptr),
         *((name, _ptr) for name in ("x", "residual", "h", "qkv", "attn", "gate_up", "act", "work")),
         *((name, _ptr) for name in ("tail_out", "tail_lse", "prefix_lse")),
         ("lora_slots", _ptr),
@@ -188,13 +189,20 @@ class CpuDecoder:
         eps: float,
         bits: int = 0,
         scale: float | None = None,
+        windows: list[int] | None = None,
     ):
-        """`scale`: the attention's softmax scale (None: 1 / sqrt(head_dim))."""
+        """`scale`: the attention's softmax scale (None: 1 / sqrt(head_dim)); `windows`: each
+        layer's sliding window, 0 for none (None: no layer has one)."""
         fn = _stages_fn()
         if fn is None:
             raise RuntimeError("the native CPU kernels are not built (see the log)")
         if not layers:
             raise ValueError("a decoder needs at least one layer")
+        windows = [0] * len(layers) if windows is None else list(windows)
+        if len(windows) != len(layers) or any(w < 0 for w in windows):
+            raise ValueError(
+                f"windows {windows}: one per layer ({len(layers)}), each 0 (none) or positive"
+            )
         if head_dim % 16 or head_dim > MAX_HEAD_DIM or q_heads % kv_heads:
             raise ValueError(
                 f"head_dim {head_dim} (a multiple of 16 up to {MAX_HEAD_DIM}) or heads "
@@ -269,6 +277,7 @@ class CpuDecoder:
         self.hidden, self.q_size, self.kv_size, self.inter = hidden, q_size, kv_size, inter
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
         self.block_size = block_size
+        self.windows = tuple(windows)
         self.decoder = _Decoder(
             len(layers),
             hidden,
@@ -341,10 +350,11 @@ class CpuDecoder:
         bs = self.block_size
         lens = context_lens.to(torch.int64).contiguous()
         keys = int(lens.max())
-        shared = shared_blocks(block_tables, lens, bs) if tokens > 1 else 0
-        if shared < MIN_SHARED_BLOCKS:
-            shared = 0
         heads = (self.kv_heads, self.q_heads // self.kv_heads)
+        windows, window_splits = self._window_plans(tokens, keys, threads)
+        shared = shared_blocks(block_tables, lens, bs) if tokens > 1 else 0
+        if shared < MIN_SHARED_BLOCKS or (windows is not None and bool(windows[::3].all())):
+            shared = 0  # (no prefix, or every layer attends within its window)
         prefix_splits = prefix_per = 0
         if shared:  # the prefix: one table row, every sequence's query a row over it
             prefix_splits, prefix_per = split_plan(1, shared, threads)
@@ -352,7 +362,7 @@ class CpuDecoder:
         splits, per = split_plan(tokens, -(-keys // bs), threads)
         work = max(
             scratch_floats(1, tokens, *heads, prefix_splits, self.head_dim),
-            scratch_floats(tokens, 1, *heads, splits, self.head_dim),
+            scratch_floats(tokens, 1, *heads, max(splits, window_splits), self.head_dim),
         )
         sizes = [
             tokens * self.hidden,  # residual
@@ -395,6 +405,7 @@ class CpuDecoder:
             _addr(tail),
             prefix_splits,
             prefix_per,
+            _addr(windows),
             x.data_ptr(),
             *addrs[:10],
             _addr(lora_slots),
@@ -420,6 +431,24 @@ class CpuDecoder:
                 if stage < stages - 1:
                     reduce(x)
         return buf[sizes[0] : sizes[0] + tokens * self.hidden].view(tokens, self.hidden)
+
+    def _window_plans(
+        self, tokens: int, keys: int, threads: int
+    ) -> tuple[torch.Tensor | None, int]:
+        """The step's `windows` and the most splits among their plans: per layer (window,
+        splits, per) where the window is shorter than the longest context (`keys`), split as
+        `paged_decode` splits it, else (0, 0, 0); (None, 0) when no layer's window hides a key."""
+        hiding = [w if 0 < w < keys else 0 for w in self.windows]
+        if not any(hiding):
+            return None, 0
+        bs = self.block_size
+        plans = {
+            w: split_plan(tokens, -(-window_keys(keys, w, bs) // bs), threads)
+            for w in set(hiding)
+            if w
+        }
+        rows = [v for w in hiding for v in ((w, *plans[w]) if w else (0, 0, 0))]
+        return torch.tensor(rows, dtype=torch.int64), max(n for n, _ in plans.values())
 
     def _set_lora(self, lora: LoraStep, tokens: int) -> tuple[torch.Tensor, int]:
         """Point each layer at its LoRA stacks for this step (they may have been reallocated

@@ -43,15 +43,22 @@ def is_interpreting() -> bool:
 def _softmax_step(qk, l_i, m_i, keep, scale_log2, MASKED: tl.constexpr):
     """Online-softmax bookkeeping for a tile of raw scores qk (M, N) fp32: returns the tile's
     probabilities p (M, N) relative to the new running max, the rescale factor alpha (M,) of the
-    old accumulator, and the new (l, m); m is in log2 units of the scaled scores."""
+    old accumulator, and the new (l, m); m is in log2 units of the scaled scores.
+
+    A row that has seen no key yet keeps m = -inf (and l = 0), so the first tile that shows it a
+    key sets its max from that key's score, however negative."""
     if MASKED:
         qk = tl.where(keep, qk, float("-inf"))
     # scale > 0, so max(qk) * scale == max(qk * scale); the subtraction below fuses into an FMA.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
     if MASKED:
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far
-    p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+        # A row with no key so far subtracts 0 instead of -inf: p = 0 and alpha = 0, no NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * scale_log2 - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+    else:
+        p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     return p, alpha, l_i, m_new
 
@@ -283,6 +290,12 @@ def check_head_dim(head_dim: int) -> None:
             f"the Triton attention kernels need a power-of-two head_dim in [16, 256], got "
             f"{head_dim}; set DIST_RUNTIME_KERNELS=torch to use the reference"
         )
+
+
+def check_window(window: int) -> None:
+    """A sliding window is a key count: 0 (none) or positive."""
+    if window < 0:
+        raise ValueError(f"the attention window must be 0 (none) or positive, got {window}")
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:

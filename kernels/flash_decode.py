@@ -8,6 +8,10 @@ and writes a partial (out, lse) to fp32 scratch; pass 2 merges a row's splits by
 
 Quantized caches (bits 8 / 4, `kernels/kv_quant.py`) are dequantized tile by tile on load, as in
 `paged_attention.py`; the split plan counts programs, not bytes, so it is the same for them.
+
+With a sliding window W (`window=`), the query at ctx - 1 sees keys [max(ctx - W, 0), ctx): the
+splits cover only those, from the key tile holding the first, so a step reads about W keys
+however long the sequence.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 
 from kernels.cpu_attention import flash_decode_cpu, native_decode_supported
 from kernels.dispatch import use_triton
-from kernels.flash_attn import LOG2E, _jit, _store_rows, is_interpreting
+from kernels.flash_attn import LOG2E, _jit, _store_rows, check_window, is_interpreting
 from kernels.kv_quant import check_quant_caches
 from kernels.paged_attention import (
     _decode,
@@ -74,6 +78,7 @@ def _flash_decode_split_kernel(
     stride_pl_seq,
     stride_pl_head,
     stride_pl_split,
+    window,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     TILE_D: tl.constexpr,
@@ -82,8 +87,11 @@ def _flash_decode_split_kernel(
     STORE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr,
     BITS: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
-    """TILE_D: head_dim, or head_dim / 2 for BITS 4 (each row's two halves go separately)."""
+    """TILE_D: head_dim, or head_dim / 2 for BITS 4 (each row's two halves go separately).
+    WINDOW: the query sees only the last `window` keys (window > 0); without it the `window`
+    argument is never read."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -91,9 +99,22 @@ def _flash_decode_split_kernel(
     # Each sequence's own keys are cut into num_splits ranges of whole key tiles, so a short
     # sequence in a wide block table (a CUDA graph's, or a batch with a long neighbour) still
     # spreads its reads over every split program.
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits), min_split_tiles) * BLOCK_N
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, ctx)  # may be <= lo: an empty split stores out 0, lse -inf
+    if WINDOW:
+        # Only keys [first, ctx) are in the window. Split 0 also takes the key tile holding the
+        # first (aligned, so it stays inside one cache block), masked below it; the splits cut
+        # the keys after that tile as they cut a whole context.
+        first = tl.maximum(ctx - window, 0)
+        first_tile = first // BLOCK_N * BLOCK_N
+        rest = first_tile + BLOCK_N
+        tiles = tl.cdiv(ctx - rest, BLOCK_N)
+        split_len = tl.maximum(tl.cdiv(tiles, num_splits), min_split_tiles) * BLOCK_N
+        lo = rest + split * split_len
+        hi = tl.minimum(lo + split_len, ctx)
+    else:
+        split_len = tl.maximum(tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits), min_split_tiles)
+        split_len = split_len * BLOCK_N
+        lo = split * split_len
+        hi = tl.minimum(lo + split_len, ctx)  # may be <= lo: an empty split stores 0, -inf
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
 
     offs_h = tl.arange(0, BLOCK_H)  # the group's query heads, padded to a dot's 16 rows
@@ -118,6 +139,39 @@ def _flash_decode_split_kernel(
     vp_base = v_param_ptr + kv_head * stride_kp_head
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    if WINDOW:
+        keys = first_tile + offs_n  # split 0's tile holding the window's first key
+        key_mask = (keys >= first) & (keys < ctx)
+        if split == 0:
+            acc, acc_b, l_i, m_i = _paged_kv_step(
+                acc,
+                acc_b,
+                l_i,
+                m_i,
+                q,
+                q_b,
+                k_base,
+                v_base,
+                kp_base,
+                vp_base,
+                table,
+                first_tile,
+                offs_n,
+                ctx,
+                key_mask,
+                key_mask[None, :],
+                scale_log2,
+                stride_kc_block,
+                stride_kc_tok,
+                stride_kp_block,
+                stride_kp_tok,
+                BLOCK_SIZE,
+                BLOCK_N,
+                MASK_N=True,
+                MASKED=True,
+                BITS=BITS,
+                DOT_F32=DOT_F32,
+            )
     for start_n in range(lo, full_end, BLOCK_N):
         acc, acc_b, l_i, m_i = _paged_kv_step(
             acc,
@@ -264,14 +318,25 @@ def merge_warps(block_s: int, head_dim: int) -> int:
     return min(max(block_s * head_dim // (32 * 64), 4), 16)
 
 
-def split_plan(batch: int, kv_heads: int, max_ctx: int, block_n: int, device: torch.device) -> int:
+def split_plan(
+    batch: int,
+    kv_heads: int,
+    max_ctx: int,
+    block_n: int,
+    device: torch.device,
+    window: int = 0,
+) -> int:
     """Splits per sequence: enough (sequence, kv head, split) programs to fill the device.
 
     max_ctx is a host-side bound (block table width * block size), so planning needs no sync;
     it only caps the count at one key tile per split. Each program then takes
     cdiv(its sequence's key tiles, num_splits) whole tiles of its own sequence, so only a
     sequence's last key tile is partial and the work follows the real context, not the width.
+    With a window (> 0) a sequence's splits cover at most window + block_n keys (the window
+    from the start of its first key tile), so the plan counts those.
     """
+    if window:
+        max_ctx = min(max_ctx, window + block_n)
     target = PROGRAMS_PER_SM * _sm_count(device)
     max_tiles = max(triton.cdiv(max_ctx, block_n), 1)
     return min(max(triton.cdiv(target, max(batch * kv_heads, 1)), 1), max_tiles)
@@ -288,18 +353,22 @@ def flash_decode_triton(
     k_params: torch.Tensor | None = None,
     v_params: torch.Tensor | None = None,
     bits: int = 0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of `flash_decode_ref`; same shapes and dtypes.
 
     Pass 1 grid: (batch, kv_heads, num_splits); each program walks 1/num_splits of its
     sequence's keys (whole key tiles) for all `group` query heads of one kv head (rows padded
     to 16 for the dot), writing part_out (batch, q_heads, num_splits, head_dim) and part_lse
-    (batch, q_heads, num_splits) fp32.
+    (batch, q_heads, num_splits) fp32. With a window, split 0 also takes the key tile holding
+    the window's first key, masked below it, and the splits cut the keys after that tile. A
+    window at least the block table's width hides no key, and the kernel compiles without it.
     Pass 2 grid: (batch, q_heads), merging the splits by LSE.
     """
     group = check_paged_inputs(
         q, k_cache, v_cache, block_tables, context_lens, k_params, v_params, bits
     )
+    check_window(window)
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     batch, q_heads, head_dim = q.shape
@@ -315,7 +384,10 @@ def flash_decode_triton(
         return out, (lse if return_lse else None)
     cfg = decode_config(head_dim, q.dtype)
     max_ctx = block_tables.shape[1] * block_size
-    num_splits = split_plan(batch, kv_heads, max_ctx, cfg["BLOCK_N"], q.device)
+    windowed = 0 < window < max_ctx
+    num_splits = split_plan(
+        batch, kv_heads, max_ctx, cfg["BLOCK_N"], q.device, window if windowed else 0
+    )
     if num_splits == 1:  # pass 1 writes the result: a split axis of stride 0
         part_out, part_lse = out[:, :, None], lse[:, :, None]
     else:
@@ -354,6 +426,7 @@ def flash_decode_triton(
         part_lse.stride(0),
         part_lse.stride(1),
         part_lse.stride(2),
+        window if windowed else 0,
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         TILE_D=head_dim // 2 if bits == 4 else head_dim,
@@ -361,6 +434,7 @@ def flash_decode_triton(
         STORE_LSE=return_lse or num_splits > 1,
         DOT_F32=q.dtype == torch.float32 or is_interpreting(),
         BITS=bits,
+        WINDOW=windowed,
         **cfg,
     )
     if num_splits > 1:
@@ -398,8 +472,10 @@ def flash_decode_ref(
     k_params: torch.Tensor | None = None,
     v_params: torch.Tensor | None = None,
     bits: int = 0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of one query token per sequence over its whole paged context.
+    """Attention of one query token per sequence over its whole paged context (with a window
+    W > 0, over its last W keys).
 
     q: (batch, q_heads, head_dim); k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim)
     in q's dtype, or for bits 8 / 4 uint8 codes (num_blocks, block_size, kv_heads, code_dim) with
@@ -408,6 +484,7 @@ def flash_decode_ref(
     Returns out (batch, q_heads, head_dim) in q's dtype and, when asked, lse (batch, q_heads) fp32.
     """
     check_quant_caches(k_cache, v_cache, k_params, v_params, bits, q.shape[-1])
+    check_window(window)
     if q.shape[0] == 0:
         lse = torch.empty(0, q.shape[1], dtype=torch.float32, device=q.device)
         return torch.empty_like(q), (lse if return_lse else None)
@@ -422,6 +499,7 @@ def flash_decode_ref(
         k_params=k_params,
         v_params=v_params,
         bits=bits,
+        window=window,
     )
 
 
@@ -436,9 +514,11 @@ def flash_decode(
     k_params: torch.Tensor | None = None,
     v_params: torch.Tensor | None = None,
     bits: int = 0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Split-KV decode (see `flash_decode_ref`); bits 8 / 4 read a quantized cache. On CPU the
-    native kernel (`kernels/cpu_attention.py`) runs where it supports the cache."""
+    """Split-KV decode (see `flash_decode_ref`); bits 8 / 4 read a quantized cache, window > 0
+    is a sliding window of that many keys. On CPU the native kernel
+    (`kernels/cpu_attention.py`) runs where it supports the cache."""
     if use_triton(q.device):
         fn = flash_decode_triton
     elif native_decode_supported(q, k_cache, bits) and q.shape[0]:
@@ -456,4 +536,5 @@ def flash_decode(
         k_params=k_params,
         v_params=v_params,
         bits=bits,
+        window=window,
     )

@@ -1,7 +1,9 @@
 """Causal attention of packed query tokens over a paged KV cache, with GQA and optional LSE.
 
 Query token i of sequence b sits at absolute position context_lens[b] - q_len_b + i and sees
-every cached key at a position <= its own (the step's own K/V are stored before the call).
+every cached key at a position <= its own (the step's own K/V are stored before the call). With a
+sliding window W > 0 (`window=`, as Mistral v0.1 or Phi-3-mini-4k) a query at position p sees
+only the keys at positions p - W < k <= p; window 0 is none.
 
 Quantized caches (bits 8 / 4, `kernels/kv_quant.py`): the caches hold uint8 codes and k_params /
 v_params the fp32 (scale, zero) of every (block, slot, kv head); the kernel dequantizes each key
@@ -28,6 +30,7 @@ from kernels.flash_attn import (
     _store_rows,
     attention_config,
     check_head_dim,
+    check_window,
     is_interpreting,
 )
 from kernels.kv_quant import (
@@ -183,6 +186,7 @@ def _paged_attention_kernel(
     stride_o_head,
     stride_lse_tok,
     stride_bt_seq,
+    window,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     TILE_D: tl.constexpr,
@@ -192,8 +196,11 @@ def _paged_attention_kernel(
     STORE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr,
     BITS: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
-    """TILE_D: head_dim, or head_dim / 2 for BITS 4 (each row's two halves go separately)."""
+    """TILE_D: head_dim, or head_dim / 2 for BITS 4 (each row's two halves go separately).
+    WINDOW: a row at position p sees only keys above p - window (window > 0); without it the
+    `window` argument is never read."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     pid = tl.program_id(0)
     kv_head = pid % NUM_KV_HEADS
@@ -237,67 +244,174 @@ def _paged_attention_kernel(
     vp_base = v_param_ptr + kv_head * stride_kp_head
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for start_n in range(0, interior_end, BLOCK_N):
-        acc, acc_b, l_i, m_i = _paged_kv_step(
-            acc,
-            acc_b,
-            l_i,
-            m_i,
-            q,
-            q_b,
-            k_base,
-            v_base,
-            kp_base,
-            vp_base,
-            table,
-            start_n,
-            offs_n,
-            ctx,
-            None,
-            None,
-            scale_log2,
-            stride_kc_block,
-            stride_kc_tok,
-            stride_kp_block,
-            stride_kp_tok,
-            BLOCK_SIZE,
-            BLOCK_N,
-            MASK_N=False,
-            MASKED=False,
-            BITS=BITS,
-            DOT_F32=DOT_F32,
-        )
-    for start_n in range(interior_end, hi, BLOCK_N):
-        keys = start_n + offs_n
-        acc, acc_b, l_i, m_i = _paged_kv_step(
-            acc,
-            acc_b,
-            l_i,
-            m_i,
-            q,
-            q_b,
-            k_base,
-            v_base,
-            kp_base,
-            vp_base,
-            table,
-            start_n,
-            offs_n,
-            ctx,
-            keys < ctx,
-            keys[None, :] <= pos[:, None],
-            scale_log2,
-            stride_kc_block,
-            stride_kc_tok,
-            stride_kp_block,
-            stride_kp_tok,
-            BLOCK_SIZE,
-            BLOCK_N,
-            MASK_N=True,
-            MASKED=True,
-            BITS=BITS,
-            DOT_F32=DOT_F32,
-        )
+    if WINDOW:
+        # Row p sees keys (p - window, p]: keys from lo - window on are seen by some row of the
+        # tile, keys [hi - window, lo) by every row. Tiles wholly below the first are skipped,
+        # tiles wholly inside the second run unmasked, the tiles on both edges are masked (and
+        # load no key below the first).
+        first = tl.maximum(lo - window, 0)
+        full_lo = tl.cdiv(tl.maximum(hi - window, 0), BLOCK_N) * BLOCK_N
+        mid = tl.minimum(full_lo, interior_end)
+        span = tl.cast(window, tl.uint32)
+        reach = (ctx - first).to(tl.uint32)  # keys [first, ctx) load, the others read as 0
+        for start_n in range((first // BLOCK_N) * BLOCK_N, mid, BLOCK_N):
+            keys = start_n + offs_n
+            # 0 <= pos - key < window, as one unsigned comparison
+            in_window = (pos[:, None] - keys[None, :]).to(tl.uint32) < span
+            acc, acc_b, l_i, m_i = _paged_kv_step(
+                acc,
+                acc_b,
+                l_i,
+                m_i,
+                q,
+                q_b,
+                k_base,
+                v_base,
+                kp_base,
+                vp_base,
+                table,
+                start_n,
+                offs_n,
+                ctx,
+                (keys - first).to(tl.uint32) < reach,
+                in_window,
+                scale_log2,
+                stride_kc_block,
+                stride_kc_tok,
+                stride_kp_block,
+                stride_kp_tok,
+                BLOCK_SIZE,
+                BLOCK_N,
+                MASK_N=True,
+                MASKED=True,
+                BITS=BITS,
+                DOT_F32=DOT_F32,
+            )
+        for start_n in range(mid, interior_end, BLOCK_N):
+            acc, acc_b, l_i, m_i = _paged_kv_step(
+                acc,
+                acc_b,
+                l_i,
+                m_i,
+                q,
+                q_b,
+                k_base,
+                v_base,
+                kp_base,
+                vp_base,
+                table,
+                start_n,
+                offs_n,
+                ctx,
+                None,
+                None,
+                scale_log2,
+                stride_kc_block,
+                stride_kc_tok,
+                stride_kp_block,
+                stride_kp_tok,
+                BLOCK_SIZE,
+                BLOCK_N,
+                MASK_N=False,
+                MASKED=False,
+                BITS=BITS,
+                DOT_F32=DOT_F32,
+            )
+        for start_n in range(interior_end, hi, BLOCK_N):
+            keys = start_n + offs_n
+            # 0 <= pos - key < window, as one unsigned comparison
+            in_window = (pos[:, None] - keys[None, :]).to(tl.uint32) < span
+            acc, acc_b, l_i, m_i = _paged_kv_step(
+                acc,
+                acc_b,
+                l_i,
+                m_i,
+                q,
+                q_b,
+                k_base,
+                v_base,
+                kp_base,
+                vp_base,
+                table,
+                start_n,
+                offs_n,
+                ctx,
+                (keys - first).to(tl.uint32) < reach,
+                in_window,
+                scale_log2,
+                stride_kc_block,
+                stride_kc_tok,
+                stride_kp_block,
+                stride_kp_tok,
+                BLOCK_SIZE,
+                BLOCK_N,
+                MASK_N=True,
+                MASKED=True,
+                BITS=BITS,
+                DOT_F32=DOT_F32,
+            )
+    else:
+        for start_n in range(0, interior_end, BLOCK_N):
+            acc, acc_b, l_i, m_i = _paged_kv_step(
+                acc,
+                acc_b,
+                l_i,
+                m_i,
+                q,
+                q_b,
+                k_base,
+                v_base,
+                kp_base,
+                vp_base,
+                table,
+                start_n,
+                offs_n,
+                ctx,
+                None,
+                None,
+                scale_log2,
+                stride_kc_block,
+                stride_kc_tok,
+                stride_kp_block,
+                stride_kp_tok,
+                BLOCK_SIZE,
+                BLOCK_N,
+                MASK_N=False,
+                MASKED=False,
+                BITS=BITS,
+                DOT_F32=DOT_F32,
+            )
+        for start_n in range(interior_end, hi, BLOCK_N):
+            keys = start_n + offs_n
+            acc, acc_b, l_i, m_i = _paged_kv_step(
+                acc,
+                acc_b,
+                l_i,
+                m_i,
+                q,
+                q_b,
+                k_base,
+                v_base,
+                kp_base,
+                vp_base,
+                table,
+                start_n,
+                offs_n,
+                ctx,
+                keys < ctx,
+                keys[None, :] <= pos[:, None],
+                scale_log2,
+                stride_kc_block,
+                stride_kc_tok,
+                stride_kp_block,
+                stride_kp_tok,
+                BLOCK_SIZE,
+                BLOCK_N,
+                MASK_N=True,
+                MASKED=True,
+                BITS=BITS,
+                DOT_F32=DOT_F32,
+            )
 
     out_ptrs = out_ptr + row64[:, None] * stride_o_tok + (head * stride_o_head)[:, None]
     lse_ptrs = lse_ptr + row64 * stride_lse_tok + head
@@ -395,17 +509,23 @@ def paged_attention_triton(
     k_params: torch.Tensor | None = None,
     v_params: torch.Tensor | None = None,
     bits: int = 0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of `paged_attention_ref`; same shapes and dtypes.
 
     Grid: one program per (query tile, kv head); a tile holds BLOCK_M // group tokens of one
     sequence times the group query heads of that kv head, so they share every K/V load. Key tiles
     wholly below the tile's first position run unmasked; tiles past its last position are skipped.
+    With a sliding window, tiles wholly below every row's window are skipped too, only the tiles
+    every row sees whole run unmasked, and the tiles on the window's lower edge are masked as
+    the diagonal's are. A window at least the block table's width (block_size * max_blocks) hides
+    no key, and the kernel compiles without it.
     No host sync: the tile map is built on the device.
     """
     group = check_paged_inputs(
         q, k_cache, v_cache, block_tables, context_lens, k_params, v_params, bits
     )
+    check_window(window)
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     num_tokens, q_heads, head_dim = q.shape
@@ -416,6 +536,7 @@ def paged_attention_triton(
     if num_tokens == 0 or batch == 0:
         return out, (lse if return_lse else None)
     cfg = attention_config(head_dim, group, q.dtype, q.device, bits)
+    windowed = 0 < window < block_tables.shape[1] * block_size
     work = _work_items(cu_seqlens_q, cfg["BLOCK_M"] // group, num_tokens)
     k_p, v_p, stride_p_block, stride_p_slot, stride_p_head = quant_kernel_args(
         k_cache, k_params, v_params, bits
@@ -446,6 +567,7 @@ def paged_attention_triton(
         out.stride(1),
         lse.stride(0),
         block_tables.stride(0),
+        window if windowed else 0,
         NUM_KV_HEADS=kv_heads,
         GROUP=group,
         TILE_D=head_dim // 2 if bits == 4 else head_dim,
@@ -453,6 +575,7 @@ def paged_attention_triton(
         STORE_LSE=return_lse,
         DOT_F32=q.dtype == torch.float32 or is_interpreting(),
         BITS=bits,
+        WINDOW=windowed,
         **cfg,
     )
     return out, (lse if return_lse else None)
@@ -470,6 +593,7 @@ def paged_attention_ref(
     k_params: torch.Tensor | None = None,
     v_params: torch.Tensor | None = None,
     bits: int = 0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention for a batch of sequences.
 
@@ -481,10 +605,13 @@ def paged_attention_ref(
     block_tables: (batch, max_blocks) int32/int64, padded with any valid block id.
     cu_seqlens_q: (batch + 1,) int64 prefix sums of query lengths.
     context_lens: (batch,) int64 keys per sequence, including this step's tokens.
+    window: a sliding window of that many keys (a query at p sees keys p - window < k <= p);
+    0, or one at least the longest context, hides nothing and takes the unwindowed paths.
     Returns out: (tokens, q_heads, head_dim) in q's dtype and, when asked, the log-sum-exp of
     the scaled scores: (tokens, q_heads) fp32.
     """
     check_quant_caches(k_cache, v_cache, k_params, v_params, bits, q.shape[-1])
+    check_window(window)
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
     if q_lens and all(n == 1 for n in q_lens):
         return _decode(
@@ -498,18 +625,24 @@ def paged_attention_ref(
             k_params=k_params,
             v_params=v_params,
             bits=bits,
+            window=window,
         )
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     starts = cu_seqlens_q.tolist()
-    for b, ctx in enumerate(context_lens.tolist()):
+    contexts = context_lens.tolist()
+    if window >= max(contexts, default=0):
+        window = 0
+    for b, ctx in enumerate(contexts):
         lo, hi = starts[b], starts[b + 1]
         if hi == lo:
             continue
+        # The keys some query of the chunk sees: from its first position's window on.
+        first = max(ctx - (hi - lo) - window + 1, 0) if window else 0
         k, v = _gather(
-            k_cache, v_cache, block_tables[b], ctx, k_params, v_params, bits, q.dtype
-        )  # (ctx, kv_heads, head_dim)
-        o, s = _attend(q[lo:hi], k, v, scale, return_lse)
+            k_cache, v_cache, block_tables[b], ctx, k_params, v_params, bits, q.dtype, first
+        )  # (ctx - first, kv_heads, head_dim)
+        o, s = _attend(q[lo:hi], k, v, scale, return_lse, window=window)
         out[lo:hi] = o
         if lse is not None and s is not None:
             lse[lo:hi] = s
@@ -525,15 +658,19 @@ def _gather(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
     dtype: torch.dtype | None = None,
+    first: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sequence's (ctx, kv_heads, head_dim) K and V; a quantized cache's dequantized to dtype."""
+    """A sequence's keys and values at positions [first, ctx): (ctx - first, kv_heads, head_dim)
+    each; a quantized cache's dequantized to dtype. Blocks wholly before `first` are not read."""
     block_size = k_cache.shape[1]
-    ids = block_table[: (ctx + block_size - 1) // block_size].long()
+    skip = first // block_size
+    ids = block_table[skip : (ctx + block_size - 1) // block_size].long()
     # index_select, not fancy indexing: the latter is orders of magnitude slower on multi-thread
     # CPU for these small gathers.
     dt = dtype or k_cache.dtype
-    k = select_blocks(k_cache, k_params, bits, ids, dt).flatten(0, 1)[:ctx]
-    v = select_blocks(v_cache, v_params, bits, ids, dt).flatten(0, 1)[:ctx]
+    keys = slice(first - skip * block_size, ctx - skip * block_size)
+    k = select_blocks(k_cache, k_params, bits, ids, dt).flatten(0, 1)[keys]
+    v = select_blocks(v_cache, v_params, bits, ids, dt).flatten(0, 1)[keys]
     return k, v
 
 
@@ -585,14 +722,32 @@ def _attend_flash_cpu(
     return o, (lse[0].transpose(0, 1).float() if return_lse else None)
 
 
+def _visible(n: int, ctx: int, window: int, device: torch.device) -> torch.Tensor:
+    """(n, ctx) bool, bottom-right aligned: query i sees keys j <= ctx - n + i, and with a
+    window only those j > ctx - n + i - window."""
+    mask = torch.ones(n, ctx, dtype=torch.bool, device=device).tril(diagonal=ctx - n)
+    return mask.triu(diagonal=ctx - n - window + 1) if window else mask
+
+
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_lse: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    return_lse: bool,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q: (n, q_heads, d) at the last n of ctx positions; k, v: (ctx, kv_heads, d)."""
+    """q: (n, q_heads, d) at the last n of ctx positions; k, v: (ctx, kv_heads, d).
+
+    window > 0: query i (at ctx - n + i) sees only keys j > ctx - n + i - window; a window of
+    ctx keys or more hides none and takes the unwindowed paths."""
     n, q_heads, _ = q.shape
     ctx, kv_heads, _ = k.shape
+    if window >= ctx:
+        window = 0
     if (
-        q.device.type == "cpu"
+        not window
+        and q.device.type == "cpu"
         and n >= FLASH_CPU_MIN_QUERIES
         and (n < ctx or return_lse)  # a whole prompt without the LSE: SDPA's causal call
         and q.dtype in FLASH_CPU_DTYPES
@@ -601,26 +756,28 @@ def _attend(
         return _attend_flash_cpu(q, k, v, scale, return_lse)
     if n * ctx > LARGE_SCORES:
         # A chunk over a long cached prefix: a dense mask would take n * ctx bytes (8 GiB for
-        # 8K queries over 1M keys); tile it instead, masking only the tiles on the diagonal.
+        # 8K queries over 1M keys); tile it instead, masking only the tiles on the diagonal (and
+        # on a window's lower edge, skipping those below it).
         positions = torch.arange(ctx, device=q.device)
-        o, s = position_attention_ref(q, positions[ctx - n :], k, v, positions, scale)
+        o, s = position_attention_ref(
+            q, positions[ctx - n :], k, v, positions, scale, window=window
+        )
         return o, (s.float() if return_lse else None)
     group = q_heads // kv_heads
     if not return_lse:
         # (1, heads, len, d): the 4-D form takes SDPA's fused CPU kernel, the 3-D one does not.
         qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))
-        if n == ctx:  # no cached prefix: plain causal
+        if n == ctx and not window:  # no cached prefix: plain causal
             o = F.scaled_dot_product_attention(
                 qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
             )
         else:
-            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
+            mask = _visible(n, ctx, window, q.device)
             o = F.scaled_dot_product_attention(
                 qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
             )
         return o[0].transpose(0, 1), None
-    # Bottom-right aligned causal mask: query i sees keys j <= ctx - n + i.
-    mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
+    mask = _visible(n, ctx, window, q.device)
     qg = q.float().view(n, kv_heads, group, -1).permute(1, 2, 0, 3)  # (kv_heads, group, n, d)
     scores = qg @ k.float().permute(1, 2, 0)[:, None] * scale  # (kv_heads, group, n, ctx)
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -654,11 +811,18 @@ class _DecodePlan(NamedTuple):
     keys: int
     """Longest context of the batch."""
     flat: torch.Tensor
-    """Block ids to gather, (batch * blocks,)."""
+    """Block ids to gather, (batch * blocks,), from the block holding key `start` on."""
     ids_shape: tuple[int, int]
     valid: torch.Tensor | None
-    """(batch, keys) bool, None when every context is `keys` long."""
+    """(batch, keys - start) bool, the keys each query sees of those gathered; None when every
+    context is `keys` long and no window hides a key."""
     shared: int
+    """Leading blocks the batch shares (0 when a window applies)."""
+    window: int
+    """The window asked for (0: none); it applies when 0 < window < keys."""
+    start: int
+    """Position of the first gathered key, a block boundary: 0 unless a window applies, else
+    the shortest context's first visible key rounded down to its block."""
 
 
 _scope = threading.local()
@@ -679,24 +843,36 @@ def layer_invariant_scope() -> Iterator[None]:
 
 
 def _decode_plan(
-    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int
+    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, window: int = 0
 ) -> _DecodePlan:
     """The layer-invariant part of a decode step's attention (two host syncs, the shared-
-    prefix test, the gather ids, the padding mask), computed by the first layer of a step
-    inside `layer_invariant_scope`. A hit needs the very tensors (held by the plan, so their
-    ids stay unique)."""
+    prefix test, the gather ids, the padding and window mask), computed by the first layer of
+    a step inside `layer_invariant_scope`. A hit needs the very tensors (held by the plan, so
+    their ids stay unique) and the same window.
+
+    With a window shorter than the longest context (a query at ctx - 1 sees keys from
+    ctx - window on) the gather starts at the block of the shortest context's first visible
+    key, and no prefix is shared: the shared blocks may lie outside some window."""
     plans: list[_DecodePlan] | None = getattr(_scope, "plans", None)
     for plan in plans or ():
         if (
             plan.block_tables is block_tables
             and plan.context_lens is context_lens
             and plan.block_size == block_size
+            and plan.window == window
         ):
             return plan
     keys = int(context_lens.max().item())
-    ids = block_tables[:, : (keys + block_size - 1) // block_size].long()
+    shortest = int(context_lens.min().item())
+    windowed = 0 < window < keys
+    start = max(shortest - window, 0) // block_size * block_size if windowed else 0
+    ids = block_tables[:, start // block_size : (keys + block_size - 1) // block_size].long()
     valid = None
-    if int(context_lens.min().item()) != keys:
+    if windowed:
+        pos = torch.arange(start, keys, device=context_lens.device)[None, :]
+        lens = context_lens[:, None]
+        valid = (pos < lens) & (pos >= lens - window)
+    elif shortest != keys:
         valid = torch.arange(keys, device=context_lens.device)[None, :] < context_lens[:, None]
     plan = _DecodePlan(
         block_tables,
@@ -706,7 +882,9 @@ def _decode_plan(
         ids.flatten(),
         (ids.shape[0], ids.shape[1]),
         valid,
-        shared_blocks(block_tables, context_lens, block_size),
+        0 if windowed else shared_blocks(block_tables, context_lens, block_size),
+        window,
+        start,
     )
     if plans is not None:
         plans.insert(0, plan)
@@ -770,14 +948,16 @@ def _decode(
     k_params: torch.Tensor | None = None,
     v_params: torch.Tensor | None = None,
     bits: int = 0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One query per sequence: gather every sequence's blocks at once and mask the tail.
+    """One query per sequence: gather every sequence's blocks at once and mask the tail (and,
+    with a window, the keys before it; blocks before every sequence's window are not read).
 
     A quantized cache's gathered blocks are dequantized to q's dtype first.
     """
     batch, q_heads, d = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    plan = _decode_plan(block_tables, context_lens, block_size)
+    plan = _decode_plan(block_tables, context_lens, block_size, window)
     if batch > 1 and plan.shared >= MIN_SHARED_BLOCKS:
         return _decode_shared_prefix(
             q,
@@ -793,7 +973,7 @@ def _decode(
             bits=bits,
         )
     group = q_heads // kv_heads
-    keys, valid = plan.keys, plan.valid
+    keys, valid = plan.keys - plan.start, plan.valid
     shape = (*plan.ids_shape, block_size, kv_heads, d)  # (batch, blocks, block_size, kv_heads, d)
     k = select_blocks(k_cache, k_params, bits, plan.flat, q.dtype)
     v = select_blocks(v_cache, v_params, bits, plan.flat, q.dtype)
@@ -801,8 +981,9 @@ def _decode(
     v = v.view(shape).flatten(1, 2)[:, :keys].transpose(1, 2)
     # k, v: (batch, kv_heads, keys, d)
     if valid is not None:
-        # Slots past a context may hold anything, NaN included, and 0 * NaN would leak into out
-        # (SDPA also adds its mask after the product, so K must be clean too).
+        # Slots past a context (or before its window) may hold anything, NaN included, and
+        # 0 * NaN would leak into out (SDPA also adds its mask after the product, so K must be
+        # clean too).
         pad = ~valid[:, None, :, None]
         k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     if not return_lse:
@@ -832,8 +1013,10 @@ def paged_attention(
     k_params: torch.Tensor | None = None,
     v_params: torch.Tensor | None = None,
     bits: int = 0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Causal paged attention (see `paged_attention_ref`); bits 8 / 4 read a quantized cache."""
+    """Causal paged attention (see `paged_attention_ref`); bits 8 / 4 read a quantized cache,
+    window > 0 is a sliding window of that many keys."""
     fn = paged_attention_triton if use_triton(q.device) else paged_attention_ref
     return fn(
         q,
@@ -847,4 +1030,5 @@ def paged_attention(
         k_params=k_params,
         v_params=v_params,
         bits=bits,
+        window=window,
     )

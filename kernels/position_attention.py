@@ -2,18 +2,21 @@
 
 Context parallelism stripes a sequence's KV blocks over ranks, so neither a rank's queries nor
 its keys are contiguous in position: query i sits at q_pos[i], key j at k_pos[j], and query i
-sees key j when k_pos[j] <= q_pos[i]. A query that sees no key gets out 0 and lse -inf, so a
-merge by log-sum-exp ignores it.
+sees key j when k_pos[j] <= q_pos[i] (and, with a sliding window W > 0, k_pos[j] > q_pos[i] - W).
+A query that sees no key gets out 0 and lse -inf, so a merge by log-sum-exp ignores it.
 
 The reference is memory-bounded for million-token contexts: it walks query and key tiles
-(scores never exceed one tile), skips tiles wholly in a query tile's future, and masks only
-tiles that straddle it. On CPU each tile runs PyTorch's fused flash kernel, which returns the
-LSE; elsewhere, and in float64, the tile runs in plain fp32/fp64 math.
+(scores never exceed one tile), skips tiles wholly in a query tile's future (or wholly before
+every query's window), and masks only tiles that straddle either edge. On CPU each tile runs
+PyTorch's fused flash kernel, which returns the LSE; elsewhere, and in float64, the tile runs in
+plain fp32/fp64 math.
 
 The Triton kernel, `position_attention_triton`, is `_flash_attn_kernel` with positions read from
 `q_pos` / `k_pos` instead of offset + index. Keys need not be sorted, so a key tile's visibility
 is decided from the positions it loads: skipped when its smallest position is past the row
 tile's largest, unmasked when its largest is at or before the row tile's smallest, else masked.
+It has no sliding window (context parallelism refuses windowed models): `position_attention`
+runs the reference for a window.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from kernels.flash_attn import (
     attention_config,
     check_head_dim,
     check_qkv,
+    check_window,
     is_interpreting,
 )
 
@@ -69,14 +73,18 @@ def position_attention_ref(
     k_pos: torch.Tensor,
     scale: float,
     keys_sorted: bool = False,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (n, q_heads, d), k, v: (m, kv_heads, d), positions int64.
 
     Returns out (n, q_heads, d) in q's dtype and lse (n, q_heads) fp32 (fp64 for fp64 inputs).
     The reference finds out itself whether keys are sorted; `keys_sorted=True` (the Triton
     kernel's promise) is checked, so CPU runs catch a caller that breaks it.
+    window > 0: query i sees only keys with q_pos[i] - window < k_pos[j] (a sliding window of
+    `window` positions, its own included); 0: no window.
     """
     check_inputs(q, q_pos, k, v, k_pos)
+    check_window(window)
     n, q_heads, d = q.shape
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros(n, q_heads, d, dtype=q.dtype, device=q.device)
@@ -100,12 +108,19 @@ def position_attention_ref(
         q_lo, q_hi = int(qp.min()), int(qp.max())
         acc_o: torch.Tensor | None = None
         acc_l: torch.Tensor | None = None
-        for ks in _key_tiles(k_pos, q_lo, q_hi, keys_sorted):
+        for ks in _key_tiles(k_pos, q_lo, q_hi, keys_sorted, window):
             kp = k_pos[ks]
             k_lo, k_hi = int(kp.min()), int(kp.max())
             if k_lo > q_hi:  # every key is in every query's future
                 continue
-            visible = None if k_hi <= q_lo else kp[None, :] <= qp[:, None]
+            if window and k_hi <= q_lo - window:  # every key before every query's window
+                continue
+            visible = None
+            if k_hi > q_lo:
+                visible = kp[None, :] <= qp[:, None]
+            if window and k_lo <= q_hi - window:
+                inside = kp[None, :] > qp[:, None] - window
+                visible = inside if visible is None else visible & inside
             o, s = attend_tile(q[qs], k[ks], v[ks], visible, scale)
             if acc_o is None or acc_l is None:
                 acc_o, acc_l = o, s
@@ -120,21 +135,28 @@ def position_attention_ref(
     return out, lse
 
 
-def _key_tiles(k_pos: torch.Tensor, q_lo: int, q_hi: int, keys_sorted: bool) -> list[slice]:
+def _key_tiles(
+    k_pos: torch.Tensor, q_lo: int, q_hi: int, keys_sorted: bool, window: int = 0
+) -> list[slice]:
     """Key ranges to visit for queries at positions [q_lo, q_hi].
 
     Sorted keys split at q_lo and q_hi: keys at or before q_lo are visible to every query (large
-    unmasked tiles), keys in (q_lo, q_hi] need a mask, keys past q_hi are skipped. Unsorted
-    keys are walked in fixed tiles.
+    unmasked tiles), keys in (q_lo, q_hi] need a mask, keys past q_hi are skipped. With a
+    window W, keys at or before q_lo - W are skipped too and those in (q_lo - W, q_hi - W] need
+    a mask. Unsorted keys are walked in fixed tiles.
     """
     m = k_pos.numel()
     if not keys_sorted:
         return [slice(k0, min(k0 + K_TILE, m)) for k0 in range(0, m, K_TILE)]
-    bounds = torch.tensor([q_lo, q_hi], dtype=k_pos.dtype, device=k_pos.device)
-    j0, j1 = torch.searchsorted(k_pos, bounds, right=True).tolist()
-    tiles = [slice(k0, min(k0 + K_TILE, j0)) for k0 in range(0, j0, K_TILE)]
-    tiles += [slice(k0, min(k0 + K_TILE, j1)) for k0 in range(j0, j1, K_TILE)]
-    return tiles
+    ends = [q_lo, q_hi] + ([q_lo - window, q_hi - window] if window else [])
+    bounds = torch.tensor(ends, dtype=k_pos.dtype, device=k_pos.device)
+    j0, j1, *edge = torch.searchsorted(k_pos, bounds, right=True).tolist()
+    cuts = [0, j0, j1] if not edge else [edge[0], min(edge[1], j0), j0, j1]
+    return [
+        slice(k0, min(k0 + K_TILE, end))
+        for start, end in zip(cuts, cuts[1:])
+        for k0 in range(start, end, K_TILE)
+    ]
 
 
 def attend_tile(
@@ -522,11 +544,13 @@ def position_attention(
     k_pos: torch.Tensor,
     scale: float,
     keys_sorted: bool = False,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton on CUDA (or when forced) for the head dims and dtypes it takes, else the reference.
-    `keys_sorted`: the caller guarantees non-decreasing k_pos (see position_attention_triton)."""
-    if use_triton(q.device) and _triton_can_run(q, k, v):
+    `keys_sorted`: the caller guarantees non-decreasing k_pos (see position_attention_triton).
+    A sliding window (window > 0) always runs the reference: the kernel has none."""
+    if not window and use_triton(q.device) and _triton_can_run(q, k, v):
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return position_attention_triton(q, q_pos, k, v, k_pos, scale, keys_sorted)
-    return position_attention_ref(q, q_pos, k, v, k_pos, scale, keys_sorted)
+    return position_attention_ref(q, q_pos, k, v, k_pos, scale, keys_sorted, window=window)

@@ -17,8 +17,14 @@
  * Element types: q is 0 float32 or 1 bfloat16; the caches (kv_kind) the same, or 8 / 4 for
  * int8 / int4 codes with a float32 (scale, zero) per row in k_params / v_params, dequantized
  * in that conversion (kernels/kv_quant.py's layout). The output and the LSE are float32.
- * Strides are in elements; head_dim is a multiple of 16. Returns 0, 1 when scratch
- * memory could not be had, 2 for a head_dim it does not take.
+ * Strides are in elements; head_dim is a multiple of 16.
+ *
+ * Sliding window: with window > 0 the query of a sequence of ctx keys (at position ctx - 1)
+ * sees only the keys [max(0, ctx - window), ctx); the walk starts at the block holding the
+ * first of them, skips that block's earlier slots, and the splits cut the visible range.
+ * window 0: every key. Returns 0, 1 when scratch memory could not be had, 2 for a head_dim it
+ * does not take, 4 for a negative window or a window with rows > 1 (a shared prefix's rows sit
+ * at different positions).
  */
 #include <math.h>
 #include <stdint.h>
@@ -258,9 +264,10 @@ int dr_paged_decode(
     int num_seqs, int rows, int kv_heads, int group, int head_dim, int block_size,
     float scale, int dtype, int splits, int64_t blocks_per_split, int num_threads,
     float *work, int kv_kind, const float *k_params, const float *v_params,
-    int64_t kp_block, int64_t kp_slot, int64_t kp_head) {
+    int64_t kp_block, int64_t kp_slot, int64_t kp_head, int64_t window) {
     const int d = head_dim, nq = rows * group, bs = block_size, nc = head_dim / 8;
     if (head_dim % 16 || head_dim > 256) return 2;
+    if (window < 0 || (window > 0 && rows > 1)) return 4;
     const int sb = (block_size + 15) / 16 * 16; /* a score row, whole vectors */
     const int bs4 = (block_size + 3) & ~3;     /* rows per kv head in a converted block */
     const int64_t esize = dtype == DT_F32 ? 4 : 2;
@@ -301,8 +308,10 @@ int dr_paged_decode(
                 }
             }
             const int64_t ctx = context_lens[seq];
-            const int64_t nblk = (ctx + bs - 1) / bs;
-            const int64_t blk0 = split * blocks_per_split;
+            /* The first key the query sees, and the blocks from the one holding it on. */
+            const int64_t start = window > 0 && ctx > window ? ctx - window : 0;
+            const int64_t nblk = (ctx + bs - 1) / bs, first = start / bs;
+            const int64_t blk0 = first + split * blocks_per_split;
             const int64_t blk1 = blk0 + blocks_per_split < nblk ? blk0 + blocks_per_split : nblk;
             if (blk0 >= blk1) continue;
             /* Every query row in float, pre-scaled, kv head by kv head. */
@@ -318,12 +327,15 @@ int dr_paged_decode(
             const void *table = (const char *)block_tables + seq * bt_seq * (bt_int64 ? 8 : 4);
             for (int64_t blk = blk0; blk < blk1; blk++) {
                 const int64_t block = table_at(table, bt_int64, blk);
-                const int64_t left = ctx - blk * bs;
-                const int n = left < bs ? (int)left : bs;
-                const char *kblk = kb + block * kc_block * kv_esize;
-                const char *vblk = vb + block * kc_block * kv_esize;
-                const float *kpb = quant ? k_params + block * kp_block : NULL;
-                const float *vpb = quant ? v_params + block * kp_block : NULL;
+                /* Slots [lo, lo + n) of the block: lo skips the first block's slots before
+                 * the window, n stops the last block at the context's end. */
+                const int64_t lo = blk == first ? start - blk * bs : 0, left = ctx - blk * bs;
+                const int n = (int)((left < bs ? left : bs) - lo);
+                const int64_t row0 = block * kc_block + lo * kc_slot;
+                const char *kblk = kb + row0 * kv_esize, *vblk = vb + row0 * kv_esize;
+                const int64_t prow0 = block * kp_block + lo * kp_slot;
+                const float *kpb = quant ? k_params + prow0 : NULL;
+                const float *vpb = quant ? v_params + prow0 : NULL;
                 if (d == 64)
                     convert_block(kblk, vblk, kpb, vpb, kc_slot * kv_esize, kc_head * kv_esize,
                                   kp_slot, kp_head, n, kv_heads, kv_kind, 64, bs4, kbuf, vbuf);

@@ -66,6 +66,11 @@ struct dr_decode_step {
     int64_t shared_blocks;
     const int64_t *prefix_len, *tail_lens;
     int64_t prefix_splits, prefix_per;
+    /* Sliding windows (NULL: no layer's hides a key of this step): per layer (window, splits,
+     * per), a window shorter than the longest context and the split plan over the sequences'
+     * windows, which that layer attends within (never over the shared prefix); (0, 0, 0): the
+     * layer sees every key, through the plans above. */
+    const int64_t *windows;
     float *x;        /* (tokens, hidden): the stage input, then its output */
     float *residual; /* (tokens, hidden) */
     float *h;        /* (tokens, hidden): the normed input; the final hidden states */
@@ -163,25 +168,33 @@ static void merge_pair(float *o_a, const float *l_a, const float *o_b, const flo
 }
 
 static int attend(const struct dr_decoder *m, const struct dr_decoder_layer *L,
-                  const struct dr_decode_step *s) {
+                  const struct dr_decode_step *s, int64_t layer) {
     const int64_t T = s->tokens, d = m->head_dim;
     const int64_t q_size = m->q_heads * d, qkv_n = q_size + 2 * m->kv_heads * d;
     const int group = (int)(m->q_heads / m->kv_heads), nt = (int)s->num_threads;
     const int kind = m->bits ? (int)m->bits : DT_F32;
+    const int64_t *w = s->windows ? s->windows + 3 * layer : NULL;
+    if (w && w[0] > 0) /* each sequence's window on its own */
+        return dr_paged_decode(
+            s->qkv, qkv_n, qkv_n, d, L->k_cache, L->v_cache, m->kc_block, m->kc_slot,
+            m->kc_head, s->block_tables, (int)s->bt_int64, s->bt_stride, s->context_lens,
+            s->attn, q_size, q_size, d, NULL, 0, 0, (int)T, 1, (int)m->kv_heads, group, (int)d,
+            (int)m->block_size, m->scale, DT_F32, (int)w[1], w[2], nt, s->work, kind,
+            L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, w[0]);
     if (!s->shared_blocks)
         return dr_paged_decode(
             s->qkv, qkv_n, qkv_n, d, L->k_cache, L->v_cache, m->kc_block, m->kc_slot,
             m->kc_head, s->block_tables, (int)s->bt_int64, s->bt_stride, s->context_lens,
             s->attn, q_size, q_size, d, NULL, 0, 0, (int)T, 1, (int)m->kv_heads, group, (int)d,
             (int)m->block_size, m->scale, DT_F32, (int)s->splits, s->per, nt, s->work, kind,
-            L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head);
+            L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, 0);
     /* The prefix: one table row, every sequence's query a row over it. */
     int rc = dr_paged_decode(
         s->qkv, 0, qkv_n, d, L->k_cache, L->v_cache, m->kc_block, m->kc_slot, m->kc_head,
         s->block_tables, (int)s->bt_int64, s->bt_stride, s->prefix_len, s->attn, 0, q_size, d,
         s->prefix_lse, 0, m->q_heads, 1, (int)T, (int)m->kv_heads, group, (int)d,
         (int)m->block_size, m->scale, DT_F32, (int)s->prefix_splits, s->prefix_per, nt, s->work,
-        kind, L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head);
+        kind, L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, 0);
     if (rc) return rc;
     const char *tail_table =
         (const char *)s->block_tables + s->shared_blocks * (s->bt_int64 ? 8 : 4);
@@ -190,19 +203,19 @@ static int attend(const struct dr_decoder *m, const struct dr_decoder_layer *L,
         tail_table, (int)s->bt_int64, s->bt_stride, s->tail_lens, s->tail_out, q_size, q_size,
         d, s->tail_lse, m->q_heads, m->q_heads, (int)T, 1, (int)m->kv_heads, group, (int)d,
         (int)m->block_size, m->scale, DT_F32, (int)s->splits, s->per, nt, s->work, kind,
-        L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head);
+        L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, 0);
     if (rc) return rc;
     merge_pair(s->attn, s->prefix_lse, s->tail_out, s->tail_lse, T * m->q_heads, d);
     return 0;
 }
 
 static int attention_half(const struct dr_decoder *m, const struct dr_decoder_layer *L,
-                          const struct dr_decode_step *s, int first) {
+                          const struct dr_decode_step *s, int64_t layer) {
     const int64_t T = s->tokens, H = m->hidden, d = m->head_dim;
     const int64_t q_size = m->q_heads * d, kv_size = m->kv_heads * d;
     const int64_t qkv_n = q_size + 2 * kv_size;
     const int nt = (int)s->num_threads;
-    norm_in(m, L->input_norm, s, first);
+    norm_in(m, L->input_norm, s, layer == 0);
     dr_linear(s->h, T, H, L->qkv, qkv_n, L->qkv_bias, s->qkv, nt);
     lora_add(L, LORA_QKV, s, s->h, H, s->qkv, qkv_n);
     if (L->q_norm && L->k_norm) /* each q and k head normed over head_dim, in place */
@@ -216,7 +229,7 @@ static int attention_half(const struct dr_decoder *m, const struct dr_decoder_la
                   m->kc_block, m->kc_slot, m->kc_head, s->slots, (int)T, (int)m->q_heads,
                   (int)m->kv_heads, (int)d, (int)m->block_size, DT_F32, nt, (int)m->bits,
                   L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head);
-    const int rc = attend(m, L, s);
+    const int rc = attend(m, L, s, layer);
     if (rc) return rc;
     dr_linear(s->attn, T, q_size, L->o, H, L->o_bias, s->x, nt);
     lora_add(L, LORA_O, s, s->attn, q_size, s->x, H);
@@ -236,7 +249,8 @@ static void mlp_half(const struct dr_decoder *m, const struct dr_decoder_layer *
 }
 
 /* Run stages [first, last); returns 0, or dr_paged_decode's code (1: no scratch memory,
- * 2: a head_dim it does not take), or 3 for a stage out of range. */
+ * 2: a head_dim it does not take, 4: a window it does not take), or 3 for a stage out of
+ * range. */
 int dr_decoder_stages(const struct dr_decoder *m, const struct dr_decoder_layer *layers,
                       const struct dr_decode_step *s, int64_t first, int64_t last) {
     if (first < 0 || last > 2 * m->num_layers + 1) return 3;
@@ -247,7 +261,7 @@ int dr_decoder_stages(const struct dr_decoder *m, const struct dr_decoder_layer 
                         m->hidden, m->final_norm, s->tokens, m->hidden, m->eps,
                         (int)s->num_threads);
         } else if (stage % 2 == 0) {
-            const int rc = attention_half(m, layers + layer, s, stage == 0);
+            const int rc = attention_half(m, layers + layer, s, layer);
             if (rc) return rc;
         } else {
             mlp_half(m, layers + layer, s);

@@ -36,7 +36,7 @@ int dr_paged_decode(
     int num_seqs, int rows, int kv_heads, int group, int head_dim, int block_size,
     float scale, int dtype, int splits, int64_t blocks_per_split, int num_threads,
     float *work, int kv_kind, const float *k_params, const float *v_params,
-    int64_t kp_block, int64_t kp_slot, int64_t kp_head);
+    int64_t kp_block, int64_t kp_slot, int64_t kp_head, int64_t window);
 void dr_rope_store(char *q, int64_t q_tok, int64_t q_head, char *k, int64_t k_tok,
                    int64_t k_head, const char *v, int64_t v_tok, int64_t v_head, const float *cos,
                    const float *sin, char *k_cache, char *v_cache, int64_t kc_block,

@@ -1,6 +1,7 @@
 """Native CPU decode kernels (`kernels/cpu_attention.py`): attention against a float64
 reference over paged caches of several shapes and dtypes, with splits, shared prefixes,
-poisoned unused slots, empty contexts and both block-table dtypes; `flash_decode` takes it on
+poisoned unused slots, empty contexts, both block-table dtypes and sliding windows (the keys
+before each window poisoned too); `flash_decode` takes it on
 CPU; RoPE fused with the KV store against `rotate` + `store_kv_ref`; the model decodes with them
 the tokens and logprobs the torch references give; `DIST_RUNTIME_CPU_ATTENTION=torch`, a missing
 compiler and a failing build all fall back to the references."""
@@ -71,14 +72,18 @@ def _case(
     return q.to(dtype), k.to(dtype), v.to(dtype), tables, torch.tensor(lens)
 
 
-def _oracle(q, k, v, tables, lens, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 attention of each sequence's query over its gathered context (GQA expanded)."""
+def _oracle(
+    q, k, v, tables, lens, scale: float, window: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 attention of each sequence's query over its gathered context (GQA expanded);
+    window > 0: over its last `window` keys only."""
     block_size, group = k.shape[1], q.shape[1] // k.shape[2]
     outs, lses = [], []
     for b, n in enumerate(lens.tolist()):
         ids = tables[b, : (n + block_size - 1) // block_size].long()
-        kk = k[ids].flatten(0, 1)[:n].double().repeat_interleave(group, dim=1)  # (n, heads, d)
-        vv = v[ids].flatten(0, 1)[:n].double().repeat_interleave(group, dim=1)
+        start = max(0, n - window) if window else 0
+        kk = k[ids].flatten(0, 1)[start:n].double().repeat_interleave(group, dim=1)  # (n, h, d)
+        vv = v[ids].flatten(0, 1)[start:n].double().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[b].double(), kk) * scale
         lse = torch.logsumexp(scores, dim=-1)
         outs.append(torch.einsum("hn,nhd->hd", torch.exp(scores - lse[:, None]), vv))
@@ -86,11 +91,11 @@ def _oracle(q, k, v, tables, lens, scale: float) -> tuple[torch.Tensor, torch.Te
     return torch.stack(outs), torch.stack(lses)
 
 
-def _check(q, k, v, tables, lens, scale: float = 0.3) -> None:
-    out, lse = flash_decode_cpu(q, k, v, tables, lens, scale, return_lse=True)
+def _check(q, k, v, tables, lens, scale: float = 0.3, window: int = 0) -> None:
+    out, lse = flash_decode_cpu(q, k, v, tables, lens, scale, return_lse=True, window=window)
     assert out.dtype == q.dtype and out.shape == q.shape and lse is not None
     assert lse.dtype == torch.float32
-    ref_out, ref_lse = _oracle(q, k, v, tables, lens, scale)
+    ref_out, ref_lse = _oracle(q, k, v, tables, lens, scale, window)
     # float32 math against float64; a bfloat16 output rounds to 8 bits of mantissa.
     atol = 2e-5 if q.dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=0)
@@ -241,6 +246,162 @@ def test_quantized_cache_matches_float64_over_its_dequantized_values(
     torch.testing.assert_close(via_dispatch, out)
     with pytest.raises(ValueError, match="needs both k_params and v_params"):
         paged_decode(q, k_codes, v_codes, tables, lens, 0.3, 200, bits=bits)
+
+
+def _hide_before_windows(k, v, tables, lens, window: int) -> None:
+    """NaN in every key and value before each sequence's window (in place), so that reading one
+    shows in the result."""
+    block_size = k.shape[1]
+    for b, n in enumerate(lens.tolist()):
+        for t in range(max(0, n - window)):
+            blk, slot = tables[b, t // block_size], t % block_size
+            k[blk, slot] = v[blk, slot] = float("nan")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 1])
+# one key, less than a block, not a multiple of the block size, four blocks, more than most
+# contexts (250 sees 200 of them)
+@pytest.mark.parametrize("window", [1, 5, 37, 64, 200])
+def test_sliding_window_matches_float64_reference(
+    dtype: torch.dtype, block_size: int, window: int
+) -> None:
+    """Each query attends to its sequence's last `window` keys; the keys before them (NaN
+    here) are not read, however the window falls on the blocks."""
+    q, k, v, tables, lens = _case(
+        lens=[1, 16, 17, 250, 33, 100],
+        q_heads=6,
+        kv_heads=2,
+        head_dim=64,
+        block_size=block_size,
+        dtype=torch.float32,
+        seed=window,
+    )
+    _hide_before_windows(k, v, tables, lens, window)
+    _check(q.to(dtype), k.to(dtype), v.to(dtype), tables, lens, window=window)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sliding_window_of_a_long_context_splits_over_threads(threads: int) -> None:
+    """The splits cut the window's blocks (a window of about 60 blocks starting mid-block), not
+    the whole context, so batch 1 spreads over the threads."""
+    window, bs = 970, 16
+    assert cpu_attention.split_plan(1, -(-(window + bs) // bs), threads)[0] > 1
+    q, k, v, tables, lens = _case(
+        lens=[4001, 20], q_heads=4, kv_heads=2, head_dim=64, block_size=bs, dtype=torch.float32
+    )
+    _hide_before_windows(k, v, tables, lens, window)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(q, k, v, tables, lens, window=window)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliding_window_over_a_quantized_cache(bits: int, dtype: torch.dtype) -> None:
+    """int8 / int4 codes: the window's first block is dequantized from its first visible slot
+    on, each row with its own (scale, zero)."""
+    q, k, v, tables, lens = _case(
+        lens=[3, 40, 200],
+        q_heads=6,
+        kv_heads=2,
+        head_dim=64,
+        block_size=16,
+        dtype=torch.float32,
+        seed=bits,
+    )
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    k_codes, k_params = quantize_kv_ref(k, bits)
+    v_codes, v_params = quantize_kv_ref(v, bits)
+    k_deq = dequantize_kv_ref(k_codes, k_params, bits, torch.float64)
+    v_deq = dequantize_kv_ref(v_codes, v_params, bits, torch.float64)
+    q = q.to(dtype)
+    atol = 2e-5 if dtype == torch.float32 else 2e-2
+    for window in (7, 45):
+        out, lse = flash_decode_cpu(
+            q,
+            k_codes,
+            v_codes,
+            tables,
+            lens,
+            0.3,
+            True,
+            k_params=k_params,
+            v_params=v_params,
+            bits=bits,
+            window=window,
+        )
+        ref_out, ref_lse = _oracle(q, k_deq, v_deq, tables, lens, 0.3, window)
+        torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=0)
+        assert lse is not None
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-6)
+
+
+@needs_native
+def test_sliding_window_over_a_shared_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch sharing six leading blocks: a window shorter than the longest context attends
+    each sequence's own window in one call (no shared-prefix rows); one at least that long
+    hides nothing, so the prefix is read once as without a window."""
+    bs, shared = 16, 6
+    q, k, v, tables, lens = _case(
+        lens=[shared * bs + 9, shared * bs + 40, shared * bs + 1],
+        q_heads=6,
+        kv_heads=2,
+        head_dim=64,
+        block_size=bs,
+        dtype=torch.float32,
+        seed=3,
+    )
+    tables[:, :shared] = tables[0, :shared]
+    rows: list[int] = []
+    plain_decode = cpu_attention.paged_decode
+
+    def counting(*args, **kwargs):
+        rows.append(kwargs.get("rows", args[7] if len(args) > 7 else 1))
+        return plain_decode(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_attention, "paged_decode", counting)
+    _check(q, k, v, tables, lens, window=50)  # into the prefix for two of them
+    assert rows == [1]
+    rows.clear()
+    _check(q, k, v, tables, lens, window=int(lens.max()))
+    assert sorted(rows) == [1, 3]
+
+
+@needs_native
+def test_window_zero_or_beyond_every_context_changes_nothing() -> None:
+    q, k, v, tables, lens = _case(
+        lens=[1, 70, 129], q_heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32
+    )
+    plain = flash_decode_cpu(q, k, v, tables, lens, 0.3, return_lse=True)
+    for window in (0, 129, 1000):
+        got = flash_decode_cpu(q, k, v, tables, lens, 0.3, return_lse=True, window=window)
+        assert torch.equal(got[0], plain[0]) and got[1] is not None and plain[1] is not None
+        assert torch.equal(got[1], plain[1])
+    assert not torch.equal(flash_decode_cpu(q, k, v, tables, lens, 0.3, window=128)[0], plain[0])
+
+
+@needs_native
+def test_sliding_window_refusals() -> None:
+    """Rows sharing one table (a shared prefix's queries) sit at different positions, so the
+    kernel refuses a window for them (its code 4); a negative window is named."""
+    q, k, v, tables, lens = _case(
+        lens=[40], q_heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32
+    )
+    rows = q.repeat(2, 1, 1)
+    paged_decode(rows, k, v, tables, lens, 0.5, 40, rows=2)
+    with pytest.raises(ValueError, match=r"sliding window \(8\) needs one query row"):
+        paged_decode(rows, k, v, tables, lens, 0.5, 40, rows=2, window=8)
+    with pytest.raises(ValueError, match="got -1"):
+        paged_decode(q, k, v, tables, lens, 0.5, 40, window=-1)
+    with pytest.raises(ValueError, match="got -3"):
+        flash_decode_cpu(q, k, v, tables, lens, 0.5, window=-3)
 
 
 @needs_native

@@ -2,7 +2,8 @@
 path's hidden states: bit for bit for float32, int8 and int4 caches, with attention biases, a
 tied head, both checkpoint layouts, Qwen3's q / k head norms and per-request RoPE tables; to
 float rounding for a batch over a shared cached prefix (whose two attention partials it merges
-in C). Stage by stage (the
+in C). Layers with sliding windows (some layers windowed, others not) attend within them as the
+layer path does. Stage by stage (the
 tp > 1 schedule, here with an identity reduce) equals one call. Steps and models it does not
 serve take the layer path.
 """
@@ -216,6 +217,66 @@ def test_shared_prefix_batch_merges_like_the_layer_path(
     layered, fused = both_paths(runner, seqs, work, monkeypatch)
     assert fused_calls == [3]
     torch.testing.assert_close(fused, layered, rtol=1e-5, atol=1e-5)
+
+
+def set_windows(runner: ModelRunner, windows: list[int]) -> None:
+    """Each layer's sliding window (0: none), as a checkpoint's config would set them; the
+    native decoder, which takes them when it is built, is built anew."""
+    layers: list[Any] = list(runner.model.layers)
+    for layer, window in zip(layers, windows, strict=True):
+        layer.attn.window = window
+    runner.model.drop_native_decoder()
+
+
+@pytest.mark.parametrize("policy", [0, 4])
+def test_sliding_window_layers_equal_the_layer_path_bit_for_bit(
+    checkpoint: Path, policy: int, fused_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One layer attends to its last 5 keys, the other to every key (Qwen2's mixed layers),
+    over contexts longer than the window but one (5 keys, then 6 ...); then a window of 200,
+    which the longest context's splits cut as the layer path's do."""
+    runner = make_runner(checkpoint, policy)
+    assert TINY_SHAPES["num_layers"] == 2
+    seqs = Seqs(seed=21 + policy)
+    lens = [300, 33, 5]
+    for n in lens:
+        seqs.add(n + 5)
+    forward(runner, *seqs.meta([(i, 0, n) for i, n in enumerate(lens)], decode=False))
+    for t, windows in enumerate(([5, 0], [5, 0], [0, 200], [0, 200])):
+        set_windows(runner, windows)
+        work = [(i, n + t, n + t + 1) for i, n in enumerate(lens)]
+        layered, fused = both_paths(runner, seqs, work if t % 2 == 0 else work[:1], monkeypatch)
+        assert torch.equal(layered, fused), f"step {t}: max diff {(layered - fused).abs().max()}"
+    assert fused_calls == [3, 1, 3, 1]
+    set_windows(runner, [0, 0])  # the windows were used: without them the step differs
+    _, unwindowed = both_paths(runner, seqs, work[:1], monkeypatch)
+    assert not torch.allclose(unwindowed, fused)
+
+
+def test_sliding_window_layers_over_a_shared_prefix(
+    checkpoint: Path, fused_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three sequences over one cached 5-block prefix: a layer whose window hides keys attends
+    each sequence's window on its own while an unwindowed layer reads the prefix once (equal
+    to the layer path to float rounding, the prefix merge's); with every layer windowed no
+    prefix pass runs and the step equals the layer path bit for bit."""
+    runner = make_runner(checkpoint)
+    seqs = Seqs(seed=11)
+    doc = seqs.add(5 * BS + 9)
+    others = [seqs.add(5 * BS + n, share_with=doc, shared_blocks=5) for n in (3, 20)]
+    forward(runner, *seqs.meta([(doc, 0, 5 * BS + 8)], decode=False))
+    forward(
+        runner, *seqs.meta([(i, 5 * BS, 5 * BS + n - 1) for i, n in zip(others, (3, 20))], False)
+    )
+    work = [(doc, 5 * BS + 8, 5 * BS + 9), (others[0], 5 * BS + 2, 5 * BS + 3)]
+    work.append((others[1], 5 * BS + 19, 5 * BS + 20))
+    set_windows(runner, [20, 0])
+    layered, fused = both_paths(runner, seqs, work, monkeypatch)
+    torch.testing.assert_close(fused, layered, rtol=1e-5, atol=1e-5)
+    set_windows(runner, [20, 50])
+    layered, fused = both_paths(runner, seqs, work, monkeypatch)
+    assert torch.equal(layered, fused)
+    assert fused_calls == [3, 3]
 
 
 def test_stage_by_stage_equals_one_call(checkpoint: Path) -> None:

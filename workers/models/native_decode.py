@@ -2,11 +2,11 @@
 
 A float32 model on CPU whose linear layers all run on the native panel kernel decodes through
 it: every layer's kernels from one C call (tp = 1) or two per layer with the all-reduces
-between them (tp > 1), the rows' LoRA adapters included. The layer-by-layer path stays for
-everything else: prefill chunks, cp,
-other dtypes or weight formats, a head_dim the attention kernel does not take, a row-parallel
-bias under tp > 1 (added after the reduce, between stages), and whenever
-`DIST_RUNTIME_CPU_DECODE=layers` or the attention / elementwise kernels are switched to torch.
+between them (tp > 1), the rows' LoRA adapters and the layers' sliding windows included. The
+layer-by-layer path stays for everything else: prefill chunks, cp, other dtypes or weight
+formats, a head_dim the attention kernel does not take, a row-parallel bias under tp > 1
+(added after the reduce, between stages), and whenever `DIST_RUNTIME_CPU_DECODE=layers` or the
+attention / elementwise kernels are switched to torch.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ def build(model: DecoderLM, kv_caches: list[LayerKV]) -> CpuDecoder | None:
         eps=model.config.rms_norm_eps,
         bits=kv_caches[0].bits,
         scale=model.config.attention_scale,
+        windows=[getattr(layer.attn, "window", 0) for layer in _layers(model)],
     )
 
 
