@@ -408,8 +408,12 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     """Trained context length."""
     sliding_window: int | None = None
-    """Mistral's: each token attends to this many before it at most (None: all). The runtime
-    attends to all, so a session is kept within it (`RuntimeConfig.check_session_len`)."""
+    """Each token of a windowed layer attends to at most this many keys, its own included
+    (Mistral v0.1, Phi-3-mini-4k, Qwen2's `use_sliding_window`); None: every layer attends to
+    every earlier token."""
+    window_layers: tuple[bool, ...] | None = None
+    """Which layers attend within sliding_window (transformers' `layer_types`, or Qwen2's
+    `max_window_layers`: the layers from it on); None: every layer."""
     tie_word_embeddings: bool = False
     """LM head shares the embedding matrix."""
     attention_bias: bool = False
@@ -507,6 +511,14 @@ class ModelConfig:
             return self.rope_theta
         d, factor = self.rope_dim, scaling.factor
         return self.rope_theta * (factor * prompt_len / max_pos - (factor - 1)) ** (d / (d - 2))
+
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of layer `layer`, 0 for none (the attention kernels' `window`)."""
+        if self.sliding_window is None:
+            return 0
+        if self.window_layers is not None and not self.window_layers[layer]:
+            return 0
+        return self.sliding_window
 
     def max_rope_len(self) -> int | None:
         """Longest sequence RoPE supports: the trained length, times a linear factor; None
@@ -617,7 +629,7 @@ class ModelConfig:
                 head_dim=rotary_dim or head_dim,
             ),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            sliding_window=_sliding_window(hf, source),
+            **_sliding_window(hf, source, archs),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
             o_bias=False if qwen2 or glm else None,  # (Qwen2, GLM: q/k/v biases, none on o)
@@ -732,15 +744,51 @@ def _parse_weight_quant(hf: dict[str, Any], source: str) -> WeightQuant | None:
     return WeightQuant.from_dict(raw, source)
 
 
-def _sliding_window(hf: dict[str, Any], source: str) -> int | None:
-    """Mistral's `sliding_window` (None, or one that covers every position: none)."""
-    window = hf.get("sliding_window")
-    if window is None or hf.get("use_sliding_window") is False:
-        return None
+SLIDING_LAYER_TYPES = {"sliding_attention": True, "full_attention": False}
+"""transformers' `layer_types` this runtime reads: whether each is windowed."""
+
+
+def _sliding_window(hf: dict[str, Any], source: str, archs: list[str]) -> dict[str, Any]:
+    """`sliding_window` and `window_layers`, as transformers reads them: Mistral's window
+    (4096 where its config names none) and Phi-3's on every layer; Qwen2 / Qwen3's only with
+    `use_sliding_window`, on the layers from `max_window_layers` on; `layer_types` where the
+    config lists them. The other architectures have none (their classes ignore the key)."""
+    mistral = "MistralForCausalLM" in archs
+    qwen = bool({"Qwen2ForCausalLM", "Qwen3ForCausalLM"} & set(archs))
+    window = hf.get("sliding_window", 4096 if mistral else None)
+    if (
+        window is None
+        or not (mistral or qwen or "Phi3ForCausalLM" in archs)
+        or (qwen and not hf.get("use_sliding_window", False))
+    ):
+        return {"sliding_window": None}
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ConfigError(f"{source}: sliding_window must be a positive integer or null, "
                           f"got {window!r:.80}")  # fmt: skip
-    return None if window >= int(hf.get("max_position_embeddings", 4096)) else window
+    layers = hf["num_hidden_layers"]
+    kinds = hf.get("layer_types")
+    if kinds is not None:
+        if (
+            not isinstance(kinds, list)
+            or len(kinds) != layers
+            or any(k not in SLIDING_LAYER_TYPES for k in kinds)
+        ):
+            raise ConfigError(
+                f"{source}: layer_types must list one of {sorted(SLIDING_LAYER_TYPES)} per "
+                f"layer ({layers}), got {kinds!r:.120}"
+            )
+        windowed = tuple(SLIDING_LAYER_TYPES[k] for k in kinds)
+    elif qwen:
+        first = hf.get("max_window_layers", 28)
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise ConfigError(f"{source}: max_window_layers must be an integer >= 0, "
+                              f"got {first!r:.80}")  # fmt: skip
+        windowed = tuple(i >= first for i in range(layers))
+    else:
+        return {"sliding_window": window}
+    if not any(windowed):
+        return {"sliding_window": None}
+    return {"sliding_window": window, "window_layers": None if all(windowed) else windowed}
 
 
 def _yarn_scaling(raw: dict[str, Any], source: str, max_pos: int) -> RopeScaling:
@@ -1317,16 +1365,17 @@ class RuntimeConfig:
         return model
 
     def check_session_len(self, model: ModelConfig) -> None:
-        """Refuse a session longer than the model's RoPE supports, or than its sliding window
-        (which the runtime does not implement), before any work."""
+        """Refuse, before any work, a session longer than the model's RoPE supports, or one
+        that would pass its sliding window with cp > 1 (context parallelism stripes a
+        sequence's keys over ranks; its attention spans every earlier key)."""
         window = model.sliding_window
-        if window is not None and self.session_len > window:
+        if window is not None and self.session_len > window and self.parallel.cp > 1:
             raise ConfigError(
-                f"session_len {self.session_len} is over this checkpoint's sliding_window "
-                f"{window}: it attends to at most {window} tokens back, and this runtime "
-                f"attends to all of them, which would change its answers past that; shorten "
-                f"session_len to {window}",
-                key="session_len",
+                f"cp {self.parallel.cp} with session_len {self.session_len}: this checkpoint "
+                f"attends within a sliding window of {window} tokens, which context "
+                f"parallelism does not implement; use cp 1 (its KV per token is what tp "
+                f"shards), or a session_len of at most {window}",
+                key="parallel.cp",
             )
         limit = model.max_rope_len()
         if limit is not None and self.session_len > limit and not self.allow_rope_extrapolation:

@@ -206,25 +206,6 @@ def test_llama3_rope_scaling_errors(tmp_path: Path) -> None:
         ModelConfig.from_pretrained(str(folder))
 
 
-def test_a_session_past_a_sliding_window_is_refused(tmp_path: Path) -> None:
-    """Mistral v0.1 attends within a sliding window; this runtime attends to every earlier
-    token, so a session that could pass the window is refused at start (one within it runs,
-    and a window covering every position, or switched off, is no window)."""
-    folder = _checkpoint(tmp_path, "mistral")
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16)
-    path.write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="session_len 24 is over this checkpoint's sliding_wi"):
-        Runtime(model=str(folder), device="cpu", session_len=24)
-    with Runtime(model=str(folder), device="cpu", dtype="float32", session_len=16) as rt:
-        (out,) = rt.generate([_prompt(5, seed=1)], SamplingParams(max_new_tokens=3))
-        assert len(out.token_ids) == 3
-    for off in ({"sliding_window": MAX_POS}, {"use_sliding_window": False}):
-        path.write_text(json.dumps({**config, **off}))
-        assert ModelConfig.from_pretrained(str(folder)).sliding_window is None
-
-
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 
 

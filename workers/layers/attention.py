@@ -91,9 +91,13 @@ class Attention(nn.Module):
         device: torch.device,
         qkv_quant: WeightQuant | None = None,
         o_quant: WeightQuant | None = None,
+        window: int = 0,
     ):
         super().__init__()
         self.shard = shard
+        self.window = window
+        """Each query attends to this many keys at most, its own included (a sliding-window
+        layer); 0: to every earlier key."""
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.q_size = shard.num_q * config.head_dim
@@ -166,6 +170,7 @@ class Attention(nn.Module):
                 meta.block_tables,
                 meta.context_lens,
                 self.scale,
+                window=self.window,
                 **quant,  # type: ignore[arg-type]
             )
             return self.o_proj(out.reshape(tokens, self.q_size))
@@ -177,6 +182,7 @@ class Attention(nn.Module):
             meta.cu_seqlens_q,
             meta.context_lens,
             self.scale,
+            window=self.window,
             **quant,  # type: ignore[arg-type]
         )
         return self.o_proj(out.reshape(tokens, self.q_size))

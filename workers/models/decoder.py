@@ -94,6 +94,7 @@ class DecoderLayer(nn.Module):
         comm: Collectives,
         dtype: torch.dtype,
         device: torch.device,
+        window: int = 0,
     ):
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -106,6 +107,7 @@ class DecoderLayer(nn.Module):
             device,
             qkv_quant=linear_quant(config, "qkv"),
             o_quant=linear_quant(config, "o"),
+            window=window,
         )
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = MLP(config, comm, dtype, device)
@@ -139,8 +141,8 @@ class DecoderLM(nn.Module):
         )
         self.rotary = rotary = RotaryEmbedding(config, device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, self.shard, rotary, comm, dtype, device)
-            for _ in range(config.num_layers)
+            DecoderLayer(config, self.shard, rotary, comm, dtype, device, config.layer_window(i))
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         tied = self.embed if config.tie_word_embeddings else None
