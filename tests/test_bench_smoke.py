@@ -459,3 +459,11 @@ def test_sampler_options_bench_runs(tmp_path: Path) -> None:
     assert "sampler-options: b1 x 20 tokens, time against plain greedy" in out
     assert "thinking_budget" in out
     assert report.read_text().count("| min_tokens |") == 1
+
+
+def test_sliding_window_bench_runs(tmp_path: Path) -> None:
+    report = tmp_path / "sliding_window.md"
+    argv = ["--context=96", "--window=24", "--new-tokens=3", "--layers=1", "--hidden=64"]
+    out = _run("bench/sliding_window.py", *argv, "--repeats=1", f"--report={report}")
+    assert "sliding-window: context 96, window 24, 1 layers of 64: prefill" in out
+    assert "| window 24 |" in report.read_text()
