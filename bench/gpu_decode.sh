@@ -117,6 +117,9 @@ timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider \
 step "LoRA kernels (Triton shrink / expand) against float64"
 timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider \
     tests/kernels/test_lora_kernels.py 2>&1 | tail -4 | tee -a "$log"
+step "sliding-window attention kernels (prefill, split-KV decode, int8 / int4) against float64"
+timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider \
+    tests/kernels/test_sliding_window.py 2>&1 | tail -4 | tee -a "$log"
 step "disk tier of the prefix cache: 7B blocks from the GPU to files and back"
 timeout "${DISK_TIMEOUT:-60}" $PY bench/disk_kv_tier.py --device cuda --blocks 512 2>&1 \
     | tee -a "$log"

@@ -7,9 +7,9 @@ attending to every key, at one long context, in one run.
 A random Mistral checkpoint (`--layers` layers, hidden `--hidden`, 8 query heads over 4 KV
 heads, head_dim 64, MLP 3 x hidden, vocabulary 4,096; fp32) is run twice: with
 `sliding_window: --window` and with `sliding_window: null`. One prompt of `--context` random
-tokens; timed (best of `--repeats`, prefix cache off, greedy, EOS ignored): its prefill (a
-`max_new_tokens=1` request) and `--new-tokens` decode steps after it (the difference of a
-request of 1 + new tokens and the prefill alone). Reported: prefill seconds, decode ms per token,
+tokens and 1 + `--new-tokens` new ones, streamed; timed (best of `--repeats`, prefix cache off,
+greedy, EOS ignored): its prefill (the time to the first token) and the decode steps after it
+(from the first token to the last). Reported: prefill seconds, decode ms per token,
 and the windowed model's speed-up on each. One summary line; `--report` writes a markdown report.
 """
 
@@ -34,26 +34,29 @@ HEADS, KV_HEADS = 8, 4
 
 
 def timings(folder: Path, prompt: list[int], new: int, repeats: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per token), each the best of `repeats` after a warm-up."""
-    first = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
-    more = SamplingParams(max_new_tokens=1 + new, temperature=0.0, ignore_eos=True)
+    """(prefill seconds, decode seconds per token), each the best of `repeats` after a warm-up:
+    the time to the first token, and from it to the last over the `new` tokens after it."""
+    params = SamplingParams(max_new_tokens=1 + new, temperature=0.0, ignore_eos=True)
     with Runtime(
         model=str(folder), device="cpu", dtype="float32", session_len=len(prompt) + new + 1,
         cache={"enable_prefix_caching": False},
     ) as rt:  # fmt: skip
-        rt.generate([prompt], more)
-
-        def best(params: SamplingParams) -> float:
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                rt.generate([prompt], params)
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        prefill = best(first)
-        total = best(more)
-    return prefill, max(total - prefill, 0.0) / new
+        rt.generate([prompt], params)
+        prefill = decode = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            (handle,) = rt.add_requests([prompt], params)
+            first = None
+            tokens = 0
+            for delta in handle:
+                if delta.token_ids and first is None:
+                    first = time.perf_counter()
+                tokens += len(delta.token_ids)
+            end = time.perf_counter()
+            assert first is not None and tokens == 1 + new
+            prefill = min(prefill, first - start)
+            decode = min(decode, (end - first) / new)
+    return prefill, decode
 
 
 def main() -> int:

@@ -759,8 +759,10 @@ def _attend(
         # 8K queries over 1M keys); tile it instead, masking only the tiles on the diagonal (and
         # on a window's lower edge, skipping those below it).
         positions = torch.arange(ctx, device=q.device)
+        # (A windowed query tile as long as the window reads about twice its keys.)
+        tile = max(window, WINDOW_MIN_Q_TILE) if window else None
         o, s = position_attention_ref(
-            q, positions[ctx - n :], k, v, positions, scale, window=window
+            q, positions[ctx - n :], k, v, positions, scale, window=window, q_tile=tile
         )
         return o, (s.float() if return_lse else None)
     group = q_heads // kv_heads
@@ -787,6 +789,9 @@ def _attend(
     o = o.permute(2, 0, 1, 3).reshape(n, q_heads, -1).to(q.dtype)
     return o, lse.permute(2, 0, 1).reshape(n, q_heads)
 
+
+WINDOW_MIN_Q_TILE = 512
+"""Fewest queries per tile of a long windowed chunk on the reference path."""
 
 MIN_SHARED_BLOCKS = 4
 """Leading blocks a decode batch must share (prefix caching) to attend over them once."""

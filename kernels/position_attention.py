@@ -74,6 +74,7 @@ def position_attention_ref(
     scale: float,
     keys_sorted: bool = False,
     window: int = 0,
+    q_tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (n, q_heads, d), k, v: (m, kv_heads, d), positions int64.
 
@@ -81,7 +82,8 @@ def position_attention_ref(
     The reference finds out itself whether keys are sorted; `keys_sorted=True` (the Triton
     kernel's promise) is checked, so CPU runs catch a caller that breaks it.
     window > 0: query i sees only keys with q_pos[i] - window < k_pos[j] (a sliding window of
-    `window` positions, its own included); 0: no window.
+    `window` positions, its own included); 0: no window. q_tile: queries per tile (a query
+    tile reads the keys from its first query's window to its last query); None: Q_TILE.
     """
     check_inputs(q, q_pos, k, v, k_pos)
     check_window(window)
@@ -102,8 +104,9 @@ def position_attention_ref(
     keys_sorted = m < 2 or bool((k_pos[1:] >= k_pos[:-1]).all())
     if promised and not keys_sorted:
         raise ValueError("keys_sorted=True, but k_pos decreases somewhere")
-    for q0 in range(0, n, Q_TILE):
-        qs = slice(q0, min(q0 + Q_TILE, n))
+    q_tile = q_tile or Q_TILE
+    for q0 in range(0, n, q_tile):
+        qs = slice(q0, min(q0 + q_tile, n))
         qp = q_pos[qs]
         q_lo, q_hi = int(qp.min()), int(qp.max())
         acc_o: torch.Tensor | None = None

@@ -212,8 +212,9 @@ def test_long_chunk_ref_window_tiles(window: int, monkeypatch: pytest.MonkeyPatc
     """Past LARGE_SCORES pairs a chunk attends through the tiled position reference, which
     skips key tiles below every query's window and masks those on its edge."""
     monkeypatch.setattr(PA, "LARGE_SCORES", 256)
-    monkeypatch.setattr(PO, "Q_TILE", 16)
+    monkeypatch.setattr(PA, "WINDOW_MIN_Q_TILE", 16)
     monkeypatch.setattr(PO, "K_TILE", 8)
+    tile = max(window, 16)  # (a windowed chunk's query tile: the window, 16 at least)
     calls: list[int] = []
     real = PO.attend_tile
 
@@ -227,12 +228,12 @@ def test_long_chunk_ref_window_tiles(window: int, monkeypatch: pytest.MonkeyPatc
     want_out, want_lse = batch_oracle(b, 0.125, window)
     out, lse = PA.paged_attention_ref(*_paged_args(b, 0.125), return_lse=True, window=window)
     assert_matches(out, lse, want_out, want_lse)
-    # Each query tile of 16 reads exactly the keys some of its queries see.
+    # Each query tile reads exactly the keys some of its queries see.
     reach = 0
     for n, ctx in seqs:
         first = max(ctx - n - window + 1, 0)
-        for t in range(ctx - n, ctx, 16):
-            reach += min(t + 16, ctx) - max(t - window + 1, first)
+        for t in range(ctx - n, ctx, tile):
+            reach += min(t + tile, ctx) - max(t - window + 1, first)
     assert sum(calls) == reach
 
 
