@@ -83,10 +83,16 @@ def head_dim_16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Qwen2: biases on q/k/v (sharded with their rows) and none on o."""
-    return write_random_checkpoint(
+    """Qwen2: biases on q/k/v (sharded with their rows) and none on o; a sliding window of 9
+    on its second layer (`use_sliding_window` from max_window_layers 1), which the longest
+    prompt passes, so each rank's heads attend within it."""
+    folder = write_random_checkpoint(
         tmp_path_factory.mktemp("tiny-qwen2"), architecture="qwen2", seed=7, **TINY_SHAPES
     )
+    path = folder / "config.json"
+    windowed = {"use_sliding_window": True, "sliding_window": 9, "max_window_layers": 1}
+    path.write_text(json.dumps({**json.loads(path.read_text()), **windowed}))
+    return folder
 
 
 @pytest.fixture(scope="module")

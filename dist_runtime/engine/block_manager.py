@@ -518,11 +518,19 @@ class BlockManager:
         table.extend(new)
         return new
 
-    def free(self, table: list[int]) -> None:
-        """Drop one reference to each block; the last reference keeps hashed content cached."""
-        for i in reversed(range(len(table))):  # tail blocks are evicted before the shared head
+    def free(self, table: list[int], released: int = 0) -> None:
+        """Drop one reference to each block but the first `released` entries' (given back
+        already: `release_head`); the last reference keeps hashed content cached."""
+        for i in reversed(range(released, len(table))):  # tail blocks go before the shared head
             self._pools[i % self.cp_size].release(table[i])
         table.clear()
+
+    def release_head(self, table: list[int], start: int, stop: int) -> None:
+        """Give back entries [start, stop) of `table`: blocks a sliding window has passed, which
+        no later query of the sequence reads. Their ids stay in the table (stale once another
+        sequence takes the block; no kernel reads them) and `free` skips them."""
+        for i in reversed(range(start, stop)):
+            self._pools[i % self.cp_size].release(table[i])
 
     # -- prefix caching ---------------------------------------------------------------------
     def block_hash(self, parent: int, tokens: Sequence[int]) -> int:

@@ -447,10 +447,10 @@ class Engine:
                 f"= {total}, over session_len {self.config.session_len}; raise session_len, lower "
                 "max_new_tokens or shorten the prompt"
             )
-        blocks = self.blocks
-        if total > blocks.capacity_tokens:
+        blocks, need = self.blocks, self._kv_tokens(total)
+        if need > blocks.capacity_tokens:
             raise ValueError(
-                f"prompt {index} needs {total} tokens of KV cache but the cache holds "
+                f"prompt {index} needs {need} tokens of KV cache but the cache holds "
                 f"{blocks.capacity_tokens} ({blocks.num_blocks} blocks of "
                 f"{blocks.block_size} per cp rank x cp={blocks.cp_size}); give the "
                 "workers more KV memory, raise cp, or shorten it"
@@ -628,8 +628,25 @@ class Engine:
         seq.adapter = slot
         return True
 
+    def _release_window(self) -> int:
+        """The sliding window whose passed blocks sequences give back (`Scheduler.window`):
+        the model's, when every layer has it; else 0."""
+        model = self.model_config
+        return (model.sliding_window or 0) if model.window_layers is None else 0
+
+    def _kv_tokens(self, total: int) -> int:
+        """KV tokens a sequence of `total` tokens holds at once: all of them, or where blocks
+        a window has passed are given back, the window, one step's tokens and a block on
+        either side."""
+        window = self._release_window()
+        if not window:
+            return total
+        step = self.config.scheduler.max_num_batched_tokens
+        return min(total, window + step + 2 * self.blocks.block_size)
+
     def _new_scheduler(self) -> Scheduler:
         scheduler = Scheduler(self.config.scheduler, self.blocks, self.config.session_len)
+        scheduler.window = self._release_window()
         if self.adapters or self.config.max_loras is not None:
             scheduler.admit_hook = self._make_resident
         return scheduler
@@ -1416,7 +1433,7 @@ class Engine:
         unfit = [
             r
             for r in [*self._active.values(), *self._deferred]
-            if len(r.seq.prompt_token_ids) + r.seq.params.max_new_tokens > capacity
+            if self._kv_tokens(len(r.seq.prompt_token_ids) + r.seq.params.max_new_tokens) > capacity
         ]
         if unfit:
             self._fail(

@@ -135,6 +135,9 @@ class Sequence:
 
     num_hashed_blocks: int = 0
     """Leading blocks of block_table registered in the prefix cache."""
+    num_released_blocks: int = 0
+    """Leading entries of block_table given back to the pool, a sliding window past them
+    (`Scheduler.window`): stale ids that no kernel reads and `BlockManager.free` skips."""
     prefix_hash: int | None = None
     """Chained hash after the last registered block (None: the cache's root)."""
     num_cached_tokens: int = 0
@@ -234,6 +237,10 @@ class Scheduler:
         """Draft tokens the workers checked (speculative decoding)."""
         self.num_accepted_tokens = 0
         """Of those, the ones the model agreed with."""
+        self.window = 0
+        """The model's sliding window when every layer has it (0: none, or some layer sees
+        every key): after each step a sequence gives back the blocks its next query's window
+        has passed, so it holds about window + one step's tokens of KV, not its length."""
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._finished_ids: list[int] = []
@@ -570,7 +577,8 @@ class Scheduler:
 
     def _drop_blocks(self, seq: Sequence) -> None:
         seq.loading = False
-        self.blocks.free(seq.block_table)
+        self.blocks.free(seq.block_table, seq.num_released_blocks)
+        seq.num_released_blocks = 0
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
         seq.prefix_hash = None
@@ -590,6 +598,16 @@ class Scheduler:
                 i, seq.block_table[i], parent, tokens[(i - first) * bs : (i - first + 1) * bs]
             )
         seq.num_hashed_blocks, seq.prefix_hash = full, parent
+
+    def _release_passed(self, seq: Sequence) -> None:
+        """Give back the leading blocks of `seq` that its sliding window has passed: its next
+        query, at position num_computed_tokens, sees positions from num_computed_tokens -
+        window + 1 on (and later ones later still)."""
+        passed = (seq.num_computed_tokens - self.window + 1) // self.blocks.block_size
+        passed = min(passed, len(seq.block_table))
+        if passed > seq.num_released_blocks:
+            self.blocks.release_head(seq.block_table, seq.num_released_blocks, passed)
+            seq.num_released_blocks = passed
 
     def _root(self, seq: Sequence) -> int:
         """Hash chain root of a sequence's blocks: K/V rotated with another base, or computed
@@ -614,6 +632,7 @@ class Scheduler:
         self.running.clear()
         for seq in self.waiting:
             seq.block_table.clear()  # ids of the old pool: nothing to free
+            seq.num_released_blocks = 0
             seq.num_computed_tokens = 0
             seq.num_blocks_sent = 0
             seq.num_hashed_blocks = 0
@@ -646,7 +665,11 @@ class Scheduler:
         return [
             s
             for s in self.running
-            if any((i % cp, b) in blocks for i, b in enumerate(s.block_table))
+            if any(
+                (i % cp, b) in blocks
+                for i, b in enumerate(s.block_table)
+                if i >= s.num_released_blocks
+            )
         ]
 
     def redo(self, seqs: list[Sequence], moves: list[KVMove]) -> None:
@@ -843,6 +866,8 @@ class Scheduler:
                     0, min(seq.num_computed_tokens, prompt_len) - step.start_pos
                 )
                 self._register_blocks(seq)
+                if self.window:
+                    self._release_passed(seq)
 
     def drop_draft_tokens(self, seq: Sequence, unused: int) -> None:
         """A sequence ended inside a step's kept draft, `unused` of its tokens after the stop:

@@ -122,6 +122,23 @@ def test_block_manager_sharing_and_eviction_order() -> None:
     assert bm.num_hit_tokens == 8 and bm.num_queried_tokens == 12
 
 
+def test_blocks_given_back_early_are_not_freed_again() -> None:
+    """A sliding window's passed blocks go back while their ids stay in the table; another
+    table takes them, and freeing the first table skips them (no double release)."""
+    bm = BlockManager(num_blocks=6, block_size=2)
+    a: list[int] = []
+    bm.grow(a, 8)  # 4 blocks
+    bm.release_head(a, 0, 2)
+    assert bm.num_free_blocks == 4
+    b: list[int] = []
+    bm.grow(b, 8)  # takes the 2 never-used blocks and the 2 given back
+    assert set(a[:2]) <= set(b) and bm.num_free_blocks == 0
+    bm.free(a, released=2)
+    assert bm.num_free_blocks == 2
+    bm.free(b)
+    assert bm.num_free_blocks == 6
+
+
 @pytest.mark.parametrize(
     "penalty",
     [dict(repetition_penalty=1.5), dict(presence_penalty=1.5, frequency_penalty=0.5)],

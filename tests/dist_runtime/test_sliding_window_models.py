@@ -64,8 +64,8 @@ def _hf_generate(folder: Path, prompt: list[int]) -> tuple[list[int], list[torch
     with torch.no_grad():
         gen = hf.generate(
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
+            max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0,
+            output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
     logprobs = [torch.log_softmax(raw[0].float(), dim=-1) for raw in gen.logits]
     return gen.sequences[0, len(prompt) :].tolist(), logprobs
@@ -170,6 +170,43 @@ def test_reference_decode_prefix_hits_and_speculation_keep_the_window(
     monkeypatch.setenv("DIST_RUNTIME_CPU_ATTENTION", "torch")
     with _runtime(folder) as rt:
         _matches(rt.generate([prompt], PARAMS)[0], want)
+
+
+def test_blocks_the_window_has_passed_go_back_to_the_pool(tmp_path: Path) -> None:
+    """With every layer windowed, a sequence gives back the blocks its window has passed: three
+    requests of 70 tokens each run at once in a cache of 12 blocks of 4 (48 tokens), which
+    would refuse each of them otherwise, and each gives HF's greedy answer (EOS off on both
+    sides); every block is free at the end.
+    Qwen2 with one full-attention layer keeps every block, so there the request is refused."""
+    folder = _mistral(tmp_path)
+    prompts = [_prompt(30, seed=10 + i) for i in range(3)]
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    cache = {"num_blocks": 12, "block_size": 4, "enable_prefix_caching": False}
+    scheduler = SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=4)
+    with Runtime(
+        model=str(folder), device="cpu", dtype="float32", session_len=128, cache=cache,
+        scheduler=scheduler,
+    ) as rt:  # fmt: skip
+        outs = rt.generate(prompts, params)
+        assert rt.engine.stats()["num_free_blocks"] == 12
+    hf = load_hf_llama(folder)
+    for out, prompt in zip(outs, prompts, strict=True):
+        with torch.no_grad():
+            gen = hf.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, 30, dtype=torch.long),
+                max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0,
+            )  # fmt: skip
+        assert out.token_ids == gen[0, 30:].tolist()
+    qwen = _windowed(
+        tmp_path, "qwen2", 24, use_sliding_window=True, sliding_window=WINDOW,
+        max_window_layers=1,
+    )  # fmt: skip
+    refused = pytest.raises(ValueError, match="needs 70 tokens of KV cache but the cache holds 48")
+    with Runtime(
+        model=str(qwen), device="cpu", dtype="float32", session_len=128, cache=cache,
+        scheduler=scheduler,
+    ) as rt, refused:  # fmt: skip
+        rt.generate(prompts[:1], params)
 
 
 def test_windowed_config_errors(tmp_path: Path) -> None:
