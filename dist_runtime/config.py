@@ -512,6 +512,11 @@ class ModelConfig:
         d, factor = self.rope_dim, scaling.factor
         return self.rope_theta * (factor * prompt_len / max_pos - (factor - 1)) ** (d / (d - 2))
 
+    def uniform_window(self) -> int:
+        """The sliding window when every layer has it (0: none, or some layer sees every key):
+        the blocks it has passed can go back to the pool (`Scheduler.window`)."""
+        return (self.sliding_window or 0) if self.window_layers is None else 0
+
     def layer_window(self, layer: int) -> int:
         """The sliding window of layer `layer`, 0 for none (the attention kernels' `window`)."""
         if self.sliding_window is None:

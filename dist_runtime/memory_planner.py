@@ -178,6 +178,18 @@ def available_host_bytes() -> int | None:
     return None
 
 
+def held_tokens(
+    model: ModelConfig, tokens: int, block_size: int, max_num_batched_tokens: int
+) -> int:
+    """KV tokens a sequence of `tokens` tokens holds at once: all of them, or for a model with
+    a sliding window on every layer (whose passed blocks go back after each step) at most the
+    window, one step's tokens and a block on either side."""
+    window = model.uniform_window()
+    if not window:
+        return tokens
+    return min(tokens, window + max_num_batched_tokens + 2 * block_size)
+
+
 def kv_tokens_per_worker(session_len: int, cp: int, block_size: int, num_seqs: int = 1) -> int:
     """Cache slots one worker holds: each sequence's share of the cp ranks, in whole blocks."""
     per_rank = _ceil_div(session_len, cp)
@@ -260,6 +272,14 @@ class MemoryPlan:
                 f"model's RoPE limit; the memory holds {self.max_session_len:,})"
             )
         lines.append(line)
+        window = self.model.uniform_window()
+        if window:
+            held = held_tokens(self.model, self.session_len, self.block_size,
+                               self.max_num_batched_tokens)  # fmt: skip
+            lines.append(
+                f"(a sliding window of {window} on every layer: a sequence holds at most "
+                f"{held:,} tokens of KV at once, its window and one step's, whatever its length)"
+            )
         return "\n".join(lines)
 
     def suggestion(self) -> str:
@@ -330,7 +350,8 @@ def plan_memory(
             f"quant_policy must be one of {list(QUANT_POLICIES)}, got {quant_policy!r}"
         )
     per_token = kv_bytes_per_token(model, tp, dtype, quant_policy)
-    kv = kv_tokens_per_worker(session_len, cp, block_size, num_seqs) * per_token
+    held = held_tokens(model, session_len, block_size, max_num_batched_tokens)
+    kv = kv_tokens_per_worker(held, cp, block_size, num_seqs) * per_token
     act = activation_bytes(model, tp, dtype, max_num_batched_tokens, num_seqs)
     overhead = CUDA_OVERHEAD_BYTES if is_cuda else 0
     total = weights + kv + act + overhead

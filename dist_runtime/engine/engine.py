@@ -59,7 +59,7 @@ from dist_runtime.lora import (
     adapter_slot_rank,
     check_slot_rank,
 )
-from dist_runtime.memory_planner import kv_tokens_per_worker
+from dist_runtime.memory_planner import held_tokens, kv_tokens_per_worker
 from dist_runtime.protocol import DISK_SEEN, SampledToken, StepPlan, StepResult
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.text.guided import (
@@ -628,25 +628,18 @@ class Engine:
         seq.adapter = slot
         return True
 
-    def _release_window(self) -> int:
-        """The sliding window whose passed blocks sequences give back (`Scheduler.window`):
-        the model's, when every layer has it; else 0."""
-        model = self.model_config
-        return (model.sliding_window or 0) if model.window_layers is None else 0
-
     def _kv_tokens(self, total: int) -> int:
-        """KV tokens a sequence of `total` tokens holds at once: all of them, or where blocks
-        a window has passed are given back, the window, one step's tokens and a block on
-        either side."""
-        window = self._release_window()
-        if not window:
-            return total
-        step = self.config.scheduler.max_num_batched_tokens
-        return min(total, window + step + 2 * self.blocks.block_size)
+        """KV tokens a sequence of `total` tokens holds at once (`held_tokens`)."""
+        return held_tokens(
+            self.model_config,
+            total,
+            self.config.cache.block_size,
+            self.config.scheduler.max_num_batched_tokens,
+        )
 
     def _new_scheduler(self) -> Scheduler:
         scheduler = Scheduler(self.config.scheduler, self.blocks, self.config.session_len)
-        scheduler.window = self._release_window()
+        scheduler.window = self.model_config.uniform_window()
         if self.adapters or self.config.max_loras is not None:
             scheduler.admit_hook = self._make_resident
         return scheduler
@@ -1446,11 +1439,12 @@ class Engine:
             )
 
     def _check_session_fits(self, num_blocks: int) -> None:
-        """Fail at start when one full session cannot fit in the KV memory the workers have."""
+        """Fail at start when one full session cannot fit in the KV memory the workers have
+        (with a sliding window on every layer, the KV it holds at once)."""
         bs, cp, tp = self.config.cache.block_size, self.config.parallel.cp, self.config.parallel.tp
         session = self.config.session_len
         per_rank = num_blocks * bs
-        if per_rank * cp >= session or num_blocks < 1:  # no KV at all: BlockManager says so
+        if per_rank * cp >= self._kv_tokens(session) or num_blocks < 1:  # (none: BlockManager)
             return
         need_cp = -(-session // max(per_rank, 1))
         where, more = "left on each worker", ""

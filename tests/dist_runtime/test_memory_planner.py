@@ -77,6 +77,23 @@ def test_tiny_tp2_by_hand() -> None:
     assert p.fits and p.suggestion() == ""
 
 
+def test_a_window_on_every_layer_bounds_the_kv_a_sequence_holds() -> None:
+    """Mistral-style windows on every layer: a sequence holds its window, one step's tokens and
+    a block on either side (20 + 8 + 32 = 60 -> 4 blocks of 16); with one layer unwindowed it
+    holds its whole session (7 blocks)."""
+    args: dict[str, Any] = dict(
+        tp=2, cp=1, session_len=100, dtype="bfloat16", device_bytes=1 << 20,
+        max_num_batched_tokens=8, is_cuda=False,
+    )  # fmt: skip
+    windowed = plan_memory(dataclasses.replace(tiny(), sliding_window=20), **args)
+    assert windowed.kv_cache == 64 * 128
+    assert "a sliding window of 20 on every layer: a sequence holds at most 60 tokens" in (
+        windowed.table()
+    )
+    model = dataclasses.replace(tiny(), sliding_window=20, window_layers=(True, False))
+    assert plan_memory(model, **args).kv_cache == 112 * 128
+
+
 def test_tp_above_kv_heads_replicates_kv() -> None:
     p = plan_memory(
         tiny(), tp=4, cp=1, session_len=16, dtype="float32", device_bytes=1 << 30, is_cuda=False
