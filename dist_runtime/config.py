@@ -30,6 +30,7 @@ SUPPORTED_ARCHITECTURES = {
     "InternLM2ForCausalLM": "internlm2",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
+    "MinistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
     "Qwen3ForCausalLM": "llama",
     "Phi3ForCausalLM": "llama",
@@ -754,11 +755,13 @@ SLIDING_LAYER_TYPES = {"sliding_attention": True, "full_attention": False}
 
 
 def _sliding_window(hf: dict[str, Any], source: str, archs: list[str]) -> dict[str, Any]:
-    """`sliding_window` and `window_layers`, as transformers reads them: Mistral's window
-    (4096 where its config names none) and Phi-3's on every layer; Qwen2 / Qwen3's only with
-    `use_sliding_window`, on the layers from `max_window_layers` on; `layer_types` where the
-    config lists them. The other architectures have none (their classes ignore the key)."""
-    mistral = "MistralForCausalLM" in archs
+    """`sliding_window` and `window_layers`, as transformers' classes read them: Mistral's
+    window (4096 where its config names none) and Phi-3's on every layer; Ministral's (4096
+    too) on the layers its `layer_types` name; Qwen2 / Qwen3's only with `use_sliding_window`,
+    on the layers `layer_types` name or else those from `max_window_layers` on. The other
+    architectures have none (their classes ignore the key), and Mistral's and Phi-3's ignore
+    `layer_types`."""
+    mistral = bool({"MistralForCausalLM", "MinistralForCausalLM"} & set(archs))
     qwen = bool({"Qwen2ForCausalLM", "Qwen3ForCausalLM"} & set(archs))
     window = hf.get("sliding_window", 4096 if mistral else None)
     if (
@@ -771,7 +774,7 @@ def _sliding_window(hf: dict[str, Any], source: str, archs: list[str]) -> dict[s
         raise ConfigError(f"{source}: sliding_window must be a positive integer or null, "
                           f"got {window!r:.80}")  # fmt: skip
     layers = hf["num_hidden_layers"]
-    kinds = hf.get("layer_types")
+    kinds = hf.get("layer_types") if qwen or "MinistralForCausalLM" in archs else None
     if kinds is not None:
         if (
             not isinstance(kinds, list)

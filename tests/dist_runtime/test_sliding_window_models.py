@@ -1,9 +1,9 @@
-"""Sliding-window attention (Mistral v0.1, Phi-3-mini-4k, Qwen2's `use_sliding_window`): each
-token of a windowed layer attends to the last `sliding_window` keys, its own included, as HF's
-mask does (`kv_idx > q_idx - sliding_window`). Checked against HF's own classes on random
-checkpoints run well past the window: chunked prefills over cached keys, decode steps through
-the native CPU decoder and through the torch reference, speculative verification, and a
-prefix-cache hit."""
+"""Sliding-window attention (Mistral v0.1, Ministral, Phi-3-mini-4k, Qwen2's
+`use_sliding_window`): each token of a windowed layer attends to the last `sliding_window`
+keys, its own included, as HF's mask does (`kv_idx > q_idx - sliding_window`). Checked against
+HF's own classes on random checkpoints run well past the window: chunked prefills over cached
+keys, decode steps through the native CPU decoder and through the torch reference,
+speculative verification, a prefix-cache hit, and blocks given back as the window passes."""
 
 from __future__ import annotations
 
@@ -138,6 +138,23 @@ def test_qwen2_windows_only_the_layers_from_max_window_layers(tmp_path: Path) ->
     _generate_matches_hf(folder, [_prompt(33, seed=5)])
 
 
+def test_ministral_windows_the_layers_its_layer_types_name(tmp_path: Path) -> None:
+    """Ministral reads `layer_types` (layer 0 full, layer 1 windowed here); Mistral's class
+    ignores them and windows every layer, as HF's does."""
+    kinds = ["full_attention", "sliding_attention"]
+    folder = _windowed(
+        tmp_path, "llama", 25, architectures=["MinistralForCausalLM"], model_type="ministral",
+        sliding_window=WINDOW, layer_types=kinds,
+    )  # fmt: skip
+    model = ModelConfig.from_pretrained(str(folder))
+    assert [model.layer_window(i) for i in range(model.num_layers)] == [0, WINDOW]
+    _generate_matches_hf(folder, [_prompt(31, seed=8)])
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    assert ModelConfig.from_pretrained(str(folder)).window_layers is None
+
+
 def test_phi3_window_matches_hf(tmp_path: Path) -> None:
     """Phi-3-mini-4k's config has a window (2047) under its trained length."""
     folder = _windowed(tmp_path, "phi3", 23, sliding_window=WINDOW, num_heads=4, num_kv_heads=2)
@@ -215,7 +232,9 @@ def test_windowed_config_errors(tmp_path: Path) -> None:
         Runtime(model=str(folder), device="cpu", cp=2, session_len=64)
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    path.write_text(json.dumps({**config, "layer_types": ["full_attention", "chunked"]}))
+    kinds = ["full_attention", "chunked"]
+    ministral = {"architectures": ["MinistralForCausalLM"], "model_type": "ministral"}
+    path.write_text(json.dumps({**config, **ministral, "layer_types": kinds}))
     with pytest.raises(ConfigError, match="layer_types must list one of"):
         ModelConfig.from_pretrained(str(folder))
     path.write_text(json.dumps({**config, "sliding_window": 0}))
