@@ -11,6 +11,8 @@ repeated to 32 heads, in the same run.
 Decode: batch 1, one query token over a paged context; bytes = the K and V cache bytes read.
 Baseline: a device-to-device copy of that many bytes, GB/s = (read + written) / time.
 `--decode --kv-bits 8 4`: decode over int8 / int4 caches beside bf16 at the same points.
+`--decode --window 4096`: a sliding window's decode at the points past it (its bytes: the
+window's keys).
 """
 
 from __future__ import annotations
@@ -118,7 +120,13 @@ def kv_bytes(batch: int, ctx: int, bits: int) -> int:
 
 
 def _decode_ms(
-    ctx: int, device: torch.device, block_size: int, batch: int, width: int | None, bits: int = 0
+    ctx: int,
+    device: torch.device,
+    block_size: int,
+    batch: int,
+    width: int | None,
+    bits: int = 0,
+    window: int = 0,
 ) -> float:
     gen = torch.Generator(device=device).manual_seed(SEED)
     q = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
@@ -136,7 +144,11 @@ def _decode_ms(
         table = torch.cat([table, pad], dim=1).contiguous()
     lens = torch.full((batch,), ctx, device=device)
     scale = HEAD_DIM**-0.5
-    return _ms(lambda: FD.flash_decode_triton(q, k_cache, v_cache, table, lens, scale, **quant))
+    return _ms(
+        lambda: FD.flash_decode_triton(
+            q, k_cache, v_cache, table, lens, scale, window=window, **quant
+        )
+    )
 
 
 def bench_decode(
@@ -146,18 +158,21 @@ def bench_decode(
     batch: int = 1,
     width: int | None = None,
     bits: int = 0,
+    window: int = 0,
 ) -> dict[str, Any]:
     """Decode of `batch` sequences of `ctx` keys; `width`: block table as wide as that many
     keys (as a decode graph's), else as wide as the context; `bits` 8 / 4: over a quantized
-    cache, its bytes counted as read (codes and parameters)."""
-    ms = _decode_ms(ctx, device, block_size, batch, width, bits)  # freed before the copy's
-    nbytes = kv_bytes(batch, ctx, bits)
+    cache, its bytes counted as read (codes and parameters); `window`: a sliding window of
+    that many keys, whose keys alone count as read."""
+    ms = _decode_ms(ctx, device, block_size, batch, width, bits, window)  # (freed before)
+    nbytes = kv_bytes(batch, min(ctx, window) if window else ctx, bits)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     base_ms = _ms(lambda: dst.copy_(src))
     gbps, copy_gbps = nbytes / ms / 1e6, 2 * nbytes / base_ms / 1e6
     table = f" table={width}" if width is not None else ""
     cache = f" kv{bits}" if bits else ""
+    cache += f" window={window}" if window else ""
     return dict(
         name="flash_decode",
         shape=f"ctx={ctx} b={batch}{table}{cache} h={Q_HEADS}/{KV_HEADS} d={HEAD_DIM} "
@@ -176,11 +191,15 @@ GRAPH_WIDTH = 1048576 + 64
 """--decode: (context, batch), each with an exact table and one a 1M-token session wide."""
 
 
-def bench_decode_grid(device: torch.device) -> list[dict[str, Any]]:
+def bench_decode_grid(device: torch.device, window: int = 0) -> list[dict[str, Any]]:
+    """Every DECODE_GRID point; with `window`, the points past it (a sliding-window model's
+    decode, which should read only the window's keys at the copy's rate)."""
     rows = []
     for ctx, batch in DECODE_GRID:
+        if window and ctx <= window:
+            continue
         for width in (None, GRAPH_WIDTH):
-            rows.append(bench_decode(ctx, device, batch=batch, width=width))
+            rows.append(bench_decode(ctx, device, batch=batch, width=width, window=window))
             print(_format(rows[-1]), flush=True)
     return rows
 
@@ -403,6 +422,12 @@ def main() -> None:
         help="with --decode: time the split-KV kernel over these quantized caches beside bf16",
     )
     parser.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="with --decode: a sliding window of this many keys (the contexts past it)",
+    )
+    parser.add_argument(
         "--decode-graph",
         action="store_true",
         help="only decode, 32 calls per CUDA graph as in a decode step, over candidate configs",
@@ -420,7 +445,7 @@ def main() -> None:
         bench_decode_quant(device, args.kv_bits)
         return
     if args.decode:
-        bench_decode_grid(device)
+        bench_decode_grid(device, args.window)
         return
     if args.sweep:
         sweep(device)
