@@ -568,6 +568,8 @@ class Scheduler:
         seq.num_hashed_blocks = len(seq.block_table)
         cached = len(seq.block_table) * self.blocks.block_size
         seq.num_computed_tokens = seq.num_cached_tokens = cached
+        if self.window:  # (a long cached prefix: only its window's blocks stay held)
+            self._release_passed(seq)
 
     def _go_on_loading(self, seq: Sequence) -> None:
         """Read the next share of a loading sequence's prefix (it stops loading when its

@@ -226,6 +226,35 @@ def test_blocks_the_window_has_passed_go_back_to_the_pool(tmp_path: Path) -> Non
         rt.generate(prompts[:1], params)
 
 
+def test_a_cached_prefix_longer_than_the_cache_is_found_again(tmp_path: Path) -> None:
+    """Prompts of 15 blocks in a device cache of 14, with a host tier: each prompt's prefix is
+    found again (from the host tier) though it could never be held whole, since a matched
+    prefix keeps only its window's blocks; every answer is HF's greedy one."""
+    folder = _mistral(tmp_path)
+    prompts = [_prompt(60, seed=s) for s in (31, 32, 33)]
+    want = []
+    hf = load_hf_llama(folder)
+    for p in prompts:
+        with torch.no_grad():
+            gen = hf.generate(
+                torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+            )  # fmt: skip
+        want.append(gen[0, len(p) :].tolist())
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    cache = {"num_blocks": 14, "block_size": 4, "host_kv_cache_gb": 0.001}
+    scheduler = SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=4)
+    with Runtime(
+        model=str(folder), device="cpu", dtype="float32", session_len=128, cache=cache,
+        scheduler=scheduler,
+    ) as rt:  # fmt: skip
+        for _ in range(2):
+            for p, w in zip(prompts, want, strict=True):
+                assert rt.generate([p], params)[0].token_ids == w
+        assert rt.engine.stats()["prefix_cache_host_hit_tokens"] > 0
+        assert [o.token_ids for o in rt.generate(prompts, params)] == want
+
+
 def test_windowed_config_errors(tmp_path: Path) -> None:
     folder = _mistral(tmp_path)
     with pytest.raises(ConfigError, match="cp 2 with session_len 64: this checkpoint attends"):
