@@ -385,9 +385,7 @@ def flash_decode_triton(
     cfg = decode_config(head_dim, q.dtype)
     max_ctx = block_tables.shape[1] * block_size
     windowed = 0 < window < max_ctx
-    num_splits = split_plan(
-        batch, kv_heads, max_ctx, cfg["BLOCK_N"], q.device, window if windowed else 0
-    )
+    num_splits = split_plan(batch, kv_heads, max_ctx, cfg["BLOCK_N"], q.device, window)
     if num_splits == 1:  # pass 1 writes the result: a split axis of stride 0
         part_out, part_lse = out[:, :, None], lse[:, :, None]
     else:

@@ -568,8 +568,7 @@ class Scheduler:
         seq.num_hashed_blocks = len(seq.block_table)
         cached = len(seq.block_table) * self.blocks.block_size
         seq.num_computed_tokens = seq.num_cached_tokens = cached
-        if self.window:  # (a long cached prefix: only its window's blocks stay held)
-            self._release_passed(seq)
+        self._release_passed(seq)  # (a long cached prefix: only its window's blocks stay held)
 
     def _go_on_loading(self, seq: Sequence) -> None:
         """Read the next share of a loading sequence's prefix (it stops loading when its
@@ -604,7 +603,9 @@ class Scheduler:
     def _release_passed(self, seq: Sequence) -> None:
         """Give back the leading blocks of `seq` that its sliding window has passed: its next
         query, at position num_computed_tokens, sees positions from num_computed_tokens -
-        window + 1 on (and later ones later still)."""
+        window + 1 on (and later ones later still). Nothing without a window."""
+        if not self.window:
+            return
         passed = (seq.num_computed_tokens - self.window + 1) // self.blocks.block_size
         passed = min(passed, len(seq.block_table))
         if passed > seq.num_released_blocks:
@@ -868,8 +869,7 @@ class Scheduler:
                     0, min(seq.num_computed_tokens, prompt_len) - step.start_pos
                 )
                 self._register_blocks(seq)
-                if self.window:
-                    self._release_passed(seq)
+                self._release_passed(seq)
 
     def drop_draft_tokens(self, seq: Sequence, unused: int) -> None:
         """A sequence ended inside a step's kept draft, `unused` of its tokens after the stop:

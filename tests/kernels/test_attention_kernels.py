@@ -58,18 +58,7 @@ PREFILL_SEQS = [(5, 37), (1, 18), (23, 23), (0, 9), (40, 61)]
 """(q_len, context_len): cached prefix, decode token, fresh prefill, empty, several query tiles."""
 
 
-@pytest.fixture
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add spin-wait overhead to the interpreter."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # (tests/kernels/conftest.py)
 
 
 # -- inputs, oracle, checks -------------------------------------------------------------------

@@ -48,10 +48,11 @@ def _triton_skip_reason() -> str | None:
 
 
 TRITON_SKIP = _triton_skip_reason()
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [
     # numpy under the interpreter warns on log(0) = -inf, which lse_merge relies on.
-    "ignore:divide by zero encountered in log:RuntimeWarning"
-)
+    pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning"),
+    pytest.mark.usefixtures("single_thread"),  # (tests/kernels/conftest.py)
+]
 needs_triton = pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -73,20 +74,6 @@ more ulp."""
 ROPE_THETA = 1e6
 MAX_POSITION = 1 << 20
 """Positions up to 1M tokens: angles up to ~1e6 rad stress fp32 cos/sin range reduction."""
-
-
-@pytest.fixture
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add spin-wait overhead to the interpreter."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:

@@ -55,18 +55,7 @@ dequantized K/V element of the kernel sits up to one bf16 ulp (2^-8 relative) ne
 the reference's, a bias that adds up over head_dim in a score (~1e-2 at these shapes)."""
 
 
-@pytest.fixture
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add spin-wait overhead to the interpreter."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # (tests/kernels/conftest.py)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -58,18 +58,7 @@ DECODE_CONTEXTS = [1, 37, 130, 16, 64]
 INTERPRETING = triton is not None and not torch.cuda.is_available()
 
 
-@pytest.fixture
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add spin-wait overhead to the interpreter."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # (tests/kernels/conftest.py)
 
 
 # -- oracle and checks ------------------------------------------------------------------------

@@ -70,18 +70,7 @@ SHAPES = [(40, 192, 64), (104, 384, 128), (200, 384, 64), (24, 96, 32), (16, 64,
 FORMATS = ["awq", "gptq_act_order", "gptq", "runtime"]
 
 
-@pytest.fixture
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add spin-wait overhead to the interpreter."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # (tests/kernels/conftest.py)
 
 
 # -- inputs, oracle, checks -------------------------------------------------------------------

@@ -121,7 +121,7 @@ def build(model: DecoderLM, kv_caches: list[LayerKV]) -> CpuDecoder | None:
         eps=model.config.rms_norm_eps,
         bits=kv_caches[0].bits,
         scale=model.config.attention_scale,
-        windows=[getattr(layer.attn, "window", 0) for layer in _layers(model)],
+        windows=[layer.attn.window for layer in _layers(model)],
     )
 
 
