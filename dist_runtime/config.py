@@ -36,13 +36,18 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "llama",
     "GraniteForCausalLM": "llama",
     "GlmForCausalLM": "llama",
+    "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
 """config.json architectures and the weight layout each is read with (Qwen2's is Llama's, with
 biases on q/k/v only; Qwen3's Llama's with an RMSNorm on each q and k head; Phi-3's Llama's
 with q/k/v and gate/up packed, `ModelConfig.fused_projections`; IBM Granite's Llama's with four
 scalar multipliers, `ModelConfig.embedding_multiplier` and the three after it; GLM-4's (the
-`-hf` checkpoints) Llama's with gate/up packed, no o bias and interleaved partial RoPE)."""
+`-hf` checkpoints) Llama's with gate/up packed, no o bias and interleaved partial RoPE; Gemma 3's
+(the text-only `gemma3_text` checkpoints) Llama's names with Qwen3's head norms, a norm on
+each sublayer's output and GELU, `ModelConfig.sandwich_norms` and the fields after it)."""
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
@@ -442,6 +447,25 @@ class ModelConfig:
     """Granite's: the softmax scale of q.k, in place of 1 / sqrt(head_dim)."""
     logits_scaling: float = 1.0
     """Granite's: the logits are divided by it."""
+    sandwich_norms: bool = False
+    """Gemma 3's: each layer also norms its attention's and its MLP's outputs before adding
+    them to the residual stream (`post_attention_layernorm`, `post_feedforward_layernorm`; the
+    MLP's input norm is `pre_feedforward_layernorm`)."""
+    norm_weight_offset: float = 0.0
+    """Gemma 3's RMSNorms scale by 1 + weight: the loader adds this to every norm weight (in
+    float32, before the cast to the model's dtype)."""
+    hidden_act: str = "silu"
+    """The MLP's gate activation: 'silu', or Gemma 3's 'gelu_pytorch_tanh' (one of
+    SUPPORTED_ACTIVATIONS)."""
+    local_rope_theta: float | None = None
+    """Gemma 3's: the RoPE base of its sliding-window layers (`rope_local_base_freq`), which
+    take no rope_scaling; None: every layer turns with rope_theta and rope_scaling."""
+    round_embedding_multiplier: bool = False
+    """Gemma 3's: embedding_multiplier (sqrt(hidden)) is first rounded to the model's dtype, as
+    HF does (bfloat16 turns sqrt(1152) = 33.94 into 34)."""
+    final_logit_softcapping: float | None = None
+    """The logits go through cap * tanh(logits / cap) (Gemma's `final_logit_softcapping`);
+    None: as they are."""
     fused_projections: bool = False
     """Phi-3's checkpoint packs q, k and v into one `qkv_proj` and gate and up into one
     `gate_up_proj` (rows [q | k | v] and [gate | up]); read as Llama's names through row
@@ -480,6 +504,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"config.json: hidden_act {self.hidden_act!r} is not one of {SUPPORTED_ACTIVATIONS}"
+            )
         if self.rotary_dim is not None and not (
             _is_int(self.rotary_dim) and 0 < self.rotary_dim < self.head_dim
         ):
@@ -532,8 +560,10 @@ class ModelConfig:
         scaling = self.rope_scaling
         if scaling is None or scaling.type in ("llama3", "longrope"):  # (max_position_embeddings
             return self.max_position_embeddings  # is the scaled length already)
-        if scaling.type == "linear":
+        if scaling.type == "linear" and self.local_rope_theta is None:
             return int(self.max_position_embeddings * scaling.factor)
+        if scaling.type == "linear":  # (Gemma 3's max_position_embeddings is the scaled length)
+            return self.max_position_embeddings
         if scaling.type == "yarn":
             scaled = int(scaling.original_max_position_embeddings * scaling.factor)
             return max(scaled, self.max_position_embeddings)
@@ -569,6 +599,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         archs = hf.get("architectures") or []
+        if "Gemma3ForConditionalGeneration" in archs:  # (its language model alone)
+            hf = _gemma3_language_model(hf, source)
+            archs = hf["architectures"]
         arch = next(
             (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
         )
@@ -590,6 +623,9 @@ class ModelConfig:
         ]
         if missing:
             raise ConfigError(f"{source}: missing required keys {missing}")
+        gemma3 = arch == "gemma3"
+        if gemma3:
+            hf = _gemma3_keys(hf, source)
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = hf.get("eos_token_id")
@@ -639,10 +675,10 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
             o_bias=False if qwen2 or glm else None,  # (Qwen2, GLM: q/k/v biases, none on o)
-            qk_norm="Qwen3ForCausalLM" in archs,
+            qk_norm="Qwen3ForCausalLM" in archs or gemma3,
             fused_projections=phi3 or glm,  # (GLM: gate_up_proj packed; q, k, v apart)
             rope_interleaved=glm,
-            **_granite_multipliers(hf, source),
+            **(_gemma3_fields(hf, source) if gemma3 else _granite_multipliers(hf, source)),
             rotary_dim=rotary_dim,
             # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.
             mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
@@ -705,6 +741,130 @@ def _granite_multipliers(hf: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+GEMMA3_DEFAULTS = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 131_072,
+    "sliding_window": 4096,
+    "query_pre_attn_scalar": 256,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+}
+"""What transformers' Gemma3TextConfig takes for a key its config.json leaves out (the
+multimodal checkpoints' `text_config` names only what differs from these)."""
+
+
+def _gemma3_language_model(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """A multimodal Gemma 3 config (`Gemma3ForConditionalGeneration`, the 4B / 12B / 27B
+    checkpoints) as its language model's: `text_config` with Gemma3TextConfig's defaults, and
+    the top level's token ids and dtype (what HF's generate reads) over the text config's. The
+    loader reads the language model's tensors under their prefix
+    (`workers.models.layouts.check_checkpoint`); the vision tower is not loaded, so prompts
+    are text."""
+    text = hf.get("text_config")
+    if text is None:
+        text = {}
+    if not isinstance(text, dict):
+        raise ConfigError(f"{source}: text_config must be an object, got {text!r:.80}")
+    keys = ("eos_token_id", "bos_token_id", "torch_dtype", "dtype")
+    top = {k: hf[k] for k in keys if hf.get(k) is not None}
+    merged = {**GEMMA3_DEFAULTS, **{k: v for k, v in text.items() if v is not None}, **top}
+    return {**merged, "architectures": ["Gemma3ForCausalLM"]}
+
+
+GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+"""Gemma 3's RoPE bases where its config names none (global layers, sliding-window layers)."""
+
+
+def _gemma3_keys(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """A Gemma 3 text config.json in the keys the Llama path reads, as Gemma3TextConfig reads
+    it: its defaults filled in, `layer_types` from `sliding_window_pattern` (every sixth layer
+    global) where it names none, and transformers 5's per-layer-type `rope_parameters` split
+    into the global layers' (rope_theta and scaling) and the local base (`rope_local_base_freq`,
+    default 10000; its scaling must be the default). Refuses what the runtime does not run:
+    bidirectional attention (the embedding models) and attention-logit soft-capping (Gemma 2's).
+    """
+    hf = {**hf, **{k: v for k, v in GEMMA3_DEFAULTS.items() if hf.get(k) is None}}
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError(
+            f"{source}: use_bidirectional_attention (an embedding model) is not run; only "
+            "causal Gemma 3 text models generate"
+        )
+    if hf.get("attn_logit_softcapping") is not None:
+        raise ConfigError(
+            f"{source}: attn_logit_softcapping {hf['attn_logit_softcapping']!r} is not run by the "
+            "attention kernels; set it to null only if the checkpoint was trained without it"
+        )
+    if hf.get("layer_types") is None:
+        pattern = hf.get("sliding_window_pattern", 6)
+        if not _is_int(pattern) or pattern < 1:
+            raise ConfigError(f"{source}: sliding_window_pattern must be a positive integer, "
+                              f"got {pattern!r:.80}")  # fmt: skip
+        hf["layer_types"] = [
+            "sliding_attention" if (i + 1) % pattern else "full_attention"
+            for i in range(hf["num_hidden_layers"])
+        ]
+    params = hf.get("rope_parameters")
+    local = hf.get("rope_local_base_freq", GEMMA3_THETA["sliding_attention"])
+    if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
+        full = dict(params.get("full_attention") or {})
+        sliding = params.get("sliding_attention") or {}
+        if not isinstance(sliding, dict) or sliding.get("rope_type", "default") != "default":
+            raise ConfigError(
+                f"{source}: rope_parameters.sliding_attention must be default RoPE (a base "
+                f"only), got {sliding!r:.120}"
+            )
+        local = sliding.get("rope_theta", local)
+        full.setdefault("rope_theta", hf.get("rope_theta", GEMMA3_THETA["full_attention"]))
+        hf["rope_parameters"] = full
+    elif params is None:
+        hf.setdefault("rope_theta", GEMMA3_THETA["full_attention"])
+    try:
+        hf["rope_local_base_freq"] = float(local)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{source}: rope_local_base_freq must be a number, got {local!r:.80}"
+        ) from None
+    return hf
+
+
+def _gemma3_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """The ModelConfig fields of a Gemma 3 config (after `_gemma3_keys`)."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise ConfigError(
+            f"{source}: hidden_activation {act!r} is not run for Gemma 3; it takes "
+            "'gelu_pytorch_tanh'"
+        )
+    scalar = hf["query_pre_attn_scalar"]
+    if not isinstance(scalar, (int, float)) or isinstance(scalar, bool) or not scalar > 0:
+        raise ConfigError(f"{source}: query_pre_attn_scalar must be a positive number, "
+                          f"got {scalar!r:.80}")  # fmt: skip
+    cap = hf.get("final_logit_softcapping")
+    if cap is not None and (
+        not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0
+    ):
+        raise ConfigError(f"{source}: final_logit_softcapping must be a positive number or "
+                          f"null, got {cap!r:.80}")  # fmt: skip
+    return {
+        "sandwich_norms": True,
+        "norm_weight_offset": 1.0,
+        "hidden_act": act,
+        "local_rope_theta": hf["rope_local_base_freq"],
+        "embedding_multiplier": hf["hidden_size"] ** 0.5,
+        "round_embedding_multiplier": True,
+        "attention_multiplier": float(scalar) ** -0.5,
+        "final_logit_softcapping": None if cap is None else float(cap),
+    }
+
+
 def _rotary_dim(partial: Any, head_dim: int, source: str) -> int | None:
     """Dimensions RoPE turns per head for HF's `partial_rotary_factor` (int(head_dim *
     factor), as HF computes it); None for 1 (all of them)."""
@@ -757,16 +917,17 @@ SLIDING_LAYER_TYPES = {"sliding_attention": True, "full_attention": False}
 def _sliding_window(hf: dict[str, Any], source: str, archs: list[str]) -> dict[str, Any]:
     """`sliding_window` and `window_layers`, as transformers' classes read them: Mistral's
     window (4096 where its config names none) and Phi-3's on every layer; Ministral's (4096
-    too) on the layers its `layer_types` name; Qwen2 / Qwen3's only with `use_sliding_window`,
-    on the layers `layer_types` name or else those from `max_window_layers` on. The other
-    architectures have none (their classes ignore the key), and Mistral's and Phi-3's ignore
-    `layer_types`."""
+    too) and Gemma 3's on the layers their `layer_types` name; Qwen2 / Qwen3's only with
+    `use_sliding_window`, on the layers `layer_types` name or else those from
+    `max_window_layers` on. The other architectures have none (their classes ignore the key),
+    and Mistral's and Phi-3's ignore `layer_types`."""
     mistral = bool({"MistralForCausalLM", "MinistralForCausalLM"} & set(archs))
     qwen = bool({"Qwen2ForCausalLM", "Qwen3ForCausalLM"} & set(archs))
+    gemma = "Gemma3ForCausalLM" in archs
     window = hf.get("sliding_window", 4096 if mistral else None)
     if (
         window is None
-        or not (mistral or qwen or "Phi3ForCausalLM" in archs)
+        or not (mistral or qwen or gemma or "Phi3ForCausalLM" in archs)
         or (qwen and not hf.get("use_sliding_window", False))
     ):
         return {"sliding_window": None}
@@ -774,7 +935,7 @@ def _sliding_window(hf: dict[str, Any], source: str, archs: list[str]) -> dict[s
         raise ConfigError(f"{source}: sliding_window must be a positive integer or null, "
                           f"got {window!r:.80}")  # fmt: skip
     layers = hf["num_hidden_layers"]
-    kinds = hf.get("layer_types") if qwen or "MinistralForCausalLM" in archs else None
+    kinds = hf.get("layer_types") if qwen or gemma or "MinistralForCausalLM" in archs else None
     if kinds is not None:
         if (
             not isinstance(kinds, list)

@@ -98,7 +98,9 @@ def weight_params_per_worker(model: ModelConfig, tp: int) -> int:
         layer += 2 * inter_local + h
     layer += 2 * h  # attention and ffn RMSNorm, replicated
     if model.qk_norm:
-        layer += 2 * hd  # Qwen3's q and k head norms, replicated
+        layer += 2 * hd  # Qwen3's and Gemma 3's q and k head norms, replicated
+    if model.sandwich_norms:
+        layer += 2 * h  # Gemma 3's norms of the attention's and the MLP's outputs
     vocab_local = _ceil_div(model.vocab_size, tp)
     embed = vocab_local * h * (1 if model.tie_word_embeddings else 2)
     return model.num_layers * layer + embed + h  # + final norm

@@ -762,6 +762,12 @@ def _open_source(src: Path) -> tuple[ModelConfig, dict[str, Any], CheckpointRead
         raise QuantizeError(str(e), "model") from e
     if not isinstance(hf, dict):
         raise QuantizeError(f"{src / 'config.json'} is not a JSON object", "model")
+    if config.sandwich_norms or config.hidden_act != "silu":
+        raise QuantizeError(
+            f"{src} is a Gemma 3 checkpoint, whose layers (output norms, GELU, two RoPE bases) "
+            "the calibration forward does not run; serve the float checkpoint",
+            "model",
+        )
     try:
         reader = CheckpointReader(src)
         packed = [n for n in reader.names() if n.endswith((".qweight", ".qzeros", ".g_idx"))]

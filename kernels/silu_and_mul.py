@@ -1,4 +1,5 @@
-"""SiLU-gated product of the fused gate/up projection."""
+"""Gated product of the fused gate/up projection: SiLU (Llama, InternLM2) or GELU's tanh
+approximation (Gemma 3's `gelu_pytorch_tanh`) of the gate, times up."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ except ImportError:  # CPU-only installs: only the torch reference runs
 
 MAX_BLOCK = 1024
 """Output columns per program."""
+ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
+"""The gate activations by config name, and the kernel's code for each."""
 
 
 def _jit(fn: Any) -> Any:
@@ -32,6 +35,7 @@ def _silu_and_mul_kernel(
     stride_x_tok,
     stride_out_tok,
     BLOCK: tl.constexpr,
+    ACT: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -39,14 +43,21 @@ def _silu_and_mul_kernel(
     row = x_ptr + tok * stride_x_tok
     gate = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(row + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    # SiLU in fp32 rounded to x's dtype before the product, as F.silu(gate) * up (and HF) do.
-    act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
+    # The activation in fp32 rounded to x's dtype before the product, as F.silu(gate) * up and
+    # F.gelu(gate, approximate="tanh") * up (and HF) do.
+    if ACT == 0:
+        act = gate / (1.0 + tl.exp(-gate))
+    else:  # 0.5 x (1 + tanh(y)) = x * sigmoid(2y), y = sqrt(2 / pi) (x + 0.044715 x^3)
+        y = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = gate / (1.0 + tl.exp(-2.0 * y))
+    act = act.to(x_ptr.dtype.element_ty).to(tl.float32)
     out = act * up
     tl.store(out_ptr + tok * stride_out_tok + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
-    """Triton twin of `silu_and_mul_ref`.
+def silu_and_mul_triton(x: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """Triton twin of `silu_and_mul_ref` (and of `gelu_tanh_and_mul_ref` for act
+    'gelu_pytorch_tanh').
 
     x: (tokens, 2 * inter) [gate | up] with a contiguous last dim (rows may be strided).
     Returns (tokens, inter) contiguous in x's dtype.
@@ -67,9 +78,16 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
         x.stride(0),
         out.stride(0),
         BLOCK=block,
+        ACT=_act_code(act),
         num_warps=4,
     )
     return out
+
+
+def _act_code(act: str) -> int:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation {act!r} is not one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[act]
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -78,9 +96,25 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x: (tokens, 2 * inter) laid out [gate | up] -> gelu_tanh(gate) * up: (tokens, inter)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if use_triton(x.device):
         return silu_and_mul_triton(x)
     if x.dim() == 2 and x.shape[1] % 2 == 0 and native_elementwise_supported(x):
         return silu_and_mul_cpu(x)
     return silu_and_mul_ref(x)
+
+
+def act_and_mul(x: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """act(gate) * up of x = [gate | up], for a config's `hidden_act` (ACTIVATIONS)."""
+    if act == "silu":
+        return silu_and_mul(x)
+    _act_code(act)
+    if use_triton(x.device):
+        return silu_and_mul_triton(x, act)
+    return gelu_tanh_and_mul_ref(x)

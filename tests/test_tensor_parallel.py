@@ -154,6 +154,19 @@ def glm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3: head norms and sublayer output norms replicated on every rank, GELU on each
+    rank's MLP columns, and layer 0 windowed to 9 keys (which the longest prompt passes) with
+    its own RoPE base."""
+    folder = write_random_checkpoint(
+        tmp_path_factory.mktemp("tiny-gemma3"), architecture="gemma3", seed=12, **TINY_SHAPES
+    )
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sliding_window": 9}))
+    return folder
+
+
+@pytest.fixture(scope="module")
 def run(
     ray_cluster: Any,
     tiny_llama_dir: Path,
@@ -165,6 +178,7 @@ def run(
     phi3_dir: Path,
     granite_dir: Path,
     glm_dir: Path,
+    gemma3_dir: Path,
 ) -> Callable[[str, int], Run]:
     """run(checkpoint, tp) -> (outputs, weight bytes read per rank), computed once per module."""
     folders = {
@@ -177,6 +191,7 @@ def run(
         "phi3": phi3_dir,
         "granite": granite_dir,
         "glm": glm_dir,
+        "gemma3": gemma3_dir,
     }
     cache: dict[tuple[str, int], Run] = {}
 
@@ -236,6 +251,7 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         pytest.param("granite", 2, marks=pytest.mark.slow),
         # on demand: the row reordering per rank is phi3-tp2's, in another order
         pytest.param("glm", 2, marks=pytest.mark.slow),
+        ("gemma3", 2),
     ],
     ids=[
         "internlm2-tp2",
@@ -248,6 +264,7 @@ def _assert_same_generation(got: list[RequestOutput], ref: list[RequestOutput]) 
         "phi3-tp2",
         "granite-tp2",
         "glm-tp2",
+        "gemma3-tp2",
     ],
 )
 def test_tp_matches_tp1(run: Callable[[str, int], Run], name: str, tp: int) -> None:

@@ -43,6 +43,7 @@ ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "granite": "GraniteForCausalLM",
     "glm": "GlmForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 GRANITE_MULTIPLIERS = {
     "embedding_multiplier": 6.0,
@@ -124,6 +125,8 @@ def write_random_checkpoint(
         )
     elif architecture == "qwen3":  # (an RMSNorm on each q and k head)
         config = _qwen2_config(config, qwen3=True)
+    elif architecture == "gemma3":  # (head norms, output norms, GELU, two RoPE bases)
+        config = _gemma3_config(config)
     state_dict = random_llama_state_dict(config, seed=seed, dtype=DTYPES[dtype])
     if architecture == "internlm2":
         config = _internlm2_config(config)
@@ -222,6 +225,32 @@ def _qwen2_config(llama: dict[str, Any], qwen3: bool = False) -> dict[str, Any]:
     return config
 
 
+GEMMA3_LOCAL_THETA = 100.0
+"""The sliding-window layers' RoPE base a random Gemma 3 checkpoint carries (far from the
+global base, so layers turning with the wrong one show)."""
+
+
+def _gemma3_config(llama: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3 text config.json keys: Llama's without the MLP bias, GELU's tanh form, the
+    attention scale from `query_pre_attn_scalar` (not head_dim, so a missing one shows), and
+    the first layer of every two windowed (a window of max_position_embeddings: set
+    `sliding_window` lower to see it) with its own RoPE base."""
+    config = {k: v for k, v in llama.items() if k not in ("mlp_bias", "hidden_act")}
+    layers = llama["num_hidden_layers"]
+    config.update(
+        architectures=[ARCHITECTURES["gemma3"]],
+        model_type="gemma3_text",
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=2 * llama["head_dim"],
+        sliding_window=llama["max_position_embeddings"],
+        layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(layers)],
+        rope_local_base_freq=GEMMA3_LOCAL_THETA,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+    )
+    return config
+
+
 def _phi3_config(llama: dict[str, Any]) -> dict[str, Any]:
     """Phi-3 config.json keys: Llama's without the bias switches (Phi-3 has none), the trained
     length at the top level (LongRoPE's rope_scaling names it there), no sliding window."""
@@ -299,7 +328,7 @@ def random_llama_state_dict(
     out = {"model.embed_tokens.weight": _normal(gen, (config["vocab_size"], hidden), 1.0)}
     for i in range(config["num_hidden_layers"]):
         out.update(_random_layer(gen, config, f"model.layers.{i}."))
-    out["model.norm.weight"] = _norm(gen, hidden)
+    out["model.norm.weight"] = _norm(gen, hidden, config.get("model_type") == "gemma3_text")
     if not config["tie_word_embeddings"]:
         out["lm_head.weight"] = _linear(gen, config["vocab_size"], hidden)
     return {name: t.to(dtype) for name, t in out.items()}
@@ -323,17 +352,21 @@ def _random_layer(
         out[f"{prefix}self_attn.{name}_proj.weight"] = _linear(gen, rows, cols)
         if name != "o" if qkv_bias_only else config.get("attention_bias"):
             out[f"{prefix}self_attn.{name}_proj.bias"] = _normal(gen, (rows,), BIAS_STD)
-    if config.get("model_type") == "qwen3":
+    gemma = config.get("model_type") == "gemma3_text"
+    if config.get("model_type") == "qwen3" or gemma:
         for name in ("q_norm", "k_norm"):
-            out[f"{prefix}self_attn.{name}.weight"] = _norm(gen, config["head_dim"])
+            out[f"{prefix}self_attn.{name}.weight"] = _norm(gen, config["head_dim"], gemma)
     for name, rows, cols in (
         ("gate", inter, hidden),
         ("up", inter, hidden),
         ("down", hidden, inter),
     ):
         out[f"{prefix}mlp.{name}_proj.weight"] = _linear(gen, rows, cols)
-    out[f"{prefix}input_layernorm.weight"] = _norm(gen, hidden)
-    out[f"{prefix}post_attention_layernorm.weight"] = _norm(gen, hidden)
+    out[f"{prefix}input_layernorm.weight"] = _norm(gen, hidden, gemma)
+    out[f"{prefix}post_attention_layernorm.weight"] = _norm(gen, hidden, gemma)
+    if gemma:  # (the MLP's input norm and its output norm)
+        out[f"{prefix}pre_feedforward_layernorm.weight"] = _norm(gen, hidden, gemma)
+        out[f"{prefix}post_feedforward_layernorm.weight"] = _norm(gen, hidden, gemma)
     return out
 
 
@@ -345,8 +378,9 @@ def _linear(gen: torch.Generator, rows: int, cols: int) -> torch.Tensor:
     return _normal(gen, (rows, cols), 1.0 / math.sqrt(cols))
 
 
-def _norm(gen: torch.Generator, width: int) -> torch.Tensor:
-    return 1.0 + _normal(gen, (width,), NORM_STD)
+def _norm(gen: torch.Generator, width: int, offset: bool = False) -> torch.Tensor:
+    """An RMSNorm weight near 1; `offset`: Gemma's, stored as the scale minus 1."""
+    return (0.0 if offset else 1.0) + _normal(gen, (width,), NORM_STD)
 
 
 def llama_to_internlm2_state_dict(

@@ -19,7 +19,7 @@ from dist_runtime.config import ConfigError, ModelConfig, SchedulerConfig
 from dist_runtime.engine.speculative import PromptLookup
 from dist_runtime.formats.random_checkpoint import write_random_checkpoint
 from tests.conftest import TINY_SHAPES
-from tests.helpers.oracle import load_hf_llama
+from tests.helpers.oracle import hf_greedy, load_hf_llama
 
 WINDOW = 11
 """Not a multiple of the cache block (16) nor of the prefill chunk (8)."""
@@ -60,15 +60,7 @@ def _mistral(tmp_path: Path) -> Path:
 
 
 def _hf_generate(folder: Path, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:
-    hf = load_hf_llama(folder)
-    with torch.no_grad():
-        gen = hf.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0,
-            output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
-    logprobs = [torch.log_softmax(raw[0].float(), dim=-1) for raw in gen.logits]
-    return gen.sequences[0, len(prompt) :].tolist(), logprobs
+    return hf_greedy(load_hf_llama(folder), prompt, NEW)
 
 
 def _matches(out: Any, want: tuple[list[int], list[torch.Tensor]]) -> None:

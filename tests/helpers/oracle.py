@@ -20,7 +20,7 @@ from dist_runtime.formats.random_checkpoint import unpack_internlm2_wqkv
 
 def load_hf_llama(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Any:
     """Load a Llama or InternLM2 checkpoint folder as an eval-mode eager-attention HF Llama (a
-    Mistral, Ministral, Qwen2, Qwen3, Phi-3, Granite or GLM one as HF's own)."""
+    Mistral, Ministral, Qwen2, Qwen3, Phi-3, Granite, GLM or Gemma 3 one as HF's own)."""
     folder = Path(folder)
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model: Any
@@ -34,6 +34,7 @@ def load_hf_llama(folder: str | os.PathLike[str], dtype: torch.dtype = torch.flo
         ["Phi3ForCausalLM"],
         ["GraniteForCausalLM"],
         ["GlmForCausalLM"],
+        ["Gemma3ForCausalLM"],
     ):
         from transformers import AutoModelForCausalLM
 
@@ -43,6 +44,19 @@ def load_hf_llama(folder: str | os.PathLike[str], dtype: torch.dtype = torch.flo
     else:
         model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
     return model.eval()
+
+
+def hf_greedy(model: Any, prompt: list[int], new_tokens: int) -> tuple[list[int], list[Any]]:
+    """HF generate's greedy tokens after `prompt` and the log-softmax of each step's logits
+    (float32, over the vocabulary), EOS ignored."""
+    with torch.no_grad():
+        gen = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    logprobs = [torch.log_softmax(raw[0].float(), dim=-1) for raw in gen.logits]
+    return gen.sequences[0, len(prompt) :].tolist(), logprobs
 
 
 def _load_internlm2(folder: Path, hf: dict[str, Any], dtype: torch.dtype) -> LlamaForCausalLM:

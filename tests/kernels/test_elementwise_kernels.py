@@ -263,6 +263,36 @@ def test_silu_and_mul_matches_ref(device, dtype, tokens, inter):
     _assert_close(out, SM.silu_and_mul_ref(x), dtype)
 
 
+def test_gelu_tanh_and_mul_ref_matches_formula_in_float64():
+    """Gemma 3's `gelu_pytorch_tanh`: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    gen = _gen(5)
+    x = 4 * _randn(gen, 5, 2 * 48, dtype=torch.float64)
+    gate, up = x[:, :48], x[:, 48:]
+    inner = math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)
+    expected = 0.5 * gate * (1 + torch.tanh(inner)) * up
+    torch.testing.assert_close(SM.gelu_tanh_and_mul_ref(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, inter", [(1, 64), (33, 1100)])
+def test_gelu_tanh_and_mul_matches_ref(device, dtype, tokens, inter):
+    gen = _gen(tokens + inter + 1)
+    # |gate| up to ~16: tanh saturates both ways (exp over- and underflows in the kernel's form).
+    x = 4 * _randn(gen, tokens, 2 * inter + 8, dtype=dtype, device=device)[:, : 2 * inter]
+    out = SM.silu_and_mul_triton(x, "gelu_pytorch_tanh")
+    assert out.shape == (tokens, inter) and out.dtype == dtype
+    _assert_close(out, SM.gelu_tanh_and_mul_ref(x), dtype)
+
+
+def test_act_and_mul_names_the_activations():
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(SM.act_and_mul(x, "gelu_pytorch_tanh"), SM.gelu_tanh_and_mul_ref(x))
+    torch.testing.assert_close(SM.act_and_mul(x), SM.silu_and_mul_ref(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'relu' is not one of"):
+        SM.act_and_mul(x, "relu")
+
+
 # -- store_kv ----------------------------------------------------------------------------------
 
 

@@ -49,18 +49,18 @@ def test_pieces_give_the_whole_chunk_result(
 
     widths: list[int] = []
     reduces: list[int] = []
-    real_gate_up = decoder_module.silu_and_mul
+    real_gate_up = decoder_module.act_and_mul
     real_reduce = RowParallelLinear.reduce
 
-    def gate_up_spy(x: torch.Tensor) -> torch.Tensor:
+    def gate_up_spy(x: torch.Tensor, act: str = "silu") -> torch.Tensor:
         widths.append(x.shape[0] * x.shape[1] * x.element_size())
-        return real_gate_up(x)
+        return real_gate_up(x, act)
 
     def reduce_spy(self: RowParallelLinear, partial: torch.Tensor) -> Any:
         reduces.append(partial.shape[0])
         return real_reduce(self, partial)
 
-    monkeypatch.setattr(decoder_module, "silu_and_mul", gate_up_spy)
+    monkeypatch.setattr(decoder_module, "act_and_mul", gate_up_spy)
     monkeypatch.setattr(RowParallelLinear, "reduce", reduce_spy)
     inter = runner.model_config.intermediate_size
     piece_bytes = 64 * 2 * inter * 4  # 64 rows a piece: 300 tokens in 5 pieces

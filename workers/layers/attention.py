@@ -122,7 +122,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.comm = comm
         self.q_norm = self.k_norm = None
-        if config.qk_norm:  # (Qwen3: each head normed over head_dim before RoPE)
+        if config.qk_norm:  # (Qwen3, Gemma 3: each head normed over head_dim before RoPE)
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
 
@@ -149,7 +149,8 @@ class Attention(nn.Module):
         elif use_triton(q.device) and kv_cache.bits == 0 and meta.cp is None:
             # One kernel rotates q and writes the rotated k and v into the cache (a cp prefill
             # chunk also reads k and v themselves, and a quantized cache stores codes).
-            inv = self.rotary.inv_freq if meta.rope_inv_freq is None else meta.rope_inv_freq
+            own = None if self.rotary.fixed else meta.rope_inv_freq
+            inv = self.rotary.inv_freq if own is None else own
             q = rotary_store(q, k, v, positions, inv, k_cache, v_cache, meta.slot_mapping)
         else:
             q, k = self.rotary(q, k, positions, meta.rope_inv_freq)

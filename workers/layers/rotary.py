@@ -96,11 +96,18 @@ def _frequencies(config: ModelConfig, base: float) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     inv_freq: torch.Tensor
 
-    def __init__(self, config: ModelConfig, device: torch.device):
+    def __init__(self, config: ModelConfig, device: torch.device, theta: float | None = None):
+        """`theta`: a base of its own with no scaling (Gemma 3's sliding-window layers), which
+        also ignores the frequencies a request brings; None: the model's RoPE."""
         super().__init__()
-        # Dynamic NTK keeps the trained base for prompts within max_position_embeddings (a
-        # longer one brings its own frequencies: `ModelRunner._rope_inv_freq`).
-        inv = model_frequencies(config)
+        self.fixed = theta is not None
+        """Requests' own frequencies (`AttentionMetadata.rope_inv_freq`) do not apply."""
+        if theta is None:
+            # Dynamic NTK keeps the trained base for prompts within max_position_embeddings (a
+            # longer one brings its own frequencies: `ModelRunner._rope_inv_freq`).
+            inv = model_frequencies(config)
+        else:
+            inv = inverse_frequencies(config.head_dim, theta)
         self.register_buffer("inv_freq", inv.to(device), persistent=False)
         self._key: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] = (inv, inv)
@@ -114,6 +121,7 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """inv_freq: (tokens, head_dim // 2) frequencies per token (requests with their own
         RoPE base); None: the model's."""
+        inv_freq = None if self.fixed else inv_freq
         inv = self.inv_freq if inv_freq is None else inv_freq
         if use_triton(q.device):
             return rotary(q, k, positions, inv)
@@ -126,6 +134,7 @@ class RotaryEmbedding(nn.Module):
         """(cos, sin) of `rotary_cos_sin` for the step's positions (and per-token frequencies,
         if any). Every layer of a step passes the same tensors, so the angles are computed once
         per step, not per layer."""
+        inv_freq = None if self.fixed else inv_freq
         key = (positions, inv_freq)
         if self._key is None or any(a is not b for a, b in zip(key, self._key)):
             self._key = key

@@ -1,4 +1,5 @@
-"""The decoder shared by InternLM2 and Llama: embed -> [norm, attention, norm, MLP] x L -> head.
+"""The decoder shared by InternLM2, Llama and Gemma 3: embed -> [norm, attention, norm, MLP] x L
+-> head (Gemma 3 norms each sublayer's output too, `ModelConfig.sandwich_norms`).
 
 Only wiring lives here; the checkpoint layouts (tensor names, InternLM2's packed wqkv) are in
 `workers/models/layouts.py`, and each parallel layer creates just this rank's shard.
@@ -14,7 +15,7 @@ from torch import nn
 from dist_runtime.config import ModelConfig
 from kernels.cpu_decoder import CpuDecoder
 from kernels.paged_attention import layer_invariant_scope
-from kernels.silu_and_mul import silu_and_mul
+from kernels.silu_and_mul import act_and_mul
 from workers.distributed import Collectives
 from workers.kv_cache import LayerKV
 from workers.layers.attention import Attention, AttentionMetadata, HeadShard
@@ -40,7 +41,8 @@ class MLP(nn.Module):
         super().__init__()
         self.inter_local = config.intermediate_size // comm.tp_size
         self.hidden = config.hidden_size
-        # Local rows: [gate slice | up slice], so silu_and_mul splits them in halves.
+        self.act = config.hidden_act
+        # Local rows: [gate slice | up slice], so act_and_mul splits them in halves.
         self.gate_up_proj = ColumnParallelLinear(
             config.hidden_size,
             2 * self.inter_local,
@@ -63,13 +65,13 @@ class MLP(nn.Module):
         rows = x.shape[0]
         step = self._cpu_rows_per_piece(x)
         if step >= rows or self._adapted():
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+            return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act))
         # A long CPU prefill chunk in pieces: the (rows, 2 * inter) gate_up output would be a
         # fresh allocation past glibc's mmap threshold in every layer (zero-filled pages faulted
         # in again each time); a piece's stays in the allocator's reuse and in L3. One reduce.
         out = torch.empty(rows, self.hidden, dtype=x.dtype)
         for i in range(0, rows, step):
-            piece = silu_and_mul(self.gate_up_proj(x[i : i + step]))
+            piece = act_and_mul(self.gate_up_proj(x[i : i + step]), self.act)
             out[i : i + step] = self.down_proj.partial(piece)
         return self.down_proj.reduce(out)
 
@@ -110,7 +112,12 @@ class DecoderLayer(nn.Module):
             window=window,
         )
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        """The MLP's input norm (Gemma 3's `pre_feedforward_layernorm`)."""
         self.mlp = MLP(config, comm, dtype, device)
+        self.attn_out_norm = self.mlp_out_norm = None
+        if config.sandwich_norms:  # (Gemma 3: each sublayer's output normed before the add)
+            self.attn_out_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+            self.mlp_out_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
     def forward(
         self,
@@ -120,10 +127,17 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         kv_cache: LayerKV,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) in, (what this layer adds, residual stream before it) out: the
+        next norm adds the two, as the final norm does."""
         h, residual = self.input_norm(x, residual)
         h = self.attn(h, positions, meta, kv_cache)
+        if self.attn_out_norm is not None:
+            h = self.attn_out_norm(h)[0]
         h, residual = self.post_attn_norm(h, residual)
-        return self.mlp(h), residual
+        h = self.mlp(h)
+        if self.mlp_out_norm is not None:
+            h = self.mlp_out_norm(h)[0]
+        return h, residual
 
 
 class DecoderLM(nn.Module):
@@ -140,10 +154,26 @@ class DecoderLM(nn.Module):
             config.vocab_size, config.hidden_size, dtype, device, comm
         )
         self.rotary = rotary = RotaryEmbedding(config, device)
+        local = None
+        if config.local_rope_theta is not None:  # (Gemma 3: its own base on windowed layers)
+            local = RotaryEmbedding(config, device, theta=config.local_rope_theta)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, self.shard, rotary, comm, dtype, device, config.layer_window(i))
+            DecoderLayer(
+                config,
+                self.shard,
+                local if local is not None and config.layer_window(i) else rotary,
+                comm,
+                dtype,
+                device,
+                config.layer_window(i),
+            )
             for i in range(config.num_layers)
         )
+        scale = config.embedding_multiplier
+        if config.round_embedding_multiplier:
+            scale = torch.tensor(scale, dtype=dtype).item()
+        self.embed_scale = scale
+        """The embeddings' multiplier (Granite's, Gemma's sqrt(hidden) in the model's dtype)."""
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         tied = self.embed if config.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(
@@ -234,14 +264,16 @@ class DecoderLM(nn.Module):
         return x, residual
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(tokens,) -> (tokens, hidden): the embeddings, times Granite's multiplier."""
+        """(tokens,) -> (tokens, hidden): the embeddings, times `embed_scale`."""
         x = self.embed(input_ids)
-        scale = self.config.embedding_multiplier
+        scale = self.embed_scale
         return x if scale == 1.0 else x * scale
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, hidden) -> (n, vocab) fp32, identical on every tp rank (divided by Granite's
-        logits_scaling)."""
+        logits_scaling; soft-capped where the config says, Gemma's cap * tanh(logits / cap))."""
         logits = self.lm_head(hidden)
         scale = self.config.logits_scaling
-        return logits if scale == 1.0 else logits / scale
+        logits = logits if scale == 1.0 else logits / scale
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap

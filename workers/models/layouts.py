@@ -18,10 +18,11 @@ import torch
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.formats.int4 import Int4Weight
-from workers.checkpoint import CheckpointReader
+from workers.checkpoint import CheckpointReader, View
 from workers.layers.attention import HeadShard
 from workers.layers.embedding import vocab_range
 from workers.layers.linear import _Linear
+from workers.layers.norm import RMSNorm
 from workers.models.decoder import DecoderLayer, DecoderLM
 from workers.models.int4_loading import Int4Slice, int4_shapes, read_int4
 from workers.models.names import LAYOUTS, Layout, fused_views
@@ -104,6 +105,10 @@ def _float_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}{lay.down}.bias"] = (hidden,)
         shapes[f"{p}{lay.input_norm}.weight"] = (hidden,)
         shapes[f"{p}{lay.post_norm}.weight"] = (hidden,)
+        if c.sandwich_norms:
+            assert lay.attn_out_norm and lay.mlp_out_norm
+            shapes[f"{p}{lay.attn_out_norm}.weight"] = (hidden,)
+            shapes[f"{p}{lay.mlp_out_norm}.weight"] = (hidden,)
         if c.qk_norm:
             assert lay.q_norm and lay.k_norm
             shapes[f"{p}{lay.q_norm}.weight"] = (hd,)
@@ -111,12 +116,35 @@ def _float_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+LANGUAGE_MODEL_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("model.language_model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+"""Where a multimodal checkpoint keeps its language model's tensors (transformers 4's names,
+transformers 5's), and the text model's names they are read as."""
+
+
 def check_checkpoint(config: ModelConfig, reader: CheckpointReader) -> None:
     """Raise CheckpointError for a missing, unreadable or mis-shaped tensor (headers only).
-    A checkpoint with packed projections (Phi-3) is read through views of their parts."""
+    A checkpoint with packed projections (Phi-3) is read through views of their parts, and a
+    multimodal one (Gemma 3 4B and up) through views of its language model's tensors."""
     reader.add_views(*fused_views(config))
+    if not reader.has(f"{LAYOUTS[config.architecture].embed}.weight"):
+        reader.add_views(_language_model_views(reader))
     for name, shape in expected_shapes(config).items():
         reader.check_shape(name, shape)
+
+
+def _language_model_views(reader: CheckpointReader) -> dict[str, View]:
+    """Each language-model tensor of a multimodal checkpoint (`LANGUAGE_MODEL_PREFIXES`) as a
+    whole-tensor view under its text model's name; the others (a vision tower) are not read."""
+    views = {}
+    for name in reader.names():
+        for old, new in LANGUAGE_MODEL_PREFIXES:
+            if name.startswith(old):
+                views[new + name.removeprefix(old)] = View(name, 0, reader.shape(name)[0])
+    return views
 
 
 def load_weights(model: DecoderLM, reader: CheckpointReader) -> None:
@@ -132,7 +160,7 @@ def load_weights(model: DecoderLM, reader: CheckpointReader) -> None:
             model.lm_head.weight[: stop - start],
             reader.read_rows(f"{lay.head}.weight", start, stop),
         )
-    _copy(model.norm.weight, reader.read(f"{lay.norm}.weight"))
+    _copy(model.norm.weight, _norm_weight(reader.read(f"{lay.norm}.weight"), config))
     for i, layer in enumerate(model.layers):
         assert isinstance(layer, DecoderLayer)
         _load_layer(layer, lay, lay.layer.format(i), config, model.shard, reader, tp_rank, tp_size)
@@ -200,14 +228,29 @@ def _load_layer(
         _copy(mlp.down_proj.weight, _times(down_w, m))
     if config.mlp_bias:
         _copy(mlp.down_proj.bias, _times(reader.read(f"{p}{lay.down}.bias"), m))
-    _copy(layer.input_norm.weight, reader.read(f"{p}{lay.input_norm}.weight"))
-    _copy(layer.post_attn_norm.weight, reader.read(f"{p}{lay.post_norm}.weight"))
+    norms: list[tuple[RMSNorm | None, str | None]] = [
+        (layer.input_norm, lay.input_norm),
+        (layer.post_attn_norm, lay.post_norm),
+        (layer.attn_out_norm, lay.attn_out_norm),  # (Gemma 3's output norms; None elsewhere)
+        (layer.mlp_out_norm, lay.mlp_out_norm),
+    ]
+    for norm, name in norms:
+        if norm is None or name is None:
+            continue
+        _copy(norm.weight, _norm_weight(reader.read(f"{p}{name}.weight"), config))
     if attn.q_norm is not None and attn.k_norm is not None:  # (replicated on every rank)
         order, scale = rotary_row_order(config), rotary_row_scale(config)
         for norm, name in ((attn.q_norm, lay.q_norm), (attn.k_norm, lay.k_norm)):
-            w = reader.read(f"{p}{name}.weight")
+            w = _norm_weight(reader.read(f"{p}{name}.weight"), config)
             w = w if order is None else w[order]
             _copy(norm.weight, w if scale is None else w * scale.to(w.dtype))
+
+
+def _norm_weight(w: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """An RMSNorm weight as the runtime multiplies by it: Gemma's stored w scales by 1 + w
+    (`ModelConfig.norm_weight_offset`), added in float32 (the cast to the model's dtype after)."""
+    offset = config.norm_weight_offset
+    return w if offset == 0.0 else w.float() + offset
 
 
 def rotary_row_order(config: ModelConfig) -> torch.Tensor | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from dist_runtime.config import ModelConfig, WeightQuant
@@ -27,6 +28,10 @@ class Layout:
     q_norm: str | None = None
     k_norm: str | None = None
     """Qwen3's per-head RMSNorms of q and k (`ModelConfig.qk_norm`)."""
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    """Gemma 3's norms of the attention's and the MLP's outputs (`ModelConfig.sandwich_norms`);
+    its `post_norm` is the MLP's input norm."""
 
 
 LAYOUTS = {
@@ -65,6 +70,15 @@ LAYOUTS = {
         head="output",
     ),
 }
+
+
+LAYOUTS["gemma3"] = dataclasses.replace(
+    LAYOUTS["llama"],
+    post_norm="pre_feedforward_layernorm",
+    attn_out_norm="post_attention_layernorm",
+    mlp_out_norm="post_feedforward_layernorm",
+)
+"""Gemma 3's: Llama's names, the MLP's input norm and the two output norms aside."""
 
 
 FUSED = {"qkv": "self_attn.qkv_proj", "gate_up": "mlp.gate_up_proj"}

@@ -1,0 +1,307 @@
+"""Gemma 3 text models (`Gemma3ForCausalLM`, the `gemma3_text` checkpoints): RMSNorms that scale
+by 1 + weight, a norm on each sublayer's output, GELU's tanh form, q / k head norms, a
+sqrt(hidden) embedding scale, the attention scale from `query_pre_attn_scalar`, sliding-window
+layers with their own RoPE base between global ones (which alone take rope_scaling), and the
+optional final-logit soft-cap. Checked against HF's own class on random checkpoints, and the
+config against what transformers writes and reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_runtime import Runtime, SamplingParams
+from dist_runtime.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    RuntimeConfig,
+    SchedulerConfig,
+)
+from dist_runtime.formats.random_checkpoint import GEMMA3_LOCAL_THETA, write_random_checkpoint
+from dist_runtime.quantize import QuantizeError, quantize_checkpoint
+from tests.conftest import TINY_SHAPES
+from tests.helpers.oracle import hf_greedy, load_hf_llama
+
+WINDOW = 11
+"""Not a multiple of the cache block (16) nor of the prefill chunk (8)."""
+NEW = 6
+PARAMS = SamplingParams(max_new_tokens=NEW, temperature=0.0, logprobs=5, ignore_eos=True)
+
+GEMMA3_1B = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "attention_bias": False,
+    "attn_logit_softcapping": None,
+    "bos_token_id": 2,
+    "eos_token_id": [1, 106],
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "intermediate_size": 6912,
+    "max_position_embeddings": 32768,
+    "model_type": "gemma3_text",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 1,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 262144,
+}
+"""gemma-3-1b-it's config.json (transformers 4.50's keys)."""
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, TINY_SHAPES["vocab_size"], (length,), generator=gen).tolist()
+
+
+def _gemma3(tmp_path: Path, seed: int, tie: bool = False, **config: Any) -> Path:
+    """A random Gemma 3 checkpoint (layer 0 windowed to WINDOW with base GEMMA3_LOCAL_THETA,
+    layer 1 global) with `config` written over its config.json."""
+    shapes = dict(TINY_SHAPES, num_heads=4, num_kv_heads=2, head_dim=16)
+    folder = write_random_checkpoint(
+        tmp_path / f"gemma3-{seed}",
+        architecture="gemma3",
+        with_tokenizer=False,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        seed=seed,
+        **shapes,
+    )
+    path = folder / "config.json"
+    written = {**json.loads(path.read_text()), "sliding_window": WINDOW, **config}
+    path.write_text(json.dumps(written))
+    return folder
+
+
+def _runtime(folder: Path, **kw: Any) -> Runtime:
+    scheduler = SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=4)
+    return Runtime(
+        model=str(folder), device="cpu", dtype="float32", session_len=128, scheduler=scheduler,
+        **kw,
+    )  # fmt: skip
+
+
+def _matches_hf(folder: Path, prompts: list[list[int]], hf: Any = None) -> list[Any]:
+    """Greedy decodes after chunked prefills (8 tokens a step, over cached keys) give HF
+    generate's tokens and top-5 log-probabilities (HF's `hf`, or the folder's as HF loads it:
+    its Gemma3ForCausalLM)."""
+    if hf is None:
+        hf = load_hf_llama(folder)
+        assert type(hf).__name__ == "Gemma3ForCausalLM"
+    with _runtime(folder) as rt:
+        outs = rt.generate(prompts, PARAMS)
+    for out, prompt in zip(outs, prompts, strict=True):
+        ids, logprobs = hf_greedy(hf, prompt, NEW)
+        assert out.token_ids == ids
+        assert out.logprobs is not None
+        for lp, full in zip(out.logprobs, logprobs, strict=True):
+            values, indices = full.topk(5)
+            assert list(lp.top) == indices.tolist()
+            got = torch.tensor(list(lp.top.values()))
+            torch.testing.assert_close(got, values, rtol=0, atol=1e-4)
+    return outs
+
+
+def test_gemma3_matches_hf_past_its_window(tmp_path: Path) -> None:
+    """A batch of one prompt within the window and two past it, tied embeddings."""
+    folder = _gemma3(tmp_path, seed=31, tie=True)
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.architecture == "gemma3" and model.tie_word_embeddings
+    assert [model.layer_window(i) for i in range(model.num_layers)] == [WINDOW, 0]
+    assert model.local_rope_theta == GEMMA3_LOCAL_THETA
+    _matches_hf(folder, [_prompt(7, seed=1), _prompt(30, seed=2), _prompt(45, seed=3)])
+
+
+def test_gemma3_global_scaling_and_logit_softcap_match_hf(tmp_path: Path) -> None:
+    """Linear rope_scaling turns the global layer only (HF's `full_attention` parameters), and
+    the logits go through cap * tanh(logits / cap) (a cap of 2, well inside the logits' spread:
+    no two log-probabilities differ by more than 2 * cap)."""
+    folder = _gemma3(
+        tmp_path, seed=32, rope_scaling={"rope_type": "linear", "factor": 4.0},
+        final_logit_softcapping=2.0,
+    )  # fmt: skip
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.rope_scaling is not None and model.rope_scaling.type == "linear"
+    assert model.final_logit_softcapping == 2.0
+    (out,) = _matches_hf(folder, [_prompt(37, seed=4)])
+    assert out.logprobs is not None
+    assert all(max(lp.top.values()) - min(lp.top.values()) <= 2 * 2.0 for lp in out.logprobs)
+
+
+def test_each_gemma3_part_changes_the_answer(tmp_path: Path) -> None:
+    """Without the window, with the global base on every layer, or with SiLU, the same weights
+    give other log-probabilities (so the HF tests check each, not a coincidence)."""
+    folder = _gemma3(tmp_path, seed=33)
+    prompt = _prompt(40, seed=5)
+
+    def first_top() -> dict[int, float]:
+        with _runtime(folder) as rt:
+            (out,) = rt.generate([prompt], PARAMS)
+        assert out.logprobs is not None
+        return dict(out.logprobs[0].top)
+
+    def differs(a: dict[int, float], b: dict[int, float]) -> bool:
+        return max(abs(a.get(t, -99.0) - v) for t, v in b.items()) > 1e-2
+
+    path = folder / "config.json"
+    base = json.loads(path.read_text())
+    want = first_top()
+    for change in (
+        {"sliding_window": 4096},
+        {"rope_local_base_freq": base["rope_theta"]},
+        {"query_pre_attn_scalar": base["head_dim"]},
+    ):
+        path.write_text(json.dumps({**base, **change}))
+        assert differs(first_top(), want), change
+
+
+def test_gemma3_prefix_hit_and_tp_layout(tmp_path: Path) -> None:
+    """A prompt served again from the prefix cache gives the same tokens and log-probabilities,
+    and the weights count each of the four norms per layer."""
+    folder = _gemma3(tmp_path, seed=34)
+    prompt = _prompt(48, seed=6)
+    with _runtime(folder) as rt:
+        (first,) = rt.generate([prompt], PARAMS)
+        (again,) = rt.generate([prompt], PARAMS)
+        assert rt.prefix_cache_stats()["hit_tokens"] > 0
+        model = rt.engine.executor.worker.runner.model  # type: ignore[union-attr]
+        assert model._native is None or model._native[1] is None  # (layer by layer)
+    assert again.token_ids == first.token_ids
+    assert again.logprobs is not None and first.logprobs is not None
+    for a, b in zip(again.logprobs, first.logprobs, strict=True):
+        assert list(a.top) == list(b.top)
+
+
+def test_gemma3_1b_config_reads_as_transformers_does() -> None:
+    model = ModelConfig.from_dict(GEMMA3_1B)
+    globals_ = [i for i in range(26) if model.layer_window(i) == 0]
+    assert globals_ == [5, 11, 17, 23]  # (every sixth layer: sliding_window_pattern 6)
+    assert model.sliding_window == 512 and model.local_rope_theta == 10000.0
+    assert model.rope_theta == 1_000_000.0 and model.rope_scaling is None
+    assert model.tie_word_embeddings  # (Gemma3TextConfig's default)
+    assert model.attention_scale == pytest.approx(256**-0.5)
+    assert model.embedding_multiplier == pytest.approx(1152**0.5)
+    assert model.qk_norm and model.sandwich_norms and model.norm_weight_offset == 1.0
+    assert model.hidden_act == "gelu_pytorch_tanh" and model.eos_token_ids == (1, 106)
+    assert model.max_rope_len() == 32768
+
+
+def test_transformers_5_gemma3_config_reads_the_same() -> None:
+    """transformers 5 writes RoPE per layer type (`rope_parameters`) and `layer_types`; a 4B's
+    linear x8 scaling applies to the global layers, and its 131072 positions are the scaled
+    length already."""
+    from transformers import Gemma3TextConfig
+
+    old_keys: dict[str, Any] = {  # (transformers 4's, which version 5 converts)
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "rope_local_base_freq": 10_000.0,
+        "rope_theta": 1_000_000.0,
+    }
+    hf = Gemma3TextConfig(num_hidden_layers=8, sliding_window=1024, **old_keys).to_dict()
+    hf["architectures"] = ["Gemma3ForCausalLM"]
+    assert set(hf["rope_parameters"]) == {"full_attention", "sliding_attention"}
+    model = ModelConfig.from_dict(hf)
+    assert [model.layer_window(i) for i in range(8)] == [1024] * 5 + [0] + [1024] * 2
+    assert model.rope_theta == 1_000_000.0 and model.local_rope_theta == 10_000.0
+    assert model.rope_scaling is not None and model.rope_scaling.factor == 8.0
+    assert model.max_rope_len() == 131_072
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({"hidden_activation": "silu"}, "hidden_activation"),
+        ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar"),
+        ({"final_logit_softcapping": "30"}, "final_logit_softcapping"),
+        ({"sliding_window_pattern": 0}, "sliding_window_pattern"),
+        (
+            {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+            "sliding_attention",
+        ),
+    ],
+)
+def test_gemma3_config_refuses_what_is_not_run(change: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        ModelConfig.from_dict({**GEMMA3_1B, **change})
+
+
+def test_gemma3_cp_past_the_window_and_quantize_are_refused(tmp_path: Path) -> None:
+    folder = _gemma3(tmp_path, seed=35)
+    model = ModelConfig.from_pretrained(str(folder))
+    config = RuntimeConfig(model=str(folder), session_len=64, parallel=ParallelConfig(cp=2))
+    with pytest.raises(ConfigError, match="sliding window"):
+        config.check_session_len(model)
+    with pytest.raises(QuantizeError, match="Gemma 3"):
+        quantize_checkpoint(folder, tmp_path / "out")
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights that make every part count: norms 0.1 * N(0, 1) (scales near 1), projections
+    std 1 / sqrt(fan_in), embeddings std 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or p.dim() == 1:
+                std = 0.1
+            elif "embed" in name:
+                std = 1.0
+            else:
+                std = p.shape[-1] ** -0.5
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def test_multimodal_gemma3_checkpoint_serves_its_language_model(tmp_path: Path) -> None:
+    """A `Gemma3ForConditionalGeneration` folder (the 4B / 12B / 27B checkpoints): its
+    `text_config` (only what differs from the defaults) and the language model's tensors, under
+    the names transformers saves (the Hub's files' `language_model.model.`) and those it holds
+    in memory (`model.language_model.`), generate HF's text-only answers; the vision tower is
+    not read."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = {
+        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 300, "max_position_embeddings": 256, "sliding_window": WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_local_base_freq": 100.0, "query_pre_attn_scalar": 32,
+    }  # fmt: skip
+    vision = {
+        "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+    }  # fmt: skip
+    top: dict[str, Any] = {"eos_token_id": [1, 106]}  # (where the Hub's configs name it)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, **top)
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    hf = Gemma3ForConditionalGeneration(config).eval()
+    _randomize(hf, seed=36)
+    folder = tmp_path / "gemma3-mm"
+    hf.save_pretrained(folder)
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.architecture == "gemma3" and model.eos_token_ids == (1, 106)
+    assert model.vocab_size == 300 and model.tie_word_embeddings
+    prompts = [[t % 300 for t in _prompt(n, seed=7 + n)] for n in (9, 40)]
+    (file,) = folder.glob("*.safetensors")
+    tensors = load_file(file)
+    assert any(name.startswith("language_model.model.") for name in tensors)
+    _matches_hf(folder, prompts, hf)
+    renamed = {  # (the names transformers 5 holds them under in memory)
+        name.replace("language_model.model.", "model.language_model."): t
+        for name, t in tensors.items()
+    }
+    save_file(renamed, str(file), metadata={"format": "pt"})
+    _matches_hf(folder, prompts, hf)
