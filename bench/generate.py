@@ -58,7 +58,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList  # noqa: E402
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from bench.machine import code_version, cpu_counters, cpu_model  # noqa: E402
 from dist_runtime import Runtime, SamplingParams, SchedulerConfig  # noqa: E402
@@ -86,6 +86,10 @@ class ModelShape:
 
     demo: bool = False
     """The demo model (SmolLM2-135M-Instruct, real weights) instead of a random checkpoint."""
+    architecture: str = "llama"
+    """The random checkpoint's (`write_random_checkpoint`): llama, or gemma3 (Gemma 3's layers:
+    head and output norms, GELU, every second layer windowed on its own RoPE base; the window
+    is max_position_embeddings, 4096, so these prompts stay within it)."""
 
     def describe(self, seed: int, num_params: int) -> str:
         if self.demo:
@@ -95,8 +99,9 @@ class ModelShape:
                 f"{self.num_heads} heads / {self.num_kv_heads} KV heads, vocab {self.vocab_size}, "
                 f"tied LM head: **{num_params / 1e6:.1f} M parameters**."
             )
+        kind = {"llama": "Llama", "gemma3": "Gemma 3"}[self.architecture]
         return (
-            f"Random-weight Llama (`write_random_checkpoint`, seed {seed}), fp32: "
+            f"Random-weight {kind} (`write_random_checkpoint`, seed {seed}), fp32: "
             f"vocab {self.vocab_size}, hidden {self.hidden_size}, intermediate "
             f"{self.intermediate_size}, {self.num_layers} layers, {self.num_heads} heads / "
             f"{self.num_kv_heads} KV heads (head_dim {self.hidden_size // self.num_heads}), "
@@ -105,7 +110,7 @@ class ModelShape:
 
     def folder_name(self, seed: int) -> str:
         return (
-            f"llama-v{self.vocab_size}-h{self.hidden_size}-i{self.intermediate_size}"
+            f"{self.architecture}-v{self.vocab_size}-h{self.hidden_size}-i{self.intermediate_size}"
             f"-l{self.num_layers}-a{self.num_heads}-kv{self.num_kv_heads}-s{seed}"
         )
 
@@ -236,7 +241,7 @@ class _Stamp(LogitsProcessor):
 class HFRunner:
     def __init__(self, folder: Path, attn: str):
         self.name = HF_NAME
-        self.model = LlamaForCausalLM.from_pretrained(
+        self.model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, attn_implementation=attn
         ).eval()
         gen = self.model.generation_config
@@ -321,7 +326,7 @@ def ensure_checkpoint(workdir: Path, shape: ModelShape, seed: int) -> Path:
     tmp = workdir / f".{folder.name}.tmp{os.getpid()}"
     write_random_checkpoint(
         tmp,
-        architecture="llama",
+        architecture=shape.architecture,
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
@@ -388,6 +393,7 @@ def render_report(
     version: str,
 ) -> str:
     hf = HF_NAME
+    hf_class = "Gemma3ForCausalLM" if shape.architecture == "gemma3" else "LlamaForCausalLM"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
         f"# CPU generate benchmark: dist_runtime vs HF transformers ({datetime.date.today()})",
@@ -454,7 +460,7 @@ def render_report(
         "(`--onednn-gemm`) runs them through oneDNN's reordered weights instead, one marked "
         "`F.linear` (`--torch-gemm`) through `F.linear` (`DIST_RUNTIME_CPU_GEMM=torch`), as HF "
         "does",
-        f"- HF: `LlamaForCausalLM.generate`, attn_implementation={hf_attn}, DynamicCache",
+        f"- HF: `{hf_class}.generate`, attn_implementation={hf_attn}, DynamicCache",
         "",
         "## Results",
         "",
@@ -512,9 +518,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small model and workload (smoke run)")
     p.add_argument(
         "--model",
-        choices=("random", "demo"),
+        choices=("random", "demo", "gemma3"),
         default="random",
-        help="random: a ~58M-parameter random Llama; demo: SmolLM2-135M-Instruct",
+        help="random: a ~58M-parameter random Llama; demo: SmolLM2-135M-Instruct; gemma3: a "
+        "random Gemma 3 of the random Llama's shape",
     )
     p.add_argument("--prompt-len", type=int, help="prompt tokens (default 512, quick 64)")
     p.add_argument("--new-tokens", type=int, help="new tokens per sequence (default 64, quick 8)")
@@ -624,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = ModelShape(vocab_size=8000, hidden_size=256, intermediate_size=768, num_layers=4)
     else:
         shape = ModelShape()
+    if args.model == "gemma3":
+        shape = dataclasses.replace(shape, architecture="gemma3")
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     work = Workload(
@@ -779,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, kind in enumerate(("prefill", "decode"))
     ]
     tag = "generate-cpu-demo" if shape.demo else "generate-cpu"
+    tag += "-gemma3" if shape.architecture == "gemma3" else ""
     for label, gemm_name in gemm_names.items():
         rg = {b: ratios(results[b][gemm_name], results[b][hf.name], b, work) for b in results}
         parts.append(
@@ -824,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
             or REPO_ROOT
             / "docs"
             / "benchmarks"
-            / f"generate_cpu_{'demo_' if shape.demo else ''}{datetime.date.today()}.md"
+            / f"generate_cpu_{'demo_' if shape.demo else ''}"
+            f"{'gemma3_' if shape.architecture == 'gemma3' else ''}{datetime.date.today()}.md"
         )
         command = "python " + shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
         report = render_report(
