@@ -87,9 +87,10 @@ class ModelShape:
     demo: bool = False
     """The demo model (SmolLM2-135M-Instruct, real weights) instead of a random checkpoint."""
     architecture: str = "llama"
-    """The random checkpoint's (`write_random_checkpoint`): llama, or gemma3 (Gemma 3's layers:
+    """The random checkpoint's (`write_random_checkpoint`): llama, gemma3 (Gemma 3's layers:
     head and output norms, GELU, every second layer windowed on its own RoPE base; the window
-    is max_position_embeddings, 4096, so these prompts stay within it)."""
+    is max_position_embeddings, 4096, so these prompts stay within it), or gemma2 (Gemma 2's:
+    output norms, GELU, attention scores and logits soft-capped)."""
 
     def describe(self, seed: int, num_params: int) -> str:
         if self.demo:
@@ -99,7 +100,7 @@ class ModelShape:
                 f"{self.num_heads} heads / {self.num_kv_heads} KV heads, vocab {self.vocab_size}, "
                 f"tied LM head: **{num_params / 1e6:.1f} M parameters**."
             )
-        kind = {"llama": "Llama", "gemma3": "Gemma 3"}[self.architecture]
+        kind = {"llama": "Llama", "gemma2": "Gemma 2", "gemma3": "Gemma 3"}[self.architecture]
         return (
             f"Random-weight {kind} (`write_random_checkpoint`, seed {seed}), fp32: "
             f"vocab {self.vocab_size}, hidden {self.hidden_size}, intermediate "
@@ -393,7 +394,9 @@ def render_report(
     version: str,
 ) -> str:
     hf = HF_NAME
-    hf_class = "Gemma3ForCausalLM" if shape.architecture == "gemma3" else "LlamaForCausalLM"
+    hf_class = {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}.get(
+        shape.architecture, "LlamaForCausalLM"
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
         f"# CPU generate benchmark: dist_runtime vs HF transformers ({datetime.date.today()})",
@@ -518,10 +521,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small model and workload (smoke run)")
     p.add_argument(
         "--model",
-        choices=("random", "demo", "gemma3"),
+        choices=("random", "demo", "gemma2", "gemma3"),
         default="random",
-        help="random: a ~58M-parameter random Llama; demo: SmolLM2-135M-Instruct; gemma3: a "
-        "random Gemma 3 of the random Llama's shape",
+        help="random: a ~58M-parameter random Llama; demo: SmolLM2-135M-Instruct; gemma2 / "
+        "gemma3: a random Gemma 2 / 3 of the random Llama's shape",
     )
     p.add_argument("--prompt-len", type=int, help="prompt tokens (default 512, quick 64)")
     p.add_argument("--new-tokens", type=int, help="new tokens per sequence (default 64, quick 8)")
@@ -631,8 +634,10 @@ def main(argv: list[str] | None = None) -> int:
         shape = ModelShape(vocab_size=8000, hidden_size=256, intermediate_size=768, num_layers=4)
     else:
         shape = ModelShape()
-    if args.model == "gemma3":
-        shape = dataclasses.replace(shape, architecture="gemma3")
+    if args.model in ("gemma2", "gemma3"):
+        shape = dataclasses.replace(shape, architecture=args.model)
+    if args.model == "gemma2" and args.hf_attn == "sdpa":
+        args.hf_attn = "eager"  # (HF's Gemma 2 has no SDPA path: it soft-caps the scores)
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     work = Workload(
@@ -788,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, kind in enumerate(("prefill", "decode"))
     ]
     tag = "generate-cpu-demo" if shape.demo else "generate-cpu"
-    tag += "-gemma3" if shape.architecture == "gemma3" else ""
+    tag += "" if shape.architecture == "llama" else f"-{shape.architecture}"
     for label, gemm_name in gemm_names.items():
         rg = {b: ratios(results[b][gemm_name], results[b][hf.name], b, work) for b in results}
         parts.append(
@@ -835,7 +840,8 @@ def main(argv: list[str] | None = None) -> int:
             / "docs"
             / "benchmarks"
             / f"generate_cpu_{'demo_' if shape.demo else ''}"
-            f"{'gemma3_' if shape.architecture == 'gemma3' else ''}{datetime.date.today()}.md"
+            f"{'' if shape.architecture == 'llama' else shape.architecture + '_'}"
+            f"{datetime.date.today()}.md"
         )
         command = "python " + shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
         report = render_report(

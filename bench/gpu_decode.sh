@@ -17,7 +17,7 @@
 # each). GEMV=0 skips the last steps: the Triton GEMV against cuBLAS on the 7B shapes, and the
 # 7B decode with it and steps launched ahead (DIST_RUNTIME_GEMV=triton). SPEC=0 skips the cost
 # of speculative decoding's draft rows (bench/draft_rows.py: 7B at 4K, batch 1 and 8, k = 4).
-# WINDOW=0 skips the sliding-window kernel tests and its decode GB/s (window 4096).
+# WINDOW=0 skips the sliding-window and soft-cap kernel tests and the window's decode GB/s (window 4096).
 set -u
 OUT=${OUT:-/tmp/gpu_decode}
 mkdir -p "$OUT"
@@ -119,9 +119,10 @@ step "LoRA kernels (Triton shrink / expand) against float64"
 timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider \
     tests/kernels/test_lora_kernels.py 2>&1 | tail -4 | tee -a "$log"
 if [ "${WINDOW:-1}" = 1 ]; then
-    step "sliding-window attention kernels (prefill, split-KV decode, int8 / int4) against float64"
+    step "sliding-window and soft-capped attention kernels (prefill, split-KV decode, int8 / int4) against float64"
     timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -x -p no:cacheprovider \
-        tests/kernels/test_sliding_window.py 2>&1 | tail -4 | tee -a "$log"
+        tests/kernels/test_sliding_window.py tests/kernels/test_softcap.py 2>&1 | tail -4 \
+        | tee -a "$log"
     step "sliding-window decode (window 4096): GB/s of the window's keys against a copy"
     timeout "${WINDOW_TIMEOUT:-60}" $PY bench/kernel_bench_attention.py --decode --window 4096 \
         2>&1 | tee -a "$log"

@@ -36,8 +36,9 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "llama",
     "GraniteForCausalLM": "llama",
     "GlmForCausalLM": "llama",
-    "Gemma3ForCausalLM": "gemma3",
-    "Gemma3ForConditionalGeneration": "gemma3",
+    "Gemma2ForCausalLM": "gemma",
+    "Gemma3ForCausalLM": "gemma",
+    "Gemma3ForConditionalGeneration": "gemma",
 }
 """config.json architectures and the weight layout each is read with (Qwen2's is Llama's, with
 biases on q/k/v only; Qwen3's Llama's with an RMSNorm on each q and k head; Phi-3's Llama's
@@ -45,7 +46,8 @@ with q/k/v and gate/up packed, `ModelConfig.fused_projections`; IBM Granite's Ll
 scalar multipliers, `ModelConfig.embedding_multiplier` and the three after it; GLM-4's (the
 `-hf` checkpoints) Llama's with gate/up packed, no o bias and interleaved partial RoPE; Gemma 3's
 (the text-only `gemma3_text` checkpoints) Llama's names with Qwen3's head norms, a norm on
-each sublayer's output and GELU, `ModelConfig.sandwich_norms` and the fields after it)."""
+each sublayer's output and GELU, `ModelConfig.sandwich_norms` and the fields after it; Gemma
+2's Gemma 3's without the head norms, with attention-logit soft-capping)."""
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -466,6 +468,9 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     """The logits go through cap * tanh(logits / cap) (Gemma's `final_logit_softcapping`);
     None: as they are."""
+    attn_logit_softcapping: float | None = None
+    """Gemma 2's: each scaled attention score s goes through cap * tanh(s / cap) before the
+    softmax (the attention kernels' `softcap`); None: none."""
     fused_projections: bool = False
     """Phi-3's checkpoint packs q, k and v into one `qkv_proj` and gate and up into one
     `gate_up_proj` (rows [q | k | v] and [gate | up]); read as Llama's names through row
@@ -623,9 +628,9 @@ class ModelConfig:
         ]
         if missing:
             raise ConfigError(f"{source}: missing required keys {missing}")
-        gemma3 = arch == "gemma3"
-        if gemma3:
-            hf = _gemma3_keys(hf, source)
+        gemma = 2 if "Gemma2ForCausalLM" in archs else 3 if arch == "gemma" else 0
+        if gemma:
+            hf = _gemma_keys(hf, source, gemma)
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = hf.get("eos_token_id")
@@ -675,10 +680,10 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
             o_bias=False if qwen2 or glm else None,  # (Qwen2, GLM: q/k/v biases, none on o)
-            qk_norm="Qwen3ForCausalLM" in archs or gemma3,
+            qk_norm="Qwen3ForCausalLM" in archs or gemma == 3,
             fused_projections=phi3 or glm,  # (GLM: gate_up_proj packed; q, k, v apart)
             rope_interleaved=glm,
-            **(_gemma3_fields(hf, source) if gemma3 else _granite_multipliers(hf, source)),
+            **(_gemma_fields(hf, source, gemma) if gemma else _granite_multipliers(hf, source)),
             rotary_dim=rotary_dim,
             # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.
             mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
@@ -759,6 +764,15 @@ GEMMA3_DEFAULTS = {
 }
 """What transformers' Gemma3TextConfig takes for a key its config.json leaves out (the
 multimodal checkpoints' `text_config` names only what differs from these)."""
+GEMMA2_DEFAULTS = {
+    **GEMMA3_DEFAULTS,
+    "vocab_size": 256_000,
+    "max_position_embeddings": 8192,
+}
+"""Gemma2Config's."""
+GEMMA_SOFTCAPS = {2: (30.0, 50.0), 3: (None, None)}
+"""(final_logit_softcapping, attn_logit_softcapping) where a config leaves the key out (null
+turns one off)."""
 
 
 def _gemma3_language_model(hf: dict[str, Any], source: str) -> dict[str, Any]:
@@ -783,27 +797,28 @@ GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 """Gemma 3's RoPE bases where its config names none (global layers, sliding-window layers)."""
 
 
-def _gemma3_keys(hf: dict[str, Any], source: str) -> dict[str, Any]:
-    """A Gemma 3 text config.json in the keys the Llama path reads, as Gemma3TextConfig reads
-    it: its defaults filled in, `layer_types` from `sliding_window_pattern` (every sixth layer
-    global) where it names none, and transformers 5's per-layer-type `rope_parameters` split
-    into the global layers' (rope_theta and scaling) and the local base (`rope_local_base_freq`,
-    default 10000; its scaling must be the default). Refuses what the runtime does not run:
-    bidirectional attention (the embedding models) and attention-logit soft-capping (Gemma 2's).
-    """
-    hf = {**hf, **{k: v for k, v in GEMMA3_DEFAULTS.items() if hf.get(k) is None}}
+def _gemma_keys(hf: dict[str, Any], source: str, version: int) -> dict[str, Any]:
+    """A Gemma 2 or Gemma 3 text config.json in the keys the Llama path reads, as
+    Gemma2Config / Gemma3TextConfig read it: their defaults filled in (the soft-caps only where
+    the key is absent: null turns one off), `layer_types` where it names none (Gemma 2: every
+    second layer global; Gemma 3: every `sliding_window_pattern`-th, 6), and for Gemma 3
+    transformers 5's per-layer-type `rope_parameters` split into the global layers' (rope_theta
+    and scaling) and the local base (`rope_local_base_freq`, default 10000; its scaling must be
+    the default). Gemma 2's layers all turn with rope_theta (10000). Refuses bidirectional
+    attention (the embedding models)."""
+    defaults = GEMMA2_DEFAULTS if version == 2 else GEMMA3_DEFAULTS
+    hf = {**hf, **{k: v for k, v in defaults.items() if hf.get(k) is None}}
+    for key, default in zip(
+        ("final_logit_softcapping", "attn_logit_softcapping"), GEMMA_SOFTCAPS[version], strict=True
+    ):
+        hf.setdefault(key, default)
     if hf.get("use_bidirectional_attention"):
         raise ConfigError(
             f"{source}: use_bidirectional_attention (an embedding model) is not run; only "
-            "causal Gemma 3 text models generate"
-        )
-    if hf.get("attn_logit_softcapping") is not None:
-        raise ConfigError(
-            f"{source}: attn_logit_softcapping {hf['attn_logit_softcapping']!r} is not run by the "
-            "attention kernels; set it to null only if the checkpoint was trained without it"
+            f"causal Gemma {version} text models generate"
         )
     if hf.get("layer_types") is None:
-        pattern = hf.get("sliding_window_pattern", 6)
+        pattern = hf.get("sliding_window_pattern", 6) if version == 3 else 2
         if not _is_int(pattern) or pattern < 1:
             raise ConfigError(f"{source}: sliding_window_pattern must be a positive integer, "
                               f"got {pattern!r:.80}")  # fmt: skip
@@ -811,6 +826,9 @@ def _gemma3_keys(hf: dict[str, Any], source: str) -> dict[str, Any]:
             "sliding_attention" if (i + 1) % pattern else "full_attention"
             for i in range(hf["num_hidden_layers"])
         ]
+    if version == 2:
+        hf["rope_local_base_freq"] = None
+        return hf
     params = hf.get("rope_parameters")
     local = hf.get("rope_local_base_freq", GEMMA3_THETA["sliding_attention"])
     if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
@@ -835,24 +853,28 @@ def _gemma3_keys(hf: dict[str, Any], source: str) -> dict[str, Any]:
     return hf
 
 
-def _gemma3_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
-    """The ModelConfig fields of a Gemma 3 config (after `_gemma3_keys`)."""
+def _gemma_fields(hf: dict[str, Any], source: str, version: int) -> dict[str, Any]:
+    """The ModelConfig fields of a Gemma 2 or 3 config (after `_gemma_keys`). Gemma 3's class
+    keeps attn_logit_softcapping without applying it, and so does this runtime."""
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act != "gelu_pytorch_tanh":
         raise ConfigError(
-            f"{source}: hidden_activation {act!r} is not run for Gemma 3; it takes "
+            f"{source}: hidden_activation {act!r} is not run for Gemma {version}; it takes "
             "'gelu_pytorch_tanh'"
         )
     scalar = hf["query_pre_attn_scalar"]
     if not isinstance(scalar, (int, float)) or isinstance(scalar, bool) or not scalar > 0:
         raise ConfigError(f"{source}: query_pre_attn_scalar must be a positive number, "
                           f"got {scalar!r:.80}")  # fmt: skip
-    cap = hf.get("final_logit_softcapping")
-    if cap is not None and (
-        not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0
-    ):
-        raise ConfigError(f"{source}: final_logit_softcapping must be a positive number or "
-                          f"null, got {cap!r:.80}")  # fmt: skip
+    caps: dict[str, float | None] = {}
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        cap = hf.get(key)
+        if cap is not None and (
+            not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0
+        ):
+            raise ConfigError(f"{source}: {key} must be a positive number or null, "
+                              f"got {cap!r:.80}")  # fmt: skip
+        caps[key] = None if cap is None else float(cap)
     return {
         "sandwich_norms": True,
         "norm_weight_offset": 1.0,
@@ -861,7 +883,8 @@ def _gemma3_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
         "embedding_multiplier": hf["hidden_size"] ** 0.5,
         "round_embedding_multiplier": True,
         "attention_multiplier": float(scalar) ** -0.5,
-        "final_logit_softcapping": None if cap is None else float(cap),
+        "final_logit_softcapping": caps["final_logit_softcapping"],
+        "attn_logit_softcapping": caps["attn_logit_softcapping"] if version == 2 else None,
     }
 
 
@@ -917,13 +940,13 @@ SLIDING_LAYER_TYPES = {"sliding_attention": True, "full_attention": False}
 def _sliding_window(hf: dict[str, Any], source: str, archs: list[str]) -> dict[str, Any]:
     """`sliding_window` and `window_layers`, as transformers' classes read them: Mistral's
     window (4096 where its config names none) and Phi-3's on every layer; Ministral's (4096
-    too) and Gemma 3's on the layers their `layer_types` name; Qwen2 / Qwen3's only with
+    too) and Gemma 2 / 3's on the layers their `layer_types` name; Qwen2 / Qwen3's only with
     `use_sliding_window`, on the layers `layer_types` name or else those from
     `max_window_layers` on. The other architectures have none (their classes ignore the key),
     and Mistral's and Phi-3's ignore `layer_types`."""
     mistral = bool({"MistralForCausalLM", "MinistralForCausalLM"} & set(archs))
     qwen = bool({"Qwen2ForCausalLM", "Qwen3ForCausalLM"} & set(archs))
-    gemma = "Gemma3ForCausalLM" in archs
+    gemma = bool({"Gemma2ForCausalLM", "Gemma3ForCausalLM"} & set(archs))
     window = hf.get("sliding_window", 4096 if mistral else None)
     if (
         window is None
@@ -1536,7 +1559,8 @@ class RuntimeConfig:
     def check_session_len(self, model: ModelConfig) -> None:
         """Refuse, before any work, a session longer than the model's RoPE supports, or one
         that would pass its sliding window with cp > 1 (context parallelism stripes a
-        sequence's keys over ranks; its attention spans every earlier key)."""
+        sequence's keys over ranks; its attention spans every earlier key), or cp > 1 with
+        soft-capped attention scores."""
         window = model.sliding_window
         if window is not None and self.session_len > window and self.parallel.cp > 1:
             raise ConfigError(
@@ -1544,6 +1568,13 @@ class RuntimeConfig:
                 f"attends within a sliding window of {window} tokens, which context "
                 f"parallelism does not implement; use cp 1 (its KV per token is what tp "
                 f"shards), or a session_len of at most {window}",
+                key="parallel.cp",
+            )
+        if model.attn_logit_softcapping and self.parallel.cp > 1:
+            raise ConfigError(
+                f"cp {self.parallel.cp}: this checkpoint soft-caps its attention scores "
+                f"(attn_logit_softcapping {model.attn_logit_softcapping}), which ring attention "
+                "does not implement; use cp 1",
                 key="parallel.cp",
             )
         limit = model.max_rope_len()

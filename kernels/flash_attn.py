@@ -40,13 +40,21 @@ def is_interpreting() -> bool:
 
 
 @_jit
-def _softmax_step(qk, l_i, m_i, keep, scale_log2, MASKED: tl.constexpr):
+def _softmax_step(
+    qk, l_i, m_i, keep, scale_log2, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, softcap_c
+):
     """Online-softmax bookkeeping for a tile of raw scores qk (M, N) fp32: returns the tile's
     probabilities p (M, N) relative to the new running max, the rescale factor alpha (M,) of the
     old accumulator, and the new (l, m); m is in log2 units of the scaled scores.
 
     A row that has seen no key yet keeps m = -inf (and l = 0), so the first tile that shows it a
-    key sets its max from that key's score, however negative."""
+    key sets its max from that key's score, however negative.
+
+    SOFTCAP: each scaled score s becomes cap * tanh(s / cap) (Gemma 2), computed on the raw
+    scores as c * tanh(qk / c) with softcap_c = cap / scale, before the mask (tanh(-inf) would
+    unmask); tanh(x) = 1 - 2 / (e^2x + 1) saturates at +-1 either way."""
+    if SOFTCAP:
+        qk = softcap_c * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap_c) + 1.0))
     if MASKED:
         qk = tl.where(keep, qk, float("-inf"))
     # scale > 0, so max(qk) * scale == max(qk * scale); the subtraction below fuses into an FMA.
@@ -75,6 +83,8 @@ def _online_softmax_tile(
     scale_log2,
     MASKED: tl.constexpr,
     DOT_F32: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
+    softcap_c=1.0,
 ):
     """Fold one key tile into the running (acc, l, m); m is in log2 units of the scaled scores.
 
@@ -87,7 +97,7 @@ def _online_softmax_tile(
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(k))  # (M, N) fp32
-    p, alpha, l_i, m_new = _softmax_step(qk, l_i, m_i, keep, scale_log2, MASKED)
+    p, alpha, l_i, m_new = _softmax_step(qk, l_i, m_i, keep, scale_log2, MASKED, SOFTCAP, softcap_c)
     if DOT_F32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
@@ -111,6 +121,8 @@ def _online_softmax_tile_halves(
     scale_log2,
     MASKED: tl.constexpr,
     DOT_F32: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
+    softcap_c=1.0,
 ):
     """`_online_softmax_tile` with head_dim split in two halves (int4 caches pack element j and
     j + D/2 in one byte): q . k = q_a . k_a + q_b . k_b, and P @ V lands in two half-width
@@ -121,7 +133,7 @@ def _online_softmax_tile_halves(
     else:
         qk = tl.dot(q_a, tl.trans(k_a))
         qk = tl.dot(q_b, tl.trans(k_b), qk)
-    p, alpha, l_i, m_new = _softmax_step(qk, l_i, m_i, keep, scale_log2, MASKED)
+    p, alpha, l_i, m_new = _softmax_step(qk, l_i, m_i, keep, scale_log2, MASKED, SOFTCAP, softcap_c)
     if DOT_F32:
         acc_a = acc_a * alpha[:, None] + tl.dot(p, v_a.to(tl.float32), input_precision="ieee")
         acc_b = acc_b * alpha[:, None] + tl.dot(p, v_b.to(tl.float32), input_precision="ieee")

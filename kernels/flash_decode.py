@@ -30,6 +30,7 @@ from kernels.paged_attention import (
     check_paged_inputs,
     quant_kernel_args,
 )
+from kernels.position_attention import check_softcap
 
 try:
     import triton
@@ -61,6 +62,7 @@ def _flash_decode_split_kernel(
     part_out_ptr,
     part_lse_ptr,
     scale_log2,
+    softcap_c,
     num_splits,
     min_split_tiles,
     stride_q_seq,
@@ -86,6 +88,7 @@ def _flash_decode_split_kernel(
     BLOCK_N: tl.constexpr,
     STORE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BITS: tl.constexpr,
     WINDOW: tl.constexpr,
 ):
@@ -161,6 +164,7 @@ def _flash_decode_split_kernel(
                 key_mask,
                 key_mask[None, :],
                 scale_log2,
+                softcap_c,
                 stride_kc_block,
                 stride_kc_tok,
                 stride_kp_block,
@@ -171,6 +175,7 @@ def _flash_decode_split_kernel(
                 MASKED=True,
                 BITS=BITS,
                 DOT_F32=DOT_F32,
+                SOFTCAP=SOFTCAP,
             )
     for start_n in range(lo, full_end, BLOCK_N):
         acc, acc_b, l_i, m_i = _paged_kv_step(
@@ -191,6 +196,7 @@ def _flash_decode_split_kernel(
             None,
             None,
             scale_log2,
+            softcap_c,
             stride_kc_block,
             stride_kc_tok,
             stride_kp_block,
@@ -201,6 +207,7 @@ def _flash_decode_split_kernel(
             MASKED=False,
             BITS=BITS,
             DOT_F32=DOT_F32,
+            SOFTCAP=SOFTCAP,
         )
     if full_end < hi:  # the sequence's last, partial key tile
         key_mask = full_end + offs_n < hi
@@ -222,6 +229,7 @@ def _flash_decode_split_kernel(
             key_mask,
             key_mask[None, :],
             scale_log2,
+            softcap_c,
             stride_kc_block,
             stride_kc_tok,
             stride_kp_block,
@@ -232,6 +240,7 @@ def _flash_decode_split_kernel(
             MASKED=True,
             BITS=BITS,
             DOT_F32=DOT_F32,
+            SOFTCAP=SOFTCAP,
         )
 
     out_ptrs = (
@@ -354,6 +363,7 @@ def flash_decode_triton(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of `flash_decode_ref`; same shapes and dtypes.
 
@@ -369,6 +379,7 @@ def flash_decode_triton(
         q, k_cache, v_cache, block_tables, context_lens, k_params, v_params, bits
     )
     check_window(window)
+    check_softcap(softcap)
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     batch, q_heads, head_dim = q.shape
@@ -407,6 +418,7 @@ def flash_decode_triton(
         part_out,
         part_lse,
         scale * LOG2E,
+        softcap / scale if softcap else 1.0,
         num_splits,
         MIN_SPLIT_TILES,
         q.stride(0),
@@ -433,6 +445,7 @@ def flash_decode_triton(
         DOT_F32=q.dtype == torch.float32 or is_interpreting(),
         BITS=bits,
         WINDOW=windowed,
+        SOFTCAP=softcap > 0,
         **cfg,
     )
     if num_splits > 1:
@@ -471,9 +484,10 @@ def flash_decode_ref(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of one query token per sequence over its whole paged context (with a window
-    W > 0, over its last W keys).
+    W > 0, over its last W keys; softcap > 0 caps the scaled scores, `soft_cap`).
 
     q: (batch, q_heads, head_dim); k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim)
     in q's dtype, or for bits 8 / 4 uint8 codes (num_blocks, block_size, kv_heads, code_dim) with
@@ -483,6 +497,7 @@ def flash_decode_ref(
     """
     check_quant_caches(k_cache, v_cache, k_params, v_params, bits, q.shape[-1])
     check_window(window)
+    check_softcap(softcap)
     if q.shape[0] == 0:
         lse = torch.empty(0, q.shape[1], dtype=torch.float32, device=q.device)
         return torch.empty_like(q), (lse if return_lse else None)
@@ -498,6 +513,7 @@ def flash_decode_ref(
         v_params=v_params,
         bits=bits,
         window=window,
+        softcap=softcap,
     )
 
 
@@ -513,26 +529,21 @@ def flash_decode(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Split-KV decode (see `flash_decode_ref`); bits 8 / 4 read a quantized cache, window > 0
-    is a sliding window of that many keys. On CPU the native kernel
-    (`kernels/cpu_attention.py`) runs where it supports the cache."""
+    is a sliding window of that many keys, softcap > 0 caps the scores. On CPU the native
+    kernel (`kernels/cpu_attention.py`) runs where it supports the cache (and no cap)."""
+    args = (q, k_cache, v_cache, block_tables, context_lens, scale, return_lse)
     if use_triton(q.device):
         fn = flash_decode_triton
-    elif native_decode_supported(q, k_cache, bits) and q.shape[0]:
-        fn = flash_decode_cpu
+    elif native_decode_supported(q, k_cache, bits) and q.shape[0] and not softcap:
+        # (the native kernel takes no cap)
+        return flash_decode_cpu(
+            *args, k_params=k_params, v_params=v_params, bits=bits, window=window
+        )
     else:
         fn = flash_decode_ref
     return fn(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        context_lens,
-        scale,
-        return_lse,
-        k_params=k_params,
-        v_params=v_params,
-        bits=bits,
-        window=window,
+        *args, k_params=k_params, v_params=v_params, bits=bits, window=window, softcap=softcap
     )

@@ -40,7 +40,13 @@ from kernels.kv_quant import (
     code_dim,
     select_blocks,
 )
-from kernels.position_attention import attend_tile, merge_pair, position_attention_ref
+from kernels.position_attention import (
+    attend_tile,
+    check_softcap,
+    merge_pair,
+    position_attention_ref,
+    soft_cap,
+)
 
 try:
     import triton
@@ -96,6 +102,7 @@ def _paged_kv_step(
     key_mask,
     keep,
     scale_log2,
+    softcap_c,
     stride_kc_block,
     stride_kc_tok,
     stride_kp_block,
@@ -106,6 +113,7 @@ def _paged_kv_step(
     MASKED: tl.constexpr,
     BITS: tl.constexpr,
     DOT_F32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Load the key tile [start_n, start_n + BLOCK_N) of a paged cache and fold it into the
     running (acc, l, m), dequantizing codes on load for BITS 8 / 4.
@@ -127,7 +135,18 @@ def _paged_kv_step(
             k = tl.load(k_base + kv)
             v = tl.load(v_base + kv)
         acc, l_i, m_i = _online_softmax_tile(
-            acc, l_i, m_i, q, k, v, keep, scale_log2, MASKED=MASKED, DOT_F32=DOT_F32
+            acc,
+            l_i,
+            m_i,
+            q,
+            k,
+            v,
+            keep,
+            scale_log2,
+            MASKED=MASKED,
+            DOT_F32=DOT_F32,
+            SOFTCAP=SOFTCAP,
+            softcap_c=softcap_c,
         )
     else:
         pv = block * stride_kp_block + slot * stride_kp_tok
@@ -135,7 +154,18 @@ def _paged_kv_step(
             k = _load_dequant8(k_base + kv, kp_base + pv, key_mask, MASK_N).to(q.dtype)
             v = _load_dequant8(v_base + kv, vp_base + pv, key_mask, MASK_N).to(q.dtype)
             acc, l_i, m_i = _online_softmax_tile(
-                acc, l_i, m_i, q, k, v, keep, scale_log2, MASKED=MASKED, DOT_F32=DOT_F32
+                acc,
+                l_i,
+                m_i,
+                q,
+                k,
+                v,
+                keep,
+                scale_log2,
+                MASKED=MASKED,
+                DOT_F32=DOT_F32,
+                SOFTCAP=SOFTCAP,
+                softcap_c=softcap_c,
             )
         else:
             k_a, k_b = _load_dequant4(k_base + kv, kp_base + pv, key_mask, MASK_N)
@@ -155,6 +185,8 @@ def _paged_kv_step(
                 scale_log2,
                 MASKED=MASKED,
                 DOT_F32=DOT_F32,
+                SOFTCAP=SOFTCAP,
+                softcap_c=softcap_c,
             )
     return acc, acc_b, l_i, m_i
 
@@ -173,6 +205,7 @@ def _paged_attention_kernel(
     context_lens_ptr,
     work_ptr,
     scale_log2,
+    softcap_c,
     num_work,
     stride_q_tok,
     stride_q_head,
@@ -195,6 +228,7 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     STORE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BITS: tl.constexpr,
     WINDOW: tl.constexpr,
 ):
@@ -276,6 +310,7 @@ def _paged_attention_kernel(
                 (keys - first).to(tl.uint32) < reach,
                 in_window,
                 scale_log2,
+                softcap_c,
                 stride_kc_block,
                 stride_kc_tok,
                 stride_kp_block,
@@ -286,6 +321,7 @@ def _paged_attention_kernel(
                 MASKED=True,
                 BITS=BITS,
                 DOT_F32=DOT_F32,
+                SOFTCAP=SOFTCAP,
             )
         for start_n in range(mid, interior_end, BLOCK_N):
             acc, acc_b, l_i, m_i = _paged_kv_step(
@@ -306,6 +342,7 @@ def _paged_attention_kernel(
                 None,
                 None,
                 scale_log2,
+                softcap_c,
                 stride_kc_block,
                 stride_kc_tok,
                 stride_kp_block,
@@ -316,6 +353,7 @@ def _paged_attention_kernel(
                 MASKED=False,
                 BITS=BITS,
                 DOT_F32=DOT_F32,
+                SOFTCAP=SOFTCAP,
             )
         for start_n in range(interior_end, hi, BLOCK_N):
             keys = start_n + offs_n
@@ -339,6 +377,7 @@ def _paged_attention_kernel(
                 (keys - first).to(tl.uint32) < reach,
                 in_window,
                 scale_log2,
+                softcap_c,
                 stride_kc_block,
                 stride_kc_tok,
                 stride_kp_block,
@@ -349,6 +388,7 @@ def _paged_attention_kernel(
                 MASKED=True,
                 BITS=BITS,
                 DOT_F32=DOT_F32,
+                SOFTCAP=SOFTCAP,
             )
     else:
         for start_n in range(0, interior_end, BLOCK_N):
@@ -370,6 +410,7 @@ def _paged_attention_kernel(
                 None,
                 None,
                 scale_log2,
+                softcap_c,
                 stride_kc_block,
                 stride_kc_tok,
                 stride_kp_block,
@@ -380,6 +421,7 @@ def _paged_attention_kernel(
                 MASKED=False,
                 BITS=BITS,
                 DOT_F32=DOT_F32,
+                SOFTCAP=SOFTCAP,
             )
         for start_n in range(interior_end, hi, BLOCK_N):
             keys = start_n + offs_n
@@ -401,6 +443,7 @@ def _paged_attention_kernel(
                 keys < ctx,
                 keys[None, :] <= pos[:, None],
                 scale_log2,
+                softcap_c,
                 stride_kc_block,
                 stride_kc_tok,
                 stride_kp_block,
@@ -411,6 +454,7 @@ def _paged_attention_kernel(
                 MASKED=True,
                 BITS=BITS,
                 DOT_F32=DOT_F32,
+                SOFTCAP=SOFTCAP,
             )
 
     out_ptrs = out_ptr + row64[:, None] * stride_o_tok + (head * stride_o_head)[:, None]
@@ -510,6 +554,7 @@ def paged_attention_triton(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of `paged_attention_ref`; same shapes and dtypes.
 
@@ -526,6 +571,7 @@ def paged_attention_triton(
         q, k_cache, v_cache, block_tables, context_lens, k_params, v_params, bits
     )
     check_window(window)
+    check_softcap(softcap)
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     num_tokens, q_heads, head_dim = q.shape
@@ -554,6 +600,7 @@ def paged_attention_triton(
         context_lens,
         work,
         scale * LOG2E,
+        softcap / scale if softcap else 1.0,
         work.shape[0],
         q.stride(0),
         q.stride(1),
@@ -576,6 +623,7 @@ def paged_attention_triton(
         DOT_F32=q.dtype == torch.float32 or is_interpreting(),
         BITS=bits,
         WINDOW=windowed,
+        SOFTCAP=softcap > 0,
         **cfg,
     )
     return out, (lse if return_lse else None)
@@ -594,6 +642,7 @@ def paged_attention_ref(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention for a batch of sequences.
 
@@ -607,11 +656,13 @@ def paged_attention_ref(
     context_lens: (batch,) int64 keys per sequence, including this step's tokens.
     window: a sliding window of that many keys (a query at p sees keys p - window < k <= p);
     0, or one at least the longest context, hides nothing and takes the unwindowed paths.
+    softcap > 0: each scaled score s is softcap * tanh(s / softcap) (Gemma 2's soft-capping).
     Returns out: (tokens, q_heads, head_dim) in q's dtype and, when asked, the log-sum-exp of
-    the scaled scores: (tokens, q_heads) fp32.
+    the scaled (and capped) scores: (tokens, q_heads) fp32.
     """
     check_quant_caches(k_cache, v_cache, k_params, v_params, bits, q.shape[-1])
     check_window(window)
+    check_softcap(softcap)
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
     if q_lens and all(n == 1 for n in q_lens):
         return _decode(
@@ -626,6 +677,7 @@ def paged_attention_ref(
             v_params=v_params,
             bits=bits,
             window=window,
+            softcap=softcap,
         )
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
@@ -642,7 +694,7 @@ def paged_attention_ref(
         k, v = _gather(
             k_cache, v_cache, block_tables[b], ctx, k_params, v_params, bits, q.dtype, first
         )  # (ctx - first, kv_heads, head_dim)
-        o, s = _attend(q[lo:hi], k, v, scale, return_lse, window=window)
+        o, s = _attend(q[lo:hi], k, v, scale, return_lse, window=window, softcap=softcap)
         out[lo:hi] = o
         if lse is not None and s is not None:
             lse[lo:hi] = s
@@ -736,11 +788,13 @@ def _attend(
     scale: float,
     return_lse: bool,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q: (n, q_heads, d) at the last n of ctx positions; k, v: (ctx, kv_heads, d).
 
     window > 0: query i (at ctx - n + i) sees only keys j > ctx - n + i - window; a window of
-    ctx keys or more hides none and takes the unwindowed paths."""
+    ctx keys or more hides none and takes the unwindowed paths. softcap > 0 (scores capped
+    before the softmax, which no fused kernel takes) goes tile by tile."""
     n, q_heads, _ = q.shape
     ctx, kv_heads, _ = k.shape
     if window >= ctx:
@@ -754,7 +808,7 @@ def _attend(
         and _flash_cpu() is not None
     ):
         return _attend_flash_cpu(q, k, v, scale, return_lse)
-    if n * ctx > LARGE_SCORES:
+    if n * ctx > LARGE_SCORES or softcap:
         # A chunk over a long cached prefix: a dense mask would take n * ctx bytes (8 GiB for
         # 8K queries over 1M keys); tile it instead, masking only the tiles on the diagonal (and
         # on a window's lower edge, skipping those below it).
@@ -762,8 +816,9 @@ def _attend(
         # (A windowed query tile as long as the window reads about twice its keys.)
         tile = max(window, WINDOW_MIN_Q_TILE) if window else None
         o, s = position_attention_ref(
-            q, positions[ctx - n :], k, v, positions, scale, window=window, q_tile=tile
-        )
+            q, positions[ctx - n :], k, v, positions, scale, window=window, q_tile=tile,
+            softcap=softcap,
+        )  # fmt: skip
         return o, (s.float() if return_lse else None)
     group = q_heads // kv_heads
     if not return_lse:
@@ -909,6 +964,7 @@ def _decode_shared_prefix(
     k_params: torch.Tensor | None = None,
     v_params: torch.Tensor | None = None,
     bits: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode for a batch whose sequences share their first `shared` blocks (questions on one
     cached document): every query attends over the shared prefix in one pass (its K/V gathered
@@ -917,7 +973,8 @@ def _decode_shared_prefix(
     ids = block_tables[0, :shared].long()
     k = select_blocks(k_cache, k_params, bits, ids, q.dtype).flatten(0, 1)
     v = select_blocks(v_cache, v_params, bits, ids, q.dtype).flatten(0, 1)
-    out, lse = attend_tile(q, k, v, None, scale)  # fp32 (batch, q_heads, d), (batch, q_heads)
+    # fp32 (batch, q_heads, d), (batch, q_heads)
+    out, lse = attend_tile(q, k, v, None, scale, softcap)
     rest = context_lens - shared * block_size
     tails = (rest > 0).nonzero().flatten()
     if tails.numel():
@@ -932,6 +989,7 @@ def _decode_shared_prefix(
             k_params=k_params,
             v_params=v_params,
             bits=bits,
+            softcap=softcap,
         )
         assert s is not None
         merged_o, merged_l = merge_pair(
@@ -954,9 +1012,11 @@ def _decode(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query per sequence: gather every sequence's blocks at once and mask the tail (and,
     with a window, the keys before it; blocks before every sequence's window are not read).
+    softcap > 0 caps the scaled scores (`soft_cap`), on the explicit-softmax path.
 
     A quantized cache's gathered blocks are dequantized to q's dtype first.
     """
@@ -976,6 +1036,7 @@ def _decode(
             k_params=k_params,
             v_params=v_params,
             bits=bits,
+            softcap=softcap,
         )
     group = q_heads // kv_heads
     keys, valid = plan.keys - plan.start, plan.valid
@@ -991,7 +1052,7 @@ def _decode(
         # clean too).
         pad = ~valid[:, None, :, None]
         k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
-    if not return_lse:
+    if not return_lse and not softcap:
         mask = None if valid is None else valid[:, None, None, :]
         o = F.scaled_dot_product_attention(
             q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True
@@ -999,11 +1060,13 @@ def _decode(
         return o[:, :, 0], None
     qg = q.float().view(batch, kv_heads, group, d)
     scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (batch, kv_heads, group, keys)
+    scores = soft_cap(scores, softcap)
     if valid is not None:
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (batch, kv_heads, group)
     o = torch.matmul(torch.exp(scores - lse[..., None]), v.float())  # (batch, kv_heads, group, d)
-    return o.reshape(batch, q_heads, d).to(q.dtype), lse.reshape(batch, q_heads)
+    out = o.reshape(batch, q_heads, d).to(q.dtype)
+    return out, (lse.reshape(batch, q_heads) if return_lse else None)
 
 
 def paged_attention(
@@ -1019,9 +1082,10 @@ def paged_attention(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal paged attention (see `paged_attention_ref`); bits 8 / 4 read a quantized cache,
-    window > 0 is a sliding window of that many keys."""
+    window > 0 is a sliding window of that many keys, softcap > 0 caps the scores."""
     fn = paged_attention_triton if use_triton(q.device) else paged_attention_ref
     return fn(
         q,
@@ -1036,4 +1100,5 @@ def paged_attention(
         v_params=v_params,
         bits=bits,
         window=window,
+        softcap=softcap,
     )

@@ -21,6 +21,8 @@ runs the reference for a window.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kernels.dispatch import use_triton
@@ -75,6 +77,7 @@ def position_attention_ref(
     keys_sorted: bool = False,
     window: int = 0,
     q_tile: int | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (n, q_heads, d), k, v: (m, kv_heads, d), positions int64.
 
@@ -84,9 +87,12 @@ def position_attention_ref(
     window > 0: query i sees only keys with q_pos[i] - window < k_pos[j] (a sliding window of
     `window` positions, its own included); 0: no window. q_tile: queries per tile (a query
     tile reads the keys from its first query's window to its last query); None: Q_TILE.
+    softcap > 0: each scaled score s becomes softcap * tanh(s / softcap) before the softmax
+    (Gemma 2's attention-logit soft-capping); 0: none.
     """
     check_inputs(q, q_pos, k, v, k_pos)
     check_window(window)
+    check_softcap(softcap)
     n, q_heads, d = q.shape
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros(n, q_heads, d, dtype=q.dtype, device=q.device)
@@ -124,7 +130,7 @@ def position_attention_ref(
             if window and k_lo <= q_hi - window:
                 inside = kp[None, :] > qp[:, None] - window
                 visible = inside if visible is None else visible & inside
-            o, s = attend_tile(q[qs], k[ks], v[ks], visible, scale)
+            o, s = attend_tile(q[qs], k[ks], v[ks], visible, scale, softcap)
             if acc_o is None or acc_l is None:
                 acc_o, acc_l = o, s
             else:
@@ -168,13 +174,15 @@ def attend_tile(
     v: torch.Tensor,
     visible: torch.Tensor | None,
     scale: float,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One tile: out (n, q_heads, d) and lse (n, q_heads) in the compute dtype (fp32 or fp64)."""
+    """One tile: out (n, q_heads, d) and lse (n, q_heads) in the compute dtype (fp32 or fp64);
+    softcap > 0 caps the scaled scores (`soft_cap`)."""
     n, q_heads, d = q.shape
     m, kv_heads, _ = k.shape
     group = q_heads // kv_heads
     compute = torch.promote_types(q.dtype, torch.float32)
-    if q.device.type == "cpu" and q.dtype != torch.float64:
+    if q.device.type == "cpu" and q.dtype != torch.float64 and not softcap:
         # (1, heads, len, d) for the fused kernel; it wants K/V with q's head count.
         qh = q.transpose(0, 1)[None]
         kh = k.repeat_interleave(group, dim=1).transpose(0, 1)[None] if group > 1 else None
@@ -200,12 +208,24 @@ def attend_tile(
         return o, s
     qg = q.to(compute).view(n, kv_heads, group, d).permute(1, 2, 0, 3)  # (kvh, g, n, d)
     scores = qg @ k.to(compute).permute(1, 2, 0)[:, None] * scale  # (kvh, g, n, m)
+    scores = soft_cap(scores, softcap)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     s = torch.logsumexp(scores, dim=-1)  # (kvh, g, n)
     probs = torch.exp(scores - s.nan_to_num(neginf=0.0)[..., None])
     o = probs @ v.to(compute).transpose(0, 1)[:, None]  # (kvh, g, n, d)
     return o.permute(2, 0, 1, 3).reshape(n, q_heads, d), s.permute(2, 0, 1).reshape(n, q_heads)
+
+
+def check_softcap(softcap: float) -> None:
+    if not (softcap >= 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be 0 (none) or a positive number, got {softcap!r}")
+
+
+def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """softcap * tanh(scores / softcap) (Gemma 2's attention-logit soft-capping); softcap 0:
+    the scores as they are."""
+    return torch.tanh(scores / softcap) * softcap if softcap else scores
 
 
 def merge_pair(

@@ -43,6 +43,7 @@ ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "granite": "GraniteForCausalLM",
     "glm": "GlmForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
 GRANITE_MULTIPLIERS = {
@@ -127,6 +128,8 @@ def write_random_checkpoint(
         config = _qwen2_config(config, qwen3=True)
     elif architecture == "gemma3":  # (head norms, output norms, GELU, two RoPE bases)
         config = _gemma3_config(config)
+    elif architecture == "gemma2":  # (output norms, GELU, attention-logit soft-capping)
+        config = _gemma2_config(config)
     state_dict = random_llama_state_dict(config, seed=seed, dtype=DTYPES[dtype])
     if architecture == "internlm2":
         config = _internlm2_config(config)
@@ -251,6 +254,26 @@ def _gemma3_config(llama: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+GEMMA2_ATTN_SOFTCAP = 3.0
+"""The attention-logit soft-cap a random Gemma 2 checkpoint carries: low enough to bend the
+scores of its unit-scale projections (Gemma 2's own is 50)."""
+
+
+def _gemma2_config(llama: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2 config.json keys: Gemma 3's without the head norms and the local RoPE base (every
+    layer turns with rope_theta), the first of every two layers windowed, and soft-caps on the
+    attention scores (GEMMA2_ATTN_SOFTCAP) and the logits (30, Gemma 2's)."""
+    config = _gemma3_config(llama)
+    del config["rope_local_base_freq"]
+    config.update(
+        architectures=[ARCHITECTURES["gemma2"]],
+        model_type="gemma2",
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP,
+    )
+    return config
+
+
 def _phi3_config(llama: dict[str, Any]) -> dict[str, Any]:
     """Phi-3 config.json keys: Llama's without the bias switches (Phi-3 has none), the trained
     length at the top level (LongRoPE's rope_scaling names it there), no sliding window."""
@@ -328,7 +351,8 @@ def random_llama_state_dict(
     out = {"model.embed_tokens.weight": _normal(gen, (config["vocab_size"], hidden), 1.0)}
     for i in range(config["num_hidden_layers"]):
         out.update(_random_layer(gen, config, f"model.layers.{i}."))
-    out["model.norm.weight"] = _norm(gen, hidden, config.get("model_type") == "gemma3_text")
+    gemma = config.get("model_type") in ("gemma3_text", "gemma2")
+    out["model.norm.weight"] = _norm(gen, hidden, gemma)
     if not config["tie_word_embeddings"]:
         out["lm_head.weight"] = _linear(gen, config["vocab_size"], hidden)
     return {name: t.to(dtype) for name, t in out.items()}
@@ -352,8 +376,8 @@ def _random_layer(
         out[f"{prefix}self_attn.{name}_proj.weight"] = _linear(gen, rows, cols)
         if name != "o" if qkv_bias_only else config.get("attention_bias"):
             out[f"{prefix}self_attn.{name}_proj.bias"] = _normal(gen, (rows,), BIAS_STD)
-    gemma = config.get("model_type") == "gemma3_text"
-    if config.get("model_type") == "qwen3" or gemma:
+    gemma = config.get("model_type") in ("gemma3_text", "gemma2")
+    if config.get("model_type") in ("qwen3", "gemma3_text"):
         for name in ("q_norm", "k_norm"):
             out[f"{prefix}self_attn.{name}.weight"] = _norm(gen, config["head_dim"], gemma)
     for name, rows, cols in (

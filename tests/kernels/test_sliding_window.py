@@ -72,13 +72,17 @@ def window_attention_f64(
     k_pos: torch.Tensor,
     scale: float,
     window: int,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 oracle: key j is visible to query i iff q_pos[i] - window < k_pos[j] <= q_pos[i]
-    (no lower bound for window 0). Returns out (n, q_heads, d) and lse (n, q_heads)."""
+    (no lower bound for window 0); softcap > 0 takes each scaled score s to
+    softcap * tanh(s / softcap). Returns out (n, q_heads, d) and lse (n, q_heads)."""
     group = q.shape[1] // k.shape[1]
     k64 = k.double().cpu().repeat_interleave(group, dim=1)
     v64 = v.double().cpu().repeat_interleave(group, dim=1)
     scores = torch.einsum("nhd,mhd->hnm", q.double().cpu(), k64) * scale  # (q_heads, n, m)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     qp, kp = q_pos.cpu()[:, None], k_pos.cpu()[None, :]
     hidden = kp > qp
     if window:
@@ -97,6 +101,7 @@ def paged_window_oracle(
     values: list[torch.Tensor],
     scale: float,
     window: int,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's queries (at the last q_len of ctx positions) over its dense K/V."""
     outs, lses = [], []
@@ -105,7 +110,7 @@ def paged_window_oracle(
         qs = q[cu[i] : cu[i + 1]]
         q_pos = torch.arange(ctx - qs.shape[0], ctx)
         out, lse = window_attention_f64(
-            qs, q_pos, keys[i], values[i], torch.arange(ctx), scale, window
+            qs, q_pos, keys[i], values[i], torch.arange(ctx), scale, window, softcap
         )
         outs.append(out)
         lses.append(lse)
@@ -117,7 +122,7 @@ def batch_oracle(b: PagedBatch, scale: float, window: int) -> tuple[torch.Tensor
 
 
 def quant_window_oracle(
-    qb: QuantBatch, scale: float, window: int
+    qb: QuantBatch, scale: float, window: int, softcap: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Over the dequantized cache (in q's dtype, as the kernels dequantize), read by slot."""
     k, v = (
@@ -125,7 +130,9 @@ def quant_window_oracle(
         for c, p in ((qb.k_cache, qb.k_params), (qb.v_cache, qb.v_params))
     )
     keys, values = [k[s] for s in qb.slots], [v[s] for s in qb.slots]
-    return paged_window_oracle(qb.q, qb.cu_seqlens_q, qb.context_lens, keys, values, scale, window)
+    return paged_window_oracle(
+        qb.q, qb.cu_seqlens_q, qb.context_lens, keys, values, scale, window, softcap
+    )
 
 
 def assert_matches(
@@ -239,9 +246,9 @@ def test_position_attention_ref_window(
     masks: list[bool] = []
     real = PO.attend_tile
 
-    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Any, scale: float) -> Any:
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Any, *args: Any) -> Any:
         masks.append(visible is not None)
-        return real(q, k, v, visible, scale)
+        return real(q, k, v, visible, *args)
 
     monkeypatch.setattr(PO, "attend_tile", spy)
     gen = torch.Generator().manual_seed(window)

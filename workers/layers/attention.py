@@ -100,6 +100,8 @@ class Attention(nn.Module):
         layer); 0: to every earlier key."""
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
+        self.softcap = config.attn_logit_softcapping or 0.0
+        """Gemma 2's attention-logit soft-cap (0: none)."""
         self.q_size = shard.num_q * config.head_dim
         self.kv_size = shard.num_kv * config.head_dim
         self.qkv_proj = ColumnParallelLinear(
@@ -172,6 +174,7 @@ class Attention(nn.Module):
                 meta.context_lens,
                 self.scale,
                 window=self.window,
+                softcap=self.softcap,
                 **quant,  # type: ignore[arg-type]
             )
             return self.o_proj(out.reshape(tokens, self.q_size))
@@ -184,6 +187,7 @@ class Attention(nn.Module):
             meta.context_lens,
             self.scale,
             window=self.window,
+            softcap=self.softcap,
             **quant,  # type: ignore[arg-type]
         )
         return self.o_proj(out.reshape(tokens, self.q_size))

@@ -72,13 +72,13 @@ LAYOUTS = {
 }
 
 
-LAYOUTS["gemma3"] = dataclasses.replace(
+LAYOUTS["gemma"] = dataclasses.replace(
     LAYOUTS["llama"],
     post_norm="pre_feedforward_layernorm",
     attn_out_norm="post_attention_layernorm",
     mlp_out_norm="post_feedforward_layernorm",
 )
-"""Gemma 3's: Llama's names, the MLP's input norm and the two output norms aside."""
+"""Gemma 2's and 3's: Llama's names, the MLP's input norm and the two output norms aside."""
 
 
 FUSED = {"qkv": "self_attn.qkv_proj", "gate_up": "mlp.gate_up_proj"}

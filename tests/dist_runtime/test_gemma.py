@@ -1,9 +1,14 @@
-"""Gemma 3 text models (`Gemma3ForCausalLM`, the `gemma3_text` checkpoints): RMSNorms that scale
-by 1 + weight, a norm on each sublayer's output, GELU's tanh form, q / k head norms, a
-sqrt(hidden) embedding scale, the attention scale from `query_pre_attn_scalar`, sliding-window
-layers with their own RoPE base between global ones (which alone take rope_scaling), and the
-optional final-logit soft-cap. Checked against HF's own class on random checkpoints, and the
-config against what transformers writes and reads."""
+"""Gemma 2 and Gemma 3 text models.
+
+Gemma 3 (`Gemma3ForCausalLM`, the `gemma3_text` checkpoints, and the language model of the
+multimodal ones): RMSNorms that scale by 1 + weight, a norm on each sublayer's output, GELU's
+tanh form, q / k head norms, a sqrt(hidden) embedding scale, the attention scale from
+`query_pre_attn_scalar`, sliding-window layers with their own RoPE base between global ones
+(which alone take rope_scaling), and the optional final-logit soft-cap. Gemma 2
+(`Gemma2ForCausalLM`): the same without the head norms and the local RoPE base, with its
+attention scores soft-capped (`attn_logit_softcapping`; cp > 1 refused for it). Checked against
+HF's own classes on random checkpoints, and the configs against what transformers writes and
+reads."""
 
 from __future__ import annotations
 
@@ -22,7 +27,11 @@ from dist_runtime.config import (
     RuntimeConfig,
     SchedulerConfig,
 )
-from dist_runtime.formats.random_checkpoint import GEMMA3_LOCAL_THETA, write_random_checkpoint
+from dist_runtime.formats.random_checkpoint import (
+    GEMMA2_ATTN_SOFTCAP,
+    GEMMA3_LOCAL_THETA,
+    write_random_checkpoint,
+)
 from dist_runtime.quantize import QuantizeError, quantize_checkpoint
 from tests.conftest import TINY_SHAPES
 from tests.helpers.oracle import hf_greedy, load_hf_llama
@@ -66,13 +75,14 @@ def _prompt(length: int, seed: int) -> list[int]:
     return torch.randint(4, TINY_SHAPES["vocab_size"], (length,), generator=gen).tolist()
 
 
-def _gemma3(tmp_path: Path, seed: int, tie: bool = False, **config: Any) -> Path:
+def _gemma3(tmp_path: Path, seed: int, tie: bool = False, version: int = 3, **config: Any) -> Path:
     """A random Gemma 3 checkpoint (layer 0 windowed to WINDOW with base GEMMA3_LOCAL_THETA,
-    layer 1 global) with `config` written over its config.json."""
+    layer 1 global; `version` 2: Gemma 2's, soft-capped, one base) with `config` written over
+    its config.json."""
     shapes = dict(TINY_SHAPES, num_heads=4, num_kv_heads=2, head_dim=16)
     folder = write_random_checkpoint(
-        tmp_path / f"gemma3-{seed}",
-        architecture="gemma3",
+        tmp_path / f"gemma{version}-{seed}",
+        architecture=f"gemma{version}",
         with_tokenizer=False,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
@@ -99,7 +109,7 @@ def _matches_hf(folder: Path, prompts: list[list[int]], hf: Any = None) -> list[
     its Gemma3ForCausalLM)."""
     if hf is None:
         hf = load_hf_llama(folder)
-        assert type(hf).__name__ == "Gemma3ForCausalLM"
+        assert type(hf).__name__ in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
     with _runtime(folder) as rt:
         outs = rt.generate(prompts, PARAMS)
     for out, prompt in zip(outs, prompts, strict=True):
@@ -118,7 +128,7 @@ def test_gemma3_matches_hf_past_its_window(tmp_path: Path) -> None:
     """A batch of one prompt within the window and two past it, tied embeddings."""
     folder = _gemma3(tmp_path, seed=31, tie=True)
     model = ModelConfig.from_pretrained(str(folder))
-    assert model.architecture == "gemma3" and model.tie_word_embeddings
+    assert model.architecture == "gemma" and model.tie_word_embeddings
     assert [model.layer_window(i) for i in range(model.num_layers)] == [WINDOW, 0]
     assert model.local_rope_theta == GEMMA3_LOCAL_THETA
     _matches_hf(folder, [_prompt(7, seed=1), _prompt(30, seed=2), _prompt(45, seed=3)])
@@ -219,10 +229,15 @@ def test_transformers_5_gemma3_config_reads_the_same() -> None:
     assert model.max_rope_len() == 131_072
 
 
+def test_gemma3_keeps_attn_logit_softcapping_unapplied_as_hf_does() -> None:
+    """Gemma3TextConfig has the key, Gemma 3's attention never reads it."""
+    model = ModelConfig.from_dict({**GEMMA3_1B, "attn_logit_softcapping": 50.0})
+    assert model.attn_logit_softcapping is None
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
         ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
         ({"hidden_activation": "silu"}, "hidden_activation"),
         ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar"),
@@ -292,7 +307,7 @@ def test_multimodal_gemma3_checkpoint_serves_its_language_model(tmp_path: Path) 
     folder = tmp_path / "gemma3-mm"
     hf.save_pretrained(folder)
     model = ModelConfig.from_pretrained(str(folder))
-    assert model.architecture == "gemma3" and model.eos_token_ids == (1, 106)
+    assert model.architecture == "gemma" and model.eos_token_ids == (1, 106)
     assert model.vocab_size == 300 and model.tie_word_embeddings
     prompts = [[t % 300 for t in _prompt(n, seed=7 + n)] for n in (9, 40)]
     (file,) = folder.glob("*.safetensors")
@@ -305,3 +320,81 @@ def test_multimodal_gemma3_checkpoint_serves_its_language_model(tmp_path: Path) 
     }
     save_file(renamed, str(file), metadata={"format": "pt"})
     _matches_hf(folder, prompts, hf)
+
+
+GEMMA2_2B = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "attention_bias": False,
+    "attn_logit_softcapping": 50.0,
+    "bos_token_id": 2,
+    "eos_token_id": [1, 107],
+    "final_logit_softcapping": 30.0,
+    "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "max_position_embeddings": 8192,
+    "model_type": "gemma2",
+    "num_attention_heads": 8,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 4,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "torch_dtype": "float32",
+    "vocab_size": 256000,
+}
+"""gemma-2-2b-it's config.json."""
+
+
+def test_gemma2_matches_hf_past_its_window(tmp_path: Path) -> None:
+    """Soft-capped attention scores (and logits), windowed and global layers on one base, tied
+    embeddings, in a batch of one prompt within the window and two past it."""
+    folder = _gemma3(tmp_path, seed=41, tie=True, version=2)
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.architecture == "gemma" and not model.qk_norm
+    assert model.attn_logit_softcapping == GEMMA2_ATTN_SOFTCAP
+    assert model.final_logit_softcapping == 30.0 and model.local_rope_theta is None
+    assert [model.layer_window(i) for i in range(model.num_layers)] == [WINDOW, 0]
+    _matches_hf(folder, [_prompt(7, seed=11), _prompt(30, seed=12), _prompt(45, seed=13)])
+
+
+def test_gemma2_attention_softcap_changes_the_answer(tmp_path: Path) -> None:
+    folder = _gemma3(tmp_path, seed=42, version=2)
+    prompt = _prompt(40, seed=14)
+    tops = []
+    for cap in (GEMMA2_ATTN_SOFTCAP, None):
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "attn_logit_softcapping": cap}))
+        with _runtime(folder) as rt:
+            (out,) = rt.generate([prompt], PARAMS)
+        assert out.logprobs is not None
+        tops.append(dict(out.logprobs[0].top))
+    capped, plain = tops
+    assert max(abs(capped.get(t, -99.0) - v) for t, v in plain.items()) > 1e-2
+
+
+def test_gemma2_2b_config_reads_as_transformers_does() -> None:
+    model = ModelConfig.from_dict(GEMMA2_2B)
+    assert [model.layer_window(i) for i in range(4)] == [4096, 0, 4096, 0]
+    assert model.attn_logit_softcapping == 50.0 and model.final_logit_softcapping == 30.0
+    assert model.local_rope_theta is None and not model.qk_norm and model.sandwich_norms
+    assert model.rope_theta == 10000.0 and model.max_rope_len() == 8192
+    assert model.tie_word_embeddings and model.eos_token_ids == (1, 107)
+    # Gemma2Config's soft-caps where the keys are absent; null turns one off.
+    absent = {k: v for k, v in GEMMA2_2B.items() if not k.endswith("softcapping")}
+    model = ModelConfig.from_dict(absent)
+    assert (model.attn_logit_softcapping, model.final_logit_softcapping) == (50.0, 30.0)
+    off = ModelConfig.from_dict({**GEMMA2_2B, "attn_logit_softcapping": None})
+    assert off.attn_logit_softcapping is None
+
+
+def test_gemma2_soft_capped_attention_refuses_cp() -> None:
+    model = ModelConfig.from_dict(GEMMA2_2B)
+    config = RuntimeConfig(model="unused", session_len=1024, parallel=ParallelConfig(cp=2))
+    with pytest.raises(ConfigError, match="soft-caps its attention scores") as e:
+        config.check_session_len(model)
+    assert e.value.key == "parallel.cp"
+    RuntimeConfig(model="unused", session_len=1024).check_session_len(model)
