@@ -794,13 +794,14 @@ def _attend(
 
     window > 0: query i (at ctx - n + i) sees only keys j > ctx - n + i - window; a window of
     ctx keys or more hides none and takes the unwindowed paths. softcap > 0 (scores capped
-    before the softmax, which no fused kernel takes) goes tile by tile."""
+    before the softmax, which no fused kernel takes) takes the explicit-softmax paths."""
     n, q_heads, _ = q.shape
     ctx, kv_heads, _ = k.shape
     if window >= ctx:
         window = 0
     if (
         not window
+        and not softcap
         and q.device.type == "cpu"
         and n >= FLASH_CPU_MIN_QUERIES
         and (n < ctx or return_lse)  # a whole prompt without the LSE: SDPA's causal call
@@ -808,7 +809,7 @@ def _attend(
         and _flash_cpu() is not None
     ):
         return _attend_flash_cpu(q, k, v, scale, return_lse)
-    if n * ctx > LARGE_SCORES or softcap:
+    if n * ctx > LARGE_SCORES:
         # A chunk over a long cached prefix: a dense mask would take n * ctx bytes (8 GiB for
         # 8K queries over 1M keys); tile it instead, masking only the tiles on the diagonal (and
         # on a window's lower edge, skipping those below it).
@@ -821,7 +822,7 @@ def _attend(
         )  # fmt: skip
         return o, (s.float() if return_lse else None)
     group = q_heads // kv_heads
-    if not return_lse:
+    if not return_lse and not softcap:
         # (1, heads, len, d): the 4-D form takes SDPA's fused CPU kernel, the 3-D one does not.
         qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))
         if n == ctx and not window:  # no cached prefix: plain causal
@@ -835,14 +836,19 @@ def _attend(
             )
         return o[0].transpose(0, 1), None
     mask = _visible(n, ctx, window, q.device)
-    qg = q.float().view(n, kv_heads, group, -1).permute(1, 2, 0, 3)  # (kv_heads, group, n, d)
-    scores = qg @ k.float().permute(1, 2, 0)[:, None] * scale  # (kv_heads, group, n, ctx)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (kv_heads, group, n)
-    probs = torch.exp(scores - lse[..., None])
-    o = probs @ v.float().transpose(0, 1)[:, None]  # (kv_heads, group, n, d)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(compute).view(n, kv_heads, group, -1).permute(1, 2, 0, 3)  # (kv_heads, group, n, d)
+    scores = qg @ k.to(compute).permute(1, 2, 0)[:, None]  # (kv_heads, group, n, ctx)
+    soft_cap(scores, softcap, scale).masked_fill_(~mask, float("-inf"))
+    lse = None
+    if return_lse:
+        lse = torch.logsumexp(scores, dim=-1)  # (kv_heads, group, n)
+        probs = scores.sub_(lse[..., None]).exp_()
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    o = probs @ v.to(compute).transpose(0, 1)[:, None]  # (kv_heads, group, n, d)
     o = o.permute(2, 0, 1, 3).reshape(n, q_heads, -1).to(q.dtype)
-    return o, lse.permute(2, 0, 1).reshape(n, q_heads)
+    return o, (None if lse is None else lse.permute(2, 0, 1).reshape(n, q_heads))
 
 
 WINDOW_MIN_Q_TILE = 512
@@ -1059,8 +1065,8 @@ def _decode(
         )  # (batch, q_heads, 1, d)
         return o[:, :, 0], None
     qg = q.float().view(batch, kv_heads, group, d)
-    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (batch, kv_heads, group, keys)
-    scores = soft_cap(scores, softcap)
+    # (batch, kv_heads, group, keys)
+    scores = soft_cap(torch.matmul(qg, k.float().transpose(-1, -2)), softcap, scale)
     if valid is not None:
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (batch, kv_heads, group)

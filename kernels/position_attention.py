@@ -207,8 +207,8 @@ def attend_tile(
                 s[blind] = float("-inf")
         return o, s
     qg = q.to(compute).view(n, kv_heads, group, d).permute(1, 2, 0, 3)  # (kvh, g, n, d)
-    scores = qg @ k.to(compute).permute(1, 2, 0)[:, None] * scale  # (kvh, g, n, m)
-    scores = soft_cap(scores, softcap)
+    scores = qg @ k.to(compute).permute(1, 2, 0)[:, None]  # (kvh, g, n, m)
+    scores = soft_cap(scores, softcap, scale)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     s = torch.logsumexp(scores, dim=-1)  # (kvh, g, n)
@@ -222,10 +222,14 @@ def check_softcap(softcap: float) -> None:
         raise ValueError(f"softcap must be 0 (none) or a positive number, got {softcap!r}")
 
 
-def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
-    """softcap * tanh(scores / softcap) (Gemma 2's attention-logit soft-capping); softcap 0:
-    the scores as they are."""
-    return torch.tanh(scores / softcap) * softcap if softcap else scores
+def soft_cap(scores: torch.Tensor, softcap: float, scale: float = 1.0) -> torch.Tensor:
+    """softcap * tanh(scale * scores / softcap) (Gemma 2's attention-logit soft-capping of the
+    scaled scores); softcap 0: scale * scores. Computed as 2 softcap sigmoid(2 x) - softcap, the
+    same function to float rounding: torch's CPU sigmoid runs several times faster than its
+    tanh. `scores` is overwritten."""
+    if not softcap:
+        return scores.mul_(scale)
+    return scores.mul_(2.0 * scale / softcap).sigmoid_().mul_(2.0 * softcap).sub_(softcap)
 
 
 def merge_pair(

@@ -58,6 +58,20 @@ def test_paged_attention_ref_softcap(window: int) -> None:
     assert (uncapped - want_out).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("window", [0, 21])
+def test_long_chunk_ref_softcap_tiles(window: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past LARGE_SCORES pairs a chunk attends tile by tile, each tile capped."""
+    monkeypatch.setattr(PA, "LARGE_SCORES", 256)
+    monkeypatch.setattr(PA, "WINDOW_MIN_Q_TILE", 16)
+    monkeypatch.setattr(PO, "Q_TILE", 16)
+    monkeypatch.setattr(PO, "K_TILE", 8)
+    b = make_paged_batch([(40, 100), (30, 30)], 2, 64, 16, torch.float32, CPU, seed=9)
+    out, lse = PA.paged_attention_ref(
+        *_paged_args(b, SCALE), return_lse=True, window=window, softcap=CAP
+    )
+    assert_matches(out, lse, *_oracle(b, window))
+
+
 @pytest.mark.parametrize("window", [0, 5])
 def test_decode_refs_softcap(window: int) -> None:
     b = make_paged_batch(DECODE, 2, 64, 16, torch.float32, CPU, seed=2)
