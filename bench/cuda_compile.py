@@ -380,6 +380,13 @@ class Shard:
     head_dim: int
     intermediate: int
     vocab: int
+    window: int = 0
+    """The sliding window of the model's windowed layers (0: none): their attention launches
+    compile with it too."""
+    softcap: float = 0.0
+    """The attention-logit soft-cap (Gemma 2's; 0: none): attention launches compile with it."""
+    act: str = "silu"
+    """The MLP's gate activation (`ModelConfig.hidden_act`)."""
 
     @classmethod
     def of(cls, config: dict[str, Any], name: str, tp: int) -> Shard:
@@ -387,6 +394,16 @@ class Shard:
         hidden = config["hidden_size"]
         if heads % tp or config["intermediate_size"] % tp:
             raise ValueError(f"{name}: {heads} heads do not split over tp={tp}")
+        extra: dict[str, Any] = {}
+        if config.get("architectures"):  # (a checkpoint's config.json: read as the runtime does)
+            from dist_runtime.config import ModelConfig
+
+            model = ModelConfig.from_dict(config, source=name)
+            extra = {
+                "window": model.sliding_window or 0,
+                "softcap": model.attn_logit_softcapping or 0.0,
+                "act": model.hidden_act,
+            }
         return cls(
             name=name,
             tp=tp,
@@ -396,6 +413,7 @@ class Shard:
             head_dim=config.get("head_dim") or hidden // heads,
             intermediate=config["intermediate_size"] // tp,
             vocab=-(-config["vocab_size"] // tp),
+            **extra,
         )
 
     def linears(self) -> dict[str, tuple[int, int]]:
@@ -458,7 +476,7 @@ def scenarios(
         yield f"{tag} rms_norm {t} tokens", partial(rms_norm_triton, x, w, 1e-5)
         yield f"{tag} rms_norm + residual {t} tokens", partial(rms_norm_triton, x, w, 1e-5, x)
         gate_up = torch.empty(t, 2 * s.intermediate, dtype=dtype)
-        yield f"{tag} silu_and_mul {t} tokens", partial(silu_and_mul_triton, gate_up)
+        yield f"{tag} {s.act}_and_mul {t} tokens", partial(silu_and_mul_triton, gate_up, s.act)
 
         qkv = torch.empty(t, (s.q_heads + 2 * s.kv_heads) * d, dtype=dtype)
         q_end, k_end = s.q_heads * d, (s.q_heads + s.kv_heads) * d
@@ -498,6 +516,28 @@ def scenarios(
                         ),
                     )
 
+    # a windowed or soft-capped model's own decode launches, at the longest context
+    variants: list[tuple[int, float, str]] = []  # (window, softcap, label)
+    variants += [(s.window, 0.0, f"window {s.window}")] if s.window else []
+    variants += [(0, s.softcap, f"softcap {s.softcap:g}")] if s.softcap else []
+    if s.window and s.softcap:
+        variants.append((s.window, s.softcap, "window + softcap"))
+    ctx = max(contexts)
+    for window, softcap, label in variants:
+        for batch in batches:
+            q = torch.empty(batch, s.q_heads, d, dtype=dtype)
+            tables = torch.zeros(batch, ctx // BLOCK_SIZE, dtype=torch.int32)
+            lens = torch.full((batch,), ctx, dtype=torch.int32)
+            for bits in KV_BITS:
+                kc, vc, kp, vp = _paged_cache(s, 4, bits, dtype)
+                yield (
+                    f"{tag} flash_decode b{batch} ctx {ctx} kv{bits or 16} {label}",
+                    partial(
+                        flash_decode_triton, q, kc, vc, tables, lens, scale, False, kp, vp, bits,
+                        window, softcap,
+                    ),
+                )  # fmt: skip
+
     # LoRA terms of a decode step (kernels/lora.py): the fused q/k/v layer's, rank 16 a part
     qkv_out = (s.q_heads + 2 * s.kv_heads) * d
     for batch in batches:
@@ -524,6 +564,16 @@ def scenarios(
                     paged_attention_triton, q, kc, vc, tables, cu, lens, scale, lse, kp, vp, bits
                 ),
             )
+    for window, softcap, label in variants:  # (the windowed / soft-capped model's prefill)
+        for bits in KV_BITS:
+            kc, vc, kp, vp = _paged_cache(s, 4, bits, dtype)
+            yield (
+                f"{tag} paged_attention prefill {t} kv{bits or 16} {label}",
+                partial(
+                    paged_attention_triton, q, kc, vc, tables, cu, lens, scale, False, kp, vp,
+                    bits, window, softcap,
+                ),
+            )  # fmt: skip
     # a mixed step: decode rows beside a prefill chunk
     kc, vc, _, _ = _paged_cache(s, 4, 0, dtype)
     yield (

@@ -279,12 +279,19 @@ def attention_config(
     d64 128 x 64 with 4 warps spilled 0.9 KB over int8): d128 128 x 32 with 8 warps (64 x 64
     over an int8 cache, whose dequantization holds more registers), d64 128 x 64 with 8 warps
     (128 x 32 over int8).
+
+    head_dim 256 (Gemma 2 / 3), on every card: 64 x 32 with 8 warps, which spills at most 12 B
+    a thread on sm_80 and none on sm_90 over every cache format, windowed too; with 4 warps it
+    parked 0.3-1 KB a thread over int8 / int4 caches on sm_80 (`--sweep-prefill`,
+    docs/benchmarks/cuda_compile_gemma_2026-12-06.md).
     """
     rows = max(16, triton.next_power_of_2(group))
     if is_interpreting():
         return dict(BLOCK_M=max(rows, 32), BLOCK_N=16, num_warps=4, num_stages=1)
-    if dtype == torch.float32 or head_dim > 128:
+    if dtype == torch.float32:
         return dict(BLOCK_M=max(rows, 64), BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim > 128:  # (d256: Gemma's)
+        return dict(BLOCK_M=max(rows, 64), BLOCK_N=32, num_warps=8, num_stages=2)
     if capability(device) != 90:
         if head_dim == 128 and bits == 8:
             return dict(BLOCK_M=max(rows, 64), BLOCK_N=64, num_warps=8, num_stages=3)

@@ -40,6 +40,10 @@ except ImportError:  # CPU-only installs: only the torch reference runs
 
 PROGRAMS_PER_SM = 2
 """Target split programs per multiprocessor for pass 1."""
+MERGE_MAX_PARTIALS = 16 * 32 * 64
+"""Most (split x head_dim) fp32 partials one merge program holds: 16 warps of 64 a thread
+(`merge_warps`). More spilled: 264 splits x head_dim 256 (one KV head, batch 1 on an H100)
+parked 2.5 KB a thread on sm_90 (bench/cuda_compile.py)."""
 INTERPRETER_SMS = 8
 """Multiprocessors assumed off CUDA, so small interpreter shapes still use several splits."""
 MIN_SPLIT_TILES = 1
@@ -334,6 +338,7 @@ def split_plan(
     block_n: int,
     device: torch.device,
     window: int = 0,
+    head_dim: int = 0,
 ) -> int:
     """Splits per sequence: enough (sequence, kv head, split) programs to fill the device.
 
@@ -342,12 +347,16 @@ def split_plan(
     cdiv(its sequence's key tiles, num_splits) whole tiles of its own sequence, so only a
     sequence's last key tile is partial and the work follows the real context, not the width.
     With a window (> 0) a sequence's splits cover at most window + block_n keys (the window
-    from the start of its first key tile), so the plan counts those.
+    from the start of its first key tile), so the plan counts those. With `head_dim` the
+    merge's partials are capped at MERGE_MAX_PARTIALS (a power of two over a power-of-two
+    head_dim: the merge's padded split count stays under it too).
     """
     if window:
         max_ctx = min(max_ctx, window + block_n)
     target = PROGRAMS_PER_SM * _sm_count(device)
     max_tiles = max(triton.cdiv(max_ctx, block_n), 1)
+    if head_dim:
+        max_tiles = min(max_tiles, max(MERGE_MAX_PARTIALS // head_dim, 1))
     return min(max(triton.cdiv(target, max(batch * kv_heads, 1)), 1), max_tiles)
 
 
@@ -396,7 +405,7 @@ def flash_decode_triton(
     cfg = decode_config(head_dim, q.dtype)
     max_ctx = block_tables.shape[1] * block_size
     windowed = 0 < window < max_ctx
-    num_splits = split_plan(batch, kv_heads, max_ctx, cfg["BLOCK_N"], q.device, window)
+    num_splits = split_plan(batch, kv_heads, max_ctx, cfg["BLOCK_N"], q.device, window, head_dim)
     if num_splits == 1:  # pass 1 writes the result: a split axis of stride 0
         part_out, part_lse = out[:, :, None], lse[:, :, None]
     else:

@@ -410,6 +410,19 @@ def test_flash_decode_triton_empty_batch(device: torch.device) -> None:
     assert out.shape == (0, 8, 64) and lse is not None and lse.shape == (0, 8)
 
 
+@needs_triton
+def test_split_plan_caps_the_merge_partials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One KV head of one sequence on 132 SMs wants 264 splits; the merge holds at most
+    MERGE_MAX_PARTIALS of (split x head_dim), so head_dim 256 takes 128 and 128 takes 256."""
+    monkeypatch.setattr(FD, "_sm_count", lambda _: 132)
+    cpu = torch.device("cpu")
+    assert FD.split_plan(1, 1, 1 << 20, 32, cpu) == 264
+    assert FD.split_plan(1, 1, 1 << 20, 32, cpu, head_dim=256) == 128
+    assert FD.split_plan(1, 1, 1 << 20, 32, cpu, head_dim=128) == 256
+    assert FD.split_plan(8, 8, 1 << 20, 32, cpu, head_dim=256) == 5  # (under the cap)
+    assert FD.merge_warps(128, 256) * 32 * 64 >= FD.MERGE_MAX_PARTIALS // 256 * 256
+
+
 def _check_flash_decode(
     b: PagedBatch, scale: float, dtype: torch.dtype, device: torch.device
 ) -> None:
@@ -417,7 +430,7 @@ def _check_flash_decode(
     batch, heads, head_dim = b.q.shape
     block_n = FD.decode_config(head_dim, dtype)["BLOCK_N"]
     max_ctx = b.block_tables.shape[1] * b.k_cache.shape[1]
-    splits = FD.split_plan(batch, KV_HEADS, max_ctx, block_n, device)
+    splits = FD.split_plan(batch, KV_HEADS, max_ctx, block_n, device, head_dim=head_dim)
     poison_free_memory(
         device,
         (b.q.numel(), dtype),
