@@ -18,6 +18,7 @@
 # 7B decode with it and steps launched ahead (DIST_RUNTIME_GEMV=triton). SPEC=0 skips the cost
 # of speculative decoding's draft rows (bench/draft_rows.py: 7B at 4K, batch 1 and 8, k = 4).
 # WINDOW=0 skips the sliding-window and soft-cap kernel tests and the window's decode GB/s (window 4096).
+# GEMMA=0 skips the head_dim 256 decode (window + soft-cap) and prefill timings.
 set -u
 OUT=${OUT:-/tmp/gpu_decode}
 mkdir -p "$OUT"
@@ -125,6 +126,13 @@ if [ "${WINDOW:-1}" = 1 ]; then
         | tee -a "$log"
     step "sliding-window decode (window 4096): GB/s of the window's keys against a copy"
     timeout "${WINDOW_TIMEOUT:-60}" $PY bench/kernel_bench_attention.py --decode --window 4096 \
+        2>&1 | tee -a "$log"
+fi
+if [ "${GEMMA:-1}" = 1 ]; then
+    step "head_dim 256 (Gemma 2 9B's heads): decode GB/s (window 4096, soft-cap 50), prefill TFLOP/s"
+    timeout "${GEMMA_TIMEOUT:-90}" $PY bench/kernel_bench_attention.py --decode --shape gemma2-9b \
+        --window 4096 --softcap 50 2>&1 | tee -a "$log"
+    timeout "${GEMMA_TIMEOUT:-90}" $PY bench/kernel_bench_attention.py --shape gemma2-9b \
         2>&1 | tee -a "$log"
 fi
 step "disk tier of the prefix cache: 7B blocks from the GPU to files and back"

@@ -13,6 +13,9 @@ Baseline: a device-to-device copy of that many bytes, GB/s = (read + written) / 
 `--decode --kv-bits 8 4`: decode over int8 / int4 caches beside bf16 at the same points.
 `--decode --window 4096`: a sliding window's decode at the points past it (its bytes: the
 window's keys).
+`--shape gemma2-9b` (16 q heads / 8 kv heads, head_dim 256): the same at Gemma 2 9B's heads;
+`--softcap 50` soft-caps decode's scores as Gemma 2 does (the prefill table stays uncapped: its
+SDPA baseline has no cap).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ import kernels.paged_attention as PA  # noqa: E402
 from dist_runtime.memory_planner import KV_PARAM_BYTES  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+SHAPES = {"internlm2_5-7b": (32, 8, 128), "gemma2-9b": (16, 8, 256)}
+"""--shape: (q heads, kv heads, head_dim) at tp 1; the first is the default."""
+SOFTCAP = 0.0
+"""--softcap: decode's attention-logit soft-cap (0: none)."""
 DTYPE = torch.bfloat16
 PREFILL_LENS = [4096, 8192, 16384, 32768, 65536]
 DECODE_LENS = [32768, 131072, 524288, 1048576]
@@ -146,7 +153,7 @@ def _decode_ms(
     scale = HEAD_DIM**-0.5
     return _ms(
         lambda: FD.flash_decode_triton(
-            q, k_cache, v_cache, table, lens, scale, window=window, **quant
+            q, k_cache, v_cache, table, lens, scale, window=window, softcap=SOFTCAP, **quant
         )
     )
 
@@ -173,6 +180,7 @@ def bench_decode(
     table = f" table={width}" if width is not None else ""
     cache = f" kv{bits}" if bits else ""
     cache += f" window={window}" if window else ""
+    cache += f" softcap={SOFTCAP:g}" if SOFTCAP else ""
     return dict(
         name="flash_decode",
         shape=f"ctx={ctx} b={batch}{table}{cache} h={Q_HEADS}/{KV_HEADS} d={HEAD_DIM} "
@@ -307,7 +315,7 @@ def _decode_graph_rows(ctx: int, batch: int, device: torch.device) -> list[dict[
             with torch.cuda.graph(graph):
                 step()
             ms = _ms(graph.replay)
-            splits = FD.split_plan(batch, KV_HEADS, ctx, cfg["BLOCK_N"], device)
+            splits = FD.split_plan(batch, KV_HEADS, ctx, cfg["BLOCK_N"], device, head_dim=HEAD_DIM)
             tiles = -(-ctx // cfg["BLOCK_N"])
             used = min(splits, -(-tiles // max(floor, -(-tiles // splits))))
             rows.append(
@@ -428,11 +436,23 @@ def main() -> None:
         help="with --decode: a sliding window of this many keys (the contexts past it)",
     )
     parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="internlm2_5-7b",
+        help="heads and head_dim (SHAPES)",
+    )
+    parser.add_argument(
+        "--softcap", type=float, default=0.0, help="with --decode: soft-cap the scores"
+    )
+    parser.add_argument(
         "--decode-graph",
         action="store_true",
         help="only decode, 32 calls per CUDA graph as in a decode step, over candidate configs",
     )
     args = parser.parse_args()
+    global Q_HEADS, KV_HEADS, HEAD_DIM, SOFTCAP
+    Q_HEADS, KV_HEADS, HEAD_DIM = SHAPES[args.shape]
+    SOFTCAP = args.softcap
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     device = torch.device("cuda")
