@@ -351,8 +351,7 @@ def random_llama_state_dict(
     out = {"model.embed_tokens.weight": _normal(gen, (config["vocab_size"], hidden), 1.0)}
     for i in range(config["num_hidden_layers"]):
         out.update(_random_layer(gen, config, f"model.layers.{i}."))
-    gemma = config.get("model_type") in ("gemma3_text", "gemma2")
-    out["model.norm.weight"] = _norm(gen, hidden, gemma)
+    out["model.norm.weight"] = _norm(gen, hidden, _gemma(config))
     if not config["tie_word_embeddings"]:
         out["lm_head.weight"] = _linear(gen, config["vocab_size"], hidden)
     return {name: t.to(dtype) for name, t in out.items()}
@@ -376,7 +375,7 @@ def _random_layer(
         out[f"{prefix}self_attn.{name}_proj.weight"] = _linear(gen, rows, cols)
         if name != "o" if qkv_bias_only else config.get("attention_bias"):
             out[f"{prefix}self_attn.{name}_proj.bias"] = _normal(gen, (rows,), BIAS_STD)
-    gemma = config.get("model_type") in ("gemma3_text", "gemma2")
+    gemma = _gemma(config)
     if config.get("model_type") in ("qwen3", "gemma3_text"):
         for name in ("q_norm", "k_norm"):
             out[f"{prefix}self_attn.{name}.weight"] = _norm(gen, config["head_dim"], gemma)
@@ -392,6 +391,11 @@ def _random_layer(
         out[f"{prefix}pre_feedforward_layernorm.weight"] = _norm(gen, hidden, gemma)
         out[f"{prefix}post_feedforward_layernorm.weight"] = _norm(gen, hidden, gemma)
     return out
+
+
+def _gemma(config: dict[str, Any]) -> bool:
+    """A Gemma 2 / 3 config: its norm weights are stored as the scale minus 1."""
+    return config.get("model_type") in ("gemma3_text", "gemma2")
 
 
 def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> torch.Tensor:

@@ -75,7 +75,7 @@ def _prompt(length: int, seed: int) -> list[int]:
     return torch.randint(4, TINY_SHAPES["vocab_size"], (length,), generator=gen).tolist()
 
 
-def _gemma3(tmp_path: Path, seed: int, tie: bool = False, version: int = 3, **config: Any) -> Path:
+def _gemma(tmp_path: Path, seed: int, tie: bool = False, version: int = 3, **config: Any) -> Path:
     """A random Gemma 3 checkpoint (layer 0 windowed to WINDOW with base GEMMA3_LOCAL_THETA,
     layer 1 global; `version` 2: Gemma 2's, soft-capped, one base) with `config` written over
     its config.json."""
@@ -126,7 +126,7 @@ def _matches_hf(folder: Path, prompts: list[list[int]], hf: Any = None) -> list[
 
 def test_gemma3_matches_hf_past_its_window(tmp_path: Path) -> None:
     """A batch of one prompt within the window and two past it, tied embeddings."""
-    folder = _gemma3(tmp_path, seed=31, tie=True)
+    folder = _gemma(tmp_path, seed=31, tie=True)
     model = ModelConfig.from_pretrained(str(folder))
     assert model.architecture == "gemma" and model.tie_word_embeddings
     assert [model.layer_window(i) for i in range(model.num_layers)] == [WINDOW, 0]
@@ -138,7 +138,7 @@ def test_gemma3_global_scaling_and_logit_softcap_match_hf(tmp_path: Path) -> Non
     """Linear rope_scaling turns the global layer only (HF's `full_attention` parameters), and
     the logits go through cap * tanh(logits / cap) (a cap of 2, well inside the logits' spread:
     no two log-probabilities differ by more than 2 * cap)."""
-    folder = _gemma3(
+    folder = _gemma(
         tmp_path, seed=32, rope_scaling={"rope_type": "linear", "factor": 4.0},
         final_logit_softcapping=2.0,
     )  # fmt: skip
@@ -153,7 +153,7 @@ def test_gemma3_global_scaling_and_logit_softcap_match_hf(tmp_path: Path) -> Non
 def test_each_gemma3_part_changes_the_answer(tmp_path: Path) -> None:
     """Without the window, with the global base on every layer, or with SiLU, the same weights
     give other log-probabilities (so the HF tests check each, not a coincidence)."""
-    folder = _gemma3(tmp_path, seed=33)
+    folder = _gemma(tmp_path, seed=33)
     prompt = _prompt(40, seed=5)
 
     def first_top() -> dict[int, float]:
@@ -180,7 +180,7 @@ def test_each_gemma3_part_changes_the_answer(tmp_path: Path) -> None:
 def test_gemma3_prefix_hit_and_tp_layout(tmp_path: Path) -> None:
     """A prompt served again from the prefix cache gives the same tokens and log-probabilities,
     and the weights count each of the four norms per layer."""
-    folder = _gemma3(tmp_path, seed=34)
+    folder = _gemma(tmp_path, seed=34)
     prompt = _prompt(48, seed=6)
     with _runtime(folder) as rt:
         (first,) = rt.generate([prompt], PARAMS)
@@ -255,7 +255,7 @@ def test_gemma3_config_refuses_what_is_not_run(change: dict[str, Any], named: st
 
 
 def test_gemma3_cp_past_the_window_and_quantize_are_refused(tmp_path: Path) -> None:
-    folder = _gemma3(tmp_path, seed=35)
+    folder = _gemma(tmp_path, seed=35)
     model = ModelConfig.from_pretrained(str(folder))
     config = RuntimeConfig(model=str(folder), session_len=64, parallel=ParallelConfig(cp=2))
     with pytest.raises(ConfigError, match="sliding window"):
@@ -352,7 +352,7 @@ GEMMA2_2B = {
 def test_gemma2_matches_hf_past_its_window(tmp_path: Path) -> None:
     """Soft-capped attention scores (and logits), windowed and global layers on one base, tied
     embeddings, in a batch of one prompt within the window and two past it."""
-    folder = _gemma3(tmp_path, seed=41, tie=True, version=2)
+    folder = _gemma(tmp_path, seed=41, tie=True, version=2)
     model = ModelConfig.from_pretrained(str(folder))
     assert model.architecture == "gemma" and not model.qk_norm
     assert model.attn_logit_softcapping == GEMMA2_ATTN_SOFTCAP
@@ -362,7 +362,7 @@ def test_gemma2_matches_hf_past_its_window(tmp_path: Path) -> None:
 
 
 def test_gemma2_attention_softcap_changes_the_answer(tmp_path: Path) -> None:
-    folder = _gemma3(tmp_path, seed=42, version=2)
+    folder = _gemma(tmp_path, seed=42, version=2)
     prompt = _prompt(40, seed=14)
     tops = []
     for cap in (GEMMA2_ATTN_SOFTCAP, None):

@@ -1,5 +1,5 @@
-"""The decoder shared by InternLM2, Llama and Gemma 3: embed -> [norm, attention, norm, MLP] x L
--> head (Gemma 3 norms each sublayer's output too, `ModelConfig.sandwich_norms`).
+"""The decoder shared by InternLM2, Llama and Gemma: embed -> [norm, attention, norm, MLP] x L
+-> head (Gemma 2 / 3 norm each sublayer's output too, `ModelConfig.sandwich_norms`).
 
 Only wiring lives here; the checkpoint layouts (tensor names, InternLM2's packed wqkv) are in
 `workers/models/layouts.py`, and each parallel layer creates just this rank's shard.
@@ -112,10 +112,10 @@ class DecoderLayer(nn.Module):
             window=window,
         )
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        """The MLP's input norm (Gemma 3's `pre_feedforward_layernorm`)."""
+        """The MLP's input norm (Gemma's `pre_feedforward_layernorm`)."""
         self.mlp = MLP(config, comm, dtype, device)
         self.attn_out_norm = self.mlp_out_norm = None
-        if config.sandwich_norms:  # (Gemma 3: each sublayer's output normed before the add)
+        if config.sandwich_norms:  # (Gemma: each sublayer's output normed before the add)
             self.attn_out_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
             self.mlp_out_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 

@@ -6,8 +6,8 @@ between them (tp > 1), the rows' LoRA adapters and the layers' sliding windows i
 layer-by-layer path stays for everything else: prefill chunks, cp, other dtypes or weight
 formats, a head_dim the attention kernel does not take, a row-parallel bias under tp > 1
 (added after the reduce, between stages), and whenever `DIST_RUNTIME_CPU_DECODE=layers` or the
-attention / elementwise kernels are switched to torch, and Gemma 3 (its output norms, GELU and
-two RoPE bases are not in the native layer).
+attention / elementwise kernels are switched to torch, and Gemma 2 / 3 (their output norms,
+GELU, Gemma 3's two RoPE bases and Gemma 2's score soft-cap are not in the native layer).
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def unfit_reason(model: DecoderLM, kv_caches: list[LayerKV]) -> str | None:
     if not cpu_decoder.available():
         return "the native library is not built"
     if config.sandwich_norms or config.hidden_act != "silu" or config.local_rope_theta:
-        return "Gemma 3's sublayer output norms, GELU and local RoPE base"
+        return "Gemma's sublayer output norms, GELU and local RoPE base"
+    if config.attn_logit_softcapping:
+        return "soft-capped attention scores"
     head_dim = config.head_dim
     if head_dim % 16 or head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} is not a multiple of 16 up to {MAX_HEAD_DIM}"
