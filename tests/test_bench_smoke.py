@@ -3,14 +3,15 @@ sessions that use them: the GPU suite's end-to-end script (`bench/generate_gpu.p
 with its batched decode and profiler trace) and `bench/gpu_decode_summary.py` on its report; the
 host-step, protocol-codec and tp shared-memory benches (which assert their own invariants); the
 CPU kernel benches and the GEMV bench's per-shape work under Triton's interpreter; and on the
-demo model or a tiny random one the guided JSON and grammar, priority, fair-share, long-prompt
-host-work, disk-tier, LoRA, draft-row and KV-allocation benches.
+demo model or a tiny random one the guided JSON, long-prompt host-work, disk-tier, draft-row and
+KV-allocation benches.
 
 A few take about 10 s or more each and run on demand (`-m slow`): `bench/cpu_attention.py`
 (with its earlier-run column and a commit's kernel built beside today's),
 `bench/speculative.py`, `bench/batch_api.py`, `bench/worker_raise.py` (three Ray workers,
 replaced twice), `bench/sampler_options.py` (the demo model with six sampling options),
-`bench/recovery.py`, `bench/host_kv_cache.py` and `bench/disk_kv_cache.py`."""
+`bench/recovery.py`, `bench/host_kv_cache.py`, `bench/disk_kv_cache.py`, and the guided
+grammar, priority, fair-share and LoRA benches."""
 
 from __future__ import annotations
 
@@ -268,6 +269,7 @@ def test_guided_json_bench_runs(tmp_path: Path) -> None:
     assert "| 2 |" in text and "```json" in text
 
 
+@pytest.mark.slow  # (~8-16 s; the guided JSON bench covers the same script; -m slow)
 def test_guided_grammar_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "grammar.md"
     out = _run(
@@ -285,6 +287,7 @@ def test_guided_grammar_bench_runs(tmp_path: Path) -> None:
     assert "# Guided GBNF output" in text and "| 2 |" in text and "Answer: " in text
 
 
+@pytest.mark.slow  # (~5-11 s; run with -m slow)
 def test_priority_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "priority.md"
     out = _run(
@@ -301,6 +304,7 @@ def test_priority_bench_runs(tmp_path: Path) -> None:
     assert "| equal |" in text and "| priority |" in text
 
 
+@pytest.mark.slow  # (~6-10 s; run with -m slow)
 def test_fair_share_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "fair_share.md"
     out = _run(
@@ -402,6 +406,7 @@ def test_worker_raise_bench_runs(tmp_path: Path) -> None:
     assert "| replacing the group |" in report.read_text()
 
 
+@pytest.mark.slow  # (~7-17 s; run with -m slow)
 def test_lora_bench_runs(tmp_path: Path) -> None:
     report = tmp_path / "lora.md"
     argv = ["--batch=2", "--rank=4", "--max-new-tokens=4", "--repeats=1", f"--report={report}"]

@@ -24,7 +24,13 @@ VOCAB = TINY_SHAPES["vocab_size"]
 BLOCK_SIZE = 4
 LOGPROB_ATOL = 1e-4
 PARAMS = SamplingParams(max_new_tokens=33, temperature=0.0, logprobs=5, ignore_eos=True)
-MESHES = [(1, 2), (2, 2), (1, 3), (1, 4)]
+MESHES = [
+    (1, 2),
+    (2, 2),
+    (1, 3),
+    # (a ring of four: the ring-attention unit tests run cp 4 at every length; -m slow)
+    pytest.param(1, 4, marks=pytest.mark.slow),
+]
 
 
 def _prompt(length: int, seed: int) -> list[int]:

@@ -224,7 +224,7 @@ def test_job_failing_on_every_attempt_ends_failed_and_others_complete(
         request_retries=0,  # (each attempt then ends at its first failure)
         **KW,
     ) as rt:
-        doomed = rt.submit(DOC, QUESTIONS, PARAMS)
+        doomed = rt.submit(DOC, QUESTIONS[:1], PARAMS)  # (one request: one failure an attempt)
         with pytest.raises(JobFailedError, match=r"worker failure on each of 2 attempts; last: "):
             rt.result(doomed, timeout=180)
         assert rt.status(doomed).attempts == 2

@@ -253,6 +253,8 @@ def _submit_batch(job_dir: str, worker: int, count: int, out: Any) -> None:
     out.put((worker, ids))
 
 
+# (the stress case, ~15 s; test_job_survives_the_service_being_killed kills it by default)
+@pytest.mark.slow
 def test_two_hundred_jobs_from_four_processes_survive_a_kill(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:

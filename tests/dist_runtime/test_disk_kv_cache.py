@@ -760,7 +760,11 @@ def _longest_chain(names: list[str]) -> list[str]:
     return longest
 
 
-@pytest.mark.parametrize(("tp", "cp"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    ("tp", "cp"),
+    # (one mesh over Ray by default, the in-process tests cover the tier itself; -m slow)
+    [pytest.param(2, 1, marks=pytest.mark.slow), (1, 2)],
+)
 def test_disk_tier_over_ray(
     ray_cluster: Any, tiny_llama_dir: Path, tmp_path: Path, tp: int, cp: int
 ) -> None:

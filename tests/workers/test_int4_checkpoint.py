@@ -234,9 +234,11 @@ def _generate(folder: Path, tp: int) -> list[Any]:
     "case",
     [
         pytest.param("awq-internlm2", marks=pytest.mark.slow),  # quantize.py's case covers it
-        "gptq-llama-actorder-sym",
+        # (tp = 1 scores each case against its dequantized twin; at tp = 3 one runs by default)
+        pytest.param("gptq-llama-actorder-sym", marks=pytest.mark.slow),
         "quantize.py-awq-internlm2",
-        "awq-phi3",  # (each rank's columns of the packed layers' parts)
+        # (each rank's columns of the packed layers' parts)
+        pytest.param("awq-phi3", marks=pytest.mark.slow),
     ],
 )
 def test_tp3_generates_what_the_float_twin_does(
