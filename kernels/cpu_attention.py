@@ -37,6 +37,7 @@ from kernels import native
 from kernels.flash_attn import check_window
 from kernels.kv_quant import check_quant_caches, code_dim
 from kernels.native import run_profiled
+from kernels.position_attention import check_softcap
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         i32,  # cache kind: the dtype's code, or 8 / 4 bits
         *(ptr, ptr, i64, i64, i64),  # k, v params (scale, zero) and their strides
         i64,  # sliding window (0: none)
+        ctypes.c_float,  # soft-cap (0: none)
     ]
     fn.restype = i32
     rs = lib.dr_rope_store
@@ -164,6 +166,7 @@ def paged_decode(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (seqs * rows, q_heads, d) float32 and lse (seqs * rows, q_heads) float32.
 
@@ -173,12 +176,14 @@ def paged_decode(
     A context of 0 keys gives out 0 and lse -inf. bits 8 / 4: the caches hold uint8 codes and
     k_params / v_params their float32 (scale, zero) (`kernels/kv_quant.py`). window > 0: the
     query of a context of n keys attends to its last `window` keys only, [max(0, n - window),
-    n) (one row per sequence); 0: to all of them.
+    n) (one row per sequence); 0: to all of them. softcap > 0: each scaled score s becomes
+    softcap * tanh(s / softcap) before the softmax (Gemma 2's `attn_logit_softcapping`).
     """
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU decode attention kernel is not built (see the log)")
     check_window(window)
+    check_softcap(softcap)
     tokens, q_heads, d = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     seqs = block_tables.shape[0]
@@ -260,6 +265,7 @@ def paged_decode(
         v_ptr,
         *p_strides,
         window,
+        softcap,
     )
     failed = run_profiled(lib.dr_paged_decode, PROFILE_NAME, args)
     if failed == 1:
@@ -285,10 +291,12 @@ def flash_decode_cpu(
     v_params: torch.Tensor | None = None,
     bits: int = 0,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`flash_decode_ref` through the native kernel (see `native_decode_supported`); a
     quantized cache (bits 8 / 4) is dequantized row by row as it is read. window > 0: each
-    query attends to its sequence's last `window` keys only (`paged_decode`).
+    query attends to its sequence's last `window` keys only; softcap > 0 caps the scaled
+    scores (`paged_decode`).
 
     A batch whose sequences share at least MIN_SHARED_BLOCKS leading blocks (questions on one
     cached document) reads the shared prefix once for every query, each sequence's tail on its
@@ -319,6 +327,7 @@ def flash_decode_cpu(
             k_params=k_params,
             v_params=v_params,
             bits=bits,
+            softcap=softcap,
         )
         rest = context_lens - shared * block_size
         o_t, s_t = paged_decode(
@@ -332,6 +341,7 @@ def flash_decode_cpu(
             k_params=k_params,
             v_params=v_params,
             bits=bits,
+            softcap=softcap,
         )
         out, lse = merge_pair(out, lse, o_t, s_t)
     else:
@@ -347,6 +357,7 @@ def flash_decode_cpu(
             v_params=v_params,
             bits=bits,
             window=window,
+            softcap=softcap,
         )
     return out.to(q.dtype), (lse if return_lse else None)
 

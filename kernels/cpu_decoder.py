@@ -14,9 +14,13 @@ Under tensor parallelism the step is run in stages with the caller's all-reduce 
 runs them all.
 
 Which models it serves (`workers/models/native_decode.py` decides): float32 on CPU with every
-linear layer on the native panel kernel, the native norm / SiLU and attention kernels chosen,
-a head_dim that is a multiple of 16 (up to 256), and no cp. `DIST_RUNTIME_CPU_DECODE=layers`
-runs decode steps layer by layer instead (`fused`, the default, uses this).
+linear layer on the native panel kernel, the native norm / activation and attention kernels
+chosen, a head_dim that is a multiple of 16 (up to 256), and no cp. Gemma 2 / 3's parts run
+in it too: the norms of each half's output (the next stage's first step, so that under tensor
+parallelism they norm the reduced sum), GELU's tanh form, the score soft-cap, and the
+sliding-window layers' own RoPE base (a second pair of tables per step).
+`DIST_RUNTIME_CPU_DECODE=layers` runs decode steps layer by layer instead (`fused`, the
+default, uses this).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from kernels.cpu_attention import MAX_HEAD_DIM, scratch_floats, split_plan, wind
 from kernels.cpu_gemm import NativeLinearWeight
 from kernels.native import run_profiled
 from kernels.paged_attention import MIN_SHARED_BLOCKS, shared_blocks
+from kernels.position_attention import check_softcap
+from kernels.silu_and_mul import ACTIVATIONS
 
 PROFILE_NAME = "cpu_decoder::stages"
 """What a torch.profiler trace calls the native decoder's calls (recorded only while one runs)."""
@@ -49,6 +55,8 @@ class _Decoder(ctypes.Structure):
         ("eps", _f32),
         ("scale", _f32),
         ("final_norm", _ptr),
+        ("act", _i64),
+        ("softcap", _f32),
     ]
 
 
@@ -82,6 +90,9 @@ class _Layer(ctypes.Structure):
         ("lora_a", _ptr * 4),
         ("lora_b", _ptr * 4),
         ("lora_rank", _i64 * 4),
+        ("attn_out_norm", _ptr),
+        ("mlp_out_norm", _ptr),
+        ("local_rope", _i64),
     ]
 
 
@@ -105,6 +116,8 @@ class _Step(ctypes.Structure):
         *((name, _ptr) for name in ("tail_out", "tail_lse", "prefix_lse")),
         ("lora_slots", _ptr),
         ("lora_h", _ptr),
+        ("local_cos", _ptr),
+        ("local_sin", _ptr),
     ]
 
 
@@ -152,6 +165,13 @@ class LayerTensors:
     """Qwen3's RMSNorm weights (head_dim,) of every q head, before RoPE (None: no norm)."""
     k_norm: torch.Tensor | None = None
     """The same for every k head (given with q_norm or not at all)."""
+    attn_out_norm: torch.Tensor | None = None
+    """Gemma's RMSNorm weights (hidden,) of the attention's output, before the residual add
+    (None: no norm)."""
+    mlp_out_norm: torch.Tensor | None = None
+    """The same for the MLP's output (given with attn_out_norm or not at all)."""
+    local_rope: bool = False
+    """RoPE turns this layer by the step's local tables (Gemma 3's sliding-window layers)."""
 
 
 LoraStacks = tuple[torch.Tensor, torch.Tensor] | None
@@ -190,9 +210,13 @@ class CpuDecoder:
         bits: int = 0,
         scale: float | None = None,
         windows: list[int] | None = None,
+        act: str = "silu",
+        softcap: float = 0.0,
     ):
         """`scale`: the attention's softmax scale (None: 1 / sqrt(head_dim)); `windows`: each
-        layer's sliding window, 0 for none (None: no layer has one)."""
+        layer's sliding window, 0 for none (None: no layer has one); `act`: the MLP's gate
+        activation (`kernels.silu_and_mul.ACTIVATIONS`); `softcap`: the attention scores'
+        soft-cap (Gemma 2's, 0: none)."""
         fn = _stages_fn()
         if fn is None:
             raise RuntimeError("the native CPU kernels are not built (see the log)")
@@ -203,6 +227,9 @@ class CpuDecoder:
             raise ValueError(
                 f"windows {windows}: one per layer ({len(layers)}), each 0 (none) or positive"
             )
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation {act!r} is not one of {sorted(ACTIVATIONS)}")
+        check_softcap(softcap)
         if head_dim % 16 or head_dim > MAX_HEAD_DIM or q_heads % kv_heads:
             raise ValueError(
                 f"head_dim {head_dim} (a multiple of 16 up to {MAX_HEAD_DIM}) or heads "
@@ -235,6 +262,14 @@ class CpuDecoder:
                     raise ValueError(f"layer {i}: {name} must be float32 ({hidden},) contiguous")
             if (t.q_norm is None) != (t.k_norm is None):
                 raise ValueError(f"layer {i}: q_norm and k_norm come together")
+            if (t.attn_out_norm is None) != (t.mlp_out_norm is None):
+                raise ValueError(f"layer {i}: attn_out_norm and mlp_out_norm come together")
+            for name in ("attn_out_norm", "mlp_out_norm"):
+                w = getattr(t, name)
+                if w is not None and (
+                    w.dtype != torch.float32 or w.shape != (hidden,) or not w.is_contiguous()
+                ):
+                    raise ValueError(f"layer {i}: {name} must be float32 ({hidden},) contiguous")
             for name in ("q_norm", "k_norm"):
                 w = getattr(t, name)
                 if w is not None and (
@@ -278,6 +313,7 @@ class CpuDecoder:
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
         self.block_size = block_size
         self.windows = tuple(windows)
+        self.local_rope = any(t.local_rope for t in layers)
         self.decoder = _Decoder(
             len(layers),
             hidden,
@@ -292,6 +328,8 @@ class CpuDecoder:
             eps,
             head_dim**-0.5 if scale is None else scale,
             final_norm.data_ptr(),
+            ACTIVATIONS[act],
+            softcap,
         )
         self.layers = (_Layer * len(layers))()
         for i, t in enumerate(layers):
@@ -301,6 +339,9 @@ class CpuDecoder:
                     for w in (getattr(t, name) for name in LAYER_FIELDS)
                 )
             )
+            layer = self.layers[i]
+            layer.attn_out_norm, layer.mlp_out_norm = _addr(t.attn_out_norm), _addr(t.mlp_out_norm)
+            layer.local_rope = int(t.local_rope)
         self._decoder_ref = ctypes.byref(self.decoder)
 
     def run(
@@ -313,6 +354,7 @@ class CpuDecoder:
         context_lens: torch.Tensor,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         lora: LoraStep | None = None,
+        local: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The final hidden states (tokens, hidden) of one decode step.
 
@@ -321,6 +363,8 @@ class CpuDecoder:
         block_tables (tokens, max_blocks) int32 / int64; context_lens (tokens,) int64.
         reduce: the tp all-reduce, in place, between stages (None: tp = 1).
         lora: the sequences' LoRA adapters (None: none).
+        local: (cos, sin) of the layers whose RoPE has its own base (`LayerTensors.local_rope`),
+        shaped as cos; needed when any layer has it.
         """
         tokens = x.shape[0]
         if (
@@ -340,6 +384,14 @@ class CpuDecoder:
                 f"{block_tables.dtype}, context_lens {tuple(context_lens.shape)}, slots "
                 f"{tuple(slot_mapping.shape)} and cos {tuple(cos.shape)} do not describe a "
                 f"decode step of {tokens} sequences"
+            )
+        if self.local_rope and (
+            local is None or local[0].shape != cos.shape or local[1].shape != cos.shape
+        ):
+            got = None if local is None else [tuple(t.shape) for t in local]
+            raise ValueError(
+                f"layers with their own RoPE base need local (cos, sin) shaped as cos "
+                f"{tuple(cos.shape)}, got {got}"
             )
         if tokens == 0:
             return x
@@ -384,6 +436,10 @@ class CpuDecoder:
         cos = cos.to(torch.float32).contiguous()
         sin = sin.to(torch.float32).contiguous()
         slots = slot_mapping.to(torch.int64).contiguous()
+        local_cos = local_sin = None
+        if self.local_rope and local is not None:
+            local_cos = local[0].to(torch.float32).contiguous()
+            local_sin = local[1].to(torch.float32).contiguous()
         prefix = tail = None
         if shared:
             prefix = torch.tensor([shared * bs], dtype=torch.int64)
@@ -410,6 +466,8 @@ class CpuDecoder:
             *addrs[:10],
             _addr(lora_slots),
             addrs[10],
+            _addr(local_cos),
+            _addr(local_sin),
         )
         stages = 2 * self.num_layers + 1
         step_ref = ctypes.byref(step)

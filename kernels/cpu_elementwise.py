@@ -2,9 +2,10 @@
 
 The torch references are chains of small operators: the residual add with RMSNorm is add, pow,
 mean (a sum and a division), rsqrt and two products; SiLU-and-mul is a chunk, silu and a
-product. At decode sizes each operator's dispatch outweighs its arithmetic (about 35 us per
-norm on the demo model, 61 norms a step); at prefill sizes each is a pass through memory over
-a (tokens, hidden) or (tokens, 2 * intermediate) tensor. The native kernels make one pass per
+product (Gemma's GELU-and-mul the same with gelu). At decode sizes each operator's dispatch
+outweighs its arithmetic (about 35 us per norm on the demo model, 61 norms a step); at prefill
+sizes each is a pass through memory over a (tokens, hidden) or (tokens, 2 * intermediate)
+tensor. The native kernels make one pass per
 row and one call per layer step.
 
 float32 only (the CPU default); bfloat16 and other dtypes, other devices,
@@ -26,6 +27,7 @@ from kernels.native import run_profiled
 RMS_NORM_PROFILE_NAME = "cpu_elementwise::rms_norm"
 """What a torch.profiler trace calls the native norm's calls (recorded only while one runs)."""
 SILU_PROFILE_NAME = "cpu_elementwise::silu_and_mul"
+ACT_PROFILE_NAME = "cpu_elementwise::act_and_mul"
 
 
 @functools.cache
@@ -48,6 +50,8 @@ def _library() -> ctypes.CDLL | None:
     lib.dr_rms_norm.restype = None
     lib.dr_silu_and_mul.argtypes = [*(ptr, i64), *(ptr, i64), i64, i64, i32]
     lib.dr_silu_and_mul.restype = None
+    lib.dr_act_and_mul.argtypes = [*(ptr, i64), *(ptr, i64), i64, i64, i32, i32]
+    lib.dr_act_and_mul.restype = None
     return lib
 
 
@@ -122,4 +126,18 @@ def silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
     if tokens and inter:
         args = (x.data_ptr(), x.stride(0), out.data_ptr(), inter, tokens, inter)
         run_profiled(lib.dr_silu_and_mul, SILU_PROFILE_NAME, (*args, torch.get_num_threads()))
+    return out
+
+
+def act_and_mul_cpu(x: torch.Tensor, act: int) -> torch.Tensor:
+    """act(gate) * up for x (tokens, 2 * inter) float32 laid out [gate | up], act the code of
+    `kernels.silu_and_mul.ACTIVATIONS` (1: GELU's tanh form, as `gelu_tanh_and_mul_ref`):
+    (tokens, inter) contiguous. Inputs checked by the caller (`kernels/silu_and_mul.py`)."""
+    lib = _library()
+    assert lib is not None, "needs the native library (native_elementwise_supported)"
+    tokens, inter = x.shape[0], x.shape[1] // 2
+    out = torch.empty(tokens, inter, dtype=torch.float32)
+    if tokens and inter:
+        args = (x.data_ptr(), x.stride(0), out.data_ptr(), inter, tokens, inter, act)
+        run_profiled(lib.dr_act_and_mul, ACT_PROFILE_NAME, (*args, torch.get_num_threads()))
     return out

@@ -542,14 +542,13 @@ def flash_decode(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Split-KV decode (see `flash_decode_ref`); bits 8 / 4 read a quantized cache, window > 0
     is a sliding window of that many keys, softcap > 0 caps the scores. On CPU the native
-    kernel (`kernels/cpu_attention.py`) runs where it supports the cache (and no cap)."""
+    kernel (`kernels/cpu_attention.py`) runs where it supports the cache."""
     args = (q, k_cache, v_cache, block_tables, context_lens, scale, return_lse)
     if use_triton(q.device):
         fn = flash_decode_triton
-    elif native_decode_supported(q, k_cache, bits) and q.shape[0] and not softcap:
-        # (the native kernel takes no cap)
+    elif native_decode_supported(q, k_cache, bits) and q.shape[0]:
         return flash_decode_cpu(
-            *args, k_params=k_params, v_params=v_params, bits=bits, window=window
+            *args, k_params=k_params, v_params=v_params, bits=bits, window=window, softcap=softcap
         )
     else:
         fn = flash_decode_ref

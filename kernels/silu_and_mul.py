@@ -8,7 +8,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_elementwise import native_elementwise_supported, silu_and_mul_cpu
+from kernels.cpu_elementwise import (
+    act_and_mul_cpu,
+    native_elementwise_supported,
+    silu_and_mul_cpu,
+)
 from kernels.dispatch import use_triton
 
 try:
@@ -114,7 +118,9 @@ def act_and_mul(x: torch.Tensor, act: str = "silu") -> torch.Tensor:
     """act(gate) * up of x = [gate | up], for a config's `hidden_act` (ACTIVATIONS)."""
     if act == "silu":
         return silu_and_mul(x)
-    _act_code(act)
+    code = _act_code(act)
     if use_triton(x.device):
         return silu_and_mul_triton(x, act)
+    if x.dim() == 2 and x.shape[1] % 2 == 0 and native_elementwise_supported(x):
+        return act_and_mul_cpu(x, code)
     return gelu_tanh_and_mul_ref(x)

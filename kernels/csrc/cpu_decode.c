@@ -22,9 +22,12 @@
  * Sliding window: with window > 0 the query of a sequence of ctx keys (at position ctx - 1)
  * sees only the keys [max(0, ctx - window), ctx); the walk starts at the block holding the
  * first of them, skips that block's earlier slots, and the splits cut the visible range.
- * window 0: every key. Returns 0, 1 when scratch memory could not be had, 2 for a head_dim it
- * does not take, 4 for a negative window or a window with rows > 1 (a shared prefix's rows sit
- * at different positions).
+ * window 0: every key.
+ *
+ * Soft-cap (Gemma 2): with softcap > 0 each score s = q.k scale becomes softcap tanh(s /
+ * softcap) before the softmax; 0: none. Returns 0, 1 when scratch memory could not be had, 2
+ * for a head_dim it does not take, 4 for a negative window or a window with rows > 1 (a shared
+ * prefix's rows sit at different positions), 5 for a negative (or NaN) soft-cap.
  */
 #include <math.h>
 #include <stdint.h>
@@ -166,17 +169,36 @@ AI void accumulate_one(const float *V, int d, int off, int n, const float *p, fl
     for (int c = 0; c < w; c++) store(acc + off + 8 * c, a[c]);
 }
 
+/* Gemma 2's soft-cap of the scores s[0, sb) (prescaled), cap > 0: cap tanh(s / cap), as
+ * |s| -> cap (1 - e) / (1 + e) with e = e^(-2 |s| / cap) from exp_neg, the sign of s kept
+ * (kernels/position_attention.py: soft_cap). */
+AI void cap_scores(float *s, int sb, float cap) {
+    const vf c = splat(cap), k = splat(2.0f / cap);
+    const vi sign = (vi){} + INT32_MIN;
+    for (int j = 0; j < sb; j += 8) {
+        const vf x = load(s + j);
+        const vf neg_abs = (vf)((vi)x | sign);
+        const vf e = exp_neg(neg_abs * k);
+        const vf t = c * (1.0f - e) / (1.0f + e);
+        store(s + j, (vf)((vi)t | ((vi)x & sign)));
+    }
+}
+
 /* Fold one block's keys [0, n) (float rows K, V of head_dim = 8 nc floats, readable up to n
  * rounded up to 4) into the running (acc, m, l) of the nq queries at q (prescaled rows). S
  * holds nq score rows of sb >= that rounding (a multiple of 16). Always inlined, so a constant
  * nc (8 for head_dim 64, 16 for 128) unrolls the vector loops. */
 AI void fold_block(const float *q, int nq, const float *K, const float *V, int n, int sb, int nc,
-                   float *S, float *acc, float *m, float *l) {
+                   float cap, float *S, float *acc, float *m, float *l) {
     const int d = 8 * nc, n4 = (n + 3) & ~3;
     int i = 0;
     for (; i + 2 <= nq; i += 2) {
         float *s0 = S + (int64_t)i * sb, *s1 = s0 + sb;
         score_pair(q + (int64_t)i * d, q + (int64_t)(i + 1) * d, K, n4, nc, s0, s1);
+        if (cap > 0.0f) {
+            cap_scores(s0, sb, cap);
+            cap_scores(s1, sb, cap);
+        }
         for (int j = n; j < sb; j++) s0[j] = s1[j] = -INFINITY;
         const float al0 = softmax_block(s0, sb, m + i, l + i);
         const float al1 = softmax_block(s1, sb, m + i + 1, l + i + 1);
@@ -189,6 +211,7 @@ AI void fold_block(const float *q, int nq, const float *K, const float *V, int n
     if (i < nq) {
         float *s0 = S + (int64_t)i * sb;
         score_one(q + (int64_t)i * d, K, n4, nc, s0);
+        if (cap > 0.0f) cap_scores(s0, sb, cap);
         for (int j = n; j < sb; j++) s0[j] = -INFINITY;
         const float al = softmax_block(s0, sb, m + i, l + i);
         float *a0 = acc + (int64_t)i * d;
@@ -264,10 +287,11 @@ int dr_paged_decode(
     int num_seqs, int rows, int kv_heads, int group, int head_dim, int block_size,
     float scale, int dtype, int splits, int64_t blocks_per_split, int num_threads,
     float *work, int kv_kind, const float *k_params, const float *v_params,
-    int64_t kp_block, int64_t kp_slot, int64_t kp_head, int64_t window) {
+    int64_t kp_block, int64_t kp_slot, int64_t kp_head, int64_t window, float softcap) {
     const int d = head_dim, nq = rows * group, bs = block_size, nc = head_dim / 8;
     if (head_dim % 16 || head_dim > 256) return 2;
     if (window < 0 || (window > 0 && rows > 1)) return 4;
+    if (!(softcap >= 0.0f)) return 5;
     const int sb = (block_size + 15) / 16 * 16; /* a score row, whole vectors */
     const int bs4 = (block_size + 3) & ~3;     /* rows per kv head in a converted block */
     const int64_t esize = dtype == DT_F32 ? 4 : 2;
@@ -352,11 +376,11 @@ int dr_paged_decode(
                     const int64_t at = (int64_t)kvh * bs4 * d;
                     const float *K = kbuf + at, *V = vbuf + at;
                     if (nc == 8)
-                        fold_block(qh, nq, K, V, n, sb, 8, s, acc, m, l);
+                        fold_block(qh, nq, K, V, n, sb, 8, softcap, s, acc, m, l);
                     else if (nc == 16)
-                        fold_block(qh, nq, K, V, n, sb, 16, s, acc, m, l);
+                        fold_block(qh, nq, K, V, n, sb, 16, softcap, s, acc, m, l);
                     else
-                        fold_block(qh, nq, K, V, n, sb, nc, s, acc, m, l);
+                        fold_block(qh, nq, K, V, n, sb, nc, softcap, s, acc, m, l);
                 }
             }
         }

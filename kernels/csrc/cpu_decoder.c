@@ -9,8 +9,9 @@
  * its two attention partials here, in float32, where the layer path merges them with torch).
  *
  * Work is cut into stages: stage 2l is layer l's attention half (norm, qkv, RoPE + store,
- * attention, o_proj), stage 2l + 1 its MLP half (norm, gate_up, SiLU-and-mul, down), stage
- * 2 * num_layers the final norm. Each half leaves its output in x (partial sums under tensor
+ * attention, o_proj), stage 2l + 1 its MLP half (norm, gate_up, SiLU- or GELU-and-mul, down),
+ * stage 2 * num_layers the final norm. Gemma's norm of a half's output is the next stage's
+ * first step, so that under tensor parallelism it norms the reduced sum. Each half leaves its output in x (partial sums under tensor
  * parallelism: the caller all-reduces x between stages); the residual stream lives in
  * `residual`; the final norm leaves the hidden states in h. One call may run many stages
  * (all of them when nothing is reduced in between).
@@ -32,6 +33,8 @@ struct dr_decoder {
     int64_t bits;                                   /* 0: float32 cache; 8 / 4: codes */
     float eps, scale;
     const float *final_norm;
+    int64_t act;   /* the MLP's activation: 0 SiLU, 1 GELU's tanh form (Gemma) */
+    float softcap; /* the attention scores' soft-cap (Gemma 2), 0: none */
 };
 
 /* One layer's weights (linear ones panel-packed, see cpu_gemm.c; biases may be NULL; q_norm and
@@ -47,6 +50,11 @@ struct dr_decoder_layer {
     const float *q_norm, *k_norm;
     const float *lora_a[4], *lora_b[4];
     int64_t lora_rank[4];
+    /* Gemma's norms of the attention's and the MLP's outputs (after the all-reduce, before the
+     * residual add; NULL: none), and whether RoPE turns this layer's q and k by the step's
+     * local tables (Gemma 3's sliding-window layers, their own base). */
+    const float *attn_out_norm, *mlp_out_norm;
+    int64_t local_rope;
 };
 
 enum { LORA_QKV, LORA_O, LORA_GATE_UP, LORA_DOWN };
@@ -82,6 +90,7 @@ struct dr_decode_step {
     float *tail_out, *tail_lse, *prefix_lse; /* shared prefix only */
     const int64_t *lora_slots; /* (tokens,) each sequence's adapter slot; NULL: no adapters */
     float *lora_h;             /* (tokens, the largest rank) */
+    const float *local_cos, *local_sin; /* (tokens, head_dim), for layers with local_rope */
 };
 
 #define LORA_PARALLEL_MIN 32768
@@ -136,11 +145,13 @@ static void lora_add(const struct dr_decoder_layer *L, int which, const struct d
 }
 
 /* h = norm(x + residual) and residual = x + residual; stage 0 has no residual yet, so the
- * residual becomes x itself, as the layer path's first norm returns it. */
+ * residual becomes x itself, as the layer path's first norm returns it. out_w: the norm of the
+ * previous half's output (Gemma's), applied to x first, in place (NULL: none). */
 static void norm_in(const struct dr_decoder *m, const float *w, const struct dr_decode_step *s,
-                    int first) {
+                    int first, const float *out_w) {
     const int64_t T = s->tokens, H = m->hidden;
     const int nt = (int)s->num_threads;
+    if (out_w) dr_rms_norm(s->x, H, NULL, 0, NULL, 0, s->x, H, out_w, T, H, m->eps, nt);
     if (first) {
         memcpy(s->residual, s->x, sizeof(float) * T * H);
         dr_rms_norm(s->residual, H, NULL, 0, NULL, 0, s->h, H, w, T, H, m->eps, nt);
@@ -180,21 +191,21 @@ static int attend(const struct dr_decoder *m, const struct dr_decoder_layer *L,
             m->kc_head, s->block_tables, (int)s->bt_int64, s->bt_stride, s->context_lens,
             s->attn, q_size, q_size, d, NULL, 0, 0, (int)T, 1, (int)m->kv_heads, group, (int)d,
             (int)m->block_size, m->scale, DT_F32, (int)w[1], w[2], nt, s->work, kind,
-            L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, w[0]);
+            L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, w[0], m->softcap);
     if (!s->shared_blocks)
         return dr_paged_decode(
             s->qkv, qkv_n, qkv_n, d, L->k_cache, L->v_cache, m->kc_block, m->kc_slot,
             m->kc_head, s->block_tables, (int)s->bt_int64, s->bt_stride, s->context_lens,
             s->attn, q_size, q_size, d, NULL, 0, 0, (int)T, 1, (int)m->kv_heads, group, (int)d,
             (int)m->block_size, m->scale, DT_F32, (int)s->splits, s->per, nt, s->work, kind,
-            L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, 0);
+            L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, 0, m->softcap);
     /* The prefix: one table row, every sequence's query a row over it. */
     int rc = dr_paged_decode(
         s->qkv, 0, qkv_n, d, L->k_cache, L->v_cache, m->kc_block, m->kc_slot, m->kc_head,
         s->block_tables, (int)s->bt_int64, s->bt_stride, s->prefix_len, s->attn, 0, q_size, d,
         s->prefix_lse, 0, m->q_heads, 1, (int)T, (int)m->kv_heads, group, (int)d,
         (int)m->block_size, m->scale, DT_F32, (int)s->prefix_splits, s->prefix_per, nt, s->work,
-        kind, L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, 0);
+        kind, L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, 0, m->softcap);
     if (rc) return rc;
     const char *tail_table =
         (const char *)s->block_tables + s->shared_blocks * (s->bt_int64 ? 8 : 4);
@@ -203,19 +214,19 @@ static int attend(const struct dr_decoder *m, const struct dr_decoder_layer *L,
         tail_table, (int)s->bt_int64, s->bt_stride, s->tail_lens, s->tail_out, q_size, q_size,
         d, s->tail_lse, m->q_heads, m->q_heads, (int)T, 1, (int)m->kv_heads, group, (int)d,
         (int)m->block_size, m->scale, DT_F32, (int)s->splits, s->per, nt, s->work, kind,
-        L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, 0);
+        L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head, 0, m->softcap);
     if (rc) return rc;
     merge_pair(s->attn, s->prefix_lse, s->tail_out, s->tail_lse, T * m->q_heads, d);
     return 0;
 }
 
 static int attention_half(const struct dr_decoder *m, const struct dr_decoder_layer *L,
-                          const struct dr_decode_step *s, int64_t layer) {
+                          const struct dr_decode_step *s, int64_t layer, const float *out_w) {
     const int64_t T = s->tokens, H = m->hidden, d = m->head_dim;
     const int64_t q_size = m->q_heads * d, kv_size = m->kv_heads * d;
     const int64_t qkv_n = q_size + 2 * kv_size;
     const int nt = (int)s->num_threads;
-    norm_in(m, L->input_norm, s, layer == 0);
+    norm_in(m, L->input_norm, s, layer == 0, out_w);
     dr_linear(s->h, T, H, L->qkv, qkv_n, L->qkv_bias, s->qkv, nt);
     lora_add(L, LORA_QKV, s, s->h, H, s->qkv, qkv_n);
     if (L->q_norm && L->k_norm) /* each q and k head normed over head_dim, in place */
@@ -225,7 +236,9 @@ static int attention_half(const struct dr_decoder *m, const struct dr_decoder_la
             dr_rms_norm(kt, d, NULL, 0, NULL, 0, kt, d, L->k_norm, m->kv_heads, d, m->eps, nt);
         }
     char *q = (char *)s->qkv, *k = (char *)(s->qkv + q_size), *v = (char *)(s->qkv + q_size + kv_size);
-    dr_rope_store(q, qkv_n, d, k, qkv_n, d, v, qkv_n, d, s->cos, s->sin, L->k_cache, L->v_cache,
+    const float *cos = L->local_rope ? s->local_cos : s->cos;
+    const float *sin = L->local_rope ? s->local_sin : s->sin;
+    dr_rope_store(q, qkv_n, d, k, qkv_n, d, v, qkv_n, d, cos, sin, L->k_cache, L->v_cache,
                   m->kc_block, m->kc_slot, m->kc_head, s->slots, (int)T, (int)m->q_heads,
                   (int)m->kv_heads, (int)d, (int)m->block_size, DT_F32, nt, (int)m->bits,
                   L->k_params, L->v_params, m->kp_block, m->kp_slot, m->kp_head);
@@ -240,10 +253,10 @@ static void mlp_half(const struct dr_decoder *m, const struct dr_decoder_layer *
                      const struct dr_decode_step *s) {
     const int64_t T = s->tokens, H = m->hidden, I = m->inter;
     const int nt = (int)s->num_threads;
-    norm_in(m, L->post_norm, s, 0);
+    norm_in(m, L->post_norm, s, 0, L->attn_out_norm);
     dr_linear(s->h, T, H, L->gate_up, 2 * I, L->gate_up_bias, s->gate_up, nt);
     lora_add(L, LORA_GATE_UP, s, s->h, H, s->gate_up, 2 * I);
-    dr_silu_and_mul(s->gate_up, 2 * I, s->act, I, T, I, nt);
+    dr_act_and_mul(s->gate_up, 2 * I, s->act, I, T, I, (int)m->act, nt);
     dr_linear(s->act, T, I, L->down, H, L->down_bias, s->x, nt);
     lora_add(L, LORA_DOWN, s, s->act, I, s->x, H);
 }
@@ -256,12 +269,17 @@ int dr_decoder_stages(const struct dr_decoder *m, const struct dr_decoder_layer 
     if (first < 0 || last > 2 * m->num_layers + 1) return 3;
     for (int64_t stage = first; stage < last; stage++) {
         const int64_t layer = stage / 2;
+        /* The norm of the previous half's output: the MLP's of the layer before. */
+        const float *out_w = layer > 0 ? layers[layer - 1].mlp_out_norm : NULL;
         if (layer == m->num_layers) {
+            if (out_w)
+                dr_rms_norm(s->x, m->hidden, NULL, 0, NULL, 0, s->x, m->hidden, out_w, s->tokens,
+                            m->hidden, m->eps, (int)s->num_threads);
             dr_rms_norm(s->x, m->hidden, s->residual, m->hidden, s->residual, m->hidden, s->h,
                         m->hidden, m->final_norm, s->tokens, m->hidden, m->eps,
                         (int)s->num_threads);
         } else if (stage % 2 == 0) {
-            const int rc = attention_half(m, layers + layer, s, layer);
+            const int rc = attention_half(m, layers + layer, s, layer, out_w);
             if (rc) return rc;
         } else {
             mlp_half(m, layers + layer, s);

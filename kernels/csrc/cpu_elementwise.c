@@ -1,5 +1,5 @@
 /* A decoder layer's elementwise steps on CPU, float32: the residual add with RMSNorm, and the
- * MLP's SiLU(gate) * up, each one pass over its rows.
+ * MLP's act(gate) * up (SiLU, or GELU's tanh form), each one pass over its rows.
  *
  * As torch operators these are five to eight calls each (add, pow, mean, rsqrt, two products;
  * chunk, silu, product), every one a trip through memory at prefill sizes and a dispatch at
@@ -54,11 +54,18 @@ void dr_rms_norm(const float *x, int64_t x_stride, const float *residual, int64_
     }
 }
 
-/* out[r] = silu(gate) * up for x[r] = [gate | up] of 2 * inter elements. silu(g) = g / (1 +
- * e^-g), with e^-|g| from exp_neg (about 2 ulp) so that no exponent overflows:
- * g >= 0: g / (1 + e^-g); g < 0: g e^g / (1 + e^g). */
-void dr_silu_and_mul(const float *x, int64_t x_stride, float *out, int64_t o_stride,
-                     int64_t rows, int64_t inter, int num_threads) {
+/* out[r] = act(gate) * up for x[r] = [gate | up] of 2 * inter elements, act 0 SiLU, 1 GELU's
+ * tanh form (`gelu_pytorch_tanh`). Both are g sigmoid(y): y = g for SiLU, and for GELU
+ * y = 2 sqrt(2/pi) (g + 0.044715 g^3), since 0.5 (1 + tanh(z)) = sigmoid(2 z). sigmoid(y) =
+ * 1 / (1 + e^-y), with e^-|y| from exp_neg (about 2 ulp) so that no exponent overflows:
+ * y >= 0: 1 / (1 + e^-y); y < 0: e^y / (1 + e^y). */
+#define GELU_K0 1.5957691216057308f /* 2 sqrt(2 / pi) */
+#define GELU_K1 0.044715f
+
+static inline float gelu_arg(float g) { return g * (GELU_K0 + GELU_K0 * GELU_K1 * g * g); }
+
+void dr_act_and_mul(const float *x, int64_t x_stride, float *out, int64_t o_stride, int64_t rows,
+                    int64_t inter, int act, int num_threads) {
     const int64_t vec = inter / 8 * 8;
 #pragma omp parallel for num_threads(num_threads) if (rows * inter >= PARALLEL_MIN) \
     schedule(static)
@@ -67,15 +74,22 @@ void dr_silu_and_mul(const float *x, int64_t x_stride, float *out, int64_t o_str
         float *o = out + r * o_stride;
         for (int64_t i = 0; i < vec; i += 8) {
             const vf gv = load(g + i);
-            const vi pos = gv >= 0.0f;
-            const vf neg_abs = (vf)((vi)gv | ((vi){} + INT32_MIN)); /* -|g|: the sign bit set */
+            const vf y = act ? gv * (GELU_K0 + GELU_K0 * GELU_K1 * gv * gv) : gv;
+            const vi pos = y >= 0.0f;
+            const vf neg_abs = (vf)((vi)y | ((vi){} + INT32_MIN)); /* -|y|: the sign bit set */
             const vf e = exp_neg(neg_abs);
             const vf num = (vf)(((vi)splat(1.0f) & pos) | ((vi)e & ~pos));
             store(o + i, gv * load(u + i) * num / (1.0f + e));
         }
         for (int64_t i = vec; i < inter; i++) {
-            const float e = expf(-fabsf(g[i]));
-            o[i] = g[i] * u[i] * (g[i] >= 0.0f ? 1.0f : e) / (1.0f + e);
+            const float y = act ? gelu_arg(g[i]) : g[i];
+            const float e = expf(-fabsf(y));
+            o[i] = g[i] * u[i] * (y >= 0.0f ? 1.0f : e) / (1.0f + e);
         }
     }
+}
+
+void dr_silu_and_mul(const float *x, int64_t x_stride, float *out, int64_t o_stride,
+                     int64_t rows, int64_t inter, int num_threads) {
+    dr_act_and_mul(x, x_stride, out, o_stride, rows, inter, 0, num_threads);
 }

@@ -12,6 +12,8 @@ void dr_rms_norm(const float *x, int64_t x_stride, const float *residual, int64_
                  const float *weight, int64_t rows, int64_t hidden, float eps, int num_threads);
 void dr_silu_and_mul(const float *x, int64_t x_stride, float *out, int64_t o_stride,
                      int64_t rows, int64_t inter, int num_threads);
+void dr_act_and_mul(const float *x, int64_t x_stride, float *out, int64_t o_stride, int64_t rows,
+                    int64_t inter, int act, int num_threads);
 
 /* cpu_shm.c */
 void dr_shm_attach(void *segment, int rank, int64_t pid);
@@ -36,7 +38,7 @@ int dr_paged_decode(
     int num_seqs, int rows, int kv_heads, int group, int head_dim, int block_size,
     float scale, int dtype, int splits, int64_t blocks_per_split, int num_threads,
     float *work, int kv_kind, const float *k_params, const float *v_params,
-    int64_t kp_block, int64_t kp_slot, int64_t kp_head, int64_t window);
+    int64_t kp_block, int64_t kp_slot, int64_t kp_head, int64_t window, float softcap);
 void dr_rope_store(char *q, int64_t q_tok, int64_t q_head, char *k, int64_t k_tok,
                    int64_t k_head, const char *v, int64_t v_tok, int64_t v_head, const float *cos,
                    const float *sin, char *k_cache, char *v_cache, int64_t kc_block,

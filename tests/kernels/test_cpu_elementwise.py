@@ -1,8 +1,8 @@
-"""Native CPU residual add + RMSNorm and SiLU-and-mul (`kernels/cpu_elementwise.py`) against
-float64 references: decode and prefill row counts (the threaded path), hidden sizes with a tail
-past the last eight-float vector, strided rows, no residual, extreme and non-finite gates; the
-dispatchers take them for float32 CPU tensors only, and `DIST_RUNTIME_CPU_ELEMENTWISE=torch`
-keeps the references."""
+"""Native CPU residual add + RMSNorm, SiLU-and-mul and GELU-and-mul
+(`kernels/cpu_elementwise.py`) against float64 references: decode and prefill row counts (the
+threaded path), hidden sizes with a tail past the last eight-float vector, strided rows, no
+residual, extreme and non-finite gates; the dispatchers take them for float32 CPU tensors only,
+and `DIST_RUNTIME_CPU_ELEMENTWISE=torch` keeps the references."""
 
 from __future__ import annotations
 
@@ -14,9 +14,20 @@ import torch
 
 from dist_runtime.config import CPU_ELEMENTWISE_ENV
 from kernels import cpu_elementwise
-from kernels.cpu_elementwise import native_elementwise_supported, rms_norm_cpu, silu_and_mul_cpu
+from kernels.cpu_elementwise import (
+    act_and_mul_cpu,
+    native_elementwise_supported,
+    rms_norm_cpu,
+    silu_and_mul_cpu,
+)
 from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from kernels.silu_and_mul import (
+    ACTIVATIONS,
+    act_and_mul,
+    gelu_tanh_and_mul_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+)
 from tests.helpers.outputs import assert_same_outputs
 
 needs_native = pytest.mark.skipif(
@@ -93,6 +104,57 @@ def test_silu_and_mul_extremes_and_strided_rows() -> None:
     torch.testing.assert_close(
         silu_and_mul(strided).double(), _silu64(strided), rtol=1e-6, atol=1e-6
     )
+
+
+def _gelu64(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh form in float64: 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))) * up."""
+    g, u = x.double().chunk(2, dim=-1)
+    return 0.5 * g * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (g + 0.044715 * g**3))) * u
+
+
+GELU = ACTIVATIONS["gelu_pytorch_tanh"]
+
+
+@needs_native
+@pytest.mark.parametrize(("rows", "inter"), [(1, 1536), (8, 13), (700, 1536)])
+def test_gelu_tanh_and_mul_matches_float64(rows: int, inter: int) -> None:
+    gen = torch.Generator().manual_seed(rows + inter)
+    x = torch.randn(rows, 2 * inter, generator=gen) * 4
+    got = act_and_mul_cpu(x, GELU)
+    assert got.shape == (rows, inter) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), _gelu64(x), rtol=1e-6, atol=1e-6)
+    # torch's float32 tanh form loses the far left tail (1 + tanh rounds to 0) and some bits
+    # where 1 + tanh cancels; the sigmoid form keeps them, so the two agree to 1e-5.
+    torch.testing.assert_close(got, gelu_tanh_and_mul_ref(x), rtol=1e-5, atol=1e-5)
+    # SiLU through the same entry point is SiLU-and-mul bit for bit.
+    assert torch.equal(act_and_mul_cpu(x, ACTIVATIONS["silu"]), silu_and_mul_cpu(x))
+
+
+@needs_native
+def test_gelu_tanh_and_mul_extremes_and_the_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gates whose cube overflows (the tanh saturates, no NaN from inf - inf), tiny and
+    non-finite ones, as the reference; `act_and_mul` takes float32 CPU rows natively."""
+    gate = [100.0, -100.0, 1e20, -1e20, float("inf"), float("-inf"), float("nan"), 1e-30, -3.0]
+    x = torch.tensor([gate + [2.0] * len(gate)])
+    torch.testing.assert_close(
+        act_and_mul_cpu(x, GELU), gelu_tanh_and_mul_ref(x), equal_nan=True, rtol=1e-6, atol=1e-6
+    )
+    calls: list[int] = []
+
+    def spy(x: torch.Tensor, act: int) -> torch.Tensor:
+        calls.append(act)
+        return act_and_mul_cpu(x, act)
+
+    monkeypatch.setattr("kernels.silu_and_mul.act_and_mul_cpu", spy)
+    y = torch.randn(4, 40)
+    torch.testing.assert_close(
+        act_and_mul(y[:, :32], "gelu_pytorch_tanh").double(),
+        _gelu64(y[:, :32]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    act_and_mul(y.bfloat16(), "gelu_pytorch_tanh")  # bfloat16: the reference
+    assert calls == [GELU]
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -1,17 +1,21 @@
 """Attention-logit soft-capping (Gemma 2's `attn_logit_softcapping`): each scaled score s becomes
 softcap * tanh(s / softcap) before the softmax. Checked against a float64 oracle: the paged
 prefill and decode references (the tiled path, a shared cached prefix, a window), the position
-reference, and the Triton paged prefill and split-KV decode kernels (fp32 and bf16, int8 caches,
-with a window); softcap 0 leaves every result exactly as it was.
+reference, the native CPU decode kernel (fp32 and bf16, int8 / int4 caches, a window, a shared
+prefix, splits, head_dim 256), and the Triton paged prefill and split-KV decode kernels (fp32
+and bf16, int8 caches, with a window); softcap 0 leaves every result exactly as it was.
 
 Without CUDA the kernels run in Triton's interpreter (see conftest.py), so shapes stay small.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+import kernels.cpu_attention as CA
 import kernels.flash_decode as FD
 import kernels.paged_attention as PA
 import kernels.position_attention as PO
@@ -130,6 +134,89 @@ def test_softcap_zero_changes_nothing_and_bad_caps_are_refused() -> None:
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="softcap must be 0"):
             PA.paged_attention_ref(*_paged_args(b, SCALE), softcap=bad)
+
+
+# -- the native CPU decode kernel against the oracle ------------------------------------------
+
+needs_native = pytest.mark.skipif(
+    CA._library() is None, reason="the native CPU kernels are not built (no C compiler)"
+)
+
+
+def _no_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a fall-back to the torch reference fail the test (the kernel must serve the call)."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the reference ran where the native kernel should have")
+
+    monkeypatch.setattr(FD, "flash_decode_ref", refuse)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 5, 50])
+def test_native_decode_softcap(
+    dtype: torch.dtype, window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through `flash_decode` on CPU: the native kernel caps each score, windowed or not."""
+    _no_reference(monkeypatch)
+    b = make_paged_batch(DECODE, 2, 64, 16, dtype, CPU, seed=11)
+    want_out, want_lse = _oracle(b, window)
+    out, lse = FD.flash_decode(*_decode_args(b, SCALE), True, window=window, softcap=CAP)
+    assert_matches(out, lse, want_out, want_lse, dtype)
+    uncapped, _ = _oracle(b, window, softcap=0.0)
+    assert (uncapped - want_out).abs().max() > 0.1
+
+
+@needs_native
+def test_native_decode_softcap_across_splits_at_head_dim_256(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Gemma 2's head_dim, contexts long enough to be cut into splits merged by log-sum-exp."""
+    _no_reference(monkeypatch)
+    monkeypatch.setattr(CA, "MIN_SPLIT_BLOCKS", 2)
+    b = make_paged_batch([(1, 300), (1, 77)], 2, 256, 8, torch.float32, CPU, seed=12)
+    b = dataclasses.replace(b, q=b.q * 4)  # (scores well past the cap)
+    splits, _ = CA.split_plan(2, -(-300 // 8), torch.get_num_threads())
+    assert splits > 1
+    out, lse = FD.flash_decode(*_decode_args(b, SCALE), True, softcap=CAP)
+    assert_matches(out, lse, *_oracle(b))
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_decode_softcap_over_quantized_caches(
+    bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_reference(monkeypatch)
+    qb = make_quant_batch(DECODE, 2, 64, 16, bits, torch.float32, CPU, seed=13)
+    quant = {"k_params": qb.k_params, "v_params": qb.v_params, "bits": bits}
+    args = (qb.q, qb.k_cache, qb.v_cache, qb.block_tables, qb.context_lens, SCALE, True)
+    for window in (0, 5):
+        out, lse = FD.flash_decode(*args, **quant, window=window, softcap=CAP)  # type: ignore[arg-type]
+        assert_matches(out, lse, *quant_window_oracle(qb, SCALE, window, CAP))
+
+
+@needs_native
+def test_native_decode_softcap_over_a_shared_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefix read once for every query and each tail on its own, both capped."""
+    _no_reference(monkeypatch)
+    q, k_cache, v_cache, tables, lens = _shared_prefix_batch([1, 5, 9, 2])
+    q = q * 8
+    keys = [k_cache[tables[i].long()].flatten(0, 1)[: int(c)] for i, c in enumerate(lens)]
+    values = [v_cache[tables[i].long()].flatten(0, 1)[: int(c)] for i, c in enumerate(lens)]
+    want = paged_window_oracle(q, torch.arange(q.shape[0] + 1), lens, keys, values, 0.25, 0, CAP)
+    out, lse = FD.flash_decode(q, k_cache, v_cache, tables, lens, 0.25, True, softcap=CAP)
+    assert_matches(out, lse, *want)
+
+
+@needs_native
+def test_native_decode_refuses_bad_caps() -> None:
+    b = make_paged_batch(DECODE, 2, 64, 16, torch.float32, CPU, seed=14)
+    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.context_lens, SCALE, 130)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="softcap must be 0"):
+            CA.paged_decode(*args, softcap=bad)
 
 
 # -- Triton against the oracle ----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """CPU decode steps through the native decoder (`kernels/cpu_decoder.py`) give the layer-by-layer
 path's hidden states: bit for bit for float32, int8 and int4 caches, with attention biases, a
-tied head, both checkpoint layouts, Qwen3's q / k head norms and per-request RoPE tables; to
+tied head, both checkpoint layouts, Qwen3's q / k head norms, Gemma 2 / 3's output norms,
+GELU, score soft-cap and local RoPE base, and per-request RoPE tables; to
 float rounding for a batch over a shared cached prefix (whose two attention partials it merges
 in C). Layers with sliding windows (some layers windowed, others not) attend within them as the
 layer path does. Stage by stage (the
@@ -11,6 +12,7 @@ serve take the layer path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,15 +50,32 @@ HD16 = dict(TINY_SHAPES, num_heads=4, num_kv_heads=2)
 """hidden 64 over 4 heads: head_dim 16, the smallest the native attention takes."""
 
 
-@pytest.fixture(scope="module", params=["llama-bias-tied", "internlm2", "qwen3"])
+GEMMA_WINDOW = 40
+"""The sliding window of a Gemma checkpoint's windowed layers here: shorter than the contexts
+the tests decode over, so that it hides keys."""
+
+
+@pytest.fixture(
+    scope="module", params=["llama-bias-tied", "internlm2", "qwen3", "gemma2", "gemma3"]
+)
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     kinds: dict[str, dict[str, Any]] = {
         "llama-bias-tied": dict(architecture="llama", bias=True, tie_word_embeddings=True),
         "internlm2": dict(architecture="internlm2"),
         "qwen3": dict(architecture="qwen3"),  # (q / k head norms before RoPE)
+        # Output norms, GELU, the first layer windowed; Gemma 2's score soft-cap, Gemma 3's
+        # head norms and its windowed layer's own RoPE base.
+        "gemma2": dict(architecture="gemma2", tie_word_embeddings=True),
+        "gemma3": dict(architecture="gemma3", tie_word_embeddings=True),
     }
     extra = kinds[request.param]
-    return write_random_checkpoint(tmp_path_factory.mktemp(request.param), seed=3, **HD16, **extra)
+    folder = tmp_path_factory.mktemp(request.param)
+    write_random_checkpoint(folder, seed=3, **HD16, **extra)
+    if request.param.startswith("gemma"):
+        config = json.loads((folder / "config.json").read_text())
+        config["sliding_window"] = GEMMA_WINDOW
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def make_runner(folder: Path, policy: int = 0) -> ModelRunner:
@@ -279,6 +298,14 @@ def test_sliding_window_layers_over_a_shared_prefix(
     assert fused_calls == [3, 3]
 
 
+def local_tables(
+    runner: ModelRunner, pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (cos, sin) of the layers with their own RoPE base (Gemma 3's windowed ones)."""
+    local = runner.model.local_rotary
+    return None if local is None else local.cos_sin(pos)
+
+
 def test_stage_by_stage_equals_one_call(checkpoint: Path) -> None:
     """The tp > 1 schedule (a reduce after every stage but the last) with an identity reduce
     gives the one-call result; each stage leaves its output in the buffer it reduces."""
@@ -292,6 +319,7 @@ def test_stage_by_stage_equals_one_call(checkpoint: Path) -> None:
     decoder = runner.model._native_decoder(runner.kv_cache.layers)
     assert decoder is not None
     cos, sin = runner.model.rotary.cos_sin(pos)
+    local = local_tables(runner, pos)
     reduced: list[int] = []
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
@@ -300,9 +328,9 @@ def test_stage_by_stage_equals_one_call(checkpoint: Path) -> None:
 
     with torch.inference_mode():
         args = (cos, sin, meta.slot_mapping, meta.block_tables, meta.context_lens)
-        one = decoder.run(runner.model.embed(ids), *args).clone()
+        one = decoder.run(runner.model.embed(ids), *args, local=local).clone()
         x = runner.model.embed(ids)
-        staged = decoder.run(x, *args, reduce=reduce)
+        staged = decoder.run(x, *args, reduce=reduce, local=local)
     assert torch.equal(one, staged)
     layers = runner.model_config.num_layers
     assert reduced == [x.data_ptr()] * (2 * layers)
@@ -435,8 +463,11 @@ def test_lora_rows_decode_natively_as_the_layer_path_does(
     lora = native_decode.lora_step(runner.model, batch)
     assert lora is not None
     cos, sin = runner.model.rotary.cos_sin(pos)
+    local = local_tables(runner, pos)
     args = (cos, sin, meta.slot_mapping, meta.block_tables, meta.context_lens)
     with torch.inference_mode():
-        one = decoder.run(runner.model.embed(ids), *args, lora=lora).clone()
-        staged = decoder.run(runner.model.embed(ids), *args, reduce=lambda x: x, lora=lora)
+        one = decoder.run(runner.model.embed(ids), *args, lora=lora, local=local).clone()
+        staged = decoder.run(
+            runner.model.embed(ids), *args, reduce=lambda x: x, lora=lora, local=local
+        )
     assert torch.equal(one, staged)

@@ -157,6 +157,7 @@ class DecoderLM(nn.Module):
         local = None
         if config.local_rope_theta is not None:  # (Gemma 3: its own base on windowed layers)
             local = RotaryEmbedding(config, device, theta=config.local_rope_theta)
+        self.local_rotary = local
         self.layers = nn.ModuleList(
             DecoderLayer(
                 config,
@@ -208,6 +209,9 @@ class DecoderLM(nn.Module):
             lora = None if meta.lora is None else native_decode.lora_step(self, meta.lora)
             if decoder is not None and (meta.lora is None or lora is not None):
                 cos, sin = self.rotary.cos_sin(positions, meta.rope_inv_freq)
+                local = None
+                if self.local_rotary is not None:
+                    local = self.local_rotary.cos_sin(positions)
                 reduce = self.comm.tp_all_reduce if self.comm.tp_size > 1 else None
                 return decoder.run(
                     x.contiguous(),
@@ -218,6 +222,7 @@ class DecoderLM(nn.Module):
                     meta.context_lens,
                     reduce,
                     lora,
+                    local,
                 )
         if meta.lora is not None:  # rows with LoRA adapters, layer by layer
             everything = range(len(self.layers))

@@ -6,8 +6,8 @@ between them (tp > 1), the rows' LoRA adapters and the layers' sliding windows i
 layer-by-layer path stays for everything else: prefill chunks, cp, other dtypes or weight
 formats, a head_dim the attention kernel does not take, a row-parallel bias under tp > 1
 (added after the reduce, between stages), and whenever `DIST_RUNTIME_CPU_DECODE=layers` or the
-attention / elementwise kernels are switched to torch, and Gemma 2 / 3 (their output norms,
-GELU, Gemma 3's two RoPE bases and Gemma 2's score soft-cap are not in the native layer).
+attention / elementwise kernels are switched to torch. Gemma 2 / 3 decode natively too: their
+output norms, GELU, score soft-cap and Gemma 3's local RoPE base are in the native layer.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from kernels import cpu_decoder
 from kernels.cpu_attention import MAX_HEAD_DIM
 from kernels.cpu_decoder import CpuDecoder, LayerTensors, LoraStacks, LoraStep
 from kernels.cpu_gemm import NativeLinearWeight
+from kernels.silu_and_mul import ACTIVATIONS
 from workers.kv_cache import LayerKV
 from workers.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
+    from workers.layers.norm import RMSNorm
     from workers.lora import LoraBatch
     from workers.models.decoder import DecoderLayer, DecoderLM
 
@@ -56,10 +58,8 @@ def unfit_reason(model: DecoderLM, kv_caches: list[LayerKV]) -> str | None:
         return "cp > 1"
     if not cpu_decoder.available():
         return "the native library is not built"
-    if config.sandwich_norms or config.hidden_act != "silu" or config.local_rope_theta:
-        return "Gemma's sublayer output norms, GELU and local RoPE base"
-    if config.attn_logit_softcapping:
-        return "soft-capped attention scores"
+    if config.hidden_act not in ACTIVATIONS:
+        return f"the activation {config.hidden_act!r}"
     head_dim = config.head_dim
     if head_dim % 16 or head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} is not a multiple of 16 up to {MAX_HEAD_DIM}"
@@ -115,6 +115,9 @@ def build(model: DecoderLM, kv_caches: list[LayerKV]) -> CpuDecoder | None:
                 v_params=kv.v_params,
                 q_norm=None if attn.q_norm is None else attn.q_norm.weight.data,
                 k_norm=None if attn.k_norm is None else attn.k_norm.weight.data,
+                attn_out_norm=_norm(layer.attn_out_norm),
+                mlp_out_norm=_norm(layer.mlp_out_norm),
+                local_rope=attn.rotary is model.local_rotary,
             )
         )
     return CpuDecoder(
@@ -127,6 +130,8 @@ def build(model: DecoderLM, kv_caches: list[LayerKV]) -> CpuDecoder | None:
         bits=kv_caches[0].bits,
         scale=model.config.attention_scale,
         windows=[layer.attn.window for layer in _layers(model)],
+        act=model.config.hidden_act,
+        softcap=model.config.attn_logit_softcapping or 0.0,
     )
 
 
@@ -156,3 +161,7 @@ def _layers(model: DecoderLM) -> list[DecoderLayer]:
 
 def _data(p: torch.nn.Parameter | None) -> torch.Tensor | None:
     return None if p is None else p.data
+
+
+def _norm(norm: RMSNorm | None) -> torch.Tensor | None:
+    return None if norm is None else norm.weight.data
