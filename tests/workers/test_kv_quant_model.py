@@ -143,7 +143,10 @@ def test_greedy_tokens_agree_across_meshes(
     assert tokens[(1, 2)] == tokens[(1, 1)]
 
 
-@pytest.mark.parametrize("tp", [1, pytest.param(3, marks=pytest.mark.slow)])
+# On demand (-m slow, ~11 s at tp 1): the NLL test above holds int8 within 1% of the model's
+# dtype on the demo model by default.
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 3])
 def test_int8_answers_the_bundled_questions(ray_cluster: Any, tp: int) -> None:
     doc = harbor_report()
     with Runtime(tp=tp, session_len=4096, cache={"quant_policy": 8}, **CPU32) as rt:
