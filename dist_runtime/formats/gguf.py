@@ -56,12 +56,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "phi3", "granite")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "phi3", "granite", "gemma2", "gemma3")
 """GGUF architectures converted: Llama's layout (Mistral, SmolLM, ... too) and Qwen2's (Qwen2 /
 Qwen2.5 and their distills: q/k/v biases, and q/k rows never permuted, since llama.cpp's qwen2
 rotates halves as HF does), and Phi-3's (Phi-3 / 3.5 / 4-mini: q/k/v and gate/up packed as
 HF packs them, LongRoPE's factors as tensors, partial RoPE) and IBM Granite's (Llama's, q/k rows
-permuted as Llama's, with its four scales in the metadata)."""
+permuted as Llama's, with its four scales in the metadata), and Gemma 2 / 3's (text; q/k rows
+as HF has them, four norms a layer stored as 1 + weight, what llama.cpp fixes by the model's
+size read as it does: see `_gemma_config`)."""
 """`general.architecture` values this converter understands."""
 SUPPORTED_TENSOR_TYPES = (
     "F32",
@@ -98,6 +100,29 @@ _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_GEMMA_TENSORS = {
+    **{k: v for k, v in _LAYER_TENSORS.items() if k != "ffn_norm"},
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+"""Gemma 2 / 3's layer tensors: a norm on each sublayer's input and output, and Gemma 3's q / k
+head norms. llama.cpp's converter stores every Gemma norm weight w as 1 + w (its kernels scale
+by the weight), so 1 is taken off again (`_TensorPlan.offset`), as transformers' GGUF loading
+does."""
+_GEMMA_HF = {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+"""llama.cpp's 27B Gemmas (by block count): their softmax scale is 1 / sqrt(hidden / heads),
+every other size's 1 / sqrt(head_dim) (HF's `query_pre_attn_scalar`, which GGUF does not
+carry)."""
+_GEMMA3_LOCAL_BASE = 10000.0
+"""The RoPE base of Gemma 3's sliding-window layers (HF's `rope_local_base_freq`; llama.cpp
+fixes it, GGUF does not carry it)."""
+_GEMMA_WINDOW_EVERY = {"gemma2": 2, "gemma3": 6}
+"""Every n-th layer attends to every key, the others within the window (llama.cpp's swa
+pattern; HF's layer_types)."""
 _PHI3_TENSORS = {
     **{k: v for k, v in _LAYER_TENSORS.items() if k not in ("ffn_gate", "ffn_up")},
     "attn_qkv": "self_attn.qkv_proj",
@@ -181,6 +206,8 @@ class _TensorPlan:
     """PyTorch-order shape of the output tensor."""
     permute_heads: int = 0
     """Undo llama.cpp's rotary row permutation over this many heads (0: no permutation)."""
+    offset: float = 0.0
+    """Added to the dequantized values (Gemma's norms: -1, see `_GEMMA_TENSORS`)."""
 
 
 def convert_gguf(
@@ -349,6 +376,11 @@ def _llama_config(
         )
     theta = _f32(get("rope.freq_base", required=False) or 10000.0)
     scaling = _rope_scaling(get, src)
+    if arch in _GEMMA_HF and scaling is not None and scaling["type"] != "linear":
+        raise GGUFError(
+            f"{src}: {arch} with {scaling['type']} rope scaling is not a Gemma HF describes "
+            "(Gemma 3 scales its global layers linearly); use the model's HF checkpoint"
+        )
     if arch == "phi3" and "rope_factors_long.weight" in tensors:  # (LongRoPE)
         scaling = {
             "type": "longrope",
@@ -437,6 +469,8 @@ def _llama_config(
             value = get(key, required=False)
             if value is not None:
                 config[hf_key] = _f32(value)
+    if arch in _GEMMA_HF:
+        _gemma_config(config, arch, get)
     if arch == "phi3":
         original = get("rope.scaling.original_context_length", required=False)
         if original is not None:
@@ -464,6 +498,35 @@ def _llama_config(
     if isinstance(name, str):
         config["_name_or_path"] = name
     return config
+
+
+def _gemma_config(config: dict[str, Any], arch: str, get: Any) -> None:
+    """Gemma 2 / 3's config.json keys beyond Llama's, in place: what GGUF carries (the window,
+    Gemma 2's soft-caps) and what llama.cpp fixes by architecture and size (which layers are
+    windowed, Gemma 3's local RoPE base, the softmax scale: `_GEMMA_27B_LAYERS`)."""
+    layers, every = config["num_hidden_layers"], _GEMMA_WINDOW_EVERY[arch]
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    big = layers == _GEMMA_27B_LAYERS[arch]
+    window = get("attention.sliding_window", required=False)
+    config.update(
+        architectures=[_GEMMA_HF[arch]],
+        model_type="gemma2" if arch == "gemma2" else "gemma3_text",
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=hidden // heads if big else config["head_dim"],
+        sliding_window=int(window) if window else config["max_position_embeddings"],
+        layer_types=[
+            "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)
+        ],
+    )
+    del config["hidden_act"]
+    if arch == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cap = get(key, required=False)
+            config[key] = _f32(cap) if cap else None
+    else:
+        config["rope_local_base_freq"] = _GEMMA3_LOCAL_BASE
+        config["final_logit_softcapping"] = None
+        config["attn_logit_softcapping"] = None
 
 
 def _f32(value: Any) -> float:
@@ -610,6 +673,17 @@ def _plan_llama_tensors(
         "ffn_norm": (hidden,),
     }
     names = _LAYER_TENSORS
+    gemma = config["architectures"][0] in _GEMMA_HF.values()
+    if gemma:  # (Gemma 2 has no head norms: a GGUF with them is another model)
+        names = dict(_GEMMA_TENSORS)
+        if config["model_type"] == "gemma2":
+            del names["attn_q_norm"], names["attn_k_norm"]
+        weight_shapes.update(
+            post_attention_norm=(hidden,),
+            post_ffw_norm=(hidden,),
+            attn_q_norm=(hd,),
+            attn_k_norm=(hd,),
+        )
     if config["model_type"] == "phi3":
         names = _PHI3_TENSORS
         weight_shapes.update(
@@ -656,7 +730,8 @@ def _plan_llama_tensors(
             continue
         if shape != expected:
             wrong_shape.append(f"{name} {list(shape)} (expected {list(expected)})")
-        plan.append(_TensorPlan(name, hf, expected, heads_to_permute))
+        offset = -1.0 if gemma and kind.endswith("norm") else 0.0
+        plan.append(_TensorPlan(name, hf, expected, heads_to_permute, offset))
     if unknown:
         raise GGUFError(
             f"{src}: tensors {sorted(unknown)[:8]} have no Hugging Face counterpart; this GGUF "
@@ -667,6 +742,8 @@ def _plan_llama_tensors(
     required = ["token_embd.weight", "output_norm.weight"]
     for i in range(layers):
         kinds = list(_LAYER_TENSORS)
+        if gemma:
+            kinds = list(names)
         if config["model_type"] == "phi3":  # (q/k/v packed or not; gate and up packed)
             separate = ("attn_q", "attn_k", "attn_v")
             qkv = ["attn_qkv"] if f"blk.{i}.attn_qkv.weight" in tensors else list(separate)
@@ -698,6 +775,8 @@ def _load_tensor(t: Any, item: _TensorPlan, dtype: torch.dtype) -> torch.Tensor:
     w = torch.from_numpy(arr)
     if item.permute_heads:
         w = reverse_rotary_permute(w, item.permute_heads)
+    if item.offset:
+        w = w + item.offset
     return w.to(dtype).contiguous()
 
 

@@ -313,6 +313,8 @@ def write_tiny_gguf(
     spm: tuple[list[str], list[float], list[int]] | None = None,
     rope_dim: int | None = None,
     configure: Any = None,
+    layers: int = TINY["layers"],
+    names: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write a Llama-layout state dict as llama.cpp would (q/k permuted); return the written data.
 
@@ -321,11 +323,12 @@ def write_tiny_gguf(
     `extra_f32` adds float32 tensors by GGUF name (llama.cpp's `rope_freqs.weight`). q/k rows
     are permuted for `arch` llama and granite only (llama.cpp's qwen2 and phi3 keep HF's
     rotate-half layout). `rope_dim`: rope.dimension_count (default head_dim);
-    `configure(writer)` adds more metadata.
+    `configure(writer)` adds more metadata; `names` overrides HF module -> GGUF tensor names.
     """
     tensor_types = tensor_types or {}
+    to_gguf = {**_TO_GGUF, **(names or {})}
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(TINY["layers"])
+    w.add_block_count(layers)
     w.add_context_length(256)
     w.add_embedding_length(TINY["hidden"])
     w.add_feed_forward_length(TINY["inter"])
@@ -374,7 +377,7 @@ def write_tiny_gguf(
             name = "output.weight"
         else:
             parts = hf_name.split(".")  # model.layers.N.<module...>.weight
-            name = f"blk.{parts[2]}.{_TO_GGUF['.'.join(parts[3:-1])]}.{parts[-1]}"
+            name = f"blk.{parts[2]}.{to_gguf['.'.join(parts[3:-1])]}.{parts[-1]}"
         if ".attn_q." in name and arch in ("llama", "granite"):
             arr = llama_cpp_permute(arr, TINY["heads"])
         elif ".attn_k." in name and arch in ("llama", "granite"):
@@ -706,6 +709,120 @@ def test_granite_gguf_converts_to_a_granite_checkpoint(tmp_path: Path) -> None:
     with Runtime(model=str(out), session_len=64, device="cpu", dtype="float32") as rt:
         (got,) = rt.generate([prompt], params)
     assert got.token_ids == want
+
+
+_GEMMA_TO_GGUF = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+"""llama.cpp's names for Gemma's norms (the others are Llama's)."""
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) -> None:
+    """A gemma2 / gemma3 GGUF as llama.cpp writes one (q/k rows as HF has them, every norm
+    weight stored as 1 + w, no output tensor; the window and Gemma 2's soft-caps in the
+    metadata, the windowed layers, Gemma 3's local RoPE base and the softmax scale of a
+    non-27B size fixed by llama.cpp) becomes a Gemma folder: its weights are transformers' GGUF
+    loading's (the source's to float32 rounding of 1 + w), its config reads as the source's,
+    and the runtime decodes the source model's greedy tokens past the window."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_runtime import Runtime, SamplingParams
+    from dist_runtime.formats.random_checkpoint import write_random_checkpoint
+    from tests.helpers.oracle import load_hf_llama
+
+    layers = 6 if arch == "gemma3" else 2  # (Gemma 3: five windowed layers, then a global one)
+    window = 12
+    tokens, _, _ = _tiny_vocab()
+    source_dir = write_random_checkpoint(
+        tmp_path / "src", architecture=arch, vocab_size=len(tokens), hidden_size=TINY["hidden"],
+        intermediate_size=TINY["inter"], num_layers=layers, num_heads=TINY["heads"],
+        num_kv_heads=TINY["kv_heads"], head_dim=TINY["head_dim"], max_position_embeddings=256,
+        tie_word_embeddings=True, with_tokenizer=False, seed=9,
+    )  # fmt: skip
+    hf_config = json.loads((source_dir / "config.json").read_text())
+    every = 6 if arch == "gemma3" else 2
+    hf_config.update(  # (what llama.cpp fixes for a model of this size)
+        query_pre_attn_scalar=TINY["head_dim"],
+        sliding_window=window,
+        layer_types=[
+            "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)
+        ],
+    )
+    if arch == "gemma3":
+        hf_config["rope_local_base_freq"] = 10000.0
+    (source_dir / "config.json").write_text(json.dumps(hf_config))
+    sd = load_file(str(source_dir / "model.safetensors"))
+    assert any(k.endswith("self_attn.q_norm.weight") for k in sd) == (arch == "gemma3")
+    stored = {k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}
+
+    def configure(w: Any) -> None:
+        w.add_key_length(TINY["head_dim"])
+        w.add_value_length(TINY["head_dim"])
+        w.add_sliding_window(window)
+        if arch == "gemma2":
+            w.add_float32("gemma2.attn_logit_softcapping", hf_config["attn_logit_softcapping"])
+            w.add_float32("gemma2.final_logit_softcapping", hf_config["final_logit_softcapping"])
+
+    src = tmp_path / f"{arch}.gguf"
+    write_tiny_gguf(
+        src, stored, arch=arch, configure=configure, layers=layers, names=_GEMMA_TO_GGUF
+    )
+    out = convert_gguf(src, tmp_path / "hf", progress=False)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == hf_config["architectures"]
+    for key in ("query_pre_attn_scalar", "sliding_window", "layer_types", "hidden_activation"):
+        assert config[key] == hf_config[key], key
+    ours_cfg, want_cfg = ModelConfig.from_pretrained(out), ModelConfig.from_pretrained(source_dir)
+    for field in (
+        "attention_scale",
+        "sliding_window",
+        "window_layers",
+        "local_rope_theta",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "sandwich_norms",
+        "hidden_act",
+        "tie_word_embeddings",
+    ):
+        assert getattr(ours_cfg, field) == getattr(want_cfg, field), field
+    ours = _read_weights(out)
+    assert set(ours) == set(sd)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=src.name).state_dict()
+    for name, t in ours.items():
+        assert torch.equal(t, hf[name]), name
+        torch.testing.assert_close(t, sd[name], rtol=0, atol=1e-6)
+
+    prompt = [(7 * i) % len(tokens) for i in range(3, 3 + 3 * window)]
+    with torch.no_grad():
+        want = load_hf_llama(source_dir).generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=6, min_new_tokens=6, do_sample=False,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    with Runtime(model=str(out), session_len=128, device="cpu", dtype="float32") as rt:
+        (got,) = rt.generate([prompt], params)
+    assert got.token_ids == want
+
+
+def test_gemma_gguf_of_another_model_is_refused(tmp_path: Path) -> None:
+    """A gemma2 GGUF with Gemma 3's head norms, or without Gemma's output norms, names the
+    tensors."""
+    _, sd = _tiny_hf_llama(tie=True)  # (a Llama state dict: no output norms)
+    src = tmp_path / "fake-gemma.gguf"
+    write_tiny_gguf(src, sd, arch="gemma2", names={"post_attention_layernorm": "ffn_norm"})
+    with pytest.raises(GGUFError, match=r"post_attention_norm.*are missing"):
+        convert_gguf(src, tmp_path / "out", progress=False)
+    extra = {f"blk.0.attn_{x}_norm.weight": np.ones(TINY["head_dim"], np.float32) for x in "qk"}
+    src = tmp_path / "fake-gemma2.gguf"
+    write_tiny_gguf(src, sd, arch="gemma2", extra_f32=extra)
+    with pytest.raises(GGUFError, match=r"attn_k_norm.*no Hugging Face counterpart"):
+        convert_gguf(src, tmp_path / "out2", progress=False)
 
 
 def test_qwen2_gguf_without_its_biases_is_refused(tmp_path: Path) -> None:
