@@ -809,6 +809,33 @@ def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) ->
         (got,) = rt.generate([prompt], params)
     assert got.token_ids == want
 
+    # Q4_0 linear layers kept 4-bit score as their dequantized (float) conversion does.
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    types = {k: q4 for k in stored if k.rsplit(".", 2)[-2] in linears}
+    src4 = tmp_path / f"{arch}-q4.gguf"
+    write_tiny_gguf(
+        src4, stored, arch=arch, configure=configure, layers=layers, names=_GEMMA_TO_GGUF,
+        tensor_types=types,
+    )  # fmt: skip
+    folders = [
+        convert_gguf(src4, tmp_path / w, progress=False, weights=w) for w in ("float", "int4")
+    ]
+    assert _read_weights(folders[1])["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.int32
+    assert _nll(folders[1], prompt) == pytest.approx(_nll(folders[0], prompt), rel=1e-5, abs=1e-5)
+
+
+def _nll(folder: Path, ids: list[int]) -> float:
+    from dist_runtime.config import RuntimeConfig
+    from workers.scoring import Scorer
+
+    config = RuntimeConfig(model=str(folder), session_len=64, device="cpu", dtype="float32")
+    scorer = Scorer(config, max_tokens=len(ids))
+    try:
+        return scorer.score(ids, chunk=16, decode_last=3).nll
+    finally:
+        scorer.close()
+
 
 def test_gemma_gguf_of_another_model_is_refused(tmp_path: Path) -> None:
     """A gemma2 GGUF with Gemma 3's head norms, or without Gemma's output norms, names the
