@@ -5,8 +5,9 @@
 
 Quantized weights are dequantized (float32 by default); `--weights int4` keeps Q4_0 / Q4_1 /
 Q4_K linear layers 4-bit for the W4A16 kernel (the demo model's Q4_1 layers: about 4x smaller
-on a GPU). Supported: Llama-, Qwen2-, Phi-3- and Granite-architecture GGUFs with F32/F16/BF16/
-Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K..Q6_K tensors and a byte-level BPE or SentencePiece vocabulary.
+on a GPU). Supported: Llama-, Qwen2-, Phi-3-, Granite-, Gemma 2- and Gemma 3-architecture GGUFs
+with F32/F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K..Q6_K tensors and a byte-level BPE or
+SentencePiece vocabulary.
 """
 
 from __future__ import annotations
