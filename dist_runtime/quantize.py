@@ -73,7 +73,7 @@ from dist_runtime.formats.random_checkpoint import (
 )
 from dist_runtime.progress import Phase
 from workers.checkpoint import CheckpointError, CheckpointReader
-from workers.layers.rotary import model_frequencies
+from workers.layers.rotary import inverse_frequencies, model_frequencies
 from workers.models.layouts import LAYOUTS, Layout, check_checkpoint
 from workers.models.names import QUANT_COLUMNS, fused_views, packed_parts
 
@@ -362,7 +362,9 @@ def checkpoint_linears(config: ModelConfig) -> list[str]:
 def read_layer(config: ModelConfig, get: Getter, index: int) -> dict[str, torch.Tensor]:
     """One decoder layer as float32 tensors under canonical names: `q.weight` .. `down.weight`,
     their biases where the config has them, `input_norm.weight`, `post_norm.weight` (and
-    Qwen3's `q_norm.weight`, `k_norm.weight`)."""
+    Qwen3's / Gemma 3's `q_norm.weight`, `k_norm.weight`, Gemma's `attn_out_norm.weight`,
+    `mlp_out_norm.weight`). Norm weights are as stored: Gemma's norms scale by 1 + w
+    (`ModelConfig.norm_weight_offset`, which `_norm` adds)."""
     lay = LAYOUTS[config.architecture]
     p = lay.layer.format(index)
     out: dict[str, torch.Tensor] = {}
@@ -391,6 +393,9 @@ def read_layer(config: ModelConfig, get: Getter, index: int) -> dict[str, torch.
     if config.qk_norm:
         out["q_norm.weight"] = get(f"{p}{lay.q_norm}.weight")
         out["k_norm.weight"] = get(f"{p}{lay.k_norm}.weight")
+    if config.sandwich_norms:
+        out["attn_out_norm.weight"] = get(f"{p}{lay.attn_out_norm}.weight")
+        out["mlp_out_norm.weight"] = get(f"{p}{lay.mlp_out_norm}.weight")
     return {k: v.to(torch.float32) for k, v in out.items()}
 
 
@@ -412,11 +417,17 @@ def layer_to_checkpoint(
         for suffix in ("weight", "bias"):
             if f"{c}.{suffix}" in canon:
                 out[f"{p}{name}.{suffix}"] = canon[f"{c}.{suffix}"]
-    out[f"{p}{lay.input_norm}.weight"] = canon["input_norm.weight"]
-    out[f"{p}{lay.post_norm}.weight"] = canon["post_norm.weight"]
-    if "q_norm.weight" in canon:
-        out[f"{p}{lay.q_norm}.weight"] = canon["q_norm.weight"]
-        out[f"{p}{lay.k_norm}.weight"] = canon["k_norm.weight"]
+    norms: dict[str, str | None] = {
+        "input_norm": lay.input_norm,
+        "post_norm": lay.post_norm,
+        "q_norm": lay.q_norm,
+        "k_norm": lay.k_norm,
+        "attn_out_norm": lay.attn_out_norm,
+        "mlp_out_norm": lay.mlp_out_norm,
+    }
+    for n, stored in norms.items():
+        if stored is not None and f"{n}.weight" in canon:
+            out[f"{p}{stored}.weight"] = canon[f"{n}.weight"]
     return out
 
 
@@ -429,16 +440,26 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
 
 
+def _norm(config: ModelConfig, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm with a stored weight (Gemma's scales by 1 + weight)."""
+    return _rms_norm(x, weight + config.norm_weight_offset, config.rms_norm_eps)
+
+
 def _linear(w: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
 def rope_tables(
-    config: ModelConfig, seq_len: int, device: torch.device | str = "cpu"
+    config: ModelConfig, seq_len: int, device: torch.device | str = "cpu", local: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) [seq_len, head_dim] for positions 0..seq_len-1 (linear scaling applied;
-    dynamic NTK keeps the trained base within max_position_embeddings)."""
-    inv = model_frequencies(config, config.rope_base(seq_len)).to(device)
+    dynamic NTK keeps the trained base within max_position_embeddings). local: the tables of
+    Gemma 3's sliding-window layers (their own base, no scaling)."""
+    if local:
+        assert config.local_rope_theta is not None
+        inv = inverse_frequencies(config.head_dim, config.local_rope_theta).to(device)
+    else:
+        inv = model_frequencies(config, config.rope_base(seq_len)).to(device)
     freqs = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv[None]
     emb = torch.cat((freqs, freqs), dim=-1)
     factor = config.rope_attention_factor
@@ -450,45 +471,79 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def _attention(
+    config: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Causal attention [batch, heads, seq, head_dim]; within the last `window` keys (0: all),
+    Gemma 2's scores soft-capped. Granite's attention multiplier and Gemma's
+    query_pre_attn_scalar are the softmax scale (`ModelConfig.attention_multiplier`)."""
+    scale, cap = config.attention_multiplier, config.attn_logit_softcapping
+    if not window and not cap:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if cap:
+        scores = cap * torch.tanh(scores / cap)
+    t = q.shape[2]
+    i = torch.arange(t, device=q.device)
+    seen = i[None, :] <= i[:, None]
+    if window:
+        seen &= i[None, :] > i[:, None] - window
+    return torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1) @ v
+
+
 def layer_forward(
     config: ModelConfig,
     w: Mapping[str, torch.Tensor],
     h: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor],
     capture: dict[str, torch.Tensor] | None = None,
+    index: int = 0,
 ) -> torch.Tensor:
-    """One decoder layer on hidden states h [batch, seq, hidden] (float32, causal attention
-    within each sequence); `capture` receives each linear group's input as [batch*seq, in]."""
+    """Decoder layer `index` on hidden states h [batch, seq, hidden] (float32, causal attention
+    within each sequence, within the layer's sliding window if it has one); `capture` receives
+    each linear group's input as [batch*seq, in]. `rope`: the model's tables (Gemma 3's
+    windowed layers make their own)."""
     b, t, _ = h.shape
     hd, nh, nkv = config.head_dim, config.num_heads, config.num_kv_heads
-    x = _rms_norm(h, w["input_norm.weight"], config.rms_norm_eps)
+    x = _norm(config, h, w["input_norm.weight"])
     q = _linear(w, "q", x).view(b, t, nh, hd).transpose(1, 2)
     k = _linear(w, "k", x).view(b, t, nkv, hd).transpose(1, 2)
     v = _linear(w, "v", x).view(b, t, nkv, hd).transpose(1, 2)
     if "q_norm.weight" in w:  # (Qwen3: every q and k head normed before RoPE)
-        q = _rms_norm(q, w["q_norm.weight"], config.rms_norm_eps)
-        k = _rms_norm(k, w["k_norm.weight"], config.rms_norm_eps)
+        q = _norm(config, q, w["q_norm.weight"])
+        k = _norm(config, k, w["k_norm.weight"])
+    window = config.layer_window(index)
+    if config.local_rope_theta is not None and window:
+        rope = rope_tables(config, t, h.device, local=True)
     cos, sin = rope[0][:t], rope[1][:t]
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     if nkv != nh:
         k = k.repeat_interleave(nh // nkv, dim=1)
         v = v.repeat_interleave(nh // nkv, dim=1)
-    # (Granite: its attention multiplier is the softmax scale, its residual multiplier scales
-    # what each half adds)
-    attn = F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=config.attention_multiplier
-    )
+    attn = _attention(config, q, k, v, window if window < t else 0)
     attn = attn.transpose(1, 2).reshape(b, t, nh * hd)
+    # (Granite: its residual multiplier scales what each half adds; Gemma norms each half's
+    # output before the add)
     m = config.residual_multiplier
-    h = h + m * _linear(w, "o", attn)
-    x2 = _rms_norm(h, w["post_norm.weight"], config.rms_norm_eps)
-    act = F.silu(_linear(w, "gate", x2)) * _linear(w, "up", x2)
+    out = _linear(w, "o", attn)
+    if "attn_out_norm.weight" in w:
+        out = _norm(config, out, w["attn_out_norm.weight"])
+    h = h + m * out
+    x2 = _norm(config, h, w["post_norm.weight"])
+    gate = _linear(w, "gate", x2)
+    if config.hidden_act == "silu":
+        act = F.silu(gate) * _linear(w, "up", x2)
+    else:  # (Gemma: GELU's tanh form)
+        act = F.gelu(gate, approximate="tanh") * _linear(w, "up", x2)
     if capture is not None:
         capture["qkv"] = x.reshape(b * t, -1)
         capture["o"] = attn.reshape(b * t, -1)
         capture["gate_up"] = x2.reshape(b * t, -1)
         capture["down"] = act.reshape(b * t, -1)
-    return h + m * _linear(w, "down", act)
+    out = _linear(w, "down", act)
+    if "mlp_out_norm.weight" in w:
+        out = _norm(config, out, w["mlp_out_norm.weight"])
+    return h + m * out
 
 
 def forward_logits(
@@ -506,10 +561,12 @@ def forward_logits(
     h = embed[ids] * config.embedding_multiplier
     rope = rope_tables(config, ids.shape[1], h.device)
     for i in range(config.num_layers):
-        h = layer_forward(config, read_layer(config, get, i), h, rope)
-    h = _rms_norm(h, get(f"{lay.norm}.weight"), config.rms_norm_eps)
+        h = layer_forward(config, read_layer(config, get, i), h, rope, index=i)
+    h = _norm(config, h, get(f"{lay.norm}.weight"))
     head = embed if config.tie_word_embeddings else get(f"{lay.head}.weight")
-    return h @ head.T / config.logits_scaling
+    logits = h @ head.T / config.logits_scaling
+    cap = config.final_logit_softcapping
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def mean_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
@@ -591,11 +648,12 @@ def _fold(
     s = scales["qkv"]
     for lin in GROUPS["qkv"]:
         out[f"{lin}.weight"] = out[f"{lin}.weight"] * s
-    out["input_norm.weight"] = out["input_norm.weight"] / s
+    off = config.norm_weight_offset  # (Gemma's norms scale by 1 + w: that is what s divides)
+    out["input_norm.weight"] = (out["input_norm.weight"] + off) / s - off
     s = scales["gate_up"]
     for lin in GROUPS["gate_up"]:
         out[f"{lin}.weight"] = out[f"{lin}.weight"] * s
-    out["post_norm.weight"] = out["post_norm.weight"] / s
+    out["post_norm.weight"] = (out["post_norm.weight"] + off) / s - off
     s = scales["down"]
     out["down.weight"] = out["down.weight"] * s
     out["up.weight"] = out["up.weight"] / s[:, None]
@@ -680,7 +738,7 @@ def awq_layer(
     """AWQ for one layer (canonical float32 weights `w`, input hidden states h): the scale
     search, folding, clip search and error report; returns the result and the layer's output."""
     captured: dict[str, torch.Tensor] = {}
-    h_next = layer_forward(config, w, h, rope, captured)
+    h_next = layer_forward(config, w, h, rope, captured, index)
     foldable_o = config.num_heads == config.num_kv_heads
     scales: dict[str, torch.Tensor] = {}
     found: dict[str, tuple[float | None, float, float]] = {}
@@ -762,12 +820,6 @@ def _open_source(src: Path) -> tuple[ModelConfig, dict[str, Any], CheckpointRead
         raise QuantizeError(str(e), "model") from e
     if not isinstance(hf, dict):
         raise QuantizeError(f"{src / 'config.json'} is not a JSON object", "model")
-    if config.sandwich_norms or config.hidden_act != "silu":
-        raise QuantizeError(
-            f"{src} is a Gemma 3 checkpoint, whose layers (output norms, GELU, two RoPE bases) "
-            "the calibration forward does not run; serve the float checkpoint",
-            "model",
-        )
     try:
         reader = CheckpointReader(src)
         packed = [n for n in reader.names() if n.endswith((".qweight", ".qzeros", ".g_idx"))]

@@ -825,7 +825,7 @@ def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) ->
     assert _nll(folders[1], prompt) == pytest.approx(_nll(folders[0], prompt), rel=1e-5, abs=1e-5)
 
 
-def _nll(folder: Path, ids: list[int]) -> float:
+def _nll(folder: Path, ids: list[int]) -> list[float]:
     from dist_runtime.config import RuntimeConfig
     from workers.scoring import Scorer
 

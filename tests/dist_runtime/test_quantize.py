@@ -69,7 +69,14 @@ MODELS: dict[str, dict[str, Any]] = {
     "phi3-gqa": dict(architecture="phi3", num_heads=4, num_kv_heads=2),
     # Granite: embedding / residual / attention / logit multipliers in the forward.
     "granite-mha": dict(architecture="granite", num_heads=4, num_kv_heads=4),
+    # Gemma 2: norms scaling by 1 + w (folded as such), output norms, GELU, soft-caps, a
+    # windowed first layer (GEMMA_WINDOW); Gemma 3: head norms, the windowed layer's own RoPE
+    # base, o folded into v.
+    "gemma2-gqa": dict(architecture="gemma2", num_heads=4, num_kv_heads=2),
+    "gemma3-mha": dict(architecture="gemma3", num_heads=4, num_kv_heads=4),
 }
+GEMMA_WINDOW = 24
+"""The micro Gemmas' sliding window: shorter than the held-out and calibration texts."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,15 +109,23 @@ def _write_micro(folder: Path, architecture: str, **shape: Any) -> Path:
         seed=3,
         **shape,
     )
+    if architecture.startswith("gemma"):
+        path = folder / "config.json"
+        path.write_text(
+            json.dumps({**json.loads(path.read_text()), "sliding_window": GEMMA_WINDOW})
+        )
     weights = _state_dict(folder)
-    lay = LAYOUTS[ModelConfig.from_pretrained(folder).architecture]  # (qwen3: llama's layout)
+    model = ModelConfig.from_pretrained(folder)
+    lay = LAYOUTS[model.architecture]  # (qwen3: llama's layout)
+    off = model.norm_weight_offset  # (Gemma stores w and scales by 1 + w: ten times that)
     gen = torch.Generator().manual_seed(0)
     hidden_outliers = torch.randperm(128, generator=gen)[:4]
     inter_outliers = torch.randperm(256, generator=gen)[:8]
     for i in range(2):
         p = lay.layer.format(i)
-        weights[f"{p}{lay.input_norm}.weight"][hidden_outliers] *= 10
-        weights[f"{p}{lay.post_norm}.weight"][hidden_outliers] *= 10
+        for norm in (lay.input_norm, lay.post_norm):
+            w = weights[f"{p}{norm}.weight"]
+            w[hidden_outliers] = (w[hidden_outliers] + off) * 10 - off
         up = f"{p}{lay.up}.weight"
         if up in weights:
             weights[up][inter_outliers] *= 10
@@ -344,7 +359,7 @@ def test_awq_output_error_is_at_most_rtns_for_every_layer_group(
     rope = rope_tables(config, ids.shape[1])
     for r in awq_results:
         captured: dict[str, torch.Tensor] = {}
-        h = layer_forward(config, r.source, h, rope, captured)
+        h = layer_forward(config, r.source, h, rope, captured, r.index)
         awq_layer = read_layer(config, state_dict_getter(config, awq), r.index)
         rtn_layer = read_layer(config, state_dict_getter(config, rtn), r.index)
         rows = {"up": r.scales["down"]}
