@@ -454,8 +454,8 @@ class ModelConfig:
     them to the residual stream (`post_attention_layernorm`, `post_feedforward_layernorm`; the
     MLP's input norm is `pre_feedforward_layernorm`)."""
     norm_weight_offset: float = 0.0
-    """Gemma 3's RMSNorms scale by 1 + weight: the loader adds this to every norm weight (in
-    float32, before the cast to the model's dtype)."""
+    """Gemma's RMSNorms scale by 1 + weight: the loader adds this to every norm weight in
+    float32, where the weight stays (`fp32_norm_scale`)."""
     hidden_act: str = "silu"
     """The MLP's gate activation: 'silu', or Gemma 3's 'gelu_pytorch_tanh' (one of
     SUPPORTED_ACTIVATIONS)."""
@@ -573,6 +573,12 @@ class ModelConfig:
             scaled = int(scaling.original_max_position_embeddings * scaling.factor)
             return max(scaled, self.max_position_embeddings)
         return None
+
+    @property
+    def fp32_norm_scale(self) -> bool:
+        """The RMSNorms keep their weights in float32 and scale by them before the one cast to
+        the activations' dtype, as HF's Gemma norms do (`workers.layers.norm.RMSNorm`)."""
+        return self.norm_weight_offset != 0.0
 
     @property
     def attention_scale(self) -> float:

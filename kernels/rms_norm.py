@@ -39,6 +39,7 @@ def _rms_norm_kernel(
     stride_resout_row,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    FP32_SCALE: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -52,25 +53,32 @@ def _rms_norm_kernel(
     h = x.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, axis=0) / hidden + eps)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # HF order: normalize in fp32, cast to x's dtype, then multiply by the weight.
-    out = w * h.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if FP32_SCALE:  # (HF's Gemma order: the weight's product in fp32, one cast after)
+        out = w * h
+    else:  # HF's Llama order: normalize in fp32, cast to x's dtype, then multiply by the weight.
+        out = w * h.to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * stride_out_row + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    fp32_scale: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `rms_norm_ref`.
 
     x, residual: (..., hidden) with a contiguous last dim (rows may be strided); weight:
-    (hidden,). Returns out (..., hidden) contiguous, in the promoted dtype of weight and x, and
-    x + residual (contiguous, x's dtype) or x itself without a residual.
+    (hidden,). Returns out (..., hidden) contiguous, in the promoted dtype of weight and x (x's
+    with fp32_scale), and x + residual (contiguous, x's dtype) or x itself without a residual.
     """
     hidden = x.shape[-1]
     _check_inputs(x, weight, residual)
     x2 = x.reshape(-1, hidden)  # (tokens, hidden)
     res2 = residual.reshape(-1, hidden) if residual is not None else x2
-    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    dtype = x.dtype if fp32_scale else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x2.shape, dtype=dtype, device=x.device)
     # Without a residual, x stands in for the unused residual pointers.
     res_out = (
         torch.empty_like(x2, memory_format=torch.contiguous_format) if residual is not None else x2
@@ -92,6 +100,7 @@ def rms_norm_triton(
             res_out.stride(0),
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
+            FP32_SCALE=fp32_scale,
             num_warps=min(max(block // 256, 1), 8),
         )
     out = out.view(x.shape)
@@ -119,26 +128,40 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor 
 
 
 def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    fp32_scale: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (norm(x + residual) * weight, x + residual); x, residual: (tokens, hidden).
 
-    Accumulates in fp32 like HF's LlamaRMSNorm and casts back to x's dtype before the weight.
-    Without a residual, the second output is x itself.
+    Accumulates in fp32 like HF's LlamaRMSNorm and casts back to x's dtype before the weight;
+    with fp32_scale multiplies by the weight in fp32 and casts the product to x's dtype once
+    (HF's Gemma RMSNorms, whose (1 + w) is float32). Without a residual, the second output is
+    x itself.
     """
     if residual is not None:
         x = x + residual
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if fp32_scale:
+        return (weight.float() * h).to(x.dtype), x
     return weight * h.to(x.dtype), x
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    fp32_scale: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm_ref` on the device's kernel. (float32 x with a float32 weight is one product
+    either way: fp32_scale changes nothing there.)"""
     if use_triton(x.device):
-        return rms_norm_triton(x, weight, eps, residual)
+        return rms_norm_triton(x, weight, eps, residual, fp32_scale)
     if native_elementwise_supported(x, weight, *(() if residual is None else (residual,))):
         _check_inputs(x, weight, residual)
         return rms_norm_cpu(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual, fp32_scale)

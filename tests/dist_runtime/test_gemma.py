@@ -75,10 +75,17 @@ def _prompt(length: int, seed: int) -> list[int]:
     return torch.randint(4, TINY_SHAPES["vocab_size"], (length,), generator=gen).tolist()
 
 
-def _gemma(tmp_path: Path, seed: int, tie: bool = False, version: int = 3, **config: Any) -> Path:
+def _gemma(
+    tmp_path: Path,
+    seed: int,
+    tie: bool = False,
+    version: int = 3,
+    dtype: str = "float32",
+    **config: Any,
+) -> Path:
     """A random Gemma 3 checkpoint (layer 0 windowed to WINDOW with base GEMMA3_LOCAL_THETA,
-    layer 1 global; `version` 2: Gemma 2's, soft-capped, one base) with `config` written over
-    its config.json."""
+    layer 1 global; `version` 2: Gemma 2's, soft-capped, one base) of `dtype` tensors with
+    `config` written over its config.json."""
     shapes = dict(TINY_SHAPES, num_heads=4, num_kv_heads=2, head_dim=16)
     folder = write_random_checkpoint(
         tmp_path / f"gemma{version}-{seed}",
@@ -87,6 +94,7 @@ def _gemma(tmp_path: Path, seed: int, tie: bool = False, version: int = 3, **con
         max_position_embeddings=256,
         tie_word_embeddings=tie,
         seed=seed,
+        dtype=dtype,
         **shapes,
     )
     path = folder / "config.json"
@@ -193,6 +201,39 @@ def test_gemma3_prefix_hit_and_tp_layout(tmp_path: Path) -> None:
     assert again.logprobs is not None and first.logprobs is not None
     for a, b in zip(again.logprobs, first.logprobs, strict=True):
         assert list(a.top) == list(b.top)
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_bfloat16_norms_equal_hf_bit_for_bit(tmp_path: Path, version: int) -> None:
+    """In bfloat16 every Gemma norm (the four of a layer, the head norms, the final one) gives
+    HF's output bit for bit: its 1 + w stays float32 and scales the float32 normed values,
+    one cast after, as HF's Gemma RMSNorm does."""
+    from workers.distributed import Collectives, MeshCoords
+    from workers.model_runner import ModelRunner
+
+    folder = _gemma(tmp_path, seed=36, version=version, dtype="bfloat16")
+    config = RuntimeConfig(model=str(folder), device="cpu", dtype="bfloat16", session_len=64)
+    ours = ModelRunner(config, Collectives(MeshCoords())).model
+    hf = load_hf_llama(folder, dtype=torch.bfloat16).model
+    pairs: list[tuple[Any, Any]] = [(ours.norm, hf.norm)]
+    layer: Any
+    for layer, theirs in zip(ours.layers, hf.layers, strict=True):
+        pairs += [
+            (layer.input_norm, theirs.input_layernorm),
+            (layer.attn_out_norm, theirs.post_attention_layernorm),
+            (layer.post_attn_norm, theirs.pre_feedforward_layernorm),
+            (layer.mlp_out_norm, theirs.post_feedforward_layernorm),
+        ]
+        if version == 3:
+            pairs += [(layer.attn.q_norm, theirs.self_attn.q_norm)]
+            pairs += [(layer.attn.k_norm, theirs.self_attn.k_norm)]
+    gen = torch.Generator().manual_seed(5)
+    for mine, theirs in pairs:
+        assert mine.weight.dtype == torch.float32 and theirs.weight.dtype == torch.bfloat16
+        x = (3 * torch.randn(7, mine.weight.shape[0], generator=gen)).bfloat16()
+        with torch.no_grad():
+            got, want = mine(x)[0], theirs(x)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 def test_gemma3_1b_config_reads_as_transformers_does() -> None:

@@ -168,6 +168,37 @@ def test_rms_norm_fp32_weight_promotes_and_keeps_leading_dims(device):
     _assert_close(out, ref, torch.bfloat16)  # fp32 output of a bf16-rounded norm
 
 
+def test_rms_norm_fp32_scale_is_one_cast_after_the_weight():
+    """Gemma's order: the fp32 weight scales the fp32 normed values, one cast to x's dtype
+    after (the default order casts first, then multiplies in the weight's dtype)."""
+    gen = _gen(2)
+    x, res = _randn(gen, 6, 96, dtype=torch.bfloat16), _randn(gen, 6, 96, dtype=torch.bfloat16)
+    weight = 1 + 0.1 * _randn(gen, 96)  # (1 + w, float32)
+    out, res_out = RN.rms_norm_ref(x, weight, 1e-6, res, fp32_scale=True)
+    s = (x + res).float()
+    expected = (weight * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6))).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    assert torch.equal(res_out, x + res)
+    default, _ = RN.rms_norm_ref(x, weight, 1e-6, res)
+    assert default.dtype == torch.float32 and not torch.equal(default.bfloat16(), out)
+    out32, _ = RN.rms_norm_ref(x.float(), weight, 1e-6, fp32_scale=True)  # (float32: one product)
+    assert torch.equal(out32, RN.rms_norm_ref(x.float(), weight, 1e-6)[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_fp32_scale_matches_ref(device, dtype, with_residual):
+    gen = _gen(3)
+    x = _randn(gen, 9, 96, dtype=dtype, device=device)
+    residual = _randn(gen, 9, 96, dtype=dtype, device=device) if with_residual else None
+    weight = (1 + 0.1 * _randn(gen, 96)).to(device=device)
+    out, _ = RN.rms_norm_triton(x, weight, 1e-5, residual, fp32_scale=True)
+    ref, _ = RN.rms_norm_ref(x, weight, 1e-5, residual, fp32_scale=True)
+    assert out.dtype == dtype == ref.dtype
+    _assert_close(out, ref, dtype)
+
+
 # -- rotary ------------------------------------------------------------------------------------
 
 

@@ -125,8 +125,12 @@ class Attention(nn.Module):
         self.comm = comm
         self.q_norm = self.k_norm = None
         if config.qk_norm:  # (Qwen3, Gemma 3: each head normed over head_dim before RoPE)
-            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
+            self.q_norm = RMSNorm(
+                config.head_dim, config.rms_norm_eps, dtype, device, config.fp32_norm_scale
+            )
+            self.k_norm = RMSNorm(
+                config.head_dim, config.rms_norm_eps, dtype, device, config.fp32_norm_scale
+            )
 
     def forward(
         self,

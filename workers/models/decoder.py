@@ -99,7 +99,9 @@ class DecoderLayer(nn.Module):
         window: int = 0,
     ):
         super().__init__()
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.input_norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype, device, config.fp32_norm_scale
+        )
         self.attn = Attention(
             config,
             shard,
@@ -111,13 +113,19 @@ class DecoderLayer(nn.Module):
             o_quant=linear_quant(config, "o"),
             window=window,
         )
-        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.post_attn_norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype, device, config.fp32_norm_scale
+        )
         """The MLP's input norm (Gemma's `pre_feedforward_layernorm`)."""
         self.mlp = MLP(config, comm, dtype, device)
         self.attn_out_norm = self.mlp_out_norm = None
         if config.sandwich_norms:  # (Gemma: each sublayer's output normed before the add)
-            self.attn_out_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-            self.mlp_out_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+            self.attn_out_norm = RMSNorm(
+                config.hidden_size, config.rms_norm_eps, dtype, device, config.fp32_norm_scale
+            )
+            self.mlp_out_norm = RMSNorm(
+                config.hidden_size, config.rms_norm_eps, dtype, device, config.fp32_norm_scale
+            )
 
     def forward(
         self,
@@ -175,7 +183,9 @@ class DecoderLM(nn.Module):
             scale = torch.tensor(scale, dtype=dtype).item()
         self.embed_scale = scale
         """The embeddings' multiplier (Granite's, Gemma's sqrt(hidden) in the model's dtype)."""
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype, device, config.fp32_norm_scale
+        )
         tied = self.embed if config.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(
             config.vocab_size, config.hidden_size, dtype, device, comm, tied

@@ -248,7 +248,7 @@ def _load_layer(
 
 def _norm_weight(w: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """An RMSNorm weight as the runtime multiplies by it: Gemma's stored w scales by 1 + w
-    (`ModelConfig.norm_weight_offset`), added in float32 (the cast to the model's dtype after)."""
+    (`ModelConfig.norm_weight_offset`), added in float32 and kept so (`fp32_norm_scale`)."""
     offset = config.norm_weight_offset
     return w if offset == 0.0 else w.float() + offset
 
