@@ -519,10 +519,11 @@ def _gemma_config(config: dict[str, Any], arch: str, get: Any) -> None:
         ],
     )
     del config["hidden_act"]
-    if arch == "gemma2":
+    if arch == "gemma2":  # (a GGUF without them: Gemma2Config's defaults, 50 and 30, apply)
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             cap = get(key, required=False)
-            config[key] = _f32(cap) if cap else None
+            if cap is not None:
+                config[key] = _f32(cap) if cap else None
     else:
         config["rope_local_base_freq"] = _GEMMA3_LOCAL_BASE
         config["final_logit_softcapping"] = None
