@@ -611,7 +611,6 @@ def test_phi3_gguf_converts_to_a_phi3_checkpoint(tmp_path: Path, partial: float 
     trained length in the metadata; rope.dimension_count below head_dim for partial RoPE)
     becomes a Phi3ForCausalLM folder whose weights are the source's, and the runtime decodes
     the source model's greedy tokens on both sides of the trained length."""
-    from dist_runtime import Runtime, SamplingParams
     from dist_runtime.formats.random_checkpoint import write_random_checkpoint
     from tests.helpers.oracle import load_hf_llama
 
@@ -656,22 +655,13 @@ def test_phi3_gguf_converts_to_a_phi3_checkpoint(tmp_path: Path, partial: float 
     source = load_hf_llama(source_dir)
     for length in (20, 60):  # (short factors, then long ones)
         prompt = [(7 * i) % len(tokens) for i in range(3, 3 + length)]
-        with torch.no_grad():
-            want = source.generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, length, dtype=torch.long),
-                max_new_tokens=5, min_new_tokens=5, do_sample=False,
-            )[0, length:].tolist()  # fmt: skip
-        params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
-        with Runtime(model=str(out), session_len=128, device="cpu", dtype="float32") as rt:
-            (got,) = rt.generate([prompt], params)
-        assert got.token_ids == want, length
+        _assert_decodes_as(source, out, prompt, 5, session_len=128)
 
 
 def test_granite_gguf_converts_to_a_granite_checkpoint(tmp_path: Path) -> None:
     """A granite GGUF (Llama's tensors, q/k rows permuted as Llama's, its four scales in the
     metadata) becomes a GraniteForCausalLM folder with HF's multiplier names: the source's
     weights and its greedy tokens."""
-    from dist_runtime import Runtime, SamplingParams
     from dist_runtime.formats.random_checkpoint import GRANITE_MULTIPLIERS, write_random_checkpoint
     from tests.helpers.oracle import load_hf_llama
 
@@ -700,15 +690,7 @@ def test_granite_gguf_converts_to_a_granite_checkpoint(tmp_path: Path) -> None:
     ours = _read_weights(out)
     assert set(ours) == set(sd) and all(torch.equal(t, sd[n]) for n, t in ours.items())
     prompt = [(5 * i) % len(tokens) for i in range(3, 30)]
-    with torch.no_grad():
-        want = load_hf_llama(source_dir).generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=5, min_new_tokens=5, do_sample=False,
-        )[0, len(prompt) :].tolist()  # fmt: skip
-    params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
-    with Runtime(model=str(out), session_len=64, device="cpu", dtype="float32") as rt:
-        (got,) = rt.generate([prompt], params)
-    assert got.token_ids == want
+    _assert_decodes_as(load_hf_llama(source_dir), out, prompt, 5, session_len=64)
 
 
 _GEMMA_TO_GGUF = {
@@ -731,7 +713,6 @@ def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) ->
     and the runtime decodes the source model's greedy tokens past the window."""
     from transformers import AutoModelForCausalLM
 
-    from dist_runtime import Runtime, SamplingParams
     from dist_runtime.formats.random_checkpoint import write_random_checkpoint
     from tests.helpers.oracle import load_hf_llama
 
@@ -799,15 +780,7 @@ def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) ->
         torch.testing.assert_close(t, sd[name], rtol=0, atol=1e-6)
 
     prompt = [(7 * i) % len(tokens) for i in range(3, 3 + 3 * window)]
-    with torch.no_grad():
-        want = load_hf_llama(source_dir).generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=6, min_new_tokens=6, do_sample=False,
-        )[0, len(prompt) :].tolist()  # fmt: skip
-    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
-    with Runtime(model=str(out), session_len=128, device="cpu", dtype="float32") as rt:
-        (got,) = rt.generate([prompt], params)
-    assert got.token_ids == want
+    _assert_decodes_as(load_hf_llama(source_dir), out, prompt, 6, session_len=128)
 
     # Q4_0 linear layers kept 4-bit score as their dequantized (float) conversion does.
     q4 = gguf.GGMLQuantizationType.Q4_0
@@ -823,6 +796,20 @@ def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) ->
     ]
     assert _read_weights(folders[1])["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.int32
     assert _nll(folders[1], prompt) == pytest.approx(_nll(folders[0], prompt), rel=1e-5, abs=1e-5)
+
+
+def _assert_decodes_as(
+    source: Any, folder: Path, prompt: list[int], new_tokens: int, session_len: int
+) -> None:
+    """The runtime on the converted `folder` decodes the HF `source` model's greedy tokens."""
+    from dist_runtime import Runtime, SamplingParams
+    from tests.helpers.oracle import hf_greedy
+
+    want, _ = hf_greedy(source, prompt, new_tokens)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    with Runtime(model=str(folder), session_len=session_len, device="cpu", dtype="float32") as rt:
+        (got,) = rt.generate([prompt], params)
+    assert got.token_ids == want
 
 
 def _nll(folder: Path, ids: list[int]) -> list[float]:
@@ -1166,8 +1153,6 @@ def test_decompose_q4_equals_gguf_dequantize(kind: str) -> None:
 def test_int4_conversion_keeps_4bit_layers_and_scores_like_the_float_one(tmp_path: Path) -> None:
     """Q4_0 / Q4_1 layers stay 4-bit; gate/up are 4-bit in one layer only, so both stay float;
     the 4-bit folder scores a text exactly as the dequantized (float) conversion does."""
-    from dist_runtime.config import RuntimeConfig
-    from workers.scoring import Scorer
 
     _, sd = _tiny_hf_llama(tie=True, seed=2)
     q4_0, q4_1 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1
@@ -1192,14 +1177,7 @@ def test_int4_conversion_keeps_4bit_layers_and_scores_like_the_float_one(tmp_pat
     assert quant.modules_to_not_convert == ("mlp.gate_proj", "mlp.up_proj")
 
     ids = [(5 * i + 7) % 60 for i in range(40)]
-    nll = []
-    for folder in (as_float, as_int4):
-        config = RuntimeConfig(model=str(folder), session_len=64, device="cpu", dtype="float32")
-        scorer = Scorer(config, max_tokens=len(ids))
-        try:
-            nll.append(scorer.score(ids, chunk=16, decode_last=3).nll)
-        finally:
-            scorer.close()
+    nll = [_nll(folder, ids) for folder in (as_float, as_int4)]
     torch.testing.assert_close(torch.tensor(nll[1]), torch.tensor(nll[0]), rtol=1e-5, atol=1e-5)
 
 
