@@ -127,13 +127,40 @@ def _paged_kv_step(
     """
     block, slot = _paged_kv_slots(table, start_n, offs_n, ctx, BLOCK_SIZE, BLOCK_N, MASK_N)
     kv = (block * stride_kc_block + slot * stride_kc_tok)[:, None]
-    if BITS == 0:
-        if MASK_N:
-            k = tl.load(k_base + kv, mask=key_mask[:, None], other=0.0)
-            v = tl.load(v_base + kv, mask=key_mask[:, None], other=0.0)
+    if BITS == 4:
+        pv = block * stride_kp_block + slot * stride_kp_tok
+        k_a, k_b = _load_dequant4(k_base + kv, kp_base + pv, key_mask, MASK_N)
+        v_a, v_b = _load_dequant4(v_base + kv, vp_base + pv, key_mask, MASK_N)
+        acc, acc_b, l_i, m_i = _online_softmax_tile_halves(
+            acc,
+            acc_b,
+            l_i,
+            m_i,
+            q,
+            q_b,
+            k_a.to(q.dtype),
+            k_b.to(q.dtype),
+            v_a.to(q.dtype),
+            v_b.to(q.dtype),
+            keep,
+            scale_log2,
+            MASKED=MASKED,
+            DOT_F32=DOT_F32,
+            SOFTCAP=SOFTCAP,
+            softcap_c=softcap_c,
+        )
+    else:
+        if BITS == 0:
+            if MASK_N:
+                k = tl.load(k_base + kv, mask=key_mask[:, None], other=0.0)
+                v = tl.load(v_base + kv, mask=key_mask[:, None], other=0.0)
+            else:
+                k = tl.load(k_base + kv)
+                v = tl.load(v_base + kv)
         else:
-            k = tl.load(k_base + kv)
-            v = tl.load(v_base + kv)
+            pv = block * stride_kp_block + slot * stride_kp_tok
+            k = _load_dequant8(k_base + kv, kp_base + pv, key_mask, MASK_N).to(q.dtype)
+            v = _load_dequant8(v_base + kv, vp_base + pv, key_mask, MASK_N).to(q.dtype)
         acc, l_i, m_i = _online_softmax_tile(
             acc,
             l_i,
@@ -148,46 +175,6 @@ def _paged_kv_step(
             SOFTCAP=SOFTCAP,
             softcap_c=softcap_c,
         )
-    else:
-        pv = block * stride_kp_block + slot * stride_kp_tok
-        if BITS == 8:
-            k = _load_dequant8(k_base + kv, kp_base + pv, key_mask, MASK_N).to(q.dtype)
-            v = _load_dequant8(v_base + kv, vp_base + pv, key_mask, MASK_N).to(q.dtype)
-            acc, l_i, m_i = _online_softmax_tile(
-                acc,
-                l_i,
-                m_i,
-                q,
-                k,
-                v,
-                keep,
-                scale_log2,
-                MASKED=MASKED,
-                DOT_F32=DOT_F32,
-                SOFTCAP=SOFTCAP,
-                softcap_c=softcap_c,
-            )
-        else:
-            k_a, k_b = _load_dequant4(k_base + kv, kp_base + pv, key_mask, MASK_N)
-            v_a, v_b = _load_dequant4(v_base + kv, vp_base + pv, key_mask, MASK_N)
-            acc, acc_b, l_i, m_i = _online_softmax_tile_halves(
-                acc,
-                acc_b,
-                l_i,
-                m_i,
-                q,
-                q_b,
-                k_a.to(q.dtype),
-                k_b.to(q.dtype),
-                v_a.to(q.dtype),
-                v_b.to(q.dtype),
-                keep,
-                scale_log2,
-                MASKED=MASKED,
-                DOT_F32=DOT_F32,
-                SOFTCAP=SOFTCAP,
-                softcap_c=softcap_c,
-            )
     return acc, acc_b, l_i, m_i
 
 
