@@ -36,6 +36,7 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "llama",
     "GraniteForCausalLM": "llama",
     "GlmForCausalLM": "llama",
+    "GemmaForCausalLM": "llama",
     "Gemma2ForCausalLM": "gemma",
     "Gemma3ForCausalLM": "gemma",
     "Gemma3ForConditionalGeneration": "gemma",
@@ -47,7 +48,8 @@ scalar multipliers, `ModelConfig.embedding_multiplier` and the three after it; G
 `-hf` checkpoints) Llama's with gate/up packed, no o bias and interleaved partial RoPE; Gemma 3's
 (the text-only `gemma3_text` checkpoints) Llama's names with Qwen3's head norms, a norm on
 each sublayer's output and GELU, `ModelConfig.sandwich_norms` and the fields after it; Gemma
-2's Gemma 3's without the head norms, with attention-logit soft-capping)."""
+2's Gemma 3's without the head norms, with attention-logit soft-capping; Gemma 1's Llama's
+names and norms with Gemma's 1 + w norm scale, GELU and embedding scale)."""
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -634,7 +636,15 @@ class ModelConfig:
         ]
         if missing:
             raise ConfigError(f"{source}: missing required keys {missing}")
-        gemma = 2 if "Gemma2ForCausalLM" in archs else 3 if arch == "gemma" else 0
+        gemma = (
+            1
+            if "GemmaForCausalLM" in archs
+            else 2
+            if "Gemma2ForCausalLM" in archs
+            else 3
+            if arch == "gemma"
+            else 0
+        )
         if gemma:
             hf = _gemma_keys(hf, source, gemma)
         num_heads = hf["num_attention_heads"]
@@ -776,7 +786,23 @@ GEMMA2_DEFAULTS = {
     "max_position_embeddings": 8192,
 }
 """Gemma2Config's."""
-GEMMA_SOFTCAPS = {2: (30.0, 50.0), 3: (None, None)}
+GEMMA1_DEFAULTS = {
+    "vocab_size": 256_000,
+    "hidden_size": 3072,
+    "intermediate_size": 24_576,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 8192,
+    "rope_theta": 10_000.0,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+}
+"""GemmaConfig's (Gemma 1: gemma-2b / -7b, CodeGemma, RecurrentGemma aside)."""
+GEMMA_SOFTCAPS = {1: (None, None), 2: (30.0, 50.0), 3: (None, None)}
 """(final_logit_softcapping, attn_logit_softcapping) where a config leaves the key out (null
 turns one off)."""
 
@@ -805,14 +831,15 @@ GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 
 def _gemma_keys(hf: dict[str, Any], source: str, version: int) -> dict[str, Any]:
     """A Gemma 2 or Gemma 3 text config.json in the keys the Llama path reads, as
-    Gemma2Config / Gemma3TextConfig read it: their defaults filled in (the soft-caps only where
+    Gemma2Config / Gemma3TextConfig read it (version 1: GemmaConfig, which has no windows and
+    no soft-caps): their defaults filled in (the soft-caps only where
     the key is absent: null turns one off), `layer_types` where it names none (Gemma 2: every
     second layer global; Gemma 3: every `sliding_window_pattern`-th, 6), and for Gemma 3
     transformers 5's per-layer-type `rope_parameters` split into the global layers' (rope_theta
     and scaling) and the local base (`rope_local_base_freq`, default 10000; its scaling must be
     the default). Gemma 2's layers all turn with rope_theta (10000). Refuses bidirectional
     attention (the embedding models)."""
-    defaults = GEMMA2_DEFAULTS if version == 2 else GEMMA3_DEFAULTS
+    defaults = {1: GEMMA1_DEFAULTS, 2: GEMMA2_DEFAULTS, 3: GEMMA3_DEFAULTS}[version]
     hf = {**hf, **{k: v for k, v in defaults.items() if hf.get(k) is None}}
     for key, default in zip(
         ("final_logit_softcapping", "attn_logit_softcapping"), GEMMA_SOFTCAPS[version], strict=True
@@ -823,6 +850,9 @@ def _gemma_keys(hf: dict[str, Any], source: str, version: int) -> dict[str, Any]
             f"{source}: use_bidirectional_attention (an embedding model) is not run; only "
             f"causal Gemma {version} text models generate"
         )
+    if version == 1:
+        hf["rope_local_base_freq"] = None
+        return hf
     if hf.get("layer_types") is None:
         pattern = hf.get("sliding_window_pattern", 6) if version == 3 else 2
         if not _is_int(pattern) or pattern < 1:
@@ -860,15 +890,22 @@ def _gemma_keys(hf: dict[str, Any], source: str, version: int) -> dict[str, Any]
 
 
 def _gemma_fields(hf: dict[str, Any], source: str, version: int) -> dict[str, Any]:
-    """The ModelConfig fields of a Gemma 2 or 3 config (after `_gemma_keys`). Gemma 3's class
-    keeps attn_logit_softcapping without applying it, and so does this runtime."""
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    """The ModelConfig fields of a Gemma 1, 2 or 3 config (after `_gemma_keys`). Gemma 3's
+    class keeps attn_logit_softcapping without applying it, and so does this runtime. Gemma 1
+    norms each sublayer's input only, scales q.k by 1 / sqrt(head_dim), and reads its
+    activation from `hidden_act`, where its first checkpoints' 'gelu' means the tanh form (as
+    transformers reads it)."""
+    if version == 1:
+        act = hf.get("hidden_act") or "gelu_pytorch_tanh"
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+    else:
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act != "gelu_pytorch_tanh":
         raise ConfigError(
-            f"{source}: hidden_activation {act!r} is not run for Gemma {version}; it takes "
-            "'gelu_pytorch_tanh'"
+            f"{source}: {'hidden_act' if version == 1 else 'hidden_activation'} {act!r} is "
+            f"not run for Gemma {version}; it takes 'gelu_pytorch_tanh'"
         )
-    scalar = hf["query_pre_attn_scalar"]
+    scalar = hf.get("query_pre_attn_scalar") if version > 1 else 1.0  # (1: head_dim's scale)
     if not isinstance(scalar, (int, float)) or isinstance(scalar, bool) or not scalar > 0:
         raise ConfigError(f"{source}: query_pre_attn_scalar must be a positive number, "
                           f"got {scalar!r:.80}")  # fmt: skip
@@ -882,13 +919,13 @@ def _gemma_fields(hf: dict[str, Any], source: str, version: int) -> dict[str, An
                               f"got {cap!r:.80}")  # fmt: skip
         caps[key] = None if cap is None else float(cap)
     return {
-        "sandwich_norms": True,
+        "sandwich_norms": version > 1,
         "norm_weight_offset": 1.0,
         "hidden_act": act,
         "local_rope_theta": hf["rope_local_base_freq"],
         "embedding_multiplier": hf["hidden_size"] ** 0.5,
         "round_embedding_multiplier": True,
-        "attention_multiplier": float(scalar) ** -0.5,
+        "attention_multiplier": float(scalar) ** -0.5 if version > 1 else None,
         "final_logit_softcapping": caps["final_logit_softcapping"],
         "attn_logit_softcapping": caps["attn_logit_softcapping"] if version == 2 else None,
     }

@@ -56,14 +56,15 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "phi3", "granite", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "phi3", "granite", "gemma", "gemma2", "gemma3")
 """GGUF architectures converted: Llama's layout (Mistral, SmolLM, ... too) and Qwen2's (Qwen2 /
 Qwen2.5 and their distills: q/k/v biases, and q/k rows never permuted, since llama.cpp's qwen2
 rotates halves as HF does), and Phi-3's (Phi-3 / 3.5 / 4-mini: q/k/v and gate/up packed as
 HF packs them, LongRoPE's factors as tensors, partial RoPE) and IBM Granite's (Llama's, q/k rows
-permuted as Llama's, with its four scales in the metadata), and Gemma 2 / 3's (text; q/k rows
-as HF has them, four norms a layer stored as 1 + weight, what llama.cpp fixes by the model's
-size read as it does: see `_gemma_config`)."""
+permuted as Llama's, with its four scales in the metadata), and Gemma 1 / 2 / 3's (text; q/k
+rows as HF has them, every norm stored as 1 + weight; Gemma 1's Llama's tensors, Gemma 2 / 3's
+four norms a layer and what llama.cpp fixes by the model's size read as it does: see
+`_gemma_config`)."""
 """`general.architecture` values this converter understands."""
 SUPPORTED_TENSOR_TYPES = (
     "F32",
@@ -112,7 +113,11 @@ _GEMMA_TENSORS = {
 head norms. llama.cpp's converter stores every Gemma norm weight w as 1 + w (its kernels scale
 by the weight), so 1 is taken off again (`_TensorPlan.offset`), as transformers' GGUF loading
 does."""
-_GEMMA_HF = {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+_GEMMA_HF = {
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 """llama.cpp's 27B Gemmas (by block count): their softmax scale is 1 / sqrt(hidden / heads),
 every other size's 1 / sqrt(head_dim) (HF's `query_pre_attn_scalar`, which GGUF does not
@@ -501,9 +506,15 @@ def _llama_config(
 
 
 def _gemma_config(config: dict[str, Any], arch: str, get: Any) -> None:
-    """Gemma 2 / 3's config.json keys beyond Llama's, in place: what GGUF carries (the window,
-    Gemma 2's soft-caps) and what llama.cpp fixes by architecture and size (which layers are
-    windowed, Gemma 3's local RoPE base, the softmax scale: `_GEMMA_27B_LAYERS`)."""
+    """Gemma's config.json keys beyond Llama's, in place. Gemma 1: its class and GELU (its
+    softmax scale is head_dim's, no windows, no soft-caps). Gemma 2 / 3: what GGUF carries (the
+    window, Gemma 2's soft-caps) and what llama.cpp fixes by architecture and size (which
+    layers are windowed, Gemma 3's local RoPE base, the softmax scale: `_GEMMA_27B_LAYERS`)."""
+    if arch == "gemma":
+        config.update(
+            architectures=[_GEMMA_HF[arch]], model_type="gemma", hidden_act="gelu_pytorch_tanh"
+        )
+        return
     layers, every = config["num_hidden_layers"], _GEMMA_WINDOW_EVERY[arch]
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     big = layers == _GEMMA_27B_LAYERS[arch]
@@ -674,8 +685,10 @@ def _plan_llama_tensors(
         "ffn_norm": (hidden,),
     }
     names = _LAYER_TENSORS
+    # (every Gemma norm is stored as 1 + w; Gemma 1's tensors are Llama's, and Gemma 2 has no
+    # head norms: a GGUF with them is another model)
     gemma = config["architectures"][0] in _GEMMA_HF.values()
-    if gemma:  # (Gemma 2 has no head norms: a GGUF with them is another model)
+    if gemma and config["model_type"] != "gemma":
         names = dict(_GEMMA_TENSORS)
         if config["model_type"] == "gemma2":
             del names["attn_q_norm"], names["attn_k_norm"]

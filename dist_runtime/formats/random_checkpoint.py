@@ -43,6 +43,7 @@ ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "granite": "GraniteForCausalLM",
     "glm": "GlmForCausalLM",
+    "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
@@ -130,6 +131,8 @@ def write_random_checkpoint(
         config = _gemma3_config(config)
     elif architecture == "gemma2":  # (output norms, GELU, attention-logit soft-capping)
         config = _gemma2_config(config)
+    elif architecture == "gemma":  # (Llama's layout, 1 + w norms, GELU, a scaled embedding)
+        config = _gemma1_config(config)
     state_dict = random_llama_state_dict(config, seed=seed, dtype=DTYPES[dtype])
     if architecture == "internlm2":
         config = _internlm2_config(config)
@@ -274,6 +277,14 @@ def _gemma2_config(llama: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _gemma1_config(llama: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 1 config.json keys (GemmaConfig): Llama's without the MLP bias, and the legacy
+    `hidden_act: gelu` of its first checkpoints, which transformers reads as the tanh form."""
+    config = {k: v for k, v in llama.items() if k != "mlp_bias"}
+    config.update(architectures=[ARCHITECTURES["gemma"]], model_type="gemma", hidden_act="gelu")
+    return config
+
+
 def _phi3_config(llama: dict[str, Any]) -> dict[str, Any]:
     """Phi-3 config.json keys: Llama's without the bias switches (Phi-3 has none), the trained
     length at the top level (LongRoPE's rope_scaling names it there), no sliding window."""
@@ -376,6 +387,7 @@ def _random_layer(
         if name != "o" if qkv_bias_only else config.get("attention_bias"):
             out[f"{prefix}self_attn.{name}_proj.bias"] = _normal(gen, (rows,), BIAS_STD)
     gemma = _gemma(config)
+    sandwich = config.get("model_type") in ("gemma3_text", "gemma2")
     if config.get("model_type") in ("qwen3", "gemma3_text"):
         for name in ("q_norm", "k_norm"):
             out[f"{prefix}self_attn.{name}.weight"] = _norm(gen, config["head_dim"], gemma)
@@ -387,15 +399,15 @@ def _random_layer(
         out[f"{prefix}mlp.{name}_proj.weight"] = _linear(gen, rows, cols)
     out[f"{prefix}input_layernorm.weight"] = _norm(gen, hidden, gemma)
     out[f"{prefix}post_attention_layernorm.weight"] = _norm(gen, hidden, gemma)
-    if gemma:  # (the MLP's input norm and its output norm)
+    if sandwich:  # (the MLP's input norm and its output norm)
         out[f"{prefix}pre_feedforward_layernorm.weight"] = _norm(gen, hidden, gemma)
         out[f"{prefix}post_feedforward_layernorm.weight"] = _norm(gen, hidden, gemma)
     return out
 
 
 def _gemma(config: dict[str, Any]) -> bool:
-    """A Gemma 2 / 3 config: its norm weights are stored as the scale minus 1."""
-    return config.get("model_type") in ("gemma3_text", "gemma2")
+    """A Gemma config: its norm weights are stored as the scale minus 1."""
+    return config.get("model_type") in ("gemma", "gemma3_text", "gemma2")
 
 
 def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Gemma 2 and Gemma 3 text models.
+"""Gemma 1, Gemma 2 and Gemma 3 text models.
 
 Gemma 3 (`Gemma3ForCausalLM`, the `gemma3_text` checkpoints, and the language model of the
 multimodal ones): RMSNorms that scale by 1 + weight, a norm on each sublayer's output, GELU's
@@ -8,7 +8,9 @@ tanh form, q / k head norms, a sqrt(hidden) embedding scale, the attention scale
 (`Gemma2ForCausalLM`): the same without the head norms and the local RoPE base, with its
 attention scores soft-capped (`attn_logit_softcapping`; cp > 1 refused for it). Checked against
 HF's own classes on random checkpoints, and the configs against what transformers writes and
-reads."""
+reads. Gemma 1 (`GemmaForCausalLM`: gemma-2b / -7b, CodeGemma): Llama's layers and names with
+Gemma's 1 + weight norms, GELU's tanh form and sqrt(hidden) embedding scale, no windows and no
+soft-caps, so cp > 1 takes it."""
 
 from __future__ import annotations
 
@@ -84,12 +86,12 @@ def _gemma(
     **config: Any,
 ) -> Path:
     """A random Gemma 3 checkpoint (layer 0 windowed to WINDOW with base GEMMA3_LOCAL_THETA,
-    layer 1 global; `version` 2: Gemma 2's, soft-capped, one base) of `dtype` tensors with
-    `config` written over its config.json."""
+    layer 1 global; `version` 2: Gemma 2's, soft-capped, one base; 1: Gemma 1's, no window)
+    of `dtype` tensors with `config` written over its config.json."""
     shapes = dict(TINY_SHAPES, num_heads=4, num_kv_heads=2, head_dim=16)
     folder = write_random_checkpoint(
         tmp_path / f"gemma{version}-{seed}",
-        architecture=f"gemma{version}",
+        architecture="gemma" if version == 1 else f"gemma{version}",
         with_tokenizer=False,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
@@ -98,7 +100,8 @@ def _gemma(
         **shapes,
     )
     path = folder / "config.json"
-    written = {**json.loads(path.read_text()), "sliding_window": WINDOW, **config}
+    window = {"sliding_window": WINDOW} if version > 1 else {}
+    written = {**json.loads(path.read_text()), **window, **config}
     path.write_text(json.dumps(written))
     return folder
 
@@ -117,7 +120,7 @@ def _matches_hf(folder: Path, prompts: list[list[int]], hf: Any = None) -> list[
     its Gemma3ForCausalLM)."""
     if hf is None:
         hf = load_hf_llama(folder)
-        assert type(hf).__name__ in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+        assert type(hf).__name__ in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
     with _runtime(folder) as rt:
         outs = rt.generate(prompts, PARAMS)
     for out, prompt in zip(outs, prompts, strict=True):
@@ -203,11 +206,11 @@ def test_gemma3_prefix_hit_and_tp_layout(tmp_path: Path) -> None:
         assert list(a.top) == list(b.top)
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_bfloat16_norms_equal_hf_bit_for_bit(tmp_path: Path, version: int) -> None:
-    """In bfloat16 every Gemma norm (the four of a layer, the head norms, the final one) gives
-    HF's output bit for bit: its 1 + w stays float32 and scales the float32 normed values,
-    one cast after, as HF's Gemma RMSNorm does."""
+    """In bfloat16 every Gemma norm (the two or four of a layer, the head norms, the final one)
+    gives HF's output bit for bit: its 1 + w stays float32 and scales the float32 normed
+    values, one cast after, as HF's Gemma RMSNorm does."""
     from workers.distributed import Collectives, MeshCoords
     from workers.model_runner import ModelRunner
 
@@ -218,6 +221,10 @@ def test_bfloat16_norms_equal_hf_bit_for_bit(tmp_path: Path, version: int) -> No
     pairs: list[tuple[Any, Any]] = [(ours.norm, hf.norm)]
     layer: Any
     for layer, theirs in zip(ours.layers, hf.layers, strict=True):
+        if version == 1:  # (Llama's two)
+            pairs += [(layer.input_norm, theirs.input_layernorm)]
+            pairs += [(layer.post_attn_norm, theirs.post_attention_layernorm)]
+            continue
         pairs += [
             (layer.input_norm, theirs.input_layernorm),
             (layer.attn_out_norm, theirs.post_attention_layernorm),
@@ -439,3 +446,75 @@ def test_gemma2_soft_capped_attention_refuses_cp() -> None:
         config.check_session_len(model)
     assert e.value.key == "parallel.cp"
     RuntimeConfig(model="unused", session_len=1024).check_session_len(model)
+
+
+GEMMA_7B: dict[str, Any] = {
+    "architectures": ["GemmaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "head_dim": 256,
+    "hidden_act": "gelu",
+    "hidden_size": 3072,
+    "initializer_range": 0.02,
+    "intermediate_size": 24576,
+    "max_position_embeddings": 8192,
+    "model_type": "gemma",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 16,
+    "pad_token_id": 0,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 256000,
+}
+"""gemma-7b's config.json: no tie_word_embeddings key (GemmaConfig's default ties them) and
+its first releases' `hidden_act: gelu`."""
+
+
+def test_gemma1_matches_hf(tmp_path: Path) -> None:
+    """Gemma 1 (tied embeddings, as every Gemma 1 checkpoint) in a batch of three prompts,
+    decoded on the native CPU decoder where the library is built."""
+    folder = _gemma(tmp_path, seed=43, tie=True, version=1)
+    model = ModelConfig.from_pretrained(str(folder))
+    assert model.architecture == "llama" and model.norm_weight_offset == 1.0
+    assert model.hidden_act == "gelu_pytorch_tanh" and not model.sandwich_norms
+    assert model.sliding_window is None and model.tie_word_embeddings
+    _matches_hf(folder, [_prompt(7, seed=15), _prompt(30, seed=16), _prompt(45, seed=17)])
+
+
+def test_gemma1_7b_config_reads_as_transformers_does() -> None:
+    """Its softmax scale is 1 / sqrt(head_dim) (256, not hidden / heads = 192), its 'gelu' the
+    tanh form, its embeddings tied, as GemmaConfig and HF's Gemma classes read them."""
+    from transformers import GemmaConfig
+
+    hf = GemmaConfig(**GEMMA_7B)
+    model = ModelConfig.from_dict(GEMMA_7B)
+    assert model.hidden_act == hf.hidden_act == "gelu_pytorch_tanh"
+    assert model.tie_word_embeddings == hf.tie_word_embeddings is True
+    assert model.head_dim == hf.head_dim == 256
+    assert model.attention_scale == pytest.approx(256**-0.5)
+    assert model.embedding_multiplier == pytest.approx(3072**0.5)
+    assert model.round_embedding_multiplier and model.norm_weight_offset == 1.0
+    assert not model.sandwich_norms and not model.qk_norm and model.local_rope_theta is None
+    assert model.final_logit_softcapping is None and model.attn_logit_softcapping is None
+    assert model.sliding_window is None and model.max_rope_len() == 8192
+    assert model.eos_token_ids == (1,) and model.rope_theta == 10000.0
+    # (no window and no soft-cap: the long-context mesh takes it)
+    config = RuntimeConfig(model="unused", session_len=8192, parallel=ParallelConfig(cp=2))
+    config.check_session_len(model)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({"hidden_act": "silu"}, "hidden_act"),
+    ],
+)
+def test_gemma1_config_refuses_what_is_not_run(change: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        ModelConfig.from_dict({**GEMMA_7B, **change})

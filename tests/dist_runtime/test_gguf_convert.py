@@ -703,14 +703,15 @@ _GEMMA_TO_GGUF = {
 """llama.cpp's names for Gemma's norms (the others are Llama's)."""
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
 def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) -> None:
-    """A gemma2 / gemma3 GGUF as llama.cpp writes one (q/k rows as HF has them, every norm
-    weight stored as 1 + w, no output tensor; the window and Gemma 2's soft-caps in the
-    metadata, the windowed layers, Gemma 3's local RoPE base and the softmax scale of a
-    non-27B size fixed by llama.cpp) becomes a Gemma folder: its weights are transformers' GGUF
-    loading's (the source's to float32 rounding of 1 + w), its config reads as the source's,
-    and the runtime decodes the source model's greedy tokens past the window."""
+    """A gemma / gemma2 / gemma3 GGUF as llama.cpp writes one (q/k rows as HF has them, every
+    norm weight stored as 1 + w, no output tensor; Gemma 1's tensors named as Llama's; the
+    window and Gemma 2's soft-caps in the metadata, the windowed layers, Gemma 3's local RoPE
+    base and the softmax scale of a non-27B size fixed by llama.cpp) becomes a Gemma folder:
+    its weights are transformers' GGUF loading's (the source's to float32 rounding of 1 + w),
+    its config reads as the source's, and the runtime decodes the source model's greedy tokens
+    (past the window)."""
     from transformers import AutoModelForCausalLM
 
     from dist_runtime.formats.random_checkpoint import write_random_checkpoint
@@ -727,13 +728,15 @@ def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) ->
     )  # fmt: skip
     hf_config = json.loads((source_dir / "config.json").read_text())
     every = 6 if arch == "gemma3" else 2
-    hf_config.update(  # (what llama.cpp fixes for a model of this size)
-        query_pre_attn_scalar=TINY["head_dim"],
-        sliding_window=window,
-        layer_types=[
-            "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)
-        ],
-    )
+    if arch != "gemma":
+        hf_config.update(  # (what llama.cpp fixes for a model of this size)
+            query_pre_attn_scalar=TINY["head_dim"],
+            sliding_window=window,
+            layer_types=[
+                "full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                for i in range(layers)
+            ],
+        )
     if arch == "gemma3":
         hf_config["rope_local_base_freq"] = 10000.0
     (source_dir / "config.json").write_text(json.dumps(hf_config))
@@ -741,23 +744,25 @@ def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) ->
     assert any(k.endswith("self_attn.q_norm.weight") for k in sd) == (arch == "gemma3")
     stored = {k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}
 
+    names = {} if arch == "gemma" else _GEMMA_TO_GGUF
+
     def configure(w: Any) -> None:
         w.add_key_length(TINY["head_dim"])
         w.add_value_length(TINY["head_dim"])
-        w.add_sliding_window(window)
+        if arch != "gemma":
+            w.add_sliding_window(window)
         if arch == "gemma2":
             w.add_float32("gemma2.attn_logit_softcapping", hf_config["attn_logit_softcapping"])
             w.add_float32("gemma2.final_logit_softcapping", hf_config["final_logit_softcapping"])
 
     src = tmp_path / f"{arch}.gguf"
-    write_tiny_gguf(
-        src, stored, arch=arch, configure=configure, layers=layers, names=_GEMMA_TO_GGUF
-    )
+    write_tiny_gguf(src, stored, arch=arch, configure=configure, layers=layers, names=names)
     out = convert_gguf(src, tmp_path / "hf", progress=False)
 
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == hf_config["architectures"]
-    for key in ("query_pre_attn_scalar", "sliding_window", "layer_types", "hidden_activation"):
+    keys = ("query_pre_attn_scalar", "sliding_window", "layer_types", "hidden_activation")
+    for key in keys if arch != "gemma" else ():
         assert config[key] == hf_config[key], key
     ours_cfg, want_cfg = ModelConfig.from_pretrained(out), ModelConfig.from_pretrained(source_dir)
     for field in (
@@ -768,13 +773,18 @@ def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) ->
         "attn_logit_softcapping",
         "final_logit_softcapping",
         "sandwich_norms",
+        "norm_weight_offset",
+        "embedding_multiplier",
         "hidden_act",
         "tie_word_embeddings",
     ):
         assert getattr(ours_cfg, field) == getattr(want_cfg, field), field
     ours = _read_weights(out)
     assert set(ours) == set(sd)
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=src.name).state_dict()
+    if arch == "gemma":  # (transformers' GGUF loading takes no gemma: its arithmetic by hand)
+        hf = {k: v - 1 if k.endswith("norm.weight") else v for k, v in stored.items()}
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=src.name).state_dict()
     for name, t in ours.items():
         assert torch.equal(t, hf[name]), name
         torch.testing.assert_close(t, sd[name], rtol=0, atol=1e-6)
@@ -788,7 +798,7 @@ def test_gemma_gguf_converts_to_a_gemma_checkpoint(tmp_path: Path, arch: str) ->
     types = {k: q4 for k in stored if k.rsplit(".", 2)[-2] in linears}
     src4 = tmp_path / f"{arch}-q4.gguf"
     write_tiny_gguf(
-        src4, stored, arch=arch, configure=configure, layers=layers, names=_GEMMA_TO_GGUF,
+        src4, stored, arch=arch, configure=configure, layers=layers, names=names,
         tensor_types=types,
     )  # fmt: skip
     folders = [

@@ -74,6 +74,8 @@ MODELS: dict[str, dict[str, Any]] = {
     # base, o folded into v.
     "gemma2-gqa": dict(architecture="gemma2", num_heads=4, num_kv_heads=2),
     "gemma3-mha": dict(architecture="gemma3", num_heads=4, num_kv_heads=4),
+    # Gemma 1: Llama's layers with 1 + w norms and GELU; one KV head (gemma-2b's MQA).
+    "gemma-mqa": dict(architecture="gemma", num_heads=4, num_kv_heads=1),
 }
 GEMMA_WINDOW = 24
 """The micro Gemmas' sliding window: shorter than the held-out and calibration texts."""

@@ -20,7 +20,7 @@ from dist_runtime.formats.random_checkpoint import unpack_internlm2_wqkv
 
 def load_hf_llama(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Any:
     """Load a Llama or InternLM2 checkpoint folder as an eval-mode eager-attention HF Llama (a
-    Mistral, Ministral, Qwen2, Qwen3, Phi-3, Granite, GLM or Gemma 2 / 3 one as HF's own)."""
+    Mistral, Ministral, Qwen2, Qwen3, Phi-3, Granite, GLM or Gemma 1 / 2 / 3 one as HF's own)."""
     folder = Path(folder)
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model: Any
@@ -34,6 +34,7 @@ def load_hf_llama(folder: str | os.PathLike[str], dtype: torch.dtype = torch.flo
         ["Phi3ForCausalLM"],
         ["GraniteForCausalLM"],
         ["GlmForCausalLM"],
+        ["GemmaForCausalLM"],
         ["Gemma2ForCausalLM"],
         ["Gemma3ForCausalLM"],
     ):
