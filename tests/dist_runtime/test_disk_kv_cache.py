@@ -1177,6 +1177,7 @@ def test_reset_forgets_every_tier_and_running_requests_go_on(
     ) as rt:
         first = rt.generate([DOC + [7]], PARAMS)[0]
         rt.engine.wait_idle(10)
+        rt.engine.call(rt.engine.executor.flush_disk_kv)  # type: ignore[union-attr]
         forgot = rt.reset_prefix_cache(disk=False)
         assert forgot["device"] == 32 and forgot["disk"] == 0
         assert rt.engine.blocks.num_free_blocks == 70
