@@ -34,11 +34,11 @@ import os
 import sys
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_runtime import Runtime, SamplingParams  # noqa: E402
+from dist_runtime import SamplingParams  # noqa: E402
 from dist_runtime.engine.executor.base import WorkerError  # noqa: E402
 from dist_runtime.engine.handle import RequestHandle  # noqa: E402
 from dist_runtime.engine.outputs import RequestOutput  # noqa: E402
@@ -56,6 +56,9 @@ from launch.run import (  # noqa: E402
     start_runtime,
     with_model,
 )
+
+if TYPE_CHECKING:  # (the Runtime, and torch with it, loads once the flags are checked)
+    from dist_runtime import Runtime
 
 logger = logging.getLogger("launch.chat")
 

@@ -34,11 +34,11 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_runtime import Runtime, RuntimeConfig, SamplingParams  # noqa: E402
+from dist_runtime import RuntimeConfig, SamplingParams  # noqa: E402
 from dist_runtime.config import (  # noqa: E402
     CacheConfig,
     ConfigError,
@@ -59,6 +59,9 @@ from dist_runtime.progress import plural  # noqa: E402
 from dist_runtime.text.chat import encode_chat  # noqa: E402
 from dist_runtime.text.documents import harbor_report  # noqa: E402
 from dist_runtime.text.guided import grammar_argument, schema_argument  # noqa: E402
+
+if TYPE_CHECKING:  # (the Runtime, and torch with it, loads once the flags are checked)
+    from dist_runtime import Runtime
 
 logger = logging.getLogger("launch.run")
 
@@ -1190,6 +1193,8 @@ def start_runtime(config: RuntimeConfig, args: argparse.Namespace, service: bool
 
         signal.signal(signal.SIGTERM, interrupt)
     try:
+        from dist_runtime.runtime import Runtime
+
         return Runtime(config=config)
     except (KeyboardInterrupt, SystemExit):  # ours, or Ray's own handler while ray.init runs
         logger.info("stopped during start-up; nothing ran")

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from dist_runtime import Runtime, SamplingParams
+from dist_runtime import runtime as runtime_module
 from dist_runtime.formats.demo_model import demo_model_path
 from dist_runtime.text.documents import harbor_report
 from launch import chat
@@ -249,7 +250,7 @@ def test_help_states_defaults_and_bad_flags_fail_before_loading(
     def no_runtime(*a: Any, **k: Any) -> None:
         raise AssertionError("the runtime must not start")
 
-    monkeypatch.setattr(chat, "Runtime", no_runtime)
+    monkeypatch.setattr(runtime_module, "Runtime", no_runtime)
     monkeypatch.setattr(chat, "with_model", no_runtime)
     for argv in (["--max-new-tokens", "0"], ["--temperature", "-1"], ["--top-p", "0"]):
         assert chat.main(argv) == 2

