@@ -1600,26 +1600,7 @@ class RuntimeConfig:
         return model
 
     def check_session_len(self, model: ModelConfig) -> None:
-        """Refuse, before any work, a session longer than the model's RoPE supports, or one
-        that would pass its sliding window with cp > 1 (context parallelism stripes a
-        sequence's keys over ranks; its attention spans every earlier key), or cp > 1 with
-        soft-capped attention scores."""
-        window = model.sliding_window
-        if window is not None and self.session_len > window and self.parallel.cp > 1:
-            raise ConfigError(
-                f"cp {self.parallel.cp} with session_len {self.session_len}: this checkpoint "
-                f"attends within a sliding window of {window} tokens, which context "
-                f"parallelism does not implement; use cp 1 (its KV per token is what tp "
-                f"shards), or a session_len of at most {window}",
-                key="parallel.cp",
-            )
-        if model.attn_logit_softcapping and self.parallel.cp > 1:
-            raise ConfigError(
-                f"cp {self.parallel.cp}: this checkpoint soft-caps its attention scores "
-                f"(attn_logit_softcapping {model.attn_logit_softcapping}), which ring attention "
-                "does not implement; use cp 1",
-                key="parallel.cp",
-            )
+        """Refuse, before any work, a session longer than the model's RoPE supports."""
         limit = model.max_rope_len()
         if limit is not None and self.session_len > limit and not self.allow_rope_extrapolation:
             scaling = model.rope_scaling

@@ -15,8 +15,9 @@ The Triton kernel, `position_attention_triton`, is `_flash_attn_kernel` with pos
 `q_pos` / `k_pos` instead of offset + index. Keys need not be sorted, so a key tile's visibility
 is decided from the positions it loads: skipped when its smallest position is past the row
 tile's largest, unmasked when its largest is at or before the row tile's smallest, else masked.
-It has no sliding window (context parallelism refuses windowed models): `position_attention`
-runs the reference for a window.
+It has no sliding window and no soft-cap: `position_attention` runs the reference for either
+(context parallelism's prefill of a windowed or soft-capped model, whose tiles before every
+query's window the reference skips).
 """
 
 from __future__ import annotations
@@ -572,12 +573,16 @@ def position_attention(
     scale: float,
     keys_sorted: bool = False,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton on CUDA (or when forced) for the head dims and dtypes it takes, else the reference.
     `keys_sorted`: the caller guarantees non-decreasing k_pos (see position_attention_triton).
-    A sliding window (window > 0) always runs the reference: the kernel has none."""
-    if not window and use_triton(q.device) and _triton_can_run(q, k, v):
+    A sliding window (window > 0) or a soft-cap (softcap > 0, `position_attention_ref`) always
+    runs the reference: the kernel has neither."""
+    if not window and not softcap and use_triton(q.device) and _triton_can_run(q, k, v):
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return position_attention_triton(q, q_pos, k, v, k_pos, scale, keys_sorted)
-    return position_attention_ref(q, q_pos, k, v, k_pos, scale, keys_sorted, window=window)
+    return position_attention_ref(
+        q, q_pos, k, v, k_pos, scale, keys_sorted, window=window, softcap=softcap
+    )

@@ -156,6 +156,45 @@ def test_dynamic_ntk_request_base_with_cp(
     _assert_same(outs[2], outs[0], "dynamic NTK cp=2, decode graphs")
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_windows_and_capped_scores_with_cp(
+    ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    """A window of 11 on every layer (Mistral: each cp rank gives its passed blocks back as a
+    sequence moves on, decode steps with static shapes as graphs have them) and on every
+    second one with capped scores (Gemma 2): cp = 2 (ring chunks, chunks over the cached
+    prefix, windowed decodes reading only the blocks a window reaches) gives cp = 1's tokens
+    and log-probabilities, the prompts and the decodes well past the window."""
+    import json
+
+    from dist_runtime.config import ModelConfig
+    from dist_runtime.formats.random_checkpoint import write_random_checkpoint
+
+    folder = write_random_checkpoint(
+        tmp_path / arch,
+        architecture="llama" if arch == "mistral" else arch,
+        seed=7,
+        with_tokenizer=False,
+        **TINY_SHAPES,
+    )
+    path = folder / "config.json"
+    config = {**json.loads(path.read_text()), "sliding_window": 11}
+    if arch == "mistral":
+        config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    path.write_text(json.dumps(config))
+    model = ModelConfig.from_pretrained(str(folder))
+    windows = [model.layer_window(i) for i in range(model.num_layers)]
+    assert windows == ([11, 11] if arch == "mistral" else [11, 0])
+    assert bool(model.attn_logit_softcapping) == (arch == "gemma2")
+    graphs = "emulate" if arch == "mistral" else "auto"
+    monkeypatch.setenv("DIST_RUNTIME_DECODE_GRAPHS", graphs)
+    outs = []
+    for cp in (1, 2):
+        with _runtime(folder, 1, cp) as rt:
+            outs.append(rt.generate(PROMPTS, PARAMS))
+    _assert_same(outs[1], outs[0], f"{arch} cp=2")
+
+
 def test_session_that_does_not_fit_fails_at_start_and_cp_fixes_it(
     ray_cluster: Any, tiny_llama_dir: Path
 ) -> None:

@@ -20,6 +20,12 @@ Attention, per layer:
   one all-gather of the partial (out, lse) pairs per layer lets every rank merge them. The
   step's shapes depend on the batch size only, so it replays from a CUDA graph
   (`workers/cuda_graph.py`), collectives included.
+
+Sliding windows and soft-capped scores (Mistral, Phi-3-mini, Qwen's windowed layers, Gemma
+2 / 3) ride along: prefill masks by position (`position_attention`, which skips the key tiles
+before every query's window), and a windowed layer's decode reads, per sequence, only the
+last few local blocks its window can reach (a fixed count, so the step still replays from a
+graph), masked by position (`_windowed_decode`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 
 from kernels.flash_decode import flash_decode
 from kernels.kv_quant import fake_quant_kv, select_blocks
-from kernels.position_attention import merge_partials, position_attention
+from kernels.position_attention import merge_partials, position_attention, soft_cap
 from workers.distributed import Collectives
 from workers.kv_cache import LayerKV
 from workers.ring_attention import RankRows, ring_attention
@@ -140,9 +146,12 @@ def cp_attention(
     meta: CPMetadata,
     comm: Collectives,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Exact attention of this rank's rows; k, v are this rank's new keys, already stored in
-    the cache. Returns (rows, q_heads, head_dim).
+    the cache. Returns (rows, q_heads, head_dim). window > 0: a sliding window of that many
+    positions; softcap > 0: the scaled scores capped (`position_attention_ref`).
 
     With a quantized cache every path attends to what the cache holds: a fresh chunk's ring
     passes carry its K/V quantized and dequantized again (`fake_quant_kv`, equal to reading the
@@ -152,7 +161,7 @@ def cp_attention(
     if meta.fresh:
         if bits:
             k, v = fake_quant_kv(k, bits), fake_quant_kv(v, bits)
-        out, _ = ring_attention(q, k, v, meta.layouts, comm, scale)
+        out, _ = ring_attention(q, k, v, meta.layouts, comm, scale, window, softcap)
         return out
     cp, n_max = comm.cp_size, meta.n_max
     n, heads, d = q.shape
@@ -169,7 +178,9 @@ def cp_attention(
         vb = select_blocks(v_cache, cache.v_params, bits, keys.blocks, q.dtype)
         kb, vb = kb.flatten(0, 1)[:m], vb.flatten(0, 1)[:m]
         # The shard's blocks in table order: positions ascend.
-        o, s = position_attention(queries[idx], qp, kb, vb, keys.positions, scale, keys_sorted=True)
+        o, s = position_attention(
+            queries[idx], qp, kb, vb, keys.positions, scale, True, window, softcap
+        )
         part[idx] = o
         part_lse[idx] = s.float()
     back = comm.cp_all_to_all(part.view(cp, n_max, heads, d))[:, :n]
@@ -215,32 +226,96 @@ def cp_decode_attention(
     local_lens: torch.Tensor,
     comm: Collectives,
     scale: float,
+    positions: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Decode attention of every sequence's query over the KV shards of all cp ranks.
 
     q: (batch, q_heads, head_dim), the same rows on every cp rank; block_tables / local_lens:
     this rank's blocks of each sequence and how many keys they hold (0 where this rank holds
     none yet). Returns the exact attention (batch, q_heads, head_dim) on every rank.
+    window > 0 (a sliding window; `positions`, each query's position, required) reads only the
+    blocks it can reach (`_windowed_decode`); softcap > 0 caps the scaled scores.
 
     No host sync and no data-dependent shape: a CUDA graph captures it. A row with no local
     keys reads one key of its (zero-padded) table and is then given lse -inf, so it weighs
     nothing in the merge.
     """
-    empty = local_lens == 0
-    out, lse = flash_decode(
-        q,
-        cache.k,
-        cache.v,
-        block_tables,
-        local_lens.clamp(min=1),
-        scale,
-        return_lse=True,
-        **cache.quant_args(),  # type: ignore[arg-type]
-    )
-    assert lse is not None
-    out = out.masked_fill(empty[:, None, None], 0.0)
-    lse = lse.float().masked_fill(empty[:, None], float("-inf"))
+    if window:
+        if positions is None:
+            raise ValueError("a windowed cp decode needs each query's position")
+        out, lse = _windowed_decode(
+            q, cache, block_tables, local_lens, positions, comm, scale, window, softcap
+        )
+    else:
+        empty = local_lens == 0
+        out, maybe_lse = flash_decode(
+            q,
+            cache.k,
+            cache.v,
+            block_tables,
+            local_lens.clamp(min=1),
+            scale,
+            softcap=softcap,
+            return_lse=True,
+            **cache.quant_args(),  # type: ignore[arg-type]
+        )
+        assert maybe_lse is not None
+        out = out.masked_fill(empty[:, None, None], 0.0)
+        lse = maybe_lse.float().masked_fill(empty[:, None], float("-inf"))
     gathered = comm.cp_all_gather(_pack_lse(out, lse))  # (cp, batch, q_heads, d + k)
     outs, lses = _unpack_lse(gathered, q.shape[-1])
     merged, _ = merge_partials(outs, lses)
     return merged
+
+
+def window_blocks(window: int, block_size: int, cp_size: int) -> int:
+    """The most of one cp rank's blocks a query's window of `window` positions can reach: the
+    window meets at most (window - 1) // block_size + 2 logical blocks, every cp_size-th one
+    this rank's."""
+    return -(-((window - 1) // block_size + 2) // cp_size)
+
+
+def _windowed_decode(
+    q: torch.Tensor,
+    cache: LayerKV,
+    block_tables: torch.Tensor,
+    local_lens: torch.Tensor,
+    positions: torch.Tensor,
+    comm: Collectives,
+    scale: float,
+    window: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's partial (out, lse fp32) of a windowed layer's decode: each query at position
+    p sees its sequence's keys at positions (p - window, p]. Those lie in this rank's last
+    `window_blocks` local blocks of the sequence (local block j holds logical block
+    j * cp + rank), so a fixed-size gather of them, masked by position, is the whole
+    attention: blocks the window has passed, which the scheduler gave back and another
+    sequence may hold now, are never visible."""
+    cp, rank = comm.cp_size, comm.cp_rank
+    batch, q_heads, d = q.shape
+    bs, kv_heads = cache.k.shape[1], cache.k.shape[2]
+    span = min(window_blocks(window, bs, cp), block_tables.shape[1])  # (none past the table)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    nb = torch.div(local_lens + bs - 1, bs, rounding_mode="floor").long()  # local blocks used
+    j = nb[:, None] - span + torch.arange(span, device=q.device)[None]  # (batch, span)
+    ids = block_tables.long().gather(1, j.clamp(min=0, max=block_tables.shape[1] - 1))
+    k = select_blocks(cache.k, cache.k_params, cache.bits, ids.flatten(), q.dtype)
+    v = select_blocks(cache.v, cache.v_params, cache.bits, ids.flatten(), q.dtype)
+    k = k.view(batch, span * bs, kv_heads, d).to(compute)
+    v = v.view(batch, span * bs, kv_heads, d).to(compute)
+    offsets = torch.arange(bs, device=q.device)
+    key_pos = ((j * cp + rank) * bs)[:, :, None] + offsets  # (batch, span, bs)
+    p = positions.long()[:, None, None]
+    visible = (j[:, :, None] >= 0) & (key_pos <= p) & (key_pos > p - window)
+    visible = visible.view(batch, 1, 1, span * bs)
+    group = q_heads // kv_heads
+    qg = q.to(compute).view(batch, kv_heads, group, d)
+    scores = torch.einsum("bhgd,bmhd->bhgm", qg, k)  # (batch, kv_heads, group, keys)
+    scores = soft_cap(scores, softcap, scale).masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (batch, kv_heads, group); -inf: no key here
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
+    out = torch.einsum("bhgm,bmhd->bhgd", probs, v).reshape(batch, q_heads, d)
+    return out.to(q.dtype), lse.reshape(batch, q_heads).float()

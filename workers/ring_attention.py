@@ -41,12 +41,17 @@ def ring_attention(
     layouts: list[RankRows],
     comm: Collectives,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of this rank's rows over every rank's rows of the same sequence.
 
     q: (n, q_heads, d), k, v: (n, kv_heads, d), this rank's rows as `layouts[comm.cp_rank]`
     describes them; `layouts[j]` is cp rank j's layout (the same list on every rank). Query row
-    i (sequence s, position p) sees each key row of sequence s, on any rank, at position <= p.
+    i (sequence s, position p) sees each key row of sequence s, on any rank, at position <= p
+    (and > p - window with a sliding window, window > 0); softcap > 0 caps the scaled scores
+    (`position_attention_ref`). A block wholly before every query's window still travels the
+    ring (every message has one shape), but costs no compute.
 
     Returns out (n, q_heads, d) in q's dtype and lse (n, q_heads) fp32 (fp64 for fp64 inputs);
     a row that sees no key gets out 0 and lse -inf. Collective over the cp group: every cp rank
@@ -75,7 +80,7 @@ def ring_attention(
         owner = (rank - step) % cp  # whose K/V this rank holds at this step
         # Send on what we hold before computing on it; the last block goes nowhere.
         transfer = comm.cp_ring_shift([k_blk, v_blk]) if step + 1 < cp else None
-        _attend_block(q, mine, k_blk, v_blk, layouts[owner], scale, out, lse)
+        _attend_block(q, mine, k_blk, v_blk, layouts[owner], scale, out, lse, window, softcap)
         if transfer is not None:
             k_blk, v_blk = transfer.wait()
     return out.to(q.dtype), lse
@@ -99,6 +104,8 @@ def _attend_block(
     scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> None:
     """Fold the attention of this rank's queries over one rank's key block into (out, lse).
 
@@ -118,6 +125,8 @@ def _attend_block(
             theirs.positions[k0 : k0 + kn],
             scale,
             keys_sorted=True,  # a rank's rows of one sequence are its blocks in order
+            window=window,
+            softcap=softcap,
         )
         rows = slice(q0, q0 + qn)
         out[rows], lse[rows] = merge_pair(out[rows], lse[rows], o, s)

@@ -6,11 +6,11 @@ tanh form, q / k head norms, a sqrt(hidden) embedding scale, the attention scale
 `query_pre_attn_scalar`, sliding-window layers with their own RoPE base between global ones
 (which alone take rope_scaling), and the optional final-logit soft-cap. Gemma 2
 (`Gemma2ForCausalLM`): the same without the head norms and the local RoPE base, with its
-attention scores soft-capped (`attn_logit_softcapping`; cp > 1 refused for it). Checked against
+attention scores soft-capped (`attn_logit_softcapping`). Checked against
 HF's own classes on random checkpoints, and the configs against what transformers writes and
 reads. Gemma 1 (`GemmaForCausalLM`: gemma-2b / -7b, CodeGemma): Llama's layers and names with
 Gemma's 1 + weight norms, GELU's tanh form and sqrt(hidden) embedding scale, no windows and no
-soft-caps, so cp > 1 takes it."""
+soft-caps. (cp > 1 with windows and capped scores: tests/test_context_parallel.py.)"""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from dist_runtime import Runtime, SamplingParams
 from dist_runtime.config import (
     ConfigError,
     ModelConfig,
-    ParallelConfig,
     RuntimeConfig,
     SchedulerConfig,
 )
@@ -303,15 +302,6 @@ def test_gemma3_config_refuses_what_is_not_run(change: dict[str, Any], named: st
         ModelConfig.from_dict({**GEMMA3_1B, **change})
 
 
-def test_gemma3_cp_past_the_window_is_refused(tmp_path: Path) -> None:
-    """(`launch/quantize.py` takes Gemma: tests/dist_runtime/test_quantize.py.)"""
-    folder = _gemma(tmp_path, seed=35)
-    model = ModelConfig.from_pretrained(str(folder))
-    config = RuntimeConfig(model=str(folder), session_len=64, parallel=ParallelConfig(cp=2))
-    with pytest.raises(ConfigError, match="sliding window"):
-        config.check_session_len(model)
-
-
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Weights that make every part count: norms 0.1 * N(0, 1) (scales near 1), projections
     std 1 / sqrt(fan_in), embeddings std 1."""
@@ -439,15 +429,6 @@ def test_gemma2_2b_config_reads_as_transformers_does() -> None:
     assert off.attn_logit_softcapping is None
 
 
-def test_gemma2_soft_capped_attention_refuses_cp() -> None:
-    model = ModelConfig.from_dict(GEMMA2_2B)
-    config = RuntimeConfig(model="unused", session_len=1024, parallel=ParallelConfig(cp=2))
-    with pytest.raises(ConfigError, match="soft-caps its attention scores") as e:
-        config.check_session_len(model)
-    assert e.value.key == "parallel.cp"
-    RuntimeConfig(model="unused", session_len=1024).check_session_len(model)
-
-
 GEMMA_7B: dict[str, Any] = {
     "architectures": ["GemmaForCausalLM"],
     "attention_bias": False,
@@ -503,9 +484,6 @@ def test_gemma1_7b_config_reads_as_transformers_does() -> None:
     assert model.final_logit_softcapping is None and model.attn_logit_softcapping is None
     assert model.sliding_window is None and model.max_rope_len() == 8192
     assert model.eos_token_ids == (1,) and model.rope_theta == 10000.0
-    # (no window and no soft-cap: the long-context mesh takes it)
-    config = RuntimeConfig(model="unused", session_len=8192, parallel=ParallelConfig(cp=2))
-    config.check_session_len(model)
 
 
 @pytest.mark.parametrize(

@@ -249,8 +249,6 @@ def test_a_cached_prefix_longer_than_the_cache_is_found_again(tmp_path: Path) ->
 
 def test_windowed_config_errors(tmp_path: Path) -> None:
     folder = _mistral(tmp_path)
-    with pytest.raises(ConfigError, match="cp 2 with session_len 64: this checkpoint attends"):
-        Runtime(model=str(folder), device="cpu", cp=2, session_len=64)
     path = folder / "config.json"
     config = json.loads(path.read_text())
     kinds = ["full_attention", "chunked"]

@@ -1,5 +1,6 @@
-"""Pieces of cp > 1 decode that need no peers: each rank's key count and the packed (out, lse)
-message. `tests/test_context_parallel.py` runs the whole path over Ray against one device."""
+"""Pieces of cp > 1 decode that need no peers: each rank's key count, the packed (out, lse)
+message, and the attention itself (with a window and capped scores too).
+`tests/test_context_parallel.py` runs the whole path over Ray against one device."""
 
 from __future__ import annotations
 
@@ -148,3 +149,52 @@ def test_cp_decode_attention_merges_both_shards(device: str) -> None:
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(graphed, got[0])
+
+
+@pytest.mark.parametrize(
+    ("window", "softcap"),
+    [(0, 2.0), (5, 0.0), (9, 2.0), (100, 0.0)],
+    ids=["cap", "window-5", "window-9-cap", "window-past-the-table"],
+)
+def test_windowed_and_capped_cp_decode_matches_the_oracle(window: int, softcap: float) -> None:
+    """A sliding window (each query at p sees positions (p - window, p]) and capped scores over
+    both shards equal a float64 oracle over the visible keys alone, while the blocks the
+    window has passed hold another sequence's (large) values, as they may once the scheduler
+    gave them back; rows whose window holds none of a rank's keys merge to the same result."""
+    from kernels.position_attention import soft_cap
+
+    lengths, q_heads, kv_heads, d, bs = [1, 4, 5, 9, 17, 40], 4, 2, 16, 4
+    layers, tables, counts, full = _sharded_cache(lengths, kv_heads, d, bs, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(5)
+    for b, n in enumerate(lengths):
+        passed = (n - window) // bs if window else 0  # whole blocks before the window
+        for i in range(max(passed, 0)):
+            block = int(tables[i % 2][b, i // 2])
+            noise = 1e3 * torch.randn(2, bs, kv_heads, d, generator=gen)
+            layers[i % 2].k[block], layers[i % 2].v[block] = noise[0], noise[1]
+    q64 = torch.randn(len(lengths), q_heads, d, generator=gen, dtype=torch.float64)
+    q, scale = q64.float(), d**-0.5
+    positions = torch.tensor(lengths) - 1
+
+    def attend(rank: int, peer: _Peer) -> torch.Tensor:
+        comm = cast(Collectives, peer)
+        return cp_decode_attention(
+            q, layers[rank], tables[rank], counts[rank], comm, scale, positions, window, softcap
+        )
+
+    record = [_Peer(rank) for rank in (0, 1)]
+    for rank in (0, 1):
+        attend(rank, record[rank])
+    got = [attend(rank, _Peer(rank, record[1 - rank].sent)) for rank in (0, 1)]
+    group = q_heads // kv_heads
+
+    def oracle(b: int) -> torch.Tensor:
+        n = lengths[b]
+        first = max(0, n - window) if window else 0
+        k, v = (x[first:n].float().double().repeat_interleave(group, 1) for x in full[b])
+        scores = soft_cap(torch.einsum("hd,khd->hk", q[b].double(), k), softcap, scale)
+        return torch.einsum("hk,khd->hd", torch.softmax(scores, -1), v)
+
+    want = torch.stack([oracle(b) for b in range(len(lengths))])
+    for out in got:
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)

@@ -46,6 +46,10 @@ class Case:
     head_dim: int = 16
     dtype: torch.dtype = torch.float32
     seed: int = 0
+    window: int = 0
+    """A sliding window: query p sees positions (p - window, p]; 0: every earlier one."""
+    softcap: float = 0.0
+    """Scaled scores s become softcap * tanh(s / softcap); 0: as they are."""
 
 
 CASES = [
@@ -60,6 +64,9 @@ CASES = [
     Case("cp4-fp64", 4, (37, 20), 4, dtype=torch.float64),
     Case("cp4-bf16", 4, (100,), 4, dtype=torch.bfloat16),
     Case("cp2-8k", 2, (8192,), 64, q_heads=2, kv_heads=1, head_dim=32),
+    Case("cp2-window", 2, (1, 37, 100), 4, window=11),
+    Case("cp3-window-cap", 3, (100, 5), 4, kv_heads=1, window=20, softcap=2.0),
+    Case("cp4-cap", 4, (37, 64), 16, softcap=1.5),
 ]
 SLOW_CASES = [
     Case(f"cp{cp}-{n // 1024}k", cp, (n,), 64, q_heads=2, kv_heads=1, head_dim=32)
@@ -148,7 +155,9 @@ def _worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -
                 cp_group=groups[case.cp] if case.cp > 1 else None,
             )
             q, k, v = local_inputs(case, rank)
-            results[case.name] = ring_attention(q, k, v, layouts(case), comm, scale_of(case))
+            results[case.name] = ring_attention(
+                q, k, v, layouts(case), comm, scale_of(case), case.window, case.softcap
+            )
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
     finally:
@@ -183,19 +192,29 @@ def default_results(tmp_path_factory: pytest.TempPathFactory) -> Results:
 
 
 def causal_oracle(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of one sequence: float64 brute force (with lse) when short, else fp32
-    SDPA (lse None)."""
+    SDPA (lse None; no window, no cap)."""
     group = q.shape[1] // k.shape[1]
     if q.shape[0] <= BRUTE_MAX_TOKENS:
         q64, k64, v64 = (x.double().transpose(0, 1) for x in (q, k, v))  # (heads, n, d)
         k64, v64 = k64.repeat_interleave(group, 0), v64.repeat_interleave(group, 0)
         scores = q64 @ k64.transpose(1, 2) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         future = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).triu(1)
+        if window:  # (keys window or more positions back)
+            future |= torch.ones_like(future).tril(-window)
         scores = scores.masked_fill(future, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v64
         return out.transpose(0, 1), torch.logsumexp(scores, dim=-1).transpose(0, 1)
+    assert not window and not softcap, "windowed or capped cases must be brute-force sized"
     qh, kh, vh = (x.float().transpose(0, 1)[None] for x in (q, k, v))  # (1, heads, n, d)
     out = torch.nn.functional.scaled_dot_product_attention(
         qh,
@@ -211,7 +230,7 @@ def causal_oracle(
 @functools.cache
 def sequence_oracle(case: Case, seq: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The oracle of one sequence of a case, computed once for all its ranks."""
-    return causal_oracle(*full_inputs(case)[seq], scale_of(case))
+    return causal_oracle(*full_inputs(case)[seq], scale_of(case), case.window, case.softcap)
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -305,12 +324,14 @@ def test_schedule_overlaps_transfer_with_compute(monkeypatch: pytest.MonkeyPatch
         k_pos: torch.Tensor,
         scale: float,
         keys_sorted: bool = False,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Positions identify the rank whose keys these are (each block has one owner).
         owner = int(k_pos[0]) // case.block_size % case.cp
         if log[-1:] != [f"compute {owner}"]:
             log.append(f"compute {owner}")
-        return real(q, q_pos, k, v, k_pos, scale, keys_sorted)
+        return real(q, q_pos, k, v, k_pos, scale, keys_sorted, window, softcap)
 
     monkeypatch.setattr(ring, "position_attention", logged)
     q, k, v = local_inputs(case, rank)

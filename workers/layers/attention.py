@@ -163,11 +163,21 @@ class Attention(nn.Module):
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **quant)  # type: ignore[arg-type]
         if meta.cp_decode:
             out = cp_decode_attention(
-                q, kv_cache, meta.block_tables, meta.context_lens, self.comm, self.scale
+                q,
+                kv_cache,
+                meta.block_tables,
+                meta.context_lens,
+                self.comm,
+                self.scale,
+                positions,
+                self.window,
+                self.softcap,
             )
             return self.o_proj(out.reshape(tokens, self.q_size))
         if meta.cp is not None:
-            out = cp_attention(q, k, v, kv_cache, meta.cp, self.comm, self.scale)
+            out = cp_attention(
+                q, k, v, kv_cache, meta.cp, self.comm, self.scale, self.window, self.softcap
+            )
             return self.o_proj(out.reshape(tokens, self.q_size))
         if meta.is_decode:
             out, _ = flash_decode(
