@@ -601,6 +601,15 @@ def scenarios(
             f"{tag} position_attention {t}" + (" sorted keys" if keys_sorted else ""),
             partial(position_attention_triton, q, pos, k, v, pos, scale, keys_sorted),
         )
+        for window, softcap, label in variants:  # (cp > 1 prefill of such a model)
+            yield (
+                f"{tag} position_attention {t}" + (" sorted keys" if keys_sorted else "")
+                + f" {label}",
+                partial(
+                    position_attention_triton, q, pos, k, v, pos, scale, keys_sorted, window,
+                    softcap,
+                ),
+            )  # fmt: skip
     for rows in (t, 1):
         out = torch.empty(rows, s.q_heads, d, dtype=dtype)
         lse_rows = torch.empty(rows, s.q_heads, dtype=torch.float32)

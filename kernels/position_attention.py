@@ -15,9 +15,10 @@ The Triton kernel, `position_attention_triton`, is `_flash_attn_kernel` with pos
 `q_pos` / `k_pos` instead of offset + index. Keys need not be sorted, so a key tile's visibility
 is decided from the positions it loads: skipped when its smallest position is past the row
 tile's largest, unmasked when its largest is at or before the row tile's smallest, else masked.
-It has no sliding window and no soft-cap: `position_attention` runs the reference for either
-(context parallelism's prefill of a windowed or soft-capped model, whose tiles before every
-query's window the reference skips).
+With a window (WINDOW) a key tile wholly before every row's window is skipped too, and one
+that straddles a window's start is masked; with a soft-cap (SOFTCAP) the raw scores are capped
+before the mask, as in the paged prefill kernel (context parallelism's prefill of a windowed
+or soft-capped model).
 """
 
 from __future__ import annotations
@@ -285,15 +286,20 @@ def _position_key_tile(
     stride_k_tok,
     stride_v_tok,
     scale_log2,
+    window,
+    softcap_c,
     BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr,
     DOT_F32: tl.constexpr,
     FAR_POS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Fold key tile [start_n, start_n + BLOCK_N) into (acc, l, m) by the keys' positions.
 
     EVEN_N: the tile lies wholly inside [0, k_len), so loads need no mask. Otherwise padding keys
-    get position FAR_POS, which no row sees, so the tile always takes the masked path.
+    get position FAR_POS, which no row sees, so the tile always takes the masked path. WINDOW:
+    row i sees only keys after q_pos[i] - window.
     """
     keys = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
     if EVEN_N:
@@ -301,8 +307,11 @@ def _position_key_tile(
     else:
         key_mask = keys < k_len
         k_pos = tl.load(k_pos_ptr + keys, mask=key_mask, other=FAR_POS)
-    # Every key after every row: nothing to do, and no K/V to load.
-    if tl.min(k_pos, 0) <= q_hi:
+    # Every key after every row (or before every row's window): nothing to do, no K/V to load.
+    needed = tl.min(k_pos, 0) <= q_hi
+    if WINDOW:
+        needed = needed & (tl.max(k_pos, 0) > q_lo - window)
+    if needed:
         if EVEN_N:
             k = tl.load(k_base + keys[:, None] * stride_k_tok)
             v = tl.load(v_base + keys[:, None] * stride_v_tok)
@@ -310,14 +319,19 @@ def _position_key_tile(
             k = tl.load(k_base + keys[:, None] * stride_k_tok, mask=key_mask[:, None], other=0.0)
             v = tl.load(v_base + keys[:, None] * stride_v_tok, mask=key_mask[:, None], other=0.0)
         # Every row sees every key (never so for a tail tile: its padding keys sit at FAR_POS).
-        if tl.max(k_pos, 0) <= q_lo:
+        whole = tl.max(k_pos, 0) <= q_lo
+        if WINDOW:
+            whole = whole & (tl.min(k_pos, 0) > q_hi - window)
+        if whole:
             acc, l_i, m_i = _online_softmax_tile(
-                acc, l_i, m_i, q, k, v, None, scale_log2, MASKED=False, DOT_F32=DOT_F32
+                acc, l_i, m_i, q, k, v, None, scale_log2, False, DOT_F32, SOFTCAP, softcap_c
             )
         else:
             keep = k_pos[None, :] <= q_pos[:, None]
+            if WINDOW:
+                keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
             acc, l_i, m_i = _online_softmax_tile(
-                acc, l_i, m_i, q, k, v, keep, scale_log2, MASKED=True, DOT_F32=DOT_F32
+                acc, l_i, m_i, q, k, v, keep, scale_log2, True, DOT_F32, SOFTCAP, softcap_c
             )
     return acc, l_i, m_i
 
@@ -335,6 +349,8 @@ def _position_attn_kernel(
     q_len,
     k_len,
     scale_log2,
+    window,
+    softcap_c,
     num_q_blocks,
     stride_q_tok,
     stride_q_head,
@@ -353,6 +369,8 @@ def _position_attn_kernel(
     DOT_F32: tl.constexpr,
     FAR_POS: tl.constexpr,
     KEYS_SORTED: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     pid = tl.program_id(0)
@@ -385,17 +403,22 @@ def _position_attn_kernel(
         # Keys [0, lo) sit at or before the tile's first position (every row sees them), keys
         # [lo, hi) inside its span (masked by position), keys from hi on after its last one.
         # Both loops have bounds known up front and unconditional loads, so they pipeline.
-        lo = tl.load(bounds_ptr + 2 * q_block)
-        hi = tl.load(bounds_ptr + 2 * q_block + 1)
+        # With a window, keys [0, first) sit at or before the tile's first row's window start
+        # (no row sees them) and the rest up to hi are masked by position and window alike.
+        lo = tl.load(bounds_ptr + 3 * q_block)
+        hi = tl.load(bounds_ptr + 3 * q_block + 1)
         offs_n = tl.arange(0, BLOCK_N)
         interior_end = (lo // BLOCK_N) * BLOCK_N
-        for start_n in range(0, interior_end, BLOCK_N):
-            keys = (start_n + offs_n).to(tl.int64)
-            k = tl.load(k_base + keys[:, None] * stride_k_tok)
-            v = tl.load(v_base + keys[:, None] * stride_v_tok)
-            acc, l_i, m_i = _online_softmax_tile(
-                acc, l_i, m_i, q, k, v, None, scale_log2, MASKED=False, DOT_F32=DOT_F32
-            )
+        if WINDOW:
+            interior_end = (tl.load(bounds_ptr + 3 * q_block + 2) // BLOCK_N) * BLOCK_N
+        else:
+            for start_n in range(0, interior_end, BLOCK_N):
+                keys = (start_n + offs_n).to(tl.int64)
+                k = tl.load(k_base + keys[:, None] * stride_k_tok)
+                v = tl.load(v_base + keys[:, None] * stride_v_tok)
+                acc, l_i, m_i = _online_softmax_tile(
+                    acc, l_i, m_i, q, k, v, None, scale_log2, False, DOT_F32, SOFTCAP, softcap_c
+                )
         for start_n in range(interior_end, hi, BLOCK_N):
             keys = (start_n + offs_n).to(tl.int64)
             key_mask = keys < hi
@@ -403,8 +426,10 @@ def _position_attn_kernel(
             k = tl.load(k_base + keys[:, None] * stride_k_tok, mask=key_mask[:, None], other=0.0)
             v = tl.load(v_base + keys[:, None] * stride_v_tok, mask=key_mask[:, None], other=0.0)
             keep = k_pos[None, :] <= q_pos[:, None]
+            if WINDOW:
+                keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
             acc, l_i, m_i = _online_softmax_tile(
-                acc, l_i, m_i, q, k, v, keep, scale_log2, MASKED=True, DOT_F32=DOT_F32
+                acc, l_i, m_i, q, k, v, keep, scale_log2, True, DOT_F32, SOFTCAP, softcap_c
             )
         out_ptrs = out_ptr + tok64[:, None] * stride_o_tok + (head * stride_o_head)[:, None]
         lse_ptrs = lse_ptr + tok64 * stride_lse_tok + head
@@ -428,10 +453,14 @@ def _position_attn_kernel(
             stride_k_tok,
             stride_v_tok,
             scale_log2,
+            window,
+            softcap_c,
             BLOCK_N=BLOCK_N,
             EVEN_N=True,
             DOT_F32=DOT_F32,
             FAR_POS=FAR_POS,
+            WINDOW=WINDOW,
+            SOFTCAP=SOFTCAP,
         )
     if full_end < k_len:
         acc, l_i, m_i = _position_key_tile(
@@ -450,10 +479,14 @@ def _position_attn_kernel(
             stride_k_tok,
             stride_v_tok,
             scale_log2,
+            window,
+            softcap_c,
             BLOCK_N=BLOCK_N,
             EVEN_N=False,
             DOT_F32=DOT_F32,
             FAR_POS=FAR_POS,
+            WINDOW=WINDOW,
+            SOFTCAP=SOFTCAP,
         )
 
     out_ptrs = out_ptr + tok64[:, None] * stride_o_tok + (head * stride_o_head)[:, None]
@@ -469,8 +502,11 @@ def position_attention_triton(
     k_pos: torch.Tensor,
     scale: float,
     keys_sorted: bool = False,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `position_attention_ref`.
+    """Triton twin of `position_attention_ref` (window > 0: a sliding window of that many
+    positions; softcap > 0: the scaled scores capped).
 
     q: (n, q_heads, head_dim); k, v: (m, kv_heads, head_dim), one of fp16/bf16/fp32, unit stride
     in head_dim (other strides free); q_pos (n,), k_pos (m,) integer positions in (-2^62, 2^62),
@@ -483,6 +519,8 @@ def position_attention_triton(
     otherwise every key tile decides from its positions whether to load at all.
     """
     check_inputs(q, q_pos, k, v, k_pos)
+    check_window(window)
+    check_softcap(softcap)
     group = check_qkv(q, k, v)
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
@@ -503,7 +541,7 @@ def position_attention_triton(
     num_q_blocks = triton.cdiv(n, tokens)
     bounds = k_pos  # unused unless keys_sorted
     if keys_sorted:
-        bounds = _key_bounds(q_pos, k_pos, tokens, num_q_blocks)
+        bounds = _key_bounds(q_pos, k_pos, tokens, num_q_blocks, window)
     _position_attn_kernel[(num_q_blocks * kv_heads,)](
         q,
         q_pos,
@@ -516,6 +554,8 @@ def position_attention_triton(
         n,
         m,
         scale * LOG2E,
+        window,
+        softcap / scale if softcap else 1.0,
         num_q_blocks,
         q.stride(0),
         q.stride(1),
@@ -532,20 +572,25 @@ def position_attention_triton(
         DOT_F32=q.dtype == torch.float32 or is_interpreting(),
         FAR_POS=FAR,
         KEYS_SORTED=keys_sorted,
+        WINDOW=window > 0,
+        SOFTCAP=softcap > 0,
         **cfg,
     )
     return out, lse
 
 
 def _key_bounds(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, tokens: int, num_q_blocks: int
+    q_pos: torch.Tensor, k_pos: torch.Tensor, tokens: int, num_q_blocks: int, window: int = 0
 ) -> torch.Tensor:
-    """(num_q_blocks, 2) int32: per query tile of `tokens` rows, the number of sorted keys at or
-    before its first (smallest) position and at or before its last (largest) one."""
+    """(num_q_blocks, 3) int32: per query tile of `tokens` rows, the number of sorted keys at or
+    before its first (smallest) position, at or before its last (largest) one, and (with a
+    window) at or before its first position's window start (0 without one)."""
     pad = num_q_blocks * tokens - q_pos.numel()
     padded = torch.cat([q_pos, q_pos[-1:].expand(pad)]) if pad else q_pos
     tiles = padded.view(num_q_blocks, tokens)
-    ends = torch.stack([tiles.amin(dim=1), tiles.amax(dim=1)], dim=1).contiguous()
+    first = tiles.amin(dim=1)
+    starts = first - window if window else torch.full_like(first, -FAR)
+    ends = torch.stack([first, tiles.amax(dim=1), starts], dim=1).contiguous()
     return torch.searchsorted(k_pos, ends, right=True).to(torch.int32)
 
 
@@ -577,12 +622,12 @@ def position_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton on CUDA (or when forced) for the head dims and dtypes it takes, else the reference.
     `keys_sorted`: the caller guarantees non-decreasing k_pos (see position_attention_triton).
-    A sliding window (window > 0) or a soft-cap (softcap > 0, `position_attention_ref`) always
-    runs the reference: the kernel has neither."""
-    if not window and not softcap and use_triton(q.device) and _triton_can_run(q, k, v):
+    window > 0: a sliding window of that many positions; softcap > 0: the scaled scores capped
+    (`position_attention_ref`)."""
+    if use_triton(q.device) and _triton_can_run(q, k, v):
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        return position_attention_triton(q, q_pos, k, v, k_pos, scale, keys_sorted)
+        return position_attention_triton(q, q_pos, k, v, k_pos, scale, keys_sorted, window, softcap)
     return position_attention_ref(
         q, q_pos, k, v, k_pos, scale, keys_sorted, window=window, softcap=softcap
     )

@@ -117,13 +117,20 @@ def oracle(
     v: torch.Tensor,
     k_pos: torch.Tensor,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brute-force float64 attention: out (n, q_heads, d) and lse (n, q_heads)."""
+    """Brute-force float64 attention: out (n, q_heads, d) and lse (n, q_heads); a window hides
+    keys at or before q_pos - window, a soft-cap bends the scaled scores by cap * tanh(s / cap)."""
     group = q.shape[1] // k.shape[1]
     k64 = k.double().repeat_interleave(group, dim=1)
     v64 = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("nhd,mhd->hnm", q.double(), k64) * scale  # (q_heads, n, m)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     hidden = k_pos[None, :] > q_pos[:, None]
+    if window:
+        hidden |= k_pos[None, :] <= q_pos[:, None] - window
     scores = scores.masked_fill(hidden, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
@@ -142,9 +149,11 @@ def assert_matches_oracle(
     inputs: Inputs,
     scale: float,
     lse_dtype: torch.dtype = torch.float32,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> None:
     q = inputs[0]
-    ref_out, ref_lse = oracle(*inputs, scale)
+    ref_out, ref_lse = oracle(*inputs, scale, window, softcap)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == q.shape[:2] and lse.dtype == lse_dtype
     assert not out.isnan().any() and not lse.isnan().any()
@@ -286,6 +295,40 @@ def test_triton_sorted_keys_matches_oracle(
     poison_free_memory(device, (n * group * KV_HEADS * head_dim, dtype))
     out, lse = PA.position_attention_triton(*inputs, _scale(head_dim), keys_sorted=True)
     assert_matches_oracle(out, lse, inputs, _scale(head_dim))
+
+
+WINDOW_CASES = [
+    # (group, head_dim, dtype, kind, n, m, window, softcap, keys sorted)
+    (2, 64, torch.float32, "sorted", 45, 90, 23, 0.0, True),
+    (1, 64, torch.float32, "ring", 40, 64, 30, 1.5, True),
+    (4, 128, torch.float32, "shard", 37, 70, 17, 0.0, True),
+    (2, 64, torch.bfloat16, "sorted", 30, 64, 40, 2.0, True),
+    (2, 64, torch.float32, "unsorted", 37, 90, 23, 0.0, False),
+    (1, 128, torch.float32, "striped", 33, 50, 29, 1.5, False),
+    (2, 64, torch.float32, "unsorted", 20, 40, 0, 1.0, False),
+]
+"""Windows shorter than the positions' span (tiles wholly before every row's window skipped,
+straddling ones masked) and soft-caps, on the sorted (pipelined) and per-tile paths."""
+
+
+@needs_triton
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: f"{_case_id(c[:6])}-w{c[6]}-c{c[7]}")
+def test_triton_window_and_softcap_match_the_oracle(
+    case: tuple[int, int, torch.dtype, str, int, int, int, float, bool], device: torch.device
+) -> None:
+    group, head_dim, dtype, kind, n, m, window, softcap, ordered = case
+    q, q_pos, k, v, k_pos = make_inputs(n, m, group, head_dim, dtype, kind, 14 + group, device)
+    if ordered:
+        k_pos = k_pos.sort().values
+    inputs = (q, q_pos, k, v, k_pos)
+    poison_free_memory(device, (n * group * KV_HEADS * head_dim, dtype))
+    scale = _scale(head_dim)
+    out, lse = PA.position_attention_triton(*inputs, scale, ordered, window, softcap)
+    assert_matches_oracle(out, lse, inputs, scale, window=window, softcap=softcap)
+    ref_out, ref_lse = PA.position_attention_ref(*inputs, scale, ordered, window, softcap=softcap)
+    assert_matches_oracle(ref_out, ref_lse, inputs, scale, window=window, softcap=softcap)
+    if window:  # (the window hides keys some row would otherwise see)
+        assert bool((k_pos[None, :] <= q_pos[:, None] - window).any())
 
 
 def test_ref_checks_the_sorted_keys_promise() -> None:
