@@ -28,6 +28,7 @@ import yaml
 
 SUPPORTED_ARCHITECTURES = {
     "InternLM2ForCausalLM": "internlm2",
+    "InternLM3ForCausalLM": "llama",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "MinistralForCausalLM": "llama",
@@ -41,15 +42,16 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma",
     "Gemma3ForConditionalGeneration": "gemma",
 }
-"""config.json architectures and the weight layout each is read with (Qwen2's is Llama's, with
-biases on q/k/v only; Qwen3's Llama's with an RMSNorm on each q and k head; Phi-3's Llama's
+"""config.json architectures and the weight layout each is read with (InternLM3's is Llama's, with
+q/k/v biases where `qkv_bias` says and o / MLP biases where `bias` does; Qwen2's is Llama's,
+with biases on q/k/v only; Qwen3's Llama's with an RMSNorm on each q and k head; Phi-3's Llama's
 with q/k/v and gate/up packed, `ModelConfig.fused_projections`; IBM Granite's Llama's with four
 scalar multipliers, `ModelConfig.embedding_multiplier` and the three after it; GLM-4's (the
-`-hf` checkpoints) Llama's with gate/up packed, no o bias and interleaved partial RoPE; Gemma 3's
-(the text-only `gemma3_text` checkpoints) Llama's names with Qwen3's head norms, a norm on
-each sublayer's output and GELU, `ModelConfig.sandwich_norms` and the fields after it; Gemma
-2's Gemma 3's without the head norms, with attention-logit soft-capping; Gemma 1's Llama's
-names and norms with Gemma's 1 + w norm scale, GELU and embedding scale)."""
+`-hf` checkpoints) Llama's with gate/up packed, no o bias and interleaved partial RoPE; Gemma
+3's (the text-only `gemma3_text` checkpoints) Llama's names with Qwen3's head norms, a norm on
+each sublayer's output and GELU, `ModelConfig.sandwich_norms` and the fields after it; Gemma 2's
+Gemma 3's without the head norms, with attention-logit soft-capping; Gemma 1's Llama's names and
+norms with Gemma's 1 + w norm scale, GELU and embedding scale)."""
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_ROPE_SCALING = (None, "default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -667,9 +669,12 @@ class ModelConfig:
                 f"{source}: 4-bit weights with a partial_rotary_factor are not read; load the "
                 "float checkpoint"
             )
+        internlm3 = "InternLM3ForCausalLM" in archs  # (q/k/v biases apart from o's and the MLP's)
         bias = (
             bool(hf.get("bias", False))
             if arch == "internlm2"
+            else bool(hf.get("qkv_bias", False))
+            if internlm3
             else qwen2 or bool(hf.get("attention_bias", False))
         )
         return cls(
@@ -695,14 +700,19 @@ class ModelConfig:
             **_sliding_window(hf, source, archs),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
-            o_bias=False if qwen2 or glm else None,  # (Qwen2, GLM: q/k/v biases, none on o)
+            # (Qwen2, GLM: q/k/v biases, none on o; InternLM3: o's by `bias`)
+            o_bias=False if qwen2 or glm else bool(hf.get("bias", False)) if internlm3 else None,
             qk_norm="Qwen3ForCausalLM" in archs or gemma == 3,
             fused_projections=phi3 or glm,  # (GLM: gate_up_proj packed; q, k, v apart)
             rope_interleaved=glm,
             **(_gemma_fields(hf, source, gemma) if gemma else _granite_multipliers(hf, source)),
             rotary_dim=rotary_dim,
             # InternLM2's `bias` covers wqkv and wo only; its MLP never has biases.
-            mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "llama" else False,
+            mlp_bias=(
+                bool(hf.get("bias" if internlm3 else "mlp_bias", False))
+                if arch == "llama"
+                else False
+            ),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             weight_quant=quant,

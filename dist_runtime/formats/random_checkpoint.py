@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "internlm2": "InternLM2ForCausalLM",
+    "internlm3": "InternLM3ForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
@@ -93,9 +94,10 @@ def write_random_checkpoint(
     `partial_rotary_factor` (phi3 and glm, whose default is 0.5): RoPE on that share of each
     head. glm has q/k/v biases always, none on o, gate/up packed and interleaved RoPE.
 
-    `bias` adds q/k/v/o biases (Llama `attention_bias`, InternLM2 `bias`); the MLP never has
-    biases. `max_shard_bytes` splits the weights into `model-0000i-of-0000N.safetensors` files
-    with an index, as `save_pretrained(max_shard_size=...)` does.
+    `bias` adds q/k/v/o biases (Llama `attention_bias`, InternLM2 `bias`; InternLM3's q/k/v
+    only, its `qkv_bias`); the MLP never has biases. `max_shard_bytes` splits the weights into
+    `model-0000i-of-0000N.safetensors` files with an index, as `save_pretrained(max_shard_size=...)`
+    does.
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r} is not one of {sorted(ARCHITECTURES)}")
@@ -133,6 +135,14 @@ def write_random_checkpoint(
         config = _gemma2_config(config)
     elif architecture == "gemma":  # (Llama's layout, 1 + w norms, GELU, a scaled embedding)
         config = _gemma1_config(config)
+    elif architecture == "internlm3":  # (Llama's layout; `bias` gives q/k/v biases only)
+        config = {k: v for k, v in config.items() if k not in ("attention_bias", "mlp_bias")}
+        config.update(
+            architectures=[ARCHITECTURES["internlm3"]],
+            model_type="internlm3",
+            qkv_bias=bias,
+            bias=False,
+        )
     state_dict = random_llama_state_dict(config, seed=seed, dtype=DTYPES[dtype])
     if architecture == "internlm2":
         config = _internlm2_config(config)
@@ -381,7 +391,9 @@ def _random_layer(
         ("v", kv_rows, hidden),
         ("o", hidden, q_rows),
     )
-    qkv_bias_only = config.get("model_type") in ("qwen2", "glm")
+    qkv_bias_only = config.get("model_type") in ("qwen2", "glm") or (
+        config.get("model_type") == "internlm3" and config.get("qkv_bias")
+    )
     for name, rows, cols in attn:
         out[f"{prefix}self_attn.{name}_proj.weight"] = _linear(gen, rows, cols)
         if name != "o" if qkv_bias_only else config.get("attention_bias"):

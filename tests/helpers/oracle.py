@@ -19,13 +19,16 @@ from dist_runtime.formats.random_checkpoint import unpack_internlm2_wqkv
 
 
 def load_hf_llama(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Any:
-    """Load a Llama or InternLM2 checkpoint folder as an eval-mode eager-attention HF Llama (a
+    """Load a Llama, InternLM2 or InternLM3 checkpoint folder as an eval-mode eager-attention HF
+    Llama (InternLM3 with q/k/v biases as HF's Qwen2; a
     Mistral, Ministral, Qwen2, Qwen3, Phi-3, Granite, GLM or Gemma 1 / 2 / 3 one as HF's own)."""
     folder = Path(folder)
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model: Any
     if hf["architectures"] == ["InternLM2ForCausalLM"]:
         model = _load_internlm2(folder, hf, dtype)
+    elif hf["architectures"] == ["InternLM3ForCausalLM"]:
+        model = _load_internlm3(folder, hf, dtype)
     elif hf["architectures"] in (
         ["MistralForCausalLM"],
         ["MinistralForCausalLM"],
@@ -70,6 +73,27 @@ def _load_internlm2(folder: Path, hf: dict[str, Any], dtype: torch.dtype) -> Lla
     model = LlamaForCausalLM._from_config(config, dtype=dtype)
     model.load_state_dict(internlm2_to_llama_state_dict(_read_safetensors(folder), hf))
     return model
+
+
+def _load_internlm3(folder: Path, hf: dict[str, Any], dtype: torch.dtype) -> Any:
+    """InternLM3 (remote code; Llama's layers and names) as the transformers class with its
+    biases: Llama's without any, Qwen2's with q/k/v biases alone (`qkv_bias`), Llama's with
+    attention and MLP biases where both `qkv_bias` and `bias` are set."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qkv, rest = bool(hf.get("qkv_bias", False)), bool(hf.get("bias", False))
+    keys = {k: v for k, v in hf.items() if k not in ("architectures", "model_type", "bias")}
+    if qkv and not rest:
+        qwen2 = Qwen2Config.from_dict(
+            {**keys, "use_sliding_window": False}, attn_implementation="eager"
+        )
+        return Qwen2ForCausalLM.from_pretrained(folder, config=qwen2, dtype=dtype)
+    if qkv != rest:
+        raise ValueError("no transformers class has o / MLP biases without q/k/v ones")
+    llama = LlamaConfig.from_dict(
+        {**keys, "attention_bias": qkv, "mlp_bias": rest}, attn_implementation="eager"
+    )
+    return LlamaForCausalLM.from_pretrained(folder, config=llama, dtype=dtype)
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
