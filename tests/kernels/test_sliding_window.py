@@ -519,8 +519,8 @@ def test_masked_first_tiles_keep_precision(device: torch.device) -> None:
 
 
 def test_dispatchers_pass_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    """paged_attention and flash_decode hand `window` to whichever implementation runs;
-    position_attention runs the reference for a window (its kernel has none)."""
+    """paged_attention, flash_decode and position_attention hand `window` to whichever
+    implementation runs."""
     seen: list[tuple[str, int]] = []
 
     def spy(name: str) -> Callable[..., tuple[torch.Tensor, None]]:
@@ -553,11 +553,21 @@ def test_dispatchers_pass_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
             want += ["paged_attention_ref", "flash_decode_cpu", "flash_decode_ref"]
     assert seen == [(name, 7) for name in want]
 
-    called: list[int] = []
-    monkeypatch.setattr(PO, "position_attention_triton", lambda *a, **k: called.append(1))
-    monkeypatch.setenv("DIST_RUNTIME_KERNELS", "triton" if triton is not None else "torch")
     q_pos, k_pos = torch.arange(8, 9), torch.arange(9)
-    got = PO.position_attention(b.q, q_pos, b.keys[0], b.values[0], k_pos, 0.125, window=4)
-    assert called == []
-    want_pos = window_attention_f64(b.q, q_pos, b.keys[0], b.values[0], k_pos, 0.125, 4)
+    args = (b.q, q_pos, b.keys[0], b.values[0], k_pos, 0.125)
+    if triton is not None:  # (the kernel takes the window and a cap as they are)
+        calls: list[tuple[Any, ...]] = []
+        real = PO.position_attention_triton
+
+        def spy_kernel(*a: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            calls.append(a)
+            return real(*a)
+
+        monkeypatch.setattr(PO, "position_attention_triton", spy_kernel)
+        monkeypatch.setenv("DIST_RUNTIME_KERNELS", "triton")
+        got = PO.position_attention(*args, window=4, softcap=2.0)
+        assert [c[-2:] for c in calls] == [(4, 2.0)]
+    monkeypatch.setenv("DIST_RUNTIME_KERNELS", "torch")
+    got = PO.position_attention(*args, window=4)
+    want_pos = window_attention_f64(*args, 4)
     assert_matches(*got, *want_pos)
