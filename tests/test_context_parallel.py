@@ -90,11 +90,15 @@ def test_mesh_matches_single_device(run: Run, tp: int, cp: int) -> None:
 
 def test_prefix_cache_and_kv_split_with_cp(ray_cluster: Any, tiny_llama_dir: Path) -> None:
     """A second request on a cached prompt prefills only its own tokens; each cp rank holds
-    an even share of a sequence's KV blocks (1/cp of them, to within one block)."""
+    an even share of a sequence's KV blocks (1/cp of them, to within one block). Prompt
+    log-probabilities (each chunk's rows gathered from the ranks holding them) equal cp = 1's,
+    over chunks of 8 tokens that cross the ranks' blocks."""
     doc = _prompt(50, 7)
     params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
+    scored = SamplingParams(max_new_tokens=2, temperature=0.0, prompt_logprobs=3, ignore_eos=True)
     with _runtime(tiny_llama_dir, 1, 1) as single:
         want = single.generate([doc + [9, 10, 11], doc + [12, 13]], params)
+        (want_scored,) = single.generate([doc[:37]], scored)
     with _runtime(tiny_llama_dir, 1, 3, num_blocks=40) as rt:
         first = rt.generate([doc + [9, 10, 11]], params)
         before = rt.engine.scheduler.num_prompt_tokens_computed
@@ -102,9 +106,15 @@ def test_prefix_cache_and_kv_split_with_cp(ray_cluster: Any, tiny_llama_dir: Pat
         computed = rt.engine.scheduler.num_prompt_tokens_computed - before
         assert computed == len(doc) + 2 - (len(doc) // BLOCK_SIZE) * BLOCK_SIZE
         assert [o.token_ids for o in first + second] == [o.token_ids for o in want]
-        # prompt log-probabilities are not computed at cp > 1: refused when the request is added
-        with pytest.raises(ValueError, match=r"prompt_logprobs .* \(cp=3\)"):
-            rt.generate([doc], SamplingParams(prompt_logprobs=1))
+        (got_scored,) = rt.generate([doc[:37]], scored)
+    assert got_scored.token_ids == want_scored.token_ids
+    got_lp, want_lp = got_scored.prompt_logprobs, want_scored.prompt_logprobs
+    assert got_lp is not None and want_lp is not None and len(got_lp) == len(want_lp) == 37
+    assert got_lp[0] is None and want_lp[0] is None
+    for g, w in zip(got_lp[1:], want_lp[1:], strict=True):
+        assert g is not None and w is not None and g.token_id == w.token_id
+        assert abs(g.logprob - w.logprob) < LOGPROB_ATOL
+        assert list(g.top) == list(w.top)
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])

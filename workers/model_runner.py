@@ -36,7 +36,12 @@ from dist_runtime.protocol import (
     StepResult,
 )
 from workers.checkpoint import CheckpointReader, dtype_from_name
-from workers.context_parallel import block_owner, build_cp_metadata, local_key_count
+from workers.context_parallel import (
+    CPMetadata,
+    block_owner,
+    build_cp_metadata,
+    local_key_count,
+)
 from workers.cuda_graph import DecodeGraphs, Stage
 from workers.distributed import Collectives
 from workers.kv_cache import DiskKVTier, HostKVTier, KVCache
@@ -630,9 +635,11 @@ class ModelRunner:
         hidden = self._staged_decode(seqs, own_rope, adapted)
         staged = hidden is not None
         sample_rows: torch.Tensor | None = None  # None: every row of `hidden`
+        cp_meta: CPMetadata | None = None  # (a split step's layout over the cp ranks)
         if hidden is None:
             if split:
                 input_ids, positions, meta, sample_rows = self._prepare_cp(seqs)
+                cp_meta = meta.cp
             else:
                 input_ids, positions, meta, sample_rows = self._prepare(seqs)
             if own_rope:
@@ -646,7 +653,7 @@ class ModelRunner:
                 hidden = self.graphs.run(input_ids, positions, meta)
             else:
                 hidden = self.model(input_ids, positions, meta, self.kv_cache.layers)
-        scored = self._score_prompts(seqs, hidden)
+        scored = self._score_prompts(seqs, hidden, cp_meta)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:
             if not self.is_driver_rank:
@@ -701,20 +708,24 @@ class ModelRunner:
             failed_reasons=[reason for _, reason in failed],
         )
 
-    def _score_prompts(self, seqs: list[SeqStep], hidden: torch.Tensor) -> list[PromptLogprobs]:
-        """Prompt log-probabilities of the chunks that ask for them (cp = 1, rows packed in
-        plan order). Every tp rank runs the LM head on the same slices; the driver rank keeps
-        the values."""
+    def _score_prompts(
+        self, seqs: list[SeqStep], hidden: torch.Tensor, cp_meta: CPMetadata | None = None
+    ) -> list[PromptLogprobs]:
+        """Prompt log-probabilities of the chunks that ask for them (rows packed in plan order).
+        Every tp rank runs the LM head on the same slices; the driver rank keeps the values.
+
+        A step split over cp ranks (`cp_meta`) first all-gathers every rank's rows into that
+        order (`_gather_step_rows`), and cp rank 0's tp group scores them; a cp decode step has
+        every row on every rank already."""
         wanted = [
             (i, s) for i, s in enumerate(seqs) if s.prompt_logprobs >= 0 and s.prompt_logprob_rows
         ]
         if not wanted:
             return []
-        if self.comm.cp_size > 1:
-            raise ValueError(
-                f"prompt log-probabilities need cp == 1; this worker runs at cp = "
-                f"{self.comm.cp_size}"
-            )
+        if cp_meta is not None:
+            hidden = self._gather_step_rows(hidden, cp_meta, seqs)
+        if self.comm.cp_rank != 0:  # (cp rank 0 holds the driver; its tp group scores)
+            return []
         starts = [0, *itertools.accumulate(len(s.token_ids) for s in seqs)]
         rows: list[torch.Tensor] = []
         targets: list[int] = []
@@ -976,6 +987,27 @@ class ModelRunner:
             span = torch.arange(s.start_pos, s.start_pos + len(s.token_ids))
             counts.append(int((block_owner(span, bs, cp) == rank).sum()))
         return counts
+
+    def _gather_step_rows(
+        self, hidden: torch.Tensor, cp_meta: CPMetadata, seqs: list[SeqStep]
+    ) -> torch.Tensor:
+        """A split step's final hidden states of every token, from every cp rank, in cp = 1's
+        order (each sequence's tokens by position, sequences in plan order), on every cp rank.
+
+        Each rank holds the rows of the tokens whose blocks it stores, laid out as
+        `cp_meta.layouts[rank]`; the ranks all-gather them (padded to the most any holds)."""
+        n_max = cp_meta.n_max
+        padded = hidden.new_zeros(n_max, hidden.shape[-1])
+        padded[: hidden.shape[0]] = hidden
+        gathered = self.comm.cp_all_gather(padded).flatten(0, 1)  # (cp * n_max, hidden)
+        starts = [0, *itertools.accumulate(len(s.token_ids) for s in seqs)]
+        index = torch.empty(starts[-1], dtype=torch.int64)
+        for j, lay in enumerate(cp_meta.layouts):
+            positions = lay.positions.cpu()
+            for b, row, count in lay.segments:
+                order = starts[b] + positions[row : row + count] - seqs[b].start_pos
+                index[order] = torch.arange(j * n_max + row, j * n_max + row + count)
+        return gathered[index.to(hidden.device)]
 
     def _gather_sample_rows(self, rows: torch.Tensor, seqs: list[SeqStep]) -> torch.Tensor:
         """Final hidden states of the sampled rows (each sampled sequence's last token, and a

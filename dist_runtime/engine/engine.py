@@ -455,11 +455,6 @@ class Engine:
                 f"{blocks.block_size} per cp rank x cp={blocks.cp_size}); give the "
                 "workers more KV memory, raise cp, or shorten it"
             )
-        if params.prompt_logprobs is not None and self.config.parallel.cp > 1:
-            raise ValueError(
-                f"prompt {index}: prompt_logprobs is not supported with context parallelism "
-                f"(cp={self.config.parallel.cp}); run with cp=1 or leave prompt_logprobs out"
-            )
         if params.stop and self.tokenizer is None:
             raise ValueError(
                 f"prompt {index}: stop strings need a tokenizer, and "
