@@ -13,14 +13,19 @@ Three workloads, bf16, 32 query heads / 8 KV heads, head_dim 128 (InternLM2.5-7B
 * ring step: one pass-KV ring step of a fresh 64K-token chunk at cp=4 and block 16: rank 3's
   striped queries over rank 0's striped keys. Baseline: the paged kernel on a contiguous causal
   sequence of the same length as one rank's share (16K), the work a zigzag split would give.
+* windowed cp shard: the cp shard's queries over one rank's keys with a sliding window of
+  4,096 and Gemma 2's score soft-cap of 50 (a Mistral / Gemma layer at cp = 4: tiles before
+  every row's window skipped, straddling ones masked). Baseline: the paged kernel with the
+  same window and cap over a contiguous cache of the same length.
 
 Each workload's keys are sorted, as the cp callers promise (`keys_sorted=True`: the key range
 of each query tile is found up front and walked in pipelined loops); the generic path, which
 decides per key tile from the positions it loads, is timed beside it.
 
-FLOPs count only the (query, key) pairs that the causal rule keeps: 4 * head_dim * q_heads per
-pair (QK^T and PV). Each workload is also checked against `position_attention_ref` (fp32 math on
-the bf16 inputs): the largest |out| and |lse| differences are printed.
+FLOPs count only the (query, key) pairs that the causal rule (and a window) keeps: 4 * head_dim
+* q_heads per pair (QK^T and PV). Each workload is also checked against
+`position_attention_ref` (fp32 math on the bf16 inputs): the largest |out| and |lse|
+differences are printed.
 """
 
 from __future__ import annotations
@@ -47,10 +52,13 @@ CP = 4
 SEED = 0
 
 
-def _pairs(q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
-    """(query, key) pairs with k_pos <= q_pos."""
+def _pairs(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) -> int:
+    """(query, key) pairs with k_pos <= q_pos (and k_pos > q_pos - window, window > 0)."""
     keys = torch.sort(k_pos).values
-    return int(torch.searchsorted(keys, q_pos, right=True).sum())
+    seen = torch.searchsorted(keys, q_pos, right=True)
+    if window:
+        seen = seen - torch.searchsorted(keys, q_pos - window, right=True)
+    return int(seen.sum())
 
 
 def _tflops(pairs: int, ms: float) -> float:
@@ -64,11 +72,19 @@ def _striped(length: int, rank: int, device: torch.device) -> torch.Tensor:
 
 
 def _check(
-    q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[float, float]:
     scale = HEAD_DIM**-0.5
-    out, lse = POS.position_attention_triton(q, q_pos, k, v, k_pos, scale, keys_sorted=True)
-    ref_out, ref_lse = POS.position_attention_ref(q, q_pos, k, v, k_pos, scale)
+    out, lse = POS.position_attention_triton(q, q_pos, k, v, k_pos, scale, True, window, softcap)
+    ref_out, ref_lse = POS.position_attention_ref(
+        q, q_pos, k, v, k_pos, scale, window=window, softcap=softcap
+    )
     seen = torch.isfinite(ref_lse)
     if not torch.equal(seen, torch.isfinite(lse)):
         raise AssertionError("the kernel and the reference disagree on which rows see a key")
@@ -80,12 +96,19 @@ def _check(
 
 
 def _both_ms(
-    q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[float, float]:
     """(ms with keys_sorted=True, ms of the generic path that decides per key tile)."""
     scale = HEAD_DIM**-0.5
-    fast = _ms(lambda: POS.position_attention_triton(q, q_pos, k, v, k_pos, scale, True))
-    generic = _ms(lambda: POS.position_attention_triton(q, q_pos, k, v, k_pos, scale))
+    run = POS.position_attention_triton
+    fast = _ms(lambda: run(q, q_pos, k, v, k_pos, scale, True, window, softcap))
+    generic = _ms(lambda: run(q, q_pos, k, v, k_pos, scale, False, window, softcap))
     return fast, generic
 
 
@@ -93,7 +116,14 @@ def _rand(n: int, heads: int, gen: torch.Generator, device: torch.device) -> tor
     return torch.randn(n, heads, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
 
 
-def _paged_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int) -> float:
+def _paged_ms(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx: int,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> float:
     """The paged-prefill kernel: q = the last len(q) positions of a ctx-token sequence whose
     K/V (ctx, kv_heads, d) sit in shuffled 16-token blocks."""
     device = q.device
@@ -108,7 +138,8 @@ def _paged_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int) -> fl
     cu = torch.tensor([0, q.shape[0]], device=device)
     lens = torch.tensor([ctx], device=device)
     scale = HEAD_DIM**-0.5
-    return _ms(lambda: PA.paged_attention_triton(q, k_cache, v_cache, table, cu, lens, scale))
+    args = (q, k_cache, v_cache, table, cu, lens, scale, False, None, None, 0, window, softcap)
+    return _ms(lambda: PA.paged_attention_triton(*args))
 
 
 def bench_prefix_chunk(length: int, device: torch.device) -> dict[str, Any]:
@@ -161,6 +192,34 @@ def bench_cp_shard(length: int, device: torch.device) -> dict[str, Any]:
     )
 
 
+def bench_cp_shard_window(
+    length: int, device: torch.device, window: int = 4096, softcap: float = 50.0
+) -> dict[str, Any]:
+    gen = torch.Generator(device=device).manual_seed(SEED)
+    q = _rand(CHUNK, Q_HEADS, gen, device)
+    k_pos = _striped(length, 0, device)
+    k, v = _rand(len(k_pos), KV_HEADS, gen, device), _rand(len(k_pos), KV_HEADS, gen, device)
+    q_pos = torch.arange(length - CHUNK, length, device=device)
+    d_out, d_lse = _check(q, q_pos, k, v, k_pos, window, softcap)
+    ms, generic = _both_ms(q, q_pos, k, v, k_pos, window, softcap)
+    m = len(k_pos)  # (the paged kernel over as many contiguous keys, the same window and cap)
+    base = _paged_ms(q, k, v, m, window, softcap)
+    pairs = _pairs(q_pos, k_pos, window)
+    contiguous = torch.arange(m, device=device)
+    base_pairs = _pairs(contiguous[m - CHUNK :], contiguous, window)
+    return dict(
+        name=f"cp=4 shard, L={length}, window {window}, cap {softcap:g}",
+        ms=ms,
+        tflops=_tflops(pairs, ms),
+        generic_tflops=_tflops(pairs, generic),
+        base_name=f"paged_attention_triton over {m} contiguous keys, same window and cap",
+        base_ms=base,
+        base_tflops=_tflops(base_pairs, base),
+        d_out=d_out,
+        d_lse=d_lse,
+    )
+
+
 def bench_ring_step(length: int, device: torch.device) -> dict[str, Any]:
     gen = torch.Generator(device=device).manual_seed(SEED)
     q_pos, k_pos = _striped(length, CP - 1, device), _striped(length, 0, device)
@@ -190,6 +249,7 @@ def run(device: torch.device) -> list[dict[str, Any]]:
     rows = [bench_prefix_chunk(n, device) for n in (32768, 131072)]
     rows += [bench_cp_shard(n, device) for n in (131072, 524288)]
     rows.append(bench_ring_step(65536, device))
+    rows.append(bench_cp_shard_window(131072, device))
     return rows
 
 
