@@ -165,36 +165,10 @@ def bench_prefix_chunk(length: int, device: torch.device) -> dict[str, Any]:
     )
 
 
-def bench_cp_shard(length: int, device: torch.device) -> dict[str, Any]:
-    gen = torch.Generator(device=device).manual_seed(SEED)
-    q = _rand(CHUNK, Q_HEADS, gen, device)
-    k_pos = _striped(length, 0, device)
-    k, v = _rand(len(k_pos), KV_HEADS, gen, device), _rand(len(k_pos), KV_HEADS, gen, device)
-    q_pos = torch.arange(length - CHUNK, length, device=device)
-    d_out, d_lse = _check(q, q_pos, k, v, k_pos)
-    ms, generic = _both_ms(q, q_pos, k, v, k_pos)
-    # Baseline: the paged kernel over a contiguous cache holding as many keys, with the queries
-    # at its end (the same number of keys read; a similar number of kept pairs).
-    m = len(k_pos)
-    base = _paged_ms(q, k, v, m)
-    pairs = _pairs(q_pos, k_pos)
-    base_pairs = _pairs(torch.arange(m - CHUNK, m, device=device), torch.arange(m, device=device))
-    return dict(
-        name=f"cp=4 shard, L={length}",
-        ms=ms,
-        tflops=_tflops(pairs, ms),
-        generic_tflops=_tflops(pairs, generic),
-        base_name=f"paged_attention_triton over {m} contiguous keys",
-        base_ms=base,
-        base_tflops=_tflops(base_pairs, base),
-        d_out=d_out,
-        d_lse=d_lse,
-    )
-
-
-def bench_cp_shard_window(
-    length: int, device: torch.device, window: int = 4096, softcap: float = 50.0
+def bench_cp_shard(
+    length: int, device: torch.device, window: int = 0, softcap: float = 0.0
 ) -> dict[str, Any]:
+    """The cp shard workload; with a window / cap, the kernel and its paged baseline take them."""
     gen = torch.Generator(device=device).manual_seed(SEED)
     q = _rand(CHUNK, Q_HEADS, gen, device)
     k_pos = _striped(length, 0, device)
@@ -202,17 +176,21 @@ def bench_cp_shard_window(
     q_pos = torch.arange(length - CHUNK, length, device=device)
     d_out, d_lse = _check(q, q_pos, k, v, k_pos, window, softcap)
     ms, generic = _both_ms(q, q_pos, k, v, k_pos, window, softcap)
-    m = len(k_pos)  # (the paged kernel over as many contiguous keys, the same window and cap)
+    # Baseline: the paged kernel over a contiguous cache holding as many keys, with the queries
+    # at its end (the same number of keys read; a similar number of kept pairs).
+    m = len(k_pos)
     base = _paged_ms(q, k, v, m, window, softcap)
     pairs = _pairs(q_pos, k_pos, window)
     contiguous = torch.arange(m, device=device)
     base_pairs = _pairs(contiguous[m - CHUNK :], contiguous, window)
+    extra = f", window {window}, cap {softcap:g}" if window or softcap else ""
     return dict(
-        name=f"cp=4 shard, L={length}, window {window}, cap {softcap:g}",
+        name=f"cp=4 shard, L={length}{extra}",
         ms=ms,
         tflops=_tflops(pairs, ms),
         generic_tflops=_tflops(pairs, generic),
-        base_name=f"paged_attention_triton over {m} contiguous keys, same window and cap",
+        base_name=f"paged_attention_triton over {m} contiguous keys"
+        + (", same window and cap" if extra else ""),
         base_ms=base,
         base_tflops=_tflops(base_pairs, base),
         d_out=d_out,
@@ -249,7 +227,7 @@ def run(device: torch.device) -> list[dict[str, Any]]:
     rows = [bench_prefix_chunk(n, device) for n in (32768, 131072)]
     rows += [bench_cp_shard(n, device) for n in (131072, 524288)]
     rows.append(bench_ring_step(65536, device))
-    rows.append(bench_cp_shard_window(131072, device))
+    rows.append(bench_cp_shard(131072, device, window=4096, softcap=50.0))
     return rows
 
 

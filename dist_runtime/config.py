@@ -638,15 +638,7 @@ class ModelConfig:
         ]
         if missing:
             raise ConfigError(f"{source}: missing required keys {missing}")
-        gemma = (
-            1
-            if "GemmaForCausalLM" in archs
-            else 2
-            if "Gemma2ForCausalLM" in archs
-            else 3
-            if arch == "gemma"
-            else 0
-        )
+        gemma = next((v for a, v in GEMMA_VERSIONS.items() if a in archs), 0)
         if gemma:
             hf = _gemma_keys(hf, source, gemma)
         num_heads = hf["num_attention_heads"]
@@ -796,6 +788,8 @@ GEMMA2_DEFAULTS = {
     "max_position_embeddings": 8192,
 }
 """Gemma2Config's."""
+GEMMA_VERSIONS = {"GemmaForCausalLM": 1, "Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 3}
+"""Gemma's text classes by version (a multimodal Gemma 3 is read as its Gemma3ForCausalLM)."""
 GEMMA1_DEFAULTS = {
     "vocab_size": 256_000,
     "hidden_size": 3072,
@@ -905,20 +899,20 @@ def _gemma_fields(hf: dict[str, Any], source: str, version: int) -> dict[str, An
     norms each sublayer's input only, scales q.k by 1 / sqrt(head_dim), and reads its
     activation from `hidden_act`, where its first checkpoints' 'gelu' means the tanh form (as
     transformers reads it)."""
-    if version == 1:
-        act = hf.get("hidden_act") or "gelu_pytorch_tanh"
-        act = "gelu_pytorch_tanh" if act == "gelu" else act
-    else:
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    act_key = "hidden_act" if version == 1 else "hidden_activation"
+    act = hf.get(act_key) or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if version == 1 and act == "gelu":
+        act = "gelu_pytorch_tanh"
     if act != "gelu_pytorch_tanh":
-        raise ConfigError(
-            f"{source}: {'hidden_act' if version == 1 else 'hidden_activation'} {act!r} is "
-            f"not run for Gemma {version}; it takes 'gelu_pytorch_tanh'"
-        )
-    scalar = hf.get("query_pre_attn_scalar") if version > 1 else 1.0  # (1: head_dim's scale)
-    if not isinstance(scalar, (int, float)) or isinstance(scalar, bool) or not scalar > 0:
-        raise ConfigError(f"{source}: query_pre_attn_scalar must be a positive number, "
-                          f"got {scalar!r:.80}")  # fmt: skip
+        raise ConfigError(f"{source}: {act_key} {act!r} is not run for Gemma {version}; it "
+                          "takes 'gelu_pytorch_tanh'")  # fmt: skip
+    multiplier = None  # (Gemma 1: 1 / sqrt(head_dim))
+    if version > 1:
+        scalar = hf.get("query_pre_attn_scalar")
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool) or not scalar > 0:
+            raise ConfigError(f"{source}: query_pre_attn_scalar must be a positive number, "
+                              f"got {scalar!r:.80}")  # fmt: skip
+        multiplier = float(scalar) ** -0.5
     caps: dict[str, float | None] = {}
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         cap = hf.get(key)
@@ -935,7 +929,7 @@ def _gemma_fields(hf: dict[str, Any], source: str, version: int) -> dict[str, An
         "local_rope_theta": hf["rope_local_base_freq"],
         "embedding_multiplier": hf["hidden_size"] ** 0.5,
         "round_embedding_multiplier": True,
-        "attention_multiplier": float(scalar) ** -0.5 if version > 1 else None,
+        "attention_multiplier": multiplier,
         "final_logit_softcapping": caps["final_logit_softcapping"],
         "attn_logit_softcapping": caps["attn_logit_softcapping"] if version == 2 else None,
     }
