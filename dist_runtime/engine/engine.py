@@ -49,7 +49,7 @@ from dist_runtime.engine.executor.factory import create_executor
 from dist_runtime.engine.handle import RequestHandle
 from dist_runtime.engine.kv_disk import InUse, disk_tier, trim_shared
 from dist_runtime.engine.output_processor import OutputProcessor
-from dist_runtime.engine.outputs import RequestDelta
+from dist_runtime.engine.outputs import RequestDelta, RequestOutput
 from dist_runtime.engine.scheduler import Scheduler, SeqStatus, Sequence
 from dist_runtime.engine.thinking import ThinkingBudget, prompt_opens
 from dist_runtime.lora import (
@@ -76,6 +76,9 @@ from dist_runtime.text.tokenizer import IncrementalDetokenizer, Tokenizer
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+FinishListener = Callable[[RequestHandle, "RequestOutput | None", "BaseException | None"], None]
+"""fn(handle, output, error): a caller's request ended with `output` or failed with `error`."""
 
 PREFIX_PASS = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
 """The pass that computes prompts' shared prefix once: its one sampled token is dropped."""
@@ -221,7 +224,7 @@ class Engine:
         self.num_disk_shared_evicted_blocks = 0
         """Blocks other runtimes on the disk tier's directory wrote, deleted to keep the
         directory within this runtime's bound (`audit_disk`)."""
-        self._finish_listeners: list[Callable[[RequestHandle], None]] = []
+        self._finish_listeners: list[FinishListener] = []
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_finished_requests = 0
@@ -346,9 +349,11 @@ class Engine:
         timeout."""
         return self._idle.wait(timeout)
 
-    def add_finish_listener(self, fn: Callable[[RequestHandle], None]) -> None:
-        """Call fn(handle) on the engine thread as each caller's request ends (finished,
-        aborted or failed), e.g. to record latencies; it must be quick and must not block."""
+    def add_finish_listener(self, fn: FinishListener) -> None:
+        """Call fn(handle, output, error) on the engine thread as each caller's request ends
+        (finished, aborted: an output; failed: the error), e.g. to record latencies; it must be
+        quick and must not block. It runs before the handle is done, so whoever waits on the
+        handle sees what the listener recorded."""
         self._finish_listeners.append(fn)
 
     def recent_steps(self) -> list[StepRecord]:
@@ -904,16 +909,16 @@ class Engine:
         self._by_seq.pop(request.seq.seq_id, None)
         self.num_finished_requests += not request.is_internal
         request.handle.finish_time = time.monotonic()
+        if not request.is_internal:
+            for listener in self._finish_listeners:
+                try:
+                    listener(request.handle, None if error is not None else output, error)
+                except Exception:
+                    logger.exception("finish listener failed")
         if error is None:
             request.handle.finish(output)
         else:
             request.handle.fail(error)
-        if not request.is_internal:
-            for listener in self._finish_listeners:
-                try:
-                    listener(request.handle)
-                except Exception:
-                    logger.exception("finish listener failed")
         parent = request.after
         if (
             parent is not None

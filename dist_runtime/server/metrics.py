@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from dist_runtime.engine.engine import Engine
 from dist_runtime.engine.handle import RequestHandle
+from dist_runtime.engine.outputs import RequestOutput
 
 P = "dist_runtime:"
 
@@ -303,11 +304,14 @@ class ServerMetrics:
     def batch_answer(self, status: int) -> None:
         self.batch_requests.labels("completed" if status < 300 else "failed").inc()
 
-    def observe(self, handle: RequestHandle) -> None:
+    def observe(
+        self, handle: RequestHandle, output: RequestOutput | None, error: BaseException | None
+    ) -> None:
+        """The engine's finish listener: it runs before the handle is done, so a caller that
+        reads /metrics after its answer sees its request counted."""
         if handle.part_of is not None:
             return  # a step of a larger request: `observe_whole` counts that one
-        error = handle.exception()
-        reason = "error" if error is not None else handle.result(0).finish_reason
+        reason = "error" if error is not None or output is None else output.finish_reason
         self.observe_whole(handle.owner, reason, handle.num_prompt_tokens, handle.num_output_tokens)
         end = handle.finish_time or handle.arrival_time
         self.e2e.observe(end - handle.arrival_time)

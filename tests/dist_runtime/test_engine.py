@@ -134,6 +134,29 @@ def test_abort_ends_a_request_and_frees_its_blocks(rt: Runtime) -> None:
     assert rt.engine.blocks.num_free_blocks == free
 
 
+def test_finish_listeners_run_before_the_caller_sees_the_end(rt: Runtime) -> None:
+    """A slow listener (the server's metrics) has recorded a request, finished or aborted,
+    before its handle is done: a caller that reads /metrics after its answer sees it counted."""
+    seen: list[tuple[str, str | None, bool]] = []
+
+    def listener(handle: Any, output: Any, error: BaseException | None) -> None:
+        time.sleep(0.2)  # longer than the caller takes to read its result
+        seen.append((handle.request_id, output and output.finish_reason, error is not None))
+
+    rt.engine.add_finish_listener(listener)
+    try:
+        (done,) = rt.add_requests([_prompt(8, 9)], _params(3))
+        assert done.result(timeout=30).finish_reason == "length"
+        assert seen == [(done.request_id, "length", False)]
+        (aborted,) = rt.add_requests([_prompt(8, 10)], _params(500))
+        next(iter(aborted))
+        aborted.abort()
+        assert aborted.wait(30)
+        assert seen[-1] == (aborted.request_id, "abort", False)
+    finally:
+        rt.engine._finish_listeners.remove(listener)
+
+
 def test_short_request_runs_while_a_long_prompt_prefills(rt: Runtime) -> None:
     (long,) = rt.add_requests([_prompt(600, 8)], _params(2))
     deadline = time.monotonic() + 30
