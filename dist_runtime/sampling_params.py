@@ -21,7 +21,9 @@ class SamplingParams:
     """
 
     max_new_tokens: int = 64
-    """Most tokens to generate."""
+    """Most tokens to generate. 0 only reads the prompt: its `prompt_logprobs` (scoring a
+    text) and the prefix cache's blocks; nothing is generated and the request ends with
+    finish_reason 'length'."""
     temperature: float = 0.0
     """Softmax temperature; 0 (the default) means greedy."""
     top_k: int = 0
@@ -137,8 +139,9 @@ class SamplingParams:
         )
         object.__setattr__(self, "stop", tuple(self.stop))
         _check(
-            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-            f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 0,
+            f"max_new_tokens must be an integer >= 0 (0: read the prompt only), got "
+            f"{self.max_new_tokens!r}",
         )
         _check(
             _is_number(self.temperature) and self.temperature >= 0.0,
@@ -414,3 +417,14 @@ def _is_int(x: object) -> bool:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def check_answers(params: SamplingParams) -> SamplingParams:
+    """Refuse parameters that generate nothing where answers are asked for (jobs, the command
+    line): max_new_tokens 0 only reads a prompt."""
+    if params.max_new_tokens < 1:
+        raise ValueError(
+            f"max_new_tokens must be an integer >= 1, got {params.max_new_tokens!r}: answers are "
+            "generated here (0 only reads a prompt: generate() with prompt_logprobs scores it)"
+        )
+    return params

@@ -56,6 +56,7 @@ from dist_runtime.lora import (  # noqa: E402
     parse_lora_modules,
 )
 from dist_runtime.progress import plural  # noqa: E402
+from dist_runtime.sampling_params import check_answers  # noqa: E402
 from dist_runtime.text.chat import encode_chat  # noqa: E402
 from dist_runtime.text.documents import harbor_report  # noqa: E402
 from dist_runtime.text.guided import grammar_argument, schema_argument  # noqa: E402
@@ -469,7 +470,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     if values["guided_grammar"] is not None:
         values["guided_grammar"] = grammar_argument(values["guided_grammar"])
     try:
-        return SamplingParams(**values)
+        return check_answers(SamplingParams(**values))
     except ValueError as e:
         raise ValueError(name_flags(str(e), values, SAMPLING_FLAGS)) from e
 
@@ -968,7 +969,7 @@ def read_jobs_file(path: str) -> list[dict[str, Any]]:
                 f"got {questions!r:.80}"
             )
         try:  # the line's own sampling keys, checked before anything is queued
-            SamplingParams(**{k: job[k] for k in JOB_SAMPLING_KEYS if k in job})
+            check_answers(SamplingParams(**{k: job[k] for k in JOB_SAMPLING_KEYS if k in job}))
         except ValueError as e:
             raise ValueError(f"{path}:{number}: {e}") from e
         job["line"] = number

@@ -205,7 +205,7 @@ def job_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_args(args: argparse.Namespace) -> bytes | None:
     """Everything checkable here, before any queue is touched; the --doc bytes to submit."""
-    from dist_runtime.sampling_params import SamplingParams
+    from dist_runtime.sampling_params import SamplingParams, check_answers
 
     looking = args.status or args.result or args.cancel or args.list
     if looking and (args.doc or args.question):
@@ -230,7 +230,7 @@ def check_args(args: argparse.Namespace) -> bytes | None:
         if not question.strip():
             raise ValueError(f"-q/--question {i + 1} is empty ({question!r}); give some text")
     try:
-        SamplingParams(**job_params(args))
+        check_answers(SamplingParams(**job_params(args)))
     except ValueError as e:
         message = str(e).replace("max_new_tokens", "--max-new-tokens", 1)
         message = message.replace("guided_grammar", "--grammar", 1)

@@ -213,7 +213,7 @@ def test_keys_and_unknown_models(server: Server) -> None:
     assert status == 404 and error["error"]["type"] == "not_found_error"
     assert "claude-x" in error["error"]["message"]
     # the OpenAI routes keep OpenAI's error shape
-    status, error = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0})
+    status, error = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": -1})
     assert status == 400 and error["error"]["param"] == "max_tokens"
 
 

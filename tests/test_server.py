@@ -539,7 +539,7 @@ def test_keys(server: Server) -> None:
     ("body", "status", "param", "match"),
     [
         ({"prompt": "x", "temperature": 5}, 400, "temperature", r"less than or equal to 2"),
-        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", r"greater than or equal to 1"),
+        ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", r"greater than or equal to 0"),
         ({"prompt": "x", "top_p": "high"}, 400, "top_p", r"valid number"),
         ({"prompt": "x", "n": 100}, 400, "n", r"less than or equal to 16"),
         ({}, 400, "prompt", r"[Ff]ield required"),
@@ -967,6 +967,38 @@ def test_completion_echo_with_logprobs(client: Any, tokenizer: Any, tiny_llama_d
     streamed = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
     assert streamed == lp.tokens
     assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset
+
+
+def test_completion_echo_of_zero_tokens_scores_the_prompt(client: Any, tokenizer: Any) -> None:
+    """max_tokens=0 with echo (OpenAI's legacy API, vLLM, lm-evaluation-harness's older
+    loglikelihood requests): the choice is the prompt with its tokens' log-probabilities, those
+    of a request that generates; nothing is generated or counted. Without echo the text is
+    empty; the chat route still asks for at least one token."""
+    ids = tokenizer.encode("The lighthouse keeper")
+    kw: dict[str, Any] = dict(model=None, temperature=0, echo=True, logprobs=2)
+    generating = client.completions.create(prompt=ids, max_tokens=3, **kw).choices[0]
+    out = client.completions.create(prompt=ids, max_tokens=0, **kw)
+    (choice,) = out.choices
+    n = len(ids)
+    assert choice.finish_reason == "length" and choice.text == "".join(choice.logprobs.tokens)
+    assert choice.logprobs.tokens == generating.logprobs.tokens[:n]
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+        generating.logprobs.token_logprobs[1:n], abs=1e-6
+    )
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (n, 0)
+    chunks = list(client.completions.create(prompt=ids, max_tokens=0, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == (
+        choice.logprobs.tokens
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+    plain = client.completions.create(model=None, prompt="A tide", max_tokens=0)
+    assert (plain.choices[0].text, plain.usage.completion_tokens) == ("", 0)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(
+            model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=0
+        )
 
 
 def test_vllm_prompt_logprobs_field(client: Any, tokenizer: Any) -> None:

@@ -1081,8 +1081,9 @@ class Engine:
         deltas = []
         for tok in tokens:
             deltas.append(self.outputs.process(request.seq, tok))
-            handle.num_output_tokens += 1
-            self.num_generated_tokens += not request.is_internal
+            kept = len(deltas[-1].token_ids)  # (0: a prompt read only)
+            handle.num_output_tokens += kept
+            self.num_generated_tokens += kept * (not request.is_internal)
             if deltas[-1].finish_reason is not None:
                 break
         delta = deltas[0] if len(deltas) == 1 else _merge(deltas)

@@ -37,6 +37,10 @@ class OutputProcessor:
 
     def process(self, seq: Sequence, tok: SampledToken) -> RequestDelta:
         """Record a sampled token on seq; the delta's finish_reason says whether it ended."""
+        if seq.params.max_new_tokens == 0:
+            # The prompt only: the token the prompt's last chunk sampled is not part of it.
+            none: list[TokenLogprobs] | None = [] if seq.params.logprobs is not None else None
+            return RequestDelta([], "", none, "length", _prompt_logprobs(seq))
         seq.output_token_ids.append(tok.token_id)
         if seq.thinking is not None:
             seq.thinking.advance(seq.output_token_ids)

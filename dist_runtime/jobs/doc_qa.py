@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_runtime.jobs.store import check_idempotency_key
-from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.sampling_params import SamplingParams, check_answers
 from dist_runtime.text.chat import encode_chat
 from dist_runtime.text.tokenizer import Tokenizer
 
@@ -130,7 +130,7 @@ def job_params(params: SamplingParams | None) -> SamplingParams:
             f"params must be a SamplingParams or None, got {type(params).__name__} "
             f"{params!r:.80}; build one with SamplingParams(max_new_tokens=..., ...)"
         )
-    return params
+    return check_answers(params)
 
 
 def check_fits(prompts: list[list[int]], params: SamplingParams, session_len: int) -> None:

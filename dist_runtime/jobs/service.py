@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from dist_runtime.jobs.client import JobClient
-from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.sampling_params import SamplingParams, check_answers
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _sampling_params(params: Any) -> SamplingParams:
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"unknown sampling params {unknown}; known: {sorted(known)}")
-    return SamplingParams(**params)
+    return check_answers(SamplingParams(**params))
 
 
 def start(job_dir: str, name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Any:

@@ -668,6 +668,9 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
+    """0 (OpenAI's legacy API, vLLM): the prompt is read and nothing generated; with `echo`
+    and `logprobs` the choice is the prompt with its tokens' log-probabilities (scoring)."""
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     add_special_tokens: bool = True

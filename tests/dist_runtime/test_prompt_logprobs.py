@@ -112,6 +112,31 @@ def test_stream_carries_them_on_the_first_delta(rt: Runtime) -> None:
     assert all(d.prompt_logprobs is None for d in deltas[1:])
 
 
+def test_zero_new_tokens_reads_the_prompt_only(rt: Runtime, oracle: Any) -> None:
+    """max_new_tokens=0 scores a text: the prompt's log-probabilities over 4 chunks, beside a
+    request that generates in the same steps; no token, no text, finish_reason 'length', and
+    nothing counted as generated. Streamed, the one delta carries the scores."""
+    ids, other = _prompt(53, 7), _prompt(20, 8)
+    before = rt.engine.stats()["num_generated_tokens"]
+    scored, generated = rt.generate(
+        [ids, other],
+        [
+            SamplingParams(max_new_tokens=0, prompt_logprobs=3, logprobs=2),
+            SamplingParams(max_new_tokens=4, ignore_eos=True),
+        ],
+    )
+    _assert_matches(scored, ids, oracle(ids), 3)
+    assert (scored.token_ids, scored.text, scored.logprobs) == ([], "", [])
+    assert scored.finish_reason == "length" and scored.stop_reason is None
+    assert len(generated.token_ids) == 4
+    assert rt.engine.stats()["num_generated_tokens"] - before == 4
+    (handle,) = rt.add_requests([ids], SamplingParams(max_new_tokens=0, prompt_logprobs=1))
+    (delta,) = list(handle)
+    assert (delta.token_ids, delta.text, delta.finish_reason) == ([], "", "length")
+    assert delta.prompt_logprobs == handle.result().prompt_logprobs
+    assert handle.num_output_tokens == 0
+
+
 def test_one_token_prompt_has_only_the_leading_none(rt: Runtime) -> None:
     (out,) = rt.generate([[42]], SamplingParams(max_new_tokens=2, prompt_logprobs=2))
     assert out.prompt_logprobs == [None]
@@ -166,3 +191,5 @@ def test_recorded_per_position() -> None:
 def test_bad_values_are_refused(bad: Any) -> None:
     with pytest.raises(ValueError, match="prompt_logprobs must be an integer in \\[0, 20\\]"):
         SamplingParams(prompt_logprobs=bad)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        SamplingParams(max_new_tokens=-1)

@@ -12,7 +12,7 @@ from dist_runtime.sampling_params import SamplingParams
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("max_new_tokens", 0),
+        ("max_new_tokens", -1),
         ("max_new_tokens", -3),
         ("max_new_tokens", 2.5),
         ("temperature", -1.0),
