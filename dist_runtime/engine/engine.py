@@ -77,7 +77,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-FinishListener = Callable[[RequestHandle, "RequestOutput | None", "BaseException | None"], None]
+FinishListener = Callable[[RequestHandle, RequestOutput | None, BaseException | None], None]
 """fn(handle, output, error): a caller's request ended with `output` or failed with `error`."""
 
 PREFIX_PASS = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
@@ -1083,7 +1083,8 @@ class Engine:
             deltas.append(self.outputs.process(request.seq, tok))
             kept = len(deltas[-1].token_ids)  # (0: a prompt read only)
             handle.num_output_tokens += kept
-            self.num_generated_tokens += kept * (not request.is_internal)
+            if not request.is_internal:
+                self.num_generated_tokens += kept
             if deltas[-1].finish_reason is not None:
                 break
         delta = deltas[0] if len(deltas) == 1 else _merge(deltas)
